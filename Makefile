@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- offline end-to-end demo on the shipped models
+#   make test   -- the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-ci.txt | cksum | cut -d' ' -f1)
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; an unpinned torch pulls CUDA packages
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-ci.txt
+	$(PIP) install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+.PHONY: install demo test bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mamba-deploy demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) benchmarks/cpu_forward.py

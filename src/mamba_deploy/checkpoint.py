@@ -1,0 +1,308 @@
+"""Checkpoint I/O: find files (local or hub), read config + weights lazily, save, convert layouts.
+
+Layouts differ only in key names (tables below); weights are never read whole into memory:
+safetensors files are memory-mapped and tensors are pulled one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MambaConfig
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
+
+# layout -> [(prefix in that layout, prefix in ours/HF)]
+KEY_RENAMES = {
+    "hf": [],
+    "mamba_ssm": [("backbone.embedding.", "backbone.embeddings.")],
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+# ----------------------------------------------------------------------------- locating
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """Local file/folder, or a hub id resolved through huggingface_hub."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_id)
+    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith((".gguf", ".json"))
+    if not looks_like_hub:
+        raise ModelNotFoundError(f"no such file or folder: {s!r}; pass a checkpoint folder, a .gguf file or a hub id like 'state-spaces/mamba-130m-hf'")
+    return _download(s)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; pip install huggingface_hub") from e
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as first:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
+        try:  # maybe a pytorch_model.bin-only repo
+            return Path(snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"]))
+        except Exception:  # noqa: BLE001
+            pass
+        raise ModelNotFoundError(
+            f"could not fetch hub model {repo_id!r} ({type(first).__name__}: {first}). "
+            "If you are offline, download it elsewhere and pass the local folder, or use the cache "
+            "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
+        ) from first
+
+
+def read_config(folder: Path) -> MambaConfig:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ModelNotFoundError(f"{folder} has no config.json; is this a Mamba checkpoint folder?")
+    return MambaConfig.from_file(cfg_path)
+
+
+# ----------------------------------------------------------------------------- reading weights
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e}); re-save the checkpoint") from e
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"shard index {index} names missing files: {missing}")
+            return files
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return [folder / name]
+    found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
+    if found:
+        return [folder / f for f in found]
+    raise ModelNotFoundError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def iter_tensors(folder: Path):
+    """Yield (name, tensor) over every weight file, one tensor at a time (memory-mapped)."""
+    for f in _weight_files(folder):
+        if f.suffix == ".safetensors":
+            yield from _iter_safetensors(f)
+        else:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"cannot read {f}: {e}; the file is corrupt or not a PyTorch state dict") from e
+            yield from sd.items()
+
+
+def _iter_safetensors(f: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, re-download or re-save it") from e
+    with handle as h:
+        for k in h.keys():
+            try:
+                yield k, h.get_tensor(k)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
+
+
+def detect_layout(keys) -> str:
+    return "mamba_ssm" if any(k.startswith("backbone.embedding.") for k in keys) else "hf"
+
+
+def to_our_key(k: str, layout: str) -> str:
+    for src, dst in KEY_RENAMES[layout]:
+        if k.startswith(src):
+            return dst + k[len(src):]
+    return k
+
+
+def from_our_key(k: str, layout: str) -> str:
+    for src, dst in KEY_RENAMES[layout]:
+        if k.startswith(dst):
+            return src + k[len(dst):]
+    return k
+
+
+def load_weights(model: torch.nn.Module, folder: Path, device, dtype) -> None:
+    """Copy the checkpoint into `model` (already on device/dtype), checking names and shapes."""
+    cfg: MambaConfig = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    seen, unexpected, bad_shape = set(), [], []
+    layout = None
+    for k, t in iter_tensors(folder):
+        layout = layout or detect_layout([k])
+        if k.startswith("backbone.embedding."):
+            layout = "mamba_ssm"
+        name = to_our_key(k, layout)
+        if name not in params:
+            unexpected.append(k)
+            continue
+        p = params[name]
+        if name.endswith("embeddings.weight") or name == "lm_head.weight":
+            t = _pad_vocab(t, p.shape[0], k)
+        if tuple(t.shape) != tuple(p.shape):
+            bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
+            continue
+        with torch.no_grad():
+            p.copy_(t.to(device=device, dtype=p.dtype))
+        seen.add(name)
+    missing = sorted(set(params) - seen - tied)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short(unexpected)}")
+    if bad_shape:
+        problems.append(f"wrong shapes: {_short(bad_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {folder} does not match its config.json ({cfg.arch}, d_model={cfg.d_model}, "
+            f"n_layer={cfg.n_layer}): " + "; ".join(problems) + ". Check that config.json belongs to these weights."
+        )
+
+
+def _pad_vocab(t, rows: int, key: str):
+    if t.shape[0] < rows:  # mamba_ssm pads the vocab to a multiple; extra rows are never produced
+        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    if t.shape[0] > rows:
+        raise CheckpointError(f"{key} has {t.shape[0]} vocab rows but config allows {rows}; fix vocab_size in config.json")
+    return t
+
+
+def _short(items, n=8):
+    items = list(items)
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
+                    extra_config: dict | None = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_bytes) in the `hf` or `mamba_ssm`
+    layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
+    from safetensors.torch import save_file
+
+    if fmt not in KEY_RENAMES:
+        raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(KEY_RENAMES)}")
+    cfg: MambaConfig = model.config
+    config = cfg.to_hf_dict() if fmt == "hf" else cfg.to_mamba_ssm_dict()
+    if extra_config:
+        config.update(extra_config)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[from_our_key(name, fmt)] = t.contiguous()
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return write_folder(out_dir, config, tensors, getattr(model, "source_path", None), max_shard_bytes)
+
+
+def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"output folder {out} exists and is not empty; choose a new path or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = t
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map, n = {}, len(shards)
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+    src = Path(src)
+    if src.is_file():
+        src = src.parent
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+# ----------------------------------------------------------------------------- the public loader
+
+def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32):
+    """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
+
+    Quantized checkpoints (config.json with `quantization_config`) load with their quantized
+    modules swapped in.
+    """
+    from .model import MambaLM
+
+    path = resolve(path_or_hub_id)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from .export.gguf_import import load_gguf
+
+            return load_gguf(path, device=device, dtype=dtype)
+        if path.name == "config.json":
+            path = path.parent
+        else:
+            raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
+    cfg = read_config(path)
+    raw = json.loads((path / "config.json").read_text())
+    if "quantization_config" in raw:
+        from .quant.runtime import load_quantized
+
+        return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
+    with torch.device(device):
+        model = MambaLM(cfg).to(dtype)
+    load_weights(model, path, device, dtype)
+    model.source_path = path
+    return model.eval()

@@ -1,0 +1,171 @@
+"""`mamba-deploy` command line. Core verbs live here; each later stage (export, quantize,
+verify, bench, eval, train, demo) registers its own verb through `register(subparsers)` in its
+module, listed in STAGE_MODULES."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+from .errors import MambaDeployError
+
+# modules that add verbs; each has register(subparsers)
+STAGE_MODULES = [
+]
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def cmd_inspect(args):
+    from .checkpoint import _weight_files, read_config, resolve
+
+    path = resolve(args.model)
+    if path.suffix == ".gguf":
+        from .checkpoint import load_model
+
+        model = load_model(path)
+        cfg, files = model.config, [path]
+    else:
+        folder = path if path.is_dir() else path.parent
+        cfg, files = read_config(folder), _weight_files(folder)
+    from .model import MambaLM
+
+    with torch.device("meta"):
+        n_params = MambaLM(cfg).num_parameters()
+    info = {
+        "architecture": cfg.arch + (" (falcon-mamba)" if cfg.dt_bc_rms else ""),
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_state": cfg.d_state, "d_inner": cfg.d_inner,
+        "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size,
+        "parameters": n_params,
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "state_bytes_per_sequence_fp32": cfg.state_numel() * 4,
+        "tied_embeddings": cfg.tie_embeddings,
+    }
+    if cfg.arch == "mamba2":
+        info.update(nheads=cfg.nheads, headdim=cfg.headdim, ngroups=cfg.ngroups, chunk_size=cfg.chunk_size)
+    else:
+        info.update(dt_rank=cfg.resolved_dt_rank)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        if k in ("bytes_on_disk", "state_bytes_per_sequence_fp32"):
+            v = f"{v} ({_human(v)})"
+        elif k == "parameters":
+            v = f"{v} ({v / 1e6:.2f} M)"
+        print(f"{k:>30}: {v}")
+
+
+def cmd_generate(args):
+    from .generation import generate
+    from .runners import open_runner
+
+    opts = {}
+    if args.backend in (None, "torch"):
+        opts = {"device": args.device, "dtype": DTYPES[args.dtype]}
+    runner = open_runner(args.model, args.backend, **opts)
+    stream = len(args.prompt) == 1 and not args.json
+    tok = runner.tokenizer
+    if stream:
+        print(args.prompt[0], end="", flush=True)
+        pieces = []
+
+        def on_token(i, t):  # decode incrementally so multi-byte tokens print correctly
+            pieces.append(t)
+            text = tok.decode(pieces)
+            print(text[len(on_token.printed):], end="", flush=True)
+            on_token.printed = text
+        on_token.printed = ""
+    else:
+        on_token = None
+    res = generate(runner, list(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
+                   stop_token_ids=args.stop)
+    if stream:
+        print()
+    elif args.json:
+        print(json.dumps([{"prompt": p, "completion": t, "tokens": ids, "stop": r} for p, t, ids, r in
+                          zip(args.prompt, res.texts, res.tokens, res.stop_reasons)], indent=2))
+    else:
+        for p, t in zip(args.prompt, res.texts):
+            print(f"--- {p!r}\n{p}{t}")
+    runner.close()
+
+
+def cmd_convert(args):
+    from .checkpoint import load_model, save_checkpoint
+
+    model = load_model(args.model, dtype=DTYPES[args.dtype] if args.dtype else torch.float32)
+    out = save_checkpoint(model, args.out, fmt=args.format,
+                          dtype=DTYPES[args.dtype] if args.dtype else None,
+                          max_shard_bytes=int(args.max_shard_size * 1024**2))
+    print(f"wrote {args.format} checkpoint to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamba-deploy", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="architecture, parameters, bytes on disk, state bytes per sequence")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("generate", help="generate text from a model or exported artifact")
+    s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", type=int, action="append", default=None, help="stop token id (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("convert", help="re-save a checkpoint in the HF or mamba_ssm layout")
+    s.add_argument("model")
+    s.add_argument("out")
+    s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--max-shard-size", type=float, default=2048, help="MB per safetensors shard")
+    s.set_defaults(func=cmd_convert)
+
+    for mod in STAGE_MODULES:
+        importlib.import_module(mod).register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MambaDeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""One `MambaConfig` for Mamba1, Mamba2 and their variants, read from every config dialect.
+
+Dialects:
+- HF `config.json` (model_type mamba | falcon_mamba | mamba2), as transformers writes it;
+- original `mamba_ssm` `config.json` (d_model, n_layer, ssm_cfg{layer, ...});
+- GGUF metadata (see `mamba_deploy.export.gguf`).
+
+Names follow the papers / mamba_ssm (d_model, d_state, d_conv, headdim, ngroups, chunk_size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, UnsupportedArchitectureError
+
+ARCHS = ("mamba1", "mamba2")
+# model_type / architectures values we accept, mapped to (arch, dt_bc_rms).
+HF_MODEL_TYPES = {
+    "mamba": ("mamba1", False),
+    "falcon_mamba": ("mamba1", True),
+    "mamba2": ("mamba2", False),
+}
+HF_ARCHITECTURES = {
+    "MambaForCausalLM": "mamba",
+    "FalconMambaForCausalLM": "falcon_mamba",
+    "Mamba2ForCausalLM": "mamba2",
+}
+SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2"]
+
+
+@dataclass
+class MambaConfig:
+    arch: str  # "mamba1" | "mamba2"
+    d_model: int
+    n_layer: int
+    vocab_size: int
+    pad_vocab_size_multiple: int = 1
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    d_inner_override: int | None = None  # HF `intermediate_size` when it is not expand * d_model
+    conv_bias: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    # Mamba1
+    dt_rank: int | None = None  # None = "auto" = ceil(d_model / 16)
+    dt_bc_rms: bool = False  # Falcon-Mamba: weightless RMSNorm on dt, B, C after x_proj
+    mixer_rms_eps: float = 1e-6
+    # Mamba2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    rmsnorm: bool = True  # gated RMSNorm inside the mixer
+    norm_before_gate: bool = False  # False: norm(y * silu(z)) (mamba_ssm + HF default)
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    # tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # which dialect it came from, so `save` can write it back the same way
+    source: str = "hf"
+    hf_model_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise UnsupportedArchitectureError(
+                f"unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}"
+            )
+        self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
+        if self.arch == "mamba2":
+            if self.d_inner % self.headdim:
+                raise ConfigError(
+                    f"d_inner={self.d_inner} is not a multiple of headdim={self.headdim}; "
+                    "check expand / head_dim / num_heads in config.json"
+                )
+            if self.nheads % self.ngroups:
+                raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+
+    # ---- derived sizes -------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.d_inner_override or self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels that go through the causal conv: x (Mamba1) or x,B,C (Mamba2)."""
+        if self.arch == "mamba1":
+            return self.d_inner
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_size_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int]:
+        """Per sequence and layer: the last d_conv - 1 conv inputs."""
+        return (self.conv_dim, self.d_conv - 1)
+
+    @property
+    def ssm_state_shape(self) -> tuple[int, ...]:
+        if self.arch == "mamba1":
+            return (self.d_inner, self.d_state)
+        return (self.nheads, self.headdim, self.d_state)
+
+    def state_numel(self) -> int:
+        return self.n_layer * (math.prod(self.conv_state_shape) + math.prod(self.ssm_state_shape))
+
+    # ---- readers -----------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaConfig":
+        """Any supported dialect; dispatches on its keys."""
+        d = _decode_json_floats(d)
+        if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
+            return cls._from_mamba_ssm(d)
+        model_type = d.get("model_type")
+        if model_type is None:
+            for a in d.get("architectures") or []:
+                if a in HF_ARCHITECTURES:
+                    model_type = HF_ARCHITECTURES[a]
+        if model_type not in HF_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"unknown model_type {model_type!r} (architectures={d.get('architectures')}); "
+                f"supported: {', '.join(SUPPORTED)}"
+            )
+        return cls._from_hf(d, model_type)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "MambaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the config") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a {type(d).__name__}, expected a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def _from_hf(cls, d: dict, model_type: str) -> "MambaConfig":
+        arch, dt_bc_rms = HF_MODEL_TYPES[model_type]
+        try:
+            common = dict(
+                arch=arch,
+                d_model=d["hidden_size"],
+                n_layer=d["num_hidden_layers"],
+                vocab_size=d["vocab_size"],
+                d_state=d.get("state_size", 16 if arch == "mamba1" else 128),
+                d_conv=d.get("conv_kernel", 4),
+                expand=d.get("expand", 2),
+                conv_bias=d.get("use_conv_bias", True),
+                bias=d.get("use_bias", False),
+                rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=d.get("tie_word_embeddings", arch == "mamba1"),
+                residual_in_fp32=d.get("residual_in_fp32", True),
+                pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 1),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=_first(d.get("eos_token_id")),
+                pad_token_id=d.get("pad_token_id"),
+                source="hf",
+                hf_model_type=model_type,
+            )
+        except KeyError as e:
+            raise ConfigError(f"HF {model_type} config.json lacks required key {e.args[0]!r}") from e
+        if arch == "mamba1":
+            rank = d.get("time_step_rank", "auto")
+            inter = d.get("intermediate_size")
+            return cls(
+                **common,
+                dt_rank=None if rank == "auto" else int(rank),
+                d_inner_override=inter if inter and inter != common["expand"] * common["d_model"] else None,
+                dt_bc_rms=dt_bc_rms,
+                mixer_rms_eps=d.get("mixer_rms_eps", 1e-6),
+            )
+        headdim = d.get("head_dim", 64)
+        nheads = d.get("num_heads")
+        d_inner = int(common["expand"] * common["d_model"])
+        if nheads is not None and nheads * headdim != d_inner:
+            raise ConfigError(
+                f"num_heads * head_dim = {nheads}*{headdim} != expand * hidden_size = {d_inner}; "
+                "fix num_heads or head_dim in config.json"
+            )
+        # transformers' Mamba2 always gates before the norm (it ignores norm_before_gate).
+        return cls(
+            **common,
+            headdim=headdim,
+            ngroups=d.get("n_groups", 1),
+            chunk_size=d.get("chunk_size", 256),
+            rmsnorm=d.get("rms_norm", True),
+            norm_before_gate=False,
+            dt_limit=tuple(d.get("time_step_limit", (0.0, math.inf))),
+        )
+
+    @classmethod
+    def _from_mamba_ssm(cls, d: dict) -> "MambaConfig":
+        ssm = dict(d.get("ssm_cfg") or {})
+        layer = ssm.pop("layer", "Mamba1")
+        if layer not in ("Mamba1", "Mamba2"):
+            raise UnsupportedArchitectureError(
+                f"unknown mamba_ssm ssm_cfg.layer {layer!r}; supported: {', '.join(SUPPORTED)}"
+            )
+        if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
+            raise UnsupportedArchitectureError(
+                "hybrid mamba_ssm models (d_intermediate > 0 or attn_layer_idx) are not supported; "
+                f"supported: {', '.join(SUPPORTED)}"
+            )
+        arch = "mamba1" if layer == "Mamba1" else "mamba2"
+        kw = dict(
+            arch=arch,
+            d_model=d["d_model"],
+            n_layer=d["n_layer"],
+            vocab_size=d["vocab_size"],
+            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+            tie_embeddings=d.get("tie_embeddings", True),
+            residual_in_fp32=d.get("residual_in_fp32", True),
+            rms_norm_eps=d.get("norm_epsilon", 1e-5),
+            d_state=ssm.get("d_state", 16 if arch == "mamba1" else 128),
+            d_conv=ssm.get("d_conv", 4),
+            expand=ssm.get("expand", 2),
+            conv_bias=ssm.get("conv_bias", True),
+            bias=ssm.get("bias", False),
+            source="mamba_ssm",
+        )
+        if arch == "mamba1":
+            rank = ssm.get("dt_rank", "auto")
+            kw["dt_rank"] = None if rank == "auto" else int(rank)
+        else:
+            kw.update(
+                headdim=ssm.get("headdim", 64),
+                ngroups=ssm.get("ngroups", 1),
+                chunk_size=ssm.get("chunk_size", 256),
+                rmsnorm=ssm.get("rmsnorm", True),
+                norm_before_gate=ssm.get("norm_before_gate", False),
+                dt_limit=tuple(ssm.get("dt_limit", (0.0, math.inf))),
+            )
+        return cls(**kw)
+
+    # ---- writers -----------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        common = {
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layer,
+            "vocab_size": self.padded_vocab_size,
+            "state_size": self.d_state,
+            "conv_kernel": self.d_conv,
+            "expand": self.expand,
+            "use_conv_bias": self.conv_bias,
+            "use_bias": self.bias,
+            "layer_norm_epsilon": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "residual_in_fp32": self.residual_in_fp32,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.arch == "mamba1":
+            mt = "falcon_mamba" if self.dt_bc_rms else "mamba"
+            extra = {
+                "intermediate_size": self.d_inner,
+                "time_step_rank": self.resolved_dt_rank,
+            }
+            if self.dt_bc_rms:
+                extra["mixer_rms_eps"] = self.mixer_rms_eps
+        else:
+            mt = "mamba2"
+            extra = {
+                "num_heads": self.nheads,
+                "head_dim": self.headdim,
+                "n_groups": self.ngroups,
+                "chunk_size": self.chunk_size,
+                "rms_norm": self.rmsnorm,
+                # JSON has no Infinity; transformers' own encoding of it:
+                "time_step_limit": [_encode_float(v) for v in self.dt_limit],
+            }
+            if self.norm_before_gate:
+                raise ConfigError(
+                    "transformers' Mamba2 cannot express norm_before_gate=True; "
+                    "save with --format mamba_ssm instead"
+                )
+        arch_name = {v: k for k, v in HF_ARCHITECTURES.items()}[mt]
+        return {"architectures": [arch_name], "model_type": mt, **common, **extra}
+
+    def to_mamba_ssm_dict(self) -> dict:
+        if self.dt_bc_rms:
+            raise ConfigError("mamba_ssm has no Falcon-Mamba (dt/B/C RMSNorm) layer; save with --format hf")
+        ssm: dict[str, Any] = {
+            "layer": "Mamba1" if self.arch == "mamba1" else "Mamba2",
+            "d_state": self.d_state,
+            "d_conv": self.d_conv,
+            "expand": self.expand,
+            "conv_bias": self.conv_bias,
+            "bias": self.bias,
+        }
+        if self.arch == "mamba1":
+            ssm["dt_rank"] = self.resolved_dt_rank
+        else:
+            ssm.update(
+                headdim=self.headdim,
+                ngroups=self.ngroups,
+                chunk_size=self.chunk_size,
+                rmsnorm=self.rmsnorm,
+                norm_before_gate=self.norm_before_gate,
+                dt_limit=[_encode_float(v) for v in self.dt_limit],
+            )
+        return {
+            "d_model": self.d_model,
+            "d_intermediate": 0,
+            "n_layer": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "ssm_cfg": ssm,
+            "attn_layer_idx": [],
+            "attn_cfg": {},
+            "rms_norm": True,
+            "residual_in_fp32": self.residual_in_fp32,
+            "fused_add_norm": True,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    def to_dict(self) -> dict:
+        """Plain dump of our own fields (manifests, GGUF round trips)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d["dt_limit"] = [_encode_float(v) for v in self.dt_limit]
+        return d
+
+    @classmethod
+    def from_own_dict(cls, d: dict) -> "MambaConfig":
+        d = _decode_json_floats(dict(d))
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **kw) -> "MambaConfig":
+        d = asdict(self)
+        d.update(kw)
+        return MambaConfig(**d)
+
+
+def _first(v):
+    return v[0] if isinstance(v, list) and v else v
+
+
+def _encode_float(v: float):
+    return {"__float__": "Infinity"} if v == math.inf else v
+
+
+def _decode_json_floats(obj):
+    """transformers saves inf as {"__float__": "Infinity"}; python json may give float('inf')."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"}:
+            try:
+                return float(obj["__float__"])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"cannot read float encoding {obj!r}") from e
+        return {k: _decode_json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_json_floats(v) for v in obj]
+    return obj

@@ -1,0 +1,45 @@
+"""Typed errors for everything a user can get wrong.
+
+Each message names the offending value and says what to do about it; tests match on these
+messages, so keep them specific. `assert` stays reserved for internal invariants.
+"""
+
+
+class MambaDeployError(Exception):
+    """Base class: catch this to handle every user-facing failure of the toolkit."""
+
+
+class ModelNotFoundError(MambaDeployError, FileNotFoundError):
+    """A path does not exist, or a hub id cannot be resolved."""
+
+
+class UnsupportedArchitectureError(MambaDeployError, ValueError):
+    """config.json / GGUF names an architecture this toolkit does not implement."""
+
+
+class ConfigError(MambaDeployError, ValueError):
+    """A config is inconsistent or has values we cannot interpret."""
+
+
+class CheckpointError(MambaDeployError, ValueError):
+    """Weights are corrupt, missing, unexpected, or have the wrong shape."""
+
+
+class ShapeError(MambaDeployError, ValueError):
+    """Runtime inputs (ids, state, mask) have the wrong shape or dtype."""
+
+
+class ExportError(MambaDeployError, RuntimeError):
+    """An export failed or its validation against PyTorch exceeded tolerance."""
+
+
+class BackendUnavailableError(MambaDeployError, ImportError):
+    """An optional dependency for a backend or feature is not installed."""
+
+
+class QuantizationError(MambaDeployError, ValueError):
+    """A quantization method, config or tensor is not supported."""
+
+
+class VerificationError(MambaDeployError, AssertionError):
+    """An artifact disagrees with its reference beyond tolerance."""

@@ -1,0 +1,146 @@
+"""Sampling and the generation loop, written once against the Runner interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ShapeError
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
+            raise ValueError(
+                f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
+            )
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits, history, penalty: float):
+    """CTRL-style: logits of tokens already seen are divided (if > 0) or multiplied by penalty."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    score = logits.gather(1, history)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, history, score)
+
+
+def sample(logits, cfg: SamplingConfig, history=None, generator=None):
+    """logits (b, V) -> token ids (b,)."""
+    logits = logits.float()
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = torch.softmax(logits, -1)
+    if cfg.min_p:
+        probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
+    if cfg.top_p < 1.0:
+        sp, idx = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > cfg.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
+        probs = probs.scatter(1, idx, sp.masked_fill(drop, 0.0))
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt (stop token excluded)
+    prompt_tokens: list[list[int]]
+    texts: list[str] | None = None
+    stop_reasons: list[str] = field(default_factory=list)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """-> ids (b, L), attention_mask (b, L) or None when all lengths are equal."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, L - len(p):] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> Generation:
+    """Generate for a batch of prompts (strings or token-id lists) of any lengths.
+
+    Prompts are left-padded and masked so padding never enters the recurrent state. Each
+    sequence stops at a stop token (default: the tokenizer's eos when prompts are strings) or
+    after max_new_tokens. `on_token(batch_index, token_id)` streams tokens as they come.
+    """
+    if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    as_text = isinstance(prompts[0], str)
+    tok = runner.tokenizer if as_text else None
+    ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
+    if any(len(p) == 0 for p in ids_list):
+        raise ShapeError("a prompt is empty; give at least one token")
+    if stop_token_ids is None:
+        stop_token_ids = [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+    scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    vocab = runner.vocab_size
+
+    b = len(ids_list)
+    ids, mask = left_pad(ids_list)
+    state = runner.new_state(b)
+    logits, state = runner.prefill(ids, state, attention_mask=mask, last_only=True)
+    logits = logits[:, -1]
+    history = [list(p) for p in ids_list]
+    out = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    done = torch.zeros(b, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        hist = _history_tensor(history) if repetition_penalty != 1.0 else None
+        nxt = sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
+        for i in range(b):
+            if done[i]:
+                continue
+            token = int(nxt[i])
+            if stops.numel() and bool((stops == token).any()):
+                done[i] = True
+                reasons[i] = "stop"
+                continue
+            out[i].append(token)
+            history[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits, state = runner.step(nxt, state)
+    texts = [tok.decode(o) for o in out] if as_text else None
+    return Generation(out, ids_list, texts, reasons)
+
+
+def _mask_padded_vocab(logits, vocab: int):
+    if logits.shape[-1] > vocab:  # rows added only to pad the vocab never win
+        logits = logits.clone()
+        logits[:, vocab:] = -float("inf")
+    return logits
+
+
+def _history_tensor(history):
+    """Ragged histories -> (b, T), padded by repeating each row's first token (harmless for a
+    penalty applied once per distinct token)."""
+    T = max(len(h) for h in history)
+    return torch.tensor([h + [h[0]] * (T - len(h)) for h in history], dtype=torch.long)

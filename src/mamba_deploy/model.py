@@ -1,0 +1,268 @@
+"""Mamba1 / Mamba2 language models in PyTorch.
+
+Each mixer has `forward` (parallel over the sequence, from a given state) and `step` (one token)
+side by side; both return the new (conv_state, ssm_state) and share every sub-computation that
+can differ between them (dt discretisation, gated norm) through `ops`.
+Parameter names equal the HF checkpoint keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import MambaConfig
+from .errors import ShapeError
+from .ops.reference import weightless_rms
+from .state import State
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rmsnorm(x, self.weight, self.eps)
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(d, n))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+
+    def _dt_B_C(self, x):
+        """x (..., d) -> raw dt (..., d) without bias, B, C (..., n)."""
+        cfg = self.cfg
+        dt, B, C = self.x_proj(x).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        if cfg.dt_bc_rms:
+            dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, u, conv_state, ssm_state, mask=None):
+        """u (b, l, d_model); conv_state (b, d, k-1); ssm_state (b, d, n); mask (b, l) or None."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, d) each
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)
+        x, conv_state = ops.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)
+        dt, B, C = self._dt_B_C(x)
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        y, ssm_state = ops.selective_scan(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        return self.out_proj(y), conv_state, ssm_state
+
+    def step(self, u, conv_state, ssm_state):
+        """u (b, d_model) -> (b, d_model), one token."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, d)
+        x, conv_state = ops.causal_conv1d_update(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        dt, B, C = self._dt_B_C(x)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ops.selective_state_update(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        return self.out_proj(y), conv_state, ssm_state
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, gn, h = cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.nheads
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d + 2 * gn + h, bias=cfg.bias)  # z, xBC, dt
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
+                                bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.D = nn.Parameter(torch.ones(h))
+        if cfg.rmsnorm:
+            self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+
+    def _split(self, zxbcdt):
+        cfg = self.cfg
+        return zxbcdt.split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+
+    def _split_xBC(self, xBC):
+        cfg = self.cfg
+        gn = cfg.ngroups * cfg.d_state
+        x, B, C = xBC.split([cfg.d_inner, gn, gn], dim=-1)
+        *pre, _ = x.shape
+        return (x.reshape(*pre, cfg.nheads, cfg.headdim),
+                B.reshape(*pre, cfg.ngroups, cfg.d_state),
+                C.reshape(*pre, cfg.ngroups, cfg.d_state))
+
+    def _gate(self, y, z):
+        """y, z (..., d): gated RMSNorm (or plain silu gate)."""
+        cfg = self.cfg
+        if cfg.rmsnorm:
+            return ops.rmsnorm_gated(y, z, self.norm.weight, self.norm.eps,
+                                     cfg.d_inner // cfg.ngroups, cfg.norm_before_gate)
+        return y * F.silu(z)
+
+    def forward(self, u, conv_state, ssm_state, mask=None):
+        """u (b, l, d_model); conv_state (b, conv_dim, k-1); ssm_state (b, h, p, n)."""
+        cfg = self.cfg
+        b, l, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))  # (b, l, d), (b, l, conv_dim), (b, l, h)
+        if mask is not None:
+            xBC = xBC * mask.unsqueeze(-1)
+        xBC, conv_state = ops.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        if mask is not None:
+            xBC = xBC * mask.unsqueeze(-1)
+        x, B, C = self._split_xBC(xBC)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+        A = -torch.exp(self.A_log.float())  # (h,)
+        y, ssm_state = ops.ssd(x, dt, A, B, C, self.D, self.dt_bias, ssm_state, cfg.chunk_size, cfg.dt_limit)
+        y = self._gate(y.reshape(b, l, cfg.d_inner), z)
+        return self.out_proj(y), conv_state, ssm_state
+
+    def step(self, u, conv_state, ssm_state):
+        """u (b, d_model) -> (b, d_model), one token."""
+        cfg = self.cfg
+        z, xBC, dt = self._split(self.in_proj(u))  # (b, d), (b, conv_dim), (b, h)
+        xBC, conv_state = ops.causal_conv1d_update(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        x, B, C = self._split_xBC(xBC)  # (b, h, p), (b, g, n), (b, g, n)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ops.ssd_state_update(x, dt, A, B, C, self.D, self.dt_bias, ssm_state, cfg.dt_limit)
+        y = self._gate(y.reshape(u.shape[0], cfg.d_inner), z)
+        return self.out_proj(y), conv_state, ssm_state
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mixer = Mamba1Mixer(cfg) if cfg.arch == "mamba1" else Mamba2Mixer(cfg)
+        self.residual_in_fp32 = cfg.residual_in_fp32
+
+    def _pre(self, h):
+        residual = h.float() if self.residual_in_fp32 else h
+        return self.norm(h.to(self.norm.weight.dtype)), residual
+
+    def forward(self, h, conv_state, ssm_state, mask=None):
+        x, residual = self._pre(h)
+        y, conv_state, ssm_state = self.mixer(x, conv_state, ssm_state, mask)
+        return residual + y, conv_state, ssm_state
+
+    def step(self, h, conv_state, ssm_state):
+        x, residual = self._pre(h)
+        y, conv_state, ssm_state = self.mixer.step(x, conv_state, ssm_state)
+        return residual + y, conv_state, ssm_state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (b, l, vocab) float32
+    state: State
+
+
+class MambaLM(nn.Module):
+    """`model(input_ids, state=None)` -> ModelOutput(logits, state); the state is updated in place."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        self.source_path = None  # set by load_model; where tokenizer files live
+        self._tokenizer = None
+
+    @property
+    def device(self):
+        return self.backbone.embeddings.weight.device
+
+    @property
+    def dtype(self):
+        return self.backbone.embeddings.weight.dtype
+
+    def new_state(self, batch: int) -> State:
+        return State.zeros(self.config, batch, self.device, self.dtype)
+
+    def _check_ids(self, input_ids, ndim):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != ndim or input_ids.dtype.is_floating_point:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
+            raise ShapeError(f"input_ids must be an integer tensor of shape {want}, got {got}")
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
+            raise ShapeError(
+                f"token id {int(input_ids.max())} outside the vocabulary [0, {self.config.padded_vocab_size}); "
+                "was the prompt tokenized with this model's tokenizer?"
+            )
+
+    def _head(self, h):
+        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids, state: State | None = None, attention_mask=None,
+                num_logits_to_keep: int = 0) -> ModelOutput:
+        """input_ids (b, l). attention_mask (b, l), 1 = token, 0 = left padding (zero state only).
+        num_logits_to_keep > 0 computes logits for the last positions only."""
+        self._check_ids(input_ids, 2)
+        b, l = input_ids.shape
+        if state is None:
+            state = self.new_state(b)
+        state.check(self.config, b)
+        if l == 1 and attention_mask is None:
+            return ModelOutput(self.step(input_ids[:, 0], state).unsqueeze(1), state)
+        mask = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, l):
+                raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, l)}")
+            mask = attention_mask.to(self.dtype)
+        h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
+        for i, layer in enumerate(self.backbone.layers):
+            h, conv, ssm = layer(h, state.conv[i], state.ssm[i], mask)
+            state.conv[i].copy_(conv)
+            state.ssm[i].copy_(ssm)
+        if num_logits_to_keep:
+            h = h[:, -num_logits_to_keep:]
+        return ModelOutput(self._head(h), state)
+
+    def step(self, ids, state: State) -> torch.Tensor:
+        """ids (b,) -> logits (b, vocab); state updated in place."""
+        h = self.backbone.embeddings(ids)  # (b, d_model)
+        for i, layer in enumerate(self.backbone.layers):
+            h, conv, ssm = layer.step(h, state.conv[i], state.ssm[i])
+            state.conv[i].copy_(conv)
+            state.ssm[i].copy_(ssm)
+        return self._head(h)
+
+    # ---- conveniences --------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.source_path)
+        return self._tokenizer
+
+    def generate(self, prompts, **kwargs):
+        """See `mamba_deploy.generation.generate`; prompts are strings or lists of token ids."""
+        from .generation import generate
+        from .runners.torch_runner import TorchRunner
+
+        return generate(TorchRunner(self), prompts, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,105 @@
+"""The one place that picks an implementation for each op.
+
+Model code calls `ops.<name>(...)`; this module routes to the Triton kernel when the inputs
+live on CUDA and the kernel is available, and to the pure-PyTorch reference twin otherwise.
+`set_backend("ref")` forces the references everywhere (tests, export tracing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from . import reference as ref
+
+# name -> reference implementation; fast twins share the signature.
+REFERENCE = {
+    "causal_conv1d": ref.causal_conv1d_ref,
+    "causal_conv1d_update": ref.causal_conv1d_update_ref,
+    "rmsnorm": ref.rmsnorm_ref,
+    "rmsnorm_gated": ref.rmsnorm_gated_ref,
+    "selective_scan": ref.selective_scan_ref,
+    "selective_state_update": ref.selective_state_update_ref,
+    "ssd": ref.ssd_ref,
+    "ssd_state_update": ref.ssd_state_update_ref,
+}
+
+_BACKENDS = ("auto", "ref", "triton")
+_backend = "auto"
+
+
+@functools.lru_cache(maxsize=1)
+def fast_ops() -> dict:
+    """Triton kernels keyed like REFERENCE; empty when triton or CUDA is missing."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        from . import triton_kernels  # noqa: F401  (imports triton)
+    except ImportError:
+        return {}
+    return dict(triton_kernels.KERNELS)
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    prev = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def pick(name: str, tensor):
+    if _backend != "ref" and tensor.is_cuda:
+        fast = fast_ops().get(name)
+        if fast is not None:
+            return fast
+        if _backend == "triton":
+            raise RuntimeError(f"no Triton kernel for op {name!r}")
+    return REFERENCE[name]
+
+
+def causal_conv1d(x, weight, bias, conv_state, activation=True):
+    return pick("causal_conv1d", x)(x, weight, bias, conv_state, activation)
+
+
+def causal_conv1d_update(x, weight, bias, conv_state, activation=True):
+    return pick("causal_conv1d_update", x)(x, weight, bias, conv_state, activation)
+
+
+def rmsnorm(x, weight, eps):
+    return pick("rmsnorm", x)(x, weight, eps)
+
+
+def rmsnorm_gated(x, z, weight, eps, group_size, norm_before_gate=False):
+    return pick("rmsnorm_gated", x)(x, z, weight, eps, group_size, norm_before_gate)
+
+
+def selective_scan(x, dt, A, B, C, D, z, dt_bias, h0):
+    return pick("selective_scan", x)(x, dt, A, B, C, D, z, dt_bias, h0)
+
+
+def selective_state_update(x, dt, A, B, C, D, z, dt_bias, h):
+    return pick("selective_state_update", x)(x, dt, A, B, C, D, z, dt_bias, h)
+
+
+def ssd(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit):
+    return pick("ssd", x)(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit)
+
+
+def ssd_state_update(x, dt, A, B, C, D, dt_bias, h, dt_limit):
+    return pick("ssd_state_update", x)(x, dt, A, B, C, D, dt_bias, h, dt_limit)

@@ -1,0 +1,229 @@
+"""Pure-PyTorch reference ops. Every fast kernel in `ops/` has its twin here, same signature.
+
+Conventions (mamba2-minimal letters):
+  b batch, l sequence, d d_inner (Mamba1 channels), n d_state, h nheads, p headdim,
+  g ngroups, c chunks, k d_conv.
+All recurrences run in float32 whatever the input dtype; outputs are cast back.
+No op loops over time steps in Python: scans are chunked and log-depth within a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- dt
+
+def discretize_dt(dt, dt_bias, dt_limit=(0.0, math.inf)):
+    """dt -> softplus(dt + dt_bias), clamped to dt_limit. The one place both the parallel
+    and the recurrent paths turn raw dt into a step size (a classic source of mismatch)."""
+    dt = F.softplus(dt.float() + dt_bias.float())
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+# ----------------------------------------------------------------------------- conv
+
+def causal_conv1d_ref(x, weight, bias, conv_state, activation=True):
+    """Depthwise causal conv over time, continuing from conv_state.
+
+    x (b, l, c); weight (c, k); bias (c,) or None; conv_state (b, c, k-1): previous inputs.
+    Returns y (b, l, c) and the new conv_state (b, c, k-1).
+    """
+    c, k = weight.shape
+    xt = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (b, c, k-1+l)
+    y = F.conv1d(xt, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=c)
+    if activation:
+        y = F.silu(y)
+    return y.transpose(1, 2), xt[..., xt.shape[-1] - (k - 1):]
+
+
+def causal_conv1d_update_ref(x, weight, bias, conv_state, activation=True):
+    """One step of causal_conv1d_ref: x (b, c) -> y (b, c), conv_state (b, c, k-1)."""
+    xt = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, c, k)
+    y = (xt * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if activation:
+        y = F.silu(y)
+    return y, xt[..., 1:]
+
+
+# ----------------------------------------------------------------------------- norms
+
+def rmsnorm_ref(x, weight, eps):
+    """x (..., d): HF/mamba_ssm RMSNorm, statistics in float32."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rmsnorm_gated_ref(x, z, weight, eps, group_size, norm_before_gate=False):
+    """Mamba2's gated, group-wise RMSNorm. x, z (..., d); groups of `group_size` channels.
+
+    norm_before_gate=False (mamba_ssm default, the only one transformers implements):
+        norm(x * silu(z)) * weight
+    norm_before_gate=True:
+        norm(x) * weight * silu(z)
+    """
+    dtype = x.dtype
+    xf, zf = x.float(), z.float()
+    if not norm_before_gate:
+        xf = xf * F.silu(zf)
+    *pre, d = xf.shape
+    xg = xf.reshape(*pre, d // group_size, group_size)
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    out = xg.reshape(*pre, d) * weight.float()
+    if norm_before_gate:
+        out = out * F.silu(zf)
+    return out.to(dtype)
+
+
+def weightless_rms(x, eps):
+    """Falcon-Mamba's RMSNorm on dt, B, C (no weight), in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Mamba1 scan
+
+def _linear_scan(a, u):
+    """Inclusive scan of h_t = a_t * h_{t-1} + u_t along dim 1 from h = 0, log-depth
+    (Hillis-Steele). Returns (P, H): P_t = prod a_1..t, H_t = h_t. Only products of decays
+    (<= 1) and sums are formed, so it cannot overflow."""
+    T = a.shape[1]
+    k = 1
+    while k < T:
+        u = torch.cat([u[:, :k], torch.addcmul(u[:, k:], a[:, k:], u[:, :-k])], 1)
+        a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], 1)
+        k *= 2
+    return a, u
+
+
+def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
+    """Mamba1 selective scan, parallel over time.
+
+    x, dt, z (b, l, d); A (d, n); B, C (b, l, n); D, dt_bias (d,); h0 (b, d, n).
+    dt is raw (before bias and softplus). Returns y (b, l, d) and h_last (b, d, n).
+
+    Time is cut into chunks of `chunk_size` so the (b, T, d, n) working set stays in cache;
+    each chunk is a log-depth scan, and only the chunk's final state is carried to the next.
+    z=None skips the gate.
+    """
+    dtype = x.dtype
+    b, l, d = x.shape
+    dtf = discretize_dt(dt, dt_bias)  # (b, l, d)
+    A = A.float()
+    xf, Bf, Cf = x.float(), B.float(), C.float()
+    h = h0.float()
+    ys = []
+    for s in range(0, l, chunk_size):
+        e = min(s + chunk_size, l)
+        dt_c = dtf[:, s:e]  # (b, T, d)
+        a = torch.exp(dt_c.unsqueeze(-1) * A)  # (b, T, d, n)
+        u = (dt_c * xf[:, s:e]).unsqueeze(-1) * Bf[:, s:e].unsqueeze(2)  # (b, T, d, n)
+        P, H = _linear_scan(a, u)
+        H = torch.addcmul(H, P, h.unsqueeze(1))  # add the carried state, decayed
+        ys.append(torch.einsum("btdn,btn->btd", H, Cf[:, s:e]))
+        h = H[:, -1]
+    y = torch.cat(ys, 1) + xf * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype), h
+
+
+def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, h):
+    """One recurrent step of selective_scan_ref. x, dt, z (b, d); B, C (b, n); h (b, d, n)."""
+    dtype = x.dtype
+    dtf = discretize_dt(dt, dt_bias)  # (b, d)
+    a = torch.exp(dtf.unsqueeze(-1) * A.float())  # (b, d, n)
+    h = h.float() * a + (dtf * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
+    y = torch.einsum("bdn,bn->bd", h, C.float()) + x.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype), h
+
+
+# ----------------------------------------------------------------------------- Mamba2 SSD
+
+def segsum(x):
+    """x (..., T) -> (..., T, T) with out[i, j] = sum_{k=j+1..i} x_k for j <= i, -inf above.
+    Summed directly (no difference of cumsums), so exp(out) is accurate and <= 1 for x <= 0."""
+    T = x.shape[-1]
+    xr = x.unsqueeze(-1).expand(*x.shape, T)  # (..., T_i, T_j) holding x_i
+    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    xr = xr.masked_fill(~strict, 0.0)
+    out = torch.cumsum(xr, dim=-2)
+    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    return out.masked_fill(~keep, -math.inf)
+
+
+def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)):
+    """Mamba2 state-space duality, chunked, from an initial state.
+
+    x (b, l, h, p); dt (b, l, h) raw; A, D, dt_bias (h,); B, C (b, l, g, n); h0 (b, h, p, n).
+    Any l: the tail is padded with dt = 0 (decay 1, no input), which leaves the state unchanged.
+    Returns y (b, l, h, p) (with the D skip, without the gate) and h_last (b, h, p, n).
+    """
+    dtype = x.dtype
+    b, l, nh, p = x.shape
+    g = B.shape[2]
+    Q = chunk_size
+    dtf = discretize_dt(dt, dt_bias, dt_limit)  # (b, l, h)
+    pad = (-l) % Q
+    xf, Bf, Cf = x.float(), B.float(), C.float()
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+    c = (l + pad) // Q
+    # heads share their group's B, C: head i uses group i // (h / g)
+    Bh = Bf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)  # (b, c, Q, h, n)
+    Ch = Cf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)
+    X = (xf * dtf.unsqueeze(-1)).reshape(b, c, Q, nh, p)  # (b, c, Q, h, p)
+    Adt = (dtf * A.float()).reshape(b, c, Q, nh).permute(0, 3, 1, 2)  # (b, h, c, Q)
+
+    # 1. within each chunk (the quadratic, attention-like part)
+    L = torch.exp(segsum(Adt))  # (b, h, c, Q, Q)
+    CB = torch.einsum("bclhn,bcshn->bhcls", Ch, Bh)
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * L, X)
+
+    # 2. each chunk's final state, from zero; decay to chunk end summed directly
+    revcum = torch.flip(torch.cumsum(torch.flip(Adt, [-1]), -1), [-1])  # sum_{k>=l}
+    to_end = F.pad(revcum[..., 1:], (0, 1))  # sum_{k>l}, (b, h, c, Q)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, torch.exp(to_end), X)
+
+    # 3. pass states across chunks, starting from h0
+    states = torch.cat([h0.float().unsqueeze(1), states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(Adt.sum(-1), (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    states, h_last = states[:, :-1], states[:, -1]
+
+    # 4. state at each chunk start -> outputs inside the chunk
+    from_start = torch.exp(torch.cumsum(Adt, -1))  # (b, h, c, Q)
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, from_start)
+
+    y = (y_diag + y_off).reshape(b, c * Q, nh, p)[:, :l]
+    y = y + x.float() * D.float().unsqueeze(-1)
+    return y.to(dtype), h_last
+
+
+def ssd_state_update_ref(x, dt, A, B, C, D, dt_bias, h, dt_limit=(0.0, math.inf)):
+    """One recurrent step of ssd_ref. x (b, h, p); dt (b, h); B, C (b, g, n); h (b, h, p, n)."""
+    dtype = x.dtype
+    nh = x.shape[1]
+    g = B.shape[1]
+    dtf = discretize_dt(dt, dt_bias, dt_limit)  # (b, h)
+    a = torch.exp(dtf * A.float())  # (b, h)
+    Bh = B.float().repeat_interleave(nh // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(nh // g, dim=1)
+    xdt = x.float() * dtf.unsqueeze(-1)  # (b, h, p)
+    h = h.float() * a[..., None, None] + xdt.unsqueeze(-1) * Bh.unsqueeze(2)
+    y = torch.einsum("bhpn,bhn->bhp", h, Ch) + x.float() * D.float().unsqueeze(-1)
+    return y.to(dtype), h

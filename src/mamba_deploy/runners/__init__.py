@@ -1,0 +1,44 @@
+"""Backends behind one interface. `open_runner(artifact, backend)` picks one by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BackendUnavailableError
+from .base import Runner
+
+# backend name -> (module, factory) ; factories take (path, **options)
+BACKENDS = {
+    "torch": ("mamba_deploy.runners.torch_runner", "open_torch"),
+    "onnx": ("mamba_deploy.runners.onnx_runner", "open_onnx"),
+    "llama.cpp": ("mamba_deploy.runners.llamacpp_runner", "open_llamacpp"),
+    "openvino": ("mamba_deploy.runners.openvino_runner", "open_openvino"),
+    "tensorrt": ("mamba_deploy.runners.tensorrt_runner", "open_tensorrt"),
+}
+
+
+def guess_backend(path) -> str:
+    p = Path(str(path))
+    if p.suffix == ".gguf":
+        return "llama.cpp"
+    if p.suffix == ".onnx" or (p / "model.onnx").exists():
+        return "onnx"
+    if p.suffix in (".engine", ".plan") or (p / "model.engine").exists():
+        return "tensorrt"
+    return "torch"
+
+
+def open_runner(path, backend: str | None = None, **options) -> Runner:
+    import importlib
+
+    backend = backend or guess_backend(path)
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    mod_name, fn = BACKENDS[backend]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            raise BackendUnavailableError(f"backend {backend!r} is not built into this version of mamba-deploy") from e
+        raise BackendUnavailableError(f"backend {backend!r} needs the package {e.name!r}: pip install {e.name}") from e
+    return getattr(mod, fn)(path, **options)

@@ -1,0 +1,63 @@
+"""The Runner interface: one implementation per backend; generate / verify / bench / serve use
+nothing else, so a new backend gets all of them for free.
+
+Token ids and logits cross this boundary as CPU torch tensors (ids int64, logits float32);
+the state object is the backend's own and opaque to callers except through `to_torch_state`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from ..config import MambaConfig
+from ..state import State
+
+
+class Runner(ABC):
+    name: str = "?"
+    config: MambaConfig
+    source_path: Path | None = None  # folder with tokenizer files
+    supports_attention_mask: bool = True  # left-padded batched prefill
+
+    @abstractmethod
+    def new_state(self, batch: int):
+        """A zeroed state for `batch` sequences."""
+
+    @abstractmethod
+    def prefill(self, ids: torch.Tensor, state, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False):
+        """ids (b, l) -> (logits (b, l or 1, vocab) float32, state)."""
+
+    @abstractmethod
+    def step(self, ids: torch.Tensor, state):
+        """ids (b,) -> (logits (b, vocab) float32, state)."""
+
+    def to_torch_state(self, state) -> State:
+        """The state as a torch `State` (conv, ssm) for verification."""
+        raise NotImplementedError(f"{self.name} runner does not expose its state")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def tokenizer(self):
+        from ..tokenizer import load_tokenizer
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.source_path)
+        return self._tokenizer
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+

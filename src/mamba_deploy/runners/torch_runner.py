@@ -1,0 +1,40 @@
+"""The PyTorch backend: our `MambaLM` behind the Runner interface."""
+
+from __future__ import annotations
+
+import torch
+
+from ..state import State
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.config = model.config
+        self.source_path = getattr(model, "source_path", None)
+
+    def new_state(self, batch: int) -> State:
+        return self.model.new_state(batch)
+
+    @torch.inference_mode()
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        dev = self.model.device
+        mask = None if attention_mask is None else attention_mask.to(dev)
+        out = self.model(ids.to(dev), state, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
+        return out.logits.cpu(), out.state
+
+    @torch.inference_mode()
+    def step(self, ids, state):
+        return self.model.step(ids.to(self.model.device), state).cpu(), state
+
+    def to_torch_state(self, state) -> State:
+        return State(state.conv.float().cpu(), state.ssm.float().cpu())
+
+
+def open_torch(path, device="cpu", dtype=torch.float32, **_) -> TorchRunner:
+    from ..checkpoint import load_model
+
+    return TorchRunner(load_model(path, device=device, dtype=dtype))

@@ -1,0 +1,73 @@
+"""The one recurrent state every backend carries: fixed size, allocated once.
+
+Per layer and sequence a Mamba model needs only
+- conv_state: the last d_conv - 1 inputs of the causal conv,  (conv_dim, d_conv - 1)
+- ssm_state:  the SSM hidden state h,                          (d_inner, d_state)  Mamba1
+                                                               (nheads, headdim, d_state)  Mamba2
+Layers are stacked on dim 0 so one tensor per kind can be preallocated, updated in place
+(CUDA graphs) and split per layer (ONNX `past_conv.{i}` / `past_ssm.{i}`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MambaConfig
+from .errors import ShapeError
+
+
+@dataclass
+class State:
+    conv: torch.Tensor  # (n_layer, b, conv_dim, d_conv - 1)
+    ssm: torch.Tensor  # (n_layer, b, *ssm_state_shape), float32 by default
+
+    @classmethod
+    def zeros(cls, cfg: MambaConfig, batch: int, device="cpu", dtype=torch.float32,
+              ssm_dtype=torch.float32) -> "State":
+        conv = torch.zeros(cfg.n_layer, batch, *cfg.conv_state_shape, device=device, dtype=dtype)
+        ssm = torch.zeros(cfg.n_layer, batch, *cfg.ssm_state_shape, device=device, dtype=ssm_dtype)
+        return cls(conv, ssm)
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()
+
+    def clone(self) -> "State":
+        return State(self.conv.clone(), self.ssm.clone())
+
+    def zero_(self) -> "State":
+        self.conv.zero_()
+        self.ssm.zero_()
+        return self
+
+    def copy_(self, other: "State") -> "State":
+        self.conv.copy_(other.conv)
+        self.ssm.copy_(other.ssm)
+        return self
+
+    def select(self, idx) -> "State":
+        """Rows of the batch (a new State)."""
+        return State(self.conv[:, idx].clone(), self.ssm[:, idx].clone())
+
+    def check(self, cfg: MambaConfig, batch: int) -> None:
+        want_conv = (cfg.n_layer, batch, *cfg.conv_state_shape)
+        want_ssm = (cfg.n_layer, batch, *cfg.ssm_state_shape)
+        if tuple(self.conv.shape) != want_conv or tuple(self.ssm.shape) != want_ssm:
+            raise ShapeError(
+                f"state has conv {tuple(self.conv.shape)} / ssm {tuple(self.ssm.shape)}, expected "
+                f"{want_conv} / {want_ssm} for batch {batch}; create it with State.zeros(config, batch)"
+            )
+
+    @classmethod
+    def stack(cls, conv_layers, ssm_layers) -> "State":
+        return cls(torch.stack(list(conv_layers)), torch.stack(list(ssm_layers)))
+
+    def layers(self):
+        """[(conv_i, ssm_i)] views, one per layer."""
+        return list(zip(self.conv.unbind(0), self.ssm.unbind(0)))

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random checkpoints built and saved by transformers (the independent
+reference), so no test touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# kind -> transformers config kwargs; sizes chosen so chunk boundaries are crossed cheaply
+TINY = {
+    "mamba": dict(cls="MambaForCausalLM", cfg="MambaConfig",
+                  kw=dict(vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=2,
+                          expand=2, conv_kernel=4, time_step_rank=4)),
+    "falcon_mamba": dict(cls="FalconMambaForCausalLM", cfg="FalconMambaConfig",
+                         kw=dict(vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                 expand=2, conv_kernel=4, time_step_rank=4)),
+    "mamba2": dict(cls="Mamba2ForCausalLM", cfg="Mamba2Config",
+                   kw=dict(vocab_size=128, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
+                           conv_kernel=4, head_dim=16, num_heads=4, n_groups=1, chunk_size=16)),
+    "mamba2_g2": dict(cls="Mamba2ForCausalLM", cfg="Mamba2Config",
+                      kw=dict(vocab_size=128, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
+                              conv_kernel=4, head_dim=8, num_heads=8, n_groups=2, chunk_size=16,
+                              tie_word_embeddings=False)),
+}
+KINDS = list(TINY)
+
+
+def build_hf_model(kind: str, seed: int = 0, **overrides):
+    """A transformers model with random weights perturbed away from their init (so A, D,
+    dt_bias, norms are not at trivial values)."""
+    import transformers
+
+    spec = TINY[kind]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, spec["cfg"])(**{**spec["kw"], **overrides})
+    model = getattr(transformers, spec["cls"])(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "A_log" in name or "dt" in name else 0.05))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(kind) -> (folder, transformers model); cached per session."""
+    cache = {}
+
+    def make(kind: str):
+        if kind not in cache:
+            model = build_hf_model(kind)
+            folder = tmp_path_factory.mktemp(f"hf_{kind}")
+            model.save_pretrained(folder)
+            cache[kind] = (folder, model)
+        return cache[kind]
+
+    return make
+
+
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -13,9 +13,31 @@ import torch
 
 from .errors import MambaDeployError
 
-# modules that add verbs; each has register(subparsers)
+# Modules that add top-level verbs through register(subparsers), and exporters that add
+# `export <format>` through register(export_subparsers). A module not written yet is skipped.
 STAGE_MODULES = [
+    "mamba_deploy.quant.cli",  # quantize
+    "mamba_deploy.verify",  # verify
+    "mamba_deploy.bench",  # bench
+    "mamba_deploy.eval",  # eval
+    "mamba_deploy.train",  # train
+    "mamba_deploy.demo",  # demo
 ]
+EXPORT_MODULES = [
+    "mamba_deploy.export.onnx",  # export onnx
+    "mamba_deploy.export.gguf",  # export gguf
+]
+
+
+def _register_all(sub, modules):
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):  # the stage itself is absent, not a dependency
+                continue
+            raise
+        mod.register(sub)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -149,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=float, default=2048, help="MB per safetensors shard")
     s.set_defaults(func=cmd_convert)
 
-    for mod in STAGE_MODULES:
-        importlib.import_module(mod).register(sub)
+    ex = sub.add_parser("export", help="export to a deployment format")
+    _register_all(ex.add_subparsers(dest="format", required=True), EXPORT_MODULES)
+    _register_all(sub, STAGE_MODULES)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Exporters: one module per format (onnx, gguf); each writes atomically and validates."""

@@ -1,0 +1,549 @@
+"""`mamba-deploy verify REFERENCE ARTIFACT`: does an artifact compute what its checkpoint does?
+
+Both sides are driven only through the Runner interface, so every backend gets verification:
+the reference (PyTorch float32 or float64) and the artifact see the same random batches
+(prefill, then N decode steps teacher-forced with the reference's greedy tokens) and one longer
+sequence (a text, or the reference's own sampled continuation of a random prompt) scored for
+perplexity. Each check compares a metric to a tolerance picked from the table below by the
+artifact's dtype / quantization, which is read from the artifact itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, VerificationError
+
+# ----------------------------------------------------------------------------- tolerances
+# logits_rel: max |artifact - reference| / max |reference| over every compared logit;
+# state_rel: same for the recurrent state (conv and ssm, after prefill and after decoding);
+# top1: minimum fraction of positions whose argmax token agrees;
+# ppl_rel: |ppl_artifact / ppl_reference - 1|.
+# fp32 follows CONTRIBUTING (1e-4 relative); half precision 1e-2; quantized rows are loose
+# enough for a trained model's weights at that bit width and tight enough to catch a broken one.
+TOLERANCES = {
+    "fp32": dict(logits_rel=1e-4, state_rel=1e-4, top1=0.99, ppl_rel=1e-3),
+    "fp16": dict(logits_rel=1e-2, state_rel=1e-2, top1=0.95, ppl_rel=1e-2),
+    "bf16": dict(logits_rel=3e-2, state_rel=3e-2, top1=0.90, ppl_rel=2e-2),
+    "int8": dict(logits_rel=5e-2, state_rel=1e-1, top1=0.90, ppl_rel=3e-2),
+    "q6": dict(logits_rel=8e-2, state_rel=1.5e-1, top1=0.85, ppl_rel=5e-2),
+    "q5": dict(logits_rel=1e-1, state_rel=2e-1, top1=0.80, ppl_rel=8e-2),
+    "int4": dict(logits_rel=2e-1, state_rel=3e-1, top1=0.70, ppl_rel=1.5e-1),
+    "q3": dict(logits_rel=3e-1, state_rel=5e-1, top1=0.60, ppl_rel=3e-1),
+    "q2": dict(logits_rel=5e-1, state_rel=8e-1, top1=0.50, ppl_rel=6e-1),
+}
+# label (as artifacts spell it, lower case) -> row of TOLERANCES
+LABEL_ALIASES = {
+    "fp32": "fp32", "f32": "fp32", "float32": "fp32", "all_f32": "fp32", "float64": "fp32",
+    "fp16": "fp16", "f16": "fp16", "float16": "fp16", "half": "fp16", "mostly_f16": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16", "mostly_bf16": "bf16",
+    "int8": "int8", "q8_0": "int8", "w8a16": "int8", "w8a8": "int8", "fp8": "int8", "llm_int8": "int8",
+    "q6_k": "q6", "q5_0": "q5", "q5_1": "q5", "q5_k": "q5", "q5_k_s": "q5", "q5_k_m": "q5",
+    "int4": "int4", "q4_0": "int4", "q4_1": "int4", "q4_k": "int4", "q4_k_s": "int4", "q4_k_m": "int4",
+    "nf4": "int4", "fp4": "int4", "w4a16": "int4", "gptq": "int4", "awq": "int4", "iq4_nl": "int4",
+    "iq4_xs": "int4", "q3_k": "q3", "q3_k_s": "q3", "q3_k_m": "q3", "q3_k_l": "q3", "q2_k": "q2",
+}
+BITS_TO_ROW = {8: "int8", 6: "q6", 5: "q5", 4: "int4", 3: "q3", 2: "q2"}
+DEFAULT_LENGTHS = (1, 7, 257, 1000)
+DEFAULT_BATCHES = (1, 3)
+DEFAULT_DECODE_STEPS = 8
+PPL_PROMPT, PPL_CONTINUATION = 16, 64  # random prompt + reference-sampled tokens when no text
+SEQ_CHUNK = 512  # long sequences are fed in chunks, carrying the state (bounded memory)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    logits_rel: float
+    state_rel: float
+    top1: float
+    ppl_rel: float
+    label: str = "fp32"
+
+
+def tolerance_row(label: str) -> str:
+    """Map an artifact label (fp16, q4_k_m, nf4, int8, ...) to a row of TOLERANCES."""
+    key = str(label).strip().lower().removeprefix("mostly_")
+    if key in TOLERANCES:
+        return key
+    if key in LABEL_ALIASES or f"mostly_{key}" in LABEL_ALIASES:
+        return LABEL_ALIASES.get(key) or LABEL_ALIASES[f"mostly_{key}"]
+    raise ConfigError(f"no default tolerances for artifact type {label!r}; use one of "
+                      f"{', '.join(TOLERANCES)} (e.g. --dtype int4) or give every limit with --tolerance")
+
+
+def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
+    """spec: None (defaults for `label`), a label, a dict of overrides, a 'k=v,k=v' string or a Tolerance."""
+    if isinstance(spec, Tolerance):
+        return spec
+    if isinstance(spec, str) and "=" not in spec:
+        label, spec = spec, None
+    row = tolerance_row(label)
+    tol = Tolerance(**TOLERANCES[row], label=row)
+    overrides = parse_overrides(spec) if isinstance(spec, str) else dict(spec or {})
+    names = {f.name for f in fields(Tolerance)} - {"label"}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
+    return replace(tol, **{k: float(v) for k, v in overrides.items()})
+
+
+def parse_overrides(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"cannot read tolerance {part!r}; write NAME=NUMBER, e.g. logits_rel=1e-3")
+    return out
+
+
+# ----------------------------------------------------------------------------- artifact type
+
+def infer_artifact_dtype(path) -> str:
+    """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
+    nothing says otherwise. ONNX: manifest.json "dtype"/"quantization"; GGUF: general.file_type;
+    checkpoints: config.json quantization_config, else torch_dtype."""
+    p = Path(str(path))
+    if p.suffix == ".gguf" and p.is_file():
+        return _gguf_label(p)
+    folder = p if p.is_dir() else p.parent
+    manifest = _read_json(folder / "manifest.json")
+    for key in ("quantization", "dtype"):
+        if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
+            return manifest[key].lower()
+    cfg = _read_json(folder / "config.json")
+    if isinstance(cfg.get("quantization_config"), dict):
+        return _quant_label(cfg["quantization_config"])
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").lower()
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "fp32")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _quant_label(qc: dict) -> str:
+    for key in ("method", "quant_method", "format", "quant_type", "weight_dtype"):
+        v = str(qc.get(key, "")).lower()
+        if v in LABEL_ALIASES or v in TOLERANCES:
+            return v
+    for key in ("bits", "weight_bits", "w_bit", "nbits"):
+        if isinstance(qc.get(key), int) and qc[key] in BITS_TO_ROW:
+            return BITS_TO_ROW[qc[key]]
+    if qc.get("load_in_4bit"):
+        return "int4"
+    return "int8" if qc.get("load_in_8bit") else "fp32"
+
+
+def _gguf_label(path: Path) -> str:
+    try:
+        from gguf import GGUFReader, LlamaFileType
+    except ImportError:
+        return "fp32"
+    try:
+        reader = GGUFReader(str(path))
+    except Exception:  # noqa: BLE001  (a corrupt file is the runner's error to report, not ours)
+        return "fp32"
+    field_ = reader.fields.get("general.file_type")
+    if field_ is not None:
+        try:
+            return LlamaFileType(int(field_.parts[field_.data[0]][0])).name.lower().removeprefix("mostly_")
+        except (ValueError, IndexError):
+            pass
+    # no file_type: the most common type among the 2-D weights
+    counts = {}
+    for t in reader.tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + 1
+    return max(counts, key=counts.get) if counts else "fp32"
+
+
+# ----------------------------------------------------------------------------- comparing
+
+class _Diff:
+    """Running logits comparison: max / mean |error|, max |reference|, top-1 agreement."""
+
+    def __init__(self):
+        self.max_abs, self.sum_abs, self.count, self.ref_max = 0.0, 0.0, 0, 0.0
+        self.agree, self.positions = 0, 0
+
+    def add(self, ref: torch.Tensor, art: torch.Tensor, vocab: int) -> "_Diff":
+        if ref.shape[:-1] != art.shape[:-1] or min(ref.shape[-1], art.shape[-1]) < vocab:
+            raise VerificationError(
+                f"artifact returned logits of shape {tuple(art.shape)} where the reference has "
+                f"{tuple(ref.shape)} (vocab {vocab}); the artifact's runner breaks the Runner contract")
+        # columns past the true vocab only pad the embedding; backends may drop or zero them
+        ref, art = ref[..., :vocab].double(), art[..., :vocab].double()
+        err = (art - ref).abs()
+        self.max_abs = max(self.max_abs, _nanmax(err))
+        self.sum_abs += float(err.sum())
+        self.count += err.numel()
+        self.ref_max = max(self.ref_max, float(ref.abs().max()))
+        self.agree += int((ref.argmax(-1) == art.argmax(-1)).sum())
+        self.positions += ref[..., 0].numel()
+        return self
+
+    def result(self) -> dict:
+        if not self.count:
+            return {}
+        return dict(positions=self.positions, max_abs=self.max_abs, mean_abs=self.sum_abs / self.count,
+                    rel=self.max_abs / max(self.ref_max, 1e-30), top1=self.agree / self.positions)
+
+
+def _nanmax(t: torch.Tensor) -> float:
+    return math.nan if bool(torch.isnan(t).any()) else float(t.max())
+
+
+def _state_error(ref, art, ref_state, art_state):
+    """{'conv': rel, 'ssm': rel, 'rel': worst} or None when the artifact hides its state."""
+    try:
+        a = art.to_torch_state(art_state)
+    except NotImplementedError:
+        return None
+    r = ref.to_torch_state(ref_state)
+    out = {}
+    for kind in ("conv", "ssm"):
+        rt, at = getattr(r, kind).double(), getattr(a, kind).double()
+        if at.numel() != rt.numel():
+            raise VerificationError(f"artifact {kind} state has shape {tuple(at.shape)}, reference "
+                                    f"{tuple(rt.shape)}; its runner's to_torch_state is wrong")
+        out[kind] = _nanmax((at.reshape(rt.shape) - rt).abs()) / max(float(rt.abs().max()), 1e-30)
+    out["rel"] = max(out["conv"], out["ssm"]) if not math.isnan(out["conv"] + out["ssm"]) else math.nan
+    return out
+
+
+def _run_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int) -> dict:
+    """Prefill `ids` on both sides, then decode teacher-forced with the reference's greedy tokens."""
+    b, length = ids.shape
+    rs, as_ = ref.new_state(b), art.new_state(b)
+    rl, rs = ref.prefill(ids, rs)
+    al, as_ = art.prefill(ids, as_)
+    case = dict(length=length, batch=b, prefill=_Diff().add(rl, al, vocab).result(),
+                state_after_prefill=_state_error(ref, art, rs, as_))
+    nxt, decode = rl[:, -1, :vocab].argmax(-1), _Diff()
+    for _ in range(decode_steps):
+        rl, rs = ref.step(nxt, rs)
+        al, as_ = art.step(nxt, as_)
+        decode.add(rl, al, vocab)
+        nxt = rl[:, :vocab].argmax(-1)
+    case["decode"] = decode.result()
+    case["state_after_decode"] = _state_error(ref, art, rs, as_) if decode_steps else None
+    return case
+
+
+def _sample_continuation(ref, prompt: torch.Tensor, n: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """The reference's own sampled continuation (temperature 1): text the model finds likely, so
+    its perplexity means something even without a text file."""
+    state = ref.new_state(1)
+    logits, state = ref.prefill(prompt, state, last_only=True)
+    logits, out = logits[:, -1], []
+    for i in range(n):
+        tok = torch.multinomial(torch.softmax(logits[:, :vocab].double(), -1), 1, generator=gen)[:, 0]
+        out.append(tok)
+        if i < n - 1:
+            logits, state = ref.step(tok, state)
+    return torch.cat([prompt, torch.stack(out, 1)], 1)
+
+
+def _score_sequence(ref, art, ids: torch.Tensor, start: int, vocab: int) -> dict:
+    """Feed one sequence in chunks (state carried) to both sides; compare logits and compute the
+    perplexity of tokens[start:] under each."""
+    diff, nll, n = _Diff(), {"reference": 0.0, "artifact": 0.0}, 0
+    rs, as_ = ref.new_state(1), art.new_state(1)
+    length = ids.shape[1]
+    for s in range(0, length - 1, SEQ_CHUNK):
+        chunk = ids[:, s:min(s + SEQ_CHUNK, length - 1)]
+        rl, rs = ref.prefill(chunk, rs)
+        al, as_ = art.prefill(chunk, as_)
+        diff.add(rl, al, vocab)
+        targets = ids[0, s + 1:s + 1 + chunk.shape[1]]
+        keep = torch.arange(s + 1, s + 1 + chunk.shape[1]) >= start
+        for side, logits in (("reference", rl), ("artifact", al)):
+            logp = torch.log_softmax(logits[0, :, :vocab].double(), -1)
+            nll[side] -= float(logp.gather(-1, targets[:, None])[:, 0][keep].sum())
+        n += int(keep.sum())
+    ppl = {side: math.exp(v / n) for side, v in nll.items()}
+    return dict(length=length, scored_tokens=n, logits=diff.result(), ppl_reference=ppl["reference"],
+                ppl_artifact=ppl["artifact"], ppl_rel=abs(ppl["artifact"] / ppl["reference"] - 1))
+
+
+# ----------------------------------------------------------------------------- the report
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    where: str  # the case that gave the worst value
+
+    def describe(self) -> str:
+        op = ">=" if self.name == "top1" else "<="
+        verdict = "ok" if self.passed else "FAILED"
+        return f"{self.name} = {self.value:.3g} (limit {op} {self.limit:.3g}, worst: {self.where}) {verdict}"
+
+
+@dataclass
+class VerifyReport:
+    tolerance: Tolerance
+    cases: list = field(default_factory=list)
+    sequence: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
+    reference: str = "?"
+    artifact: str = "?"
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[str]:
+        return [c.describe() for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return dict(passed=self.passed, reference=self.reference, artifact=self.artifact,
+                    tolerance=asdict(self.tolerance), checks=[asdict(c) for c in self.checks],
+                    failures=self.failures, cases=self.cases, sequence=self.sequence)
+
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _build_checks(cases: list, seq: dict, tol: Tolerance) -> list:
+    """Worst value of each metric over every case, against its tolerance; NaN always fails."""
+    logits, states, agree, positions = [], [], 0, 0
+    for c in cases:
+        name = f"length {c['length']} batch {c['batch']}"
+        for phase in ("prefill", "decode"):
+            if c[phase]:
+                logits.append((c[phase]["rel"], f"{phase} {name}"))
+                agree += c[phase]["top1"] * c[phase]["positions"]
+                positions += c[phase]["positions"]
+        for phase in ("state_after_prefill", "state_after_decode"):
+            if c[phase] is not None:
+                states.append((c[phase]["rel"], f"{phase.replace('_', ' ')}, {name}"))
+    if seq:
+        logits.append((seq["logits"]["rel"], f"sequence of {seq['length']} ({seq['source']})"))
+        agree += seq["logits"]["top1"] * seq["logits"]["positions"]
+        positions += seq["logits"]["positions"]
+
+    def worst(items):  # NaN sorts as the worst
+        return max(items, key=lambda v: math.inf if math.isnan(v[0]) else v[0])
+
+    checks = []
+    if logits:
+        v, where = worst(logits)
+        checks.append(Check("logits_rel", v, tol.logits_rel, v <= tol.logits_rel, where))
+        top1 = agree / positions
+        checks.append(Check("top1", top1, tol.top1, top1 >= tol.top1, f"all {positions} positions"))
+    if states:
+        v, where = worst(states)
+        checks.append(Check("state_rel", v, tol.state_rel, v <= tol.state_rel, where))
+    if seq:
+        v = seq["ppl_rel"]
+        checks.append(Check("ppl_rel", v, tol.ppl_rel, v <= tol.ppl_rel,
+                            f"ppl {seq['ppl_artifact']:.4g} vs {seq['ppl_reference']:.4g}"))
+    return checks
+
+
+def format_table(report: VerifyReport) -> str:
+    t = report.tolerance
+    lines = [f"verify {report.artifact}  vs  reference {report.reference}  ({t.label} tolerances)", "",
+             f"{'case':<36}{'positions':>10}{'max_abs':>11}{'mean_abs':>11}{'rel':>11}{'top1':>8}{'state_rel':>11}"]
+
+    def row(label, d, state):
+        st = "n/a" if state is None else f"{state['rel']:.2e}"
+        lines.append(f"{label:<36}{d['positions']:>10}{d['max_abs']:>11.2e}{d['mean_abs']:>11.2e}"
+                     f"{d['rel']:>11.2e}{d['top1']:>8.3f}{st:>11}")
+    for c in report.cases:
+        row(f"prefill l={c['length']} b={c['batch']}", c["prefill"], c["state_after_prefill"])
+        if c["decode"]:
+            row(f"decode  l={c['length']} b={c['batch']} x{c['decode']['positions'] // c['batch']}",
+                c["decode"], c["state_after_decode"])
+    s = report.sequence
+    if s:
+        row(f"sequence {s['source']} ({s['length']})", s["logits"], None)
+        lines.append(f"perplexity over {s['scored_tokens']} tokens: reference {s['ppl_reference']:.4f}, "
+                     f"artifact {s['ppl_artifact']:.4f}")
+    if any(c["state_after_prefill"] is None for c in report.cases):
+        lines.append("state: unavailable (the artifact's runner does not expose its state)")
+    lines += [""] + [c.describe() for c in report.checks]
+    lines.append("PASSED" if report.passed else f"FAILED: {len(report.failures)} check(s) beyond tolerance")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=DEFAULT_BATCHES,
+           decode_steps: int = DEFAULT_DECODE_STEPS, text_ids=None, tolerance=None, seed: int = 0,
+           label: str | None = None, progress: bool = True) -> VerifyReport:
+    """Compare two runners on random batches (every length x batch) and one scored sequence.
+
+    tolerance: None (defaults for `label`, else for the type read from the artifact runner's
+    source path, else fp32), a label like 'int4', a dict / 'k=v,...' string of overrides, or a
+    Tolerance. Returns a VerifyReport; it never raises for being out of tolerance.
+    """
+    from tqdm.auto import tqdm
+
+    ref, art = reference_runner, artifact_runner
+    vocab = ref.vocab_size
+    if art.vocab_size != vocab:
+        raise VerificationError(f"artifact vocabulary {art.vocab_size} != reference {vocab}; "
+                                "these are not the same model")
+    if label is None:
+        src = getattr(art, "artifact_path", None) or getattr(art, "source_path", None)
+        label = infer_artifact_dtype(src) if src is not None else "fp32"
+    tol = make_tolerance(tolerance, label)
+    lengths, batches = [int(x) for x in lengths], [int(x) for x in batches]
+    if any(x < 1 for x in lengths + batches) or decode_steps < 0:
+        raise ConfigError(f"lengths {lengths} and batches {batches} must be >= 1 and decode_steps "
+                          f"{decode_steps} >= 0")
+    gen = torch.Generator().manual_seed(seed)
+    report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
+    bar = tqdm(total=len(lengths) * len(batches) + 1, desc="verify", disable=not progress, leave=False)
+    with torch.inference_mode(), bar:
+        for length in lengths:
+            for b in batches:
+                ids = torch.randint(0, vocab, (b, length), generator=gen)
+                report.cases.append(_run_case(ref, art, ids, decode_steps, vocab))
+                bar.update()
+        report.sequence = _sequence(ref, art, text_ids, vocab, gen)
+        bar.update()
+    report.checks = _build_checks(report.cases, report.sequence, tol)
+    return report
+
+
+def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
+    if text_ids is not None:
+        ids = torch.as_tensor(list(text_ids), dtype=torch.long)[None]
+        if ids.shape[1] < 2:
+            raise ConfigError(f"the text has {ids.shape[1]} token(s); perplexity needs at least 2")
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise ConfigError(f"text token id {int(ids.max())} is outside the vocabulary of {vocab}; "
+                              "tokenize it with the reference model's tokenizer")
+        return {"source": "text", **_score_sequence(ref, art, ids, 1, vocab)}
+    prompt = torch.randint(0, vocab, (1, PPL_PROMPT), generator=gen)
+    ids = _sample_continuation(ref, prompt, PPL_CONTINUATION, vocab, gen)
+    return {"source": "sampled continuation", **_score_sequence(ref, art, ids, PPL_PROMPT, vocab)}
+
+
+def _describe(runner) -> str:
+    where = getattr(runner, "artifact_path", None) or getattr(runner, "source_path", None)
+    dtype = getattr(getattr(runner, "model", None), "dtype", None)
+    extra = f" {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+    return f"{where or '?'} ({runner.name}{extra})"
+
+
+REFERENCE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+
+
+def open_pair(reference, artifact, backend: str | None = None, reference_dtype: str = "float32",
+              device: str = "cpu", artifact_options: dict | None = None):
+    """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label)."""
+    from .runners import guess_backend, open_runner
+
+    if reference_dtype not in REFERENCE_DTYPES:
+        raise ConfigError(f"reference dtype {reference_dtype!r} is not supported; use float32 or float64")
+    ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype])
+    backend = backend or guess_backend(artifact)
+    opts = dict(artifact_options or {})
+    if backend == "torch":
+        opts.setdefault("device", device)
+    art = open_runner(artifact, backend, **opts)
+    if getattr(art, "artifact_path", None) is None:
+        try:  # so reports name the file verified even when the runner keeps only its tokenizer folder
+            art.artifact_path = Path(str(artifact))
+        except AttributeError:
+            pass
+    return ref, art, infer_artifact_dtype(artifact)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as comma-separated integers, e.g. 1,7,257") from None
+
+
+def write_json_atomic(path, data) -> Path:
+    """Write JSON to a temporary name beside `path`, then rename (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def cmd_verify(args):
+    from .cli import DTYPES
+
+    opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
+    ref, art, label = open_pair(args.reference, args.artifact, args.backend, args.reference_dtype,
+                                args.device, opts)
+    if args.artifact_dtype and label == "fp32":
+        label = args.artifact_dtype  # an fp32 checkpoint run in half precision needs half tolerances
+    text_ids = None
+    if args.text:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read --text {args.text!r}: {e}") from e
+        text_ids = ref.tokenizer.encode(text)[: args.max_text_tokens]
+    try:
+        report = verify(ref, art, _int_list(args.lengths), _int_list(args.batch), args.decode_steps,
+                        text_ids, ",".join(args.tolerance or []) or None, args.seed,
+                        label=args.dtype or label, progress=not args.quiet)
+    finally:
+        art.close()
+        ref.close()
+    print(report.table())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    if not report.passed:
+        raise VerificationError(f"{args.artifact} is beyond tolerance of {args.reference}: "
+                                + "; ".join(report.failures)
+                                + ". Re-export the artifact, or if the error is expected for its type, "
+                                "pass --dtype LABEL or --tolerance NAME=VALUE")
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
+    s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
+    s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
+    s.add_argument("--backend", default=None, help="backend for the artifact (default: from its path)")
+    s.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--artifact-dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="run a torch artifact in this dtype")
+    s.add_argument("--text", default=None, help="UTF-8 text file scored for perplexity")
+    s.add_argument("--max-text-tokens", type=int, default=4096)
+    s.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
+    s.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCHES)))
+    s.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS)
+    s.add_argument("--dtype", default=None, help=f"tolerance row to use ({', '.join(TOLERANCES)}); default: read from the artifact")
+    s.add_argument("--tolerance", action="append", default=None, metavar="NAME=VALUE",
+                   help="override a limit: logits_rel, state_rel, top1, ppl_rel (repeatable or comma-separated)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_verify)

@@ -1,0 +1,285 @@
+"""GGUF export for llama.cpp and Ollama: `export_gguf(model_or_path, out_path, outtype, ...)`.
+
+The file is written with the `gguf` package (its GGUFWriter refuses header / kv / tensor calls
+out of order). F32/F16/BF16 and the legacy block quants (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) are
+quantized in Python by `gguf.quants`; K-quants go through llama.cpp's own quantizer
+(`llama_cpp.llama_model_quantize`, the optional llama-cpp-python extra) applied to an F32 GGUF.
+All format facts live in `gguf_tables.py`; the tokenizer part in `gguf_vocab.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, ExportError
+from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
+                          OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
+from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, ollama: bool = False,
+                n_threads: int = 0) -> Path:
+    """Write `out_path` (.gguf) for llama.cpp; with `ollama=True` also a Modelfile beside it.
+
+    `tokenizer`: folder / tokenizer.json / hub id, for checkpoints that ship none.
+    `n_threads`: threads for llama.cpp's quantizer (0 = all cores); K-quants only.
+    """
+    outtype = str(outtype).lower()
+    if outtype not in OUTTYPES:
+        raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    ftype, qtype = OUTTYPES[outtype]
+    quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
+    model = _as_model(model_or_path)
+    cfg = model.config
+    check_exportable(cfg)
+    vocab = read_vocab(find_tokenizer_json(tokenizer, model.source_path), cfg.padded_vocab_size,
+                       {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    f32_tmp = out.with_name(f".{out.name}.f32-{os.getpid()}")
+    try:
+        if quantize_fn is None:
+            write_gguf(model, vocab, tmp, ftype, qtype, name=_model_name(model, out))
+        else:
+            _warn_fallbacks(model, LLAMACPP_MAIN_TYPE[outtype])
+            write_gguf(model, vocab, f32_tmp, OUTTYPES["f32"][0], OUTTYPES["f32"][1], name=_model_name(model, out))
+            quantize_fn(f32_tmp, tmp, int(ftype), n_threads)
+        os.replace(tmp, out)
+    finally:
+        for p in (tmp, f32_tmp):
+            p.unlink(missing_ok=True)
+    if ollama:
+        write_modelfile(out, vocab)
+    return out
+
+
+def _as_model(model_or_path):
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path
+    from ..checkpoint import load_model
+
+    return load_model(model_or_path, dtype=torch.float32)
+
+
+def _model_name(model, out: Path) -> str:
+    src = getattr(model, "source_path", None)
+    return Path(src).name if src is not None else out.stem
+
+
+def check_exportable(cfg) -> None:
+    """Variants llama.cpp's mamba / mamba2 graphs cannot express."""
+    problems = []
+    if cfg.bias:
+        problems.append("in_proj/out_proj biases (use_bias=True)")
+    if cfg.arch == "mamba2" and not cfg.rmsnorm:
+        problems.append("Mamba2 without the gated RMSNorm (rms_norm=False)")
+    if cfg.arch == "mamba2" and cfg.norm_before_gate:
+        problems.append("Mamba2 with norm_before_gate=True (llama.cpp gates before the norm)")
+    if problems:
+        raise ExportError(f"llama.cpp cannot run this {cfg.arch} model: {'; '.join(problems)}; "
+                          "export it to ONNX instead (mamba-deploy export onnx)")
+    if cfg.arch == "mamba2" and cfg.dt_limit != (0.0, float("inf")):
+        warnings.warn(f"llama.cpp ignores Mamba2 dt_limit={cfg.dt_limit}; its outputs can differ where dt is clamped")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba") -> None:
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH[cfg.arch])
+    try:
+        writer.add_name(name)
+        writer.add_file_type(int(ftype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value, kind in metadata_items(cfg):
+            _add_kv(writer, key, value, kind)
+        add_vocab(writer, vocab)
+        for gname, array in _gguf_tensors(model):
+            _add_tensor(writer, gname, array, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=_progress_wanted(model))
+    finally:
+        writer.close()
+
+
+def metadata_items(cfg):
+    """[(key, value, kind)] for the config: llama.cpp's keys, then ours (OWN_KEYS)."""
+    arch = GGUF_ARCH[cfg.arch]
+    items = [(k.format(arch=arch), v, "u32") for k, v in FIXED_KEYS.items()]
+    for key, attr, kind, arches in CONFIG_KEYS:
+        if cfg.arch in arches:
+            value = attr(cfg) if callable(attr) else getattr(cfg, attr)
+            items.append((key.format(arch=arch), value, kind))
+    for field, kind in OWN_KEYS:
+        value = cfg.vocab_size if field == "vocab_size" else getattr(cfg, field)
+        if value is not None:
+            items.append((OWN_PREFIX + field, value, kind))
+    return items
+
+
+def _add_kv(writer, key, value, kind):
+    if kind == "u32":
+        writer.add_uint32(key, int(value))
+    elif kind == "f32":
+        writer.add_float32(key, float(value))
+    elif kind == "bool":
+        writer.add_bool(key, bool(value))
+    elif kind == "f32x2":
+        writer.add_array(key, [float(v) for v in value])
+    else:
+        raise AssertionError(f"unknown metadata kind {kind}")
+
+
+def _gguf_tensors(model):
+    """Yield (gguf name, float32 numpy array in the GGUF layout)."""
+    cfg = model.config
+    params = {k: v for k, v in model.state_dict().items()}
+    for ours, gname, to_gguf, _, arches in TENSORS:
+        if cfg.arch not in arches:
+            continue
+        for bid in range(cfg.n_layer) if "{bid}" in ours else [None]:
+            key = ours.format(bid=bid)
+            if key == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # llama.cpp reuses token_embd when output.weight is absent
+            if key not in params:
+                if key.endswith("conv1d.bias"):  # llama.cpp requires the conv bias; zero = none
+                    params[key] = torch.zeros(cfg.conv_dim)
+                else:
+                    raise ExportError(f"model has no parameter {key!r}; it is not a {cfg.arch} MambaLM")
+            array = params[key].detach().to("cpu", torch.float32).numpy()
+            yield gname.format(bid=bid), np.ascontiguousarray(to_gguf(array, cfg), dtype=np.float32)
+
+
+def tensor_type(gname: str, shape, qtype):
+    """The type a tensor is stored as, with llama.cpp's fallback when rows do not fit the block."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as QT
+
+    if keep_f32(gname, len(shape)) or qtype == QT.F32:
+        return QT.F32
+    t = qtype
+    if shape[-1] % GGML_QUANT_SIZES[t][0]:
+        t = FALLBACK.get(t, FINAL_FALLBACK)
+    if shape[-1] % GGML_QUANT_SIZES[t][0]:
+        t = FINAL_FALLBACK  # block size 1: always fits
+    return t
+
+
+def _add_tensor(writer, gname, array, qtype):
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    t = tensor_type(gname, array.shape, qtype)
+    if t != qtype and not keep_f32(gname, array.ndim) and qtype != QT.F32:
+        _fallback_warning(gname, array.shape, qtype, t)
+    if t == QT.F32:
+        writer.add_tensor(gname, array)
+    elif t == QT.F16:
+        writer.add_tensor(gname, array.astype(np.float16))
+    else:
+        writer.add_tensor(gname, gguf.quants.quantize(array, t), raw_dtype=t)
+
+
+def _fallback_warning(gname, shape, want, got):
+    from gguf import GGML_QUANT_SIZES
+
+    msg = (f"{gname}: row length {shape[-1]} is not a multiple of the {want.name} block "
+           f"({GGML_QUANT_SIZES[want][0]}); using {got.name} for it, as llama.cpp does")
+    log.warning(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+def _warn_fallbacks(model, main_type):
+    for gname, array in _gguf_tensors(model):
+        if not keep_f32(gname, array.ndim):
+            t = tensor_type(gname, array.shape, main_type)
+            if t != main_type:
+                _fallback_warning(gname, array.shape, main_type, t)
+
+
+def _progress_wanted(model) -> bool:
+    return model.num_parameters() > 50_000_000
+
+
+# ----------------------------------------------------------------------------- llama.cpp quantizer
+
+def _llamacpp_quantizer(outtype: str):
+    try:
+        import llama_cpp
+    except ImportError as e:
+        python_types = ", ".join(k for k, (_, q) in OUTTYPES.items() if q is not None)
+        raise BackendUnavailableError(
+            f"outtype {outtype!r} is quantized by llama.cpp's own quantizer, which needs the optional "
+            f"package llama-cpp-python: pip install llama-cpp-python (or choose one of {python_types}, "
+            "which are quantized in Python)"
+        ) from e
+
+    def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = int(n_threads)
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        if rc != 0 or not dst.exists():
+            raise ExportError(f"llama.cpp failed to quantize {src} to {outtype} (return code {rc}); "
+                              "see its log above")
+
+    return quantize
+
+
+# ----------------------------------------------------------------------------- Ollama
+
+def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`. The model is a
+    plain LM, so the template passes the prompt through; generation stops at eos."""
+    lines = [
+        "# Written by mamba-deploy. Create the model with:",
+        f"#   ollama create {gguf_path.stem} -f {MODELFILE_NAME}",
+        f"FROM ./{gguf_path.name}",
+        'TEMPLATE """{{ .Prompt }}"""',
+    ]
+    eos = vocab.special.get("eos")
+    if eos is not None:
+        lines.append(f'PARAMETER stop "{vocab.tokens[eos]}"')
+    out = gguf_path.parent / MODELFILE_NAME
+    tmp = out.with_name(f".{MODELFILE_NAME}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("gguf", help="export to GGUF for llama.cpp / Ollama")
+    p.add_argument("model", help="checkpoint folder, hub id or .gguf")
+    p.add_argument("out", help="output .gguf path")
+    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES))
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / hub id, if the model has none")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
+    p.add_argument("--threads", type=int, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    out = export_gguf(args.model, args.out, outtype=args.outtype, tokenizer=args.tokenizer,
+                      ollama=args.ollama, n_threads=args.threads)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {args.outtype})")
+    if args.ollama:
+        print(f"wrote {out.parent / MODELFILE_NAME}")
+
+
+__all__ = ["export_gguf", "write_gguf", "write_modelfile", "register"]

@@ -1,0 +1,178 @@
+"""GGUF import: `load_gguf(path)` -> MambaLM, from our files or llama.cpp's own converter's.
+
+The config is rebuilt from GGUF metadata (llama.cpp's keys in `gguf_tables.CONFIG_KEYS`, plus
+our `mamba_deploy.*` keys when present); tensors are dequantized with `gguf.quants.dequantize`
+and mapped back through the inverse transforms of `gguf_tables.TENSORS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import MambaConfig
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
+from .gguf_tables import ARCH_FROM_GGUF, CONFIG_KEYS, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS
+
+_MISSING = object()
+
+
+def open_reader(path):
+    """GGUFReader with user-facing errors for missing, truncated or non-GGUF files."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"no such GGUF file: {str(path)!r}")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001  (the reader raises ValueError, IndexError, struct errors...)
+        raise CheckpointError(
+            f"cannot read GGUF file {path} ({type(e).__name__}: {e}); it is truncated, corrupt or not a GGUF "
+            "file: re-export it (mamba-deploy export gguf) or re-download it"
+        ) from e
+
+
+def field(reader, key: str, default=_MISSING):
+    f = reader.get_field(key)
+    if f is None:
+        if default is _MISSING:
+            raise ConfigError(f"GGUF file lacks metadata key {key!r}; it was not written for llama.cpp's "
+                              "mamba/mamba2 architecture, re-export it with mamba-deploy export gguf")
+        return default
+    return f.contents()
+
+
+def read_config(reader, tensor_shapes: dict) -> MambaConfig:
+    """MambaConfig from GGUF metadata; `tensor_shapes` (name -> numpy shape) fills the gaps."""
+    gguf_arch = field(reader, "general.architecture")
+    if gguf_arch not in ARCH_FROM_GGUF:
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {gguf_arch!r} is not supported; this toolkit loads "
+            f"{', '.join(sorted(ARCH_FROM_GGUF))} GGUF files (use llama.cpp itself for other models)"
+        )
+    arch = ARCH_FROM_GGUF[gguf_arch]
+    v = {}
+    for key, attr, _kind, arches in CONFIG_KEYS:
+        if arch in arches:
+            name = "time_step_rank" if callable(attr) else attr
+            v[name] = field(reader, key.format(arch=gguf_arch), False if attr == "dt_bc_rms" else _MISSING)
+    own = {f: field(reader, OWN_PREFIX + f, None) for f, _ in OWN_KEYS}
+    rows = tensor_shapes.get("token_embd.weight", (None,))[0]
+    if rows is None:
+        raise CheckpointError("GGUF file has no token_embd.weight tensor; it is not a complete Mamba model")
+    d_model, d_inner = int(v["d_model"]), int(v["d_inner"])
+    kw = dict(
+        arch=arch, d_model=d_model, n_layer=int(v["n_layer"]), d_state=int(v["d_state"]), d_conv=int(v["d_conv"]),
+        expand=d_inner // d_model if d_inner % d_model == 0 else 2,
+        d_inner_override=None if d_inner % d_model == 0 else d_inner,
+        rms_norm_eps=float(v["rms_norm_eps"]), conv_bias=True, bias=False,
+        tie_embeddings="output.weight" not in tensor_shapes,
+        vocab_size=int(own["vocab_size"] or rows),
+        pad_vocab_size_multiple=int(own["pad_vocab_size_multiple"] or 1),
+        residual_in_fp32=True if own["residual_in_fp32"] is None else bool(own["residual_in_fp32"]),
+        source="gguf",
+    )
+    for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id")):
+        kw[attr] = own[attr] if own[attr] is not None else field(reader, SPECIAL_KEYS[kind], None)
+    if arch == "mamba1":
+        kw.update(dt_rank=int(v["time_step_rank"]), dt_bc_rms=bool(v["dt_bc_rms"]),
+                  # llama.cpp normalises dt/B/C with the layer eps; files from elsewhere get that
+                  mixer_rms_eps=float(own["mixer_rms_eps"] if own["mixer_rms_eps"] is not None else v["rms_norm_eps"]))
+    else:
+        nheads = int(v["time_step_rank"])
+        if nheads <= 0 or d_inner % nheads:
+            raise ConfigError(f"GGUF mamba2 ssm.time_step_rank (head count) {nheads} does not divide "
+                              f"ssm.inner_size {d_inner}; the file's metadata is inconsistent, re-export it")
+        kw.update(headdim=d_inner // nheads, ngroups=int(v["ngroups"]),
+                  chunk_size=int(own["chunk_size"] or 256))
+        if own["dt_limit"] is not None:
+            kw["dt_limit"] = tuple(float(x) for x in own["dt_limit"])
+    return MambaConfig(**kw)
+
+
+def _dequantized(t) -> np.ndarray:
+    """ReaderTensor -> float32 numpy array in the GGUF (row-major, reversed ne) shape."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    try:
+        data = dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise CheckpointError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
+                              f"cannot dequantize; re-export it with another --outtype") from e
+    return np.array(data, dtype=np.float32, copy=True).reshape(shape)  # the reader's memmap is read-only
+
+
+def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
+    """A GGUF file (mamba / mamba2) -> MambaLM on `device` in `dtype` (weights dequantized)."""
+    from ..model import MambaLM
+
+    reader = open_reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    cfg = read_config(reader, shapes)
+    model = MambaLM(cfg)  # float32 on CPU while filling; moved at the end
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen, problems = set(), []
+    for ours, gname, _, from_gguf, arches in TENSORS:
+        if cfg.arch not in arches:
+            continue
+        for bid in range(cfg.n_layer) if "{bid}" in ours else [None]:
+            key, name = ours.format(bid=bid), gname.format(bid=bid)
+            if key == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            if name not in tensors:
+                problems.append(f"missing {name}")
+                continue
+            seen.add(name)
+            value = torch.from_numpy(np.ascontiguousarray(from_gguf(_dequantized(tensors[name]), cfg)))
+            p = params[key]
+            if key.endswith("embeddings.weight") or key == "lm_head.weight":
+                value = _fit_rows(value, p.shape[0], name)
+            if tuple(value.shape) != tuple(p.shape):
+                problems.append(f"{name}: file {tuple(value.shape)} vs config {tuple(p.shape)}")
+                continue
+            with torch.no_grad():
+                p.copy_(value)
+    extra = sorted(set(tensors) - seen)
+    if extra:
+        problems.append(f"unexpected tensors {extra[:8]}")
+    if problems:
+        raise CheckpointError(f"GGUF file {path} does not match its own metadata ({cfg.arch}, d_model={cfg.d_model}, "
+                              f"n_layer={cfg.n_layer}): {'; '.join(problems[:8])}. Re-export the file.")
+    model = model.to(device=device, dtype=dtype).eval()
+    model.source_path = Path(path).parent
+    if not (Path(path).parent / "tokenizer.json").exists():
+        model._tokenizer = gguf_tokenizer(reader)
+    return model
+
+
+def _fit_rows(value, rows: int, name: str):
+    if value.shape[0] < rows:  # vocab padding: extra rows are never produced by the tokenizer
+        return torch.cat([value, value.new_zeros(rows - value.shape[0], *value.shape[1:])])
+    if value.shape[0] > rows:
+        raise CheckpointError(f"{name} has {value.shape[0]} rows but the vocabulary is {rows}")
+    return value
+
+
+def gguf_tokenizer(reader):
+    """The GGUF's own byte-level BPE as a `tokenizers` tokenizer (None if it has another kind)."""
+    from ..tokenizer import Tokenizer
+
+    if field(reader, "tokenizer.ggml.model", None) != "gpt2":
+        return None
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges", [])]
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}  # 5 = UNUSED padding rows
+    tok = HFTok(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])  # 3 = CONTROL
+    return Tokenizer(tok, field(reader, SPECIAL_KEYS["eos"], None), field(reader, SPECIAL_KEYS["bos"], None))

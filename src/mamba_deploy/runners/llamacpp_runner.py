@@ -1,0 +1,262 @@
+"""The llama.cpp backend, through llama-cpp-python's low-level bindings.
+
+State semantics. llama.cpp keeps the recurrent state (conv + ssm per layer) inside its context,
+one slot per *sequence id*. A `LlamaCppState` is therefore a handle: one sequence id per batch
+row plus the next position of each row. `new_state(b)` takes b free sequence slots and clears
+them; the slots return to the pool when the state object is garbage-collected. Continuing a
+state (`prefill` / `step` with it) carries the recurrent state across calls, as with the torch
+runner; unlike a torch `State`, a handle cannot be cloned: copying it aliases the same slots.
+When more slots are needed than the context has, the runner rebuilds its context with twice as
+many, which invalidates older handles (using one then raises a ShapeError).
+
+Batches: prefill runs one row at a time (left padding from `generation.left_pad` is stripped per
+row, padded positions get zero logits); `step` decodes all rows in one llama.cpp batch.
+`to_torch_state` is not provided: llama.cpp serialises sequence state in an internal layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, CheckpointError, ShapeError
+from .base import Runner
+
+
+def _lib():
+    try:
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "the llama.cpp backend needs the optional package llama-cpp-python: pip install llama-cpp-python"
+        ) from e
+    return llama_cpp, set_verbose
+
+
+@dataclass
+class LlamaCppState:
+    """Per-row llama.cpp sequence handles (see the module docstring)."""
+    seq_ids: list[int]
+    pos: list[int]  # next position per row
+    generation: int  # the runner context this handle belongs to
+    _finalizer: object = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids)
+
+
+class LlamaCppTokenizer:
+    """encode / decode with llama.cpp's own tokenizer of the GGUF (same interface as ours)."""
+
+    def __init__(self, lib, vocab):
+        self._lib, self._vocab = lib, vocab
+        eos, bos = lib.llama_vocab_eos(vocab), lib.llama_vocab_bos(vocab)
+        self.eos_token_id = None if eos < 0 else int(eos)
+        self.bos_token_id = None if bos < 0 else int(bos)
+
+    def encode(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self._lib.llama_token * cap)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, False)
+        return [int(t) for t in buf[:n]]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        toks = (self._lib.llama_token * max(1, len(ids)))(*ids)
+        cap = 16 * len(ids) + 16
+        out = ctypes.create_string_buffer(cap)
+        n = self._lib.llama_detokenize(self._vocab, toks, len(ids), out, cap, True, False)
+        if n < 0:  # buffer too small: -n is the size needed
+            out = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_detokenize(self._vocab, toks, len(ids), out, -n, True, False)
+        return out.raw[:n].decode("utf-8", errors="replace")
+
+
+class LlamaCppRunner(Runner):
+    name = "llama.cpp"
+
+    def __init__(self, path, n_threads: int = 2, n_ctx: int = 8192, n_batch: int = 512, n_seq_max: int = 4,
+                 verbose: bool = False):
+        from ..export.gguf_import import open_reader, read_config
+
+        lib, set_verbose = _lib()
+        self._lib = lib
+        set_verbose(verbose)
+        path = Path(path)
+        if path.suffix != ".gguf" or not path.is_file():
+            from ..errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r}; "
+                                     "export one with: mamba-deploy export gguf MODEL OUT.gguf")
+        reader = open_reader(path)  # our checks first: clear errors for corrupt / foreign files
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+        self.config = read_config(reader, shapes)
+        del reader
+        lib.llama_backend_init()
+        self._model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        if not self._model:
+            raise CheckpointError(f"llama.cpp could not load {path}; open it with verbose=True to see llama.cpp's "
+                                  "log, and re-export it with mamba-deploy export gguf")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.path, self.source_path = path, path.parent
+        self.n_threads, self.n_ctx, self.n_batch = int(n_threads), int(n_ctx), int(n_batch)
+        self._ctx = self._batch = None
+        self._generation = 0
+        self._make_context(max(1, int(n_seq_max)))
+
+    # ---- context and sequence slots ------------------------------------------
+    def _make_context(self, n_seq: int) -> None:
+        lib = self._lib
+        self._free_context()
+        cp = lib.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max = self.n_ctx, n_seq
+        cp.n_batch = cp.n_ubatch = self.n_batch
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            raise CheckpointError(f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_seq_max={n_seq}); "
+                                  "lower n_ctx / batch size or open the runner with verbose=True")
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._batch = lib.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
+        self._generation += 1
+        self._n_seq, self._free = n_seq, list(range(n_seq))
+
+    def _free_context(self) -> None:
+        if self._batch is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+
+    @staticmethod
+    def _release(runner_ref, seq_ids, generation) -> None:
+        runner = runner_ref()
+        if runner is not None and runner._generation == generation:
+            runner._free.extend(seq_ids)
+
+    def new_state(self, batch: int) -> LlamaCppState:
+        if batch > len(self._free):  # grow; older handles become invalid (documented above)
+            self._make_context(max(2 * self._n_seq, batch))
+        seqs = [self._free.pop(0) for _ in range(batch)]
+        for s in seqs:
+            self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+        state = LlamaCppState(seqs, [0] * batch, self._generation)
+        state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
+        return state
+
+    def _check_state(self, state, batch: int) -> None:
+        if not isinstance(state, LlamaCppState) or state.batch_size != batch:
+            got = state.batch_size if isinstance(state, LlamaCppState) else type(state).__name__
+            raise ShapeError(f"llama.cpp state is for batch {got}, inputs have batch {batch}; "
+                             "create it with runner.new_state(batch)")
+        if state.generation != self._generation:
+            raise ShapeError("this llama.cpp state belongs to an older context of the runner (it was rebuilt for a "
+                             "larger batch); create a new one with runner.new_state(batch)")
+
+    # ---- decoding ----------------------------------------------------------------
+    def _decode(self, tokens, seqs, positions, want_logits) -> np.ndarray:
+        """One llama_decode of len(tokens) <= n_batch tokens; -> logits (n_wanted, n_vocab)."""
+        lib, bt = self._lib, self._batch
+        n = len(tokens)
+        for i, (t, s, p, w) in enumerate(zip(tokens, seqs, positions, want_logits)):
+            if p >= self.n_ctx:
+                raise ShapeError(f"position {p} reaches the llama.cpp context size n_ctx={self.n_ctx}; "
+                                 "open the runner with a larger n_ctx")
+            bt.token[i], bt.pos[i], bt.n_seq_id[i], bt.logits[i] = int(t), int(p), 1, int(bool(w))
+            bt.seq_id[i][0] = int(s)
+        bt.n_tokens = n
+        rc = lib.llama_decode(self._ctx, bt)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} (batch of {n} tokens)")
+        n_out = sum(bool(w) for w in want_logits)
+        if n_out == 0:
+            return np.zeros((0, self.n_vocab), np.float32)
+        ptr = lib.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+
+    def _run_row(self, state, r: int, row: list[int], last_only: bool) -> np.ndarray:
+        """Feed one row's tokens (chunks of n_batch) -> logits (len(row) or 1, n_vocab)."""
+        outs = []
+        for start in range(0, len(row), self.n_batch):
+            chunk = row[start:start + self.n_batch]
+            final = start + len(chunk) == len(row)
+            want = [not last_only or (final and i == len(chunk) - 1) for i in range(len(chunk))]
+            pos = list(range(state.pos[r], state.pos[r] + len(chunk)))
+            outs.append(self._decode(chunk, [state.seq_ids[r]] * len(chunk), pos, want))
+            state.pos[r] += len(chunk)
+        return np.concatenate(outs)
+
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        ids = _check_ids(ids, 2)
+        b, l = ids.shape
+        self._check_state(state, b)
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, l):
+            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, l)}")
+        out = torch.zeros(b, 1 if last_only else l, self.n_vocab)
+        for r in range(b):  # rows one at a time; padding (mask 0) never enters the state
+            keep = torch.ones(l, dtype=torch.bool) if attention_mask is None else attention_mask[r].bool()
+            row = ids[r][keep].tolist()
+            if not row:
+                continue
+            logits = torch.from_numpy(self._run_row(state, r, row, last_only))
+            if last_only:
+                out[r, 0] = logits[-1]
+            else:
+                out[r, keep.nonzero()[:, 0]] = logits
+        return out, state
+
+    def step(self, ids, state):
+        ids = _check_ids(ids, 1)
+        b = ids.shape[0]
+        self._check_state(state, b)
+        toks = ids.tolist()
+        logits = self._decode(toks, state.seq_ids, state.pos, [True] * b)
+        for r in range(b):
+            state.pos[r] += 1
+        return torch.from_numpy(logits), state
+
+    # ---- misc ------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = LlamaCppTokenizer(self._lib, self._vocab)
+        return self._tokenizer
+
+    def close(self) -> None:
+        self._free_context()
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
+
+def _check_ids(ids, ndim: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != ndim or ids.dtype.is_floating_point:
+        want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {got}")
+    return ids.cpu()
+
+
+def open_llamacpp(path, n_threads: int = 2, n_ctx: int = 8192, n_batch: int = 512, n_seq_max: int = 4,
+                  verbose: bool = False, **_ignored) -> LlamaCppRunner:
+    """`open_runner(path, "llama.cpp", n_threads=2, n_ctx=...)`. Options other backends take
+    (device, dtype) are ignored: llama.cpp runs the GGUF's own types on the CPU."""
+    return LlamaCppRunner(path, n_threads=n_threads, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
+                          verbose=verbose)

@@ -1,0 +1,93 @@
+"""Calibration-based weight choices: GPTQ, AWQ and SmoothQuant, one function each.
+
+Each takes the float weight (out, in) and the input statistics of its layer (calib.Stats) and
+returns what `QuantLinear` stores: either ready tensors (GPTQ picks the codes itself) or a
+rescaled weight plus a per-input-channel `input_scale` to encode with plain rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import formats
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act_order=False,
+         damp=0.01, block_size=128) -> dict:
+    """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each column's
+    rounding error onto the not-yet-quantized columns through the inverse Hessian of the layer's
+    reconstruction loss ||X W^T - X Q^T||^2, H = 2 X^T X / n. Returns int4 stored tensors."""
+    W = w.detach().float().clone()  # (out, in)
+    out_f, in_f = W.shape
+    H = H.float().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire: any value is free, use 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    n_groups = in_f // group_size
+    scales = torch.zeros(out_f, n_groups)
+    zeros = torch.zeros(out_f, n_groups)
+    if act_order:  # groups stay contiguous in the original order, so fix their grids up front
+        scales, zeros = formats.group_params(w.float(), 4, symmetric, group_size)
+    block = max(group_size, block_size // group_size * group_size)  # groups never straddle blocks
+    lo, hi = formats.qrange(4, symmetric)
+    Q = torch.zeros(out_f, in_f, dtype=torch.int32)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(perm[col]) // group_size
+            if not act_order and col % group_size == 0:
+                s, z = formats.group_params(W1[:, i:i + group_size], 4, symmetric, group_size)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            q = (torch.round(W1[:, i] / scales[:, g]) + zeros[:, g]).clamp(lo, hi)
+            err = (W1[:, i] - (q - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+            Q[:, col] = q.to(torch.int32)
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    out = {"qweight": formats.pack_int4(Q), "scales": scales.to(formats.SCALE_DTYPE)}
+    if not symmetric:
+        out["zeros"] = zeros.to(torch.uint8)
+    return out
+
+
+def awq(w: torch.Tensor, X: torch.Tensor, mean_abs: torch.Tensor, group_size: int, symmetric: bool,
+        grid: int = 20):
+    """AWQ (Lin et al. 2023): scale input channel j by s_j = mean|x_j|^alpha before rounding, so
+    salient channels (large activations) get finer steps; the activation is multiplied by 1/s.
+    alpha is searched on a grid in [0, 1) for the lowest output error on calibration rows X;
+    alpha = 0 is plain rounding, so the result is never worse than it on X.
+    -> (weight to encode (out, in), input_scale (in,))."""
+    W = w.detach().float()
+    X = X.float()
+    ref = X @ W.T  # (t, out)
+    a = mean_abs.float().clamp_min(1e-5)
+    best = (math.inf, torch.ones_like(a))
+    for k in range(grid):
+        s = a.pow(k / grid)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (keeps fp16 scales in range)
+        Wq = formats.fake_quant(W * s, 4, symmetric, group_size) / s
+        err = float((X @ Wq.T - ref).pow(2).mean())
+        if err < best[0]:
+            best = (err, s)
+    s = best[1]
+    return W * s, 1.0 / s
+
+
+def smoothquant(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float = 0.5):
+    """SmoothQuant (Xiao et al. 2022): move activation outliers into the weight,
+    s_j = max|x_j|^alpha / max|W_:j|^(1-alpha); x' = x / s, W' = W * s, so both quantize to int8
+    with less error. -> (weight to encode, input_scale = 1/s)."""
+    W = w.detach().float()
+    wmax = W.abs().amax(0).clamp_min(1e-5)
+    amax = act_absmax.float().clamp_min(1e-5)
+    s = (amax.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4)
+    return W * s, 1.0 / s

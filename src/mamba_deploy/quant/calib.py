@@ -1,0 +1,134 @@
+"""Calibration data and the block-by-block driver shared by GPTQ, AWQ and SmoothQuant.
+
+Default calibration text (offline): a fixed list of Python stdlib modules, read from this
+interpreter's own library, so it is the same on every machine with the same Python.
+The driver quantizes one block at a time and feeds the next block the *quantized* block's
+output, so later layers calibrate on the activations they will really see.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from ..errors import QuantizationError
+
+CALIB_STDLIB_FILES = ("textwrap.py", "string.py", "fractions.py", "heapq.py", "bisect.py", "shlex.py",
+                      "calendar.py", "difflib.py", "argparse.py", "functools.py")
+CALIB_SEQS, CALIB_LEN = 16, 256  # sequences x tokens
+MAX_SAMPLE_ROWS = 4096  # activation rows kept per linear for AWQ's error search
+
+
+def builtin_text(max_chars: int = 400_000) -> str:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    parts = [(lib / f).read_text(errors="replace") for f in CALIB_STDLIB_FILES if (lib / f).exists()]
+    if not parts:
+        raise QuantizationError(f"no built-in calibration text found under {lib}; pass --calib FILE")
+    return "\n".join(parts)[:max_chars]
+
+
+def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = CALIB_LEN) -> torch.Tensor:
+    """-> (n_seq, seq_len) token ids. `calib`: None (built-in text), a text file path, a string,
+    or a LongTensor of ids. Without a tokenizer, text is read as UTF-8 bytes modulo the vocab."""
+    if isinstance(calib, torch.Tensor):
+        ids = calib.reshape(-1).long()
+    else:
+        if calib is None:
+            text = builtin_text()
+        elif Path(str(calib)).is_file():
+            text = Path(calib).read_text(errors="replace")
+        elif isinstance(calib, str) and len(calib) > 200:
+            text = calib
+        else:
+            raise QuantizationError(f"calibration file {calib!r} not found; pass a text file or omit --calib")
+        try:
+            ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
+        except Exception:  # noqa: BLE001  (no tokenizer files next to the checkpoint)
+            ids = torch.tensor(list(text.encode()), dtype=torch.long) % model.config.vocab_size
+    n = min(n_seq, ids.numel() // seq_len)
+    if n < 1:
+        raise QuantizationError(f"calibration data has {ids.numel()} tokens, need at least {seq_len}; use a longer --calib file")
+    # evenly spaced windows so a long file is sampled throughout
+    starts = torch.linspace(0, ids.numel() - seq_len, n).long()
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+class Stats:
+    """Input statistics of one Linear over calibration tokens."""
+
+    def __init__(self, in_features: int, need_hessian: bool):
+        self.n = 0
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64) if need_hessian else None
+        self.absmax = torch.zeros(in_features)
+        self.absmean = torch.zeros(in_features, dtype=torch.float64)
+        self.sample: list[torch.Tensor] = []
+        self.kept = 0
+
+    def add(self, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (t, in)
+        if self.H is not None:
+            self.H += x.double().T @ x.double()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.absmean += x.abs().double().sum(0)
+        self.n += x.shape[0]
+        if self.kept < MAX_SAMPLE_ROWS:
+            take = x[: MAX_SAMPLE_ROWS - self.kept]
+            self.sample.append(take)
+            self.kept += take.shape[0]
+
+    @property
+    def X(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return 2 * self.H / max(self.n, 1)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.absmean / max(self.n, 1)).float()
+
+
+@torch.no_grad()
+def run_blockwise(model, ids, block_targets: dict, quantize_block, need_hessian=False, progress=True):
+    """For each block: collect Stats for its target linears (names relative to the model), call
+    quantize_block(layer_index, {name: Stats}), then recompute the block's output with the
+    quantized modules for the next block. Returns nothing; modules are swapped by the callback."""
+    from tqdm import tqdm
+
+    dev = model.device
+    ids = ids.to(dev)
+    cfg = model.config
+    h = model.backbone.embeddings(ids)  # (n, l, d_model)
+    layers = model.backbone.layers
+    for i in tqdm(range(len(layers)), desc="calibrating layers", disable=not progress):
+        names = block_targets.get(i, [])
+        stats = {n: Stats(model.get_submodule(n).in_features, need_hessian) for n in names}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(_collector(stats[n])) for n in names]
+        try:
+            _run_block(layers[i], h, cfg)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        quantize_block(i, stats)
+        h = _run_block(layers[i], h, cfg)
+
+
+def _collector(stats: Stats):
+    def hook(module, args):
+        stats.add(args[0])
+    return hook
+
+
+def _run_block(layer, h, cfg):
+    from ..state import State
+
+    out = []
+    for j in range(0, h.shape[0], 4):  # a few sequences at a time bounds peak memory
+        hj = h[j:j + 4]
+        st = State.zeros(cfg, hj.shape[0], hj.device, hj.dtype)
+        y, _, _ = layer(hj, st.conv[0], st.ssm[0])
+        out.append(y.to(h.dtype))
+    return torch.cat(out)

@@ -1,0 +1,149 @@
+"""Runtime modules swapped in for nn.Linear / nn.Embedding: they hold the stored tensors of
+`formats.py` as buffers and compute with them.
+
+CPU: int8 uses torch's packed int8 x float matmul (`_weight_int8pack_mm`) when it accepts the
+inputs, W8A8 uses `torch._int_mm`; everything else dequantizes on the fly (the weight is never
+kept in float). The `weight` property gives the dequantized weight, so code that reads
+`module.weight` (Mamba1's dt_proj) keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import formats
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_ok(name: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (kernel, device, dtype) whether torch's fused op runs here."""
+    try:
+        if name == "int8pack":
+            x = torch.ones(1, 32, device=device_type, dtype=dtype)
+            w = torch.ones(16, 32, device=device_type, dtype=torch.int8)
+            torch._weight_int8pack_mm(x, w, torch.ones(16, device=device_type, dtype=dtype))
+        elif name == "int_mm":
+            a = torch.ones(1, 32, device=device_type, dtype=torch.int8)
+            torch._int_mm(a, torch.ones(32, 16, device=device_type, dtype=torch.int8))
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+class QuantLinear(nn.Module):
+    """y = (x * input_scale) @ W^T + bias, W stored in `fmt`."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None,
+                 symmetric: bool = True, bias: bool = False, fp8_scaling: str = "channel",
+                 input_scale: bool = False, compute_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.symmetric, self.fp8_scaling = fmt, symmetric, fp8_scaling
+        self.group_size = group_size or in_features
+        self.compute_dtype = compute_dtype
+        for name, (shape, dtype) in formats.stored_shapes(fmt, out_features, in_features, self.group_size,
+                                                          symmetric, fp8_scaling).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, fmt: str, name: str, group_size=None, symmetric=True,
+                    fp8_scaling="channel", input_scale=None, weight=None):
+        """Quantize `weight` (default lin.weight, already multiplied by 1/input_scale's inverse
+        when smoothing) and wrap it."""
+        w = lin.weight if weight is None else weight
+        m = cls(lin.in_features, lin.out_features, fmt, group_size, symmetric, lin.bias is not None,
+                fp8_scaling, input_scale is not None, lin.weight.dtype)
+        m.to(lin.weight.device)
+        for k, t in formats.encode(w, fmt, name, m.group_size, symmetric, fp8_scaling).items():
+            getattr(m, k).copy_(t)
+        if input_scale is not None:
+            m.input_scale.copy_(input_scale)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.data)
+        return m
+
+    def stored(self) -> dict:
+        return {k: v for k, v in self._buffers.items() if v is not None and k != "input_scale"}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized (out, in) in the compute dtype."""
+        return formats.decode(self.stored(), self.fmt, self.group_size, self.symmetric, self.compute_dtype)
+
+    def forward(self, x):
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        if self.fmt == "w8a8":
+            y = _w8a8_mm(x2, self.qweight, self.scales)
+        elif self.fmt == "int8" and _kernel_ok("int8pack", x2.device.type, x2.dtype):
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.view(-1).to(x2.dtype))
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, group={self.group_size}, sym={self.symmetric}"
+
+
+def _w8a8_mm(x, qweight, w_scales):
+    """x (t, in) float, qweight (out, in) int8, w_scales (out, 1): dynamic per-token symmetric
+    int8 activations, int32 accumulation, float rescale."""
+    xs = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-8)  # (t, 1)
+    xq = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
+    if _kernel_ok("int_mm", x.device.type, torch.int8) and x.shape[0] > 16:
+        acc = torch._int_mm(xq, qweight.t()).float()  # (t, out) exact int32 sums
+    else:  # float sums of int8 products: exact while |sum| < 2^24 (rows up to ~1000 at worst case)
+        acc = xq.double() @ qweight.double().t() if x.shape[1] > 1024 else xq.float() @ qweight.float().t()
+        acc = acc.float()
+    return (acc * xs * w_scales.float().view(1, -1)).to(x.dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """Rows of a quantized (vocab, d) table, dequantized per looked-up token. Every stored tensor
+    is row-indexed (scales / zeros per row), so a lookup just selects rows before decoding."""
+
+    def __init__(self, num_embeddings: int, dim: int, fmt: str, group_size=None, symmetric=True,
+                 fp8_scaling="channel", compute_dtype=torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.fmt, self.symmetric, self.fp8_scaling = fmt, symmetric, fp8_scaling
+        self.group_size = group_size or dim
+        self.compute_dtype = compute_dtype
+        for name, (shape, dtype) in formats.stored_shapes(fmt, num_embeddings, dim, self.group_size,
+                                                          symmetric, fp8_scaling).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, fmt: str, name: str, group_size=None, symmetric=True,
+                       fp8_scaling="channel"):
+        m = cls(emb.num_embeddings, emb.embedding_dim, fmt, group_size, symmetric, fp8_scaling, emb.weight.dtype)
+        m.to(emb.weight.device)
+        for k, t in formats.encode(emb.weight, fmt, name, m.group_size, symmetric, fp8_scaling).items():
+            getattr(m, k).copy_(t)
+        return m
+
+    @property
+    def weight(self):
+        return formats.decode(dict(self._buffers), self.fmt, self.group_size, self.symmetric, self.compute_dtype)
+
+    def forward(self, ids):
+        flat = ids.reshape(-1)
+        rows = {k: (v[flat] if v.shape[0] == self.num_embeddings else v) for k, v in self._buffers.items()}
+        out = formats.decode(rows, self.fmt, self.group_size, self.symmetric, self.compute_dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+
+def tie_head(head: QuantLinear, emb: QuantEmbedding) -> None:
+    """Tied embeddings: the head reads the embedding's buffers (one copy in memory and on disk)."""
+    for k in list(head.stored()):
+        head._buffers[k] = emb._buffers[k]

@@ -1,0 +1,195 @@
+"""Which module gets which format: method defaults, the quantizable module names, per-layer
+mixed-precision rules (a JSON file), and the `quantization_config` written to config.json.
+
+The plan is always written out module by module (`modules`), so loading never has to infer
+anything from tensor names or shapes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+from ..errors import QuantizationError
+from .formats import FORMATS, FP8_SCALINGS
+
+QUANT_METHOD_TAG = "mamba_deploy"  # `quant_method` value, so other loaders can tell it is ours
+CONFIG_VERSION = 1
+
+# method -> default options. `format` is what the method's target modules are stored as.
+METHODS = {
+    "int8": dict(format="int8", bits=8, group_size=None, symmetric=True, calibrate=False),
+    "int4": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=False),
+    "gptq": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=True,
+                 act_order=False, damp=0.01, block_size=128),
+    "awq": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=True, grid=20),
+    "smoothquant": dict(format="w8a8", bits=8, group_size=None, symmetric=True, calibrate=True, alpha=0.5),
+    "fp8": dict(format="fp8", bits=8, group_size=None, symmetric=True, calibrate=False, fp8_scaling="channel"),
+}
+# Linear layers inside each mixer that are quantized by default (Mamba1 has x_proj / dt_proj,
+# Mamba2 only in_proj / out_proj); embeddings and lm_head only on request.
+MIXER_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+OPTIONAL_MODULES = {"embeddings": "backbone.embeddings", "lm_head": "lm_head"}
+# Format substitutions: method format -> {mixer linear: stored format}. dt_proj's rows are
+# dt_rank long (d_model/16, e.g. 16) -- shorter than any useful int4 group -- its output goes
+# through softplus and exp, and Mamba1 reads its weight directly (no activation to quantize),
+# so it is stored per-channel int8 weight-only (it is ~1% of the weights).
+FORMAT_SUBSTITUTE = {"int4": {"dt_proj": "int8"}, "w8a8": {"dt_proj": "int8"}}
+MODULE_KEYS = {"format", "group_size", "symmetric", "fp8_scaling", "input_scale", "algo"}
+
+
+def method_options(method: str, options: dict) -> dict:
+    if method not in METHODS:
+        raise QuantizationError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    opts = dict(METHODS[method])
+    unknown = set(options) - set(opts) - {"include", "rules", "calib", "calib_ids", "n_calib", "calib_len",
+                                          "progress"}
+    if unknown:
+        raise QuantizationError(f"unknown option(s) {sorted(unknown)} for method {method!r}; "
+                                f"valid: {sorted(set(opts) - {'format', 'bits', 'calibrate'})}")
+    opts.update({k: v for k, v in options.items() if v is not None})
+    if opts.get("fp8_scaling", "channel") not in FP8_SCALINGS:
+        raise QuantizationError(f"fp8_scaling {opts['fp8_scaling']!r} unknown; choose one of {FP8_SCALINGS}")
+    if method == "smoothquant" and not 0.0 <= float(opts["alpha"]) <= 1.0:
+        raise QuantizationError(f"smoothquant alpha={opts['alpha']} must be in [0, 1] (0.5 is the usual choice)")
+    return opts
+
+
+def target_modules(model, include=()) -> list[str]:
+    """Names of the modules quantized by default, in model order."""
+    bad = set(include) - set(OPTIONAL_MODULES)
+    if bad:
+        raise QuantizationError(f"cannot include {sorted(bad)}; optional modules are {sorted(OPTIONAL_MODULES)}")
+    names = []
+    if "embeddings" in include or ("lm_head" in include and model.config.tie_embeddings):
+        names.append(OPTIONAL_MODULES["embeddings"])
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in MIXER_LINEARS and ".mixer." in name:
+            names.append(name)
+    if "lm_head" in include or ("embeddings" in include and model.config.tie_embeddings):
+        names.append(OPTIONAL_MODULES["lm_head"])
+    return names
+
+
+def default_spec(name: str, opts: dict) -> dict:
+    fmt = opts["format"]
+    fmt = FORMAT_SUBSTITUTE.get(fmt, {}).get(name.rsplit(".", 1)[-1], fmt)
+    if name in OPTIONAL_MODULES.values() and fmt == "w8a8":
+        fmt = "int8"  # embeddings are lookups; keep lm_head weight-only too (logits precision)
+    return _spec(fmt, opts)
+
+
+def _spec(fmt: str, opts: dict) -> dict:
+    spec = {"format": fmt}
+    if fmt == "int4":
+        spec.update(group_size=int(opts.get("group_size") or 128), symmetric=bool(opts.get("symmetric", True)))
+    if fmt == "fp8":
+        spec["fp8_scaling"] = opts.get("fp8_scaling", "channel")
+    return spec
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def load_rules(path_or_dict) -> list[tuple[str, dict]]:
+    """quant_cfg JSON: {"quant_cfg": {"<glob>": {"enable": false} | {"format": "int8", ...}}}.
+    Globs match full module names (`backbone.layers.0.mixer.in_proj`); `layers.-1` means the last
+    layer. Later entries override earlier ones."""
+    if isinstance(path_or_dict, (str, Path)):
+        try:
+            d = json.loads(Path(path_or_dict).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise QuantizationError(f"cannot read quantization rules {path_or_dict}: {e}") from e
+    else:
+        d = path_or_dict
+    cfg = d.get("quant_cfg") if isinstance(d, dict) else None
+    if not isinstance(cfg, dict):
+        raise QuantizationError(
+            'a quantization rules file must be a JSON object {"quant_cfg": {"<module glob>": {...}}}, '
+            f"got {str(d)[:80]!r}"
+        )
+    rules = []
+    for pattern, rule in cfg.items():
+        if not isinstance(rule, dict) or set(rule) - {"enable", "format", "group_size", "symmetric", "fp8_scaling"}:
+            raise QuantizationError(f"rule for {pattern!r} must be an object with keys enable / format / "
+                                    f"group_size / symmetric / fp8_scaling, got {rule!r}")
+        if "format" in rule and rule["format"] not in FORMATS:
+            raise QuantizationError(f"rule for {pattern!r}: unknown format {rule['format']!r}; choose one of {sorted(FORMATS)}")
+        rules.append((pattern, rule))
+    return rules
+
+
+def _resolve_negative(pattern: str, n_layer: int) -> str:
+    return re.sub(r"layers\.(-\d+)", lambda m: f"layers.{n_layer + int(m.group(1))}", pattern)
+
+
+def build_plan(model, opts: dict) -> dict:
+    """module name -> spec dict (None = left in float)."""
+    names = target_modules(model, opts.get("include") or ())
+    plan = {n: default_spec(n, opts) for n in names}
+    rules = load_rules(opts["rules"]) if opts.get("rules") else []
+    all_names = {n for n, _ in model.named_modules()}
+    for pattern, rule in rules:
+        pat = _resolve_negative(pattern, model.config.n_layer)
+        hits = [n for n in plan if fnmatch.fnmatchcase(n, pat)]
+        if not hits and not any(fnmatch.fnmatchcase(n, pat) for n in all_names):
+            raise QuantizationError(f"rule {pattern!r} matches no module; names look like "
+                                    f"'backbone.layers.0.mixer.in_proj' (use 'backbone.layers.-1.*' for the last layer)")
+        for n in hits:
+            if rule.get("enable", True) is False:
+                plan[n] = None
+                continue
+            base = plan[n] or default_spec(n, opts)
+            fmt = rule.get("format", base["format"])
+            plan[n] = _spec(fmt, {**opts, **{k: v for k, v in base.items() if k != "format"},
+                                  **{k: v for k, v in rule.items() if k not in ("enable", "format")}})
+    return plan
+
+
+# ----------------------------------------------------------------------------- config.json entry
+
+def make_config(method: str, opts: dict, modules: dict) -> dict:
+    extras = {k: opts[k] for k in ("act_order", "damp", "alpha", "grid", "fp8_scaling") if k in opts}
+    return {
+        "quant_method": QUANT_METHOD_TAG,
+        "version": CONFIG_VERSION,
+        "method": method,
+        "bits": opts["bits"],
+        "group_size": opts.get("group_size") if opts["format"] == "int4" else None,
+        "symmetric": bool(opts.get("symmetric", True)),
+        "method_options": extras,
+        "modules": modules,
+    }
+
+
+def validate_config(qc, module_names) -> dict:
+    """Check a quantization_config read from disk; raise naming the first bad value."""
+    def bad(msg):
+        raise QuantizationError(f"malformed quantization_config in config.json: {msg}; "
+                                "re-create it with `mamba-deploy quantize`")
+
+    if not isinstance(qc, dict):
+        bad(f"expected an object, got {type(qc).__name__}")
+    if qc.get("quant_method") != QUANT_METHOD_TAG:
+        bad(f"quant_method={qc.get('quant_method')!r} is not {QUANT_METHOD_TAG!r} (only this toolkit's format is read)")
+    if qc.get("version") != CONFIG_VERSION:
+        bad(f"version={qc.get('version')!r}, this build reads version {CONFIG_VERSION}")
+    if qc.get("method") not in METHODS:
+        bad(f"method={qc.get('method')!r} unknown; expected one of {list(METHODS)}")
+    mods = qc.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        bad(f"'modules' must be a non-empty object of module name -> spec, got {mods!r}")
+    for name, spec in mods.items():
+        if name not in module_names:
+            bad(f"module {name!r} does not exist in this model")
+        if not isinstance(spec, dict) or spec.get("format") not in FORMATS or set(spec) - MODULE_KEYS:
+            bad(f"spec for {name!r} is {spec!r}; need {{'format': one of {sorted(FORMATS)}, ...}}")
+        gs = spec.get("group_size")
+        if spec["format"] == "int4" and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
+            bad(f"int4 module {name!r} has group_size={gs!r}; expected a positive integer")
+        if not isinstance(spec.get("symmetric", True), bool):
+            bad(f"module {name!r} has symmetric={spec['symmetric']!r}; expected true or false")
+        if spec.get("fp8_scaling", "channel") not in FP8_SCALINGS:
+            bad(f"module {name!r} has fp8_scaling={spec['fp8_scaling']!r}; expected one of {FP8_SCALINGS}")
+    return qc

@@ -1,0 +1,128 @@
+"""Offline quantization: plan -> (calibrate) -> swap modules in place -> `save_quantized`."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from ..errors import QuantizationError
+from . import algos
+from .calib import calibration_ids, run_blockwise
+from .modules import QuantEmbedding, QuantLinear, tie_head
+from .plan import OPTIONAL_MODULES, build_plan, make_config, method_options
+from .runtime import saved_tensors, set_module
+
+# method -> the stored format its calibration algorithm handles; other modules use rounding
+ALGO_FORMAT = {"gptq": "int4", "awq": "int4", "smoothquant": "w8a8"}
+
+
+@torch.no_grad()
+def quantize(model, method: str, **options):
+    """Quantize `model` in place and return it.
+
+    method: int8 | int4 | gptq | awq | smoothquant | fp8. Options (defaults in plan.METHODS):
+    group_size, symmetric, act_order, damp (gptq), grid (awq), alpha (smoothquant),
+    fp8_scaling ("tensor" | "channel"), include=("embeddings", "lm_head"), rules (quant_cfg JSON
+    path or dict), calib (text file / None for built-in), calib_ids (LongTensor), n_calib, calib_len,
+    progress.
+    """
+    if getattr(model, "quantization_config", None):
+        raise QuantizationError("this model is already quantized; load the float checkpoint and quantize that")
+    opts = method_options(method, options)
+    plan = {k: v for k, v in build_plan(model, opts).items() if v is not None}
+    done: dict[str, dict] = {}
+    emb = OPTIONAL_MODULES["embeddings"]
+    if emb in plan:
+        _swap(model, emb, plan[emb], done)
+    by_layer: dict[int, list[str]] = {}
+    for n in plan:
+        if n.startswith("backbone.layers."):
+            by_layer.setdefault(int(n.split(".")[2]), []).append(n)
+    algo_fmt = ALGO_FORMAT.get(method)
+    progress = opts.get("progress", True)
+    if algo_fmt and any(plan[n]["format"] == algo_fmt for names in by_layer.values() for n in names):
+        ids = calibration_ids(model, opts.get("calib_ids", opts.get("calib")),
+                              opts.get("n_calib") or 16, opts.get("calib_len") or 256)
+
+        def quantize_block(i, stats):
+            for n in by_layer.get(i, []):
+                st = stats.get(n) if plan[n]["format"] == algo_fmt else None
+                _swap(model, n, plan[n], done, method if st is not None else None, st, opts)
+
+        targets = {i: [n for n in names if plan[n]["format"] == algo_fmt] for i, names in by_layer.items()}
+        run_blockwise(model, ids, targets, quantize_block, need_hessian=method == "gptq", progress=progress)
+    else:
+        for i in tqdm(sorted(by_layer), desc=f"{method} layers", disable=not progress):
+            for n in by_layer[i]:
+                _swap(model, n, plan[n], done)
+    if "lm_head" in plan:
+        _swap_head(model, plan, done)
+    model.quantization_config = make_config(method, opts, done)
+    return model
+
+
+def _swap(model, name, spec, done, algo=None, stats=None, opts=None):
+    old = model.get_submodule(name)
+    if isinstance(old, torch.nn.Embedding):
+        new = QuantEmbedding.from_embedding(old, spec["format"], name, spec.get("group_size"),
+                                            spec.get("symmetric", True), spec.get("fp8_scaling", "channel"))
+    else:
+        new = _quant_linear(old, name, spec, algo, stats, opts)
+    set_module(model, name, new)
+    done[name] = {**spec, "algo": algo or "rtn", **({"input_scale": True} if getattr(new, "input_scale", None) is not None else {})}
+
+
+def _quant_linear(lin, name, spec, algo, stats, opts):
+    fmt, gs, sym = spec["format"], spec.get("group_size"), spec.get("symmetric", True)
+    if algo == "gptq":
+        from .formats import check_group
+
+        check_group(name, lin.in_features, gs)
+        tensors = algos.gptq(lin.weight, stats.hessian, gs, sym, bool(opts["act_order"]), float(opts["damp"]),
+                             int(opts["block_size"]))
+        m = QuantLinear(lin.in_features, lin.out_features, fmt, gs, sym, lin.bias is not None,
+                        compute_dtype=lin.weight.dtype).to(lin.weight.device)
+        for k, t in tensors.items():
+            getattr(m, k).copy_(t)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.data)
+        return m
+    weight = input_scale = None
+    if algo == "awq":
+        from .formats import check_group
+
+        check_group(name, lin.in_features, gs)
+        weight, input_scale = algos.awq(lin.weight, stats.X, stats.mean_abs, gs, sym, int(opts["grid"]))
+    elif algo == "smoothquant":
+        weight, input_scale = algos.smoothquant(lin.weight, stats.absmax, float(opts["alpha"]))
+    return QuantLinear.from_linear(lin, fmt, name, gs, sym, spec.get("fp8_scaling", "channel"),
+                                   input_scale, weight)
+
+
+def _swap_head(model, plan, done):
+    emb = OPTIONAL_MODULES["embeddings"]
+    if model.config.tie_embeddings and isinstance(model.backbone.embeddings, QuantEmbedding):
+        if plan["lm_head"] != plan.get(emb):
+            raise QuantizationError("lm_head and embeddings share one tensor (tied); give them the same "
+                                    f"format, got {plan['lm_head']} vs {plan.get(emb)}")
+        e = model.backbone.embeddings
+        head = QuantLinear(e.embedding_dim, e.num_embeddings, e.fmt, e.group_size, e.symmetric,
+                           fp8_scaling=e.fp8_scaling, compute_dtype=e.compute_dtype).to(e.qweight.device)
+        tie_head(head, e)
+        set_module(model, "lm_head", head)
+        done["lm_head"] = dict(done[emb])
+    else:
+        _swap(model, "lm_head", plan["lm_head"], done)
+
+
+def save_quantized(model, out_dir):
+    """Write config.json (with quantization_config) + model.safetensors (+ tokenizer files);
+    atomically, through checkpoint.write_folder. `load_model(out_dir)` loads it."""
+    from ..checkpoint import write_folder
+
+    qc = getattr(model, "quantization_config", None)
+    if not qc:
+        raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
+    config = model.config.to_hf_dict()
+    config["quantization_config"] = qc
+    return write_folder(out_dir, config, saved_tensors(model), getattr(model, "source_path", None))

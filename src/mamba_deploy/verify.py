@@ -487,6 +487,9 @@ def write_json_atomic(path, data) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,341 @@
+"""`mamba-deploy bench`: latency, throughput and peak memory of any backend, through the Runner
+interface only (so a backend added later is benchmarked for free).
+
+For every artifact x batch x prompt length: `warmup` untimed runs, then `repeats` timed runs of
+one prefill (last-position logits only, as generation does) followed by `gen_len` greedy decode
+steps. Writes results.json, results.md and two PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, MambaDeployError
+
+SCHEMA = "mamba-deploy-bench/1"
+# One row of `results` in results.json (times in milliseconds, memory in bytes; None = unknown).
+RESULT_KEYS = ("artifact", "backend", "batch", "prompt_len", "gen_len", "repeats", "prefill_ms",
+               "decode_ms_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
+               "peak_rss_scope", "peak_cuda_bytes")
+STAT_KEYS = ("median", "p95")  # prefill_ms and decode_ms_per_token are {median, p95}
+OUTPUT_FILES = {"json": "results.json", "markdown": "results.md",
+                "throughput_plot": "throughput_vs_batch.png", "latency_plot": "latency_vs_prompt_len.png"}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def percentile(values, q: float) -> float:
+    """q-th percentile (0..100) with linear interpolation between closest ranks."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_memory() -> str:
+    """Reset the peak-RSS counter where Linux lets us (clear_refs 5); returns the scope the next
+    reading covers: 'since reset' or 'process lifetime'."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "since reset"
+    except OSError:
+        return "process lifetime"
+
+
+def peak_memory() -> tuple[int | None, int | None]:
+    """(peak resident set size of this process, peak CUDA bytes allocated or None)."""
+    rss = _proc_status_bytes("VmHWM")
+    if rss is None:
+        try:  # no /proc (macOS): the lifetime peak, in bytes on macOS and kB elsewhere
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss = peak if sys.platform == "darwin" else peak * 1024
+        except (ImportError, OSError):
+            rss = None
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = int(torch.cuda.max_memory_allocated())
+    return rss, cuda
+
+
+def _timed_run(runner, ids: torch.Tensor, gen_len: int) -> tuple[float, list[float]]:
+    """One prefill + gen_len greedy steps -> (prefill seconds, [seconds per step]). Runners hand
+    back CPU tensors, so each call has finished (device synchronised) when it returns."""
+    vocab = runner.vocab_size
+    state = runner.new_state(ids.shape[0])
+    t0 = time.perf_counter()
+    logits, state = runner.prefill(ids, state, last_only=True)
+    prefill_s = time.perf_counter() - t0
+    nxt, steps = logits[:, -1, :vocab].argmax(-1), []
+    for _ in range(gen_len):
+        t0 = time.perf_counter()
+        logits, state = runner.step(nxt, state)
+        steps.append(time.perf_counter() - t0)
+        nxt = logits[:, :vocab].argmax(-1)
+    return prefill_s, steps
+
+
+def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,
+                 seed: int = 0, tick=None) -> dict:
+    """Measure one (batch, prompt length) setting; `tick()` is called after every run."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, runner.vocab_size, (batch, prompt_len), generator=gen)
+    scope = reset_peak_memory()
+    prefills, steps = [], []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            p, s = _timed_run(runner, ids, gen_len)
+            if i >= warmup:
+                prefills.append(p * 1e3)
+                steps.extend(x * 1e3 for x in s)
+            if tick:
+                tick()
+    rss, cuda = peak_memory()
+    pre = {"median": statistics.median(prefills), "p95": percentile(prefills, 95)}
+    dec = {"median": statistics.median(steps), "p95": percentile(steps, 95)} if steps else None
+    return dict(batch=batch, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, prefill_ms=pre,
+                decode_ms_per_token=dec,
+                prefill_tokens_per_s=batch * prompt_len / (pre["median"] / 1e3),
+                decode_tokens_per_s=batch / (dec["median"] / 1e3) if dec else None,
+                peak_rss_bytes=rss, peak_rss_scope=scope, peak_cuda_bytes=cuda)
+
+
+# ----------------------------------------------------------------------------- targets
+
+def parse_targets(artifacts, backends=None) -> list[tuple[str, str]]:
+    """Artifacts (each may be comma-separated) paired with backends: one backend per artifact,
+    one backend for all, several backends on one artifact, or guessed from each path."""
+    from .runners import BACKENDS, guess_backend
+
+    paths = [p.strip() for a in artifacts for p in str(a).split(",") if p.strip()]
+    names = [b.strip() for b in (backends or []) if b.strip()]
+    if not paths:
+        raise ConfigError("no model or artifact given; pass a checkpoint folder, ONNX folder or .gguf file")
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if not names:
+        return [(p, guess_backend(p)) for p in paths]
+    if len(names) == len(paths):
+        return list(zip(paths, names))
+    if len(paths) == 1:
+        return [(paths[0], b) for b in names]
+    if len(names) == 1:
+        return [(p, names[0]) for p in paths]
+    raise ConfigError(f"{len(paths)} artifacts but {len(names)} backends ({', '.join(names)}); give one "
+                      "backend per artifact, a single backend, or leave --backends out to guess from paths")
+
+
+def _system_info() -> dict:
+    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
+
+
+def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repeats: int = 3, seed: int = 0,
+              progress: bool = True, open_options: dict | None = None) -> dict:
+    """Benchmark every (artifact, backend) target; a target that cannot be opened or run is kept
+    with its error so the rest still get measured."""
+    from tqdm.auto import tqdm
+
+    from .runners import open_runner
+
+    batches, prompt_lens = [int(b) for b in batches], [int(p) for p in prompt_lens]
+    if min(batches + prompt_lens) < 1 or gen_len < 0 or repeats < 1 or warmup < 0:
+        raise ConfigError(f"batch {batches} and prompt lengths {prompt_lens} must be >= 1, gen_len {gen_len} "
+                          f">= 0, repeats {repeats} >= 1, warmup {warmup} >= 0")
+    per_target = len(batches) * len(prompt_lens) * (warmup + repeats)
+    data = dict(schema=SCHEMA, settings=dict(batches=batches, prompt_lens=prompt_lens, gen_len=gen_len,
+                                             warmup=warmup, repeats=repeats, seed=seed),
+                system=_system_info(), targets=[], results=[])
+    with tqdm(total=len(targets) * per_target, desc="bench", disable=not progress, unit="run") as bar:
+        for path, backend in targets:
+            entry = dict(artifact=str(path), backend=backend, error=None)
+            data["targets"].append(entry)
+            done_before = bar.n
+            try:
+                opts = dict(open_options or {}) if backend == "torch" else {}
+                with open_runner(path, backend, **opts) as runner:
+                    for b in batches:
+                        for length in prompt_lens:
+                            bar.set_postfix_str(f"{backend} b={b} l={length}")
+                            row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
+                            data["results"].append(dict(artifact=str(path), backend=backend, **row))
+            except MambaDeployError as e:
+                entry["error"] = f"{type(e).__name__}: {e}"
+                bar.update(done_before + per_target - bar.n)
+    return data
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _label(row) -> str:
+    return f"{Path(row['artifact']).name or row['artifact']} ({row['backend']})"
+
+
+def _fmt(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"# mamba-deploy bench", "",
+             f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}; "
+             f"{data['system']['processor']}, {data['system']['cpu_count']} CPUs, torch {data['system']['torch']}"
+             + (f", {data['system']['cuda']}" if data["system"]["cuda"] else ""), "",
+             "| target | batch | prompt | prefill ms (median / p95) | decode ms/token (median / p95) "
+             "| prefill tok/s | decode tok/s | peak RSS MiB | peak CUDA MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    mib = 1024 ** 2
+    for r in data["results"]:
+        dec = r["decode_ms_per_token"] or {"median": None, "p95": None}
+        lines.append(
+            f"| {_label(r)} | {r['batch']} | {r['prompt_len']} | {_fmt(r['prefill_ms']['median'], '.2f')} / "
+            f"{_fmt(r['prefill_ms']['p95'], '.2f')} | {_fmt(dec['median'], '.2f')} / {_fmt(dec['p95'], '.2f')} "
+            f"| {_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} "
+            f"| {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / mib)} "
+            f"| {_fmt(r['peak_cuda_bytes'] and r['peak_cuda_bytes'] / mib)} |")
+    failed = [t for t in data["targets"] if t["error"]]
+    if failed:
+        lines += ["", "Not measured:"] + [f"- {t['artifact']} ({t['backend']}): {t['error']}" for t in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(data: dict, x_key: str, y_fn, series_key: str, title: str, xlabel: str, ylabel: str):
+    # a bare Figure + Agg canvas: no pyplot global state, no display needed
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series = {}
+    for r in data["results"]:
+        y = y_fn(r)
+        if y is not None:
+            series.setdefault(f"{_label(r)} {series_key}={r[series_key]}", []).append((r[x_key], y))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    xs = sorted({r[x_key] for r in data["results"]})
+    if len(xs) > 1 and xs[-1] / xs[0] >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])  # the measured settings only, no fractional batches
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """write(tmp_path) fills a temporary file beside `path`, which is then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_outputs(data: dict, out_dir) -> dict:
+    """results.json, results.md and the two plots into out_dir -> {kind: path}."""
+    import json
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the bench results")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / v for k, v in OUTPUT_FILES.items()}
+    _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(data, indent=2)))
+    _atomic_write(paths["markdown"], lambda p: p.write_text(markdown_table(data)))
+    thr = _plot(data, "batch", lambda r: r["decode_tokens_per_s"], "prompt_len",
+                f"decode throughput vs batch (gen_len {data['settings']['gen_len']})", "batch size", "tokens / s")
+    lat = _plot(data, "prompt_len", lambda r: r["prefill_ms"]["median"], "batch",
+                "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
+    _atomic_write(paths["throughput_plot"], lambda p: thr.savefig(p, format="png", dpi=110))
+    _atomic_write(paths["latency_plot"], lambda p: lat.savefig(p, format="png", dpi=110))
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {what} {text!r}; give comma-separated integers like 1,8") from None
+
+
+def cmd_bench(args):
+    from .cli import DTYPES
+
+    backends = [b for spec in (args.backends or []) for b in spec.split(",")]
+    targets = parse_targets(args.models, backends or None)
+    data = run_bench(targets, _ints(args.batch, "--batch"), _ints(args.prompt_len, "--prompt-len"),
+                     args.gen_len, args.warmup, args.repeats, args.seed, progress=not args.quiet,
+                     open_options={"device": args.device, "dtype": DTYPES[args.dtype]})
+    paths = write_outputs(data, args.out)
+    print(markdown_table(data))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    errors = [t for t in data["targets"] if t["error"]]
+    if errors and len(errors) == len(data["targets"]):
+        raise ConfigError(f"no target could be benchmarked: {errors[0]['artifact']} ({errors[0]['backend']}): "
+                          f"{errors[0]['error']}")
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
+    s.add_argument("models", nargs="+", metavar="MODEL_OR_ARTIFACT",
+                   help="checkpoint folder, ONNX folder, .gguf, ... (comma-separated or repeated)")
+    s.add_argument("--backends", action="append", default=None,
+                   help="torch,onnx,llama.cpp,... (default: guessed from each path)")
+    s.add_argument("--batch", default="1,8")
+    s.add_argument("--prompt-len", default="128,512")
+    s.add_argument("--gen-len", type=int, default=128)
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="device for the torch backend")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_bench)

@@ -1,0 +1,246 @@
+"""`mamba-deploy export onnx MODEL OUT_DIR`: one ONNX graph with the recurrent state as inputs and
+outputs, serving prefill of any length (from a zero or given state) and one-token decode.
+
+OUT_DIR holds model.onnx (+ model.onnx.data above 2 GB), the tokenizer files and manifest.json.
+The graph itself is built in `onnx_graph.py`; this module checks, validates against PyTorch and
+writes the folder atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ExportError, ModelNotFoundError
+
+MANIFEST_VERSION = 1
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # Trilu (14) and Split/ReduceSum/Squeeze with tensor arguments (13)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB: weights move to model.onnx.data
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# Standard-domain operators the exported graph may use (TensorRT's ONNX parser supports all of
+# them); a test checks the graph against this list, so a new op is a deliberate decision.
+ALLOWED_OPS = frozenset({
+    "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "Conv", "CumSum", "Div", "Exp", "Expand",
+    "Gather", "Greater", "Identity", "MatMul", "Max", "Min", "Mul", "Pad", "Reciprocal", "ReduceMean",
+    "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
+    "Sub", "Transpose", "Trilu", "Unsqueeze", "Where",
+})
+# Validation: max |onnx - torch| / max |torch| per output kind and export dtype.
+TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+VALIDATE_LENGTHS = (None, 1, 3)  # prefill one chunk + 3 tokens from zero, one decode step, 3 more
+VALIDATE_BATCH = 2
+
+
+# ----------------------------------------------------------------------------- public API
+
+def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None = None,
+                validate: bool = True) -> Path:
+    """Export a MambaLM (or a checkpoint path / hub id) to OUT_DIR/model.onnx; returns OUT_DIR."""
+    import onnx
+
+    from ..checkpoint import copy_tokenizer_files, load_model
+    from .onnx_graph import MambaGraph
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported ONNX export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    max_opset = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= max_opset:
+        raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    model = model_or_path if isinstance(model_or_path, torch.nn.Module) else load_model(model_or_path)
+    cfg = model.config
+    if cfg.arch == "mamba2" and cfg.norm_before_gate:
+        raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")
+    if getattr(cfg, "extra", {}).get("quantization_config") or any(
+            not p.dtype.is_floating_point for p in model.parameters()):
+        raise ExportError("export the unquantized model to ONNX; quantize the ONNX graph afterwards")
+    out = _prepare_out(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        weights = {k: v for k, v in model.state_dict().items()}
+        proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
+        _save(proto, tmp)
+        check_graph(tmp / "model.onnx")
+        if getattr(model, "source_path", None) is not None:
+            copy_tokenizer_files(model.source_path, tmp)
+        write_manifest(tmp, cfg, opset, dtype)
+        if validate:
+            validate_export(tmp, model, dtype)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _prepare_out(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"output folder {out} exists and is not empty; choose a new path or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save(proto, folder: Path) -> None:
+    import onnx
+
+    big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker + strict shape inference + the operator allow-list; ExportError on failure."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{path} fails onnx.checker: {e}") from e
+    model = onnx.load(str(path), load_external_data=False)
+    bad = sorted(graph_op_types(model) - ALLOWED_OPS)
+    if bad:
+        raise ExportError(f"{path} uses operators outside the allow-list: {bad}")
+
+
+def graph_op_types(model) -> set[str]:
+    """Every op type in the graph and its subgraphs; custom domains are reported as domain::op."""
+    ops: set[str] = set()
+
+    def walk(graph):
+        for node in graph.node:
+            ops.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}")
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return ops
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def io_spec(cfg) -> dict:
+    """Names, shapes (str = dynamic dim), dtypes and roles of the graph's inputs and outputs."""
+    conv, ssm = list(cfg.conv_state_shape), list(cfg.ssm_state_shape)
+    inputs = [
+        {"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64", "role": "tokens"},
+        {"name": "attention_mask", "shape": ["batch", "seq"], "dtype": "int64", "role": "mask",
+         "optional": True, "doc": "1 = token, 0 = left padding; only with a zero state"},
+        {"name": "num_logits_to_keep", "shape": [1], "dtype": "int64", "role": "option", "optional": True,
+         "doc": "logits for the last N positions only; 0 (default) = all"},
+    ]
+    outputs = [{"name": "logits", "shape": ["batch", "logits_seq", cfg.padded_vocab_size], "dtype": "float32",
+                "role": "logits"}]
+    for i in range(cfg.n_layer):
+        inputs += [{"name": f"past_conv.{i}", "shape": ["batch", *conv], "dtype": "float32", "role": "state_conv", "layer": i},
+                   {"name": f"past_ssm.{i}", "shape": ["batch", *ssm], "dtype": "float32", "role": "state_ssm", "layer": i}]
+        outputs += [{"name": f"present_conv.{i}", "shape": ["batch", *conv], "dtype": "float32", "role": "state_conv", "layer": i},
+                    {"name": f"present_ssm.{i}", "shape": ["batch", *ssm], "dtype": "float32", "role": "state_ssm", "layer": i}]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, cfg, opset: int, dtype: str) -> None:
+    files = sorted(p for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    manifest = {
+        "format": "mamba-deploy-onnx", "version": MANIFEST_VERSION, "config": cfg.to_dict(), "opset": opset,
+        "dtype": dtype, "state_dtype": "float32", "graph": "model.onnx", **io_spec(cfg),
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+    }
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.rename(folder / "manifest.json")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise ModelNotFoundError(f"{folder} has no manifest.json; export it with `mamba-deploy export onnx`")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e}); re-export the model") from e
+    if m.get("format") != "mamba-deploy-onnx":
+        raise ExportError(f"{path} is not a mamba-deploy ONNX manifest (format={m.get('format')!r}); re-export")
+    return m
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: bool = True) -> dict:
+    """Prefill + decode on random ids through ONNX Runtime and PyTorch; ExportError beyond tolerance."""
+    from ..runners.onnx_runner import open_onnx
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    ref_model = model if model.dtype == torch.float32 else _float_copy(model)
+    runner = open_onnx(folder)
+    ref_state, ort_state = ref_model.new_state(VALIDATE_BATCH), runner.new_state(VALIDATE_BATCH)
+    errs: dict[str, float] = {}
+    with torch.inference_mode():
+        for t, length in enumerate(VALIDATE_LENGTHS):
+            length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else 32) + 3
+            ids = torch.randint(0, cfg.vocab_size, (VALIDATE_BATCH, length), generator=gen)
+            want = ref_model(ids, ref_state).logits
+            got, ort_state = runner.prefill(ids, ort_state)
+            errs[f"logits[{t}] len={length}"] = _rel(got, want)
+        st = runner.to_torch_state(ort_state)
+        errs["conv_state"], errs["ssm_state"] = _rel(st.conv, ref_state.conv), _rel(st.ssm, ref_state.ssm)
+    runner.close()
+    tol = TOLERANCE[dtype]
+    if verbose:
+        print(f"ONNX validation ({dtype}, tolerance {tol:g} relative to max |torch|):")
+        for k, v in errs.items():
+            print(f"  {k:<22} {v:.3e}")
+    worst = max(errs, key=errs.get)
+    if not errs[worst] <= tol:  # also catches NaN
+        raise ExportError(f"ONNX export disagrees with PyTorch: {worst} relative error {errs[worst]:.3e} > {tol:g}")
+    return errs
+
+
+def _float_copy(model):
+    """fp16/bf16 models are validated against their float32 twin (the export's fp32 math)."""
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("onnx", help="ONNX graph with the recurrent state as inputs/outputs")
+    s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
+    s.add_argument("out_dir")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    s.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    out = export_onnx(args.model, args.out_dir, dtype=args.dtype, opset=args.opset, validate=not args.no_validate)
+    print(f"wrote {out / 'model.onnx'}")

@@ -1,0 +1,345 @@
+"""Build the Mamba1 / Mamba2 ONNX graph directly with `onnx.helper`.
+
+Why not `torch.onnx.export`: tracing the PyTorch model unrolls its Python loop over time chunks
+into a fixed length, and the graph must serve any sequence length. Writing the graph by hand
+keeps every linear layer a plain `MatMul` against a named initializer (what the MatMulNBits
+rewriter looks for) and uses only standard-domain operators (the allow-list in `onnx.py`).
+
+Formulations (b batch, l time, d d_inner, n d_state, h heads, p headdim, g groups, r = h/g):
+- Mamba1: one ONNX `Scan` over time per layer, state laid out (b, n, d) so every per-step op
+  runs over contiguous d-long rows. Only decays exp(dt*A) <= 1 are formed: stable at any length.
+- Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
+  input shape, so a one-token decode costs no padding. Decays are exp of segment sums summed
+  directly (masked cumsum) or exp of in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided
+  out later, so large dt and strongly negative A cannot overflow.
+All recurrences, norms and residuals run in float32; in an fp16 export only the MatMul/Gather
+weights are float16 (activations are cast around them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..config import MambaConfig
+
+INT64_MAX = np.iinfo(np.int64).max
+NP_TO_ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16,
+              np.dtype("int64"): TensorProto.INT64}
+# names of the graph's interface (the manifest repeats them with shapes and roles)
+IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "logits"
+PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
+
+
+class Builder:
+    """Collects nodes / initializers; names are unique across the graph and its subgraphs."""
+
+    def __init__(self, opset: int, counter=None):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._counter = counter if counter is not None else [0]
+        self._consts: dict = {}
+
+    def _name(self, hint: str) -> str:
+        self._counter[0] += 1
+        return f"{hint}_{self._counter[0]}"
+
+    def op(self, op_type: str, *inputs, n_out: int = 1, **attrs):
+        outs = [self._name(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._name("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self._name("const"), arr)
+        return self._consts[key]
+
+    # ---- small compositions ----------------------------------------------------------------
+    def reduce(self, op_type: str, x: str, axes, keepdims=1) -> str:
+        """ReduceSum takes axes as an input since opset 13, ReduceMean only since 18."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, x, self.const(axes), keepdims=keepdims)
+        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def rms(self, x: str, eps: float, weight: str | None = None) -> str:
+        """x * rsqrt(mean(x^2) + eps) over the last axis, float32."""
+        ms = self.reduce("ReduceMean", self.op("Mul", x, x), [-1])
+        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", ms, self.const([eps], np.float32))))
+        y = self.op("Mul", x, inv)
+        return y if weight is None else self.op("Mul", y, weight)
+
+    def dim(self, shape: str, i: int) -> str:
+        """Element i of a shape tensor, as a 1-element int64 tensor."""
+        return self.op("Slice", shape, self.const([i]), self.const([i + 1 if i != -1 else INT64_MAX]))
+
+    def cat(self, *parts) -> str:
+        return self.op("Concat", *parts, axis=0)
+
+
+class MambaGraph:
+    """Turns a MambaConfig + state dict into the ONNX ModelProto described in the module doc."""
+
+    def __init__(self, cfg: MambaConfig, weights: dict, wdtype=np.float32, opset: int = 17):
+        self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
+        self.g = Builder(opset)
+
+    # ---- weights ---------------------------------------------------------------------------
+    def _np(self, key: str, dtype=np.float32) -> np.ndarray:
+        return self.w[key].detach().float().cpu().numpy().astype(dtype)
+
+    def param(self, key: str, shape=None) -> str:
+        """A float32 parameter (norm weights, biases, A, D, conv)."""
+        a = self._np(key)
+        return self.g.init(key, a if shape is None else a.reshape(shape))
+
+    def linear(self, x: str, key: str, bias_key: str | None = None) -> str:
+        """x @ W^T as MatMul against the initializer `key` stored [in, out]."""
+        w = self.g.init(key, self._np(key, self.wdtype).T)
+        if self.wdtype == np.float16:
+            y = self.g.op("Cast", self.g.op("MatMul", self.g.op("Cast", x, to=TensorProto.FLOAT16), w),
+                          to=TensorProto.FLOAT)
+        else:
+            y = self.g.op("MatMul", x, w)
+        if bias_key is not None and bias_key in self.w:
+            y = self.g.op("Add", y, self.param(bias_key))
+        return y
+
+    # ---- interface -------------------------------------------------------------------------
+    def build(self, name="mamba") -> onnx.ModelProto:
+        cfg, g = self.cfg, self.g
+        self.shape_ids = g.op("Shape", IDS)
+        self.L = g.dim(self.shape_ids, 1)  # (1,) int64
+        mask = g.op("Unsqueeze", g.op("Cast", MASK, to=TensorProto.FLOAT), g.const([-1]))  # (b|1, l|1, 1)
+        h = self._embed()
+        if cfg.arch == "mamba2":
+            self._ssd_shapes()
+        for i in range(cfg.n_layer):
+            p = f"backbone.layers.{i}."
+            xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
+            mix = self._mamba1 if cfg.arch == "mamba1" else self._mamba2
+            y = mix(xn, mask, p + "mixer.", i)
+            h = g.op("Add", h, y)
+        logits = self._head(h)
+        g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits_out"))
+        graph = helper.make_graph(g.nodes, name, self._inputs(), self._outputs(), g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="mamba-deploy")
+        model.ir_version = min(model.ir_version, _ir_for_opset(self.opset))
+        return model
+
+    def _inputs(self):
+        cfg = self.cfg
+        ins = [helper.make_tensor_value_info(IDS, TensorProto.INT64, ["batch", "seq"]),
+               helper.make_tensor_value_info(MASK, TensorProto.INT64, ["mask_batch", "mask_seq"]),
+               helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1])]
+        for i in range(cfg.n_layer):
+            ins.append(helper.make_tensor_value_info(PAST_CONV.format(i), TensorProto.FLOAT,
+                                                     ["batch", *cfg.conv_state_shape]))
+            ins.append(helper.make_tensor_value_info(PAST_SSM.format(i), TensorProto.FLOAT,
+                                                     ["batch", *cfg.ssm_state_shape]))
+        return ins
+
+    def _outputs(self):
+        cfg = self.cfg
+        outs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "logits_seq", cfg.padded_vocab_size])]
+        for i in range(cfg.n_layer):
+            outs.append(helper.make_tensor_value_info(PRESENT_CONV.format(i), TensorProto.FLOAT,
+                                                      ["batch", *cfg.conv_state_shape]))
+            outs.append(helper.make_tensor_value_info(PRESENT_SSM.format(i), TensorProto.FLOAT,
+                                                      ["batch", *cfg.ssm_state_shape]))
+        return outs
+
+    def _embed(self) -> str:
+        """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
+        embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
+        cfg, g = self.cfg, self.g
+        # optional inputs: an initializer of the same name is the default when not fed
+        g.init(MASK, np.ones((1, 1), np.int64))
+        g.init(KEEP, np.zeros((1,), np.int64))
+        emb = self.w["backbone.embeddings.weight"]
+        if cfg.tie_embeddings:
+            self.head_w = g.init("lm_head.weight", emb.detach().float().numpy().astype(self.wdtype).T)
+            h = g.op("Transpose", g.op("Gather", self.head_w, IDS, axis=1), perm=[1, 2, 0])  # (b, l, D)
+        else:
+            e = g.init("backbone.embeddings.weight", self._np("backbone.embeddings.weight", self.wdtype))
+            self.head_w = g.init("lm_head.weight", self._np("lm_head.weight", self.wdtype).T)
+            h = g.op("Gather", e, IDS, axis=0)
+        return g.op("Cast", h, to=TensorProto.FLOAT) if self.wdtype == np.float16 else h
+
+    def _head(self, h: str) -> str:
+        """Optionally keep only the last `num_logits_to_keep` positions (0 = all)."""
+        g = self.g
+        keep = g.op("Greater", KEEP, g.const([0]))
+        start = g.op("Where", keep, g.op("Max", g.op("Sub", self.L, KEEP), g.const([0])), g.const([0]))
+        h = g.op("Slice", h, start, g.const([INT64_MAX]), g.const([1]))
+        h = g.rms(h, self.cfg.rms_norm_eps, self.param("backbone.norm_f.weight"))
+        if self.wdtype == np.float16:
+            h = g.op("Cast", h, to=TensorProto.FLOAT16)
+            return g.op("Cast", g.op("MatMul", h, self.head_w), to=TensorProto.FLOAT)
+        return g.op("MatMul", h, self.head_w)
+
+    # ---- shared pieces -----------------------------------------------------------------------
+    def _conv(self, x: str, mask: str, p: str, i: int, channels: int) -> str:
+        """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c)."""
+        g, k = self.g, self.cfg.d_conv
+        x = g.op("Mul", x, mask)
+        xt = g.op("Concat", PAST_CONV.format(i), g.op("Transpose", x, perm=[0, 2, 1]), axis=2)  # (b, c, k-1+l)
+        self.g.nodes.append(helper.make_node(
+            "Slice", [xt, g.const([-(k - 1)]), g.const([INT64_MAX]), g.const([2])], [PRESENT_CONV.format(i)],
+            name=f"present_conv_{i}"))
+        w = self.param(p + "conv1d.weight", (channels, 1, k))
+        ins = [xt, w] + ([self.param(p + "conv1d.bias")] if p + "conv1d.bias" in self.w else [])
+        y = g.op("Transpose", g.op("Conv", *ins, group=channels, kernel_shape=[k]), perm=[0, 2, 1])
+        return g.op("Mul", g.silu(y), mask)
+
+    def _name_output(self, value: str, name: str):
+        self.g.nodes.append(helper.make_node("Identity", [value], [name], name=name + "_out"))
+
+    # ---- Mamba1 ---------------------------------------------------------------------------------
+    def _mamba1(self, xn: str, mask: str, p: str, i: int) -> str:
+        cfg, g = self.cfg, self.g
+        d, n, r = cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
+        x, z = g.op("Split", self.linear(xn, p + "in_proj.weight", p + "in_proj.bias"), g.const([d, d]),
+                    axis=2, n_out=2)  # (b, l, d) each
+        x = self._conv(x, mask, p, i, d)
+        dt, B, C = g.op("Split", self.linear(x, p + "x_proj.weight"), g.const([r, n, n]), axis=2, n_out=3)
+        if cfg.dt_bc_rms:
+            dt, B, C = (g.rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+        dt = g.op("Softplus", g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))
+        A = -np.exp(self._np(p + "A_log")).T  # (n, d): the scan runs in the (b, n, d) layout
+        h0 = g.op("Transpose", PAST_SSM.format(i), perm=[0, 2, 1])  # (b, n, d)
+        h_last, ys = g.op("Scan", h0,
+                          g.op("Unsqueeze", dt, g.const([2])),  # (b, l, 1, d)
+                          g.op("Unsqueeze", g.op("Mul", dt, x), g.const([2])),  # (b, l, 1, d)
+                          g.op("Unsqueeze", B, g.const([3])),  # (b, l, n, 1)
+                          g.op("Unsqueeze", C, g.const([2])),  # (b, l, 1, n)
+                          n_out=2, body=self._scan_body(g.init(p + "A", A)), num_scan_inputs=4,
+                          scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
+        g.nodes.append(helper.make_node("Transpose", [h_last], [PRESENT_SSM.format(i)], perm=[0, 2, 1],
+                                        name=f"present_ssm_{i}"))
+        y = g.op("Squeeze", ys, g.const([2]))  # (b, l, d)
+        y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))
+        y = g.op("Mul", y, g.silu(z))
+        return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
+
+    def _scan_body(self, A: str) -> onnx.GraphProto:
+        """One time step: h = h * exp(dt A) + (dt x) B ; y = C h. Shapes (b, n, d) / (b, 1, d)."""
+        sb = Builder(self.opset, self.g._counter)
+        names = {k: sb._name(k) for k in ("h", "dt", "dtx", "B", "C")}
+        dA = sb.op("Exp", sb.op("Mul", names["dt"], A))  # (b, n, d)
+        h = sb.op("Add", sb.op("Mul", names["h"], dA), sb.op("Mul", names["dtx"], names["B"]))
+        y = sb.op("MatMul", names["C"], h)  # (b, 1, n) @ (b, n, d) -> (b, 1, d)
+        f = TensorProto.FLOAT
+        ins = [helper.make_tensor_value_info(names[k], f, [f"{names[k]}_{j}" for j in range(3)]) for k in names]
+        outs = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(3)]) for v in (h, y)]
+        return helper.make_graph(sb.nodes, sb._name("scan_body"), ins, outs, sb.inits)
+
+    # ---- Mamba2 ---------------------------------------------------------------------------------
+    def _ssd_shapes(self):
+        """Shape arithmetic shared by all layers: chunk length Q = min(chunk_size, l), chunks c."""
+        cfg, g = self.cfg, self.g
+        self.Q = g.op("Min", self.L, g.const([cfg.chunk_size]))
+        self.c = g.op("Div", g.op("Sub", g.op("Add", self.L, self.Q), g.const([1])), self.Q)
+        self.pad = g.op("Sub", g.op("Mul", self.c, self.Q), self.L)
+        self.time_pads = {rank: g.cat(g.const([0] * (rank + 1)), self.pad, g.const([0] * (rank - 2)))
+                          for rank in (3, 4)}  # pad the end of axis 1 of a rank-3/4 tensor
+
+    def _mamba2(self, xn: str, mask: str, p: str, i: int) -> str:
+        cfg, g = self.cfg, self.g
+        d, h, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        z, xBC, dt = g.op("Split", self.linear(xn, p + "in_proj.weight", p + "in_proj.bias"),
+                          g.const([d, cfg.conv_dim, h]), axis=2, n_out=3)
+        xBC = self._conv(xBC, mask, p, i, cfg.conv_dim)
+        dt = g.op("Softplus", g.op("Add", dt, self.param(p + "dt_bias")))  # (b, l, h)
+        lo, hi = cfg.dt_limit
+        if lo > 0.0 or hi != float("inf"):
+            dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
+        x, B, C = g.op("Split", xBC, g.const([d, G * N, G * N]), axis=2, n_out=3)
+        x4 = g.op("Reshape", x, g.const([0, 0, h, P]))  # (b, l, h, p)
+        y = self._ssd(x4, dt, B, C, p, i)  # (b, l, h, p)
+        y = g.op("Add", y, g.op("Mul", x4, self.param(p + "D", (h, 1))))
+        y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), g.silu(z))  # (b, l, d)
+        if cfg.rmsnorm:
+            y = g.rms(g.op("Reshape", y, g.const([0, 0, G, d // G])), cfg.rms_norm_eps)
+            y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), self.param(p + "norm.weight"))
+        return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
+
+    def _segsum_exp(self, a: str) -> str:
+        """a (..., T) -> exp(segsum) (..., T, T): [i, j] = exp(sum_{k=j+1..i} a_k) for j <= i, else 0.
+        Summed directly as a masked cumsum, never as a difference of cumsums."""
+        g = self.g
+        T = g.dim(g.op("Shape", a), -1)
+        xr = g.op("Expand", g.op("Unsqueeze", a, g.const([-1])), g.cat(g.op("Shape", a), T))  # [.., i, j] = a_i
+        ones = g.op("ConstantOfShape", g.cat(T, T), value=numpy_helper.from_array(np.ones(1, np.float32)))
+        strict = g.op("Trilu", ones, g.const(-1), upper=0)
+        seg = g.op("CumSum", g.op("Mul", xr, strict), g.const(-2))
+        return g.op("Mul", g.op("Exp", seg), g.op("Trilu", ones, upper=0))
+
+    def _ssd(self, x4: str, dt: str, B: str, C: str, p: str, i: int) -> str:
+        """Chunked SSD from past_ssm.i. x4 (b, l, h, p); dt (b, l, h); B, C (b, l, g*n)."""
+        cfg, g = self.cfg, self.g
+        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        R = H // G
+        Q, c = self.Q, self.c
+        dtp = g.op("Pad", dt, self.time_pads[3])  # dt = 0 in the tail: no decay, no input
+        X = g.op("Pad", g.op("Mul", x4, g.op("Unsqueeze", dt, g.const([-1]))), self.time_pads[4])
+        X = g.op("Transpose", g.op("Reshape", X, g.cat(g.const([0, -1]), Q, g.const([G, R, P]))),
+                 perm=[0, 1, 3, 4, 2, 5])  # (b, c, g, r, Q, p)
+        Bc, Cc = (g.op("Transpose", g.op("Reshape", g.op("Pad", t, self.time_pads[3]),
+                                         g.cat(g.const([0, -1]), Q, g.const([G, N]))),
+                       perm=[0, 1, 3, 2, 4]) for t in (B, C))  # (b, c, g, Q, n)
+        A = g.init(p + "A", -np.exp(self._np(p + "A_log")))  # (h,)
+        Adt = g.op("Transpose", g.op("Reshape", g.op("Mul", dtp, A), g.cat(g.const([0, -1]), Q, g.const([H]))),
+                   perm=[0, 1, 3, 2])  # (b, c, h, Q)
+        six = g.cat(g.const([0, 0, G, R]), Q)  # reshape (b, c, h, Q[, Q]) -> (b, c, g, r, Q[, Q])
+
+        # 1. inside each chunk: y_diag = (C B^T * L) X
+        Lm = g.op("Reshape", self._segsum_exp(Adt), g.cat(six, Q))  # (b, c, g, r, Q, Q)
+        CB = g.op("Unsqueeze", g.op("MatMul", Cc, g.op("Transpose", Bc, perm=[0, 1, 2, 4, 3])), g.const([3]))
+        y = g.op("MatMul", g.op("Mul", CB, Lm), X)  # (b, c, g, r, Q, p)
+
+        # 2. each chunk's final state from zero: decay to the chunk end is an exclusive reverse cumsum
+        to_end = g.op("Exp", g.op("CumSum", Adt, g.const(-1), exclusive=1, reverse=1))
+        Xd = g.op("Mul", X, g.op("Reshape", to_end, g.cat(six, g.const([1]))))
+        states = g.op("MatMul", g.op("Transpose", Xd, perm=[0, 1, 2, 3, 5, 4]),
+                      g.op("Unsqueeze", Bc, g.const([3])))  # (b, c, g, r, p, n)
+        states = g.op("Reshape", states, g.const([0, 0, H, P, N]))
+
+        # 3. carry states across chunks from past_ssm.i
+        csum = g.op("Transpose", g.reduce("ReduceSum", Adt, [-1], keepdims=0), perm=[0, 2, 1])  # (b, h, c)
+        decay = self._segsum_exp(g.op("Pad", csum, g.const([0, 0, 1, 0, 0, 0])))  # (b, h, c+1, c+1)
+        allst = g.op("Concat", g.op("Unsqueeze", PAST_SSM.format(i), g.const([1])), states, axis=1)
+        allst = g.op("Reshape", g.op("Transpose", allst, perm=[0, 2, 1, 3, 4]), g.const([0, 0, -1, P * N]))
+        new = g.op("MatMul", decay, allst)  # (b, h, c+1, p*n)
+        last = g.op("Slice", new, g.const([-1]), g.const([INT64_MAX]), g.const([2]))
+        g.nodes.append(helper.make_node("Reshape", [last, g.const([0, H, P, N])], [PRESENT_SSM.format(i)],
+                                        name=f"present_ssm_{i}"))
+        starts = g.op("Slice", new, g.const([0]), g.const([-1]), g.const([2]))  # (b, h, c, p*n)
+        starts = g.op("Transpose", g.op("Reshape", starts, g.const([0, 0, 0, P, N])), perm=[0, 2, 1, 4, 3])
+        starts = g.op("Reshape", starts, g.const([0, 0, G, R, N, P]))  # (b, c, g, r, n, p)
+
+        # 4. chunk-start states -> outputs, decayed by exp(inclusive cumsum) <= 1
+        from_start = g.op("Reshape", g.op("Exp", g.op("CumSum", Adt, g.const(-1))), g.cat(six, g.const([1])))
+        y_off = g.op("Mul", g.op("MatMul", g.op("Unsqueeze", Cc, g.const([3])), starts), from_start)
+        y = g.op("Transpose", g.op("Add", y, y_off), perm=[0, 1, 4, 2, 3, 5])  # (b, c, Q, g, r, p)
+        y = g.op("Reshape", y, g.const([0, -1, H, P]))
+        return g.op("Slice", y, g.const([0]), self.L, g.const([1]))  # drop the padded tail
+
+
+def _ir_for_opset(opset: int) -> int:
+    """Lowest IR version that carries `opset`, so older runtimes can load the file."""
+    for ir, op in ((7, 12), (7, 13), (8, 14), (8, 15), (8, 16), (8, 17), (8, 18), (9, 19), (9, 20), (10, 21)):
+        if opset <= op:
+            return ir
+    return onnx.IR_VERSION

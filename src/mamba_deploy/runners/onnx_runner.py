@@ -1,0 +1,214 @@
+"""The ONNX Runtime backend: an exported folder (model.onnx + manifest.json) behind the Runner
+interface. CPU execution provider, or CUDA when onnxruntime-gpu offers it.
+
+The state lives in two preallocated buffer sets per sequence batch (ping-pong): a call binds
+one set as `past_*` and the other as `present_*` through IO binding, then swaps, so decoding
+allocates nothing per token and (on CUDA) the state never leaves the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import MambaConfig
+from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
+from ..state import State
+from .base import Runner
+
+PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
+
+
+class OnnxState:
+    """Per-layer conv/ssm OrtValues, two sets; `cur` indexes the set holding the live state."""
+
+    def __init__(self, bufs, arrays, batch: int):
+        self.bufs, self.arrays, self.batch, self.cur = bufs, arrays, batch, 0
+        self.logits = None  # (b, 1, V) preallocated for decode
+
+
+class OnnxRunner(Runner):
+    name = "onnx"
+
+    def __init__(self, folder: Path, manifest: dict, session):
+        self.folder, self.manifest, self.session = folder, manifest, session
+        self.config = MambaConfig.from_own_dict(manifest["config"])
+        self.source_path = folder
+        self.device = PROVIDER_DEVICE.get(session.get_providers()[0], "cpu")
+        self.inputs = {d["name"]: d for d in manifest["inputs"]}
+        self.outputs = {d["name"]: d for d in manifest["outputs"]}
+        self.n_layer = self.config.n_layer
+        self.vocab = manifest["outputs"][0]["shape"][-1]
+
+    # ---- state -------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> OnnxState:
+        from onnxruntime import OrtValue
+
+        cfg = self.config
+        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
+        arrays = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]  # keep numpy alive (CPU)
+        bufs = [[OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in group] for group in arrays]
+        st = OnnxState(bufs, arrays, batch)
+        st.logits = OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, self.device, 0)
+        return st
+
+    def to_torch_state(self, state: OnnxState) -> State:
+        live = state.bufs[state.cur]
+        return State(torch.from_numpy(np.stack([v.numpy() for v in live[0::2]])),
+                     torch.from_numpy(np.stack([v.numpy() for v in live[1::2]])))
+
+    def _state_names(self, prefix_conv, prefix_ssm):
+        return [n for i in range(self.n_layer) for n in (f"{prefix_conv}.{i}", f"{prefix_ssm}.{i}")]
+
+    # ---- running -------------------------------------------------------------------------------
+    def _run(self, ids: np.ndarray, state: OnnxState, mask=None, keep: int = 0, decode=False):
+        if not isinstance(state, OnnxState):
+            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        if ids.shape[0] != state.batch:
+            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
+                             "create it with runner.new_state(batch)")
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        if mask is not None:
+            io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        if keep:
+            io.bind_cpu_input("num_logits_to_keep", np.array([keep], np.int64))
+        if decode:
+            io.bind_ortvalue_output("logits", state.logits)
+        else:
+            io.bind_output("logits", self.device)  # first bound output: get_outputs()[0]
+        src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
+        for name, v in zip(self._state_names("past_conv", "past_ssm"), src):
+            io.bind_ortvalue_input(name, v)
+        for name, v in zip(self._state_names("present_conv", "present_ssm"), dst):
+            io.bind_ortvalue_output(name, v)
+        self.session.run_with_iobinding(io)
+        state.cur = 1 - state.cur
+        logits = state.logits if decode else io.get_outputs()[0]
+        return torch.from_numpy(logits.numpy())
+
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        ids = _ids(ids, 2)
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
+        if ids.shape[1] == 0:
+            raise ShapeError("input_ids has length 0; give at least one token")
+        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        decode = ids.shape[1] == 1 or last_only
+        logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)
+        return logits.clone() if decode else logits, state
+
+    def step(self, ids, state):
+        ids = _ids(ids, 1)
+        return self._run(ids[:, None], state, decode=True)[:, 0].clone(), state
+
+    def run(self, feeds: dict) -> dict:
+        """Plain session run on numpy feeds, checked against the manifest: missing inputs and
+        wrong shapes raise ShapeError naming the input."""
+        check_feeds(self.manifest, self.config, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _ids(ids, ndim) -> np.ndarray:
+    arr = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.integer):
+        want = "(batch, seq)" if ndim == 2 else "(batch,)"
+        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {arr.dtype} {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
+    dims: dict[str, int] = {}
+    for spec in manifest["inputs"]:
+        name = spec["name"]
+        if name not in feeds:
+            if spec.get("optional"):
+                continue
+            raise ShapeError(f"missing input {name!r}; the graph needs {[s['name'] for s in manifest['inputs'] if not s.get('optional')]}")
+        shape = np.shape(feeds[name])
+        want = spec["shape"]
+        ok = len(shape) == len(want)
+        for got, w in zip(shape, want):
+            if isinstance(w, str):
+                ok &= dims.setdefault(w, got) == got
+            else:
+                ok &= got == w
+        if not ok:
+            raise ShapeError(f"input {name!r} has shape {tuple(shape)}, expected {want} "
+                             f"(with {dims}); make states with runner.new_state(batch)")
+    unknown = sorted(set(feeds) - {s["name"] for s in manifest["inputs"]})
+    if unknown:
+        raise ShapeError(f"unknown inputs {unknown}; the graph takes {[s['name'] for s in manifest['inputs']]}")
+
+
+def check_session(manifest: dict, session, folder: Path) -> None:
+    """The graph's declared inputs/outputs must equal the manifest's (names and static dims)."""
+    # optional inputs have a default initializer; ORT lists those apart from the required ones
+    inputs = list(session.get_inputs()) + list(session.get_overridable_initializers())
+    for kind, declared in (("inputs", inputs), ("outputs", session.get_outputs())):
+        want = {d["name"]: d["shape"] for d in manifest[kind]}
+        got = {v.name: v.shape for v in declared}
+        if set(want) != set(got):
+            raise ExportError(f"{folder}/model.onnx does not match manifest.json: {kind} differ "
+                              f"(graph only: {sorted(set(got) - set(want))}, manifest only: "
+                              f"{sorted(set(want) - set(got))}); re-export the model")
+        for name, shape in want.items():
+            g = got[name]
+            if len(g) != len(shape) or any(isinstance(w, int) and w != v for w, v in zip(shape, g)):
+                raise ExportError(f"{folder}/model.onnx: {kind[:-1]} {name!r} has shape {g} but manifest.json "
+                                  f"says {shape}; re-export the model")
+
+
+def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
+    from ..export.onnx import _sha256
+
+    for name, info in manifest.get("files", {}).items():
+        p = folder / name
+        if not p.exists():
+            raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")
+        if p.stat().st_size != info["bytes"] or ((check_hash or name == "model.onnx") and _sha256(p) != info["sha256"]):
+            raise ExportError(f"{p} does not match manifest.json (size or sha256 differ): the file was "
+                              "modified or truncated; re-export the model")
+
+
+def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False, **_) -> OnnxRunner:
+    """path: an export folder or its model.onnx. providers: ORT provider names (default CUDA if
+    available, else CPU). threads: intra-op threads (default: ORT's choice)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError("the onnx backend needs onnxruntime: pip install onnxruntime") from e
+    from ..export.onnx import read_manifest
+
+    folder = Path(path)
+    if folder.suffix == ".onnx":
+        folder = folder.parent
+    if not (folder / "model.onnx").exists():
+        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
+    manifest = read_manifest(folder)
+    _check_files(manifest, folder, check_hash)
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available here (have {available})")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # the optional inputs' defaults are initializers; ORT warns about that
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers)
+    except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
+        raise ExportError(f"ONNX Runtime cannot load {folder / 'model.onnx'}: {e}; re-export the model") from e
+    check_session(manifest, session, folder)
+    return OnnxRunner(folder, manifest, session)

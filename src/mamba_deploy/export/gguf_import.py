@@ -42,7 +42,12 @@ def field(reader, key: str, default=_MISSING):
             raise ConfigError(f"GGUF file lacks metadata key {key!r}; it was not written for llama.cpp's "
                               "mamba/mamba2 architecture, re-export it with mamba-deploy export gguf")
         return default
-    return f.contents()
+    value = f.contents()
+    if isinstance(value, float):  # stored as float32: back to the shortest decimal (1e-5, not 9.99e-6)
+        value = float(str(np.float32(value)))
+    elif isinstance(value, list) and value and isinstance(value[0], float):
+        value = [float(str(np.float32(v))) for v in value]
+    return value
 
 
 def read_config(reader, tensor_shapes: dict) -> MambaConfig:
@@ -79,6 +84,7 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
         kw[attr] = own[attr] if own[attr] is not None else field(reader, SPECIAL_KEYS[kind], None)
     if arch == "mamba1":
         kw.update(dt_rank=int(v["time_step_rank"]), dt_bc_rms=bool(v["dt_bc_rms"]),
+                  hf_model_type="falcon_mamba" if v["dt_bc_rms"] else "mamba",
                   # llama.cpp normalises dt/B/C with the layer eps; files from elsewhere get that
                   mixer_rms_eps=float(own["mixer_rms_eps"] if own["mixer_rms_eps"] is not None else v["rms_norm_eps"]))
     else:
@@ -86,7 +92,7 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
         if nheads <= 0 or d_inner % nheads:
             raise ConfigError(f"GGUF mamba2 ssm.time_step_rank (head count) {nheads} does not divide "
                               f"ssm.inner_size {d_inner}; the file's metadata is inconsistent, re-export it")
-        kw.update(headdim=d_inner // nheads, ngroups=int(v["ngroups"]),
+        kw.update(headdim=d_inner // nheads, ngroups=int(v["ngroups"]), hf_model_type="mamba2",
                   chunk_size=int(own["chunk_size"] or 256))
         if own["dt_limit"] is not None:
             kw["dt_limit"] = tuple(float(x) for x in own["dt_limit"])

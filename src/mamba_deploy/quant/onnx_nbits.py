@@ -1,0 +1,170 @@
+"""Quantized ONNX: export the dequantized float graph with `export_onnx`, then rewrite each
+`MatMul(x, W)` whose initializer W belongs to an int8 / int4 weight-only module into ONNX
+Runtime's `com.microsoft::MatMulNBits` carrying the *same* codes and scales as the PyTorch
+quantized model (so the two agree up to float rounding). This is the one non-standard op the
+project allows, and it lives only in this separate quantized graph.
+
+MatMulNBits layout (ORT contrib op): B uint8 [N, K/block, block*bits/8], codes unsigned,
+low nibble first; scales float [N * K/block]; zero_points uint8 packed [N, ceil(K/block*bits/8)]
+(default 2^(bits-1) when absent); weight = (code - zero) * scale.
+Formats not expressible this way (w8a8, fp8, fp16) keep a float MatMul with dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ExportError, QuantizationError
+from .formats import unpack_int4
+
+NBITS_FORMATS = {"int8": 8, "int4": 4}
+MIN_BLOCK = 16  # MatMulNBits needs a power-of-two block of at least 16
+ACCURACY_LEVEL = 4  # let ORT's CPU kernel quantize activations to int8 (its fast path); 0 = fp32
+
+
+def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
+                          accuracy_level: int = ACCURACY_LEVEL) -> Path:
+    """A quantized model (or checkpoint folder) -> ONNX folder with MatMulNBits layers."""
+    from ..checkpoint import load_model
+    from ..export.onnx import export_onnx
+
+    qmodel = qmodel_or_path if isinstance(qmodel_or_path, torch.nn.Module) else load_model(qmodel_or_path)
+    qc = getattr(qmodel, "quantization_config", None)
+    if not qc:
+        raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
+    out = Path(out_dir)
+    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        folder = export_onnx(_dequantized_copy(qmodel), tmp_parent / "onnx", validate=validate)
+        report = rewrite(folder / "model.onnx", qmodel, accuracy_level)
+        _update_manifest(folder, qc, report)
+        if out.exists():
+            if any(out.iterdir()):
+                raise ExportError(f"output folder {out} exists and is not empty; choose a new path or delete it")
+            out.rmdir()
+        folder.rename(out)
+    finally:
+        shutil.rmtree(tmp_parent, ignore_errors=True)
+    return out
+
+
+def _dequantized_copy(qmodel):
+    """A float MambaLM with every quantized weight replaced by its dequantized value."""
+    from ..model import MambaLM
+
+    fp = MambaLM(qmodel.config)
+    sd = {}
+    for name, mod in qmodel.named_modules():
+        if hasattr(mod, "fmt"):
+            w = mod.weight.float()
+            if getattr(mod, "input_scale", None) is not None:
+                w = w * mod.input_scale.float()  # y = (x * s) W^T = x (W diag(s))^T
+            sd[name + ".weight"] = w
+    for k, v in qmodel.state_dict().items():
+        if k.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros", "input_scale"):
+            continue
+        sd[k] = v.float()
+    fp.load_state_dict(sd, strict=False)
+    fp.source_path = getattr(qmodel, "source_path", None)
+    return fp.eval()
+
+
+def nbits_tensors(mod) -> dict | None:
+    """QuantLinear -> MatMulNBits inputs/attributes, or None when the format cannot be expressed."""
+    bits = NBITS_FORMATS.get(mod.fmt)
+    block = mod.group_size
+    if bits is None or block < MIN_BLOCK or block & (block - 1):
+        return None
+    N, K = mod.out_features, mod.in_features
+    nb = K // block
+    scales = mod.scales.float().reshape(N * nb).numpy()
+    if bits == 8:  # signed per-channel codes -> unsigned with the default zero point 128
+        B = (mod.qweight.to(torch.int32) + 128).to(torch.uint8).reshape(N, nb, block).numpy()
+        return dict(B=B, scales=scales, zp=None, bits=8, block=block, K=K, N=N)
+    if mod.symmetric:  # signed nibbles -> unsigned with the default zero point 8
+        codes = unpack_int4(mod.qweight, True) + 8
+        packed = ((codes[:, 0::2]) | (codes[:, 1::2] << 4)).to(torch.uint8)
+        zp = None
+    else:
+        packed = mod.qweight
+        z = mod.zeros.to(torch.int32)  # (N, nb)
+        if nb % 2:
+            z = torch.cat([z, torch.zeros(N, 1, dtype=torch.int32)], 1)
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).to(torch.uint8).reshape(-1).numpy()
+    B = packed.reshape(N, nb, block // 2).numpy()
+    return dict(B=B, scales=scales, zp=zp, bits=4, block=block, K=K, N=N)
+
+
+def rewrite(onnx_path: Path, qmodel, accuracy_level: int = ACCURACY_LEVEL) -> dict:
+    """In place: MatMul(x, '<module>.weight') -> [Mul(x, input_scale)] -> MatMulNBits. Returns
+    {'rewritten': [...], 'kept_float': {module: reason}}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    report = {"rewritten": [], "kept_float": {}}
+    new_nodes = []
+    for node in g.node:
+        key = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        mod_name = key[: -len(".weight")] if key and key.endswith(".weight") and key in inits else None
+        spec = qmodel.quantization_config["modules"].get(mod_name) if mod_name else None
+        if spec is None:
+            new_nodes.append(node)
+            continue
+        t = nbits_tensors(qmodel.get_submodule(mod_name))
+        if t is None:
+            report["kept_float"][mod_name] = f"format {spec['format']} / group {spec.get('group_size')} has no MatMulNBits form"
+            new_nodes.append(node)
+            continue
+        x = node.input[0]
+        mod = qmodel.get_submodule(mod_name)
+        if getattr(mod, "input_scale", None) is not None:
+            s_name = mod_name + ".input_scale"
+            g.initializer.append(numpy_helper.from_array(mod.input_scale.float().numpy(), s_name))
+            new_nodes.append(helper.make_node("Mul", [x, s_name], [x + "_scaled_" + mod_name], name=f"{mod_name}.scale"))
+            x = x + "_scaled_" + mod_name
+        ins = [x, mod_name + ".qweight", mod_name + ".scales"]
+        g.initializer.append(numpy_helper.from_array(t["B"], ins[1]))
+        g.initializer.append(numpy_helper.from_array(t["scales"], ins[2]))
+        if t["zp"] is not None:
+            ins.append(mod_name + ".zeros")
+            g.initializer.append(numpy_helper.from_array(t["zp"], ins[3]))
+        new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{mod_name}.nbits",
+                                          domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
+                                          block_size=t["block"], accuracy_level=accuracy_level))
+        consumers[key] -= 1
+        if consumers[key] == 0:
+            g.initializer.remove(inits[key])
+        report["rewritten"].append(mod_name)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    tmp = onnx_path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(onnx_path)
+    return report
+
+
+def _update_manifest(folder: Path, qc: dict, report: dict) -> None:
+    from ..export.onnx import _sha256
+
+    m = json.loads((folder / "manifest.json").read_text())
+    m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                  for p in sorted(folder.iterdir()) if p.name.startswith("model.onnx")}
+    m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", **report}
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(m, indent=2))
+    tmp.replace(folder / "manifest.json")

@@ -1,0 +1,89 @@
+"""A quantized recurrent-state cache: the ssm_state kept between calls in int8 (one scale per
+state row of d_state values) or fp16, instead of float32. The conv state (tiny) stays in the
+model dtype. Computation inside a call is unchanged (float32 recurrences); the state is rounded
+once per call, which is what a serving cache holding many sequences would do.
+
+`QuantizedStateRunner(model, "int8")` is a Runner, so perplexity / generate / verify can
+measure its quality impact directly (see benchmarks/quant.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import QuantizationError
+from ..runners.base import Runner
+from ..state import State
+
+STATE_DTYPES = {"int8": torch.int8, "fp16": torch.float16}
+
+
+@dataclass
+class QuantState:
+    conv: torch.Tensor  # (n_layer, b, conv_dim, k-1) model dtype
+    ssm: torch.Tensor  # (n_layer, b, *ssm_shape) int8 codes or fp16
+    scales: torch.Tensor | None  # (n_layer, b, *ssm_shape[:-1], 1) fp16, int8 only
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm, self.scales) if t is not None)
+
+
+def encode_ssm(h: torch.Tensor, kind: str):
+    """h (..., d_state) float -> (stored, scales or None)."""
+    if kind == "fp16":
+        return h.to(torch.float16), None
+    scales = (h.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-12).to(torch.float16)
+    q = torch.round(h.float() / scales.float()).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def decode_ssm(q: torch.Tensor, scales, dtype=torch.float32) -> torch.Tensor:
+    return q.to(dtype) if scales is None else q.to(dtype) * scales.to(dtype)
+
+
+class QuantizedStateRunner(Runner):
+    """Wraps a MambaLM (quantized weights or not); its state object is a QuantState."""
+
+    def __init__(self, model, kind: str = "int8"):
+        if kind not in STATE_DTYPES:
+            raise QuantizationError(f"state cache dtype {kind!r} unknown; choose one of {sorted(STATE_DTYPES)}")
+        self.model, self.kind = model.eval(), kind
+        self.config = model.config
+        self.source_path = getattr(model, "source_path", None)
+        self.name = f"torch+{kind}-state"
+
+    def new_state(self, batch: int) -> QuantState:
+        st = self.model.new_state(batch)
+        q, s = encode_ssm(st.ssm, self.kind)
+        return QuantState(st.conv, q, s)
+
+    def _unpack(self, qs: QuantState) -> State:
+        return State(qs.conv, decode_ssm(qs.ssm, qs.scales, torch.float32).to(self.model.new_state(0).ssm.dtype))
+
+    def _pack(self, st: State, qs: QuantState) -> QuantState:
+        q, s = encode_ssm(st.ssm, self.kind)
+        qs.conv.copy_(st.conv)
+        qs.ssm.copy_(q)
+        if s is not None:
+            qs.scales.copy_(s)
+        return qs
+
+    @torch.inference_mode()
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        st = self._unpack(state)
+        dev = self.model.device
+        mask = None if attention_mask is None else attention_mask.to(dev)
+        out = self.model(ids.to(dev), st, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
+        return out.logits.cpu(), self._pack(out.state, state)
+
+    @torch.inference_mode()
+    def step(self, ids, state):
+        st = self._unpack(state)
+        logits = self.model.step(ids.to(self.model.device), st)
+        return logits.cpu(), self._pack(st, state)
+
+    def to_torch_state(self, state) -> State:
+        return State(state.conv.float().cpu(), decode_ssm(state.ssm, state.scales).cpu())

@@ -1,0 +1,178 @@
+"""The offline corpus (the Python standard library's own .py files), its train/validation split,
+the demo models' BPE tokenizer, and token streams cached as .npy files.
+
+Split rule (stable across Python versions and machines): a file belongs to validation when the
+first 8 bytes of sha256(its path relative to the stdlib root, '/'-separated), read as a
+big-endian integer, are < VAL_PERCENT % of 2**64. Different Python versions ship different
+files, but a file present in both always lands on the same side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, ModelNotFoundError
+
+VAL_PERCENT = 10
+# Folders skipped anywhere below the stdlib root: tests (huge, repetitive), third-party packages,
+# and `encodings` (machine-generated codec tables that would make perplexity look better).
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
+                           "__pycache__"})
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (EOS, PAD)
+CORPORA = ("stdlib-train", "stdlib-val")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def split_of(relpath: str) -> str:
+    """'train' or 'val' for a '/'-separated path relative to the stdlib root."""
+    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+    return "val" if h < VAL_PERCENT * (1 << 64) // 100 else "train"
+
+
+def corpus_files(split: str, root: Path | None = None) -> list[tuple[str, Path]]:
+    """Sorted [(relpath, path)] of the stdlib .py files in `split` ('train' | 'val')."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"unknown split {split!r}; choose 'train' or 'val'")
+    root = Path(root) if root is not None else stdlib_root()
+    if not root.is_dir():
+        raise ModelNotFoundError(f"the standard library folder {root} does not exist; is this a full Python install?")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                p = Path(dirpath) / name
+                rel = p.relative_to(root).as_posix()
+                if split_of(rel) == split:
+                    out.append((rel, p))
+    out.sort()
+    if not out:
+        raise ModelNotFoundError(f"no .py files for split {split!r} under {root}; the stdlib sources are missing")
+    return out
+
+
+def corpus_texts(split: str, root: Path | None = None):
+    """Yield each file's text (undecodable bytes replaced, so every install reads the same)."""
+    for _, p in corpus_files(split, root):
+        yield p.read_bytes().decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None) -> Path:
+    """Byte-level BPE trained on the train split only; writes tokenizer.json,
+    tokenizer_config.json and special_tokens_map.json (transformers' AutoTokenizer reads them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise ConfigError(f"vocab_size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tok.train_from_iterator(corpus_texts("train", root), trainer=trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "tokenizer.json": tok.to_str(pretty=True),
+        "tokenizer_config.json": json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS,
+            "pad_token": PAD, "unk_token": None, "model_max_length": 1_000_000,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        }, indent=2),
+        "special_tokens_map.json": json.dumps({"eos_token": EOS, "bos_token": EOS, "pad_token": PAD}, indent=2),
+    }
+    for name, text in files.items():
+        _atomic_write(out / name, text.encode())
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shipped
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenizer_digest(tokenizer_dir) -> str:
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- token streams
+
+def encode_split(tokenizer, split: str, root: Path | None = None) -> np.ndarray:
+    """One stream: every file's tokens followed by EOS, files in sorted path order. (n,) int32.
+    `tokenizer` is a mamba_deploy.tokenizer.Tokenizer."""
+    texts = list(corpus_texts(split, root))
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"tokenizer at {tokenizer.path} has no eos token; retrain it with train-tokenizer")
+    raw = tokenizer._tok
+    if hasattr(raw, "encode_batch"):  # `tokenizers` backend: parallel
+        encoded = [e.ids for e in raw.encode_batch(texts)]
+    else:
+        encoded = [tokenizer.encode(t) for t in texts]
+    out = []
+    for ids in encoded:
+        out.extend(ids)
+        out.append(eos)
+    return np.asarray(out, dtype=np.int32)
+
+
+def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = None) -> np.ndarray:
+    """encode_split, cached in cache_dir/{split}.npy keyed by the tokenizer's digest.
+    A cache made elsewhere (another Python version) is used as is; meta.json says where it came from."""
+    from .tokenizer import load_tokenizer
+
+    digest = tokenizer_digest(tokenizer_dir)
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        meta_path, arr_path = cache / "meta.json", cache / f"{split}.npy"
+        if meta_path.exists() and arr_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("tokenizer_digest") == digest:
+                return np.load(arr_path)
+    ids = encode_split(load_tokenizer(tokenizer_dir), split, root)
+    if cache_dir is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("tokenizer_digest") != digest:
+            meta = {}
+        meta.update(tokenizer_digest=digest, python=sys.version.split()[0], stdlib=str(stdlib_root()),
+                    val_percent=VAL_PERCENT, excluded_dirs=sorted(EXCLUDED_DIRS))
+        meta[f"{split}_tokens"] = int(ids.size)
+        meta[f"{split}_files"] = len(corpus_files(split, root))
+        with tempfile.NamedTemporaryFile(dir=cache, suffix=".npy", delete=False) as f:
+            np.save(f, ids)
+        os.replace(f.name, arr_path)
+        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    return ids
+
+
+def unigram_perplexity(train_ids, eval_ids, vocab_size: int) -> float:
+    """Perplexity of add-one-smoothed unigram counts from `train_ids`, scored on `eval_ids`
+    (float64). The baseline a trained model must beat by far."""
+    counts = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=vocab_size).astype(np.float64)[:vocab_size]
+    logp = np.log(counts + 1.0) - math.log(counts.sum() + vocab_size)
+    nll = -logp[np.asarray(eval_ids, dtype=np.int64)].mean()
+    return float(math.exp(nll))

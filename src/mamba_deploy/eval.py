@@ -1,0 +1,108 @@
+"""`mamba-deploy eval`: perplexity over any Runner, with the recurrent state carried across windows.
+
+The token stream is cut into windows of W tokens; each window is prefilled from the state the
+previous window left, so the model sees the whole stream as one sequence (what a recurrent
+model is for) while memory stays bounded by W. Every token after the first is scored: the
+last logits of a window predict the first token of the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, ModelNotFoundError
+
+
+def perplexity(runner, token_ids, window: int = 256, progress: bool = False) -> dict:
+    """token_ids: one stream (list / 1-D tensor / array). Returns dict(ppl, nll (mean, nats),
+    tokens (scored), tokens_per_s (runner time only), window)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if ids.numel() < 2:
+        raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}; give a longer text")
+    if window < 1:
+        raise ConfigError(f"window={window} must be >= 1")
+    vocab = runner.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise ConfigError(f"token id {int(ids.max())} is outside the model's vocabulary [0, {vocab}); "
+                          "tokenize with the model's own tokenizer")
+    state = runner.new_state(1)
+    total_nll, scored, runner_s = 0.0, 0, 0.0
+    prev = None  # (V,) logits that predict the first token of the next window
+    starts = range(0, ids.numel(), window)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="win")
+    for s in starts:
+        chunk = ids[s:s + window]  # (l,)
+        t0 = time.perf_counter()
+        logits, state = runner.prefill(chunk[None], state)
+        runner_s += time.perf_counter() - t0
+        logits = logits[0, :, :vocab]  # (l, V); drop rows only padding the vocab
+        if prev is None:
+            preds, targets = logits[:-1], chunk[1:]
+        else:
+            preds, targets = torch.cat([prev[None], logits[:-1]]), chunk
+        prev = logits[-1]
+        if targets.numel():
+            # float64 so the sum over many windows does not drift
+            logp = torch.log_softmax(preds.double(), dim=-1)
+            total_nll -= float(logp.gather(1, targets[:, None]).sum())
+            scored += targets.numel()
+    nll = total_nll / scored
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored,
+            "tokens_per_s": ids.numel() / runner_s if runner_s > 0 else float("inf"), "window": window}
+
+
+def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int]:
+    """Token ids of --text FILE or --corpus stdlib-val|stdlib-train."""
+    if (corpus is None) == (text_file is None):
+        raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val")
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise ModelNotFoundError(f"--text {text_file!r} is not a file")
+        return tokenizer.encode(p.read_text(encoding="utf-8", errors="replace"))
+    from . import data
+
+    if corpus not in data.CORPORA:
+        raise ConfigError(f"unknown corpus {corpus!r}; choose one of {', '.join(data.CORPORA)}")
+    return data.encode_split(tokenizer, corpus.split("-", 1)[1]).tolist()
+
+
+def cmd_eval(args):
+    from .cli import DTYPES
+    from .runners import open_runner
+
+    opts = {"device": args.device, "dtype": DTYPES[args.dtype]} if args.backend in (None, "torch") else {}
+    runner = open_runner(args.model, args.backend, **opts)
+    ids = corpus_ids(runner.tokenizer, args.corpus, args.text)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    res = perplexity(runner, ids, window=args.window, progress=not args.json)
+    res.update(model=str(args.model), backend=runner.name, source=args.text or args.corpus)
+    runner.close()
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"perplexity {res['ppl']:.3f}  (nll {res['nll']:.4f} nats over {res['tokens']} tokens, "
+              f"window {res['window']}, {res['tokens_per_s']:.0f} tokens/s, backend {res['backend']})")
+
+
+def register(subparsers):
+    s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
+    s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
+    s.add_argument("--text", default=None, help="a UTF-8 text file")
+    s.add_argument("--corpus", default=None, help="stdlib-val | stdlib-train (this Python's stdlib, see data.py)")
+    s.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    s.add_argument("--window", type=int, default=256, help="tokens per prefill window")
+    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | fp16 | bf16")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)

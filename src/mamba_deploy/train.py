@@ -1,0 +1,310 @@
+"""`mamba-deploy train` / `mamba-deploy train-tokenizer`: small Mamba LMs on the stdlib corpus.
+
+Single device; bf16 autocast on CUDA; AdamW with a cosine schedule after a linear warmup;
+gradient clipping; a resumable training state plus an fp16 HF snapshot written atomically
+every --save-every steps, so an interrupted run always leaves a loadable model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import MambaConfig
+from .errors import ConfigError
+
+# Sizes of the shipped demo models (and a tiny one for smoke tests). ~3-4 M parameters each.
+PRESETS = {
+    "demo-mamba1": dict(arch="mamba1", d_model=256, n_layer=6, d_state=16, expand=2),
+    "demo-mamba2": dict(arch="mamba2", d_model=256, n_layer=6, d_state=32, expand=2, headdim=32,
+                        ngroups=2, chunk_size=64),
+    "tiny-mamba1": dict(arch="mamba1", d_model=32, n_layer=2, d_state=8, expand=2),
+    "tiny-mamba2": dict(arch="mamba2", d_model=32, n_layer=2, d_state=16, expand=2, headdim=16,
+                        ngroups=2, chunk_size=16),
+}
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def build_config(preset: str, vocab_size: int, eos_id: int | None, pad_id: int | None) -> MambaConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    kw = dict(PRESETS[preset])
+    tie = kw["arch"] == "mamba1"  # exercise both tied (Mamba1) and untied (Mamba2) heads
+    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=tie,
+                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **kw)
+
+
+@torch.no_grad()
+def init_weights(model, seed: int) -> None:
+    """mamba_ssm's initialisation: S4D-real A, dt log-uniform in [1e-3, 0.1] through the bias
+    (inverse softplus), small embeddings, out_proj scaled down by depth."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    emb = model.backbone.embeddings.weight
+    emb.copy_(torch.randn(emb.shape, generator=g) * 0.02)
+    if not cfg.tie_embeddings:
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * 0.02)
+    for layer in model.backbone.layers:
+        m = layer.mixer
+        width = m.dt_proj.bias.shape[0] if cfg.arch == "mamba1" else cfg.nheads
+        dt = torch.exp(torch.rand(width, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        inv_softplus = dt + torch.log(-torch.expm1(-dt))
+        if cfg.arch == "mamba1":
+            m.dt_proj.bias.copy_(inv_softplus)
+            m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand_as(m.A_log))
+        else:
+            m.dt_bias.copy_(inv_softplus)
+            m.A_log.copy_(torch.log(torch.empty(cfg.nheads).uniform_(1, 16, generator=g)))
+        m.out_proj.weight.mul_(1 / math.sqrt(2 * cfg.n_layer))
+
+
+def lm_logits(model, ids):
+    """Training forward: ids (b, l) -> logits (b, l, V) from a zero state. Uses the library's
+    blocks but keeps states out of place (MambaLM.forward updates its State in place, which
+    autograd cannot differentiate through)."""
+    cfg = model.config
+    b = ids.shape[0]
+    h = model.backbone.embeddings(ids)  # (b, l, d_model)
+    for layer in model.backbone.layers:
+        conv0 = torch.zeros(b, *cfg.conv_state_shape, device=ids.device, dtype=h.dtype)
+        ssm0 = torch.zeros(b, *cfg.ssm_state_shape, device=ids.device, dtype=torch.float32)
+        h, _, _ = layer(h, conv0, ssm0)
+    return model._head(h)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator):
+    """Random windows of the stream: (b, seq_len + 1) int64 (inputs + shifted targets)."""
+    if tokens.size <= seq_len + 1:
+        raise ConfigError(f"corpus has {tokens.size} tokens, fewer than --seq-len {seq_len} + 1")
+    starts = rng.integers(0, tokens.size - seq_len - 1, size=batch)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW; no decay on norms, biases, A_log, D, dt biases (1-D tensors)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(iter(params)).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+@torch.no_grad()
+def quick_val_loss(model, val_windows, amp_dtype) -> float:
+    """Mean loss over fixed validation windows (b, l+1), each from a zero state."""
+    model.eval()
+    dev = model.device
+    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        x = val_windows.to(dev)
+        logits = lm_logits(model, x[:, :-1])
+    model.train()
+    return float(F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()))
+
+
+def save_training_state(path: Path, model, opt, step: int, rng, log: list) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng": rng.bit_generator.state, "log": log}, tmp)
+    os.replace(tmp, path)
+
+
+def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
+    """Replace `out` with an fp16/bf16 HF folder (config, weights, tokenizer, train_log.json)."""
+    from .checkpoint import save_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.snap-", dir=out.parent))
+    shutil.rmtree(tmp)
+    save_checkpoint(model, tmp, dtype=dtype)
+    (tmp / "train_log.json").write_text(json.dumps(metrics, indent=2))
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_data(args):
+    from . import data
+
+    tok_dir = Path(args.tokenizer)
+    if not (tok_dir / "tokenizer.json").exists():
+        raise ConfigError(f"--tokenizer {tok_dir} has no tokenizer.json; make one with `mamba-deploy train-tokenizer DIR`")
+    train_ids = data.load_split(tok_dir, "train", args.data_cache)
+    val_ids = data.load_split(tok_dir, "val", args.data_cache)
+    return train_ids, val_ids
+
+
+def resolve_total_steps(args, step_times: list[float], start: float) -> int:
+    """--steps, or fewer when --max-minutes would be exceeded at the measured step time."""
+    if not args.max_minutes or len(step_times) < 4:
+        return args.steps
+    per_step = float(np.median(step_times[2:]))
+    left = args.max_minutes * 60 - (time.perf_counter() - start)
+    return min(args.steps, len(step_times) + int(left / per_step))
+
+
+def train(args) -> dict:
+    """The training loop; returns the metrics written to train_log.json."""
+    from .model import MambaLM
+    from .ops import use_backend
+    from .tokenizer import load_tokenizer
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    amp_dtype = AMP[args.amp or ("bf16" if device.type == "cuda" else "none")]
+    tok = load_tokenizer(args.tokenizer)
+    train_ids, val_ids = load_data(args)
+    cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok._tok.token_to_id("<|pad|>"))
+    model = MambaLM(cfg)
+    init_weights(model, args.seed)
+    model.source_path = Path(args.tokenizer)
+    model.to(device).train()
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    rng = np.random.default_rng(args.seed)
+    work = Path(args.work_dir or f"{args.out}.work")
+    work.mkdir(parents=True, exist_ok=True)
+    state_path, step, log = work / "train_state.pt", 0, []
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, log = st["step"], st["log"]
+        rng.bit_generator.state = st["rng"]
+    val_windows = sample_batch(val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
+    total = args.steps
+    info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
+                train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
+                batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                weight_decay=args.weight_decay, clip=args.clip, amp=str(amp_dtype), device=str(device),
+                command=shlex.join(["mamba-deploy", *sys.argv[1:]]))
+    print(f"{args.preset}: {info['parameters'] / 1e6:.2f} M parameters, {train_ids.size} train tokens", flush=True)
+    start, step_times = time.perf_counter(), []
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
+    with use_backend("ref"):  # the reference ops have autograd; fast kernels may not
+        while step < total:
+            t0 = time.perf_counter()
+            loss, lr = train_step(model, opt, sample_batch(train_ids, args.batch, args.seq_len, rng),
+                                  device, amp_dtype, args, step, total)
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            if len(step_times) == 12:
+                total = resolve_total_steps(args, step_times, start)
+                bar.total = total
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if step % args.eval_every == 0 or step == total:
+                vl = quick_val_loss(model, val_windows, amp_dtype)
+                log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
+                            "elapsed_s": round(time.perf_counter() - start, 1)})
+                print(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)", flush=True)
+            if step % args.save_every == 0 or step == total:
+                save_training_state(state_path, model, opt, step, rng, log)
+                metrics = {**info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
+                save_snapshot(model, Path(args.out), torch.float16, metrics)
+    bar.close()
+    metrics = {**info, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
+               "train_seconds": round(time.perf_counter() - start, 1), "log": log}
+    if args.eval_tokens:
+        metrics["validation"] = final_eval(model, train_ids, val_ids, args.eval_tokens, cfg.vocab_size)
+        print("validation:", json.dumps(metrics["validation"]), flush=True)
+    save_snapshot(model, Path(args.out), torch.float16, metrics)
+    return metrics
+
+
+def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int):
+    lr = lr_at(step, total, args.lr, args.warmup)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    x = batch.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = lm_logits(model, x[:, :-1])  # (b, l, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    return float(loss.detach()), lr
+
+
+def final_eval(model, train_ids, val_ids, n_tokens: int, vocab: int) -> dict:
+    """Carried-state perplexity of the fp16-rounded weights (what ships) on the first n_tokens
+    validation tokens, next to the add-one unigram baseline on the same tokens."""
+    from .data import unigram_perplexity
+    from .eval import perplexity
+    from .model import MambaLM
+    from .runners.torch_runner import TorchRunner
+
+    shipped = MambaLM(model.config).to(model.device)
+    sd = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    shipped.load_state_dict(sd)
+    ids = val_ids[:n_tokens]
+    res = perplexity(TorchRunner(shipped), ids, window=512)
+    res["unigram_ppl"] = unigram_perplexity(train_ids, ids, vocab)
+    return res
+
+
+def cmd_train(args):
+    train(args)
+    print(f"wrote {args.out}")
+
+
+def cmd_train_tokenizer(args):
+    from .data import train_tokenizer
+
+    out = train_tokenizer(args.out, args.vocab_size)
+    print(f"wrote {out}/tokenizer.json")
+
+
+def register(subparsers):
+    s = subparsers.add_parser("train", help="train a small Mamba/Mamba2 LM on the stdlib corpus")
+    s.add_argument("--preset", default="demo-mamba1", choices=sorted(PRESETS))
+    s.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (see train-tokenizer)")
+    s.add_argument("--out", required=True, help="HF checkpoint folder (fp16), replaced at each save")
+    s.add_argument("--work-dir", default=None, help="resumable training state (default: OUT.work)")
+    s.add_argument("--data-cache", default=".cache/stdlib", help="token streams cached here (.npy)")
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--max-minutes", type=float, default=None, help="cap --steps to fit this wall time")
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--warmup", type=int, default=50)
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--clip", type=float, default=1.0)
+    s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--eval-every", type=int, default=100)
+    s.add_argument("--eval-batch", type=int, default=8)
+    s.add_argument("--eval-tokens", type=int, default=0, help="final carried-state val perplexity on N tokens")
+    s.add_argument("--save-every", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt")
+    s.set_defaults(func=cmd_train)
+
+    s = subparsers.add_parser("train-tokenizer", help="byte-level BPE on the stdlib train split")
+    s.add_argument("out")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.set_defaults(func=cmd_train_tokenizer)

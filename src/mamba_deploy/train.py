@@ -308,3 +308,19 @@ def register(subparsers):
     s.add_argument("out")
     s.add_argument("--vocab-size", type=int, default=4096)
     s.set_defaults(func=cmd_train_tokenizer)
+
+
+def main(argv=None) -> int:
+    """`python -m mamba_deploy.train train ...`: the same verbs without importing every other
+    stage (handy on a training machine that lacks the export dependencies)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="mamba-deploy")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -220,7 +220,7 @@ def train(args) -> dict:
                 vl = quick_val_loss(model, val_windows, amp_dtype)
                 log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
                             "elapsed_s": round(time.perf_counter() - start, 1)})
-                print(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)", flush=True)
+                bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
             if step % args.save_every == 0 or step == total:
                 save_training_state(state_path, model, opt, step, rng, log)
                 metrics = {**info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}

@@ -160,6 +160,7 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype) -> None:
             t = _pad_vocab(t, p.shape[0], k)
         if tuple(t.shape) != tuple(p.shape):
             bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
+            seen.add(name)  # present, reported as wrongly shaped rather than missing
             continue
         with torch.no_grad():
             p.copy_(t.to(device=device, dtype=p.dtype))
@@ -305,4 +306,4 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32)
         model = MambaLM(cfg).to(dtype)
     load_weights(model, path, device, dtype)
     model.source_path = path
-    return model.eval()
+    return model.eval().requires_grad_(False)

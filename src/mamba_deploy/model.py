@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import MambaConfig
 from .errors import ShapeError
-from .ops.reference import weightless_rms
+from .ops.reference import _up, weightless_rms
 from .state import State
 
 
@@ -61,7 +61,7 @@ class Mamba1Mixer(nn.Module):
         if mask is not None:
             x = x * mask.unsqueeze(-1)
         dt, B, C = self._dt_B_C(x)
-        A = -torch.exp(self.A_log.float())  # (d, n)
+        A = -torch.exp(_up(self.A_log))  # (d, n)
         y, ssm_state = ops.selective_scan(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -70,7 +70,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, d)
         x, conv_state = ops.causal_conv1d_update(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
         dt, B, C = self._dt_B_C(x)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_up(self.A_log))
         y, ssm_state = ops.selective_state_update(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -122,7 +122,7 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xBC = xBC * mask.unsqueeze(-1)
         x, B, C = self._split_xBC(xBC)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
-        A = -torch.exp(self.A_log.float())  # (h,)
+        A = -torch.exp(_up(self.A_log))  # (h,)
         y, ssm_state = ops.ssd(x, dt, A, B, C, self.D, self.dt_bias, ssm_state, cfg.chunk_size, cfg.dt_limit)
         y = self._gate(y.reshape(b, l, cfg.d_inner), z)
         return self.out_proj(y), conv_state, ssm_state
@@ -131,10 +131,10 @@ class Mamba2Mixer(nn.Module):
         """u (b, d_model) -> (b, d_model), one token."""
         cfg = self.cfg
         z, xBC, dt = self._split(self.in_proj(u))  # (b, d), (b, conv_dim), (b, h)
-        xBC, conv_state = ops.causal_conv1d_update(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        x, B, C = self._split_xBC(xBC)  # (b, h, p), (b, g, n), (b, g, n)
-        A = -torch.exp(self.A_log.float())
-        y, ssm_state = ops.ssd_state_update(x, dt, A, B, C, self.D, self.dt_bias, ssm_state, cfg.dt_limit)
+        A = -torch.exp(_up(self.A_log))
+        # conv update + SSD state update in one op (one fused kernel pair on CUDA)
+        y, conv_state, ssm_state = ops.ssd_step(xBC, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
+                                                A, self.D, self.dt_bias, ssm_state, cfg.dt_limit)
         y = self._gate(y.reshape(u.shape[0], cfg.d_inner), z)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -197,7 +197,8 @@ class MambaLM(nn.Module):
         return self.backbone.embeddings.weight.dtype
 
     def new_state(self, batch: int) -> State:
-        return State.zeros(self.config, batch, self.device, self.dtype)
+        ssm_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype)
 
     def _check_ids(self, input_ids, ndim):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != ndim or input_ids.dtype.is_floating_point:

@@ -45,6 +45,7 @@ LABEL_ALIASES = {
     "fp16": "fp16", "f16": "fp16", "float16": "fp16", "half": "fp16", "mostly_f16": "fp16",
     "bf16": "bf16", "bfloat16": "bf16", "mostly_bf16": "bf16",
     "int8": "int8", "q8_0": "int8", "w8a16": "int8", "w8a8": "int8", "fp8": "int8", "llm_int8": "int8",
+    "smoothquant": "int8",
     "q6_k": "q6", "q5_0": "q5", "q5_1": "q5", "q5_k": "q5", "q5_k_s": "q5", "q5_k_m": "q5",
     "int4": "int4", "q4_0": "int4", "q4_1": "int4", "q4_k": "int4", "q4_k_s": "int4", "q4_k_m": "int4",
     "nf4": "int4", "fp4": "int4", "w4a16": "int4", "gptq": "int4", "awq": "int4", "iq4_nl": "int4",
@@ -118,6 +119,8 @@ def infer_artifact_dtype(path) -> str:
         return _gguf_label(p)
     folder = p if p.is_dir() else p.parent
     manifest = _read_json(folder / "manifest.json")
+    if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
+        return _quant_label(manifest["quantization"])
     for key in ("quantization", "dtype"):
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower()
@@ -189,7 +192,8 @@ class _Diff:
         # columns past the true vocab only pad the embedding; backends may drop or zero them
         ref, art = ref[..., :vocab].double(), art[..., :vocab].double()
         err = (art - ref).abs()
-        self.max_abs = max(self.max_abs, _nanmax(err))
+        worst = _nanmax(err)  # Python's max() would silently drop a NaN, so keep it explicitly
+        self.max_abs = worst if math.isnan(worst) or math.isnan(self.max_abs) else max(self.max_abs, worst)
         self.sum_abs += float(err.sum())
         self.count += err.numel()
         self.ref_max = max(self.ref_max, float(ref.abs().max()))

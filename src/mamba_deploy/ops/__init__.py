@@ -22,6 +22,7 @@ REFERENCE = {
     "selective_state_update": ref.selective_state_update_ref,
     "ssd": ref.ssd_ref,
     "ssd_state_update": ref.ssd_state_update_ref,
+    "ssd_step": ref.ssd_step_ref,  # fused Mamba2 decode step: conv update + state update
 }
 
 _BACKENDS = ("auto", "ref", "triton")
@@ -103,3 +104,7 @@ def ssd(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit):
 
 def ssd_state_update(x, dt, A, B, C, D, dt_bias, h, dt_limit):
     return pick("ssd_state_update", x)(x, dt, A, B, C, D, dt_bias, h, dt_limit)
+
+
+def ssd_step(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit):
+    return pick("ssd_step", xBC)(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit)

@@ -14,12 +14,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+def _up(t):
+    """Compute dtype: at least float32 (float64 stays float64, for float64 references)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # ----------------------------------------------------------------------------- dt
 
 def discretize_dt(dt, dt_bias, dt_limit=(0.0, math.inf)):
     """dt -> softplus(dt + dt_bias), clamped to dt_limit. The one place both the parallel
     and the recurrent paths turn raw dt into a step size (a classic source of mismatch)."""
-    dt = F.softplus(dt.float() + dt_bias.float())
+    dt = F.softplus(_up(dt) + _up(dt_bias))
     lo, hi = dt_limit
     if lo > 0.0 or hi != math.inf:
         dt = dt.clamp(min=lo, max=hi)
@@ -58,7 +63,7 @@ def causal_conv1d_update_ref(x, weight, bias, conv_state, activation=True):
 def rmsnorm_ref(x, weight, eps):
     """x (..., d): HF/mamba_ssm RMSNorm, statistics in float32."""
     dtype = x.dtype
-    xf = x.float()
+    xf = _up(x)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
 
@@ -72,13 +77,13 @@ def rmsnorm_gated_ref(x, z, weight, eps, group_size, norm_before_gate=False):
         norm(x) * weight * silu(z)
     """
     dtype = x.dtype
-    xf, zf = x.float(), z.float()
+    xf, zf = _up(x), _up(z)
     if not norm_before_gate:
         xf = xf * F.silu(zf)
     *pre, d = xf.shape
     xg = xf.reshape(*pre, d // group_size, group_size)
     xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
-    out = xg.reshape(*pre, d) * weight.float()
+    out = xg.reshape(*pre, d) * _up(weight)
     if norm_before_gate:
         out = out * F.silu(zf)
     return out.to(dtype)
@@ -86,7 +91,7 @@ def rmsnorm_gated_ref(x, z, weight, eps, group_size, norm_before_gate=False):
 
 def weightless_rms(x, eps):
     """Falcon-Mamba's RMSNorm on dt, B, C (no weight), in float32."""
-    xf = x.float()
+    xf = _up(x)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -118,9 +123,9 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
     dtype = x.dtype
     b, l, d = x.shape
     dtf = discretize_dt(dt, dt_bias)  # (b, l, d)
-    A = A.float()
-    xf, Bf, Cf = x.float(), B.float(), C.float()
-    h = h0.float()
+    A = _up(A)
+    xf, Bf, Cf = _up(x), _up(B), _up(C)
+    h = _up(h0)
     ys = []
     for s in range(0, l, chunk_size):
         e = min(s + chunk_size, l)
@@ -131,9 +136,9 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
         H = torch.addcmul(H, P, h.unsqueeze(1))  # add the carried state, decayed
         ys.append(torch.einsum("btdn,btn->btd", H, Cf[:, s:e]))
         h = H[:, -1]
-    y = torch.cat(ys, 1) + xf * D.float()
+    y = torch.cat(ys, 1) + xf * _up(D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(_up(z))
     return y.to(dtype), h
 
 
@@ -141,11 +146,11 @@ def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, h):
     """One recurrent step of selective_scan_ref. x, dt, z (b, d); B, C (b, n); h (b, d, n)."""
     dtype = x.dtype
     dtf = discretize_dt(dt, dt_bias)  # (b, d)
-    a = torch.exp(dtf.unsqueeze(-1) * A.float())  # (b, d, n)
-    h = h.float() * a + (dtf * x.float()).unsqueeze(-1) * B.float().unsqueeze(1)
-    y = torch.einsum("bdn,bn->bd", h, C.float()) + x.float() * D.float()
+    a = torch.exp(dtf.unsqueeze(-1) * _up(A))  # (b, d, n)
+    h = _up(h) * a + (dtf * _up(x)).unsqueeze(-1) * _up(B).unsqueeze(1)
+    y = torch.einsum("bdn,bn->bd", h, _up(C)) + _up(x) * _up(D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(_up(z))
     return y.to(dtype), h
 
 
@@ -176,7 +181,7 @@ def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)
     Q = chunk_size
     dtf = discretize_dt(dt, dt_bias, dt_limit)  # (b, l, h)
     pad = (-l) % Q
-    xf, Bf, Cf = x.float(), B.float(), C.float()
+    xf, Bf, Cf = _up(x), _up(B), _up(C)
     if pad:
         xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
@@ -187,7 +192,7 @@ def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)
     Bh = Bf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)  # (b, c, Q, h, n)
     Ch = Cf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)
     X = (xf * dtf.unsqueeze(-1)).reshape(b, c, Q, nh, p)  # (b, c, Q, h, p)
-    Adt = (dtf * A.float()).reshape(b, c, Q, nh).permute(0, 3, 1, 2)  # (b, h, c, Q)
+    Adt = (dtf * _up(A)).reshape(b, c, Q, nh).permute(0, 3, 1, 2)  # (b, h, c, Q)
 
     # 1. within each chunk (the quadratic, attention-like part)
     L = torch.exp(segsum(Adt))  # (b, h, c, Q, Q)
@@ -200,7 +205,7 @@ def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, torch.exp(to_end), X)
 
     # 3. pass states across chunks, starting from h0
-    states = torch.cat([h0.float().unsqueeze(1), states], dim=1)  # (b, c+1, h, p, n)
+    states = torch.cat([_up(h0).unsqueeze(1), states], dim=1)  # (b, c+1, h, p, n)
     chunk_decay = torch.exp(segsum(F.pad(Adt.sum(-1), (1, 0))))  # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, h_last = states[:, :-1], states[:, -1]
@@ -210,7 +215,7 @@ def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, from_start)
 
     y = (y_diag + y_off).reshape(b, c * Q, nh, p)[:, :l]
-    y = y + x.float() * D.float().unsqueeze(-1)
+    y = y + _up(x) * _up(D).unsqueeze(-1)
     return y.to(dtype), h_last
 
 
@@ -220,10 +225,27 @@ def ssd_state_update_ref(x, dt, A, B, C, D, dt_bias, h, dt_limit=(0.0, math.inf)
     nh = x.shape[1]
     g = B.shape[1]
     dtf = discretize_dt(dt, dt_bias, dt_limit)  # (b, h)
-    a = torch.exp(dtf * A.float())  # (b, h)
-    Bh = B.float().repeat_interleave(nh // g, dim=1)  # (b, h, n)
-    Ch = C.float().repeat_interleave(nh // g, dim=1)
-    xdt = x.float() * dtf.unsqueeze(-1)  # (b, h, p)
-    h = h.float() * a[..., None, None] + xdt.unsqueeze(-1) * Bh.unsqueeze(2)
-    y = torch.einsum("bhpn,bhn->bhp", h, Ch) + x.float() * D.float().unsqueeze(-1)
+    a = torch.exp(dtf * _up(A))  # (b, h)
+    Bh = _up(B).repeat_interleave(nh // g, dim=1)  # (b, h, n)
+    Ch = _up(C).repeat_interleave(nh // g, dim=1)
+    xdt = _up(x) * dtf.unsqueeze(-1)  # (b, h, p)
+    h = _up(h) * a[..., None, None] + xdt.unsqueeze(-1) * Bh.unsqueeze(2)
+    y = torch.einsum("bhpn,bhn->bhp", h, Ch) + _up(x) * _up(D).unsqueeze(-1)
     return y.to(dtype), h
+
+
+def ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit=(0.0, math.inf)):
+    """One fused Mamba2 decode step: causal_conv1d_update_ref on x|B|C, split, ssd_state_update_ref.
+
+    xBC (b, conv_dim) before the conv; dt (b, h) raw; conv_state (b, conv_dim, k-1); h (b, h, p, n).
+    Returns y (b, h, p) (with the D skip, without the gate), the new conv_state and h.
+    """
+    b = xBC.shape[0]
+    nh, p, n = h.shape[1], h.shape[2], h.shape[3]
+    d = nh * p
+    g = (xBC.shape[1] - d) // (2 * n)
+    xBC, conv_state = causal_conv1d_update_ref(xBC, conv_weight, conv_bias, conv_state, True)
+    x, B, C = xBC.split([d, g * n, g * n], dim=-1)
+    y, h = ssd_state_update_ref(x.reshape(b, nh, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n),
+                                D, dt_bias, h, dt_limit)
+    return y, conv_state, h

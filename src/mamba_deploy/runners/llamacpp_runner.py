@@ -11,7 +11,8 @@ many, which invalidates older handles (using one then raises a ShapeError).
 
 Batches: prefill runs one row at a time (left padding from `generation.left_pad` is stripped per
 row, padded positions get zero logits); `step` decodes all rows in one llama.cpp batch.
-`to_torch_state` is not provided: llama.cpp serialises sequence state in an internal layout.
+`to_torch_state` reads the rows' states back through llama_state_seq_get_data (an internal
+llama.cpp layout: it raises NotImplementedError if a llama.cpp version changes it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, CheckpointError, ShapeError
+from ..state import State
 from .base import Runner
 
 
@@ -226,6 +228,22 @@ class LlamaCppRunner(Runner):
             state.pos[r] += 1
         return torch.from_numpy(logits), state
 
+    # ---- state export ------------------------------------------------------------------
+    def to_torch_state(self, state) -> State:
+        """Read each row's recurrent state out of llama.cpp (llama_state_seq_get_data) into a
+        torch State, for verification. Raises NotImplementedError when this llama.cpp build
+        serialises sequences in a layout other than the one `_parse_seq_state` reads."""
+        self._check_state(state, state.batch_size)
+        lib, convs, ssms = self._lib, [], []
+        for s in state.seq_ids:
+            n = lib.llama_state_seq_get_size(self._ctx, s)
+            buf = (ctypes.c_uint8 * n)()
+            lib.llama_state_seq_get_data(self._ctx, buf, n, s)
+            conv, ssm = _parse_seq_state(bytes(buf), self.config)
+            convs.append(conv)
+            ssms.append(ssm)
+        return State(torch.stack(convs, 1), torch.stack(ssms, 1))
+
     # ---- misc ------------------------------------------------------------------------
     @property
     def tokenizer(self):
@@ -244,6 +262,53 @@ class LlamaCppRunner(Runner):
             self.close()
         except Exception:  # noqa: BLE001  (interpreter shutdown)
             pass
+
+
+def _parse_seq_state(buf: bytes, cfg):
+    """One sequence of llama.cpp's recurrent memory, as llama_memory_recurrent writes it:
+    u32 cell_count; per cell (i32 pos, u32 n_seq_id = 0); u32 s_trans; u32 n_layer; then for
+    the conv states ("r") and then the ssm states ("s") of every layer: i32 ggml type (0 = F32),
+    u64 row bytes, the row. Shapes: r = ne {d_conv-1, conv_dim} -> (conv_dim, d_conv-1);
+    s = ne {d_state, d_inner} (Mamba1) / {d_state, headdim, nheads} (Mamba2)."""
+    off = 0
+
+    def take(fmt):
+        nonlocal off
+        import struct
+
+        vals = struct.unpack_from("<" + fmt, buf, off)
+        off += struct.calcsize("<" + fmt)
+        return vals
+
+    def layout_error(what):
+        return NotImplementedError(f"this llama.cpp build's sequence state layout differs ({what}); "
+                                   "to_torch_state cannot read it")
+
+    try:
+        (cells,) = take("I")
+        if cells != 1:
+            raise layout_error(f"{cells} cells")
+        _pos, n_seq = take("iI")
+        s_trans, n_layer = take("II")
+        if n_seq != 0 or s_trans != 0 or n_layer != cfg.n_layer:
+            raise layout_error(f"n_seq_id={n_seq}, s_trans={s_trans}, n_layer={n_layer}")
+        out = []
+        for shape in (cfg.conv_state_shape, cfg.ssm_state_shape):
+            layers = []
+            for _ in range(n_layer):
+                gtype, row_bytes = take("iQ")
+                if gtype != 0 or row_bytes != 4 * int(np.prod(shape)):
+                    raise layout_error(f"type {gtype}, {row_bytes} bytes per row")
+                layers.append(torch.from_numpy(np.frombuffer(buf, np.float32, int(np.prod(shape)), off).copy()))
+                off += row_bytes
+            out.append(torch.stack(layers).reshape(n_layer, *shape))
+    except Exception as e:  # noqa: BLE001  (struct.error on a short buffer)
+        if isinstance(e, NotImplementedError):
+            raise
+        raise layout_error(str(e)) from e
+    if off != len(buf):
+        raise layout_error(f"{len(buf) - off} trailing bytes")
+    return out[0], out[1]
 
 
 def _check_ids(ids, ndim: int) -> torch.Tensor:

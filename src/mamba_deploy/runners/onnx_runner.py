@@ -70,12 +70,16 @@ class OnnxRunner(Runner):
         if ids.shape[0] != state.batch:
             raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
                              "create it with runner.new_state(batch)")
+        from onnxruntime import OrtValue
+
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
         if mask is not None:
-            io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+            feeds["attention_mask"] = np.ascontiguousarray(mask, dtype=np.int64)
         if keep:
-            io.bind_cpu_input("num_logits_to_keep", np.array([keep], np.int64))
+            feeds["num_logits_to_keep"] = np.array([keep], np.int64)
+        for name, arr in feeds.items():  # (bind_cpu_input cannot find inputs that have a default)
+            io.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(arr))
         if decode:
             io.bind_ortvalue_output("logits", state.logits)
         else:

@@ -37,4 +37,9 @@ class TorchRunner(Runner):
 def open_torch(path, device="cpu", dtype=torch.float32, **_) -> TorchRunner:
     from ..checkpoint import load_model
 
-    return TorchRunner(load_model(path, device=device, dtype=dtype))
+    model = load_model(path, device=device, dtype=dtype)
+    if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
+        from ..cuda_graph import make_runner
+
+        return make_runner(model)
+    return TorchRunner(model)

@@ -1,0 +1,178 @@
+"""Decode captured as CUDA graphs, one per batch bucket, over preallocated State buffers.
+
+A decode step of a 64-layer model is a few hundred small kernels; launched from Python each
+costs more host time than its GPU work. `CudaGraphRunner` records the whole step once per batch
+bucket (1, 2, 4, ... 128) with `torch.cuda.CUDAGraph` and replays it. A graph replays fixed
+addresses, so each bucket owns static buffers: token ids, the State (n_layer, bucket, ...) and the
+logits. `new_state(batch)` lends a view of the bucket's State (rows [:batch]); stepping a lent
+state replays with no copies. Any other State still works (copied in and out around the replay).
+
+The captured step is `fast_decode_step`: the model's own weights, with the per-layer work fused
+more than `MambaLM.step` does (A precomputed once, residual add + next RMSNorm in one kernel,
+the Mamba2 conv + state update in the `ssd_step` kernels); the test suite compares its logits
+with the reference path's.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from . import ops
+from .runners.torch_runner import TorchRunner
+from .state import State
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("MAMBA_DEPLOY_CUDA_GRAPHS", "1") != "0"
+
+
+class DecodePlan:
+    """Per-layer constants for `fast_decode_step`, computed once (A = -exp(A_log) etc.)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cfg = model.config
+        self.A = [-torch.exp(layer.mixer.A_log.float()) for layer in model.backbone.layers]
+        self.norms = [layer.norm for layer in model.backbone.layers] + [model.backbone.norm_f]
+        self.residual_fp32 = self.cfg.residual_in_fp32
+
+
+def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
+    """Mamba2Mixer.step with A precomputed; conv_state / ssm_state updated in place."""
+    from .ops.triton_kernels import KERNELS
+
+    cfg = mixer.cfg
+    z, xBC, dt = mixer._split(mixer.in_proj(x))  # (b, d), (b, conv_dim), (b, h)
+    y, _, _ = KERNELS["ssd_step"](xBC, dt, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state,
+                                  A, mixer.D, mixer.dt_bias, ssm_state, cfg.dt_limit)
+    y = mixer._gate(y.reshape(x.shape[0], cfg.d_inner), z)
+    return mixer.out_proj(y)
+
+
+def fast_decode_step(plan: DecodePlan, ids, state: State):
+    """ids (b,) on CUDA -> logits (b, vocab) float32; state updated in place (Triton kernels)."""
+    from .ops.triton_kernels import add_rmsnorm_
+
+    model = plan.model
+    h = model.backbone.embeddings(ids)  # (b, d_model)
+    residual = h.float() if plan.residual_fp32 else h.clone()
+    x = plan.norms[0](h.to(plan.norms[0].weight.dtype))
+    for i, layer in enumerate(model.backbone.layers):
+        if plan.cfg.arch == "mamba2":
+            y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
+        else:
+            y, conv, ssm = layer.mixer.step(x, state.conv[i], state.ssm[i])
+            state.conv[i].copy_(conv)  # no-op when the kernel updated in place
+            state.ssm[i].copy_(ssm)
+        nxt = plan.norms[i + 1]
+        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps)  # residual += y; x = norm(residual)
+    return model.lm_head(x.to(model.lm_head.weight.dtype)).float()
+
+
+class _Bucket:
+    def __init__(self, model, size: int):
+        self.size = size
+        self.state = State.zeros(model.config, size, model.device, model.dtype)
+        self.ids = torch.zeros(size, dtype=torch.long, device=model.device)
+        self.graph = None
+        self.logits = None
+        self.lent = None  # weakref to the State view handed out by new_state
+
+    def owns(self, state: State) -> bool:
+        return (state.conv.data_ptr() == self.state.conv.data_ptr()
+                and state.ssm.data_ptr() == self.state.ssm.data_ptr())
+
+
+class CudaGraphRunner(TorchRunner):
+    """TorchRunner whose `step` replays a captured CUDA graph (prefill stays eager)."""
+
+    name = "torch-cudagraph"
+
+    def __init__(self, model, buckets=BUCKETS):
+        super().__init__(model)
+        if model.device.type != "cuda":
+            raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device}; use TorchRunner")
+        self.buckets = tuple(sorted(buckets))
+        self._plan = DecodePlan(model)
+        self._b: dict[int, _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    # ---- buckets -------------------------------------------------------------
+    def _bucket_size(self, batch: int):
+        return next((s for s in self.buckets if s >= batch), None)
+
+    def _bucket(self, size: int) -> _Bucket:
+        if size not in self._b:
+            self._b[size] = _Bucket(self.model, size)
+        return self._b[size]
+
+    @torch.inference_mode()
+    def _capture(self, bk: _Bucket):
+        saved = bk.state.clone()  # warm-up steps advance the state; capture itself runs nothing
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the Triton kernels outside the capture
+                fast_decode_step(self._plan, bk.ids, bk.state)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            bk.logits = fast_decode_step(self._plan, bk.ids, bk.state)
+        bk.state.copy_(saved)
+        bk.graph = graph
+
+    # ---- Runner --------------------------------------------------------------
+    def new_state(self, batch: int) -> State:
+        size = self._bucket_size(batch)
+        if size is None:
+            return super().new_state(batch)
+        bk = self._bucket(size)
+        if bk.lent is not None and bk.lent() is not None:
+            return super().new_state(batch)  # bucket busy: a plain state (copied around replays)
+        view = State(bk.state.conv[:, :batch], bk.state.ssm[:, :batch])
+        view.zero_()
+        bk.lent = weakref.ref(view)
+        return view
+
+    @torch.inference_mode()
+    def step(self, ids, state):
+        batch = ids.shape[0]
+        size = self._bucket_size(batch)
+        if size is None or not graphs_enabled():
+            return super().step(ids, state)
+        bk = self._bucket(size)
+        if bk.graph is None:
+            self._capture(bk)
+        bk.ids[:batch].copy_(ids, non_blocking=True)
+        if bk.owns(state):
+            bk.graph.replay()
+        else:
+            bk.state.conv[:, :batch].copy_(state.conv)
+            bk.state.ssm[:, :batch].copy_(state.ssm)
+            bk.graph.replay()
+            state.conv.copy_(bk.state.conv[:, :batch])
+            state.ssm.copy_(bk.state.ssm[:, :batch])
+        return bk.logits[:batch].cpu(), state
+
+    # for benchmarks: replay without the host copy of the logits
+    def replay(self, batch: int):
+        bk = self._bucket(self._bucket_size(batch))
+        if bk.graph is None:
+            self._capture(bk)
+        bk.graph.replay()
+        return bk.logits
+
+
+def make_runner(model):
+    """CudaGraphRunner on CUDA with Triton available (and graphs enabled), else TorchRunner."""
+    if model.device.type == "cuda" and graphs_enabled() and ops.fast_ops().get("ssd_step") is not None:
+        return CudaGraphRunner(model)
+    return TorchRunner(model)
+
+
+__all__ = ["CudaGraphRunner", "DecodePlan", "fast_decode_step", "make_runner", "BUCKETS"]

@@ -1,0 +1,32 @@
+"""Triton twins of `ops.reference`, keyed like `ops.REFERENCE` (same names, same signatures).
+
+Importing this module imports triton; `ops.fast_ops()` catches the ImportError on machines
+without it (CI), and only routes CUDA tensors here. The kernels live in small files:
+triton_conv (causal conv1d), triton_norm (RMSNorms), triton_scan (Mamba1 scan),
+triton_ssd (Mamba2 chunked SSD), triton_step (decode-step state updates, fused Mamba2 step).
+
+Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_update`,
+`ssd_state_update`, `ssd_step`): the state arguments are updated in place and returned.
+"""
+
+from __future__ import annotations
+
+from .triton_conv import causal_conv1d, causal_conv1d_update
+from .triton_norm import add_rmsnorm_, rmsnorm, rmsnorm_gated
+from .triton_scan import selective_scan
+from .triton_ssd import ssd
+from .triton_step import selective_state_update, ssd_state_update, ssd_step
+
+KERNELS = {
+    "causal_conv1d": causal_conv1d,
+    "causal_conv1d_update": causal_conv1d_update,
+    "rmsnorm": rmsnorm,
+    "rmsnorm_gated": rmsnorm_gated,
+    "selective_scan": selective_scan,
+    "selective_state_update": selective_state_update,
+    "ssd": ssd,
+    "ssd_state_update": ssd_state_update,
+    "ssd_step": ssd_step,
+}
+
+__all__ = ["KERNELS", "add_rmsnorm_"]

@@ -1,0 +1,242 @@
+"""Triton Mamba2 chunked SSD forward (state-space duality), from an initial state.
+
+Twin of `reference.ssd_ref`, same signature. Five launches, each a plain tile program:
+  1. _dt_cumsum   dt -> softplus(dt + bias) (clamped), dA = dt * A, cumsum of dA inside each chunk
+  2. _chunk_bmm   CB = C @ B^T per chunk and group          (shared by the heads of a group)
+  3. _chunk_state each chunk's final state from zero          (x^T @ (decay * dt * B), a matmul)
+  4. _state_pass  sequential over chunks: h_c = h_{c-1} * exp(sum dA) + state_c, from h0
+  5. _chunk_scan  y = (CB * decay * dt) @ x  +  exp(dA) * (C @ h_c^T)  +  D * x
+Padded tail positions get dt = 0 (decay 1, no input), so any length works and the final state
+is the state after the last real token. Decays are exp of differences of float32 cumsums
+inside one chunk (at most chunk_size terms), masked to -inf above the diagonal before the exp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(options):
+    """Autotune candidates; the CPU interpreter (tests) keeps only the first."""
+    cfgs = [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in options]
+    return cfgs[:1] if _INTERPRET else cfgs
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _dt_cumsum_kernel(DT, DTB, A, DTO, DACS, L, H, nchunks, sdb, sdl, sdh,
+                      dt_lo, dt_hi, CLAMP: tl.constexpr, Q: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    hh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
+    q = tl.arange(0, BLOCK_Q)  # (BQ,)
+    t = c * Q + q
+    hm = hh < H
+    valid = (q < Q)[:, None] & (t < L)[:, None] & hm[None, :]
+    dt = tl.load(DT + b * sdb + t[:, None] * sdl + hh[None, :] * sdh, mask=valid, other=0.0).to(tl.float32)
+    dt = _softplus(dt + tl.load(DTB + hh, mask=hm, other=0.0).to(tl.float32)[None, :])
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = tl.where(valid, dt, 0.0)  # padded tail: no input, no decay
+    dA = tl.cumsum(dt * tl.load(A + hh, mask=hm, other=0.0).to(tl.float32)[None, :], axis=0)
+    # outputs (b, h, c, Q) float32
+    off = ((b * H + hh[None, :]) * nchunks + c) * Q + q[:, None]
+    om = (q < Q)[:, None] & hm[None, :]
+    tl.store(DTO + off, dt, mask=om)
+    tl.store(DACS + off, dA, mask=om)
+
+
+@triton.autotune(configs=_configs([({"BM": 64, "BN": 64}, 4, 3), ({"BM": 128, "BN": 128}, 8, 3)]),
+                 key=["Q", "N"])
+@triton.jit
+def _chunk_bmm_kernel(Cm, Bm, CB, L, G, N, nchunks, scb, scl, scg, sbb, sbl, sbg,
+                      Q: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    pid_bc = tl.program_id(1)
+    g = tl.program_id(2)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    nblk_n = tl.cdiv(Q, BN)
+    pm, pn = tl.program_id(0) // nblk_n, tl.program_id(0) % nblk_n
+    m = pm * BM + tl.arange(0, BM)
+    s = pn * BN + tl.arange(0, BN)
+    tm, ts = c * Q + m, c * Q + s
+    mm, sm = (m < Q) & (tm < L), (s < Q) & (ts < L)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < N
+        cv = tl.load(Cm + b * scb + tm[:, None] * scl + g * scg + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        bv = tl.load(Bm + b * sbb + ts[None, :] * sbl + g * sbg + k[:, None], mask=sm[None, :] & km[:, None], other=0.0)
+        acc += tl.dot(cv, bv, input_precision="ieee" if IEEE else "tf32")
+    # CB (b, c, g, Q, Q) float32
+    base = ((b * nchunks + c) * G + g) * Q * Q
+    tl.store(CB + base + m[:, None] * Q + s[None, :], acc, mask=(m < Q)[:, None] & (s < Q)[None, :])
+
+
+@triton.autotune(configs=_configs([({"BP": 64, "BN": 64, "BK": 64}, 4, 3),
+                                   ({"BP": 64, "BN": 128, "BK": 64}, 8, 3),
+                                   ({"BP": 64, "BN": 128, "BK": 32}, 4, 4)]),
+                 key=["Q", "P", "N"])
+@triton.jit
+def _chunk_state_kernel(X, Bm, DTO, DACS, ST, L, H, P, N, nchunks, heads_per_group,
+                        sxb, sxl, sxh, sbb, sbl, sbg,
+                        Q: tl.constexpr, IEEE: tl.constexpr,
+                        BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_bc = tl.program_id(1)
+    hd = tl.program_id(2)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    g = hd // heads_per_group
+    nblk_n = tl.cdiv(N, BN)
+    p = (tl.program_id(0) // nblk_n) * BP + tl.arange(0, BP)
+    n = (tl.program_id(0) % nblk_n) * BN + tl.arange(0, BN)
+    pm, nm = p < P, n < N
+    dbase = ((b * H + hd) * nchunks + c) * Q
+    da_last = tl.load(DACS + dbase + Q - 1)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for k0 in range(0, Q, BK):
+        q = k0 + tl.arange(0, BK)
+        t = c * Q + q
+        tm = (q < Q) & (t < L)
+        xv = tl.load(X + b * sxb + t[None, :] * sxl + hd * sxh + p[:, None],
+                     mask=pm[:, None] & tm[None, :], other=0.0)  # (BP, BK) = x^T
+        bv = tl.load(Bm + b * sbb + t[:, None] * sbl + g * sbg + n[None, :],
+                     mask=tm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # (BK, BN)
+        dt = tl.load(DTO + dbase + q, mask=q < Q, other=0.0)
+        da = tl.load(DACS + dbase + q, mask=q < Q, other=0.0)
+        scale = dt * tl.exp(da_last - da)  # decay from t to the chunk end, times dt
+        bv = (bv * scale[:, None]).to(xv.dtype)
+        acc += tl.dot(xv, bv, input_precision="ieee" if IEEE else "tf32")
+    # states (b, c, h, p, n) float32
+    sbase = ((b * nchunks + c) * H + hd) * P * N
+    tl.store(ST + sbase + p[:, None] * N + n[None, :], acc, mask=pm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _state_pass_kernel(ST, DACS, H0, HS, HL, H, PN, nchunks, Q: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    hd = tl.program_id(1)
+    e = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    em = e < PN
+    h = tl.load(H0 + (b * H + hd) * PN + e, mask=em, other=0.0).to(tl.float32)
+    for c in range(nchunks):
+        off = ((b * nchunks + c) * H + hd) * PN + e
+        tl.store(HS + off, h.to(HS.dtype.element_ty), mask=em)  # state at the chunk start
+        decay = tl.exp(tl.load(DACS + ((b * H + hd) * nchunks + c) * Q + Q - 1))
+        h = h * decay + tl.load(ST + off, mask=em, other=0.0)
+    tl.store(HL + (b * H + hd) * PN + e, h, mask=em)
+
+
+@triton.autotune(configs=_configs([({"BM": 64, "BP": 64, "BK": 64}, 4, 3),
+                                   ({"BM": 128, "BP": 64, "BK": 64}, 8, 3),
+                                   ({"BM": 64, "BP": 64, "BK": 32}, 4, 4)]),
+                 key=["Q", "P", "N"])
+@triton.jit
+def _chunk_scan_kernel(X, Cm, CB, HS, DTO, DACS, Dp, Y, L, H, P, N, G, nchunks, heads_per_group,
+                       sxb, sxl, sxh, scb, scl, scg, syb, syl, syh,
+                       Q: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                       BM: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
+    hd = tl.program_id(0)  # heads vary fastest so the heads of one chunk share CB and C in L2
+    pid_bc = tl.program_id(2)
+    b, c = pid_bc // nchunks, pid_bc % nchunks
+    g = hd // heads_per_group
+    nblk_p = tl.cdiv(P, BP)
+    pm_id = tl.program_id(1) // nblk_p
+    m = pm_id * BM + tl.arange(0, BM)
+    p = (tl.program_id(1) % nblk_p) * BP + tl.arange(0, BP)
+    tmm = c * Q + m
+    mm = (m < Q) & (tmm < L)
+    pmask = p < P
+    dbase = ((b * H + hd) * nchunks + c) * Q
+    da_m = tl.load(DACS + dbase + m, mask=m < Q, other=0.0)
+    # -- from the state at the chunk start: exp(dA_m) * C_m . h
+    n = tl.arange(0, BLOCK_N)
+    cv = tl.load(Cm + b * scb + tmm[:, None] * scl + g * scg + n[None, :],
+                 mask=mm[:, None] & (n < N)[None, :], other=0.0)  # (BM, N)
+    hbase = ((b * nchunks + c) * H + hd) * P * N
+    hv = tl.load(HS + hbase + p[None, :] * N + n[:, None],
+                 mask=pmask[None, :] & (n < N)[:, None], other=0.0)  # (N, BP) = h^T
+    acc = tl.dot(cv, hv.to(cv.dtype), input_precision="ieee" if IEEE else "tf32")
+    acc = acc * tl.exp(da_m)[:, None]
+    # -- inside the chunk: causal (CB * decay * dt) @ x, only blocks at or below the diagonal
+    cbbase = ((b * nchunks + c) * G + g) * Q * Q
+    hi = tl.minimum((pm_id + 1) * BM, Q)
+    for k0 in range(0, hi, BK):
+        k = k0 + tl.arange(0, BK)
+        tk = c * Q + k
+        km = (k < Q) & (tk < L)
+        cb = tl.load(CB + cbbase + m[:, None] * Q + k[None, :], mask=(m < Q)[:, None] & (k < Q)[None, :], other=0.0)
+        da_k = tl.load(DACS + dbase + k, mask=k < Q, other=0.0)
+        dt_k = tl.load(DTO + dbase + k, mask=k < Q, other=0.0)
+        causal = (k[None, :] <= m[:, None]) & km[None, :]
+        diff = tl.where(causal, da_m[:, None] - da_k[None, :], -float("inf"))
+        w = cb * tl.exp(diff) * dt_k[None, :]
+        xk = tl.load(X + b * sxb + tk[:, None] * sxl + hd * sxh + p[None, :],
+                     mask=km[:, None] & pmask[None, :], other=0.0)  # (BK, BP)
+        acc += tl.dot(w.to(xk.dtype), xk, input_precision="ieee" if IEEE else "tf32")
+    xm = tl.load(X + b * sxb + tmm[:, None] * sxl + hd * sxh + p[None, :],
+                 mask=mm[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+    acc += xm * tl.load(Dp + hd).to(tl.float32)
+    tl.store(Y + b * syb + tmm[:, None] * syl + hd * syh + p[None, :], acc.to(Y.dtype.element_ty),
+             mask=mm[:, None] & pmask[None, :])
+
+
+def ssd(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)):
+    """x (b, l, h, p); dt (b, l, h) raw; A, D, dt_bias (h,); B, C (b, l, g, n); h0 (b, h, p, n).
+    Returns y (b, l, h, p) (with D skip, no gate) and h_last (b, h, p, n) float32."""
+    b, l, nh, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    Q = int(chunk_size)
+    nchunks = max(1, triton.cdiv(l, Q))
+    dev = x.device
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    B = B if B.stride(-1) == 1 else B.contiguous()
+    C = C if C.stride(-1) == 1 else C.contiguous()
+    ieee = x.dtype == torch.float32  # tf32 would miss the fp32 tolerance
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    clamp = lo > 0.0 or hi != math.inf
+
+    dto = torch.empty((b, nh, nchunks, Q), device=dev, dtype=torch.float32)
+    dacs = torch.empty_like(dto)
+    BQ, BH = triton.next_power_of_2(Q), 8
+    _dt_cumsum_kernel[(b, nchunks, triton.cdiv(nh, BH))](
+        dt, dt_bias, A, dto, dacs, l, nh, nchunks, *dt.stride(), lo, hi if hi != math.inf else 3.0e38,
+        CLAMP=clamp, Q=Q, BLOCK_Q=BQ, BLOCK_H=BH, num_warps=4)
+
+    cb = torch.empty((b, nchunks, g, Q, Q), device=dev, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(Q, META["BM"]) * triton.cdiv(Q, META["BN"]), b * nchunks, g)  # noqa: E731
+    _chunk_bmm_kernel[grid](C, B, cb, l, g, n, nchunks, C.stride(0), C.stride(1), C.stride(2),
+                            B.stride(0), B.stride(1), B.stride(2), Q=Q, BK=max(16, min(64, triton.next_power_of_2(n))),
+                            IEEE=ieee)
+
+    states = torch.empty((b, nchunks, nh, p, n), device=dev, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(p, META["BP"]) * triton.cdiv(n, META["BN"]), b * nchunks, nh)  # noqa: E731
+    _chunk_state_kernel[grid](x, B, dto, dacs, states, l, nh, p, n, nchunks, nh // g,
+                              x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+                              Q=Q, IEEE=ieee)
+
+    h_start = torch.empty((b, nchunks, nh, p, n), device=dev, dtype=x.dtype)
+    h_last = torch.empty((b, nh, p, n), device=dev, dtype=torch.float32)
+    h0c = h0.contiguous()
+    BS = 1024
+    _state_pass_kernel[(b, nh, triton.cdiv(p * n, BS))](states, dacs, h0c, h_start, h_last, nh, p * n, nchunks,
+                                                        Q=Q, BLOCK=BS, num_warps=4)
+
+    y = torch.empty((b, l, nh, p), device=dev, dtype=x.dtype)
+    grid = lambda META: (nh, triton.cdiv(Q, META["BM"]) * triton.cdiv(p, META["BP"]), b * nchunks)  # noqa: E731
+    _chunk_scan_kernel[grid](x, C, cb, h_start, dto, dacs, D, y, l, nh, p, n, g, nchunks, nh // g,
+                             x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1), C.stride(2),
+                             y.stride(0), y.stride(1), y.stride(2),
+                             Q=Q, BLOCK_N=max(16, triton.next_power_of_2(n)), IEEE=ieee)
+    return y, h_last

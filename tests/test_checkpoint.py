@@ -1,0 +1,176 @@
+"""Checkpoint formats (HF, mamba_ssm, sharded, .bin), config dialects and typed errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mamba_deploy import MambaConfig, load_model, save_checkpoint
+from mamba_deploy.cli import main as cli_main
+from mamba_deploy.errors import (CheckpointError, ConfigError, ModelNotFoundError,
+                                 UnsupportedArchitectureError)
+
+
+def _ref_logits(hf, n=23):
+    torch.manual_seed(5)
+    ids = torch.randint(0, 128, (2, n))
+    with torch.no_grad():
+        return ids, hf(ids).logits
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_convert_to_mamba_ssm_and_back(kind, hf_checkpoint, tmp_path):
+    folder, hf = hf_checkpoint(kind)
+    assert cli_main(["convert", str(folder), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 0
+    cfg = json.loads((tmp_path / "ssm" / "config.json").read_text())
+    assert "ssm_cfg" in cfg and cfg["ssm_cfg"]["layer"] == ("Mamba1" if kind == "mamba" else "Mamba2")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ssm" / "model.safetensors"), "pt") as f:
+        assert "backbone.embedding.weight" in f.keys()
+    ids, ref = _ref_logits(hf)
+    assert rel_err(load_model(tmp_path / "ssm")(ids).logits, ref) <= 1e-4
+    # and back to HF: transformers itself must load it
+    assert cli_main(["convert", str(tmp_path / "ssm"), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    import transformers
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert rel_err(back(ids).logits, ref) <= 1e-4
+
+
+def test_sharded_checkpoint(hf_checkpoint, tmp_path):
+    folder, hf = hf_checkpoint("mamba")
+    model = load_model(folder)
+    save_checkpoint(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    ids, ref = _ref_logits(hf)
+    assert rel_err(load_model(tmp_path / "sharded")(ids).logits, ref) <= 1e-4
+
+
+def test_transformers_sharded_and_bin(hf_checkpoint, tmp_path):
+    _, hf = hf_checkpoint("mamba2")
+    hf.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").exists()
+    ids, ref = _ref_logits(hf)
+    assert rel_err(load_model(tmp_path / "shards")(ids).logits, ref) <= 1e-4
+    # pytorch_model.bin via torch.load(weights_only=True)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "shards" / "config.json", tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert rel_err(load_model(tmp_path / "bin")(ids).logits, ref) <= 1e-4
+
+
+def test_vocab_padding_mamba_ssm(hf_checkpoint, tmp_path):
+    """mamba_ssm configs give the true vocab and a pad multiple; rows beyond it are padding."""
+    folder, hf = hf_checkpoint("mamba")
+    model = load_model(folder)
+    out = save_checkpoint(model, tmp_path / "ssm", fmt="mamba_ssm")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["vocab_size"], cfg["pad_vocab_size_multiple"] = 125, 8  # 125 -> padded 128
+    (out / "config.json").write_text(json.dumps(cfg))
+    m2 = load_model(out)
+    assert m2.config.padded_vocab_size == 128 and m2.config.vocab_size == 125
+    ids, ref = _ref_logits(hf)
+    assert rel_err(m2(ids).logits, ref) <= 1e-4
+
+
+def test_config_dialects():
+    hf = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100,
+          "num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,
+          "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    c = MambaConfig.from_dict(hf)
+    assert (c.arch, c.nheads, c.ngroups, c.dt_limit[1]) == ("mamba2", 8, 2, float("inf"))
+    ssm = {"d_model": 64, "n_layer": 2, "vocab_size": 100, "pad_vocab_size_multiple": 16,
+           "ssm_cfg": {"layer": "Mamba2", "headdim": 32, "ngroups": 2, "d_state": 64}}
+    c2 = MambaConfig.from_dict(ssm)
+    assert (c2.arch, c2.headdim, c2.padded_vocab_size, c2.d_state) == ("mamba2", 32, 112, 64)
+    c3 = MambaConfig.from_dict({"d_model": 64, "n_layer": 2, "vocab_size": 100, "ssm_cfg": {}})
+    assert c3.arch == "mamba1" and c3.resolved_dt_rank == 4
+    f = MambaConfig.from_dict({"architectures": ["FalconMambaForCausalLM"], "hidden_size": 32,
+                               "num_hidden_layers": 1, "vocab_size": 10})
+    assert f.dt_bc_rms and f.arch == "mamba1"
+    assert MambaConfig.from_dict(c.to_hf_dict()) == c.replace(source="hf", hf_model_type="mamba2")
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'llama'.*supported:.*mamba2"):
+        load_model(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="Mamba3"):
+        MambaConfig.from_dict({"d_model": 8, "n_layer": 1, "vocab_size": 8, "ssm_cfg": {"layer": "Mamba3"}})
+
+
+def test_inconsistent_config():
+    with pytest.raises(ConfigError, match="num_heads"):
+        MambaConfig.from_dict({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 1,
+                               "vocab_size": 10, "num_heads": 3, "head_dim": 16})
+
+
+def test_missing_path_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="no such file or folder"):
+        load_model(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"state-spaces/mamba-130m-hf.*offline"):
+        load_model("state-spaces/mamba-130m-hf")
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_corrupt_safetensors(hf_checkpoint, tmp_path):
+    dst = _copy(hf_checkpoint("mamba")[0], tmp_path)
+    f = dst / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        load_model(dst)
+
+
+def test_missing_and_wrong_shape_tensors(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dst = _copy(hf_checkpoint("mamba")[0], tmp_path)
+    sd = load_file(dst / "model.safetensors")
+    del sd["backbone.layers.1.mixer.D"]
+    sd["backbone.layers.0.mixer.A_log"] = torch.zeros(3, 3)
+    sd["backbone.layers.0.mixer.extra"] = torch.zeros(1)
+    save_file(sd, dst / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(dst)
+    msg = str(e.value)
+    assert "missing tensors: backbone.layers.1.mixer.D" in msg
+    assert "backbone.layers.0.mixer.A_log: file (3, 3)" in msg
+    assert "unexpected tensors: backbone.layers.0.mixer.extra" in msg
+
+
+def test_bad_input_shapes(hf_checkpoint):
+    from mamba_deploy.errors import ShapeError
+
+    model = load_model(hf_checkpoint("mamba")[0])
+    with pytest.raises(ShapeError, match=r"\(batch, seqlen\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ShapeError, match="outside the vocabulary"):
+        model(torch.full((1, 3), 1000))
+    with pytest.raises(ShapeError, match="State.zeros"):
+        model(torch.zeros(2, 3, dtype=torch.long), state=model.new_state(1))
+
+
+def test_inspect_cli(hf_checkpoint, capsys):
+    folder, hf = hf_checkpoint("mamba2_g2")
+    assert cli_main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert info["ngroups"] == 2 and info["bytes_on_disk"] > 0
+    assert info["state_bytes_per_sequence_fp32"] == 4 * 2 * (
+        (64 + 2 * 2 * 16) * 3 + 8 * 8 * 16)
+
+
+def test_cli_reports_typed_error(tmp_path, capsys):
+    assert cli_main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -1,0 +1,302 @@
+"""Each Triton kernel against its pure-PyTorch reference twin, per dtype, on random inputs.
+
+Runs on a CUDA machine with triton; skipped elsewhere (CI is CPU-only). Tolerances: relative
+error ||out - ref|| / ||ref|| <= 1e-4 in float32, <= 1e-2 in bfloat16. The reference runs on the
+same inputs upcast to float32; outputs and final states are both checked, and the state arguments
+are cloned before the fast call because the decode kernels update them in place.
+
+The `check_*` helpers take a device so the same checks can run under TRITON_INTERPRET=1 on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mamba_deploy.ops import reference as R
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA, reason="Triton kernels need a CUDA GPU (CPU keeps the references)")
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def K():
+    from mamba_deploy.ops import triton_kernels
+
+    return triton_kernels
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def close(out, ref, dtype, what=""):
+    r = rel(out, ref)
+    assert r <= TOL[dtype], f"{what}: relative error {r:.2e} > {TOL[dtype]:.0e}"
+
+
+def up(*args):
+    """The reference runs in float32 on the same (bf16-valued) inputs: its own intermediate bf16
+    roundings (e.g. the conv in x's dtype) are not the kernel's error."""
+    return [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def rnd(*shape, device, dtype, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_conv(b, l, c, k, dtype, device, bias=True):
+    x = rnd(b, l, c, device=device, dtype=dtype)
+    w = rnd(c, k, device=device, dtype=dtype, scale=0.5)
+    bb = rnd(c, device=device, dtype=dtype) if bias else None
+    s = rnd(b, c, k - 1, device=device, dtype=dtype)
+    y, s1 = K().causal_conv1d(x, w, bb, s, True)
+    yr, sr = R.causal_conv1d_ref(*up(x, w, bb, s), True)
+    close(y, yr, dtype, "conv y")
+    assert torch.equal(s1.float(), sr), "conv state"
+
+
+def check_conv_update(b, c, k, dtype, device):
+    x = rnd(b, c, device=device, dtype=dtype)
+    w = rnd(c, k, device=device, dtype=dtype, scale=0.5)
+    bb = rnd(c, device=device, dtype=dtype)
+    s = rnd(b, c, k - 1, device=device, dtype=dtype)
+    yr, sr = R.causal_conv1d_update_ref(*up(x, w, bb, s), True)
+    y, s1 = K().causal_conv1d_update(x, w, bb, s, True)
+    close(y, yr, dtype, "conv update y")
+    assert torch.equal(s1.float(), sr), "conv update state"
+
+
+def check_rmsnorm(rows, d, dtype, device):
+    x = rnd(rows, d, device=device, dtype=dtype, scale=3.0)
+    w = rnd(d, device=device, dtype=dtype)
+    close(K().rmsnorm(x, w, 1e-5), R.rmsnorm_ref(*up(x, w), 1e-5), dtype, "rmsnorm")
+
+
+def check_rmsnorm_gated(rows, d, group, before, dtype, device):
+    x = rnd(2, rows, d, device=device, dtype=dtype)
+    z = rnd(2, rows, d, device=device, dtype=dtype)
+    w = rnd(d, device=device, dtype=dtype)
+    out = K().rmsnorm_gated(x, z, w, 1e-5, group, before)
+    close(out, R.rmsnorm_gated_ref(*up(x, z, w), 1e-5, group, before), dtype, "rmsnorm_gated")
+
+
+def mamba1_inputs(b, l, d, n, dtype, device):
+    x = rnd(b, l, d, device=device, dtype=dtype)
+    dt = rnd(b, l, d, device=device, dtype=dtype, scale=0.5) - 1.0
+    A = -torch.exp(torch.rand(d, n, device=device) * 2)  # float32, like the model passes it
+    B = rnd(b, l, n, device=device, dtype=dtype)
+    C = rnd(b, l, n, device=device, dtype=dtype)
+    D = rnd(d, device=device, dtype=dtype)
+    z = rnd(b, l, d, device=device, dtype=dtype)
+    dtb = rnd(d, device=device, dtype=dtype, scale=0.5)
+    h0 = torch.randn(b, d, n, device=device)
+    return x, dt, A, B, C, D, z, dtb, h0
+
+
+def check_selective_scan(b, l, d, n, dtype, device, gate=True):
+    x, dt, A, B, C, D, z, dtb, h0 = mamba1_inputs(b, l, d, n, dtype, device)
+    z = z if gate else None
+    y, h = K().selective_scan(x, dt, A, B, C, D, z, dtb, h0)
+    yr, hr = R.selective_scan_ref(*up(x, dt, A, B, C, D, z, dtb, h0))
+    close(y, yr, dtype, "scan y")
+    close(h, hr, torch.float32 if dtype == torch.float32 else dtype, "scan h")
+
+
+def check_selective_state_update(b, d, n, dtype, device):
+    x, dt, A, B, C, D, z, dtb, h0 = mamba1_inputs(b, 1, d, n, dtype, device)
+    args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], dtb)
+    yr, hr = R.selective_state_update_ref(*up(*args, h0))
+    y, h = K().selective_state_update(*args, h0)
+    close(y, yr, dtype, "sel update y")
+    close(h, hr, dtype, "sel update h")
+
+
+def mamba2_inputs(b, l, nh, p, g, n, dtype, device):
+    x = rnd(b, l, nh, p, device=device, dtype=dtype)
+    dt = rnd(b, l, nh, device=device, dtype=dtype, scale=0.5) - 1.0
+    A = -torch.exp(torch.rand(nh, device=device) * 2)
+    B = rnd(b, l, g, n, device=device, dtype=dtype)
+    C = rnd(b, l, g, n, device=device, dtype=dtype)
+    D = rnd(nh, device=device, dtype=dtype)
+    dtb = rnd(nh, device=device, dtype=dtype, scale=0.5)
+    h0 = torch.randn(b, nh, p, n, device=device)
+    return x, dt, A, B, C, D, dtb, h0
+
+
+def check_ssd(b, l, nh, p, g, n, Q, dtype, device, dt_limit=(0.0, math.inf)):
+    x, dt, A, B, C, D, dtb, h0 = mamba2_inputs(b, l, nh, p, g, n, dtype, device)
+    y, h = K().ssd(x, dt, A, B, C, D, dtb, h0, Q, dt_limit)
+    yr, hr = R.ssd_ref(*up(x, dt, A, B, C, D, dtb, h0), Q, dt_limit)
+    close(y, yr, dtype, "ssd y")
+    close(h, hr, dtype, "ssd h")
+
+
+def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
+    conv_dim = nh * p + 2 * g * n
+    xBC = rnd(b, conv_dim, device=device, dtype=dtype)
+    dt = rnd(b, nh, device=device, dtype=dtype, scale=0.5) - 1.0
+    w = rnd(conv_dim, k, device=device, dtype=dtype, scale=0.5)
+    cb = rnd(conv_dim, device=device, dtype=dtype)
+    cs = rnd(b, conv_dim, k - 1, device=device, dtype=dtype)
+    A = -torch.exp(torch.rand(nh, device=device) * 2)
+    D = rnd(nh, device=device, dtype=dtype)
+    dtb = rnd(nh, device=device, dtype=dtype, scale=0.5)
+    h = torch.randn(b, nh, p, n, device=device)
+    yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h), dt_limit)
+    y, cs1, h1 = K().ssd_step(xBC, dt, w, cb, cs, A, D, dtb, h, dt_limit)
+    close(y, yr, dtype, "ssd_step y")
+    assert torch.equal(cs1.float(), csr), "ssd_step conv state"
+    close(h1, hr, dtype, "ssd_step h")
+    # the un-fused state update too
+    x = rnd(b, nh, p, device=device, dtype=dtype)
+    Bv, Cv = rnd(b, g, n, device=device, dtype=dtype), rnd(b, g, n, device=device, dtype=dtype)
+    yr, hr = R.ssd_state_update_ref(*up(x, dt, A, Bv, Cv, D, dtb, h), dt_limit)
+    y, h2 = K().ssd_state_update(x, dt, A, Bv, Cv, D, dtb, h, dt_limit)
+    close(y, yr, dtype, "ssd_state_update y")
+    close(h2, hr, dtype, "ssd_state_update h")
+
+
+# ----------------------------------------------------------------------------- tests
+
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,l,c,k", [(1, 1, 64, 4), (2, 7, 200, 4), (3, 33, 130, 3), (2, 1025, 384, 4)])
+def test_causal_conv1d(b, l, c, k, dtype):
+    check_conv(b, l, c, k, dtype, DEV)
+    check_conv(b, l, c, k, dtype, DEV, bias=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,c,k", [(1, 64, 4), (3, 300, 4), (2, 5376, 4)])
+def test_causal_conv1d_update(b, c, k, dtype):
+    check_conv_update(b, c, k, dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 64), (7, 2560), (33, 1000)])
+def test_rmsnorm(rows, d, dtype):
+    check_rmsnorm(rows, d, dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d,group", [(1, 128, 128), (7, 5120, 5120), (5, 256, 64)])
+@pytest.mark.parametrize("before", [False, True])
+def test_rmsnorm_gated(rows, d, group, before, dtype):
+    check_rmsnorm_gated(rows, d, group, before, dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,l,d,n", [(1, 1, 64, 16), (2, 7, 96, 16), (2, 65, 130, 8), (1, 600, 256, 16)])
+def test_selective_scan(b, l, d, n, dtype):
+    check_selective_scan(b, l, d, n, dtype, DEV)
+
+
+def test_selective_scan_no_gate():
+    check_selective_scan(2, 70, 64, 16, torch.float32, DEV, gate=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d,n", [(1, 64, 16), (5, 300, 16), (2, 5120, 16)])
+def test_selective_state_update(b, d, n, dtype):
+    check_selective_state_update(b, d, n, dtype, DEV)
+
+
+SSD_SHAPES = [  # (b, l, nh, p, g, n, Q): odd lengths 1, 7, chunk+1, long; groups; batch > 1
+    (1, 1, 4, 16, 1, 16, 16),
+    (2, 7, 4, 16, 1, 16, 16),
+    (2, 17, 8, 16, 2, 16, 16),
+    (2, 257, 8, 64, 1, 128, 256),
+    (1, 1000, 6, 64, 2, 64, 128),
+    (3, 2049, 4, 64, 1, 128, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SSD_SHAPES)
+def test_ssd(shape, dtype):
+    check_ssd(*shape, dtype, DEV)
+
+
+def test_ssd_dt_limit():
+    check_ssd(2, 100, 4, 32, 1, 32, 64, torch.float32, DEV, dt_limit=(0.01, 0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,nh,p,g,n", [(1, 4, 16, 1, 16), (3, 8, 64, 2, 64), (2, 80, 64, 1, 128)])
+def test_ssd_step(b, nh, p, g, n, dtype):
+    check_ssd_step(b, nh, p, g, n, 4, dtype, DEV)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "mamba2_g2"])
+def test_model_triton_vs_reference(kind):
+    """Whole tiny model, prefill + 5 decode steps, Triton dispatch vs references (float32)."""
+    from conftest import build_hf_model  # noqa: PLC0415
+
+    from mamba_deploy import ops
+    from mamba_deploy.checkpoint import load_model
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_hf_model(kind).save_pretrained(tmp)
+        model = load_model(tmp, device=DEV, dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 37), device=DEV)
+    nxt = torch.randint(0, 128, (5, 2), device=DEV)
+    outs = {}
+    for backend in ("ref", "triton"):
+        with ops.use_backend(backend), torch.inference_mode():
+            st = model.new_state(2)
+            logits = [model(ids, st).logits[:, -1]]
+            logits += [model.step(t, st) for t in nxt]
+            outs[backend] = (torch.stack(logits), st.ssm.clone(), st.conv.clone())
+    close(outs["triton"][0], outs["ref"][0], torch.float32, "logits")
+    close(outs["triton"][1], outs["ref"][1], torch.float32, "ssm state")
+    close(outs["triton"][2], outs["ref"][2], torch.float32, "conv state")
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_graph_runner(kind, dtype):
+    """Graph-captured decode gives the eager reference's logits, batch 1 and 3."""
+    from conftest import build_hf_model  # noqa: PLC0415
+
+    from mamba_deploy import ops
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_hf_model(kind).save_pretrained(tmp)
+        model = load_model(tmp, device=DEV, dtype=dtype)
+    for batch in (1, 3):
+        ids = torch.randint(0, 128, (batch, 9))
+        steps = torch.randint(0, 128, (4, batch))
+        fast, slow = CudaGraphRunner(model), TorchRunner(model)
+        sf, ss = fast.new_state(batch), slow.new_state(batch)
+        fast.prefill(ids, sf)
+        with ops.use_backend("ref"):
+            slow.prefill(ids, ss)
+        for t in steps:
+            lf, _ = fast.step(t, sf)
+            with ops.use_backend("ref"):
+                lr, _ = slow.step(t, ss)
+            close(lf, lr, dtype, f"graph step logits b={batch}")
+        close(fast.to_torch_state(sf).ssm, slow.to_torch_state(ss).ssm, dtype, "graph ssm state")

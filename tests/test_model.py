@@ -1,0 +1,87 @@
+"""The PyTorch model against transformers' own implementation, and parallel vs recurrent.
+
+Tolerances: fp32 logits <= 1e-4 relative to transformers; step vs parallel <= 1e-5 in fp32
+and 1e-10 in float64 (same math, different association order).
+"""
+
+import pytest
+import torch
+
+from conftest import KINDS, rel_err
+from mamba_deploy import State, load_model
+
+LENGTHS = [1, 7, 15, 17, 53]  # chunk_size is 16 in the tiny configs: chunk-1, chunk+1, 3*chunk+5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(kind, hf_checkpoint):
+    folder, hf = hf_checkpoint(kind)
+    model = load_model(folder)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (3, 53))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = model(ids)
+    assert out.logits.shape == (3, 53, model.config.padded_vocab_size)
+    assert rel_err(out.logits, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_step_equals_parallel(kind, dtype, tol, hf_checkpoint):
+    folder, _ = hf_checkpoint(kind)
+    model = load_model(folder, dtype=dtype)
+    torch.manual_seed(2)
+    for length in LENGTHS:
+        ids = torch.randint(0, 128, (3, length))
+        full = model(ids)
+        state = model.new_state(3)
+        steps = torch.stack([model.step(ids[:, t], state) for t in range(length)], 1)
+        assert rel_err(steps, full.logits) <= tol, f"length {length}"
+        assert rel_err(state.ssm, full.state.ssm) <= tol
+        assert rel_err(state.conv, full.state.conv) <= tol
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_in_pieces_equals_one_prefill(kind, hf_checkpoint):
+    folder, _ = hf_checkpoint(kind)
+    model = load_model(folder)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (2, 41))
+    whole = model(ids)
+    state = model.new_state(2)
+    a = model(ids[:, :18], state=state)
+    b = model(ids[:, 18:], state=a.state)
+    assert rel_err(torch.cat([a.logits, b.logits], 1), whole.logits) <= 1e-5
+    assert rel_err(b.state.ssm, whole.state.ssm) <= 1e-5
+
+
+def test_float64_reference_agrees_with_float32(hf_checkpoint):
+    folder, _ = hf_checkpoint("mamba2_g2")
+    ids = torch.randint(0, 128, (2, 40))
+    lo = load_model(folder)(ids).logits
+    hi = load_model(folder, dtype=torch.float64)(ids).logits
+    assert rel_err(lo, hi) <= 1e-5
+
+
+def test_left_padding_does_not_leak_into_state(hf_checkpoint):
+    folder, _ = hf_checkpoint("mamba2_g2")
+    model = load_model(folder)
+    torch.manual_seed(4)
+    short = torch.randint(0, 128, (1, 9))
+    padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), short], 1)
+    mask = torch.cat([torch.zeros(1, 6), torch.ones(1, 9)], 1).long()
+    alone = model(short)
+    masked = model(padded, attention_mask=mask)
+    assert rel_err(masked.logits[:, 6:], alone.logits) <= 1e-5
+    assert rel_err(masked.state.ssm, alone.state.ssm) <= 1e-5
+
+
+def test_state_layout(hf_checkpoint):
+    folder, _ = hf_checkpoint("mamba2")
+    model = load_model(folder)
+    cfg = model.config
+    st = State.zeros(cfg, 2)
+    assert st.conv.shape == (cfg.n_layer, 2, cfg.d_inner + 2 * cfg.ngroups * cfg.d_state, cfg.d_conv - 1)
+    assert st.ssm.shape == (cfg.n_layer, 2, cfg.nheads, cfg.headdim, cfg.d_state)
+    assert st.nbytes == cfg.state_numel() * 4 * 2

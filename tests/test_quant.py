@@ -1,0 +1,308 @@
+"""Quantization: formats against float64 math, save/reload, GPTQ/AWQ vs round-to-nearest,
+ONNX MatMulNBits against the PyTorch quantized model (onnxruntime), config errors, CLI.
+
+Stated tolerances (quantized, vs the float model on tiny random checkpoints):
+int8 weight-only / smoothquant: max logit error <= 5% of max |logit|, fp8 (3 mantissa bits) 15%,
+int4 60% (random tiny weights, groups of 32); reloads are bit-identical; ONNX MatMulNBits vs
+PyTorch quantized 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mamba_deploy import load_model
+from mamba_deploy.errors import QuantizationError
+from mamba_deploy.quant import formats, quantize, save_quantized
+from mamba_deploy.quant.modules import QuantLinear
+
+CALIB = dict(calib_ids=torch.arange(4096) * 7919 % 128, n_calib=4, calib_len=64, progress=False)
+GROUP = 32  # tiny models: d_model 32, d_inner 64
+ERR_TOL = {"int8": 0.05, "smoothquant": 0.05, "fp8": 0.15}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids(n=2, l=24, seed=0):
+    return torch.randint(0, 128, (n, l), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- formats vs float64
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_roundtrip_error_bound(symmetric, group):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1)) * 0.1
+    t = formats.encode(w, "int4", "w", group, symmetric)
+    deq = formats.decode(t, "int4", group, symmetric).double()
+    w64 = w.double().reshape(48, 256 // group, group)
+    s = t["scales"].double()  # stored step per group
+    # independent float64 reference: step = range / levels, rounding error <= step / 2
+    if symmetric:
+        want_s = w64.abs().amax(-1) / 7
+    else:
+        want_s = (w64.amax(-1).clamp_min(0) - w64.amin(-1).clamp_max(0)) / 15
+    assert torch.allclose(s, want_s, rtol=1e-3)  # fp16 storage of the scale
+    err = (deq.reshape(48, 256 // group, group) - w64).abs()
+    assert bool((err <= s.unsqueeze(-1) * 0.5 * (1 + 2e-3) + 1e-7).all())
+    assert float(err.max()) > 0  # it really quantized
+
+
+def test_int8_per_channel_error_bound_and_pack():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    t = formats.encode(w, "int8", "w")
+    assert t["qweight"].dtype == torch.int8 and t["scales"].shape == (64, 1)
+    s = w.double().abs().amax(1, keepdim=True) / 127
+    deq = formats.decode(t, "int8", 96, True).double()
+    assert bool(((deq - w.double()).abs() <= s * 0.5 * (1 + 2e-3)).all())
+    # nibble packing against numpy bit arithmetic
+    q = torch.randint(-7, 8, (5, 16))
+    packed = formats.pack_int4(q).numpy()
+    qn = q.numpy() & 0xF
+    assert np.array_equal(packed, (qn[:, 0::2] | (qn[:, 1::2] << 4)).astype(np.uint8))
+    assert torch.equal(formats.unpack_int4(torch.from_numpy(packed), True), q.to(torch.int32))
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_fp8_error_bound(scaling):
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    t = formats.encode(w, "fp8", "w", fp8_scaling=scaling)
+    deq = formats.decode(t, "fp8", 64, True).double()
+    s = t["scales"].double()
+    # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4 for normals (>= 2^-6 * s),
+    # absolute <= 2^-10 * s (half the subnormal step) below
+    bound = torch.maximum(w.double().abs() * 2**-4, s * 2**-10)
+    assert bool(((deq - w.double()).abs() <= bound * (1 + 1e-6)).all())
+
+
+def test_quant_linear_matches_float64(hf_checkpoint):
+    lin = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    for fmt in ("int8", "int4", "fp8"):
+        m = QuantLinear.from_linear(lin, fmt, "lin", GROUP)
+        W = formats.decode(m.stored(), fmt, m.group_size, True, torch.float64)
+        want = x.double() @ W.T + lin.bias.double()
+        assert (m(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # W8A8: dynamic per-token int8 activations, emulated in float64
+    m = QuantLinear.from_linear(lin, "w8a8", "lin")
+    xs = x.double().abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x.double() / xs).clamp(-127, 127)
+    want = (xq @ m.qweight.double().T) * xs * m.scales.double().T + lin.bias.double()
+    assert (m(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+METHOD_CASES = [
+    ("int8", {}), ("int4", dict(group_size=GROUP)), ("int4", dict(group_size=GROUP, symmetric=False)),
+    ("gptq", dict(group_size=GROUP, act_order=True)), ("awq", dict(group_size=GROUP)),
+    ("smoothquant", dict(alpha=0.5)), ("fp8", dict(fp8_scaling="tensor")),
+    ("int8", dict(include=("embeddings", "lm_head"))),
+]
+
+
+@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "mamba2", "mamba2_g2"])
+@pytest.mark.parametrize("method,opts", METHOD_CASES, ids=lambda v: str(v))
+def test_save_reload_identical(hf_checkpoint, tmp_path, kind, method, opts):
+    folder, hf = hf_checkpoint(kind)
+    model = quantize(load_model(folder), method, **CALIB, **opts)
+    ids = _ids()
+    before = _logits(model, ids)
+    out = save_quantized(model, tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["method"] == method and cfg["modules"]
+    reloaded = load_model(out)
+    assert torch.equal(_logits(reloaded, ids), before)
+    # the quantized model still computes the same function as transformers' float model
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    err = float((before - ref).abs().max() / ref.abs().max())
+    assert err < ERR_TOL.get(method, 0.6), err
+    assert 0 < err  # weights really changed
+
+
+def test_int8_close_to_float(hf_checkpoint):
+    folder, hf = hf_checkpoint("mamba")
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    err8 = float((_logits(quantize(load_model(folder), "int8", progress=False), ids) - ref).abs().max() / ref.abs().max())
+    err4 = float((_logits(quantize(load_model(folder), "int4", group_size=GROUP, progress=False), ids) - ref).abs().max()
+                 / ref.abs().max())
+    assert err8 < 0.02 and err8 < err4
+
+
+def _layer_stats(folder, name):
+    from mamba_deploy.quant.calib import Stats, calibration_ids
+
+    model = load_model(folder)
+    mod = model.get_submodule(name)
+    st = Stats(mod.in_features, need_hessian=True)
+    h = mod.register_forward_pre_hook(lambda m, a: st.add(a[0]))
+    with torch.no_grad():
+        model(calibration_ids(model, CALIB["calib_ids"], 4, 64))
+    h.remove()
+    return mod, st
+
+
+@pytest.mark.parametrize("kind,layer", [("mamba", "in_proj"), ("mamba", "out_proj"), ("mamba2", "out_proj")])
+def test_gptq_and_awq_beat_rtn_on_calibration(hf_checkpoint, kind, layer):
+    from mamba_deploy.quant import algos
+
+    folder, _ = hf_checkpoint(kind)
+    mod, st = _layer_stats(folder, f"backbone.layers.1.mixer.{layer}")
+    X, W = st.X.double(), mod.weight.detach().double()
+    ref = X @ W.T
+
+    def err(Wq):
+        return float((X @ Wq.double().T - ref).pow(2).mean())
+
+    rtn = err(formats.fake_quant(mod.weight.detach(), 4, True, GROUP))
+    g = algos.gptq(mod.weight.detach(), st.hessian, GROUP, True, act_order=False)
+    gptq = err(formats.decode(g, "int4", GROUP, True))
+    w_awq, inv_s = algos.awq(mod.weight.detach(), st.X, st.mean_abs, GROUP, True)
+    awq = err(formats.fake_quant(w_awq, 4, True, GROUP) * inv_s)
+    assert gptq < rtn, (gptq, rtn)
+    assert awq <= rtn, (awq, rtn)
+
+
+def test_mixed_precision_rules(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("mamba")
+    rules = tmp_path / "quant.json"
+    rules.write_text(json.dumps({"quant_cfg": {
+        "backbone.layers.0.*": {"format": "fp16"},
+        "backbone.layers.-1.*": {"enable": False},
+        "*.out_proj": {"format": "int8"},
+    }}))
+    model = quantize(load_model(folder), "int4", group_size=GROUP, rules=str(rules), progress=False)
+    mods = model.quantization_config["modules"]
+    assert mods["backbone.layers.0.mixer.in_proj"]["format"] == "fp16"
+    assert mods["backbone.layers.0.mixer.out_proj"]["format"] == "int8"  # later rule wins
+    assert mods["backbone.layers.1.mixer.out_proj"]["format"] == "int8"
+    assert "backbone.layers.1.mixer.in_proj" not in mods  # kept in float
+    assert isinstance(model.backbone.layers[1].mixer.in_proj, torch.nn.Linear)
+    ids = _ids()
+    out = save_quantized(model, tmp_path / "q")
+    assert torch.equal(_logits(load_model(out), ids), _logits(model, ids))
+    with pytest.raises(QuantizationError, match="matches no module"):
+        quantize(load_model(folder), "int8", rules={"quant_cfg": {"nope.*": {"enable": False}}})
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_user_errors(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("mamba")
+    with pytest.raises(QuantizationError, match="'int3'"):
+        quantize(load_model(folder), "int3")
+    with pytest.raises(QuantizationError, match="not divisible by group size 48"):
+        quantize(load_model(folder), "int4", group_size=48, progress=False)
+    with pytest.raises(QuantizationError, match="alpha=2"):
+        quantize(load_model(folder), "smoothquant", alpha=2, **CALIB)
+    with pytest.raises(QuantizationError, match="not quantized"):
+        save_quantized(load_model(folder), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda q: q.update(method="int3"), "method='int3'"),
+    (lambda q: q.update(version=99), "version=99"),
+    (lambda q: q.__setitem__("modules", []), "'modules'"),
+    (lambda q: q["modules"].__setitem__("backbone.layers.9.mixer.in_proj", {"format": "int8"}), "layers.9"),
+    (lambda q: next(iter(q["modules"].values())).update(format="int5"), "int5"),
+    (lambda q: next(iter(q["modules"].values())).update(group_size="32"), "group_size='32'"),
+])
+def test_malformed_quantization_config(hf_checkpoint, tmp_path, mutate, needle):
+    folder, _ = hf_checkpoint("mamba2")
+    out = save_quantized(quantize(load_model(folder), "int4", group_size=GROUP, progress=False), tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    mutate(cfg["quantization_config"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantizationError, match=needle.replace("[", r"\[")):
+        load_model(out)
+
+
+def test_tensor_mismatch_is_reported(hf_checkpoint, tmp_path):
+    from mamba_deploy.errors import CheckpointError
+
+    folder, _ = hf_checkpoint("mamba2")
+    out = save_quantized(quantize(load_model(folder), "int4", group_size=GROUP, progress=False), tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    for spec in cfg["quantization_config"]["modules"].values():
+        spec["group_size"] = 16  # config says 16, file holds 32-groups
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="scales"):
+        load_model(out)
+
+
+# ----------------------------------------------------------------------------- state cache, ONNX, CLI
+
+def test_quantized_state_cache(hf_checkpoint):
+    from mamba_deploy.quant.state_cache import QuantizedStateRunner, decode_ssm, encode_ssm
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    h = torch.randn(3, 5, 16, dtype=torch.float32)
+    q, s = encode_ssm(h, "int8")
+    step = h.double().abs().amax(-1, keepdim=True) / 127
+    assert bool(((decode_ssm(q, s).double() - h.double()).abs() <= step * 0.5 * (1 + 2e-3)).all())
+    folder, _ = hf_checkpoint("mamba2")
+    model = load_model(folder)
+    ids = _ids(2, 12)
+    base = TorchRunner(model)
+    ref_st = base.new_state(2)
+    for kind, tol in (("fp16", 1e-2), ("int8", 5e-2)):
+        r = QuantizedStateRunner(model, kind)
+        st = r.new_state(2)
+        assert st.nbytes < ref_st.nbytes
+        ref_st = base.new_state(2)
+        for t in range(ids.shape[1]):
+            want, ref_st = base.step(ids[:, t], ref_st)
+            got, st = r.step(ids[:, t], st)
+        assert float((got - want).abs().max() / want.abs().max()) < tol
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@pytest.mark.parametrize("method,opts", [("int8", {}), ("int4", dict(group_size=GROUP, symmetric=False)),
+                                         ("awq", dict(group_size=GROUP))], ids=str)
+def test_onnx_matmulnbits_matches_torch(hf_checkpoint, tmp_path, kind, method, opts):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed")
+    import onnx
+
+    from mamba_deploy.quant.onnx_nbits import export_quantized_onnx
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    folder, _ = hf_checkpoint(kind)
+    model = quantize(load_model(folder), method, **CALIB, **opts)
+    out = export_quantized_onnx(model, tmp_path / "onnx", validate=False, accuracy_level=0)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") >= 2 * model.config.n_layer
+    runner = open_onnx(out)
+    ids = _ids(2, 9)
+    got, st = runner.prefill(ids, runner.new_state(2))
+    want = model(ids)
+    assert float((got - want.logits).abs().max() / want.logits.abs().max()) < 1e-5
+    got1, _ = runner.step(ids[:, 0], st)
+    want1 = model.step(ids[:, 0], want.state)
+    assert float((got1 - want1).abs().max() / want1.abs().max()) < 1e-5
+
+
+def test_cli_quantize_and_auto(hf_checkpoint, tmp_path, capsys):
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba2")
+    assert main(["quantize", str(folder), str(tmp_path / "a"), "--method", "int4", "--group-size", "32"]) == 0
+    assert load_model(tmp_path / "a").quantization_config["group_size"] == 32
+    assert main(["quantize", str(folder), str(tmp_path / "b"), "--auto", "--target", "cpu"]) == 0
+    assert "--auto picked int8" in capsys.readouterr().out
+    # a failing run leaves no output folder behind
+    assert main(["quantize", str(folder), str(tmp_path / "c"), "--method", "int4", "--group-size", "48"]) == 2
+    assert "group size 48" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    shutil.rmtree(tmp_path / "a")

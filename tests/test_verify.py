@@ -1,0 +1,237 @@
+"""verify: passes faithful copies, fails a single corrupted weight, and its numbers agree with
+transformers (the independent reference) computing the same quantities."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from mamba_deploy import verify as V
+from mamba_deploy.checkpoint import load_model, save_checkpoint
+from mamba_deploy.cli import main
+from mamba_deploy.errors import ConfigError, MambaDeployError
+from mamba_deploy.runners.torch_runner import TorchRunner
+
+LENGTHS, BATCHES, STEPS = (1, 5, 33), (1, 2), 3  # 33 crosses Mamba2's chunk of 16 twice
+CORRUPT = "backbone.layers.0.mixer.out_proj.weight"  # same name in transformers and here
+
+
+def _cli_args(ref, art, *extra):
+    return ["verify", str(ref), str(art), "--lengths", ",".join(map(str, LENGTHS)),
+            "--batch", ",".join(map(str, BATCHES)), "--decode-steps", str(STEPS), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def copies(hf_checkpoint, tmp_path_factory):
+    """kind -> (reference folder, faithful mamba_ssm-layout copy, corrupted copy, hf model, corrupted hf model)."""
+    cache = {}
+
+    def make(kind):
+        if kind not in cache:
+            folder, hf = hf_checkpoint(kind)
+            root = tmp_path_factory.mktemp(f"verify_{kind}")
+            good = save_checkpoint(load_model(folder), root / "good", fmt="mamba_ssm")  # = convert --format mamba_ssm
+            bad_hf = copy.deepcopy(hf)
+            with torch.no_grad():
+                dict(bad_hf.named_parameters())[CORRUPT][3, 5] += 0.5  # one element of one weight
+            bad_hf.save_pretrained(root / "bad")
+            cache[kind] = (folder, good, root / "bad", hf, bad_hf)
+        return cache[kind]
+
+    return make
+
+
+class Recording(TorchRunner):
+    """A torch runner that remembers the prefill inputs, so a test can replay them elsewhere."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen = []
+
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        self.seen.append(ids.clone())
+        return super().prefill(ids, state, attention_mask, last_only)
+
+
+class Hidden(TorchRunner):
+    """A backend that keeps its state to itself."""
+
+    def to_torch_state(self, state):
+        raise NotImplementedError("opaque")
+
+
+class Broken(TorchRunner):
+    """A backend whose decode step returns NaN."""
+
+    def step(self, ids, state):
+        logits, state = super().step(ids, state)
+        return torch.full_like(logits, float("nan")), state
+
+
+def _run(ref_path, art_runner, **kw):
+    kw = {"lengths": LENGTHS, "batches": BATCHES, "decode_steps": STEPS, "progress": False, **kw}
+    return V.verify(TorchRunner(load_model(ref_path)), art_runner, **kw)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_faithful_copy_passes_and_corrupted_weight_fails(copies, kind):
+    ref, good, bad, *_ = copies(kind)
+    ok = _run(ref, TorchRunner(load_model(good)))
+    assert ok.passed, ok.table()
+    assert {c.name for c in ok.checks} == {"logits_rel", "top1", "state_rel", "ppl_rel"}
+    assert all(c["state_after_prefill"] is not None and c["state_after_decode"] is not None for c in ok.cases)
+
+    ko = _run(ref, TorchRunner(load_model(bad)))
+    assert not ko.passed
+    failed = {c.name for c in ko.checks if not c.passed}
+    assert "logits_rel" in failed and "state_rel" in failed
+    assert any(f.startswith("logits_rel") for f in ko.failures)
+    assert ko.to_dict()["passed"] is False and ko.to_dict()["failures"] == ko.failures
+    assert "FAILED" in ko.table()
+
+
+def test_reported_errors_match_transformers(copies):
+    """max/mean abs error and top-1 of every prefill case, recomputed from transformers' logits."""
+    ref, _, bad, hf, bad_hf = copies("mamba")
+    art = Recording(load_model(bad))
+    report = _run(ref, art, decode_steps=0)
+    case_inputs = art.seen[:len(report.cases)]
+    for case, ids in zip(report.cases, case_inputs):
+        assert tuple(ids.shape) == (case["batch"], case["length"])
+        with torch.no_grad():
+            want, got = hf(ids).logits.double(), bad_hf(ids).logits.double()
+        err = (got - want).abs()
+        assert case["prefill"]["max_abs"] == pytest.approx(float(err.max()), rel=1e-3, abs=1e-6)
+        assert case["prefill"]["mean_abs"] == pytest.approx(float(err.mean()), rel=1e-3, abs=1e-7)
+        assert case["prefill"]["rel"] == pytest.approx(float(err.max() / want.abs().max()), rel=1e-3, abs=1e-7)
+        agree = float((got.argmax(-1) == want.argmax(-1)).double().mean())
+        assert case["prefill"]["top1"] == pytest.approx(agree)
+
+
+def test_text_perplexity_matches_transformers(copies, monkeypatch):
+    monkeypatch.setattr(V, "SEQ_CHUNK", 16)  # several chunks: the state must be carried between them
+    ref, _, bad, hf, bad_hf = copies("mamba2")
+    text = torch.randint(0, 128, (61,), generator=torch.Generator().manual_seed(3)).tolist()
+    report = _run(ref, TorchRunner(load_model(bad)), lengths=(4,), batches=(1,), text_ids=text)
+    ids = torch.tensor([text])
+    with torch.no_grad():
+        ppl = {name: math.exp(float(torch.nn.functional.cross_entropy(m(ids).logits[0, :-1].double(), ids[0, 1:])))
+               for name, m in (("reference", hf), ("artifact", bad_hf))}
+    seq = report.sequence
+    assert seq["source"] == "text" and seq["scored_tokens"] == 60
+    assert seq["ppl_reference"] == pytest.approx(ppl["reference"], rel=1e-5)
+    assert seq["ppl_artifact"] == pytest.approx(ppl["artifact"], rel=1e-5)
+    assert seq["ppl_rel"] == pytest.approx(abs(ppl["artifact"] / ppl["reference"] - 1), rel=1e-3, abs=1e-9)
+
+
+def test_cli_exit_codes_json_and_named_failure(copies, tmp_path, capsys):
+    ref, good, bad, *_ = copies("mamba")
+    out = tmp_path / "ok.json"
+    assert main(_cli_args(ref, good, "--json", str(out))) == 0
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["tolerance"]["label"] == "fp32"
+    assert len(data["cases"]) == len(LENGTHS) * len(BATCHES)
+    assert "PASSED" in capsys.readouterr().out
+
+    out = tmp_path / "bad.json"
+    assert main(_cli_args(ref, bad, "--json", str(out), "--reference-dtype", "float64")) != 0
+    err = capsys.readouterr().err
+    assert "logits_rel" in err and "beyond tolerance" in err
+    assert json.loads(out.read_text())["passed"] is False  # the report is still written
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary leftovers
+
+
+def test_overrides_loosen_and_unknown_names_are_errors(copies):
+    ref, _, bad, *_ = copies("mamba")
+    loose = _run(ref, TorchRunner(load_model(bad)), tolerance="logits_rel=10,state_rel=10,top1=0,ppl_rel=10")
+    assert loose.passed, loose.table()
+    assert loose.tolerance.logits_rel == 10
+    with pytest.raises(ConfigError, match="logit_rel"):
+        V.make_tolerance({"logit_rel": 1.0})
+    with pytest.raises(ConfigError, match="q9_z"):
+        V.make_tolerance("q9_z")
+    with pytest.raises(ConfigError, match="NAME=NUMBER"):
+        V.parse_overrides("logits_rel=abc")
+
+
+def test_float64_reference_and_hidden_state(copies):
+    ref, good, *_ = copies("mamba")
+    r64 = TorchRunner(load_model(ref, dtype=torch.float64))
+    report = V.verify(r64, Hidden(load_model(good)), lengths=(6,), batches=(2,), decode_steps=2, progress=False)
+    assert report.passed, report.table()
+    assert report.cases[0]["state_after_prefill"] is None and report.cases[0]["state_after_decode"] is None
+    assert "state_rel" not in {c.name for c in report.checks}
+    assert "unavailable" in report.table()
+    # float32 vs float64 differ by rounding only: nonzero, far below the fp32 limit
+    assert 0 < report.cases[0]["prefill"]["rel"] < 1e-5
+
+
+def test_nan_artifact_fails(copies):
+    ref, good, *_ = copies("mamba")
+    report = _run(ref, Broken(load_model(good)), lengths=(3,), batches=(1,))
+    assert not report.passed
+    assert any(f.startswith("logits_rel") and "decode" in f for f in report.failures)
+
+
+def test_vocab_mismatch_is_a_user_error(copies, hf_checkpoint):
+    ref, *_ = copies("mamba")
+    other = TorchRunner(load_model(ref))
+    other.config = other.config.replace(vocab_size=64)
+    with pytest.raises(MambaDeployError, match="vocabulary 64"):
+        _run(ref, other)
+
+
+def _gguf_with_file_type(path, ftype):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_file_type(int(ftype))
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_infer_artifact_dtype(tmp_path, copies):
+    import gguf
+
+    ref, *_ = copies("mamba")
+    assert V.infer_artifact_dtype(ref) == "fp32"
+    assert V.infer_artifact_dtype(tmp_path / "nothing-here") == "fp32"
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    (onnx / "manifest.json").write_text(json.dumps({"format": "mamba-deploy-onnx", "dtype": "fp16"}))
+    assert V.infer_artifact_dtype(onnx) == "fp16"
+    assert V.infer_artifact_dtype(onnx / "model.onnx") == "fp16"
+    (onnx / "manifest.json").write_text(json.dumps({"dtype": "fp32", "quantization": {"method": "int4"}}))
+    assert V.tolerance_row(V.infer_artifact_dtype(onnx)) == "int4"
+    quant = tmp_path / "quant"
+    quant.mkdir()
+    (quant / "config.json").write_text(json.dumps({"quantization_config": {"method": "smoothquant", "bits": 8}}))
+    assert V.tolerance_row(V.infer_artifact_dtype(quant)) == "int8"
+    (quant / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert V.infer_artifact_dtype(quant) == "bf16"
+    q8 = _gguf_with_file_type(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert V.infer_artifact_dtype(q8) == "q8_0" and V.tolerance_row("q8_0") == "int8"
+    q4 = _gguf_with_file_type(tmp_path / "m4.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert V.tolerance_row(V.infer_artifact_dtype(q4)) == "int4"
+
+
+def test_half_precision_checkpoint_gets_half_tolerances(copies, tmp_path):
+    """A checkpoint saved in fp16 is verified against fp16 limits: it passes them, and fails fp32's."""
+    ref, *_ = copies("mamba")
+    half = save_checkpoint(load_model(ref), tmp_path / "half", dtype=torch.float16)
+    art = TorchRunner(load_model(half))
+    art.artifact_path = half
+    report = _run(ref, art)
+    assert report.tolerance.label == "fp16"
+    assert report.passed, report.table()
+    strict = _run(ref, art, tolerance="fp32")
+    assert not strict.passed

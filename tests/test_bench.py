@@ -1,0 +1,116 @@
+"""bench: runs end to end on tiny checkpoints and writes a well-formed JSON, table and plots.
+Timings are not asserted (they depend on the machine), only their shape and sanity."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_deploy import bench as B
+from mamba_deploy.cli import main
+from mamba_deploy.errors import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo-mamba1"
+TINY = ["--batch", "1,2", "--prompt-len", "3,8", "--gen-len", "2", "--warmup", "1", "--repeats", "2", "--quiet"]
+
+
+def _check_outputs(out: Path, n_results: int) -> dict:
+    for name in B.OUTPUT_FILES.values():
+        assert (out / name).is_file(), name
+    for png in ("throughput_vs_batch.png", "latency_vs_prompt_len.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert not list(out.glob(".*.tmp"))
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == B.SCHEMA
+    assert set(data) == {"schema", "settings", "system", "targets", "results"}
+    assert len(data["results"]) == n_results
+    for r in data["results"]:
+        assert set(r) == set(B.RESULT_KEYS)
+        for key in ("prefill_ms", "decode_ms_per_token"):
+            assert set(r[key]) == set(B.STAT_KEYS)
+            assert 0 < r[key]["median"] <= r[key]["p95"] < math.inf
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["peak_rss_bytes"] > 0 and r["peak_cuda_bytes"] is None  # CPU only here
+    table = (out / "results.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == n_results + 2  # header, rule, rows
+    return data
+
+
+def test_bench_cli_two_tiny_models(hf_checkpoint, tmp_path):
+    (m1, _), (m2, _) = hf_checkpoint("mamba"), hf_checkpoint("mamba2")
+    out = tmp_path / "bench"
+    assert main(["bench", f"{m1},{m2}", "--backends", "torch", "--out", str(out), *TINY]) == 0
+    data = _check_outputs(out, 2 * 2 * 2)  # models x batches x prompt lengths
+    assert [(t["artifact"], t["backend"], t["error"]) for t in data["targets"]] == \
+        [(str(m1), "torch", None), (str(m2), "torch", None)]
+    got = {(r["artifact"], r["batch"], r["prompt_len"]) for r in data["results"]}
+    assert got == {(str(m), b, p) for m in (m1, m2) for b in (1, 2) for p in (3, 8)}
+    assert data["settings"] == dict(batches=[1, 2], prompt_lens=[3, 8], gen_len=2, warmup=1, repeats=2, seed=0)
+
+
+def test_bench_keeps_going_past_a_bad_target(hf_checkpoint, tmp_path, capsys):
+    m1, _ = hf_checkpoint("mamba")
+    out = tmp_path / "bench"
+    missing = tmp_path / "no-such-model"
+    assert main(["bench", str(m1), str(missing), "--out", str(out), *TINY]) == 0
+    data = _check_outputs(out, 4)
+    assert data["targets"][1]["error"].startswith("ModelNotFoundError")
+    assert "no-such-model" in (out / "results.md").read_text()
+    # nothing measurable at all is an error exit, with the outputs still written
+    assert main(["bench", str(missing), "--out", str(tmp_path / "none"), *TINY]) != 0
+    assert "no-such-model" in capsys.readouterr().err
+    assert json.loads((tmp_path / "none" / "results.json").read_text())["results"] == []
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo-mamba1 has not been built")
+def test_bench_demo_model(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", str(DEMO), "--out", str(out), "--batch", "1", "--prompt-len", "8",
+                 "--gen-len", "2", "--repeats", "1", "--quiet"]) == 0
+    _check_outputs(out, 1)
+
+
+def test_parse_targets():
+    assert B.parse_targets(["a", "b.gguf"]) == [("a", "torch"), ("b.gguf", "llama.cpp")]
+    assert B.parse_targets(["a,b"], ["onnx"]) == [("a", "onnx"), ("b", "onnx")]
+    assert B.parse_targets(["a"], ["torch", "onnx"]) == [("a", "torch"), ("a", "onnx")]
+    assert B.parse_targets(["a", "b"], ["onnx", "torch"]) == [("a", "onnx"), ("b", "torch")]
+    with pytest.raises(ConfigError, match="3 artifacts but 2 backends"):
+        B.parse_targets(["a,b,c"], ["onnx", "torch"])
+    with pytest.raises(ConfigError, match="tensorflow"):
+        B.parse_targets(["a"], ["tensorflow"])
+
+
+def test_percentile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 100):
+        xs = torch.rand(n, generator=gen).tolist()
+        for q in (0, 50, 95, 100):
+            assert B.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    B.reset_peak_memory()
+    before, _ = B.peak_memory()
+    x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, written so it is resident
+    after, _ = B.peak_memory()
+    assert after >= x.numel() * 4
+    assert after >= before
+    del x
+
+
+def test_bad_settings_are_user_errors(hf_checkpoint, tmp_path):
+    m1, _ = hf_checkpoint("mamba")
+    assert main(["bench", str(m1), "--batch", "0", "--out", str(tmp_path / "o"), "--quiet"]) != 0
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        B._ints("1,x", "--batch")
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        B.write_outputs({"results": []}, f)

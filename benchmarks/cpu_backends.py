@@ -1,0 +1,170 @@
+"""CPU backends on 130m-shaped random Mamba1 / Mamba2 models (built from transformers configs, no
+download): ONNX Runtime vs this project's PyTorch path vs transformers (and llama.cpp through the
+same Runner interface when the GGUF exporter and llama-cpp-python are importable).
+
+Measures, with a fixed thread count and one timed run each: prefill of --prefill tokens (batch 1,
+logits of the last position) and greedy decode in ms/token. Prints a table and writes JSON.
+
+    .venv/bin/python benchmarks/cpu_backends.py --threads 2 --out benchmarks/results/cpu_backends.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# arch -> transformers config (130m shapes; random weights, so only speed is meaningful)
+SHAPES = {
+    "mamba1": ("MambaConfig", "MambaForCausalLM",
+               dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2,
+                    conv_kernel=4, time_step_rank=48)),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM",
+               dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, expand=2,
+                    conv_kernel=4, head_dim=64, num_heads=24, n_groups=1, chunk_size=256,
+                    tie_word_embeddings=True)),
+}
+GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
+TARGETS = {"decode_ms_per_token": 15.0, "prefill_s": 1.0}  # 2 cores, fp32, 130m shapes
+
+
+def build_checkpoint(arch: str, folder: Path):
+    import transformers
+
+    cfg_name, cls_name, kw = SHAPES[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+class HFRunner:
+    """transformers' own model (reference speed), timed through the same two calls."""
+
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.inference_mode()
+    def prefill_time(self, ids) -> float:
+        t = time.perf_counter()
+        self.model(ids, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t
+
+    @torch.inference_mode()
+    def decode_ms(self, ids, n: int) -> float:
+        """generate(n + 1) - generate(1) over n tokens, so the prefill cancels out."""
+        kw = dict(do_sample=False, pad_token_id=0)
+        t0 = time.perf_counter()
+        self.model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        self.model.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, **kw)
+        t2 = time.perf_counter()
+        return ((t2 - t1) - (t1 - t0)) / n * 1000
+
+
+def time_runner(runner, ids, n_decode: int) -> tuple[float, float]:
+    """(prefill seconds, decode ms/token) after one short warm-up."""
+    st = runner.new_state(1)
+    runner.prefill(ids[:, :8], st, last_only=True)  # warm-up (allocations, graph caches)
+    st = runner.new_state(1)
+    t = time.perf_counter()
+    logits, st = runner.prefill(ids, st, last_only=True)
+    prefill = time.perf_counter() - t
+    tok = logits[:, -1].argmax(-1)
+    for _ in range(2):  # warm decode
+        logits, st = runner.step(tok, st)
+        tok = logits.argmax(-1)
+    t = time.perf_counter()
+    for _ in range(n_decode):
+        logits, st = runner.step(tok, st)
+        tok = logits.argmax(-1)
+    return prefill, (time.perf_counter() - t) / n_decode * 1000
+
+
+def rows_for(arch: str, work: Path, args) -> list[dict]:
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    hf_dir = work / f"{arch}-hf"
+    hf_model = build_checkpoint(arch, hf_dir)
+    ids = torch.randint(0, 50000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    rows = []
+
+    def add(backend, variant, prefill_s, decode_ms, note=""):
+        rows.append(dict(arch=arch, backend=backend, variant=variant, prefill_tokens=args.prefill,
+                         prefill_s=round(prefill_s, 4), decode_ms_per_token=round(decode_ms, 3), note=note))
+        print(f"  {arch:<7} {backend:<13} {variant:<7} prefill {prefill_s:7.3f} s  decode {decode_ms:7.2f} ms/token",
+              flush=True)
+
+    onnx_dir = work / f"{arch}-onnx"
+    export_onnx(hf_dir, onnx_dir, validate=False)
+    with open_runner(onnx_dir, "onnx", threads=args.threads) as r:
+        add("onnxruntime", "fp32", *time_runner(r, ids, args.decode))
+    with open_runner(hf_dir, "torch") as r:
+        add("torch", "fp32", *time_runner(r, ids, args.decode))
+    if not args.skip_transformers:
+        hf = HFRunner(hf_model)
+        add("transformers", "fp32", hf.prefill_time(ids), hf.decode_ms(ids[:, :8], args.decode))
+    rows += llamacpp_rows(arch, hf_dir, work, ids, args, add)
+    return rows
+
+
+def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> list[dict]:
+    from mamba_deploy.runners import open_runner
+
+    try:
+        from mamba_deploy.export.gguf import export_gguf
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        print(f"  {arch:<7} llama.cpp     skipped: {e}")
+        return []
+    for outtype in GGUF_TYPES:
+        try:
+            path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype)
+            with open_runner(path, "llama.cpp", threads=args.threads) as r:
+                add("llama.cpp", outtype.upper(), *time_runner(r, ids, args.decode))
+        except Exception as e:  # noqa: BLE001  (report and keep benchmarking the rest)
+            print(f"  {arch:<7} llama.cpp     {outtype.upper():<7} skipped: {type(e).__name__}: {e}")
+    return []
+
+
+def print_table(rows):
+    print(f"\n| arch | backend | variant | prefill-{rows[0]['prefill_tokens']} s | decode ms/token |")
+    print("| --- | --- | --- | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['arch']} | {r['backend']} | {r['variant']} | {r['prefill_s']:.3f} | {r['decode_ms_per_token']:.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=32, help="decode steps timed")
+    p.add_argument("--arch", choices=sorted(SHAPES), action="append")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/cpu_backends.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch or sorted(SHAPES):
+            rows += rows_for(arch, Path(tmp), args)
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(threads=args.threads, python=sys.version.split()[0], torch=torch.__version__,
+                machine=platform.machine(), processor=platform.processor(), targets=TARGETS)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

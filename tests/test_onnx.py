@@ -1,0 +1,307 @@
+"""ONNX export + ONNX Runtime runner, checked against transformers (logits of the whole sequence
+in one forward pass, the independent reference) and against the PyTorch model's state.
+
+Tolerances: fp32 logits and states 1e-4 relative to max |reference|; fp16 export >= 99% top-1
+agreement with fp32 transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import build_hf_model, rel_err
+from mamba_deploy.checkpoint import load_model
+from mamba_deploy.errors import ConfigError, ExportError, MambaDeployError, ShapeError
+from mamba_deploy.export.onnx import ALLOWED_OPS, export_onnx, graph_op_types
+from mamba_deploy.runners import open_runner
+from mamba_deploy.runners.onnx_runner import open_onnx
+
+FP32_TOL = 1e-4
+PARITY_KINDS = ["mamba", "falcon_mamba", "mamba2", "mamba2_g2"]
+LENGTHS = [1, 7, 257, 1000]  # 257 = chunk + 1 for Mamba1 (32 * 8 + 1) and Mamba2 (16 * 16 + 1)
+DECODE_STEPS = 16
+DEMO = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.fixture(scope="module")
+def exported(hf_checkpoint, tmp_path_factory):
+    """exported(kind, dtype) -> (onnx folder, hf folder, transformers model); cached."""
+    cache = {}
+
+    def make(kind, dtype="fp32"):
+        if (kind, dtype) not in cache:
+            folder, hf = hf_checkpoint(kind)
+            out = tmp_path_factory.mktemp(f"onnx_{kind}_{dtype}") / "out"
+            export_onnx(folder, out, dtype=dtype)
+            cache[kind, dtype] = (out, folder, hf)
+        return cache[kind, dtype]
+
+    return make
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("kind", PARITY_KINDS)
+def test_prefill_then_decode_matches_transformers(exported, kind):
+    """Prefill lengths 1, 7, 257, 1000 at batch 1 and 3 from a zero state, then 16 one-token
+    steps (teacher-forced random tokens), against transformers on the whole sequence; the final
+    state against the PyTorch model fed the same tokens."""
+    out, folder, hf = exported(kind)
+    runner, model = open_onnx(out, threads=2), load_model(folder)
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 3):
+        for length in LENGTHS:
+            ids = torch.randint(0, hf.config.vocab_size, (batch, length + DECODE_STEPS), generator=gen)
+            want = hf_logits(hf, ids)
+            st = runner.new_state(batch)
+            got, st = runner.prefill(ids[:, :length], st)
+            assert got.shape == (batch, length, hf.config.vocab_size)
+            errs = [rel_err(got, want[:, :length])]
+            for t in range(length, length + DECODE_STEPS):
+                logits, st = runner.step(ids[:, t], st)
+                errs.append(rel_err(logits, want[:, t]))
+            assert max(errs) < FP32_TOL, (kind, batch, length, errs)
+            ref_state = model(ids, model.new_state(batch)).state
+            mine = runner.to_torch_state(st)
+            assert rel_err(mine.conv, ref_state.conv) < FP32_TOL
+            assert rel_err(mine.ssm, ref_state.ssm) < FP32_TOL, (kind, batch, length)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_multi_token_continuation_and_last_only(exported, kind):
+    """A prefill from a non-zero state (chunks of 5, 19, 40 tokens) equals one long prefill;
+    last_only returns the last position's logits."""
+    out, _, hf = exported(kind)
+    runner = open_onnx(out)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(2))
+    want = hf_logits(hf, ids)
+    st, pos = runner.new_state(2), 0
+    for n in (5, 19, 40):
+        got, st = runner.prefill(ids[:, pos:pos + n], st, last_only=(n == 40))
+        ref = want[:, pos + n - 1:pos + n] if n == 40 else want[:, pos:pos + n]
+        assert got.shape == ref.shape
+        assert rel_err(got, ref) < FP32_TOL
+        pos += n
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_left_padded_batch_matches_unpadded(exported, kind):
+    """attention_mask: each left-padded row ends with the logits of its own unpadded prompt."""
+    out, _, hf = exported(kind)
+    runner = open_onnx(out)
+    prompts = [[5, 9, 17, 33, 2, 8, 1, 4, 70, 3, 11], [7, 3, 99], [1] * 20]
+    L = max(map(len, prompts))
+    ids = torch.zeros(3, L, dtype=torch.long)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    got, st = runner.prefill(ids, runner.new_state(3), attention_mask=mask, last_only=True)
+    nxt = torch.tensor([12, 13, 14])
+    step, _ = runner.step(nxt, st)
+    for i, p in enumerate(prompts):
+        want = hf_logits(hf, torch.tensor([p + [int(nxt[i])]]))
+        assert rel_err(got[i, -1], want[0, -2]) < FP32_TOL
+        assert rel_err(step[i], want[0, -1]) < FP32_TOL
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_long_sequence_large_dt_negative_A_is_stable(hf_checkpoint, tmp_path, kind):
+    """dt ~ softplus(6..9) and A ~ -(20..200): decays underflow to 0 within a step. A formulation
+    with exp(cumsum) divided out would give inf/NaN; ours must stay finite and match transformers."""
+    hf = build_hf_model(kind, seed=3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(np.log(20), np.log(200)))
+            if name.endswith("dt_proj.bias") or name.endswith("dt_bias"):
+                p.copy_(torch.empty_like(p).uniform_(6, 9))
+    hf.save_pretrained(tmp_path / "hf")
+    out = export_onnx(tmp_path / "hf", tmp_path / "onnx")
+    ids = torch.randint(0, 128, (2, 1500), generator=torch.Generator().manual_seed(4))
+    got, st = open_onnx(out).prefill(ids, open_onnx(out).new_state(2))
+    assert torch.isfinite(got).all()
+    assert rel_err(got, hf_logits(hf, ids)) < FP32_TOL
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_fp16_export_top1_agreement_tiny(exported, kind):
+    """fp16 weights: >= 99% of greedy top-1 tokens agree with fp32 transformers on random ids."""
+    out, _, hf = exported(kind, "fp16")
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
+    ids = torch.randint(0, 128, (4, 300), generator=torch.Generator().manual_seed(5))
+    got, _ = open_onnx(out).prefill(ids, open_onnx(out).new_state(4))
+    agree = (got.argmax(-1) == hf_logits(hf, ids).argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("name", ["demo-mamba1", "demo-mamba2"])
+def test_fp16_export_top1_agreement_demo(tmp_path, name):
+    folder = DEMO / name
+    if not (folder / "config.json").exists():
+        pytest.skip(f"{folder} has no trained demo model yet (config.json missing); train it with `mamba-deploy demo`")
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = export_onnx(folder, tmp_path / "onnx16", dtype="fp16")
+    runner = open_onnx(out)
+    text = "Once upon a time there was a little fox who lived in the forest. " * 8
+    ids = torch.tensor([runner.tokenizer.encode(text)[:400]])
+    got, _ = runner.prefill(ids, runner.new_state(1))
+    agree = (got.argmax(-1) == hf_logits(hf, ids).argmax(-1)).float().mean().item()
+    assert agree >= 0.99, agree
+
+
+@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "mamba2_g2"])
+def test_graph_checker_shape_inference_and_op_allow_list(exported, kind):
+    out, _, _ = exported(kind)
+    path = out / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    ops = graph_op_types(model)
+    assert ops <= ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
+    assert all(op.domain in ("", "ai.onnx") for op in model.opset_import)
+    # every linear layer is a MatMul against a named weight initializer (for MatMulNBits rewriting)
+    inits = {t.name for t in model.graph.initializer}
+    mm = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    assert {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.out_proj.weight",
+            "lm_head.weight"} <= mm
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [i["name"] for i in manifest["inputs"]]
+    assert names[:2] == ["input_ids", "attention_mask"] and "past_ssm.1" in names
+    assert manifest["opset"] == 17 and manifest["files"]["model.onnx"]["sha256"]
+
+
+def test_opset_option_and_bad_options(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("mamba2")
+    out = export_onnx(folder, tmp_path / "o19", opset=19)
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 19
+    with pytest.raises(ConfigError, match="opset 9"):
+        export_onnx(folder, tmp_path / "x", opset=9)
+    with pytest.raises(ConfigError, match="'int4'"):
+        export_onnx(folder, tmp_path / "x", dtype="int4")
+    with pytest.raises(ExportError, match="not empty"):
+        export_onnx(folder, out)
+
+
+def test_validation_failure_raises_and_leaves_no_output(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    """A graph that disagrees with PyTorch (one weight perturbed while building it) fails loudly."""
+    from mamba_deploy.export import onnx_graph
+
+    folder, _ = hf_checkpoint("mamba")
+    real = onnx_graph.MambaGraph._np
+
+    def perturbed(self, key, dtype=np.float32):
+        a = real(self, key, dtype)
+        return a * 1.01 if key.endswith("layers.1.mixer.D") else a
+
+    monkeypatch.setattr(onnx_graph.MambaGraph, "_np", perturbed)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_onnx(folder, tmp_path / "bad")
+    assert "ONNX validation" in capsys.readouterr().out
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp*"))
+
+
+def _feeds(runner, batch, length):
+    cfg = runner.config
+    f = {"input_ids": np.ones((batch, length), np.int64)}
+    for i in range(cfg.n_layer):
+        f[f"past_conv.{i}"] = np.zeros((batch, *cfg.conv_state_shape), np.float32)
+        f[f"past_ssm.{i}"] = np.zeros((batch, *cfg.ssm_state_shape), np.float32)
+    return f
+
+
+def test_wrong_state_and_missing_input_errors(exported):
+    out, _, _ = exported("mamba2")
+    runner = open_onnx(out)
+    assert runner.run(_feeds(runner, 2, 3))["logits"].shape == (2, 3, 128)
+    bad = _feeds(runner, 2, 3)
+    bad["past_ssm.1"] = np.zeros((2, 4, 16, 15), np.float32)
+    with pytest.raises(ShapeError, match=r"'past_ssm.1' has shape \(2, 4, 16, 15\)"):
+        runner.run(bad)
+    bad = _feeds(runner, 2, 3)
+    bad["past_conv.0"] = np.zeros((3, *runner.config.conv_state_shape), np.float32)  # batch differs
+    with pytest.raises(ShapeError, match="past_conv.0"):
+        runner.run(bad)
+    missing = _feeds(runner, 2, 3)
+    del missing["past_conv.1"]
+    with pytest.raises(ShapeError, match="missing input 'past_conv.1'"):
+        runner.run(missing)
+    with pytest.raises(ShapeError, match="batch 2 but the state was made for batch 3"):
+        runner.prefill(torch.ones(2, 4, dtype=torch.long), runner.new_state(3))
+    with pytest.raises(ShapeError, match="attention_mask"):
+        runner.prefill(torch.ones(2, 4, dtype=torch.long), runner.new_state(2), attention_mask=torch.ones(2, 5))
+
+
+def test_graph_not_matching_manifest(exported, tmp_path):
+    out, _, _ = exported("mamba")
+    # a manifest that names an input the graph does not have
+    bad = tmp_path / "m1"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["inputs"][3]["name"] = "past_conv.7"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match="does not match manifest.json.*past_conv.7"):
+        open_onnx(bad)
+    # a manifest whose state shape disagrees with the graph
+    m = json.loads((out / "manifest.json").read_text())
+    m["inputs"][4]["shape"][1] = 999
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match="past_ssm.0"):
+        open_onnx(bad)
+    # a graph file replaced after export (sha256 differs)
+    bad2 = tmp_path / "m2"
+    shutil.copytree(out, bad2)
+    data = bytearray((bad2 / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad2 / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="does not match manifest.json"):
+        open_onnx(bad2)
+    shutil.rmtree(bad2)
+    with pytest.raises(MambaDeployError, match="no model.onnx"):
+        open_onnx(bad2)
+
+
+def _add_word_tokenizer(folder: Path, vocab: int = 128) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_cli_export_and_generate_with_onnx_backend(hf_checkpoint, tmp_path, capsys):
+    """`mamba-deploy export onnx` + `generate --backend onnx` gives the torch backend's greedy tokens."""
+    from mamba_deploy.cli import main
+
+    src, _ = hf_checkpoint("mamba2")
+    folder = tmp_path / "hf"
+    shutil.copytree(src, folder)
+    _add_word_tokenizer(folder)
+    assert main(["export", "onnx", str(folder), str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "tokenizer.json").exists()
+    capsys.readouterr()
+    runs = {}
+    for backend, path in (("onnx", tmp_path / "onnx"), ("torch", folder)):
+        argv = ["generate", str(path), "--backend", backend, "--prompt", "w5 w9 w17", "--prompt", "w3",
+                "--max-new-tokens", "12", "--json"]
+        assert main(argv) == 0
+        runs[backend] = [r["tokens"] for r in json.loads(capsys.readouterr().out)]
+    assert runs["onnx"] == runs["torch"] and len(runs["onnx"][0]) == 12
+    assert open_runner(tmp_path / "onnx").name == "onnx"  # backend guessed from the folder
+    assert main(["export", "onnx", str(tmp_path / "nope"), str(tmp_path / "o2")]) == 2
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

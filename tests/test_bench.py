@@ -114,3 +114,17 @@ def test_bad_settings_are_user_errors(hf_checkpoint, tmp_path):
     f.write_text("")
     with pytest.raises(ConfigError, match="is a file"):
         B.write_outputs({"results": []}, f)
+
+
+def test_bench_torch_and_onnx_guessed_backends(hf_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from mamba_deploy.export.onnx import export_onnx
+
+    folder, _ = hf_checkpoint("mamba2")
+    onnx = export_onnx(folder, tmp_path / "onnx")
+    out = tmp_path / "bench"
+    assert main(["bench", str(folder), str(onnx), "--out", str(out), "--batch", "1,3", "--prompt-len", "5",
+                 "--gen-len", "2", "--repeats", "1", "--quiet"]) == 0
+    data = _check_outputs(out, 2 * 2)
+    assert [t["backend"] for t in data["targets"]] == ["torch", "onnx"]
+    assert all(t["error"] is None for t in data["targets"])

@@ -234,3 +234,28 @@ def test_half_precision_checkpoint_gets_half_tolerances(copies, tmp_path):
     assert report.passed, report.table()
     strict = _run(ref, art, tolerance="fp32")
     assert not strict.passed
+
+
+def test_onnx_artifacts(copies, tmp_path):
+    """Another backend through the same harness: fp32 and fp16 ONNX exports pass under the
+    tolerances read from their manifests; fp16 fails fp32's limits; a corrupted export fails."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    ref, _, bad, *_ = copies("mamba2")
+    kw = dict(lengths=(1, 9, 33), batches=(1, 2))
+    fp32 = open_runner(export_onnx(ref, tmp_path / "fp32"), "onnx")
+    report = _run(ref, fp32, **kw)
+    assert report.passed and report.tolerance.label == "fp32", report.table()
+    assert report.cases[-1]["state_after_decode"] is not None
+
+    r, art, label = V.open_pair(ref, export_onnx(ref, tmp_path / "fp16", dtype="fp16"))
+    assert label == "fp16"
+    half = V.verify(r, art, label=label, progress=False, decode_steps=STEPS, **kw)
+    assert half.passed, half.table()
+    assert half.cases[0]["prefill"]["rel"] > 1e-5  # really half precision, not a silent fp32 graph
+    assert not V.verify(r, art, tolerance="fp32", progress=False, decode_steps=STEPS, **kw).passed
+
+    corrupted = open_runner(export_onnx(bad, tmp_path / "bad"), "onnx")
+    assert not _run(ref, corrupted, **kw).passed

@@ -57,6 +57,7 @@ DEFAULT_BATCHES = (1, 3)
 DEFAULT_DECODE_STEPS = 8
 PPL_PROMPT, PPL_CONTINUATION = 16, 64  # random prompt + reference-sampled tokens when no text
 SEQ_CHUNK = 512  # long sequences are fed in chunks, carrying the state (bounded memory)
+DIFF_ROWS = 256  # logits compared this many positions at a time in float64 (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,12 @@ class _Diff:
                 f"artifact returned logits of shape {tuple(art.shape)} where the reference has "
                 f"{tuple(ref.shape)} (vocab {vocab}); the artifact's runner breaks the Runner contract")
         # columns past the true vocab only pad the embedding; backends may drop or zero them
-        ref, art = ref[..., :vocab].double(), art[..., :vocab].double()
+        ref, art = ref[..., :vocab].reshape(-1, vocab), art[..., :vocab].reshape(-1, vocab)
+        for i in range(0, ref.shape[0], DIFF_ROWS):
+            self._add_rows(ref[i:i + DIFF_ROWS].double(), art[i:i + DIFF_ROWS].double())
+        return self
+
+    def _add_rows(self, ref: torch.Tensor, art: torch.Tensor) -> None:
         err = (art - ref).abs()
         worst = _nanmax(err)  # Python's max() would silently drop a NaN, so keep it explicitly
         self.max_abs = worst if math.isnan(worst) or math.isnan(self.max_abs) else max(self.max_abs, worst)
@@ -198,8 +204,7 @@ class _Diff:
         self.count += err.numel()
         self.ref_max = max(self.ref_max, float(ref.abs().max()))
         self.agree += int((ref.argmax(-1) == art.argmax(-1)).sum())
-        self.positions += ref[..., 0].numel()
-        return self
+        self.positions += ref.shape[0]
 
     def result(self) -> dict:
         if not self.count:

@@ -260,3 +260,29 @@ def test_onnx_artifacts(copies, tmp_path):
 
     corrupted = open_runner(export_onnx(bad, tmp_path / "bad"), "onnx")
     assert not _run(ref, corrupted, **kw).passed
+
+
+def test_cli_text_file_is_scored(copies, tmp_path, capsys):
+    """--text: the file is tokenized with the reference's tokenizer and scored, every token after
+    the first counted once."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ref, good, *_ = copies("mamba")
+    ref_copy = tmp_path / "ref"
+    shutil.copytree(ref, ref_copy)
+    words = [f"w{i}" for i in range(100)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(ref_copy / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[(7 * i) % 100] for i in range(45)))
+    out = tmp_path / "r.json"
+    assert main(_cli_args(ref_copy, good, "--text", str(text), "--json", str(out))) == 0
+    seq = json.loads(out.read_text())["sequence"]
+    assert seq["source"] == "text" and seq["length"] == 45 and seq["scored_tokens"] == 44
+    assert "perplexity over 44 tokens" in capsys.readouterr().out
+    text.write_text("w1")
+    assert main(_cli_args(ref_copy, good, "--text", str(text))) != 0
+    assert "at least 2" in capsys.readouterr().err

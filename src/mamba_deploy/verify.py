@@ -285,7 +285,7 @@ def _score_sequence(ref, art, ids: torch.Tensor, start: int, vocab: int) -> dict
             logp = torch.log_softmax(logits[0, :, :vocab].double(), -1)
             nll[side] -= float(logp.gather(-1, targets[:, None])[:, 0][keep].sum())
         n += int(keep.sum())
-    ppl = {side: math.exp(v / n) for side, v in nll.items()}
+    ppl = {side: math.exp(v / n) if v / n < 700 else math.inf for side, v in nll.items()}  # no OverflowError
     return dict(length=length, scored_tokens=n, logits=diff.result(), ppl_reference=ppl["reference"],
                 ppl_artifact=ppl["artifact"], ppl_rel=abs(ppl["artifact"] / ppl["reference"] - 1))
 
@@ -298,12 +298,12 @@ class Check:
     value: float
     limit: float
     passed: bool
-    where: str  # the case that gave the worst value
+    where: str  # which case gave the worst value (or what was aggregated)
 
     def describe(self) -> str:
         op = ">=" if self.name == "top1" else "<="
         verdict = "ok" if self.passed else "FAILED"
-        return f"{self.name} = {self.value:.3g} (limit {op} {self.limit:.3g}, worst: {self.where}) {verdict}"
+        return f"{self.name} = {self.value:.3g} (limit {op} {self.limit:.3g}; {self.where}) {verdict}"
 
 
 @dataclass
@@ -339,14 +339,14 @@ def _build_checks(cases: list, seq: dict, tol: Tolerance) -> list:
         name = f"length {c['length']} batch {c['batch']}"
         for phase in ("prefill", "decode"):
             if c[phase]:
-                logits.append((c[phase]["rel"], f"{phase} {name}"))
+                logits.append((c[phase]["rel"], f"worst: {phase} {name}"))
                 agree += c[phase]["top1"] * c[phase]["positions"]
                 positions += c[phase]["positions"]
         for phase in ("state_after_prefill", "state_after_decode"):
             if c[phase] is not None:
-                states.append((c[phase]["rel"], f"{phase.replace('_', ' ')}, {name}"))
+                states.append((c[phase]["rel"], f"worst: {phase.replace('_', ' ')}, {name}"))
     if seq:
-        logits.append((seq["logits"]["rel"], f"sequence of {seq['length']} ({seq['source']})"))
+        logits.append((seq["logits"]["rel"], f"worst: sequence of {seq['length']} ({seq['source']})"))
         agree += seq["logits"]["top1"] * seq["logits"]["positions"]
         positions += seq["logits"]["positions"]
 
@@ -358,7 +358,7 @@ def _build_checks(cases: list, seq: dict, tol: Tolerance) -> list:
         v, where = worst(logits)
         checks.append(Check("logits_rel", v, tol.logits_rel, v <= tol.logits_rel, where))
         top1 = agree / positions
-        checks.append(Check("top1", top1, tol.top1, top1 >= tol.top1, f"all {positions} positions"))
+        checks.append(Check("top1", top1, tol.top1, top1 >= tol.top1, f"over all {positions} positions"))
     if states:
         v, where = worst(states)
         checks.append(Check("state_rel", v, tol.state_rel, v <= tol.state_rel, where))

@@ -24,7 +24,7 @@ from ..errors import ExportError, QuantizationError
 from .formats import unpack_int4
 
 NBITS_FORMATS = {"int8": 8, "int4": 4}
-MIN_BLOCK = 16  # MatMulNBits needs a power-of-two block of at least 16
+BLOCKS = (256, 128, 64, 32, 16)  # block sizes ORT's MatMulNBits CPU kernel accepts
 ACCURACY_LEVEL = 4  # let ORT's CPU kernel quantize activations to int8 (its fast path); 0 = fp32
 
 
@@ -78,12 +78,14 @@ def _dequantized_copy(qmodel):
 def nbits_tensors(mod) -> dict | None:
     """QuantLinear -> MatMulNBits inputs/attributes, or None when the format cannot be expressed."""
     bits = NBITS_FORMATS.get(mod.fmt)
-    block = mod.group_size
-    if bits is None or block < MIN_BLOCK or block & (block - 1):
-        return None
     N, K = mod.out_features, mod.in_features
+    block = mod.group_size
+    if bits == 8:  # one scale per row = the same scale repeated over every block of the row
+        block = next((b for b in BLOCKS if K % b == 0), 0)
+    if bits is None or block not in BLOCKS:
+        return None
     nb = K // block
-    scales = mod.scales.float().reshape(N * nb).numpy()
+    scales = mod.scales.float().repeat_interleave(nb // mod.scales.shape[1], dim=1).reshape(N * nb).numpy()
     if bits == 8:  # signed per-channel codes -> unsigned with the default zero point 128
         B = (mod.qweight.to(torch.int32) + 128).to(torch.uint8).reshape(N, nb, block).numpy()
         return dict(B=B, scales=scales, zp=None, bits=8, block=block, K=K, N=N)

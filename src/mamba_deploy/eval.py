@@ -18,9 +18,11 @@ import torch
 from .errors import ConfigError, ModelNotFoundError
 
 
-def perplexity(runner, token_ids, window: int = 256, progress: bool = False) -> dict:
+def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
+               keep_logits: bool = False) -> dict:
     """token_ids: one stream (list / 1-D tensor / array). Returns dict(ppl, nll (mean, nats),
-    tokens (scored), tokens_per_s (runner time only), window)."""
+    tokens (scored), tokens_per_s (runner time only), window); with keep_logits also
+    logits (n, vocab) float32, every position's logits (for parity checks)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}; give a longer text")
@@ -33,6 +35,7 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False) -> 
     state = runner.new_state(1)
     total_nll, scored, runner_s = 0.0, 0, 0.0
     prev = None  # (V,) logits that predict the first token of the next window
+    kept = []
     starts = range(0, ids.numel(), window)
     if progress:
         from tqdm import tqdm
@@ -49,14 +52,19 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False) -> 
         else:
             preds, targets = torch.cat([prev[None], logits[:-1]]), chunk
         prev = logits[-1]
+        if keep_logits:
+            kept.append(logits.float())
         if targets.numel():
             # float64 so the sum over many windows does not drift
             logp = torch.log_softmax(preds.double(), dim=-1)
             total_nll -= float(logp.gather(1, targets[:, None]).sum())
             scored += targets.numel()
     nll = total_nll / scored
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored,
-            "tokens_per_s": ids.numel() / runner_s if runner_s > 0 else float("inf"), "window": window}
+    res = {"ppl": math.exp(nll), "nll": nll, "tokens": scored,
+           "tokens_per_s": ids.numel() / runner_s if runner_s > 0 else float("inf"), "window": window}
+    if keep_logits:
+        res["logits"] = torch.cat(kept)
+    return res
 
 
 def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int]:

@@ -24,6 +24,11 @@ def _cli_args(ref, art, *extra):
     return ["verify", str(ref), str(art), "--lengths", "1,9", "--batch", "2", "--decode-steps", "2", "--quiet", *extra]
 
 
+@pytest.fixture(autouse=True)
+def short_continuation(monkeypatch):
+    monkeypatch.setattr(V, "PPL_CONTINUATION", 24)  # sampled token by token: keep the suite quick
+
+
 @pytest.fixture(scope="module")
 def copies(hf_checkpoint, tmp_path_factory):
     """kind -> (reference folder, faithful mamba_ssm-layout copy, corrupted copy, hf model, corrupted hf model)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import torch
+
 from . import reference as ref
 
 # name -> reference implementation; fast twins share the signature.
@@ -64,7 +66,19 @@ def use_backend(name: str):
         set_backend(prev)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_ops() -> dict:
+    """Compiled CPU kernels keyed like REFERENCE (see cpu_kernels.py)."""
+    from . import cpu_kernels
+
+    return dict(cpu_kernels.KERNELS)
+
+
 def pick(name: str, tensor):
+    if _backend == "auto" and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        fast = cpu_ops().get(name)
+        if fast is not None:
+            return fast
     if _backend != "ref" and tensor.is_cuda:
         fast = fast_ops().get(name)
         if fast is not None:

@@ -174,49 +174,46 @@ def ssd_ref(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit=(0.0, math.inf)
     x (b, l, h, p); dt (b, l, h) raw; A, D, dt_bias (h,); B, C (b, l, g, n); h0 (b, h, p, n).
     Any l: the tail is padded with dt = 0 (decay 1, no input), which leaves the state unchanged.
     Returns y (b, l, h, p) (with the D skip, without the gate) and h_last (b, h, p, n).
+    Heads are kept as (g, r) with r = h // g heads per group, so C @ B^T is formed once per group.
     """
     dtype = x.dtype
     b, l, nh, p = x.shape
-    g = B.shape[2]
-    Q = chunk_size
+    g, n = B.shape[2], B.shape[3]
+    r, Q = nh // g, chunk_size
     dtf = discretize_dt(dt, dt_bias, dt_limit)  # (b, l, h)
-    pad = (-l) % Q
     xf, Bf, Cf = _up(x), _up(B), _up(C)
+    pad = (-l) % Q
     if pad:
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
         dtf = F.pad(dtf, (0, 0, 0, pad))
     c = (l + pad) // Q
-    # heads share their group's B, C: head i uses group i // (h / g)
-    Bh = Bf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)  # (b, c, Q, h, n)
-    Ch = Cf.repeat_interleave(nh // g, dim=2).reshape(b, c, Q, nh, -1)
-    X = (xf * dtf.unsqueeze(-1)).reshape(b, c, Q, nh, p)  # (b, c, Q, h, p)
-    Adt = (dtf * _up(A)).reshape(b, c, Q, nh).permute(0, 3, 1, 2)  # (b, h, c, Q)
+    X = (xf * dtf.unsqueeze(-1)).reshape(b, c, Q, g, r, p).permute(0, 3, 4, 1, 2, 5)  # (b, g, r, c, Q, p)
+    Bg = Bf.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, g, 1, c, Q, n)
+    Cg = Cf.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, g, 1, c, Q, n)
+    Adt = (dtf * _up(A)).reshape(b, c, Q, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, Q)
 
     # 1. within each chunk (the quadratic, attention-like part)
-    L = torch.exp(segsum(Adt))  # (b, h, c, Q, Q)
-    CB = torch.einsum("bclhn,bcshn->bhcls", Ch, Bh)
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * L, X)
+    y = (Cg @ Bg.transpose(-1, -2)) * torch.exp(segsum(Adt))  # (b, g, r, c, Q, Q)
+    y = y @ X  # (b, g, r, c, Q, p)
 
-    # 2. each chunk's final state, from zero; decay to chunk end summed directly
-    revcum = torch.flip(torch.cumsum(torch.flip(Adt, [-1]), -1), [-1])  # sum_{k>=l}
-    to_end = F.pad(revcum[..., 1:], (0, 1))  # sum_{k>l}, (b, h, c, Q)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, torch.exp(to_end), X)
+    # 2. each chunk's final state from zero; decay to the chunk end summed directly (no differences)
+    revcum = torch.flip(torch.cumsum(torch.flip(Adt, [-1]), -1), [-1])  # sum_{k>=t}
+    to_end = torch.exp(F.pad(revcum[..., 1:], (0, 1)))  # sum_{k>t}, (b, g, r, c, Q)
+    states = (X * to_end.unsqueeze(-1)).transpose(-1, -2) @ Bg  # (b, g, r, c, p, n)
 
     # 3. pass states across chunks, starting from h0
-    states = torch.cat([_up(h0).unsqueeze(1), states], dim=1)  # (b, c+1, h, p, n)
-    chunk_decay = torch.exp(segsum(F.pad(Adt.sum(-1), (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    states, h_last = states[:, :-1], states[:, -1]
+    states = torch.cat([_up(h0).reshape(b, g, r, 1, p, n), states], dim=3)  # (b, g, r, c+1, p, n)
+    chunk_decay = torch.exp(segsum(F.pad(Adt.sum(-1), (1, 0))))  # (b, g, r, c+1, c+1)
+    states = (chunk_decay @ states.flatten(-2)).unflatten(-1, (p, n))
+    states, h_last = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. state at each chunk start -> outputs inside the chunk
-    from_start = torch.exp(torch.cumsum(Adt, -1))  # (b, h, c, Q)
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, from_start)
+    from_start = torch.exp(torch.cumsum(Adt, -1)).unsqueeze(-1)  # (b, g, r, c, Q, 1)
+    y = y + (Cg @ states.transpose(-1, -2)) * from_start  # (b, g, r, c, Q, p)
 
-    y = (y_diag + y_off).reshape(b, c * Q, nh, p)[:, :l]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, nh, p)[:, :l]
     y = y + _up(x) * _up(D).unsqueeze(-1)
-    return y.to(dtype), h_last
+    return y.to(dtype), h_last.reshape(b, nh, p, n)
 
 
 def ssd_state_update_ref(x, dt, A, B, C, D, dt_bias, h, dt_limit=(0.0, math.inf)):

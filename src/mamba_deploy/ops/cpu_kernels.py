@@ -1,0 +1,91 @@
+"""Fast CPU ops: small C kernels compiled on first use with the system C compiler and loaded
+through ctypes (no torch headers, so the build takes about a second). Each has its pure-PyTorch
+twin in reference.py with the same signature; without a compiler the references are used.
+
+Set MAMBA_DEPLOY_NO_CPU_KERNELS=1 to disable them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import reference as ref
+
+_SRC = Path(__file__).with_name("cpu_scan.c")
+_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
+MAX_D_STATE = 256  # stack buffer in cpu_scan.c
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MAMBA_DEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mamba_deploy")
+    return Path(root)
+
+
+@functools.lru_cache(maxsize=1)
+def _lib():
+    if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS"):
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + sys.platform.encode()).hexdigest()[:16]
+    so = _cache_dir() / f"cpu_scan-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
+        except (subprocess.SubprocessError, OSError) as e:
+            Path(tmp).unlink(missing_ok=True)
+            detail = getattr(e, "stderr", b"") or b""
+            warnings.warn(f"could not build the CPU scan kernel with {cc} ({e} {detail.decode(errors='replace')[:200]}); "
+                          "using the PyTorch reference (slower)")
+            return None
+    lib = ctypes.CDLL(str(so))
+    f = lib.selective_scan_f32
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 4
+    return lib
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def selective_scan_cpu(x, dt, A, B, C, D, z, dt_bias, h0):
+    """Same contract as reference.selective_scan_ref; float32 CPU tensors only."""
+    lib = _lib()
+    b, l, d = x.shape
+    n = A.shape[-1]
+    f32 = [x, dt, A, B, C, D, dt_bias, h0] + ([z] if z is not None else [])
+    if (lib is None or n > MAX_D_STATE or torch.is_grad_enabled() and any(t.requires_grad for t in f32)
+            or any(t.dtype != torch.float32 for t in f32)):
+        return ref.selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0)
+    x, dt, A, B, C, D, dt_bias = (t.contiguous() for t in (x, dt, A, B, C, D, dt_bias))
+    z = z.contiguous() if z is not None else None
+    h = h0.clone().contiguous()
+    y = torch.empty_like(x)
+    lib.selective_scan_f32(_ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(dt_bias),
+                           _ptr(h), _ptr(y), b, l, d, n)
+    return y, h
+
+
+KERNELS = {"selective_scan": selective_scan_cpu}
+
+
+def available() -> bool:
+    return _lib() is not None

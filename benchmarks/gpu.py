@@ -41,10 +41,10 @@ PLAN = {
     ("ours", "mamba2-2.7b"): ["ssd_kernel", "prefill_1x2048", "prefill_8x4096", "decode_b1", "decode_b32"],
     ("mamba_ssm", "mamba2-2.7b"): ["ssd_kernel", "prefill_1x2048", "prefill_8x4096", "decode_b1", "decode_b32"],
     ("transformers", "mamba2-2.7b"): ["prefill_1x2048", "decode_b1"],
-    ("ours", "mamba2-1.3b"): ["decode_b1", "prefill_1x2048"],
-    ("mamba_ssm", "mamba2-1.3b"): ["decode_b1", "prefill_1x2048"],
-    ("ours", "mamba2-130m"): ["decode_b1", "prefill_1x2048"],
-    ("mamba_ssm", "mamba2-130m"): ["decode_b1", "prefill_1x2048"],
+    ("ours", "mamba2-1.3b"): ["decode_b1"],
+    ("mamba_ssm", "mamba2-1.3b"): ["decode_b1"],
+    ("ours", "mamba2-130m"): ["decode_b1"],
+    ("mamba_ssm", "mamba2-130m"): ["decode_b1"],
     ("ours", "mamba-2.8b"): ["prefill_1x512", "prefill_1x2048", "decode_b1", "decode_b32"],
     ("transformers", "mamba-2.8b"): ["prefill_1x512", "decode_b1"],
 }
@@ -154,6 +154,12 @@ def run_ours(name, cases):
             runner.step(torch.randint(0, VOCAB, (b,)), state)  # captures
             out[case] = cuda_time(lambda: runner.replay(b), reps=200, warmup=10)
             out[case + "_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 4
+            if runner._plan.fused and b == 1:  # the same graph without the one-launch mixer
+                plain = CudaGraphRunner(model)
+                plain._plan.fused = False
+                plain.step(torch.randint(0, VOCAB, (b,)), plain.new_state(b))
+                out[case + "_unfused"] = cuda_time(lambda: plain.replay(b), reps=200, warmup=10)
+                del plain
         print(f"  ours {name} {case}: {out[case]:.3f} ms", flush=True)
     return out
 
@@ -271,15 +277,15 @@ def run_transformers(name, cases):
             def f():
                 with torch.inference_mode():
                     model(ids, use_cache=False)
-            out[case] = cuda_time(f, reps=3, warmup=1)
+            out[case] = cuda_time(f, reps=2, warmup=1)
         else:
             ids = torch.randint(0, VOCAB, (b, 8), device="cuda")
 
             def gen(n):
                 with torch.inference_mode():
                     model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            n1, n2 = 4, 24
-            out[case] = (cuda_time(lambda: gen(n2), reps=3, warmup=1) - cuda_time(lambda: gen(n1), reps=3, warmup=1)) / (n2 - n1)
+            n1, n2 = 2, 18
+            out[case] = (cuda_time(lambda: gen(n2), reps=2, warmup=1) - cuda_time(lambda: gen(n1), reps=2, warmup=1)) / (n2 - n1)
         print(f"  transformers {name} {case}: {out[case]:.3f} ms", flush=True)
     return out
 
@@ -324,14 +330,14 @@ def table(results):
         for case, v in res.items():
             if not isinstance(v, float) or case in ("copy_bw", "wall_s") or case.endswith("_bytes"):
                 continue
-            kind, b, l = parse_case(case)
+            kind, b, l = parse_case(case.replace("_unfused", ""))
             extra = ""
             if kind == "prefill":
                 extra = f"{b * l / (v * 1e-3):,.0f} tok/s"
             elif kind == "decode":
                 ours = results.get(("ours", name), {})
                 wb = ours.get("weight_bytes")
-                sb = ours.get(case + "_state_bytes", 0)
+                sb = ours.get(case.replace("_unfused", "") + "_state_bytes", 0)
                 if wb:
                     extra = f"floor {(wb + 2 * sb) / bw * 1e3:.3f} ms"
             rows.append((name, case, system, v, extra))
@@ -351,7 +357,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first case of each (system, model) only")
     ap.add_argument("--systems", default="ours,mamba_ssm,transformers")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--timeout", type=int, default=240)
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.model, a.cases.split(","))
@@ -361,11 +367,16 @@ def main():
         if system in systems and name in models:
             print(f"== {system} {name}: {cases[:1] if a.quick else cases}", flush=True)
             results[(system, name)] = run_worker(system, name, cases[:1] if a.quick else cases, a.timeout)
+            save(results, a.out)  # after each worker, so a run cut short keeps what it measured
+    save(results, a.out)
     print(table(results))
-    with open(a.out + ".tmp", "w") as f:
-        json.dump({f"{s}/{m}": r for (s, m), r in results.items()}, f, indent=1)
-    os.replace(a.out + ".tmp", a.out)
     print(f"wrote {a.out}")
+
+
+def save(results, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump({f"{s}/{m}": r for (s, m), r in results.items()}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ logits. `new_state(batch)` lends a view of the bucket's State (rows [:batch]); s
 state replays with no copies. Any other State still works (copied in and out around the replay).
 
 The captured step is `fast_decode_step`: the model's own weights, with the per-layer work fused
-more than `MambaLM.step` does (A precomputed once, residual add + next RMSNorm in one kernel,
-the Mamba2 conv + state update in the `ssd_step` kernels); the test suite compares its logits
-with the reference path's.
+more than `MambaLM.step` does: A precomputed once; residual add + next RMSNorm in one kernel; for
+Mamba2 with ngroups == 1, the whole mixer between in_proj and out_proj in one kernel
+(`ssd_step_gated_`: conv, state update, gate, norm statistics; the norm's per-row 1/rms is applied
+after out_proj, which is linear), so a layer is 4 launches: add+norm, in_proj, mixer, out_proj.
+MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels. The test
+suite compares its logits with the reference path's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ class DecodePlan:
         self.A = [-torch.exp(layer.mixer.A_log.float()) for layer in model.backbone.layers]
         self.norms = [layer.norm for layer in model.backbone.layers] + [model.backbone.norm_f]
         self.residual_fp32 = self.cfg.residual_in_fp32
+        cfg = self.cfg
+        # one launch per mixer (ssd_step_gated_) where the gated norm spans the whole row
+        self.fused = (cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
+                      and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0")
+        dev = model.device
+        self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
+        self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
 
 
 def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
@@ -54,6 +64,22 @@ def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
     return mixer.out_proj(y)
 
 
+def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
+    """in_proj, one fused kernel (conv, SSD update, gate, norm statistics), out_proj; the norm's
+    per-row 1/rms is applied after out_proj by the next add_rmsnorm_ (the `scale` kwargs)."""
+    from .ops.triton_step import ssd_step_gated_
+
+    cfg = mixer.cfg
+    b = x.shape[0]
+    z, xBC, dt = mixer._split(mixer.in_proj(x))  # (b, d), (b, conv_dim), (b, h)
+    u = torch.empty((b, cfg.d_inner), device=x.device, dtype=x.dtype)
+    ssq = plan.sumsq[:b]
+    ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
+                    mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
+                    u, ssq, plan.counter)
+    return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
+
+
 def fast_decode_step(plan: DecodePlan, ids, state: State):
     """ids (b,) on CUDA -> logits (b, vocab) float32; state updated in place (Triton kernels)."""
     from .ops.triton_kernels import add_rmsnorm_
@@ -62,15 +88,18 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
     h = model.backbone.embeddings(ids)  # (b, d_model)
     residual = h.float() if plan.residual_fp32 else h.clone()
     x = plan.norms[0](h.to(plan.norms[0].weight.dtype))
+    scale = {}
     for i, layer in enumerate(model.backbone.layers):
-        if plan.cfg.arch == "mamba2":
+        if plan.fused:
+            y, scale = _mamba2_fused_step(plan, layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
+        elif plan.cfg.arch == "mamba2":
             y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         else:
             y, conv, ssm = layer.mixer.step(x, state.conv[i], state.ssm[i])
             state.conv[i].copy_(conv)  # no-op when the kernel updated in place
             state.ssm[i].copy_(ssm)
         nxt = plan.norms[i + 1]
-        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps)  # residual += y; x = norm(residual)
+        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, **scale)  # residual += y; x = norm(residual)
     return model.lm_head(x.to(model.lm_head.weight.dtype)).float()
 
 

@@ -81,12 +81,19 @@ def rmsnorm_gated(x, z, weight, eps, group_size, norm_before_gate=False):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(Y, R, W, X, stride_y, stride_r, stride_x, D, eps, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps,
+                        HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        # y was computed from an un-normalised gated-norm input (ssd_step_gated_): apply the
+        # row's 1/rms now, then zero the sum of squares for the next layer
+        ss = tl.load(SS + row)
+        y = (y * tl.rsqrt(ss / scale_n + scale_eps)).to(Y.dtype.element_ty).to(tl.float32)
+        tl.store(SS + row, 0.0)
     r = r + y
     tl.store(R + row * stride_r + cols, r.to(R.dtype.element_ty), mask=mask)
     # Block._pre: norm(h.to(weight dtype)); round like the unfused path does
@@ -97,17 +104,21 @@ def _add_rmsnorm_kernel(Y, R, W, X, stride_y, stride_r, stride_x, D, eps, BLOCK:
     tl.store(X + row * stride_x + cols, (xn * w).to(X.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm_(y, residual, weight, eps, out=None):
+def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0):
     """residual += y (in place, residual's dtype); returns rmsnorm(residual.to(weight.dtype)).
 
     y (b, d) or None (then only the norm); residual (b, d) contiguous. Used by the graph-captured
     decode to fuse the residual add of one layer with the pre-norm of the next.
+    sumsq (b,) float32: y is first scaled by rsqrt(sumsq / scale_n + scale_eps) per row, and
+    sumsq is zeroed (see triton_step.ssd_step_gated_).
     """
     b, d = residual.shape
     if out is None:
         out = torch.empty((b, d), device=residual.device, dtype=weight.dtype)
     yy = torch.zeros_like(residual) if y is None else y
     block = triton.next_power_of_2(d)
-    _add_rmsnorm_kernel[(b,)](yy, residual, weight, out, yy.stride(0), residual.stride(0), out.stride(0),
-                              d, eps, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    _add_rmsnorm_kernel[(b,)](yy, residual, weight, out, sumsq if sumsq is not None else residual,
+                              yy.stride(0), residual.stride(0), out.stride(0), d, eps, float(scale_n),
+                              float(scale_eps), HAS_SCALE=sumsq is not None, BLOCK=block,
+                              num_warps=min(16, max(1, block // 256)))
     return out

@@ -87,7 +87,8 @@ def _chunk_bmm_kernel(Cm, Bm, CB, L, G, N, nchunks, scb, scl, scg, sbb, sbl, sbg
 
 @triton.autotune(configs=_configs([({"BP": 64, "BN": 64, "BK": 64}, 4, 3),
                                    ({"BP": 64, "BN": 128, "BK": 64}, 8, 3),
-                                   ({"BP": 64, "BN": 128, "BK": 32}, 4, 4)]),
+                                   ({"BP": 64, "BN": 128, "BK": 32}, 4, 4),
+                                   ({"BP": 64, "BN": 64, "BK": 32}, 4, 5)]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_state_kernel(X, Bm, DTO, DACS, ST, L, H, P, N, nchunks, heads_per_group,
@@ -140,7 +141,9 @@ def _state_pass_kernel(ST, DACS, H0, HS, HL, H, PN, nchunks, Q: tl.constexpr, BL
 
 @triton.autotune(configs=_configs([({"BM": 64, "BP": 64, "BK": 64}, 4, 3),
                                    ({"BM": 128, "BP": 64, "BK": 64}, 8, 3),
-                                   ({"BM": 64, "BP": 64, "BK": 32}, 4, 4)]),
+                                   ({"BM": 64, "BP": 64, "BK": 32}, 4, 4),
+                                   ({"BM": 128, "BP": 64, "BK": 32}, 4, 3),
+                                   ({"BM": 64, "BP": 64, "BK": 64}, 4, 2)]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_scan_kernel(X, Cm, CB, HS, DTO, DACS, Dp, Y, L, H, P, N, G, nchunks, heads_per_group,

@@ -152,3 +152,117 @@ def ssd_step(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_l
     y = torch.empty((b, nh, p), device=xBC.device, dtype=xBC.dtype)
     _launch_ssd_update(x, _unit_last(dt), A, B, C, D, dt_bias, h, dt_limit, y)
     return y, conv_state, h
+
+
+# ----------------------------------------------------------------------------- fused decode layer
+
+@triton.jit
+def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, CNT,
+                           P, N, G, d_inner, heads_per_group,
+                           sxb, sdtb, szb, scsb, scsc, scsk, shb, shh, shp, sub,
+                           dt_lo, dt_hi, CLAMP: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    hd = tl.program_id(1)
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    pm, nm = p < P, n < N
+    g = hd // heads_per_group
+    # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
+    cx = hd * P + p
+    cB = d_inner + g * N + n
+    cC = d_inner + G * N + g * N + n
+    xin = tl.load(XBC + b * sxb + cx, mask=pm, other=0.0).to(tl.float32)
+    bin_ = tl.load(XBC + b * sxb + cB, mask=nm, other=0.0).to(tl.float32)
+    cin = tl.load(XBC + b * sxb + cC, mask=nm, other=0.0).to(tl.float32)
+    ax = xin * tl.load(CW + cx * K + (K - 1), mask=pm, other=0.0).to(tl.float32)
+    aB = bin_ * tl.load(CW + cB * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
+    aC = cin * tl.load(CW + cC * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
+    sbase = CS + b * scsb
+    for j in tl.static_range(K - 1):
+        sx = tl.load(sbase + cx * scsc + j * scsk, mask=pm, other=0.0)
+        ax += sx.to(tl.float32) * tl.load(CW + cx * K + j, mask=pm, other=0.0).to(tl.float32)
+        if j > 0:
+            tl.store(sbase + cx * scsc + (j - 1) * scsk, sx, mask=pm)
+        aB += tl.load(sbase + cB * scsc + j * scsk, mask=nm, other=0.0).to(tl.float32) * \
+            tl.load(CW + cB * K + j, mask=nm, other=0.0).to(tl.float32)
+        aC += tl.load(sbase + cC * scsc + j * scsk, mask=nm, other=0.0).to(tl.float32) * \
+            tl.load(CW + cC * K + j, mask=nm, other=0.0).to(tl.float32)
+    tl.store(sbase + cx * scsc + (K - 2) * scsk, xin.to(CS.dtype.element_ty), mask=pm)
+    if HAS_BIAS:
+        ax += tl.load(CBias + cx, mask=pm, other=0.0).to(tl.float32)
+        aB += tl.load(CBias + cB, mask=nm, other=0.0).to(tl.float32)
+        aC += tl.load(CBias + cC, mask=nm, other=0.0).to(tl.float32)
+    # round like the unfused path, whose conv output is stored in the model dtype
+    x = (ax * tl.sigmoid(ax)).to(XBC.dtype.element_ty).to(tl.float32)
+    Bv = (aB * tl.sigmoid(aB)).to(XBC.dtype.element_ty).to(tl.float32)
+    Cv = (aC * tl.sigmoid(aC)).to(XBC.dtype.element_ty).to(tl.float32)
+    # -- SSD state update
+    dt = _softplus(tl.load(DT + b * sdtb + hd).to(tl.float32) + tl.load(DTB + hd).to(tl.float32))
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    hp = H + b * shb + hd * shh + p[:, None] * shp + n[None, :]
+    m2 = pm[:, None] & nm[None, :]
+    h = tl.load(hp, mask=m2, other=0.0)
+    h = h * tl.exp(dt * tl.load(A + hd).to(tl.float32)) + (x * dt)[:, None] * Bv[None, :]
+    tl.store(hp, h, mask=m2)
+    y = tl.sum(h * Cv[None, :], axis=1) + x * tl.load(Dp + hd).to(tl.float32)
+    y = y.to(U.dtype.element_ty).to(tl.float32)
+    # -- gate and the weighted, un-normalised norm input; the 1/rms factor is a per-row scalar,
+    # so it is applied after out_proj (by add_rmsnorm_), from the sum of squares gathered here
+    z = tl.load(Z + b * szb + cx, mask=pm, other=0.0).to(tl.float32)
+    gate = z * tl.sigmoid(z)
+    w = tl.load(NW + cx, mask=pm, other=0.0).to(tl.float32)
+    if NORM_BEFORE_GATE:
+        sq = tl.sum(y * y, axis=0)
+        u = y * w * gate
+    else:
+        y = y * gate
+        sq = tl.sum(y * y, axis=0)
+        u = y * w
+    tl.store(U + b * sub + cx, u.to(U.dtype.element_ty), mask=pm)
+    tl.atomic_add(SS + b, sq)
+    # -- B, C conv windows: shifted by the last program of the group to read them. The acq_rel
+    # counter orders every other program's reads of the window before this write.
+    total = heads_per_group * tl.num_programs(2)
+    cnt = tl.atomic_add(CNT + b * G + g, 1, sem="acq_rel")
+    last = cnt == total - 1
+    for j in tl.static_range(1, K - 1):
+        sB = tl.load(sbase + cB * scsc + j * scsk, mask=nm & last, other=0.0)
+        tl.store(sbase + cB * scsc + (j - 1) * scsk, sB, mask=nm & last)
+        sC = tl.load(sbase + cC * scsc + j * scsk, mask=nm & last, other=0.0)
+        tl.store(sbase + cC * scsc + (j - 1) * scsk, sC, mask=nm & last)
+    tl.store(sbase + cB * scsc + (K - 2) * scsk, bin_.to(CS.dtype.element_ty), mask=nm & last)
+    tl.store(sbase + cC * scsc + (K - 2) * scsk, cin.to(CS.dtype.element_ty), mask=nm & last)
+    tl.store(CNT + b * G + g, 0, mask=last)
+
+
+def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
+                    dt_limit, norm_before_gate, out, sumsq, counter):
+    """One Mamba2 mixer decode step up to out_proj's input, in one launch (ngroups == 1).
+
+    Writes out (b, d_inner) = gate/weight-applied y *without* the 1/rms factor, and adds each
+    row's sum of squares into sumsq (b,) float32 (which must start at zero; add_rmsnorm_ reads it
+    and zeroes it again). counter (>= b) int32 zeros, left at zero. conv_state, h in place.
+    rmsnorm_gated(y, z, w) == out * rsqrt(sumsq / d_inner + eps), so out_proj(normed) equals
+    out_proj(out) times that per-row scalar.
+    """
+    b = xBC.shape[0]
+    nh, p, n = h.shape[1], h.shape[2], h.shape[3]
+    d = nh * p
+    g = (xBC.shape[1] - d) // (2 * n)
+    if g != 1 or h.dtype != torch.float32 or h.stride(-1) != 1:
+        raise ValueError("ssd_step_gated_ needs ngroups == 1 and a float32 state with unit last stride")
+    k = conv_weight.shape[1]
+    BN = triton.next_power_of_2(n)
+    BP = max(1, min(triton.next_power_of_2(p), 4096 // BN))
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    w = conv_weight.contiguous()
+    _ssd_step_gated_kernel[(b, nh, triton.cdiv(p, BP))](
+        xBC, dt, z, w, conv_bias if conv_bias is not None else w, conv_state, A, D, dt_bias, h, norm_weight,
+        out, sumsq, counter, p, n, g, d, nh // g,
+        xBC.stride(0), dt.stride(0), z.stride(0), *conv_state.stride(), h.stride(0), h.stride(1), h.stride(2),
+        out.stride(0), lo, hi if hi != math.inf else 3.0e38, CLAMP=lo > 0.0 or hi != math.inf, K=k,
+        HAS_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate),
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=4)
+    return out

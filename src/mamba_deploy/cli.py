@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from . import __version__
 from .errors import MambaDeployError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -138,7 +139,8 @@ def cmd_convert(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-deploy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mamba-deploy", description="Run, export, quantize and verify Mamba / Mamba2 language models.")
+    p.add_argument("--version", action="version", version=f"mamba-deploy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="architecture, parameters, bytes on disk, state bytes per sequence")

@@ -149,8 +149,6 @@ def load_data(args):
     from . import data
 
     tok_dir = Path(args.tokenizer)
-    if not (tok_dir / "tokenizer.json").exists():
-        raise ConfigError(f"--tokenizer {tok_dir} has no tokenizer.json; make one with `mamba-deploy train-tokenizer DIR`")
     train_ids = data.load_split(tok_dir, "train", args.data_cache)
     val_ids = data.load_split(tok_dir, "val", args.data_cache)
     return train_ids, val_ids
@@ -174,6 +172,9 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     amp_dtype = AMP[args.amp or ("bf16" if device.type == "cuda" else "none")]
+    if not (Path(args.tokenizer) / "tokenizer.json").exists():
+        raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
+                          "make one with `mamba-deploy train-tokenizer DIR`")
     tok = load_tokenizer(args.tokenizer)
     train_ids, val_ids = load_data(args)
     cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok._tok.token_to_id("<|pad|>"))

@@ -27,8 +27,8 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # Standard-domain operators the exported graph may use (TensorRT's ONNX parser supports all of
 # them); a test checks the graph against this list, so a new op is a deliberate decision.
 ALLOWED_OPS = frozenset({
-    "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "Conv", "CumSum", "Div", "Exp", "Expand",
-    "Gather", "Greater", "Identity", "MatMul", "Max", "Min", "Mul", "Pad", "Reciprocal", "ReduceMean",
+    "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "CumSum", "Div", "Equal", "Exp", "Expand",
+    "Gather", "Greater", "Identity", "If", "MatMul", "Max", "Min", "Mul", "Pad", "Reciprocal", "ReduceMean",
     "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
     "Sub", "Transpose", "Trilu", "Unsqueeze", "Where",
 })

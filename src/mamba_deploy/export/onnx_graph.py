@@ -93,6 +93,7 @@ class MambaGraph:
     def __init__(self, cfg: MambaConfig, weights: dict, wdtype=np.float32, opset: int = 17):
         self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
         self.g = Builder(opset)
+        self._conv_ends: dict[int, str] = {}  # tap j -> l + j, shared by all layers
 
     # ---- weights ---------------------------------------------------------------------------
     def _np(self, key: str, dtype=np.float32) -> np.ndarray:
@@ -120,6 +121,7 @@ class MambaGraph:
         cfg, g = self.cfg, self.g
         self.shape_ids = g.op("Shape", IDS)
         self.L = g.dim(self.shape_ids, 1)  # (1,) int64
+        self.one_token = g.op("Equal", self.L, g.const([1]))
         mask = g.op("Unsqueeze", g.op("Cast", MASK, to=TensorProto.FLOAT), g.const([-1]))  # (b|1, l|1, 1)
         h = self._embed()
         if cfg.arch == "mamba2":
@@ -191,20 +193,24 @@ class MambaGraph:
 
     # ---- shared pieces -----------------------------------------------------------------------
     def _conv(self, x: str, mask: str, p: str, i: int, channels: int) -> str:
-        """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c)."""
+        """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c).
+        Written as k shifted multiply-adds in the time-major layout: ORT's grouped Conv costs
+        ~0.5 ms per call on one token, these cost a few microseconds."""
         g, k = self.g, self.cfg.d_conv
         x = g.op("Mul", x, mask)
-        xt = g.op("Concat", PAST_CONV.format(i), g.op("Transpose", x, perm=[0, 2, 1]), axis=2)  # (b, c, k-1+l)
-        self.g.nodes.append(helper.make_node(
-            "Slice", [xt, g.const([-(k - 1)]), g.const([INT64_MAX]), g.const([2])], [PRESENT_CONV.format(i)],
-            name=f"present_conv_{i}"))
-        w = self.param(p + "conv1d.weight", (channels, 1, k))
-        ins = [xt, w] + ([self.param(p + "conv1d.bias")] if p + "conv1d.bias" in self.w else [])
-        y = g.op("Transpose", g.op("Conv", *ins, group=channels, kernel_shape=[k]), perm=[0, 2, 1])
+        xt = g.op("Concat", g.op("Transpose", PAST_CONV.format(i), perm=[0, 2, 1]), x, axis=1)  # (b, k-1+l, c)
+        tail = g.op("Slice", xt, g.const([-(k - 1)]), g.const([INT64_MAX]), g.const([1]))
+        g.nodes.append(helper.make_node("Transpose", [tail], [PRESENT_CONV.format(i)], perm=[0, 2, 1],
+                                        name=f"present_conv_{i}"))
+        w = self._np(p + "conv1d.weight").reshape(channels, k).T  # (k, c)
+        y = self.param(p + "conv1d.bias") if p + "conv1d.bias" in self.w else None
+        for j in range(k):
+            if j not in self._conv_ends:
+                self._conv_ends[j] = g.op("Add", self.L, g.const([j]))
+            tap = g.op("Mul", g.op("Slice", xt, g.const([j]), self._conv_ends[j], g.const([1])),
+                       g.init(f"{p}conv1d.weight.{j}", w[j]))
+            y = tap if y is None else g.op("Add", y, tap)
         return g.op("Mul", g.silu(y), mask)
-
-    def _name_output(self, value: str, name: str):
-        self.g.nodes.append(helper.make_node("Identity", [value], [name], name=name + "_out"))
 
     # ---- Mamba1 ---------------------------------------------------------------------------------
     def _mamba1(self, xn: str, mask: str, p: str, i: int) -> str:
@@ -217,21 +223,52 @@ class MambaGraph:
         if cfg.dt_bc_rms:
             dt, B, C = (g.rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = g.op("Softplus", g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))
-        A = -np.exp(self._np(p + "A_log")).T  # (n, d): the scan runs in the (b, n, d) layout
+        A_log = self._np(p + "A_log")
+        A_nd, A_dn = g.init(p + "A", -np.exp(A_log).T), g.init(p + "A.step", -np.exp(A_log))
+        y = self._if_one_token(i, lambda: self._m1_step(dt, x, B, C, A_dn, i),
+                               lambda: self._m1_scan(dt, x, B, C, A_nd, i))  # (b, l, d)
+        y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))
+        y = g.op("Mul", y, g.silu(z))
+        return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
+
+    def _m1_scan(self, dt, x, B, C, A: str, i: int):
+        """Any length: Scan over time in the (b, n, d) layout. -> y (b, l, d), h_last (b, d, n)."""
+        g = self.g
         h0 = g.op("Transpose", PAST_SSM.format(i), perm=[0, 2, 1])  # (b, n, d)
         h_last, ys = g.op("Scan", h0,
                           g.op("Unsqueeze", dt, g.const([2])),  # (b, l, 1, d)
                           g.op("Unsqueeze", g.op("Mul", dt, x), g.const([2])),  # (b, l, 1, d)
                           g.op("Unsqueeze", B, g.const([3])),  # (b, l, n, 1)
                           g.op("Unsqueeze", C, g.const([2])),  # (b, l, 1, n)
-                          n_out=2, body=self._scan_body(g.init(p + "A", A)), num_scan_inputs=4,
+                          n_out=2, body=self._scan_body(A), num_scan_inputs=4,
                           scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-        g.nodes.append(helper.make_node("Transpose", [h_last], [PRESENT_SSM.format(i)], perm=[0, 2, 1],
-                                        name=f"present_ssm_{i}"))
-        y = g.op("Squeeze", ys, g.const([2]))  # (b, l, d)
-        y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))
-        y = g.op("Mul", y, g.silu(z))
-        return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
+        return g.op("Squeeze", ys, g.const([2])), g.op("Transpose", h_last, perm=[0, 2, 1])
+
+    def _m1_step(self, dt, x, B, C, A: str, i: int):
+        """One token, no loop: h = h * exp(dt A) + (dt x) B ; y = h C. Shapes (b, d, n)."""
+        g, d = self.g, self.cfg.d_inner
+        dt3 = g.op("Reshape", dt, g.const([0, d, 1]))  # (b, d, 1)
+        dtx = g.op("Reshape", g.op("Mul", dt, x), g.const([0, d, 1]))
+        h = g.op("Add", g.op("Mul", PAST_SSM.format(i), g.op("Exp", g.op("Mul", dt3, A))), g.op("Mul", dtx, B))
+        y = g.op("MatMul", h, g.op("Transpose", C, perm=[0, 2, 1]))  # (b, d, n) @ (b, n, 1)
+        return g.op("Reshape", y, g.const([0, 1, d])), h
+
+    def _if_one_token(self, i: int, step_fn, long_fn) -> str:
+        """If(seq == 1) step_fn else long_fn; both return (y, h_last). Names present_ssm.i and
+        returns y. The decode branch skips the Scan / chunk machinery (most of a token's ops)."""
+        branches = []
+        for fn in (step_fn, long_fn):
+            outer, self.g = self.g, Builder(self.opset, self.g._counter)
+            y, h = fn()
+            sub, self.g = self.g, outer
+            outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [f"{v}_{j}" for j in range(r)])
+                    for v, r in ((y, 4 if self.cfg.arch == "mamba2" else 3), (h, 4 if self.cfg.arch == "mamba2" else 3))]
+            branches.append(helper.make_graph(sub.nodes, self.g._name("branch"), [], outs, sub.inits))
+        y = self.g._name("y_ssm")
+        self.g.nodes.append(helper.make_node("If", [self.one_token], [y, PRESENT_SSM.format(i)],
+                                             name=f"if_one_token_{i}", then_branch=branches[0],
+                                             else_branch=branches[1]))
+        return y
 
     def _scan_body(self, A: str) -> onnx.GraphProto:
         """One time step: h = h * exp(dt A) + (dt x) B ; y = C h. Shapes (b, n, d) / (b, 1, d)."""
@@ -267,7 +304,9 @@ class MambaGraph:
             dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
         x, B, C = g.op("Split", xBC, g.const([d, G * N, G * N]), axis=2, n_out=3)
         x4 = g.op("Reshape", x, g.const([0, 0, h, P]))  # (b, l, h, p)
-        y = self._ssd(x4, dt, B, C, p, i)  # (b, l, h, p)
+        A = g.init(p + "A", -np.exp(self._np(p + "A_log")))  # (h,)
+        y = self._if_one_token(i, lambda: self._ssd_step(x4, dt, B, C, A, i),
+                               lambda: self._ssd(x4, dt, B, C, A, i))  # (b, l, h, p)
         y = g.op("Add", y, g.op("Mul", x4, self.param(p + "D", (h, 1))))
         y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), g.silu(z))  # (b, l, d)
         if cfg.rmsnorm:
@@ -286,7 +325,19 @@ class MambaGraph:
         seg = g.op("CumSum", g.op("Mul", xr, strict), g.const(-2))
         return g.op("Mul", g.op("Exp", seg), g.op("Trilu", ones, upper=0))
 
-    def _ssd(self, x4: str, dt: str, B: str, C: str, p: str, i: int) -> str:
+    def _ssd_step(self, x4: str, dt: str, B: str, C: str, A: str, i: int):
+        """One token: h = h * exp(dt A) + (dt x) B^T ; y = h C. -> y (b, 1, h, p), h (b, h, p, n)."""
+        cfg, g = self.cfg, self.g
+        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        R = H // G
+        decay = g.op("Reshape", g.op("Exp", g.op("Mul", dt, A)), g.const([0, H, 1, 1]))  # (b, h, 1, 1)
+        xdt = g.op("Reshape", g.op("Mul", x4, g.op("Unsqueeze", dt, g.const([-1]))), g.const([0, G, R, P, 1]))
+        u = g.op("Reshape", g.op("Mul", xdt, g.op("Reshape", B, g.const([0, G, 1, 1, N]))), g.const([0, H, P, N]))
+        h = g.op("Add", g.op("Mul", PAST_SSM.format(i), decay), u)  # (b, h, p, n)
+        y = g.op("MatMul", g.op("Reshape", h, g.const([0, G, R, P, N])), g.op("Reshape", C, g.const([0, G, 1, N, 1])))
+        return g.op("Reshape", y, g.const([0, 1, H, P])), h
+
+    def _ssd(self, x4: str, dt: str, B: str, C: str, A: str, i: int):
         """Chunked SSD from past_ssm.i. x4 (b, l, h, p); dt (b, l, h); B, C (b, l, g*n)."""
         cfg, g = self.cfg, self.g
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
@@ -299,7 +350,6 @@ class MambaGraph:
         Bc, Cc = (g.op("Transpose", g.op("Reshape", g.op("Pad", t, self.time_pads[3]),
                                          g.cat(g.const([0, -1]), Q, g.const([G, N]))),
                        perm=[0, 1, 3, 2, 4]) for t in (B, C))  # (b, c, g, Q, n)
-        A = g.init(p + "A", -np.exp(self._np(p + "A_log")))  # (h,)
         Adt = g.op("Transpose", g.op("Reshape", g.op("Mul", dtp, A), g.cat(g.const([0, -1]), Q, g.const([H]))),
                    perm=[0, 1, 3, 2])  # (b, c, h, Q)
         six = g.cat(g.const([0, 0, G, R]), Q)  # reshape (b, c, h, Q[, Q]) -> (b, c, g, r, Q[, Q])
@@ -323,8 +373,7 @@ class MambaGraph:
         allst = g.op("Reshape", g.op("Transpose", allst, perm=[0, 2, 1, 3, 4]), g.const([0, 0, -1, P * N]))
         new = g.op("MatMul", decay, allst)  # (b, h, c+1, p*n)
         last = g.op("Slice", new, g.const([-1]), g.const([INT64_MAX]), g.const([2]))
-        g.nodes.append(helper.make_node("Reshape", [last, g.const([0, H, P, N])], [PRESENT_SSM.format(i)],
-                                        name=f"present_ssm_{i}"))
+        h_last = g.op("Reshape", last, g.const([0, H, P, N]))
         starts = g.op("Slice", new, g.const([0]), g.const([-1]), g.const([2]))  # (b, h, c, p*n)
         starts = g.op("Transpose", g.op("Reshape", starts, g.const([0, 0, 0, P, N])), perm=[0, 2, 1, 4, 3])
         starts = g.op("Reshape", starts, g.const([0, 0, G, R, N, P]))  # (b, c, g, r, n, p)
@@ -334,7 +383,7 @@ class MambaGraph:
         y_off = g.op("Mul", g.op("MatMul", g.op("Unsqueeze", Cc, g.const([3])), starts), from_start)
         y = g.op("Transpose", g.op("Add", y, y_off), perm=[0, 1, 4, 2, 3, 5])  # (b, c, Q, g, r, p)
         y = g.op("Reshape", y, g.const([0, -1, H, P]))
-        return g.op("Slice", y, g.const([0]), self.L, g.const([1]))  # drop the padded tail
+        return g.op("Slice", y, g.const([0]), self.L, g.const([1])), h_last  # drop the padded tail
 
 
 def _ir_for_opset(opset: int) -> int:

@@ -295,6 +295,28 @@ def test_onnx_matmulnbits_matches_torch(hf_checkpoint, tmp_path, kind, method, o
     assert float((got1 - want1).abs().max() / want1.abs().max()) < 1e-5
 
 
+def test_onnx_int8_rows_split_into_blocks(tmp_path):
+    """Per-channel int8 rows longer than a MatMulNBits block (48 / 96 here -> blocks of 16 / 32)
+    become several blocks sharing the row's scale; ORT must still match PyTorch."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed")
+    from conftest import build_hf_model
+
+    from mamba_deploy.quant.onnx_nbits import export_quantized_onnx, nbits_tensors
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    build_hf_model("mamba", hidden_size=48, time_step_rank=16).save_pretrained(tmp_path / "m")
+    model = quantize(load_model(tmp_path / "m"), "int8", progress=False)
+    t = nbits_tensors(model.backbone.layers[0].mixer.in_proj)
+    assert (t["block"], t["B"].shape[1]) == (16, 3)
+    out = export_quantized_onnx(model, tmp_path / "onnx", validate=False, accuracy_level=0)
+    runner = open_onnx(out)
+    ids = _ids(1, 7)
+    got, _ = runner.prefill(ids, runner.new_state(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def test_cli_quantize_and_auto(hf_checkpoint, tmp_path, capsys):
     from mamba_deploy.cli import main
 
@@ -308,3 +330,21 @@ def test_cli_quantize_and_auto(hf_checkpoint, tmp_path, capsys):
     assert "group size 48" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     shutil.rmtree(tmp_path / "a")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch int4/int8 GPU kernels)")
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("int8", True), ("w8a8", True)])
+def test_gpu_kernels_match_float64(fmt, sym):
+    lin = torch.nn.Linear(256, 128, bias=False)
+    m = QuantLinear.from_linear(lin, fmt, "lin", 64, sym).cuda()
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(5))
+    W = formats.decode({k: v.cpu() for k, v in m.stored().items()}, fmt, m.group_size, sym, torch.float64)
+    if fmt == "w8a8":
+        xs = x.double().abs().amax(1, keepdim=True) / 127
+        want = (torch.round(x.double() / xs).clamp(-127, 127) @ m.qweight.cpu().double().T) * xs * m.scales.cpu().double().T
+    else:
+        want = x.double() @ W.T
+    for rows in (1, 32):  # decode and prefill shapes
+        got = m(x[:rows].cuda()).double().cpu()
+        # int4 runs with bf16 activations (tinygemm): 1e-2; the rest in fp32
+        assert float((got - want[:rows]).abs().max() / want.abs().max()) < (1e-2 if fmt == "int4" else 1e-4)

@@ -85,14 +85,44 @@ class QuantLinear(nn.Module):
             y = _w8a8_mm(x2, self.qweight, self.scales)
         elif self.fmt == "int8" and _kernel_ok("int8pack", x2.device.type, x2.dtype):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.view(-1).to(x2.dtype))
+        elif self.fmt == "int4" and x2.is_cuda and _tinygemm_fits(self):
+            y = self._int4_cuda(x2)
         else:
             y = F.linear(x2, self.weight.to(x2.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def _int4_cuda(self, x2):
+        """torch's tinygemm int4 kernel (CUDA, bf16 activations). It computes
+        w = (u - 8) * scale + zero per group with unsigned codes u, so our symmetric codes map to
+        u = q + 8, zero = 0 and asymmetric ones to zero = (8 - z) * scale."""
+        key = (self.qweight.data_ptr(), self.scales.data_ptr())
+        if getattr(self, "_tiny", (None,))[0] != key:
+            q = formats.unpack_int4(self.qweight, self.symmetric)  # (N, K)
+            u = (q + 8) if self.symmetric else q
+            u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # tinygemm: even element in the high nibble
+            packed = torch._convert_weight_to_int4pack(u8.contiguous(), TINYGEMM_INNER_K_TILES)
+            s = self.scales.float()  # (N, G)
+            z = torch.zeros_like(s) if self.symmetric else (8 - self.zeros.float()) * s
+            sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
+            self._tiny = (key, packed, sz)
+        _, packed, sz = self._tiny
+        y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, self.group_size, sz)
+        return y.to(x2.dtype)
+
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, group={self.group_size}, sym={self.symmetric}"
+
+
+TINYGEMM_INNER_K_TILES = 8
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def _tinygemm_fits(m) -> bool:
+    """Shapes torch's CUDA int4 kernel accepts; others fall back to dequantize + matmul."""
+    return (m.group_size in TINYGEMM_GROUPS and m.in_features % (TINYGEMM_INNER_K_TILES * 16) == 0
+            and m.out_features % 8 == 0 and hasattr(torch, "_weight_int4pack_mm"))
 
 
 def _w8a8_mm(x, qweight, w_scales):

@@ -213,6 +213,24 @@ def test_validation_failure_raises_and_leaves_no_output(hf_checkpoint, tmp_path,
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp*"))
 
 
+def test_external_data_when_large(hf_checkpoint, tmp_path, monkeypatch):
+    """Above the size limit the weights go to model.onnx.data (threshold lowered to test it cheaply)."""
+    from mamba_deploy.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    folder, hf = hf_checkpoint("mamba2_g2")
+    out = export_onnx(folder, tmp_path / "ext")
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.onnx", "model.onnx.data"}
+    assert files["model.onnx.data"]["bytes"] > 2 * (out / "model.onnx").stat().st_size
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(6))
+    got, _ = open_onnx(out).prefill(ids, open_onnx(out).new_state(2))
+    assert rel_err(got, hf_logits(hf, ids)) < FP32_TOL
+    (out / "model.onnx.data").write_bytes(b"truncated")
+    with pytest.raises(ExportError, match="model.onnx.data does not match manifest.json"):
+        open_onnx(out)
+
+
 def _feeds(runner, batch, length):
     cfg = runner.config
     f = {"input_ids": np.ones((batch, length), np.int64)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,23 @@ def test_cli_text_file_is_scored(copies, tmp_path, capsys):
     text.write_text("w1")
     assert main(_cli_args(ref_copy, good, "--text", str(text))) != 0
     assert "at least 2" in capsys.readouterr().err
+
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo-mamba1"
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo-mamba1 has not been built")
+@pytest.mark.parametrize("method", ["int4"])
+def test_quantized_demo_model_meets_its_row(method, tmp_path):
+    """On a trained model, a quantized checkpoint is judged by the row its config.json names: it
+    passes that row, and is far outside fp32's."""
+    from mamba_deploy.quant import quantize, save_quantized
+
+    opts = {"group_size": 32} if method == "int4" else {}
+    q = save_quantized(quantize(load_model(DEMO), method, **opts), tmp_path / "q")
+    ref, art, label = V.open_pair(DEMO, q)
+    assert V.tolerance_row(label) == method
+    report = V.verify(ref, art, lengths=(1, 32), batches=(2,), decode_steps=2, label=label, progress=False)
+    assert report.passed, report.table()
+    logits = next(c for c in report.checks if c.name == "logits_rel")
+    assert logits.value > 10 * V.make_tolerance("fp32").logits_rel

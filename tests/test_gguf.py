@@ -380,12 +380,14 @@ def test_kquant_export_loads_in_llamacpp(ckpt, exported, tmp_path):
     r, ts = reader_tensors(out)
     assert r.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert ts["blk.0.ssm_conv1d.weight"].tensor_type == gguf.GGMLQuantizationType.F32
-    ref = torch_runner(folder)
+    # reference: our model with the very same (dequantized) weights; llama.cpp also quantizes
+    # activations to 8 bits inside its quantized dot products, hence 3e-2
+    same_weights = torch_runner(out)
     with open_llama(out) as lr:
-        ids = random_ids(1, 16, seed=5)
-        got, _ = lr.prefill(ids, lr.new_state(1))
-        want, _ = ref.prefill(ids, ref.new_state(1))
-        assert torch.isfinite(got).all() and rel_err(got, want) <= 0.2
+        ids = random_ids(2, 16, seed=5)
+        got, _ = lr.prefill(ids, lr.new_state(2))
+        want, _ = same_weights.prefill(ids, same_weights.new_state(2))
+        assert torch.isfinite(got).all() and rel_err(got, want) <= 3e-2
 
 
 # ----------------------------------------------------------------------------- demo model

@@ -264,13 +264,27 @@ class LlamaCppRunner(Runner):
             pass
 
 
+# bytes llama.cpp may put before the memory's own data (newer builds write a 64-bit tag first)
+SEQ_STATE_PREFIXES = (0, 8)
+
+
 def _parse_seq_state(buf: bytes, cfg):
+    errors = []
+    for prefix in SEQ_STATE_PREFIXES:
+        try:
+            return _parse_seq_state_at(buf, cfg, prefix)
+        except NotImplementedError as e:
+            errors.append(str(e))
+    raise NotImplementedError(errors[-1])
+
+
+def _parse_seq_state_at(buf: bytes, cfg, start: int):
     """One sequence of llama.cpp's recurrent memory, as llama_memory_recurrent writes it:
     u32 cell_count; per cell (i32 pos, u32 n_seq_id = 0); u32 s_trans; u32 n_layer; then for
     the conv states ("r") and then the ssm states ("s") of every layer: i32 ggml type (0 = F32),
     u64 row bytes, the row. Shapes: r = ne {d_conv-1, conv_dim} -> (conv_dim, d_conv-1);
     s = ne {d_state, d_inner} (Mamba1) / {d_state, headdim, nheads} (Mamba2)."""
-    off = 0
+    off = start
 
     def take(fmt):
         nonlocal off

@@ -1,0 +1,115 @@
+"""`mamba-deploy demo` end to end (a subprocess, as CI and README run it), its numbers tied to
+transformers, and its exit status when an artifact disagrees with the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_deploy import demo, load_model
+from mamba_deploy.checkpoint import save_checkpoint
+from mamba_deploy.cli import main
+from mamba_deploy.runners.torch_runner import TorchRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def hf_snippet_ppl(folder: Path) -> float:
+    """transformers' perplexity on the demo's validation snippet, one full forward, float64."""
+    from transformers import AutoModelForCausalLM
+
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    ids = torch.tensor(demo.validation_snippet(load_tokenizer(folder), demo.SNIPPET_TOKENS))
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids[None]).logits[0].double(), -1)[:-1]
+    return math.exp(float(-logp.gather(1, ids[1:, None]).mean()))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "mamba_deploy", "demo", "--json", str(out / "rows.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    rows = json.loads((out / "rows.json").read_text()) if (out / "rows.json").exists() else None
+    return proc, rows
+
+
+def test_demo_subprocess_passes_and_prints_one_table(demo_run):
+    proc, rows = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASSED" in proc.stdout
+    for name, *_ in demo.FORMATS:
+        assert name in proc.stdout
+    assert {r["model"] for r in rows} == set(demo.DEMO_MODELS)
+    assert len(rows) == len(demo.FORMATS) * len(demo.DEMO_MODELS)
+    assert all(r["status"] in ("ok", "not available") for r in rows)
+    assert "def fibonacci(n):" in proc.stdout  # completions were generated and shown
+
+
+def test_demo_numbers_match_transformers(demo_run):
+    """The table's perplexities are real: the reference and ONNX rows equal transformers' own
+    perplexity on the same validation snippet."""
+    _, rows = demo_run
+    for model in demo.DEMO_MODELS:
+        want = hf_snippet_ppl(MODELS / model)
+        by_fmt = {r["format"]: r for r in rows if r["model"] == model}
+        ref = by_fmt["safetensors fp16->fp32"]
+        assert ref["status"] == "ok" and abs(ref["ppl"] / want - 1) < 1e-4
+        assert want < 200  # a trained model, not noise (the unigram baseline is ~700)
+        onnx = by_fmt["onnx fp32"]
+        if importlib.util.find_spec("onnxruntime") is not None:
+            assert onnx["status"] == "ok", onnx
+            assert abs(onnx["ppl"] / want - 1) < 1e-3 and onnx["top1"] >= 0.99 and onnx["logits_rel"] < 1e-4
+        for r in by_fmt.values():
+            if r["status"] == "ok":
+                assert r["size"] > 1e6 and r["ms_per_token"] > 0
+
+
+def _broken_builder(model, model_dir, work):
+    """A real artifact that disagrees: the checkpoint with one projection scaled by 2%."""
+    m = load_model(model_dir)
+    with torch.no_grad():
+        m.backbone.layers[-1].mixer.out_proj.weight.mul_(1.02)
+    out = save_checkpoint(m, work / "broken")
+    return TorchRunner(load_model(out)), out
+
+
+def _missing_builder(model, model_dir, work):
+    import mamba_deploy.export.no_such_format  # noqa: F401  (a stage not written yet)
+
+
+def test_demo_exits_nonzero_on_parity_failure(monkeypatch, capsys):
+    formats = [demo.FORMATS[0], ("broken fp32", "torch", _broken_builder, "fp32"),
+               ("future format", "none", _missing_builder, "fp32")]
+    monkeypatch.setattr(demo, "FORMATS", formats)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--models", str(MODELS / "demo-mamba2")])
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    table = out[out.index("model "):]
+    assert "FAIL" in table.split("broken fp32")[1].splitlines()[0]
+    assert "not available" in table.split("future format")[1].splitlines()[0]
+    assert "FAILED: 1 ok, 1 not available, 1 failed" in out
+
+
+def test_demo_passes_when_a_format_is_only_not_available(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "FORMATS", [demo.FORMATS[0], ("future format", "none", _missing_builder, "fp32")])
+    assert main(["demo", "--models", str(MODELS / "demo-mamba1")]) == 0
+    assert "PASSED: 1 ok, 1 not available, 0 failed" in capsys.readouterr().out
+
+
+def test_demo_missing_model_folder_is_a_user_error(tmp_path, capsys):
+    assert main(["demo", "--models", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err

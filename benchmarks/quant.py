@@ -108,7 +108,8 @@ def bench_model(path: Path, args, work: Path) -> list[dict]:
                          top1_agree=float((pred == pred0).float().mean()), bytes=dir_bytes(out),
                          torch_ms=decode_ms(TorchRunner(q)), quantize_s=qt))
         qmodels[name] = q
-        print(f"  {name:<22} ppl {ppl:8.3f} ({rows[-1]['ppl_delta_pct']:+.2f}%)  agree {rows[-1]['top1_agree']:.4f}")
+        print(f"  {name:<22} ppl {ppl:8.3f} ({rows[-1]['ppl_delta_pct']:+.2f}%)  agree {rows[-1]['top1_agree']:.4f}"
+              f"  {rows[-1]['bytes'] / 2**20:.2f} MiB  {rows[-1]['torch_ms']:.2f} ms/tok", flush=True)
     if not args.no_onnx:
         _onnx_rows(base, qmodels, rows, work, path.name)
     rows += _state_rows(base, ids[: args.state_tokens], path.name)
@@ -177,13 +178,18 @@ def main(argv=None):
                 print(f"skipping {m}: no config.json (model not trained yet?)", file=sys.stderr)
                 continue
             rows += bench_model(Path(m), args, Path(work))
+            write(rows, args)  # after each model, so a long run that is cut short keeps its results
     print("\n" + table(rows))
+
+
+def write(rows, args):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, python=platform.python_version(), threads=args.threads,
-                machine=platform.machine(), val_tokens=args.val_tokens, window=WINDOW)
+                machine=platform.machine(), val_tokens=args.val_tokens, window=WINDOW,
+                command=" ".join(sys.argv))
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "table": table(rows)}, indent=2))
     tmp.replace(out)
     print(f"wrote {out}")
 

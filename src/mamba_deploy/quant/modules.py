@@ -27,7 +27,7 @@ def _kernel_ok(name: str, device_type: str, dtype: torch.dtype) -> bool:
             w = torch.ones(16, 32, device=device_type, dtype=torch.int8)
             torch._weight_int8pack_mm(x, w, torch.ones(16, device=device_type, dtype=dtype))
         elif name == "int_mm":
-            a = torch.ones(1, 32, device=device_type, dtype=torch.int8)
+            a = torch.ones(32, 32, device=device_type, dtype=torch.int8)  # CUDA needs > 16 rows
             torch._int_mm(a, torch.ones(32, 16, device=device_type, dtype=torch.int8))
         return True
     except (RuntimeError, NotImplementedError, AttributeError):
@@ -130,7 +130,9 @@ def _w8a8_mm(x, qweight, w_scales):
     int8 activations, int32 accumulation, float rescale."""
     xs = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-8)  # (t, 1)
     xq = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
-    if _kernel_ok("int_mm", x.device.type, torch.int8) and x.shape[0] > 16:
+    # CUDA's kernel needs > 16 rows and K, N multiples of 8; decode (1 row) takes the fallback
+    if x.shape[0] > 16 and x.shape[1] % 8 == 0 and qweight.shape[0] % 8 == 0 \
+            and _kernel_ok("int_mm", x.device.type, torch.int8):
         acc = torch._int_mm(xq, qweight.t()).float()  # (t, out) exact int32 sums
     else:  # float sums of int8 products: exact while |sum| < 2^24 (rows up to ~1000 at worst case)
         acc = xq.double() @ qweight.double().t() if x.shape[1] > 1024 else xq.float() @ qweight.float().t()

@@ -70,7 +70,9 @@ def _dequantized_copy(qmodel):
         if k.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros", "input_scale"):
             continue
         sd[k] = v.float()
-    fp.load_state_dict(sd, strict=False)
+    missing, unexpected = fp.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if qmodel.config.tie_embeddings else set()
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)  # internal: every weight mapped
     fp.source_path = getattr(qmodel, "source_path", None)
     return fp.eval()
 

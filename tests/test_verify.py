@@ -312,3 +312,30 @@ def test_quantized_demo_model_meets_its_row(method, tmp_path):
     assert report.passed, report.table()
     logits = next(c for c in report.checks if c.name == "logits_rel")
     assert logits.value > 10 * V.make_tolerance("fp32").logits_rel
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo-mamba1 has not been built")
+def test_gguf_demo_model_gets_its_file_type_row(tmp_path):
+    """A Q8_0 GGUF is judged by the int8 row read from general.file_type, and passes it: through
+    the GGUF importer (torch) and, when llama-cpp-python is installed, through llama.cpp too."""
+    import warnings
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rows too short for Q8_0 blocks fall back to F16, by design
+        g = export_gguf(DEMO, tmp_path / "demo-q8_0.gguf", outtype="q8_0")
+    backends = ["torch"]
+    try:
+        import llama_cpp  # noqa: F401
+
+        backends.append("llama.cpp")
+    except ImportError:
+        pass
+    for backend in backends:
+        ref, art, label = V.open_pair(DEMO, g, backend=backend)
+        assert label == "q8_0"
+        report = V.verify(ref, art, lengths=(1, 24), batches=(2,), decode_steps=2, label=label, progress=False)
+        assert report.tolerance.label == "int8"
+        assert report.passed, (backend, report.table())
+        assert 0 < report.checks[0].value  # really quantized: not bit-identical to the reference

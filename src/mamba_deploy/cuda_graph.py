@@ -46,6 +46,7 @@ class DecodePlan:
         cfg = self.cfg
         # one launch per mixer (ssd_step_gated_) where the gated norm spans the whole row
         self.fused = (cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
+                      and 2 <= cfg.d_conv <= 4
                       and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0")
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps

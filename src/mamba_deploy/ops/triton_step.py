@@ -157,6 +157,36 @@ def ssd_step(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_l
 # ----------------------------------------------------------------------------- fused decode layer
 
 @triton.jit
+def _window(S, ch, mask, scsc, scsk, CW, K: tl.constexpr, acc):
+    """Read the conv window (K-1 <= 3 taps) of channels ch; acc += taps . weights[:K-1]."""
+    s0 = tl.load(S + ch * scsc, mask=mask, other=0.0)
+    acc += s0.to(tl.float32) * tl.load(CW + ch * K, mask=mask, other=0.0).to(tl.float32)
+    s1 = s0
+    s2 = s0
+    if K > 2:
+        s1 = tl.load(S + ch * scsc + scsk, mask=mask, other=0.0)
+        acc += s1.to(tl.float32) * tl.load(CW + ch * K + 1, mask=mask, other=0.0).to(tl.float32)
+    if K > 3:
+        s2 = tl.load(S + ch * scsc + 2 * scsk, mask=mask, other=0.0)
+        acc += s2.to(tl.float32) * tl.load(CW + ch * K + 2, mask=mask, other=0.0).to(tl.float32)
+    return s0, s1, s2, acc
+
+
+@triton.jit
+def _shift_store(S, ch, mask, scsc, scsk, s1, s2, new, K: tl.constexpr):
+    """Window <- (taps 1.., new input), from values already in registers."""
+    if K == 2:
+        tl.store(S + ch * scsc, new, mask=mask)
+    if K == 3:
+        tl.store(S + ch * scsc, s1, mask=mask)
+        tl.store(S + ch * scsc + scsk, new, mask=mask)
+    if K == 4:
+        tl.store(S + ch * scsc, s1, mask=mask)
+        tl.store(S + ch * scsc + scsk, s2, mask=mask)
+        tl.store(S + ch * scsc + 2 * scsk, new, mask=mask)
+
+
+@triton.jit
 def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, CNT,
                            P, N, G, d_inner, heads_per_group,
                            sxb, sdtb, szb, scsb, scsc, scsk, shb, shh, shp, sub,
@@ -179,16 +209,24 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     aB = bin_ * tl.load(CW + cB * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
     aC = cin * tl.load(CW + cC * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
     sbase = CS + b * scsb
-    for j in tl.static_range(K - 1):
-        sx = tl.load(sbase + cx * scsc + j * scsk, mask=pm, other=0.0)
-        ax += sx.to(tl.float32) * tl.load(CW + cx * K + j, mask=pm, other=0.0).to(tl.float32)
-        if j > 0:
-            tl.store(sbase + cx * scsc + (j - 1) * scsk, sx, mask=pm)
-        aB += tl.load(sbase + cB * scsc + j * scsk, mask=nm, other=0.0).to(tl.float32) * \
-            tl.load(CW + cB * K + j, mask=nm, other=0.0).to(tl.float32)
-        aC += tl.load(sbase + cC * scsc + j * scsk, mask=nm, other=0.0).to(tl.float32) * \
-            tl.load(CW + cC * K + j, mask=nm, other=0.0).to(tl.float32)
-    tl.store(sbase + cx * scsc + (K - 2) * scsk, xin.to(CS.dtype.element_ty), mask=pm)
+    # every tap is read into registers before any is written: the 1-D tiles are replicated
+    # across threads, so a read-shift-write loop could let one thread's write overtake a
+    # replica's read of the same tap
+    x0, x1, x2, ax = _window(sbase, cx, pm, scsc, scsk, CW, K, ax)
+    b0, b1, b2, aB = _window(sbase, cB, nm, scsc, scsk, CW, K, aB)
+    c0, c1, c2, aC = _window(sbase, cC, nm, scsc, scsk, CW, K, aC)
+    # -- B, C conv windows are shared by the group's programs: the last of them to have read the
+    # window shifts it. The barrier completes every warp's reads before the counter moves (a
+    # release by one thread orders only that thread's accesses); this sits before the state
+    # update so the acq_rel fence does not wait for the state tile's stores to drain.
+    tl.debug_barrier()
+    _shift_store(sbase, cx, pm, scsc, scsk, x1, x2, xin.to(CS.dtype.element_ty), K)
+    total = heads_per_group * tl.num_programs(2)
+    cnt = tl.atomic_add(CNT + b * G + g, 1, sem="acq_rel")
+    last = cnt == total - 1
+    _shift_store(sbase, cB, nm & last, scsc, scsk, b1, b2, bin_.to(CS.dtype.element_ty), K)
+    _shift_store(sbase, cC, nm & last, scsc, scsk, c1, c2, cin.to(CS.dtype.element_ty), K)
+    tl.store(CNT + b * G + g, 0, mask=last)
     if HAS_BIAS:
         ax += tl.load(CBias + cx, mask=pm, other=0.0).to(tl.float32)
         aB += tl.load(CBias + cB, mask=nm, other=0.0).to(tl.float32)
@@ -221,20 +259,8 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
         sq = tl.sum(y * y, axis=0)
         u = y * w
     tl.store(U + b * sub + cx, u.to(U.dtype.element_ty), mask=pm)
-    tl.atomic_add(SS + b, sq)
-    # -- B, C conv windows: shifted by the last program of the group to read them. The acq_rel
-    # counter orders every other program's reads of the window before this write.
-    total = heads_per_group * tl.num_programs(2)
-    cnt = tl.atomic_add(CNT + b * G + g, 1, sem="acq_rel")
-    last = cnt == total - 1
-    for j in tl.static_range(1, K - 1):
-        sB = tl.load(sbase + cB * scsc + j * scsk, mask=nm & last, other=0.0)
-        tl.store(sbase + cB * scsc + (j - 1) * scsk, sB, mask=nm & last)
-        sC = tl.load(sbase + cC * scsc + j * scsk, mask=nm & last, other=0.0)
-        tl.store(sbase + cC * scsc + (j - 1) * scsk, sC, mask=nm & last)
-    tl.store(sbase + cB * scsc + (K - 2) * scsk, bin_.to(CS.dtype.element_ty), mask=nm & last)
-    tl.store(sbase + cC * scsc + (K - 2) * scsk, cin.to(CS.dtype.element_ty), mask=nm & last)
-    tl.store(CNT + b * G + g, 0, mask=last)
+    # relaxed: the consumer is the next kernel launch; a release here would wait for the stores
+    tl.atomic_add(SS + b, sq, sem="relaxed")
 
 
 def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
@@ -251,9 +277,10 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
     nh, p, n = h.shape[1], h.shape[2], h.shape[3]
     d = nh * p
     g = (xBC.shape[1] - d) // (2 * n)
-    if g != 1 or h.dtype != torch.float32 or h.stride(-1) != 1:
-        raise ValueError("ssd_step_gated_ needs ngroups == 1 and a float32 state with unit last stride")
     k = conv_weight.shape[1]
+    if g != 1 or h.dtype != torch.float32 or h.stride(-1) != 1 or not 2 <= k <= 4:
+        raise ValueError("ssd_step_gated_ needs ngroups == 1, d_conv in 2..4 and a float32 state "
+                         "with unit last stride")
     BN = triton.next_power_of_2(n)
     BP = max(1, min(triton.next_power_of_2(p), 4096 // BN))
     lo, hi = float(dt_limit[0]), float(dt_limit[1])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BackendUnavailableError, MambaDeployError, ModelNotFoundError
+from .errors import BackendUnavailableError, ModelNotFoundError
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
 PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for i in range(")

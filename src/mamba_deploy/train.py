@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -163,15 +164,13 @@ def resolve_total_steps(args, step_times: list[float], start: float) -> int:
     return min(args.steps, len(step_times) + int(left / per_step))
 
 
-def train(args) -> dict:
-    """The training loop; returns the metrics written to train_log.json."""
+def setup(args) -> SimpleNamespace:
+    """Data, model, optimizer and (with --resume) the saved training state."""
     from .model import MambaLM
-    from .ops import use_backend
     from .tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    amp_dtype = AMP[args.amp or ("bf16" if device.type == "cuda" else "none")]
     if not (Path(args.tokenizer) / "tokenizer.json").exists():
         raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
                           "make one with `mamba-deploy train-tokenizer DIR`")
@@ -180,57 +179,66 @@ def train(args) -> dict:
     cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok._tok.token_to_id("<|pad|>"))
     model = MambaLM(cfg)
     init_weights(model, args.seed)
-    model.source_path = Path(args.tokenizer)
+    model.source_path = Path(args.tokenizer)  # save_checkpoint copies the tokenizer files from here
     model.to(device).train()
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    rng = np.random.default_rng(args.seed)
     work = Path(args.work_dir or f"{args.out}.work")
     work.mkdir(parents=True, exist_ok=True)
-    state_path, step, log = work / "train_state.pt", 0, []
-    if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+    run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
+                          rng=np.random.default_rng(args.seed), step=0, log=[], device=device,
+                          amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
+                          state_path=work / "train_state.pt", train_ids=train_ids, val_ids=val_ids)
+    if args.resume and run.state_path.exists():
+        st = torch.load(run.state_path, map_location=device, weights_only=False)
         model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step, log = st["step"], st["log"]
-        rng.bit_generator.state = st["rng"]
-    val_windows = sample_batch(val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
-    total = args.steps
-    info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
-                train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
-                batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-                weight_decay=args.weight_decay, clip=args.clip, amp=str(amp_dtype), device=str(device),
-                command=shlex.join(["mamba-deploy", *sys.argv[1:]]))
-    print(f"{args.preset}: {info['parameters'] / 1e6:.2f} M parameters, {train_ids.size} train tokens", flush=True)
-    start, step_times = time.perf_counter(), []
+        run.opt.load_state_dict(st["opt"])
+        run.step, run.log = st["step"], st["log"]
+        run.rng.bit_generator.state = st["rng"]
+    run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
+                    train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
+                    batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                    weight_decay=args.weight_decay, clip=args.clip, amp=str(run.amp_dtype), device=str(device),
+                    command=shlex.join(["mamba-deploy", *sys.argv[1:]]))
+    return run
+
+
+def train(args) -> dict:
+    """The training loop; returns the metrics written to train_log.json."""
     from tqdm import tqdm
 
+    from .ops import use_backend
+
+    run = setup(args)
+    model, log, step, total = run.model, run.log, run.step, args.steps
+    val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
+    print(f"{args.preset}: {run.info['parameters'] / 1e6:.2f} M parameters, {run.train_ids.size} train tokens",
+          flush=True)
+    start, step_times = time.perf_counter(), []
     bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
     with use_backend("ref"):  # the reference ops have autograd; fast kernels may not
         while step < total:
             t0 = time.perf_counter()
-            loss, lr = train_step(model, opt, sample_batch(train_ids, args.batch, args.seq_len, rng),
-                                  device, amp_dtype, args, step, total)
+            batch = sample_batch(run.train_ids, args.batch, args.seq_len, run.rng)
+            loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total)
             step += 1
             step_times.append(time.perf_counter() - t0)
             if len(step_times) == 12:
-                total = resolve_total_steps(args, step_times, start)
-                bar.total = total
+                total = bar.total = resolve_total_steps(args, step_times, start)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
             if step % args.eval_every == 0 or step == total:
-                vl = quick_val_loss(model, val_windows, amp_dtype)
+                vl = quick_val_loss(model, val_windows, run.amp_dtype)
                 log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
                             "elapsed_s": round(time.perf_counter() - start, 1)})
                 bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
             if step % args.save_every == 0 or step == total:
-                save_training_state(state_path, model, opt, step, rng, log)
-                metrics = {**info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
+                save_training_state(run.state_path, model, run.opt, step, run.rng, log)
+                metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
                 save_snapshot(model, Path(args.out), torch.float16, metrics)
     bar.close()
-    metrics = {**info, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
+    metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
                "train_seconds": round(time.perf_counter() - start, 1), "log": log}
     if args.eval_tokens:
-        metrics["validation"] = final_eval(model, train_ids, val_ids, args.eval_tokens, cfg.vocab_size)
+        metrics["validation"] = final_eval(model, run.train_ids, run.val_ids, args.eval_tokens, run.cfg.vocab_size)
         print("validation:", json.dumps(metrics["validation"]), flush=True)
     save_snapshot(model, Path(args.out), torch.float16, metrics)
     return metrics

@@ -129,7 +129,7 @@ def randomize(model):
 def run_ours(name, cases):
     import torch
 
-    from mamba_deploy.cuda_graph import CudaGraphRunner
+    from mamba_deploy.cuda_graph import FUSED_MAX_BATCH, CudaGraphRunner
 
     out = {}
     model = our_model(name)
@@ -154,7 +154,7 @@ def run_ours(name, cases):
             runner.step(torch.randint(0, VOCAB, (b,)), state)  # captures
             out[case] = cuda_time(lambda: runner.replay(b), reps=200, warmup=10)
             out[case + "_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 4
-            if runner._plan.fused:  # the same graph without the one-launch mixer
+            if runner._plan.fused and b <= FUSED_MAX_BATCH:  # the same graph without the one-launch mixer
                 plain = CudaGraphRunner(model)
                 plain._plan.fused = False
                 plain.step(torch.randint(0, VOCAB, (b,)), plain.new_state(b))

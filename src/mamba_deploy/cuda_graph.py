@@ -28,6 +28,11 @@ from .runners.torch_runner import TorchRunner
 from .state import State
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The one-launch mixer (ssd_step_gated_) wins where decode is launch-bound and loses where it is
+# bandwidth-bound (its group counter's acq_rel fence stalls each program). Measured on an H200,
+# mamba2-2.7b: batch 1 2.45 ms fused vs 2.70 unfused; batch 32 6.54 fused vs 5.71 unfused.
+# Batches in between were not measured; 4 is a guess on the launch-bound side.
+FUSED_MAX_BATCH = 4
 
 
 def graphs_enabled() -> bool:
@@ -90,8 +95,9 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
     residual = h.float() if plan.residual_fp32 else h.clone()
     x = plan.norms[0](h.to(plan.norms[0].weight.dtype))
     scale = {}
+    fused = plan.fused and ids.shape[0] <= FUSED_MAX_BATCH
     for i, layer in enumerate(model.backbone.layers):
-        if plan.fused:
+        if fused:
             y, scale = _mamba2_fused_step(plan, layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         elif plan.cfg.arch == "mamba2":
             y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])

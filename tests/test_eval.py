@@ -110,10 +110,11 @@ def test_cli_eval_json_on_text_and_corpus(tmp_path, capsys, corpus):
     ids = AutoTokenizer.from_pretrained(str(folder))(text * 3, add_special_tokens=False)["input_ids"]
     want, _ = hf_ppl(hf, ids)
     assert res["tokens"] == len(ids) - 1 and abs(res["ppl"] / want - 1) < 1e-4
-    assert main(["eval", str(folder), "--corpus", "stdlib-val", "--max-tokens", "200", "--json"]) == 0
+    assert main(["eval", str(folder), "--corpus", "stdlib-val", "--max-tokens", "200", "--json", "--baseline"]) == 0
     res = json.loads(capsys.readouterr().out)
     want, _ = hf_ppl(hf, corpus[1][:200])
     assert res["tokens"] == 199 and abs(res["ppl"] / want - 1) < 1e-4
+    assert res["unigram_ppl"] == pytest.approx(unigram_ppl(corpus[0], corpus[1][1:200], 4096), rel=1e-9)
 
 
 def test_eval_user_errors(hf_checkpoint, capsys, tmp_path):

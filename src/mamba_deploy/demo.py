@@ -32,7 +32,7 @@ DECODE_TOKENS = 24  # greedy decode steps timed per format
 TOLERANCE = {
     "ref": dict(logits_rel=0.0, top1=1.0, ppl_rel=0.0, greedy=1.0),
     "fp32": dict(logits_rel=1e-4, top1=0.99, ppl_rel=1e-3, greedy=0.9),
-    "int8": dict(logits_rel=6e-2, top1=0.90, ppl_rel=3e-2, greedy=0.0),
+    "int8": dict(logits_rel=5e-2, top1=0.90, ppl_rel=3e-2, greedy=0.0),  # verify.py's int8 row
 }
 
 

@@ -94,12 +94,19 @@ def cmd_eval(args):
         ids = ids[: args.max_tokens]
     res = perplexity(runner, ids, window=args.window, progress=not args.json)
     res.update(model=str(args.model), backend=runner.name, source=args.text or args.corpus)
+    if args.baseline:
+        from . import data
+
+        train_ids = data.encode_split(runner.tokenizer, "train")
+        res["unigram_ppl"] = data.unigram_perplexity(train_ids, ids[1:], runner.vocab_size)
     runner.close()
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(f"perplexity {res['ppl']:.3f}  (nll {res['nll']:.4f} nats over {res['tokens']} tokens, "
               f"window {res['window']}, {res['tokens_per_s']:.0f} tokens/s, backend {res['backend']})")
+        if "unigram_ppl" in res:
+            print(f"unigram baseline {res['unigram_ppl']:.1f}  (add-one smoothed stdlib train-split counts, same tokens)")
 
 
 def register(subparsers):
@@ -112,5 +119,7 @@ def register(subparsers):
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | fp16 | bf16")
+    s.add_argument("--baseline", action="store_true",
+                   help="also the add-one unigram perplexity from stdlib train-split counts, same tokens")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -31,6 +32,7 @@ SHAPES = {
                     tie_word_embeddings=True)),
 }
 GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
+DEMO = Path(__file__).resolve().parents[1] / "models"
 TARGETS = {"decode_ms_per_token": 15.0, "prefill_s": 1.0}  # 2 cores, fp32, 130m shapes
 
 
@@ -126,10 +128,12 @@ def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> list[dict]:
     except ImportError as e:
         print(f"  {arch:<7} llama.cpp     skipped: {e}")
         return []
+    # GGUF files carry a tokenizer and the random checkpoints ship none: borrow the demo model's
+    tokenizer = next((str(p) for p in sorted(DEMO.glob("demo-*")) if (p / "tokenizer.json").exists()), None)
     for outtype in GGUF_TYPES:
         try:
-            path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype)
-            with open_runner(path, "llama.cpp", threads=args.threads) as r:
+            path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype, tokenizer=tokenizer)
+            with open_runner(path, "llama.cpp", n_threads=args.threads) as r:
                 add("llama.cpp", outtype.upper(), *time_runner(r, ids, args.decode))
         except Exception as e:  # noqa: BLE001  (report and keep benchmarking the rest)
             print(f"  {arch:<7} llama.cpp     {outtype.upper():<7} skipped: {type(e).__name__}: {e}")
@@ -154,14 +158,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+    print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch or sorted(SHAPES):
             rows += rows_for(arch, Path(tmp), args)
     print_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import onnxruntime
+
     meta = dict(threads=args.threads, python=sys.version.split()[0], torch=torch.__version__,
-                machine=platform.machine(), processor=platform.processor(), targets=TARGETS)
+                onnxruntime=onnxruntime.__version__, cpus=os.cpu_count(), machine=platform.machine(),
+                targets=TARGETS, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
+                note="one timed run per row; other processes on the machine inflate times (see loadavg)")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

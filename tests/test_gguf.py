@@ -204,6 +204,16 @@ def test_quantized_import_close_to_transformers(outtype, tol, exported, ckpt):
         assert rel_err(back(ids).logits, hf_logits(hf, ids)) <= tol
 
 
+def test_requantize_a_gguf_keeps_its_vocab(exported, tmp_path):
+    src = exported("mamba2_g2")
+    out = export_gguf(src, tmp_path / "re.gguf", outtype="q8_0")  # no tokenizer.json anywhere near
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.pre"):
+        assert a.get_field(key).contents() == b.get_field(key).contents(), key
+    assert b.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_missing_tokenizer_is_a_clear_error(hf_checkpoint, tiny_tokenizer, tmp_path):
@@ -337,6 +347,24 @@ def test_llamacpp_state_carried_and_left_padding(kind, exported, ckpt):
         got, _ = lr.prefill(more, st)
         want, _ = ref.prefill(more, rst)
         assert rel_err(got, want) <= 1e-3
+
+
+@needs_llama
+def test_llamacpp_runner_input_errors(exported, ckpt):
+    from mamba_deploy.errors import ShapeError
+
+    with pytest.raises(ModelNotFoundError, match="export gguf"):
+        open_llama(ckpt("mamba")[0])  # a checkpoint folder, not a .gguf
+    with open_llama(exported("mamba")) as lr:
+        st = lr.new_state(2)
+        with pytest.raises(ShapeError, match="batch 2"):
+            lr.prefill(random_ids(3, 4), st)
+        with pytest.raises(ShapeError, match="integer tensor"):
+            lr.step(torch.zeros(2), st)
+        big = lr.new_state(9)  # more rows than slots: the context grows, older handles are refused
+        assert big.batch_size == 9
+        with pytest.raises(ShapeError, match="older context"):
+            lr.step(torch.tensor([1, 2]), st)
 
 
 @needs_llama

@@ -20,7 +20,7 @@ import torch
 from ..errors import BackendUnavailableError, ExportError
 from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
                           OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
-from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab
+from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab_from_gguf
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     model = _as_model(model_or_path)
     cfg = model.config
     check_exportable(cfg)
-    vocab = read_vocab(find_tokenizer_json(tokenizer, model.source_path), cfg.padded_vocab_size,
-                       {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
+    vocab = _vocab_for(model_or_path, model, tokenizer)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -70,6 +69,17 @@ def _as_model(model_or_path):
     from ..checkpoint import load_model
 
     return load_model(model_or_path, dtype=torch.float32)
+
+
+def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
+    """A .gguf source keeps its own vocab (re-quantization); otherwise tokenizer.json."""
+    cfg = model.config
+    if tokenizer is None and isinstance(model_or_path, (str, os.PathLike)) and str(model_or_path).endswith(".gguf"):
+        vocab = vocab_from_gguf(model_or_path)
+        if len(vocab.tokens) == cfg.padded_vocab_size:
+            return vocab
+    return read_vocab(find_tokenizer_json(tokenizer, model.source_path), cfg.padded_vocab_size,
+                      {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
 
 
 def _model_name(model, out: Path) -> str:

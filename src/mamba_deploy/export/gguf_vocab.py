@@ -132,6 +132,21 @@ def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dic
     return ids, bool(tcfg.get("add_bos_token", False))
 
 
+def vocab_from_gguf(path) -> Vocab:
+    """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf)."""
+    from .gguf_import import field, open_reader
+    from .gguf_tables import ADD_BOS_KEY, SPECIAL_KEYS
+
+    reader = open_reader(path)
+    model = field(reader, "tokenizer.ggml.model")
+    if model != TOKENIZER_MODEL:
+        raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {TOKENIZER_MODEL!r} (byte-level BPE)")
+    special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
+    return Vocab(field(reader, "tokenizer.ggml.tokens"), [int(t) for t in field(reader, "tokenizer.ggml.token_type")],
+                 field(reader, "tokenizer.ggml.merges", []), field(reader, "tokenizer.ggml.pre", "default"),
+                 special, bool(field(reader, ADD_BOS_KEY, False)), source=Path(path))
+
+
 def add_vocab(writer, vocab: Vocab) -> None:
     from .gguf_tables import ADD_BOS_KEY, SPECIAL_KEYS
 

@@ -85,7 +85,7 @@ class LlamaCppTokenizer:
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
 
-    def __init__(self, path, n_threads: int = 2, n_ctx: int = 8192, n_batch: int = 512, n_seq_max: int = 4,
+    def __init__(self, path, n_threads: int = 2, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
                  verbose: bool = False):
         from ..export.gguf_import import open_reader, read_config
 
@@ -333,9 +333,10 @@ def _check_ids(ids, ndim: int) -> torch.Tensor:
     return ids.cpu()
 
 
-def open_llamacpp(path, n_threads: int = 2, n_ctx: int = 8192, n_batch: int = 512, n_seq_max: int = 4,
+def open_llamacpp(path, n_threads: int = 2, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
                   verbose: bool = False, **_ignored) -> LlamaCppRunner:
-    """`open_runner(path, "llama.cpp", n_threads=2, n_ctx=...)`. Options other backends take
+    """`open_runner(path, "llama.cpp", n_threads=2, n_ctx=...)`. n_ctx only caps positions per
+    sequence: a Mamba context's memory does not grow with it. Options other backends take
     (device, dtype) are ignored: llama.cpp runs the GGUF's own types on the CPU."""
     return LlamaCppRunner(path, n_threads=n_threads, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
                           verbose=verbose)

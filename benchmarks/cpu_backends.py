@@ -72,23 +72,35 @@ class HFRunner:
         return ((t2 - t1) - (t1 - t0)) / n * 1000
 
 
-def time_runner(runner, ids, n_decode: int) -> tuple[float, float]:
-    """(prefill seconds, decode ms/token) after one short warm-up."""
+class Clock:
+    """Wall time and this process's CPU time (all threads): on a shared machine the wall time
+    includes waiting for cores, the CPU time does not (but includes spin-waiting threads)."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
+def time_runner(runner, ids, n_decode: int) -> dict:
+    """Prefill seconds and decode ms/token (wall and CPU) after one short warm-up."""
     st = runner.new_state(1)
     runner.prefill(ids[:, :8], st, last_only=True)  # warm-up (allocations, graph caches)
     st = runner.new_state(1)
-    t = time.perf_counter()
-    logits, st = runner.prefill(ids, st, last_only=True)
-    prefill = time.perf_counter() - t
+    with Clock() as pre:
+        logits, st = runner.prefill(ids, st, last_only=True)
     tok = logits[:, -1].argmax(-1)
     for _ in range(2):  # warm decode
         logits, st = runner.step(tok, st)
         tok = logits.argmax(-1)
-    t = time.perf_counter()
-    for _ in range(n_decode):
-        logits, st = runner.step(tok, st)
-        tok = logits.argmax(-1)
-    return prefill, (time.perf_counter() - t) / n_decode * 1000
+    with Clock() as dec:
+        for _ in range(n_decode):
+            logits, st = runner.step(tok, st)
+            tok = logits.argmax(-1)
+    return dict(prefill_s=pre.wall, decode_ms=dec.wall / n_decode * 1000, prefill_cpu_s=pre.cpu,
+                decode_cpu_ms=dec.cpu / n_decode * 1000)
 
 
 def rows_for(arch: str, work: Path, args) -> list[dict]:
@@ -100,21 +112,23 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
     ids = torch.randint(0, 50000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     rows = []
 
-    def add(backend, variant, prefill_s, decode_ms, note=""):
+    def add(backend, variant, t: dict):
         rows.append(dict(arch=arch, backend=backend, variant=variant, prefill_tokens=args.prefill,
-                         prefill_s=round(prefill_s, 4), decode_ms_per_token=round(decode_ms, 3), note=note))
-        print(f"  {arch:<7} {backend:<13} {variant:<7} prefill {prefill_s:7.3f} s  decode {decode_ms:7.2f} ms/token",
-              flush=True)
+                         prefill_s=round(t["prefill_s"], 4), decode_ms_per_token=round(t["decode_ms"], 3),
+                         prefill_cpu_s=_round(t.get("prefill_cpu_s"), 4),
+                         decode_cpu_ms_per_token=_round(t.get("decode_cpu_ms"), 3)))
+        print(f"  {arch:<7} {backend:<13} {variant:<7} prefill {t['prefill_s']:7.3f} s  "
+              f"decode {t['decode_ms']:7.2f} ms/token", flush=True)
 
     onnx_dir = work / f"{arch}-onnx"
     export_onnx(hf_dir, onnx_dir, validate=False)
     with open_runner(onnx_dir, "onnx", threads=args.threads) as r:
-        add("onnxruntime", "fp32", *time_runner(r, ids, args.decode))
+        add("onnxruntime", "fp32", time_runner(r, ids, args.decode))
     with open_runner(hf_dir, "torch") as r:
-        add("torch", "fp32", *time_runner(r, ids, args.decode))
+        add("torch", "fp32", time_runner(r, ids, args.decode))
     if not args.skip_transformers:
         hf = HFRunner(hf_model)
-        add("transformers", "fp32", hf.prefill_time(ids), hf.decode_ms(ids[:, :8], args.decode))
+        add("transformers", "fp32", dict(prefill_s=hf.prefill_time(ids), decode_ms=hf.decode_ms(ids[:, :8], args.decode)))
     rows += llamacpp_rows(arch, hf_dir, work, ids, args, add)
     return rows
 
@@ -134,17 +148,24 @@ def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> list[dict]:
         try:
             path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype, tokenizer=tokenizer)
             with open_runner(path, "llama.cpp", n_threads=args.threads) as r:
-                add("llama.cpp", outtype.upper(), *time_runner(r, ids, args.decode))
+                add("llama.cpp", outtype.upper(), time_runner(r, ids, args.decode))
         except Exception as e:  # noqa: BLE001  (report and keep benchmarking the rest)
             print(f"  {arch:<7} llama.cpp     {outtype.upper():<7} skipped: {type(e).__name__}: {e}")
     return []
 
 
+def _round(v, n):
+    return None if v is None else round(v, n)
+
+
 def print_table(rows):
-    print(f"\n| arch | backend | variant | prefill-{rows[0]['prefill_tokens']} s | decode ms/token |")
-    print("| --- | --- | --- | ---: | ---: |")
+    n = rows[0]["prefill_tokens"]
+    print(f"\n| arch | backend | variant | prefill-{n} s | decode ms/token | prefill-{n} CPU s | decode CPU ms/token |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['arch']} | {r['backend']} | {r['variant']} | {r['prefill_s']:.3f} | {r['decode_ms_per_token']:.2f} |")
+        cpu = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("prefill_cpu_s", "decode_cpu_ms_per_token")]
+        print(f"| {r['arch']} | {r['backend']} | {r['variant']} | {r['prefill_s']:.3f} | "
+              f"{r['decode_ms_per_token']:.2f} | {cpu[0]} | {cpu[1]} |")
 
 
 def main(argv=None):

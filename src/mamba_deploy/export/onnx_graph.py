@@ -133,7 +133,9 @@ class MambaGraph:
         h = self._embed()
         if cfg.arch == "mamba2":
             self._ssd_shapes()
-        for i in range(cfg.n_layer):
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(cfg.n_layer), desc="building ONNX graph", unit="layer", disable=cfg.n_layer < 8):
             p = f"backbone.layers.{i}."
             xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
             mix = self._mamba1 if cfg.arch == "mamba1" else self._mamba2
@@ -178,7 +180,7 @@ class MambaGraph:
         g.init(KEEP, np.zeros((1,), np.int64))
         emb = self.w["backbone.embeddings.weight"]
         if cfg.tie_embeddings:
-            self.head_w = g.init("lm_head.weight", emb.detach().float().numpy().astype(self.wdtype).T)
+            self.head_w = g.init("lm_head.weight", emb.detach().float().cpu().numpy().astype(self.wdtype).T)
             h = g.op("Transpose", g.op("Gather", self.head_w, IDS, axis=1), perm=[1, 2, 0])  # (b, l, D)
         else:
             e = g.init("backbone.embeddings.weight", self._np("backbone.embeddings.weight", self.wdtype))

@@ -420,7 +420,7 @@ def test_kquant_export_loads_in_llamacpp(ckpt, exported, tmp_path):
 
 # ----------------------------------------------------------------------------- demo model
 
-DEMO = REPO / "models" / "demo-mamba1"
+DEMOS = [REPO / "models" / "demo-mamba1", REPO / "models" / "demo-mamba2"]
 
 
 def _demo_ready(folder: Path) -> bool:
@@ -428,8 +428,9 @@ def _demo_ready(folder: Path) -> bool:
 
 
 @needs_llama
-@pytest.mark.skipif(not _demo_ready(DEMO), reason=f"demo model {DEMO} not built yet (config.json + weights absent)")
-def test_demo_q8_0_top1_and_perplexity(tmp_path):
+@pytest.mark.parametrize("DEMO", [pytest.param(d, id=d.name, marks=pytest.mark.skipif(
+    not _demo_ready(d), reason=f"demo model {d} not built yet (config.json + weights absent)")) for d in DEMOS])
+def test_demo_q8_0_top1_and_perplexity(DEMO, tmp_path):
     """Q8_0 in llama.cpp vs our fp32 PyTorch model on real text: >= 95% top-1 agreement and
     perplexity within 2%."""
     import inspect

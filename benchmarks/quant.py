@@ -90,29 +90,34 @@ def bench_model(path: Path, args, work: Path) -> list[dict]:
     from mamba_deploy.checkpoint import save_checkpoint
 
     base = load_model(path)
-    ids, source = val_ids(base, args.val_tokens)
-    print(f"\n{path}: {base.num_parameters() / 1e6:.2f} M params, {ids.numel()} val tokens ({source})")
-    ppl0, pred0 = score(TorchRunner(base), ids)
+    ids, source = (None, "none: --speed-only") if args.speed_only else val_ids(base, args.val_tokens)
+    print(f"\n{path}: {base.num_parameters() / 1e6:.2f} M params, val tokens: {source if ids is None else ids.numel()}")
+    scorer = (lambda r, i: (math.nan, None)) if args.speed_only else score
+    ppl0, pred0 = scorer(TorchRunner(base), ids)
     fp_dir = save_checkpoint(base, work / f"{path.name}-fp32")
     rows = [dict(model=path.name, method="fp32", ppl=ppl0, ppl_delta_pct=0.0, top1_agree=1.0,
                  bytes=dir_bytes(fp_dir), torch_ms=decode_ms(TorchRunner(base)))]
     qmodels = {}
     for name, (method, opts) in METHODS.items():
+        if args.speed_only and name not in ONNX_ROWS:
+            continue
         t0 = time.perf_counter()
         q = quantize(load_model(path), method, progress=False, **opts)
         qt = time.perf_counter() - t0
         out = save_quantized(q, work / f"{path.name}-{method}-{len(rows)}")
         q = load_model(out)  # measure what a user loads
-        ppl, pred = score(TorchRunner(q), ids)
+        ppl, pred = scorer(TorchRunner(q), ids)
         rows.append(dict(model=path.name, method=name, ppl=ppl, ppl_delta_pct=100 * (ppl / ppl0 - 1),
-                         top1_agree=float((pred == pred0).float().mean()), bytes=dir_bytes(out),
+                         top1_agree=math.nan if pred is None else float((pred == pred0).float().mean()),
+                         bytes=dir_bytes(out),
                          torch_ms=decode_ms(TorchRunner(q)), quantize_s=qt))
         qmodels[name] = q
         print(f"  {name:<22} ppl {ppl:8.3f} ({rows[-1]['ppl_delta_pct']:+.2f}%)  agree {rows[-1]['top1_agree']:.4f}"
               f"  {rows[-1]['bytes'] / 2**20:.2f} MiB  {rows[-1]['torch_ms']:.2f} ms/tok", flush=True)
     if not args.no_onnx:
         _onnx_rows(base, qmodels, rows, work, path.name)
-    rows += _state_rows(base, ids[: args.state_tokens], path.name)
+    if not args.speed_only:
+        rows += _state_rows(base, ids[: args.state_tokens], path.name)
     return rows
 
 
@@ -168,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--state-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="fp32 / int8 / int4 size and decode speed only")
     ap.add_argument("--out", default="benchmarks/results/quant.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -296,7 +296,7 @@ def torch_runner(folder):
 
 @needs_llama
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "mamba2_g2"])
-@pytest.mark.parametrize("outtype,tol", [("f32", 1e-3), ("f16", 1e-2)])
+@pytest.mark.parametrize("outtype,tol", [("f32", 1e-3), ("f16", 1e-2), ("bf16", 2e-2)])
 def test_llamacpp_logits_match_pytorch(kind, outtype, tol, exported, ckpt):
     folder, _ = ckpt(kind)
     ref = torch_runner(folder)
@@ -440,7 +440,9 @@ def test_demo_q8_0_top1_and_perplexity(DEMO, tmp_path):
     text = inspect.getsource(json.decoder) + inspect.getsource(shutil)
     all_ids = Tokenizer.from_file(str(DEMO / "tokenizer.json")).encode(text).ids
     ids = torch.tensor([all_ids[:1025]])
-    out = export_gguf(DEMO, tmp_path / "demo-q8_0.gguf", outtype="q8_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Mamba1's dt_rank (16) rows fall back to F16, tested above
+        out = export_gguf(DEMO, tmp_path / "demo-q8_0.gguf", outtype="q8_0")
     ref = torch_runner(DEMO)
     with open_llama(out) as lr:
         assert lr.tokenizer.encode(text) == all_ids  # llama.cpp's BPE on real code == tokenizers'

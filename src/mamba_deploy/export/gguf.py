@@ -214,6 +214,8 @@ def _fallback_warning(gname, shape, want, got):
 
 
 def _warn_fallbacks(model, main_type):
+    """Before llama.cpp quantizes: tensors whose rows do not fit the outtype's main type (its
+    K-quant mix may still pick other types for some tensors, e.g. output.weight)."""
     for gname, array in _gguf_tensors(model):
         if not keep_f32(gname, array.ndim):
             t = tensor_type(gname, array.shape, main_type)

@@ -60,7 +60,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act
 
 
 def awq(w: torch.Tensor, X: torch.Tensor, mean_abs: torch.Tensor, group_size: int, symmetric: bool,
-        grid: int = 20):
+        grid: int = 20, clip: bool = True):
     """AWQ (Lin et al. 2023): scale input channel j by s_j = mean|x_j|^alpha before rounding, so
     salient channels (large activations) get finer steps; the activation is multiplied by 1/s.
     alpha is searched on a grid in [0, 1) for the lowest output error on calibration rows X;
@@ -79,7 +79,40 @@ def awq(w: torch.Tensor, X: torch.Tensor, mean_abs: torch.Tensor, group_size: in
         if err < best[0]:
             best = (err, s)
     s = best[1]
-    return W * s, 1.0 / s
+    Ws = W * s
+    if clip:
+        Ws = _clip_search(Ws, X / s, group_size, symmetric)
+    return Ws, 1.0 / s
+
+
+CLIP_RATIOS = [1.0 - 0.05 * i for i in range(10)]  # 1.0 .. 0.55 of each group's range
+CLIP_ROWS = 1024  # calibration rows used for the clipping search
+
+
+@torch.no_grad()
+def _clip_search(W, X, group_size: int, symmetric: bool):
+    """AWQ's second step: per (output row, group) shrink the quantization range to the ratio
+    whose rounding error, seen through the calibration activations of that group, is smallest
+    (clipping a few outliers buys finer steps for all other weights). Ratio 1.0 is a candidate,
+    so no group gets worse on its own. W (out, in) -> clipped W."""
+    out_f, in_f = W.shape
+    G = in_f // group_size
+    Xg = X[:CLIP_ROWS].reshape(-1, G, group_size)  # (t, G, gs)
+    Wg = W.reshape(out_f, G, group_size)
+    hi, lo = Wg.amax(-1, keepdim=True), Wg.amin(-1, keepdim=True)
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
+    best_err = torch.full((out_f, G), math.inf)
+    best = Wg.clone()
+    for r in CLIP_RATIOS:
+        Wc = torch.minimum(torch.maximum(Wg, lo * r), hi * r)  # (out, G, gs)
+        dq = formats.fake_quant(Wc.reshape(out_f, in_f), 4, symmetric, group_size).reshape(out_f, G, group_size)
+        err = torch.einsum("tgk,ogk->tog", Xg, dq - Wg).pow(2).sum(0)  # (out, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better.unsqueeze(-1), Wc, best)
+    return best.reshape(out_f, in_f)
 
 
 def smoothquant(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float = 0.5):

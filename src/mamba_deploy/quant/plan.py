@@ -24,7 +24,7 @@ METHODS = {
     "int4": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=False),
     "gptq": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=True,
                  act_order=False, damp=0.01, block_size=128),
-    "awq": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=True, grid=20),
+    "awq": dict(format="int4", bits=4, group_size=128, symmetric=True, calibrate=True, grid=20, clip=True),
     "smoothquant": dict(format="w8a8", bits=8, group_size=None, symmetric=True, calibrate=True, alpha=0.5),
     "fp8": dict(format="fp8", bits=8, group_size=None, symmetric=True, calibrate=False, fp8_scaling="channel"),
 }
@@ -150,7 +150,7 @@ def build_plan(model, opts: dict) -> dict:
 # ----------------------------------------------------------------------------- config.json entry
 
 def make_config(method: str, opts: dict, modules: dict) -> dict:
-    extras = {k: opts[k] for k in ("act_order", "damp", "alpha", "grid", "fp8_scaling") if k in opts}
+    extras = {k: opts[k] for k in ("act_order", "damp", "alpha", "grid", "clip", "fp8_scaling") if k in opts}
     return {
         "quant_method": QUANT_METHOD_TAG,
         "version": CONFIG_VERSION,

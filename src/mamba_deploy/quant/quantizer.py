@@ -92,7 +92,8 @@ def _quant_linear(lin, name, spec, algo, stats, opts):
         from .formats import check_group
 
         check_group(name, lin.in_features, gs)
-        weight, input_scale = algos.awq(lin.weight, stats.X, stats.mean_abs, gs, sym, int(opts["grid"]))
+        weight, input_scale = algos.awq(lin.weight, stats.X, stats.mean_abs, gs, sym, int(opts["grid"]),
+                                          bool(opts["clip"]))
     elif algo == "smoothquant":
         weight, input_scale = algos.smoothquant(lin.weight, stats.absmax, float(opts["alpha"]))
     return QuantLinear.from_linear(lin, fmt, name, gs, sym, spec.get("fp8_scaling", "channel"),

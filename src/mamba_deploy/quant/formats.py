@@ -107,12 +107,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """uint8 (out, in/2) -> codes (out, in) int32 (signed when symmetric)."""
-    lo = (packed & 0xF).to(torch.int32)
-    hi = (packed >> 4).to(torch.int32)
-    q = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-    if symmetric:  # two's complement nibble -> signed
-        q = torch.where(q > 7, q - 16, q)
-    return q
+    # nibble work stays in uint8 (int32 elementwise ops are ~10x slower on CPU for this)
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    if symmetric:  # two's complement nibble -> signed: flip the sign bit, then shift by 8
+        return (q ^ 8).to(torch.int32) - 8
+    return q.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- whole-tensor encoders

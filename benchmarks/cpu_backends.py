@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,11 +130,12 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
     if not args.skip_transformers:
         hf = HFRunner(hf_model)
         add("transformers", "fp32", dict(prefill_s=hf.prefill_time(ids), decode_ms=hf.decode_ms(ids[:, :8], args.decode)))
-    rows += llamacpp_rows(arch, hf_dir, work, ids, args, add)
+    llamacpp_rows(arch, hf_dir, work, ids, args, add)
     return rows
 
 
-def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> list[dict]:
+def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> None:
+    """F32 / Q8_0 / Q4_K_M GGUF rows through the llama.cpp Runner, when both pieces import."""
     from mamba_deploy.runners import open_runner
 
     try:
@@ -141,17 +143,18 @@ def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> list[dict]:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         print(f"  {arch:<7} llama.cpp     skipped: {e}")
-        return []
+        return
     # GGUF files carry a tokenizer and the random checkpoints ship none: borrow the demo model's
     tokenizer = next((str(p) for p in sorted(DEMO.glob("demo-*")) if (p / "tokenizer.json").exists()), None)
     for outtype in GGUF_TYPES:
         try:
-            path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype, tokenizer=tokenizer)
+            with warnings.catch_warnings():  # per-tensor fallback notes of the quantizer
+                warnings.simplefilter("ignore")
+                path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype, tokenizer=tokenizer)
             with open_runner(path, "llama.cpp", n_threads=args.threads) as r:
                 add("llama.cpp", outtype.upper(), time_runner(r, ids, args.decode))
         except Exception as e:  # noqa: BLE001  (report and keep benchmarking the rest)
             print(f"  {arch:<7} llama.cpp     {outtype.upper():<7} skipped: {type(e).__name__}: {e}")
-    return []
 
 
 def _round(v, n):

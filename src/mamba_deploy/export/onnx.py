@@ -144,10 +144,10 @@ def io_spec(cfg) -> dict:
     outputs = [{"name": "logits", "shape": ["batch", "logits_seq", cfg.padded_vocab_size], "dtype": "float32",
                 "role": "logits"}]
     for i in range(cfg.n_layer):
-        inputs += [{"name": f"past_conv.{i}", "shape": ["batch", *conv], "dtype": "float32", "role": "state_conv", "layer": i},
-                   {"name": f"past_ssm.{i}", "shape": ["batch", *ssm], "dtype": "float32", "role": "state_ssm", "layer": i}]
-        outputs += [{"name": f"present_conv.{i}", "shape": ["batch", *conv], "dtype": "float32", "role": "state_conv", "layer": i},
-                    {"name": f"present_ssm.{i}", "shape": ["batch", *ssm], "dtype": "float32", "role": "state_ssm", "layer": i}]
+        for kind, shape in (("conv", conv), ("ssm", ssm)):
+            spec = {"shape": ["batch", *shape], "dtype": "float32", "role": f"state_{kind}", "layer": i}
+            inputs.append({"name": f"past_{kind}.{i}", **spec})
+            outputs.append({"name": f"present_{kind}.{i}", **spec})
     return {"inputs": inputs, "outputs": outputs}
 
 

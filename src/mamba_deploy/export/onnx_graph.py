@@ -8,11 +8,15 @@ rewriter looks for) and uses only standard-domain operators (the allow-list in `
 Formulations (b batch, l time, d d_inner, n d_state, h heads, p headdim, g groups, r = h/g):
 - Mamba1: one ONNX `Scan` over time per layer, state laid out (b, n, d) so every per-step op
   runs over contiguous d-long rows (measured faster than (b, d, n), and than blocks of 4-16 steps
-  per iteration with vectorised decays: ORT's Split/Concat copies cost more than they save). Only decays exp(dt*A) <= 1 are formed: stable at any length.
+  per iteration with vectorised decays: ORT's Split/Concat copies cost more than they save).
+  Only decays exp(dt*A) <= 1 are formed: stable at any length.
 - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
   input shape, so a one-token decode costs no padding. Decays are exp of segment sums summed
   directly (masked cumsum) or exp of in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided
   out later, so large dt and strongly negative A cannot overflow.
+- Both: an `If(seq == 1)` per layer runs a plain one-token update instead, so decoding skips the
+  Scan / chunk machinery; the depthwise conv is k shifted multiply-adds (ORT's grouped Conv is
+  slow on one token).
 All recurrences, norms and residuals run in float32; in an fp16 export only the MatMul/Gather
 weights are float16 (activations are cast around them).
 """

@@ -135,7 +135,8 @@ def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
         if name not in feeds:
             if spec.get("optional"):
                 continue
-            raise ShapeError(f"missing input {name!r}; the graph needs {[s['name'] for s in manifest['inputs'] if not s.get('optional')]}")
+            needed = [s["name"] for s in manifest["inputs"] if not s.get("optional")]
+            raise ShapeError(f"missing input {name!r}; the graph needs {needed}")
         shape = np.shape(feeds[name])
         want = spec["shape"]
         ok = len(shape) == len(want)

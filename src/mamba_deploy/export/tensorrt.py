@@ -1,0 +1,284 @@
+"""`build_engine(onnx_dir, out_path)`: a TensorRT engine built from our exported ONNX folder with
+TensorRT's Python API (Builder -> network from OnnxParser -> one optimization profile covering
+the dynamic batch / seq axes -> serialized engine, written atomically), plus a static check that
+TensorRT's ONNX parser supports every node of a graph (`trt_parser_issues`), which needs no
+TensorRT and so runs everywhere.
+
+OUT: the engine file (`model.engine` inside `out_path` when that is a folder) and a sidecar
+`<engine>.json` holding the ONNX manifest (config, input/output names) and the build limits;
+the TensorRT runner reads both. The sidecar is written first, the engine renamed into place
+last, so an engine file on disk is always complete and described.
+
+TensorRT itself is imported only when an engine is built or run, so this module imports (and
+the op check runs) where TensorRT cannot be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError
+
+INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with a matching CUDA driver)"
+ENGINE_NAME = "model.engine"
+SIDECAR_SUFFIX = ".json"
+SIDECAR_FORMAT = "mamba-deploy-tensorrt"
+# Inputs whose default value is an initializer of the same name. TensorRT's parser imports such
+# an input as weights (a constant), so they are removed from the proto before parsing and become
+# real engine inputs; the runner feeds the defaults when the caller gives none.
+OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
+
+# TensorRT's ONNX parser support for every op type our exporter may emit
+# (export/onnx.py ALLOWED_OPS). Source: onnx-tensorrt docs/operators.md, "TensorRT 10.15 supports
+# operators in the inclusive range of opset 9 to opset 24", Operator Support Matrix
+# (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md). All rows below are
+# "Supported: Y".  op -> (supported types of the checked input, index of the checked input or
+# None, inputs that must be build-time constants, the doc's restriction text).
+F = ("FLOAT", "FLOAT16", "BFLOAT16")
+FI = F + ("INT32", "INT64")
+FIB = FI + ("BOOL",)
+TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]] = {
+    "Add": (FI, 0, (), ""),
+    "Cast": (FIB + ("UINT8",), 0, (), ""),
+    "Clip": (F, 0, (), ""),
+    "Concat": (FIB, 0, (), ""),
+    "ConstantOfShape": (FIB, None, (), ""),  # types are those of the `value` output
+    "CumSum": (F, 0, (1,), "`axis` must be a build-time constant"),
+    "Div": (FI, 0, (), ""),
+    "Equal": (FI, 0, (), ""),
+    "Exp": (F, 0, (), ""),
+    "Expand": (FIB, 0, (), ""),
+    "Gather": (FIB, 0, (), ""),
+    "Greater": (FI, 0, (), ""),
+    "Identity": (FIB, 0, (), ""),
+    "If": (FIB, None, (), "Output tensors of the two conditional branches must have the same rank "
+                          "and must have different names"),
+    "MatMul": (F, 0, (), ""),
+    "Max": (FI, 0, (), ""),
+    "Min": (FI, 0, (), ""),
+    "Mul": (FI, 0, (), ""),
+    "Pad": (FI, 0, (), ""),
+    "Reciprocal": (F, 0, (), ""),
+    "ReduceMean": (FI, 0, (1,), "`axes` must be an initializer"),
+    "ReduceSum": (FI, 0, (1,), "`axes` must be an initializer"),
+    "Reshape": (FIB, 0, (), ""),
+    "Scan": (F, None, (), ""),  # checked over all its inputs below
+    "Shape": (FIB, 0, (), ""),
+    "Sigmoid": (F, 0, (), ""),
+    "Slice": (FIB, 0, (), ""),
+    "Softplus": (F, 0, (), ""),
+    "Split": (FIB, 0, (), ""),
+    "Sqrt": (F, 0, (), ""),
+    "Squeeze": (FIB, 0, (1,), "`axes` must be resolvable to a constant"),
+    "Sub": (FI, 0, (), ""),
+    "Transpose": (FIB, 0, (), ""),
+    "Trilu": (FIB, 0, (), ""),
+    "Unsqueeze": (FIB, 0, (1,), "`axes` must be resolvable to a constant"),
+    "Where": (FIB, 1, (), ""),
+}
+MIN_OPSET, MAX_OPSET = 9, 24  # the same doc's opset range
+
+
+# ----------------------------------------------------------------------------- op support check
+
+def trt_parser_issues(model) -> list[str]:
+    """Every node of `model` (an onnx ModelProto, subgraphs included) the TensorRT ONNX parser
+    would reject per TRT_ONNX_OPS: unknown op, unsupported input type, non-constant input where
+    a constant is required, If branches with different ranks or shared output names. [] = fine."""
+    import onnx
+    from onnx import TensorProto
+
+    issues: list[str] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        issues.append(f"opset {opset} is outside TensorRT's {MIN_OPSET}..{MAX_OPSET}")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+
+    def collect(g):
+        for v in (*g.input, *g.output, *g.value_info):
+            types[v.name] = v.type.tensor_type.elem_type
+            if v.type.tensor_type.HasField("shape"):
+                ranks[v.name] = len(v.type.tensor_type.shape.dim)
+        for t in g.initializer:
+            types[t.name] = t.data_type
+        for n in g.node:
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    collect(sub)
+
+    collect(inferred.graph)
+
+    def walk(g, consts: set[str], where: str):
+        # build-time constants: initializers that are not overridable inputs, Constant outputs
+        overridable = {v.name for v in g.input}
+        consts = consts | {t.name for t in g.initializer if t.name not in overridable}
+        consts |= {n.output[0] for n in g.node if n.op_type == "Constant"}
+        for n in g.node:
+            op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+            label = f"{where}{n.name or op} ({op})"
+            if op not in TRT_ONNX_OPS:
+                issues.append(f"{label}: op not in TensorRT's supported ONNX operators")
+                continue
+            ok_types, checked, const_in, _ = TRT_ONNX_OPS[op]
+            checked_inputs = list(n.input) if op == "Scan" else \
+                ([n.input[checked]] if checked is not None and len(n.input) > checked else [])
+            for name in checked_inputs:
+                t = TensorProto.DataType.Name(types.get(name, 0))
+                if name and t not in ok_types:
+                    issues.append(f"{label}: input {name!r} has type {t}; TensorRT supports {', '.join(ok_types)}")
+            for k in const_in:
+                if len(n.input) > k and n.input[k] and n.input[k] not in consts:
+                    issues.append(f"{label}: input {k} ({n.input[k]!r}) must be a build-time constant")
+            if op == "If":
+                br = {a.name: a.g for a in n.attribute}
+                then_o, else_o = br["then_branch"].output, br["else_branch"].output
+                for a, b in zip(then_o, else_o):
+                    if a.name == b.name:
+                        issues.append(f"{label}: both branches name an output {a.name!r}")
+                    ra, rb = ranks.get(a.name), ranks.get(b.name)
+                    if ra is not None and rb is not None and ra != rb:
+                        issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have ranks {ra} / {rb}")
+            for a in n.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(sub, consts, f"{label} > ")
+
+    walk(inferred.graph, set(), "")
+    return issues
+
+
+# ----------------------------------------------------------------------------- engine build
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendUnavailableError(f"TensorRT is not installed: {INSTALL_HINT}") from e
+    return trt
+
+
+def load_stripped_onnx(folder: Path):
+    """model.onnx without the optional inputs' default initializers (see OPTIONAL_INPUTS);
+    returns (proto, {name: default numpy value})."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    defaults = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in OPTIONAL_INPUTS}
+    kept = [t for t in proto.graph.initializer if t.name not in OPTIONAL_INPUTS]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return proto, defaults
+
+
+def engine_path(out_path) -> Path:
+    p = Path(out_path)
+    return p / ENGINE_NAME if p.is_dir() or p.suffix == "" else p
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max_seq: int = 2048,
+                 opt_batch: int = 1, opt_seq: int | None = None, workspace_mb: int | None = None) -> Path:
+    """Build a TensorRT engine from an ONNX export folder; returns the engine path.
+
+    One optimization profile: batch 1..max_batch and seq 1..max_seq (optimized for opt_batch x
+    opt_seq, default max_seq // 4); state inputs take their static dims with the same batch range.
+    fp16 lets TensorRT pick half-precision kernels (the state stays float32 at the boundary)."""
+    from ..export.onnx import read_manifest
+
+    folder = Path(onnx_dir)
+    if folder.suffix == ".onnx":
+        folder = folder.parent
+    if not (folder / "model.onnx").exists():
+        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
+    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("opt_batch", opt_batch)):
+        if not isinstance(v, int) or v < 1:
+            raise ExportError(f"{name}={v!r} must be a positive integer")
+    opt_seq = opt_seq or max(1, max_seq // 4)
+    if opt_batch > max_batch or opt_seq > max_seq:
+        raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
+    manifest = read_manifest(folder)
+    proto, defaults = load_stripped_onnx(folder)
+    issues = trt_parser_issues(proto)
+    if issues:
+        raise ExportError(f"{folder / 'model.onnx'} uses nodes TensorRT's ONNX parser does not support: "
+                          + "; ".join(issues[:8]))
+    trt = import_tensorrt()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch (the flag is deprecated there); 8.x needs it
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    network = builder.create_network(0 if flag is None or int(trt.__version__.split(".")[0]) >= 10 else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    # path: where the parser resolves model.onnx.data (external weights) from
+    if not parser.parse(proto.SerializeToString(), str(folder / "model.onnx")):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ExportError(f"TensorRT cannot parse {folder / 'model.onnx'}: {' | '.join(errors)}")
+
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    profile = builder.create_optimization_profile()
+    static = {d["name"]: d["shape"] for d in manifest["inputs"]}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name in ("input_ids", "attention_mask"):  # (batch, seq)
+            profile.set_shape(t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+        elif t.name == "num_logits_to_keep":  # (1,), and it feeds Slice starts: a shape tensor
+            profile.set_shape(t.name, (1,), (1,), (1,))
+            if t.is_shape_tensor:
+                profile.set_shape_input(t.name, (0,), (1,), (max_seq,))
+        elif t.name.startswith(("past_conv.", "past_ssm.")):  # (batch, *static state dims)
+            rest = tuple(static[t.name][1:])
+            profile.set_shape(t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+        else:
+            raise ExportError(f"unexpected engine input {t.name!r}; re-export the ONNX model with this version")
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {folder / 'model.onnx'} (see the log above)")
+
+    out = engine_path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {
+        "format": SIDECAR_FORMAT, "onnx_dir": str(folder.resolve()), "manifest": manifest,
+        "defaults": {k: v.tolist() for k, v in defaults.items()},
+        "build": {"fp16": fp16, "max_batch": max_batch, "max_seq": max_seq, "opt_batch": opt_batch,
+                  "opt_seq": opt_seq, "tensorrt": trt.__version__},
+    }
+    _write_atomic(Path(str(out) + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode())
+    _write_atomic(out, bytes(serialized))
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("tensorrt", help="TensorRT engine from an ONNX export folder (NVIDIA GPU)")
+    s.add_argument("onnx_dir", help="folder written by `mamba-deploy export onnx`")
+    s.add_argument("out_path", help="engine file, or a folder for model.engine")
+    s.add_argument("--fp16", action="store_true")
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-seq", type=int, default=2048)
+    s.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> None:
+    out = build_engine(args.onnx_dir, args.out_path, fp16=args.fp16, max_batch=args.max_batch, max_seq=args.max_seq)
+    print(f"wrote {out}")

@@ -1,0 +1,239 @@
+"""The OpenVINO backend: the exported ONNX folder (model.onnx + manifest.json) read by OpenVINO's
+ONNX frontend and compiled for its CPU plugin, behind the Runner interface. Same graph, same
+input/output names as the ONNX Runtime runner; only the engine differs.
+
+Two OpenVINO facts shape this file:
+- Its ONNX frontend turns an input that has an initializer of the same name into a constant, so
+  the graph's optional inputs (`attention_mask`, `num_logits_to_keep`, whose defaults are such
+  initializers) would vanish. We drop those initializers from the proto before reading it and
+  feed their default values ourselves when the caller gives none.
+- The CPU plugin may pick bf16 math by default on CPUs with bf16 units; fp32 parity needs the
+  inference precision pinned to f32 (the default here).
+- Its CPU plugin misreads small integers when flush-to-zero / denormals-are-zero is on, which a
+  -ffast-math library can switch on process-wide; compile and inference run with it off
+  (`ieee_denormals`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import MambaConfig
+from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError, ShapeError
+from ..state import State
+from .base import Runner
+from .onnx_runner import _check_files, _ids
+
+# inputs whose default lives in an initializer of the same name (see module docstring)
+OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
+# precision option -> OpenVINO inference precision hint
+PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+class OpenVinoState:
+    """Per-layer numpy arrays [conv.0, ssm.0, conv.1, ...]; replaced by the outputs each call."""
+
+    def __init__(self, arrays: list[np.ndarray], batch: int):
+        self.arrays, self.batch = arrays, batch
+
+
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
+    def __init__(self, folder: Path, manifest: dict, compiled, defaults: dict, tmpfile: Path | None = None):
+        self.folder, self.manifest, self.compiled = folder, manifest, compiled
+        self.config = MambaConfig.from_own_dict(manifest["config"])
+        self.source_path = folder
+        self.n_layer = self.config.n_layer
+        self.defaults = defaults  # optional input name -> default value (numpy)
+        self.request = compiled.create_infer_request()
+        self._tmpfile = tmpfile  # stripped copy of an external-data graph; removed on close
+        self.past = [n for i in range(self.n_layer) for n in (f"past_conv.{i}", f"past_ssm.{i}")]
+        self.present = [n for i in range(self.n_layer) for n in (f"present_conv.{i}", f"present_ssm.{i}")]
+        self.reruns = 0  # calls re-run because OpenVINO returned non-finite logits (see _run)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> OpenVinoState:
+        cfg = self.config
+        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
+        return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch)
+
+    def to_torch_state(self, state: OpenVinoState) -> State:
+        return State(torch.from_numpy(np.stack(state.arrays[0::2])), torch.from_numpy(np.stack(state.arrays[1::2])))
+
+    # ---- running -------------------------------------------------------------------------------
+    def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
+        if not isinstance(state, OpenVinoState):
+            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        if ids.shape[0] != state.batch:
+            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
+                             "create it with runner.new_state(batch)")
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                 "attention_mask": self.defaults["attention_mask"] if mask is None else np.ascontiguousarray(mask, np.int64),
+                 "num_logits_to_keep": np.array([keep], np.int64) if keep else self.defaults["num_logits_to_keep"]}
+        feeds.update(zip(self.past, state.arrays))
+        with ieee_denormals():
+            # share_outputs=False copies the results out of the request's buffers, which the next
+            # call overwrites; the states are small next to the logits, so the copy is cheap
+            res = self.request.infer(feeds, share_inputs=True, share_outputs=False)
+            if not np.isfinite(res["logits"]).all():
+                # OpenVINO 2026.4.1 CPU, Mamba1 graph: the first one-token call at a new batch
+                # size intermittently (~1 process in 10) returns NaN from layer 1 on; the same
+                # call again is exact. The inputs (state included) are untouched, so re-run once;
+                # a second non-finite result is returned as it is.
+                self.reruns += 1
+                res = self.request.infer(feeds, share_inputs=True, share_outputs=False)
+        state.arrays = [res[n] for n in self.present]
+        return torch.from_numpy(res["logits"])
+
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        ids = _ids(ids, 2)
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
+        if ids.shape[1] == 0:
+            raise ShapeError("input_ids has length 0; give at least one token")
+        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        return self._run(ids, state, mask, keep=1 if last_only else 0), state
+
+    def step(self, ids, state):
+        ids = _ids(ids, 1)
+        return self._run(ids[:, None], state)[:, 0], state
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+        if self._tmpfile is not None:
+            self._tmpfile.unlink(missing_ok=True)
+            self._tmpfile = None
+
+    def __del__(self):
+        if getattr(self, "_tmpfile", None) is not None:
+            self._tmpfile.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------- FP mode
+
+@contextmanager
+def ieee_denormals():
+    """Run with flush-to-zero / denormals-are-zero off in this thread, restoring it after.
+
+    Why: a shared library built with gcc < 13 and -ffast-math (our own C scan kernel, once the
+    torch model has run on CPU) switches FTZ/DAZ on for the process. OpenVINO's CPU plugin moves
+    some integer tensors through float registers, so small integers (bit patterns of denormal
+    floats) become 0: with FTZ/DAZ on at compile time, num_logits_to_keep=1 is read as 0 and
+    every position's logits come back."""
+    on = bool(np.float32(1e-40) * np.float32(1.0) == 0)  # a denormal survives unless FTZ/DAZ
+    if on:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(True)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _read_model(core, folder: Path):
+    """Read model.onnx with the optional inputs' default initializers removed; returns (ov model,
+    {name: default numpy value}, temp graph file or None)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    defaults, kept = {}, []
+    for t in proto.graph.initializer:
+        if t.name in OPTIONAL_INPUTS:
+            defaults[t.name] = numpy_helper.to_array(t)
+        else:
+            kept.append(t)
+    missing = [n for n in OPTIONAL_INPUTS if n not in defaults]
+    if missing:
+        raise ExportError(f"{folder / 'model.onnx'} has no default for the optional inputs {missing}; "
+                          "re-export it with this version of mamba-deploy")
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    if not (folder / "model.onnx.data").exists():
+        from openvino import Tensor
+
+        return core.read_model(proto.SerializeToString(), Tensor(np.empty(0, np.uint8))), defaults, None
+    # weights in model.onnx.data (graphs above 2 GB): OpenVINO reads external data only from the
+    # graph's own folder (a link from elsewhere is refused as "outside the base directory"), so
+    # the stripped graph is written next to it under a hidden temp name, removed on close()
+    tmp = folder / f".model.openvino-{os.getpid()}-{id(proto):x}.onnx"
+    try:
+        onnx.save_model(proto, str(tmp))
+    except OSError as e:
+        raise ExportError(f"{folder} must be writable to open a graph with external weights in OpenVINO "
+                          f"(it writes a temporary {tmp.name} there): {e}") from e
+    try:
+        return core.read_model(str(tmp)), defaults, tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_model(manifest: dict, model, folder: Path) -> None:
+    """The graph OpenVINO read must expose exactly the manifest's input and output names."""
+    for kind, ports in (("inputs", model.inputs), ("outputs", model.outputs)):
+        want = {d["name"] for d in manifest[kind]}
+        got = {n for p in ports for n in p.get_names()}
+        if not want <= got:
+            raise ExportError(f"OpenVINO reads {folder / 'model.onnx'} without the {kind} {sorted(want - got)} "
+                              "listed in manifest.json; re-export the model")
+
+
+def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: int | None = None,
+                  check_hash: bool = False, properties: dict | None = None, **_) -> OpenVinoRunner:
+    """path: an ONNX export folder or its model.onnx. device: an OpenVINO device name (CPU;
+    GPU/NPU where the plugins exist). precision: inference precision hint, f32 (default, for
+    parity) | bf16 | f16. threads: CPU inference threads (default: OpenVINO's choice).
+    properties: further OpenVINO compile properties, passed through."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install openvino") from e
+    try:
+        import onnx  # noqa: F401  (the optional-input defaults are stripped with it)
+    except ImportError as e:
+        raise BackendUnavailableError("the openvino backend reads the ONNX graph with onnx: pip install onnx") from e
+    from ..export.onnx import read_manifest
+
+    folder = Path(path)
+    if folder.suffix == ".onnx":
+        folder = folder.parent
+    if not (folder / "model.onnx").exists():
+        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    manifest = read_manifest(folder)
+    _check_files(manifest, folder, check_hash)
+    core = ov.Core()
+    if device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
+        raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here "
+                                      f"(have {core.available_devices}); use device='CPU'")
+    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    config.update(properties or {})
+    try:
+        with ieee_denormals():
+            model, defaults, tmpfile = _read_model(core, folder)
+    except RuntimeError as e:  # OpenVINO reports unsupported ops / bad graphs as RuntimeError
+        raise ExportError(f"OpenVINO cannot read {folder / 'model.onnx'}: {e}") from e
+    try:
+        _check_model(manifest, model, folder)
+        try:
+            with ieee_denormals():
+                compiled = core.compile_model(model, device, config)
+        except RuntimeError as e:
+            raise ExportError(f"OpenVINO cannot compile {folder / 'model.onnx'} for {device}: {e}") from e
+    except BaseException:
+        if tmpfile is not None:
+            tmpfile.unlink(missing_ok=True)
+        raise
+    return OpenVinoRunner(folder, manifest, compiled, defaults, tmpfile)

@@ -1,0 +1,191 @@
+"""The TensorRT backend: an engine built by `export.tensorrt.build_engine` behind the Runner
+interface, run with torch CUDA tensors as the engine's I/O (set_tensor_address +
+execute_async_v3 on torch's current stream).
+
+The state lives in two preallocated CUDA buffer sets (ping-pong): a call binds one set as
+`past_*` and the other as `present_*`, then swaps, so decoding allocates only the logits and the
+state never leaves the GPU. Prompts longer than the engine's max_seq are prefilled in max_seq
+chunks, each continuing from the state the previous one left (the graph supports that; only the
+left-padding mask is limited to a zero state, so masked prompts must fit one chunk).
+
+Written against TensorRT's documented Python API (10.x); not run in this repository's CI, which
+has no TensorRT (see tests/test_tensorrt.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import MambaConfig
+from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
+from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
+from ..state import State
+from .base import Runner
+
+
+def _torch_dtype(trt, dt):
+    """TensorRT tensor dtype -> torch dtype (TensorRT 8 turns int64 graph inputs into int32)."""
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.bool: torch.bool}
+    if hasattr(trt, "int64"):
+        table[trt.int64] = torch.int64
+    if dt not in table:
+        raise ExportError(f"engine tensor dtype {dt} is not supported by this runner; rebuild the engine")
+    return table[dt]
+
+
+class TensorRTState:
+    """Per-layer conv/ssm CUDA tensors, two sets; `cur` indexes the set holding the live state."""
+
+    def __init__(self, bufs: list[list[torch.Tensor]], batch: int):
+        self.bufs, self.batch, self.cur = bufs, batch, 0
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, trt, engine, sidecar: dict, path: Path, device: torch.device):
+        self.trt, self.engine, self.path, self.device = trt, engine, path, device
+        self.context = engine.create_execution_context()
+        self.manifest = sidecar["manifest"]
+        self.config = MambaConfig.from_own_dict(self.manifest["config"])
+        src = Path(sidecar.get("onnx_dir", ""))
+        self.source_path = src if src.is_dir() else path.parent  # tokenizer files live with the ONNX export
+        self.build = sidecar["build"]
+        self.max_batch, self.max_seq = int(self.build["max_batch"]), int(self.build["max_seq"])
+        self.n_layer = self.config.n_layer
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in self.names}
+        # inputs whose values decide shapes (num_logits_to_keep feeds Slice starts) are read by
+        # TensorRT from host memory
+        self.host_inputs = {n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+                            and engine.is_shape_inference_io(n)}
+        self.defaults = {k: torch.tensor(v, dtype=torch.int64) for k, v in sidecar["defaults"].items()}
+        self.past = [n for i in range(self.n_layer) for n in (f"past_conv.{i}", f"past_ssm.{i}")]
+        self.present = [n for i in range(self.n_layer) for n in (f"present_conv.{i}", f"present_ssm.{i}")]
+        missing = sorted({"input_ids", "logits", *self.past, *self.present} - set(self.names))
+        if missing:
+            raise ExportError(f"{path} lacks the tensors {missing}; rebuild it with build_engine")
+
+    # ---- state -------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> TensorRTState:
+        if not 1 <= batch <= self.max_batch:
+            raise ShapeError(f"batch {batch} is outside the engine's 1..{self.max_batch}; "
+                             f"rebuild it with build_engine(..., max_batch={batch})")
+        cfg = self.config
+        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
+        bufs = [[torch.zeros(s, dtype=torch.float32, device=self.device) for s in shapes] for _ in range(2)]
+        return TensorRTState(bufs, batch)
+
+    def to_torch_state(self, state: TensorRTState) -> State:
+        live = state.bufs[state.cur]
+        return State(torch.stack(live[0::2]).cpu(), torch.stack(live[1::2]).cpu())
+
+    # ---- running -------------------------------------------------------------------------------
+    def _bind(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.dtypes[name]).contiguous()
+        if name in self.host_inputs:
+            t = t.cpu()
+        else:
+            t = t.to(self.device)
+        self.context.set_input_shape(name, tuple(t.shape))
+        self.context.set_tensor_address(name, t.data_ptr())
+        return t  # the caller keeps it alive until the launch has run
+
+    def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
+        if not isinstance(state, TensorRTState):
+            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        if ids.shape[0] != state.batch:
+            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
+                             "create it with runner.new_state(batch)")
+        keep_alive = [self._bind("input_ids", ids)]
+        if "attention_mask" in self.names:
+            keep_alive.append(self._bind("attention_mask", self.defaults["attention_mask"] if mask is None else mask))
+        if "num_logits_to_keep" in self.names:
+            keep_alive.append(self._bind("num_logits_to_keep", torch.tensor([keep]) if keep
+                                         else self.defaults["num_logits_to_keep"]))
+        src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
+        for name, t in zip(self.past, src):
+            self._bind(name, t)
+        for name, t in zip(self.present, dst):
+            self.context.set_tensor_address(name, t.data_ptr())
+        shape = tuple(self.context.get_tensor_shape("logits"))  # known once the inputs are set
+        if any(d < 0 for d in shape):
+            raise ExportError(f"TensorRT cannot infer the logits shape {shape}; rebuild the engine")
+        logits = torch.empty(shape, dtype=self.dtypes["logits"], device=self.device)
+        self.context.set_tensor_address("logits", logits.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ExportError(f"TensorRT execution failed for input_ids of shape {tuple(ids.shape)}")
+        state.cur = 1 - state.cur
+        out = logits.float().cpu()  # synchronizes with the stream before keep_alive goes
+        del keep_alive
+        return out
+
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        ids = _ids(ids, 2)
+        b, length = ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, length):
+            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, length)}")
+        if length == 0:
+            raise ShapeError("input_ids has length 0; give at least one token")
+        if attention_mask is not None and length > self.max_seq:
+            raise ShapeError(f"a masked prompt of length {length} exceeds the engine's max_seq {self.max_seq}; "
+                             f"rebuild it with build_engine(..., max_seq={length})")
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
+        outs = []
+        for start in range(0, length, self.max_seq):  # one chunk unless length > max_seq
+            chunk = ids[:, start:start + self.max_seq]
+            last = start + self.max_seq >= length
+            outs.append(self._run(chunk, state, mask, keep=1 if (last_only and last) else 0))
+        return (outs[-1] if last_only else torch.cat(outs, 1)), state
+
+    def step(self, ids, state):
+        ids = _ids(ids, 1)
+        return self._run(ids[:, None], state)[:, 0], state
+
+    def close(self) -> None:
+        self.context = self.engine = None
+
+
+def _ids(ids, ndim) -> torch.Tensor:
+    t = torch.as_tensor(ids)
+    if t.ndim != ndim or t.dtype.is_floating_point or t.dtype == torch.bool:
+        want = "(batch, seq)" if ndim == 2 else "(batch,)"
+        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def open_tensorrt(path, device: str = "cuda", **_) -> TensorRTRunner:
+    """path: an engine file from build_engine (or a folder holding model.engine), with its
+    `<engine>.json` sidecar next to it."""
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")
+    p = Path(path)
+    if p.is_dir():
+        p = p / ENGINE_NAME
+    side = Path(str(p) + SIDECAR_SUFFIX)
+    if not p.exists():
+        raise ModelNotFoundError(f"no TensorRT engine at {p}; build one with "
+                                 "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")
+    if not side.exists():
+        raise ModelNotFoundError(f"{side} is missing (written next to the engine by build_engine); rebuild the engine")
+    try:
+        sidecar = json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{side} is not valid JSON ({e}); rebuild the engine") from e
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise ExportError(f"{side} is not a mamba-deploy TensorRT sidecar (format={sidecar.get('format')!r}); rebuild")
+    dev = torch.device(device)
+    with torch.cuda.device(dev):
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(p.read_bytes())
+    if engine is None:
+        raise ExportError(f"TensorRT cannot load {p} (built by TensorRT {sidecar['build'].get('tensorrt')}, "
+                          f"this is {trt.__version__}, or for another GPU); rebuild the engine here")
+    runner = TensorRTRunner(trt, engine, sidecar, p, dev)
+    runner._runtime = runtime  # the engine must not outlive its runtime
+    return runner

@@ -1,0 +1,134 @@
+"""OpenVINO runner on the exported ONNX folder, checked against two independent references:
+ONNX Runtime running the same graph, and the PyTorch model fed the same tokens.
+
+Tolerance: fp32 logits and states 1e-4 relative to max |reference| (CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mamba_deploy.checkpoint import load_model
+from mamba_deploy.errors import MambaDeployError, ModelNotFoundError, ShapeError
+from mamba_deploy.export.onnx import export_onnx
+from mamba_deploy.generation import generate
+from mamba_deploy.runners import open_runner
+from mamba_deploy.runners.onnx_runner import open_onnx
+from mamba_deploy.runners.torch_runner import TorchRunner
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed: pip install -r requirements-ci.txt")
+from mamba_deploy.runners.openvino_runner import OpenVinoRunner, open_openvino  # noqa: E402
+
+FP32_TOL = 1e-4
+LENGTHS = [1, 7, 40]  # 40 > Mamba2 chunk_size 16: crosses chunk boundaries
+DECODE_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def exported(hf_checkpoint, tmp_path_factory):
+    """exported(kind) -> (onnx folder, hf folder); cached."""
+    cache = {}
+
+    def make(kind):
+        if kind not in cache:
+            folder, _ = hf_checkpoint(kind)
+            out = tmp_path_factory.mktemp(f"ov_onnx_{kind}") / "out"
+            export_onnx(folder, out)
+            cache[kind] = (out, folder)
+        return cache[kind]
+
+    return make
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_prefill_then_decode_matches_onnxruntime_and_torch(exported, kind):
+    """Prefill 1, 7, 40 tokens at batch 1 and 3 from a zero state, then 8 one-token steps:
+    every logit against ONNX Runtime (same graph) and the PyTorch model (whole sequence in one
+    forward); the final state against both."""
+    out, folder = exported(kind)
+    ovr, ort, model = open_openvino(out), open_onnx(out), load_model(folder)
+    gen = torch.Generator().manual_seed(11)
+    for batch in (1, 3):
+        for length in LENGTHS:
+            ids = torch.randint(0, 128, (batch, length + DECODE_STEPS), generator=gen)
+            with torch.inference_mode():
+                want = model(ids, model.new_state(batch))
+            s_ov, s_ort = ovr.new_state(batch), ort.new_state(batch)
+            got, s_ov = ovr.prefill(ids[:, :length], s_ov)
+            ref, s_ort = ort.prefill(ids[:, :length], s_ort)
+            assert got.shape == (batch, length, want.logits.shape[-1])
+            errs_ort, errs_pt = [rel_err(got, ref)], [rel_err(got, want.logits[:, :length])]
+            for t in range(length, length + DECODE_STEPS):
+                got, s_ov = ovr.step(ids[:, t], s_ov)
+                ref, s_ort = ort.step(ids[:, t], s_ort)
+                errs_ort.append(rel_err(got, ref))
+                errs_pt.append(rel_err(got, want.logits[:, t]))
+            assert max(errs_ort) < FP32_TOL, (kind, batch, length, "vs onnxruntime", errs_ort)
+            assert max(errs_pt) < FP32_TOL, (kind, batch, length, "vs torch", errs_pt)
+            mine, theirs = ovr.to_torch_state(s_ov), ort.to_torch_state(s_ort)
+            for field in ("conv", "ssm"):
+                assert rel_err(getattr(mine, field), getattr(theirs, field)) < FP32_TOL, (kind, field)
+                assert rel_err(getattr(mine, field), getattr(want.state, field)) < FP32_TOL, (kind, field)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_generate_matches_torch_greedy(exported, kind):
+    """The common generation loop (left-padded batch: attention_mask + last_only, then steps)
+    gives the torch runner's greedy tokens."""
+    out, folder = exported(kind)
+    prompts = [[5, 9, 17, 33, 2, 8, 1], [7, 3], [1] * 12]
+    mine = generate(open_runner(out, "openvino"), prompts, max_new_tokens=12)
+    ref = generate(TorchRunner(load_model(folder)), prompts, max_new_tokens=12)
+    assert mine.tokens == ref.tokens
+
+
+def test_last_only_and_masked_prefill_match_onnxruntime(exported):
+    out, _ = exported("mamba2")
+    ovr, ort = open_openvino(out), open_onnx(out)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0  # row 1 is left-padded
+    got, _ = ovr.prefill(ids, ovr.new_state(2), attention_mask=mask, last_only=True)
+    ref, _ = ort.prefill(ids, ort.new_state(2), attention_mask=mask, last_only=True)
+    assert got.shape == ref.shape == (2, 1, ref.shape[-1])
+    assert rel_err(got, ref) < FP32_TOL
+
+
+def test_external_data_export(hf_checkpoint, tmp_path, monkeypatch):
+    """Weights in model.onnx.data (what exports above 2 GB get) load through a stripped temp
+    graph next to them, which goes away on close."""
+    import mamba_deploy.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    folder, _ = hf_checkpoint("mamba")
+    out = export_onnx(folder, tmp_path / "ext")
+    assert (out / "model.onnx.data").exists()
+    ovr, ort = open_openvino(out), open_onnx(out)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    got, _ = ovr.prefill(ids, ovr.new_state(2))
+    ref, _ = ort.prefill(ids, ort.new_state(2))
+    assert rel_err(got, ref) < FP32_TOL
+    tmp = ovr._tmpfile
+    assert tmp is not None and tmp.exists()
+    ovr.close()
+    assert not tmp.exists()
+
+
+def test_errors_are_typed(exported, tmp_path):
+    out, _ = exported("mamba")
+    with pytest.raises(ModelNotFoundError, match="no model.onnx"):
+        open_openvino(tmp_path / "nothing")
+    with pytest.raises(MambaDeployError, match="precision 'int3'"):
+        open_openvino(out, precision="int3")
+    with pytest.raises(MambaDeployError, match="device 'NOPE'"):
+        open_openvino(out, device="NOPE")
+    runner = open_runner(out, "openvino")
+    assert isinstance(runner, OpenVinoRunner)
+    with pytest.raises(ShapeError, match="batch 2 but the state was made for batch 1"):
+        runner.prefill(torch.zeros(2, 3, dtype=torch.long), runner.new_state(1))
+    with pytest.raises(ShapeError, match="length 0"):
+        runner.prefill(torch.zeros(1, 0, dtype=torch.long), runner.new_state(1))
+    with pytest.raises(ShapeError, match="integer tensor"):
+        runner.step(torch.zeros(1, 2), runner.new_state(1))

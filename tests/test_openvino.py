@@ -132,3 +132,21 @@ def test_errors_are_typed(exported, tmp_path):
         runner.prefill(torch.zeros(1, 0, dtype=torch.long), runner.new_state(1))
     with pytest.raises(ShapeError, match="integer tensor"):
         runner.step(torch.zeros(1, 2), runner.new_state(1))
+
+
+def test_flush_denormals_mode_does_not_break_num_logits_to_keep(exported):
+    """FTZ/DAZ on in the process (what a gcc<13 -ffast-math library such as our C scan kernel
+    switches on) made OpenVINO read num_logits_to_keep=1 as 0; the runner turns it off around
+    compile and inference. Reference: ONNX Runtime on the same inputs."""
+    out, _ = exported("mamba2")
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(7))
+    torch.set_flush_denormal(True)
+    try:
+        ovr = open_openvino(out)
+        got, _ = ovr.prefill(ids, ovr.new_state(2), last_only=True)
+    finally:
+        torch.set_flush_denormal(False)
+    ort = open_onnx(out)
+    ref, _ = ort.prefill(ids, ort.new_state(2), last_only=True)
+    assert got.shape == ref.shape == (2, 1, ref.shape[-1])
+    assert rel_err(got, ref) < FP32_TOL

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper

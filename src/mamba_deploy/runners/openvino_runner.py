@@ -198,7 +198,7 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     except ImportError as e:
         raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install openvino") from e
     try:
-        import onnx  # noqa: F401  (the optional-input defaults are stripped with it)
+        import onnx  # noqa: F401  (needed to strip the optional-input defaults)
     except ImportError as e:
         raise BackendUnavailableError("the openvino backend reads the ONNX graph with onnx: pip install onnx") from e
     from ..export.onnx import read_manifest

@@ -33,6 +33,7 @@ SHAPES = {
                     tie_word_embeddings=True)),
 }
 GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
+BACKENDS = ("onnxruntime", "torch", "transformers", "llama.cpp")
 DEMO = Path(__file__).resolve().parents[1] / "models"
 TARGETS = {"decode_ms_per_token": 15.0, "prefill_s": 1.0}  # 2 cores, fp32, 130m shapes
 
@@ -121,16 +122,19 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
         print(f"  {arch:<7} {backend:<13} {variant:<7} prefill {t['prefill_s']:7.3f} s  "
               f"decode {t['decode_ms']:7.2f} ms/token", flush=True)
 
-    onnx_dir = work / f"{arch}-onnx"
-    export_onnx(hf_dir, onnx_dir, validate=False)
-    with open_runner(onnx_dir, "onnx", threads=args.threads) as r:
-        add("onnxruntime", "fp32", time_runner(r, ids, args.decode))
-    with open_runner(hf_dir, "torch") as r:
-        add("torch", "fp32", time_runner(r, ids, args.decode))
-    if not args.skip_transformers:
+    if "onnxruntime" in args.backends:
+        onnx_dir = work / f"{arch}-onnx"
+        export_onnx(hf_dir, onnx_dir, validate=False)
+        with open_runner(onnx_dir, "onnx", threads=args.threads) as r:
+            add("onnxruntime", "fp32", time_runner(r, ids, args.decode))
+    if "torch" in args.backends:
+        with open_runner(hf_dir, "torch") as r:
+            add("torch", "fp32", time_runner(r, ids, args.decode))
+    if "transformers" in args.backends and not args.skip_transformers:
         hf = HFRunner(hf_model)
         add("transformers", "fp32", dict(prefill_s=hf.prefill_time(ids), decode_ms=hf.decode_ms(ids[:, :8], args.decode)))
-    llamacpp_rows(arch, hf_dir, work, ids, args, add)
+    if "llama.cpp" in args.backends:
+        llamacpp_rows(arch, hf_dir, work, ids, args, add)
     return rows
 
 
@@ -178,6 +182,8 @@ def main(argv=None):
     p.add_argument("--decode", type=int, default=32, help="decode steps timed")
     p.add_argument("--arch", choices=sorted(SHAPES), action="append")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--backends", type=lambda v: v.split(","), default=list(BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--out", default="benchmarks/results/cpu_backends.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -97,3 +97,25 @@ def test_ssd_stable_with_huge_decay():
     y, hl = ref.ssd_ref(chunk_size=64, **kw)
     y64, h64 = _ssd_loop_f64(**kw)
     assert torch.isfinite(y).all() and rel_err(y, y64) <= 1e-5
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU scan kernel cannot be built")
+def test_cpu_kernel_does_not_flush_denormals_process_wide():
+    """Loading and running the kernel must not switch the process to flush-to-zero
+    (a shared object linked with -ffast-math does that and changes other libraries' math)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from mamba_deploy.ops import cpu_kernels\n"
+        "from test_ops import _inputs\n"
+        "cpu_kernels.selective_scan_cpu(**_inputs(1, 3, 4, 2))\n"
+        "x = torch.tensor([1e-39], dtype=torch.float32)\n"  # a float32 denormal
+        "print(float(x * 1.0) != 0.0)\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"

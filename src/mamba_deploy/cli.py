@@ -27,6 +27,7 @@ STAGE_MODULES = [
 EXPORT_MODULES = [
     "mamba_deploy.export.onnx",  # export onnx
     "mamba_deploy.export.gguf",  # export gguf
+    "mamba_deploy.export.tensorrt",  # export tensorrt (needs the tensorrt package)
 ]
 
 

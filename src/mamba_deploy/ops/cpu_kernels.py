@@ -23,7 +23,12 @@ import torch
 from . import reference as ref
 
 _SRC = Path(__file__).with_name("cpu_scan.c")
-_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
+# Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
+# -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
+# time and silently changes every other library's float math (seen breaking OpenVINO).
+_CFLAGS = ["-O3", "-ffast-math", "-fPIC", "-fopenmp"]
+_LDFLAGS = ["-shared", "-fopenmp"]
+_FLAGS = _CFLAGS + ["|"] + _LDFLAGS  # part of the cache key
 MAX_D_STATE = 256  # stack buffer in cpu_scan.c
 
 
@@ -46,8 +51,10 @@ def _lib():
         so.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
         os.close(fd)
+        obj = tmp[:-3] + ".o"
         try:
-            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *_CFLAGS, "-c", "-o", obj, str(_SRC)], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *_LDFLAGS, "-o", tmp, obj, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
         except (subprocess.SubprocessError, OSError) as e:
             Path(tmp).unlink(missing_ok=True)
@@ -55,6 +62,8 @@ def _lib():
             warnings.warn(f"could not build the CPU scan kernel with {cc} ({e} {detail.decode(errors='replace')[:200]}); "
                           "using the PyTorch reference (slower)")
             return None
+        finally:
+            Path(obj).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(so))
     f = lib.selective_scan_f32
     f.restype = None

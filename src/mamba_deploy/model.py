@@ -21,6 +21,14 @@ from .ops.reference import _up, weightless_rms
 from .state import State
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul goes through the op dispatcher (a faster small-batch path on CPU).
+    Quantization swaps these modules out whole."""
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -36,13 +44,13 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, n, r = cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.bias)
+        self.in_proj = Linear(cfg.d_model, 2 * d, bias=cfg.bias)
         self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
-        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.x_proj = Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, d, bias=True)
         self.A_log = nn.Parameter(torch.zeros(d, n))
         self.D = nn.Parameter(torch.ones(d))
-        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        self.out_proj = Linear(d, cfg.d_model, bias=cfg.bias)
 
     def _dt_B_C(self, x):
         """x (..., d) -> raw dt (..., d) without bias, B, C (..., n)."""
@@ -80,7 +88,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, gn, h = cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.nheads
-        self.in_proj = nn.Linear(cfg.d_model, 2 * d + 2 * gn + h, bias=cfg.bias)  # z, xBC, dt
+        self.in_proj = Linear(cfg.d_model, 2 * d + 2 * gn + h, bias=cfg.bias)  # z, xBC, dt
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim,
                                 bias=cfg.conv_bias, padding=cfg.d_conv - 1)
         self.dt_bias = nn.Parameter(torch.zeros(h))
@@ -88,7 +96,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(h))
         if cfg.rmsnorm:
             self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.bias)
+        self.out_proj = Linear(d, cfg.d_model, bias=cfg.bias)
 
     def _split(self, zxbcdt):
         cfg = self.cfg
@@ -182,7 +190,7 @@ class MambaLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.backbone = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         self.source_path = None  # set by load_model; where tokenizer files live

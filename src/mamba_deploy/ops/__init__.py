@@ -16,6 +16,7 @@ from . import reference as ref
 
 # name -> reference implementation; fast twins share the signature.
 REFERENCE = {
+    "linear": torch.nn.functional.linear,
     "causal_conv1d": ref.causal_conv1d_ref,
     "causal_conv1d_update": ref.causal_conv1d_update_ref,
     "rmsnorm": ref.rmsnorm_ref,
@@ -86,6 +87,10 @@ def pick(name: str, tensor):
         if _backend == "triton":
             raise RuntimeError(f"no Triton kernel for op {name!r}")
     return REFERENCE[name]
+
+
+def linear(x, weight, bias=None):
+    return pick("linear", x)(x, weight, bias)
 
 
 def causal_conv1d(x, weight, bias, conv_state, activation=True):

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import reference as ref
 
@@ -93,7 +94,22 @@ def selective_scan_cpu(x, dt, A, B, C, D, z, dt_bias, h0):
     return y, h
 
 
-KERNELS = {"selective_scan": selective_scan_cpu}
+def linear_cpu(x, weight, bias=None):
+    """Same contract as F.linear. For a handful of rows (decode) torch runs a single-threaded
+    GEMV, so a token is bound by one core's memory bandwidth; splitting the weight's rows into
+    one slab per thread and using a batched matmul lets every thread stream its share."""
+    k = torch.get_num_threads()
+    out_f, in_f = weight.shape
+    rows = x.numel() // in_f
+    if k < 2 or rows > 4 or out_f % k or not weight.is_contiguous() or weight.requires_grad and torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, in_f).t().unsqueeze(0).expand(k, in_f, rows)  # (k, in, rows)
+    y = torch.bmm(weight.view(k, out_f // k, in_f), xt)  # (k, out/k, rows)
+    y = y.permute(2, 0, 1).reshape(*x.shape[:-1], out_f)
+    return y + bias if bias is not None else y
+
+
+KERNELS = {"selective_scan": selective_scan_cpu, "linear": linear_cpu}
 
 
 def available() -> bool:

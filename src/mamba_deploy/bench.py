@@ -12,12 +12,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file
 from .errors import ConfigError, MambaDeployError
 
 SCHEMA = "mamba-deploy-bench/1"
@@ -204,7 +204,7 @@ def _fmt(v, spec=".1f") -> str:
 
 def markdown_table(data: dict) -> str:
     s = data["settings"]
-    lines = [f"# mamba-deploy bench", "",
+    lines = ["# mamba-deploy bench", "",
              f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}; "
              f"{data['system']['processor']}, {data['system']['cpu_count']} CPUs, torch {data['system']['torch']}"
              + (f", {data['system']['cuda']}" if data["system"]["cuda"] else ""), "",
@@ -258,15 +258,8 @@ def _plot(data: dict, x_key: str, y_fn, series_key: str, title: str, xlabel: str
 
 def _atomic_write(path: Path, write) -> Path:
     """write(tmp_path) fills a temporary file beside `path`, which is then renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(tmp)
     return path
 
 

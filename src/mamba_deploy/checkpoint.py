@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_dir
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 
@@ -200,7 +200,6 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
                     extra_config: dict | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) in the `hf` or `mamba_ssm`
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
-    from safetensors.torch import save_file
 
     if fmt not in KEY_RENAMES:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(KEY_RENAMES)}")
@@ -226,12 +225,7 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
     """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output folder {out} exists and is not empty; choose a new path or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, CheckpointError) as tmp:
         shards, cur, size = [], {}, 0
         for k, t in tensors.items():
             nbytes = t.numel() * t.element_size()
@@ -255,13 +249,7 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

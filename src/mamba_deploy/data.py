@@ -15,11 +15,11 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_file, write_bytes
 from .errors import ConfigError, ModelNotFoundError
 
 VAL_PERCENT = 10
@@ -103,15 +103,7 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None) -
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shipped
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)
 
 
 def tokenizer_digest(tokenizer_dir) -> str:
@@ -162,9 +154,8 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
                     val_percent=VAL_PERCENT, excluded_dirs=sorted(EXCLUDED_DIRS))
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_files"] = len(corpus_files(split, root))
-        with tempfile.NamedTemporaryFile(dir=cache, suffix=".npy", delete=False) as f:
+        with atomic_file(arr_path) as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
-        os.replace(f.name, arr_path)
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return ids
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_text
 from ..errors import BackendUnavailableError, ExportError
 from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
                           OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
@@ -267,10 +268,7 @@ def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
     if eos is not None:
         lines.append(f'PARAMETER stop "{vocab.tokens[eos]}"')
     out = gguf_path.parent / MODELFILE_NAME
-    tmp = out.with_name(f".{MODELFILE_NAME}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text(out, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir, write_json
 from ..errors import ConfigError, ExportError, ModelNotFoundError
 
 MANIFEST_VERSION = 1
@@ -61,9 +60,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     if getattr(cfg, "extra", {}).get("quantization_config") or any(
             not p.dtype.is_floating_point for p in model.parameters()):
         raise ExportError("export the unquantized model to ONNX; quantize the ONNX graph afterwards")
-    out = _prepare_out(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, ExportError) as tmp:
         weights = {k: v for k, v in model.state_dict().items()}
         proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
         _save(proto, tmp)
@@ -73,21 +70,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         write_manifest(tmp, cfg, opset, dtype)
         if validate:
             validate_export(tmp, model, dtype)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _prepare_out(out_dir) -> Path:
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"output folder {out} exists and is not empty; choose a new path or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    return Path(out_dir)
 
 
 def _save(proto, folder: Path) -> None:
@@ -166,9 +149,7 @@ def write_manifest(folder: Path, cfg, opset: int, dtype: str) -> None:
         "dtype": dtype, "state_dtype": "float32", "graph": "model.onnx", **io_spec(cfg),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.rename(folder / "manifest.json")
+    write_json(folder / "manifest.json", manifest)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -298,7 +298,7 @@ class MambaGraph:
     # ---- Mamba2 ---------------------------------------------------------------------------------
     def _ssd_shapes(self):
         """Shape arithmetic shared by all layers: chunk length Q = min(chunk_size, l), chunks c."""
-        cfg, g = self.cfg, self.g
+        g = self.g
         self.Q = g.op("Min", self.L, g.const([self.chunk]))
         self.c = g.op("Div", g.op("Sub", g.op("Add", self.L, self.Q), g.const([1])), self.Q)
         self.pad = g.op("Sub", g.op("Mul", self.c, self.Q), self.L)
@@ -355,7 +355,7 @@ class MambaGraph:
         cfg, g = self.cfg, self.g
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         R = H // G
-        Q, c = self.Q, self.c
+        Q = self.Q
         dtp = g.op("Pad", dt, self.time_pads[3])  # dt = 0 in the tail: no decay, no input
         X = g.op("Pad", g.op("Mul", x4, g.op("Unsqueeze", dt, g.const([-1]))), self.time_pads[4])
         X = g.op("Transpose", g.op("Reshape", X, g.cat(g.const([0, -1]), Q, g.const([G, R, P]))),

@@ -16,9 +16,9 @@ the op check runs) where TensorRT cannot be installed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import write_bytes
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with a matching CUDA driver)"
@@ -180,14 +180,7 @@ def engine_path(out_path) -> Path:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)
 
 
 def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max_seq: int = 2048,

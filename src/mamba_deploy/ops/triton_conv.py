@@ -71,7 +71,6 @@ def _conv_update_kernel(X, W, Bias, S, Y, C, sxb, sxc, ssb, ssc, ssk, syb, syc,
     cm = c < C
     x = tl.load(X + b * sxb + c * sxc, mask=cm, other=0.0).to(tl.float32)
     acc = x * tl.load(W + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
-    prev = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for j in tl.static_range(K - 1):
         s = tl.load(S + b * ssb + c * ssc + j * ssk, mask=cm, other=0.0)
         acc += s.to(tl.float32) * tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)

@@ -13,13 +13,11 @@ Formats not expressible this way (w8a8, fp8, fp16) keep a float MatMul with dequ
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import ExportError, QuantizationError
 from .formats import unpack_int4
 
@@ -38,20 +36,14 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     qc = getattr(qmodel, "quantization_config", None)
     if not qc:
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
-    out = Path(out_dir)
-    tmp_parent = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
-    try:
-        folder = export_onnx(_dequantized_copy(qmodel), tmp_parent / "onnx", validate=validate)
+    with atomic_dir(out_dir, ExportError) as tmp:
+        folder = export_onnx(_dequantized_copy(qmodel), tmp / "onnx", validate=validate)
         report = rewrite(folder / "model.onnx", qmodel, accuracy_level)
         _update_manifest(folder, qc, report)
-        if out.exists():
-            if any(out.iterdir()):
-                raise ExportError(f"output folder {out} exists and is not empty; choose a new path or delete it")
-            out.rmdir()
-        folder.rename(out)
-    finally:
-        shutil.rmtree(tmp_parent, ignore_errors=True)
-    return out
+        for f in folder.iterdir():
+            f.rename(tmp / f.name)
+        folder.rmdir()
+    return Path(out_dir)
 
 
 def _dequantized_copy(qmodel):

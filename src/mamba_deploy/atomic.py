@@ -1,0 +1,72 @@
+"""Never a partial output: every file and folder the toolkit writes goes through here.
+
+Each writer fills a temporary name beside the target and renames it into place only when
+complete (os.replace / rename are atomic on one filesystem); on any failure the temporary is
+removed and the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent))
+
+
+@contextlib.contextmanager
+def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
+    """with atomic_dir(out) as tmp: fill tmp  -> renamed to `out` when the block succeeds.
+    `out` must not exist or be an empty folder (error_cls otherwise)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -152,6 +152,30 @@ def write_manifest(folder: Path, cfg, opset: int, dtype: str) -> None:
     write_json(folder / "manifest.json", manifest)
 
 
+def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
+    """An export folder (or its model.onnx) -> (folder, manifest), after checking that the
+    files the manifest lists are there with their recorded size (and sha256 for the graph, or
+    for every file with check_hash). Shared by every runner that reads our ONNX exports."""
+    folder = Path(path)
+    if folder.suffix == ".onnx":
+        folder = folder.parent
+    if not (folder / "model.onnx").exists():
+        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
+    manifest = read_manifest(folder)
+    _check_files(manifest, folder, check_hash)
+    return folder, manifest
+
+
+def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
+    for name, info in manifest.get("files", {}).items():
+        p = folder / name
+        if not p.exists():
+            raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")
+        if p.stat().st_size != info["bytes"] or ((check_hash or name == "model.onnx") and _sha256(p) != info["sha256"]):
+            raise ExportError(f"{p} does not match manifest.json (size or sha256 differ): the file was "
+                              "modified or truncated; re-export the model")
+
+
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
+from ..errors import BackendUnavailableError, ExportError, ShapeError
 from ..state import State
 from .base import Runner
 
@@ -171,18 +171,6 @@ def check_session(manifest: dict, session, folder: Path) -> None:
                                   f"says {shape}; re-export the model")
 
 
-def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
-    from ..export.onnx import _sha256
-
-    for name, info in manifest.get("files", {}).items():
-        p = folder / name
-        if not p.exists():
-            raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")
-        if p.stat().st_size != info["bytes"] or ((check_hash or name == "model.onnx") and _sha256(p) != info["sha256"]):
-            raise ExportError(f"{p} does not match manifest.json (size or sha256 differ): the file was "
-                              "modified or truncated; re-export the model")
-
-
 def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False, **_) -> OnnxRunner:
     """path: an export folder or its model.onnx. providers: ORT provider names (default CUDA if
     available, else CPU). threads: intra-op threads (default: ORT's choice)."""
@@ -190,15 +178,9 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
         import onnxruntime as ort
     except ImportError as e:
         raise BackendUnavailableError("the onnx backend needs onnxruntime: pip install onnxruntime") from e
-    from ..export.onnx import read_manifest
+    from ..export.onnx import open_export_folder
 
-    folder = Path(path)
-    if folder.suffix == ".onnx":
-        folder = folder.parent
-    if not (folder / "model.onnx").exists():
-        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
-    manifest = read_manifest(folder)
-    _check_files(manifest, folder, check_hash)
+    folder, manifest = open_export_folder(path, check_hash)
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError, ShapeError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
 from ..state import State
 from .base import Runner
-from .onnx_runner import _check_files, _ids
+from .onnx_runner import _ids
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
 OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
@@ -201,17 +201,11 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
         import onnx  # noqa: F401  (needed to strip the optional-input defaults)
     except ImportError as e:
         raise BackendUnavailableError("the openvino backend reads the ONNX graph with onnx: pip install onnx") from e
-    from ..export.onnx import read_manifest
+    from ..export.onnx import open_export_folder
 
-    folder = Path(path)
-    if folder.suffix == ".onnx":
-        folder = folder.parent
-    if not (folder / "model.onnx").exists():
-        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    manifest = read_manifest(folder)
-    _check_files(manifest, folder, check_hash)
+    folder, manifest = open_export_folder(path, check_hash)
     core = ov.Core()
     if device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
         raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here "

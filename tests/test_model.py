@@ -85,3 +85,21 @@ def test_state_layout(hf_checkpoint):
     assert st.conv.shape == (cfg.n_layer, 2, cfg.d_inner + 2 * cfg.ngroups * cfg.d_state, cfg.d_conv - 1)
     assert st.ssm.shape == (cfg.n_layer, 2, cfg.nheads, cfg.headdim, cfg.d_state)
     assert st.nbytes == cfg.state_numel() * 4 * 2
+
+
+def test_cached_A_follows_weight_updates(hf_checkpoint):
+    """A = -exp(A_log) is cached for decode; an in-place weight update must invalidate it."""
+    folder, _ = hf_checkpoint("mamba")
+    model = load_model(folder)
+    ids = torch.randint(0, 128, (1, 5))
+    before = model(ids).logits
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.add_(0.5)
+    after = model(ids).logits
+    fresh = load_model(folder)
+    with torch.no_grad():
+        for layer in fresh.backbone.layers:
+            layer.mixer.A_log.add_(0.5)
+    assert not torch.allclose(before, after)
+    assert rel_err(after, fresh(ids).logits) <= 1e-6

@@ -119,3 +119,42 @@ def test_cpu_kernel_does_not_flush_denormals_process_wide():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_conv_update_vs_reference(bias):
+    g = torch.Generator().manual_seed(7)
+    x, w, st = torch.randn(3, 40, generator=g), torch.randn(40, 4, generator=g), torch.randn(3, 40, 3, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    y, s = cpu_kernels.causal_conv1d_update_cpu(x, w, b, st)
+    y_ref, s_ref = ref.causal_conv1d_update_ref(x, w, b, st)
+    assert rel_err(y, y_ref) <= 1e-6 and torch.equal(s, s_ref)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
+@pytest.mark.parametrize("gate", [True, False])
+def test_cpu_selective_state_update_vs_reference(gate):
+    kw = _inputs(3, 1, 40, 16, seed=9)
+    args = dict(x=kw["x"][:, 0], dt=kw["dt"][:, 0], A=kw["A"], B=kw["B"][:, 0], C=kw["C"][:, 0], D=kw["D"],
+                z=kw["z"][:, 0] if gate else None, dt_bias=kw["dt_bias"], h=kw["h0"])
+    y, h = cpu_kernels.selective_state_update_cpu(**args)
+    y_ref, h_ref = ref.selective_state_update_ref(**args)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
+@pytest.mark.parametrize("groups,dt_limit", [(1, (0.0, math.inf)), (2, (0.01, 0.5))])
+def test_cpu_ssd_step_vs_reference(groups, dt_limit):
+    g = torch.Generator().manual_seed(11)
+    b, h, p, n = 3, 4, 8, 16
+    conv_dim = h * p + 2 * groups * n
+    args = dict(xBC=torch.randn(b, conv_dim, generator=g), dt=torch.randn(b, h, generator=g),
+                conv_weight=torch.randn(conv_dim, 4, generator=g), conv_bias=torch.randn(conv_dim, generator=g),
+                conv_state=torch.randn(b, conv_dim, 3, generator=g), A=-torch.rand(h, generator=g) * 3,
+                D=torch.randn(h, generator=g), dt_bias=torch.randn(h, generator=g), h=torch.randn(b, h, p, n, generator=g),
+                dt_limit=dt_limit)
+    out = cpu_kernels.ssd_step_cpu(**args)
+    out_ref = ref.ssd_step_ref(**args)
+    for a, r in zip(out, out_ref):
+        assert rel_err(a, r) <= 1e-5

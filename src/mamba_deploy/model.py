@@ -29,6 +29,19 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def neg_exp(A_log: nn.Parameter) -> torch.Tensor:
+    """A = -exp(A_log). On CPU it is cached on the parameter until the parameter changes (its
+    version counter moves on any in-place update): eager decode would otherwise recompute it per
+    layer and token. Never cached on CUDA, where a value made during graph capture is not real."""
+    if A_log.device.type != "cpu" or torch.is_grad_enabled():
+        return -torch.exp(_up(A_log))
+    key = (A_log._version, A_log.data_ptr(), A_log.dtype)
+    cached = getattr(A_log, "_neg_exp_cache", None)
+    if cached is None or cached[0] != key:
+        cached = A_log._neg_exp_cache = (key, -torch.exp(_up(A_log)))
+    return cached[1]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -69,7 +82,7 @@ class Mamba1Mixer(nn.Module):
         if mask is not None:
             x = x * mask.unsqueeze(-1)
         dt, B, C = self._dt_B_C(x)
-        A = -torch.exp(_up(self.A_log))  # (d, n)
+        A = neg_exp(self.A_log)  # (d, n)
         y, ssm_state = ops.selective_scan(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -78,7 +91,7 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, d)
         x, conv_state = ops.causal_conv1d_update(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
         dt, B, C = self._dt_B_C(x)
-        A = -torch.exp(_up(self.A_log))
+        A = neg_exp(self.A_log)
         y, ssm_state = ops.selective_state_update(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -130,7 +143,7 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xBC = xBC * mask.unsqueeze(-1)
         x, B, C = self._split_xBC(xBC)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
-        A = -torch.exp(_up(self.A_log))  # (h,)
+        A = neg_exp(self.A_log)  # (h,)
         y, ssm_state = ops.ssd(x, dt, A, B, C, self.D, self.dt_bias, ssm_state, cfg.chunk_size, cfg.dt_limit)
         y = self._gate(y.reshape(b, l, cfg.d_inner), z)
         return self.out_proj(y), conv_state, ssm_state
@@ -139,7 +152,7 @@ class Mamba2Mixer(nn.Module):
         """u (b, d_model) -> (b, d_model), one token."""
         cfg = self.cfg
         z, xBC, dt = self._split(self.in_proj(u))  # (b, d), (b, conv_dim), (b, h)
-        A = -torch.exp(_up(self.A_log))
+        A = neg_exp(self.A_log)
         # conv update + SSD state update in one op (one fused kernel pair on CUDA)
         y, conv_state, ssm_state = ops.ssd_step(xBC, dt, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state,
                                                 A, self.D, self.dt_bias, ssm_state, cfg.dt_limit)

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from . import reference as ref
 
-_SRC = Path(__file__).with_name("cpu_scan.c")
+_SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c")]
 # Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
 # -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
 # time and silently changes every other library's float math (seen breaking OpenVINO).
-_CFLAGS = ["-O3", "-ffast-math", "-fPIC", "-fopenmp"]
+_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-fopenmp"]  # built where it runs
 _LDFLAGS = ["-shared", "-fopenmp"]
 _FLAGS = _CFLAGS + ["|"] + _LDFLAGS  # part of the cache key
 MAX_D_STATE = 256  # stack buffer in cpu_scan.c
@@ -38,6 +38,16 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_id() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))})).encode()
+    except OSError:
+        import platform
+
+        return (platform.machine() + platform.processor()).encode()
+
+
 @functools.lru_cache(maxsize=1)
 def _lib():
     if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS"):
@@ -45,17 +55,20 @@ def _lib():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + sys.platform.encode()).hexdigest()[:16]
+    src = b"".join(f.read_bytes() for f in _SRCS)
+    # -march=native: the key includes the CPU, so a shared home folder never loads another CPU's build
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_scan-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
         os.close(fd)
-        obj = tmp[:-3] + ".o"
+        objs = [f"{tmp[:-3]}-{i}.o" for i in range(len(_SRCS))]
         try:
-            subprocess.run([cc, *_CFLAGS, "-c", "-o", obj, str(_SRC)], check=True, capture_output=True, timeout=120)
-            subprocess.run([cc, *_LDFLAGS, "-o", tmp, obj, "-lm"], check=True, capture_output=True, timeout=120)
+            for src_file, obj in zip(_SRCS, objs):
+                subprocess.run([cc, *_CFLAGS, "-c", "-o", obj, str(src_file)], check=True, capture_output=True,
+                               timeout=120)
+            subprocess.run([cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
         except (subprocess.SubprocessError, OSError) as e:
             Path(tmp).unlink(missing_ok=True)
@@ -64,11 +77,17 @@ def _lib():
                           "using the PyTorch reference (slower)")
             return None
         finally:
-            Path(obj).unlink(missing_ok=True)
+            for obj in objs:
+                Path(obj).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(so))
-    f = lib.selective_scan_f32
-    f.restype = None
-    f.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 4
+    P, L, F32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    for name, argtypes in (("selective_scan_f32", [P] * 11 + [L] * 4),
+                           ("conv_update_f32", [P] * 6 + [L] * 3 + [ctypes.c_int]),
+                           ("selective_update_f32", [P] * 11 + [L] * 3),
+                           ("ssd_update_f32", [P] * 8 + [L] * 5 + [F32, F32]),
+                           ("rmsnorm_f32", [P] * 3 + [L] * 2 + [F32])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, argtypes
     return lib
 
 
@@ -76,29 +95,87 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
+def _usable(*tensors) -> bool:
+    """The C kernels take contiguous float32 CPU tensors and do not track gradients."""
+    ts = [t for t in tensors if t is not None]
+    return (_lib() is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
 def selective_scan_cpu(x, dt, A, B, C, D, z, dt_bias, h0):
     """Same contract as reference.selective_scan_ref; float32 CPU tensors only."""
-    lib = _lib()
     b, l, d = x.shape
     n = A.shape[-1]
-    f32 = [x, dt, A, B, C, D, dt_bias, h0] + ([z] if z is not None else [])
-    if (lib is None or n > MAX_D_STATE or torch.is_grad_enabled() and any(t.requires_grad for t in f32)
-            or any(t.dtype != torch.float32 for t in f32)):
+    if n > MAX_D_STATE or not _usable(x, dt, A, B, C, D, z, dt_bias, h0):
         return ref.selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0)
-    x, dt, A, B, C, D, dt_bias = (t.contiguous() for t in (x, dt, A, B, C, D, dt_bias))
-    z = z.contiguous() if z is not None else None
+    lib = _lib()
+    x, dt, A, B, C, D, dt_bias, z = (_c(t) for t in (x, dt, A, B, C, D, dt_bias, z))
     h = h0.clone().contiguous()
     y = torch.empty_like(x)
+    work = torch.empty(l, d)  # step sizes, one batch row at a time
     lib.selective_scan_f32(_ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(dt_bias),
-                           _ptr(h), _ptr(y), b, l, d, n)
+                           _ptr(h), _ptr(y), _ptr(work), b, l, d, n)
     return y, h
+
+
+def causal_conv1d_update_cpu(x, weight, bias, conv_state, activation=True):
+    """Same contract as reference.causal_conv1d_update_ref."""
+    if not _usable(x, weight, bias, conv_state):
+        return ref.causal_conv1d_update_ref(x, weight, bias, conv_state, activation)
+    x, weight, bias, conv_state = (_c(t) for t in (x, weight, bias, conv_state))
+    y, state_out = torch.empty_like(x), torch.empty_like(conv_state)
+    b, c = x.shape
+    _lib().conv_update_f32(_ptr(x), _ptr(weight), _ptr(bias), _ptr(conv_state), _ptr(state_out), _ptr(y),
+                           b, c, weight.shape[1], int(activation))
+    return y, state_out
+
+
+def selective_state_update_cpu(x, dt, A, B, C, D, z, dt_bias, h):
+    """Same contract as reference.selective_state_update_ref."""
+    if not _usable(x, dt, A, B, C, D, z, dt_bias, h):
+        return ref.selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, h)
+    x, dt, A, B, C, D, z, dt_bias, h = (_c(t) for t in (x, dt, A, B, C, D, z, dt_bias, h))
+    y, h_out = torch.empty_like(x), torch.empty_like(h)
+    b, d = x.shape
+    _lib().selective_update_f32(_ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(dt_bias),
+                                _ptr(h), _ptr(h_out), _ptr(y), b, d, A.shape[-1])
+    return y, h_out
+
+
+def ssd_step_cpu(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit=(0.0, float("inf"))):
+    """Same contract as reference.ssd_step_ref: conv update then the SSD state update, two calls."""
+    if not _usable(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h):
+        return ref.ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit)
+    xBC, conv_state_out = causal_conv1d_update_cpu(xBC, conv_weight, conv_bias, conv_state, True)
+    dt, A, D, dt_bias, h = (_c(t) for t in (dt, A, D, dt_bias, h))
+    b, nh, p, n = h.shape
+    g = (xBC.shape[1] - nh * p) // (2 * n)
+    y, h_out = torch.empty(b, nh, p), torch.empty_like(h)
+    _lib().ssd_update_f32(_ptr(xBC), _ptr(dt), _ptr(A), _ptr(D), _ptr(dt_bias), _ptr(h), _ptr(h_out), _ptr(y),
+                          b, nh, p, g, n, float(dt_limit[0]), float(dt_limit[1]))
+    return y, conv_state_out, h_out
+
+
+def rmsnorm_cpu(x, weight, eps):
+    """Same contract as reference.rmsnorm_ref (float32 only)."""
+    if not _usable(x, weight):
+        return ref.rmsnorm_ref(x, weight, eps)
+    x, weight = _c(x), _c(weight)
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    _lib().rmsnorm_f32(_ptr(x), _ptr(weight), _ptr(y), x.numel() // d, d, float(eps))
+    return y
 
 
 def linear_cpu(x, weight, bias=None):
     """Same contract as F.linear. For a handful of rows (decode) torch runs a single-threaded
     GEMV, so a token is bound by one core's memory bandwidth; splitting the weight's rows into
     one slab per thread and using a batched matmul lets every thread stream its share."""
-    k = torch.get_num_threads()
+    k = torch.get_num_threads()  # more slabs than threads measured no faster
     out_f, in_f = weight.shape
     rows = x.numel() // in_f
     if k < 2 or rows > 4 or out_f % k or not weight.is_contiguous() or weight.requires_grad and torch.is_grad_enabled():
@@ -109,7 +186,20 @@ def linear_cpu(x, weight, bias=None):
     return y + bias if bias is not None else y
 
 
-KERNELS = {"selective_scan": selective_scan_cpu, "linear": linear_cpu}
+CPU_SSD_MAX_CHUNK = 128  # measured fastest on CPU (130m shapes, l=512: 15 ms vs 39 ms at 256)
+
+
+def ssd_cpu(x, dt, A, B, C, D, dt_bias, h0, chunk_size, dt_limit):
+    """The reference SSD with the chunk length capped for CPU caches. The chunk length is an
+    implementation choice, not part of the model: any length gives the same function (up to
+    rounding; tests/test_ops.py checks the reference at several)."""
+    return ref.ssd_ref(x, dt, A, B, C, D, dt_bias, h0, min(chunk_size, CPU_SSD_MAX_CHUNK), dt_limit)
+
+
+KERNELS = {"selective_scan": selective_scan_cpu, "linear": linear_cpu, "ssd": ssd_cpu,
+           "causal_conv1d_update": causal_conv1d_update_cpu,
+           "selective_state_update": selective_state_update_cpu, "ssd_step": ssd_step_cpu,
+           "rmsnorm": rmsnorm_cpu}
 
 
 def available() -> bool:

@@ -158,3 +158,20 @@ def test_cpu_ssd_step_vs_reference(groups, dt_limit):
     out_ref = ref.ssd_step_ref(**args)
     for a, r in zip(out, out_ref):
         assert rel_err(a, r) <= 1e-5
+
+
+def test_strict_triton_backend_allows_ops_without_a_triton_twin(monkeypatch):
+    """`use_backend("triton")` raises for a missing kernel, except for ops (linear) whose
+    reference is the GPU fast path; checked with a fake CUDA tensor and an empty kernel table."""
+    from mamba_deploy import ops
+
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cuda")
+        dtype = torch.float16
+
+    monkeypatch.setattr(ops, "fast_ops", lambda: {})
+    with ops.use_backend("triton"):
+        assert ops.pick("linear", FakeCuda()) is ops.REFERENCE["linear"]
+        with pytest.raises(RuntimeError, match="selective_scan"):
+            ops.pick("selective_scan", FakeCuda())

@@ -37,7 +37,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     if p.exists():
         return p
     s = str(path_or_id)
-    looks_like_hub = s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith((".gguf", ".json"))
+    looks_like_hub = (s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith((".gguf", ".json"))
+                      and not Path(s.split("/")[0]).is_dir())  # "models/typo" is a local path, not an org
     if not looks_like_hub:
         raise ModelNotFoundError(f"no such file or folder: {s!r}; pass a checkpoint folder, a .gguf file or a hub id like 'state-spaces/mamba-130m-hf'")
     return _download(s)
@@ -57,7 +58,8 @@ def _download(repo_id: str) -> Path:
         except Exception:  # noqa: BLE001
             pass
         raise ModelNotFoundError(
-            f"could not fetch hub model {repo_id!r} ({type(first).__name__}: {first}). "
+            f"{repo_id!r} is not a local path, and fetching it from the hub failed "
+            f"({type(first).__name__}: {str(first).splitlines()[0]}). "
             "If you are offline, download it elsewhere and pass the local folder, or use the cache "
             "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
         ) from first

@@ -95,12 +95,7 @@ class OnnxRunner(Runner):
         return torch.from_numpy(logits.numpy())
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids = _ids(ids, 2)
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
-            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise ShapeError("input_ids has length 0; give at least one token")
-        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        ids, mask = prefill_inputs(ids, attention_mask)
         decode = ids.shape[1] == 1 or last_only
         logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)
         return logits.clone() if decode else logits, state
@@ -126,6 +121,17 @@ def _ids(ids, ndim) -> np.ndarray:
         want = "(batch, seq)" if ndim == 2 else "(batch,)"
         raise ShapeError(f"ids must be an integer tensor of shape {want}, got {arr.dtype} {arr.shape}")
     return arr.astype(np.int64, copy=False)
+
+
+def prefill_inputs(ids, attention_mask):
+    """Validated prefill feeds shared by the runners of our ONNX graphs: ids (b, l) int64 and
+    the optional left-padding mask (b, l) int64."""
+    ids = _ids(ids, 2)
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+        raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ShapeError("input_ids has length 0; give at least one token")
+    return ids, None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
 
 
 def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:

@@ -27,7 +27,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
 from ..state import State
 from .base import Runner
-from .onnx_runner import _ids
+from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
 OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
@@ -92,12 +92,7 @@ class OpenVinoRunner(Runner):
         return torch.from_numpy(res["logits"])
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids = _ids(ids, 2)
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
-            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise ShapeError("input_ids has length 0; give at least one token")
-        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        ids, mask = prefill_inputs(ids, attention_mask)
         return self._run(ids, state, mask, keep=1 if last_only else 0), state
 
     def step(self, ids, state):

@@ -71,7 +71,7 @@ class Mamba1Mixer(nn.Module):
         dt, B, C = self.x_proj(x).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         if cfg.dt_bc_rms:
             dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
-        return F.linear(dt, self.dt_proj.weight), B, C
+        return ops.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, u, conv_state, ssm_state, mask=None):
         """u (b, l, d_model); conv_state (b, d, k-1); ssm_state (b, d, n); mask (b, l) or None."""

@@ -36,13 +36,13 @@ def apply_repetition_penalty(logits, history, penalty: float):
     return logits.scatter(1, history, score)
 
 
-def sample(logits, cfg: SamplingConfig, history=None, generator=None):
-    """logits (b, V) -> token ids (b,)."""
+def filtered_probs(logits, cfg: SamplingConfig, history=None):
+    """logits (b, V) -> the distribution sampled from (b, V), after the repetition penalty,
+    temperature, top-k, min-p and top-p, in that order. Greedy (temperature 0) is not a
+    distribution; use `sample`."""
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
     logits = logits / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -54,7 +54,17 @@ def sample(logits, cfg: SamplingConfig, history=None, generator=None):
         sp, idx = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > cfg.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
         probs = probs.scatter(1, idx, sp.masked_fill(drop, 0.0))
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits, cfg: SamplingConfig, history=None, generator=None):
+    """logits (b, V) -> token ids (b,)."""
+    if cfg.temperature == 0:
+        logits = logits.float()
+        if history is not None:
+            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        return logits.argmax(-1)
+    return torch.multinomial(filtered_probs(logits, cfg, history), 1, generator=generator)[:, 0]
 
 
 @dataclass

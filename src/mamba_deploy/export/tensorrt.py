@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..atomic import write_bytes
-from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError
+from ..errors import BackendUnavailableError, ExportError
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with a matching CUDA driver)"
 ENGINE_NAME = "model.engine"
@@ -183,6 +183,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
     write_bytes(path, data)
 
 
+def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq):
+    """One optimization profile over the dynamic batch / seq axes; state inputs keep their
+    static per-sequence dims."""
+    profile = builder.create_optimization_profile()
+    static = {d["name"]: d["shape"] for d in manifest["inputs"]}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name in ("input_ids", "attention_mask"):  # (batch, seq)
+            profile.set_shape(t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+        elif t.name == "num_logits_to_keep":  # (1,), and it feeds Slice starts: a shape tensor
+            profile.set_shape(t.name, (1,), (1,), (1,))
+            if t.is_shape_tensor:
+                profile.set_shape_input(t.name, (0,), (1,), (max_seq,))
+        elif t.name.startswith(("past_conv.", "past_ssm.")):  # (batch, *static state dims)
+            rest = tuple(static[t.name][1:])
+            profile.set_shape(t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+        else:
+            raise ExportError(f"unexpected engine input {t.name!r}; re-export the ONNX model with this version")
+    return profile
+
+
 def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max_seq: int = 2048,
                  opt_batch: int = 1, opt_seq: int | None = None, workspace_mb: int | None = None) -> Path:
     """Build a TensorRT engine from an ONNX export folder; returns the engine path.
@@ -190,20 +211,15 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     One optimization profile: batch 1..max_batch and seq 1..max_seq (optimized for opt_batch x
     opt_seq, default max_seq // 4); state inputs take their static dims with the same batch range.
     fp16 lets TensorRT pick half-precision kernels (the state stays float32 at the boundary)."""
-    from ..export.onnx import read_manifest
+    from ..export.onnx import open_export_folder
 
-    folder = Path(onnx_dir)
-    if folder.suffix == ".onnx":
-        folder = folder.parent
-    if not (folder / "model.onnx").exists():
-        raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
+    folder, manifest = open_export_folder(onnx_dir)
     for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("opt_batch", opt_batch)):
         if not isinstance(v, int) or v < 1:
             raise ExportError(f"{name}={v!r} must be a positive integer")
     opt_seq = opt_seq or max(1, max_seq // 4)
     if opt_batch > max_batch or opt_seq > max_seq:
         raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
-    manifest = read_manifest(folder)
     proto, defaults = load_stripped_onnx(folder)
     issues = trt_parser_issues(proto)
     if issues:
@@ -227,21 +243,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
         config.set_flag(trt.BuilderFlag.FP16)
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    profile = builder.create_optimization_profile()
-    static = {d["name"]: d["shape"] for d in manifest["inputs"]}
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        if t.name in ("input_ids", "attention_mask"):  # (batch, seq)
-            profile.set_shape(t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
-        elif t.name == "num_logits_to_keep":  # (1,), and it feeds Slice starts: a shape tensor
-            profile.set_shape(t.name, (1,), (1,), (1,))
-            if t.is_shape_tensor:
-                profile.set_shape_input(t.name, (0,), (1,), (max_seq,))
-        elif t.name.startswith(("past_conv.", "past_ssm.")):  # (batch, *static state dims)
-            rest = tuple(static[t.name][1:])
-            profile.set_shape(t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
-        else:
-            raise ExportError(f"unexpected engine input {t.name!r}; re-export the ONNX model with this version")
+    profile = _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "mamba_deploy.eval",  # eval
     "mamba_deploy.train",  # train
     "mamba_deploy.demo",  # demo
+    "mamba_deploy.serve",  # serve
 ]
 EXPORT_MODULES = [
     "mamba_deploy.export.onnx",  # export onnx

@@ -135,8 +135,8 @@ def test_errors_are_typed(exported, tmp_path):
 
 
 def test_flush_denormals_mode_does_not_break_num_logits_to_keep(exported):
-    """FTZ/DAZ on in the process (what a gcc<13 -ffast-math library such as our C scan kernel
-    switches on) made OpenVINO read num_logits_to_keep=1 as 0; the runner turns it off around
+    """FTZ/DAZ on in the process (what any gcc<13 -ffast-math library, or
+    torch.set_flush_denormal(True), switches on) made OpenVINO read num_logits_to_keep=1 as 0; the runner turns it off around
     compile and inference. Reference: ONNX Runtime on the same inputs."""
     out, _ = exported("mamba2")
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(7))

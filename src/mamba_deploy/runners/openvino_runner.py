@@ -116,8 +116,9 @@ class OpenVinoRunner(Runner):
 def ieee_denormals():
     """Run with flush-to-zero / denormals-are-zero off in this thread, restoring it after.
 
-    Why: a shared library built with gcc < 13 and -ffast-math (our own C scan kernel, once the
-    torch model has run on CPU) switches FTZ/DAZ on for the process. OpenVINO's CPU plugin moves
+    Why: any shared library linked with gcc < 13 and -ffast-math (our own CPU kernels are
+    linked without it for this reason), or torch.set_flush_denormal(True), switches FTZ/DAZ on
+    for the process. OpenVINO's CPU plugin moves
     some integer tensors through float registers, so small integers (bit patterns of denormal
     floats) become 0: with FTZ/DAZ on at compile time, num_logits_to_keep=1 is read as 0 and
     every position's logits come back."""

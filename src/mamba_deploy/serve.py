@@ -1,0 +1,438 @@
+"""`mamba-deploy serve`: a small OpenAI-style completions server over any Runner.
+
+It talks to the model only through `generation.generate(runner, ...)`, so every backend
+(torch, onnx, llama.cpp, openvino, tensorrt) gets it for free. Standard library only:
+`http.server.ThreadingHTTPServer` accepts connections concurrently; a lock runs one
+generation at a time; several prompts in one request are one batched `generate` call.
+
+    GET  /health          -> {"status": "ok", "model": ..., "backend": ...}
+    GET  /v1/models       -> {"object": "list", "data": [{"id": model, ...}]}
+    POST /v1/completions  -> OpenAI "text_completion" (or Server-Sent Events with "stream": true)
+
+`prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists.
+Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
+in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
+Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+import traceback
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .errors import MambaDeployError
+
+# request field -> (accepted JSON types, default, generate() keyword). bool is rejected where int
+# or float is expected (JSON true is not a number).
+FIELDS = {
+    "max_tokens": ((int,), 16, "max_new_tokens"),
+    "temperature": ((int, float), 1.0, "temperature"),
+    "top_p": ((int, float), 1.0, "top_p"),
+    "top_k": ((int,), 0, "top_k"),
+    "min_p": ((int, float), 0.0, "min_p"),
+    "repetition_penalty": ((int, float), 1.0, "repetition_penalty"),
+    "seed": ((int,), None, "seed"),
+}
+# OpenAI fields we accept only at their no-op value: field -> (allowed values, why / what to use instead)
+UNSUPPORTED = {
+    "n": ((None, 1), "only n=1 is supported; send the prompt several times in `prompt` for more"),
+    "best_of": ((None, 1), "best_of is not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "logprobs": ((None,), "logprobs are not supported"),
+    "suffix": ((None,), "suffix is not supported"),
+    "stop": ((None, [], ""), "stop strings are not supported; pass token ids in `stop_token_ids`"),
+}
+MAX_BODY_BYTES = 8 * 1024 * 1024
+SEED_RANGE = (0, 2**63 - 1)
+JSON_HEADERS = {"Content-Type": "application/json"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class RequestError(Exception):
+    """A client error: becomes a 4xx JSON error naming the problem."""
+
+    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None):
+        super().__init__(message)
+        self.status, self.type, self.param = status, type_, param
+
+
+# ----------------------------------------------------------------------------- request parsing
+
+def _typed(body: dict, name: str, types, default):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, types):
+        want = " or ".join("integer" if t is int else "number" for t in types)
+        raise RequestError(f"`{name}` must be a {want}, got {json.dumps(v)[:80]}", param=name)
+    return v
+
+
+def _parse_prompts(prompt, max_batch: int, vocab_size: int):
+    """-> (list of prompts, all strings or all token-id lists, as_text)."""
+    if prompt is None:
+        raise RequestError("`prompt` is required: a string, a list of strings, or token-id list(s)", param="prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    elif isinstance(prompt, list):
+        raise RequestError("`prompt` is an empty list; give at least one prompt", param="prompt")
+    else:
+        raise RequestError(f"`prompt` must be a string or a list, got {type(prompt).__name__}", param="prompt")
+    if len(prompts) > max_batch:
+        raise RequestError(f"{len(prompts)} prompts exceed this server's --max-batch {max_batch}; "
+                           "split the request", param="prompt")
+    as_text = all(isinstance(p, str) for p in prompts)
+    if not as_text:
+        for i, p in enumerate(prompts):
+            if not (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+                raise RequestError(f"prompt {i} is not a token-id list; a list `prompt` holds either strings "
+                                   "or token-id lists, not both", param="prompt")
+            bad = [t for t in p if not 0 <= t < vocab_size]
+            if bad:
+                raise RequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})",
+                                   param="prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise RequestError(f"prompt {i} is empty; give at least one character or token", param="prompt")
+    return prompts, as_text
+
+
+def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_limit: int):
+    """JSON body -> (prompts, as_text, generate() keyword arguments, stream, include_usage).
+    Raises RequestError naming the offending field."""
+    from .generation import SamplingConfig
+
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for name, (allowed, why) in UNSUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
+    prompts, as_text = _parse_prompts(body.get("prompt"), max_batch, vocab_size)
+    kw = {key: _typed(body, name, types, default) for name, (types, default, key) in FIELDS.items()}
+    if not 1 <= kw["max_new_tokens"] <= max_tokens_limit:
+        raise RequestError(f"`max_tokens` must be in [1, {max_tokens_limit}], got {kw['max_new_tokens']}",
+                           param="max_tokens")
+    if kw["seed"] is not None and not SEED_RANGE[0] <= kw["seed"] <= SEED_RANGE[1]:
+        raise RequestError(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {kw['seed']}", param="seed")
+    try:  # generation's own check, before anything is sent (a stream cannot change its status later)
+        SamplingConfig(kw["temperature"], kw["top_k"], kw["top_p"], kw["min_p"], kw["repetition_penalty"])
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    stops = body.get("stop_token_ids")
+    if stops is not None:
+        if isinstance(stops, int) and not isinstance(stops, bool):
+            stops = [stops]
+        if not (isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)):
+            raise RequestError(f"`stop_token_ids` must be a list of integers, got {json.dumps(stops)[:80]}",
+                               param="stop_token_ids")
+    kw["stop_token_ids"] = stops  # None: generate's default (the tokenizer's eos for text prompts)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"`stream` must be true or false, got {json.dumps(stream)[:80]}", param="stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise RequestError("`stream_options` must be an object", param="stream_options")
+    return prompts, as_text, kw, stream, bool(opts.get("include_usage", False))
+
+
+class _Detokenizer:
+    """Incremental decoding for streams: emits only text that later tokens cannot change
+    (holds back an incomplete multi-byte character)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.sent = tok, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        if self.tok is None:
+            return ""
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        if self.tok is None:
+            return ""
+        text = self.tok.decode(self.ids)
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+
+# ----------------------------------------------------------------------------- server
+
+class CompletionServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
+                 quiet: bool, request_timeout: float | None):
+        self.runner = runner
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.max_tokens_limit = max_tokens_limit
+        self.quiet = quiet
+        self.request_timeout = request_timeout
+        self.lock = threading.Lock()  # one generation at a time
+        super().__init__(addr, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def tokenizer_or_none(self):
+        try:
+            return self.runner.tokenizer
+        except MambaDeployError:
+            return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: CompletionServer
+    server_version = "mamba-deploy"
+
+    def setup(self):
+        self.timeout = self.server.request_timeout  # socket timeout: slow or stalled clients
+        super().setup()
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            super().log_message(fmt, *args)
+
+    # -- responses
+    def _send(self, status: int, payload: dict, headers=JSON_HEADERS):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, type_: str, param=None):
+        self._send(status, {"error": {"message": message, "type": type_, "param": param, "code": status}})
+
+    def _guarded(self, fn):
+        try:
+            fn()
+        except RequestError as e:
+            self._error(e.status, str(e), e.type, e.param)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away; nothing to answer
+        except Exception as e:  # noqa: BLE001 -- never a traceback to the client
+            traceback.print_exc(file=sys.stderr)
+            try:
+                self._error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+            except OSError:
+                pass
+
+    # -- routing
+    def do_GET(self):
+        self._guarded(self._get)
+
+    def do_POST(self):
+        self._guarded(self._post)
+
+    def _route_path(self):
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    def _get(self):
+        path = self._route_path()
+        s = self.server
+        if path == "/health":
+            self._send(200, {"status": "ok", "model": s.model_name, "backend": s.runner.name})
+        elif path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": s.model_name, "object": "model",
+                                                          "owned_by": "mamba-deploy"}]})
+        elif path == "/v1/completions":
+            raise RequestError("use POST for /v1/completions", 405, "method_not_allowed")
+        else:
+            raise RequestError(f"unknown path {self.path!r}; endpoints: GET /health, GET /v1/models, "
+                               "POST /v1/completions", 404, "not_found")
+
+    def _post(self):
+        path = self._route_path()
+        if path in ("/health", "/v1/models"):
+            raise RequestError(f"use GET for {path}", 405, "method_not_allowed")
+        if path != "/v1/completions":
+            raise RequestError(f"unknown path {self.path!r}; endpoints: GET /health, GET /v1/models, "
+                               "POST /v1/completions", 404, "not_found")
+        body = self._read_json()
+        s = self.server
+        prompts, as_text, kw, stream, include_usage = parse_completion_request(
+            body, s.max_batch, s.runner.vocab_size, s.max_tokens_limit)
+        if as_text:
+            try:
+                s.runner.tokenizer
+            except MambaDeployError as e:
+                raise RequestError(f"text prompts need a tokenizer: {e}") from e
+        if stream:
+            self._stream(prompts, as_text, kw, include_usage)
+        else:
+            self._complete(prompts, as_text, kw)
+
+    def _read_json(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
+                                   "length_required")
+            raise RequestError("the request needs a JSON body with a Content-Length header", 411, "length_required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(f"bad Content-Length {length!r}") from None
+        if n < 0 or n > MAX_BODY_BYTES:
+            raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
+                               "request_too_large")
+        raw = self.rfile.read(n)
+        try:
+            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise RequestError(f"invalid JSON body: {e}") from None
+
+    # -- completions
+    def _base(self, rid: str, created: int):
+        return {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name}
+
+    def _generate(self, prompts, kw, on_token=None):
+        from .generation import generate
+
+        try:
+            with self.server.lock:
+                return generate(self.server.runner, prompts, on_token=on_token, **kw)
+        except (MambaDeployError, ValueError) as e:
+            raise RequestError(str(e)) from e
+
+    def _complete(self, prompts, as_text, kw):
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        res = self._generate(prompts, kw)
+        tok = None if as_text else self.server.tokenizer_or_none()
+        texts = res.texts if as_text else [tok.decode(t) if tok is not None else "" for t in res.tokens]
+        choices = [{"index": i, "text": texts[i], "token_ids": res.tokens[i], "logprobs": None,
+                    "finish_reason": res.stop_reasons[i]} for i in range(len(prompts))]
+        self._send(200, {**self._base(rid, created), "choices": choices, "usage": _usage(res)})
+
+    def _stream(self, prompts, as_text, kw, include_usage):
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = self._base(rid, created)
+        tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
+        detoks = [_Detokenizer(tok) for _ in prompts]
+        self.send_response(200)
+        for k, v in SSE_HEADERS.items():
+            self.send_header(k, v)
+        self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+        self.close_connection = True
+
+        def event(payload):
+            self.wfile.write(b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+                             + b"\n\n")
+            self.wfile.flush()
+
+        def chunk(i, text, token_ids, finish=None):
+            return {**base, "choices": [{"index": i, "text": text, "token_ids": token_ids, "logprobs": None,
+                                         "finish_reason": finish}]}
+
+        def on_token(i, t):  # a write error (client gone) raises here and ends the generation
+            event(chunk(i, detoks[i].push(t), [t]))
+
+        try:
+            res = self._generate(prompts, kw, on_token)
+        except RequestError as e:  # headers are out: report in-band, then close
+            event({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.status}})
+            return
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            event({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                             "param": None, "code": 500}})
+            return
+        for i, d in enumerate(detoks):
+            event(chunk(i, d.flush(), [], res.stop_reasons[i]))
+        if include_usage:
+            event({**base, "choices": [], "usage": _usage(res)})
+        event(b"[DONE]")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _usage(res) -> dict:
+    p = sum(len(x) for x in res.prompt_tokens)
+    c = sum(len(x) for x in res.tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+                model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
+                request_timeout: float | None = 60.0) -> CompletionServer:
+    """A bound (not yet serving) server; call `serve_forever()` (and `shutdown()`, `server_close()`).
+    port 0 picks a free port: read it from `server.server_address[1]` or `server.url`."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if model_name is None:
+        src = getattr(runner, "source_path", None)
+        model_name = src.name if src is not None else runner.name
+    return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def cmd_serve(args):
+    import signal
+
+    from .cli import DTYPES
+    from .runners import open_runner
+
+    if args.max_batch < 1:
+        raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
+    opts = {"device": args.device, "dtype": DTYPES[args.dtype]} if args.backend in (None, "torch") else {}
+    runner = open_runner(args.model, args.backend, **opts)
+    try:
+        server = make_server(runner, args.host, args.port, max_batch=args.max_batch, model_name=args.model_name,
+                             max_tokens_limit=args.max_tokens_limit, quiet=args.quiet)
+    except OSError as e:
+        runner.close()
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {e}") from None
+
+    def _term(signum, frame):  # SIGTERM shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    print(f"serving {server.model_name} ({runner.name}) on {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr, flush=True)
+    finally:
+        server.server_close()
+        runner.close()
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("serve", help="OpenAI-style HTTP completions server (/v1/completions, /health)")
+    s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
+    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--max-batch", type=int, default=8, help="most prompts in one request (one batched generate)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    s.add_argument("--model-name", default=None, help="name reported as `model` (default: the folder name)")
+    s.add_argument("--device", default="cpu", help="device for the torch backend")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    s.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    s.set_defaults(func=cmd_serve)

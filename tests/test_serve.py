@@ -1,0 +1,297 @@
+"""`mamba-deploy serve` over loopback: the HTTP answers are compared with `generate` called
+directly on an independently loaded TorchRunner (the reference path), for text and token-id
+prompts, batched, streamed and not; error cases must be 4xx JSON naming the problem. Every
+request has a timeout; servers are shut down in fixture finalizers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_deploy import load_model
+from mamba_deploy.generation import generate
+from mamba_deploy.runners import open_runner
+from mamba_deploy.runners.torch_runner import TorchRunner
+from mamba_deploy.serve import make_server
+
+TIMEOUT = 10  # seconds, every request
+EOS = "<|endoftext|>"
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
+         "hello world, hello mamba! state spaces are fun"] * 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(hf_checkpoint, tmp_path_factory):
+    """A copy of the tiny mamba checkpoint with a small byte-level BPE tokenizer (< 128 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    src, _ = hf_checkpoint("mamba")
+    dst = tmp_path_factory.mktemp("serve") / "tiny-mamba"
+    shutil.copytree(src, dst)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=100, special_tokens=[EOS], show_progress=False))
+    assert tok.get_vocab_size() < 128
+    tok.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """The independent path: its own model load, generate() called directly."""
+    return TorchRunner(load_model(folder))
+
+
+def _start(runner, **kw):
+    server = make_server(runner, "127.0.0.1", 0, quiet=True, **kw)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(folder, request):
+    srv, thread = _start(open_runner(folder, "torch"), max_batch=4)
+    request.addfinalizer(lambda: _stop(srv, thread))
+    return srv
+
+
+def _request(server, method, path, body=None, raw=None, headers=None):
+    """-> (status, headers, body bytes)."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _post(server, body, **kw):
+    status, headers, data = _request(server, "POST", "/v1/completions", body, **kw)
+    return status, headers, data
+
+
+def _sse_events(data: bytes):
+    text = data.decode()
+    assert text.endswith("data: [DONE]\n\n")
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    payloads = [e[len("data: "):] for e in events]
+    return [json.loads(p) for p in payloads[:-1]], payloads[-1]
+
+
+def test_health_and_models(server, folder):
+    status, headers, data = _request(server, "GET", "/health")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(data) == {"status": "ok", "model": folder.name, "backend": "torch"}
+    status, _, data = _request(server, "GET", "/v1/models")
+    assert status == 200 and json.loads(data)["data"][0]["id"] == folder.name
+
+
+def test_greedy_text_batch_equals_direct_generate(server, reference):
+    prompts = ["the quick brown", "hello mamba"]
+    ref = generate(reference, prompts, max_new_tokens=8, temperature=0.0)
+    status, _, data = _post(server, {"model": "x", "prompt": prompts, "max_tokens": 8, "temperature": 0})
+    assert status == 200
+    out = json.loads(data)
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert [c["text"] for c in out["choices"]] == ref.texts
+    assert [c["token_ids"] for c in out["choices"]] == ref.tokens
+    assert [c["finish_reason"] for c in out["choices"]] == ref.stop_reasons
+    p, c = sum(map(len, ref.prompt_tokens)), sum(map(len, ref.tokens))
+    assert out["usage"] == {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def test_token_id_prompts_and_stop_tokens_equal_direct_generate(server, reference):
+    prompts = [[5, 6, 7, 8, 9], [3]]  # different lengths: left-padded batch
+    free = generate(reference, prompts, max_new_tokens=10, stop_token_ids=[])
+    stop = free.tokens[0][4]
+    ref = generate(reference, prompts, max_new_tokens=10, stop_token_ids=[stop])
+    status, _, data = _post(server, {"prompt": prompts, "max_tokens": 10, "temperature": 0.0,
+                                     "stop_token_ids": [stop]})
+    assert status == 200
+    choices = json.loads(data)["choices"]
+    assert [c["token_ids"] for c in choices] == ref.tokens
+    assert [c["finish_reason"] for c in choices] == ref.stop_reasons
+    assert choices[0]["finish_reason"] == "stop" and choices[0]["token_ids"] == free.tokens[0][:free.tokens[0].index(stop)]
+    tok = reference.tokenizer
+    assert [c["text"] for c in choices] == [tok.decode(t) for t in ref.tokens]
+    # a single flat token-id list is one prompt
+    status, _, data = _post(server, {"prompt": prompts[0], "max_tokens": 10, "temperature": 0, "stop_token_ids": []})
+    assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == free.tokens[0]
+
+
+def test_seeded_sampling_equals_direct_generate(server, reference):
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2, seed=7)
+    ref = generate(reference, [[1, 2, 3], [4, 5]], max_new_tokens=8, stop_token_ids=[], **kw)
+    status, _, data = _post(server, {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 8, "stop_token_ids": [], **kw})
+    assert status == 200 and [c["token_ids"] for c in json.loads(data)["choices"]] == ref.tokens
+
+
+def test_stream_matches_non_stream(server):
+    body = {"prompt": ["the quick brown", "a stitch"], "max_tokens": 8, "temperature": 0}
+    status, _, data = _post(server, body)
+    full = json.loads(data)
+    status, headers, data = _post(server, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    chunks, done = _sse_events(data)
+    assert done == "[DONE]"
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"] == full["usage"]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
+    for choice in full["choices"]:
+        i = choice["index"]
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        token_chunks = [c for c in mine if c["finish_reason"] is None]
+        assert all(len(c["token_ids"]) == 1 for c in token_chunks)  # one chunk per token
+        assert [t for c in mine for t in c["token_ids"]] == choice["token_ids"]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"] and mine[-1]["token_ids"] == []
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
+def test_concurrent_requests_are_serialised_and_correct(server, reference):
+    prompts = [[[7, 8, 9]], [[10, 11]], [[12]], [[13, 14, 15, 16]]]
+    refs = [generate(reference, p, max_new_tokens=6, stop_token_ids=[]).tokens for p in prompts]
+    results = [None] * len(prompts)
+
+    def worker(k):
+        status, _, data = _post(server, {"prompt": prompts[k], "max_tokens": 6, "temperature": 0,
+                                         "stop_token_ids": [], "stream": k % 2 == 1})
+        if k % 2:
+            chunks, _ = _sse_events(data)
+            results[k] = (status, [[t for c in chunks for t in c["choices"][0]["token_ids"]]])
+        else:
+            results[k] = (status, [c["token_ids"] for c in json.loads(data)["choices"]])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * TIMEOUT)
+    assert results == [(200, r) for r in refs]
+
+
+@pytest.mark.parametrize("body,status,pattern", [
+    (None, 400, r"invalid JSON"),  # raw body b"{not json"
+    ({"max_tokens": 4}, 400, r"`prompt` is required"),
+    ({"prompt": 5}, 400, r"`prompt` must be a string or a list"),
+    ({"prompt": []}, 400, r"empty list"),
+    ({"prompt": ""}, 400, r"prompt 0 is empty"),
+    ({"prompt": ["a", [1, 2]]}, 400, r"not a token-id list"),
+    ({"prompt": [[1, 999]]}, 400, r"token id 999 outside the vocabulary"),
+    ({"prompt": ["a"] * 5}, 400, r"5 prompts exceed .*--max-batch 4"),
+    ({"prompt": "a", "max_tokens": "8"}, 400, r"`max_tokens` must be a integer"),
+    ({"prompt": "a", "max_tokens": 0}, 400, r"`max_tokens` must be in \[1, "),
+    ({"prompt": "a", "temperature": True}, 400, r"`temperature` must be a"),
+    ({"prompt": "a", "temperature": -1}, 400, r"temperature >= 0"),
+    ({"prompt": "a", "top_p": 0}, 400, r"0 < top_p <= 1"),
+    ({"prompt": "a", "repetition_penalty": 0}, 400, r"repetition_penalty must be > 0"),
+    ({"prompt": "a", "top_p": 0, "stream": True}, 400, r"top_p"),  # rejected before the stream starts
+    ({"prompt": "a", "stop_token_ids": ["x"]}, 400, r"`stop_token_ids` must be a list of integers"),
+    ({"prompt": "a", "stop": ["\n"]}, 400, r"stop strings are not supported"),
+    ({"prompt": "a", "seed": -1}, 400, r"`seed` must be in"),
+    ({"prompt": "a", "stream": "yes"}, 400, r"`stream` must be true or false"),
+    ([1, 2], 400, r"must be a JSON object"),
+])
+def test_bad_requests_are_4xx_json(server, body, status, pattern):
+    raw = b"{not json" if body is None else None
+    got, headers, data = _post(server, body, raw=raw)
+    assert got == status and headers["Content-Type"] == "application/json"
+    err = json.loads(data)["error"]
+    assert re.search(pattern, err["message"]), err["message"]
+    assert err["type"] == "invalid_request_error" and "Traceback" not in err["message"]
+
+
+def test_bad_paths_and_methods(server):
+    for method, path, status in [("GET", "/nope", 404), ("POST", "/v1/chat", 404),
+                                 ("GET", "/v1/completions", 405), ("POST", "/health", 405)]:
+        got, _, data = _request(server, method, path, {} if method == "POST" else None)
+        assert got == status
+        assert json.loads(data)["error"]["message"]
+    got, _, data = _request(server, "GET", "/nope")
+    assert "/nope" in json.loads(data)["error"]["message"]
+    # non-finite numbers are not JSON
+    got, _, data = _post(server, None, raw=b'{"prompt": "a", "temperature": NaN}')
+    assert got == 400 and "NaN" in json.loads(data)["error"]["message"]
+
+
+def test_no_tokenizer_text_prompt_is_400_and_token_ids_still_work(hf_checkpoint, request):
+    runner = TorchRunner(load_model(hf_checkpoint("mamba")[0]))  # a folder without tokenizer files
+    runner.source_path = None
+    srv, thread = _start(runner, max_batch=2)
+    request.addfinalizer(lambda: _stop(srv, thread))
+    got, _, data = _post(srv, {"prompt": "hello"})
+    assert got == 400 and "tokenizer" in json.loads(data)["error"]["message"]
+    got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0})
+    choice = json.loads(data)["choices"][0]
+    assert got == 200 and len(choice["token_ids"]) == 3 and choice["text"] == ""
+
+
+def test_runner_failure_is_500_json_without_traceback(folder, request, capsys):
+    class Broken(TorchRunner):
+        def step(self, ids, state):
+            raise RuntimeError("kaboom")
+
+    srv, thread = _start(Broken(load_model(folder)))
+    request.addfinalizer(lambda: _stop(srv, thread))
+    got, headers, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": []})
+    err = json.loads(data)["error"]
+    assert got == 500 and err["type"] == "server_error" and "kaboom" in err["message"]
+    assert "Traceback" not in err["message"]
+    # the lock was released: the server still answers
+    assert _request(srv, "GET", "/health")[0] == 200
+
+
+def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "serve", str(folder), "--port", "0", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        timer = threading.Timer(60, proc.kill)  # bound the wait for the first line
+        timer.start()
+        try:
+            line = proc.stdout.readline()
+        finally:
+            timer.cancel()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=TIMEOUT)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["backend"] == "torch"
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 0
+        assert "shutting down" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)

@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from mamba_deploy import load_model
 from mamba_deploy.generation import generate
@@ -261,7 +260,7 @@ def test_runner_failure_is_500_json_without_traceback(folder, request, capsys):
 
     srv, thread = _start(Broken(load_model(folder)))
     request.addfinalizer(lambda: _stop(srv, thread))
-    got, headers, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": []})
+    got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": []})
     err = json.loads(data)["error"]
     assert got == 500 and err["type"] == "server_error" and "kaboom" in err["message"]
     assert "Traceback" not in err["message"]
@@ -295,3 +294,77 @@ def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT)
+
+
+class _Watched(TorchRunner):
+    """Counts runner calls and records whether two ever overlapped."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.active, self.overlap, self.steps = 0, False, 0
+        self._guard = threading.Lock()
+
+    def _enter(self):
+        with self._guard:
+            self.active += 1
+            self.overlap |= self.active > 1
+
+    def _leave(self):
+        with self._guard:
+            self.active -= 1
+
+    def prefill(self, *a, **kw):
+        self._enter()
+        try:
+            threading.Event().wait(0.005)  # widen the window an unserialised server would overlap in
+            return super().prefill(*a, **kw)
+        finally:
+            self._leave()
+
+    def step(self, *a, **kw):
+        self._enter()
+        try:
+            self.steps += 1
+            threading.Event().wait(0.001)
+            return super().step(*a, **kw)
+        finally:
+            self._leave()
+
+
+def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder, reference, request):
+    import socket
+
+    runner = _Watched(load_model(folder))
+    srv, thread = _start(runner, max_batch=2)
+    request.addfinalizer(lambda: _stop(srv, thread))
+    bodies = [{"prompt": [[k + 1, k + 2]], "max_tokens": 6, "temperature": 0, "stop_token_ids": []} for k in range(6)]
+    results = [None] * len(bodies)
+
+    def worker(k):
+        status, _, data = _post(srv, bodies[k])
+        results[k] = (status, json.loads(data)["choices"][0]["token_ids"])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * TIMEOUT)
+    refs = [generate(reference, b["prompt"], max_new_tokens=6, stop_token_ids=[]).tokens[0] for b in bodies]
+    assert results == [(200, r) for r in refs] and not runner.overlap
+
+    # a client that drops a long stream after the first token: generation stops, the lock is freed
+    runner.steps = 0
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [],
+                       "stream": True}).encode()
+    sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data: " not in got:  # headers, then the first token's event
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    sock.close()
+    status, _, data = _post(srv, bodies[0])  # waits on the lock until the dropped stream ends
+    assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == refs[0]
+    assert runner.steps < 1000 and not runner.overlap

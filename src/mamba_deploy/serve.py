@@ -18,13 +18,11 @@ Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import MambaDeployError
@@ -79,10 +77,9 @@ def _parse_prompts(prompt, max_batch: int, vocab_size: int):
     """-> (list of prompts, all strings or all token-id lists, as_text)."""
     if prompt is None:
         raise RequestError("`prompt` is required: a string, a list of strings, or token-id list(s)", param="prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [prompt]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompts = [prompt]  # one text, or one token-id list
     elif isinstance(prompt, list) and prompt:
         prompts = prompt
     elif isinstance(prompt, list):
@@ -275,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
             body, s.max_batch, s.runner.vocab_size, s.max_tokens_limit)
         if as_text:
             try:
-                s.runner.tokenizer
+                _ = s.runner.tokenizer  # loads it; a missing one is the client's 400, before generating
             except MambaDeployError as e:
                 raise RequestError(f"text prompts need a tokenizer: {e}") from e
         if stream:

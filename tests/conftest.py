@@ -61,6 +61,25 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def onnx_export(hf_checkpoint, tmp_path_factory):
+    """onnx_export(kind, dtype="fp32") -> (ONNX folder, HF folder, transformers model), exported
+    once per session and shared by the ONNX Runtime, OpenVINO and TensorRT tests."""
+    from mamba_deploy.export.onnx import export_onnx
+
+    cache = {}
+
+    def make(kind: str, dtype: str = "fp32"):
+        if (kind, dtype) not in cache:
+            folder, hf = hf_checkpoint(kind)
+            out = tmp_path_factory.mktemp(f"onnx_{kind}_{dtype}") / "out"
+            export_onnx(folder, out, dtype=dtype)
+            cache[kind, dtype] = (out, folder, hf)
+        return cache[kind, dtype]
+
+    return make
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

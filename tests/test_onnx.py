@@ -32,19 +32,9 @@ DEMO = Path(__file__).resolve().parents[1] / "models"
 
 
 @pytest.fixture(scope="module")
-def exported(hf_checkpoint, tmp_path_factory):
+def exported(onnx_export):
     """exported(kind, dtype) -> (onnx folder, hf folder, transformers model); cached."""
-    cache = {}
-
-    def make(kind, dtype="fp32"):
-        if (kind, dtype) not in cache:
-            folder, hf = hf_checkpoint(kind)
-            out = tmp_path_factory.mktemp(f"onnx_{kind}_{dtype}") / "out"
-            export_onnx(folder, out, dtype=dtype)
-            cache[kind, dtype] = (out, folder, hf)
-        return cache[kind, dtype]
-
-    return make
+    return onnx_export
 
 
 def hf_logits(hf, ids):

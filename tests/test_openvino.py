@@ -27,19 +27,9 @@ DECODE_STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def exported(hf_checkpoint, tmp_path_factory):
+def exported(onnx_export):
     """exported(kind) -> (onnx folder, hf folder); cached."""
-    cache = {}
-
-    def make(kind):
-        if kind not in cache:
-            folder, _ = hf_checkpoint(kind)
-            out = tmp_path_factory.mktemp(f"ov_onnx_{kind}") / "out"
-            export_onnx(folder, out)
-            cache[kind] = (out, folder)
-        return cache[kind]
-
-    return make
+    return lambda kind: onnx_export(kind)[:2]
 
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from conftest import rel_err
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import BackendUnavailableError, MambaDeployError
-from mamba_deploy.export.onnx import ALLOWED_OPS, export_onnx, graph_op_types
+from mamba_deploy.export.onnx import ALLOWED_OPS, graph_op_types
 from mamba_deploy.export.tensorrt import TRT_ONNX_OPS, build_engine, load_stripped_onnx, trt_parser_issues
 from mamba_deploy.generation import generate
 from mamba_deploy.runners import open_runner
@@ -29,19 +29,9 @@ FP32_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(hf_checkpoint, tmp_path_factory):
+def exported(onnx_export):
     """exported(kind, dtype) -> (onnx folder, hf folder); cached."""
-    cache = {}
-
-    def make(kind, dtype="fp32"):
-        if (kind, dtype) not in cache:
-            folder, _ = hf_checkpoint(kind)
-            out = tmp_path_factory.mktemp(f"trt_onnx_{kind}_{dtype}") / "out"
-            export_onnx(folder, out, dtype=dtype)
-            cache[kind, dtype] = (out, folder)
-        return cache[kind, dtype]
-
-    return make
+    return lambda kind, dtype="fp32": onnx_export(kind, dtype)[:2]
 
 
 # ---------------------------------------------------------------- runs everywhere

@@ -202,7 +202,6 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
                     extra_config: dict | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) in the `hf` or `mamba_ssm`
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
-
     if fmt not in KEY_RENAMES:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(KEY_RENAMES)}")
     cfg: MambaConfig = model.config

@@ -40,10 +40,7 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     """logits (b, V) -> the distribution sampled from (b, V), after the repetition penalty,
     temperature, top-k, min-p and top-p, in that order. Greedy (temperature 0) is not a
     distribution; use `sample`."""
-    logits = logits.float()
-    if history is not None:
-        logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
-    logits = logits / cfg.temperature
+    logits = _penalized(logits, cfg, history) / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -57,13 +54,15 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     return probs / probs.sum(-1, keepdim=True)
 
 
+def _penalized(logits, cfg: SamplingConfig, history):
+    logits = logits.float()
+    return logits if history is None else apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+
+
 def sample(logits, cfg: SamplingConfig, history=None, generator=None):
     """logits (b, V) -> token ids (b,)."""
     if cfg.temperature == 0:
-        logits = logits.float()
-        if history is not None:
-            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
-        return logits.argmax(-1)
+        return _penalized(logits, cfg, history).argmax(-1)
     return torch.multinomial(filtered_probs(logits, cfg, history), 1, generator=generator)[:, 0]
 
 

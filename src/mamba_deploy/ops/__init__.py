@@ -39,11 +39,9 @@ _backend = "auto"
 @functools.lru_cache(maxsize=1)
 def fast_ops() -> dict:
     """Triton kernels keyed like REFERENCE; empty when triton or CUDA is missing."""
+    if not torch.cuda.is_available():
+        return {}
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return {}
         from . import triton_kernels  # noqa: F401  (imports triton)
     except ImportError:
         return {}

@@ -82,7 +82,7 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     ssq = plan.sumsq[:b]
     ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
                     mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
-                    u, ssq, plan.counter)
+                    u, ssq, plan.counter, state_early=True)  # the step begins with the embedding lookup
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 

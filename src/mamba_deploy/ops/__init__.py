@@ -28,10 +28,6 @@ REFERENCE = {
     "ssd_step": ref.ssd_step_ref,  # fused Mamba2 decode step: conv update + state update
 }
 
-# Ops whose reference already is the fast path on GPU (cuBLAS): no Triton twin is expected,
-# so the strict "triton" backend uses the reference for them instead of raising.
-REFERENCE_IS_FAST_ON_GPU = {"linear"}
-
 _BACKENDS = ("auto", "ref", "triton")
 _backend = "auto"
 
@@ -86,7 +82,7 @@ def pick(name: str, tensor):
         fast = fast_ops().get(name)
         if fast is not None:
             return fast
-        if _backend == "triton" and name not in REFERENCE_IS_FAST_ON_GPU:
+        if _backend == "triton":
             raise RuntimeError(f"no Triton kernel for op {name!r}")
     return REFERENCE[name]
 

@@ -2,7 +2,7 @@
 
 Importing this module imports triton; `ops.fast_ops()` catches the ImportError on machines
 without it (CI), and only routes CUDA tensors here. The kernels live in small files:
-triton_conv (causal conv1d), triton_norm (RMSNorms), triton_scan (Mamba1 scan),
+triton_conv (causal conv1d), triton_gemv (decode GEMV with PDL), triton_norm (RMSNorms), triton_scan (Mamba1 scan),
 triton_ssd (Mamba2 chunked SSD), triton_step (decode-step state updates, fused Mamba2 step).
 
 Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_update`,
@@ -12,12 +12,14 @@ Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_
 from __future__ import annotations
 
 from .triton_conv import causal_conv1d, causal_conv1d_update
+from .triton_gemv import linear
 from .triton_norm import add_rmsnorm_, rmsnorm, rmsnorm_gated
 from .triton_scan import selective_scan
 from .triton_ssd import ssd
 from .triton_step import selective_state_update, ssd_state_update, ssd_step
 
 KERNELS = {
+    "linear": linear,  # Triton GEMV for a few rows (decode), cuBLAS otherwise
     "causal_conv1d": causal_conv1d,
     "causal_conv1d_update": causal_conv1d_update,
     "rmsnorm": rmsnorm,

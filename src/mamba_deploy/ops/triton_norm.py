@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemv import pdl_kwargs
+
 
 @triton.jit
 def _rmsnorm_kernel(X, W, Y, stride_x, stride_y, D, eps, BLOCK: tl.constexpr):
@@ -82,10 +84,15 @@ def rmsnorm_gated(x, z, weight, eps, group_size, norm_before_gate=False):
 
 @triton.jit
 def _add_rmsnorm_kernel(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps,
-                        HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # see triton_gemv: a decode-chain kernel
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # constant: before the wait
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
@@ -100,7 +107,6 @@ def _add_rmsnorm_kernel(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, sc
     r = r.to(R.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(r * r, axis=0) / D + eps)
     xn = (r * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(X + row * stride_x + cols, (xn * w).to(X.dtype.element_ty), mask=mask)
 
 
@@ -120,5 +126,5 @@ def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scal
     _add_rmsnorm_kernel[(b,)](yy, residual, weight, out, sumsq if sumsq is not None else residual,
                               yy.stride(0), residual.stride(0), out.stride(0), d, eps, float(scale_n),
                               float(scale_eps), HAS_SCALE=sumsq is not None, BLOCK=block,
-                              num_warps=min(16, max(1, block // 256)))
+                              num_warps=min(16, max(1, block // 256)), **pdl_kwargs(residual.device))
     return out

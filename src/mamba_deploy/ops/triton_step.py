@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemv import pdl_kwargs
+
 
 @triton.jit
 def _softplus(x):
@@ -187,38 +189,75 @@ def _shift_store(S, ch, mask, scsc, scsk, s1, s2, new, K: tl.constexpr):
 
 
 @triton.jit
+def _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The conv windows of the x, B and C channels: taps 1.. (kept for the shift) and the partial
+    conv sums (taps . weights[:K-1] + bias). Every tap is read into registers before any is
+    written: the 1-D tiles are replicated across threads, so a read-shift-write loop could let one
+    thread's write overtake a replica's read of the same tap."""
+    _, x1, x2, ax = _window(sbase, cx, pm, scsc, scsk, CW, K, tl.zeros((BLOCK_P,), dtype=tl.float32))
+    _, b1, b2, aB = _window(sbase, cB, nm, scsc, scsk, CW, K, tl.zeros((BLOCK_N,), dtype=tl.float32))
+    _, c1, c2, aC = _window(sbase, cC, nm, scsc, scsk, CW, K, tl.zeros((BLOCK_N,), dtype=tl.float32))
+    if HAS_BIAS:
+        ax += tl.load(CBias + cx, mask=pm, other=0.0).to(tl.float32)
+        aB += tl.load(CBias + cB, mask=nm, other=0.0).to(tl.float32)
+        aC += tl.load(CBias + cC, mask=nm, other=0.0).to(tl.float32)
+    return x1, x2, ax, b1, b2, aB, c1, c2, aC
+
+
+@triton.jit
 def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, CNT,
                            P, N, G, d_inner, heads_per_group,
                            sxb, sdtb, szb, scsb, scsc, scsk, shb, shh, shp, sub,
                            dt_lo, dt_hi, CLAMP: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                           NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
     b = tl.program_id(0)
     hd = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     pm, nm = p < P, n < N
     g = hd // heads_per_group
-    # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
     cx = hd * P + p
     cB = d_inner + g * N + n
     cC = d_inner + G * N + g * N + n
+    # -- first what the previous kernel (in_proj) does not write, so that under PDL these loads
+    # overlap its tail: weights, and with STATE_EARLY the conv windows and the SSM state. The
+    # caller sets STATE_EARLY only when the state was written at least two launches back with an
+    # ordinary launch in between (graph decode: the previous token's step, then the embedding
+    # lookup, which waits for all earlier work); right after a kernel that wrote the state, its
+    # writes are only guaranteed visible after gdc_wait.
+    if USE_PDL:  # see triton_gemv
+        tl.extra.cuda.gdc_launch_dependents()
+    a_h = tl.load(A + hd).to(tl.float32)
+    d_h = tl.load(Dp + hd).to(tl.float32)
+    dtb = tl.load(DTB + hd).to(tl.float32)
+    w = tl.load(NW + cx, mask=pm, other=0.0).to(tl.float32)
+    sbase = CS + b * scsb
+    hp = H + b * shb + hd * shh + p[:, None] * shp + n[None, :]
+    m2 = pm[:, None] & nm[None, :]
+    if STATE_EARLY:
+        x1, x2, ax, b1, b2, aB, c1, c2, aC = _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K, HAS_BIAS,
+                                                      BLOCK_P, BLOCK_N)
+        h = tl.load(hp, mask=m2, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if not STATE_EARLY:
+        x1, x2, ax, b1, b2, aB, c1, c2, aC = _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K, HAS_BIAS,
+                                                      BLOCK_P, BLOCK_N)
+        h = tl.load(hp, mask=m2, other=0.0)
+    # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
     xin = tl.load(XBC + b * sxb + cx, mask=pm, other=0.0).to(tl.float32)
     bin_ = tl.load(XBC + b * sxb + cB, mask=nm, other=0.0).to(tl.float32)
     cin = tl.load(XBC + b * sxb + cC, mask=nm, other=0.0).to(tl.float32)
-    ax = xin * tl.load(CW + cx * K + (K - 1), mask=pm, other=0.0).to(tl.float32)
-    aB = bin_ * tl.load(CW + cB * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
-    aC = cin * tl.load(CW + cC * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
-    sbase = CS + b * scsb
-    # every tap is read into registers before any is written: the 1-D tiles are replicated
-    # across threads, so a read-shift-write loop could let one thread's write overtake a
-    # replica's read of the same tap
-    x0, x1, x2, ax = _window(sbase, cx, pm, scsc, scsk, CW, K, ax)
-    b0, b1, b2, aB = _window(sbase, cB, nm, scsc, scsk, CW, K, aB)
-    c0, c1, c2, aC = _window(sbase, cC, nm, scsc, scsk, CW, K, aC)
+    dt = tl.load(DT + b * sdtb + hd).to(tl.float32)
+    z = tl.load(Z + b * szb + cx, mask=pm, other=0.0).to(tl.float32)
+    ax += xin * tl.load(CW + cx * K + (K - 1), mask=pm, other=0.0).to(tl.float32)
+    aB += bin_ * tl.load(CW + cB * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
+    aC += cin * tl.load(CW + cC * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
     # -- B, C conv windows are shared by the group's programs: the last of them to have read the
     # window shifts it. The barrier completes every warp's reads before the counter moves (a
-    # release by one thread orders only that thread's accesses); this sits before the state
-    # update so the acq_rel fence does not wait for the state tile's stores to drain.
+    # release by one thread orders only that thread's accesses).
     tl.debug_barrier()
     _shift_store(sbase, cx, pm, scsc, scsk, x1, x2, xin.to(CS.dtype.element_ty), K)
     total = heads_per_group * tl.num_programs(2)
@@ -227,30 +266,21 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     _shift_store(sbase, cB, nm & last, scsc, scsk, b1, b2, bin_.to(CS.dtype.element_ty), K)
     _shift_store(sbase, cC, nm & last, scsc, scsk, c1, c2, cin.to(CS.dtype.element_ty), K)
     tl.store(CNT + b * G + g, 0, mask=last)
-    if HAS_BIAS:
-        ax += tl.load(CBias + cx, mask=pm, other=0.0).to(tl.float32)
-        aB += tl.load(CBias + cB, mask=nm, other=0.0).to(tl.float32)
-        aC += tl.load(CBias + cC, mask=nm, other=0.0).to(tl.float32)
     # round like the unfused path, whose conv output is stored in the model dtype
     x = (ax * tl.sigmoid(ax)).to(XBC.dtype.element_ty).to(tl.float32)
     Bv = (aB * tl.sigmoid(aB)).to(XBC.dtype.element_ty).to(tl.float32)
     Cv = (aC * tl.sigmoid(aC)).to(XBC.dtype.element_ty).to(tl.float32)
     # -- SSD state update
-    dt = _softplus(tl.load(DT + b * sdtb + hd).to(tl.float32) + tl.load(DTB + hd).to(tl.float32))
+    dt = _softplus(dt + dtb)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-    hp = H + b * shb + hd * shh + p[:, None] * shp + n[None, :]
-    m2 = pm[:, None] & nm[None, :]
-    h = tl.load(hp, mask=m2, other=0.0)
-    h = h * tl.exp(dt * tl.load(A + hd).to(tl.float32)) + (x * dt)[:, None] * Bv[None, :]
+    h = h * tl.exp(dt * a_h) + (x * dt)[:, None] * Bv[None, :]
     tl.store(hp, h, mask=m2)
-    y = tl.sum(h * Cv[None, :], axis=1) + x * tl.load(Dp + hd).to(tl.float32)
+    y = tl.sum(h * Cv[None, :], axis=1) + x * d_h
     y = y.to(U.dtype.element_ty).to(tl.float32)
     # -- gate and the weighted, un-normalised norm input; the 1/rms factor is a per-row scalar,
     # so it is applied after out_proj (by add_rmsnorm_), from the sum of squares gathered here
-    z = tl.load(Z + b * szb + cx, mask=pm, other=0.0).to(tl.float32)
     gate = z * tl.sigmoid(z)
-    w = tl.load(NW + cx, mask=pm, other=0.0).to(tl.float32)
     if NORM_BEFORE_GATE:
         sq = tl.sum(y * y, axis=0)
         u = y * w * gate
@@ -264,14 +294,15 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
 
 
 def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
-                    dt_limit, norm_before_gate, out, sumsq, counter):
+                    dt_limit, norm_before_gate, out, sumsq, counter, state_early=False):
     """One Mamba2 mixer decode step up to out_proj's input, in one launch (ngroups == 1).
 
     Writes out (b, d_inner) = gate/weight-applied y *without* the 1/rms factor, and adds each
     row's sum of squares into sumsq (b,) float32 (which must start at zero; add_rmsnorm_ reads it
     and zeroes it again). counter (>= b) int32 zeros, left at zero. conv_state, h in place.
     rmsnorm_gated(y, z, w) == out * rsqrt(sumsq / d_inner + eps), so out_proj(normed) equals
-    out_proj(out) times that per-row scalar.
+    out_proj(out) times that per-row scalar. state_early: the caller guarantees conv_state and h
+    were not written by the previous launch (see STATE_EARLY in the kernel).
     """
     b = xBC.shape[0]
     nh, p, n = h.shape[1], h.shape[2], h.shape[3]
@@ -291,5 +322,5 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
         xBC.stride(0), dt.stride(0), z.stride(0), *conv_state.stride(), h.stride(0), h.stride(1), h.stride(2),
         out.stride(0), lo, hi if hi != math.inf else 3.0e38, CLAMP=lo > 0.0 or hi != math.inf, K=k,
         HAS_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate),
-        BLOCK_P=BP, BLOCK_N=BN, num_warps=4)
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=4, STATE_EARLY=bool(state_early), **pdl_kwargs(h.device))
     return out

@@ -160,9 +160,9 @@ def test_cpu_ssd_step_vs_reference(groups, dt_limit):
         assert rel_err(a, r) <= 1e-5
 
 
-def test_strict_triton_backend_allows_ops_without_a_triton_twin(monkeypatch):
-    """`use_backend("triton")` raises for a missing kernel, except for ops (linear) whose
-    reference is the GPU fast path; checked with a fake CUDA tensor and an empty kernel table."""
+def test_strict_triton_backend_raises_for_a_missing_kernel(monkeypatch):
+    """`use_backend("triton")` raises for an op with no Triton kernel instead of silently using
+    the reference; checked with a fake CUDA tensor and an empty kernel table."""
     from mamba_deploy import ops
 
     class FakeCuda:
@@ -172,6 +172,8 @@ def test_strict_triton_backend_allows_ops_without_a_triton_twin(monkeypatch):
 
     monkeypatch.setattr(ops, "fast_ops", lambda: {})
     with ops.use_backend("triton"):
+        for name in ("linear", "selective_scan"):
+            with pytest.raises(RuntimeError, match=name):
+                ops.pick(name, FakeCuda())
+    with ops.use_backend("auto"):
         assert ops.pick("linear", FakeCuda()) is ops.REFERENCE["linear"]
-        with pytest.raises(RuntimeError, match="selective_scan"):
-            ops.pick("selective_scan", FakeCuda())

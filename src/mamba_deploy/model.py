@@ -263,6 +263,12 @@ class MambaLM(nn.Module):
 
     def step(self, ids, state: State) -> torch.Tensor:
         """ids (b,) -> logits (b, vocab); state updated in place."""
+        if self.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
+            from .ops.cpu_decode import decode_plan
+
+            fast = decode_plan(self, ids.shape[0], state)
+            if fast is not None:
+                return fast(ids, state)
         h = self.backbone.embeddings(ids)  # (b, d_model)
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer.step(h, state.conv[i], state.ssm[i])

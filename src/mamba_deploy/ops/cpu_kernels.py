@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import reference as ref
 
-_SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c")]
+_SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c", "cpu_decode.c")]
 # Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
 # -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
 # time and silently changes every other library's float math (seen breaking OpenVINO).
@@ -80,12 +80,14 @@ def _lib():
             for obj in objs:
                 Path(obj).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(so))
-    P, L, F32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    P, L, F32, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for name, argtypes in (("selective_scan_f32", [P] * 11 + [L] * 4),
                            ("conv_update_f32", [P] * 6 + [L] * 3 + [ctypes.c_int]),
                            ("selective_update_f32", [P] * 11 + [L] * 3),
                            ("ssd_update_f32", [P] * 8 + [L] * 5 + [F32, F32]),
-                           ("rmsnorm_f32", [P] * 3 + [L] * 2 + [F32])):
+                           ("rmsnorm_f32", [P] * 3 + [L] * 2 + [F32]),
+                           ("mamba1_block_step_f32", [ctypes.POINTER(P)] + [P] * 4 + [L] * 6 + [F32, F32, I, I]),
+                           ("lm_head_step_f32", [P] * 5 + [L] * 3 + [F32, I])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
     return lib

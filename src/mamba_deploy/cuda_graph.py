@@ -12,6 +12,8 @@ more than `MambaLM.step` does: A precomputed once; residual add + next RMSNorm i
 Mamba2 with ngroups == 1, the whole mixer between in_proj and out_proj in one kernel
 (`ssd_step_gated_`: conv, state update, gate, norm statistics; the norm's per-row 1/rms is applied
 after out_proj, which is linear), so a layer is 4 launches: add+norm, in_proj, mixer, out_proj.
+At batch 1 the projections are the Triton GEMV (ops/triton_gemv.py), and on Hopper all four use
+programmatic dependent launch: each starts reading its weights while its predecessor finishes.
 MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels. The test
 suite compares its logits with the reference path's.
 """

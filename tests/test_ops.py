@@ -177,3 +177,17 @@ def test_strict_triton_backend_raises_for_a_missing_kernel(monkeypatch):
                 ops.pick(name, FakeCuda())
     with ops.use_backend("auto"):
         assert ops.pick("linear", FakeCuda()) is ops.REFERENCE["linear"]
+
+
+def test_cpu_kernels_fall_back_when_sources_are_missing(monkeypatch, tmp_path):
+    """An install without the C sources warns and uses the references instead of crashing."""
+    from mamba_deploy.ops import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_SRCS", [tmp_path / "missing.c"])
+    monkeypatch.setenv("MAMBA_DEPLOY_CACHE", str(tmp_path))
+    cpu_kernels._lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="sources are missing"):
+            assert cpu_kernels._lib() is None
+    finally:
+        cpu_kernels._lib.cache_clear()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import reference as ref
 
 _SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c", "cpu_decode.c")]
+_HEADER = Path(__file__).with_name("cpu_common.h")  # included by cpu_step.c and cpu_decode.c
 # Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
 # -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
 # time and silently changes every other library's float math (seen breaking OpenVINO).
@@ -55,7 +56,12 @@ def _lib():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    src = b"".join(f.read_bytes() for f in _SRCS)
+    try:
+        src = b"".join(f.read_bytes() for f in (*_SRCS, _HEADER))  # the header is part of every build
+    except OSError as e:
+        warnings.warn(f"the CPU kernel sources are missing from the installed package ({e}); using the "
+                      "PyTorch reference (slower). Reinstall mamba-deploy to get them back.")
+        return None
     # -march=native: the key includes the CPU, so a shared home folder never loads another CPU's build
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_scan-{key}.so"

@@ -3,10 +3,7 @@
  * tensors; doing each mixer's elementwise work in one call removes most per-op overhead.
  * All tensors contiguous; states are read from *_in and written to *_out (never aliased, so the
  * inputs are not modified). */
-#include <math.h>
-
-static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+#include "cpu_common.h"
 
 /* x (b, c); w (c, k); bias (c) or NULL; state (b, c, k-1) -> y (b, c), state_out (b, c, k-1) */
 void conv_update_f32(const float *x, const float *w, const float *bias, const float *state_in,
@@ -14,13 +11,8 @@ void conv_update_f32(const float *x, const float *w, const float *bias, const fl
 #pragma omp parallel for schedule(static) if (b * c > 4096)
     for (long r = 0; r < b * c; r++) {
         long ch = r % c;
-        const float *s = state_in + r * (k - 1), *wc = w + ch * k;
-        float *so = state_out + r * (k - 1);
-        float acc = bias ? bias[ch] : 0.0f;
-        for (long j = 0; j < k - 1; j++) acc += s[j] * wc[j];
-        acc += x[r] * wc[k - 1];
-        for (long j = 0; j + 1 < k - 1; j++) so[j] = s[j + 1];
-        if (k > 1) so[k - 2] = x[r];
+        float acc = conv_channel(state_in + r * (k - 1), state_out + r * (k - 1), w + ch * k,
+                                 bias ? bias[ch] : 0.0f, x[r], k);
         y[r] = act ? silu(acc) : acc;
     }
 }
@@ -32,13 +24,8 @@ void selective_update_f32(const float *x, const float *dt, const float *A, const
 #pragma omp parallel for schedule(static) if (b * d * n > 16384)
     for (long r = 0; r < b * d; r++) {
         long bi = r / d, i = r % d;
-        float de = softplus(dt[r] + dt_bias[i]), xv = x[r], dx = de * xv, acc = 0.0f;
-        const float *hi = h_in + r * n, *Ai = A + i * n, *Bb = B + bi * n, *Cb = C + bi * n;
-        float *ho = h_out + r * n;
-        for (long k = 0; k < n; k++) {
-            ho[k] = expf(de * Ai[k]) * hi[k] + dx * Bb[k];
-            acc += ho[k] * Cb[k];
-        }
+        float de = softplus(dt[r] + dt_bias[i]), xv = x[r];
+        float acc = selective_row(h_in + r * n, h_out + r * n, A + i * n, B + bi * n, C + bi * n, de, xv, n);
         acc += D[i] * xv;
         y[r] = z ? acc * silu(z[r]) : acc;
     }
@@ -74,11 +61,5 @@ void ssd_update_f32(const float *xBC, const float *dt, const float *A, const flo
 /* RMSNorm over the last dim: x (rows, d), w (d) -> y (rows, d); statistics in float32. */
 void rmsnorm_f32(const float *x, const float *w, float *y, long rows, long d, float eps) {
 #pragma omp parallel for schedule(static) if (rows > 8)
-    for (long r = 0; r < rows; r++) {
-        const float *xr = x + r * d;
-        float ss = 0.0f;
-        for (long i = 0; i < d; i++) ss += xr[i] * xr[i];
-        float s = 1.0f / sqrtf(ss / (float)d + eps);
-        for (long i = 0; i < d; i++) y[r * d + i] = w[i] * (xr[i] * s);
-    }
+    for (long r = 0; r < rows; r++) rms_row(x + r * d, w, y + r * d, d, eps);
 }

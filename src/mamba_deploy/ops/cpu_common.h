@@ -1,0 +1,42 @@
+/* Per-row pieces shared by the CPU decode kernels (cpu_step.c: one op per call; cpu_decode.c:
+ * a whole Mamba1 block per call), so both compute each step with the same expressions. */
+#ifndef MAMBA_DEPLOY_CPU_COMMON_H
+#define MAMBA_DEPLOY_CPU_COMMON_H
+#include <math.h>
+
+static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* One channel's causal-conv update: returns bias + window . w[:k-1] + x . w[k-1] (before the
+ * activation) and writes the shifted window (taps 1.., x) to s_out, which may be s_in. */
+static inline float conv_channel(const float *s_in, float *s_out, const float *wc, float bias, float x, long k) {
+    float acc = bias;
+    for (long j = 0; j < k - 1; j++) acc += s_in[j] * wc[j];
+    acc += x * wc[k - 1];
+    for (long j = 0; j + 1 < k - 1; j++) s_out[j] = s_in[j + 1];
+    if (k > 1) s_out[k - 2] = x;
+    return acc;
+}
+
+/* One Mamba1 channel's state row: h <- exp(de * A) h + de * x * B (h_out may be h_in);
+ * returns h . C. */
+static inline float selective_row(const float *h_in, float *h_out, const float *A, const float *B, const float *C,
+                                  float de, float x, long n) {
+    float dx = de * x, acc = 0.0f;
+    for (long k = 0; k < n; k++) {
+        h_out[k] = expf(de * A[k]) * h_in[k] + dx * B[k];
+        acc += h_out[k] * C[k];
+    }
+    return acc;
+}
+
+/* RMSNorm of one row, statistics in float32: y = w * (x / rms(x)), or x / rms(x) when w is
+ * NULL; y may be x. */
+static inline void rms_row(const float *x, const float *w, float *y, long d, float eps) {
+    float ss = 0.0f;
+    for (long i = 0; i < d; i++) ss += x[i] * x[i];
+    float s = 1.0f / sqrtf(ss / (float)d + eps);
+    for (long i = 0; i < d; i++) y[i] = w ? w[i] * (x[i] * s) : x[i] * s;
+}
+
+#endif

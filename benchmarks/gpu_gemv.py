@@ -4,7 +4,7 @@ without programmatic dependent launch, over each model's real chain of projectio
 A chain is every layer's in_proj then out_proj (distinct weights, so nothing stays in L2), one
 row of x, captured in one CUDA graph: what batch-1 decode streams, minus the small kernels.
 First each projection's launch configurations are swept (PDL on), then the best pair is timed
-against cuBLAS. Prints a table (ms per chain, share of copy bandwidth), writes JSON.
+against cuBLAS. Prints a table (ms per chain and the copy-bandwidth floor), writes JSON.
 
     python benchmarks/gpu_gemv.py [--out gemv.json] [--models mamba2-2.7b,mamba2-130m]
 

@@ -1,0 +1,72 @@
+"""Where ONNX Runtime spends a decode step: per-op-type kernel time from ORT's own profiler.
+
+Exports a 130m-shaped random checkpoint (the one benchmarks/cpu_backends.py builds), runs warm-up
+and then timed one-token steps through the ONNX Runner with profiling on, and prints the op types
+by time per step. Profiling adds overhead, so the step time here is above cpu_backends.py's.
+
+    python benchmarks/ort_profile.py [--arch mamba1] [--threads 2] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu_backends import SHAPES, build_checkpoint  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=sorted(SHAPES), default="mamba1")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build_checkpoint(args.arch, work / "hf")
+        export_onnx(work / "hf", work / "onnx", validate=False)
+        runner = open_runner(work / "onnx", "onnx", threads=args.threads)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        so.enable_profiling, so.profile_file_prefix, so.log_severity_level = True, str(work / "prof"), 3
+        runner.session = ort.InferenceSession(str(work / "onnx" / "model.onnx"), so,
+                                              providers=["CPUExecutionProvider"])
+        state, tok = runner.new_state(1), torch.tensor([5])
+        warm = 3
+        for _ in range(warm):
+            runner.step(tok, state)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            runner.step(tok, state)
+        step_ms = (time.perf_counter() - t) / args.steps * 1e3
+        events = json.loads(Path(runner.session.end_profiling()).read_text())
+    per_op, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+            calls[e["args"]["op_name"]] += 1
+    n = warm + args.steps  # the profile covers the warm-up steps too
+    print(f"{args.arch}: {step_ms:.2f} ms per profiled decode step, node time {sum(per_op.values()) / n / 1e3:.2f} ms")
+    print("| op type | ms / step | nodes / step |\n| --- | ---: | ---: |")
+    for op, us in per_op.most_common(12):
+        print(f"| {op} | {us / n / 1e3:.3f} | {calls[op] / n:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,9 @@ def check_ssd(b, l, nh, p, g, n, Q, dtype, device, dt_limit=(0.0, math.inf)):
     close(h, hr, dtype, "ssd h")
 
 
-def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
+def step_inputs(b, nh, p, g, n, k, dtype, device):
+    """Inputs of ssd_step in its argument order: xBC, dt, conv weight, conv bias, conv state, A, D,
+    dt_bias, h (float32)."""
     conv_dim = nh * p + 2 * g * n
     xBC = rnd(b, conv_dim, device=device, dtype=dtype)
     dt = rnd(b, nh, device=device, dtype=dtype, scale=0.5) - 1.0
@@ -151,6 +153,11 @@ def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
     D = rnd(nh, device=device, dtype=dtype)
     dtb = rnd(nh, device=device, dtype=dtype, scale=0.5)
     h = torch.randn(b, nh, p, n, device=device)
+    return xBC, dt, w, cb, cs, A, D, dtb, h
+
+
+def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
+    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, g, n, k, dtype, device)
     yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h), dt_limit)
     y, cs1, h1 = K().ssd_step(xBC, dt, w, cb, cs, A, D, dtb, h, dt_limit)
     close(y, yr, dtype, "ssd_step y")
@@ -171,18 +178,9 @@ def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False):
     from mamba_deploy.ops.triton_step import ssd_step_gated_
 
     d = nh * p
-    conv_dim = d + 2 * n
-    xBC = rnd(b, conv_dim, device=device, dtype=dtype)
+    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, 1, n, k, dtype, device)
     z = rnd(b, d, device=device, dtype=dtype)
-    dt = rnd(b, nh, device=device, dtype=dtype, scale=0.5) - 1.0
-    w = rnd(conv_dim, k, device=device, dtype=dtype, scale=0.5)
-    cb = rnd(conv_dim, device=device, dtype=dtype)
-    cs = rnd(b, conv_dim, k - 1, device=device, dtype=dtype)
-    A = -torch.exp(torch.rand(nh, device=device) * 2)
-    D = rnd(nh, device=device, dtype=dtype)
-    dtb = rnd(nh, device=device, dtype=dtype, scale=0.5)
     nw = rnd(d, device=device, dtype=dtype)
-    h = torch.randn(b, nh, p, n, device=device)
     yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h))
     outr = R.rmsnorm_gated_ref(yr.reshape(b, d), *up(z, nw), 1e-5, d, before)
     out = torch.empty(b, d, device=device, dtype=dtype)

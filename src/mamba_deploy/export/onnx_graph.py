@@ -154,26 +154,22 @@ class MambaGraph:
         return model
 
     def _inputs(self):
-        cfg = self.cfg
         ins = [helper.make_tensor_value_info(IDS, TensorProto.INT64, ["batch", "seq"]),
                helper.make_tensor_value_info(MASK, TensorProto.INT64, ["mask_batch", "mask_seq"]),
                helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1])]
-        for i in range(cfg.n_layer):
-            ins.append(helper.make_tensor_value_info(PAST_CONV.format(i), TensorProto.FLOAT,
-                                                     ["batch", *cfg.conv_state_shape]))
-            ins.append(helper.make_tensor_value_info(PAST_SSM.format(i), TensorProto.FLOAT,
-                                                     ["batch", *cfg.ssm_state_shape]))
-        return ins
+        return ins + self._state_infos(PAST_CONV, PAST_SSM)
+
+    def _state_infos(self, conv_name, ssm_name):
+        """Per-layer state value infos, conv then ssm for each layer, batch axis dynamic."""
+        cfg = self.cfg
+        return [helper.make_tensor_value_info(name.format(i), TensorProto.FLOAT, ["batch", *shape])
+                for i in range(cfg.n_layer)
+                for name, shape in ((conv_name, cfg.conv_state_shape), (ssm_name, cfg.ssm_state_shape))]
 
     def _outputs(self):
         cfg = self.cfg
         outs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "logits_seq", cfg.padded_vocab_size])]
-        for i in range(cfg.n_layer):
-            outs.append(helper.make_tensor_value_info(PRESENT_CONV.format(i), TensorProto.FLOAT,
-                                                      ["batch", *cfg.conv_state_shape]))
-            outs.append(helper.make_tensor_value_info(PRESENT_SSM.format(i), TensorProto.FLOAT,
-                                                      ["batch", *cfg.ssm_state_shape]))
-        return outs
+        return outs + self._state_infos(PRESENT_CONV, PRESENT_SSM)
 
     def _embed(self) -> str:
         """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the

@@ -374,9 +374,9 @@ def main():
 
 
 def save(results, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump({f"{s}/{m}": r for (s, m), r in results.items()}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from mamba_deploy.atomic import write_json
+
+    write_json(path, {f"{s}/{m}": r for (s, m), r in results.items()}, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -27,6 +26,8 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu import MODELS, copy_bandwidth, cuda_time  # noqa: E402
+
+from mamba_deploy.atomic import write_json  # noqa: E402
 
 
 def shapes(name):
@@ -121,8 +122,7 @@ def main():
     for name in args.models.split(","):
         out["results"][name] = run_model(name, bw)
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(args.out, out, indent=1)
     print("model                 proj   cublas_ms  triton_ms  floor_ms")
     for key, r in out["results"].items():
         for proj in ("in", "out"):

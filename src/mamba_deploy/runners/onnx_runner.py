@@ -91,18 +91,21 @@ class OnnxRunner(Runner):
             io.bind_ortvalue_output(name, v)
         self.session.run_with_iobinding(io)
         state.cur = 1 - state.cur
-        logits = state.logits if decode else io.get_outputs()[0]
-        return torch.from_numpy(logits.numpy())
+        if decode:  # the preallocated buffer is reused next step: copy it out
+            # numpy's copy, not torch's clone: a torch copy of (b, V) wakes torch's OpenMP pool, whose
+            # spinning threads then take cores from ORT's next run (~5 ms/token on 2 cores)
+            return torch.from_numpy(state.logits.numpy().copy())
+        return torch.from_numpy(io.get_outputs()[0].numpy())
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask)
         decode = ids.shape[1] == 1 or last_only
         logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)
-        return logits.clone() if decode else logits, state
+        return logits, state
 
     def step(self, ids, state):
         ids = _ids(ids, 1)
-        return self._run(ids[:, None], state, decode=True)[:, 0].clone(), state
+        return self._run(ids[:, None], state, decode=True)[:, 0], state
 
     def run(self, feeds: dict) -> dict:
         """Plain session run on numpy feeds, checked against the manifest: missing inputs and

@@ -293,6 +293,12 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     tl.atomic_add(SS + b, sq, sem="relaxed")
 
 
+def step_config(nheads: int, headdim: int, block_n: int) -> dict:
+    """Tile of the fused decode mixer: BLOCK_P rows of headdim per program (each program holds a
+    (BLOCK_P, d_state) float32 state tile). Swept in benchmarks/gpu_decode_sweep.py."""
+    return dict(BLOCK_P=max(1, min(triton.next_power_of_2(headdim), 4096 // block_n)), num_warps=4)
+
+
 def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
                     dt_limit, norm_before_gate, out, sumsq, counter, state_early=False):
     """One Mamba2 mixer decode step up to out_proj's input, in one launch (ngroups == 1).
@@ -313,7 +319,8 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
         raise ValueError("ssd_step_gated_ needs ngroups == 1, d_conv in 2..4 and a float32 state "
                          "with unit last stride")
     BN = triton.next_power_of_2(n)
-    BP = max(1, min(triton.next_power_of_2(p), 4096 // BN))
+    tile = step_config(nh, p, BN)
+    BP = tile["BLOCK_P"]
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     w = conv_weight.contiguous()
     _ssd_step_gated_kernel[(b, nh, triton.cdiv(p, BP))](
@@ -322,5 +329,5 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
         xBC.stride(0), dt.stride(0), z.stride(0), *conv_state.stride(), h.stride(0), h.stride(1), h.stride(2),
         out.stride(0), lo, hi if hi != math.inf else 3.0e38, CLAMP=lo > 0.0 or hi != math.inf, K=k,
         HAS_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate),
-        BLOCK_P=BP, BLOCK_N=BN, num_warps=4, STATE_EARLY=bool(state_early), **pdl_kwargs(h.device))
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=tile["num_warps"], STATE_EARLY=bool(state_early), **pdl_kwargs(h.device))
     return out

@@ -83,12 +83,55 @@ MIN_OPSET, MAX_OPSET = 9, 24  # the same doc's opset range
 
 # ----------------------------------------------------------------------------- op support check
 
+def _value_types(graph, types: dict, ranks: dict) -> None:
+    """Element type and rank of every named value in graph and its subgraphs (after inference)."""
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        types[v.name] = v.type.tensor_type.elem_type
+        if v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    for t in graph.initializer:
+        types[t.name] = t.data_type
+    for sub in _subgraphs(graph):
+        _value_types(sub, types, ranks)
+
+
+def _subgraphs(graph):
+    for n in graph.node:
+        for a in n.attribute:
+            yield from ([a.g] if a.HasField("g") else []) + list(a.graphs)
+
+
+def _node_issues(n, op: str, label: str, types: dict, ranks: dict, consts: set) -> list[str]:
+    """What TensorRT's parser would reject in one node whose op it knows (TRT_ONNX_OPS)."""
+    from onnx import TensorProto
+
+    issues = []
+    ok_types, checked, const_in, _ = TRT_ONNX_OPS[op]
+    checked_inputs = list(n.input) if op == "Scan" else \
+        ([n.input[checked]] if checked is not None and len(n.input) > checked else [])
+    for name in checked_inputs:
+        t = TensorProto.DataType.Name(types.get(name, 0))
+        if name and t not in ok_types:
+            issues.append(f"{label}: input {name!r} has type {t}; TensorRT supports {', '.join(ok_types)}")
+    for k in const_in:
+        if len(n.input) > k and n.input[k] and n.input[k] not in consts:
+            issues.append(f"{label}: input {k} ({n.input[k]!r}) must be a build-time constant")
+    if op == "If":
+        br = {a.name: a.g for a in n.attribute}
+        for a, b in zip(br["then_branch"].output, br["else_branch"].output):
+            if a.name == b.name:
+                issues.append(f"{label}: both branches name an output {a.name!r}")
+            ra, rb = ranks.get(a.name), ranks.get(b.name)
+            if ra is not None and rb is not None and ra != rb:
+                issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have ranks {ra} / {rb}")
+    return issues
+
+
 def trt_parser_issues(model) -> list[str]:
     """Every node of `model` (an onnx ModelProto, subgraphs included) the TensorRT ONNX parser
     would reject per TRT_ONNX_OPS: unknown op, unsupported input type, non-constant input where
     a constant is required, If branches with different ranks or shared output names. [] = fine."""
     import onnx
-    from onnx import TensorProto
 
     issues: list[str] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -97,20 +140,7 @@ def trt_parser_issues(model) -> list[str]:
     inferred = onnx.shape_inference.infer_shapes(model)
     types: dict[str, int] = {}
     ranks: dict[str, int] = {}
-
-    def collect(g):
-        for v in (*g.input, *g.output, *g.value_info):
-            types[v.name] = v.type.tensor_type.elem_type
-            if v.type.tensor_type.HasField("shape"):
-                ranks[v.name] = len(v.type.tensor_type.shape.dim)
-        for t in g.initializer:
-            types[t.name] = t.data_type
-        for n in g.node:
-            for a in n.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    collect(sub)
-
-    collect(inferred.graph)
+    _value_types(inferred.graph, types, ranks)
 
     def walk(g, consts: set[str], where: str):
         # build-time constants: initializers that are not overridable inputs, Constant outputs
@@ -123,25 +153,7 @@ def trt_parser_issues(model) -> list[str]:
             if op not in TRT_ONNX_OPS:
                 issues.append(f"{label}: op not in TensorRT's supported ONNX operators")
                 continue
-            ok_types, checked, const_in, _ = TRT_ONNX_OPS[op]
-            checked_inputs = list(n.input) if op == "Scan" else \
-                ([n.input[checked]] if checked is not None and len(n.input) > checked else [])
-            for name in checked_inputs:
-                t = TensorProto.DataType.Name(types.get(name, 0))
-                if name and t not in ok_types:
-                    issues.append(f"{label}: input {name!r} has type {t}; TensorRT supports {', '.join(ok_types)}")
-            for k in const_in:
-                if len(n.input) > k and n.input[k] and n.input[k] not in consts:
-                    issues.append(f"{label}: input {k} ({n.input[k]!r}) must be a build-time constant")
-            if op == "If":
-                br = {a.name: a.g for a in n.attribute}
-                then_o, else_o = br["then_branch"].output, br["else_branch"].output
-                for a, b in zip(then_o, else_o):
-                    if a.name == b.name:
-                        issues.append(f"{label}: both branches name an output {a.name!r}")
-                    ra, rb = ranks.get(a.name), ranks.get(b.name)
-                    if ra is not None and rb is not None and ra != rb:
-                        issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have ranks {ra} / {rb}")
+            issues.extend(_node_issues(n, op, label, types, ranks, consts))
             for a in n.attribute:
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     walk(sub, consts, f"{label} > ")

@@ -212,6 +212,8 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
                            dt_lo, dt_hi, CLAMP: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                            USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
+    # Longer than the other kernels on purpose: the conv, state update, gate and norm statistics
+    # share registers in one launch (the whole mixer of a decode step; a launch costs ~2 us).
     b = tl.program_id(0)
     hd = tl.program_id(1)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)

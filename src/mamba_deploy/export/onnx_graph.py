@@ -82,10 +82,10 @@ class Builder:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
     def rms(self, x: str, eps: float, weight: str | None = None) -> str:
-        """x * rsqrt(mean(x^2) + eps) over the last axis, float32."""
-        ms = self.reduce("ReduceMean", self.op("Mul", x, x), [-1])
-        inv = self.op("Reciprocal", self.op("Sqrt", self.op("Add", ms, self.const([eps], np.float32))))
-        y = self.op("Mul", x, inv)
+        """x / sqrt(mean(x^2) + eps) over the last axis, float32. Written as Pow, ReduceMean, Add,
+        Sqrt, Div, Mul: the pattern ONNX Runtime fuses into one SimplifiedLayerNormalization."""
+        ms = self.reduce("ReduceMean", self.op("Pow", x, self.const(2.0, np.float32)), [-1])
+        y = self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.const([eps], np.float32))))
         return y if weight is None else self.op("Mul", y, weight)
 
     def dim(self, shape: str, i: int) -> str:
@@ -172,21 +172,28 @@ class MambaGraph:
         return outs + self._state_infos(PRESENT_CONV, PRESENT_SSM)
 
     def _embed(self) -> str:
-        """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
-        embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
+        """input_ids (b, l) -> (b, l, D) float32."""
         cfg, g = self.cfg, self.g
         # optional inputs: an initializer of the same name is the default when not fed
         g.init(MASK, np.ones((1, 1), np.int64))
         g.init(KEEP, np.zeros((1,), np.int64))
-        emb = self.w["backbone.embeddings.weight"]
+        self._embed_weights()
         if cfg.tie_embeddings:
-            self.head_w = g.init("lm_head.weight", emb.detach().float().cpu().numpy().astype(self.wdtype).T)
             h = g.op("Transpose", g.op("Gather", self.head_w, IDS, axis=1), perm=[1, 2, 0])  # (b, l, D)
         else:
-            e = g.init("backbone.embeddings.weight", self._np("backbone.embeddings.weight", self.wdtype))
-            self.head_w = g.init("lm_head.weight", self._np("lm_head.weight", self.wdtype).T)
-            h = g.op("Gather", e, IDS, axis=0)
+            h = g.op("Gather", "backbone.embeddings.weight", IDS, axis=0)
         return g.op("Cast", h, to=TensorProto.FLOAT) if self.wdtype == np.float16 else h
+
+    def _embed_weights(self) -> None:
+        """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
+        embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
+        g = self.g
+        emb = self.w["backbone.embeddings.weight"]
+        if self.cfg.tie_embeddings:
+            self.head_w = g.init("lm_head.weight", emb.detach().float().cpu().numpy().astype(self.wdtype).T)
+        else:
+            g.init("backbone.embeddings.weight", self._np("backbone.embeddings.weight", self.wdtype))
+            self.head_w = g.init("lm_head.weight", self._np("lm_head.weight", self.wdtype).T)
 
     def _head(self, h: str) -> str:
         """Optionally keep only the last `num_logits_to_keep` positions (0 = all)."""

@@ -60,6 +60,7 @@ TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]
     "Min": (FI, 0, (), ""),
     "Mul": (FI, 0, (), ""),
     "Pad": (FI, 0, (), ""),
+    "Pow": (F, 0, (), ""),
     "Reciprocal": (F, 0, (), ""),
     "ReduceMean": (FI, 0, (1,), "`axes` must be an initializer"),
     "ReduceSum": (FI, 0, (1,), "`axes` must be an initializer"),

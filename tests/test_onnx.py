@@ -162,11 +162,21 @@ def test_graph_checker_shape_inference_and_op_allow_list(exported, kind):
     ops = graph_op_types(model)
     assert ops <= ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
     assert all(op.domain in ("", "ai.onnx") for op in model.opset_import)
-    # every linear layer is a MatMul against a named weight initializer (for MatMulNBits rewriting)
+    # one top-level If(seq == 1): a loop-free one-token branch and the multi-token branch, both
+    # reading the top-level weights; every linear layer is a MatMul against a named weight
+    # initializer (for MatMulNBits rewriting)
+    (branch_if,) = [n for n in model.graph.node if n.op_type == "If"]
+    assert {n.op_type for n in model.graph.node} <= {"If", "Shape", "Slice", "Equal", "Cast"}
     inits = {t.name for t in model.graph.initializer}
-    mm = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    assert {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.out_proj.weight",
-            "lm_head.weight"} <= mm
+    branches = {a.name: a.g for a in branch_if.attribute}
+    step_ops = {n.op_type for n in branches["then_branch"].node}
+    seq_ops = {n.op_type for n in branches["else_branch"].node}
+    assert not step_ops & {"If", "Scan", "Loop", "CumSum"} and "If" not in seq_ops
+    assert ("Scan" in seq_ops) == (kind != "mamba2_g2")
+    for branch in branches.values():
+        mm = {n.input[1] for n in branch.node if n.op_type == "MatMul" and n.input[1] in inits}
+        assert {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.out_proj.weight",
+                "lm_head.weight"} <= mm
     manifest = json.loads((out / "manifest.json").read_text())
     names = [i["name"] for i in manifest["inputs"]]
     assert names[:2] == ["input_ids", "attention_mask"] and "past_ssm.1" in names

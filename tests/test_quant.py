@@ -281,8 +281,12 @@ def test_onnx_matmulnbits_matches_torch(hf_checkpoint, tmp_path, kind, method, o
     folder, _ = hf_checkpoint(kind)
     model = quantize(load_model(folder), method, **CALIB, **opts)
     out = export_quantized_onnx(model, tmp_path / "onnx", validate=False, accuracy_level=0)
-    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-    assert ops.count("MatMulNBits") >= 2 * model.config.n_layer
+    graph = onnx.load(str(out / "model.onnx")).graph
+    (branch_if,) = [n for n in graph.node if n.op_type == "If"]
+    for branch in branch_if.attribute:  # the one-token and the multi-token network: both quantized
+        assert [n.op_type for n in branch.g.node].count("MatMulNBits") >= 2 * model.config.n_layer, branch.name
+    float_left = {t.name for t in graph.initializer} & {m + ".weight" for m in model.quantization_config["modules"]}
+    assert "backbone.layers.0.mixer.in_proj.weight" not in float_left
     runner = open_onnx(out)
     ids = _ids(2, 9)
     got, st = runner.prefill(ids, runner.new_state(2))

@@ -5,18 +5,24 @@ into a fixed length, and the graph must serve any sequence length. Writing the g
 keeps every linear layer a plain `MatMul` against a named initializer (what the MatMulNBits
 rewriter looks for) and uses only standard-domain operators (the allow-list in `onnx.py`).
 
-Formulations (b batch, l time, d d_inner, n d_state, h heads, p headdim, g groups, r = h/g):
-- Mamba1: one ONNX `Scan` over time per layer, state laid out (b, n, d) so every per-step op
-  runs over contiguous d-long rows (measured faster than (b, d, n), and than blocks of 4-16 steps
-  per iteration with vectorised decays: ORT's Split/Concat copies cost more than they save).
-  Only decays exp(dt*A) <= 1 are formed: stable at any length.
-- Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
-  input shape, so a one-token decode costs no padding. Decays are exp of segment sums summed
-  directly (masked cumsum) or exp of in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided
-  out later, so large dt and strongly negative A cannot overflow.
-- Both: an `If(seq == 1)` per layer runs a plain one-token update instead, so decoding skips the
-  Scan / chunk machinery; the depthwise conv is k shifted multiply-adds (ORT's grouped Conv is
-  slow on one token).
+Layout: the weights are top-level initializers and the whole network sits in one top-level
+`If(seq == 1)` whose two branches read them from the outer scope:
+- then (one token, `onnx_step.py`): a decode step with 2-D activations, no loop, no shape
+  arithmetic. One If around the network instead of one per layer: the per-layer Ifs and their
+  Scan / chunk set-up cost ~7 ms of a ~25 ms token on 2 cores.
+- else (any length, this module), formulations (b batch, l time, d d_inner, n d_state, h heads,
+  p headdim, g groups, r = h/g):
+  - Mamba1: one ONNX `Scan` over time per layer, state laid out (b, n, d) so every per-step op
+    runs over contiguous d-long rows (measured faster than (b, d, n), and than blocks of 4-16
+    steps per iteration with vectorised decays: ORT's Split/Concat copies cost more than they
+    save). Only decays exp(dt*A) <= 1 are formed: stable at any length.
+  - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
+    input shape. Decays are exp of segment sums summed directly (masked cumsum) or exp of
+    in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided out later, so large dt and
+    strongly negative A cannot overflow.
+  - The depthwise conv is k shifted multiply-adds (ORT's grouped Conv is slow).
+Both branches write the same outputs (logits and every present_* state, same ranks) under
+branch-specific names; the If node maps them onto the graph outputs.
 All recurrences, norms and residuals run in float32; in an fp16 export only the MatMul/Gather
 weights are float16 (activations are cast around them).
 """
@@ -28,130 +34,89 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..config import MambaConfig
+from .onnx_builder import (IDS, INT64_MAX, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM,
+                           Builder, _ir_for_opset)
+from .onnx_step import StepNetwork
 
-INT64_MAX = np.iinfo(np.int64).max
 # Longest Mamba2 chunk inside the graph (the math does not depend on it). Measured on 130m shapes,
 # prefill 512 on 2 threads: chunk 256 / 128 / 64 / 32 took 1.0 / 1.14 / 1.28 / 1.36 x the time of
 # 256 (fewer chunks = fewer large (b, c, h, p, n) state tensors), so the config's chunk is kept.
 SSD_CHUNK = 256
-NP_TO_ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16,
-              np.dtype("int64"): TensorProto.INT64}
-# names of the graph's interface (the manifest repeats them with shapes and roles)
-IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "logits"
-PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
 
 
-class Builder:
-    """Collects nodes / initializers; names are unique across the graph and its subgraphs."""
-
-    def __init__(self, opset: int, counter=None):
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._counter = counter if counter is not None else [0]
-        self._consts: dict = {}
-
-    def _name(self, hint: str) -> str:
-        self._counter[0] += 1
-        return f"{hint}_{self._counter[0]}"
-
-    def op(self, op_type: str, *inputs, n_out: int = 1, **attrs):
-        outs = [self._name(op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._name("n_" + op_type), **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def const(self, values, dtype=np.int64) -> str:
-        arr = np.asarray(values, dtype=dtype)
-        key = (arr.dtype.str, arr.shape, arr.tobytes())
-        if key not in self._consts:
-            self._consts[key] = self.init(self._name("const"), arr)
-        return self._consts[key]
-
-    # ---- small compositions ----------------------------------------------------------------
-    def reduce(self, op_type: str, x: str, axes, keepdims=1) -> str:
-        """ReduceSum takes axes as an input since opset 13, ReduceMean only since 18."""
-        if op_type == "ReduceSum" or self.opset >= 18:
-            return self.op(op_type, x, self.const(axes), keepdims=keepdims)
-        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
-
-    def silu(self, x: str) -> str:
-        return self.op("Mul", x, self.op("Sigmoid", x))
-
-    def rms(self, x: str, eps: float, weight: str | None = None) -> str:
-        """x / sqrt(mean(x^2) + eps) over the last axis, float32. Written as Pow, ReduceMean, Add,
-        Sqrt, Div, Mul: the pattern ONNX Runtime fuses into one SimplifiedLayerNormalization."""
-        ms = self.reduce("ReduceMean", self.op("Pow", x, self.const(2.0, np.float32)), [-1])
-        y = self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.const([eps], np.float32))))
-        return y if weight is None else self.op("Mul", y, weight)
-
-    def dim(self, shape: str, i: int) -> str:
-        """Element i of a shape tensor, as a 1-element int64 tensor."""
-        return self.op("Slice", shape, self.const([i]), self.const([i + 1 if i != -1 else INT64_MAX]))
-
-    def cat(self, *parts) -> str:
-        return self.op("Concat", *parts, axis=0)
-
-
-class MambaGraph:
+class MambaGraph(StepNetwork):
     """Turns a MambaConfig + state dict into the ONNX ModelProto described in the module doc."""
 
     def __init__(self, cfg: MambaConfig, weights: dict, wdtype=np.float32, opset: int = 17,
                  chunk: int | None = None):
         self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
         self.chunk = min(cfg.chunk_size, chunk or SSD_CHUNK)
-        self.g = Builder(opset)
+        self.root = self.g = Builder(opset)  # g: where nodes go now (the root or a branch)
+        self.tag = ""  # the branch being built: its outputs are named "<output>.<tag>"
+        self._weights: set[str] = set()
         self._conv_ends: dict[int, str] = {}  # tap j -> l + j, shared by all layers
 
-    # ---- weights ---------------------------------------------------------------------------
+    # ---- weights: top-level initializers, shared by both branches ----------------------------
     def _np(self, key: str, dtype=np.float32) -> np.ndarray:
         return self.w[key].detach().float().cpu().numpy().astype(dtype)
 
+    def weight(self, name: str, make) -> str:
+        """The top-level initializer `name`, created from make() on first use."""
+        if name not in self._weights:
+            self._weights.add(name)
+            self.root.init(name, make())
+        return name
+
     def param(self, key: str, shape=None) -> str:
         """A float32 parameter (norm weights, biases, A, D, conv)."""
-        a = self._np(key)
-        return self.g.init(key, a if shape is None else a.reshape(shape))
+        return self.weight(key, lambda: self._np(key) if shape is None else self._np(key).reshape(shape))
 
     def linear(self, x: str, key: str, bias_key: str | None = None) -> str:
         """x @ W^T as MatMul against the initializer `key` stored [in, out]."""
-        w = self.g.init(key, self._np(key, self.wdtype).T)
+        g, w = self.g, self.weight(key, lambda: self._np(key, self.wdtype).T)
         if self.wdtype == np.float16:
-            y = self.g.op("Cast", self.g.op("MatMul", self.g.op("Cast", x, to=TensorProto.FLOAT16), w),
-                          to=TensorProto.FLOAT)
+            y = g.op("Cast", g.op("MatMul", g.op("Cast", x, to=TensorProto.FLOAT16), w), to=TensorProto.FLOAT)
         else:
-            y = self.g.op("MatMul", x, w)
+            y = g.op("MatMul", x, w)
         if bias_key is not None and bias_key in self.w:
-            y = self.g.op("Add", y, self.param(bias_key))
+            y = g.op("Add", y, self.param(bias_key))
         return y
 
     # ---- interface -------------------------------------------------------------------------
     def build(self, name="mamba") -> onnx.ModelProto:
-        cfg, g = self.cfg, self.g
-        self.shape_ids = g.op("Shape", IDS)
-        self.L = g.dim(self.shape_ids, 1)  # (1,) int64
-        self.one_token = g.op("Equal", self.L, g.const([1]))
-        mask = g.op("Unsqueeze", g.op("Cast", MASK, to=TensorProto.FLOAT), g.const([-1]))  # (b|1, l|1, 1)
-        h = self._embed()
-        if cfg.arch == "mamba2":
-            self._ssd_shapes()
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(cfg.n_layer), desc="building ONNX graph", unit="layer", disable=cfg.n_layer < 8):
-            p = f"backbone.layers.{i}."
-            xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
-            mix = self._mamba1 if cfg.arch == "mamba1" else self._mamba2
-            y = mix(xn, mask, p + "mixer.", i)
-            h = g.op("Add", h, y)
-        logits = self._head(h)
-        g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="logits_out"))
+        g = self.root
+        # optional inputs: an initializer of the same name is the default when not fed
+        g.init(MASK, np.ones((1, 1), np.int64))
+        g.init(KEEP, np.zeros((1,), np.int64))
+        self.L = g.dim(g.op("Shape", IDS), 1)  # (1,) int64
+        self.maskf = g.op("Cast", MASK, to=TensorProto.FLOAT)  # (b|1, l|1)
+        self._embed_weights()
+        then = self._branch("step", self._step_network)
+        other = self._branch("seq", self._seq_network)
+        one_token = g.op("Equal", self.L, g.const([1]))
+        g.nodes.append(helper.make_node("If", [one_token], [v.name for v in self._outputs()], name="if_one_token",
+                                        then_branch=then, else_branch=other))
         graph = helper.make_graph(g.nodes, name, self._inputs(), self._outputs(), g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                   producer_name="mamba-deploy")
         model.ir_version = min(model.ir_version, _ir_for_opset(self.opset))
         return model
+
+    def _branch(self, tag: str, network) -> onnx.GraphProto:
+        """network() built into a fresh subgraph whose outputs are the graph outputs renamed
+        "<name>.<tag>" (TensorRT wants the two branches' outputs named apart)."""
+        self.g, self.tag = Builder(self.opset, self.root._counter), tag
+        network()
+        sub, self.g = self.g, self.root
+        outs = [helper.make_tensor_value_info(self.out(v.name), TensorProto.FLOAT,
+                                              [d.dim_value or f"{self.out(v.name)}_{j}"
+                                               for j, d in enumerate(v.type.tensor_type.shape.dim)])
+                for v in self._outputs()]
+        return helper.make_graph(sub.nodes, f"{tag}_branch", [], outs, sub.inits)
+
+    def out(self, name: str) -> str:
+        """The current branch's name for the graph output `name`."""
+        return f"{name}.{self.tag}"
 
     def _inputs(self):
         ins = [helper.make_tensor_value_info(IDS, TensorProto.INT64, ["batch", "seq"]),
@@ -171,29 +136,40 @@ class MambaGraph:
         outs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "logits_seq", cfg.padded_vocab_size])]
         return outs + self._state_infos(PRESENT_CONV, PRESENT_SSM)
 
+    def _embed_weights(self) -> None:
+        """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
+        embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
+        emb = self.w["backbone.embeddings.weight"]
+        if self.cfg.tie_embeddings:
+            self.head_w = self.weight("lm_head.weight", lambda: emb.detach().float().cpu().numpy().astype(self.wdtype).T)
+        else:
+            self.weight("backbone.embeddings.weight", lambda: self._np("backbone.embeddings.weight", self.wdtype))
+            self.head_w = self.weight("lm_head.weight", lambda: self._np("lm_head.weight", self.wdtype).T)
+
+    # ---- the multi-token branch ----------------------------------------------------------------
+    def _seq_network(self) -> None:
+        cfg, g = self.cfg, self.g
+        mask = g.op("Unsqueeze", self.maskf, g.const([-1]))  # (b|1, l|1, 1)
+        h = self._embed()
+        if cfg.arch == "mamba2":
+            self._ssd_shapes()
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(cfg.n_layer), desc="building ONNX graph", unit="layer", disable=cfg.n_layer < 8):
+            p = f"backbone.layers.{i}."
+            xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
+            mix = self._mamba1 if cfg.arch == "mamba1" else self._mamba2
+            h = g.op("Add", h, mix(xn, mask, p + "mixer.", i))
+        self._head(h)
+
     def _embed(self) -> str:
         """input_ids (b, l) -> (b, l, D) float32."""
-        cfg, g = self.cfg, self.g
-        # optional inputs: an initializer of the same name is the default when not fed
-        g.init(MASK, np.ones((1, 1), np.int64))
-        g.init(KEEP, np.zeros((1,), np.int64))
-        self._embed_weights()
-        if cfg.tie_embeddings:
+        g = self.g
+        if self.cfg.tie_embeddings:
             h = g.op("Transpose", g.op("Gather", self.head_w, IDS, axis=1), perm=[1, 2, 0])  # (b, l, D)
         else:
             h = g.op("Gather", "backbone.embeddings.weight", IDS, axis=0)
         return g.op("Cast", h, to=TensorProto.FLOAT) if self.wdtype == np.float16 else h
-
-    def _embed_weights(self) -> None:
-        """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
-        embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
-        g = self.g
-        emb = self.w["backbone.embeddings.weight"]
-        if self.cfg.tie_embeddings:
-            self.head_w = g.init("lm_head.weight", emb.detach().float().cpu().numpy().astype(self.wdtype).T)
-        else:
-            g.init("backbone.embeddings.weight", self._np("backbone.embeddings.weight", self.wdtype))
-            self.head_w = g.init("lm_head.weight", self._np("lm_head.weight", self.wdtype).T)
 
     def _head(self, h: str) -> str:
         """Optionally keep only the last `num_logits_to_keep` positions (0 = all)."""
@@ -203,28 +179,26 @@ class MambaGraph:
         h = g.op("Slice", h, start, g.const([INT64_MAX]), g.const([1]))
         h = g.rms(h, self.cfg.rms_norm_eps, self.param("backbone.norm_f.weight"))
         if self.wdtype == np.float16:
-            h = g.op("Cast", h, to=TensorProto.FLOAT16)
-            return g.op("Cast", g.op("MatMul", h, self.head_w), to=TensorProto.FLOAT)
-        return g.op("MatMul", h, self.head_w)
+            h = g.op("MatMul", g.op("Cast", h, to=TensorProto.FLOAT16), self.head_w)
+            return g.op_to(self.out(LOGITS), "Cast", h, to=TensorProto.FLOAT)
+        return g.op_to(self.out(LOGITS), "MatMul", h, self.head_w)
 
-    # ---- shared pieces -----------------------------------------------------------------------
     def _conv(self, x: str, mask: str, p: str, i: int, channels: int) -> str:
         """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c).
         Written as k shifted multiply-adds in the time-major layout: ORT's grouped Conv costs
-        ~0.5 ms per call on one token, these cost a few microseconds."""
+        ~0.5 ms per call, these a few microseconds."""
         g, k = self.g, self.cfg.d_conv
         x = g.op("Mul", x, mask)
         xt = g.op("Concat", g.op("Transpose", PAST_CONV.format(i), perm=[0, 2, 1]), x, axis=1)  # (b, k-1+l, c)
         tail = g.op("Slice", xt, g.const([-(k - 1)]), g.const([INT64_MAX]), g.const([1]))
-        g.nodes.append(helper.make_node("Transpose", [tail], [PRESENT_CONV.format(i)], perm=[0, 2, 1],
-                                        name=f"present_conv_{i}"))
+        g.op_to(self.out(PRESENT_CONV.format(i)), "Transpose", tail, perm=[0, 2, 1])
         w = self._np(p + "conv1d.weight").reshape(channels, k).T  # (k, c)
         y = self.param(p + "conv1d.bias") if p + "conv1d.bias" in self.w else None
         for j in range(k):
             if j not in self._conv_ends:
                 self._conv_ends[j] = g.op("Add", self.L, g.const([j]))
             tap = g.op("Mul", g.op("Slice", xt, g.const([j]), self._conv_ends[j], g.const([1])),
-                       g.init(f"{p}conv1d.weight.{j}", w[j]))
+                       self.weight(f"{p}conv1d.weight.{j}", lambda j=j: w[j]))
             y = tap if y is None else g.op("Add", y, tap)
         return g.op("Mul", g.silu(y), mask)
 
@@ -239,16 +213,15 @@ class MambaGraph:
         if cfg.dt_bc_rms:
             dt, B, C = (g.rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = g.op("Softplus", g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))
-        A_log = self._np(p + "A_log")
-        A_nd, A_dn = g.init(p + "A", -np.exp(A_log).T), g.init(p + "A.step", -np.exp(A_log))
-        y = self._if_one_token(i, lambda: self._m1_step(dt, x, B, C, A_dn, i),
-                               lambda: self._m1_scan(dt, x, B, C, A_nd, i))  # (b, l, d)
+        A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")).T)  # (n, d)
+        y = self._m1_scan(dt, x, B, C, A, i)  # (b, l, d)
         y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))
         y = g.op("Mul", y, g.silu(z))
         return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
 
-    def _m1_scan(self, dt, x, B, C, A: str, i: int):
-        """Any length: Scan over time in the (b, n, d) layout. -> y (b, l, d), h_last (b, d, n)."""
+    def _m1_scan(self, dt, x, B, C, A: str, i: int) -> str:
+        """Scan over time in the (b, n, d) layout -> y (b, l, d); the last state, transposed back
+        to (b, d, n), is present_ssm.i."""
         g = self.g
         h0 = g.op("Transpose", PAST_SSM.format(i), perm=[0, 2, 1])  # (b, n, d)
         h_last, ys = g.op("Scan", h0,
@@ -258,33 +231,8 @@ class MambaGraph:
                           g.op("Unsqueeze", C, g.const([2])),  # (b, l, 1, n)
                           n_out=2, body=self._scan_body(A), num_scan_inputs=4,
                           scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-        return g.op("Squeeze", ys, g.const([2])), g.op("Transpose", h_last, perm=[0, 2, 1])
-
-    def _m1_step(self, dt, x, B, C, A: str, i: int):
-        """One token, no loop: h = h * exp(dt A) + (dt x) B ; y = h C. Shapes (b, d, n)."""
-        g, d = self.g, self.cfg.d_inner
-        dt3 = g.op("Reshape", dt, g.const([0, d, 1]))  # (b, d, 1)
-        dtx = g.op("Reshape", g.op("Mul", dt, x), g.const([0, d, 1]))
-        h = g.op("Add", g.op("Mul", PAST_SSM.format(i), g.op("Exp", g.op("Mul", dt3, A))), g.op("Mul", dtx, B))
-        y = g.op("MatMul", h, g.op("Transpose", C, perm=[0, 2, 1]))  # (b, d, n) @ (b, n, 1)
-        return g.op("Reshape", y, g.const([0, 1, d])), h
-
-    def _if_one_token(self, i: int, step_fn, long_fn) -> str:
-        """If(seq == 1) step_fn else long_fn; both return (y, h_last). Names present_ssm.i and
-        returns y. The decode branch skips the Scan / chunk machinery (most of a token's ops)."""
-        branches = []
-        for fn in (step_fn, long_fn):
-            outer, self.g = self.g, Builder(self.opset, self.g._counter)
-            y, h = fn()
-            sub, self.g = self.g, outer
-            outs = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [f"{v}_{j}" for j in range(r)])
-                    for v, r in ((y, 4 if self.cfg.arch == "mamba2" else 3), (h, 4 if self.cfg.arch == "mamba2" else 3))]
-            branches.append(helper.make_graph(sub.nodes, self.g._name("branch"), [], outs, sub.inits))
-        y = self.g._name("y_ssm")
-        self.g.nodes.append(helper.make_node("If", [self.one_token], [y, PRESENT_SSM.format(i)],
-                                             name=f"if_one_token_{i}", then_branch=branches[0],
-                                             else_branch=branches[1]))
-        return y
+        g.op_to(self.out(PRESENT_SSM.format(i)), "Transpose", h_last, perm=[0, 2, 1])
+        return g.op("Squeeze", ys, g.const([2]))
 
     def _scan_body(self, A: str) -> onnx.GraphProto:
         """One time step: h = h * exp(dt A) + (dt x) B ; y = C h. Shapes (b, n, d) / (b, 1, d)."""
@@ -320,9 +268,8 @@ class MambaGraph:
             dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
         x, B, C = g.op("Split", xBC, g.const([d, G * N, G * N]), axis=2, n_out=3)
         x4 = g.op("Reshape", x, g.const([0, 0, h, P]))  # (b, l, h, p)
-        A = g.init(p + "A", -np.exp(self._np(p + "A_log")))  # (h,)
-        y = self._if_one_token(i, lambda: self._ssd_step(x4, dt, B, C, A, i),
-                               lambda: self._ssd(x4, dt, B, C, A, i))  # (b, l, h, p)
+        A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")))  # (h,)
+        y = self._ssd(x4, dt, B, C, A, i)  # (b, l, h, p)
         y = g.op("Add", y, g.op("Mul", x4, self.param(p + "D", (h, 1))))
         y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), g.silu(z))  # (b, l, d)
         if cfg.rmsnorm:
@@ -341,20 +288,9 @@ class MambaGraph:
         seg = g.op("CumSum", g.op("Mul", xr, strict), g.const(-2))
         return g.op("Mul", g.op("Exp", seg), g.op("Trilu", ones, upper=0))
 
-    def _ssd_step(self, x4: str, dt: str, B: str, C: str, A: str, i: int):
-        """One token: h = h * exp(dt A) + (dt x) B^T ; y = h C. -> y (b, 1, h, p), h (b, h, p, n)."""
-        cfg, g = self.cfg, self.g
-        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
-        R = H // G
-        decay = g.op("Reshape", g.op("Exp", g.op("Mul", dt, A)), g.const([0, H, 1, 1]))  # (b, h, 1, 1)
-        xdt = g.op("Reshape", g.op("Mul", x4, g.op("Unsqueeze", dt, g.const([-1]))), g.const([0, G, R, P, 1]))
-        u = g.op("Reshape", g.op("Mul", xdt, g.op("Reshape", B, g.const([0, G, 1, 1, N]))), g.const([0, H, P, N]))
-        h = g.op("Add", g.op("Mul", PAST_SSM.format(i), decay), u)  # (b, h, p, n)
-        y = g.op("MatMul", g.op("Reshape", h, g.const([0, G, R, P, N])), g.op("Reshape", C, g.const([0, G, 1, N, 1])))
-        return g.op("Reshape", y, g.const([0, 1, H, P])), h
-
-    def _ssd(self, x4: str, dt: str, B: str, C: str, A: str, i: int):
-        """Chunked SSD from past_ssm.i. x4 (b, l, h, p); dt (b, l, h); B, C (b, l, g*n)."""
+    def _ssd(self, x4: str, dt: str, B: str, C: str, A: str, i: int) -> str:
+        """Chunked SSD from past_ssm.i. x4 (b, l, h, p); dt (b, l, h); B, C (b, l, g*n) -> y
+        (b, l, h, p); the last state is present_ssm.i."""
         cfg, g = self.cfg, self.g
         H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         R = H // G
@@ -389,7 +325,7 @@ class MambaGraph:
         allst = g.op("Reshape", g.op("Transpose", allst, perm=[0, 2, 1, 3, 4]), g.const([0, 0, -1, P * N]))
         new = g.op("MatMul", decay, allst)  # (b, h, c+1, p*n)
         last = g.op("Slice", new, g.const([-1]), g.const([INT64_MAX]), g.const([2]))
-        h_last = g.op("Reshape", last, g.const([0, H, P, N]))
+        g.op_to(self.out(PRESENT_SSM.format(i)), "Reshape", last, g.const([0, H, P, N]))
         starts = g.op("Slice", new, g.const([0]), g.const([-1]), g.const([2]))  # (b, h, c, p*n)
         starts = g.op("Transpose", g.op("Reshape", starts, g.const([0, 0, 0, P, N])), perm=[0, 2, 1, 4, 3])
         starts = g.op("Reshape", starts, g.const([0, 0, G, R, N, P]))  # (b, c, g, r, n, p)
@@ -399,12 +335,4 @@ class MambaGraph:
         y_off = g.op("Mul", g.op("MatMul", g.op("Unsqueeze", Cc, g.const([3])), starts), from_start)
         y = g.op("Transpose", g.op("Add", y, y_off), perm=[0, 1, 4, 2, 3, 5])  # (b, c, Q, g, r, p)
         y = g.op("Reshape", y, g.const([0, -1, H, P]))
-        return g.op("Slice", y, g.const([0]), self.L, g.const([1])), h_last  # drop the padded tail
-
-
-def _ir_for_opset(opset: int) -> int:
-    """Lowest IR version that carries `opset`, so older runtimes can load the file."""
-    for ir, op in ((7, 12), (7, 13), (8, 14), (8, 15), (8, 16), (8, 17), (8, 18), (9, 19), (9, 20), (10, 21)):
-        if opset <= op:
-            return ir
-    return onnx.IR_VERSION
+        return g.op("Slice", y, g.const([0]), self.L, g.const([1]))  # drop the padded tail

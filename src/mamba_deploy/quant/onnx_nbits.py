@@ -98,60 +98,88 @@ def nbits_tensors(mod) -> dict | None:
 
 
 def rewrite(onnx_path: Path, qmodel, accuracy_level: int = ACCURACY_LEVEL) -> dict:
-    """In place: MatMul(x, '<module>.weight') -> [Mul(x, input_scale)] -> MatMulNBits. Returns
-    {'rewritten': [...], 'kept_float': {module: reason}}."""
+    """In place: MatMul(x, '<module>.weight') -> [Mul(x, input_scale)] -> MatMulNBits, in the
+    graph and every subgraph (the If branches of our export both use the top-level weights).
+    Returns {'rewritten': [...], 'kept_float': {module: reason}}."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     model = onnx.load(str(onnx_path))
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
+    top = model.graph
+    graphs = _graphs_children_first(top)
+    inits = {t.name: t for t in top.initializer}
     consumers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    for g in graphs:
+        for n in g.node:
+            for i in n.input:
+                consumers[i] = consumers.get(i, 0) + 1
     report = {"rewritten": [], "kept_float": {}}
-    new_nodes = []
-    for node in g.node:
-        key = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-        mod_name = key[: -len(".weight")] if key and key.endswith(".weight") and key in inits else None
-        spec = qmodel.quantization_config["modules"].get(mod_name) if mod_name else None
-        if spec is None:
-            new_nodes.append(node)
-            continue
-        t = nbits_tensors(qmodel.get_submodule(mod_name))
-        if t is None:
-            report["kept_float"][mod_name] = f"format {spec['format']} / group {spec.get('group_size')} has no MatMulNBits form"
-            new_nodes.append(node)
-            continue
-        x = node.input[0]
-        mod = qmodel.get_submodule(mod_name)
-        if getattr(mod, "input_scale", None) is not None:
-            s_name = mod_name + ".input_scale"
-            g.initializer.append(numpy_helper.from_array(mod.input_scale.float().numpy(), s_name))
-            new_nodes.append(helper.make_node("Mul", [x, s_name], [x + "_scaled_" + mod_name], name=f"{mod_name}.scale"))
-            x = x + "_scaled_" + mod_name
-        ins = [x, mod_name + ".qweight", mod_name + ".scales"]
-        g.initializer.append(numpy_helper.from_array(t["B"], ins[1]))
-        g.initializer.append(numpy_helper.from_array(t["scales"], ins[2]))
-        if t["zp"] is not None:
-            ins.append(mod_name + ".zeros")
-            g.initializer.append(numpy_helper.from_array(t["zp"], ins[3]))
-        new_nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{mod_name}.nbits",
-                                          domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
-                                          block_size=t["block"], accuracy_level=accuracy_level))
-        consumers[key] -= 1
-        if consumers[key] == 0:
-            g.initializer.remove(inits[key])
-        report["rewritten"].append(mod_name)
-    del g.node[:]
-    g.node.extend(new_nodes)
+    for g in graphs:  # children first: extend() below copies a node together with its subgraphs
+        new_nodes = []
+        for node in g.node:
+            key = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+            mod_name = key[: -len(".weight")] if key and key.endswith(".weight") and key in inits else None
+            spec = qmodel.quantization_config["modules"].get(mod_name) if mod_name else None
+            t = nbits_tensors(qmodel.get_submodule(mod_name)) if spec is not None else None
+            if spec is not None and t is None:
+                report["kept_float"][mod_name] = f"format {spec['format']} / group {spec.get('group_size')} has no MatMulNBits form"
+            if t is None:
+                new_nodes.append(node)
+                continue
+            new_nodes += _nbits_nodes(node, qmodel.get_submodule(mod_name), mod_name, t, top, accuracy_level)
+            consumers[key] -= 1
+            if consumers[key] == 0:
+                top.initializer.remove(inits[key])
+            if mod_name not in report["rewritten"]:
+                report["rewritten"].append(mod_name)
+        del g.node[:]
+        g.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     tmp = onnx_path.with_suffix(".onnx.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(onnx_path)
     return report
+
+
+def _graphs_children_first(graph) -> list:
+    """graph and all its subgraphs (If branches, Scan bodies), every subgraph before its parent."""
+    out = []
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out += _graphs_children_first(sub)
+    return out + [graph]
+
+
+def _nbits_nodes(node, mod, mod_name: str, t: dict, top, accuracy_level: int) -> list:
+    """[Mul(x, input_scale)], MatMulNBits replacing `node`; the quantized tensors become
+    top-level initializers (once, however many branches use the module)."""
+    from onnx import helper, numpy_helper
+
+    have = {i.name for i in top.initializer}
+
+    def add(name, array):
+        if name not in have:
+            top.initializer.append(numpy_helper.from_array(array, name))
+            have.add(name)
+
+    nodes, x = [], node.input[0]
+    if getattr(mod, "input_scale", None) is not None:
+        add(mod_name + ".input_scale", mod.input_scale.float().numpy())
+        scaled = f"{x}_scaled_{mod_name}"
+        nodes.append(helper.make_node("Mul", [x, mod_name + ".input_scale"], [scaled], name=f"{node.name}.scale"))
+        x = scaled
+    ins = [x, mod_name + ".qweight", mod_name + ".scales"]
+    add(ins[1], t["B"])
+    add(ins[2], t["scales"])
+    if t["zp"] is not None:
+        ins.append(mod_name + ".zeros")
+        add(ins[3], t["zp"])
+    nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{node.name}.nbits",
+                                  domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
+                                  block_size=t["block"], accuracy_level=accuracy_level))
+    return nodes
 
 
 def _update_manifest(folder: Path, qc: dict, report: dict) -> None:

@@ -1,0 +1,83 @@
+"""Node / initializer plumbing shared by the ONNX graph builders (`onnx_graph.py` for the whole
+graph and its multi-token branch, `onnx_step.py` for its one-token branch), and the names of the
+graph's interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+INT64_MAX = np.iinfo(np.int64).max
+# names of the graph's interface (the manifest repeats them with shapes and roles)
+IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "logits"
+PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
+
+
+class Builder:
+    """Collects nodes / initializers; names are unique across the graph and its subgraphs."""
+
+    def __init__(self, opset: int, counter=None):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._counter = counter if counter is not None else [0]
+        self._consts: dict = {}
+
+    def _name(self, hint: str) -> str:
+        self._counter[0] += 1
+        return f"{hint}_{self._counter[0]}"
+
+    def op(self, op_type: str, *inputs, n_out: int = 1, **attrs):
+        outs = [self._name(op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._name("n_" + op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def op_to(self, out: str, op_type: str, *inputs, **attrs) -> str:
+        """One node whose output has the given name (a branch output); returns the name."""
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self._name("n_" + op_type), **attrs))
+        return out
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self._name("const"), arr)
+        return self._consts[key]
+
+    # ---- small compositions ----------------------------------------------------------------
+    def reduce(self, op_type: str, x: str, axes, keepdims=1) -> str:
+        """ReduceSum takes axes as an input since opset 13, ReduceMean only since 18."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, x, self.const(axes), keepdims=keepdims)
+        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def rms(self, x: str, eps: float, weight: str | None = None) -> str:
+        """x / sqrt(mean(x^2) + eps) over the last axis, float32. Written as Pow, ReduceMean, Add,
+        Sqrt, Div, Mul: the pattern ONNX Runtime fuses into one SimplifiedLayerNormalization."""
+        ms = self.reduce("ReduceMean", self.op("Pow", x, self.const(2.0, np.float32)), [-1])
+        y = self.op("Div", x, self.op("Sqrt", self.op("Add", ms, self.const([eps], np.float32))))
+        return y if weight is None else self.op("Mul", y, weight)
+
+    def dim(self, shape: str, i: int) -> str:
+        """Element i of a shape tensor, as a 1-element int64 tensor."""
+        return self.op("Slice", shape, self.const([i]), self.const([i + 1 if i != -1 else INT64_MAX]))
+
+    def cat(self, *parts) -> str:
+        return self.op("Concat", *parts, axis=0)
+
+
+
+def _ir_for_opset(opset: int) -> int:
+    """Lowest IR version that carries `opset`, so older runtimes can load the file."""
+    for ir, op in ((7, 12), (7, 13), (8, 14), (8, 15), (8, 16), (8, 17), (8, 18), (9, 19), (9, 20), (10, 21)):
+        if opset <= op:
+            return ir
+    return onnx.IR_VERSION

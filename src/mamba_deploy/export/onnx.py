@@ -27,7 +27,7 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # them); a test checks the graph against this list, so a new op is a deliberate decision.
 ALLOWED_OPS = frozenset({
     "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "CumSum", "Div", "Equal", "Exp", "Expand",
-    "Gather", "Greater", "Identity", "If", "MatMul", "Max", "Min", "Mul", "Pad", "Pow", "Reciprocal", "ReduceMean",
+    "Gather", "Greater", "Identity", "If", "Log", "MatMul", "Max", "Min", "Mul", "Pad", "Pow", "Reciprocal", "ReduceMean",
     "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
     "Sub", "Transpose", "Trilu", "Unsqueeze", "Where",
 })

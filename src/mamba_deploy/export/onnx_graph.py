@@ -212,7 +212,7 @@ class MambaGraph(StepNetwork):
         dt, B, C = g.op("Split", self.linear(x, p + "x_proj.weight"), g.const([r, n, n]), axis=2, n_out=3)
         if cfg.dt_bc_rms:
             dt, B, C = (g.rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
-        dt = g.op("Softplus", g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))
+        dt = g.softplus(g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))  # (b, l, d)
         A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")).T)  # (n, d)
         y = self._m1_scan(dt, x, B, C, A, i)  # (b, l, d)
         y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))

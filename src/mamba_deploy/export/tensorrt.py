@@ -55,6 +55,7 @@ TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]
     "Identity": (FIB, 0, (), ""),
     "If": (FIB, None, (), "Output tensors of the two conditional branches must have the same rank "
                           "and must have different names"),
+    "Log": (F, 0, (), ""),
     "MatMul": (F, 0, (), ""),
     "Max": (FI, 0, (), ""),
     "Min": (FI, 0, (), ""),

@@ -105,6 +105,21 @@ def test_left_padded_batch_matches_unpadded(exported, kind):
         assert rel_err(step[i], want[0, -1]) < FP32_TOL
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_one_token_prefill_with_mask(exported, kind):
+    """A length-1 prefill runs the graph's one-token branch; with attention_mask [[1], [0]] the
+    padded row must keep a zero state: its next step equals transformers on that token alone."""
+    out, _, hf = exported(kind)
+    runner = open_onnx(out)
+    got, st = runner.prefill(torch.tensor([[5], [9]]), runner.new_state(2), attention_mask=torch.tensor([[1], [0]]))
+    assert rel_err(got[0, 0], hf_logits(hf, torch.tensor([[5]]))[0, 0]) < FP32_TOL
+    zero = runner.to_torch_state(st)
+    assert zero.conv[:, 1].abs().max() == 0 and zero.ssm[:, 1].abs().max() == 0
+    step, _ = runner.step(torch.tensor([12, 13]), st)
+    assert rel_err(step[0], hf_logits(hf, torch.tensor([[5, 12]]))[0, 1]) < FP32_TOL
+    assert rel_err(step[1], hf_logits(hf, torch.tensor([[13]]))[0, 0]) < FP32_TOL
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_long_sequence_large_dt_negative_A_is_stable(hf_checkpoint, tmp_path, kind):
     """dt ~ softplus(6..9) and A ~ -(20..200): decays underflow to 0 within a step. A formulation
@@ -126,11 +141,16 @@ def test_long_sequence_large_dt_negative_A_is_stable(hf_checkpoint, tmp_path, ki
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
 def test_fp16_export_top1_agreement_tiny(exported, kind):
-    """fp16 weights: >= 99% of greedy top-1 tokens agree with fp32 transformers on random ids."""
+    """fp16 weights: >= 99% of greedy top-1 tokens (prefill, then 8 decode steps) agree with fp32
+    transformers on random ids."""
     out, _, hf = exported(kind, "fp16")
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "fp16"
     ids = torch.randint(0, 128, (4, 300), generator=torch.Generator().manual_seed(5))
-    got, _ = open_onnx(out).prefill(ids, open_onnx(out).new_state(4))
+    runner = open_onnx(out)
+    got, st = runner.prefill(ids[:, :-8], runner.new_state(4))
+    for t in range(ids.shape[1] - 8, ids.shape[1]):  # the one-token branch, fp16 weights too
+        step, st = runner.step(ids[:, t], st)
+        got = torch.cat([got, step[:, None]], 1)
     agree = (got.argmax(-1) == hf_logits(hf, ids).argmax(-1)).float().mean().item()
     assert agree >= 0.99, agree
 

@@ -6,21 +6,27 @@ keeps every linear layer a plain `MatMul` against a named initializer (what the 
 rewriter looks for) and uses only standard-domain operators (the allow-list in `onnx.py`).
 
 Layout: the weights are top-level initializers and the whole network sits in one top-level
-`If(seq == 1)` whose two branches read them from the outer scope:
+`If(seq == 1)` whose two branches read them from the outer scope (one copy in memory):
 - then (one token, `onnx_step.py`): a decode step with 2-D activations, no loop, no shape
-  arithmetic. One If around the network instead of one per layer: the per-layer Ifs and their
-  Scan / chunk set-up cost ~7 ms of a ~25 ms token on 2 cores.
+  arithmetic. Against the earlier one-If-per-layer graph (130m shapes, 2 threads, interleaved
+  session runs): Mamba1 19.5 -> 18.0 ms, Mamba2 20.1 -> 19.4 ms per token. The same network as
+  a separate decode-only graph ran within noise (<= 0.3 ms) of this branch, and a second ORT
+  session would hold its own prepacked weights (703 MB per 130m session here).
 - else (any length, this module), formulations (b batch, l time, d d_inner, n d_state, h heads,
   p headdim, g groups, r = h/g):
   - Mamba1: one ONNX `Scan` over time per layer, state laid out (b, n, d) so every per-step op
     runs over contiguous d-long rows (measured faster than (b, d, n), and than blocks of 4-16
     steps per iteration with vectorised decays: ORT's Split/Concat copies cost more than they
-    save). Only decays exp(dt*A) <= 1 are formed: stable at any length.
+    save). Only decays exp(dt*A) <= 1 are formed: stable at any length. ~33 us per step and
+    layer; precomputing exp(dt*A) and dt*x*B for all steps outside the Scan was slower (prefill
+    512: 1.14 -> 1.25 / 1.41 s: the (b, l, n, d) tensors stream through memory), a Scan over
+    chunks of 8-32 steps with an inner Scan was within noise.
   - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
     input shape. Decays are exp of segment sums summed directly (masked cumsum) or exp of
     in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided out later, so large dt and
     strongly negative A cannot overflow.
-  - The depthwise conv is k shifted multiply-adds (ORT's grouped Conv is slow).
+  - The depthwise conv is k shifted multiply-adds in the time-major layout (an ONNX Conv with
+    group=c was within 1% at 512 tokens, so the op set stays smaller).
 Both branches write the same outputs (logits and every present_* state, same ranks) under
 branch-specific names; the If node maps them onto the graph outputs.
 All recurrences, norms and residuals run in float32; in an fp16 export only the MatMul/Gather
@@ -185,8 +191,7 @@ class MambaGraph(StepNetwork):
 
     def _conv(self, x: str, mask: str, p: str, i: int, channels: int) -> str:
         """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c).
-        Written as k shifted multiply-adds in the time-major layout: ORT's grouped Conv costs
-        ~0.5 ms per call, these a few microseconds."""
+        Written as k shifted multiply-adds in the time-major layout (b, k-1+l, c)."""
         g, k = self.g, self.cfg.d_conv
         x = g.op("Mul", x, mask)
         xt = g.op("Concat", g.op("Transpose", PAST_CONV.format(i), perm=[0, 2, 1]), x, axis=1)  # (b, k-1+l, c)

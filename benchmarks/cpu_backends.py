@@ -3,7 +3,9 @@ download): ONNX Runtime vs this project's PyTorch path vs transformers (and llam
 same Runner interface when the GGUF exporter and llama-cpp-python are importable).
 
 Measures, with a fixed thread count and one timed run each: prefill of --prefill tokens (batch 1,
-logits of the last position) and greedy decode in ms/token. Prints a table and writes JSON.
+logits of the last position) and greedy decode in ms/token. Prints a table and writes JSON, with
+the memory read bandwidth measured before and after the runs: fp32 decode streams every weight
+once per token, so weight bytes / bandwidth is the floor any backend's decode can reach.
 
     .venv/bin/python benchmarks/cpu_backends.py --threads 2 --out benchmarks/results/cpu_backends.json
 """
@@ -86,6 +88,20 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
+def read_bandwidth_gbs(threads: int, mb: int = 512) -> float:
+    """Memory read bandwidth: best of 5 sums of a `mb` MB float32 tensor on `threads` threads.
+    Decode streams every fp32 weight once per token, so weight bytes / this = the decode floor."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
 def time_runner(runner, ids, n_decode: int) -> dict:
     """Prefill seconds and decode ms/token (wall and CPU) after one short warm-up."""
     st = runner.new_state(1)
@@ -111,11 +127,12 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
 
     hf_dir = work / f"{arch}-hf"
     hf_model = build_checkpoint(arch, hf_dir)
+    weights_mb = sum(p.numel() * p.element_size() for p in hf_model.parameters()) / 1e6  # tied: once
     ids = torch.randint(0, 50000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     rows = []
 
     def add(backend, variant, t: dict):
-        rows.append(dict(arch=arch, backend=backend, variant=variant, prefill_tokens=args.prefill,
+        rows.append(dict(arch=arch, backend=backend, variant=variant, prefill_tokens=args.prefill, fp32_weights_mb=round(weights_mb, 1),
                          prefill_s=round(t["prefill_s"], 4), decode_ms_per_token=round(t["decode_ms"], 3),
                          prefill_cpu_s=_round(t.get("prefill_cpu_s"), 4),
                          decode_cpu_ms_per_token=_round(t.get("decode_cpu_ms"), 3)))
@@ -187,12 +204,18 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/cpu_backends.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    bandwidth = [round(read_bandwidth_gbs(args.threads), 1)]  # before and after: it drifts on a shared host
     rows = []
-    print(f"load average before: {os.getloadavg()}")
+    print(f"load average before: {os.getloadavg()}; memory read bandwidth {bandwidth[0]} GB/s on {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch or sorted(SHAPES):
             rows += rows_for(arch, Path(tmp), args)
+    bandwidth.append(round(read_bandwidth_gbs(args.threads), 1))
     print_table(rows)
+    for arch in sorted({r["arch"] for r in rows}):
+        mb = next(r["fp32_weights_mb"] for r in rows if r["arch"] == arch)
+        print(f"{arch}: {mb:.0f} MB of fp32 weights -> decode floor {mb / max(bandwidth):.1f}-{mb / min(bandwidth):.1f} "
+              f"ms/token at the measured {min(bandwidth)}-{max(bandwidth)} GB/s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
@@ -200,6 +223,7 @@ def main(argv=None):
     meta = dict(threads=args.threads, python=sys.version.split()[0], torch=torch.__version__,
                 onnxruntime=onnxruntime.__version__, cpus=os.cpu_count(), machine=platform.machine(),
                 targets=TARGETS, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
+                read_bandwidth_gbs_before_after=bandwidth,
                 note="one timed run per row; other processes on the machine inflate times (see loadavg)")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ Mamba1 ssm (b, d, n), Mamba2 ssm (b, h, p, n).
 
 Broadcasts in ORT are cheap when the broadcast operand spans the innermost axis and slow when
 it repeats one value over a short inner axis (a (b, d, 1) * (d, n=16) Mul took ~20 us, the
-same product as a K=1 MatMul ~4 us), so outer products are written as K=1 MatMuls (exact: one
+same product as a K=1 MatMul ~5 us), so outer products are written as K=1 MatMuls (exact: one
 product per element, nothing summed). Measured on the 130m-shaped Mamba1, 2 threads: the
 state update went from 2.7 ms to 1.4 ms per token over 24 layers.
 
@@ -61,8 +61,10 @@ class StepNetwork:
         xt = g.op("Concat", PAST_CONV.format(i), g.op("Unsqueeze", x, g.const([2])), axis=2)  # (b, c, k)
         g.op_to(self.out(PRESENT_CONV.format(i)), "Slice", xt, g.const([1]), g.const([INT64_MAX]), g.const([2]))
         w = self.weight(p + "conv1d.weight.ck", lambda: self._np(p + "conv1d.weight").reshape(channels, k))
+        # sum over k as a MatMul with ones: OpenVINO 2026.4 (CPU) got ReduceSum + Add wrong inside
+        # this If branch at batch > 1, while the same nodes in a standalone graph were right
         ones = g.const(np.ones((k, 1)), np.float32)
-        y = g.op("Reshape", g.op("MatMul", g.op("Mul", xt, w), ones), g.const([0, channels]))  # sum over k
+        y = g.op("Reshape", g.op("MatMul", g.op("Mul", xt, w), ones), g.const([0, channels]))
         if p + "conv1d.bias" in self.w:
             y = g.op("Add", y, self.param(p + "conv1d.bias"))
         return g.op("Mul", g.silu(y), self.maskf)

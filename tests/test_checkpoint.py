@@ -174,3 +174,23 @@ def test_inspect_cli(hf_checkpoint, capsys):
 def test_cli_reports_typed_error(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_read_tagged_json_names_file_and_fix(tmp_path):
+    """The manifest / sidecar reader: corrupt JSON or another format -> ExportError naming the file
+    and the fix; a good file comes back as written."""
+    from mamba_deploy.atomic import read_tagged_json, write_json
+    from mamba_deploy.errors import ExportError
+
+    p = tmp_path / "manifest.json"
+    p.write_text("{not json")
+    with pytest.raises(ExportError, match=r"manifest\.json is not valid JSON .*re-export"):
+        read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model")
+    write_json(p, {"format": "fmt-b"})
+    with pytest.raises(ExportError, match=r"not a mamba-deploy ONNX manifest \(format='fmt-b'\); re-export"):
+        read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model")
+    write_json(p, [1, 2])
+    with pytest.raises(ExportError, match="format='list'"):
+        read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model")
+    write_json(p, {"format": "fmt-a", "x": 1})
+    assert read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model") == {"format": "fmt-a", "x": 1}

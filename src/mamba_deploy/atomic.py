@@ -52,6 +52,22 @@ def write_json(path, obj, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent))
 
 
+def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
+    """A JSON file this project wrote with {"format": fmt}; ExportError naming the file, what it
+    should be (kind) and the fix when it is not valid JSON or carries another format."""
+    from .errors import ExportError
+
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ExportError(f"{path} is not a mamba-deploy {kind} (format={found!r}); {fix}")
+    return obj
+
+
 @contextlib.contextmanager
 def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
     """with atomic_dir(out) as tmp: fill tmp  -> renamed to `out` when the block succeeds.

@@ -9,13 +9,12 @@ writes the folder atomically.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_dir, write_json
+from ..atomic import atomic_dir, read_tagged_json, write_json
 from ..errors import ConfigError, ExportError, ModelNotFoundError
 
 MANIFEST_VERSION = 1
@@ -180,13 +179,7 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():
         raise ModelNotFoundError(f"{folder} has no manifest.json; export it with `mamba-deploy export onnx`")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON ({e}); re-export the model") from e
-    if m.get("format") != "mamba-deploy-onnx":
-        raise ExportError(f"{path} is not a mamba-deploy ONNX manifest (format={m.get('format')!r}); re-export")
-    return m
+    return read_tagged_json(path, "mamba-deploy-onnx", "ONNX manifest", "re-export the model")
 
 
 # ----------------------------------------------------------------------------- validation

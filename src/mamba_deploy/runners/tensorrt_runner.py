@@ -14,11 +14,11 @@ has no TensorRT (see tests/test_tensorrt.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from ..atomic import read_tagged_json
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
@@ -173,12 +173,7 @@ def open_tensorrt(path, device: str = "cuda", **_) -> TensorRTRunner:
                                  "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")
     if not side.exists():
         raise ModelNotFoundError(f"{side} is missing (written next to the engine by build_engine); rebuild the engine")
-    try:
-        sidecar = json.loads(side.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{side} is not valid JSON ({e}); rebuild the engine") from e
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise ExportError(f"{side} is not a mamba-deploy TensorRT sidecar (format={sidecar.get('format')!r}); rebuild")
+    sidecar = read_tagged_json(side, SIDECAR_FORMAT, "TensorRT sidecar", "rebuild the engine")
     dev = torch.device(device)
     with torch.cuda.device(dev):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

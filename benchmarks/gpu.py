@@ -71,6 +71,23 @@ def cuda_time(fn, reps=20, warmup=3):
     return times[len(times) // 2]
 
 
+def graph_time(fn, reps=20):
+    """Median ms of fn() replayed from a CUDA graph: GPU time without the host's launch path.
+    None where fn cannot be captured."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            fn()
+    except Exception as e:  # noqa: BLE001 (a library op that cannot be captured)
+        print(f"  graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
+    return cuda_time(g.replay, reps=reps, warmup=3)
+
+
 def copy_bandwidth():
     """Device-to-device copy, bytes read + written per second (the decode floor's ceiling)."""
     import torch
@@ -139,7 +156,7 @@ def run_ours(name, cases):
     for case in cases:
         kind, b, l = parse_case(case)
         if kind == "ssd":
-            out[case] = ssd_kernel_ours()
+            out[case], out[case + "_graph"] = ssd_kernel_ours()
         elif kind == "prefill":
             ids = torch.randint(0, VOCAB, (b, l), device="cuda")
             state = model.new_state(b)
@@ -186,7 +203,8 @@ def ssd_kernel_ours():
     from mamba_deploy.ops.triton_ssd import ssd
 
     x, dt, A, B, C, D, dtb, h0 = ssd_inputs(torch.bfloat16)
-    return cuda_time(lambda: ssd(x, dt, A, B, C, D, dtb, h0, SSD_SHAPE["Q"]), reps=20, warmup=3)
+    f = lambda: ssd(x, dt, A, B, C, D, dtb, h0, SSD_SHAPE["Q"])  # noqa: E731
+    return cuda_time(f, reps=20, warmup=3), graph_time(f)
 
 
 # ----------------------------------------------------------------------------- mamba_ssm
@@ -225,9 +243,10 @@ def run_mamba_ssm(name, cases):
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
             x, dt, A, B, C, D, dtb, h0 = ssd_inputs(torch.bfloat16)
-            out[case] = cuda_time(lambda: mamba_chunk_scan_combined(
+            f = lambda: mamba_chunk_scan_combined(  # noqa: E731
                 x, dt, A, B, C, SSD_SHAPE["Q"], D=D, dt_bias=dtb, dt_softplus=True, initial_states=h0,
-                return_final_states=True), reps=20, warmup=3)
+                return_final_states=True)
+            out[case], out[case + "_graph"] = cuda_time(f, reps=20, warmup=3), graph_time(f)
         elif kind == "prefill":
             ids = torch.randint(0, VOCAB, (b, l), device="cuda")
 

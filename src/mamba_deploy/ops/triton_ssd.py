@@ -28,8 +28,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(options):
-    """Autotune candidates; the CPU interpreter (tests) keeps only the first."""
-    cfgs = [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in options]
+    """Autotune candidates (kwargs, num_warps, num_stages[, maxnreg]); the CPU interpreter (tests)
+    keeps only the first."""
+    cfgs = [triton.Config(o[0], num_warps=o[1], num_stages=o[2], maxnreg=o[3] if len(o) > 3 else None)
+            for o in options]
     return cfgs[:1] if _INTERPRET else cfgs
 
 
@@ -86,12 +88,16 @@ def _chunk_bmm_kernel(Cm, Bm, CB, L, G, N, nchunks, scb, scl, scg, sbb, sbl, sbg
              mask=(m < Q)[:, None] & (s < Q)[None, :])
 
 
-# (BP, BN, BK, num_warps, num_stages); at the shape above BK 128 measured 0.36 ms, BK 64 0.47
-_STATE_TILES = [(64, 64, 128, 4, 2), (64, 64, 256, 4, 2), (64, 64, 128, 8, 2), (64, 64, 128, 4, 3),
-                (64, 64, 64, 4, 3), (32, 64, 64, 2, 3)]
+# (BP, BN, BK, num_warps, num_stages, maxnreg). The grid is only b * h * (P/BP) * (N/BN) long
+# programs (640 at the shape below), so how many fit on an SM at once (shared memory, registers)
+# decides whether the last wave is a long tail: at (4, 8192, 80, 64, 128), BK 128 (3 per SM)
+# measured 0.36 ms, BK 64 with 3 stages (4 per SM, 1.2 waves) 0.47 ms.
+_STATE_TILES = [(64, 64, 128, 4, 2, None), (64, 64, 64, 4, 2, 96), (64, 64, 64, 4, 2, 80),
+                (64, 64, 128, 8, 2, None), (64, 64, 32, 4, 3, 96), (64, 64, 64, 4, 3, None), (32, 64, 64, 2, 2, None), (32, 64, 64, 2, 3, 96)]
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.autotune(configs=_configs([({"BP": bp, "BN": bn, "BK": bk}, w, st) for bp, bn, bk, w, st in _STATE_TILES]),
+@triton.autotune(configs=_configs([({"BP": bp, "BN": bn, "BK": bk}, w, st, r) for bp, bn, bk, w, st, r in _STATE_TILES]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, N, nchunks, heads_per_group,
@@ -103,6 +109,7 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
     # the chunk start and e = cs at the block end: h = h * exp(e - cs_prev_end) + x^T @ (exp(e - cs) * dt * B),
     # exps of differences inside one chunk only. The first tile of each (b, h) also writes dt and
     # cs for _chunk_scan (no separate launch: each one costs host time before the GPU can start).
+    # cs is kept in log2 units (dA * log2(e)) so every decay is one exp2.
     b = tl.program_id(1)
     hd = tl.program_id(2)
     g = hd // heads_per_group
@@ -113,7 +120,7 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
     pm, nm = p < P, n < N
     pn = p[:, None] * N + n[None, :]  # (BP, BN) offsets in a (P, N) state
     m2 = pm[:, None] & nm[None, :]
-    a_h = tl.load(A + hd).to(tl.float32)
+    a_h = tl.load(A + hd).to(tl.float32) * LOG2E
     dtb = tl.load(DTB + hd).to(tl.float32)
     h = tl.load(H0 + (b * H + hd) * P * N + pn, mask=m2, other=0.0).to(tl.float32)
     for c in range(nchunks):
@@ -131,26 +138,46 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
             dt = tl.where(tm, dt, 0.0)  # padded tail: no input, no decay
             cs = run + tl.cumsum(dt * a_h, axis=0)  # (BK,)
             end = tl.sum(tl.where(q == k0 + BK - 1, cs, 0.0), axis=0)
-            tl.store(DTO + dbase + q, dt, mask=writer & (q < Q))  # (b, h, c, Q) float32
+            tl.store(DTO + dbase + q, dt, mask=writer & (q < Q))  # (b, h, c, Q) float32, cs in log2 units
             tl.store(DACS + dbase + q, cs, mask=writer & (q < Q))
             xv = tl.load(X + b * sxb + t[None, :] * sxl + hd * sxh + p[:, None],
                          mask=pm[:, None] & tm[None, :], other=0.0)  # (BP, BK) = x^T
             bv = tl.load(Bm + b * sbb + t[:, None] * sbl + g * sbg + n[None, :],
                          mask=tm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # (BK, BN)
-            bv = (bv * (dt * tl.exp(end - cs))[:, None]).to(xv.dtype)
-            h = tl.dot(xv, bv, acc=h * tl.exp(end - run), input_precision="ieee" if IEEE else "tf32")
+            bv = (bv * (dt * tl.exp2(end - cs))[:, None]).to(xv.dtype)
+            h = tl.dot(xv, bv, acc=h * tl.exp2(end - run), input_precision="ieee" if IEEE else "tf32")
             run = end
     tl.store(HL + (b * H + hd) * P * N + pn, h, mask=m2)
+
+
+@triton.jit
+def _intra_block(acc, CB, DTO, DACS, Xb, k0, m, da_m, p, pmask, t0, L, Q: tl.constexpr, sxl,
+                 CAUSAL: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr):
+    """acc (BM, BP) += (CB[m, k] * 2^(cs_m - cs_k) * dt_k) @ x_k for the BK steps from k0 of one chunk
+    (CB, DTO, DACS, Xb offset to the chunk / head). CAUSAL: the block may cross the diagonal."""
+    k = k0 + tl.arange(0, BK)
+    tk = t0 + k
+    km = (k < Q) & (tk < L)
+    cb = tl.load(CB + m[:, None] * Q + k[None, :], mask=(m < Q)[:, None] & (k < Q)[None, :], other=0.0)
+    diff = da_m[:, None] - tl.load(DACS + k, mask=k < Q, other=0.0)[None, :]
+    if CAUSAL:
+        diff = tl.where((k[None, :] <= m[:, None]) & km[None, :], diff, -float("inf"))
+    w = cb.to(tl.float32) * tl.exp2(diff) * tl.load(DTO + k, mask=k < Q, other=0.0)[None, :]
+    xk = tl.load(Xb + tk[:, None] * sxl + p[None, :], mask=km[:, None] & pmask[None, :], other=0.0)  # (BK, BP)
+    return acc + tl.dot(w.to(xk.dtype), xk, input_precision="ieee" if IEEE else "tf32")
 
 
 # (BM, BP, BK, num_warps, num_stages): the six fastest of 15 tiles at (4, 8192, 80, 64, 128) on an
 # H200, 0.816-0.86 ms. Loading C, h and x_m before the intra-chunk loop and multiplying C . h after
 # it (loads in flight during the loop) measured no faster (best 0.837 ms) and was dropped.
-_SCAN_TILES = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (32, 64, 32, 2, 3), (128, 64, 32, 8, 3),
-               (64, 64, 64, 4, 2), (32, 64, 32, 2, 4)]
+# The kernel is latency-bound with 2 programs per SM (ncu: 82 KB shared memory, 159 registers at
+# BM 128 / 3 stages), so tiles with fewer stages or capped registers are candidates too.
+_SCAN_TILES = [(128, 64, 32, 4, 3, None), (64, 64, 32, 4, 4, None), (32, 64, 32, 2, 3, None), (128, 64, 32, 8, 3, None),
+               (64, 64, 64, 4, 2, None), (32, 64, 32, 2, 4, None), (128, 64, 32, 4, 2, None), (64, 64, 32, 4, 3, 128),
+               (64, 64, 64, 4, 2, 128), (128, 64, 32, 4, 2, 128)]
 
 
-@triton.autotune(configs=_configs([({"BM": bm, "BP": bp, "BK": bk}, w, st) for bm, bp, bk, w, st in _SCAN_TILES]),
+@triton.autotune(configs=_configs([({"BM": bm, "BP": bp, "BK": bk}, w, st, r) for bm, bp, bk, w, st, r in _SCAN_TILES]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_scan_kernel(X, Cm, CB, HS, DTO, DACS, Dp, Y, L, H, P, N, G, nchunks, heads_per_group,
@@ -178,24 +205,16 @@ def _chunk_scan_kernel(X, Cm, CB, HS, DTO, DACS, Dp, Y, L, H, P, N, G, nchunks, 
     hv = tl.load(HS + hbase + p[None, :] * N + n[:, None],
                  mask=pmask[None, :] & (n < N)[:, None], other=0.0)  # (N, BP) = h^T
     acc = tl.dot(cv, hv.to(cv.dtype), input_precision="ieee" if IEEE else "tf32")
-    acc = acc * tl.exp(da_m)[:, None]
-    # -- inside the chunk: causal (CB * decay * dt) @ x, only blocks at or below the diagonal
+    acc = acc * tl.exp2(da_m)[:, None]
+    # -- inside the chunk: causal (CB * decay * dt) @ x; blocks left of the first row need no causal mask
     cbbase = ((b * nchunks + c) * G + g) * Q * Q
-    hi = tl.minimum((pm_id + 1) * BM, Q)
-    for k0 in range(0, hi, BK):
-        k = k0 + tl.arange(0, BK)
-        tk = c * Q + k
-        km = (k < Q) & (tk < L)
-        cb = tl.load(CB + cbbase + m[:, None] * Q + k[None, :], mask=(m < Q)[:, None] & (k < Q)[None, :],
-                     other=0.0).to(tl.float32)
-        da_k = tl.load(DACS + dbase + k, mask=k < Q, other=0.0)
-        dt_k = tl.load(DTO + dbase + k, mask=k < Q, other=0.0)
-        causal = (k[None, :] <= m[:, None]) & km[None, :]
-        diff = tl.where(causal, da_m[:, None] - da_k[None, :], -float("inf"))
-        w = cb * tl.exp(diff) * dt_k[None, :]
-        xk = tl.load(X + b * sxb + tk[:, None] * sxl + hd * sxh + p[None, :],
-                     mask=km[:, None] & pmask[None, :], other=0.0)  # (BK, BP)
-        acc += tl.dot(w.to(xk.dtype), xk, input_precision="ieee" if IEEE else "tf32")
+    xbase = X + b * sxb + hd * sxh
+    for k0 in range(0, pm_id * BM, BK):
+        acc = _intra_block(acc, CB + cbbase, DTO + dbase, DACS + dbase, xbase, k0, m, da_m, p, pmask,
+                           c * Q, L, Q, sxl, False, IEEE, BK)
+    for k0 in range(pm_id * BM, tl.minimum((pm_id + 1) * BM, Q), BK):
+        acc = _intra_block(acc, CB + cbbase, DTO + dbase, DACS + dbase, xbase, k0, m, da_m, p, pmask,
+                           c * Q, L, Q, sxl, True, IEEE, BK)
     xm = tl.load(X + b * sxb + tmm[:, None] * sxl + hd * sxh + p[None, :],
                  mask=mm[:, None] & pmask[None, :], other=0.0).to(tl.float32)
     acc += xm * tl.load(Dp + hd).to(tl.float32)

@@ -8,8 +8,9 @@ Twin of `reference.ssd_ref`, same signature. Three launches, each a plain tile p
   2. _chunk_bmm         CB = C @ B^T per chunk and group          (shared by the heads of a group)
   3. _chunk_scan        y = (CB * decay * dt) @ x  +  exp(cs) * (C @ h_c^T)  +  D * x
 Step 1 replaced three launches (dt cumsum, a per-chunk state kernel, a pass over fp32 chunk states
-in memory): at (4, 8192, 80 heads, 64, 128) on an H200, 0.343 ms vs 0.290 + 0.134 ms of kernel time
-for the last two, and each launch removed starts the GPU ~50 us earlier (Triton's launch path).
+in memory): at (4, 8192, 80 heads, 64, 128) on an H200, 0.31 ms vs 0.011 + 0.290 + 0.134 ms, and
+each launch removed starts the GPU earlier (Triton's launch path costs host time). Cumsums are
+kept in log2 units (dA * log2(e)), so each decay is one exp2.
 Padded tail positions get dt = 0 (decay 1, no input), so any length works and the final state
 is the state after the last real token. Decays are exp of differences of float32 cumsums
 inside one chunk (at most chunk_size terms), masked to -inf above the diagonal before the exp.
@@ -90,14 +91,17 @@ def _chunk_bmm_kernel(Cm, Bm, CB, L, G, N, nchunks, scb, scl, scg, sbb, sbl, sbg
 
 # (BP, BN, BK, num_warps, num_stages, maxnreg). The grid is only b * h * (P/BP) * (N/BN) long
 # programs (640 at the shape below), so how many fit on an SM at once (shared memory, registers)
-# decides whether the last wave is a long tail: at (4, 8192, 80, 64, 128), BK 128 (3 per SM)
-# measured 0.36 ms, BK 64 with 3 stages (4 per SM, 1.2 waves) 0.47 ms.
-_STATE_TILES = [(64, 64, 128, 4, 2, None), (64, 64, 64, 4, 2, 96), (64, 64, 64, 4, 2, 80),
-                (64, 64, 128, 8, 2, None), (64, 64, 32, 4, 3, 96), (64, 64, 64, 4, 3, None), (32, 64, 64, 2, 2, None), (32, 64, 64, 2, 3, 96)]
+# decides whether the last wave is a long tail. At (4, 8192, 80, 64, 128) on an H200: BK 64,
+# 2 stages, registers capped at 96 (5 per SM, one wave) 0.314 ms; BK 128 (3 per SM) 0.356 ms;
+# BK 64, 3 stages, uncapped (4 per SM, 1.2 waves) 0.46 ms.
+_STATE_TILES = [(64, 64, 64, 4, 2, 96), (64, 64, 64, 4, 2, 80), (64, 64, 128, 4, 2, None),
+                (64, 64, 128, 8, 2, None), (64, 64, 32, 4, 3, 96), (64, 64, 64, 4, 3, None),
+                (32, 64, 64, 2, 2, None), (32, 64, 64, 2, 3, 96)]
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.autotune(configs=_configs([({"BP": bp, "BN": bn, "BK": bk}, w, st, r) for bp, bn, bk, w, st, r in _STATE_TILES]),
+@triton.autotune(configs=_configs([({"BP": bp, "BN": bn, "BK": bk}, w, st, r)
+                                   for bp, bn, bk, w, st, r in _STATE_TILES]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, N, nchunks, heads_per_group,
@@ -167,17 +171,19 @@ def _intra_block(acc, CB, DTO, DACS, Xb, k0, m, da_m, p, pmask, t0, L, Q: tl.con
     return acc + tl.dot(w.to(xk.dtype), xk, input_precision="ieee" if IEEE else "tf32")
 
 
-# (BM, BP, BK, num_warps, num_stages): the six fastest of 15 tiles at (4, 8192, 80, 64, 128) on an
-# H200, 0.816-0.86 ms. Loading C, h and x_m before the intra-chunk loop and multiplying C . h after
-# it (loads in flight during the loop) measured no faster (best 0.837 ms) and was dropped.
+# (BM, BP, BK, num_warps, num_stages, maxnreg), from sweeps at (4, 8192, 80, 64, 128) on an H200.
 # The kernel is latency-bound with 2 programs per SM (ncu: 82 KB shared memory, 159 registers at
-# BM 128 / 3 stages), so tiles with fewer stages or capped registers are candidates too.
-_SCAN_TILES = [(128, 64, 32, 4, 3, None), (64, 64, 32, 4, 4, None), (32, 64, 32, 2, 3, None), (128, 64, 32, 8, 3, None),
-               (64, 64, 64, 4, 2, None), (32, 64, 32, 2, 4, None), (128, 64, 32, 4, 2, None), (64, 64, 32, 4, 3, 128),
-               (64, 64, 64, 4, 2, 128), (128, 64, 32, 4, 2, 128)]
+# BM 128 / 3 stages); BM 64 / 3 stages with registers capped at 128 measured best, 0.799 ms (BM 128:
+# 0.813). Loading C, h and x_m before the intra-chunk loop and multiplying C . h after it (loads
+# in flight during the loop) measured no faster (0.837 ms) and was dropped.
+_SCAN_TILES = [(64, 64, 32, 4, 3, 128), (128, 64, 32, 4, 3, None), (128, 64, 32, 8, 3, None),
+               (64, 64, 64, 4, 2, 128), (64, 64, 32, 4, 4, None), (32, 64, 32, 2, 3, None),
+               (32, 64, 32, 2, 4, None), (64, 64, 64, 4, 2, None), (128, 64, 32, 4, 2, None),
+               (128, 64, 32, 4, 2, 128)]
 
 
-@triton.autotune(configs=_configs([({"BM": bm, "BP": bp, "BK": bk}, w, st, r) for bm, bp, bk, w, st, r in _SCAN_TILES]),
+@triton.autotune(configs=_configs([({"BM": bm, "BP": bp, "BK": bk}, w, st, r)
+                                   for bm, bp, bk, w, st, r in _SCAN_TILES]),
                  key=["Q", "P", "N"])
 @triton.jit
 def _chunk_scan_kernel(X, Cm, CB, HS, DTO, DACS, Dp, Y, L, H, P, N, G, nchunks, heads_per_group,

@@ -1,10 +1,10 @@
-"""Where ONNX Runtime spends a decode step: per-op-type kernel time from ORT's own profiler.
+"""Where ONNX Runtime spends a decode step (or a prefill): per-op-type kernel time from ORT's own profiler.
 
 Exports a 130m-shaped random checkpoint (the one benchmarks/cpu_backends.py builds), runs warm-up
 and then timed one-token steps through the ONNX Runner with profiling on, and prints the op types
 by time per step. Profiling adds overhead, so the step time here is above cpu_backends.py's.
 
-    python benchmarks/ort_profile.py [--arch mamba1] [--threads 2] [--steps 20]
+    python benchmarks/ort_profile.py [--arch mamba1] [--threads 2] [--steps 20] [--prefill 512]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--arch", choices=sorted(SHAPES), default="mamba1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=0, help="profile prefills of this many tokens instead")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
@@ -50,12 +51,19 @@ def main(argv=None):
         runner.session = ort.InferenceSession(str(work / "onnx" / "model.onnx"), so,
                                               providers=["CPUExecutionProvider"])
         state, tok = runner.new_state(1), torch.tensor([5])
-        warm = 3
+        ids = torch.randint(0, 50000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+
+        def one():
+            if args.prefill:
+                runner.prefill(ids, runner.new_state(1), last_only=True)
+            else:
+                runner.step(tok, state)
+        warm = 1 if args.prefill else 3
         for _ in range(warm):
-            runner.step(tok, state)
+            one()
         t = time.perf_counter()
         for _ in range(args.steps):
-            runner.step(tok, state)
+            one()
         step_ms = (time.perf_counter() - t) / args.steps * 1e3
         events = json.loads(Path(runner.session.end_profiling()).read_text())
     per_op, calls, containers = collections.Counter(), collections.Counter(), collections.Counter()
@@ -67,7 +75,8 @@ def main(argv=None):
             calls[op] += 1
     n = warm + args.steps  # the profile covers the warm-up steps too
     inside = ", ".join(f"{op} {us / n / 1e3:.2f} ms" for op, us in containers.items())
-    print(f"{args.arch}: {step_ms:.2f} ms per profiled decode step, node time {sum(per_op.values()) / n / 1e3:.2f} ms"
+    what = f"prefill-{args.prefill}" if args.prefill else "decode step"
+    print(f"{args.arch}: {step_ms:.2f} ms per profiled {what}, node time {sum(per_op.values()) / n / 1e3:.2f} ms"
           + (f" (inside {inside})" if inside else ""))
     print("| op type | ms / step | nodes / step |\n| --- | ---: | ---: |")
     for op, us in per_op.most_common(12):

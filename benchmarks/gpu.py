@@ -9,6 +9,8 @@ Mamba1 scan needs a CUDA build that is absent, so Mamba1 is compared with transf
 bandwidth floor only. Timings: CUDA events around many repetitions after warm-up, median.
 Decode = one replay of each system's CUDA graph (ours: CudaGraphRunner; mamba_ssm: its
 `update_graph_cache` graphs); transformers decode = (generate(N2) - generate(N1)) / (N2 - N1).
+The SSD kernel case is timed twice: eagerly (host launch time before the first kernel included)
+and as a replayed CUDA graph (`ssd_kernel_graph`: GPU time only).
 """
 
 from __future__ import annotations

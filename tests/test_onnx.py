@@ -343,3 +343,25 @@ def test_cli_export_and_generate_with_onnx_backend(hf_checkpoint, tmp_path, caps
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_validation_beyond_tolerance_judged_against_float64(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    """Past the fp32 tolerance (here set below fp32 rounding), the export is compared with float64
+    math: accepted when its error is within FP32_SLACK of PyTorch fp32's own, and a wrong graph
+    (one weight 1% off) still fails against float64 as well."""
+    from mamba_deploy.export import onnx as onnx_export
+    from mamba_deploy.export import onnx_graph
+
+    folder, _ = hf_checkpoint("mamba")
+    monkeypatch.setitem(onnx_export.TOLERANCE, "fp32", 1e-12)
+    onnx_export.export_onnx(folder, tmp_path / "ok")
+    out = capsys.readouterr().out
+    assert "against float64 math" in out and "accepted" in out
+    assert (tmp_path / "ok" / "model.onnx").exists()
+
+    real = onnx_graph.MambaGraph._np
+    monkeypatch.setattr(onnx_graph.MambaGraph, "_np", lambda self, key, dtype=np.float32: (
+        real(self, key, dtype) * (1.01 if key.endswith("layers.1.mixer.D") else 1)))
+    with pytest.raises(ExportError, match="more than 3x PyTorch fp32's own"):
+        onnx_export.export_onnx(folder, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -22,6 +22,8 @@ Layout: the weights are top-level initializers and the whole network sits in one
     512: 1.14 -> 1.25 / 1.41 s: the (b, l, n, d) tensors stream through memory), a Scan over
     chunks of 8-32 steps with an inner Scan was within noise, and so was the outer product (dt x) B
     as a K=1 MatMul inside the Scan body in place of the broadcast Mul (prefill 512: 0.999 -> 0.985 s).
+    Two Scans over halves of d, for ORT's parallel executor to run side by side, were slower:
+    1.03 -> 1.09 s sequential, 1.66-2.03 s with ORT_PARALLEL (decode 23 -> 32-48 ms).
   - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
     input shape. Decays are exp of segment sums summed directly (masked cumsum) or exp of
     in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided out later, so large dt and

@@ -365,3 +365,21 @@ def test_validation_beyond_tolerance_judged_against_float64(hf_checkpoint, tmp_p
     with pytest.raises(ExportError, match="more than 3x PyTorch fp32's own"):
         onnx_export.export_onnx(folder, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_validation_nan_anywhere_fails(hf_checkpoint, tmp_path, monkeypatch):
+    """A NaN in any compared output fails validation, even when another error is the largest number."""
+    from mamba_deploy.export import onnx as onnx_export
+
+    folder, _ = hf_checkpoint("mamba")
+    real = onnx_export._errors
+
+    def with_nan(*args):
+        errs = real(*args)
+        errs["conv_state"] = float("nan")
+        return errs
+
+    monkeypatch.setattr(onnx_export, "_errors", with_nan)
+    with pytest.raises(ExportError, match="conv_state relative error nan"):
+        onnx_export.export_onnx(folder, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()

@@ -9,6 +9,7 @@ writes the folder atomically.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -216,19 +217,20 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
         print(f"ONNX validation ({dtype}, tolerance {tol:g} relative to max |torch|):")
         for k, v in errs.items():
             print(f"  {k:<22} {v:.3e}")
-    worst = max(errs, key=errs.get)
-    if errs[worst] <= tol:
+    over = {k: v for k, v in errs.items() if not v <= tol}  # NaN is never <= tol
+    if not over:
         return errs
+    worst = max(over, key=lambda k: (math.isnan(over[k]), over[k]))  # a NaN first
     msg = f"ONNX export disagrees with PyTorch: {worst} relative error {errs[worst]:.3e} > {tol:g}"
-    if dtype != "fp32" or errs[worst] != errs[worst]:  # fp16 / NaN: no float64 second opinion
+    if dtype != "fp32" or math.isnan(errs[worst]):  # fp16 / NaN: no float64 second opinion
         raise ExportError(msg)
     try:
         exact = _reference(_float_copy(model, torch.float64), batches)
     except (MemoryError, RuntimeError) as e:  # a float64 copy of a large model may not fit
         raise ExportError(f"{msg} (no float64 check: {type(e).__name__}); re-run with --no-validate "
                           "to keep the export unchecked") from e
-    export_err = max(_errors(got, got_state, *exact, batches).values())
-    torch_err = max(_errors(*want, *exact, batches).values())
+    export_err = _worst(_errors(got, got_state, *exact, batches))
+    torch_err = _worst(_errors(*want, *exact, batches))
     if verbose:
         print(f"  against float64 math: export {export_err:.3e}, PyTorch fp32 {torch_err:.3e}")
     if not export_err <= max(tol, FP32_SLACK * torch_err):
@@ -244,6 +246,11 @@ def _reference(model, batches):
     state = model.new_state(VALIDATE_BATCH)
     with torch.inference_mode():
         return [model(ids, state).logits for ids in batches], state
+
+
+def _worst(errs: dict) -> float:
+    """The largest error, NaN if any is NaN (max() alone may skip a NaN)."""
+    return max(errs.values(), key=lambda v: (math.isnan(v), v))
 
 
 def _errors(got, got_state, want, want_state, batches) -> dict:

@@ -110,10 +110,10 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
                              BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # One program walks all chunks of one (b, h, p-block, n-block) tile of the state in blocks of
     # BK steps, so per-chunk states never go to memory. Per block, with cs the cumsum of dA from
-    # the chunk start and e = cs at the block end: h = h * exp(e - cs_prev_end) + x^T @ (exp(e - cs) * dt * B),
-    # exps of differences inside one chunk only. The first tile of each (b, h) also writes dt and
-    # cs for _chunk_scan (no separate launch: each one costs host time before the GPU can start).
-    # cs is kept in log2 units (dA * log2(e)) so every decay is one exp2.
+    # the chunk start (log2 units: dA * log2(e), so every decay is one exp2) and e = cs at the
+    # block end: h = h * 2^(e - e_prev) + x^T @ (2^(e - cs) * dt * B), exps of differences
+    # inside one chunk only. The first tile of each (b, h) also writes dt and cs for _chunk_scan
+    # (no separate launch: each one costs host time before the GPU can start).
     b = tl.program_id(1)
     hd = tl.program_id(2)
     g = hd // heads_per_group
@@ -131,7 +131,7 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
         # HS (b, c, h, p, n): the state at the chunk start
         tl.store(HS + ((b * nchunks + c) * H + hd) * P * N + pn, h.to(HS.dtype.element_ty), mask=m2)
         dbase = ((b * H + hd) * nchunks + c) * Q
-        run = a_h * 0.0  # float32 scalar: the cumsum at the previous block's end
+        run = a_h * 0.0  # float32 scalar: e_prev, the cumsum at the previous block's end
         for k0 in range(0, Q, BK):
             q = k0 + tl.arange(0, BK)
             t = c * Q + q

@@ -16,10 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+from .triton_step import softplus
 
 
 @triton.jit
@@ -47,7 +44,7 @@ def _scan_chunk_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, HIN, HOUT, SDT, Y, L, Dn, N
         t = t0 + i
         ok = t < L  # past the end: dt = 0, so the state is unchanged
         x = tl.load(X + b * sxb + t * sxl + d, mask=dm & ok, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(DT + b * sdb + t * sdl + d, mask=dm & ok, other=0.0).to(tl.float32) + dtb)
+        dt = softplus(tl.load(DT + b * sdb + t * sdl + d, mask=dm & ok, other=0.0).to(tl.float32) + dtb)
         dt = tl.where(ok, dt, 0.0)
         Bv = tl.load(Bm + b * sbb + t * sbl + n, mask=nm & ok, other=0.0).to(tl.float32)
         h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * Bv[None, :]

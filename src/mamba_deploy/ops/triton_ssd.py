@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_step import softplus
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -49,16 +51,11 @@ def _tuned_launch(kernel, shape_key, grid, args, consts):
     key = (kernel.fn.__name__, *shape_key, dtypes)
     cfg = _BEST.get(key)
     if cfg is None:
-        kernel[lambda meta: grid(meta)](*args, **consts)
+        kernel[grid](*args, **consts)
         _BEST[key] = kernel.best_config
         return
     kw = cfg.all_kwargs()
     kernel.fn[grid(kw)](*args, **consts, **kw)
-
-
-@triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.autotune(configs=_configs([({"BM": 64, "BN": 64}, 4, 3), ({"BM": 128, "BN": 128}, 8, 3)]),
@@ -136,7 +133,7 @@ def _chunk_state_pass_kernel(X, DT, DTB, A, Bm, DTO, DACS, H0, HS, HL, L, H, P, 
             q = k0 + tl.arange(0, BK)
             t = c * Q + q
             tm = (q < Q) & (t < L)
-            dt = _softplus(tl.load(DT + b * sdb + t * sdl + hd * sdh, mask=tm, other=0.0).to(tl.float32) + dtb)
+            dt = softplus(tl.load(DT + b * sdb + t * sdl + hd * sdh, mask=tm, other=0.0).to(tl.float32) + dtb)
             if CLAMP:
                 dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
             dt = tl.where(tm, dt, 0.0)  # padded tail: no input, no decay

@@ -18,8 +18,8 @@ from .triton_gemv import pdl_kwargs
 
 
 @triton.jit
-def _softplus(x):
-    # log(1 + e^x), linear above 20 like torch.nn.functional.softplus
+def softplus(x):
+    # log(1 + e^x), linear above 20 like torch.nn.functional.softplus; shared by the scan and SSD kernels
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
@@ -36,7 +36,7 @@ def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, Dn, N,
     m2 = dm[:, None] & nm[None, :]
     x = tl.load(X + b * sxb + d, mask=dm, other=0.0).to(tl.float32)
     dt = tl.load(DT + b * sdtb + d, mask=dm, other=0.0).to(tl.float32)
-    dt = _softplus(dt + tl.load(DTB + d, mask=dm, other=0.0).to(tl.float32))
+    dt = softplus(dt + tl.load(DTB + d, mask=dm, other=0.0).to(tl.float32))
     a = tl.load(A + d[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
     Bv = tl.load(Bm + b * sbb + n, mask=nm, other=0.0).to(tl.float32)
     Cv = tl.load(Cm + b * scb + n, mask=nm, other=0.0).to(tl.float32)
@@ -84,7 +84,7 @@ def _ssd_update_kernel(X, DT, A, Bm, Cm, Dp, DTB, H, Y, nheads, P, N, heads_per_
     pm, nm = p < P, n < N
     g = hd // heads_per_group
     dt = tl.load(DT + b * sdtb + hd).to(tl.float32) + tl.load(DTB + hd).to(tl.float32)
-    dt = _softplus(dt)
+    dt = softplus(dt)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     decay = tl.exp(dt * tl.load(A + hd).to(tl.float32))
@@ -273,7 +273,7 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     Bv = (aB * tl.sigmoid(aB)).to(XBC.dtype.element_ty).to(tl.float32)
     Cv = (aC * tl.sigmoid(aC)).to(XBC.dtype.element_ty).to(tl.float32)
     # -- SSD state update
-    dt = _softplus(dt + dtb)
+    dt = softplus(dt + dtb)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     h = h * tl.exp(dt * a_h) + (x * dt)[:, None] * Bv[None, :]

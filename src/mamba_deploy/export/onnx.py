@@ -220,7 +220,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     over = {k: v for k, v in errs.items() if not v <= tol}  # NaN is never <= tol
     if not over:
         return errs
-    worst = max(over, key=lambda k: (math.isnan(over[k]), over[k]))  # a NaN first
+    worst = _worst(over)
     msg = f"ONNX export disagrees with PyTorch: {worst} relative error {errs[worst]:.3e} > {tol:g}"
     if dtype != "fp32" or math.isnan(errs[worst]):  # fp16 / NaN: no float64 second opinion
         raise ExportError(msg)
@@ -229,8 +229,8 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     except (MemoryError, RuntimeError) as e:  # a float64 copy of a large model may not fit
         raise ExportError(f"{msg} (no float64 check: {type(e).__name__}); re-run with --no-validate "
                           "to keep the export unchecked") from e
-    export_err = _worst(_errors(got, got_state, *exact, batches))
-    torch_err = _worst(_errors(*want, *exact, batches))
+    export_errs, torch_errs = _errors(got, got_state, *exact, batches), _errors(*want, *exact, batches)
+    export_err, torch_err = export_errs[_worst(export_errs)], torch_errs[_worst(torch_errs)]
     if verbose:
         print(f"  against float64 math: export {export_err:.3e}, PyTorch fp32 {torch_err:.3e}")
     if not export_err <= max(tol, FP32_SLACK * torch_err):
@@ -248,9 +248,9 @@ def _reference(model, batches):
         return [model(ids, state).logits for ids in batches], state
 
 
-def _worst(errs: dict) -> float:
-    """The largest error, NaN if any is NaN (max() alone may skip a NaN)."""
-    return max(errs.values(), key=lambda v: (math.isnan(v), v))
+def _worst(errs: dict) -> str:
+    """The key of the largest error, a NaN one first (max() on the values alone may skip a NaN)."""
+    return max(errs, key=lambda k: (math.isnan(errs[k]), errs[k]))
 
 
 def _errors(got, got_state, want, want_state, batches) -> dict:

@@ -74,20 +74,26 @@ def cuda_time(fn, reps=20, warmup=3):
 
 
 def graph_time(fn, reps=20):
-    """Median ms of fn() replayed from a CUDA graph: GPU time without the host's launch path.
-    None where fn cannot be captured."""
+    """Median ms of fn() replayed from a CUDA graph (one warm-up call, then capture): GPU time
+    without the host's launch path."""
     import torch
 
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, reps=reps, warmup=3)
+
+
+def eager_and_graph_time(fn):
+    """(eager ms, CUDA-graph ms) of one SSD call; the graph time is None where fn cannot be captured."""
+    eager = cuda_time(fn, reps=20, warmup=3)
     try:
-        with torch.cuda.graph(g):
-            fn()
+        return eager, graph_time(fn)
     except Exception as e:  # noqa: BLE001 (a library op that cannot be captured)
         print(f"  graph capture failed: {type(e).__name__}: {e}", flush=True)
-        return None
-    return cuda_time(g.replay, reps=reps, warmup=3)
+        return eager, None
 
 
 def copy_bandwidth():
@@ -206,7 +212,7 @@ def ssd_kernel_ours():
 
     x, dt, A, B, C, D, dtb, h0 = ssd_inputs(torch.bfloat16)
     f = lambda: ssd(x, dt, A, B, C, D, dtb, h0, SSD_SHAPE["Q"])  # noqa: E731
-    return cuda_time(f, reps=20, warmup=3), graph_time(f)
+    return eager_and_graph_time(f)
 
 
 # ----------------------------------------------------------------------------- mamba_ssm
@@ -248,7 +254,7 @@ def run_mamba_ssm(name, cases):
             f = lambda: mamba_chunk_scan_combined(  # noqa: E731
                 x, dt, A, B, C, SSD_SHAPE["Q"], D=D, dt_bias=dtb, dt_softplus=True, initial_states=h0,
                 return_final_states=True)
-            out[case], out[case + "_graph"] = cuda_time(f, reps=20, warmup=3), graph_time(f)
+            out[case], out[case + "_graph"] = eager_and_graph_time(f)
         elif kind == "prefill":
             ids = torch.randint(0, VOCAB, (b, l), device="cuda")
 

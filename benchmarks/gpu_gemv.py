@@ -15,6 +15,7 @@ results/h200_gemv_rows4_16.json), so the dispatcher uses the GEMV for one row on
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -25,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu import MODELS, copy_bandwidth, cuda_time  # noqa: E402
+from gpu import MODELS, copy_bandwidth, graph_time  # noqa: E402
 
 from mamba_deploy.atomic import write_json  # noqa: E402
 
@@ -46,13 +47,7 @@ def configs():
             yield {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
 
 
-def graph_ms(fn, reps=30):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_time(g.replay, reps=reps, warmup=3)
+graph_ms = functools.partial(graph_time, reps=30)
 
 
 def chain(ws, x0, proj, cfgs=None, pdl=None, feed=False):

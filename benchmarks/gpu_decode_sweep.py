@@ -28,6 +28,20 @@ from mamba_deploy.atomic import write_json  # noqa: E402
 
 MIXER_TILES = [(8, 2), (8, 4), (16, 2), (16, 4), (16, 8), (32, 8), (64, 8)]  # (BLOCK_P, num_warps)
 GEMV_CONFIGS = [(2, 1024, 4), (8, 256, 4), (8, 1024, 8)]  # (BLOCK_N, BLOCK_K, num_warps) for every GEMV
+PREFETCH_MB = [0, 1, 2, 4, 8, 16]  # L2 prefetch of the next GEMV's weights by the kernel before it
+
+
+@contextlib.contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 @contextlib.contextmanager
@@ -54,6 +68,8 @@ def variants():
         cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
         out[f"gemv_n{bn}_k{bk}_w{w}"] = (lambda c=cfg: patched(triton_gemv, "pick_config", lambda *a: dict(c)),
                                          {}, True)
+    for mb in PREFETCH_MB:
+        out[f"prefetch_{mb}mb"] = (lambda m=mb: env("MAMBA_DEPLOY_L2_PREFETCH_MB", str(m)), {}, True)
     # cuda_graph calls ssd_step_gated_(xBC, dt, z, ..., out, sumsq, counter) positionally: return out
     skip_mixer = lambda: patched(triton_step, "ssd_step_gated_", lambda *a, **k: a[13])  # noqa: E731
     skip_norm = lambda: patched(triton_kernels, "add_rmsnorm_", lambda y, *a, **k: y)  # noqa: E731

@@ -172,7 +172,7 @@ def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
     close(h2, hr, dtype, "ssd_state_update h")
 
 
-def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False):
+def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(None, 0)):
     """The one-launch decode mixer (conv + state update + gate + norm statistics) against
     ssd_step_ref followed by rmsnorm_gated_ref (norm over the whole row, ngroups = 1)."""
     from mamba_deploy.ops.triton_step import ssd_step_gated_
@@ -186,7 +186,8 @@ def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False):
     out = torch.empty(b, d, device=device, dtype=dtype)
     ss = torch.zeros(b, device=device)
     cnt = torch.zeros(b, device=device, dtype=torch.int32)
-    ssd_step_gated_(xBC, dt, z, w, cb, cs, A, D, dtb, h, nw, (0.0, math.inf), before, out, ss, cnt)
+    ssd_step_gated_(xBC, dt, z, w, cb, cs, A, D, dtb, h, nw, (0.0, math.inf), before, out, ss, cnt,
+                    prefetch=prefetch)
     close(out.float() * torch.rsqrt(ss / d + 1e-5)[:, None], outr, dtype, "fused step output")
     assert torch.equal(cs.float(), csr), "fused step conv state"
     close(h, hr, dtype, "fused step h")
@@ -274,8 +275,10 @@ def test_ssd_step(b, nh, p, g, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,nh,p,n,before", [(1, 4, 16, 16, False), (3, 8, 64, 64, True), (2, 80, 64, 128, False)])
 def test_ssd_step_gated(b, nh, p, n, before, dtype):
-    for _ in range(3):  # the B/C window shift is ordered by an atomic counter: repeat to catch races
-        check_ssd_step_gated(b, nh, p, n, 4, dtype, DEV, before)
+    weight = torch.empty(4096, 1024, device=DEV, dtype=dtype)  # an out_proj-sized weight to prefetch
+    for i in range(3):  # the B/C window shift is ordered by an atomic counter: repeat to catch races
+        # the last round with the L2 prefetch of a weight on (must change no value)
+        check_ssd_step_gated(b, nh, p, n, 4, dtype, DEV, before, prefetch=(weight, 3 << 20) if i == 2 else (None, 0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -333,8 +336,11 @@ def test_model_triton_vs_reference(kind):
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_graph_runner(kind, dtype):
-    """Graph-captured decode gives the eager reference's logits, batch 1 and 3."""
+@pytest.mark.parametrize("prefetch_mb", ["0", "8"])
+def test_cuda_graph_runner(kind, dtype, prefetch_mb, monkeypatch):
+    """Graph-captured decode gives the eager reference's logits, batch 1 and 3 (with and without
+    the L2 prefetch of the next GEMV's weights)."""
+    monkeypatch.setenv("MAMBA_DEPLOY_L2_PREFETCH_MB", prefetch_mb)
     from conftest import build_hf_model  # noqa: PLC0415
 
     from mamba_deploy import ops

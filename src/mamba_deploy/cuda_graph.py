@@ -35,6 +35,12 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # mamba2-2.7b: batch 1 2.45 ms fused vs 2.70 unfused; batch 32 6.54 fused vs 5.71 unfused.
 # Batches in between were not measured; 4 is a guess on the launch-bound side.
 FUSED_MAX_BATCH = 4
+# MiB of the next GEMV's weights that the norm / mixer kernel before it prefetches into L2
+# (triton_gemv.l2_prefetch); MAMBA_DEPLOY_L2_PREFETCH_MB overrides (0: off). Measured on an H200
+# (gpu_decode_sweep.py), batch-1 ms per token for 0 / 1 / 2 / 4 / 8 / 16 MiB: mamba2-2.7b
+# 2.019 / 1.972 / 1.950 / 1.945 / 2.017 / 2.189, mamba2-1.3b 1.143 / 1.132 / 1.116 / 1.156 /
+# 1.224 / 1.317 (more than fits the gap between GEMVs competes with the GEMV before it).
+PREFETCH_MB = 2
 
 
 def graphs_enabled() -> bool:
@@ -58,6 +64,12 @@ class DecodePlan:
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
+        self.prefetch_bytes = int(float(os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB", PREFETCH_MB)) * 2**20)
+
+    def prefetch(self, weight, batch: int):
+        """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads weight
+        (batch 1 only: larger batches use cuBLAS, which is compute- not latency-bound)."""
+        return (weight, self.prefetch_bytes if batch == 1 else 0)
 
 
 def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
@@ -84,7 +96,8 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     ssq = plan.sumsq[:b]
     ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
                     mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
-                    u, ssq, plan.counter, state_early=True)  # the step begins with the embedding lookup
+                    u, ssq, plan.counter, state_early=True,  # the step begins with the embedding lookup
+                    prefetch=plan.prefetch(mixer.out_proj.weight, b))
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
@@ -97,8 +110,10 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
     residual = h.float() if plan.residual_fp32 else h.clone()
     x = plan.norms[0](h.to(plan.norms[0].weight.dtype))
     scale = {}
-    fused = plan.fused and ids.shape[0] <= FUSED_MAX_BATCH
-    for i, layer in enumerate(model.backbone.layers):
+    b = ids.shape[0]
+    fused = plan.fused and b <= FUSED_MAX_BATCH
+    layers = model.backbone.layers
+    for i, layer in enumerate(layers):
         if fused:
             y, scale = _mamba2_fused_step(plan, layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         elif plan.cfg.arch == "mamba2":
@@ -108,7 +123,9 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
             state.conv[i].copy_(conv)  # no-op when the kernel updated in place
             state.ssm[i].copy_(ssm)
         nxt = plan.norms[i + 1]
-        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, **scale)  # residual += y; x = norm(residual)
+        w_next = layers[i + 1].mixer.in_proj.weight if i + 1 < len(layers) else model.lm_head.weight
+        # residual += y; x = norm(residual)
+        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, prefetch=plan.prefetch(w_next, b), **scale)
     return model.lm_head(x.to(model.lm_head.weight.dtype)).float()
 
 

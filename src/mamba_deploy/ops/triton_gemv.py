@@ -45,6 +45,33 @@ def pdl_kwargs(device: torch.device) -> dict:
 
 
 @triton.jit
+def l2_prefetch(P, n_lines, pid, nprog, PER_PROG: tl.constexpr):
+    """Prefetch the 128-byte lines pid, pid + nprog, ... (< n_lines) of P into L2
+    (`prefetch.global.L2`: no registers, no wait). Why: between two GEMVs of the decode chain
+    DRAM idles while the small kernels run; a small kernel that prefetches the head of the next
+    GEMV's weights (before its gdc_wait) keeps DRAM busy. Changes no values. (The sm_90 bulk
+    `cp.async.bulk.prefetch.L2` measured the same at 1-4 MiB, and issued from one program it
+    was ~20x slower: one SM's copy engine serialises it.)"""
+    if PER_PROG > 0:
+        idx = pid + nprog * tl.arange(0, PER_PROG)
+        ok = (idx < n_lines).to(tl.int32)
+        ptr = P.to(tl.pointer_type(tl.int8)) + idx.to(tl.int64) * 128
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+            "=r,l,r", [ptr, ok], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
+    """(pointer, n_lines, per_prog) for `l2_prefetch` of the first nbytes of weight, spread over
+    nprog programs; weight None or nbytes 0: off (per_prog 0 compiles it out; fallback is any
+    tensor to pass as the unused pointer). per_prog is at least the thread count: a smaller
+    tensor is replicated over threads, and each replica would issue its own prefetch."""
+    n = 0 if weight is None else min(int(nbytes), weight.numel() * weight.element_size()) // 128
+    per = triton.next_power_of_2(max(triton.cdiv(n, nprog), 32 * num_warps)) if n else 0
+    return (weight if n else fallback), n, per
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab

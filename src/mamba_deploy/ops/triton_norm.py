@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import pdl_kwargs
+from .triton_gemv import l2_prefetch, pdl_kwargs, prefetch_args
+
+PREFETCH_PROGRAMS = 128  # programs per row of add_rmsnorm_ when it prefetches (one per SM or so)
 
 
 @triton.jit
@@ -83,11 +85,24 @@ def rmsnorm_gated(x, z, weight, eps, group_size, norm_before_gate=False):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps,
-                        HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_rmsnorm_kernel(Y, R, W, X, SS, PF, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps, PF_LINES,
+                        HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                        PF_PER_PROG: tl.constexpr):
     if USE_PDL:  # see triton_gemv: a decode-chain kernel
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
+    # the next GEMV's weights, spread over the extra programs along axis 1 (one SM alone issues
+    # prefetches too slowly), which then exit
+    l2_prefetch(PF, PF_LINES, row * tl.num_programs(1) + tl.program_id(1), tl.num_programs(0) * tl.num_programs(1),
+                PF_PER_PROG)
+    if tl.program_id(1) == 0:
+        _add_rmsnorm_row(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps, row,
+                         HAS_SCALE, BLOCK, USE_PDL)
+
+
+@triton.jit
+def _add_rmsnorm_row(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale_n, scale_eps, row,
+                     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < D
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # constant: before the wait
@@ -110,21 +125,25 @@ def _add_rmsnorm_kernel(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, sc
     tl.store(X + row * stride_x + cols, (xn * w).to(X.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0):
+def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0, prefetch=(None, 0)):
     """residual += y (in place, residual's dtype); returns rmsnorm(residual.to(weight.dtype)).
 
     y (b, d) or None (then only the norm); residual (b, d) contiguous. Used by the graph-captured
     decode to fuse the residual add of one layer with the pre-norm of the next.
     sumsq (b,) float32: y is first scaled by rsqrt(sumsq / scale_n + scale_eps) per row, and
     sumsq is zeroed (see triton_step.ssd_step_gated_).
+    prefetch (weight, nbytes): bring the first nbytes of the next GEMV's weight into L2 (decode).
     """
     b, d = residual.shape
     if out is None:
         out = torch.empty((b, d), device=residual.device, dtype=weight.dtype)
     yy = torch.zeros_like(residual) if y is None else y
     block = triton.next_power_of_2(d)
-    _add_rmsnorm_kernel[(b,)](yy, residual, weight, out, sumsq if sumsq is not None else residual,
-                              yy.stride(0), residual.stride(0), out.stride(0), d, eps, float(scale_n),
-                              float(scale_eps), HAS_SCALE=sumsq is not None, BLOCK=block,
-                              num_warps=min(16, max(1, block // 256)), **pdl_kwargs(residual.device))
+    warps = min(16, max(1, block // 256))
+    nprog = PREFETCH_PROGRAMS if prefetch[0] is not None and prefetch[1] else 1
+    pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=b * nprog, num_warps=warps, fallback=residual)
+    _add_rmsnorm_kernel[(b, nprog if pf_lines else 1)](
+        yy, residual, weight, out, sumsq if sumsq is not None else residual, pf, yy.stride(0), residual.stride(0),
+        out.stride(0), d, eps, float(scale_n), float(scale_eps), pf_lines, HAS_SCALE=sumsq is not None, BLOCK=block,
+        num_warps=warps, PF_PER_PROG=pf_per, **pdl_kwargs(residual.device))
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import pdl_kwargs
+from .triton_gemv import l2_prefetch, pdl_kwargs, prefetch_args
 
 
 @triton.jit
@@ -206,12 +206,12 @@ def _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K: tl.constexpr, 
 
 
 @triton.jit
-def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, CNT,
-                           P, N, G, d_inner, heads_per_group,
+def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, CNT, PF,
+                           P, N, G, d_inner, heads_per_group, PF_LINES,
                            sxb, sdtb, szb, scsb, scsc, scsk, shb, shh, shp, sub,
                            dt_lo, dt_hi, CLAMP: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                            NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                           USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
+                           USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr, PF_PER_PROG: tl.constexpr):
     # Longer than the other kernels on purpose: the conv, state update, gate and norm statistics
     # share registers in one launch (the whole mixer of a decode step; a launch costs ~2 us).
     b = tl.program_id(0)
@@ -231,6 +231,9 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     # writes are only guaranteed visible after gdc_wait.
     if USE_PDL:  # see triton_gemv
         tl.extra.cuda.gdc_launch_dependents()
+    pid = (b * tl.num_programs(1) + hd) * tl.num_programs(2) + tl.program_id(2)
+    l2_prefetch(PF, PF_LINES, pid, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2),
+                PF_PER_PROG)  # out_proj's weights
     a_h = tl.load(A + hd).to(tl.float32)
     d_h = tl.load(Dp + hd).to(tl.float32)
     dtb = tl.load(DTB + hd).to(tl.float32)
@@ -302,7 +305,7 @@ def step_config(nheads: int, headdim: int, block_n: int) -> dict:
 
 
 def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
-                    dt_limit, norm_before_gate, out, sumsq, counter, state_early=False):
+                    dt_limit, norm_before_gate, out, sumsq, counter, state_early=False, prefetch=(None, 0)):
     """One Mamba2 mixer decode step up to out_proj's input, in one launch (ngroups == 1).
 
     Writes out (b, d_inner) = gate/weight-applied y *without* the 1/rms factor, and adds each
@@ -310,7 +313,8 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
     and zeroes it again). counter (>= b) int32 zeros, left at zero. conv_state, h in place.
     rmsnorm_gated(y, z, w) == out * rsqrt(sumsq / d_inner + eps), so out_proj(normed) equals
     out_proj(out) times that per-row scalar. state_early: the caller guarantees conv_state and h
-    were not written by the previous launch (see STATE_EARLY in the kernel).
+    were not written by the previous launch (see STATE_EARLY in the kernel). prefetch (weight,
+    nbytes): bring the first nbytes of out_proj's weight into L2 (triton_gemv.l2_prefetch).
     """
     b = xBC.shape[0]
     nh, p, n = h.shape[1], h.shape[2], h.shape[3]
@@ -325,11 +329,15 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
     BP = tile["BLOCK_P"]
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     w = conv_weight.contiguous()
-    _ssd_step_gated_kernel[(b, nh, triton.cdiv(p, BP))](
+    grid = (b, nh, triton.cdiv(p, BP))
+    pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=grid[0] * grid[1] * grid[2],
+                                          num_warps=tile["num_warps"], fallback=w)
+    _ssd_step_gated_kernel[grid](
         xBC, dt, z, w, conv_bias if conv_bias is not None else w, conv_state, A, D, dt_bias, h, norm_weight,
-        out, sumsq, counter, p, n, g, d, nh // g,
+        out, sumsq, counter, pf, p, n, g, d, nh // g, pf_lines,
         xBC.stride(0), dt.stride(0), z.stride(0), *conv_state.stride(), h.stride(0), h.stride(1), h.stride(2),
         out.stride(0), lo, hi if hi != math.inf else 3.0e38, CLAMP=lo > 0.0 or hi != math.inf, K=k,
         HAS_BIAS=conv_bias is not None, NORM_BEFORE_GATE=bool(norm_before_gate),
-        BLOCK_P=BP, BLOCK_N=BN, num_warps=tile["num_warps"], STATE_EARLY=bool(state_early), **pdl_kwargs(h.device))
+        BLOCK_P=BP, BLOCK_N=BN, num_warps=tile["num_warps"], STATE_EARLY=bool(state_early), PF_PER_PROG=pf_per,
+        **pdl_kwargs(h.device))
     return out

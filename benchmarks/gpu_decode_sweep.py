@@ -17,6 +17,7 @@ import os
 import sys
 
 import torch
+import triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
@@ -27,7 +28,13 @@ from gpu import cuda_time, our_model  # noqa: E402
 from mamba_deploy.atomic import write_json  # noqa: E402
 
 MIXER_TILES = [(8, 2), (8, 4), (16, 2), (16, 4), (16, 8), (32, 8), (64, 8)]  # (BLOCK_P, num_warps)
-GEMV_CONFIGS = [(2, 1024, 4), (8, 256, 4), (8, 1024, 8)]  # (BLOCK_N, BLOCK_K, num_warps) for every GEMV
+# GEMV launch configuration by (n, k), for every GEMV
+GEMV_CONFIGS = {
+    "gemv_loop_n4_k1024": lambda n, k: dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8 if k >= 4096 else 4),  # until 2026-11
+    "gemv_oneshot_n1": lambda n, k: dict(BLOCK_N=1, BLOCK_K=triton.next_power_of_2(k), num_warps=4),
+    "gemv_oneshot_n4": lambda n, k: dict(BLOCK_N=4, BLOCK_K=triton.next_power_of_2(k), num_warps=8),
+    "gemv_oneshot_n2_w8": lambda n, k: dict(BLOCK_N=2, BLOCK_K=triton.next_power_of_2(k), num_warps=8),
+}
 PREFETCH_MB = [0, 1, 2, 4, 8, 16]  # L2 prefetch of the next GEMV's weights by the kernel before it
 
 
@@ -64,10 +71,14 @@ def variants():
     for bp, w in MIXER_TILES:
         tile = dict(BLOCK_P=bp, num_warps=w)
         out[f"mixer_p{bp}_w{w}"] = (lambda t=tile: patched(triton_step, "step_config", lambda *a: dict(t)), {}, True)
-    for bn, bk, w in GEMV_CONFIGS:
-        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
-        out[f"gemv_n{bn}_k{bk}_w{w}"] = (lambda c=cfg: patched(triton_gemv, "pick_config", lambda *a: dict(c)),
-                                         {}, True)
+    for name, pick in GEMV_CONFIGS.items():
+        out[name] = (lambda p=pick: patched(triton_gemv, "pick_config", p), {}, True)
+    from mamba_deploy.ops import triton_norm
+
+    for w in (4, 8):
+        out[f"norm_w{w}"] = (lambda w=w: patched(triton_norm, "add_rmsnorm_warps", lambda block: w), {}, True)
+    for n in (16, 32):
+        out[f"prefetch_programs_{n}"] = (lambda n=n: patched(triton_norm, "PREFETCH_PROGRAMS", n), {}, True)
     for mb in PREFETCH_MB:
         out[f"prefetch_{mb}mb"] = (lambda m=mb: env("MAMBA_DEPLOY_L2_PREFETCH_MB", str(m)), {}, True)
     # cuda_graph calls ssd_step_gated_(xBC, dt, z, ..., out, sumsq, counter) positionally: return out

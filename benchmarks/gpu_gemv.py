@@ -42,8 +42,8 @@ def shapes(name):
 
 
 def configs():
-    for bn, bk, w in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)):
-        if 1024 <= bn * bk <= 8192:
+    for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096, 8192), (2, 4, 8)):
+        if 1024 <= bn * bk <= 16384:
             yield {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
 
 

@@ -73,8 +73,9 @@ def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab
+                 BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr):
+    # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
+    # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,22 +85,35 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.c
     w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
+    if ONE_SHOT:
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=nmask)
 
 
+ONE_SHOT_MAX_K = 8192
+
+
 def pick_config(n: int, k: int) -> dict:
-    """Launch configuration by shape, from the sweep in benchmarks/gpu_gemv.py on an H200 (bf16,
-    mamba2 130m / 1.3b / 2.7b projections): 4 weight rows per program in 1024-wide tiles (many
-    small programs keep the most loads in flight), 8 warps once rows are long."""
-    return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8 if k >= 4096 else 4)
+    """Launch configuration by shape, from sweeps on an H200 (bf16, mamba2 1.3b / 2.7b in_proj and
+    out_proj chains; benchmarks/gpu_gemv.py and results/h200_gemv_oneshot.*): 2 weight rows per
+    program, each program loading its whole slab at once (so every resident program has all its
+    bytes in flight before the PDL wait, and a program lives for one memory latency, which keeps
+    the tail of each launch short). The 2.7b chain: 1.33 ms vs 1.59 ms for 4-row programs looping
+    over 1024-wide tiles (floor 1.22 ms). Rows longer than ONE_SHOT_MAX_K loop over 1024-wide tiles."""
+    if k <= ONE_SHOT_MAX_K:
+        bk = triton.next_power_of_2(k)
+        return dict(BLOCK_N=2, BLOCK_K=bk, num_warps=8 if bk >= 8192 else 4)
+    return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 
 
 def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None):
@@ -113,7 +127,8 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     cfg = dict(config or pick_config(n, k))
     launch = pdl_kwargs(x.device) if pdl is None else dict(USE_PDL=pdl, launch_pdl=pdl)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, n, k,
-                                                   weight.stride(0), HAS_BIAS=bias is not None, **cfg, **launch)
+                                                   weight.stride(0), HAS_BIAS=bias is not None,
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch)
     return y.reshape(*pre, n)
 
 

@@ -125,6 +125,11 @@ def _add_rmsnorm_row(Y, R, W, X, SS, stride_y, stride_r, stride_x, D, eps, scale
     tl.store(X + row * stride_x + cols, (xn * w).to(X.dtype.element_ty), mask=mask)
 
 
+def add_rmsnorm_warps(block: int) -> int:
+    """Warps of the decode add+norm kernel (swept in benchmarks/gpu_decode_sweep.py)."""
+    return min(16, max(1, block // 256))
+
+
 def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0, prefetch=(None, 0)):
     """residual += y (in place, residual's dtype); returns rmsnorm(residual.to(weight.dtype)).
 
@@ -139,7 +144,7 @@ def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scal
         out = torch.empty((b, d), device=residual.device, dtype=weight.dtype)
     yy = torch.zeros_like(residual) if y is None else y
     block = triton.next_power_of_2(d)
-    warps = min(16, max(1, block // 256))
+    warps = add_rmsnorm_warps(block)
     nprog = PREFETCH_PROGRAMS if prefetch[0] is not None and prefetch[1] else 1
     pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=b * nprog, num_warps=warps, fallback=residual)
     _add_rmsnorm_kernel[(b, nprog if pf_lines else 1)](

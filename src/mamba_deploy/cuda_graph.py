@@ -37,9 +37,10 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FUSED_MAX_BATCH = 4
 # MiB of the next GEMV's weights that the norm / mixer kernel before it prefetches into L2
 # (triton_gemv.l2_prefetch); MAMBA_DEPLOY_L2_PREFETCH_MB overrides (0: off). Measured on an H200
-# (gpu_decode_sweep.py), batch-1 ms per token for 0 / 1 / 2 / 4 / 8 / 16 MiB: mamba2-2.7b
-# 2.019 / 1.972 / 1.950 / 1.945 / 2.017 / 2.189, mamba2-1.3b 1.143 / 1.132 / 1.116 / 1.156 /
-# 1.224 / 1.317 (more than fits the gap between GEMVs competes with the GEMV before it).
+# (gpu_decode_sweep.py), batch-1 ms per token with the one-shot GEMV, 0 / 2 / 4 MiB: mamba2-2.7b
+# 1.813 / 1.781 / 1.845, 1.3b 1.006 / 0.980 / 1.001, 130m 0.223 / 0.227 / 0.239. With the
+# earlier looping GEMV, 0 / 1 / 2 / 4 / 8 / 16 MiB: 2.7b 2.019 / 1.972 / 1.950 / 1.945 / 2.017 /
+# 2.189 (more than fits the gap between GEMVs competes with the GEMV before it).
 PREFETCH_MB = 2
 
 

@@ -108,7 +108,7 @@ def pick_config(n: int, k: int) -> dict:
     out_proj chains; benchmarks/gpu_gemv.py and results/h200_gemv_oneshot.*): 2 weight rows per
     program, each program loading its whole slab at once (so every resident program has all its
     bytes in flight before the PDL wait, and a program lives for one memory latency, which keeps
-    the tail of each launch short). The 2.7b chain: 1.33 ms vs 1.59 ms for 4-row programs looping
+    the tail of each launch short). The 2.7b chain: 1.36 ms vs 1.59 ms for 4-row programs looping
     over 1024-wide tiles (floor 1.22 ms). Rows longer than ONE_SHOT_MAX_K loop over 1024-wide tiles."""
     if k <= ONE_SHOT_MAX_K:
         bk = triton.next_power_of_2(k)

@@ -2,7 +2,8 @@
 
 For each model: the default CudaGraphRunner, then the same step with one thing changed: other
 tiles of the fused mixer (triton_step.step_config) and of the GEMV (triton_gemv.pick_config),
-and ablations that are numerically wrong on purpose (timing only): no mixer kernel, no
+other add+norm warps, L2 prefetch sizes and prefetch programs (cuda_graph.PREFETCH_MB,
+triton_norm.PREFETCH_PROGRAMS), and ablations that are numerically wrong on purpose (timing only): no mixer kernel, no
 add_rmsnorm_ kernel, neither. Prints ms per token (median of CUDA-event-timed replays) and
 writes JSON. Variants that were measured and dropped are listed in benchmarks/results/README.md.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 
@@ -63,9 +65,7 @@ def patched(module, name, value):
 
 def variants():
     """name -> (context manager factory, plan overrides, exact: whether logits must match)."""
-    from mamba_deploy.ops import triton_gemv, triton_step
-
-    from mamba_deploy.ops import triton_kernels
+    from mamba_deploy.ops import triton_gemv, triton_kernels, triton_norm, triton_step
 
     out = {"default": (contextlib.nullcontext, {}, True)}
     for bp, w in MIXER_TILES:
@@ -73,8 +73,6 @@ def variants():
         out[f"mixer_p{bp}_w{w}"] = (lambda t=tile: patched(triton_step, "step_config", lambda *a: dict(t)), {}, True)
     for name, pick in GEMV_CONFIGS.items():
         out[name] = (lambda p=pick: patched(triton_gemv, "pick_config", p), {}, True)
-    from mamba_deploy.ops import triton_norm
-
     for w in (4, 8):
         out[f"norm_w{w}"] = (lambda w=w: patched(triton_norm, "add_rmsnorm_warps", lambda block: w), {}, True)
     for n in (16, 32):
@@ -106,7 +104,7 @@ def time_variant(model, ctx, overrides):
         torch.manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (1,))
         logits, _ = runner.step(ids, state)  # captures
-    ms = cuda_time(lambda: runner.replay(1), reps=300, warmup=20)
+    ms = cuda_time(functools.partial(runner.replay, 1), reps=300, warmup=20)
     del runner
     return ms, logits
 

@@ -41,6 +41,15 @@ def shapes(name):
     return s["n_layer"], (n_in, s["d_model"]), (s["d_model"], d)
 
 
+def chain_weights(name):
+    """Each layer's in_proj and out_proj weights (random bf16, seed 0) on the GPU: (w_in, w_out)."""
+    n_layer, (n1, k1), (n2, k2) = shapes(name)
+    torch.manual_seed(0)
+    w_in = [torch.randn(n1, k1, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_layer)]
+    w_out = [torch.randn(n2, k2, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_layer)]
+    return w_in, w_out
+
+
 def configs():
     for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096, 8192), (2, 4, 8)):
         if 1024 <= bn * bk <= 16384:
@@ -69,10 +78,8 @@ def chain(ws, x0, proj, cfgs=None, pdl=None, feed=False):
 def run_model(name, bw):
     from mamba_deploy.ops.triton_gemv import pick_config
 
-    n_layer, (n1, k1), (n2, k2) = shapes(name)
-    torch.manual_seed(0)
-    w_in = [torch.randn(n1, k1, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_layer)]
-    w_out = [torch.randn(n2, k2, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_layer)]
+    w_in, w_out = chain_weights(name)
+    k1, k2 = w_in[0].shape[1], w_out[0].shape[1]
     x_in = torch.randn(1, k1, device="cuda", dtype=torch.bfloat16)
     x_out = torch.randn(1, k2, device="cuda", dtype=torch.bfloat16)
     res = {}

@@ -2,11 +2,12 @@
 project's GEMV (ops/triton_gemv.py), over each model's in_proj / out_proj chain in one CUDA graph.
 
 A record of a variant that was measured and not adopted (results/h200_gemv_tma.*, H200, bf16):
-the best TMA tile streamed the mamba2-2.7b chain in 1.672 ms against 1.575 ms for the GEMV in use
-(floor 1.214 ms), and a persistent TMA kernel (one or two programs per SM walking row blocks)
-was slower still (1.82 ms); for mamba2-1.3b, 0.824 vs 0.835 ms. Triton pipelines the descriptor
-loads through shared memory (STAGES - 1 buffers); it does not pipeline plain pointer loads that
-feed no dot, which is why the GEMV in use keeps its own one-tile-ahead load.
+the best TMA tile streamed the mamba2-2.7b chain in 1.672 ms against 1.575 ms for the looping
+GEMV then in use (floor 1.214 ms), and a persistent TMA kernel (one or two programs per SM
+walking row blocks) was slower still (1.82 ms); for mamba2-1.3b, 0.824 vs 0.835 ms. The one-shot
+GEMV that replaced the looping one does that chain in 1.360 ms (results/h200_gemv_oneshot.*).
+Triton pipelines the descriptor loads through shared memory (STAGES - 1 buffers); it does not
+pipeline plain pointer loads that feed no dot.
 
     python3 benchmarks/gpu_gemv_tma.py [--models mamba2-2.7b,mamba2-1.3b] [--out gemv_tma.json]
 """
@@ -77,9 +78,9 @@ def make_desc(w, bn, bk):
     return TensorDescriptor.from_tensor(w, [bn, bk])
 
 
-def run(kind, x, w, desc, cfg, pdl, y=None):
+def run(kind, x, w, desc, cfg, pdl):
     n, k = w.shape
-    y = torch.empty(n, device=x.device, dtype=x.dtype) if y is None else y
+    y = torch.empty(n, device=x.device, dtype=x.dtype)
     bn, bk, st, nw = cfg["BN"], cfg["BK"], cfg["S"], cfg["W"]
     kw = dict(BLOCK_N=bn, BLOCK_K=bk, STAGES=st, USE_PDL=pdl, launch_pdl=pdl, num_warps=nw)
     if kind == "tma":
@@ -92,7 +93,8 @@ def run(kind, x, w, desc, cfg, pdl, y=None):
 
 
 def main():
-    from gpu import MODELS, copy_bandwidth, graph_time
+    from gpu import copy_bandwidth, graph_time
+    from gpu_gemv import chain_weights
 
     from mamba_deploy.atomic import write_json
     from mamba_deploy.ops.triton_gemv import gemv
@@ -104,15 +106,9 @@ def main():
     bw = copy_bandwidth()
     out = {"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": []}
     for name in args.models.split(","):
-        s = MODELS[name]
-        d = 2 * s["d_model"]
-        n_in = 2 * d + 2 * s["d_state"] + d // 64
-        L = s["n_layer"]
-        torch.manual_seed(0)
-        w_in = [torch.randn(n_in, s["d_model"], device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(L)]
-        w_out = [torch.randn(s["d_model"], d, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(L)]
+        w_in, w_out = chain_weights(name)
         ws = [w for p in zip(w_in, w_out) for w in p]
-        x = torch.randn(d, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(max(w.shape[1] for w in ws), device="cuda", dtype=torch.bfloat16)
         floor = sum(w.numel() * 2 for w in ws) / bw * 1e3
         ref = [torch.nn.functional.linear(x[: w.shape[1]].float(), w.float()) for w in ws[:2]]
 

@@ -4,8 +4,9 @@ dependent launch (PDL) on Hopper.
 Twin of `torch.nn.functional.linear` for x with one row. Why not cuBLAS: batch-1
 decode of a 64-layer model is ~256 dependent launches whose GPU work is a few microseconds each,
 so the gap between kernels costs as much as the weight streaming. With PDL a kernel is launched
-while its predecessor still runs: it loads its first weight tile (weights never depend on the
-predecessor), then `gdc_wait`s for the predecessor's results. cuBLAS kernels cannot join such a
+while its predecessor still runs: it loads its weights (the whole slab of its rows, or the
+first tile of rows longer than ONE_SHOT_MAX_K; weights never depend on the predecessor), then
+`gdc_wait`s for the predecessor's results. cuBLAS kernels cannot join such a
 chain. The other decode kernels (add_rmsnorm_, ssd_step_gated_) take the same `USE_PDL` switch.
 
 Rules every PDL kernel here keeps: `gdc_launch_dependents` first (the next kernel may then start

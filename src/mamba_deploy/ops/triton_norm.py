@@ -145,9 +145,8 @@ def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scal
     yy = torch.zeros_like(residual) if y is None else y
     block = triton.next_power_of_2(d)
     warps = add_rmsnorm_warps(block)
-    nprog = PREFETCH_PROGRAMS if prefetch[0] is not None and prefetch[1] else 1
-    pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=b * nprog, num_warps=warps, fallback=residual)
-    _add_rmsnorm_kernel[(b, nprog if pf_lines else 1)](
+    pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=b * PREFETCH_PROGRAMS, num_warps=warps, fallback=residual)
+    _add_rmsnorm_kernel[(b, PREFETCH_PROGRAMS if pf_lines else 1)](
         yy, residual, weight, out, sumsq if sumsq is not None else residual, pf, yy.stride(0), residual.stride(0),
         out.stride(0), d, eps, float(scale_n), float(scale_eps), pf_lines, HAS_SCALE=sumsq is not None, BLOCK=block,
         num_warps=warps, PF_PER_PROG=pf_per, **pdl_kwargs(residual.device))

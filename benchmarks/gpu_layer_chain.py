@@ -54,7 +54,9 @@ def variants(name):
     d_model = w_in[0].shape[1]
     zx = torch.zeros(L, w_in[0].shape[0], device="cuda", dtype=torch.bfloat16)
     u = torch.zeros(L, d_inner, device="cuda", dtype=torch.bfloat16)
-    ss = torch.ones(L, 2, device="cuda")
+    from mamba_deploy.ops.triton_gemv import SS_SLOTS, SS_STRIDE
+
+    ss = torch.ones(L, 2, SS_SLOTS * SS_STRIDE, device="cuda")
     res = torch.zeros(1, d_model, device="cuda")
     xn = torch.randn(1, d_model, device="cuda", dtype=torch.bfloat16)
 
@@ -65,20 +67,21 @@ def variants(name):
                 if in_kind == "gemv":
                     src = gemv(x, w_in[i])[0, :d_inner]
                 else:
-                    in_proj_conv_(x, w_in[i], ss[i, 1:2], 1e-5, zx[i], P["conv_w"], P["conv_b"], P["conv"][i], d_inner)
+                    in_proj_conv_(x, w_in[i], ss[i, 1] if in_kind == "conv" else None, 1e-5, zx[i], P["conv_w"], P["conv_b"], P["conv"][i], d_inner)
                     src = zx[i, :d_inner]
                 if mixer:
                     mixer_(zx[i], P["A"], P["D"], P["dt_bias"], P["ssm"][i], P["norm_w"], (0.0, float("inf")), False,
-                           u[i], ss[i, 0:1])
+                           u[i], ss[i, 0])
                     src = u[i]
                 if out_kind == "gemv":
                     x = gemv(src, w_out[i]).view(1, -1)
                 else:
-                    x = out_proj_add_(src, w_out[i], ss[i, 0:1], d_inner, 1e-5, res, P["w_next"], xn, ss[i, 1:2])
+                    x = out_proj_add_(src, w_out[i], ss[i, 0], d_inner, 1e-5, res, P["w_next"], xn, ss[i, 1])
         return fn
 
     return {
         "gemv_gemv": run("gemv", False, "gemv"),
+        "conv_noscale_gemv": run("conv_noscale", False, "gemv"),
         "conv_gemv": run("conv", False, "gemv"),
         "gemv_add": run("gemv", False, "add"),
         "conv_add": run("conv", False, "add"),

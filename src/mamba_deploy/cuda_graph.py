@@ -75,18 +75,19 @@ class DecodePlan:
     def layer_buffers(self):
         """Scratch of the three-launch batch-1 step, per layer so that no launch overwrites what
         an earlier one may still read (PDL starts a kernel before its predecessor ends): in_proj
-        outputs zx, mixer outputs u, and sync[i], zeroed at the start of each step: two float32
-        sums of squares (gated norm of layer i, residual after layer i; `ss` is their view) and
-        the int32 count of mixer programs done (triton_layer.mixer_'s done)."""
+        outputs zx, mixer outputs u, and ss[i] = the float32 sums of squares (gated norm of
+        layer i, residual after layer i) as triton_gemv.SS_SLOTS partial sums, zeroed at the
+        start of each step."""
         if self._layer_bufs is None:
+            from .ops.triton_gemv import SS_SLOTS, SS_STRIDE
+
             cfg, dev, dt = self.cfg, self.model.device, self.model.dtype
             n_in = self.model.backbone.layers[0].mixer.in_proj.weight.shape[0]
             self._layer_bufs = dict(
                 zx=torch.empty((cfg.n_layer, n_in), device=dev, dtype=dt),
                 u=torch.empty((cfg.n_layer, cfg.d_inner), device=dev, dtype=dt),
-                sync=torch.zeros((cfg.n_layer, 4), device=dev, dtype=torch.int32),
+                ss=torch.zeros((cfg.n_layer, 2, SS_SLOTS * SS_STRIDE), device=dev, dtype=torch.float32),
                 xn=torch.empty((1, cfg.d_model), device=dev, dtype=dt))
-            self._layer_bufs["ss"] = self._layer_bufs["sync"].view(torch.float32)[:, :2]
         return self._layer_bufs
 
     def prefetch(self, weight, batch: int):
@@ -134,28 +135,24 @@ def _three_launch_step(plan: DecodePlan, ids, state: State):
     """Batch 1: per layer in_proj + conv, mixer, out_proj + residual + next norm's statistics
     (ops/triton_layer.py); the final norm's 1/rms is applied inside the lm_head GEMV."""
     from .ops.triton_gemv import gemv
-    from .ops.triton_layer import in_proj_conv_, mixer_, n_programs, out_proj_add_
+    from .ops.triton_layer import in_proj_conv_, mixer_, out_proj_add_
 
     model, cfg = plan.model, plan.cfg
     buf = plan.layer_buffers()
-    buf["sync"].zero_()
+    buf["ss"].zero_()
     h = model.backbone.embeddings(ids)  # (1, d_model)
     residual = h.float() if plan.residual_fp32 else h.clone()
     x, ss_x = plan.norms[0](h.to(plan.norms[0].weight.dtype)), None
-    n_mix = n_programs(cfg.nheads, cfg.headdim, cfg.d_state)
-    layers = model.backbone.layers
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(model.backbone.layers):
         mx = layer.mixer
-        zx, u, ss, done = buf["zx"][i], buf["u"][i], buf["ss"][i], buf["sync"][i, 2:3]
-        # the last out_proj waits for its mixer's whole grid, so the step ends with every state stored
-        handoff = done if i + 1 < len(layers) else None
+        zx, u, ss = buf["zx"][i], buf["u"][i], buf["ss"][i]
         in_proj_conv_(x, mx.in_proj.weight, ss_x, plan.norms[i].eps, zx, mx.conv1d.weight[:, 0], mx.conv1d.bias,
                       state.conv[i], cfg.d_inner)
         mixer_(zx, plan.A[i], mx.D, mx.dt_bias, state.ssm[i], mx.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
-               u, ss[0:1], done=handoff, prefetch=plan.prefetch(mx.out_proj.weight, 1))
-        x = out_proj_add_(u, mx.out_proj.weight, ss[0:1], cfg.d_inner, mx.norm.eps, residual,
-                          plan.norms[i + 1].weight, buf["xn"], ss[1:2], done=None if handoff is None else (done, n_mix))
-        ss_x = ss[1:2]
+               u, ss[0], prefetch=plan.prefetch(mx.out_proj.weight, 1))
+        x = out_proj_add_(u, mx.out_proj.weight, ss[0], cfg.d_inner, mx.norm.eps, residual,
+                          plan.norms[i + 1].weight, buf["xn"], ss[1])
+        ss_x = ss[1]
     return gemv(x, model.lm_head.weight, scale=(ss_x, cfg.d_model, plan.norms[-1].eps)).float()
 
 

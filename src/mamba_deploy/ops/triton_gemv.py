@@ -101,7 +101,8 @@ def gemv_rows(X, W, rn, nmask, K, swn, BLOCK_K: tl.constexpr, USE_PDL: tl.conste
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, SS, N, K, swn, scale_n, scale_eps, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
+                 SLOTS: tl.constexpr, STRIDE: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
     # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait
     if USE_PDL:
@@ -114,7 +115,7 @@ def _gemv_kernel(X, W, Bias, Y, SS, N, K, swn, scale_n, scale_eps, HAS_BIAS: tl.
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
         if HAS_SCALE:  # issued with X's load, not after the dot product
-            ss = tl.load(SS)
+            ss = load_sumsq(SS, SLOTS, STRIDE)
         acc = gemv_dot(X, w, K, BLOCK_K)
     else:
         rk = tl.arange(0, BLOCK_K)
@@ -129,7 +130,7 @@ def _gemv_kernel(X, W, Bias, Y, SS, N, K, swn, scale_n, scale_eps, HAS_BIAS: tl.
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
         if HAS_SCALE:
-            ss = tl.load(SS)
+            ss = load_sumsq(SS, SLOTS, STRIDE)
     if HAS_SCALE:  # x is an RMSNorm's input times its weight, without the 1/rms (triton_layer)
         acc = acc * tl.rsqrt(ss / scale_n + scale_eps)
     if HAS_BIAS:
@@ -138,6 +139,15 @@ def _gemv_kernel(X, W, Bias, Y, SS, N, K, swn, scale_n, scale_eps, HAS_BIAS: tl.
 
 
 ONE_SHOT_MAX_K = 8192
+# A sum of squares read by every program of a GEMV (gemv's scale, triton_layer) is kept as
+# SS_SLOTS partial sums SS_STRIDE floats apart (one 128-byte line each, so on different L2
+# slices): thousands of programs adding into, or reading, one address queue at one slice.
+SS_SLOTS, SS_STRIDE = 16, 32
+
+
+@triton.jit
+def load_sumsq(SS, SLOTS: tl.constexpr, STRIDE: tl.constexpr):
+    return tl.sum(tl.load(SS + tl.arange(0, SLOTS) * STRIDE), axis=0)
 
 
 def pick_config(n: int, k: int) -> dict:
@@ -155,8 +165,9 @@ def pick_config(n: int, k: int) -> dict:
 
 def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None, scale=None):
     """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype.
-    scale (sumsq, n, eps): the product is multiplied by rsqrt(sumsq / n + eps) (sumsq a
-    one-element float32 tensor, read on the GPU), i.e. x is an un-normalised RMSNorm output."""
+    scale (sumsq, n, eps): the product is multiplied by rsqrt(sumsq / n + eps), i.e. x is an
+    un-normalised RMSNorm output; sumsq: float32 partial sums SS_STRIDE apart (SS_SLOTS of them,
+    read on the GPU)."""
     *pre, k = x.shape
     n = weight.shape[0]
     if x.numel() != k:
@@ -169,7 +180,8 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, ss, n, k,
                                                    weight.stride(0), float(scale_n), float(scale_eps),
                                                    HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch)
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, SLOTS=SS_SLOTS, STRIDE=SS_STRIDE,
+                                                   **cfg, **launch)
     return y.reshape(*pre, n)
 
 

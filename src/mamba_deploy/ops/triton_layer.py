@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import triton_step
-from .triton_gemv import ONE_SHOT_MAX_K, gemv_dot, gemv_load, l2_prefetch, pdl_kwargs, prefetch_args
+from .triton_gemv import (ONE_SHOT_MAX_K, SS_SLOTS, SS_STRIDE, gemv_dot, gemv_load, l2_prefetch, load_sumsq,
+                          pdl_kwargs, prefetch_args)
 from .triton_step import _shift_store, update_gate
 
 # Registers per thread of in_proj_conv_: the conv epilogue took it from the plain GEMV's 113 to
@@ -54,7 +55,7 @@ def _warps(k: int) -> int:
 @triton.jit
 def _in_proj_conv_kernel(X, W, SSX, ZX, CW, CBias, CS, K, swn, x_n, x_eps, d_inner, conv_dim, n_rows, scsc, scsk,
                          HAS_SCALE: tl.constexpr, KC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, SLOTS: tl.constexpr, STRIDE: tl.constexpr):
     if USE_PDL:  # see triton_gemv: a decode-chain kernel
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * 2 + tl.arange(0, 2)
@@ -74,7 +75,7 @@ def _in_proj_conv_kernel(X, W, SSX, ZX, CW, CBias, CS, K, swn, x_n, x_eps, d_inn
         tl.extra.cuda.gdc_wait()
     ss = 0.0
     if HAS_SCALE:  # x is out_proj_add_'s output: the norm's 1/rms is still to apply
-        ss = tl.load(SSX)
+        ss = load_sumsq(SSX, SLOTS, STRIDE)
     acc = gemv_dot(X, w, K, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.rsqrt(ss / x_n + x_eps)
@@ -112,7 +113,8 @@ def _taps(S, base, mask, step, NT: tl.constexpr):
 def in_proj_conv_(x, in_weight, sumsq_x, x_eps, zx, conv_weight, conv_bias, conv_state, d_inner):
     """zx (n_in,) = in_proj(x) with the xBC part through the causal conv update and silu;
     conv_state (1, conv_dim, k-1) updated in place. x (1, d_model): an RMSNorm's output, or with
-    sumsq_x (one-element float32) that output without its rsqrt(sumsq_x / d_model + x_eps)."""
+    sumsq_x (float32 partial sums, triton_gemv.SS_SLOTS x SS_STRIDE) that output without its
+    rsqrt(sumsq_x / d_model + x_eps)."""
     n_rows, k = in_weight.shape
     conv_dim, kc = conv_weight.shape
     if x.numel() != k or conv_state.shape[0] != 1 or k > ONE_SHOT_MAX_K or not 2 <= kc <= 4:
@@ -123,15 +125,17 @@ def in_proj_conv_(x, in_weight, sumsq_x, x_eps, zx, conv_weight, conv_bias, conv
         x, in_weight, sumsq_x if sumsq_x is not None else zx, zx, cw, conv_bias if conv_bias is not None else cw,
         conv_state, k, in_weight.stride(0), float(k), float(x_eps), d_inner, conv_dim, n_rows,
         conv_state.stride(1), conv_state.stride(2), HAS_SCALE=sumsq_x is not None, KC=kc,
-        HAS_BIAS=conv_bias is not None, BLOCK_K=triton.next_power_of_2(k), num_warps=_warps(k),
+        HAS_BIAS=conv_bias is not None, BLOCK_K=triton.next_power_of_2(k), SLOTS=SS_SLOTS, STRIDE=SS_STRIDE,
+        num_warps=_warps(k),
         **({"maxnreg": IN_PROJ_MAXNREG} if IN_PROJ_MAXNREG else {}), **pdl_kwargs(zx.device))
     return zx
 
 
 @triton.jit
-def _mixer_kernel(ZX, A, Dp, DTB, H, NW, U, SSU, DONE, PF, P, N, d_inner, shh, shp, dt_lo, dt_hi, PF_LINES,
+def _mixer_kernel(ZX, A, Dp, DTB, H, NW, U, SSU, PF, P, N, d_inner, shh, shp, dt_lo, dt_hi, PF_LINES,
                   CLAMP: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, PF_PER_PROG: tl.constexpr, SIGNAL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr, PF_PER_PROG: tl.constexpr,
+                  SLOTS: tl.constexpr, STRIDE: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     hd = tl.program_id(0)
@@ -158,73 +162,47 @@ def _mixer_kernel(ZX, A, Dp, DTB, H, NW, U, SSU, DONE, PF, P, N, d_inner, shh, s
     Bv = tl.load(ZX + 2 * d_inner + n, mask=nm, other=0.0).to(tl.float32)
     Cv = tl.load(ZX + 2 * d_inner + N + n, mask=nm, other=0.0).to(tl.float32)
     dt = tl.load(ZX + 2 * d_inner + 2 * N + hd).to(tl.float32)
-    update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SSU, DONE, dt_lo, dt_hi, CLAMP,
-                NORM_BEFORE_GATE, SIGNAL)
+    slot = (hd * tl.num_programs(1) + tl.program_id(1)) % SLOTS
+    update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SSU + slot * STRIDE, dt_lo, dt_hi, CLAMP,
+                NORM_BEFORE_GATE)
 
 
-def mixer_(zx, A, D, dt_bias, h, norm_weight, dt_limit, norm_before_gate, u, sumsq_u, done=None, prefetch=(None, 0)):
+def mixer_(zx, A, D, dt_bias, h, norm_weight, dt_limit, norm_before_gate, u, sumsq_u, prefetch=(None, 0)):
     """After in_proj_conv_ (ngroups == 1): h (1, nh, p, n) float32 updated in place; writes
     u (1, d_inner) = the gated norm's input times its weight without the 1/rms, and adds the sum
-    of squares into sumsq_u (zero beforehand), as triton_step.ssd_step_gated_ does.
-    done (one int32 zero) with PDL: each program adds 1 once its u and sumsq are out, so that
-    out_proj_add_ can start on those without waiting for the state stores (`n_programs`).
-    prefetch (weight, nbytes): bring the first nbytes of out_proj's weight into L2."""
+    of squares into sumsq_u (zero beforehand; SS_SLOTS partial sums), as
+    triton_step.ssd_step_gated_ does. prefetch (weight, nbytes): bring the first nbytes of
+    out_proj's weight into L2."""
     nh, p, n = h.shape[1], h.shape[2], h.shape[3]
     d_inner = nh * p
     if h.shape[0] != 1 or zx.numel() != 2 * d_inner + 2 * n + nh or h.dtype != torch.float32 or h.stride(-1) != 1:
         raise ValueError(f"mixer_ takes batch 1, ngroups 1 and a float32 state with unit last stride, got state "
                          f"{tuple(h.shape)} {h.dtype}, zx {tuple(zx.shape)}")
-    tile = mixer_tile(nh, p, n)
+    tile = triton_step.step_config(nh, p, triton.next_power_of_2(n))  # via the module: the sweep patches it
     grid = (nh, triton.cdiv(p, tile["BLOCK_P"]))
     pf, pf_lines, pf_per = prefetch_args(*prefetch, nprog=grid[0] * grid[1], num_warps=tile["num_warps"], fallback=h)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    launch = pdl_kwargs(h.device)
-    _mixer_kernel[grid](zx, A, D, dt_bias, h, norm_weight, u, sumsq_u, done if done is not None else sumsq_u, pf,
-                        p, n, d_inner, h.stride(1), h.stride(2), lo, hi if hi != math.inf else 3.0e38, pf_lines,
-                        CLAMP=lo > 0.0 or hi != math.inf, NORM_BEFORE_GATE=bool(norm_before_gate),
-                        BLOCK_P=tile["BLOCK_P"], BLOCK_N=triton.next_power_of_2(n), PF_PER_PROG=pf_per,
-                        SIGNAL=done is not None and launch["USE_PDL"], num_warps=tile["num_warps"], **launch)
+    _mixer_kernel[grid](zx, A, D, dt_bias, h, norm_weight, u, sumsq_u, pf, p, n, d_inner, h.stride(1), h.stride(2),
+                        lo, hi if hi != math.inf else 3.0e38, pf_lines, CLAMP=lo > 0.0 or hi != math.inf,
+                        NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_P=tile["BLOCK_P"],
+                        BLOCK_N=triton.next_power_of_2(n), PF_PER_PROG=pf_per, SLOTS=SS_SLOTS, STRIDE=SS_STRIDE,
+                        num_warps=tile["num_warps"], **pdl_kwargs(h.device))
     return u
 
 
-def mixer_tile(nh: int, p: int, n: int) -> dict:
-    return triton_step.step_config(nh, p, triton.next_power_of_2(n))  # via the module: the sweep patches it
-
-
-def n_programs(nh: int, p: int, n: int) -> int:
-    """mixer_'s program count: the value out_proj_add_ waits for in `done`."""
-    return nh * triton.cdiv(p, mixer_tile(nh, p, n)["BLOCK_P"])
-
-
 @triton.jit
-def _fence_acq_rel():
-    """fence.acq_rel.gpu in every thread: with the relaxed poll before it, an acquire of the
-    producers' release (Triton has no fence op)."""
-    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, 0;", "=r,r", [tl.zeros((1,), dtype=tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _out_proj_add_kernel(U, W, SSU, DONE, R, NW, XN, SSR, N, K, swn, u_n, u_eps, n_done,
-                         BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, POLL: tl.constexpr):
+def _out_proj_add_kernel(U, W, SSU, R, NW, XN, SSR, N, K, swn, u_n, u_eps,
+                         BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, SLOTS: tl.constexpr, STRIDE: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * 2 + tl.arange(0, 2)
     nmask = rn < N
     w = gemv_load(W, rn, nmask, K, swn, BLOCK_K)
     wn = tl.load(NW + rn, mask=nmask, other=0.0).to(tl.float32)  # constant: before the wait
-    if POLL:
-        # wait for the mixer's u and sums of squares only (mixer_'s done), not for its whole grid
-        # (whose state stores nobody here reads). Safe to write after it: every mixer program
-        # counted has passed its own wait, so in_proj, the last reader of XN, has finished.
-        c = tl.load(DONE, volatile=True)
-        while c < n_done:
-            c = tl.load(DONE, volatile=True)
-        _fence_acq_rel()
-    elif USE_PDL:
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
     # issued with U's load, not after the dot product (see gemv_load)
-    ssu = tl.load(SSU, volatile=POLL)
+    ssu = load_sumsq(SSU, SLOTS, STRIDE)
     r = tl.load(R + rn, mask=nmask, other=0.0).to(tl.float32)
     acc = gemv_dot(U, w, K, BLOCK_K)
     # out_proj's output (rounded to the model dtype like F.linear's), then residual += it
@@ -234,23 +212,20 @@ def _out_proj_add_kernel(U, W, SSU, DONE, R, NW, XN, SSR, N, K, swn, u_n, u_eps,
     r = r.to(R.dtype.element_ty).to(XN.dtype.element_ty).to(tl.float32)
     tl.store(XN + rn, (r * wn).to(XN.dtype.element_ty), mask=nmask)
     # relaxed: the consumer is the next launch, which waits for this whole grid
-    tl.atomic_add(SSR, tl.sum(r * r, axis=0), sem="relaxed")
+    tl.atomic_add(SSR + (tl.program_id(0) % SLOTS) * STRIDE, tl.sum(r * r, axis=0), sem="relaxed")
 
 
-def out_proj_add_(u, out_weight, sumsq_u, u_n, u_eps, residual, norm_weight, xn, sumsq_r, done=None):
+def out_proj_add_(u, out_weight, sumsq_u, u_n, u_eps, residual, norm_weight, xn, sumsq_r):
     """residual (1, d_model) += out_proj(u * rsqrt(sumsq_u / u_n + u_eps)); writes
     xn = residual.to(norm dtype) * norm_weight and adds sum(residual ** 2) into sumsq_r (zero
     beforehand): the next GEMV takes (xn, sumsq_r) as its scaled input (in_proj_conv_'s sumsq_x,
-    triton_gemv.gemv's scale). done (counter, n): with PDL, start once the counter (mixer_'s
-    done) reaches n instead of waiting for the previous launch to finish. Returns xn."""
+    triton_gemv.gemv's scale). Sums of squares are SS_SLOTS partial sums. Returns xn."""
     n, k = out_weight.shape
     if u.numel() != k or residual.numel() != n or k > ONE_SHOT_MAX_K:
         raise ValueError(f"out_proj_add_ takes batch 1 and rows <= {ONE_SHOT_MAX_K}, got u {tuple(u.shape)}, "
                          f"residual {tuple(residual.shape)}, weight {tuple(out_weight.shape)}")
-    launch = pdl_kwargs(u.device)
-    flag, n_done = done if done is not None else (sumsq_u, 0)
     _out_proj_add_kernel[(triton.cdiv(n, ROWS),)](
-        u, out_weight, sumsq_u, flag, residual, norm_weight, xn, sumsq_r, n, k, out_weight.stride(0), float(u_n),
-        float(u_eps), n_done, BLOCK_K=triton.next_power_of_2(k), POLL=done is not None and launch["USE_PDL"],
-        num_warps=_warps(k), **launch)
+        u, out_weight, sumsq_u, residual, norm_weight, xn, sumsq_r, n, k, out_weight.stride(0), float(u_n),
+        float(u_eps), BLOCK_K=triton.next_power_of_2(k), SLOTS=SS_SLOTS, STRIDE=SS_STRIDE, num_warps=_warps(k),
+        **pdl_kwargs(u.device))
     return xn

@@ -286,24 +286,22 @@ def gated_update(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, x1, x2, ax, b1, b2, 
     x = (ax * tl.sigmoid(ax)).to(U.dtype.element_ty).to(tl.float32)
     Bv = (aB * tl.sigmoid(aB)).to(U.dtype.element_ty).to(tl.float32)
     Cv = (aC * tl.sigmoid(aC)).to(U.dtype.element_ty).to(tl.float32)
-    update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, CNT, dt_lo, dt_hi, CLAMP,
-                NORM_BEFORE_GATE, False)
+    update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt_lo, dt_hi, CLAMP, NORM_BEFORE_GATE)
 
 
 @triton.jit
-def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, DONE, dt_lo, dt_hi,
-                CLAMP: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, SIGNAL: tl.constexpr):
+def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt_lo, dt_hi,
+                CLAMP: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
     """From conv outputs x (BLOCK_P,), B, C (BLOCK_N,) and raw dt: the SSD state update of the
     (BLOCK_P, BLOCK_N) tile h (stored in place at hp), y with the D skip, the gate, and the
     weighted, un-normalised gated-norm input u = y * silu(z) * w stored at U + cx, with its sum of
     squares added to SS. The 1/rms factor is a per-row scalar, so the caller's consumer applies it
-    after out_proj (add_rmsnorm_'s or out_proj_add_'s scale). SIGNAL: once u and SS are out,
-    release-increment DONE (the consumer polls it instead of waiting for the whole grid, whose
-    state stores it does not read); the state is stored after that."""
+    after out_proj (add_rmsnorm_'s or out_proj_add_'s scale)."""
     dt = softplus(dt + dtb)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     h = h * tl.exp(dt * a_h) + (x * dt)[:, None] * Bv[None, :]
+    tl.store(hp, h, mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1) + x * d_h
     y = y.to(U.dtype.element_ty).to(tl.float32)
     gate = z * tl.sigmoid(z)
@@ -315,12 +313,8 @@ def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, DO
         sq = tl.sum(y * y, axis=0)
         u = y * w
     tl.store(U + cx, u.to(U.dtype.element_ty), mask=pm)
-    # relaxed: the consumer is the next kernel launch (or orders it after DONE's release)
+    # relaxed: the consumer is the next kernel launch; a release here would wait for the stores
     tl.atomic_add(SS, sq, sem="relaxed")
-    if SIGNAL:
-        tl.debug_barrier()  # every warp's u stores before the one thread's release
-        tl.atomic_add(DONE, 1, sem="release")
-    tl.store(hp, h, mask=m2)
 
 
 def step_config(nheads: int, headdim: int, block_n: int) -> dict:

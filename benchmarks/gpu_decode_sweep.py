@@ -1,12 +1,10 @@
 """Batch-1 graph decode on the GPU, variant by variant in one run: where the time of a token goes.
 
-For each model: the default CudaGraphRunner (batch 1: the three-launch layer of
-ops/triton_layer.py), then the same step with one thing changed: other tiles of the mixer
-(triton_step.step_config) and of the GEMV (triton_gemv.pick_config; in the three-launch step
-only lm_head's), L2 prefetch sizes (cuda_graph.PREFETCH_MB), in_proj without its register cap,
-the four-launch layer (add+norm, in_proj, mixer, out_proj) and its knobs (add+norm warps,
-prefetch programs: triton_norm.PREFETCH_PROGRAMS), and ablations, numerically wrong on purpose
-(timing only): no mixer kernel; for the four-launch layer no mixer, no add_rmsnorm_, neither. Prints ms per token (median of CUDA-event-timed replays) and
+For each model: the default CudaGraphRunner, then the same step with one thing changed: other
+tiles of the fused mixer (triton_step.step_config) and of the GEMV (triton_gemv.pick_config),
+other add+norm warps, L2 prefetch sizes and prefetch programs (cuda_graph.PREFETCH_MB,
+triton_norm.PREFETCH_PROGRAMS), and ablations that are numerically wrong on purpose (timing only): no mixer kernel, no
+add_rmsnorm_ kernel, neither. Prints ms per token (median of CUDA-event-timed replays) and
 writes JSON. Variants that were measured and dropped are listed in benchmarks/results/README.md.
 
     python benchmarks/gpu_decode_sweep.py --out sweep.json [--models mamba2-2.7b,mamba2-1.3b]
@@ -67,7 +65,7 @@ def patched(module, name, value):
 
 def variants():
     """name -> (context manager factory, plan overrides, exact: whether logits must match)."""
-    from mamba_deploy.ops import triton_gemv, triton_kernels, triton_layer, triton_norm, triton_step
+    from mamba_deploy.ops import triton_gemv, triton_kernels, triton_norm, triton_step
 
     out = {"default": (contextlib.nullcontext, {}, True)}
     for bp, w in MIXER_TILES:
@@ -75,37 +73,24 @@ def variants():
         out[f"mixer_p{bp}_w{w}"] = (lambda t=tile: patched(triton_step, "step_config", lambda *a: dict(t)), {}, True)
     for name, pick in GEMV_CONFIGS.items():
         out[name] = (lambda p=pick: patched(triton_gemv, "pick_config", p), {}, True)
+    for w in (4, 8):
+        out[f"norm_w{w}"] = (lambda w=w: patched(triton_norm, "add_rmsnorm_warps", lambda block: w), {}, True)
+    for n in (16, 32):
+        out[f"prefetch_programs_{n}"] = (lambda n=n: patched(triton_norm, "PREFETCH_PROGRAMS", n), {}, True)
     for mb in PREFETCH_MB:
         out[f"prefetch_{mb}mb"] = (lambda m=mb: env("MAMBA_DEPLOY_L2_PREFETCH_MB", str(m)), {}, True)
-    out["in_proj_maxnreg_none"] = (lambda: patched(triton_layer, "IN_PROJ_MAXNREG", None), {}, True)
-    # the four-launch layer (add+norm, in_proj, mixer, out_proj) that batch 1 used until 2026-11-22
-    four = lambda: env("MAMBA_DEPLOY_THREE_LAUNCH", "0")  # noqa: E731
-    out["four_launch"] = (four, {}, True)
-    for w in (4, 8):
-        out[f"four_launch_norm_w{w}"] = (
-            lambda w=w: stacked(four, lambda: patched(triton_norm, "add_rmsnorm_warps", lambda block: w)), {}, True)
-    for n in (16, 32):
-        out[f"four_launch_prefetch_programs_{n}"] = (
-            lambda n=n: stacked(four, lambda: patched(triton_norm, "PREFETCH_PROGRAMS", n)), {}, True)
-    # ablation of the three-launch layer: mixer_(zx, A, D, dt_bias, h, norm_weight, dt_limit,
-    # norm_before_gate, u, ...) positionally: return u
-    out["ablate_no_mixer"] = (lambda: patched(triton_layer, "mixer_", lambda *a, **k: a[8]), {}, False)
-    # ablations of the four-launch layer; cuda_graph calls ssd_step_gated_(xBC, dt, z, ..., out,
-    # sumsq, counter) positionally: return out
+    # cuda_graph calls ssd_step_gated_(xBC, dt, z, ..., out, sumsq, counter) positionally: return out
     skip_mixer = lambda: patched(triton_step, "ssd_step_gated_", lambda *a, **k: a[13])  # noqa: E731
     skip_norm = lambda: patched(triton_kernels, "add_rmsnorm_", lambda y, *a, **k: y)  # noqa: E731
-    for name, skips in (("no_mixer", (skip_mixer,)), ("no_norm", (skip_norm,)),
-                        ("no_mixer_no_norm", (skip_mixer, skip_norm))):
-        out[f"ablate_four_launch_{name}"] = (lambda s=skips: stacked(four, *s), {}, False)
+    out["ablate_no_mixer"] = (skip_mixer, {}, False)
+    out["ablate_no_norm"] = (skip_norm, {}, False)
+
+    @contextlib.contextmanager
+    def skip_both():
+        with skip_mixer(), skip_norm():
+            yield
+    out["ablate_no_mixer_no_norm"] = (skip_both, {}, False)
     return out
-
-
-@contextlib.contextmanager
-def stacked(*factories):
-    with contextlib.ExitStack() as stack:
-        for f in factories:
-            stack.enter_context(f())
-        yield
 
 
 def time_variant(model, ctx, overrides):

@@ -338,13 +338,10 @@ def test_model_triton_vs_reference(kind):
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefetch_mb", ["0", "8"])
-@pytest.mark.parametrize("three_launch", ["0", "1"])
-def test_cuda_graph_runner(kind, dtype, prefetch_mb, three_launch, monkeypatch):
+def test_cuda_graph_runner(kind, dtype, prefetch_mb, monkeypatch):
     """Graph-captured decode gives the eager reference's logits, batch 1 and 3 (with and without
-    the L2 prefetch of the next GEMV's weights; batch 1 with the three-launch Mamba2 layer of
-    ops/triton_layer.py and with the four-launch one)."""
+    the L2 prefetch of the next GEMV's weights)."""
     monkeypatch.setenv("MAMBA_DEPLOY_L2_PREFETCH_MB", prefetch_mb)
-    monkeypatch.setenv("MAMBA_DEPLOY_THREE_LAUNCH", three_launch)
     from conftest import build_hf_model  # noqa: PLC0415
 
     from mamba_deploy import ops
@@ -390,55 +387,3 @@ def load_model_copy(model, dtype):
     import copy
 
     return copy.deepcopy(model).to(dtype)
-
-
-def random_lm(cfg, dtype, seed=0):
-    """Our MambaLM with random weights away from init (A_log, D, dt_bias, norms non-trivial)."""
-    from mamba_deploy.model import MambaLM
-
-    torch.manual_seed(seed)
-    m = MambaLM(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
-        for layer in m.backbone.layers:
-            layer.mixer.A_log.copy_(torch.rand_like(layer.mixer.A_log) * 2)
-    return m.to(device=DEV, dtype=dtype).eval()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [dict(d_model=2560, d_state=128, headdim=64),  # mamba2-2.7b widths
-                                   dict(d_model=768, d_state=128, headdim=64, d_conv=3, norm_before_gate=True),
-                                   dict(d_model=96, d_state=17, headdim=7, d_inner_override=231, d_conv=2,
-                                        dt_limit=(0.01, 0.5))])
-def test_three_launch_layer(shape, dtype):
-    """The three-launch batch-1 layer (in_proj + conv, mixer, out_proj + residual + norm
-    statistics; ops/triton_layer.py) at real widths, 6 graph steps. float32: logits and
-    states against float64 math on the same weights. bf16: about as close to float64 as the bf16
-    reference path is (as in test_cuda_graph_runner)."""
-    from mamba_deploy import ops
-    from mamba_deploy.config import MambaConfig
-    from mamba_deploy.cuda_graph import CudaGraphRunner
-
-    cfg = MambaConfig(arch="mamba2", n_layer=2, vocab_size=1000, **shape)
-    model = random_lm(cfg, dtype)
-    gold = load_model_copy(model, torch.float64)
-    fast = CudaGraphRunner(model)
-    assert fast._plan.three_launch
-    sf, sg, sr = fast.new_state(1), gold.new_state(1), model.new_state(1)
-    for t in torch.randint(0, 1000, (6, 1)):
-        lf, _ = fast.step(t, sf)
-        with ops.use_backend("ref"), torch.inference_mode():
-            lg = gold.step(t.to(DEV), sg).cpu()
-            lr = model.step(t.to(DEV), sr).cpu()
-        if dtype == torch.float32:
-            close(lf, lg, dtype, f"three-launch logits {shape}")
-        else:
-            r_fast, r_ref = rel(lf, lg), rel(lr, lg)
-            assert r_fast <= 1.5 * r_ref + 2e-3, f"{shape}: three-launch {r_fast:.2e} vs reference {r_ref:.2e}"
-    for name in ("ssm", "conv"):
-        got, want, ref = (getattr(x, name).cpu() for x in (fast.to_torch_state(sf), sg, sr))
-        if dtype == torch.float32:
-            close(got, want, dtype, f"three-launch {name} state")
-        else:
-            assert rel(got, want) <= 1.5 * rel(ref, want) + 2e-3, f"three-launch {name} state"

@@ -66,29 +66,6 @@ class DecodePlan:
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
         self.prefetch_bytes = int(float(os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB", PREFETCH_MB)) * 2**20)
-        # batch 1: three launches per layer (ops/triton_layer.py) where the GEMV takes the shapes
-        self.three_launch = (self.fused and os.environ.get("MAMBA_DEPLOY_THREE_LAUNCH", "1") != "0"
-                             and os.environ.get("MAMBA_DEPLOY_GEMV", "1") != "0"
-                             and _three_launch_supported(cfg))
-        self._layer_bufs = None
-
-    def layer_buffers(self):
-        """Scratch of the three-launch batch-1 step, per layer so that no launch overwrites what
-        an earlier one may still read (PDL starts a kernel before its predecessor ends): in_proj
-        outputs zx, mixer outputs u, and ss[i] = the float32 sums of squares (gated norm of
-        layer i, residual after layer i) as triton_gemv.SS_SLOTS partial sums, zeroed at the
-        start of each step."""
-        if self._layer_bufs is None:
-            from .ops.triton_gemv import SS_SLOTS, SS_STRIDE
-
-            cfg, dev, dt = self.cfg, self.model.device, self.model.dtype
-            n_in = self.model.backbone.layers[0].mixer.in_proj.weight.shape[0]
-            self._layer_bufs = dict(
-                zx=torch.empty((cfg.n_layer, n_in), device=dev, dtype=dt),
-                u=torch.empty((cfg.n_layer, cfg.d_inner), device=dev, dtype=dt),
-                ss=torch.zeros((cfg.n_layer, 2, SS_SLOTS * SS_STRIDE), device=dev, dtype=torch.float32),
-                xn=torch.empty((1, cfg.d_model), device=dev, dtype=dt))
-        return self._layer_bufs
 
     def prefetch(self, weight, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads weight
@@ -125,43 +102,10 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
-def _three_launch_supported(cfg) -> bool:
-    from .ops.triton_layer import supported
-
-    return supported(cfg.d_model, cfg.d_inner, cfg.headdim, cfg.ngroups, cfg.d_conv)
-
-
-def _three_launch_step(plan: DecodePlan, ids, state: State):
-    """Batch 1: per layer in_proj + conv, mixer, out_proj + residual + next norm's statistics
-    (ops/triton_layer.py); the final norm's 1/rms is applied inside the lm_head GEMV."""
-    from .ops.triton_gemv import gemv
-    from .ops.triton_layer import in_proj_conv_, mixer_, out_proj_add_
-
-    model, cfg = plan.model, plan.cfg
-    buf = plan.layer_buffers()
-    buf["ss"].zero_()
-    h = model.backbone.embeddings(ids)  # (1, d_model)
-    residual = h.float() if plan.residual_fp32 else h.clone()
-    x, ss_x = plan.norms[0](h.to(plan.norms[0].weight.dtype)), None
-    for i, layer in enumerate(model.backbone.layers):
-        mx = layer.mixer
-        zx, u, ss = buf["zx"][i], buf["u"][i], buf["ss"][i]
-        in_proj_conv_(x, mx.in_proj.weight, ss_x, plan.norms[i].eps, zx, mx.conv1d.weight[:, 0], mx.conv1d.bias,
-                      state.conv[i], cfg.d_inner)
-        mixer_(zx, plan.A[i], mx.D, mx.dt_bias, state.ssm[i], mx.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
-               u, ss[0], prefetch=plan.prefetch(mx.out_proj.weight, 1))
-        x = out_proj_add_(u, mx.out_proj.weight, ss[0], cfg.d_inner, mx.norm.eps, residual,
-                          plan.norms[i + 1].weight, buf["xn"], ss[1])
-        ss_x = ss[1]
-    return gemv(x, model.lm_head.weight, scale=(ss_x, cfg.d_model, plan.norms[-1].eps)).float()
-
-
 def fast_decode_step(plan: DecodePlan, ids, state: State):
     """ids (b,) on CUDA -> logits (b, vocab) float32; state updated in place (Triton kernels)."""
     from .ops.triton_kernels import add_rmsnorm_
 
-    if ids.shape[0] == 1 and plan.three_launch:
-        return _three_launch_step(plan, ids, state)
     model = plan.model
     h = model.backbone.embeddings(ids)  # (b, d_model)
     residual = h.float() if plan.residual_fp32 else h.clone()

@@ -41,7 +41,7 @@ def _gemv_on() -> bool:
 
 def pdl_kwargs(device: torch.device) -> dict:
     """Launch kwargs for a kernel with a USE_PDL constexpr."""
-    on = device.type == "cuda" and pdl_enabled(device.index if device.index is not None else torch.cuda.current_device())
+    on = pdl_enabled(device.index if device.index is not None else torch.cuda.current_device())
     return dict(USE_PDL=on, launch_pdl=on)
 
 
@@ -73,81 +73,35 @@ def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
 
 
 @triton.jit
-def gemv_load(W, rn, nmask, K, swn, BLOCK_K: tl.constexpr):
-    """The (BLOCK_N, BLOCK_K >= K) weight slab of rows rn, in one load (issue it before the PDL
-    wait, and before any load whose value is used before the wait: a use stalls the warp, and
-    the slab's load would only be issued after that load's memory latency)."""
-    rk = tl.arange(0, BLOCK_K)
-    return tl.load(W + rn[:, None] * swn + rk[None, :], mask=nmask[:, None] & (rk[None, :] < K), other=0.0)
-
-
-@triton.jit
-def gemv_dot(X, w, K, BLOCK_K: tl.constexpr):
-    """(BLOCK_N,) float32 = w . X[:K] (after the wait)."""
-    rk = tl.arange(0, BLOCK_K)
-    x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-    return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-
-
-@triton.jit
-def gemv_rows(X, W, rn, nmask, K, swn, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """(BLOCK_N,) float32 = W[rn] . X for K <= BLOCK_K: the slab loaded before the PDL wait
-    (weights never depend on the previous launch), X after it."""
-    w = gemv_load(W, rn, nmask, K, swn, BLOCK_K)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    return gemv_dot(X, w, K, BLOCK_K)
-
-
-@triton.jit
-def _gemv_kernel(X, W, Bias, Y, SS, N, K, swn, scale_n, scale_eps, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
-                 SLOTS: tl.constexpr, STRIDE: tl.constexpr):
+def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
     # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
     nmask = rn < N
-    ss = 0.0
+    w_ptrs = W + rn[:, None] * swn + rk[None, :]  # (BN, BK)
+    w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     if ONE_SHOT:
-        w = gemv_load(W, rn, nmask, K, swn, BLOCK_K)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-        if HAS_SCALE:  # issued with X's load, not after the dot product
-            ss = load_sumsq(SS, SLOTS, STRIDE)
-        acc = gemv_dot(X, w, K, BLOCK_K)
+        x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     else:
-        rk = tl.arange(0, BLOCK_K)
-        w_ptrs = W + rn[:, None] * swn + rk[None, :]  # (BN, BK)
-        w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
-        if HAS_SCALE:
-            ss = load_sumsq(SS, SLOTS, STRIDE)
-    if HAS_SCALE:  # x is an RMSNorm's input times its weight, without the 1/rms (triton_layer)
-        acc = acc * tl.rsqrt(ss / scale_n + scale_eps)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=nmask)
 
 
 ONE_SHOT_MAX_K = 8192
-# A sum of squares read by every program of a GEMV (gemv's scale, triton_layer) is kept as
-# SS_SLOTS partial sums SS_STRIDE floats apart (one 128-byte line each, so on different L2
-# slices): thousands of programs adding into, or reading, one address queue at one slice.
-SS_SLOTS, SS_STRIDE = 16, 32
-
-
-@triton.jit
-def load_sumsq(SS, SLOTS: tl.constexpr, STRIDE: tl.constexpr):
-    return tl.sum(tl.load(SS + tl.arange(0, SLOTS) * STRIDE), axis=0)
 
 
 def pick_config(n: int, k: int) -> dict:
@@ -163,11 +117,8 @@ def pick_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 
 
-def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None, scale=None):
-    """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype.
-    scale (sumsq, n, eps): the product is multiplied by rsqrt(sumsq / n + eps), i.e. x is an
-    un-normalised RMSNorm output; sumsq: float32 partial sums SS_STRIDE apart (SS_SLOTS of them,
-    read on the GPU)."""
+def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None):
+    """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype."""
     *pre, k = x.shape
     n = weight.shape[0]
     if x.numel() != k:
@@ -176,12 +127,9 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     cfg = dict(config or pick_config(n, k))
     launch = pdl_kwargs(x.device) if pdl is None else dict(USE_PDL=pdl, launch_pdl=pdl)
-    ss, scale_n, scale_eps = scale if scale is not None else (weight, 1, 0.0)
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, ss, n, k,
-                                                   weight.stride(0), float(scale_n), float(scale_eps),
-                                                   HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, SLOTS=SS_SLOTS, STRIDE=SS_STRIDE,
-                                                   **cfg, **launch)
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, n, k,
+                                                   weight.stride(0), HAS_BIAS=bias is not None,
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch)
     return y.reshape(*pre, n)
 
 

@@ -251,24 +251,12 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
         x1, x2, ax, b1, b2, aB, c1, c2, aC = _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K, HAS_BIAS,
                                                       BLOCK_P, BLOCK_N)
         h = tl.load(hp, mask=m2, other=0.0)
+    # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
     xin = tl.load(XBC + b * sxb + cx, mask=pm, other=0.0).to(tl.float32)
     bin_ = tl.load(XBC + b * sxb + cB, mask=nm, other=0.0).to(tl.float32)
     cin = tl.load(XBC + b * sxb + cC, mask=nm, other=0.0).to(tl.float32)
     dt = tl.load(DT + b * sdtb + hd).to(tl.float32)
     z = tl.load(Z + b * szb + cx, mask=pm, other=0.0).to(tl.float32)
-    gated_update(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, x1, x2, ax, b1, b2, aB, c1, c2, aC, xin, bin_, cin,
-                 dt, z, dtb, a_h, d_h, w, hp, m2, h, CNT + b * G + g, heads_per_group * tl.num_programs(2),
-                 U + b * sub, SS + b, dt_lo, dt_hi, CLAMP, K, NORM_BEFORE_GATE)
-
-
-@triton.jit
-def gated_update(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, x1, x2, ax, b1, b2, aB, c1, c2, aC, xin, bin_, cin,
-                 dt, z, dtb, a_h, d_h, w, hp, m2, h, CNT, total, U, SS, dt_lo, dt_hi,
-                 CLAMP: tl.constexpr, K: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """The mixer of one (head, rows of headdim) tile once its inputs are in registers: last conv
-    tap, conv window shifts, then update_gate. CNT: the group's counter of programs that have
-    read the B, C windows (total of them); left at zero."""
-    # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
     ax += xin * tl.load(CW + cx * K + (K - 1), mask=pm, other=0.0).to(tl.float32)
     aB += bin_ * tl.load(CW + cB * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
     aC += cin * tl.load(CW + cC * K + (K - 1), mask=nm, other=0.0).to(tl.float32)
@@ -276,27 +264,18 @@ def gated_update(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, x1, x2, ax, b1, b2, 
     # window shifts it. The barrier completes every warp's reads before the counter moves (a
     # release by one thread orders only that thread's accesses).
     tl.debug_barrier()
-    _shift_store(sbase, cx, pm, scsc, scsk, x1, x2, xin.to(sbase.dtype.element_ty), K)
-    cnt = tl.atomic_add(CNT, 1, sem="acq_rel")
+    _shift_store(sbase, cx, pm, scsc, scsk, x1, x2, xin.to(CS.dtype.element_ty), K)
+    total = heads_per_group * tl.num_programs(2)
+    cnt = tl.atomic_add(CNT + b * G + g, 1, sem="acq_rel")
     last = cnt == total - 1
-    _shift_store(sbase, cB, nm & last, scsc, scsk, b1, b2, bin_.to(sbase.dtype.element_ty), K)
-    _shift_store(sbase, cC, nm & last, scsc, scsk, c1, c2, cin.to(sbase.dtype.element_ty), K)
-    tl.store(CNT, 0, mask=last)
+    _shift_store(sbase, cB, nm & last, scsc, scsk, b1, b2, bin_.to(CS.dtype.element_ty), K)
+    _shift_store(sbase, cC, nm & last, scsc, scsk, c1, c2, cin.to(CS.dtype.element_ty), K)
+    tl.store(CNT + b * G + g, 0, mask=last)
     # round like the unfused path, whose conv output is stored in the model dtype
-    x = (ax * tl.sigmoid(ax)).to(U.dtype.element_ty).to(tl.float32)
-    Bv = (aB * tl.sigmoid(aB)).to(U.dtype.element_ty).to(tl.float32)
-    Cv = (aC * tl.sigmoid(aC)).to(U.dtype.element_ty).to(tl.float32)
-    update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt_lo, dt_hi, CLAMP, NORM_BEFORE_GATE)
-
-
-@triton.jit
-def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt_lo, dt_hi,
-                CLAMP: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """From conv outputs x (BLOCK_P,), B, C (BLOCK_N,) and raw dt: the SSD state update of the
-    (BLOCK_P, BLOCK_N) tile h (stored in place at hp), y with the D skip, the gate, and the
-    weighted, un-normalised gated-norm input u = y * silu(z) * w stored at U + cx, with its sum of
-    squares added to SS. The 1/rms factor is a per-row scalar, so the caller's consumer applies it
-    after out_proj (add_rmsnorm_'s or out_proj_add_'s scale)."""
+    x = (ax * tl.sigmoid(ax)).to(XBC.dtype.element_ty).to(tl.float32)
+    Bv = (aB * tl.sigmoid(aB)).to(XBC.dtype.element_ty).to(tl.float32)
+    Cv = (aC * tl.sigmoid(aC)).to(XBC.dtype.element_ty).to(tl.float32)
+    # -- SSD state update
     dt = softplus(dt + dtb)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
@@ -304,6 +283,8 @@ def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt
     tl.store(hp, h, mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1) + x * d_h
     y = y.to(U.dtype.element_ty).to(tl.float32)
+    # -- gate and the weighted, un-normalised norm input; the 1/rms factor is a per-row scalar,
+    # so it is applied after out_proj (by add_rmsnorm_), from the sum of squares gathered here
     gate = z * tl.sigmoid(z)
     if NORM_BEFORE_GATE:
         sq = tl.sum(y * y, axis=0)
@@ -312,9 +293,9 @@ def update_gate(h, x, Bv, Cv, dt, z, dtb, a_h, d_h, w, hp, m2, cx, pm, U, SS, dt
         y = y * gate
         sq = tl.sum(y * y, axis=0)
         u = y * w
-    tl.store(U + cx, u.to(U.dtype.element_ty), mask=pm)
+    tl.store(U + b * sub + cx, u.to(U.dtype.element_ty), mask=pm)
     # relaxed: the consumer is the next kernel launch; a release here would wait for the stores
-    tl.atomic_add(SS, sq, sem="relaxed")
+    tl.atomic_add(SS + b, sq, sem="relaxed")
 
 
 def step_config(nheads: int, headdim: int, block_n: int) -> dict:

@@ -33,9 +33,6 @@ MIXER_TILES = [(8, 2), (8, 4), (16, 2), (16, 4), (16, 8), (32, 8), (64, 8)]  # (
 # GEMV launch configuration by (n, k), for every GEMV
 GEMV_CONFIGS = {
     "gemv_loop_n4_k1024": lambda n, k: dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8 if k >= 4096 else 4),  # until 2026-11
-    # one block padded to next_power_of_2(k) (until 2026-11-22; now triton_gemv.split_k's blocks)
-    "gemv_oneshot_pow2": lambda n, k: dict(BLOCK_N=2, BLOCK_K=triton.next_power_of_2(k),
-                                           num_warps=8 if triton.next_power_of_2(k) >= 8192 else 4),
     "gemv_oneshot_n1": lambda n, k: dict(BLOCK_N=1, BLOCK_K=triton.next_power_of_2(k), num_warps=4),
     "gemv_oneshot_n4": lambda n, k: dict(BLOCK_N=4, BLOCK_K=triton.next_power_of_2(k), num_warps=8),
     "gemv_oneshot_n2_w8": lambda n, k: dict(BLOCK_N=2, BLOCK_K=triton.next_power_of_2(k), num_warps=8),

@@ -282,13 +282,11 @@ def test_ssd_step_gated(b, nh, p, n, before, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
-@pytest.mark.parametrize("n,k", [(8, 16), (10576, 2560), (1003, 777), (2560, 5120), (517, 1030), (33, 257),
-                                 (129, 7000), (257, 9001)])
+@pytest.mark.parametrize("n,k", [(8, 16), (10576, 2560), (1003, 777), (2560, 5120), (517, 1030), (257, 9001)])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_linear_gemv(n, k, pdl, dtype):
     """The one-row decode GEMV against F.linear in float64 (odd sizes: masked tails in n and k;
-    rows split into 2 and 3 column blocks, down to a block of 1; k > ONE_SHOT_MAX_K takes the
-    looping path)."""
+    k > ONE_SHOT_MAX_K takes the looping path)."""
     from mamba_deploy.ops import triton_gemv
 
     x = rnd(1, k, device="cuda", dtype=dtype)

@@ -74,11 +74,9 @@ def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
 
 @triton.jit
 def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr,
-                 BLOCK_K2: tl.constexpr = 0, BLOCK_K3: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
-    # (BLOCK_K + BLOCK_K2 + BLOCK_K3 >= K): the whole slab, in up to three power-of-two column
-    # blocks (see split_k), loaded before the PDL wait
+    # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,23 +84,11 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.c
     nmask = rn < N
     w_ptrs = W + rn[:, None] * swn + rk[None, :]  # (BN, BK)
     w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
-    if BLOCK_K2 > 0:
-        rk2 = BLOCK_K + tl.arange(0, BLOCK_K2)
-        w2 = tl.load(W + rn[:, None] * swn + rk2[None, :], mask=nmask[:, None] & (rk2[None, :] < K), other=0.0)
-    if BLOCK_K3 > 0:
-        rk3 = BLOCK_K + BLOCK_K2 + tl.arange(0, BLOCK_K3)
-        w3 = tl.load(W + rn[:, None] * swn + rk3[None, :], mask=nmask[:, None] & (rk3[None, :] < K), other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if ONE_SHOT:
         x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        if BLOCK_K2 > 0:
-            x2 = tl.load(X + rk2, mask=rk2 < K, other=0.0).to(tl.float32)
-            acc += tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
-        if BLOCK_K3 > 0:
-            x3 = tl.load(X + rk3, mask=rk3 < K, other=0.0).to(tl.float32)
-            acc += tl.sum(w3.to(tl.float32) * x3[None, :], axis=1)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -116,20 +102,6 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.c
 
 
 ONE_SHOT_MAX_K = 8192
-MIN_SPLIT = 256  # smallest column block split_k gives a remainder of its own
-
-
-def split_k(k: int) -> tuple[int, int, int]:
-    """k as up to three power-of-two column blocks, largest first, covering k with little padding:
-    2560 = 2048 + 512, 5120 = 4096 + 1024, 777 = 512 + 256 + 16 (masked). Why: a slab padded to
-    next_power_of_2(k) holds its padding in registers too (2560 -> 4096: 37 % of the weight and x
-    registers), and registers are what limits the programs, hence the bytes, in flight."""
-    parts, rest = [], k
-    while rest > 0 and len(parts) < 3:
-        p = triton.next_power_of_2(rest) if len(parts) == 2 or rest < MIN_SPLIT else 1 << (rest.bit_length() - 1)
-        parts.append(p)
-        rest -= p
-    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def pick_config(n: int, k: int) -> dict:
@@ -138,12 +110,10 @@ def pick_config(n: int, k: int) -> dict:
     program, each program loading its whole slab at once (so every resident program has all its
     bytes in flight before the PDL wait, and a program lives for one memory latency, which keeps
     the tail of each launch short). The 2.7b chain: 1.36 ms vs 1.59 ms for 4-row programs looping
-    over 1024-wide tiles (floor 1.22 ms). The slab comes in split_k's blocks. Rows longer than
-    ONE_SHOT_MAX_K loop over 1024-wide tiles."""
+    over 1024-wide tiles (floor 1.22 ms). Rows longer than ONE_SHOT_MAX_K loop over 1024-wide tiles."""
     if k <= ONE_SHOT_MAX_K:
-        bk, bk2, bk3 = split_k(k)
-        return dict(BLOCK_N=2, BLOCK_K=bk, BLOCK_K2=bk2, BLOCK_K3=bk3,
-                    num_warps=8 if triton.next_power_of_2(k) >= 8192 else 4)
+        bk = triton.next_power_of_2(k)
+        return dict(BLOCK_N=2, BLOCK_K=bk, num_warps=8 if bk >= 8192 else 4)
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 
 
@@ -159,8 +129,7 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     launch = pdl_kwargs(x.device) if pdl is None else dict(USE_PDL=pdl, launch_pdl=pdl)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, n, k,
                                                    weight.stride(0), HAS_BIAS=bias is not None,
-                                                   ONE_SHOT=cfg["BLOCK_K"] + cfg.get("BLOCK_K2", 0)
-                                                   + cfg.get("BLOCK_K3", 0) >= k, **cfg, **launch)
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch)
     return y.reshape(*pre, n)
 
 

@@ -50,6 +50,16 @@ def chain_weights(name):
     return w_in, w_out
 
 
+def interleaved(w_in, w_out):
+    """The decode order of the chain: in_proj, out_proj, in_proj, ..."""
+    return [w for pair in zip(w_in, w_out) for w in pair]
+
+
+def floor_ms(ws, bw):
+    """ms to read every weight of ws once at bw bytes/s (the chain's bandwidth floor)."""
+    return sum(w.numel() * w.element_size() for w in ws) / bw * 1e3
+
+
 def configs():
     for bn, bk, w in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096, 8192), (2, 4, 8)):
         if 1024 <= bn * bk <= 16384:
@@ -85,7 +95,6 @@ def run_model(name, bw):
     res = {}
     best = {}
     for proj, ws, x in (("in", w_in, x_in), ("out", w_out, x_out)):
-        nbytes = sum(w.numel() * 2 for w in ws)
         cub = graph_ms(chain(ws, x, "cublas"))
         sweep = []
         for cfg in configs():
@@ -97,15 +106,14 @@ def run_model(name, bw):
             sweep.append((ms, cfg))
         sweep.sort(key=lambda t: t[0])
         best[proj] = sweep[0][1]
-        res[proj] = dict(cublas_ms=cub, best_ms=sweep[0][0], best=sweep[0][1], floor_ms=nbytes / bw * 1e3,
+        res[proj] = dict(cublas_ms=cub, best_ms=sweep[0][0], best=sweep[0][1], floor_ms=floor_ms(ws, bw),
                          top5=[(round(m, 4), c) for m, c in sweep[:5]],
                          default_ms=graph_ms(chain(ws, x, "triton", [pick_config(*ws[0].shape)],
                                                    pdl=True)))
         print(f"  {name} {proj}: cublas {cub:.3f} ms, best triton {sweep[0][0]:.3f} ms "
               f"{sweep[0][1]}, floor {res[proj]['floor_ms']:.3f}", flush=True)
-    ws = [w for pair in zip(w_in, w_out) for w in pair]
-    nbytes = sum(w.numel() * 2 for w in ws)
-    alt = dict(floor_ms=nbytes / bw * 1e3, cublas_ms=graph_ms(chain(ws, x_in, "cublas", feed=True)))
+    ws = interleaved(w_in, w_out)
+    alt = dict(floor_ms=floor_ms(ws, bw), cublas_ms=graph_ms(chain(ws, x_in, "cublas", feed=True)))
     for pdl in (False, True):
         alt[f"triton_pdl{int(pdl)}_ms"] = graph_ms(chain(ws, x_in, "triton", [best["in"], best["out"]], pdl=pdl,
                                                          feed=True))

@@ -94,7 +94,7 @@ def run(kind, x, w, desc, cfg, pdl):
 
 def main():
     from gpu import copy_bandwidth, graph_time
-    from gpu_gemv import chain_weights
+    from gpu_gemv import chain_weights, floor_ms, interleaved
 
     from mamba_deploy.atomic import write_json
     from mamba_deploy.ops.triton_gemv import gemv
@@ -107,9 +107,9 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": []}
     for name in args.models.split(","):
         w_in, w_out = chain_weights(name)
-        ws = [w for p in zip(w_in, w_out) for w in p]
+        ws = interleaved(w_in, w_out)
         x = torch.randn(max(w.shape[1] for w in ws), device="cuda", dtype=torch.bfloat16)
-        floor = sum(w.numel() * 2 for w in ws) / bw * 1e3
+        floor = floor_ms(ws, bw)
         ref = [torch.nn.functional.linear(x[: w.shape[1]].float(), w.float()) for w in ws[:2]]
 
         base = graph_time(lambda: [gemv(x[: w.shape[1]], w, pdl=True) for w in ws], reps=30)

@@ -411,17 +411,19 @@ def random_lm(cfg, dtype, seed=0):
 @pytest.mark.parametrize("shape", [dict(d_model=2560, d_state=128, headdim=64),  # mamba2-2.7b widths
                                    dict(d_model=768, d_state=128, headdim=64, d_conv=3, norm_before_gate=True),
                                    dict(d_model=96, d_state=17, headdim=7, d_inner_override=231, d_conv=2,
-                                        dt_limit=(0.01, 0.5))])  # odd widths
+                                        dt_limit=(0.01, 0.5)),  # odd widths
+                                   dict(arch="mamba1", d_model=2560, d_state=16),  # mamba-2.8b widths
+                                   dict(arch="mamba1", d_model=100, d_state=9, dt_rank=7, d_conv=3)])
 def test_graph_decode_real_widths(shape, dtype):
-    """Graph decode at real layer widths (one-shot GEMV rows of 2560 / 5120, 80 heads, d_state 128)
-    and at odd ones, batch 1 and 3, 6 steps. float32: logits and states within 1e-4 of float64
+    """Graph decode at real layer widths (Mamba2: one-shot GEMV rows of 2560 / 5120, 80 heads,
+    d_state 128; Mamba1: 5120 channels, dt_rank 160) and at odd ones, batch 1 and 3, 6 steps. float32: logits and states within 1e-4 of float64
     math on the same weights. bf16: about as close to float64 as the bf16 reference path is
     (as in test_cuda_graph_runner)."""
     from mamba_deploy import ops
     from mamba_deploy.config import MambaConfig
     from mamba_deploy.cuda_graph import CudaGraphRunner
 
-    cfg = MambaConfig(arch="mamba2", n_layer=2, vocab_size=1000, **shape)
+    cfg = MambaConfig(**{"arch": "mamba2", **shape}, n_layer=2, vocab_size=1000)
     model = random_lm(cfg, dtype)
     gold = load_model_copy(model, torch.float64)
     for batch in (1, 3):

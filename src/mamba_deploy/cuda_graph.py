@@ -120,7 +120,7 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
         elif plan.cfg.arch == "mamba2":
             y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         else:
-            y, conv, ssm = layer.mixer.step(x, state.conv[i], state.ssm[i])
+            y, conv, ssm = layer.mixer.step(x, state.conv[i], state.ssm[i], A=plan.A[i])
             state.conv[i].copy_(conv)  # no-op when the kernel updated in place
             state.ssm[i].copy_(ssm)
         nxt = plan.norms[i + 1]

@@ -119,10 +119,10 @@ def median_ms(times) -> float:
 
 def export_graphs(arch: str, work: Path) -> dict:
     """The real ONNX graph of the cpu_backends.py checkpoint and its conv-free ablation: name -> path."""
-    import onnx
     from cpu_backends import build_checkpoint
 
     from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.export.onnx import _save
     from mamba_deploy.export.onnx_builder import PAST_CONV, PRESENT_CONV
     from mamba_deploy.export.onnx_graph import MambaGraph
     from mamba_deploy.export.onnx_step import StepNetwork
@@ -142,10 +142,9 @@ def export_graphs(arch: str, work: Path) -> dict:
             proto = MambaGraph(model.config, weights).build()
         finally:
             StepNetwork._conv_step = real
-        path = work / name / "model.onnx"
-        path.parent.mkdir(parents=True)
-        onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-        paths[name] = str(path)
+        (work / name).mkdir()
+        _save(proto, work / name)  # as export_onnx writes it
+        paths[name] = str(work / name / "model.onnx")
     return paths
 
 
@@ -181,7 +180,8 @@ def main(argv=None):
                        non_matmul_ms=round(ms["graph"] - ms["matmuls_only"], 2),
                        conv_ms=round(ms["graph"] - ms["graph_no_conv"], 2))
             print(f"{arch}: real graph {ms['graph']:.2f} ms/token, without the conv {ms['graph_no_conv']:.2f}: "
-                  f"everything but the weight MatMuls {row['non_matmul_ms']:.2f} ms, of which the conv {row['conv_ms']:.2f}")
+                  f"everything but the weight MatMuls {row['non_matmul_ms']:.2f} ms, "
+                  f"of which the conv {row['conv_ms']:.2f}")
         rows.append(row)
     bw.append(read_bandwidth_gbs(args.threads))
     print(f"read bandwidth {bw[0]:.1f} / {bw[1]:.1f} GB/s on {args.threads} threads (before / after)")

@@ -72,13 +72,16 @@ def check_conv(b, l, c, k, dtype, device, bias=True):
     assert torch.equal(s1.float(), sr), "conv state"
 
 
-def check_conv_update(b, c, k, dtype, device):
+def check_conv_update(b, c, k, dtype, device, **launch):
+    """launch: pdl / state_early (the graph-decode launch of triton_conv.causal_conv1d_update)."""
+    from mamba_deploy.ops import triton_conv
+
     x = rnd(b, c, device=device, dtype=dtype)
     w = rnd(c, k, device=device, dtype=dtype, scale=0.5)
     bb = rnd(c, device=device, dtype=dtype)
     s = rnd(b, c, k - 1, device=device, dtype=dtype)
     yr, sr = R.causal_conv1d_update_ref(*up(x, w, bb, s), True)
-    y, s1 = K().causal_conv1d_update(x, w, bb, s, True)
+    y, s1 = triton_conv.causal_conv1d_update(x, w, bb, s, True, **launch)
     close(y, yr, dtype, "conv update y")
     assert torch.equal(s1.float(), sr), "conv update state"
 
@@ -126,6 +129,21 @@ def check_selective_state_update(b, d, n, dtype, device):
     y, h = K().selective_state_update(*args, h0)
     close(y, yr, dtype, "sel update y")
     close(h, hr, dtype, "sel update h")
+
+
+def check_selective_state_update_dt(b, d, n, r, dtype, device, state_early):
+    """The Mamba1 state update with dt_proj folded in, against dt_proj then the reference update."""
+    from mamba_deploy.ops.triton_step import selective_state_update_dt
+
+    x, _, A, B, C, D, z, dtb, h0 = mamba1_inputs(b, 1, d, n, dtype, device)
+    dt_in = rnd(b, r, device=device, dtype=dtype)
+    w = rnd(d, r, device=device, dtype=dtype, scale=r ** -0.5)
+    args = (x[:, 0], dt_in, w, A, B[:, 0], C[:, 0], D, z[:, 0], dtb)
+    yr, hr = R.selective_state_update_dt_ref(*up(*args, h0))
+    y, h = selective_state_update_dt(*args, h0, state_early=state_early)
+    assert h.data_ptr() == h0.data_ptr(), "state not updated in place"
+    close(y, yr, dtype, "sel update (dt_proj fused) y")
+    close(h, hr, dtype, "sel update (dt_proj fused) h")
 
 
 def mamba2_inputs(b, l, nh, p, g, n, dtype, device):
@@ -220,9 +238,10 @@ def test_causal_conv1d(b, l, c, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,c,k", [(1, 64, 4), (3, 300, 4), (2, 5376, 4)])
-def test_causal_conv1d_update(b, c, k, dtype):
-    check_conv_update(b, c, k, dtype, DEV)
+@pytest.mark.parametrize("b,c,k", [(1, 64, 4), (3, 300, 4), (2, 5376, 4), (2, 300, 2), (1, 100, 5)])
+@pytest.mark.parametrize("launch", [{}, dict(pdl=True, state_early=True), dict(pdl=True)])
+def test_causal_conv1d_update(b, c, k, launch, dtype):
+    check_conv_update(b, c, k, dtype, DEV, **launch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -252,6 +271,13 @@ def test_selective_scan_no_gate():
 @pytest.mark.parametrize("b,d,n", [(1, 64, 16), (5, 300, 16), (2, 5120, 16)])
 def test_selective_state_update(b, d, n, dtype):
     check_selective_state_update(b, d, n, dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d,n,r", [(1, 5120, 16, 160), (3, 300, 9, 7), (2, 64, 16, 48)])
+@pytest.mark.parametrize("state_early", [False, True])
+def test_selective_state_update_dt(b, d, n, r, state_early, dtype):
+    check_selective_state_update_dt(b, d, n, r, dtype, DEV, state_early)
 
 
 SSD_SHAPES = [  # (b, l, nh, p, g, n, Q): odd lengths 1, 7, chunk+1, long; groups; batch > 1
@@ -416,7 +442,8 @@ def random_lm(cfg, dtype, seed=0):
                                    dict(arch="mamba1", d_model=100, d_state=9, dt_rank=7, d_conv=3)])
 def test_graph_decode_real_widths(shape, dtype):
     """Graph decode at real layer widths (Mamba2: one-shot GEMV rows of 2560 / 5120, 80 heads,
-    d_state 128; Mamba1: 5120 channels, dt_rank 160) and at odd ones, batch 1 and 3, 6 steps. float32: logits and states within 1e-4 of float64
+    d_state 128; Mamba1: 5120 channels, dt_rank 160) and at odd ones, batch 1 and 3, 6 steps.
+    float32: logits and states within 1e-4 of float64
     math on the same weights. bf16: about as close to float64 as the bf16 reference path is
     (as in test_cuda_graph_runner)."""
     from mamba_deploy import ops

@@ -12,10 +12,16 @@ more than `MambaLM.step` does: A precomputed once; residual add + next RMSNorm i
 Mamba2 with ngroups == 1, the whole mixer between in_proj and out_proj in one kernel
 (`ssd_step_gated_`: conv, state update, gate, norm statistics; the norm's per-row 1/rms is applied
 after out_proj, which is linear), so a layer is 4 launches: add+norm, in_proj, mixer, out_proj.
-At batch 1 the projections are the Triton GEMV (ops/triton_gemv.py), and on Hopper all four use
-programmatic dependent launch: each starts reading its weights while its predecessor finishes.
-MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels. The test
-suite compares its logits with the reference path's.
+For Mamba1, dt_proj is folded into the state-update kernel (`selective_state_update_dt`), so a
+layer is 6 launches: add+norm, in_proj, conv update, x_proj, state update, out_proj.
+At batch 1 the projections are the Triton GEMV (ops/triton_gemv.py), and on Hopper every launch
+of a layer uses programmatic dependent launch: each starts reading its weights (and its layer's
+state) while its predecessor finishes. Measured on an H200, mamba-2.8b batch 1 (interleaved,
+`h200_mamba1_fused_dt_ab.log`): 2.17-2.29 ms unfused, 1.98 ms with dt_proj folded in, 1.84 ms
+with the conv update and state update also launched with PDL.
+MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and
+the unfused `Mamba1Mixer.step` (Mamba1). The test suite compares its logits with the reference
+path's.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class DecodePlan:
         self.fused = (cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
                       and 2 <= cfg.d_conv <= 4
                       and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0")
+        # Mamba1: dt_proj folded into the state-update kernel (selective_state_update_dt)
+        self.fused_dt = cfg.arch == "mamba1" and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
@@ -102,6 +110,27 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
+def _mamba1_fused_step(mixer, A, x, conv_state, ssm_state):
+    """Mamba1Mixer.step with dt_proj folded into the state update (one launch fewer per layer);
+    conv_state and ssm_state are updated in place by the Triton kernels."""
+    from .ops.reference import weightless_rms
+    from .ops.triton_conv import causal_conv1d_update
+    from .ops.triton_step import selective_state_update_dt
+
+    cfg = mixer.cfg
+    xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, d)
+    # conv_state and h were last written by the previous token's step (then the embedding lookup,
+    # an ordinary launch): both may be read before the PDL wait
+    xs, _ = causal_conv1d_update(xs, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state,
+                                 state_early=True, pdl=True)
+    dt, B, C = mixer.x_proj(xs).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+    if cfg.dt_bc_rms:
+        dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+    y, _ = selective_state_update_dt(xs, dt, mixer.dt_proj.weight, A, B, C, mixer.D, z, mixer.dt_proj.bias,
+                                     ssm_state, state_early=True)
+    return mixer.out_proj(y)
+
+
 def fast_decode_step(plan: DecodePlan, ids, state: State):
     """ids (b,) on CUDA -> logits (b, vocab) float32; state updated in place (Triton kernels)."""
     from .ops.triton_kernels import add_rmsnorm_
@@ -117,6 +146,8 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
     for i, layer in enumerate(layers):
         if fused:
             y, scale = _mamba2_fused_step(plan, layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
+        elif plan.fused_dt and b <= FUSED_MAX_BATCH:
+            y = _mamba1_fused_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         elif plan.cfg.arch == "mamba2":
             y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         else:

@@ -154,6 +154,12 @@ def selective_state_update_ref(x, dt, A, B, C, D, z, dt_bias, h):
     return y.to(dtype), h
 
 
+def selective_state_update_dt_ref(x, dt_in, dt_weight, A, B, C, D, z, dt_bias, h):
+    """selective_state_update_ref after dt_proj: dt = dt_in @ dt_weight^T in x's dtype.
+    dt_in (b, r), dt_weight (d, r). Twin of triton_step.selective_state_update_dt."""
+    return selective_state_update_ref(x, F.linear(dt_in, dt_weight).to(x.dtype), A, B, C, D, z, dt_bias, h)
+
+
 # ----------------------------------------------------------------------------- Mamba2 SSD
 
 def segsum(x):

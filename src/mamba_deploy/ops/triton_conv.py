@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemv import pdl_kwargs
+from .triton_step import _shift_store, _window
+
 
 @triton.jit
 def _conv_fwd_kernel(X, W, Bias, S, Y, L, C,
@@ -65,40 +68,62 @@ def causal_conv1d(x, weight, bias, conv_state, activation=True):
 @triton.jit
 def _conv_update_kernel(X, W, Bias, S, Y, C, sxb, sxc, ssb, ssc, ssk, syb, syc,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+                        STATE_EARLY: tl.constexpr):
+    # WINDOW (2 <= K <= 4): the taps are held in registers (triton_step._window), so the state
+    # can be read before the PDL wait (STATE_EARLY, as in triton_step._ssd_step_gated_kernel)
+    if USE_PDL:  # see triton_gemv
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    x = tl.load(X + b * sxb + c * sxc, mask=cm, other=0.0).to(tl.float32)
-    acc = x * tl.load(W + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
-    for j in tl.static_range(K - 1):
-        s = tl.load(S + b * ssb + c * ssc + j * ssk, mask=cm, other=0.0)
-        acc += s.to(tl.float32) * tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)
-        # shift the window left by one, in place: each program owns its channels, and with
-        # BLOCK_C = 256 over 4 warps each element lives in exactly one thread (no replicas), so
-        # the read of tap j+1 below never races with a write of it
-        if j > 0:
-            tl.store(S + b * ssb + c * ssc + (j - 1) * ssk, s, mask=cm)
-    tl.store(S + b * ssb + c * ssc + (K - 2) * ssk, x.to(S.dtype.element_ty), mask=cm)
+    w_last = tl.load(W + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(Bias + c, mask=cm, other=0.0).to(tl.float32)
+    sb = S + b * ssb
+    if WINDOW and STATE_EARLY:
+        _, s1, s2, acc = _window(sb, c, cm, ssc, ssk, W, K, acc)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if WINDOW and not STATE_EARLY:
+        _, s1, s2, acc = _window(sb, c, cm, ssc, ssk, W, K, acc)
+    x = tl.load(X + b * sxb + c * sxc, mask=cm, other=0.0)
+    acc += x.to(tl.float32) * w_last
+    if WINDOW:
+        _shift_store(sb, c, cm, ssc, ssk, s1, s2, x.to(S.dtype.element_ty), K)
+    else:
+        for j in tl.static_range(K - 1):
+            s = tl.load(sb + c * ssc + j * ssk, mask=cm, other=0.0)
+            acc += s.to(tl.float32) * tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)
+            # shift the window left by one, in place: each program owns its channels, and with
+            # BLOCK_C = 256 over 4 warps each element lives in exactly one thread (no replicas), so
+            # the read of tap j+1 below never races with a write of it
+            if j > 0:
+                tl.store(sb + c * ssc + (j - 1) * ssk, s, mask=cm)
+        tl.store(sb + c * ssc + (K - 2) * ssk, x.to(S.dtype.element_ty), mask=cm)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(Y + b * syb + c * syc, acc.to(Y.dtype.element_ty), mask=cm)
 
 
-def causal_conv1d_update(x, weight, bias, conv_state, activation=True):
+def causal_conv1d_update(x, weight, bias, conv_state, activation=True, state_early=False, pdl=False):
     """x (b, c); conv_state (b, c, k-1) -> y (b, c), conv_state.
 
     Fast-path contract: conv_state is updated IN PLACE and returned (the model copies the
-    result back into the same storage, which torch skips), so no new state is allocated."""
+    result back into the same storage, which torch skips), so no new state is allocated.
+    pdl / state_early (graph decode, d_conv 2..4): launch as a PDL kernel, and read the state
+    before the wait (the caller guarantees the previous launch did not write it)."""
     b, c = x.shape
     k = weight.shape[1]
     w = weight.contiguous()
     y = torch.empty((b, c), device=x.device, dtype=x.dtype)
     BC = 256
+    window = 2 <= k <= 4
+    launch = pdl_kwargs(x.device) if pdl and window else dict(USE_PDL=False)
     _conv_update_kernel[(b, triton.cdiv(c, BC))](
         x, w, bias if bias is not None else w, conv_state, y, c,
         *x.stride(), *conv_state.stride(), *y.stride(),
-        K=k, HAS_BIAS=bias is not None, SILU=bool(activation), BLOCK_C=BC, num_warps=4)
+        K=k, HAS_BIAS=bias is not None, SILU=bool(activation), BLOCK_C=BC, WINDOW=window,
+        STATE_EARLY=bool(state_early) and window, num_warps=4, **launch)
     return y, conv_state

@@ -26,48 +26,87 @@ def softplus(x):
 # ----------------------------------------------------------------------------- Mamba1
 
 @triton.jit
-def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, Dn, N,
+def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, WDT, Dn, N, R,
                        sxb, sdtb, sbb, scb, szb, shb, shd, syb,
-                       HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FUSE_DT: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+                       STATE_EARLY: tl.constexpr):
+    # FUSE_DT: DT is dt_proj's input (b, R) and WDT its weight (Dn, R): each program forms the dt
+    # of its own channels (a BLOCK_D x R slice of the GEMV), one launch fewer per decode layer
+    if USE_PDL:  # see triton_gemv; STATE_EARLY as in _ssd_step_gated_kernel
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     dm, nm = d < Dn, n < N
     m2 = dm[:, None] & nm[None, :]
-    x = tl.load(X + b * sxb + d, mask=dm, other=0.0).to(tl.float32)
-    dt = tl.load(DT + b * sdtb + d, mask=dm, other=0.0).to(tl.float32)
-    dt = softplus(dt + tl.load(DTB + d, mask=dm, other=0.0).to(tl.float32))
     a = tl.load(A + d[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+    dtb = tl.load(DTB + d, mask=dm, other=0.0).to(tl.float32)
+    dsk = tl.load(Dp + d, mask=dm, other=0.0).to(tl.float32)
+    if FUSE_DT:
+        r = tl.arange(0, BLOCK_R)
+        wdt = tl.load(WDT + d[:, None] * R + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
+    hp = H + b * shb + d[:, None] * shd + n[None, :]
+    if STATE_EARLY:
+        h = tl.load(hp, mask=m2, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if not STATE_EARLY:
+        h = tl.load(hp, mask=m2, other=0.0)
+    x = tl.load(X + b * sxb + d, mask=dm, other=0.0).to(tl.float32)
+    if FUSE_DT:
+        dtl = tl.load(DT + b * sdtb + r, mask=r < R, other=0.0).to(tl.float32)
+        # rounded like dt_proj's output in the unfused path
+        dt = tl.sum(wdt.to(tl.float32) * dtl[None, :], axis=1).to(X.dtype.element_ty).to(tl.float32)
+    else:
+        dt = tl.load(DT + b * sdtb + d, mask=dm, other=0.0).to(tl.float32)
+    dt = softplus(dt + dtb)
     Bv = tl.load(Bm + b * sbb + n, mask=nm, other=0.0).to(tl.float32)
     Cv = tl.load(Cm + b * scb + n, mask=nm, other=0.0).to(tl.float32)
-    hp = H + b * shb + d[:, None] * shd + n[None, :]
-    h = tl.load(hp, mask=m2, other=0.0)
     h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * Bv[None, :]
     tl.store(hp, h, mask=m2)
-    y = tl.sum(h * Cv[None, :], axis=1) + x * tl.load(Dp + d, mask=dm, other=0.0).to(tl.float32)
+    y = tl.sum(h * Cv[None, :], axis=1) + x * dsk
     if HAS_Z:
         z = tl.load(Z + b * szb + d, mask=dm, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
     tl.store(Y + b * syb + d, y.to(Y.dtype.element_ty), mask=dm)
 
 
-def selective_state_update(x, dt, A, B, C, D, z, dt_bias, h):
-    """x, dt, z (b, d); A (d, n); B, C (b, n); h (b, d, n) float32, updated in place."""
+def _launch_sel_update(x, dt, A, B, C, D, z, dt_bias, h, dt_weight=None, state_early=False):
+    """x, z (b, d); dt (b, d), or dt_proj's input (b, r) with dt_weight (d, r); h in place."""
     b, dn = x.shape
     n = A.shape[1]
     if h.dtype != torch.float32 or h.stride(-1) != 1:
         raise ValueError("the Triton selective_state_update needs a float32 state with unit last stride")
     y = torch.empty_like(x)
     BN = triton.next_power_of_2(n)
-    BD = max(1, min(64, 2048 // BN))
+    fuse = dt_weight is not None
+    BR = triton.next_power_of_2(dt_weight.shape[1]) if fuse else 1
+    # fused: the dt_proj slice (BLOCK_D, BR) shares the program's registers with the state tile
+    BD = max(1, min(64, 2048 // BN, 4096 // BR if fuse else 64))
     xs, dts = x.contiguous(), dt.contiguous()
     Bc, Cc, Ac = B.contiguous(), C.contiguous(), A.contiguous()
     zc = z.contiguous() if z is not None else xs
+    wdt = dt_weight.contiguous() if fuse else xs
+    launch = pdl_kwargs(h.device) if fuse else dict(USE_PDL=False)
     _sel_update_kernel[(b, triton.cdiv(dn, BD))](
-        xs, dts, Ac, Bc, Cc, D, zc, dt_bias, h, y, dn, n,
+        xs, dts, Ac, Bc, Cc, D, zc, dt_bias, h, y, wdt, dn, n, dt_weight.shape[1] if fuse else 1,
         xs.stride(0), dts.stride(0), Bc.stride(0), Cc.stride(0), zc.stride(0), h.stride(0), h.stride(1),
-        y.stride(0), HAS_Z=z is not None, BLOCK_D=BD, BLOCK_N=BN, num_warps=4)
+        y.stride(0), HAS_Z=z is not None, BLOCK_D=BD, BLOCK_N=BN, FUSE_DT=fuse, BLOCK_R=BR,
+        STATE_EARLY=bool(state_early), num_warps=4, **launch)
     return y, h
+
+
+def selective_state_update(x, dt, A, B, C, D, z, dt_bias, h):
+    """x, dt, z (b, d); A (d, n); B, C (b, n); h (b, d, n) float32, updated in place."""
+    return _launch_sel_update(x, dt, A, B, C, D, z, dt_bias, h)
+
+
+def selective_state_update_dt(x, dt_in, dt_weight, A, B, C, D, z, dt_bias, h, state_early=False):
+    """selective_state_update with dt_proj folded in: dt = dt_in @ dt_weight^T (rounded to x's
+    dtype, as the unfused linear outputs it). dt_in (b, r), dt_weight (d, r); the rest as there.
+    state_early (graph decode): h was not written by the previous launch (see ssd_step_gated_)."""
+    return _launch_sel_update(x, dt_in, A, B, C, D, z, dt_bias, h, dt_weight=dt_weight, state_early=state_early)
 
 
 # ----------------------------------------------------------------------------- Mamba2

@@ -1,5 +1,6 @@
 """A/B of Mamba1 graph decode on the GPU: the unfused step vs dt_proj folded into the state
-update, with the conv / state-update kernels launched with and without PDL. Interleaved rounds
+update, with the conv / state-update kernels launched with and without PDL, and with the conv
+as an epilogue of in_proj's GEMV (batch 1). Interleaved rounds
 on one model (random bf16 weights, benchmarks/gpu.py's shapes); prints a table, writes JSON.
 
     python3 benchmarks/gpu_mamba1_ab.py --model mamba-2.8b --out $OUT/mamba1_ab.json
@@ -32,19 +33,20 @@ def main():
     from mamba_deploy.ops import triton_conv, triton_gemv, triton_step
 
     off = lambda dev: dict(USE_PDL=False, launch_pdl=False)  # noqa: E731
-    variants = {  # name: (MAMBA_DEPLOY_FUSED_DECODE, PDL for the conv update, PDL for the state update)
-        "unfused": ("0", True, True),
+    variants = {  # name: (MAMBA_DEPLOY_FUSED_DECODE, PDL for conv / state update, conv in in_proj's GEMV)
+        "unfused": ("0", True, False),
         "fused, no PDL on conv / state update": ("1", False, False),
-        "fused (default)": ("1", True, True),
+        "fused, conv update kernel": ("1", True, False),
+        "fused, conv in GEMV (default)": ("1", True, True),
     }
     model = G.our_model(args.model)
     batches = [int(b) for b in args.batches.split(",")]
     res = {v: {b: [] for b in batches} for v in variants}
     for _ in range(args.rounds):
-        for v, (env, conv_pdl, sel_pdl) in variants.items():
+        for v, (env, pdl, conv_in_gemv) in variants.items():
             os.environ["MAMBA_DEPLOY_FUSED_DECODE"] = env
-            triton_conv.pdl_kwargs = triton_gemv.pdl_kwargs if conv_pdl else off
-            triton_step.pdl_kwargs = triton_gemv.pdl_kwargs if sel_pdl else off
+            triton_conv.pdl_kwargs = triton_step.pdl_kwargs = triton_gemv.pdl_kwargs if pdl else off
+            CG.CONV_IN_GEMV = conv_in_gemv
             for b in batches:
                 runner = CG.CudaGraphRunner(model)
                 runner.step(torch.randint(0, G.VOCAB, (b,)), runner.new_state(b))  # captures

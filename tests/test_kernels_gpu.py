@@ -331,6 +331,28 @@ def test_linear_gemv(n, k, pdl, dtype):
     close(triton_gemv.gemv(x[0], w, pdl=pdl), ref[0], dtype, f"gemv {n}x{k} without bias, 1-D x")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,c,kc", [(10240, 2560, 5120, 4), (200, 96, 100, 3), (37, 50, 37, 2), (517, 9001, 300, 4)])
+@pytest.mark.parametrize("pdl,bias", [(False, True), (True, False)])
+def test_gemv_conv_epilogue(n, k, c, kc, pdl, bias, dtype):
+    """The GEMV with the Mamba1 decode conv as epilogue (outputs [0, c) conv'd, the window shifted
+    in place) against F.linear in float64, rounded to the dtype, then the reference conv update."""
+    from mamba_deploy.ops import triton_gemv
+
+    x = rnd(1, k, device="cuda", dtype=dtype)
+    w = rnd(n, k, device="cuda", dtype=dtype, scale=k ** -0.5)
+    b = rnd(n, device="cuda", dtype=dtype) if bias else None
+    cw = rnd(c, kc, device="cuda", dtype=dtype, scale=0.5)
+    cb = rnd(c, device="cuda", dtype=dtype) if bias else None
+    cs = rnd(1, c, kc - 1, device="cuda", dtype=dtype)
+    lin = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).to(dtype)
+    yr, sr = R.causal_conv1d_update_ref(*up(lin[:, :c], cw, cb, cs), True)
+    y = triton_gemv.gemv(x, w, b, pdl=pdl, conv=(cw, cb, cs))
+    close(y[:, :c], yr, dtype, f"gemv conv channels {n}x{k}")
+    close(y[:, c:], lin[:, c:], dtype, f"gemv plain rows {n}x{k}")
+    close(cs, sr, dtype, "gemv conv window")
+
+
 def test_linear_dispatch_rows():
     """One row goes to the GEMV; more rows (and a GEMV call with them) to cuBLAS / a clear error."""
     from mamba_deploy.ops import triton_gemv

@@ -12,13 +12,14 @@ more than `MambaLM.step` does: A precomputed once; residual add + next RMSNorm i
 Mamba2 with ngroups == 1, the whole mixer between in_proj and out_proj in one kernel
 (`ssd_step_gated_`: conv, state update, gate, norm statistics; the norm's per-row 1/rms is applied
 after out_proj, which is linear), so a layer is 4 launches: add+norm, in_proj, mixer, out_proj.
-For Mamba1, dt_proj is folded into the state-update kernel (`selective_state_update_dt`), so a
-layer is 6 launches: add+norm, in_proj, conv update, x_proj, state update, out_proj.
+For Mamba1, dt_proj is folded into the state-update kernel (`selective_state_update_dt`) and, at
+batch 1, the conv update into in_proj's GEMV as an epilogue, so a layer is 5 launches: add+norm,
+in_proj + conv, x_proj, state update, out_proj (6 at batch 2-4, with the conv-update kernel).
 At batch 1 the projections are the Triton GEMV (ops/triton_gemv.py), and on Hopper every launch
 of a layer uses programmatic dependent launch: each starts reading its weights (and its layer's
 state) while its predecessor finishes. Measured on an H200, mamba-2.8b batch 1 (interleaved,
-`h200_mamba1_fused_dt_ab.log`): 2.17-2.29 ms unfused, 1.98 ms with dt_proj folded in, 1.84 ms
-with the conv update and state update also launched with PDL.
+`h200_mamba1_fused_dt_ab.log`): 2.17-2.29 ms unfused, 1.98 ms with dt_proj folded in, 1.83 ms
+with the conv update and state update also launched with PDL, 1.81 ms with the conv in the GEMV.
 MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and
 the unfused `Mamba1Mixer.step` (Mamba1). The test suite compares its logits with the reference
 path's.
@@ -48,6 +49,8 @@ FUSED_MAX_BATCH = 4
 # earlier looping GEMV, 0 / 1 / 2 / 4 / 8 / 16 MiB: 2.7b 2.019 / 1.972 / 1.950 / 1.945 / 2.017 /
 # 2.189 (more than fits the gap between GEMVs competes with the GEMV before it).
 PREFETCH_MB = 2
+# Mamba1 at batch 1: the decode conv as an epilogue of in_proj's GEMV (one launch fewer per layer)
+CONV_IN_GEMV = True
 
 
 def graphs_enabled() -> bool:
@@ -111,18 +114,22 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
 
 
 def _mamba1_fused_step(mixer, A, x, conv_state, ssm_state):
-    """Mamba1Mixer.step with dt_proj folded into the state update (one launch fewer per layer);
-    conv_state and ssm_state are updated in place by the Triton kernels."""
+    """Mamba1Mixer.step with dt_proj folded into the state update and, at batch 1, the conv into
+    in_proj's GEMV (CONV_IN_GEMV); conv_state and ssm_state are updated in place by the kernels.
+    Both states were last written by the previous token's step (then the embedding lookup, an
+    ordinary launch), so the kernels read them before their PDL wait."""
     from .ops.reference import weightless_rms
     from .ops.triton_conv import causal_conv1d_update
+    from .ops.triton_gemv import gemv, gemv_applies
     from .ops.triton_step import selective_state_update_dt
 
     cfg = mixer.cfg
-    xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, d)
-    # conv_state and h were last written by the previous token's step (then the embedding lookup,
-    # an ordinary launch): both may be read before the PDL wait
-    xs, _ = causal_conv1d_update(xs, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state,
-                                 state_early=True, pdl=True)
+    w, cb = mixer.conv1d.weight[:, 0], mixer.conv1d.bias  # (d, k)
+    if CONV_IN_GEMV and gemv_applies(x, mixer.in_proj.weight) and 2 <= cfg.d_conv <= 4:
+        xs, z = gemv(x, mixer.in_proj.weight, mixer.in_proj.bias, conv=(w, cb, conv_state)).chunk(2, dim=-1)
+    else:
+        xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, d)
+        xs, _ = causal_conv1d_update(xs, w, cb, conv_state, state_early=True, pdl=True)
     dt, B, C = mixer.x_proj(xs).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
     if cfg.dt_bc_rms:
         dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemv import pdl_kwargs
-from .triton_step import _shift_store, _window
+from .triton_taps import _shift_store, _window
 
 
 @triton.jit

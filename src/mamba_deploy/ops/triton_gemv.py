@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_taps import _shift_store, _window
+
 
 @functools.lru_cache(maxsize=None)
 def pdl_enabled(device_index: int = 0) -> bool:
@@ -73,10 +75,13 @@ def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(X, W, Bias, Y, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr,
+                 USE_PDL: tl.constexpr, CONV_K: tl.constexpr, CONV_BIAS: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
-    # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait
+    # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait.
+    # CONV_K > 0 (Mamba1 in_proj): outputs rn < C_CONV are conv channels; their decode conv
+    # (weights CW (C_CONV, CONV_K), window CS) is applied here, replacing the conv-update launch
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,6 +89,13 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.c
     nmask = rn < N
     w_ptrs = W + rn[:, None] * swn + rk[None, :]  # (BN, BK)
     w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
+    if CONV_K > 0:  # weights and the window (not written by the previous launch: graph decode)
+        cm = nmask & (rn < C_CONV)
+        cacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if CONV_BIAS:
+            cacc += tl.load(CBias + rn, mask=cm, other=0.0).to(tl.float32)
+        _, s1, s2, cacc = _window(CS, rn, cm, scsc, scsk, CW, CONV_K, cacc)
+        w_last = tl.load(CW + rn * CONV_K + (CONV_K - 1), mask=cm, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if ONE_SHOT:
@@ -98,6 +110,14 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.c
             w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)
+    if CONV_K > 0:
+        xin = acc.to(Y.dtype.element_ty)  # rounded as in_proj's output is in the unfused path
+        # the (BLOCK_N,) tiles are replicated across threads: every replica has read the window
+        # before any thread shifts it
+        tl.debug_barrier()
+        _shift_store(CS, rn, cm, scsc, scsk, s1, s2, xin.to(CS.dtype.element_ty), CONV_K)
+        cv = cacc + xin.to(tl.float32) * w_last
+        acc = tl.where(rn < C_CONV, cv * tl.sigmoid(cv), acc)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=nmask)
 
 
@@ -117,8 +137,12 @@ def pick_config(n: int, k: int) -> dict:
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 
 
-def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None):
-    """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype."""
+def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None, conv=None):
+    """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype.
+    conv (weight (c, k), bias | None, conv_state (1, c, k-1)), k in 2..4: outputs [0, c) are
+    conv channels, returned after the decode conv + SiLU (causal_conv1d_update's math), and
+    conv_state is shifted in place; it is read before the PDL wait, so the previous launch must
+    not have written it (graph decode)."""
     *pre, k = x.shape
     n = weight.shape[0]
     if x.numel() != k:
@@ -127,17 +151,31 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     cfg = dict(config or pick_config(n, k))
     launch = pdl_kwargs(x.device) if pdl is None else dict(USE_PDL=pdl, launch_pdl=pdl)
+    if conv is not None:
+        cw, cb, cs = conv
+        if not 2 <= cw.shape[1] <= 4 or cs.shape[0] != 1 or cw.shape[0] > n:
+            raise ValueError("gemv's conv epilogue needs d_conv in 2..4, one row and c <= N")
+        cw = cw.contiguous()
+        conv_args = (cw, cb if cb is not None else cw, cs, cw.shape[0], cs.stride(1), cs.stride(2))
+        conv_kw = dict(CONV_K=cw.shape[1], CONV_BIAS=cb is not None)
+    else:
+        conv_args, conv_kw = (weight, weight, weight, 0, 0, 0), dict(CONV_K=0, CONV_BIAS=False)
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, n, k,
-                                                   weight.stride(0), HAS_BIAS=bias is not None,
-                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch)
+                                                   weight.stride(0), *conv_args, HAS_BIAS=bias is not None,
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch, **conv_kw)
     return y.reshape(*pre, n)
+
+
+def gemv_applies(x, weight) -> bool:
+    """Whether `linear` takes the GEMV for these operands (one row on CUDA, a supported dtype)."""
+    return bool(_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1
+            and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x, weight, bias=None):
     """Same contract as F.linear: the GEMV for one row (batch-1 decode), cuBLAS otherwise (with 4 or
     16 rows a tensor-core tile variant measured 1.5x slower than cuBLAS, so there is none)."""
-    if (_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1
-            and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if gemv_applies(x, weight):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)

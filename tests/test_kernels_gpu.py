@@ -461,7 +461,8 @@ def random_lm(cfg, dtype, seed=0):
                                    dict(d_model=96, d_state=17, headdim=7, d_inner_override=231, d_conv=2,
                                         dt_limit=(0.01, 0.5)),  # odd widths
                                    dict(arch="mamba1", d_model=2560, d_state=16),  # mamba-2.8b widths
-                                   dict(arch="mamba1", d_model=100, d_state=9, dt_rank=7, d_conv=3)])
+                                   dict(arch="mamba1", d_model=100, d_state=9, dt_rank=7, d_conv=3),
+                                   dict(arch="mamba1", d_model=256, d_state=16, dt_bc_rms=True)])  # Falcon-Mamba
 def test_graph_decode_real_widths(shape, dtype):
     """Graph decode at real layer widths (Mamba2: one-shot GEMV rows of 2560 / 5120, 80 heads,
     d_state 128; Mamba1: 5120 channels, dt_rank 160) and at odd ones, batch 1 and 3, 6 steps.

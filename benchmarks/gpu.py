@@ -10,7 +10,9 @@ bandwidth floor only. Timings: CUDA events around many repetitions after warm-up
 Decode = one replay of each system's CUDA graph (ours: CudaGraphRunner; mamba_ssm: its
 `update_graph_cache` graphs); transformers decode = (generate(N2) - generate(N1)) / (N2 - N1).
 The SSD kernel case is timed twice: eagerly (host launch time before the first kernel included)
-and as a replayed CUDA graph (`ssd_kernel_graph`: GPU time only).
+and as a replayed CUDA graph (`ssd_kernel_graph`: GPU time only). Our decode is also timed with a
+bfloat16 SSM state (`decode_bN_bf16_state`, MambaLM.set_state_dtype), the state dtype mamba_ssm
+keeps by default; our default state is float32.
 """
 
 from __future__ import annotations
@@ -179,6 +181,14 @@ def run_ours(name, cases):
             runner.step(torch.randint(0, VOCAB, (b,)), state)  # captures
             out[case] = cuda_time(lambda: runner.replay(b), reps=200, warmup=10)
             out[case + "_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 4
+            # the same step with a bfloat16 SSM state (what mamba_ssm keeps by default)
+            model.set_state_dtype(torch.bfloat16)
+            half = CudaGraphRunner(model)
+            half.step(torch.randint(0, VOCAB, (b,)), half.new_state(b))
+            out[case + "_bf16_state"] = cuda_time(lambda: half.replay(b), reps=200, warmup=10)
+            out[case + "_bf16_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 2
+            model.set_state_dtype(None)
+            del half
             if runner._plan.fused and b <= FUSED_MAX_BATCH:  # the same graph without the one-launch mixer
                 plain = CudaGraphRunner(model)
                 plain._plan.fused = False
@@ -357,21 +367,22 @@ def table(results):
         for case, v in res.items():
             if not isinstance(v, float) or case in ("copy_bw", "wall_s") or case.endswith("_bytes"):
                 continue
-            kind, b, l = parse_case(case.replace("_unfused", ""))
+            base = case.replace("_unfused", "").replace("_bf16_state", "")
+            kind, b, l = parse_case(base)
             extra = ""
             if kind == "prefill":
                 extra = f"{b * l / (v * 1e-3):,.0f} tok/s"
             elif kind == "decode":
                 ours = results.get(("ours", name), {})
                 wb = ours.get("weight_bytes")
-                sb = ours.get(case.replace("_unfused", "") + "_state_bytes", 0)
+                sb = ours.get(base + ("_bf16_state_bytes" if case.endswith("_bf16_state") else "_state_bytes"), 0)
                 if wb:
                     extra = f"floor {(wb + 2 * sb) / bw * 1e3:.3f} ms"
             rows.append((name, case, system, v, extra))
     rows.sort()
-    lines = [f"{'model':<13} {'case':<16} {'system':<13} {'ms':>10}  note", "-" * 72]
+    lines = [f"{'model':<13} {'case':<22} {'system':<13} {'ms':>10}  note", "-" * 78]
     for name, case, system, v, extra in rows:
-        lines.append(f"{name:<13} {case:<16} {system:<13} {v:>10.3f}  {extra}")
+        lines.append(f"{name:<13} {case:<22} {system:<13} {v:>10.3f}  {extra}")
     return "\n".join(lines)
 
 

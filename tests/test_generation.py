@@ -90,3 +90,23 @@ def test_bad_sampling_settings_raise():
         SamplingConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingConfig(repetition_penalty=0)
+
+
+def test_generate_cli_16bit_state(capsys):
+    """`generate --state-dtype bf16` opens the torch runner with a bfloat16 SSM state and
+    generates; an unknown state dtype is refused by the argument parser."""
+    import json
+    from pathlib import Path
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.runners import open_runner
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    with open_runner(demo, "torch", state_dtype=torch.bfloat16) as runner:
+        assert runner.new_state(2).ssm.dtype == torch.bfloat16
+    assert main(["generate", str(demo), "--prompt", "Once upon a time", "--max-new-tokens", "6",
+                 "--state-dtype", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"][0]["tokens"]) == 6 if "results" in out else out
+    with pytest.raises(SystemExit):
+        main(["generate", str(demo), "--prompt", "x", "--state-dtype", "int8"])

@@ -122,20 +122,28 @@ def check_selective_scan(b, l, d, n, dtype, device, gate=True):
     close(h, hr, torch.float32 if dtype == torch.float32 else dtype, "scan h")
 
 
-def check_selective_state_update(b, d, n, dtype, device):
+def state_tol(dtype, hdtype):
+    """Tolerance row for an updated state: a 16-bit state is rounded once per step."""
+    return dtype if hdtype == torch.float32 else hdtype
+
+
+def check_selective_state_update(b, d, n, dtype, device, hdtype=torch.float32):
     x, dt, A, B, C, D, z, dtb, h0 = mamba1_inputs(b, 1, d, n, dtype, device)
+    h0 = h0.to(hdtype)
     args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], dtb)
     yr, hr = R.selective_state_update_ref(*up(*args, h0))
     y, h = K().selective_state_update(*args, h0)
     close(y, yr, dtype, "sel update y")
-    close(h, hr, dtype, "sel update h")
+    assert h.dtype == hdtype
+    close(h, hr, state_tol(dtype, hdtype), "sel update h")
 
 
-def check_selective_state_update_dt(b, d, n, r, dtype, device, state_early):
+def check_selective_state_update_dt(b, d, n, r, dtype, device, state_early, hdtype=torch.float32):
     """The Mamba1 state update with dt_proj folded in, against dt_proj then the reference update."""
     from mamba_deploy.ops.triton_step import selective_state_update_dt
 
     x, _, A, B, C, D, z, dtb, h0 = mamba1_inputs(b, 1, d, n, dtype, device)
+    h0 = h0.to(hdtype)
     dt_in = rnd(b, r, device=device, dtype=dtype)
     w = rnd(d, r, device=device, dtype=dtype, scale=r ** -0.5)
     args = (x[:, 0], dt_in, w, A, B[:, 0], C[:, 0], D, z[:, 0], dtb)
@@ -143,7 +151,7 @@ def check_selective_state_update_dt(b, d, n, r, dtype, device, state_early):
     y, h = selective_state_update_dt(*args, h0, state_early=state_early)
     assert h.data_ptr() == h0.data_ptr(), "state not updated in place"
     close(y, yr, dtype, "sel update (dt_proj fused) y")
-    close(h, hr, dtype, "sel update (dt_proj fused) h")
+    close(h, hr, state_tol(dtype, hdtype), "sel update (dt_proj fused) h")
 
 
 def mamba2_inputs(b, l, nh, p, g, n, dtype, device):
@@ -166,9 +174,9 @@ def check_ssd(b, l, nh, p, g, n, Q, dtype, device, dt_limit=(0.0, math.inf)):
     close(h, hr, dtype, "ssd h")
 
 
-def step_inputs(b, nh, p, g, n, k, dtype, device):
+def step_inputs(b, nh, p, g, n, k, dtype, device, hdtype=torch.float32):
     """Inputs of ssd_step in its argument order: xBC, dt, conv weight, conv bias, conv state, A, D,
-    dt_bias, h (float32)."""
+    dt_bias, h (hdtype)."""
     conv_dim = nh * p + 2 * g * n
     xBC = rnd(b, conv_dim, device=device, dtype=dtype)
     dt = rnd(b, nh, device=device, dtype=dtype, scale=0.5) - 1.0
@@ -178,33 +186,33 @@ def step_inputs(b, nh, p, g, n, k, dtype, device):
     A = -torch.exp(torch.rand(nh, device=device) * 2)
     D = rnd(nh, device=device, dtype=dtype)
     dtb = rnd(nh, device=device, dtype=dtype, scale=0.5)
-    h = torch.randn(b, nh, p, n, device=device)
+    h = torch.randn(b, nh, p, n, device=device).to(hdtype)
     return xBC, dt, w, cb, cs, A, D, dtb, h
 
 
-def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf)):
-    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, g, n, k, dtype, device)
+def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf), hdtype=torch.float32):
+    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, g, n, k, dtype, device, hdtype)
     yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h), dt_limit)
     y, cs1, h1 = K().ssd_step(xBC, dt, w, cb, cs, A, D, dtb, h, dt_limit)
     close(y, yr, dtype, "ssd_step y")
     assert torch.equal(cs1.float(), csr), "ssd_step conv state"
-    close(h1, hr, dtype, "ssd_step h")
+    close(h1, hr, state_tol(dtype, hdtype), "ssd_step h")
     # the un-fused state update too
     x = rnd(b, nh, p, device=device, dtype=dtype)
     Bv, Cv = rnd(b, g, n, device=device, dtype=dtype), rnd(b, g, n, device=device, dtype=dtype)
     yr, hr = R.ssd_state_update_ref(*up(x, dt, A, Bv, Cv, D, dtb, h), dt_limit)
     y, h2 = K().ssd_state_update(x, dt, A, Bv, Cv, D, dtb, h, dt_limit)
     close(y, yr, dtype, "ssd_state_update y")
-    close(h2, hr, dtype, "ssd_state_update h")
+    close(h2, hr, state_tol(dtype, hdtype), "ssd_state_update h")
 
 
-def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(None, 0)):
+def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(None, 0), hdtype=torch.float32):
     """The one-launch decode mixer (conv + state update + gate + norm statistics) against
     ssd_step_ref followed by rmsnorm_gated_ref (norm over the whole row, ngroups = 1)."""
     from mamba_deploy.ops.triton_step import ssd_step_gated_
 
     d = nh * p
-    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, 1, n, k, dtype, device)
+    xBC, dt, w, cb, cs, A, D, dtb, h = step_inputs(b, nh, p, 1, n, k, dtype, device, hdtype)
     z = rnd(b, d, device=device, dtype=dtype)
     nw = rnd(d, device=device, dtype=dtype)
     yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h))
@@ -216,7 +224,7 @@ def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(
                     prefetch=prefetch)
     close(out.float() * torch.rsqrt(ss / d + 1e-5)[:, None], outr, dtype, "fused step output")
     assert torch.equal(cs.float(), csr), "fused step conv state"
-    close(h, hr, dtype, "fused step h")
+    close(h, hr, state_tol(dtype, hdtype), "fused step h")
     assert int(cnt.abs().sum()) == 0, "counter not reset"
 
 
@@ -271,6 +279,18 @@ def test_selective_scan_no_gate():
 @pytest.mark.parametrize("b,d,n", [(1, 64, 16), (5, 300, 16), (2, 5120, 16)])
 def test_selective_state_update(b, d, n, dtype):
     check_selective_state_update(b, d, n, dtype, DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hdtype", [torch.bfloat16, torch.float16])
+def test_decode_kernels_16bit_state(dtype, hdtype):
+    """A 16-bit SSM state (MambaLM.set_state_dtype): every decode kernel updates it in place,
+    computing in float32 from the stored values and rounding once on the store."""
+    check_selective_state_update(3, 300, 16, dtype, DEV, hdtype)
+    check_selective_state_update_dt(2, 5120, 16, 160, dtype, DEV, True, hdtype)
+    check_ssd_step(2, 80, 64, 1, 128, 4, dtype, DEV, hdtype=hdtype)
+    check_ssd_step(3, 8, 64, 2, 64, 4, dtype, DEV, hdtype=hdtype)
+    check_ssd_step_gated(2, 80, 64, 128, 4, dtype, DEV, hdtype=hdtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -333,7 +353,8 @@ def test_linear_gemv(n, k, pdl, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,c,kc", [(10240, 2560, 5120, 4), (200, 96, 100, 3), (37, 50, 37, 2), (517, 9001, 300, 4)])
-@pytest.mark.parametrize("pdl,bias", [(False, True), (True, False)])
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
 def test_gemv_conv_epilogue(n, k, c, kc, pdl, bias, dtype):
     """The GEMV with the Mamba1 decode conv as epilogue (outputs [0, c) conv'd, the window shifted
     in place) against F.linear in float64, rounded to the dtype, then the reference conv update."""
@@ -345,11 +366,14 @@ def test_gemv_conv_epilogue(n, k, c, kc, pdl, bias, dtype):
     cw = rnd(c, kc, device="cuda", dtype=dtype, scale=0.5)
     cb = rnd(c, device="cuda", dtype=dtype) if bias else None
     cs = rnd(1, c, kc - 1, device="cuda", dtype=dtype)
+    taps = cs[..., 1:].clone()
     lin = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).to(dtype)
     yr, sr = R.causal_conv1d_update_ref(*up(lin[:, :c], cw, cb, cs), True)
     y = triton_gemv.gemv(x, w, b, pdl=pdl, conv=(cw, cb, cs))
     close(y[:, :c], yr, dtype, f"gemv conv channels {n}x{k}")
     close(y[:, c:], lin[:, c:], dtype, f"gemv plain rows {n}x{k}")
+    assert torch.equal(cs[..., :-1], taps), "gemv conv window: the kept taps must shift exactly"
+    close(cs[..., -1], lin[:, :c], dtype, "gemv conv window: the new tap is in_proj's output")
     close(cs, sr, dtype, "gemv conv window")
 
 
@@ -435,6 +459,35 @@ def test_cuda_graph_runner(kind, dtype, prefetch_mb, monkeypatch):
         close(fast.to_torch_state(sf).ssm, slow.to_torch_state(ss).ssm, dtype, "graph ssm state")
 
 
+@pytest.mark.parametrize("method,opts", [("awq", dict(group_size=16)), ("smoothquant", {}), ("int8", {})])
+def test_graph_decode_quantized_mamba1(method, opts, tmp_path):
+    """A quantized Mamba1 checkpoint (AWQ int4 / SmoothQuant w8a8 in_proj with an input scale,
+    int8 dt_proj) through CudaGraphRunner: graph decode gives the eager model's logits (the
+    graph's fused step must call the quantized in_proj, not read a dequantized weight)."""
+    from conftest import build_hf_model  # noqa: PLC0415
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+    from mamba_deploy.quant import quantize, save_quantized
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    build_hf_model("mamba").save_pretrained(tmp_path / "hf")
+    calib = torch.randint(0, 128, (4, 80))
+    save_quantized(quantize(load_model(tmp_path / "hf"), method, calib_ids=calib, progress=False, **opts),
+                   tmp_path / "q")
+    model = load_model(tmp_path / "q", device=DEV)
+    for batch in (1, 3):
+        fast, slow = CudaGraphRunner(model), TorchRunner(model)
+        sf, ss = fast.new_state(batch), slow.new_state(batch)
+        ids = torch.randint(0, 128, (batch, 9))
+        fast.prefill(ids, sf)
+        slow.prefill(ids, ss)
+        for t in torch.randint(0, 128, (4, batch)):
+            lf, _ = fast.step(t, sf)
+            lr, _ = slow.step(t, ss)
+            close(lf, lr, torch.float32, f"quantized ({method}) graph logits b={batch}")
+
+
 def load_model_copy(model, dtype):
     import copy
 
@@ -469,13 +522,25 @@ def test_graph_decode_real_widths(shape, dtype):
     float32: logits and states within 1e-4 of float64
     math on the same weights. bf16: about as close to float64 as the bf16 reference path is
     (as in test_cuda_graph_runner)."""
+    check_graph_decode(shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [dict(d_model=2560, d_state=128, headdim=64),
+                                   dict(arch="mamba1", d_model=2560, d_state=16)])
+def test_graph_decode_16bit_state(shape):
+    """Graph decode with a bfloat16 SSM state (MambaLM.set_state_dtype): the state is rounded once
+    per step, in the graph as in the eager reference path; both about as far from float64 math."""
+    check_graph_decode(shape, torch.bfloat16, state_dtype=torch.bfloat16)
+
+
+def check_graph_decode(shape, dtype, state_dtype=None):
     from mamba_deploy import ops
     from mamba_deploy.config import MambaConfig
     from mamba_deploy.cuda_graph import CudaGraphRunner
 
     cfg = MambaConfig(**{"arch": "mamba2", **shape}, n_layer=2, vocab_size=1000)
-    model = random_lm(cfg, dtype)
-    gold = load_model_copy(model, torch.float64)
+    model = random_lm(cfg, dtype).set_state_dtype(state_dtype)
+    gold = load_model_copy(model, torch.float64).set_state_dtype(None)
     for batch in (1, 3):
         fast = CudaGraphRunner(model)
         sf, sg, sr = fast.new_state(batch), gold.new_state(batch), model.new_state(batch)
@@ -488,6 +553,7 @@ def test_graph_decode_real_widths(shape, dtype):
                 close(lf, lg, dtype, f"graph logits {shape} b={batch}")
             else:
                 as_close_as_reference(lf, lr, lg, f"graph logits {shape} b={batch}")
+        assert sf.ssm.dtype == sr.ssm.dtype == (state_dtype or torch.float32)
         for name in ("ssm", "conv"):
             got, want, ref = (getattr(x, name).cpu() for x in (fast.to_torch_state(sf), sg, sr))
             if dtype == torch.float32:

@@ -299,13 +299,13 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def cmd_bench(args):
-    from .cli import DTYPES
+    from .cli import torch_options
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
     data = run_bench(targets, _ints(args.batch, "--batch"), _ints(args.prompt_len, "--prompt-len"),
                      args.gen_len, args.warmup, args.repeats, args.seed, progress=not args.quiet,
-                     open_options={"device": args.device, "dtype": DTYPES[args.dtype]})
+                     open_options=torch_options(args))
     paths = write_outputs(data, args.out)
     print(markdown_table(data))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -316,6 +316,8 @@ def cmd_bench(args):
 
 
 def register(subparsers) -> None:
+    from .cli import add_state_dtype
+
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
     s.add_argument("models", nargs="+", metavar="MODEL_OR_ARTIFACT",
                    help="checkpoint folder, ONNX folder, .gguf, ... (comma-separated or repeated)")
@@ -329,6 +331,7 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    add_state_dtype(s)
     s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)

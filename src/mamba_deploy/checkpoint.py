@@ -267,12 +267,18 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 # ----------------------------------------------------------------------------- the public loader
 
-def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32):
+def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None):
     """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
 
     Quantized checkpoints (config.json with `quantization_config`) load with their quantized
-    modules swapped in.
+    modules swapped in. state_dtype: the SSM state's dtype (`MambaLM.set_state_dtype`; default
+    float32).
     """
+    model = _load_model(path_or_hub_id, device, dtype)
+    return model.set_state_dtype(state_dtype) if state_dtype is not None else model
+
+
+def _load_model(path_or_hub_id, device, dtype):
     from .model import MambaLM
 
     path = resolve(path_or_hub_id)

@@ -44,6 +44,18 @@ def _register_all(sub, modules):
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_state_dtype(parser) -> None:
+    parser.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
+                        help="SSM state dtype for the torch backend (bf16 / fp16: half the state memory and "
+                             "bytes per decode step, one rounding of the state per token)")
+
+
+def torch_options(args) -> dict:
+    """Open options of the torch backend from --device / --dtype / --state-dtype."""
+    return {"device": args.device, "dtype": DTYPES[args.dtype], "state_dtype": STATE_DTYPES[args.state_dtype]}
 
 
 def _human(n: float) -> str:
@@ -99,7 +111,7 @@ def cmd_generate(args):
 
     opts = {}
     if args.backend in (None, "torch"):
-        opts = {"device": args.device, "dtype": DTYPES[args.dtype]}
+        opts = torch_options(args)
     runner = open_runner(args.model, args.backend, **opts)
     stream = len(args.prompt) == 1 and not args.json
     tok = runner.tokenizer
@@ -164,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    add_state_dtype(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
 

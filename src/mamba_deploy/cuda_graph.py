@@ -72,7 +72,10 @@ class DecodePlan:
                       and 2 <= cfg.d_conv <= 4
                       and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0")
         # Mamba1: dt_proj folded into the state-update kernel (selective_state_update_dt)
-        self.fused_dt = cfg.arch == "mamba1" and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
+        # (dt_proj is read as a weight, as Mamba1Mixer does; a quantized one has no input scale)
+        self.fused_dt = (cfg.arch == "mamba1" and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
+                         and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None
+                                 for layer in model.backbone.layers))
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
@@ -115,24 +118,24 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
 
 def _mamba1_fused_step(mixer, A, x, conv_state, ssm_state):
     """Mamba1Mixer.step with dt_proj folded into the state update and, at batch 1, the conv into
-    in_proj's GEMV (CONV_IN_GEMV); conv_state and ssm_state are updated in place by the kernels.
-    Both states were last written by the previous token's step (then the embedding lookup, an
-    ordinary launch), so the kernels read them before their PDL wait."""
-    from .ops.reference import weightless_rms
+    in_proj's GEMV (CONV_IN_GEMV; a plain Linear only: a quantized in_proj keeps its own forward);
+    conv_state and ssm_state are updated in place. Like the fused Mamba2 step, this calls the
+    Triton kernels directly (ops.use_backend("ref") does not apply inside a captured step).
+    Both states were last written by the previous token's step, and the step begins with the
+    embedding lookup, an ordinary launch, so the kernels may read them before their PDL wait."""
+    from .model import Linear
     from .ops.triton_conv import causal_conv1d_update
     from .ops.triton_gemv import gemv, gemv_applies
     from .ops.triton_step import selective_state_update_dt
 
-    cfg = mixer.cfg
     w, cb = mixer.conv1d.weight[:, 0], mixer.conv1d.bias  # (d, k)
-    if CONV_IN_GEMV and gemv_applies(x, mixer.in_proj.weight) and 2 <= cfg.d_conv <= 4:
-        xs, z = gemv(x, mixer.in_proj.weight, mixer.in_proj.bias, conv=(w, cb, conv_state)).chunk(2, dim=-1)
+    ip = mixer.in_proj
+    if CONV_IN_GEMV and type(ip) is Linear and 2 <= mixer.cfg.d_conv <= 4 and gemv_applies(x, ip.weight):
+        xs, z = gemv(x, ip.weight, ip.bias, conv=(w, cb, conv_state)).chunk(2, dim=-1)
     else:
-        xs, z = mixer.in_proj(x).chunk(2, dim=-1)  # (b, d)
+        xs, z = ip(x).chunk(2, dim=-1)  # (b, d)
         xs, _ = causal_conv1d_update(xs, w, cb, conv_state, state_early=True, pdl=True)
-    dt, B, C = mixer.x_proj(xs).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
-    if cfg.dt_bc_rms:
-        dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+    dt, B, C = mixer._dt_in_B_C(xs)  # dt_proj's input (b, r)
     y, _ = selective_state_update_dt(xs, dt, mixer.dt_proj.weight, A, B, C, mixer.D, z, mixer.dt_proj.bias,
                                      ssm_state, state_early=True)
     return mixer.out_proj(y)
@@ -171,7 +174,7 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
 class _Bucket:
     def __init__(self, model, size: int):
         self.size = size
-        self.state = State.zeros(model.config, size, model.device, model.dtype)
+        self.state = model.new_state(size)
         self.ids = torch.zeros(size, dtype=torch.long, device=model.device)
         self.graph = None
         self.logits = None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import MambaConfig
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .ops.reference import _up, weightless_rms
 from .state import State
 
@@ -65,12 +65,17 @@ class Mamba1Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = Linear(d, cfg.d_model, bias=cfg.bias)
 
-    def _dt_B_C(self, x):
-        """x (..., d) -> raw dt (..., d) without bias, B, C (..., n)."""
+    def _dt_in_B_C(self, x):
+        """x (..., d) -> dt_proj's input (..., r), B, C (..., n)."""
         cfg = self.cfg
         dt, B, C = self.x_proj(x).split([cfg.resolved_dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         if cfg.dt_bc_rms:
             dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+        return dt, B, C
+
+    def _dt_B_C(self, x):
+        """x (..., d) -> raw dt (..., d) without bias, B, C (..., n)."""
+        dt, B, C = self._dt_in_B_C(x)
         return ops.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, u, conv_state, ssm_state, mask=None):
@@ -209,6 +214,25 @@ class MambaLM(nn.Module):
             self.lm_head.weight = self.backbone.embeddings.weight
         self.source_path = None  # set by load_model; where tokenizer files live
         self._tokenizer = None
+        self.ssm_state_dtype = None  # None: float32 (float64 for a float64 model); see set_state_dtype
+
+    def set_state_dtype(self, dtype) -> "MambaLM":
+        """dtype of the SSM state that new_state allocates: float32 (default) keeps the recurrence
+        in full precision; bfloat16 / float16 halve the state's memory and its bytes per decode
+        step (what mamba_ssm does by default), at the cost of one rounding of h per token. Every
+        update is still computed in float32; only the stored state is rounded."""
+        ok = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        if dtype not in ok:
+            raise ConfigError(f"SSM state dtype {dtype} is not supported; use one of float32, bfloat16, "
+                             "float16 (or float64)")
+        self.ssm_state_dtype = dtype
+        return self
+
+    @property
+    def ssm_dtype(self) -> torch.dtype:
+        if self.ssm_state_dtype is not None:
+            return self.ssm_state_dtype
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @property
     def device(self):
@@ -219,8 +243,7 @@ class MambaLM(nn.Module):
         return self.backbone.embeddings.weight.dtype
 
     def new_state(self, batch: int) -> State:
-        ssm_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype)
+        return State.zeros(self.config, batch, self.device, self.dtype, self.ssm_dtype)
 
     def _check_ids(self, input_ids, ndim):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != ndim or input_ids.dtype.is_floating_point:

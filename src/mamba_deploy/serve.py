@@ -392,12 +392,12 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
 def cmd_serve(args):
     import signal
 
-    from .cli import DTYPES
+    from .cli import torch_options
     from .runners import open_runner
 
     if args.max_batch < 1:
         raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
-    opts = {"device": args.device, "dtype": DTYPES[args.dtype]} if args.backend in (None, "torch") else {}
+    opts = torch_options(args) if args.backend in (None, "torch") else {}
     runner = open_runner(args.model, args.backend, **opts)
     try:
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch, model_name=args.model_name,
@@ -421,6 +421,8 @@ def cmd_serve(args):
 
 
 def register(subparsers) -> None:
+    from .cli import add_state_dtype
+
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP completions server (/v1/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
@@ -431,5 +433,6 @@ def register(subparsers) -> None:
     s.add_argument("--model-name", default=None, help="name reported as `model` (default: the folder name)")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    add_state_dtype(s)
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")
     s.set_defaults(func=cmd_serve)

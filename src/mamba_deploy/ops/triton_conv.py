@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemv import pdl_kwargs
-from .triton_taps import _shift_store, _window
+from .triton_taps import _conv_begin, _conv_end
 
 
 @triton.jit
@@ -70,29 +70,25 @@ def _conv_update_kernel(X, W, Bias, S, Y, C, sxb, sxc, ssb, ssc, ssk, syb, syc,
                         K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                         BLOCK_C: tl.constexpr, WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
                         STATE_EARLY: tl.constexpr):
-    # WINDOW (2 <= K <= 4): the taps are held in registers (triton_step._window), so the state
+    # WINDOW (2 <= K <= 4): the taps are held in registers (triton_taps._window), so the state
     # can be read before the PDL wait (STATE_EARLY, as in triton_step._ssd_step_gated_kernel)
     if USE_PDL:  # see triton_gemv
         tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    w_last = tl.load(W + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(Bias + c, mask=cm, other=0.0).to(tl.float32)
     sb = S + b * ssb
     if WINDOW and STATE_EARLY:
-        _, s1, s2, acc = _window(sb, c, cm, ssc, ssk, W, K, acc)
+        s1, s2, acc, w_last = _conv_begin(sb, c, cm, ssc, ssk, W, Bias, K, HAS_BIAS, BLOCK_C)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if WINDOW and not STATE_EARLY:
-        _, s1, s2, acc = _window(sb, c, cm, ssc, ssk, W, K, acc)
+        s1, s2, acc, w_last = _conv_begin(sb, c, cm, ssc, ssk, W, Bias, K, HAS_BIAS, BLOCK_C)
     x = tl.load(X + b * sxb + c * sxc, mask=cm, other=0.0)
-    acc += x.to(tl.float32) * w_last
     if WINDOW:
-        _shift_store(sb, c, cm, ssc, ssk, s1, s2, x.to(S.dtype.element_ty), K)
+        acc = _conv_end(sb, c, cm, ssc, ssk, s1, s2, acc, w_last, x, K)
     else:
+        acc = x.to(tl.float32) * tl.load(W + c * K + (K - 1), mask=cm, other=0.0).to(tl.float32)
         for j in tl.static_range(K - 1):
             s = tl.load(sb + c * ssc + j * ssk, mask=cm, other=0.0)
             acc += s.to(tl.float32) * tl.load(W + c * K + j, mask=cm, other=0.0).to(tl.float32)
@@ -101,7 +97,10 @@ def _conv_update_kernel(X, W, Bias, S, Y, C, sxb, sxc, ssb, ssc, ssk, syb, syc,
             # the read of tap j+1 below never races with a write of it
             if j > 0:
                 tl.store(sb + c * ssc + (j - 1) * ssk, s, mask=cm)
-        tl.store(sb + c * ssc + (K - 2) * ssk, x.to(S.dtype.element_ty), mask=cm)
+        if K > 1:  # d_conv 1 keeps no window
+            tl.store(sb + c * ssc + (K - 2) * ssk, x.to(S.dtype.element_ty), mask=cm)
+        if HAS_BIAS:
+            acc += tl.load(Bias + c, mask=cm, other=0.0).to(tl.float32)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(Y + b * syb + c * syc, acc.to(Y.dtype.element_ty), mask=cm)
@@ -113,7 +112,8 @@ def causal_conv1d_update(x, weight, bias, conv_state, activation=True, state_ear
     Fast-path contract: conv_state is updated IN PLACE and returned (the model copies the
     result back into the same storage, which torch skips), so no new state is allocated.
     pdl / state_early (graph decode, d_conv 2..4): launch as a PDL kernel, and read the state
-    before the wait (the caller guarantees the previous launch did not write it)."""
+    before the wait (the caller guarantees that no launch since the last ordinary one wrote it;
+    see triton_gemv's module docstring)."""
     b, c = x.shape
     k = weight.shape[1]
     w = weight.contiguous()

@@ -10,8 +10,10 @@ first tile of rows longer than ONE_SHOT_MAX_K; weights never depend on the prede
 chain. The other decode kernels (add_rmsnorm_, ssd_step_gated_) take the same `USE_PDL` switch.
 
 Rules every PDL kernel here keeps: `gdc_launch_dependents` first (the next kernel may then start
-its own weight loads); before `gdc_wait`, read only what the previous launch cannot have written
-(weights) and write nothing.
+its own weight loads); before `gdc_wait`, write nothing and read only what no launch since the
+last ordinary (non-PDL) launch can have written: weights, and in graph decode this layer's
+state (since every kernel triggers its dependents first, several PDL kernels can be in flight
+at once, so "not written by the previous launch" is not enough).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_taps import _shift_store, _window
+from .triton_taps import _conv_begin, _conv_end
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,13 +91,9 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
     nmask = rn < N
     w_ptrs = W + rn[:, None] * swn + rk[None, :]  # (BN, BK)
     w = tl.load(w_ptrs, mask=nmask[:, None] & (rk[None, :] < K), other=0.0)  # constant: before the wait
-    if CONV_K > 0:  # weights and the window (not written by the previous launch: graph decode)
+    if CONV_K > 0:  # conv weights and the window (see the module docstring's rules)
         cm = nmask & (rn < C_CONV)
-        cacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if CONV_BIAS:
-            cacc += tl.load(CBias + rn, mask=cm, other=0.0).to(tl.float32)
-        _, s1, s2, cacc = _window(CS, rn, cm, scsc, scsk, CW, CONV_K, cacc)
-        w_last = tl.load(CW + rn * CONV_K + (CONV_K - 1), mask=cm, other=0.0).to(tl.float32)
+        s1, s2, cacc, w_last = _conv_begin(CS, rn, cm, scsc, scsk, CW, CBias, CONV_K, CONV_BIAS, BLOCK_N)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if ONE_SHOT:
@@ -115,8 +113,7 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
         # the (BLOCK_N,) tiles are replicated across threads: every replica has read the window
         # before any thread shifts it
         tl.debug_barrier()
-        _shift_store(CS, rn, cm, scsc, scsk, s1, s2, xin.to(CS.dtype.element_ty), CONV_K)
-        cv = cacc + xin.to(tl.float32) * w_last
+        cv = _conv_end(CS, rn, cm, scsc, scsk, s1, s2, cacc, w_last, xin, CONV_K)
         acc = tl.where(rn < C_CONV, cv * tl.sigmoid(cv), acc)
     tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=nmask)
 
@@ -141,8 +138,8 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype.
     conv (weight (c, k), bias | None, conv_state (1, c, k-1)), k in 2..4: outputs [0, c) are
     conv channels, returned after the decode conv + SiLU (causal_conv1d_update's math), and
-    conv_state is shifted in place; it is read before the PDL wait, so the previous launch must
-    not have written it (graph decode)."""
+    conv_state is shifted in place; it is read before the PDL wait, so no launch since the last
+    ordinary one may have written it (graph decode; see the module docstring)."""
     *pre, k = x.shape
     n = weight.shape[0]
     if x.numel() != k:
@@ -153,8 +150,10 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     launch = pdl_kwargs(x.device) if pdl is None else dict(USE_PDL=pdl, launch_pdl=pdl)
     if conv is not None:
         cw, cb, cs = conv
-        if not 2 <= cw.shape[1] <= 4 or cs.shape[0] != 1 or cw.shape[0] > n:
-            raise ValueError("gemv's conv epilogue needs d_conv in 2..4, one row and c <= N")
+        c, kc = cw.shape
+        if not 2 <= kc <= 4 or c > n or tuple(cs.shape) != (1, c, kc - 1) or cs.stride(-1) != 1:
+            raise ValueError(f"gemv's conv epilogue needs d_conv in 2..4, c <= N = {n} and a (1, c, d_conv-1) "
+                             f"window with unit last stride; got weight {tuple(cw.shape)}, window {tuple(cs.shape)}")
         cw = cw.contiguous()
         conv_args = (cw, cb if cb is not None else cw, cs, cw.shape[0], cs.stride(1), cs.stride(2))
         conv_kw = dict(CONV_K=cw.shape[1], CONV_BIAS=cb is not None)

@@ -1,8 +1,9 @@
 """Triton single-token (decode) kernels: Mamba1/Mamba2 state updates and the fused Mamba2 step.
 
 Twins of `reference.selective_state_update_ref`, `ssd_state_update_ref` and `ssd_step_ref`.
-Decode is memory-bound: the float32 state is read and written once per token, so each program
-owns a tile of it, updates it in registers and writes it back IN PLACE (fast-path contract: the
+Decode is memory-bound: the state (float32 by default, or 16-bit: see MambaLM.set_state_dtype)
+is read and written once per token, so each program owns a tile of it, updates it in float32
+registers and writes it back IN PLACE (fast-path contract: the
 returned state is the input tensor; the model's copy back into the same storage is skipped).
 """
 
@@ -16,6 +17,16 @@ import triton.language as tl
 
 from .triton_gemv import l2_prefetch, pdl_kwargs, prefetch_args
 from .triton_taps import _shift_store, _window
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_state(h, what: str) -> None:
+    """The decode kernels update the SSM state in place: float32, or a 16-bit state (each update
+    computed in float32, the stored state rounded once)."""
+    if h.dtype not in STATE_DTYPES or h.stride(-1) != 1:
+        raise ValueError(f"the Triton {what} needs a float32 / bfloat16 / float16 state with unit last stride, "
+                         f"got {h.dtype} with strides {tuple(h.stride())}")
 
 
 @triton.jit
@@ -49,11 +60,11 @@ def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, WDT, Dn, N, R,
         wdt = tl.load(WDT + d[:, None] * R + r[None, :], mask=dm[:, None] & (r < R)[None, :], other=0.0)
     hp = H + b * shb + d[:, None] * shd + n[None, :]
     if STATE_EARLY:
-        h = tl.load(hp, mask=m2, other=0.0)
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if not STATE_EARLY:
-        h = tl.load(hp, mask=m2, other=0.0)
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
     x = tl.load(X + b * sxb + d, mask=dm, other=0.0).to(tl.float32)
     if FUSE_DT:
         dtl = tl.load(DT + b * sdtb + r, mask=r < R, other=0.0).to(tl.float32)
@@ -65,7 +76,7 @@ def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, WDT, Dn, N, R,
     Bv = tl.load(Bm + b * sbb + n, mask=nm, other=0.0).to(tl.float32)
     Cv = tl.load(Cm + b * scb + n, mask=nm, other=0.0).to(tl.float32)
     h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * Bv[None, :]
-    tl.store(hp, h, mask=m2)
+    tl.store(hp, h.to(H.dtype.element_ty), mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1) + x * dsk
     if HAS_Z:
         z = tl.load(Z + b * szb + d, mask=dm, other=0.0).to(tl.float32)
@@ -73,21 +84,28 @@ def _sel_update_kernel(X, DT, A, Bm, Cm, Dp, Z, DTB, H, Y, WDT, Dn, N, R,
     tl.store(Y + b * syb + d, y.to(Y.dtype.element_ty), mask=dm)
 
 
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _launch_sel_update(x, dt, A, B, C, D, z, dt_bias, h, dt_weight=None, state_early=False):
     """x, z (b, d); dt (b, d), or dt_proj's input (b, r) with dt_weight (d, r); h in place."""
     b, dn = x.shape
     n = A.shape[1]
-    if h.dtype != torch.float32 or h.stride(-1) != 1:
-        raise ValueError("the Triton selective_state_update needs a float32 state with unit last stride")
+    _check_state(h, "selective_state_update")
     y = torch.empty_like(x)
     BN = triton.next_power_of_2(n)
     fuse = dt_weight is not None
     BR = triton.next_power_of_2(dt_weight.shape[1]) if fuse else 1
     # fused: the dt_proj slice (BLOCK_D, BR) shares the program's registers with the state tile
     BD = max(1, min(64, 2048 // BN, 4096 // BR if fuse else 64))
-    xs, dts = x.contiguous(), dt.contiguous()
-    Bc, Cc, Ac = B.contiguous(), C.contiguous(), A.contiguous()
-    zc = z.contiguous() if z is not None else xs
+    if fuse and (dt_weight.shape != (dn, dt.shape[1]) or dt.shape[0] != b):
+        raise ValueError(f"dt_proj weight {tuple(dt_weight.shape)} does not match x {tuple(x.shape)} and "
+                         f"dt_proj's input {tuple(dt.shape)}: want ({dn}, r) and ({b}, r)")
+    # rows may be strided (slices of the projections' outputs): only the last axis must be unit
+    xs, dts, Bc, Cc = _unit_last(x), _unit_last(dt), _unit_last(B), _unit_last(C)
+    Ac = A.contiguous()
+    zc = _unit_last(z) if z is not None else xs
     wdt = dt_weight.contiguous() if fuse else xs
     launch = pdl_kwargs(h.device) if fuse else dict(USE_PDL=False)
     _sel_update_kernel[(b, triton.cdiv(dn, BD))](
@@ -106,7 +124,7 @@ def selective_state_update(x, dt, A, B, C, D, z, dt_bias, h):
 def selective_state_update_dt(x, dt_in, dt_weight, A, B, C, D, z, dt_bias, h, state_early=False):
     """selective_state_update with dt_proj folded in: dt = dt_in @ dt_weight^T (rounded to x's
     dtype, as the unfused linear outputs it). dt_in (b, r), dt_weight (d, r); the rest as there.
-    state_early (graph decode): h was not written by the previous launch (see ssd_step_gated_)."""
+    state_early (graph decode): h may be read before the PDL wait (see ssd_step_gated_)."""
     return _launch_sel_update(x, dt_in, A, B, C, D, z, dt_bias, h, dt_weight=dt_weight, state_early=state_early)
 
 
@@ -133,9 +151,9 @@ def _ssd_update_kernel(X, DT, A, Bm, Cm, Dp, DTB, H, Y, nheads, P, N, heads_per_
     Cv = tl.load(Cm + b * scb + g * scg + n, mask=nm, other=0.0).to(tl.float32)
     hp = H + b * shb + hd * shh + p[:, None] * shp + n[None, :]
     m2 = pm[:, None] & nm[None, :]
-    h = tl.load(hp, mask=m2, other=0.0)
+    h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
     h = h * decay + (x * dt)[:, None] * Bv[None, :]
-    tl.store(hp, h, mask=m2)
+    tl.store(hp, h.to(H.dtype.element_ty), mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1) + x * tl.load(Dp + hd).to(tl.float32)
     tl.store(Y + b * syb + hd * syh + p, y.to(Y.dtype.element_ty), mask=pm)
 
@@ -144,8 +162,7 @@ def _launch_ssd_update(x, dt, A, B, C, D, dt_bias, h, dt_limit, y):
     """x (b, h, p) any strides with unit last; B, C (b, g, n) unit last stride; h in place."""
     b, nh, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    if h.dtype != torch.float32 or h.stride(-1) != 1:
-        raise ValueError("the Triton SSD state update needs a float32 state with unit last stride")
+    _check_state(h, "SSD state update")
     BN = triton.next_power_of_2(n)
     BP = max(1, min(triton.next_power_of_2(p), 4096 // BN))
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
@@ -156,10 +173,6 @@ def _launch_ssd_update(x, dt, A, B, C, D, dt_bias, h, dt_limit, y):
         h.stride(0), h.stride(1), h.stride(2), y.stride(0), y.stride(1),
         lo, hi if hi != math.inf else 3.0e38, CLAMP=clamp, BLOCK_P=BP, BLOCK_N=BN, num_warps=4)
     return y, h
-
-
-def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def ssd_state_update(x, dt, A, B, C, D, dt_bias, h, dt_limit=(0.0, math.inf)):
@@ -234,11 +247,11 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     cB = d_inner + g * N + n
     cC = d_inner + G * N + g * N + n
     # -- first what the previous kernel (in_proj) does not write, so that under PDL these loads
-    # overlap its tail: weights, and with STATE_EARLY the conv windows and the SSM state. The
-    # caller sets STATE_EARLY only when the state was written at least two launches back with an
-    # ordinary launch in between (graph decode: the previous token's step, then the embedding
-    # lookup, which waits for all earlier work); right after a kernel that wrote the state, its
-    # writes are only guaranteed visible after gdc_wait.
+    # overlap its tail: weights, and with STATE_EARLY the conv windows and the SSM state. Every
+    # PDL kernel here triggers its dependents at its start, so a kernel may run alongside any
+    # PDL launch back to the last ordinary one: the caller sets STATE_EARLY only when nothing
+    # since the last ordinary launch wrote the state (graph decode: the previous token's step
+    # wrote it, then the step's embedding lookup, an ordinary launch, waited for all of that).
     if USE_PDL:  # see triton_gemv
         tl.extra.cuda.gdc_launch_dependents()
     pid = (b * tl.num_programs(1) + hd) * tl.num_programs(2) + tl.program_id(2)
@@ -254,13 +267,13 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     if STATE_EARLY:
         x1, x2, ax, b1, b2, aB, c1, c2, aC = _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K, HAS_BIAS,
                                                       BLOCK_P, BLOCK_N)
-        h = tl.load(hp, mask=m2, other=0.0)
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if not STATE_EARLY:
         x1, x2, ax, b1, b2, aB, c1, c2, aC = _windows(sbase, cx, cB, cC, pm, nm, scsc, scsk, CW, CBias, K, HAS_BIAS,
                                                       BLOCK_P, BLOCK_N)
-        h = tl.load(hp, mask=m2, other=0.0)
+        h = tl.load(hp, mask=m2, other=0.0).to(tl.float32)
     # -- conv of this program's x channels (owned: shifted in place) and of its group's B, C
     xin = tl.load(XBC + b * sxb + cx, mask=pm, other=0.0).to(tl.float32)
     bin_ = tl.load(XBC + b * sxb + cB, mask=nm, other=0.0).to(tl.float32)
@@ -290,7 +303,7 @@ def _ssd_step_gated_kernel(XBC, DT, Z, CW, CBias, CS, A, Dp, DTB, H, NW, U, SS, 
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     h = h * tl.exp(dt * a_h) + (x * dt)[:, None] * Bv[None, :]
-    tl.store(hp, h, mask=m2)
+    tl.store(hp, h.to(H.dtype.element_ty), mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1) + x * d_h
     y = y.to(U.dtype.element_ty).to(tl.float32)
     # -- gate and the weighted, un-normalised norm input; the 1/rms factor is a per-row scalar,
@@ -331,9 +344,9 @@ def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bia
     d = nh * p
     g = (xBC.shape[1] - d) // (2 * n)
     k = conv_weight.shape[1]
-    if g != 1 or h.dtype != torch.float32 or h.stride(-1) != 1 or not 2 <= k <= 4:
-        raise ValueError("ssd_step_gated_ needs ngroups == 1, d_conv in 2..4 and a float32 state "
-                         "with unit last stride")
+    if g != 1 or not 2 <= k <= 4:
+        raise ValueError("ssd_step_gated_ needs ngroups == 1 and d_conv in 2..4")
+    _check_state(h, "ssd_step_gated_")
     BN = triton.next_power_of_2(n)
     tile = step_config(nh, p, BN)
     BP = tile["BLOCK_P"]

@@ -40,3 +40,26 @@ def _shift_store(S, ch, mask, scsc, scsk, s1, s2, new, K: tl.constexpr):
         tl.store(S + ch * scsc, s1, mask=mask)
         tl.store(S + ch * scsc + scsk, s2, mask=mask)
         tl.store(S + ch * scsc + 2 * scsk, new, mask=mask)
+
+
+@triton.jit
+def _conv_begin(S, ch, mask, scsc, scsk, CW, CBias, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Everything of a decode conv that does not need the new input (so a PDL kernel can do it
+    before its wait): the taps kept for the shift, the partial sum taps . weights[:K-1] + bias,
+    and the last tap's weight. Channels ch (BLOCK,)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(CBias + ch, mask=mask, other=0.0).to(tl.float32)
+    _, s1, s2, acc = _window(S, ch, mask, scsc, scsk, CW, K, acc)
+    w_last = tl.load(CW + ch * K + (K - 1), mask=mask, other=0.0).to(tl.float32)
+    return s1, s2, acc, w_last
+
+
+@triton.jit
+def _conv_end(S, ch, mask, scsc, scsk, s1, s2, acc, w_last, x, K: tl.constexpr):
+    """With the new input x: shift the window in place (x stored in the state's dtype) and return
+    the conv output before its activation, float32."""
+    _shift_store(S, ch, mask, scsc, scsk, s1, s2, x.to(S.dtype.element_ty), K)
+    return acc + x.to(tl.float32) * w_last
+

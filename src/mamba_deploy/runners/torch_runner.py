@@ -34,10 +34,10 @@ class TorchRunner(Runner):
         return State(state.conv.float().cpu(), state.ssm.float().cpu())
 
 
-def open_torch(path, device="cpu", dtype=torch.float32, **_) -> TorchRunner:
+def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, **_) -> TorchRunner:
     from ..checkpoint import load_model
 
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner
 

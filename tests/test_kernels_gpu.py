@@ -533,6 +533,37 @@ def test_graph_decode_16bit_state(shape):
     check_graph_decode(shape, torch.bfloat16, state_dtype=torch.bfloat16)
 
 
+def test_graph_decode_mamba1_conv_kernel(monkeypatch):
+    """Mamba1 batch-1 graph decode with the conv-update kernel (PDL, window read before its wait)
+    after in_proj's GEMV, instead of the conv as the GEMV's epilogue."""
+    from mamba_deploy import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "CONV_IN_GEMV", False)
+    check_graph_decode(dict(arch="mamba1", d_model=256, d_state=16), torch.float32)
+
+
+def test_graph_decode_foreign_state():
+    """A State the runner's bucket does not own (copied in and out around each replay) gives the
+    same logits and final state as the bucket's own."""
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+
+    for arch in ("mamba1", "mamba2"):
+        model = random_lm(MambaConfig(arch=arch, d_model=256, d_state=16, headdim=32, n_layer=2, vocab_size=1000),
+                          torch.float32)
+        fast = CudaGraphRunner(model)
+        own, foreign = fast.new_state(2), model.new_state(2)
+        ids = torch.randint(0, 1000, (2, 5))
+        fast.prefill(ids, own)
+        fast.prefill(ids, foreign)
+        for t in torch.randint(0, 1000, (4, 2)):
+            lo, _ = fast.step(t, own)
+            lf, _ = fast.step(t, foreign)
+            close(lf, lo, torch.float32, f"{arch} logits, foreign state")
+        close(foreign.ssm, fast.to_torch_state(own).ssm, torch.float32, f"{arch} ssm state, foreign state")
+        close(foreign.conv, fast.to_torch_state(own).conv, torch.float32, f"{arch} conv state, foreign state")
+
+
 def check_graph_decode(shape, dtype, state_dtype=None):
     from mamba_deploy import ops
     from mamba_deploy.config import MambaConfig

@@ -560,8 +560,9 @@ def test_graph_decode_foreign_state():
             lo, _ = fast.step(t, own)
             lf, _ = fast.step(t, foreign)
             close(lf, lo, torch.float32, f"{arch} logits, foreign state")
-        close(foreign.ssm, fast.to_torch_state(own).ssm, torch.float32, f"{arch} ssm state, foreign state")
-        close(foreign.conv, fast.to_torch_state(own).conv, torch.float32, f"{arch} conv state, foreign state")
+        got, want = fast.to_torch_state(foreign), fast.to_torch_state(own)
+        close(got.ssm, want.ssm, torch.float32, f"{arch} ssm state, foreign state")
+        close(got.conv, want.conv, torch.float32, f"{arch} conv state, foreign state")
 
 
 def check_graph_decode(shape, dtype, state_dtype=None):

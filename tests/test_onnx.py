@@ -389,8 +389,7 @@ def test_export_validates_against_a_float32_state(hf_checkpoint, tmp_path):
     """A model set to keep a bfloat16 SSM state still exports and validates at fp32 precision: the
     graph's state is float32, and so is the state of the export's PyTorch reference (against a
     bf16-state reference the state error would be ~1e-3, the rounding of the reference itself)."""
-    from mamba_deploy import load_model
-    from mamba_deploy.export.onnx import export_onnx, validate_export
+    from mamba_deploy.export.onnx import _float_copy, _reference, validate_export
 
     folder, _ = hf_checkpoint("mamba2")
     model = load_model(folder, state_dtype=torch.bfloat16)
@@ -398,3 +397,6 @@ def test_export_validates_against_a_float32_state(hf_checkpoint, tmp_path):
     errs = validate_export(out, model, "fp32", verbose=False)
     assert errs["ssm_state"] <= 1e-5 and max(errs.values()) <= 1e-4, errs
     assert model.new_state(1).ssm.dtype == torch.bfloat16
+    # the float64 reference that validation falls back to keeps a float64 state
+    gold = _float_copy(model, torch.float64)
+    assert _reference(gold, [torch.randint(0, 64, (2, 3))])[1].ssm.dtype == torch.float64

@@ -68,12 +68,12 @@ class DecodePlan:
         self.residual_fp32 = self.cfg.residual_in_fp32
         cfg = self.cfg
         # one launch per mixer (ssd_step_gated_) where the gated norm spans the whole row
-        self.fused = (cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
-                      and 2 <= cfg.d_conv <= 4
-                      and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0")
+        fuse = os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
+        self.fused = (fuse and cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
+                      and 2 <= cfg.d_conv <= 4)
         # Mamba1: dt_proj folded into the state-update kernel (selective_state_update_dt)
         # (dt_proj is read as a weight, as Mamba1Mixer does; a quantized one has no input scale)
-        self.fused_dt = (cfg.arch == "mamba1" and os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
+        self.fused_dt = (fuse and cfg.arch == "mamba1"
                          and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None
                                  for layer in model.backbone.layers))
         dev = model.device

@@ -234,10 +234,14 @@ class MambaLM(nn.Module):
         return self
 
     @property
-    def ssm_dtype(self) -> torch.dtype:
-        if self.ssm_state_dtype is not None:
-            return self.ssm_state_dtype
+    def full_ssm_dtype(self) -> torch.dtype:
+        """The default, full-precision SSM state dtype: float32 (float64 for a float64 model)."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def ssm_dtype(self) -> torch.dtype:
+        """The SSM state dtype new_state allocates (set_state_dtype's, else full_ssm_dtype)."""
+        return self.full_ssm_dtype if self.ssm_state_dtype is None else self.ssm_state_dtype
 
     @property
     def device(self):
@@ -247,8 +251,9 @@ class MambaLM(nn.Module):
     def dtype(self):
         return self.backbone.embeddings.weight.dtype
 
-    def new_state(self, batch: int) -> State:
-        return State.zeros(self.config, batch, self.device, self.dtype, self.ssm_dtype)
+    def new_state(self, batch: int, ssm_dtype: torch.dtype | None = None) -> State:
+        """ssm_dtype: override the SSM state dtype (default: self.ssm_dtype)."""
+        return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype or self.ssm_dtype)
 
     def _check_ids(self, input_ids, ndim):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != ndim or input_ids.dtype.is_floating_point:

@@ -17,7 +17,6 @@ import torch
 
 from ..atomic import atomic_dir, read_tagged_json, write_json
 from ..errors import ConfigError, ExportError, ModelNotFoundError
-from ..state import State
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -244,8 +243,9 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
 
 def _reference(model, batches):
     """PyTorch logits per batch of ids (one state carried through) and the final state. The SSM
-    state is float32 like the graph's, whatever `set_state_dtype` says for this model."""
-    state = State.zeros(model.config, VALIDATE_BATCH, model.device, model.dtype)
+    state is full precision (float32 like the graph's; float64 for the float64 reference),
+    whatever `set_state_dtype` says for this model."""
+    state = model.new_state(VALIDATE_BATCH, ssm_dtype=model.full_ssm_dtype)
     with torch.inference_mode():
         return [model(ids, state).logits for ids in batches], state
 

@@ -9,6 +9,8 @@ accumulation order); F16 <= 1e-2; imported F32 GGUF vs transformers <= 1e-5; Q8_
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 import warnings
@@ -161,8 +163,13 @@ def test_vocab_metadata_padded_to_embedding_rows(exported, tiny_tokenizer):
 
 def test_small_tensors_stay_f32_and_fallback_warns(ckpt, tmp_path):
     folder, _ = ckpt("mamba")  # ssm_dt.weight rows have dt_rank = 4 columns: no Q8_0 block fits
-    with pytest.warns(UserWarning, match=r"ssm_dt\.weight: row length 4 .*Q8_0.*using F16"):
+    with pytest.warns(UserWarning) as record:
         out = export_gguf(folder, tmp_path / "m.gguf", outtype="q8_0")
+    fallbacks = [str(w.message) for w in record if "row length" in str(w.message)]
+    # one warning for the export, naming how many tensors and which
+    assert len(fallbacks) == 1, fallbacks
+    assert re.fullmatch(r"2 tensors \(blk\.0\.ssm_dt\.weight \.\.\. blk\.1\.ssm_dt\.weight\): row length 4 is not "
+                        r"a multiple of the Q8_0 block \(32\); using F16, as llama\.cpp does", fallbacks[0]), fallbacks
     _, ts = reader_tensors(out)
     QT = gguf.GGMLQuantizationType
     assert ts["blk.0.ssm_dt.weight"].tensor_type == QT.F16
@@ -170,6 +177,21 @@ def test_small_tensors_stay_f32_and_fallback_warns(ckpt, tmp_path):
     for name in ("blk.0.ssm_conv1d.weight", "blk.0.ssm_a", "blk.0.ssm_d", "blk.0.attn_norm.weight",
                  "blk.0.ssm_dt.bias", "output_norm.weight"):
         assert ts[name].tensor_type == QT.F32, name
+
+
+def test_cli_prints_the_fallback_warning_once_as_one_line(ckpt, tmp_path):
+    import subprocess
+
+    folder, _ = ckpt("mamba")
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "mamba_deploy", "export", "gguf", str(folder),
+                          str(tmp_path / "m.gguf"), "--outtype", "q8_0"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo / "src")}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "row length" in ln]
+    assert lines == ["warning: 2 tensors (blk.0.ssm_dt.weight ... blk.1.ssm_dt.weight): row length 4 is not a "
+                     "multiple of the Q8_0 block (32); using F16, as llama.cpp does"], res.stderr
+    assert "gguf.py" not in res.stderr  # no source location in the CLI's warnings
 
 
 # ----------------------------------------------------------------------------- import round trips

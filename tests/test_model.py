@@ -132,9 +132,9 @@ def test_cached_A_follows_weight_updates(hf_checkpoint):
     assert rel_err(after, fresh(ids).logits) <= 1e-6
 
 
-@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba"])
+@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "mamba2", "mamba2_g2"])
 def test_decode_matches_transformers_decode(kind, hf_checkpoint):
-    """Token-by-token decode (on CPU float32 Mamba1 this is the one-C-call-per-block path,
+    """Token-by-token decode (on CPU float32 this is the one-C-call-per-block path,
     ops/cpu_decode.py) against transformers' own cached decode, batch 3, <= 1e-4 relative."""
     folder, hf = hf_checkpoint(kind)
     model = load_model(folder)
@@ -155,9 +155,42 @@ def test_decode_matches_transformers_decode(kind, hf_checkpoint):
     assert rel_err(torch.stack(ours), torch.stack(refs)) <= 1e-4
 
 
-def test_cpu_decode_plan_follows_weight_changes(hf_checkpoint):
+@pytest.mark.parametrize("shape", [dict(norm_before_gate=True, dt_limit=(0.01, 0.5)),  # mamba_ssm options
+                                   dict(rmsnorm=False, ngroups=2, d_conv=3),  # plain silu gate
+                                   dict(d_model=24, d_inner_override=60, headdim=5, d_state=7, bias=True)])
+def test_cpu_decode_mamba2_variants_vs_float64(shape):
+    """The C Mamba2 block step on the options transformers does not have (gate after the norm,
+    dt clamp, no gated norm, biases, odd widths) against float64 math on the same weights, through
+    the module path on the reference ops: 16 steps at batch 1 and 3, logits and states <= 1e-4."""
+    from mamba_deploy import ops
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.model import MambaLM
+
+    cfg = MambaConfig(**{**dict(arch="mamba2", d_model=32, d_state=16, headdim=8, n_layer=2, vocab_size=100,
+                                chunk_size=16), **shape})
+    torch.manual_seed(0)
+    model = MambaLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    gold = MambaLM(cfg).double().eval()
+    gold.load_state_dict(model.state_dict())
+    for batch in (1, 3):
+        fast, ref = model.new_state(batch), gold.new_state(batch)
+        for t in torch.randint(0, 100, (16, batch)):
+            with torch.inference_mode():
+                got = model.step(t, fast)
+                with ops.use_backend("ref"):
+                    want = gold.step(t, ref)
+            assert rel_err(got, want) <= 1e-4
+        assert getattr(model, "_cpu_decode_plan", None) is not None, "the C decode path was not taken"
+        assert rel_err(fast.ssm, ref.ssm) <= 1e-4 and rel_err(fast.conv, ref.conv) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_cpu_decode_plan_follows_weight_changes(kind, hf_checkpoint):
     """The C decode path re-reads weights changed in place and steps aside for autograd."""
-    folder, _ = hf_checkpoint("mamba")
+    folder, _ = hf_checkpoint(kind)
     model = load_model(folder)
     ids = torch.tensor([3, 5])
     from mamba_deploy import ops

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 
 import torch
 
@@ -194,8 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cli_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for the terminal, without the source file and line that Python's
+    default format shows (it points into this package, not at anything the user can change)."""
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     try:
         args.func(args)
     except MambaDeployError as e:
@@ -204,6 +212,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
     return 0
 
 

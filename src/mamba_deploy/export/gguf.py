@@ -9,7 +9,6 @@ All format facts live in `gguf_tables.py`; the tokenizer part in `gguf_vocab.py`
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,8 +21,6 @@ from ..errors import BackendUnavailableError, ExportError
 from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
                           OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
 from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab_from_gguf
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -118,8 +115,10 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
         for key, value, kind in metadata_items(cfg):
             _add_kv(writer, key, value, kind)
         add_vocab(writer, vocab)
+        fallbacks = []
         for gname, array in _gguf_tensors(model):
-            _add_tensor(writer, gname, array, qtype)
+            _add_tensor(writer, gname, array, qtype, fallbacks)
+        _fallback_warning(fallbacks)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=_progress_wanted(model))
@@ -190,13 +189,13 @@ def tensor_type(gname: str, shape, qtype):
     return t
 
 
-def _add_tensor(writer, gname, array, qtype):
+def _add_tensor(writer, gname, array, qtype, fallbacks: list):
     import gguf
     from gguf import GGMLQuantizationType as QT
 
     t = tensor_type(gname, array.shape, qtype)
     if t != qtype and not keep_f32(gname, array.ndim) and qtype != QT.F32:
-        _fallback_warning(gname, array.shape, qtype, t)
+        fallbacks.append((gname, array.shape[-1], qtype, t))
     if t == QT.F32:
         writer.add_tensor(gname, array)
     elif t == QT.F16:
@@ -205,23 +204,30 @@ def _add_tensor(writer, gname, array, qtype):
         writer.add_tensor(gname, gguf.quants.quantize(array, t), raw_dtype=t)
 
 
-def _fallback_warning(gname, shape, want, got):
+def _fallback_warning(fallbacks: list) -> None:
+    """One warning per export for the tensors written in another type than asked:
+    fallbacks [(gguf name, row length, wanted type, type used)], grouped by the last three."""
     from gguf import GGML_QUANT_SIZES
 
-    msg = (f"{gname}: row length {shape[-1]} is not a multiple of the {want.name} block "
-           f"({GGML_QUANT_SIZES[want][0]}); using {got.name} for it, as llama.cpp does")
-    log.warning(msg)
-    warnings.warn(msg, stacklevel=3)
+    groups: dict = {}
+    for gname, row, want, got in fallbacks:
+        groups.setdefault((row, want, got), []).append(gname)
+    for (row, want, got), names in groups.items():
+        which = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]} ... {names[-1]})"
+        warnings.warn(f"{which}: row length {row} is not a multiple of the {want.name} block "
+                      f"({GGML_QUANT_SIZES[want][0]}); using {got.name}, as llama.cpp does", stacklevel=3)
 
 
 def _warn_fallbacks(model, main_type):
     """Before llama.cpp quantizes: tensors whose rows do not fit the outtype's main type (its
     K-quant mix may still pick other types for some tensors, e.g. output.weight)."""
+    fallbacks = []
     for gname, array in _gguf_tensors(model):
         if not keep_f32(gname, array.ndim):
             t = tensor_type(gname, array.shape, main_type)
             if t != main_type:
-                _fallback_warning(gname, array.shape, main_type, t)
+                fallbacks.append((gname, array.shape[-1], main_type, t))
+    _fallback_warning(fallbacks)
 
 
 def _progress_wanted(model) -> bool:

@@ -1,5 +1,5 @@
 /* Per-row pieces shared by the CPU decode kernels (cpu_step.c: one op per call; cpu_decode.c:
- * a whole Mamba1 block per call), so both compute each step with the same expressions. */
+ * a whole Mamba1 or Mamba2 block per call), so both compute each step with the same expressions. */
 #ifndef MAMBA_DEPLOY_CPU_COMMON_H
 #define MAMBA_DEPLOY_CPU_COMMON_H
 #include <math.h>
@@ -29,6 +29,25 @@ static inline float selective_row(const float *h_in, float *h_out, const float *
     }
     return acc;
 }
+
+/* One Mamba2 head's state update: h (p, n) <- a h + (de x) B^T with a = exp(de * A_h) (h_out
+ * may be h_in); y (p) = h C + D_h x. de is the head's step size after softplus and clamping. */
+static inline void ssd_head(const float *h_in, float *h_out, const float *x, const float *B, const float *C,
+                            float de, float A_h, float D_h, float *y, long p, long n) {
+    float a = expf(de * A_h);
+    for (long pi = 0; pi < p; pi++) {
+        const float *hi = h_in + pi * n;
+        float *ho = h_out + pi * n;
+        float dx = de * x[pi], acc = 0.0f;
+        for (long k = 0; k < n; k++) {
+            ho[k] = a * hi[k] + dx * B[k];
+            acc += ho[k] * C[k];
+        }
+        y[pi] = acc + D_h * x[pi];
+    }
+}
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 /* RMSNorm of one row, statistics in float32: y = w * (x / rms(x)), or x / rms(x) when w is
  * NULL; y may be x. */

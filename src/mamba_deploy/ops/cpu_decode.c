@@ -1,12 +1,12 @@
-/* A whole Mamba1 block's decode step in one call, float32, for CPUs (used by cpu_decode.py).
+/* A whole Mamba1 or Mamba2 block's decode step in one call, float32, for CPUs (used by cpu_decode.py).
  *
  * Why: at batch 1 a token is ~10 small ops per layer; from Python each op costs more than its
  * arithmetic, and torch's one-row matmul streams weights slower than a plain OpenMP dot loop
  * (measured 30-36 vs 37-39 GB/s on 2 cores). Here the four projections are GEMVs over the
  * weight rows (each weight row is read once for all batch rows), and the norm, conv, dt/B/C and
  * the selective state update run in between with no allocation.
- * Twin: Block.step with Mamba1Mixer.step (model.py) on the reference ops; tests compare both with
- * transformers. States are updated in place. */
+ * Twin: Block.step with Mamba1Mixer.step / Mamba2Mixer.step (model.py) on the reference ops; tests
+ * compare both with transformers. States are updated in place. */
 #include <stddef.h>
 
 #include "cpu_common.h"
@@ -67,6 +67,62 @@ void mamba1_block_step_f32(const float *const *P, float *h, float *conv_state, f
         y[q] = (acc + P[9][i] * x) * silu(z);
     }
     gemv(P[10], P[11], y, d, out, dm, b, dm, d, nt);
+    for (long q = 0; q < b * dm; q++) h[q] += out[q];
+}
+
+/* Mamba2's gated RMSNorm of one row, in place on y (d): groups of gs channels;
+ * norm_before_gate 0: norm(y * silu(z)) * w, 1: norm(y) * w * silu(z). */
+static void gated_rms_row(float *y, const float *z, const float *w, long d, long gs, float eps, int before) {
+    for (long g0 = 0; g0 < d; g0 += gs) {
+        float ss = 0.0f;
+        for (long i = g0; i < g0 + gs; i++) {
+            if (!before) y[i] *= silu(z[i]);
+            ss += y[i] * y[i];
+        }
+        float s = 1.0f / sqrtf(ss / (float)gs + eps);
+        for (long i = g0; i < g0 + gs; i++) y[i] = w[i] * (y[i] * s) * (before ? silu(z[i]) : 1.0f);
+    }
+}
+
+/* P: the block's tensors in this order (NULL where absent):
+ *   0 norm.weight (dm)        1 in_proj.weight (E, dm)    2 in_proj.bias (E)
+ *   3 conv weight (cd, kc)    4 conv bias (cd)            5 dt_bias (nh)
+ *   6 A = -exp(A_log) (nh)    7 D (nh)                    8 mixer norm.weight (d), NULL: plain gate
+ *   9 out_proj.weight (dm, d) 10 out_proj.bias (dm)
+ * with d = nh * p, cd = d + 2 g n (x | B | C), E = d + cd + nh (z | xBC | dt).
+ * h (b, dm): the residual stream, in and out. conv_state (b, cd, kc-1), ssm (b, nh, p, n): in place.
+ * work: at least b * (2 dm + E + d) floats. */
+void mamba2_block_step_f32(const float *const *P, float *h, float *conv_state, float *ssm, float *work,
+                           long b, long dm, long nh, long p, long g, long n, long kc, float eps, float norm_eps,
+                           float dt_min, float dt_max, int norm_before_gate, int nt) {
+    long d = nh * p, cd = d + 2 * g * n, E = d + cd + nh, rep = nh / g;
+    float *xn = work, *zxd = xn + b * dm, *y = zxd + b * E, *out = y + b * d;
+    for (long row = 0; row < b; row++) rms_row(h + row * dm, P[0], xn + row * dm, dm, eps);
+    gemv(P[1], P[2], xn, dm, zxd, E, b, E, dm, nt);  /* (b, E): z | xBC | dt */
+    for (long row = 0; row < b; row++) {  /* conv update in place of xBC, then SiLU */
+        float *xr = zxd + row * E + d;
+        for (long c = 0; c < cd; c++) {
+            float *s = conv_state + (row * cd + c) * (kc - 1);
+            xr[c] = silu(conv_channel(s, s, P[3] + c * kc, P[4] ? P[4][c] : 0.0f, xr[c], kc));
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (long r = 0; r < b * nh; r++) {  /* one head's (p, n) state per iteration */
+        long row = r / nh, hh = r % nh, gi = hh / rep;
+        const float *xBC = zxd + row * E + d, *dt = zxd + row * E + d + cd;
+        float de = clampf(softplus(dt[hh] + P[5][hh]), dt_min, dt_max);
+        ssd_head(ssm + r * p * n, ssm + r * p * n, xBC + hh * p, xBC + d + gi * n, xBC + d + g * n + gi * n, de,
+                 P[6][hh], P[7][hh], y + row * d + hh * p, p, n);
+    }
+    for (long row = 0; row < b; row++) {
+        float *yr = y + row * d;
+        const float *z = zxd + row * E;
+        if (P[8])
+            gated_rms_row(yr, z, P[8], d, d / g, norm_eps, norm_before_gate);
+        else
+            for (long i = 0; i < d; i++) yr[i] *= silu(z[i]);
+    }
+    gemv(P[9], P[10], y, d, out, dm, b, dm, d, nt);
     for (long q = 0; q < b * dm; q++) h[q] += out[q];
 }
 

@@ -93,6 +93,7 @@ def _lib():
                            ("ssd_update_f32", [P] * 8 + [L] * 5 + [F32, F32]),
                            ("rmsnorm_f32", [P] * 3 + [L] * 2 + [F32]),
                            ("mamba1_block_step_f32", [ctypes.POINTER(P)] + [P] * 4 + [L] * 6 + [F32, F32, I, I]),
+                           ("mamba2_block_step_f32", [ctypes.POINTER(P)] + [P] * 4 + [L] * 7 + [F32] * 4 + [I, I]),
                            ("lm_head_step_f32", [P] * 5 + [L] * 3 + [F32, I])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes

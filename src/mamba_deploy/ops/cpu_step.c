@@ -42,19 +42,8 @@ void ssd_update_f32(const float *xBC, const float *dt, const float *A, const flo
         long bi = r / nh, hh = r % nh, gi = hh / rep;
         const float *row = xBC + bi * conv_dim;
         const float *xh = row + hh * p, *Bg = row + nh * p + gi * n, *Cg = row + nh * p + g * n + gi * n;
-        float de = softplus(dt[r] + dt_bias[hh]);
-        de = de < dt_min ? dt_min : (de > dt_max ? dt_max : de);
-        float a = expf(de * A[hh]);
-        for (long pi = 0; pi < p; pi++) {
-            const float *hi = h_in + (r * p + pi) * n;
-            float *ho = h_out + (r * p + pi) * n;
-            float dx = de * xh[pi], acc = 0.0f;
-            for (long k = 0; k < n; k++) {
-                ho[k] = a * hi[k] + dx * Bg[k];
-                acc += ho[k] * Cg[k];
-            }
-            y[r * p + pi] = acc + D[hh] * xh[pi];
-        }
+        float de = clampf(softplus(dt[r] + dt_bias[hh]), dt_min, dt_max);
+        ssd_head(h_in + r * p * n, h_out + r * p * n, xh, Bg, Cg, de, A[hh], D[hh], y + r * p, p, n);
     }
 }
 

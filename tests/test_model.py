@@ -211,6 +211,19 @@ def test_cpu_decode_plan_follows_weight_changes(kind, hf_checkpoint):
     fast2, ref2 = both()
     assert rel_err(ref2, ref) > 1e-3  # the change matters
     assert rel_err(fast2, ref2) <= 1e-5
+    # a copy of a model that has a plan gets none (its pointers are the original's) and builds its own
+    import copy
+    import io
+
+    twin = copy.deepcopy(model)
+    assert twin._cpu_decode_plan is None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    with torch.inference_mode():
+        assert rel_err(twin.step(ids, twin.new_state(2)), fast2) <= 1e-6
+    with torch.no_grad():
+        twin.backbone.layers[0].mixer.out_proj.weight.mul_(2.0)
+        assert rel_err(model.step(ids, model.new_state(2)), fast2) <= 1e-6  # the original is untouched
     model.requires_grad_(True)
     with torch.enable_grad():
         logits = model.step(ids, model.new_state(2))

@@ -99,6 +99,57 @@ def test_quant_linear_matches_float64(hf_checkpoint):
     assert (m(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("fmt,sym,group", [("int8", True, None), ("int4", True, 32), ("int4", False, 32),
+                                           ("int4", True, 96), ("int4", False, 192)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_cpu_quant_gemv_matches_float64(fmt, sym, group, rows):
+    """ops.int8_linear / int4_linear on CPU (a C GEMV over the codes for <= 8 rows, the reference
+    twin's dequantize + matmul above) against float64 math on the decoded weight, fp32: 1e-5
+    relative. Odd output count, rows of 192 (one group, or six), bias added by the module."""
+    from mamba_deploy.ops import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler: the C GEMV is not built")
+    lin = torch.nn.Linear(192, 37, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(37, 192, generator=torch.Generator().manual_seed(6)))
+    m = QuantLinear.from_linear(lin, fmt, "lin", group, sym)
+    W = formats.decode(m.stored(), fmt, m.group_size, sym, torch.float64)
+    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(7))
+    want = x.double() @ W.T + lin.bias.detach().double()
+    with torch.inference_mode():
+        got = m(x).double()
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_quantized_model_never_dequantizes_a_whole_matrix(hf_checkpoint, monkeypatch):
+    """Prefill and decode of a quantized model (embedding and lm_head too) read only the stored
+    codes: no module's `weight` (the whole dequantized matrix) is built. It was, once per token,
+    for the embedding table (MambaLM.device / dtype) and the head (MambaLM._head)."""
+    from mamba_deploy.quant.modules import QuantEmbedding
+
+    folder, _ = hf_checkpoint("mamba2")
+    model = load_model(folder)
+    quantize(model, "int4", group_size=GROUP, include=("embeddings", "lm_head"))
+    ids = _ids(2, 9)
+    with torch.inference_mode():
+        ref_out = model(ids[:, :8])
+        ref_step = model.step(ids[:, 8], ref_out.state)
+        ref_gen = model.generate([[3, 5]], max_new_tokens=3, temperature=0.0).tokens
+
+    def forbidden(self):
+        raise AssertionError(f"{type(self).__name__}.weight dequantized the whole matrix")
+
+    monkeypatch.setattr(QuantLinear, "weight", property(forbidden))
+    monkeypatch.setattr(QuantEmbedding, "weight", property(forbidden))
+    with torch.inference_mode():
+        out = model(ids[:, :8])
+        step = model.step(ids[:, 8], out.state)
+        res = model.generate([[3, 5]], max_new_tokens=3, temperature=0.0)
+    assert torch.equal(out.logits, ref_out.logits) and torch.equal(step, ref_step)
+    assert res.tokens == ref_gen
+
+
 # ----------------------------------------------------------------------------- end to end
 
 METHOD_CASES = [

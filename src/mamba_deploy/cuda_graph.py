@@ -81,10 +81,16 @@ class DecodePlan:
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
         self.prefetch_bytes = int(float(os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB", PREFETCH_MB)) * 2**20)
 
-    def prefetch(self, weight, batch: int):
-        """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads weight
-        (batch 1 only: larger batches use cuBLAS, which is compute- not latency-bound)."""
-        return (weight, self.prefetch_bytes if batch == 1 else 0)
+    def prefetch(self, linear, batch: int):
+        """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads
+        linear's weight (batch 1 only: larger batches use cuBLAS, which is compute- not
+        latency-bound). A quantized linear's kernels read other tensors, and its `weight` would
+        dequantize the whole matrix inside the graph: nothing is prefetched for it."""
+        from .model import Linear
+
+        if type(linear) is not Linear:
+            return (None, 0)
+        return (linear.weight, self.prefetch_bytes if batch == 1 else 0)
 
 
 def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
@@ -112,7 +118,7 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
                     mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
                     u, ssq, plan.counter, state_early=True,  # the step begins with the embedding lookup
-                    prefetch=plan.prefetch(mixer.out_proj.weight, b))
+                    prefetch=plan.prefetch(mixer.out_proj, b))
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
@@ -165,10 +171,10 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
             state.conv[i].copy_(conv)  # no-op when the kernel updated in place
             state.ssm[i].copy_(ssm)
         nxt = plan.norms[i + 1]
-        w_next = layers[i + 1].mixer.in_proj.weight if i + 1 < len(layers) else model.lm_head.weight
+        nxt_linear = layers[i + 1].mixer.in_proj if i + 1 < len(layers) else model.lm_head
         # residual += y; x = norm(residual)
-        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, prefetch=plan.prefetch(w_next, b), **scale)
-    return model.lm_head(x.to(model.lm_head.weight.dtype)).float()
+        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, prefetch=plan.prefetch(nxt_linear, b), **scale)
+    return model.lm_head(x.to(model.dtype)).float()
 
 
 class _Bucket:

@@ -243,13 +243,14 @@ class MambaLM(nn.Module):
         """The SSM state dtype new_state allocates (set_state_dtype's, else full_ssm_dtype)."""
         return self.full_ssm_dtype if self.ssm_state_dtype is None else self.ssm_state_dtype
 
+    # norm_f is never quantized: a quantized embedding's `weight` would dequantize the whole table
     @property
     def device(self):
-        return self.backbone.embeddings.weight.device
+        return self.backbone.norm_f.weight.device
 
     @property
     def dtype(self):
-        return self.backbone.embeddings.weight.dtype
+        return self.backbone.norm_f.weight.dtype
 
     def new_state(self, batch: int, ssm_dtype: torch.dtype | None = None) -> State:
         """ssm_dtype: override the SSM state dtype (default: self.ssm_dtype)."""
@@ -267,8 +268,8 @@ class MambaLM(nn.Module):
             )
 
     def _head(self, h):
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        h = self.backbone.norm_f(h.to(self.dtype))
+        return self.lm_head(h).float()
 
     def forward(self, input_ids, state: State | None = None, attention_mask=None,
                 num_logits_to_keep: int = 0) -> ModelOutput:

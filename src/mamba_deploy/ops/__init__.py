@@ -26,6 +26,8 @@ REFERENCE = {
     "ssd": ref.ssd_ref,
     "ssd_state_update": ref.ssd_state_update_ref,
     "ssd_step": ref.ssd_step_ref,  # fused Mamba2 decode step: conv update + state update
+    "int8_linear": ref.int8_linear_ref,  # weight-only quantized linears (quant/modules.py)
+    "int4_linear": ref.int4_linear_ref,
 }
 
 _BACKENDS = ("auto", "ref", "triton")
@@ -125,3 +127,11 @@ def ssd_state_update(x, dt, A, B, C, D, dt_bias, h, dt_limit):
 
 def ssd_step(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit):
     return pick("ssd_step", xBC)(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit)
+
+
+def int8_linear(x, qweight, scales):
+    return pick("int8_linear", x)(x, qweight, scales)
+
+
+def int4_linear(x, qweight, scales, zeros, group_size, symmetric):
+    return pick("int4_linear", x)(x, qweight, scales, zeros, group_size, symmetric)

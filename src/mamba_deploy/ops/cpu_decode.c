@@ -126,6 +126,12 @@ void mamba2_block_step_f32(const float *const *P, float *h, float *conv_state, f
     for (long q = 0; q < b * dm; q++) h[q] += out[q];
 }
 
+/* y (b, n) = x (b, k) . W (n, k)^T + bias (n) or NULL, all contiguous: the GEMV above for the
+ * module path's linears (ops.linear on CPU at decode) */
+void gemv_f32(const float *W, const float *bias, const float *x, float *y, long b, long n, long k, int nt) {
+    gemv(W, bias, x, k, y, n, b, n, k, nt);
+}
+
 /* logits (b, V) = lm_head (V, dm) . rmsnorm(h) with norm_f weight; work >= b * dm floats */
 void lm_head_step_f32(const float *norm_w, const float *W, const float *h, float *logits, float *work,
                       long b, long dm, long V, float eps, int nt) {

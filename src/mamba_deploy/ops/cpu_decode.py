@@ -44,7 +44,16 @@ def _key(model) -> tuple:
     return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in _tensors(model))
 
 
+def _no_plan():
+    return None
+
+
 class _Plan:
+    def __reduce__(self):
+        # copy.deepcopy(model) and pickling copy the model's __dict__, where the plan is kept; its
+        # ctypes pointers point into the original's tensors, so a copy gets no plan (rebuilt on use)
+        return _no_plan, ()
+
     def __init__(self, model):
         self.key = _key(model)
         self.cfg = cfg = model.config

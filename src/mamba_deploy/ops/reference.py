@@ -252,3 +252,29 @@ def ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, 
     y, h = ssd_state_update_ref(x.reshape(b, nh, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n),
                                 D, dt_bias, h, dt_limit)
     return y, conv_state, h
+
+
+# ----------------------------------------------------------------------------- weight-only quantized linears
+
+def int8_linear_ref(x, qweight, scales):
+    """x (t, in) float; qweight (out, in) int8; scales (out, 1) -> (t, out) in x's dtype. The
+    per-row scale commutes with the matmul, so it scales the output."""
+    return F.linear(x, qweight.to(x.dtype)) * scales.view(1, -1).to(x.dtype)
+
+
+def int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric):
+    """x (t, in) float; qweight (out, in/2) uint8, two 4-bit codes per byte (element 2k in the
+    low nibble); scales (out, G) and zeros (out, G) (None when symmetric) per group of
+    `group_size` columns -> (t, out). y = sum_g s_g * (x_g . u_g - z_g * sum(x_g)) with unsigned
+    codes u (symmetric: u = q + 8, z = 8), without materialising the float weight's broadcasts."""
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    G = K // group_size
+    u = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(N, K)  # uint8 (N, K)
+    if symmetric:
+        u = u ^ 8  # two's complement nibble -> q + 8
+    uf = u.to(x.dtype).view(N, G, group_size)
+    xg = x.reshape(-1, G, group_size)  # (t, G, gs)
+    part = torch.bmm(xg.transpose(0, 1), uf.permute(1, 2, 0))  # (G, t, N)
+    s = scales.to(x.dtype)  # (N, G)
+    z = torch.full_like(s, 8) if symmetric else zeros.to(x.dtype)
+    return (part * s.t().unsqueeze(1)).sum(0) - xg.sum(-1) @ (z * s).t()

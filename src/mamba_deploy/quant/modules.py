@@ -1,9 +1,10 @@
 """Runtime modules swapped in for nn.Linear / nn.Embedding: they hold the stored tensors of
 `formats.py` as buffers and compute with them.
 
-CPU: int8 and int4 convert their integer codes on the fly and apply scales after the matmul
-(per row / per group), W8A8 uses `torch._int_mm`; fp8 dequantizes on the fly (the weight is
-never kept in float). CUDA: int8 `_weight_int8pack_mm`, int4 the tinygemm
+CPU: int8 and int4 go through `ops.int8_linear` / `ops.int4_linear`: at decode a C GEMV that
+reads only the codes, else the codes converted on the fly with the scales applied after the
+matmul (per row / per group); W8A8 uses `torch._int_mm`; fp8 dequantizes on the fly (the weight
+is never kept in float). CUDA: int8 `_weight_int8pack_mm`, int4 the tinygemm
 `_weight_int4pack_mm`, W8A8 `_int_mm`, where shapes allow; fallbacks otherwise. The `weight` property gives the dequantized weight, so code that reads
 `module.weight` (Mamba1's dt_proj) keeps working unchanged.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from . import formats
 
 
@@ -86,35 +88,18 @@ class QuantLinear(nn.Module):
             y = _w8a8_mm(x2, self.qweight, self.scales)
         elif self.fmt == "int8" and x2.is_cuda and _kernel_ok("int8pack", "cuda", x2.dtype):
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.view(-1).to(x2.dtype))
-        elif self.fmt == "int8":  # per-row scale commutes with the matmul: scale the output
-            # (on CPU this beat torch._weight_int8pack_mm ~4x at one token per call)
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.view(1, -1).to(x2.dtype)
+        elif self.fmt == "int8":  # CPU: a GEMV over the codes at decode (ops.int8_linear)
+            y = ops.int8_linear(x2, self.qweight, self.scales)
         elif self.fmt == "int4" and x2.is_cuda and _tinygemm_fits(self):
             y = self._int4_cuda(x2)
         elif self.fmt == "int4":
-            y = self._int4_mm(x2)
+            y = ops.int4_linear(x2, self.qweight, self.scales, getattr(self, "zeros", None), self.group_size,
+                                self.symmetric)
         else:
             y = F.linear(x2, self.weight.to(x2.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
-
-    def _int4_mm(self, x2):
-        """Group-wise int4 without materializing the float weight's broadcasts:
-        y = sum_g s_g * (x_g . u_g - z_g * sum(x_g)) with unsigned codes u (symmetric: u = q + 8,
-        z = 8). One uint8->float conversion of the codes, one batched matmul over groups."""
-        N, K, gs = self.out_features, self.in_features, self.group_size
-        G = K // gs
-        p = self.qweight
-        u = torch.stack([p & 0xF, p >> 4], -1).reshape(N, K)  # uint8 (N, K)
-        if self.symmetric:
-            u = u ^ 8  # two's complement nibble -> q + 8
-        uf = u.to(x2.dtype).view(N, G, gs)
-        xg = x2.reshape(-1, G, gs)  # (t, G, gs)
-        part = torch.bmm(xg.transpose(0, 1), uf.permute(1, 2, 0))  # (G, t, N)
-        s = self.scales.to(x2.dtype)  # (N, G)
-        z = torch.full_like(s, 8) if self.symmetric else self.zeros.to(x2.dtype)
-        return (part * s.t().unsqueeze(1)).sum(0) - xg.sum(-1) @ (z * s).t()
 
     def _int4_cuda(self, x2):
         """torch's tinygemm int4 kernel (CUDA, bf16 activations). It computes

@@ -35,6 +35,10 @@ SHAPES = {
                     tie_word_embeddings=True)),
 }
 GGUF_TYPES = ("f32", "q8_0", "q4_k_m")
+# this project's weight-only quantized checkpoints through the torch Runner (C GEMVs over the
+# codes at decode), embeddings / head included like llama.cpp's Q8_0: variant -> quantize() args
+TORCH_QUANT = {"int8": ("int8", dict(include=("embeddings", "lm_head"))),
+               "int4-g128": ("int4", dict(group_size=128, include=("embeddings", "lm_head")))}
 BACKENDS = ("onnxruntime", "torch", "transformers", "llama.cpp")
 DEMO = Path(__file__).resolve().parents[1] / "models"
 TARGETS = {"decode_ms_per_token": 15.0, "prefill_s": 1.0}  # 2 cores, fp32, 130m shapes
@@ -147,12 +151,24 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
     if "torch" in args.backends:
         with open_runner(hf_dir, "torch") as r:
             add("torch", "fp32", time_runner(r, ids, args.decode))
+        torch_quant_rows(hf_dir, ids, args, add)
     if "transformers" in args.backends and not args.skip_transformers:
         hf = HFRunner(hf_model)
         add("transformers", "fp32", dict(prefill_s=hf.prefill_time(ids), decode_ms=hf.decode_ms(ids[:, :8], args.decode)))
     if "llama.cpp" in args.backends:
         llamacpp_rows(arch, hf_dir, work, ids, args, add)
     return rows
+
+
+def torch_quant_rows(hf_dir, ids, args, add) -> None:
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    for variant, (method, opts) in TORCH_QUANT.items():
+        model = load_model(hf_dir)
+        quantize(model, method, progress=False, **opts)
+        add("torch", variant, time_runner(TorchRunner(model), ids, args.decode))
 
 
 def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> None:

@@ -3,6 +3,7 @@
 #ifndef MAMBA_DEPLOY_CPU_COMMON_H
 #define MAMBA_DEPLOY_CPU_COMMON_H
 #include <math.h>
+#include <stdint.h>
 
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -57,5 +58,22 @@ static inline void rms_row(const float *x, const float *w, float *y, long d, flo
     float s = 1.0f / sqrtf(ss / (float)d + eps);
     for (long i = 0; i < d; i++) y[i] = w ? w[i] * (x[i] * s) : x[i] * s;
 }
+
+/* One linear layer's weights for the decode GEMVs (cpu_gemv.c): float32, int8 with a scale per
+ * output row, or int4 in groups of gs columns (quant/formats.py has the layouts). */
+enum { LIN_F32 = 0, LIN_INT8 = 1, LIN_INT4 = 2 };
+typedef struct {
+    int kind;
+    const void *w;          /* (n, k) float32 / int8, or (n, k/2) packed uint8 */
+    const float *scales;    /* int8 (n); int4 (n, k/gs) */
+    const float *zeros;     /* int4 asymmetric zero points (n, k/gs); NULL: symmetric */
+    const float *bias;      /* (n) or NULL */
+    const float *in_scale;  /* (k): x * in_scale first (AWQ / SmoothQuant smoothing), or NULL */
+    long gs;
+} Lin;
+
+/* y (b, n), row stride ldy = x (b, k) rows of stride ldx through L; scratch >= b * 3k floats */
+void lin_apply(const Lin *L, const float *x, long ldx, float *y, long ldy, long b, long n, long k, int nt,
+               float *scratch);
 
 #endif

@@ -1,11 +1,12 @@
 """Mamba1 / Mamba2 decode on CPUs, one C call per block (cpu_decode.c), over the model's own weights.
 
 `MambaLM.step` asks `decode_plan(model, batch)` first; it returns a callable
-`(ids, state) -> logits` when the fast path applies (float32 CPU model, unquantized
-projections, the default ops backend, no autograd, a C compiler, batch <= MAX_BATCH) and None
-otherwise, and the module path (the readable twin) runs. The plan holds the weight tensors it
-points into, so their memory outlives it, and re-checks each step that the model still has
-those same, unmodified tensors (a quantization swap or an in-place update rebuilds it).
+`(ids, state) -> logits` when the fast path applies (float32 CPU model whose projections and head
+are plain or weight-only int8 / int4 linears, the default ops backend, no autograd, a C compiler,
+batch <= MAX_BATCH) and None otherwise, and the module path (the readable twin) runs. The plan
+holds the tensors it points into, so their memory outlives it, and re-checks each step that the
+model still has those same, unmodified tensors (a quantization swap or an in-place update
+rebuilds it).
 """
 
 from __future__ import annotations
@@ -18,26 +19,71 @@ from . import get_backend
 from .cpu_kernels import _lib
 
 MAX_BATCH = 8  # the GEMV loops over batch rows inside each weight row
+PROJECTIONS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+LIN_KINDS = {None: 0, "int8": 1, "int4": 2}  # plain float32 Linear, then QuantLinear formats (cpu_common.h)
 
 
-def _block_tensors(block, arch: str) -> list:
-    """In the order of the P arrays in cpu_decode.c; A_log is at index A_INDEX[arch]."""
+class Lin(ctypes.Structure):
+    """cpu_common.h's Lin: one projection's weights for the C GEMVs."""
+
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("in_scale", ctypes.c_void_p),
+                ("gs", ctypes.c_long)]
+
+
+def _fmt(module):
+    """None for a plain Linear, the format for a QuantLinear, "other" for anything else."""
+    from ..model import Linear
+    from ..quant.modules import QuantLinear
+
+    if type(module) is Linear:
+        return None
+    if type(module) is QuantLinear and module.compute_dtype == torch.float32:
+        return module.fmt
+    return "other"
+
+
+def _lin(module, keep: list) -> Lin:
+    """The Lin for a projection; the float32 copies of scales / zero points go to keep."""
+    def ptr(t):
+        if t is None:
+            return None
+        t = t.detach().float().contiguous()
+        keep.append(t)
+        return t.data_ptr()
+
+    fmt = _fmt(module)
+    if fmt is None:
+        return Lin(0, ptr(module.weight), None, None, ptr(module.bias), None, 0)
+    zeros = getattr(module, "zeros", None) if fmt == "int4" else None
+    return Lin(LIN_KINDS[fmt], keep.append(module.qweight.contiguous()) or keep[-1].data_ptr(),
+               ptr(module.scales.reshape(module.out_features, -1)), ptr(zeros), ptr(module.bias),
+               ptr(module.input_scale), module.group_size if fmt == "int4" else 0)
+
+
+def _block_parts(block, arch: str) -> list:
+    """In the order of the P arrays in cpu_decode.c: tensors, and modules for the projections."""
     m = block.mixer
     if arch == "mamba1":
-        return [block.norm.weight, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight, m.conv1d.bias,
-                m.x_proj.weight, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight,
-                m.out_proj.bias]
-    return [block.norm.weight, m.in_proj.weight, m.in_proj.bias, m.conv1d.weight, m.conv1d.bias, m.dt_bias,
-            m.A_log, m.D, m.norm.weight if hasattr(m, "norm") else None, m.out_proj.weight, m.out_proj.bias]
+        return [block.norm.weight, m.in_proj, m.conv1d.weight, m.conv1d.bias, m.x_proj, m.dt_proj, m.A_log, m.D,
+                m.out_proj]
+    return [block.norm.weight, m.in_proj, m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D,
+            m.norm.weight if hasattr(m, "norm") else None, m.out_proj]
 
 
-A_INDEX = {"mamba1": 8, "mamba2": 6}
-PROJECTIONS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+A_INDEX = {"mamba1": 6, "mamba2": 5}
 
 
 def _tensors(model) -> list:
-    ts = [t for layer in model.backbone.layers for t in _block_tensors(layer, model.config.arch)]
-    return ts + [model.backbone.embeddings.weight, model.backbone.norm_f.weight, model.lm_head.weight]
+    """Every tensor the plan reads (a projection's: what it stores, never its dequantized weight)."""
+    out = []
+    parts = [p for layer in model.backbone.layers for p in _block_parts(layer, model.config.arch)]
+    for p in parts + [model.backbone.embeddings, model.backbone.norm_f.weight, model.lm_head]:
+        if isinstance(p, torch.nn.Module):
+            out += list(p.parameters(recurse=False)) + [b for b in p.buffers(recurse=False)]
+        else:
+            out.append(p)
+    return out
 
 
 def _key(model) -> tuple:
@@ -58,34 +104,45 @@ class _Plan:
         self.key = _key(model)
         self.cfg = cfg = model.config
         self.keep = []  # tensors the pointers point into
+        self.lins = []  # the Lin structs the P arrays point to
         ptrs = []
         ai = A_INDEX[cfg.arch]
         for layer in model.backbone.layers:
-            ts = _block_tensors(layer, cfg.arch)
-            ts[3] = ts[3].detach()[:, 0].contiguous()  # (channels, 1, k) -> (channels, k)
-            ts[ai] = -torch.exp(ts[ai].detach().float())  # A
-            ts = [None if t is None else t.detach().contiguous() for t in ts]
-            self.keep += ts
-            ptrs.append((ctypes.c_void_p * len(ts))(*[None if t is None else t.data_ptr() for t in ts]))
+            parts = _block_parts(layer, cfg.arch)
+            parts[2] = parts[2].detach()[:, 0]  # conv weight (channels, 1, k) -> (channels, k)
+            parts[ai] = -torch.exp(parts[ai].detach().float())  # A
+            slots = []
+            for p in parts:
+                if isinstance(p, torch.nn.Module):
+                    self.lins.append(_lin(p, self.keep))
+                    slots.append(ctypes.addressof(self.lins[-1]))
+                elif p is None:
+                    slots.append(None)
+                else:
+                    self.keep.append(p.detach().contiguous())
+                    slots.append(self.keep[-1].data_ptr())
+            ptrs.append((ctypes.c_void_p * len(slots))(*slots))
         self.ptrs = ptrs
-        self.embed = model.backbone.embeddings.weight
+        self.embed = model.backbone.embeddings
         self.norm_f = model.backbone.norm_f.weight.detach().contiguous()
-        self.head = model.lm_head.weight.detach().contiguous()
-        self.keep += [self.norm_f, self.head]
+        self.head = _lin(model.lm_head, self.keep)
+        self.vocab = model.lm_head.out_features
+        self.keep.append(self.norm_f)
 
     def _block_call(self, b: int, nt: int):
         """-> (the C block step, its trailing arguments, work floats) for this config and batch."""
         cfg, lib = self.cfg, _lib()
         dm, d, n, kc = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv
+        scratch = 3 * b * max(dm, d)  # lin_apply: smoothed x and int4's split x
         if cfg.arch == "mamba1":
             r = cfg.resolved_dt_rank
             return (lib.mamba1_block_step_f32, (b, dm, d, n, r, kc, cfg.rms_norm_eps, cfg.mixer_rms_eps,
-                                                int(cfg.dt_bc_rms), nt), b * (2 * dm + 4 * d + r + 2 * n))
+                                                int(cfg.dt_bc_rms), nt), b * (2 * dm + 4 * d + r + 2 * n) + scratch)
         g, nh = cfg.ngroups, cfg.nheads
         width = 2 * d + 2 * g * n + nh  # in_proj's output: z | xBC | dt
         lo, hi = cfg.dt_limit
         return (lib.mamba2_block_step_f32, (b, dm, nh, cfg.headdim, g, n, kc, cfg.rms_norm_eps, cfg.rms_norm_eps,
-                                            lo, hi, int(cfg.norm_before_gate), nt), b * (2 * dm + width + d))
+                                            lo, hi, int(cfg.norm_before_gate), nt), b * (2 * dm + width + d) + scratch)
 
     def __call__(self, ids, state):
         lib = _lib()
@@ -93,23 +150,20 @@ class _Plan:
         state.check(cfg, ids.shape[0])
         b = ids.shape[0]
         nt = torch.get_num_threads()
-        h = self.embed.detach()[ids].contiguous()  # (b, dm): the residual stream
+        h = self.embed(ids).detach().float().contiguous()  # (b, dm): the residual stream
         step, args, work_floats = self._block_call(b, nt)
-        work = torch.empty(max(work_floats, b * cfg.d_model))
+        work = torch.empty(work_floats)
         conv, ssm = state.conv.data_ptr(), state.ssm.data_ptr()
         conv_stride, ssm_stride = state.conv[0].numel() * 4, state.ssm[0].numel() * 4  # bytes per layer
         for i, ptrs in enumerate(self.ptrs):
             step(ptrs, h.data_ptr(), conv + i * conv_stride, ssm + i * ssm_stride, work.data_ptr(), *args)
-        eps, dm = cfg.rms_norm_eps, cfg.d_model
-        logits = torch.empty(b, self.head.shape[0])
-        lib.lm_head_step_f32(self.norm_f.data_ptr(), self.head.data_ptr(), h.data_ptr(), logits.data_ptr(),
-                             work.data_ptr(), b, dm, self.head.shape[0], eps, nt)
+        logits = torch.empty(b, self.vocab)
+        lib.lm_head_step_f32(self.norm_f.data_ptr(), ctypes.byref(self.head), h.data_ptr(), logits.data_ptr(),
+                             work.data_ptr(), b, cfg.d_model, self.vocab, cfg.rms_norm_eps, nt)
         return logits
 
 
 def _applies(model, batch: int, state) -> bool:
-    from ..model import Linear  # the quantized swaps are other classes
-
     cfg = model.config
     if (cfg.arch not in A_INDEX or model.dtype != torch.float32 or model.device.type != "cpu"
             or get_backend() != "auto" or not 1 <= batch <= MAX_BATCH or _lib() is None):
@@ -120,10 +174,9 @@ def _applies(model, batch: int, state) -> bool:
         return False
     if not (state.conv.is_contiguous() and state.ssm.is_contiguous()):
         return False
-    if type(model.lm_head) is not Linear:
-        return False
-    return all(type(getattr(layer.mixer, name)) is Linear for layer in model.backbone.layers
-               for name in PROJECTIONS[cfg.arch])
+    linears = [model.lm_head] + [getattr(layer.mixer, name) for layer in model.backbone.layers
+                                 for name in PROJECTIONS[cfg.arch]]
+    return all(_fmt(m) in LIN_KINDS for m in linears)
 
 
 def decode_plan(model, batch: int, state):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from . import reference as ref
 
-_SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c", "cpu_decode.c", "cpu_quant.c")]
-_HEADER = Path(__file__).with_name("cpu_common.h")  # included by cpu_step.c and cpu_decode.c
+_SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c", "cpu_decode.c", "cpu_gemv.c")]
+_HEADER = Path(__file__).with_name("cpu_common.h")  # included by cpu_step.c, cpu_decode.c, cpu_gemv.c
 # Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
 # -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
 # time and silently changes every other library's float math (seen breaking OpenVINO).
@@ -94,10 +94,10 @@ def _lib():
                            ("rmsnorm_f32", [P] * 3 + [L] * 2 + [F32]),
                            ("mamba1_block_step_f32", [ctypes.POINTER(P)] + [P] * 4 + [L] * 6 + [F32, F32, I, I]),
                            ("mamba2_block_step_f32", [ctypes.POINTER(P)] + [P] * 4 + [L] * 7 + [F32] * 4 + [I, I]),
-                           ("lm_head_step_f32", [P] * 5 + [L] * 3 + [F32, I]),
+                           ("lm_head_step_f32", [P] * 5 + [L] * 3 + [F32, I]),  # P 1: a Lin *
                            ("gemv_f32", [P] * 4 + [L] * 3 + [I]),
                            ("int8_gemv_f32", [P] * 4 + [L] * 3 + [I]),
-                           ("int4_gemv_f32", [P] * 7 + [L] * 4 + [I])):
+                           ("int4_gemv_f32", [P] * 6 + [L] * 4 + [I])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
     return lib
@@ -235,13 +235,12 @@ def int4_linear_cpu(x, qweight, scales, zeros, group_size, symmetric):
         return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric)
     x, qweight = x.contiguous(), qweight.contiguous()
     b = x.shape[0]
-    xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()  # (b, k/2) each
-    xsum = x.view(b, k // group_size, group_size).sum(-1).contiguous()  # (b, G)
     s = scales.float().contiguous()
     z = None if symmetric else zeros.float().contiguous()
     y = torch.empty(b, n)
-    _lib().int4_gemv_f32(_ptr(qweight), _ptr(s), _ptr(z), _ptr(xe), _ptr(xo), _ptr(xsum), _ptr(y), b, n, k,
-                         group_size, torch.get_num_threads())
+    scratch = torch.empty(b * (k + k // group_size))  # x split into even / odd columns, group sums
+    _lib().int4_gemv_f32(_ptr(qweight), _ptr(s), _ptr(z), _ptr(x), _ptr(y), _ptr(scratch), b, n, k, group_size,
+                         torch.get_num_threads())
     return y
 
 

@@ -55,10 +55,11 @@ def _lin(module, keep: list) -> Lin:
     fmt = _fmt(module)
     if fmt is None:
         return Lin(0, ptr(module.weight), None, None, ptr(module.bias), None, 0)
+    codes = module.qweight.contiguous()  # int8 (n, k) or packed uint8 (n, k/2): read as stored
+    keep.append(codes)
     zeros = getattr(module, "zeros", None) if fmt == "int4" else None
-    return Lin(LIN_KINDS[fmt], keep.append(module.qweight.contiguous()) or keep[-1].data_ptr(),
-               ptr(module.scales.reshape(module.out_features, -1)), ptr(zeros), ptr(module.bias),
-               ptr(module.input_scale), module.group_size if fmt == "int4" else 0)
+    return Lin(LIN_KINDS[fmt], codes.data_ptr(), ptr(module.scales.reshape(module.out_features, -1)), ptr(zeros),
+               ptr(module.bias), ptr(module.input_scale), module.group_size if fmt == "int4" else 0)
 
 
 def _block_parts(block, arch: str) -> list:

@@ -265,16 +265,14 @@ def int8_linear_ref(x, qweight, scales):
 def int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric):
     """x (t, in) float; qweight (out, in/2) uint8, two 4-bit codes per byte (element 2k in the
     low nibble); scales (out, G) and zeros (out, G) (None when symmetric) per group of
-    `group_size` columns -> (t, out). y = sum_g s_g * (x_g . u_g - z_g * sum(x_g)) with unsigned
-    codes u (symmetric: u = q + 8, z = 8), without materialising the float weight's broadcasts."""
+    `group_size` columns -> (t, out): the weight (u - z) * s per group with unsigned codes u
+    (symmetric: u = q + 8, z = 8), then one matmul. (A batched matmul per group that never
+    forms the weight was 2.1x slower for a 512-token prefill on CPU, and it converted the codes
+    to a float (out, in) tensor anyway.)"""
     N, K = qweight.shape[0], 2 * qweight.shape[1]
-    G = K // group_size
     u = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(N, K)  # uint8 (N, K)
     if symmetric:
         u = u ^ 8  # two's complement nibble -> q + 8
-    uf = u.to(x.dtype).view(N, G, group_size)
-    xg = x.reshape(-1, G, group_size)  # (t, G, gs)
-    part = torch.bmm(xg.transpose(0, 1), uf.permute(1, 2, 0))  # (G, t, N)
-    s = scales.to(x.dtype)  # (N, G)
-    z = torch.full_like(s, 8) if symmetric else zeros.to(x.dtype)
-    return (part * s.t().unsqueeze(1)).sum(0) - xg.sum(-1) @ (z * s).t()
+    z = 8.0 if symmetric else zeros.to(x.dtype).unsqueeze(-1)
+    w = (u.to(x.dtype).view(N, K // group_size, group_size) - z) * scales.to(x.dtype).unsqueeze(-1)
+    return F.linear(x, w.view(N, K))

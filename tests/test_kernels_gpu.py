@@ -594,7 +594,7 @@ def check_graph_decode(shape, dtype, state_dtype=None):
                 as_close_as_reference(got, ref, want, f"graph {name} state b={batch}")
 
 
-def _import_mamba_ssm():
+def _import_mamba_ssm(monkeypatch):
     """mamba_ssm's Mamba2 layer (pure Triton) from a `.gpu/mamba_ssm-*` sdist folder or the
     environment, as benchmarks/gpu.py finds it; None when it is not there."""
     import glob
@@ -604,9 +604,9 @@ def _import_mamba_ssm():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in sorted(glob.glob(os.path.join(root, ".gpu", "mamba_ssm-*")))[:1]:
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # Mamba1 only
+        monkeypatch.syspath_prepend(path)
+    if "selective_scan_cuda" not in sys.modules:  # its Mamba1 CUDA op, not built; only for this test
+        monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     try:
         from mamba_ssm.modules.mamba2 import Mamba2
     except ImportError:
@@ -615,14 +615,14 @@ def _import_mamba_ssm():
 
 
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
-def test_mamba2_mixer_matches_mamba_ssm(ngroups):
+def test_mamba2_mixer_matches_mamba_ssm(ngroups, monkeypatch):
     """Our Mamba2 mixer (parallel path, on the Triton kernels) against mamba_ssm's own Mamba2
     layer, the origin of the architecture, with the same weights: fp32, batch 2, 37 tokens from a
     zero state, ngroups 1 / 2 / 4 (heads map to groups in contiguous blocks). mamba_ssm's Triton
     kernels use TF32 matmuls, so the bound is 1e-3 (measured 1.7e-4..2.0e-4 on an H200). The CPU
     suite checks ngroups > 1 against transformers; transformers 5.17 (the GPU machine's) gets
     ngroups 2 wrong, 5.23 agrees with both."""
-    Mamba2 = _import_mamba_ssm()
+    Mamba2 = _import_mamba_ssm(monkeypatch)
     if Mamba2 is None:
         pytest.skip("mamba_ssm is not importable (unpack its sdist under .gpu/, see benchmarks/gpu.py)")
     from mamba_deploy.config import MambaConfig

@@ -191,3 +191,17 @@ def test_cpu_kernels_fall_back_when_sources_are_missing(monkeypatch, tmp_path):
             assert cpu_kernels._lib() is None
     finally:
         cpu_kernels._lib.cache_clear()
+
+
+def test_cpu_linear_and_quantized_linears_reject_wrong_widths():
+    """Found in review: the C GEMV behind ops.linear took rows = numel / in_features and wrote past
+    its output for an input of the wrong width. Every CPU linear now gives torch's shape error."""
+    from mamba_deploy import ops
+
+    x = torch.randn(2, 6)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        ops.linear(x, torch.randn(4096, 4))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        ops.int8_linear(x, torch.zeros(16, 4, dtype=torch.int8), torch.ones(16, 1))
+    with pytest.raises(RuntimeError):
+        ops.int4_linear(x, torch.zeros(16, 2, dtype=torch.uint8), torch.ones(16, 1), None, 4, True)

@@ -177,6 +177,39 @@ def test_cpu_decode_plan_runs_quantized_models(hf_checkpoint, kind, method, opts
             assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
 
+def test_cpu_decode_plan_edge_cases(hf_checkpoint):
+    """Found in review: an int4 group of odd size splits a byte (the C GEMV reads whole bytes),
+    so the plan must step aside; a float64 default dtype must not change the buffers the C code
+    writes (it wrote float32 into float64 tensors: garbage logits); a layer cast to float64 takes
+    the module path. Each compared with the module path on the reference ops."""
+    from mamba_deploy import ops
+
+    folder, _ = hf_checkpoint("mamba")
+
+    def check(model):
+        with torch.inference_mode():
+            fast = model.step(torch.tensor([3, 5]), model.new_state(2))
+            with ops.use_backend("ref"):
+                ref = model.step(torch.tensor([3, 5]), model.new_state(2))
+        assert fast.dtype == ref.dtype and float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+    odd = load_model(folder)
+    mixer = odd.backbone.layers[0].mixer
+    mixer.out_proj = QuantLinear.from_linear(mixer.out_proj, "int4", "out_proj", 1)  # odd: half a byte a group
+    check(odd)
+    model = load_model(folder)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        check(model)
+    finally:
+        torch.set_default_dtype(default)
+    model.backbone.layers[1].norm.double()
+    with pytest.raises(RuntimeError):  # the module path's own dtype error, not a silent C read
+        with torch.inference_mode():
+            model.step(torch.tensor([3, 5]), model.new_state(2))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 METHOD_CASES = [

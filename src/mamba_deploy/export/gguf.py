@@ -205,8 +205,8 @@ def _add_tensor(writer, gname, array, qtype, fallbacks: list):
 
 
 def _fallback_warning(fallbacks: list) -> None:
-    """One warning per export for the tensors written in another type than asked:
-    fallbacks [(gguf name, row length, wanted type, type used)], grouped by the last three."""
+    """One warning per (row length, wanted type, type used) for the tensors written in another
+    type than asked (usually one per export): fallbacks [(gguf name, row length, wanted, used)]."""
     from gguf import GGML_QUANT_SIZES
 
     groups: dict = {}

@@ -6,7 +6,9 @@ are plain or weight-only int8 / int4 linears, the default ops backend, no autogr
 batch <= MAX_BATCH) and None otherwise, and the module path (the readable twin) runs. The plan
 holds the tensors it points into, so their memory outlives it, and re-checks each step that the
 model still has those same, unmodified tensors (a quantization swap or an in-place update
-rebuilds it).
+rebuilds it). Edits through `.data` do not move a tensor's version counter, so a plan (like the
+cached A = -exp(A_log) of the module path) does not see them; edit weights in place under
+torch.no_grad() instead.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ class Lin(ctypes.Structure):
 
 
 def _fmt(module):
-    """None for a plain Linear, the format for a QuantLinear, "other" for anything else."""
+    """None for a plain float32 Linear, the format for a float32 QuantLinear, "other" for anything
+    the C GEMVs do not read (other types or dtypes; int4 groups of an odd size, which split a byte)."""
     from ..model import Linear
     from ..quant.modules import QuantLinear
 
-    if type(module) is Linear:
+    if type(module) is Linear and module.weight.dtype == torch.float32:
         return None
     if type(module) is QuantLinear and module.compute_dtype == torch.float32:
-        return module.fmt
+        return "other" if module.fmt == "int4" and module.group_size % 2 else module.fmt
     return "other"
 
 
@@ -104,6 +107,11 @@ class _Plan:
     def __init__(self, model):
         self.key = _key(model)
         self.cfg = cfg = model.config
+        # the C code reads every float tensor as float32; a model with another dtype somewhere
+        # (one cast layer) takes the module path, which converts or raises as it should
+        self.float32 = all(p.dtype == torch.float32 for p in model.parameters())
+        if not self.float32:
+            return
         self.keep = []  # tensors the pointers point into
         self.lins = []  # the Lin structs the P arrays point to
         ptrs = []
@@ -153,12 +161,12 @@ class _Plan:
         nt = torch.get_num_threads()
         h = self.embed(ids).detach().float().contiguous()  # (b, dm): the residual stream
         step, args, work_floats = self._block_call(b, nt)
-        work = torch.empty(work_floats)
+        work = torch.empty(work_floats, dtype=torch.float32)
         conv, ssm = state.conv.data_ptr(), state.ssm.data_ptr()
         conv_stride, ssm_stride = state.conv[0].numel() * 4, state.ssm[0].numel() * 4  # bytes per layer
         for i, ptrs in enumerate(self.ptrs):
             step(ptrs, h.data_ptr(), conv + i * conv_stride, ssm + i * ssm_stride, work.data_ptr(), *args)
-        logits = torch.empty(b, self.vocab)
+        logits = torch.empty(b, self.vocab, dtype=torch.float32)
         lib.lm_head_step_f32(self.norm_f.data_ptr(), ctypes.byref(self.head), h.data_ptr(), logits.data_ptr(),
                              work.data_ptr(), b, cfg.d_model, self.vocab, cfg.rms_norm_eps, nt)
         return logits
@@ -173,6 +181,8 @@ def _applies(model, batch: int, state) -> bool:
         return False
     if state.conv.dtype != torch.float32 or state.ssm.dtype != torch.float32:
         return False
+    if state.conv.device.type != "cpu" or state.ssm.device.type != "cpu":
+        return False  # the module path gives the device error
     if not (state.conv.is_contiguous() and state.ssm.is_contiguous()):
         return False
     linears = [model.lm_head] + [getattr(layer.mixer, name) for layer in model.backbone.layers
@@ -188,4 +198,4 @@ def decode_plan(model, batch: int, state):
     if plan is None or plan.key != _key(model):
         plan = _Plan(model)
         object.__setattr__(model, "_cpu_decode_plan", plan)  # not a submodule / parameter
-    return plan
+    return plan if plan.float32 else None

@@ -32,6 +32,7 @@ _CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-fopenmp"]  # built 
 _LDFLAGS = ["-shared", "-fopenmp"]
 _FLAGS = _CFLAGS + ["|"] + _LDFLAGS  # part of the cache key
 MAX_D_STATE = 256  # stack buffer in cpu_scan.c
+F32 = torch.float32  # every buffer the C code writes (never torch's default dtype, which users can change)
 
 
 def _cache_dir() -> Path:
@@ -128,7 +129,7 @@ def selective_scan_cpu(x, dt, A, B, C, D, z, dt_bias, h0):
     x, dt, A, B, C, D, dt_bias, z = (_c(t) for t in (x, dt, A, B, C, D, dt_bias, z))
     h = h0.clone().contiguous()
     y = torch.empty_like(x)
-    work = torch.empty(l, d)  # step sizes, one batch row at a time
+    work = torch.empty(l, d, dtype=F32)  # step sizes, one batch row at a time
     lib.selective_scan_f32(_ptr(x), _ptr(dt), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(dt_bias),
                            _ptr(h), _ptr(y), _ptr(work), b, l, d, n)
     return y, h
@@ -166,7 +167,7 @@ def ssd_step_cpu(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, 
     dt, A, D, dt_bias, h = (_c(t) for t in (dt, A, D, dt_bias, h))
     b, nh, p, n = h.shape
     g = (xBC.shape[1] - nh * p) // (2 * n)
-    y, h_out = torch.empty(b, nh, p), torch.empty_like(h)
+    y, h_out = torch.empty(b, nh, p, dtype=F32), torch.empty_like(h)
     _lib().ssd_update_f32(_ptr(xBC), _ptr(dt), _ptr(A), _ptr(D), _ptr(dt_bias), _ptr(h), _ptr(h_out), _ptr(y),
                           b, nh, p, g, n, float(dt_limit[0]), float(dt_limit[1]))
     return y, conv_state_out, h_out
@@ -194,10 +195,12 @@ def linear_cpu(x, weight, bias=None):
     one slab per thread and using a batched matmul lets every thread stream its share."""
     k = torch.get_num_threads()  # more slabs than threads measured no faster
     out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        return F.linear(x, weight, bias)  # its shape error
     rows = x.numel() // in_f
     if rows <= GEMV_MAX_ROWS and weight.is_contiguous() and _usable(x, weight, bias):
         xc = x.reshape(rows, in_f).contiguous()
-        y = torch.empty(*x.shape[:-1], out_f)
+        y = torch.empty(*x.shape[:-1], out_f, dtype=F32)
         _lib().gemv_f32(_ptr(weight), _ptr(_c(bias)), _ptr(xc), _ptr(y), rows, out_f, in_f, k)
         return y
     if k < 2 or rows > 4 or out_f % k or not weight.is_contiguous() or weight.requires_grad and torch.is_grad_enabled():
@@ -211,19 +214,21 @@ def linear_cpu(x, weight, bias=None):
 QUANT_GEMV_MAX_ROWS = 8  # decode; longer inputs (prefill) take the reference's dequantize + GEMM
 
 
-def _quant_gemv_ok(x, qweight) -> bool:
-    return (x.dim() == 2 and x.shape[0] <= QUANT_GEMV_MAX_ROWS and qweight.device.type == "cpu"
-            and _usable(x) and not x.requires_grad)
+def _quant_gemv_ok(x, qweight, k: int) -> bool:
+    """Decode-sized float32 CPU input of the weight's width (anything else: the reference, which
+    also raises the shape errors)."""
+    return (x.dim() == 2 and x.shape[1] == k and x.shape[0] <= QUANT_GEMV_MAX_ROWS
+            and qweight.device.type == "cpu" and _usable(x) and not x.requires_grad)
 
 
 def int8_linear_cpu(x, qweight, scales):
     """Same contract as reference.int8_linear_ref; decode-sized inputs read only the int8 codes."""
-    if not _quant_gemv_ok(x, qweight):
+    if not _quant_gemv_ok(x, qweight, qweight.shape[1]):
         return ref.int8_linear_ref(x, qweight, scales)
     x, qweight = x.contiguous(), qweight.contiguous()
     s = scales.reshape(-1).float().contiguous()
     n, k = qweight.shape
-    y = torch.empty(x.shape[0], n)
+    y = torch.empty(x.shape[0], n, dtype=F32)
     _lib().int8_gemv_f32(_ptr(qweight), _ptr(s), _ptr(x), _ptr(y), x.shape[0], n, k, torch.get_num_threads())
     return y
 
@@ -231,14 +236,14 @@ def int8_linear_cpu(x, qweight, scales):
 def int4_linear_cpu(x, qweight, scales, zeros, group_size, symmetric):
     """Same contract as reference.int4_linear_ref; decode-sized inputs read only the packed codes."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
-    if not _quant_gemv_ok(x, qweight) or group_size % 2 or k % group_size:
+    if not _quant_gemv_ok(x, qweight, k) or group_size % 2 or k % group_size:
         return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric)
     x, qweight = x.contiguous(), qweight.contiguous()
     b = x.shape[0]
     s = scales.float().contiguous()
     z = None if symmetric else zeros.float().contiguous()
-    y = torch.empty(b, n)
-    scratch = torch.empty(b * (k + k // group_size))  # x split into even / odd columns, group sums
+    y = torch.empty(b, n, dtype=F32)
+    scratch = torch.empty(b * (k + k // group_size), dtype=F32)  # x split into even / odd columns, group sums
     _lib().int4_gemv_f32(_ptr(qweight), _ptr(s), _ptr(z), _ptr(x), _ptr(y), _ptr(scratch), b, n, k, group_size,
                          torch.get_num_threads())
     return y

@@ -643,3 +643,20 @@ def test_mamba2_mixer_matches_mamba_ssm(ngroups, monkeypatch):
         want = ref(u)
         got, _, _ = ours(u, torch.zeros(2, cfg.conv_dim, 3, device=DEV), torch.zeros(2, cfg.nheads, 8, 16, device=DEV))
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(10576, 2560), (2560, 5120), (37, 300), (5, 9000)])  # 2.7b in/out_proj, odd, looped
+def test_int8_gemv_matches_float64(n, k, dtype):
+    """The decode GEMV over int8 codes with a scale per row (weight-only int8 at batch 1) against
+    float64 math on the same codes: (x . q) * s. One-shot slabs and the looping path (K > 8192)."""
+    from mamba_deploy.ops.triton_gemv import gemv
+
+    g = torch.Generator(device=DEV).manual_seed(n + k)
+    q = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8, generator=g)
+    s = torch.rand(n, device=DEV, generator=g) * 0.01
+    x = torch.randn(1, k, device=DEV, generator=g).to(dtype)
+    want = (x.double() @ q.double().T) * s.double()
+    close(gemv(x, q, scale=s), want, dtype, f"int8 gemv {n}x{k}")
+    with pytest.raises(ValueError, match="int8 codes"):
+        gemv(x, q.to(dtype), scale=s)

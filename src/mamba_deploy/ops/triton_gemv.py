@@ -77,13 +77,14 @@ def prefetch_args(weight, nbytes: int, nprog: int, num_warps: int, fallback):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Y, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
+def _gemv_kernel(X, W, Bias, Y, Scale, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SHOT: tl.constexpr,
-                 USE_PDL: tl.constexpr, CONV_K: tl.constexpr, CONV_BIAS: tl.constexpr):
+                 USE_PDL: tl.constexpr, CONV_K: tl.constexpr, CONV_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
     # one program: BLOCK_N output features, streaming its (BLOCK_N, K) weight slab; ONE_SHOT
     # (BLOCK_K >= K): the whole slab in one load, issued before the PDL wait.
     # CONV_K > 0 (Mamba1 in_proj): outputs rn < C_CONV are conv channels; their decode conv
-    # (weights CW (C_CONV, CONV_K), window CS) is applied here, replacing the conv-update launch
+    # (weights CW (C_CONV, CONV_K), window CS) is applied here, replacing the conv-update launch.
+    # HAS_SCALE: W holds int8 codes with one scale per row (weight-only int8, quant/formats.py)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,6 +107,8 @@ def _gemv_kernel(X, W, Bias, Y, N, K, swn, CW, CBias, CS, C_CONV, scsc, scsk,
             x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
             w = tl.load(w_ptrs + (k0 + BLOCK_K), mask=nmask[:, None] & ((kk + BLOCK_K)[None, :] < K), other=0.0)
+    if HAS_SCALE:
+        acc *= tl.load(Scale + rn, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)
     if CONV_K > 0:
@@ -127,15 +130,18 @@ def pick_config(n: int, k: int) -> dict:
     program, each program loading its whole slab at once (so every resident program has all its
     bytes in flight before the PDL wait, and a program lives for one memory latency, which keeps
     the tail of each launch short). The 2.7b chain: 1.36 ms vs 1.59 ms for 4-row programs looping
-    over 1024-wide tiles (floor 1.22 ms). Rows longer than ONE_SHOT_MAX_K loop over 1024-wide tiles."""
+    over 1024-wide tiles (floor 1.22 ms). Rows longer than ONE_SHOT_MAX_K loop over 1024-wide tiles.
+    int8 codes (weight-only int8) use the same tiles: 4, 8 or 16 rows per program (as many bytes
+    in flight per program as the 16-bit tiles, or more) were no faster (h200_int8_gemv_sweep.log)."""
     if k <= ONE_SHOT_MAX_K:
         bk = triton.next_power_of_2(k)
         return dict(BLOCK_N=2, BLOCK_K=bk, num_warps=8 if bk >= 8192 else 4)
     return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8)
 
 
-def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None, conv=None):
+def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = None, conv=None, scale=None):
     """x (..., K) with one row, weight (N, K) with unit last stride -> (..., N) in x's dtype.
+    scale (N,): weight holds int8 codes and row i is scaled by scale[i] (weight-only int8).
     conv (weight (c, k), bias | None, conv_state (1, c, k-1)), k in 2..4: outputs [0, c) are
     conv channels, returned after the decode conv + SiLU (causal_conv1d_update's math), and
     conv_state is shifted in place; it is read before the PDL wait, so no launch since the last
@@ -159,9 +165,14 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
         conv_kw = dict(CONV_K=cw.shape[1], CONV_BIAS=cb is not None)
     else:
         conv_args, conv_kw = (weight, weight, weight, 0, 0, 0), dict(CONV_K=0, CONV_BIAS=False)
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y, n, k,
+    if scale is not None and (weight.dtype != torch.int8 or scale.numel() != n):
+        raise ValueError(f"a scaled GEMV takes int8 codes and one scale per row; got {weight.dtype} weight "
+                         f"{tuple(weight.shape)} and {scale.numel()} scales")
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](x1, weight, bias if bias is not None else weight, y,
+                                                   scale if scale is not None else weight, n, k,
                                                    weight.stride(0), *conv_args, HAS_BIAS=bias is not None,
-                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, **cfg, **launch, **conv_kw)
+                                                   ONE_SHOT=cfg["BLOCK_K"] >= k, HAS_SCALE=scale is not None,
+                                                   **cfg, **launch, **conv_kw)
     return y.reshape(*pre, n)
 
 
@@ -170,6 +181,20 @@ def gemv_applies(x, weight) -> bool:
     return bool(_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1
             and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def int8_linear(x, qweight, scales):
+    """Same contract as reference.int8_linear_ref: one row (batch-1 decode) through the GEMV over
+    the int8 codes (half the bytes of a 16-bit weight), the reference (codes converted, cuBLAS)
+    otherwise. torch._weight_int8pack_mm, used before, took 24 ms per token for mamba2-2.7b on an
+    H200 at batch 1 and 212 ms at batch 32 (benchmarks/results/h200_quant_decode.json)."""
+    from . import reference
+
+    n, k = qweight.shape
+    if (_gemv_on() and x.is_cuda and x.dim() == 2 and x.shape == (1, k) and qweight.stride(-1) == 1
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not x.requires_grad):
+        return gemv(x, qweight, scale=scales.reshape(n).contiguous())
+    return reference.int8_linear_ref(x, qweight, scales)
 
 
 def linear(x, weight, bias=None):

@@ -12,7 +12,7 @@ Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_
 from __future__ import annotations
 
 from .triton_conv import causal_conv1d, causal_conv1d_update
-from .triton_gemv import linear
+from .triton_gemv import int8_linear, linear
 from .triton_norm import add_rmsnorm_, rmsnorm, rmsnorm_gated
 from .triton_scan import selective_scan
 from .triton_ssd import ssd
@@ -29,6 +29,7 @@ KERNELS = {
     "ssd": ssd,
     "ssd_state_update": ssd_state_update,
     "ssd_step": ssd_step,
+    "int8_linear": int8_linear,  # the GEMV over int8 codes for one row
 }
 
 __all__ = ["KERNELS", "add_rmsnorm_"]

@@ -4,7 +4,7 @@
 CPU: int8 and int4 go through `ops.int8_linear` / `ops.int4_linear`: at decode a C GEMV that
 reads only the codes, else the codes converted on the fly with the scales applied after the
 matmul (per row / per group); W8A8 uses `torch._int_mm`; fp8 dequantizes on the fly (the weight
-is never kept in float). CUDA: int8 `_weight_int8pack_mm`, int4 the tinygemm
+is never kept in float). CUDA: int8 the Triton GEMV over the codes at one row, int4 the tinygemm
 `_weight_int4pack_mm`, W8A8 `_int_mm`, where shapes allow; fallbacks otherwise. The `weight` property gives the dequantized weight, so code that reads
 `module.weight` (Mamba1's dt_proj) keeps working unchanged.
 """
@@ -25,11 +25,7 @@ from . import formats
 def _kernel_ok(name: str, device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (kernel, device, dtype) whether torch's fused op runs here."""
     try:
-        if name == "int8pack":
-            x = torch.ones(1, 32, device=device_type, dtype=dtype)
-            w = torch.ones(16, 32, device=device_type, dtype=torch.int8)
-            torch._weight_int8pack_mm(x, w, torch.ones(16, device=device_type, dtype=dtype))
-        elif name == "int_mm":
+        if name == "int_mm":
             a = torch.ones(32, 32, device=device_type, dtype=torch.int8)  # CUDA needs > 16 rows
             torch._int_mm(a, torch.ones(32, 16, device=device_type, dtype=torch.int8))
         return True
@@ -86,9 +82,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
         if self.fmt == "w8a8":
             y = _w8a8_mm(x2, self.qweight, self.scales)
-        elif self.fmt == "int8" and x2.is_cuda and _kernel_ok("int8pack", "cuda", x2.dtype):
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.view(-1).to(x2.dtype))
-        elif self.fmt == "int8":  # CPU: a GEMV over the codes at decode (ops.int8_linear)
+        elif self.fmt == "int8":  # a GEMV over the codes at decode (ops.int8_linear: C on CPU, Triton on CUDA)
             y = ops.int8_linear(x2, self.qweight, self.scales)
         elif self.fmt == "int4" and x2.is_cuda and _tinygemm_fits(self):
             y = self._int4_cuda(x2)

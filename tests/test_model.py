@@ -228,3 +228,20 @@ def test_cpu_decode_plan_follows_weight_changes(kind, hf_checkpoint):
     with torch.enable_grad():
         logits = model.step(ids, model.new_state(2))
     assert logits.requires_grad  # the module path ran, so gradients flow
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_model_loaded_under_inference_mode(kind, hf_checkpoint):
+    """A model loaded inside torch.inference_mode() has inference tensors, which have no version
+    counter: the decode caches keyed on it raised "Inference tensors do not track version
+    counter" at the first step. Same logits as a normally loaded model."""
+    folder, _ = hf_checkpoint(kind)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    normal = load_model(folder)
+    with torch.inference_mode():
+        frozen = load_model(folder)
+        got_full = frozen(ids).logits
+        state = frozen.new_state(2)
+        got_steps = torch.stack([frozen.step(ids[:, t], state) for t in range(6)], 1)
+        want = normal(ids).logits
+    assert rel_err(got_full, want) <= 1e-6 and rel_err(got_steps, want) <= 1e-5

@@ -29,6 +29,13 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """t's in-place version counter, which the decode caches key on; -1 for an inference tensor
+    (a model loaded under torch.inference_mode()), which has none: in-place edits to those are
+    not seen by the caches."""
+    return -1 if t.is_inference() else t._version
+
+
 def neg_exp(A_log: nn.Parameter) -> torch.Tensor:
     """A = -exp(A_log), cached on the parameter until the parameter changes (its version counter
     moves on any in-place update): eager decode and prefill would otherwise recompute it per layer
@@ -37,7 +44,7 @@ def neg_exp(A_log: nn.Parameter) -> torch.Tensor:
     CUDA graph capture, where the value would exist only inside the graph."""
     if torch.is_grad_enabled():
         return -torch.exp(_up(A_log))
-    key = (A_log._version, A_log.data_ptr(), A_log.dtype)
+    key = (tensor_version(A_log), A_log.data_ptr(), A_log.dtype)
     cached = getattr(A_log, "_neg_exp_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -91,7 +91,9 @@ def _tensors(model) -> list:
 
 
 def _key(model) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in _tensors(model))
+    from ..model import tensor_version
+
+    return tuple((id(t), t.data_ptr(), tensor_version(t)) if t is not None else None for t in _tensors(model))
 
 
 def _no_plan():

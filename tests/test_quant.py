@@ -122,6 +122,21 @@ def test_cpu_quant_gemv_matches_float64(fmt, sym, group, rows):
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
+@pytest.mark.parametrize("k", [7, 100, 1000])
+def test_cpu_int8_gemv_rows_not_a_multiple_of_the_vector_step(k):
+    """The int8 GEMV's vector loop takes 32 codes a step (AVX2); rows of 7, 100 and 1000 codes also
+    run its scalar tail. Against float64 math on the codes, 1e-5 relative."""
+    from mamba_deploy import ops
+
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (19, k), dtype=torch.int8, generator=g)
+    s = torch.rand(19, 1, generator=g).half()
+    x = torch.randn(3, k, generator=g)
+    want = (x.double() @ q.double().T) * s.double().T
+    got = ops.int8_linear(x, q, s).double()
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_quantized_model_never_dequantizes_a_whole_matrix(hf_checkpoint, monkeypatch):
     """Prefill and decode of a quantized model (embedding and lm_head too) read only the stored
     codes: no module's `weight` (the whole dequantized matrix) is built. It was, once per token,

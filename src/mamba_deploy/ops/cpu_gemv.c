@@ -7,8 +7,8 @@
  * read as codes (converting them to a float weight first reads 1 or 0.5 byte per weight and then
  * writes and reads 4). Compiled with -O3 -ffast-math -march=native the inner loops vectorise.
  * Measured on a 2-core AVX2 machine, 130m head shape (50280 x 768): float32 5.3-5.5 ms, int8
- * 2.4-3.2 ms, int4 3.1-3.2 ms. Splitting the sums over 32 lanes (four vector accumulators) left
- * int8 unchanged and made int4 2.2x slower, so the plain loops stay.
+ * 2.4-3.2 ms, int4 3.1-3.2 ms. A 32-lane partial-sum array (meant as four vector accumulators)
+ * left int8 unchanged and made int4 2.2x slower; int8 has explicit AVX2 accumulators instead.
  * Twins: F.linear, reference.int8_linear_ref and reference.int4_linear_ref. */
 #include <stddef.h>
 #include <stdint.h>
@@ -30,6 +30,40 @@ static void gemv(const float *W, const float *bias, const float *x, long ldx, fl
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* int8 codes . float32 x: 32 codes per step into four independent 8-wide accumulators. The plain
+ * loop below vectorises too, but with one accumulator every FMA waits on the previous one:
+ * measured on 2 AVX2 cores, 130m head shape, 11.7 -> 15.0 GMAC/s (in cache 9.5 -> 13.0). */
+static float dot_i8(const int8_t *w, const float *x, long k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long j = 0;
+    for (; j + 32 <= k; j += 32) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(w + j));
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                             _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                             _mm256_loadu_ps(x + j + 24), a3);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    float acc = _mm_cvtss_f32(t);
+    for (; j < k; j++) acc += (float)w[j] * x[j];
+    return acc;
+}
+#else
+static float dot_i8(const int8_t *w, const float *x, long k) {
+    float acc = 0.0f;
+    for (long j = 0; j < k; j++) acc += (float)w[j] * x[j];
+    return acc;
+}
+#endif
+
 /* the same with int8 codes W and one scale per output row */
 static void gemv_i8(const int8_t *W, const float *s, const float *bias, const float *x, long ldx, float *y,
                     long ldy, long b, long n, long k, int nt) {
@@ -37,9 +71,7 @@ static void gemv_i8(const int8_t *W, const float *s, const float *bias, const fl
     for (long i = 0; i < n; i++) {
         const int8_t *w = W + i * k;
         for (long r = 0; r < b; r++) {
-            const float *xr = x + r * ldx;
-            float acc = 0.0f;
-            for (long j = 0; j < k; j++) acc += (float)w[j] * xr[j];
+            float acc = dot_i8(w, x + r * ldx, k);
             y[r * ldy + i] = bias ? acc * s[i] + bias[i] : acc * s[i];
         }
     }

@@ -100,12 +100,14 @@ def test_quant_linear_matches_float64(hf_checkpoint):
 
 
 @pytest.mark.parametrize("fmt,sym,group", [("int8", True, None), ("int4", True, 32), ("int4", False, 32),
-                                           ("int4", True, 96), ("int4", False, 192)])
+                                           ("int4", True, 96), ("int4", False, 192),
+                                           ("int4", True, 24), ("int4", False, 48)])  # 12, 24 bytes: the tail
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 def test_cpu_quant_gemv_matches_float64(fmt, sym, group, rows):
     """ops.int8_linear / int4_linear on CPU (a C GEMV over the codes for <= 8 rows, the reference
     twin's dequantize + matmul above) against float64 math on the decoded weight, fp32: 1e-5
-    relative. Odd output count, rows of 192 (one group, or six), bias added by the module."""
+    relative. Odd output count, rows of 192 (one group to eight), bias added by the module; int4
+    groups of 12 and 24 bytes also run the scalar tail after the 16-byte vector steps."""
     from mamba_deploy.ops import cpu_kernels
 
     if not cpu_kernels.available():

@@ -18,7 +18,7 @@ import ctypes
 import torch
 
 from . import get_backend
-from .cpu_kernels import _lib
+from .cpu_kernels import _lib, int4_groups_ok
 
 MAX_BATCH = 8  # the GEMV loops over batch rows inside each weight row
 PROJECTIONS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
@@ -42,7 +42,9 @@ def _fmt(module):
     if type(module) is Linear and module.weight.dtype == torch.float32:
         return None
     if type(module) is QuantLinear and module.compute_dtype == torch.float32:
-        return "other" if module.fmt == "int4" and module.group_size % 2 else module.fmt
+        if module.fmt == "int4" and not int4_groups_ok(module.group_size, module.in_features):
+            return "other"
+        return module.fmt
     return "other"
 
 

@@ -233,10 +233,16 @@ def int8_linear_cpu(x, qweight, scales):
     return y
 
 
+def int4_groups_ok(group_size: int, k: int) -> bool:
+    """Whether the C int4 GEMV reads these groups: whole bytes per group (an even size) that
+    tile the row. Also asked by cpu_decode's plan."""
+    return group_size % 2 == 0 and k % group_size == 0
+
+
 def int4_linear_cpu(x, qweight, scales, zeros, group_size, symmetric):
     """Same contract as reference.int4_linear_ref; decode-sized inputs read only the packed codes."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
-    if not _quant_gemv_ok(x, qweight, k) or group_size % 2 or k % group_size:
+    if not _quant_gemv_ok(x, qweight, k) or not int4_groups_ok(group_size, k):
         return ref.int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric)
     x, qweight = x.contiguous(), qweight.contiguous()
     b = x.shape[0]

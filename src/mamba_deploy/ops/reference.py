@@ -265,14 +265,12 @@ def int8_linear_ref(x, qweight, scales):
 def int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric):
     """x (t, in) float; qweight (out, in/2) uint8, two 4-bit codes per byte (element 2k in the
     low nibble); scales (out, G) and zeros (out, G) (None when symmetric) per group of
-    `group_size` columns -> (t, out): the weight (u - z) * s per group with unsigned codes u
-    (symmetric: u = q + 8, z = 8), then one matmul. (A batched matmul per group that never
-    forms the weight was 2.1x slower for a 512-token prefill on CPU, and it converted the codes
-    to a float (out, in) tensor anyway.)"""
-    N, K = qweight.shape[0], 2 * qweight.shape[1]
-    u = torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(N, K)  # uint8 (N, K)
-    if symmetric:
-        u = u ^ 8  # two's complement nibble -> q + 8
-    z = 8.0 if symmetric else zeros.to(x.dtype).unsqueeze(-1)
-    w = (u.to(x.dtype).view(N, K // group_size, group_size) - z) * scales.to(x.dtype).unsqueeze(-1)
-    return F.linear(x, w.view(N, K))
+    `group_size` columns -> (t, out): the weight decoded as quant/formats.py stores it, then one
+    matmul. (A batched matmul per group that never forms the weight was 2.1x slower for a
+    512-token prefill on CPU, and it converted the codes to a float (out, in) tensor anyway.)"""
+    from ..quant.formats import decode  # the layout's one decoder (quant imports ops, so not at the top)
+
+    stored = {"qweight": qweight, "scales": scales}
+    if not symmetric:
+        stored["zeros"] = zeros
+    return F.linear(x, decode(stored, "int4", group_size, symmetric, x.dtype))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import reference
 from .triton_taps import _conv_begin, _conv_end
 
 
@@ -188,8 +189,6 @@ def int8_linear(x, qweight, scales):
     the int8 codes (half the bytes of a 16-bit weight), the reference (codes converted, cuBLAS)
     otherwise. torch._weight_int8pack_mm, used before, took 24 ms per token for mamba2-2.7b on an
     H200 at batch 1 and 212 ms at batch 32 (benchmarks/results/h200_quant_decode.json)."""
-    from . import reference
-
     n, k = qweight.shape
     if (_gemv_on() and x.is_cuda and x.dim() == 2 and x.shape == (1, k) and qweight.stride(-1) == 1
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not x.requires_grad):

@@ -11,6 +11,19 @@
 
 #include "cpu_common.h"
 
+/* The decode conv in place on x (b rows of c channels, row stride ldx): window (kc-1 taps) .
+ * w[:kc-1] + x . w[kc-1] + bias, then SiLU; conv_state (b, c, kc-1) shifted in place. */
+static void conv_rows(float *x, long ldx, float *conv_state, const float *cw, const float *cb, long b, long c,
+                      long kc) {
+    for (long row = 0; row < b; row++) {
+        float *xr = x + row * ldx;
+        for (long ch = 0; ch < c; ch++) {
+            float *s = conv_state + (row * c + ch) * (kc - 1);
+            xr[ch] = silu(conv_channel(s, s, cw + ch * kc, cb ? cb[ch] : 0.0f, xr[ch], kc));
+        }
+    }
+}
+
 /* P: the block's tensors in this order (NULL where absent; Lin * for the projections):
  *   0 norm.weight (dm)        1 in_proj (2d, dm)          2 conv weight (d, kc)
  *   3 conv bias (d)           4 x_proj (r + 2n, d)        5 dt_proj (d, r), its bias in the Lin
@@ -26,14 +39,7 @@ void mamba1_block_step_f32(const void *const *P, float *h, float *conv_state, fl
           *out = y + b * d, *scratch = out + b * dm;
     for (long row = 0; row < b; row++) rms_row(h + row * dm, norm_w, xn + row * dm, dm, eps);
     lin_apply(P[1], xn, dm, xz, 2 * d, b, 2 * d, dm, nt, scratch);  /* (b, 2d): x | z */
-    /* conv update in place of x: window (kc-1 taps) . w[:kc-1] + x . w[kc-1] + bias, then SiLU */
-    for (long row = 0; row < b; row++) {
-        float *xr = xz + row * 2 * d;
-        for (long c = 0; c < d; c++) {
-            float *s = conv_state + (row * d + c) * (kc - 1);
-            xr[c] = silu(conv_channel(s, s, cw + c * kc, cb ? cb[c] : 0.0f, xr[c], kc));
-        }
-    }
+    conv_rows(xz, 2 * d, conv_state, cw, cb, b, d, kc);  /* x */
     lin_apply(P[4], xz, 2 * d, dbc, e, b, e, d, nt, scratch);  /* (b, r + 2n): dt | B | C */
     if (dt_bc_rms)  /* Falcon-Mamba: weightless RMSNorm on each of dt, B, C */
         for (long row = 0; row < b; row++) {
@@ -84,13 +90,7 @@ void mamba2_block_step_f32(const void *const *P, float *h, float *conv_state, fl
     float *xn = work, *zxd = xn + b * dm, *y = zxd + b * E, *out = y + b * d, *scratch = out + b * dm;
     for (long row = 0; row < b; row++) rms_row(h + row * dm, norm_w, xn + row * dm, dm, eps);
     lin_apply(P[1], xn, dm, zxd, E, b, E, dm, nt, scratch);  /* (b, E): z | xBC | dt */
-    for (long row = 0; row < b; row++) {  /* conv update in place of xBC, then SiLU */
-        float *xr = zxd + row * E + d;
-        for (long c = 0; c < cd; c++) {
-            float *s = conv_state + (row * cd + c) * (kc - 1);
-            xr[c] = silu(conv_channel(s, s, cw + c * kc, cb ? cb[c] : 0.0f, xr[c], kc));
-        }
-    }
+    conv_rows(zxd + d, E, conv_state, cw, cb, b, cd, kc);  /* xBC */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (long r = 0; r < b * nh; r++) {  /* one head's (p, n) state per iteration */
         long row = r / nh, hh = r % nh, gi = hh / rep;

@@ -45,6 +45,21 @@ def build_hf_model(kind: str, seed: int = 0, **overrides):
     return model
 
 
+def random_lm(cfg, dtype=torch.float32, seed: int = 0, device="cpu"):
+    """Our MambaLM with random weights away from init (A_log, D, dt_bias, norms non-trivial), for
+    the options transformers has no model for."""
+    from mamba_deploy.model import MambaLM
+
+    torch.manual_seed(seed)
+    m = MambaLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+        for layer in m.backbone.layers:
+            layer.mixer.A_log.copy_(torch.rand_like(layer.mixer.A_log) * 2)
+    return m.to(device=device, dtype=dtype).eval()
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """hf_checkpoint(kind) -> (folder, transformers model); cached per session."""

@@ -495,17 +495,10 @@ def load_model_copy(model, dtype):
 
 
 def random_lm(cfg, dtype, seed=0):
-    """Our MambaLM with random weights away from init (A_log, D, dt_bias, norms non-trivial)."""
-    from mamba_deploy.model import MambaLM
+    """conftest.random_lm on the GPU."""
+    from conftest import random_lm as make  # noqa: PLC0415
 
-    torch.manual_seed(seed)
-    m = MambaLM(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
-        for layer in m.backbone.layers:
-            layer.mixer.A_log.copy_(torch.rand_like(layer.mixer.A_log) * 2)
-    return m.to(device=DEV, dtype=dtype).eval()
+    return make(cfg, dtype, seed, DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ and 1e-10 in float64 (same math, different association order).
 import pytest
 import torch
 
-from conftest import KINDS, rel_err
+from conftest import KINDS, random_lm, rel_err
 from mamba_deploy import State, load_model
 
 LENGTHS = [1, 7, 15, 17, 53]  # chunk_size is 16 in the tiny configs: chunk-1, chunk+1, 3*chunk+5
@@ -168,11 +168,7 @@ def test_cpu_decode_mamba2_variants_vs_float64(shape):
 
     cfg = MambaConfig(**{**dict(arch="mamba2", d_model=32, d_state=16, headdim=8, n_layer=2, vocab_size=100,
                                 chunk_size=16), **shape})
-    torch.manual_seed(0)
-    model = MambaLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    model = random_lm(cfg)
     gold = MambaLM(cfg).double().eval()
     gold.load_state_dict(model.state_dict())
     for batch in (1, 3):

@@ -3,7 +3,8 @@
 For each model: load it, generate a few completions, then build every deployment format in
 FORMATS, run it through the Runner interface on a validation snippet, and compare it with the
 PyTorch fp32 reference (top-1 agreement, max relative logit error, perplexity ratio, and how
-many greedy tokens come out the same before the first difference). One summary table at the end; any parity failure makes the command exit non-zero.
+many greedy tokens come out the same before the first difference). One summary table at the
+end; any parity failure makes the command exit non-zero.
 A format whose module (or optional dependency) is missing is listed as "not available".
 """
 

@@ -20,6 +20,7 @@ def main():
 
     from mamba_deploy import cuda_graph as CG
     from mamba_deploy.ops import triton_gemv as TG
+    from mamba_deploy.ops import triton_qmm as TQ
     from mamba_deploy.quant import quantize
 
     plain = TG.gemv
@@ -34,13 +35,13 @@ def main():
                     if weight.dtype == torch.int8 and k <= TG.ONE_SHOT_MAX_K and kw.get("config") is None:
                         kw["config"] = dict(BLOCK_N=bn, BLOCK_K=TG.triton.next_power_of_2(k), num_warps=nw)
                     return plain(x, weight, *args, **kw)
-                TG.gemv = gemv  # int8_linear looks the name up in the module at each call
+                TQ.gemv = gemv  # int8_linear looks the name up in its module at each call
                 r = CG.CudaGraphRunner(model)
                 r.step(torch.randint(0, G.VOCAB, (1,)), r.new_state(1))  # captures
                 res.setdefault((bn, nw), []).append(G.cuda_time(lambda: r.replay(1), reps=200, warmup=10))
                 r = None
                 torch.cuda.empty_cache()
-        TG.gemv = plain
+        TQ.gemv = plain
         for (bn, nw), ts in res.items():
             print(f"{name} int8 BLOCK_N={bn} warps={nw}: {min(ts):.3f} ms ({', '.join(f'{t:.3f}' for t in ts)})")
         del model

@@ -653,3 +653,67 @@ def test_int8_gemv_matches_float64(n, k, dtype):
     close(gemv(x, q, scale=s), want, dtype, f"int8 gemv {n}x{k}")
     with pytest.raises(ValueError, match="int8 codes"):
         gemv(x, q.to(dtype), scale=s)
+
+
+# ----------------------------------------------------------------------------- weight-only int8 / int4, a few rows
+
+SPLIT_TILE = dict(BM=16, BN=16, BK=128, SPLIT_K=4, STAGES=3, num_warps=4, SWAP=False)  # atomics into float32
+SWAP_TILE = dict(BM=32, BN=64, BK=128, SPLIT_K=1, STAGES=3, num_warps=4, SWAP=True)  # (BN, BM) accumulator
+
+
+def _x(m, k, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(m, k, device=DEV, generator=g).to(dtype), g
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [2, 7, 33, 64])
+@pytest.mark.parametrize("n,k,config", [(10576, 2560, None), (37, 512, None), (37, 512, SPLIT_TILE),
+                                        (37, 512, SWAP_TILE)])
+def test_int8_mm_matches_float64(m, n, k, config, dtype):
+    """The qmm kernel over int8 codes (weight-only int8 at batch 2..64) against float64 math on
+    the same codes, (x @ q^T) * s; odd rows and columns, the default tile and a split-K tile."""
+    from mamba_deploy.ops.triton_qmm import int8_mm
+
+    x, g = _x(m, k, dtype, m * n + k)
+    q = torch.randint(-127, 128, (n, k), device=DEV, dtype=torch.int8, generator=g)
+    s = (torch.rand(n, 1, device=DEV, generator=g) * 0.01).half()
+    want = (x.double() @ q.double().T) * s.double().view(1, -1)
+    got = int8_mm(x, q, s, config=config)
+    assert got.dtype == dtype and got.shape == (m, n)
+    close(got, want, dtype, f"int8 qmm {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("group,symmetric,config", [
+    (32, True, None), (64, False, None), (128, True, None), (128, False, None), (256, True, None),
+    (128, False, SPLIT_TILE), (256, True, SPLIT_TILE), (64, False, dict(SWAP_TILE, BK=64)), (128, True, SWAP_TILE)])
+@pytest.mark.parametrize("m", [1, 2, 33])
+def test_int4_mm_matches_float64(m, group, symmetric, config):
+    """The qmm kernel over packed int4 codes against float64 math on the decoded weight
+    (quant/formats.py's decoder): signed and zero-point codes, groups of 32..256 columns."""
+    from mamba_deploy.ops.triton_qmm import int4_mm
+    from mamba_deploy.quant import formats
+
+    n, k = 300, 1024
+    x, g = _x(m, k, torch.bfloat16, m + group)
+    t = formats.encode(torch.randn(n, k, device=DEV, generator=g), "int4", "t", group, symmetric)
+    want = x.double() @ formats.decode(t, "int4", group, symmetric, torch.float64).T
+    got = int4_mm(x, t["qweight"], t["scales"], t.get("zeros"), group, symmetric, config=config)
+    close(got, want, torch.bfloat16, f"int4 qmm g{group} sym={symmetric}")
+
+
+@pytest.mark.parametrize("fmt,k,group", [("int8", 512, None), ("int4", 512, 128), ("int4", 320, 64)])
+@pytest.mark.parametrize("rows", [1, 5, 9, 64, 65])
+def test_quantized_linear_rows_on_cuda(fmt, k, group, rows):
+    """QuantLinear on CUDA at every row regime against float64 math on its dequantized weight.
+    int8: 1 row the GEMV, 2..64 the qmm kernel, more the reference; int4: tinygemm (K = 512), or
+    where tinygemm refuses the shape (K = 320) the qmm kernel up to 64 rows, the reference above."""
+    from mamba_deploy.quant.modules import QuantLinear
+
+    lin = torch.nn.Linear(k, 96, bias=True).to(DEV, torch.bfloat16)
+    m = QuantLinear.from_linear(lin, fmt, "t", group_size=group)
+    x, _ = _x(rows, k, torch.bfloat16, rows)
+    with torch.no_grad():
+        want = x.double() @ m.weight.double().T + lin.bias.double()
+        got = m(x)
+    close(got, want, torch.bfloat16, f"{fmt} QuantLinear, {rows} rows")

@@ -30,6 +30,10 @@ REFERENCE = {
     "int4_linear": ref.int4_linear_ref,
 }
 
+# weight-only int8 / int4 linears take the Triton qmm kernel for 2..QMM_MAX_ROWS rows (batched
+# decode); above, the matmul costs more than the weight bytes and the codes are converted for cuBLAS
+QMM_MAX_ROWS = 64
+
 _BACKENDS = ("auto", "ref", "triton")
 _backend = "auto"
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import reference
 from .triton_taps import _conv_begin, _conv_end
 
 
@@ -182,18 +181,6 @@ def gemv_applies(x, weight) -> bool:
     return bool(_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1
             and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
-
-
-def int8_linear(x, qweight, scales):
-    """Same contract as reference.int8_linear_ref: one row (batch-1 decode) through the GEMV over
-    the int8 codes (half the bytes of a 16-bit weight), the reference (codes converted, cuBLAS)
-    otherwise. torch._weight_int8pack_mm, used before, took 24 ms per token for mamba2-2.7b on an
-    H200 at batch 1 and 212 ms at batch 32 (benchmarks/results/h200_quant_decode.json)."""
-    n, k = qweight.shape
-    if (_gemv_on() and x.is_cuda and x.dim() == 2 and x.shape == (1, k) and qweight.stride(-1) == 1
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not x.requires_grad):
-        return gemv(x, qweight, scale=scales.reshape(n).contiguous())
-    return reference.int8_linear_ref(x, qweight, scales)
 
 
 def linear(x, weight, bias=None):

@@ -2,7 +2,8 @@
 
 Importing this module imports triton; `ops.fast_ops()` catches the ImportError on machines
 without it (CI), and only routes CUDA tensors here. The kernels live in small files:
-triton_conv (causal conv1d), triton_gemv (decode GEMV with PDL), triton_norm (RMSNorms), triton_scan (Mamba1 scan),
+triton_conv (causal conv1d), triton_gemv (decode GEMV with PDL), triton_qmm (int8 / int4 weight-only
+linears for a few rows), triton_norm (RMSNorms), triton_scan (Mamba1 scan),
 triton_ssd (Mamba2 chunked SSD), triton_step (decode-step state updates, fused Mamba2 step).
 
 Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_update`,
@@ -12,8 +13,9 @@ Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_
 from __future__ import annotations
 
 from .triton_conv import causal_conv1d, causal_conv1d_update
-from .triton_gemv import int8_linear, linear
+from .triton_gemv import linear
 from .triton_norm import add_rmsnorm_, rmsnorm, rmsnorm_gated
+from .triton_qmm import int4_linear, int8_linear
 from .triton_scan import selective_scan
 from .triton_ssd import ssd
 from .triton_step import selective_state_update, ssd_state_update, ssd_step
@@ -29,7 +31,8 @@ KERNELS = {
     "ssd": ssd,
     "ssd_state_update": ssd_state_update,
     "ssd_step": ssd_step,
-    "int8_linear": int8_linear,  # the GEMV over int8 codes for one row
+    "int8_linear": int8_linear,  # weight-only int8: the GEMV for one row, the qmm kernel for a few
+    "int4_linear": int4_linear,  # weight-only int4: the qmm kernel for a few rows (one row: tinygemm)
 }
 
 __all__ = ["KERNELS", "add_rmsnorm_"]

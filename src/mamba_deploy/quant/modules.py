@@ -4,9 +4,11 @@
 CPU: int8 and int4 go through `ops.int8_linear` / `ops.int4_linear`: at decode a C GEMV that
 reads only the codes, else the codes converted on the fly with the scales applied after the
 matmul (per row / per group); W8A8 uses `torch._int_mm`; fp8 dequantizes on the fly (the weight
-is never kept in float). CUDA: int8 the Triton GEMV over the codes at one row, int4 the tinygemm
-`_weight_int4pack_mm`, W8A8 `_int_mm`, where shapes allow; fallbacks otherwise. The `weight` property gives the dequantized weight, so code that reads
-`module.weight` (Mamba1's dt_proj) keeps working unchanged.
+is never kept in float). CUDA: int8 the Triton GEMV over the codes at one row and the Triton
+qmm kernel (ops/triton_qmm.py) at 2..64 rows; int4 torch's tinygemm `_weight_int4pack_mm`, and
+the qmm kernel for shapes tinygemm refuses; W8A8 `_int_mm`, where shapes allow; fallbacks otherwise. The `weight`
+property gives the dequantized weight, so code that reads `module.weight` (Mamba1's dt_proj) keeps
+working unchanged.
 """
 
 from __future__ import annotations

@@ -669,10 +669,11 @@ def _x(m, k, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [2, 7, 33, 64])
 @pytest.mark.parametrize("n,k,config", [(10576, 2560, None), (37, 512, None), (37, 512, SPLIT_TILE),
-                                        (37, 512, SWAP_TILE)])
+                                        (37, 512, SWAP_TILE), (5120, 160, None), (64, 96, None)])
 def test_int8_mm_matches_float64(m, n, k, config, dtype):
     """The qmm kernel over int8 codes (weight-only int8 at batch 2..64) against float64 math on
-    the same codes, (x @ q^T) * s; odd rows and columns, the default tile and a split-K tile."""
+    the same codes, (x @ q^T) * s; odd rows and columns, rows not a multiple of 128 (Mamba1's
+    dt_proj reads dt_rank = 160), the default tile, a split-K tile and the transposed-accumulator tile."""
     from mamba_deploy.ops.triton_qmm import int8_mm
 
     x, g = _x(m, k, dtype, m * n + k)
@@ -702,7 +703,8 @@ def test_int4_mm_matches_float64(m, group, symmetric, config):
     close(got, want, torch.bfloat16, f"int4 qmm g{group} sym={symmetric}")
 
 
-@pytest.mark.parametrize("fmt,k,group", [("int8", 512, None), ("int4", 512, 128), ("int4", 320, 64)])
+@pytest.mark.parametrize("fmt,k,group", [("int8", 512, None), ("int8", 160, None), ("int4", 512, 128),
+                                         ("int4", 320, 64)])
 @pytest.mark.parametrize("rows", [1, 5, 9, 64, 65])
 def test_quantized_linear_rows_on_cuda(fmt, k, group, rows):
     """QuantLinear on CUDA at every row regime against float64 math on its dequantized weight.

@@ -91,6 +91,8 @@ def qmm_config(m: int, n: int, k: int, bits: int, group_size: int) -> dict:
     bm = max(16, min(QMM_MAX_ROWS, triton.next_power_of_2(m)))
     if bits == 8:
         bk, bn, want = (128 if k <= 4096 else 256), (32 if n > 4096 else 16), 128
+        while k % bk:  # K is a multiple of 32 (qmm_applies), e.g. Mamba1's dt_proj reads dt_rank = 160
+            bk //= 2
     else:
         bk, bn, want = min(group_size, 128), 64, 256
     split = 1
@@ -123,14 +125,15 @@ def qmm_applies(x, k: int, min_rows: int = 2) -> bool:
 
 def int8_mm(x, qweight, scales, config=None):
     """x (m, k) fp16 / bf16; qweight (n, k) int8; scales (n, 1) -> (m, n) in x's dtype."""
-    return _launch(x.contiguous(), qweight, scales.reshape(-1, 1), None, qweight.shape[1], 8, True, config)
+    return _launch(x.contiguous(), qweight, scales.reshape(-1, 1).contiguous(), None, qweight.shape[1], 8, True,
+                   config)
 
 
 def int4_mm(x, qweight, scales, zeros, group_size, symmetric, config=None):
     """x (m, k) fp16 / bf16; qweight (n, k/2) uint8 (element 2j in the low nibble); scales (n, k/g),
     zeros (n, k/g) uint8 or None when symmetric -> (m, n) in x's dtype."""
-    return _launch(x.contiguous(), qweight, scales, None if symmetric else zeros, group_size, 4, bool(symmetric),
-                   config)
+    return _launch(x.contiguous(), qweight, scales.contiguous(), None if symmetric else zeros.contiguous(),
+                   group_size, 4, bool(symmetric), config)
 
 
 def int8_linear(x, qweight, scales):

@@ -89,11 +89,16 @@ def run_shape(name, n, k, rows, sweep):
         m = 32
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         rows_ = []
-        for bits, bn, split, bk, swap in itertools.product((8, 4), (16, 32, 64, 128), (1, 2, 4), (128, 256),
-                                                           (False, True)):
+        if sweep == "wide":  # int8 only: warps, stages, longer K tiles
+            grid = [(8, bn, split, bk, False, st, w) for bn, split, bk, st, w in
+                    itertools.product((16, 32, 64), (1, 2), (256, 512), (3, 5), (4, 8))]
+        else:
+            grid = [(bits, bn, split, bk, swap, 4, 4) for bits, bn, split, bk, swap in
+                    itertools.product((8, 4), (16, 32, 64, 128), (1, 2, 4), (128, 256), (False, True))]
+        for bits, bn, split, bk, swap, stages, warps in grid:
             if bits == 4 and bk != 128 or k % (bk * split) or k // split < 2 * bk:
                 continue
-            cfg = dict(BM=32, BN=bn, BK=bk, SPLIT_K=split, STAGES=4, num_warps=4, SWAP=swap)
+            cfg = dict(BM=32, BN=bn, BK=bk, SPLIT_K=split, STAGES=stages, num_warps=warps, SWAP=swap)
             try:
                 if bits == 8:
                     ms = timed(lambda i: Q.int8_mm(x, cp8[i]["qweight"], cp8[i]["scales"], config=cfg))
@@ -104,7 +109,7 @@ def run_shape(name, n, k, rows, sweep):
                 print(f"  {bits} {cfg}: {type(e).__name__}", flush=True)
                 continue
             rows_.append(dict(bits=bits, cfg=cfg, ms=ms))
-        for bits in (8, 4):
+        for bits in ((8,) if sweep == "wide" else (8, 4)):
             best = sorted((r for r in rows_ if r["bits"] == bits), key=lambda r: r["ms"])[:5]
             default = Q.qmm_config(m, n, k, bits, 128)
             print(f"  sweep {name} rows 32 int{bits}: default {default} -> {res[32][f'int{bits}_qmm']:.4f} ms; best "
@@ -117,6 +122,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,8,32,64,128")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--wide-sweep", action="store_true", help="int8 only: warps, stages, K tiles of 512")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="qmm.json")
     args = ap.parse_args()
@@ -124,7 +130,8 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        out["results"][name] = run_shape(name, n, k, rows, not args.no_sweep and 32 in rows and "x_proj" not in name)
+        sweep = (not args.no_sweep and 32 in rows and "x_proj" not in name) and ("wide" if args.wide_sweep else True)
+        out["results"][name] = run_shape(name, n, k, rows, sweep)
         torch.cuda.empty_cache()
     write_json(args.out, out, indent=1)
     cols = ["bf16_cublas", "bf16_gemv", "int8_ref", "int8_gemv", "int8_qmm", "int4_ref", "int4_tinygemm", "int4_qmm"]

@@ -25,6 +25,7 @@ from mamba_deploy.ops import reference as R  # noqa: E402
 from mamba_deploy.ops import triton_qmm as Q  # noqa: E402
 from mamba_deploy.ops.triton_gemv import gemv  # noqa: E402
 from mamba_deploy.quant import formats  # noqa: E402
+from mamba_deploy.quant.modules import tinygemm_pack  # noqa: E402
 
 SHAPES = {  # (out, in)
     "mamba2-2.7b in_proj": (10576, 2560),
@@ -35,20 +36,10 @@ SHAPES = {  # (out, in)
 COPIES = 8
 
 
-def stored(n, k, fmt, seed):
+def stored(n, k, fmt):
     w = torch.randn(n, k, device="cuda") / k ** 0.5
     t = formats.encode(w, fmt, "bench", group_size=128, symmetric=True)
     return dict(t, w=w.to(torch.bfloat16))
-
-
-def tiny_pack(t, n, k):
-    """tinygemm's layout of symmetric int4 codes (as quant/modules.QuantLinear._int4_cuda)."""
-    u = formats.unpack_int4(t["qweight"], True) + 8
-    u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(u8.contiguous(), 8)
-    s = t["scales"].float()
-    sz = torch.stack([s, torch.zeros_like(s)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return packed, sz
 
 
 def timed(fn_of_copy):
@@ -56,9 +47,9 @@ def timed(fn_of_copy):
 
 
 def run_shape(name, n, k, rows, sweep):
-    cp8 = [stored(n, k, "int8", i) for i in range(COPIES)]
-    cp4 = [stored(n, k, "int4", i) for i in range(COPIES)]
-    tiny = [tiny_pack(t, n, k) for t in cp4]
+    cp8 = [stored(n, k, "int8") for _ in range(COPIES)]
+    cp4 = [stored(n, k, "int4") for _ in range(COPIES)]
+    tiny = [tinygemm_pack(t["qweight"], t["scales"], None, True) for t in cp4]
     res = {}
     for m in rows:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -176,11 +176,14 @@ def gemv(x, weight, bias=None, config: dict | None = None, pdl: bool | None = No
     return y.reshape(*pre, n)
 
 
-def gemv_applies(x, weight) -> bool:
-    """Whether `linear` takes the GEMV for these operands (one row on CUDA, a supported dtype)."""
-    return bool(_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(-1) == 1
-            and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+def gemv_applies(x, weight, scaled: bool = False) -> bool:
+    """Whether the GEMV takes these operands (one row on CUDA, a supported dtype): weight in x's
+    dtype (`linear`), or scaled: int8 codes with a scale per row (weight-only int8)."""
+    same = weight.dtype == torch.int8 if scaled else x.dtype == weight.dtype
+    return bool(_gemv_on() and x.shape[-1] and x.numel() == x.shape[-1] and weight.dim() == 2
+                and weight.shape[-1] == x.shape[-1] and weight.stride(-1) == 1 and same
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_cuda
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x, weight, bias=None):

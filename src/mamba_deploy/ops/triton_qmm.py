@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import QMM_MAX_ROWS, reference
-from .triton_gemv import _gemv_on, gemv
+from .triton_gemv import _gemv_on, gemv, gemv_applies
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -144,8 +144,7 @@ def int8_linear(x, qweight, scales):
     torch._weight_int8pack_mm, used before, took 24 ms per token for mamba2-2.7b on an H200 at
     batch 1 and 212 ms at batch 32 (benchmarks/results/h200_quant_decode.json)."""
     n, k = qweight.shape
-    if (_gemv_on() and x.is_cuda and x.dim() == 2 and x.shape == (1, k) and qweight.stride(-1) == 1
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not x.requires_grad):
+    if x.dim() == 2 and gemv_applies(x, qweight, scaled=True):
         return gemv(x, qweight, scale=scales.reshape(n).contiguous())
     if qmm_applies(x, k) and qweight.stride(-1) == 1:
         return int8_mm(x, qweight, scales)

@@ -24,8 +24,8 @@ from . import formats
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_ok(name: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once per (kernel, device, dtype) whether torch's fused op runs here."""
+def _kernel_ok(name: str, device_type: str) -> bool:
+    """Probe once per (kernel, device) whether torch's fused op runs here."""
     try:
         if name == "int_mm":
             a = torch.ones(32, 32, device=device_type, dtype=torch.int8)  # CUDA needs > 16 rows
@@ -98,19 +98,12 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _int4_cuda(self, x2):
-        """torch's tinygemm int4 kernel (CUDA, bf16 activations). It computes
-        w = (u - 8) * scale + zero per group with unsigned codes u, so our symmetric codes map to
-        u = q + 8, zero = 0 and asymmetric ones to zero = (8 - z) * scale."""
+        """torch's tinygemm int4 kernel (CUDA, bf16 activations), on the codes repacked once
+        (tinygemm_pack) and kept while the buffers stay the same."""
         key = (self.qweight.data_ptr(), self.scales.data_ptr())
         if getattr(self, "_tiny", (None,))[0] != key:
-            q = formats.unpack_int4(self.qweight, self.symmetric)  # (N, K)
-            u = (q + 8) if self.symmetric else q
-            u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # tinygemm: even element in the high nibble
-            packed = torch._convert_weight_to_int4pack(u8.contiguous(), TINYGEMM_INNER_K_TILES)
-            s = self.scales.float()  # (N, G)
-            z = torch.zeros_like(s) if self.symmetric else (8 - self.zeros.float()) * s
-            sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
-            self._tiny = (key, packed, sz)
+            self._tiny = (key, *tinygemm_pack(self.qweight, self.scales, getattr(self, "zeros", None),
+                                              self.symmetric))
         _, packed, sz = self._tiny
         y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, self.group_size, sz)
         return y.to(x2.dtype)
@@ -121,6 +114,20 @@ class QuantLinear(nn.Module):
 
 TINYGEMM_INNER_K_TILES = 8
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def tinygemm_pack(qweight, scales, zeros, symmetric: bool):
+    """Our int4 layout (quant/formats.py) -> (packed codes, (G, N, 2) scales and zeros) for
+    torch._weight_int4pack_mm. tinygemm computes w = (u - 8) * scale + zero per group with
+    unsigned codes u, so our symmetric codes map to u = q + 8, zero = 0 and asymmetric ones to
+    zero = (8 - z) * scale."""
+    q = formats.unpack_int4(qweight, symmetric)  # (N, K)
+    u = (q + 8) if symmetric else q
+    u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # tinygemm: even element in the high nibble
+    packed = torch._convert_weight_to_int4pack(u8.contiguous(), TINYGEMM_INNER_K_TILES)
+    s = scales.float()  # (N, G)
+    z = torch.zeros_like(s) if symmetric else (8 - zeros.float()) * s
+    return packed, torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def _tinygemm_fits(m) -> bool:
@@ -136,7 +143,7 @@ def _w8a8_mm(x, qweight, w_scales):
     xq = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
     # CUDA's kernel needs > 16 rows and K, N multiples of 8; decode (1 row) takes the fallback
     if x.shape[0] > 16 and x.shape[1] % 8 == 0 and qweight.shape[0] % 8 == 0 \
-            and _kernel_ok("int_mm", x.device.type, torch.int8):
+            and _kernel_ok("int_mm", x.device.type):
         acc = torch._int_mm(xq, qweight.t()).float()  # (t, out) exact int32 sums
     else:  # float sums of int8 products: exact while |sum| < 2^24 (rows up to ~1000 at worst case)
         acc = xq.double() @ qweight.double().t() if x.shape[1] > 1024 else xq.float() @ qweight.float().t()

@@ -194,3 +194,42 @@ def test_read_tagged_json_names_file_and_fix(tmp_path):
         read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model")
     write_json(p, {"format": "fmt-a", "x": 1})
     assert read_tagged_json(p, "fmt-a", "ONNX manifest", "re-export the model") == {"format": "fmt-a", "x": 1}
+
+
+def test_more_bad_inputs_are_typed(hf_checkpoint):
+    """Empty sequences, out-of-vocab ids in a decode step, a state of the wrong dtype and a
+    negative num_logits_to_keep: ShapeError naming the value, not an error from deep in torch."""
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.state import State
+
+    model = load_model(hf_checkpoint("mamba2")[0])
+    with pytest.raises(ShapeError, match="length 0"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    st = model.new_state(2)
+    with pytest.raises(ShapeError, match="token id 128 outside"):
+        model.step(torch.tensor([3, 128]), st)
+    with pytest.raises(ShapeError, match="token id -1 outside"):
+        model(torch.tensor([[1, -1]]))
+    double = State(st.conv.double(), st.ssm.double())
+    with pytest.raises(ShapeError, match="conv torch.float64"):
+        model(torch.ones(2, 3, dtype=torch.long), state=double)
+    ints = State(st.conv.long(), st.ssm)
+    with pytest.raises(ShapeError, match="conv torch.int64"):
+        model.step(torch.ones(2, dtype=torch.long), ints)
+    with pytest.raises(ShapeError, match="num_logits_to_keep"):
+        model(torch.ones(1, 3, dtype=torch.long), num_logits_to_keep=-1)
+    assert torch.equal(st.conv, torch.zeros_like(st.conv))  # nothing was half-updated
+
+
+def test_convert_refuses_a_norm_eps_mamba_ssm_cannot_hold(tmp_path, capsys):
+    """mamba_ssm's config has no norm epsilon (it is fixed at 1e-5): converting a model with
+    another eps would change its outputs silently, so it is refused and nothing is written."""
+    from conftest import build_hf_model
+
+    build_hf_model("mamba", layer_norm_epsilon=1e-3).save_pretrained(tmp_path / "hf")
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 2
+    err = capsys.readouterr().err
+    assert "0.001" in err and "--format hf" in err
+    assert not (tmp_path / "ssm").exists()
+    with pytest.raises(ConfigError, match="fixes the RMSNorm epsilon"):
+        load_model(tmp_path / "hf").config.to_mamba_ssm_dict()

@@ -86,9 +86,11 @@ def test_stop_tokens_and_streaming(hf_checkpoint):
 
 
 def test_bad_sampling_settings_raise():
-    with pytest.raises(ValueError, match="top_p"):
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_p"):
         SamplingConfig(temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="repetition_penalty"):
+    with pytest.raises(ConfigError, match="repetition_penalty"):
         SamplingConfig(repetition_penalty=0)
 
 
@@ -110,3 +112,23 @@ def test_generate_cli_16bit_state(capsys):
     assert len(out["results"][0]["tokens"]) == 6 if "results" in out else out
     with pytest.raises(SystemExit):
         main(["generate", str(demo), "--prompt", "x", "--state-dtype", "int8"])
+
+
+def test_prompt_forms_and_bad_arguments(hf_checkpoint):
+    from mamba_deploy.errors import ConfigError, ShapeError
+
+    runner = TorchRunner(load_model(hf_checkpoint("mamba")[0]))
+    rows = [[5, 9, 17], [3, 4, 8]]
+    want = generate(runner, rows, max_new_tokens=4, stop_token_ids=[]).tokens
+    assert generate(runner, torch.tensor(rows), max_new_tokens=4, stop_token_ids=[]).tokens == want
+    assert generate(runner, torch.tensor(rows[1]), max_new_tokens=4, stop_token_ids=[]).tokens == want[1:]
+    with pytest.raises(ShapeError, match="non-empty list"):
+        generate(runner, [])
+    with pytest.raises(ShapeError, match="integer ids"):
+        generate(runner, torch.ones(2, 3))
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(runner, rows, max_new_tokens=-1)
+    with pytest.raises(ShapeError, match="token id 500 outside"):
+        generate(runner, [[1, 500]])
+    with pytest.raises(ShapeError, match="token id 128 outside"):
+        runner.step(torch.tensor([1, 128]), runner.new_state(2))

@@ -528,3 +528,30 @@ def test_same_file_as_llamacpp_converter_and_import(kind, tiny_tokenizer, tmp_pa
     ids = random_ids(2, 23, vocab=50000, seed=6)
     with torch.no_grad():
         assert rel_err(load_model(tmp_path / "theirs.gguf")(ids).logits, hf_logits(hf, ids)) <= 1e-5
+
+
+def test_imported_model_is_inference_only_and_falcon_eps_warns(exported, ckpt, tmp_path):
+    """A GGUF-loaded model needs no grad (else every call outside inference_mode chains an
+    autograd graph through the state). Exporting a Falcon-Mamba whose dt/B/C eps differs from
+    the layer eps warns: llama.cpp normalises them with the layer eps."""
+    model = load_model(exported("mamba2"))
+    assert not any(p.requires_grad for p in model.parameters())
+    st = model.new_state(1)
+    model.step(torch.tensor([3]), st)
+    assert st.ssm.grad_fn is None
+    folder, hf = ckpt("falcon_mamba")
+    assert hf.config.mixer_rms_eps != hf.config.layer_norm_epsilon
+    with pytest.warns(UserWarning, match="mixer_rms_eps"):
+        export_gguf(folder, tmp_path / "f.gguf")
+
+
+@needs_llama
+def test_llamacpp_runner_out_of_vocab_ids(exported):
+    from mamba_deploy.errors import ShapeError
+
+    with open_llama(exported("mamba")) as lr:
+        st = lr.new_state(1)
+        with pytest.raises(ShapeError, match="outside the vocabulary"):
+            lr.prefill(torch.tensor([[1, lr.n_vocab]]), st)
+        with pytest.raises(ShapeError, match="length 0"):
+            lr.prefill(torch.zeros(1, 0, dtype=torch.long), st)

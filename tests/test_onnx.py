@@ -280,6 +280,10 @@ def test_wrong_state_and_missing_input_errors(exported):
         runner.prefill(torch.ones(2, 4, dtype=torch.long), runner.new_state(3))
     with pytest.raises(ShapeError, match="attention_mask"):
         runner.prefill(torch.ones(2, 4, dtype=torch.long), runner.new_state(2), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ShapeError, match="token id 128 outside"):
+        runner.step(torch.tensor([1, 128]), runner.new_state(2))
+    with pytest.raises(ShapeError, match="length 0"):
+        runner.prefill(torch.zeros(2, 0, dtype=torch.long), runner.new_state(2))
 
 
 def test_graph_not_matching_manifest(exported, tmp_path):

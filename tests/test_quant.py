@@ -480,3 +480,48 @@ def test_gpu_kernels_match_float64(fmt, sym):
         got = m(x[:rows].cuda()).double().cpu()
         # int4 runs with bf16 activations (tinygemm): 1e-2; the rest in fp32
         assert float((got - want[:rows]).abs().max() / want.abs().max()) < (1e-2 if fmt == "int4" else 1e-4)
+
+
+def test_quantized_model_loads_for_inference_only(hf_checkpoint, tmp_path):
+    """load_model(quantized) used to return parameters that required grad: every call outside
+    inference_mode then built an autograd graph chained through the in-place state (memory grew
+    each token) and the C decode switched itself off. The reloaded model must need no grad and
+    decode outside inference_mode exactly as inside it."""
+    folder, _ = hf_checkpoint("mamba2")
+    out = save_quantized(quantize(load_model(folder), "int8", progress=False), tmp_path / "q")
+    model = load_model(out)
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = _ids(2, 6)
+    st = model.new_state(2)
+    steps = torch.stack([model.step(ids[:, t], st) for t in range(6)], 1)  # grad mode on
+    assert st.ssm.grad_fn is None and not steps.requires_grad
+    with torch.inference_mode():
+        want = model(ids).logits
+    assert float((steps - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_quantized_checkpoint_in_float_only_paths(hf_checkpoint, tmp_path, capsys):
+    """convert / export gguf need float weights: a typed refusal naming the fix, exit 2, nothing
+    written. export onnx writes the MatMulNBits graph instead (ORT's contrib op), checked against
+    the PyTorch quantized model by onnxruntime at the int8 row's tolerance (ORT's default
+    accuracy level rounds the activations to int8 too)."""
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    q = save_quantized(quantize(load_model(folder), "int8", progress=False), tmp_path / "q")
+    assert main(["convert", str(q), str(tmp_path / "c"), "--format", "hf"]) == 2
+    assert "is quantized" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    pytest.importorskip("gguf", reason="gguf not installed")
+    assert main(["export", "gguf", str(q), str(tmp_path / "m.gguf")]) == 2
+    assert "--outtype q8_0" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed")
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    assert main(["export", "onnx", str(q), str(tmp_path / "o"), "--dtype", "fp16"]) == 2
+    assert main(["export", "onnx", str(q), str(tmp_path / "o")]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["quantization"]["op"] == "com.microsoft::MatMulNBits"
+    runner, model = open_onnx(tmp_path / "o"), load_model(q)
+    ids = _ids(2, 9)
+    got, _ = runner.prefill(ids, runner.new_state(2))
+    assert float((got - _logits(model, ids)).abs().max() / _logits(model, ids).abs().max()) < ERR_TOL["int8"]

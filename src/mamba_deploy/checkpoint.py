@@ -204,6 +204,10 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
     if fmt not in KEY_RENAMES:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(KEY_RENAMES)}")
+    from .quant.runtime import refuse_quantized
+
+    refuse_quantized(model, f"saving in the {fmt} layout", "convert the unquantized source checkpoint, "
+                     "then quantize the result (mamba-deploy quantize)", CheckpointError)
     cfg: MambaConfig = model.config
     config = cfg.to_hf_dict() if fmt == "hf" else cfg.to_mamba_ssm_dict()
     if extra_config:
@@ -274,7 +278,9 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
     modules swapped in. state_dtype: the SSM state's dtype (`MambaLM.set_state_dtype`; default
     float32).
     """
-    model = _load_model(path_or_hub_id, device, dtype)
+    # inference only: parameters that require grad would make every call outside inference_mode
+    # build an autograd graph chained through the in-place state (memory grows per token)
+    model = _load_model(path_or_hub_id, device, dtype).eval().requires_grad_(False)
     return model.set_state_dtype(state_dtype) if state_dtype is not None else model
 
 
@@ -301,4 +307,4 @@ def _load_model(path_or_hub_id, device, dtype):
         model = MambaLM(cfg).to(dtype)
     load_weights(model, path, device, dtype)
     model.source_path = path
-    return model.eval().requires_grad_(False)
+    return model

@@ -30,6 +30,7 @@ HF_ARCHITECTURES = {
     "FalconMambaForCausalLM": "falcon_mamba",
     "Mamba2ForCausalLM": "mamba2",
 }
+MAMBA_SSM_NORM_EPS = 1e-5  # mamba_ssm cannot store another
 SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2"]
 
 
@@ -233,7 +234,7 @@ class MambaConfig:
             pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
             tie_embeddings=d.get("tie_embeddings", True),
             residual_in_fp32=d.get("residual_in_fp32", True),
-            rms_norm_eps=d.get("norm_epsilon", 1e-5),
+            rms_norm_eps=d.get("norm_epsilon", MAMBA_SSM_NORM_EPS),
             d_state=ssm.get("d_state", 16 if arch == "mamba1" else 128),
             d_conv=ssm.get("d_conv", 4),
             expand=ssm.get("expand", 2),
@@ -303,6 +304,10 @@ class MambaConfig:
     def to_mamba_ssm_dict(self) -> dict:
         if self.dt_bc_rms:
             raise ConfigError("mamba_ssm has no Falcon-Mamba (dt/B/C RMSNorm) layer; save with --format hf")
+        if not math.isclose(self.rms_norm_eps, MAMBA_SSM_NORM_EPS, rel_tol=1e-9):
+            # its config has no such field: MixerModel's and Mamba2's gated norm eps are fixed
+            raise ConfigError(f"mamba_ssm fixes the RMSNorm epsilon at {MAMBA_SSM_NORM_EPS:g}; this model uses "
+                              f"{self.rms_norm_eps:g}, which would change its outputs; save with --format hf")
         ssm: dict[str, Any] = {
             "layer": "Mamba1" if self.arch == "mamba1" else "Mamba2",
             "d_state": self.d_state,

@@ -33,6 +33,7 @@ import weakref
 import torch
 
 from . import ops
+from .inputs import check_ids
 from .runners.torch_runner import TorchRunner
 from .state import State
 
@@ -249,6 +250,7 @@ class CudaGraphRunner(TorchRunner):
 
     @torch.inference_mode()
     def step(self, ids, state):
+        ids = check_ids(ids, 1, self.config.padded_vocab_size)  # CPU ids: no sync
         batch = ids.shape[0]
         size = self._bucket_size(batch)
         if size is None or not graphs_enabled():
@@ -260,6 +262,7 @@ class CudaGraphRunner(TorchRunner):
         if bk.owns(state):
             bk.graph.replay()
         else:
+            state.check(self.config, batch, self.model.dtype, self.model.device)
             bk.state.conv[:, :batch].copy_(state.conv)
             bk.state.ssm[:, :batch].copy_(state.ssm)
             bk.graph.replay()

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 
 
 @dataclass
@@ -20,11 +20,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
             )
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits, history, penalty: float):
@@ -96,8 +96,9 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     sequence stops at a stop token (default: the tokenizer's eos when prompts are strings) or
     after max_new_tokens. `on_token(batch_index, token_id)` streams tokens as they come.
     """
-    if isinstance(prompts, (str, torch.Tensor)) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
+    prompts = _as_prompt_list(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     as_text = isinstance(prompts[0], str)
     tok = runner.tokenizer if as_text else None
     ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
@@ -139,6 +140,26 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
         logits, state = runner.step(nxt, state)
     texts = [tok.decode(o) for o in out] if as_text else None
     return Generation(out, ids_list, texts, reasons)
+
+
+def _as_prompt_list(prompts) -> list:
+    """A string, a list of ids, a 1-D tensor, a 2-D tensor (rows) or a list of those -> a
+    non-empty list of strings / id sequences, all strings or all ids."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2) or prompts.dtype.is_floating_point:
+            raise ShapeError(f"tensor prompts must be integer ids (l,) or (b, l), got {prompts.dtype} "
+                             f"{tuple(prompts.shape)}")
+        prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                      and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ShapeError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
+                         f"got {prompts!r:.80}")
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else p for p in prompts]
+    if len({isinstance(p, str) for p in prompts}) > 1:
+        raise ShapeError("prompts mix strings and token-id lists; give one kind")
+    return list(prompts)
 
 
 def _mask_padded_vocab(logits, vocab: int):

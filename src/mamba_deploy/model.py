@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import MambaConfig
 from .errors import ConfigError, ShapeError
+from .inputs import check_ids
 from .ops.reference import _up, weightless_rms
 from .state import State
 
@@ -263,17 +264,6 @@ class MambaLM(nn.Module):
         """ssm_dtype: override the SSM state dtype (default: self.ssm_dtype)."""
         return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype or self.ssm_dtype)
 
-    def _check_ids(self, input_ids, ndim):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != ndim or input_ids.dtype.is_floating_point:
-            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
-            raise ShapeError(f"input_ids must be an integer tensor of shape {want}, got {got}")
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
-            raise ShapeError(
-                f"token id {int(input_ids.max())} outside the vocabulary [0, {self.config.padded_vocab_size}); "
-                "was the prompt tokenized with this model's tokenizer?"
-            )
-
     def _head(self, h):
         h = self.backbone.norm_f(h.to(self.dtype))
         return self.lm_head(h).float()
@@ -282,11 +272,13 @@ class MambaLM(nn.Module):
                 num_logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (b, l). attention_mask (b, l), 1 = token, 0 = left padding (zero state only).
         num_logits_to_keep > 0 computes logits for the last positions only."""
-        self._check_ids(input_ids, 2)
+        input_ids = check_ids(input_ids, 2, self.config.padded_vocab_size, on_device=True)
         b, l = input_ids.shape
+        if not isinstance(num_logits_to_keep, int) or num_logits_to_keep < 0:
+            raise ShapeError(f"num_logits_to_keep must be an int >= 0 (0 = every position), got {num_logits_to_keep!r}")
         if state is None:
             state = self.new_state(b)
-        state.check(self.config, b)
+        state.check(self.config, b, self.dtype, self.device)
         if l == 1 and attention_mask is None:
             return ModelOutput(self.step(input_ids[:, 0], state).unsqueeze(1), state)
         mask = None
@@ -305,6 +297,8 @@ class MambaLM(nn.Module):
 
     def step(self, ids, state: State) -> torch.Tensor:
         """ids (b,) -> logits (b, vocab); state updated in place."""
+        ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
+        state.check(self.config, ids.shape[0], self.dtype, self.device)
         if self.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
             from .ops.cpu_decode import decode_plan
 

@@ -55,14 +55,24 @@ class State:
         """Rows of the batch (a new State)."""
         return State(self.conv[:, idx].clone(), self.ssm[:, idx].clone())
 
-    def check(self, cfg: MambaConfig, batch: int) -> None:
+    def check(self, cfg: MambaConfig, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Shapes for `batch`; with dtype / device: conv in the model's dtype, ssm floating
+        point (its dtype may differ: `set_state_dtype`), both on the model's device."""
+        fix = "create it with model.new_state(batch) (or State.zeros(config, batch))"
+        if not isinstance(self.conv, torch.Tensor) or not isinstance(self.ssm, torch.Tensor):
+            raise ShapeError(f"state.conv / state.ssm must be tensors; {fix}")
         want_conv = (cfg.n_layer, batch, *cfg.conv_state_shape)
         want_ssm = (cfg.n_layer, batch, *cfg.ssm_state_shape)
         if tuple(self.conv.shape) != want_conv or tuple(self.ssm.shape) != want_ssm:
             raise ShapeError(
                 f"state has conv {tuple(self.conv.shape)} / ssm {tuple(self.ssm.shape)}, expected "
-                f"{want_conv} / {want_ssm} for batch {batch}; create it with State.zeros(config, batch)"
+                f"{want_conv} / {want_ssm} for batch {batch}; {fix}"
             )
+        if dtype is not None and (self.conv.dtype != dtype or not self.ssm.dtype.is_floating_point):
+            raise ShapeError(f"state has conv {self.conv.dtype} / ssm {self.ssm.dtype}; the model needs conv {dtype} "
+                             f"and a floating-point ssm; {fix}")
+        if device is not None and (self.conv.device != torch.device(device) or self.ssm.device != torch.device(device)):
+            raise ShapeError(f"state is on {self.conv.device} / {self.ssm.device}, the model on {device}; {fix}")
 
     @classmethod
     def stack(cls, conv_layers, ssm_layers) -> "State":

@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import write_text
 from ..errors import BackendUnavailableError, ExportError
+from ..quant.runtime import refuse_quantized
 from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
                           OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
 from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab_from_gguf
@@ -38,6 +39,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     ftype, qtype = OUTTYPES[outtype]
     quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
     model = _as_model(model_or_path)
+    refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
+                     "(--outtype q8_0, q4_k_m, ...)")
     cfg = model.config
     check_exportable(cfg)
     vocab = _vocab_for(model_or_path, model, tokenizer)
@@ -99,6 +102,9 @@ def check_exportable(cfg) -> None:
                           "export it to ONNX instead (mamba-deploy export onnx)")
     if cfg.arch == "mamba2" and cfg.dt_limit != (0.0, float("inf")):
         warnings.warn(f"llama.cpp ignores Mamba2 dt_limit={cfg.dt_limit}; its outputs can differ where dt is clamped")
+    if cfg.dt_bc_rms and cfg.mixer_rms_eps != cfg.rms_norm_eps:
+        warnings.warn(f"llama.cpp normalises Falcon-Mamba's dt/B/C with the layer eps {cfg.rms_norm_eps:g}, not "
+                      f"mixer_rms_eps={cfg.mixer_rms_eps:g}; its outputs can differ where dt/B/C are small")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -58,9 +58,14 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     cfg = model.config
     if cfg.arch == "mamba2" and cfg.norm_before_gate:
         raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")
-    if getattr(cfg, "extra", {}).get("quantization_config") or any(
-            not p.dtype.is_floating_point for p in model.parameters()):
-        raise ExportError("export the unquantized model to ONNX; quantize the ONNX graph afterwards")
+    if getattr(model, "quantization_config", None):
+        # weight-only int8 / int4 become ORT's MatMulNBits (a separate, ORT-only graph)
+        from ..quant.onnx_nbits import export_quantized_onnx
+
+        if dtype != "fp32" or opset != DEFAULT_OPSET:
+            raise ExportError(f"a quantized model exports with fp32 activations and opset {DEFAULT_OPSET} only "
+                              f"(got --dtype {dtype}, --opset {opset}); drop those flags")
+        return export_quantized_onnx(model, out_dir, validate=validate)
     with atomic_dir(out_dir, ExportError) as tmp:
         weights = {k: v for k, v in model.state_dict().items()}
         proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()

@@ -9,9 +9,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ExportError
 from .modules import QuantEmbedding, QuantLinear, tie_head
 from .plan import validate_config
+
+
+def refuse_quantized(model: nn.Module, action: str, fix: str, error=ExportError) -> None:
+    """Raise `error` when `model` was loaded from a quantized checkpoint: paths that read float
+    weights (re-saving, GGUF, the standard ONNX graph) would otherwise fail on a missing key."""
+    qc = getattr(model, "quantization_config", None)
+    if qc:
+        where = getattr(model, "source_path", None) or "this model"
+        raise error(f"{where} is quantized (method {qc.get('method', '?')!r}); {action} needs the float "
+                    f"model: {fix}")
 
 
 def make_module(old: nn.Module, spec: dict, compute_dtype) -> nn.Module:

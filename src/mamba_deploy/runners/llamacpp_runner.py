@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, CheckpointError, ShapeError
+from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner
 
@@ -200,11 +201,10 @@ class LlamaCppRunner(Runner):
         return np.concatenate(outs)
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids = _check_ids(ids, 2)
+        ids = check_ids(ids, 2, self.n_vocab).cpu()
         b, l = ids.shape
         self._check_state(state, b)
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, l):
-            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, l)}")
+        attention_mask = check_mask(attention_mask, ids.shape)
         out = torch.zeros(b, 1 if last_only else l, self.n_vocab)
         for r in range(b):  # rows one at a time; padding (mask 0) never enters the state
             keep = torch.ones(l, dtype=torch.bool) if attention_mask is None else attention_mask[r].bool()
@@ -219,7 +219,7 @@ class LlamaCppRunner(Runner):
         return out, state
 
     def step(self, ids, state):
-        ids = _check_ids(ids, 1)
+        ids = check_ids(ids, 1, self.n_vocab).cpu()
         b = ids.shape[0]
         self._check_state(state, b)
         toks = ids.tolist()
@@ -323,14 +323,6 @@ def _parse_seq_state_at(buf: bytes, cfg, start: int):
     if off != len(buf):
         raise layout_error(f"{len(buf) - off} trailing bytes")
     return out[0], out[1]
-
-
-def _check_ids(ids, ndim: int) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != ndim or ids.dtype.is_floating_point:
-        want = "(batch, seqlen)" if ndim == 2 else "(batch,)"
-        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {got}")
-    return ids.cpu()
 
 
 def open_llamacpp(path, n_threads: int = 2, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,

@@ -15,6 +15,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ShapeError
+from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner
 
@@ -98,13 +99,13 @@ class OnnxRunner(Runner):
         return torch.from_numpy(io.get_outputs()[0].numpy())
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids, mask = prefill_inputs(ids, attention_mask)
+        ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
         decode = ids.shape[1] == 1 or last_only
         logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)
         return logits, state
 
     def step(self, ids, state):
-        ids = _ids(ids, 1)
+        ids = _ids(ids, 1, self.config.padded_vocab_size)
         return self._run(ids[:, None], state, decode=True)[:, 0], state
 
     def run(self, feeds: dict) -> dict:
@@ -118,23 +119,16 @@ class OnnxRunner(Runner):
         self.session = None
 
 
-def _ids(ids, ndim) -> np.ndarray:
-    arr = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.integer):
-        want = "(batch, seq)" if ndim == 2 else "(batch,)"
-        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {arr.dtype} {arr.shape}")
-    return arr.astype(np.int64, copy=False)
+def _ids(ids, ndim: int, vocab: int) -> np.ndarray:
+    return check_ids(ids, ndim, vocab).cpu().numpy()
 
 
-def prefill_inputs(ids, attention_mask):
+def prefill_inputs(ids, attention_mask, vocab: int):
     """Validated prefill feeds shared by the runners of our ONNX graphs: ids (b, l) int64 and
     the optional left-padding mask (b, l) int64."""
-    ids = _ids(ids, 2)
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
-        raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise ShapeError("input_ids has length 0; give at least one token")
-    return ids, None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    ids = _ids(ids, 2, vocab)
+    mask = check_mask(attention_mask, ids.shape)
+    return ids, None if mask is None else mask.cpu().numpy()
 
 
 def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:

@@ -92,11 +92,11 @@ class OpenVinoRunner(Runner):
         return torch.from_numpy(res["logits"])
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids, mask = prefill_inputs(ids, attention_mask)
+        ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
         return self._run(ids, state, mask, keep=1 if last_only else 0), state
 
     def step(self, ids, state):
-        ids = _ids(ids, 1)
+        ids = _ids(ids, 1, self.config.padded_vocab_size)
         return self._run(ids[:, None], state)[:, 0], state
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from ..atomic import read_tagged_json
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
+from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner
 
@@ -125,16 +126,12 @@ class TensorRTRunner(Runner):
         return out
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
-        ids = _ids(ids, 2)
+        ids = check_ids(ids, 2, self.config.padded_vocab_size).cpu()
         b, length = ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, length):
-            raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, length)}")
-        if length == 0:
-            raise ShapeError("input_ids has length 0; give at least one token")
+        mask = check_mask(attention_mask, ids.shape)
         if attention_mask is not None and length > self.max_seq:
             raise ShapeError(f"a masked prompt of length {length} exceeds the engine's max_seq {self.max_seq}; "
                              f"rebuild it with build_engine(..., max_seq={length})")
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.int64)
         outs = []
         for start in range(0, length, self.max_seq):  # one chunk unless length > max_seq
             chunk = ids[:, start:start + self.max_seq]
@@ -143,19 +140,11 @@ class TensorRTRunner(Runner):
         return (outs[-1] if last_only else torch.cat(outs, 1)), state
 
     def step(self, ids, state):
-        ids = _ids(ids, 1)
+        ids = check_ids(ids, 1, self.config.padded_vocab_size).cpu()
         return self._run(ids[:, None], state)[:, 0], state
 
     def close(self) -> None:
         self.context = self.engine = None
-
-
-def _ids(ids, ndim) -> torch.Tensor:
-    t = torch.as_tensor(ids)
-    if t.ndim != ndim or t.dtype.is_floating_point or t.dtype == torch.bool:
-        want = "(batch, seq)" if ndim == 2 else "(batch,)"
-        raise ShapeError(f"ids must be an integer tensor of shape {want}, got {t.dtype} {tuple(t.shape)}")
-    return t.to(torch.int64)
 
 
 def open_tensorrt(path, device: str = "cuda", **_) -> TensorRTRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import check_ids
 from ..state import State
 from .base import Runner
 
@@ -28,6 +29,7 @@ class TorchRunner(Runner):
 
     @torch.inference_mode()
     def step(self, ids, state):
+        ids = check_ids(ids, 1, self.config.padded_vocab_size)
         return self.model.step(ids.to(self.model.device), state).cpu(), state
 
     def to_torch_state(self, state) -> State:

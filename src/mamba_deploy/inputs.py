@@ -1,0 +1,47 @@
+"""Checks on what users feed a model or a Runner (token ids, attention masks), shared by every
+backend so that a bad input gets the same typed error everywhere instead of an IndexError from
+torch, a RuntimeError from ONNX Runtime or `llama_decode failed -1` from llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import ShapeError
+
+_WANT = {1: "(batch,)", 2: "(batch, seqlen)"}
+
+
+def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tensor:
+    """ids -> the same ids as an int64 tensor on their device, after checking the rank (2 for
+    prefill, 1 for a decode step), the dtype, a sequence length >= 1 and every id in [0, vocab).
+    On CUDA the range check synchronises, so it runs there only with on_device=True (prefill;
+    an out-of-range id would otherwise end in a device-side assert that poisons the context)."""
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(ids)
+    elif not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {type(ids).__name__}") from e
+    if ids.dim() != ndim or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {ids.dtype} {tuple(ids.shape)}")
+    if ndim == 2 and ids.shape[1] == 0:
+        raise ShapeError("input_ids has length 0; give at least one token")
+    if ids.numel() and (ids.device.type == "cpu" or on_device):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ShapeError(f"token id {bad} outside the vocabulary [0, {vocab}); "
+                             "was the prompt tokenized with this model's tokenizer?")
+    return ids.long()
+
+
+def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
+    """attention_mask (b, l) of 0/1 (left padding) or None -> int64 tensor or None."""
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask)
+    if tuple(mask.shape) != tuple(ids_shape):
+        raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids_shape)}")
+    return mask.long()

@@ -22,11 +22,48 @@ def _umask() -> int:
     return mask
 
 
+def _make_parent(path: Path) -> None:
+    from .errors import OutputPathError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a regular file, or no permission
+        raise OutputPathError(f"cannot create the folder for {path}: {e.strerror or e}; "
+                              "choose an output path under a writable folder") from e
+    try:  # a real probe: os.access says yes to root even on read-only mounts such as /proc
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"{path.parent} is not writable ({e.strerror or e}); "
+                              "choose an output path under a writable folder") from e
+
+
+def prepare_output_file(path) -> Path:
+    """Check up front, before any long work, that `path` can be written as a file."""
+    from .errors import OutputPathError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"output {path} is a folder; give a file name (e.g. {path / 'model.gguf'})")
+    _make_parent(path)
+    return path
+
+
+def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
+    """Check up front that `out` can become a new folder: absent or empty (error_cls otherwise),
+    with a writable parent."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
+    _make_parent(out)
+    return out
+
+
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
     """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prepare_output_file(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -72,10 +109,7 @@ def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
 def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
     """with atomic_dir(out) as tmp: fill tmp  -> renamed to `out` when the block succeeds.
     `out` must not exist or be an empty folder (error_cls otherwise)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, error_cls)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

@@ -15,7 +15,7 @@ import torch
 
 from .atomic import atomic_dir
 from .config import MambaConfig
-from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]
 KEY_RENAMES = {
@@ -280,8 +280,24 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
     """
     # inference only: parameters that require grad would make every call outside inference_mode
     # build an autograd graph chained through the in-place state (memory grows per token)
-    model = _load_model(path_or_hub_id, device, dtype).eval().requires_grad_(False)
+    model = _load_model(path_or_hub_id, check_device(device), dtype).eval().requires_grad_(False)
     return model.set_state_dtype(state_dtype) if state_dtype is not None else model
+
+
+def check_device(device) -> torch.device:
+    """A torch device this process can use (cpu, cuda, cuda:N), or a typed error naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU here; "
+                                      "use --device cpu, or install a CUDA build of torch on a GPU machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def _load_model(path_or_hub_id, device, dtype):

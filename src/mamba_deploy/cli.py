@@ -7,12 +7,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 import warnings
 
 import torch
 
 from . import __version__
+from .argtypes import nonnegative_float, nonnegative_int, positive_float
 from .errors import MambaDeployError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -107,9 +110,11 @@ def cmd_inspect(args):
 
 
 def cmd_generate(args):
-    from .generation import generate
+    from .generation import SamplingConfig, generate
     from .runners import open_runner
 
+    # the ranges argparse cannot see (top_p <= 1, min_p < 1), checked before any model loads
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     opts = {}
     if args.backend in (None, "torch"):
         opts = torch_options(args)
@@ -144,8 +149,11 @@ def cmd_generate(args):
 
 
 def cmd_convert(args):
+    from .atomic import prepare_output_dir
     from .checkpoint import load_model, save_checkpoint
+    from .errors import CheckpointError
 
+    prepare_output_dir(args.out, CheckpointError)
     model = load_model(args.model, dtype=DTYPES[args.dtype] if args.dtype else torch.float32)
     out = save_checkpoint(model, args.out, fmt=args.format,
                           dtype=DTYPES[args.dtype] if args.dtype else None,
@@ -167,13 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--stop", type=int, action="append", default=None, help="stop token id (repeatable)")
+    s.add_argument("--max-new-tokens", type=nonnegative_int, default=64)
+    s.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=nonnegative_int, default=0)
+    s.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
+    s.add_argument("--min-p", type=nonnegative_float, default=0.0, help="in [0, 1)")
+    s.add_argument("--repetition-penalty", type=positive_float, default=1.0)
+    s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -186,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    s.add_argument("--max-shard-size", type=float, default=2048, help="MB per safetensors shard")
+    s.add_argument("--max-shard-size", type=positive_float, default=2048, help="MB per safetensors shard")
     s.set_defaults(func=cmd_convert)
 
     ex = sub.add_parser("export", help="export to a deployment format")
@@ -201,19 +209,31 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every writer's cleanup (temporary files) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
+    main_thread = threading.current_thread() is threading.main_thread()
+    default_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args.func(args)
     except MambaDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         warnings.formatwarning = default_format
+        if main_thread:
+            signal.signal(signal.SIGTERM, default_term)
     return 0
 
 

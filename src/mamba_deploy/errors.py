@@ -41,5 +41,10 @@ class QuantizationError(MambaDeployError, ValueError):
     """A quantization method, config or tensor is not supported."""
 
 
+class OutputPathError(MambaDeployError, OSError):
+    """An output path cannot be written: its parent is a file or read-only, or a file target is a
+    folder (or a folder target a non-empty folder)."""
+
+
 class VerificationError(MambaDeployError, AssertionError):
     """An artifact disagrees with its reference beyond tolerance."""

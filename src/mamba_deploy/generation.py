@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,6 +20,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        values = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
             raise ConfigError(
                 f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
@@ -40,7 +44,10 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     """logits (b, V) -> the distribution sampled from (b, V), after the repetition penalty,
     temperature, top-k, min-p and top-p, in that order. Greedy (temperature 0) is not a
     distribution; use `sample`."""
-    logits = _penalized(logits, cfg, history) / cfg.temperature
+    logits = _penalized(logits, cfg, history)
+    # shift by the max first: with a tiny temperature logits / T overflows to inf (NaN softmax),
+    # while (logits - max) / T only sends the non-max entries towards -inf
+    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))

@@ -9,20 +9,35 @@ All format facts live in `gguf_tables.py`; the tokenizer part in `gguf_vocab.py`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import write_text
+from ..argtypes import nonnegative_int
+from ..atomic import prepare_output_file, write_text
 from ..errors import BackendUnavailableError, ExportError
 from ..quant.runtime import refuse_quantized
-from .gguf_tables import (FALLBACK, FINAL_FALLBACK, FIXED_KEYS, GGUF_ARCH, LLAMACPP_MAIN_TYPE, MODELFILE_NAME,
-                          OUTTYPES, OWN_KEYS, OWN_PREFIX, CONFIG_KEYS, TENSORS, keep_f32)
+from .gguf_tables import (
+    CONFIG_KEYS,
+    FALLBACK,
+    FINAL_FALLBACK,
+    FIXED_KEYS,
+    GGUF_ARCH,
+    LLAMACPP_MAIN_TYPE,
+    MODELFILE_NAME,
+    OUTTYPES,
+    OWN_KEYS,
+    OWN_PREFIX,
+    TENSORS,
+    keep_f32,
+)
 from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab_from_gguf
-
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -38,14 +53,13 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
         raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ftype, qtype = OUTTYPES[outtype]
     quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
+    out = prepare_output_file(out_path)
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
                      "(--outtype q8_0, q4_k_m, ...)")
     cfg = model.config
     check_exportable(cfg)
     vocab = _vocab_for(model_or_path, model, tokenizer)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     f32_tmp = out.with_name(f".{out.name}.f32-{os.getpid()}")
     try:
@@ -257,12 +271,33 @@ def _llamacpp_quantizer(outtype: str):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = int(n_threads)
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        with _deferred_interrupt():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
         if rc != 0 or not dst.exists():
             raise ExportError(f"llama.cpp failed to quantize {src} to {outtype} (return code {rc}); "
                               "see its log above")
 
     return quantize
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C during a long C call: Python's default handler raises KeyboardInterrupt inside
+    llama-cpp-python's log callback, where ctypes prints and drops it, and the export would go on
+    to write its file. Record the signal instead and raise it once the call returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, lambda signum, _: hit.append(signum)) for s in signals]
+    try:
+        yield
+    finally:
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
+    if hit:
+        signal.raise_signal(hit[0])  # now through the caller's handler, in Python code
 
 
 # ----------------------------------------------------------------------------- Ollama
@@ -292,7 +327,7 @@ def register(subparsers) -> None:
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES))
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / hub id, if the model has none")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
-    p.add_argument("--threads", type=int, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
     p.set_defaults(func=_cmd)
 
 

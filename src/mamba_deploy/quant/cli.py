@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from ..argtypes import positive_int
 from ..errors import QuantizationError
 from .plan import METHODS
 
@@ -29,16 +30,21 @@ def pick_auto(n_params: int, target: str) -> tuple[str, str]:
 
 
 def cmd_quantize(args):
+    from ..atomic import prepare_output_dir
     from ..checkpoint import load_model
     from . import quantize, save_quantized
 
+    if args.method is None and not args.auto:
+        raise QuantizationError("pass --method (int8|int4|gptq|awq|smoothquant|fp8) or --auto --target cpu|gpu")
+    prepare_output_dir(args.out, QuantizationError)  # before minutes of calibration, not after
     model = load_model(args.model)
     method = args.method
     if args.auto:
         method, why = pick_auto(model.num_parameters(), args.target)
         print(f"--auto picked {method}: {why}")
-    if method is None:
-        raise QuantizationError("pass --method (int8|int4|gptq|awq|smoothquant|fp8) or --auto --target cpu|gpu")
+        if args.group_size is not None and METHODS[method]["format"] != "int4":
+            print(f"--group-size {args.group_size} does not apply to {method} (per output channel); ignored")
+            args.group_size = None
     opts = dict(group_size=args.group_size, symmetric=False if args.asymmetric else None,
                 calib=args.calib, rules=args.config, n_calib=args.n_calib, calib_len=args.calib_len)
     if args.act_order:
@@ -63,15 +69,15 @@ def register(subparsers):
     s.add_argument("model")
     s.add_argument("out")
     s.add_argument("--method", choices=list(METHODS), default=None)
-    s.add_argument("--group-size", type=int, default=None, help="int4 group size (32, 64, 128; default 128)")
+    s.add_argument("--group-size", type=positive_int, default=None, help="int4 group size (32, 64, 128; default 128)")
     s.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     s.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
     s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None)
     s.add_argument("--include", default=None, help="also quantize: embeddings,lm_head")
     s.add_argument("--calib", default=None, help="calibration text file (default: built-in stdlib text)")
-    s.add_argument("--n-calib", type=int, default=None, help="calibration sequences (default 16)")
-    s.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (default 256)")
+    s.add_argument("--n-calib", type=positive_int, default=None, help="calibration sequences (default 16)")
+    s.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration sequence (default 256)")
     s.add_argument("--config", default=None, help='per-layer rules JSON: {"quant_cfg": {"<glob>": {...}}}')
     s.add_argument("--auto", action="store_true", help="pick the method from model size and --target")
     s.add_argument("--target", choices=["cpu", "gpu"], default="cpu")

@@ -50,6 +50,13 @@ def method_options(method: str, options: dict) -> dict:
         raise QuantizationError(f"unknown option(s) {sorted(unknown)} for method {method!r}; "
                                 f"valid: {sorted(set(opts) - {'format', 'bits', 'calibrate'})}")
     opts.update({k: v for k, v in options.items() if v is not None})
+    for key in ("group_size", "n_calib", "calib_len"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise QuantizationError(f"{key}={v!r} must be a positive integer")
+    if options.get("group_size") is not None and opts["format"] != "int4" and not options.get("rules"):
+        raise QuantizationError(f"group_size={options['group_size']} applies to the 4-bit methods (int4, gptq, awq); "
+                                f"{method} quantizes per output channel: drop --group-size")
     if opts.get("fp8_scaling", "channel") not in FP8_SCALINGS:
         raise QuantizationError(f"fp8_scaling {opts['fp8_scaling']!r} unknown; choose one of {FP8_SCALINGS}")
     if method == "smoothquant" and not 0.0 <= float(opts["alpha"]) <= 1.0:

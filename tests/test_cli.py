@@ -1,0 +1,123 @@
+"""Command-line mistakes and interruptions: every one is a typed error (exit 2) or a clean stop
+(130 / 143), raised before long work where it can be, and leaves no file behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_deploy.cli import main
+
+DEMO = str(Path(__file__).resolve().parents[1] / "models" / "demo-mamba1")
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("verb", [
+    ["export", "onnx", DEMO, "{f}/x"],
+    ["export", "gguf", DEMO, "{f}/x.gguf"],
+    ["quantize", DEMO, "{f}/q", "--method", "int8"],
+    ["convert", DEMO, "{f}/c"],
+])
+def test_output_under_a_file_is_a_user_error(verb, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert main([a.format(f=tmp_path / "f") for a in verb]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert _leftovers(tmp_path) == []
+
+
+def test_gguf_output_that_is_a_folder(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    (tmp_path / "d").mkdir()
+    assert main(["export", "gguf", DEMO, str(tmp_path / "d")]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_quantize_checks_its_output_and_options_before_work(tmp_path, capsys, monkeypatch):
+    import mamba_deploy.checkpoint as ck
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    monkeypatch.setattr(ck, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking"))
+    assert main(["quantize", DEMO, str(tmp_path / "q"), "--method", "int8"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["quantize", DEMO, str(tmp_path / "q2"), "--method", "int8", "--group-size", "32"]) == 2
+    assert "drop --group-size" in capsys.readouterr().err
+    for bad in (["--group-size", "0"], ["--n-calib", "-2"], ["--calib-len", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(["quantize", DEMO, str(tmp_path / "q3"), "--method", "gptq", *bad])
+        assert e.value.code == 2
+    assert not (tmp_path / "q2").exists() and not (tmp_path / "q3").exists()
+
+
+@pytest.mark.parametrize("flags,code,needle", [
+    (["--top-p", "2"], 2, "top_p"),
+    (["--min-p", "1"], 2, "min_p"),
+    (["--temperature", "-1"], "argparse", "must be >= 0"),
+    (["--temperature", "nan"], "argparse", "not a finite number"),
+    (["--repetition-penalty", "0"], "argparse", "must be > 0"),
+    (["--max-new-tokens", "-3"], "argparse", "must be >= 0"),
+    (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], 2, "cuda"),
+    (["--device", "tpu"], 2, "unknown device 'tpu'"),
+])
+def test_generate_bad_settings(flags, code, needle, capsys):
+    argv = ["generate", DEMO, "--prompt", "def f(", "--max-new-tokens", "2", *flags]
+    if code == "argparse":
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    else:
+        assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_tiny_temperature_is_greedy(capsys):
+    """logits / 1e-45 overflowed to inf and the softmax to NaN (torch.multinomial raised)."""
+    base = ["generate", DEMO, "--prompt", "import os", "--max-new-tokens", "6", "--json"]
+    assert main(base) == 0
+    greedy = capsys.readouterr().out
+    assert main([*base, "--temperature", "1e-45", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_sigterm_mid_export_cleans_up(tmp_path, monkeypatch, capsys):
+    """SIGTERM is raised like Ctrl-C, so the export's temporary folder is removed (exit 143)."""
+    pytest.importorskip("onnxruntime")
+    import mamba_deploy.export.onnx as ex
+
+    real = ex.write_manifest
+
+    def killed(*a, **k):
+        real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ex, "write_manifest", killed)
+    assert main(["export", "onnx", DEMO, str(tmp_path / "o")]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_interrupt_inside_llamacpp_quantize_is_not_lost(tmp_path, monkeypatch):
+    """Ctrl-C during llama.cpp's quantizer landed in its ctypes log callback, where it was
+    dropped, and the export went on to write its file. Now it stops once the call returns."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+
+    def quantize(src, dst, params):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while "inside" the C call
+        with open(dst, "wb") as f:
+            f.write(b"GGUF")
+        return 0
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize)
+    assert main(["export", "gguf", DEMO, str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"]) == 130
+    assert list(tmp_path.iterdir()) == []

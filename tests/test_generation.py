@@ -128,6 +128,8 @@ def test_prompt_forms_and_bad_arguments(hf_checkpoint):
         generate(runner, torch.ones(2, 3))
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate(runner, rows, max_new_tokens=-1)
+    with pytest.raises(ConfigError, match=r"stop token id\(s\) \[99999\]"):
+        generate(runner, rows, stop_token_ids=[5, 99999])
     with pytest.raises(ShapeError, match="token id 500 outside"):
         generate(runner, [[1, 500]])
     with pytest.raises(ShapeError, match="token id 128 outside"):

@@ -10,7 +10,6 @@ A format whose module (or optional dependency) is missing is listed as "not avai
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json
 from .errors import BackendUnavailableError, ModelNotFoundError
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
@@ -287,7 +287,7 @@ def cmd_demo(args):
           f"{sum(r.status == 'not available' for r in rows)} not available, "
           f"{sum(r.status in ('FAIL', 'error') for r in rows)} failed; {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+        write_json(args.json, [r.__dict__ for r in rows])
     if not passed:
         sys.exit(1)
 

@@ -113,10 +113,14 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
         raise ShapeError("a prompt is empty; give at least one token")
     if stop_token_ids is None:
         stop_token_ids = [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
+    vocab = runner.vocab_size
+    bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise ConfigError(f"stop token id(s) {bad} outside the vocabulary [0, {vocab}): they could never stop "
+                          "generation; check the ids against the tokenizer")
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
     scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    vocab = runner.vocab_size
 
     b = len(ids_list)
     ids, mask = left_pad(ids_list)

@@ -132,3 +132,16 @@ def test_eval_user_errors(hf_checkpoint, capsys, tmp_path):
     assert "exactly one of --text" in capsys.readouterr().err
     assert main(["eval", str(MODELS / "demo-mamba1"), "--corpus", "stdlib-all"]) == 2
     assert "unknown corpus 'stdlib-all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--max-tokens", "0"], ["--max-tokens", "-5"], ["--window", "0"],
+                                   ["--dtype", "foo"]])
+def test_eval_bad_arguments_are_usage_errors(flags, capsys):
+    """Before: --max-tokens 0 / -5 scored the whole corpus (`if args.max_tokens:`), --dtype foo
+    was a KeyError. argparse rejects them before any model loads."""
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(MODELS / "demo-mamba1"), "--corpus", "stdlib-val", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and flags[1] in err
+

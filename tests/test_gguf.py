@@ -555,3 +555,103 @@ def test_llamacpp_runner_out_of_vocab_ids(exported):
             lr.prefill(torch.tensor([[1, lr.n_vocab]]), st)
         with pytest.raises(ShapeError, match="length 0"):
             lr.prefill(torch.zeros(1, 0, dtype=torch.long), st)
+
+
+# ----------------------------------------------------------------------------- a GGUF's own tokenizer
+
+@pytest.fixture
+def lone_gguf(exported, tmp_path):
+    """The mamba GGUF copied alone into a folder: no tokenizer files beside it."""
+    dst = tmp_path / "lone" / "m.gguf"
+    dst.parent.mkdir()
+    shutil.copy(exported("mamba"), dst)
+    return dst
+
+
+@needs_llama
+def test_eval_gguf_on_the_corpus_with_llamacpp_tokenizer(lone_gguf, capsys):
+    """Before: AttributeError, encode_split reached into our Tokenizer's private `_tok`."""
+    from mamba_deploy.cli import main
+    from mamba_deploy.data import corpus_texts
+    from mamba_deploy.eval import perplexity
+
+    assert main(["eval", str(lone_gguf), "--corpus", "stdlib-val", "--max-tokens", "300", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    with open_llama(lone_gguf) as lr:
+        tok, ids = lr.tokenizer, []
+        for text in corpus_texts("val"):  # the stream built here file by file: tokens, then EOS
+            ids += tok.encode(text) + [tok.eos_token_id]
+            if len(ids) >= 300:
+                break
+        want = perplexity(lr, ids[:300])
+    assert res["backend"] == "llama.cpp" and res["tokens"] == 299
+    assert res["ppl"] == pytest.approx(want["ppl"], rel=1e-9)
+
+
+@needs_llama
+def test_torch_backend_on_a_lone_gguf_uses_its_tokenizer(lone_gguf, tiny_tokenizer, capsys):
+    """Before: 'no tokenizer in <folder>': the torch runner looked for files beside the GGUF."""
+    from tokenizers import Tokenizer
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    ref = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    prompts = ["hello world, the lazy fox", "a stitch in time"]
+    tr = open_runner(lone_gguf, "torch")
+    with open_llama(lone_gguf) as lr:
+        for p in prompts:
+            assert tr.tokenizer.encode(p) == lr.tokenizer.encode(p) == ref.encode(p).ids
+        assert tr.tokenizer.eos_token_id == lr.tokenizer.eos_token_id == ref.token_to_id(EOS)
+        llama_ids = [lr.tokenizer.encode(p) for p in prompts]
+    argv = ["generate", str(lone_gguf), "--backend", "torch", "--max-new-tokens", "6", "--json"]
+    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want = generate(tr, llama_ids, max_new_tokens=6, stop_token_ids=[ref.token_to_id(EOS)])
+    assert [r["tokens"] for r in rows] == want.tokens
+
+
+@pytest.mark.parametrize("added", [[], ["  ", "mamba!"]], ids=["plain", "user_defined"])
+def test_onnx_export_of_a_lone_gguf_writes_its_tokenizer(added, ckpt, tiny_tokenizer, tmp_path):
+    """The GGUF's vocabulary written back as tokenizer.json encodes as the tokenizer.json it came
+    from (and as llama.cpp), non-special added tokens (GGUF user-defined) included."""
+    pytest.importorskip("onnx")
+    from tokenizers import AddedToken, Tokenizer
+
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    ref = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    ref.add_tokens([AddedToken(t, normalized=False) for t in added])
+    src = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer, src)
+    ref.save(str(src / "tokenizer.json"))
+    (tmp_path / "lone").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gg = export_gguf(ckpt("mamba")[0], tmp_path / "lone" / "m.gguf", tokenizer=src)
+    out = export_onnx(gg, tmp_path / "onnx", validate=False)
+    tok = load_tokenizer(out)
+    texts = TEXTS[:3] + ["the  quick   mamba!mamba! dog", " quick  brown"]
+    for text in texts + [f"a {EOS} b"]:
+        assert tok.encode(text) == ref.encode(text).ids, text
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text).ids)
+    assert tok.eos_token_id == ref.token_to_id(EOS) and tok.vocab_size == ref.get_vocab_size()
+    if HAVE_LLAMA:  # llama.cpp matches control tokens only with parse_special, so no EOS text here
+        with open_llama(gg) as lr:
+            assert [lr.tokenizer.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+
+
+def test_onnx_export_of_a_gguf_without_tokenizer_json_equivalent_warns(lone_gguf, tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    import dataclasses
+
+    from mamba_deploy.export import gguf_vocab
+    from mamba_deploy.export.onnx import export_onnx
+
+    real = gguf_vocab.vocab_from_gguf
+    monkeypatch.setattr(gguf_vocab, "vocab_from_gguf", lambda p, r=None: dataclasses.replace(real(p, r), pre="llama-bpe"))
+    with pytest.warns(UserWarning, match=r"gets no tokenizer: .*pre-tokenizer 'llama-bpe'"):
+        out = export_onnx(lone_gguf, tmp_path / "onnx", validate=False)
+    assert (out / "model.onnx").is_file() and not (out / "tokenizer.json").exists()

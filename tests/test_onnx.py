@@ -294,7 +294,7 @@ def test_graph_not_matching_manifest(exported, tmp_path):
     m = json.loads((bad / "manifest.json").read_text())
     m["inputs"][3]["name"] = "past_conv.7"
     (bad / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ExportError, match="does not match manifest.json.*past_conv.7"):
+    with pytest.raises(ExportError, match="manifest.json.*past_conv.7"):
         open_onnx(bad)
     # a manifest whose state shape disagrees with the graph
     m = json.loads((out / "manifest.json").read_text())
@@ -313,6 +313,26 @@ def test_graph_not_matching_manifest(exported, tmp_path):
     shutil.rmtree(bad2)
     with pytest.raises(MambaDeployError, match="no model.onnx"):
         open_onnx(bad2)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m["config"].update(n_layer=m["config"]["n_layer"] + 1), "implied only.*past_conv.2"),
+    (lambda m: m["config"].update(n_layer=1), "listed only.*past_conv.1"),
+    (lambda m: m["config"].update(d_state=m["config"]["d_state"] // 2), "past_ssm.0"),
+    (lambda m: m["config"].update(arch="mamba2"), "implies input.*past_conv.0"),
+    (lambda m: m.pop("config"), "no valid config"),
+])
+def test_manifest_config_must_match_its_io(exported, tmp_path, edit, needle):
+    """A manifest whose config was edited (the graph and its hash unchanged) would make the
+    runners size states for another model: ORT then failed with its own dimension errors."""
+    out, _, _ = exported("mamba")
+    bad = tmp_path / "m"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    edit(m)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match=needle):
+        open_onnx(bad)
 
 
 def _add_word_tokenizer(folder: Path, vocab: int = 128) -> None:

@@ -114,16 +114,15 @@ def tokenizer_digest(tokenizer_dir) -> str:
 
 def encode_split(tokenizer, split: str, root: Path | None = None) -> np.ndarray:
     """One stream: every file's tokens followed by EOS, files in sorted path order. (n,) int32.
-    `tokenizer` is a mamba_deploy.tokenizer.Tokenizer."""
+    `tokenizer`: any object with encode(str) and eos_token_id (a Runner's tokenizer: ours,
+    llama.cpp's); encode_batch(texts), where it has one, is used for speed."""
     texts = list(corpus_texts(split, root))
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ConfigError(f"tokenizer at {tokenizer.path} has no eos token; retrain it with train-tokenizer")
-    raw = tokenizer._tok
-    if hasattr(raw, "encode_batch"):  # `tokenizers` backend: parallel
-        encoded = [e.ids for e in raw.encode_batch(texts)]
-    else:
-        encoded = [tokenizer.encode(t) for t in texts]
+        raise ConfigError(f"tokenizer {getattr(tokenizer, 'path', None) or type(tokenizer).__name__} has no eos "
+                          "token to separate files; use a tokenizer that defines one (e.g. from train-tokenizer)")
+    batch = getattr(tokenizer, "encode_batch", None)
+    encoded = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
     out = []
     for ids in encoded:
         out.extend(ids)

@@ -90,7 +90,7 @@ def cmd_eval(args):
     opts = {"device": args.device, "dtype": DTYPES[args.dtype]} if args.backend in (None, "torch") else {}
     runner = open_runner(args.model, args.backend, **opts)
     ids = corpus_ids(runner.tokenizer, args.corpus, args.text)
-    if args.max_tokens:
+    if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     res = perplexity(runner, ids, window=args.window, progress=not args.json)
     res.update(model=str(args.model), backend=runner.name, source=args.text or args.corpus)
@@ -110,15 +110,18 @@ def cmd_eval(args):
 
 
 def register(subparsers):
+    from .argtypes import positive_int
+    from .cli import DTYPES
+
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
     s.add_argument("--text", default=None, help="a UTF-8 text file")
     s.add_argument("--corpus", default=None, help="stdlib-val | stdlib-train (this Python's stdlib, see data.py)")
-    s.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    s.add_argument("--window", type=int, default=256, help="tokens per prefill window")
+    s.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
+    s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="fp32", help="torch backend dtype: fp32 | fp16 | bf16")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     s.add_argument("--baseline", action="store_true",
                    help="also the add-one unigram perplexity from stdlib train-split counts, same tokens")
     s.add_argument("--json", action="store_true")

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+
+# Files a tokenizer can be built from. Without any of them transformers still builds the model
+# type's tokenizer class (GPT-NeoX for mamba / mamba2), but empty: 2 special tokens, encode -> [].
+TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                     "tokenizer.model", "spiece.model")
+PROBE_TEXT = "def main():\n    return 0\n"  # every real tokenizer encodes this to some tokens
+# Fewer tokens than there are bytes and under 1/8 of the model's embedding rows: not the model's
+# tokenizer (e.g. transformers' empty one: 2 special tokens for 50k rows); loose enough for test-sized ones.
+MIN_VOCAB, MIN_VOCAB_FRACTION = 256, 8
 
 
 class Tokenizer:
@@ -19,11 +29,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids if hasattr(self._tok, "token_to_id") else self._tok.encode(text, add_special_tokens=False)
 
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
+    def encode_batch(self, texts) -> list[list[int]]:
+        """Same ids as encode() per text; the `tokenizers` backend encodes them in parallel."""
         if hasattr(self._tok, "token_to_id"):
-            return self._tok.decode(ids, skip_special_tokens=True)
-        return self._tok.decode(ids, skip_special_tokens=True)
+            return [e.ids for e in self._tok.encode_batch(list(texts))]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        if hasattr(self._tok, "token_to_id"):
+            return self._tok.token_to_id(token)
+        i = self._tok.convert_tokens_to_ids(token)
+        return None if i == self._tok.unk_token_id and token != self._tok.unk_token else i
 
     @property
     def vocab_size(self) -> int:
@@ -39,37 +58,62 @@ def _special_id(tok, cfg: dict, key: str):
     return None
 
 
+def _no_tokenizer(folder, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"no tokenizer in {folder} ({why}); copy the model's tokenizer.json and tokenizer_config.json into "
+        "that folder, or pass --tokenizer PATH where the command has one, or give token ids instead of text"
+    )
+
+
+def _model_vocab(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_tokenizer(folder) -> Tokenizer:
     if folder is None:
         raise ModelNotFoundError("this model has no source folder to load a tokenizer from; pass token ids instead of text")
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
-    tj = folder / "tokenizer.json"
-    if tj.exists():
-        import json
+    # a folder that does not exist locally may be a hub id: transformers resolves those
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_SOURCES):
+        raise _no_tokenizer(folder, f"none of {', '.join(TOKENIZER_SOURCES)}")
+    tok = _from_tokenizer_json(folder) if (folder / "tokenizer.json").exists() else _from_transformers(folder)
+    n, rows = tok.vocab_size, _model_vocab(folder)
+    if rows is not None and n < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
+        raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
+    return tok
 
-        from tokenizers import Tokenizer as HFTok
 
-        tok = HFTok.from_file(str(tj))
-        tcfg = {}
-        if (folder / "tokenizer_config.json").exists():
-            tcfg = json.loads((folder / "tokenizer_config.json").read_text())
-        eos = _special_id(tok, tcfg, "eos_token")
-        bos = _special_id(tok, tcfg, "bos_token")
-        if eos is None:
-            for name in ("<|endoftext|>", "</s>", "<eos>"):
-                if tok.token_to_id(name) is not None:
-                    eos = tok.token_to_id(name)
-                    break
-        return Tokenizer(tok, eos, bos, folder)
+def _from_tokenizer_json(folder: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTok
+
+    tok = HFTok.from_file(str(folder / "tokenizer.json"))
+    tcfg = {}
+    if (folder / "tokenizer_config.json").exists():
+        tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    eos = _special_id(tok, tcfg, "eos_token")
+    bos = _special_id(tok, tcfg, "bos_token")
+    if eos is None:
+        for name in ("<|endoftext|>", "</s>", "<eos>"):
+            if tok.token_to_id(name) is not None:
+                eos = tok.token_to_id(name)
+                break
+    return Tokenizer(tok, eos, bos, folder)
+
+
+def _from_transformers(folder: Path) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        auto = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001
-        raise ModelNotFoundError(
-            f"no tokenizer in {folder} (no tokenizer.json, and transformers could not load one: {e}); "
-            "copy the tokenizer files into the folder or pass token ids"
-        ) from e
-    return Tokenizer(tok, tok.eos_token_id, tok.bos_token_id, folder)
+        raise _no_tokenizer(folder, f"no tokenizer.json, and transformers could not load one: {e}") from e
+    tok = Tokenizer(auto, auto.eos_token_id, auto.bos_token_id, folder)
+    if not tok.encode(PROBE_TEXT):  # files that name a tokenizer class but hold no vocabulary
+        raise _no_tokenizer(folder, f"transformers built a tokenizer of {tok.vocab_size} tokens from its files, "
+                                    f"which encodes {PROBE_TEXT!r} to no tokens")
+    return tok

@@ -176,7 +176,7 @@ def setup(args) -> SimpleNamespace:
                           "make one with `mamba-deploy train-tokenizer DIR`")
     tok = load_tokenizer(args.tokenizer)
     train_ids, val_ids = load_data(args)
-    cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok._tok.token_to_id("<|pad|>"))
+    cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok.token_to_id("<|pad|>"))
     model = MambaLM(cfg)
     init_weights(model, args.seed)
     model.source_path = Path(args.tokenizer)  # save_checkpoint copies the tokenizer files from here

@@ -151,8 +151,9 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
                               f"n_layer={cfg.n_layer}): {'; '.join(problems[:8])}. Re-export the file.")
     model = model.to(device=device, dtype=dtype).eval()
     model.source_path = Path(path).parent
+    model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
     if not (Path(path).parent / "tokenizer.json").exists():
-        model._tokenizer = gguf_tokenizer(reader)
+        model._tokenizer = gguf_tokenizer(reader, path)
     return model
 
 
@@ -164,21 +165,20 @@ def _fit_rows(value, rows: int, name: str):
     return value
 
 
-def gguf_tokenizer(reader):
-    """The GGUF's own byte-level BPE as a `tokenizers` tokenizer (None if it has another kind)."""
+def gguf_tokenizer(reader, path):
+    """The GGUF's own vocabulary as a tokenizer that encodes as llama.cpp does (control and added
+    tokens included), or None with a warning where no `tokenizers` equivalent exists."""
+    import warnings
+
+    from ..errors import ExportError
     from ..tokenizer import Tokenizer
+    from .gguf_vocab import tokenizer_from_vocab, vocab_from_gguf
 
-    if field(reader, "tokenizer.ggml.model", None) != "gpt2":
+    try:
+        vocab = vocab_from_gguf(path, reader)
+        tok = tokenizer_from_vocab(vocab)
+    except ExportError as e:
+        warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({e}); use --backend llama.cpp "
+                      "or give token ids", stacklevel=3)
         return None
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers
-
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    types = field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges", [])]
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}  # 5 = UNUSED padding rows
-    tok = HFTok(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t == 3])  # 3 = CONTROL
-    return Tokenizer(tok, field(reader, SPECIAL_KEYS["eos"], None), field(reader, SPECIAL_KEYS["bos"], None))
+    return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"))

@@ -132,12 +132,13 @@ def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dic
     return ids, bool(tcfg.get("add_bos_token", False))
 
 
-def vocab_from_gguf(path) -> Vocab:
-    """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf)."""
+def vocab_from_gguf(path, reader=None) -> Vocab:
+    """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf);
+    `reader`: the file already open."""
     from .gguf_import import field, open_reader
     from .gguf_tables import ADD_BOS_KEY, SPECIAL_KEYS
 
-    reader = open_reader(path)
+    reader = open_reader(path) if reader is None else reader
     model = field(reader, "tokenizer.ggml.model")
     if model != TOKENIZER_MODEL:
         raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {TOKENIZER_MODEL!r} (byte-level BPE)")
@@ -158,3 +159,54 @@ def add_vocab(writer, vocab: Vocab) -> None:
     for kind, tid in vocab.special.items():
         writer.add_uint32(SPECIAL_KEYS[kind], int(tid))
     writer.add_bool(ADD_BOS_KEY, vocab.add_bos)
+
+
+def tokenizer_from_vocab(vocab: Vocab):
+    """A GGUF vocabulary as a `tokenizers.Tokenizer` that encodes text as llama.cpp does with it
+    (control tokens in the text are matched, as tokenizer.json always does and llama.cpp with
+    parse_special). Raises ExportError where no tokenizer.json can (another pre-tokenizer or token kind)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    where = vocab.source or "the GGUF"
+    if vocab.model != TOKENIZER_MODEL or vocab.pre != "gpt-2":  # ByteLevel(use_regex=True) is llama.cpp's "gpt-2"
+        raise ExportError(f"{where} has a {vocab.model!r} tokenizer with pre-tokenizer {vocab.pre!r}; only "
+                          f"{TOKENIZER_MODEL!r} with 'gpt-2' has a tokenizer.json equivalent")
+    kinds = {TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED}
+    odd = sorted({t for t in vocab.types if t not in kinds})
+    if odd:
+        raise ExportError(f"{where} has tokens of type {odd}; only normal, control, user-defined and "
+                          "unused tokens have a tokenizer.json equivalent")
+    kept = {t: i for i, (t, k) in enumerate(zip(vocab.tokens, vocab.types)) if k != TokenType.UNUSED}
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    # checked here: tokenizers' BPE panics (a BaseException) on a merge outside its vocabulary
+    bad = next((m for m in merges if len(m) != 2 or not {m[0], m[1], m[0] + m[1]} <= kept.keys()), None)
+    if bad is not None:
+        raise ExportError(f"{where}: merge {' '.join(bad)!r} uses or makes a token that is not in its vocabulary")
+    tok = Tokenizer(models.BPE(vocab=kept, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # added tokens the source tokenizer.json matched verbatim before BPE, as llama.cpp does
+    # (control tokens only with parse_special)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.USER_DEFINED])
+    return tok
+
+
+def write_gguf_tokenizer(gguf_path, folder) -> None:
+    """The GGUF's vocabulary as tokenizer.json + tokenizer_config.json in `folder`, for runtimes
+    without llama.cpp; ExportError where that cannot be done faithfully (see tokenizer_from_vocab)."""
+    import os
+
+    gguf_path = getattr(gguf_path, "gguf_path", gguf_path)  # a model loaded by load_gguf
+    if not isinstance(gguf_path, (str, os.PathLike)):
+        raise ExportError("this model keeps no path to a GGUF vocabulary; export the .gguf path itself")
+    vocab = vocab_from_gguf(gguf_path)
+    tok = tokenizer_from_vocab(vocab)
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": vocab.add_bos,
+            "clean_up_tokenization_spaces": False}
+    tcfg.update({f"{kind}_token": vocab.tokens[i] for kind, i in vocab.special.items() if 0 <= i < len(vocab.tokens)})
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")

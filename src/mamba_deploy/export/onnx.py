@@ -9,13 +9,15 @@ writes the folder atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_dir, read_tagged_json, write_json
+from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_json
+from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
 
 MANIFEST_VERSION = 1
@@ -54,6 +56,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = model_or_path if isinstance(model_or_path, torch.nn.Module) else load_model(model_or_path)
     cfg = model.config
     if cfg.arch == "mamba2" and cfg.norm_before_gate:
@@ -71,8 +74,17 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
         _save(proto, tmp)
         check_graph(tmp / "model.onnx")
-        if getattr(model, "source_path", None) is not None:
-            copy_tokenizer_files(model.source_path, tmp)
+        copied = copy_tokenizer_files(model.source_path, tmp) if getattr(model, "source_path", None) else []
+        if cfg.source == "gguf" and "tokenizer.json" not in copied:  # the GGUF carries the tokenizer
+            from .gguf_vocab import write_gguf_tokenizer
+
+            try:
+                write_gguf_tokenizer(model_or_path, tmp)
+            except (ExportError, ConfigError) as e:  # the graph still runs on token ids
+                import warnings
+
+                warnings.warn(f"{out_dir} gets no tokenizer: {e}. Copy the original model's tokenizer.json "
+                              "and tokenizer_config.json into it to use text prompts", stacklevel=2)
         write_manifest(tmp, cfg, opset, dtype)
         if validate:
             validate_export(tmp, model, dtype)
@@ -169,7 +181,30 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
         raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
     manifest = read_manifest(folder)
     _check_files(manifest, folder, check_hash)
+    _check_config(manifest, folder)
     return folder, manifest
+
+
+def _check_config(manifest: dict, folder: Path) -> None:
+    """The manifest's config must imply exactly the inputs / outputs it lists (the runners size
+    the states from the config; `check_session` then holds the graph to those lists)."""
+    try:
+        cfg = MambaConfig.from_own_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{folder}/manifest.json has no valid config ({type(e).__name__}: {e}); "
+                          "re-export the model") from e
+    want = json.loads(json.dumps(io_spec(cfg)))
+    what = f"{folder}/manifest.json: its config ({cfg.arch}, n_layer={cfg.n_layer}, d_state={cfg.d_state})"
+    fix = "the manifest was edited or belongs to another model: re-export the model"
+    for kind in ("inputs", "outputs"):
+        got = {d.get("name"): d for d in manifest.get(kind, [])}
+        names = {s["name"] for s in want[kind]}
+        if set(got) != names:
+            raise ExportError(f"{what} does not imply the {kind} it lists (listed only: {sorted(set(got) - names)}, "
+                              f"implied only: {sorted(names - set(got))}); {fix}")
+        for spec in want[kind]:
+            if got[spec["name"]] != spec:
+                raise ExportError(f"{what} implies {kind[:-1]} {spec}, the manifest lists {got[spec['name']]}; {fix}")
 
 
 def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:

@@ -9,11 +9,12 @@ output, so later layers calibrate on the activations they will really see.
 from __future__ import annotations
 
 import sysconfig
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import QuantizationError
+from ..errors import ModelNotFoundError, QuantizationError
 
 # all on the *train* side of mamba_deploy.data's split, so calibration never sees validation text
 CALIB_STDLIB_FILES = ("textwrap.py", "string.py", "fractions.py", "heapq.py", "bisect.py", "shlex.py",
@@ -38,15 +39,17 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
     else:
         if calib is None:
             text = builtin_text()
+        elif isinstance(calib, str) and len(calib) > 200:  # text itself: is_file() raises on a name this long
+            text = calib
         elif Path(str(calib)).is_file():
             text = Path(calib).read_text(errors="replace")
-        elif isinstance(calib, str) and len(calib) > 200:
-            text = calib
         else:
             raise QuantizationError(f"calibration file {calib!r} not found; pass a text file or omit --calib")
         try:
             ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
-        except Exception:  # noqa: BLE001  (no tokenizer files next to the checkpoint)
+        except ModelNotFoundError as e:  # no tokenizer files next to the checkpoint
+            warnings.warn(f"calibrating on the text's UTF-8 bytes as token ids, whose activations are less like "
+                          f"real inputs': {e}", stacklevel=2)
             ids = torch.tensor(list(text.encode()), dtype=torch.long) % model.config.vocab_size
     n = min(n_seq, ids.numel() // seq_len)
     if n < 1:

@@ -35,6 +35,12 @@ class TorchRunner(Runner):
     def to_torch_state(self, state) -> State:
         return State(state.conv.float().cpu(), state.ssm.float().cpu())
 
+    @property
+    def tokenizer(self):
+        # the model's own: a model loaded from a GGUF carries the GGUF's tokenizer, which no file
+        # in source_path holds
+        return self.model.tokenizer
+
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, **_) -> TorchRunner:
     from ..checkpoint import load_model

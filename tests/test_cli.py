@@ -121,3 +121,9 @@ def test_interrupt_inside_llamacpp_quantize_is_not_lost(tmp_path, monkeypatch):
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", quantize)
     assert main(["export", "gguf", DEMO, str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_backend_on_a_checkpoint_names_the_export_command(capsys):
+    assert main(["generate", DEMO, "--backend", "onnx", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "is a checkpoint, not an ONNX export" in err and f"export onnx {DEMO} {DEMO}-onnx" in err

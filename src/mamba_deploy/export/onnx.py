@@ -178,6 +178,9 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     if folder.suffix == ".onnx":
         folder = folder.parent
     if not (folder / "model.onnx").exists():
+        if (folder / "config.json").exists():  # a checkpoint: the export goes to a new folder
+            raise ModelNotFoundError(f"{folder} is a checkpoint, not an ONNX export; export it with `mamba-deploy "
+                                     f"export onnx {folder} {folder}-onnx` and pass {folder}-onnx")
         raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
     manifest = read_manifest(folder)
     _check_files(manifest, folder, check_hash)

@@ -61,10 +61,10 @@ def test_bench_keeps_going_past_a_bad_target(hf_checkpoint, tmp_path, capsys):
     data = _check_outputs(out, 4)
     assert data["targets"][1]["error"].startswith("ModelNotFoundError")
     assert "no-such-model" in (out / "results.md").read_text()
-    # nothing measurable at all is an error exit, with the outputs still written
+    # nothing measurable at all is an error exit that writes nothing (an empty table is no result)
     assert main(["bench", str(missing), "--out", str(tmp_path / "none"), *TINY]) != 0
     assert "no-such-model" in capsys.readouterr().err
-    assert json.loads((tmp_path / "none" / "results.json").read_text())["results"] == []
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo-mamba1 has not been built")
@@ -128,3 +128,69 @@ def test_bench_torch_and_onnx_guessed_backends(hf_checkpoint, tmp_path):
     data = _check_outputs(out, 2 * 2)
     assert [t["backend"] for t in data["targets"]] == ["torch", "onnx"]
     assert all(t["error"] is None for t in data["targets"])
+
+
+def test_failed_bench_leaves_earlier_results_untouched(hf_checkpoint, tmp_path, capsys):
+    """A run that measures nothing (every target missing) must not replace a good run's files in
+    the same --out with an empty table and empty plots."""
+    m1, _ = hf_checkpoint("mamba")
+    out = tmp_path / "bench"
+    assert main(["bench", str(m1), "--out", str(out), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == set(B.OUTPUT_FILES.values())
+    capsys.readouterr()
+    missing = tmp_path / "no-such-model"
+    assert main(["bench", str(missing), f"{missing}.gguf", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was written" in err and str(missing) in err and f"{missing}.gguf (llama.cpp)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporaries left either
+    _check_outputs(out, 4)
+
+
+def test_outputs_are_rendered_before_any_file_is_replaced(hf_checkpoint, tmp_path, monkeypatch):
+    """A failure while drawing the plots leaves the previous set whole: no new table beside old
+    plots, no temporary files."""
+    m1, _ = hf_checkpoint("mamba")
+    out = tmp_path / "bench"
+    assert main(["bench", str(m1), "--out", str(out), *TINY]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    data = json.loads((out / "results.json").read_text())
+    data["settings"]["gen_len"] = 99  # a different run, so a rewrite would show
+
+    def broken_plot(data, x_key, *args):
+        if x_key == "prompt_len":  # the second plot, after the table and the first plot are drawn
+            raise RuntimeError("drawing failed")
+        return real_plot(data, x_key, *args)
+
+    real_plot = B._plot
+    monkeypatch.setattr(B, "_plot", broken_plot)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        B.write_outputs(data, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(B, "_plot", real_plot)
+    B.write_outputs(data, out)
+    assert json.loads((out / "results.json").read_text())["settings"]["gen_len"] == 99
+    assert not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--batch", ""], r"--batch '' names no value"),
+    (["--prompt-len", ","], r"--prompt-len ',' names no value"),
+])
+def test_empty_setting_lists_are_user_errors(hf_checkpoint, tmp_path, capsys, flags, pattern):
+    import re
+
+    m1, _ = hf_checkpoint("mamba")
+    out = tmp_path / "o"
+    assert main(["bench", str(m1), "--out", str(out), *TINY, *flags]) == 2
+    assert re.search(pattern, capsys.readouterr().err)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        B.run_bench([(str(m1), "torch")], [], [8], 2, progress=False)
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--gen-len", "-1"), ("--warmup", "-1")])
+def test_bad_counts_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "m", flag, value])
+    assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err

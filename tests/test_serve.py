@@ -368,3 +368,107 @@ def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder
     status, _, data = _post(srv, bodies[0])  # waits on the lock until the dropped stream ends
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == refs[0]
     assert runner.steps < 1000 and not runner.overlap
+
+
+@pytest.mark.parametrize("flag,value,pattern", [
+    ("--port", "-1", r"argument --port: port -1 is outside 0\.\.65535"),
+    ("--port", "70000", r"argument --port: port 70000 is outside 0\.\.65535"),
+    ("--max-batch", "0", r"argument --max-batch: 0 must be >= 1"),
+    ("--max-tokens-limit", "0", r"argument --max-tokens-limit: 0 must be >= 1"),
+])
+def test_cli_bad_numbers_are_usage_errors(folder, capsys, flag, value, pattern):
+    """argparse rejects them (exit 2, usage line) before the model is loaded: no OverflowError
+    traceback for a port, no server that turns every request away for max_tokens_limit 0."""
+    from mamba_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(folder), flag, value])
+    assert exc.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_cli_cannot_listen_is_a_user_error_naming_host_and_port(folder, capsys):
+    """A port in use and a host that is not this machine's: exit 2 through the CLI's error path,
+    naming host:port and what to change."""
+    import socket
+
+    from mamba_deploy.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(folder), "--port", str(port), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "pick another --port" in err
+    assert main(["serve", str(folder), "--host", "999.1.1.1", "--port", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 999.1.1.1:0" in err and "--host 127.0.0.1" in err
+
+
+def test_make_server_rejects_limits_below_one(reference):
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_tokens_limit must be >= 1, got 0"):
+        make_server(reference, "127.0.0.1", 0, max_tokens_limit=0)
+    with pytest.raises(ConfigError, match="max_batch must be >= 1, got 0"):
+        make_server(reference, "127.0.0.1", 0, max_batch=0)
+
+
+@pytest.mark.parametrize("body,pattern", [
+    ({"prompt": "a", "top_p": 2}, r"0 < top_p <= 1"),
+    ({"prompt": "a", "temperature": -1, "stream": True}, r"temperature >= 0"),
+    ({"prompt": "a", "temperature": "NaN"}, r"`temperature` must be a"),
+    ({"prompt": "a", "min_p": 1}, r"0 <= min_p < 1"),
+    ({"prompt": "a", "top_k": -3}, r"top_k >= 0"),
+    (b'{"prompt": "a", "temperature": 1e999}', r"`temperature` must be a finite number"),  # JSON inf
+])
+def test_bad_sampling_values_are_400_not_500(server, body, pattern):
+    raw = body if isinstance(body, bytes) else None
+    got, headers, data = _post(server, None if raw else body, raw=raw)
+    assert got == 400 and headers["Content-Type"] == "application/json"
+    err = json.loads(data)["error"]
+    assert re.search(pattern, err["message"]), err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_tiny_temperature_is_greedy_not_a_server_error(server, reference):
+    """temperature 1e-45: logits / T overflowed to a NaN softmax (HTTP 500); it is as good as greedy."""
+    ref = generate(reference, [[1, 2]], max_new_tokens=6, temperature=0.0, stop_token_ids=[])
+    status, _, data = _post(server, {"prompt": [1, 2], "max_tokens": 6, "temperature": 1e-45, "seed": 0,
+                                     "stop_token_ids": []})
+    assert status == 200, data
+    assert json.loads(data)["choices"][0]["token_ids"] == ref.tokens[0]
+
+
+def test_cli_gguf_is_named_after_the_file(folder, tmp_path):
+    """`serve out/tiny-q.gguf` reports 'tiny-q', not the folder 'out' that holds it."""
+    pytest.importorskip("gguf", reason="gguf is not installed")
+    from mamba_deploy.export.gguf import export_gguf
+
+    gguf = export_gguf(folder, tmp_path / "out" / "tiny-q.gguf")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "serve", str(gguf), "--backend", "torch",
+                             "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        timer = threading.Timer(60, proc.kill)
+        timer.start()
+        try:
+            line = proc.stdout.readline()
+        finally:
+            timer.cancel()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert line.startswith("serving tiny-q (torch)")
+        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=TIMEOUT)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["model"] == "tiny-q"
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)

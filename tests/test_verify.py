@@ -339,3 +339,73 @@ def test_gguf_demo_model_gets_its_file_type_row(tmp_path):
         assert report.tolerance.label == "int8"
         assert report.passed, (backend, report.table())
         assert 0 < report.checks[0].value  # really quantized: not bit-identical to the reference
+
+
+def test_artifact_dtype_is_refused_for_artifacts_that_ignore_it(copies, tmp_path, capsys):
+    """--artifact-dtype changes how a torch checkpoint runs (and so its row); an ONNX export runs
+    what is stored in it, so the flag would only loosen the limits: it is refused, naming the
+    artifact's backend and the flags that loosen on purpose, before any report is written."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from mamba_deploy.export.onnx import export_onnx
+
+    ref, good, *_ = copies("mamba")
+    onnx = export_onnx(ref, tmp_path / "onnx")
+    out = tmp_path / "r.json"
+    assert main(_cli_args(ref, onnx, "--artifact-dtype", "fp16", "--json", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "--artifact-dtype fp16" in err and "onnx backend" in err and "(fp32)" in err
+    assert "--dtype fp16" in err and "--tolerance" in err
+    assert not out.exists()
+    assert main(_cli_args(ref, onnx, "--json", str(out))) == 0  # the same export without the flag
+    # a torch checkpoint really runs in half precision, so it keeps the half-precision row
+    assert main(_cli_args(ref, good, "--artifact-dtype", "fp16", "--json", str(out))) == 0
+    assert json.loads(out.read_text())["tolerance"]["label"] == "fp16"
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--lengths", ""], r"--lengths '' names no value"),
+    (["--batch", " , "], r"--batch ' , ' names no value"),
+    (["--lengths", "1,0"], r"--lengths '1,0' has 0; every value must be >= 1"),
+    (["--tolerance", "logits_rel"], r"'logits_rel'; write NAME=NUMBER"),
+    (["--tolerance", "state_rel=nan"], r"'state_rel=nan'; write NAME=NUMBER"),
+    (["--tolerance", "logit_rel=1"], r"unknown tolerance logit_rel"),
+])
+def test_cli_bad_lists_and_tolerances_are_user_errors(copies, tmp_path, capsys, flags, pattern):
+    """An empty --lengths / --batch used to skip every prefill and decode check and pass; a bare
+    --tolerance name was taken for a tolerance row."""
+    import re
+
+    ref, good, *_ = copies("mamba")
+    out = tmp_path / "r.json"
+    assert main(_cli_args(ref, good, "--json", str(out), *flags)) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
+    assert not out.exists()
+
+
+def test_api_empty_cases_and_bare_tolerance_names_are_errors(copies):
+    ref, good, *_ = copies("mamba")
+    for lengths, batches in (((), (1,)), ((3,), ())):
+        with pytest.raises(ConfigError, match="at least one value"):
+            _run(ref, TorchRunner(load_model(good)), lengths=lengths, batches=batches)
+    with pytest.raises(ConfigError, match="'ppl_rel' has no value; write NAME=NUMBER, e.g. ppl_rel="):
+        V.make_tolerance("ppl_rel")
+    assert V.make_tolerance("fp16").label == "fp16"  # a row label alone still works
+
+
+def test_different_models_are_named_not_blamed_on_the_runner(copies, hf_checkpoint, tmp_path, capsys):
+    """A Mamba1 reference against a Mamba2 checkpoint, or two Mamba1 of different sizes, are not
+    the same model: said up front with the differing fields, not as a broken to_torch_state."""
+    from conftest import build_hf_model
+
+    ref, *_ = copies("mamba")
+    m2, _ = hf_checkpoint("mamba2")
+    assert main(_cli_args(ref, m2)) == 2
+    err = capsys.readouterr().err
+    assert "is not the same model as" in err and "arch mamba2" in err and "arch mamba1" in err
+    assert "to_torch_state" not in err
+
+    wider = tmp_path / "wider"
+    build_hf_model("mamba", state_size=16).save_pretrained(wider)  # same vocabulary, larger state
+    with pytest.raises(MambaDeployError, match=r"the artifact has d_state 16 where the reference has d_state 8"):
+        _run(ref, TorchRunner(load_model(wider)))

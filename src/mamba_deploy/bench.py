@@ -8,17 +8,25 @@ steps. Writes results.json, results.md and two PNG plots into --out.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_file
-from .errors import ConfigError, MambaDeployError
+from .atomic import write_bytes
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    MambaDeployError,
+    OutputPathError,
+)
 
 SCHEMA = "mamba-deploy-bench/1"
 # One row of `results` in results.json (times in milliseconds, memory in bytes; None = unknown).
@@ -166,7 +174,8 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
     from .runners import open_runner
 
     batches, prompt_lens = [int(b) for b in batches], [int(p) for p in prompt_lens]
-    if min(batches + prompt_lens) < 1 or gen_len < 0 or repeats < 1 or warmup < 0:
+    if (not batches or not prompt_lens or min(batches + prompt_lens) < 1 or gen_len < 0 or repeats < 1
+            or warmup < 0):
         raise ConfigError(f"batch {batches} and prompt lengths {prompt_lens} must be >= 1, gen_len {gen_len} "
                           f">= 0, repeats {repeats} >= 1, warmup {warmup} >= 0")
     per_target = len(batches) * len(prompt_lens) * (warmup + repeats)
@@ -256,36 +265,59 @@ def _plot(data: dict, x_key: str, y_fn, series_key: str, title: str, xlabel: str
     return fig
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """write(tmp_path) fills a temporary file beside `path`, which is then renamed over it."""
-    with atomic_file(path) as tmp:
-        write(tmp)
-    return path
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _check_out_dir(out_dir) -> Path:
+    """--out is (or can become) a writable folder; checked without creating anything, so a run
+    that then measures nothing leaves no trace."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the bench results")
+    base = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not base.is_dir():
+        raise OutputPathError(f"cannot create --out {out}: {base} is a file; choose a folder under a writable one")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".bench.", suffix=".probe", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the bench results under {base} ({e.strerror or e}); "
+                              "choose --out under a writable folder") from e
+    return out
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailableError("bench draws its plots with matplotlib, which is not installed: "
+                                      "pip install matplotlib (or pip install 'mamba-deploy[bench]')") from e
 
 
 def write_outputs(data: dict, out_dir) -> dict:
     """results.json, results.md and the two plots into out_dir -> {kind: path}."""
-    import json
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the bench results")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / v for k, v in OUTPUT_FILES.items()}
-    _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(data, indent=2)))
-    _atomic_write(paths["markdown"], lambda p: p.write_text(markdown_table(data)))
+    out = _check_out_dir(out_dir)
+    _require_matplotlib()
+    # every file is rendered before the first is replaced, so a failure while drawing leaves the
+    # previous run's set whole instead of new tables beside old plots
     thr = _plot(data, "batch", lambda r: r["decode_tokens_per_s"], "prompt_len",
                 f"decode throughput vs batch (gen_len {data['settings']['gen_len']})", "batch size", "tokens / s")
     lat = _plot(data, "prompt_len", lambda r: r["prefill_ms"]["median"], "batch",
                 "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
-    _atomic_write(paths["throughput_plot"], lambda p: thr.savefig(p, format="png", dpi=110))
-    _atomic_write(paths["latency_plot"], lambda p: lat.savefig(p, format="png", dpi=110))
+    contents = {"json": json.dumps(data, indent=2).encode(), "markdown": markdown_table(data).encode(),
+                "throughput_plot": _png(thr), "latency_plot": _png(lat)}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"cannot create --out {out}: {e.strerror or e}; choose a folder under a "
+                              "writable one") from e
+    paths = {k: out / v for k, v in OUTPUT_FILES.items()}
+    for kind, path in paths.items():
+        write_bytes(path, contents[kind])  # temporary name beside it, then renamed into place
     return paths
 
 
@@ -293,9 +325,12 @@ def write_outputs(data: dict, out_dir) -> dict:
 
 def _ints(text: str, what: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"cannot read {what} {text!r}; give comma-separated integers like 1,8") from None
+    if not values:
+        raise ConfigError(f"{what} {text!r} names no value; give comma-separated integers like 1,8")
+    return values
 
 
 def cmd_bench(args):
@@ -303,19 +338,25 @@ def cmd_bench(args):
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
-    data = run_bench(targets, _ints(args.batch, "--batch"), _ints(args.prompt_len, "--prompt-len"),
-                     args.gen_len, args.warmup, args.repeats, args.seed, progress=not args.quiet,
-                     open_options=torch_options(args))
+    batches, prompt_lens = _ints(args.batch, "--batch"), _ints(args.prompt_len, "--prompt-len")
+    # what would stop the writing is reported before minutes of measuring, not after
+    _check_out_dir(args.out)
+    _require_matplotlib()
+    data = run_bench(targets, batches, prompt_lens, args.gen_len, args.warmup, args.repeats, args.seed,
+                     progress=not args.quiet, open_options=torch_options(args))
+    errors = [t for t in data["targets"] if t["error"]]
+    if not data["results"]:
+        # results of an earlier run in --out stay as they were: an empty table is not a result
+        raise ConfigError("no target could be benchmarked, nothing was written to "
+                          f"{args.out}: " + "; ".join(f"{t['artifact']} ({t['backend']}): {t['error']}" for t in errors)
+                          + ". Check each path and its --backends")
     paths = write_outputs(data, args.out)
     print(markdown_table(data))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    errors = [t for t in data["targets"] if t["error"]]
-    if errors and len(errors) == len(data["targets"]):
-        raise ConfigError(f"no target could be benchmarked: {errors[0]['artifact']} ({errors[0]['backend']}): "
-                          f"{errors[0]['error']}")
 
 
 def register(subparsers) -> None:
+    from .argtypes import nonnegative_int, positive_int
     from .cli import add_state_dtype
 
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
@@ -325,9 +366,9 @@ def register(subparsers) -> None:
                    help="torch,onnx,llama.cpp,... (default: guessed from each path)")
     s.add_argument("--batch", default="1,8")
     s.add_argument("--prompt-len", default="128,512")
-    s.add_argument("--gen-len", type=int, default=128)
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--gen-len", type=nonnegative_int, default=128)
+    s.add_argument("--warmup", type=nonnegative_int, default=1)
+    s.add_argument("--repeats", type=positive_int, default=3)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")

@@ -17,15 +17,19 @@ Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from .errors import MambaDeployError
+from .errors import ConfigError, MambaDeployError
 
 # request field -> (accepted JSON types, default, generate() keyword). bool is rejected where int
 # or float is expected (JSON true is not a number).
@@ -49,6 +53,7 @@ UNSUPPORTED = {
 }
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SEED_RANGE = (0, 2**63 - 1)
+SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -70,6 +75,8 @@ def _typed(body: dict, name: str, types, default):
     if isinstance(v, bool) or not isinstance(v, types):
         want = " or ".join("integer" if t is int else "number" for t in types)
         raise RequestError(f"`{name}` must be a {want}, got {json.dumps(v)[:80]}", param=name)
+    if isinstance(v, float) and not math.isfinite(v):  # JSON 1e999 parses to inf
+        raise RequestError(f"`{name}` must be a finite number, got {v}", param=name)
     return v
 
 
@@ -124,7 +131,7 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
         raise RequestError(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {kw['seed']}", param="seed")
     try:  # generation's own check, before anything is sent (a stream cannot change its status later)
         SamplingConfig(kw["temperature"], kw["top_k"], kw["top_p"], kw["min_p"], kw["repetition_penalty"])
-    except ValueError as e:
+    except (MambaDeployError, ValueError) as e:  # the client's settings: a 400, never a 500
         raise RequestError(str(e)) from e
     stops = body.get("stop_token_ids")
     if stops is not None:
@@ -380,11 +387,50 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     """A bound (not yet serving) server; call `serve_forever()` (and `shutdown()`, `server_close()`).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`."""
     if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    if max_tokens_limit < 1:  # 0 would turn every request away with a 400
+        raise ConfigError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     if model_name is None:
-        src = getattr(runner, "source_path", None)
-        model_name = src.name if src is not None else runner.name
+        model_name = default_model_name(runner)
     return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout)
+
+
+def default_model_name(runner, model=None) -> str:
+    """The name reported as `model`: the file's stem for a single-file artifact (model.gguf ->
+    'model'), else the folder's name (or a hub id's last part); `model` is the path or id the
+    user gave, else the runner's own path."""
+    path = model if model is not None else (getattr(runner, "artifact_path", None) or getattr(runner, "path", None)
+                                            or getattr(runner, "source_path", None))
+    if path is None:
+        return runner.name
+    p = Path(str(path))
+    if p.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return p.stem
+    if p.is_file():  # model.onnx and the like: the folder is the model
+        p = p.parent
+    return p.name or p.resolve().name or runner.name
+
+
+def _bind_error(host: str, port: int, e: OSError) -> ConfigError:
+    where = f"{host}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        fix = f"another process is listening on port {port}; pick another --port (--port 0 picks a free one)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        fix = f"port {port} needs privileges here; pick a --port of 1024 or above (--port 0 picks a free one)"
+    elif e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
+        fix = f"{host!r} is not an address of this machine; use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all)"
+    else:
+        fix = "check --host, or pick another --port (--port 0 picks a free one)"
+    return ConfigError(f"cannot listen on {where}: {e.strerror or e}; {fix}")
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) the way the server will and let it go: a busy port or a foreign host is
+    reported before the model is loaded, which can take minutes."""
+    with socket.socket(CompletionServer.address_family, socket.SOCK_STREAM) as sock:
+        if CompletionServer.allow_reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -396,15 +442,22 @@ def cmd_serve(args):
     from .runners import open_runner
 
     if args.max_batch < 1:
-        raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_tokens_limit < 1:
+        raise ConfigError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
+    try:
+        _check_can_listen(args.host, args.port)
+    except OSError as e:
+        raise _bind_error(args.host, args.port, e) from None
     opts = torch_options(args) if args.backend in (None, "torch") else {}
     runner = open_runner(args.model, args.backend, **opts)
     try:
-        server = make_server(runner, args.host, args.port, max_batch=args.max_batch, model_name=args.model_name,
+        server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
+                             model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet)
-    except OSError as e:
+    except OSError as e:  # socket.gaierror (a bad --host) is an OSError too
         runner.close()
-        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {e}") from None
+        raise _bind_error(args.host, args.port, e) from None
 
     def _term(signum, frame):  # SIGTERM shuts down like Ctrl-C
         raise KeyboardInterrupt
@@ -421,16 +474,20 @@ def cmd_serve(args):
 
 
 def register(subparsers) -> None:
+    from .argtypes import port, positive_int
     from .cli import add_state_dtype
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP completions server (/v1/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    s.add_argument("--max-batch", type=int, default=8, help="most prompts in one request (one batched generate)")
-    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
-    s.add_argument("--model-name", default=None, help="name reported as `model` (default: the folder name)")
+    s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
+    s.add_argument("--max-batch", type=positive_int, default=8,
+                   help="most prompts in one request (one batched generate)")
+    s.add_argument("--max-tokens-limit", type=positive_int, default=4096,
+                   help="largest max_tokens a request may ask for")
+    s.add_argument("--model-name", default=None,
+                   help="name reported as `model` (default: the folder name, or a .gguf file's name)")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)

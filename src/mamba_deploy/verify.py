@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
+from .atomic import prepare_output_file, write_json
 from .errors import ConfigError, VerificationError
 
 # ----------------------------------------------------------------------------- tolerances
@@ -83,12 +83,15 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
     """spec: None (defaults for `label`), a label, a dict of overrides, a 'k=v,k=v' string or a Tolerance."""
     if isinstance(spec, Tolerance):
         return spec
+    names = {f.name for f in fields(Tolerance)} - {"label"}
     if isinstance(spec, str) and "=" not in spec:
+        if spec.strip() in names:  # a limit's name without its value, not a row label
+            raise ConfigError(f"tolerance {spec.strip()!r} has no value; write NAME=NUMBER, "
+                              f"e.g. {spec.strip()}=1e-3")
         label, spec = spec, None
     row = tolerance_row(label)
     tol = Tolerance(**TOLERANCES[row], label=row)
     overrides = parse_overrides(spec) if isinstance(spec, str) else dict(spec or {})
-    names = {f.name for f in fields(Tolerance)} - {"label"}
     bad = sorted(set(overrides) - names)
     if bad:
         raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
@@ -103,7 +106,7 @@ def parse_overrides(text: str) -> dict:
             out[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
+        if not sep or math.isnan(out.get(name.strip(), 0.0)):  # a NaN limit fails every comparison
             raise ConfigError(f"cannot read tolerance {part!r}; write NAME=NUMBER, e.g. logits_rel=1e-3")
     return out
 
@@ -232,6 +235,31 @@ def _state_error(ref, art, ref_state, art_state):
         out[kind] = _nanmax((at.reshape(rt.shape) - rt).abs()) / max(float(rt.abs().max()), 1e-30)
     out["rel"] = max(out["conv"], out["ssm"]) if not math.isnan(out["conv"] + out["ssm"]) else math.nan
     return out
+
+
+# What fixes a model's shapes: two configs that differ here cannot hold the same weights, so any
+# later difference would be blamed on the artifact's runner instead of on the pairing. Numeric
+# details an export may legitimately round or drop (eps, token ids, chunk size) are left out.
+# Config attribute -> its name in messages.
+MODEL_FIELDS = {"arch": "arch", "vocab_size": "vocabulary", "d_model": "d_model", "n_layer": "n_layer",
+                "d_state": "d_state", "d_conv": "d_conv", "d_inner": "d_inner"}
+ARCH_FIELDS = {"mamba1": {"resolved_dt_rank": "dt_rank"},
+               "mamba2": {"headdim": "headdim", "nheads": "nheads", "ngroups": "ngroups"}}
+
+
+def _check_same_model(ref, art) -> None:
+    """VerificationError naming every differing config field when the two runners' models differ."""
+    rc, ac = getattr(ref, "config", None), getattr(art, "config", None)
+    if rc is None or ac is None:
+        return
+    names = {**MODEL_FIELDS, **(ARCH_FIELDS.get(rc.arch, {}) if rc.arch == ac.arch else {})}
+    diff = {attr: label for attr, label in names.items() if getattr(rc, attr) != getattr(ac, attr)}
+    if diff:
+        mine = ", ".join(f"{label} {getattr(ac, attr)}" for attr, label in diff.items())
+        theirs = ", ".join(f"{label} {getattr(rc, attr)}" for attr, label in diff.items())
+        raise VerificationError(
+            f"{_where(art)} is not the same model as {_where(ref)}: the artifact has {mine} where the reference "
+            f"has {theirs}; verify an artifact against the checkpoint it was exported or quantized from")
 
 
 def _run_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int) -> dict:
@@ -409,7 +437,8 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
 
     ref, art = reference_runner, artifact_runner
     vocab = ref.vocab_size
-    if art.vocab_size != vocab:
+    _check_same_model(ref, art)
+    if art.vocab_size != vocab:  # runners without a config
         raise VerificationError(f"artifact vocabulary {art.vocab_size} != reference {vocab}; "
                                 "these are not the same model")
     if label is None:
@@ -417,6 +446,9 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
         label = infer_artifact_dtype(src) if src is not None else "fp32"
     tol = make_tolerance(tolerance, label)
     lengths, batches = [int(x) for x in lengths], [int(x) for x in batches]
+    if not lengths or not batches:  # no cases would leave only the perplexity check to pass
+        raise ConfigError(f"lengths {lengths} and batches {batches} must each name at least one value, "
+                          "e.g. lengths (1, 7, 257) and batches (1, 3)")
     if any(x < 1 for x in lengths + batches) or decode_steps < 0:
         raise ConfigError(f"lengths {lengths} and batches {batches} must be >= 1 and decode_steps "
                           f"{decode_steps} >= 0")
@@ -447,6 +479,10 @@ def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
     prompt = torch.randint(0, vocab, (1, PPL_PROMPT), generator=gen)
     ids = _sample_continuation(ref, prompt, PPL_CONTINUATION, vocab, gen)
     return {"source": "sampled continuation", **_score_sequence(ref, art, ids, PPL_PROMPT, vocab)}
+
+
+def _where(runner) -> str:
+    return str(getattr(runner, "artifact_path", None) or getattr(runner, "source_path", None) or runner.name)
 
 
 def _describe(runner) -> str:
@@ -480,11 +516,17 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
     return ref, art, infer_artifact_dtype(artifact)
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, flag: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"cannot read {text!r} as comma-separated integers, e.g. 1,7,257") from None
+        raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. 1,7,257") from None
+    if not values:  # an empty list would skip every prefill and decode check and still pass
+        raise ConfigError(f"{flag} {text!r} names no value; give comma-separated integers >= 1, e.g. 1,7,257")
+    bad = [x for x in values if x < 1]
+    if bad:
+        raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. 1,7,257")
+    return values
 
 
 def write_json_atomic(path, data) -> Path:
@@ -494,22 +536,37 @@ def write_json_atomic(path, data) -> Path:
 
 def cmd_verify(args):
     from .cli import DTYPES
+    from .runners import guess_backend
 
-    opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
-    ref, art, label = open_pair(args.reference, args.artifact, args.backend, args.reference_dtype,
-                                args.device, opts)
-    if args.artifact_dtype and label == "fp32":
-        label = args.artifact_dtype  # an fp32 checkpoint run in half precision needs half tolerances
-    text_ids = None
+    backend = args.backend or guess_backend(args.artifact)
+    if args.artifact_dtype and backend != "torch":
+        # other runners run the precision stored in the artifact and ignore a dtype, so taking the
+        # half-precision row for them would loosen the limits without changing what is checked
+        raise ConfigError(
+            f"--artifact-dtype {args.artifact_dtype} only changes how a torch checkpoint is run; "
+            f"{args.artifact} runs on the {backend} backend, at the precision stored in the artifact "
+            f"({infer_artifact_dtype(args.artifact)}). Leave --artifact-dtype out, or to loosen the limits on "
+            f"purpose pass --dtype {args.artifact_dtype} (tolerance row) or --tolerance NAME=VALUE")
+    lengths, batches = _int_list(args.lengths, "--lengths"), _int_list(args.batch, "--batch")
+    # limits only: a bare name here (`--tolerance logits_rel`) is a missing value, not a row label
+    overrides = parse_overrides(",".join(args.tolerance or []))
+    make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
+    if args.json:
+        prepare_output_file(args.json)
+    text = None
     if args.text:
         try:
             text = Path(args.text).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read --text {args.text!r}: {e}") from e
-        text_ids = ref.tokenizer.encode(text)[: args.max_text_tokens]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --text {args.text!r} as UTF-8 text: {e}") from e
+    opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
+    ref, art, label = open_pair(args.reference, args.artifact, backend, args.reference_dtype,
+                                args.device, opts)
+    if args.artifact_dtype and label == "fp32":
+        label = args.artifact_dtype  # an fp32 checkpoint run in half precision needs half tolerances
     try:
-        report = verify(ref, art, _int_list(args.lengths), _int_list(args.batch), args.decode_steps,
-                        text_ids, ",".join(args.tolerance or []) or None, args.seed,
+        text_ids = None if text is None else ref.tokenizer.encode(text)[: args.max_text_tokens]
+        report = verify(ref, art, lengths, batches, args.decode_steps, text_ids, overrides or None, args.seed,
                         label=args.dtype or label, progress=not args.quiet)
     finally:
         art.close()
@@ -525,6 +582,8 @@ def cmd_verify(args):
 
 
 def register(subparsers) -> None:
+    from .argtypes import nonnegative_int, positive_int
+
     s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
     s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
@@ -533,10 +592,10 @@ def register(subparsers) -> None:
     s.add_argument("--artifact-dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="run a torch artifact in this dtype")
     s.add_argument("--text", default=None, help="UTF-8 text file scored for perplexity")
-    s.add_argument("--max-text-tokens", type=int, default=4096)
+    s.add_argument("--max-text-tokens", type=positive_int, default=4096)
     s.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     s.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCHES)))
-    s.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS)
+    s.add_argument("--decode-steps", type=nonnegative_int, default=DEFAULT_DECODE_STEPS)
     s.add_argument("--dtype", default=None, help=f"tolerance row to use ({', '.join(TOLERANCES)}); default: read from the artifact")
     s.add_argument("--tolerance", action="append", default=None, metavar="NAME=VALUE",
                    help="override a limit: logits_rel, state_rel, top1, ppl_rel (repeatable or comma-separated)")

@@ -655,3 +655,11 @@ def test_onnx_export_of_a_gguf_without_tokenizer_json_equivalent_warns(lone_gguf
     with pytest.warns(UserWarning, match=r"gets no tokenizer: .*pre-tokenizer 'llama-bpe'"):
         out = export_onnx(lone_gguf, tmp_path / "onnx", validate=False)
     assert (out / "model.onnx").is_file() and not (out / "tokenizer.json").exists()
+
+
+def test_serve_names_a_torch_runner_of_a_gguf_after_its_file(exported):
+    from mamba_deploy.runners.torch_runner import TorchRunner
+    from mamba_deploy.serve import default_model_name
+
+    path = exported("mamba")
+    assert default_model_name(TorchRunner(load_model(path))) == Path(path).stem

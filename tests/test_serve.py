@@ -268,21 +268,28 @@ def test_runner_failure_is_500_json_without_traceback(folder, request, capsys):
     assert _request(srv, "GET", "/health")[0] == 200
 
 
-def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
+def _start_cli_server(args):
+    """`mamba-deploy serve ARGS --port 0` in a subprocess -> (process, its port, its first line)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "serve", str(folder), "--port", "0", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "serve", *args, "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(60, proc.kill)  # bound the wait for the first line
+    timer.start()
     try:
-        line = ""
-        timer = threading.Timer(60, proc.kill)  # bound the wait for the first line
-        timer.start()
-        try:
-            line = proc.stdout.readline()
-        finally:
-            timer.cancel()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
-        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=TIMEOUT)
+        line = proc.stdout.readline()
+    finally:
+        timer.cancel()
+    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    if not m:
+        proc.kill()
+        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()}")
+    return proc, int(m.group(1)), line
+
+
+def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
+    proc, port, _ = _start_cli_server([str(folder)])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("GET", "/health")
         resp = conn.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["backend"] == "torch"
@@ -447,21 +454,10 @@ def test_cli_gguf_is_named_after_the_file(folder, tmp_path):
     from mamba_deploy.export.gguf import export_gguf
 
     gguf = export_gguf(folder, tmp_path / "out" / "tiny-q.gguf")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "serve", str(gguf), "--backend", "torch",
-                             "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc, port, line = _start_cli_server([str(gguf), "--backend", "torch"])
     try:
-        timer = threading.Timer(60, proc.kill)
-        timer.start()
-        try:
-            line = proc.stdout.readline()
-        finally:
-            timer.cancel()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         assert line.startswith("serving tiny-q (torch)")
-        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=TIMEOUT)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
         conn.request("GET", "/health")
         resp = conn.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["model"] == "tiny-q"

@@ -18,18 +18,19 @@ def _number(kind, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+def _at_least(kind, text: str, low, strict: bool):
+    value = _number(kind, text)
+    if value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"{value:g} must be {'>' if strict else '>='} {low:g}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _at_least(int, text, 1, strict=False)
 
 
 def nonnegative_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+    return _at_least(int, text, 0, strict=False)
 
 
 def finite_float(text: str) -> float:
@@ -37,17 +38,11 @@ def finite_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
-    return value
+    return _at_least(float, text, 0.0, strict=True)
 
 
 def nonnegative_float(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be >= 0")
-    return value
+    return _at_least(float, text, 0.0, strict=False)
 
 
 def port(text: str) -> int:

@@ -233,3 +233,44 @@ def test_convert_refuses_a_norm_eps_mamba_ssm_cannot_hold(tmp_path, capsys):
     assert not (tmp_path / "ssm").exists()
     with pytest.raises(ConfigError, match="fixes the RMSNorm epsilon"):
         load_model(tmp_path / "hf").config.to_mamba_ssm_dict()
+
+
+def test_convert_keeps_dtype_and_shares_files(tmp_path):
+    """Without --dtype an fp16 checkpoint stays fp16 (it was silently doubled to fp32), and the
+    safetensors files get the umask's permissions like every other output (they were 0600)."""
+    import os
+
+    demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "demo-mamba1"
+    assert json.loads((demo / "config.json").read_text())["torch_dtype"] == "float16"
+    assert cli_main(["convert", str(demo), str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["torch_dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "c" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_corrupt_weights_found_by_load_and_inspect(hf_checkpoint, tmp_path, capsys):
+    folder, _ = hf_checkpoint("mamba")
+    nan = tmp_path / "nan"
+    shutil.copytree(folder, nan)
+    f = nan / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN bit patterns in the last tensor's data
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="NaN or infinite values"):
+        load_model(nan)
+    trunc = tmp_path / "trunc"
+    shutil.copytree(folder, trunc)
+    f = trunc / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert cli_main(["inspect", str(trunc)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    shutil.copy(hf_checkpoint("mamba2")[0] / "model.safetensors", other / "model.safetensors")
+    assert cli_main(["inspect", str(other)]) == 2
+    assert "does not match its config.json" in capsys.readouterr().err

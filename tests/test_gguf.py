@@ -663,3 +663,18 @@ def test_serve_names_a_torch_runner_of_a_gguf_after_its_file(exported):
 
     path = exported("mamba")
     assert default_model_name(TorchRunner(load_model(path))) == Path(path).stem
+
+
+def test_convert_and_quantize_of_a_lone_gguf_keep_its_tokenizer(lone_gguf, tmp_path):
+    """The GGUF's vocabulary is the tokenizer: a checkpoint saved from it carries tokenizer.json,
+    which encodes prompts as the GGUF-loaded model does."""
+    from mamba_deploy.cli import main
+    from mamba_deploy.quant import quantize, save_quantized
+
+    assert main(["convert", str(lone_gguf), str(tmp_path / "c")]) == 0
+    src, out = load_model(lone_gguf), load_model(tmp_path / "c")
+    text = "hello world, the quick brown fox"
+    assert (tmp_path / "c" / "tokenizer.json").exists()
+    assert out.tokenizer.encode(text) == src.tokenizer.encode(text) != []
+    q = save_quantized(quantize(load_model(lone_gguf), "int8", progress=False), tmp_path / "q")
+    assert load_model(q).tokenizer.encode(text) == src.tokenizer.encode(text)

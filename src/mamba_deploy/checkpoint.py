@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import _umask, atomic_dir
 from .config import MambaConfig
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 
@@ -96,11 +97,12 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ModelNotFoundError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def iter_tensors(folder: Path):
-    """Yield (name, tensor) over every weight file, one tensor at a time (memory-mapped)."""
+def iter_tensors(folder: Path, shapes_only: bool = False):
+    """Yield (name, tensor) over every weight file, one tensor at a time (memory-mapped);
+    shapes_only: safetensors tensors as empty meta tensors of their shape, read from the headers."""
     for f in _weight_files(folder):
         if f.suffix == ".safetensors":
-            yield from _iter_safetensors(f)
+            yield from _iter_safetensors(f, shapes_only)
         else:
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -109,7 +111,7 @@ def iter_tensors(folder: Path):
             yield from sd.items()
 
 
-def _iter_safetensors(f: Path):
+def _iter_safetensors(f: Path, shapes_only: bool = False):
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -119,7 +121,7 @@ def _iter_safetensors(f: Path):
     with handle as h:
         for k in h.keys():
             try:
-                yield k, h.get_tensor(k)
+                yield k, (torch.empty(h.get_slice(k).get_shape(), device="meta") if shapes_only else h.get_tensor(k))
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
 
@@ -142,14 +144,16 @@ def from_our_key(k: str, layout: str) -> str:
     return k
 
 
-def load_weights(model: torch.nn.Module, folder: Path, device, dtype) -> None:
-    """Copy the checkpoint into `model` (already on device/dtype), checking names and shapes."""
+def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_only: bool = False) -> None:
+    """Copy the checkpoint into `model` (already on device/dtype), checking names, shapes and
+    that every value is finite. shapes_only: check names and shapes from the file headers only
+    (`inspect`; `model` may live on the meta device)."""
     cfg: MambaConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    seen, unexpected, bad_shape = set(), [], []
+    seen, unexpected, bad_shape, nonfinite = set(), [], [], []
     layout = None
-    for k, t in iter_tensors(folder):
+    for k, t in iter_tensors(folder, shapes_only):
         layout = layout or detect_layout([k])
         if k.startswith("backbone.embedding."):
             layout = "mamba_ssm"
@@ -164,9 +168,13 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype) -> None:
             bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
             seen.add(name)  # present, reported as wrongly shaped rather than missing
             continue
+        seen.add(name)
+        if shapes_only:
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nonfinite.append(k)  # a corrupt file or a diverged run: outputs would be NaN / empty
         with torch.no_grad():
             p.copy_(t.to(device=device, dtype=p.dtype))
-        seen.add(name)
     missing = sorted(set(params) - seen - tied)
     problems = []
     if missing:
@@ -175,6 +183,9 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype) -> None:
         problems.append(f"unexpected tensors: {_short(unexpected)}")
     if bad_shape:
         problems.append(f"wrong shapes: {_short(bad_shape)}")
+    if nonfinite and not problems:
+        raise CheckpointError(f"checkpoint {folder} has NaN or infinite values in {_short(nonfinite)}: the file is "
+                              "corrupt or the training run diverged; re-download or re-save it")
     if problems:
         raise CheckpointError(
             f"checkpoint {folder} does not match its config.json ({cfg.arch}, d_model={cfg.d_model}, "
@@ -222,7 +233,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         tensors[from_our_key(name, fmt)] = t.contiguous()
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return write_folder(out_dir, config, tensors, getattr(model, "source_path", None), max_shard_bytes)
+    return write_folder(out_dir, config, tensors, tokenizer_source(model), max_shard_bytes)
 
 
 def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
@@ -252,9 +263,46 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if tokenizer_src is not None:
-            copy_tokenizer_files(tokenizer_src, tmp)
+        _write_tokenizer(tokenizer_src, tmp)
+        for f in tmp.iterdir():  # safetensors writes 0600; outputs are meant to be shared
+            os.chmod(f, 0o666 & ~_umask())
     return Path(out_dir)
+
+
+def stored_dtype(path_or_hub_id) -> torch.dtype | None:
+    """The float dtype a checkpoint folder says its weights are stored in (`torch_dtype`), or None."""
+    path = Path(path_or_hub_id)
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.exists():
+        return None
+    try:
+        name = json.loads(config.read_text()).get("torch_dtype")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)
+
+
+def tokenizer_source(model):
+    """Where a model's tokenizer comes from: its GGUF (whose vocabulary is the tokenizer) or its folder."""
+    return getattr(model, "gguf_path", None) or getattr(model, "source_path", None)
+
+
+def _write_tokenizer(src, dst: Path) -> None:
+    """The tokenizer files beside a saved checkpoint: copied from a folder, or a GGUF's vocabulary
+    written as tokenizer.json (a warning where it has no equivalent: the weights are still saved)."""
+    if src is None:
+        return
+    src = Path(src)
+    if src.suffix != ".gguf" or (src.parent / "tokenizer.json").exists():
+        copy_tokenizer_files(src.parent if src.suffix == ".gguf" else src, dst)
+        return
+    from .errors import ExportError
+    from .export.gguf_vocab import write_gguf_tokenizer
+
+    try:
+        write_gguf_tokenizer(src, dst)
+    except ExportError as e:
+        warnings.warn(f"{dst.name} gets no tokenizer: {e}; copy the original tokenizer.json beside it", stacklevel=3)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

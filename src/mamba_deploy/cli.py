@@ -84,7 +84,12 @@ def cmd_inspect(args):
     from .model import MambaLM
 
     with torch.device("meta"):
-        n_params = MambaLM(cfg).num_parameters()
+        meta = MambaLM(cfg)
+    n_params = meta.num_parameters()
+    if path.suffix != ".gguf" and "quantization_config" not in json.loads((folder / "config.json").read_text()):
+        from .checkpoint import load_weights
+
+        load_weights(meta, folder, "meta", None, shapes_only=True)  # headers: truncation, names, shapes
     info = {
         "architecture": cfg.arch + (" (falcon-mamba)" if cfg.dt_bc_rms else ""),
         "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_state": cfg.d_state, "d_inner": cfg.d_inner,
@@ -150,15 +155,17 @@ def cmd_generate(args):
 
 def cmd_convert(args):
     from .atomic import prepare_output_dir
-    from .checkpoint import load_model, save_checkpoint
+    from .checkpoint import load_model, save_checkpoint, stored_dtype
     from .errors import CheckpointError
 
     prepare_output_dir(args.out, CheckpointError)
-    model = load_model(args.model, dtype=DTYPES[args.dtype] if args.dtype else torch.float32)
-    out = save_checkpoint(model, args.out, fmt=args.format,
-                          dtype=DTYPES[args.dtype] if args.dtype else None,
+    # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not
+    # silently doubled in size); a GGUF or a checkpoint without torch_dtype is saved as fp32
+    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model) or torch.float32
+    model = load_model(args.model, dtype=dtype)
+    out = save_checkpoint(model, args.out, fmt=args.format, dtype=dtype,
                           max_shard_bytes=int(args.max_shard_size * 1024**2))
-    print(f"wrote {args.format} checkpoint to {out}")
+    print(f"wrote {args.format} checkpoint ({str(dtype).removeprefix('torch.')}) to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,11 +119,11 @@ def _swap_head(model, plan, done):
 def save_quantized(model, out_dir):
     """Write config.json (with quantization_config) + model.safetensors (+ tokenizer files);
     atomically, through checkpoint.write_folder. `load_model(out_dir)` loads it."""
-    from ..checkpoint import write_folder
+    from ..checkpoint import tokenizer_source, write_folder
 
     qc = getattr(model, "quantization_config", None)
     if not qc:
         raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
     config = model.config.to_hf_dict()
     config["quantization_config"] = qc
-    return write_folder(out_dir, config, saved_tensors(model), getattr(model, "source_path", None))
+    return write_folder(out_dir, config, saved_tensors(model), tokenizer_source(model))

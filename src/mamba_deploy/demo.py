@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import nonnegative_int
 from .atomic import write_json
 from .errors import BackendUnavailableError, ModelNotFoundError
 
@@ -297,6 +298,6 @@ def register(subparsers):
     s.add_argument("--models", nargs="+", default=None, help="checkpoint folders (default: the shipped demo models)")
     s.add_argument("--out", default=None, help="keep the exported artifacts here (default: a temporary folder)")
     s.add_argument("--only", nargs="+", default=None, choices=[f[0] for f in FORMATS], help="formats to run")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--json", default=None, help="also write the table rows to this JSON file")
     s.set_defaults(func=cmd_demo)

@@ -191,3 +191,200 @@ def test_user_errors_name_the_fix(tmp_path):
         import numpy as np
 
         train.sample_batch(np.arange(10), 2, 64, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def _tiny_corpus(root: Path, n: int = 60) -> Path:
+    """A small stdlib-like tree with files on both sides of the split, varied enough that BPE
+    tokenizers of different sizes encode it differently."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 9))) for _ in range(200)]
+    for i in range(n):
+        p = root / f"pkg{i % 3}" / f"mod{i}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(f"def {rng.choice(words)}({rng.choice(words)}, {rng.choice(words)}={i}):\n"
+                             f"    return {rng.choice(words)}.{rng.choice(words)}({rng.choice(words)})\n"
+                             for _ in range(20)))
+    assert data.corpus_files("train", root) and data.corpus_files("val", root)
+    return root
+
+
+def _tiny_tokenizer(tmp_path, name: str, vocab: int, corpus: Path) -> Path:
+    return data.train_tokenizer(tmp_path / name, vocab_size=vocab, root=corpus)
+
+
+def test_load_split_cache_switching_tokenizers_reencodes_both_splits(tmp_path):
+    """A cache filled with tokenizer A, then used with B (train first, as `train` does), must give
+    B's encoding of both splits, never A's stale val.npy."""
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    tok_a = _tiny_tokenizer(tmp_path, "tokA", 300, corpus)
+    tok_b = _tiny_tokenizer(tmp_path, "tokB", 400, corpus)
+    assert data.tokenizer_digest(tok_a) != data.tokenizer_digest(tok_b)
+    enc_a, enc_b = (data.encode_split(load_tokenizer(t), "val", corpus).tolist() for t in (tok_a, tok_b))
+    assert enc_a != enc_b  # so a stale val stream would be noticed
+    cache = tmp_path / "cache"
+    for split in ("train", "val"):
+        data.load_split(tok_a, split, cache, corpus)
+    for tok in (tok_b, tok_a, tok_b):
+        for split in ("train", "val"):
+            got = data.load_split(tok, split, cache, corpus)
+            want = data.encode_split(load_tokenizer(tok), split, corpus)
+            assert got.tolist() == want.tolist(), (tok.name, split)
+        # and read back from the cache
+        for split in ("train", "val"):
+            want = data.encode_split(load_tokenizer(tok), split, corpus)
+            assert data.load_split(tok, split, cache, corpus).tolist() == want.tolist()
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["train_tokenizer_digest"] == meta["val_tokenizer_digest"] == data.tokenizer_digest(tok_b)
+
+
+def test_load_split_drops_stale_split_left_by_a_previous_cache(tmp_path):
+    """A cache written before per-split digests, where val.npy is another tokenizer's leftover
+    (meta has no val count), is re-encoded; a consistent one (counts match) is still used."""
+    import numpy as np
+
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    tok = _tiny_tokenizer(tmp_path, "tok", 300, corpus)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    train_ids = data.encode_split(load_tokenizer(tok), "train", corpus)
+    np.save(cache / "train.npy", train_ids)
+    np.save(cache / "val.npy", np.full(7, 999, dtype=np.int32))  # stale, ids beyond the vocab
+    (cache / "meta.json").write_text(json.dumps({"tokenizer_digest": data.tokenizer_digest(tok),
+                                                 "train_tokens": int(train_ids.size)}))
+    want_val = data.encode_split(load_tokenizer(tok), "val", corpus)
+    assert data.load_split(tok, "val", cache, corpus).tolist() == want_val.tolist()
+    assert data.load_split(tok, "train", cache, corpus).tolist() == train_ids.tolist()
+
+
+def test_load_split_checks_the_cache_folder_before_encoding(tmp_path, monkeypatch):
+    from mamba_deploy.errors import OutputPathError
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(data, "encode_split", lambda *a, **k: pytest.fail("encoded before checking the cache"))
+    with pytest.raises(OutputPathError, match="afile"):
+        data.load_split(MODELS / "demo-mamba1", "val", tmp_path / "afile" / "cache")
+
+
+def test_train_tokenizer_checks_the_output_before_training(tmp_path, monkeypatch):
+    from mamba_deploy.errors import OutputPathError
+
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    existing = _tiny_tokenizer(tmp_path, "model", 300, corpus)
+    before = (existing / "tokenizer.json").read_bytes()
+    (tmp_path / "afile").write_text("x")
+    real_texts = data.corpus_texts
+    monkeypatch.setattr(data, "corpus_texts", lambda *a, **k: pytest.fail("trained before checking the output"))
+    with pytest.raises(OutputPathError, match="afile"):
+        data.train_tokenizer(tmp_path / "afile" / "tok", vocab_size=300, root=corpus)
+    with pytest.raises(OutputPathError, match="is a file"):
+        data.train_tokenizer(tmp_path / "afile", vocab_size=300, root=corpus)
+    with pytest.raises(OutputPathError, match="already has a tokenizer.json.*--overwrite"):
+        data.train_tokenizer(existing, vocab_size=320, root=corpus)
+    assert (existing / "tokenizer.json").read_bytes() == before
+    # through the CLI: a typed error, before any training
+    with pytest.raises(OutputPathError, match="--overwrite"):
+        train.main(["train-tokenizer", str(existing), "--vocab-size", "320"])
+    # --overwrite replaces the tokenizer files on purpose
+    monkeypatch.setattr(data, "corpus_texts", real_texts)
+    out = data.train_tokenizer(existing, vocab_size=320, root=corpus, overwrite=True)
+    assert (out / "tokenizer.json").read_bytes() != before
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out).vocab_size == 320
+
+
+def test_train_checks_outputs_before_any_work(tmp_path, monkeypatch):
+    from mamba_deploy.errors import OutputPathError
+
+    monkeypatch.setattr(train, "load_data", lambda args: pytest.fail("loaded data before checking outputs"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputPathError, match="afile"):
+        train.train(_args(tmp_path, out=str(tmp_path / "afile" / "m"), work_dir=None))
+    with pytest.raises(OutputPathError, match="is a file"):
+        train.train(_args(tmp_path, out=str(tmp_path / "afile")))
+    with pytest.raises(OutputPathError, match="afile"):
+        train.train(_args(tmp_path, work_dir=str(tmp_path / "afile" / "work")))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "keep.jpg").write_text("precious")
+    with pytest.raises(OutputPathError, match="not a `mamba-deploy train` output"):
+        train.train(_args(tmp_path, out=str(foreign)))
+    assert (foreign / "keep.jpg").read_text() == "precious"
+    if Path("/proc/self").is_dir():
+        with pytest.raises(OutputPathError):
+            train.train(_args(tmp_path, out="/proc/mamba-deploy-out", work_dir=None))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--eval-every", "0"], ["--save-every", "0"], ["--batch", "0"], ["--eval-batch", "0"], ["--seq-len", "0"],
+    ["--steps", "-1"], ["--steps", "0"], ["--lr", "0"], ["--lr", "nan"], ["--warmup", "-1"], ["--clip", "0"],
+    ["--weight-decay", "-0.1"], ["--max-minutes", "0"], ["--eval-tokens", "-5"], ["--seed", "-1"],
+])
+def test_train_numeric_flags_are_range_checked(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.setattr(train, "train", lambda args: pytest.fail(f"ran with {argv}"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["train", "--tokenizer", str(MODELS / "demo-mamba1"), "--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_train_tokenizer_vocab_size_is_range_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["train-tokenizer", str(tmp_path / "t"), "--vocab-size", "-3"])
+    assert e.value.code == 2 and "--vocab-size" in capsys.readouterr().err
+
+
+def _tiny_run(tmp_path, **kw):
+    base = dict(steps=2, batch=2, seq_len=16, eval_every=1, save_every=1, eval_batch=2, warmup=1)
+    return _args(tmp_path, **{**base, **kw})
+
+
+def test_resume_with_another_preset_is_a_typed_error(tmp_path):
+    train.train(_tiny_run(tmp_path, preset="tiny-mamba2"))
+    with pytest.raises(ConfigError, match="preset 'tiny-mamba2', not --preset 'tiny-mamba1'"):
+        train.train(_tiny_run(tmp_path, preset="tiny-mamba1", steps=3, resume=True))
+    # a state saved before the preset was recorded: still a typed error naming the preset
+    state = tmp_path / "work" / "train_state.pt"
+    st = torch.load(state, weights_only=False)
+    del st["preset"]
+    torch.save(st, state)
+    with pytest.raises(ConfigError, match="does not fit --preset 'tiny-mamba1'"):
+        train.train(_tiny_run(tmp_path, preset="tiny-mamba1", steps=3, resume=True))
+    assert train.train(_tiny_run(tmp_path, preset="tiny-mamba2", steps=3, resume=True))["steps"] == 3
+
+
+def test_saved_vocab_is_the_tokenizers_not_padded(tmp_path):
+    """A 300-token tokenizer gives a checkpoint with vocab_size 300 and 300-wide logits (no untrained
+    padded rows in the softmax); a 4096 one (the demo models) is unchanged."""
+    from mamba_deploy import load_model
+    from mamba_deploy.eval import perplexity
+    from mamba_deploy.runners.torch_runner import TorchRunner
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    for preset in ("tiny-mamba1", "tiny-mamba2"):
+        cfg = train.build_config(preset, 300, 0, 1)
+        assert cfg.to_hf_dict()["vocab_size"] == 300
+        assert train.build_config(preset, 4096, 0, 1).to_hf_dict()["vocab_size"] == 4096
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    tok = _tiny_tokenizer(tmp_path, "tok300", 300, corpus)
+    assert load_tokenizer(tok).vocab_size == 300
+    metrics = train.train(_tiny_run(tmp_path, tokenizer=str(tok), data_cache=str(tmp_path / "cache"),
+                                    eval_tokens=300))
+    out = tmp_path / "out"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 300 == metrics["config"]["vocab_size"]
+    model = load_model(out)
+    with torch.no_grad():
+        logits = model(torch.tensor([[0, 5, 7, 299]])).logits
+    assert logits.shape[-1] == 300
+    val_ids = data.load_split(tok, "val", tmp_path / "cache")
+    res = perplexity(TorchRunner(model), val_ids[:300], window=512)
+    assert res["ppl"] == pytest.approx(metrics["validation"]["ppl"], rel=1e-4)

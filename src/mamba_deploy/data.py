@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file, write_bytes
-from .errors import ConfigError, ModelNotFoundError
+from .atomic import atomic_file, prepare_output_dir, prepare_output_file, write_bytes
+from .errors import ConfigError, ModelNotFoundError, OutputPathError
 
 VAL_PERCENT = 10
 # Folders skipped anywhere below the stdlib root: tests (huge, repetitive), third-party packages,
@@ -73,20 +73,38 @@ def corpus_texts(split: str, root: Path | None = None):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None) -> Path:
+def prepare_tokenizer_dir(out_dir, overwrite: bool = False) -> Path:
+    """Check up front that train_tokenizer can write into `out_dir`: a new or empty folder under a
+    writable parent, or (overwrite=True) an existing writable folder whose tokenizer files are
+    replaced. OutputPathError otherwise."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"output {out} is a file, not a folder; choose a folder path for the tokenizer")
+    if overwrite and out.is_dir():
+        prepare_output_file(out / "tokenizer.json")  # probes that the folder itself is writable
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        has = "already has a tokenizer.json" if (out / "tokenizer.json").exists() else "is not empty"
+        raise OutputPathError(f"output folder {out} {has}; choose a new path, delete it, or pass --overwrite "
+                              "to replace its tokenizer files")
+    return prepare_output_dir(out, OutputPathError)
+
+
+def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, overwrite: bool = False) -> Path:
     """Byte-level BPE trained on the train split only; writes tokenizer.json,
-    tokenizer_config.json and special_tokens_map.json (transformers' AutoTokenizer reads them)."""
+    tokenizer_config.json and special_tokens_map.json (transformers' AutoTokenizer reads them).
+    `out_dir` must be new or empty unless overwrite=True (checked before training)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 300:
         raise ConfigError(f"vocab_size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+    out = prepare_tokenizer_dir(out_dir, overwrite)  # before minutes of BPE training, not after
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
     tok.train_from_iterator(corpus_texts("train", root), trainer=trainer)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "tokenizer.json": tok.to_str(pretty=True),
@@ -132,31 +150,53 @@ def encode_split(tokenizer, split: str, root: Path | None = None) -> np.ndarray:
 
 def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = None) -> np.ndarray:
     """encode_split, cached in cache_dir/{split}.npy keyed by the tokenizer's digest.
+    meta.json records the digest each split was encoded with ("{split}_tokenizer_digest"); a split
+    whose digest is missing or different is re-encoded, and when the tokenizer changes every other
+    cached split is dropped, so a stream from another tokenizer is never loaded.
     A cache made elsewhere (another Python version) is used as is; meta.json says where it came from."""
     from .tokenizer import load_tokenizer
 
     digest = tokenizer_digest(tokenizer_dir)
+    key = f"{split}_tokenizer_digest"
     if cache_dir is not None:
         cache = Path(cache_dir)
         meta_path, arr_path = cache / "meta.json", cache / f"{split}.npy"
-        if meta_path.exists() and arr_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("tokenizer_digest") == digest:
+        meta = _read_meta(meta_path)
+        if arr_path.exists() and meta.get("tokenizer_digest") == digest:
+            if meta.get(key) == digest:
                 return np.load(arr_path)
+            if key not in meta:  # a cache from before per-split digests: trust a split only where
+                ids = np.load(arr_path)  # meta counted it (a stale split has no count there)
+                if meta.get(f"{split}_tokens") == int(ids.size):
+                    return ids
+        prepare_output_file(arr_path)  # an unwritable cache folder fails now, not after encoding
     ids = encode_split(load_tokenizer(tokenizer_dir), split, root)
     if cache_dir is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = _read_meta(meta_path)
         if meta.get("tokenizer_digest") != digest:
+            # another tokenizer's streams: none of them may be loaded for this one
+            for name in ("train", "val"):
+                if name != split:
+                    (cache / f"{name}.npy").unlink(missing_ok=True)
             meta = {}
         meta.update(tokenizer_digest=digest, python=sys.version.split()[0], stdlib=str(stdlib_root()),
                     val_percent=VAL_PERCENT, excluded_dirs=sorted(EXCLUDED_DIRS))
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_files"] = len(corpus_files(split, root))
+        meta[key] = digest
         with atomic_file(arr_path) as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return ids
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """meta.json as a dict; {} when absent or unreadable (the streams are then re-encoded)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def unigram_perplexity(train_ids, eval_ids, vocab_size: int) -> float:

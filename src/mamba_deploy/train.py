@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .atomic import prepare_output_dir, prepare_output_file
 from .config import MambaConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutputPathError
 
 # Sizes of the shipped demo models (and a tiny one for smoke tests). ~3-4 M parameters each.
 PRESETS = {
@@ -42,7 +44,9 @@ def build_config(preset: str, vocab_size: int, eos_id: int | None, pad_id: int |
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     kw = dict(PRESETS[preset])
     tie = kw["arch"] == "mamba1"  # exercise both tied (Mamba1) and untied (Mamba2) heads
-    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=8, tie_embeddings=tie,
+    # no vocab padding: the checkpoint's vocab_size (and the logits' width) is the tokenizer's, so
+    # no never-trained rows enter the softmax when the saved model is evaluated
+    return MambaConfig(vocab_size=vocab_size, pad_vocab_size_multiple=1, tie_embeddings=tie,
                        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, **kw)
 
 
@@ -122,10 +126,11 @@ def quick_val_loss(model, val_windows, amp_dtype) -> float:
     return float(F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()))
 
 
-def save_training_state(path: Path, model, opt, step: int, rng, log: list) -> None:
+def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                "rng": rng.bit_generator.state, "log": log}, tmp)
+                "rng": rng.bit_generator.state, "log": log, "preset": preset,
+                "vocab_size": model.config.vocab_size}, tmp)
     os.replace(tmp, path)
 
 
@@ -164,6 +169,41 @@ def resolve_total_steps(args, step_times: list[float], start: float) -> int:
     return min(args.steps, len(step_times) + int(left / per_step))
 
 
+def check_outputs(args) -> Path:
+    """Before any data loading or training: --out must be creatable (absent or empty), or a
+    previous `train` output (it holds train_log.json) or the --tokenizer folder, both of which each
+    save replaces; its parent and the work folder must be writable. Returns the work folder."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file, not a folder; choose a folder path for the model")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / "train_log.json").exists() or out.resolve() == Path(args.tokenizer).resolve()
+        if not ours:
+            raise OutputPathError(f"--out {out} is a non-empty folder that is not a `mamba-deploy train` output "
+                                  "(no train_log.json); each save would replace it: choose a new path or delete it")
+        prepare_output_file(out.parent / f".{out.name}.snap")  # probes that the parent is writable
+    else:
+        prepare_output_dir(out, OutputPathError)
+    work = Path(args.work_dir or f"{args.out}.work")
+    if work.exists() and not work.is_dir():
+        raise OutputPathError(f"--work-dir {work} is a file, not a folder; choose a folder path (default: OUT.work)")
+    prepare_output_file(work / "train_state.pt")  # creates the folder and probes that it is writable
+    return work
+
+
+def load_resume_state(args, state_path: Path, device):
+    """The saved training state for --resume (None when there is none), checked against --preset."""
+    if not (args.resume and state_path.exists()):
+        return None
+    st = torch.load(state_path, map_location=device, weights_only=False)
+    saved = st.get("preset")
+    if saved is not None and saved != args.preset:
+        raise ConfigError(f"--resume: {state_path} was saved by preset {saved!r}, not --preset {args.preset!r}; "
+                          f"pass --preset {saved} to continue it, or drop --resume (or use another --work-dir) "
+                          "to start over")
+    return st
+
+
 def setup(args) -> SimpleNamespace:
     """Data, model, optimizer and (with --resume) the saved training state."""
     from .model import MambaLM
@@ -174,6 +214,9 @@ def setup(args) -> SimpleNamespace:
     if not (Path(args.tokenizer) / "tokenizer.json").exists():
         raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
                           "make one with `mamba-deploy train-tokenizer DIR`")
+    work = check_outputs(args)
+    state_path = work / "train_state.pt"
+    st = load_resume_state(args, state_path, device)
     tok = load_tokenizer(args.tokenizer)
     train_ids, val_ids = load_data(args)
     cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok.token_to_id("<|pad|>"))
@@ -181,15 +224,19 @@ def setup(args) -> SimpleNamespace:
     init_weights(model, args.seed)
     model.source_path = Path(args.tokenizer)  # save_checkpoint copies the tokenizer files from here
     model.to(device).train()
-    work = Path(args.work_dir or f"{args.out}.work")
-    work.mkdir(parents=True, exist_ok=True)
     run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
                           rng=np.random.default_rng(args.seed), step=0, log=[], device=device,
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
-                          state_path=work / "train_state.pt", train_ids=train_ids, val_ids=val_ids)
-    if args.resume and run.state_path.exists():
-        st = torch.load(run.state_path, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
+                          state_path=state_path, train_ids=train_ids, val_ids=val_ids)
+    if st is not None:
+        try:
+            model.load_state_dict(st["model"])
+        except RuntimeError as e:  # a state from before presets were recorded, or another tokenizer
+            raise ConfigError(
+                f"--resume: {state_path} does not fit --preset {args.preset!r} with the {cfg.vocab_size}-token "
+                f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
+                f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
+                "or drop --resume (or use another --work-dir) to start over") from e
         run.opt.load_state_dict(st["opt"])
         run.step, run.log = st["step"], st["log"]
         run.rng.bit_generator.state = st["rng"]
@@ -231,7 +278,7 @@ def train(args) -> dict:
                             "elapsed_s": round(time.perf_counter() - start, 1)})
                 bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
             if step % args.save_every == 0 or step == total:
-                save_training_state(run.state_path, model, run.opt, step, run.rng, log)
+                save_training_state(run.state_path, model, run.opt, step, run.rng, log, args.preset)
                 metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
                 save_snapshot(model, Path(args.out), torch.float16, metrics)
     bar.close()
@@ -284,7 +331,7 @@ def cmd_train(args):
 def cmd_train_tokenizer(args):
     from .data import train_tokenizer
 
-    out = train_tokenizer(args.out, args.vocab_size)
+    out = train_tokenizer(args.out, args.vocab_size, overwrite=args.overwrite)
     print(f"wrote {out}/tokenizer.json")
 
 
@@ -295,27 +342,29 @@ def register(subparsers):
     s.add_argument("--out", required=True, help="HF checkpoint folder (fp16), replaced at each save")
     s.add_argument("--work-dir", default=None, help="resumable training state (default: OUT.work)")
     s.add_argument("--data-cache", default=".cache/stdlib", help="token streams cached here (.npy)")
-    s.add_argument("--steps", type=int, default=1000)
-    s.add_argument("--max-minutes", type=float, default=None, help="cap --steps to fit this wall time")
-    s.add_argument("--batch", type=int, default=32)
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--warmup", type=int, default=50)
-    s.add_argument("--weight-decay", type=float, default=0.1)
-    s.add_argument("--clip", type=float, default=1.0)
+    s.add_argument("--steps", type=positive_int, default=1000)
+    s.add_argument("--max-minutes", type=positive_float, default=None, help="cap --steps to fit this wall time")
+    s.add_argument("--batch", type=positive_int, default=32)
+    s.add_argument("--seq-len", type=positive_int, default=512)
+    s.add_argument("--lr", type=positive_float, default=3e-3)
+    s.add_argument("--warmup", type=nonnegative_int, default=50)
+    s.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
+    s.add_argument("--clip", type=positive_float, default=1.0)
     s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--eval-every", type=int, default=100)
-    s.add_argument("--eval-batch", type=int, default=8)
-    s.add_argument("--eval-tokens", type=int, default=0, help="final carried-state val perplexity on N tokens")
-    s.add_argument("--save-every", type=int, default=200)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-every", type=positive_int, default=100)
+    s.add_argument("--eval-batch", type=positive_int, default=8)
+    s.add_argument("--eval-tokens", type=nonnegative_int, default=0, help="final carried-state val perplexity on N tokens")
+    s.add_argument("--save-every", type=positive_int, default=200)
+    s.add_argument("--seed", type=nonnegative_int, default=0)
     s.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt")
     s.set_defaults(func=cmd_train)
 
     s = subparsers.add_parser("train-tokenizer", help="byte-level BPE on the stdlib train split")
-    s.add_argument("out")
-    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("out", help="new or empty folder for tokenizer.json and its configs")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder, replacing its tokenizer files")
+    s.add_argument("--vocab-size", type=positive_int, default=4096)
     s.set_defaults(func=cmd_train_tokenizer)
 
 

@@ -643,6 +643,7 @@ def test_onnx_export_of_a_lone_gguf_writes_its_tokenizer(added, ckpt, tiny_token
             assert [lr.tokenizer.encode(t) for t in texts] == [tok.encode(t) for t in texts]
 
 
+@pytest.mark.filterwarnings("ignore:.*no equivalent outside llama.cpp")  # load_model's own warning
 def test_onnx_export_of_a_gguf_without_tokenizer_json_equivalent_warns(lone_gguf, tmp_path, monkeypatch):
     pytest.importorskip("onnx")
     import dataclasses

@@ -29,7 +29,7 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
     if ndim == 2 and ids.shape[1] == 0:
         raise ShapeError("input_ids has length 0; give at least one token")
     if ids.numel() and (ids.device.type == "cpu" or on_device):
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass: this runs every decode step
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ShapeError(f"token id {bad} outside the vocabulary [0, {vocab}); "

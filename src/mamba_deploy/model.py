@@ -297,9 +297,10 @@ class MambaLM(nn.Module):
 
     def step(self, ids, state: State) -> torch.Tensor:
         """ids (b,) -> logits (b, vocab); state updated in place."""
+        w = self.backbone.norm_f.weight  # one module lookup for device and dtype: this runs per token
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
-        state.check(self.config, ids.shape[0], self.dtype, self.device)
-        if self.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
+        state.check(self.config, ids.shape[0], w.dtype, w.device)
+        if w.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
             from .ops.cpu_decode import decode_plan
 
             fast = decode_plan(self, ids.shape[0], state)

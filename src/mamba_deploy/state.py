@@ -71,7 +71,8 @@ class State:
         if dtype is not None and (self.conv.dtype != dtype or not self.ssm.dtype.is_floating_point):
             raise ShapeError(f"state has conv {self.conv.dtype} / ssm {self.ssm.dtype}; the model needs conv {dtype} "
                              f"and a floating-point ssm; {fix}")
-        if device is not None and (self.conv.device != torch.device(device) or self.ssm.device != torch.device(device)):
+        device = None if device is None or isinstance(device, torch.device) else torch.device(device)
+        if device is not None and (self.conv.device != device or self.ssm.device != device):
             raise ShapeError(f"state is on {self.conv.device} / {self.ssm.device}, the model on {device}; {fix}")
 
     @classmethod

@@ -274,3 +274,13 @@ def test_corrupt_weights_found_by_load_and_inspect(hf_checkpoint, tmp_path, caps
     shutil.copy(hf_checkpoint("mamba2")[0] / "model.safetensors", other / "model.safetensors")
     assert cli_main(["inspect", str(other)]) == 2
     assert "does not match its config.json" in capsys.readouterr().err
+
+
+def test_stored_dtype_reads_both_config_spellings(tmp_path):
+    from mamba_deploy.checkpoint import stored_dtype
+
+    for key in ("torch_dtype", "dtype"):  # transformers < 5 / >= 5
+        (tmp_path / "config.json").write_text(json.dumps({key: "float16"}))
+        assert stored_dtype(tmp_path) == torch.float16
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    assert stored_dtype(tmp_path) is None

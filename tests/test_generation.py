@@ -134,3 +134,12 @@ def test_prompt_forms_and_bad_arguments(hf_checkpoint):
         generate(runner, [[1, 500]])
     with pytest.raises(ShapeError, match="token id 128 outside"):
         runner.step(torch.tensor([1, 128]), runner.new_state(2))
+
+
+def test_numpy_numbers_are_accepted(hf_checkpoint):
+    import numpy as np
+
+    runner = TorchRunner(load_model(hf_checkpoint("mamba")[0]))
+    assert SamplingConfig(temperature=np.float32(0.7), top_p=np.float64(0.9)).temperature == np.float32(0.7)
+    got = generate(runner, [[5, 9]], max_new_tokens=np.int64(3), stop_token_ids=[]).tokens
+    assert got == generate(runner, [[5, 9]], max_new_tokens=3, stop_token_ids=[]).tokens and len(got[0]) == 3

@@ -679,3 +679,16 @@ def test_convert_and_quantize_of_a_lone_gguf_keep_its_tokenizer(lone_gguf, tmp_p
     assert out.tokenizer.encode(text) == src.tokenizer.encode(text) != []
     q = save_quantized(quantize(load_model(lone_gguf), "int8", progress=False), tmp_path / "q")
     assert load_model(q).tokenizer.encode(text) == src.tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("pre", ["olmo", "mpt", "jais"])
+def test_gpt2_regex_pre_tokenizers_have_a_tokenizer(exported, pre):
+    """llama.cpp splits these pre-tokenizer names with GPT-2's regex: the same ids as 'gpt-2'."""
+    import dataclasses
+
+    from mamba_deploy.export.gguf_vocab import tokenizer_from_vocab, vocab_from_gguf
+
+    vocab = vocab_from_gguf(exported("mamba"))
+    text = "hello world,  the quick\nbrown fox 123"
+    want = tokenizer_from_vocab(dataclasses.replace(vocab, pre="gpt-2")).encode(text).ids
+    assert tokenizer_from_vocab(dataclasses.replace(vocab, pre=pre)).encode(text).ids == want != []

@@ -424,3 +424,21 @@ def test_export_validates_against_a_float32_state(hf_checkpoint, tmp_path):
     # the float64 reference that validation falls back to keeps a float64 state
     gold = _float_copy(model, torch.float64)
     assert _reference(gold, [torch.randint(0, 64, (2, 3))])[1].ssm.dtype == torch.float64
+
+
+def test_numpy_ids_of_any_layout_are_accepted(exported):
+    """Reversed strides, unsigned widths and big-endian int64 were accepted before the shared id
+    checks and must give the same logits as plain int64 ids."""
+    out, _, _ = exported("mamba")
+    runner = open_onnx(out)
+    base = np.arange(3, 11, dtype=np.int64)[None]  # (1, 8)
+    want, _ = runner.prefill(base, runner.new_state(1))
+    neg = np.ascontiguousarray(base[:, ::-1])[:, ::-1]  # base's values through a negative stride
+    assert neg.strides[1] < 0
+    for ids in (neg, base.astype(np.uint32), base.astype(np.uint16), base.astype(">i8")):
+        got, _ = runner.prefill(ids, runner.new_state(1))
+        assert torch.equal(got, want), ids.dtype
+    rev = np.ascontiguousarray(base[:, ::-1])
+    want_rev, _ = runner.prefill(rev, runner.new_state(1))
+    got_rev, _ = runner.prefill(base[:, ::-1], runner.new_state(1), attention_mask=np.ones((1, 8), np.int64)[:, ::-1])
+    assert torch.equal(got_rev, want_rev)

@@ -276,7 +276,8 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
     if config is None or not config.exists():
         return None
     try:
-        name = json.loads(config.read_text()).get("torch_dtype")
+        raw = json.loads(config.read_text())
+        name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
     except (json.JSONDecodeError, AttributeError):
         return None
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -21,7 +22,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         values = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
             raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
             raise ConfigError(
@@ -104,7 +105,7 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     after max_new_tokens. `on_token(batch_index, token_id)` streams tokens as they come.
     """
     prompts = _as_prompt_list(prompts)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     as_text = isinstance(prompts[0], str)
     tok = runner.tokenizer if as_text else None

@@ -18,7 +18,9 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
     On CUDA the range check synchronises, so it runs there only with on_device=True (prefill;
     an out-of-range id would otherwise end in a device-side assert that poisons the context)."""
     if isinstance(ids, np.ndarray):
-        ids = torch.from_numpy(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {ids.dtype} {ids.shape}")
+        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))  # any stride / byte order / width
     elif not isinstance(ids, torch.Tensor):
         try:
             ids = torch.as_tensor(ids)
@@ -28,19 +30,22 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
         raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {ids.dtype} {tuple(ids.shape)}")
     if ndim == 2 and ids.shape[1] == 0:
         raise ShapeError("input_ids has length 0; give at least one token")
+    ids = ids.long()  # before the range check: aminmax has no kernel for some unsigned widths
     if ids.numel() and (ids.device.type == "cpu" or on_device):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass: this runs every decode step
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ShapeError(f"token id {bad} outside the vocabulary [0, {vocab}); "
                              "was the prompt tokenized with this model's tokenizer?")
-    return ids.long()
+    return ids
 
 
 def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
     """attention_mask (b, l) of 0/1 (left padding) or None -> int64 tensor or None."""
     if attention_mask is None:
         return None
+    if isinstance(attention_mask, np.ndarray):
+        attention_mask = np.ascontiguousarray(attention_mask)  # negative strides / other byte orders
     mask = torch.as_tensor(attention_mask)
     if tuple(mask.shape) != tuple(ids_shape):
         raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids_shape)}")

@@ -8,6 +8,7 @@ Parameter names equal the HF checkpoint keys.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -274,7 +275,7 @@ class MambaLM(nn.Module):
         num_logits_to_keep > 0 computes logits for the last positions only."""
         input_ids = check_ids(input_ids, 2, self.config.padded_vocab_size, on_device=True)
         b, l = input_ids.shape
-        if not isinstance(num_logits_to_keep, int) or num_logits_to_keep < 0:
+        if not isinstance(num_logits_to_keep, numbers.Integral) or num_logits_to_keep < 0:
             raise ShapeError(f"num_logits_to_keep must be an int >= 0 (0 = every position), got {num_logits_to_keep!r}")
         if state is None:
             state = self.new_state(b)

@@ -161,6 +161,11 @@ def add_vocab(writer, vocab: Vocab) -> None:
     writer.add_bool(ADD_BOS_KEY, vocab.add_bos)
 
 
+# llama.cpp pre-tokenizer names that split text with GPT-2's regex (one case in llama-vocab.cpp),
+# i.e. what tokenizers' ByteLevel(use_regex=True) does
+GPT2_REGEX_PRE = ("gpt-2", "mpt", "olmo", "jais")
+
+
 def tokenizer_from_vocab(vocab: Vocab):
     """A GGUF vocabulary as a `tokenizers.Tokenizer` that encodes text as llama.cpp does with it
     (control tokens in the text are matched, as tokenizer.json always does and llama.cpp with
@@ -168,9 +173,9 @@ def tokenizer_from_vocab(vocab: Vocab):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     where = vocab.source or "the GGUF"
-    if vocab.model != TOKENIZER_MODEL or vocab.pre != "gpt-2":  # ByteLevel(use_regex=True) is llama.cpp's "gpt-2"
+    if vocab.model != TOKENIZER_MODEL or vocab.pre not in GPT2_REGEX_PRE:
         raise ExportError(f"{where} has a {vocab.model!r} tokenizer with pre-tokenizer {vocab.pre!r}; only "
-                          f"{TOKENIZER_MODEL!r} with 'gpt-2' has a tokenizer.json equivalent")
+                          f"{TOKENIZER_MODEL!r} with one of {GPT2_REGEX_PRE} has a tokenizer.json equivalent")
     kinds = {TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED}
     odd = sorted({t for t in vocab.types if t not in kinds})
     if odd:

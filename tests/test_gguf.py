@@ -692,3 +692,39 @@ def test_gpt2_regex_pre_tokenizers_have_a_tokenizer(exported, pre):
     text = "hello world,  the quick\nbrown fox 123"
     want = tokenizer_from_vocab(dataclasses.replace(vocab, pre="gpt-2")).encode(text).ids
     assert tokenizer_from_vocab(dataclasses.replace(vocab, pre=pre)).encode(text).ids == want != []
+
+
+def _without_tokenizer_keys(src, dst):
+    """A copy of the GGUF `src` with every tokenizer.* metadata key left out (weights-only GGUFs)."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith(("GGUF.", "tokenizer.")) or name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.filterwarnings("ignore:.*no equivalent outside llama.cpp")  # convert's own load
+def test_gguf_without_tokenizer_metadata_loads_and_saves_with_a_warning(exported, ckpt, tmp_path):
+    """Its weights still load (token ids work) and convert still writes them; only the tokenizer
+    is missing, which each step says, instead of failing on the missing metadata key."""
+    from mamba_deploy.cli import main
+
+    (tmp_path / "g").mkdir()
+    path = _without_tokenizer_keys(exported("mamba"), tmp_path / "g" / "m.gguf")
+    with pytest.warns(UserWarning, match="no equivalent outside llama.cpp"):
+        model = load_model(path)
+    ids = random_ids(1, 7)
+    assert rel_err(model(ids).logits, load_model(exported("mamba"))(ids).logits) == 0
+    with pytest.warns(UserWarning, match="gets no tokenizer"):
+        assert main(["convert", str(path), str(tmp_path / "c")]) == 0
+    assert not (tmp_path / "c" / "tokenizer.json").exists()
+    assert rel_err(load_model(tmp_path / "c")(ids).logits, model(ids).logits) == 0

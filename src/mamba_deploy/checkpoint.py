@@ -263,7 +263,7 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(tokenizer_src, tmp)
+        write_tokenizer_files(tokenizer_src, tmp, out_dir)
         for f in tmp.iterdir():  # safetensors writes 0600; outputs are meant to be shared
             os.chmod(f, 0o666 & ~_umask())
     return Path(out_dir)
@@ -288,9 +288,11 @@ def tokenizer_source(model):
     return getattr(model, "gguf_path", None) or getattr(model, "source_path", None)
 
 
-def _write_tokenizer(src, dst: Path) -> None:
-    """The tokenizer files beside a saved checkpoint: copied from a folder, or a GGUF's vocabulary
-    written as tokenizer.json (a warning where it has no equivalent: the weights are still saved)."""
+def write_tokenizer_files(src, dst: Path, shown=None) -> None:
+    """The tokenizer files beside a saved checkpoint or export (`src`: `tokenizer_source(model)`):
+    copied from a folder, or a GGUF's vocabulary written as tokenizer.json. Where a GGUF's has no
+    equivalent (or none at all) it warns, naming `shown` (the final output, not the temporary
+    `dst`): the weights or graph still run on token ids."""
     if src is None:
         return
     src = Path(src)
@@ -302,8 +304,9 @@ def _write_tokenizer(src, dst: Path) -> None:
 
     try:
         write_gguf_tokenizer(src, dst)
-    except ExportError as e:
-        warnings.warn(f"{dst.name} gets no tokenizer: {e}; copy the original tokenizer.json beside it", stacklevel=3)
+    except (ExportError, ConfigError) as e:  # ConfigError: the GGUF lacks tokenizer metadata
+        warnings.warn(f"{shown or dst} gets no tokenizer: {e}. Copy the original model's tokenizer.json and "
+                      "tokenizer_config.json into it to use text prompts", stacklevel=3)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

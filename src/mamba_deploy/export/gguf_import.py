@@ -177,7 +177,7 @@ def gguf_tokenizer(reader, path):
     try:
         vocab = vocab_from_gguf(path, reader)
         tok = tokenizer_from_vocab(vocab)
-    except ExportError as e:
+    except (ExportError, ConfigError) as e:  # ConfigError: no tokenizer metadata at all
         warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({e}); use --backend llama.cpp "
                       "or give token ids", stacklevel=3)
         return None

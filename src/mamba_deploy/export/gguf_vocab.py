@@ -202,11 +202,6 @@ def tokenizer_from_vocab(vocab: Vocab):
 def write_gguf_tokenizer(gguf_path, folder) -> None:
     """The GGUF's vocabulary as tokenizer.json + tokenizer_config.json in `folder`, for runtimes
     without llama.cpp; ExportError where that cannot be done faithfully (see tokenizer_from_vocab)."""
-    import os
-
-    gguf_path = getattr(gguf_path, "gguf_path", gguf_path)  # a model loaded by load_gguf
-    if not isinstance(gguf_path, (str, os.PathLike)):
-        raise ExportError("this model keeps no path to a GGUF vocabulary; export the .gguf path itself")
     vocab = vocab_from_gguf(gguf_path)
     tok = tokenizer_from_vocab(vocab)
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": vocab.add_bos,

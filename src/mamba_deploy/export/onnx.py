@@ -47,7 +47,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     """Export a MambaLM (or a checkpoint path / hub id) to OUT_DIR/model.onnx; returns OUT_DIR."""
     import onnx
 
-    from ..checkpoint import copy_tokenizer_files, load_model
+    from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
     from .onnx_graph import MambaGraph
 
     if dtype not in DTYPES:
@@ -74,17 +74,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
         _save(proto, tmp)
         check_graph(tmp / "model.onnx")
-        copied = copy_tokenizer_files(model.source_path, tmp) if getattr(model, "source_path", None) else []
-        if cfg.source == "gguf" and "tokenizer.json" not in copied:  # the GGUF carries the tokenizer
-            from .gguf_vocab import write_gguf_tokenizer
-
-            try:
-                write_gguf_tokenizer(model_or_path, tmp)
-            except (ExportError, ConfigError) as e:  # the graph still runs on token ids
-                import warnings
-
-                warnings.warn(f"{out_dir} gets no tokenizer: {e}. Copy the original model's tokenizer.json "
-                              "and tokenizer_config.json into it to use text prompts", stacklevel=2)
+        write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
         write_manifest(tmp, cfg, opset, dtype)
         if validate:
             validate_export(tmp, model, dtype)

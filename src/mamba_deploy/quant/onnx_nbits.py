@@ -69,6 +69,7 @@ def _dequantized_copy(qmodel):
     tied = {"lm_head.weight"} if qmodel.config.tie_embeddings else set()
     assert not unexpected and set(missing) <= tied, (missing, unexpected)  # internal: every weight mapped
     fp.source_path = getattr(qmodel, "source_path", None)
+    fp.gguf_path = getattr(qmodel, "gguf_path", None)  # checkpoint.tokenizer_source
     return fp.eval()
 
 

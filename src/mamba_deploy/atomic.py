@@ -113,7 +113,11 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; outputs are meant to be shared
+        for f in tmp.rglob("*"):  # and so are files that writers made 0600 (safetensors' save_file)
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import _umask, atomic_dir
+from .atomic import atomic_dir
 from .config import MambaConfig
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 
@@ -264,8 +264,6 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
-        for f in tmp.iterdir():  # safetensors writes 0600; outputs are meant to be shared
-            os.chmod(f, 0o666 & ~_umask())
     return Path(out_dir)
 
 

@@ -281,7 +281,7 @@ class MambaLM(nn.Module):
             state = self.new_state(b)
         state.check(self.config, b, self.dtype, self.device)
         if l == 1 and attention_mask is None:
-            return ModelOutput(self.step(input_ids[:, 0], state).unsqueeze(1), state)
+            return ModelOutput(self._step(input_ids[:, 0], state).unsqueeze(1), state)  # checked above
         mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, l):
@@ -301,7 +301,11 @@ class MambaLM(nn.Module):
         w = self.backbone.norm_f.weight  # one module lookup for device and dtype: this runs per token
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
         state.check(self.config, ids.shape[0], w.dtype, w.device)
-        if w.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
+        return self._step(ids, state)
+
+    def _step(self, ids, state: State) -> torch.Tensor:
+        """`step` on checked inputs: the state is on the model's device."""
+        if state.conv.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
             from .ops.cpu_decode import decode_plan
 
             fast = decode_plan(self, ids.shape[0], state)

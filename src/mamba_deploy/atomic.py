@@ -30,13 +30,20 @@ def _make_parent(path: Path) -> None:
     except OSError as e:  # a parent is a regular file, or no permission
         raise OutputPathError(f"cannot create the folder for {path}: {e.strerror or e}; "
                               "choose an output path under a writable folder") from e
-    try:  # a real probe: os.access says yes to root even on read-only mounts such as /proc
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    check_writable(path.parent, f"{path.parent} is not writable", "choose an output path under a writable folder")
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """OutputPathError "{what} (reason); {fix}" unless a file can be created in `folder`: a real
+    probe, since os.access says yes to root even on read-only mounts such as /proc."""
+    from .errors import OutputPathError
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputPathError(f"{path.parent} is not writable ({e.strerror or e}); "
-                              "choose an output path under a writable folder") from e
+        raise OutputPathError(f"{what} ({e.strerror or e}); {fix}") from e
 
 
 def prepare_output_file(path) -> Path:

@@ -14,13 +14,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .atomic import write_bytes
+from .atomic import check_writable, write_bytes
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -280,13 +279,7 @@ def _check_out_dir(out_dir) -> Path:
     base = out if out.exists() else next(p for p in out.parents if p.exists())
     if not base.is_dir():
         raise OutputPathError(f"cannot create --out {out}: {base} is a file; choose a folder under a writable one")
-    try:  # a real probe: os.access says yes to root even on read-only mounts
-        fd, probe = tempfile.mkstemp(prefix=".bench.", suffix=".probe", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OutputPathError(f"cannot write the bench results under {base} ({e.strerror or e}); "
-                              "choose --out under a writable folder") from e
+    check_writable(base, f"cannot write the bench results under {base}", "choose --out under a writable folder")
     return out
 
 

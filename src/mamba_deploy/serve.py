@@ -442,11 +442,7 @@ def cmd_serve(args):
     from .cli import torch_options
     from .runners import open_runner
 
-    if args.max_batch < 1:
-        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.max_tokens_limit < 1:
-        raise ConfigError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
-    try:
+    try:  # --max-batch / --max-tokens-limit >= 1: argparse (positive_int)
         _check_can_listen(args.host, args.port)
     except OSError as e:
         raise _bind_error(args.host, args.port, e) from None

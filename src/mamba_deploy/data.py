@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file, prepare_output_dir, prepare_output_file, write_bytes
+from .atomic import atomic_file, check_writable, prepare_output_dir, prepare_output_file, write_bytes
 from .errors import ConfigError, ModelNotFoundError, OutputPathError
 
 VAL_PERCENT = 10
@@ -81,7 +81,7 @@ def prepare_tokenizer_dir(out_dir, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"output {out} is a file, not a folder; choose a folder path for the tokenizer")
     if overwrite and out.is_dir():
-        prepare_output_file(out / "tokenizer.json")  # probes that the folder itself is writable
+        check_writable(out, f"{out} is not writable", "choose an output path under a writable folder")
         return out
     if out.is_dir() and any(out.iterdir()):
         has = "already has a tokenizer.json" if (out / "tokenizer.json").exists() else "is not empty"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
-from .atomic import prepare_output_dir, prepare_output_file
+from .atomic import check_writable, prepare_output_dir, prepare_output_file
 from .config import MambaConfig
 from .errors import ConfigError, OutputPathError
 
@@ -181,7 +181,7 @@ def check_outputs(args) -> Path:
         if not ours:
             raise OutputPathError(f"--out {out} is a non-empty folder that is not a `mamba-deploy train` output "
                                   "(no train_log.json); each save would replace it: choose a new path or delete it")
-        prepare_output_file(out.parent / f".{out.name}.snap")  # probes that the parent is writable
+        check_writable(out.parent, f"{out.parent} is not writable", "choose an output path under a writable folder")  # each save renames into it
     else:
         prepare_output_dir(out, OutputPathError)
     work = Path(args.work_dir or f"{args.out}.work")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mamba_deploy import bench as B
+from mamba_deploy.argtypes import int_list
 from mamba_deploy.cli import main
 from mamba_deploy.errors import ConfigError
 
@@ -109,7 +110,7 @@ def test_bad_settings_are_user_errors(hf_checkpoint, tmp_path):
     m1, _ = hf_checkpoint("mamba")
     assert main(["bench", str(m1), "--batch", "0", "--out", str(tmp_path / "o"), "--quiet"]) != 0
     with pytest.raises(ConfigError, match="comma-separated integers"):
-        B._ints("1,x", "--batch")
+        int_list("1,x", "--batch", "1,8")
     f = tmp_path / "file"
     f.write_text("")
     with pytest.raises(ConfigError, match="is a file"):

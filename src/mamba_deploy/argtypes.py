@@ -50,3 +50,20 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
     return value
+
+
+def int_list(text: str, flag: str, example: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (`verify --lengths 1,7,257`, `bench --batch 1,8`),
+    or a ConfigError naming the flag: an empty list would skip every case and still pass."""
+    from .errors import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. {example}") from None
+    if not values:
+        raise ConfigError(f"{flag} {text!r} names no value; give comma-separated integers >= 1, e.g. {example}")
+    bad = [x for x in values if x < 1]
+    if bad:
+        raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. {example}")
+    return values

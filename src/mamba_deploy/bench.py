@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import int_list, nonnegative_int, positive_int
 from .atomic import check_writable, write_bytes
 from .errors import (
     BackendUnavailableError,
@@ -316,22 +317,12 @@ def write_outputs(data: dict, out_dir) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {what} {text!r}; give comma-separated integers like 1,8") from None
-    if not values:
-        raise ConfigError(f"{what} {text!r} names no value; give comma-separated integers like 1,8")
-    return values
-
-
 def cmd_bench(args):
     from .cli import torch_options
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
-    batches, prompt_lens = _ints(args.batch, "--batch"), _ints(args.prompt_len, "--prompt-len")
+    batches, prompt_lens = int_list(args.batch, "--batch", "1,8"), int_list(args.prompt_len, "--prompt-len", "128,512")
     # what would stop the writing is reported before minutes of measuring, not after
     _check_out_dir(args.out)
     _require_matplotlib()
@@ -349,7 +340,6 @@ def cmd_bench(args):
 
 
 def register(subparsers) -> None:
-    from .argtypes import nonnegative_int, positive_int
     from .cli import add_state_dtype
 
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")

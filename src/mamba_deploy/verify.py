@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import int_list, nonnegative_int, positive_int
 from .atomic import prepare_output_file, write_json
 from .errors import ConfigError, VerificationError
 
@@ -516,19 +517,6 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
     return ref, art, infer_artifact_dtype(artifact)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. 1,7,257") from None
-    if not values:  # an empty list would skip every prefill and decode check and still pass
-        raise ConfigError(f"{flag} {text!r} names no value; give comma-separated integers >= 1, e.g. 1,7,257")
-    bad = [x for x in values if x < 1]
-    if bad:
-        raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. 1,7,257")
-    return values
-
-
 def write_json_atomic(path, data) -> Path:
     """Write JSON to a temporary name beside `path`, then rename (never a partial file)."""
     return write_json(path, data)
@@ -547,7 +535,7 @@ def cmd_verify(args):
             f"{args.artifact} runs on the {backend} backend, at the precision stored in the artifact "
             f"({infer_artifact_dtype(args.artifact)}). Leave --artifact-dtype out, or to loosen the limits on "
             f"purpose pass --dtype {args.artifact_dtype} (tolerance row) or --tolerance NAME=VALUE")
-    lengths, batches = _int_list(args.lengths, "--lengths"), _int_list(args.batch, "--batch")
+    lengths, batches = int_list(args.lengths, "--lengths", "1,7,257"), int_list(args.batch, "--batch", "1,3")
     # limits only: a bare name here (`--tolerance logits_rel`) is a missing value, not a row label
     overrides = parse_overrides(",".join(args.tolerance or []))
     make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
@@ -582,8 +570,6 @@ def cmd_verify(args):
 
 
 def register(subparsers) -> None:
-    from .argtypes import nonnegative_int, positive_int
-
     s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
     s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")

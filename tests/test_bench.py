@@ -51,7 +51,8 @@ def test_bench_cli_two_tiny_models(hf_checkpoint, tmp_path):
         [(str(m1), "torch", None), (str(m2), "torch", None)]
     got = {(r["artifact"], r["batch"], r["prompt_len"]) for r in data["results"]}
     assert got == {(str(m), b, p) for m in (m1, m2) for b in (1, 2) for p in (3, 8)}
-    assert data["settings"] == dict(batches=[1, 2], prompt_lens=[3, 8], gen_len=2, warmup=1, repeats=2, seed=0)
+    assert data["settings"] == dict(batches=[1, 2], prompt_lens=[3, 8], gen_len=2, warmup=1, repeats=2, seed=0,
+                                    threads=None)
 
 
 def test_bench_keeps_going_past_a_bad_target(hf_checkpoint, tmp_path, capsys):

@@ -77,7 +77,7 @@ def test_demo_numbers_match_transformers(demo_run):
                 assert r["size"] > 1e6 and r["ms_per_token"] > 0
 
 
-def _broken_builder(model, model_dir, work):
+def _broken_builder(model, model_dir, work, threads=None):
     """A real artifact that disagrees: the checkpoint with one projection scaled by 2%."""
     m = load_model(model_dir)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def _broken_builder(model, model_dir, work):
     return TorchRunner(load_model(out)), out
 
 
-def _missing_builder(model, model_dir, work):
+def _missing_builder(model, model_dir, work, threads=None):
     import mamba_deploy.export.no_such_format  # noqa: F401  (a stage not written yet)
 
 

@@ -166,7 +166,7 @@ def _system_info() -> dict:
 
 
 def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repeats: int = 3, seed: int = 0,
-              progress: bool = True, open_options: dict | None = None) -> dict:
+              progress: bool = True, open_options: dict | None = None, threads: int | None = None) -> dict:
     """Benchmark every (artifact, backend) target; a target that cannot be opened or run is kept
     with its error so the rest still get measured."""
     from tqdm.auto import tqdm
@@ -180,7 +180,7 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                           f">= 0, repeats {repeats} >= 1, warmup {warmup} >= 0")
     per_target = len(batches) * len(prompt_lens) * (warmup + repeats)
     data = dict(schema=SCHEMA, settings=dict(batches=batches, prompt_lens=prompt_lens, gen_len=gen_len,
-                                             warmup=warmup, repeats=repeats, seed=seed),
+                                             warmup=warmup, repeats=repeats, seed=seed, threads=threads),
                 system=_system_info(), targets=[], results=[])
     with tqdm(total=len(targets) * per_target, desc="bench", disable=not progress, unit="run") as bar:
         for path, backend in targets:
@@ -188,7 +188,7 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
             data["targets"].append(entry)
             done_before = bar.n
             try:
-                opts = dict(open_options or {}) if backend == "torch" else {}
+                opts = {"threads": threads, **((open_options or {}) if backend == "torch" else {})}
                 with open_runner(path, backend, **opts) as runner:
                     for b in batches:
                         for length in prompt_lens:
@@ -214,7 +214,8 @@ def _fmt(v, spec=".1f") -> str:
 def markdown_table(data: dict) -> str:
     s = data["settings"]
     lines = ["# mamba-deploy bench", "",
-             f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}; "
+             f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}, "
+             f"threads {s.get('threads') or 'backend default'}; "
              f"{data['system']['processor']}, {data['system']['cpu_count']} CPUs, torch {data['system']['torch']}"
              + (f", {data['system']['cuda']}" if data["system"]["cuda"] else ""), "",
              "| target | batch | prompt | prefill ms (median / p95) | decode ms/token (median / p95) "
@@ -327,7 +328,7 @@ def cmd_bench(args):
     _check_out_dir(args.out)
     _require_matplotlib()
     data = run_bench(targets, batches, prompt_lens, args.gen_len, args.warmup, args.repeats, args.seed,
-                     progress=not args.quiet, open_options=torch_options(args))
+                     progress=not args.quiet, open_options=torch_options(args), threads=args.threads)
     errors = [t for t in data["targets"] if t["error"]]
     if not data["results"]:
         # results of an earlier run in --out stay as they were: an empty table is not a result
@@ -340,7 +341,7 @@ def cmd_bench(args):
 
 
 def register(subparsers) -> None:
-    from .cli import add_state_dtype
+    from .cli import add_state_dtype, add_threads
 
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
     s.add_argument("models", nargs="+", metavar="MODEL_OR_ARTIFACT",
@@ -356,6 +357,7 @@ def register(subparsers) -> None:
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)
+    add_threads(s)
     s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)

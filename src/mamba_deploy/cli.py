@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import nonnegative_float, nonnegative_int, positive_float
+from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
 from .errors import MambaDeployError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -60,6 +60,22 @@ def add_state_dtype(parser) -> None:
 def torch_options(args) -> dict:
     """Open options of the torch backend from --device / --dtype / --state-dtype."""
     return {"device": args.device, "dtype": DTYPES[args.dtype], "state_dtype": STATE_DTYPES[args.state_dtype]}
+
+
+def add_threads(parser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads of the backend (torch, ONNX Runtime, llama.cpp, OpenVINO); default: "
+                             "each backend's own (llama.cpp: one per physical core)")
+
+
+def runner_options(args, torch_opts=None) -> dict:
+    """open_runner options from the CLI: --threads for every backend, plus the torch backend's
+    own (`torch_opts`, default torch_options(args)) when the backend is torch or left to the path
+    (the other backends ignore options they do not take)."""
+    opts = {"threads": args.threads}
+    if args.backend in (None, "torch"):
+        opts.update(torch_options(args) if torch_opts is None else torch_opts)
+    return opts
 
 
 def _human(n: float) -> str:
@@ -120,10 +136,7 @@ def cmd_generate(args):
 
     # the ranges argparse cannot see (top_p <= 1, min_p < 1), checked before any model loads
     SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    opts = {}
-    if args.backend in (None, "torch"):
-        opts = torch_options(args)
-    runner = open_runner(args.model, args.backend, **opts)
+    runner = open_runner(args.model, args.backend, **runner_options(args))
     stream = len(args.prompt) == 1 and not args.json
     tok = runner.tokenizer
     if stream:
@@ -193,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     add_state_dtype(s)
+    add_threads(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_generate)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import nonnegative_int
 from .atomic import write_json
 from .errors import BackendUnavailableError, ModelNotFoundError
 
@@ -42,28 +41,28 @@ TOLERANCE = {
 # ----------------------------------------------------------------------------- format steps
 # Each builder takes (model, model_dir, work_dir) and returns (runner, artifact path).
 
-def build_torch(model, model_dir, work):
+def build_torch(model, model_dir, work, threads=None):
     from .runners.torch_runner import TorchRunner
 
     return TorchRunner(model), Path(model_dir) / "model.safetensors"
 
 
-def build_onnx(model, model_dir, work):
+def build_onnx(model, model_dir, work, threads=None):
     from .export.onnx import export_onnx
     from .runners import open_runner
 
     out = export_onnx(model, work / "onnx", dtype="fp32", validate=False)
-    return open_runner(out, "onnx"), out
+    return open_runner(out, "onnx", threads=threads), out
 
 
 def _gguf(outtype):
-    def build(model, model_dir, work):
+    def build(model, model_dir, work, threads=None):
         from .export.gguf import export_gguf
         from .runners import open_runner
 
         path = export_gguf(model, work / f"model-{outtype}.gguf", outtype=outtype)
         try:
-            return open_runner(path, "llama.cpp"), path
+            return open_runner(path, "llama.cpp", threads=threads), path
         except BackendUnavailableError as e:
             # No llama.cpp here: still check the file itself, read back by our GGUF importer.
             from .checkpoint import load_model
@@ -73,7 +72,7 @@ def _gguf(outtype):
     return build
 
 
-def build_quant_int8(model, model_dir, work):
+def build_quant_int8(model, model_dir, work, threads=None):
     from .checkpoint import load_model
     from .quant import quantize, save_quantized
     from .runners.torch_runner import TorchRunner
@@ -179,14 +178,14 @@ def show_completions(model, log) -> None:
         log(f"  --- {prompt!r}\n" + "\n".join("  | " + line for line in (prompt + text).splitlines()))
 
 
-def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, prompt_ids, ref) -> Row:
+def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, prompt_ids, ref, threads=None) -> Row:
     row = Row(Path(model_dir).name, name, backend)
     if tol_row == "ref":  # the reference itself: its own numbers, parity by definition
         row.size, row.ppl, row.ms_per_token = _size(Path(model_dir) / "model.safetensors"), ref["ppl"], ref["ms_per_token"]
         row.top1, row.logits_rel, row.greedy = 1.0, 0.0, 1.0
         return row
     try:
-        runner, path, *note = builder(model, model_dir, work)
+        runner, path, *note = builder(model, model_dir, work, threads=threads)
         if note:  # the builder fell back to another backend: say so in the table
             row.backend = note[0].split(" ", 1)[0]
             row.notes.append(note[0])
@@ -211,7 +210,7 @@ def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, pro
     return row
 
 
-def run_model(model_dir: Path, work: Path, formats, log) -> list[Row]:
+def run_model(model_dir: Path, work: Path, formats, log, threads=None) -> list[Row]:
     from .checkpoint import load_model
     from .runners.torch_runner import TorchRunner
 
@@ -227,7 +226,7 @@ def run_model(model_dir: Path, work: Path, formats, log) -> list[Row]:
         sub = work / model_dir.name / name.replace(" ", "_").replace(">", "")
         sub.mkdir(parents=True, exist_ok=True)
         t1 = time.perf_counter()
-        rows.append(run_format(name, backend, builder, tol_row, model, model_dir, sub, ids, prompt_ids, ref))
+        rows.append(run_format(name, backend, builder, tol_row, model, model_dir, sub, ids, prompt_ids, ref, threads))
         log(f"  {name:<24} {rows[-1].status:<14} ({time.perf_counter() - t1:.1f} s)")
     log(f"  {model_dir.name} done in {time.perf_counter() - t0:.1f} s")
     return rows
@@ -262,8 +261,14 @@ def find_models(names=DEMO_MODELS) -> list[Path]:
                              "checkout; run from the repository root or pass --models DIR [DIR ...]")
 
 
-def run_demo(model_dirs=None, out=None, only=None, log=print) -> tuple[list[Row], bool]:
-    """Returns (rows, passed). `only`: format names to run (default all)."""
+def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> tuple[list[Row], bool]:
+    """Returns (rows, passed). `only`: format names to run (default all). threads: CPU threads of
+    every backend (torch's is process-wide); None keeps each backend's default."""
+    from .runners.base import check_threads
+
+    threads = check_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     dirs = [Path(d) for d in model_dirs] if model_dirs else find_models()
     for d in dirs:
         if not (d / "config.json").exists():
@@ -271,7 +276,7 @@ def run_demo(model_dirs=None, out=None, only=None, log=print) -> tuple[list[Row]
     formats = [f for f in FORMATS if only is None or f[0] in only or f[2] is build_torch]
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
     try:
-        rows = [r for d in dirs for r in run_model(d, work, formats, log)]
+        rows = [r for d in dirs for r in run_model(d, work, formats, log, threads)]
     finally:
         if not out:
             shutil.rmtree(work, ignore_errors=True)
@@ -280,9 +285,8 @@ def run_demo(model_dirs=None, out=None, only=None, log=print) -> tuple[list[Row]
 
 
 def cmd_demo(args):
-    torch.set_num_threads(max(1, args.threads)) if args.threads else None
     t0 = time.perf_counter()
-    rows, passed = run_demo(args.models, args.out, args.only)
+    rows, passed = run_demo(args.models, args.out, args.only, threads=args.threads)
     print("\n" + format_table(rows))
     print(f"\n{'PASSED' if passed else 'FAILED'}: {sum(r.status == 'ok' for r in rows)} ok, "
           f"{sum(r.status == 'not available' for r in rows)} not available, "
@@ -294,10 +298,12 @@ def cmd_demo(args):
 
 
 def register(subparsers):
+    from .cli import add_threads
+
     s = subparsers.add_parser("demo", help="offline end to end: generate, export every format, verify parity")
     s.add_argument("--models", nargs="+", default=None, help="checkpoint folders (default: the shipped demo models)")
     s.add_argument("--out", default=None, help="keep the exported artifacts here (default: a temporary folder)")
     s.add_argument("--only", nargs="+", default=None, choices=[f[0] for f in FORMATS], help="formats to run")
-    s.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_threads(s)
     s.add_argument("--json", default=None, help="also write the table rows to this JSON file")
     s.set_defaults(func=cmd_demo)

@@ -84,11 +84,11 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int
 
 
 def cmd_eval(args):
-    from .cli import DTYPES
+    from .cli import DTYPES, runner_options
     from .runners import open_runner
 
-    opts = {"device": args.device, "dtype": DTYPES[args.dtype]} if args.backend in (None, "torch") else {}
-    runner = open_runner(args.model, args.backend, **opts)
+    runner = open_runner(args.model, args.backend,
+                         **runner_options(args, {"device": args.device, "dtype": DTYPES[args.dtype]}))
     ids = corpus_ids(runner.tokenizer, args.corpus, args.text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
@@ -111,7 +111,7 @@ def cmd_eval(args):
 
 def register(subparsers):
     from .argtypes import positive_int
-    from .cli import DTYPES
+    from .cli import DTYPES, add_threads
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
@@ -122,6 +122,7 @@ def register(subparsers):
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
+    add_threads(s)
     s.add_argument("--baseline", action="store_true",
                    help="also the add-one unigram perplexity from stdlib train-split counts, same tokens")
     s.add_argument("--json", action="store_true")

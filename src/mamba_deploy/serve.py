@@ -439,15 +439,14 @@ def _check_can_listen(host: str, port: int) -> None:
 def cmd_serve(args):
     import signal
 
-    from .cli import torch_options
+    from .cli import runner_options
     from .runners import open_runner
 
     try:  # --max-batch / --max-tokens-limit >= 1: argparse (positive_int)
         _check_can_listen(args.host, args.port)
     except OSError as e:
         raise _bind_error(args.host, args.port, e) from None
-    opts = torch_options(args) if args.backend in (None, "torch") else {}
-    runner = open_runner(args.model, args.backend, **opts)
+    runner = open_runner(args.model, args.backend, **runner_options(args))
     try:
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
@@ -472,7 +471,7 @@ def cmd_serve(args):
 
 def register(subparsers) -> None:
     from .argtypes import port, positive_int
-    from .cli import add_state_dtype
+    from .cli import add_state_dtype, add_threads
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP completions server (/v1/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
@@ -488,5 +487,6 @@ def register(subparsers) -> None:
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)
+    add_threads(s)
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")
     s.set_defaults(func=cmd_serve)

@@ -497,15 +497,16 @@ REFERENCE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": 
 
 
 def open_pair(reference, artifact, backend: str | None = None, reference_dtype: str = "float32",
-              device: str = "cpu", artifact_options: dict | None = None):
-    """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label)."""
+              device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
+    """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
+    threads: CPU threads of both backends (None: each backend's default)."""
     from .runners import guess_backend, open_runner
 
     if reference_dtype not in REFERENCE_DTYPES:
         raise ConfigError(f"reference dtype {reference_dtype!r} is not supported; use float32 or float64")
-    ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype])
+    ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype], threads=threads)
     backend = backend or guess_backend(artifact)
-    opts = dict(artifact_options or {})
+    opts = {"threads": threads, **(artifact_options or {})}
     if backend == "torch":
         opts.setdefault("device", device)
     art = open_runner(artifact, backend, **opts)
@@ -549,7 +550,7 @@ def cmd_verify(args):
             raise ConfigError(f"cannot read --text {args.text!r} as UTF-8 text: {e}") from e
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
     ref, art, label = open_pair(args.reference, args.artifact, backend, args.reference_dtype,
-                                args.device, opts)
+                                args.device, opts, threads=args.threads)
     if args.artifact_dtype and label == "fp32":
         label = args.artifact_dtype  # an fp32 checkpoint run in half precision needs half tolerances
     try:
@@ -570,6 +571,8 @@ def cmd_verify(args):
 
 
 def register(subparsers) -> None:
+    from .cli import add_threads
+
     s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
     s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
@@ -587,6 +590,7 @@ def register(subparsers) -> None:
                    help="override a limit: logits_rel, state_rel, top1, ppl_rel (repeatable or comma-separated)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
+    add_threads(s)
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_verify)

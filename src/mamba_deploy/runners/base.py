@@ -7,13 +7,42 @@ the state object is the backend's own and opaque to callers except through `to_t
 
 from __future__ import annotations
 
+import numbers
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
 from ..config import MambaConfig
+from ..errors import ConfigError
 from ..state import State
+
+
+def default_threads(cpus=None, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """CPU threads a backend uses when not told: one per physical core among the CPUs this
+    process may run on (llama.cpp's own default; a second hyperthread per core adds little to
+    bandwidth-bound decoding). Falls back to the number of usable CPUs where the topology is not
+    readable. cpus / sysfs: for tests."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        topo = Path(sysfs) / f"cpu{c}" / "topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def check_threads(threads) -> int | None:
+    """A backend's `threads` option: None (the backend's default) or an int >= 1."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1 (or None for the backend's default), got {threads!r}")
+    return int(threads)
 
 
 class Runner(ABC):

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, CheckpointError, ShapeError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner
+from .base import Runner, check_threads, default_threads
 
 
 def _lib():
@@ -86,8 +86,8 @@ class LlamaCppTokenizer:
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
 
-    def __init__(self, path, n_threads: int = 2, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
-                 verbose: bool = False):
+    def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
+                 n_seq_max: int = 4, verbose: bool = False):
         from ..export.gguf_import import open_reader, read_config
 
         lib, set_verbose = _lib()
@@ -111,7 +111,8 @@ class LlamaCppRunner(Runner):
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.path, self.source_path = path, path.parent
-        self.n_threads, self.n_ctx, self.n_batch = int(n_threads), int(n_ctx), int(n_batch)
+        self.n_threads = check_threads(n_threads) or default_threads()
+        self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self._ctx = self._batch = None
         self._generation = 0
         self._make_context(max(1, int(n_seq_max)))
@@ -325,10 +326,14 @@ def _parse_seq_state_at(buf: bytes, cfg, start: int):
     return out[0], out[1]
 
 
-def open_llamacpp(path, n_threads: int = 2, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
-                  verbose: bool = False, **_ignored) -> LlamaCppRunner:
-    """`open_runner(path, "llama.cpp", n_threads=2, n_ctx=...)`. n_ctx only caps positions per
-    sequence: a Mamba context's memory does not grow with it. Options other backends take
-    (device, dtype) are ignored: llama.cpp runs the GGUF's own types on the CPU."""
-    return LlamaCppRunner(path, n_threads=n_threads, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max,
-                          verbose=verbose)
+def open_llamacpp(path, threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
+                  verbose: bool = False, n_threads: int | None = None, **_ignored) -> LlamaCppRunner:
+    """`open_runner(path, "llama.cpp", threads=4, n_ctx=...)`. threads (or llama.cpp's own name,
+    n_threads): CPU threads for prefill and decode; default one per physical core, as llama.cpp's
+    CLI does. n_ctx only caps positions per sequence: a Mamba context's memory does not grow with
+    it. Options other backends take (device, dtype) are ignored: llama.cpp runs the GGUF's own
+    types on the CPU."""
+    if threads is not None and n_threads is not None and threads != n_threads:
+        raise ConfigError(f"threads={threads!r} and n_threads={n_threads!r} disagree; pass one of them")
+    return LlamaCppRunner(path, n_threads=n_threads if threads is None else threads, n_ctx=n_ctx, n_batch=n_batch,
+                          n_seq_max=n_seq_max, verbose=verbose)

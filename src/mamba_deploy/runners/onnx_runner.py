@@ -17,7 +17,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner
+from .base import Runner, check_threads
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
@@ -176,7 +176,8 @@ def check_session(manifest: dict, session, folder: Path) -> None:
 
 def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False, **_) -> OnnxRunner:
     """path: an export folder or its model.onnx. providers: ORT provider names (default CUDA if
-    available, else CPU). threads: intra-op threads (default: ORT's choice)."""
+    available, else CPU). threads: intra-op threads (default: ORT's choice, one per physical core)."""
+    threads = check_threads(threads)
     try:
         import onnxruntime as ort
     except ImportError as e:

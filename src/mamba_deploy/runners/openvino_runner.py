@@ -26,7 +26,7 @@ import torch
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
 from ..state import State
-from .base import Runner
+from .base import Runner, check_threads
 from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
@@ -189,6 +189,7 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     GPU/NPU where the plugins exist). precision: inference precision hint, f32 (default, for
     parity) | bf16 | f16. threads: CPU inference threads (default: OpenVINO's choice).
     properties: further OpenVINO compile properties, passed through."""
+    threads = check_threads(threads)
     try:
         import openvino as ov
     except ImportError as e:

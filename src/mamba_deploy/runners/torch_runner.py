@@ -6,7 +6,7 @@ import torch
 
 from ..inputs import check_ids
 from ..state import State
-from .base import Runner
+from .base import Runner, check_threads
 
 
 class TorchRunner(Runner):
@@ -42,9 +42,15 @@ class TorchRunner(Runner):
         return self.model.tokenizer
 
 
-def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, **_) -> TorchRunner:
+def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
+               **_) -> TorchRunner:
+    """threads: torch's intra-op CPU threads (torch.set_num_threads, which is process-wide);
+    None leaves torch's setting as it is."""
     from ..checkpoint import load_model
 
+    threads = check_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner

@@ -188,7 +188,7 @@ def llamacpp_rows(arch, hf_dir, work, ids, args, add) -> None:
             with warnings.catch_warnings():  # per-tensor fallback notes of the quantizer
                 warnings.simplefilter("ignore")
                 path = export_gguf(hf_dir, work / f"{arch}-{outtype}.gguf", outtype=outtype, tokenizer=tokenizer)
-            with open_runner(path, "llama.cpp", n_threads=args.threads) as r:
+            with open_runner(path, "llama.cpp", threads=args.threads) as r:
                 add("llama.cpp", outtype.upper(), time_runner(r, ids, args.decode))
         except Exception as e:  # noqa: BLE001  (report and keep benchmarking the rest)
             print(f"  {arch:<7} llama.cpp     {outtype.upper():<7} skipped: {type(e).__name__}: {e}")

@@ -143,3 +143,96 @@ def test_numpy_numbers_are_accepted(hf_checkpoint):
     assert SamplingConfig(temperature=np.float32(0.7), top_p=np.float64(0.9)).temperature == np.float32(0.7)
     got = generate(runner, [[5, 9]], max_new_tokens=np.int64(3), stop_token_ids=[]).tokens
     assert got == generate(runner, [[5, 9]], max_new_tokens=3, stop_token_ids=[]).tokens and len(got[0]) == 3
+
+
+# ----------------------------------------------------------------------------- stop strings
+# The reference is brute force on the unstopped greedy run: decode every prefix of its tokens;
+# the run stops after the first prefix whose text holds a stop string, and its text ends at the
+# earliest match there (str.find), the way OpenAI-style servers cut.
+
+DEMO2 = "models/demo-mamba2"
+
+
+def _brute_force_stop(tok, tokens, stops):
+    for n in range(1, len(tokens) + 1):
+        text = tok.decode(tokens[:n])
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return tokens[:n], text[:min(hits)], "stop"
+    return tokens, tok.decode(tokens), "length"
+
+
+@pytest.fixture(scope="module")
+def demo_runner():
+    from pathlib import Path
+
+    return TorchRunner(load_model(Path(__file__).resolve().parents[1] / DEMO2))
+
+
+@pytest.fixture(scope="module")
+def free_run(demo_runner):
+    prompts = ["def main(", "import os\n"]
+    return prompts, generate(demo_runner, prompts, max_new_tokens=24, stop_token_ids=[])
+
+
+def _token_boundary_stop(tok, tokens):
+    """A 2-character stop string across the boundary between two tokens' texts."""
+    for n in range(2, len(tokens)):
+        a, b = tok.decode(tokens[:n - 1]), tok.decode(tokens[:n])
+        if len(a) >= 1 and len(b) > len(a) and b.startswith(a):
+            return b[len(a) - 1:len(a) + 1]
+    pytest.skip("no token boundary found in the free run")
+
+
+def test_stop_strings_cut_like_brute_force(demo_runner, free_run):
+    from mamba_deploy.generation import TextStream
+
+    prompts, free = free_run
+    tok = demo_runner.tokenizer
+    t0 = free.texts[0]
+    cases = [[t0[4:7]], [t0[-3:]], [_token_boundary_stop(tok, free.tokens[0])], ["\x00never"],
+             [t0[10:12], t0[2:4]], [free.texts[1][5:8]]]
+    for stops in cases:
+        res = generate(demo_runner, prompts, max_new_tokens=24, stop_token_ids=[], stop_strings=stops)
+        for i in range(len(prompts)):
+            toks, text, reason = _brute_force_stop(tok, free.tokens[i], stops)
+            assert (res.tokens[i], res.texts[i], res.stop_reasons[i]) == (toks, text, reason), (stops, i)
+            # the stream of the same tokens: its pieces add up to the text and never show a stop string
+            stream, shown = TextStream(tok, stops), ""
+            for t in res.tokens[i]:
+                shown += stream.push(t)
+                assert not any(s in shown for s in stops)
+            assert shown + stream.finish() == res.texts[i]
+
+
+def test_stop_strings_with_token_id_prompts(demo_runner, free_run):
+    prompts, free = free_run
+    tok = demo_runner.tokenizer
+    ids = tok.encode(prompts[0])
+    stop = free.texts[0][4:7]
+    res = generate(demo_runner, [ids], max_new_tokens=24, stop_token_ids=[], stop_strings=stop)
+    assert res.texts == [free.texts[0][:free.texts[0].index(stop)]] and res.stop_reasons == ["stop"]
+
+
+@pytest.mark.parametrize("bad", [[""], [3], "", ["ok", None]])
+def test_bad_stop_strings_are_typed_errors(demo_runner, bad):
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stop strings must be non-empty strings"):
+        generate(demo_runner, "x", max_new_tokens=2, stop_strings=bad)
+
+
+def test_cli_stop_string_stream_and_json(free_run, capsys):
+    import json
+
+    from mamba_deploy.cli import main
+
+    prompts, free = free_run
+    stop = free.texts[0][4:7]
+    want = free.texts[0][:free.texts[0].index(stop)]
+    assert main(["generate", DEMO2, "--prompt", prompts[0], "--max-new-tokens", "24", "--stop-string", stop]) == 0
+    assert capsys.readouterr().out == prompts[0] + want + "\n"
+    assert main(["generate", DEMO2, "--prompt", prompts[0], "--max-new-tokens", "24", "--stop-string", stop,
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]
+    assert got["completion"] == want and got["stop"] == "stop"

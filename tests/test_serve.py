@@ -175,6 +175,30 @@ def test_stream_matches_non_stream(server):
         assert all(c["finish_reason"] is None for c in mine[:-1])
 
 
+def test_stop_strings_equal_direct_generate_and_stream_never_shows_them(server, reference):
+    prompts = ["the quick brown", "a stitch"]
+    free = generate(reference, prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[])
+    stop = free.texts[0][3:5]  # occurs in row 0's completion; maybe in row 1's too
+    ref = generate(reference, prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[], stop_strings=[stop])
+    assert ref.texts[0] == free.texts[0][:free.texts[0].index(stop)] and ref.stop_reasons[0] == "stop"
+    body = {"prompt": prompts, "max_tokens": 12, "temperature": 0, "stop_token_ids": [], "stop": stop}
+    status, _, data = _post(server, body)
+    assert status == 200
+    choices = json.loads(data)["choices"]
+    assert [c["text"] for c in choices] == ref.texts
+    assert [c["token_ids"] for c in choices] == ref.tokens
+    assert [c["finish_reason"] for c in choices] == ref.stop_reasons
+    status, _, data = _post(server, {**body, "stream": True})
+    chunks, _ = _sse_events(data)
+    for i, choice in enumerate(choices):
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(texts) == choice["text"]
+        shown = ""
+        for t in texts:  # at no point did the stream show the stop string
+            shown += t
+            assert stop not in shown
+
+
 def test_concurrent_requests_are_serialised_and_correct(server, reference):
     prompts = [[[7, 8, 9]], [[10, 11]], [[12]], [[13, 14, 15, 16]]]
     refs = [generate(reference, p, max_new_tokens=6, stop_token_ids=[]).tokens for p in prompts]
@@ -214,7 +238,9 @@ def test_concurrent_requests_are_serialised_and_correct(server, reference):
     ({"prompt": "a", "repetition_penalty": 0}, 400, r"repetition_penalty must be > 0"),
     ({"prompt": "a", "top_p": 0, "stream": True}, 400, r"top_p"),  # rejected before the stream starts
     ({"prompt": "a", "stop_token_ids": ["x"]}, 400, r"`stop_token_ids` must be a list of integers"),
-    ({"prompt": "a", "stop": ["\n"]}, 400, r"stop strings are not supported"),
+    ({"prompt": "a", "stop": [1]}, 400, r"`stop` must be a string or a list of non-empty strings"),
+    ({"prompt": "a", "stop": ["x", ""]}, 400, r"`stop` must be a string or a list of non-empty strings"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, r"`stop` has 5 strings; at most 4"),
     ({"prompt": "a", "seed": -1}, 400, r"`seed` must be in"),
     ({"prompt": "a", "stream": "yes"}, 400, r"`stream` must be true or false"),
     ([1, 2], 400, r"must be a JSON object"),

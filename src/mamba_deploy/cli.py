@@ -131,32 +131,28 @@ def cmd_inspect(args):
 
 
 def cmd_generate(args):
-    from .generation import SamplingConfig, generate
+    from .generation import SamplingConfig, TextStream, check_stop_strings, generate
     from .runners import open_runner
 
     # the ranges argparse cannot see (top_p <= 1, min_p < 1), checked before any model loads
     SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    check_stop_strings(args.stop_string)
     runner = open_runner(args.model, args.backend, **runner_options(args))
     stream = len(args.prompt) == 1 and not args.json
-    tok = runner.tokenizer
     if stream:
         print(args.prompt[0], end="", flush=True)
-        pieces = []
+        text = TextStream(runner.tokenizer, args.stop_string)  # never prints (part of) a stop string
 
-        def on_token(i, t):  # decode incrementally so multi-byte tokens print correctly
-            pieces.append(t)
-            text = tok.decode(pieces)
-            print(text[len(on_token.printed):], end="", flush=True)
-            on_token.printed = text
-        on_token.printed = ""
+        def on_token(i, t):
+            print(text.push(t), end="", flush=True)
     else:
         on_token = None
     res = generate(runner, list(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
-                   stop_token_ids=args.stop)
+                   stop_token_ids=args.stop, stop_strings=args.stop_string)
     if stream:
-        print()
+        print(text.finish())
     elif args.json:
         print(json.dumps([{"prompt": p, "completion": t, "tokens": ids, "stop": r} for p, t, ids, r in
                           zip(args.prompt, res.texts, res.tokens, res.stop_reasons)], indent=2))
@@ -202,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-p", type=nonnegative_float, default=0.0, help="in [0, 1)")
     s.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
+    s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
+                   help="stop at this text, which is left out of the output (repeatable)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

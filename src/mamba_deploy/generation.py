@@ -76,10 +76,78 @@ def sample(logits, cfg: SamplingConfig, history=None, generator=None):
 
 @dataclass
 class Generation:
-    tokens: list[list[int]]  # new tokens per prompt (stop token excluded)
+    tokens: list[list[int]]  # new tokens per prompt (a stop token excluded; a stop string's tokens kept)
     prompt_tokens: list[list[int]]
-    texts: list[str] | None = None
+    texts: list[str] | None = None  # decoded new tokens, ending before a stop string
     stop_reasons: list[str] = field(default_factory=list)
+
+
+def check_stop_strings(stop_strings) -> list[str]:
+    """A string or a list of non-empty strings -> a list ([] for None)."""
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in stop_strings):
+        raise ConfigError(f"stop strings must be non-empty strings, got {stop_strings!r:.80}")
+    return list(stop_strings)
+
+
+class StopText:
+    """Finds the first stop string in one row's decoded completion as tokens arrive. The whole
+    completion is decoded each time (a tokenizer may merge bytes across tokens, so a token's own
+    decoding is not its share of the text), and only its new tail is searched: from the last
+    stable length (trailing incomplete characters, decoded as U+FFFD, are not stable) minus the
+    longest stop string's length - 1."""
+
+    def __init__(self, tok, stops: list[str]):
+        self.tok, self.stops, self.longest = tok, stops, max(len(s) for s in stops)
+        self.stable = 0
+
+    def find(self, ids: list[int]) -> int | None:
+        """Character index where the first stop string starts in decode(ids), or None."""
+        return self.find_in(self.tok.decode(ids))
+
+    def find_in(self, text: str) -> int | None:
+        """`find` on the decoded completion so far."""
+        start = max(0, self.stable - (self.longest - 1))
+        self.stable = len(text.rstrip("\ufffd"))
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+
+class TextStream:
+    """Incremental text of one row for streaming: emits only text that later tokens cannot
+    change. An incomplete multi-byte character is held back and, with stop strings, so are the
+    last (longest - 1) characters, which could be the start of one; nothing from a stop string
+    on is ever emitted (the stream finds stop strings as `generate` does). `finish()` emits the
+    rest: the text `generate` returns for the row is exactly the concatenation."""
+
+    def __init__(self, tok, stop_strings=None):
+        stops = check_stop_strings(stop_strings)
+        self.tok, self.ids, self.sent, self.cut = tok, [], 0, None
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.finder = StopText(tok, stops) if stops and tok is not None else None
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        if self.tok is None or self.cut is not None:
+            return ""
+        text = self.tok.decode(self.ids)
+        if self.finder is not None:
+            self.cut = self.finder.find_in(text)
+        end = len(text.rstrip("\ufffd")) - self.hold if self.cut is None else self.cut
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent:end], end
+        return delta
+
+    def finish(self) -> str:
+        if self.tok is None:
+            return ""
+        delta = self.tok.decode(self.ids)[:self.cut][self.sent:]
+        self.sent += len(delta)
+        return delta
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
@@ -97,18 +165,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, stop_strings=None) -> Generation:
     """Generate for a batch of prompts (strings or token-id lists) of any lengths.
 
     Prompts are left-padded and masked so padding never enters the recurrent state. Each
-    sequence stops at a stop token (default: the tokenizer's eos when prompts are strings) or
-    after max_new_tokens. `on_token(batch_index, token_id)` streams tokens as they come.
+    sequence stops at a stop token (default: the tokenizer's eos when prompts are strings), at
+    the first of `stop_strings` in its decoded text (the text is cut before it; the tokens that
+    produced it are kept), or after max_new_tokens. `on_token(batch_index, token_id)` streams
+    tokens as they come (`TextStream` turns them into text that never shows a stop string).
     """
     prompts = _as_prompt_list(prompts)
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     as_text = isinstance(prompts[0], str)
-    tok = runner.tokenizer if as_text else None
+    stop_strings = check_stop_strings(stop_strings)
+    tok = runner.tokenizer if as_text or stop_strings else None
     ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
     if any(len(p) == 0 for p in ids_list):
         raise ShapeError("a prompt is empty; give at least one token")
@@ -132,6 +203,8 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     out = [[] for _ in range(b)]
     reasons = ["length"] * b
     done = torch.zeros(b, dtype=torch.bool)
+    finders = [StopText(tok, stop_strings) for _ in range(b)] if stop_strings else None
+    cuts: list[int | None] = [None] * b
     for t in range(max_new_tokens):
         hist = _history_tensor(history) if repetition_penalty != 1.0 else None
         nxt = sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
@@ -147,10 +220,17 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
             history[i].append(token)
             if on_token is not None:
                 on_token(i, token)
+            if finders is not None:
+                cuts[i] = finders[i].find(out[i])
+                if cuts[i] is not None:
+                    done[i] = True
+                    reasons[i] = "stop"
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits, state = runner.step(nxt, state)
-    texts = [tok.decode(o) for o in out] if as_text else None
+    texts = None
+    if as_text or stop_strings:
+        texts = [tok.decode(o)[:cut] for o, cut in zip(out, cuts)]
     return Generation(out, ids_list, texts, reasons)
 
 

@@ -10,7 +10,8 @@ generation at a time; several prompts in one request are one batched `generate` 
     POST /v1/completions  -> OpenAI "text_completion" (or Server-Sent Events with "stream": true)
 
 `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists.
-Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
+`stop` is a string or a list of up to 4 (the text ends before the first one found; a stream
+never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
 """
@@ -49,8 +50,8 @@ UNSUPPORTED = {
     "echo": ((None, False), "echo is not supported"),
     "logprobs": ((None,), "logprobs are not supported"),
     "suffix": ((None,), "suffix is not supported"),
-    "stop": ((None, [], ""), "stop strings are not supported; pass token ids in `stop_token_ids`"),
 }
+MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SEED_RANGE = (0, 2**63 - 1)
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
@@ -112,6 +113,19 @@ def _parse_prompts(prompt, max_batch: int, vocab_size: int):
     return prompts, as_text
 
 
+def _parse_stop(stop) -> list[str] | None:
+    """OpenAI's `stop`: null, a string, or a list of up to 4 strings ("" and [] mean none)."""
+    if stop is None or stop == "" or stop == []:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+        raise RequestError(f"`stop` must be a string or a list of non-empty strings, got {json.dumps(stop)[:80]}",
+                           param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"`stop` has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
+    return stops
+
+
 def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_limit: int):
     """JSON body -> (prompts, as_text, generate() keyword arguments, stream, include_usage).
     Raises RequestError naming the offending field."""
@@ -141,6 +155,7 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
             raise RequestError(f"`stop_token_ids` must be a list of integers, got {json.dumps(stops)[:80]}",
                                param="stop_token_ids")
     kw["stop_token_ids"] = stops  # None: generate's default (the tokenizer's eos for text prompts)
+    kw["stop_strings"] = _parse_stop(body.get("stop"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"`stream` must be true or false, got {json.dumps(stream)[:80]}", param="stream")
@@ -148,31 +163,6 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
     if not isinstance(opts, dict):
         raise RequestError("`stream_options` must be an object", param="stream_options")
     return prompts, as_text, kw, stream, bool(opts.get("include_usage", False))
-
-
-class _Detokenizer:
-    """Incremental decoding for streams: emits only text that later tokens cannot change
-    (holds back an incomplete multi-byte character)."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.sent = tok, [], 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        if self.tok is None:
-            return ""
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
-
-    def flush(self) -> str:
-        if self.tok is None:
-            return ""
-        text = self.tok.decode(self.ids)
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
 
 
 # ----------------------------------------------------------------------------- server
@@ -277,11 +267,12 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.server
         prompts, as_text, kw, stream, include_usage = parse_completion_request(
             body, s.max_batch, s.runner.vocab_size, s.max_tokens_limit)
-        if as_text:
+        if as_text or kw["stop_strings"]:
             try:
                 _ = s.runner.tokenizer  # loads it; a missing one is the client's 400, before generating
             except MambaDeployError as e:
-                raise RequestError(f"text prompts need a tokenizer: {e}") from e
+                what = "text prompts" if as_text else "`stop` strings"
+                raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
         if stream:
             self._stream(prompts, as_text, kw, include_usage)
         else:
@@ -324,16 +315,18 @@ class _Handler(BaseHTTPRequestHandler):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         res = self._generate(prompts, kw)
         tok = None if as_text else self.server.tokenizer_or_none()
-        texts = res.texts if as_text else [tok.decode(t) if tok is not None else "" for t in res.tokens]
+        texts = res.texts if res.texts is not None else [tok.decode(t) if tok is not None else "" for t in res.tokens]
         choices = [{"index": i, "text": texts[i], "token_ids": res.tokens[i], "logprobs": None,
                     "finish_reason": res.stop_reasons[i]} for i in range(len(prompts))]
         self._send(200, {**self._base(rid, created), "choices": choices, "usage": _usage(res)})
 
     def _stream(self, prompts, as_text, kw, include_usage):
+        from .generation import TextStream
+
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = self._base(rid, created)
         tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
-        detoks = [_Detokenizer(tok) for _ in prompts]
+        detoks = [TextStream(tok, kw["stop_strings"]) for _ in prompts]
         self.send_response(200)
         for k, v in SSE_HEADERS.items():
             self.send_header(k, v)
@@ -365,7 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "param": None, "code": 500}})
             return
         for i, d in enumerate(detoks):
-            event(chunk(i, d.flush(), [], res.stop_reasons[i]))
+            event(chunk(i, d.finish(), [], res.stop_reasons[i]))
         if include_usage:
             event({**base, "choices": [], "usage": _usage(res)})
         event(b"[DONE]")

@@ -128,3 +128,34 @@ def test_onnx_backend_on_a_checkpoint_names_the_export_command(capsys):
     assert main(["generate", DEMO, "--backend", "onnx", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "is a checkpoint, not an ONNX export" in err and f"export onnx {DEMO} {DEMO}-onnx" in err
+
+
+_WITHOUT_EXTRAS = """
+import sys
+for m in ("gguf", "onnx", "onnxruntime", "llama_cpp", "matplotlib", "transformers", "openvino", "tensorrt", "triton"):
+    sys.modules[m] = None  # `import m` now raises ModuleNotFoundError, as on an install without extras
+from mamba_deploy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_works_without_optional_packages(tmp_path):
+    """`pip install mamba-deploy` without extras: every verb that needs no optional package still
+    runs (the CLI used to die at start-up importing `gguf` for `export gguf`), and a verb that does
+    is a typed error naming the package and the extra to install."""
+    import subprocess
+    import sys
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *argv], capture_output=True, text=True,
+                              timeout=300)
+
+    r = run("generate", DEMO, "--prompt", "def", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("def"), r.stderr[-2000:]
+    r = run("inspect", DEMO)
+    assert r.returncode == 0 and "mamba1" in r.stdout, r.stderr[-2000:]
+    r = run("export", "gguf", DEMO, str(tmp_path / "m.gguf"))
+    assert r.returncode == 2 and "needs the package 'gguf'" in r.stderr and "mamba-deploy[gguf]" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "m.gguf").exists()
+    r = run("export", "onnx", DEMO, str(tmp_path / "o"))
+    assert r.returncode == 2 and "'onnx'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

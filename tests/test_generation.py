@@ -236,3 +236,72 @@ def test_cli_stop_string_stream_and_json(free_run, capsys):
                  "--json"]) == 0
     got = json.loads(capsys.readouterr().out)[0]
     assert got["completion"] == want and got["stop"] == "stop"
+
+
+class _ScriptedTokenizer:
+    """Byte pieces per id; decode joins them as UTF-8 (U+FFFD for incomplete characters) and then,
+    like llama.cpp's and transformers' clean-up, turns " 's" into "'s": earlier text can change."""
+
+    eos_token_id = 0
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace").replace(" 's", "'s")
+
+    def encode(self, text):
+        return [1]
+
+
+def _scripted_runner(pieces, script):
+    """A Runner whose greedy continuation is `script` (token ids), whatever the prompt."""
+    from mamba_deploy.runners.base import Runner
+
+    V = len(pieces)
+
+    class Scripted(Runner):
+        name = "scripted"
+        vocab_size = V
+        tokenizer = _ScriptedTokenizer(pieces)
+
+        def new_state(self, batch):
+            return [0]
+
+        def _logits(self, state, b):
+            logits = torch.zeros(b, V)
+            logits[:, script[min(state[0], len(script) - 1)]] = 1.0
+            state[0] += 1
+            return logits
+
+        def prefill(self, ids, state, attention_mask=None, last_only=False):
+            return self._logits(state, ids.shape[0])[:, None], state
+
+        def step(self, ids, state):
+            return self._logits(state, ids.shape[0]), state
+
+    return Scripted()
+
+
+def test_stop_string_made_by_a_decoder_that_revises_earlier_text():
+    # "it" + " '" decodes to "it '"; with "s" the clean-up gives "it's": the match "t's" starts
+    # before the text seen one token earlier ended
+    pieces = [b"<eos>", b"it", b" '", b"s", b" ok"]
+    runner = _scripted_runner(pieces, [1, 2, 3, 4])
+    res = generate(runner, [[1]], max_new_tokens=4, stop_strings=["t's"])
+    assert (res.tokens, res.texts, res.stop_reasons) == ([[1, 2, 3]], ["i"], ["stop"])
+
+
+def test_stop_strings_do_not_make_eos_a_stop_token_for_id_prompts():
+    pieces = [b"<eos>", b"a", b"b"]
+    runner = _scripted_runner(pieces, [1, 0, 2])
+    res = generate(runner, [[1]], max_new_tokens=3, stop_strings=["never"])
+    assert (res.tokens, res.stop_reasons) == ([[1, 0, 2]], ["length"])
+    assert generate(runner, ["x"], max_new_tokens=3).tokens == [[1]]  # text prompts: eos stops
+
+
+def test_stop_string_is_not_matched_by_an_incomplete_character():
+    pieces = [b"<eos>", b"a", b"\xe4", b"\xb8", b"\xad", b"b"]  # "a" + the 3 bytes of U+4E2D + "b"
+    runner = _scripted_runner(pieces, [1, 2, 3, 4, 5])
+    res = generate(runner, [[1]], max_new_tokens=5, stop_strings=["\ufffd"], stop_token_ids=[])
+    assert (res.texts, res.stop_reasons) == (["a\u4e2db"], ["length"])

@@ -33,6 +33,12 @@ def test_default_threads_counts_physical_cores(tmp_path):
     assert default_threads([0, 1], str(tmp_path)) == 1  # two hyperthreads of one core
     assert default_threads([0, 2, 4], str(tmp_path)) == 3
     assert default_threads([0, 1, 9], str(tmp_path)) == 3  # cpu9 has no topology: count CPUs instead
+    quota = tmp_path / "cpu.max"
+    quota.write_text("250000 100000\n")  # a container allowed 2.5 CPUs: 3 threads at most
+    assert default_threads(range(8), str(tmp_path), str(quota)) == 3
+    assert default_threads([0, 2], str(tmp_path), str(quota)) == 2
+    quota.write_text("max 100000\n")
+    assert default_threads(range(8), str(tmp_path), str(quota)) == 4
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= default_threads() <= usable
 
@@ -91,6 +97,15 @@ def test_llamacpp_threads(tiny_gguf):
         assert llama_cpp.llama_n_threads(r._ctx) == 1
     with pytest.raises(ConfigError, match="disagree"):
         open_runner(tiny_gguf, "llama.cpp", threads=1, n_threads=2)
+    loads = []
+    real = llama_cpp.llama_model_load_from_file
+    llama_cpp.llama_model_load_from_file = lambda *a: loads.append(a) or real(*a)
+    try:
+        with pytest.raises(ConfigError, match="threads must be an integer"):
+            open_runner(tiny_gguf, "llama.cpp", threads=0)
+    finally:
+        llama_cpp.llama_model_load_from_file = real
+    assert loads == []  # refused before the model was loaded
 
 
 class _Stop(MambaDeployError):

@@ -95,14 +95,13 @@ def check_stop_strings(stop_strings) -> list[str]:
 
 class StopText:
     """Finds the first stop string in one row's decoded completion as tokens arrive. The whole
-    completion is decoded each time (a tokenizer may merge bytes across tokens, so a token's own
-    decoding is not its share of the text), and only its new tail is searched: from the last
-    stable length (trailing incomplete characters, decoded as U+FFFD, are not stable) minus the
-    longest stop string's length - 1."""
+    completion is decoded and searched each time: a tokenizer may merge bytes across tokens, and
+    some decoders revise earlier text (llama.cpp's and transformers' space clean-up turn "it '"
+    into "it's" when the "s" arrives), so neither a token's own decoding nor only the new tail
+    is enough. Trailing incomplete characters (decoded as U+FFFD) are not searched yet."""
 
     def __init__(self, tok, stops: list[str]):
-        self.tok, self.stops, self.longest = tok, stops, max(len(s) for s in stops)
-        self.stable = 0
+        self.tok, self.stops = tok, stops
 
     def find(self, ids: list[int]) -> int | None:
         """Character index where the first stop string starts in decode(ids), or None."""
@@ -110,18 +109,19 @@ class StopText:
 
     def find_in(self, text: str) -> int | None:
         """`find` on the decoded completion so far."""
-        start = max(0, self.stable - (self.longest - 1))
-        self.stable = len(text.rstrip("\ufffd"))
-        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        text = text.rstrip("\ufffd")
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
 
 
 class TextStream:
-    """Incremental text of one row for streaming: emits only text that later tokens cannot
-    change. An incomplete multi-byte character is held back and, with stop strings, so are the
-    last (longest - 1) characters, which could be the start of one; nothing from a stop string
-    on is ever emitted (the stream finds stop strings as `generate` does). `finish()` emits the
-    rest: the text `generate` returns for the row is exactly the concatenation."""
+    """Incremental text of one row for streaming. An incomplete multi-byte character is held
+    back and, with stop strings, so are the last (longest - 1) characters, which could be the
+    start of one; nothing from a stop string on is emitted (the stream finds stop strings as
+    `generate` does). `finish()` emits the rest, so the concatenation is the text `generate`
+    returns, for decoders whose text only grows at its end (`tokenizers`' byte-level BPE, the
+    shipped models). A decoder that revises earlier text (llama.cpp's space clean-up) can have
+    streamed a space that the final text no longer has."""
 
     def __init__(self, tok, stop_strings=None):
         stops = check_stop_strings(stop_strings)
@@ -179,12 +179,12 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     as_text = isinstance(prompts[0], str)
     stop_strings = check_stop_strings(stop_strings)
-    tok = runner.tokenizer if as_text or stop_strings else None
+    tok = runner.tokenizer if as_text or stop_strings else None  # stop strings are found in decoded text
     ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
     if any(len(p) == 0 for p in ids_list):
         raise ShapeError("a prompt is empty; give at least one token")
-    if stop_token_ids is None:
-        stop_token_ids = [tok.eos_token_id] if tok is not None and tok.eos_token_id is not None else []
+    if stop_token_ids is None:  # eos by default for text prompts only
+        stop_token_ids = [tok.eos_token_id] if as_text and tok.eos_token_id is not None else []
     vocab = runner.vocab_size
     bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
     if bad:

@@ -19,11 +19,26 @@ from ..errors import ConfigError
 from ..state import State
 
 
-def default_threads(cpus=None, sysfs: str = "/sys/devices/system/cpu") -> int:
+def default_threads(cpus=None, sysfs: str = "/sys/devices/system/cpu",
+                    cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """CPU threads a backend uses when not told: one per physical core among the CPUs this
     process may run on (llama.cpp's own default; a second hyperthread per core adds little to
-    bandwidth-bound decoding). Falls back to the number of usable CPUs where the topology is not
-    readable. cpus / sysfs: for tests."""
+    bandwidth-bound decoding), and no more than a container's CPU quota (cgroup v2 cpu.max)
+    allows. Falls back to the number of usable CPUs where the topology is not readable.
+    cpus / sysfs / cpu_max: for tests."""
+    return max(1, min(_physical_cores(cpus, sysfs), _cpu_quota(cpu_max) or 1 << 30))
+
+
+def _cpu_quota(cpu_max: str) -> int | None:
+    """ceil(quota / period) from a cgroup v2 cpu.max file ("max 100000" = no limit), else None."""
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def _physical_cores(cpus, sysfs: str) -> int:
     if cpus is None:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()

@@ -90,6 +90,7 @@ class LlamaCppRunner(Runner):
                  n_seq_max: int = 4, verbose: bool = False):
         from ..export.gguf_import import open_reader, read_config
 
+        n_threads = check_threads(n_threads) or default_threads()  # before loading anything
         lib, set_verbose = _lib()
         self._lib = lib
         set_verbose(verbose)
@@ -111,8 +112,7 @@ class LlamaCppRunner(Runner):
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.path, self.source_path = path, path.parent
-        self.n_threads = check_threads(n_threads) or default_threads()
-        self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
+        self.n_threads, self.n_ctx, self.n_batch = n_threads, int(n_ctx), int(n_batch)
         self._ctx = self._batch = None
         self._generation = 0
         self._make_context(max(1, int(n_seq_max)))

@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, S
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner
+from .base import Runner, check_threads
 
 
 def _torch_dtype(trt, dt):
@@ -147,9 +147,11 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
-def open_tensorrt(path, device: str = "cuda", **_) -> TensorRTRunner:
+def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -> TensorRTRunner:
     """path: an engine file from build_engine (or a folder holding model.engine), with its
-    `<engine>.json` sidecar next to it."""
+    `<engine>.json` sidecar next to it. threads is checked like every backend's, and unused:
+    the engine runs on the GPU."""
+    check_threads(threads)
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")

@@ -312,14 +312,22 @@ def _start_cli_server(args):
     return proc, int(m.group(1)), line
 
 
+def _health(port: int) -> dict:
+    """GET /health of a CLI server; asserts a 200 and returns the JSON body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
     proc, port, _ = _start_cli_server([str(folder)])
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read())["backend"] == "torch"
-        conn.close()
+        assert _health(port)["backend"] == "torch"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
         assert "shutting down" in proc.stderr.read()
@@ -483,11 +491,7 @@ def test_cli_gguf_is_named_after_the_file(folder, tmp_path):
     proc, port, line = _start_cli_server([str(gguf), "--backend", "torch"])
     try:
         assert line.startswith("serving tiny-q (torch)")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read())["model"] == "tiny-q"
-        conn.close()
+        assert _health(port)["model"] == "tiny-q"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
     finally:

@@ -19,25 +19,14 @@ from .argtypes import nonnegative_float, nonnegative_int, positive_float, positi
 from .errors import MambaDeployError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
-# `export <format>` through register(export_subparsers): module -> (verb, what installs the
-# packages it imports). A module not written yet is skipped; one whose optional packages are
-# missing gets a placeholder verb that says what to install, and every other verb still works.
-STAGE_MODULES = {
-    "mamba_deploy.quant.cli": ("quantize", None),
-    "mamba_deploy.verify": ("verify", None),
-    "mamba_deploy.bench": ("bench", None),
-    "mamba_deploy.eval": ("eval", None),
-    "mamba_deploy.train": ("train", None),
-    "mamba_deploy.demo": ("demo", None),
-    "mamba_deploy.serve": ("serve", None),
-}
-EXPORT_MODULES = {
-    "mamba_deploy.export.onnx": ("onnx", "pip install 'mamba-deploy[onnx]'"),
-    "mamba_deploy.export.gguf": ("gguf", "pip install 'mamba-deploy[gguf]'"),
-    "mamba_deploy.export.tensorrt": ("tensorrt", "install TensorRT (pip install tensorrt, with a CUDA GPU)"),
-}
-
-
+# `export <format>` through register(export_subparsers): module -> verb. A module not written
+# yet is skipped; one whose optional packages are missing gets a placeholder verb that says what
+# to install, and every other verb still works.
+STAGE_MODULES = {"mamba_deploy.quant.cli": "quantize", "mamba_deploy.verify": "verify", "mamba_deploy.bench": "bench",
+                 "mamba_deploy.eval": "eval", "mamba_deploy.train": "train", "mamba_deploy.demo": "demo",
+                 "mamba_deploy.serve": "serve"}
+EXPORT_MODULES = {"mamba_deploy.export.onnx": "onnx", "mamba_deploy.export.gguf": "gguf",
+                  "mamba_deploy.export.tensorrt": "tensorrt"}
 # optional packages (imported where a command needs them) -> how to install them
 OPTIONAL_PACKAGES = {
     "onnx": "pip install 'mamba-deploy[onnx]'", "onnxruntime": "pip install 'mamba-deploy[onnx]'",
@@ -48,31 +37,37 @@ OPTIONAL_PACKAGES = {
 }
 
 
+def _missing_package(command: str, error: ModuleNotFoundError) -> str:
+    """What to tell a user whose command needs a package that is not installed."""
+    top = (error.name or "").split(".")[0]
+    fix = OPTIONAL_PACKAGES.get(top, f"pip install {top}")
+    return f"`mamba-deploy {command}` needs the package {top!r}, which is not installed here: {fix}"
+
+
 def _register_all(sub, modules, prefix: str = ""):
-    for name, (verb, install) in modules.items():
+    for name, verb in modules.items():
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name and name.startswith(e.name):  # the stage itself is absent, not a dependency
                 continue
-            _register_unavailable(sub, verb, prefix + verb, e.name, install)
+            _register_unavailable(sub, verb, _missing_package(prefix + verb, e))
             continue
         mod.register(sub)
 
 
-def _register_unavailable(sub, verb: str, command: str, package: str | None, install: str | None) -> None:
+def _register_unavailable(sub, verb: str, message: str) -> None:
     """A verb whose module cannot be imported here: it takes any arguments and fails with a
-    typed error naming the missing package and how to install it (`install`, else pip)."""
-    fix = install or f"pip install {package}"
-    s = sub.add_parser(verb, help=f"(unavailable: needs {package}; {fix})", add_help=False)
+    typed error naming the missing package and how to install it."""
+    s = sub.add_parser(verb, help=f"(unavailable: {message})", add_help=False)
     s.add_argument("args", nargs=argparse.REMAINDER)
 
     def unavailable(args):
         from .errors import BackendUnavailableError
 
-        raise BackendUnavailableError(f"`mamba-deploy {command}` needs the package {package!r}, which is not "
-                                      f"installed here: {fix}")
+        raise BackendUnavailableError(message)
     s.set_defaults(func=unavailable)
+
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -275,11 +270,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if top not in OPTIONAL_PACKAGES:  # not a missing optional package: a bug, keep the traceback
+        if (e.name or "").split(".")[0] not in OPTIONAL_PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
-        print(f"error: `mamba-deploy {_command(args)}` needs the optional package {top!r}, which is not installed "
-              f"here: {OPTIONAL_PACKAGES[top]}", file=sys.stderr)
+        print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)

@@ -39,7 +39,8 @@ TOLERANCE = {
 
 
 # ----------------------------------------------------------------------------- format steps
-# Each builder takes (model, model_dir, work_dir) and returns (runner, artifact path).
+# Each builder takes (model, model_dir, work_dir, threads=None) and returns (runner, artifact path);
+# threads: CPU threads of the runner it opens (None: the backend's default).
 
 def build_torch(model, model_dir, work, threads=None):
     from .runners.torch_runner import TorchRunner

@@ -93,25 +93,15 @@ def check_stop_strings(stop_strings) -> list[str]:
     return list(stop_strings)
 
 
-class StopText:
-    """Finds the first stop string in one row's decoded completion as tokens arrive. The whole
-    completion is decoded and searched each time: a tokenizer may merge bytes across tokens, and
-    some decoders revise earlier text (llama.cpp's and transformers' space clean-up turn "it '"
-    into "it's" when the "s" arrives), so neither a token's own decoding nor only the new tail
-    is enough. Trailing incomplete characters (decoded as U+FFFD) are not searched yet."""
-
-    def __init__(self, tok, stops: list[str]):
-        self.tok, self.stops = tok, stops
-
-    def find(self, ids: list[int]) -> int | None:
-        """Character index where the first stop string starts in decode(ids), or None."""
-        return self.find_in(self.tok.decode(ids))
-
-    def find_in(self, text: str) -> int | None:
-        """`find` on the decoded completion so far."""
-        text = text.rstrip("\ufffd")
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string starts in a row's decoded completion so far, or None. Callers
+    pass the whole completion, decoded again after every token: a tokenizer may merge bytes across
+    tokens, and some decoders revise earlier text (llama.cpp's and transformers' space clean-up
+    turn "it '" into "it's" when the "s" arrives), so neither a token's own decoding nor only the
+    new tail is enough. Trailing incomplete characters (decoded as U+FFFD) are not searched yet."""
+    text = text.rstrip("\ufffd")
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
 
 
 class TextStream:
@@ -125,17 +115,16 @@ class TextStream:
 
     def __init__(self, tok, stop_strings=None):
         stops = check_stop_strings(stop_strings)
-        self.tok, self.ids, self.sent, self.cut = tok, [], 0, None
+        self.tok, self.stops, self.ids, self.sent, self.cut = tok, stops, [], 0, None
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.finder = StopText(tok, stops) if stops and tok is not None else None
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         if self.tok is None or self.cut is not None:
             return ""
         text = self.tok.decode(self.ids)
-        if self.finder is not None:
-            self.cut = self.finder.find_in(text)
+        if self.stops:
+            self.cut = first_stop(text, self.stops)
         end = len(text.rstrip("\ufffd")) - self.hold if self.cut is None else self.cut
         if end <= self.sent:
             return ""
@@ -203,7 +192,6 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     out = [[] for _ in range(b)]
     reasons = ["length"] * b
     done = torch.zeros(b, dtype=torch.bool)
-    finders = [StopText(tok, stop_strings) for _ in range(b)] if stop_strings else None
     cuts: list[int | None] = [None] * b
     for t in range(max_new_tokens):
         hist = _history_tensor(history) if repetition_penalty != 1.0 else None
@@ -220,8 +208,8 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
             history[i].append(token)
             if on_token is not None:
                 on_token(i, token)
-            if finders is not None:
-                cuts[i] = finders[i].find(out[i])
+            if stop_strings:
+                cuts[i] = first_stop(tok.decode(out[i]), stop_strings)
                 if cuts[i] is not None:
                     done[i] = True
                     reasons[i] = "stop"

@@ -115,12 +115,15 @@ def _parse_prompts(prompt, max_batch: int, vocab_size: int):
 
 def _parse_stop(stop) -> list[str] | None:
     """OpenAI's `stop`: null, a string, or a list of up to 4 strings ("" and [] mean none)."""
+    from .generation import check_stop_strings
+
     if stop is None or stop == "" or stop == []:
         return None
-    stops = [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+    try:  # generate's own check
+        stops = check_stop_strings(stop)
+    except ConfigError as e:
         raise RequestError(f"`stop` must be a string or a list of non-empty strings, got {json.dumps(stop)[:80]}",
-                           param="stop")
+                           param="stop") from e
     if len(stops) > MAX_STOP_STRINGS:
         raise RequestError(f"`stop` has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
     return stops

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -409,6 +410,101 @@ def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder
     status, _, data = _post(srv, bodies[0])  # waits on the lock until the dropped stream ends
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == refs[0]
     assert runner.steps < 1000 and not runner.overlap
+
+
+class _Slow(TorchRunner):
+    """A runner slow enough (20 ms a step) that a long request is still running when the server closes."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.steps = 0
+
+    def step(self, *a, **kw):
+        self.steps += 1
+        threading.Event().wait(0.02)
+        return super().step(*a, **kw)
+
+
+def _in_thread(fn, *args):
+    """Runs fn(*args) in a thread -> (thread, list that will hold its result)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_until(cond, what):
+    deadline = time.monotonic() + TIMEOUT
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_close_ends_a_running_generation_and_waits_for_it(folder, stream):
+    """Closing must not free the runner under a running request (nor let the process exit under
+    it): the generation stops after its current token, its client is told why, and server_close
+    returns only when the handler is done."""
+    runner = _Slow(load_model(folder))
+    srv, thread = _start(runner)
+    body = {"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "stream": stream}
+    client, answer = _in_thread(_post, srv, body)
+    _wait_until(lambda: runner.steps >= 3, "the generation to start")
+    t0 = time.monotonic()
+    srv.shutdown()
+    srv.server_close()
+    assert time.monotonic() - t0 < 5 and srv.unfinished == []
+    thread.join(TIMEOUT)
+    client.join(TIMEOUT)
+    status, _, data = answer[0]
+    if stream:  # headers were out: the error comes in-band, as the stream's last event
+        assert status == 200
+        last = json.loads(data.decode().strip().split("\n\n")[-1][len("data: "):])
+        err = last["error"]
+    else:
+        assert status == 503
+        err = json.loads(data)["error"]
+    assert err["type"] == "server_error" and "shutting down" in err["message"]
+    assert runner.steps < 100  # 4000 if the generation had run to its end
+
+
+def test_server_close_ends_a_connection_that_never_sends_its_request(folder):
+    import socket
+
+    srv, thread = _start(TorchRunner(load_model(folder)), request_timeout=60.0)
+    before = threading.active_count()
+    sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
+    try:
+        _wait_until(lambda: threading.active_count() > before, "the connection's handler thread")
+        time.sleep(0.1)  # it is now blocked reading the request line
+        t0 = time.monotonic()
+        srv.shutdown()
+        srv.server_close()
+        assert time.monotonic() - t0 < 5 and srv.unfinished == []  # not the 60 s request timeout
+        thread.join(TIMEOUT)
+    finally:
+        sock.close()
+
+
+def test_cli_serve_ctrl_c_during_a_generation_ends_it_and_exits_cleanly(folder):
+    proc, port, _ = _start_cli_server([str(folder), "--max-tokens-limit", "100000"])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3 * TIMEOUT)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"prompt": [1, 2], "max_tokens": 100000, "temperature": 0, "stop_token_ids": [], "stream": True}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the generation is running
+        proc.send_signal(signal.SIGINT)
+        last = resp.read().decode().strip().split("\n\n")[-1]
+        assert "shutting down" in json.loads(last[len("data: "):])["error"]["message"]
+        assert proc.wait(TIMEOUT) == 0
+        err = proc.stderr.read()
+        assert "shutting down" in err and "warning" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
 
 
 @pytest.mark.parametrize("flag,value,pattern", [

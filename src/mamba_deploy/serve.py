@@ -170,8 +170,20 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
 
 # ----------------------------------------------------------------------------- server
 
+class ShuttingDown(RequestError):
+    """The server is closing: a request that waited for, or was in, a generation gets a 503."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down; retry on another server or after a restart",
+                         status=503, type_="server_error")
+
+
 class CompletionServer(ThreadingHTTPServer):
+    # daemon handler threads, so that a stalled client cannot keep the process alive; server_close
+    # still ends and waits for them (up to close_timeout): the runner is freed after them, and the
+    # interpreter does not exit under a running handler (that aborted torch's exit now and then)
     daemon_threads = True
+    close_timeout = 10.0
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
                  quiet: bool, request_timeout: float | None):
@@ -182,7 +194,39 @@ class CompletionServer(ThreadingHTTPServer):
         self.quiet = quiet
         self.request_timeout = request_timeout
         self.lock = threading.Lock()  # one generation at a time
+        self.closing = threading.Event()
+        self.unfinished: list[threading.Thread] = []  # handlers still running after server_close
+        self._handlers: dict[threading.Thread, socket.socket] = {}
+        self._handlers_lock = threading.Lock()
         super().__init__(addr, _Handler)
+
+    def process_request_thread(self, request, client_address):
+        me = threading.current_thread()
+        with self._handlers_lock:
+            self._handlers[me] = request
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._handlers_lock:
+                self._handlers.pop(me, None)
+
+    def server_close(self):
+        """Stop listening, end each running generation after its current token (503 to its
+        client), end connections still waiting for a request, and wait up to close_timeout for
+        the handlers; those still running are left in `unfinished`."""
+        self.closing.set()
+        super().server_close()
+        with self._handlers_lock:
+            handlers = list(self._handlers.items())
+        for _, conn in handlers:
+            try:  # a handler still reading its request gets EOF; replies still go out
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.close_timeout
+        for thread, _ in handlers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.unfinished = [t for t, _ in handlers if t.is_alive()]
 
     @property
     def url(self) -> str:
@@ -308,9 +352,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, prompts, kw, on_token=None):
         from .generation import generate
 
+        closing = self.server.closing
+
+        def each_token(i, t):
+            if closing.is_set():
+                raise ShuttingDown
+            if on_token is not None:
+                on_token(i, t)
+
         try:
             with self.server.lock:
-                return generate(self.server.runner, prompts, on_token=on_token, **kw)
+                if closing.is_set():
+                    raise ShuttingDown
+                return generate(self.server.runner, prompts, on_token=each_token, **kw)
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
 
@@ -380,7 +434,8 @@ def _usage(res) -> dict:
 def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
                 request_timeout: float | None = 60.0) -> CompletionServer:
-    """A bound (not yet serving) server; call `serve_forever()` (and `shutdown()`, `server_close()`).
+    """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
+    thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`."""
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -462,7 +517,11 @@ def cmd_serve(args):
         print("shutting down", file=sys.stderr, flush=True)
     finally:
         server.server_close()
-        runner.close()
+        if server.unfinished:  # freeing the runner under a running request could crash it
+            print(f"warning: {len(server.unfinished)} request(s) still running after "
+                  f"{server.close_timeout:g} s; exiting without closing the model", file=sys.stderr)
+        else:
+            runner.close()
 
 
 def register(subparsers) -> None:

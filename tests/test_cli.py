@@ -36,7 +36,7 @@ def test_gguf_output_that_is_a_folder(tmp_path, capsys):
     pytest.importorskip("gguf")
     (tmp_path / "d").mkdir()
     assert main(["export", "gguf", DEMO, str(tmp_path / "d")]) == 2
-    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert "names a folder; give a file name" in capsys.readouterr().err
     assert list((tmp_path / "d").iterdir()) == []
 
 
@@ -159,3 +159,65 @@ def test_cli_works_without_optional_packages(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "m.gguf").exists()
     r = run("export", "onnx", DEMO, str(tmp_path / "o"))
     assert r.returncode == 2 and "'onnx'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- bad input found by review
+
+def test_gguf_export_refuses_to_overwrite_a_file_of_its_source(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    import shutil
+
+    src = tmp_path / "victim"
+    shutil.copytree(DEMO, src)
+    weights = next(src.glob("*.safetensors"))
+    before = weights.read_bytes()
+    assert main(["export", "gguf", str(src), str(weights)]) == 2
+    assert "is a file of the model being exported" in capsys.readouterr().err
+    assert weights.read_bytes() == before  # was silently replaced by GGUF bytes
+    assert main(["export", "gguf", str(src), str(tmp_path / "newdir") + os.sep]) == 2  # a trailing slash
+    assert "names a folder" in capsys.readouterr().err and not (tmp_path / "newdir").exists()
+
+
+def test_a_config_that_does_not_fit_its_weights_fails_before_allocating_it(tmp_path, capsys):
+    """hidden_size 10**7 would allocate ~160 GB before the shape check (an out-of-memory traceback)."""
+    import json
+    import shutil
+
+    src = tmp_path / "huge"
+    shutil.copytree(DEMO, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(hidden_size=10**7, num_hidden_layers=1)
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(src), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    assert "does not match its config.json" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_a_user_error(tmp_path, capsys):
+    # 10**12 tokens of ids alone is 8 TB: the allocator refuses at once
+    assert main(["verify", DEMO, DEMO, "--lengths", str(10**12), "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory in verify" in err and "try smaller values" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["convert", "{onnx}", "{tmp}/c"], "it is an ONNX export; pass the checkpoint folder it was exported from"),
+    (["generate", "{bare}", "--prompt", "hi"], "no model.onnx in"),
+    (["inspect", "{file}"], "is a file; pass the checkpoint folder or a .gguf file"),
+    (["verify", DEMO, "{onnx}", "--json", "{tmp}"], "names a folder; give a file name \\(e.g. .*verify.json\\)"),
+    (["demo", "--json", "{tmp}", "--only", "onnx fp32"], "names a folder; give a file name \\(e.g. .*demo.json\\)"),
+])
+def test_misplaced_paths_say_what_they_are(argv, match, tmp_path, capsys, onnx_export):
+    import re
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    onnx = onnx_export("mamba")[0]
+    bare = tmp_path / "bare"
+    shutil.copytree(onnx, bare)
+    (bare / "model.onnx").unlink()
+    (tmp_path / "f.txt").write_text("x")
+    args = [a.format(onnx=onnx, bare=bare, tmp=tmp_path, file=tmp_path / "f.txt") for a in argv]
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert re.search(match, out.err), out.err
+    assert "PASSED" not in out.out  # demo: the path is checked before the demo runs

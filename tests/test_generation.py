@@ -6,6 +6,7 @@ import torch
 
 from conftest import rel_err
 from mamba_deploy import load_model
+from mamba_deploy.errors import ShapeError
 from mamba_deploy.generation import SamplingConfig, filtered_probs, generate, left_pad
 from mamba_deploy.runners.torch_runner import TorchRunner
 
@@ -55,6 +56,49 @@ def test_filters_match_transformers_processors(case):
     ref = _hf_probs(logits, procs, history)
     assert rel_err(ours, ref) <= 1e-6
     assert torch.equal(ours > 0, ref > 0)  # the same tokens survive
+
+
+@pytest.mark.parametrize("settings", [
+    dict(top_k=8, top_p=0.75, min_p=0.2), dict(top_p=0.75, min_p=0.2), dict(top_k=5, min_p=0.3),
+    dict(top_k=12, top_p=0.6), dict(temperature=0.6, top_p=0.9, min_p=0.05),
+])
+def test_combined_filters_match_transformers_order(settings):
+    """Several filters at once, in transformers' order (temperature, top-k, top-p, min-p)."""
+    from transformers.generation import logits_process as lp
+
+    cfg = SamplingConfig(**{"temperature": 1.0, **settings})
+    procs = [lp.TemperatureLogitsWarper(cfg.temperature)]
+    procs += [lp.TopKLogitsWarper(cfg.top_k)] if cfg.top_k else []
+    procs += [lp.TopPLogitsWarper(cfg.top_p)] if cfg.top_p < 1 else []
+    procs += [lp.MinPLogitsWarper(cfg.min_p)] if cfg.min_p else []
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(2)) * 2.5
+    ours, ref = filtered_probs(logits, cfg), _hf_probs(logits, procs, None)
+    assert torch.equal(ours > 0, ref > 0) and rel_err(ours, ref) <= 1e-6
+
+
+def test_top_p_reaching_the_mass_exactly_keeps_no_extra_token():
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    kept = filtered_probs(logits, SamplingConfig(temperature=1.0, top_p=0.5)) > 0
+    assert kept.tolist() == [[True, False, False]]  # transformers keeps 1 too; 2 before
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]])
+    kept = filtered_probs(probs.log(), SamplingConfig(temperature=1.0, top_p=0.75, min_p=0.2)) > 0
+    assert kept.sum().item() == 3  # top-p (0.4 + 0.3 < 0.75) keeps 3; min-p 0.08 keeps them
+
+
+def test_prompts_as_numpy_and_tensor_scalars_equal_int_lists(hf_checkpoint):
+    import numpy as np
+
+    runner = TorchRunner(load_model(hf_checkpoint("mamba2")[0]))
+    kw = dict(max_new_tokens=4, stop_token_ids=[])
+    want = generate(runner, [[5, 6, 7], [8, 9, 10]], **kw).tokens
+    for prompts in (np.array([[5, 6, 7], [8, 9, 10]], np.int32), [np.array([5, 6, 7]), np.array([8, 9, 10])],
+                    [[np.int64(5), np.int64(6), np.int64(7)], [8, 9, 10]],
+                    [[torch.tensor(5), torch.tensor(6), torch.tensor(7)], [8, 9, 10]]):
+        assert generate(runner, prompts, **kw).tokens == want
+    assert generate(runner, np.array([5, 6, 7]), **kw).tokens == want[:1]
+    for bad in (np.array([5.0, 6.0]), [[5, 6.5]], [[5, True]], [["a", 1]]):
+        with pytest.raises(ShapeError):
+            generate(runner, bad, **kw)
 
 
 def test_seeded_sampling_is_reproducible_and_respects_top_k(hf_checkpoint):

@@ -558,6 +558,30 @@ def test_graph_decode_foreign_state():
         close(got.conv, want.conv, torch.float32, f"{arch} conv state, foreign state")
 
 
+def test_graph_decode_foreign_state_leaves_the_lent_state_alone():
+    """A foreign state is copied through the bucket's buffers, which a live lent state views: each
+    must decode its own sequence (stepping the foreign one used to overwrite the lent one)."""
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    for arch in ("mamba1", "mamba2"):
+        model = random_lm(MambaConfig(arch=arch, d_model=256, d_state=16, headdim=32, n_layer=2, vocab_size=1000),
+                          torch.float32)
+        fast, eager = CudaGraphRunner(model), TorchRunner(model)
+        lent, foreign = fast.new_state(1), fast.new_state(1)  # the second: the bucket is busy
+        assert fast._b[1].owns(lent) and not fast._b[1].owns(foreign)
+        refs = [eager.new_state(1), eager.new_state(1)]
+        for st, ref, prompt in zip((lent, foreign), refs, ([[3, 4, 5]], [[7, 8]])):
+            fast.prefill(torch.tensor(prompt), st)
+            eager.prefill(torch.tensor(prompt), ref)
+        for k, t in enumerate(torch.randint(0, 1000, (4, 2))):
+            for j, st in enumerate((lent, foreign)):
+                got, _ = fast.step(t[j:j + 1], st)
+                want, _ = eager.step(t[j:j + 1], refs[j])
+                close(got, want, torch.float32, f"{arch} step {k}, {'foreign' if j else 'lent'} state")
+
+
 def check_graph_decode(shape, dtype, state_dtype=None):
     from mamba_deploy import ops
     from mamba_deploy.config import MambaConfig

@@ -5,6 +5,7 @@ compiled-model property); without it, llama.cpp gets one thread per physical cor
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from mamba_deploy.cli import main
 from mamba_deploy.errors import ConfigError, MambaDeployError
 from mamba_deploy.runners import open_runner
-from mamba_deploy.runners.base import default_threads
+from mamba_deploy.runners.base import default_threads, max_threads
 
 DEMO = str(Path(__file__).resolve().parents[1] / "models" / "demo-mamba2")
 
@@ -60,6 +61,27 @@ def test_torch_threads(restore_torch_threads):
 def test_bad_threads_is_a_typed_error(bad, restore_torch_threads):
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
         open_runner(DEMO, "torch", threads=bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_absurd_thread_counts_are_refused_before_any_thread_starts(backend, tiny_gguf, restore_torch_threads):
+    """100000 threads segfaulted torch and llama.cpp, and hung ONNX Runtime past SIGTERM."""
+    too_many = max_threads() + 1
+    with pytest.raises(ConfigError, match=f"threads {too_many} is more than this machine can use"):
+        open_runner(DEMO if backend == "torch" else tiny_gguf, backend, threads=too_many)
+    open_runner(DEMO, "torch", threads=max_threads()).close()  # the limit itself is allowed
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", DEMO, "--prompt", "hi", "--threads", "100000"], "argument --threads: threads 100000 is more"),
+    (["generate", DEMO, "--prompt", "hi", "--temperature", "1", "--seed", str(2**70)], "argument --seed: seed"),
+    (["bench", DEMO, "--seed", "-1", "--out", "{tmp}/bench"], "argument --seed: seed -1 is outside"),
+    (["verify", DEMO, DEMO, "--seed", str(2**64)], "argument --seed: seed"),
+])
+def test_cli_thread_and_seed_ranges_are_usage_errors(argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
 
 
 def test_onnx_threads(onnx_export):

@@ -45,6 +45,24 @@ def nonnegative_float(text: str) -> float:
     return _at_least(float, text, 0.0, strict=False)
 
 
+def seed(text: str) -> int:
+    """A random seed: torch.Generator.manual_seed takes 0 <= seed < 2**64."""
+    value = _number(int, text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed {value} is outside 0..2**64-1")
+    return value
+
+
+def threads(text: str) -> int:
+    from .errors import ConfigError
+    from .runners.base import check_threads
+
+    try:
+        return check_threads(_number(int, text))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def port(text: str) -> int:
     value = _number(int, text)
     if not 0 <= value <= 65535:

@@ -46,13 +46,16 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
         raise OutputPathError(f"{what} ({e.strerror or e}); {fix}") from e
 
 
-def prepare_output_file(path) -> Path:
-    """Check up front, before any long work, that `path` can be written as a file."""
+def prepare_output_file(path, example: str = "model.gguf") -> Path:
+    """Check up front, before any long work, that `path` can be written as a file. `example`:
+    the file name suggested when `path` names a folder."""
     from .errors import OutputPathError
 
+    folder_like = isinstance(path, str) and path.endswith(("/", os.sep))  # Path() drops the slash
     path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"output {path} is a folder; give a file name (e.g. {path / 'model.gguf'})")
+    if path.is_dir() or folder_like:
+        raise OutputPathError(f"output {path}{os.sep if folder_like else ''} names a folder; give a file name "
+                              f"(e.g. {path / example})")
     _make_parent(path)
     return path
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import int_list, nonnegative_int, positive_int
+from .argtypes import int_list, nonnegative_int, positive_int, seed
 from .atomic import check_writable, write_bytes
 from .errors import (
     BackendUnavailableError,
@@ -353,7 +353,7 @@ def register(subparsers) -> None:
     s.add_argument("--gen-len", type=nonnegative_int, default=128)
     s.add_argument("--warmup", type=nonnegative_int, default=1)
     s.add_argument("--repeats", type=positive_int, default=3)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)

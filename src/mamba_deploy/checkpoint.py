@@ -66,10 +66,19 @@ def _download(repo_id: str) -> Path:
         ) from first
 
 
+def _not_a_checkpoint(folder: Path) -> str:
+    """What a folder without config.json is instead, and what to pass."""
+    if (folder / "manifest.json").exists() or (folder / "model.onnx").exists():
+        return "it is an ONNX export; pass the checkpoint folder it was exported from"
+    if (folder / "model.engine").exists():
+        return "it is a TensorRT engine folder: pass the checkpoint it was built from"
+    return "is this a Mamba checkpoint folder?"
+
+
 def read_config(folder: Path) -> MambaConfig:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
-        raise ModelNotFoundError(f"{folder} has no config.json; is this a Mamba checkpoint folder?")
+        raise ModelNotFoundError(f"{folder} has no config.json; {_not_a_checkpoint(folder)}")
     return MambaConfig.from_file(cfg_path)
 
 
@@ -369,6 +378,9 @@ def _load_model(path_or_hub_id, device, dtype):
         from .quant.runtime import load_quantized
 
         return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
+    with torch.device("meta"):  # names and shapes first, from the file headers: a config.json that
+        meta = MambaLM(cfg)  # does not fit its weights fails here, before a model of its size is allocated
+    load_weights(meta, path, "meta", None, shapes_only=True)
     with torch.device(device):
         model = MambaLM(cfg).to(dtype)
     load_weights(model, path, device, dtype)

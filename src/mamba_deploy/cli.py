@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
-from .errors import MambaDeployError
+from .argtypes import nonnegative_float, nonnegative_int, positive_float, seed, threads
+from .errors import MambaDeployError, ModelNotFoundError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
 # `export <format>` through register(export_subparsers): module -> verb. A module not written
@@ -86,7 +86,7 @@ def torch_options(args) -> dict:
 
 
 def add_threads(parser) -> None:
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=threads, default=None,
                         help="CPU threads of the backend (torch, ONNX Runtime, llama.cpp, OpenVINO); default: "
                              "each backend's own (llama.cpp: one per physical core)")
 
@@ -112,6 +112,8 @@ def cmd_inspect(args):
     from .checkpoint import _weight_files, read_config, resolve
 
     path = resolve(args.model)
+    if path.is_file() and path.suffix != ".gguf" and path.name != "config.json":
+        raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
     if path.suffix == ".gguf":
         from .checkpoint import load_model
 
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
                    help="stop at this text, which is left out of the output (repeatable)")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", type=seed, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     add_state_dtype(s)
@@ -274,6 +276,13 @@ def main(argv=None) -> int:
             raise
         print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory in {_command(args)}: {str(e).splitlines()[0][:300]}\n"
+              "a size asked for (lengths, batch, prompt or generation length, --max-tokens) or the model's "
+              "config needs more memory than there is; try smaller values, or --dtype bf16", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
@@ -282,6 +291,15 @@ def main(argv=None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, default_term)
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch.OutOfMemoryError (CUDA) or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return (isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
+            or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
 
 
 def _command(args) -> str:

@@ -5,7 +5,8 @@ costs more host time than its GPU work. `CudaGraphRunner` records the whole step
 bucket (1, 2, 4, ... 128) with `torch.cuda.CUDAGraph` and replays it. A graph replays fixed
 addresses, so each bucket owns static buffers: token ids, the State (n_layer, bucket, ...) and the
 logits. `new_state(batch)` lends a view of the bucket's State (rows [:batch]); stepping a lent
-state replays with no copies. Any other State still works (copied in and out around the replay).
+state replays with no copies. Any other State still works: copied in and out around the
+replay, with a live lent state's rows saved and restored around it.
 
 The captured step is `fast_decode_step`: the model's own weights, with the per-layer work fused
 more than `MambaLM.step` does: A precomputed once; residual add + next RMSNorm in one kernel; for
@@ -263,11 +264,17 @@ class CudaGraphRunner(TorchRunner):
             bk.graph.replay()
         else:
             state.check(self.config, batch, self.model.dtype, self.model.device)
+            lent = bk.lent() if bk.lent is not None else None
+            # the bucket's rows may be a live lent state's: keep them across this state's replay
+            kept = None if lent is None else (bk.state.conv[:, :batch].clone(), bk.state.ssm[:, :batch].clone())
             bk.state.conv[:, :batch].copy_(state.conv)
             bk.state.ssm[:, :batch].copy_(state.ssm)
             bk.graph.replay()
             state.conv.copy_(bk.state.conv[:, :batch])
             state.ssm.copy_(bk.state.ssm[:, :batch])
+            if kept is not None:
+                bk.state.conv[:, :batch].copy_(kept[0])
+                bk.state.ssm[:, :batch].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
     # for benchmarks: replay without the host copy of the logits

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json
+from .atomic import prepare_output_file, write_json
 from .errors import BackendUnavailableError, ModelNotFoundError
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
@@ -287,6 +287,8 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
 
 def cmd_demo(args):
     t0 = time.perf_counter()
+    if args.json:  # a bad path fails now, not after the whole demo has run
+        prepare_output_file(args.json, example="demo.json")
     rows, passed = run_demo(args.models, args.out, args.only, threads=args.threads)
     print("\n" + format_table(rows))
     print(f"\n{'PASSED' if passed else 'FAILED'}: {sum(r.status == 'ok' for r in rows)} ok, "

@@ -46,5 +46,9 @@ class OutputPathError(MambaDeployError, OSError):
     folder (or a folder target a non-empty folder)."""
 
 
+class RunnerClosedError(MambaDeployError, RuntimeError):
+    """A runner (or its tokenizer) is used after `close()`."""
+
+
 class VerificationError(MambaDeployError, AssertionError):
     """An artifact disagrees with its reference beyond tolerance."""

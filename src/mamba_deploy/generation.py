@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, ShapeError
@@ -43,8 +44,10 @@ def apply_repetition_penalty(logits, history, penalty: float):
 
 def filtered_probs(logits, cfg: SamplingConfig, history=None):
     """logits (b, V) -> the distribution sampled from (b, V), after the repetition penalty,
-    temperature, top-k, min-p and top-p, in that order. Greedy (temperature 0) is not a
-    distribution; use `sample`."""
+    temperature, top-k, top-p and min-p, in that order (transformers' and llama.cpp's order).
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p; min-p keeps
+    tokens of at least min_p x the top probability. Greedy (temperature 0) is not a distribution;
+    use `sample`."""
     logits = _penalized(logits, cfg, history)
     # shift by the max first: with a tiny temperature logits / T overflows to inf (NaN softmax),
     # while (logits - max) / T only sends the non-max entries towards -inf
@@ -53,12 +56,13 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     probs = torch.softmax(logits, -1)
-    if cfg.min_p:
-        probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
     if cfg.top_p < 1.0:
         sp, idx = probs.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > cfg.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
+        drop = sp.cumsum(-1) - sp >= cfg.top_p  # the mass before a token already reaches top_p
+        drop[:, 0] = False
         probs = probs.scatter(1, idx, sp.masked_fill(drop, 0.0))
+    if cfg.min_p:  # relative to the top probability, so top-p's dropped mass does not matter
+        probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
@@ -230,16 +234,30 @@ def _as_prompt_list(prompts) -> list:
             raise ShapeError(f"tensor prompts must be integer ids (l,) or (b, l), got {prompts.dtype} "
                              f"{tuple(prompts.shape)}")
         prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    elif isinstance(prompts, np.ndarray):
+        if prompts.dtype.kind not in "iu":
+            raise ShapeError(f"array prompts must be integer ids (l,) or (b, l), got {prompts.dtype} {prompts.shape}")
+        return _as_prompt_list(torch.from_numpy(np.ascontiguousarray(prompts, dtype=np.int64)))
     elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                      and isinstance(prompts[0], int)):
+                                      and _is_id(prompts[0])):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ShapeError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
                          f"got {prompts!r:.80}")
-    prompts = [p.tolist() if isinstance(p, torch.Tensor) else p for p in prompts]
+    prompts = [p.tolist() if isinstance(p, (torch.Tensor, np.ndarray)) else p for p in prompts]
     if len({isinstance(p, str) for p in prompts}) > 1:
         raise ShapeError("prompts mix strings and token-id lists; give one kind")
+    for p in prompts:
+        if not isinstance(p, str) and not (isinstance(p, (list, tuple)) and all(_is_id(t) for t in p)):
+            raise ShapeError(f"a prompt must be a string or a list of integer token ids, got {p!r:.80}")
     return list(prompts)
+
+
+def _is_id(t) -> bool:
+    """An integer token id: int, numpy integer or a 0-d integer tensor (not bool)."""
+    if isinstance(t, torch.Tensor):
+        return t.dim() == 0 and not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _mask_padded_vocab(logits, vocab: int):

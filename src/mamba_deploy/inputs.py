@@ -46,7 +46,29 @@ def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
         return None
     if isinstance(attention_mask, np.ndarray):
         attention_mask = np.ascontiguousarray(attention_mask)  # negative strides / other byte orders
+    elif isinstance(attention_mask, (list, tuple)):
+        attention_mask = np.asarray(attention_mask)
     mask = torch.as_tensor(attention_mask)
     if tuple(mask.shape) != tuple(ids_shape):
         raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids_shape)}")
-    return mask.long()
+    if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
+        raise ShapeError(f"attention_mask must hold 0 (padding) and 1 (token), got {_values(mask)}")
+    mask = mask.long()
+    # left padding only: a 0 after a 1 would be a hole (or right padding) inside the state's
+    # history. An all-0 row is allowed: its state stays as it was (zero for a fresh state).
+    bad = ((mask[:, 1:] - mask[:, :-1]) < 0).any(-1)
+    if bad.any():
+        r = int(bad.nonzero()[0, 0])
+        raise ShapeError(f"attention_mask row {r} is {mask[r].tolist()[:16]}{'...' if mask.shape[1] > 16 else ''}; "
+                         "rows must be left padding (0s, then 1s): pad prompts on the left")
+    return mask
+
+
+def padded_rows(mask) -> list[int]:
+    """Rows of a checked mask (b, l) (tensor or numpy) that hold padding."""
+    return [] if mask is None else torch.as_tensor(mask).eq(0).any(-1).nonzero()[:, 0].tolist()
+
+
+def _values(mask: torch.Tensor) -> str:
+    vals = torch.unique(mask.flatten()[:100000]).tolist()
+    return f"{mask.dtype} values {vals[:8]}{' ...' if len(vals) > 8 else ''}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import int_list, nonnegative_int, positive_int
+from .argtypes import int_list, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, write_json
 from .errors import ConfigError, VerificationError
 
@@ -541,7 +541,7 @@ def cmd_verify(args):
     overrides = parse_overrides(",".join(args.tolerance or []))
     make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
     if args.json:
-        prepare_output_file(args.json)
+        prepare_output_file(args.json, example="verify.json")
     text = None
     if args.text:
         try:
@@ -588,7 +588,7 @@ def register(subparsers) -> None:
     s.add_argument("--dtype", default=None, help=f"tolerance row to use ({', '.join(TOLERANCES)}); default: read from the artifact")
     s.add_argument("--tolerance", action="append", default=None, metavar="NAME=VALUE",
                    help="override a limit: logits_rel, state_rel, top1, ppl_rel (repeatable or comma-separated)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--device", default="cpu")
     add_threads(s)
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")

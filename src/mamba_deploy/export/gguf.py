@@ -21,7 +21,7 @@ import torch
 
 from ..argtypes import nonnegative_int
 from ..atomic import prepare_output_file, write_text
-from ..errors import BackendUnavailableError, ExportError
+from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..quant.runtime import refuse_quantized
 from .gguf_tables import (
     CONFIG_KEYS,
@@ -41,6 +41,17 @@ from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab
 
 # ----------------------------------------------------------------------------- entry point
 
+def _refuse_source_file(src, out: Path) -> None:
+    """An existing non-GGUF file in the source checkpoint's folder is one of its own files
+    (weights, config, tokenizer): a slip of the output path must not replace it."""
+    if not isinstance(src, (str, os.PathLike)) or not out.is_file() or out.suffix == ".gguf":
+        return
+    folder = Path(src) if Path(src).is_dir() else Path(src).parent
+    if folder.exists() and out.resolve().parent == folder.resolve():
+        raise OutputPathError(f"output {out} is a file of the model being exported ({src}); write the GGUF to a "
+                              f"new .gguf path (e.g. {folder / 'model.gguf'})")
+
+
 def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, ollama: bool = False,
                 n_threads: int = 0) -> Path:
     """Write `out_path` (.gguf) for llama.cpp; with `ollama=True` also a Modelfile beside it.
@@ -54,6 +65,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     ftype, qtype = OUTTYPES[outtype]
     quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
     out = prepare_output_file(out_path)
+    _refuse_source_file(model_or_path, out)
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
                      "(--outtype q8_0, q4_k_m, ...)")

@@ -21,8 +21,8 @@ def guess_backend(path) -> str:
     p = Path(str(path))
     if p.suffix == ".gguf":
         return "llama.cpp"
-    if p.suffix == ".onnx" or (p / "model.onnx").exists():
-        return "onnx"
+    if p.suffix == ".onnx" or (p / "model.onnx").exists() or (p / "manifest.json").exists():
+        return "onnx"  # a manifest without its model.onnx: the ONNX runner names the missing file
     if p.suffix in (".engine", ".plan") or (p / "model.engine").exists():
         return "tensorrt"
     return "torch"

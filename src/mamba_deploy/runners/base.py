@@ -7,6 +7,7 @@ the state object is the backend's own and opaque to callers except through `to_t
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 from abc import ABC, abstractmethod
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import MambaConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, RunnerClosedError, ShapeError
+from ..inputs import padded_rows
 from ..state import State
 
 
@@ -51,13 +53,47 @@ def _physical_cores(cpus, sysfs: str) -> int:
     return max(1, len(cores))
 
 
+def check_state(state, cls, batch: int) -> None:
+    """`state` is the backend's own state class (with a `.batch`) made for `batch` rows."""
+    if not isinstance(state, cls):
+        raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+    if state.batch != batch:
+        raise ShapeError(f"ids have batch {batch} but the state was made for batch {state.batch}; "
+                         "create it with runner.new_state(batch)")
+
+
+def max_threads() -> int:
+    """The most threads a backend may be given: 4 per CPU of this machine, at least 64. More only
+    wait for each other, and tens of thousands crash torch's and llama.cpp's thread pools."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
 def check_threads(threads) -> int | None:
-    """A backend's `threads` option: None (the backend's default) or an int >= 1."""
+    """A backend's `threads` option: None (the backend's default) or an int in 1..max_threads()."""
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise ConfigError(f"threads must be an integer >= 1 (or None for the backend's default), got {threads!r}")
+    if threads > max_threads():
+        raise ConfigError(f"threads {threads} is more than this machine can use ({os.cpu_count()} CPUs; at most "
+                          f"{max_threads()}); leave it out for the backend's default ({default_threads()})")
     return int(threads)
+
+
+# the methods that touch a backend's handles: refused once the runner is closed (a freed
+# llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
+OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state")
+
+
+def _open_only(fn):
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        if self.closed:
+            raise RunnerClosedError(f"the {self.name} runner is closed; open the model again with open_runner(...)")
+        return fn(self, *args, **kwargs)
+
+    method.open_only = True
+    return method
 
 
 class Runner(ABC):
@@ -65,6 +101,14 @@ class Runner(ABC):
     config: MambaConfig
     source_path: Path | None = None  # folder with tokenizer files
     supports_attention_mask: bool = True  # left-padded batched prefill
+    closed: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in OPEN_ONLY:  # every backend gets the closed check without writing it
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "open_only", False):
+                setattr(cls, name, _open_only(fn))
 
     @abstractmethod
     def new_state(self, batch: int):
@@ -96,7 +140,22 @@ class Runner(ABC):
         return self._tokenizer
 
     def close(self) -> None:
-        pass
+        """Frees the backend's handles; later calls raise RunnerClosedError. Backends that hold
+        handles free them and call this."""
+        self.closed = True
+
+    def check_padding_on_fresh_state(self, mask, state) -> None:
+        """A left-padded row needs a zero (fresh) state: the padding is masked out of the
+        update, but a state that already holds tokens would still decay over the padded
+        positions and its conv window would see the padding. (llama.cpp drops padding instead.)"""
+        rows = padded_rows(mask)
+        if not rows:
+            return
+        st = self.to_torch_state(state)
+        if bool(st.conv[:, rows].any()) or bool(st.ssm[:, rows].any()):
+            raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
+                             "needs a fresh state (runner.new_state): continue those rows one at a time "
+                             "(batch 1, no mask) or as a batch of equal-length rows")
 
     def __enter__(self):
         return self

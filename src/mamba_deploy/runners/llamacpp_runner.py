@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, CheckpointError, ConfigError, ShapeError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_threads, default_threads
@@ -55,31 +55,65 @@ class LlamaCppState:
         return len(self.seq_ids)
 
 
-class LlamaCppTokenizer:
-    """encode / decode with llama.cpp's own tokenizer of the GGUF (same interface as ours)."""
+class _Model:
+    """The llama_model pointer, shared by the runner and its tokenizer: freed by the runner's
+    close(), or once neither holds it (a tokenizer may outlive its runner)."""
 
-    def __init__(self, lib, vocab):
-        self._lib, self._vocab = lib, vocab
+    def __init__(self, lib, ptr):
+        self.lib, self.ptr = lib, ptr
+        self.vocab = lib.llama_model_get_vocab(ptr)
+
+    def vocab_or_raise(self):
+        if not self.ptr:
+            raise RunnerClosedError("the llama.cpp runner of this tokenizer is closed; open the model again "
+                                    "with open_runner(...)")
+        return self.vocab
+
+    def free(self) -> None:
+        if self.ptr:
+            self.lib.llama_model_free(self.ptr)
+            self.ptr = self.vocab = None
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
+
+
+class LlamaCppTokenizer:
+    """encode / decode with llama.cpp's own tokenizer of the GGUF (same interface as ours).
+    Special tokens written in the text ("<|endoftext|>") are encoded as those tokens, as the
+    `tokenizers` library and transformers do."""
+
+    def __init__(self, lib, model: _Model):
+        self._lib, self._model = lib, model
+        vocab = model.vocab_or_raise()
         eos, bos = lib.llama_vocab_eos(vocab), lib.llama_vocab_bos(vocab)
         self.eos_token_id = None if eos < 0 else int(eos)
         self.bos_token_id = None if bos < 0 else int(bos)
 
     def encode(self, text: str) -> list[int]:
+        vocab = self._model.vocab_or_raise()
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, False, False)
+        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, False, True)  # add_special, parse_special
+        if n < 0:  # more tokens than bytes + 8 cannot happen for BPE; -n is the size needed
+            buf = (self._lib.llama_token * -n)()
+            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, False, True)
         return [int(t) for t in buf[:n]]
 
     def decode(self, ids) -> str:
+        vocab = self._model.vocab_or_raise()
         ids = [int(i) for i in ids]
         toks = (self._lib.llama_token * max(1, len(ids)))(*ids)
         cap = 16 * len(ids) + 16
         out = ctypes.create_string_buffer(cap)
-        n = self._lib.llama_detokenize(self._vocab, toks, len(ids), out, cap, True, False)
+        n = self._lib.llama_detokenize(vocab, toks, len(ids), out, cap, True, False)
         if n < 0:  # buffer too small: -n is the size needed
             out = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_detokenize(self._vocab, toks, len(ids), out, -n, True, False)
+            n = self._lib.llama_detokenize(vocab, toks, len(ids), out, -n, True, False)
         return out.raw[:n].decode("utf-8", errors="replace")
 
 
@@ -105,12 +139,12 @@ class LlamaCppRunner(Runner):
         self.config = read_config(reader, shapes)
         del reader
         lib.llama_backend_init()
-        self._model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
-        if not self._model:
+        ptr = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        if not ptr:
             raise CheckpointError(f"llama.cpp could not load {path}; open it with verbose=True to see llama.cpp's "
                                   "log, and re-export it with mamba-deploy export gguf")
-        self._vocab = lib.llama_model_get_vocab(self._model)
-        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._model = _Model(lib, ptr)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._model.vocab))
         self.path, self.source_path = path, path.parent
         self.n_threads, self.n_ctx, self.n_batch = n_threads, int(n_ctx), int(n_batch)
         self._ctx = self._batch = None
@@ -126,7 +160,7 @@ class LlamaCppRunner(Runner):
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
-        self._ctx = lib.llama_init_from_model(self._model, cp)
+        self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
         if not self._ctx:
             raise CheckpointError(f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_seq_max={n_seq}); "
                                   "lower n_ctx / batch size or open the runner with verbose=True")
@@ -249,18 +283,18 @@ class LlamaCppRunner(Runner):
     @property
     def tokenizer(self):
         if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = LlamaCppTokenizer(self._lib, self._vocab)
+            self._tokenizer = LlamaCppTokenizer(self._lib, self._model)
         return self._tokenizer
 
     def close(self) -> None:
         self._free_context()
-        if getattr(self, "_model", None):
-            self._lib.llama_model_free(self._model)
-            self._model = None
+        if getattr(self, "_model", None) is not None:
+            self._model.free()  # a tokenizer handed out earlier now raises RunnerClosedError
+        super().close()
 
     def __del__(self):
-        try:
-            self.close()
+        try:  # the context only: the model goes when the last holder (maybe a tokenizer) does
+            self._free_context()
         except Exception:  # noqa: BLE001  (interpreter shutdown)
             pass
 

@@ -17,7 +17,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_threads
+from .base import Runner, check_state, check_threads
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
@@ -66,11 +66,7 @@ class OnnxRunner(Runner):
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OnnxState, mask=None, keep: int = 0, decode=False):
-        if not isinstance(state, OnnxState):
-            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
-        if ids.shape[0] != state.batch:
-            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
-                             "create it with runner.new_state(batch)")
+        check_state(state, OnnxState, ids.shape[0])
         from onnxruntime import OrtValue
 
         io = self.session.io_binding()
@@ -100,6 +96,8 @@ class OnnxRunner(Runner):
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
+        check_state(state, OnnxState, ids.shape[0])
+        self.check_padding_on_fresh_state(mask, state)
         decode = ids.shape[1] == 1 or last_only
         logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)
         return logits, state
@@ -117,6 +115,7 @@ class OnnxRunner(Runner):
 
     def close(self) -> None:
         self.session = None
+        super().close()
 
 
 def _ids(ids, ndim: int, vocab: int) -> np.ndarray:

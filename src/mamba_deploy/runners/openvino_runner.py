@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
+from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..state import State
-from .base import Runner, check_threads
+from .base import Runner, check_state, check_threads
 from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
@@ -68,11 +68,7 @@ class OpenVinoRunner(Runner):
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
-        if not isinstance(state, OpenVinoState):
-            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
-        if ids.shape[0] != state.batch:
-            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
-                             "create it with runner.new_state(batch)")
+        check_state(state, OpenVinoState, ids.shape[0])
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
                  "attention_mask": self.defaults["attention_mask"] if mask is None else np.ascontiguousarray(mask, np.int64),
                  "num_logits_to_keep": np.array([keep], np.int64) if keep else self.defaults["num_logits_to_keep"]}
@@ -93,6 +89,8 @@ class OpenVinoRunner(Runner):
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
+        check_state(state, OpenVinoState, ids.shape[0])
+        self.check_padding_on_fresh_state(mask, state)
         return self._run(ids, state, mask, keep=1 if last_only else 0), state
 
     def step(self, ids, state):
@@ -104,6 +102,7 @@ class OpenVinoRunner(Runner):
         if self._tmpfile is not None:
             self._tmpfile.unlink(missing_ok=True)
             self._tmpfile = None
+        super().close()
 
     def __del__(self):
         if getattr(self, "_tmpfile", None) is not None:

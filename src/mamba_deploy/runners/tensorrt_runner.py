@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, S
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_threads
+from .base import Runner, check_state, check_threads
 
 
 def _torch_dtype(trt, dt):
@@ -96,11 +96,7 @@ class TensorRTRunner(Runner):
         return t  # the caller keeps it alive until the launch has run
 
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
-        if not isinstance(state, TensorRTState):
-            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
-        if ids.shape[0] != state.batch:
-            raise ShapeError(f"ids have batch {ids.shape[0]} but the state was made for batch {state.batch}; "
-                             "create it with runner.new_state(batch)")
+        check_state(state, TensorRTState, ids.shape[0])
         keep_alive = [self._bind("input_ids", ids)]
         if "attention_mask" in self.names:
             keep_alive.append(self._bind("attention_mask", self.defaults["attention_mask"] if mask is None else mask))
@@ -129,6 +125,8 @@ class TensorRTRunner(Runner):
         ids = check_ids(ids, 2, self.config.padded_vocab_size).cpu()
         b, length = ids.shape
         mask = check_mask(attention_mask, ids.shape)
+        check_state(state, TensorRTState, b)
+        self.check_padding_on_fresh_state(mask, state)
         if attention_mask is not None and length > self.max_seq:
             raise ShapeError(f"a masked prompt of length {length} exceeds the engine's max_seq {self.max_seq}; "
                              f"rebuild it with build_engine(..., max_seq={length})")
@@ -145,6 +143,7 @@ class TensorRTRunner(Runner):
 
     def close(self) -> None:
         self.context = self.engine = None
+        super().close()
 
 
 def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -> TensorRTRunner:

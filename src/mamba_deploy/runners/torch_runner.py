@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inputs import check_ids
+from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_threads
 
@@ -23,7 +23,11 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         dev = self.model.device
-        mask = None if attention_mask is None else attention_mask.to(dev)
+        ids = check_ids(ids, 2, self.config.padded_vocab_size)
+        mask = check_mask(attention_mask, ids.shape)
+        if mask is not None:
+            self.check_padding_on_fresh_state(mask, state)
+            mask = mask.to(dev)
         out = self.model(ids.to(dev), state, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
         return out.logits.cpu(), out.state
 
@@ -33,7 +37,9 @@ class TorchRunner(Runner):
         return self.model.step(ids.to(self.model.device), state).cpu(), state
 
     def to_torch_state(self, state) -> State:
-        return State(state.conv.float().cpu(), state.ssm.float().cpu())
+        """A float32 CPU copy (never the live tensors, which later steps update in place)."""
+        state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
+        return State(state.conv.float().cpu().clone(), state.ssm.float().cpu().clone())
 
     @property
     def tokenizer(self):

@@ -1,0 +1,136 @@
+"""The Runner contract on every CPU backend (torch, onnx, openvino, llama.cpp): a closed runner
+refuses work with a typed error (a freed llama.cpp context used to crash the process), masks
+must be 0/1 left padding, padding needs a fresh state (or, on llama.cpp, is dropped), and
+`to_torch_state` is a snapshot. References: transformers' model on the same checkpoint, or
+the same backend fed the unpadded rows."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from mamba_deploy.errors import RunnerClosedError, ShapeError
+from mamba_deploy.runners import open_runner
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+BACKENDS = ["torch", "onnx", "openvino", "llama.cpp"]
+NEEDS = {"onnx": "onnxruntime", "openvino": "openvino", "llama.cpp": "llama_cpp"}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """backend -> path of the shipped demo Mamba2 model (it has a tokenizer, which GGUF needs) in
+    that backend's format."""
+    paths = {"torch": DEMO}
+    tmp = tmp_path_factory.mktemp("runners")
+    try:
+        from mamba_deploy.export.onnx import export_onnx
+
+        paths["onnx"] = paths["openvino"] = export_onnx(DEMO, tmp / "onnx")
+    except ImportError:
+        pass
+    try:
+        from mamba_deploy.export.gguf import export_gguf
+
+        paths["llama.cpp"] = export_gguf(DEMO, tmp / "m.gguf", outtype="f32")
+    except ImportError:
+        pass
+    return paths
+
+
+def _open(artifacts, backend):
+    if backend in NEEDS:
+        pytest.importorskip(NEEDS[backend])
+    return open_runner(artifacts[backend], backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closed_runner_refuses_work_with_a_typed_error(artifacts, backend):
+    r = _open(artifacts, backend)
+    st = r.new_state(1)
+    r.prefill(torch.tensor([[3, 4]]), st)
+    r.close()
+    r.close()  # twice is fine
+    for call in (lambda: r.new_state(1), lambda: r.prefill(torch.tensor([[3, 4]]), st),
+                 lambda: r.step(torch.tensor([5]), st), lambda: r.to_torch_state(st)):
+        with pytest.raises(RunnerClosedError, match=f"the {r.name} runner is closed"):
+            call()
+
+
+def test_llamacpp_tokenizer_outlives_its_runner_and_refuses_after_close(artifacts):
+    pytest.importorskip("llama_cpp")
+    r = open_runner(artifacts["llama.cpp"], "llama.cpp")
+    text = "hello world"
+    ids = r.tokenizer.encode(text)
+    tok = open_runner(artifacts["llama.cpp"], "llama.cpp").tokenizer  # its runner is garbage now
+    gc.collect()
+    assert tok.encode(text) == ids and tok.decode(ids) == r.tokenizer.decode(ids)  # crashed before
+    kept = r.tokenizer
+    r.close()
+    with pytest.raises(RunnerClosedError, match="closed"):
+        kept.encode(text)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask,match", [
+    ([[1, 1, 0], [1, 1, 1]], "row 0 is \\[1, 1, 0\\].*left padding"),  # right padding
+    ([[0, 1, 0], [1, 1, 1]], "row 0 .*left padding"),  # a hole
+    ([[2, 2, 2], [1, 1, 1]], "0 \\(padding\\) and 1 \\(token\\)"),
+    ([[0.5, 1, 1], [1, 1, 1]], "0 \\(padding\\) and 1 \\(token\\)"),
+])
+def test_masks_must_be_left_padding_of_zeros_and_ones(artifacts, backend, mask, match):
+    r = _open(artifacts, backend)
+    with pytest.raises(ShapeError, match=match):
+        r.prefill(torch.tensor([[3, 4, 5], [6, 7, 8]]), r.new_state(2), attention_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_as_list_numpy_or_tensor_gives_the_unpadded_rows_logits(artifacts, backend):
+    """Left-padded rows end with the logits of the same row alone, whatever type the mask has."""
+    r = _open(artifacts, backend)
+    ids = torch.tensor([[0, 0, 9, 4], [3, 4, 5, 6]])
+    mask = [[0, 0, 1, 1], [1, 1, 1, 1]]
+    alone, _ = r.prefill(torch.tensor([[9, 4]]), r.new_state(1), last_only=True)
+    for m in (mask, np.array(mask, np.int32), torch.tensor(mask, dtype=torch.bool)):
+        got, _ = r.prefill(ids, r.new_state(2), attention_mask=m, last_only=True)
+        assert rel_err(got[0], alone[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino"])
+def test_padding_a_state_that_holds_tokens_is_refused(artifacts, backend):
+    """The padding would decay the state and enter its conv window (1.77 max-abs logit error
+    before): a typed error that says how to continue instead."""
+    r = _open(artifacts, backend)
+    st = r.new_state(2)
+    r.prefill(torch.tensor([[3, 4, 5], [6, 7, 8]]), st)
+    with pytest.raises(ShapeError, match=r"pads rows \[0\] of a state that already holds tokens"):
+        r.prefill(torch.tensor([[0, 9], [10, 11]]), st, attention_mask=[[0, 1], [1, 1]])
+    r.prefill(torch.tensor([[9], [10]]), st)  # equal-length rows continue as before
+
+
+def test_llamacpp_drops_padding_so_a_padded_continuation_is_exact(artifacts):
+    pytest.importorskip("llama_cpp")
+    r = open_runner(artifacts["llama.cpp"], "llama.cpp")
+    a, b = r.new_state(2), r.new_state(1)
+    r.prefill(torch.tensor([[3, 4, 5], [6, 7, 8]]), a)
+    r.prefill(torch.tensor([[3, 4, 5]]), b)
+    got, _ = r.prefill(torch.tensor([[0, 9], [10, 11]]), a, attention_mask=[[0, 1], [1, 1]], last_only=True)
+    want, _ = r.prefill(torch.tensor([[9]]), b, last_only=True)
+    assert rel_err(got[0], want[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_to_torch_state_is_a_snapshot(artifacts, backend):
+    r = _open(artifacts, backend)
+    st = r.new_state(1)
+    r.prefill(torch.tensor([[3, 4, 5]]), st)
+    snap = r.to_torch_state(st)
+    before = (snap.conv.clone(), snap.ssm.clone())
+    r.step(torch.tensor([6]), st)
+    assert torch.equal(snap.conv, before[0]) and torch.equal(snap.ssm, before[1])
+    assert not torch.equal(r.to_torch_state(st).ssm, before[1])

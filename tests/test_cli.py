@@ -221,3 +221,17 @@ def test_misplaced_paths_say_what_they_are(argv, match, tmp_path, capsys, onnx_e
     out = capsys.readouterr()
     assert re.search(match, out.err), out.err
     assert "PASSED" not in out.out  # demo: the path is checked before the demo runs
+
+
+def test_folder_outputs_that_are_files_say_so(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["convert", DEMO, str(tmp_path / "afile")]) == 2
+    assert "is an existing file; choose a new path" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_gguf_quantizer_threads_are_bounded(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    with pytest.raises(SystemExit):
+        main(["export", "gguf", DEMO, str(tmp_path / "m.gguf"), "--outtype", "q4_k_m", "--threads", "100000"])
+    assert "threads 100000 is more" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()

@@ -63,6 +63,11 @@ def threads(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def threads_or_all(text: str) -> int:
+    """0 (every core) or a thread count as for `threads`."""
+    return 0 if _number(int, text) == 0 else threads(text)
+
+
 def port(text: str) -> int:
     value = _number(int, text)
     if not 0 <= value <= 65535:

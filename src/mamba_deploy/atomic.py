@@ -64,7 +64,9 @@ def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     """Check up front that `out` can become a new folder: absent or empty (error_cls otherwise),
     with a writable parent."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise error_cls(f"output folder {out} is an existing file; choose a new path for the folder")
+    if out.exists() and any(out.iterdir()):
         raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
     _make_parent(out)
     return out

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import nonnegative_int
+from ..argtypes import threads_or_all
 from ..atomic import prepare_output_file, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..quant.runtime import refuse_quantized
+from ..runners.base import check_threads
 from .gguf_tables import (
     CONFIG_KEYS,
     FALLBACK,
@@ -64,6 +65,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
         raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ftype, qtype = OUTTYPES[outtype]
     quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
+    if n_threads != 0:
+        check_threads(n_threads)
     out = prepare_output_file(out_path)
     _refuse_source_file(model_or_path, out)
     model = _as_model(model_or_path)
@@ -339,7 +342,7 @@ def register(subparsers) -> None:
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES))
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / hub id, if the model has none")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
-    p.add_argument("--threads", type=nonnegative_int, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
+    p.add_argument("--threads", type=threads_or_all, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
     p.set_defaults(func=_cmd)
 
 

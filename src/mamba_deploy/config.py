@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UnsupportedArchitectureError
+from .errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 
 ARCHS = ("mamba1", "mamba2")
 # model_type / architectures values we accept, mapped to (arch, dt_bc_rms).
@@ -32,6 +33,27 @@ HF_ARCHITECTURES = {
 }
 MAMBA_SSM_NORM_EPS = 1e-5  # mamba_ssm cannot store another
 SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2"]
+# The kind of every value `check_values` checks: MambaConfig's fields, plus the sizes some
+# dialects store instead of ours (d_inner, nheads).
+KINDS = {
+    **dict.fromkeys(("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv", "expand",
+                     "headdim", "ngroups", "chunk_size", "d_inner", "nheads"), "size"),
+    **dict.fromkeys(("d_inner_override", "dt_rank"), "optional size"),
+    **dict.fromkeys(("rms_norm_eps", "mixer_rms_eps"), "eps"),
+    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), "token id"),
+    **dict.fromkeys(("conv_bias", "bias", "tie_embeddings", "residual_in_fp32", "dt_bc_rms", "rmsnorm",
+                     "norm_before_gate"), "flag"),
+    "dt_limit": "range",
+}
+# our name -> the key config.json spells it with, per dialect (for error messages)
+HF_KEYS = dict(d_model="hidden_size", n_layer="num_hidden_layers", d_state="state_size", d_conv="conv_kernel",
+               conv_bias="use_conv_bias", bias="use_bias", rms_norm_eps="layer_norm_epsilon",
+               tie_embeddings="tie_word_embeddings", dt_rank="time_step_rank", d_inner_override="intermediate_size",
+               headdim="head_dim", nheads="num_heads", ngroups="n_groups", rmsnorm="rms_norm",
+               dt_limit="time_step_limit")
+MAMBA_SSM_KEYS = dict(rms_norm_eps="norm_epsilon", **{k: f"ssm_cfg.{k}" for k in (
+    "d_state", "d_conv", "expand", "conv_bias", "bias", "dt_rank", "headdim", "ngroups", "chunk_size", "rmsnorm",
+    "norm_before_gate", "dt_limit")})
 
 
 @dataclass
@@ -71,11 +93,14 @@ class MambaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
             raise UnsupportedArchitectureError(
                 f"unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}"
             )
-        self.dt_limit = (float(self.dt_limit[0]), float(self.dt_limit[1]))
+        # every reader checks its own keys first; this catches direct and own-dict constructions
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in KINDS}
+        for name, value in check_values(values, "config", "fix that value").items():
+            setattr(self, name, value)
         if self.arch == "mamba2":
             if self.d_inner % self.headdim:
                 raise ConfigError(
@@ -84,9 +109,6 @@ class MambaConfig:
                 )
             if self.nheads % self.ngroups:
                 raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -131,34 +153,47 @@ class MambaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MambaConfig":
         """Any supported dialect; dispatches on its keys."""
+        return cls._read(d, "config.json")
+
+    @classmethod
+    def _read(cls, d: dict, where: str) -> "MambaConfig":
         d = _decode_json_floats(d)
         if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
-            return cls._from_mamba_ssm(d)
+            return cls._from_mamba_ssm(d, where)
         model_type = d.get("model_type")
-        if model_type is None:
-            for a in d.get("architectures") or []:
-                if a in HF_ARCHITECTURES:
+        if model_type is None and isinstance(d.get("architectures"), list):
+            for a in d["architectures"]:
+                if isinstance(a, str) and a in HF_ARCHITECTURES:
                     model_type = HF_ARCHITECTURES[a]
-        if model_type not in HF_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"unknown model_type {model_type!r} (architectures={d.get('architectures')}); "
                 f"supported: {', '.join(SUPPORTED)}"
             )
-        return cls._from_hf(d, model_type)
+        return cls._from_hf(d, model_type, where)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "MambaConfig":
         path = Path(path)
+        fix = "re-download or re-save the config"
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the config") from e
+            raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e}); {fix}") from e
+        except FileNotFoundError as e:
+            raise ModelNotFoundError(f"no such config file: {path}; pass a checkpoint folder with a config.json") from e
+        except IsADirectoryError as e:
+            raise ConfigError(f"{path} is a folder, not a config file; {fix}") from e
+        except OSError as e:
+            raise ConfigError(f"cannot read {path} ({e.strerror or e}); check its permissions") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds a {type(d).__name__}, expected a JSON object")
-        return cls.from_dict(d)
+        return cls._read(d, str(path))
 
     @classmethod
-    def _from_hf(cls, d: dict, model_type: str) -> "MambaConfig":
+    def _from_hf(cls, d: dict, model_type: str, where: str = "config.json") -> "MambaConfig":
         arch, dt_bc_rms = HF_MODEL_TYPES[model_type]
         try:
             common = dict(
@@ -182,38 +217,37 @@ class MambaConfig:
                 hf_model_type=model_type,
             )
         except KeyError as e:
-            raise ConfigError(f"HF {model_type} config.json lacks required key {e.args[0]!r}") from e
+            raise ConfigError(f"HF {model_type} {where} lacks required key {e.args[0]!r}") from e
+        fix = "correct that value (or re-download the model's config.json)"
         if arch == "mamba1":
             rank = d.get("time_step_rank", "auto")
-            inter = d.get("intermediate_size")
-            return cls(
-                **common,
-                dt_rank=None if rank == "auto" else int(rank),
-                d_inner_override=inter if inter and inter != common["expand"] * common["d_model"] else None,
-                dt_bc_rms=dt_bc_rms,
-                mixer_rms_eps=d.get("mixer_rms_eps", 1e-6),
-            )
-        headdim = d.get("head_dim", 64)
-        nheads = d.get("num_heads")
-        d_inner = int(common["expand"] * common["d_model"])
-        if nheads is not None and nheads * headdim != d_inner:
-            raise ConfigError(
-                f"num_heads * head_dim = {nheads}*{headdim} != expand * hidden_size = {d_inner}; "
-                "fix num_heads or head_dim in config.json"
-            )
+            kw = check_values(dict(common, dt_rank=None if rank == "auto" else rank, dt_bc_rms=dt_bc_rms,
+                                   mixer_rms_eps=d.get("mixer_rms_eps", 1e-6),
+                                   d_inner_override=d.get("intermediate_size")), where, fix, HF_KEYS)
+            if kw["d_inner_override"] == kw["expand"] * kw["d_model"]:
+                kw["d_inner_override"] = None
+            return cls(**kw)
         # transformers' Mamba2 always gates before the norm (it ignores norm_before_gate).
-        return cls(
-            **common,
-            headdim=headdim,
-            ngroups=d.get("n_groups", 1),
-            chunk_size=d.get("chunk_size", 256),
-            rmsnorm=d.get("rms_norm", True),
-            norm_before_gate=False,
-            dt_limit=tuple(d.get("time_step_limit", (0.0, math.inf))),
-        )
+        kw = check_values(dict(common, headdim=d.get("head_dim", 64), ngroups=d.get("n_groups", 1),
+                               chunk_size=d.get("chunk_size", 256), rmsnorm=d.get("rms_norm", True),
+                               norm_before_gate=False, dt_limit=d.get("time_step_limit", (0.0, math.inf))),
+                          where, fix, HF_KEYS)
+        nheads = d.get("num_heads")
+        d_inner = kw["expand"] * kw["d_model"]
+        if nheads is not None:
+            nheads = check_values({"nheads": nheads}, where, fix, HF_KEYS)["nheads"]
+            if nheads * kw["headdim"] != d_inner:
+                raise ConfigError(
+                    f"num_heads * head_dim = {nheads}*{kw['headdim']} != expand * hidden_size = {d_inner}; "
+                    f"fix num_heads or head_dim in {where}"
+                )
+        return cls(**kw)
 
     @classmethod
-    def _from_mamba_ssm(cls, d: dict) -> "MambaConfig":
+    def _from_mamba_ssm(cls, d: dict, where: str = "config.json") -> "MambaConfig":
+        if not isinstance(d.get("ssm_cfg") or {}, dict):
+            raise ConfigError(f"{where}: ssm_cfg={d['ssm_cfg']!r} must be an object like "
+                              '{"layer": "Mamba2", "d_state": 128}; correct it or re-download the config')
         ssm = dict(d.get("ssm_cfg") or {})
         layer = ssm.pop("layer", "Mamba1")
         if layer not in ("Mamba1", "Mamba2"):
@@ -226,8 +260,10 @@ class MambaConfig:
                 f"supported: {', '.join(SUPPORTED)}"
             )
         arch = "mamba1" if layer == "Mamba1" else "mamba2"
+        missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in d]
+        if missing:
+            raise ConfigError(f"mamba_ssm {where} lacks required key {missing[0]!r}; re-download the config")
         kw = dict(
-            arch=arch,
             d_model=d["d_model"],
             n_layer=d["n_layer"],
             vocab_size=d["vocab_size"],
@@ -240,11 +276,10 @@ class MambaConfig:
             expand=ssm.get("expand", 2),
             conv_bias=ssm.get("conv_bias", True),
             bias=ssm.get("bias", False),
-            source="mamba_ssm",
         )
         if arch == "mamba1":
             rank = ssm.get("dt_rank", "auto")
-            kw["dt_rank"] = None if rank == "auto" else int(rank)
+            kw["dt_rank"] = None if rank == "auto" else rank
         else:
             kw.update(
                 headdim=ssm.get("headdim", 64),
@@ -252,9 +287,10 @@ class MambaConfig:
                 chunk_size=ssm.get("chunk_size", 256),
                 rmsnorm=ssm.get("rmsnorm", True),
                 norm_before_gate=ssm.get("norm_before_gate", False),
-                dt_limit=tuple(ssm.get("dt_limit", (0.0, math.inf))),
+                dt_limit=ssm.get("dt_limit", (0.0, math.inf)),
             )
-        return cls(**kw)
+        fix = "correct that value (or re-download the model's config.json)"
+        return cls(arch=arch, source="mamba_ssm", **check_values(kw, where, fix, MAMBA_SSM_KEYS))
 
     # ---- writers -----------------------------------------------------------
     def to_hf_dict(self) -> dict:
@@ -358,6 +394,54 @@ class MambaConfig:
         d = asdict(self)
         d.update(kw)
         return MambaConfig(**d)
+
+
+def check_values(values: dict, where: str, fix: str, keys: dict | None = None) -> dict:
+    """`values` (name -> raw value) with those named in KINDS checked and normalised (256.0 -> 256,
+    a dt_limit list -> a float pair), or a ConfigError naming the value and its key as `where`
+    spells it (`keys`: our name -> the dialect's), then `fix`. Every reader runs it before any
+    arithmetic on the values, so that a bad one is never a ZeroDivisionError or TypeError later."""
+    out = {}
+    for name, value in values.items():
+        problem, out[name] = _check(KINDS[name], value) if name in KINDS else (None, value)
+        if problem:
+            raise ConfigError(f"{where}: {(keys or {}).get(name, name)}={value!r} {problem}; {fix}")
+    return out
+
+
+def _check(kind: str, value) -> tuple[str | None, Any]:
+    """(None, normalised value), or (what is wrong, value)."""
+    if kind == "flag":
+        return (None, value) if isinstance(value, bool) else ("must be true or false", value)
+    if kind == "range":
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(_real(v) for v in value):
+            lo, hi = float(value[0]), float(value[1])
+            if 0 <= lo < hi:  # NaN fails both
+                return None, (lo, hi)
+        return "must be a pair [min, max] with 0 <= min < max (max may be Infinity)", value
+    if kind == "eps":
+        ok = _real(value) and math.isfinite(value) and value > 0
+        return (None, float(value)) if ok else ("must be a finite number > 0, e.g. 1e-05", value)
+    if value is None and kind in ("token id", "optional size"):
+        return None, None
+    low = 0 if kind == "token id" else 1
+    n = _int(value)
+    if n is None or n < low:
+        return f"must be an integer >= {low}" + (" or null" if kind == "token id" else ""), value
+    return None, n
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(v) -> int | None:
+    """An int, or an int-valued float (256.0) as int; None for anything else (bools, strings, 256.5)."""
+    if not _real(v):
+        return None
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    return int(v) if math.isfinite(v) and v == int(v) else None
 
 
 def _first(v):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError
 
 # Files a tokenizer can be built from. Without any of them transformers still builds the model
 # type's tokenizer class (GPT-NeoX for mamba / mamba2), but empty: 2 special tokens, encode -> [].
@@ -53,7 +53,7 @@ def _special_id(tok, cfg: dict, key: str):
     name = cfg.get(key)
     if isinstance(name, dict):
         name = name.get("content")
-    if name:
+    if name and isinstance(name, str):
         return tok.token_to_id(name)
     return None
 
@@ -88,13 +88,20 @@ def load_tokenizer(folder) -> Tokenizer:
     return tok
 
 
+def _corrupt(path: Path, e: Exception) -> ConfigError:
+    return ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); the file is corrupt or not a tokenizer file: "
+                       "copy it again from the original model, or re-save the tokenizer (save_pretrained)")
+
+
 def _from_tokenizer_json(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTok
 
-    tok = HFTok.from_file(str(folder / "tokenizer.json"))
-    tcfg = {}
-    if (folder / "tokenizer_config.json").exists():
-        tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    path = folder / "tokenizer.json"
+    try:
+        tok = HFTok.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
+        raise _corrupt(path, e) from e
+    tcfg = _tokenizer_config(folder)
     eos = _special_id(tok, tcfg, "eos_token")
     bos = _special_id(tok, tcfg, "bos_token")
     if eos is None:
@@ -105,7 +112,22 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
     return Tokenizer(tok, eos, bos, folder)
 
 
+def _tokenizer_config(folder: Path) -> dict:
+    """tokenizer_config.json as a dict ({} when absent), or a ConfigError naming the file."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    try:
+        tcfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise _corrupt(path, e) from e
+    if not isinstance(tcfg, dict):
+        raise _corrupt(path, TypeError(f"it holds a {type(tcfg).__name__}, not a JSON object"))
+    return tcfg
+
+
 def _from_transformers(folder: Path) -> Tokenizer:
+    _tokenizer_config(folder)  # a corrupt one: name the file, not transformers' JSONDecodeError
     try:
         from transformers import AutoTokenizer
 

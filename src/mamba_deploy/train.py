@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
+from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import check_writable, prepare_output_dir, prepare_output_file
 from .config import MambaConfig
-from .errors import ConfigError, OutputPathError
+from .errors import CheckpointError, ConfigError, OutputPathError
 
 # Sizes of the shipped demo models (and a tiny one for smoke tests). ~3-4 M parameters each.
 PRESETS = {
@@ -184,18 +185,56 @@ def check_outputs(args) -> Path:
         check_writable(out.parent, f"{out.parent} is not writable", "choose an output path under a writable folder")  # each save renames into it
     else:
         prepare_output_dir(out, OutputPathError)
-    work = Path(args.work_dir or f"{args.out}.work")
+    work = _work_dir(args)
     if work.exists() and not work.is_dir():
         raise OutputPathError(f"--work-dir {work} is a file, not a folder; choose a folder path (default: OUT.work)")
     prepare_output_file(work / "train_state.pt")  # creates the folder and probes that it is writable
     return work
 
 
+def _work_dir(args) -> Path:
+    return Path(args.work_dir or f"{args.out}.work")
+
+
+def _missing_dirs(*paths) -> list[Path]:
+    """The folders among `paths` and their parents that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    for p in paths:
+        p = Path(p).absolute()
+        while not p.exists() and p not in missing:
+            missing.append(p)
+            p = p.parent
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first, so a parent is empty by the time its turn comes
+        try:
+            folder.rmdir()
+        except OSError:  # gone, or holds a snapshot / training state worth keeping
+            pass
+
+
+STATE_KEYS = ("model", "opt", "step", "rng", "log")
+
+
 def load_resume_state(args, state_path: Path, device):
     """The saved training state for --resume (None when there is none), checked against --preset."""
-    if not (args.resume and state_path.exists()):
+    if not args.resume:
         return None
-    st = torch.load(state_path, map_location=device, weights_only=False)
+    if not state_path.exists():
+        warnings.warn(f"--resume: no training state at {state_path}; starting from scratch (pass the --work-dir "
+                      "of the run to continue, if it had one)", stacklevel=2)
+        return None
+    fix = "delete it (or use another --work-dir, or drop --resume) to start over"
+    try:
+        st = torch.load(state_path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (pickle, zip and EOF errors for a truncated or foreign file)
+        raise CheckpointError(f"--resume: cannot read {state_path} ({type(e).__name__}: {e}); "
+                              f"it is truncated or not a training state: {fix}") from e
+    if not isinstance(st, dict) or any(k not in st for k in STATE_KEYS):
+        raise CheckpointError(f"--resume: {state_path} is not a `mamba-deploy train` state (it lacks "
+                              f"{', '.join(STATE_KEYS)}); {fix}")
     saved = st.get("preset")
     if saved is not None and saved != args.preset:
         raise ConfigError(f"--resume: {state_path} was saved by preset {saved!r}, not --preset {args.preset!r}; "
@@ -206,18 +245,19 @@ def load_resume_state(args, state_path: Path, device):
 
 def setup(args) -> SimpleNamespace:
     """Data, model, optimizer and (with --resume) the saved training state."""
+    from .checkpoint import check_device
     from .model import MambaLM
     from .tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = check_device(args.device)
     if not (Path(args.tokenizer) / "tokenizer.json").exists():
         raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
                           "make one with `mamba-deploy train-tokenizer DIR`")
+    tok = load_tokenizer(args.tokenizer)  # a corrupt one fails here, before any output folder is made
     work = check_outputs(args)
     state_path = work / "train_state.pt"
     st = load_resume_state(args, state_path, device)
-    tok = load_tokenizer(args.tokenizer)
     train_ids, val_ids = load_data(args)
     cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok.token_to_id("<|pad|>"))
     model = MambaLM(cfg)
@@ -249,7 +289,17 @@ def setup(args) -> SimpleNamespace:
 
 
 def train(args) -> dict:
-    """The training loop; returns the metrics written to train_log.json."""
+    """The training loop; returns the metrics written to train_log.json. A run that fails
+    removes the folders it created while they are still empty (no stray OUT.work)."""
+    created = _missing_dirs(args.out, _work_dir(args))
+    try:
+        return _train(args)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _train(args) -> dict:
     from tqdm import tqdm
 
     from .ops import use_backend
@@ -356,7 +406,7 @@ def register(subparsers):
     s.add_argument("--eval-batch", type=positive_int, default=8)
     s.add_argument("--eval-tokens", type=nonnegative_int, default=0, help="final carried-state val perplexity on N tokens")
     s.add_argument("--save-every", type=positive_int, default=200)
-    s.add_argument("--seed", type=nonnegative_int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt")
     s.set_defaults(func=cmd_train)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import MambaConfig
+from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 from .gguf_tables import ARCH_FROM_GGUF, CONFIG_KEYS, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS
 
@@ -68,7 +68,17 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
     rows = tensor_shapes.get("token_embd.weight", (None,))[0]
     if rows is None:
         raise CheckpointError("GGUF file has no token_embd.weight tensor; it is not a complete Mamba model")
-    d_model, d_inner = int(v["d_model"]), int(v["d_inner"])
+    # before any arithmetic on them: a 0 or a string in the metadata is a ConfigError naming its key
+    v["dt_rank" if arch == "mamba1" else "nheads"] = v.pop("time_step_rank")
+    dt_bc_rms = bool(v.pop("dt_bc_rms", False))  # other converters may store it as an integer
+    keys = {attr: key.format(arch=gguf_arch) for key, attr, _kind, _ in CONFIG_KEYS if not callable(attr)}
+    keys.update(dt_rank=f"{gguf_arch}.ssm.time_step_rank", nheads=f"{gguf_arch}.ssm.time_step_rank",
+                **{f: OWN_PREFIX + f for f, _ in OWN_KEYS})
+    fix = "the file's metadata is corrupt: re-export it (mamba-deploy export gguf) or re-download it"
+    v = check_values(v, "GGUF metadata", fix, keys)
+    own = check_values({f: x for f, x in own.items() if x is not None}, "GGUF metadata", fix, keys)
+    own = {f: own.get(f) for f, _ in OWN_KEYS}
+    d_model, d_inner = v["d_model"], v["d_inner"]
     kw = dict(
         arch=arch, d_model=d_model, n_layer=int(v["n_layer"]), d_state=int(v["d_state"]), d_conv=int(v["d_conv"]),
         expand=d_inner // d_model if d_inner % d_model == 0 else 2,
@@ -81,15 +91,18 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
         source="gguf",
     )
     for kind, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "pad_token_id")):
-        kw[attr] = own[attr] if own[attr] is not None else field(reader, SPECIAL_KEYS[kind], None)
+        kw[attr] = own[attr]
+        if own[attr] is None:
+            special = {attr: field(reader, SPECIAL_KEYS[kind], None)}
+            kw.update(check_values(special, "GGUF metadata", fix, {attr: SPECIAL_KEYS[kind]}))
     if arch == "mamba1":
-        kw.update(dt_rank=int(v["time_step_rank"]), dt_bc_rms=bool(v["dt_bc_rms"]),
-                  hf_model_type="falcon_mamba" if v["dt_bc_rms"] else "mamba",
+        kw.update(dt_rank=v["dt_rank"], dt_bc_rms=dt_bc_rms,
+                  hf_model_type="falcon_mamba" if dt_bc_rms else "mamba",
                   # llama.cpp normalises dt/B/C with the layer eps; files from elsewhere get that
                   mixer_rms_eps=float(own["mixer_rms_eps"] if own["mixer_rms_eps"] is not None else v["rms_norm_eps"]))
     else:
-        nheads = int(v["time_step_rank"])
-        if nheads <= 0 or d_inner % nheads:
+        nheads = v["nheads"]
+        if d_inner % nheads:
             raise ConfigError(f"GGUF mamba2 ssm.time_step_rank (head count) {nheads} does not divide "
                               f"ssm.inner_size {d_inner}; the file's metadata is inconsistent, re-export it")
         kw.update(headdim=d_inner // nheads, ngroups=int(v["ngroups"]), hf_model_type="mamba2",

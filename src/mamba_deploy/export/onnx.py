@@ -190,7 +190,10 @@ def _check_config(manifest: dict, folder: Path) -> None:
     what = f"{folder}/manifest.json: its config ({cfg.arch}, n_layer={cfg.n_layer}, d_state={cfg.d_state})"
     fix = "the manifest was edited or belongs to another model: re-export the model"
     for kind in ("inputs", "outputs"):
-        got = {d.get("name"): d for d in manifest.get(kind, [])}
+        listed = manifest.get(kind, [])
+        if not (isinstance(listed, list) and all(isinstance(d, dict) for d in listed)):
+            raise ExportError(f"{folder}/manifest.json: {kind!r} must be a list of objects, not {listed!r:.80}; {fix}")
+        got = {d.get("name"): d for d in listed}
         names = {s["name"] for s in want[kind]}
         if set(got) != names:
             raise ExportError(f"{what} does not imply the {kind} it lists (listed only: {sorted(set(got) - names)}, "
@@ -201,13 +204,27 @@ def _check_config(manifest: dict, folder: Path) -> None:
 
 
 def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    where = f"{folder}/manifest.json"
+    if files is None:  # without it nothing would be checked
+        raise ExportError(f"{where} has no 'files' key (the size and sha256 of each model file); re-export the model")
+    if not isinstance(files, dict) or "model.onnx" not in files:
+        raise ExportError(f"{where}: 'files' must map each file name (model.onnx at least) to its bytes and "
+                          f"sha256, not {files!r:.80}; the manifest was edited: re-export the model")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and _is_size(info.get("bytes")) and isinstance(info.get("sha256"), str)):
+            raise ExportError(f"{where}: files[{name!r}] must be {{\"bytes\": N, \"sha256\": \"...\"}}, not "
+                              f"{info!r:.80}; the manifest was edited: re-export the model")
         p = folder / name
         if not p.exists():
             raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")
         if p.stat().st_size != info["bytes"] or ((check_hash or name == "model.onnx") and _sha256(p) != info["sha256"]):
             raise ExportError(f"{p} does not match manifest.json (size or sha256 differ): the file was "
                               "modified or truncated; re-export the model")
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def read_manifest(folder: Path) -> dict:

@@ -222,3 +222,29 @@ def test_corrupt_tokenizer_config_is_a_config_error_naming_it(tmp_path, with_tok
     (folder / "tokenizer_config.json").write_text("{bad")
     with pytest.raises(ConfigError, match=r"tokenizer_config\.json .*copy it again"):
         load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"model": {"type": "BPE"}}', '{"model": {"type": "BPE", "vocab": []}}',
+                                     b"\xff\xfe not utf-8"])
+def test_gguf_export_of_a_corrupt_tokenizer_json_is_a_typed_error(tmp_path, content):
+    pytest.importorskip("gguf")
+    from mamba_deploy.errors import MambaDeployError
+    from mamba_deploy.export.gguf import export_gguf
+
+    src = tmp_path / "m"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "demo-mamba1", src)
+    (src / "tokenizer.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(MambaDeployError, match="tokenizer"):
+        export_gguf(src, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_export_names_a_corrupt_tokenizer_config(tmp_path):
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    src = tmp_path / "m"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "demo-mamba1", src)
+    (src / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match="tokenizer_config.json"):
+        export_gguf(src, tmp_path / "m.gguf")

@@ -101,7 +101,7 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
         tok = HFTok.from_file(str(path))
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
         raise _corrupt(path, e) from e
-    tcfg = _tokenizer_config(folder)
+    tcfg = read_tokenizer_config(folder)
     eos = _special_id(tok, tcfg, "eos_token")
     bos = _special_id(tok, tcfg, "bos_token")
     if eos is None:
@@ -112,7 +112,7 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
     return Tokenizer(tok, eos, bos, folder)
 
 
-def _tokenizer_config(folder: Path) -> dict:
+def read_tokenizer_config(folder: Path) -> dict:
     """tokenizer_config.json as a dict ({} when absent), or a ConfigError naming the file."""
     path = folder / "tokenizer_config.json"
     if not path.exists():
@@ -127,7 +127,7 @@ def _tokenizer_config(folder: Path) -> dict:
 
 
 def _from_transformers(folder: Path) -> Tokenizer:
-    _tokenizer_config(folder)  # a corrupt one: name the file, not transformers' JSONDecodeError
+    read_tokenizer_config(folder)  # a corrupt one: name the file, not transformers' JSONDecodeError
     try:
         from transformers import AutoTokenizer
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from gguf import TokenType
 
 from ..errors import ExportError, ModelNotFoundError
+from ..tokenizer import read_tokenizer_config
 from .gguf_tables import PAD_TOKEN, PRE_TOKENIZERS, TOKENIZER_MODEL
 
 EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>")
@@ -80,14 +81,19 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
     """tokenizer.json -> Vocab padded to the embedding's `n_rows`."""
     try:
         tj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise ModelNotFoundError(f"cannot read tokenizer {path}: {e}; pass a valid tokenizer.json") from e
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ExportError(f"{path}: tokenizer model {model.get('type')!r} is not byte-level BPE; "
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise ExportError(f"{path}: tokenizer model {kind!r} is not byte-level BPE; "
                           "GGUF export supports byte-level BPE (GPT-2 style) tokenizers only")
-    by_id = {int(i): t for t, i in model["vocab"].items()}
-    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    try:
+        by_id = {int(i): t for t, i in model["vocab"].items()}
+        added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ExportError(f"{path} has no readable vocab / added_tokens ({type(e).__name__}: {e}); the file is "
+                          "corrupt: copy it again from the model, or pass another with --tokenizer") from e
     by_id.update({i: a["content"] for i, a in added.items()})
     if by_id and max(by_id) >= n_rows:
         raise ExportError(
@@ -113,12 +119,7 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
 def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dict, bool]:
     """Special ids from tokenizer_config.json names, then config.json ids, then common names."""
     index = {t: i for i, t in enumerate(tokens)}
-    tcfg = {}
-    if (folder / "tokenizer_config.json").is_file():
-        try:
-            tcfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            tcfg = {}
+    tcfg = read_tokenizer_config(folder)  # a corrupt one is an error naming it, as everywhere
     ids = {}
     for kind in ("bos", "eos", "unk", "pad"):
         name = tcfg.get(f"{kind}_token")

@@ -134,3 +134,27 @@ def test_to_torch_state_is_a_snapshot(artifacts, backend):
     r.step(torch.tensor([6]), st)
     assert torch.equal(snap.conv, before[0]) and torch.equal(snap.ssm, before[1])
     assert not torch.equal(r.to_torch_state(st).ssm, before[1])
+
+
+def test_llamacpp_streamed_text_equals_the_final_text(artifacts):
+    """llama_detokenize cleans up spaces ("it '" + "s" -> "it's", " ' " -> "'"), revising text a
+    stream had already shown, so the stream dropped characters ("it ' fine", "a  b."). Decoding
+    now joins token pieces, as llama.cpp's CLI streams them. References: the `tokenizers` library
+    on the model's tokenizer.json, and the stream equals the final text."""
+    pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer
+
+    from mamba_deploy.generation import TextStream
+
+    tok = open_runner(artifacts["llama.cpp"], "llama.cpp").tokenizer
+    ref = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
+    texts = ["it 's fine", "a , b . c ! d ?", "I 'm here , we 're sure you 've", "do n't ' x ' y", "plain words only"]
+    seqs = [tok.encode(t) for t in texts]
+    g = torch.Generator().manual_seed(0)
+    pieces = [tok.encode(p) for p in (" '", "s", " ,", " .", "m", " n't", "re", "ve", " a", " the", " !", " ?", "\n")]
+    for _ in range(300):  # random mixes of the pieces the clean-up rules act on
+        seqs.append([t for i in torch.randint(0, len(pieces), (12,), generator=g).tolist() for t in pieces[i]])
+    for ids in seqs:
+        ts = TextStream(tok)
+        streamed = "".join(ts.push(t) for t in ids) + ts.finish()
+        assert streamed == tok.decode(ids) == ref.decode(ids), ids

@@ -113,9 +113,8 @@ class TextStream:
     back and, with stop strings, so are the last (longest - 1) characters, which could be the
     start of one; nothing from a stop string on is emitted (the stream finds stop strings as
     `generate` does). `finish()` emits the rest, so the concatenation is the text `generate`
-    returns, for decoders whose text only grows at its end (`tokenizers`' byte-level BPE, the
-    shipped models). A decoder that revises earlier text (llama.cpp's space clean-up) can have
-    streamed a space that the final text no longer has."""
+    returns, for decoders whose text only grows at its end (every tokenizer here: `tokenizers`'
+    byte-level BPE, and llama.cpp's token pieces)."""
 
     def __init__(self, tok, stop_strings=None):
         stops = check_stop_strings(stop_strings)

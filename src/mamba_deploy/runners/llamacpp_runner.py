@@ -84,7 +84,9 @@ class _Model:
 class LlamaCppTokenizer:
     """encode / decode with llama.cpp's own tokenizer of the GGUF (same interface as ours).
     Special tokens written in the text ("<|endoftext|>") are encoded as those tokens, as the
-    `tokenizers` library and transformers do."""
+    `tokenizers` library and transformers do. decode joins each token's piece, as llama.cpp's
+    own CLI and server stream them: llama_detokenize's space clean-up ("it '" + "s" -> "it's",
+    "' '" -> "'") rewrites earlier text as tokens arrive, so no stream could equal its result."""
 
     def __init__(self, lib, model: _Model):
         self._lib, self._model = lib, model
@@ -92,6 +94,8 @@ class LlamaCppTokenizer:
         eos, bos = lib.llama_vocab_eos(vocab), lib.llama_vocab_bos(vocab)
         self.eos_token_id = None if eos < 0 else int(eos)
         self.bos_token_id = None if bos < 0 else int(bos)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes (control tokens: b"")
 
     def encode(self, text: str) -> list[int]:
         vocab = self._model.vocab_or_raise()
@@ -106,15 +110,20 @@ class LlamaCppTokenizer:
 
     def decode(self, ids) -> str:
         vocab = self._model.vocab_or_raise()
-        ids = [int(i) for i in ids]
-        toks = (self._lib.llama_token * max(1, len(ids)))(*ids)
-        cap = 16 * len(ids) + 16
-        out = ctypes.create_string_buffer(cap)
-        n = self._lib.llama_detokenize(vocab, toks, len(ids), out, cap, True, False)
-        if n < 0:  # buffer too small: -n is the size needed
-            out = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_detokenize(vocab, toks, len(ids), out, -n, True, False)
-        return out.raw[:n].decode("utf-8", errors="replace")
+        return b"".join(self._piece(vocab, int(t)) for t in ids).decode("utf-8", errors="replace")
+
+    def _piece(self, vocab, t: int) -> bytes:
+        piece = self._pieces.get(t)
+        if piece is None:
+            if not 0 <= t < self.n_vocab:  # llama.cpp aborts the process on an unknown id
+                raise ShapeError(f"token id {t} outside the vocabulary [0, {self.n_vocab})")
+            buf = ctypes.create_string_buffer(32)
+            n = self._lib.llama_token_to_piece(vocab, t, buf, 32, 0, False)  # lstrip 0, specials not shown
+            if n < 0:  # -n: the size needed
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(vocab, t, buf, -n, 0, False)
+            piece = self._pieces[t] = buf.raw[:n]
+        return piece
 
 
 class LlamaCppRunner(Runner):

@@ -580,6 +580,18 @@ def test_graph_decode_foreign_state_leaves_the_lent_state_alone():
                 got, _ = fast.step(t[j:j + 1], st)
                 want, _ = eager.step(t[j:j + 1], refs[j])
                 close(got, want, torch.float32, f"{arch} step {k}, {'foreign' if j else 'lent'} state")
+        # bucket 4: a lent state of 4 rows and a foreign one of 3; the replay steps all 4 rows
+        lent, foreign = fast.new_state(4), fast.new_state(3)
+        refs = [eager.new_state(4), eager.new_state(3)]
+        for st, ref, b in zip((lent, foreign), refs, (4, 3)):
+            prompt = torch.randint(0, 1000, (b, 3))
+            fast.prefill(prompt, st)
+            eager.prefill(prompt, ref)
+        for k, t in enumerate(torch.randint(0, 1000, (3, 4))):
+            for j, (st, b) in enumerate(((foreign, 3), (lent, 4))):
+                got, _ = fast.step(t[:b], st)
+                want, _ = eager.step(t[:b], refs[1 - j])
+                close(got, want, torch.float32, f"{arch} step {k}, batch {b}, {'lent' if j else 'foreign'} state")
 
 
 def check_graph_decode(shape, dtype, state_dtype=None):

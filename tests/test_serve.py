@@ -486,6 +486,31 @@ def test_server_close_ends_a_connection_that_never_sends_its_request(folder):
         sock.close()
 
 
+def test_server_close_waits_for_a_handler_that_had_not_started_yet(folder):
+    """A handler thread started just before the shutdown registered itself only once it ran, so
+    server_close could miss it and the runner was closed under it."""
+    from mamba_deploy.serve import CompletionServer
+
+    done = threading.Event()
+
+    class LateStart(CompletionServer):
+        def process_request_thread(self, request, client_address):
+            time.sleep(1.5)  # exists, but has not reached the handler when shutdown() (<= 0.5 s poll) returns
+            super().process_request_thread(request, client_address)
+            done.set()
+
+    srv = LateStart(("127.0.0.1", 0), TorchRunner(load_model(folder)), "m", 8, 4096, True, 60.0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    client, _ = _in_thread(_request, srv, "GET", "/health")
+    time.sleep(0.2)  # accepted: its thread sleeps in process_request_thread
+    srv.shutdown()
+    srv.server_close()
+    assert done.is_set() and srv.unfinished == []
+    thread.join(TIMEOUT)
+    client.join(TIMEOUT)
+
+
 def test_cli_serve_ctrl_c_during_a_generation_ends_it_and_exits_cleanly(folder):
     proc, port, _ = _start_cli_server([str(folder), "--max-tokens-limit", "100000"])
     try:

@@ -112,7 +112,7 @@ def cmd_inspect(args):
     from .checkpoint import _weight_files, read_config, resolve
 
     path = resolve(args.model)
-    if path.is_file() and path.suffix != ".gguf" and path.name != "config.json":
+    if path.is_file() and path.suffix != ".gguf" and not (path.parent / "config.json").exists():
         raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
     if path.suffix == ".gguf":
         from .checkpoint import load_model

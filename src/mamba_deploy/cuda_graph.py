@@ -265,16 +265,18 @@ class CudaGraphRunner(TorchRunner):
         else:
             state.check(self.config, batch, self.model.dtype, self.model.device)
             lent = bk.lent() if bk.lent is not None else None
-            # the bucket's rows may be a live lent state's: keep them across this state's replay
-            kept = None if lent is None else (bk.state.conv[:, :batch].clone(), bk.state.ssm[:, :batch].clone())
+            # a live lent state views the bucket's first rows, and the replay steps every row:
+            # keep all of its rows (not only the first `batch`) across this state's replay
+            n = 0 if lent is None else lent.conv.shape[1]
+            kept = (bk.state.conv[:, :n].clone(), bk.state.ssm[:, :n].clone()) if n else None
             bk.state.conv[:, :batch].copy_(state.conv)
             bk.state.ssm[:, :batch].copy_(state.ssm)
             bk.graph.replay()
             state.conv.copy_(bk.state.conv[:, :batch])
             state.ssm.copy_(bk.state.ssm[:, :batch])
             if kept is not None:
-                bk.state.conv[:, :batch].copy_(kept[0])
-                bk.state.ssm[:, :batch].copy_(kept[1])
+                bk.state.conv[:, :n].copy_(kept[0])
+                bk.state.ssm[:, :n].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
     # for benchmarks: replay without the host copy of the logits

@@ -200,15 +200,20 @@ class CompletionServer(ThreadingHTTPServer):
         self._handlers_lock = threading.Lock()
         super().__init__(addr, _Handler)
 
-    def process_request_thread(self, request, client_address):
-        me = threading.current_thread()
+    def process_request(self, request, client_address):
+        # registered before it starts (under the lock server_close snapshots with), so that a
+        # thread started just before a shutdown is still joined
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
         with self._handlers_lock:
-            self._handlers[me] = request
+            self._handlers[t] = request
+            t.start()
+
+    def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._handlers_lock:
-                self._handlers.pop(me, None)
+                self._handlers.pop(threading.current_thread(), None)
 
     def server_close(self):
         """Stop listening, end each running generation after its current token (503 to its

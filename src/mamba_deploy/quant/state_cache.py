@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QuantizationError
+from ..inputs import check_ids, check_mask
 from ..runners.base import Runner
 from ..state import State
 
@@ -73,9 +74,13 @@ class QuantizedStateRunner(Runner):
 
     @torch.inference_mode()
     def prefill(self, ids, state, attention_mask=None, last_only=False):
+        ids = check_ids(ids, 2, self.config.padded_vocab_size)
+        mask = check_mask(attention_mask, ids.shape)
         st = self._unpack(state)
         dev = self.model.device
-        mask = None if attention_mask is None else attention_mask.to(dev)
+        if mask is not None:
+            self.check_padding_on_fresh_state(mask, state)
+            mask = mask.to(dev)
         out = self.model(ids.to(dev), st, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
         return out.logits.cpu(), self._pack(out.state, state)
 
@@ -84,6 +89,9 @@ class QuantizedStateRunner(Runner):
         st = self._unpack(state)
         logits = self.model.step(ids.to(self.model.device), st)
         return logits.cpu(), self._pack(st, state)
+
+    def state_arrays(self, state) -> list:
+        return [state.conv.transpose(0, 1), state.ssm.transpose(0, 1)]  # a zero state codes to 0
 
     def to_torch_state(self, state) -> State:
         return State(state.conv.float().cpu(), decode_ssm(state.ssm, state.scales).cpu())

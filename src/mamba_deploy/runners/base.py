@@ -73,7 +73,7 @@ def check_threads(threads) -> int | None:
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise ConfigError(f"threads must be an integer >= 1 (or None for the backend's default), got {threads!r}")
+        raise ConfigError(f"threads must be an integer >= 1 (or left out for the backend's default), got {threads!r}")
     if threads > max_threads():
         raise ConfigError(f"threads {threads} is more than this machine can use ({os.cpu_count()} CPUs; at most "
                           f"{max_threads()}); leave it out for the backend's default ({default_threads()})")
@@ -144,15 +144,18 @@ class Runner(ABC):
         handles free them and call this."""
         self.closed = True
 
+    def state_arrays(self, state) -> list:
+        """The live state as arrays / tensors with the batch first (for cheap checks on the
+        state's own device, without a copy); a backend overrides this where it can."""
+        st = self.to_torch_state(state)
+        return [st.conv.transpose(0, 1), st.ssm.transpose(0, 1)]
+
     def check_padding_on_fresh_state(self, mask, state) -> None:
         """A left-padded row needs a zero (fresh) state: the padding is masked out of the
         update, but a state that already holds tokens would still decay over the padded
         positions and its conv window would see the padding. (llama.cpp drops padding instead.)"""
         rows = padded_rows(mask)
-        if not rows:
-            return
-        st = self.to_torch_state(state)
-        if bool(st.conv[:, rows].any()) or bool(st.ssm[:, rows].any()):
+        if rows and any(bool(a[rows].any()) for a in self.state_arrays(state)):
             raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
                              "needs a fresh state (runner.new_state): continue those rows one at a time "
                              "(batch 1, no mask) or as a batch of equal-length rows")

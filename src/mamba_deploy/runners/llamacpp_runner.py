@@ -62,6 +62,7 @@ class _Model:
     def __init__(self, lib, ptr):
         self.lib, self.ptr = lib, ptr
         self.vocab = lib.llama_model_get_vocab(ptr)
+        self.context = None  # (ctx, batch) of the runner: freed before the model, always
 
     def vocab_or_raise(self):
         if not self.ptr:
@@ -69,7 +70,15 @@ class _Model:
                                     "with open_runner(...)")
         return self.vocab
 
+    def free_context(self) -> None:
+        if self.context is not None:
+            ctx, batch = self.context
+            self.context = None
+            self.lib.llama_batch_free(batch)
+            self.lib.llama_free(ctx)
+
     def free(self) -> None:
+        self.free_context()  # a runner collected in a cycle may be finalized after its model
         if self.ptr:
             self.lib.llama_model_free(self.ptr)
             self.ptr = self.vocab = None
@@ -175,16 +184,14 @@ class LlamaCppRunner(Runner):
                                   "lower n_ctx / batch size or open the runner with verbose=True")
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
+        self._model.context = (self._ctx, self._batch)
         self._generation += 1
         self._n_seq, self._free = n_seq, list(range(n_seq))
 
     def _free_context(self) -> None:
-        if self._batch is not None:
-            self._lib.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            self._lib.llama_free(self._ctx)
-            self._ctx = None
+        if getattr(self, "_model", None) is not None:
+            self._model.free_context()
+        self._ctx = self._batch = None
 
     @staticmethod
     def _release(runner_ref, seq_ids, generation) -> None:

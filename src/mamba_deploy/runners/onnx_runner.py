@@ -56,6 +56,11 @@ class OnnxRunner(Runner):
         st.logits = OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, self.device, 0)
         return st
 
+    def state_arrays(self, state: OnnxState) -> list:
+        if self.device == "cpu":  # the OrtValues share these numpy buffers
+            return state.arrays[state.cur]
+        return [v.numpy() for v in state.bufs[state.cur]]
+
     def to_torch_state(self, state: OnnxState) -> State:
         live = state.bufs[state.cur]
         return State(torch.from_numpy(np.stack([v.numpy() for v in live[0::2]])),

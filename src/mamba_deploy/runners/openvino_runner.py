@@ -63,6 +63,9 @@ class OpenVinoRunner(Runner):
         shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
         return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch)
 
+    def state_arrays(self, state: OpenVinoState) -> list:
+        return state.arrays
+
     def to_torch_state(self, state: OpenVinoState) -> State:
         return State(torch.from_numpy(np.stack(state.arrays[0::2])), torch.from_numpy(np.stack(state.arrays[1::2])))
 

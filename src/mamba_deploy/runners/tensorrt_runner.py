@@ -80,6 +80,9 @@ class TensorRTRunner(Runner):
         bufs = [[torch.zeros(s, dtype=torch.float32, device=self.device) for s in shapes] for _ in range(2)]
         return TensorRTState(bufs, batch)
 
+    def state_arrays(self, state: TensorRTState) -> list:
+        return state.bufs[state.cur]
+
     def to_torch_state(self, state: TensorRTState) -> State:
         live = state.bufs[state.cur]
         return State(torch.stack(live[0::2]).cpu(), torch.stack(live[1::2]).cpu())

@@ -36,6 +36,9 @@ class TorchRunner(Runner):
         ids = check_ids(ids, 1, self.config.padded_vocab_size)
         return self.model.step(ids.to(self.model.device), state).cpu(), state
 
+    def state_arrays(self, state) -> list:
+        return [state.conv.transpose(0, 1), state.ssm.transpose(0, 1)]
+
     def to_torch_state(self, state) -> State:
         """A float32 CPU copy (never the live tensors, which later steps update in place)."""
         state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)

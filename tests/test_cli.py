@@ -239,3 +239,8 @@ def test_gguf_quantizer_threads_are_bounded(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "gguf", DEMO, str(tmp_path / "m.gguf"), "--outtype", "q4_k_m", "--threads", "100000"])
     assert "threads 100000 is more" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
+def test_calibration_path_that_is_a_folder_says_so(tmp_path, capsys):
+    assert main(["quantize", DEMO, str(tmp_path / "q"), "--method", "gptq", "--calib", str(tmp_path)]) == 2
+    assert "is a folder; pass a text file" in capsys.readouterr().err and not (tmp_path / "q").exists()

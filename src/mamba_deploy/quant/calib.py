@@ -44,7 +44,8 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
         elif Path(str(calib)).is_file():
             text = Path(calib).read_text(errors="replace")
         else:
-            raise QuantizationError(f"calibration file {calib!r} not found; pass a text file or omit --calib")
+            what = "is a folder" if Path(str(calib)).is_dir() else "not found"
+            raise QuantizationError(f"calibration file {str(calib)!r} {what}; pass a text file or omit --calib")
         try:
             ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
         except ModelNotFoundError as e:  # no tokenizer files next to the checkpoint

@@ -188,3 +188,69 @@ def test_llamacpp_streamed_text_equals_the_final_text(artifacts):
         ts = TextStream(tok)
         streamed = "".join(ts.push(t) for t in ids) + ts.finish()
         assert streamed == tok.decode(ids) == ref.decode(ids), ids
+
+
+def _spm_gguf(src: Path, dst: Path) -> Path:
+    """`src` with its vocabulary replaced by a small SentencePiece-style one ("llama" model, "▁"
+    word starts, byte fallback, add_space_prefix), as llama.cpp's converter writes for
+    Mamba-Codestral."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, TokenType
+
+    rd = GGUFReader(str(src))
+    arch = rd.fields["general.architecture"]
+    w = GGUFWriter(str(dst), bytes(arch.parts[arch.data[0]]).decode())
+    for k, f in rd.fields.items():
+        if k.startswith(("GGUF.", "tokenizer.")) or k == "general.architecture" or f.types[0] == GGUFValueType.ARRAY:
+            continue
+        value = bytes(f.parts[f.data[0]]).decode() if f.types[0] == GGUFValueType.STRING else f.parts[f.data[0]][0]
+        w.add_key_value(k, value, f.types[0])
+    words = ["▁Hello", "▁world", "▁it", "'s", "▁"]
+    toks = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * 5
+    n = len(rd.fields["tokenizer.ggml.tokens"].data)  # the embedding's rows
+    scores = [0.0] * 259 + [-float(i) for i in range(len(words))]
+    toks += [f"[PAD{i}]" for i in range(len(toks), n)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_types([int(t) for t in types] + [int(TokenType.UNUSED)] * (n - len(types)))
+    w.add_token_scores(scores + [-1e9] * (n - len(scores)))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(True)
+    for t in rd.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_llamacpp_sentencepiece_vocab_decodes_without_a_leading_space(artifacts, tmp_path):
+    """Joining pieces of a SentencePiece vocabulary starts the text with the first word's space;
+    decode drops it, as sentencepiece (and llama_detokenize) do: the text round-trips."""
+    pytest.importorskip("llama_cpp")
+    from mamba_deploy.generation import TextStream
+
+    tok = open_runner(_spm_gguf(Path(artifacts["llama.cpp"]), tmp_path / "spm.gguf"), "llama.cpp").tokenizer
+    for text in ["Hello world", "héllo 日本", "it's Hello"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        ts = TextStream(tok)
+        assert "".join(ts.push(t) for t in ids) + ts.finish() == text
+
+
+@pytest.mark.parametrize("backend", ["torch", "quantized-state"])
+def test_padded_prefill_with_a_state_of_another_batch_is_a_shape_error(artifacts, backend):
+    if backend == "torch":
+        r = open_runner(artifacts["torch"], "torch")
+    else:
+        from mamba_deploy import load_model
+        from mamba_deploy.quant.state_cache import QuantizedStateRunner
+
+        r = QuantizedStateRunner(load_model(DEMO), "int8")
+    with pytest.raises(ShapeError, match="batch 2"):  # an IndexError from the padding check before
+        r.prefill(torch.tensor([[3, 4, 5], [6, 7, 8]]), r.new_state(1), attention_mask=[[1, 1, 1], [0, 1, 1]])

@@ -619,3 +619,25 @@ def test_cli_gguf_is_named_after_the_file(folder, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT)
+
+
+def test_a_handler_thread_that_cannot_start_does_not_break_server_close(folder, monkeypatch):
+    """Registered before start(), a thread whose start() failed stayed listed, and server_close
+    raised 'cannot join thread before it is started' (never waiting for the live handlers)."""
+    srv, thread = _start(TorchRunner(load_model(folder)))
+    real_start, failed = threading.Thread.start, []
+
+    def start(self):
+        if getattr(self, "_target", None) == srv.process_request_thread and not failed:
+            failed.append(self)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        _request(srv, "GET", "/health")  # its thread never started: the socket is closed
+    assert _request(srv, "GET", "/health")[0] == 200
+    srv.shutdown()
+    srv.server_close()
+    assert failed and srv.unfinished == []
+    thread.join(TIMEOUT)

@@ -100,8 +100,8 @@ def check_stop_strings(stop_strings) -> list[str]:
 def first_stop(text: str, stops: list[str]) -> int | None:
     """Where the first stop string starts in a row's decoded completion so far, or None. Callers
     pass the whole completion, decoded again after every token: a tokenizer may merge bytes across
-    tokens, and some decoders revise earlier text (llama.cpp's and transformers' space clean-up
-    turn "it '" into "it's" when the "s" arrives), so neither a token's own decoding nor only the
+    tokens, and some decoders revise earlier text (transformers' space clean-up turns "it '" into
+    "it's" when the "s" arrives), so neither a token's own decoding nor only the
     new tail is enough. Trailing incomplete characters (decoded as U+FFFD) are not searched yet."""
     text = text.rstrip("\ufffd")
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]

@@ -206,7 +206,11 @@ class CompletionServer(ThreadingHTTPServer):
         t = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
         with self._handlers_lock:
             self._handlers[t] = request
-            t.start()
+            try:
+                t.start()
+            except BaseException:  # no thread (or Ctrl-C here): nothing to join; socketserver closes the socket
+                del self._handlers[t]
+                raise
 
     def process_request_thread(self, request, client_address):
         try:

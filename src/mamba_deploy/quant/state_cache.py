@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..runners.base import Runner
 from ..state import State
@@ -79,6 +79,9 @@ class QuantizedStateRunner(Runner):
         st = self._unpack(state)
         dev = self.model.device
         if mask is not None:
+            if not isinstance(state, QuantState) or state.conv.shape[1] != ids.shape[0]:
+                raise ShapeError(f"the state is not a QuantState for batch {ids.shape[0]}; "
+                                 "create it with runner.new_state(batch)")
             self.check_padding_on_fresh_state(mask, state)
             mask = mask.to(dev)
         out = self.model(ids.to(dev), st, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)

@@ -105,6 +105,9 @@ class LlamaCppTokenizer:
         self.bos_token_id = None if bos < 0 else int(bos)
         self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
         self._pieces: dict[int, bytes] = {}  # token -> its bytes (control tokens: b"")
+        # SentencePiece-style vocabularies (llama.cpp's converter for Mamba-Codestral) mark word
+        # starts with a space, which decoding drops at the start of the text, as sentencepiece does
+        self._strip_first_space = lib.llama_vocab_type(vocab) in (lib.LLAMA_VOCAB_TYPE_SPM, lib.LLAMA_VOCAB_TYPE_UGM)
 
     def encode(self, text: str) -> list[int]:
         vocab = self._model.vocab_or_raise()
@@ -119,7 +122,10 @@ class LlamaCppTokenizer:
 
     def decode(self, ids) -> str:
         vocab = self._model.vocab_or_raise()
-        return b"".join(self._piece(vocab, int(t)) for t in ids).decode("utf-8", errors="replace")
+        data = b"".join(self._piece(vocab, int(t)) for t in ids)
+        if self._strip_first_space and data.startswith(b" "):
+            data = data[1:]
+        return data.decode("utf-8", errors="replace")
 
     def _piece(self, vocab, t: int) -> bytes:
         piece = self._pieces.get(t)

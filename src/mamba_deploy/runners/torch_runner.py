@@ -26,6 +26,7 @@ class TorchRunner(Runner):
         ids = check_ids(ids, 2, self.config.padded_vocab_size)
         mask = check_mask(attention_mask, ids.shape)
         if mask is not None:
+            state.check(self.config, ids.shape[0])  # before the padding check indexes its rows
             self.check_padding_on_fresh_state(mask, state)
             mask = mask.to(dev)
         out = self.model(ids.to(dev), state, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)

@@ -95,6 +95,14 @@ def onnx_export(hf_checkpoint, tmp_path_factory):
     return make
 
 
+def finish_gguf(w) -> None:
+    """Write a gguf.GGUFWriter's header, metadata and tensors, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import finish_gguf, rel_err
 from mamba_deploy import load_model
 from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, MambaDeployError, ModelNotFoundError,
                                  UnsupportedArchitectureError)
@@ -263,10 +263,7 @@ def test_import_unknown_architecture(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     with pytest.raises(UnsupportedArchitectureError, match="'llama'"):
         load_model(tmp_path / "llama.gguf")
 
@@ -706,10 +703,7 @@ def _without_tokenizer_keys(src, dst):
         w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
     for t in r.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return dst
 
 

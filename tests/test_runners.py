@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import finish_gguf, rel_err
 
 from mamba_deploy.errors import RunnerClosedError, ShapeError
 from mamba_deploy.runners import open_runner
@@ -222,10 +222,7 @@ def _spm_gguf(src: Path, dst: Path) -> Path:
     w.add_add_space_prefix(True)
     for t in rd.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return dst
 
 

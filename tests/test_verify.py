@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import finish_gguf
 
 from mamba_deploy import verify as V
 from mamba_deploy.checkpoint import load_model, save_checkpoint
@@ -198,10 +199,7 @@ def _gguf_with_file_type(path, ftype):
     w = gguf.GGUFWriter(str(path), "mamba")
     w.add_file_type(int(ftype))
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

@@ -349,3 +349,47 @@ def test_stop_string_is_not_matched_by_an_incomplete_character():
     runner = _scripted_runner(pieces, [1, 2, 3, 4, 5])
     res = generate(runner, [[1]], max_new_tokens=5, stop_strings=["\ufffd"], stop_token_ids=[])
     assert (res.texts, res.stop_reasons) == (["a\u4e2db"], ["length"])
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: "▁" word starts, the text's first space dropped)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "héllo wörld, it's 日本 ✓"] * 20,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "metaspace", "llama.cpp pieces"])
+def test_incremental_text_equals_decoding_everything_after_every_token(kind, tmp_path):
+    """IncrementalText decodes a small window per token; the reference is the tokenizer's decode
+    of all ids so far, after every token, on random id sequences (incomplete UTF-8 included)."""
+    from pathlib import Path
+
+    from mamba_deploy.generation import IncrementalText
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    if kind == "byte-level BPE":
+        tok = load_tokenizer(demo)
+    elif kind == "metaspace":
+        tok = _metaspace_tokenizer()
+    else:
+        pytest.importorskip("llama_cpp")
+        from mamba_deploy.export.gguf import export_gguf
+        from mamba_deploy.runners import open_runner
+
+        tok = open_runner(export_gguf(demo, tmp_path / "m.gguf"), "llama.cpp").tokenizer
+    vocab = tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else 4096
+    g = torch.Generator().manual_seed(0)
+    text = "the quick brown fox, héllo wörld 日本 ✓ it's"
+    enc = tok.encode(text)
+    seqs = [enc.ids if hasattr(enc, "ids") else enc]
+    seqs += [torch.randint(0, vocab, (60,), generator=g).tolist() for _ in range(150)]
+    for ids in seqs:
+        inc = IncrementalText(tok)
+        for k, t in enumerate(ids):
+            assert inc.push(t) == tok.decode(ids[:k + 1]), (kind, ids[:k + 1])

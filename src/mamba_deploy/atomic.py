@@ -101,6 +101,16 @@ def write_json(path, obj, indent: int = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent))
 
 
+def read_json_object(path) -> dict:
+    """A JSON object file as a dict; {} when it is absent, unreadable or not an object (for
+    optional metadata whose absence only means "recompute" or "use the default")."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
     """A JSON file this project wrote with {"format": fmt}; ExportError naming the file, what it
     should be (kind) and the fix when it is not valid JSON or carries another format."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file, check_writable, prepare_output_dir, prepare_output_file, write_bytes
+from .atomic import (atomic_file, check_writable, prepare_output_dir, prepare_output_file, read_json_object,
+                     write_bytes)
 from .errors import ConfigError, ModelNotFoundError, OutputPathError
 
 VAL_PERCENT = 10
@@ -161,7 +162,7 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
     if cache_dir is not None:
         cache = Path(cache_dir)
         meta_path, arr_path = cache / "meta.json", cache / f"{split}.npy"
-        meta = _read_meta(meta_path)
+        meta = read_json_object(meta_path)  # {} when absent or unreadable: the split is encoded again
         if arr_path.exists() and meta.get("tokenizer_digest") == digest:
             if meta.get(key) == digest:
                 return np.load(arr_path)
@@ -172,7 +173,7 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
         prepare_output_file(arr_path)  # an unwritable cache folder fails now, not after encoding
     ids = encode_split(load_tokenizer(tokenizer_dir), split, root)
     if cache_dir is not None:
-        meta = _read_meta(meta_path)
+        meta = read_json_object(meta_path)
         if meta.get("tokenizer_digest") != digest:
             # another tokenizer's streams: none of them may be loaded for this one
             for name in ("train", "val"):
@@ -188,15 +189,6 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
             np.save(f, ids)
         _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return ids
-
-
-def _read_meta(meta_path: Path) -> dict:
-    """meta.json as a dict; {} when absent or unreadable (the streams are then re-encoded)."""
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def unigram_perplexity(train_ids, eval_ids, vocab_size: int) -> float:

@@ -10,7 +10,6 @@ artifact's dtype / quantization, which is read from the artifact itself.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, seed
-from .atomic import prepare_output_file, write_json
+from .atomic import prepare_output_file, read_json_object, write_json
 from .errors import ConfigError, VerificationError
 
 # ----------------------------------------------------------------------------- tolerances
@@ -122,25 +121,17 @@ def infer_artifact_dtype(path) -> str:
     if p.suffix == ".gguf" and p.is_file():
         return _gguf_label(p)
     folder = p if p.is_dir() else p.parent
-    manifest = _read_json(folder / "manifest.json")
+    manifest = read_json_object(folder / "manifest.json")
     if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
         return _quant_label(manifest["quantization"])
     for key in ("quantization", "dtype"):
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower()
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json_object(folder / "config.json")
     if isinstance(cfg.get("quantization_config"), dict):
         return _quant_label(cfg["quantization_config"])
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").lower()
     return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "fp32")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _quant_label(qc: dict) -> str:

@@ -157,26 +157,25 @@ class TextStream:
 
     def __init__(self, tok, stop_strings=None):
         stops = check_stop_strings(stop_strings)
-        self.tok, self.stops, self.ids, self.sent, self.cut = tok, stops, [], 0, None
+        self.tok, self.sent = tok, 0
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.inc = IncrementalText(tok, stops) if tok is not None else None
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        if self.tok is None or self.cut is not None:
+        inc = self.inc
+        if inc is None or inc.cut is not None:  # no tokenizer, or past a stop string: no more text
             return ""
-        text = self.inc.push(token)
-        self.cut = self.inc.cut
-        end = len(text.rstrip("\ufffd")) - self.hold if self.cut is None else self.cut
+        text = inc.push(token)
+        end = len(text.rstrip("\ufffd")) - self.hold if inc.cut is None else inc.cut
         if end <= self.sent:
             return ""
         delta, self.sent = text[self.sent:end], end
         return delta
 
     def finish(self) -> str:
-        if self.tok is None:
+        if self.inc is None:
             return ""
-        delta = self.tok.decode(self.ids)[:self.cut][self.sent:]
+        delta = self.tok.decode(self.inc.ids)[:self.inc.cut][self.sent:]  # the whole decode, once
         self.sent += len(delta)
         return delta
 

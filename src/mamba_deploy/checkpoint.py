@@ -202,6 +202,21 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
         )
 
 
+def meta_model(cfg: MambaConfig):
+    """MambaLM(cfg) on the meta device: shapes and parameter counts, nothing allocated."""
+    from .model import MambaLM
+
+    with torch.device("meta"):
+        return MambaLM(cfg)
+
+
+def check_weight_headers(folder: Path, cfg: MambaConfig, meta=None) -> None:
+    """Names and shapes of the weight files against cfg, from the file headers only (`meta`: a
+    meta_model(cfg) to reuse): a truncated file, or a config.json that does not fit its weights,
+    fails without allocating anything."""
+    load_weights(meta if meta is not None else meta_model(cfg), folder, "meta", None, shapes_only=True)
+
+
 def _pad_vocab(t, rows: int, key: str):
     if t.shape[0] < rows:  # mamba_ssm pads the vocab to a multiple; extra rows are never produced
         return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
@@ -378,9 +393,7 @@ def _load_model(path_or_hub_id, device, dtype):
         from .quant.runtime import load_quantized
 
         return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
-    with torch.device("meta"):  # names and shapes first, from the file headers: a config.json that
-        meta = MambaLM(cfg)  # does not fit its weights fails here, before a model of its size is allocated
-    load_weights(meta, path, "meta", None, shapes_only=True)
+    check_weight_headers(path, cfg)  # before a model of the config's size is allocated
     with torch.device(device):
         model = MambaLM(cfg).to(dtype)
     load_weights(model, path, device, dtype)

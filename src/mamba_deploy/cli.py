@@ -109,7 +109,7 @@ def _human(n: float) -> str:
 
 
 def cmd_inspect(args):
-    from .checkpoint import _weight_files, read_config, resolve
+    from .checkpoint import _weight_files, check_weight_headers, meta_model, read_config, resolve
 
     path = resolve(args.model)
     if path.is_file() and path.suffix != ".gguf" and not (path.parent / "config.json").exists():
@@ -122,15 +122,10 @@ def cmd_inspect(args):
     else:
         folder = path if path.is_dir() else path.parent
         cfg, files = read_config(folder), _weight_files(folder)
-    from .model import MambaLM
-
-    with torch.device("meta"):
-        meta = MambaLM(cfg)
+    meta = meta_model(cfg)
     n_params = meta.num_parameters()
     if path.suffix != ".gguf" and "quantization_config" not in json.loads((folder / "config.json").read_text()):
-        from .checkpoint import load_weights
-
-        load_weights(meta, folder, "meta", None, shapes_only=True)  # headers: truncation, names, shapes
+        check_weight_headers(folder, cfg, meta)
     info = {
         "architecture": cfg.arch + (" (falcon-mamba)" if cfg.dt_bc_rms else ""),
         "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_state": cfg.d_state, "d_inner": cfg.d_inner,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantizationError, ShapeError
+from ..errors import QuantizationError
 from ..inputs import check_ids, check_mask
-from ..runners.base import Runner
+from ..runners.base import Runner, check_state
 from ..state import State
 
 STATE_DTYPES = {"int8": torch.int8, "fp16": torch.float16}
@@ -26,6 +26,10 @@ class QuantState:
     conv: torch.Tensor  # (n_layer, b, conv_dim, k-1) model dtype
     ssm: torch.Tensor  # (n_layer, b, *ssm_shape) int8 codes or fp16
     scales: torch.Tensor | None  # (n_layer, b, *ssm_shape[:-1], 1) fp16, int8 only
+
+    @property
+    def batch(self) -> int:
+        return self.conv.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -79,9 +83,7 @@ class QuantizedStateRunner(Runner):
         st = self._unpack(state)
         dev = self.model.device
         if mask is not None:
-            if not isinstance(state, QuantState) or state.conv.shape[1] != ids.shape[0]:
-                raise ShapeError(f"the state is not a QuantState for batch {ids.shape[0]}; "
-                                 "create it with runner.new_state(batch)")
+            check_state(state, QuantState, ids.shape[0])  # before the padding check indexes its rows
             self.check_padding_on_fresh_state(mask, state)
             mask = mask.to(dev)
         out = self.model(ids.to(dev), st, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)

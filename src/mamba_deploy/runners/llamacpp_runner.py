@@ -62,6 +62,7 @@ class _Model:
     def __init__(self, lib, ptr):
         self.lib, self.ptr = lib, ptr
         self.vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.context = None  # (ctx, batch) of the runner: freed before the model, always
 
     def vocab_or_raise(self):
@@ -103,7 +104,7 @@ class LlamaCppTokenizer:
         eos, bos = lib.llama_vocab_eos(vocab), lib.llama_vocab_bos(vocab)
         self.eos_token_id = None if eos < 0 else int(eos)
         self.bos_token_id = None if bos < 0 else int(bos)
-        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+        self.n_vocab = model.n_vocab
         self._pieces: dict[int, bytes] = {}  # token -> its bytes (control tokens: b"")
         # SentencePiece-style vocabularies (llama.cpp's converter for Mamba-Codestral) mark word
         # starts with a space, which decoding drops at the start of the text, as sentencepiece does
@@ -168,7 +169,7 @@ class LlamaCppRunner(Runner):
             raise CheckpointError(f"llama.cpp could not load {path}; open it with verbose=True to see llama.cpp's "
                                   "log, and re-export it with mamba-deploy export gguf")
         self._model = _Model(lib, ptr)
-        self.n_vocab = int(lib.llama_vocab_n_tokens(self._model.vocab))
+        self.n_vocab = self._model.n_vocab
         self.path, self.source_path = path, path.parent
         self.n_threads, self.n_ctx, self.n_batch = n_threads, int(n_ctx), int(n_batch)
         self._ctx = self._batch = None

@@ -63,21 +63,8 @@ def patched(module, name, value):
         setattr(module, name, old)
 
 
-@contextlib.contextmanager
-def _multi(*cms):
-    with contextlib.ExitStack() as stack:
-        for cm in cms:
-            stack.enter_context(cm)
-        yield
-
-
-def _multi_env(**values):
-    return _multi(*(env(k, v) for k, v in values.items()))
-
-
 def variants():
     """name -> (context manager factory, plan overrides, exact: whether logits must match)."""
-    from mamba_deploy import cuda_graph
     from mamba_deploy.ops import triton_gemv, triton_kernels, triton_norm, triton_step
 
     out = {"default": (contextlib.nullcontext, {}, True)}
@@ -92,14 +79,6 @@ def variants():
         out[f"prefetch_programs_{n}"] = (lambda n=n: patched(triton_norm, "PREFETCH_PROGRAMS", n), {}, True)
     for mb in PREFETCH_MB:
         out[f"prefetch_{mb}mb"] = (lambda m=mb: env("MAMBA_DEPLOY_L2_PREFETCH_MB", str(m)), {}, True)
-    # out_proj as gluon_gemv.gemv_preload: rows per program by preload_config, or fixed
-    out["out_preload"] = (lambda: env("MAMBA_DEPLOY_OUT_PRELOAD", "1"), {}, True)
-    for r in (8, 16, 20):  # a count whose programs cannot all be resident falls back to triton_gemv
-        out[f"out_preload_r{r}"] = (lambda r=r: _multi_env(MAMBA_DEPLOY_OUT_PRELOAD="1",
-                                                          MAMBA_DEPLOY_OUT_PRELOAD_ROWS=str(r)), {}, True)
-    out["out_preload_l2"] = (lambda: _multi(env("MAMBA_DEPLOY_OUT_PRELOAD", "1"),
-                                            patched(cuda_graph, "PREFETCH_PRELOADED", True)), {}, True)
-    out["no_out_preload"] = (lambda: env("MAMBA_DEPLOY_OUT_PRELOAD", "0"), {}, True)
     # cuda_graph calls ssd_step_gated_(xBC, dt, z, ..., out, sumsq, counter) positionally: return out
     skip_mixer = lambda: patched(triton_step, "ssd_step_gated_", lambda *a, **k: a[13])  # noqa: E731
     skip_norm = lambda: patched(triton_kernels, "add_rmsnorm_", lambda y, *a, **k: y)  # noqa: E731

@@ -377,30 +377,6 @@ def test_gemv_conv_epilogue(n, k, c, kc, pdl, bias, dtype):
     close(cs, sr, dtype, "gemv conv window")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,rows", [(2560, 5120, None), (2560, 5120, 20), (2048, 4096, None), (768, 1536, None),
-                                      (1001, 2048, 8), (37, 512, None)])
-@pytest.mark.parametrize("pdl", [False, True])
-def test_gemv_preload(n, k, rows, pdl, dtype):
-    """The GEMV that copies its whole weight to shared memory before its PDL wait, against F.linear
-    in float64 (row counts that are not a multiple of the rows per program: masked tails)."""
-    pytest.importorskip("triton.experimental.gluon", reason="gemv_preload is a Gluon kernel (triton >= 3.5)")
-    from mamba_deploy.ops.gluon_gemv import gemv_preload, preload_applies
-
-    x = rnd(1, k, device="cuda", dtype=dtype)
-    w = rnd(n, k, device="cuda", dtype=dtype, scale=k ** -0.5)
-    bias = rnd(n, device="cuda", dtype=dtype)
-    assert preload_applies(x, w)
-    ref = torch.nn.functional.linear(x.double(), w.double())
-    close(gemv_preload(x, w, bias, rows=rows, pdl=pdl), ref + bias.double(), dtype, f"gemv_preload {n}x{k}")
-    close(gemv_preload(x[0], w, rows=rows, pdl=pdl), ref[0], dtype, f"gemv_preload {n}x{k} without bias, 1-D x")
-    assert not preload_applies(x, w.float()), "a weight in another dtype must not take the preload GEMV"
-    assert not preload_applies(x.expand(2, k), w), "two rows must not take the preload GEMV"
-    if k % 512 == 0:
-        big = torch.empty(64 * 1024, k, device="cuda", dtype=dtype)  # cannot be resident at once
-        assert not preload_applies(x, big)
-
-
 def test_linear_dispatch_rows():
     """One row goes to the GEMV; more rows (and a GEMV call with them) to cuBLAS / a clear error."""
     from mamba_deploy.ops import triton_gemv

@@ -51,10 +51,6 @@ FUSED_MAX_BATCH = 4
 # earlier looping GEMV, 0 / 1 / 2 / 4 / 8 / 16 MiB: 2.7b 2.019 / 1.972 / 1.950 / 1.945 / 2.017 /
 # 2.189 (more than fits the gap between GEMVs competes with the GEMV before it).
 PREFETCH_MB = 2
-# batch-1 out_proj with its whole weight in flight before its PDL wait (ops/gluon_gemv.py);
-# PREFETCH_PRELOADED: the mixer still prefetches the head of that weight into L2
-OUT_PRELOAD = False
-PREFETCH_PRELOADED = False
 # Mamba1 at batch 1: the decode conv as an epilogue of in_proj's GEMV (one launch fewer per layer)
 CONV_IN_GEMV = True
 
@@ -91,18 +87,15 @@ class DecodePlan:
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
         self.prefetch_bytes = int(float(os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB", PREFETCH_MB)) * 2**20)
-        # batch-1 out_proj as ops/gluon_gemv.gemv_preload (whole matrix in flight during the mixer)
-        self.out_preload = os.environ.get("MAMBA_DEPLOY_OUT_PRELOAD", "1" if OUT_PRELOAD else "0") != "0"
-        self.out_preload_rows = int(os.environ.get("MAMBA_DEPLOY_OUT_PRELOAD_ROWS", "0")) or None
 
-    def prefetch(self, linear, batch: int, preloaded: bool = False):
+    def prefetch(self, linear, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads
         linear's weight (batch 1 only: larger batches use cuBLAS, which is compute- not
         latency-bound). A quantized linear's kernels read other tensors, and its `weight` would
         dequantize the whole matrix inside the graph: nothing is prefetched for it."""
         from .model import Linear
 
-        if type(linear) is not Linear or (preloaded and not PREFETCH_PRELOADED):
+        if type(linear) is not Linear:
             return (None, 0)
         return (linear.weight, self.prefetch_bytes if batch == 1 else 0)
 
@@ -132,23 +125,8 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
                     mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
                     u, ssq, plan.counter, state_early=True,  # the step begins with the embedding lookup
-                    prefetch=plan.prefetch(mixer.out_proj, b, preloaded=plan.out_preload))
-    return _out_proj(plan, mixer.out_proj, u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
-
-
-def _out_proj(plan, linear, y):
-    """out_proj of a batch-1 fused step: gemv_preload where it applies, the linear's own forward
-    otherwise."""
-    from .model import Linear
-
-    if plan.out_preload and type(linear) is Linear and y.shape[0] == 1:
-        try:
-            from .ops.gluon_gemv import gemv_preload, preload_applies
-        except ImportError:  # a triton without gluon
-            return linear(y)
-        if preload_applies(y, linear.weight, plan.out_preload_rows):
-            return gemv_preload(y, linear.weight, linear.bias, rows=plan.out_preload_rows)
-    return linear(y)
+                    prefetch=plan.prefetch(mixer.out_proj, b))
+    return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
 def _mamba1_fused_step(mixer, A, dt_weight, x, conv_state, ssm_state):

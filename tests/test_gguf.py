@@ -23,7 +23,7 @@ import torch
 from conftest import finish_gguf, rel_err
 from mamba_deploy import load_model
 from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, MambaDeployError, ModelNotFoundError,
-                                 UnsupportedArchitectureError)
+                                 OutputPathError, UnsupportedArchitectureError)
 from mamba_deploy.export.gguf import export_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -297,6 +297,35 @@ def test_ollama_modelfile_and_cli(ckpt, tmp_path):
     assert f'PARAMETER stop "{EOS}"' in text
     assert gguf.GGUFReader(str(out)).get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_F16
     assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "tiny.gguf"]
+    # a re-export replaces its own Modelfile
+    assert main(["export", "gguf", str(folder), str(out), "--outtype", "f32", "--ollama"]) == 0
+    assert "FROM ./tiny.gguf" in (out.parent / "Modelfile").read_text().splitlines()
+
+
+def test_ollama_keeps_a_modelfile_it_did_not_write(ckpt, tmp_path, capsys):
+    """--ollama refuses, before writing anything, to replace a user's Modelfile or the one written
+    for another GGUF of the same folder."""
+    from mamba_deploy.cli import main
+
+    folder, _ = ckpt("mamba2")
+    out = tmp_path / "ol" / "other.gguf"
+    out.parent.mkdir()
+    mine = "FROM llama3\nSYSTEM you are helpful\n"
+    (out.parent / "Modelfile").write_text(mine)
+    assert main(["export", "gguf", str(folder), str(out), "--ollama"]) == 2
+    err = capsys.readouterr().err
+    assert "Modelfile already exists" in err and "FROM llama3" in err and "another folder" in err
+    assert (out.parent / "Modelfile").read_text() == mine
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile"], "nothing written"
+    # ours, but for another GGUF of the folder: kept too
+    (out.parent / "Modelfile").unlink()
+    assert main(["export", "gguf", str(folder), str(out.parent / "first.gguf"), "--ollama"]) == 0
+    first = (out.parent / "Modelfile").read_text()
+    with pytest.raises(OutputPathError, match="first.gguf"):
+        export_gguf(folder, out, ollama=True)
+    assert (out.parent / "Modelfile").read_text() == first and not out.exists()
+    export_gguf(folder, out)  # without --ollama the GGUF alone is written
+    assert out.exists() and (out.parent / "Modelfile").read_text() == first
 
 
 # ----------------------------------------------------------------------------- llama.cpp

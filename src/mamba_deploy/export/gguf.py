@@ -69,6 +69,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
         check_threads(n_threads)
     out = prepare_output_file(out_path)
     _refuse_source_file(model_or_path, out)
+    if ollama:
+        _check_modelfile(out)
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
                      "(--outtype q8_0, q4_k_m, ...)")
@@ -317,11 +319,33 @@ def _deferred_interrupt():
 
 # ----------------------------------------------------------------------------- Ollama
 
+_MODELFILE_MARK = "# Written by mamba-deploy."
+
+
+def _check_modelfile(gguf_path: Path) -> None:
+    """Before any work: the Modelfile beside the GGUF may be replaced only if it is ours, written
+    for this same GGUF (a re-export); someone's own Modelfile, or ours for another GGUF of the
+    folder, is kept and the export refused."""
+    mf = gguf_path.parent / MODELFILE_NAME
+    if not mf.exists() and not mf.is_symlink():
+        return
+    try:
+        lines = mf.read_text(encoding="utf-8").splitlines() if mf.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if lines[:1] == [_MODELFILE_MARK + " Create the model with:"] and f"FROM ./{gguf_path.name}" in lines:
+        return
+    what = next((ln for ln in lines if ln.startswith("FROM ")), None)
+    raise OutputPathError(f"{mf} already exists and was not written by mamba-deploy for {gguf_path.name}"
+                          + (f" (it says {what!r})" if what else "") + "; --ollama would replace it. Export into "
+                          "another folder, or move that Modelfile away first")
+
+
 def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`. The model is a
     plain LM, so the template passes the prompt through; generation stops at eos."""
     lines = [
-        "# Written by mamba-deploy. Create the model with:",
+        _MODELFILE_MARK + " Create the model with:",
         f"#   ollama create {gguf_path.stem} -f {MODELFILE_NAME}",
         f"FROM ./{gguf_path.name}",
         'TEMPLATE """{{ .Prompt }}"""',

@@ -525,3 +525,102 @@ def test_quantized_checkpoint_in_float_only_paths(hf_checkpoint, tmp_path, capsy
     ids = _ids(2, 9)
     got, _ = runner.prefill(ids, runner.new_state(2))
     assert float((got - _logits(model, ids)).abs().max() / _logits(model, ids).abs().max()) < ERR_TOL["int8"]
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+def test_zero_rows_and_groups_stay_zero_not_nan():
+    """All-zero rows / groups: float16's smallest scale, never 0 (0/0 = NaN), in every format, in
+    GPTQ (a zero first group used to make the row's later groups NaN) and in the int8 state cache."""
+    from mamba_deploy.quant import algos, state_cache
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 64, generator=g) * 0.1
+    w[2] = 0
+    w[5, :GROUP] = 0  # one zero group, then a normal one
+    for fmt, kw in (("fp8", {}), ("int8", {}), ("int4", dict(group_size=GROUP)),
+                    ("int4", dict(group_size=GROUP, symmetric=False))):
+        t = formats.encode(w, fmt, "w", **kw)
+        deq = formats.decode(t, fmt, kw.get("group_size", 64), kw.get("symmetric", True)).double()
+        assert torch.isfinite(deq).all(), fmt
+        assert bool((deq[2] == 0).all()) and bool((deq[5, :GROUP] == 0).all()), fmt
+        assert float((deq - w.double()).abs().max()) < 0.1 * float(w.abs().max()), fmt
+    x = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    H = (2 * x.T @ x / 256).float()
+    t = algos.gptq(w, H, GROUP, True)
+    deq = formats.decode(t, "int4", GROUP, True).double()
+    assert torch.isfinite(t["scales"].float()).all() and torch.isfinite(deq).all()
+    assert bool((deq[2] == 0).all()) and bool((deq[5, :GROUP] == 0).all())
+    # GPTQ's own objective against float64 math: better than zeroing the weight by far
+    err = float(((x @ (deq - w.double()).T) ** 2).mean())
+    assert err < 0.05 * float(((x @ w.double().T) ** 2).mean())
+    with pytest.raises(QuantizationError, match="w: the calibration activations"):
+        algos.gptq(w, H * float("nan"), GROUP, True, name="w")
+    h = torch.randn(3, 4, 16, generator=g)
+    h[1] = 0
+    q, s = state_cache.encode_ssm(h, "int8")
+    back = state_cache.decode_ssm(q, s).double()
+    assert torch.isfinite(back).all() and bool((back[1] == 0).all())
+    assert float((back - h.double()).abs().max()) <= float(h.abs().max()) / 127
+
+
+def test_int8_reference_in_float16_does_not_overflow():
+    """codes (+-127) times activations of +-8 over 512 inputs exceed float16's range before the
+    per-row scale; the result (~66) does not. Against float64 math."""
+    from mamba_deploy.ops.reference import int8_linear_ref
+
+    q = torch.full((4, 512), 127, dtype=torch.int8)
+    q[1] = -127
+    s = torch.full((4, 1), 6.5e-4, dtype=torch.float16)
+    x = torch.full((2, 512), 8.0, dtype=torch.float16)
+    want = x.double() @ (q.double() * s.double()).T
+    got = int8_linear_ref(x, q, s)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3
+
+
+def test_mamba1_dt_proj_is_rounded_not_calibrated(hf_checkpoint):
+    """Mamba1 reads dt_proj's weight directly (no activation ever reaches it as a module), so a
+    calibrated method rounds it (GPTQ saw a zero Hessian and zeroed the weight; AWQ crashed), and
+    w8a8 for it is refused (its activation scale was silently dropped)."""
+    folder, _ = hf_checkpoint("mamba")
+    r = 4  # the tiny model's dt_rank: dt_proj rows are 4 long
+    rules = {"quant_cfg": {"*.dt_proj": {"format": "int4", "group_size": r}}}
+    for method in ("gptq", "awq"):
+        model = quantize(load_model(folder), method, group_size=GROUP, rules=rules, **CALIB)
+        ref = load_model(folder).backbone.layers[0].mixer.dt_proj.weight.detach().double()
+        spec = model.quantization_config["modules"]["backbone.layers.0.mixer.dt_proj"]
+        assert spec["algo"] == "rtn", (method, spec)
+        got = model.backbone.layers[0].mixer.dt_proj.weight.detach().double()
+        # float64 round-to-nearest on groups of 4: step amax / 7, error <= step / 2 (+ fp16 scale)
+        step = ref.reshape(-1, 1, r).abs().amax(-1) / 7
+        err = (got - ref).reshape(-1, 1, r).abs()
+        assert bool((err <= step.unsqueeze(-1) * 0.5 * (1 + 2e-3) + 1e-7).all()), method
+        assert float(got.abs().max()) > 0
+    with pytest.raises(QuantizationError, match=r"dt_proj.*'int8'"):
+        quantize(load_model(folder), "smoothquant", rules={"quant_cfg": {"*.dt_proj": {"format": "w8a8"}}}, **CALIB)
+
+
+def test_quantized_checkpoint_edits_are_caught_at_load(hf_checkpoint, tmp_path):
+    """A group size that does not divide the row (but gives the same number of groups, so every
+    tensor shape still matches) and NaN scales are typed errors naming the module / tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from mamba_deploy.errors import CheckpointError
+
+    folder, _ = hf_checkpoint("mamba2")
+    out = save_quantized(quantize(load_model(folder), "int4", group_size=GROUP, progress=False), tmp_path / "q")
+    cfg_path = out / "config.json"
+    good = cfg_path.read_text()
+    cfg = json.loads(good)
+    name = "backbone.layers.0.mixer.in_proj"
+    cfg["quantization_config"]["modules"][name]["group_size"] = 24  # 32 // 24 == 32 // 32
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"{name} group_size 24"):
+        load_model(out)
+    cfg_path.write_text(good)
+    tensors = load_file(out / "model.safetensors")
+    tensors[f"{name}.scales"][0, 0] = float("nan")
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{name}\.scales has NaN"):
+        load_model(out)

@@ -258,7 +258,10 @@ def ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, 
 
 def int8_linear_ref(x, qweight, scales):
     """x (t, in) float; qweight (out, in) int8; scales (out, 1) -> (t, out) in x's dtype. The
-    per-row scale commutes with the matmul, so it scales the output."""
+    per-row scale commutes with the matmul, so it scales the output. In float16 the unscaled
+    product (codes up to 127 times x) overflows where the scaled one does not: float32 there."""
+    if x.dtype == torch.float16:
+        return (F.linear(x.float(), qweight.float()) * scales.view(1, -1).float()).to(x.dtype)
     return F.linear(x, qweight.to(x.dtype)) * scales.view(1, -1).to(x.dtype)
 
 

@@ -11,11 +11,29 @@ import math
 
 import torch
 
+from ..errors import QuantizationError
 from . import formats
 
 
+def _hessian_inverse_factor(H, damp: float, name: str):
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; the damping grows 10x (up to 3
+    times) where H is not positive definite in float32 (nearly dependent inputs)."""
+    if not bool(torch.isfinite(H).all()):
+        raise QuantizationError(f"{name}: the calibration activations of this layer are not finite; "
+                                "check the float model's outputs on the calibration text")
+    eye = torch.eye(H.shape[0])
+    for k in range(4):
+        try:
+            Hd = H + damp * 10**k * torch.mean(torch.diag(H)) * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise QuantizationError(f"{name}: GPTQ's Hessian stays singular with damping up to {damp * 1000:g}; "
+                            "use more calibration text (--n-calib) or quantize with --method int4 / awq")
+
+
 def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act_order=False,
-         damp=0.01, block_size=128) -> dict:
+         damp=0.01, block_size=128, name: str = "linear") -> dict:
     """GPTQ (Frantar et al. 2022): quantize columns one at a time and push each column's
     rounding error onto the not-yet-quantized columns through the inverse Hessian of the layer's
     reconstruction loss ||X W^T - X Q^T||^2, H = 2 X^T X / n. Returns int4 stored tensors."""
@@ -27,8 +45,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = _hessian_inverse_factor(H, damp, name)
     n_groups = in_f // group_size
     scales = torch.zeros(out_f, n_groups)
     zeros = torch.zeros(out_f, n_groups)

@@ -32,6 +32,9 @@ GROUP_SIZES = (32, 64, 128)  # int4 groups offered (issue: 32/64/128); any divis
 FP8_MAX = 448.0  # largest finite e4m3fn value
 FP8_SCALINGS = ("tensor", "channel")
 SCALE_DTYPE = torch.float16
+# smallest scale stored: float16's smallest subnormal (2**-24). A smaller floor rounds to 0 when
+# stored, and a zero scale makes an all-zero row or group decode as 0/0 = NaN
+SCALE_MIN = 2.0**-24
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -62,12 +65,12 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, group_size: int):
     lo, hi = qrange(bits, symmetric)
     if symmetric:
         amax = wg.abs().amax(-1)
-        scales = (amax / hi).clamp_min(1e-8)
+        scales = (amax / hi).clamp_min(SCALE_MIN)
         zeros = torch.zeros_like(scales)
     else:  # include 0 in the range so exact zeros stay exact
         wmin = wg.amin(-1).clamp_max(0)
         wmax = wg.amax(-1).clamp_min(0)
-        scales = ((wmax - wmin) / (hi - lo)).clamp_min(1e-8)
+        scales = ((wmax - wmin) / (hi - lo)).clamp_min(SCALE_MIN)
         zeros = torch.round(-wmin / scales).clamp(lo, hi)
     # round the scale to its stored dtype first so quantize and dequantize see the same value
     return scales.to(SCALE_DTYPE).float(), zeros
@@ -129,7 +132,7 @@ def encode(w: torch.Tensor, fmt: str, name: str, group_size: int = 128, symmetri
         if fp8_scaling not in FP8_SCALINGS:
             raise QuantizationError(f"fp8 scaling {fp8_scaling!r} unknown; choose one of {FP8_SCALINGS}")
         amax = w.abs().amax() if fp8_scaling == "tensor" else w.abs().amax(1)
-        scales = (amax / FP8_MAX).clamp_min(1e-12).to(SCALE_DTYPE).float().reshape(-1, 1)
+        scales = (amax / FP8_MAX).clamp_min(SCALE_MIN).to(SCALE_DTYPE).float().reshape(-1, 1)
         return {"qweight": (w / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
                 "scales": scales.to(SCALE_DTYPE)}
     if fmt in ("int8", "w8a8"):  # per output channel, symmetric

@@ -37,6 +37,10 @@ OPTIONAL_MODULES = {"embeddings": "backbone.embeddings", "lm_head": "lm_head"}
 # through softplus and exp, and Mamba1 reads its weight directly (no activation to quantize),
 # so it is stored per-channel int8 weight-only (it is ~1% of the weights).
 FORMAT_SUBSTITUTE = {"int4": {"dt_proj": "int8"}, "w8a8": {"dt_proj": "int8"}}
+# Linears the model reads as a weight and never calls on an activation (Mamba1's dt_proj: its
+# weight is folded into the state update): no activation statistics for calibrated methods and
+# no activation quantization (w8a8), so only weight-only formats, chosen by rounding.
+WEIGHT_READ = ("dt_proj",)
 MODULE_KEYS = {"format", "group_size", "symmetric", "fp8_scaling", "input_scale", "algo"}
 
 
@@ -151,7 +155,17 @@ def build_plan(model, opts: dict) -> dict:
             fmt = rule.get("format", base["format"])
             plan[n] = _spec(fmt, {**opts, **{k: v for k, v in base.items() if k != "format"},
                                   **{k: v for k, v in rule.items() if k not in ("enable", "format")}})
+    for n, spec in plan.items():
+        if spec and weight_read(n) and spec["format"] == "w8a8":
+            raise QuantizationError(f"{n}: the model reads this layer's weight directly (it is never called on an "
+                                    "activation), so w8a8's activation quantization cannot apply; use format "
+                                    "'int8' (weight-only) for it in the rules")
     return plan
+
+
+def weight_read(name: str) -> bool:
+    """Whether module `name` is one of WEIGHT_READ (rounding only, weight-only formats)."""
+    return name.rsplit(".", 1)[-1] in WEIGHT_READ
 
 
 # ----------------------------------------------------------------------------- config.json entry

@@ -9,7 +9,7 @@ from ..errors import QuantizationError
 from . import algos
 from .calib import calibration_ids, run_blockwise
 from .modules import QuantEmbedding, QuantLinear, tie_head
-from .plan import OPTIONAL_MODULES, build_plan, make_config, method_options
+from .plan import OPTIONAL_MODULES, build_plan, make_config, method_options, weight_read
 from .runtime import saved_tensors, set_module
 
 # method -> the stored format its calibration algorithm handles; other modules use rounding
@@ -40,16 +40,18 @@ def quantize(model, method: str, **options):
             by_layer.setdefault(int(n.split(".")[2]), []).append(n)
     algo_fmt = ALGO_FORMAT.get(method)
     progress = opts.get("progress", True)
-    if algo_fmt and any(plan[n]["format"] == algo_fmt for names in by_layer.values() for n in names):
+    # the modules the method's algorithm handles (its format, called on an activation); the rest round
+    targets = {i: [n for n in names if plan[n]["format"] == algo_fmt and not weight_read(n)]
+               for i, names in by_layer.items()}
+    if algo_fmt and any(targets.values()):
         ids = calibration_ids(model, opts.get("calib_ids", opts.get("calib")),
                               opts.get("n_calib") or 16, opts.get("calib_len") or 256)
 
         def quantize_block(i, stats):
             for n in by_layer.get(i, []):
-                st = stats.get(n) if plan[n]["format"] == algo_fmt else None
+                st = stats.get(n) if n in targets[i] else None
                 _swap(model, n, plan[n], done, method if st is not None else None, st, opts)
 
-        targets = {i: [n for n in names if plan[n]["format"] == algo_fmt] for i, names in by_layer.items()}
         run_blockwise(model, ids, targets, quantize_block, need_hessian=method == "gptq", progress=progress)
     else:
         for i in tqdm(sorted(by_layer), desc=f"{method} layers", disable=not progress):
@@ -79,7 +81,7 @@ def _quant_linear(lin, name, spec, algo, stats, opts):
 
         check_group(name, lin.in_features, gs)
         tensors = algos.gptq(lin.weight, stats.hessian, gs, sym, bool(opts["act_order"]), float(opts["damp"]),
-                             int(opts["block_size"]))
+                             int(opts["block_size"]), name=name)
         m = QuantLinear(lin.in_features, lin.out_features, fmt, gs, sym, lin.bias is not None,
                         compute_dtype=lin.weight.dtype).to(lin.weight.device)
         for k, t in tensors.items():

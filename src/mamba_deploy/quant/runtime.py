@@ -65,6 +65,12 @@ def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=tor
         model = MambaLM(cfg).to(dtype)
     qc = validate_config(quantization_config, {n for n, _ in model.named_modules()})
     for name, spec in qc["modules"].items():
+        width = getattr(model.get_submodule(name), "in_features", None) or cfg.d_model  # embeddings: rows of d_model
+        gs = spec.get("group_size")
+        if spec["format"] == "int4" and (width % gs or width % 2):
+            raise CheckpointError(f"{path}: quantization_config gives {name} group_size {gs}, which does not divide "
+                                  f"its row length {width} (or the row is odd); the config.json was edited or does "
+                                  "not belong to these weights: re-create it with `mamba-deploy quantize`")
         set_module(model, name, make_module(model.get_submodule(name), spec, dtype).to(device))
     if tied_quant_head(model):
         if qc["modules"].get("lm_head") != qc["modules"].get("backbone.embeddings"):
@@ -81,6 +87,10 @@ def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=tor
         if tuple(t.shape) != tuple(dst.shape) or (not dst.is_floating_point() and t.dtype != dst.dtype) \
                 or (dst.dtype == torch.float8_e4m3fn and t.dtype != dst.dtype):
             problems.append(f"{k}: file {tuple(t.shape)} {t.dtype} vs expected {tuple(dst.shape)} {dst.dtype}")
+            continue
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            problems.append(f"{k} has NaN or infinite values (a corrupt file)")
+            seen.add(k)
             continue
         with torch.no_grad():
             dst.copy_(t.to(device=device, dtype=dst.dtype) if dst.is_floating_point() else t.to(device))

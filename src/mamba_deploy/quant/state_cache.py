@@ -17,6 +17,9 @@ from ..errors import QuantizationError
 from ..inputs import check_ids, check_mask
 from ..runners.base import Runner, check_state
 from ..state import State
+from .formats import SCALE_MIN
+
+F16_MAX = float(torch.finfo(torch.float16).max)
 
 STATE_DTYPES = {"int8": torch.int8, "fp16": torch.float16}
 
@@ -40,7 +43,8 @@ def encode_ssm(h: torch.Tensor, kind: str):
     """h (..., d_state) float -> (stored, scales or None)."""
     if kind == "fp16":
         return h.to(torch.float16), None
-    scales = (h.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-12).to(torch.float16)
+    # within float16's range: a zero row gets the smallest scale, not 0 (0/0 = NaN)
+    scales = (h.abs().amax(-1, keepdim=True).float() / 127).clamp(SCALE_MIN, F16_MAX).to(torch.float16)
     q = torch.round(h.float() / scales.float()).clamp(-127, 127).to(torch.int8)
     return q, scales
 

@@ -624,3 +624,24 @@ def test_quantized_checkpoint_edits_are_caught_at_load(hf_checkpoint, tmp_path):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{name}\.scales has NaN"):
         load_model(out)
+
+
+def test_calibration_file_with_a_long_path_is_read(hf_checkpoint, tmp_path):
+    """A --calib path over 200 characters is a file to read (it was calibrated on as text: the
+    path itself); a long string with no file behind it is the calibration text."""
+    from mamba_deploy.quant.calib import calibration_ids
+
+    folder, _ = hf_checkpoint("mamba")
+    model = load_model(folder)
+    deep = tmp_path / ("d" * 120) / ("e" * 60)
+    deep.mkdir(parents=True)
+    f = deep / "calib.txt"
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    f.write_text(text)
+    assert len(str(f)) > 200
+    with pytest.warns(UserWarning, match="UTF-8 bytes"):  # the tiny checkpoint has no tokenizer
+        want = calibration_ids(model, text, 2, 32)
+    with pytest.warns(UserWarning, match="UTF-8 bytes"):
+        assert torch.equal(calibration_ids(model, str(f), 2, 32), want)
+    with pytest.raises(QuantizationError, match="not found"):
+        calibration_ids(model, str(deep / "missing.txt"), 2, 32)

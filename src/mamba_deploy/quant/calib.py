@@ -8,6 +8,7 @@ output, so later layers calibrate on the activations they will really see.
 
 from __future__ import annotations
 
+import os
 import sysconfig
 import warnings
 from pathlib import Path
@@ -37,14 +38,20 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
     if isinstance(calib, torch.Tensor):
         ids = calib.reshape(-1).long()
     else:
+        path = Path(str(calib))
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError:  # a name too long for the file system: text, not a path
+            is_file = is_dir = False
         if calib is None:
             text = builtin_text()
-        elif isinstance(calib, str) and len(calib) > 200:  # text itself: is_file() raises on a name this long
+        elif is_file:
+            text = path.read_text(errors="replace")
+        elif isinstance(calib, str) and not is_dir and (len(calib) > 200 or "\n" in calib) \
+                and not (os.sep in calib and not any(c.isspace() for c in calib)):  # the text itself
             text = calib
-        elif Path(str(calib)).is_file():
-            text = Path(calib).read_text(errors="replace")
         else:
-            what = "is a folder" if Path(str(calib)).is_dir() else "not found"
+            what = "is a folder" if is_dir else "not found"
             raise QuantizationError(f"calibration file {str(calib)!r} {what}; pass a text file or omit --calib")
         try:
             ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)

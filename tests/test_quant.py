@@ -322,6 +322,11 @@ def test_mixed_precision_rules(hf_checkpoint, tmp_path):
     assert torch.equal(_logits(load_model(out), ids), _logits(model, ids))
     with pytest.raises(QuantizationError, match="matches no module"):
         quantize(load_model(folder), "int8", rules={"quant_cfg": {"nope.*": {"enable": False}}})
+    # existing modules that the plan does not quantize: said, not ignored
+    with pytest.raises(QuantizationError, match="--include lm_head"):
+        quantize(load_model(folder), "int8", rules={"quant_cfg": {"lm_head": {"format": "fp16"}}})
+    with pytest.raises(QuantizationError, match=r"not quantized \(backbone.layers.0.mixer.conv1d"):
+        quantize(load_model(folder), "int8", rules={"quant_cfg": {"*.conv1d": {"format": "int8"}}})
 
 
 # ----------------------------------------------------------------------------- errors

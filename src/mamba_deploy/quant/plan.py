@@ -144,9 +144,17 @@ def build_plan(model, opts: dict) -> dict:
     for pattern, rule in rules:
         pat = _resolve_negative(pattern, model.config.n_layer)
         hits = [n for n in plan if fnmatch.fnmatchcase(n, pat)]
-        if not hits and not any(fnmatch.fnmatchcase(n, pat) for n in all_names):
+        others = [n for n in sorted(all_names) if n and fnmatch.fnmatchcase(n, pat)]
+        if not hits and not others:
             raise QuantizationError(f"rule {pattern!r} matches no module; names look like "
                                     f"'backbone.layers.0.mixer.in_proj' (use 'backbone.layers.-1.*' for the last layer)")
+        if not hits:  # it would do nothing: say why rather than ignore it
+            optional = [k for k, v in OPTIONAL_MODULES.items() if v in others]
+            hint = (f"add --include {' '.join(optional)} to quantize {'it' if len(optional) == 1 else 'them'}"
+                    if optional else "rules apply to the linear layers " + ", ".join(MIXER_LINEARS)
+                    + f" of each mixer and, with --include, to {' / '.join(OPTIONAL_MODULES)}")
+            raise QuantizationError(f"rule {pattern!r} matches only modules that are not quantized "
+                                    f"({', '.join(others[:3])}); {hint}")
         for n in hits:
             if rule.get("enable", True) is False:
                 plan[n] = None

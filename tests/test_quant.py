@@ -650,3 +650,25 @@ def test_calibration_file_with_a_long_path_is_read(hf_checkpoint, tmp_path):
         assert torch.equal(calibration_ids(model, str(f), 2, 32), want)
     with pytest.raises(QuantizationError, match="not found"):
         calibration_ids(model, str(deep / "missing.txt"), 2, 32)
+
+
+def test_float_remainder_of_a_16_bit_model_is_stored_in_16_bits(hf_checkpoint, tmp_path):
+    """The layers left in float are written in 16 bits when their values are 16-bit floats (a
+    float16 source loaded in float32), so the file is not larger than its source; float32 values
+    stay float32; both reload bit for bit."""
+    from safetensors import safe_open
+
+    folder, _ = hf_checkpoint("mamba2")
+    ids = _ids()
+    for name, narrow in (("f16", True), ("f32", False)):
+        model = load_model(folder)
+        if narrow:
+            model = model.half().float()  # what loading a float16 checkpoint gives
+        q = quantize(model, "int8", progress=False)
+        before = _logits(q, ids)
+        out = save_quantized(q, tmp_path / name)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            conv = f.get_tensor("backbone.layers.0.mixer.conv1d.weight")
+            a_log = f.get_tensor("backbone.layers.0.mixer.A_log")
+        assert (conv.element_size(), a_log.element_size()) == ((2, 2) if narrow else (4, 4)), name
+        assert torch.equal(_logits(load_model(out), ids), before), name

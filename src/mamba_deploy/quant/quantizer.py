@@ -128,4 +128,18 @@ def save_quantized(model, out_dir):
         raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
     config = model.config.to_hf_dict()
     config["quantization_config"] = qc
-    return write_folder(out_dir, config, saved_tensors(model), tokenizer_source(model))
+    tensors = {k: _narrowest_exact(t) for k, t in saved_tensors(model).items()}
+    return write_folder(out_dir, config, tensors, tokenizer_source(model))
+
+
+def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor whose values are all 16-bit floats (a float16 / bfloat16 source loaded in
+    float32) is stored in that width: the float remainder of a 16-bit checkpoint no longer
+    doubles in size, and reloading gives the same values bit for bit."""
+    if t.dtype != torch.float32:
+        return t
+    for dt in (torch.bfloat16, torch.float16):
+        n = t.to(dt)
+        if torch.equal(n.float(), t):
+            return n
+    return t

@@ -6,7 +6,7 @@ ms/token. Prefill is timed twice: returning the last position's logits (what gen
 transformers' `logits_to_keep=1`) and returning logits for all 512 positions. Prints a table,
 writes JSON.
 
-    python benchmarks/cpu_forward.py [--threads 2] [--prompt-len 512] [--decode 32] [--out results/cpu_forward.json]
+    python benchmarks/cpu_forward.py [--threads 2] [--prompt-len 512] [--decode 32] [--out benchmarks/results/cpu_forward.json]
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--out", default="results/cpu_forward.json")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "cpu_forward.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers

@@ -176,6 +176,14 @@ def test_gguf_export_refuses_to_overwrite_a_file_of_its_source(tmp_path, capsys)
     assert weights.read_bytes() == before  # was silently replaced by GGUF bytes
     assert main(["export", "gguf", str(src), str(tmp_path / "newdir") + os.sep]) == 2  # a trailing slash
     assert "names a folder" in capsys.readouterr().err and not (tmp_path / "newdir").exists()
+    # a GGUF re-exported onto itself (q8_0 over its own f32 source: the source was lost)
+    g = tmp_path / "src.gguf"
+    assert main(["export", "gguf", str(src), str(g)]) == 0
+    capsys.readouterr()
+    before = g.read_bytes()
+    assert main(["export", "gguf", str(g), str(g), "--outtype", "q8_0"]) == 2
+    assert "is the GGUF being exported" in capsys.readouterr().err
+    assert g.read_bytes() == before
 
 
 def test_a_config_that_does_not_fit_its_weights_fails_before_allocating_it(tmp_path, capsys):
@@ -244,3 +252,22 @@ def test_gguf_quantizer_threads_are_bounded(tmp_path, capsys):
 def test_calibration_path_that_is_a_folder_says_so(tmp_path, capsys):
     assert main(["quantize", DEMO, str(tmp_path / "q"), "--method", "gptq", "--calib", str(tmp_path)]) == 2
     assert "is a folder; pass a text file" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_piped_output_that_stops_reading_ends_quietly(tmp_path):
+    """`mamba-deploy inspect ... | head -1`: no BrokenPipeError traceback (exit 141 like a shell's
+    SIGPIPE), whatever the verb prints."""
+    import subprocess
+    import sys
+
+    from conftest import build_hf_model
+
+    folder = tmp_path / "m"
+    build_hf_model("mamba").save_pretrained(folder)
+    cmd = [sys.executable, "-c", "import sys; from mamba_deploy.cli import main; sys.exit(main(sys.argv[1:]))",
+           "inspect", str(folder)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

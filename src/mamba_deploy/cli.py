@@ -5,8 +5,10 @@ module, listed in STAGE_MODULES."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -281,6 +283,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except BrokenPipeError:  # `| head` stopped reading: end quietly (stdout's flush at exit would fail again)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     finally:
         warnings.formatwarning = default_format
         if main_thread:

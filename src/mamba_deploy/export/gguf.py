@@ -43,9 +43,14 @@ from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab
 # ----------------------------------------------------------------------------- entry point
 
 def _refuse_source_file(src, out: Path) -> None:
-    """An existing non-GGUF file in the source checkpoint's folder is one of its own files
-    (weights, config, tokenizer): a slip of the output path must not replace it."""
-    if not isinstance(src, (str, os.PathLike)) or not out.is_file() or out.suffix == ".gguf":
+    """The source GGUF itself, or an existing non-GGUF file in the source checkpoint's folder (weights,
+    config, tokenizer): a slip of the output path must not replace it."""
+    if not isinstance(src, (str, os.PathLike)) or not out.is_file():
+        return
+    if Path(src).is_file() and out.resolve() == Path(src).resolve():
+        raise OutputPathError(f"output {out} is the GGUF being exported; write to a new path "
+                              f"(e.g. {out.with_name(out.stem + '-out.gguf')})")
+    if out.suffix == ".gguf":
         return
     folder = Path(src) if Path(src).is_dir() else Path(src).parent
     if folder.exists() and out.resolve().parent == folder.resolve():

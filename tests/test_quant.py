@@ -672,3 +672,16 @@ def test_float_remainder_of_a_16_bit_model_is_stored_in_16_bits(hf_checkpoint, t
             a_log = f.get_tensor("backbone.layers.0.mixer.A_log")
         assert (conv.element_size(), a_log.element_size()) == ((2, 2) if narrow else (4, 4)), name
         assert torch.equal(_logits(load_model(out), ids), before), name
+
+
+def test_verify_limits_follow_the_lowest_precision_module(hf_checkpoint, tmp_path):
+    """--method int8 with an int4 rule for in_proj stores int4 weights: verify must use the int4
+    limits (the int8 row failed the artifact it was handed), and the ONNX export's label too."""
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    folder, _ = hf_checkpoint("mamba")
+    rules = {"quant_cfg": {"*.in_proj": {"format": "int4", "group_size": GROUP}}}
+    out = save_quantized(quantize(load_model(folder), "int8", rules=rules, progress=False), tmp_path / "q")
+    assert infer_artifact_dtype(out) == "int4"
+    plain = save_quantized(quantize(load_model(folder), "int8", progress=False), tmp_path / "q8")
+    assert infer_artifact_dtype(plain) == "int8"

@@ -135,6 +135,12 @@ def infer_artifact_dtype(path) -> str:
 
 
 def _quant_label(qc: dict) -> str:
+    mods = qc.get("modules")  # this toolkit's mixed precision: the lowest-precision format stored decides
+    fmts = {str(m.get("format", "")).lower() for m in mods.values() if isinstance(m, dict)} \
+        if isinstance(mods, dict) else set()
+    for f in ("int4", "int8", "w8a8", "fp8", "fp16"):
+        if f in fmts:
+            return f
     for key in ("method", "quant_method", "format", "quant_type", "weight_dtype"):
         v = str(qc.get(key, "")).lower()
         if v in LABEL_ALIASES or v in TOLERANCES:

@@ -45,6 +45,35 @@ def nonnegative_float(text: str) -> float:
     return _at_least(float, text, 0.0, strict=False)
 
 
+def _fraction(text: str, low_open: bool, high_open: bool) -> float:
+    value = _number(float, text)
+    if value < 0 or value > 1 or (low_open and value == 0) or (high_open and value == 1):
+        raise argparse.ArgumentTypeError(f"{value:g} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+    return value
+
+
+def top_p(text: str) -> float:
+    """Nucleus mass: (0, 1]."""
+    return _fraction(text, low_open=True, high_open=False)
+
+
+def min_p(text: str) -> float:
+    """Min-p ratio: [0, 1)."""
+    return _fraction(text, low_open=False, high_open=True)
+
+
+def unit_fraction(text: str) -> float:
+    """[0, 1] (SmoothQuant's alpha)."""
+    return _fraction(text, low_open=False, high_open=False)
+
+
+def opset(text: str) -> int:
+    """An ONNX opset this exporter can write (the upper bound is the installed onnx's, checked later)."""
+    from .export.onnx import MIN_OPSET
+
+    return _at_least(int, text, MIN_OPSET, strict=False)
+
+
 def seed(text: str) -> int:
     """A random seed: torch.Generator.manual_seed takes 0 <= seed < 2**64."""
     value = _number(int, text)

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import nonnegative_float, nonnegative_int, positive_float, seed, threads
+from .argtypes import min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
 from .errors import MambaDeployError, ModelNotFoundError
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=nonnegative_int, default=64)
     s.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=nonnegative_int, default=0)
-    s.add_argument("--top-p", type=positive_float, default=1.0, help="in (0, 1]")
-    s.add_argument("--min-p", type=nonnegative_float, default=0.0, help="in [0, 1)")
+    s.add_argument("--top-p", type=top_p, default=1.0, help="in (0, 1]")
+    s.add_argument("--min-p", type=min_p, default=0.0, help="in [0, 1)")
     s.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",

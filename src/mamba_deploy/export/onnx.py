@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import opset as opset_arg
 from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_json
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
@@ -335,7 +336,7 @@ def register(subparsers) -> None:
     s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
     s.add_argument("out_dir")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    s.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     s.set_defaults(func=_cmd)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..argtypes import positive_int
 from ..atomic import write_bytes
 from ..errors import BackendUnavailableError, ExportError
 
@@ -283,7 +284,7 @@ def register(subparsers) -> None:
     s.add_argument("onnx_dir", help="folder written by `mamba-deploy export onnx`")
     s.add_argument("out_path", help="engine file, or a folder for model.engine")
     s.add_argument("--fp16", action="store_true")
-    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-batch", type=positive_int, default=8)
     s.add_argument("--max-seq", type=int, default=2048)
     s.set_defaults(func=_cmd)
 

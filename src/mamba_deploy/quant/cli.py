@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from ..argtypes import positive_int
+from ..argtypes import positive_int, unit_fraction
 from ..errors import QuantizationError
 from .plan import METHODS
 
@@ -72,7 +72,7 @@ def register(subparsers):
     s.add_argument("--group-size", type=positive_int, default=None, help="int4 group size (32, 64, 128; default 128)")
     s.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
-    s.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
+    s.add_argument("--alpha", type=unit_fraction, default=None, help="SmoothQuant migration strength (default 0.5)")
     s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None)
     s.add_argument("--include", default=None, help="also quantize: embeddings,lm_head")
     s.add_argument("--calib", default=None, help="calibration text file (default: built-in stdlib text)")

@@ -153,12 +153,10 @@ def cmd_inspect(args):
 
 
 def cmd_generate(args):
-    from .generation import SamplingConfig, TextStream, check_stop_strings, generate
+    from .generation import TextStream, check_stop_strings, generate
     from .runners import open_runner
 
-    # the ranges argparse cannot see (top_p <= 1, min_p < 1), checked before any model loads
-    SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    check_stop_strings(args.stop_string)
+    check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
     runner = open_runner(args.model, args.backend, **runner_options(args))
     stream = len(args.prompt) == 1 and not args.json
     if stream:
@@ -297,8 +295,6 @@ def main(argv=None) -> int:
 def _out_of_memory(e: BaseException) -> bool:
     """A failed allocation: MemoryError, torch.OutOfMemoryError (CUDA) or the CPU allocator's
     RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
-    import torch
-
     return (isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
             or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
 

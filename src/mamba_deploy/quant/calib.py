@@ -38,11 +38,12 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
     if isinstance(calib, torch.Tensor):
         ids = calib.reshape(-1).long()
     else:
-        path = Path(str(calib))
-        try:
-            is_file, is_dir = path.is_file(), path.is_dir()
-        except OSError:  # a name too long for the file system: text, not a path
-            is_file = is_dir = False
+        if calib is not None:
+            path = Path(str(calib))
+            try:
+                is_file, is_dir = path.is_file(), path.is_dir()
+            except OSError:  # a name too long for the file system: text, not a path
+                is_file = is_dir = False
         if calib is None:
             text = builtin_text()
         elif is_file:

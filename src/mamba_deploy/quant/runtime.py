@@ -65,13 +65,14 @@ def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=tor
         model = MambaLM(cfg).to(dtype)
     qc = validate_config(quantization_config, {n for n, _ in model.named_modules()})
     for name, spec in qc["modules"].items():
-        width = getattr(model.get_submodule(name), "in_features", None) or cfg.d_model  # embeddings: rows of d_model
+        mod = model.get_submodule(name)
+        width = mod.embedding_dim if isinstance(mod, nn.Embedding) else mod.in_features  # one quantized row
         gs = spec.get("group_size")
         if spec["format"] == "int4" and (width % gs or width % 2):
             raise CheckpointError(f"{path}: quantization_config gives {name} group_size {gs}, which does not divide "
                                   f"its row length {width} (or the row is odd); the config.json was edited or does "
                                   "not belong to these weights: re-create it with `mamba-deploy quantize`")
-        set_module(model, name, make_module(model.get_submodule(name), spec, dtype).to(device))
+        set_module(model, name, make_module(mod, spec, dtype).to(device))
     if tied_quant_head(model):
         if qc["modules"].get("lm_head") != qc["modules"].get("backbone.embeddings"):
             raise CheckpointError(f"{path}: tied lm_head and embeddings have different quantization specs")

@@ -27,6 +27,7 @@ from .errors import (
     MambaDeployError,
     OutputPathError,
 )
+from .extras import install_hint
 
 SCHEMA = "mamba-deploy-bench/1"
 # One row of `results` in results.json (times in milliseconds, memory in bytes; None = unknown).
@@ -290,7 +291,7 @@ def _require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise BackendUnavailableError("bench draws its plots with matplotlib, which is not installed: "
-                                      "pip install matplotlib (or pip install 'mamba-deploy[bench]')") from e
+                                      f"{install_hint('matplotlib')}") from e
 
 
 def write_outputs(data: dict, out_dir) -> dict:

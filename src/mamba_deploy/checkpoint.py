@@ -17,6 +17,7 @@ import torch
 from .atomic import atomic_dir
 from .config import MambaConfig
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
+from .extras import install_hint
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]
 KEY_RENAMES = {
@@ -49,7 +50,8 @@ def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; pip install huggingface_hub") from e
+        raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; "
+                                 f"{install_hint('huggingface_hub')}") from e
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))

@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .argtypes import min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
 from .errors import MambaDeployError, ModelNotFoundError
+from .extras import PACKAGES, install_hint, top_level
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
 # `export <format>` through register(export_subparsers): module -> verb. A module not written
@@ -29,21 +30,12 @@ STAGE_MODULES = {"mamba_deploy.quant.cli": "quantize", "mamba_deploy.verify": "v
                  "mamba_deploy.serve": "serve"}
 EXPORT_MODULES = {"mamba_deploy.export.onnx": "onnx", "mamba_deploy.export.gguf": "gguf",
                   "mamba_deploy.export.tensorrt": "tensorrt"}
-# optional packages (imported where a command needs them) -> how to install them
-OPTIONAL_PACKAGES = {
-    "onnx": "pip install 'mamba-deploy[onnx]'", "onnxruntime": "pip install 'mamba-deploy[onnx]'",
-    "gguf": "pip install 'mamba-deploy[gguf]'", "llama_cpp": "pip install 'mamba-deploy[llama]'",
-    "matplotlib": "pip install 'mamba-deploy[bench]'", "transformers": "pip install transformers",
-    "openvino": "pip install openvino", "tensorrt": "install TensorRT (pip install tensorrt, with a CUDA GPU)",
-    "triton": "pip install triton (CUDA GPUs only)",
-}
 
 
 def _missing_package(command: str, error: ModuleNotFoundError) -> str:
     """What to tell a user whose command needs a package that is not installed."""
-    top = (error.name or "").split(".")[0]
-    fix = OPTIONAL_PACKAGES.get(top, f"pip install {top}")
-    return f"`mamba-deploy {command}` needs the package {top!r}, which is not installed here: {fix}"
+    top = top_level(error.name)
+    return f"`mamba-deploy {command}` needs the package {top!r}, which is not installed here: {install_hint(top)}"
 
 
 def _register_all(sub, modules, prefix: str = ""):
@@ -68,7 +60,7 @@ def _register_unavailable(sub, verb: str, message: str) -> None:
         from .errors import BackendUnavailableError
 
         raise BackendUnavailableError(message)
-    s.set_defaults(func=unavailable)
+    s.set_defaults(func=unavailable, unavailable=message)  # cli_doc refuses to document a placeholder
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -267,7 +259,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in OPTIONAL_PACKAGES:  # not an optional package: a bug, keep the traceback
+        if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
         print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError, ModelNotFoundError
+from .extras import install_hint
 
 # Files a tokenizer can be built from. Without any of them transformers still builds the model
 # type's tokenizer class (GPT-NeoX for mamba / mamba2), but empty: 2 special tokens, encode -> [].
@@ -133,7 +134,9 @@ def _from_transformers(folder: Path) -> Tokenizer:
 
         auto = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001
-        raise _no_tokenizer(folder, f"no tokenizer.json, and transformers could not load one: {e}") from e
+        # transformers itself missing, or a package its tokenizer class needs (sentencepiece): say how to get it
+        why = f"{e}; {install_hint(e.name)}" if isinstance(e, ModuleNotFoundError) and e.name else str(e)
+        raise _no_tokenizer(folder, f"no tokenizer.json, and transformers could not load one: {why}") from e
     tok = Tokenizer(auto, auto.eos_token_id, auto.bos_token_id, folder)
     if not tok.encode(PROBE_TEXT):  # files that name a tokenizer class but hold no vocabulary
         raise _no_tokenizer(folder, f"transformers built a tokenizer of {tok.vocab_size} tokens from its files, "

@@ -22,6 +22,7 @@ import torch
 from ..argtypes import threads_or_all
 from ..atomic import prepare_output_file, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
+from ..extras import install_hint
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads
 from .gguf_tables import (
@@ -285,8 +286,8 @@ def _llamacpp_quantizer(outtype: str):
         python_types = ", ".join(k for k, (_, q) in OUTTYPES.items() if q is not None)
         raise BackendUnavailableError(
             f"outtype {outtype!r} is quantized by llama.cpp's own quantizer, which needs the optional "
-            f"package llama-cpp-python: pip install llama-cpp-python (or choose one of {python_types}, "
-            "which are quantized in Python)"
+            f"package llama-cpp-python: {install_hint('llama_cpp')}; or choose one of {python_types}, "
+            "which are quantized in Python"
         ) from e
 
     def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 from ..argtypes import positive_int
 from ..atomic import write_bytes
 from ..errors import BackendUnavailableError, ExportError
+from ..extras import install_hint
 
-INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with a matching CUDA driver)"
+INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = "model.engine"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "mamba-deploy-tensorrt"

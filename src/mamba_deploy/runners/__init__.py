@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
+from ..extras import install_hint, top_level
 from .base import Runner
 
 # backend name -> (module, factory) ; factories take (path, **options)
@@ -40,5 +41,6 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
     except ModuleNotFoundError as e:
         if e.name == mod_name:
             raise BackendUnavailableError(f"backend {backend!r} is not built into this version of mamba-deploy") from e
-        raise BackendUnavailableError(f"backend {backend!r} needs the package {e.name!r}: pip install {e.name}") from e
+        raise BackendUnavailableError(f"backend {backend!r} needs the package {top_level(e.name)!r}: "
+                                      f"{install_hint(e.name)}") from e
     return getattr(mod, fn)(path, **options)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
+from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_threads, default_threads
@@ -37,7 +38,7 @@ def _lib():
         from llama_cpp._logger import set_verbose
     except ImportError as e:
         raise BackendUnavailableError(
-            "the llama.cpp backend needs the optional package llama-cpp-python: pip install llama-cpp-python"
+            f"the llama.cpp backend needs the optional package llama-cpp-python: {install_hint('llama_cpp')}"
         ) from e
     return llama_cpp, set_verbose
 

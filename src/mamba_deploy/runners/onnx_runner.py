@@ -15,6 +15,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ShapeError
+from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_state, check_threads
@@ -185,7 +186,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise BackendUnavailableError("the onnx backend needs onnxruntime: pip install onnxruntime") from e
+        raise BackendUnavailableError(f"the onnx backend needs onnxruntime: {install_hint('onnxruntime')}") from e
     from ..export.onnx import open_export_folder
 
     folder, manifest = open_export_folder(path, check_hash)

@@ -25,6 +25,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
+from ..extras import install_hint
 from ..state import State
 from .base import Runner, check_state, check_threads
 from .onnx_runner import _ids, prefill_inputs
@@ -195,11 +196,12 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     try:
         import openvino as ov
     except ImportError as e:
-        raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install openvino") from e
+        raise BackendUnavailableError(f"the openvino backend needs OpenVINO: {install_hint('openvino')}") from e
     try:
         import onnx  # noqa: F401  (needed to strip the optional-input defaults)
     except ImportError as e:
-        raise BackendUnavailableError("the openvino backend reads the ONNX graph with onnx: pip install onnx") from e
+        raise BackendUnavailableError("the openvino backend reads the ONNX graph with onnx: "
+                                      f"{install_hint('onnx')}") from e
     from ..export.onnx import open_export_folder
 
     if precision not in PRECISIONS:

@@ -1,0 +1,51 @@
+"""Where each optional package comes from: the pip package behind an import name and the extra of
+mamba-deploy (pyproject.toml [project.optional-dependencies]) that installs it.
+
+Every "this needs package X" error takes its install hint from `install_hint`, so the messages
+cannot drift from pyproject.toml one site at a time; tests/test_extras.py checks this table
+against pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Package(NamedTuple):
+    pip: str  # the name to `pip install`
+    extra: str | None  # the mamba-deploy extra that installs it; None where no extra does
+    note: str = ""  # what else it needs, said after the command
+
+
+# import name -> Package. Only packages that mamba-deploy imports where a command needs them; the
+# CLI prints the hint (instead of a traceback) for a ModuleNotFoundError naming one of these.
+PACKAGES: dict[str, Package] = {
+    "onnx": Package("onnx", "onnx"),
+    "onnxruntime": Package("onnxruntime", "onnx"),
+    "gguf": Package("gguf", "gguf"),
+    "llama_cpp": Package("llama-cpp-python", "llama"),
+    "matplotlib": Package("matplotlib", "bench"),
+    "openvino": Package("openvino", "openvino"),
+    # a fallback for tokenizers without tokenizer.json; too heavy to pull in through an extra
+    "transformers": Package("transformers", None),
+    # no extra: its wheels work only with a matching NVIDIA driver and CUDA, which pip cannot check
+    "tensorrt": Package("tensorrt", None, "needs an NVIDIA GPU with a matching CUDA driver"),
+    "triton": Package("triton", None, "CUDA GPUs only"),
+}
+
+
+def top_level(module: str | None) -> str:
+    """'onnxruntime.capi' -> 'onnxruntime': ModuleNotFoundError.name may name a submodule."""
+    return (module or "").split(".")[0]
+
+
+def install_hint(module: str) -> str:
+    """How to install the package behind import name `module`, e.g.
+    "pip install 'mamba-deploy[onnx]' (or pip install onnxruntime)". A name not in PACKAGES (a
+    core dependency that went missing) gets a plain `pip install`."""
+    name = top_level(module)
+    package = PACKAGES.get(name, Package(name, None))
+    hint = f"pip install {package.pip}"
+    if package.extra:
+        hint = f"pip install 'mamba-deploy[{package.extra}]' (or {hint})"
+    return f"{hint} ({package.note})" if package.note else hint

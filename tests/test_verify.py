@@ -407,3 +407,67 @@ def test_different_models_are_named_not_blamed_on_the_runner(copies, hf_checkpoi
     build_hf_model("mamba", state_size=16).save_pretrained(wider)  # same vocabulary, larger state
     with pytest.raises(MambaDeployError, match=r"the artifact has d_state 16 where the reference has d_state 8"):
         _run(ref, TorchRunner(load_model(wider)))
+
+
+DEMO2 = DEMO.parent / "demo-mamba2"
+FULL_CONTINUATION = V.PPL_CONTINUATION  # read at import, before the autouse fixture shortens it
+
+
+def _default_verify(artifact, monkeypatch):
+    """`mamba-deploy verify models/demo-mamba2 ARTIFACT` with every default, as a user runs it."""
+    monkeypatch.setattr(V, "PPL_CONTINUATION", FULL_CONTINUATION)
+    ref, art, label = V.open_pair(DEMO2, artifact)
+    return V.verify(ref, art, label=label, progress=False)
+
+
+@pytest.fixture(scope="module")
+def demo2_int4(tmp_path_factory):
+    from mamba_deploy.quant import quantize, save_quantized
+
+    return save_quantized(quantize(load_model(DEMO2), "int4", progress=False), tmp_path_factory.mktemp("int4") / "q")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO2 / "config.json").exists(), reason="models/demo-mamba2 has not been built")
+@pytest.mark.parametrize("artifact", ["int4", "awq", "q3_k_m", "q2_k"])
+def test_default_low_bit_artifacts_pass_default_verify(artifact, demo2_int4, tmp_path, monkeypatch):
+    """The default int4 and AWQ checkpoints of the trained demo model, and llama.cpp's own Q3_K_M /
+    Q2_K of it, pass `verify` with its defaults: limits a sound quantizer cannot meet would only
+    teach users to ignore the verdict (the earlier table failed all but Q2_K's here)."""
+    if artifact == "int4":
+        path = demo2_int4
+    elif artifact == "awq":
+        from mamba_deploy.quant import quantize, save_quantized
+
+        path = save_quantized(quantize(load_model(DEMO2), "awq", progress=False), tmp_path / "awq")
+    else:
+        pytest.importorskip("llama_cpp", reason="K-quant GGUF types are made by llama.cpp's quantizer")
+        from mamba_deploy.export.gguf import export_gguf
+
+        path = export_gguf(DEMO2, tmp_path / f"{artifact}.gguf", outtype=artifact, n_threads=2)
+    report = _default_verify(path, monkeypatch)
+    assert report.tolerance.label == ("q3" if artifact == "q3_k_m" else "q2" if artifact == "q2_k" else "int4")
+    assert report.passed, report.table()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO2 / "config.json").exists(), reason="models/demo-mamba2 has not been built")
+@pytest.mark.parametrize("damage, failing", [("scales", "state_rel"), ("A_log", "ppl_rel")])
+def test_damaged_int4_checkpoint_fails_default_verify(damage, failing, demo2_int4, tmp_path, monkeypatch):
+    """The low-bit limits still catch small damage to one layer of a sound int4 checkpoint: its
+    in_proj scales x1.25 (a scale convention off in one tensor) or its A_log + 1 (A x e)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(demo2_int4, bad)
+    tensors = load_file(bad / "model.safetensors")
+    if damage == "scales":
+        tensors["backbone.layers.2.mixer.in_proj.scales"] *= 1.25
+    else:
+        tensors["backbone.layers.2.mixer.A_log"] += 1.0
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    report = _default_verify(bad, monkeypatch)
+    assert not report.passed
+    assert failing in [c.name for c in report.checks if not c.passed], report.table()

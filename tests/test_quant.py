@@ -3,8 +3,9 @@ ONNX MatMulNBits against the PyTorch quantized model (onnxruntime), config error
 
 Stated tolerances (quantized, vs the float model on tiny random checkpoints):
 int8 weight-only / smoothquant: max logit error <= 5% of max |logit|, fp8 (3 mantissa bits) 15%,
-int4 60% (random tiny weights, groups of 32); reloads are bit-identical; ONNX MatMulNBits vs
-PyTorch quantized 1e-5.
+int4 / GPTQ / AWQ 15% (Mamba1) / 45% (Mamba2: random tiny weights, groups of 32); reloads are
+bit-identical; ONNX MatMulNBits vs PyTorch quantized 1e-5 at ORT accuracy level 0, 5e-2 at level 4
+(ORT rounds the activations to int8).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from mamba_deploy.quant.modules import QuantLinear
 CALIB = dict(calib_ids=torch.arange(4096) * 7919 % 128, n_calib=4, calib_len=64, progress=False)
 GROUP = 32  # tiny models: d_model 32, d_inner 64
 ERR_TOL = {"int8": 0.05, "smoothquant": 0.05, "fp8": 0.15}
+# int4 / GPTQ / AWQ at groups of 32 on the tiny random models, per kind: measured 0.06-0.07 (mamba),
+# 0.08-0.10 (falcon_mamba), 0.28-0.36 (mamba2, mamba2_g2); a GPTQ act-order permutation bug gave 0.57
+INT4_TOL = {"mamba": 0.15, "falcon_mamba": 0.15, "mamba2": 0.45, "mamba2_g2": 0.45}
 
 
 def _logits(model, ids):
@@ -253,7 +257,7 @@ def test_save_reload_identical(hf_checkpoint, tmp_path, kind, method, opts):
     with torch.no_grad():
         ref = hf(ids).logits.float()
     err = float((before - ref).abs().max() / ref.abs().max())
-    assert err < ERR_TOL.get(method, 0.6), err
+    assert err < ERR_TOL.get(method, INT4_TOL[kind]), err
     assert 0 < err  # weights really changed
 
 
@@ -281,8 +285,9 @@ def _layer_stats(folder, name):
     return mod, st
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("kind,layer", [("mamba", "in_proj"), ("mamba", "out_proj"), ("mamba2", "out_proj")])
-def test_gptq_and_awq_beat_rtn_on_calibration(hf_checkpoint, kind, layer):
+def test_gptq_and_awq_beat_rtn_on_calibration(hf_checkpoint, kind, layer, act_order):
     from mamba_deploy.quant import algos
 
     folder, _ = hf_checkpoint(kind)
@@ -294,8 +299,17 @@ def test_gptq_and_awq_beat_rtn_on_calibration(hf_checkpoint, kind, layer):
         return float((X @ Wq.double().T - ref).pow(2).mean())
 
     rtn = err(formats.fake_quant(mod.weight.detach(), 4, True, GROUP))
-    g = algos.gptq(mod.weight.detach(), st.hessian, GROUP, True, act_order=False)
+    g = algos.gptq(mod.weight.detach(), st.hessian, GROUP, True, act_order=act_order)
     gptq = err(formats.decode(g, "int4", GROUP, True))
+    # lazy batches of one group: the error of each block reaches the later blocks only through
+    # the cross-block update, which the default block (128 >= these rows) never runs. The result
+    # is the same algorithm, so the same objective up to float32 rounding flipping a few codes
+    # (in_proj rows are one group long here: nothing to block)
+    if mod.in_features > GROUP:
+        blocked = algos.gptq(mod.weight.detach(), st.hessian, GROUP, True, act_order=act_order, block_size=GROUP)
+        assert err(formats.decode(blocked, "int4", GROUP, True)) == pytest.approx(gptq, rel=2e-2)
+        same = (blocked["qweight"] == g["qweight"]).float().mean()
+        assert same > 0.97, float(same)
     w_awq, inv_s = algos.awq(mod.weight.detach(), st.X, st.mean_abs, GROUP, True)
     awq = err(formats.fake_quant(w_awq, 4, True, GROUP) * inv_s)
     assert gptq < rtn, (gptq, rtn)
@@ -430,6 +444,46 @@ def test_onnx_matmulnbits_matches_torch(hf_checkpoint, tmp_path, kind, method, o
     with torch.no_grad():
         want1 = model.step(ids[:, 0], want.state)
     assert float((got1 - want1).abs().max() / want1.abs().max()) < 1e-5
+
+
+def test_onnx_export_validates_the_rewritten_graph(hf_checkpoint, tmp_path, monkeypatch, capsys):
+    """export_quantized_onnx checks the MatMulNBits graph itself against the quantized model: at
+    accuracy level 0 to fp32's 1e-4 (the layout), then at the level it keeps (int8 activations by
+    default, ORT's rounding: ~1e-2). A layout bug (nibbles swapped) is an ExportError, nothing is
+    written."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed")
+    import onnx
+
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.quant import onnx_nbits
+
+    folder, _ = hf_checkpoint("mamba2")
+    model = quantize(load_model(folder), "int4", group_size=GROUP, symmetric=False, progress=False)
+    out = onnx_nbits.export_quantized_onnx(model, tmp_path / "onnx")
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["accuracy_level"] == onnx_nbits.ACCURACY_LEVEL == 4
+    v = q["validation"]
+    assert 0 < v["accuracy_level_0"] < 1e-4 < v["accuracy_level_4"] < onnx_nbits.LEVEL_TOLERANCE[4], v
+    graphs = onnx_nbits._graphs_children_first(onnx.load(str(out / "model.onnx")).graph)
+    levels = {a.i for g in graphs for n in g.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert "accuracy_level 0" in capsys.readouterr().out
+
+    real = onnx_nbits.nbits_tensors
+
+    def swapped(mod):
+        t = real(mod)
+        if t is not None and t["bits"] == 4:
+            t = {**t, "B": (t["B"] << 4) | (t["B"] >> 4)}  # high nibble first: a packing bug
+        return t
+
+    monkeypatch.setattr(onnx_nbits, "nbits_tensors", swapped)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        onnx_nbits.export_quantized_onnx(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ExportError, match="accuracy_level 5"):
+        onnx_nbits.export_quantized_onnx(model, tmp_path / "bad", accuracy_level=5)
 
 
 def test_onnx_int8_rows_split_into_blocks(tmp_path):

@@ -237,8 +237,13 @@ def read_manifest(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- validation
 
-def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: bool = True) -> dict:
+def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: bool = True,
+                    tolerance: float | None = None, label: str | None = None) -> dict:
     """Prefill + decode on random ids through ONNX Runtime and PyTorch; ExportError beyond tolerance.
+
+    `tolerance` replaces TOLERANCE[dtype] where the graph rounds on purpose (a MatMulNBits graph
+    at ORT's int8 accuracy level); then there is no float64 second opinion, since float64 math
+    does not make that rounding go away. `label` names the graph in the printed report.
 
     fp32 beyond TOLERANCE: deep models with random or badly scaled weights can amplify rounding
     past 1e-4 in any fp32 implementation (a random 24-layer 130m-shaped Mamba1: transformers'
@@ -263,9 +268,9 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     ref_model = model if model.dtype == torch.float32 else _float_copy(model)
     want = _reference(ref_model, batches)
     errs = _errors(got, got_state, *want, batches)
-    tol = TOLERANCE[dtype]
+    tol = TOLERANCE[dtype] if tolerance is None else tolerance
     if verbose:
-        print(f"ONNX validation ({dtype}, tolerance {tol:g} relative to max |torch|):")
+        print(f"ONNX validation ({label or dtype}, tolerance {tol:g} relative to max |torch|):")
         for k, v in errs.items():
             print(f"  {k:<22} {v:.3e}")
     over = {k: v for k, v in errs.items() if not v <= tol}  # NaN is never <= tol
@@ -273,7 +278,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
         return errs
     worst = _worst(over)
     msg = f"ONNX export disagrees with PyTorch: {worst} relative error {errs[worst]:.3e} > {tol:g}"
-    if dtype != "fp32" or math.isnan(errs[worst]):  # fp16 / NaN: no float64 second opinion
+    if dtype != "fp32" or tolerance is not None or math.isnan(errs[worst]):  # no float64 second opinion
         raise ExportError(msg)
     try:
         exact = _reference(_float_copy(model, torch.float64), batches)

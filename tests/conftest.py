@@ -26,8 +26,18 @@ TINY = {
                       kw=dict(vocab_size=128, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
                               conv_kernel=4, head_dim=8, num_heads=8, n_groups=2, chunk_size=16,
                               tie_word_embeddings=False)),
+    # Mamba2 with the dt clamp (HF `time_step_limit`, our cfg.dt_limit). time_step_min/max widen the
+    # dt_bias init so softplus(dt) crosses both bounds in both layers: on the tiny model ~29%/4% of
+    # dt are below 0.05 and 5%/10% above 0.5 (layers 0/1); transformers' logits move by 5e-2
+    # relative without the clamp (1e-2 without only its lower bound, 5e-2 without only its upper).
+    # Not in KINDS (CI time): only the parity tests that would catch a dropped clamp take it.
+    "mamba2_dtlimit": dict(cls="Mamba2ForCausalLM", cfg="Mamba2Config",
+                           kw=dict(vocab_size=128, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
+                                   conv_kernel=4, head_dim=16, num_heads=4, n_groups=1, chunk_size=16,
+                                   time_step_limit=(0.05, 0.5), time_step_min=0.01, time_step_max=1.0)),
 }
-KINDS = list(TINY)
+DT_LIMIT_KIND = "mamba2_dtlimit"
+KINDS = [k for k in TINY if k != DT_LIMIT_KIND]  # the kinds every parity test runs on
 
 
 def build_hf_model(kind: str, seed: int = 0, **overrides):

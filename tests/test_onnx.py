@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import build_hf_model, rel_err
+from conftest import DT_LIMIT_KIND, build_hf_model, rel_err
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import ConfigError, ExportError, MambaDeployError, ShapeError
 from mamba_deploy.export.onnx import ALLOWED_OPS, export_onnx, graph_op_types
@@ -42,11 +42,12 @@ def hf_logits(hf, ids):
         return hf(ids, use_cache=False).logits.float()
 
 
-@pytest.mark.parametrize("kind", PARITY_KINDS)
+@pytest.mark.parametrize("kind", PARITY_KINDS + [DT_LIMIT_KIND])
 def test_prefill_then_decode_matches_transformers(exported, kind):
     """Prefill lengths 1, 7, 257, 1000 at batch 1 and 3 from a zero state, then 16 one-token
     steps (teacher-forced random tokens), against transformers on the whole sequence; the final
-    state against the PyTorch model fed the same tokens."""
+    state against the PyTorch model fed the same tokens. DT_LIMIT_KIND checks the dt clamp (Clip)
+    in both the prefill and the step graph."""
     out, folder, hf = exported(kind)
     runner, model = open_onnx(out, threads=2), load_model(folder)
     gen = torch.Generator().manual_seed(1)

@@ -74,14 +74,18 @@ def _ssd_loop_f64(x, dt, A, B, C, D, dt_bias, h0, dt_limit):
 
 @pytest.mark.parametrize("l", [1, 7, 15, 17, 53])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_ssd_reference_vs_float64_loop(l, groups):
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.01, 0.5), (0.2, 1.0)])
+def test_ssd_reference_vs_float64_loop(l, groups, dt_limit):
+    """ssd_ref (chunked) against the float64 loop, with and without the Mamba2 dt clamp. Of these
+    softplus(dt + dt_bias), (0.01, 0.5) clamps 60% from above and none from below, (0.2, 1.0) 10%
+    from below and 27% from above; dropping the clamp moves y by 0.09..4 relative."""
     g = torch.Generator().manual_seed(l * 10 + groups)
     b, h, p, n = 3, 4, 8, 16
     kw = dict(x=torch.randn(b, l, h, p, generator=g), dt=torch.randn(b, l, h, generator=g),
               A=-torch.rand(h, generator=g) * 3, B=torch.randn(b, l, groups, n, generator=g),
               C=torch.randn(b, l, groups, n, generator=g), D=torch.randn(h, generator=g),
               dt_bias=torch.randn(h, generator=g) * 0.5, h0=torch.randn(b, h, p, n, generator=g),
-              dt_limit=(0.0, math.inf))
+              dt_limit=dt_limit)
     y, hl = ref.ssd_ref(chunk_size=16, **kw)
     y64, h64 = _ssd_loop_f64(**kw)
     assert rel_err(y, y64) <= 1e-5 and rel_err(hl, h64) <= 1e-5

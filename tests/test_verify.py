@@ -119,6 +119,25 @@ def test_reported_errors_match_transformers(copies, monkeypatch):
         assert case["prefill"]["top1"] == pytest.approx(agree)
 
 
+def test_top1_and_ppl_checks_fail_on_their_own(copies):
+    """With logits_rel and state_rel loosened out of the way, the corrupted copy still fails top1
+    (limit 1.0: some argmax flips) and ppl_rel (limit 0: its perplexity moved); the faithful copy
+    passes fp32's top1 0.99 and ppl_rel 1e-3. Limits are inclusive (top1 >=, ppl_rel <=)."""
+    ref, good, bad, *_ = copies("mamba2_g2")  # Mamba1's corrupted copy keeps every argmax
+    ko = _run(ref, TorchRunner(load_model(bad)), tolerance="logits_rel=10,state_rel=10,top1=1.0,ppl_rel=0")
+    checks = {c.name: c for c in ko.checks}
+    assert checks["top1"].value < 1.0 and ko.sequence["ppl_artifact"] != ko.sequence["ppl_reference"]
+    assert {c.name for c in ko.checks if not c.passed} == {"top1", "ppl_rel"}, ko.table()
+    assert not ko.passed and "FAILED: 2 check(s)" in ko.table()
+    at_limit = V.make_tolerance(dict(logits_rel=10, state_rel=10, top1=checks["top1"].value,
+                                     ppl_rel=checks["ppl_rel"].value))
+    assert all(c.passed for c in V._build_checks(ko.cases, ko.sequence, at_limit))
+
+    ok = _run(ref, TorchRunner(load_model(good)), tolerance="top1=0.99,ppl_rel=1e-3")
+    assert ok.passed, ok.table()
+    assert {c.name for c in ok.checks} >= {"top1", "ppl_rel"}
+
+
 def test_text_perplexity_matches_transformers(copies, monkeypatch):
     monkeypatch.setattr(V, "SEQ_CHUNK", 16)  # several chunks: the state must be carried between them
     ref, _, bad, hf, bad_hf = copies("mamba2")

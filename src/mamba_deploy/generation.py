@@ -204,23 +204,11 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     produced it are kept), or after max_new_tokens. `on_token(batch_index, token_id)` streams
     tokens as they come (`TextStream` turns them into text that never shows a stop string).
     """
-    prompts = _as_prompt_list(prompts)
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    as_text = isinstance(prompts[0], str)
     stop_strings = check_stop_strings(stop_strings)
-    tok = runner.tokenizer if as_text or stop_strings else None  # stop strings are found in decoded text
-    ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
-    if any(len(p) == 0 for p in ids_list):
-        raise ShapeError("a prompt is empty; give at least one token")
-    if stop_token_ids is None:  # eos by default for text prompts only
-        stop_token_ids = [tok.eos_token_id] if as_text and tok.eos_token_id is not None else []
+    ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size
-    bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
-    if bad:
-        raise ConfigError(f"stop token id(s) {bad} outside the vocabulary [0, {vocab}): they could never stop "
-                          "generation; check the ids against the tokenizer")
-    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
     scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -263,6 +251,25 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     if as_text or stop_strings:
         texts = [tok.decode(o)[:cut] for o, cut in zip(out, cuts)]
     return Generation(out, ids_list, texts, reasons)
+
+
+def _prepare(runner, prompts, stop_token_ids, stop_strings):
+    """Prompts -> (token id lists, tokenizer or None, whether prompts were text, stop ids tensor).
+    The tokenizer is needed for text prompts and for stop strings (found in decoded text)."""
+    prompts = _as_prompt_list(prompts)
+    as_text = isinstance(prompts[0], str)
+    tok = runner.tokenizer if as_text or stop_strings else None
+    ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
+    if any(len(p) == 0 for p in ids_list):
+        raise ShapeError("a prompt is empty; give at least one token")
+    if stop_token_ids is None:  # eos by default for text prompts only
+        stop_token_ids = [tok.eos_token_id] if as_text and tok.eos_token_id is not None else []
+    vocab = runner.vocab_size
+    bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise ConfigError(f"stop token id(s) {bad} outside the vocabulary [0, {vocab}): they could never stop "
+                          "generation; check the ids against the tokenizer")
+    return ids_list, tok, as_text, torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
 
 
 def _as_prompt_list(prompts) -> list:

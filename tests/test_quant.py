@@ -486,6 +486,22 @@ def test_onnx_export_validates_the_rewritten_graph(hf_checkpoint, tmp_path, monk
         onnx_nbits.export_quantized_onnx(model, tmp_path / "bad", accuracy_level=5)
 
 
+def test_cli_accuracy_level(hf_checkpoint, tmp_path, capsys):
+    """export onnx --accuracy-level reaches the MatMulNBits nodes of a quantized checkpoint (0: fp32
+    compute, checked to fp32's tolerance only) and is refused for a float one."""
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed")
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    q = save_quantized(quantize(load_model(folder), "int8", progress=False), tmp_path / "q")
+    assert main(["export", "onnx", str(q), str(tmp_path / "o"), "--accuracy-level", "0"]) == 0
+    meta = json.loads((tmp_path / "o" / "manifest.json").read_text())["quantization"]
+    assert meta["accuracy_level"] == 0 and list(meta["validation"]) == ["accuracy_level_0"]
+    assert meta["validation"]["accuracy_level_0"] < 1e-4
+    assert main(["export", "onnx", str(folder), str(tmp_path / "f"), "--accuracy-level", "4"]) == 2
+    assert "quantized checkpoints" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
 def test_onnx_int8_rows_split_into_blocks(tmp_path):
     """Per-channel int8 rows longer than a MatMulNBits block (48 / 96 here -> blocks of 16 / 32)
     become several blocks sharing the row's scale; ORT must still match PyTorch."""

@@ -44,8 +44,11 @@ FP32_SLACK = 3.0  # fp32 export vs float64 may be this many times PyTorch fp32's
 # ----------------------------------------------------------------------------- public API
 
 def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None = None,
-                validate: bool = True) -> Path:
-    """Export a MambaLM (or a checkpoint path / hub id) to OUT_DIR/model.onnx; returns OUT_DIR."""
+                validate: bool = True, accuracy_level: int | None = None) -> Path:
+    """Export a MambaLM (or a checkpoint path / hub id) to OUT_DIR/model.onnx; returns OUT_DIR.
+
+    accuracy_level: for a quantized model only, ORT's MatMulNBits compute type (0/1 fp32,
+    2 fp16, 3 bf16, 4 int8 activations; default 4, see quant/onnx_nbits.py)."""
     import onnx
 
     from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
@@ -64,12 +67,16 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")
     if getattr(model, "quantization_config", None):
         # weight-only int8 / int4 become ORT's MatMulNBits (a separate, ORT-only graph)
-        from ..quant.onnx_nbits import export_quantized_onnx
+        from ..quant.onnx_nbits import ACCURACY_LEVEL, export_quantized_onnx
 
         if dtype != "fp32" or opset != DEFAULT_OPSET:
             raise ExportError(f"a quantized model exports with fp32 activations and opset {DEFAULT_OPSET} only "
                               f"(got --dtype {dtype}, --opset {opset}); drop those flags")
-        return export_quantized_onnx(model, out_dir, validate=validate)
+        level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+        return export_quantized_onnx(model, out_dir, validate=validate, accuracy_level=level)
+    if accuracy_level is not None:
+        raise ExportError(f"--accuracy-level {accuracy_level} applies to quantized checkpoints (MatMulNBits) only; "
+                          "drop it, or export the output of `mamba-deploy quantize`")
     with atomic_dir(out_dir, ExportError) as tmp:
         weights = {k: v for k, v in model.state_dict().items()}
         proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
@@ -343,9 +350,13 @@ def register(subparsers) -> None:
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    s.add_argument("--accuracy-level", type=int, choices=range(5), default=None,
+                   help="quantized checkpoints: ONNX Runtime MatMulNBits compute type, 0/1 fp32, 2 fp16, 3 bf16, "
+                        "4 int8 activations (default 4, its fast path)")
     s.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
-    out = export_onnx(args.model, args.out_dir, dtype=args.dtype, opset=args.opset, validate=not args.no_validate)
+    out = export_onnx(args.model, args.out_dir, dtype=args.dtype, opset=args.opset, validate=not args.no_validate,
+                      accuracy_level=args.accuracy_level)
     print(f"wrote {out / 'model.onnx'}")

@@ -228,7 +228,7 @@ class MambaConfig:
                 kw["d_inner_override"] = None
             return cls(**kw)
         # transformers' Mamba2 always gates before the norm (it ignores norm_before_gate).
-        kw = check_values(dict(common, headdim=d.get("head_dim", 64), ngroups=d.get("n_groups", 1),
+        kw = check_values(dict(common, headdim=d.get("head_dim", 64), ngroups=d.get("n_groups", 8),
                                chunk_size=d.get("chunk_size", 256), rmsnorm=d.get("rms_norm", True),
                                norm_before_gate=False, dt_limit=d.get("time_step_limit", (0.0, math.inf))),
                           where, fix, HF_KEYS)

@@ -54,16 +54,17 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         folder = export_onnx(twin, tmp / "onnx", validate=False)  # checked below, once rewritten
         report = rewrite(folder / "model.onnx", qmodel, 0)
         report["accuracy_level"] = 0
-        _update_manifest(folder, qc, report)  # the runner checks the graph's hash against it
         if validate:
+            _update_manifest(folder, qc, report)  # the runner checks the graph's hash against it
             report["validation"] = {"accuracy_level_0": _validate(folder, twin, 0)}
         if accuracy_level:
             set_accuracy_level(folder / "model.onnx", accuracy_level)
             report["accuracy_level"] = accuracy_level
-            _update_manifest(folder, qc, report)
             if validate:
+                _update_manifest(folder, qc, report)
                 report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(folder, twin, accuracy_level)
-        _update_manifest(folder, qc, report)
+        # the files were hashed for the last validation, if any, and have not changed since
+        _update_manifest(folder, qc, report, rehash=not validate)
         for f in folder.iterdir():
             f.rename(tmp / f.name)
         folder.rmdir()
@@ -238,12 +239,15 @@ def _nbits_nodes(node, mod, mod_name: str, t: dict, top, accuracy_level: int) ->
     return nodes
 
 
-def _update_manifest(folder: Path, qc: dict, report: dict) -> None:
+def _update_manifest(folder: Path, qc: dict, report: dict, rehash: bool = True) -> None:
+    """The quantization report into manifest.json; with `rehash`, the sizes and hashes of the
+    graph files too (a full read of the weights: only after the graph changed)."""
     from ..export.onnx import _sha256
 
     m = json.loads((folder / "manifest.json").read_text())
-    m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                  for p in sorted(folder.iterdir()) if p.name.startswith("model.onnx")}
+    if rehash:
+        m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                      for p in sorted(folder.iterdir()) if p.name.startswith("model.onnx")}
     m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", **report}
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(m, indent=2))

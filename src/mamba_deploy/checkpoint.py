@@ -14,21 +14,30 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, read_json_object
 from .config import MambaConfig
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from .extras import install_hint
 
-# layout -> [(prefix in that layout, prefix in ours/HF)]
+# layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
 KEY_RENAMES = {
     "hf": [],
     "mamba_ssm": [("backbone.embedding.", "backbone.embeddings.")],
+    # mistral_inference's consolidated.safetensors: mamba_ssm's names under its wrapper's "model."
+    "mistral": [("model.backbone.embedding.", "backbone.embeddings."), ("model.", "")],
 }
+SAVE_FORMATS = ("hf", "mamba_ssm")
+# the config file of each dialect, in the order they are looked for (config.py reads either)
+CONFIG_FILES = ("config.json", "params.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3")
+# one complete set of weights, in the order they are looked for: a sharded index, then single files
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin", "consolidated.safetensors")
+WEIGHT_FILES = WEIGHT_INDEXES + WEIGHT_SINGLES
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- locating
@@ -46,26 +55,48 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     return _download(s)
 
 
+# small files every download takes: configs, shard indexes, tokenizers (tokenizer.model.v3: Mistral's)
+HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "tokenizer.model*"]
+
+
+def hub_patterns(names) -> list[str]:
+    """allow_patterns fetching one complete set of weights from a hub repo whose files are `names`:
+    a repo can hold the same weights twice (Mamba-Codestral: consolidated.safetensors beside HF
+    shards; older repos: pytorch_model.bin beside model.safetensors), in the order _weight_files
+    reads them. Shards follow transformers' naming, model-00001-of-00002.safetensors."""
+    names = {n for n in names if "/" not in n}  # sub-folders (onnx/, original/) are other artifacts
+    for index in WEIGHT_INDEXES:
+        if index in names:
+            stem, ext = index.removesuffix(".index.json").rsplit(".", 1)
+            return HUB_SMALL_FILES + [f"{stem}-*.{ext}"]
+    for single in WEIGHT_SINGLES:
+        if single in names:
+            return HUB_SMALL_FILES + [single]
+    return HUB_SMALL_FILES + ["*.safetensors" if any(n.endswith(".safetensors") for n in names) else "*.bin"]
+
+
 def _download(repo_id: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
     except ImportError as e:
         raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; "
                                  f"{install_hint('huggingface_hub')}") from e
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as first:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
-        try:  # maybe a pytorch_model.bin-only repo
-            return Path(snapshot_download(repo_id, allow_patterns=patterns + ["*.bin"]))
-        except Exception:  # noqa: BLE001
-            pass
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not a local path, and fetching it from the hub failed "
-            f"({type(first).__name__}: {str(first).splitlines()[0]}). "
-            "If you are offline, download it elsewhere and pass the local folder, or use the cache "
-            "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
-        ) from first
+        tries = [hub_patterns(HfApi().list_repo_files(repo_id))]
+    except Exception:  # noqa: BLE001  (offline / not found: snapshot_download says which, or reads the cache)
+        tries = [HUB_SMALL_FILES + ["*.safetensors"], HUB_SMALL_FILES + ["*.safetensors", "*.bin"]]
+    first = None
+    for patterns in tries:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as e:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
+            first = first or e
+    raise ModelNotFoundError(
+        f"{repo_id!r} is not a local path, and fetching it from the hub failed "
+        f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}). "
+        "If you are offline, download it elsewhere and pass the local folder, or use the cache "
+        "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
+    ) from first
 
 
 def _not_a_checkpoint(folder: Path) -> str:
@@ -77,17 +108,28 @@ def _not_a_checkpoint(folder: Path) -> str:
     return "is this a Mamba checkpoint folder?"
 
 
+def config_file(folder: Path) -> Path | None:
+    """The folder's config.json, or mistral_inference's params.json when that is all it has."""
+    return next((folder / n for n in CONFIG_FILES if (folder / n).is_file()), None)
+
+
 def read_config(folder: Path) -> MambaConfig:
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise ModelNotFoundError(f"{folder} has no config.json; {_not_a_checkpoint(folder)}")
+    cfg_path = config_file(folder)
+    if cfg_path is None:
+        raise ModelNotFoundError(f"{folder} has no config.json (or params.json); {_not_a_checkpoint(folder)}")
     return MambaConfig.from_file(cfg_path)
+
+
+def read_raw_config(folder: Path) -> dict:
+    """The folder's config file as a dict ({} when there is none); read_config has validated it."""
+    cfg_path = config_file(folder)
+    return json.loads(cfg_path.read_text()) if cfg_path is not None else {}
 
 
 # ----------------------------------------------------------------------------- reading weights
 
 def _weight_files(folder: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in WEIGHT_INDEXES:
         index = folder / index_name
         if index.exists():
             try:
@@ -99,7 +141,7 @@ def _weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"shard index {index} names missing files: {missing}")
             return files
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in WEIGHT_SINGLES:
         if (folder / name).exists():
             return [folder / name]
     found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
@@ -138,6 +180,9 @@ def _iter_safetensors(f: Path, shapes_only: bool = False):
 
 
 def detect_layout(keys) -> str:
+    keys = list(keys)
+    if any(k.startswith("model.backbone.") for k in keys):
+        return "mistral"
     return "mamba_ssm" if any(k.startswith("backbone.embedding.") for k in keys) else "hf"
 
 
@@ -239,8 +284,8 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
                     extra_config: dict | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) in the `hf` or `mamba_ssm`
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
-    if fmt not in KEY_RENAMES:
-        raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(KEY_RENAMES)}")
+    if fmt not in SAVE_FORMATS:
+        raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
     from .quant.runtime import refuse_quantized
 
     refuse_quantized(model, f"saving in the {fmt} layout", "convert the unquantized source checkpoint, "
@@ -294,17 +339,27 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
 
 
 def stored_dtype(path_or_hub_id) -> torch.dtype | None:
-    """The float dtype a checkpoint folder says its weights are stored in (`torch_dtype`), or None."""
+    """The float dtype a checkpoint folder's weights are stored in: its config's `torch_dtype`,
+    else (params.json has none) the dtype of the first float tensor in its safetensors; or None."""
     path = Path(path_or_hub_id)
-    config = path / "config.json" if path.is_dir() else None
-    if config is None or not config.exists():
+    if not path.is_dir():
         return None
+    raw = read_json_object(path / "config.json")
+    name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
+    if name in FLOAT_DTYPES:
+        return FLOAT_DTYPES[name]
     try:
-        raw = json.loads(config.read_text())
-        name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
-    except (json.JSONDecodeError, AttributeError):
+        files = [f for f in _weight_files(path) if f.suffix == ".safetensors"]
+    except (ModelNotFoundError, CheckpointError):
         return None
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(files[0]), framework="pt") as h:
+            codes = (h.get_slice(k).get_dtype() for k in h.keys())
+            return next((SAFETENSORS_FLOATS[c] for c in codes if c in SAFETENSORS_FLOATS), None)
+    except (IndexError, SafetensorError, OSError, ValueError):
+        return None
 
 
 def tokenizer_source(model):
@@ -385,12 +440,12 @@ def _load_model(path_or_hub_id, device, dtype):
             from .export.gguf_import import load_gguf
 
             return load_gguf(path, device=device, dtype=dtype)
-        if path.name == "config.json":
+        if path.name in CONFIG_FILES:
             path = path.parent
         else:
             raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
     cfg = read_config(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_raw_config(path)
     if "quantization_config" in raw:
         from .quant.runtime import load_quantized
 

@@ -103,10 +103,11 @@ def _human(n: float) -> str:
 
 
 def cmd_inspect(args):
-    from .checkpoint import _weight_files, check_weight_headers, meta_model, read_config, resolve
+    from .checkpoint import (_weight_files, check_weight_headers, config_file, meta_model, read_config,
+                             read_raw_config, resolve)
 
     path = resolve(args.model)
-    if path.is_file() and path.suffix != ".gguf" and not (path.parent / "config.json").exists():
+    if path.is_file() and path.suffix != ".gguf" and config_file(path.parent) is None:
         raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
     if path.suffix == ".gguf":
         from .checkpoint import load_model
@@ -118,7 +119,7 @@ def cmd_inspect(args):
         cfg, files = read_config(folder), _weight_files(folder)
     meta = meta_model(cfg)
     n_params = meta.num_parameters()
-    if path.suffix != ".gguf" and "quantization_config" not in json.loads((folder / "config.json").read_text()):
+    if path.suffix != ".gguf" and "quantization_config" not in read_raw_config(folder):
         check_weight_headers(folder, cfg, meta)
     info = {
         "architecture": cfg.arch + (" (falcon-mamba)" if cfg.dt_bc_rms else ""),

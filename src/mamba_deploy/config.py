@@ -3,6 +3,8 @@
 Dialects:
 - HF `config.json` (model_type mamba | falcon_mamba | mamba2), as transformers writes it;
 - original `mamba_ssm` `config.json` (d_model, n_layer, ssm_cfg{layer, ...});
+- mistral_inference `params.json` (dim, n_layers, n_groups, model_type "mamba"): Mamba-Codestral,
+  a mamba_ssm Mamba2 under other names, every other setting at mamba_ssm's Mamba2 defaults;
 - GGUF metadata (see `mamba_deploy.export.gguf`).
 
 Names follow the papers / mamba_ssm (d_model, d_state, d_conv, headdim, ngroups, chunk_size).
@@ -32,7 +34,8 @@ HF_ARCHITECTURES = {
     "Mamba2ForCausalLM": "mamba2",
 }
 MAMBA_SSM_NORM_EPS = 1e-5  # mamba_ssm cannot store another
-SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2"]
+SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2",
+                                                                  "mistral_inference model_type mamba"]
 # The kind of every value `check_values` checks: MambaConfig's fields, plus the sizes some
 # dialects store instead of ours (d_inner, nheads).
 KINDS = {
@@ -54,6 +57,10 @@ HF_KEYS = dict(d_model="hidden_size", n_layer="num_hidden_layers", d_state="stat
 MAMBA_SSM_KEYS = dict(rms_norm_eps="norm_epsilon", **{k: f"ssm_cfg.{k}" for k in (
     "d_state", "d_conv", "expand", "conv_bias", "bias", "dt_rank", "headdim", "ngroups", "chunk_size", "rmsnorm",
     "norm_before_gate", "dt_limit")})
+MISTRAL_KEYS = dict(d_model="dim", n_layer="n_layers", ngroups="n_groups")
+# What mistral_inference's MambaArgs requires (it has no defaults for them).
+MISTRAL_REQUIRED = ("dim", "n_layers", "vocab_size", "n_groups", "residual_in_fp32", "pad_vocab_size_multiple",
+                    "tie_embeddings")
 
 
 @dataclass
@@ -160,6 +167,8 @@ class MambaConfig:
         d = _decode_json_floats(d)
         if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
             return cls._from_mamba_ssm(d, where)
+        if "dim" in d and "n_layers" in d:
+            return cls._from_mistral(d, where)
         model_type = d.get("model_type")
         if model_type is None and isinstance(d.get("architectures"), list):
             for a in d["architectures"]:
@@ -260,6 +269,7 @@ class MambaConfig:
                 f"supported: {', '.join(SUPPORTED)}"
             )
         arch = "mamba1" if layer == "Mamba1" else "mamba2"
+        _refuse_layernorm(d, where)
         missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in d]
         if missing:
             raise ConfigError(f"mamba_ssm {where} lacks required key {missing[0]!r}; re-download the config")
@@ -291,6 +301,23 @@ class MambaConfig:
             )
         fix = "correct that value (or re-download the model's config.json)"
         return cls(arch=arch, source="mamba_ssm", **check_values(kw, where, fix, MAMBA_SSM_KEYS))
+
+    @classmethod
+    def _from_mistral(cls, d: dict, where: str = "params.json") -> "MambaConfig":
+        """mistral_inference builds a mamba_ssm Mamba2 from these keys; the rest are its defaults."""
+        if d.get("model_type") != "mamba":
+            raise UnsupportedArchitectureError(
+                f"{where} is a mistral_inference params.json with model_type {d.get('model_type', 'transformer')!r}"
+                f" (a transformer); only model_type 'mamba' (Mamba-Codestral) is supported: {', '.join(SUPPORTED)}")
+        missing = [k for k in MISTRAL_REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"mistral_inference {where} lacks required key {missing[0]!r}; re-download it")
+        _refuse_layernorm(d, where)
+        kw = dict(d_model=d["dim"], n_layer=d["n_layers"], vocab_size=d["vocab_size"], ngroups=d["n_groups"],
+                  pad_vocab_size_multiple=d["pad_vocab_size_multiple"], tie_embeddings=d["tie_embeddings"],
+                  residual_in_fp32=d["residual_in_fp32"], d_state=128, headdim=64)
+        fix = "correct that value (or re-download the model's params.json)"
+        return cls(arch="mamba2", source="mistral", **check_values(kw, where, fix, MISTRAL_KEYS))
 
     # ---- writers -----------------------------------------------------------
     def to_hf_dict(self) -> dict:
@@ -394,6 +421,17 @@ class MambaConfig:
         d = asdict(self)
         d.update(kw)
         return MambaConfig(**d)
+
+
+def _refuse_layernorm(d: dict, where: str) -> None:
+    """mamba_ssm's rms_norm=false builds LayerNorm blocks (with biases), which this toolkit does not implement."""
+    value = d.get("rms_norm", True)
+    if value is False:
+        raise UnsupportedArchitectureError(
+            f"{where} has rms_norm=false: mamba_ssm then uses LayerNorm blocks, which are not supported "
+            f"(only RMSNorm); supported: {', '.join(SUPPORTED)}")
+    if value is not True:
+        raise ConfigError(f"{where}: rms_norm={value!r} must be true or false; correct it or re-download the config")
 
 
 def check_values(values: dict, where: str, fix: str, keys: dict | None = None) -> dict:

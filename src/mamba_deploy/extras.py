@@ -28,6 +28,8 @@ PACKAGES: dict[str, Package] = {
     "openvino": Package("openvino", "openvino"),
     # a fallback for tokenizers without tokenizer.json; too heavy to pull in through an extra
     "transformers": Package("transformers", None),
+    # SentencePiece tokenizers without a tokenizer.json (Mamba-Codestral's tokenizer.model.v3)
+    "sentencepiece": Package("sentencepiece", None),
     # no extra: its wheels work only with a matching NVIDIA driver and CUDA, which pip cannot check
     "tensorrt": Package("tensorrt", None, "needs an NVIDIA GPU with a matching CUDA driver"),
     "triton": Package("triton", None, "CUDA GPUs only"),

@@ -1,4 +1,5 @@
-"""Tokenizer from a checkpoint folder: `tokenizers` for tokenizer.json, else transformers."""
+"""Tokenizer from a checkpoint folder: `tokenizers` for tokenizer.json; sentencepiece for a bare
+SentencePiece model (Mistral's tokenizer.model.v3, beside a params.json); else transformers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from .extras import install_hint
 # Files a tokenizer can be built from. Without any of them transformers still builds the model
 # type's tokenizer class (GPT-NeoX for mamba / mamba2), but empty: 2 special tokens, encode -> [].
 TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
-                     "tokenizer.model", "spiece.model")
+                     "tokenizer.model", "spiece.model", "tokenizer.model.v3")
+# SentencePiece models read directly when no tokenizer.json / tokenizer_config.json says more
+SENTENCEPIECE_FILES = ("tokenizer.model.v3", "tokenizer.model")
 PROBE_TEXT = "def main():\n    return 0\n"  # every real tokenizer encodes this to some tokens
 # Fewer tokens than there are bytes and under 1/8 of the model's embedding rows: not the model's
 # tokenizer (e.g. transformers' empty one: 2 special tokens for 50k rows); loose enough for test-sized ones.
@@ -68,7 +71,9 @@ def _no_tokenizer(folder, why: str) -> ModelNotFoundError:
 
 def _model_vocab(folder: Path) -> int | None:
     try:
-        return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+        from .checkpoint import read_raw_config
+
+        return int(read_raw_config(folder)["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -82,7 +87,13 @@ def load_tokenizer(folder) -> Tokenizer:
     # a folder that does not exist locally may be a hub id: transformers resolves those
     if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_SOURCES):
         raise _no_tokenizer(folder, f"none of {', '.join(TOKENIZER_SOURCES)}")
-    tok = _from_tokenizer_json(folder) if (folder / "tokenizer.json").exists() else _from_transformers(folder)
+    spm_file = next((folder / n for n in SENTENCEPIECE_FILES if (folder / n).is_file()), None)
+    if (folder / "tokenizer.json").exists():
+        tok = _from_tokenizer_json(folder)
+    elif spm_file is not None and not (folder / "tokenizer_config.json").exists():
+        tok = _from_sentencepiece(spm_file)
+    else:
+        tok = _from_transformers(folder)
     n, rows = tok.vocab_size, _model_vocab(folder)
     if rows is not None and n < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
         raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
@@ -111,6 +122,48 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
                 eos = tok.token_to_id(name)
                 break
     return Tokenizer(tok, eos, bos, folder)
+
+
+class _SentencePiece:
+    """A sentencepiece processor behind the `tokenizers` calls that Tokenizer makes."""
+
+    def __init__(self, sp):
+        self.sp = sp
+
+    def encode(self, text: str):
+        return _Encoding(self.sp.encode(text))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.sp.decode(ids)  # control tokens (bos, eos, [INST]...) decode to nothing
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return i if self.sp.id_to_piece(i) == token else None  # unknown pieces map to <unk>
+
+    def get_vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+
+class _Encoding:
+    def __init__(self, ids):
+        self.ids = ids
+
+
+def _from_sentencepiece(path: Path) -> Tokenizer:
+    try:
+        import sentencepiece
+    except ModuleNotFoundError as e:
+        raise _no_tokenizer(path.parent, f"{path.name} is a SentencePiece model, which needs the sentencepiece "
+                                         f"package: {install_hint('sentencepiece')}") from e
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise _corrupt(path, e) from e
+    ids = (sp.eos_id(), sp.bos_id())  # -1 where the model defines none
+    return Tokenizer(_SentencePiece(sp), *(i if i >= 0 else None for i in ids), path.parent)
 
 
 def read_tokenizer_config(folder: Path) -> dict:

@@ -122,7 +122,7 @@ def parse_overrides(text: str) -> dict:
 def infer_artifact_dtype(path) -> str:
     """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
     nothing says otherwise. ONNX: manifest.json "dtype"/"quantization"; GGUF: general.file_type;
-    checkpoints: config.json quantization_config, else torch_dtype."""
+    checkpoints: config.json quantization_config, else the stored float dtype (`stored_dtype`)."""
     p = Path(str(path))
     if p.suffix == ".gguf" and p.is_file():
         return _gguf_label(p)
@@ -136,8 +136,9 @@ def infer_artifact_dtype(path) -> str:
     cfg = read_json_object(folder / "config.json")
     if isinstance(cfg.get("quantization_config"), dict):
         return _quant_label(cfg["quantization_config"])
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").lower()
-    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "fp32")
+    from .checkpoint import stored_dtype
+
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(stored_dtype(folder), "fp32")
 
 
 def _quant_label(qc: dict) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from ..argtypes import opset as opset_arg
 from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_json
+from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
 
@@ -176,7 +177,7 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     if folder.suffix == ".onnx":
         folder = folder.parent
     if not (folder / "model.onnx").exists():
-        if (folder / "config.json").exists():  # a checkpoint: the export goes to a new folder
+        if config_file(folder) is not None:  # a checkpoint: the export goes to a new folder
             raise ModelNotFoundError(f"{folder} is a checkpoint, not an ONNX export; export it with `mamba-deploy "
                                      f"export onnx {folder} {folder}-onnx` and pass {folder}-onnx")
         raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")

@@ -279,6 +279,7 @@ def test_piped_output_that_stops_reading_ends_quietly(tmp_path):
     (["export", "onnx", "DEMO", "OUT", "--opset", "3"], "--opset"),
     (["quantize", "DEMO", "OUT", "--method", "smoothquant", "--alpha", "-3"], "--alpha"),
     (["export", "tensorrt", "DEMO", "OUT", "--max-batch", "-1"], "--max-batch"),
+    (["export", "tensorrt", "DEMO", "OUT", "--max-seq", "0"], "--max-seq"),
 ])
 def test_numeric_flags_out_of_range_are_refused_by_the_parser(argv, flag, tmp_path, capsys):
     """README: numeric flags out of range are refused by argparse (exit 2, the flag named) before

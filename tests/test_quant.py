@@ -498,6 +498,10 @@ def test_cli_accuracy_level(hf_checkpoint, tmp_path, capsys):
     meta = json.loads((tmp_path / "o" / "manifest.json").read_text())["quantization"]
     assert meta["accuracy_level"] == 0 and list(meta["validation"]) == ["accuracy_level_0"]
     assert meta["validation"]["accuracy_level_0"] < 1e-4
+    # level 1 computes in fp32 too: the same limit (and float64 second opinion) as level 0
+    assert main(["export", "onnx", str(q), str(tmp_path / "o1"), "--accuracy-level", "1"]) == 0
+    meta = json.loads((tmp_path / "o1" / "manifest.json").read_text())["quantization"]
+    assert meta["accuracy_level"] == 1 and meta["validation"]["accuracy_level_1"] < 1e-4
     assert main(["export", "onnx", str(folder), str(tmp_path / "f"), "--accuracy-level", "4"]) == 2
     assert "quantized checkpoints" in capsys.readouterr().err and not (tmp_path / "f").exists()
 

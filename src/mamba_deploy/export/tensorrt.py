@@ -286,7 +286,7 @@ def register(subparsers) -> None:
     s.add_argument("out_path", help="engine file, or a folder for model.engine")
     s.add_argument("--fp16", action="store_true")
     s.add_argument("--max-batch", type=positive_int, default=8)
-    s.add_argument("--max-seq", type=int, default=2048)
+    s.add_argument("--max-seq", type=positive_int, default=2048)
     s.set_defaults(func=_cmd)
 
 

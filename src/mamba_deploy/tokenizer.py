@@ -137,7 +137,10 @@ class _SentencePiece:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids, skip_special_tokens=True):
-        return self.sp.decode(ids)  # control tokens (bos, eos, [INST]...) decode to nothing
+        # control tokens (bos, eos, [INST]...) decode to nothing; ids past the model's pieces (an
+        # embedding padded beyond the vocabulary) are dropped, as `tokenizers` does, not an IndexError
+        n = self.sp.get_piece_size()
+        return self.sp.decode([i for i in ids if 0 <= i < n])
 
     def token_to_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)

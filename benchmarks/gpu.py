@@ -30,12 +30,14 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-# name -> shapes (mamba_ssm / paper sizes; vocab 50277 padded to a multiple of 16)
+# name -> shapes (mamba_ssm / paper sizes; vocab 50277 padded to a multiple of 16, tied head,
+# ngroups 1 unless said); Mamba-Codestral-7B: its params.json (8 groups, vocab 32768, untied)
 MODELS = {
     "mamba2-2.7b": dict(arch="mamba2", d_model=2560, n_layer=64, d_state=128),
     "mamba2-1.3b": dict(arch="mamba2", d_model=2048, n_layer=48, d_state=128),
     "mamba2-130m": dict(arch="mamba2", d_model=768, n_layer=24, d_state=128),
     "mamba-2.8b": dict(arch="mamba1", d_model=2560, n_layer=64, d_state=16),
+    "codestral-7b": dict(arch="mamba2", d_model=4096, n_layer=64, d_state=128, ngroups=8, vocab=32768, tie=False),
 }
 VOCAB = 50277
 SSD_SHAPE = dict(b=4, l=8192, h=80, p=64, n=128, g=1, Q=256)
@@ -50,6 +52,8 @@ PLAN = {
     ("ours", "mamba2-130m"): ["decode_b1"],
     ("mamba_ssm", "mamba2-130m"): ["decode_b1"],
     ("ours", "mamba-2.8b"): ["prefill_1x512", "prefill_1x2048", "decode_b1", "decode_b32"],
+    ("ours", "codestral-7b"): ["prefill_1x2048", "decode_b1", "decode_b32"],
+    ("mamba_ssm", "codestral-7b"): ["prefill_1x2048", "decode_b1", "decode_b32"],
     ("transformers", "mamba-2.8b"): ["prefill_1x512", "decode_b1"],
 }
 
@@ -127,8 +131,9 @@ def our_model(name):
     from mamba_deploy.model import MambaLM
 
     s = MODELS[name]
-    cfg = MambaConfig(arch=s["arch"], d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=VOCAB,
-                      pad_vocab_size_multiple=16, d_state=s["d_state"])
+    cfg = MambaConfig(arch=s["arch"], d_model=s["d_model"], n_layer=s["n_layer"], vocab_size=s.get("vocab", VOCAB),
+                      pad_vocab_size_multiple=16, d_state=s["d_state"], ngroups=s.get("ngroups", 1),
+                      tie_embeddings=s.get("tie", True))
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = MambaLM(cfg).to(torch.bfloat16)
@@ -159,6 +164,7 @@ def run_ours(name, cases):
     from mamba_deploy.cuda_graph import FUSED_MAX_BATCH, CudaGraphRunner
 
     out = {}
+    V = MODELS[name].get("vocab", VOCAB)
     model = our_model(name)
     out["params"] = model.num_parameters()
     out["weight_bytes"] = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -168,7 +174,7 @@ def run_ours(name, cases):
         if kind == "ssd":
             out[case], out[case + "_graph"] = ssd_kernel_ours()
         elif kind == "prefill":
-            ids = torch.randint(0, VOCAB, (b, l), device="cuda")
+            ids = torch.randint(0, V, (b, l), device="cuda")
             state = model.new_state(b)
 
             def f():
@@ -178,13 +184,13 @@ def run_ours(name, cases):
             out[case] = cuda_time(f, reps=5 if b * l > 10000 else 10, warmup=2)
         else:
             state = runner.new_state(b)
-            runner.step(torch.randint(0, VOCAB, (b,)), state)  # captures
+            runner.step(torch.randint(0, V, (b,)), state)  # captures
             out[case] = cuda_time(lambda: runner.replay(b), reps=200, warmup=10)
             out[case + "_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 4
             # the same step with a bfloat16 SSM state (what mamba_ssm keeps by default)
             model.set_state_dtype(torch.bfloat16)
             half = CudaGraphRunner(model)
-            half.step(torch.randint(0, VOCAB, (b,)), half.new_state(b))
+            half.step(torch.randint(0, V, (b,)), half.new_state(b))
             out[case + "_bf16_state"] = cuda_time(lambda: half.replay(b), reps=200, warmup=10)
             out[case + "_bf16_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 2
             model.set_state_dtype(None)
@@ -192,7 +198,7 @@ def run_ours(name, cases):
             if runner._plan.fused and b <= FUSED_MAX_BATCH:  # the same graph without the one-launch mixer
                 plain = CudaGraphRunner(model)
                 plain._plan.fused = False
-                plain.step(torch.randint(0, VOCAB, (b,)), plain.new_state(b))
+                plain.step(torch.randint(0, V, (b,)), plain.new_state(b))
                 out[case + "_unfused"] = cuda_time(lambda: plain.replay(b), reps=200, warmup=10)
                 del plain
         print(f"  ours {name} {case}: {out[case]:.3f} ms", flush=True)
@@ -248,9 +254,12 @@ def run_mamba_ssm(name, cases):
     from mamba_ssm.utils.generation import update_graph_cache
 
     s = MODELS[name]
-    cfg = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], d_intermediate=0, vocab_size=VOCAB,
-                      ssm_cfg={"layer": "Mamba2", "d_state": s["d_state"], "use_mem_eff_path": False},
-                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16)
+    V = s.get("vocab", VOCAB)
+    cfg = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], d_intermediate=0, vocab_size=s.get("vocab", VOCAB),
+                      ssm_cfg={"layer": "Mamba2", "d_state": s["d_state"], "ngroups": s.get("ngroups", 1),
+                               "use_mem_eff_path": False},
+                      rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16,
+                      tie_embeddings=s.get("tie", True))
     torch.manual_seed(0)
     model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
     randomize(model)
@@ -266,7 +275,7 @@ def run_mamba_ssm(name, cases):
                 return_final_states=True)
             out[case], out[case + "_graph"] = eager_and_graph_time(f)
         elif kind == "prefill":
-            ids = torch.randint(0, VOCAB, (b, l), device="cuda")
+            ids = torch.randint(0, V, (b, l), device="cuda")
 
             def f():
                 with torch.inference_mode():
@@ -275,7 +284,7 @@ def run_mamba_ssm(name, cases):
         else:
             with torch.inference_mode():
                 cache = update_graph_cache(model, None, b, 16, 64)
-                ids = torch.randint(0, VOCAB, (b, 1), device="cuda")
+                ids = torch.randint(0, V, (b, 1), device="cuda")
                 pos = torch.zeros((b, 1), dtype=torch.long, device="cuda")
                 out[case] = cuda_time(lambda: cache.run(ids, pos, 16), reps=200, warmup=10)
             del cache

@@ -503,6 +503,8 @@ def random_lm(cfg, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [dict(d_model=2560, d_state=128, headdim=64),  # mamba2-2.7b widths
+                                   dict(d_model=4096, d_state=128, headdim=64, ngroups=8,
+                                        tie_embeddings=False),  # Mamba-Codestral-7B widths: 128 heads, 8 groups
                                    dict(d_model=768, d_state=128, headdim=64, d_conv=3, norm_before_gate=True),
                                    dict(d_model=96, d_state=17, headdim=7, d_inner_override=231, d_conv=2,
                                         dt_limit=(0.01, 0.5)),  # odd widths

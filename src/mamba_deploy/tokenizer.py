@@ -31,7 +31,9 @@ class Tokenizer:
         self.path = path
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids if hasattr(self._tok, "token_to_id") else self._tok.encode(text, add_special_tokens=False)
+        """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
+        transformers' tokenizer(text) gives them; the same through every backend."""
+        return self._tok.encode(text).ids if hasattr(self._tok, "token_to_id") else self._tok.encode(text)
 
     def encode_batch(self, texts) -> list[list[int]]:
         """Same ids as encode() per text; the `tokenizers` backend encodes them in parallel."""
@@ -131,7 +133,8 @@ class _SentencePiece:
         self.sp = sp
 
     def encode(self, text: str):
-        return _Encoding(self.sp.encode(text))
+        # a leading <s> where the model has one, as mistral_inference encodes prompts (bos=True)
+        return _Encoding(self.sp.encode(text, add_bos=self.sp.bos_id() >= 0))
 
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]

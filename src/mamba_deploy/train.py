@@ -99,9 +99,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
 
 def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator):
     """Random windows of the stream: (b, seq_len + 1) int64 (inputs + shifted targets)."""
-    if tokens.size <= seq_len + 1:
+    if tokens.size < seq_len + 1:
         raise ConfigError(f"corpus has {tokens.size} tokens, fewer than --seq-len {seq_len} + 1")
-    starts = rng.integers(0, tokens.size - seq_len - 1, size=batch)
+    starts = rng.integers(0, tokens.size - seq_len, size=batch)  # the last window starts at size - seq_len - 1
     return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
 
 

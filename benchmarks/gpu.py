@@ -255,7 +255,7 @@ def run_mamba_ssm(name, cases):
 
     s = MODELS[name]
     V = s.get("vocab", VOCAB)
-    cfg = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], d_intermediate=0, vocab_size=s.get("vocab", VOCAB),
+    cfg = MambaConfig(d_model=s["d_model"], n_layer=s["n_layer"], d_intermediate=0, vocab_size=V,
                       ssm_cfg={"layer": "Mamba2", "d_state": s["d_state"], "ngroups": s.get("ngroups", 1),
                                "use_mem_eff_path": False},
                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=16,

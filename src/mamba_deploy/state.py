@@ -71,8 +71,10 @@ class State:
         if dtype is not None and (self.conv.dtype != dtype or not self.ssm.dtype.is_floating_point):
             raise ShapeError(f"state has conv {self.conv.dtype} / ssm {self.ssm.dtype}; the model needs conv {dtype} "
                              f"and a floating-point ssm; {fix}")
-        if device is not None and not (_on(self.conv, device) and _on(self.ssm, device)):
-            raise ShapeError(f"state is on {self.conv.device} / {self.ssm.device}, the model on {device}; {fix}")
+        if device is not None:
+            device = torch.device(device)
+            if not (_on(self.conv, device) and _on(self.ssm, device)):
+                raise ShapeError(f"state is on {self.conv.device} / {self.ssm.device}, the model on {device}; {fix}")
 
     @classmethod
     def stack(cls, conv_layers, ssm_layers) -> "State":
@@ -83,7 +85,6 @@ class State:
         return list(zip(self.conv.unbind(0), self.ssm.unbind(0)))
 
 
-def _on(t: torch.Tensor, device) -> bool:
+def _on(t: torch.Tensor, device: torch.device) -> bool:
     """t lives on `device`; "cuda" (no index) means any CUDA device, as torch.device("cuda") does."""
-    device = torch.device(device)
     return t.device.type == device.type and (device.index is None or t.device.index == device.index)

@@ -28,8 +28,10 @@ PACKAGES: dict[str, Package] = {
     "openvino": Package("openvino", "openvino"),
     # a fallback for tokenizers without tokenizer.json; too heavy to pull in through an extra
     "transformers": Package("transformers", None),
-    # SentencePiece tokenizers without a tokenizer.json (Mamba-Codestral's tokenizer.model.v3)
-    "sentencepiece": Package("sentencepiece", None),
+    # SentencePiece tokenizers (Mamba-Codestral's tokenizer.model.v3): encoding, and their pieces
+    # and scores for GGUF, read through sentencepiece's protobuf module (import name google.protobuf)
+    "sentencepiece": Package("sentencepiece", "sentencepiece"),
+    "google": Package("protobuf", "sentencepiece"),
     # no extra: its wheels work only with a matching NVIDIA driver and CUDA, which pip cannot check
     "tensorrt": Package("tensorrt", None, "needs an NVIDIA GPU with a matching CUDA driver"),
     "triton": Package("triton", None, "CUDA GPUs only"),

@@ -4,6 +4,7 @@ SentencePiece model (Mistral's tokenizer.model.v3, beside a params.json); else t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .errors import ConfigError, ModelNotFoundError
@@ -129,12 +130,23 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
 class _SentencePiece:
     """A sentencepiece processor behind the `tokenizers` calls that Tokenizer makes."""
 
-    def __init__(self, sp):
+    def __init__(self, sp, specials):
         self.sp = sp
+        # control / unknown / user-defined pieces written in the text ("</s>", "[INST]") are those
+        # tokens, as tokenizer.json's added tokens are and as llama.cpp matches them (parse_special);
+        # each text segment between them is encoded on its own, with its own leading space, as there
+        specials = sorted(set(specials) - {""}, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     def encode(self, text: str):
         # a leading <s> where the model has one, as mistral_inference encodes prompts (bos=True)
-        return _Encoding(self.sp.encode(text, add_bos=self.sp.bos_id() >= 0))
+        ids = [self.sp.bos_id()] if self.sp.bos_id() >= 0 else []
+        for i, part in enumerate(self._split.split(text) if self._split else [text]):
+            if i % 2:
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                ids += self.sp.encode(part)
+        return _Encoding(ids)
 
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
@@ -160,16 +172,48 @@ class _Encoding:
 
 def _from_sentencepiece(path: Path) -> Tokenizer:
     try:
-        import sentencepiece
-    except ModuleNotFoundError as e:
-        raise _no_tokenizer(path.parent, f"{path.name} is a SentencePiece model, which needs the sentencepiece "
-                                         f"package: {install_hint('sentencepiece')}") from e
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as e:
+        return sentencepiece_tokenizer(path.read_bytes(), path.parent)
+    except OSError as e:
         raise _corrupt(path, e) from e
+    except ModuleNotFoundError as e:
+        raise _no_tokenizer(path.parent, f"{path.name} is a SentencePiece model, which needs {e.name}: "
+                                         f"{install_hint(e.name or 'sentencepiece')}") from e
+    except ValueError as e:
+        raise _corrupt(path, e) from e
+
+
+# sentencepiece ModelProto.SentencePiece.Type values matched in text as whole tokens: UNKNOWN,
+# CONTROL, USER_DEFINED (llama.cpp's parse_special set)
+SPM_TEXT_SPECIALS = (2, 3, 4)
+
+
+def parse_sentencepiece(model: bytes):
+    """A serialized SentencePiece model as its ModelProto (sentencepiece's generated protobuf
+    module, which needs `protobuf`). ModuleNotFoundError without them; ValueError for bytes that
+    are not a model."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model)
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError; its base class differs by backend)
+        raise ValueError(f"not a SentencePiece model: {type(e).__name__}: {e}") from e
+    if not proto.pieces:
+        raise ValueError("not a SentencePiece model: it holds no pieces")
+    return proto
+
+
+def sentencepiece_tokenizer(model: bytes, folder=None) -> Tokenizer:
+    """A Tokenizer over a serialized SentencePiece model; errors as parse_sentencepiece."""
+    import sentencepiece
+
+    specials = [p.piece for p in parse_sentencepiece(model).pieces if p.type in SPM_TEXT_SPECIALS]
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece refused the model: {e}") from e
     ids = (sp.eos_id(), sp.bos_id())  # -1 where the model defines none
-    return Tokenizer(_SentencePiece(sp), *(i if i >= 0 else None for i in ids), path.parent)
+    return Tokenizer(_SentencePiece(sp, specials), *(i if i >= 0 else None for i in ids), folder)
 
 
 def read_tokenizer_config(folder: Path) -> dict:

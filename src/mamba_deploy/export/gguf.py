@@ -39,7 +39,7 @@ from .gguf_tables import (
     TENSORS,
     keep_f32,
 )
-from .gguf_vocab import Vocab, add_vocab, find_tokenizer_json, read_vocab, vocab_from_gguf
+from .gguf_vocab import Vocab, add_vocab, find_tokenizer_file, read_vocab, vocab_from_gguf
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -63,7 +63,9 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
                 n_threads: int = 0) -> Path:
     """Write `out_path` (.gguf) for llama.cpp; with `ollama=True` also a Modelfile beside it.
 
-    `tokenizer`: folder / tokenizer.json / hub id, for checkpoints that ship none.
+    `tokenizer`: folder / tokenizer.json / SentencePiece model file / hub id, for checkpoints that
+    ship none (a byte-level BPE tokenizer.json becomes llama.cpp's "gpt2" vocabulary, a SentencePiece
+    BPE model, e.g. Mamba-Codestral's tokenizer.model.v3, its "llama" one).
     `n_threads`: threads for llama.cpp's quantizer (0 = all cores); K-quants only.
     """
     outtype = str(outtype).lower()
@@ -110,13 +112,13 @@ def _as_model(model_or_path):
 
 
 def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
-    """A .gguf source keeps its own vocab (re-quantization); otherwise tokenizer.json."""
+    """A .gguf source keeps its own vocab (re-quantization); otherwise the tokenizer file."""
     cfg = model.config
     if tokenizer is None and isinstance(model_or_path, (str, os.PathLike)) and str(model_or_path).endswith(".gguf"):
         vocab = vocab_from_gguf(model_or_path)
         if len(vocab.tokens) == cfg.padded_vocab_size:
             return vocab
-    return read_vocab(find_tokenizer_json(tokenizer, model.source_path), cfg.padded_vocab_size,
+    return read_vocab(find_tokenizer_file(tokenizer, model.source_path), cfg.padded_vocab_size,
                       {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
 
 
@@ -370,7 +372,8 @@ def register(subparsers) -> None:
     p.add_argument("model", help="checkpoint folder, hub id or .gguf")
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES))
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / hub id, if the model has none")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / SentencePiece tokenizer.model / hub id, "
+                   "if the model has none")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
     p.add_argument("--threads", type=threads_or_all, default=0, help="threads for llama.cpp's K-quant quantizer (0 = all)")
     p.set_defaults(func=_cmd)

@@ -180,18 +180,24 @@ def _fit_rows(value, rows: int, name: str):
 
 def gguf_tokenizer(reader, path):
     """The GGUF's own vocabulary as a tokenizer that encodes as llama.cpp does (control and added
-    tokens included), or None with a warning where no `tokenizers` equivalent exists."""
+    tokens included), or None with a warning where no `tokenizers` / sentencepiece equivalent exists."""
     import warnings
 
     from ..errors import ExportError
-    from ..tokenizer import Tokenizer
-    from .gguf_vocab import tokenizer_from_vocab, vocab_from_gguf
+    from ..extras import install_hint
+    from ..tokenizer import Tokenizer, sentencepiece_tokenizer
+    from .gguf_tables import SPM_TOKENIZER_MODEL
+    from .gguf_vocab import spm_model_from_vocab, tokenizer_from_vocab, vocab_from_gguf
 
     try:
         vocab = vocab_from_gguf(path, reader)
+        if vocab.model == SPM_TOKENIZER_MODEL:
+            return sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent)
         tok = tokenizer_from_vocab(vocab)
-    except (ExportError, ConfigError) as e:  # ConfigError: no tokenizer metadata at all
-        warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({e}); use --backend llama.cpp "
+    except (ExportError, ConfigError, ModuleNotFoundError, ValueError) as e:
+        # ConfigError: no tokenizer metadata at all; ValueError: sentencepiece refused the model
+        why = f"{e}; {install_hint(e.name)}" if isinstance(e, ModuleNotFoundError) and e.name else str(e)
+        warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({why}); use --backend llama.cpp "
                       "or give token ids", stacklevel=3)
         return None
     return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"))

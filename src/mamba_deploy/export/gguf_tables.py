@@ -16,6 +16,7 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
+from gguf import TokenType
 
 # our MambaConfig.arch <-> general.architecture
 GGUF_ARCH = {"mamba1": "mamba", "mamba2": "mamba2"}
@@ -157,6 +158,20 @@ FINAL_FALLBACK = QT.F16
 
 # ----------------------------------------------------------------------------- tokenizer
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE
+# SentencePiece BPE (Llama / Mistral / Mamba-Codestral tokenizer.model): llama.cpp's "SPM"
+# vocabulary merges pieces by their scores, as sentencepiece's BPE encoder does
+SPM_TOKENIZER_MODEL = "llama"
+SPM_PRE = "default"
+SPM_PAD_SCORE = -1000.0  # score of the unused rows that pad the vocab to the embedding (as llama.cpp's converter)
+SPM_BPE = 2  # sentencepiece ModelProto.TrainerSpec.ModelType: UNIGRAM 1, BPE 2, WORD 3, CHAR 4
+SPM_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+# sentencepiece ModelProto.SentencePiece.Type -> gguf TokenType (the same numbers, kept explicit)
+SPM_TOKEN_TYPES = {1: TokenType.NORMAL, 2: TokenType.UNKNOWN, 3: TokenType.CONTROL, 4: TokenType.USER_DEFINED,
+                   5: TokenType.UNUSED, 6: TokenType.BYTE}
+# llama.cpp's defaults for a key a GGUF lacks (llama-vocab.cpp), per tokenizer.ggml.model
+ADD_BOS_DEFAULT = {TOKENIZER_MODEL: False, SPM_TOKENIZER_MODEL: True}
+ADD_SPACE_PREFIX_KEY = "tokenizer.ggml.add_space_prefix"
+SCORES_KEY = "tokenizer.ggml.scores"
 # tokenizer.json pre_tokenizer signature -> tokenizer.ggml.pre; llama.cpp's GPT-2 regex is the
 # one `ByteLevel(use_regex=True)` applies.
 PRE_TOKENIZERS = {

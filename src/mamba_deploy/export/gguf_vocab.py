@@ -1,21 +1,27 @@
-"""Tokenizer metadata for GGUF from a Hugging Face `tokenizer.json` (byte-level BPE).
+"""Tokenizer metadata for GGUF: from a Hugging Face `tokenizer.json` (byte-level BPE) or a
+SentencePiece BPE model (`tokenizer.model`, Mamba-Codestral's `tokenizer.model.v3`).
 
 llama.cpp's "gpt2" tokenizer needs: the token strings in id order (exactly one per embedding
 row, so a vocab shorter than the embedding is padded with unused tokens), their types, the
-merges, the pre-tokenizer name, and the special token ids.
+merges, the pre-tokenizer name, and the special token ids. Its "llama" (SentencePiece) tokenizer
+needs the pieces, their scores (the merge priorities) and types, and whether a space is
+prepended to the text (sentencepiece's add_dummy_prefix); no merges.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf import TokenType
 
 from ..errors import ExportError, ModelNotFoundError
-from ..tokenizer import read_tokenizer_config
-from .gguf_tables import PAD_TOKEN, PRE_TOKENIZERS, TOKENIZER_MODEL
+from ..extras import install_hint
+from ..tokenizer import SENTENCEPIECE_FILES, parse_sentencepiece, read_tokenizer_config
+from .gguf_tables import (ADD_BOS_DEFAULT, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE,
+                          SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
 EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>")
 
@@ -30,28 +36,51 @@ class Vocab:
     add_bos: bool = False
     model: str = TOKENIZER_MODEL
     source: Path | None = None
+    scores: list[float] | None = None  # SentencePiece: one per token
+    add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix; None: not written
 
 
-def find_tokenizer_json(tokenizer, model_source) -> Path:
-    """`tokenizer` (a folder, a tokenizer.json, or a hub id) wins over the model's own folder."""
+def find_tokenizer_file(tokenizer, model_source) -> Path:
+    """The tokenizer to write into a GGUF: `tokenizer` (a folder, a tokenizer.json or SentencePiece
+    model file, or a hub id) wins over the model's own folder. In a folder, tokenizer.json, unless
+    it is a conversion of the SentencePiece model beside it (then that model: its scores are what
+    llama.cpp's SentencePiece tokenizer needs)."""
     if tokenizer is not None:
         from ..checkpoint import resolve
 
         p = resolve(tokenizer)
-        p = p / "tokenizer.json" if p.is_dir() else p
-        if not p.is_file():
-            raise ModelNotFoundError(f"--tokenizer {tokenizer!r} has no tokenizer.json; pass a folder or file that has one")
-        return p
+        found = _pick_tokenizer(p) if p.is_dir() else (p if p.is_file() else None)
+        if found is None:
+            raise ModelNotFoundError(f"--tokenizer {tokenizer!r} has no tokenizer.json or SentencePiece model "
+                                     f"({', '.join(SENTENCEPIECE_FILES)}); pass a folder or file that has one")
+        return found
     if model_source is not None:
         folder = Path(model_source)
-        folder = folder.parent if folder.is_file() else folder
-        if (folder / "tokenizer.json").is_file():
-            return folder / "tokenizer.json"
+        found = _pick_tokenizer(folder.parent if folder.is_file() else folder)
+        if found is not None:
+            return found
     raise ModelNotFoundError(
-        f"the model ({model_source or 'in memory'}) ships no tokenizer.json, and GGUF files carry their "
-        "tokenizer; pass one with --tokenizer PATH_OR_HUB_ID (Python: tokenizer=...), e.g. the folder of the "
-        "model this checkpoint was trained with"
+        f"the model ({model_source or 'in memory'}) ships no tokenizer.json or SentencePiece model, and GGUF files "
+        "carry their tokenizer; pass one with --tokenizer PATH_OR_HUB_ID (Python: tokenizer=...), e.g. the folder "
+        "of the model this checkpoint was trained with"
     )
+
+
+def _pick_tokenizer(folder: Path) -> Path | None:
+    tj = folder / "tokenizer.json"
+    spm = next((folder / n for n in SENTENCEPIECE_FILES if (folder / n).is_file()), None)
+    if tj.is_file() and (spm is None or not _converted_sentencepiece(tj)):
+        return tj
+    return spm
+
+
+def _converted_sentencepiece(path: Path) -> bool:
+    """A tokenizer.json that transformers converted from a SentencePiece BPE model (byte fallback)."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return False  # read_vocab reports what is wrong with it, if it is used
+    return isinstance(model, dict) and model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
 def _pre_name(pre_tok: dict | None, path: Path) -> str:
@@ -78,7 +107,9 @@ def _merges(model: dict) -> list[str]:
 
 
 def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab:
-    """tokenizer.json -> Vocab padded to the embedding's `n_rows`."""
+    """tokenizer.json or a SentencePiece model -> Vocab padded to the embedding's `n_rows`."""
+    if Path(path).name in SENTENCEPIECE_FILES or Path(path).suffix == ".model":
+        return read_spm_vocab(path, n_rows)
     try:
         tj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
@@ -86,8 +117,12 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
     model = tj.get("model") if isinstance(tj, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = model.get("type") if isinstance(model, dict) else None
-        raise ExportError(f"{path}: tokenizer model {kind!r} is not byte-level BPE; "
-                          "GGUF export supports byte-level BPE (GPT-2 style) tokenizers only")
+        if kind == "BPE":  # byte_fallback: converted from a SentencePiece model, whose scores it lacks
+            raise ExportError(f"{path} is a SentencePiece tokenizer converted to tokenizer.json; GGUF export reads "
+                              "SentencePiece vocabularies from the model itself: put its tokenizer.model beside it "
+                              "or pass it with --tokenizer PATH/tokenizer.model")
+        raise ExportError(f"{path}: tokenizer model {kind!r} is not byte-level BPE; GGUF export supports "
+                          "byte-level BPE (GPT-2 style) tokenizer.json files and SentencePiece BPE models only")
     try:
         by_id = {int(i): t for t, i in model["vocab"].items()}
         added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
@@ -133,33 +168,123 @@ def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dic
     return ids, bool(tcfg.get("add_bos_token", False))
 
 
+# ----------------------------------------------------------------------------- SentencePiece
+
+def _model_proto():
+    """sentencepiece's ModelProto class (its generated protobuf module needs `protobuf`)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ModuleNotFoundError as e:
+        raise ExportError(f"reading or writing a SentencePiece model needs {e.name}: "
+                          f"{install_hint(e.name or 'sentencepiece')}") from e
+    return sentencepiece_model_pb2.ModelProto
+
+
+def read_spm_proto(path: Path):
+    """A SentencePiece model file as its ModelProto; typed errors for a missing or corrupt one."""
+    _model_proto()  # the install hint, before anything else
+    try:
+        return parse_sentencepiece(Path(path).read_bytes())
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot read SentencePiece model {path}: {e}") from e
+    except ValueError as e:
+        raise ExportError(f"{path}: {e}; copy it again from the original model") from e
+
+
+def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
+    """A SentencePiece BPE model -> Vocab (llama.cpp's "llama" tokenizer) padded to `n_rows`."""
+    proto, path = read_spm_proto(path), Path(path)
+    kind = proto.trainer_spec.model_type
+    if kind != SPM_BPE:
+        raise ExportError(f"{path} is a SentencePiece {SPM_MODEL_TYPES.get(kind, kind)} model; GGUF export writes "
+                          "SentencePiece BPE models only (llama.cpp's 'llama' tokenizer merges pieces by score, "
+                          "which encodes other model types differently)")
+    if len(proto.pieces) > n_rows:
+        raise ExportError(f"{path} has {len(proto.pieces)} pieces but the model's embedding has only {n_rows} rows; "
+                          "this tokenizer does not belong to the model, pass the right one with --tokenizer")
+    norm = proto.normalizer_spec
+    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
+        # llama.cpp applies neither: texts where they change something encode differently there
+        warnings.warn(f"{path}: SentencePiece normalization {norm.name!r} (remove_extra_whitespaces="
+                      f"{norm.remove_extra_whitespaces}) is not applied by llama.cpp; texts it would change "
+                      "(runs of spaces, compatibility characters) tokenize differently there", stacklevel=3)
+    tokens = [p.piece for p in proto.pieces] + [PAD_TOKEN.format(id=i) for i in range(len(proto.pieces), n_rows)]
+    scores = [float(p.score) for p in proto.pieces] + [SPM_PAD_SCORE] * (n_rows - len(proto.pieces))
+    types = [int(SPM_TOKEN_TYPES[p.type]) for p in proto.pieces] + [int(TokenType.UNUSED)] * (n_rows - len(proto.pieces))
+    spec = proto.trainer_spec
+    special = {kind: int(i) for kind, i in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unk", spec.unk_id),
+                                            ("pad", spec.pad_id)) if 0 <= i < len(proto.pieces)}
+    return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
+                 source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix))
+
+
+def spm_model_from_vocab(vocab: Vocab) -> bytes:
+    """A GGUF's SentencePiece vocabulary as a sentencepiece model file that encodes as llama.cpp
+    does with it: BPE over the same pieces and scores, no normalization (llama.cpp applies none),
+    a space prepended when the GGUF says so, byte fallback when it has byte tokens."""
+    where = vocab.source or "the GGUF"
+    if vocab.model != SPM_TOKENIZER_MODEL or vocab.scores is None or len(vocab.scores) != len(vocab.tokens):
+        raise ExportError(f"{where}: a {vocab.model!r} tokenizer without one score per token has no SentencePiece "
+                          "equivalent")
+    proto = _model_proto()()
+    from_gguf = {int(t): k for k, t in SPM_TOKEN_TYPES.items()}
+    for piece, score, kind in zip(vocab.tokens, vocab.scores, vocab.types):
+        if int(kind) not in from_gguf:
+            raise ExportError(f"{where}: token {piece!r} has type {kind}, which SentencePiece does not have")
+        proto.pieces.add(piece=piece, score=float(score), type=from_gguf[int(kind)])
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size = SPM_BPE, len(vocab.tokens)
+    spec.byte_fallback = int(TokenType.BYTE) in vocab.types
+    for kind in ("bos", "eos", "unk", "pad"):
+        setattr(spec, f"{kind}_id", int(vocab.special.get(kind, -1)))
+    if "unk" not in vocab.special:  # sentencepiece requires an unknown piece
+        unk = next((i for i, t in enumerate(vocab.types) if t == TokenType.UNKNOWN), None)
+        if unk is None:
+            raise ExportError(f"{where} has no unknown token, which a SentencePiece model needs")
+        spec.unk_id = unk
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix = "identity", True if vocab.add_space_prefix is None else vocab.add_space_prefix
+    norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
+    return proto.SerializeToString()
+
+
 def vocab_from_gguf(path, reader=None) -> Vocab:
     """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf);
     `reader`: the file already open."""
     from .gguf_import import field, open_reader
-    from .gguf_tables import ADD_BOS_KEY, SPECIAL_KEYS
+    from .gguf_tables import ADD_BOS_KEY, ADD_SPACE_PREFIX_KEY, SCORES_KEY, SPECIAL_KEYS
 
     reader = open_reader(path) if reader is None else reader
     model = field(reader, "tokenizer.ggml.model")
-    if model != TOKENIZER_MODEL:
-        raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {TOKENIZER_MODEL!r} (byte-level BPE)")
+    if model not in ADD_BOS_DEFAULT:
+        raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {sorted(ADD_BOS_DEFAULT)} "
+                          "(byte-level BPE, SentencePiece)")
     special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
+    scores = field(reader, SCORES_KEY, None)
+    prefix = field(reader, ADD_SPACE_PREFIX_KEY, None)
     return Vocab(field(reader, "tokenizer.ggml.tokens"), [int(t) for t in field(reader, "tokenizer.ggml.token_type")],
                  field(reader, "tokenizer.ggml.merges", []), field(reader, "tokenizer.ggml.pre", "default"),
-                 special, bool(field(reader, ADD_BOS_KEY, False)), source=Path(path))
+                 special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
+                 scores=None if scores is None else [float(v) for v in scores],
+                 add_space_prefix=None if prefix is None else bool(prefix))
 
 
 def add_vocab(writer, vocab: Vocab) -> None:
-    from .gguf_tables import ADD_BOS_KEY, SPECIAL_KEYS
+    from .gguf_tables import ADD_BOS_KEY, ADD_SPACE_PREFIX_KEY, SPECIAL_KEYS
 
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.merges or vocab.model == TOKENIZER_MODEL:
+        writer.add_token_merges(vocab.merges)
     for kind, tid in vocab.special.items():
         writer.add_uint32(SPECIAL_KEYS[kind], int(tid))
     writer.add_bool(ADD_BOS_KEY, vocab.add_bos)
+    if vocab.add_space_prefix is not None:
+        writer.add_bool(ADD_SPACE_PREFIX_KEY, vocab.add_space_prefix)
 
 
 # llama.cpp pre-tokenizer names that split text with GPT-2's regex (one case in llama-vocab.cpp),
@@ -201,13 +326,17 @@ def tokenizer_from_vocab(vocab: Vocab):
 
 
 def write_gguf_tokenizer(gguf_path, folder) -> None:
-    """The GGUF's vocabulary as tokenizer.json + tokenizer_config.json in `folder`, for runtimes
-    without llama.cpp; ExportError where that cannot be done faithfully (see tokenizer_from_vocab)."""
+    """The GGUF's vocabulary as tokenizer files in `folder`, for runtimes without llama.cpp:
+    tokenizer.json + tokenizer_config.json for byte-level BPE, tokenizer.model for SentencePiece;
+    ExportError where that cannot be done faithfully (see tokenizer_from_vocab, spm_model_from_vocab)."""
     vocab = vocab_from_gguf(gguf_path)
+    folder = Path(folder)
+    if vocab.model == SPM_TOKENIZER_MODEL:
+        (folder / "tokenizer.model").write_bytes(spm_model_from_vocab(vocab))
+        return
     tok = tokenizer_from_vocab(vocab)
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": vocab.add_bos,
             "clean_up_tokenization_spaces": False}
     tcfg.update({f"{kind}_token": vocab.tokens[i] for kind, i in vocab.special.items() if 0 <= i < len(vocab.tokens)})
-    folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")

@@ -116,10 +116,12 @@ class LlamaCppTokenizer:
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
-        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, False, True)  # add_special, parse_special
+        # add_special: the BOS / EOS the GGUF asks for (tokenizer.ggml.add_bos_token: a SentencePiece
+        # vocabulary's <s>), as our tokenizers add theirs; parse_special: "</s>" in the text is that token
+        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, True, True)
         if n < 0:  # more tokens than bytes + 8 cannot happen for BPE; -n is the size needed
             buf = (self._lib.llama_token * -n)()
-            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, False, True)
+            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, True, True)
         return [int(t) for t in buf[:n]]
 
     def decode(self, ids) -> str:

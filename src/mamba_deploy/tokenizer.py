@@ -127,24 +127,60 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
     return Tokenizer(tok, eos, bos, folder)
 
 
+PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)
+
+
 class _SentencePiece:
     """A sentencepiece processor behind the `tokenizers` calls that Tokenizer makes."""
 
     def __init__(self, sp, specials):
         self.sp = sp
         # control / unknown / user-defined pieces written in the text ("</s>", "[INST]") are those
-        # tokens, as tokenizer.json's added tokens are and as llama.cpp matches them (parse_special);
-        # each text segment between them is encoded on its own, with its own leading space, as there
-        specials = sorted(set(specials) - {""}, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        # tokens, as tokenizer.json's added tokens are and as llama.cpp matches them (parse_special)
+        self._specials = sorted(((p, sp.piece_to_id(p)) for p in set(specials) - {""}),
+                                key=lambda t: (-len(t[0]), t[1]))
+        # where a special may start: one regex scan for their few distinct first PREFIX characters,
+        # then a set lookup per distinct length. Mamba-Codestral has ~770 "[control_N]" pieces: a
+        # scan of the text per piece cost 2.5x sentencepiece's own encode on bracket-heavy code
+        self._pieces = {p for p, _ in self._specials}
+        self._lens = sorted({len(p) for p in self._pieces})
+        heads = sorted({p[:PREFIX] for p in self._pieces}, key=len, reverse=True)
+        self._starts = re.compile("(?=" + "|".join(map(re.escape, heads)) + ")") if heads else None
+
+    def _present(self, text: str) -> set[str]:
+        """The special pieces that occur in the text, overlapping ones included."""
+        found = set()
+        for m in self._starts.finditer(text) if self._starts else ():
+            i = m.start()
+            found.update(text[i:i + n] for n in self._lens if text[i:i + n] in self._pieces)
+        return found
+
+    def _partition(self, text: str) -> list:
+        """text -> [str | int]: each special piece cut out, the longest first over the whole text (so
+        of two overlapping ones the longer wins, wherever it starts), as llama.cpp's
+        tokenizer_st_partition does; each text segment between them is then encoded on its own,
+        with its own leading space, as there."""
+        parts, present = [text], self._present(text)
+        for piece, pid in self._specials:
+            if piece not in present:
+                continue
+            out = []
+            for part in parts:
+                if isinstance(part, int) or piece not in part:
+                    out.append(part)
+                    continue
+                for j, chunk in enumerate(part.split(piece)):
+                    out += ([pid] if j else []) + ([chunk] if chunk else [])
+            parts = out
+        return parts
 
     def encode(self, text: str):
         # a leading <s> where the model has one, as mistral_inference encodes prompts (bos=True)
         ids = [self.sp.bos_id()] if self.sp.bos_id() >= 0 else []
-        for i, part in enumerate(self._split.split(text) if self._split else [text]):
-            if i % 2:
-                ids.append(self.sp.piece_to_id(part))
-            elif part:
+        for part in self._partition(text):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
                 ids += self.sp.encode(part)
         return _Encoding(ids)
 

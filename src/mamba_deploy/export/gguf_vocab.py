@@ -23,6 +23,8 @@ from ..tokenizer import SENTENCEPIECE_FILES, parse_sentencepiece, read_tokenizer
 from .gguf_tables import (ADD_BOS_DEFAULT, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE,
                           SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
+# a name no vocabulary has: what spm_model_from_vocab names a BOS that is not to be added
+NO_PIECE = "\x00no piece\x00"
 EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>")
 
 
@@ -236,7 +238,14 @@ def spm_model_from_vocab(vocab: Vocab) -> bytes:
     spec.model_type, spec.vocab_size = SPM_BPE, len(vocab.tokens)
     spec.byte_fallback = int(TokenType.BYTE) in vocab.types
     for kind in ("bos", "eos", "unk", "pad"):
-        setattr(spec, f"{kind}_id", int(vocab.special.get(kind, -1)))
+        i = int(vocab.special.get(kind, -1))
+        setattr(spec, f"{kind}_id", i)
+        if kind != "unk" and 0 <= i < len(vocab.tokens):
+            # sentencepiece finds bos / eos / pad by these names (defaults "<s>", "</s>", "<pad>"), not by
+            # the ids (and the unknown piece by its type)
+            setattr(spec, f"{kind}_piece", vocab.tokens[i])
+    if not vocab.add_bos:  # llama.cpp adds no BOS to this vocabulary's texts: nor may a tokenizer built from it
+        spec.bos_id, spec.bos_piece = -1, NO_PIECE
     if "unk" not in vocab.special:  # sentencepiece requires an unknown piece
         unk = next((i for i, t in enumerate(vocab.types) if t == TokenType.UNKNOWN), None)
         if unk is None:

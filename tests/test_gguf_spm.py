@@ -296,3 +296,21 @@ def test_normalizing_model_warns_that_llamacpp_does_not_normalize(tmp_path):
         warnings.simplefilter("always")
         export_gguf(folder, tmp_path / "m.gguf")
     assert any("not applied by llama.cpp" in str(w.message) for w in caught)
+
+
+def test_model_without_eos_warns_which_token_llamacpp_will_stop_at(tmp_path):
+    blob = _train(eos_id=-1)
+    sp_ = spm.SentencePieceProcessor(model_proto=blob)
+    assert sp_.eos_id() == -1
+    folder = _hf_folder(tmp_path, blob)
+    import re
+
+    want = f"no end-of-text piece; llama.cpp will take token 2 ({sp_.id_to_piece(2)!r})"
+    with pytest.warns(UserWarning, match=re.escape(want)):
+        out = export_gguf(folder, tmp_path / "m.gguf")
+    assert _field(out, "tokenizer.ggml.eos_token_id") is None
+    if HAVE_LLAMA:  # what the warning says llama.cpp does
+        from mamba_deploy.runners import open_runner
+
+        with open_runner(out, "llama.cpp", n_threads=2) as lr:
+            assert lr.tokenizer.eos_token_id == 2

@@ -188,7 +188,8 @@ def read_spm_proto(path: Path):
     try:
         return parse_sentencepiece(Path(path).read_bytes())
     except OSError as e:
-        raise ModelNotFoundError(f"cannot read SentencePiece model {path}: {e}") from e
+        raise ModelNotFoundError(f"cannot read SentencePiece model {path}: {e}; check the path, or pass the "
+                                 "model's tokenizer.model with --tokenizer") from e
     except ValueError as e:
         raise ExportError(f"{path}: {e}; copy it again from the original model") from e
 
@@ -216,6 +217,10 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
     spec = proto.trainer_spec
     special = {kind: int(i) for kind, i in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unk", spec.unk_id),
                                             ("pad", spec.pad_id)) if 0 <= i < len(proto.pieces)}
+    if "eos" not in special and len(tokens) > 2:
+        # GGUF cannot say "none": llama.cpp then takes id 2 as end of text and stops generating there
+        warnings.warn(f"{path} defines no end-of-text piece; llama.cpp will take token 2 ({tokens[2]!r}) as its "
+                      "EOS and stop generation when it is sampled", stacklevel=3)
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
                  source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix))
 

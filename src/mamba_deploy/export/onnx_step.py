@@ -114,7 +114,9 @@ class StepNetwork:
                  g.op("Reshape", C, g.const([0, G, N, 1])))  # (b, g, r*p, 1)
         D = self.weight(p + "D.step", lambda: np.repeat(self._np(p + "D"), P))  # (h,) -> one per channel (d,)
         y = g.op("Mul", g.op("Add", g.op("Reshape", y, g.const([0, d])), g.op("Mul", x, D)), g.silu(z))
-        if cfg.rmsnorm:
+        if cfg.rmsnorm and G == 1:  # on (b, d) with its weight: ORT fuses it into one SimplifiedLayerNormalization
+            y = g.rms(y, cfg.rms_norm_eps, self.param(p + "norm.weight"))
+        elif cfg.rmsnorm:  # per group: (b, g, d/g), then the per-channel weight on (b, d)
             y = g.rms(g.op("Reshape", y, g.const([0, G, d // G])), cfg.rms_norm_eps)
             y = g.op("Mul", g.op("Reshape", y, g.const([0, d])), self.param(p + "norm.weight"))
         return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")

@@ -31,7 +31,8 @@ SAVE_FORMATS = ("hf", "mamba_ssm")
 # the config file of each dialect, in the order they are looked for (config.py reads either)
 CONFIG_FILES = ("config.json", "params.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3")
+                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3",
+                   "chat_template.jinja")
 # one complete set of weights, in the order they are looked for: a sharded index, then single files
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin", "consolidated.safetensors")

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -150,29 +151,53 @@ def cmd_generate(args):
     from .runners import open_runner
 
     check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
+    if not args.chat and (args.system is not None or args.chat_template is not None):
+        from .errors import ConfigError
+
+        raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
+    template = _read_chat_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
+    prompts, stops = list(args.prompt), args.stop
+    if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
+        from .chat import chat_ids
+
+        tok = runner.tokenizer
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [chat_ids(tok, system + [{"role": "user", "content": p}], template) for p in args.prompt]
+        if stops is None and tok.eos_token_id is not None:  # the assistant's turn ends at EOS
+            stops = [tok.eos_token_id]
     stream = len(args.prompt) == 1 and not args.json
     if stream:
-        print(args.prompt[0], end="", flush=True)
+        print("" if args.chat else args.prompt[0], end="", flush=True)
         text = TextStream(runner.tokenizer, args.stop_string)  # never prints (part of) a stop string
 
         def on_token(i, t):
             print(text.push(t), end="", flush=True)
     else:
         on_token = None
-    res = generate(runner, list(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    res = generate(runner, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
-                   stop_token_ids=args.stop, stop_strings=args.stop_string)
+                   stop_token_ids=stops, stop_strings=args.stop_string)
+    texts = res.texts if res.texts is not None else [runner.tokenizer.decode(t) for t in res.tokens]
     if stream:
         print(text.finish())
     elif args.json:
         print(json.dumps([{"prompt": p, "completion": t, "tokens": ids, "stop": r} for p, t, ids, r in
-                          zip(args.prompt, res.texts, res.tokens, res.stop_reasons)], indent=2))
+                          zip(args.prompt, texts, res.tokens, res.stop_reasons)], indent=2))
     else:
-        for p, t in zip(args.prompt, res.texts):
-            print(f"--- {p!r}\n{p}{t}")
+        for p, t in zip(args.prompt, texts):
+            print(f"--- {p!r}\n{'' if args.chat else p}{t}")
     runner.close()
+
+
+def _read_chat_template_file(path) -> str:
+    from .errors import ConfigError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --chat-template {path!r} ({e}); pass a Jinja template file") from e
 
 
 def cmd_convert(args):
@@ -214,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
                    help="stop at this text, which is left out of the output (repeatable)")
     s.add_argument("--seed", type=seed, default=None)
+    s.add_argument("--chat", action="store_true",
+                   help="each --prompt is one user message, written in the model's chat template")
+    s.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
+    s.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="with --chat: this Jinja template instead of the model's own")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     add_state_dtype(s)

@@ -8,6 +8,8 @@ generation at a time; several prompts in one request are one batched `generate` 
     GET  /health          -> {"status": "ok", "model": ..., "backend": ...}
     GET  /v1/models       -> {"object": "list", "data": [{"id": model, ...}]}
     POST /v1/completions  -> OpenAI "text_completion" (or Server-Sent Events with "stream": true)
+    POST /v1/chat/completions -> OpenAI "chat.completion" (one conversation in `messages`, written in
+                             the model's chat template: see chat.py; "chat.completion.chunk" events)
 
 `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists.
 `stop` is a string or a list of up to 4 (the text ends before the first one found; a stream
@@ -55,6 +57,8 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SEED_RANGE = (0, 2**63 - 1)
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
+POST_PATHS = ("/v1/completions", "/v1/chat/completions")
+ENDPOINTS = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -306,21 +310,22 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": s.model_name, "object": "model",
                                                           "owned_by": "mamba-deploy"}]})
-        elif path == "/v1/completions":
-            raise RequestError("use POST for /v1/completions", 405, "method_not_allowed")
+        elif path in POST_PATHS:
+            raise RequestError(f"use POST for {path}", 405, "method_not_allowed")
         else:
-            raise RequestError(f"unknown path {self.path!r}; endpoints: GET /health, GET /v1/models, "
-                               "POST /v1/completions", 404, "not_found")
+            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
 
     def _post(self):
         path = self._route_path()
         if path in ("/health", "/v1/models"):
             raise RequestError(f"use GET for {path}", 405, "method_not_allowed")
-        if path != "/v1/completions":
-            raise RequestError(f"unknown path {self.path!r}; endpoints: GET /health, GET /v1/models, "
-                               "POST /v1/completions", 404, "not_found")
+        if path not in POST_PATHS:
+            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
         body = self._read_json()
         s = self.server
+        chat = path == "/v1/chat/completions"
+        if chat:
+            body = self._chat_body(body)
         prompts, as_text, kw, stream, include_usage = parse_completion_request(
             body, s.max_batch, s.runner.vocab_size, s.max_tokens_limit)
         if as_text or kw["stop_strings"]:
@@ -329,10 +334,35 @@ class _Handler(BaseHTTPRequestHandler):
             except MambaDeployError as e:
                 what = "text prompts" if as_text else "`stop` strings"
                 raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
+        if chat and kw["stop_token_ids"] is None and s.runner.tokenizer.eos_token_id is not None:
+            kw["stop_token_ids"] = [s.runner.tokenizer.eos_token_id]  # the assistant's turn ends at EOS
         if stream:
-            self._stream(prompts, as_text, kw, include_usage)
+            self._stream(prompts, as_text or chat, kw, include_usage, chat)
         else:
-            self._complete(prompts, as_text, kw)
+            self._complete(prompts, as_text, kw, chat)
+
+    def _chat_body(self, body) -> dict:
+        """A chat request as a completion request of one token-id prompt: the conversation in the
+        model's chat template, tokenized without the tokenizer's own special tokens."""
+        from .chat import chat_ids
+
+        if not isinstance(body, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+        if "prompt" in body:
+            raise RequestError("/v1/chat/completions takes `messages`, not `prompt` (that is /v1/completions)",
+                               param="prompt")
+        try:
+            tok = self.server.runner.tokenizer
+        except MambaDeployError as e:
+            raise RequestError(f"chat needs a tokenizer: {e}", param="messages") from e
+        try:
+            ids = chat_ids(tok, body.get("messages"))
+        except ConfigError as e:  # no template, bad messages, or the template refused them
+            raise RequestError(str(e), param="messages") from e
+        rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+        if "max_completion_tokens" in body and "max_tokens" not in body:  # OpenAI's newer name
+            rest["max_tokens"] = body["max_completion_tokens"]
+        return {**rest, "prompt": ids}
 
     def _read_json(self):
         length = self.headers.get("Content-Length")
@@ -355,8 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"invalid JSON body: {e}") from None
 
     # -- completions
-    def _base(self, rid: str, created: int):
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name}
+    def _base(self, rid: str, created: int, obj: str = "text_completion"):
+        return {"id": rid, "object": obj, "created": created, "model": self.server.model_name}
 
     def _generate(self, prompts, kw, on_token=None):
         from .generation import generate
@@ -377,20 +407,25 @@ class _Handler(BaseHTTPRequestHandler):
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
 
-    def _complete(self, prompts, as_text, kw):
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    def _complete(self, prompts, as_text, kw, chat=False):
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         res = self._generate(prompts, kw)
         tok = None if as_text else self.server.tokenizer_or_none()
         texts = res.texts if res.texts is not None else [tok.decode(t) if tok is not None else "" for t in res.tokens]
+        if chat:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "token_ids": res.tokens[0],
+                        "logprobs": None, "finish_reason": res.stop_reasons[0]}]
+            self._send(200, {**self._base(rid, created, "chat.completion"), "choices": choices, "usage": _usage(res)})
+            return
         choices = [{"index": i, "text": texts[i], "token_ids": res.tokens[i], "logprobs": None,
                     "finish_reason": res.stop_reasons[i]} for i in range(len(prompts))]
         self._send(200, {**self._base(rid, created), "choices": choices, "usage": _usage(res)})
 
-    def _stream(self, prompts, as_text, kw, include_usage):
+    def _stream(self, prompts, as_text, kw, include_usage, chat=False):
         from .generation import TextStream
 
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = self._base(rid, created)
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        base = self._base(rid, created, "chat.completion.chunk" if chat else "text_completion")
         tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
         detoks = [TextStream(tok, kw["stop_strings"]) for _ in prompts]
         self.send_response(200)
@@ -405,12 +440,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         def chunk(i, text, token_ids, finish=None):
+            if chat:  # OpenAI's deltas: the role first, then content pieces, then the finish reason
+                delta = {"content": text} if text or finish is None else {}
+                return {**base, "choices": [{"index": i, "delta": delta, "token_ids": token_ids, "logprobs": None,
+                                             "finish_reason": finish}]}
             return {**base, "choices": [{"index": i, "text": text, "token_ids": token_ids, "logprobs": None,
                                          "finish_reason": finish}]}
 
         def on_token(i, t):  # a write error (client gone) raises here and ends the generation
             event(chunk(i, detoks[i].push(t), [t]))
 
+        if chat:
+            event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
         try:
             res = self._generate(prompts, kw, on_token)
         except RequestError as e:  # headers are out: report in-band, then close
@@ -537,7 +579,7 @@ def register(subparsers) -> None:
     from .argtypes import port, positive_int
     from .cli import add_state_dtype, add_threads
 
-    s = subparsers.add_parser("serve", help="OpenAI-style HTTP completions server (/v1/completions, /health)")
+    s = subparsers.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
     s.add_argument("--host", default="127.0.0.1")

@@ -25,16 +25,26 @@ MIN_VOCAB, MIN_VOCAB_FRACTION = 256, 8
 class Tokenizer:
     """encode(str) -> list[int], decode(list[int]) -> str, eos_token_id / bos_token_id."""
 
-    def __init__(self, tok, eos_token_id=None, bos_token_id=None, path=None):
+    def __init__(self, tok, eos_token_id=None, bos_token_id=None, path=None, chat_template=None):
         self._tok = tok
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
         self.path = path
+        self.chat_template = chat_template  # Jinja source (see chat.py), or None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
-        transformers' tokenizer(text) gives them; the same through every backend."""
-        return self._tok.encode(text).ids if hasattr(self._tok, "token_to_id") else self._tok.encode(text)
+        transformers' tokenizer(text) gives them; the same through every backend. Without them
+        for text that writes its own (a rendered chat template)."""
+        if hasattr(self._tok, "token_to_id"):
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token's own text ("<s>", "<|endoftext|>"), as chat templates write it."""
+        if hasattr(self._tok, "id_to_token"):
+            return self._tok.id_to_token(int(token_id))
+        return self._tok.convert_ids_to_tokens(int(token_id))
 
     def encode_batch(self, texts) -> list[list[int]]:
         """Same ids as encode() per text; the `tokenizers` backend encodes them in parallel."""
@@ -100,6 +110,10 @@ def load_tokenizer(folder) -> Tokenizer:
     n, rows = tok.vocab_size, _model_vocab(folder)
     if rows is not None and n < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
         raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
+    if folder.is_dir():
+        from .chat import read_chat_template
+
+        tok.chat_template = read_chat_template(folder)
     return tok
 
 
@@ -174,9 +188,9 @@ class _SentencePiece:
             parts = out
         return parts
 
-    def encode(self, text: str):
+    def encode(self, text: str, add_special_tokens: bool = True):
         # a leading <s> where the model has one, as mistral_inference encodes prompts (bos=True)
-        ids = [self.sp.bos_id()] if self.sp.bos_id() >= 0 else []
+        ids = [self.sp.bos_id()] if self.sp.bos_id() >= 0 and add_special_tokens else []
         for part in self._partition(text):
             if isinstance(part, int):
                 ids.append(part)
@@ -196,6 +210,9 @@ class _SentencePiece:
     def token_to_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)
         return i if self.sp.id_to_piece(i) == token else None  # unknown pieces map to <unk>
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.sp.get_piece_size() else None
 
     def get_vocab_size(self) -> int:
         return self.sp.get_piece_size()

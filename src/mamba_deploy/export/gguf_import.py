@@ -192,7 +192,9 @@ def gguf_tokenizer(reader, path):
     try:
         vocab = vocab_from_gguf(path, reader)
         if vocab.model == SPM_TOKENIZER_MODEL:
-            return sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent)
+            tok = sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent)
+            tok.chat_template = vocab.chat_template
+            return tok
         tok = tokenizer_from_vocab(vocab)
     except (ExportError, ConfigError, ModuleNotFoundError, ValueError) as e:
         # ConfigError: no tokenizer metadata at all; ValueError: sentencepiece refused the model
@@ -200,4 +202,4 @@ def gguf_tokenizer(reader, path):
         warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({why}); use --backend llama.cpp "
                       "or give token ids", stacklevel=3)
         return None
-    return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"))
+    return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gguf import TokenType
 
+from ..chat import CHAT_TEMPLATE_FILE, GGUF_CHAT_TEMPLATE_KEY, read_chat_template
 from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
 from ..tokenizer import SENTENCEPIECE_FILES, parse_sentencepiece, read_tokenizer_config
@@ -40,6 +41,7 @@ class Vocab:
     source: Path | None = None
     scores: list[float] | None = None  # SentencePiece: one per token
     add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix; None: not written
+    chat_template: str | None = None  # Jinja (tokenizer.chat_template), as llama.cpp's server applies it
 
 
 def find_tokenizer_file(tokenizer, model_source) -> Path:
@@ -150,7 +152,7 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
             types.append(TokenType.NORMAL)
     special, add_bos = _special_ids(Path(path).parent, tokens, config_ids or {})
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
-                 special, add_bos, source=Path(path))
+                 special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent))
 
 
 def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dict, bool]:
@@ -222,7 +224,8 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
         warnings.warn(f"{path} defines no end-of-text piece; llama.cpp will take token 2 ({tokens[2]!r}) as its "
                       "EOS and stop generation when it is sampled", stacklevel=3)
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
-                 source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix))
+                 source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
+                 chat_template=read_chat_template(path.parent))
 
 
 def spm_model_from_vocab(vocab: Vocab) -> bytes:
@@ -280,7 +283,8 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                  field(reader, "tokenizer.ggml.merges", []), field(reader, "tokenizer.ggml.pre", "default"),
                  special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
-                 add_space_prefix=None if prefix is None else bool(prefix))
+                 add_space_prefix=None if prefix is None else bool(prefix),
+                 chat_template=field(reader, GGUF_CHAT_TEMPLATE_KEY, None))
 
 
 def add_vocab(writer, vocab: Vocab) -> None:
@@ -299,6 +303,8 @@ def add_vocab(writer, vocab: Vocab) -> None:
     writer.add_bool(ADD_BOS_KEY, vocab.add_bos)
     if vocab.add_space_prefix is not None:
         writer.add_bool(ADD_SPACE_PREFIX_KEY, vocab.add_space_prefix)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
 
 
 # llama.cpp pre-tokenizer names that split text with GPT-2's regex (one case in llama-vocab.cpp),
@@ -345,12 +351,16 @@ def write_gguf_tokenizer(gguf_path, folder) -> None:
     ExportError where that cannot be done faithfully (see tokenizer_from_vocab, spm_model_from_vocab)."""
     vocab = vocab_from_gguf(gguf_path)
     folder = Path(folder)
-    if vocab.model == SPM_TOKENIZER_MODEL:
+    if vocab.model == SPM_TOKENIZER_MODEL:  # no tokenizer_config.json: load_tokenizer reads the model itself
         (folder / "tokenizer.model").write_bytes(spm_model_from_vocab(vocab))
+        if vocab.chat_template:
+            (folder / CHAT_TEMPLATE_FILE).write_text(vocab.chat_template, encoding="utf-8")
         return
     tok = tokenizer_from_vocab(vocab)
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": vocab.add_bos,
             "clean_up_tokenization_spaces": False}
+    if vocab.chat_template:
+        tcfg["chat_template"] = vocab.chat_template
     tcfg.update({f"{kind}_token": vocab.tokens[i] for kind, i in vocab.special.items() if 0 <= i < len(vocab.tokens)})
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")

@@ -111,18 +111,33 @@ class LlamaCppTokenizer:
         # starts with a space, which decoding drops at the start of the text, as sentencepiece does
         self._strip_first_space = lib.llama_vocab_type(vocab) in (lib.LLAMA_VOCAB_TYPE_SPM, lib.LLAMA_VOCAB_TYPE_UGM)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         vocab = self._model.vocab_or_raise()
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
         # add_special: the BOS / EOS the GGUF asks for (tokenizer.ggml.add_bos_token: a SentencePiece
         # vocabulary's <s>), as our tokenizers add theirs; parse_special: "</s>" in the text is that token
-        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, True, True)
+        add = bool(add_special_tokens)
+        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, add, True)
         if n < 0:  # more tokens than bytes + 8 cannot happen for BPE; -n is the size needed
             buf = (self._lib.llama_token * -n)()
-            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, True, True)
+            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, add, True)
         return [int(t) for t in buf[:n]]
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token's own text ("<s>"), as chat templates write it."""
+        if not 0 <= int(token_id) < self.n_vocab:
+            return None
+        text = self._lib.llama_vocab_get_text(self._model.vocab_or_raise(), int(token_id))
+        return None if text is None else text.decode("utf-8", errors="replace")
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's tokenizer.chat_template, or None."""
+        self._model.vocab_or_raise()  # RunnerClosedError once the model is freed
+        tmpl = self._lib.llama_model_chat_template(self._model.ptr, None)
+        return None if not tmpl else tmpl.decode("utf-8", errors="replace")
 
     def decode(self, ids) -> str:
         vocab = self._model.vocab_or_raise()

@@ -1,0 +1,122 @@
+"""Chat prompts: a model's chat template (Jinja, as transformers and llama.cpp store it) turned into
+the token ids of a conversation, for `generate --chat` and the server's /v1/chat/completions.
+
+Where the template comes from, in order: tokenizer_config.json's "chat_template" (a string, or a
+list of named templates: "default"), a chat_template.jinja file beside it (what transformers >= 4.49
+saves), a GGUF's tokenizer.chat_template. It renders as transformers' apply_chat_template does
+(sandboxed Jinja, trim_blocks / lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`), and
+the text is tokenized WITHOUT the tokenizer's own special tokens: templates write the BOS
+themselves ("{{ bos_token }}"), so adding it again would double it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import ConfigError
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(ConfigError):
+    """The template refused the conversation (its raise_exception), or could not be rendered."""
+
+
+def read_chat_template(folder) -> str | None:
+    """The chat template of a tokenizer folder, or None."""
+    from .tokenizer import read_tokenizer_config
+
+    folder = Path(folder)
+    tmpl = read_tokenizer_config(folder).get("chat_template")
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default", next(iter(named.values()), None))
+    if isinstance(tmpl, str) and tmpl.strip():
+        return tmpl
+    path = folder / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {path} ({e}); copy it again from the original model") from e
+    return None
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI-style messages -> a list of {"role", "content"} dicts; ConfigError naming the bad one."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"`messages` must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                          f"got {json.dumps(messages)[:80]}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ConfigError(f"message {i} must be an object with a role in {list(ROLES)}, got {json.dumps(m)[:80]}")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ConfigError(f"message {i}: only text content parts are supported (a language model), "
+                                  f"got {json.dumps(content)[:80]}")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ConfigError(f"message {i} content must be a string, got {json.dumps(content)[:80]}")
+        out.append({**m, "content": content})
+    return out
+
+
+def _environment():
+    try:
+        from jinja2 import ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ModuleNotFoundError as e:  # torch depends on jinja2, so this is rare
+        raise ConfigError("chat templates need jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """The conversation as the template writes it (the assistant's turn opened when
+    add_generation_prompt). ChatTemplateError where the template fails or refuses it."""
+    from jinja2 import TemplateError
+
+    env = _environment()
+    try:
+        return env.from_string(template).render(messages=check_messages(messages), bos_token=bos_token,
+                                                eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
+
+
+def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
+    """The token ids of a conversation, ready for the assistant's reply. `template` overrides the
+    tokenizer's own; ConfigError when there is none."""
+    template = template if template is not None else getattr(tokenizer, "chat_template", None)
+    if not template:
+        where = getattr(tokenizer, "path", None) or "this model"
+        raise ConfigError(f"{where} has no chat template (tokenizer_config.json \"chat_template\", "
+                          f"{CHAT_TEMPLATE_FILE}, or a GGUF's {GGUF_CHAT_TEMPLATE_KEY}); give one with "
+                          "--chat-template FILE, or send plain prompts")
+    names = [_token_text(tokenizer, i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
+    text = render_chat(template, messages, *names)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _token_text(tokenizer, token_id) -> str:
+    if token_id is None:
+        return ""
+    return tokenizer.id_to_token(token_id) or ""

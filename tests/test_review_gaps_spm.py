@@ -12,9 +12,7 @@ ignored there; overlapping special pieces split leftmost-first instead of llama.
 
 from __future__ import annotations
 
-import io
 import json
-import random
 import shutil
 import warnings
 
@@ -28,34 +26,10 @@ from mamba_deploy.export.gguf import export_gguf
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece", reason="SentencePiece vocabularies need sentencepiece")
 pytest.importorskip("google.protobuf", reason="sentencepiece's model file is read through protobuf")
-try:
-    import llama_cpp  # noqa: F401
+from test_gguf_spm import HAVE_LLAMA, HF_SHAPE, PARAMS, PIECES, _train, needs_llama  # noqa: E402  (the same toy model)
 
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
-
-WORDS = ["def", "main", "return", "print", "hello", "world", "mamba", "state", "space", "model", "code", "Zürich",
-         "naïve", "日本"]
-PIECES = 400
-PARAMS = {"dim": 64, "n_layers": 2, "vocab_size": PIECES, "n_groups": 2, "rms_norm": True, "residual_in_fp32": True,
-          "fused_add_norm": True, "pad_vocab_size_multiple": 32, "tie_embeddings": False, "model_type": "mamba"}
-HF_SHAPE = dict(hidden_size=64, state_size=128, head_dim=64, num_heads=2, n_groups=2, chunk_size=256,
-                vocab_size=416, num_hidden_layers=2, tie_word_embeddings=False)
 TEXTS = ["hello world", " def main():\n    return 0", "  two  spaces", "x", "Zürich 🐍"]
 VT = gguf.GGUFValueType
-
-
-def _train(**kw) -> bytes:
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
-    buf = io.BytesIO()
-    args = dict(vocab_size=PIECES, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, user_defined_symbols=["<tool>"], control_symbols=["[INST]", "[/INST]"],
-                minloglevel=2)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, **{**args, **kw})
-    return buf.getvalue()
 
 
 def _codestral(folder, blob, name="tokenizer.model.v3"):

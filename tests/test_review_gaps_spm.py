@@ -26,7 +26,8 @@ from mamba_deploy.export.gguf import export_gguf
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece", reason="SentencePiece vocabularies need sentencepiece")
 pytest.importorskip("google.protobuf", reason="sentencepiece's model file is read through protobuf")
-from test_gguf_spm import HAVE_LLAMA, HF_SHAPE, PARAMS, PIECES, _train, needs_llama  # noqa: E402  (the same toy model)
+from test_gguf_spm import (HAVE_LLAMA, HF_SHAPE, PARAMS, PIECES, _train, blob, needs_llama,  # noqa: E402, F401
+                           sp)  # the same toy model; blob and sp are fixtures
 
 TEXTS = ["hello world", " def main():\n    return 0", "  two  spaces", "x", "Zürich 🐍"]
 VT = gguf.GGUFValueType
@@ -103,16 +104,6 @@ def _llama_encode(path, texts):
 
     with open_runner(path, "llama.cpp", n_threads=1) as lr:
         return [lr.tokenizer.encode(t) for t in texts], (lr.tokenizer.bos_token_id, lr.tokenizer.eos_token_id)
-
-
-@pytest.fixture(scope="module")
-def blob():
-    return _train()
-
-
-@pytest.fixture(scope="module")
-def sp(blob):
-    return spm.SentencePieceProcessor(model_proto=blob)
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,11 @@ def test_template_and_message_errors(tmp_path):
         chat_ids(tok, [])
     with pytest.raises(ChatTemplateError, match="the chat template failed: TemplateSyntaxError"):
         render_chat("{% for %}", CONVERSATIONS[0])
+    # a template bug at render time is the template's error too, not a bare TypeError
+    with pytest.raises(ChatTemplateError, match="the chat template failed: TypeError"):
+        render_chat("{{ messages[0]['content'] + 1 }}", CONVERSATIONS[0])
+    with pytest.raises(ConfigError, match="message 0 content must be a string, got \"b'x'\""):
+        chat_ids(tok, [{"role": "user", "content": b"x"}])  # Python callers: named, not a json TypeError
     no_template = load_tokenizer(DEMO)
     with pytest.raises(ConfigError, match="has no chat template.*--chat-template FILE"):
         chat_ids(no_template, CONVERSATIONS[0])

@@ -50,22 +50,27 @@ def check_messages(messages) -> list[dict]:
     """OpenAI-style messages -> a list of {"role", "content"} dicts; ConfigError naming the bad one."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"`messages` must be a non-empty list of {{\"role\", \"content\"}} objects, "
-                          f"got {json.dumps(messages)[:80]}")
+                          f"got {_show(messages)}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ConfigError(f"message {i} must be an object with a role in {list(ROLES)}, got {json.dumps(m)[:80]}")
+            raise ConfigError(f"message {i} must be an object with a role in {list(ROLES)}, got {_show(m)}")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise ConfigError(f"message {i}: only text content parts are supported (a language model), "
-                                  f"got {json.dumps(content)[:80]}")
+                                  f"got {_show(content)}")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise ConfigError(f"message {i} content must be a string, got {json.dumps(content)[:80]}")
+            raise ConfigError(f"message {i} content must be a string, got {_show(content)}")
         out.append({**m, "content": content})
     return out
+
+
+def _show(x) -> str:
+    """A short JSON view of what the caller sent (Python objects too: repr where JSON has none)."""
+    return json.dumps(x, default=repr)[:80]
 
 
 def _environment():
@@ -98,7 +103,9 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
     try:
         return env.from_string(template).render(messages=check_messages(messages), bos_token=bos_token,
                                                 eos_token=eos_token, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
+    except ChatTemplateError:  # its own raise_exception
+        raise
+    except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:  # a template bug
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 
@@ -114,6 +121,14 @@ def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
     names = [_token_text(tokenizer, i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
     text = render_chat(template, messages, *names)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_stop_ids(tokenizer, stop_token_ids):
+    """A chat reply's stop tokens: the caller's, else the tokenizer's EOS (the assistant's turn ends
+    there; generate() adds it by itself only for text prompts, and chat prompts are token ids)."""
+    if stop_token_ids is None and tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    return stop_token_ids
 
 
 def _token_text(tokenizer, token_id) -> str:

@@ -18,7 +18,7 @@ from .atomic import atomic_dir, read_json_object
 from .config import MambaConfig
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from .extras import install_hint
-from .tokenizer import SENTENCEPIECE_FILES
+from .tokenizer import find_sentencepiece
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
 KEY_RENAMES = {
@@ -377,7 +377,7 @@ def write_tokenizer_files(src, dst: Path, shown=None) -> None:
     if src is None:
         return
     src = Path(src)
-    if src.suffix != ".gguf" or any((src.parent / n).exists() for n in ("tokenizer.json", *SENTENCEPIECE_FILES)):
+    if src.suffix != ".gguf" or (src.parent / "tokenizer.json").exists() or find_sentencepiece(src.parent):
         copy_tokenizer_files(src.parent if src.suffix == ".gguf" else src, dst)
         return
     from .errors import ExportError

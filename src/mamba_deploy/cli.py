@@ -159,13 +159,12 @@ def cmd_generate(args):
     runner = open_runner(args.model, args.backend, **runner_options(args))
     prompts, stops = list(args.prompt), args.stop
     if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
-        from .chat import chat_ids
+        from .chat import chat_ids, chat_stop_ids
 
         tok = runner.tokenizer
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [chat_ids(tok, system + [{"role": "user", "content": p}], template) for p in args.prompt]
-        if stops is None and tok.eos_token_id is not None:  # the assistant's turn ends at EOS
-            stops = [tok.eos_token_id]
+        stops = chat_stop_ids(tok, stops)
     stream = len(args.prompt) == 1 and not args.json
     if stream:
         print("" if args.chat else args.prompt[0], end="", flush=True)

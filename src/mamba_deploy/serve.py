@@ -334,8 +334,10 @@ class _Handler(BaseHTTPRequestHandler):
             except MambaDeployError as e:
                 what = "text prompts" if as_text else "`stop` strings"
                 raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
-        if chat and kw["stop_token_ids"] is None and s.runner.tokenizer.eos_token_id is not None:
-            kw["stop_token_ids"] = [s.runner.tokenizer.eos_token_id]  # the assistant's turn ends at EOS
+        if chat:
+            from .chat import chat_stop_ids
+
+            kw["stop_token_ids"] = chat_stop_ids(s.runner.tokenizer, kw["stop_token_ids"])
         if stream:
             self._stream(prompts, as_text or chat, kw, include_usage, chat)
         else:

@@ -100,7 +100,7 @@ def load_tokenizer(folder) -> Tokenizer:
     # a folder that does not exist locally may be a hub id: transformers resolves those
     if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_SOURCES):
         raise _no_tokenizer(folder, f"none of {', '.join(TOKENIZER_SOURCES)}")
-    spm_file = next((folder / n for n in SENTENCEPIECE_FILES if (folder / n).is_file()), None)
+    spm_file = find_sentencepiece(folder)
     if (folder / "tokenizer.json").exists():
         tok = _from_tokenizer_json(folder)
     elif spm_file is not None and not (folder / "tokenizer_config.json").exists():
@@ -235,18 +235,23 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
         raise _corrupt(path, e) from e
 
 
-# sentencepiece ModelProto.SentencePiece.Type values matched in text as whole tokens: UNKNOWN,
-# CONTROL, USER_DEFINED (llama.cpp's parse_special set)
-SPM_TEXT_SPECIALS = (2, 3, 4)
+def find_sentencepiece(folder: Path) -> Path | None:
+    """The folder's SentencePiece model file (SENTENCEPIECE_FILES, in that order), or None."""
+    return next((folder / n for n in SENTENCEPIECE_FILES if (folder / n).is_file()), None)
+
+
+def sentencepiece_model_class():
+    """sentencepiece's ModelProto class (its generated protobuf module, which needs `protobuf`);
+    ModuleNotFoundError without either."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto
 
 
 def parse_sentencepiece(model: bytes):
-    """A serialized SentencePiece model as its ModelProto (sentencepiece's generated protobuf
-    module, which needs `protobuf`). ModuleNotFoundError without them; ValueError for bytes that
-    are not a model."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
+    """A serialized SentencePiece model as its ModelProto. ModuleNotFoundError without
+    sentencepiece / protobuf; ValueError for bytes that are not a model."""
+    proto = sentencepiece_model_class()()
     try:
         proto.ParseFromString(model)
     except Exception as e:  # noqa: BLE001  (protobuf's DecodeError; its base class differs by backend)
@@ -260,7 +265,9 @@ def sentencepiece_tokenizer(model: bytes, folder=None) -> Tokenizer:
     """A Tokenizer over a serialized SentencePiece model; errors as parse_sentencepiece."""
     import sentencepiece
 
-    specials = [p.piece for p in parse_sentencepiece(model).pieces if p.type in SPM_TEXT_SPECIALS]
+    proto = parse_sentencepiece(model)
+    kind = proto.SentencePiece  # pieces matched in the text as whole tokens: llama.cpp's parse_special set
+    specials = [p.piece for p in proto.pieces if p.type in (kind.UNKNOWN, kind.CONTROL, kind.USER_DEFINED)]
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     except RuntimeError as e:

@@ -20,7 +20,8 @@ from gguf import TokenType
 from ..chat import CHAT_TEMPLATE_FILE, GGUF_CHAT_TEMPLATE_KEY, read_chat_template
 from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
-from ..tokenizer import SENTENCEPIECE_FILES, parse_sentencepiece, read_tokenizer_config
+from ..tokenizer import (SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece, read_tokenizer_config,
+                         sentencepiece_model_class)
 from .gguf_tables import (ADD_BOS_DEFAULT, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE,
                           SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
@@ -72,7 +73,7 @@ def find_tokenizer_file(tokenizer, model_source) -> Path:
 
 def _pick_tokenizer(folder: Path) -> Path | None:
     tj = folder / "tokenizer.json"
-    spm = next((folder / n for n in SENTENCEPIECE_FILES if (folder / n).is_file()), None)
+    spm = find_sentencepiece(folder)
     if tj.is_file() and (spm is None or not _converted_sentencepiece(tj)):
         return tj
     return spm
@@ -174,21 +175,17 @@ def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dic
 
 # ----------------------------------------------------------------------------- SentencePiece
 
-def _model_proto():
-    """sentencepiece's ModelProto class (its generated protobuf module needs `protobuf`)."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ModuleNotFoundError as e:
-        raise ExportError(f"reading or writing a SentencePiece model needs {e.name}: "
-                          f"{install_hint(e.name or 'sentencepiece')}") from e
-    return sentencepiece_model_pb2.ModelProto
+def _missing(e: ModuleNotFoundError) -> ExportError:
+    return ExportError(f"reading or writing a SentencePiece model needs {e.name}: "
+                       f"{install_hint(e.name or 'sentencepiece')}")
 
 
 def read_spm_proto(path: Path):
     """A SentencePiece model file as its ModelProto; typed errors for a missing or corrupt one."""
-    _model_proto()  # the install hint, before anything else
     try:
         return parse_sentencepiece(Path(path).read_bytes())
+    except ModuleNotFoundError as e:
+        raise _missing(e) from e
     except OSError as e:
         raise ModelNotFoundError(f"cannot read SentencePiece model {path}: {e}; check the path, or pass the "
                                  "model's tokenizer.model with --tokenizer") from e
@@ -236,7 +233,10 @@ def spm_model_from_vocab(vocab: Vocab) -> bytes:
     if vocab.model != SPM_TOKENIZER_MODEL or vocab.scores is None or len(vocab.scores) != len(vocab.tokens):
         raise ExportError(f"{where}: a {vocab.model!r} tokenizer without one score per token has no SentencePiece "
                           "equivalent")
-    proto = _model_proto()()
+    try:
+        proto = sentencepiece_model_class()()
+    except ModuleNotFoundError as e:
+        raise _missing(e) from e
     from_gguf = {int(t): k for k, t in SPM_TOKEN_TYPES.items()}
     for piece, score, kind in zip(vocab.tokens, vocab.scores, vocab.types):
         if int(kind) not in from_gguf:

@@ -100,8 +100,9 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
     from jinja2 import TemplateError
 
     env = _environment()
+    messages = check_messages(messages)  # outside the try: a bad conversation is the caller's error, not the template's
     try:
-        return env.from_string(template).render(messages=check_messages(messages), bos_token=bos_token,
+        return env.from_string(template).render(messages=messages, bos_token=bos_token,
                                                 eos_token=eos_token, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError:  # its own raise_exception
         raise
@@ -120,6 +121,9 @@ def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
                           "--chat-template FILE, or send plain prompts")
     names = [_token_text(tokenizer, i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
     text = render_chat(template, messages, *names)
+    if not text.strip():  # else it surfaces later as "a prompt is empty", pointing at the prompt
+        raise ChatTemplateError(f"the chat template rendered nothing for this conversation ({text!r}); check "
+                                "that it writes `messages` (e.g. {% for m in messages %}...{% endfor %})")
     return tokenizer.encode(text, add_special_tokens=False)
 
 

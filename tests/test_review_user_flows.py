@@ -1,0 +1,71 @@
+"""User flows that went wrong in a review from the command line: each test drives the CLI (or the
+call behind it) with a mistake a user can make and checks that the answer names the real problem,
+on the shipped demo models (CPU, no network)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mamba_deploy.chat import ChatTemplateError, chat_ids
+from mamba_deploy.errors import ConfigError
+from mamba_deploy.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO1 = REPO / "models" / "demo-mamba1"
+DEMO2 = REPO / "models" / "demo-mamba2"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _copy_with_config(tmp_path, src, **changes) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+# ----------------------------------------------------------------------------- chat
+
+def test_bad_messages_are_named_as_such_not_as_a_template_failure():
+    """A conversation the caller got wrong is the caller's error ("message 0 must be ..."), not
+    "the chat template failed" (the template is fine)."""
+    tok = load_tokenizer(DEMO2)
+    for messages, match in [([{"role": "robot", "content": "x"}], "message 0 must be an object with a role"),
+                            ([], "`messages` must be a non-empty list"),
+                            ([{"role": "user", "content": None}], "message 0 content must be a string")]:
+        with pytest.raises(ConfigError, match=match) as e:
+            chat_ids(tok, messages, CHATML)
+        assert not isinstance(e.value, ChatTemplateError)
+        assert "template" not in str(e.value)
+
+
+def test_a_template_that_renders_nothing_is_a_template_error():
+    """An empty template file rendered the conversation as "", which then failed as "a prompt is
+    empty; give at least one token": it pointed at the prompt, not at the template."""
+    tok = load_tokenizer(DEMO2)
+    with pytest.raises(ChatTemplateError, match="rendered nothing"):
+        chat_ids(tok, [{"role": "user", "content": "hello"}], "\n")
+    with pytest.raises(ChatTemplateError, match="rendered nothing"):
+        chat_ids(tok, [{"role": "user", "content": "hello"}], "{% if false %}x{% endif %}")
+
+
+
+
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+
+# ----------------------------------------------------------------------------- checkpoint
+

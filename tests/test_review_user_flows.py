@@ -3,13 +3,16 @@ call behind it) with a mistake a user can make and checks that the answer names 
 on the shipped demo models (CPU, no network)."""
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from mamba_deploy.chat import ChatTemplateError, chat_ids
+from mamba_deploy.cli import main
 from mamba_deploy.errors import ConfigError
 from mamba_deploy.tokenizer import load_tokenizer
 
@@ -53,8 +56,43 @@ def test_a_template_that_renders_nothing_is_a_template_error():
         chat_ids(tok, [{"role": "user", "content": "hello"}], "{% if false %}x{% endif %}")
 
 
+def _post(srv, body):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
+def test_serve_chat_template_flag(tmp_path, capsys):
+    """The server's "no chat template" 400 told users to pass --chat-template FILE, a flag `serve`
+    did not have. It has it now: the template serves /v1/chat/completions as generate --chat uses
+    it (same ids), and an unreadable file is refused before the model loads."""
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    assert main(["serve", str(DEMO2), "--chat-template", str(tmp_path / "none.jinja"), "--port", "0"]) == 2
+    assert "--chat-template" in capsys.readouterr().err
+    runner = open_runner(DEMO2, "torch")
+    messages = [{"role": "user", "content": "def main():"}]
+    want_ids = chat_ids(runner.tokenizer, messages, CHATML)
+    assert "<|im_start|>" in runner.tokenizer.decode(want_ids)  # the template was used
+    want = generate(runner, [want_ids], max_new_tokens=6, stop_token_ids=[runner.tokenizer.eos_token_id])
+    srv = make_server(runner, "127.0.0.1", 0, quiet=True, chat_template=CHATML)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, res = _post(srv, {"messages": messages, "max_tokens": 6, "temperature": 0})
+        assert status == 200, res
+        assert res["usage"]["prompt_tokens"] == len(want_ids)
+        assert res["choices"][0]["token_ids"] == want.tokens[0]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(10)
 
 
 # ----------------------------------------------------------------------------- generate

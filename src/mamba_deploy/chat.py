@@ -46,6 +46,14 @@ def read_chat_template(folder) -> str | None:
     return None
 
 
+def read_template_file(path) -> str:
+    """The text of a --chat-template FILE (generate --chat, serve); ConfigError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --chat-template {path!r} ({e}); pass a Jinja template file") from e
+
+
 def check_messages(messages) -> list[dict]:
     """OpenAI-style messages -> a list of {"role", "content"} dicts; ConfigError naming the bad one."""
     if not isinstance(messages, list) or not messages:

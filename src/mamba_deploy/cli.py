@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -147,6 +146,7 @@ def cmd_inspect(args):
 
 
 def cmd_generate(args):
+    from .chat import read_template_file
     from .generation import TextStream, check_stop_strings, generate
     from .runners import open_runner
 
@@ -155,7 +155,7 @@ def cmd_generate(args):
         from .errors import ConfigError
 
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
-    template = _read_chat_template_file(args.chat_template) if args.chat_template else None
+    template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
     prompts, stops = list(args.prompt), args.stop
     if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
@@ -188,15 +188,6 @@ def cmd_generate(args):
         for p, t in zip(args.prompt, texts):
             print(f"--- {p!r}\n{'' if args.chat else p}{t}")
     runner.close()
-
-
-def _read_chat_template_file(path) -> str:
-    from .errors import ConfigError
-
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read --chat-template {path!r} ({e}); pass a Jinja template file") from e
 
 
 def cmd_convert(args):

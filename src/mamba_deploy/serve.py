@@ -190,8 +190,9 @@ class CompletionServer(ThreadingHTTPServer):
     close_timeout = 10.0
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
-                 quiet: bool, request_timeout: float | None):
+                 quiet: bool, request_timeout: float | None, chat_template: str | None = None):
         self.runner = runner
+        self.chat_template = chat_template  # None: the model's own (chat.py)
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_tokens_limit = max_tokens_limit
@@ -358,7 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
         except MambaDeployError as e:
             raise RequestError(f"chat needs a tokenizer: {e}", param="messages") from e
         try:
-            ids = chat_ids(tok, body.get("messages"))
+            ids = chat_ids(tok, body.get("messages"), self.server.chat_template)
         except ConfigError as e:  # no template, bad messages, or the template refused them
             raise RequestError(str(e), param="messages") from e
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
@@ -486,17 +487,19 @@ def _usage(res) -> dict:
 
 def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
-                request_timeout: float | None = 60.0) -> CompletionServer:
+                request_timeout: float | None = 60.0, chat_template: str | None = None) -> CompletionServer:
     """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
-    port 0 picks a free port: read it from `server.server_address[1]` or `server.url`."""
+    port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
+    chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own."""
     if max_batch < 1:
         raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
     if max_tokens_limit < 1:  # 0 would turn every request away with a 400
         raise ConfigError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     if model_name is None:
         model_name = default_model_name(runner)
-    return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout)
+    return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
+                            chat_template)
 
 
 def default_model_name(runner, model=None) -> str:
@@ -543,9 +546,12 @@ def _check_can_listen(host: str, port: int) -> None:
 def cmd_serve(args):
     import signal
 
+    from .chat import read_template_file
     from .cli import runner_options
     from .runners import open_runner
 
+    # read before the model loads; the "no chat template" 400 names this flag as the fix
+    template = read_template_file(args.chat_template) if args.chat_template else None
     try:  # --max-batch / --max-tokens-limit >= 1: argparse (positive_int)
         _check_can_listen(args.host, args.port)
     except OSError as e:
@@ -554,7 +560,7 @@ def cmd_serve(args):
     try:
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
-                             max_tokens_limit=args.max_tokens_limit, quiet=args.quiet)
+                             max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template)
     except OSError as e:  # socket.gaierror (a bad --host) is an OSError too
         runner.close()
         raise _bind_error(args.host, args.port, e) from None
@@ -592,6 +598,8 @@ def register(subparsers) -> None:
                    help="largest max_tokens a request may ask for")
     s.add_argument("--model-name", default=None,
                    help="name reported as `model` (default: the folder name, or a .gguf file's name)")
+    s.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions instead of the model's own")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)

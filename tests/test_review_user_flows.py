@@ -97,8 +97,25 @@ def test_serve_chat_template_flag(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- generate
 
+@pytest.mark.parametrize("extra,match", [(["--stop", "99999"], "outside the vocabulary"),
+                                        (["--prompt", ""], "a prompt is empty")])
+def test_generate_prints_nothing_before_a_refusal(capsys, extra, match):
+    """The streamed prompt was echoed before the request was checked, so the terminal showed
+    "def main(error: ..." and stdout carried a prompt without a completion."""
+    assert main(["generate", str(DEMO1), "--prompt", "def main(", "--max-new-tokens", "2", *extra]
+                if "--prompt" not in extra else ["generate", str(DEMO1), *extra, "--max-new-tokens", "2"]) == 2
+    out = capsys.readouterr()
+    assert match in out.err
+    assert out.out == ""
 
 
+def test_generate_without_tokenizer_prints_nothing_first(tmp_path, capsys):
+    folder = tmp_path / "notok"
+    shutil.copytree(DEMO1, folder)
+    (folder / "tokenizer.json").unlink()
+    assert main(["generate", str(folder), "--prompt", "def main(", "--max-new-tokens", "2"]) == 2
+    out = capsys.readouterr()
+    assert "no tokenizer" in out.err and out.out == ""
 
 
 # ----------------------------------------------------------------------------- eval

@@ -147,7 +147,7 @@ def cmd_inspect(args):
 
 def cmd_generate(args):
     from .chat import read_template_file
-    from .generation import TextStream, check_stop_strings, generate
+    from .generation import TextStream, check_request, check_stop_strings, generate
     from .runners import open_runner
 
     check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
@@ -166,6 +166,7 @@ def cmd_generate(args):
         prompts = [chat_ids(tok, system + [{"role": "user", "content": p}], template) for p in args.prompt]
         stops = chat_stop_ids(tok, stops)
     stream = len(args.prompt) == 1 and not args.json
+    check_request(runner, prompts, stops, args.stop_string)  # before the prompt is echoed, not after
     if stream:
         print("" if args.chat else args.prompt[0], end="", flush=True)
         text = TextStream(runner.tokenizer, args.stop_string)  # never prints (part of) a stop string

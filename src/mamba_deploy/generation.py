@@ -253,6 +253,13 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     return Generation(out, ids_list, texts, reasons)
 
 
+def check_request(runner, prompts, stop_token_ids=None, stop_strings=None) -> None:
+    """What generate() would refuse before its first token (an empty prompt, text without a
+    tokenizer, stop ids outside the vocabulary), checked without running the model: for callers
+    that print something first (the CLI echoes the prompt), so an error is not glued to it."""
+    _prepare(runner, prompts, stop_token_ids, check_stop_strings(stop_strings))
+
+
 def _prepare(runner, prompts, stop_token_ids, stop_strings):
     """Prompts -> (token id lists, tokenizer or None, whether prompts were text, stop ids tensor).
     The tokenizer is needed for text prompts and for stop strings (found in decoded text)."""

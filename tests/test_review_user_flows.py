@@ -120,6 +120,18 @@ def test_generate_without_tokenizer_prints_nothing_first(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- eval
 
+def test_eval_refuses_a_text_file_that_is_not_utf8(tmp_path, capsys):
+    """`eval --text` ("a UTF-8 text file") replaced undecodable bytes with U+FFFD and scored
+    that other text without a word; verify --text refuses such a file. Now eval does too."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 = 1\n".encode("latin-1") * 20)
+    assert main(["eval", str(DEMO1), "--text", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "UTF-8" in err and str(bad) in err
+    good = tmp_path / "utf8.txt"
+    good.write_text("caf\u00e9 = 1\n" * 20, encoding="utf-8")
+    assert main(["eval", str(DEMO1), "--text", str(good), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 1
 
 
 # ----------------------------------------------------------------------------- checkpoint

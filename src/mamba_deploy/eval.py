@@ -75,7 +75,12 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int
         p = Path(text_file)
         if not p.is_file():
             raise ModelNotFoundError(f"--text {text_file!r} is not a file")
-        return tokenizer.encode(p.read_text(encoding="utf-8", errors="replace"))
+        try:  # strict, as verify --text: replaced bytes would score a text that is not the file's
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --text {text_file!r} as UTF-8 text: {e}; convert it to UTF-8 "
+                              "(e.g. iconv -f latin1 -t utf-8)") from e
+        return tokenizer.encode(text)
     from . import data
 
     if corpus not in data.CORPORA:

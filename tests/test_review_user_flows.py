@@ -13,7 +13,7 @@ import pytest
 
 from mamba_deploy.chat import ChatTemplateError, chat_ids
 from mamba_deploy.cli import main
-from mamba_deploy.errors import ConfigError
+from mamba_deploy.errors import CheckpointError, ConfigError
 from mamba_deploy.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,3 +136,14 @@ def test_eval_refuses_a_text_file_that_is_not_utf8(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- checkpoint
 
+def test_config_vocab_larger_than_the_weights_is_refused(tmp_path, capsys):
+    """config.json's vocab_size above the embedding's rows was zero-padded: ids the weights never
+    had got logits of exactly 0 and could be sampled. mamba_ssm's padding to a multiple (rows
+    between vocab_size and padded_vocab_size) stays allowed."""
+    from mamba_deploy import load_model
+
+    folder = _copy_with_config(tmp_path, DEMO1, vocab_size=5000)
+    with pytest.raises(CheckpointError, match="4096 vocab rows.*vocab_size 5000"):
+        load_model(folder)
+    assert main(["inspect", str(folder)]) == 2  # headers only: the same check
+    assert "vocab_size 5000" in capsys.readouterr().err

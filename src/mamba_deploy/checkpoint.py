@@ -221,7 +221,7 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             continue
         p = params[name]
         if name.endswith("embeddings.weight") or name == "lm_head.weight":
-            t = _pad_vocab(t, p.shape[0], k)
+            t = _pad_vocab(t, p.shape[0], k, cfg.vocab_size)
         if tuple(t.shape) != tuple(p.shape):
             bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
             seen.add(name)  # present, reported as wrongly shaped rather than missing
@@ -266,7 +266,11 @@ def check_weight_headers(folder: Path, cfg: MambaConfig, meta=None) -> None:
     load_weights(meta if meta is not None else meta_model(cfg), folder, "meta", None, shapes_only=True)
 
 
-def _pad_vocab(t, rows: int, key: str):
+def _pad_vocab(t, rows: int, key: str, vocab_size: int):
+    if t.shape[0] < vocab_size:  # zero rows for real ids: logits of exactly 0 that sampling can pick
+        raise CheckpointError(f"{key} has {t.shape[0]} vocab rows, fewer than config.json's vocab_size "
+                              f"{vocab_size} (ids {t.shape[0]}..{vocab_size - 1} would have no weights); set vocab_size to "
+                              f"{t.shape[0]}, or resize the embeddings of the model that added those tokens")
     if t.shape[0] < rows:  # mamba_ssm pads the vocab to a multiple; extra rows are never produced
         return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
     if t.shape[0] > rows:

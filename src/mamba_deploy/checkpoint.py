@@ -269,8 +269,8 @@ def check_weight_headers(folder: Path, cfg: MambaConfig, meta=None) -> None:
 def _pad_vocab(t, rows: int, key: str, vocab_size: int):
     if t.shape[0] < vocab_size:  # zero rows for real ids: logits of exactly 0 that sampling can pick
         raise CheckpointError(f"{key} has {t.shape[0]} vocab rows, fewer than config.json's vocab_size "
-                              f"{vocab_size} (ids {t.shape[0]}..{vocab_size - 1} would have no weights); set vocab_size to "
-                              f"{t.shape[0]}, or resize the embeddings of the model that added those tokens")
+                              f"{vocab_size} (ids {t.shape[0]}..{vocab_size - 1} would have no weights); set "
+                              f"vocab_size to {t.shape[0]}, or resize the embeddings of the model that added them")
     if t.shape[0] < rows:  # mamba_ssm pads the vocab to a multiple; extra rows are never produced
         return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
     if t.shape[0] > rows:

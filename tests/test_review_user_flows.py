@@ -147,3 +147,31 @@ def test_config_vocab_larger_than_the_weights_is_refused(tmp_path, capsys):
         load_model(folder)
     assert main(["inspect", str(folder)]) == 2  # headers only: the same check
     assert "vocab_size 5000" in capsys.readouterr().err
+
+
+def test_chat_request_errors_name_the_fields_chat_takes(tmp_path):
+    """/v1/chat/completions answered `n`=2 with "send the prompt several times in `prompt`" (a field
+    it refuses) and max_completion_tokens=0 as "`max_tokens` must be in ..." (a field not sent)."""
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    srv = make_server(open_runner(DEMO2, "torch"), "127.0.0.1", 0, quiet=True, chat_template=CHATML,
+                      max_tokens_limit=64)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        status, res = _post(srv, {"messages": messages, "n": 2})
+        assert status == 400 and res["error"]["param"] == "n"
+        assert "only n=1" in res["error"]["message"] and "prompt" not in res["error"]["message"]
+        for value in (0, 65, "3"):
+            status, res = _post(srv, {"messages": messages, "max_completion_tokens": value})
+            assert status == 400 and res["error"]["param"] == "max_completion_tokens", res
+            assert "`max_completion_tokens`" in res["error"]["message"]
+        status, res = _post(srv, {"messages": messages, "max_completion_tokens": 3, "temperature": 0})
+        assert status == 200 and res["usage"]["completion_tokens"] <= 3
+        assert _post(srv, {"messages": messages, "max_tokens": 0})[1]["error"]["param"] == "max_tokens"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(10)

@@ -362,9 +362,16 @@ class _Handler(BaseHTTPRequestHandler):
             ids = chat_ids(tok, body.get("messages"), self.server.chat_template)
         except ConfigError as e:  # no template, bad messages, or the template refused them
             raise RequestError(str(e), param="messages") from e
+        if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
+            raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
+                               "again for another reply", param="n")
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if "max_completion_tokens" in body and "max_tokens" not in body:  # OpenAI's newer name
-            rest["max_tokens"] = body["max_completion_tokens"]
+            n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
+            if not 1 <= n <= self.server.max_tokens_limit:  # named as sent, not as `max_tokens`
+                raise RequestError(f"`max_completion_tokens` must be in [1, {self.server.max_tokens_limit}], got {n}",
+                                   param="max_completion_tokens")
+            rest["max_tokens"] = n
         return {**rest, "prompt": ids}
 
     def _read_json(self):

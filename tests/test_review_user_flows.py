@@ -175,3 +175,49 @@ def test_chat_request_errors_name_the_fields_chat_takes(tmp_path):
         srv.shutdown()
         srv.server_close()
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo1_gguf(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    return export_gguf(DEMO1, tmp_path_factory.mktemp("gguf") / "demo1.gguf")
+
+
+@pytest.mark.parametrize("verb,flags", [("generate", ["--dtype", "bf16"]), ("generate", ["--state-dtype", "fp16"]),
+                                        ("eval", ["--dtype", "fp16"]), ("serve", ["--device", "cuda"])])
+def test_torch_only_flags_are_refused_for_other_backends(demo1_gguf, capsys, verb, flags):
+    """generate / eval / serve passed --dtype, --state-dtype and --device to the torch backend only
+    and dropped them for a .gguf or ONNX folder: `generate model.gguf --dtype bf16` ran llama.cpp's
+    F32 without a word (verify refuses --artifact-dtype for such artifacts)."""
+    import socket
+
+    pytest.importorskip("llama_cpp")
+    with socket.socket() as busy:  # a server that got past the check fails to bind instead of serving forever
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rest = {"generate": ["--prompt", "x", "--max-new-tokens", "1"],
+                "eval": ["--corpus", "stdlib-val", "--max-tokens", "8"],
+                "serve": ["--port", str(busy.getsockname()[1])]}[verb]
+        assert main([verb, str(demo1_gguf), *flags, *rest]) == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err and "llama.cpp" in err
+
+
+def test_torch_only_flags_still_apply_to_torch(demo1_gguf, capsys):
+    """The same flags on the torch backend (a folder, or the .gguf with --backend torch) still run,
+    and their defaults spelled out ("--dtype float32") are not refused."""
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    assert main(["generate", str(demo1_gguf), "--backend", "torch", "--dtype", "bf16", "--prompt", "def",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["tokens"]
+    import torch
+
+    want = generate(open_runner(demo1_gguf, "torch", dtype=torch.bfloat16), ["def"], max_new_tokens=3).tokens[0]
+    assert got == want
+    pytest.importorskip("llama_cpp")
+    assert main(["generate", str(demo1_gguf), "--dtype", "float32", "--device", "cpu", "--prompt", "def",
+                 "--max-new-tokens", "1", "--json"]) == 0

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .argtypes import min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
-from .errors import MambaDeployError, ModelNotFoundError
+from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -85,10 +85,26 @@ def add_threads(parser) -> None:
                              "each backend's own (llama.cpp: one per physical core)")
 
 
+# the torch backend's own flags at their defaults: anything else asks for something other backends do not do
+TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32"}
+
+
 def runner_options(args, torch_opts=None) -> dict:
     """open_runner options from the CLI: --threads for every backend, plus the torch backend's
     own (`torch_opts`, default torch_options(args)) when the backend is torch or left to the path
-    (the other backends ignore options they do not take)."""
+    (the other backends ignore options they do not take). A torch-only flag set for a model that
+    runs on another backend is refused: ignoring it would run another precision or device silently."""
+    from .runners import guess_backend
+
+    backend = args.backend or guess_backend(args.model)
+    if backend != "torch":
+        for name, default in TORCH_ONLY_DEFAULTS.items():
+            value = getattr(args, name, default)
+            if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {value} applies to the torch backend only; {args.model} runs on the "
+                                  f"{backend} backend, which would ignore it and run the artifact as stored. Leave "
+                                  f"{flag} out, or run a checkpoint folder or .gguf with --backend torch")
     opts = {"threads": args.threads}
     if args.backend in (None, "torch"):
         opts.update(torch_options(args) if torch_opts is None else torch_opts)
@@ -152,8 +168,6 @@ def cmd_generate(args):
 
     check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
     if not args.chat and (args.system is not None or args.chat_template is not None):
-        from .errors import ConfigError
-
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
     template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))

@@ -559,11 +559,12 @@ def cmd_serve(args):
 
     # read before the model loads; the "no chat template" 400 names this flag as the fix
     template = read_template_file(args.chat_template) if args.chat_template else None
+    options = runner_options(args)  # flags the backend would not take, before anything else
     try:  # --max-batch / --max-tokens-limit >= 1: argparse (positive_int)
         _check_can_listen(args.host, args.port)
     except OSError as e:
         raise _bind_error(args.host, args.port, e) from None
-    runner = open_runner(args.model, args.backend, **runner_options(args))
+    runner = open_runner(args.model, args.backend, **options)
     try:
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),

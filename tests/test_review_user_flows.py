@@ -221,3 +221,55 @@ def test_torch_only_flags_still_apply_to_torch(demo1_gguf, capsys):
     pytest.importorskip("llama_cpp")
     assert main(["generate", str(demo1_gguf), "--dtype", "float32", "--device", "cpu", "--prompt", "def",
                  "--max-new-tokens", "1", "--json"]) == 0
+
+
+# ----------------------------------------------------------------------------- backend names and artifacts
+
+def test_backend_aliases_reach_the_same_backend(demo1_gguf, capsys):
+    """`--backend llamacpp` (the brief's spelling; the package is llama_cpp) and other common
+    spellings were "unknown backend": they now fold to the names the backends are registered under."""
+    from mamba_deploy.bench import parse_targets
+    from mamba_deploy.runners import open_runner
+
+    assert main(["generate", str(DEMO1), "--backend", "torch", "--prompt", "def", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)[0]["tokens"]
+    assert main(["generate", str(DEMO1), "--backend", "PyTorch", "--prompt", "def", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["tokens"] == want
+    assert parse_targets([str(demo1_gguf)], ["LlamaCpp"]) == [(str(demo1_gguf), "llama.cpp")]
+    assert parse_targets(["x"], ["onnxruntime", "ORT"]) == [("x", "onnx"), ("x", "onnx")]
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before any model loads
+        main(["generate", str(DEMO1), "--backend", "cuda", "--prompt", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown backend 'cuda'" in err and "llama.cpp" in err
+    pytest.importorskip("llama_cpp")
+    with open_runner(demo1_gguf, "llamacpp") as r:
+        assert r.name == "llama.cpp"
+
+
+def test_reexported_gguf_keeps_its_general_name(demo1_gguf, tmp_path):
+    """Re-exporting a GGUF (e.g. to another outtype) named the new file after the folder the source
+    GGUF lay in (general.name "gguf0"), not the model's own name stored in the source."""
+    gguf = pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    def name(path):
+        return gguf.GGUFReader(path).get_field("general.name").contents()
+
+    assert name(demo1_gguf) == DEMO1.name  # written from the checkpoint folder's name
+    out = export_gguf(demo1_gguf, tmp_path / "again.gguf", outtype="q8_0")
+    assert name(out) == DEMO1.name
+
+
+def test_onnx_backend_on_a_file_suggests_a_new_folder(demo1_gguf):
+    """`generate m.gguf --backend onnx` told the user to `export onnx MODEL m.gguf`: an export into
+    the path of the existing file. It now names a folder beside it."""
+    from mamba_deploy.errors import ModelNotFoundError
+    from mamba_deploy.runners import open_runner
+
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ModelNotFoundError, match="is a file") as e:
+        open_runner(demo1_gguf, "onnx")
+    assert f"export onnx {demo1_gguf} {demo1_gguf.with_name('demo1-onnx')}" in str(e.value)

@@ -119,3 +119,14 @@ def int_list(text: str, flag: str, example: str) -> list[int]:
     if bad:
         raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. {example}")
     return values
+
+
+def backend_choice(text: str) -> str:
+    """--backend: folded to the name BACKENDS uses (llamacpp -> llama.cpp), refused by argparse otherwise."""
+    from .errors import BackendUnavailableError
+    from .runners import backend_name
+
+    try:
+        return backend_name(text)
+    except BackendUnavailableError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

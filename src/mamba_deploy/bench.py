@@ -138,10 +138,10 @@ def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int 
 def parse_targets(artifacts, backends=None) -> list[tuple[str, str]]:
     """Artifacts (each may be comma-separated) paired with backends: one backend per artifact,
     one backend for all, several backends on one artifact, or guessed from each path."""
-    from .runners import BACKENDS, guess_backend
+    from .runners import BACKENDS, fold_backend, guess_backend
 
     paths = [p.strip() for a in artifacts for p in str(a).split(",") if p.strip()]
-    names = [b.strip() for b in (backends or []) if b.strip()]
+    names = [fold_backend(b) for b in (backends or []) if b.strip()]
     if not paths:
         raise ConfigError("no model or artifact given; pass a checkpoint folder, ONNX folder or .gguf file")
     unknown = [b for b in names if b not in BACKENDS]

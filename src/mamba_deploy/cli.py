@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
+from .argtypes import backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text from a model or exported artifact")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
+    s.add_argument("--backend", default=None, type=backend_choice,
+                   help="torch | onnx | llama.cpp | ... (default: from the path)")
     s.add_argument("--max-new-tokens", type=nonnegative_int, default=64)
     s.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=nonnegative_int, default=0)

@@ -115,7 +115,7 @@ def cmd_eval(args):
 
 
 def register(subparsers):
-    from .argtypes import positive_int
+    from .argtypes import backend_choice, positive_int
     from .cli import DTYPES, add_threads
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
@@ -124,7 +124,8 @@ def register(subparsers):
     s.add_argument("--corpus", default=None, help="stdlib-val | stdlib-train (this Python's stdlib, see data.py)")
     s.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
     s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
-    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | ... (default: from the path)")
+    s.add_argument("--backend", default=None, type=backend_choice,
+                   help="torch | onnx | llama.cpp | ... (default: from the path)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     add_threads(s)

@@ -592,12 +592,13 @@ def cmd_serve(args):
 
 
 def register(subparsers) -> None:
-    from .argtypes import port, positive_int
+    from .argtypes import backend_choice, port, positive_int
     from .cli import add_state_dtype, add_threads
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
-    s.add_argument("--backend", default=None, help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
+    s.add_argument("--backend", default=None, type=backend_choice,
+                   help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     s.add_argument("--max-batch", type=positive_int, default=8,

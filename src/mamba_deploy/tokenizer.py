@@ -78,7 +78,7 @@ def _special_id(tok, cfg: dict, key: str):
 def _no_tokenizer(folder, why: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"no tokenizer in {folder} ({why}); copy the model's tokenizer.json and tokenizer_config.json into "
-        "that folder, or pass --tokenizer PATH where the command has one, or give token ids instead of text"
+        "that folder, or pass --tokenizer PATH where the command has one (from Python: give token ids instead of text)"
     )
 
 
@@ -93,7 +93,8 @@ def _model_vocab(folder: Path) -> int | None:
 
 def load_tokenizer(folder) -> Tokenizer:
     if folder is None:
-        raise ModelNotFoundError("this model has no source folder to load a tokenizer from; pass token ids instead of text")
+        raise ModelNotFoundError("this model has no source folder to load a tokenizer from; "
+                                 "give token ids instead of text (Python API)")
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent

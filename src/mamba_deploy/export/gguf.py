@@ -123,6 +123,13 @@ def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
 
 
 def _model_name(model, out: Path) -> str:
+    """general.name: a GGUF source keeps its own (its folder's name says nothing about the model)."""
+    if getattr(model, "gguf_path", None) is not None:
+        from .gguf_import import field, open_reader
+
+        name = field(open_reader(model.gguf_path), "general.name", None)
+        if name:
+            return name
     src = getattr(model, "source_path", None)
     return Path(src).name if src is not None else out.stem
 

@@ -180,6 +180,10 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
         if config_file(folder) is not None:  # a checkpoint: the export goes to a new folder
             raise ModelNotFoundError(f"{folder} is a checkpoint, not an ONNX export; export it with `mamba-deploy "
                                      f"export onnx {folder} {folder}-onnx` and pass {folder}-onnx")
+        if folder.is_file():  # a .gguf or a weights file: the export goes beside it, not over it
+            out = folder.with_name(folder.stem + "-onnx")
+            raise ModelNotFoundError(f"{folder} is a file, not an ONNX export folder; export it with `mamba-deploy "
+                                     f"export onnx {folder} {out}` and pass {out}")
         raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
     manifest = read_manifest(folder)
     _check_files(manifest, folder, check_hash)

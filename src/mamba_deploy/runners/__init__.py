@@ -17,6 +17,25 @@ BACKENDS = {
     "tensorrt": ("mamba_deploy.runners.tensorrt_runner", "open_tensorrt"),
 }
 
+# other spellings users type: the package names (llama_cpp, onnxruntime) and common short forms
+ALIASES = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "llama-cpp": "llama.cpp", "onnxruntime": "onnx",
+           "ort": "onnx", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch"}
+
+
+def fold_backend(name: str) -> str:
+    """Case and aliases folded (llamacpp -> llama.cpp); not checked."""
+    key = str(name).strip().lower()
+    return ALIASES.get(key, key)
+
+
+def backend_name(name: str) -> str:
+    """A backend name as BACKENDS spells it (case and aliases folded); BackendUnavailableError
+    naming the valid ones when it is none of them."""
+    key = fold_backend(name)
+    if key not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return key
+
 
 def guess_backend(path) -> str:
     p = Path(str(path))
@@ -32,9 +51,7 @@ def guess_backend(path) -> str:
 def open_runner(path, backend: str | None = None, **options) -> Runner:
     import importlib
 
-    backend = backend or guess_backend(path)
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = backend_name(backend) if backend else guess_backend(path)
     mod_name, fn = BACKENDS[backend]
     try:
         mod = importlib.import_module(mod_name)

@@ -236,6 +236,7 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
         calls.append(("get", repo_id, allow_patterns))
         return str(tmp_path)
 
+    monkeypatch.setattr(checkpoint, "_hub_resolves", lambda: True)  # online, whatever this machine is
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert checkpoint._download("mistralai/Mamba-Codestral-7B-v0.1") == tmp_path
@@ -252,4 +253,39 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
     with pytest.raises(ModelNotFoundError, match="FileNotFoundError: not in the cache.*HF_HUB_OFFLINE"):
+        checkpoint._download("org/missing")
+
+
+def test_download_offline_fails_fast_or_reads_the_cache(monkeypatch, tmp_path):
+    """Offline (the hub's host does not resolve), huggingface_hub retried each call for ~25 s
+    before the error; now nothing is asked of the network: the cache serves, or the error comes
+    at once."""
+    import socket
+
+    import huggingface_hub
+
+    from mamba_deploy import checkpoint
+
+    def no_dns(host, *a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    class NoNetwork:
+        def list_repo_files(self, repo_id):
+            raise AssertionError("the network was asked although the host does not resolve")
+
+    cache = {"org/cached": tmp_path}
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        if not local_files_only:
+            raise AssertionError("a download was attempted offline")
+        if repo_id not in cache:
+            raise FileNotFoundError("not in the cache")
+        return str(cache[repo_id])
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoNetwork)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert checkpoint._download("org/cached") == tmp_path
+    with pytest.raises(ModelNotFoundError, match="does not resolve.*not in the local hub cache"):
         checkpoint._download("org/missing")

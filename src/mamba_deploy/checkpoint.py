@@ -83,6 +83,13 @@ def _download(repo_id: str) -> Path:
     except ImportError as e:
         raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; "
                                  f"{install_hint('huggingface_hub')}") from e
+    if not _hub_resolves():  # offline: huggingface_hub would retry for ~25 s before failing
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))  # an earlier download still serves
+        except Exception as e:  # noqa: BLE001  (not in the cache)
+            raise ModelNotFoundError(
+                f"{repo_id!r} is not a local path, the hub's host does not resolve (offline?) and the model is "
+                "not in the local hub cache; download it elsewhere and pass the local folder") from e
     try:
         tries = [hub_patterns(HfApi().list_repo_files(repo_id))]
     except Exception:  # noqa: BLE001  (offline / not found: snapshot_download says which, or reads the cache)
@@ -99,6 +106,23 @@ def _download(repo_id: str) -> Path:
         "If you are offline, download it elsewhere and pass the local folder, or use the cache "
         "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
     ) from first
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves (instant when offline; huggingface_hub's own calls
+    retry a failed lookup five times)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub reads its cache without trying the network
+        return True
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
 
 
 def _not_a_checkpoint(folder: Path) -> str:

@@ -273,3 +273,21 @@ def test_onnx_backend_on_a_file_suggests_a_new_folder(demo1_gguf):
     with pytest.raises(ModelNotFoundError, match="is a file") as e:
         open_runner(demo1_gguf, "onnx")
     assert f"export onnx {demo1_gguf} {demo1_gguf.with_name('demo1-onnx')}" in str(e.value)
+
+
+def test_quantize_names_the_flag_a_method_does_not_take(tmp_path, capsys, monkeypatch):
+    """`quantize --method int8 --act-order` said "unknown option(s) ['act_order']" (an internal
+    name) after loading the model; it now names the flag and the methods that take it, first."""
+    from mamba_deploy import checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    for method, flag, takers in [("int8", "--act-order", "gptq"), ("int4", "--alpha", "smoothquant"),
+                                 ("awq", "--fp8-scaling", "fp8")]:
+        assert main(["quantize", str(DEMO1), str(tmp_path / method), "--method", method, flag,
+                     *(["0.5"] if flag == "--alpha" else ["tensor"] if flag == "--fp8-scaling" else [])]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} does not apply to --method {method}; it applies to {takers}" in err
+        assert not (tmp_path / method).exists()

@@ -29,6 +29,31 @@ def pick_auto(n_params: int, target: str) -> tuple[str, str]:
     raise QuantizationError(f"--target {target!r} unknown; choose cpu or gpu")
 
 
+# quantize's flags by the method option each sets: a refusal names the flag the user typed
+FLAGS = {"group_size": "--group-size", "symmetric": "--asymmetric", "act_order": "--act-order", "alpha": "--alpha",
+         "fp8_scaling": "--fp8-scaling", "calib": "--calib", "n_calib": "--n-calib", "calib_len": "--calib-len",
+         "rules": "--config", "include": "--include"}
+
+
+def _takes(method: str, option: str) -> bool:
+    from .plan import method_options
+
+    try:
+        method_options(method, {option: None})  # None: only whether the method knows the option
+    except QuantizationError:
+        return False
+    return True
+
+
+def check_flags(method: str, opts: dict) -> None:
+    """QuantizationError naming each flag --method does not take and the methods that do."""
+    for key in opts:
+        if not _takes(method, key):
+            takers = [m for m in METHODS if _takes(m, key)]
+            raise QuantizationError(f"{FLAGS.get(key, key)} does not apply to --method {method}; it applies to "
+                                    f"{', '.join(takers) or 'no method'}. Leave it out, or pick one of those")
+
+
 def cmd_quantize(args):
     from ..atomic import prepare_output_dir
     from ..checkpoint import load_model
@@ -36,26 +61,23 @@ def cmd_quantize(args):
 
     if args.method is None and not args.auto:
         raise QuantizationError("pass --method (int8|int4|gptq|awq|smoothquant|fp8) or --auto --target cpu|gpu")
+    opts = dict(group_size=args.group_size, symmetric=False if args.asymmetric else None,
+                calib=args.calib, rules=args.config, n_calib=args.n_calib, calib_len=args.calib_len,
+                act_order=True if args.act_order else None, alpha=args.alpha, fp8_scaling=args.fp8_scaling,
+                include=tuple(s.strip() for s in args.include.split(",") if s.strip()) if args.include else None)
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if args.method is not None and not args.auto:
+        check_flags(args.method, opts)  # before the model loads
     prepare_output_dir(args.out, QuantizationError)  # before minutes of calibration, not after
     model = load_model(args.model)
     method = args.method
     if args.auto:
         method, why = pick_auto(model.num_parameters(), args.target)
         print(f"--auto picked {method}: {why}")
-        if args.group_size is not None and METHODS[method]["format"] != "int4":
-            print(f"--group-size {args.group_size} does not apply to {method} (per output channel); ignored")
-            args.group_size = None
-    opts = dict(group_size=args.group_size, symmetric=False if args.asymmetric else None,
-                calib=args.calib, rules=args.config, n_calib=args.n_calib, calib_len=args.calib_len)
-    if args.act_order:
-        opts["act_order"] = True
-    if args.alpha is not None:
-        opts["alpha"] = args.alpha
-    if args.fp8_scaling:
-        opts["fp8_scaling"] = args.fp8_scaling
-    if args.include:
-        opts["include"] = tuple(s.strip() for s in args.include.split(",") if s.strip())
-    quantize(model, method, **{k: v for k, v in opts.items() if v is not None})
+        if "group_size" in opts and METHODS[method]["format"] != "int4":
+            print(f"--group-size {opts.pop('group_size')} does not apply to {method} (per output channel); ignored")
+        check_flags(method, opts)
+    quantize(model, method, **opts)
     out = save_quantized(model, args.out)
     counts: dict[str, int] = {}
     for spec in model.quantization_config["modules"].values():

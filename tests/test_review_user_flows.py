@@ -291,3 +291,15 @@ def test_quantize_names_the_flag_a_method_does_not_take(tmp_path, capsys, monkey
         err = capsys.readouterr().err
         assert f"{flag} does not apply to --method {method}; it applies to {takers}" in err
         assert not (tmp_path / method).exists()
+
+
+def test_int_lists_refuse_empty_entries(capsys):
+    """`verify --lengths 1,,2` ran lengths 1 and 2 as if the typo were not there."""
+    from mamba_deploy.argtypes import int_list
+
+    for text in ("1,,2", "1,2,", ",7"):
+        with pytest.raises(ConfigError, match="has an empty entry"):
+            int_list(text, "--lengths", "1,7,257")
+    assert int_list("1, 7 ,257", "--lengths", "1,7,257") == [1, 7, 257]
+    assert main(["verify", str(DEMO1), str(DEMO1), "--lengths", "1,,2"]) == 2
+    assert "--lengths '1,,2' has an empty entry" in capsys.readouterr().err

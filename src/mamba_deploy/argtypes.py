@@ -109,8 +109,11 @@ def int_list(text: str, flag: str, example: str) -> list[int]:
     or a ConfigError naming the flag: an empty list would skip every case and still pass."""
     from .errors import ConfigError
 
+    parts = text.split(",")
+    if len(parts) > 1 and not all(x.strip() for x in parts):  # "1,,2": a typo, not a list of two
+        raise ConfigError(f"{flag} {text!r} has an empty entry; give comma-separated integers >= 1, e.g. {example}")
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in parts if x.strip()]
     except ValueError:
         raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. {example}") from None
     if not values:

@@ -175,11 +175,13 @@ def _gguf_label(path: Path) -> str:
             return LlamaFileType(int(field_.parts[field_.data[0]][0])).name.lower().removeprefix("mostly_")
         except (ValueError, IndexError):
             pass
-    # no file_type: the most common type among the 2-D weights
+    # no file_type: the type holding most of the 2-D weights' values. Not the most common type by
+    # tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv, A, D,
+    # gated norm) against its 2 quantized matrices
     counts = {}
     for t in reader.tensors:
         if len(t.shape) >= 2:
-            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + 1
+            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
     return max(counts, key=counts.get) if counts else "fp32"
 
 

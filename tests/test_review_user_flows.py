@@ -303,3 +303,38 @@ def test_int_lists_refuse_empty_entries(capsys):
     assert int_list("1, 7 ,257", "--lengths", "1,7,257") == [1, 7, 257]
     assert main(["verify", str(DEMO1), str(DEMO1), "--lengths", "1,,2"]) == 2
     assert "--lengths '1,,2' has an empty entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,match", [("top1=2", "top1=2 can never pass"), ("top1=-0.1", "top1=-0.1 can never"),
+                                        ("logits_rel=-1e-3", "logits_rel=-0.001 can never pass")])
+def test_verify_refuses_limits_that_can_never_pass(spec, match, capsys):
+    """`verify --tolerance top1=2` ran every case and then failed on a limit no artifact can meet
+    (a typo for 0.2?); it is refused before any model runs."""
+    from mamba_deploy.verify import make_tolerance
+
+    with pytest.raises(ConfigError, match=match):
+        make_tolerance(spec)
+    assert main(["verify", str(DEMO1), str(DEMO1), "--tolerance", spec]) == 2
+    assert match in capsys.readouterr().err
+    assert make_tolerance("logits_rel=inf,top1=0").logits_rel == float("inf")  # "no limit" stays possible
+
+
+def test_onnx_export_of_a_quantized_gguf_is_verified_at_its_type(tmp_path, capsys):
+    """`export onnx m.q8_0.gguf DIR` wrote a manifest saying only "dtype": "fp32", so `verify
+    REFERENCE DIR` held the dequantized Q8_0 weights to fp32's 1e-4 and failed. The manifest now
+    carries the GGUF's type (as the gguf package reads it), and verify picks that type's row."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.onnx import export_onnx
+
+    q8 = export_gguf(DEMO2, tmp_path / "m.q8_0.gguf", outtype="q8_0")
+    f = gguf.GGUFReader(q8).get_field("general.file_type")
+    want = gguf.LlamaFileType(int(f.contents())).name.lower().removeprefix("mostly_")
+    out = export_onnx(q8, tmp_path / "onnx")
+    assert json.loads((out / "manifest.json").read_text())["source_weights"] == want == "q8_0"
+    args = ["verify", str(DEMO2), str(out), "--lengths", "1,7", "--batch", "1", "--decode-steps", "2"]
+    assert main(args) == 0, capsys.readouterr().out
+    assert "(int8 tolerances)" in capsys.readouterr().out
+    f32 = export_onnx(export_gguf(DEMO2, tmp_path / "m.f32.gguf", outtype="f32"), tmp_path / "onnx32")
+    assert "source_weights" not in json.loads((f32 / "manifest.json").read_text())  # exact: fp32's limits stay

@@ -110,14 +110,14 @@ def int_list(text: str, flag: str, example: str) -> list[int]:
     from .errors import ConfigError
 
     parts = text.split(",")
-    if len(parts) > 1 and not all(x.strip() for x in parts):  # "1,,2": a typo, not a list of two
-        raise ConfigError(f"{flag} {text!r} has an empty entry; give comma-separated integers >= 1, e.g. {example}")
     try:
         values = [int(x) for x in parts if x.strip()]
     except ValueError:
         raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. {example}") from None
     if not values:
         raise ConfigError(f"{flag} {text!r} names no value; give comma-separated integers >= 1, e.g. {example}")
+    if len(values) < len(parts):  # "1,,2": a typo, not a list of two
+        raise ConfigError(f"{flag} {text!r} has an empty entry; give comma-separated integers >= 1, e.g. {example}")
     bad = [x for x in values if x < 1]
     if bad:
         raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. {example}")

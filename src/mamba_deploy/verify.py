@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import int_list, nonnegative_int, positive_int, seed
+from .argtypes import backend_choice, int_list, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, read_json_object, write_json
 from .errors import ConfigError, VerificationError
 
@@ -101,7 +101,13 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
     bad = sorted(set(overrides) - names)
     if bad:
         raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
-    return replace(tol, **{k: float(v) for k, v in overrides.items()})
+    overrides = {k: float(v) for k, v in overrides.items()}
+    for k, v in overrides.items():  # a limit no artifact can meet (or a negative one) is a typo, not a check
+        if not (0.0 <= v <= 1.0 if k == "top1" else v >= 0.0):  # NaN fails both; inf = no limit
+            raise ConfigError(f"tolerance {k}={v:g} can never pass; "
+                              + ("top1 is a fraction of positions in [0, 1], e.g. top1=0.99" if k == "top1"
+                                 else f"{k} is a relative error >= 0, e.g. {k}=1e-3 (inf: no limit)"))
+    return replace(tol, **overrides)
 
 
 def parse_overrides(text: str) -> dict:
@@ -121,7 +127,8 @@ def parse_overrides(text: str) -> dict:
 
 def infer_artifact_dtype(path) -> str:
     """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
-    nothing says otherwise. ONNX: manifest.json "dtype"/"quantization"; GGUF: general.file_type;
+    nothing says otherwise. ONNX: manifest.json "source_weights"/"quantization"/"dtype"; GGUF:
+    general.file_type;
     checkpoints: config.json quantization_config, else the stored float dtype (`stored_dtype`)."""
     p = Path(str(path))
     if p.suffix == ".gguf" and p.is_file():
@@ -130,7 +137,7 @@ def infer_artifact_dtype(path) -> str:
     manifest = read_json_object(folder / "manifest.json")
     if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
         return _quant_label(manifest["quantization"])
-    for key in ("quantization", "dtype"):
+    for key in ("source_weights", "quantization", "dtype"):  # source_weights: an export of a quantized GGUF
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower()
     cfg = read_json_object(folder / "config.json")
@@ -161,28 +168,9 @@ def _quant_label(qc: dict) -> str:
 
 
 def _gguf_label(path: Path) -> str:
-    try:
-        from gguf import GGUFReader, LlamaFileType
-    except ImportError:
-        return "fp32"
-    try:
-        reader = GGUFReader(str(path))
-    except Exception:  # noqa: BLE001  (a corrupt file is the runner's error to report, not ours)
-        return "fp32"
-    field_ = reader.fields.get("general.file_type")
-    if field_ is not None:
-        try:
-            return LlamaFileType(int(field_.parts[field_.data[0]][0])).name.lower().removeprefix("mostly_")
-        except (ValueError, IndexError):
-            pass
-    # no file_type: the type holding most of the 2-D weights' values. Not the most common type by
-    # tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv, A, D,
-    # gated norm) against its 2 quantized matrices
-    counts = {}
-    for t in reader.tensors:
-        if len(t.shape) >= 2:
-            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
-    return max(counts, key=counts.get) if counts else "fp32"
+    from .export.gguf_import import weights_label
+
+    return weights_label(path)
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -582,7 +570,8 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
     s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
-    s.add_argument("--backend", default=None, help="backend for the artifact (default: from its path)")
+    s.add_argument("--backend", default=None, type=backend_choice,
+                   help="backend for the artifact (default: from its path)")
     s.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"])
     s.add_argument("--artifact-dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="run a torch artifact in this dtype")

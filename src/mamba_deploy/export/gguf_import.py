@@ -203,3 +203,29 @@ def gguf_tokenizer(reader, path):
                       "or give token ids", stacklevel=3)
         return None
     return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template)
+
+
+def weights_label(path) -> str:
+    """The GGUF's weight type as llama.cpp names it (q8_0, q4_k_m, f16, ...; 'fp32' when unreadable):
+    general.file_type, else the type holding most of the 2-D weights' values. Not the most common
+    type by tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv,
+    A, D, gated norm) against its 2 quantized matrices."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+    except ImportError:
+        return "fp32"
+    try:
+        reader = GGUFReader(str(path))
+    except Exception:  # noqa: BLE001  (a corrupt file is the loader's error to report, not ours)
+        return "fp32"
+    field_ = reader.fields.get("general.file_type")
+    if field_ is not None:
+        try:
+            return LlamaFileType(int(field_.parts[field_.data[0]][0])).name.lower().removeprefix("mostly_")
+        except (ValueError, IndexError):
+            pass
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
+    return max(counts, key=counts.get) if counts else "fp32"

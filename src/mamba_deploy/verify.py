@@ -127,12 +127,14 @@ def parse_overrides(text: str) -> dict:
 
 def infer_artifact_dtype(path) -> str:
     """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
-    nothing says otherwise. ONNX: manifest.json "source_weights"/"quantization"/"dtype"; GGUF:
-    general.file_type;
-    checkpoints: config.json quantization_config, else the stored float dtype (`stored_dtype`)."""
+    nothing says otherwise. ONNX: manifest.json "source_weights" / "quantization" / "dtype"; GGUF:
+    general.file_type (`weights_label`); checkpoints: config.json quantization_config, else the
+    stored float dtype (`stored_dtype`)."""
     p = Path(str(path))
     if p.suffix == ".gguf" and p.is_file():
-        return _gguf_label(p)
+        from .export.gguf_import import weights_label
+
+        return weights_label(p)
     folder = p if p.is_dir() else p.parent
     manifest = read_json_object(folder / "manifest.json")
     if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
@@ -165,12 +167,6 @@ def _quant_label(qc: dict) -> str:
     if qc.get("load_in_4bit"):
         return "int4"
     return "int8" if qc.get("load_in_8bit") else "fp32"
-
-
-def _gguf_label(path: Path) -> str:
-    from .export.gguf_import import weights_label
-
-    return weights_label(path)
 
 
 # ----------------------------------------------------------------------------- comparing

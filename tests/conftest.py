@@ -116,3 +116,34 @@ def finish_gguf(w) -> None:
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# A byte-level BPE of < 100 tokens with an EOS, small enough for the tiny models' 128-row vocab
+# (so a GGUF vocab is padded with unused tokens up to the embedding rows).
+BPE_TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
+             "hello world, hello mamba! state spaces are fun"] * 10
+BPE_EOS = "<|endoftext|>"
+
+
+def write_tiny_bpe(folder) -> None:
+    """tokenizer.json + tokenizer_config.json (eos_token) of the tiny BPE into `folder`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(BPE_TEXTS, trainers.BpeTrainer(vocab_size=100, special_tokens=[BPE_EOS],
+                                                           show_progress=False))
+    assert tok.get_vocab_size() < 128
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": BPE_EOS}))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A folder holding the tiny BPE (write_tiny_bpe)."""
+    folder = tmp_path_factory.mktemp("tiny_tok")
+    write_tiny_bpe(folder)
+    return folder

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import finish_gguf, rel_err
+from conftest import BPE_EOS, BPE_TEXTS, finish_gguf, rel_err
 from mamba_deploy import load_model
 from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, MambaDeployError, ModelNotFoundError,
                                  OutputPathError, UnsupportedArchitectureError)
@@ -36,29 +36,10 @@ except ImportError:
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
-         "hello world, hello mamba! state spaces are fun"] * 10
-EOS = "<|endoftext|>"
+TEXTS, EOS = BPE_TEXTS, BPE_EOS  # the tiny BPE (conftest.tiny_tokenizer) was trained on these
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A byte-level BPE small enough for the tiny models' 128-row vocab (so the GGUF vocab is
-    padded with unused tokens up to the embedding rows)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=100, special_tokens=[EOS], show_progress=False))
-    folder = tmp_path_factory.mktemp("tiny_tok")
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
-    assert tok.get_vocab_size() < 128
-    return folder
-
 
 @pytest.fixture(scope="session")
 def ckpt(hf_checkpoint, tiny_tokenizer, tmp_path_factory):

@@ -21,28 +21,13 @@ from mamba_deploy.errors import CheckpointError, QuantizationError
 from mamba_deploy.quant import formats, quantize, save_quantized
 
 pytest.importorskip("gguf")
-from test_gguf import EOS, TEXTS  # noqa: E402
+from conftest import BPE_EOS as EOS  # noqa: E402
 
 GROUP = 32  # the tiny models: d_model 32, d_inner 64
 
 
 def _ids(n=2, length=9, vocab=128, seed=0):
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    """A byte-level BPE of < 100 tokens with an EOS (test_gguf's), for the GGUF vocabularies."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=100, special_tokens=[EOS], show_progress=False))
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
-    return folder
 
 
 def _rtn_bound_ok(deq, w, group, symmetric):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_bpe
 
 from mamba_deploy import load_model
 from mamba_deploy.generation import generate
@@ -26,27 +27,16 @@ from mamba_deploy.runners.torch_runner import TorchRunner
 from mamba_deploy.serve import make_server
 
 TIMEOUT = 10  # seconds, every request
-EOS = "<|endoftext|>"
-TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
-         "hello world, hello mamba! state spaces are fun"] * 10
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def folder(hf_checkpoint, tmp_path_factory):
     """A copy of the tiny mamba checkpoint with a small byte-level BPE tokenizer (< 128 tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     src, _ = hf_checkpoint("mamba")
     dst = tmp_path_factory.mktemp("serve") / "tiny-mamba"
     shutil.copytree(src, dst)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=100, special_tokens=[EOS], show_progress=False))
-    assert tok.get_vocab_size() < 128
-    tok.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    write_tiny_bpe(dst)
     return dst
 
 

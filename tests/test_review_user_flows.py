@@ -338,3 +338,13 @@ def test_onnx_export_of_a_quantized_gguf_is_verified_at_its_type(tmp_path, capsy
     assert "(int8 tolerances)" in capsys.readouterr().out
     f32 = export_onnx(export_gguf(DEMO2, tmp_path / "m.f32.gguf", outtype="f32"), tmp_path / "onnx32")
     assert "source_weights" not in json.loads((f32 / "manifest.json").read_text())  # exact: fp32's limits stay
+    # `convert` of the same GGUF: an HF checkpoint of the dequantized weights, verified the same way,
+    # that transformers still loads (the extra config key is kept as an attribute)
+    assert main(["convert", str(q8), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["source_weights"] == "q8_0"
+    capsys.readouterr()
+    assert main(args[:2] + [str(tmp_path / "hf")] + args[3:]) == 0
+    assert "(int8 tolerances)" in capsys.readouterr().out
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.source_weights == "q8_0"

@@ -209,14 +209,17 @@ def cmd_convert(args):
     from .atomic import prepare_output_dir
     from .checkpoint import load_model, save_checkpoint, stored_dtype
     from .errors import CheckpointError
+    from .export.gguf_import import source_weights
 
     prepare_output_dir(args.out, CheckpointError)
     # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not
     # silently doubled in size); a GGUF or a checkpoint without torch_dtype is saved as fp32
     dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model) or torch.float32
     model = load_model(args.model, dtype=dtype)
+    label = source_weights(model)  # a quantized GGUF's type: verify's limits for the dequantized weights
     out = save_checkpoint(model, args.out, fmt=args.format, dtype=dtype,
-                          max_shard_bytes=int(args.max_shard_size * 1024**2))
+                          max_shard_bytes=int(args.max_shard_size * 1024**2),
+                          extra_config={"source_weights": label} if label else None)
     print(f"wrote {args.format} checkpoint ({str(dtype).removeprefix('torch.')}) to {out}")
 
 

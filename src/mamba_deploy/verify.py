@@ -128,8 +128,8 @@ def parse_overrides(text: str) -> dict:
 def infer_artifact_dtype(path) -> str:
     """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
     nothing says otherwise. ONNX: manifest.json "source_weights" / "quantization" / "dtype"; GGUF:
-    general.file_type (`weights_label`); checkpoints: config.json quantization_config, else the
-    stored float dtype (`stored_dtype`)."""
+    general.file_type (`weights_label`); checkpoints: config.json source_weights (`convert` of a
+    quantized GGUF), quantization_config, else the stored float dtype (`stored_dtype`)."""
     p = Path(str(path))
     if p.suffix == ".gguf" and p.is_file():
         from .export.gguf_import import weights_label
@@ -143,6 +143,8 @@ def infer_artifact_dtype(path) -> str:
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower()
     cfg = read_json_object(folder / "config.json")
+    if isinstance(cfg.get("source_weights"), str) and cfg["source_weights"]:  # `convert` of a quantized GGUF
+        return cfg["source_weights"].lower()
     if isinstance(cfg.get("quantization_config"), dict):
         return _quant_label(cfg["quantization_config"])
     from .checkpoint import stored_dtype

@@ -53,6 +53,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     import onnx
 
     from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
+    from .gguf_import import source_weights
     from .onnx_graph import MambaGraph
 
     if dtype not in DTYPES:
@@ -84,7 +85,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         _save(proto, tmp)
         check_graph(tmp / "model.onnx")
         write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
-        write_manifest(tmp, cfg, opset, dtype, source_weights=_source_weights(model))
+        write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model))
         if validate:
             validate_export(tmp, model, dtype)
     return Path(out_dir)
@@ -157,21 +158,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# a GGUF's weight types whose values are exactly float32's: anything else was rounded before the export
-EXACT_GGUF_TYPES = ("fp32", "f32", "all_f32")
-
-
-def _source_weights(model) -> str | None:
-    """The weight type of a GGUF source when it is not float32 (q8_0, f16, ...): the graph holds its
-    dequantized values, so verify must hold it to that type's limits, not fp32's."""
-    if getattr(model, "gguf_path", None) is None:
-        return None
-    from .gguf_import import weights_label
-
-    label = weights_label(model.gguf_path)
-    return None if label in EXACT_GGUF_TYPES else label
 
 
 def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: str | None = None) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import MambaConfig
 from .errors import ConfigError, ShapeError
-from .inputs import check_ids
+from .inputs import check_ids, check_mask, padded_rows
 from .ops.reference import _up, weightless_rms
 from .state import State
 
@@ -29,6 +29,11 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
+
+
+def _check_is_state(state) -> None:
+    if not isinstance(state, State):
+        raise ShapeError(f"state is a {type(state).__name__}, not a State; create it with model.new_state(batch)")
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -279,14 +284,18 @@ class MambaLM(nn.Module):
             raise ShapeError(f"num_logits_to_keep must be an int >= 0 (0 = every position), got {num_logits_to_keep!r}")
         if state is None:
             state = self.new_state(b)
+        _check_is_state(state)
         state.check(self.config, b, self.dtype, self.device)
         if l == 1 and attention_mask is None:
             return ModelOutput(self._step(input_ids[:, 0], state).unsqueeze(1), state)  # checked above
-        mask = None
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != (b, l):
-                raise ShapeError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, l)}")
-            mask = attention_mask.to(self.dtype)
+        mask = check_mask(attention_mask, (b, l))  # 0/1 left padding, as every Runner checks it
+        if mask is not None:
+            rows = padded_rows(mask)
+            if rows and (bool(state.conv[:, rows].any()) or bool(state.ssm[:, rows].any())):
+                raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
+                                 "needs a fresh state (model.new_state): continue those rows one at a time "
+                                 "(batch 1, no mask) or as a batch of equal-length rows")
+            mask = mask.to(device=self.device, dtype=self.dtype)
         h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer(h, state.conv[i], state.ssm[i], mask)
@@ -300,6 +309,7 @@ class MambaLM(nn.Module):
         """ids (b,) -> logits (b, vocab); state updated in place."""
         w = self.backbone.norm_f.weight  # one module lookup for device and dtype: this runs per token
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
+        _check_is_state(state)
         state.check(self.config, ids.shape[0], w.dtype, w.device)
         return self._step(ids, state)
 

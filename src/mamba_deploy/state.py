@@ -10,6 +10,7 @@ Layers are stacked on dim 0 so one tensor per kind can be preallocated, updated 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ class State:
     @classmethod
     def zeros(cls, cfg: MambaConfig, batch: int, device="cpu", dtype=torch.float32,
               ssm_dtype=torch.float32) -> "State":
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+            raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
         conv = torch.zeros(cfg.n_layer, batch, *cfg.conv_state_shape, device=device, dtype=dtype)
         ssm = torch.zeros(cfg.n_layer, batch, *cfg.ssm_state_shape, device=device, dtype=ssm_dtype)
         return cls(conv, ssm)

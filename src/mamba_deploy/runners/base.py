@@ -53,13 +53,33 @@ def _physical_cores(cpus, sysfs: str) -> int:
     return max(1, len(cores))
 
 
-def check_state(state, cls, batch: int) -> None:
-    """`state` is the backend's own state class (with a `.batch`) made for `batch` rows."""
+def check_state(state, cls, batch: int | None, config: MambaConfig | None = None) -> None:
+    """`state` is the backend's own state class (with a `.batch`) made for `batch` rows (None:
+    any) and, with `config`, by a runner of a model with that config's state shapes (its
+    `.layout`, see `state_layout`): another model's state would reach the backend as a shape
+    error of its own, or be read back as if it were this model's."""
     if not isinstance(state, cls):
         raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
-    if state.batch != batch:
+    if config is not None and getattr(state, "layout", None) != state_layout(config):
+        raise ShapeError(f"the state holds {getattr(state, 'layout', None)} (layers, conv, ssm shapes), this runner's "
+                         f"model needs {state_layout(config)}: it was made by a runner of another model; create it "
+                         "with this runner's new_state(batch)")
+    if batch is not None and state.batch != batch:
         raise ShapeError(f"ids have batch {batch} but the state was made for batch {state.batch}; "
                          "create it with runner.new_state(batch)")
+
+
+def state_layout(config: MambaConfig) -> tuple:
+    """(n_layer, conv shape, ssm shape) of one sequence's state: what a backend state records
+    to be recognised by runners of the same model."""
+    return config.n_layer, tuple(config.conv_state_shape), tuple(config.ssm_state_shape)
+
+
+def check_batch(batch) -> int:
+    """`new_state`'s batch: an int >= 0."""
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+        raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
+    return int(batch)
 
 
 def max_threads() -> int:
@@ -96,6 +116,15 @@ def _open_only(fn):
     return method
 
 
+def _batch_checked(fn):
+    @functools.wraps(fn)
+    def new_state(self, batch, *args, **kwargs):
+        return fn(self, check_batch(batch), *args, **kwargs)
+
+    new_state.batch_checked = True
+    return new_state
+
+
 class Runner(ABC):
     name: str = "?"
     config: MambaConfig
@@ -105,6 +134,9 @@ class Runner(ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("new_state")
+        if fn is not None and not getattr(fn, "batch_checked", False):  # a typed error for new_state(-1)
+            cls.new_state = _batch_checked(fn)
         for name in OPEN_ONLY:  # every backend gets the closed check without writing it
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "open_only", False):

@@ -49,6 +49,7 @@ class LlamaCppState:
     seq_ids: list[int]
     pos: list[int]  # next position per row
     generation: int  # the runner context this handle belongs to
+    owner: object = field(default=None, repr=False)  # the runner's `_owner` token: another runner's ids are not ours
     _finalizer: object = field(default=None, repr=False)
 
     @property
@@ -192,6 +193,7 @@ class LlamaCppRunner(Runner):
         self.n_threads, self.n_ctx, self.n_batch = n_threads, int(n_ctx), int(n_batch)
         self._ctx = self._batch = None
         self._generation = 0
+        self._owner = object()  # identifies this runner's states (LlamaCppState.owner)
         self._make_context(max(1, int(n_seq_max)))
 
     # ---- context and sequence slots ------------------------------------------
@@ -230,14 +232,19 @@ class LlamaCppRunner(Runner):
         seqs = [self._free.pop(0) for _ in range(batch)]
         for s in seqs:
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
-        state = LlamaCppState(seqs, [0] * batch, self._generation)
+        state = LlamaCppState(seqs, [0] * batch, self._generation, self._owner)
         state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
         return state
 
-    def _check_state(self, state, batch: int) -> None:
-        if not isinstance(state, LlamaCppState) or state.batch_size != batch:
-            got = state.batch_size if isinstance(state, LlamaCppState) else type(state).__name__
-            raise ShapeError(f"llama.cpp state is for batch {got}, inputs have batch {batch}; "
+    def _check_state(self, state, batch: int | None) -> None:
+        """batch None: any batch (to_torch_state)."""
+        if not isinstance(state, LlamaCppState):
+            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        if state.owner is not self._owner:  # its sequence ids would name this runner's other sequences
+            raise ShapeError("this llama.cpp state was made by another runner; create it with this runner's "
+                             "new_state(batch)")
+        if batch is not None and state.batch_size != batch:
+            raise ShapeError(f"llama.cpp state is for batch {state.batch_size}, inputs have batch {batch}; "
                              "create it with runner.new_state(batch)")
         if state.generation != self._generation:
             raise ShapeError("this llama.cpp state belongs to an older context of the runner (it was rebuilt for a "
@@ -309,7 +316,7 @@ class LlamaCppRunner(Runner):
         """Read each row's recurrent state out of llama.cpp (llama_state_seq_get_data) into a
         torch State, for verification. Raises NotImplementedError when this llama.cpp build
         serialises sequences in a layout other than the one `_parse_seq_state` reads."""
-        self._check_state(state, state.batch_size)
+        self._check_state(state, None)
         lib, convs, ssms = self._lib, [], []
         for s in state.seq_ids:
             n = lib.llama_state_seq_get_size(self._ctx, s)

@@ -18,7 +18,7 @@ from ..errors import BackendUnavailableError, ExportError, ShapeError
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_state, check_threads
+from .base import Runner, check_state, check_threads, state_layout
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
@@ -27,8 +27,9 @@ NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 class OnnxState:
     """Per-layer conv/ssm OrtValues, two sets; `cur` indexes the set holding the live state."""
 
-    def __init__(self, bufs, arrays, batch: int):
+    def __init__(self, bufs, arrays, batch: int, layout: tuple | None = None):
         self.bufs, self.arrays, self.batch, self.cur = bufs, arrays, batch, 0
+        self.layout = layout  # base.state_layout of the runner's config
         self.logits = None  # (b, 1, V) preallocated for decode
 
 
@@ -53,7 +54,7 @@ class OnnxRunner(Runner):
         shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
         arrays = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]  # keep numpy alive (CPU)
         bufs = [[OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in group] for group in arrays]
-        st = OnnxState(bufs, arrays, batch)
+        st = OnnxState(bufs, arrays, batch, state_layout(cfg))
         st.logits = OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, self.device, 0)
         return st
 
@@ -63,6 +64,7 @@ class OnnxRunner(Runner):
         return [v.numpy() for v in state.bufs[state.cur]]
 
     def to_torch_state(self, state: OnnxState) -> State:
+        check_state(state, OnnxState, None, self.config)
         live = state.bufs[state.cur]
         return State(torch.from_numpy(np.stack([v.numpy() for v in live[0::2]])),
                      torch.from_numpy(np.stack([v.numpy() for v in live[1::2]])))
@@ -72,7 +74,7 @@ class OnnxRunner(Runner):
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OnnxState, mask=None, keep: int = 0, decode=False):
-        check_state(state, OnnxState, ids.shape[0])
+        check_state(state, OnnxState, ids.shape[0], self.config)
         from onnxruntime import OrtValue
 
         io = self.session.io_binding()
@@ -102,7 +104,7 @@ class OnnxRunner(Runner):
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
-        check_state(state, OnnxState, ids.shape[0])
+        check_state(state, OnnxState, ids.shape[0], self.config)
         self.check_padding_on_fresh_state(mask, state)
         decode = ids.shape[1] == 1 or last_only
         logits = self._run(ids, state, mask, keep=1 if last_only else 0, decode=decode)

@@ -27,7 +27,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..extras import install_hint
 from ..state import State
-from .base import Runner, check_state, check_threads
+from .base import Runner, check_state, check_threads, state_layout
 from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
@@ -39,8 +39,9 @@ PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 class OpenVinoState:
     """Per-layer numpy arrays [conv.0, ssm.0, conv.1, ...]; replaced by the outputs each call."""
 
-    def __init__(self, arrays: list[np.ndarray], batch: int):
+    def __init__(self, arrays: list[np.ndarray], batch: int, layout: tuple | None = None):
         self.arrays, self.batch = arrays, batch
+        self.layout = layout  # base.state_layout of the runner's config
 
 
 class OpenVinoRunner(Runner):
@@ -62,17 +63,18 @@ class OpenVinoRunner(Runner):
     def new_state(self, batch: int) -> OpenVinoState:
         cfg = self.config
         shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
-        return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch)
+        return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch, state_layout(cfg))
 
     def state_arrays(self, state: OpenVinoState) -> list:
         return state.arrays
 
     def to_torch_state(self, state: OpenVinoState) -> State:
+        check_state(state, OpenVinoState, None, self.config)
         return State(torch.from_numpy(np.stack(state.arrays[0::2])), torch.from_numpy(np.stack(state.arrays[1::2])))
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
-        check_state(state, OpenVinoState, ids.shape[0])
+        check_state(state, OpenVinoState, ids.shape[0], self.config)
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
                  "attention_mask": self.defaults["attention_mask"] if mask is None else np.ascontiguousarray(mask, np.int64),
                  "num_logits_to_keep": np.array([keep], np.int64) if keep else self.defaults["num_logits_to_keep"]}
@@ -93,7 +95,7 @@ class OpenVinoRunner(Runner):
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)
-        check_state(state, OpenVinoState, ids.shape[0])
+        check_state(state, OpenVinoState, ids.shape[0], self.config)
         self.check_padding_on_fresh_state(mask, state)
         return self._run(ids, state, mask, keep=1 if last_only else 0), state
 

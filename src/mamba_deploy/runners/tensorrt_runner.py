@@ -24,7 +24,7 @@ from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, S
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_state, check_threads
+from .base import Runner, check_state, check_threads, state_layout
 
 
 def _torch_dtype(trt, dt):
@@ -40,8 +40,9 @@ def _torch_dtype(trt, dt):
 class TensorRTState:
     """Per-layer conv/ssm CUDA tensors, two sets; `cur` indexes the set holding the live state."""
 
-    def __init__(self, bufs: list[list[torch.Tensor]], batch: int):
+    def __init__(self, bufs: list[list[torch.Tensor]], batch: int, layout: tuple | None = None):
         self.bufs, self.batch, self.cur = bufs, batch, 0
+        self.layout = layout  # base.state_layout of the runner's config
 
 
 class TensorRTRunner(Runner):
@@ -78,12 +79,13 @@ class TensorRTRunner(Runner):
         cfg = self.config
         shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
         bufs = [[torch.zeros(s, dtype=torch.float32, device=self.device) for s in shapes] for _ in range(2)]
-        return TensorRTState(bufs, batch)
+        return TensorRTState(bufs, batch, state_layout(cfg))
 
     def state_arrays(self, state: TensorRTState) -> list:
         return state.bufs[state.cur]
 
     def to_torch_state(self, state: TensorRTState) -> State:
+        check_state(state, TensorRTState, None, self.config)
         live = state.bufs[state.cur]
         return State(torch.stack(live[0::2]).cpu(), torch.stack(live[1::2]).cpu())
 
@@ -99,7 +101,7 @@ class TensorRTRunner(Runner):
         return t  # the caller keeps it alive until the launch has run
 
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
-        check_state(state, TensorRTState, ids.shape[0])
+        check_state(state, TensorRTState, ids.shape[0], self.config)
         keep_alive = [self._bind("input_ids", ids)]
         if "attention_mask" in self.names:
             keep_alive.append(self._bind("attention_mask", self.defaults["attention_mask"] if mask is None else mask))
@@ -128,7 +130,7 @@ class TensorRTRunner(Runner):
         ids = check_ids(ids, 2, self.config.padded_vocab_size).cpu()
         b, length = ids.shape
         mask = check_mask(attention_mask, ids.shape)
-        check_state(state, TensorRTState, b)
+        check_state(state, TensorRTState, b, self.config)
         self.check_padding_on_fresh_state(mask, state)
         if attention_mask is not None and length > self.max_seq:
             raise ShapeError(f"a masked prompt of length {length} exceeds the engine's max_seq {self.max_seq}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_threads
@@ -25,10 +26,7 @@ class TorchRunner(Runner):
         dev = self.model.device
         ids = check_ids(ids, 2, self.config.padded_vocab_size)
         mask = check_mask(attention_mask, ids.shape)
-        if mask is not None:
-            state.check(self.config, ids.shape[0])  # before the padding check indexes its rows
-            self.check_padding_on_fresh_state(mask, state)
-            mask = mask.to(dev)
+        # the model checks the state, and that padded rows start from a fresh one
         out = self.model(ids.to(dev), state, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
         return out.logits.cpu(), out.state
 
@@ -42,6 +40,8 @@ class TorchRunner(Runner):
 
     def to_torch_state(self, state) -> State:
         """A float32 CPU copy (never the live tensors, which later steps update in place)."""
+        if not isinstance(state, State):
+            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
         state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
         return State(state.conv.float().cpu().clone(), state.ssm.float().cpu().clone())
 

@@ -69,6 +69,18 @@ def padded_rows(mask) -> list[int]:
     return [] if mask is None else torch.as_tensor(mask).eq(0).any(-1).nonzero()[:, 0].tolist()
 
 
+def check_padding_fresh(mask, arrays, make: str = "runner.new_state") -> None:
+    """A left-padded row needs a zero (fresh) state: the padding is masked out of the update, but a
+    state that already holds tokens would still decay over the padded positions and its conv
+    window would see the padding. arrays: the state's per-layer arrays, batch first (numpy or
+    torch; read where they live). ShapeError naming the rows; `make` names the fresh-state call."""
+    rows = padded_rows(mask)
+    if rows and any(bool(a[rows].any()) for a in arrays):
+        raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
+                         f"needs a fresh state ({make}): continue those rows one at a time "
+                         "(batch 1, no mask) or as a batch of equal-length rows")
+
+
 def _values(mask: torch.Tensor) -> str:
     vals = torch.unique(mask.flatten()[:100000]).tolist()
     return f"{mask.dtype} values {vals[:8]}{' ...' if len(vals) > 8 else ''}"

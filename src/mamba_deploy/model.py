@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import MambaConfig
 from .errors import ConfigError, ShapeError
-from .inputs import check_ids, check_mask, padded_rows
+from .inputs import check_ids, check_mask, check_padding_fresh
 from .ops.reference import _up, weightless_rms
 from .state import State
 
@@ -289,12 +289,8 @@ class MambaLM(nn.Module):
         if l == 1 and attention_mask is None:
             return ModelOutput(self._step(input_ids[:, 0], state).unsqueeze(1), state)  # checked above
         mask = check_mask(attention_mask, (b, l))  # 0/1 left padding, as every Runner checks it
-        if mask is not None:
-            rows = padded_rows(mask)
-            if rows and (bool(state.conv[:, rows].any()) or bool(state.ssm[:, rows].any())):
-                raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
-                                 "needs a fresh state (model.new_state): continue those rows one at a time "
-                                 "(batch 1, no mask) or as a batch of equal-length rows")
+        if mask is not None:  # state (n_layer, b, ...): batch first for the check
+            check_padding_fresh(mask, (state.conv.transpose(0, 1), state.ssm.transpose(0, 1)), "model.new_state")
             mask = mask.to(device=self.device, dtype=self.dtype)
         h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):

@@ -70,6 +70,7 @@ class QuantizedStateRunner(Runner):
         return QuantState(st.conv, q, s)
 
     def _unpack(self, qs: QuantState) -> State:
+        check_state(qs, QuantState, None)  # the batch is the model's to check
         return State(qs.conv, decode_ssm(qs.ssm, qs.scales, torch.float32).to(self.model.new_state(0).ssm.dtype))
 
     def _pack(self, st: State, qs: QuantState) -> QuantState:
@@ -86,9 +87,7 @@ class QuantizedStateRunner(Runner):
         mask = check_mask(attention_mask, ids.shape)
         st = self._unpack(state)
         dev = self.model.device
-        if mask is not None:
-            check_state(state, QuantState, ids.shape[0])  # before the padding check indexes its rows
-            self.check_padding_on_fresh_state(mask, state)
+        if mask is not None:  # the model checks that padded rows start from a fresh state
             mask = mask.to(dev)
         out = self.model(ids.to(dev), st, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
         return out.logits.cpu(), self._pack(out.state, state)

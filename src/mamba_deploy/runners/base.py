@@ -17,7 +17,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import ConfigError, RunnerClosedError, ShapeError
-from ..inputs import padded_rows
+from ..inputs import check_padding_fresh
 from ..state import State
 
 
@@ -183,14 +183,8 @@ class Runner(ABC):
         return [st.conv.transpose(0, 1), st.ssm.transpose(0, 1)]
 
     def check_padding_on_fresh_state(self, mask, state) -> None:
-        """A left-padded row needs a zero (fresh) state: the padding is masked out of the
-        update, but a state that already holds tokens would still decay over the padded
-        positions and its conv window would see the padding. (llama.cpp drops padding instead.)"""
-        rows = padded_rows(mask)
-        if rows and any(bool(a[rows].any()) for a in self.state_arrays(state)):
-            raise ShapeError(f"attention_mask pads rows {rows} of a state that already holds tokens; padding "
-                             "needs a fresh state (runner.new_state): continue those rows one at a time "
-                             "(batch 1, no mask) or as a batch of equal-length rows")
+        """Padding needs a fresh state (inputs.check_padding_fresh). (llama.cpp drops padding instead.)"""
+        check_padding_fresh(mask, self.state_arrays(state))
 
     def __enter__(self):
         return self

@@ -416,6 +416,34 @@ def test_model_triton_vs_reference(kind):
 
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_padded_prefill_on_cuda_vs_transformers(kind, tmp_path):
+    """A left-padded batch prefilled on CUDA (Triton dispatch) gives each prompt's last logits as
+    transformers' float32 model on CPU does for the prompt alone; padding a state that already
+    holds tokens is refused on CUDA as on CPU (the check reads the state where it lives)."""
+    from conftest import build_hf_model, rel_err  # noqa: PLC0415
+
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners import open_runner
+
+    hf = build_hf_model(kind)
+    hf.save_pretrained(tmp_path)
+    runner = open_runner(tmp_path, "torch", device=DEV)
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (37, 20, 1)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    st = runner.new_state(len(prompts))
+    logits, st = runner.prefill(ids, st, attention_mask=mask, last_only=True)
+    with torch.no_grad():
+        want = torch.stack([hf(p[None]).logits[0, -1] for p in prompts])
+    assert rel_err(logits[:, -1].float().cpu(), want) < 1e-4
+    with pytest.raises(ShapeError, match="already holds tokens"):
+        runner.prefill(ids, st, attention_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefetch_mb", ["0", "8"])
 def test_cuda_graph_runner(kind, dtype, prefetch_mb, monkeypatch):

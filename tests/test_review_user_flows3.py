@@ -130,3 +130,21 @@ def test_export_onnx_bad_opset_is_typed_and_writes_nothing(tmp_path, opset):
     with pytest.raises(ConfigError, match="opset"):
         export_onnx(DEMO1, tmp_path / "out", opset=opset, validate=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ids, pattern", [
+    (torch.full((2, 64), 10**6), "outside the vocabulary"), (torch.full((2, 64), -1), "outside the vocabulary"),
+    (torch.rand(2, 64) * 50, "integer"),  # .long() would truncate these to other tokens
+])
+def test_quantize_bad_calib_ids_are_typed(ids, pattern):
+    with pytest.raises(QuantizationError, match=pattern):
+        quantize(load_model(DEMO1), "gptq", progress=False, calib_ids=ids, calib_len=32, n_calib=2)
+
+
+def test_quantize_calib_ids_as_a_list_are_ids_not_a_file_name():
+    """A list of token ids is calibration data, like the LongTensor form."""
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    a = quantize(load_model(DEMO1), "gptq", progress=False, calib_ids=ids, calib_len=32, n_calib=2)
+    b = quantize(load_model(DEMO1), "gptq", progress=False, calib_ids=ids.tolist(), calib_len=32, n_calib=2)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

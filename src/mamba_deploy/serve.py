@@ -499,14 +499,26 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
     chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own."""
-    if max_batch < 1:
-        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    if max_tokens_limit < 1:  # 0 would turn every request away with a 400
-        raise ConfigError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
+    from .runners.base import Runner
+
+    if not isinstance(runner, Runner):
+        raise ConfigError(f"make_server needs a Runner, got {type(runner).__name__} {runner!r:.80}; open one with "
+                          "mamba_deploy.runners.open_runner(path)")
+    for name, v, low in (("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)):
+        # max_tokens_limit 0 would turn every request away with a 400
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or (name == "port" and v > 65535):
+            raise ConfigError(f"{name} must be >= {low}{' and <= 65535' if name == 'port' else ''}, got {v!r} "
+                              "(an integer)")
+    if request_timeout is not None and (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
+                                        or not request_timeout > 0):
+        raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {request_timeout!r}")
     if model_name is None:
         model_name = default_model_name(runner)
-    return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                            chat_template)
+    try:
+        return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
+                                chat_template)
+    except OSError as e:  # socket.gaierror (a bad host) is an OSError too
+        raise _bind_error(host, port, e) from None
 
 
 def default_model_name(runner, model=None) -> str:
@@ -569,9 +581,9 @@ def cmd_serve(args):
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template)
-    except OSError as e:  # socket.gaierror (a bad --host) is an OSError too
+    except ConfigError:  # the port was taken since _check_can_listen
         runner.close()
-        raise _bind_error(args.host, args.port, e) from None
+        raise
 
     def _term(signum, frame):  # SIGTERM shuts down like Ctrl-C
         raise KeyboardInterrupt

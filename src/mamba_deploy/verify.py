@@ -428,7 +428,17 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     """
     from tqdm.auto import tqdm
 
+    from .runners.base import Runner
+
     ref, art = reference_runner, artifact_runner
+    for name, r in (("reference_runner", ref), ("artifact_runner", art)):
+        if not isinstance(r, Runner):
+            raise ConfigError(f"{name} must be a Runner, got {type(r).__name__} {r!r:.80}; open paths with "
+                              "mamba_deploy.verify.open_pair(reference, artifact) or runners.open_runner(path)")
+    lengths, batches = _int_tuple("lengths", lengths), _int_tuple("batches", batches)
+    for name, v in (("decode_steps", decode_steps), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int) or (name == "seed" and not 0 <= v < 2**64):
+            raise ConfigError(f"{name}={v!r} must be an integer" + (" in 0..2**64-1" if name == "seed" else ""))
     vocab = ref.vocab_size
     _check_same_model(ref, art)
     if art.vocab_size != vocab:  # runners without a config
@@ -438,7 +448,6 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
         src = getattr(art, "artifact_path", None) or getattr(art, "source_path", None)
         label = infer_artifact_dtype(src) if src is not None else "fp32"
     tol = make_tolerance(tolerance, label)
-    lengths, batches = [int(x) for x in lengths], [int(x) for x in batches]
     if not lengths or not batches:  # no cases would leave only the perplexity check to pass
         raise ConfigError(f"lengths {lengths} and batches {batches} must each name at least one value, "
                           "e.g. lengths (1, 7, 257) and batches (1, 3)")
@@ -460,13 +469,30 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     return report
 
 
+def _int_tuple(name: str, values) -> list[int]:
+    """lengths / batches: a sequence of integers (a str or a single int is a slip: "17" would run 1 and 7)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{name}={values!r} must be a sequence of integers, e.g. {name}=(1, 7)")
+    values = list(values)
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in values):
+        raise ConfigError(f"{name}={values!r} must hold integers only")
+    return values
+
+
 def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
     if text_ids is not None:
-        ids = torch.as_tensor(list(text_ids), dtype=torch.long)[None]
+        try:
+            ids = torch.as_tensor(text_ids, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"text_ids must be a sequence of token ids, got {type(text_ids).__name__}: {e}") from e
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise ConfigError(f"text_ids must be one sequence, shape (n,) or (1, n), got {tuple(ids.shape)}")
+        ids = ids.reshape(1, -1)
         if ids.shape[1] < 2:
-            raise ConfigError(f"the text has {ids.shape[1]} token(s); perplexity needs at least 2")
-        if int(ids.max()) >= vocab or int(ids.min()) < 0:
-            raise ConfigError(f"text token id {int(ids.max())} is outside the vocabulary of {vocab}; "
+            raise ConfigError(f"the text (text_ids) has {ids.shape[1]} token(s); perplexity needs at least 2")
+        bad = ids[(ids >= vocab) | (ids < 0)]
+        if bad.numel():
+            raise ConfigError(f"text_ids: token id {int(bad[0])} is outside the vocabulary of {vocab}; "
                               "tokenize it with the reference model's tokenizer")
         return {"source": "text", **_score_sequence(ref, art, ids, 1, vocab)}
     prompt = torch.randint(0, vocab, (1, PPL_PROMPT), generator=gen)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,10 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
 
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported ONNX export dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    opset = DEFAULT_OPSET if opset is None else int(opset)
+    try:  # not int(): int(17.9) would quietly write opset 17
+        opset = DEFAULT_OPSET if opset is None else operator.index(opset)
+    except TypeError:
+        raise ConfigError(f"opset {opset!r} must be an integer (default {DEFAULT_OPSET})") from None
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")

@@ -35,8 +35,19 @@ def builtin_text(max_chars: int = 400_000) -> str:
 def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = CALIB_LEN) -> torch.Tensor:
     """-> (n_seq, seq_len) token ids. `calib`: None (built-in text), a text file path, a string,
     or a LongTensor of ids. Without a tokenizer, text is read as UTF-8 bytes modulo the vocab."""
-    if isinstance(calib, torch.Tensor):
-        ids = calib.reshape(-1).long()
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):  # token ids: a tensor, array or list
+        try:
+            ids = torch.as_tensor(calib).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise QuantizationError(f"calib_ids must be token ids (a LongTensor), got {type(calib).__name__}: {e}") from e
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise QuantizationError(f"calib_ids must be integer token ids, got dtype {ids.dtype}; "
+                                    "tokenize the text (or pass it as calib=)")
+        ids = ids.long()
+        bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
+        if bad.numel():
+            raise QuantizationError(f"calib_ids: token id {int(bad[0])} is outside the vocabulary of "
+                                    f"{model.config.vocab_size}; tokenize with this model's tokenizer")
     else:
         if calib is not None:
             path = Path(str(calib))

@@ -54,10 +54,23 @@ def method_options(method: str, options: dict) -> dict:
         raise QuantizationError(f"unknown option(s) {sorted(unknown)} for method {method!r}; "
                                 f"valid: {sorted(set(opts) - {'format', 'bits', 'calibrate'})}")
     opts.update({k: v for k, v in options.items() if v is not None})
-    for key in ("group_size", "n_calib", "calib_len"):
+    if isinstance(options.get("include"), str):  # a bare name would be read letter by letter
+        raise QuantizationError(f"include={options['include']!r} must be a list of module names, "
+                                f"e.g. include=[{options['include']!r}]")
+    for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise QuantizationError(f"{key}={v!r} must be a positive integer")
+    for key in ("symmetric", "act_order", "clip"):  # bool("no") is True: take real booleans only
+        v = options.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise QuantizationError(f"{key}={v!r} must be True or False")
+    for key in ("damp", "alpha"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise QuantizationError(f"{key}={v!r} must be a number")
+    if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
+        raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")
     if options.get("group_size") is not None and opts["format"] != "int4" and not options.get("rules"):
         raise QuantizationError(f"group_size={options['group_size']} applies to the 4-bit methods (int4, gptq, awq); "
                                 f"{method} quantizes per output channel: drop --group-size")

@@ -60,6 +60,7 @@ def quantize(model, method: str, **options):
     if "lm_head" in plan:
         _swap_head(model, plan, done)
     model.quantization_config = make_config(method, opts, done)
+    model.quantized_in_memory = True  # its source_path still holds the float checkpoint
     return model
 
 

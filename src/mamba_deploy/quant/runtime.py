@@ -19,7 +19,10 @@ def refuse_quantized(model: nn.Module, action: str, fix: str, error=ExportError)
     weights (re-saving, GGUF, the standard ONNX graph) would otherwise fail on a missing key."""
     qc = getattr(model, "quantization_config", None)
     if qc:
-        where = getattr(model, "source_path", None) or "this model"
+        src = getattr(model, "source_path", None)
+        where = src or "this model"
+        if getattr(model, "quantized_in_memory", False):  # src, if any, holds the float checkpoint
+            where = "this model (quantized in memory" + (f" from {src})" if src else ")")
         raise error(f"{where} is quantized (method {qc.get('method', '?')!r}); {action} needs the float "
                     f"model: {fix}")
 

@@ -148,3 +148,24 @@ def test_quantize_calib_ids_as_a_list_are_ids_not_a_file_name():
     b = quantize(load_model(DEMO1), "gptq", progress=False, calib_ids=ids.tolist(), calib_len=32, n_calib=2)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_numpy_integers_are_integers_for_the_python_entry_points():
+    """The typed checks added in this review take numpy integers as integers (np.arange lengths,
+    a port read from a numpy config), not only Python ints."""
+    import numpy as np
+
+    from mamba_deploy.verify import _int_tuple
+
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    assert _int_tuple("lengths", np.array([1, 7])) == [1, 7]
+    with pytest.raises(ConfigError, match="integers only"):
+        _int_tuple("lengths", [1.5])
+    srv = make_server(open_runner(DEMO1, "torch"), port=np.int64(0), max_batch=np.int32(2), quiet=True,
+                      request_timeout=np.float32(5))
+    try:
+        assert srv.server_address[1] > 0 and srv.max_batch == 2
+    finally:
+        srv.server_close()

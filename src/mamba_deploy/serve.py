@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import numbers
 import socket
 import sys
 import threading
@@ -506,10 +507,10 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
                           "mamba_deploy.runners.open_runner(path)")
     for name, v, low in (("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)):
         # max_tokens_limit 0 would turn every request away with a 400
-        if isinstance(v, bool) or not isinstance(v, int) or v < low or (name == "port" and v > 65535):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (name == "port" and v > 65535):
             raise ConfigError(f"{name} must be >= {low}{' and <= 65535' if name == 'port' else ''}, got {v!r} "
                               "(an integer)")
-    if request_timeout is not None and (isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float))
+    if request_timeout is not None and (isinstance(request_timeout, bool) or not isinstance(request_timeout, numbers.Real)
                                         or not request_timeout > 0):
         raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {request_timeout!r}")
     if model_name is None:

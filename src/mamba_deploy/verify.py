@@ -11,6 +11,7 @@ artifact's dtype / quantization, which is read from the artifact itself.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -437,7 +438,7 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
                               "mamba_deploy.verify.open_pair(reference, artifact) or runners.open_runner(path)")
     lengths, batches = _int_tuple("lengths", lengths), _int_tuple("batches", batches)
     for name, v in (("decode_steps", decode_steps), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, int) or (name == "seed" and not 0 <= v < 2**64):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (name == "seed" and not 0 <= v < 2**64):
             raise ConfigError(f"{name}={v!r} must be an integer" + (" in 0..2**64-1" if name == "seed" else ""))
     vocab = ref.vocab_size
     _check_same_model(ref, art)
@@ -474,9 +475,9 @@ def _int_tuple(name: str, values) -> list[int]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ConfigError(f"{name}={values!r} must be a sequence of integers, e.g. {name}=(1, 7)")
     values = list(values)
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in values):
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in values):  # numpy ints are fine
         raise ConfigError(f"{name}={values!r} must hold integers only")
-    return values
+    return [int(x) for x in values]
 
 
 def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import numbers
 import re
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def method_options(method: str, options: dict) -> dict:
                                 f"e.g. include=[{options['include']!r}]")
     for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
         v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
             raise QuantizationError(f"{key}={v!r} must be a positive integer")
     for key in ("symmetric", "act_order", "clip"):  # bool("no") is True: take real booleans only
         v = options.get(key)
@@ -67,7 +68,7 @@ def method_options(method: str, options: dict) -> dict:
             raise QuantizationError(f"{key}={v!r} must be True or False")
     for key in ("damp", "alpha"):
         v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise QuantizationError(f"{key}={v!r} must be a number")
     if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
         raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")

@@ -169,3 +169,37 @@ def test_numpy_integers_are_integers_for_the_python_entry_points():
         assert srv.server_address[1] > 0 and srv.max_batch == 2
     finally:
         srv.server_close()
+
+
+def test_generate_seed_and_top_k_types_are_checked():
+    """`model.generate(..., seed="a")` was torch's bare RuntimeError and top_k="5" a TypeError from
+    a comparison deep in sampling; both are ConfigErrors naming the setting."""
+    model = load_model(DEMO1)
+    for kwargs, match in [({"seed": "a"}, "seed must be an int"), ({"seed": -1}, "seed must be an int"),
+                          ({"temperature": 1.0, "top_k": "5"}, "top_k must be an int")]:
+        with pytest.raises(ConfigError, match=match):
+            model.generate(["def"], max_new_tokens=2, **kwargs)
+    a = model.generate(["def"], max_new_tokens=4, temperature=1.0, seed=2**64 - 1)
+    b = model.generate(["def"], max_new_tokens=4, temperature=1.0, seed=2**64 - 1)
+    assert a.tokens == b.tokens  # the largest seed still seeds
+
+
+def test_make_server_checks_its_template_and_runner_before_serving(tmp_path):
+    """A chat template that does not compile surfaced at the first chat request (a 400 for every
+    client), and a closed runner at the first request of any kind; both are refused up front.
+    `generate --chat --chat-template FILE` checks the file the same way before the model loads."""
+    from mamba_deploy.chat import ChatTemplateError
+    from mamba_deploy.cli import main
+    from mamba_deploy.errors import RunnerClosedError
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    runner = open_runner(DEMO1, "torch")
+    with pytest.raises(ChatTemplateError, match="does not compile.*line 1"):
+        make_server(runner, port=0, quiet=True, chat_template="{% for m in messages %}{{ m['content'] }}")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{{ messages[0]['content'] ")
+    assert main(["generate", str(DEMO1), "--chat", "--chat-template", str(bad), "--prompt", "x"]) == 2
+    runner.close()
+    with pytest.raises(RunnerClosedError, match="closed"):
+        make_server(runner, port=0, quiet=True)

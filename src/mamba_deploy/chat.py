@@ -49,9 +49,13 @@ def read_chat_template(folder) -> str | None:
 def read_template_file(path) -> str:
     """The text of a --chat-template FILE (generate --chat, serve); ConfigError naming it."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read --chat-template {path!r} ({e}); pass a Jinja template file") from e
+    try:
+        return check_template(text)
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"--chat-template {path!r}: {e}") from e
 
 
 def check_messages(messages) -> list[dict]:
@@ -99,6 +103,20 @@ def _environment():
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def check_template(template) -> str:
+    """A chat template that compiles (syntax only): ChatTemplateError naming the error and its line,
+    before a server starts or a model loads, not at the first request."""
+    from jinja2 import TemplateSyntaxError
+
+    if not isinstance(template, str) or not template.strip():
+        raise ChatTemplateError(f"a chat template must be a non-empty Jinja string, got {template!r:.80}")
+    try:
+        _environment().from_string(template)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
+    return template
 
 
 def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "",

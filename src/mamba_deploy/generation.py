@@ -25,6 +25,8 @@ class SamplingConfig:
         values = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
         if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
             raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise ConfigError(f"bad sampling settings {self}: top_k must be an int (0 = off)")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
             raise ConfigError(
                 f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
@@ -206,6 +208,9 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     """
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**64):  # torch.Generator.manual_seed's range
+        raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size

@@ -33,7 +33,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .errors import ConfigError, MambaDeployError
+from .errors import ConfigError, MambaDeployError, RunnerClosedError
 
 # request field -> (accepted JSON types, default, generate() keyword). bool is rejected where int
 # or float is expected (JSON true is not a number).
@@ -500,19 +500,24 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
     chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own."""
+    from .chat import check_template
     from .runners.base import Runner
 
     if not isinstance(runner, Runner):
         raise ConfigError(f"make_server needs a Runner, got {type(runner).__name__} {runner!r:.80}; open one with "
                           "mamba_deploy.runners.open_runner(path)")
+    if runner.closed:  # else every request would fail with the closed runner's error
+        raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
+    if chat_template is not None:
+        check_template(chat_template)
     for name, v, low in (("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)):
         # max_tokens_limit 0 would turn every request away with a 400
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (name == "port" and v > 65535):
             raise ConfigError(f"{name} must be >= {low}{' and <= 65535' if name == 'port' else ''}, got {v!r} "
                               "(an integer)")
-    if request_timeout is not None and (isinstance(request_timeout, bool) or not isinstance(request_timeout, numbers.Real)
-                                        or not request_timeout > 0):
-        raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {request_timeout!r}")
+    t = request_timeout
+    if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0):
+        raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {t!r}")
     if model_name is None:
         model_name = default_model_name(runner)
     try:

@@ -206,11 +206,7 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     produced it are kept), or after max_new_tokens. `on_token(batch_index, token_id)` streams
     tokens as they come (`TextStream` turns them into text that never shows a stop string).
     """
-    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed < 2**64):  # torch.Generator.manual_seed's range
-        raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
+    _check_counts(max_new_tokens, seed)
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size
@@ -256,6 +252,14 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     if as_text or stop_strings:
         texts = [tok.decode(o)[:cut] for o, cut in zip(out, cuts)]
     return Generation(out, ids_list, texts, reasons)
+
+
+def _check_counts(max_new_tokens, seed) -> None:
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**64):  # torch.Generator.manual_seed's range
+        raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
 
 
 def check_request(runner, prompts, stop_token_ids=None, stop_strings=None) -> None:

@@ -39,7 +39,8 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
         try:
             ids = torch.as_tensor(calib).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise QuantizationError(f"calib_ids must be token ids (a LongTensor), got {type(calib).__name__}: {e}") from e
+            raise QuantizationError(f"calib_ids must be token ids (a LongTensor), got {type(calib).__name__}: "
+                                    f"{e}") from e
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise QuantizationError(f"calib_ids must be integer token ids, got dtype {ids.dtype}; "
                                     "tokenize the text (or pass it as calib=)")

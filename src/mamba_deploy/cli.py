@@ -106,7 +106,7 @@ def runner_options(args, torch_opts=None) -> dict:
                                   f"{backend} backend, which would ignore it and run the artifact as stored. Leave "
                                   f"{flag} out, or run a checkpoint folder or .gguf with --backend torch")
     opts = {"threads": args.threads}
-    if args.backend in (None, "torch"):
+    if backend == "torch":
         opts.update(torch_options(args) if torch_opts is None else torch_opts)
     return opts
 

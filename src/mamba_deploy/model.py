@@ -20,7 +20,7 @@ from .config import MambaConfig
 from .errors import ConfigError, ShapeError
 from .inputs import check_ids, check_mask, check_padding_fresh
 from .ops.reference import _up, weightless_rms
-from .state import State
+from .state import State, batch_first, check_is_state
 
 
 class Linear(nn.Linear):
@@ -29,11 +29,6 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
-
-
-def _check_is_state(state) -> None:
-    if not isinstance(state, State):
-        raise ShapeError(f"state is a {type(state).__name__}, not a State; create it with model.new_state(batch)")
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -284,13 +279,13 @@ class MambaLM(nn.Module):
             raise ShapeError(f"num_logits_to_keep must be an int >= 0 (0 = every position), got {num_logits_to_keep!r}")
         if state is None:
             state = self.new_state(b)
-        _check_is_state(state)
+        check_is_state(state)
         state.check(self.config, b, self.dtype, self.device)
         if l == 1 and attention_mask is None:
             return ModelOutput(self._step(input_ids[:, 0], state).unsqueeze(1), state)  # checked above
         mask = check_mask(attention_mask, (b, l))  # 0/1 left padding, as every Runner checks it
-        if mask is not None:  # state (n_layer, b, ...): batch first for the check
-            check_padding_fresh(mask, (state.conv.transpose(0, 1), state.ssm.transpose(0, 1)), "model.new_state")
+        if mask is not None:
+            check_padding_fresh(mask, batch_first(state), "model.new_state")
             mask = mask.to(device=self.device, dtype=self.dtype)
         h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
         for i, layer in enumerate(self.backbone.layers):
@@ -305,7 +300,7 @@ class MambaLM(nn.Module):
         """ids (b,) -> logits (b, vocab); state updated in place."""
         w = self.backbone.norm_f.weight  # one module lookup for device and dtype: this runs per token
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
-        _check_is_state(state)
+        check_is_state(state)
         state.check(self.config, ids.shape[0], w.dtype, w.device)
         return self._step(ids, state)
 

@@ -27,8 +27,7 @@ class State:
     @classmethod
     def zeros(cls, cfg: MambaConfig, batch: int, device="cpu", dtype=torch.float32,
               ssm_dtype=torch.float32) -> "State":
-        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
-            raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
+        batch = check_batch(batch)
         conv = torch.zeros(cfg.n_layer, batch, *cfg.conv_state_shape, device=device, dtype=dtype)
         ssm = torch.zeros(cfg.n_layer, batch, *cfg.ssm_state_shape, device=device, dtype=ssm_dtype)
         return cls(conv, ssm)
@@ -86,6 +85,25 @@ class State:
     def layers(self):
         """[(conv_i, ssm_i)] views, one per layer."""
         return list(zip(self.conv.unbind(0), self.ssm.unbind(0)))
+
+
+def check_batch(batch) -> int:
+    """A state's batch (new_state, State.zeros): an int >= 0; ShapeError otherwise."""
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+        raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
+    return int(batch)
+
+
+def check_is_state(state, make: str = "model.new_state(batch)") -> None:
+    """ShapeError for anything that is not a State (None, a tuple, another backend's state)."""
+    if not isinstance(state, State):
+        raise ShapeError(f"state is a {type(state).__name__}, not a State; create it with {make}")
+
+
+def batch_first(state) -> list:
+    """[conv, ssm] of a layer-stacked state (a State or a quantized one) as views with the batch
+    first, (b, n_layer, ...): for checks of rows where the state lives, without a copy."""
+    return [state.conv.transpose(0, 1), state.ssm.transpose(0, 1)]
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:

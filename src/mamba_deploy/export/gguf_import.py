@@ -211,18 +211,16 @@ def weights_label(path) -> str:
     type by tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv,
     A, D, gated norm) against its 2 quantized matrices."""
     try:
-        from gguf import GGUFReader, LlamaFileType
-    except ImportError:
+        from gguf import LlamaFileType
+
+        reader = open_reader(path)
+    except (ImportError, ModelNotFoundError, CheckpointError):  # a bad file is the loader's error to report
         return "fp32"
-    try:
-        reader = GGUFReader(str(path))
-    except Exception:  # noqa: BLE001  (a corrupt file is the loader's error to report, not ours)
-        return "fp32"
-    field_ = reader.fields.get("general.file_type")
-    if field_ is not None:
+    file_type = field(reader, "general.file_type", None)
+    if file_type is not None:
         try:
-            return LlamaFileType(int(field_.parts[field_.data[0]][0])).name.lower().removeprefix("mostly_")
-        except (ValueError, IndexError):
+            return LlamaFileType(int(file_type)).name.lower().removeprefix("mostly_")
+        except (ValueError, TypeError):  # a type this gguf package does not know
             pass
     counts: dict[str, int] = {}
     for t in reader.tensors:

@@ -16,7 +16,7 @@ import torch
 from ..errors import QuantizationError
 from ..inputs import check_ids, check_mask
 from ..runners.base import Runner, check_state
-from ..state import State
+from ..state import State, batch_first
 from .formats import SCALE_MIN
 
 F16_MAX = float(torch.finfo(torch.float16).max)
@@ -99,7 +99,7 @@ class QuantizedStateRunner(Runner):
         return logits.cpu(), self._pack(st, state)
 
     def state_arrays(self, state) -> list:
-        return [state.conv.transpose(0, 1), state.ssm.transpose(0, 1)]  # a zero state codes to 0
+        return batch_first(state)  # a zero state codes to 0
 
     def to_torch_state(self, state) -> State:
         return State(state.conv.float().cpu(), decode_ssm(state.ssm, state.scales).cpu())

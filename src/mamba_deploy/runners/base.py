@@ -18,7 +18,7 @@ import torch
 from ..config import MambaConfig
 from ..errors import ConfigError, RunnerClosedError, ShapeError
 from ..inputs import check_padding_fresh
-from ..state import State
+from ..state import State, batch_first, check_batch
 
 
 def default_threads(cpus=None, sysfs: str = "/sys/devices/system/cpu",
@@ -73,13 +73,6 @@ def state_layout(config: MambaConfig) -> tuple:
     """(n_layer, conv shape, ssm shape) of one sequence's state: what a backend state records
     to be recognised by runners of the same model."""
     return config.n_layer, tuple(config.conv_state_shape), tuple(config.ssm_state_shape)
-
-
-def check_batch(batch) -> int:
-    """`new_state`'s batch: an int >= 0."""
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
-        raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
-    return int(batch)
 
 
 def max_threads() -> int:
@@ -179,8 +172,7 @@ class Runner(ABC):
     def state_arrays(self, state) -> list:
         """The live state as arrays / tensors with the batch first (for cheap checks on the
         state's own device, without a copy); a backend overrides this where it can."""
-        st = self.to_torch_state(state)
-        return [st.conv.transpose(0, 1), st.ssm.transpose(0, 1)]
+        return batch_first(self.to_torch_state(state))
 
     def check_padding_on_fresh_state(self, mask, state) -> None:
         """Padding needs a fresh state (inputs.check_padding_fresh). (llama.cpp drops padding instead.)"""

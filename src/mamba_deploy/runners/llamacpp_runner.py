@@ -29,7 +29,7 @@ from ..errors import BackendUnavailableError, CheckpointError, ConfigError, Runn
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_threads, default_threads
+from .base import Runner, check_state, check_threads, default_threads
 
 
 def _lib():
@@ -238,8 +238,7 @@ class LlamaCppRunner(Runner):
 
     def _check_state(self, state, batch: int | None) -> None:
         """batch None: any batch (to_torch_state)."""
-        if not isinstance(state, LlamaCppState):
-            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        check_state(state, LlamaCppState, None)  # its type; the batch is `batch_size` here
         if state.owner is not self._owner:  # its sequence ids would name this runner's other sequences
             raise ShapeError("this llama.cpp state was made by another runner; create it with this runner's "
                              "new_state(batch)")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ShapeError
 from ..inputs import check_ids, check_mask
-from ..state import State
+from ..state import State, batch_first, check_is_state
 from .base import Runner, check_threads
 
 
@@ -36,12 +35,11 @@ class TorchRunner(Runner):
         return self.model.step(ids.to(self.model.device), state).cpu(), state
 
     def state_arrays(self, state) -> list:
-        return [state.conv.transpose(0, 1), state.ssm.transpose(0, 1)]
+        return batch_first(state)
 
     def to_torch_state(self, state) -> State:
         """A float32 CPU copy (never the live tensors, which later steps update in place)."""
-        if not isinstance(state, State):
-            raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+        check_is_state(state, "runner.new_state(batch)")
         state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
         return State(state.conv.float().cpu().clone(), state.ssm.float().cpu().clone())
 

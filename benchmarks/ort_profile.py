@@ -4,7 +4,10 @@ Exports a 130m-shaped random checkpoint (the one benchmarks/cpu_backends.py buil
 and then timed one-token steps through the ONNX Runner with profiling on, and prints the op types
 by time per step. Profiling adds overhead, so the step time here is above cpu_backends.py's.
 
-    python benchmarks/ort_profile.py [--arch mamba1] [--threads 2] [--steps 20] [--prefill 512]
+    python benchmarks/ort_profile.py [--arch mamba1] [--threads 2] [--steps 20] [--prefill 512] [--by-shape]
+
+--by-shape also lists the nodes grouped by op type and output shape (e.g. the Mamba2 state's
+(1, 24, 64, 128) Mul and Add apart from the small ones).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=0, help="profile prefills of this many tokens instead")
+    ap.add_argument("--by-shape", action="store_true", help="also group the nodes by op type and output shape")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
@@ -81,6 +85,16 @@ def main(argv=None):
     print("| op type | ms / step | nodes / step |\n| --- | ---: | ---: |")
     for op, us in per_op.most_common(12):
         print(f"| {op} | {us / n / 1e3:.3f} | {calls[op] / n:.0f} |")
+    if args.by_shape:
+        by_shape, shape_calls = collections.Counter(), collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["args"]["op_name"] not in CONTAINERS:
+                key = (e["args"]["op_name"], json.dumps(e["args"].get("output_type_shape")))
+                by_shape[key] += e["dur"]
+                shape_calls[key] += 1
+        print("\n| op type | output shape | ms / step | nodes / step |\n| --- | --- | ---: | ---: |")
+        for (op, shape), us in by_shape.most_common(20):
+            print(f"| {op} | {shape} | {us / n / 1e3:.3f} | {shape_calls[op, shape] / n:.0f} |")
 
 
 if __name__ == "__main__":

@@ -140,3 +140,29 @@ def test_flush_denormals_mode_does_not_break_num_logits_to_keep(exported):
     ref, _ = ort.prefill(ids, ort.new_state(2), last_only=True)
     assert got.shape == ref.shape == (2, 1, ref.shape[-1])
     assert rel_err(got, ref) < FP32_TOL
+
+
+# two runners opened, closed in the order they were opened, then a signal with a Python handler
+_SIGNAL_AFTER_TWO_RUNNERS = """
+import os, signal, sys
+from mamba_deploy.runners.openvino_runner import open_openvino
+first, second = open_openvino(sys.argv[1]), open_openvino(sys.argv[1])
+first.close(); second.close(); del first, second
+signal.signal(signal.SIGTERM, lambda *_: print("handler ran", flush=True))
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_signal_after_two_runners_closed_in_open_order_runs_its_handler(exported):
+    """Each runner had its own ov.Core, hence its own CPU plugin, which swaps in a signal stack of
+    its own and on close puts back the one it found: closing the first runner's plugin, then the
+    second's, left the thread on the first one's unmapped stack, and the next SIGTERM or Ctrl-C
+    killed the process with SIGSEGV (139, no traceback) instead of running its handler. A
+    subprocess, since the failure takes the whole process down."""
+    import subprocess
+    import sys
+
+    out, _ = exported("mamba2")
+    p = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_TWO_RUNNERS, str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert (p.returncode, p.stdout.strip()) == (0, "handler ran"), p.stderr[-2000:]

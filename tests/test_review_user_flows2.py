@@ -93,9 +93,7 @@ def test_new_state_refuses_a_batch_that_is_not_a_count(artifacts, backend):
         load_model(DEMO2).new_state(-2)
 
 
-# not "openvino": two OpenVINO models of different shapes freed in this process made
-# test_cli.py's in-process SIGTERM test segfault later in the same session (checked by hand instead)
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino"])
 def test_state_of_another_models_runner_is_refused(artifacts, backend):
     """An ONNX Runtime state made by the runner of another model reached ORT (a bare
     RuntimeError about `past_conv.0`), and `to_torch_state` read it back as if it were this model's

@@ -12,11 +12,14 @@ Two OpenVINO facts shape this file:
 - Its CPU plugin misreads small integers when flush-to-zero / denormals-are-zero is on, which a
   -ffast-math library can switch on process-wide; compile and inference run with it off
   (`ieee_denormals`).
+- Every runner compiles through one ov.Core per process (`shared_core`): each Core loads its own
+  CPU plugin, and two plugins freed out of order leave a dangling signal stack behind.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,6 +142,28 @@ def ieee_denormals():
 
 # ---------------------------------------------------------------------------------------- loading
 
+_core = None
+_core_lock = threading.Lock()
+
+
+def shared_core(ov):
+    """The process's one ov.Core, made on first use and kept until exit.
+
+    Why one: each Core loads its own CPU plugin, and that plugin (OpenVINO's SigAltStackSetup,
+    Linux) installs an mmap'ed signal stack on the thread that loads it, remembering the previous
+    one; when the plugin is freed it puts that previous stack back if its own is still current,
+    then unmaps its own. Two runners with their own Cores, closed in the order they were opened,
+    left the thread's signal stack pointing at the first plugin's unmapped stack, and the next
+    signal with a Python handler (SIGTERM, Ctrl-C: CPython installs them SA_ONSTACK) killed the
+    process with SIGSEGV instead of running the handler. With one Core that lives as long as the
+    process there is a single plugin, installed once and never freed before exit."""
+    global _core
+    with _core_lock:  # two threads opening runners at once must not make two Cores
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
+
 def _read_model(core, folder: Path):
     """Read model.onnx with the optional inputs' default initializers removed; returns (ov model,
     {name: default numpy value}, temp graph file or None)."""
@@ -209,7 +234,7 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     folder, manifest = open_export_folder(path, check_hash)
-    core = ov.Core()
+    core = shared_core(ov)
     if device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
         raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here "
                                       f"(have {core.available_devices}); use device='CPU'")

@@ -149,3 +149,20 @@ def test_cli_prints_the_extra(capsys, monkeypatch):
     assert main(["generate", DEMO, "--backend", "openvino", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install 'mamba-deploy[openvino]'" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- only the extra a verb needs
+
+def test_onnx_export_and_convert_need_no_gguf_package(tmp_path, monkeypatch):
+    """`export onnx` and `convert` of a checkpoint that is not a GGUF work without the gguf package
+    (an install with only the `onnx` extra): they imported the GGUF reader to label a GGUF source's
+    weight type, and failed with "No module named 'gguf'" before exporting anything. The export is
+    checked against onnxruntime by its own validation (on by default)."""
+    pytest.importorskip("onnxruntime")
+    for name in [m for m in sys.modules if m == "gguf" or m.startswith(("gguf.", "mamba_deploy.export.gguf"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    assert main(["export", "onnx", DEMO, str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert main(["convert", DEMO, str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()

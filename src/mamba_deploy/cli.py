@@ -209,7 +209,7 @@ def cmd_convert(args):
     from .atomic import prepare_output_dir
     from .checkpoint import load_model, save_checkpoint, stored_dtype
     from .errors import CheckpointError
-    from .export.gguf_import import source_weights
+    from .export import source_weights
 
     prepare_output_dir(args.out, CheckpointError)
     # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not

@@ -54,7 +54,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     import onnx
 
     from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
-    from .gguf_import import source_weights
+    from . import source_weights
     from .onnx_graph import MambaGraph
 
     if dtype not in DTYPES:

@@ -570,9 +570,11 @@ def cmd_verify(args):
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
     ref, art, label = open_pair(args.reference, args.artifact, backend, args.reference_dtype,
                                 args.device, opts, threads=args.threads)
-    if args.artifact_dtype and label == "fp32":
-        label = args.artifact_dtype  # an fp32 checkpoint run in half precision needs half tolerances
     try:
+        if args.artifact_dtype and not args.dtype:
+            # a checkpoint run in a lower precision than it stores (fp32 or fp16 weights run in bf16)
+            # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
+            label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
         text_ids = None if text is None else ref.tokenizer.encode(text)[: args.max_text_tokens]
         report = verify(ref, art, lengths, batches, args.decode_steps, text_ids, overrides or None, args.seed,
                         label=args.dtype or label, progress=not args.quiet)

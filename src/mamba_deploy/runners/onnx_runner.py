@@ -181,9 +181,22 @@ def check_session(manifest: dict, session, folder: Path) -> None:
                                   f"says {shape}; re-export the model")
 
 
+def with_options(providers: list, manifest: dict) -> list:
+    """ORT's provider list with our options: the CUDA provider runs an fp32 graph without TF32,
+    whose MatMuls round their inputs to 10 mantissa bits (ORT's default is on; an fp32 export
+    is checked against PyTorch at fp32's 1e-4, which TF32 does not meet). A caller's own
+    (name, options) entries pass through unchanged."""
+    out = []
+    for p in providers:
+        if p == "CUDAExecutionProvider" and manifest.get("dtype") == "fp32":
+            p = (p, {"use_tf32": "0"})
+        out.append(p)
+    return out
+
+
 def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False, **_) -> OnnxRunner:
-    """path: an export folder or its model.onnx. providers: ORT provider names (default CUDA if
-    available, else CPU). threads: intra-op threads (default: ORT's choice, one per physical core)."""
+    """path: an export folder or its model.onnx. providers: ORT provider names or (name, options)
+    pairs (default CUDA if available, else CPU). threads: intra-op threads (default: ORT's choice, one per physical core)."""
     threads = check_threads(threads)
     try:
         import onnxruntime as ort
@@ -195,7 +208,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    missing = [p for p in providers if p not in available]
+    missing = [p for p in (q if isinstance(q, str) else q[0] for q in providers) if p not in available]
     if missing:
         raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available here (have {available})")
     so = ort.SessionOptions()
@@ -205,7 +218,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers)
+        session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=with_options(providers, manifest))
     except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
         raise ExportError(f"ONNX Runtime cannot load {folder / 'model.onnx'}: {e}; re-export the model") from e
     check_session(manifest, session, folder)

@@ -245,10 +245,14 @@ def test_defaults_follow_openai(server, reference, seed):
     assert out["choices"][0]["token_ids"] == ref.tokens[0] and out["usage"]["completion_tokens"] == 16
 
 
-def test_token_ids_at_the_vocabulary_edge(server, reference):
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_ids_at_the_vocabulary_edge(server, reference, stream):
+    """Id V is refused up front, naming `prompt` (the runner would refuse it too, but only once a
+    stream's 200 is out); id V - 1 is the last one of the vocabulary."""
     v = reference.vocab_size
-    status, data = _post(server, {"prompt": [1, v], "max_tokens": 2})
-    assert status == 400 and f"token id {v} outside the vocabulary [0, {v})" in _error(data)["message"]
+    status, data = _post(server, {"prompt": [1, v], "max_tokens": 2, "stream": stream})
+    assert status == 400 and _error(data)["param"] == "prompt"
+    assert f"token id {v} outside the vocabulary [0, {v})" in _error(data)["message"]
     ref = generate(reference, [[1, v - 1]], max_new_tokens=2, stop_token_ids=[])
     status, data = _post(server, {"prompt": [1, v - 1], "max_tokens": 2, "temperature": 0, "stop_token_ids": []})
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == ref.tokens[0]
@@ -465,3 +469,34 @@ def test_a_refusal_is_reported_as_the_templates_words():
     with pytest.raises(ChatTemplateError) as e:
         render_chat("{{ raise_exception('only one user turn') }}", [{"role": "user", "content": "x"}])
     assert str(e.value) == "the chat template refused the conversation: only one user turn"
+
+
+def test_a_template_that_renders_only_whitespace_renders_nothing():
+    """Whitespace is no conversation: a ChatTemplateError naming the template, not a prompt of
+    spaces generated from."""
+    from mamba_deploy.chat import ChatTemplateError, chat_ids
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    with pytest.raises(ChatTemplateError, match="rendered nothing"):
+        chat_ids(load_tokenizer(DEMO2), [{"role": "user", "content": "hi"}], "{% for m in messages %} {% endfor %}")
+
+
+def test_a_blank_template_is_refused_before_serving():
+    from mamba_deploy.chat import ChatTemplateError
+
+    with pytest.raises(ChatTemplateError, match="non-empty Jinja string"):
+        make_server(open_runner(DEMO2, "torch"), "127.0.0.1", 0, quiet=True, chat_template=" \n")
+
+
+def test_a_blank_config_template_does_not_hide_chat_template_jinja(tmp_path):
+    """transformers reads chat_template.jinja when tokenizer_config.json's "chat_template" is ""."""
+    from mamba_deploy.chat import read_chat_template
+
+    transformers = pytest.importorskip("transformers")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((DEMO2 / name).read_bytes())
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": ""}))
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).chat_template
+    assert want == CHATML and read_chat_template(tmp_path) == want

@@ -81,8 +81,25 @@ def _typed(body: dict, name: str, types, default):
     if isinstance(v, bool) or not isinstance(v, types):
         want = " or ".join("integer" if t is int else "number" for t in types)
         raise RequestError(f"`{name}` must be a {want}, got {json.dumps(v)[:80]}", param=name)
-    if isinstance(v, float) and not math.isfinite(v):  # JSON 1e999 parses to inf
-        raise RequestError(f"`{name}` must be a finite number, got {v}", param=name)
+    if float in types and not _finite(v):  # JSON 1e999 parses to inf
+        raise RequestError(f"`{name}` must be a finite number, got {json.dumps(v)[:80]}", param=name)
+    return v
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer past float's range (JSON 1 and 400 zeros): sampling would raise it (a 500)
+        return False
+
+
+def _flag(v, name: str, param: str) -> bool:
+    """An optional JSON boolean: null is OpenAI's "not given" (false), anything else but true/false
+    is refused rather than read as truthy ("no" would mean yes)."""
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(f"`{name}` must be true or false, got {json.dumps(v)[:80]}", param=param)
     return v
 
 
@@ -162,15 +179,19 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
         if not (isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)):
             raise RequestError(f"`stop_token_ids` must be a list of integers, got {json.dumps(stops)[:80]}",
                                param="stop_token_ids")
+        # generate() checks this too, but only once a stream's 200 is out; here it is still a 400
+        bad = [t for t in stops if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"`stop_token_ids` has id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+                               "it could never stop generation", param="stop_token_ids")
     kw["stop_token_ids"] = stops  # None: generate's default (the tokenizer's eos for text prompts)
     kw["stop_strings"] = _parse_stop(body.get("stop"))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(f"`stream` must be true or false, got {json.dumps(stream)[:80]}", param="stream")
+    stream = _flag(body.get("stream"), "stream", "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise RequestError("`stream_options` must be an object", param="stream_options")
-    return prompts, as_text, kw, stream, bool(opts.get("include_usage", False))
+    return prompts, as_text, kw, stream, _flag(opts.get("include_usage"), "stream_options.include_usage",
+                                               "stream_options")
 
 
 # ----------------------------------------------------------------------------- server
@@ -280,6 +301,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, type_: str, param=None):
         self._send(status, {"error": {"message": message, "type": type_, "param": param, "code": status}})
 
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own refusals (a method with no do_*, a malformed request line, a line or
+        # headers too long) in the JSON error shape clients parse, not its HTML page
+        message = message or self.responses.get(code, ("error",))[0]
+        if code in (400, 501):  # what to send instead
+            message = f"{message}; endpoints: {ENDPOINTS}"
+        self.log_error("code %d, message %s", code, message)
+        data = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        for k, v in JSON_HEADERS.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD":  # a HEAD reply has no body
+            self.wfile.write(data)
+
     def _guarded(self, fn):
         try:
             fn()
@@ -367,6 +406,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
                                "again for another reply", param="n")
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
+        if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
+            del rest["logprobs"]
         if "max_completion_tokens" in body and "max_tokens" not in body:  # OpenAI's newer name
             n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
             if not 1 <= n <= self.server.max_tokens_limit:  # named as sent, not as `max_tokens`
@@ -386,7 +427,9 @@ class _Handler(BaseHTTPRequestHandler):
             n = int(length)
         except ValueError:
             raise RequestError(f"bad Content-Length {length!r}") from None
-        if n < 0 or n > MAX_BODY_BYTES:
+        if n < 0:  # not "over the limit" (a 413)
+            raise RequestError(f"bad Content-Length {length!r}: a body length is >= 0")
+        if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
                                "request_too_large")
         raw = self.rfile.read(n)

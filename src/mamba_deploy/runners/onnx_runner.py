@@ -196,7 +196,8 @@ def with_options(providers: list, manifest: dict) -> list:
 
 def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False, **_) -> OnnxRunner:
     """path: an export folder or its model.onnx. providers: ORT provider names or (name, options)
-    pairs (default CUDA if available, else CPU). threads: intra-op threads (default: ORT's choice, one per physical core)."""
+    pairs (default CUDA if available, else CPU). threads: intra-op threads (default: ORT's
+    choice, one per physical core)."""
     threads = check_threads(threads)
     try:
         import onnxruntime as ort
@@ -208,7 +209,8 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    missing = [p for p in (q if isinstance(q, str) else q[0] for q in providers) if p not in available]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [p for p in names if p not in available]
     if missing:
         raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available here (have {available})")
     so = ort.SessionOptions()

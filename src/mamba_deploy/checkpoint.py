@@ -57,8 +57,9 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     return _download(s)
 
 
-# small files every download takes: configs, shard indexes, tokenizers (tokenizer.model.v3: Mistral's)
-HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "tokenizer.model*"]
+# small files every download takes: configs, shard indexes, tokenizers (tokenizer.model.v3: Mistral's),
+# the chat template (transformers >= 4.49 saves it as chat_template.jinja, not in tokenizer_config.json)
+HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "tokenizer.model*", "chat_template.jinja"]
 
 
 def hub_patterns(names) -> list[str]:

@@ -221,7 +221,7 @@ def test_concurrent_requests_are_serialised_and_correct(server, reference):
     ({"prompt": ["a", [1, 2]]}, 400, r"not a token-id list"),
     ({"prompt": [[1, 999]]}, 400, r"token id 999 outside the vocabulary"),
     ({"prompt": ["a"] * 5}, 400, r"5 prompts exceed .*--max-batch 4"),
-    ({"prompt": "a", "max_tokens": "8"}, 400, r"`max_tokens` must be a integer"),
+    ({"prompt": "a", "max_tokens": "8"}, 400, r"`max_tokens` must be an integer"),
     ({"prompt": "a", "max_tokens": 0}, 400, r"`max_tokens` must be in \[1, "),
     ({"prompt": "a", "temperature": True}, 400, r"`temperature` must be a"),
     ({"prompt": "a", "temperature": -1}, 400, r"temperature >= 0"),

@@ -79,8 +79,8 @@ def _typed(body: dict, name: str, types, default):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, types):
-        want = " or ".join("integer" if t is int else "number" for t in types)
-        raise RequestError(f"`{name}` must be a {want}, got {json.dumps(v)[:80]}", param=name)
+        want = " or ".join("an integer" if t is int else "a number" for t in types)
+        raise RequestError(f"`{name}` must be {want}, got {json.dumps(v)[:80]}", param=name)
     if float in types and not _finite(v):  # JSON 1e999 parses to inf
         raise RequestError(f"`{name}` must be a finite number, got {json.dumps(v)[:80]}", param=name)
     return v

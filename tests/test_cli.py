@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,9 @@ def test_sigterm_mid_export_cleans_up(tmp_path, monkeypatch, capsys):
 
     def killed(*a, **k):
         real(*a, **k)
-        os.kill(os.getpid(), signal.SIGTERM)
+        # at this thread: os.kill picks any thread of the process, which under load may run the
+        # handler only after the export has finished
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
     monkeypatch.setattr(ex, "write_manifest", killed)
     assert main(["export", "onnx", DEMO, str(tmp_path / "o")]) == 143
@@ -114,7 +117,7 @@ def test_interrupt_inside_llamacpp_quantize_is_not_lost(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
 
     def quantize(src, dst, params):
-        os.kill(os.getpid(), signal.SIGINT)  # arrives while "inside" the C call
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # arrives while "inside" the C call
         with open(dst, "wb") as f:
             f.write(b"GGUF")
         return 0

@@ -29,8 +29,9 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     if window < 1:
         raise ConfigError(f"window={window} must be >= 1")
     vocab = runner.vocab_size
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise ConfigError(f"token id {int(ids.max())} is outside the model's vocabulary [0, {vocab}); "
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.numel():  # name the offending id: a negative one is not the stream's max
+        raise ConfigError(f"token id {int(bad[0])} is outside the model's vocabulary [0, {vocab}); "
                           "tokenize with the model's own tokenizer")
     state = runner.new_state(1)
     total_nll, scored, runner_s = 0.0, 0, 0.0

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BPE_EOS
 from mamba_deploy.errors import ConfigError, ShapeError
 from mamba_deploy.export.gguf import export_gguf
 
@@ -218,11 +217,174 @@ def test_step_logits_survive_the_next_step(tiny_gguf):
         assert torch.equal(first, kept)
 
 
-def test_tokenizer_eos_id_zero_is_kept(tiny_gguf, tiny_tokenizer):
-    """The tiny BPE's eos is token 0 (its first special token): a valid id, not "none"."""
+def test_quantizer_threads_reach_llamacpp(tiny_folder, tmp_path, monkeypatch):
+    """n_threads is what llama.cpp's quantizer is given (nthread), not its default."""
+    real, seen = llama_cpp.llama_model_quantize, []
+
+    def spy(src, dst, params):
+        seen.append(params.nthread)
+        return real(src, dst, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_gguf(tiny_folder("mamba"), tmp_path / "k.gguf", outtype="q6_k", n_threads=2)
+    assert seen == [2]
+
+
+def test_requantized_gguf_with_a_short_vocab_gets_a_full_one(tiny_folder, tmp_path):
+    """A GGUF whose vocab is shorter than its embedding rows (another converter's) is re-exported
+    with the tokenizer beside it, padded to the rows, which is what llama.cpp needs to load it."""
+    import dataclasses
+
+    from gguf import GGMLQuantizationType as QT
+    from gguf import LlamaFileType as FT
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.export.gguf import write_gguf
+    from mamba_deploy.export.gguf_vocab import find_tokenizer_file, read_vocab
+
+    folder = tiny_folder("mamba")
+    model = load_model(folder, dtype=torch.float32)
+    full = read_vocab(find_tokenizer_file(None, folder), model.config.padded_vocab_size, {"eos": 0})
+    short = dataclasses.replace(full, tokens=full.tokens[:100], types=full.types[:100])
+    src = tmp_path / "src"
+    src.mkdir()
+    write_gguf(model, short, src / "short.gguf", FT.ALL_F32, QT.F32)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / f, src / f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(src / "short.gguf", tmp_path / "out.gguf", outtype="q8_0")
+    r = gguf.GGUFReader(str(out))
+    rows = int({t.name: t for t in r.tensors}["token_embd.weight"].shape[1])
+    assert len(r.get_field("tokenizer.ggml.tokens").data) == rows
+    with open_llama(out) as lr:
+        assert lr.n_vocab == rows
+
+
+@pytest.mark.parametrize("arch,option", [("mamba1", dict(bias=True)), ("mamba2", dict(norm_before_gate=True))])
+def test_variants_llamacpp_cannot_run_are_refused(arch, option, tiny_tokenizer, tmp_path):
+    """in/out_proj biases and Mamba2's norm-before-gate have no place in llama.cpp's graphs: a GGUF
+    of them would load and silently compute another model, so the export refuses them."""
+    from conftest import random_lm
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ExportError
+
+    shape = dict(d_model=32, d_state=16, n_layer=2, vocab_size=100) | (dict(headdim=8) if arch == "mamba2" else {})
+    model = random_lm(MambaConfig(arch=arch, **shape, **option))
+    with pytest.raises(ExportError, match="bias" if arch == "mamba1" else "norm_before_gate"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tiny_tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind,clamped", [("mamba2_dtlimit", True), ("mamba2", False)])
+def test_dt_limit_warning_only_for_a_clamped_model(kind, clamped, tiny_folder, hf_checkpoint, tmp_path):
+    """llama.cpp has no dt clamp: exactly the models with transformers' time_step_limit narrower
+    than (0, inf) are warned about."""
+    _, hf = hf_checkpoint(kind)
+    assert (tuple(hf.config.time_step_limit) != (0.0, float("inf"))) == clamped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gguf(tiny_folder(kind), tmp_path / "m.gguf")
+    assert any("dt_limit" in str(w.message) for w in caught) == clamped
+
+
+def test_state_of_another_runner_is_refused(tiny_gguf):
+    """A state's sequence ids name slots of the runner that made it, not of another runner."""
+    with open_llama(tiny_gguf) as a, open_llama(tiny_gguf) as b:
+        st = a.new_state(1)
+        with pytest.raises(ShapeError, match="another runner"):
+            b.prefill(ids(3), st)
+
+
+def test_left_padded_full_logits_land_on_the_real_positions(tiny_gguf):
+    """last_only=False with left padding: each real token's logits sit at its own position (as
+    llama.cpp gives them for the unpadded row), the padded positions are zero."""
+    short, long = ids(3, 5), ids(6, 6)
+    with open_llama(tiny_gguf) as r:
+        want_short, _ = r.prefill(short, r.new_state(1))
+        want_long, _ = r.prefill(long, r.new_state(1))
+        batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+        mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+        got, _ = r.prefill(batch, r.new_state(2), attention_mask=mask)
+    assert torch.allclose(got[0, 3:], want_short[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[0, :3], torch.zeros(3, got.shape[-1]))
+    assert torch.allclose(got[1], want_long[0], rtol=1e-4, atol=1e-5)
+
+
+def test_encode_without_special_tokens_adds_no_bos(tiny_folder, tiny_tokenizer, tmp_path):
+    """A vocabulary that asks for BOS (tokenizer.ggml.add_bos_token, as SentencePiece ones do):
+    add_special_tokens=False gives the bare tokens, as the `tokenizers` library encodes the text."""
+    import dataclasses
+
+    from gguf import GGMLQuantizationType as QT
+    from gguf import LlamaFileType as FT
     from tokenizers import Tokenizer
 
-    eos = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json")).token_to_id(BPE_EOS)
-    assert eos == 0
-    with open_llama(tiny_gguf) as r:
-        assert r.tokenizer.eos_token_id == eos
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.export.gguf import write_gguf
+    from mamba_deploy.export.gguf_vocab import find_tokenizer_file, read_vocab
+
+    folder = tiny_folder("mamba")
+    model = load_model(folder, dtype=torch.float32)
+    vocab = read_vocab(find_tokenizer_file(None, folder), model.config.padded_vocab_size, {"bos": 0, "eos": 0})
+    write_gguf(model, dataclasses.replace(vocab, add_bos=True), tmp_path / "bos.gguf", FT.ALL_F32, QT.F32)
+    text = "the quick brown fox"
+    bare = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json")).encode(text).ids
+    with open_llama(tmp_path / "bos.gguf") as r:
+        assert r.tokenizer.encode(text) == [0] + bare  # the GGUF's BOS, as llama.cpp adds it
+        assert r.tokenizer.encode(text, add_special_tokens=False) == bare
+
+
+def test_bf16_outtype_stores_bfloat16_matrices(tiny_folder, hf_checkpoint, tmp_path):
+    """bf16 means BF16 tensors (not F16, which llama.cpp also runs, a little differently rounded):
+    each matrix is transformers' weight rounded by torch to bfloat16."""
+    _, hf = hf_checkpoint("mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(tiny_folder("mamba"), tmp_path / "b.gguf", outtype="bf16")
+    t = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}["blk.0.ssm_in.weight"]
+    assert gguf.GGMLQuantizationType(t.tensor_type) == gguf.GGMLQuantizationType.BF16
+    got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    assert torch.equal(got, hf.backbone.layers[0].mixer.in_proj.weight.detach().bfloat16().float())
+
+
+def test_failed_llamacpp_quantizer_leaves_no_output(tiny_folder, tmp_path, monkeypatch):
+    """llama.cpp returning an error after writing part of its file is a failure, not a GGUF."""
+    from mamba_deploy.errors import ExportError
+
+    def broken(src, dst, params):
+        Path(dst.decode()).write_bytes(b"GGUF partial")
+        return 1
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ExportError, match="return code 1"):
+            export_gguf(tiny_folder("mamba"), tmp_path / "k.gguf", outtype="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dangling_modelfile_symlink_is_not_replaced(tiny_folder, tmp_path):
+    """A Modelfile that is a link to a missing file is still someone's: --ollama refuses it."""
+    from mamba_deploy.errors import OutputPathError
+
+    link = tmp_path / "Modelfile"
+    link.symlink_to(tmp_path / "elsewhere" / "Modelfile")
+    with pytest.raises(OutputPathError, match="Modelfile"):
+        export_gguf(tiny_folder("mamba"), tmp_path / "m.gguf", ollama=True)
+    assert link.is_symlink() and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_file_type_names_the_type_of_the_matrices(outtype, tiny_folder, tmp_path):
+    """general.file_type (llama.cpp's model description, its quantizer's default) must be the
+    type the matrices are really stored in, as GGUFReader reads them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(tiny_folder("mamba"), tmp_path / "m.gguf", outtype=outtype)
+    r = gguf.GGUFReader(str(out))
+    ftype = gguf.LlamaFileType(int(r.get_field("general.file_type").contents()))
+    stored = gguf.GGMLQuantizationType({t.name: t for t in r.tensors}["blk.0.ssm_in.weight"].tensor_type)
+    assert ftype.name == "MOSTLY_" + stored.name

@@ -151,8 +151,9 @@ OUTTYPES = {
 # main tensor type of each llama.cpp-quantized outtype (for the fallback warning)
 LLAMACPP_MAIN_TYPE = {"q2_k": QT.Q2_K, "q3_k_m": QT.Q3_K, "q4_k_m": QT.Q4_K, "q5_k_m": QT.Q5_K, "q6_k": QT.Q6_K}
 # a type whose block does not divide the row length -> the type llama.cpp falls back to;
-# if that does not fit either, F16 (llama-quant.cpp)
-FALLBACK = {QT.Q2_K: QT.IQ4_NL, QT.Q3_K: QT.IQ4_NL, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+# if that does not fit either, F16 (llama-quant.cpp; Q2_K / Q3_K fall back to Q4_0 there, the
+# IQ quants to IQ4_NL)
+FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 FINAL_FALLBACK = QT.F16
 
 

@@ -202,7 +202,9 @@ class LlamaCppRunner(Runner):
         self._free_context()
         cp = lib.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max = self.n_ctx, n_seq
-        cp.n_batch = cp.n_ubatch = self.n_batch
+        # step() decodes one token of every row in one llama_decode: n_batch below the row count
+        # trips a GGML_ASSERT in llama.cpp, which aborts the process
+        cp.n_batch = cp.n_ubatch = max(self.n_batch, n_seq)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model.ptr, cp)

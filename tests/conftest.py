@@ -4,6 +4,7 @@ reference), so no test touches the network."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -101,6 +102,25 @@ def onnx_export(hf_checkpoint, tmp_path_factory):
             export_onnx(folder, out, dtype=dtype)
             cache[kind, dtype] = (out, folder, hf)
         return cache[kind, dtype]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ckpt(hf_checkpoint, tiny_tokenizer, tmp_path_factory):
+    """ckpt(kind) -> (folder with weights + the tiny BPE tokenizer, transformers model); the GGUF
+    and llama.cpp tests export these (a GGUF needs a tokenizer)."""
+    cache = {}
+
+    def make(kind):
+        if kind not in cache:
+            src, hf = hf_checkpoint(kind)
+            dst = tmp_path_factory.mktemp(f"gguf_src_{kind}") / "model"
+            shutil.copytree(src, dst)
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(tiny_tokenizer / f, dst / f)
+            cache[kind] = (dst, hf)
+        return cache[kind]
 
     return make
 

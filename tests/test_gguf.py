@@ -42,24 +42,6 @@ TEXTS, EOS = BPE_TEXTS, BPE_EOS  # the tiny BPE (conftest.tiny_tokenizer) was tr
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def ckpt(hf_checkpoint, tiny_tokenizer, tmp_path_factory):
-    """ckpt(kind) -> (folder with weights + tokenizer, transformers model)."""
-    cache = {}
-
-    def make(kind):
-        if kind not in cache:
-            src, hf = hf_checkpoint(kind)
-            dst = tmp_path_factory.mktemp(f"gguf_src_{kind}") / "model"
-            shutil.copytree(src, dst)
-            for f in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(tiny_tokenizer / f, dst / f)
-            cache[kind] = (dst, hf)
-        return cache[kind]
-
-    return make
-
-
-@pytest.fixture(scope="session")
 def exported(ckpt, tmp_path_factory):
     """exported(kind, outtype) -> path of the GGUF (cached)."""
     cache = {}

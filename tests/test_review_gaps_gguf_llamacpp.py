@@ -28,21 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(hf_checkpoint, tiny_tokenizer, tmp_path_factory):
+def tiny_folder(ckpt):
     """tiny_folder(kind) -> a transformers checkpoint folder with the tiny BPE beside it."""
-    cache = {}
-
-    def make(kind):
-        if kind not in cache:
-            src, _ = hf_checkpoint(kind)
-            dst = tmp_path_factory.mktemp(f"rg_{kind}") / "model"
-            shutil.copytree(src, dst)
-            for f in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(tiny_tokenizer / f, dst / f)
-            cache[kind] = dst
-        return cache[kind]
-
-    return make
+    return lambda kind: ckpt(kind)[0]
 
 
 @pytest.fixture(scope="module")

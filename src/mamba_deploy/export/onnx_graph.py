@@ -270,19 +270,25 @@ class MambaGraph(StepNetwork):
         self.time_pads = {rank: g.cat(g.const([0] * (rank + 1)), self.pad, g.const([0] * (rank - 2)))
                           for rank in (3, 4)}  # pad the end of axis 1 of a rank-3/4 tensor
 
+    def _mamba2_dt_A(self, dt: str, p: str) -> tuple[str, str]:
+        """softplus(dt + dt_bias), clamped to time_step_limit when either bound is set, and the
+        initializer A = -exp(A_log) (h,): one definition for the prefill graph and the one-token
+        branch, which share A by name (the branch built first creates it)."""
+        g, (lo, hi) = self.g, self.cfg.dt_limit
+        dt = g.op("Softplus", g.op("Add", dt, self.param(p + "dt_bias")))
+        if lo > 0.0 or hi != float("inf"):
+            dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
+        return dt, self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")))
+
     def _mamba2(self, xn: str, mask: str, p: str, i: int) -> str:
         cfg, g = self.cfg, self.g
         d, h, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         z, xBC, dt = g.op("Split", self.linear(xn, p + "in_proj.weight", p + "in_proj.bias"),
                           g.const([d, cfg.conv_dim, h]), axis=2, n_out=3)
         xBC = self._conv(xBC, mask, p, i, cfg.conv_dim)
-        dt = g.op("Softplus", g.op("Add", dt, self.param(p + "dt_bias")))  # (b, l, h)
-        lo, hi = cfg.dt_limit
-        if lo > 0.0 or hi != float("inf"):
-            dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
+        dt, A = self._mamba2_dt_A(dt, p)  # (b, l, h), (h,)
         x, B, C = g.op("Split", xBC, g.const([d, G * N, G * N]), axis=2, n_out=3)
         x4 = g.op("Reshape", x, g.const([0, 0, h, P]))  # (b, l, h, p)
-        A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")))  # (h,)
         y = self._ssd(x4, dt, B, C, A, i)  # (b, l, h, p)
         y = g.op("Add", y, g.op("Mul", x4, self.param(p + "D", (h, 1))))
         y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), g.silu(z))  # (b, l, d)

@@ -98,12 +98,8 @@ class StepNetwork:
         z, xBC, dt = g.op("Split", self.linear(xn, p + "in_proj.weight", p + "in_proj.bias"),
                           g.const([d, cfg.conv_dim, H]), axis=1, n_out=3)
         xBC = self._conv_step(xBC, p, i, cfg.conv_dim)
-        dt = g.op("Softplus", g.op("Add", dt, self.param(p + "dt_bias")))  # (b, h)
-        lo, hi = cfg.dt_limit
-        if lo > 0.0 or hi != float("inf"):
-            dt = g.op("Clip", dt, g.const(lo, np.float32), g.const(min(hi, 3.0e38), np.float32))
+        dt, A = self._mamba2_dt_A(dt, p)  # (b, h), (h,)
         x, B, C = g.op("Split", xBC, g.const([d, G * N, G * N]), axis=1, n_out=3)
-        A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")))  # (h,)
         decay = g.op("Reshape", g.op("Exp", g.op("Mul", dt, A)), g.const([0, H, 1, 1]))  # (b, h, 1, 1), <= 1
         xdt = g.op("Mul", g.op("Reshape", x, g.const([0, H, P])), g.op("Unsqueeze", dt, g.const([2])))  # (b, h, p)
         u = g.op("MatMul", g.op("Reshape", xdt, g.const([0, G, d // G, 1])),

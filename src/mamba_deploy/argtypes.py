@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 
 
 def _number(kind, text: str):
@@ -74,10 +75,15 @@ def opset(text: str) -> int:
     return _at_least(int, text, MIN_OPSET, strict=False)
 
 
+def is_seed(value) -> bool:
+    """An int torch.Generator.manual_seed takes: 0 <= seed < 2**64 (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
 def seed(text: str) -> int:
-    """A random seed: torch.Generator.manual_seed takes 0 <= seed < 2**64."""
+    """--seed: a random seed (is_seed)."""
     value = _number(int, text)
-    if not 0 <= value < 2**64:
+    if not is_seed(value):
         raise argparse.ArgumentTypeError(f"seed {value} is outside 0..2**64-1")
     return value
 

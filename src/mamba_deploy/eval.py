@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelNotFoundError
+from .inputs import first_out_of_vocab
 
 
 def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
@@ -29,9 +30,9 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     if window < 1:
         raise ConfigError(f"window={window} must be >= 1")
     vocab = runner.vocab_size
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.numel():  # name the offending id: a negative one is not the stream's max
-        raise ConfigError(f"token id {int(bad[0])} is outside the model's vocabulary [0, {vocab}); "
+    bad = first_out_of_vocab(ids, vocab)
+    if bad is not None:
+        raise ConfigError(f"token id {bad} is outside the model's vocabulary [0, {vocab}); "
                           "tokenize with the model's own tokenizer")
     state = runner.new_state(1)
     total_nll, scored, runner_s = 0.0, 0, 0.0

@@ -40,6 +40,14 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
     return ids
 
 
+def first_out_of_vocab(ids: torch.Tensor, vocab: int) -> int | None:
+    """The first id of a whole stream outside [0, vocab), for a message naming it (not the
+    stream's max: a negative id may be the bad one), or None. check_ids keeps its one-pass
+    aminmax: it runs every decode step."""
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    return int(bad[0]) if bad.numel() else None
+
+
 def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
     """attention_mask (b, l) of 0/1 (left padding) or None -> int64 tensor or None."""
     if attention_mask is None:

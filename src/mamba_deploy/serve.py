@@ -93,6 +93,13 @@ def _finite(v) -> bool:
         return False
 
 
+def _check_max_tokens(n: int, name: str, limit: int) -> int:
+    """1 <= n <= the server's --max-tokens-limit; the error names the field as the client sent it."""
+    if not 1 <= n <= limit:
+        raise RequestError(f"`{name}` must be in [1, {limit}], got {n}", param=name)
+    return n
+
+
 def _flag(v, name: str, param: str) -> bool:
     """An optional JSON boolean: null is OpenAI's "not given" (false), anything else but true/false
     is refused rather than read as truthy ("no" would mean yes)."""
@@ -163,9 +170,7 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
             raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
     prompts, as_text = _parse_prompts(body.get("prompt"), max_batch, vocab_size)
     kw = {key: _typed(body, name, types, default) for name, (types, default, key) in FIELDS.items()}
-    if not 1 <= kw["max_new_tokens"] <= max_tokens_limit:
-        raise RequestError(f"`max_tokens` must be in [1, {max_tokens_limit}], got {kw['max_new_tokens']}",
-                           param="max_tokens")
+    _check_max_tokens(kw["max_new_tokens"], "max_tokens", max_tokens_limit)
     if kw["seed"] is not None and not SEED_RANGE[0] <= kw["seed"] <= SEED_RANGE[1]:
         raise RequestError(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {kw['seed']}", param="seed")
     try:  # generation's own check, before anything is sent (a stream cannot change its status later)
@@ -289,17 +294,19 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(fmt, *args)
 
     # -- responses
-    def _send(self, status: int, payload: dict, headers=JSON_HEADERS):
+    def _send(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
         data = json.dumps(payload).encode()
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if body:
+            self.wfile.write(data)
 
-    def _error(self, status: int, message: str, type_: str, param=None):
-        self._send(status, {"error": {"message": message, "type": type_, "param": param, "code": status}})
+    def _error(self, status: int, message: str, type_: str, param=None, headers=JSON_HEADERS, body: bool = True):
+        self._send(status, {"error": {"message": message, "type": type_, "param": param, "code": status}},
+                   headers, body)
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (a method with no do_*, a malformed request line, a line or
@@ -308,16 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
         if code in (400, 501):  # what to send instead
             message = f"{message}; endpoints: {ENDPOINTS}"
         self.log_error("code %d, message %s", code, message)
-        data = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
-        self.send_response(code)
-        self.send_header("Connection", "close")
-        for k, v in JSON_HEADERS.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD":  # a HEAD reply has no body
-            self.wfile.write(data)
+        self._error(code, message, "invalid_request_error", headers={"Connection": "close", **JSON_HEADERS},
+                    body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
 
     def _guarded(self, fn):
         try:
@@ -410,10 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
             del rest["logprobs"]
         if "max_completion_tokens" in body and "max_tokens" not in body:  # OpenAI's newer name
             n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
-            if not 1 <= n <= self.server.max_tokens_limit:  # named as sent, not as `max_tokens`
-                raise RequestError(f"`max_completion_tokens` must be in [1, {self.server.max_tokens_limit}], got {n}",
-                                   param="max_completion_tokens")
-            rest["max_tokens"] = n
+            rest["max_tokens"] = _check_max_tokens(n, "max_completion_tokens", self.server.max_tokens_limit)
         return {**rest, "prompt": ids}
 
     def _read_json(self):

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import backend_choice, int_list, nonnegative_int, positive_int, seed
+from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, read_json_object, write_json
 from .errors import ConfigError, VerificationError
+from .inputs import first_out_of_vocab
 
 # ----------------------------------------------------------------------------- tolerances
 # logits_rel: max |artifact - reference| / max |reference| over every compared logit;
@@ -437,9 +438,10 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
             raise ConfigError(f"{name} must be a Runner, got {type(r).__name__} {r!r:.80}; open paths with "
                               "mamba_deploy.verify.open_pair(reference, artifact) or runners.open_runner(path)")
     lengths, batches = _int_tuple("lengths", lengths), _int_tuple("batches", batches)
-    for name, v in (("decode_steps", decode_steps), ("seed", seed)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (name == "seed" and not 0 <= v < 2**64):
-            raise ConfigError(f"{name}={v!r} must be an integer" + (" in 0..2**64-1" if name == "seed" else ""))
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, numbers.Integral):
+        raise ConfigError(f"decode_steps={decode_steps!r} must be an integer")
+    if not is_seed(seed):
+        raise ConfigError(f"seed={seed!r} must be an integer in 0..2**64-1")
     vocab = ref.vocab_size
     _check_same_model(ref, art)
     if art.vocab_size != vocab:  # runners without a config
@@ -491,9 +493,9 @@ def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
         ids = ids.reshape(1, -1)
         if ids.shape[1] < 2:
             raise ConfigError(f"the text (text_ids) has {ids.shape[1]} token(s); perplexity needs at least 2")
-        bad = ids[(ids >= vocab) | (ids < 0)]
-        if bad.numel():
-            raise ConfigError(f"text_ids: token id {int(bad[0])} is outside the vocabulary of {vocab}; "
+        bad = first_out_of_vocab(ids, vocab)
+        if bad is not None:
+            raise ConfigError(f"text_ids: token id {bad} is outside the vocabulary of {vocab}; "
                               "tokenize it with the reference model's tokenizer")
         return {"source": "text", **_score_sequence(ref, art, ids, 1, vocab)}
     prompt = torch.randint(0, vocab, (1, PPL_PROMPT), generator=gen)

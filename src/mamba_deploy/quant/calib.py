@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelNotFoundError, QuantizationError
+from ..inputs import first_out_of_vocab
 
 # all on the *train* side of mamba_deploy.data's split, so calibration never sees validation text
 CALIB_STDLIB_FILES = ("textwrap.py", "string.py", "fractions.py", "heapq.py", "bisect.py", "shlex.py",
@@ -45,9 +46,9 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
             raise QuantizationError(f"calib_ids must be integer token ids, got dtype {ids.dtype}; "
                                     "tokenize the text (or pass it as calib=)")
         ids = ids.long()
-        bad = ids[(ids < 0) | (ids >= model.config.vocab_size)]
-        if bad.numel():
-            raise QuantizationError(f"calib_ids: token id {int(bad[0])} is outside the vocabulary of "
+        bad = first_out_of_vocab(ids, model.config.vocab_size)
+        if bad is not None:
+            raise QuantizationError(f"calib_ids: token id {bad} is outside the vocabulary of "
                                     f"{model.config.vocab_size}; tokenize with this model's tokenizer")
     else:
         if calib is not None:

@@ -4,15 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-ci.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-ci.txt tools/fetch_llama_converter.py | cksum | cut -d' ' -f1)
 
-$(STAMP): pyproject.toml requirements-ci.txt
+$(STAMP): pyproject.toml requirements-ci.txt tools/fetch_llama_converter.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls CUDA packages
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-ci.txt
 	$(PIP) install -q -e '.[dev]'
+	# llama.cpp's own HF -> GGUF converter (from llama-cpp-python's source package), the reference
+	# tests/test_gguf.py compares our GGUF export with
+	$(PY) tools/fetch_llama_converter.py
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -5,6 +5,9 @@ Tolerances: float32 kernel vs reference <= 1e-5 relative; reference vs float64 l
 """
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +212,45 @@ def test_cpu_linear_and_quantized_linears_reject_wrong_widths():
         ops.int8_linear(x, torch.zeros(16, 4, dtype=torch.int8), torch.ones(16, 1))
     with pytest.raises(RuntimeError):
         ops.int4_linear(x, torch.zeros(16, 2, dtype=torch.uint8), torch.ones(16, 1), None, 4, True)
+
+
+def _x86_with_avx2() -> bool:
+    import platform
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return platform.machine() in ("x86_64", "AMD64") and " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.skipif(not _x86_with_avx2(), reason="needs an x86-64 CPU with AVX2 + FMA (the build under test "
+                    "is the plain-loop one such CPUs never run otherwise)")
+def test_cpu_kernels_plain_loops_build(tmp_path):
+    """The C kernels' non-AVX2 loops (the build for CPUs without AVX2, or MAMBA_DEPLOY_CPU_ARCH=x86-64)
+    pass the same C-kernel-vs-reference tests as the AVX2 build this machine compiles by default."""
+    import subprocess
+
+    assert cpu_kernels.simd_level() == 1  # the default build here takes the AVX2 loops
+    env = {**os.environ, cpu_kernels.ARCH_ENV: "x86-64", "MAMBA_DEPLOY_CACHE": str(tmp_path)}
+    env.pop("MAMBA_DEPLOY_NO_CPU_KERNELS", None)
+    root = Path(__file__).resolve().parents[1]
+    level = subprocess.run([sys.executable, "-c", "from mamba_deploy.ops import cpu_kernels as c; print(c.simd_level())"],
+                           env=env, capture_output=True, text=True, cwd=root)
+    assert level.stdout.strip() == "0", level.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py",
+                          "tests/test_quant.py", "-k", "cpu and not plain_loops_build"],
+                         env=env, capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
+
+
+def test_cpu_arch_env_refuses_non_names(monkeypatch):
+    from mamba_deploy.errors import ConfigError
+
+    monkeypatch.setenv(cpu_kernels.ARCH_ENV, "native -fplugin=x.so")
+    with pytest.raises(ConfigError, match="MAMBA_DEPLOY_CPU_ARCH='native -fplugin=x.so' is not an architecture"):
+        cpu_kernels._march()
+    monkeypatch.setenv(cpu_kernels.ARCH_ENV, " x86-64-v2 ")
+    assert cpu_kernels._march() == "-march=x86-64-v2"
+    monkeypatch.delenv(cpu_kernels.ARCH_ENV)
+    assert cpu_kernels._march() == "-march=native"

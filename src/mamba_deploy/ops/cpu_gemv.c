@@ -180,6 +180,15 @@ void lin_apply(const Lin *L, const float *x, long ldx, float *y, long ldy, long 
 
 /* Entry points for the module path (ops.linear / int8_linear / int4_linear at decode): x (b, k)
  * and y (b, n) contiguous; scratch >= b * (2k + k / gs) floats for int4. */
+/* 1 when the explicit AVX2 + FMA loops were compiled in, 0 for the plain loops (-march without AVX2) */
+int md_simd_level(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 void gemv_f32(const float *W, const float *bias, const float *x, float *y, long b, long n, long k, int nt) {
     gemv(W, bias, x, k, y, n, b, n, k, nt);
 }

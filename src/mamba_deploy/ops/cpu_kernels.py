@@ -2,7 +2,9 @@
 through ctypes (no torch headers, so the build takes about a second). Each has its pure-PyTorch
 twin in reference.py with the same signature; without a compiler the references are used.
 
-Set MAMBA_DEPLOY_NO_CPU_KERNELS=1 to disable them.
+Set MAMBA_DEPLOY_NO_CPU_KERNELS=1 to disable them, and MAMBA_DEPLOY_CPU_ARCH to build them for
+another -march than `native` (a portable x86-64-v2 build for a cache shared by several CPUs; the
+tests build with x86-64 to run the plain loops that AVX2 machines otherwise never execute).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import reference as ref
 
 _SRCS = [Path(__file__).with_name(f) for f in ("cpu_scan.c", "cpu_step.c", "cpu_decode.c", "cpu_gemv.c")]
@@ -28,9 +32,9 @@ _HEADER = Path(__file__).with_name("cpu_common.h")  # included by cpu_step.c, cp
 # Compile with -ffast-math (vectorised expf) but link without it: linking a shared object with
 # -ffast-math pulls in crtfastmath.o, which sets flush-to-zero for the whole process at load
 # time and silently changes every other library's float math (seen breaking OpenVINO).
-_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-fopenmp"]  # built where it runs
+_CFLAGS = ["-O3", "-ffast-math", "-fPIC", "-fopenmp"]  # + -march, built where it runs (_march)
 _LDFLAGS = ["-shared", "-fopenmp"]
-_FLAGS = _CFLAGS + ["|"] + _LDFLAGS  # part of the cache key
+ARCH_ENV = "MAMBA_DEPLOY_CPU_ARCH"  # -march value: native (default), or e.g. x86-64-v2 for a portable build
 MAX_D_STATE = 256  # stack buffer in cpu_scan.c
 F32 = torch.float32  # every buffer the C code writes (never torch's default dtype, which users can change)
 
@@ -50,10 +54,28 @@ def _cpu_id() -> bytes:
         return (platform.machine() + platform.processor()).encode()
 
 
+def _march() -> str:
+    """-march from $MAMBA_DEPLOY_CPU_ARCH; a value that is not a plain architecture name is refused
+    (it would reach the compiler's command line)."""
+    arch = os.environ.get(ARCH_ENV, "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", arch):
+        raise ConfigError(f"{ARCH_ENV}={arch!r} is not an architecture name; set it to one the C compiler's "
+                          "-march takes (native, x86-64, x86-64-v2, x86-64-v3, armv8-a, ...) or unset it")
+    return f"-march={arch}"
+
+
+def simd_level() -> int:
+    """What the built C kernels were compiled with: 1 = the explicit AVX2 + FMA loops, 0 = the
+    plain loops (left to the compiler's vectoriser), -1 = no C kernels (PyTorch references)."""
+    lib = _lib()
+    return -1 if lib is None else int(lib.md_simd_level())
+
+
 @functools.lru_cache(maxsize=1)
 def _lib():
     if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS"):
         return None
+    cflags = [*_CFLAGS, _march()]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
@@ -64,7 +86,8 @@ def _lib():
                       "PyTorch reference (slower). Reinstall mamba-deploy to get them back.")
         return None
     # -march=native: the key includes the CPU, so a shared home folder never loads another CPU's build
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
+    flags = " ".join([*cflags, "|", *_LDFLAGS])
+    key = hashlib.sha256(src + flags.encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_scan-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +96,7 @@ def _lib():
         objs = [f"{tmp[:-3]}-{i}.o" for i in range(len(_SRCS))]
         try:
             for src_file, obj in zip(_SRCS, objs):
-                subprocess.run([cc, *_CFLAGS, "-c", "-o", obj, str(src_file)], check=True, capture_output=True,
+                subprocess.run([cc, *cflags, "-c", "-o", obj, str(src_file)], check=True, capture_output=True,
                                timeout=120)
             subprocess.run([cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
@@ -101,6 +124,7 @@ def _lib():
                            ("int4_gemv_f32", [P] * 6 + [L] * 4 + [I])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, argtypes
+    lib.md_simd_level.restype, lib.md_simd_level.argtypes = ctypes.c_int, []
     return lib
 
 

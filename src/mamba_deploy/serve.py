@@ -16,6 +16,9 @@ generation at a time; several prompts in one request are one batched `generate` 
 never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
+
+A client that closes its connection (or its sending side, as nginx reads it) stops its
+generation at the next token, or before it starts when it was waiting for the model.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import errno
 import json
 import math
 import numbers
+import select
 import socket
 import sys
 import threading
@@ -201,6 +205,46 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
 
 # ----------------------------------------------------------------------------- server
 
+_TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
+
+
+def peer_closed(sock) -> bool:
+    """Whether the client closed its connection (or shut down its sending side), seen without
+    taking a byte from `sock`: readable, and a peek reads end-of-file. Bytes still waiting (a
+    pipelined request, a stray CRLF after the body) are left where they are; on Linux the TCP
+    state then tells whether a FIN follows them."""
+    try:
+        if hasattr(select, "poll"):  # select.select refuses descriptors >= FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        if not readable:
+            return False
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            return True
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset by the peer, or the socket is already closed
+        return True
+    if sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO"):
+        try:  # struct tcp_info starts with tcpi_state
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+        except OSError:
+            return False
+    return False
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited for or ran a generation: the
+    generation is stopped and nothing is sent."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"client closed the connection after {tokens} generated token(s)")
+        self.tokens = tokens
+
+
 class ShuttingDown(RequestError):
     """The server is closing: a request that waited for, or was in, a generation gets a 503."""
 
@@ -320,11 +364,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _guarded(self, fn):
         try:
-            fn()
-        except RequestError as e:
-            self._error(e.status, str(e), e.type, e.param)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away; nothing to answer
+            try:
+                fn()
+            except RequestError as e:  # a client that left before its error is written: below
+                self._error(e.status, str(e), e.type, e.param)
+        except ClientGone as e:
+            self.close_connection = True
+            self.log_message("client closed the connection: generation stopped after %d token(s)", e.tokens)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+            self.close_connection = True  # the client went away (or stalled); nothing more to send
+            self.log_message("connection lost or timed out (%s): response abandoned", type(e).__name__)
         except Exception as e:  # noqa: BLE001 -- never a traceback to the client
             traceback.print_exc(file=sys.stderr)
             try:
@@ -442,17 +491,25 @@ class _Handler(BaseHTTPRequestHandler):
         from .generation import generate
 
         closing = self.server.closing
+        made = [0]  # tokens generated so far, for the log line of a client that left
 
-        def each_token(i, t):
+        def check():  # between tokens: the server closing, or the client gone
             if closing.is_set():
                 raise ShuttingDown
+            if peer_closed(self.connection):
+                if closing.is_set():  # server_close's shutdown(SHUT_RD) reads as end-of-file too
+                    raise ShuttingDown
+                raise ClientGone(made[0])
+
+        def each_token(i, t):
+            made[0] += 1
+            check()
             if on_token is not None:
                 on_token(i, t)
 
         try:
             with self.server.lock:
-                if closing.is_set():
-                    raise ShuttingDown
+                check()  # a client that gave up while it waited for the model
                 return generate(self.server.runner, prompts, on_token=each_token, **kw)
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
@@ -508,8 +565,8 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as e:  # headers are out: report in-band, then close
             event({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.status}})
             return
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            raise
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
+            raise  # the client is gone: nothing to tell it (_guarded logs one line)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
             event({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",

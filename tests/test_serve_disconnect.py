@@ -1,9 +1,9 @@
-"""`mamba-deploy serve` against clients that leave.
+"""`mamba-deploy serve` against clients that leave or wait for `100 Continue`.
 
 Over loopback with raw sockets (what http.client would not do: close mid-request, pipeline
-bytes). A counting runner tells how many prefills and steps the model really ran; its 20 ms
-steps make a 4000-token request take 80 s, so a generation that was not stopped shows as a
-request that cannot be answered within the timeout.
+bytes, send headers without their body). A counting runner tells how many prefills and steps
+the model really ran; its 20 ms steps make a 4000-token request take 80 s, so a generation
+that was not stopped shows as a request that cannot be answered within the timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 from conftest import write_tiny_bpe
 
 from mamba_deploy import load_model
+from mamba_deploy.generation import generate
 from mamba_deploy.runners.torch_runner import TorchRunner
 from mamba_deploy.serve import make_server
 
@@ -251,3 +252,47 @@ def test_an_error_answer_to_a_client_that_left_is_one_log_line_not_a_traceback(c
     assert h.close_connection
     err = capsys.readouterr().err
     assert len(re.findall(r"connection lost or timed out \(BrokenPipeError\): response abandoned", err)) == 1, err
+
+
+# ----------------------------------------------------------------------------- Expect
+
+def test_expect_100_continue_is_answered_before_the_body(folder, reference, request):
+    """curl (and PHP's curl, .NET) send `Expect: 100-continue` and wait for `100 Continue` before
+    the body; http.server sends it only with protocol_version HTTP/1.1, so the client waited out
+    its own timeout (curl: 1 s) on every large request. A refused request gets its refusal
+    instead (no body asked for); an HTTP/1.0 request's expectation is ignored (RFC 9110)."""
+    srv = _start(TorchRunner(load_model(folder)), request)
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 4, "temperature": 0, "stop_token_ids": [],
+                       "user": "u" * 2000}).encode()
+    ref = generate(reference, [[1, 2]], max_new_tokens=4, stop_token_ids=[]).tokens[0]
+    with _connect(srv, timeout=5) as sock:
+        sock.sendall(_head(len(body), b"Expect: 100-continue\r\n"))
+        assert _read_until(sock, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        head, _, data = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ") and json.loads(data)["choices"][0]["token_ids"] == ref
+
+    with _connect(srv, timeout=5) as sock:  # over the body limit: the 413 comes first
+        sock.sendall(_head(9_000_000, b"Expect: 100-continue\r\n"))
+        head, _, data = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413 ") and json.loads(data)["error"]["type"] == "request_too_large"
+    with _connect(srv, timeout=5) as sock:  # unknown path: refused without asking for the body
+        sock.sendall(_head(len(body), b"Expect: 100-continue\r\n", path=b"/v1/nope"))
+        assert _read_all(sock).startswith(b"HTTP/1.0 404 ")
+    with _connect(srv, timeout=5) as sock:  # HTTP/1.0: no interim answer
+        sock.sendall(_head(len(body), b"Expect: 100-continue\r\n", version=b"HTTP/1.0") + body)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.0 200 ") and b"100 Continue" not in reply
+
+
+@pytest.mark.parametrize("expect", [b"x-wait-for-me", b"100-continue, x-more"])
+def test_any_other_expectation_is_a_417_before_the_body(folder, request, expect):
+    """An expectation the server cannot meet is refused (417) at once; before, the server waited
+    for a body the client was holding back."""
+    srv = _start(TorchRunner(load_model(folder)), request)
+    with _connect(srv, timeout=5) as sock:
+        sock.sendall(_head(20, b"Expect: " + expect + b"\r\n"))
+        head, _, data = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 417 ") and b"Content-Type: application/json" in head
+    err = json.loads(data)["error"]
+    assert err["code"] == 417 and expect.decode() in err["message"] and "100-continue" in err["message"]

@@ -17,8 +17,11 @@ never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `mi
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
 
-A client that closes its connection (or its sending side, as nginx reads it) stops its
-generation at the next token, or before it starts when it was waiting for the model.
+HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
+closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
+request line and headers pass (any other Expect value: 417). A client that closes its
+connection (or its sending side, as nginx reads it) stops its generation at the next token, or
+before it starts when it was waiting for the model.
 """
 
 from __future__ import annotations
@@ -337,6 +340,25 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
+    def parse_request(self):
+        self._continue = False  # owe the client a `100 Continue` before reading its body
+        if not super().parse_request():
+            return False
+        expect = self.headers.get("Expect")
+        if expect is None:
+            return True
+        if expect.strip().lower() != "100-continue":  # RFC 9110: the one expectation there is
+            self.send_error(417, f"Expect: {expect[:80]!r} is not supported; only Expect: 100-continue is")
+            return False
+        # http.server answers 100-continue only with protocol_version HTTP/1.1, and this server's
+        # answers are HTTP/1.0; _read_json sends it once the path and Content-Length pass, so a
+        # refused request does not make the client send its body first. HTTP/1.0 requests: ignored.
+        self._continue = self.request_version >= "HTTP/1.1"
+        return True
+
+    def handle_expect_100(self):  # only _read_json sends the 100 (see parse_request)
+        return True
+
     # -- responses
     def _send(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
         data = json.dumps(payload).encode()
@@ -477,6 +499,9 @@ class _Handler(BaseHTTPRequestHandler):
         if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
                                "request_too_large")
+        if self._continue and n:  # the client waits for this before sending its body
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._continue = False
         raw = self.rfile.read(n)
         try:
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)

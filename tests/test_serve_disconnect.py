@@ -1,4 +1,4 @@
-"""`mamba-deploy serve` against clients that leave or wait for `100 Continue`.
+"""`mamba-deploy serve` against clients that leave, wait for `100 Continue`, or send long prompts.
 
 Over loopback with raw sockets (what http.client would not do: close mid-request, pipeline
 bytes, send headers without their body). A counting runner tells how many prefills and steps
@@ -22,6 +22,7 @@ import pytest
 from conftest import write_tiny_bpe
 
 from mamba_deploy import load_model
+from mamba_deploy.errors import ConfigError
 from mamba_deploy.generation import generate
 from mamba_deploy.runners.torch_runner import TorchRunner
 from mamba_deploy.serve import make_server
@@ -296,3 +297,85 @@ def test_any_other_expectation_is_a_417_before_the_body(folder, request, expect)
     assert head.startswith(b"HTTP/1.0 417 ") and b"Content-Type: application/json" in head
     err = json.loads(data)["error"]
     assert err["code"] == 417 and expect.decode() in err["message"] and "100-continue" in err["message"]
+
+
+# ----------------------------------------------------------------------------- --max-prompt-tokens
+
+def _texts_of_lengths(tok, lengths):
+    """Prefixes of a sentence that encode to each of `lengths` tokens."""
+    sentence = "the quick brown fox jumps over the lazy dog and a stitch in time saves nine"
+    by_len = {}
+    for k in range(1, len(sentence) + 1):
+        by_len.setdefault(len(tok.encode(sentence[:k])), sentence[:k])
+    assert all(n in by_len for n in lengths), sorted(by_len)
+    return [by_len[n] for n in lengths]
+
+
+def _refused(srv, body, path="/v1/completions"):
+    status, headers, data = _post(srv, body, path)
+    assert status == 400 and headers["Content-Type"] == "application/json", data
+    err = json.loads(data)["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == 400
+    return err
+
+
+def test_max_prompt_tokens_refuses_longer_prompts_before_generating(folder, reference, request):
+    runner = _Counting(load_model(folder))
+    srv = _start(runner, request, max_prompt_tokens=5)
+    text5, text6 = _texts_of_lengths(reference.tokenizer, [5, 6])
+    for prompt in ([1] * 5, text5, [[1] * 5, [2] * 3]):  # exactly at the limit: answered
+        status, _, data = _post(srv, {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert status == 200, data
+    assert len(runner.prefills) == 3
+    for prompt, what in (([1] * 6, "the prompt"), (text6, "the prompt"), ([[1] * 5, [2] * 6], "prompt 1"),
+                         (["a", text6, "b"], "prompt 1")):
+        for stream in (False, True):  # a stream is refused before it starts
+            err = _refused(srv, {"prompt": prompt, "max_tokens": 2, "stream": stream})
+            assert err["message"] == (f"{what} is 6 tokens, over this server's limit of 5 (--max-prompt-tokens 5); "
+                                      "shorten it") and err["param"] == "prompt"
+    assert len(runner.prefills) == 3  # nothing generated for them
+
+
+def test_max_prompt_tokens_counts_the_chat_as_rendered(folder, request):
+    runner = _Counting(load_model(folder))
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    body = {"messages": messages, "max_tokens": 1, "temperature": 0}
+    status, _, data = _post(_start(runner, request, chat_template=TEMPLATE), body, "/v1/chat/completions")
+    assert status == 200, data
+    n = json.loads(data)["usage"]["prompt_tokens"]  # the rendered conversation, as generated from
+    assert n > len("the quick brown fox".split())  # the role names and the generation prompt count too
+    status, _, data = _post(_start(runner, request, chat_template=TEMPLATE, max_prompt_tokens=n), body,
+                            "/v1/chat/completions")
+    assert status == 200, data
+    err = _refused(_start(runner, request, chat_template=TEMPLATE, max_prompt_tokens=n - 1),
+                   {**body, "stream": True}, "/v1/chat/completions")
+    assert err["param"] == "messages" and err["message"] == (
+        f"the conversation in the chat template is {n} tokens, over this server's limit of {n - 1} "
+        f"(--max-prompt-tokens {n - 1}); shorten it")
+    assert len(runner.prefills) == 2
+
+
+@pytest.mark.parametrize("value", [0, -3, True, "5", 2.0])
+def test_make_server_refuses_a_bad_max_prompt_tokens(reference, value):
+    with pytest.raises(ConfigError, match=r"max_prompt_tokens must be >= 1 \(or None: no limit\), got "):
+        make_server(reference, "127.0.0.1", 0, max_prompt_tokens=value)
+
+
+def test_cli_max_prompt_tokens_is_checked_and_reaches_the_server(folder, capsys, monkeypatch):
+    from mamba_deploy import serve
+    from mamba_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", str(folder), "--max-prompt-tokens", "0"])
+    assert exc.value.code == 2
+    assert "argument --max-prompt-tokens: 0 must be >= 1" in capsys.readouterr().err
+    seen = []
+
+    def fake_make_server(runner, *a, **kw):  # records what the CLI asked for, then ends the command
+        seen.append(kw.get("max_prompt_tokens", "missing"))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(serve, "make_server", fake_make_server)
+    assert main(["serve", str(folder), "--port", "0", "--quiet", "--max-prompt-tokens", "7"]) == 2
+    assert main(["serve", str(folder), "--port", "0", "--quiet"]) == 2
+    assert seen == [7, None]

@@ -16,6 +16,13 @@ generation at a time; several prompts in one request are one batched `generate` 
 never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
+
+HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
+closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
+request line and headers pass (any other Expect value: 417). A client that closes its
+connection (or its sending side, as nginx reads it) stops its generation at the next token, or
+before it starts when it was waiting for the model. `max_prompt_tokens` (--max-prompt-tokens)
+turns longer prompts away with a 400 before generating.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import errno
 import json
 import math
 import numbers
+import select
 import socket
 import sys
 import threading
@@ -201,6 +209,46 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
 
 # ----------------------------------------------------------------------------- server
 
+_TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
+
+
+def peer_closed(sock) -> bool:
+    """Whether the client closed its connection (or shut down its sending side), seen without
+    taking a byte from `sock`: readable, and a peek reads end-of-file. Bytes still waiting (a
+    pipelined request, a stray CRLF after the body) are left where they are; on Linux the TCP
+    state then tells whether a FIN follows them."""
+    try:
+        if hasattr(select, "poll"):  # select.select refuses descriptors >= FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        if not readable:
+            return False
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            return True
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset by the peer, or the socket is already closed
+        return True
+    if sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO"):
+        try:  # struct tcp_info starts with tcpi_state
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+        except OSError:
+            return False
+    return False
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited for or ran a generation: the
+    generation is stopped and nothing is sent."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"client closed the connection after {tokens} generated token(s)")
+        self.tokens = tokens
+
+
 class ShuttingDown(RequestError):
     """The server is closing: a request that waited for, or was in, a generation gets a 503."""
 
@@ -217,12 +265,14 @@ class CompletionServer(ThreadingHTTPServer):
     close_timeout = 10.0
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
-                 quiet: bool, request_timeout: float | None, chat_template: str | None = None):
+                 quiet: bool, request_timeout: float | None, chat_template: str | None = None,
+                 max_prompt_tokens: int | None = None):
         self.runner = runner
         self.chat_template = chat_template  # None: the model's own (chat.py)
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_tokens_limit = max_tokens_limit
+        self.max_prompt_tokens = max_prompt_tokens  # None: no limit
         self.quiet = quiet
         self.request_timeout = request_timeout
         self.lock = threading.Lock()  # one generation at a time
@@ -293,6 +343,25 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(fmt, *args)
 
+    def parse_request(self):
+        self._continue = False  # owe the client a `100 Continue` before reading its body
+        if not super().parse_request():
+            return False
+        expect = self.headers.get("Expect")
+        if expect is None:
+            return True
+        if expect.strip().lower() != "100-continue":  # RFC 9110: the one expectation there is
+            self.send_error(417, f"Expect: {expect[:80]!r} is not supported; only Expect: 100-continue is")
+            return False
+        # http.server answers 100-continue only with protocol_version HTTP/1.1, and this server's
+        # answers are HTTP/1.0; _read_json sends it once the path and Content-Length pass, so a
+        # refused request does not make the client send its body first. HTTP/1.0 requests: ignored.
+        self._continue = self.request_version >= "HTTP/1.1"
+        return True
+
+    def handle_expect_100(self):  # only _read_json sends the 100 (see parse_request)
+        return True
+
     # -- responses
     def _send(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
         data = json.dumps(payload).encode()
@@ -320,11 +389,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _guarded(self, fn):
         try:
-            fn()
-        except RequestError as e:
-            self._error(e.status, str(e), e.type, e.param)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away; nothing to answer
+            try:
+                fn()
+            except RequestError as e:  # a client that left before its error is written: below
+                self._error(e.status, str(e), e.type, e.param)
+        except ClientGone as e:
+            self.close_connection = True
+            self.log_message("client closed the connection: generation stopped after %d token(s)", e.tokens)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+            self.close_connection = True  # the client went away (or stalled); nothing more to send
+            self.log_message("connection lost or timed out (%s): response abandoned", type(e).__name__)
         except Exception as e:  # noqa: BLE001 -- never a traceback to the client
             traceback.print_exc(file=sys.stderr)
             try:
@@ -374,6 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             except MambaDeployError as e:
                 what = "text prompts" if as_text else "`stop` strings"
                 raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
+        self._check_prompt_lengths(prompts, as_text, chat)
         if chat:
             from .chat import chat_stop_ids
 
@@ -382,6 +457,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(prompts, as_text or chat, kw, include_usage, chat)
         else:
             self._complete(prompts, as_text, kw, chat)
+
+    def _check_prompt_lengths(self, prompts, as_text: bool, chat: bool) -> None:
+        """--max-prompt-tokens: each prompt (text as the tokenizer encodes it for generate, chat as
+        the rendered template) at most that long, else a 400 before anything is generated or sent."""
+        limit = self.server.max_prompt_tokens
+        if limit is None:
+            return
+        tok = self.server.runner.tokenizer if as_text else None  # loaded by _post's check
+        for i, p in enumerate(prompts):
+            n = len(tok.encode(p)) if as_text else len(p)
+            if n > limit:
+                what = ("the conversation in the chat template" if chat
+                        else f"prompt {i}" if len(prompts) > 1 else "the prompt")
+                raise RequestError(f"{what} is {n} tokens, over this server's limit of {limit} "
+                                   f"(--max-prompt-tokens {limit}); shorten it", param="messages" if chat else "prompt")
 
     def _chat_body(self, body) -> dict:
         """A chat request as a completion request of one token-id prompt: the conversation in the
@@ -428,6 +518,9 @@ class _Handler(BaseHTTPRequestHandler):
         if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
                                "request_too_large")
+        if self._continue and n:  # the client waits for this before sending its body
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._continue = False
         raw = self.rfile.read(n)
         try:
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -442,17 +535,25 @@ class _Handler(BaseHTTPRequestHandler):
         from .generation import generate
 
         closing = self.server.closing
+        made = [0]  # tokens generated so far, for the log line of a client that left
 
-        def each_token(i, t):
+        def check():  # between tokens: the server closing, or the client gone
             if closing.is_set():
                 raise ShuttingDown
+            if peer_closed(self.connection):
+                if closing.is_set():  # server_close's shutdown(SHUT_RD) reads as end-of-file too
+                    raise ShuttingDown
+                raise ClientGone(made[0])
+
+        def each_token(i, t):
+            made[0] += 1
+            check()
             if on_token is not None:
                 on_token(i, t)
 
         try:
             with self.server.lock:
-                if closing.is_set():
-                    raise ShuttingDown
+                check()  # a client that gave up while it waited for the model
                 return generate(self.server.runner, prompts, on_token=each_token, **kw)
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
@@ -508,8 +609,8 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as e:  # headers are out: report in-band, then close
             event({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.status}})
             return
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            raise
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
+            raise  # the client is gone: nothing to tell it (_guarded logs one line)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
             event({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
@@ -534,11 +635,14 @@ def _usage(res) -> dict:
 
 def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
-                request_timeout: float | None = 60.0, chat_template: str | None = None) -> CompletionServer:
+                request_timeout: float | None = 60.0, chat_template: str | None = None,
+                max_prompt_tokens: int | None = None) -> CompletionServer:
     """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
-    chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own."""
+    chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own.
+    max_prompt_tokens: the longest prompt a request may send, in tokens (None: no limit); longer
+    ones (any prompt of a batch, or the rendered chat) get a 400 before generating."""
     from .chat import check_template
     from .runners.base import Runner
 
@@ -549,11 +653,14 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
     if chat_template is not None:
         check_template(chat_template)
-    for name, v, low in (("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)):
+    limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)]
+    if max_prompt_tokens is not None:
+        limits.append(("max_prompt_tokens", max_prompt_tokens, 1))
+    for name, v, low in limits:
         # max_tokens_limit 0 would turn every request away with a 400
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (name == "port" and v > 65535):
-            raise ConfigError(f"{name} must be >= {low}{' and <= 65535' if name == 'port' else ''}, got {v!r} "
-                              "(an integer)")
+            also = {"port": " and <= 65535", "max_prompt_tokens": " (or None: no limit)"}.get(name, "")
+            raise ConfigError(f"{name} must be >= {low}{also}, got {v!r} (an integer)")
     t = request_timeout
     if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0):
         raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {t!r}")
@@ -561,7 +668,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         model_name = default_model_name(runner)
     try:
         return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                                chat_template)
+                                chat_template, max_prompt_tokens)
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
         raise _bind_error(host, port, e) from None
 
@@ -617,7 +724,7 @@ def cmd_serve(args):
     # read before the model loads; the "no chat template" 400 names this flag as the fix
     template = read_template_file(args.chat_template) if args.chat_template else None
     options = runner_options(args)  # flags the backend would not take, before anything else
-    try:  # --max-batch / --max-tokens-limit >= 1: argparse (positive_int)
+    try:  # --max-batch / --max-tokens-limit / --max-prompt-tokens >= 1: argparse (positive_int)
         _check_can_listen(args.host, args.port)
     except OSError as e:
         raise _bind_error(args.host, args.port, e) from None
@@ -625,7 +732,8 @@ def cmd_serve(args):
     try:
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
-                             max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template)
+                             max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template,
+                             max_prompt_tokens=args.max_prompt_tokens)
     except ConfigError:  # the port was taken since _check_can_listen
         runner.close()
         raise
@@ -662,6 +770,9 @@ def register(subparsers) -> None:
                    help="most prompts in one request (one batched generate)")
     s.add_argument("--max-tokens-limit", type=positive_int, default=4096,
                    help="largest max_tokens a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help="longest prompt a request may send, in tokens (any prompt of a batch, or the rendered "
+                        "chat); longer ones get a 400 (default: no limit)")
     s.add_argument("--model-name", default=None,
                    help="name reported as `model` (default: the folder name, or a .gguf file's name)")
     s.add_argument("--chat-template", default=None, metavar="FILE",

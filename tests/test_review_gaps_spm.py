@@ -9,6 +9,7 @@ The last three tests were real bugs of the reviewed code, fixed with them: a GGU
 not named <s> / </s> were lost on the way back to a SentencePiece model; add_bos_token false was
 ignored there; overlapping special pieces split leftmost-first instead of llama.cpp's longest-first.
 """
+# ruff: noqa: F811  (the tests take the fixtures blob / sp imported from test_gguf_spm as arguments)
 
 from __future__ import annotations
 

@@ -24,6 +24,10 @@ Layout: the weights are top-level initializers and the whole network sits in one
     as a K=1 MatMul inside the Scan body in place of the broadcast Mul (prefill 512: 0.999 -> 0.985 s).
     Two Scans over halves of d, for ORT's parallel executor to run side by side, were slower:
     1.03 -> 1.09 s sequential, 1.66-2.03 s with ORT_PARALLEL (decode 23 -> 32-48 ms).
+    A Scan over chunks of Q = 2-16 tokens with each chunk done at once and only decays <= 1
+    formed (Hillis-Steele over the steps' affine maps, or the SSD dual form with exp(s_t - s_j)
+    from a masked difference; fewer iterations, so fewer GPU launches) was 1.33-3.76x slower at
+    prefill 512 (benchmarks/onnx_m1_chunk.py holds that graph; results/onnx_ab_mamba1_chunks.txt).
   - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
     input shape. Decays are exp of segment sums summed directly (masked cumsum) or exp of
     in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided out later, so large dt and

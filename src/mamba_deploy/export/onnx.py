@@ -310,15 +310,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     orders of magnitude beyond that (a 1% weight change: ~1e-2)."""
     from ..runners.onnx_runner import open_onnx
 
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    # the first prefill crosses chunk boundaries and ends inside a chunk (Mamba2's SSD chunk, or
-    # a Mamba1 graph's Q = scan_chunk tokens per Scan iteration)
-    q = read_manifest(folder).get("scan_chunk", 1)
-    batches = []
-    for length in VALIDATE_LENGTHS:
-        length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else max(32, 2 * q)) + 3
-        batches.append(torch.randint(0, cfg.vocab_size, (VALIDATE_BATCH, length), generator=gen))
+    batches = _validate_ids(folder, model.config, seed)
     runner = open_onnx(folder)
     got, ort_state = [], runner.new_state(VALIDATE_BATCH)
     for ids in batches:
@@ -356,6 +348,19 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     if verbose:
         print(f"  accepted: within {FP32_SLACK:g}x of PyTorch fp32's own rounding error")
     return errs
+
+
+def _validate_ids(folder: Path, cfg, seed: int) -> list:
+    """Random ids (VALIDATE_BATCH, length) per VALIDATE_LENGTHS. The first prefill crosses chunk
+    boundaries and ends inside a chunk: Mamba2's SSD chunk, or the Q = scan_chunk tokens per Scan
+    iteration of a chunked Mamba1 graph (2Q + 3 tokens when that is above 35)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = read_manifest(folder).get("scan_chunk", 1)
+    batches = []
+    for length in VALIDATE_LENGTHS:
+        length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else max(32, 2 * q)) + 3
+        batches.append(torch.randint(0, cfg.vocab_size, (VALIDATE_BATCH, length), generator=gen))
+    return batches
 
 
 def _reference(model, batches):

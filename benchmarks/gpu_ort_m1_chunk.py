@@ -1,6 +1,6 @@
 """Mamba1's ONNX prefill on ONNX Runtime's CUDA provider: the export's Scan over tokens against
-the chunked Scans of benchmarks/onnx_m1_chunk.py (log-depth and quadratic forms, Q tokens per
-iteration), in one run. 130m-shaped random Mamba1 (cpu_backends.py's shapes), fp32 and fp16
+the chunked Scans (Q tokens per iteration: `quadratic`, the dual form shipped as `export onnx
+--scan-chunk Q`, and benchmarks/onnx_m1_chunk.py's log-depth form), in one run. 130m-shaped random Mamba1 (cpu_backends.py's shapes), fp32 and fp16
 exports, batch 1: prefill of --prefill tokens (last position's logits) and greedy decode ms/token
 (the one-token graph is the same in every folder, so decode is a control), wall time through the
 Runner, as benchmarks/gpu_ort.py times them; and each graph's prefill logits against this
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_backends import build_checkpoint  # noqa: E402
 from gpu_ort import time_runner  # noqa: E402
-from onnx_m1_chunk import chunked_graph  # noqa: E402
+from onnx_m1_chunk import export_variant  # noqa: E402
 
 from mamba_deploy.atomic import write_json  # noqa: E402
 
@@ -40,8 +40,7 @@ def export_all(hf_dir: Path, work: Path, dtype: str, variants) -> dict:
 
     dirs = {"per-token": export_onnx(hf_dir, work / f"per-token-{dtype}", dtype=dtype, validate=False)}
     for form, q in variants:
-        with chunked_graph(q, form):
-            dirs[f"{form}-{q}"] = export_onnx(hf_dir, work / f"{form}-{q}-{dtype}", dtype=dtype, validate=False)
+        dirs[f"{form}-{q}"] = export_variant(hf_dir, work / f"{form}-{q}-{dtype}", form, q, dtype=dtype, validate=False)
     return dirs
 
 

@@ -75,6 +75,17 @@ def opset(text: str) -> int:
     return _at_least(int, text, MIN_OPSET, strict=False)
 
 
+def scan_chunk(text: str) -> int:
+    """export onnx --scan-chunk: 1..MAX_SCAN_CHUNK tokens per Mamba1 prefill Scan iteration."""
+    from .errors import ConfigError
+    from .export.onnx import check_scan_chunk
+
+    try:
+        return check_scan_chunk(_number(int, text))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def is_seed(value) -> bool:
     """An int torch.Generator.manual_seed takes: 0 <= seed < 2**64 (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64

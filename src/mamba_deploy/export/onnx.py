@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..argtypes import opset as opset_arg
+from ..argtypes import scan_chunk as scan_chunk_arg
 from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_json
 from ..checkpoint import config_file
 from ..config import MambaConfig
@@ -41,16 +42,24 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
 VALIDATE_LENGTHS = (None, 1, 3)  # prefill one chunk + 3 tokens from zero, one decode step, 3 more
 VALIDATE_BATCH = 2
 FP32_SLACK = 3.0  # fp32 export vs float64 may be this many times PyTorch fp32's own error (see validate_export)
+# Mamba1 prefill tokens per Scan iteration (onnx_graph._chunk_body). Each iteration holds a few
+# (batch, Q, Q, d_state, d_inner) float32 tensors, 4 Q^2 d_state d_inner bytes each per batch row:
+# at Q = 64, 403 MB on 130m shapes and 1.3 GB on 2.8b (d_inner 5120); GPU speed-ups were measured
+# up to Q = 16 (README, ONNX Runtime on NVIDIA GPUs).
+MAX_SCAN_CHUNK = 64
 
 
 # ----------------------------------------------------------------------------- public API
 
 def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None = None,
-                validate: bool = True, accuracy_level: int | None = None) -> Path:
+                validate: bool = True, accuracy_level: int | None = None, scan_chunk: int = 1) -> Path:
     """Export a MambaLM (or a checkpoint path / hub id) to OUT_DIR/model.onnx; returns OUT_DIR.
 
     accuracy_level: for a quantized model only, ORT's MatMulNBits compute type (0/1 fp32,
-    2 fp16, 3 bf16, 4 int8 activations; default 4, see quant/onnx_nbits.py)."""
+    2 fp16, 3 bf16, 4 int8 activations; default 4, see quant/onnx_nbits.py).
+    scan_chunk: Mamba1 only, tokens per prefill Scan iteration (1 = one token, the default; Q > 1
+    = the SSD dual form over chunks of Q, faster on GPU execution providers, slower on the CPU
+    one; see onnx_graph.py). Quantized Mamba1 checkpoints take it too."""
     import onnx
 
     from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
@@ -66,11 +75,16 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     max_opset = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    scan_chunk = check_scan_chunk(scan_chunk)
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = model_or_path if isinstance(model_or_path, torch.nn.Module) else load_model(model_or_path)
     cfg = model.config
     if cfg.arch == "mamba2" and cfg.norm_before_gate:
         raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")
+    if cfg.arch == "mamba2" and scan_chunk != 1:
+        raise ExportError(f"--scan-chunk {scan_chunk} applies to Mamba1 only: this is a Mamba2 model, whose prefill "
+                          f"is already chunked (a loop-free SSD over chunks of its chunk_size, {cfg.chunk_size} tokens); "
+                          "drop --scan-chunk")
     if getattr(model, "quantization_config", None):
         # weight-only int8 / int4 become ORT's MatMulNBits (a separate, ORT-only graph)
         from ..quant.onnx_nbits import ACCURACY_LEVEL, export_quantized_onnx
@@ -79,20 +93,38 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
             raise ExportError(f"a quantized model exports with fp32 activations and opset {DEFAULT_OPSET} only "
                               f"(got --dtype {dtype}, --opset {opset}); drop those flags")
         level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-        return export_quantized_onnx(model, out_dir, validate=validate, accuracy_level=level)
+        return export_quantized_onnx(model, out_dir, validate=validate, accuracy_level=level, scan_chunk=scan_chunk)
     if accuracy_level is not None:
         raise ExportError(f"--accuracy-level {accuracy_level} applies to quantized checkpoints (MatMulNBits) only; "
                           "drop it, or export the output of `mamba-deploy quantize`")
     with atomic_dir(out_dir, ExportError) as tmp:
         weights = {k: v for k, v in model.state_dict().items()}
-        proto = MambaGraph(cfg, weights, DTYPES[dtype], opset).build()
+        proto = MambaGraph(cfg, weights, DTYPES[dtype], opset, scan_chunk=scan_chunk).build()
         _save(proto, tmp)
         check_graph(tmp / "model.onnx")
         write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
-        write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model))
+        write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model), scan_chunk=scan_chunk)
         if validate:
             validate_export(tmp, model, dtype)
     return Path(out_dir)
+
+
+def check_scan_chunk(value) -> int:
+    """scan_chunk as an int in 1..MAX_SCAN_CHUNK, or a ConfigError saying why."""
+    try:  # not int(): int(8.5) would quietly chunk by 8
+        if isinstance(value, bool):
+            raise TypeError
+        q = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"scan_chunk {value!r} must be an integer >= 1 (1 = one token per Scan iteration)") from None
+    if q < 1:
+        raise ConfigError(f"scan_chunk {q} must be >= 1 (1 = one token per Scan iteration, the default)")
+    if q > MAX_SCAN_CHUNK:
+        raise ConfigError(f"scan_chunk {q} is above {MAX_SCAN_CHUNK} (memory): each prefill Scan iteration holds a "
+                          "few (batch, Q, Q, d_state, d_inner) float32 tensors, 4*Q*Q*d_state*d_inner bytes each per "
+                          f"batch row ({4 * q * q * 16 * 1536 / 1e9:.1f} GB at Q={q} on 130m shapes, "
+                          f"{4 * q * q * 16 * 5120 / 1e9:.1f} GB on 2.8b); GPU speed-ups were measured up to Q=16")
+    return q
 
 
 def _save(proto, folder: Path) -> None:
@@ -164,11 +196,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: str | None = None) -> None:
+def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: str | None = None,
+                   scan_chunk: int = 1) -> None:
+    """scan_chunk: Mamba1 prefill tokens per Scan iteration (absent from manifests written before it
+    existed, which mean 1); informational, the graph's inputs and outputs do not depend on it."""
     files = sorted(p for p in folder.iterdir() if p.name.startswith("model.onnx"))
     manifest = {
         "format": "mamba-deploy-onnx", "version": MANIFEST_VERSION, "config": cfg.to_dict(), "opset": opset,
-        "dtype": dtype, "state_dtype": "float32", "graph": "model.onnx", **io_spec(cfg),
+        "dtype": dtype, "state_dtype": "float32", "scan_chunk": scan_chunk, "graph": "model.onnx", **io_spec(cfg),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
     if source_weights:
@@ -195,6 +230,10 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     manifest = read_manifest(folder)
     _check_files(manifest, folder, check_hash)
     _check_config(manifest, folder)
+    scan_chunk = manifest.get("scan_chunk", 1)  # absent: an export from before the option, per-token Scan
+    if not (_is_size(scan_chunk) and scan_chunk >= 1):
+        raise ExportError(f"{folder}/manifest.json: scan_chunk must be an integer >= 1, not {scan_chunk!r:.40}; "
+                          "the manifest was edited: re-export the model")
     return folder, manifest
 
 
@@ -271,12 +310,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     orders of magnitude beyond that (a 1% weight change: ~1e-2)."""
     from ..runners.onnx_runner import open_onnx
 
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for length in VALIDATE_LENGTHS:
-        length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else 32) + 3
-        batches.append(torch.randint(0, cfg.vocab_size, (VALIDATE_BATCH, length), generator=gen))
+    batches = _validate_ids(folder, model.config, seed)
     runner = open_onnx(folder)
     got, ort_state = [], runner.new_state(VALIDATE_BATCH)
     for ids in batches:
@@ -314,6 +348,19 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     if verbose:
         print(f"  accepted: within {FP32_SLACK:g}x of PyTorch fp32's own rounding error")
     return errs
+
+
+def _validate_ids(folder: Path, cfg, seed: int) -> list:
+    """Random ids (VALIDATE_BATCH, length) per VALIDATE_LENGTHS. The first prefill crosses chunk
+    boundaries and ends inside a chunk: Mamba2's SSD chunk, or the Q = scan_chunk tokens per Scan
+    iteration of a chunked Mamba1 graph (2Q + 3 tokens when that is above 35)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = read_manifest(folder).get("scan_chunk", 1)
+    batches = []
+    for length in VALIDATE_LENGTHS:
+        length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else max(32, 2 * q)) + 3
+        batches.append(torch.randint(0, cfg.vocab_size, (VALIDATE_BATCH, length), generator=gen))
+    return batches
 
 
 def _reference(model, batches):
@@ -365,10 +412,15 @@ def register(subparsers) -> None:
     s.add_argument("--accuracy-level", type=int, choices=range(5), default=None,
                    help="quantized checkpoints: ONNX Runtime MatMulNBits compute type, 0/1 fp32, 2 fp16, 3 bf16, "
                         "4 int8 activations (default 4, its fast path)")
+    s.add_argument("--scan-chunk", type=scan_chunk_arg, default=1, metavar="Q",
+                   help="Mamba1 only: Q tokens per prefill Scan iteration in the stable SSD dual form (default 1, "
+                        "one token); faster on GPU execution providers (ONNX Runtime CUDA: 3.5x at Q=16 on an "
+                        "H200), slower on the CPU provider; memory per iteration grows as Q*Q*d_inner*d_state "
+                        f"(Q <= {MAX_SCAN_CHUNK})")
     s.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> None:
     out = export_onnx(args.model, args.out_dir, dtype=args.dtype, opset=args.opset, validate=not args.no_validate,
-                      accuracy_level=args.accuracy_level)
+                      accuracy_level=args.accuracy_level, scan_chunk=args.scan_chunk)
     print(f"wrote {out / 'model.onnx'}")

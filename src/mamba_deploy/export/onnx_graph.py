@@ -24,10 +24,13 @@ Layout: the weights are top-level initializers and the whole network sits in one
     as a K=1 MatMul inside the Scan body in place of the broadcast Mul (prefill 512: 0.999 -> 0.985 s).
     Two Scans over halves of d, for ORT's parallel executor to run side by side, were slower:
     1.03 -> 1.09 s sequential, 1.66-2.03 s with ORT_PARALLEL (decode 23 -> 32-48 ms).
-    A Scan over chunks of Q = 2-16 tokens with each chunk done at once and only decays <= 1
-    formed (Hillis-Steele over the steps' affine maps, or the SSD dual form with exp(s_t - s_j)
-    from a masked difference; fewer iterations, so fewer GPU launches) was 1.33-3.76x slower at
-    prefill 512 (benchmarks/onnx_m1_chunk.py holds that graph; results/onnx_ab_mamba1_chunks.txt).
+    That Scan over tokens is the default. `scan_chunk` = Q > 1 (opt-in, `--scan-chunk`) makes
+    each iteration take Q tokens at once in the SSD dual form (`_m1_chunk_scan`): Q times fewer
+    iterations, so fewer kernel launches on a GPU, for more passes over the state per token. On
+    ORT's CUDA provider (H200, 130m shapes, prefill 512, fp32) 413.8 ms -> 181.6 ms (Q = 8) ->
+    118.2 ms (Q = 16) (benchmarks/gpu_ort_m1_chunk.py); on 2 CPU threads 2.99x (Q = 4) and 3.76x
+    (Q = 8) slower, a Hillis-Steele form over the steps' affine maps 1.33-3.26x slower there and
+    only 0.74-0.93x the per-token time on the GPU (benchmarks/onnx_m1_chunk.py keeps it).
   - Mamba2: chunked SSD with no loop. The chunk length is min(chunk_size, l), computed from the
     input shape. Decays are exp of segment sums summed directly (masked cumsum) or exp of
     in-chunk cumsums of dt*A <= 0: never exp(cumsum) divided out later, so large dt and
@@ -61,13 +64,15 @@ class MambaGraph(StepNetwork):
     """Turns a MambaConfig + state dict into the ONNX ModelProto described in the module doc."""
 
     def __init__(self, cfg: MambaConfig, weights: dict, wdtype=np.float32, opset: int = 17,
-                 chunk: int | None = None):
+                 chunk: int | None = None, scan_chunk: int = 1):
         self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
         self.chunk = min(cfg.chunk_size, chunk or SSD_CHUNK)
         self.root = self.g = Builder(opset)  # g: where nodes go now (the root or a branch)
         self.tag = ""  # the branch being built: its outputs are named "<output>.<tag>"
         self._weights: set[str] = set()
         self._conv_ends: dict[int, str] = {}  # tap j -> l + j, shared by all layers
+        self.scan_chunk = scan_chunk  # Mamba1 prefill: tokens per Scan iteration (1 = _m1_scan)
+        self._m1_pads: str | None = None  # _m1_chunk_scan's time padding, shared by all layers
 
     # ---- weights: top-level initializers, shared by both branches ----------------------------
     def _np(self, key: str, dtype=np.float32) -> np.ndarray:
@@ -226,7 +231,8 @@ class MambaGraph(StepNetwork):
             dt, B, C = (g.rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = g.softplus(g.op("Add", self.linear(dt, p + "dt_proj.weight"), self.param(p + "dt_proj.bias")))  # (b, l, d)
         A = self.weight(p + "A", lambda: -np.exp(self._np(p + "A_log")).T)  # (n, d)
-        y = self._m1_scan(dt, x, B, C, A, i)  # (b, l, d)
+        scan = self._m1_scan if self.scan_chunk == 1 else self._m1_chunk_scan
+        y = scan(dt, x, B, C, A, i)  # (b, l, d)
         y = g.op("Add", y, g.op("Mul", x, self.param(p + "D")))
         y = g.op("Mul", y, g.silu(z))
         return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
@@ -263,6 +269,63 @@ class MambaGraph(StepNetwork):
         ins = [helper.make_tensor_value_info(names[k], f, [f"{names[k]}_{j}" for j in range(3)]) for k in names]
         outs = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(3)]) for v in (h, y)]
         return helper.make_graph(sb.nodes, sb._name("scan_body"), ins, outs, sb.inits)
+
+    # ---- Mamba1, Q = scan_chunk > 1 tokens per Scan iteration ------------------------------------
+    def _m1_chunk_scan(self, dt, x, B, C, A: str, i: int) -> str:
+        """_m1_scan over chunks of Q tokens, each done at once by _chunk_body. dt, x (b, l, d); B, C
+        (b, l, n) -> y (b, l, d); present_ssm.i as in _m1_scan. The time axis is padded to a
+        multiple of Q with dt = 0 (decay 1, input 0: the state passes padded steps unchanged) and
+        the padded outputs are dropped."""
+        g, Q, d, n = self.g, self.scan_chunk, self.cfg.d_inner, self.cfg.d_state
+        if self._m1_pads is None:
+            c = g.op("Div", g.op("Add", self.L, g.const([Q - 1])), g.const([Q]))  # ceil(l / Q) chunks
+            pad = g.op("Sub", g.op("Mul", c, g.const([Q])), self.L)
+            self._m1_pads = g.cat(g.const([0, 0, 0, 0]), pad, g.const([0]))  # the end of axis 1 of (b, l, w)
+
+        def chunked(t, width, axis):  # (b, l, w) -> (c, b, Q, w), a unit axis inserted at `axis`
+            t = g.op("Reshape", g.op("Pad", t, self._m1_pads), g.const([0, -1, Q, width]))  # (b, c, Q, w)
+            return g.op("Unsqueeze", g.op("Transpose", t, perm=[1, 0, 2, 3]), g.const([axis]))
+
+        h_last, ys = g.op("Scan", g.op("Transpose", PAST_SSM.format(i), perm=[0, 2, 1]),  # (b, n, d)
+                          chunked(dt, d, 3),  # (c, b, Q, 1, d)
+                          chunked(g.op("Mul", dt, x), d, 3),  # (c, b, Q, 1, d)
+                          chunked(B, n, 4),  # (c, b, Q, n, 1)
+                          chunked(C, n, 3),  # (c, b, Q, 1, n)
+                          n_out=2, body=self._chunk_body(A), num_scan_inputs=4)  # ys (c, b, Q, 1, d)
+        g.op_to(self.out(PRESENT_SSM.format(i)), "Transpose", h_last, perm=[0, 2, 1])
+        y = g.op("Reshape", g.op("Transpose", ys, perm=[1, 0, 2, 3, 4]), g.const([0, -1, d]))  # (b, c*Q, d)
+        return g.op("Slice", y, g.const([0]), self.L, g.const([1]))  # drop the padded tail
+
+    def _chunk_body(self, A: str) -> onnx.GraphProto:
+        """One chunk of Q steps in the SSD dual form. In: h (b, n, d); dt, dtx (b, Q, 1, d); B (b, Q,
+        n, 1); C (b, Q, 1, n). Out: h (b, n, d), y (b, Q, 1, d). With s = the in-chunk cumsum of
+        dt A (<= 0, non-increasing along Q):
+            y_t = sum_j (sum_n C_tn B_jn exp(s_tn - s_jn)) dtx_j + C_t . (exp(s_t) h)
+            h'  = exp(s_Q) h + sum_j exp(s_Q - s_j) dtx_j B_j
+        The exponents s_t - s_j are a masked difference, <= 0 on and below the diagonal and -inf
+        above it (exp gives exact zeros): only decays <= 1 are formed and no exp(-s) is divided out
+        later, so large dt and strongly negative A cannot overflow at any length. W and the few
+        tensors it is made from are (b, Q, Q, n, d) float32: 4 Q^2 n d bytes each per batch row
+        (25 MB at Q = 16 on 130m shapes, d = 1536, n = 16)."""
+        sb, Q, n = Builder(self.opset, self.g._counter), self.scan_chunk, self.cfg.d_state
+        h, dt, dtx, B, C = names = [sb._name(k) for k in ("h", "dt", "dtx", "B", "C")]
+        mask = np.where(np.tri(Q, dtype=bool), 0.0, -np.inf).astype(np.float32).reshape(Q, Q, 1, 1)  # [t, j]
+        s = sb.op("CumSum", sb.op("Mul", dt, A), sb.const(1))  # (b, Q, n, d)
+        diff = sb.op("Sub", sb.op("Unsqueeze", s, sb.const([2])), sb.op("Unsqueeze", s, sb.const([1])))
+        W = sb.op("Exp", sb.op("Add", diff, sb.const(mask, np.float32)))  # (b, Q_t, Q_j, n, d)
+        CB = sb.op("Mul", C, sb.op("Reshape", B, sb.const([0, 1, Q, n])))  # (b, Q_t, Q_j, n)
+        G = sb.op("MatMul", sb.op("Unsqueeze", CB, sb.const([3])), W)  # (b, Q_t, Q_j, 1, d): n contracted
+        y = sb.reduce("ReduceSum", sb.op("Mul", G, sb.op("Unsqueeze", dtx, sb.const([1]))), [2], keepdims=0)
+        E = sb.op("Exp", s)  # decay from the chunk start (b, Q, n, d)
+        y = sb.op("Add", y, sb.op("MatMul", C, sb.op("Mul", E, sb.op("Unsqueeze", h, sb.const([1])))))  # (b, Q, 1, d)
+        w_last, e_last = (sb.op("Squeeze", sb.op("Slice", t, sb.const([Q - 1]), sb.const([Q]), sb.const([1])),
+                                sb.const([1])) for t in (W, E))  # (b, Q_j, n, d), (b, n, d)
+        u = sb.op("Mul", dtx, B)  # (b, Q, n, d)
+        h_new = sb.op("Add", sb.op("Mul", e_last, h), sb.reduce("ReduceSum", sb.op("Mul", w_last, u), [1], keepdims=0))
+        f = TensorProto.FLOAT
+        ins = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(3 if v == h else 4)]) for v in names]
+        outs = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(r)]) for v, r in ((h_new, 3), (y, 4))]
+        return helper.make_graph(sb.nodes, sb._name("chunk_body"), ins, outs, sb.inits)
 
     # ---- Mamba2 ---------------------------------------------------------------------------------
     def _ssd_shapes(self):

@@ -37,8 +37,10 @@ LEVEL_TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 1e-2, 3: 3e-2, 4: 5e-2}
 
 
 def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
-                          accuracy_level: int = ACCURACY_LEVEL) -> Path:
-    """A quantized model (or checkpoint folder) -> ONNX folder with MatMulNBits layers."""
+                          accuracy_level: int = ACCURACY_LEVEL, scan_chunk: int = 1) -> Path:
+    """A quantized model (or checkpoint folder) -> ONNX folder with MatMulNBits layers.
+    scan_chunk: as for export_onnx (Mamba1's prefill Scan over chunks of Q tokens); the rewrite
+    only touches MatMuls against weights, never the Scan body's, so it applies unchanged."""
     from ..checkpoint import load_model
     from ..export.onnx import export_onnx
 
@@ -51,7 +53,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
     with atomic_dir(out_dir, ExportError) as tmp:
         twin = _dequantized_copy(qmodel)  # the quantized model's function, in float weights
-        folder = export_onnx(twin, tmp / "onnx", validate=False)  # checked below, once rewritten
+        folder = export_onnx(twin, tmp / "onnx", validate=False, scan_chunk=scan_chunk)  # checked below, once rewritten
         report = rewrite(folder / "model.onnx", qmodel, 0)
         report["accuracy_level"] = 0
         if validate:

@@ -104,6 +104,15 @@ def rows_for(arch: str, work: Path, args) -> list[dict]:
     return rows
 
 
+def write_rows(out: str, rows: list) -> None:
+    """The rows with the GPU, torch and ONNX Runtime versions, as JSON (atomically)."""
+    import onnxruntime as ort
+
+    write_json(out, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, onnxruntime=ort.__version__,
+                         cpu_count=os.cpu_count(), rows=rows))
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", default=",".join(SHAPES))
@@ -124,9 +133,7 @@ def main(argv=None) -> int:
     print(f"\n{'arch':<7} {'backend':<24} {'dtype':<5} {'prefill ms':>10} {'decode ms/token':>16}")
     for r in (r for r in rows if "prefill_ms" in r):
         print(f"{r['arch']:<7} {r['backend']:<24} {r['dtype']:<5} {r['prefill_ms']:>10.2f} {r['decode_ms_per_token']:>16.3f}")
-    write_json(args.out, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, onnxruntime=ort.__version__,
-                              cpu_count=os.cpu_count(), rows=rows))
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

@@ -15,7 +15,6 @@ Needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA GPU:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,10 +26,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_backends import build_checkpoint  # noqa: E402
-from gpu_ort import time_runner  # noqa: E402
+from gpu_ort import time_runner, write_rows  # noqa: E402
 from onnx_m1_chunk import export_variant  # noqa: E402
-
-from mamba_deploy.atomic import write_json  # noqa: E402
 
 VARIANTS = "logdepth:4,logdepth:8,logdepth:16,logdepth:32,quadratic:8,quadratic:16"
 
@@ -89,9 +86,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['graph']:<14} {r['dtype']:<5} {r['prefill_ms']:>10.2f} {r['prefill_ms'] / base[r['dtype']]:>12.3f} "
               f"{r['decode_ms_per_token']:>16.3f} {r['logits_vs_fp64']:>10.1e}")
-    write_json(args.out, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, onnxruntime=ort.__version__,
-                              cpu_count=os.cpu_count(), rows=rows))
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

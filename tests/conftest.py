@@ -161,9 +161,41 @@ def write_tiny_bpe(folder) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": BPE_EOS}))
 
 
+def tiny_mamba_with_bpe(hf_checkpoint, tmp_path_factory, name: str):
+    """A fresh copy of the tiny mamba checkpoint with the tiny BPE (< 128 tokens) beside it, for a
+    module's own fixture (a copy per module: tests may write files into it)."""
+    import shutil
+
+    src, _ = hf_checkpoint("mamba")
+    dst = tmp_path_factory.mktemp(name) / "tiny-mamba"
+    shutil.copytree(src, dst)
+    write_tiny_bpe(dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A folder holding the tiny BPE (write_tiny_bpe)."""
     folder = tmp_path_factory.mktemp("tiny_tok")
     write_tiny_bpe(folder)
     return folder
+
+
+def in_thread(fn, *args):
+    """Runs fn(*args) in a daemon thread -> (thread, list that will hold its result)."""
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    t.start()
+    return t, out
+
+
+def wait_until(cond, what: str, timeout: float = 10.0) -> None:
+    """Polls cond() every 10 ms; fails naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

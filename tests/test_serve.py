@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_bpe
+from conftest import in_thread, tiny_mamba_with_bpe, wait_until
 
 from mamba_deploy import load_model
 from mamba_deploy.generation import generate
@@ -33,12 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def folder(hf_checkpoint, tmp_path_factory):
-    """A copy of the tiny mamba checkpoint with a small byte-level BPE tokenizer (< 128 tokens)."""
-    src, _ = hf_checkpoint("mamba")
-    dst = tmp_path_factory.mktemp("serve") / "tiny-mamba"
-    shutil.copytree(src, dst)
-    write_tiny_bpe(dst)
-    return dst
+    return tiny_mamba_with_bpe(hf_checkpoint, tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")
@@ -416,19 +410,6 @@ class _Slow(TorchRunner):
         return super().step(*a, **kw)
 
 
-def _in_thread(fn, *args):
-    """Runs fn(*args) in a thread -> (thread, list that will hold its result)."""
-    out = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
-    t.start()
-    return t, out
-
-
-def _wait_until(cond, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -439,8 +420,8 @@ def test_server_close_ends_a_running_generation_and_waits_for_it(folder, stream)
     runner = _Slow(load_model(folder))
     srv, thread = _start(runner)
     body = {"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "stream": stream}
-    client, answer = _in_thread(_post, srv, body)
-    _wait_until(lambda: runner.steps >= 3, "the generation to start")
+    client, answer = in_thread(_post, srv, body)
+    wait_until(lambda: runner.steps >= 3, "the generation to start")
     t0 = time.monotonic()
     srv.shutdown()
     srv.server_close()
@@ -466,7 +447,7 @@ def test_server_close_ends_a_connection_that_never_sends_its_request(folder):
     before = threading.active_count()
     sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
     try:
-        _wait_until(lambda: threading.active_count() > before, "the connection's handler thread")
+        wait_until(lambda: threading.active_count() > before, "the connection's handler thread")
         time.sleep(0.1)  # it is now blocked reading the request line
         t0 = time.monotonic()
         srv.shutdown()
@@ -493,7 +474,7 @@ def test_server_close_waits_for_a_handler_that_had_not_started_yet(folder):
     srv = LateStart(("127.0.0.1", 0), TorchRunner(load_model(folder)), "m", 8, 4096, True, 60.0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    client, _ = _in_thread(_request, srv, "GET", "/health")
+    client, _ = in_thread(_request, srv, "GET", "/health")
     time.sleep(0.2)  # accepted: its thread sleeps in process_request_thread
     srv.shutdown()
     srv.server_close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -19,7 +18,7 @@ import time
 import types
 
 import pytest
-from conftest import write_tiny_bpe
+from conftest import in_thread, tiny_mamba_with_bpe, wait_until
 
 from mamba_deploy import load_model
 from mamba_deploy.errors import ConfigError
@@ -36,12 +35,7 @@ GONE = re.compile(r"client closed the connection: generation stopped after (\d+)
 
 @pytest.fixture(scope="module")
 def folder(hf_checkpoint, tmp_path_factory):
-    """A copy of the tiny mamba checkpoint with a small byte-level BPE tokenizer (< 128 tokens)."""
-    src, _ = hf_checkpoint("mamba")
-    dst = tmp_path_factory.mktemp("serve_disconnect") / "tiny-mamba"
-    shutil.copytree(src, dst)
-    write_tiny_bpe(dst)
-    return dst
+    return tiny_mamba_with_bpe(hf_checkpoint, tmp_path_factory, "serve_disconnect")
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +121,6 @@ def _read_all(sock) -> bytes:
     return got
 
 
-def _in_thread(fn, *args):
-    out = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
-    t.start()
-    return t, out
-
-
-def _wait_until(cond, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _long(**kw) -> dict:
@@ -169,7 +151,7 @@ def test_a_non_streaming_client_that_closes_stops_its_generation(folder, request
     srv = _start(runner, request, quiet=False)
     with _connect(srv) as sock:  # pipelined bytes, connection kept open: not a disconnect
         sock.sendall(_request_bytes(_long(max_tokens=30)))
-        _wait_until(lambda: runner.steps >= 3, "the generation to run")
+        wait_until(lambda: runner.steps >= 3, "the generation to run")
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # stays unread in the server's socket
         reply = b""
         try:  # an HTTP/1.0 server closing with those bytes unread may reset, after the answer
@@ -183,7 +165,7 @@ def test_a_non_streaming_client_that_closes_stops_its_generation(folder, request
 
     sock = _connect(srv)
     sock.sendall(_request_bytes(_long()))
-    _wait_until(lambda: runner.steps >= 29 + 3, "the long generation to run")
+    wait_until(lambda: runner.steps >= 29 + 3, "the long generation to run")
     sock.sendall(after)
     sock.close()
     at_close, steps_at_close = time.monotonic(), runner.steps
@@ -198,17 +180,17 @@ def test_a_client_that_gives_up_while_waiting_for_the_model_is_never_run(folder,
     runner = _Counting(load_model(folder), step_s=0.02)
     runner.gate = threading.Event()  # the first generation holds the model until the gate opens
     srv = _start(runner, request, quiet=False)
-    first, answer = _in_thread(_post, srv, _long(max_tokens=40))
-    _wait_until(lambda: runner.steps >= 1, "the first generation to run")
+    first, answer = in_thread(_post, srv, _long(max_tokens=40))
+    wait_until(lambda: runner.steps >= 1, "the first generation to run")
     sock = _connect(srv)
     sock.sendall(_request_bytes(_long(prompt=[9, 9, 9])))
-    _wait_until(lambda: len(srv._handlers) == 2, "the second request's handler")
+    wait_until(lambda: len(srv._handlers) == 2, "the second request's handler")
     time.sleep(0.2)  # it has read its request and waits for the model
     sock.close()
     runner.gate.set()
     first.join(TIMEOUT)
     assert answer and answer[0][0] == 200
-    _wait_until(lambda: not srv._handlers, "the dropped request's handler to end")  # before: 80 s of generation
+    wait_until(lambda: not srv._handlers, "the dropped request's handler to end")  # before: 80 s of generation
     assert [ids for ids, _ in runner.prefills] == [[[1, 2]]]
     assert GONE.findall(capsys.readouterr().err) == ["0"]
 
@@ -221,7 +203,7 @@ def test_a_dropped_stream_stops_at_once_quietly_with_one_log_line(folder, reques
     sock = _connect(srv)
     sock.sendall(_request_bytes(_long(stream=True)))
     _read_until(sock, b"data: ")  # headers, then the first token's event
-    _wait_until(lambda: runner.steps >= 3, "the stream to run")
+    wait_until(lambda: runner.steps >= 3, "the stream to run")
     sock.close()
     at_close, steps_at_close = time.monotonic(), runner.steps
     _next_request_runs_soon(srv, runner, at_close, steps_at_close)

@@ -44,8 +44,8 @@ VALIDATE_BATCH = 2
 FP32_SLACK = 3.0  # fp32 export vs float64 may be this many times PyTorch fp32's own error (see validate_export)
 # Mamba1 prefill tokens per Scan iteration (onnx_graph._chunk_body). Each iteration holds a few
 # (batch, Q, Q, d_state, d_inner) float32 tensors, 4 Q^2 d_state d_inner bytes each per batch row:
-# at Q = 64, 403 MB on 130m shapes and 1.3 GB on 2.8b (d_inner 5120); GPU speed-ups were measured
-# up to Q = 16 (README, ONNX Runtime on NVIDIA GPUs).
+# at Q = 64, 403 MB on 130m shapes and 1.3 GB on 2.8b (d_inner 5120). Measured on an H200 (README,
+# ONNX Runtime on NVIDIA GPUs): Q = 16-32 fastest, Q = 64 slower again.
 MAX_SCAN_CHUNK = 64
 
 
@@ -123,7 +123,7 @@ def check_scan_chunk(value) -> int:
         raise ConfigError(f"scan_chunk {q} is above {MAX_SCAN_CHUNK} (memory): each prefill Scan iteration holds a "
                           "few (batch, Q, Q, d_state, d_inner) float32 tensors, 4*Q*Q*d_state*d_inner bytes each per "
                           f"batch row ({4 * q * q * 16 * 1536 / 1e9:.1f} GB at Q={q} on 130m shapes, "
-                          f"{4 * q * q * 16 * 5120 / 1e9:.1f} GB on 2.8b); GPU speed-ups were measured up to Q=16")
+                          f"{4 * q * q * 16 * 5120 / 1e9:.1f} GB on 2.8b); on an H200, Q=16-32 was fastest")
     return q
 
 
@@ -414,8 +414,8 @@ def register(subparsers) -> None:
                         "4 int8 activations (default 4, its fast path)")
     s.add_argument("--scan-chunk", type=scan_chunk_arg, default=1, metavar="Q",
                    help="Mamba1 only: Q tokens per prefill Scan iteration in the stable SSD dual form (default 1, "
-                        "one token); faster on GPU execution providers (ONNX Runtime CUDA: 3.5x at Q=16 on an "
-                        "H200), slower on the CPU provider; memory per iteration grows as Q*Q*d_inner*d_state "
+                        "one token); faster on GPU execution providers (ONNX Runtime CUDA on an H200: about 3x at "
+                        "Q=16-32), slower on the CPU provider; memory per iteration grows as Q*Q*d_inner*d_state "
                         f"(Q <= {MAX_SCAN_CHUNK})")
     s.set_defaults(func=_cmd)
 

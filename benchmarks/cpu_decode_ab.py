@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,22 +25,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_backends import DEMO, TARGETS, build_checkpoint, read_bandwidth_gbs  # noqa: E402
+from onnx_ab import decode_ms  # noqa: E402  (64-token prefill, 2 warm steps, greedy steps timed)
 
 from mamba_deploy.atomic import write_json  # noqa: E402
-
-
-def decode_ms(runner, steps: int) -> float:
-    ids = torch.randint(0, 50000, (1, 64), generator=torch.Generator().manual_seed(2))
-    logits, st = runner.prefill(ids, runner.new_state(1), last_only=True)
-    tok = logits[:, -1].argmax(-1)
-    for _ in range(2):
-        logits, st = runner.step(tok, st)
-        tok = logits.argmax(-1)
-    t = time.perf_counter()
-    for _ in range(steps):
-        logits, st = runner.step(tok, st)
-        tok = logits.argmax(-1)
-    return (time.perf_counter() - t) / steps * 1e3
 
 
 def open_all(arch: str, work: Path, backends, threads: int) -> dict:
@@ -65,7 +51,7 @@ def rows_for(arch: str, work: Path, args) -> dict:
     try:
         for _ in range(args.rounds):
             for b, r in runners.items():
-                times[b].append(decode_ms(r, args.steps))
+                times[b].append(decode_ms(r, args.steps, clone=False))
     finally:
         for r in runners.values():
             r.close()

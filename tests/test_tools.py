@@ -93,3 +93,21 @@ def test_complete_or_absent(tmp_path, monkeypatch, has_converter):
     else:
         assert (dest / "old.txt").read_text() == "old" and not (dest / "convert_hf_to_gguf.py").exists()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["llama.cpp"]  # no staging folder left
+
+
+def test_corrupt_download_leaves_no_destination(tmp_path, monkeypatch, capsys):
+    tool = _tool()
+    monkeypatch.setattr(tool, "_installed_version", lambda: "9.9.9")
+
+    def truncated(cmd, **kw):
+        (Path(cmd[cmd.index("-d") + 1]) / "llama_cpp_python-9.9.9.tar.gz").write_bytes(b"\x1f\x8b\x08not a tarball")
+
+        class Ok:
+            returncode = 0
+        return Ok()
+
+    monkeypatch.setattr(tool.subprocess, "run", truncated)
+    dest = tmp_path / "share" / "llama.cpp"
+    assert tool.main(["--dest", str(dest)]) == 0
+    assert "could not unpack" in capsys.readouterr().out
+    assert list((tmp_path / "share").iterdir()) == []  # neither dest nor a staging folder

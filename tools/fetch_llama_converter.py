@@ -75,15 +75,20 @@ def main(argv=None) -> int:
                   "the llama.cpp converter comparison test will skip")
             return 0
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        staging = Path(tempfile.mkdtemp(dir=args.dest.parent if args.dest.parent.exists() else None))
+        args.dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=args.dest.parent))  # beside dest: the rename stays on one filesystem
         try:
-            _extract(sdist, staging)
+            try:
+                _extract(sdist, staging)
+            except (tarfile.TarError, OSError, EOFError) as e:  # a corrupt or truncated download
+                print(f"fetch_llama_converter: could not unpack {sdist.name} ({e}); the llama.cpp converter "
+                      "comparison test will skip (run `make install` again to retry)")
+                return 0
             if not (staging / KEEP[0]).exists():
                 print(f"fetch_llama_converter: {sdist.name} has no vendor/llama.cpp/{KEEP[0]}; skipping")
                 return 0
             (staging / STAMP).write_text(ver + "\n")
             shutil.rmtree(args.dest, ignore_errors=True)
-            args.dest.parent.mkdir(parents=True, exist_ok=True)
             staging.rename(args.dest)  # complete or absent, never half-written
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .argtypes import is_seed
 from .errors import ConfigError, ShapeError
 
 
@@ -257,8 +258,6 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
 def _check_counts(max_new_tokens, seed) -> None:
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    from .argtypes import is_seed
-
     if seed is not None and not is_seed(seed):
         raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
 

@@ -89,6 +89,27 @@ def test_tiny_temperature_is_greedy(capsys):
     assert capsys.readouterr().out == greedy
 
 
+def test_generate_prefill_chunk_feeds_pieces_with_a_progress_bar(capsys, monkeypatch):
+    """--prefill-chunk reaches generate: the prompts go in pieces (a bar on stderr) and the
+    greedy answer is the one-piece answer (tests/test_prefill_chunks.py checks the pieces
+    against transformers)."""
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    widths = []
+    real = TorchRunner.prefill
+    monkeypatch.setattr(TorchRunner, "prefill", lambda self, ids, *a, **kw: widths.append(ids.shape[1])
+                        or real(self, ids, *a, **kw))
+    base = ["generate", DEMO, "--prompt", "import os\nimport sys\n\ndef main(argv):", "--prompt", "x = 1",
+            "--max-new-tokens", "6", "--json"]
+    assert main(base) == 0
+    whole, err = capsys.readouterr()
+    assert len(widths) == 1 and "prefill" not in err
+    assert main([*base, "--prefill-chunk", "3"]) == 0
+    pieces, err = capsys.readouterr()
+    assert pieces == whole and "prefill" in err
+    assert widths[1:] == [3] * (widths[0] // 3) + ([widths[0] % 3] if widths[0] % 3 else [])
+
+
 def test_sigterm_mid_export_cleans_up(tmp_path, monkeypatch, capsys):
     """SIGTERM is raised like Ctrl-C, so the export's temporary folder is removed (exit 143)."""
     pytest.importorskip("onnxruntime")
@@ -283,6 +304,8 @@ def test_piped_output_that_stops_reading_ends_quietly(tmp_path):
     (["quantize", "DEMO", "OUT", "--method", "smoothquant", "--alpha", "-3"], "--alpha"),
     (["export", "tensorrt", "DEMO", "OUT", "--max-batch", "-1"], "--max-batch"),
     (["export", "tensorrt", "DEMO", "OUT", "--max-seq", "0"], "--max-seq"),
+    (["generate", "DEMO", "--prompt", "x", "--prefill-chunk", "0"], "--prefill-chunk"),
+    (["serve", "DEMO", "--prefill-chunk", "-2"], "--prefill-chunk"),
 ])
 def test_numeric_flags_out_of_range_are_refused_by_the_parser(argv, flag, tmp_path, capsys):
     """README: numeric flags out of range are refused by argparse (exit 2, the flag named) before

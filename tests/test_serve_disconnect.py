@@ -195,6 +195,40 @@ def test_a_client_that_gives_up_while_waiting_for_the_model_is_never_run(folder,
     assert GONE.findall(capsys.readouterr().err) == ["0"]
 
 
+def test_a_client_that_leaves_during_a_long_prompt_stops_it_at_the_next_piece(folder, request, capsys):
+    """The gone-client check ran only between generated tokens, so a long prompt's prefill ran to
+    its end for nobody while the next request waited. The server feeds prompts in pieces
+    (--prefill-chunk) and checks between them: 500 pieces of 20 ms here, stopped a few after
+    the close."""
+    runner = _Counting(load_model(folder))
+    real = runner.prefill
+
+    def slow(ids, state, **kw):
+        threading.Event().wait(0.02)
+        return real(ids, state, **kw)
+
+    runner.prefill = slow
+    srv = _start(runner, request, quiet=False, prefill_chunk=8)
+    sock = _connect(srv)
+    sock.sendall(_request_bytes(_long(prompt=[1] * 4000)))
+    wait_until(lambda: len(runner.prefills) >= 3, "the prompt's pieces to run")
+    sock.close()
+    at_close, pieces_at_close = time.monotonic(), len(runner.prefills)
+    status, _, data = _post(srv, {"prompt": [3], "max_tokens": 1, "temperature": 0})
+    assert status == 200, data
+    assert time.monotonic() - at_close < 5  # before: the whole prompt, then 4000 tokens, for nobody
+    assert [len(ids[0]) for ids, _ in runner.prefills[:-1]] == [8] * (len(runner.prefills) - 1)
+    assert len(runner.prefills) - 1 < pieces_at_close + 25 and runner.steps == 0
+    assert GONE.findall(capsys.readouterr().err) == ["0"]
+
+
+def test_prefill_chunk_is_checked_by_make_server(folder):
+    runner = TorchRunner(load_model(folder))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=f"prefill_chunk must be >= 1 \\(or None: one piece\\), got {bad!r}"):
+            make_server(runner, "127.0.0.1", 0, prefill_chunk=bad)
+
+
 def test_a_dropped_stream_stops_at_once_quietly_with_one_log_line(folder, request, capsys):
     """A stream noticed its client only when a write failed; now the token after the close is not
     generated-and-written into a dead socket, and the server says so in one line (no traceback)."""

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, seed, threads, top_p
+from .argtypes import backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed, threads, top_p
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -192,7 +192,8 @@ def cmd_generate(args):
     res = generate(runner, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
-                   stop_token_ids=stops, stop_strings=args.stop_string)
+                   stop_token_ids=stops, stop_strings=args.stop_string, prefill_chunk=args.prefill_chunk,
+                   on_prefill=prefill_progress() if args.prefill_chunk else None)
     texts = res.texts if res.texts is not None else [runner.tokenizer.decode(t) for t in res.tokens]
     if stream:
         print(text.finish())
@@ -203,6 +204,23 @@ def cmd_generate(args):
         for p, t in zip(args.prompt, texts):
             print(f"--- {p!r}\n{'' if args.chat else p}{t}")
     runner.close()
+
+
+def prefill_progress():
+    """generate()'s on_prefill as a progress bar on stderr, shown once a prompt takes two pieces."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and done < total:
+            bar = tqdm(total=total, desc="prefill", unit="tok", leave=False)
+        if bar is not None:
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
+    return update
 
 
 def cmd_convert(args):
@@ -253,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     s.add_argument("--chat-template", default=None, metavar="FILE",
                    help="with --chat: this Jinja template instead of the model's own")
+    s.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
+                   help="feed the prompts N tokens at a time, with a progress bar (bounds the prefill's memory; "
+                        "default: in one piece)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     add_state_dtype(s)

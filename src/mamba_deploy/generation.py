@@ -198,7 +198,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None, stop_strings=None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, stop_strings=None,
+             prefill_chunk: int | None = None, on_prefill: Callable[[int, int], None] | None = None) -> Generation:
     """Generate for a batch of prompts (strings or token-id lists) of any lengths.
 
     Prompts are left-padded and masked so padding never enters the recurrent state. Each
@@ -206,8 +207,12 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     the first of `stop_strings` in its decoded text (the text is cut before it; the tokens that
     produced it are kept), or after max_new_tokens. `on_token(batch_index, token_id)` streams
     tokens as they come (`TextStream` turns them into text that never shows a stop string).
+    prefill_chunk: feed the prompts in pieces of at most this many positions (None: in one
+    call), which bounds the prefill's activation memory; `on_prefill(done, total)` runs after
+    each piece (a progress bar, or a check that raises to abandon the request).
     """
     _check_counts(max_new_tokens, seed)
+    _check_chunk(prefill_chunk)
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size
@@ -216,9 +221,7 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
 
     b = len(ids_list)
     ids, mask = left_pad(ids_list)
-    state = runner.new_state(b)
-    logits, state = runner.prefill(ids, state, attention_mask=mask, last_only=True)
-    logits = logits[:, -1]
+    logits, state = prefill_in_chunks(runner, ids, mask, runner.new_state(b), prefill_chunk, on_prefill)
     history = [list(p) for p in ids_list]
     out = [[] for _ in range(b)]
     reasons = ["length"] * b
@@ -253,6 +256,28 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     if as_text or stop_strings:
         texts = [tok.decode(o)[:cut] for o, cut in zip(out, cuts)]
     return Generation(out, ids_list, texts, reasons)
+
+
+def prefill_in_chunks(runner, ids, mask, state, chunk: int | None = None, on_chunk=None):
+    """Left-padded ids (b, l) and their mask (or None) -> (last position's logits (b, V), state),
+    fed to runner.prefill `chunk` positions at a time. A row whose padding outlasts a piece goes
+    through it all-masked, which leaves its state fresh (zero), so the next piece may still pad
+    it (the Runner's fresh-state rule holds piece by piece). A piece without padding goes
+    without a mask."""
+    l = ids.shape[1]
+    step = l if chunk is None else chunk
+    for start in range(0, l, step):
+        m = None if mask is None else mask[:, start:start + step]
+        logits, state = runner.prefill(ids[:, start:start + step], state,
+                                       attention_mask=None if m is None or bool(m.all()) else m, last_only=True)
+        if on_chunk is not None:
+            on_chunk(min(start + step, l), l)
+    return logits[:, -1], state
+
+
+def _check_chunk(chunk) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
+        raise ConfigError(f"prefill_chunk must be an int >= 1 (or None for one piece), got {chunk!r}")
 
 
 def _check_counts(max_new_tokens, seed) -> None:

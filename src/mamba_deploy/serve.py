@@ -266,8 +266,9 @@ class CompletionServer(ThreadingHTTPServer):
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
                  quiet: bool, request_timeout: float | None, chat_template: str | None = None,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = None):
         self.runner = runner
+        self.prefill_chunk = prefill_chunk  # prompts go in pieces this long, checked for a gone client between
         self.chat_template = chat_template  # None: the model's own (chat.py)
         self.model_name = model_name
         self.max_batch = max_batch
@@ -537,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
         closing = self.server.closing
         made = [0]  # tokens generated so far, for the log line of a client that left
 
-        def check():  # between tokens: the server closing, or the client gone
+        def check():  # between tokens and prompt pieces: the server closing, or the client gone
             if closing.is_set():
                 raise ShuttingDown
             if peer_closed(self.connection):
@@ -554,7 +555,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.server.lock:
                 check()  # a client that gave up while it waited for the model
-                return generate(self.server.runner, prompts, on_token=each_token, **kw)
+                return generate(self.server.runner, prompts, on_token=each_token, prefill_chunk=self.server.prefill_chunk,
+                                on_prefill=lambda done, total: check(), **kw)
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
 
@@ -636,13 +638,15 @@ def _usage(res) -> dict:
 def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
                 request_timeout: float | None = 60.0, chat_template: str | None = None,
-                max_prompt_tokens: int | None = None) -> CompletionServer:
+                max_prompt_tokens: int | None = None, prefill_chunk: int | None = 1024) -> CompletionServer:
     """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
     chat_template: a Jinja chat template for /v1/chat/completions instead of the model's own.
     max_prompt_tokens: the longest prompt a request may send, in tokens (None: no limit); longer
-    ones (any prompt of a batch, or the rendered chat) get a 400 before generating."""
+    ones (any prompt of a batch, or the rendered chat) get a 400 before generating.
+    prefill_chunk: prompts are fed this many positions at a time (None: in one piece); between
+    pieces a request whose client left, or a server shutting down, stops."""
     from .chat import check_template
     from .runners.base import Runner
 
@@ -654,12 +658,13 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     if chat_template is not None:
         check_template(chat_template)
     limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)]
-    if max_prompt_tokens is not None:
-        limits.append(("max_prompt_tokens", max_prompt_tokens, 1))
+    limits += [(name, v, 1) for name, v in (("max_prompt_tokens", max_prompt_tokens), ("prefill_chunk", prefill_chunk))
+               if v is not None]
     for name, v, low in limits:
         # max_tokens_limit 0 would turn every request away with a 400
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (name == "port" and v > 65535):
-            also = {"port": " and <= 65535", "max_prompt_tokens": " (or None: no limit)"}.get(name, "")
+            also = {"port": " and <= 65535", "max_prompt_tokens": " (or None: no limit)",
+                    "prefill_chunk": " (or None: one piece)"}.get(name, "")
             raise ConfigError(f"{name} must be >= {low}{also}, got {v!r} (an integer)")
     t = request_timeout
     if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0):
@@ -668,7 +673,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         model_name = default_model_name(runner)
     try:
         return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                                chat_template, max_prompt_tokens)
+                                chat_template, max_prompt_tokens, prefill_chunk)
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
         raise _bind_error(host, port, e) from None
 
@@ -733,7 +738,7 @@ def cmd_serve(args):
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template,
-                             max_prompt_tokens=args.max_prompt_tokens)
+                             max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk)
     except ConfigError:  # the port was taken since _check_can_listen
         runner.close()
         raise
@@ -773,6 +778,9 @@ def register(subparsers) -> None:
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="longest prompt a request may send, in tokens (any prompt of a batch, or the rendered "
                         "chat); longer ones get a 400 (default: no limit)")
+    s.add_argument("--prefill-chunk", type=positive_int, default=1024, metavar="N",
+                   help="feed prompts N tokens at a time; between pieces a request whose client disconnected "
+                        "stops, and memory stays bounded (default 1024)")
     s.add_argument("--model-name", default=None,
                    help="name reported as `model` (default: the folder name, or a .gguf file's name)")
     s.add_argument("--chat-template", default=None, metavar="FILE",

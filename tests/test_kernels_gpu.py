@@ -443,6 +443,29 @@ def test_padded_prefill_on_cuda_vs_transformers(kind, tmp_path):
         runner.prefill(ids, st, attention_mask=mask)
 
 
+@pytest.mark.parametrize("chunk", [8, 17])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_prefill_in_pieces_on_cuda_vs_transformers(kind, chunk, tmp_path):
+    """generate(prefill_chunk=N) on CUDA: a left-padded batch fed N positions at a time (the
+    1-token row's padding outlasts several pieces; pieces of 17 cross the tiny Mamba2's 16-token
+    SSD chunks) gives each prompt's last logits as transformers' float32 model on CPU does for the
+    prompt alone."""
+    from conftest import build_hf_model, rel_err  # noqa: PLC0415
+
+    from mamba_deploy.generation import left_pad, prefill_in_chunks
+    from mamba_deploy.runners import open_runner
+
+    hf = build_hf_model(kind)
+    hf.save_pretrained(tmp_path)
+    runner = open_runner(tmp_path, "torch", device=DEV)
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (37, 20, 1)]
+    ids, mask = left_pad(prompts)
+    logits, _ = prefill_in_chunks(runner, ids, mask, runner.new_state(len(prompts)), chunk)
+    with torch.no_grad():
+        want = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in prompts])
+    assert rel_err(logits.float().cpu(), want) < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prefetch_mb", ["0", "8"])

@@ -743,22 +743,34 @@ def cmd_serve(args):
         runner.close()
         raise
 
-    def _term(signum, frame):  # SIGTERM shuts down like Ctrl-C
+    def _again(signum, frame):  # a second Ctrl-C / SIGTERM must not break off the clean-up below
+        print(f"already shutting down (waiting at most {server.close_timeout:g} s for running requests)",
+              file=sys.stderr, flush=True)
+
+    def _stop(signum, frame):  # the first Ctrl-C or SIGTERM: later ones wait for the clean-up
+        signal.signal(signal.SIGINT, _again)
+        signal.signal(signal.SIGTERM, _again)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _term)
+    default_int = signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     print(f"serving {server.model_name} ({runner.name}) on {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr, flush=True)
     finally:
-        server.server_close()
-        if server.unfinished:  # freeing the runner under a running request could crash it
-            print(f"warning: {len(server.unfinished)} request(s) still running after "
-                  f"{server.close_timeout:g} s; exiting without closing the model", file=sys.stderr)
-        else:
-            runner.close()
+        signal.signal(signal.SIGINT, _again)  # also when serve_forever ended by an error
+        signal.signal(signal.SIGTERM, _again)
+        try:
+            server.server_close()
+            if server.unfinished:  # freeing the runner under a running request could crash it
+                print(f"warning: {len(server.unfinished)} request(s) still running after "
+                      f"{server.close_timeout:g} s; exiting without closing the model", file=sys.stderr)
+            else:
+                runner.close()
+        finally:
+            signal.signal(signal.SIGINT, default_int)  # cli.main puts SIGTERM's back
 
 
 def register(subparsers) -> None:

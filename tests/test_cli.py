@@ -80,12 +80,14 @@ def test_generate_bad_settings(flags, code, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
-def test_tiny_temperature_is_greedy(capsys):
-    """logits / 1e-45 overflowed to inf and the softmax to NaN (torch.multinomial raised)."""
+@pytest.mark.parametrize("t", ["1e-45", "1e-300", "5e-324"])
+def test_tiny_temperature_is_greedy(capsys, t):
+    """logits / 1e-45 overflowed to inf and the softmax to NaN (torch.multinomial raised); below
+    float32's smallest number (1e-300, the smallest double) T itself rounded to 0 (0 / 0)."""
     base = ["generate", DEMO, "--prompt", "import os", "--max-new-tokens", "6", "--json"]
     assert main(base) == 0
     greedy = capsys.readouterr().out
-    assert main([*base, "--temperature", "1e-45", "--seed", "1"]) == 0
+    assert main([*base, "--temperature", t, "--seed", "1"]) == 0
     assert capsys.readouterr().out == greedy
 
 

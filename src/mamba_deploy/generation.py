@@ -53,8 +53,12 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     use `sample`."""
     logits = _penalized(logits, cfg, history)
     # shift by the max first: with a tiny temperature logits / T overflows to inf (NaN softmax),
-    # while (logits - max) / T only sends the non-max entries towards -inf
-    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature
+    # while (logits - max) / T only sends the non-max entries towards -inf. A T below float32's
+    # smallest number (~1.4e-45) would round to 0 there (0 / 0 at the max): divide in float64
+    logits = logits - logits.max(-1, keepdim=True).values
+    if np.float32(cfg.temperature) == 0:
+        logits = logits.double()
+    logits = logits / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -66,7 +70,7 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
         probs = probs.scatter(1, idx, sp.masked_fill(drop, 0.0))
     if cfg.min_p:  # relative to the top probability, so top-p's dropped mass does not matter
         probs = probs.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, 0.0)
-    return probs / probs.sum(-1, keepdim=True)
+    return (probs / probs.sum(-1, keepdim=True)).float()
 
 
 def _penalized(logits, cfg: SamplingConfig, history):

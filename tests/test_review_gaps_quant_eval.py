@@ -76,7 +76,7 @@ def test_calibration_ids_refuse_bad_token_ids(tiny_model):
     """Too few tokens, an id equal to the vocabulary size, a negative id and float ids are
     QuantizationErrors (not an IndexError / RuntimeError deep in the model).
     Kills: `n < 0`, `ids > vocab`, the dropped negative check, the dropped float check."""
-    with pytest.raises(QuantizationError, match="need at least 10"):
+    with pytest.raises(QuantizationError, match="has 9 tokens, fewer than one sequence of calib_len=10"):
         calibration_ids(tiny_model, torch.arange(9), 2, 10)
     for bad in (VOCAB, -1):
         ids = torch.arange(40) % VOCAB

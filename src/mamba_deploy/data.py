@@ -34,6 +34,16 @@ SPECIAL_TOKENS = (EOS, PAD)
 CORPORA = ("stdlib-train", "stdlib-val")
 
 
+def read_text_file(path, flag: str, error=ConfigError) -> str:
+    """A user's text file (--text, --calib), strictly UTF-8: bytes replaced by U+FFFD would score
+    or calibrate on a text that is not the file's. `error` is the typed error to raise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {flag} {str(path)!r} as UTF-8 text: {e}; pass a text file, converted to "
+                    "UTF-8 if it is in another encoding (e.g. iconv -f latin1 -t utf-8)") from e
+
+
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 

@@ -71,19 +71,15 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
 
 def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int]:
     """Token ids of --text FILE or --corpus stdlib-val|stdlib-train."""
+    from . import data
+
     if (corpus is None) == (text_file is None):
         raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val")
     if text_file is not None:
         p = Path(text_file)
         if not p.is_file():
             raise ModelNotFoundError(f"--text {text_file!r} is not a file")
-        try:  # strict, as verify --text: replaced bytes would score a text that is not the file's
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read --text {text_file!r} as UTF-8 text: {e}; convert it to UTF-8 "
-                              "(e.g. iconv -f latin1 -t utf-8)") from e
-        return tokenizer.encode(text)
-    from . import data
+        return tokenizer.encode(data.read_text_file(p, "--text"))
 
     if corpus not in data.CORPORA:
         raise ConfigError(f"unknown corpus {corpus!r}; choose one of {', '.join(data.CORPORA)}")
@@ -99,6 +95,10 @@ def cmd_eval(args):
     ids = corpus_ids(runner.tokenizer, args.corpus, args.text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
+    if len(ids) < 2:  # perplexity's own message cannot name the flag to change
+        fix = (f"--max-tokens {args.max_tokens} leaves {len(ids)}; raise it" if args.max_tokens is not None and
+               args.max_tokens < 2 else f"{args.text or args.corpus} has {len(ids)}; give a longer text")
+        raise ConfigError(f"perplexity needs at least 2 tokens: {fix}")
     res = perplexity(runner, ids, window=args.window, progress=not args.json)
     res.update(model=str(args.model), backend=runner.name, source=args.text or args.corpus)
     if args.baseline:

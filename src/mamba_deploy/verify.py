@@ -19,6 +19,7 @@ import torch
 
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, read_json_object, write_json
+from .data import read_text_file
 from .errors import ConfigError, VerificationError
 from .inputs import first_out_of_vocab
 
@@ -563,12 +564,7 @@ def cmd_verify(args):
     make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
     if args.json:
         prepare_output_file(args.json, example="verify.json")
-    text = None
-    if args.text:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read --text {args.text!r} as UTF-8 text: {e}") from e
+    text = None if not args.text else read_text_file(args.text, "--text")
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
     ref, art, label = open_pair(args.reference, args.artifact, backend, args.reference_dtype,
                                 args.device, opts, threads=args.threads)
@@ -578,6 +574,9 @@ def cmd_verify(args):
             # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
             label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
         text_ids = None if text is None else ref.tokenizer.encode(text)[: args.max_text_tokens]
+        if text_ids is not None and len(text_ids) < 2:  # _sequence's message cannot name the file
+            raise ConfigError(f"--text {args.text!r} is {len(text_ids)} token(s); its perplexity needs at least 2: "
+                              "give a longer text (or leave --text out for random token ids)")
         report = verify(ref, art, lengths, batches, args.decode_steps, text_ids, overrides or None, args.seed,
                         label=args.dtype or label, progress=not args.quiet)
     finally:

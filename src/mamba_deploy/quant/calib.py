@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import read_text_file
 from ..errors import ModelNotFoundError, QuantizationError
 from ..inputs import first_out_of_vocab
 
@@ -60,7 +61,7 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
         if calib is None:
             text = builtin_text()
         elif is_file:
-            text = path.read_text(errors="replace")
+            text = read_text_file(path, "calibration file", QuantizationError)
         elif isinstance(calib, str) and not is_dir and (len(calib) > 200 or "\n" in calib) \
                 and not (os.sep in calib and not any(c.isspace() for c in calib)):  # the text itself
             text = calib
@@ -75,7 +76,8 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
             ids = torch.tensor(list(text.encode()), dtype=torch.long) % model.config.vocab_size
     n = min(n_seq, ids.numel() // seq_len)
     if n < 1:
-        raise QuantizationError(f"calibration data has {ids.numel()} tokens, need at least {seq_len}; use a longer --calib file")
+        raise QuantizationError(f"calibration data has {ids.numel()} tokens, fewer than one sequence of calib_len="
+                                f"{seq_len} (--calib-len); lower --calib-len, or pass a longer --calib file")
     # evenly spaced windows so a long file is sampled throughout
     starts = torch.linspace(0, ids.numel() - seq_len, n).long()
     return torch.stack([ids[s:s + seq_len] for s in starts])

@@ -61,6 +61,12 @@ def cmd_quantize(args):
 
     if args.method is None and not args.auto:
         raise QuantizationError("pass --method (int8|int4|gptq|awq|smoothquant|fp8) or --auto --target cpu|gpu")
+    if args.method is not None and args.auto:
+        raise QuantizationError(f"--method {args.method} and --auto exclude each other (--auto picks the method "
+                                "from the model's size and --target); drop one of them")
+    if args.target is not None and not args.auto:
+        raise QuantizationError(f"--target {args.target} applies with --auto only (it picks the method for that "
+                                "device); drop --target, or use --auto instead of --method")
     opts = dict(group_size=args.group_size, symmetric=False if args.asymmetric else None,
                 calib=args.calib, rules=args.config, n_calib=args.n_calib, calib_len=args.calib_len,
                 act_order=True if args.act_order else None, alpha=args.alpha, fp8_scaling=args.fp8_scaling,
@@ -72,7 +78,7 @@ def cmd_quantize(args):
     model = load_model(args.model)
     method = args.method
     if args.auto:
-        method, why = pick_auto(model.num_parameters(), args.target)
+        method, why = pick_auto(model.num_parameters(), args.target or "cpu")
         print(f"--auto picked {method}: {why}")
         if "group_size" in opts and METHODS[method]["format"] != "int4":
             print(f"--group-size {opts.pop('group_size')} does not apply to {method} (per output channel); ignored")
@@ -102,5 +108,5 @@ def register(subparsers):
     s.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration sequence (default 256)")
     s.add_argument("--config", default=None, help='per-layer rules JSON: {"quant_cfg": {"<glob>": {...}}}')
     s.add_argument("--auto", action="store_true", help="pick the method from model size and --target")
-    s.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    s.add_argument("--target", choices=["cpu", "gpu"], default=None)
     s.set_defaults(func=cmd_quantize)

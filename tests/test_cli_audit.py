@@ -80,3 +80,32 @@ def test_eval_too_few_tokens_names_what_to_change(how, needle, files, capsys):
     """--max-tokens 1 was told to "give a longer text"."""
     src = ["--corpus", "stdlib-val", "--max-tokens", "1"] if how == "max_tokens" else ["--text", files[how]]
     _fails(["eval", DEMO, *src], capsys, needle)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("presence_penalty", 1.0, "presence_penalty is not supported; use `repetition_penalty`"),
+    ("frequency_penalty", -0.5, "frequency_penalty is not supported; use `repetition_penalty`"),
+    ("logit_bias", {"5": 3}, "logit_bias is not supported"),
+    ("top_k", -1, "`top_k` must be >= 0 (0 = off), got -1"),
+    ("temperature", -0.5, "`temperature` must be >= 0 (0 = greedy), got -0.5"),
+    ("top_p", 0, "`top_p` must be in (0, 1], got 0"),
+    ("min_p", 1, "`min_p` must be in [0, 1), got 1"),
+    ("repetition_penalty", 0, "`repetition_penalty` must be > 0 (1 = off), got 0"),
+])
+def test_serve_refuses_sampling_fields_it_would_ignore_or_misread(field, value, needle):
+    """presence / frequency penalties and logit_bias were accepted and not applied (a 200 for a
+    request the server did not honour); out-of-range sampling values were a 400 without `param`
+    and with the internal SamplingConfig(...) text."""
+    from mamba_deploy.serve_request import RequestError, parse_completion_request
+
+    with pytest.raises(RequestError) as e:
+        parse_completion_request({"prompt": "x", field: value}, 8, 100, 100)
+    assert needle in str(e.value) and e.value.param == field and e.value.status == 400
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_serve_takes_the_zero_penalties_openai_clients_send(field):
+    from mamba_deploy.serve_request import parse_completion_request
+
+    for v in (0, 0.0, None):
+        parse_completion_request({"prompt": "x", field: v}, 8, 100, 100)

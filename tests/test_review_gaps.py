@@ -123,7 +123,7 @@ def test_perplexity_ignores_padded_vocab_rows():  # E2
 
 
 def test_serve_limits_are_inclusive():  # S1, S5
-    from mamba_deploy.serve import MAX_STOP_STRINGS, parse_completion_request
+    from mamba_deploy.serve_request import MAX_STOP_STRINGS, parse_completion_request
     prompts, _, kw, _, _ = parse_completion_request(
         {"prompt": [[1]] * 4, "stop": ["a", "b", "c", "d"][:MAX_STOP_STRINGS], "max_tokens": 16}, 4, 128, 16)
     assert len(prompts) == 4 and kw["stop_strings"] == ["a", "b", "c", "d"] and kw["max_new_tokens"] == 16

@@ -219,9 +219,9 @@ def test_concurrent_requests_are_serialised_and_correct(server, reference):
     ({"prompt": "a", "max_tokens": "8"}, 400, r"`max_tokens` must be an integer"),
     ({"prompt": "a", "max_tokens": 0}, 400, r"`max_tokens` must be in \[1, "),
     ({"prompt": "a", "temperature": True}, 400, r"`temperature` must be a"),
-    ({"prompt": "a", "temperature": -1}, 400, r"temperature >= 0"),
-    ({"prompt": "a", "top_p": 0}, 400, r"0 < top_p <= 1"),
-    ({"prompt": "a", "repetition_penalty": 0}, 400, r"repetition_penalty must be > 0"),
+    ({"prompt": "a", "temperature": -1}, 400, r"`temperature` must be >= 0"),
+    ({"prompt": "a", "top_p": 0}, 400, r"`top_p` must be in \(0, 1\]"),
+    ({"prompt": "a", "repetition_penalty": 0}, 400, r"`repetition_penalty` must be > 0"),
     ({"prompt": "a", "top_p": 0, "stream": True}, 400, r"top_p"),  # rejected before the stream starts
     ({"prompt": "a", "stop_token_ids": ["x"]}, 400, r"`stop_token_ids` must be a list of integers"),
     ({"prompt": "a", "stop": [1]}, 400, r"`stop` must be a string or a list of non-empty strings"),
@@ -589,11 +589,11 @@ def test_make_server_rejects_limits_below_one(reference):
 
 
 @pytest.mark.parametrize("body,pattern", [
-    ({"prompt": "a", "top_p": 2}, r"0 < top_p <= 1"),
-    ({"prompt": "a", "temperature": -1, "stream": True}, r"temperature >= 0"),
+    ({"prompt": "a", "top_p": 2}, r"`top_p` must be in \(0, 1\], got 2"),
+    ({"prompt": "a", "temperature": -1, "stream": True}, r"`temperature` must be >= 0 \(0 = greedy\), got -1"),
     ({"prompt": "a", "temperature": "NaN"}, r"`temperature` must be a"),
-    ({"prompt": "a", "min_p": 1}, r"0 <= min_p < 1"),
-    ({"prompt": "a", "top_k": -3}, r"top_k >= 0"),
+    ({"prompt": "a", "min_p": 1}, r"`min_p` must be in \[0, 1\), got 1"),
+    ({"prompt": "a", "top_k": -3}, r"`top_k` must be >= 0 \(0 = off\), got -3"),
     (b'{"prompt": "a", "temperature": 1e999}', r"`temperature` must be a finite number"),  # JSON inf
 ])
 def test_bad_sampling_values_are_400_not_500(server, body, pattern):
@@ -602,7 +602,7 @@ def test_bad_sampling_values_are_400_not_500(server, body, pattern):
     assert got == 400 and headers["Content-Type"] == "application/json"
     err = json.loads(data)["error"]
     assert re.search(pattern, err["message"]), err["message"]
-    assert err["type"] == "invalid_request_error"
+    assert err["type"] == "invalid_request_error" and err["param"] == re.search(r"`(\w+)`", pattern).group(1)
 
 
 def test_tiny_temperature_is_greedy_not_a_server_error(server, reference):

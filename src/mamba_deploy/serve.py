@@ -15,7 +15,9 @@ generation at a time; several prompts in one request are one batched `generate` 
 `stop` is a string or a list of up to 4 (the text ends before the first one found; a stream
 never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `min_p`, `repetition_penalty`
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
-Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy).
+Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). OpenAI fields the
+server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
+...) are a 400 naming the field, never silently ignored (serve_request.py).
 
 HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
 closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import numbers
 import select
 import socket
@@ -42,169 +43,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
+from .serve_request import FIELDS, RequestError, _check_max_tokens, _typed, parse_completion_request
 
-# request field -> (accepted JSON types, default, generate() keyword). bool is rejected where int
-# or float is expected (JSON true is not a number).
-FIELDS = {
-    "max_tokens": ((int,), 16, "max_new_tokens"),
-    "temperature": ((int, float), 1.0, "temperature"),
-    "top_p": ((int, float), 1.0, "top_p"),
-    "top_k": ((int,), 0, "top_k"),
-    "min_p": ((int, float), 0.0, "min_p"),
-    "repetition_penalty": ((int, float), 1.0, "repetition_penalty"),
-    "seed": ((int,), None, "seed"),
-}
-# OpenAI fields we accept only at their no-op value: field -> (allowed values, why / what to use instead)
-UNSUPPORTED = {
-    "n": ((None, 1), "only n=1 is supported; send the prompt several times in `prompt` for more"),
-    "best_of": ((None, 1), "best_of is not supported"),
-    "echo": ((None, False), "echo is not supported"),
-    "logprobs": ((None,), "logprobs are not supported"),
-    "suffix": ((None,), "suffix is not supported"),
-}
-MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_BODY_BYTES = 8 * 1024 * 1024
-SEED_RANGE = (0, 2**63 - 1)
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
 ENDPOINTS = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-
-
-class RequestError(Exception):
-    """A client error: becomes a 4xx JSON error naming the problem."""
-
-    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None):
-        super().__init__(message)
-        self.status, self.type, self.param = status, type_, param
-
-
-# ----------------------------------------------------------------------------- request parsing
-
-def _typed(body: dict, name: str, types, default):
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, types):
-        want = " or ".join("an integer" if t is int else "a number" for t in types)
-        raise RequestError(f"`{name}` must be {want}, got {json.dumps(v)[:80]}", param=name)
-    if float in types and not _finite(v):  # JSON 1e999 parses to inf
-        raise RequestError(f"`{name}` must be a finite number, got {json.dumps(v)[:80]}", param=name)
-    return v
-
-
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer past float's range (JSON 1 and 400 zeros): sampling would raise it (a 500)
-        return False
-
-
-def _check_max_tokens(n: int, name: str, limit: int) -> int:
-    """1 <= n <= the server's --max-tokens-limit; the error names the field as the client sent it."""
-    if not 1 <= n <= limit:
-        raise RequestError(f"`{name}` must be in [1, {limit}], got {n}", param=name)
-    return n
-
-
-def _flag(v, name: str, param: str) -> bool:
-    """An optional JSON boolean: null is OpenAI's "not given" (false), anything else but true/false
-    is refused rather than read as truthy ("no" would mean yes)."""
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise RequestError(f"`{name}` must be true or false, got {json.dumps(v)[:80]}", param=param)
-    return v
-
-
-def _parse_prompts(prompt, max_batch: int, vocab_size: int):
-    """-> (list of prompts, all strings or all token-id lists, as_text)."""
-    if prompt is None:
-        raise RequestError("`prompt` is required: a string, a list of strings, or token-id list(s)", param="prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        prompts = [prompt]  # one text, or one token-id list
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    elif isinstance(prompt, list):
-        raise RequestError("`prompt` is an empty list; give at least one prompt", param="prompt")
-    else:
-        raise RequestError(f"`prompt` must be a string or a list, got {type(prompt).__name__}", param="prompt")
-    if len(prompts) > max_batch:
-        raise RequestError(f"{len(prompts)} prompts exceed this server's --max-batch {max_batch}; "
-                           "split the request", param="prompt")
-    as_text = all(isinstance(p, str) for p in prompts)
-    if not as_text:
-        for i, p in enumerate(prompts):
-            if not (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
-                raise RequestError(f"prompt {i} is not a token-id list; a list `prompt` holds either strings "
-                                   "or token-id lists, not both", param="prompt")
-            bad = [t for t in p if not 0 <= t < vocab_size]
-            if bad:
-                raise RequestError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})",
-                                   param="prompt")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise RequestError(f"prompt {i} is empty; give at least one character or token", param="prompt")
-    return prompts, as_text
-
-
-def _parse_stop(stop) -> list[str] | None:
-    """OpenAI's `stop`: null, a string, or a list of up to 4 strings ("" and [] mean none)."""
-    from .generation import check_stop_strings
-
-    if stop is None or stop == "" or stop == []:
-        return None
-    try:  # generate's own check
-        stops = check_stop_strings(stop)
-    except ConfigError as e:
-        raise RequestError(f"`stop` must be a string or a list of non-empty strings, got {json.dumps(stop)[:80]}",
-                           param="stop") from e
-    if len(stops) > MAX_STOP_STRINGS:
-        raise RequestError(f"`stop` has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
-    return stops
-
-
-def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_limit: int):
-    """JSON body -> (prompts, as_text, generate() keyword arguments, stream, include_usage).
-    Raises RequestError naming the offending field."""
-    from .generation import SamplingConfig
-
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    for name, (allowed, why) in UNSUPPORTED.items():
-        if name in body and body[name] not in allowed:
-            raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
-    prompts, as_text = _parse_prompts(body.get("prompt"), max_batch, vocab_size)
-    kw = {key: _typed(body, name, types, default) for name, (types, default, key) in FIELDS.items()}
-    _check_max_tokens(kw["max_new_tokens"], "max_tokens", max_tokens_limit)
-    if kw["seed"] is not None and not SEED_RANGE[0] <= kw["seed"] <= SEED_RANGE[1]:
-        raise RequestError(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {kw['seed']}", param="seed")
-    try:  # generation's own check, before anything is sent (a stream cannot change its status later)
-        SamplingConfig(kw["temperature"], kw["top_k"], kw["top_p"], kw["min_p"], kw["repetition_penalty"])
-    except (MambaDeployError, ValueError) as e:  # the client's settings: a 400, never a 500
-        raise RequestError(str(e)) from e
-    stops = body.get("stop_token_ids")
-    if stops is not None:
-        if isinstance(stops, int) and not isinstance(stops, bool):
-            stops = [stops]
-        if not (isinstance(stops, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in stops)):
-            raise RequestError(f"`stop_token_ids` must be a list of integers, got {json.dumps(stops)[:80]}",
-                               param="stop_token_ids")
-        # generate() checks this too, but only once a stream's 200 is out; here it is still a 400
-        bad = [t for t in stops if not 0 <= t < vocab_size]
-        if bad:
-            raise RequestError(f"`stop_token_ids` has id {bad[0]} outside the vocabulary [0, {vocab_size}); "
-                               "it could never stop generation", param="stop_token_ids")
-    kw["stop_token_ids"] = stops  # None: generate's default (the tokenizer's eos for text prompts)
-    kw["stop_strings"] = _parse_stop(body.get("stop"))
-    stream = _flag(body.get("stream"), "stream", "stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise RequestError("`stream_options` must be an object", param="stream_options")
-    return prompts, as_text, kw, stream, _flag(opts.get("include_usage"), "stream_options.include_usage",
-                                               "stream_options")
 
 
 # ----------------------------------------------------------------------------- server

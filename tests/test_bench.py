@@ -109,9 +109,14 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_bad_settings_are_user_errors(hf_checkpoint, tmp_path):
     m1, _ = hf_checkpoint("mamba")
-    assert main(["bench", str(m1), "--batch", "0", "--out", str(tmp_path / "o"), "--quiet"]) != 0
-    with pytest.raises(ConfigError, match="comma-separated integers"):
+    with pytest.raises(SystemExit) as e:  # refused by argparse
+        main(["bench", str(m1), "--batch", "0", "--out", str(tmp_path / "o"), "--quiet"])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="--batch '1,x' has 'x', which is not an integer; give comma-separated integers"):
         int_list("1,x", "--batch", "1,8")
+    assert int_list([1, 8], "--batch", "1,8") == [1, 8]  # the list argparse's type= already read
+    with pytest.raises(ConfigError, match=r"--batch '1,0' has 0, which is below 1; give comma-separated integers >= 1, e.g. 1,8"):
+        int_list([1, 0], "--batch", "1,8")
     f = tmp_path / "file"
     f.write_text("")
     with pytest.raises(ConfigError, match="is a file"):
@@ -176,15 +181,17 @@ def test_outputs_are_rendered_before_any_file_is_replaced(hf_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("flags,pattern", [
-    (["--batch", ""], r"--batch '' names no value"),
-    (["--prompt-len", ","], r"--prompt-len ',' names no value"),
+    (["--batch", ""], r"usage: (.|\n)*argument --batch: '' names no value"),
+    (["--prompt-len", ","], r"argument --prompt-len: ',' names no value"),
 ])
 def test_empty_setting_lists_are_user_errors(hf_checkpoint, tmp_path, capsys, flags, pattern):
     import re
 
     m1, _ = hf_checkpoint("mamba")
     out = tmp_path / "o"
-    assert main(["bench", str(m1), "--out", str(out), *TINY, *flags]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by argparse
+        main(["bench", str(m1), "--out", str(out), *TINY, *flags])
+    assert e.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
     assert not out.exists()
     with pytest.raises(ConfigError, match="must be >= 1"):

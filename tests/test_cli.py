@@ -308,13 +308,23 @@ def test_piped_output_that_stops_reading_ends_quietly(tmp_path):
     (["export", "tensorrt", "DEMO", "OUT", "--max-seq", "0"], "--max-seq"),
     (["generate", "DEMO", "--prompt", "x", "--prefill-chunk", "0"], "--prefill-chunk"),
     (["serve", "DEMO", "--prefill-chunk", "-2"], "--prefill-chunk"),
+    # comma-separated lists of integers >= 1: refused by a ConfigError after parsing, without the usage line
+    (["verify", "DEMO", "DEMO", "--lengths", "0", "--json", "OUT"], "--lengths"),
+    (["verify", "DEMO", "DEMO", "--lengths", "1,,7", "--json", "OUT"], "--lengths"),
+    (["verify", "DEMO", "DEMO", "--batch", "0", "--json", "OUT"], "--batch"),
+    (["verify", "DEMO", "DEMO", "--batch", "1,x", "--json", "OUT"], "--batch"),
+    (["bench", "DEMO", "--prompt-len", "0", "--out", "OUT"], "--prompt-len"),
+    (["bench", "DEMO", "--prompt-len", "", "--out", "OUT"], "--prompt-len"),
+    (["bench", "DEMO", "--batch", "0", "--out", "OUT"], "--batch"),
+    (["bench", "DEMO", "--batch", "8,-1", "--out", "OUT"], "--batch"),
 ])
 def test_numeric_flags_out_of_range_are_refused_by_the_parser(argv, flag, tmp_path, capsys):
-    """README: numeric flags out of range are refused by argparse (exit 2, the flag named) before
-    any model loads; these five were checked only later, after parsing."""
+    """README: numeric flags out of range are refused by argparse (exit 2, the usage line, the flag
+    named) before any model loads; these were checked only later, after parsing."""
     argv = [str(DEMO) if a == "DEMO" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    assert f"argument {flag}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage: mamba-deploy " in err and f"argument {flag}: " in err, err
     assert not (tmp_path / "o").exists()

@@ -301,8 +301,10 @@ def test_int_lists_refuse_empty_entries(capsys):
         with pytest.raises(ConfigError, match="has an empty entry"):
             int_list(text, "--lengths", "1,7,257")
     assert int_list("1, 7 ,257", "--lengths", "1,7,257") == [1, 7, 257]
-    assert main(["verify", str(DEMO1), str(DEMO1), "--lengths", "1,,2"]) == 2
-    assert "--lengths '1,,2' has an empty entry" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before any model loads
+        main(["verify", str(DEMO1), str(DEMO1), "--lengths", "1,,2"])
+    assert e.value.code == 2
+    assert "argument --lengths: '1,,2' has an empty entry" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec,match", [("top1=2", "top1=2 can never pass"), ("top1=-0.1", "top1=-0.1 can never"),

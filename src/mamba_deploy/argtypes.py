@@ -121,23 +121,47 @@ def port(text: str) -> int:
     return value
 
 
-def int_list(text: str, flag: str, example: str) -> list[int]:
-    """A comma-separated list of integers >= 1 (`verify --lengths 1,7,257`, `bench --batch 1,8`),
-    or a ConfigError naming the flag: an empty list would skip every case and still pass."""
-    from .errors import ConfigError
-
+def _int_list_problem(text: str) -> tuple[list[int], str | None]:
+    """(the integers of a comma-separated list, None), or ([], why `text` is not a list of
+    integers >= 1, naming the bad value)."""
     parts = text.split(",")
-    try:
-        values = [int(x) for x in parts if x.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {flag} {text!r} as comma-separated integers, e.g. {example}") from None
-    if not values:
-        raise ConfigError(f"{flag} {text!r} names no value; give comma-separated integers >= 1, e.g. {example}")
+    values = []
+    for x in parts:
+        if x.strip():
+            try:
+                values.append(int(x))
+            except ValueError:
+                return [], f"{text!r} has {x.strip()!r}, which is not an integer"
+    if not values:  # an empty list would skip every case and still pass
+        return [], f"{text!r} names no value"
     if len(values) < len(parts):  # "1,,2": a typo, not a list of two
-        raise ConfigError(f"{flag} {text!r} has an empty entry; give comma-separated integers >= 1, e.g. {example}")
+        return [], f"{text!r} has an empty entry"
     bad = [x for x in values if x < 1]
     if bad:
-        raise ConfigError(f"{flag} {text!r} has {bad[0]}; every value must be >= 1, e.g. {example}")
+        return [], f"{text!r} has {bad[0]}, which is below 1"
+    return values, None
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (`verify --lengths 1,7,257`, `bench --batch 1,8`),
+    refused by argparse (`argument --lengths: '1,0' has 0; ...`) otherwise."""
+    values, problem = _int_list_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; give comma-separated integers >= 1, e.g. 1,8")
+    return values
+
+
+def int_list(text, flag: str, example: str) -> list[int]:
+    """`text` as in positive_int_list, or the list it already gave (argparse's type=), checked
+    again; a ConfigError naming the flag otherwise (callers that build their arguments without the
+    parser)."""
+    from .errors import ConfigError
+
+    if not isinstance(text, str):
+        text = ",".join(map(str, text))
+    values, problem = _int_list_problem(text)
+    if problem:
+        raise ConfigError(f"{flag} {problem}; give comma-separated integers >= 1, e.g. {example}")
     return values
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import int_list, nonnegative_int, positive_int, seed
+from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
 from .atomic import check_writable, write_bytes
 from .errors import (
     BackendUnavailableError,
@@ -349,12 +349,17 @@ def register(subparsers) -> None:
                    help="checkpoint folder, ONNX folder, .gguf, ... (comma-separated or repeated)")
     s.add_argument("--backends", action="append", default=None,
                    help="torch,onnx,llama.cpp,... (default: guessed from each path)")
-    s.add_argument("--batch", default="1,8")
-    s.add_argument("--prompt-len", default="128,512")
-    s.add_argument("--gen-len", type=nonnegative_int, default=128)
-    s.add_argument("--warmup", type=nonnegative_int, default=1)
-    s.add_argument("--repeats", type=positive_int, default=3)
-    s.add_argument("--seed", type=seed, default=0)
+    s.add_argument("--batch", type=positive_int_list, default="1,8",
+                   help="batch sizes, comma-separated integers >= 1; each is run with every --prompt-len")
+    s.add_argument("--prompt-len", type=positive_int_list, default="128,512",
+                   help="prompt lengths in tokens (random token ids), comma-separated integers >= 1")
+    s.add_argument("--gen-len", type=nonnegative_int, default=128,
+                   help="greedy decode steps timed after each prefill (0 = prefill only, no decode figures)")
+    s.add_argument("--warmup", type=nonnegative_int, default=1,
+                   help="untimed runs (prefill + decode) before the timed ones, per batch and prompt length")
+    s.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed runs per batch and prompt length; the medians and p95 are over these")
+    s.add_argument("--seed", type=seed, default=0, help="seed of the random prompt token ids")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)

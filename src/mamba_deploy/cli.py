@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="architecture, parameters, bytes on disk, state bytes per sequence")
-    s.add_argument("model")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("model", help="checkpoint folder (or a file in it), hub id or .gguf file")
+    s.add_argument("--json", action="store_true", help="print the fields as one JSON object instead of a table")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("generate", help="generate text from a model or exported artifact")
@@ -256,16 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
-    s.add_argument("--max-new-tokens", type=nonnegative_int, default=64)
+    s.add_argument("--max-new-tokens", type=nonnegative_int, default=64,
+                   help="most tokens generated per prompt; a stop token or --stop-string ends one earlier")
     s.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=nonnegative_int, default=0)
+    s.add_argument("--top-k", type=nonnegative_int, default=0,
+                   help="sample from the K most likely tokens only (0 = no limit; with --temperature > 0)")
     s.add_argument("--top-p", type=top_p, default=1.0, help="in (0, 1]")
     s.add_argument("--min-p", type=min_p, default=0.0, help="in [0, 1)")
-    s.add_argument("--repetition-penalty", type=positive_float, default=1.0)
+    s.add_argument("--repetition-penalty", type=positive_float, default=1.0,
+                   help="> 0; logits of tokens already in the prompt or output are divided by it where positive "
+                        "and multiplied where negative (CTRL-style: > 1 discourages repeats, 1 = off); "
+                        "also applies when greedy")
     s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
                    help="stop at this text, which is left out of the output (repeatable)")
-    s.add_argument("--seed", type=seed, default=None)
+    s.add_argument("--seed", type=seed, default=None,
+                   help="random seed for sampling (with --temperature > 0), 0..2**64-1; default: unseeded, "
+                        "so each run differs")
     s.add_argument("--chat", action="store_true",
                    help="each --prompt is one user message, written in the model's chat template")
     s.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
@@ -274,18 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
                    help="feed the prompts N tokens at a time, with a progress bar (bounds the prefill's memory; "
                         "default: in one piece)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    s.add_argument("--device", default="cpu", help="torch backend only: cpu, cuda or cuda:N")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="torch backend only: dtype the weights are loaded and run in")
     add_state_dtype(s)
     add_threads(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="print a JSON list, one object per prompt (prompt, completion, token ids, stop reason), "
+                        "instead of text")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("convert", help="re-save a checkpoint in the HF or mamba_ssm layout")
-    s.add_argument("model")
-    s.add_argument("out")
-    s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
+    s.add_argument("out", help="new or empty folder for the converted checkpoint")
+    s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf",
+                   help="hf: transformers' config and tensor names; mamba_ssm: the original state-spaces "
+                        "mamba_ssm ones (refused for models it cannot express, e.g. Falcon-Mamba)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the saved float tensors (default: the dtype the source folder stores, from its "
+                        "config or safetensors; fp32 for a .gguf, a hub id or when it cannot be read)")
     s.add_argument("--max-shard-size", type=positive_float, default=2048, help="MB per safetensors shard")
     s.set_defaults(func=cmd_convert)
 

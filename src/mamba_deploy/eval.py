@@ -128,10 +128,12 @@ def register(subparsers):
     s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="torch backend only: cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     add_threads(s)
     s.add_argument("--baseline", action="store_true",
                    help="also the add-one unigram perplexity from stdlib train-split counts, same tokens")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="print the result (ppl, nll, tokens, tokens_per_s, window, ...) as one JSON object, "
+                        "without the progress bar")
     s.set_defaults(func=cmd_eval)

@@ -627,7 +627,9 @@ def register(subparsers) -> None:
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="IPv4 address or host name to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every "
+                        "interface")
     s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     s.add_argument("--max-batch", type=positive_int, default=8,
                    help="most prompts in one request (one batched generate)")

@@ -387,26 +387,45 @@ def cmd_train_tokenizer(args):
 
 def register(subparsers):
     s = subparsers.add_parser("train", help="train a small Mamba/Mamba2 LM on the stdlib corpus")
-    s.add_argument("--preset", default="demo-mamba1", choices=sorted(PRESETS))
+    s.add_argument("--preset", default="demo-mamba1", choices=sorted(PRESETS),
+                   help="model shape: demo-* as the shipped demo models (d_model 256, 6 layers), tiny-* for smoke "
+                        "tests (d_model 32, 2 layers); mamba1 ties the head to the embeddings, mamba2 does not")
     s.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (see train-tokenizer)")
     s.add_argument("--out", required=True, help="HF checkpoint folder (fp16), replaced at each save")
     s.add_argument("--work-dir", default=None, help="resumable training state (default: OUT.work)")
     s.add_argument("--data-cache", default=".cache/stdlib", help="token streams cached here (.npy)")
-    s.add_argument("--steps", type=positive_int, default=1000)
+    s.add_argument("--steps", type=positive_int, default=1000,
+                   help="optimizer steps in all, counting those a --resume run already did; the learning-rate "
+                        "schedule ends here")
     s.add_argument("--max-minutes", type=positive_float, default=None, help="cap --steps to fit this wall time")
-    s.add_argument("--batch", type=positive_int, default=32)
-    s.add_argument("--seq-len", type=positive_int, default=512)
-    s.add_argument("--lr", type=positive_float, default=3e-3)
-    s.add_argument("--warmup", type=nonnegative_int, default=50)
-    s.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
-    s.add_argument("--clip", type=positive_float, default=1.0)
+    s.add_argument("--batch", type=positive_int, default=32, help="sequences per optimizer step")
+    s.add_argument("--seq-len", type=positive_int, default=512,
+                   help="tokens per training sequence (a random window of the train split), and per validation "
+                        "window")
+    s.add_argument("--lr", type=positive_float, default=3e-3,
+                   help="peak AdamW learning rate, reached after --warmup steps, then cosine decay to a tenth of it "
+                        "at the last step")
+    s.add_argument("--warmup", type=nonnegative_int, default=50,
+                   help="steps of linear learning-rate warmup (0 = start at --lr)")
+    s.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
+                   help="AdamW weight decay of the parameters with 2 or more dimensions (weight matrices, the "
+                        "conv, Mamba1's A_log); 1-D ones (norms, biases, D, Mamba2's A_log) get none")
+    s.add_argument("--clip", type=positive_float, default=1.0,
+                   help="clip the gradients' global L2 norm to this")
     s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--eval-every", type=positive_int, default=100)
-    s.add_argument("--eval-batch", type=positive_int, default=8)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
+    s.add_argument("--eval-every", type=positive_int, default=100,
+                   help="steps between validation losses (logged to train_log.json), and at the last step")
+    s.add_argument("--eval-batch", type=positive_int, default=8,
+                   help="how many validation windows of --seq-len tokens each evaluation scores (the same ones "
+                        "every time)")
     s.add_argument("--eval-tokens", type=nonnegative_int, default=0, help="final carried-state val perplexity on N tokens")
-    s.add_argument("--save-every", type=positive_int, default=200)
-    s.add_argument("--seed", type=seed, default=0)
+    s.add_argument("--save-every", type=positive_int, default=200,
+                   help="steps between saves of the training state (WORK_DIR/train_state.pt) and the fp16 "
+                        "checkpoint in --out, and at the last step")
+    s.add_argument("--seed", type=seed, default=0,
+                   help="seed of the weight initialisation and of the training windows drawn")
     s.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt")
     s.set_defaults(func=cmd_train)
 
@@ -414,7 +433,8 @@ def register(subparsers):
     s.add_argument("out", help="new or empty folder for tokenizer.json and its configs")
     s.add_argument("--overwrite", action="store_true",
                    help="write into an existing folder, replacing its tokenizer files")
-    s.add_argument("--vocab-size", type=positive_int, default=4096)
+    s.add_argument("--vocab-size", type=positive_int, default=4096,
+                   help="vocabulary size, counting the 256 byte tokens and the special tokens; at least 300")
     s.set_defaults(func=cmd_train_tokenizer)
 
 

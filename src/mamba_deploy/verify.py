@@ -593,6 +593,7 @@ def cmd_verify(args):
 
 
 def register(subparsers) -> None:
+    from .argtypes import positive_int_list
     from .cli import add_threads
 
     s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
@@ -600,19 +601,30 @@ def register(subparsers) -> None:
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="backend for the artifact (default: from its path)")
-    s.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype the reference checkpoint runs in (PyTorch)")
     s.add_argument("--artifact-dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="run a torch artifact in this dtype")
     s.add_argument("--text", default=None, help="UTF-8 text file scored for perplexity")
-    s.add_argument("--max-text-tokens", type=positive_int, default=4096)
-    s.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-    s.add_argument("--batch", default=",".join(map(str, DEFAULT_BATCHES)))
-    s.add_argument("--decode-steps", type=nonnegative_int, default=DEFAULT_DECODE_STEPS)
+    s.add_argument("--max-text-tokens", type=positive_int, default=4096,
+                   help="with --text: score only its first N tokens")
+    s.add_argument("--lengths", type=positive_int_list, default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="prompt lengths in tokens of the random-token cases, comma-separated integers >= 1; each is "
+                        "run at every --batch size")
+    s.add_argument("--batch", type=positive_int_list, default=",".join(map(str, DEFAULT_BATCHES)),
+                   help="batch sizes of the random-token cases, comma-separated integers >= 1")
+    s.add_argument("--decode-steps", type=nonnegative_int, default=DEFAULT_DECODE_STEPS,
+                   help="teacher-forced decode steps after each case's prefill (both sides are fed the reference's "
+                        "greedy tokens; 0 = prefill only)")
     s.add_argument("--dtype", default=None, help=f"tolerance row to use ({', '.join(TOLERANCES)}); default: read from the artifact")
     s.add_argument("--tolerance", action="append", default=None, metavar="NAME=VALUE",
                    help="override a limit: logits_rel, state_rel, top1, ppl_rel (repeatable or comma-separated)")
-    s.add_argument("--seed", type=seed, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--seed", type=seed, default=0,
+                   help="seed of the random prompts and, without --text, of the sampled sequence scored for "
+                        "perplexity")
+    s.add_argument("--device", default="cpu",
+                   help="torch device (cpu, cuda, cuda:N) of the reference, and of the artifact when it runs on "
+                        "the torch backend")
     add_threads(s)
     s.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -378,7 +378,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("gguf", help="export to GGUF for llama.cpp / Ollama")
     p.add_argument("model", help="checkpoint folder, hub id or .gguf")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES))
+    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
+                   help="type of the weight matrices (norms, biases, A, D and the conv stay F32); f32, f16, bf16, "
+                        "q8_0, q4_0, q4_1, q5_0 and q5_1 are written in Python, the K-quants (q2_k, q3_k_m, q4_k_m, "
+                        "q5_k_m, q6_k) by llama.cpp's quantizer, which needs llama-cpp-python")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / SentencePiece tokenizer.model / hub id, "
                    "if the model has none")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")

@@ -405,8 +405,12 @@ def _rel(a, b) -> float:
 def register(subparsers) -> None:
     s = subparsers.add_parser("onnx", help="ONNX graph with the recurrent state as inputs/outputs")
     s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
-    s.add_argument("out_dir")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("out_dir", help="new or empty folder for model.onnx (weights in model.onnx.data when large), "
+                                   "manifest.json and the tokenizer files")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="fp16: the linear, embedding and lm_head weights are stored and multiplied in fp16; norms, "
+                        "the SSM scan, the state and the graph's inputs and outputs stay fp32 (a quantized "
+                        "checkpoint takes fp32 only)")
     s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
     s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     s.add_argument("--accuracy-level", type=int, choices=range(5), default=None,

@@ -284,9 +284,13 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("tensorrt", help="TensorRT engine from an ONNX export folder (NVIDIA GPU)")
     s.add_argument("onnx_dir", help="folder written by `mamba-deploy export onnx`")
     s.add_argument("out_path", help="engine file, or a folder for model.engine")
-    s.add_argument("--fp16", action="store_true")
-    s.add_argument("--max-batch", type=positive_int, default=8)
-    s.add_argument("--max-seq", type=positive_int, default=2048)
+    s.add_argument("--fp16", action="store_true",
+                   help="let TensorRT choose FP16 kernels; the state inputs and outputs stay float32")
+    s.add_argument("--max-batch", type=positive_int, default=8,
+                   help="largest batch the engine accepts (its profile covers 1..N, tuned for 1)")
+    s.add_argument("--max-seq", type=positive_int, default=2048,
+                   help="most tokens per engine call (profile 1..N, tuned for N/4); longer unpadded prompts are "
+                        "prefilled in pieces of N, a left-padded batch must fit in N")
     s.set_defaults(func=_cmd)
 
 

@@ -94,19 +94,28 @@ def cmd_quantize(args):
 
 def register(subparsers):
     s = subparsers.add_parser("quantize", help="quantize a checkpoint (int8, int4, GPTQ, AWQ, SmoothQuant, FP8)")
-    s.add_argument("model")
-    s.add_argument("out")
-    s.add_argument("--method", choices=list(METHODS), default=None)
-    s.add_argument("--group-size", type=positive_int, default=None, help="int4 group size (32, 64, 128; default 128)")
+    s.add_argument("model", help="float checkpoint folder, hub id or .gguf file (an already quantized one is refused)")
+    s.add_argument("out", help="new or empty folder for the quantized checkpoint")
+    s.add_argument("--method", choices=list(METHODS), default=None,
+                   help="int8: per-channel weight-only; int4: grouped round-to-nearest; gptq, awq: calibrated int4; "
+                        "smoothquant: W8A8 (int8 weights and activations); fp8: e4m3 weights. Required unless --auto")
+    s.add_argument("--group-size", type=positive_int, default=None,
+                   help="int4, gptq, awq: weights per scale along each row (default 128). Any integer >= 1 that "
+                        "divides the row length of every 4-bit layer; one that does not is refused, naming the "
+                        "layer. 32, 64 and 128 are usual; an ONNX export keeps MatMulNBits for 16, 32, 64, 128 "
+                        "and 256 only (other sizes stay float there)")
     s.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     s.add_argument("--alpha", type=unit_fraction, default=None, help="SmoothQuant migration strength (default 0.5)")
-    s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None)
+    s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None,
+                   help="fp8 only: one scale per output channel (default) or one for the whole weight")
     s.add_argument("--include", default=None, help="also quantize: embeddings,lm_head")
     s.add_argument("--calib", default=None, help="calibration text file (default: built-in stdlib text)")
     s.add_argument("--n-calib", type=positive_int, default=None, help="calibration sequences (default 16)")
     s.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration sequence (default 256)")
     s.add_argument("--config", default=None, help='per-layer rules JSON: {"quant_cfg": {"<glob>": {...}}}')
     s.add_argument("--auto", action="store_true", help="pick the method from model size and --target")
-    s.add_argument("--target", choices=["cpu", "gpu"], default=None)
+    s.add_argument("--target", choices=["cpu", "gpu"], default=None,
+                   help="with --auto only: the hardware to pick for (default cpu: int8 up to 1.5 B parameters, "
+                        "else gptq; gpu: smoothquant up to 3 B, else awq)")
     s.set_defaults(func=cmd_quantize)

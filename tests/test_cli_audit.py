@@ -109,3 +109,33 @@ def test_serve_takes_the_zero_penalties_openai_clients_send(field):
 
     for v in (0, 0.0, None):
         parse_completion_request({"prompt": "x", field: v}, 8, 100, 100)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("dtype", "int8", "dtype must be one of ['fp32', 'fp16'], not 'int8'"),
+    ("state_dtype", "weird", "state_dtype must be one of ['float32']"),
+    ("graph", "/etc/passwd", "graph must be one of ['model.onnx']"),
+    ("version", 99, "is version 99, newer than this mamba-deploy reads (1); upgrade mamba-deploy"),
+    ("version", "1", "version must be an integer >= 1"),
+    ("source_weights", "../q8", "source_weights must be a weight type such as q8_0"),
+])
+def test_an_edited_manifest_field_is_refused(onnx_export, tmp_path, capsys, key, value, needle):
+    """These fields were read unchecked: "dtype": "int8" made verify hold an fp32 graph to int8's
+    limits (logits 5e-2 instead of 1e-4) and pass it."""
+    import json
+    import shutil
+
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.runners import open_runner
+
+    src, hf_folder, _ = onnx_export("mamba")
+    folder = tmp_path / "edited"
+    shutil.copytree(src, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError) as e:
+        open_runner(folder, "onnx")
+    assert needle in str(e.value) and "manifest.json" in str(e.value)
+    if key == "dtype":
+        _fails(["verify", str(hf_folder), str(folder), "--lengths", "1", "--batch", "1", "--quiet"], capsys, needle)

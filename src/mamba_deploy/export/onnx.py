@@ -228,13 +228,34 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
                                      f"export onnx {folder} {out}` and pass {out}")
         raise ModelNotFoundError(f"no model.onnx in {folder}; export one with `mamba-deploy export onnx MODEL {folder}`")
     manifest = read_manifest(folder)
+    _check_fields(manifest, folder)
     _check_files(manifest, folder, check_hash)
     _check_config(manifest, folder)
+    return folder, manifest
+
+
+# manifest key -> the values an export writes (a key may be absent: older exports); verify reads
+# "dtype" for its limits, so an edited "int8" would loosen them without a word
+MANIFEST_VALUES = {"dtype": tuple(DTYPES), "state_dtype": ("float32",), "graph": ("model.onnx",)}
+
+
+def _check_fields(manifest: dict, folder: Path) -> None:
+    where, fix = f"{folder}/manifest.json", "the manifest was edited: re-export the model"
+    version = manifest.get("version")
+    if not (_is_size(version) and 1 <= version):
+        raise ExportError(f"{where}: version must be an integer >= 1, not {version!r:.40}; {fix}")
+    if version > MANIFEST_VERSION:
+        raise ExportError(f"{where} is version {version}, newer than this mamba-deploy reads ({MANIFEST_VERSION}); "
+                          "upgrade mamba-deploy, or re-export the model with this one")
+    for key, allowed in MANIFEST_VALUES.items():
+        if key in manifest and manifest[key] not in allowed:
+            raise ExportError(f"{where}: {key} must be one of {list(allowed)}, not {manifest[key]!r:.40}; {fix}")
+    label = manifest.get("source_weights")  # a GGUF source's type (q8_0, f16, ...): verify's limits
+    if label is not None and not (isinstance(label, str) and label and label.replace("_", "").isalnum()):
+        raise ExportError(f"{where}: source_weights must be a weight type such as q8_0, not {label!r:.40}; {fix}")
     scan_chunk = manifest.get("scan_chunk", 1)  # absent: an export from before the option, per-token Scan
     if not (_is_size(scan_chunk) and scan_chunk >= 1):
-        raise ExportError(f"{folder}/manifest.json: scan_chunk must be an integer >= 1, not {scan_chunk!r:.40}; "
-                          "the manifest was edited: re-export the model")
-    return folder, manifest
+        raise ExportError(f"{where}: scan_chunk must be an integer >= 1, not {scan_chunk!r:.40}; {fix}")
 
 
 def _check_config(manifest: dict, folder: Path) -> None:

@@ -139,3 +139,38 @@ def test_an_edited_manifest_field_is_refused(onnx_export, tmp_path, capsys, key,
     assert needle in str(e.value) and "manifest.json" in str(e.value)
     if key == "dtype":
         _fails(["verify", str(hf_folder), str(folder), "--lengths", "1", "--batch", "1", "--quiet"], capsys, needle)
+
+
+def test_small_messages_name_the_value_and_the_fix(tmp_path, capsys):
+    """Each said less: "has no weights" without a fix, "this model is already quantized" without
+    the path, "." for an empty path, and a .gguf-named folder as if it were not a .gguf name."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(Path(DEMO) / "config.json", bare / "config.json")
+    _fails(["inspect", str(bare)], capsys, f"{bare} has no weights", "put the weight files beside its config.json")
+    _fails(["inspect", ""], capsys, "the model path is empty ('')")
+    folder = tmp_path / "dir.gguf"
+    folder.mkdir()
+    _fails(["generate", str(folder), "--prompt", "x"], capsys, f"got {str(folder)!r} (a folder)")
+    q = tmp_path / "q8"
+    assert main(["quantize", DEMO, str(q), "--method", "int8"]) == 0
+    capsys.readouterr()
+    _fails(["quantize", str(q), str(tmp_path / "again"), "--method", "int8"], capsys,
+           f"{q} is already quantized (int8)", "quantize the float checkpoint")
+    assert not (tmp_path / "again").exists()
+
+
+def test_train_tokenizer_vocab_size_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-tokenizer", str(tmp_path / "tok"), "--vocab-size", "10"])
+    assert e.value.code == 2 and "argument --vocab-size: 10 must be >= 300" in capsys.readouterr().err
+
+
+def test_train_device_default_is_not_baked_into_the_parser():
+    """It was "cuda" when torch saw a GPU: docs/cli.md (generated from the parser) then differed
+    on a GPU machine and tests/test_cli_doc.py failed there."""
+    from mamba_deploy.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--tokenizer", "t", "--out", "o"]).device is None

@@ -30,6 +30,11 @@ def positive_int(text: str) -> int:
     return _at_least(int, text, 1, strict=False)
 
 
+def bpe_vocab_size(text: str) -> int:
+    """A byte-level BPE vocabulary: the 256 byte tokens, the specials and some merges (data.train_tokenizer)."""
+    return _at_least(int, text, 300, strict=False)
+
+
 def nonnegative_int(text: str) -> int:
     return _at_least(int, text, 0, strict=False)
 

@@ -46,6 +46,9 @@ SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
     """Local file/folder, or a hub id resolved through huggingface_hub."""
+    if not str(path_or_id).strip():  # Path("") is ".", the working folder: not what was meant
+        raise ModelNotFoundError(f"the model path is empty ({str(path_or_id)!r}); pass a checkpoint folder, a .gguf "
+                                 "file or a hub id like 'state-spaces/mamba-130m-hf'")
     p = Path(path_or_id).expanduser()
     if p.exists():
         return p
@@ -174,7 +177,9 @@ def _weight_files(folder: Path) -> list[Path]:
     found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
     if found:
         return [folder / f for f in found]
-    raise ModelNotFoundError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+    raise ModelNotFoundError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)}); put the weight "
+                             "files beside its config.json, or pass the folder that has them (a hub download "
+                             "that stopped part-way: download it again)")
 
 
 def iter_tensors(folder: Path, shapes_only: bool = False):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int, seed
+from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import check_writable, prepare_output_dir, prepare_output_file
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
@@ -106,7 +106,9 @@ def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Ge
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
-    """AdamW; no decay on norms, biases, A_log, D, dt biases (1-D tensors)."""
+    """AdamW; no decay on 1-D tensors (norms, biases, D, dt biases, Mamba2's A_log). Mamba1's A_log
+    is (d_inner, d_state), so it is decayed, unlike mamba_ssm (which marks it no-decay); the
+    shipped demo-mamba1 was trained this way, so it stays for `train` to reproduce it."""
     params = {id(p): p for p in model.parameters()}.values()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -250,7 +252,8 @@ def setup(args) -> SimpleNamespace:
     from .tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
-    device = check_device(args.device)
+    # the default depends on the machine, so it is not the parser's (docs/cli.md is generated from it)
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (Path(args.tokenizer) / "tokenizer.json").exists():
         raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
                           "make one with `mamba-deploy train-tokenizer DIR`")
@@ -413,7 +416,7 @@ def register(subparsers):
     s.add_argument("--clip", type=positive_float, default=1.0,
                    help="clip the gradients' global L2 norm to this")
     s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    s.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
     s.add_argument("--eval-every", type=positive_int, default=100,
                    help="steps between validation losses (logged to train_log.json), and at the last step")
@@ -433,7 +436,7 @@ def register(subparsers):
     s.add_argument("out", help="new or empty folder for tokenizer.json and its configs")
     s.add_argument("--overwrite", action="store_true",
                    help="write into an existing folder, replacing its tokenizer files")
-    s.add_argument("--vocab-size", type=positive_int, default=4096,
+    s.add_argument("--vocab-size", type=bpe_vocab_size, default=4096,
                    help="vocabulary size, counting the 256 byte tokens and the special tokens; at least 300")
     s.set_defaults(func=cmd_train_tokenizer)
 

@@ -76,6 +76,9 @@ def cmd_quantize(args):
         check_flags(args.method, opts)  # before the model loads
     prepare_output_dir(args.out, QuantizationError)  # before minutes of calibration, not after
     model = load_model(args.model)
+    if getattr(model, "quantization_config", None):  # quantize() would refuse it without the path
+        raise QuantizationError(f"{args.model} is already quantized ({model.quantization_config.get('method')}); "
+                                "quantize the float checkpoint it was made from")
     method = args.method
     if args.auto:
         method, why = pick_auto(model.num_parameters(), args.target or "cpu")

@@ -176,7 +176,9 @@ class LlamaCppRunner(Runner):
         if path.suffix != ".gguf" or not path.is_file():
             from ..errors import ModelNotFoundError
 
-            raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r}; "
+            what = ("a folder" if path.is_dir() else "not found" if not path.exists()
+                    else f"a {path.suffix or 'suffix-less'} file")
+            raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r} ({what}); "
                                      "export one with: mamba-deploy export gguf MODEL OUT.gguf")
         reader = open_reader(path)  # our checks first: clear errors for corrupt / foreign files
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}

@@ -17,7 +17,8 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed, threads, top_p
+from .argtypes import (backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed,
+                       threads, top_p)
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 

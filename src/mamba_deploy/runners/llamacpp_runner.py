@@ -18,6 +18,7 @@ llama.cpp layout: it raises NotImplementedError if a llama.cpp version changes i
 from __future__ import annotations
 
 import ctypes
+import numbers
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,11 @@ class LlamaCppRunner(Runner):
         from ..export.gguf_import import open_reader, read_config
 
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
+        for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None), ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):
+                raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
+        if n_ctx < n_seq_max:  # llama.cpp would abort the process
+            raise ConfigError(f"n_ctx={n_ctx} is smaller than n_seq_max={n_seq_max}; pass n_ctx >= n_seq_max")
         lib, set_verbose = _lib()
         self._lib = lib
         set_verbose(verbose)
@@ -196,12 +202,29 @@ class LlamaCppRunner(Runner):
         self._ctx = self._batch = None
         self._generation = 0
         self._owner = object()  # identifies this runner's states (LlamaCppState.owner)
-        self._make_context(max(1, int(n_seq_max)))
+        self._make_context(int(n_seq_max))
 
     # ---- context and sequence slots ------------------------------------------
     def _make_context(self, n_seq: int) -> None:
-        lib = self._lib
+        """A context for n_seq sequences (the old one is freed first: both may not fit). When
+        llama.cpp cannot make it, the old size is made again, so the runner stays usable."""
+        if n_seq > LLAMA_MAX_SEQ:
+            raise ShapeError(f"llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, a batch of {n_seq} asks for more; "
+                             f"split it into batches of <= {LLAMA_MAX_SEQ}")
+        if n_seq > self.n_ctx:  # llama.cpp aborts the process (GGML_ASSERT) instead of failing
+            raise ShapeError(f"n_ctx={self.n_ctx} is smaller than the {n_seq} sequences asked for; open the runner "
+                             f"with n_ctx >= the batch size")
+        previous = getattr(self, "_n_seq", None)
         self._free_context()
+        try:
+            self._init_context(n_seq)
+        except CheckpointError:
+            if previous is not None and previous != n_seq:
+                self._init_context(previous)  # usable again; a failure here leaves it without a context
+            raise
+
+    def _init_context(self, n_seq: int) -> None:
+        lib = self._lib
         cp = lib.llama_context_default_params()
         cp.n_ctx, cp.n_seq_max = self.n_ctx, n_seq
         # step() decodes one token of every row in one llama_decode: n_batch below the row count
@@ -211,8 +234,8 @@ class LlamaCppRunner(Runner):
         cp.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
         if not self._ctx:
-            raise CheckpointError(f"llama.cpp could not create a context (n_ctx={self.n_ctx}, n_seq_max={n_seq}); "
-                                  "lower n_ctx / batch size or open the runner with verbose=True")
+            raise CheckpointError(f"llama.cpp could not create a context for {n_seq} sequences (n_ctx={self.n_ctx}); "
+                                  "use a smaller batch, or open the runner with verbose=True to see why")
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
         self._model.context = (self._ctx, self._batch)
@@ -222,7 +245,8 @@ class LlamaCppRunner(Runner):
     def _free_context(self) -> None:
         if getattr(self, "_model", None) is not None:
             self._model.free_context()
-        self._ctx = self._batch = None
+        self._ctx = self._batch = self._mem = None
+        self._free = []  # no sequence slots without a context (a call then fails on _ctx, not in C)
 
     @staticmethod
     def _release(runner_ref, seq_ids, generation) -> None:
@@ -231,8 +255,10 @@ class LlamaCppRunner(Runner):
             runner._free.extend(seq_ids)
 
     def new_state(self, batch: int) -> LlamaCppState:
+        if self._ctx is None:
+            raise RunnerClosedError("this llama.cpp runner lost its context when a larger one failed; open it again")
         if batch > len(self._free):  # grow; older handles become invalid (documented above)
-            self._make_context(max(2 * self._n_seq, batch))
+            self._make_context(max(min(2 * self._n_seq, LLAMA_MAX_SEQ, self.n_ctx), batch))
         seqs = [self._free.pop(0) for _ in range(batch)]
         for s in seqs:
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
@@ -350,6 +376,7 @@ class LlamaCppRunner(Runner):
             pass
 
 
+LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 # bytes llama.cpp may put before the memory's own data (newer builds write a 64-bit tag first)
 SEQ_STATE_PREFIXES = (0, 8)
 
@@ -386,6 +413,8 @@ def _parse_seq_state_at(buf: bytes, cfg, start: int):
 
     try:
         (cells,) = take("I")
+        if cells == 0:  # a sequence that holds no token yet (a fresh state, or a row of padding only)
+            return torch.zeros(cfg.n_layer, *cfg.conv_state_shape), torch.zeros(cfg.n_layer, *cfg.ssm_state_shape)
         if cells != 1:
             raise layout_error(f"{cells} cells")
         _pos, n_seq = take("iI")

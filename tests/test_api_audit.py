@@ -90,3 +90,88 @@ def test_llamacpp_fresh_state_reads_as_zeros(gguf):
     ref = load_model(DEMO).new_state(2)
     assert st.conv.shape == ref.conv.shape and st.ssm.shape == ref.ssm.shape
     assert not st.conv.any() and not st.ssm.any()
+
+
+def test_a_float64_state_needs_a_float64_model():
+    """It was accepted by set_state_dtype / new_state / State.check, then every forward failed
+    in the kernels ("expected scalar type Double but found Float")."""
+    with pytest.raises(ConfigError, match="float64 needs a float64 model"):
+        load_model(DEMO, state_dtype=torch.float64)
+    m = load_model(DEMO)
+    with pytest.raises(ConfigError, match="float64 needs a float64 model"):
+        m.new_state(1, ssm_dtype=torch.float64)
+    st = m.new_state(1)
+    st.ssm = st.ssm.double()
+    with pytest.raises(ShapeError, match="an ssm in float32, bfloat16, float16"):
+        m(torch.tensor([[5]]), state=st)
+    assert m.new_state(1, ssm_dtype="bf16").ssm.dtype == torch.bfloat16  # the CLI's names are taken too
+    m64 = load_model(DEMO, dtype=torch.float64, state_dtype=torch.float64)
+    want = load_model(DEMO)(torch.tensor([[5, 6, 7]])).logits
+    assert rel_err(m64(torch.tensor([[5, 6, 7]])).logits, want) < 1e-5
+
+
+@pytest.mark.parametrize("ids,needle", [
+    (torch.tensor([list(range(10, 20)), list(range(20, 30))]), r"one stream, shape \(n,\) or \(1, n\), got \(2, 10\)"),
+    ([i + 0.9 for i in range(10, 30)], "integer token ids, got torch.float64"),
+    ([True, False, True], "integer token ids, got torch.bool"),
+])
+def test_perplexity_refuses_what_it_would_score_as_something_else(ids, needle):
+    """A batch was flattened into one stream, floats truncated and bools read as 0 / 1."""
+    from mamba_deploy.eval import perplexity
+
+    with open_runner(DEMO, "torch") as r, pytest.raises(ShapeError, match=needle):
+        perplexity(r, ids, window=8)
+
+
+@pytest.mark.parametrize("window", ["16", None, 2.5, True])
+def test_perplexity_window_and_runner_are_checked(window):
+    from mamba_deploy.eval import perplexity
+
+    ids = list(range(10, 30))
+    with open_runner(DEMO, "torch") as r, pytest.raises(ConfigError, match="must be an integer >= 1"):
+        perplexity(r, ids, window=window)
+    with pytest.raises(ConfigError, match="perplexity needs a Runner, got MambaLM"):
+        perplexity(load_model(DEMO), ids)
+
+
+def test_verify_text_ids_that_are_not_integers_are_refused():
+    from mamba_deploy.verify import verify
+
+    with open_runner(DEMO, "torch") as a, open_runner(DEMO, "torch") as b, \
+            pytest.raises(ShapeError, match="text_ids must be integer token ids"):
+        verify(a, b, lengths=(1,), batches=(1,), decode_steps=0, text_ids=[1.5, 2.5, 3.5])
+
+
+@pytest.mark.parametrize("mask", [[[1], [1, 1]], "abc", [[None, 1, 1]]])
+def test_malformed_attention_masks_are_shape_errors(mask):
+    with pytest.raises(ShapeError, match="attention_mask"):
+        load_model(DEMO)(torch.tensor([[5, 6, 7]]), attention_mask=mask)
+
+
+def test_tokenizer_refuses_what_is_not_text_or_ids():
+    tok = load_model(DEMO).tokenizer
+    with pytest.raises(ConfigError, match="encode takes a str, got NoneType"):
+        tok.encode(None)
+    for bad, needle in (([1.5], "integer token ids"), ([-1], "token id -1"), ("abc", "token ids")):
+        with pytest.raises(ShapeError, match=needle):
+            tok.decode(bad)
+    assert tok.decode([]) == "" and tok.decode(torch.tensor([[40, 41]])) == tok.decode([40, 41])
+
+
+@pytest.mark.parametrize("stops", [[5.7], ["a"], [None], [True]])
+def test_generate_refuses_stop_ids_that_are_not_integers(stops):
+    """[5.7] silently stopped on 5; the others were TypeError / ValueError from int()."""
+    from mamba_deploy.generation import generate
+
+    with open_runner(DEMO, "torch") as r, pytest.raises(ConfigError, match="stop_token_ids must be integer"):
+        generate(r, "def", max_new_tokens=2, stop_token_ids=stops)
+
+
+def test_numpy_integer_seeds_work_as_ints():
+    """is_seed took np.int64 and torch's manual_seed then refused it (TypeError)."""
+    from mamba_deploy.generation import generate
+
+    with open_runner(DEMO, "torch") as r:
+        a = generate(r, "def", max_new_tokens=4, temperature=1.0, seed=np.int64(3)).tokens
+        b = generate(r, "def", max_new_tokens=4, temperature=1.0, seed=3).tokens
+    assert a == b

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError, ModelNotFoundError
-from .inputs import first_out_of_vocab
+from .inputs import first_out_of_vocab, token_stream
 
 
 def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
@@ -24,11 +25,16 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     """token_ids: one stream (list / 1-D tensor / array). Returns dict(ppl, nll (mean, nats),
     tokens (scored), tokens_per_s (runner time only), window); with keep_logits also
     logits (n, vocab) float32, every position's logits (for parity checks)."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    from .runners.base import Runner
+
+    if not isinstance(runner, Runner):  # a model or a path: its calls would fail deep inside
+        raise ConfigError(f"perplexity needs a Runner, got {type(runner).__name__} {runner!r:.60}; open one with "
+                          "mamba_deploy.runners.open_runner(path)")
+    ids = token_stream(token_ids, "token_ids")
     if ids.numel() < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}; give a longer text")
-    if window < 1:
-        raise ConfigError(f"window={window} must be >= 1")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ConfigError(f"window={window!r} must be an integer >= 1 (tokens per forward call)")
     vocab = runner.vocab_size
     bad = first_out_of_vocab(ids, vocab)
     if bad is not None:

@@ -221,7 +221,7 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size
     scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # int(): a numpy integer
 
     b = len(ids_list)
     ids, mask = left_pad(ids_list)
@@ -310,6 +310,14 @@ def _prepare(runner, prompts, stop_token_ids, stop_strings):
     if stop_token_ids is None:  # eos by default for text prompts only
         stop_token_ids = [tok.eos_token_id] if as_text and tok.eos_token_id is not None else []
     vocab = runner.vocab_size
+    if isinstance(stop_token_ids, numbers.Integral):
+        stop_token_ids = [stop_token_ids]
+    if not (isinstance(stop_token_ids, (list, tuple, set, range)) or hasattr(stop_token_ids, "tolist")) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool)
+            for t in (stop_token_ids.tolist() if hasattr(stop_token_ids, "tolist") else stop_token_ids)):
+        raise ConfigError(f"stop_token_ids must be integer token ids, got {stop_token_ids!r:.80}")
+    if hasattr(stop_token_ids, "tolist"):
+        stop_token_ids = stop_token_ids.tolist()
     bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
     if bad:
         raise ConfigError(f"stop token id(s) {bad} outside the vocabulary [0, {vocab}): they could never stop "

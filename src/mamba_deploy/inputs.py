@@ -48,15 +48,37 @@ def first_out_of_vocab(ids: torch.Tensor, vocab: int) -> int | None:
     return int(bad[0]) if bad.numel() else None
 
 
+def token_stream(ids, name: str) -> torch.Tensor:
+    """One stream of token ids (list, array or tensor; (n,) or (1, n)) -> LongTensor (n,). A batch,
+    floats or bools are a ShapeError: flattened or truncated they would be scored as something
+    the caller did not mean."""
+    if isinstance(ids, (list, tuple)) and len(ids) == 0:  # numpy would call [] float64
+        return torch.zeros(0, dtype=torch.long)
+    try:
+        t = torch.as_tensor(np.asarray(ids) if isinstance(ids, (list, tuple)) else ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ShapeError(f"{name} must be token ids (a list, array or tensor of integers): {e}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ShapeError(f"{name} must be integer token ids, got {t.dtype}; tokenize the text first")
+    if t.dim() > 2 or (t.dim() == 2 and t.shape[0] != 1):
+        raise ShapeError(f"{name} must be one stream, shape (n,) or (1, n), got {tuple(t.shape)}; score the rows "
+                         "one at a time")
+    return t.reshape(-1).long()
+
+
 def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
     """attention_mask (b, l) of 0/1 (left padding) or None -> int64 tensor or None."""
     if attention_mask is None:
         return None
-    if isinstance(attention_mask, np.ndarray):
-        attention_mask = np.ascontiguousarray(attention_mask)  # negative strides / other byte orders
-    elif isinstance(attention_mask, (list, tuple)):
-        attention_mask = np.asarray(attention_mask)
-    mask = torch.as_tensor(attention_mask)
+    try:
+        if isinstance(attention_mask, np.ndarray):
+            attention_mask = np.ascontiguousarray(attention_mask)  # negative strides / other byte orders
+        elif isinstance(attention_mask, (list, tuple)):
+            attention_mask = np.asarray(attention_mask)
+        mask = torch.as_tensor(attention_mask)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged rows, strings, objects
+        raise ShapeError(f"attention_mask must be a (batch, length) array of 0 and 1, got "
+                         f"{type(attention_mask).__name__} {attention_mask!r:.60}: {e}") from None
     if tuple(mask.shape) != tuple(ids_shape):
         raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids_shape)}")
     if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():

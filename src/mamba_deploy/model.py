@@ -20,7 +20,11 @@ from .config import MambaConfig
 from .errors import ConfigError, ShapeError
 from .inputs import check_ids, check_mask, check_padding_fresh
 from .ops.reference import _up, weightless_rms
-from .state import State, batch_first, check_is_state
+from .state import State, batch_first, check_is_state, ssm_dtypes
+
+# names set_state_dtype / new_state take besides torch dtypes (the CLI's --state-dtype choices and torch's)
+STATE_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 class Linear(nn.Linear):
@@ -235,12 +239,18 @@ class MambaLM(nn.Module):
         in full precision; bfloat16 / float16 halve the state's memory and its bytes per decode
         step (what mamba_ssm does by default), at the cost of one rounding of h per token. Every
         update is still computed in float32; only the stored state is rounded."""
-        ok = (None, torch.float32, torch.float64, torch.bfloat16, torch.float16)
-        if dtype not in ok:
-            raise ConfigError(f"SSM state dtype {dtype} is not supported; use one of float32, bfloat16, "
-                             "float16 (or float64)")
-        self.ssm_state_dtype = dtype
+        self.ssm_state_dtype = None if dtype is None else self._state_dtype(dtype)
         return self
+
+    def _state_dtype(self, dtype) -> torch.dtype:
+        """A torch dtype or its name (bf16, bfloat16, ...) -> the dtype, if this model runs with it."""
+        dtype = STATE_DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        ok = ssm_dtypes(self.dtype)
+        if dtype not in ok:
+            also = "" if torch.float64 in ok else "; float64 needs a float64 model (load_model(..., dtype=torch.float64))"
+            raise ConfigError(f"SSM state dtype {dtype!r} is not supported for this {self.dtype} model; pass one of "
+                              f"{', '.join(str(d) for d in ok)} or its name (bf16, fp16, fp32){also}")
+        return dtype
 
     @property
     def full_ssm_dtype(self) -> torch.dtype:
@@ -263,7 +273,8 @@ class MambaLM(nn.Module):
 
     def new_state(self, batch: int, ssm_dtype: torch.dtype | None = None) -> State:
         """ssm_dtype: override the SSM state dtype (default: self.ssm_dtype)."""
-        return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype or self.ssm_dtype)
+        ssm_dtype = self.ssm_dtype if ssm_dtype is None else self._state_dtype(ssm_dtype)
+        return State.zeros(self.config, batch, self.device, self.dtype, ssm_dtype)
 
     def _head(self, h):
         h = self.backbone.norm_f(h.to(self.dtype))

@@ -70,9 +70,10 @@ class State:
                 f"state has conv {tuple(self.conv.shape)} / ssm {tuple(self.ssm.shape)}, expected "
                 f"{want_conv} / {want_ssm} for batch {batch}; {fix}"
             )
-        if dtype is not None and (self.conv.dtype != dtype or not self.ssm.dtype.is_floating_point):
+        if dtype is not None and (self.conv.dtype != dtype or self.ssm.dtype not in ssm_dtypes(dtype)):
+            names = ", ".join(str(d).removeprefix("torch.") for d in ssm_dtypes(dtype))
             raise ShapeError(f"state has conv {self.conv.dtype} / ssm {self.ssm.dtype}; the model needs conv {dtype} "
-                             f"and a floating-point ssm; {fix}")
+                             f"and an ssm in {names}; {fix}")
         if device is not None:
             device = torch.device(device)
             if not (_on(self.conv, device) and _on(self.ssm, device)):
@@ -85,6 +86,14 @@ class State:
     def layers(self):
         """[(conv_i, ssm_i)] views, one per layer."""
         return list(zip(self.conv.unbind(0), self.ssm.unbind(0)))
+
+
+def ssm_dtypes(model_dtype: torch.dtype) -> tuple:
+    """SSM state dtypes a model of this dtype runs with: float32 and the two 16-bit ones (the
+    update is computed in float32 and stored rounded), float64 only for a float64 model (the
+    kernels compute in the state's dtype, which must then match the model's)."""
+    base = (torch.float32, torch.bfloat16, torch.float16)
+    return base + (torch.float64,) if model_dtype == torch.float64 else base
 
 
 def check_batch(batch) -> int:

@@ -7,7 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError, ShapeError
+from .inputs import token_stream
 from .extras import install_hint
 
 # Files a tokenizer can be built from. Without any of them transformers still builds the model
@@ -36,6 +37,8 @@ class Tokenizer:
         """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
         transformers' tokenizer(text) gives them; the same through every backend. Without them
         for text that writes its own (a rendered chat template)."""
+        if not isinstance(text, str):
+            raise ConfigError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
         if hasattr(self._tok, "token_to_id"):
             return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
@@ -53,7 +56,12 @@ class Tokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """ids (n,) or (1, n) -> text. An id past the vocabulary decodes to nothing, as transformers'
+        tokenizers do (a model's embedding rows may outnumber its tokenizer's tokens)."""
+        ids = token_stream(ids, "decode's ids")
+        if ids.numel() and int(ids.min()) < 0:
+            raise ShapeError(f"decode got token id {int(ids.min())}; token ids are >= 0")
+        return self._tok.decode(ids.tolist(), skip_special_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
         if hasattr(self._tok, "token_to_id"):

@@ -21,7 +21,7 @@ from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positi
 from .atomic import prepare_output_file, read_json_object, write_json
 from .data import read_text_file
 from .errors import ConfigError, VerificationError
-from .inputs import first_out_of_vocab
+from .inputs import first_out_of_vocab, token_stream
 
 # ----------------------------------------------------------------------------- tolerances
 # logits_rel: max |artifact - reference| / max |reference| over every compared logit;
@@ -458,7 +458,7 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     if any(x < 1 for x in lengths + batches) or decode_steps < 0:
         raise ConfigError(f"lengths {lengths} and batches {batches} must be >= 1 and decode_steps "
                           f"{decode_steps} >= 0")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))  # int(): a numpy integer passes is_seed
     report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
     bar = tqdm(total=len(lengths) * len(batches) + 1, desc="verify", disable=not progress, leave=False)
     with torch.inference_mode(), bar:
@@ -485,13 +485,7 @@ def _int_tuple(name: str, values) -> list[int]:
 
 def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
     if text_ids is not None:
-        try:
-            ids = torch.as_tensor(text_ids, dtype=torch.long)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"text_ids must be a sequence of token ids, got {type(text_ids).__name__}: {e}") from e
-        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
-            raise ConfigError(f"text_ids must be one sequence, shape (n,) or (1, n), got {tuple(ids.shape)}")
-        ids = ids.reshape(1, -1)
+        ids = token_stream(text_ids, "text_ids").reshape(1, -1)
         if ids.shape[1] < 2:
             raise ConfigError(f"the text (text_ids) has {ids.shape[1]} token(s); perplexity needs at least 2")
         bad = first_out_of_vocab(ids, vocab)

@@ -175,3 +175,31 @@ def test_numpy_integer_seeds_work_as_ints():
         a = generate(r, "def", max_new_tokens=4, temperature=1.0, seed=np.int64(3)).tokens
         b = generate(r, "def", max_new_tokens=4, temperature=1.0, seed=3).tokens
     assert a == b
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"models/demo-mamba2"])
+def test_load_model_path_must_be_a_path(bad):
+    from mamba_deploy.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="load_model takes a path or hub id"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float16", torch.int8, np.float16, torch.complex64])
+def test_load_model_dtype_must_be_a_float_torch_dtype(dtype):
+    """"float16" reached Module.to as a device name; complex64 was accepted."""
+    with pytest.raises(ConfigError, match="is not one a model loads in"):
+        load_model(DEMO, dtype=dtype)
+
+
+def test_export_gguf_keeps_a_file_that_is_not_a_gguf(tmp_path):
+    """Any existing file was overwritten with GGUF bytes (notes.txt)."""
+    pytest.importorskip("gguf")
+    from mamba_deploy.errors import OutputPathError
+    from mamba_deploy.export.gguf import export_gguf
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("important")
+    with pytest.raises(OutputPathError, match="must end in .gguf.*that file exists and is kept"):
+        export_gguf(DEMO, notes)
+    assert notes.read_text() == "important"

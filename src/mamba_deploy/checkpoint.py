@@ -438,6 +438,9 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
 # ----------------------------------------------------------------------------- the public loader
 
+LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None):
     """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
 
@@ -445,6 +448,12 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
     modules swapped in. state_dtype: the SSM state's dtype (`MambaLM.set_state_dtype`; default
     float32).
     """
+    if not isinstance(path_or_hub_id, (str, os.PathLike)):
+        raise ModelNotFoundError(f"load_model takes a path or hub id (str or Path), got {type(path_or_hub_id).__name__} "
+                                 f"{path_or_hub_id!r:.60}")
+    if dtype not in LOAD_DTYPES:  # a string would reach Module.to as a device name
+        raise ConfigError(f"dtype {dtype!r} is not one a model loads in; pass one of "
+                          f"{', '.join(str(d) for d in LOAD_DTYPES)}")
     # inference only: parameters that require grad would make every call outside inference_mode
     # build an autograd graph chained through the in-place state (memory grows per token)
     model = _load_model(path_or_hub_id, check_device(device), dtype).eval().requires_grad_(False)

@@ -76,7 +76,11 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     if n_threads != 0:
         check_threads(n_threads)
     out = prepare_output_file(out_path)
-    _refuse_source_file(model_or_path, out)
+    _refuse_source_file(model_or_path, out)  # the more precise refusal first
+    if out.suffix != ".gguf":  # an existing notes.txt was overwritten; the llama.cpp backend goes by the suffix
+        raise OutputPathError(f"GGUF output {out} must end in .gguf (the llama.cpp backend and Ollama go by it"
+                              f"{'; that file exists and is kept' if out.exists() else ''}); e.g. "
+                              f"{out.with_suffix('.gguf')}")
     if ollama:
         _check_modelfile(out)
     model = _as_model(model_or_path)

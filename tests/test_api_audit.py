@@ -203,3 +203,38 @@ def test_export_gguf_keeps_a_file_that_is_not_a_gguf(tmp_path):
     with pytest.raises(OutputPathError, match="must end in .gguf.*that file exists and is kept"):
         export_gguf(DEMO, notes)
     assert notes.read_text() == "important"
+
+
+def test_quantize_takes_a_loaded_model_and_a_list_include():
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    with pytest.raises(QuantizationError, match="quantize takes a loaded model, got str"):
+        quantize(str(DEMO), "int8")
+    with pytest.raises(QuantizationError, match="include=5 must be a list of module names"):
+        quantize(load_model(DEMO), "int8", include=5)
+
+
+def test_onnx_runner_batch_zero_is_empty_like_the_torch_runner(tmp_path):
+    """ONNX Runtime's Reshape failed on 0 rows (a RuntimeError); the other runners return empty logits."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.export.onnx import export_onnx
+
+    out = export_onnx(DEMO, tmp_path / "onnx", validate=False)
+    got, want = {}, {}
+    for name, path, into in (("onnx", out, got), ("torch", DEMO, want)):
+        with open_runner(path, name) as r:
+            st = r.new_state(0)
+            into["full"], st = r.prefill(torch.zeros(0, 3, dtype=torch.long), st)
+            into["last"], st = r.prefill(torch.zeros(0, 3, dtype=torch.long), st, last_only=True)
+            into["step"], st = r.step(torch.zeros(0, dtype=torch.long), st)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+
+
+def test_make_server_refuses_a_template_file_name_as_template_text():
+    """chat_template="/x/chat.jinja" compiled as a constant template: every chat rendered the name."""
+    from mamba_deploy.chat import ChatTemplateError
+    from mamba_deploy.serve import make_server
+
+    with open_runner(DEMO, "torch") as r, pytest.raises(ChatTemplateError, match="looks like a file name"):
+        make_server(r, "127.0.0.1", 0, chat_template="/nope/chat.jinja")

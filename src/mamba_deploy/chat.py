@@ -112,6 +112,10 @@ def check_template(template) -> str:
 
     if not isinstance(template, str) or not template.strip():
         raise ChatTemplateError(f"a chat template must be a non-empty Jinja string, got {template!r:.80}")
+    if "{" not in template and template.strip().endswith((".jinja", ".j2", ".txt", ".json")):
+        # a file name is also a valid (constant) template: every chat would render that name
+        raise ChatTemplateError(f"chat template {template!r:.80} looks like a file name, not Jinja text; pass the "
+                                "file's contents (chat.read_template_file(path) reads one)")
     try:
         _environment().from_string(template)
     except TemplateSyntaxError as e:

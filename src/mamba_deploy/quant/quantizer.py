@@ -24,8 +24,17 @@ def quantize(model, method: str, **options):
     group_size, symmetric, act_order, damp (gptq), grid (awq), alpha (smoothquant),
     fp8_scaling ("tensor" | "channel"), include=("embeddings", "lm_head"), rules (quant_cfg JSON
     path or dict), calib (text file / None for built-in), calib_ids (LongTensor), n_calib, calib_len,
-    progress.
+    progress. The calibration data (calib, calib_ids, n_calib, calib_len) is taken by every method,
+    so one call site can loop over methods, and used by the calibrated ones (gptq, awq,
+    smoothquant, and any a `rules` entry picks); a method setting another method has (damp,
+    alpha, ...) is refused. The CLI refuses --calib for the others: a flag typed by hand that
+    does nothing is a mistake.
     """
+    from ..model import MambaLM
+
+    if not isinstance(model, MambaLM):  # a path: the export functions take those, quantize does not
+        raise QuantizationError(f"quantize takes a loaded model, got {type(model).__name__} {model!r:.60}; load it "
+                                "with mamba_deploy.load_model(path) first")
     if getattr(model, "quantization_config", None):
         raise QuantizationError("this model is already quantized; load the float checkpoint and quantize that")
     opts = method_options(method, options)

@@ -75,6 +75,8 @@ class OnnxRunner(Runner):
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OnnxState, mask=None, keep: int = 0, decode=False):
         check_state(state, OnnxState, ids.shape[0], self.config)
+        if ids.shape[0] == 0:  # ORT's Reshape cannot infer -1 from 0 elements; nothing to run anyway
+            return torch.zeros(0, keep or ids.shape[1], self.config.padded_vocab_size)
         from onnxruntime import OrtValue
 
         io = self.session.io_binding()

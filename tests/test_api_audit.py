@@ -238,3 +238,25 @@ def test_make_server_refuses_a_template_file_name_as_template_text():
 
     with open_runner(DEMO, "torch") as r, pytest.raises(ChatTemplateError, match="looks like a file name"):
         make_server(r, "127.0.0.1", 0, chat_template="/nope/chat.jinja")
+
+
+def test_small_api_argument_checks():
+    """Each was a TypeError from deep inside: a bare provider name iterated letter by letter
+    ("providers ['C', 'P', 'U', ...] are not available"), tolerance=5, make_server(host=5)."""
+    from mamba_deploy.serve import make_server
+    from mamba_deploy.verify import make_tolerance
+
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ConfigError, match="tolerance must be a label"):
+        make_tolerance(5)
+    with open_runner(DEMO, "torch") as r, pytest.raises(ConfigError, match="host must be a name or address string"):
+        make_server(r, 5, 0)
+
+
+def test_onnx_runner_takes_one_provider_name(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.export.onnx import export_onnx
+
+    out = export_onnx(DEMO, tmp_path / "onnx", validate=False)
+    with open_runner(out, "onnx", providers="CPUExecutionProvider") as r:
+        assert r.session.get_providers() == ["CPUExecutionProvider"]

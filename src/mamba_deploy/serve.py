@@ -501,6 +501,8 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
                           "mamba_deploy.runners.open_runner(path)")
     if runner.closed:  # else every request would fail with the closed runner's error
         raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
+    if not isinstance(host, str):
+        raise ConfigError(f"host must be a name or address string (\"127.0.0.1\", \"0.0.0.0\"), got {host!r:.40}")
     if chat_template is not None:
         check_template(chat_template)
     limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)]

@@ -100,6 +100,9 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
         label, spec = spec, None
     row = tolerance_row(label)
     tol = Tolerance(**TOLERANCES[row], label=row)
+    if spec is not None and not isinstance(spec, (str, dict)):
+        raise ConfigError(f"tolerance must be a label (\"int8\"), \"NAME=VALUE,...\" or a dict of limits, got "
+                          f"{spec!r:.60}; e.g. tolerance={{\"logits_rel\": 1e-3}}")
     overrides = parse_overrides(spec) if isinstance(spec, str) else dict(spec or {})
     bad = sorted(set(overrides) - names)
     if bad:

@@ -211,6 +211,8 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if isinstance(providers, str):  # one name: as a list, not its letters
+        providers = [providers]
     names = [p if isinstance(p, str) else p[0] for p in providers]
     missing = [p for p in names if p not in available]
     if missing:

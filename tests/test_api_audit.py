@@ -260,3 +260,27 @@ def test_onnx_runner_takes_one_provider_name(tmp_path):
     out = export_onnx(DEMO, tmp_path / "onnx", validate=False)
     with open_runner(out, "onnx", providers="CPUExecutionProvider") as r:
         assert r.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_open_runner_refuses_an_option_no_backend_takes():
+    """thread=2 (a typo) was swallowed by every factory's **kwargs."""
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['thread'\]; the torch backend takes device, dtype"):
+        open_runner(DEMO, "torch", thread=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "llama.cpp", "openvino", "tensorrt"])
+def test_open_runner_option_table_matches_each_factory(backend):
+    """runners.OPTIONS is the data open_runner checks against; a factory's new keyword must be added there."""
+    import importlib
+    import inspect
+
+    from mamba_deploy.runners import BACKENDS, OPTIONS
+
+    mod, fn = BACKENDS[backend]
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except ImportError as e:
+        pytest.skip(f"{backend} cannot be imported here: {e}")
+    params = inspect.signature(factory).parameters
+    named = {n for n, p in params.items() if n != "path" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    assert named == set(OPTIONS[backend])

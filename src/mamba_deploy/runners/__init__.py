@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, ConfigError
 from ..extras import install_hint, top_level
 from .base import Runner
 
@@ -15,6 +15,16 @@ BACKENDS = {
     "llama.cpp": ("mamba_deploy.runners.llamacpp_runner", "open_llamacpp"),
     "openvino": ("mamba_deploy.runners.openvino_runner", "open_openvino"),
     "tensorrt": ("mamba_deploy.runners.tensorrt_runner", "open_tensorrt"),
+}
+
+# each factory's own options; an option only another backend takes is ignored (callers pass one
+# set to several backends), one that no backend takes is a typo and refused
+OPTIONS = {
+    "torch": ("device", "dtype", "state_dtype", "threads"),
+    "onnx": ("providers", "threads", "check_hash"),
+    "llama.cpp": ("threads", "n_threads", "n_ctx", "n_batch", "n_seq_max", "verbose"),
+    "openvino": ("device", "precision", "threads", "check_hash", "properties"),
+    "tensorrt": ("device", "threads"),
 }
 
 # other spellings users type: the package names (llama_cpp, onnxruntime) and common short forms
@@ -52,6 +62,10 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
     import importlib
 
     backend = backend_name(backend) if backend else guess_backend(path)
+    unknown = sorted(set(options) - {o for opts in OPTIONS.values() for o in opts})
+    if unknown:
+        raise ConfigError(f"open_runner got unknown option(s) {unknown}; the {backend} backend takes "
+                          f"{', '.join(OPTIONS[backend])}")
     mod_name, fn = BACKENDS[backend]
     try:
         mod = importlib.import_module(mod_name)

@@ -284,3 +284,16 @@ def test_open_runner_option_table_matches_each_factory(backend):
     params = inspect.signature(factory).parameters
     named = {n for n, p in params.items() if n != "path" and p.kind is not inspect.Parameter.VAR_KEYWORD}
     assert named == set(OPTIONS[backend])
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(max_new_tokens=True), "max_new_tokens must be an int >= 0, got True"),
+    (dict(on_token=5), "on_token must be a function"),
+    (dict(on_prefill="x", prefill_chunk=2), "on_prefill must be a function"),
+])
+def test_generate_checks_its_counts_and_callbacks_first(kw, needle):
+    """True was taken as 1 token; a non-callable on_token failed at the first token (TypeError)."""
+    from mamba_deploy.generation import generate
+
+    with open_runner(DEMO, "torch") as r, pytest.raises(ConfigError, match=needle):
+        generate(r, "def", **kw)

@@ -217,6 +217,9 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     """
     _check_counts(max_new_tokens, seed)
     _check_chunk(prefill_chunk)
+    for name, fn in (("on_token", on_token), ("on_prefill", on_prefill)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be a function (or None), got {type(fn).__name__} {fn!r:.40}")
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     vocab = runner.vocab_size
@@ -285,7 +288,7 @@ def _check_chunk(chunk) -> None:
 
 
 def _check_counts(max_new_tokens, seed) -> None:
-    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if seed is not None and not is_seed(seed):
         raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")

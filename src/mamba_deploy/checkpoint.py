@@ -449,8 +449,8 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
     float32).
     """
     if not isinstance(path_or_hub_id, (str, os.PathLike)):
-        raise ModelNotFoundError(f"load_model takes a path or hub id (str or Path), got {type(path_or_hub_id).__name__} "
-                                 f"{path_or_hub_id!r:.60}")
+        raise ModelNotFoundError(f"load_model takes a path or hub id (str or Path), got "
+                                 f"{type(path_or_hub_id).__name__} {path_or_hub_id!r:.60}")
     if dtype not in LOAD_DTYPES:  # a string would reach Module.to as a device name
         raise ConfigError(f"dtype {dtype!r} is not one a model loads in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)}")

@@ -247,7 +247,8 @@ class MambaLM(nn.Module):
         dtype = STATE_DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         ok = ssm_dtypes(self.dtype)
         if dtype not in ok:
-            also = "" if torch.float64 in ok else "; float64 needs a float64 model (load_model(..., dtype=torch.float64))"
+            also = ("" if torch.float64 in ok
+                    else "; float64 needs a float64 model (load_model(..., dtype=torch.float64))")
             raise ConfigError(f"SSM state dtype {dtype!r} is not supported for this {self.dtype} model; pass one of "
                               f"{', '.join(str(d) for d in ok)} or its name (bf16, fp16, fp32){also}")
         return dtype

@@ -401,8 +401,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             with self.server.lock:
                 check()  # a client that gave up while it waited for the model
-                return generate(self.server.runner, prompts, on_token=each_token, prefill_chunk=self.server.prefill_chunk,
-                                on_prefill=lambda done, total: check(), **kw)
+                return generate(self.server.runner, prompts, on_token=each_token,
+                                prefill_chunk=self.server.prefill_chunk, on_prefill=lambda done, total: check(), **kw)
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
 

@@ -170,7 +170,8 @@ class LlamaCppRunner(Runner):
         from ..export.gguf_import import open_reader, read_config
 
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
-        for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None), ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
+        for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None),
+                              ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):
                 raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
         if n_ctx < n_seq_max:  # llama.cpp would abort the process

@@ -297,3 +297,33 @@ def test_generate_checks_its_counts_and_callbacks_first(kw, needle):
 
     with open_runner(DEMO, "torch") as r, pytest.raises(ConfigError, match=needle):
         generate(r, "def", **kw)
+
+
+def test_export_argument_checks(tmp_path):
+    """An nn.Module that is not a Mamba model failed on its missing .config; ollama="no" wrote a
+    Modelfile; n_threads=None failed in llama.cpp's quantizer after the f32 pass."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("onnx")
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.onnx import export_onnx
+
+    for export, out in ((export_onnx, tmp_path / "o"), (export_gguf, tmp_path / "m.gguf")):
+        with pytest.raises(ExportError, match="export takes a mamba_deploy model .* got Linear"):
+            export(torch.nn.Linear(2, 2), out)
+        assert not out.exists()
+    with pytest.raises(ExportError, match="ollama must be True or False, got 'no'"):
+        export_gguf(DEMO, tmp_path / "m.gguf", ollama="no")
+    assert export_gguf(DEMO, tmp_path / "m.gguf", n_threads=None).is_file()
+
+
+def test_accuracy_level_true_is_not_level_1(tmp_path):
+    """True == 1 passed the level check and the manifest recorded "accuracy_level": true."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.quant import quantize
+
+    with pytest.raises(ExportError, match="accuracy_level True is not one of"):
+        export_onnx(quantize(load_model(DEMO), "int8", progress=False), tmp_path / "q", accuracy_level=True)
+    assert not (tmp_path / "q").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 # weight types whose values are exactly float32's: anything else was rounded before an export
 EXACT_TYPES = ("fp32", "f32", "all_f32")
 
@@ -17,3 +19,19 @@ def source_weights(model) -> str | None:
 
     label = weights_label(model.gguf_path)
     return None if label in EXACT_TYPES else label
+
+
+def as_model(model_or_path, **load_options):
+    """A MambaLM, or a checkpoint path / hub id / .gguf loaded with load_model(**load_options). Any
+    other module or object is an ExportError: its missing .config would fail deep in the export."""
+    from ..errors import ExportError
+    from ..model import MambaLM
+
+    if isinstance(model_or_path, MambaLM):
+        return model_or_path
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise ExportError(f"export takes a mamba_deploy model (mamba_deploy.load_model(path)) or a checkpoint path, "
+                          f"got {type(model_or_path).__name__} {model_or_path!r:.60}")
+    from ..checkpoint import load_model
+
+    return load_model(model_or_path, **load_options)

@@ -25,6 +25,7 @@ from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads
+from . import as_model
 from .gguf_tables import (
     CONFIG_KEYS,
     FALLBACK,
@@ -72,6 +73,9 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ftype, qtype = OUTTYPES[outtype]
+    if not isinstance(ollama, bool):  # "no" would be true
+        raise ExportError(f"ollama must be True or False, got {ollama!r:.40}")
+    n_threads = 0 if n_threads is None else n_threads
     quantize_fn = _llamacpp_quantizer(outtype) if qtype is None else None  # fail before any work
     if n_threads != 0:
         check_threads(n_threads)
@@ -108,11 +112,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
 
 
 def _as_model(model_or_path):
-    if isinstance(model_or_path, torch.nn.Module):
-        return model_or_path
-    from ..checkpoint import load_model
-
-    return load_model(model_or_path, dtype=torch.float32)
+    return as_model(model_or_path, dtype=torch.float32)
 
 
 def _vocab_for(model_or_path, model, tokenizer) -> Vocab:

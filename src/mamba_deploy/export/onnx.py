@@ -62,8 +62,8 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     one; see onnx_graph.py). Quantized Mamba1 checkpoints take it too."""
     import onnx
 
-    from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
-    from . import source_weights
+    from ..checkpoint import tokenizer_source, write_tokenizer_files
+    from . import as_model, source_weights
     from .onnx_graph import MambaGraph
 
     if dtype not in DTYPES:
@@ -77,7 +77,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
     scan_chunk = check_scan_chunk(scan_chunk)
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
-    model = model_or_path if isinstance(model_or_path, torch.nn.Module) else load_model(model_or_path)
+    model = as_model(model_or_path)
     cfg = model.config
     if cfg.arch == "mamba2" and cfg.norm_before_gate:
         raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")

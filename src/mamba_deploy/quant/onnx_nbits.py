@@ -44,7 +44,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     from ..checkpoint import load_model
     from ..export.onnx import export_onnx
 
-    if accuracy_level not in LEVEL_TOLERANCE:
+    if isinstance(accuracy_level, bool) or accuracy_level not in LEVEL_TOLERANCE:  # True == 1
         raise ExportError(f"accuracy_level {accuracy_level!r} is not one of ORT's MatMulNBits levels "
                           f"{sorted(LEVEL_TOLERANCE)}; use 0 (fp32) or 4 (int8 activations, the default)")
     qmodel = qmodel_or_path if isinstance(qmodel_or_path, torch.nn.Module) else load_model(qmodel_or_path)

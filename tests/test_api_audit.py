@@ -327,3 +327,8 @@ def test_accuracy_level_true_is_not_level_1(tmp_path):
     with pytest.raises(ExportError, match="accuracy_level True is not one of"):
         export_onnx(quantize(load_model(DEMO), "int8", progress=False), tmp_path / "q", accuracy_level=True)
     assert not (tmp_path / "q").exists()
+
+
+def test_llamacpp_tokenizer_encode_takes_a_str(gguf):
+    with pytest.raises(ConfigError, match="encode takes a str, got NoneType"):
+        _llama(gguf).tokenizer.encode(None)

@@ -115,6 +115,8 @@ class LlamaCppTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         vocab = self._model.vocab_or_raise()
+        if not isinstance(text, str):  # as the HF-backed Tokenizer says it
+            raise ConfigError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()

@@ -388,3 +388,12 @@ def test_saved_vocab_is_the_tokenizers_not_padded(tmp_path):
     val_ids = data.load_split(tok, "val", tmp_path / "cache")
     res = perplexity(TorchRunner(model), val_ids[:300], window=512)
     assert res["ppl"] == pytest.approx(metrics["validation"]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("batch,seq_len,noted", [(2, 4096, True), (8, 64, False)])
+def test_cpu_training_with_many_tokens_per_step_says_how_to_fit_memory(tmp_path, capsys, batch, seq_len, noted):
+    """The demo presets' defaults (32 x 512) were killed by the OOM killer on a 23 GB CPU machine
+    without a word; past CPU_TOKENS_HINT tokens per step the run now says which flags to lower."""
+    train.train(_args(tmp_path, steps=1, batch=batch, seq_len=seq_len, eval_every=1, eval_batch=1, save_every=1))
+    err = capsys.readouterr().err
+    assert ("lower --batch or --seq-len" in err) == noted

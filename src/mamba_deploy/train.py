@@ -302,6 +302,9 @@ def train(args) -> dict:
         raise
 
 
+CPU_TOKENS_HINT = 4096  # tokens per step past which `train` on a CPU says how to get under its memory
+
+
 def _train(args) -> dict:
     from tqdm import tqdm
 
@@ -312,6 +315,12 @@ def _train(args) -> dict:
     val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
     print(f"{args.preset}: {run.info['parameters'] / 1e6:.2f} M parameters, {run.train_ids.size} train tokens",
           flush=True)
+    if model.device.type == "cpu" and args.batch * args.seq_len > CPU_TOKENS_HINT:
+        # the reference ops keep (batch, seq_len, d_inner, d_state) tensors for backward: with the demo
+        # presets' defaults (32 x 512) the OOM killer ended the process, without a word, on a 23 GB CPU machine
+        print(f"note: training on the CPU with --batch {args.batch} x --seq-len {args.seq_len} tokens per step; the "
+              "reference ops' activations grow with both (the shipped demos were trained on a GPU). If the process "
+              "is killed for memory, lower --batch or --seq-len", file=sys.stderr, flush=True)
     start, step_times = time.perf_counter(), []
     bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
     with use_backend("ref"):  # the reference ops have autograd; fast kernels may not

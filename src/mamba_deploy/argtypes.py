@@ -31,8 +31,10 @@ def positive_int(text: str) -> int:
 
 
 def bpe_vocab_size(text: str) -> int:
-    """A byte-level BPE vocabulary: the 256 byte tokens, the specials and some merges (data.train_tokenizer)."""
-    return _at_least(int, text, 300, strict=False)
+    """A byte-level BPE vocabulary (data.train_tokenizer): at least data.MIN_BPE_VOCAB."""
+    from .data import MIN_BPE_VOCAB
+
+    return _at_least(int, text, MIN_BPE_VOCAB, strict=False)
 
 
 def nonnegative_int(text: str) -> int:

@@ -32,6 +32,7 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOS, PAD)
 CORPORA = ("stdlib-train", "stdlib-val")
+MIN_BPE_VOCAB = 300  # the 256 byte tokens, the specials and some merges
 
 
 def read_text_file(path, flag: str, error=ConfigError) -> str:
@@ -107,8 +108,9 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, o
     `out_dir` must be new or empty unless overwrite=True (checked before training)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 300:
-        raise ConfigError(f"vocab_size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ConfigError(f"vocab_size={vocab_size} is too small for byte-level BPE (256 bytes + specials); "
+                          f"use >= {MIN_BPE_VOCAB}")
     out = prepare_tokenizer_dir(out_dir, overwrite)  # before minutes of BPE training, not after
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,6 +14,17 @@ from .argtypes import is_seed
 from .errors import ConfigError, ShapeError
 
 
+# sampling setting -> (valid, the rule as an error states it): SamplingConfig's checks, and serve's
+# per-field 400s (serve_request.py), which name the field the client sent
+SAMPLING_RULES = {
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
+}
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
@@ -28,11 +39,11 @@ class SamplingConfig:
             raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ConfigError(f"bad sampling settings {self}: top_k must be an int (0 = off)")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
+        if not all(SAMPLING_RULES[k][0](getattr(self, k)) for k in ("temperature", "top_p", "min_p", "top_k")):
             raise ConfigError(
                 f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
             )
-        if self.repetition_penalty <= 0:
+        if not SAMPLING_RULES["repetition_penalty"][0](self.repetition_penalty):
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
@@ -315,12 +326,11 @@ def _prepare(runner, prompts, stop_token_ids, stop_strings):
     vocab = runner.vocab_size
     if isinstance(stop_token_ids, numbers.Integral):
         stop_token_ids = [stop_token_ids]
-    if not (isinstance(stop_token_ids, (list, tuple, set, range)) or hasattr(stop_token_ids, "tolist")) or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool)
-            for t in (stop_token_ids.tolist() if hasattr(stop_token_ids, "tolist") else stop_token_ids)):
-        raise ConfigError(f"stop_token_ids must be integer token ids, got {stop_token_ids!r:.80}")
-    if hasattr(stop_token_ids, "tolist"):
+    elif hasattr(stop_token_ids, "tolist"):  # a numpy array or tensor
         stop_token_ids = stop_token_ids.tolist()
+    if not isinstance(stop_token_ids, (list, tuple, set, range)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_token_ids):
+        raise ConfigError(f"stop_token_ids must be integer token ids, got {stop_token_ids!r:.80}")
     bad = [t for t in stop_token_ids if not 0 <= int(t) < vocab]
     if bad:
         raise ConfigError(f"stop token id(s) {bad} outside the vocabulary [0, {vocab}): they could never stop "

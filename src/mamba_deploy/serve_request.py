@@ -33,14 +33,6 @@ UNSUPPORTED = {
                                      "tokens already in the prompt or the output)"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
 }
-# sampling fields -> (valid, the rule in the error); SamplingConfig checks the same, without the field's name
-SAMPLING_RULES = {
-    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
-}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 SEED_RANGE = (0, 2**63 - 1)
 
@@ -139,7 +131,7 @@ def _parse_stop(stop) -> list[str] | None:
 def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_limit: int):
     """JSON body -> (prompts, as_text, generate() keyword arguments, stream, include_usage).
     Raises RequestError naming the offending field."""
-    from .generation import SamplingConfig
+    from .generation import SAMPLING_RULES, SamplingConfig
 
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 from .errors import ConfigError, ModelNotFoundError, ShapeError
-from .inputs import token_stream
 from .extras import install_hint
+from .inputs import token_stream
 
 # Files a tokenizer can be built from. Without any of them transformers still builds the model
 # type's tokenizer class (GPT-NeoX for mamba / mamba2), but empty: 2 special tokens, encode -> [].
@@ -58,10 +58,13 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """ids (n,) or (1, n) -> text. An id past the vocabulary decodes to nothing, as transformers'
         tokenizers do (a model's embedding rows may outnumber its tokenizer's tokens)."""
-        ids = token_stream(ids, "decode's ids")
-        if ids.numel() and int(ids.min()) < 0:
-            raise ShapeError(f"decode got token id {int(ids.min())}; token ids are >= 0")
-        return self._tok.decode(ids.tolist(), skip_special_tokens=True)
+        # the generation loop decodes its own lists of ints a few times per token: those skip the
+        # tensor round trip that checks anything else
+        if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            ids = token_stream(ids, "decode's ids").tolist()
+        if ids and min(ids) < 0:
+            raise ShapeError(f"decode got token id {min(ids)}; token ids are >= 0")
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
         if hasattr(self._tok, "token_to_id"):

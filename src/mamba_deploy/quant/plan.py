@@ -60,7 +60,6 @@ def method_options(method: str, options: dict) -> dict:
         raise QuantizationError(f"include={inc!r} must be a list of module names, e.g. include=[{inc!r}]")
     if inc is not None and not (isinstance(inc, (list, tuple, set)) and all(isinstance(n, str) for n in inc)):
         raise QuantizationError(f"include={inc!r:.60} must be a list of module names (embeddings, lm_head)")
-
     for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):

@@ -32,6 +32,18 @@ from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import Runner, check_state, check_threads, default_threads
 
+LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
+
+
+def _sequences_problem(n_seq: int, n_ctx: int) -> str | None:
+    """Why llama.cpp cannot hold n_seq sequences in a context of n_ctx (it aborts the process in
+    a GGML_ASSERT when n_ctx < n_seq), or None."""
+    if n_seq > LLAMA_MAX_SEQ:
+        return f"llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, a batch of {n_seq} asks for more"
+    if n_seq > n_ctx:
+        return f"n_ctx={n_ctx} is smaller than the {n_seq} sequences asked for"
+    return None
+
 
 def _lib():
     try:
@@ -176,7 +188,7 @@ class LlamaCppRunner(Runner):
                               ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):
                 raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
-        if n_ctx < n_seq_max:  # llama.cpp would abort the process
+        if _sequences_problem(n_seq_max, n_ctx):  # before the model loads, not at its first context
             raise ConfigError(f"n_ctx={n_ctx} is smaller than n_seq_max={n_seq_max}; pass n_ctx >= n_seq_max")
         lib, set_verbose = _lib()
         self._lib = lib
@@ -211,12 +223,10 @@ class LlamaCppRunner(Runner):
     def _make_context(self, n_seq: int) -> None:
         """A context for n_seq sequences (the old one is freed first: both may not fit). When
         llama.cpp cannot make it, the old size is made again, so the runner stays usable."""
-        if n_seq > LLAMA_MAX_SEQ:
-            raise ShapeError(f"llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, a batch of {n_seq} asks for more; "
-                             f"split it into batches of <= {LLAMA_MAX_SEQ}")
-        if n_seq > self.n_ctx:  # llama.cpp aborts the process (GGML_ASSERT) instead of failing
-            raise ShapeError(f"n_ctx={self.n_ctx} is smaller than the {n_seq} sequences asked for; open the runner "
-                             f"with n_ctx >= the batch size")
+        problem = _sequences_problem(n_seq, self.n_ctx)
+        if problem:
+            raise ShapeError(f"{problem}; use batches of at most {min(LLAMA_MAX_SEQ, self.n_ctx)}, or open the runner "
+                             "with n_ctx >= the batch size")
         previous = getattr(self, "_n_seq", None)
         self._free_context()
         try:
@@ -379,7 +389,6 @@ class LlamaCppRunner(Runner):
             pass
 
 
-LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 # bytes llama.cpp may put before the memory's own data (newer builds write a 64-bit tag first)
 SEQ_STATE_PREFIXES = (0, 8)
 

@@ -21,6 +21,7 @@ from conftest import DT_LIMIT_KIND, build_hf_model, rel_err
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import ConfigError, ExportError, MambaDeployError, ShapeError
 from mamba_deploy.export.onnx import ALLOWED_OPS, export_onnx, graph_op_types
+from mamba_deploy.generation import left_pad
 from mamba_deploy.runners import open_runner
 from mamba_deploy.runners.onnx_runner import open_onnx
 
@@ -92,11 +93,7 @@ def test_left_padded_batch_matches_unpadded(exported, kind):
     out, _, hf = exported(kind)
     runner = open_onnx(out)
     prompts = [[5, 9, 17, 33, 2, 8, 1, 4, 70, 3, 11], [7, 3, 99], [1] * 20]
-    L = max(map(len, prompts))
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    ids, mask = left_pad(prompts)  # (3, L) each, padding on the left
     got, st = runner.prefill(ids, runner.new_state(3), attention_mask=mask, last_only=True)
     nxt = torch.tensor([12, 13, 14])
     step, _ = runner.step(nxt, st)

@@ -23,6 +23,7 @@ from mamba_deploy.cli import main
 from mamba_deploy.errors import ConfigError, ExportError
 from mamba_deploy.export import onnx_graph
 from mamba_deploy.export.onnx import ALLOWED_OPS, MAX_SCAN_CHUNK, export_onnx, graph_op_types
+from mamba_deploy.generation import left_pad
 from mamba_deploy.runners.onnx_runner import open_onnx
 
 pytest.importorskip("onnxruntime")
@@ -85,11 +86,7 @@ def test_left_padded_batch_matches_unpadded(chunked):
     out, hf = chunked(4)
     runner = open_onnx(out)
     prompts = [[5, 9, 17, 33, 2, 8, 1, 4, 70, 3, 11, 6, 40, 2], [7, 3, 99, 1, 4, 4, 60, 2, 9, 12, 30], [1, 8, 3]]
-    L = max(map(len, prompts))
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    ids, mask = left_pad(prompts)  # (3, L) each, padding on the left
     got, _ = runner.prefill(ids, runner.new_state(3), attention_mask=mask, last_only=True)
     for i, p in enumerate(prompts):
         assert rel_err(got[i, -1], hf_logits(hf, torch.tensor([p]))[0, -1]) < FP32_TOL, i

@@ -6,7 +6,8 @@ It talks to the model only through `generation.generate(runner, ...)`, so every 
 generation at a time; several prompts in one request are one batched `generate` call.
 
     GET  /health          -> {"status": "ok", "model": ..., "backend": ...}
-    GET  /v1/models       -> {"object": "list", "data": [{"id": model, ...}]}
+    GET  /v1/models       -> {"object": "list", "data": [{"id": model, "object": "model", "created": ..., ...}]}
+    GET  /v1/models/NAME  -> that model object (`created`: when the server started), or a 404 for another name
     POST /v1/completions  -> OpenAI "text_completion" (or Server-Sent Events with "stream": true)
     POST /v1/chat/completions -> OpenAI "chat.completion" (one conversation in `messages`, written in
                              the model's chat template: see chat.py; "chat.completion.chunk" events)
@@ -17,7 +18,10 @@ never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `mi
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). OpenAI fields the
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
-...) are a 400 naming the field, never silently ignored (serve_request.py).
+...) are a 400 naming the field, never silently ignored (serve_request.py). `seed`
+(0..2**63-1) seeds the request's own sampler: the same request with the same seed gives the same
+tokens (the batch's rows draw from one generator). The request's `model` is not checked (a server
+serves one model); answers name the model served.
 
 HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
 closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
@@ -41,6 +45,7 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
 from .serve_request import FIELDS, RequestError, _check_max_tokens, _typed, parse_completion_request
@@ -48,7 +53,8 @@ from .serve_request import FIELDS, RequestError, _check_max_tokens, _typed, pars
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
-ENDPOINTS = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
+MODEL_PATH = "/v1/models/"  # + a model's name (percent-encoded by OpenAI's clients): GET one model
+ENDPOINTS = "GET /health, GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions"
 JSON_HEADERS = {"Content-Type": "application/json"}
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -117,6 +123,7 @@ class CompletionServer(ThreadingHTTPServer):
         self.prefill_chunk = prefill_chunk  # prompts go in pieces this long, checked for a gone client between
         self.chat_template = chat_template  # None: the model's own (chat.py)
         self.model_name = model_name
+        self.created = int(time.time())  # the model object's `created` (OpenAI's schema requires one)
         self.max_batch = max_batch
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_tokens = max_prompt_tokens  # None: no limit
@@ -170,6 +177,9 @@ class CompletionServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def model_object(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mamba-deploy"}
 
     def tokenizer_or_none(self):
         try:
@@ -269,8 +279,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/health":
             self._send(200, {"status": "ok", "model": s.model_name, "backend": s.runner.name})
         elif path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": s.model_name, "object": "model",
-                                                          "owned_by": "mamba-deploy"}]})
+            self._send(200, {"object": "list", "data": [s.model_object()]})
+        elif path.startswith(MODEL_PATH):  # OpenAI's models.retrieve
+            name = unquote(path[len(MODEL_PATH):])
+            if name != s.model_name:
+                raise RequestError(f"the model {name!r} does not exist; this server serves {s.model_name!r}", 404,
+                                   param="model")
+            self._send(200, s.model_object())
         elif path in POST_PATHS:
             raise RequestError(f"use POST for {path}", 405, "method_not_allowed")
         else:
@@ -278,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self):
         path = self._route_path()
-        if path in ("/health", "/v1/models"):
+        if path in ("/health", "/v1/models") or path.startswith(MODEL_PATH):
             raise RequestError(f"use GET for {path}", 405, "method_not_allowed")
         if path not in POST_PATHS:
             raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")

@@ -18,10 +18,10 @@ never shows it). Extensions to the OpenAI schema: `stop_token_ids`, `top_k`, `mi
 in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). OpenAI fields the
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
-...) are a 400 naming the field, never silently ignored (serve_request.py). `seed`
-(0..2**63-1) seeds the request's own sampler: the same request with the same seed gives the same
-tokens (the batch's rows draw from one generator). The request's `model` is not checked (a server
-serves one model); answers name the model served.
+chat's tools / response_format, ...) are a 400 naming the field, never silently ignored
+(serve_request.py). `seed` (0..2**63-1) seeds the request's own sampler: the same request with the
+same seed gives the same tokens (the batch's rows draw from one generator). The request's `model`
+is not checked (a server serves one model); answers name the model served.
 
 HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
 closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
@@ -48,7 +48,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_request import FIELDS, RequestError, _check_max_tokens, _typed, parse_completion_request
+from .serve_request import (CHAT_UNSUPPORTED, FIELDS, RequestError, _check_max_tokens, _typed,
+                            parse_completion_request, refuse_unsupported)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
@@ -356,6 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
             raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
                                "again for another reply", param="n")
+        refuse_unsupported(body, CHAT_UNSUPPORTED)
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]

@@ -33,6 +33,19 @@ UNSUPPORTED = {
                                      "tokens already in the prompt or the output)"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
 }
+# chat fields a language model without tools or constrained decoding cannot honour: dropping
+# them would answer something else than was asked (free text for a JSON response_format)
+CHAT_UNSUPPORTED = {
+    "tools": ((None, []), "tools (function calling) are not supported; describe the task in `messages`"),
+    "tool_choice": ((None, "none", "auto"), "tool_choice is not supported (there are no tools)"),
+    "functions": ((None, []), "functions (function calling) are not supported; describe the task in `messages`"),
+    "function_call": ((None, "none", "auto"), "function_call is not supported (there are no functions)"),
+    "response_format": ((None, {"type": "text"}), "only {\"type\": \"text\"} is supported (no constrained "
+                                                  "decoding); ask for the format in `messages`"),
+    "top_logprobs": ((None, 0), "top_logprobs is not supported (nor are logprobs)"),
+    "modalities": ((None, ["text"]), "only text output is supported"),
+    "audio": ((None,), "audio output is not supported"),
+}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 SEED_RANGE = (0, 2**63 - 1)
 
@@ -42,6 +55,14 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None):
         super().__init__(message)
         self.status, self.type, self.param = status, type_, param
+
+
+def refuse_unsupported(body: dict, table: dict) -> None:
+    """A 400 naming the first field of `table` (UNSUPPORTED, CHAT_UNSUPPORTED) sent with a value
+    other than its no-op ones."""
+    for name, (allowed, why) in table.items():
+        if name in body and body[name] not in allowed:
+            raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
 
 
 def _typed(body: dict, name: str, types, default):
@@ -135,9 +156,7 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
 
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    for name, (allowed, why) in UNSUPPORTED.items():
-        if name in body and body[name] not in allowed:
-            raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
+    refuse_unsupported(body, UNSUPPORTED)
     prompts, as_text = _parse_prompts(body.get("prompt"), max_batch, vocab_size)
     kw = {key: _typed(body, name, types, default) for name, (types, default, key) in FIELDS.items()}
     _check_max_tokens(kw["max_new_tokens"], "max_tokens", max_tokens_limit)

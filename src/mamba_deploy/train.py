@@ -254,6 +254,7 @@ def setup(args) -> SimpleNamespace:
     torch.manual_seed(args.seed)
     # the default depends on the machine, so it is not the parser's (docs/cli.md is generated from it)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.micro_batch = resolve_micro_batch(args, device)
     if not (Path(args.tokenizer) / "tokenizer.json").exists():
         raise ConfigError(f"--tokenizer {args.tokenizer} has no tokenizer.json; "
                           "make one with `mamba-deploy train-tokenizer DIR`")
@@ -285,8 +286,8 @@ def setup(args) -> SimpleNamespace:
         run.rng.bit_generator.state = st["rng"]
     run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
                     train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
-                    batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-                    weight_decay=args.weight_decay, clip=args.clip, amp=str(run.amp_dtype), device=str(device),
+                    batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, lr=args.lr,
+                    warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, amp=str(run.amp_dtype), device=str(device),
                     command=shlex.join(["mamba-deploy", *sys.argv[1:]]))
     return run
 
@@ -302,7 +303,23 @@ def train(args) -> dict:
         raise
 
 
-CPU_TOKENS_HINT = 4096  # tokens per step past which `train` on a CPU says how to get under its memory
+# On a CPU, tokens per forward / backward pass by default (--micro-batch): the allocator keeps
+# what a pass allocated, ~3 MB per token for demo-mamba1 (~0.4 MB for demo-mamba2), so the
+# presets' 32 x 512 tokens in one pass were killed by the OOM killer on a 23 GB machine
+CPU_MICRO_TOKENS = 2048
+
+
+def resolve_micro_batch(args, device) -> int:
+    """Sequences per forward / backward pass: --micro-batch, else all of --batch on a GPU and
+    as many as fit in CPU_MICRO_TOKENS on a CPU (at least one)."""
+    if getattr(args, "micro_batch", None) is not None:
+        if args.micro_batch > args.batch:
+            raise ConfigError(f"--micro-batch {args.micro_batch} is larger than --batch {args.batch}: a micro-batch "
+                              "is part of one optimizer step's sequences; pass --micro-batch <= --batch")
+        return args.micro_batch
+    if device.type != "cpu":
+        return args.batch
+    return max(1, min(args.batch, CPU_MICRO_TOKENS // args.seq_len))
 
 
 def _train(args) -> dict:
@@ -315,12 +332,12 @@ def _train(args) -> dict:
     val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
     print(f"{args.preset}: {run.info['parameters'] / 1e6:.2f} M parameters, {run.train_ids.size} train tokens",
           flush=True)
-    if model.device.type == "cpu" and args.batch * args.seq_len > CPU_TOKENS_HINT:
-        # the reference ops keep (batch, seq_len, d_inner, d_state) tensors for backward: with the demo
-        # presets' defaults (32 x 512) the OOM killer ended the process, without a word, on a 23 GB CPU machine
-        print(f"note: training on the CPU with --batch {args.batch} x --seq-len {args.seq_len} tokens per step; the "
-              "reference ops' activations grow with both (the shipped demos were trained on a GPU). If the process "
-              "is killed for memory, lower --batch or --seq-len", file=sys.stderr, flush=True)
+    if args.micro_batch != args.batch:
+        print(f"gradients of --batch {args.batch} accumulated over micro-batches of {args.micro_batch} sequences "
+              f"({args.micro_batch * args.seq_len} tokens per pass; set with --micro-batch)", flush=True)
+    if model.device.type == "cpu" and args.micro_batch * args.seq_len > CPU_MICRO_TOKENS:
+        print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
+              "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
     start, step_times = time.perf_counter(), []
     bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
     with use_backend("ref"):  # the reference ops have autograd; fast kernels may not
@@ -354,18 +371,26 @@ def _train(args) -> dict:
 
 
 def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int):
+    """One optimizer step on `batch` (b, l+1): the mean next-token cross entropy over all of its
+    tokens, its gradients accumulated over micro-batches of args.micro_batch sequences (all at
+    once when unset), clipped, then AdamW. Returns (loss, lr)."""
     lr = lr_at(step, total, args.lr, args.warmup)
     for g in opt.param_groups:
         g["lr"] = lr
     x = batch.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = lm_logits(model, x[:, :-1])  # (b, l, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+    n_targets = x[:, 1:].numel()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_sum = 0.0
+    for part in x.split(getattr(args, "micro_batch", None) or len(x)):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = lm_logits(model, part[:, :-1])  # (m, l, V)
+        # summed and divided by the whole batch's count: the accumulated gradient is the batch mean's
+        loss = F.cross_entropy(logits.float().flatten(0, 1), part[:, 1:].flatten(), reduction="sum") / n_targets
+        loss.backward()
+        loss_sum += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     opt.step()
-    return float(loss.detach()), lr
+    return loss_sum, lr
 
 
 def final_eval(model, train_ids, val_ids, n_tokens: int, vocab: int) -> dict:
@@ -411,6 +436,10 @@ def register(subparsers):
                         "schedule ends here")
     s.add_argument("--max-minutes", type=positive_float, default=None, help="cap --steps to fit this wall time")
     s.add_argument("--batch", type=positive_int, default=32, help="sequences per optimizer step")
+    s.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="sequences per forward / backward pass, their gradients accumulated to --batch (the same "
+                        f"step, less memory; default: all of --batch on a GPU, {CPU_MICRO_TOKENS} tokens' worth on "
+                        "a CPU)")
     s.add_argument("--seq-len", type=positive_int, default=512,
                    help="tokens per training sequence (a random window of the train split), and per validation "
                         "window")

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 def _up(t):
     """Compute dtype: at least float32 (float64 stays float64, for float64 references)."""
@@ -110,6 +111,16 @@ def _linear_scan(a, u):
     return a, u
 
 
+def _scan_chunk(dt_c, x_c, B_c, C_c, A, h):
+    """One chunk of selective_scan_ref: dt_c, x_c (b, T, d); B_c, C_c (b, T, n); A (d, n); h (b, d, n)
+    the carried state. Returns y (b, T, d) without the D skip and gate, and the chunk's last state."""
+    a = torch.exp(dt_c.unsqueeze(-1) * A)  # (b, T, d, n)
+    u = (dt_c * x_c).unsqueeze(-1) * B_c.unsqueeze(2)  # (b, T, d, n)
+    P, H = _linear_scan(a, u)
+    H = torch.addcmul(H, P, h.unsqueeze(1))  # add the carried state, decayed
+    return torch.einsum("btdn,btn->btd", H, C_c), H[:, -1]
+
+
 def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
     """Mamba1 selective scan, parallel over time.
 
@@ -119,6 +130,11 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
     Time is cut into chunks of `chunk_size` so the (b, T, d, n) working set stays in cache;
     each chunk is a log-depth scan, and only the chunk's final state is carried to the next.
     z=None skips the gate.
+
+    When gradients are needed each chunk is checkpointed: autograd keeps the chunk's (b, T, d)
+    inputs and recomputes its ~15 (b, T, d, n) intermediates in backward, one chunk at a time.
+    Kept, they cost n * 15 floats per channel and token (2.9 MB per token for the demo-mamba1
+    preset: training at 32 x 512 tokens needed ~48 GB).
     """
     dtype = x.dtype
     b, l, d = x.shape
@@ -126,16 +142,16 @@ def selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, chunk_size=32):
     A = _up(A)
     xf, Bf, Cf = _up(x), _up(B), _up(C)
     h = _up(h0)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dtf, A, xf, Bf, Cf, h))
     ys = []
     for s in range(0, l, chunk_size):
         e = min(s + chunk_size, l)
-        dt_c = dtf[:, s:e]  # (b, T, d)
-        a = torch.exp(dt_c.unsqueeze(-1) * A)  # (b, T, d, n)
-        u = (dt_c * xf[:, s:e]).unsqueeze(-1) * Bf[:, s:e].unsqueeze(2)  # (b, T, d, n)
-        P, H = _linear_scan(a, u)
-        H = torch.addcmul(H, P, h.unsqueeze(1))  # add the carried state, decayed
-        ys.append(torch.einsum("btdn,btn->btd", H, Cf[:, s:e]))
-        h = H[:, -1]
+        chunk = (dtf[:, s:e], xf[:, s:e], Bf[:, s:e], Cf[:, s:e], A, h)
+        if grad:
+            y_c, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *chunk, use_reentrant=False)
+        else:
+            y_c, h = _scan_chunk(*chunk)
+        ys.append(y_c)
     y = torch.cat(ys, 1) + xf * _up(D)
     if z is not None:
         y = y * F.silu(_up(z))

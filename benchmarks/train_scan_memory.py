@@ -4,7 +4,8 @@ backward) against the same chunks kept by autograd (torch.utils.checkpoint repla
 call for the comparison). Forward + backward of `selective_scan_ref` with every input requiring
 grad; both variants are first checked to give the same gradients.
 
-Columns: bytes autograd saved for backward (saved-tensor hooks), peak memory (CUDA: the allocator's
+Columns: bytes autograd saved for backward (saved-tensor hooks; each saved tensor at its own size, so
+views of one storage count more than once: an upper bound), peak memory (CUDA: the allocator's
 max_memory_allocated above the inputs; CPU: not measurable per call, the glibc heap keeps what
 it freed), median ms of --reps forward + backward passes, interleaved.
 

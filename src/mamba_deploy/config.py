@@ -58,6 +58,7 @@ MAMBA_SSM_KEYS = dict(rms_norm_eps="norm_epsilon", **{k: f"ssm_cfg.{k}" for k in
     "d_state", "d_conv", "expand", "conv_bias", "bias", "dt_rank", "headdim", "ngroups", "chunk_size", "rmsnorm",
     "norm_before_gate", "dt_limit")})
 MISTRAL_KEYS = dict(d_model="dim", n_layer="n_layers", ngroups="n_groups")
+DIALECT_KEYS = {"hf": HF_KEYS, "mamba_ssm": MAMBA_SSM_KEYS, "mistral": MISTRAL_KEYS}
 # What mistral_inference's MambaArgs requires (it has no defaults for them).
 MISTRAL_REQUIRED = ("dim", "n_layers", "vocab_size", "n_groups", "residual_in_fp32", "pad_vocab_size_multiple",
                     "tie_embeddings")
@@ -421,6 +422,12 @@ class MambaConfig:
         d = asdict(self)
         d.update(kw)
         return MambaConfig(**d)
+
+
+def config_key(cfg: MambaConfig, name: str) -> str:
+    """How the config file `cfg` was read from spells our field `name` (tie_embeddings ->
+    tie_word_embeddings in an HF config.json), for messages that tell the user what to edit."""
+    return DIALECT_KEYS.get(cfg.source, {}).get(name, name)
 
 
 def _refuse_layernorm(d: dict, where: str) -> None:

@@ -1,0 +1,238 @@
+"""Adversarial audit of the artifacts the toolkit reads: checkpoint folders (weights, shard
+indexes, .bin pickles, config dialects), GGUF files, quantized checkpoints, ONNX export folders
+and chat templates, each broken as a user (or a bad download, or a hand edit) could break it.
+
+Each case must end in a typed error from mamba_deploy.errors naming the offending value or file
+and the fix: never a raw exception from deep inside (AttributeError, TypeError, numpy's reshape,
+torch's allocator), never a silent wrong model, and never an allocation of the size an edited
+number asks for before the weights have been checked against it.
+
+NaN / inf weights are refused (not warned about) in every format, as the HF loader already did:
+a Mamba layer carries its state from token to token, so one non-finite value turns every later
+logit into NaN; no usable checkpoint has one. Values that become infinite only in the dtype the
+model is loaded in (float32 weights past 65504 loaded as float16) are refused the same way, with
+the dtypes that hold them as the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mamba_deploy import load_model
+from mamba_deploy.cli import main as cli_main
+from mamba_deploy.errors import (CheckpointError, ConfigError, ExportError, ModelNotFoundError, QuantizationError,
+                                 UnsupportedArchitectureError)
+
+gguf = pytest.importorskip("gguf")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_weights(folder, fn, name="model.safetensors"):
+    path = folder / name
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(folder, fn, name="config.json"):
+    path = folder / name
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _logits(model, seed=0):
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----------------------------------------------------------------------------- weights in HF folders
+
+D = "backbone.layers.0.mixer.D"
+IN_PROJ = "backbone.layers.0.mixer.in_proj.weight"
+
+
+@pytest.mark.parametrize("key,dtype", [(D, torch.int64), (D, torch.bool), (IN_PROJ, torch.uint8),
+                                       (D, torch.float8_e4m3fn), (D, torch.complex64)],
+                         ids=["int64", "bool", "uint8", "fp8", "complex"])
+def test_weights_stored_as_non_floats_are_refused(hf_checkpoint, tmp_path, capsys, key, dtype):
+    """Integer codes (another tool's quantization), booleans, fp8 without scales or complex values
+    were cast to float and loaded as weights (fp8: a NotImplementedError from torch.isfinite)."""
+    folder = _copy(hf_checkpoint("mamba")[0], tmp_path / "m")
+    _edit_weights(folder, lambda sd: sd.__setitem__(key, sd[key].to(dtype)))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"{key} \({name}\), not as floats.*float16, bfloat16 or float32"):
+        load_model(folder)
+    assert cli_main(["inspect", str(folder)]) == 2  # the header check sees the stored dtype too
+    assert f"{key} ({name})" in capsys.readouterr().err
+
+
+def test_float64_weights_still_load(hf_checkpoint, tmp_path):
+    src, hf = hf_checkpoint("mamba")
+    folder = _copy(src, tmp_path / "m")
+    _edit_weights(folder, lambda sd: sd.update({k: v.double() for k, v in sd.items()}))
+    assert torch.allclose(_logits(load_model(folder)), _logits(load_model(src)), atol=1e-6)
+
+
+def test_values_beyond_the_load_dtype_are_refused(hf_checkpoint, tmp_path, capsys):
+    """A float32 weight of 1e5 loaded in float16 became inf (every logit NaN), silently; convert
+    --dtype float16 wrote it so."""
+    folder = _copy(hf_checkpoint("mamba")[0], tmp_path / "m")
+    _edit_weights(folder, lambda sd: sd[D].__setitem__(0, 1e5))
+    assert torch.isfinite(_logits(load_model(folder))).all()  # fine in float32
+    with pytest.raises(CheckpointError, match=rf"{D} beyond float16's range.*float32 or bfloat16"):
+        load_model(folder, dtype=torch.float16)
+    assert cli_main(["convert", str(folder), str(tmp_path / "half"), "--dtype", "float16"]) == 2
+    assert "float16's range" in capsys.readouterr().err and not (tmp_path / "half").exists()
+    _edit_weights(folder, lambda sd: sd.__setitem__(D, sd[D].double() * 1e300))  # past float32 as well
+    with pytest.raises(CheckpointError, match=rf"{D} beyond float32's range.*corrupt"):
+        load_model(folder)
+
+
+def test_tied_config_with_a_different_lm_head_is_refused(hf_checkpoint, tmp_path):
+    """config.json ties the head to the embeddings but the file holds its own lm_head.weight: it
+    was copied over the shared embeddings (whichever came last won), silently."""
+    src, _ = hf_checkpoint("mamba")
+    assert load_model(src).config.tie_embeddings
+    same = _copy(src, tmp_path / "same")  # a saver that writes the tied copy too: fine
+    _edit_weights(same, lambda sd: sd.__setitem__("lm_head.weight", sd["backbone.embeddings.weight"].clone()))
+    assert torch.equal(_logits(load_model(same)), _logits(load_model(src)))
+    other = _copy(src, tmp_path / "other")
+    _edit_weights(other, lambda sd: sd.__setitem__("lm_head.weight", torch.randn(128, 32)))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true.*lm_head\.weight that differs.*set "
+                                              r"tie_word_embeddings to false"):
+        load_model(other)
+
+
+@pytest.mark.parametrize("content,named", [
+    ([1, 2], "is a list"),
+    ({1: torch.zeros(1)}, "is a dict holding other things than name -> tensor"),
+    ({D: [1.0, 2.0]}, "is a dict holding other things than name -> tensor"),
+    ({"state_dict": {D: torch.zeros(64)}}, "is a training checkpoint with the weights under 'state_dict'"),
+], ids=["list", "int-keys", "non-tensor", "nested"])
+def test_bin_that_is_not_a_state_dict_is_refused(hf_checkpoint, tmp_path, content, named):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(hf_checkpoint("mamba")[0] / "config.json", folder)
+    torch.save(content, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"pytorch_model\.bin {named}.*model\.state_dict\(\)"):
+        load_model(folder)
+
+
+# ----------------------------------------------------------------------------- shard indexes
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def sharded(hf_checkpoint, tmp_path_factory):
+    from mamba_deploy import save_checkpoint
+
+    src, _ = hf_checkpoint("mamba")
+    out = save_checkpoint(load_model(src), tmp_path_factory.mktemp("sharded") / "m", max_shard_bytes=20_000)
+    return out, _logits(load_model(src))
+
+
+def _index_edit(fn):
+    def edit(folder):
+        path = folder / INDEX
+        path.write_text(json.dumps(fn(json.loads(path.read_text()))))
+    return edit
+
+
+def _replace(folder, name, make):
+    (folder / name).unlink()
+    make(folder / name)
+
+
+@pytest.mark.parametrize("damage", [
+    _index_edit(lambda j: [j]),
+    _index_edit(lambda j: {"weight_map": None}),
+    _index_edit(lambda j: {"weight_map": list(j["weight_map"].items())}),
+    _index_edit(lambda j: {"weight_map": {k: 1 for k in j["weight_map"]}}),
+    lambda f: (f / INDEX).write_bytes(b"\xff\xfe{}"),
+    lambda f: _replace(f, INDEX, lambda p: p.mkdir()),
+], ids=["list", "map-null", "map-list", "map-ints", "not-utf8", "folder"])
+def test_malformed_shard_index_is_a_checkpoint_error(sharded, tmp_path, damage):
+    """Each was an AttributeError, TypeError, UnicodeDecodeError or IsADirectoryError."""
+    folder = _copy(sharded[0], tmp_path / "m")
+    assert torch.equal(_logits(load_model(folder)), sharded[1])  # the copy itself is fine
+    damage(folder)
+    with pytest.raises(CheckpointError, match=rf"{INDEX} is not a valid shard index.*re-save the checkpoint"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("where", ["/abs", "../up"])
+def test_shard_index_naming_files_outside_its_folder_is_refused(sharded, hf_checkpoint, tmp_path, where):
+    """It read the weights of whatever file the index pointed to, anywhere on the disk."""
+    folder = _copy(sharded[0], tmp_path / "m")
+    elsewhere = _copy(hf_checkpoint("mamba")[0], tmp_path / "elsewhere") / "model.safetensors"
+    name = str(elsewhere) if where == "/abs" else "../elsewhere/model.safetensors"
+    _index_edit(lambda j: {"weight_map": {k: name for k in j["weight_map"]}})(folder)
+    with pytest.raises(CheckpointError, match=rf"names files outside {folder}.*model\.safetensors"):
+        load_model(folder)
+
+
+def test_shard_index_is_what_is_read(sharded, tmp_path):
+    """The index decides which shard a tensor is read from: a stale second copy in another shard
+    was loaded over the indexed one (whichever came last), and an index entry its shard does not
+    hold went unnoticed."""
+    folder = _copy(sharded[0], tmp_path / "m")
+    index = json.loads((folder / INDEX).read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    key = next(k for k, f in index.items() if f == shards[0])
+    _edit_weights(folder, lambda sd: sd.__setitem__(key, torch.full_like(load_file(folder / shards[0])[key], 7.0)),
+                  name=shards[1])  # a stale copy of `key` in another shard
+    assert torch.equal(_logits(load_model(folder)), sharded[1])
+    _index_edit(lambda j: {**j, "weight_map": {**j["weight_map"], "backbone.extra.x": shards[0]}})(folder)
+    with pytest.raises(CheckpointError, match=rf"assigns backbone\.extra\.x to {shards[0]}, which does not hold"):
+        load_model(folder)
+
+
+# ----------------------------------------------------------------------------- sizes before allocation
+
+LAYERS = 20_000  # the old loaders built this many layers (~20 s) before reporting missing tensors
+
+
+@pytest.mark.parametrize("how", ["load", "inspect", "quantized"])
+def test_config_deeper_than_its_weights_fails_before_building(hf_checkpoint, tmp_path, capsys, how):
+    """An edited num_hidden_layers (a typo of 10**9 took all the memory) is refused from the
+    weights' tensor names before any model of that depth is built."""
+    src, _ = hf_checkpoint("mamba")
+    if how == "quantized":
+        from mamba_deploy.quant import quantize, save_quantized
+
+        folder = save_quantized(quantize(load_model(src), "int8", progress=False), tmp_path / "q")
+    else:
+        folder = _copy(src, tmp_path / "m")
+    _edit_config(folder, lambda c: c.update(num_hidden_layers=LAYERS))
+    start = time.monotonic()
+    needle = f"num_hidden_layers={LAYERS}, but the weights hold 2 layers"
+    if how == "inspect":
+        assert cli_main(["inspect", str(folder)]) == 2
+        assert needle in capsys.readouterr().err
+    else:
+        with pytest.raises(CheckpointError, match=needle):
+            load_model(folder)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("path", ["~no_such_user_0x7f/model", "/tmp/" + "a" * 5000],
+                         ids=["unknown-user", "name-too-long"])
+def test_model_path_that_cannot_be_a_path_is_typed(path):
+    """RuntimeError from Path.expanduser, OSError (ENAMETOOLONG) from Path.exists."""
+    with pytest.raises(ModelNotFoundError, match="cannot use the model path"):
+        load_model(path)

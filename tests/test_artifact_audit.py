@@ -236,3 +236,30 @@ def test_model_path_that_cannot_be_a_path_is_typed(path):
     """RuntimeError from Path.expanduser, OSError (ENAMETOOLONG) from Path.exists."""
     with pytest.raises(ModelNotFoundError, match="cannot use the model path"):
         load_model(path)
+
+
+# ----------------------------------------------------------------------------- config dialects
+
+def test_mamba_ssm_d_ssm_narrower_than_the_layer_is_unsupported(hf_checkpoint, tmp_path):
+    """mamba_ssm's Mamba2 d_ssm < d_inner (SSM on part of the width, a gated MLP on the rest) was
+    ignored: the weights then failed as 'does not match its config.json' (or a matching file
+    loaded as another model)."""
+    from mamba_deploy import save_checkpoint
+
+    out = save_checkpoint(load_model(hf_checkpoint("mamba2")[0]), tmp_path / "ssm", fmt="mamba_ssm")
+    _edit_config(out, lambda c: c["ssm_cfg"].update(d_ssm=64))  # = expand * d_model: the plain layer
+    want = _logits(load_model(out))
+    _edit_config(out, lambda c: c["ssm_cfg"].update(d_ssm=32))
+    with pytest.raises(UnsupportedArchitectureError, match=r"ssm_cfg\.d_ssm=32 .* not supported"):
+        load_model(out)
+    assert want.shape == (2, 9, 128)
+
+
+def test_config_messages_name_the_file_and_the_fix(hf_checkpoint, tmp_path):
+    folder = _copy(hf_checkpoint("mamba2")[0], tmp_path / "m")
+    _edit_config(folder, lambda c: c.update(time_step_limit=[0.0, {"__float__": "abc"}]))
+    with pytest.raises(ConfigError, match=rf"{folder / 'config.json'}: cannot read float encoding.*re-download"):
+        load_model(folder)
+    _edit_config(folder, lambda c: c.update(time_step_limit=[0.0, {"__float__": "Infinity"}], n_groups=3))
+    with pytest.raises(ConfigError, match=r"not a multiple of ngroups=3; check n_groups"):
+        load_model(folder)

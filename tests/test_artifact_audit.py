@@ -263,3 +263,143 @@ def test_config_messages_name_the_file_and_the_fix(hf_checkpoint, tmp_path):
     _edit_config(folder, lambda c: c.update(time_step_limit=[0.0, {"__float__": "Infinity"}], n_groups=3))
     with pytest.raises(ConfigError, match=r"not a multiple of ngroups=3; check n_groups"):
         load_model(folder)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+T = None if gguf is None else gguf.GGUFValueType
+
+
+def _gguf_rewrite(src, dst, edit=None, tensors=None, arch=None):
+    """A copy of GGUF `src` with metadata `edit` (key -> value of the same type, or (value, type[,
+    sub_type])), tensors replaced by `tensors` (name -> array) and general.architecture set to
+    `arch` ((value, type[, sub_type]))."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
+    if arch is not None:
+        w.kv_data[0]["general.architecture"] = gguf.gguf_writer.GGUFValue(arch[0], arch[1], *arch[2:])
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == T.ARRAY else None
+        value, vtype = f.contents(), f.types[0]
+        if name in (edit or {}):
+            new = edit[name]
+            value, vtype, sub = new if isinstance(new, tuple) else (new, vtype, sub)
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    for t in r.tensors:
+        if name := (t.name if t.name in (tensors or {}) else None):
+            w.add_tensor(name, tensors[name])
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def gguf_file(ckpt, tmp_path_factory):
+    from mamba_deploy.export.gguf import export_gguf
+
+    cache = {}
+
+    def make(kind="mamba2"):
+        if kind not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[kind] = export_gguf(ckpt(kind)[0], tmp_path_factory.mktemp("gguf") / f"{kind}.gguf")
+        return cache[kind]
+
+    return make
+
+
+def _bad_gguf(gguf_file, tmp_path, kind="mamba2", **kw):
+    (tmp_path / "g").mkdir(exist_ok=True)
+    return _gguf_rewrite(gguf_file(kind), tmp_path / "g" / "m.gguf", **kw)
+
+
+@pytest.mark.parametrize("value", [(["mamba2"], "ARRAY", "STRING"), ([1], "ARRAY", "UINT32")],
+                         ids=["str-array", "int-array"])
+def test_gguf_architecture_that_is_not_a_string(gguf_file, tmp_path, value):
+    """general.architecture stored as an array: TypeError (unhashable list)."""
+    arch = (value[0], getattr(T, value[1]), getattr(T, value[2]))
+    path = _bad_gguf(gguf_file, tmp_path, arch=arch)
+    with pytest.raises(UnsupportedArchitectureError, match=rf"GGUF architecture {value[0]!r}".replace("[", r"\[")):
+        load_model(path)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("mamba2.block_count", LAYERS, f"mamba2.block_count={LAYERS}, but the weights hold 2 layers"),
+    ("mamba2.embedding_length", 2**31, rf"token_embd\.weight: file \(128, 32\) vs config \(128, {2**31}\)"),
+    ("mamba2.ssm.inner_size", 2**31, r"blk\.0\.ssm_in\.weight: file \(164, 32\) vs config"),
+], ids=["block_count", "embedding_length", "inner_size"])
+def test_gguf_sizes_are_checked_before_allocating(gguf_file, tmp_path, key, value, needle):
+    """The model was allocated at the metadata's sizes before any tensor was compared: 2**31
+    wide was a RuntimeError from torch's allocator, 20000 layers ~20 s of building (10**9: all
+    the memory)."""
+    path = _bad_gguf(gguf_file, tmp_path, edit={key: value})
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=needle):
+        load_model(path)
+    assert time.monotonic() - start < 10
+
+
+def test_gguf_vocab_larger_than_its_embedding_is_refused(gguf_file, tmp_path):
+    """mamba_deploy.vocab_size 200 over 128 embedding rows: ids 128..199 got zero rows (logits of
+    exactly 0), silently; the HF loader refuses the same case."""
+    path = _bad_gguf(gguf_file, tmp_path, edit={"mamba_deploy.vocab_size": 200})
+    with pytest.raises(CheckpointError, match=r"vocab_size=200\).*token_embd\.weight: file \(128, 32\) vs config "
+                                              r"\(200, 32\)"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("shape", [(96,), (96, 2, 4)], ids=["1d", "3d"])
+def test_gguf_tensor_of_an_impossible_shape(gguf_file, tmp_path, shape):
+    """A conv tensor of another rank: numpy's 'cannot reshape array' ValueError."""
+    path = _bad_gguf(gguf_file, tmp_path, tensors={"blk.0.ssm_conv1d.weight": np.zeros(shape, np.float32)})
+    with pytest.raises(CheckpointError, match=r"blk\.0\.ssm_conv1d\.weight: file .* vs config \(96, 1, 4\)"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("blk.0.ssm_in.weight", np.full((164, 32), np.nan, np.float32), r"\['blk\.0\.ssm_in\.weight'\]: the file is"),
+    ("blk.0.ssm_a", np.ones((4, 1), np.float32), r"\['blk\.0\.ssm_a'\] \(an ssm_a holds -exp"),
+], ids=["nan", "positive-A"])
+def test_gguf_non_finite_weights_are_refused(gguf_file, tmp_path, name, value, needle):
+    """Both loaded silently: NaN weights, and a positive ssm_a whose log is NaN (every logit NaN)."""
+    path = _bad_gguf(gguf_file, tmp_path, tensors={name: value})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's 'invalid value encountered in log' stays inside
+        with pytest.raises(CheckpointError, match=needle + ".*corrupt"):
+            load_model(path)
+
+
+def test_gguf_values_beyond_float16_are_refused(gguf_file, tmp_path):
+    value = np.ones((4, 1), np.float32)
+    value[0] = 1e5
+    path = _bad_gguf(gguf_file, tmp_path, tensors={"blk.0.ssm_d": value})
+    assert torch.isfinite(_logits(load_model(path))).all()
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.D'\] beyond float16's range.*bfloat16"):
+        load_model(path, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("key,value", [("tokenizer.ggml.merges", ([1, 2], "ARRAY", "UINT32")),
+                                       ("tokenizer.ggml.tokens", (["a", "b"], "ARRAY", "STRING"))],
+                         ids=["merges-ints", "tokens-short"])
+def test_gguf_tokenizer_metadata_of_the_wrong_kind(gguf_file, tmp_path, key, value):
+    """Integer merges were an AttributeError ('int' has no split) from load_model; now, as for any
+    tokenizer without a tokenizers equivalent, the model loads with a warning naming the key, and
+    re-exporting the file (which copies its vocabulary) is an ExportError writing nothing."""
+    path = _bad_gguf(gguf_file, tmp_path, edit={key: (value[0], getattr(T, value[1]), getattr(T, value[2]))})
+    with pytest.warns(UserWarning, match=key.split(".")[-1]):
+        model = load_model(path)
+    assert model.config.n_layer == 2
+    from mamba_deploy.export.gguf import export_gguf
+
+    with pytest.raises(ExportError, match=rf"tokenizer\.ggml\.{key.split('.')[-1]}.*re-export"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the load's warning, as above
+        export_gguf(path, tmp_path / "again.gguf")
+    assert not (tmp_path / "again.gguf").exists()

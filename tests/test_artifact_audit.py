@@ -403,3 +403,58 @@ def test_gguf_tokenizer_metadata_of_the_wrong_kind(gguf_file, tmp_path, key, val
         warnings.simplefilter("ignore")  # the load's warning, as above
         export_gguf(path, tmp_path / "again.gguf")
     assert not (tmp_path / "again.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- quantized checkpoints
+
+@pytest.fixture(scope="module")
+def quantized(hf_checkpoint, tmp_path_factory):
+    from mamba_deploy.quant import quantize, save_quantized
+
+    src, _ = hf_checkpoint("mamba2")
+    return save_quantized(quantize(load_model(src), "int4", group_size=32, progress=False),
+                          tmp_path_factory.mktemp("quant") / "q")
+
+
+@pytest.mark.parametrize("module", ["backbone.layers.0.mixer", "backbone.layers.0.mixer.conv1d", "backbone.norm_f",
+                                    ""], ids=["mixer", "conv1d", "norm", "root"])
+def test_quantization_config_naming_a_layer_that_is_not_linear(quantized, tmp_path, module):
+    """An AttributeError ('Mamba2Mixer' object has no attribute 'in_features')."""
+    folder = _copy(quantized, tmp_path / "q")
+    _edit_config(folder, lambda c: c["quantization_config"]["modules"].update({module: {"format": "int8"}}))
+    with pytest.raises(QuantizationError, match=rf"module {module!r} is not a Linear or Embedding layer.*"
+                                                "mamba-deploy quantize"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda q: q.update(method=["int4"]), r"method=\['int4'\] unknown"),
+    (lambda q: q["modules"]["backbone.layers.0.mixer.in_proj"].update(format=["int4"]), r"'format': one of"),
+], ids=["method-list", "format-list"])
+def test_quantization_config_values_of_the_wrong_type(quantized, tmp_path, edit, needle):
+    """TypeError: unhashable type: 'list'."""
+    folder = _copy(quantized, tmp_path / "q")
+    _edit_config(folder, lambda c: edit(c["quantization_config"]))
+    with pytest.raises(QuantizationError, match=needle):
+        load_model(folder)
+
+
+def test_quantized_float_tensor_stored_as_integers_is_refused(quantized, tmp_path):
+    """D (a float parameter) stored as int64, or int4 scales as int32, were cast and loaded."""
+    folder = _copy(quantized, tmp_path / "q")
+    _edit_weights(folder, lambda sd: sd.__setitem__(D, sd[D].long()))
+    with pytest.raises(CheckpointError, match=rf"{D}: file \(4,\) torch\.int64 vs expected \(4,\) torch\.float32"):
+        load_model(folder)
+
+
+def test_quantized_config_sizes_are_checked_before_allocating(hf_checkpoint, tmp_path):
+    """A quantized checkpoint built its model at the config's sizes before comparing any tensor:
+    hidden_size 2**40 was a RuntimeError from torch's allocator (and a size that fits the
+    address space but not the memory, the OOM killer). Now the file headers are checked first."""
+    from mamba_deploy.quant import quantize, save_quantized
+
+    folder = save_quantized(quantize(load_model(hf_checkpoint("mamba")[0]), "int8", progress=False), tmp_path / "q")
+    _edit_config(folder, lambda c: c.update(hidden_size=2**40))
+    with pytest.raises(CheckpointError, match=r"backbone\.embeddings\.weight: file \(128, 32\) .* vs expected "
+                                              rf"\(128, {2**40}\)"):
+        load_model(folder)

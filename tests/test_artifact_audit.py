@@ -458,3 +458,40 @@ def test_quantized_config_sizes_are_checked_before_allocating(hf_checkpoint, tmp
     with pytest.raises(CheckpointError, match=r"backbone\.embeddings\.weight: file \(128, 32\) .* vs expected "
                                               rf"\(128, {2**40}\)"):
         load_model(folder)
+
+
+# ----------------------------------------------------------------------------- ONNX export folders
+
+@pytest.mark.parametrize("damage", [lambda p: (p.unlink(), p.mkdir()), lambda p: p.write_bytes(b"\xff\xfe{}")],
+                         ids=["folder", "not-utf8"])
+def test_onnx_manifest_that_cannot_be_read(onnx_export, tmp_path, damage):
+    """IsADirectoryError / UnicodeDecodeError from read_text."""
+    from mamba_deploy.runners import open_runner
+
+    folder = _copy(onnx_export("mamba")[0], tmp_path / "o")
+    damage(folder / "manifest.json")
+    with pytest.raises(ExportError, match=r"manifest\.json .*re-export the model"):
+        open_runner(folder)
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+def test_broken_chat_template_of_the_model_names_its_source(ckpt, tmp_path, capsys):
+    """'the chat template failed: TemplateSyntaxError ...' named neither where the template came
+    from nor what to do; a template the caller gave stays reported as before."""
+    from mamba_deploy.chat import ChatTemplateError, chat_ids
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    folder = _copy(ckpt("mamba")[0], tmp_path / "m")
+    _edit_config(folder, lambda c: c.update(chat_template="{% for m in messages %}"), name="tokenizer_config.json")
+    tok = load_tokenizer(folder)  # plain prompts still work
+    assert tok.encode("hello")
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match=rf"TemplateSyntaxError.*\(the chat template of {folder}: "
+                                                r"tokenizer_config\.json.*--chat-template FILE"):
+        chat_ids(tok, messages)
+    with pytest.raises(ChatTemplateError) as e:
+        chat_ids(tok, messages, "{% if %}")
+    assert "--chat-template" not in str(e.value)
+    assert cli_main(["generate", str(folder), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert f"the chat template of {folder}" in capsys.readouterr().err

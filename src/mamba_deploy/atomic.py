@@ -118,9 +118,11 @@ def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
 
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ExportError(f"{path} is not valid JSON ({e}); {fix}") from e
+    except OSError as e:  # a folder, or unreadable
+        raise ExportError(f"cannot read {path} ({e.strerror or e}); {fix}") from e
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ExportError(f"{path} is not a mamba-deploy {kind} (format={found!r}); {fix}")

@@ -143,14 +143,21 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
 def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
     """The token ids of a conversation, ready for the assistant's reply. `template` overrides the
     tokenizer's own; ConfigError when there is none."""
+    own = template is None
     template = template if template is not None else getattr(tokenizer, "chat_template", None)
+    where = getattr(tokenizer, "path", None) or "this model"
+    sources = f"tokenizer_config.json \"chat_template\", {CHAT_TEMPLATE_FILE}, or a GGUF's {GGUF_CHAT_TEMPLATE_KEY}"
     if not template:
-        where = getattr(tokenizer, "path", None) or "this model"
-        raise ConfigError(f"{where} has no chat template (tokenizer_config.json \"chat_template\", "
-                          f"{CHAT_TEMPLATE_FILE}, or a GGUF's {GGUF_CHAT_TEMPLATE_KEY}); give one with "
+        raise ConfigError(f"{where} has no chat template ({sources}); give one with "
                           "--chat-template FILE, or send plain prompts")
     names = [_token_text(tokenizer, i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
-    text = render_chat(template, messages, *names)
+    try:
+        text = render_chat(template, messages, *names)
+    except ChatTemplateError as e:
+        if not own or e.__cause__ is None:  # the caller's template, or a refusal of this conversation
+            raise
+        raise ChatTemplateError(f"{e} (the chat template of {where}: {sources}); fix it there, or give a "
+                                "working one with --chat-template FILE") from e
     if not text.strip():  # else it surfaces later as "a prompt is empty", pointing at the prompt
         raise ChatTemplateError(f"the chat template rendered nothing for this conversation ({text!r}); check "
                                 "that it writes `messages` (e.g. {% for m in messages %}...{% endfor %})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir, read_json_object
-from .config import MambaConfig
+from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from .extras import install_hint
 from .tokenizer import find_sentencepiece
@@ -40,6 +41,16 @@ WEIGHT_FILES = WEIGHT_INDEXES + WEIGHT_SINGLES
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+# safetensors dtype code -> torch dtype, so that header-only checks see what a tensor is stored as
+SAFETENSORS_DTYPES = {**SAFETENSORS_FLOATS, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32,
+                      "U64": torch.uint64, "BOOL": torch.bool, "C64": torch.complex64}
+# what a float checkpoint's tensors may be stored in (anything else would be cast to float silently:
+# integer codes of another tool's quantization, fp8 without its scales, booleans)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# a layer's tensors: backbone.layers.N. (HF, mamba_ssm, mistral's model.backbone...), blk.N. (GGUF)
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------- locating
@@ -49,10 +60,15 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     if not str(path_or_id).strip():  # Path("") is ".", the working folder: not what was meant
         raise ModelNotFoundError(f"the model path is empty ({str(path_or_id)!r}); pass a checkpoint folder, a .gguf "
                                  "file or a hub id like 'state-spaces/mamba-130m-hf'")
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        return p
     s = str(path_or_id)
+    try:
+        p = Path(path_or_id).expanduser()
+        exists = p.exists()
+    except (RuntimeError, OSError) as e:  # ~user that does not exist; a name too long for the filesystem
+        raise ModelNotFoundError(f"cannot use the model path {s!r:.120} ({e}); pass a checkpoint folder, a .gguf "
+                                 "file or a hub id like 'state-spaces/mamba-130m-hf'") from e
+    if exists:
+        return p
     looks_like_hub = (s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith((".gguf", ".json"))
                       and not Path(s.split("/")[0]).is_dir())  # "models/typo" is a local path, not an org
     if not looks_like_hub:
@@ -159,44 +175,94 @@ def read_raw_config(folder: Path) -> dict:
 # ----------------------------------------------------------------------------- reading weights
 
 def _weight_files(folder: Path) -> list[Path]:
+    return list(_weight_sources(folder))
+
+
+def _weight_sources(folder: Path) -> dict[Path, set[str] | None]:
+    """weight file -> the tensor names to read from it: those a shard index assigns to it, or None
+    (every tensor in the file) when there is no index."""
     for index_name in WEIGHT_INDEXES:
         index = folder / index_name
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e}); re-save the checkpoint") from e
-            files = sorted({folder / f for f in weight_map.values()})
-            missing = [str(f) for f in files if not f.exists()]
+            files: dict[Path, set[str]] = {}
+            for k, f in _read_index(index).items():
+                files.setdefault(folder / f, set()).add(k)
+            missing = [str(f) for f in sorted(files) if not f.exists()]
             if missing:
                 raise CheckpointError(f"shard index {index} names missing files: {missing}")
-            return files
+            return dict(sorted(files.items()))
     for name in WEIGHT_SINGLES:
         if (folder / name).exists():
-            return [folder / name]
+            return {folder / name: None}
     found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
     if found:
-        return [folder / f for f in found]
+        return {folder / f: None for f in found}
     raise ModelNotFoundError(f"{folder} has no weights (looked for {', '.join(WEIGHT_FILES)}); put the weight "
                              "files beside its config.json, or pass the folder that has them (a hub download "
                              "that stopped part-way: download it again)")
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """A shard index's weight_map (tensor name -> shard file in the index's folder), checked."""
+    fix = "re-save the checkpoint (or download it again)"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{index} is not a valid shard index ({e}); {fix}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not (isinstance(weight_map, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items())):
+        found = weight_map if isinstance(data, dict) else data
+        raise CheckpointError(f"{index} is not a valid shard index: its 'weight_map' must map each tensor name to "
+                              f"the shard file holding it, not {found!r:.80}; {fix}")
+    outside = sorted({f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts})
+    if outside:
+        raise CheckpointError(f"shard index {index} names files outside {index.parent}: {outside[:3]}; {fix}")
+    return weight_map
+
+
 def iter_tensors(folder: Path, shapes_only: bool = False):
-    """Yield (name, tensor) over every weight file, one tensor at a time (memory-mapped);
-    shapes_only: safetensors tensors as empty meta tensors of their shape, read from the headers."""
-    for f in _weight_files(folder):
+    """Yield (name, tensor) over every weight file, one tensor at a time (memory-mapped); with a
+    shard index, the tensors it assigns to each shard. shapes_only: safetensors tensors as empty
+    meta tensors of their shape and dtype, read from the headers."""
+    for f, names in _weight_sources(folder).items():
         if f.suffix == ".safetensors":
-            yield from _iter_safetensors(f, shapes_only)
+            yield from _iter_safetensors(f, shapes_only, names)
         else:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"cannot read {f}: {e}; the file is corrupt or not a PyTorch state dict") from e
-            yield from sd.items()
+            yield from _iter_bin(f, names)
 
 
-def _iter_safetensors(f: Path, shapes_only: bool = False):
+def _iter_bin(f: Path, names=None):
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {f}: {e}; the file is corrupt or not a PyTorch state dict") from e
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+        inner = [k for k in ("state_dict", "model") if isinstance(sd, dict) and isinstance(sd.get(k), dict)]
+        what = f"a {type(sd).__name__}" + (" holding other things than name -> tensor" if isinstance(sd, dict) else "")
+        if inner:
+            what = f"a training checkpoint with the weights under {inner[0]!r}"
+        raise CheckpointError(f"{f} is {what}, not a state dict (tensor name -> tensor); save the model's weights "
+                              "alone: torch.save(model.state_dict(), path), or save_pretrained")
+    yield from _pick(sd, sd.__getitem__, names, f)
+
+
+def _pick(keys, get, names, f: Path):
+    """(name, get(name)) over a weight file's tensor names, limited to `names` (those a shard index
+    assigns to the file) when given; a name the index assigns to it that it lacks is a CheckpointError."""
+    keys = list(keys)
+    if names is not None:
+        absent = sorted(names - set(keys))
+        if absent:
+            raise CheckpointError(f"the shard index in {f.parent} assigns {_short(absent)} to {f.name}, which does "
+                                  "not hold them: the shard or the index comes from another save; re-save the "
+                                  "checkpoint (or download it again)")
+        keys = [k for k in keys if k in names]
+    for k in keys:
+        yield k, get(k)
+
+
+def _iter_safetensors(f: Path, shapes_only: bool = False, names=None):
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -204,11 +270,23 @@ def _iter_safetensors(f: Path, shapes_only: bool = False):
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, re-download or re-save it") from e
     with handle as h:
-        for k in h.keys():
-            try:
-                yield k, (torch.empty(h.get_slice(k).get_shape(), device="meta") if shapes_only else h.get_tensor(k))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
+        yield from _pick(h.keys(), lambda k: _read(h, k, f, shapes_only), names, f)
+
+
+def _read(h, k: str, f: Path, shapes_only: bool):
+    from safetensors import SafetensorError
+
+    try:
+        if not shapes_only:
+            return h.get_tensor(k)
+        sl = h.get_slice(k)
+        shape, code = sl.get_shape(), sl.get_dtype()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read tensor {k!r} from {f}: {e}") from e
+    if code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"tensor {k!r} in {f} is stored as {code}, which torch cannot load; re-save the "
+                              "checkpoint in float16, bfloat16 or float32")
+    return torch.empty(shape, dtype=SAFETENSORS_DTYPES[code], device="meta")
 
 
 def detect_layout(keys) -> str:
@@ -233,13 +311,15 @@ def from_our_key(k: str, layout: str) -> str:
 
 
 def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_only: bool = False) -> None:
-    """Copy the checkpoint into `model` (already on device/dtype), checking names, shapes and
-    that every value is finite. shapes_only: check names and shapes from the file headers only
-    (`inspect`; `model` may live on the meta device)."""
+    """Copy the checkpoint into `model` (already on device/dtype), checking names, shapes, that
+    every tensor is stored as a float and that every value is finite in the model's dtype.
+    shapes_only: check names, shapes and dtypes from the file headers only (`inspect`; `model` may
+    live on the meta device)."""
     cfg: MambaConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    seen, unexpected, bad_shape, nonfinite = set(), [], [], []
+    seen, unexpected, bad_shape, bad_dtype, nonfinite, overflow = set(), [], [], [], [], []
+    head = None  # a tied model's lm_head.weight in the file: must equal the embeddings it is tied to
     layout = None
     for k, t in iter_tensors(folder, shapes_only):
         layout = layout or detect_layout([k])
@@ -250,19 +330,24 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             unexpected.append(k)
             continue
         p = params[name]
+        seen.add(name)  # present: a wrong shape or dtype is reported as such rather than as missing
+        if t.dtype not in WEIGHT_DTYPES:
+            bad_dtype.append(f"{k} ({str(t.dtype).removeprefix('torch.')})")
+            continue
         if name.endswith("embeddings.weight") or name == "lm_head.weight":
             t = _pad_vocab(t, p.shape[0], k, cfg.vocab_size)
         if tuple(t.shape) != tuple(p.shape):
             bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
-            seen.add(name)  # present, reported as wrongly shaped rather than missing
             continue
-        seen.add(name)
         if shapes_only:
             continue
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            nonfinite.append(k)  # a corrupt file or a diverged run: outputs would be NaN / empty
+        if name in tied:
+            head = (k, t)
+            continue
         with torch.no_grad():
             p.copy_(t.to(device=device, dtype=p.dtype))
+        if not bool(torch.isfinite(p).all()):  # NaN / inf in the file, or values past the model's dtype
+            (overflow if bool(torch.isfinite(t).all()) else nonfinite).append(k)
     missing = sorted(set(params) - seen - tied)
     problems = []
     if missing:
@@ -271,14 +356,52 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
         problems.append(f"unexpected tensors: {_short(unexpected)}")
     if bad_shape:
         problems.append(f"wrong shapes: {_short(bad_shape)}")
-    if nonfinite and not problems:
-        raise CheckpointError(f"checkpoint {folder} has NaN or infinite values in {_short(nonfinite)}: the file is "
-                              "corrupt or the training run diverged; re-download or re-save it")
     if problems:
         raise CheckpointError(
             f"checkpoint {folder} does not match its config.json ({cfg.arch}, d_model={cfg.d_model}, "
             f"n_layer={cfg.n_layer}): " + "; ".join(problems) + ". Check that config.json belongs to these weights."
         )
+    if bad_dtype:
+        raise CheckpointError(f"checkpoint {folder} stores {_short(bad_dtype)}, not as floats: a Mamba checkpoint's "
+                              "weights are float16, bfloat16 or float32 (integer or fp8 tensors come from another "
+                              "tool's quantization); pass the original float checkpoint, and quantize it with "
+                              "`mamba-deploy quantize` if need be")
+    if nonfinite:
+        raise CheckpointError(f"checkpoint {folder} has NaN or infinite values in {_short(nonfinite)}: the file is "
+                              "corrupt or the training run diverged; re-download or re-save it")
+    if overflow:
+        p_dtype = params[to_our_key(overflow[0], layout)].dtype
+        fix = ("load it in float32 or bfloat16 (--dtype)" if p_dtype == torch.float16 else
+               "the file is corrupt or the training run diverged; re-download or re-save it")
+        raise CheckpointError(f"checkpoint {folder} has values in {_short(overflow)} beyond "
+                              f"{str(p_dtype).removeprefix('torch.')}'s range, which would load as infinities; {fix}")
+    if head is not None:
+        emb = params["backbone.embeddings.weight"]
+        if not torch.equal(head[1].to(device=emb.device, dtype=emb.dtype), emb):
+            key = config_key(cfg, "tie_embeddings")
+            raise CheckpointError(f"checkpoint {folder}: its config ties the output head to the embeddings "
+                                  f"({key}=true) but the weights hold a separate {head[0]} that differs from them; "
+                                  f"set {key} to false in its config (or remove {head[0]} if the head is meant to "
+                                  "be the embeddings)")
+
+
+def check_layer_count(names, n_layer: int, where: str, fix: str) -> None:
+    """Before a model of `n_layer` layers is built: the weights (`names`) must hold that many
+    (an edited count of 10**9 would otherwise take all the memory building it). More layers in the
+    weights than the config says is left to the name check, which names the extra tensors."""
+    found = {int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
+    held = max(found) + 1 if found else 0
+    if n_layer > held:
+        raise CheckpointError(f"{where}={n_layer}, but the weights hold {held} layers; {fix}")
+
+
+def check_depth(folder: Path, cfg: MambaConfig) -> None:
+    """check_layer_count for a checkpoint folder, from its tensor names (headers only)."""
+    names = [k for k, _ in iter_tensors(folder, shapes_only=True)]
+    key = config_key(cfg, "n_layer")
+    cfg_name = config_file(folder).name if config_file(folder) else "config.json"
+    check_layer_count(names, cfg.n_layer, f"{folder / cfg_name} says {key}",
+                      "check that the config belongs to these weights (and that none of the weight files is missing)")
 
 
 def meta_model(cfg: MambaConfig):
@@ -490,6 +613,7 @@ def _load_model(path_or_hub_id, device, dtype):
         else:
             raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
     cfg = read_config(path)
+    check_depth(path, cfg)  # before any model of the config's depth is built
     raw = read_raw_config(path)
     if "quantization_config" in raw:
         from .quant.runtime import load_quantized

@@ -58,6 +58,7 @@ MAMBA_SSM_KEYS = dict(rms_norm_eps="norm_epsilon", **{k: f"ssm_cfg.{k}" for k in
     "d_state", "d_conv", "expand", "conv_bias", "bias", "dt_rank", "headdim", "ngroups", "chunk_size", "rmsnorm",
     "norm_before_gate", "dt_limit")})
 MISTRAL_KEYS = dict(d_model="dim", n_layer="n_layers", ngroups="n_groups")
+DIALECT_KEYS = {"hf": HF_KEYS, "mamba_ssm": MAMBA_SSM_KEYS, "mistral": MISTRAL_KEYS}
 # What mistral_inference's MambaArgs requires (it has no defaults for them).
 MISTRAL_REQUIRED = ("dim", "n_layers", "vocab_size", "n_groups", "residual_in_fp32", "pad_vocab_size_multiple",
                     "tie_embeddings")
@@ -115,7 +116,9 @@ class MambaConfig:
                     "check expand / head_dim / num_heads in config.json"
                 )
             if self.nheads % self.ngroups:
-                raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
+                keys = [config_key(self, k) for k in ("ngroups", "nheads", "headdim")]
+                raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}; check "
+                                  f"{' / '.join(dict.fromkeys(keys))} in the model's config")
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -164,7 +167,7 @@ class MambaConfig:
 
     @classmethod
     def _read(cls, d: dict, where: str) -> "MambaConfig":
-        d = _decode_json_floats(d)
+        d = _decode_json_floats(d, where)
         if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
             return cls._from_mamba_ssm(d, where)
         if "dim" in d and "n_layers" in d:
@@ -300,7 +303,13 @@ class MambaConfig:
                 dt_limit=ssm.get("dt_limit", (0.0, math.inf)),
             )
         fix = "correct that value (or re-download the model's config.json)"
-        return cls(arch=arch, source="mamba_ssm", **check_values(kw, where, fix, MAMBA_SSM_KEYS))
+        kw = check_values(kw, where, fix, MAMBA_SSM_KEYS)
+        d_ssm = ssm.get("d_ssm")  # mamba_ssm Mamba2: the SSM on d_ssm channels, a gated MLP on the rest
+        if arch == "mamba2" and d_ssm is not None and d_ssm != kw["expand"] * kw["d_model"]:
+            raise UnsupportedArchitectureError(
+                f"{where}: ssm_cfg.d_ssm={d_ssm!r} (an SSM over part of the expand * d_model = "
+                f"{kw['expand'] * kw['d_model']} channels) is not supported; supported: {', '.join(SUPPORTED)}")
+        return cls(arch=arch, source="mamba_ssm", **kw)
 
     @classmethod
     def _from_mistral(cls, d: dict, where: str = "params.json") -> "MambaConfig":
@@ -423,6 +432,12 @@ class MambaConfig:
         return MambaConfig(**d)
 
 
+def config_key(cfg: MambaConfig, name: str) -> str:
+    """How the config file `cfg` was read from spells our field `name` (tie_embeddings ->
+    tie_word_embeddings in an HF config.json), for messages that tell the user what to edit."""
+    return DIALECT_KEYS.get(cfg.source, {}).get(name, name)
+
+
 def _refuse_layernorm(d: dict, where: str) -> None:
     """mamba_ssm's rms_norm=false builds LayerNorm blocks (with biases), which this toolkit does not implement."""
     value = d.get("rms_norm", True)
@@ -490,15 +505,16 @@ def _encode_float(v: float):
     return {"__float__": "Infinity"} if v == math.inf else v
 
 
-def _decode_json_floats(obj):
+def _decode_json_floats(obj, where: str = "config"):
     """transformers saves inf as {"__float__": "Infinity"}; python json may give float('inf')."""
     if isinstance(obj, dict):
         if set(obj) == {"__float__"}:
             try:
                 return float(obj["__float__"])
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"cannot read float encoding {obj!r}") from e
-        return {k: _decode_json_floats(v) for k, v in obj.items()}
+                raise ConfigError(f"{where}: cannot read float encoding {obj!r} (transformers writes "
+                                  '{"__float__": "Infinity"}); correct that value or re-download the config') from e
+        return {k: _decode_json_floats(v, where) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_decode_json_floats(v) for v in obj]
+        return [_decode_json_floats(v, where) for v in obj]
     return obj

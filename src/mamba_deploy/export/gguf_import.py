@@ -7,6 +7,7 @@ and mapped back through the inverse transforms of `gguf_tables.TENSORS`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
-from .gguf_tables import ARCH_FROM_GGUF, CONFIG_KEYS, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS
+from .gguf_tables import ARCH_FROM_GGUF, CONFIG_KEYS, GGUF_ARCH, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS
 
 _MISSING = object()
 
@@ -53,7 +54,7 @@ def field(reader, key: str, default=_MISSING):
 def read_config(reader, tensor_shapes: dict) -> MambaConfig:
     """MambaConfig from GGUF metadata; `tensor_shapes` (name -> numpy shape) fills the gaps."""
     gguf_arch = field(reader, "general.architecture")
-    if gguf_arch not in ARCH_FROM_GGUF:
+    if not isinstance(gguf_arch, str) or gguf_arch not in ARCH_FROM_GGUF:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {gguf_arch!r} is not supported; this toolkit loads "
             f"{', '.join(sorted(ARCH_FROM_GGUF))} GGUF files (use llama.cpp itself for other models)"
@@ -133,36 +134,49 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     tensors = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
     cfg = read_config(reader, shapes)
+    check_sizes(shapes, cfg, path)  # before a model of the metadata's sizes is allocated
     model = MambaLM(cfg)  # float32 on CPU while filling; moved at the end
     params = dict(model.named_parameters(remove_duplicate=False))
-    seen, problems = set(), []
-    for ours, gname, _, from_gguf, arches in TENSORS:
-        if cfg.arch not in arches:
+    seen, problems, nonfinite = set(), [], []
+    for key, name, from_gguf in _expected(cfg):
+        if name not in tensors:
+            problems.append(f"missing {name}")
             continue
-        for bid in range(cfg.n_layer) if "{bid}" in ours else [None]:
-            key, name = ours.format(bid=bid), gname.format(bid=bid)
-            if key == "lm_head.weight" and cfg.tie_embeddings:
-                continue
-            if name not in tensors:
-                problems.append(f"missing {name}")
-                continue
-            seen.add(name)
-            value = torch.from_numpy(np.ascontiguousarray(from_gguf(_dequantized(tensors[name]), cfg)))
-            p = params[key]
-            if key.endswith("embeddings.weight") or key == "lm_head.weight":
-                value = _fit_rows(value, p.shape[0], name)
-            if tuple(value.shape) != tuple(p.shape):
-                problems.append(f"{name}: file {tuple(value.shape)} vs config {tuple(p.shape)}")
-                continue
-            with torch.no_grad():
-                p.copy_(value)
+        seen.add(name)
+        p = params[key]
+        data = _dequantized(tensors[name])
+        try:
+            with np.errstate(all="ignore"):  # A = -exp(A_log) <= 0: a positive A's log is NaN, reported below
+                value = torch.from_numpy(np.ascontiguousarray(from_gguf(data, cfg)))
+        except ValueError:  # a reshape the tensor's shape does not allow
+            problems.append(f"{name}: file {shapes[name]} vs config {tuple(p.shape)}")
+            continue
+        if key.endswith("embeddings.weight") or key == "lm_head.weight":
+            value = _fit_rows(value, p.shape[0], name, cfg.vocab_size)
+        if tuple(value.shape) != tuple(p.shape):
+            problems.append(f"{name}: file {tuple(value.shape)} vs config {tuple(p.shape)}")
+            continue
+        if not bool(torch.isfinite(value).all()):
+            nonfinite.append(name)
+        with torch.no_grad():
+            p.copy_(value)
     extra = sorted(set(tensors) - seen)
     if extra:
         problems.append(f"unexpected tensors {extra[:8]}")
     if problems:
         raise CheckpointError(f"GGUF file {path} does not match its own metadata ({cfg.arch}, d_model={cfg.d_model}, "
                               f"n_layer={cfg.n_layer}): {'; '.join(problems[:8])}. Re-export the file.")
+    if nonfinite:
+        why = " (an ssm_a holds -exp(A_log): a value >= 0 is NaN or infinite once its log is taken)" \
+            if any(n.endswith("ssm_a") for n in nonfinite) else ""
+        raise CheckpointError(f"GGUF file {path} has NaN or infinite values in {nonfinite[:8]}{why}: the file is "
+                              "corrupt; re-export it (mamba-deploy export gguf) or re-download it")
     model = model.to(device=device, dtype=dtype).eval()
+    overflow = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if overflow:
+        raise CheckpointError(f"GGUF file {path} has values in {overflow[:8]} beyond "
+                              f"{str(dtype).removeprefix('torch.')}'s range, which would load as infinities; load it "
+                              "in float32 or bfloat16 (--dtype)")
     model.source_path = Path(path).parent
     model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
     if not (Path(path).parent / "tokenizer.json").exists():
@@ -170,7 +184,49 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     return model
 
 
-def _fit_rows(value, rows: int, name: str):
+def _expected(cfg):
+    """(our parameter, GGUF tensor name, from_gguf transform) for every tensor cfg's model reads."""
+    for ours, gname, _, from_gguf, arches in TENSORS:
+        if cfg.arch not in arches:
+            continue
+        for bid in range(cfg.n_layer) if "{bid}" in ours else [None]:
+            key = ours.format(bid=bid)
+            if not (key == "lm_head.weight" and cfg.tie_embeddings):
+                yield key, gname.format(bid=bid), from_gguf
+
+
+def check_sizes(shapes: dict, cfg: MambaConfig, path) -> None:
+    """The tensors' shapes (GGUF row-major) against the metadata's sizes, before any allocation:
+    the layer count, then every tensor's number of values (the embeddings: their width, and at
+    least as many rows as the vocabulary). An edited block_count or embedding_length would
+    otherwise allocate a model of that size first (all the memory, for a large one)."""
+    from ..checkpoint import check_layer_count, meta_model
+
+    arch = GGUF_ARCH[cfg.arch]
+    check_layer_count(shapes, cfg.n_layer, f"GGUF file {path}: its metadata {arch}.block_count",
+                      "the file's metadata is corrupt: re-export it (mamba-deploy export gguf) or re-download it")
+    params = dict(meta_model(cfg).named_parameters(remove_duplicate=False))
+    problems = []
+    for key, name, _ in _expected(cfg):
+        have, want = shapes.get(name), params[key].shape
+        if have is None:
+            continue  # reported as missing by the loader
+        if key.endswith("embeddings.weight") or key == "lm_head.weight":
+            ok = len(have) == 2 and have[1] == want[1] and have[0] >= cfg.vocab_size
+        else:
+            ok = math.prod(have) == want.numel()
+        if not ok:
+            problems.append(f"{name}: file {have} vs config {tuple(want)}")
+    if problems:
+        raise CheckpointError(f"GGUF file {path} does not match its own metadata ({cfg.arch}, d_model={cfg.d_model}, "
+                              f"n_layer={cfg.n_layer}, vocab_size={cfg.vocab_size}): {'; '.join(problems[:8])}. "
+                              "Re-export the file.")
+
+
+def _fit_rows(value, rows: int, name: str, vocab_size: int):
+    if value.shape[0] < vocab_size:  # zero rows for real ids: logits of exactly 0 that sampling can pick
+        raise CheckpointError(f"{name} has {value.shape[0]} rows, fewer than the vocabulary of {vocab_size} "
+                              f"(mamba_deploy.vocab_size); the file's metadata is corrupt: re-export it")
     if value.shape[0] < rows:  # vocab padding: extra rows are never produced by the tokenizer
         return torch.cat([value, value.new_zeros(rows - value.shape[0], *value.shape[1:])])
     if value.shape[0] > rows:

@@ -279,8 +279,16 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
     scores = field(reader, SCORES_KEY, None)
     prefix = field(reader, ADD_SPACE_PREFIX_KEY, None)
-    return Vocab(field(reader, "tokenizer.ggml.tokens"), [int(t) for t in field(reader, "tokenizer.ggml.token_type")],
-                 field(reader, "tokenizer.ggml.merges", []), field(reader, "tokenizer.ggml.pre", "default"),
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    merges = field(reader, "tokenizer.ggml.merges", [])
+    for key, value, kind in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
+        if not (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+            raise ExportError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be a list of {kind.__name__}, not "
+                              f"{value!r:.60}; the file's metadata is corrupt: re-export it or re-download it")
+    if len(types) != len(tokens):
+        raise ExportError(f"{path}: GGUF metadata has {len(tokens)} tokenizer.ggml.tokens but {len(types)} "
+                          "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
+    return Vocab(tokens, types, merges, field(reader, "tokenizer.ggml.pre", "default"),
                  special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
                  add_space_prefix=None if prefix is None else bool(prefix),

@@ -208,8 +208,9 @@ def make_config(method: str, opts: dict, modules: dict) -> dict:
     }
 
 
-def validate_config(qc, module_names) -> dict:
-    """Check a quantization_config read from disk; raise naming the first bad value."""
+def validate_config(qc, module_names, layers=None) -> dict:
+    """Check a quantization_config read from disk; raise naming the first bad value. `layers`: the
+    names among `module_names` that a spec may name (Linear / Embedding layers), when known."""
     def bad(msg):
         raise QuantizationError(f"malformed quantization_config in config.json: {msg}; "
                                 "re-create it with `mamba-deploy quantize`")
@@ -220,7 +221,7 @@ def validate_config(qc, module_names) -> dict:
         bad(f"quant_method={qc.get('quant_method')!r} is not {QUANT_METHOD_TAG!r} (only this toolkit's format is read)")
     if qc.get("version") != CONFIG_VERSION:
         bad(f"version={qc.get('version')!r}, this build reads version {CONFIG_VERSION}")
-    if qc.get("method") not in METHODS:
+    if not isinstance(qc.get("method"), str) or qc["method"] not in METHODS:
         bad(f"method={qc.get('method')!r} unknown; expected one of {list(METHODS)}")
     mods = qc.get("modules")
     if not isinstance(mods, dict) or not mods:
@@ -228,13 +229,17 @@ def validate_config(qc, module_names) -> dict:
     for name, spec in mods.items():
         if name not in module_names:
             bad(f"module {name!r} does not exist in this model")
-        if not isinstance(spec, dict) or spec.get("format") not in FORMATS or set(spec) - MODULE_KEYS:
+        if layers is not None and name not in layers:
+            bad(f"module {name!r} is not a Linear or Embedding layer, the only layers that are quantized")
+        if not isinstance(spec, dict) or not isinstance(spec.get("format"), str) or spec["format"] not in FORMATS \
+                or set(spec) - MODULE_KEYS:
             bad(f"spec for {name!r} is {spec!r}; need {{'format': one of {sorted(FORMATS)}, ...}}")
         gs = spec.get("group_size")
         if spec["format"] == "int4" and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
             bad(f"int4 module {name!r} has group_size={gs!r}; expected a positive integer")
         if not isinstance(spec.get("symmetric", True), bool):
             bad(f"module {name!r} has symmetric={spec['symmetric']!r}; expected true or false")
-        if spec.get("fp8_scaling", "channel") not in FP8_SCALINGS:
-            bad(f"module {name!r} has fp8_scaling={spec['fp8_scaling']!r}; expected one of {FP8_SCALINGS}")
+        scaling = spec.get("fp8_scaling", "channel")
+        if not isinstance(scaling, str) or scaling not in FP8_SCALINGS:
+            bad(f"module {name!r} has fp8_scaling={scaling!r}; expected one of {FP8_SCALINGS}")
     return qc

@@ -51,22 +51,41 @@ def tied_quant_head(model) -> bool:
 
 def saved_tensors(model) -> dict:
     """name -> CPU tensor for everything a quantized checkpoint stores (tied copies once)."""
+    names = saved_names(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+
+
+def saved_names(model) -> set:
+    """The names of the tensors a quantized checkpoint of `model` stores (tied copies once)."""
     skip = set()
     if tied_quant_head(model):
         skip = {f"lm_head.{k}" for k in model.lm_head.stored()}
     elif model.config.tie_embeddings and not isinstance(model.backbone.embeddings, QuantEmbedding):
         skip = {"lm_head.weight"}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
+    return set(model.state_dict()) - skip
 
 
 def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=torch.float32):
-    from ..checkpoint import iter_tensors
+    path = Path(path)
+    # first on the meta device against the file headers: a config.json whose sizes were edited
+    # fails on names / shapes / dtypes before a model of those sizes is allocated
+    meta = _quantized_model(path, cfg, quantization_config, "meta", dtype)
+    _fill(meta, path, "meta", shapes_only=True)
+    model = _quantized_model(path, cfg, meta.quantization_config, device, dtype)
+    _fill(model, path, device)
+    model.source_path = path
+    return model.eval()
+
+
+def _quantized_model(path: Path, cfg, quantization_config: dict, device, dtype):
+    """MambaLM(cfg) on `device` with the modules `quantization_config` names swapped for empty
+    quantized ones; the validated config is kept as `model.quantization_config`."""
     from ..model import MambaLM
 
-    path = Path(path)
     with torch.device(device):
         model = MambaLM(cfg).to(dtype)
-    qc = validate_config(quantization_config, {n for n, _ in model.named_modules()})
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    qc = validate_config(quantization_config, {n for n, _ in model.named_modules()}, layers)
     for name, spec in qc["modules"].items():
         mod = model.get_submodule(name)
         width = mod.embedding_dim if isinstance(mod, nn.Embedding) else mod.in_features  # one quantized row
@@ -75,36 +94,48 @@ def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=tor
             raise CheckpointError(f"{path}: quantization_config gives {name} group_size {gs}, which does not divide "
                                   f"its row length {width} (or the row is odd); the config.json was edited or does "
                                   "not belong to these weights: re-create it with `mamba-deploy quantize`")
-        set_module(model, name, make_module(mod, spec, dtype).to(device))
+        with torch.device(device):  # its buffers made where they live (on meta: nothing allocated)
+            set_module(model, name, make_module(mod, spec, dtype))
     if tied_quant_head(model):
         if qc["modules"].get("lm_head") != qc["modules"].get("backbone.embeddings"):
             raise CheckpointError(f"{path}: tied lm_head and embeddings have different quantization specs")
         tie_head(model.lm_head, model.backbone.embeddings)
+    model.quantization_config = qc
+    return model
+
+
+def _fill(model, path: Path, device, shapes_only: bool = False) -> None:
+    """Load the checkpoint's tensors into `model` (shapes_only: check names, shapes and dtypes
+    against the file headers only); CheckpointError listing what does not match."""
+    from ..checkpoint import WEIGHT_DTYPES, iter_tensors
+
     want = model.state_dict()
-    expected = set(saved_tensors(model))
+    expected = saved_names(model)
     seen, problems = set(), []
-    for k, t in iter_tensors(path):
+    for k, t in iter_tensors(path, shapes_only):
         if k not in expected:
             problems.append(f"unexpected tensor {k}")
             continue
         dst = want[k]
-        if tuple(t.shape) != tuple(dst.shape) or (not dst.is_floating_point() and t.dtype != dst.dtype) \
-                or (dst.dtype == torch.float8_e4m3fn and t.dtype != dst.dtype):
+        seen.add(k)  # present: a wrong shape / dtype is reported as such, not also as missing
+        # stored codes must be exactly their dtype; float tensors (scales, norms, biases) any float
+        float_ok = t.dtype in WEIGHT_DTYPES if dst.dtype in WEIGHT_DTYPES else t.dtype == dst.dtype
+        if tuple(t.shape) != tuple(dst.shape) or not float_ok:
             problems.append(f"{k}: file {tuple(t.shape)} {t.dtype} vs expected {tuple(dst.shape)} {dst.dtype}")
+            continue
+        if shapes_only:
             continue
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
             problems.append(f"{k} has NaN or infinite values (a corrupt file)")
-            seen.add(k)
             continue
         with torch.no_grad():
             dst.copy_(t.to(device=device, dtype=dst.dtype) if dst.is_floating_point() else t.to(device))
-        seen.add(k)
+        if dst.dtype in WEIGHT_DTYPES and not bool(torch.isfinite(dst).all()):
+            problems.append(f"{k} has values beyond {str(dst.dtype).removeprefix('torch.')}'s range (load the "
+                            "model in float32 or bfloat16)")
     missing = sorted(expected - seen)
     if missing:
         problems.append(f"missing tensors {missing[:6]}")
     if problems:
         raise CheckpointError(f"quantized checkpoint {path} does not match its quantization_config: "
                               + "; ".join(problems[:8]) + ". Re-create it with `mamba-deploy quantize`.")
-    model.source_path = path
-    model.quantization_config = qc
-    return model.eval()

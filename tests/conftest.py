@@ -133,6 +133,35 @@ def finish_gguf(w) -> None:
     w.close()
 
 
+def rewrite_gguf(src, dst, drop=lambda key: False, edit=None, tensors=None, arch=None):
+    """A copy of the GGUF `src` without the metadata keys `drop` selects, with `edit` (key -> value
+    of the same type, or (value, type[, sub_type])) applied, tensors replaced by `tensors` (name ->
+    array) and general.architecture set to `arch` ((value, type[, sub_type])): files as other
+    converters write them, or damaged ones."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
+    if arch is not None:
+        w.kv_data[0]["general.architecture"] = gguf.gguf_writer.GGUFValue(arch[0], arch[1], *arch[2:])
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or drop(name):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        value, vtype = f.contents(), f.types[0]
+        if name in (edit or {}):
+            new = edit[name]
+            value, vtype, sub = new if isinstance(new, tuple) else (new, vtype, sub)
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    for t in r.tensors:
+        if t.name in (tensors or {}):
+            w.add_tensor(t.name, tensors[t.name])
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    finish_gguf(w)
+    return dst
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

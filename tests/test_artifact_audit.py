@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import rewrite_gguf
 from mamba_deploy import load_model
 from mamba_deploy.cli import main as cli_main
 from mamba_deploy.errors import (CheckpointError, ConfigError, ExportError, ModelNotFoundError, QuantizationError,
@@ -270,35 +271,6 @@ def test_config_messages_name_the_file_and_the_fix(hf_checkpoint, tmp_path):
 T = None if gguf is None else gguf.GGUFValueType
 
 
-def _gguf_rewrite(src, dst, edit=None, tensors=None, arch=None):
-    """A copy of GGUF `src` with metadata `edit` (key -> value of the same type, or (value, type[,
-    sub_type])), tensors replaced by `tensors` (name -> array) and general.architecture set to
-    `arch` ((value, type[, sub_type]))."""
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
-    if arch is not None:
-        w.kv_data[0]["general.architecture"] = gguf.gguf_writer.GGUFValue(arch[0], arch[1], *arch[2:])
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == T.ARRAY else None
-        value, vtype = f.contents(), f.types[0]
-        if name in (edit or {}):
-            new = edit[name]
-            value, vtype, sub = new if isinstance(new, tuple) else (new, vtype, sub)
-        w.add_key_value(name, value, vtype, sub_type=sub)
-    for t in r.tensors:
-        if name := (t.name if t.name in (tensors or {}) else None):
-            w.add_tensor(name, tensors[name])
-        else:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 @pytest.fixture(scope="module")
 def gguf_file(ckpt, tmp_path_factory):
     from mamba_deploy.export.gguf import export_gguf
@@ -317,7 +289,7 @@ def gguf_file(ckpt, tmp_path_factory):
 
 def _bad_gguf(gguf_file, tmp_path, kind="mamba2", **kw):
     (tmp_path / "g").mkdir(exist_ok=True)
-    return _gguf_rewrite(gguf_file(kind), tmp_path / "g" / "m.gguf", **kw)
+    return rewrite_gguf(gguf_file(kind), tmp_path / "g" / "m.gguf", **kw)
 
 
 @pytest.mark.parametrize("value", [(["mamba2"], "ARRAY", "STRING"), ([1], "ARRAY", "UINT32")],

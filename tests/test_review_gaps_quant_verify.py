@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DT_LIMIT_KIND, build_hf_model, rel_err
+from conftest import DT_LIMIT_KIND, build_hf_model, rel_err, rewrite_gguf
 
 from mamba_deploy import load_model
 from mamba_deploy.errors import CheckpointError, QuantizationError
@@ -225,29 +225,6 @@ def test_onnx_int4_groups_ort_cannot_take_stay_float(tmp_path):  # O6b (group si
 
 # ----------------------------------------------------------------------------- GGUF import
 
-def _gguf_copy(src, dst, drop=lambda key: False, edit=None):
-    """A copy of the GGUF `src` without the metadata keys `drop` selects and with `edit` (key ->
-    value of the same type) applied: files as other converters write them (no mamba_deploy.* keys,
-    llama.cpp's convert_hf_to_gguf.py writes none) or with damaged metadata."""
-    import gguf
-
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or drop(name):
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        value = (edit or {}).get(name, f.contents())
-        w.add_key_value(name, value, f.types[0], sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def _export(model_or_folder, path, tok_folder):
     from mamba_deploy.export.gguf import export_gguf
 
@@ -274,7 +251,7 @@ def test_gguf_from_another_converter_gets_llamacpps_defaults(kind, vocab, tiny_t
     hf.save_pretrained(tmp_path / "hf")
     ours = _export(tmp_path / "hf", tmp_path / "ours.gguf", tiny_tokenizer)
     (tmp_path / "g").mkdir()
-    path = _gguf_copy(ours, tmp_path / "g" / "m.gguf", drop=lambda k: k.startswith("mamba_deploy."))
+    path = rewrite_gguf(ours, tmp_path / "g" / "m.gguf", drop=lambda k: k.startswith("mamba_deploy."))
     r = gguf.GGUFReader(str(path))
     assert not [k for k in r.fields if k.startswith("mamba_deploy.")]
     model = load_model(path)
@@ -342,7 +319,7 @@ def test_gguf_with_more_layers_than_its_block_count_is_refused(hf_checkpoint, ti
     folder, _ = hf_checkpoint("mamba")
     src = _export(folder, tmp_path / "m.gguf", tiny_tokenizer)
     (tmp_path / "g").mkdir()
-    bad = _gguf_copy(src, tmp_path / "g" / "bad.gguf", edit={"mamba.block_count": 1})
+    bad = rewrite_gguf(src, tmp_path / "g" / "bad.gguf", edit={"mamba.block_count": 1})
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['blk\.1\."):
         load_model(bad)
 
@@ -583,7 +560,7 @@ def test_gguf_without_file_type_gets_the_row_of_its_matrices(kind, outtype, row,
         warnings.simplefilter("ignore")
         src = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", outtype=outtype, tokenizer=tiny_tokenizer)
     (tmp_path / "g").mkdir()
-    path = _gguf_copy(src, tmp_path / "g" / "m.gguf", drop=lambda k: k == "general.file_type")
+    path = rewrite_gguf(src, tmp_path / "g" / "m.gguf", drop=lambda k: k == "general.file_type")
     r = gguf.GGUFReader(str(path))
     assert r.get_field("general.file_type") is None
     assert r.get_field(f"{r.get_field('general.architecture').contents()}.ssm.inner_size") is not None

@@ -361,6 +361,13 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             f"checkpoint {folder} does not match its config.json ({cfg.arch}, d_model={cfg.d_model}, "
             f"n_layer={cfg.n_layer}): " + "; ".join(problems) + ". Check that config.json belongs to these weights."
         )
+    _check_values(folder, cfg, params, layout, bad_dtype, nonfinite, overflow, head)
+
+
+def _check_values(folder, cfg, params, layout, bad_dtype, nonfinite, overflow, head) -> None:
+    """load_weights' value checks, once names and shapes match: tensors not stored as floats,
+    NaN / inf in the file, values past the model's dtype, a tied head that differs from the
+    embeddings ((file key, tensor) or None)."""
     if bad_dtype:
         raise CheckpointError(f"checkpoint {folder} stores {_short(bad_dtype)}, not as floats: a Mamba checkpoint's "
                               "weights are float16, bfloat16 or float32 (integer or fp8 tensors come from another "

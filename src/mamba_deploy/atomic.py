@@ -64,6 +64,8 @@ def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     """Check up front that `out` can become a new folder: absent or empty (error_cls otherwise),
     with a writable parent."""
     out = Path(out)
+    if out.is_symlink():  # write where the link points: renaming onto the link itself fails (or replaces it)
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise error_cls(f"output folder {out} is an existing file; choose a new path for the folder")
     if out.exists() and any(out.iterdir()):
@@ -142,9 +144,56 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
         for f in tmp.rglob("*"):  # and so are files that writers made 0600 (safetensors' save_file)
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)  # fails, never merges, when another writer filled `out` meanwhile
+        except OSError as e:
+            raise error_cls(f"output folder {out} was written by another process or thread while this one ran "
+                            f"({e.strerror or e}); its contents are kept: choose a new path, or delete it and "
+                            "run again") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_file(beside, tag: str = "scratch") -> Iterator[Path]:
+    """with scratch_file(p) as tmp: an intermediate file with a unique name beside `p` (concurrent
+    writers of one output never share it), removed when the block ends, whatever happens."""
+    beside = Path(beside)
+    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.", suffix=".tmp", dir=beside.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_files(folder, files: dict) -> dict:
+    """Several files ({name: bytes}) into `folder` as one set -> {name: path}. A new folder appears
+    only complete (atomic_dir); into an existing one, every file is first written in full under a
+    temporary name and the renames follow, so a failure while writing leaves the previous set whole."""
+    from .errors import OutputPathError
+
+    folder = Path(folder)
+    if not folder.exists():
+        with atomic_dir(folder, OutputPathError) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+        return {name: folder / name for name in files}
+    staged: dict = {}
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            staged[name] = Path(tmp)
+            staged[name].write_bytes(data)
+            os.chmod(tmp, 0o666 & ~_umask())
+        for name, tmp in staged.items():
+            os.replace(tmp, folder / name)
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    return {name: folder / name for name in files}

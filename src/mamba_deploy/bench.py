@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
-from .atomic import check_writable, write_bytes
+from .atomic import check_writable, write_files
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -311,10 +311,10 @@ def write_outputs(data: dict, out_dir) -> dict:
     except OSError as e:
         raise OutputPathError(f"cannot create --out {out}: {e.strerror or e}; choose a folder under a "
                               "writable one") from e
-    paths = {k: out / v for k, v in OUTPUT_FILES.items()}
-    for kind, path in paths.items():
-        write_bytes(path, contents[kind])  # temporary name beside it, then renamed into place
-    return paths
+    # all four written in full under temporary names before the first is renamed into place: a
+    # failure while writing leaves the previous run's set whole, never new tables beside old plots
+    write_files(out, {OUTPUT_FILES[k]: contents[k] for k in OUTPUT_FILES})
+    return {k: out / v for k, v in OUTPUT_FILES.items()}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import (atomic_file, check_writable, prepare_output_dir, prepare_output_file, read_json_object,
-                     write_bytes)
+                     write_bytes, write_files)
 from .errors import ConfigError, ModelNotFoundError, OutputPathError
 
 VAL_PERCENT = 10
@@ -118,7 +118,6 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, o
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
     tok.train_from_iterator(corpus_texts("train", root), trainer=trainer)
-    out.mkdir(parents=True, exist_ok=True)
     files = {
         "tokenizer.json": tok.to_str(pretty=True),
         "tokenizer_config.json": json.dumps({
@@ -128,8 +127,7 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, o
         }, indent=2),
         "special_tokens_map.json": json.dumps({"eos_token": EOS, "bos_token": EOS, "pad_token": PAD}, indent=2),
     }
-    for name, text in files.items():
-        _atomic_write(out / name, text.encode())
+    write_files(out, {name: text.encode() for name, text in files.items()})  # one set: never old and new mixed
     return out
 
 

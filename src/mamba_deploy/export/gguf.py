@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..argtypes import threads_or_all
-from ..atomic import prepare_output_file, write_text
+from ..atomic import atomic_file, prepare_output_file, scratch_file, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from ..quant.runtime import refuse_quantized
@@ -93,19 +93,14 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     cfg = model.config
     check_exportable(cfg)
     vocab = _vocab_for(model_or_path, model, tokenizer)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    f32_tmp = out.with_name(f".{out.name}.f32-{os.getpid()}")
-    try:
+    # unique temporary names (not one per pid): two threads exporting to one path must not share them
+    with atomic_file(out) as tmp, scratch_file(out, "f32") as f32_tmp:
         if quantize_fn is None:
             write_gguf(model, vocab, tmp, ftype, qtype, name=_model_name(model, out))
         else:
             _warn_fallbacks(model, LLAMACPP_MAIN_TYPE[outtype])
             write_gguf(model, vocab, f32_tmp, OUTTYPES["f32"][0], OUTTYPES["f32"][1], name=_model_name(model, out))
             quantize_fn(f32_tmp, tmp, int(ftype), n_threads)
-        os.replace(tmp, out)
-    finally:
-        for p in (tmp, f32_tmp):
-            p.unlink(missing_ok=True)
     if ollama:
         write_modelfile(out, vocab)
     return out

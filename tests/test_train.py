@@ -438,3 +438,35 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(preset, micro):
         assert rel_err(p.grad, q.grad * scale) <= 1e-5, name
 
 
+
+
+def test_snapshot_interrupted_between_its_renames_keeps_the_previous_one(tmp_path, monkeypatch):
+    """save_snapshot moves the previous snapshot aside, then the new one in: an interrupt between the
+    two renames used to leave no OUT folder (the previous snapshot under .OUT.old). Now OUT holds
+    the previous snapshot, loadable, and no temporary folder is left."""
+    from pathlib import Path as P
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.model import MambaLM
+
+    model = MambaLM(train.build_config("tiny-mamba2", 64, 0, 1))
+    train.init_weights(model, 0)
+    model.source_path = MODELS / "demo-mamba2"
+    out = tmp_path / "out"
+    train.save_snapshot(model, out, torch.float16, {"step": 1})
+    real = P.rename
+
+    def rename(self, target):
+        if P(target) == out and self.name.startswith(".out.snap-"):
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(P, "rename", rename)
+    with torch.no_grad():
+        model.backbone.embeddings.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_snapshot(model, out, torch.float16, {"step": 2})
+    monkeypatch.undo()
+    assert json.loads((out / "train_log.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    load_model(out)

@@ -150,7 +150,13 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:  # interrupted between the two renames: the previous snapshot goes back
+        if old.exists() and not out.exists():
+            old.rename(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

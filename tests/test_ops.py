@@ -60,7 +60,8 @@ def test_selective_scan_reference_gradients_vs_float64_loop(l):
     y, h = ref.selective_scan_ref(**ours)
     y64, h64 = _scan_loop_f64(**theirs)
     g = torch.Generator().manual_seed(l)
-    wy, wh = torch.randn(y.shape, generator=g, dtype=torch.float64), torch.randn(h.shape, generator=g, dtype=torch.float64)
+    wy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    wh = torch.randn(h.shape, generator=g, dtype=torch.float64)
     ((y * wy).sum() + (h * wh).sum()).backward()
     ((y64 * wy).sum() + (h64 * wh).sum()).backward()
     for k in kw:

@@ -293,7 +293,8 @@ def setup(args) -> SimpleNamespace:
     run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
                     train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
                     batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, lr=args.lr,
-                    warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, amp=str(run.amp_dtype), device=str(device),
+                    warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, amp=str(run.amp_dtype),
+                    device=str(device),
                     command=shlex.join(["mamba-deploy", *sys.argv[1:]]))
     return run
 

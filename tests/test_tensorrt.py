@@ -15,12 +15,12 @@ from onnx import TensorProto, helper
 
 from conftest import rel_err
 from mamba_deploy.checkpoint import load_model
-from mamba_deploy.errors import BackendUnavailableError, MambaDeployError
+from mamba_deploy.errors import BackendUnavailableError, ExportError, MambaDeployError
 from mamba_deploy.export.onnx import ALLOWED_OPS, graph_op_types
 from mamba_deploy.export.tensorrt import TRT_ONNX_OPS, build_engine, load_stripped_onnx, trt_parser_issues
 from mamba_deploy.generation import generate
 from mamba_deploy.runners import open_runner
-from mamba_deploy.runners.tensorrt_runner import open_tensorrt
+from mamba_deploy.runners.tensorrt_runner import check_engine_pair, open_tensorrt
 from mamba_deploy.runners.torch_runner import TorchRunner
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -155,3 +155,15 @@ def test_prompt_longer_than_max_seq_is_prefilled_in_chunks(engine):
     got, _ = r.prefill(ids, r.new_state(2))
     ref, _ = ort.prefill(ids, ort.new_state(2))
     assert rel_err(got, ref) < FP32_TOL
+
+
+def test_engine_and_sidecar_from_different_builds_are_refused(tmp_path):
+    """build_engine renames the sidecar, then the engine, into place: a build stopped between the
+    two leaves a new sidecar beside an old engine. The sidecar records the engine's size and the
+    runner refuses a pair that disagrees (this check runs without TensorRT); sidecars written
+    before the size was recorded still load."""
+    engine = tmp_path / "model.engine"
+    with pytest.raises(ExportError, match=r"model.engine has 100 bytes but its sidecar .* describes an engine of 120"):
+        check_engine_pair({"build": {"engine_bytes": 120}}, 100, engine)
+    check_engine_pair({"build": {"engine_bytes": 100}}, 100, engine)
+    check_engine_pair({"build": {}}, 100, engine)

@@ -7,7 +7,8 @@ TensorRT and so runs everywhere.
 OUT: the engine file (`model.engine` inside `out_path` when that is a folder) and a sidecar
 `<engine>.json` holding the ONNX manifest (config, input/output names) and the build limits;
 the TensorRT runner reads both. The sidecar is written first, the engine renamed into place
-last, so an engine file on disk is always complete and described.
+last, so an engine file on disk is always complete and described; the sidecar records the
+engine's size, so an engine left from an earlier build beside a newer sidecar is refused.
 
 TensorRT itself is imported only when an engine is built or run, so this module imports (and
 the op check runs) where TensorRT cannot be installed.
@@ -267,14 +268,16 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
 
     out = engine_path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    data = bytes(serialized)
     sidecar = {
         "format": SIDECAR_FORMAT, "onnx_dir": str(folder.resolve()), "manifest": manifest,
         "defaults": {k: v.tolist() for k, v in defaults.items()},
         "build": {"fp16": fp16, "max_batch": max_batch, "max_seq": max_seq, "opt_batch": opt_batch,
-                  "opt_seq": opt_seq, "tensorrt": trt.__version__},
+                  "opt_seq": opt_seq, "tensorrt": trt.__version__,
+                  "engine_bytes": len(data)},  # the runner checks the pair (two renames)
     }
     _write_atomic(Path(str(out) + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode())
-    _write_atomic(out, bytes(serialized))
+    _write_atomic(out, data)
     return out
 
 

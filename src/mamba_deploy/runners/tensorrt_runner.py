@@ -151,6 +151,17 @@ class TensorRTRunner(Runner):
         super().close()
 
 
+def check_engine_pair(sidecar: dict, engine_bytes: int, path: Path) -> None:
+    """The engine file must be the one its sidecar describes: build_engine renames the sidecar,
+    then the engine, into place, so a build stopped between the two leaves a new sidecar beside an
+    old engine. Sidecars from before the size was recorded are taken as they are."""
+    want = sidecar.get("build", {}).get("engine_bytes")
+    if want is not None and want != engine_bytes:
+        raise ExportError(f"{path} has {engine_bytes} bytes but its sidecar {path}{SIDECAR_SUFFIX} describes an "
+                          f"engine of {want}: they come from different builds (one stopped part-way); rebuild "
+                          "the engine")
+
+
 def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -> TensorRTRunner:
     """path: an engine file from build_engine (or a folder holding model.engine), with its
     `<engine>.json` sidecar next to it. threads is checked like every backend's, and unused:
@@ -172,7 +183,9 @@ def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -
     dev = torch.device(device)
     with torch.cuda.device(dev):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(p.read_bytes())
+        blob = p.read_bytes()
+        check_engine_pair(sidecar, len(blob), p)
+        engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
         raise ExportError(f"TensorRT cannot load {p} (built by TensorRT {sidecar['build'].get('tensorrt')}, "
                           f"this is {trt.__version__}, or for another GPU); rebuild the engine here")

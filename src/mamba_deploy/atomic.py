@@ -182,18 +182,8 @@ def write_files(folder, files: dict) -> dict:
             for name, data in files.items():
                 (tmp / name).write_bytes(data)
         return {name: folder / name for name in files}
-    staged: dict = {}
-    try:
+    # every atomic_file renames on leaving the stack, after all were written; a failure unlinks them all
+    with contextlib.ExitStack() as stack:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            staged[name] = Path(tmp)
-            staged[name].write_bytes(data)
-            os.chmod(tmp, 0o666 & ~_umask())
-        for name, tmp in staged.items():
-            os.replace(tmp, folder / name)
-    except BaseException:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise
+            stack.enter_context(atomic_file(folder / name)).write_bytes(data)
     return {name: folder / name for name in files}

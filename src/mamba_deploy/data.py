@@ -131,10 +131,6 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, o
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    write_bytes(path, data)
-
-
 def tokenizer_digest(tokenizer_dir) -> str:
     return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
 
@@ -197,7 +193,7 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
         meta[key] = digest
         with atomic_file(arr_path) as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
-        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+        write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return ids
 
 

@@ -196,10 +196,6 @@ def engine_path(out_path) -> Path:
     return p / ENGINE_NAME if p.is_dir() or p.suffix == "" else p
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    write_bytes(path, data)
-
-
 def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq):
     """One optimization profile over the dynamic batch / seq axes; state inputs keep their
     static per-sequence dims."""
@@ -276,8 +272,8 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
                   "opt_seq": opt_seq, "tensorrt": trt.__version__,
                   "engine_bytes": len(data)},  # the runner checks the pair (two renames)
     }
-    _write_atomic(Path(str(out) + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode())
-    _write_atomic(out, data)
+    write_bytes(Path(str(out) + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode())
+    write_bytes(out, data)
     return out
 
 

@@ -101,7 +101,7 @@ def test_health_and_models(server, folder):
 def test_greedy_text_batch_equals_direct_generate(server, reference):
     prompts = ["the quick brown", "hello mamba"]
     ref = generate(reference, prompts, max_new_tokens=8, temperature=0.0)
-    status, _, data = _post(server, {"model": "x", "prompt": prompts, "max_tokens": 8, "temperature": 0})
+    status, _, data = _post(server, {"model": server.model_name, "prompt": prompts, "max_tokens": 8, "temperature": 0})
     assert status == 200
     out = json.loads(data)
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
@@ -251,6 +251,79 @@ def test_bad_paths_and_methods(server):
     # non-finite numbers are not JSON
     got, _, data = _post(server, None, raw=b'{"prompt": "a", "temperature": NaN}')
     assert got == 400 and "NaN" in json.loads(data)["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_request_for_another_model_is_openais_404(server, path):
+    body = {"model": "gpt-4o", "prompt": "a", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1}
+    if path.endswith("/completions") and "chat" not in path:
+        del body["messages"]
+    else:
+        del body["prompt"]
+    got, _, data = _request(server, "POST", path, body)
+    err = json.loads(data)["error"]
+    assert got == 404 and err["code"] == "model_not_found" and err["param"] == "model"
+    assert "'gpt-4o'" in err["message"] and repr(server.model_name) in err["message"]
+    got, _, data = _request(server, "POST", path, {**body, "model": 7})
+    assert got == 400 and json.loads(data)["error"]["param"] == "model"
+    for ok in ({**body, "model": server.model_name}, {k: v for k, v in body.items() if k != "model"}):
+        got, _, data = _request(server, "POST", path, ok)
+        if "chat" in path:  # past the model check: this model has no chat template
+            assert got == 400 and json.loads(data)["error"]["param"] == "messages", data
+        else:
+            assert got == 200, data
+
+
+def test_error_codes_are_strings_or_null_as_openai_sends_them(server):
+    for body in ({"prompt": "a", "temperature": -1}, {"prompt": "a", "n": 3}):
+        got, _, data = _post(server, body)
+        assert got == 400 and json.loads(data)["error"]["code"] is None
+    got, _, data = _request(server, "GET", "/nope")
+    assert got == 404 and json.loads(data)["error"]["code"] is None
+
+
+def _read_response(f):
+    """One HTTP/1.1 response from a socket file -> (status, headers (lower-case names), body)."""
+    status = int(f.readline().split()[1])
+    headers = {}
+    for line in iter(f.readline, b"\r\n"):
+        k, v = line.decode().split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    n = headers.get("content-length")
+    return status, headers, (f.read(int(n)) if n is not None else f.read())
+
+
+def _raw(method, path, body: bytes = b""):
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_keep_alive_carries_requests_until_an_unread_body_or_a_stream_closes_it(server, reference):
+    import socket
+
+    good = json.dumps({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}).encode()
+    bad_value = json.dumps({"prompt": "a", "temperature": -1}).encode()  # read, then refused: stays open
+    ref = generate(reference, [[1, 2, 3]], max_new_tokens=3, temperature=0.0).tokens[0]
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
+        # pipelined on one connection: each answer in order, each with its own length
+        sock.sendall(_raw("GET", "/health") + _raw("POST", "/v1/completions", good)
+                     + _raw("POST", "/v1/completions", bad_value) + _raw("POST", "/v1/completions", good))
+        answers = [_read_response(f) for _ in range(4)]
+        assert [a[0] for a in answers] == [200, 200, 400, 200]
+        assert all(a[1].get("connection") != "close" for a in answers)
+        assert json.loads(answers[1][2])["choices"][0]["token_ids"] == ref == \
+            json.loads(answers[3][2])["choices"][0]["token_ids"]
+        # refused before its body is read (unknown path): the body would parse as the next request
+        sock.sendall(_raw("POST", "/nope", b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'))
+        status, headers, _ = _read_response(f)
+        assert status == 404 and headers["connection"] == "close"
+        assert f.read() == b""  # closed: the smuggled GET was never answered
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
+        sock.sendall(_raw("POST", "/v1/completions", json.dumps({"prompt": [1], "max_tokens": 2,
+                                                                  "stream": True}).encode()))
+        status, headers, data = _read_response(f)  # no length: read to the close
+        assert status == 200 and headers["connection"] == "close" and data.endswith(b"data: [DONE]\n\n")
 
 
 def test_no_tokenizer_text_prompt_is_400_and_token_ids_still_work(hf_checkpoint, request):

@@ -1,7 +1,6 @@
 """`mamba-deploy serve` driven by the official `openai` Python client, the independent reference
 for API compatibility: what the client sends, parses (its pydantic response types, validated
-strictly here as well), streams (its SSE decoder, over httpx's HTTP/1.1 keep-alive pool against a
-server that answers HTTP/1.0) and raises (its exception classes, with the server's `message` and
+strictly here as well), streams (its SSE decoder, over httpx's HTTP/1.1 keep-alive pool) and raises (its exception classes, with the server's `message` and
 `param`).
 
 Correctness references are independent of the server: generate() on a separately loaded model, the
@@ -444,11 +443,16 @@ def test_unknown_paths_are_not_found_errors(client):
     assert "POST /v1/completions" in e.value.message  # it names the endpoints there are
 
 
-def test_a_requests_model_is_not_checked_and_answers_name_the_served_model(client):
-    """As serve.py documents it: one model per server; `model` in a request is not checked."""
+def test_a_request_for_another_model_is_the_clients_not_found_error(client):
+    """One model per server: another name in `model` is OpenAI's 404 `model_not_found`, not an
+    answer from a model the client did not ask for."""
     a = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0)
-    b = client.completions.create(model="gpt-4o", prompt="x", max_tokens=4, temperature=0)
-    assert a.model == b.model == MODEL and a.choices[0].text == b.choices[0].text
+    assert a.model == MODEL
+    for call in (lambda: client.completions.create(model="gpt-4o", prompt="x", max_tokens=4),
+                 lambda: client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.code == "model_not_found" and e.value.param == "model" and "gpt-4o" in e.value.message
 
 
 class _FailsAtStep(TorchRunner):
@@ -468,7 +472,7 @@ class _FailsAtStep(TorchRunner):
 
 
 def test_a_generation_failure_is_an_internal_server_error_or_an_in_band_api_error():
-    srv, thread = _start(_FailsAtStep(load_model(DEMO2)))
+    srv, thread = _start(_FailsAtStep(load_model(DEMO2)), model_name=MODEL)
     try:
         client = _client(srv)
         body = dict(model=MODEL, prompt=[1, 2, 3], max_tokens=10, temperature=0, extra_body={"stop_token_ids": []})
@@ -487,12 +491,14 @@ def test_a_generation_failure_is_an_internal_server_error_or_an_in_band_api_erro
         _stop(srv, thread)
 
 
-# ----------------------------------------------------------------------------- HTTP/1.0 under a keep-alive client
+# ----------------------------------------------------------------------------- a keep-alive client
 
-def test_one_client_many_requests_sequential_and_concurrent(server, reference):
-    """httpx pools HTTP/1.1 connections; this server answers HTTP/1.0, one request per connection.
-    One client (with its default retries, which must not be needed) sends mixed requests one after
-    another and from several threads; each answer is the reference's."""
+def test_one_client_many_requests_sequential_and_concurrent(server, reference, monkeypatch):
+    """httpx pools HTTP/1.1 connections and the server keeps them open between requests (a stream
+    closes its own). One client (with its default retries, which must not be needed) sends mixed
+    requests one after another and from several threads; each answer is the reference's."""
+    accepted = []
+    monkeypatch.setattr(server, "process_request", lambda *a, _p=server.process_request: (accepted.append(1), _p(*a)))
     client = _client(server, max_retries=2)
     prompts = [[k + 1, k + 2] for k in range(8)]
     refs = [generate(reference, [p], max_new_tokens=4, stop_token_ids=[]).tokens[0] for p in prompts]
@@ -512,6 +518,9 @@ def test_one_client_many_requests_sequential_and_concurrent(server, reference):
 
     for _ in range(3):
         assert [ask(k) for k in range(len(prompts))] == refs
+    streams = 3 * len(range(0, len(prompts), 3))
+    # 33 requests; a new connection only after each stream (HTTP/1.0: one per request)
+    assert 1 <= len(accepted) <= streams + 1, len(accepted)
     results = [None] * len(prompts)
 
     def worker(k):

@@ -20,12 +20,15 @@ Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). Open
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
 chat's tools / response_format, ...) are a 400 naming the field, never silently ignored
 (serve_request.py). `seed` (0..2**63-1) seeds the request's own sampler: the same request with the
-same seed gives the same tokens (the batch's rows draw from one generator). The request's `model`
-is not checked (a server serves one model); answers name the model served.
+same seed gives the same tokens (the batch's rows draw from one generator). A request's `model`,
+when sent, must be the served model's name (else a 404 with code "model_not_found", as OpenAI
+answers); `--model-name` sets that name. Errors have OpenAI's shape: {"error": {"message",
+"type", "param", "code"}}, `code` a string or null.
 
-HTTP: answers are HTTP/1.0 (one request per connection; a stream ends when the connection
-closes); `Expect: 100-continue` from an HTTP/1.1 client gets `HTTP/1.1 100 Continue` once the
-request line and headers pass (any other Expect value: 417). A client that closes its
+HTTP/1.1 with keep-alive: a connection carries request after request (OpenAI's clients pool
+them). A stream is sent without a length and ends by closing its connection (`Connection:
+close`); so does an error answered before the request's body was read. `Expect: 100-continue`
+gets `100 Continue` once the request line, path and Content-Length pass (any other Expect value: 417). A client that closes its
 connection (or its sending side, as nginx reads it) stops its generation at the next token, or
 before it starts when it was waiting for the model. `max_prompt_tokens` (--max-prompt-tokens)
 turns longer prompts away with a 400 before generating.
@@ -48,8 +51,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_request import (CHAT_UNSUPPORTED, FIELDS, RequestError, _check_max_tokens, _typed,
-                            parse_completion_request, refuse_unsupported)
+from .serve_request import (CHAT_UNSUPPORTED, FIELDS, RequestError, _check_max_tokens, _typed, check_model,
+                            error_payload, parse_completion_request, refuse_unsupported)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
@@ -192,6 +195,7 @@ class CompletionServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionServer
     server_version = "mamba-deploy"
+    protocol_version = "HTTP/1.1"  # keep-alive: every answer but a stream has a Content-Length
 
     def setup(self):
         self.timeout = self.server.request_timeout  # socket timeout: slow or stalled clients
@@ -203,17 +207,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self):
         self._continue = False  # owe the client a `100 Continue` before reading its body
+        self._body_unread = False  # bytes of this request still on the connection: it cannot carry another
         if not super().parse_request():
             return False
+        self._body_unread = (self.headers.get("Content-Length", "0").strip() != "0"
+                             or "Transfer-Encoding" in self.headers)
         expect = self.headers.get("Expect")
         if expect is None:
             return True
         if expect.strip().lower() != "100-continue":  # RFC 9110: the one expectation there is
             self.send_error(417, f"Expect: {expect[:80]!r} is not supported; only Expect: 100-continue is")
             return False
-        # http.server answers 100-continue only with protocol_version HTTP/1.1, and this server's
-        # answers are HTTP/1.0; _read_json sends it once the path and Content-Length pass, so a
-        # refused request does not make the client send its body first. HTTP/1.0 requests: ignored.
+        # _read_json sends it once the path and Content-Length pass (not http.server, at once), so
+        # a refused request does not make the client send its body first. HTTP/1.0 requests: ignored.
         self._continue = self.request_version >= "HTTP/1.1"
         return True
 
@@ -231,9 +237,11 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _error(self, status: int, message: str, type_: str, param=None, headers=JSON_HEADERS, body: bool = True):
-        self._send(status, {"error": {"message": message, "type": type_, "param": param, "code": status}},
-                   headers, body)
+    def _error(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
+        if getattr(self, "_body_unread", False):  # its bytes would be read as the next request
+            headers = {"Connection": "close", **headers}
+            self.close_connection = True
+        self._send(status, payload, headers, body)
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (a method with no do_*, a malformed request line, a line or
@@ -242,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
         if code in (400, 501):  # what to send instead
             message = f"{message}; endpoints: {ENDPOINTS}"
         self.log_error("code %d, message %s", code, message)
-        self._error(code, message, "invalid_request_error", headers={"Connection": "close", **JSON_HEADERS},
+        self.close_connection = True  # the request may not even have been read to its end
+        self._error(code, error_payload(message, "invalid_request_error"),
+                    headers={"Connection": "close", **JSON_HEADERS},
                     body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
 
     def _guarded(self, fn):
@@ -250,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 fn()
             except RequestError as e:  # a client that left before its error is written: below
-                self._error(e.status, str(e), e.type, e.param)
+                self._error(e.status, e.payload())
         except ClientGone as e:
             self.close_connection = True
             self.log_message("client closed the connection: generation stopped after %d token(s)", e.tokens)
@@ -260,7 +270,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 -- never a traceback to the client
             traceback.print_exc(file=sys.stderr)
             try:
-                self._error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+                self._error(500, error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
             except OSError:
                 pass
 
@@ -283,9 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"object": "list", "data": [s.model_object()]})
         elif path.startswith(MODEL_PATH):  # OpenAI's models.retrieve
             name = unquote(path[len(MODEL_PATH):])
-            if name != s.model_name:
-                raise RequestError(f"the model {name!r} does not exist; this server serves {s.model_name!r}", 404,
-                                   param="model")
+            check_model({"model": name}, s.model_name)
             self._send(200, s.model_object())
         elif path in POST_PATHS:
             raise RequestError(f"use POST for {path}", 405, "method_not_allowed")
@@ -300,6 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
         body = self._read_json()
         s = self.server
+        check_model(body, s.model_name)
         chat = path == "/v1/chat/completions"
         if chat:
             body = self._chat_body(body)
@@ -334,7 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
                 what = ("the conversation in the chat template" if chat
                         else f"prompt {i}" if len(prompts) > 1 else "the prompt")
                 raise RequestError(f"{what} is {n} tokens, over this server's limit of {limit} "
-                                   f"(--max-prompt-tokens {limit}); shorten it", param="messages" if chat else "prompt")
+                                   f"(--max-prompt-tokens {limit}); shorten it", param="messages" if chat else "prompt",
+                                   code="context_length_exceeded")
 
     def _chat_body(self, body) -> dict:
         """A chat request as a completion request of one token-id prompt: the conversation in the
@@ -386,6 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._continue = False
         raw = self.rfile.read(n)
+        if len(raw) < n:  # the client closed its sending side early: nothing more can come
+            self.close_connection = True
+            raise RequestError(f"the request body ended after {len(raw)} of its {n} bytes (Content-Length)")
+        self._body_unread = False
         try:
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError) as e:
@@ -445,9 +459,9 @@ class _Handler(BaseHTTPRequestHandler):
         tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
         detoks = [TextStream(tok, kw["stop_strings"]) for _ in prompts]
         self.send_response(200)
-        for k, v in SSE_HEADERS.items():
+        for k, v in {**SSE_HEADERS, "Connection": "close"}.items():
             self.send_header(k, v)
-        self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+        self.end_headers()  # no Content-Length: the stream ends when the connection closes
         self.close_connection = True
 
         def event(payload):
@@ -472,14 +486,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             res = self._generate(prompts, kw, on_token)
         except RequestError as e:  # headers are out: report in-band, then close
-            event({"error": {"message": str(e), "type": e.type, "param": e.param, "code": e.status}})
+            event(e.payload())
             return
         except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
             raise  # the client is gone: nothing to tell it (_guarded logs one line)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
-            event({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
-                             "param": None, "code": 500}})
+            event(error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
             return
         for i, d in enumerate(detoks):
             event(chunk(i, d.finish(), [], res.stop_reasons[i]))

@@ -52,9 +52,34 @@ SEED_RANGE = (0, 2**63 - 1)
 class RequestError(Exception):
     """A client error: becomes a 4xx JSON error naming the problem."""
 
-    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None):
+    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.type, self.param = status, type_, param
+        # `code`: OpenAI's machine-readable string ("model_not_found", ...) or None, never the status
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def payload(self) -> dict:
+        return error_payload(str(self), self.type, self.param, self.code)
+
+
+def error_payload(message: str, type_: str, param=None, code: str | None = None) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def check_model(body, served: str) -> None:
+    """The request's `model`, when sent, names the model this server serves (OpenAI answers
+    another name with a 404 `model_not_found`; a server that answered with its own model anyway
+    would hide a client sent to the wrong server). Absent or null: accepted (curl, scripts)."""
+    if not isinstance(body, dict) or body.get("model") is None:
+        return
+    name = body["model"]
+    if not isinstance(name, str):
+        raise RequestError(f"`model` must be a string, got {json.dumps(name)[:80]}", param="model")
+    if name != served:
+        raise RequestError(f"the model {name!r} does not exist; this server serves {served!r} (send "
+                           f"\"model\": {json.dumps(served)}, or start it with --model-name {name})", 404,
+                           param="model", code="model_not_found")
 
 
 def refuse_unsupported(body: dict, table: dict) -> None:

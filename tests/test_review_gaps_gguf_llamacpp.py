@@ -194,6 +194,28 @@ def test_n_ctx_caps_positions_exactly(tiny_gguf):
             r.step(torch.tensor([3]), st)
 
 
+def test_every_sequence_of_a_shared_context_may_use_all_n_ctx_positions(tiny_gguf, tiny_folder):
+    """Newer llama.cpp splits n_ctx over n_seq_max sequences for attention caches (n_ctx_seq); a
+    recurrent model's sequences each keep the whole n_ctx. Three rows in a context of 4
+    sequences reach position n_ctx - 1 = 15 (4x n_ctx / n_seq_max), with the logits of the
+    transformers model on the same tokens; the next token is refused and leaves the state."""
+    from mamba_deploy.runners import open_runner
+
+    prompts = torch.cat([ids(15, seed=s) for s in range(3)])
+    last = torch.tensor([3, 5, 7])
+    with open_llama(tiny_gguf, n_ctx=16, n_seq_max=4) as r:
+        st = r.new_state(3)
+        r.prefill(prompts, st)
+        got, st = r.step(last, st)
+        assert st.pos == [16, 16, 16]
+        with pytest.raises(ShapeError, match="n_ctx=16"):
+            r.step(last, st)
+        assert st.pos == [16, 16, 16]
+    ref = open_runner(tiny_folder("mamba"), "torch")
+    logits, _ = ref.prefill(torch.cat([prompts, last[:, None]], 1), ref.new_state(3), last_only=True)
+    assert torch.allclose(got, logits[:, 0], rtol=1e-4, atol=1e-4), (got - logits[:, 0]).abs().max()
+
+
 def test_step_logits_survive_the_next_step(tiny_gguf):
     """The returned logits are the caller's: llama.cpp reuses its logits buffer on the next decode."""
     with open_llama(tiny_gguf) as r:

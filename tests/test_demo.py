@@ -134,3 +134,25 @@ def test_demo_passes_when_a_format_is_only_not_available(monkeypatch, capsys):
 def test_demo_missing_model_folder_is_a_user_error(tmp_path, capsys):
     assert main(["demo", "--models", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_demo_out_that_cannot_take_the_artifacts_is_a_user_error(tmp_path, capsys):
+    """`demo --out PATH`: a file at PATH failed mid-run with a traceback (NotADirectoryError), and
+    a folder holding an earlier run's artifacts failed the ONNX row (its export refuses a non-empty
+    folder) after the other rows had run. Both are refused before any work (exit 2, naming PATH),
+    as convert / export / quantize refuse theirs; a new or empty folder is used as before."""
+    model = str(MODELS / "demo-mamba1")
+    fresh, empty, file = tmp_path / "fresh", tmp_path / "empty", tmp_path / "file"
+    empty.mkdir()
+    file.write_text("not a folder")
+    for out in (fresh, empty):
+        assert main(["demo", "--models", model, "--out", str(out), "--only", "safetensors fp16->fp32"]) == 0
+        assert any((out / "demo-mamba1").iterdir())
+    capsys.readouterr()
+    for out in (file, fresh):
+        before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else out.read_text()
+        assert main(["demo", "--models", model, "--out", str(out), "--only", "safetensors fp16->fp32"]) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err and "Traceback" not in err, err
+        after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else out.read_text()
+        assert after == before

@@ -40,3 +40,43 @@ def test_verify_artifact_dtype_uses_the_looser_row(tmp_path, artifact_dtype, row
     assert tol["label"] == row
     assert {k: tol[k] for k in readme_tolerance_rows()[row]} == readme_tolerance_rows()[row]
     assert rc == 0 and report["passed"], report["failures"]
+
+
+def test_quantize_refuses_calibration_flags_a_method_does_not_read(hf_checkpoint, tmp_path, capsys, monkeypatch):
+    """README: "a flag the method does not take is refused, not ignored". `quantize --method int8
+    --calib FILE` wrote the checkpoint without reading FILE. Which methods read calibration data is
+    observed through quantize() itself; the CLI must refuse --calib / --n-calib / --calib-len for
+    the others (before writing anything) and, with --auto, drop them with a note."""
+    import torch
+
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantizer
+    from mamba_deploy.quant.plan import METHODS
+
+    folder, _ = hf_checkpoint("mamba")
+    readers, real = set(), quantizer.calibration_ids
+    for method in METHODS:
+        def spy(*a, method=method, **k):
+            readers.add(method)
+            return real(*a, **k)
+        monkeypatch.setattr(quantizer, "calibration_ids", spy)
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        rows = {"group_size": 32} if METHODS[method]["format"] == "int4" else {}  # the tiny model's rows are 32
+        quantizer.quantize(load_model(folder), method, calib_ids=ids, n_calib=2, calib_len=16, progress=False, **rows)
+    monkeypatch.setattr(quantizer, "calibration_ids", real)
+    ignorers = sorted(set(METHODS) - readers)
+    assert readers and ignorers, (readers, ignorers)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x\n" * 50)
+    for method in ignorers:
+        for flag, value in [("--calib", str(text)), ("--n-calib", "2"), ("--calib-len", "16")]:
+            out = tmp_path / f"{method}{flag}"
+            assert main(["quantize", str(folder), str(out), "--method", method, flag, value]) == 2
+            err = capsys.readouterr().err
+            assert f"{flag} does not apply to --method {method}" in err, err
+            assert all(m in err.split("applies to", 1)[1] for m in readers), err
+            assert not out.exists()
+    assert main(["quantize", str(folder), str(tmp_path / "auto"), "--auto", "--calib", str(text)]) == 0
+    picked = load_model(tmp_path / "auto").quantization_config["method"]
+    if picked in ignorers:
+        assert "--calib does not apply to" in capsys.readouterr().out

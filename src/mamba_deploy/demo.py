@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import prepare_output_file, write_json
-from .errors import BackendUnavailableError, ModelNotFoundError
+from .atomic import prepare_output_dir, prepare_output_file, write_json
+from .errors import BackendUnavailableError, ModelNotFoundError, OutputPathError
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
 PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for i in range(")
@@ -275,7 +275,9 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
         if not (d / "config.json").exists():
             raise ModelNotFoundError(f"{d} is not a checkpoint folder (no config.json)")
     formats = [f for f in FORMATS if only is None or f[0] in only or f[2] is build_torch]
-    work = Path(out) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
+    # before any work: a file there failed mid-run with a traceback, and an earlier run's artifacts
+    # failed the exports that refuse a non-empty folder after the other rows had run
+    work = prepare_output_dir(out, OutputPathError) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
     try:
         rows = [r for d in dirs for r in run_model(d, work, formats, log, threads)]
     finally:
@@ -305,7 +307,8 @@ def register(subparsers):
 
     s = subparsers.add_parser("demo", help="offline end to end: generate, export every format, verify parity")
     s.add_argument("--models", nargs="+", default=None, help="checkpoint folders (default: the shipped demo models)")
-    s.add_argument("--out", default=None, help="keep the exported artifacts here (default: a temporary folder)")
+    s.add_argument("--out", default=None,
+                   help="new or empty folder to keep the exported artifacts in (default: a temporary folder)")
     s.add_argument("--only", nargs="+", default=None, choices=[f[0] for f in FORMATS], help="formats to run")
     add_threads(s)
     s.add_argument("--json", default=None, help="also write the table rows to this JSON file")

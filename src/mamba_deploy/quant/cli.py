@@ -35,9 +35,16 @@ FLAGS = {"group_size": "--group-size", "symmetric": "--asymmetric", "act_order":
          "rules": "--config", "include": "--include"}
 
 
+# quantize() accepts calibration data for every method (one call site can loop over methods), but
+# only the calibrated ones read it: typed by hand for int8 / int4 / fp8 it would be ignored
+CALIB_OPTIONS = ("calib", "n_calib", "calib_len")
+
+
 def _takes(method: str, option: str) -> bool:
     from .plan import method_options
 
+    if option in CALIB_OPTIONS:
+        return bool(METHODS[method]["calibrate"])
     try:
         method_options(method, {option: None})  # None: only whether the method knows the option
     except QuantizationError:
@@ -85,6 +92,9 @@ def cmd_quantize(args):
         print(f"--auto picked {method}: {why}")
         if "group_size" in opts and METHODS[method]["format"] != "int4":
             print(f"--group-size {opts.pop('group_size')} does not apply to {method} (per output channel); ignored")
+        for key in [k for k in CALIB_OPTIONS if k in opts and not _takes(method, k)]:
+            del opts[key]  # given for whichever method --auto picks; this one rounds without calibration
+            print(f"{FLAGS[key]} does not apply to {method} (no calibration); ignored")
         check_flags(method, opts)
     quantize(model, method, **opts)
     out = save_quantized(model, args.out)
@@ -113,9 +123,12 @@ def register(subparsers):
     s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None,
                    help="fp8 only: one scale per output channel (default) or one for the whole weight")
     s.add_argument("--include", default=None, help="also quantize: embeddings,lm_head")
-    s.add_argument("--calib", default=None, help="calibration text file (default: built-in stdlib text)")
-    s.add_argument("--n-calib", type=positive_int, default=None, help="calibration sequences (default 16)")
-    s.add_argument("--calib-len", type=positive_int, default=None, help="tokens per calibration sequence (default 256)")
+    s.add_argument("--calib", default=None,
+                   help="gptq, awq, smoothquant: calibration text file (default: built-in stdlib text)")
+    s.add_argument("--n-calib", type=positive_int, default=None,
+                   help="gptq, awq, smoothquant: calibration sequences (default 16)")
+    s.add_argument("--calib-len", type=positive_int, default=None,
+                   help="gptq, awq, smoothquant: tokens per calibration sequence (default 256)")
     s.add_argument("--config", default=None, help='per-layer rules JSON: {"quant_cfg": {"<glob>": {...}}}')
     s.add_argument("--auto", action="store_true", help="pick the method from model size and --target")
     s.add_argument("--target", choices=["cpu", "gpu"], default=None,

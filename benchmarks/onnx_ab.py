@@ -30,7 +30,7 @@ from cpu_backends import read_bandwidth_gbs  # noqa: E402
 
 def decode_ms(runner, steps: int, clone: bool) -> float:
     """Mean ms per greedy step after a 64-token prefill and 2 warm steps."""
-    ids = torch.randint(0, 50000, (1, 64), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, min(50000, runner.config.vocab_size), (1, 64), generator=torch.Generator().manual_seed(2))
     _, st = runner.prefill(ids, runner.new_state(1), last_only=True)
     tok = torch.tensor([5])
     for _ in range(2):
@@ -49,7 +49,8 @@ def measure(folders, threads: int, prefill: int, n_decode: int, rounds: int, clo
 
     torch.set_num_threads(threads)
     runners = {f: open_onnx(f, threads=threads) for f in folders}
-    ids = torch.randint(0, 50000, (1, prefill), generator=torch.Generator().manual_seed(1))
+    vocab = min(50000, *(r.config.vocab_size for r in runners.values()))  # the same ids as before for 130m shapes
+    ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(1))
     for r in runners.values():  # one run at this length first: the steady state is timed
         r.prefill(ids, r.new_state(1), last_only=True)
     pre = {f: [] for f in runners}

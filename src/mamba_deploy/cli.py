@@ -326,11 +326,14 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     main_thread = threading.current_thread() is threading.main_thread()
     default_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    args = None
     try:
+        # inside the try: building the parser imports every stage's modules, for a second or more,
+        # and Ctrl-C (or SIGTERM) then was a traceback
+        args = build_parser().parse_args(argv)
         args.func(args)
     except MambaDeployError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -369,6 +372,8 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _command(args) -> str:
+    if args is None:  # failed while the command line was read
+        return "mamba-deploy"
     return args.command + (f" {args.format}" if getattr(args, "format", None) and args.command == "export" else "")
 
 

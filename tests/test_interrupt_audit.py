@@ -243,3 +243,29 @@ def test_encode_split_calls_the_tokenizer_in_pieces(tmp_path):
     want = [t for text in data.corpus_texts("train", tmp_path) for t in tok.encode(text) + [0]]
     assert ids == want
     assert len(tok.calls) > 1 and max(tok.calls) <= len(files) // 2 and sum(tok.calls) == len(files)
+
+
+# ------------------------------------------------------------------ OpenVINO's temporary graph
+
+def test_openvino_copy_of_an_external_data_graph_interrupted_leaves_nothing(hf_checkpoint, tmp_path, monkeypatch):
+    """OpenVINO reads a graph with external weights through a stripped copy written into the ONNX
+    folder. Before: an interrupt (or a full disk) while that copy was written left it there."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    import mamba_deploy.export.onnx as onnx_export
+    from mamba_deploy.runners.openvino_runner import open_openvino
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    folder, _ = hf_checkpoint("mamba")
+    out = onnx_export.export_onnx(folder, tmp_path / "ext")
+    before = _entries(out)
+
+    def interrupted(proto, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        open_openvino(out)
+    assert _entries(out) == before

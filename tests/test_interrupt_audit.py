@@ -62,6 +62,37 @@ def test_signal_while_the_command_line_is_read_is_one_line(sig, rc, word, tmp_pa
     assert _entries(tmp_path) == []
 
 
+# the terminal goes away once the export has written its folder's manifest, before the rename
+_HANGUP_MID_EXPORT = """
+import signal
+import mamba_deploy.export.onnx as ex
+{nohup}
+real = ex.write_manifest
+def write_manifest(*a, **k):
+    real(*a, **k)
+    signal.raise_signal(signal.SIGHUP)
+ex.write_manifest = write_manifest
+"""
+
+
+def test_hangup_mid_export_cleans_up_like_sigterm(tmp_path):
+    """Before: SIGHUP (a closed terminal or SSH session) killed the process at once and left the
+    export's temporary folder .o.tmp-* behind."""
+    pytest.importorskip("onnxruntime")
+    p = _cli(["export", "onnx", DEMO, str(tmp_path / "o")], _HANGUP_MID_EXPORT.replace("{nohup}", ""))
+    assert p.returncode == 128 + 1, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "hung up" and "Traceback" not in p.stderr
+    assert _entries(tmp_path) == []
+
+
+def test_hangup_under_nohup_is_still_ignored(tmp_path):
+    pytest.importorskip("onnxruntime")
+    p = _cli(["export", "onnx", DEMO, str(tmp_path / "o")],
+             _HANGUP_MID_EXPORT.replace("{nohup}", "signal.signal(signal.SIGHUP, signal.SIG_IGN)"))
+    assert p.returncode == 0, p.stderr
+    assert _entries(tmp_path) == ["o"] and (tmp_path / "o" / "model.onnx").is_file()
+
+
 # ------------------------------------------------------------------ full disk, end to end
 
 def test_gguf_export_onto_a_full_disk_keeps_the_previous_file(tmp_path):

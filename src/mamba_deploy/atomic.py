@@ -124,7 +124,7 @@ def atomic_file(path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         Path(tmp).unlink(missing_ok=True)
         raise_out_of_space(e, path)
 
@@ -192,7 +192,7 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
             raise error_cls(f"output folder {out} was written by another process or thread while this one ran "
                             f"({e.strerror or e}); its contents are kept: choose a new path, or delete it and "
                             "run again") from e
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         shutil.rmtree(tmp, ignore_errors=True)
         raise_out_of_space(e, out)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -148,7 +147,7 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
         save_checkpoint(model, tmp, dtype=dtype)
         (tmp / "train_log.json").write_text(json.dumps(metrics, indent=2))
         _swap_in(tmp, out)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         shutil.rmtree(tmp, ignore_errors=True)
         raise_out_of_space(e, out)
 

@@ -193,7 +193,7 @@ def _read_model(core, folder: Path):
     tmp = folder / f".model.openvino-{os.getpid()}-{id(proto):x}.onnx"
     try:
         onnx.save_model(proto, str(tmp))
-    except BaseException as e:  # Ctrl-C or a full disk mid-save: no partial copy left in the user's folder
+    except BaseException as e:  # Ctrl-C or a full disk mid-save: no partial copy left in the folder
         tmp.unlink(missing_ok=True)
         if not isinstance(e, OSError):
             raise

@@ -93,6 +93,39 @@ def test_hangup_under_nohup_is_still_ignored(tmp_path):
     assert _entries(tmp_path) == ["o"] and (tmp_path / "o" / "model.onnx").is_file()
 
 
+# llama.cpp's quantizer, replaced by one that calls back into Python from C (as its log callback
+# does) and the terminal closing while that callback runs: a Python exception there is printed
+# and dropped by ctypes
+_HANGUP_IN_A_C_CALLBACK = """
+import ctypes, signal
+import llama_cpp
+libc = ctypes.CDLL(None)
+
+@ctypes.CFUNCTYPE(None)
+def log_callback():
+    getattr(libc, "raise")(signal.SIGHUP)
+    sum(range(1000))  # the handler runs here, inside the callback
+
+def quantize(src, dst, params):
+    log_callback()
+    with open(dst, "wb") as f:
+        f.write(b"GGUF")
+    return 0
+llama_cpp.llama_model_quantize = quantize
+"""
+
+
+def test_hangup_inside_llamacpp_quantize_is_not_lost(tmp_path):
+    """Before: SIGINT and SIGTERM were held back during llama.cpp's call, SIGHUP was not: raised
+    inside its log callback it was dropped, and the export went on to write its file."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    p = _cli(["export", "gguf", DEMO, str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"], _HANGUP_IN_A_C_CALLBACK)
+    assert p.returncode == 128 + 1, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == "hung up"
+    assert _entries(tmp_path) == []
+
+
 # ------------------------------------------------------------------ full disk, end to end
 
 def test_gguf_export_onto_a_full_disk_keeps_the_previous_file(tmp_path):

@@ -8,6 +8,7 @@ removed and the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -74,6 +75,45 @@ def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     return out
 
 
+# A full disk or a file-size limit, as each writer reports it: OSError's errno; numpy's tofile
+# ("N requested and M written", no errno); safetensors ("os error 28"); torch.save's zip writer
+# ("file write failed", or "unexpected pos" after a short write)
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_TEXT = ("No space left", "File too large", "Disk quota exceeded", "os error 28", "os error 27",
+                   "os error 122", "requested and", "file write failed", "unexpected pos")
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        return True
+    # any Exception: safetensors' SafetensorError derives from Exception alone
+    return isinstance(e, Exception) and any(t in str(e) for t in _DISK_FULL_TEXT)
+
+
+def out_of_space(e: BaseException, path) -> BaseException:
+    """`e` as an OutputPathError naming `path` when it says the disk (or a file-size limit) is
+    full; any other failure unchanged. One raised for an inner temporary (a file inside a folder
+    being written) is named again for `path`, so the user reads the output they asked for."""
+    from .errors import OutputPathError
+
+    cause = e.__cause__ if isinstance(e, OutputPathError) and e.__cause__ is not None else e
+    if not _disk_full(cause):
+        return e
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0][:200]
+    err = OutputPathError(f"no space left to write {path} ({reason}); it was not written (an earlier one there is "
+                          "kept). Free space on that disk, or choose an output path on another one")
+    err.__cause__ = cause
+    return err
+
+
+def raise_out_of_space(e: BaseException, path) -> None:
+    """Re-raise `e`, as out_of_space names it (call from an except block)."""
+    err = out_of_space(e, path)
+    if err is e:
+        raise e
+    raise err from err.__cause__
+
+
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
     """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds."""
@@ -84,9 +124,9 @@ def atomic_file(path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise_out_of_space(e, path)
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -152,9 +192,9 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
             raise error_cls(f"output folder {out} was written by another process or thread while this one ran "
                             f"({e.strerror or e}); its contents are kept: choose a new path, or delete it and "
                             "run again") from e
-    except BaseException:
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise_out_of_space(e, out)
 
 
 @contextlib.contextmanager

@@ -306,11 +306,7 @@ def write_outputs(data: dict, out_dir) -> dict:
                 "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
     contents = {"json": json.dumps(data, indent=2).encode(), "markdown": markdown_table(data).encode(),
                 "throughput_plot": _png(thr), "latency_plot": _png(lat)}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputPathError(f"cannot create --out {out}: {e.strerror or e}; choose a folder under a "
-                              "writable one") from e
+    # a new folder appears complete or not at all (write_files); into an existing one,
     # all four written in full under temporary names before the first is renamed into place: a
     # failure while writing leaves the previous run's set whole, never new tables beside old plots
     write_files(out, {OUTPUT_FILES[k]: contents[k] for k in OUTPUT_FILES})

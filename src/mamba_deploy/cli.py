@@ -318,19 +318,56 @@ def _cli_warning(message, category, filename, lineno, line=None) -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every writer's cleanup (temporary files) runs."""
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every writer's cleanup (temporary files) runs."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _on_sigterm(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_as_interrupts():
+    """SIGTERM (a process manager) and SIGHUP (the terminal or SSH session closed) as Terminated
+    while a command runs; their default, killing the process at once, left the temporaries of a
+    write in progress. A SIGHUP already ignored (nohup) stays ignored. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    sigs = [s for s in sigs if s == signal.SIGTERM or signal.getsignal(s) is signal.SIG_DFL]
+    previous = [signal.signal(s, _on_sigterm) for s in sigs]
+    try:
+        yield
+    finally:
+        for s, handler in zip(sigs, previous):
+            signal.signal(s, handler)
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    """Report an interrupt in one line; the exit status a shell shows for the signal."""
+    signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+    word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "hung up")
+    with contextlib.suppress(OSError, ValueError):  # stderr may be the terminal that went away
+        print(word, file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    with _stop_signals_as_interrupts():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
-    main_thread = threading.current_thread() is threading.main_thread()
-    default_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    args = None
     try:
+        # inside the try: building the parser imports every stage's modules, for a second or more,
+        # and Ctrl-C (or SIGTERM) then was a traceback
+        args = build_parser().parse_args(argv)
         args.func(args)
     except MambaDeployError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -348,16 +385,13 @@ def main(argv=None) -> int:
               "config needs more memory than there is; try smaller values, or --dtype bf16", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return _stopped(e)
     except BrokenPipeError:  # `| head` stopped reading: end quietly (stdout's flush at exit would fail again)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports it
     finally:
         warnings.formatwarning = default_format
-        if main_thread:
-            signal.signal(signal.SIGTERM, default_term)
     return 0
 
 
@@ -369,6 +403,8 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def _command(args) -> str:
+    if args is None:  # failed while the command line was read
+        return "mamba-deploy"
     return args.command + (f" {args.format}" if getattr(args, "format", None) and args.command == "export" else "")
 
 

@@ -137,21 +137,32 @@ def tokenizer_digest(tokenizer_dir) -> str:
 
 # ----------------------------------------------------------------------------- token streams
 
-def encode_split(tokenizer, split: str, root: Path | None = None) -> np.ndarray:
+ENCODE_CHUNK = 32  # files per encode_batch call in encode_split
+
+
+def encode_split(tokenizer, split: str, root: Path | None = None, progress: bool = True) -> np.ndarray:
     """One stream: every file's tokens followed by EOS, files in sorted path order. (n,) int32.
     `tokenizer`: any object with encode(str) and eos_token_id (a Runner's tokenizer: ours,
-    llama.cpp's); encode_batch(texts), where it has one, is used for speed."""
+    llama.cpp's); encode_batch(texts), where it has one, is used for speed. progress: a bar on
+    stderr while encoding."""
     texts = list(corpus_texts(split, root))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {getattr(tokenizer, 'path', None) or type(tokenizer).__name__} has no eos "
                           "token to separate files; use a tokenizer that defines one (e.g. from train-tokenizer)")
-    batch = getattr(tokenizer, "encode_batch", None)
-    encoded = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    from tqdm.auto import tqdm
+
+    batch = getattr(tokenizer, "encode_batch", None) or (lambda chunk: [tokenizer.encode(t) for t in chunk])
     out = []
-    for ids in encoded:
-        out.extend(ids)
-        out.append(eos)
+    # ENCODE_CHUNK files per call, not the whole split in one: Ctrl-C is seen between calls (one
+    # call into the Rust tokenizer took seconds, deaf to it), and the bar can move
+    with tqdm(total=len(texts), desc=f"encoding {split}", unit="file", leave=False,
+              disable=not progress) as bar:
+        for i in range(0, len(texts), ENCODE_CHUNK):
+            for ids in batch(texts[i:i + ENCODE_CHUNK]):
+                out.extend(ids)
+                out.append(eos)
+            bar.update(min(ENCODE_CHUNK, len(texts) - i))
     return np.asarray(out, dtype=np.int32)
 
 

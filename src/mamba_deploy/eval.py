@@ -75,7 +75,7 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     return res
 
 
-def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int]:
+def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: bool = True) -> list[int]:
     """Token ids of --text FILE or --corpus stdlib-val|stdlib-train."""
     from . import data
 
@@ -89,7 +89,7 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None) -> list[int
 
     if corpus not in data.CORPORA:
         raise ConfigError(f"unknown corpus {corpus!r}; choose one of {', '.join(data.CORPORA)}")
-    return data.encode_split(tokenizer, corpus.split("-", 1)[1]).tolist()
+    return data.encode_split(tokenizer, corpus.split("-", 1)[1], progress=progress).tolist()
 
 
 def cmd_eval(args):
@@ -98,7 +98,7 @@ def cmd_eval(args):
 
     runner = open_runner(args.model, args.backend,
                          **runner_options(args, {"device": args.device, "dtype": DTYPES[args.dtype]}))
-    ids = corpus_ids(runner.tokenizer, args.corpus, args.text)
+    ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=not args.json)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:  # perplexity's own message cannot name the flag to change
@@ -110,7 +110,7 @@ def cmd_eval(args):
     if args.baseline:
         from . import data
 
-        train_ids = data.encode_split(runner.tokenizer, "train")
+        train_ids = data.encode_split(runner.tokenizer, "train", progress=not args.json)
         res["unigram_ppl"] = data.unigram_perplexity(train_ids, ids[1:], runner.vocab_size)
     runner.close()
     if args.json:

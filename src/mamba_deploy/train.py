@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
-from .atomic import check_writable, prepare_output_dir, prepare_output_file
+from .atomic import atomic_file, check_writable, prepare_output_dir, prepare_output_file, raise_out_of_space
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
 
@@ -130,11 +129,11 @@ def quick_val_loss(model, val_windows, amp_dtype) -> float:
 
 
 def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                "rng": rng.bit_generator.state, "log": log, "preset": preset,
-                "vocab_size": model.config.vocab_size}, tmp)
-    os.replace(tmp, path)
+    # atomic_file: a unique temporary, removed when the save is interrupted or the disk fills
+    with atomic_file(path) as tmp:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "rng": rng.bit_generator.state, "log": log, "preset": preset,
+                    "vocab_size": model.config.vocab_size}, tmp)
 
 
 def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
@@ -144,8 +143,17 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.snap-", dir=out.parent))
     shutil.rmtree(tmp)
-    save_checkpoint(model, tmp, dtype=dtype)
-    (tmp / "train_log.json").write_text(json.dumps(metrics, indent=2))
+    try:  # from the first write on: an interrupt while writing train_log.json left the whole snapshot
+        save_checkpoint(model, tmp, dtype=dtype)
+        (tmp / "train_log.json").write_text(json.dumps(metrics, indent=2))
+        _swap_in(tmp, out)
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_out_of_space(e, out)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the folder `tmp` to `out`, replacing a previous `out`."""
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -155,7 +163,6 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
     except BaseException:  # interrupted between the two renames: the previous snapshot goes back
         if old.exists() and not out.exists():
             old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -346,8 +353,9 @@ def _train(args) -> dict:
         print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
     start, step_times = time.perf_counter(), []
+    # closed on the way out of an interrupt too: else its last redraw, at exit, came after the message
     bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
-    with use_backend("ref"):  # the reference ops have autograd; fast kernels may not
+    with bar, use_backend("ref"):  # the reference ops have autograd; fast kernels may not
         while step < total:
             t0 = time.perf_counter()
             batch = sample_batch(run.train_ids, args.batch, args.seq_len, run.rng)
@@ -367,7 +375,6 @@ def _train(args) -> dict:
                 save_training_state(run.state_path, model, run.opt, step, run.rng, log, args.preset)
                 metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
                 save_snapshot(model, Path(args.out), torch.float16, metrics)
-    bar.close()
     metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
                "train_seconds": round(time.perf_counter() - start, 1), "log": log}
     if args.eval_tokens:

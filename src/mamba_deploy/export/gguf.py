@@ -320,15 +320,15 @@ def _deferred_interrupt():
         yield
         return
     hit = []
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
     previous = [signal.signal(s, lambda signum, _: hit.append(signum)) for s in signals]
     try:
         yield
     finally:
         for s, handler in zip(signals, previous):
             signal.signal(s, handler)
-    if hit:
-        signal.raise_signal(hit[0])  # now through the caller's handler, in Python code
+    for signum in dict.fromkeys(hit):  # now through the caller's handlers, in Python code (an
+        signal.raise_signal(signum)  # ignored one, e.g. SIGHUP under nohup, passes to the next)
 
 
 # ----------------------------------------------------------------------------- Ollama

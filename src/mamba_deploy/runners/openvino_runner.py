@@ -193,9 +193,12 @@ def _read_model(core, folder: Path):
     tmp = folder / f".model.openvino-{os.getpid()}-{id(proto):x}.onnx"
     try:
         onnx.save_model(proto, str(tmp))
-    except OSError as e:
-        raise ExportError(f"{folder} must be writable to open a graph with external weights in OpenVINO "
-                          f"(it writes a temporary {tmp.name} there): {e}") from e
+    except BaseException as e:  # Ctrl-C or a full disk mid-save: no partial copy left in the folder
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        raise ExportError(f"{folder} must be writable, with room for a copy of the graph, to open a graph with "
+                          f"external weights in OpenVINO (it writes a temporary {tmp.name} there): {e}") from e
     try:
         return core.read_model(str(tmp)), defaults, tmp
     except BaseException:

@@ -396,11 +396,11 @@ def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
             proc.wait(EXIT_TIMEOUT)
 
 
-@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monkeypatch, capsys, first):
-    """A second SIGTERM / Ctrl-C while the server shuts down raised KeyboardInterrupt inside
-    server_close / runner.close: exit 130 with the model half freed (llama.cpp then crashed at
-    exit). They are now reported and the clean-up finishes: exit 0, the runner closed."""
+    """A second SIGTERM / Ctrl-C / SIGHUP while the server shuts down raised KeyboardInterrupt
+    inside server_close / runner.close: exit 130 with the model half freed (llama.cpp then crashed
+    at exit). They are now reported and the clean-up finishes: exit 0, the runner closed."""
     from mamba_deploy import serve
     from mamba_deploy.cli import main
 
@@ -413,14 +413,15 @@ def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monke
         return servers[-1]
 
     def close_under_signals(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             os.kill(os.getpid(), sig)
             time.sleep(0.05)  # the handler runs in this (the main) thread, between bytecodes
         real_close(self)
 
     monkeypatch.setattr(serve, "make_server", make)
     monkeypatch.setattr(serve.CompletionServer, "server_close", close_under_signals)
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]  # noqa: E731
+    before = handlers()
 
     def signal_when_up():
         wait_until(lambda: servers and _health(servers[0].server_address[1]), "the server to answer")
@@ -431,7 +432,7 @@ def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monke
     err = capsys.readouterr().err
     assert "shutting down" in err and err.count("already shutting down") == 3, err
     assert runners[0].closed
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert handlers() == before
 
 
 class _Watched(TorchRunner):

@@ -621,25 +621,29 @@ def cmd_serve(args):
         runner.close()
         raise
 
+    # SIGHUP (the terminal closed) too, unless it is ignored (nohup): cli.main turns it into an
+    # interrupt, and a second one must not break off the clean-up either
+    stops = [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * (
+        hasattr(signal, "SIGHUP") and signal.getsignal(getattr(signal, "SIGHUP", 0)) is not signal.SIG_IGN)
+
     def _again(signum, frame):  # a second Ctrl-C / SIGTERM must not break off the clean-up below
         print(f"already shutting down (waiting at most {server.close_timeout:g} s for running requests)",
               file=sys.stderr, flush=True)
 
     def _stop(signum, frame):  # the first Ctrl-C or SIGTERM: later ones wait for the clean-up
-        signal.signal(signal.SIGINT, _again)
-        signal.signal(signal.SIGTERM, _again)
+        for sig in stops:
+            signal.signal(sig, _again)
         raise KeyboardInterrupt
 
-    default_int = signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    defaults = {sig: signal.signal(sig, _stop) for sig in stops}
     print(f"serving {server.model_name} ({runner.name}) on {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr, flush=True)
     finally:
-        signal.signal(signal.SIGINT, _again)  # also when serve_forever ended by an error
-        signal.signal(signal.SIGTERM, _again)
+        for sig in stops:  # also when serve_forever ended by an error
+            signal.signal(sig, _again)
         try:
             server.server_close()
             if server.unfinished:  # freeing the runner under a running request could crash it
@@ -648,7 +652,7 @@ def cmd_serve(args):
             else:
                 runner.close()
         finally:
-            signal.signal(signal.SIGINT, default_int)  # cli.main puts SIGTERM's back
+            signal.signal(signal.SIGINT, defaults[signal.SIGINT])  # cli.main puts SIGTERM's and SIGHUP's back
 
 
 def register(subparsers) -> None:

@@ -62,6 +62,37 @@ def test_signal_while_the_command_line_is_read_is_one_line(sig, rc, word, tmp_pa
     assert _entries(tmp_path) == []
 
 
+# Ctrl-C while torch is imported: the first second or more of every run
+_CTRL_C_IN_TORCH_IMPORT = """
+import runpy, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["mamba-deploy", "inspect", "models/demo-mamba1"]
+runpy.run_module("mamba_deploy", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line():
+    """Before: `mamba_deploy/__init__` and the console script's module imported torch before any
+    of the CLI's handlers existed: a KeyboardInterrupt traceback."""
+    p = subprocess.run([sys.executable, "-c", _CTRL_C_IN_TORCH_IMPORT], env=ENV, capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert (p.returncode, p.stderr) == (130, "interrupted\n"), p.stderr
+
+
+def test_the_console_script_imports_no_torch_before_its_main_runs():
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["mamba-deploy"]
+    module, func = target.split(":")
+    code = f"import sys, {module} as m; assert callable(m.{func}); print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "False", (target, p.stdout, p.stderr)
+
+
 # the terminal goes away once the export has written its folder's manifest, before the rename
 _HANGUP_MID_EXPORT = """
 import signal

@@ -203,3 +203,24 @@ def test_bad_counts_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "m", flag, value])
     assert exc.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_torch_only_flags_need_a_torch_target_and_are_recorded(hf_checkpoint, tmp_path, capsys):
+    """--dtype / --device / --state-dtype were silently ignored when no target ran on torch (generate,
+    eval, serve and verify refuse them), and results never said which dtype a torch target ran in."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from mamba_deploy.export.onnx import export_onnx
+
+    folder, _ = hf_checkpoint("mamba2")
+    onnx = export_onnx(folder, tmp_path / "onnx")
+    small = ["--batch", "1", "--prompt-len", "3", "--gen-len", "1", "--repeats", "1", "--warmup", "0", "--quiet"]
+    for flag in (["--dtype", "bf16"], ["--state-dtype", "bf16"], ["--device", "meta"]):
+        assert main(["bench", str(onnx), "--out", str(tmp_path / "no"), *flag, *small]) == 2
+        err = capsys.readouterr().err
+        assert flag[0] in err and "torch backend only" in err and "onnx" in err, err
+        assert not (tmp_path / "no").exists()
+    out = tmp_path / "yes"
+    assert main(["bench", str(folder), str(onnx), "--dtype", "bf16", "--out", str(out), *small]) == 0
+    targets = json.loads((out / "results.json").read_text())["targets"]
+    assert [(t["backend"], t.get("dtype"), t.get("state_dtype")) for t in targets] == \
+        [("torch", str(torch.bfloat16).removeprefix("torch."), "float32"), ("onnx", None, None)]

@@ -190,6 +190,8 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
             done_before = bar.n
             try:
                 opts = {"threads": threads, **((open_options or {}) if backend == "torch" else {})}
+                if backend == "torch":  # what ran: another --dtype is another benchmark
+                    entry.update({k: str(v).removeprefix("torch.") for k, v in opts.items() if k != "threads"})
                 with open_runner(path, backend, **opts) as runner:
                     for b in batches:
                         for length in prompt_lens:
@@ -316,10 +318,13 @@ def write_outputs(data: dict, out_dir) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def cmd_bench(args):
-    from .cli import torch_options
+    from .cli import refuse_torch_only, torch_options
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
+    if all(backend != "torch" for _, backend in targets):
+        refuse_torch_only(args, "no target runs on the torch backend (" + ", ".join(sorted({b for _, b in targets}))
+                          + ")")
     batches, prompt_lens = int_list(args.batch, "--batch", "1,8"), int_list(args.prompt_len, "--prompt-len", "128,512")
     # what would stop the writing is reported before minutes of measuring, not after
     _check_out_dir(args.out)

@@ -90,6 +90,18 @@ def add_threads(parser) -> None:
 TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32"}
 
 
+def refuse_torch_only(args, where: str) -> None:
+    """ConfigError for a torch-only flag away from its default when nothing runs on torch
+    (`where` says what runs instead): ignoring it would run another precision or device silently."""
+    for name, default in TORCH_ONLY_DEFAULTS.items():
+        value = getattr(args, name, default)
+        if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value} applies to the torch backend only; {where}, which would ignore it "
+                              f"and run the artifact as stored. Leave {flag} out, or run a checkpoint folder or "
+                              ".gguf with --backend torch")
+
+
 def runner_options(args, torch_opts=None) -> dict:
     """open_runner options from the CLI: --threads for every backend, plus the torch backend's
     own (`torch_opts`, default torch_options(args)) when the backend is torch or left to the path
@@ -99,13 +111,7 @@ def runner_options(args, torch_opts=None) -> dict:
 
     backend = args.backend or guess_backend(args.model)
     if backend != "torch":
-        for name, default in TORCH_ONLY_DEFAULTS.items():
-            value = getattr(args, name, default)
-            if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} {value} applies to the torch backend only; {args.model} runs on the "
-                                  f"{backend} backend, which would ignore it and run the artifact as stored. Leave "
-                                  f"{flag} out, or run a checkpoint folder or .gguf with --backend torch")
+        refuse_torch_only(args, f"{args.model} runs on the {backend} backend")
     opts = {"threads": args.threads}
     if backend == "torch":
         opts.update(torch_options(args) if torch_opts is None else torch_opts)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,14 +81,16 @@ def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
 # ("file write failed", or "unexpected pos" after a short write)
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _DISK_FULL_TEXT = ("No space left", "File too large", "Disk quota exceeded", "os error 28", "os error 27",
-                   "os error 122", "requested and", "file write failed", "unexpected pos")
+                   "os error 122", "file write failed", "unexpected pos")
+_NUMPY_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def _disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
         return True
     # any Exception: safetensors' SafetensorError derives from Exception alone
-    return isinstance(e, Exception) and any(t in str(e) for t in _DISK_FULL_TEXT)
+    return isinstance(e, Exception) and (any(t in str(e) for t in _DISK_FULL_TEXT)
+                                         or _NUMPY_SHORT_WRITE.search(str(e)) is not None)
 
 
 def out_of_space(e: BaseException, path) -> BaseException:

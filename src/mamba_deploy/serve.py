@@ -28,10 +28,10 @@ answers); `--model-name` sets that name. Errors have OpenAI's shape: {"error": {
 HTTP/1.1 with keep-alive: a connection carries request after request (OpenAI's clients pool
 them). A stream is sent without a length and ends by closing its connection (`Connection:
 close`); so does an error answered before the request's body was read. `Expect: 100-continue`
-gets `100 Continue` once the request line, path and Content-Length pass (any other Expect value: 417). A client that closes its
-connection (or its sending side, as nginx reads it) stops its generation at the next token, or
-before it starts when it was waiting for the model. `max_prompt_tokens` (--max-prompt-tokens)
-turns longer prompts away with a 400 before generating.
+gets `100 Continue` once the request line, path and Content-Length pass (any other Expect
+value: 417). A client that closes its connection (or its sending side, as nginx reads it) stops
+its generation at the next token, or before it starts when it was waiting for the model.
+`max_prompt_tokens` (--max-prompt-tokens) turns longer prompts away with a 400 before generating.
 """
 
 from __future__ import annotations
@@ -623,14 +623,15 @@ def cmd_serve(args):
 
     # SIGHUP (the terminal closed) too, unless it is ignored (nohup): cli.main turns it into an
     # interrupt, and a second one must not break off the clean-up either
-    stops = [signal.SIGINT, signal.SIGTERM] + [signal.SIGHUP] * (
-        hasattr(signal, "SIGHUP") and signal.getsignal(getattr(signal, "SIGHUP", 0)) is not signal.SIG_IGN)
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
 
-    def _again(signum, frame):  # a second Ctrl-C / SIGTERM must not break off the clean-up below
+    def _again(signum, frame):  # a second Ctrl-C / SIGTERM / SIGHUP must not break off the clean-up below
         print(f"already shutting down (waiting at most {server.close_timeout:g} s for running requests)",
               file=sys.stderr, flush=True)
 
-    def _stop(signum, frame):  # the first Ctrl-C or SIGTERM: later ones wait for the clean-up
+    def _stop(signum, frame):  # the first of them: later ones wait for the clean-up
         for sig in stops:
             signal.signal(sig, _again)
         raise KeyboardInterrupt

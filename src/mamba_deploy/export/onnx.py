@@ -107,10 +107,11 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         if validate:
             reference = torch_reference(tmp, model)
             # a model loaded here is freed before ONNX Runtime opens the graph (its session holds
-            # ~2x the weights), and loaded again only for a float64 second opinion
-            get_model = (lambda m=model: m) if model is model_or_path else (lambda: as_model(model_or_path))
+            # ~2x the weights), and loaded again, straight in float64, only for a second opinion
+            float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
+                            else (lambda: as_model(model_or_path, dtype=torch.float64)))
             del model
-            validate_against_reference(tmp, reference, dtype, get_model)
+            validate_against_reference(tmp, reference, dtype, float64_twin)
     return Path(out_dir)
 
 
@@ -334,8 +335,8 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     own fp32 logits are 1.4e-4 from float64). So both are then compared with float64 math; the
     export passes if its error is within FP32_SLACK times PyTorch fp32's own. A wrong graph is
     orders of magnitude beyond that (a 1% weight change: ~1e-2)."""
-    return validate_against_reference(folder, torch_reference(folder, model, seed), dtype, lambda: model, verbose,
-                                      tolerance, label)
+    return validate_against_reference(folder, torch_reference(folder, model, seed), dtype,
+                                      lambda: _float_copy(model, torch.float64), verbose, tolerance, label)
 
 
 def torch_reference(folder: Path, model, seed: int = 0) -> tuple:
@@ -347,10 +348,10 @@ def torch_reference(folder: Path, model, seed: int = 0) -> tuple:
     return batches, _reference(ref_model, batches)
 
 
-def validate_against_reference(folder: Path, reference: tuple, dtype: str, get_model, verbose: bool = True,
+def validate_against_reference(folder: Path, reference: tuple, dtype: str, float64_twin, verbose: bool = True,
                                tolerance: float | None = None, label: str | None = None) -> dict:
     """validate_export's checks of the ONNX graph against `reference` (torch_reference's);
-    get_model() gives the model again for the float64 second opinion."""
+    float64_twin() builds the model in float64 for the second opinion (only then: 2x the model)."""
     from ..runners.onnx_runner import open_onnx
 
     batches, want = reference
@@ -376,7 +377,7 @@ def validate_against_reference(folder: Path, reference: tuple, dtype: str, get_m
     if dtype != "fp32" or tolerance is not None or math.isnan(errs[worst]):  # no float64 second opinion
         raise ExportError(msg)
     try:
-        exact = _reference(_float_copy(get_model(), torch.float64), batches)
+        exact = _reference(float64_twin(), batches)
     except (MemoryError, RuntimeError) as e:  # a float64 copy of a large model may not fit
         raise ExportError(f"{msg} (no float64 check: {type(e).__name__}); re-run with --no-validate "
                           "to keep the export unchecked") from e

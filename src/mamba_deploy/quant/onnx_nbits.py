@@ -84,11 +84,12 @@ def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:
     ExportError beyond it. Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero
     points layout exact, so a later, looser level only measures ORT's activation rounding.
     -> worst relative error."""
-    from ..export.onnx import validate_against_reference
+    from ..export.onnx import _float_copy, validate_against_reference
 
     rounds = level >= 2  # levels 0 and 1 compute in fp32: the export's own limit and float64 second opinion
     what = "ORT's activation rounding" if rounds else "fp32 compute"
-    errs = validate_against_reference(folder, reference, "fp32", lambda: _dequantized_copy(qmodel),
+    float64_twin = lambda: _float_copy(_dequantized_copy(qmodel), torch.float64)  # noqa: E731
+    errs = validate_against_reference(folder, reference, "fp32", float64_twin,
                                       tolerance=LEVEL_TOLERANCE[level] if rounds else None,
                                       label=f"MatMulNBits, accuracy_level {level}: {what}")
     return max(errs.values())

@@ -618,8 +618,6 @@ def check_device(device) -> torch.device:
 
 
 def _load_model(path_or_hub_id, device, dtype):
-    from .model import MambaLM
-
     path = resolve(path_or_hub_id)
     if path.is_file():
         if path.suffix == ".gguf":
@@ -638,8 +636,22 @@ def _load_model(path_or_hub_id, device, dtype):
 
         return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
     check_weight_headers(path, cfg)  # before a model of the config's size is allocated
-    with torch.device(device):
-        model = MambaLM(cfg).to(dtype)
-    load_weights(model, path, device, dtype)
+    model = _unfilled_model(cfg, device, dtype)
+    load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
     model.source_path = path
+    return model
+
+
+def _unfilled_model(cfg: MambaConfig, device, dtype):
+    """MambaLM(cfg) on `device` in `dtype` with its parameters allocated, not initialised, for
+    load_weights to fill. Built for real it would run the random init of every weight (seconds
+    for billions), allocate the tied lm_head before tying it (the embeddings' size again), and
+    for a 16-bit load hold the float32 model beside its cast (3x the 16-bit model at the peak)."""
+    from .model import MambaLM
+
+    with torch.device("meta"):
+        model = MambaLM(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives the two modules a tensor each
+        model.lm_head.weight = model.backbone.embeddings.weight
     return model

@@ -160,9 +160,8 @@ class MambaGraph(StepNetwork):
     def _embed_weights(self) -> None:
         """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
         embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
-        emb = self.w["backbone.embeddings.weight"]
         if self.cfg.tie_embeddings:
-            self.head_w = self.weight("lm_head.weight", lambda: emb.detach().float().cpu().numpy().astype(self.wdtype, copy=False).T)
+            self.head_w = self.weight("lm_head.weight", lambda: self._np("backbone.embeddings.weight", self.wdtype).T)
         else:
             self.weight("backbone.embeddings.weight", lambda: self._np("backbone.embeddings.weight", self.wdtype))
             self.head_w = self.weight("lm_head.weight", lambda: self._np("lm_head.weight", self.wdtype).T)

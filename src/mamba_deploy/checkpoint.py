@@ -50,6 +50,7 @@ SAFETENSORS_DTYPES = {**SAFETENSORS_FLOATS, "F64": torch.float64, "F8_E4M3": tor
 # integer codes of another tool's quantization, fp8 without its scales, booleans)
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # a layer's tensors: backbone.layers.N. (HF, mamba_ssm, mistral's model.backbone...), blk.N. (GGUF)
+FINITE_CHUNK = 1 << 22  # elements per all_finite step (16 MB of float32)
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 
@@ -346,8 +347,8 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             continue
         with torch.no_grad():
             p.copy_(t.to(device=device, dtype=p.dtype))
-        if not bool(torch.isfinite(p).all()):  # NaN / inf in the file, or values past the model's dtype
-            (overflow if bool(torch.isfinite(t).all()) else nonfinite).append(k)
+        if not all_finite(p):  # NaN / inf in the file, or values past the model's dtype
+            (overflow if all_finite(t) else nonfinite).append(k)
     missing = sorted(set(params) - seen - tied)
     problems = []
     if missing:
@@ -362,6 +363,16 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             f"n_layer={cfg.n_layer}): " + "; ".join(problems) + ". Check that config.json belongs to these weights."
         )
     _check_values(folder, cfg, params, layout, bad_dtype, nonfinite, overflow, head)
+
+
+def all_finite(t: torch.Tensor, as_float: bool = False) -> bool:
+    """bool(torch.isfinite(t).all()), FINITE_CHUNK elements at a time: on a whole tensor, isfinite's
+    temporaries (|t| and two masks) are ~1.7x the tensor, 250 MB above the model while loading a
+    150 MB embedding matrix. as_float: each slice is cast to float32 first (dtypes isfinite lacks)."""
+    for c in t.reshape(-1).split(FINITE_CHUNK):
+        if not bool(torch.isfinite(c.float() if as_float else c).all()):
+            return False
+    return True
 
 
 def _check_values(folder, cfg, params, layout, bad_dtype, nonfinite, overflow, head) -> None:
@@ -607,8 +618,6 @@ def check_device(device) -> torch.device:
 
 
 def _load_model(path_or_hub_id, device, dtype):
-    from .model import MambaLM
-
     path = resolve(path_or_hub_id)
     if path.is_file():
         if path.suffix == ".gguf":
@@ -627,8 +636,22 @@ def _load_model(path_or_hub_id, device, dtype):
 
         return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
     check_weight_headers(path, cfg)  # before a model of the config's size is allocated
-    with torch.device(device):
-        model = MambaLM(cfg).to(dtype)
-    load_weights(model, path, device, dtype)
+    model = _unfilled_model(cfg, device, dtype)
+    load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
     model.source_path = path
+    return model
+
+
+def _unfilled_model(cfg: MambaConfig, device, dtype):
+    """MambaLM(cfg) on `device` in `dtype` with its parameters allocated, not initialised, for
+    load_weights to fill. Built for real it would run the random init of every weight (seconds
+    for billions), allocate the tied lm_head before tying it (the embeddings' size again), and
+    for a 16-bit load hold the float32 model beside its cast (3x the 16-bit model at the peak)."""
+    from .model import MambaLM
+
+    with torch.device("meta"):
+        model = MambaLM(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives the two modules a tensor each
+        model.lm_head.weight = model.backbone.embeddings.weight
     return model

@@ -128,6 +128,7 @@ def _dequantized(t) -> np.ndarray:
 
 def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     """A GGUF file (mamba / mamba2) -> MambaLM on `device` in `dtype` (weights dequantized)."""
+    from ..checkpoint import all_finite
     from ..model import MambaLM
 
     reader = open_reader(path)
@@ -156,7 +157,7 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
         if tuple(value.shape) != tuple(p.shape):
             problems.append(f"{name}: file {tuple(value.shape)} vs config {tuple(p.shape)}")
             continue
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             nonfinite.append(name)
         with torch.no_grad():
             p.copy_(value)
@@ -172,7 +173,7 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
         raise CheckpointError(f"GGUF file {path} has NaN or infinite values in {nonfinite[:8]}{why}: the file is "
                               "corrupt; re-export it (mamba-deploy export gguf) or re-download it")
     model = model.to(device=device, dtype=dtype).eval()
-    overflow = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    overflow = [n for n, p in model.named_parameters() if not all_finite(p)]
     if overflow:
         raise CheckpointError(f"GGUF file {path} has values in {overflow[:8]} beyond "
                               f"{str(dtype).removeprefix('torch.')}'s range, which would load as infinities; load it "

@@ -98,14 +98,20 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         raise ExportError(f"--accuracy-level {accuracy_level} applies to quantized checkpoints (MatMulNBits) only; "
                           "drop it, or export the output of `mamba-deploy quantize`")
     with atomic_dir(out_dir, ExportError) as tmp:
-        weights = {k: v for k, v in model.state_dict().items()}
-        proto = MambaGraph(cfg, weights, DTYPES[dtype], opset, scan_chunk=scan_chunk).build()
-        _save(proto, tmp)
+        # the proto (a copy of every weight) is not kept past _save: check_graph loads the file
+        # again, and validation opens it in ONNX Runtime, each a copy of their own
+        _save(MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build(), tmp)
         check_graph(tmp / "model.onnx")
         write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
         write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model), scan_chunk=scan_chunk)
         if validate:
-            validate_export(tmp, model, dtype)
+            reference = torch_reference(tmp, model)
+            # a model loaded here is freed before ONNX Runtime opens the graph (its session holds
+            # ~2x the weights), and loaded again, straight in float64, only for a second opinion
+            float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
+                            else (lambda: as_model(model_or_path, dtype=torch.float64)))
+            del model
+            validate_against_reference(tmp, reference, dtype, float64_twin)
     return Path(out_dir)
 
 
@@ -329,9 +335,26 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     own fp32 logits are 1.4e-4 from float64). So both are then compared with float64 math; the
     export passes if its error is within FP32_SLACK times PyTorch fp32's own. A wrong graph is
     orders of magnitude beyond that (a 1% weight change: ~1e-2)."""
+    return validate_against_reference(folder, torch_reference(folder, model, seed), dtype,
+                                      lambda: _float_copy(model, torch.float64), verbose, tolerance, label)
+
+
+def torch_reference(folder: Path, model, seed: int = 0) -> tuple:
+    """(batches, (PyTorch logits, state)) for validation: the random ids of `folder`'s export and
+    the model's outputs on them, computed before ONNX Runtime opens the graph (a caller that owns
+    the model can free it first: the session holds ~2x the weights)."""
+    batches = _validate_ids(folder, model.config, seed)
+    ref_model = model if model.dtype == torch.float32 else _float_copy(model)
+    return batches, _reference(ref_model, batches)
+
+
+def validate_against_reference(folder: Path, reference: tuple, dtype: str, float64_twin, verbose: bool = True,
+                               tolerance: float | None = None, label: str | None = None) -> dict:
+    """validate_export's checks of the ONNX graph against `reference` (torch_reference's);
+    float64_twin() builds the model in float64 for the second opinion (only then: 2x the model)."""
     from ..runners.onnx_runner import open_onnx
 
-    batches = _validate_ids(folder, model.config, seed)
+    batches, want = reference
     runner = open_onnx(folder)
     got, ort_state = [], runner.new_state(VALIDATE_BATCH)
     for ids in batches:
@@ -339,8 +362,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
         got.append(logits)
     got_state = runner.to_torch_state(ort_state)
     runner.close()
-    ref_model = model if model.dtype == torch.float32 else _float_copy(model)
-    want = _reference(ref_model, batches)
+    del runner, ort_state
     errs = _errors(got, got_state, *want, batches)
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
     if verbose:
@@ -355,7 +377,7 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
     if dtype != "fp32" or tolerance is not None or math.isnan(errs[worst]):  # no float64 second opinion
         raise ExportError(msg)
     try:
-        exact = _reference(_float_copy(model, torch.float64), batches)
+        exact = _reference(float64_twin(), batches)
     except (MemoryError, RuntimeError) as e:  # a float64 copy of a large model may not fit
         raise ExportError(f"{msg} (no float64 check: {type(e).__name__}); re-run with --no-validate "
                           "to keep the export unchecked") from e

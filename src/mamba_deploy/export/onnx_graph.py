@@ -51,7 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import MambaConfig
 from .onnx_builder import (IDS, INT64_MAX, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM,
-                           Builder, _ir_for_opset)
+                           Builder, _ir_for_opset, move_initializers)
 from .onnx_step import StepNetwork
 
 # Longest Mamba2 chunk inside the graph (the math does not depend on it). Measured on 130m shapes,
@@ -76,7 +76,7 @@ class MambaGraph(StepNetwork):
 
     # ---- weights: top-level initializers, shared by both branches ----------------------------
     def _np(self, key: str, dtype=np.float32) -> np.ndarray:
-        return self.w[key].detach().float().cpu().numpy().astype(dtype)
+        return self.w[key].detach().float().cpu().numpy().astype(dtype, copy=False)  # from_array copies anyway
 
     def weight(self, name: str, make) -> str:
         """The top-level initializer `name`, created from make() on first use."""
@@ -114,10 +114,13 @@ class MambaGraph(StepNetwork):
         one_token = g.op("Equal", self.L, g.const([1]))
         g.nodes.append(helper.make_node("If", [one_token], [v.name for v in self._outputs()], name="if_one_token",
                                         then_branch=then, else_branch=other))
-        graph = helper.make_graph(g.nodes, name, self._inputs(), self._outputs(), g.inits)
+        # the weights are moved in last: make_graph and make_model copy what they are given
+        graph = helper.make_graph(g.nodes, name, self._inputs(), self._outputs())
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                   producer_name="mamba-deploy")
+        del graph
         model.ir_version = min(model.ir_version, _ir_for_opset(self.opset))
+        move_initializers(g.inits, model.graph.initializer)
         return model
 
     def _branch(self, tag: str, network) -> onnx.GraphProto:
@@ -157,9 +160,8 @@ class MambaGraph(StepNetwork):
     def _embed_weights(self) -> None:
         """Tied models keep one matrix, stored [d_model, vocab] for the lm_head MatMul; the
         embedding then gathers its columns (axis 1) instead of keeping a transposed copy."""
-        emb = self.w["backbone.embeddings.weight"]
         if self.cfg.tie_embeddings:
-            self.head_w = self.weight("lm_head.weight", lambda: emb.detach().float().cpu().numpy().astype(self.wdtype).T)
+            self.head_w = self.weight("lm_head.weight", lambda: self._np("backbone.embeddings.weight", self.wdtype).T)
         else:
             self.weight("backbone.embeddings.weight", lambda: self._np("backbone.embeddings.weight", self.wdtype))
             self.head_w = self.weight("lm_head.weight", lambda: self._np("lm_head.weight", self.wdtype).T)

@@ -42,7 +42,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     scan_chunk: as for export_onnx (Mamba1's prefill Scan over chunks of Q tokens); the rewrite
     only touches MatMuls against weights, never the Scan body's, so it applies unchanged."""
     from ..checkpoint import load_model
-    from ..export.onnx import export_onnx
+    from ..export.onnx import export_onnx, torch_reference
 
     if isinstance(accuracy_level, bool) or accuracy_level not in LEVEL_TOLERANCE:  # True == 1
         raise ExportError(f"accuracy_level {accuracy_level!r} is not one of ORT's MatMulNBits levels "
@@ -56,15 +56,20 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         folder = export_onnx(twin, tmp / "onnx", validate=False, scan_chunk=scan_chunk)  # checked below, once rewritten
         report = rewrite(folder / "model.onnx", qmodel, 0)
         report["accuracy_level"] = 0
+        # PyTorch's outputs once for both levels; the twin is then freed rather than held beside
+        # ONNX Runtime's sessions (~2x the weights each), and rebuilt only for a float64 check
+        reference = torch_reference(folder, twin) if validate else None
+        del twin
         if validate:
             _update_manifest(folder, qc, report)  # the runner checks the graph's hash against it
-            report["validation"] = {"accuracy_level_0": _validate(folder, twin, 0)}
+            report["validation"] = {"accuracy_level_0": _validate(folder, reference, qmodel, 0)}
         if accuracy_level:
             set_accuracy_level(folder / "model.onnx", accuracy_level)
             report["accuracy_level"] = accuracy_level
             if validate:
                 _update_manifest(folder, qc, report)
-                report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(folder, twin, accuracy_level)
+                report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(folder, reference, qmodel,
+                                                                                    accuracy_level)
         # the files were hashed for the last validation, if any, and have not changed since
         _update_manifest(folder, qc, report, rehash=not validate)
         for f in folder.iterdir():
@@ -73,17 +78,20 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     return Path(out_dir)
 
 
-def _validate(folder: Path, twin, level: int) -> float:
-    """The rewritten graph against the quantized model (its float twin: the same dequantized
-    weights) at ORT's accuracy `level`, to LEVEL_TOLERANCE[level]; ExportError beyond it.
-    Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero points layout exact,
-    so a later, looser level only measures ORT's activation rounding. -> worst relative error."""
-    from ..export.onnx import validate_export
+def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:
+    """The rewritten graph against the quantized model (`reference`: torch_reference of its float
+    twin, the same dequantized weights) at ORT's accuracy `level`, to LEVEL_TOLERANCE[level];
+    ExportError beyond it. Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero
+    points layout exact, so a later, looser level only measures ORT's activation rounding.
+    -> worst relative error."""
+    from ..export.onnx import _float_copy, validate_against_reference
 
     rounds = level >= 2  # levels 0 and 1 compute in fp32: the export's own limit and float64 second opinion
     what = "ORT's activation rounding" if rounds else "fp32 compute"
-    errs = validate_export(folder, twin, "fp32", tolerance=LEVEL_TOLERANCE[level] if rounds else None,
-                           label=f"MatMulNBits, accuracy_level {level}: {what}")
+    float64_twin = lambda: _float_copy(_dequantized_copy(qmodel), torch.float64)  # noqa: E731
+    errs = validate_against_reference(folder, reference, "fp32", float64_twin,
+                                      tolerance=LEVEL_TOLERANCE[level] if rounds else None,
+                                      label=f"MatMulNBits, accuracy_level {level}: {what}")
     return max(errs.values())
 
 

@@ -107,7 +107,7 @@ def _quantized_model(path: Path, cfg, quantization_config: dict, device, dtype):
 def _fill(model, path: Path, device, shapes_only: bool = False) -> None:
     """Load the checkpoint's tensors into `model` (shapes_only: check names, shapes and dtypes
     against the file headers only); CheckpointError listing what does not match."""
-    from ..checkpoint import WEIGHT_DTYPES, iter_tensors
+    from ..checkpoint import WEIGHT_DTYPES, all_finite, iter_tensors
 
     want = model.state_dict()
     expected = saved_names(model)
@@ -125,12 +125,12 @@ def _fill(model, path: Path, device, shapes_only: bool = False) -> None:
             continue
         if shapes_only:
             continue
-        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        if t.is_floating_point() and not all_finite(t, as_float=True):
             problems.append(f"{k} has NaN or infinite values (a corrupt file)")
             continue
         with torch.no_grad():
             dst.copy_(t.to(device=device, dtype=dst.dtype) if dst.is_floating_point() else t.to(device))
-        if dst.dtype in WEIGHT_DTYPES and not bool(torch.isfinite(dst).all()):
+        if dst.dtype in WEIGHT_DTYPES and not all_finite(dst):
             problems.append(f"{k} has values beyond {str(dst.dtype).removeprefix('torch.')}'s range (load the "
                             "model in float32 or bfloat16)")
     missing = sorted(expected - seen)

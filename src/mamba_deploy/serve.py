@@ -210,8 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_unread = False  # bytes of this request still on the connection: it cannot carry another
         if not super().parse_request():
             return False
-        self._body_unread = (self.headers.get("Content-Length", "0").strip() != "0"
-                             or "Transfer-Encoding" in self.headers)
+        # a POST without Content-Length may still send a body, ended only by closing (HTTP/1.0)
+        length = self.headers.get("Content-Length", None if self.command == "POST" else "0")
+        self._body_unread = length is None or length.strip() != "0" or "Transfer-Encoding" in self.headers
         expect = self.headers.get("Expect")
         if expect is None:
             return True

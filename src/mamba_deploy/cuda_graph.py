@@ -249,6 +249,12 @@ class CudaGraphRunner(TorchRunner):
         bk.lent = weakref.ref(view)
         return view
 
+    def _release(self, states) -> None:
+        ids = {id(s) for s in states}
+        for bk in self._b.values():  # the bucket lent to a consumed state may be lent again
+            if bk.lent is not None and id(bk.lent()) in ids:
+                bk.lent = None
+
     @torch.inference_mode()
     def step(self, ids, state):
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # CPU ids: no sync

@@ -226,71 +226,133 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     call), which bounds the prefill's activation memory; `on_prefill(done, total)` runs after
     each piece (a progress bar, or a check that raises to abandon the request).
     """
-    _check_counts(max_new_tokens, seed)
-    _check_chunk(prefill_chunk)
     for name, fn in (("on_token", on_token), ("on_prefill", on_prefill)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be a function (or None), got {type(fn).__name__} {fn!r:.40}")
-    stop_strings = check_stop_strings(stop_strings)
-    ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
-    vocab = runner.vocab_size
-    scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # int(): a numpy integer
-
-    b = len(ids_list)
-    ids, mask = left_pad(ids_list)
-    logits, state = prefill_in_chunks(runner, ids, mask, runner.new_state(b), prefill_chunk, on_prefill)
-    history = [list(p) for p in ids_list]
-    out = [[] for _ in range(b)]
-    reasons = ["length"] * b
-    done = torch.zeros(b, dtype=torch.bool)
-    cuts: list[int | None] = [None] * b
-    texts_so_far = [IncrementalText(tok, stop_strings) for _ in range(b)] if stop_strings else None
+    req = prepare_request(runner, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                          stop_token_ids, seed, stop_strings, prefill_chunk)
+    ids, mask = left_pad(req.ids_list)
+    logits, state = prefill_in_chunks(runner, ids, mask, runner.new_state(len(ids)), prefill_chunk, on_prefill)
+    rows = req.rows()
     for t in range(max_new_tokens):
-        hist = _history_tensor(history) if repetition_penalty != 1.0 else None
-        nxt = sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
-        for i in range(b):
-            if done[i]:
-                continue
-            token = int(nxt[i])
-            if stops.numel() and bool((stops == token).any()):
-                done[i] = True
-                reasons[i] = "stop"
-                continue
-            out[i].append(token)
-            history[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
-            if stop_strings:
-                texts_so_far[i].push(token)
-                cuts[i] = texts_so_far[i].cut
-                if cuts[i] is not None:
-                    done[i] = True
-                    reasons[i] = "stop"
-        if bool(done.all()) or t == max_new_tokens - 1:
+        nxt = rows.sample(logits, req.scfg, req.generator, runner.vocab_size)
+        rows.push(nxt, on_token)
+        if rows.all_done or t == max_new_tokens - 1:
             break
         logits, state = runner.step(nxt, state)
-    texts = None
-    if as_text or stop_strings:
-        texts = [tok.decode(o)[:cut] for o, cut in zip(out, cuts)]
-    return Generation(out, ids_list, texts, reasons)
+    return rows.result(req.as_text)
+
+
+@dataclass
+class Request:
+    """One generate call's inputs, checked and tokenized (prepare_request)."""
+    ids_list: list[list[int]]
+    tok: object  # the tokenizer, or None when neither the prompts nor stop strings need one
+    as_text: bool
+    stops: torch.Tensor  # stop token ids
+    stop_strings: list[str]
+    scfg: SamplingConfig
+    generator: torch.Generator | None  # seeded, or None: torch's global generator
+    max_new_tokens: int
+    prefill_chunk: int | None
+
+    def rows(self) -> "Rows":
+        return Rows(self.ids_list, self.tok, self.stops, self.stop_strings)
+
+
+def prepare_request(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    stop_token_ids=None, seed=None, stop_strings=None, prefill_chunk=None) -> Request:
+    """generate's arguments checked and the prompts tokenized, before any model work: what
+    `generate` and the server's scheduler (batching.py) refuse is refused the same way."""
+    _check_counts(max_new_tokens, seed)
+    _check_chunk(prefill_chunk)
+    stop_strings = check_stop_strings(stop_strings)
+    ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
+    scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # int(): a numpy integer
+    return Request(ids_list, tok, as_text, stops, stop_strings, scfg, gen, int(max_new_tokens), prefill_chunk)
+
+
+class Rows:
+    """The per-row bookkeeping of one request's batch: tokens so far, stop tokens and strings,
+    why each row ended. `generate` and the server's continuous batching (batching.py) both
+    run their rows through it, so a request decodes the same either way."""
+
+    def __init__(self, ids_list, tok, stops: torch.Tensor, stop_strings: list[str]):
+        b = len(ids_list)
+        self.prompts, self.tok, self.stops, self.stop_strings = ids_list, tok, stops, stop_strings
+        self.history = [list(p) for p in ids_list]
+        self.out = [[] for _ in range(b)]
+        self.reasons = ["length"] * b
+        self.done = [False] * b
+        self.cuts: list[int | None] = [None] * b
+        self.texts = [IncrementalText(tok, stop_strings) for _ in range(b)] if stop_strings else None
+
+    def __len__(self) -> int:
+        return len(self.out)
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def sample(self, logits, scfg: SamplingConfig, gen, vocab: int):
+        """logits (b, V) of these rows -> next tokens (b,); every row draws, done or not, so a
+        seeded request draws the same numbers however its rows end."""
+        hist = _history_tensor(self.history) if scfg.repetition_penalty != 1.0 else None
+        return sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
+
+    def push(self, nxt, on_token=None) -> None:
+        """Takes each unfinished row's next token (nxt (b,)): a stop token ends the row unseen,
+        others are kept and streamed (`on_token(row, token)`), a stop string ends it after."""
+        for i in range(len(self.out)):
+            if self.done[i]:
+                continue
+            token = int(nxt[i])
+            if self.stops.numel() and bool((self.stops == token).any()):
+                self.done[i] = True
+                self.reasons[i] = "stop"
+                continue
+            self.out[i].append(token)
+            self.history[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
+            if self.texts is not None:
+                self.texts[i].push(token)
+                self.cuts[i] = self.texts[i].cut
+                if self.cuts[i] is not None:
+                    self.done[i] = True
+                    self.reasons[i] = "stop"
+
+    def result(self, as_text: bool) -> Generation:
+        texts = None
+        if as_text or self.stop_strings:
+            texts = [self.tok.decode(o)[:cut] for o, cut in zip(self.out, self.cuts)]
+        return Generation(self.out, self.prompts, texts, list(self.reasons))
 
 
 def prefill_in_chunks(runner, ids, mask, state, chunk: int | None = None, on_chunk=None):
     """Left-padded ids (b, l) and their mask (or None) -> (last position's logits (b, V), state),
-    fed to runner.prefill `chunk` positions at a time. A row whose padding outlasts a piece goes
-    through it all-masked, which leaves its state fresh (zero), so the next piece may still pad
-    it (the Runner's fresh-state rule holds piece by piece). A piece without padding goes
-    without a mask."""
+    fed to runner.prefill `chunk` positions at a time (prefill_pieces); `on_chunk(done, total)`
+    after each piece."""
+    for done, logits, state in prefill_pieces(runner, ids, mask, state, chunk):
+        if on_chunk is not None:
+            on_chunk(done, ids.shape[1])
+    return logits, state
+
+
+def prefill_pieces(runner, ids, mask, state, chunk: int | None = None):
+    """Yields (positions done, last position's logits (b, V), state) after each piece of at most
+    `chunk` positions (None: one piece). A row whose padding outlasts a piece goes through it
+    all-masked, which leaves its state fresh (zero), so the next piece may still pad it (the
+    Runner's fresh-state rule holds piece by piece). A piece without padding goes without a mask."""
     l = ids.shape[1]
     step = l if chunk is None else chunk
     for start in range(0, l, step):
         m = None if mask is None else mask[:, start:start + step]
         logits, state = runner.prefill(ids[:, start:start + step], state,
                                        attention_mask=None if m is None or bool(m.all()) else m, last_only=True)
-        if on_chunk is not None:
-            on_chunk(min(start + step, l), l)
-    return logits[:, -1], state
+        yield min(start + step, l), logits[:, -1], state
 
 
 def _check_chunk(chunk) -> None:

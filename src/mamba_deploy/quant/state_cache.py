@@ -15,7 +15,7 @@ import torch
 
 from ..errors import QuantizationError
 from ..inputs import check_ids, check_mask
-from ..runners.base import Runner, check_state
+from ..runners.base import Runner, check_parts, check_state, part_rows
 from ..state import State, batch_first
 from .formats import SCALE_MIN
 
@@ -97,6 +97,17 @@ class QuantizedStateRunner(Runner):
         st = self._unpack(state)
         logits = self.model.step(ids.to(self.model.device), st)
         return logits.cpu(), self._pack(st, state)
+
+    def gather_states(self, parts):
+        """The codes and scales gathered as they are (no decode / re-encode); see Runner.gather_states."""
+        parts = check_parts(parts)
+        for st, _ in parts:
+            check_state(st, QuantState, None)
+        rows = part_rows(parts, [st.batch for st, _ in parts])
+        empty = self.new_state(0)
+        pick = [(st, torch.tensor(r, dtype=torch.long, device=st.conv.device)) for (st, _), r in zip(parts, rows)]
+        cat = lambda name: torch.cat([getattr(empty, name)] + [getattr(st, name)[:, r] for st, r in pick], 1)  # noqa: E731
+        return QuantState(cat("conv"), cat("ssm"), None if empty.scales is None else cat("scales"))
 
     def state_arrays(self, state) -> list:
         return batch_first(state)  # a zero state codes to 0

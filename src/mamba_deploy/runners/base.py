@@ -69,6 +69,36 @@ def check_state(state, cls, batch: int | None, config: MambaConfig | None = None
                          "create it with runner.new_state(batch)")
 
 
+def check_parts(parts) -> list:
+    """gather_states' parts: a list of (state, rows) pairs, each state once."""
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in parts):
+        raise ShapeError(f"gather_states takes a list of (state, rows) pairs, got {parts!r:.80}")
+    if len({id(s) for s, _ in parts}) != len(parts):
+        raise ShapeError("gather_states got the same state twice; give each state once with all the rows it keeps")
+    return list(parts)
+
+
+def part_rows(parts, batches: list[int]) -> list:
+    """One index list per (state, rows) part, checked against that state's batch: rows None
+    (all of them) or row indices in range, none twice."""
+    out = []
+    for (_, rows), n in zip(parts, batches):
+        if rows is None:
+            out.append(list(range(n)))
+            continue
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        if not isinstance(rows, (list, tuple, range)) or not all(
+                isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in rows):
+            raise ShapeError(f"rows must be a list of row indices (or None for all), got {rows!r:.80}")
+        bad = [r for r in rows if not 0 <= r < n]
+        if bad or len(set(rows)) != len(rows):
+            why = f"rows {bad} are outside 0..{n - 1}" if bad else f"rows {list(rows)} repeat a row"
+            raise ShapeError(f"gather_states: {why} (the state has {n} rows); give each row at most once")
+        out.append([int(r) for r in rows])
+    return out
+
+
 def state_layout(config: MambaConfig) -> tuple:
     """(n_layer, conv shape, ssm shape) of one sequence's state: what a backend state records
     to be recognised by runners of the same model."""
@@ -95,7 +125,7 @@ def check_threads(threads) -> int | None:
 
 # the methods that touch a backend's handles: refused once the runner is closed (a freed
 # llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
-OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state")
+OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state")
 
 
 def _open_only(fn):
@@ -168,6 +198,42 @@ class Runner(ABC):
         """Frees the backend's handles; later calls raise RunnerClosedError. Backends that hold
         handles free them and call this."""
         self.closed = True
+
+    # ---- rows across states: how a server batches requests that start at different times ----
+    def gather_states(self, parts):
+        """parts: [(state, rows), ...], rows a list of row indices or None (all) -> a new state of
+        this runner holding those rows of those states, in that order. A server joins a request's
+        freshly prefilled rows to the running batch with [(running, None), (new, None)] and drops
+        a finished request's rows with [(running, kept)]. The states given are consumed: use only
+        the one returned (a backend may reuse their memory or, for llama.cpp, their sequences).
+        This default goes through `to_torch_state` and `load_torch_state`."""
+        parts = check_parts(parts)
+        src = [self.to_torch_state(s) for s, _ in parts]  # checks each state
+        src = [(t.conv[:, i], t.ssm[:, i]) for t, i in zip(src, part_rows(parts, [t.conv.shape[1] for t in src]))]
+        empty = State.zeros(self.config, 0)
+        conv = torch.cat([empty.conv] + [c for c, _ in src], 1)
+        ssm = torch.cat([empty.ssm] + [h for _, h in src], 1)
+        del src, parts
+        out = self.new_state(conv.shape[1])
+        self.load_torch_state(out, State(conv, ssm))
+        return out
+
+    def load_torch_state(self, state, src: State) -> None:
+        """Writes a torch State (float32 on the CPU, the same batch) into this backend's `state`:
+        the inverse of `to_torch_state`. Backends that cannot take a state in leave this out, and
+        `can_gather_states` is then False."""
+        raise NotImplementedError(f"the {self.name} runner cannot load a state")
+
+    @property
+    def can_gather_states(self) -> bool:
+        cls = type(self)
+        return cls.gather_states is not Runner.gather_states or cls.load_torch_state is not Runner.load_torch_state
+
+    def reserve_rows(self, rows: int) -> int:
+        """Make room for `rows` live sequences at once, so that a later `new_state` does not
+        invalidate live states (llama.cpp rebuilds its context to grow); -> how many rows may be
+        live at once (fewer where the backend holds fewer). Default: nothing to do, no limit."""
+        return rows
 
     def state_arrays(self, state) -> list:
         """The live state as arrays / tensors with the batch first (for cheap checks on the

@@ -30,7 +30,7 @@ from ..errors import BackendUnavailableError, CheckpointError, ConfigError, Runn
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_state, check_threads, default_threads
+from .base import Runner, check_parts, check_state, check_threads, default_threads, part_rows
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 
@@ -276,6 +276,32 @@ class LlamaCppRunner(Runner):
         for s in seqs:
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
         state = LlamaCppState(seqs, [0] * batch, self._generation, self._owner)
+        state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
+        return state
+
+    def reserve_rows(self, rows: int) -> int:
+        """Grow the context now to hold `rows` sequences, as far as llama.cpp allows (growing
+        later invalidates live states); -> the sequences it holds."""
+        rows = min(rows, LLAMA_MAX_SEQ, self.n_ctx)
+        if self._ctx is not None and rows > self._n_seq:
+            self._make_context(rows)
+        return self._n_seq
+
+    def gather_states(self, parts):
+        """The rows' sequences move to the new handle as they are (no copy); the consumed
+        handles' other sequences go back to the pool. See Runner.gather_states."""
+        parts = check_parts(parts)
+        for st, _ in parts:
+            self._check_state(st, None)
+        rows = part_rows(parts, [st.batch_size for st, _ in parts])
+        seqs = [st.seq_ids[r] for (st, _), idx in zip(parts, rows) for r in idx]
+        pos = [st.pos[r] for (st, _), idx in zip(parts, rows) for r in idx]
+        for st, _ in parts:  # consumed: an empty handle, whose finalizer frees nothing
+            st._finalizer.detach()
+            dropped = [q for q in st.seq_ids if q not in seqs]
+            self._free.extend(dropped)
+            st.seq_ids, st.pos = [], []
+        state = LlamaCppState(seqs, pos, self._generation, self._owner)
         state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
         return state
 

@@ -69,6 +69,15 @@ class OnnxRunner(Runner):
         return State(torch.from_numpy(np.stack([v.numpy() for v in live[0::2]])),
                      torch.from_numpy(np.stack([v.numpy() for v in live[1::2]])))
 
+    def load_torch_state(self, state: OnnxState, src: State) -> None:
+        check_state(state, OnnxState, src.conv.shape[1], self.config)
+        arrays = [t.float().numpy() for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i])]
+        for v, a, keep in zip(state.bufs[state.cur], arrays, state.arrays[state.cur]):
+            if self.device == "cpu":  # the OrtValue shares this numpy buffer
+                keep[...] = a
+            else:
+                v.update_inplace(np.ascontiguousarray(a))
+
     def _state_names(self, prefix_conv, prefix_ssm):
         return [n for i in range(self.n_layer) for n in (f"{prefix_conv}.{i}", f"{prefix_ssm}.{i}")]
 

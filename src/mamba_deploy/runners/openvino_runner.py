@@ -75,6 +75,10 @@ class OpenVinoRunner(Runner):
         check_state(state, OpenVinoState, None, self.config)
         return State(torch.from_numpy(np.stack(state.arrays[0::2])), torch.from_numpy(np.stack(state.arrays[1::2])))
 
+    def load_torch_state(self, state: OpenVinoState, src: State) -> None:
+        check_state(state, OpenVinoState, src.conv.shape[1], self.config)
+        state.arrays = [t.float().numpy().copy() for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i])]
+
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, OpenVinoState, ids.shape[0], self.config)

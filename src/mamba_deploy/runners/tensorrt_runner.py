@@ -89,6 +89,14 @@ class TensorRTRunner(Runner):
         live = state.bufs[state.cur]
         return State(torch.stack(live[0::2]).cpu(), torch.stack(live[1::2]).cpu())
 
+    def reserve_rows(self, rows: int) -> int:
+        return min(rows, self.max_batch)  # the engine's batch profile
+
+    def load_torch_state(self, state: TensorRTState, src: State) -> None:
+        check_state(state, TensorRTState, src.conv.shape[1], self.config)
+        for buf, t in zip(state.bufs[state.cur], (t for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i]))):
+            buf.copy_(t)
+
     # ---- running -------------------------------------------------------------------------------
     def _bind(self, name: str, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.dtypes[name]).contiguous()

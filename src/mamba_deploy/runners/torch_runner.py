@@ -6,7 +6,7 @@ import torch
 
 from ..inputs import check_ids, check_mask
 from ..state import State, batch_first, check_is_state
-from .base import Runner, check_threads
+from .base import Runner, check_parts, check_threads, part_rows
 
 
 class TorchRunner(Runner):
@@ -42,6 +42,33 @@ class TorchRunner(Runner):
         check_is_state(state, "runner.new_state(batch)")
         state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
         return State(state.conv.float().cpu().clone(), state.ssm.float().cpu().clone())
+
+    @torch.inference_mode()
+    def gather_states(self, parts):
+        """Rows gathered where the states live (no trip through the CPU); see Runner.gather_states."""
+        parts = check_parts(parts)
+        dev = self.model.device
+        for st, _ in parts:
+            check_is_state(st, "runner.new_state(batch)")
+            st.check(self.config, st.conv.shape[1], self.model.dtype, dev)
+        rows = [torch.tensor(r, dtype=torch.long, device=dev) for r in part_rows(parts, [s.conv.shape[1] for s, _ in parts])]
+        empty = self.model.new_state(0)
+        conv = torch.cat([empty.conv] + [s.conv[:, r] for (s, _), r in zip(parts, rows)], 1)  # copies
+        ssm = torch.cat([empty.ssm] + [s.ssm[:, r].to(empty.ssm.dtype) for (s, _), r in zip(parts, rows)], 1)
+        self._release([s for s, _ in parts])
+        out = self.new_state(conv.shape[1])
+        out.conv.copy_(conv)
+        out.ssm.copy_(ssm)
+        return out
+
+    def _release(self, states) -> None:
+        """gather_states consumed these states (CudaGraphRunner frees the buckets they hold)."""
+
+    def load_torch_state(self, state, src: State) -> None:
+        check_is_state(state, "runner.new_state(batch)")
+        state.check(self.config, src.conv.shape[1], self.model.dtype, self.model.device)
+        state.conv.copy_(src.conv)
+        state.ssm.copy_(src.ssm)
 
     @property
     def tokenizer(self):

@@ -1,0 +1,266 @@
+"""Continuous batching: requests that arrive at different times decode together.
+
+A Mamba sequence's whole context is its fixed-size state, so joining a running batch is a copy
+of rows (`Runner.gather_states`), and leaving it is another; there is no KV cache to page.
+Batch-1 decoding is bound by reading the weights once per step, so a step for 8 rows costs
+little more than a step for 1: concurrent requests share the weight reads instead of queueing.
+
+One worker thread owns the runner. Each turn of its loop it
+1. drops the rows of requests whose caller gave up (`Job.cancel`);
+2. admits the oldest waiting request when its rows fit under `max_rows` (first come, first
+   served; a request larger than that runs alone), and feeds its prompts one piece of
+   `prefill_chunk` positions per turn, so running rows keep decoding between pieces; a request
+   whose prompts are in joins the running batch;
+3. samples one token for every running row, each request with its own sampling settings and
+   seeded generator (`generation.Rows`, as `generate` does), hands the tokens to the requests'
+   own threads, and removes the rows of requests that finished;
+4. steps the remaining rows in one `runner.step`.
+
+A request decodes what `generate` would give it alone, up to the rounding of a batched step
+(a different batch can change the last bits of a MatMul, and so a near tie in greedy decoding).
+Runners that cannot gather states (`can_gather_states` False) run one request at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+
+import torch
+
+from .errors import MambaDeployError
+from .generation import Generation, left_pad, prefill_pieces, prepare_request
+
+
+class SchedulerClosed(MambaDeployError):
+    """The scheduler stopped (the server is shutting down) before the request finished."""
+
+
+class Job:
+    """One request in the scheduler. Its caller's thread follows it with `follow`; the worker
+    thread talks to it only through the event queue and the cancel flag."""
+
+    def __init__(self, req):
+        self.req = req
+        self.rows = req.rows()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", row, id) | ("done", Generation) | ("error", exc)
+        self.cancelled = threading.Event()
+        self.steps = 0  # tokens sampled per row so far
+        self.state = self.pieces = None  # while its prompts are fed
+        self.length = max(len(p) for p in req.ids_list)  # positions to feed, left-padded
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def cancel(self) -> None:
+        """The caller gave up: the worker drops this request's rows at its next turn."""
+        self.cancelled.set()
+
+    def follow(self, on_token=None, check=None, poll: float = 0.05) -> Generation:
+        """In the caller's thread: `on_token(row, id)` for each token as it comes, `check()`
+        before each and every `poll` seconds while waiting (it raises to give up, which cancels
+        the request); -> the Generation, or raises the request's error."""
+        try:
+            while True:
+                try:
+                    ev = self.events.get(timeout=poll)
+                except queue.Empty:
+                    if check is not None:
+                        check()
+                    continue
+                if ev[0] == "done":
+                    return ev[1]
+                if ev[0] == "error":
+                    raise ev[1]
+                if check is not None:
+                    check()
+                if on_token is not None:
+                    on_token(ev[1], ev[2])
+        except BaseException:
+            self.cancel()
+            raise
+
+    # -- worker side
+    def _finish(self) -> None:
+        try:
+            self.events.put(("done", self.rows.result(self.req.as_text)))
+        except Exception as e:  # noqa: BLE001  (a decode error is this request's alone)
+            self.events.put(("error", e))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.events.put(("error", exc))
+
+
+class Scheduler:
+    """The worker thread and its queue. `submit` from any thread; `close` once."""
+
+    def __init__(self, runner, max_rows: int = 16, prefill_chunk: int | None = None):
+        self.runner, self.prefill_chunk = runner, prefill_chunk
+        self.batching = runner.can_gather_states
+        # room for the running rows and the request being prefilled, together at most max_rows
+        # (llama.cpp grows its context now: growing it later would invalidate running sequences)
+        # (a request is admitted when the running rows and its own fit under max_rows)
+        cap = runner.reserve_rows(max_rows) if self.batching else max_rows
+        self.max_rows = max(1, min(max_rows, cap))
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []  # in the order of their rows in self.state
+        self.prefilling: Job | None = None
+        self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
+        self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
+        self.closed = False
+        self._cv = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="mamba-deploy-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompts, **kw) -> Job:
+        """generate's keyword arguments (not on_token / prefill_chunk); checked and tokenized here,
+        in the caller's thread, so a bad request raises before it queues."""
+        job = Job(prepare_request(self.runner, prompts, prefill_chunk=self.prefill_chunk, **kw))
+        with self._cv:
+            if self.closed:
+                raise SchedulerClosed("the server is shutting down; send the request again to a running server")
+            self.waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"running": sum(len(j) for j in self.running), "waiting": len(self.waiting)
+                    + (self.prefilling is not None)}
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop after the current turn; waiting and running requests get SchedulerClosed.
+        -> whether the worker has stopped (it may still be inside a long runner call)."""
+        with self._cv:
+            self.closed = True
+            self._cv.notify()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- the worker
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self.closed and not (self.waiting or self.running or self.prefilling is not None):
+                    self._cv.wait()
+                if self.closed:
+                    break
+            try:
+                self._turn()
+            except Exception as e:  # noqa: BLE001  (a failed step or gather: every running request gets it)
+                self._fail_running(e)
+        err = SchedulerClosed("the server is shutting down; send the request again to a running server")
+        self._fail_running(err)
+        with self._cv:
+            jobs, self.waiting = list(self.waiting), collections.deque()
+        for job in jobs:
+            job._fail(err)
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        self._feed_prompts()
+        if self.running:
+            self._decode()
+
+    def _fail_running(self, exc: BaseException) -> None:
+        jobs = self.running + ([self.prefilling] if self.prefilling is not None else [])
+        self.running, self.prefilling, self.state, self.logits = [], None, None, None
+        for job in jobs:
+            job._fail(exc)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
+        if self.prefilling is not None and self.prefilling.cancelled.is_set():
+            self.prefilling = None
+        self._keep([j for j in self.running if not j.cancelled.is_set()])
+
+    def _keep(self, jobs: list[Job]) -> None:
+        """Only these of the running jobs stay: their rows are gathered out of the batch state."""
+        if len(jobs) == len(self.running):
+            return
+        rows, off = [], 0
+        for job in self.running:
+            if job in jobs:
+                rows += range(off, off + len(job))
+            off += len(job)
+        self.running = jobs
+        if not rows:
+            self.state = self.logits = None
+            return
+        self.logits = self.logits[rows]
+        self.state = self.runner.gather_states([(self.state, rows)])
+
+    def _running_rows(self) -> int:
+        return sum(len(j) for j in self.running)
+
+    def _admit(self) -> Job | None:
+        with self._cv:
+            if not self.waiting:
+                return None
+            job = self.waiting[0]
+            room = self.batching and self._running_rows() + len(job) <= self.max_rows
+            if self.running and not room:  # first come, first served: the oldest waits for room
+                return None
+            return self.waiting.popleft()
+
+    def _feed_prompts(self) -> None:
+        """One piece of the admitted request's prompts (admitting the next one if none is)."""
+        if self.prefilling is None:
+            job = self._admit()
+            if job is None:
+                return
+            ids, mask = left_pad(job.req.ids_list)
+            try:
+                job.pieces = prefill_pieces(self.runner, ids, mask, self.runner.new_state(len(job)),
+                                            job.req.prefill_chunk)
+            except Exception as e:  # noqa: BLE001  (this request's alone)
+                job._fail(e)
+                return
+            self.prefilling = job
+        job = self.prefilling
+        try:
+            done, logits, job.state = next(job.pieces)
+        except Exception as e:  # noqa: BLE001  (this request's alone)
+            self.prefilling = None
+            job._fail(e)
+            return
+        if done < job.length:
+            return
+        self.prefilling = None
+        if job.req.max_new_tokens == 0:
+            job._finish()
+            return
+        if self.running:
+            self.state = self.runner.gather_states([(self.state, None), (job.state, None)])
+            self.logits = torch.cat([self.logits, logits])
+        else:
+            self.state, self.logits = job.state, logits
+        job.state = job.pieces = None
+        self.running.append(job)
+
+    def _decode(self) -> None:
+        """Sample every running row, hand out the tokens, drop finished requests, step the rest."""
+        vocab, nxt, off, going = self.runner.vocab_size, [], 0, []
+        for job in self.running:
+            n = len(job)
+            try:
+                tokens = job.rows.sample(self.logits[off:off + n], job.req.scfg, job.req.generator, vocab)
+                job.rows.push(tokens, lambda i, t, job=job: job.events.put(("token", i, t)))
+                job.steps += 1
+            except Exception as e:  # noqa: BLE001  (a sampling error is this request's alone)
+                job._fail(e)
+                tokens = None
+            off += n
+            if tokens is None:
+                continue
+            if job.rows.all_done or job.steps >= job.req.max_new_tokens:
+                job._finish()
+                continue
+            going.append(job)
+            nxt.append(tokens)
+        self._keep(going)
+        if self.running:
+            self.batch_sizes[self._running_rows()] += 1
+            self.logits, self.state = self.runner.step(torch.cat(nxt), self.state)

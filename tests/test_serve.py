@@ -93,7 +93,7 @@ def _sse_events(data: bytes):
 def test_health_and_models(server, folder):
     status, headers, data = _request(server, "GET", "/health")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(data) == {"status": "ok", "model": folder.name, "backend": "torch"}
+    assert json.loads(data) == {"status": "ok", "model": folder.name, "backend": "torch", "running": 0, "waiting": 0}
     status, _, data = _request(server, "GET", "/v1/models")
     assert status == 200 and json.loads(data)["data"][0]["id"] == folder.name
 

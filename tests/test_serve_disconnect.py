@@ -181,7 +181,7 @@ def test_a_client_that_gives_up_while_waiting_for_the_model_is_never_run(folder,
     without its prefill, instead of being run to its max_tokens when the model is free."""
     runner = _Counting(load_model(folder), step_s=0.02)
     runner.gate = threading.Event()  # the first generation holds the model until the gate opens
-    srv = _start(runner, request, quiet=False)
+    srv = _start(runner, request, quiet=False, max_num_seqs=1)  # one request at a time: the second waits
     first, answer = in_thread(_post, srv, _long(max_tokens=40))
     wait_until(lambda: runner.steps >= 1, "the first generation to run")
     sock = _connect(srv)

@@ -1,11 +1,14 @@
 """`mamba-deploy serve`: a small OpenAI-style completions server over any Runner.
 
-It talks to the model only through `generation.generate(runner, ...)`, so every backend
-(torch, onnx, llama.cpp, openvino, tensorrt) gets it for free. Standard library only:
-`http.server.ThreadingHTTPServer` accepts connections concurrently; a lock runs one
-generation at a time; several prompts in one request are one batched `generate` call.
+It talks to the model only through the Runner interface, so every backend (torch, onnx,
+llama.cpp, openvino, tensorrt) gets it for free. Standard library only:
+`http.server.ThreadingHTTPServer` accepts connections concurrently, and one scheduler thread
+(batching.py) decodes every running request's rows together in one batch (continuous
+batching): a request joins the batch once its prompts are in and leaves it when it finishes.
+`max_num_seqs` (--max-num-seqs) caps the rows decoded together; 1 runs one request at a time.
+Several prompts in one request are that request's rows.
 
-    GET  /health          -> {"status": "ok", "model": ..., "backend": ...}
+    GET  /health          -> {"status": "ok", "model": ..., "backend": ..., "running": rows, "waiting": requests}
     GET  /v1/models       -> {"object": "list", "data": [{"id": model, "object": "model", "created": ..., ...}]}
     GET  /v1/models/NAME  -> that model object (`created`: when the server started), or a 404 for another name
     POST /v1/completions  -> OpenAI "text_completion" (or Server-Sent Events with "stream": true)
@@ -20,7 +23,8 @@ Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). Open
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
 chat's tools / response_format, ...) are a 400 naming the field, never silently ignored
 (serve_request.py). `seed` (0..2**63-1) seeds the request's own sampler: the same request with the
-same seed gives the same tokens (the batch's rows draw from one generator). A request's `model`,
+same seed gives the same tokens (its rows draw from its own generator, whatever else runs
+beside it; up to the rounding of a batched step, see batching.py). A request's `model`,
 when sent, must be the served model's name (else a 404 with code "model_not_found", as OpenAI
 answers); `--model-name` sets that name. Errors have OpenAI's shape: {"error": {"message",
 "type", "param", "code"}}, `code` a string or null.
@@ -122,7 +126,9 @@ class CompletionServer(ThreadingHTTPServer):
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
                  quiet: bool, request_timeout: float | None, chat_template: str | None = None,
-                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = None):
+                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = None, max_num_seqs: int = 16):
+        from .batching import Scheduler
+
         self.runner = runner
         self.prefill_chunk = prefill_chunk  # prompts go in pieces this long, checked for a gone client between
         self.chat_template = chat_template  # None: the model's own (chat.py)
@@ -133,12 +139,13 @@ class CompletionServer(ThreadingHTTPServer):
         self.max_prompt_tokens = max_prompt_tokens  # None: no limit
         self.quiet = quiet
         self.request_timeout = request_timeout
-        self.lock = threading.Lock()  # one generation at a time
         self.closing = threading.Event()
         self.unfinished: list[threading.Thread] = []  # handlers still running after server_close
         self._handlers: dict[threading.Thread, socket.socket] = {}
         self._handlers_lock = threading.Lock()
-        super().__init__(addr, _Handler)
+        self.scheduler = None  # server_close runs inside super().__init__ when the port is busy
+        super().__init__(addr, _Handler)  # binds first: a busy port raises before the scheduler's thread starts
+        self.scheduler = Scheduler(runner, max_num_seqs, prefill_chunk)
 
     def process_request(self, request, client_address):
         # registered before it starts (under the lock server_close snapshots with), so that a
@@ -176,6 +183,9 @@ class CompletionServer(ThreadingHTTPServer):
         for thread, _ in handlers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.unfinished = [t for t, _ in handlers if t.is_alive()]
+        if self.scheduler is not None and not self.scheduler.close(max(0.0, deadline - time.monotonic())):
+            # still inside a runner call
+            self.unfinished.append(self.scheduler.thread)
 
     @property
     def url(self) -> str:
@@ -289,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._route_path()
         s = self.server
         if path == "/health":
-            self._send(200, {"status": "ok", "model": s.model_name, "backend": s.runner.name})
+            self._send(200, {"status": "ok", "model": s.model_name, "backend": s.runner.name, **s.scheduler.stats()})
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [s.model_object()]})
         elif path.startswith(MODEL_PATH):  # OpenAI's models.retrieve
@@ -411,12 +421,12 @@ class _Handler(BaseHTTPRequestHandler):
         return {"id": rid, "object": obj, "created": created, "model": self.server.model_name}
 
     def _generate(self, prompts, kw, on_token=None):
-        from .generation import generate
+        from .batching import SchedulerClosed
 
         closing = self.server.closing
         made = [0]  # tokens generated so far, for the log line of a client that left
 
-        def check():  # between tokens and prompt pieces: the server closing, or the client gone
+        def check():  # between tokens, and every 50 ms while waiting: the server closing, or the client gone
             if closing.is_set():
                 raise ShuttingDown
             if peer_closed(self.connection):
@@ -426,15 +436,15 @@ class _Handler(BaseHTTPRequestHandler):
 
         def each_token(i, t):
             made[0] += 1
-            check()
             if on_token is not None:
                 on_token(i, t)
 
         try:
-            with self.server.lock:
-                check()  # a client that gave up while it waited for the model
-                return generate(self.server.runner, prompts, on_token=each_token,
-                                prefill_chunk=self.server.prefill_chunk, on_prefill=lambda done, total: check(), **kw)
+            check()
+            job = self.server.scheduler.submit(prompts, **kw)
+            return job.follow(each_token, check)
+        except SchedulerClosed:
+            raise ShuttingDown from None
         except (MambaDeployError, ValueError) as e:
             raise RequestError(str(e)) from e
 
@@ -515,7 +525,8 @@ def _usage(res) -> dict:
 def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
                 request_timeout: float | None = 60.0, chat_template: str | None = None,
-                max_prompt_tokens: int | None = None, prefill_chunk: int | None = 1024) -> CompletionServer:
+                max_prompt_tokens: int | None = None, prefill_chunk: int | None = 1024,
+                max_num_seqs: int = 16) -> CompletionServer:
     """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
@@ -523,7 +534,9 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     max_prompt_tokens: the longest prompt a request may send, in tokens (None: no limit); longer
     ones (any prompt of a batch, or the rendered chat) get a 400 before generating.
     prefill_chunk: prompts are fed this many positions at a time (None: in one piece); between
-    pieces a request whose client left, or a server shutting down, stops."""
+    pieces the running requests decode a token, and a request whose client left stops.
+    max_num_seqs: the most rows (prompts of all running requests) decoded together; a request
+    waits until its rows fit (one with more rows than that runs alone); 1: one request at a time."""
     from .chat import check_template
     from .runners.base import Runner
 
@@ -536,7 +549,8 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         raise ConfigError(f"host must be a name or address string (\"127.0.0.1\", \"0.0.0.0\"), got {host!r:.40}")
     if chat_template is not None:
         check_template(chat_template)
-    limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1)]
+    limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1),
+              ("max_num_seqs", max_num_seqs, 1)]
     limits += [(name, v, 1) for name, v in (("max_prompt_tokens", max_prompt_tokens), ("prefill_chunk", prefill_chunk))
                if v is not None]
     for name, v, low in limits:
@@ -552,7 +566,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         model_name = default_model_name(runner)
     try:
         return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                                chat_template, max_prompt_tokens, prefill_chunk)
+                                chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs)
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
         raise _bind_error(host, port, e) from None
 
@@ -617,7 +631,8 @@ def cmd_serve(args):
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template,
-                             max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk)
+                             max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
+                             max_num_seqs=args.max_num_seqs)
     except ConfigError:  # the port was taken since _check_can_listen
         runner.close()
         raise
@@ -671,14 +686,18 @@ def register(subparsers) -> None:
     s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     s.add_argument("--max-batch", type=positive_int, default=8,
                    help="most prompts in one request (one batched generate)")
+    s.add_argument("--max-num-seqs", type=positive_int, default=16, metavar="N",
+                   help="most sequences (prompts of all running requests) decoded together in one batch; "
+                        "requests join and leave it as they start and finish; 1 = one request at a time "
+                        "(default 16)")
     s.add_argument("--max-tokens-limit", type=positive_int, default=4096,
                    help="largest max_tokens a request may ask for")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="longest prompt a request may send, in tokens (any prompt of a batch, or the rendered "
                         "chat); longer ones get a 400 (default: no limit)")
     s.add_argument("--prefill-chunk", type=positive_int, default=1024, metavar="N",
-                   help="feed prompts N tokens at a time; between pieces a request whose client disconnected "
-                        "stops, and memory stays bounded (default 1024)")
+                   help="feed prompts N tokens at a time; between pieces the running requests decode a token, "
+                        "a request whose client disconnected stops, and memory stays bounded (default 1024)")
     s.add_argument("--model-name", default=None,
                    help="name reported as `model` (default: the folder name, or a .gguf file's name)")
     s.add_argument("--chat-template", default=None, metavar="FILE",

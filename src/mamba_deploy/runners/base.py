@@ -226,8 +226,8 @@ class Runner(ABC):
 
     @property
     def can_gather_states(self) -> bool:
-        cls = type(self)
-        return cls.gather_states is not Runner.gather_states or cls.load_torch_state is not Runner.load_torch_state
+        own = lambda name: getattr(getattr(type(self), name), "__wrapped__", getattr(type(self), name))  # noqa: E731
+        return own("gather_states") is not Runner.gather_states or own("load_torch_state") is not Runner.load_torch_state
 
     def reserve_rows(self, rows: int) -> int:
         """Make room for `rows` live sequences at once, so that a later `new_state` does not

@@ -1,0 +1,310 @@
+"""Continuous batching (batching.Scheduler): requests that start and end at different times,
+decoded in one batch. Greedy tokens against transformers' own generate per prompt (the
+independent reference); seeded sampling against `generate` run alone (the same draws must
+come out however the batch around a request changes); the scheduler's own bookkeeping
+(rows joined, dropped, cancelled, failed) through a runner that records what it was asked."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import wait_until
+from mamba_deploy import load_model
+from mamba_deploy.batching import Scheduler, SchedulerClosed
+from mamba_deploy.errors import ConfigError, ShapeError
+from mamba_deploy.generation import generate
+from mamba_deploy.runners.base import Runner
+from mamba_deploy.runners.torch_runner import TorchRunner
+
+TIMEOUT = 30
+
+
+class _Recording(TorchRunner):
+    """Records the batch of every step and prefill; `gate` (an Event) holds each step of
+    `hold_rows` rows (any step when None) until set; `fail_prefill` / `fail_step`: raise there."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.step_batches, self.prefill_ids, self.gate, self.hold_rows = [], [], None, None
+        self.fail_prefill = self.fail_step = None
+
+    def prefill(self, ids, state, **kw):
+        self.prefill_ids.append(ids.tolist())
+        if self.fail_prefill is not None and ids.tolist()[0][-1] == self.fail_prefill:
+            raise ShapeError("refused by the test")
+        return super().prefill(ids, state, **kw)
+
+    def step(self, ids, state):
+        self.step_batches.append(ids.shape[0])
+        if self.gate is not None and self.hold_rows in (None, ids.shape[0]):
+            assert self.gate.wait(TIMEOUT)
+        if self.fail_step is not None and len(self.step_batches) == self.fail_step:
+            raise RuntimeError("step failed in the test")
+        return super().step(ids, state)
+
+
+class _NoGather(TorchRunner):
+    """A runner that cannot gather states: the scheduler must run one request at a time."""
+    gather_states = Runner.gather_states
+    load_torch_state = Runner.load_torch_state
+
+
+def _prompts(n_tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=g).tolist() for n in n_tokens]
+
+
+def _hf_greedy(hf, prompt, n):
+    # no eos (the tiny configs' eos is id 0, which min_new_tokens would forbid), and a mask of
+    # ones (else transformers masks the prompt's pad-id tokens)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture
+def scheduler_for(request):
+    def make(runner, **kw):
+        s = Scheduler(runner, **kw)
+        request.addfinalizer(lambda: s.close(TIMEOUT))
+        return s
+    return make
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_overlapping_requests_equal_transformers_greedy(kind, hf_checkpoint, scheduler_for):
+    """Prompts of 1, 7, chunk + 1 and 40 tokens, with different max_tokens, one of them a
+    request of two prompts: submitted together they join and leave one batch (steps of several
+    rows happen), and every row's tokens equal transformers' greedy generate of its prompt."""
+    folder, hf = hf_checkpoint(kind)
+    runner = _Recording(load_model(folder))
+    sched = scheduler_for(runner, max_rows=4, prefill_chunk=8)
+    prompts = _prompts((1, 7, 17, 40, 3))
+    counts = (9, 14, 5, 11, 14)
+    jobs = [sched.submit([p], max_new_tokens=n, stop_token_ids=[]) for p, n in zip(prompts[:3], counts[:3])]
+    jobs.append(sched.submit(prompts[3:], max_new_tokens=counts[3], stop_token_ids=[]))
+    got = [t for j in jobs for t in j.follow().tokens]
+    for p, n, tokens in zip(prompts, (*counts[:3], counts[3], counts[3]), got):
+        assert tokens == _hf_greedy(hf, p, n)
+    assert max(runner.step_batches) > 1, "the requests never shared a step"
+    assert max(runner.step_batches) <= 4, f"more rows than max_rows: {runner.step_batches}"
+    assert sorted(sched.batch_sizes.elements()) == sorted(runner.step_batches)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch_around_it(hf_checkpoint, scheduler_for):
+    """A seeded request (two prompts, top-k / top-p / repetition penalty) gives generate()'s
+    tokens for the same seed, whether it runs alone or joins rows of other sampled requests."""
+    folder, _ = hf_checkpoint("mamba2")
+    runner = TorchRunner(load_model(folder))
+    prompts = _prompts((5, 12, 3, 8), seed=1)
+    kw = dict(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7,
+              stop_token_ids=[])
+    alone = generate(runner, prompts[:2], **kw).tokens
+    sched = scheduler_for(runner, max_rows=8, prefill_chunk=4)
+    others = [sched.submit([p], max_new_tokens=20, temperature=1.0, stop_token_ids=[]) for p in prompts[2:]]
+    job = sched.submit(prompts[:2], **kw)
+    assert job.follow().tokens == alone
+    for o in others:
+        assert len(o.follow().tokens[0]) == 20
+
+
+def test_a_cancelled_request_leaves_and_the_others_go_on(hf_checkpoint, scheduler_for):
+    folder, hf = hf_checkpoint("mamba")
+    runner = _Recording(load_model(folder))
+    runner.gate, runner.hold_rows = threading.Event(), 3
+    sched = scheduler_for(runner, max_rows=4)
+    prompts = _prompts((4, 6, 9), seed=2)
+    jobs = [sched.submit([p], max_new_tokens=12, stop_token_ids=[]) for p in prompts]
+    wait_until(lambda: runner.step_batches and runner.step_batches[-1] == 3, "all three rows to step together")
+    jobs[1].cancel()
+    runner.gate.set()
+    assert jobs[0].follow().tokens[0] == _hf_greedy(hf, prompts[0], 12)
+    assert jobs[2].follow().tokens[0] == _hf_greedy(hf, prompts[2], 12)
+    assert 2 in runner.step_batches, "the cancelled row was never dropped from the batch"
+    assert runner.step_batches.count(3) < 11
+
+
+def test_follow_cancels_when_its_check_raises(hf_checkpoint, scheduler_for):
+    """A check that raises (the server's client-gone test) ends the wait and cancels the request."""
+    folder, _ = hf_checkpoint("mamba")
+    runner = _Recording(load_model(folder))
+    sched = scheduler_for(runner)
+    job = sched.submit([[1, 2, 3]], max_new_tokens=1000, stop_token_ids=[])
+    seen = []
+
+    def check():
+        if len(seen) >= 3:
+            raise ConnectionResetError("client gone")
+
+    with pytest.raises(ConnectionResetError):
+        job.follow(lambda i, t: seen.append(t), check)
+    assert job.cancelled.is_set()
+    wait_until(lambda: sched.stats() == {"running": 0, "waiting": 0}, "the cancelled rows to leave")
+    assert len(runner.step_batches) < 100
+
+
+def test_a_failed_prefill_fails_only_its_request(hf_checkpoint, scheduler_for):
+    folder, hf = hf_checkpoint("mamba")
+    runner = _Recording(load_model(folder))
+    runner.fail_prefill = 99
+    sched = scheduler_for(runner)
+    good = sched.submit([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
+    bad = sched.submit([[1, 99]], max_new_tokens=6)
+    with pytest.raises(ShapeError, match="refused by the test"):
+        bad.follow()
+    assert good.follow().tokens[0] == _hf_greedy(hf, [5, 6, 7], 6)
+
+
+def test_a_failed_step_fails_the_running_requests_and_later_ones_still_run(hf_checkpoint, scheduler_for):
+    folder, hf = hf_checkpoint("mamba")
+    runner = _Recording(load_model(folder))
+    runner.fail_step = 2
+    sched = scheduler_for(runner)
+    first = sched.submit([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
+    with pytest.raises(RuntimeError, match="step failed in the test"):
+        first.follow()
+    later = sched.submit([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
+    assert later.follow().tokens[0] == _hf_greedy(hf, [5, 6, 7], 6)
+
+
+def test_without_gather_one_request_runs_at_a_time(hf_checkpoint, scheduler_for):
+    folder, hf = hf_checkpoint("mamba2")
+    runner = _NoGather(load_model(folder))
+    assert not runner.can_gather_states and TorchRunner(load_model(folder)).can_gather_states
+    steps = []
+    real_step = runner.step
+    runner.step = lambda ids, st: (steps.append(ids.shape[0]), real_step(ids, st))[1]
+    sched = scheduler_for(runner, max_rows=8)
+    prompts = _prompts((3, 5, 2), seed=3)
+    jobs = [sched.submit([prompts[0], prompts[1]], max_new_tokens=5, stop_token_ids=[]),
+            sched.submit([prompts[2]], max_new_tokens=5, stop_token_ids=[])]
+    got = [t for j in jobs for t in j.follow().tokens]
+    assert got == [_hf_greedy(hf, p, 5) for p in prompts]
+    assert steps == [2] * 4 + [1] * 4
+
+
+def test_a_request_larger_than_max_rows_runs_alone(hf_checkpoint, scheduler_for):
+    folder, _ = hf_checkpoint("mamba2")
+    runner = _Recording(load_model(folder))
+    sched = scheduler_for(runner, max_rows=2)
+    res = sched.submit(_prompts((3, 4, 5), seed=4), max_new_tokens=4, stop_token_ids=[]).follow()
+    assert [len(t) for t in res.tokens] == [4, 4, 4] and runner.step_batches == [3, 3, 3]
+
+
+def test_stop_tokens_strings_and_zero_tokens_end_rows_as_generate(hf_checkpoint, scheduler_for, tiny_tokenizer):
+    """Stop ids and max_new_tokens=0 give generate()'s Generation (tokens, reasons)."""
+    folder, _ = hf_checkpoint("mamba")
+    runner = TorchRunner(load_model(folder))
+    prompts = _prompts((4, 9), seed=5)
+    free = generate(runner, prompts, max_new_tokens=10, stop_token_ids=[]).tokens
+    stop = free[0][3]  # ends row 0 at its 4th token (row 1 may stop too, wherever it draws it)
+    want = generate(runner, prompts, max_new_tokens=10, stop_token_ids=[stop])
+    sched = scheduler_for(runner)
+    got = sched.submit(prompts, max_new_tokens=10, stop_token_ids=[stop]).follow()
+    assert (got.tokens, got.stop_reasons) == (want.tokens, want.stop_reasons)
+    assert got.stop_reasons[0] == "stop" and len(got.tokens[0]) <= 3
+    zero = sched.submit(prompts, max_new_tokens=0).follow()
+    assert zero.tokens == [[], []] and zero.stop_reasons == ["length", "length"]
+
+
+def test_bad_requests_raise_in_the_callers_thread_and_close_ends_everything(hf_checkpoint):
+    folder, _ = hf_checkpoint("mamba")
+    runner = _Recording(load_model(folder))
+    runner.gate = threading.Event()
+    sched = Scheduler(runner, max_rows=1)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        sched.submit([[1]], max_new_tokens=-1)
+    with pytest.raises(ShapeError, match="empty"):
+        sched.submit([[]])
+    running = sched.submit([[1, 2]], max_new_tokens=50, stop_token_ids=[])
+    waiting = sched.submit([[3, 4]], max_new_tokens=50, stop_token_ids=[])
+    wait_until(lambda: runner.step_batches, "the first step")
+    assert sched.stats() == {"running": 1, "waiting": 1}
+    closer = threading.Thread(target=sched.close, args=(TIMEOUT,))
+    closer.start()
+    runner.gate.set()
+    closer.join(TIMEOUT)
+    for job in (running, waiting):
+        with pytest.raises(SchedulerClosed):
+            job.follow()
+    with pytest.raises(SchedulerClosed, match="shutting down"):
+        sched.submit([[1]])
+    assert not sched.thread.is_alive()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "llama.cpp"])
+def test_other_backends_batch_to_the_same_tokens(backend, onnx_export, ckpt, tmp_path, scheduler_for):
+    """The ONNX Runtime and llama.cpp runners through the scheduler: overlapping requests give
+    the tokens each gives for its prompt alone through generate()."""
+    from mamba_deploy.runners import open_runner
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        path = onnx_export("mamba2")[0]
+    else:
+        pytest.importorskip("llama_cpp")
+        from mamba_deploy.export.gguf import export_gguf
+
+        path = export_gguf(ckpt("mamba")[0], tmp_path / "m.gguf", outtype="f32")
+    runner = open_runner(path, backend, threads=1)
+    prompts = _prompts((2, 6, 11), seed=6)
+    alone = [generate(runner, [p], max_new_tokens=8, stop_token_ids=[]).tokens[0] for p in prompts]
+    steps = []
+    real_step = runner.step
+    runner.step = lambda ids, st: (steps.append(ids.shape[0]), real_step(ids, st))[1]
+    sched = scheduler_for(runner, max_rows=3, prefill_chunk=4)
+    jobs = [sched.submit([p], max_new_tokens=8, stop_token_ids=[]) for p in prompts]
+    assert [j.follow().tokens[0] for j in jobs] == alone
+    assert max(steps) > 1
+
+
+def test_the_server_batches_concurrent_requests(hf_checkpoint, request):
+    """Three HTTP requests at once through `serve`: their rows share steps, /health counts
+    them while they run, and each answer equals transformers' greedy tokens for its prompt."""
+    import http.client
+    import json
+
+    from conftest import in_thread
+    from mamba_deploy.serve import make_server
+
+    folder, hf = hf_checkpoint("mamba2")
+    runner = _Recording(load_model(folder))
+    runner.gate, runner.hold_rows = threading.Event(), 3
+    server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=4)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    request.addfinalizer(lambda: (server.shutdown(), server.server_close()))
+
+    def call(method, path, body=None):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=TIMEOUT)
+        conn.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    prompts = _prompts((2, 9, 5), seed=7)
+    calls = [in_thread(call, "POST", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0})
+             for p in prompts]
+    wait_until(lambda: 3 in runner.step_batches, "the three requests to step together")
+    assert call("GET", "/health")[1]["running"] == 3
+    runner.gate.set()
+    for (thread, out), p in zip(calls, prompts):
+        thread.join(TIMEOUT)
+        status, body = out[0]
+        assert status == 200 and body["choices"][0]["token_ids"] == _hf_greedy(hf, p, 6)
+
+
+def test_max_num_seqs_is_checked(hf_checkpoint):
+    from mamba_deploy.cli import main
+    from mamba_deploy.serve import make_server
+
+    folder, _ = hf_checkpoint("mamba")
+    with pytest.raises(ConfigError, match="max_num_seqs must be >= 1"):
+        make_server(TorchRunner(load_model(folder)), "127.0.0.1", 0, max_num_seqs=0)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(folder), "--max-num-seqs", "0"])
+    assert e.value.code == 2

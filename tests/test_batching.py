@@ -308,3 +308,27 @@ def test_max_num_seqs_is_checked(hf_checkpoint):
     with pytest.raises(SystemExit) as e:
         main(["serve", str(folder), "--max-num-seqs", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph decode needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_cuda_graph_runner_batches_to_the_same_tokens(kind, hf_checkpoint, scheduler_for):
+    """Rows gathered into and out of the graph buckets' lent states: overlapping requests give
+    the tokens each gives alone through generate() on the same CUDA-graph runner, and on the
+    CPU reference runner (fp32 both)."""
+    from mamba_deploy.cuda_graph import make_runner
+
+    folder, _ = hf_checkpoint(kind)
+    gpu = make_runner(load_model(folder, device="cuda"))
+    cpu = TorchRunner(load_model(folder))
+    prompts = _prompts((2, 6, 11, 1, 17), seed=8)
+    counts = (12, 5, 9, 14, 7)
+    alone = [generate(gpu, [p], max_new_tokens=n, stop_token_ids=[]).tokens[0] for p, n in zip(prompts, counts)]
+    assert alone == [generate(cpu, [p], max_new_tokens=n, stop_token_ids=[]).tokens[0] for p, n in zip(prompts, counts)]
+    steps = []
+    real_step = gpu.step
+    gpu.step = lambda ids, st: (steps.append(ids.shape[0]), real_step(ids, st))[1]
+    sched = scheduler_for(gpu, max_rows=3, prefill_chunk=8)
+    jobs = [sched.submit([p], max_new_tokens=n, stop_token_ids=[]) for p, n in zip(prompts, counts)]
+    assert [j.follow().tokens[0] for j in jobs] == alone
+    assert max(steps) == 3

@@ -249,11 +249,15 @@ class CudaGraphRunner(TorchRunner):
         bk.lent = weakref.ref(view)
         return view
 
-    def _release(self, states) -> None:
-        ids = {id(s) for s in states}
-        for bk in self._b.values():  # the bucket lent to a consumed state may be lent again
+    def _adopt(self, state: State, consumed) -> State:
+        """Gathered rows into a bucket's lent view (replayed with no copies); a bucket lent to a
+        consumed state is free again, its rows already copied out."""
+        ids = {id(s) for s in consumed}
+        for bk in self._b.values():
             if bk.lent is not None and id(bk.lent()) in ids:
                 bk.lent = None
+        out = self.new_state(state.conv.shape[1])
+        return out.copy_(state)
 
     @torch.inference_mode()
     def step(self, ids, state):

@@ -55,14 +55,11 @@ class TorchRunner(Runner):
         empty = self.model.new_state(0)
         conv = torch.cat([empty.conv] + [s.conv[:, r] for (s, _), r in zip(parts, rows)], 1)  # copies
         ssm = torch.cat([empty.ssm] + [s.ssm[:, r].to(empty.ssm.dtype) for (s, _), r in zip(parts, rows)], 1)
-        self._release([s for s, _ in parts])
-        out = self.new_state(conv.shape[1])
-        out.conv.copy_(conv)
-        out.ssm.copy_(ssm)
-        return out
+        return self._adopt(State(conv, ssm), [s for s, _ in parts])
 
-    def _release(self, states) -> None:
-        """gather_states consumed these states (CudaGraphRunner frees the buckets they hold)."""
+    def _adopt(self, state: State, consumed) -> State:
+        """The gathered rows as this runner's state (CudaGraphRunner copies them into a bucket)."""
+        return state
 
     def load_torch_state(self, state, src: State) -> None:
         check_is_state(state, "runner.new_state(batch)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantizationError
+from ..errors import QuantizationError, ShapeError
 from ..inputs import check_ids, check_mask
 from ..runners.base import Runner, check_parts, check_state, part_rows
 from ..state import State, batch_first
@@ -51,6 +51,19 @@ def encode_ssm(h: torch.Tensor, kind: str):
 
 def decode_ssm(q: torch.Tensor, scales, dtype=torch.float32) -> torch.Tensor:
     return q.to(dtype) if scales is None else q.to(dtype) * scales.to(dtype)
+
+
+def _check_like(st: QuantState, empty: QuantState, name: str) -> None:
+    """`st` holds what this runner's states hold (shapes but the batch, dtypes, scales or none):
+    another model's state, or one of the other cache kind (int8 codes read as fp16 values), would
+    otherwise be joined as if it were this runner's."""
+    def desc(q):
+        return [None if t is None else (t.dtype, t.shape[:1] + t.shape[2:]) for t in (q.conv, q.ssm, q.scales)]
+
+    if desc(st) != desc(empty):
+        raise ShapeError(f"gather_states: the state holds {desc(st)} (conv, ssm, scales: dtype and shape but the "
+                         f"batch), the {name} runner's hold {desc(empty)}: it was made by another runner; create it "
+                         "with this runner's new_state(batch)")
 
 
 class QuantizedStateRunner(Runner):
@@ -101,10 +114,11 @@ class QuantizedStateRunner(Runner):
     def gather_states(self, parts):
         """The codes and scales gathered as they are (no decode / re-encode); see Runner.gather_states."""
         parts = check_parts(parts)
+        empty = self.new_state(0)
         for st, _ in parts:
             check_state(st, QuantState, None)
+            _check_like(st, empty, self.name)
         rows = part_rows(parts, [st.batch for st, _ in parts])
-        empty = self.new_state(0)
         pick = [(st, torch.tensor(r, dtype=torch.long, device=st.conv.device)) for (st, _), r in zip(parts, rows)]
         cat = lambda name: torch.cat([getattr(empty, name)] + [getattr(st, name)[:, r] for st, r in pick], 1)  # noqa: E731
         return QuantState(cat("conv"), cat("ssm"), None if empty.scales is None else cat("scales"))

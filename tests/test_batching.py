@@ -286,6 +286,9 @@ def test_the_server_batches_concurrent_requests(hf_checkpoint, request):
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
 
+    threads = set()
+    real_prefill = runner.prefill
+    runner.prefill = lambda *a, **kw: (threads.add(threading.current_thread()), real_prefill(*a, **kw))[1]
     prompts = _prompts((2, 9, 5), seed=7)
     calls = [in_thread(call, "POST", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0})
              for p in prompts]
@@ -296,6 +299,8 @@ def test_the_server_batches_concurrent_requests(hf_checkpoint, request):
         thread.join(TIMEOUT)
         status, body = out[0]
         assert status == 200 and body["choices"][0]["token_ids"] == _hf_greedy(hf, p, 6)
+    # the model ran in the thread that called serve_forever (the one that loaded it, in the CLI)
+    assert threads == {serving}
 
 
 def test_max_num_seqs_is_checked(hf_checkpoint):

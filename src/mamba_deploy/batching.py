@@ -41,8 +41,8 @@ class Job:
     """One request in the scheduler. Its caller's thread follows it with `follow`; the worker
     thread talks to it only through the event queue and the cancel flag."""
 
-    def __init__(self, req):
-        self.req = req
+    def __init__(self, req, stream: bool = True):
+        self.req, self.stream = req, stream
         self.rows = req.rows()
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", row, id) | ("done", Generation) | ("error", exc)
         self.cancelled = threading.Event()
@@ -92,15 +92,23 @@ class Job:
         self.events.put(("error", exc))
 
 
-class Scheduler:
-    """The worker thread and its queue. `submit` from any thread; `close` once."""
+CLOSED = "the server is shutting down; send the request again to a running server"
 
-    def __init__(self, runner, max_rows: int = 16, prefill_chunk: int | None = None):
+
+class Scheduler:
+    """The model's loop and its queue. `submit` from any thread; `close` once.
+
+    thread=True runs the loop in a thread of its own. thread=False leaves it to the caller's
+    `run()`: the server runs it in the thread that calls `serve_forever`, usually the one that
+    loaded the model. torch and llama.cpp keep one OpenMP thread team per calling thread, and
+    on a 2-core machine a second team (the loading thread's, then the loop's) made each decode
+    step 40-70 % slower (torch: 1.0 -> 1.65 s for 64 tokens of a 130m Mamba1)."""
+
+    def __init__(self, runner, max_rows: int = 16, prefill_chunk: int | None = None, thread: bool = True):
         self.runner, self.prefill_chunk = runner, prefill_chunk
         self.batching = runner.can_gather_states
-        # room for the running rows and the request being prefilled, together at most max_rows
-        # (llama.cpp grows its context now: growing it later would invalidate running sequences)
-        # (a request is admitted when the running rows and its own fit under max_rows)
+        # a request is admitted when the running rows and its own fit under max_rows; llama.cpp
+        # grows its context for them now (growing it later would invalidate running sequences)
         cap = runner.reserve_rows(max_rows) if self.batching else max_rows
         self.max_rows = max(1, min(max_rows, cap))
         self.waiting: collections.deque[Job] = collections.deque()
@@ -108,18 +116,23 @@ class Scheduler:
         self.prefilling: Job | None = None
         self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
-        self.closed = False
+        self.closed = self._stopping = False
         self._cv = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="mamba-deploy-scheduler", daemon=True)
-        self.thread.start()
+        self._idle = threading.Event()  # set while no run() is looping
+        self._idle.set()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="mamba-deploy-scheduler", daemon=True)
+            self.thread.start()
 
-    def submit(self, prompts, **kw) -> Job:
+    def submit(self, prompts, stream: bool = True, **kw) -> Job:
         """generate's keyword arguments (not on_token / prefill_chunk); checked and tokenized here,
-        in the caller's thread, so a bad request raises before it queues."""
-        job = Job(prepare_request(self.runner, prompts, prefill_chunk=self.prefill_chunk, **kw))
+        in the caller's thread, so a bad request raises before it queues. stream=False: no token
+        events (`follow` then only waits for the result)."""
+        job = Job(prepare_request(self.runner, prompts, prefill_chunk=self.prefill_chunk, **kw), stream)
         with self._cv:
             if self.closed:
-                raise SchedulerClosed("the server is shutting down; send the request again to a running server")
+                raise SchedulerClosed(CLOSED)
             self.waiting.append(job)
             self._cv.notify()
         return job
@@ -131,26 +144,49 @@ class Scheduler:
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop after the current turn; waiting and running requests get SchedulerClosed.
-        -> whether the worker has stopped (it may still be inside a long runner call)."""
+        -> whether the loop has stopped (it may still be inside a long runner call)."""
+        self.stop()
         with self._cv:
             self.closed = True
-            self._cv.notify()
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
+        if not self._idle.wait(timeout):
+            return False
+        self._fail_all()  # what no loop will run any more
+        return True
 
-    # -- the worker
-    def _loop(self) -> None:
-        while True:
+    def stop(self) -> None:
+        """Makes run() return after its current turn, or the next run() at once if none is
+        running; nothing fails (a later run() goes on with the requests)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+
+    # -- the loop
+    def run(self) -> None:
+        """Runs requests until stop() or close() (or an exception such as KeyboardInterrupt, which
+        fails the requests it interrupted and propagates)."""
+        self._idle.clear()
+        try:
+            while True:
+                with self._cv:
+                    while not (self.closed or self._stopping) and not (
+                            self.waiting or self.running or self.prefilling is not None):
+                        self._cv.wait()
+                    if self.closed or self._stopping:
+                        break
+                try:
+                    self._turn()
+                except Exception as e:  # noqa: BLE001  (a failed step or gather: every running request gets it)
+                    self._fail_running(e)
+        except BaseException:
+            self._fail_all()
+            raise
+        finally:
             with self._cv:
-                while not self.closed and not (self.waiting or self.running or self.prefilling is not None):
-                    self._cv.wait()
-                if self.closed:
-                    break
-            try:
-                self._turn()
-            except Exception as e:  # noqa: BLE001  (a failed step or gather: every running request gets it)
-                self._fail_running(e)
-        err = SchedulerClosed("the server is shutting down; send the request again to a running server")
+                self._stopping = False  # a stop() before this run() began ends this one, not the next
+            self._idle.set()
+
+    def _fail_all(self) -> None:
+        err = SchedulerClosed(CLOSED)
         self._fail_running(err)
         with self._cv:
             jobs, self.waiting = list(self.waiting), collections.deque()
@@ -247,7 +283,7 @@ class Scheduler:
             n = len(job)
             try:
                 tokens = job.rows.sample(self.logits[off:off + n], job.req.scfg, job.req.generator, vocab)
-                job.rows.push(tokens, lambda i, t, job=job: job.events.put(("token", i, t)))
+                job.rows.push(tokens, (lambda i, t, job=job: job.events.put(("token", i, t))) if job.stream else None)
                 job.steps += 1
             except Exception as e:  # noqa: BLE001  (a sampling error is this request's alone)
                 job._fail(e)

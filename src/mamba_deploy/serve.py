@@ -145,7 +145,29 @@ class CompletionServer(ThreadingHTTPServer):
         self._handlers_lock = threading.Lock()
         self.scheduler = None  # server_close runs inside super().__init__ when the port is busy
         super().__init__(addr, _Handler)  # binds first: a busy port raises before the scheduler's thread starts
-        self.scheduler = Scheduler(runner, max_num_seqs, prefill_chunk)
+        self.scheduler = Scheduler(runner, max_num_seqs, prefill_chunk, thread=False)  # run by serve_forever
+
+    def serve_forever(self, poll_interval: float = 0.5):
+        """Accepts connections in a helper thread and runs the model in this one, until
+        shutdown(): torch and llama.cpp keep an OpenMP thread team per calling thread, and the
+        model's steps ran 40-70 % slower on 2 cores in a thread other than the one that loaded
+        it (batching.Scheduler). Requests wait for the model while no serve_forever runs."""
+        accept = threading.Thread(target=super().serve_forever, args=(poll_interval,), daemon=True,
+                                  name="mamba-deploy-accept")
+        accept.start()
+        try:
+            self.scheduler.run()  # until shutdown() stops it
+        except BaseException:  # the model loop ended by an exception (Ctrl-C): stop accepting too
+            super().shutdown()
+            raise
+        finally:
+            accept.join()
+
+    def shutdown(self):
+        """Stops serve_forever (both its loops) and waits for it; running requests are ended by
+        server_close."""
+        self.scheduler.stop()
+        super().shutdown()
 
     def process_request(self, request, client_address):
         # registered before it starts (under the lock server_close snapshots with), so that a
@@ -441,7 +463,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             check()
-            job = self.server.scheduler.submit(prompts, **kw)
+            job = self.server.scheduler.submit(prompts, stream=on_token is not None, **kw)
             return job.follow(each_token, check)
         except SchedulerClosed:
             raise ShuttingDown from None

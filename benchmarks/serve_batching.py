@@ -1,0 +1,195 @@
+"""`serve` under concurrent clients: continuous batching (--max-num-seqs N) against one request
+at a time (--max-num-seqs 1), side by side in one run. C clients each send one completion
+request at once (a `prompt`-token id prompt, greedy, `max_tokens` new tokens, no stop token, so
+every request makes all its tokens) over HTTP to an in-process server; per setting: wall time
+until the last answer, completion tokens per second over that time, and the mean and worst
+request latency. Settings alternate within each round, so a drifting host moves both alike;
+the ratio is batched / one-at-a-time throughput, per round, median over rounds. Each (model,
+backend) runs in a process of its own, where one server serves every round (its scheduler's
+row limit set between rounds): torch's and llama.cpp's OpenMP pools belong to the calling
+thread (one libgomp for both), and llama.cpp decoded 40-75 % slower on 2 cores in a process
+where another thread had run torch work (the export, a server per round). The parent process
+builds the checkpoints and exports; the serving processes only open them, and run the model
+in their main thread (serve_forever's, as `mamba-deploy serve` does).
+
+CPU: 130m-shaped random models (cpu_backends.py's shapes) through the torch, ONNX Runtime and
+llama.cpp (F32 GGUF) runners. GPU: `--device cuda --dtype bf16 --shape mamba2-2.7b` (benchmarks/gpu.py's shapes)
+through the torch runner (CUDA-graph decode).
+
+    python benchmarks/serve_batching.py [--backends torch,onnx,llama.cpp] [--archs mamba1,mamba2] [--clients 8]
+        [--max-tokens 64] [--prompt 32] [--rounds 3] [--threads 2] --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from mamba_deploy.atomic import write_json  # noqa: E402
+from mamba_deploy.cli import DTYPES  # noqa: E402
+from mamba_deploy.serve import make_server  # noqa: E402
+
+
+def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
+    """All clients at once, the server's scheduler admitting at most `seqs` rows together."""
+    server.scheduler.max_rows = seqs  # read at each admission; the same worker thread throughout (see main)
+    server.scheduler.batch_sizes.clear()
+    host, port = server.server_address[:2]
+    latency, made, errors = [], [], []
+    go = threading.Barrier(len(prompts) + 1)
+
+    def client(p):
+        conn = http.client.HTTPConnection(host, port, timeout=600)
+        body = json.dumps({"prompt": p, "max_tokens": max_tokens, "temperature": 0})
+        go.wait()
+        t = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        latency.append(time.perf_counter() - t)
+        if resp.status != 200:
+            errors.append(data)
+        else:
+            made.append(len(data["choices"][0]["token_ids"]))
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"requests failed: {errors[:2]}")
+    return dict(wall_s=wall, tokens=sum(made), tokens_per_s=sum(made) / wall, mean_latency_s=statistics.fmean(latency),
+                max_latency_s=max(latency), step_batches=dict(sorted(server.scheduler.batch_sizes.items())))
+
+
+def prepare(arch: str, work: Path, backends) -> dict:
+    """The artifacts each backend opens: backend -> path (made in the parent process, so that no
+    serving process has run torch work of its own before its model; see the docstring)."""
+    from cpu_backends import DEMO, build_checkpoint
+
+    hf = work / "hf"
+    build_checkpoint(arch, hf)
+    paths = {b: str(hf) for b in backends}
+    if "onnx" in backends:
+        from mamba_deploy.export.onnx import export_onnx
+        paths["onnx"] = str(export_onnx(hf, work / "onnx", validate=False))
+    if "llama.cpp" in backends:  # a GGUF carries a tokenizer, the random checkpoints none: the demo model's
+        from mamba_deploy.export.gguf import export_gguf
+        tok = next(str(p) for p in sorted(DEMO.glob("demo-*")) if (p / "tokenizer.json").exists())
+        paths["llama.cpp"] = str(export_gguf(hf, work / "m.gguf", outtype="f32", tokenizer=tok))
+    return paths
+
+
+def open_runners(arch: str, path: str | None, args) -> dict:
+    from mamba_deploy.runners import open_runner
+
+    if args.shape:  # benchmarks/gpu.py's random bf16 model on CUDA, CUDA-graph decode
+        from gpu import our_model
+
+        from mamba_deploy.cuda_graph import make_runner
+        return {"torch": make_runner(our_model(args.shape))}
+    b = args.backends
+    kw = dict(device=args.device, dtype=DTYPES[args.dtype]) if b == "torch" else {}
+    return {b: open_runner(path, b, threads=args.threads, **kw)}
+
+
+def rows_for(arch: str, path: str | None, args) -> list:
+    runners = open_runners(arch, path, args)
+    g = torch.Generator().manual_seed(0)
+    vocab = min(r.vocab_size for r in runners.values())
+    prompts = [torch.randint(0, vocab, (args.prompt,), generator=g).tolist() for _ in range(args.clients)]
+    rows = []
+    for b, runner in runners.items():
+        server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=args.clients, max_batch=1)
+        res = {1: [], args.clients: []}
+
+        def clients():  # every round from here; the model runs in serve_forever's thread, as in the CLI
+            try:
+                one_round(server, args.clients, prompts[:2], 4)  # warm-up: graphs captured, sessions touched
+                for _ in range(args.rounds):
+                    for seqs in res:
+                        res[seqs].append(one_round(server, seqs, prompts, args.max_tokens))
+            finally:
+                server.shutdown()
+
+        driver = threading.Thread(target=clients)
+        driver.start()
+        server.serve_forever()
+        driver.join()
+        server.server_close()
+        ratios = [b_["tokens_per_s"] / a["tokens_per_s"] for a, b_ in zip(res[1], res[args.clients])]
+        rows.append(dict(arch=args.shape or arch, backend=runner.name, clients=args.clients, rounds=res,
+                         median_tokens_per_s={s: statistics.median(r["tokens_per_s"] for r in v) for s, v in res.items()},
+                         median_mean_latency_s={s: statistics.median(r["mean_latency_s"] for r in v)
+                                                for s, v in res.items()},
+                         median_ratio=statistics.median(ratios)))
+        runner.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", default="mamba1,mamba2")
+    ap.add_argument("--backends", default="torch,onnx,llama.cpp")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--shape", default=None, help="a benchmarks/gpu.py shape (mamba2-2.7b, ...) instead of --archs")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--child", nargs=3, metavar=("ARCH", "BACKEND", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:  # one (arch, backend, artifact) in this process: its rows as JSON on the last line
+        arch, args.backends, path = args.child
+        print(json.dumps(rows_for(arch, path, args)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in ([args.shape] if args.shape else args.archs.split(",")):
+            backends = ["torch"] if args.shape else args.backends.split(",")
+            paths = {"torch": ""} if args.shape else prepare(arch, Path(tmp) / arch, backends)
+            for b in backends:  # a fresh process each: no thread pool of another backend around
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--child", arch, b, paths[b]]
+                done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+                rows += json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\n{args.clients} concurrent clients, {args.prompt}-token prompts, {args.max_tokens} tokens each, "
+          f"{args.rounds} rounds (medians); device {args.device}, {args.threads} threads")
+    print(f"| model | backend | one at a time: tokens/s | batched (--max-num-seqs {args.clients}): tokens/s | "
+          "ratio | mean latency one at a time -> batched |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        t, lat, n = r["median_tokens_per_s"], r["median_mean_latency_s"], str(args.clients)  # JSON's keys
+        print(f"| {r['arch']} | {r['backend']} | {t['1']:.1f} | {t[n]:.1f} | {r['median_ratio']:.2f} | "
+              f"{lat['1']:.2f} s -> {lat[n]:.2f} s |")
+    write_json(args.out, dict(args=vars(args), load_avg=os.getloadavg(), torch=torch.__version__, rows=rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """`serve` under concurrent clients: continuous batching (--max-num-seqs N) against one request
 at a time (--max-num-seqs 1), side by side in one run. C clients each send one completion
 request at once (a `prompt`-token id prompt, greedy, `max_tokens` new tokens, no stop token, so
-every request makes all its tokens) over HTTP to an in-process server; per setting: wall time
+every request makes all its tokens) over HTTP from a client process; per setting: wall time
 until the last answer, completion tokens per second over that time, and the mean and worst
 request latency. Settings alternate within each round, so a drifting host moves both alike;
 the ratio is batched / one-at-a-time throughput, per round, median over rounds. Each (model,
@@ -46,16 +46,33 @@ from mamba_deploy.serve import make_server  # noqa: E402
 
 
 def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
-    """All clients at once, the server's scheduler admitting at most `seqs` rows together."""
-    server.scheduler.max_rows = seqs  # read at each admission; the same worker thread throughout (see main)
+    """All clients at once (from a process of their own, so that they take no GIL from the
+    server), the server's scheduler admitting at most `seqs` rows together."""
+    server.scheduler.max_rows = seqs  # read at each admission; the same model thread throughout (see main)
     server.scheduler.batch_sizes.clear()
+    server.scheduler.seconds.clear()
     host, port = server.server_address[:2]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(dict(host=host, port=port, prompts=prompts, max_tokens=max_tokens), f)
+    try:
+        done = subprocess.run([sys.executable, __file__, "--clients-from", f.name], stdout=subprocess.PIPE,
+                              text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(res, step_batches=dict(sorted(server.scheduler.batch_sizes.items())),
+                scheduler_seconds=dict(server.scheduler.seconds))
+
+
+def run_clients(spec_file: str) -> dict:
+    """--clients-from: one thread per prompt, all released at once; -> wall time, tokens, latencies."""
+    spec = json.loads(Path(spec_file).read_text())
     latency, made, errors = [], [], []
-    go = threading.Barrier(len(prompts) + 1)
+    go = threading.Barrier(len(spec["prompts"]) + 1)
 
     def client(p):
-        conn = http.client.HTTPConnection(host, port, timeout=600)
-        body = json.dumps({"prompt": p, "max_tokens": max_tokens, "temperature": 0})
+        conn = http.client.HTTPConnection(spec["host"], spec["port"], timeout=600)
+        body = json.dumps({"prompt": p, "max_tokens": spec["max_tokens"], "temperature": 0})
         go.wait()
         t = time.perf_counter()
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -67,7 +84,7 @@ def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
         else:
             made.append(len(data["choices"][0]["token_ids"]))
 
-    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    threads = [threading.Thread(target=client, args=(p,)) for p in spec["prompts"]]
     for t in threads:
         t.start()
     go.wait()
@@ -78,7 +95,7 @@ def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
     if errors:
         raise RuntimeError(f"requests failed: {errors[:2]}")
     return dict(wall_s=wall, tokens=sum(made), tokens_per_s=sum(made) / wall, mean_latency_s=statistics.fmean(latency),
-                max_latency_s=max(latency), step_batches=dict(sorted(server.scheduler.batch_sizes.items())))
+                max_latency_s=max(latency))
 
 
 def prepare(arch: str, work: Path, backends) -> dict:
@@ -158,11 +175,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--shape", default=None, help="a benchmarks/gpu.py shape (mamba2-2.7b, ...) instead of --archs")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "BACKEND", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--clients-from", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.clients_from:
+        print(json.dumps(run_clients(args.clients_from)))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.out and not args.child:
+        ap.error("--out FILE is required")
     if args.child:  # one (arch, backend, artifact) in this process: its rows as JSON on the last line
         arch, args.backends, path = args.child
         print(json.dumps(rows_for(arch, path, args)))

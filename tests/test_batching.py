@@ -33,7 +33,7 @@ class _Recording(TorchRunner):
 
     def prefill(self, ids, state, **kw):
         self.prefill_ids.append(ids.tolist())
-        if self.fail_prefill is not None and ids.tolist()[0][-1] == self.fail_prefill:
+        if self.fail_prefill is not None and any(row[-1] == self.fail_prefill for row in ids.tolist()):
             raise ShapeError("refused by the test")
         return super().prefill(ids, state, **kw)
 
@@ -149,15 +149,24 @@ def test_follow_cancels_when_its_check_raises(hf_checkpoint, scheduler_for):
 
 
 def test_a_failed_prefill_fails_only_its_request(hf_checkpoint, scheduler_for):
+    """Requests waiting together are fed in one batch; when that fails, each is fed again
+    alone, so only the one whose prompt fails gets the error."""
     folder, hf = hf_checkpoint("mamba")
     runner = _Recording(load_model(folder))
     runner.fail_prefill = 99
+    runner.gate = threading.Event()  # holds the first request's steps, so the next two wait together
     sched = scheduler_for(runner)
+    first = sched.submit([[9, 8]], max_new_tokens=2, stop_token_ids=[])
+    wait_until(lambda: runner.step_batches, "the first request to step")
     good = sched.submit([[5, 6, 7]], max_new_tokens=6, stop_token_ids=[])
     bad = sched.submit([[1, 99]], max_new_tokens=6)
+    runner.gate.set()
     with pytest.raises(ShapeError, match="refused by the test"):
         bad.follow()
     assert good.follow().tokens[0] == _hf_greedy(hf, [5, 6, 7], 6)
+    assert len(first.follow().tokens[0]) == 2
+    fed = [len(ids) for ids in runner.prefill_ids]
+    assert fed == [1, 2, 1, 1], f"batches fed: {runner.prefill_ids}"  # the first, both together, then each alone
 
 
 def test_a_failed_step_fails_the_running_requests_and_later_ones_still_run(hf_checkpoint, scheduler_for):

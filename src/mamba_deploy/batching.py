@@ -24,8 +24,10 @@ Runners that cannot gather states (`can_gather_states` False) run one request at
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
+import time
 
 import torch
 
@@ -47,8 +49,7 @@ class Job:
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", row, id) | ("done", Generation) | ("error", exc)
         self.cancelled = threading.Event()
         self.steps = 0  # tokens sampled per row so far
-        self.state = self.pieces = None  # while its prompts are fed
-        self.length = max(len(p) for p in req.ids_list)  # positions to feed, left-padded
+        self.alone = False  # its prompts are fed in a batch of their own (a shared one failed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -95,6 +96,13 @@ class Job:
 CLOSED = "the server is shutting down; send the request again to a running server"
 
 
+class _Prefill:
+    """Requests admitted together, their prompts fed as one left-padded batch."""
+
+    def __init__(self, jobs: list[Job], pieces, length: int):
+        self.jobs, self.pieces, self.length = jobs, pieces, length  # length: positions to feed
+
+
 class Scheduler:
     """The model's loop and its queue. `submit` from any thread; `close` once.
 
@@ -116,6 +124,7 @@ class Scheduler:
         self.prefilling: Job | None = None
         self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
+        self.seconds: collections.Counter = collections.Counter()  # time per phase (prefill, gather, sample, step)
         self.closed = self._stopping = False
         self._cv = threading.Condition()
         self._idle = threading.Event()  # set while no run() is looping
@@ -140,7 +149,7 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cv:
             return {"running": sum(len(j) for j in self.running), "waiting": len(self.waiting)
-                    + (self.prefilling is not None)}
+                    + (len(self.prefilling.jobs) if self.prefilling is not None else 0)}
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop after the current turn; waiting and running requests get SchedulerClosed.
@@ -193,6 +202,14 @@ class Scheduler:
         for job in jobs:
             job._fail(err)
 
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t
+
     def _turn(self) -> None:
         self._drop_cancelled()
         self._feed_prompts()
@@ -200,7 +217,7 @@ class Scheduler:
             self._decode()
 
     def _fail_running(self, exc: BaseException) -> None:
-        jobs = self.running + ([self.prefilling] if self.prefilling is not None else [])
+        jobs = self.running + (self.prefilling.jobs if self.prefilling is not None else [])
         self.running, self.prefilling, self.state, self.logits = [], None, None, None
         for job in jobs:
             job._fail(exc)
@@ -208,7 +225,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         with self._cv:
             self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
-        if self.prefilling is not None and self.prefilling.cancelled.is_set():
+        if self.prefilling is not None and all(j.cancelled.is_set() for j in self.prefilling.jobs):
             self.prefilling = None
         self._keep([j for j in self.running if not j.cancelled.is_set()])
 
@@ -226,59 +243,86 @@ class Scheduler:
             self.state = self.logits = None
             return
         self.logits = self.logits[rows]
-        self.state = self.runner.gather_states([(self.state, rows)])
+        with self._timed("gather"):
+            self.state = self.runner.gather_states([(self.state, rows)])
 
     def _running_rows(self) -> int:
         return sum(len(j) for j in self.running)
 
-    def _admit(self) -> Job | None:
+    def _admit(self) -> list[Job]:
+        """The waiting requests that fit beside the running rows, oldest first (one that does not
+        fit stops the rest: first come, first served). With nothing running the oldest is
+        admitted whatever its size. Without gather_states, one request and only when idle; one
+        marked `alone`, by itself."""
         with self._cv:
-            if not self.waiting:
-                return None
-            job = self.waiting[0]
-            room = self.batching and self._running_rows() + len(job) <= self.max_rows
-            if self.running and not room:  # first come, first served: the oldest waits for room
-                return None
-            return self.waiting.popleft()
+            jobs, rows = [], self._running_rows()
+            while self.waiting:
+                job = self.waiting[0]
+                fits = self.batching and rows + len(job) <= self.max_rows
+                if (jobs or self.running) and not fits or jobs and job.alone:
+                    break
+                jobs.append(self.waiting.popleft())
+                rows += len(job)
+                if not self.batching or job.alone:
+                    break
+            return jobs
 
     def _feed_prompts(self) -> None:
-        """One piece of the admitted request's prompts (admitting the next one if none is)."""
+        """One piece of the admitted requests' prompts, fed together in one batch (admitting the
+        waiting ones that fit when none are being fed); once fed, they join the running rows."""
         if self.prefilling is None:
-            job = self._admit()
-            if job is None:
+            jobs = self._admit()
+            if not jobs:
                 return
-            ids, mask = left_pad(job.req.ids_list)
+            ids, mask = left_pad([p for job in jobs for p in job.req.ids_list])
             try:
-                job.pieces = prefill_pieces(self.runner, ids, mask, self.runner.new_state(len(job)),
-                                            job.req.prefill_chunk)
-            except Exception as e:  # noqa: BLE001  (this request's alone)
-                job._fail(e)
+                pieces = prefill_pieces(self.runner, ids, mask, self.runner.new_state(ids.shape[0]), self.prefill_chunk)
+            except Exception as e:  # noqa: BLE001  (these requests' alone)
+                for job in jobs:
+                    job._fail(e)
                 return
-            self.prefilling = job
-        job = self.prefilling
+            self.prefilling = _Prefill(jobs, pieces, ids.shape[1])
+        pf = self.prefilling
         try:
-            done, logits, job.state = next(job.pieces)
-        except Exception as e:  # noqa: BLE001  (this request's alone)
+            with self._timed("prefill"):
+                done, logits, state = next(pf.pieces)
+        except Exception as e:  # noqa: BLE001  (these requests' alone)
             self.prefilling = None
-            job._fail(e)
+            if len(pf.jobs) == 1:
+                pf.jobs[0]._fail(e)
+                return
+            with self._cv:  # fed alone each, so that one request's failure (a prompt past llama.cpp's
+                for job in reversed(pf.jobs):  # n_ctx) is not its neighbours'
+                    job.alone = True
+                    self.waiting.appendleft(job)
             return
-        if done < job.length:
+        if done < pf.length:
             return
         self.prefilling = None
-        if job.req.max_new_tokens == 0:
-            job._finish()
+        rows, off, joining = [], 0, []
+        for job in pf.jobs:
+            if job.req.max_new_tokens == 0:
+                job._finish()
+            elif not job.cancelled.is_set():
+                rows += range(off, off + len(job))
+                joining.append(job)
+            off += len(job)
+        if not joining:
             return
-        if self.running:
-            self.state = self.runner.gather_states([(self.state, None), (job.state, None)])
-            self.logits = torch.cat([self.logits, logits])
-        else:
-            self.state, self.logits = job.state, logits
-        job.state = job.pieces = None
-        self.running.append(job)
+        parts = [(state, None if len(rows) == off else rows)]
+        with self._timed("gather"):
+            if self.running:
+                self.state = self.runner.gather_states([(self.state, None)] + parts)
+                self.logits = torch.cat([self.logits, logits[rows]])
+            else:
+                self.state = state if parts[0][1] is None else self.runner.gather_states(parts)
+                self.logits = logits[rows]
+        self.running += joining
 
     def _decode(self) -> None:
         """Sample every running row, hand out the tokens, drop finished requests, step the rest."""
         vocab, nxt, off, going = self.runner.vocab_size, [], 0, []
+        t0 = time.perf_counter()
         for job in self.running:
             n = len(job)
             try:
@@ -296,7 +340,9 @@ class Scheduler:
                 continue
             going.append(job)
             nxt.append(tokens)
+        self.seconds["sample"] += time.perf_counter() - t0
         self._keep(going)
         if self.running:
             self.batch_sizes[self._running_rows()] += 1
-            self.logits, self.state = self.runner.step(torch.cat(nxt), self.state)
+            with self._timed("step"):
+                self.logits, self.state = self.runner.step(torch.cat(nxt), self.state)

@@ -346,3 +346,35 @@ def test_cuda_graph_runner_batches_to_the_same_tokens(kind, hf_checkpoint, sched
     jobs = [sched.submit([p], max_new_tokens=n, stop_token_ids=[]) for p, n in zip(prompts, counts)]
     assert [j.follow().tokens[0] for j in jobs] == alone
     assert max(steps) == 3
+
+
+def test_a_burst_of_clients_connects_without_waiting_for_syn_retransmits(hf_checkpoint, request):
+    """40 clients connecting at once: with socketserver's listen backlog of 5, most connections
+    waited for a SYN retransmit (>= 1 s; 31 of 40 here). All are answered well before that now."""
+    import socket
+    import time
+
+    from mamba_deploy.serve import make_server
+
+    folder, _ = hf_checkpoint("mamba")
+    server = make_server(TorchRunner(load_model(folder)), "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(lambda: (server.shutdown(), server.server_close()))
+    latency, go = [], threading.Barrier(41)
+
+    def client():
+        go.wait()
+        t = time.perf_counter()
+        with socket.create_connection(server.server_address[:2], timeout=TIMEOUT) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while s.recv(65536):
+                pass
+        latency.append(time.perf_counter() - t)
+
+    clients = [threading.Thread(target=client) for _ in range(40)]
+    for c in clients:
+        c.start()
+    go.wait()
+    for c in clients:
+        c.join(TIMEOUT)
+    assert len(latency) == 40 and max(latency) < 0.9, f"slowest connection {max(latency):.2f} s"

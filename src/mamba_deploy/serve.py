@@ -123,6 +123,9 @@ class CompletionServer(ThreadingHTTPServer):
     # interpreter does not exit under a running handler (that aborted torch's exit now and then)
     daemon_threads = True
     close_timeout = 10.0
+    # the listen backlog: socketserver's 5 dropped the SYNs of a burst of clients beyond it, which
+    # then waited for their retransmit (1 s, then 3 s): 31 of 40 clients that connected at once
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
                  quiet: bool, request_timeout: float | None, chat_template: str | None = None,

@@ -346,6 +346,10 @@ def test_cuda_graph_runner_batches_to_the_same_tokens(kind, hf_checkpoint, sched
     jobs = [sched.submit([p], max_new_tokens=n, stop_token_ids=[]) for p, n in zip(prompts, counts)]
     assert [j.follow().tokens[0] for j in jobs] == alone
     assert max(steps) == 3
+    # a bucket first made inside a step (under inference_mode) must still lend states outside it
+    # (new_state zeroes the lent rows): mamba-2.8b serving failed with "Inplace update to inference tensor"
+    gpu.step(torch.tensor([1, 2, 3, 4, 5]), TorchRunner(gpu.model).new_state(5))  # bucket 8, made in step
+    gpu.new_state(8).zero_()
 
 
 def test_a_burst_of_clients_connects_without_waiting_for_syn_retransmits(hf_checkpoint, request):
@@ -378,3 +382,16 @@ def test_a_burst_of_clients_connects_without_waiting_for_syn_retransmits(hf_chec
     for c in clients:
         c.join(TIMEOUT)
     assert len(latency) == 40 and max(latency) < 0.9, f"slowest connection {max(latency):.2f} s"
+
+
+def test_gathered_torch_states_are_ordinary_tensors(hf_checkpoint):
+    """A gathered state can be updated in place outside inference_mode, as new_state's can (an
+    inference tensor refuses that: a caller's zero_(), a CUDA graph bucket's)."""
+    folder, _ = hf_checkpoint("mamba2")
+    runner = TorchRunner(load_model(folder))
+    a, b = runner.new_state(2), runner.new_state(1)
+    runner.prefill(torch.tensor([[1, 2], [3, 4]]), a)
+    runner.prefill(torch.tensor([[5, 6]]), b)
+    g = runner.gather_states([(a, [1]), (b, None)])
+    assert not torch.is_inference(g.conv) and not torch.is_inference(g.ssm)
+    g.zero_()

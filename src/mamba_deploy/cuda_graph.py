@@ -218,7 +218,10 @@ class CudaGraphRunner(TorchRunner):
 
     def _bucket(self, size: int) -> _Bucket:
         if size not in self._b:
-            self._b[size] = _Bucket(self.model, size)
+            # normal tensors even when first made under inference_mode (in step): new_state zeroes
+            # the bucket's rows outside it, which an inference tensor refuses
+            with torch.inference_mode(False):
+                self._b[size] = _Bucket(self.model, size)
         return self._b[size]
 
     @torch.inference_mode()

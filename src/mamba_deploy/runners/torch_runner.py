@@ -43,9 +43,11 @@ class TorchRunner(Runner):
         state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
         return State(state.conv.float().cpu().clone(), state.ssm.float().cpu().clone())
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def gather_states(self, parts):
-        """Rows gathered where the states live (no trip through the CPU); see Runner.gather_states."""
+        """Rows gathered where the states live (no trip through the CPU); see Runner.gather_states.
+        Not under inference_mode: its tensors could not be updated in place outside it later
+        (a caller's state.zero_(), a graph bucket's)."""
         parts = check_parts(parts)
         dev = self.model.device
         for st, _ in parts:

@@ -5,12 +5,15 @@ of rows (`Runner.gather_states`), and leaving it is another; there is no KV cach
 Batch-1 decoding is bound by reading the weights once per step, so a step for 8 rows costs
 little more than a step for 1: concurrent requests share the weight reads instead of queueing.
 
-One worker thread owns the runner. Each turn of its loop it
+One loop owns the runner (`Scheduler.run`, in a thread of its own or, for the server, in the
+thread that calls `serve_forever`). Each turn it
 1. drops the rows of requests whose caller gave up (`Job.cancel`);
-2. admits the oldest waiting request when its rows fit under `max_rows` (first come, first
-   served; a request larger than that runs alone), and feeds its prompts one piece of
-   `prefill_chunk` positions per turn, so running rows keep decoding between pieces; a request
-   whose prompts are in joins the running batch;
+2. admits the waiting requests whose rows fit beside the running ones under `max_rows`, oldest
+   first (first come, first served; with nothing running the oldest is admitted whatever its
+   size), and feeds their prompts as one left-padded batch, one piece of `prefill_chunk`
+   positions per turn, so running rows keep decoding between pieces; once fed, they join the
+   running batch (if that batch fails, each is fed again alone, so that one request's failure
+   is not its neighbours');
 3. samples one token for every running row, each request with its own sampling settings and
    seeded generator (`generation.Rows`, as `generate` does), hands the tokens to the requests'
    own threads, and removes the rows of requests that finished;
@@ -121,7 +124,7 @@ class Scheduler:
         self.max_rows = max(1, min(max_rows, cap))
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # in the order of their rows in self.state
-        self.prefilling: Job | None = None
+        self.prefilling: _Prefill | None = None
         self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
         self.seconds: collections.Counter = collections.Counter()  # time per phase (prefill, gather, sample, step)
@@ -129,7 +132,8 @@ class Scheduler:
         self._cv = threading.Condition()
         self._idle = threading.Event()  # set while no run() is looping
         self._idle.set()
-        self.thread = None
+        self.thread = None  # the scheduler's own thread (thread=True)
+        self.loop_thread = None  # the thread in run() last
         if thread:
             self.thread = threading.Thread(target=self.run, name="mamba-deploy-scheduler", daemon=True)
             self.thread.start()
@@ -174,6 +178,7 @@ class Scheduler:
         """Runs requests until stop() or close() (or an exception such as KeyboardInterrupt, which
         fails the requests it interrupted and propagates)."""
         self._idle.clear()
+        self.loop_thread = threading.current_thread()
         try:
             while True:
                 with self._cv:

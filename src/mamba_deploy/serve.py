@@ -209,8 +209,7 @@ class CompletionServer(ThreadingHTTPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
         self.unfinished = [t for t, _ in handlers if t.is_alive()]
         if self.scheduler is not None and not self.scheduler.close(max(0.0, deadline - time.monotonic())):
-            # still inside a runner call
-            self.unfinished.append(self.scheduler.thread)
+            self.unfinished.append(self.scheduler.loop_thread)  # still inside a runner call
 
     @property
     def url(self) -> str:
@@ -710,7 +709,7 @@ def register(subparsers) -> None:
                         "interface")
     s.add_argument("--port", type=port, default=8000, help="0 picks a free port")
     s.add_argument("--max-batch", type=positive_int, default=8,
-                   help="most prompts in one request (one batched generate)")
+                   help="most prompts in one request")
     s.add_argument("--max-num-seqs", type=positive_int, default=16, metavar="N",
                    help="most sequences (prompts of all running requests) decoded together in one batch; "
                         "requests join and leave it as they start and finish; 1 = one request at a time "

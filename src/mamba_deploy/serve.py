@@ -209,8 +209,8 @@ class CompletionServer(ThreadingHTTPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
         self.unfinished = [t for t, _ in handlers if t.is_alive()]
         if self.scheduler is not None and not self.scheduler.close(max(0.0, deadline - time.monotonic())):
-            # still inside a runner call
-            self.unfinished.append(self.scheduler.thread)
+            # still inside a runner call (in serve_forever's thread: the scheduler has none of its own here)
+            self.unfinished.append(self.scheduler.thread or self.scheduler.loop_thread)
 
     @property
     def url(self) -> str:

@@ -22,15 +22,15 @@ TIMEOUT = 30
 
 
 class _Gated(TorchRunner):
-    """`gate` (an Event) holds every step until set; `fail_gather`: the next gather_states raises."""
+    """`gate` (an Event) holds every step (of `hold_rows` rows, when set) until set; `fail_gather`: the next gather_states raises."""
 
     def __init__(self, model):
         super().__init__(model)
-        self.steps, self.gate, self.fail_gather = [], None, False
+        self.steps, self.gate, self.fail_gather, self.hold_rows = [], None, False, None
 
     def step(self, ids, state):
         self.steps.append(ids.shape[0])
-        if self.gate is not None:
+        if self.gate is not None and self.hold_rows in (None, ids.shape[0]):
             assert self.gate.wait(TIMEOUT)
         return super().step(ids, state)
 
@@ -269,3 +269,79 @@ def test_llama_cpp_a_failed_prefill_frees_its_sequences_at_once(ckpt, tmp_path, 
     assert len(_follow(running).tokens[0]) == 8
     with pytest.raises(ShapeError, match="n_ctx"):
         _follow(bad)
+
+
+def test_a_stream_whose_write_finds_the_client_gone_logs_the_client_closed_line(hf_checkpoint, request, capsys,
+                                                                               monkeypatch):
+    """A streaming client that closes while others run: the check before each token usually sees
+    it, but when its reset lands between that check and the token's write (a loaded 2-core
+    machine: test_serve_disconnect's dropped-stream test failed so), the write's
+    ConnectionResetError / BrokenPipeError was logged as "connection lost or timed out" instead
+    of the client-closed line. Made certain here: the check never sees the close. The others
+    finish with generate()'s tokens and the gone request's rows leave the batch."""
+    import re
+    import socket
+
+    import mamba_deploy.serve as serve
+
+    monkeypatch.setattr(serve, "peer_closed", lambda sock: False)
+    folder, _ = hf_checkpoint("mamba")
+    runner = _Gated(load_model(folder))
+    alone = TorchRunner(runner.model)
+    server, _ = _serve(runner, request, max_num_seqs=4)
+    server.quiet = False
+    request.addfinalizer(lambda: (server.shutdown(), server.server_close()))
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "stream": True,
+                       "stop_token_ids": []}).encode()
+    sock = socket.create_connection(server.server_address[:2], timeout=TIMEOUT)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(65536)
+    other = in_thread(_post, server, {"prompt": [4, 5], "max_tokens": 30, "temperature": 0, "stop_token_ids": []})
+    wait_until(lambda: server.scheduler.stats()["running"] == 2, "both to run")
+    sock.close()
+    other[0].join(TIMEOUT)
+    status, raw = other[1][0]
+    assert status == 200
+    assert json.loads(raw)["choices"][0]["token_ids"] == generate(alone, [[4, 5]], max_new_tokens=30,
+                                                                  stop_token_ids=[]).tokens[0]
+    wait_until(lambda: server.scheduler.stats() == {"running": 0, "waiting": 0}, "the gone stream's rows to leave")
+    err = capsys.readouterr().err
+    gone = re.findall(r"client closed the connection: generation stopped after \d+ token\(s\)", err)
+    assert len(gone) == 1 and "connection lost" not in err and "Traceback" not in err, err
+
+
+def test_shutdown_while_requests_run_and_wait_answers_each_and_leaves_nothing_running(hf_checkpoint, request):
+    """shutdown() + server_close() with two requests running (the model held inside a step) and
+    two waiting (max_num_seqs 2), streams and not: each non-stream gets a 503, each stream its
+    in-band error event, nothing hangs, and `unfinished` is empty once the step returns."""
+    folder, _ = hf_checkpoint("mamba")
+    runner = _Gated(load_model(folder))
+    runner.gate, runner.hold_rows = threading.Event(), 2
+    request.addfinalizer(runner.gate.set)
+    server, serving = _serve(runner, request, max_num_seqs=2)
+    calls = [in_thread(_post, server, {"prompt": [1 + i, 2], "max_tokens": 500, "temperature": 0,
+                                       "stream": i % 2 == 0}) for i in range(4)]
+    sched = server.scheduler
+    wait_until(lambda: 2 in runner.steps and sched.stats() == {"running": 2, "waiting": 2}, "two to run, two to wait")
+
+    def release_when_answered():
+        for thread, _ in calls:
+            thread.join(TIMEOUT)
+        runner.gate.set()
+
+    threading.Thread(target=release_when_answered, daemon=True).start()
+    server.shutdown()
+    server.server_close()
+    assert server.unfinished == []
+    serving.join(TIMEOUT)
+    assert not serving.is_alive()
+    for i, (thread, out) in enumerate(calls):
+        status, raw = out[0]
+        if i % 2:
+            assert status == 503 and "shutting down" in json.loads(raw)["error"]["message"]
+        else:
+            last = [e for e in raw.decode().split("\n\n") if e][-1]
+            assert status == 200 and "shutting down" in json.loads(last[len("data: "):])["error"]["message"]

@@ -31,6 +31,7 @@ import contextlib
 import queue
 import threading
 import time
+import traceback
 
 import torch
 
@@ -93,6 +94,10 @@ class Job:
             self.events.put(("error", e))
 
     def _fail(self, exc: BaseException) -> None:
+        # the locals of the worker's frames in its traceback (a prefill's or step's state) would live
+        # as long as the error, until the caller takes it: llama.cpp's sequences of a failed prefill
+        # were not free for the next request, whose new_state rebuilt the context under running ones
+        traceback.clear_frames(exc.__traceback__)
         self.events.put(("error", exc))
 
 
@@ -132,8 +137,8 @@ class Scheduler:
         self._cv = threading.Condition()
         self._idle = threading.Event()  # set while no run() is looping
         self._idle.set()
-        self.thread = None  # the scheduler's own thread (thread=True)
-        self.loop_thread = None  # the thread in run() last
+        self.thread = None
+        self.loop_thread: threading.Thread | None = None  # the thread of the latest run() (self.thread, or the caller's)
         if thread:
             self.thread = threading.Thread(target=self.run, name="mamba-deploy-scheduler", daemon=True)
             self.thread.start()
@@ -152,8 +157,9 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cv:
+            pf = self.prefilling  # read once: the loop sets it to None (outside the lock) as a prefill ends
             return {"running": sum(len(j) for j in self.running), "waiting": len(self.waiting)
-                    + (len(self.prefilling.jobs) if self.prefilling is not None else 0)}
+                    + (len(pf.jobs) if pf is not None else 0)}
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop after the current turn; waiting and running requests get SchedulerClosed.
@@ -191,6 +197,8 @@ class Scheduler:
                     self._turn()
                 except Exception as e:  # noqa: BLE001  (a failed step or gather: every running request gets it)
                     self._fail_running(e)
+            if self.closed:  # a close() whose wait for this turn timed out left its requests to this loop
+                self._fail_all()
         except BaseException:
             self._fail_all()
             raise
@@ -315,13 +323,18 @@ class Scheduler:
         if not joining:
             return
         parts = [(state, None if len(rows) == off else rows)]
-        with self._timed("gather"):
-            if self.running:
-                self.state = self.runner.gather_states([(self.state, None)] + parts)
-                self.logits = torch.cat([self.logits, logits[rows]])
-            else:
-                self.state = state if parts[0][1] is None else self.runner.gather_states(parts)
-                self.logits = logits[rows]
+        try:
+            with self._timed("gather"):
+                if self.running:
+                    self.state = self.runner.gather_states([(self.state, None)] + parts)
+                    self.logits = torch.cat([self.logits, logits[rows]])
+                else:
+                    self.state = state if parts[0][1] is None else self.runner.gather_states(parts)
+                    self.logits = logits[rows]
+        except Exception as e:  # noqa: BLE001  (neither prefilling nor running now: fail them here, run() the rest)
+            for job in joining:
+                job._fail(e)
+            raise
         self.running += joining
 
     def _decode(self) -> None:

@@ -461,7 +461,10 @@ class _Handler(BaseHTTPRequestHandler):
         def each_token(i, t):
             made[0] += 1
             if on_token is not None:
-                on_token(i, t)
+                try:
+                    on_token(i, t)
+                except (BrokenPipeError, ConnectionResetError):  # it closed between check() and this write
+                    raise ClientGone(made[0] - 1) from None
 
         try:
             check()

@@ -228,3 +228,15 @@ def wait_until(cond, what: str, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+@pytest.fixture
+def scheduler_for(request):
+    """scheduler_for(runner, **kw) -> a batching.Scheduler (its own thread), closed after the test."""
+    from mamba_deploy.batching import Scheduler
+
+    def make(runner, **kw):
+        s = Scheduler(runner, **kw)
+        request.addfinalizer(lambda: s.close(30))
+        return s
+    return make

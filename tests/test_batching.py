@@ -67,15 +67,6 @@ def _hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture
-def scheduler_for(request):
-    def make(runner, **kw):
-        s = Scheduler(runner, **kw)
-        request.addfinalizer(lambda: s.close(TIMEOUT))
-        return s
-    return make
-
-
 @pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
 def test_overlapping_requests_equal_transformers_greedy(kind, hf_checkpoint, scheduler_for):
     """Prompts of 1, 7, chunk + 1 and 40 tokens, with different max_tokens, one of them a

@@ -52,15 +52,6 @@ def _follow(job, within: float = 5.0):
     return job.follow(check=check)
 
 
-@pytest.fixture
-def scheduler_for(request):
-    def make(runner, **kw):
-        s = Scheduler(runner, **kw)
-        request.addfinalizer(lambda: s.close(TIMEOUT))
-        return s
-    return make
-
-
 def test_a_failed_gather_as_a_request_joins_fails_it_too_instead_of_losing_it(hf_checkpoint, scheduler_for):
     """The gather that adds a prefilled request's rows to the running batch fails (a backend out
     of memory or sequences): the running requests get the error, and so must the joining one,

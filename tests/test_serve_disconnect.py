@@ -177,6 +177,7 @@ def test_a_non_streaming_client_that_closes_stops_its_generation(folder, request
     _next_request_runs_soon(srv, runner, at_close, steps_at_close)
     err = capsys.readouterr().err
     assert len(GONE.findall(err)) == 1 and "Traceback" not in err, err
+    assert int(GONE.findall(err)[0]) >= 3, err  # the tokens it made (a non-stream request has no token events)
 
 
 def test_a_client_that_gives_up_while_waiting_for_the_model_is_never_run(folder, request, capsys):

@@ -2,9 +2,10 @@
 
 It talks to the model only through the Runner interface, so every backend (torch, onnx,
 llama.cpp, openvino, tensorrt) gets it for free. Standard library only:
-`http.server.ThreadingHTTPServer` accepts connections concurrently, and one scheduler thread
-(batching.py) decodes every running request's rows together in one batch (continuous
-batching): a request joins the batch once its prompts are in and leaves it when it finishes.
+`http.server.ThreadingHTTPServer` accepts connections concurrently, and one scheduler loop
+(batching.py, run in the thread that calls `serve_forever`) decodes every running request's
+rows together in one batch (continuous batching): a request joins the batch once its prompts
+are in and leaves it when it finishes.
 `max_num_seqs` (--max-num-seqs) caps the rows decoded together; 1 runs one request at a time.
 Several prompts in one request are that request's rows.
 
@@ -448,7 +449,10 @@ class _Handler(BaseHTTPRequestHandler):
         from .batching import SchedulerClosed
 
         closing = self.server.closing
-        made = [0]  # tokens generated so far, for the log line of a client that left
+        job = None
+
+        def made() -> int:  # tokens generated so far, for the log line of a client that left
+            return 0 if job is None else sum(len(out) for out in job.rows.out)
 
         def check():  # between tokens, and every 50 ms while waiting: the server closing, or the client gone
             if closing.is_set():
@@ -456,15 +460,14 @@ class _Handler(BaseHTTPRequestHandler):
             if peer_closed(self.connection):
                 if closing.is_set():  # server_close's shutdown(SHUT_RD) reads as end-of-file too
                     raise ShuttingDown
-                raise ClientGone(made[0])
+                raise ClientGone(made())
 
         def each_token(i, t):
-            made[0] += 1
             if on_token is not None:
                 try:
                     on_token(i, t)
                 except (BrokenPipeError, ConnectionResetError):  # it closed between check() and this write
-                    raise ClientGone(made[0] - 1) from None
+                    raise ClientGone(made()) from None
 
         try:
             check()

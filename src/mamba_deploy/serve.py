@@ -34,8 +34,9 @@ HTTP/1.1 with keep-alive: a connection carries request after request (OpenAI's c
 them). A stream is sent without a length and ends by closing its connection (`Connection:
 close`); so does an error answered before the request's body was read. `Expect: 100-continue`
 gets `100 Continue` once the request line, path and Content-Length pass (any other Expect
-value: 417). A client that closes its connection (or its sending side, as nginx reads it) stops
-its generation at the next token, or before it starts when it was waiting for the model.
+value: 417). A client that closes its connection (or its sending side, as nginx reads it) is
+seen within 50 ms (a stream: at its next token); its rows leave the batch after the current
+step, or it is dropped before it starts when it was still waiting.
 `max_prompt_tokens` (--max-prompt-tokens) turns longer prompts away with a 400 before generating.
 """
 

@@ -66,8 +66,8 @@ class OnnxRunner(Runner):
     def to_torch_state(self, state: OnnxState) -> State:
         check_state(state, OnnxState, None, self.config)
         live = state.bufs[state.cur]
-        return State(torch.from_numpy(np.stack([v.numpy() for v in live[0::2]])),
-                     torch.from_numpy(np.stack([v.numpy() for v in live[1::2]])))
+        arrays = [torch.from_numpy(v.numpy()) for v in live]
+        return State.stack(arrays[0::2], arrays[1::2])
 
     def gather_states(self, parts) -> OnnxState:
         """Rows taken layer by layer straight into the new state's arrays (no torch round trip:
@@ -89,7 +89,7 @@ class OnnxRunner(Runner):
 
     def load_torch_state(self, state: OnnxState, src: State) -> None:
         check_state(state, OnnxState, src.conv.shape[1], self.config)
-        arrays = [t.float().numpy() for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i])]
+        arrays = [t.float().numpy() for pair in src.layers() for t in pair]
         for v, a, keep in zip(state.bufs[state.cur], arrays, state.arrays[state.cur]):
             if self.device == "cpu":  # the OrtValue shares this numpy buffer
                 keep[...] = a

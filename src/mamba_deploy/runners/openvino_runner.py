@@ -73,11 +73,12 @@ class OpenVinoRunner(Runner):
 
     def to_torch_state(self, state: OpenVinoState) -> State:
         check_state(state, OpenVinoState, None, self.config)
-        return State(torch.from_numpy(np.stack(state.arrays[0::2])), torch.from_numpy(np.stack(state.arrays[1::2])))
+        arrays = [torch.from_numpy(a) for a in state.arrays]
+        return State.stack(arrays[0::2], arrays[1::2])
 
     def load_torch_state(self, state: OpenVinoState, src: State) -> None:
         check_state(state, OpenVinoState, src.conv.shape[1], self.config)
-        state.arrays = [t.float().numpy().copy() for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i])]
+        state.arrays = [t.float().numpy().copy() for pair in src.layers() for t in pair]
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:

@@ -87,14 +87,15 @@ class TensorRTRunner(Runner):
     def to_torch_state(self, state: TensorRTState) -> State:
         check_state(state, TensorRTState, None, self.config)
         live = state.bufs[state.cur]
-        return State(torch.stack(live[0::2]).cpu(), torch.stack(live[1::2]).cpu())
+        st = State.stack(live[0::2], live[1::2])
+        return State(st.conv.cpu(), st.ssm.cpu())
 
     def reserve_rows(self, rows: int) -> int:
         return min(rows, self.max_batch)  # the engine's batch profile
 
     def load_torch_state(self, state: TensorRTState, src: State) -> None:
         check_state(state, TensorRTState, src.conv.shape[1], self.config)
-        for buf, t in zip(state.bufs[state.cur], (t for i in range(self.n_layer) for t in (src.conv[i], src.ssm[i]))):
+        for buf, t in zip(state.bufs[state.cur], (t for pair in src.layers() for t in pair)):
             buf.copy_(t)
 
     # ---- running -------------------------------------------------------------------------------

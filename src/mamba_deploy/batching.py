@@ -36,7 +36,7 @@ import traceback
 import torch
 
 from .errors import MambaDeployError
-from .generation import Generation, left_pad, prefill_pieces, prepare_request
+from .generation import Generation, check_prefill_chunk, left_pad, prefill_pieces, prepare_request
 
 
 class SchedulerClosed(MambaDeployError):
@@ -121,6 +121,7 @@ class Scheduler:
     step 40-70 % slower (torch: 1.0 -> 1.65 s for 64 tokens of a 130m Mamba1)."""
 
     def __init__(self, runner, max_rows: int = 16, prefill_chunk: int | None = None, thread: bool = True):
+        check_prefill_chunk(prefill_chunk)
         self.runner, self.prefill_chunk = runner, prefill_chunk
         self.batching = runner.can_gather_states
         # a request is admitted when the running rows and its own fit under max_rows; llama.cpp
@@ -147,7 +148,7 @@ class Scheduler:
         """generate's keyword arguments (not on_token / prefill_chunk); checked and tokenized here,
         in the caller's thread, so a bad request raises before it queues. stream=False: no token
         events (`follow` then only waits for the result)."""
-        job = Job(prepare_request(self.runner, prompts, prefill_chunk=self.prefill_chunk, **kw), stream)
+        job = Job(prepare_request(self.runner, prompts, **kw), stream)
         with self._cv:
             if self.closed:
                 raise SchedulerClosed(CLOSED)

@@ -229,8 +229,9 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     for name, fn in (("on_token", on_token), ("on_prefill", on_prefill)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be a function (or None), got {type(fn).__name__} {fn!r:.40}")
+    check_prefill_chunk(prefill_chunk)
     req = prepare_request(runner, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                          stop_token_ids, seed, stop_strings, prefill_chunk)
+                          stop_token_ids, seed, stop_strings)
     ids, mask = left_pad(req.ids_list)
     logits, state = prefill_in_chunks(runner, ids, mask, runner.new_state(len(ids)), prefill_chunk, on_prefill)
     rows = req.rows()
@@ -254,7 +255,6 @@ class Request:
     scfg: SamplingConfig
     generator: torch.Generator | None  # seeded, or None: torch's global generator
     max_new_tokens: int
-    prefill_chunk: int | None
 
     def rows(self) -> "Rows":
         return Rows(self.ids_list, self.tok, self.stops, self.stop_strings)
@@ -262,16 +262,15 @@ class Request:
 
 def prepare_request(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                    stop_token_ids=None, seed=None, stop_strings=None, prefill_chunk=None) -> Request:
+                    stop_token_ids=None, seed=None, stop_strings=None) -> Request:
     """generate's arguments checked and the prompts tokenized, before any model work: what
     `generate` and the server's scheduler (batching.py) refuse is refused the same way."""
     _check_counts(max_new_tokens, seed)
-    _check_chunk(prefill_chunk)
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # int(): a numpy integer
-    return Request(ids_list, tok, as_text, stops, stop_strings, scfg, gen, int(max_new_tokens), prefill_chunk)
+    return Request(ids_list, tok, as_text, stops, stop_strings, scfg, gen, int(max_new_tokens))
 
 
 class Rows:
@@ -355,7 +354,7 @@ def prefill_pieces(runner, ids, mask, state, chunk: int | None = None):
         yield min(start + step, l), logits[:, -1], state
 
 
-def _check_chunk(chunk) -> None:
+def check_prefill_chunk(chunk) -> None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ConfigError(f"prefill_chunk must be an int >= 1 (or None for one piece), got {chunk!r}")
 

@@ -21,7 +21,7 @@ BACKENDS = {
 # set to several backends), one that no backend takes is a typo and refused
 OPTIONS = {
     "torch": ("device", "dtype", "state_dtype", "threads"),
-    "onnx": ("providers", "threads", "check_hash"),
+    "onnx": ("providers", "threads", "check_hash", "prepack"),
     "llama.cpp": ("threads", "n_threads", "n_ctx", "n_batch", "n_seq_max", "verbose"),
     "openvino": ("device", "precision", "threads", "check_hash", "properties"),
     "tensorrt": ("device", "threads"),

@@ -7,6 +7,7 @@ the state object is the backend's own and opaque to callers except through `to_t
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import numbers
 import os
@@ -51,6 +52,18 @@ def _physical_cores(cpus, sysfs: str) -> int:
         except OSError:
             return max(1, len(cpus))
     return max(1, len(cores))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). A
+    runtime that loads a graph frees its parsed copy of the weights once its kernels hold their
+    own, but glibc keeps those pages in the process: an ONNX Runtime session of 516 MB of fp32
+    weights left the process 1037 MB larger, 674 MB once trimmed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def check_state(state, cls, batch: int | None, config: MambaConfig | None = None) -> None:

@@ -30,7 +30,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..extras import install_hint
 from ..state import State
-from .base import Runner, check_state, check_threads, state_layout
+from .base import Runner, check_state, check_threads, release_freed_memory, state_layout
 from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
@@ -176,22 +176,24 @@ def _read_model(core, folder: Path):
     from onnx import numpy_helper
 
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    defaults, kept = {}, []
-    for t in proto.graph.initializer:
-        if t.name in OPTIONAL_INPUTS:
-            defaults[t.name] = numpy_helper.to_array(t)
-        else:
-            kept.append(t)
+    defaults, inits = {}, proto.graph.initializer
+    for i in reversed(range(len(inits))):  # deleted in place: re-adding the kept ones would copy every weight
+        if inits[i].name in OPTIONAL_INPUTS:
+            defaults[inits[i].name] = numpy_helper.to_array(inits[i])
+            del inits[i]
+    del inits
     missing = [n for n in OPTIONAL_INPUTS if n not in defaults]
     if missing:
         raise ExportError(f"{folder / 'model.onnx'} has no default for the optional inputs {missing}; "
                           "re-export it with this version of mamba-deploy")
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
     if not (folder / "model.onnx.data").exists():
         from openvino import Tensor
 
-        return core.read_model(proto.SerializeToString(), Tensor(np.empty(0, np.uint8))), defaults, None
+        # the weights are inline: the proto and its serialized bytes are one copy each, so the
+        # proto goes before OpenVINO parses the bytes into copies of its own (peak memory)
+        data = proto.SerializeToString()
+        del proto
+        return core.read_model(data, Tensor(np.empty(0, np.uint8))), defaults, None
     # weights in model.onnx.data (graphs above 2 GB): OpenVINO reads external data only from the
     # graph's own folder (a link from elsewhere is refused as "outside the base directory"), so
     # the stripped graph is written next to it under a hidden temp name, removed on close()
@@ -266,4 +268,6 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
         if tmpfile is not None:
             tmpfile.unlink(missing_ok=True)
         raise
+    del model  # the compiled model holds its own weights
+    release_freed_memory()
     return OpenVinoRunner(folder, manifest, compiled, defaults, tmpfile)

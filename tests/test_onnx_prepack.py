@@ -1,0 +1,115 @@
+"""ONNX Runtime's weight prepacking (`open_onnx(prepack=...)`): its packed copy per If branch
+doubles the session's memory, so the runner can turn it off, and does when the copies would
+not fit in available memory.
+
+Checked: without prepacking the runner's logits still match transformers (fp32, 1e-4 relative
+to max |reference|, prefill lengths 1 / 7 / 257 at batch 1 and 3, then decode steps); the
+option reaches the session; the automatic choice follows available memory and warns when it
+turns prepacking off; and, in fresh processes, a session without prepacking holds about half
+the memory of one with it (the reason for the option).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_hf_model, rel_err
+from mamba_deploy.errors import ConfigError
+from mamba_deploy.runners import onnx_runner
+from mamba_deploy.runners.onnx_runner import open_onnx
+
+FP32_TOL = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _disabled(runner) -> bool:
+    try:
+        return runner.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    except RuntimeError:  # ORT: the entry was never set (its default: prepack)
+        return False
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_without_prepacking_matches_transformers(onnx_export, kind):
+    out, _, hf = onnx_export(kind)
+    runner = open_onnx(out, threads=2, prepack=False)
+    assert _disabled(runner)
+    gen = torch.Generator().manual_seed(3)
+    for batch in (1, 3):
+        for length in (1, 7, 257):
+            ids = torch.randint(0, hf.config.vocab_size, (batch, length + 4), generator=gen)
+            with torch.no_grad():
+                want = hf(ids, use_cache=False).logits.float()
+            got, st = runner.prefill(ids[:, :length], runner.new_state(batch))
+            errs = [rel_err(got, want[:, :length])]
+            for t in range(length, length + 4):
+                logits, st = runner.step(ids[:, t], st)
+                errs.append(rel_err(logits, want[:, t]))
+            assert max(errs) < FP32_TOL, (kind, batch, length, errs)
+
+
+def test_option_reaches_the_session_and_bad_values_are_refused(onnx_export):
+    out, _, _ = onnx_export("mamba")
+    assert not _disabled(open_onnx(out, threads=1, prepack=True))
+    assert _disabled(open_onnx(out, threads=1, prepack=False))
+    for bad in ("no", 0, 1.0):
+        with pytest.raises(ConfigError, match="prepack"):
+            open_onnx(out, threads=1, prepack=bad)
+
+
+def test_automatic_choice_follows_available_memory(onnx_export, monkeypatch):
+    out, _, _ = onnx_export("mamba")
+    weights = sum(p.stat().st_size for p in Path(out).glob("model.onnx*"))
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: int(weights * onnx_runner.PREPACK_PEAK) + 1)
+    assert not _disabled(open_onnx(out, threads=1))
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: None)  # not Linux: ORT's default
+    assert not _disabled(open_onnx(out, threads=1))
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: weights)  # the packed copies do not fit
+    with pytest.warns(UserWarning, match="prepacking is off") as record:
+        runner = open_onnx(out, threads=1)
+    assert _disabled(runner)
+    assert str(out) in str(record[0].message) and "prepack=True" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # forced: no warning, whatever the memory
+        assert not _disabled(open_onnx(out, threads=1, prepack=True))
+
+
+_RSS_CHILD = """
+import json, sys
+sys.path.insert(0, {src!r})
+from mamba_deploy.runners.onnx_runner import open_onnx
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+import onnxruntime  # imported before the first reading: only the session is measured
+before = rss()
+runner = open_onnx({out!r}, threads=1, prepack={prepack})
+print(json.dumps(rss() - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+def test_session_without_prepacking_holds_about_half(tmp_path):
+    """A 24M-parameter Mamba (96 MB fp32, big enough to dwarf ORT's own allocations), each
+    session opened in a fresh process."""
+    from mamba_deploy.export.onnx import export_onnx
+
+    hf = build_hf_model("mamba", hidden_size=512, num_hidden_layers=6, vocab_size=20000)
+    hf.save_pretrained(tmp_path / "hf")
+    out = export_onnx(tmp_path / "hf", tmp_path / "onnx", validate=False)
+    weights = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    held = {}
+    for prepack in (True, False):
+        code = _RSS_CHILD.format(src=str(ROOT / "src"), out=str(out), prepack=prepack)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        held[prepack] = json.loads(res.stdout.strip().splitlines()[-1])
+    # measured on 130m shapes: 2.0x the weights with prepacking, 1.0x without
+    assert held[True] > 1.6 * weights, (held, weights)
+    assert held[False] < 1.3 * weights, (held, weights)

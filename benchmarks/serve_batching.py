@@ -16,8 +16,13 @@ CPU: 130m-shaped random models (cpu_backends.py's shapes) through the torch, ONN
 llama.cpp (F32 GGUF) runners. GPU: `--device cuda --dtype bf16 --shape mamba2-2.7b` (benchmarks/gpu.py's shapes)
 through the torch runner (CUDA-graph decode).
 
+`--prompt-lengths 8,512`: mixed prompt lengths, cycled over the clients (client i gets the i-th
+modulo their number), instead of `--prompt` for all; the clients then stream, and each round
+also reports the median time to first token per prompt length (a short prompt's wait behind a
+long one's prefill is what a prefill group's padding rule changes).
+
     python benchmarks/serve_batching.py [--backends torch,onnx,llama.cpp] [--archs mamba1,mamba2] [--clients 8]
-        [--max-tokens 64] [--prompt 32] [--rounds 3] [--threads 2] --out FILE
+        [--max-tokens 64] [--prompt 32 | --prompt-lengths 8,512] [--rounds 3] [--threads 2] --out FILE
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from mamba_deploy.cli import DTYPES  # noqa: E402
 from mamba_deploy.serve import make_server  # noqa: E402
 
 
-def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
+def one_round(server, seqs: int, prompts, max_tokens: int, stream: bool = False) -> dict:
     """All clients at once (from a process of their own, so that they take no GIL from the
     server), the server's scheduler admitting at most `seqs` rows together."""
     server.scheduler.max_rows = seqs  # read at each admission; the same model thread throughout (see main)
@@ -53,7 +58,7 @@ def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
     server.scheduler.seconds.clear()
     host, port = server.server_address[:2]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(dict(host=host, port=port, prompts=prompts, max_tokens=max_tokens), f)
+        json.dump(dict(host=host, port=port, prompts=prompts, max_tokens=max_tokens, stream=stream), f)
     try:
         done = subprocess.run([sys.executable, __file__, "--clients-from", f.name], stdout=subprocess.PIPE,
                               text=True, check=True)
@@ -64,25 +69,42 @@ def one_round(server, seqs: int, prompts, max_tokens: int) -> dict:
                 scheduler_seconds=dict(server.scheduler.seconds))
 
 
+def _read_stream(resp, t: float) -> tuple[int, float | None]:
+    """A completion's server-sent events -> (tokens, seconds from t to the first token)."""
+    tokens, first = 0, None
+    for line in resp:
+        if not line.startswith(b"data: {"):
+            continue
+        ids = json.loads(line[6:])["choices"][0]["token_ids"]
+        if ids and first is None:
+            first = time.perf_counter() - t
+        tokens += len(ids)
+    return tokens, first
+
+
 def run_clients(spec_file: str) -> dict:
-    """--clients-from: one thread per prompt, all released at once; -> wall time, tokens, latencies."""
+    """--clients-from: one thread per prompt, all released at once; -> wall time, tokens, latencies
+    (and with streaming, the median time to first token per prompt length)."""
     spec = json.loads(Path(spec_file).read_text())
-    latency, made, errors = [], [], []
+    latency, made, errors, ttft = [], [], [], {}
     go = threading.Barrier(len(spec["prompts"]) + 1)
 
     def client(p):
         conn = http.client.HTTPConnection(spec["host"], spec["port"], timeout=600)
-        body = json.dumps({"prompt": p, "max_tokens": spec["max_tokens"], "temperature": 0})
+        body = json.dumps({"prompt": p, "max_tokens": spec["max_tokens"], "temperature": 0, "stream": spec["stream"]})
         go.wait()
         t = time.perf_counter()
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        data = json.loads(resp.read())
-        latency.append(time.perf_counter() - t)
         if resp.status != 200:
-            errors.append(data)
+            errors.append(json.loads(resp.read()))
+        elif spec["stream"]:
+            n, first = _read_stream(resp, t)
+            made.append(n)
+            ttft.setdefault(len(p), []).append(first)
         else:
-            made.append(len(data["choices"][0]["token_ids"]))
+            made.append(len(json.loads(resp.read())["choices"][0]["token_ids"]))
+        latency.append(time.perf_counter() - t)
 
     threads = [threading.Thread(target=client, args=(p,)) for p in spec["prompts"]]
     for t in threads:
@@ -94,8 +116,11 @@ def run_clients(spec_file: str) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"requests failed: {errors[:2]}")
-    return dict(wall_s=wall, tokens=sum(made), tokens_per_s=sum(made) / wall, mean_latency_s=statistics.fmean(latency),
-                max_latency_s=max(latency))
+    res = dict(wall_s=wall, tokens=sum(made), tokens_per_s=sum(made) / wall, mean_latency_s=statistics.fmean(latency),
+               max_latency_s=max(latency))
+    if ttft:
+        res["median_ttft_s"] = {n: statistics.median(v) for n, v in sorted(ttft.items())}
+    return res
 
 
 def prepare(arch: str, work: Path, backends) -> dict:
@@ -133,7 +158,9 @@ def rows_for(arch: str, path: str | None, args) -> list:
     runners = open_runners(arch, path, args)
     g = torch.Generator().manual_seed(0)
     vocab = min(r.vocab_size for r in runners.values())
-    prompts = [torch.randint(0, vocab, (args.prompt,), generator=g).tolist() for _ in range(args.clients)]
+    lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else [args.prompt]
+    prompts = [torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(args.clients)]
+    stream = bool(args.prompt_lengths)
     rows = []
     for b, runner in runners.items():
         server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=args.clients, max_batch=1)
@@ -144,7 +171,7 @@ def rows_for(arch: str, path: str | None, args) -> list:
                 one_round(server, args.clients, prompts[:2], 4)  # warm-up: graphs captured, sessions touched
                 for _ in range(args.rounds):
                     for seqs in res:
-                        res[seqs].append(one_round(server, seqs, prompts, args.max_tokens))
+                        res[seqs].append(one_round(server, seqs, prompts, args.max_tokens, stream))
             finally:
                 server.shutdown()
 
@@ -159,6 +186,9 @@ def rows_for(arch: str, path: str | None, args) -> list:
                          median_mean_latency_s={s: statistics.median(r["mean_latency_s"] for r in v)
                                                 for s, v in res.items()},
                          median_ratio=statistics.median(ratios)))
+        if stream:  # per setting and prompt length (JSON's keys: strings), the median over rounds
+            rows[-1]["median_ttft_s"] = {s: {n: statistics.median(r["median_ttft_s"][n] for r in v)
+                                             for n in v[0]["median_ttft_s"]} for s, v in res.items()}
         runner.close()
     return rows
 
@@ -170,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    ap.add_argument("--prompt-lengths", default=None,
+                    help="mixed prompt lengths cycled over the clients (8,512); the clients stream, and the median "
+                         "time to first token per length is reported")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -200,7 +233,8 @@ def main(argv=None) -> int:
                        "--child", arch, b, paths[b]]
                 done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
                 rows += json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"\n{args.clients} concurrent clients, {args.prompt}-token prompts, {args.max_tokens} tokens each, "
+    print(f"\n{args.clients} concurrent clients, {args.prompt_lengths or args.prompt}-token prompts, "
+          f"{args.max_tokens} tokens each, "
           f"{args.rounds} rounds (medians); device {args.device}, {args.threads} threads")
     print(f"| model | backend | one at a time: tokens/s | batched (--max-num-seqs {args.clients}): tokens/s | "
           "ratio | mean latency one at a time -> batched |")
@@ -209,6 +243,10 @@ def main(argv=None) -> int:
         t, lat, n = r["median_tokens_per_s"], r["median_mean_latency_s"], str(args.clients)  # JSON's keys
         print(f"| {r['arch']} | {r['backend']} | {t['1']:.1f} | {t[n]:.1f} | {r['median_ratio']:.2f} | "
               f"{lat['1']:.2f} s -> {lat[n]:.2f} s |")
+    for r in rows:
+        for seqs, by_len in r.get("median_ttft_s", {}).items():
+            print(f"{r['arch']} {r['backend']} --max-num-seqs {seqs}: median time to first token "
+                  + ", ".join(f"{n}-token prompts {s:.2f} s" for n, s in by_len.items()))
     write_json(args.out, dict(args=vars(args), load_avg=os.getloadavg(), torch=torch.__version__, rows=rows))
     print(f"wrote {args.out}")
     return 0

@@ -274,11 +274,15 @@ def test_the_server_batches_concurrent_requests(hf_checkpoint, request):
 
     folder, hf = hf_checkpoint("mamba2")
     runner = _Recording(load_model(folder))
-    runner.gate, runner.hold_rows = threading.Event(), 3
+    # every step waits until all three requests are in the scheduler: else one that came first
+    # could make its 6 tokens before the last arrived (seen under load), and three never step together
+    arrivals = threading.Event()
+    runner.gate = arrivals
     server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=4)
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
     request.addfinalizer(lambda: (server.shutdown(), server.server_close()))
+    request.addfinalizer(arrivals.set)  # runs first: a failed wait must not leave the model thread held
 
     def call(method, path, body=None):
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=TIMEOUT)
@@ -292,6 +296,10 @@ def test_the_server_batches_concurrent_requests(hf_checkpoint, request):
     prompts = _prompts((2, 9, 5), seed=7)
     calls = [in_thread(call, "POST", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0})
              for p in prompts]
+    wait_until(lambda: sum(server.scheduler.stats().values()) == 3, "the three requests to arrive")
+    runner.hold_rows = 3  # from now on only steps of all three wait (set before the new gate, which a
+    runner.gate = threading.Event()  # 1-row step that read hold_rows None would wait on forever)
+    arrivals.set()
     wait_until(lambda: 3 in runner.step_batches, "the three requests to step together")
     assert call("GET", "/health")[1]["running"] == 3
     runner.gate.set()

@@ -325,13 +325,7 @@ def _fallback_warning(fallbacks: list) -> None:
 def _warn_fallbacks(model, main_type):
     """Before llama.cpp quantizes: tensors whose rows do not fit the outtype's main type (its
     K-quant mix may still pick other types for some tensors, e.g. output.weight)."""
-    fallbacks = []
-    for gname, array in _gguf_tensors(model):
-        if not keep_f32(gname, array.ndim):
-            t = tensor_type(gname, array.shape, main_type)
-            if t != main_type:
-                fallbacks.append((gname, array.shape[-1], main_type, t))
-    _fallback_warning(fallbacks)
+    _fallback_warning(_tensor_plan(model, main_type)[1])
 
 
 # ----------------------------------------------------------------------------- llama.cpp quantizer

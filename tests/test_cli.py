@@ -328,3 +328,25 @@ def test_numeric_flags_out_of_range_are_refused_by_the_parser(argv, flag, tmp_pa
     err = capsys.readouterr().err
     assert "usage: mamba-deploy " in err and f"argument {flag}: " in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("shard_mb", [2048, 0.02])  # one file; shards of ~20 kB (an index and several files)
+def test_convert_shows_a_bar_for_a_large_model(hf_checkpoint, tmp_path, monkeypatch, capfd, shard_mb):
+    """convert writes a bar over the bytes it saves on stderr, for models above the shared
+    large-model rule (mamba_deploy.progress, also GGUF export's): lowered here to the tiny model.
+    The result is still the source's weights (transformers' state dict the reference)."""
+    import mamba_deploy.progress
+    from mamba_deploy import load_model
+
+    folder, hf = hf_checkpoint("mamba2_g2")
+    main(["convert", str(folder), str(tmp_path / "small")])
+    assert "writing checkpoint" not in capfd.readouterr().err  # below the threshold: no bar
+    monkeypatch.setattr(mamba_deploy.progress, "LARGE_MODEL_PARAMS", 0)
+    assert main(["convert", str(folder), str(tmp_path / "c"), "--max-shard-size", str(shard_mb)]) == 0
+    captured = capfd.readouterr()
+    assert "writing checkpoint" in captured.err and "writing checkpoint" not in captured.out
+    assert (tmp_path / "c" / "model.safetensors.index.json").exists() == (shard_mb < 1)
+    back, want = load_model(tmp_path / "c").state_dict(), hf.state_dict()
+    assert back.keys() == want.keys()
+    for k, v in back.items():
+        assert torch.equal(v, want[k]), k

@@ -463,6 +463,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
     if fmt not in SAVE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
+    from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 
     refuse_quantized(model, f"saving in the {fmt} layout", "convert the unquantized source checkpoint, "
@@ -481,38 +482,50 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         tensors[from_our_key(name, fmt)] = t.contiguous()
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return write_folder(out_dir, config, tensors, tokenizer_source(model), max_shard_bytes)
+    return write_folder(out_dir, config, tensors, tokenizer_source(model), max_shard_bytes,
+                        progress=progress_wanted(model))
 
 
 def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files."""
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
+    """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files.
+    progress: a bar over the bytes written, on stderr, advanced as each shard is written."""
     from safetensors.torch import save_file
 
-    with atomic_dir(out_dir, CheckpointError) as tmp:
-        shards, cur, size = [], {}, 0
-        for k, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = t
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map, n = {}, len(shards)
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+    from .progress import progress_bar
+
+    shards = _shards(tensors, max_shard_bytes)
+    total = sum(_nbytes(t) for t in tensors.values())
+    with atomic_dir(out_dir, CheckpointError) as tmp, progress_bar(total, "writing checkpoint", progress) as bar:
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for fname, shard in zip(names, shards):
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            bar.update(sum(_nbytes(t) for t in shard.values()))
+        if n > 1:
+            weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
     return Path(out_dir)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
+    """name -> tensor split, in order, into dicts of at most max_shard_bytes (a larger tensor alone)."""
+    shards, cur, size = [], {}, 0
+    for k, t in tensors.items():
+        if cur and size + _nbytes(t) > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += _nbytes(t)
+    shards.append(cur)
+    return shards
 
 
 def stored_dtype(path_or_hub_id) -> torch.dtype | None:

@@ -10,6 +10,7 @@ All format facts live in `gguf_tables.py`; the tokenizer part in `gguf_vocab.py`
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from ..argtypes import threads_or_all
 from ..atomic import atomic_file, prepare_output_file, scratch_file, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
+from ..progress import progress_bar, progress_wanted
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads
 from . import as_model
@@ -155,9 +157,14 @@ def check_exportable(cfg) -> None:
 # ----------------------------------------------------------------------------- writing
 
 def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba") -> None:
+    """Stream the GGUF: header, metadata and tensor infos first (from the tensors' shapes and
+    types), then each tensor converted only as it is written, so at most one converted tensor
+    (and its float32 source) is alive beside the model, not the whole converted model."""
     import gguf
 
     cfg = model.config
+    plan, fallbacks = _tensor_plan(model, qtype)
+    _fallback_warning(fallbacks)
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[cfg.arch])
     try:
         writer.add_name(name)
@@ -166,15 +173,76 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
         for key, value, kind in metadata_items(cfg):
             _add_kv(writer, key, value, kind)
         add_vocab(writer, vocab)
-        fallbacks = []
-        for gname, array in _gguf_tensors(model):
-            _add_tensor(writer, gname, array, qtype, fallbacks)
-        _fallback_warning(fallbacks)
+        for gname, shape, t in plan:
+            stored_shape, dtype = _stored_layout(shape, t)
+            writer.add_tensor_info(gname, stored_shape, dtype, _nbytes(shape, t),
+                                   raw_dtype=None if dtype != np.uint8 else t)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=_progress_wanted(model))
+        writer.write_ti_data_to_file()
+        _write_tensor_data(writer, model, plan)
     finally:
         writer.close()
+
+
+def _tensor_plan(model, qtype):
+    """([(gguf name, GGUF shape, stored type)] in file order, [fallbacks for _fallback_warning]);
+    each float32 array is dropped once its shape is known (converted later, in _write_tensor_data)."""
+    from gguf import GGMLQuantizationType as QT
+
+    plan, fallbacks = [], []
+    for gname, array in _gguf_tensors(model):
+        t = tensor_type(gname, array.shape, qtype)
+        if t != qtype and not keep_f32(gname, array.ndim) and qtype != QT.F32:
+            fallbacks.append((gname, array.shape[-1], qtype, t))
+        plan.append((gname, array.shape, t))
+    return plan, fallbacks
+
+
+def _stored_layout(shape, t):
+    """(numpy shape, numpy dtype) of a tensor of GGUF `shape` converted to type `t`, as
+    GGUFWriter.add_tensor takes them: float arrays for F32 / F16, else the quantized blocks as
+    uint8 rows of shape[-1] // block * block bytes (the writer maps that back to the element shape)."""
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if t == QT.F32:
+        return tuple(shape), np.dtype(np.float32)
+    if t == QT.F16:
+        return tuple(shape), np.dtype(np.float16)
+    return quant_shape_to_byte_shape(shape, t), np.dtype(np.uint8)
+
+
+def _nbytes(shape, t) -> int:
+    stored_shape, dtype = _stored_layout(shape, t)
+    return math.prod(stored_shape) * dtype.itemsize
+
+
+def _converted(array: np.ndarray, t) -> np.ndarray:
+    """A float32 GGUF-layout array in the stored type `t`."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    if t == QT.F32:
+        return array
+    if t == QT.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, t)
+
+
+def _write_tensor_data(writer, model, plan) -> None:
+    """Convert and write each tensor in `plan`'s order (that of the tensor infos already written);
+    a bar over the bytes for a large model (stderr)."""
+    total = sum(_nbytes(shape, t) for _, shape, t in plan)
+    with progress_bar(total, "writing GGUF", progress_wanted(model)) as bar:
+        for (gname, array), (planned, shape, t) in zip(_gguf_tensors(model), plan, strict=True):
+            if gname != planned or array.shape != shape:  # the model changed between the two passes
+                raise ExportError(f"GGUF export: {gname} {array.shape} differs from the planned {planned} {shape}")
+            data = _converted(array, t)
+            del array  # the float32 copy (when it is one), before the next is made
+            writer.write_tensor_data(data)
+            bar.update(data.nbytes)
+            del data
 
 
 def metadata_items(cfg):
@@ -240,21 +308,6 @@ def tensor_type(gname: str, shape, qtype):
     return t
 
 
-def _add_tensor(writer, gname, array, qtype, fallbacks: list):
-    import gguf
-    from gguf import GGMLQuantizationType as QT
-
-    t = tensor_type(gname, array.shape, qtype)
-    if t != qtype and not keep_f32(gname, array.ndim) and qtype != QT.F32:
-        fallbacks.append((gname, array.shape[-1], qtype, t))
-    if t == QT.F32:
-        writer.add_tensor(gname, array)
-    elif t == QT.F16:
-        writer.add_tensor(gname, array.astype(np.float16))
-    else:
-        writer.add_tensor(gname, gguf.quants.quantize(array, t), raw_dtype=t)
-
-
 def _fallback_warning(fallbacks: list) -> None:
     """One warning per (row length, wanted type, type used) for the tensors written in another
     type than asked (usually one per export): fallbacks [(gguf name, row length, wanted, used)]."""
@@ -272,17 +325,7 @@ def _fallback_warning(fallbacks: list) -> None:
 def _warn_fallbacks(model, main_type):
     """Before llama.cpp quantizes: tensors whose rows do not fit the outtype's main type (its
     K-quant mix may still pick other types for some tensors, e.g. output.weight)."""
-    fallbacks = []
-    for gname, array in _gguf_tensors(model):
-        if not keep_f32(gname, array.ndim):
-            t = tensor_type(gname, array.shape, main_type)
-            if t != main_type:
-                fallbacks.append((gname, array.shape[-1], main_type, t))
-    _fallback_warning(fallbacks)
-
-
-def _progress_wanted(model) -> bool:
-    return model.num_parameters() > 50_000_000
+    _fallback_warning(_tensor_plan(model, main_type)[1])
 
 
 # ----------------------------------------------------------------------------- llama.cpp quantizer

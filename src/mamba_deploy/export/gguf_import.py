@@ -128,27 +128,59 @@ def _dequantized(t) -> np.ndarray:
 
 def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     """A GGUF file (mamba / mamba2) -> MambaLM on `device` in `dtype` (weights dequantized)."""
-    from ..checkpoint import all_finite
-    from ..model import MambaLM
+    from ..checkpoint import _unfilled_model
 
     reader = open_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
     cfg = read_config(reader, shapes)
     check_sizes(shapes, cfg, path)  # before a model of the metadata's sizes is allocated
-    model = MambaLM(cfg)  # float32 on CPU while filling; moved at the end
+    # allocated on `device` in `dtype`, not initialised: every tensor is copied in below (a random
+    # init would take seconds for billions of weights; a float32 model cast at the end, 3x the
+    # 16-bit model at the peak)
+    model = _unfilled_model(cfg, device, dtype)
+    problems, nonfinite, overflow = _fill(model, tensors, shapes, cfg)
+    if problems:
+        raise CheckpointError(f"GGUF file {path} does not match its own metadata ({cfg.arch}, d_model={cfg.d_model}, "
+                              f"n_layer={cfg.n_layer}): {'; '.join(problems[:8])}. Re-export the file.")
+    if nonfinite:
+        why = " (an ssm_a holds -exp(A_log): a value >= 0 is NaN or infinite once its log is taken)" \
+            if any(n.endswith("ssm_a") for n in nonfinite) else ""
+        raise CheckpointError(f"GGUF file {path} has NaN or infinite values in {nonfinite[:8]}{why}: the file is "
+                              "corrupt; re-export it (mamba-deploy export gguf) or re-download it")
+    if overflow:
+        raise CheckpointError(f"GGUF file {path} has values in {overflow[:8]} beyond "
+                              f"{str(dtype).removeprefix('torch.')}'s range, which would load as infinities; load it "
+                              "in float32 or bfloat16 (--dtype)")
+    model = model.eval()
+    model.source_path = Path(path).parent
+    model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
+    if not (Path(path).parent / "tokenizer.json").exists():
+        model._tokenizer = gguf_tokenizer(reader, path)
+    return model
+
+
+def _fill(model, tensors: dict, shapes: dict, cfg) -> tuple[list, list, list]:
+    """Copy every GGUF tensor (dequantized, mapped back by from_gguf) into the unfilled `model`:
+    (problems, non-finite in the file, past the model's dtype once cast), our / GGUF names."""
+    from ..checkpoint import all_finite
+
     params = dict(model.named_parameters(remove_duplicate=False))
-    seen, problems, nonfinite = set(), [], []
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unread = sorted(set(model.state_dict()) - tied - {key for key, _, _ in _expected(cfg)})
+    if unread:  # to_empty left them holding whatever the memory held: a gap in gguf_tables.TENSORS
+        raise CheckpointError(f"this GGUF loader has no source for {unread[:8]} of the {cfg.arch} model; the "
+                              "file's metadata asks for a variant it cannot load")
+    seen, problems, nonfinite, overflow = set(), [], [], []
     for key, name, from_gguf in _expected(cfg):
         if name not in tensors:
             problems.append(f"missing {name}")
             continue
         seen.add(name)
         p = params[key]
-        data = _dequantized(tensors[name])
         try:
             with np.errstate(all="ignore"):  # A = -exp(A_log) <= 0: a positive A's log is NaN, reported below
-                value = torch.from_numpy(np.ascontiguousarray(from_gguf(data, cfg)))
+                value = torch.from_numpy(np.ascontiguousarray(from_gguf(_dequantized(tensors[name]), cfg)))
         except ValueError:  # a reshape the tensor's shape does not allow
             problems.append(f"{name}: file {shapes[name]} vs config {tuple(p.shape)}")
             continue
@@ -159,30 +191,15 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
             continue
         if not all_finite(value):
             nonfinite.append(name)
+            continue
         with torch.no_grad():
-            p.copy_(value)
+            p.copy_(value)  # cast to the model's dtype, moved to its device
+        if not all_finite(p):
+            overflow.append(key)
     extra = sorted(set(tensors) - seen)
     if extra:
         problems.append(f"unexpected tensors {extra[:8]}")
-    if problems:
-        raise CheckpointError(f"GGUF file {path} does not match its own metadata ({cfg.arch}, d_model={cfg.d_model}, "
-                              f"n_layer={cfg.n_layer}): {'; '.join(problems[:8])}. Re-export the file.")
-    if nonfinite:
-        why = " (an ssm_a holds -exp(A_log): a value >= 0 is NaN or infinite once its log is taken)" \
-            if any(n.endswith("ssm_a") for n in nonfinite) else ""
-        raise CheckpointError(f"GGUF file {path} has NaN or infinite values in {nonfinite[:8]}{why}: the file is "
-                              "corrupt; re-export it (mamba-deploy export gguf) or re-download it")
-    model = model.to(device=device, dtype=dtype).eval()
-    overflow = [n for n, p in model.named_parameters() if not all_finite(p)]
-    if overflow:
-        raise CheckpointError(f"GGUF file {path} has values in {overflow[:8]} beyond "
-                              f"{str(dtype).removeprefix('torch.')}'s range, which would load as infinities; load it "
-                              "in float32 or bfloat16 (--dtype)")
-    model.source_path = Path(path).parent
-    model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
-    if not (Path(path).parent / "tokenizer.json").exists():
-        model._tokenizer = gguf_tokenizer(reader, path)
-    return model
+    return problems, nonfinite, overflow
 
 
 def _expected(cfg):

@@ -69,20 +69,34 @@ def load_quantized(path, cfg, quantization_config: dict, device="cpu", dtype=tor
     path = Path(path)
     # first on the meta device against the file headers: a config.json whose sizes were edited
     # fails on names / shapes / dtypes before a model of those sizes is allocated
-    meta = _quantized_model(path, cfg, quantization_config, "meta", dtype)
+    meta = _quantized_model(path, cfg, quantization_config, dtype)
     _fill(meta, path, "meta", shapes_only=True)
-    model = _quantized_model(path, cfg, meta.quantization_config, device, dtype)
+    # then allocated on `device`, not initialised (a random init of real memory is seconds for
+    # billions of weights): _fill writes every tensor the checkpoint stores, and the tied copies
+    # it does not store are re-tied to them here
+    model = _quantized_model(path, cfg, meta.quantization_config, dtype).to_empty(device=device)
+    _retie(model)
     _fill(model, path, device)
     model.source_path = path
     return model.eval()
 
 
-def _quantized_model(path: Path, cfg, quantization_config: dict, device, dtype):
-    """MambaLM(cfg) on `device` with the modules `quantization_config` names swapped for empty
-    quantized ones; the validated config is kept as `model.quantization_config`."""
+def _retie(model) -> None:
+    """to_empty gives tied modules a tensor each: point them back at one (what _fill writes)."""
+    if tied_quant_head(model):
+        tie_head(model.lm_head, model.backbone.embeddings)
+    elif model.config.tie_embeddings and not isinstance(model.backbone.embeddings, QuantEmbedding) \
+            and not isinstance(model.lm_head, QuantLinear):
+        model.lm_head.weight = model.backbone.embeddings.weight
+
+
+def _quantized_model(path: Path, cfg, quantization_config: dict, dtype):
+    """MambaLM(cfg) on the meta device (nothing allocated) with the modules `quantization_config`
+    names swapped for empty quantized ones; the validated config is kept as
+    `model.quantization_config`."""
     from ..model import MambaLM
 
-    with torch.device(device):
+    with torch.device("meta"):
         model = MambaLM(cfg).to(dtype)
     layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     qc = validate_config(quantization_config, {n for n, _ in model.named_modules()}, layers)
@@ -94,7 +108,7 @@ def _quantized_model(path: Path, cfg, quantization_config: dict, device, dtype):
             raise CheckpointError(f"{path}: quantization_config gives {name} group_size {gs}, which does not divide "
                                   f"its row length {width} (or the row is odd); the config.json was edited or does "
                                   "not belong to these weights: re-create it with `mamba-deploy quantize`")
-        with torch.device(device):  # its buffers made where they live (on meta: nothing allocated)
+        with torch.device("meta"):
             set_module(model, name, make_module(mod, spec, dtype))
     if tied_quant_head(model):
         if qc["modules"].get("lm_head") != qc["modules"].get("backbone.embeddings"):

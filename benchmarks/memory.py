@@ -2,7 +2,7 @@
 under `/usr/bin/time -v`, on a random transformers Mamba / Mamba2 checkpoint built here (with the
 demo model's tokenizer, so every verb runs). Prints a table and writes JSON.
 
-    python benchmarks/memory.py --arch mamba2 --hidden 768 --layers 16 --out benchmarks/results/memory.json
+    python benchmarks/memory.py --arch mamba2 --hidden 768 --layers 16 [--src OTHER_CHECKOUT/src] --out FILE
 
 x = (peak - baseline) / checkpoint bytes, where the baseline is `mamba-deploy --help` (Python,
 torch and every stage's modules). Peak RSS includes the memory-mapped weight file while a model
@@ -33,6 +33,15 @@ VERBS = {  # name -> arguments, with {m} the checkpoint and {w} a scratch folder
     "quantize int8": ["quantize", "{m}", "{w}/int8", "--method", "int8"],
     "export onnx (validated)": ["export", "onnx", "{m}", "{w}/onnx"],
     "verify vs its ONNX": ["verify", "{m}", "{w}/onnx", "--lengths", "7", "--batch", "1", "--decode-steps", "2"],
+    # the artifacts the verbs above wrote, opened by their runners
+    "export gguf f16": ["export", "gguf", "{m}", "{w}/f16.gguf", "--outtype", "f16"],
+    "generate its GGUF on torch": ["generate", "{w}/m.gguf", "--backend", "torch", "--prompt", "def f(x):",
+                                   "--max-new-tokens", "4"],
+    "generate its int8 checkpoint": ["generate", "{w}/int8", "--prompt", "def f(x):", "--max-new-tokens", "4"],
+    "generate its ONNX (onnxruntime)": ["generate", "{w}/onnx", "--backend", "onnx", "--prompt", "def f(x):",
+                                        "--max-new-tokens", "4"],
+    "generate its ONNX (openvino)": ["generate", "{w}/onnx", "--backend", "openvino", "--prompt", "def f(x):",
+                                     "--max-new-tokens", "4"],
 }
 
 
@@ -56,9 +65,9 @@ def build(arch: str, hidden: int, layers: int, folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def peak_rss(args: list[str]) -> int:
-    """Maximum resident set size in bytes of `python -m mamba_deploy ARGS`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+def peak_rss(args: list[str], src: Path) -> int:
+    """Maximum resident set size in bytes of `python -m mamba_deploy ARGS`, the package from `src`."""
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     p = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "mamba_deploy", *args], env=env,
                        capture_output=True, text=True)
     if p.returncode != 0:
@@ -73,6 +82,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--only", default=None, help="comma-separated verb names (default: all)")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
+    ap.add_argument("--src", default=str(ROOT / "src"), help="the package's source tree (another checkout's "
+                    "src/ measures older code with the same verbs)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mamba-memory-") as tmp:
         model, work = Path(tmp) / "model", Path(tmp) / "work"
@@ -82,7 +93,7 @@ def main() -> None:
         for name, args in VERBS.items():
             if a.only and name not in a.only.split(",") and base is not None:
                 continue
-            peak = peak_rss([x.format(m=model, w=work) for x in args])
+            peak = peak_rss([x.format(m=model, w=work) for x in args], Path(a.src))
             base = peak if base is None else base
             rows.append({"verb": name, "peak_rss_mib": peak / 2**20, "x_checkpoint": (peak - base) / size})
     print(f"{a.arch}, hidden {a.hidden}, {a.layers} layers: checkpoint {size / 2**20:.0f} MiB, "
@@ -91,7 +102,7 @@ def main() -> None:
         print(f"| {r['verb']} | {r['peak_rss_mib']:.0f} | {r['x_checkpoint']:.2f} |")
     if a.out:
         Path(a.out).write_text(json.dumps({"arch": a.arch, "hidden": a.hidden, "layers": a.layers,
-                                           "checkpoint_bytes": size, "rows": rows}, indent=2))
+                                           "checkpoint_bytes": size, "src": a.src, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ through the torch runner (CUDA-graph decode).
 `--prompt-lengths 8,512`: mixed prompt lengths, cycled over the clients (client i gets the i-th
 modulo their number), instead of `--prompt` for all; the clients then stream, and each round
 also reports the median time to first token per prompt length (a short prompt's wait behind a
-long one's prefill is what a prefill group's padding rule changes).
+long one's prefill is what a prefill group's padding rule changes), and runs the batched setting
+a second time with that rule off (`batching.MAX_PAD_WASTE` infinite: every prompt padded to its
+group's longest, as before the rule), side by side.
 
     python benchmarks/serve_batching.py [--backends torch,onnx,llama.cpp] [--archs mamba1,mamba2] [--clients 8]
         [--max-tokens 64] [--prompt 32 | --prompt-lengths 8,512] [--rounds 3] [--threads 2] --out FILE
@@ -28,6 +30,7 @@ long one's prefill is what a prefill group's padding rule changes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -154,6 +157,22 @@ def open_runners(arch: str, path: str | None, args) -> dict:
     return {b: open_runner(path, b, threads=args.threads, **kw)}
 
 
+UNBOUNDED = "batched, groups unbounded"
+
+
+@contextlib.contextmanager
+def _pad_bound(off: bool):
+    """With `off`, the scheduler groups waiting prompts whatever their padding (MAX_PAD_WASTE inf)."""
+    from mamba_deploy import batching
+
+    kept = batching.MAX_PAD_WASTE
+    batching.MAX_PAD_WASTE = float("inf") if off else kept
+    try:
+        yield
+    finally:
+        batching.MAX_PAD_WASTE = kept
+
+
 def rows_for(arch: str, path: str | None, args) -> list:
     runners = open_runners(arch, path, args)
     g = torch.Generator().manual_seed(0)
@@ -164,14 +183,18 @@ def rows_for(arch: str, path: str | None, args) -> list:
     rows = []
     for b, runner in runners.items():
         server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=args.clients, max_batch=1)
-        res = {1: [], args.clients: []}
+        # settings: rows admitted together, and (mixed lengths) the batched setting again with
+        # prefill groups padded to their longest whatever the waste, as before MAX_PAD_WASTE
+        res = {1: [], args.clients: []} | ({UNBOUNDED: []} if stream else {})
 
         def clients():  # every round from here; the model runs in serve_forever's thread, as in the CLI
             try:
                 one_round(server, args.clients, prompts[:2], 4)  # warm-up: graphs captured, sessions touched
                 for _ in range(args.rounds):
-                    for seqs in res:
-                        res[seqs].append(one_round(server, seqs, prompts, args.max_tokens, stream))
+                    for setting in res:
+                        with _pad_bound(setting == UNBOUNDED):
+                            seqs = args.clients if setting == UNBOUNDED else setting
+                            res[setting].append(one_round(server, seqs, prompts, args.max_tokens, stream))
             finally:
                 server.shutdown()
 
@@ -244,8 +267,10 @@ def main(argv=None) -> int:
         print(f"| {r['arch']} | {r['backend']} | {t['1']:.1f} | {t[n]:.1f} | {r['median_ratio']:.2f} | "
               f"{lat['1']:.2f} s -> {lat[n]:.2f} s |")
     for r in rows:
-        for seqs, by_len in r.get("median_ttft_s", {}).items():
-            print(f"{r['arch']} {r['backend']} --max-num-seqs {seqs}: median time to first token "
+        for setting, by_len in r.get("median_ttft_s", {}).items():
+            t = r["median_tokens_per_s"][setting]
+            print(f"{r['arch']} {r['backend']} {setting if setting == UNBOUNDED else '--max-num-seqs ' + setting}: "
+                  f"{t:.1f} tokens/s, median time to first token "
                   + ", ".join(f"{n}-token prompts {s:.2f} s" for n, s in by_len.items()))
     write_json(args.out, dict(args=vars(args), load_avg=os.getloadavg(), torch=torch.__version__, rows=rows))
     print(f"wrote {args.out}")

@@ -98,3 +98,29 @@ def test_load_quantized_runs_no_init_and_fills_every_tensor(hf_checkpoint, tmp_p
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, made(ids).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loads onto a CUDA GPU; none here (runs on the GPU machine)")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
+def test_loads_onto_cuda_without_init(ckpt, hf_checkpoint, tmp_path, kind, request):
+    """The same two loaders with device="cuda": allocated there uninitialised, every tensor the
+    file's (GGUF: transformers' weights cast to bf16; quantized: the codes `quantize` made)."""
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder, hf = ckpt(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    made = quantize(load_model(hf_checkpoint(kind)[0]), "int8", progress=False, include=("embeddings", "lm_head"))
+    out = save_quantized(made, tmp_path / "q")
+    seen = request.getfixturevalue("inits")
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    qmodel = load_model(out, device="cuda")
+    assert not seen, seen
+    want = hf.state_dict()
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cuda" and v.dtype == torch.bfloat16, k
+        if not k.endswith("A_log"):
+            assert torch.equal(v.cpu(), want[k].to(torch.bfloat16)), k
+    for k, v in qmodel.state_dict().items():
+        assert v.device.type == "cuda" and torch.equal(v.cpu(), made.state_dict()[k]), k

@@ -116,7 +116,7 @@ def test_loads_onto_cuda_without_init(ckpt, hf_checkpoint, tmp_path, kind, reque
     seen = request.getfixturevalue("inits")
     model = load_model(path, device="cuda", dtype=torch.bfloat16)
     qmodel = load_model(out, device="cuda")
-    assert not seen, seen
+    assert set(seen) <= {"meta"}, seen  # nn.init on meta tensors does nothing
     want = hf.state_dict()
     for k, v in model.state_dict().items():
         assert v.device.type == "cuda" and v.dtype == torch.bfloat16, k

@@ -23,6 +23,7 @@ from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_jso
 from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
+from .onnx_meta import WEIGHTS_KEY, read_metadata, set_weights_label, weights_label
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -100,7 +101,8 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     with atomic_dir(out_dir, ExportError) as tmp:
         # the proto (a copy of every weight) is not kept past _save: check_graph loads the file
         # again, and validation opens it in ONNX Runtime, each a copy of their own
-        _save(MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build(), tmp)
+        _save(MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build(), tmp,
+              label=source_weights(model) or dtype)  # what the manifest's source_weights / dtype say
         check_graph(tmp / "model.onnx")
         write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
         write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model), scan_chunk=scan_chunk)
@@ -133,9 +135,11 @@ def check_scan_chunk(value) -> int:
     return q
 
 
-def _save(proto, folder: Path) -> None:
+def _save(proto, folder: Path, label: str) -> None:
+    """model.onnx (+ model.onnx.data above 2 GB), recording the weights' type `label` in it."""
     import onnx
 
+    set_weights_label(proto, label)
     big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
@@ -236,8 +240,20 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     manifest = read_manifest(folder)
     _check_fields(manifest, folder)
     _check_files(manifest, folder, check_hash)
+    _check_weights_label(manifest, folder)
     _check_config(manifest, folder)
     return folder, manifest
+
+
+def _check_weights_label(manifest: dict, folder: Path) -> None:
+    """The weight type the manifest claims against the one model.onnx was exported with (its
+    metadata, under the hash just checked; see export/onnx_meta.py). Exports without it pass."""
+    recorded = read_metadata(folder / "model.onnx").get(WEIGHTS_KEY)
+    claimed = weights_label(manifest)
+    if recorded is not None and recorded != claimed:
+        raise ExportError(f"{folder}/manifest.json says the weights are {claimed!r} but model.onnx was exported as "
+                          f"{recorded!r}: the manifest was edited (verify would judge the graph by the wrong type's "
+                          "limits); re-export the model, or restore the manifest")
 
 
 # manifest key -> the values an export writes (a key may be absent: older exports); verify reads

@@ -24,6 +24,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import ExportError, QuantizationError
+from ..export.onnx_meta import set_weights_label, weights_label
 from .formats import unpack_int4
 
 NBITS_FORMATS = {"int8": 8, "int4": 4}
@@ -204,6 +205,7 @@ def rewrite(onnx_path: Path, qmodel, accuracy_level: int = ACCURACY_LEVEL) -> di
         g.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    set_weights_label(model, weights_label({"quantization": qmodel.quantization_config}))  # as the manifest will say
     tmp = onnx_path.with_suffix(".onnx.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(onnx_path)

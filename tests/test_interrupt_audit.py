@@ -364,3 +364,42 @@ def test_openvino_copy_of_an_external_data_graph_interrupted_leaves_nothing(hf_c
     with pytest.raises(KeyboardInterrupt):
         open_openvino(out)
     assert _entries(out) == before
+
+
+_SLOW_EXIT = """
+import atexit, sys, time
+atexit.register(time.sleep, 30)  # registered first, so it runs last: a slow library exit callback
+sys.path.insert(0, {src!r})
+from mamba_deploy.entry import main
+sys.exit(main(["inspect", {model!r}, "--json"]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_ends_the_exit_quietly(sig):
+    """A signal while the interpreter runs its exit callbacks: the command had finished, so the
+    process ends at once with its status (0 here). A Ctrl-C printed "Exception ignored in atexit
+    callback ... KeyboardInterrupt" before and the exit went on."""
+    import json
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    code = _SLOW_EXIT.format(src=str(root / "src"), model=str(root / "models" / "demo-mamba1"))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = [p.stdout.readline()]
+        while lines[-1] not in ("}\n", ""):  # the JSON object, printed indented
+            lines.append(p.stdout.readline())
+        assert json.loads("".join(lines))["architecture"] == "mamba1"  # the command is done
+        time.sleep(0.5)  # into the exit callbacks
+        t = time.perf_counter()
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert time.perf_counter() - t < 10  # the 30 s callback did not run to its end
+    assert p.returncode == 0, (p.returncode, err)
+    assert "Exception ignored" not in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ import pytest
 from test_batching import TIMEOUT, _hf_greedy, _prompts
 
 from mamba_deploy import load_model
-from mamba_deploy.batching import MAX_PAD_WASTE, Scheduler
+from mamba_deploy.batching import MAX_PAD_WASTE, MAX_PREFILLS, Scheduler
 from mamba_deploy.runners.torch_runner import TorchRunner
 
 
@@ -34,6 +34,11 @@ REQUESTS = [((60,), 6), ((1,), 9), ((7,), 5), ((5, 9), 7), ((50,), 4), ((60,), 8
 # for 8); 7 with [5, 9] (27 for 21; with 50 too: 200 for 71); 50 with 60 (120 for 110).
 # Before the rule, all six requests were one group: 7 rows x 60 positions (420).
 GROUPS = [(1, 60), (1, 1), (3, 9), (2, 60)]
+# The order they are fed in: MAX_PREFILLS (2) groups at a time, the one with the fewest positions
+# left first. Turn 1 admits 60 and 1 and feeds 1; turn 2 admits [7], [5, 9] beside 60 and feeds
+# it; turn 3 admits 50 + 60 and feeds the older 60 (equal positions left); turn 4 the last.
+# Before MAX_PREFILLS, one group at a time in GROUPS' order: 1-token prompts waited for 60.
+FED = [(1, 1), (3, 9), (1, 60), (2, 60)]
 
 
 def _run(runner, chunk, request):
@@ -62,22 +67,25 @@ def _check_tokens(hf, prompts, got):
 def test_a_long_prompt_neither_pulls_short_ones_in_nor_joins_them(kind, hf_checkpoint, request):
     """A long request first is prefilled alone, the short ones after it go together as far as
     the bound allows, and the long ones after them lead a group of their own: the runner sees
-    GROUPS (in one piece each: prefill_chunk None), and every row decodes transformers' tokens."""
-    assert MAX_PAD_WASTE == 1.5, "GROUPS above were worked out for 1.5"
+    GROUPS (in one piece each: prefill_chunk None), the short groups fed first (FED), and every
+    row decodes transformers' tokens."""
+    assert MAX_PAD_WASTE == 1.5 and MAX_PREFILLS == 2, "GROUPS and FED above were worked out for these"
     folder, hf = hf_checkpoint(kind)
     runner = _Prefills(load_model(folder))
     prompts, got = _run(runner, None, request)
-    assert runner.prefills == GROUPS
+    assert sorted(runner.prefills) == sorted(GROUPS)
+    assert runner.prefills == FED
     _check_tokens(hf, prompts, got)
 
 
 def test_groups_fed_in_pieces_feed_only_their_own_padding(hf_checkpoint, request):
     """With prefill_chunk 16 the same groups go in pieces: the positions fed (rows x piece
-    width, summed) are the groups' (60 + 1 + 27 + 120), not 7 rows x 60; tokens as transformers'."""
+    width, summed) are the groups' (60 + 1 + 27 + 120), not 7 rows x 60, and the short groups
+    go in before the first long one's pieces; tokens as transformers'."""
     folder, hf = hf_checkpoint("mamba2")
     runner = _Prefills(load_model(folder))
     prompts, got = _run(runner, 16, request)
     assert max(w for _, w in runner.prefills) <= 16
     assert sum(r * w for r, w in runner.prefills) == sum(r * w for r, w in GROUPS) == 208
-    assert [r for r, _ in runner.prefills] == [1] * 4 + [1] + [3] + [2] * 4
+    assert [r for r, _ in runner.prefills] == [1] + [3] + [1] * 4 + [2] * 4
     _check_tokens(hf, prompts, got)

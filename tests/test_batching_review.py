@@ -134,7 +134,8 @@ def test_server_close_names_the_model_loops_thread_when_it_is_still_in_a_runner_
 def test_health_while_a_prefill_ends_never_fails(hf_checkpoint):
     """stats() (GET /health, from a handler thread) read `self.prefilling` twice while the model
     loop sets it to None at the end of each prefill: a /health between the two reads was a 500
-    (AttributeError). Shown deterministically: the prefill ends right after stats()'s first read."""
+    (AttributeError). Shown deterministically: the prefill ends right after stats()'s first read
+    (the groups are a list now, emptied as the last one ends)."""
     from mamba_deploy.batching import _Prefill
 
     folder, _ = hf_checkpoint("mamba")
@@ -145,7 +146,7 @@ def test_health_while_a_prefill_ends_never_fails(hf_checkpoint):
         @property
         def prefilling(self):
             value = self.__dict__.get("_pf")
-            self.__dict__["_pf"] = None  # the model loop ends the prefill right after this read
+            self.__dict__["_pf"] = []  # the model loop ends the prefill right after this read
             return value
 
         @prefilling.setter
@@ -154,7 +155,7 @@ def test_health_while_a_prefill_ends_never_fails(hf_checkpoint):
 
     sched.waiting.clear()
     sched.__class__ = _EndsAfterEachRead
-    sched.prefilling = _Prefill([job], iter(()), 3)
+    sched.prefilling = [_Prefill([job], iter(()), 3)]
     assert sched.stats() == {"running": 0, "waiting": 1}
 
 
@@ -206,7 +207,8 @@ def test_streams_beside_other_requests_end_in_order_with_done_and_alone_tokens(h
     bodies[0]["stop_token_ids"] = [free[4]]  # ends this stream early, the others not
     calls = [in_thread(_post, server, b) for b in bodies]
     sched = server.scheduler
-    wait_until(lambda: runner.steps and len(sched.waiting) + len(sched.running) == len(bodies), "all to be in")
+    wait_until(lambda: runner.steps and len(sched.waiting) + len(sched.running)
+               + sum(len(pf.jobs) for pf in sched.prefilling) == len(bodies), "all to be in")
     runner.gate.set()
     for (thread, out), body in zip(calls, bodies):
         thread.join(TIMEOUT)

@@ -16,7 +16,9 @@ thread that calls `serve_forever`). Each turn it
    is not its neighbours'). A request joins the group only while the group's padded positions
    (rows x longest prompt) stay within `MAX_PAD_WASTE` times its real prompt tokens; one that
    would break that (a 20-token prompt beside a 2000-token one, either way round) ends the
-   group and leads the next, so order is kept;
+   group and leads the next, so order is kept. Up to `MAX_PREFILLS` groups are fed at a time,
+   one piece per turn to the group with the fewest positions left, so a short prompt admitted
+   while a long one is still going in does not wait for the long one's last piece;
 3. samples one token for every running row, each request with its own sampling settings and
    seeded generator (`generation.Rows`, as `generate` does), hands the tokens to the requests'
    own threads, and removes the rows of requests that finished;
@@ -122,11 +124,22 @@ def _pads_little(jobs: list[Job]) -> bool:
     return len(lengths) * max(lengths) <= MAX_PAD_WASTE * sum(lengths)
 
 
+# Prefill groups fed at once: a group whose prompts take several pieces (a long prompt, pieces of
+# prefill_chunk) would otherwise hold every later request back until its last piece; a second
+# group is admitted beside it and fed first while it has fewer positions left.
+MAX_PREFILLS = 2
+
+
 class _Prefill:
     """Requests admitted together, their prompts fed as one left-padded batch."""
 
     def __init__(self, jobs: list[Job], pieces, length: int):
         self.jobs, self.pieces, self.length = jobs, pieces, length  # length: positions to feed
+        self.done = 0  # positions fed so far
+
+    @property
+    def rows(self) -> int:
+        return sum(len(j) for j in self.jobs)
 
 
 class Scheduler:
@@ -148,7 +161,7 @@ class Scheduler:
         self.max_rows = max(1, min(max_rows, cap))
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # in the order of their rows in self.state
-        self.prefilling: _Prefill | None = None
+        self.prefilling: list[_Prefill] = []  # groups being fed, in the order admitted
         self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
         self.seconds: collections.Counter = collections.Counter()  # time per phase (prefill, gather, sample, step)
@@ -176,9 +189,9 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cv:
-            pf = self.prefilling  # read once: the loop sets it to None (outside the lock) as a prefill ends
+            groups = list(self.prefilling)  # a copy: the loop changes the list (outside the lock)
             return {"running": sum(len(j) for j in self.running), "waiting": len(self.waiting)
-                    + (len(pf.jobs) if pf is not None else 0)}
+                    + sum(len(pf.jobs) for pf in groups)}
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop after the current turn; waiting and running requests get SchedulerClosed.
@@ -208,7 +221,7 @@ class Scheduler:
             while True:
                 with self._cv:
                     while not (self.closed or self._stopping) and not (
-                            self.waiting or self.running or self.prefilling is not None):
+                            self.waiting or self.running or self.prefilling):
                         self._cv.wait()
                     if self.closed or self._stopping:
                         break
@@ -249,16 +262,15 @@ class Scheduler:
             self._decode()
 
     def _fail_running(self, exc: BaseException) -> None:
-        jobs = self.running + (self.prefilling.jobs if self.prefilling is not None else [])
-        self.running, self.prefilling, self.state, self.logits = [], None, None, None
+        jobs = self.running + [j for pf in self.prefilling for j in pf.jobs]
+        self.running, self.prefilling, self.state, self.logits = [], [], None, None
         for job in jobs:
             job._fail(exc)
 
     def _drop_cancelled(self) -> None:
         with self._cv:
             self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
-        if self.prefilling is not None and all(j.cancelled.is_set() for j in self.prefilling.jobs):
-            self.prefilling = None
+        self.prefilling = [pf for pf in self.prefilling if not all(j.cancelled.is_set() for j in pf.jobs)]
         self._keep([j for j in self.running if not j.cancelled.is_set()])
 
     def _keep(self, jobs: list[Job]) -> None:
@@ -282,17 +294,18 @@ class Scheduler:
         return sum(len(j) for j in self.running)
 
     def _admit(self) -> list[Job]:
-        """The waiting requests that fit beside the running rows, oldest first (one that does not
-        fit stops the rest: first come, first served). With nothing running the oldest is
-        admitted whatever its size. One that would pad the group past MAX_PAD_WASTE stops it too
-        (it leads the next group). Without gather_states, one request and only when idle; one
-        marked `alone`, by itself."""
+        """The waiting requests that fit beside the running and prefilling rows, oldest first (one
+        that does not fit stops the rest: first come, first served). With nothing running or
+        prefilling the oldest is admitted whatever its size. One that would pad the group past
+        MAX_PAD_WASTE stops it too (it leads the next group). Without gather_states, one request
+        and only when idle; one marked `alone`, by itself."""
         with self._cv:
-            jobs, rows = [], self._running_rows()
+            busy = bool(self.running or self.prefilling)
+            jobs, rows = [], self._running_rows() + sum(pf.rows for pf in self.prefilling)
             while self.waiting:
                 job = self.waiting[0]
                 fits = self.batching and rows + len(job) <= self.max_rows
-                if (jobs or self.running) and not fits or jobs and (job.alone or not _pads_little(jobs + [job])):
+                if (jobs or busy) and not fits or jobs and (job.alone or not _pads_little(jobs + [job])):
                     break
                 jobs.append(self.waiting.popleft())
                 rows += len(job)
@@ -301,26 +314,19 @@ class Scheduler:
             return jobs
 
     def _feed_prompts(self) -> None:
-        """One piece of the admitted requests' prompts, fed together in one batch (admitting the
-        waiting ones that fit when none are being fed); once fed, they join the running rows."""
-        if self.prefilling is None:
-            jobs = self._admit()
-            if not jobs:
-                return
-            ids, mask = left_pad([p for job in jobs for p in job.req.ids_list])
-            try:
-                pieces = prefill_pieces(self.runner, ids, mask, self.runner.new_state(ids.shape[0]), self.prefill_chunk)
-            except Exception as e:  # noqa: BLE001  (these requests' alone)
-                for job in jobs:
-                    job._fail(e)
-                return
-            self.prefilling = _Prefill(jobs, pieces, ids.shape[1])
-        pf = self.prefilling
+        """Admits a prefill group when fewer than MAX_PREFILLS are being fed, then feeds one piece of
+        the group with the fewest positions left (the oldest of equals), so that a short prompt is
+        not held behind a long one's pieces; a group fed to its end joins the running rows."""
+        while len(self.prefilling) < MAX_PREFILLS and self._start_prefill():
+            pass
+        if not self.prefilling:
+            return
+        pf = min(self.prefilling, key=lambda g: g.length - g.done)  # min keeps the first of equals
         try:
             with self._timed("prefill"):
-                done, logits, state = next(pf.pieces)
+                pf.done, logits, state = next(pf.pieces)
         except Exception as e:  # noqa: BLE001  (these requests' alone)
-            self.prefilling = None
+            self.prefilling.remove(pf)
             if len(pf.jobs) == 1:
                 pf.jobs[0]._fail(e)
                 return
@@ -329,11 +335,29 @@ class Scheduler:
                     job.alone = True
                     self.waiting.appendleft(job)
             return
-        if done < pf.length:
-            return
-        self.prefilling = None
+        if pf.done == pf.length:
+            self.prefilling.remove(pf)
+            self._join(pf.jobs, logits, state)
+
+    def _start_prefill(self) -> bool:
+        """A new prefill group of the waiting requests `_admit` gives -> whether there were any."""
+        jobs = self._admit()
+        if not jobs:
+            return False
+        ids, mask = left_pad([p for job in jobs for p in job.req.ids_list])
+        try:
+            pieces = prefill_pieces(self.runner, ids, mask, self.runner.new_state(ids.shape[0]), self.prefill_chunk)
+        except Exception as e:  # noqa: BLE001  (these requests' alone)
+            for job in jobs:
+                job._fail(e)
+            return True
+        self.prefilling.append(_Prefill(jobs, pieces, ids.shape[1]))
+        return True
+
+    def _join(self, jobs: list[Job], logits, state) -> None:
+        """Fed requests' rows join the running batch (those done at once, or cancelled, do not)."""
         rows, off, joining = [], 0, []
-        for job in pf.jobs:
+        for job in jobs:
             if job.req.max_new_tokens == 0:
                 job._finish()
             elif not job.cancelled.is_set():

@@ -19,9 +19,10 @@ through the torch runner (CUDA-graph decode).
 `--prompt-lengths 8,512`: mixed prompt lengths, cycled over the clients (client i gets the i-th
 modulo their number), instead of `--prompt` for all; the clients then stream, and each round
 also reports the median time to first token per prompt length (a short prompt's wait behind a
-long one's prefill is what a prefill group's padding rule changes), and runs the batched setting
-a second time with that rule off (`batching.MAX_PAD_WASTE` infinite: every prompt padded to its
-group's longest, as before the rule), side by side.
+long one's prefill is what the scheduler's prefill rules change), and runs the batched setting
+again with those rules undone (VARIANTS: one prefill group at a time, as before
+`batching.MAX_PREFILLS`; and also every prompt padded to its group's longest, as before
+`batching.MAX_PAD_WASTE`), side by side.
 
     python benchmarks/serve_batching.py [--backends torch,onnx,llama.cpp] [--archs mamba1,mamba2] [--clients 8]
         [--max-tokens 64] [--prompt 32 | --prompt-lengths 8,512] [--rounds 3] [--threads 2] --out FILE
@@ -157,20 +158,28 @@ def open_runners(arch: str, path: str | None, args) -> dict:
     return {b: open_runner(path, b, threads=args.threads, **kw)}
 
 
-UNBOUNDED = "batched, groups unbounded"
+# batched settings with the scheduler's prefill rules undone: name -> batching constants
+VARIANTS = {
+    "batched, one prefill group at a time": {"MAX_PREFILLS": 1},  # before MAX_PREFILLS
+    "batched, groups unbounded, one at a time": {"MAX_PREFILLS": 1, "MAX_PAD_WASTE": float("inf")},  # before both
+}
 
 
 @contextlib.contextmanager
-def _pad_bound(off: bool):
-    """With `off`, the scheduler groups waiting prompts whatever their padding (MAX_PAD_WASTE inf)."""
+def _variant(setting):
+    """The batching module's constants as VARIANTS[setting] says while a round runs (the model
+    loop reads them at each admission)."""
     from mamba_deploy import batching
 
-    kept = batching.MAX_PAD_WASTE
-    batching.MAX_PAD_WASTE = float("inf") if off else kept
+    changes = VARIANTS.get(setting, {})
+    kept = {k: getattr(batching, k) for k in changes}
+    for k, v in changes.items():
+        setattr(batching, k, v)
     try:
         yield
     finally:
-        batching.MAX_PAD_WASTE = kept
+        for k, v in kept.items():
+            setattr(batching, k, v)
 
 
 def rows_for(arch: str, path: str | None, args) -> list:
@@ -183,17 +192,17 @@ def rows_for(arch: str, path: str | None, args) -> list:
     rows = []
     for b, runner in runners.items():
         server = make_server(runner, "127.0.0.1", 0, quiet=True, max_num_seqs=args.clients, max_batch=1)
-        # settings: rows admitted together, and (mixed lengths) the batched setting again with
-        # prefill groups padded to their longest whatever the waste, as before MAX_PAD_WASTE
-        res = {1: [], args.clients: []} | ({UNBOUNDED: []} if stream else {})
+        # settings: rows admitted together, and (mixed lengths) the batched setting again with the
+        # scheduler's prefill rules undone one by one (VARIANTS)
+        res = {1: [], args.clients: []} | ({v: [] for v in VARIANTS} if stream else {})
 
         def clients():  # every round from here; the model runs in serve_forever's thread, as in the CLI
             try:
                 one_round(server, args.clients, prompts[:2], 4)  # warm-up: graphs captured, sessions touched
                 for _ in range(args.rounds):
                     for setting in res:
-                        with _pad_bound(setting == UNBOUNDED):
-                            seqs = args.clients if setting == UNBOUNDED else setting
+                        with _variant(setting):
+                            seqs = args.clients if setting in VARIANTS else setting
                             res[setting].append(one_round(server, seqs, prompts, args.max_tokens, stream))
             finally:
                 server.shutdown()
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
     for r in rows:
         for setting, by_len in r.get("median_ttft_s", {}).items():
             t = r["median_tokens_per_s"][setting]
-            print(f"{r['arch']} {r['backend']} {setting if setting == UNBOUNDED else '--max-num-seqs ' + setting}: "
+            print(f"{r['arch']} {r['backend']} {setting if setting in VARIANTS else '--max-num-seqs ' + setting}: "
                   f"{t:.1f} tokens/s, median time to first token "
                   + ", ".join(f"{n}-token prompts {s:.2f} s" for n, s in by_len.items()))
     write_json(args.out, dict(args=vars(args), load_avg=os.getloadavg(), torch=torch.__version__, rows=rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from test_load_no_init import inits  # noqa: F401  (the fixture, for the quantized-load checks)
 from test_gguf_stream import test_streamed_file_holds_the_converted_tensors_in_the_standard_layout as _streamed
 
 pytest.importorskip("gguf")
@@ -60,3 +61,22 @@ def test_available_memory_without_a_limit_is_the_hosts(monkeypatch):
                               "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
                               "/sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n"})
     assert onnx_runner.available_memory() == 64 * GiB
+
+
+@pytest.mark.parametrize("kind,method,opts", [
+    ("mamba", "fp8", dict(fp8_scaling="tensor", include=("embeddings", "lm_head"))),
+    ("mamba2_g2", "fp8", dict(fp8_scaling="channel", include=("embeddings", "lm_head"))),
+    ("mamba", "int4", dict(group_size=32, symmetric=False, include=("embeddings", "lm_head"))),
+    ("falcon_mamba", "int8", dict(include=("embeddings", "lm_head"))),
+    ("mamba", "smoothquant", dict(n_calib=2, calib_len=16)),  # w8a8 with input_scale buffers
+])
+def test_load_quantized_other_formats_fill_every_tensor(hf_checkpoint, tmp_path, kind, method, opts, request):
+    import torch
+
+    from test_load_no_init import test_load_quantized_runs_no_init_and_fills_every_tensor as _check
+
+    try:
+        hf_checkpoint(kind)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no {kind} checkpoint here: {e}")
+    _check(hf_checkpoint, tmp_path, kind, method, opts, torch.float32, request)

@@ -253,14 +253,54 @@ def use_prepacking(prepack: bool | None, weight_bytes: int, folder) -> bool:
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable); None elsewhere."""
+    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), or less
+    where the process's cgroup (a container's memory limit) leaves less; None elsewhere. In a
+    container MemAvailable is the host's: a 4 GiB container on a 64 GiB host reads 64 GiB."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    left = _cgroup_left()
+    if left is not None:
+        available = left if available is None else min(available, left)
+    return available
+
+
+# (limit, usage, memory.stat's reclaimable page cache): cgroup v2, then v1 (as the container sees them)
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                 "inactive_file"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                 "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+NO_CGROUP_LIMIT = 2**62  # v1 writes "no limit" as about 2**63 rounded to a page
+
+
+def _cgroup_left() -> int | None:
+    """The cgroup's memory limit less its usage (its inactive page cache counted as free, as
+    the kernel reclaims it before the OOM killer acts); None without a limit."""
+    for limit_file, usage_file, stat_file, cache_key in CGROUP_FILES:
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= NO_CGROUP_LIMIT:
+            return None  # "max" (v2) or v1's no-limit value
+        cache = 0
+        try:
+            with open(stat_file) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == cache_key:
+                        cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - usage + cache)
     return None
 
 

@@ -124,3 +124,35 @@ def test_memory_a_runner_holds(tmp_path):
     pytest.importorskip("openvino", reason="the OpenVINO half needs the optional openvino package")
     held, peak = _memory(out, "openvino")
     assert held < 3.1 * weights and peak < 5.1 * weights, (held, peak, weights)
+
+
+def test_with_a_gpu_provider_first_memory_decides_nothing(onnx_export, monkeypatch):
+    """The automatic choice is the CPU provider's: with CUDA first (weights on the GPU) a host
+    short of RAM must not turn prepacking off with a warning about CPU decode speed."""
+    out, _, _ = onnx_export("mamba")
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: 1)
+    names = []
+
+    class _Session:  # records the options; onnxruntime here has no CUDA provider to open for real
+        def __init__(self, path, so, providers):
+            names.append(_set(so))
+            raise RuntimeError("stop after the options")
+
+    def _set(so):
+        try:
+            return so.get_session_config_entry("session.disable_prepacking")
+        except RuntimeError:
+            return None
+
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "InferenceSession", _Session)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Exception, match="stop after the options"):
+            open_onnx(out, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert names == [None]
+    with pytest.warns(UserWarning, match="prepacking is off"), pytest.raises(Exception, match="stop after"):
+        open_onnx(out, providers=["CPUExecutionProvider"])
+    assert names[-1] == "1"

@@ -340,10 +340,9 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    # prepacking is the CPU provider's: with CUDA first the weights live on the GPU, so only
-    # an explicit prepack=False changes anything there
-    on_cpu = names[0] == "CPUExecutionProvider"
-    if not use_prepacking(prepack if on_cpu or prepack is not None else True, _weight_bytes(manifest), folder):
+    if prepack is None and names[:1] != ["CPUExecutionProvider"]:
+        prepack = True  # the CPU provider's packing: with CUDA first the weights live on the GPU
+    if not use_prepacking(prepack, _weight_bytes(manifest), folder):
         so.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=with_options(providers, manifest))

@@ -89,3 +89,24 @@ def test_groups_fed_in_pieces_feed_only_their_own_padding(hf_checkpoint, request
     assert sum(r * w for r, w in runner.prefills) == sum(r * w for r, w in GROUPS) == 208
     assert [r for r, _ in runner.prefills] == [1] + [3] + [1] * 4 + [2] * 4
     _check_tokens(hf, prompts, got)
+
+
+def test_a_second_group_beside_a_long_one_only_if_it_goes_in_one_piece(hf_checkpoint, request):
+    """prefill_chunk 16; prompts of 60, 19 and 1 tokens submitted in that order (19 would pad past
+    MAX_PAD_WASTE beside 60, and takes two pieces). The 19-token request may not start beside the
+    60-token one (two groups of several pieces each would split prompts that could go in
+    together); it leads once 60 is in, and the 1-token one, one piece, goes in beside it and first.
+    The runner sees 60's four pieces, then 1, then 19's two."""
+    folder, hf = hf_checkpoint("mamba")
+    runner = _Prefills(load_model(folder))
+    sched = Scheduler(runner, max_rows=16, prefill_chunk=16, thread=False)
+    request.addfinalizer(lambda: sched.close(TIMEOUT))
+    prompts = [_prompts((n,), seed=30 + n)[0] for n in (60, 19, 1)]
+    jobs = [sched.submit([p], max_new_tokens=3, stop_token_ids=[]) for p in prompts]
+    loop = threading.Thread(target=sched.run, daemon=True)
+    loop.start()
+    got = [job.follow().tokens[0] for job in jobs]
+    sched.stop()
+    loop.join(TIMEOUT)
+    assert runner.prefills == [(1, 16)] * 3 + [(1, 12)] + [(1, 1)] + [(1, 16), (1, 3)]
+    assert got == [_hf_greedy(hf, p, 3) for p in prompts]

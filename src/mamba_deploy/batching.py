@@ -16,9 +16,10 @@ thread that calls `serve_forever`). Each turn it
    is not its neighbours'). A request joins the group only while the group's padded positions
    (rows x longest prompt) stay within `MAX_PAD_WASTE` times its real prompt tokens; one that
    would break that (a 20-token prompt beside a 2000-token one, either way round) ends the
-   group and leads the next, so order is kept. Up to `MAX_PREFILLS` groups are fed at a time,
-   one piece per turn to the group with the fewest positions left, so a short prompt admitted
-   while a long one is still going in does not wait for the long one's last piece;
+   group and leads the next, so order is kept. Beside a group being fed, a second one is
+   admitted if it goes in one piece (`MAX_PREFILLS`), and each turn feeds one piece to the group
+   with the fewest positions left, so a short prompt admitted while a long one is still going in
+   does not wait for the long one's last piece;
 3. samples one token for every running row, each request with its own sampling settings and
    seeded generator (`generation.Rows`, as `generate` does), hands the tokens to the requests'
    own threads, and removes the rows of requests that finished;
@@ -126,7 +127,9 @@ def _pads_little(jobs: list[Job]) -> bool:
 
 # Prefill groups fed at once: a group whose prompts take several pieces (a long prompt, pieces of
 # prefill_chunk) would otherwise hold every later request back until its last piece; a second
-# group is admitted beside it and fed first while it has fewer positions left.
+# group is admitted beside it when it goes in one piece, and fed first (fewer positions left).
+# Only such a group: a long one admitted beside another long one would split the long prompts
+# that would otherwise be prefilled together (ONNX Runtime's prefill gains most from rows).
 MAX_PREFILLS = 2
 
 
@@ -293,18 +296,21 @@ class Scheduler:
     def _running_rows(self) -> int:
         return sum(len(j) for j in self.running)
 
-    def _admit(self) -> list[Job]:
+    def _admit(self, max_len: int | None = None) -> list[Job]:
         """The waiting requests that fit beside the running and prefilling rows, oldest first (one
         that does not fit stops the rest: first come, first served). With nothing running or
         prefilling the oldest is admitted whatever its size. One that would pad the group past
-        MAX_PAD_WASTE stops it too (it leads the next group). Without gather_states, one request
-        and only when idle; one marked `alone`, by itself."""
+        MAX_PAD_WASTE stops it too (it leads the next group), and so does one with a prompt longer
+        than max_len. Without gather_states, one request and only when idle; one marked `alone`,
+        by itself."""
         with self._cv:
             busy = bool(self.running or self.prefilling)
             jobs, rows = [], self._running_rows() + sum(pf.rows for pf in self.prefilling)
             while self.waiting:
                 job = self.waiting[0]
                 fits = self.batching and rows + len(job) <= self.max_rows
+                if max_len is not None and max(map(len, job.req.ids_list)) > max_len:
+                    break
                 if (jobs or busy) and not fits or jobs and (job.alone or not _pads_little(jobs + [job])):
                     break
                 jobs.append(self.waiting.popleft())
@@ -314,10 +320,12 @@ class Scheduler:
             return jobs
 
     def _feed_prompts(self) -> None:
-        """Admits a prefill group when fewer than MAX_PREFILLS are being fed, then feeds one piece of
-        the group with the fewest positions left (the oldest of equals), so that a short prompt is
-        not held behind a long one's pieces; a group fed to its end joins the running rows."""
-        while len(self.prefilling) < MAX_PREFILLS and self._start_prefill():
+        """Admits a prefill group when fewer than MAX_PREFILLS are being fed (beside another, only one
+        that goes in one piece), then feeds one piece of the group with the fewest positions left
+        (the oldest of equals), so that a short prompt is not held behind a long one's pieces; a
+        group fed to its end joins the running rows."""
+        while len(self.prefilling) < MAX_PREFILLS and self._start_prefill(
+                self.prefill_chunk if self.prefilling else None):
             pass
         if not self.prefilling:
             return
@@ -339,9 +347,9 @@ class Scheduler:
             self.prefilling.remove(pf)
             self._join(pf.jobs, logits, state)
 
-    def _start_prefill(self) -> bool:
-        """A new prefill group of the waiting requests `_admit` gives -> whether there were any."""
-        jobs = self._admit()
+    def _start_prefill(self, max_len: int | None = None) -> bool:
+        """A new prefill group of the waiting requests `_admit(max_len)` gives -> whether there were any."""
+        jobs = self._admit(max_len)
         if not jobs:
             return False
         ids, mask = left_pad([p for job in jobs for p in job.req.ids_list])

@@ -22,7 +22,7 @@ BACKENDS = {
 OPTIONS = {
     "torch": ("device", "dtype", "state_dtype", "threads"),
     "onnx": ("providers", "threads", "check_hash", "prepack"),
-    "llama.cpp": ("threads", "n_threads", "n_ctx", "n_batch", "n_seq_max", "verbose"),
+    "llama.cpp": ("threads", "n_threads", "n_ctx", "n_batch", "n_seq_max", "verbose", "extra_buffers"),
     "openvino": ("device", "precision", "threads", "check_hash", "properties"),
     "tensorrt": ("device", "threads"),
 }

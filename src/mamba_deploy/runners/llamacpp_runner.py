@@ -35,6 +35,26 @@ from .base import Runner, check_parts, check_state, check_threads, default_threa
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 
 
+def _cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX int8 tiles (Linux /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def use_extra_buffers(extra_buffers: bool | None, amx: bool) -> bool:
+    """llama.cpp's extra weight buffer types (AMX tiles, CPU repacking; llama_model_params
+    use_extra_bufts): off by default on AMX CPUs. llama-cpp-python 0.3.36's AMX matmul crashed
+    the process (SIGSEGV) on a Xeon with AMX for every quantized GGUF (Q8_0, Q4_0) as soon as a
+    llama_decode held two or more tokens (a decode at batch >= 2, a prefill of two or more), as
+    in llama.cpp issue #20824; F32 / F16 weights never take that path. True / False force them."""
+    if extra_buffers is not None and not isinstance(extra_buffers, bool):
+        raise ConfigError(f"extra_buffers must be True, False or None (off on AMX CPUs), got {extra_buffers!r:.40}")
+    return (not amx) if extra_buffers is None else extra_buffers
+
+
 def _sequences_problem(n_seq: int, n_ctx: int) -> str | None:
     """Why llama.cpp cannot hold n_seq sequences in a context of n_ctx (it aborts the process in
     a GGML_ASSERT when n_ctx < n_seq), or None."""
@@ -180,7 +200,7 @@ class LlamaCppRunner(Runner):
     name = "llama.cpp"
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
-                 n_seq_max: int = 4, verbose: bool = False):
+                 n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
         from ..export.gguf_import import open_reader, read_config
 
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
@@ -190,6 +210,7 @@ class LlamaCppRunner(Runner):
                 raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
         if _sequences_problem(n_seq_max, n_ctx):  # before the model loads, not at its first context
             raise ConfigError(f"n_ctx={n_ctx} is smaller than n_seq_max={n_seq_max}; pass n_ctx >= n_seq_max")
+        self.extra_buffers = use_extra_buffers(extra_buffers, _cpu_has_amx())
         lib, set_verbose = _lib()
         self._lib = lib
         set_verbose(verbose)
@@ -206,7 +227,9 @@ class LlamaCppRunner(Runner):
         self.config = read_config(reader, shapes)
         del reader
         lib.llama_backend_init()
-        ptr = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = self.extra_buffers
+        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise CheckpointError(f"llama.cpp could not load {path}; open it with verbose=True to see llama.cpp's "
                                   "log, and re-export it with mamba-deploy export gguf")
@@ -479,13 +502,15 @@ def _parse_seq_state_at(buf: bytes, cfg, start: int):
 
 
 def open_llamacpp(path, threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
-                  verbose: bool = False, n_threads: int | None = None, **_ignored) -> LlamaCppRunner:
+                  verbose: bool = False, n_threads: int | None = None, extra_buffers: bool | None = None,
+                  **_ignored) -> LlamaCppRunner:
     """`open_runner(path, "llama.cpp", threads=4, n_ctx=...)`. threads (or llama.cpp's own name,
     n_threads): CPU threads for prefill and decode; default one per physical core, as llama.cpp's
     CLI does. n_ctx only caps positions per sequence: a Mamba context's memory does not grow with
-    it. Options other backends take (device, dtype) are ignored: llama.cpp runs the GGUF's own
-    types on the CPU."""
+    it. extra_buffers: llama.cpp's AMX / repacked weight buffers (None: off on AMX CPUs, see
+    use_extra_buffers). Options other backends take (device, dtype) are ignored: llama.cpp runs
+    the GGUF's own types on the CPU."""
     if threads is not None and n_threads is not None and threads != n_threads:
         raise ConfigError(f"threads={threads!r} and n_threads={n_threads!r} disagree; pass one of them")
     return LlamaCppRunner(path, n_threads=n_threads if threads is None else threads, n_ctx=n_ctx, n_batch=n_batch,
-                          n_seq_max=n_seq_max, verbose=verbose)
+                          n_seq_max=n_seq_max, verbose=verbose, extra_buffers=extra_buffers)

@@ -105,8 +105,9 @@ def test_left_padded_batch_matches_unpadded(exported, kind):
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2_g2"])
 def test_one_token_prefill_with_mask(exported, kind):
-    """A length-1 prefill runs the graph's one-token branch; with attention_mask [[1], [0]] the
-    padded row must keep a zero state: its next step equals transformers on that token alone."""
+    """A length-1 prefill with a zero in attention_mask takes the graph's multi-token branch (the
+    one-token branch has no masking); with [[1], [0]] the padded row must keep a zero state: its
+    next step (one-token branch) equals transformers on that token alone."""
     out, _, hf = exported(kind)
     runner = open_onnx(out)
     got, st = runner.prefill(torch.tensor([[5], [9]]), runner.new_state(2), attention_mask=torch.tensor([[1], [0]]))
@@ -180,11 +181,11 @@ def test_graph_checker_shape_inference_and_op_allow_list(exported, kind):
     ops = graph_op_types(model)
     assert ops <= ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
     assert all(op.domain in ("", "ai.onnx") for op in model.opset_import)
-    # one top-level If(seq == 1): a loop-free one-token branch and the multi-token branch, both
-    # reading the top-level weights; every linear layer is a MatMul against a named weight
-    # initializer (for MatMulNBits rewriting)
+    # one top-level If(seq == 1 and mask all ones): a loop-free one-token branch and the
+    # multi-token branch, both reading the top-level weights; every linear layer is a MatMul
+    # against a named weight initializer (for MatMulNBits rewriting)
     (branch_if,) = [n for n in model.graph.node if n.op_type == "If"]
-    assert {n.op_type for n in model.graph.node} <= {"If", "Shape", "Slice", "Equal", "Cast"}
+    assert {n.op_type for n in model.graph.node} <= {"If", "Shape", "Slice", "Equal", "Cast", "ReduceMin", "And"}
     inits = {t.name for t in model.graph.initializer}
     branches = {a.name: a.g for a in branch_if.attribute}
     step_ops = {n.op_type for n in branches["then_branch"].node}

@@ -33,9 +33,9 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 # Standard-domain operators the exported graph may use (TensorRT's ONNX parser supports all of
 # them); a test checks the graph against this list, so a new op is a deliberate decision.
 ALLOWED_OPS = frozenset({
-    "Add", "Cast", "Clip", "Concat", "ConstantOfShape", "CumSum", "Div", "Equal", "Exp", "Expand",
+    "Add", "And", "Cast", "Clip", "Concat", "ConstantOfShape", "CumSum", "Div", "Equal", "Exp", "Expand",
     "Gather", "Greater", "Identity", "If", "Log", "MatMul", "Max", "Min", "Mul", "Pad", "Pow", "Reciprocal", "ReduceMean",
-    "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
+    "ReduceMin", "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
     "Sub", "Transpose", "Trilu", "Unsqueeze", "Where",
 })
 # Validation: max |onnx - torch| / max |torch| per output kind and export dtype.

@@ -6,9 +6,10 @@ keeps every linear layer a plain `MatMul` against a named initializer (what the 
 rewriter looks for) and uses only standard-domain operators (the allow-list in `onnx.py`).
 
 Layout: the weights are top-level initializers and the whole network sits in one top-level
-`If(seq == 1)` whose two branches read them from the outer scope (one copy in memory):
+`If(seq == 1 and all(attention_mask == 1))` whose two branches read them from the outer scope
+(one copy in memory):
 - then (one token, `onnx_step.py`): a decode step with 2-D activations, no loop, no shape
-  arithmetic. Against the earlier one-If-per-layer graph (130m shapes, 2 threads, interleaved
+  arithmetic, no masking. Against the earlier one-If-per-layer graph (130m shapes, 2 threads, interleaved
   session runs): Mamba1 19.5 -> 18.0 ms, Mamba2 20.1 -> 19.4 ms per token. The same network as
   a separate decode-only graph ran within noise (<= 0.3 ms) of this branch, and a second ORT
   session would hold its own prepacked weights (703 MB per 130m session here).
@@ -111,7 +112,10 @@ class MambaGraph(StepNetwork):
         self._embed_weights()
         then = self._branch("step", self._step_network)
         other = self._branch("seq", self._seq_network)
-        one_token = g.op("Equal", self.L, g.const([1]))
+        # the one-token branch has no mask: a fed mask with a zero (a padded one-token prompt,
+        # rare) takes the multi-token branch, which handles any length
+        unmasked = g.op("Equal", g.op("ReduceMin", self.maskf, keepdims=0), g.const(1.0, np.float32))
+        one_token = g.op("And", g.op("Equal", self.L, g.const([1])), unmasked)
         g.nodes.append(helper.make_node("If", [one_token], [v.name for v in self._outputs()], name="if_one_token",
                                         then_branch=then, else_branch=other))
         # the weights are moved in last: make_graph and make_model copy what they are given

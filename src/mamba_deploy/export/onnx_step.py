@@ -1,4 +1,5 @@
-"""The one-token branch of the ONNX graph (the `If(seq == 1)` then-branch; see `onnx_graph.py`).
+"""The one-token branch of the ONNX graph (the `If` then-branch, taken when seq == 1 and the
+attention mask is all ones, as in every decode step; see `onnx_graph.py`), so it has no masking.
 
 A decode step of the whole network with no loop and no shape arithmetic: ids (b, 1) are
 flattened to (b,) and every activation is 2-D (b, features), so ONNX Runtime fuses the dt
@@ -57,7 +58,6 @@ class StepNetwork:
         """x (b, c) -> silu(conv) (b, c) in the state's (b, c, k) layout: append the new column,
         multiply by the (c, k) kernel, sum over k. present_conv.i = the last k-1 columns."""
         g, k = self.g, self.cfg.d_conv
-        x = g.op("Mul", x, self.maskf)  # attention_mask (b|1, 1) as float; ones when not fed
         xt = g.op("Concat", PAST_CONV.format(i), g.op("Unsqueeze", x, g.const([2])), axis=2)  # (b, c, k)
         g.op_to(self.out(PRESENT_CONV.format(i)), "Slice", xt, g.const([1]), g.const([INT64_MAX]), g.const([2]))
         w = self.weight(p + "conv1d.weight.ck", lambda: self._np(p + "conv1d.weight").reshape(channels, k))
@@ -67,7 +67,7 @@ class StepNetwork:
         y = g.op("Reshape", g.op("MatMul", g.op("Mul", xt, w), ones), g.const([0, channels]))
         if p + "conv1d.bias" in self.w:
             y = g.op("Add", y, self.param(p + "conv1d.bias"))
-        return g.op("Mul", g.silu(y), self.maskf)
+        return g.silu(y)
 
     def _m1_step(self, xn: str, p: str, i: int) -> str:
         """h = h * exp(dt A) + (dt x) B ; y = h C + D x, gated by silu(z). State (b, d, n)."""

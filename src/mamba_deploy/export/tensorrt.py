@@ -44,6 +44,7 @@ FI = F + ("INT32", "INT64")
 FIB = FI + ("BOOL",)
 TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]] = {
     "Add": (FI, 0, (), ""),
+    "And": (("BOOL",), 0, (), ""),
     "Cast": (FIB + ("UINT8",), 0, (), ""),
     "Clip": (F, 0, (), ""),
     "Concat": (FIB, 0, (), ""),
@@ -67,6 +68,7 @@ TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]
     "Pow": (F, 0, (), ""),
     "Reciprocal": (F, 0, (), ""),
     "ReduceMean": (FI, 0, (1,), "`axes` must be an initializer"),
+    "ReduceMin": (FI, 0, (1,), "`axes` must be an initializer"),
     "ReduceSum": (FI, 0, (1,), "`axes` must be an initializer"),
     "Reshape": (FIB, 0, (), ""),
     "Scan": (F, None, (), ""),  # checked over all its inputs below

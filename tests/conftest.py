@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _signals_as_in_a_terminal() -> None:
+    """A suite started under nohup (SIGHUP ignored) or as a background job of a script (SIGINT
+    ignored) would hand those ignored signals to the CLI processes the signal tests start, and the
+    CLI keeps an inherited ignore on purpose (nohup), so those tests would fail or hang; in this
+    process, Ctrl-C tests need Python's KeyboardInterrupt. SIGINT gets Python's own handler and
+    SIGHUP a no-op one (still ignored here); exec gives the children the default disposition."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)
+
+
+_signals_as_in_a_terminal()
 
 # kind -> transformers config kwargs; sizes chosen so chunk boundaries are crossed cheaply
 TINY = {

@@ -700,7 +700,8 @@ def cmd_serve(args):
             else:
                 runner.close()
         finally:
-            signal.signal(signal.SIGINT, defaults[signal.SIGINT])  # cli.main puts SIGTERM's and SIGHUP's back
+            for sig, handler in defaults.items():  # what was there before (cli.main's, or a host app's)
+                signal.signal(sig, handler)
 
 
 def register(subparsers) -> None:

@@ -435,6 +435,34 @@ def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monke
     assert handlers() == before
 
 
+def test_cli_serve_puts_back_a_host_apps_signal_handlers(folder, monkeypatch):
+    """An app that runs cli.main with its own SIGHUP / SIGTERM handlers gets them back after
+    serve: cli.main leaves a non-default SIGHUP alone, and serve put back only SIGINT's, so the
+    app's SIGHUP handler stayed replaced by serve's "already shutting down"."""
+    from mamba_deploy import serve
+    from mamba_deploy.cli import main
+
+    def app_handler(signum, frame):
+        pass
+
+    servers = []
+    real_make = serve.make_server
+    monkeypatch.setattr(serve, "make_server", lambda *a, **kw: servers.append(real_make(*a, **kw)) or servers[-1])
+    previous = {sig: signal.signal(sig, app_handler) for sig in (signal.SIGHUP, signal.SIGTERM)}
+
+    def stop_when_up():
+        wait_until(lambda: servers and _health(servers[0].server_address[1]), "the server to answer")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_when_up, daemon=True).start()
+    try:
+        assert main(["serve", str(folder), "--port", "0", "--quiet"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is app_handler and signal.getsignal(signal.SIGTERM) is app_handler
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class _Watched(TorchRunner):
     """Counts runner calls and records whether two ever overlapped."""
 

@@ -9,8 +9,8 @@ Layout: the weights are top-level initializers and the whole network sits in one
 `If(seq == 1 and all(attention_mask == 1))` whose two branches read them from the outer scope
 (one copy in memory):
 - then (one token, `onnx_step.py`): a decode step with 2-D activations, no loop, no shape
-  arithmetic, no masking. Against the earlier one-If-per-layer graph (130m shapes, 2 threads, interleaved
-  session runs): Mamba1 19.5 -> 18.0 ms, Mamba2 20.1 -> 19.4 ms per token. The same network as
+  arithmetic, no masking. Against the earlier one-If-per-layer graph (130m shapes, 2 threads,
+  interleaved session runs): Mamba1 19.5 -> 18.0 ms, Mamba2 20.1 -> 19.4 ms per token. The same network as
   a separate decode-only graph ran within noise (<= 0.3 ms) of this branch, and a second ORT
   session would hold its own prepacked weights (703 MB per 130m session here).
 - else (any length, this module), formulations (b batch, l time, d d_inner, n d_state, h heads,

@@ -396,6 +396,31 @@ def test_cli_serve_answers_then_exits_cleanly_on_ctrl_c(folder):
             proc.wait(EXIT_TIMEOUT)
 
 
+def _track_servers(monkeypatch):
+    """([servers], [runners]) that the CLI's serve makes, appended as it makes them."""
+    from mamba_deploy import serve
+
+    servers, runners = [], []
+    real_make = serve.make_server
+
+    def make(runner, *a, **kw):
+        runners.append(runner)
+        servers.append(real_make(runner, *a, **kw))
+        return servers[-1]
+
+    monkeypatch.setattr(serve, "make_server", make)
+    return servers, runners
+
+
+def _signal_once_serving(servers: list, sig) -> None:
+    """From a helper thread: send this process `sig` once the first server answers /health."""
+    def send():
+        wait_until(lambda: servers and _health(servers[0].server_address[1]), "the server to answer")
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monkeypatch, capsys, first):
     """A second SIGTERM / Ctrl-C / SIGHUP while the server shuts down raised KeyboardInterrupt
@@ -404,13 +429,8 @@ def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monke
     from mamba_deploy import serve
     from mamba_deploy.cli import main
 
-    servers, runners = [], []
-    real_make, real_close = serve.make_server, serve.CompletionServer.server_close
-
-    def make(runner, *a, **kw):
-        runners.append(runner)
-        servers.append(real_make(runner, *a, **kw))
-        return servers[-1]
+    servers, runners = _track_servers(monkeypatch)
+    real_close = serve.CompletionServer.server_close
 
     def close_under_signals(self):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -418,16 +438,10 @@ def test_cli_serve_signals_during_its_clean_up_do_not_break_it_off(folder, monke
             time.sleep(0.05)  # the handler runs in this (the main) thread, between bytecodes
         real_close(self)
 
-    monkeypatch.setattr(serve, "make_server", make)
     monkeypatch.setattr(serve.CompletionServer, "server_close", close_under_signals)
     handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]  # noqa: E731
     before = handlers()
-
-    def signal_when_up():
-        wait_until(lambda: servers and _health(servers[0].server_address[1]), "the server to answer")
-        os.kill(os.getpid(), first)
-
-    threading.Thread(target=signal_when_up, daemon=True).start()
+    _signal_once_serving(servers, first)
     assert main(["serve", str(folder), "--port", "0", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "shutting down" in err and err.count("already shutting down") == 3, err
@@ -439,22 +453,14 @@ def test_cli_serve_puts_back_a_host_apps_signal_handlers(folder, monkeypatch):
     """An app that runs cli.main with its own SIGHUP / SIGTERM handlers gets them back after
     serve: cli.main leaves a non-default SIGHUP alone, and serve put back only SIGINT's, so the
     app's SIGHUP handler stayed replaced by serve's "already shutting down"."""
-    from mamba_deploy import serve
     from mamba_deploy.cli import main
 
     def app_handler(signum, frame):
         pass
 
-    servers = []
-    real_make = serve.make_server
-    monkeypatch.setattr(serve, "make_server", lambda *a, **kw: servers.append(real_make(*a, **kw)) or servers[-1])
+    servers, _ = _track_servers(monkeypatch)
     previous = {sig: signal.signal(sig, app_handler) for sig in (signal.SIGHUP, signal.SIGTERM)}
-
-    def stop_when_up():
-        wait_until(lambda: servers and _health(servers[0].server_address[1]), "the server to answer")
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=stop_when_up, daemon=True).start()
+    _signal_once_serving(servers, signal.SIGINT)
     try:
         assert main(["serve", str(folder), "--port", "0", "--quiet"]) == 0
         assert signal.getsignal(signal.SIGHUP) is app_handler and signal.getsignal(signal.SIGTERM) is app_handler

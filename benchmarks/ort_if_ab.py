@@ -1,10 +1,13 @@
-"""Does the export's top-level If(seq == 1) cost decode time in ONNX Runtime? The exported
-model.onnx against the same graph with its one-token branch promoted to the top level (no If;
-one token only; timing only), decode through the ONNX Runner (IO binding, state kept where
-the provider keeps it), interleaved rounds in one process; 130m-shaped random models
-(cpu_backends.py's shapes). Prints medians and the per-round ratio, writes JSON.
+"""Does the export's top-level If cost decode time in ONNX Runtime? The exported model.onnx
+against the same graph with its one-token branch promoted to the top level (no If; one token
+only; timing only) and, with --seq-cond, against the If on `seq == 1` alone (the condition before
+the all-ones mask test was added: And(Equal(seq, 1), ReduceMin(mask) == 1) needs the mask's
+values, which on the CUDA provider live on the device, where the If's condition must be read on
+the host). Decode through the ONNX Runner (IO binding, state kept where the provider keeps it),
+interleaved rounds in one process; 130m-shaped random models (cpu_backends.py's shapes). Prints
+medians and the per-round ratios, writes JSON.
 
-    python benchmarks/ort_if_ab.py --threads 2 [--provider cpu|cuda] [--archs mamba1,mamba2] --out FILE
+    python benchmarks/ort_if_ab.py --threads 2 [--provider cpu|cuda] [--archs mamba1,mamba2] [--seq-cond] --out FILE
 """
 
 from __future__ import annotations
@@ -53,12 +56,49 @@ def step_only(src: Path, dst: Path) -> Path:
                               list(g.initializer) + list(then.initializer))
     out = helper.make_model(graph, opset_imports=m.opset_import)
     out.ir_version = m.ir_version
-    onnx.save(out, str(dst / "model.onnx"))
+    _save_with_manifest(out, dst)
+    return dst
+
+
+def seq_cond_only(src: Path, dst: Path) -> Path:
+    """A copy of the export folder whose If reads `seq == 1` alone (the And's first input); the
+    mask test's nodes are dropped. Wrong for a padded one-token prompt: timing only."""
+    import onnx
+
+    shutil.copytree(src, dst)
+    m = onnx.load(str(src / "model.onnx"))
+    g = m.graph
+    (node,) = [n for n in g.node if n.op_type == "If"]
+    (cond,) = [n for n in g.node if n.output[0] == node.input[0] and n.op_type == "And"]
+    node.input[0] = cond.input[0]
+    dead = {cond.output[0]}
+    while dead:  # drop nodes nothing reads any more (the subgraphs read outer names too)
+        used = {v for n in g.node for v in n.input} | _subgraph_inputs(g) | {o.name for o in g.output}
+        gone = [n for n in g.node if n.output and not any(o in used for o in n.output)]
+        dead = {o for n in gone for o in n.output}
+        for n in gone:
+            g.node.remove(n)
+    _save_with_manifest(m, dst)
+    return dst
+
+
+def _subgraph_inputs(g) -> set[str]:
+    names = set()
+    for n in g.node:
+        for a in n.attribute:
+            if a.g.node:
+                names |= {v for sn in a.g.node for v in sn.input} | _subgraph_inputs(a.g)
+    return names
+
+
+def _save_with_manifest(model, dst: Path) -> None:
+    import onnx
+
+    onnx.save(model, str(dst / "model.onnx"))
     manifest = json.loads((dst / "manifest.json").read_text())  # the runner checks model.onnx's hash
     data = (dst / "model.onnx").read_bytes()
     manifest["files"]["model.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (dst / "manifest.json").write_text(json.dumps(manifest))
-    return dst
 
 
 def decode_ms(runner, steps: int) -> float:
@@ -86,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--seq-cond", action="store_true", help="also time the If on seq == 1 alone")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ort_if_ab.json"))
     args = ap.parse_args(argv)
     rows = []
@@ -95,6 +136,8 @@ def main(argv=None) -> int:
             build_checkpoint(arch, work / "hf")
             full = export_onnx(work / "hf", work / "with_if", validate=False)
             folders = {"with If": full, "step only": step_only(full, work / "step_only")}
+            if args.seq_cond:
+                folders["If on seq only"] = seq_cond_only(full, work / "seq_cond")
             runners = {k: open_onnx(v, providers=[PROVIDERS[args.provider]], threads=args.threads)
                        for k, v in folders.items()}
             times = {k: [] for k in runners}
@@ -103,13 +146,17 @@ def main(argv=None) -> int:
                     times[k].append(decode_ms(r, args.steps))
             for r in runners.values():
                 r.close()
-            ratio = statistics.median(b / a for a, b in zip(times["with If"], times["step only"]))
-            row = dict(arch=arch, provider=args.provider, threads=args.threads, rounds=args.rounds,
-                       with_if_ms=statistics.median(times["with If"]), step_only_ms=statistics.median(times["step only"]),
-                       ratio_step_only_to_with_if=ratio, all_ms=times)
+            row = dict(arch=arch, provider=args.provider, threads=args.threads, rounds=args.rounds, all_ms=times)
+            line = f"{arch:<7} {args.provider:<5} with If {statistics.median(times['with If']):7.2f} ms/token"
+            for k in times:
+                key = k.lower().replace(" ", "_")
+                row[f"{key}_ms"] = statistics.median(times[k])
+                if k != "with If":
+                    ratio = statistics.median(b / a for a, b in zip(times["with If"], times[k]))
+                    row[f"ratio_{key}_to_with_if"] = ratio
+                    line += f"  {k} {row[f'{key}_ms']:7.2f} (per-round ratio {ratio:.3f})"
             rows.append(row)
-            print(f"{arch:<7} {args.provider:<5} with If {row['with_if_ms']:7.2f} ms/token  step only "
-                  f"{row['step_only_ms']:7.2f}  per-round ratio {ratio:.3f}", flush=True)
+            print(line, flush=True)
     write_json(args.out, dict(load_avg=os.getloadavg(), torch=torch.__version__, rows=rows))
     print(f"wrote {args.out}")
     return 0

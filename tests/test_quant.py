@@ -11,7 +11,10 @@ bit-identical; ONNX MatMulNBits vs PyTorch quantized 1e-5 at ORT accuracy level 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -341,6 +344,32 @@ def test_mixed_precision_rules(hf_checkpoint, tmp_path):
         quantize(load_model(folder), "int8", rules={"quant_cfg": {"lm_head": {"format": "fp16"}}})
     with pytest.raises(QuantizationError, match=r"not quantized \(backbone.layers.0.mixer.conv1d"):
         quantize(load_model(folder), "int8", rules={"quant_cfg": {"*.conv1d": {"format": "int8"}}})
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"group_size": "abc"}, "group_size='abc' must be a positive integer"),  # was int("abc") deep inside
+    ({"group_size": -64}, "group_size=-64 must be a positive integer"),  # was torch.zeros(-n)
+    ({"group_size": 0}, "group_size=0 must be a positive integer"),  # was read as the default, 128
+    ({"group_size": 64.9}, "group_size=64.9 must be a positive integer"),  # was int(64.9) = 64
+    ({"group_size": True}, "group_size=True must be a positive integer"),
+    ({"symmetric": "no"}, "symmetric='no' must be true or false"),  # was bool("no") = True
+    ({"enable": "false"}, "enable='false' must be true or false"),  # was quantized anyway
+    ({"format": "fp8", "fp8_scaling": "row"}, "fp8_scaling 'row' unknown"),
+])
+def test_rules_file_values_are_checked(hf_checkpoint, tmp_path, rule, message):
+    """A rules file's values get the keyword options' checks, naming the rule: before, some raised
+    a raw ValueError / RuntimeError and others were silently changed (the saved checkpoint said
+    group_size 128 for a rule's 0, symmetric true for "no")."""
+    folder, _ = hf_checkpoint("mamba")
+    rules = {"quant_cfg": {"*.in_proj": {"format": "int4", **rule}}}
+    with pytest.raises(QuantizationError, match=re.escape(f"rule for '*.in_proj': {message}")):
+        quantize(load_model(folder), "int4", rules=rules, progress=False)
+    (tmp_path / "r.json").write_text(json.dumps(rules))
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "mamba_deploy", "quantize", str(folder), str(out), "--method", "int4",
+                        "--config", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -60,18 +60,7 @@ def method_options(method: str, options: dict) -> dict:
         raise QuantizationError(f"include={inc!r} must be a list of module names, e.g. include=[{inc!r}]")
     if inc is not None and not (isinstance(inc, (list, tuple, set)) and all(isinstance(n, str) for n in inc)):
         raise QuantizationError(f"include={inc!r:.60} must be a list of module names (embeddings, lm_head)")
-    for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
-        v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
-            raise QuantizationError(f"{key}={v!r} must be a positive integer")
-    for key in ("symmetric", "act_order", "clip"):  # bool("no") is True: take real booleans only
-        v = options.get(key)
-        if v is not None and not isinstance(v, bool):
-            raise QuantizationError(f"{key}={v!r} must be True or False")
-    for key in ("damp", "alpha"):
-        v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
-            raise QuantizationError(f"{key}={v!r} must be a number")
+    _check_values(options)
     if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
         raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")
     if options.get("group_size") is not None and opts["format"] != "int4" and not options.get("rules"):
@@ -82,6 +71,26 @@ def method_options(method: str, options: dict) -> dict:
     if method == "smoothquant" and not 0.0 <= float(opts["alpha"]) <= 1.0:
         raise QuantizationError(f"smoothquant alpha={opts['alpha']} must be in [0, 1] (0.5 is the usual choice)")
     return opts
+
+
+def _check_values(options: dict, where: str = "") -> None:
+    """Refuses option values of the wrong kind, for the keyword options and a rules file alike
+    (where: "rule for '<glob>': "): int("abc") or a negative group size would fail deep inside
+    the quantizer, and int(64.9), bool("no") or a 0 read as "default" would change the value."""
+    for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise QuantizationError(f"{where}{key}={v!r} must be a positive integer")
+    for key in ("symmetric", "act_order", "clip", "enable"):  # bool("no") is True: take real booleans only
+        v = options.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise QuantizationError(f"{where}{key}={v!r} must be true or false")
+    for key in ("damp", "alpha"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise QuantizationError(f"{where}{key}={v!r} must be a number")
+    if options.get("fp8_scaling") is not None and options["fp8_scaling"] not in FP8_SCALINGS:
+        raise QuantizationError(f"{where}fp8_scaling {options['fp8_scaling']!r} unknown; choose one of {FP8_SCALINGS}")
 
 
 def target_modules(model, include=()) -> list[str]:
@@ -143,6 +152,7 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
                                     f"group_size / symmetric / fp8_scaling, got {rule!r}")
         if "format" in rule and rule["format"] not in FORMATS:
             raise QuantizationError(f"rule for {pattern!r}: unknown format {rule['format']!r}; choose one of {sorted(FORMATS)}")
+        _check_values(rule, f"rule for {pattern!r}: ")
         rules.append((pattern, rule))
     return rules
 

@@ -22,7 +22,7 @@ import torch
 
 from conftest import BPE_EOS, BPE_TEXTS, finish_gguf, rel_err
 from mamba_deploy import load_model
-from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, MambaDeployError, ModelNotFoundError,
+from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, ExportError, MambaDeployError, ModelNotFoundError,
                                  OutputPathError, UnsupportedArchitectureError)
 from mamba_deploy.export.gguf import export_gguf
 
@@ -215,6 +215,34 @@ def test_kquant_without_llamacpp_is_a_clear_error(ckpt, tmp_path, monkeypatch):
     with pytest.raises(BackendUnavailableError, match=r"q4_k_m.*pip install llama-cpp-python"):
         export_gguf(ckpt("mamba")[0], tmp_path / "k.gguf", outtype="q4_k_m")
     assert list(tmp_path.iterdir()) == []  # nothing partial left behind
+
+
+@pytest.mark.parametrize("outtype, big, stored", [("f16", 1e5, "them"), ("q8_0", 1e7, "its block scales")])
+def test_values_past_float16_range_are_refused_not_written_as_inf(ckpt, tmp_path, outtype, big, stored):
+    """F16 and Q8_0's block scales are float16: before, the export wrote inf with only numpy's
+    "overflow encountered in cast" warning, exited 0, and llama.cpp then generated nothing."""
+    model = load_model(ckpt("mamba")[0])
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.in_proj.weight[0, 0] = big
+    msg = f"blk.0.ssm_in.weight has values up to {big:.4g}, beyond float16's range (65504), in which GGUF type"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warning is not printed either
+        with pytest.raises(ExportError, match=re.escape(msg) + f".*stores {stored}.*--outtype bf16 or f32"):
+            export_gguf(model, tmp_path / "x.gguf", outtype=outtype)
+    assert list(tmp_path.iterdir()) == []  # nothing partial left behind
+    # bfloat16 holds them: written, and read back as bfloat16's nearest value
+    out = export_gguf(model, tmp_path / "b.gguf", outtype="bf16")
+    w = load_model(out).backbone.layers[0].mixer.in_proj.weight
+    assert w[0, 0].item() == torch.tensor(big).to(torch.bfloat16).item()
+
+
+def test_values_past_float16_range_in_q8_0_blocks_whose_scale_fits_are_kept(ckpt, tmp_path):
+    """1e6 / 127 fits a float16 scale: the tensor is written and reads back within Q8_0's step."""
+    model = load_model(ckpt("mamba")[0])
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.in_proj.weight[0, 0] = 1e6
+    w = load_model(export_gguf(model, tmp_path / "q.gguf", outtype="q8_0")).backbone.layers[0].mixer.in_proj.weight
+    assert abs(w[0, 0].item() - 1e6) <= 1e6 / 127 / 2 * 1.01
 
 
 def test_unknown_outtype(ckpt, tmp_path):

@@ -171,6 +171,20 @@ def test_fp16_export_top1_agreement_demo(tmp_path, name):
     assert agree >= 0.99, agree
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_fp16_export_of_values_past_float16_range_is_refused(hf_checkpoint, tmp_path, validate):
+    """Before, the fp16 weights were written as inf: validation failed with NaN errors that did not
+    say why, and validate=False wrote the broken graph."""
+    model = load_model(hf_checkpoint("mamba2")[0])
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.out_proj.weight[0, 0] = -1e5
+    with pytest.raises(ExportError, match=r"backbone\.layers\.1\.mixer\.out_proj\.weight has values up to "
+                                          r"1e\+05, beyond float16's range \(65504\).*--dtype fp32"):
+        export_onnx(model, tmp_path / "o", dtype="fp16", validate=validate)
+    assert not (tmp_path / "o").exists()
+    assert export_onnx(model, tmp_path / "o32", validate=validate).is_dir()  # fp32 holds them
+
+
 @pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "mamba2_g2"])
 def test_graph_checker_shape_inference_and_op_allow_list(exported, kind):
     out, _, _ = exported(kind)

@@ -225,9 +225,33 @@ def _converted(array: np.ndarray, t) -> np.ndarray:
 
     if t == QT.F32:
         return array
-    if t == QT.F16:
-        return array.astype(np.float16)
-    return gguf.quants.quantize(array, t)
+    with np.errstate(over="ignore"):  # values past float16's range: _refuse_overflow says which tensor
+        if t == QT.F16:
+            return array.astype(np.float16)
+        return gguf.quants.quantize(array, t)
+
+
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def _refuse_overflow(gname: str, array: np.ndarray, data: np.ndarray, t) -> None:
+    """F16 stores values, and the block types (Q8_0, Q4_0, ...) their block scales, in float16: a
+    tensor with values past 65504 would be written as inf and llama.cpp would generate nothing.
+    Only such tensors are checked (a scale is at most its block's largest |value|)."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    if t == QT.F32 or not array.size:
+        return
+    amax = float(np.abs(array).max())
+    if amax <= FP16_MAX:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):  # inf scale x 0 code
+        stored = data if t == QT.F16 else gguf.quants.dequantize(data, t)
+    if not np.isfinite(stored).all():
+        raise ExportError(f"{gname} has values up to {amax:.4g}, beyond float16's range (65504), in which GGUF type "
+                          f"{t.name} stores {'them' if t == QT.F16 else 'its block scales'}: they would be written as "
+                          "inf; export with --outtype bf16 or f32")
 
 
 def _write_tensor_data(writer, model, plan) -> None:
@@ -239,6 +263,7 @@ def _write_tensor_data(writer, model, plan) -> None:
             if gname != planned or array.shape != shape:  # the model changed between the two passes
                 raise ExportError(f"GGUF export: {gname} {array.shape} differs from the planned {planned} {shape}")
             data = _converted(array, t)
+            _refuse_overflow(gname, array, data, t)
             del array  # the float32 copy (when it is one), before the next is made
             writer.write_tensor_data(data)
             bar.update(data.nbytes)

@@ -51,6 +51,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..config import MambaConfig
+from ..errors import ExportError
 from .onnx_builder import (IDS, INT64_MAX, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM,
                            Builder, _ir_for_opset, move_initializers)
 from .onnx_step import StepNetwork
@@ -77,7 +78,13 @@ class MambaGraph(StepNetwork):
 
     # ---- weights: top-level initializers, shared by both branches ----------------------------
     def _np(self, key: str, dtype=np.float32) -> np.ndarray:
-        return self.w[key].detach().float().cpu().numpy().astype(dtype, copy=False)  # from_array copies anyway
+        a = self.w[key].detach().float().cpu().numpy()
+        with np.errstate(over="ignore"):
+            out = a.astype(dtype, copy=False)  # from_array copies anyway
+        if dtype == np.float16 and not np.isfinite(out).all() and np.isfinite(a).all():
+            raise ExportError(f"{key} has values up to {float(np.abs(a).max()):.4g}, beyond float16's range "
+                              "(65504): they would be stored as inf; export with --dtype fp32")
+        return out
 
     def weight(self, name: str, make) -> str:
         """The top-level initializer `name`, created from make() on first use."""

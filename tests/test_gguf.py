@@ -673,6 +673,45 @@ def test_onnx_export_of_a_lone_gguf_writes_its_tokenizer(added, ckpt, tiny_token
             assert [lr.tokenizer.encode(t) for t in texts] == [tok.encode(t) for t in texts]
 
 
+def test_a_stray_tokenizer_beside_a_gguf_is_not_used(exported, tiny_tokenizer, tmp_path):
+    """Before: a tokenizer.json of another model beside the GGUF was what the torch backend encoded
+    with and what exports copied, while llama.cpp used the GGUF's vocabulary: the same prompt
+    became different ids. Now it is warned about and the GGUF's own vocabulary is used; one that
+    matches the GGUF id for id is still used (and copied) as it is."""
+    pytest.importorskip("onnx")
+    from tokenizers import Tokenizer
+
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    ref = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_tokenizer, folder)
+    gg = folder / "m.gguf"
+    shutil.copy(exported("mamba"), gg)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    text = "the quick brown fox"
+    a, b = ref.encode(text).tokens[0], ref.encode(text).tokens[-1]
+    assert a != b
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # another model's tokenizer: two ids swapped
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids != ref.encode(text).ids
+    with pytest.warns(UserWarning, match=re.escape(f"tokenizer.json has token {min(vocab[a], vocab[b])} = ")):
+        runner = open_runner(gg, "torch")
+    assert runner.tokenizer.encode(text) == ref.encode(text).ids
+    with pytest.warns(UserWarning, match="belongs to another model"):
+        out = export_onnx(gg, tmp_path / "onnx", validate=False)
+    assert load_tokenizer(out).encode(text) == ref.encode(text).ids
+    # the model's own tokenizer.json beside it: used and copied byte for byte, no warning
+    shutil.copy(tiny_tokenizer / "tokenizer.json", folder / "tokenizer.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out2 = export_onnx(gg, tmp_path / "onnx2", validate=False)
+    assert (out2 / "tokenizer.json").read_bytes() == (tiny_tokenizer / "tokenizer.json").read_bytes()
+
+
 @pytest.mark.filterwarnings("ignore:.*no equivalent outside llama.cpp")  # load_model's own warning
 def test_onnx_export_of_a_gguf_without_tokenizer_json_equivalent_warns(lone_gguf, tmp_path, monkeypatch):
     pytest.importorskip("onnx")

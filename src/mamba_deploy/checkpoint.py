@@ -19,7 +19,6 @@ from .atomic import atomic_dir, read_json_object
 from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from .extras import install_hint
-from .tokenizer import find_sentencepiece
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
 KEY_RENAMES = {
@@ -565,11 +564,15 @@ def write_tokenizer_files(src, dst: Path, shown=None) -> None:
     if src is None:
         return
     src = Path(src)
-    if src.suffix != ".gguf" or (src.parent / "tokenizer.json").exists() or find_sentencepiece(src.parent):
-        copy_tokenizer_files(src.parent if src.suffix == ".gguf" else src, dst)
+    if src.suffix != ".gguf":
+        copy_tokenizer_files(src, dst)
         return
     from .errors import ExportError
-    from .export.gguf_vocab import write_gguf_tokenizer
+    from .export.gguf_vocab import matching_neighbour, write_gguf_tokenizer
+
+    if matching_neighbour(src, warn=False) is not None:  # load_gguf warned about one that differs
+        copy_tokenizer_files(src.parent, dst)
+        return
 
     try:
         write_gguf_tokenizer(src, dst)

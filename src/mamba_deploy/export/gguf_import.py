@@ -155,7 +155,10 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     model = model.eval()
     model.source_path = Path(path).parent
     model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
-    if not (Path(path).parent / "tokenizer.json").exists():
+    from .gguf_vocab import matching_neighbour
+
+    neighbour = matching_neighbour(path, reader)  # a tokenizer.json of another model: warned, not used
+    if neighbour is None or neighbour.name != "tokenizer.json":
         model._tokenizer = gguf_tokenizer(reader, path)
     return model
 

@@ -353,6 +353,50 @@ def tokenizer_from_vocab(vocab: Vocab):
     return tok
 
 
+def matching_neighbour(gguf_path, reader=None, warn: bool = True) -> Path | None:
+    """The tokenizer beside a GGUF (tokenizer.json, else a SentencePiece model) when its tokens are
+    the GGUF's own, id for id, or when the GGUF has no vocabulary to compare with; else None, and
+    (warn) a warning naming it: the GGUF's vocabulary is what llama.cpp encodes with, so a stray
+    tokenizer from another model in the same folder must not be what the other backends and the
+    exports use."""
+    folder = Path(gguf_path).parent
+    found = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else find_sentencepiece(folder)
+    if found is None:
+        return None
+    try:
+        ours = vocab_from_gguf(gguf_path, reader).tokens
+    except Exception:  # noqa: BLE001  (no or unreadable tokenizer metadata: nothing to compare with)
+        return found
+    theirs = _pieces_by_id(found, len(ours))
+    differ = None if theirs is None else next((i for i, t in sorted(theirs.items()) if i >= len(ours) or ours[i] != t),
+                                              None)
+    if theirs is not None and differ is None:
+        return found
+    if warn:
+        why = ("cannot be read" if theirs is None else
+               f"has token {differ} = {theirs[differ]!r} where the GGUF has "
+               f"{ours[differ]!r}" if differ < len(ours) else f"has token id {differ}, past the GGUF's {len(ours)}")
+        warnings.warn(f"{found} {why}: it belongs to another model, so the GGUF's own vocabulary is used "
+                      "(the one llama.cpp encodes with); move that file away to silence this", stacklevel=3)
+    return None
+
+
+def _pieces_by_id(path: Path, n_rows: int) -> dict[int, str] | None:
+    """id -> token string of a tokenizer.json (any model type, added tokens included) or a
+    SentencePiece model; None when it cannot be read."""
+    try:
+        if path.name != "tokenizer.json":
+            return dict(enumerate(read_spm_vocab(path, n_rows).tokens[:n_rows]))
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        vocab = tj["model"]["vocab"]
+        by_id = ({int(i): t for t, i in vocab.items()} if isinstance(vocab, dict)
+                 else {i: piece[0] for i, piece in enumerate(vocab)})  # Unigram: [[piece, score], ...]
+        by_id.update({int(a["id"]): a["content"] for a in tj.get("added_tokens", [])})
+        return by_id
+    except Exception:  # noqa: BLE001  (any unreadable file: the caller says so)
+        return None
+
+
 def write_gguf_tokenizer(gguf_path, folder) -> None:
     """The GGUF's vocabulary as tokenizer files in `folder`, for runtimes without llama.cpp:
     tokenizer.json + tokenizer_config.json for byte-level BPE, tokenizer.model for SentencePiece;

@@ -78,6 +78,25 @@ def test_vocab_padding_mamba_ssm(hf_checkpoint, tmp_path):
     assert rel_err(m2(ids).logits, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["fp16", torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_save_checkpoint_refuses_a_dtype_it_cannot_load(hf_checkpoint, tmp_path, dtype):
+    """Before: "fp16" raised a raw RuntimeError ("Invalid device string"), and int8 / bool / fp8
+    cast every tensor (A_log and the norms too) into a checkpoint load_model then refused."""
+    model = load_model(hf_checkpoint("mamba")[0])
+    with pytest.raises(ConfigError, match=r"dtype .* is not one a checkpoint is saved in; pass one of torch.float32"):
+        save_checkpoint(model, tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_gguf_refuses_a_tokenizer_that_is_not_a_path(hf_checkpoint, tmp_path):
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.gguf import export_gguf
+
+    with pytest.raises(ExportError, match="tokenizer takes a folder, tokenizer file or hub id .*got int 123"):
+        export_gguf(hf_checkpoint("mamba")[0], tmp_path / "x.gguf", tokenizer=123)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_config_dialects():
     hf = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100,
           "num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,

@@ -462,6 +462,10 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
     if fmt not in SAVE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
+    if dtype is not None and dtype not in LOAD_DTYPES:  # "fp16" reached Tensor.to as a device name; int8
+        # cast A_log and the norms too and wrote a checkpoint the loader refuses
+        raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
+                          f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
     from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 

@@ -71,6 +71,9 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     BPE model, e.g. Mamba-Codestral's tokenizer.model.v3, its "llama" one).
     `n_threads`: threads for llama.cpp's quantizer (0 = all cores); K-quants only.
     """
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        raise ExportError(f"tokenizer takes a folder, tokenizer file or hub id (str or Path), got "
+                          f"{type(tokenizer).__name__} {tokenizer!r:.60}")
     outtype = str(outtype).lower()
     if outtype not in OUTTYPES:
         raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")

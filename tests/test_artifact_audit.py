@@ -327,6 +327,21 @@ def test_gguf_vocab_larger_than_its_embedding_is_refused(gguf_file, tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_gguf_vocab_smaller_than_its_embedding_is_refused_on_every_backend(gguf_file, tmp_path, backend):
+    """mamba_deploy.vocab_size 100 over 128 embedding rows: the torch backend refused it, while the
+    llama.cpp runner took the metadata's vocabulary and masked the logits past id 100, so it
+    generated other text from the same file."""
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    from mamba_deploy.runners import open_runner
+
+    path = _bad_gguf(gguf_file, tmp_path, edit={"mamba_deploy.vocab_size": 100})
+    with pytest.raises(CheckpointError, match=r"vocab_size=100\).*token_embd\.weight: file \(128, 32\) vs config "
+                                              r"\(10\d, 32\)"):
+        open_runner(path, backend)
+
+
 @pytest.mark.parametrize("shape", [(96,), (96, 2, 4)], ids=["1d", "3d"])
 def test_gguf_tensor_of_an_impossible_shape(gguf_file, tmp_path, shape):
     """A conv tensor of another rank: numpy's 'cannot reshape array' ValueError."""

@@ -232,8 +232,8 @@ def check_sizes(shapes: dict, cfg: MambaConfig, path) -> None:
         have, want = shapes.get(name), params[key].shape
         if have is None:
             continue  # reported as missing by the loader
-        if key.endswith("embeddings.weight") or key == "lm_head.weight":
-            ok = len(have) == 2 and have[1] == want[1] and have[0] >= cfg.vocab_size
+        if key.endswith("embeddings.weight") or key == "lm_head.weight":  # rows: the vocabulary, maybe padded
+            ok = len(have) == 2 and have[1] == want[1] and cfg.vocab_size <= have[0] <= cfg.padded_vocab_size
         else:
             ok = math.prod(have) == want.numel()
         if not ok:

@@ -201,7 +201,7 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
-        from ..export.gguf_import import open_reader, read_config
+        from ..export.gguf_import import check_sizes, open_reader, read_config
 
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
         for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None),
@@ -225,6 +225,7 @@ class LlamaCppRunner(Runner):
         reader = open_reader(path)  # our checks first: clear errors for corrupt / foreign files
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
         self.config = read_config(reader, shapes)
+        check_sizes(shapes, self.config, path)  # an edited vocab_size: refused as the torch backend does
         del reader
         lib.llama_backend_init()
         params = lib.llama_model_default_params()

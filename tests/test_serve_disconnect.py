@@ -225,6 +225,9 @@ def test_a_client_that_leaves_during_a_long_prompt_stops_it_at_the_next_piece(fo
     assert time.monotonic() - at_close < 5  # before: the whole prompt, then 4000 tokens, for nobody
     assert [len(ids[0]) for ids, _ in runner.prefills[:-1]] == [8] * (len(runner.prefills) - 1)
     assert len(runner.prefills) - 1 < pieces_at_close + 25 and runner.steps == 0
+    # the dropped request's log line is written when its handler ends, which can be after the
+    # second answer (a race seen once under load: an empty log)
+    wait_until(lambda: not srv._handlers, "the dropped request's handler to end")
     assert GONE.findall(capsys.readouterr().err) == ["0"]
 
 

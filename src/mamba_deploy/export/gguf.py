@@ -246,7 +246,7 @@ def _refuse_overflow(gname: str, array: np.ndarray, data: np.ndarray, t) -> None
 
     if t == QT.F32 or not array.size:
         return
-    amax = float(np.abs(array).max())
+    amax = max(float(array.max()), -float(array.min()))  # np.abs would hold a second copy of the tensor
     if amax <= FP16_MAX:
         return
     with np.errstate(over="ignore", invalid="ignore"):  # inf scale x 0 code

@@ -33,6 +33,22 @@ def test_output_under_a_file_is_a_user_error(verb, tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_failed_command_leaves_no_empty_output_folders(tmp_path, capsys):
+    """The output path is checked (its folders made) before the long work; when that work then
+    fails, the folders made for it are removed again if still empty. Before: an empty out/a was
+    left. A folder that existed before, or that holds an output, stays."""
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "out" / "a" / "b", tmp_path / "kept" / "new" / "b"):
+        assert main(["convert", str(tmp_path / "no-such-model"), str(out)]) == 2
+        assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    out = tmp_path / "made" / "m.gguf"
+    assert main(["export", "gguf", DEMO, str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+
+
 def test_gguf_output_that_is_a_folder(tmp_path, capsys):
     pytest.importorskip("gguf")
     (tmp_path / "d").mkdir()

@@ -24,15 +24,34 @@ def _umask() -> int:
     return mask
 
 
+# Folders _make_parent created in this process, outermost first: a command that fails removes
+# those still empty (remove_created_folders), so a failed `export gguf out/sub/x.gguf` leaves no
+# empty out/sub behind.
+_created: list[Path] = []
+
+
 def _make_parent(path: Path) -> None:
     from .errors import OutputPathError
 
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent is a regular file, or no permission
         raise OutputPathError(f"cannot create the folder for {path}: {e.strerror or e}; "
                               "choose an output path under a writable folder") from e
+    _created.extend(reversed(missing))
     check_writable(path.parent, f"{path.parent} is not writable", "choose an output path under a writable folder")
+
+
+def remove_created_folders(keep: bool = False) -> None:
+    """Removes the folders output-path checks created that are still empty, deepest first (after
+    a failed command: a folder holding anything, a finished output included, stays); keep=True
+    only forgets them (after a command that succeeded)."""
+    while _created:
+        folder = _created.pop()
+        if not keep:
+            with contextlib.suppress(OSError):  # not empty, or gone
+                folder.rmdir()
 
 
 def check_writable(folder: Path, what: str, fix: str) -> None:

@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .argtypes import (backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed,
                        threads, top_p)
+from .atomic import remove_created_folders
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -369,12 +370,13 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
-    args = None
+    args, done = None, False
     try:
         # inside the try: building the parser imports every stage's modules, for a second or more,
         # and Ctrl-C (or SIGTERM) then was a traceback
         args = build_parser().parse_args(argv)
         args.func(args)
+        done = True
     except MambaDeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -398,6 +400,7 @@ def _main(argv) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports it
     finally:
         warnings.formatwarning = default_format
+        remove_created_folders(keep=done)  # a failed or stopped command leaves no empty output folders
     return 0
 
 

@@ -5,6 +5,7 @@ GGML_ASSERT abort)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,64 @@ def test_accuracy_level_true_is_not_level_1(tmp_path):
 def test_llamacpp_tokenizer_encode_takes_a_str(gguf):
     with pytest.raises(ConfigError, match="encode takes a str, got NoneType"):
         _llama(gguf).tokenizer.encode(None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_text_with_a_lone_surrogate_is_a_config_error(gguf, backend, capsys):
+    """Python and JSON allow lone surrogates ("\\ud800"), which are not text: the tokenizers
+    raised a raw TypeError (tokenizers) or UnicodeEncodeError (llama.cpp), a traceback in the CLI."""
+    from mamba_deploy.cli import main
+
+    path = DEMO if backend == "torch" else gguf
+    r = open_runner(path, backend) if backend == "torch" else _llama(gguf)
+    with r, pytest.raises(ConfigError, match=r"holds '\\ud800' at character 3, a lone surrogate"):
+        r.tokenizer.encode("abc\ud800def")
+    argv = ["generate", str(path), "--backend", backend, "--prompt", "abc\ud800", "--max-new-tokens", "2",
+            "--threads", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lone surrogate" in err and "Traceback" not in err
+
+
+def test_generate_given_a_model_is_a_config_error():
+    """generate(model, ...) was AttributeError: 'MambaLM' object has no attribute 'vocab_size'."""
+    from mamba_deploy.generation import generate
+
+    with pytest.raises(ConfigError, match=r"generate needs a Runner, got MambaLM; open one with mamba_deploy.runners.open_runner\(path\) \(or call "
+                                          r"model.generate"):
+        generate(load_model(DEMO), "def f(")
+    with pytest.raises(ConfigError, match="generate needs a Runner, got str"):
+        generate(str(DEMO), "def f(")
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_results_are_strict_when_values_are_not_finite(tmp_path, capsys):
+    """A broken artifact's NaN / inf went out as bare NaN / Infinity, which JSON parsers other
+    than Python's refuse (JavaScript's JSON.parse, jq): eval --json printed "ppl": NaN and
+    verify --json wrote "value": NaN. They are null now."""
+    from mamba_deploy import save_checkpoint
+    from mamba_deploy.atomic import json_text
+    from mamba_deploy.cli import main
+
+    assert _strict_json(json_text({"a": float("nan"), "b": [float("inf"), 1.5, {"c": -float("inf")}]})) == \
+        {"a": None, "b": [None, 1.5, {"c": None}]}
+    model = load_model(DEMO)
+    with torch.no_grad():  # within float16's range, so it loads; its activations overflow in fp16
+        model.backbone.layers[1].mixer.out_proj.weight.fill_(60000.0)
+    bad = save_checkpoint(model, tmp_path / "bad", dtype=torch.float16)
+    text = tmp_path / "t.txt"
+    text.write_text("def main():\n    return 0\n" * 4)
+    assert main(["eval", str(bad), "--dtype", "fp16", "--text", str(text), "--json", "--threads", "1"]) == 0
+    res = _strict_json(capsys.readouterr().out)
+    assert res["ppl"] is None
+    out = tmp_path / "v.json"
+    main(["verify", str(DEMO), str(bad), "--artifact-dtype", "fp16", "--lengths", "5", "--batch", "1",
+          "--json", str(out), "--threads", "1"])
+    capsys.readouterr()
+    assert "null" in out.read_text() and _strict_json(out.read_text())

@@ -230,6 +230,8 @@ def test_concurrent_requests_are_serialised_and_correct(server, reference):
     ({"prompt": "a", "seed": -1}, 400, r"`seed` must be in"),
     ({"prompt": "a", "stream": "yes"}, 400, r"`stream` must be true or false"),
     ([1, 2], 400, r"must be a JSON object"),
+    ({"prompt": "abc\ud800def"}, 400, r"prompt 0: the text holds '\\ud800' at character 3, a lone surrogate"),
+    ({"prompt": ["ok", "\udfff"]}, 400, r"prompt 1: the text holds '\\udfff'"),  # valid JSON, not text: was a 500
 ])
 def test_bad_requests_are_4xx_json(server, body, status, pattern):
     raw = b"{not json" if body is None else None
@@ -238,6 +240,66 @@ def test_bad_requests_are_4xx_json(server, body, status, pattern):
     err = json.loads(data)["error"]
     assert re.search(pattern, err["message"]), err["message"]
     assert err["type"] == "invalid_request_error" and "Traceback" not in err["message"]
+
+
+def test_a_body_nested_too_deep_is_400_not_500(server, capsys):
+    """json.loads raised RecursionError: a 500 and a traceback in the server's log."""
+    depth = 50_000
+    got, _, data = _post(server, None, raw=b"[" * depth + b"]" * depth)
+    assert got == 400 and "invalid JSON body" in json.loads(data)["error"]["message"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_default_max_tokens_fits_a_lower_limit(folder, reference, request):
+    """A request without max_tokens got the default 16, refused by a server whose
+    --max-tokens-limit is below it ("`max_tokens` must be in [1, 8], got 16"), a field the
+    client never sent: every such request failed. Now the default is capped at the limit."""
+    srv, thread = _start(open_runner(folder, "torch"), max_tokens_limit=8)
+    request.addfinalizer(lambda: _stop(srv, thread))
+    got, _, data = _post(srv, {"prompt": [1, 2], "temperature": 0, "stop_token_ids": []})
+    assert got == 200, data
+    want = generate(reference, [[1, 2]], max_new_tokens=8, temperature=0.0, stop_token_ids=[]).tokens[0]
+    assert json.loads(data)["choices"][0]["token_ids"] == want and len(want) == 8
+    got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 9})  # one the client sends: still checked
+    assert got == 400 and "`max_tokens` must be in [1, 8], got 9" in json.loads(data)["error"]["message"]
+
+
+def test_a_get_with_a_body_closes_the_connection(server):
+    """The unread body of a GET on a keep-alive connection was read as the next request
+    ('Unsupported method (helloGET)'): the connection's answers went out of step."""
+    import socket
+
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = _read_response(f)
+        assert status == 200 and headers["connection"] == "close" and json.loads(body)["status"] == "ok"
+        assert f.read() == b""  # closed: the body's bytes were never taken for a request
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_client_that_resets_its_connection_gets_no_traceback(folder, request, capsys, quiet):
+    """A client that closed its keep-alive connection without reading the answer (a reset) made
+    socketserver print a full ConnectionResetError traceback, even with --quiet. Now: one line,
+    none when quiet."""
+    import socket
+    import struct
+
+    srv = make_server(open_runner(folder, "torch"), "127.0.0.1", 0, quiet=quiet)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    request.addfinalizer(lambda: _stop(srv, thread))
+    for _ in range(2):
+        sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
+        sock.sendall(_raw("GET", "/health"))
+        wait_until(lambda: sock.recv(1, socket.MSG_PEEK), "the answer to arrive")  # left unread
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        sock.close()
+        wait_until(lambda: not srv._handlers, "the connection's handler to end")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    assert err.count("connection lost (ConnectionResetError)") == (0 if quiet else 2), err
 
 
 def test_bad_paths_and_methods(server):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -161,8 +162,25 @@ def write_text(path, text: str) -> Path:
     return write_bytes(path, text.encode())
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """Strict JSON (RFC 8259) for result files and --json output: NaN and infinities, which
+    json.dumps writes as bare NaN / Infinity that other parsers (JavaScript's, jq) refuse,
+    become null. They appear exactly when an artifact is broken (verify's errors, eval's ppl)."""
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path, obj, indent: int = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent))
+    return write_text(path, json_text(obj, indent))
 
 
 def read_json_object(path) -> dict:

@@ -9,7 +9,6 @@ steps. Writes results.json, results.md and two PNG plots into --out.
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
-from .atomic import check_writable, write_files
+from .atomic import check_writable, json_text, write_files
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -306,7 +305,7 @@ def write_outputs(data: dict, out_dir) -> dict:
                 f"decode throughput vs batch (gen_len {data['settings']['gen_len']})", "batch size", "tokens / s")
     lat = _plot(data, "prompt_len", lambda r: r["prefill_ms"]["median"], "batch",
                 "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
-    contents = {"json": json.dumps(data, indent=2).encode(), "markdown": markdown_table(data).encode(),
+    contents = {"json": json_text(data).encode(), "markdown": markdown_table(data).encode(),
                 "throughput_plot": _png(thr), "latency_plot": _png(lat)}
     # a new folder appears complete or not at all (write_files); into an existing one,
     # all four written in full under temporary names before the first is renamed into place: a

@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .argtypes import (backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed,
                        threads, top_p)
-from .atomic import remove_created_folders
+from .atomic import json_text, remove_created_folders
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -160,7 +160,7 @@ def cmd_inspect(args):
     else:
         info.update(dt_rank=cfg.resolved_dt_rank)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info))
         return
     for k, v in info.items():
         if k in ("bytes_on_disk", "state_bytes_per_sequence_fp32"):

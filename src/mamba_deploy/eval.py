@@ -8,7 +8,6 @@ last logits of a window predict the first token of the next one.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import json_text
 from .errors import ConfigError, ModelNotFoundError
 from .inputs import first_out_of_vocab, token_stream
 
@@ -25,11 +25,9 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     """token_ids: one stream (list / 1-D tensor / array). Returns dict(ppl, nll (mean, nats),
     tokens (scored), tokens_per_s (runner time only), window); with keep_logits also
     logits (n, vocab) float32, every position's logits (for parity checks)."""
-    from .runners.base import Runner
+    from .runners.base import require_runner
 
-    if not isinstance(runner, Runner):  # a model or a path: its calls would fail deep inside
-        raise ConfigError(f"perplexity needs a Runner, got {type(runner).__name__} {runner!r:.60}; open one with "
-                          "mamba_deploy.runners.open_runner(path)")
+    require_runner(runner, "perplexity")
     ids = token_stream(token_ids, "token_ids")
     if ids.numel() < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}; give a longer text")
@@ -114,7 +112,7 @@ def cmd_eval(args):
         res["unigram_ppl"] = data.unigram_perplexity(train_ids, ids[1:], runner.vocab_size)
     runner.close()
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json_text(res))
     else:
         print(f"perplexity {res['ppl']:.3f}  (nll {res['nll']:.4f} nats over {res['tokens']} tokens, "
               f"window {res['window']}, {res['tokens_per_s']:.0f} tokens/s, backend {res['backend']})")

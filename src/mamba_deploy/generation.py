@@ -265,6 +265,9 @@ def prepare_request(runner, prompts, max_new_tokens: int = 32, temperature: floa
                     stop_token_ids=None, seed=None, stop_strings=None) -> Request:
     """generate's arguments checked and the prompts tokenized, before any model work: what
     `generate` and the server's scheduler (batching.py) refuse is refused the same way."""
+    from .runners.base import require_runner
+
+    require_runner(runner, "generate", "runners.open_runner(path) (or call model.generate on a model)")
     _check_counts(max_new_tokens, seed)
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)

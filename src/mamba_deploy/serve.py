@@ -168,6 +168,16 @@ class CompletionServer(ThreadingHTTPServer):
         finally:
             accept.join()
 
+    def handle_error(self, request, client_address):
+        """An error outside a request's own handling: a client that reset or left its keep-alive
+        connection (closing without reading the answer) gets one log line, as other clients that
+        leave do (none with --quiet), not socketserver's traceback."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            if not self.quiet:
+                print(f"{client_address[0]} - connection lost ({type(sys.exc_info()[1]).__name__})", file=sys.stderr)
+            return
+        super().handle_error(request, client_address)
+
     def shutdown(self):
         """Stops serve_forever (both its loops) and waits for it; running requests are ended by
         server_close."""
@@ -265,6 +275,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses
     def _send(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
+        if getattr(self, "_body_unread", False):  # its bytes would be read as the next request (a GET
+            headers = {"Connection": "close", **headers}  # with a body, a refused POST): close after this
+            self.close_connection = True
         data = json.dumps(payload).encode()
         self.send_response(status)
         for k, v in headers.items():
@@ -274,11 +287,6 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _error(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
-        if getattr(self, "_body_unread", False):  # its bytes would be read as the next request
-            headers = {"Connection": "close", **headers}
-            self.close_connection = True
-        self._send(status, payload, headers, body)
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (a method with no do_*, a malformed request line, a line or
@@ -288,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"{message}; endpoints: {ENDPOINTS}"
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True  # the request may not even have been read to its end
-        self._error(code, error_payload(message, "invalid_request_error"),
+        self._send(code, error_payload(message, "invalid_request_error"),
                     headers={"Connection": "close", **JSON_HEADERS},
                     body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
 
@@ -297,7 +305,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 fn()
             except RequestError as e:  # a client that left before its error is written: below
-                self._error(e.status, e.payload())
+                self._send(e.status, e.payload())
         except ClientGone as e:
             self.close_connection = True
             self.log_message("client closed the connection: generation stopped after %d token(s)", e.tokens)
@@ -307,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 -- never a traceback to the client
             traceback.print_exc(file=sys.stderr)
             try:
-                self._error(500, error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
+                self._send(500, error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
             except OSError:
                 pass
 
@@ -439,7 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_unread = False
         try:
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise RequestError(f"invalid JSON body: {e}") from None
 
     # -- completions
@@ -569,11 +577,9 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     max_num_seqs: the most rows (prompts of all running requests) decoded together; a request
     waits until its rows fit (one with more rows than that runs alone); 1: one request at a time."""
     from .chat import check_template
-    from .runners.base import Runner
+    from .runners.base import require_runner
 
-    if not isinstance(runner, Runner):
-        raise ConfigError(f"make_server needs a Runner, got {type(runner).__name__} {runner!r:.80}; open one with "
-                          "mamba_deploy.runners.open_runner(path)")
+    require_runner(runner, "make_server")
     if runner.closed:  # else every request would fail with the closed runner's error
         raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
     if not isinstance(host, str):

@@ -7,6 +7,7 @@ import json
 import math
 
 from .errors import ConfigError, MambaDeployError
+from .tokenizer import check_text
 
 # request field -> (accepted JSON types, default, generate() keyword). bool is rejected where int
 # or float is expected (JSON true is not a number).
@@ -155,6 +156,11 @@ def _parse_prompts(prompt, max_batch: int, vocab_size: int):
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise RequestError(f"prompt {i} is empty; give at least one character or token", param="prompt")
+        if as_text:
+            try:
+                check_text(p)
+            except ConfigError as e:  # "\ud800" is valid JSON: the client's 400, not a 500 at encode
+                raise RequestError(f"prompt {i}: {e}", param="prompt") from None
     return prompts, as_text
 
 
@@ -184,6 +190,8 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
     refuse_unsupported(body, UNSUPPORTED)
     prompts, as_text = _parse_prompts(body.get("prompt"), max_batch, vocab_size)
     kw = {key: _typed(body, name, types, default) for name, (types, default, key) in FIELDS.items()}
+    if body.get("max_tokens") is None:  # not sent: the default, within this server's limit (a limit
+        kw["max_new_tokens"] = min(kw["max_new_tokens"], max_tokens_limit)  # below it refused every such request)
     _check_max_tokens(kw["max_new_tokens"], "max_tokens", max_tokens_limit)
     if kw["seed"] is not None and not SEED_RANGE[0] <= kw["seed"] <= SEED_RANGE[1]:
         raise RequestError(f"`seed` must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {kw['seed']}", param="seed")

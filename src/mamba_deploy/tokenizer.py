@@ -23,6 +23,19 @@ PROBE_TEXT = "def main():\n    return 0\n"  # every real tokenizer encodes this 
 MIN_VOCAB, MIN_VOCAB_FRACTION = 256, 8
 
 
+def check_text(text) -> str:
+    """encode's argument: a str that UTF-8 can encode. Python and JSON ("\\ud800") allow lone
+    surrogates, which are not text: the tokenizers raised a raw TypeError / UnicodeEncodeError."""
+    if not isinstance(text, str):
+        raise ConfigError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"the text holds {text[e.start:e.end]!r} at character {e.start}, a lone surrogate that "
+                          "is not valid Unicode; pass text that encodes as UTF-8") from None
+    return text
+
+
 class Tokenizer:
     """encode(str) -> list[int], decode(list[int]) -> str, eos_token_id / bos_token_id."""
 
@@ -37,8 +50,7 @@ class Tokenizer:
         """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
         transformers' tokenizer(text) gives them; the same through every backend. Without them
         for text that writes its own (a rendered chat template)."""
-        if not isinstance(text, str):
-            raise ConfigError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
+        check_text(text)
         if hasattr(self._tok, "token_to_id"):
             return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
@@ -52,7 +64,7 @@ class Tokenizer:
     def encode_batch(self, texts) -> list[list[int]]:
         """Same ids as encode() per text; the `tokenizers` backend encodes them in parallel."""
         if hasattr(self._tok, "token_to_id"):
-            return [e.ids for e in self._tok.encode_batch(list(texts))]
+            return [e.ids for e in self._tok.encode_batch([check_text(t) for t in texts])]
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
-from .atomic import atomic_file, check_writable, prepare_output_dir, prepare_output_file, raise_out_of_space
+from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file,
+                     raise_out_of_space)
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
 
@@ -145,7 +146,7 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
     shutil.rmtree(tmp)
     try:  # from the first write on: an interrupt while writing train_log.json left the whole snapshot
         save_checkpoint(model, tmp, dtype=dtype)
-        (tmp / "train_log.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "train_log.json").write_text(json_text(metrics))
         _swap_in(tmp, out)
     except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         shutil.rmtree(tmp, ignore_errors=True)

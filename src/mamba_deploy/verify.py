@@ -434,13 +434,11 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     """
     from tqdm.auto import tqdm
 
-    from .runners.base import Runner
+    from .runners.base import require_runner
 
     ref, art = reference_runner, artifact_runner
     for name, r in (("reference_runner", ref), ("artifact_runner", art)):
-        if not isinstance(r, Runner):
-            raise ConfigError(f"{name} must be a Runner, got {type(r).__name__} {r!r:.80}; open paths with "
-                              "mamba_deploy.verify.open_pair(reference, artifact) or runners.open_runner(path)")
+        require_runner(r, name, "verify.open_pair(reference, artifact) or runners.open_runner(path)")
     lengths, batches = _int_tuple("lengths", lengths), _int_tuple("batches", batches)
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, numbers.Integral):
         raise ConfigError(f"decode_steps={decode_steps!r} must be an integer")

@@ -264,3 +264,12 @@ class Runner(ABC):
         self.close()
 
 
+
+
+def require_runner(runner, name: str, how: str = "runners.open_runner(path)") -> None:
+    """ConfigError unless `runner` is a Runner: a model or a path given instead would fail deep
+    inside (AttributeError: 'MambaLM' object has no attribute 'vocab_size')."""
+    if not isinstance(runner, Runner):  # a path is named; a model's repr is its whole module tree
+        got = f"{type(runner).__name__} {runner!r:.80}" if isinstance(runner, (str, os.PathLike)) else \
+            type(runner).__name__
+        raise ConfigError(f"{name} needs a Runner, got {got}; open one with mamba_deploy.{how}")

@@ -30,6 +30,7 @@ from ..errors import BackendUnavailableError, CheckpointError, ConfigError, Runn
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
+from ..tokenizer import check_text
 from .base import Runner, check_parts, check_state, check_threads, default_threads, part_rows
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
@@ -147,9 +148,7 @@ class LlamaCppTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         vocab = self._model.vocab_or_raise()
-        if not isinstance(text, str):  # as the HF-backed Tokenizer says it
-            raise ConfigError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
-        data = text.encode("utf-8")
+        data = check_text(text).encode("utf-8")  # as the HF-backed Tokenizer says it
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
         # add_special: the BOS / EOS the GGUF asks for (tokenizer.ggml.add_bos_token: a SentencePiece

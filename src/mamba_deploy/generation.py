@@ -267,7 +267,8 @@ def prepare_request(runner, prompts, max_new_tokens: int = 32, temperature: floa
     `generate` and the server's scheduler (batching.py) refuse is refused the same way."""
     from .runners.base import require_runner
 
-    require_runner(runner, "generate", "runners.open_runner(path) (or call model.generate on a model)")
+    require_runner(runner, "generate", "runners.open_runner(path) (or call model.generate on a model)",
+                   duck=("new_state", "prefill", "step", "vocab_size"))
     _check_counts(max_new_tokens, seed)
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)

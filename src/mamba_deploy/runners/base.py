@@ -266,10 +266,12 @@ class Runner(ABC):
 
 
 
-def require_runner(runner, name: str, how: str = "runners.open_runner(path)") -> None:
-    """ConfigError unless `runner` is a Runner: a model or a path given instead would fail deep
+def require_runner(runner, name: str, how: str = "runners.open_runner(path)", duck: tuple[str, ...] = ()) -> None:
+    """ConfigError unless `runner` is a Runner (or, with `duck`, has those attributes: a runner of
+    the caller's own that only needs them): a model or a path given instead would fail deep
     inside (AttributeError: 'MambaLM' object has no attribute 'vocab_size')."""
-    if not isinstance(runner, Runner):  # a path is named; a model's repr is its whole module tree
-        got = f"{type(runner).__name__} {runner!r:.80}" if isinstance(runner, (str, os.PathLike)) else \
-            type(runner).__name__
-        raise ConfigError(f"{name} needs a Runner, got {got}; open one with mamba_deploy.{how}")
+    if isinstance(runner, Runner) or (duck and all(hasattr(runner, a) for a in duck)):
+        return
+    # a path is named; a model's repr is its whole module tree
+    got = f"{type(runner).__name__} {runner!r:.80}" if isinstance(runner, (str, os.PathLike)) else type(runner).__name__
+    raise ConfigError(f"{name} needs a Runner, got {got}; open one with mamba_deploy.{how}")

@@ -788,3 +788,17 @@ def test_verify_limits_follow_the_lowest_precision_module(hf_checkpoint, tmp_pat
     assert infer_artifact_dtype(out) == "int4"
     plain = save_quantized(quantize(load_model(folder), "int8", progress=False), tmp_path / "q8")
     assert infer_artifact_dtype(plain) == "int8"
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8", "smoothquant"])
+def test_asymmetric_is_refused_by_methods_without_zero_points(hf_checkpoint, tmp_path, method):
+    """--asymmetric was accepted and ignored by int8 / fp8 / smoothquant: the same codes as a
+    symmetric run, and config.json said "symmetric": false."""
+    folder, _ = hf_checkpoint("mamba")
+    with pytest.raises(QuantizationError, match=rf"symmetric=False .*; {method} stores symmetric codes only"):
+        quantize(load_model(folder), method, symmetric=False, progress=False)
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "mamba_deploy", "quantize", str(folder), str(out), "--method", method,
+                        "--asymmetric"], capture_output=True, text=True)
+    assert r.returncode == 2 and "drop --asymmetric" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()

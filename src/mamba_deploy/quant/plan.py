@@ -63,6 +63,9 @@ def method_options(method: str, options: dict) -> dict:
     _check_values(options)
     if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
         raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")
+    if options.get("symmetric") is False and opts["format"] != "int4" and not options.get("rules"):
+        raise QuantizationError(f"symmetric=False (--asymmetric, zero points) applies to the 4-bit methods (int4, gptq, "
+                                f"awq); {method} stores symmetric codes only: drop --asymmetric")
     if options.get("group_size") is not None and opts["format"] != "int4" and not options.get("rules"):
         raise QuantizationError(f"group_size={options['group_size']} applies to the 4-bit methods (int4, gptq, awq); "
                                 f"{method} quantizes per output channel: drop --group-size")

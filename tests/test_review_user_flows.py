@@ -350,3 +350,25 @@ def test_onnx_export_of_a_quantized_gguf_is_verified_at_its_type(tmp_path, capsy
     transformers = pytest.importorskip("transformers")
     hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.source_weights == "q8_0"
+
+
+def test_a_converted_gguf_keeps_its_weight_type_through_later_converts_and_exports(tmp_path, capsys):
+    """The checkpoint `convert` made of a Q8_0 GGUF records source_weights, but converting it
+    again (either layout) or exporting it to ONNX dropped the record: verify then held the
+    dequantized Q8_0 weights to fp32's 1e-4 and failed."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.onnx import export_onnx
+
+    q8 = export_gguf(DEMO2, tmp_path / "m.q8_0.gguf", outtype="q8_0")
+    assert main(["convert", str(q8), str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 0
+    assert main(["convert", str(tmp_path / "ssm"), str(tmp_path / "hf2")]) == 0
+    for folder in ("ssm", "hf2"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["source_weights"] == "q8_0"
+    out = export_onnx(tmp_path / "hf2", tmp_path / "onnx")
+    assert json.loads((out / "manifest.json").read_text())["source_weights"] == "q8_0"
+    capsys.readouterr()
+    assert main(["verify", str(DEMO2), str(out), "--lengths", "1,7", "--batch", "1", "--decode-steps", "2"]) == 0
+    assert "(int8 tolerances)" in capsys.readouterr().out

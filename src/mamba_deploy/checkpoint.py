@@ -659,6 +659,9 @@ def _load_model(path_or_hub_id, device, dtype):
     model = _unfilled_model(cfg, device, dtype)
     load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
     model.source_path = path
+    label = raw.get("source_weights")  # `convert` of a quantized GGUF: carried to later converts and exports
+    if isinstance(label, str) and label:
+        model.source_weights = label.lower()
     return model
 
 

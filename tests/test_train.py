@@ -470,3 +470,14 @@ def test_snapshot_interrupted_between_its_renames_keeps_the_previous_one(tmp_pat
     assert json.loads((out / "train_log.json").read_text()) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     load_model(out)
+
+
+def test_a_spent_time_budget_still_evaluates_and_saves_the_last_step(tmp_path):
+    """--max-minutes already spent when the budget is first resolved (after 12 steps): the new
+    total fell below the steps done, `step == total` never held, and the run ended with no
+    last-step evaluation and no resumable state."""
+    metrics = train.train(_args(tmp_path, steps=1000, max_minutes=1e-6, batch=2, seq_len=32, eval_batch=2,
+                                eval_every=1000, save_every=1000))
+    assert metrics["steps"] == 12
+    assert [e["step"] for e in metrics["log"]] == [12]
+    assert list((tmp_path / "work").glob("*.pt")), list((tmp_path / "work").iterdir())

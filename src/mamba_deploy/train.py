@@ -177,13 +177,16 @@ def load_data(args):
     return train_ids, val_ids
 
 
-def resolve_total_steps(args, step_times: list[float], start: float) -> int:
-    """--steps, or fewer when --max-minutes would be exceeded at the measured step time."""
+def resolve_total_steps(args, step_times: list[float], start: float, step: int) -> int:
+    """--steps, or fewer when --max-minutes would be exceeded at the measured step time; never
+    fewer than `step`, the steps done (a budget already spent ended the run without its last
+    step's evaluation and save: the loop's `step == total` was never true; a resumed run
+    counted its steps from 0)."""
     if not args.max_minutes or len(step_times) < 4:
         return args.steps
     per_step = float(np.median(step_times[2:]))
     left = args.max_minutes * 60 - (time.perf_counter() - start)
-    return min(args.steps, len(step_times) + int(left / per_step))
+    return max(step, min(args.steps, step + int(left / per_step)))
 
 
 def check_outputs(args) -> Path:
@@ -364,7 +367,7 @@ def _train(args) -> dict:
             step += 1
             step_times.append(time.perf_counter() - t0)
             if len(step_times) == 12:
-                total = bar.total = resolve_total_steps(args, step_times, start)
+                total = bar.total = resolve_total_steps(args, step_times, start, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
             if step % args.eval_every == 0 or step == total:
@@ -459,8 +462,8 @@ def register(subparsers):
                    help="tokens per training sequence (a random window of the train split), and per validation "
                         "window")
     s.add_argument("--lr", type=positive_float, default=3e-3,
-                   help="peak AdamW learning rate, reached after --warmup steps, then cosine decay to a tenth of it "
-                        "at the last step")
+                   help="peak AdamW learning rate, reached after --warmup steps, then cosine decay towards a tenth of "
+                        "it, reached one step after the last (the last step's rate is a step short of it)")
     s.add_argument("--warmup", type=nonnegative_int, default=50,
                    help="steps of linear learning-rate warmup (0 = start at --lr)")
     s.add_argument("--weight-decay", type=nonnegative_float, default=0.1,

@@ -287,7 +287,6 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (a method with no do_*, a malformed request line, a line or
         # headers too long) in the JSON error shape clients parse, not its HTML page
@@ -297,8 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True  # the request may not even have been read to its end
         self._send(code, error_payload(message, "invalid_request_error"),
-                    headers={"Connection": "close", **JSON_HEADERS},
-                    body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
+                   headers={"Connection": "close", **JSON_HEADERS},
+                   body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
 
     def _guarded(self, fn):
         try:

@@ -299,7 +299,9 @@ def test_a_client_that_resets_its_connection_gets_no_traceback(folder, request, 
         wait_until(lambda: not srv._handlers, "the connection's handler to end")
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
-    assert err.count("connection lost (ConnectionResetError)") == (0 if quiet else 2), err
+    # one line a connection, whether the reset is seen between requests or while its answer is written
+    lost = re.findall(r"connection lost(?: or timed out)? \(ConnectionResetError\)", err)
+    assert len(lost) == (0 if quiet else 2), err
 
 
 def test_bad_paths_and_methods(server):

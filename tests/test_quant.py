@@ -802,3 +802,16 @@ def test_asymmetric_is_refused_by_methods_without_zero_points(hf_checkpoint, tmp
                         "--asymmetric"], capture_output=True, text=True)
     assert r.returncode == 2 and "drop --asymmetric" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_group_size_with_rules_that_make_no_int4_layer_is_refused(hf_checkpoint):
+    """int8 with --group-size and a rules file that only turns a layer off: the group size was
+    dropped without a word (config.json said group_size null). With a rule that makes int4
+    layers, it applies to them."""
+    folder, _ = hf_checkpoint("mamba")
+    off = {"quant_cfg": {"backbone.layers.0.*": {"enable": False}}}
+    with pytest.raises(QuantizationError, match=f"group_size={GROUP} applies to int4 layers, and neither"):
+        quantize(load_model(folder), "int8", group_size=GROUP, rules=off, progress=False)
+    int4 = {"quant_cfg": {"*.out_proj": {"format": "int4"}}}
+    model = quantize(load_model(folder), "int8", group_size=GROUP, rules=int4, progress=False)
+    assert model.quantization_config["modules"]["backbone.layers.0.mixer.out_proj"]["group_size"] == GROUP

@@ -556,8 +556,11 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
 
 
 def tokenizer_source(model):
-    """Where a model's tokenizer comes from: its GGUF (whose vocabulary is the tokenizer) or its folder."""
-    return getattr(model, "gguf_path", None) or getattr(model, "source_path", None)
+    """Where a model's tokenizer comes from: its GGUF (whose vocabulary is the tokenizer), unless
+    load_gguf found this GGUF's own tokenizer files beside it, or its folder."""
+    if getattr(model, "gguf_path", None) is not None and getattr(model, "gguf_neighbour", None) is None:
+        return model.gguf_path
+    return getattr(model, "source_path", None)
 
 
 def write_tokenizer_files(src, dst: Path, shown=None) -> None:
@@ -572,11 +575,7 @@ def write_tokenizer_files(src, dst: Path, shown=None) -> None:
         copy_tokenizer_files(src, dst)
         return
     from .errors import ExportError
-    from .export.gguf_vocab import matching_neighbour, write_gguf_tokenizer
-
-    if matching_neighbour(src, warn=False) is not None:  # load_gguf warned about one that differs
-        copy_tokenizer_files(src.parent, dst)
-        return
+    from .export.gguf_vocab import write_gguf_tokenizer
 
     try:
         write_gguf_tokenizer(src, dst)

@@ -157,8 +157,10 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     model.gguf_path = Path(path)  # its vocabulary, for exports that write a tokenizer.json
     from .gguf_vocab import matching_neighbour
 
-    neighbour = matching_neighbour(path, reader)  # a tokenizer.json of another model: warned, not used
-    if neighbour is None or neighbour.name != "tokenizer.json":
+    # the tokenizer file beside it when it is this GGUF's (one of another model: warned, not used);
+    # exports copy it rather than write the GGUF's vocabulary (checkpoint.tokenizer_source)
+    model.gguf_neighbour = matching_neighbour(path, reader)
+    if model.gguf_neighbour is None or model.gguf_neighbour.name != "tokenizer.json":
         model._tokenizer = gguf_tokenizer(reader, path)
     return model
 

@@ -353,10 +353,10 @@ def tokenizer_from_vocab(vocab: Vocab):
     return tok
 
 
-def matching_neighbour(gguf_path, reader=None, warn: bool = True) -> Path | None:
+def matching_neighbour(gguf_path, reader=None) -> Path | None:
     """The tokenizer beside a GGUF (tokenizer.json, else a SentencePiece model) when its tokens are
     the GGUF's own, id for id, or when the GGUF has no vocabulary to compare with; else None, and
-    (warn) a warning naming it: the GGUF's vocabulary is what llama.cpp encodes with, so a stray
+    a warning naming the file there: the GGUF's vocabulary is what llama.cpp encodes with, so a stray
     tokenizer from another model in the same folder must not be what the other backends and the
     exports use."""
     folder = Path(gguf_path).parent
@@ -372,12 +372,11 @@ def matching_neighbour(gguf_path, reader=None, warn: bool = True) -> Path | None
                                               None)
     if theirs is not None and differ is None:
         return found
-    if warn:
-        why = ("cannot be read" if theirs is None else
-               f"has token {differ} = {theirs[differ]!r} where the GGUF has "
-               f"{ours[differ]!r}" if differ < len(ours) else f"has token id {differ}, past the GGUF's {len(ours)}")
-        warnings.warn(f"{found} {why}: it belongs to another model, so the GGUF's own vocabulary is used "
-                      "(the one llama.cpp encodes with); move that file away to silence this", stacklevel=3)
+    why = ("cannot be read" if theirs is None else
+           f"has token {differ} = {theirs[differ]!r} where the GGUF has "
+           f"{ours[differ]!r}" if differ < len(ours) else f"has token id {differ}, past the GGUF's {len(ours)}")
+    warnings.warn(f"{found} {why}: it belongs to another model, so the GGUF's own vocabulary is used "
+                  "(the one llama.cpp encodes with); move that file away to silence this", stacklevel=3)
     return None
 
 

@@ -812,6 +812,8 @@ def test_group_size_with_rules_that_make_no_int4_layer_is_refused(hf_checkpoint)
     off = {"quant_cfg": {"backbone.layers.0.*": {"enable": False}}}
     with pytest.raises(QuantizationError, match=f"group_size={GROUP} applies to int4 layers, and neither"):
         quantize(load_model(folder), "int8", group_size=GROUP, rules=off, progress=False)
+    with pytest.raises(QuantizationError, match="symmetric=False applies to int4 layers, .*drop --asymmetric"):
+        quantize(load_model(folder), "int8", symmetric=False, rules=off, progress=False)
     int4 = {"quant_cfg": {"*.out_proj": {"format": "int4"}}}
     model = quantize(load_model(folder), "int8", group_size=GROUP, rules=int4, progress=False)
     assert model.quantization_config["modules"]["backbone.layers.0.mixer.out_proj"]["group_size"] == GROUP

@@ -172,9 +172,10 @@ class CompletionServer(ThreadingHTTPServer):
         """An error outside a request's own handling: a client that reset or left its keep-alive
         connection (closing without reading the answer) gets one log line, as other clients that
         leave do (none with --quiet), not socketserver's traceback."""
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, TimeoutError)):
             if not self.quiet:
-                print(f"{client_address[0]} - connection lost ({type(sys.exc_info()[1]).__name__})", file=sys.stderr)
+                print(f"{client_address[0]} - connection lost ({type(e).__name__})", file=sys.stderr)
             return
         super().handle_error(request, client_address)
 

@@ -197,10 +197,14 @@ def build_plan(model, opts: dict) -> dict:
             raise QuantizationError(f"{n}: the model reads this layer's weight directly (it is never called on an "
                                     "activation), so w8a8's activation quantization cannot apply; use format "
                                     "'int8' (weight-only) for it in the rules")
-    if opts["format"] != "int4" and opts.get("group_size") is not None and not any(
-            spec and spec["format"] == "int4" for spec in plan.values()):  # allowed for the rules' int4 layers
-        raise QuantizationError(f"group_size={opts['group_size']} applies to int4 layers, and neither --method nor "
-                                "the rules make any: drop --group-size, or give a rule format 'int4'")
+    # the int4-only options, allowed beside rules that make int4 layers (method_options refuses
+    # them without rules): with no such layer they would be recorded and do nothing
+    given = [(k, flag) for k, flag, unset in (("group_size", "--group-size", None), ("symmetric", "--asymmetric", True))
+             if opts.get(k, unset) != unset]
+    if given and opts["format"] != "int4" and not any(spec and spec["format"] == "int4" for spec in plan.values()):
+        raise QuantizationError(f"{', '.join(f'{k}={opts[k]}' for k, _ in given)} applies to int4 layers, and neither "
+                                f"--method nor the rules make any: drop {' / '.join(f for _, f in given)}, or give "
+                                "a rule format 'int4'")
     return plan
 
 

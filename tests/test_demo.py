@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,8 +96,6 @@ def tiny_mamba2(tmp_path):
     """A tiny random Mamba2 (transformers-built) with the demo's tokenizer, for tests of the demo's
     verdicts only: its whole path in ~0.1 s instead of the 4.7 M-parameter model's ~1.7 s (6 s
     against 17 s on a 2-core host busy with another process; the numbers are demo_run's job)."""
-    import shutil
-
     from conftest import build_hf_model
 
     folder = tmp_path / "tiny-mamba2"
@@ -156,3 +155,20 @@ def test_demo_out_that_cannot_take_the_artifacts_is_a_user_error(tmp_path, capsy
         assert str(out) in err and "Traceback" not in err, err
         after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else out.read_text()
         assert after == before
+
+
+def test_demo_model_without_tokenizer_is_refused_before_any_work(tmp_path, capsys):
+    """A --models folder with no tokenizer was found only when its turn came: the earlier models'
+    rows were built into --out and then lost (no table, no JSON), and the partial --out made a
+    rerun refuse. It is now a user error before anything is written."""
+    notok = tmp_path / "notok"
+    shutil.copytree(MODELS / "demo-mamba2", notok)
+    for p in notok.glob("tokenizer*"):
+        p.unlink()
+    out, rows = tmp_path / "out", tmp_path / "rows.json"
+    code = main(["demo", "--models", str(MODELS / "demo-mamba1"), str(notok), "--out", str(out),
+                 "--json", str(rows), "--only", "safetensors fp16->fp32"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"no tokenizer in {notok}" in err and "Traceback" not in err, err
+    assert not out.exists() and not rows.exists()

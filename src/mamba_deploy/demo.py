@@ -271,9 +271,14 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
     if threads is not None:
         torch.set_num_threads(threads)
     dirs = [Path(d) for d in model_dirs] if model_dirs else find_models()
+    from .tokenizer import load_tokenizer
+
     for d in dirs:
         if not (d / "config.json").exists():
             raise ModelNotFoundError(f"{d} is not a checkpoint folder (no config.json)")
+        # every model is prompted with text: a missing or corrupt tokenizer fails here, before the
+        # earlier models' rows are built and lost with the run
+        load_tokenizer(d)
     formats = [f for f in FORMATS if only is None or f[0] in only or f[2] is build_torch]
     # before any work: a file there failed mid-run with a traceback, and an earlier run's artifacts
     # failed the exports that refuse a non-empty folder after the other rows had run

@@ -303,3 +303,38 @@ def test_stored_dtype_reads_both_config_spellings(tmp_path):
         assert stored_dtype(tmp_path) == torch.float16
     (tmp_path / "config.json").write_text(json.dumps({}))
     assert stored_dtype(tmp_path) is None
+
+
+@pytest.mark.parametrize("with_generation_config", [False, True])
+def test_token_ids_survive_hf_to_mamba_ssm_and_back(with_generation_config, tmp_path):
+    """mamba_ssm's config.json has no token-id fields, so hf -> mamba_ssm -> hf set bos / eos /
+    pad to null. They now go into generation_config.json (transformers' file, which mamba_ssm
+    ignores), merged into a copied one without dropping its other keys, and are read back."""
+    import transformers
+
+    from conftest import build_hf_model
+
+    hf = build_hf_model("mamba2", bos_token_id=3, eos_token_id=5, pad_token_id=7)
+    hf.save_pretrained(tmp_path / "hf")
+    gen = tmp_path / "hf" / "generation_config.json"
+    if with_generation_config:
+        gen.write_text(json.dumps({"max_new_tokens": 11, "eos_token_id": 5}))
+    else:
+        gen.unlink(missing_ok=True)
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 0
+    written = json.loads((tmp_path / "ssm" / "generation_config.json").read_text())
+    assert {k: written[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == \
+        {"bos_token_id": 3, "eos_token_id": 5, "pad_token_id": 7}
+    assert written.get("max_new_tokens") == (11 if with_generation_config else None)
+    assert cli_main(["convert", str(tmp_path / "ssm"), str(tmp_path / "back"), "--format", "hf"]) == 0
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "back")  # transformers reads it, not our code
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (3, 5, 7)
+
+
+def test_generation_config_token_id_of_wrong_type_is_a_config_error(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("mamba2")
+    ssm = tmp_path / "ssm"
+    assert cli_main(["convert", str(folder), str(ssm), "--format", "mamba_ssm"]) == 0
+    (ssm / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id='two'"):
+        load_model(ssm)

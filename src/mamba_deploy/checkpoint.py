@@ -163,7 +163,33 @@ def read_config(folder: Path) -> MambaConfig:
     cfg_path = config_file(folder)
     if cfg_path is None:
         raise ModelNotFoundError(f"{folder} has no config.json (or params.json); {_not_a_checkpoint(folder)}")
-    return MambaConfig.from_file(cfg_path)
+    return _with_generation_token_ids(MambaConfig.from_file(cfg_path), folder)
+
+
+# transformers' generation_config.json: the token ids a mamba_ssm config.json has no fields for
+# (its MambaConfig dataclass refuses unknown keys), so `convert --format mamba_ssm` writes them there
+GENERATION_CONFIG = "generation_config.json"
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _with_generation_token_ids(cfg: MambaConfig, folder: Path) -> MambaConfig:
+    """cfg with the token ids it lacks taken from the folder's generation_config.json, if any."""
+    from .config import _first, check_values
+
+    gen = read_json_object(folder / GENERATION_CONFIG)
+    ids = {k: _first(gen.get(k)) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is None and gen.get(k) is not None}
+    if not ids:
+        return cfg
+    ids = check_values(ids, str(folder / GENERATION_CONFIG), "correct that value or delete the file")
+    return cfg.replace(**ids)
+
+
+def write_generation_token_ids(cfg: MambaConfig, folder: Path) -> None:
+    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys)."""
+    ids = {k: getattr(cfg, k) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is not None}
+    if ids:
+        path = Path(folder) / GENERATION_CONFIG
+        path.write_text(json.dumps({**read_json_object(path), **ids}, indent=2))
 
 
 def read_raw_config(folder: Path) -> dict:
@@ -486,13 +512,15 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
     return write_folder(out_dir, config, tensors, tokenizer_source(model), max_shard_bytes,
-                        progress=progress_wanted(model))
+                        progress=progress_wanted(model), token_ids=cfg if fmt == "mamba_ssm" else None)
 
 
 def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+                 token_ids: MambaConfig | None = None) -> Path:
     """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files.
-    progress: a bar over the bytes written, on stderr, advanced as each shard is written."""
+    progress: a bar over the bytes written, on stderr, advanced as each shard is written.
+    token_ids: a config whose bos / eos / pad ids go into generation_config.json (mamba_ssm layout)."""
     from safetensors.torch import save_file
 
     from .progress import progress_bar
@@ -511,6 +539,8 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
+        if token_ids is not None:
+            write_generation_token_ids(token_ids, tmp)
     return Path(out_dir)
 
 

@@ -250,3 +250,39 @@ def test_gguf_carries_the_template_to_every_backend(tmp_path):
 
     onnx_dir = export_onnx(out, tmp_path / "onnx", validate=False)  # the GGUF's tokenizer written beside it
     assert load_tokenizer(onnx_dir).chat_template == INST
+
+
+# every special-token name transformers' apply_chat_template passes; the demo tokenizer defines pad
+SPECIALS = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ':' + m['content'] + (pad_token or '?') }}"
+            "{% endfor %}[{{ pad_token }}|{{ unk_token }}|{{ sep_token }}|{{ cls_token }}|{{ mask_token }}]")
+
+
+def test_template_gets_the_other_special_token_names_on_every_backend(tmp_path):
+    """Templates were given bos_token / eos_token only: one writing `pad_token` (or unk_token, ...)
+    rendered it as empty where transformers renders the token."""
+    folder = _folder(tmp_path, SPECIALS)
+    want = [_hf_chat(folder, m, True) for m in CONVERSATIONS]
+    assert "<|pad|>" in _hf_chat(folder, CONVERSATIONS[0], False)  # the reference does write it
+    assert [chat_ids(load_tokenizer(folder), m) for m in CONVERSATIONS] == want
+    # the same BPE as vocab.json + merges.txt: the path where transformers builds the tokenizer
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    (slow / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (slow / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (slow / "tokenizer_config.json").write_text(json.dumps({**tcfg, "tokenizer_class": "GPT2Tokenizer"}))
+    shutil.copy(folder / "special_tokens_map.json", slow)
+    slow_tok = load_tokenizer(slow)
+    assert type(slow_tok._tok).__module__.startswith("transformers")
+    assert [chat_ids(slow_tok, m) for m in CONVERSATIONS] == want
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    (tmp_path / "lone").mkdir()
+    out = export_gguf(folder, tmp_path / "lone" / "m.gguf")
+    assert [chat_ids(open_runner(out, "torch").tokenizer, m) for m in CONVERSATIONS] == want
+    if HAVE_LLAMA:
+        with open_runner(out, "llama.cpp", n_threads=2) as lr:
+            assert [chat_ids(lr.tokenizer, m) for m in CONVERSATIONS] == want

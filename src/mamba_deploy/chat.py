@@ -4,7 +4,8 @@ the token ids of a conversation, for `generate --chat` and the server's /v1/chat
 Where the template comes from, in order: tokenizer_config.json's "chat_template" (a string, or a
 list of named templates: "default"), a chat_template.jinja file beside it (what transformers >= 4.49
 saves), a GGUF's tokenizer.chat_template. It renders as transformers' apply_chat_template does
-(sandboxed Jinja, trim_blocks / lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`), and
+(sandboxed Jinja, trim_blocks / lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`, the
+special-token names bos_token, eos_token, pad_token, unk_token, ... that the tokenizer defines), and
 the text is tokenized WITHOUT the tokenizer's own special tokens: templates write the BOS
 themselves ("{{ bos_token }}"), so adding it again would double it.
 """
@@ -124,15 +125,16 @@ def check_template(template) -> str:
 
 
 def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, **special_tokens: str) -> str:
     """The conversation as the template writes it (the assistant's turn opened when
-    add_generation_prompt). ChatTemplateError where the template fails or refuses it."""
+    add_generation_prompt). special_tokens: the other names transformers passes (pad_token,
+    unk_token, ...). ChatTemplateError where the template fails or refuses it."""
     from jinja2 import TemplateError
 
     env = _environment()
     messages = check_messages(messages)  # outside the try: a bad conversation is the caller's error, not the template's
     try:
-        return env.from_string(template).render(messages=messages, bos_token=bos_token,
+        return env.from_string(template).render(messages=messages, **special_tokens, bos_token=bos_token,
                                                 eos_token=eos_token, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError:  # its own raise_exception
         raise
@@ -150,9 +152,12 @@ def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
     if not template:
         raise ConfigError(f"{where} has no chat template ({sources}); give one with "
                           "--chat-template FILE, or send plain prompts")
-    names = [_token_text(tokenizer, i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
+    named = getattr(tokenizer, "special_token_ids", None) or {}  # a duck-typed tokenizer may have none
+    names = {k: _token_text(tokenizer, i) for k, i in named.items()}
+    names.update(bos_token=_token_text(tokenizer, tokenizer.bos_token_id),
+                 eos_token=_token_text(tokenizer, tokenizer.eos_token_id))
     try:
-        text = render_chat(template, messages, *names)
+        text = render_chat(template, messages, **names)
     except ChatTemplateError as e:
         if not own or e.__cause__ is None:  # the caller's template, or a refusal of this conversation
             raise

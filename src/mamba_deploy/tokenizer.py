@@ -36,15 +36,23 @@ def check_text(text) -> str:
     return text
 
 
-class Tokenizer:
-    """encode(str) -> list[int], decode(list[int]) -> str, eos_token_id / bos_token_id."""
+# the special tokens transformers' apply_chat_template hands a chat template by name (its
+# special_tokens_map); bos / eos come from the ids below, the rest from `special_token_ids`
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-    def __init__(self, tok, eos_token_id=None, bos_token_id=None, path=None, chat_template=None):
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(list[int]) -> str, eos_token_id / bos_token_id;
+    special_token_ids: SPECIAL_TOKEN_NAMES name -> id for those the tokenizer defines."""
+
+    def __init__(self, tok, eos_token_id=None, bos_token_id=None, path=None, chat_template=None,
+                 special_token_ids=None):
         self._tok = tok
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
         self.path = path
         self.chat_template = chat_template  # Jinja source (see chat.py), or None
+        self.special_token_ids = dict(special_token_ids or {})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
@@ -96,6 +104,16 @@ def _special_id(tok, cfg: dict, key: str):
     if name and isinstance(name, str):
         return tok.token_to_id(name)
     return None
+
+
+def _named_special_ids(tok, folder: Path) -> dict[str, int]:
+    """SPECIAL_TOKEN_NAMES -> id as tokenizer_config.json and special_tokens_map.json name them
+    (the latter wins, as in transformers), for those in the vocabulary."""
+    from .atomic import read_json_object
+
+    cfg = {**read_tokenizer_config(folder), **read_json_object(folder / "special_tokens_map.json")}
+    ids = {key: _special_id(tok, cfg, key) for key in SPECIAL_TOKEN_NAMES}
+    return {k: i for k, i in ids.items() if i is not None}
 
 
 def _no_tokenizer(folder, why: str) -> ModelNotFoundError:
@@ -162,7 +180,7 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
             if tok.token_to_id(name) is not None:
                 eos = tok.token_to_id(name)
                 break
-    return Tokenizer(tok, eos, bos, folder)
+    return Tokenizer(tok, eos, bos, folder, special_token_ids=_named_special_ids(tok, folder))
 
 
 PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)
@@ -297,7 +315,9 @@ def sentencepiece_tokenizer(model: bytes, folder=None) -> Tokenizer:
     except RuntimeError as e:
         raise ValueError(f"sentencepiece refused the model: {e}") from e
     ids = (sp.eos_id(), sp.bos_id())  # -1 where the model defines none
-    return Tokenizer(_SentencePiece(sp, specials), *(i if i >= 0 else None for i in ids), folder)
+    named = {"unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+    return Tokenizer(_SentencePiece(sp, specials), *(i if i >= 0 else None for i in ids), folder,
+                     special_token_ids={k: i for k, i in named.items() if i >= 0})
 
 
 def read_tokenizer_config(folder: Path) -> dict:
@@ -324,7 +344,10 @@ def _from_transformers(folder: Path) -> Tokenizer:
         # transformers itself missing, or a package its tokenizer class needs (sentencepiece): say how to get it
         why = f"{e}; {install_hint(e.name)}" if isinstance(e, ModuleNotFoundError) and e.name else str(e)
         raise _no_tokenizer(folder, f"no tokenizer.json, and transformers could not load one: {why}") from e
-    tok = Tokenizer(auto, auto.eos_token_id, auto.bos_token_id, folder)
+    named = {k: auto.convert_tokens_to_ids(v) for k, v in auto.special_tokens_map.items()
+             if k in SPECIAL_TOKEN_NAMES and isinstance(v, str)}
+    tok = Tokenizer(auto, auto.eos_token_id, auto.bos_token_id, folder,
+                    special_token_ids={k: i for k, i in named.items() if isinstance(i, int)})
     if not tok.encode(PROBE_TEXT):  # files that name a tokenizer class but hold no vocabulary
         raise _no_tokenizer(folder, f"transformers built a tokenizer of {tok.vocab_size} tokens from its files, "
                                     f"which encodes {PROBE_TEXT!r} to no tokens")

@@ -281,7 +281,9 @@ def gguf_tokenizer(reader, path):
         warnings.warn(f"{path}: its tokenizer has no equivalent outside llama.cpp ({why}); use --backend llama.cpp "
                       "or give token ids", stacklevel=3)
         return None
-    return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template)
+    named = {f"{kind}_token": i for kind, i in vocab.special.items()}
+    return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template,
+                     special_token_ids=named)
 
 
 def weights_label(path) -> str:

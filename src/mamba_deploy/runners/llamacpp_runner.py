@@ -140,6 +140,10 @@ class LlamaCppTokenizer:
         eos, bos = lib.llama_vocab_eos(vocab), lib.llama_vocab_bos(vocab)
         self.eos_token_id = None if eos < 0 else int(eos)
         self.bos_token_id = None if bos < 0 else int(bos)
+        # the chat template's other special-token names (llama.cpp's API has no unknown-token call,
+        # and its deprecated llama_vocab_cls returns the BOS)
+        named = {f"{k}_token": getattr(lib, f"llama_vocab_{k}", lambda v: -1)(vocab) for k in ("pad", "sep", "mask")}
+        self.special_token_ids = {k: int(i) for k, i in named.items() if 0 <= i < model.n_vocab}
         self.n_vocab = model.n_vocab
         self._pieces: dict[int, bytes] = {}  # token -> its bytes (control tokens: b"")
         # SentencePiece-style vocabularies (llama.cpp's converter for Mamba-Codestral) mark word

@@ -26,10 +26,11 @@ def test_convert_to_mamba_ssm_and_back(kind, hf_checkpoint, tmp_path):
     assert cli_main(["convert", str(folder), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 0
     cfg = json.loads((tmp_path / "ssm" / "config.json").read_text())
     assert "ssm_cfg" in cfg and cfg["ssm_cfg"]["layer"] == ("Mamba1" if kind == "mamba" else "Mamba2")
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "ssm" / "model.safetensors"), "pt") as f:
-        assert "backbone.embedding.weight" in f.keys()
+    sd = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)  # what mamba_ssm loads
+    assert "backbone.embedding.weight" in sd and "lm_head.weight" in sd  # its load_state_dict is strict
+    if json.loads((folder / "config.json").read_text()).get("tie_word_embeddings", True):
+        assert sd["lm_head.weight"].untyped_storage().data_ptr() == \
+            sd["backbone.embedding.weight"].untyped_storage().data_ptr()  # stored once
     ids, ref = _ref_logits(hf)
     assert rel_err(load_model(tmp_path / "ssm")(ids).logits, ref) <= 1e-4
     # and back to HF: transformers itself must load it
@@ -338,3 +339,46 @@ def test_generation_config_token_id_of_wrong_type_is_a_config_error(hf_checkpoin
     (ssm / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
     with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id='two'"):
         load_model(ssm)
+
+
+# mamba_ssm 2.3.2's MambaConfig fields (mamba_ssm/models/config_mamba.py): from_pretrained builds
+# MambaConfig(**config.json), so any other key is a TypeError there
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
+                           "pad_vocab_size_multiple", "tie_embeddings"}
+
+
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.001, float("inf")), (0.0, 0.1)])
+def test_mamba_ssm_layout_config_is_one_mamba_ssm_loads(dt_limit, tmp_path):
+    """convert --format mamba_ssm wrote torch_dtype (and, from a quantized GGUF, source_weights)
+    into config.json, and dt_limit's infinity as transformers' {"__float__": "Infinity"}: mamba_ssm's
+    MambaConfig(**config) refused the first, and its Mamba2 got a dict for dt_limit's max."""
+    from conftest import random_lm
+
+    cfg = MambaConfig(arch="mamba2", d_model=64, n_layer=2, vocab_size=96, d_state=16, headdim=16,
+                      ngroups=2, chunk_size=16, dt_limit=dt_limit)
+    model = random_lm(cfg)
+    save_checkpoint(model, tmp_path / "ssm", fmt="mamba_ssm", dtype=torch.float16)
+    raw = json.loads((tmp_path / "ssm" / "config.json").read_text())  # python json, as mamba_ssm reads it
+    assert set(raw) <= MAMBA_SSM_CONFIG_FIELDS, set(raw) - MAMBA_SSM_CONFIG_FIELDS
+    got = raw["ssm_cfg"].get("dt_limit", (0.0, float("inf")))  # absent: mamba_ssm's default
+    assert all(isinstance(v, float) for v in got) and tuple(got) == dt_limit
+    back = load_model(tmp_path / "ssm")
+    assert back.config.dt_limit == dt_limit and back.backbone.embeddings.weight.dtype == torch.float32
+    from mamba_deploy.checkpoint import stored_dtype
+
+    assert stored_dtype(tmp_path / "ssm") == torch.float16  # read from the tensors now
+
+
+def test_mamba_ssm_layout_refuses_a_shard_size_before_any_work(tmp_path, capsys):
+    """mamba_ssm's from_pretrained reads one pytorch_model.bin: shards would be unloadable there."""
+    demo = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "demo-mamba1"
+    out = tmp_path / "ssm"
+    assert cli_main(["convert", str(demo), str(out), "--format", "mamba_ssm", "--max-shard-size", "1"]) == 2
+    assert "pytorch_model.bin" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["convert", str(demo), str(out), "--format", "mamba_ssm"]) == 0
+    assert sorted(p.name for p in out.glob("*.bin")) == ["pytorch_model.bin"]
+    assert not list(out.glob("*.safetensors"))
+    from mamba_deploy.checkpoint import stored_dtype
+
+    assert stored_dtype(out) == torch.float16  # the demo's dtype kept, and read back from the .bin

@@ -295,15 +295,12 @@ def test_bin_with_code_in_its_pickle_is_refused_unrun(hf_checkpoint, tmp_path):
 def test_mamba_ssm_bin_with_the_embedding_last_loads(hf_checkpoint, tmp_path):
     """The layout is decided per key: a mamba_ssm state dict whose embedding comes after the layers
     (any order torch.save was given) still renames backbone.embedding."""
-    from safetensors.torch import load_file
-
     src, hf = hf_checkpoint("mamba")
     out = save_checkpoint(load_model(src), tmp_path / "ssm", fmt="mamba_ssm")
-    sd = load_file(out / "model.safetensors")
+    sd = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert "backbone.embedding.weight" in sd
     torch.save(dict(sorted(sd.items(), key=lambda kv: kv[0] == "backbone.embedding.weight")),
                out / "pytorch_model.bin")
-    (out / "model.safetensors").unlink()
     ids = _ids()
     assert rel_err(load_model(out)(ids).logits, _hf_logits(hf, ids)) <= 1e-4
 
@@ -378,7 +375,8 @@ def test_sharding_limits_and_index_total(hf_checkpoint, tmp_path):
 
 def test_stored_dtype_skips_int_tensors_and_bin_only_folders(tmp_path):
     """Without a dtype in config.json: the first *float* tensor decides (an int step counter may
-    sort first); a folder of .bin weights only (old mamba_ssm checkpoints) has no answer."""
+    sort first), in safetensors and in a pytorch_model.bin (mamba_ssm checkpoints: a convert of one
+    without --dtype kept fp16 only in the safetensors case and wrote fp32 from a .bin)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -395,8 +393,9 @@ def test_stored_dtype_skips_int_tensors_and_bin_only_folders(tmp_path):
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(json.dumps({"d_model": 32, "n_layer": 1, "vocab_size": 8}))
-    torch.save({"x": torch.zeros(1, dtype=torch.float16)}, tmp_path / "bin" / "pytorch_model.bin")
-    assert stored_dtype(tmp_path / "bin") is None
+    torch.save({"a_step": torch.zeros(1, dtype=torch.int64), "x": torch.zeros(1, dtype=torch.bfloat16)},
+               tmp_path / "bin" / "pytorch_model.bin")
+    assert stored_dtype(tmp_path / "bin") == torch.bfloat16
 
 
 def test_load_model_device_config_path_and_no_grad(hf_checkpoint):

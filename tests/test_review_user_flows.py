@@ -365,10 +365,42 @@ def test_a_converted_gguf_keeps_its_weight_type_through_later_converts_and_expor
     assert main(["convert", str(q8), str(tmp_path / "hf")]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 0
     assert main(["convert", str(tmp_path / "ssm"), str(tmp_path / "hf2")]) == 0
-    for folder in ("ssm", "hf2"):
-        assert json.loads((tmp_path / folder / "config.json").read_text())["source_weights"] == "q8_0"
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["source_weights"] == "q8_0"
+    # mamba_ssm refuses config keys its MambaConfig lacks: the record is in a file of its own
+    assert "source_weights" not in json.loads((tmp_path / "ssm" / "config.json").read_text())
+    assert json.loads((tmp_path / "ssm" / "mamba_deploy.json").read_text())["source_weights"] == "q8_0"
+    capsys.readouterr()
+    assert main(["verify", str(DEMO2), str(tmp_path / "ssm"), "--lengths", "1,7", "--batch", "1",
+                 "--decode-steps", "2"]) == 0
+    assert "(int8 tolerances)" in capsys.readouterr().out
     out = export_onnx(tmp_path / "hf2", tmp_path / "onnx")
     assert json.loads((out / "manifest.json").read_text())["source_weights"] == "q8_0"
     capsys.readouterr()
     assert main(["verify", str(DEMO2), str(out), "--lengths", "1,7", "--batch", "1", "--decode-steps", "2"]) == 0
     assert "(int8 tolerances)" in capsys.readouterr().out
+
+
+def test_a_gguf_made_from_a_quantized_gguf_records_its_source_type(tmp_path, capsys):
+    """An f32 GGUF exported from a Q8_0 GGUF (directly, or from the checkpoint `convert` made of
+    it) holds Q8_0's rounding but said only F32: verify then held it to fp32's 1e-4 and failed.
+    It now records mamba_deploy.source_weights, and verify takes the looser of that and its own
+    type; a K-quant made from it keeps its own, looser, type."""
+    gguf = pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    q8 = export_gguf(DEMO2, tmp_path / "m.q8_0.gguf", outtype="q8_0")
+    assert main(["convert", str(q8), str(tmp_path / "hf")]) == 0
+    f32s = [export_gguf(q8, tmp_path / "direct.f32.gguf", outtype="f32"),
+            export_gguf(tmp_path / "hf", tmp_path / "via_hf.f32.gguf", outtype="f32")]
+    for f32 in f32s:
+        reader = gguf.GGUFReader(str(f32))
+        assert reader.get_field("mamba_deploy.source_weights").contents() == "q8_0"
+        assert gguf.LlamaFileType(int(reader.get_field("general.file_type").contents())).name == "ALL_F32"
+        capsys.readouterr()
+        args = ["verify", str(DEMO2), str(f32), "--backend", "torch", "--lengths", "1,7", "--batch", "1",
+                "--decode-steps", "2"]
+        assert main(args) == 0, capsys.readouterr().out
+        assert "(int8 tolerances)" in capsys.readouterr().out
+        assert main(args + ["--dtype", "fp32"]) != 0  # the rounding is real: fp32's limits fail it
+    plain = export_gguf(DEMO2, tmp_path / "plain.f32.gguf", outtype="f32")
+    assert gguf.GGUFReader(str(plain)).get_field("mamba_deploy.source_weights") is None

@@ -169,6 +169,9 @@ def read_config(folder: Path) -> MambaConfig:
 # transformers' generation_config.json: the token ids a mamba_ssm config.json has no fields for
 # (its MambaConfig dataclass refuses unknown keys), so `convert --format mamba_ssm` writes them there
 GENERATION_CONFIG = "generation_config.json"
+# this toolkit's own notes on a checkpoint whose config has no room for them (mamba_ssm layout)
+RECORDS_FILE = "mamba_deploy.json"
+SOURCE_WEIGHTS = "source_weights"  # a quantized GGUF's weight type, kept by converts and exports
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -481,26 +484,34 @@ def _short(items, n=8):
 
 # ----------------------------------------------------------------------------- saving
 
+def check_shard_size(fmt: str, max_shard_bytes) -> None:
+    if fmt == "mamba_ssm" and max_shard_bytes is not None:
+        raise ConfigError("the mamba_ssm layout is one pytorch_model.bin (mamba_ssm's from_pretrained reads no "
+                          "shards); drop the shard size (--max-shard-size), or save in the hf layout")
+
+
 def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
-                    extra_config: dict | None = None) -> Path:
-    """Write config.json + safetensors (sharded above max_shard_bytes) in the `hf` or `mamba_ssm`
-    layout, plus the source's tokenizer files. Written to a temporary folder, then renamed."""
+                    max_shard_bytes: int | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint folder plus the source's tokenizer files, to a temporary folder, then renamed.
+    hf: config.json + safetensors, sharded above max_shard_bytes (default DEFAULT_MAX_SHARD_BYTES).
+    mamba_ssm: what its MambaLMHeadModel.from_pretrained reads, one pytorch_model.bin (no shards)
+    and a config.json of its MambaConfig's keys only, with the token ids in generation_config.json.
+    A model whose weights were rounded to a quantized GGUF's type records that type
+    (`source_weights`: verify's limits) in the hf config.json, or in mamba_deploy.json."""
     if fmt not in SAVE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
     if dtype is not None and dtype not in LOAD_DTYPES:  # "fp16" reached Tensor.to as a device name; int8
         # cast A_log and the norms too and wrote a checkpoint the loader refuses
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
+    check_shard_size(fmt, max_shard_bytes)
+    from .export import source_weights
     from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 
     refuse_quantized(model, f"saving in the {fmt} layout", "convert the unquantized source checkpoint, "
                      "then quantize the result (mamba-deploy quantize)", CheckpointError)
     cfg: MambaConfig = model.config
-    config = cfg.to_hf_dict() if fmt == "hf" else cfg.to_mamba_ssm_dict()
-    if extra_config:
-        config.update(extra_config)
     tensors = {}
     for name, t in model.state_dict().items():
         if cfg.tie_embeddings and name == "lm_head.weight":
@@ -509,39 +520,65 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[from_our_key(name, fmt)] = t.contiguous()
+    label = source_weights(model)
+    if fmt == "mamba_ssm":  # MambaConfig(**config.json) is a dataclass that refuses any key it lacks
+        if cfg.tie_embeddings:  # its load_state_dict is strict: the tied head too, as the same tensor
+            tensors["lm_head.weight"] = tensors[from_our_key("backbone.embeddings.weight", fmt)]
+        records = {SOURCE_WEIGHTS: label} if label else None
+        return write_folder(out_dir, cfg.to_mamba_ssm_dict(), tensors, tokenizer_source(model),
+                            progress=progress_wanted(model), token_ids=cfg, records=records, single_bin=True)
+    config = cfg.to_hf_dict()
+    if label:  # transformers keeps an unknown key as an attribute
+        config[SOURCE_WEIGHTS] = label
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return write_folder(out_dir, config, tensors, tokenizer_source(model), max_shard_bytes,
-                        progress=progress_wanted(model), token_ids=cfg if fmt == "mamba_ssm" else None)
+    return write_folder(out_dir, config, tensors, tokenizer_source(model),
+                        DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
+                        progress=progress_wanted(model))
 
 
 def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
-                 token_ids: MambaConfig | None = None) -> Path:
+                 token_ids: MambaConfig | None = None, records: dict | None = None,
+                 single_bin: bool = False) -> Path:
     """Atomically write a checkpoint folder: config.json, (sharded) safetensors, tokenizer files.
     progress: a bar over the bytes written, on stderr, advanced as each shard is written.
-    token_ids: a config whose bos / eos / pad ids go into generation_config.json (mamba_ssm layout)."""
-    from safetensors.torch import save_file
-
+    token_ids: a config whose bos / eos / pad ids go into generation_config.json (mamba_ssm layout).
+    records: this toolkit's notes a layout has no key for, written as RECORDS_FILE.
+    single_bin: one pytorch_model.bin instead (mamba_ssm), where a tensor under two names is stored once."""
     from .progress import progress_bar
 
-    shards = _shards(tensors, max_shard_bytes)
-    total = sum(_nbytes(t) for t in tensors.values())
+    total = sum(_nbytes(t) for t in {id(t): t for t in tensors.values()}.values())
     with atomic_dir(out_dir, CheckpointError) as tmp, progress_bar(total, "writing checkpoint", progress) as bar:
-        n = len(shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for fname, shard in zip(names, shards):
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            bar.update(sum(_nbytes(t) for t in shard.values()))
-        if n > 1:
-            weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if single_bin:
+            torch.save(tensors, tmp / "pytorch_model.bin")
+            bar.update(total)
+        else:
+            _write_safetensors(tmp, tensors, max_shard_bytes, bar)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
         if token_ids is not None:
             write_generation_token_ids(token_ids, tmp)
+        if records:
+            (tmp / RECORDS_FILE).write_text(json.dumps(records, indent=2))
     return Path(out_dir)
+
+
+def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int, bar) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes and their index."""
+    from safetensors.torch import save_file
+
+    shards = _shards(tensors, max_shard_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        bar.update(sum(_nbytes(t) for t in shard.values()))
+    if n > 1:
+        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
+        total = sum(_nbytes(t) for t in tensors.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -563,7 +600,7 @@ def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
 
 def stored_dtype(path_or_hub_id) -> torch.dtype | None:
     """The float dtype a checkpoint folder's weights are stored in: its config's `torch_dtype`,
-    else (params.json has none) the dtype of the first float tensor in its safetensors; or None."""
+    else (params.json, the mamba_ssm layout) the dtype of its first float tensor; or None."""
     path = Path(path_or_hub_id)
     if not path.is_dir():
         return None
@@ -572,16 +609,18 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
     if name in FLOAT_DTYPES:
         return FLOAT_DTYPES[name]
     try:
-        files = [f for f in _weight_files(path) if f.suffix == ".safetensors"]
-    except (ModelNotFoundError, CheckpointError):
+        first = _weight_files(path)[0]
+        if first.suffix != ".safetensors":  # pytorch_model.bin (the mamba_ssm layout): memory-mapped
+            return next((t.dtype for _, t in _iter_bin(first) if t.is_floating_point()), None)
+    except (ModelNotFoundError, CheckpointError, IndexError):
         return None
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(files[0]), framework="pt") as h:
+        with safe_open(str(first), framework="pt") as h:
             codes = (h.get_slice(k).get_dtype() for k in h.keys())
             return next((SAFETENSORS_FLOATS[c] for c in codes if c in SAFETENSORS_FLOATS), None)
-    except (IndexError, SafetensorError, OSError, ValueError):
+    except (SafetensorError, OSError, ValueError):
         return None
 
 
@@ -688,10 +727,18 @@ def _load_model(path_or_hub_id, device, dtype):
     model = _unfilled_model(cfg, device, dtype)
     load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
     model.source_path = path
-    label = raw.get("source_weights")  # `convert` of a quantized GGUF: carried to later converts and exports
-    if isinstance(label, str) and label:
-        model.source_weights = label.lower()
+    label = recorded_source_weights(path)  # `convert` of a quantized GGUF: carried to later converts and exports
+    if label:
+        model.source_weights = label
     return model
+
+
+def recorded_source_weights(folder: Path) -> str | None:
+    """The quantized-GGUF weight type a converted checkpoint records (save_checkpoint): config.json's
+    source_weights, else RECORDS_FILE's (the mamba_ssm layout); or None."""
+    label = read_json_object(folder / "config.json").get(SOURCE_WEIGHTS) or \
+        read_json_object(folder / RECORDS_FILE).get(SOURCE_WEIGHTS)
+    return label.lower() if isinstance(label, str) and label else None
 
 
 def _unfilled_model(cfg: MambaConfig, device, dtype):

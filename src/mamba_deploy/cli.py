@@ -234,19 +234,17 @@ def prefill_progress():
 
 def cmd_convert(args):
     from .atomic import prepare_output_dir
-    from .checkpoint import load_model, save_checkpoint, stored_dtype
+    from .checkpoint import check_shard_size, load_model, save_checkpoint, stored_dtype
     from .errors import CheckpointError
-    from .export import source_weights
 
+    check_shard_size(args.format, args.max_shard_size)
     prepare_output_dir(args.out, CheckpointError)
     # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not
     # silently doubled in size); a GGUF or a checkpoint without torch_dtype is saved as fp32
     dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model) or torch.float32
     model = load_model(args.model, dtype=dtype)
-    label = source_weights(model)  # a quantized GGUF's type: verify's limits for the dequantized weights
     out = save_checkpoint(model, args.out, fmt=args.format, dtype=dtype,
-                          max_shard_bytes=int(args.max_shard_size * 1024**2),
-                          extra_config={"source_weights": label} if label else None)
+                          max_shard_bytes=None if args.max_shard_size is None else int(args.max_shard_size * 1024**2))
     print(f"wrote {args.format} checkpoint ({str(dtype).removeprefix('torch.')}) to {out}")
 
 
@@ -305,11 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="new or empty folder for the converted checkpoint")
     s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf",
                    help="hf: transformers' config and tensor names; mamba_ssm: the original state-spaces "
-                        "mamba_ssm ones (refused for models it cannot express, e.g. Falcon-Mamba)")
+                        "mamba_ssm ones, as one pytorch_model.bin that its from_pretrained loads (refused for "
+                        "models it cannot express, e.g. Falcon-Mamba)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the saved float tensors (default: the dtype the source folder stores, from its "
                         "config or safetensors; fp32 for a .gguf, a hub id or when it cannot be read)")
-    s.add_argument("--max-shard-size", type=positive_float, default=2048, help="MB per safetensors shard")
+    s.add_argument("--max-shard-size", type=positive_float, default=None,
+                   help="MB per safetensors shard (--format hf; default 2048). mamba_ssm reads one pytorch_model.bin")
     s.set_defaults(func=cmd_convert)
 
     ex = sub.add_parser("export", help="export to a deployment format")

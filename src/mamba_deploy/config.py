@@ -397,8 +397,9 @@ class MambaConfig:
                 chunk_size=self.chunk_size,
                 rmsnorm=self.rmsnorm,
                 norm_before_gate=self.norm_before_gate,
-                dt_limit=[_encode_float(v) for v in self.dt_limit],
             )
+            if self.dt_limit != (0.0, math.inf):  # mamba_ssm's default; it reads no {"__float__"}
+                ssm["dt_limit"] = list(self.dt_limit)  # an infinite max is written as JSON's Infinity
         return {
             "d_model": self.d_model,
             "d_intermediate": 0,

@@ -88,6 +88,16 @@ def tolerance_row(label: str) -> str:
                       f"{', '.join(TOLERANCES)} (e.g. --dtype int4) or give every limit with --tolerance")
 
 
+def looser_label(label: str, other: str) -> str:
+    """Of two weight-type labels, the one whose TOLERANCES row is looser (rows go from fp32 to q2);
+    `label` where `other` has no row (an edited file's value is not trusted to loosen anything)."""
+    try:
+        rows = list(TOLERANCES)
+        return other.lower() if rows.index(tolerance_row(other)) > rows.index(tolerance_row(label)) else label
+    except ConfigError:
+        return label
+
+
 def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
     """spec: None (defaults for `label`), a label, a dict of overrides, a 'k=v,k=v' string or a Tolerance."""
     if isinstance(spec, Tolerance):
@@ -148,13 +158,14 @@ def infer_artifact_dtype(path) -> str:
     for key in ("source_weights", "quantization", "dtype"):  # source_weights: an export of a quantized GGUF
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower()
+    from .checkpoint import recorded_source_weights, stored_dtype
+
+    label = recorded_source_weights(folder)  # `convert` of a quantized GGUF
+    if label:
+        return label
     cfg = read_json_object(folder / "config.json")
-    if isinstance(cfg.get("source_weights"), str) and cfg["source_weights"]:  # `convert` of a quantized GGUF
-        return cfg["source_weights"].lower()
     if isinstance(cfg.get("quantization_config"), dict):
         return _quant_label(cfg["quantization_config"])
-    from .checkpoint import stored_dtype
-
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(stored_dtype(folder), "fp32")
 
 

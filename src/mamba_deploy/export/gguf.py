@@ -27,7 +27,7 @@ from ..extras import install_hint
 from ..progress import progress_bar, progress_wanted
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads
-from . import as_model
+from . import as_model, source_weights
 from .gguf_tables import (
     CONFIG_KEYS,
     FALLBACK,
@@ -38,6 +38,7 @@ from .gguf_tables import (
     MODELFILE_NAME,
     OUTTYPES,
     OWN_KEYS,
+    SOURCE_WEIGHTS_KEY,
     OWN_PREFIX,
     TENSORS,
     keep_f32,
@@ -175,6 +176,9 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, kind in metadata_items(cfg):
             _add_kv(writer, key, value, kind)
+        label = source_weights(model)
+        if label:
+            writer.add_string(SOURCE_WEIGHTS_KEY, label)
         add_vocab(writer, vocab)
         for gname, shape, t in plan:
             stored_shape, dtype = _stored_layout(shape, t)

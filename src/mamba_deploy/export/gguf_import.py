@@ -287,16 +287,26 @@ def gguf_tokenizer(reader, path):
 
 
 def weights_label(path) -> str:
-    """The GGUF's weight type as llama.cpp names it (q8_0, q4_k_m, f16, ...; 'fp32' when unreadable):
-    general.file_type, else the type holding most of the 2-D weights' values. Not the most common
-    type by tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv,
-    A, D, gated norm) against its 2 quantized matrices."""
+    """The GGUF's weight type as llama.cpp names it (q8_0, q4_k_m, f16, ...; 'fp32' when unreadable),
+    or the type it records for its source (SOURCE_WEIGHTS_KEY: an f32 export of a q8_0 GGUF holds
+    q8_0's rounding) where that one's verify limits are looser."""
     try:
-        from gguf import LlamaFileType
-
         reader = open_reader(path)
     except (ImportError, ModelNotFoundError, CheckpointError):  # a bad file is the loader's error to report
         return "fp32"
+    from ..verify import looser_label
+    from .gguf_tables import SOURCE_WEIGHTS_KEY
+
+    own, recorded = _file_weight_type(reader), field(reader, SOURCE_WEIGHTS_KEY, None)
+    return looser_label(own, recorded) if isinstance(recorded, str) else own
+
+
+def _file_weight_type(reader) -> str:
+    """general.file_type, else the type holding most of the 2-D weights' values. Not the most common
+    type by tensor count: a Mamba2 layer has 4 small 2-D tensors every outtype keeps in F32 (conv,
+    A, D, gated norm) against its 2 quantized matrices."""
+    from gguf import LlamaFileType
+
     file_type = field(reader, "general.file_type", None)
     if file_type is not None:
         try:

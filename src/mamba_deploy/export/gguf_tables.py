@@ -59,6 +59,9 @@ OWN_KEYS = [
     ("eos_token_id", "u32"),
     ("pad_token_id", "u32"),
 ]
+# the weight type of the model this GGUF was made from when that was itself rounded (a quantized
+# GGUF, or a checkpoint converted from one): verify holds the file to the looser of it and its own type
+SOURCE_WEIGHTS_KEY = OWN_PREFIX + "source_weights"
 
 
 # ----------------------------------------------------------------------------- tensors

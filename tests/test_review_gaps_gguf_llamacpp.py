@@ -398,3 +398,39 @@ def test_file_type_names_the_type_of_the_matrices(outtype, tiny_folder, tmp_path
     ftype = gguf.LlamaFileType(int(r.get_field("general.file_type").contents()))
     stored = gguf.GGMLQuantizationType({t.name: t for t in r.tensors}["blk.0.ssm_in.weight"].tensor_type)
     assert ftype.name == "MOSTLY_" + stored.name
+
+
+@pytest.mark.parametrize("post_processor_bos", [False, True])
+def test_gguf_add_bos_follows_what_the_tokenizer_does_on_every_backend(post_processor_bos, tmp_path):
+    """tokenizer.ggml.add_bos_token came from tokenizer_config.json's add_bos_token, which the
+    tokenizer.json tokenizer (ours, transformers' generic one) does not follow: llama.cpp then
+    added a BOS the checkpoint, the GGUF's torch backend and its ONNX export did not, and gave
+    other tokens. It now follows the tokenizer's own post-processor, and a GGUF asking for a BOS
+    gets one from the tokenizer.json rebuilt from it too. Reference: transformers on the folder."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from mamba_deploy.runners import open_runner
+
+    folder = tmp_path / "m"
+    shutil.copytree(REPO / "models" / "demo-mamba2", folder)
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tcfg, "add_bos_token": not post_processor_bos}))
+    if post_processor_bos:  # the BOS prepended by tokenizer.json itself, as Llama-style ones do
+        tj = json.loads((folder / "tokenizer.json").read_text())
+        tj["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>",
+                                "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [
+                                {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                                     "tokens": ["<|endoftext|>"]}}}
+        (folder / "tokenizer.json").write_text(json.dumps(tj))
+    text = "def main(x):\n    return x"
+    want = transformers.AutoTokenizer.from_pretrained(str(folder))(text).input_ids
+    assert (want[0] == 0) == post_processor_bos
+    (tmp_path / "g").mkdir()
+    out = export_gguf(folder, tmp_path / "g" / "m.gguf")  # alone: the GGUF's own vocabulary everywhere
+    assert bool(gguf.GGUFReader(str(out)).get_field("tokenizer.ggml.add_bos_token").contents()) == post_processor_bos
+    with open_llama(out) as r:
+        assert r.tokenizer.encode(text) == want
+    assert open_runner(out, "torch").tokenizer.encode(text) == want
+    assert open_runner(folder, "torch").tokenizer.encode(text) == want

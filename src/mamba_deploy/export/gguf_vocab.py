@@ -20,8 +20,8 @@ from gguf import TokenType
 from ..chat import CHAT_TEMPLATE_FILE, GGUF_CHAT_TEMPLATE_KEY, read_chat_template
 from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
-from ..tokenizer import (SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece, read_tokenizer_config,
-                         sentencepiece_model_class)
+from ..tokenizer import (PROBE_TEXT, SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece,
+                         read_tokenizer_config, sentencepiece_model_class)
 from .gguf_tables import (ADD_BOS_DEFAULT, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE,
                           SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
@@ -151,12 +151,30 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
         else:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
-    special, add_bos = _special_ids(Path(path).parent, tokens, config_ids or {})
+    special = _special_ids(Path(path).parent, tokens, config_ids or {})
+    add_bos = _adds_bos(Path(path), special.get("bos"))
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
                  special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent))
 
 
-def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dict, bool]:
+def _adds_bos(path: Path, bos: int | None) -> bool:
+    """Whether tokenizer.json itself prepends the BOS (its post-processor), as this project's
+    tokenizer and transformers' generic one encode: tokenizer_config.json's add_bos_token is not
+    what they follow, so a GGUF that took it from there made llama.cpp add a BOS they do not."""
+    if bos is None:
+        return False
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
+        raise ExportError(f"cannot read tokenizer {path} ({e}); copy it again from the model, or pass another "
+                          "with --tokenizer") from e
+    ids = tok.encode(PROBE_TEXT).ids
+    return len(ids) > len(tok.encode(PROBE_TEXT, add_special_tokens=False).ids) and ids[0] == bos
+
+
+def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> dict:
     """Special ids from tokenizer_config.json names, then config.json ids, then common names."""
     index = {t: i for i, t in enumerate(tokens)}
     tcfg = read_tokenizer_config(folder)  # a corrupt one is an error naming it, as everywhere
@@ -170,7 +188,7 @@ def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> tuple[dic
             ids[kind] = int(config_ids[kind])
     if "eos" not in ids:
         ids.update({"eos": index[n] for n in EOS_GUESSES[::-1] if n in index})
-    return ids, bool(tcfg.get("add_bos_token", False))
+    return ids
 
 
 # ----------------------------------------------------------------------------- SentencePiece
@@ -350,6 +368,13 @@ def tokenizer_from_vocab(vocab: Vocab):
                             for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.USER_DEFINED])
+    bos = vocab.special.get("bos")
+    if vocab.add_bos and bos is not None and 0 <= bos < len(vocab.tokens):  # llama.cpp prepends it: so does this
+        from tokenizers import processors
+
+        name = vocab.tokens[bos]
+        tok.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A $B",
+                                                           special_tokens=[(name, bos)])
     return tok
 
 

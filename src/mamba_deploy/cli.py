@@ -181,13 +181,14 @@ def cmd_generate(args):
     template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
     prompts, stops = list(args.prompt), args.stop
-    if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
-        from .chat import chat_ids, chat_stop_ids
+    if args.chat or stops is not None:
+        from .chat import chat_ids, stops_with_eos
 
-        tok = runner.tokenizer
+        stops = stops_with_eos(runner.tokenizer, stops)
+    if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
         system = [{"role": "system", "content": args.system}] if args.system else []
-        prompts = [chat_ids(tok, system + [{"role": "user", "content": p}], template) for p in args.prompt]
-        stops = chat_stop_ids(tok, stops)
+        prompts = [chat_ids(runner.tokenizer, system + [{"role": "user", "content": p}], template)
+                   for p in args.prompt]
     stream = len(args.prompt) == 1 and not args.json
     check_request(runner, prompts, stops, args.stop_string)  # before the prompt is echoed, not after
     if stream:
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 0; logits of tokens already in the prompt or output are divided by it where positive "
                         "and multiplied where negative (CTRL-style: > 1 discourages repeats, 1 = off); "
                         "also applies when greedy")
-    s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable)")
+    s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable), besides the tokenizer's EOS")
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
                    help="stop at this text, which is left out of the output (repeatable)")
     s.add_argument("--seed", type=seed, default=None,

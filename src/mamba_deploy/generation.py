@@ -14,6 +14,7 @@ from .argtypes import is_seed
 from .errors import ConfigError, ShapeError
 
 
+F32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
 # sampling setting -> (valid, the rule as an error states it): SamplingConfig's checks, and serve's
 # per-field 400s (serve_request.py), which name the field the client sent
 SAMPLING_RULES = {
@@ -65,9 +66,10 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     logits = _penalized(logits, cfg, history)
     # shift by the max first: with a tiny temperature logits / T overflows to inf (NaN softmax),
     # while (logits - max) / T only sends the non-max entries towards -inf. A T below float32's
-    # smallest number (~1.4e-45) would round to 0 there (0 / 0 at the max): divide in float64
+    # smallest number (~1.4e-45) would round to 0 there (0 / 0 at the max): divide in float64.
+    # (Compared as a float: casting a T past float32's range warned of an overflow.)
     logits = logits - logits.max(-1, keepdim=True).values
-    if np.float32(cfg.temperature) == 0:
+    if cfg.temperature < F32_SMALLEST:
         logits = logits.double()
     logits = logits / cfg.temperature
     if cfg.top_k:

@@ -74,3 +74,126 @@ def test_a_huge_temperature_samples_without_a_numpy_warning():
         tiny = filtered_probs(logits, SamplingConfig(temperature=1e-46))  # below float32: float64 division
     assert torch.allclose(probs, torch.full_like(probs, 1 / 50))  # T -> inf: uniform, as float64 math says
     assert torch.equal(tiny.argmax(-1), logits.argmax(-1)) and torch.allclose(tiny.max(-1).values, torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- convert / verify
+
+
+def test_mamba_ssm_layout_refuses_an_intermediate_size_it_cannot_hold(tmp_path, capsys):
+    """A Mamba1 whose intermediate_size is not expand * hidden_size was written with expand alone
+    (exit 0), and the output then failed to load on every tensor's shape."""
+    from conftest import build_hf_model
+
+    build_hf_model("mamba", intermediate_size=96).save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 2
+    assert "intermediate size" in capsys.readouterr().err and not (tmp_path / "ssm").exists()
+
+
+def test_a_padded_vocabulary_survives_the_hf_layout(tmp_path):
+    """A mamba_ssm model of 90 tokens padded to 96 rows became a 96-token model in the hf layout:
+    the padding rows turned into tokens (another perplexity) and verify refused the pair as "not
+    the same model". transformers still loads the 96 rows; the real count rides beside them."""
+    import transformers
+
+    from conftest import random_lm
+    from mamba_deploy import MambaConfig, load_model, save_checkpoint
+    from mamba_deploy.errors import ConfigError
+
+    cfg = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=90, pad_vocab_size_multiple=8, d_state=16,
+                      headdim=16, chunk_size=16)
+    save_checkpoint(random_lm(cfg), tmp_path / "ssm", fmt="mamba_ssm")
+    assert main(["convert", str(tmp_path / "ssm"), str(tmp_path / "hf")]) == 0
+    src, hf = load_model(tmp_path / "ssm"), load_model(tmp_path / "hf")
+    assert hf.config.vocab_size == 90 and hf.config.padded_vocab_size == 96
+    ids = torch.randint(0, 90, (2, 19))
+    with torch.no_grad():
+        a, b = src(ids).logits, hf(ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits  # 96 rows
+    assert torch.equal(a, b)
+    assert torch.allclose(b[..., :90], ref[..., :90], rtol=1e-4, atol=1e-5)
+    assert main(["verify", str(tmp_path / "ssm"), str(tmp_path / "hf"), "--lengths", "1,7", "--batch", "1",
+                 "--decode-steps", "2"]) == 0
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**raw, "unpadded_vocab_size": 80}))
+    with pytest.raises(ConfigError, match="unpadded_vocab_size=80"):
+        load_model(tmp_path / "hf")
+
+
+def test_a_recorded_gguf_type_does_not_tighten_a_later_16_bit_save(tmp_path):
+    """A checkpoint converted from an F16 GGUF records f16; converted again with --dtype bf16 it
+    kept saying f16, so verify held bf16 weights to fp16's limits."""
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    f16 = export_gguf(DEMO2, tmp_path / "m.f16.gguf", outtype="f16")
+    assert main(["convert", str(f16), str(tmp_path / "a")]) == 0
+    assert infer_artifact_dtype(tmp_path / "a") == "f16"
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--dtype", "bf16"]) == 0
+    assert infer_artifact_dtype(tmp_path / "b") == "bf16"
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "c"), "--dtype", "fp32"]) == 0
+    assert infer_artifact_dtype(tmp_path / "c") == "f16"  # fp32 does not undo the rounding
+
+
+def test_a_folder_with_safetensors_and_bin_loads_the_safetensors_as_transformers_does(hf_checkpoint, tmp_path):
+    """model.safetensors beside a pytorch_model.bin shard index: the .bin shards were loaded
+    (any index came before any single file) where transformers loads the safetensors."""
+    import shutil
+
+    import transformers
+
+    from conftest import build_hf_model
+    from mamba_deploy import load_model
+
+    src, _ = hf_checkpoint("mamba")
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    other = build_hf_model("mamba", seed=7)
+    torch.save(other.state_dict(), folder / "pytorch_model-00001-of-00001.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in other.state_dict()}}))
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        got = load_model(folder)(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_of_a_config_json_path_keeps_the_stored_dtype(tmp_path):
+    """`convert FOLDER/config.json OUT` (accepted, as by load_model) wrote fp32 where
+    `convert FOLDER OUT` keeps the folder's fp16."""
+    from mamba_deploy.checkpoint import stored_dtype
+
+    assert stored_dtype(DEMO2 / "config.json") == stored_dtype(DEMO2) == torch.float16
+    assert main(["convert", str(DEMO2 / "config.json"), str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_verify_json_is_written_when_stdout_is_closed(tmp_path):
+    """`verify ... --json FILE | head -n 0`: the table's print hit the closed pipe first and the
+    requested file was never written."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_deploy", "verify", str(DEMO2), str(DEMO2), "--lengths",
+                             "1", "--batch", "1", "--decode-steps", "1", "--json", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    proc.stdout.close()  # as `| head -n 0` does
+    proc.wait(timeout=300)
+    assert json.loads(out.read_text())["passed"] is True
+
+
+def test_verify_names_a_gguf_reference_by_its_file(tmp_path, capsys):
+    """A .gguf reference was named by its folder ("vs reference /dir (torch float32)")."""
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    ref = export_gguf(DEMO2, tmp_path / "ref.gguf")
+    report = tmp_path / "r.json"
+    assert main(["verify", str(ref), str(DEMO2), "--lengths", "1", "--batch", "1", "--decode-steps", "1",
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["reference"].startswith(str(ref))
+    assert f"reference {ref} " in capsys.readouterr().out

@@ -33,10 +33,11 @@ CONFIG_FILES = ("config.json", "params.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3",
                    "chat_template.jinja")
-# one complete set of weights, in the order they are looked for: a sharded index, then single files
+# one complete set of weights, in the order they are looked for: safetensors before .bin (a shard
+# index before its single file), as transformers picks them, so a folder holding both loads the same
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin", "consolidated.safetensors")
-WEIGHT_FILES = WEIGHT_INDEXES + WEIGHT_SINGLES
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "consolidated.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -87,13 +88,12 @@ def hub_patterns(names) -> list[str]:
     shards; older repos: pytorch_model.bin beside model.safetensors), in the order _weight_files
     reads them. Shards follow transformers' naming, model-00001-of-00002.safetensors."""
     names = {n for n in names if "/" not in n}  # sub-folders (onnx/, original/) are other artifacts
-    for index in WEIGHT_INDEXES:
-        if index in names:
-            stem, ext = index.removesuffix(".index.json").rsplit(".", 1)
+    for name in WEIGHT_FILES:
+        if name in names and name in WEIGHT_INDEXES:
+            stem, ext = name.removesuffix(".index.json").rsplit(".", 1)
             return HUB_SMALL_FILES + [f"{stem}-*.{ext}"]
-    for single in WEIGHT_SINGLES:
-        if single in names:
-            return HUB_SMALL_FILES + [single]
+        if name in names:
+            return HUB_SMALL_FILES + [name]
     return HUB_SMALL_FILES + ["*.safetensors" if any(n.endswith(".safetensors") for n in names) else "*.bin"]
 
 
@@ -210,9 +210,9 @@ def _weight_files(folder: Path) -> list[Path]:
 def _weight_sources(folder: Path) -> dict[Path, set[str] | None]:
     """weight file -> the tensor names to read from it: those a shard index assigns to it, or None
     (every tensor in the file) when there is no index."""
-    for index_name in WEIGHT_INDEXES:
-        index = folder / index_name
-        if index.exists():
+    for name in WEIGHT_FILES:
+        if name in WEIGHT_INDEXES and (folder / name).exists():
+            index = folder / name
             files: dict[Path, set[str]] = {}
             for k, f in _read_index(index).items():
                 files.setdefault(folder / f, set()).add(k)
@@ -220,7 +220,6 @@ def _weight_sources(folder: Path) -> dict[Path, set[str] | None]:
             if missing:
                 raise CheckpointError(f"shard index {index} names missing files: {missing}")
             return dict(sorted(files.items()))
-    for name in WEIGHT_SINGLES:
         if (folder / name).exists():
             return {folder / name: None}
     found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
@@ -505,7 +504,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
     check_shard_size(fmt, max_shard_bytes)
-    from .export import source_weights
+    from .export import EXACT_TYPES, source_weights
     from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 
@@ -521,6 +520,11 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
             t = t.to(dtype)
         tensors[from_our_key(name, fmt)] = t.contiguous()
     label = source_weights(model)
+    if label and dtype is not None:  # a q8_0 GGUF's weights saved in fp16: q8_0's limits; f16's in bf16: bf16's
+        from .verify import dtype_label, looser_label
+
+        label = looser_label(dtype_label(dtype), label)
+        label = None if label in EXACT_TYPES else label
     if fmt == "mamba_ssm":  # MambaConfig(**config.json) is a dataclass that refuses any key it lacks
         if cfg.tie_embeddings:  # its load_state_dict is strict: the tied head too, as the same tensor
             tensors["lm_head.weight"] = tensors[from_our_key("backbone.embeddings.weight", fmt)]
@@ -602,6 +606,8 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
     """The float dtype a checkpoint folder's weights are stored in: its config's `torch_dtype`,
     else (params.json, the mamba_ssm layout) the dtype of its first float tensor; or None."""
     path = Path(path_or_hub_id)
+    if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
+        path = path.parent
     if not path.is_dir():
         return None
     raw = read_json_object(path / "config.json")

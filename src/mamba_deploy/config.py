@@ -231,6 +231,8 @@ class MambaConfig:
         except KeyError as e:
             raise ConfigError(f"HF {model_type} {where} lacks required key {e.args[0]!r}") from e
         fix = "correct that value (or re-download the model's config.json)"
+        if d.get("unpadded_vocab_size") is not None:  # written by to_hf_dict for a padded vocabulary
+            common["vocab_size"] = _unpadded_vocab(d, where, fix)
         if arch == "mamba1":
             rank = d.get("time_step_rank", "auto")
             kw = check_values(dict(common, dt_rank=None if rank == "auto" else rank, dt_bc_rms=dt_bc_rms,
@@ -346,6 +348,10 @@ class MambaConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
+        if self.padded_vocab_size != self.vocab_size:
+            # transformers needs vocab_size = the embedding's rows; the real count (a mamba_ssm
+            # model's 50277 of 50280) is kept beside it, so the padding rows stay masked
+            common.update(unpadded_vocab_size=self.vocab_size, pad_vocab_size_multiple=self.pad_vocab_size_multiple)
         if self.arch == "mamba1":
             mt = "falcon_mamba" if self.dt_bc_rms else "mamba"
             extra = {
@@ -380,6 +386,9 @@ class MambaConfig:
             # its config has no such field: MixerModel's and Mamba2's gated norm eps are fixed
             raise ConfigError(f"mamba_ssm fixes the RMSNorm epsilon at {MAMBA_SSM_NORM_EPS:g}; this model uses "
                               f"{self.rms_norm_eps:g}, which would change its outputs; save with --format hf")
+        if self.d_inner != self.expand * self.d_model:  # mamba_ssm sizes its layers from expand alone
+            raise ConfigError(f"mamba_ssm has no intermediate size of its own: this model's {self.d_inner} is not "
+                              f"expand * d_model = {self.expand} * {self.d_model}; save with --format hf")
         ssm: dict[str, Any] = {
             "layer": "Mamba1" if self.arch == "mamba1" else "Mamba2",
             "d_state": self.d_state,
@@ -437,6 +446,17 @@ def config_key(cfg: MambaConfig, name: str) -> str:
     """How the config file `cfg` was read from spells our field `name` (tie_embeddings ->
     tie_word_embeddings in an HF config.json), for messages that tell the user what to edit."""
     return DIALECT_KEYS.get(cfg.source, {}).get(name, name)
+
+
+def _unpadded_vocab(d: dict, where: str, fix: str) -> int:
+    """An HF config's unpadded_vocab_size, checked to pad up to its vocab_size (the embedding's rows)."""
+    v = check_values({"vocab_size": d["unpadded_vocab_size"], "pad_vocab_size_multiple":
+                      d.get("pad_vocab_size_multiple", 1)}, where, fix, {"vocab_size": "unpadded_vocab_size"})
+    n, m = v["vocab_size"], v["pad_vocab_size_multiple"]
+    if (n + m - 1) // m * m != d["vocab_size"]:
+        raise ConfigError(f"{where}: unpadded_vocab_size={n} padded to a multiple of pad_vocab_size_multiple={m} "
+                          f"is not vocab_size={d['vocab_size']!r}; {fix}")
+    return n
 
 
 def _refuse_layernorm(d: dict, where: str) -> None:

@@ -160,13 +160,17 @@ def infer_artifact_dtype(path) -> str:
             return manifest[key].lower()
     from .checkpoint import recorded_source_weights, stored_dtype
 
-    label = recorded_source_weights(folder)  # `convert` of a quantized GGUF
-    if label:
-        return label
     cfg = read_json_object(folder / "config.json")
     if isinstance(cfg.get("quantization_config"), dict):
         return _quant_label(cfg["quantization_config"])
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(stored_dtype(folder), "fp32")
+    stored = dtype_label(stored_dtype(folder))
+    recorded = recorded_source_weights(folder)  # `convert` of a quantized GGUF; later saved in `stored`
+    return looser_label(stored, recorded) if recorded else stored
+
+
+def dtype_label(dtype) -> str:
+    """A float dtype's row label: fp16, bf16, else fp32 (float64 and None included)."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def _quant_label(qc: dict) -> str:
@@ -538,11 +542,12 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
     if backend == "torch":
         opts.setdefault("device", device)
     art = open_runner(artifact, backend, **opts)
-    if getattr(art, "artifact_path", None) is None:
-        try:  # so reports name the file verified even when the runner keeps only its tokenizer folder
-            art.artifact_path = Path(str(artifact))
-        except AttributeError:
-            pass
+    for runner, path in ((ref, reference), (art, artifact)):
+        if getattr(runner, "artifact_path", None) is None:
+            try:  # so reports name the file given (a .gguf) when the runner keeps only its folder
+                runner.artifact_path = Path(str(path))
+            except AttributeError:
+                pass
     return ref, art, infer_artifact_dtype(artifact)
 
 
@@ -588,9 +593,9 @@ def cmd_verify(args):
     finally:
         art.close()
         ref.close()
-    print(report.table())
-    if args.json:
+    if args.json:  # first: a closed stdout (`| head`) must not lose the file asked for
         write_json_atomic(args.json, report.to_dict())
+    print(report.table())
     if not report.passed:
         raise VerificationError(f"{args.artifact} is beyond tolerance of {args.reference}: "
                                 + "; ".join(report.failures)

@@ -197,3 +197,97 @@ def test_verify_names_a_gguf_reference_by_its_file(tmp_path, capsys):
                  "--json", str(report)]) == 0
     assert json.loads(report.read_text())["reference"].startswith(str(ref))
     assert f"reference {ref} " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- quantize / train / serve
+
+
+def test_rules_that_quantize_nothing_are_refused(tmp_path, capsys):
+    """A --config whose rules disable every module wrote a checkpoint (exit 0) that every loader
+    then refused, with advice to re-create it with quantize."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"quant_cfg": {"*": {"enable": False}}}))
+    out = tmp_path / "q"
+    assert main(["quantize", str(DEMO2), str(out), "--method", "int8", "--config", str(rules)]) == 2
+    assert "no module to quantize" in capsys.readouterr().err and not out.exists()
+
+
+def test_quantizing_a_quantized_gguf_records_its_type(tmp_path):
+    """int8 of a Q4_0 GGUF dropped the GGUF's type: verify held it to int8's limits, which Q4_0's
+    own rounding exceeds. The type is recorded and the looser of the two rows applies."""
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    q4 = export_gguf(DEMO2, tmp_path / "m.q4_0.gguf", outtype="q4_0")
+    assert main(["quantize", str(q4), str(tmp_path / "q"), "--method", "int8"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["source_weights"] == "q4_0"
+    assert infer_artifact_dtype(tmp_path / "q") == "q4_0"
+
+
+def test_train_eval_tokens_one_is_refused_by_the_parser():
+    """--eval-tokens 1 was accepted and failed after every training step had run."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--tokenizer", str(DEMO2), "--out", "unused", "--eval-tokens", "1"])
+    assert e.value.code == 2
+
+
+def test_resume_with_no_steps_left_is_refused_and_keeps_the_log(tmp_path, capsys):
+    """--resume with --steps at or below the steps done trained nothing, exited 0 and overwrote
+    train_log.json (train_seconds 0, the new command)."""
+    common = ["--preset", "tiny-mamba2", "--tokenizer", str(DEMO2), "--data-cache", str(tmp_path / "cache"),
+              "--batch", "2", "--seq-len", "32", "--eval-batch", "2", "--warmup", "1", "--save-every", "2",
+              "--eval-every", "2", "--out", str(tmp_path / "m")]
+    assert main(["train", *common, "--steps", "4"]) == 0
+    log = (tmp_path / "m" / "train_log.json").read_text()
+    capsys.readouterr()
+    assert main(["train", *common, "--steps", "2", "--resume"]) == 2
+    assert "already done 4 steps" in capsys.readouterr().err
+    assert (tmp_path / "m" / "train_log.json").read_text() == log
+
+
+def test_chat_accepts_openais_developer_role_and_a_null_assistant_content():
+    """OpenAI clients send role "developer" (the newer "system") and content null on an assistant
+    turn that only called tools: both were 400s."""
+    from mamba_deploy.chat import check_messages, render_chat
+
+    msgs = check_messages([{"role": "developer", "content": "be brief"},
+                           {"role": "assistant", "content": None, "tool_calls": []},
+                           {"role": "user", "content": "hi"}])
+    assert [m["role"] for m in msgs] == ["system", "assistant", "user"] and msgs[1]["content"] == ""
+    tmpl = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}"
+    assert render_chat(tmpl, msgs) == "system:be brief;assistant:;user:hi;"
+
+
+def test_chat_max_completion_tokens_null_is_the_default(tmp_path):
+    """`"max_completion_tokens": null` was a 400 "must be in [1, LIMIT], got 16", a value never
+    sent; null max_tokens and a missing field already meant the default capped at the limit."""
+    import http.client
+    import shutil
+    import threading
+
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    shutil.copytree(DEMO2, tmp_path / "m")
+    tcfg = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**tcfg, "chat_template": template}))
+    server = make_server(open_runner(tmp_path / "m", "torch"), "127.0.0.1", 0, quiet=True, max_tokens_limit=5)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for extra in ({}, {"max_completion_tokens": None}, {"max_tokens": None}):
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+            conn.request("POST", "/v1/chat/completions", json.dumps(
+                {"messages": [{"role": "user", "content": "def"}], "temperature": 0, **extra}),
+                {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            reply = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 200, reply
+            assert reply["usage"]["completion_tokens"] <= 5
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)

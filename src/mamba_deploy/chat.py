@@ -21,6 +21,8 @@ from .errors import ConfigError
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 ROLES = ("system", "user", "assistant", "tool")
+# OpenAI's newer name for the system turn (o1 and later clients send it): templates know "system"
+ROLE_ALIASES = {"developer": "system"}
 
 
 class ChatTemplateError(ConfigError):
@@ -66,9 +68,14 @@ def check_messages(messages) -> list[dict]:
                           f"got {_show(messages)}")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") in ROLE_ALIASES:
+            m = {**m, "role": ROLE_ALIASES[m["role"]]}
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ConfigError(f"message {i} must be an object with a role in {list(ROLES)}, got {_show(m)}")
+            raise ConfigError(f"message {i} must be an object with a role in {list(ROLES) + list(ROLE_ALIASES)}, "
+                              f"got {_show(m)}")
         content = m.get("content")
+        if content is None and m["role"] == "assistant":  # OpenAI's shape of a turn that only called tools
+            content = ""
         if isinstance(content, list):  # OpenAI content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):

@@ -416,7 +416,8 @@ class _Handler(BaseHTTPRequestHandler):
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]
-        if "max_completion_tokens" in body and "max_tokens" not in body:  # OpenAI's newer name
+        if body.get("max_completion_tokens") is not None and "max_tokens" not in body:  # OpenAI's newer name
+            # (null: not sent, as max_tokens null is: the default, capped at the limit)
             n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
             rest["max_tokens"] = _check_max_tokens(n, "max_completion_tokens", self.server.max_tokens_limit)
         return {**rest, "prompt": ids}

@@ -298,6 +298,9 @@ def setup(args) -> SimpleNamespace:
                 f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
                 f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
                 "or drop --resume (or use another --work-dir) to start over") from e
+        if st["step"] >= args.steps:  # nothing to train: the saved run and its train_log.json stay as they are
+            raise ConfigError(f"--resume: {state_path} has already done {st['step']} steps, and --steps {args.steps} "
+                              f"counts those too; pass --steps above {st['step']} to train further")
         run.opt.load_state_dict(st["opt"])
         run.step, run.log = st["step"], st["log"]
         run.rng.bit_generator.state = st["rng"]
@@ -338,6 +341,17 @@ def resolve_micro_batch(args, device) -> int:
     if device.type != "cpu":
         return args.batch
     return max(1, min(args.batch, CPU_MICRO_TOKENS // args.seq_len))
+
+
+def eval_tokens(text: str) -> int:
+    """--eval-tokens: 0 (no evaluation) or >= 2; 1 was accepted and failed after the whole run."""
+    import argparse
+
+    n = nonnegative_int(text)
+    if n == 1:
+        raise argparse.ArgumentTypeError("must be 0 (no evaluation) or >= 2 (perplexity scores each token "
+                                         "after the first), got 1")
+    return n
 
 
 def _train(args) -> dict:
@@ -479,7 +493,8 @@ def register(subparsers):
     s.add_argument("--eval-batch", type=positive_int, default=8,
                    help="how many validation windows of --seq-len tokens each evaluation scores (the same ones "
                         "every time)")
-    s.add_argument("--eval-tokens", type=nonnegative_int, default=0, help="final carried-state val perplexity on N tokens")
+    s.add_argument("--eval-tokens", type=eval_tokens, default=0,
+                   help="final carried-state val perplexity on N tokens (0 = none, else >= 2: the first is not scored)")
     s.add_argument("--save-every", type=positive_int, default=200,
                    help="steps between saves of the training state (WORK_DIR/train_state.pt) and the fp16 "
                         "checkpoint in --out, and at the last step")

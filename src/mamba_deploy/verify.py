@@ -162,10 +162,11 @@ def infer_artifact_dtype(path) -> str:
 
     cfg = read_json_object(folder / "config.json")
     if isinstance(cfg.get("quantization_config"), dict):
-        return _quant_label(cfg["quantization_config"])
-    stored = dtype_label(stored_dtype(folder))
-    recorded = recorded_source_weights(folder)  # `convert` of a quantized GGUF; later saved in `stored`
-    return looser_label(stored, recorded) if recorded else stored
+        own = _quant_label(cfg["quantization_config"])
+    else:
+        own = dtype_label(stored_dtype(folder))
+    recorded = recorded_source_weights(folder)  # `convert` (or quantize) of a quantized GGUF
+    return looser_label(own, recorded) if recorded else own
 
 
 def dtype_label(dtype) -> str:

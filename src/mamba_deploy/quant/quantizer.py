@@ -39,6 +39,9 @@ def quantize(model, method: str, **options):
         raise QuantizationError("this model is already quantized; load the float checkpoint and quantize that")
     opts = method_options(method, options)
     plan = {k: v for k, v in build_plan(model, opts).items() if v is not None}
+    if not plan:  # a checkpoint that quantizes nothing is one no loader takes
+        raise QuantizationError("the rules leave no module to quantize (every one has enable: false); enable at "
+                                "least one, or keep the float checkpoint (mamba-deploy convert re-saves it)")
     done: dict[str, dict] = {}
     emb = OPTIONAL_MODULES["embeddings"]
     if emb in plan:
@@ -136,8 +139,14 @@ def save_quantized(model, out_dir):
     qc = getattr(model, "quantization_config", None)
     if not qc:
         raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
+    from ..checkpoint import SOURCE_WEIGHTS
+    from ..export import source_weights
+
     config = model.config.to_hf_dict()
     config["quantization_config"] = qc
+    label = source_weights(model)  # quantized from a quantized GGUF: its rounding is in there too
+    if label:
+        config[SOURCE_WEIGHTS] = label
     tensors = {k: _narrowest_exact(t) for k, t in saved_tensors(model).items()}
     return write_folder(out_dir, config, tensors, tokenizer_source(model))
 

@@ -291,3 +291,18 @@ def test_chat_max_completion_tokens_null_is_the_default(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(30)
+
+
+def test_quantized_onnx_export_names_only_the_flag_at_fault(tmp_path):
+    """`export onnx QUANTIZED OUT --dtype fp16` said "(got --dtype fp16, --opset 17); drop those
+    flags", naming an --opset that was never given."""
+    pytest.importorskip("onnx")
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.quant import quantize
+
+    q = quantize(load_model(DEMO2), "int8", progress=False)
+    with pytest.raises(ExportError, match=r"\(got --dtype fp16\); drop that flag") as e:
+        export_onnx(q, tmp_path / "o", dtype="fp16")
+    assert "--opset" not in str(e.value).split("(got")[1]

@@ -90,9 +90,11 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         # weight-only int8 / int4 become ORT's MatMulNBits (a separate, ORT-only graph)
         from ..quant.onnx_nbits import ACCURACY_LEVEL, export_quantized_onnx
 
-        if dtype != "fp32" or opset != DEFAULT_OPSET:
+        bad = [f for f, wrong in ((f"--dtype {dtype}", dtype != "fp32"), (f"--opset {opset}", opset != DEFAULT_OPSET))
+               if wrong]
+        if bad:  # only the flags actually at fault are named
             raise ExportError(f"a quantized model exports with fp32 activations and opset {DEFAULT_OPSET} only "
-                              f"(got --dtype {dtype}, --opset {opset}); drop those flags")
+                              f"(got {', '.join(bad)}); drop {'that flag' if len(bad) == 1 else 'those flags'}")
         level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
         return export_quantized_onnx(model, out_dir, validate=validate, accuracy_level=level, scan_chunk=scan_chunk)
     if accuracy_level is not None:
@@ -470,7 +472,7 @@ def register(subparsers) -> None:
                    help="fp16: the linear, embedding and lm_head weights are stored and multiplied in fp16; norms, "
                         "the SSM scan, the state and the graph's inputs and outputs stay fp32 (a quantized "
                         "checkpoint takes fp32 only)")
-    s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET}; a quantized checkpoint exports at {DEFAULT_OPSET} only)")
     s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     s.add_argument("--accuracy-level", type=int, choices=range(5), default=None,
                    help="quantized checkpoints: ONNX Runtime MatMulNBits compute type, 0/1 fp32, 2 fp16, 3 bf16, "

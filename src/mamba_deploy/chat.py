@@ -176,17 +176,6 @@ def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stops_with_eos(tokenizer, stop_token_ids):
-    """The stop ids of a text or chat prompt from the CLI or the server: the caller's plus the
-    tokenizer's EOS, as llama.cpp and vLLM stop at EOS beside any stop ids (`--stop 13` used to
-    replace it, and generation ran on past the end of text). generate() itself adds the EOS only
-    for text prompts without stop ids, and chat prompts are token ids."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if stop_token_ids is None:
-        return eos or None
-    return sorted(set(stop_token_ids) | set(eos))
-
-
 def _token_text(tokenizer, token_id) -> str:
     if token_id is None:
         return ""

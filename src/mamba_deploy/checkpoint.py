@@ -504,7 +504,6 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
     check_shard_size(fmt, max_shard_bytes)
-    from .export import EXACT_TYPES, source_weights
     from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 
@@ -519,12 +518,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[from_our_key(name, fmt)] = t.contiguous()
-    label = source_weights(model)
-    if label and dtype is not None:  # a q8_0 GGUF's weights saved in fp16: q8_0's limits; f16's in bf16: bf16's
-        from .verify import dtype_label, looser_label
-
-        label = looser_label(dtype_label(dtype), label)
-        label = None if label in EXACT_TYPES else label
+    label = saved_source_weights(model, dtype)
     if fmt == "mamba_ssm":  # MambaConfig(**config.json) is a dataclass that refuses any key it lacks
         if cfg.tie_embeddings:  # its load_state_dict is strict: the tied head too, as the same tensor
             tensors["lm_head.weight"] = tensors[from_our_key("backbone.embeddings.weight", fmt)]
@@ -539,6 +533,20 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     return write_folder(out_dir, config, tensors, tokenizer_source(model),
                         DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
                         progress=progress_wanted(model))
+
+
+def saved_source_weights(model, dtype: torch.dtype | None = None) -> str | None:
+    """The quantized-GGUF weight type a checkpoint saved from `model` in `dtype` records
+    (SOURCE_WEIGHTS), or None: a q8_0 GGUF's weights saved in fp16 keep q8_0's limits, an F16
+    GGUF's saved in bf16 get bf16's (the looser of the two)."""
+    from .export import EXACT_TYPES, source_weights
+
+    label = source_weights(model)
+    if label and dtype is not None:
+        from .verify import dtype_label, looser_label
+
+        label = looser_label(dtype_label(dtype), label)
+    return None if label in EXACT_TYPES else label
 
 
 def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
@@ -558,7 +566,7 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
             torch.save(tensors, tmp / "pytorch_model.bin")
             bar.update(total)
         else:
-            _write_safetensors(tmp, tensors, max_shard_bytes, bar)
+            _write_safetensors(tmp, tensors, max_shard_bytes, total, bar)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
         if token_ids is not None:
@@ -568,8 +576,8 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
     return Path(out_dir)
 
 
-def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int, bar) -> None:
-    """model.safetensors, or shards of at most max_shard_bytes and their index."""
+def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int, total: int, bar) -> None:
+    """model.safetensors, or shards of at most max_shard_bytes and their index (total: all bytes)."""
     from safetensors.torch import save_file
 
     shards = _shards(tensors, max_shard_bytes)
@@ -580,7 +588,6 @@ def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int, bar) -
         bar.update(sum(_nbytes(t) for t in shard.values()))
     if n > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
-        total = sum(_nbytes(t) for t in tensors.values())
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
@@ -733,17 +740,18 @@ def _load_model(path_or_hub_id, device, dtype):
     model = _unfilled_model(cfg, device, dtype)
     load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
     model.source_path = path
-    label = recorded_source_weights(path)  # `convert` of a quantized GGUF: carried to later converts and exports
+    label = recorded_source_weights(path, raw)  # `convert` of a quantized GGUF: carried to later converts and exports
     if label:
         model.source_weights = label
     return model
 
 
-def recorded_source_weights(folder: Path) -> str | None:
+def recorded_source_weights(folder: Path, config: dict | None = None) -> str | None:
     """The quantized-GGUF weight type a converted checkpoint records (save_checkpoint): config.json's
-    source_weights, else RECORDS_FILE's (the mamba_ssm layout); or None."""
-    label = read_json_object(folder / "config.json").get(SOURCE_WEIGHTS) or \
-        read_json_object(folder / RECORDS_FILE).get(SOURCE_WEIGHTS)
+    source_weights (`config`: that file, when the caller has read it), else RECORDS_FILE's (the
+    mamba_ssm layout); or None."""
+    config = read_json_object(folder / "config.json") if config is None else config
+    label = config.get(SOURCE_WEIGHTS) or read_json_object(folder / RECORDS_FILE).get(SOURCE_WEIGHTS)
     return label.lower() if isinstance(label, str) and label else None
 
 

@@ -172,7 +172,7 @@ def cmd_inspect(args):
 
 def cmd_generate(args):
     from .chat import read_template_file
-    from .generation import TextStream, check_request, check_stop_strings, generate
+    from .generation import TextStream, check_request, check_stop_strings, generate, stops_with_eos
     from .runners import open_runner
 
     check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
@@ -182,10 +182,10 @@ def cmd_generate(args):
     runner = open_runner(args.model, args.backend, **runner_options(args))
     prompts, stops = list(args.prompt), args.stop
     if args.chat or stops is not None:
-        from .chat import chat_ids, stops_with_eos
-
         stops = stops_with_eos(runner.tokenizer, stops)
     if args.chat:  # each --prompt one user turn (after --system), in the model's chat format
+        from .chat import chat_ids
+
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [chat_ids(runner.tokenizer, system + [{"role": "user", "content": p}], template)
                    for p in args.prompt]
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 0; logits of tokens already in the prompt or output are divided by it where positive "
                         "and multiplied where negative (CTRL-style: > 1 discourages repeats, 1 = off); "
                         "also applies when greedy")
-    s.add_argument("--stop", type=nonnegative_int, action="append", default=None, help="stop token id (repeatable), besides the tokenizer's EOS")
+    s.add_argument("--stop", type=nonnegative_int, action="append", default=None,
+                   help="stop token id (repeatable), besides the tokenizer's EOS")
     s.add_argument("--stop-string", action="append", default=None, metavar="TEXT",
                    help="stop at this text, which is left out of the output (repeatable)")
     s.add_argument("--seed", type=seed, default=None,

@@ -128,7 +128,8 @@ def register(subparsers):
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
     s.add_argument("--text", default=None, help="a UTF-8 text file")
     s.add_argument("--corpus", default=None, help="stdlib-val | stdlib-train (this Python's stdlib, see data.py)")
-    s.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens of the text (N-1 are scored: the first has nothing before it)")
+    s.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="use only the first N tokens of the text (N-1 are scored: the first has nothing before it)")
     s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")

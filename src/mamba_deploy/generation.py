@@ -379,6 +379,17 @@ def check_request(runner, prompts, stop_token_ids=None, stop_strings=None) -> No
     _prepare(runner, prompts, stop_token_ids, check_stop_strings(stop_strings))
 
 
+def stops_with_eos(tokenizer, stop_token_ids):
+    """The stop ids of a text or chat prompt from the CLI or the server: the caller's plus the
+    tokenizer's EOS, as llama.cpp and vLLM stop at EOS beside any stop ids (`--stop 13` used to
+    replace it, and generation ran on past the end of text). generate() itself adds the EOS only
+    for text prompts without stop ids, and chat prompts are token ids."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if stop_token_ids is None:
+        return eos or None
+    return sorted(set(stop_token_ids) | set(eos))
+
+
 def _prepare(runner, prompts, stop_token_ids, stop_strings):
     """Prompts -> (token id lists, tokenizer or None, whether prompts were text, stop ids tensor).
     The tokenizer is needed for text prompts and for stop strings (found in decoded text)."""

@@ -19,7 +19,8 @@ Several prompts in one request are that request's rows.
 `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists.
 `stop` is a string or a list of up to 4 (the text ends before the first one found; a stream
 never shows it). Extensions to the OpenAI schema: `stop_token_ids` (besides the EOS, for text
-and chat prompts; alone for token-id prompts), `top_k`, `min_p`, `repetition_penalty` in the request, and `token_ids` (the generated ids) in every choice / stream chunk.
+and chat prompts; alone for token-id prompts), `top_k`, `min_p`, `repetition_penalty` in the
+request, and `token_ids` (the generated ids) in every choice / stream chunk.
 Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). OpenAI fields the
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
 chat's tools / response_format, ...) are a 400 naming the field, never silently ignored
@@ -367,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
         self._check_prompt_lengths(prompts, as_text, chat)
         if chat or (as_text and kw["stop_token_ids"] is not None):
-            from .chat import stops_with_eos
+            from .generation import stops_with_eos
 
             kw["stop_token_ids"] = stops_with_eos(s.runner.tokenizer, kw["stop_token_ids"])
         if stream:

@@ -106,12 +106,12 @@ def _special_id(tok, cfg: dict, key: str):
     return None
 
 
-def _named_special_ids(tok, folder: Path) -> dict[str, int]:
-    """SPECIAL_TOKEN_NAMES -> id as tokenizer_config.json and special_tokens_map.json name them
-    (the latter wins, as in transformers), for those in the vocabulary."""
+def _named_special_ids(tok, folder: Path, tcfg: dict) -> dict[str, int]:
+    """SPECIAL_TOKEN_NAMES -> id as tokenizer_config.json (`tcfg`, read by the caller) and
+    special_tokens_map.json name them (the latter wins, as in transformers), for those in the vocabulary."""
     from .atomic import read_json_object
 
-    cfg = {**read_tokenizer_config(folder), **read_json_object(folder / "special_tokens_map.json")}
+    cfg = {**tcfg, **read_json_object(folder / "special_tokens_map.json")}
     ids = {key: _special_id(tok, cfg, key) for key in SPECIAL_TOKEN_NAMES}
     return {k: i for k, i in ids.items() if i is not None}
 
@@ -180,7 +180,7 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
             if tok.token_to_id(name) is not None:
                 eos = tok.token_to_id(name)
                 break
-    return Tokenizer(tok, eos, bos, folder, special_token_ids=_named_special_ids(tok, folder))
+    return Tokenizer(tok, eos, bos, folder, special_token_ids=_named_special_ids(tok, folder, tcfg))
 
 
 PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)

@@ -165,7 +165,7 @@ def infer_artifact_dtype(path) -> str:
         own = _quant_label(cfg["quantization_config"])
     else:
         own = dtype_label(stored_dtype(folder))
-    recorded = recorded_source_weights(folder)  # `convert` (or quantize) of a quantized GGUF
+    recorded = recorded_source_weights(folder, cfg)  # `convert` (or quantize) of a quantized GGUF
     return looser_label(own, recorded) if recorded else own
 
 

@@ -38,8 +38,8 @@ from .gguf_tables import (
     MODELFILE_NAME,
     OUTTYPES,
     OWN_KEYS,
-    SOURCE_WEIGHTS_KEY,
     OWN_PREFIX,
+    SOURCE_WEIGHTS_KEY,
     TENSORS,
     keep_f32,
 )

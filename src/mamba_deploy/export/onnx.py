@@ -472,7 +472,8 @@ def register(subparsers) -> None:
                    help="fp16: the linear, embedding and lm_head weights are stored and multiplied in fp16; norms, "
                         "the SSM scan, the state and the graph's inputs and outputs stay fp32 (a quantized "
                         "checkpoint takes fp32 only)")
-    s.add_argument("--opset", type=opset_arg, default=None, help=f"ONNX opset (default {DEFAULT_OPSET}; a quantized checkpoint exports at {DEFAULT_OPSET} only)")
+    s.add_argument("--opset", type=opset_arg, default=None,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}; a quantized checkpoint exports at {DEFAULT_OPSET} only)")
     s.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     s.add_argument("--accuracy-level", type=int, choices=range(5), default=None,
                    help="quantized checkpoints: ONNX Runtime MatMulNBits compute type, 0/1 fp32, 2 fp16, 3 bf16, "

@@ -107,8 +107,8 @@ def cmd_quantize(args):
 
 def register(subparsers):
     s = subparsers.add_parser("quantize", help="quantize a checkpoint (int8, int4, GPTQ, AWQ, SmoothQuant, FP8)")
-    s.add_argument("model", help="float checkpoint folder, hub id or .gguf file (a checkpoint this tool quantized is refused; a "
-                        "quantized GGUF's type is recorded, and verify allows for it)")
+    s.add_argument("model", help="float checkpoint folder, hub id or .gguf file (a checkpoint this tool quantized "
+                                 "is refused; a quantized GGUF's type is recorded, and verify allows for it)")
     s.add_argument("out", help="new or empty folder for the quantized checkpoint")
     s.add_argument("--method", choices=list(METHODS), default=None,
                    help="int8: per-channel weight-only; int4: grouped round-to-nearest; gptq, awq: calibrated int4; "

@@ -139,12 +139,11 @@ def save_quantized(model, out_dir):
     qc = getattr(model, "quantization_config", None)
     if not qc:
         raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
-    from ..checkpoint import SOURCE_WEIGHTS
-    from ..export import source_weights
+    from ..checkpoint import SOURCE_WEIGHTS, saved_source_weights
 
     config = model.config.to_hf_dict()
     config["quantization_config"] = qc
-    label = source_weights(model)  # quantized from a quantized GGUF: its rounding is in there too
+    label = saved_source_weights(model)  # quantized from a quantized GGUF: its rounding is in there too
     if label:
         config[SOURCE_WEIGHTS] = label
     tensors = {k: _narrowest_exact(t) for k, t in saved_tensors(model).items()}

@@ -108,9 +108,12 @@ def test_a_cancelled_request_leaves_and_the_others_go_on(hf_checkpoint, schedule
     folder, hf = hf_checkpoint("mamba")
     runner = _Recording(load_model(folder))
     runner.gate, runner.hold_rows = threading.Event(), 3
-    sched = scheduler_for(runner, max_rows=4)
+    # all three queue before the loop starts: else a loaded machine can let the first request
+    # step its 12 tokens alone before the others are submitted (CI saw no 3-row step in 10 s)
+    sched = scheduler_for(runner, max_rows=4, thread=False)
     prompts = _prompts((4, 6, 9), seed=2)
     jobs = [sched.submit([p], max_new_tokens=12, stop_token_ids=[]) for p in prompts]
+    threading.Thread(target=sched.run, daemon=True).start()
     wait_until(lambda: runner.step_batches and runner.step_batches[-1] == 3, "all three rows to step together")
     jobs[1].cancel()
     runner.gate.set()

@@ -282,10 +282,13 @@ def test_a_stream_whose_write_finds_the_client_gone_logs_the_client_closed_line(
     monkeypatch.setattr(serve, "peer_closed", lambda sock: False)
     folder, _ = hf_checkpoint("mamba")
     runner = _Gated(load_model(folder))
+    # steps of both rows wait until the stream's socket is closed: polling for "2 running" alone
+    # missed the other's 30 tokens on a loaded CI machine
+    runner.gate, runner.hold_rows = threading.Event(), 2
     alone = TorchRunner(runner.model)
     server, _ = _serve(runner, request, max_num_seqs=4)
     server.quiet = False
-    request.addfinalizer(lambda: (server.shutdown(), server.server_close()))
+    request.addfinalizer(lambda: (runner.gate.set(), server.shutdown(), server.server_close()))
     body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "stream": True,
                        "stop_token_ids": []}).encode()
     sock = socket.create_connection(server.server_address[:2], timeout=TIMEOUT)
@@ -295,8 +298,9 @@ def test_a_stream_whose_write_finds_the_client_gone_logs_the_client_closed_line(
     while b"data: " not in got:
         got += sock.recv(65536)
     other = in_thread(_post, server, {"prompt": [4, 5], "max_tokens": 30, "temperature": 0, "stop_token_ids": []})
-    wait_until(lambda: server.scheduler.stats()["running"] == 2, "both to run")
+    wait_until(lambda: 2 in runner.steps, "both to run")
     sock.close()
+    runner.gate.set()
     other[0].join(TIMEOUT)
     status, raw = other[1][0]
     assert status == 200

@@ -78,6 +78,10 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
     if n < 1:
         raise QuantizationError(f"calibration data has {ids.numel()} tokens, fewer than one sequence of calib_len="
                                 f"{seq_len} (--calib-len); lower --calib-len, or pass a longer --calib file")
+    if n < n_seq:  # said, not silently shrunk: fewer sequences calibrate less well
+        warnings.warn(f"calibration data has {ids.numel()} tokens: {n} sequence(s) of calib_len={seq_len} instead "
+                      f"of n_calib={n_seq} (--n-calib); pass a longer --calib file, or lower --calib-len",
+                      stacklevel=2)
     # evenly spaced windows so a long file is sampled throughout
     starts = torch.linspace(0, ids.numel() - seq_len, n).long()
     return torch.stack([ids[s:s + seq_len] for s in starts])

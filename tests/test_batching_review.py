@@ -318,12 +318,19 @@ def test_shutdown_while_requests_run_and_wait_answers_each_and_leaves_nothing_ru
     in-band error event, nothing hangs, and `unfinished` is empty once the step returns."""
     folder, _ = hf_checkpoint("mamba")
     runner = _Gated(load_model(folder))
-    runner.gate, runner.hold_rows = threading.Event(), 2
-    request.addfinalizer(runner.gate.set)
+    # every step waits until all four are in: else the first could make its 500 tokens alone
+    # before the second arrived (a loaded machine), and two would never run together
+    arrivals = runner.gate = threading.Event()
+    request.addfinalizer(arrivals.set)
     server, serving = _serve(runner, request, max_num_seqs=2)
     calls = [in_thread(_post, server, {"prompt": [1 + i, 2], "max_tokens": 500, "temperature": 0,
                                        "stream": i % 2 == 0}) for i in range(4)]
     sched = server.scheduler
+    wait_until(lambda: sum(sched.stats().values()) == 4, "the four requests to arrive")
+    runner.hold_rows = 2  # from now on only steps of two rows wait (set before the new gate)
+    runner.gate = threading.Event()
+    request.addfinalizer(runner.gate.set)
+    arrivals.set()
     wait_until(lambda: 2 in runner.steps and sched.stats() == {"running": 2, "waiting": 2}, "two to run, two to wait")
 
     def release_when_answered():

@@ -654,10 +654,9 @@ def test_server_close_ends_a_connection_that_never_sends_its_request(folder):
     import socket
 
     srv, thread = _start(TorchRunner(load_model(folder)), request_timeout=60.0)
-    before = threading.active_count()
     sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
     try:
-        wait_until(lambda: threading.active_count() > before, "the connection's handler thread")
+        wait_until(lambda: srv._handlers, "the connection's handler thread")
         time.sleep(0.1)  # it is now blocked reading the request line
         t0 = time.monotonic()
         srv.shutdown()
@@ -673,10 +672,11 @@ def test_server_close_waits_for_a_handler_that_had_not_started_yet(folder):
     server_close could miss it and the runner was closed under it."""
     from mamba_deploy.serve import CompletionServer
 
-    done = threading.Event()
+    done, entered = threading.Event(), threading.Event()
 
     class LateStart(CompletionServer):
         def process_request_thread(self, request, client_address):
+            entered.set()
             time.sleep(1.5)  # exists, but has not reached the handler when shutdown() (<= 0.5 s poll) returns
             super().process_request_thread(request, client_address)
             done.set()
@@ -685,7 +685,7 @@ def test_server_close_waits_for_a_handler_that_had_not_started_yet(folder):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     client, _ = in_thread(_request, srv, "GET", "/health")
-    time.sleep(0.2)  # accepted: its thread sleeps in process_request_thread
+    assert entered.wait(TIMEOUT)  # accepted: its thread sleeps in process_request_thread
     srv.shutdown()
     srv.server_close()
     assert done.is_set() and srv.unfinished == []

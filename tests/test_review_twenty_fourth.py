@@ -6,7 +6,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
+from conftest import rel_err
 from mamba_deploy import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +31,239 @@ def test_a_short_calibration_text_says_it_gives_fewer_sequences_than_n_calib():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert calibration_ids(model, text, 3, seq_len).shape == (3, seq_len)
+
+
+# ---- Python API review -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_m2(ckpt, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder, hf = ckpt("mamba2")
+    return export_gguf(folder, tmp_path_factory.mktemp("g24") / "m.gguf", outtype="f32"), folder, hf
+
+
+def _threads_generate(runner, prompts, n=10):
+    import threading
+
+    from mamba_deploy.generation import generate
+
+    alone = {i: generate(runner, [p], max_new_tokens=n, stop_token_ids=[]).tokens[0] for i, p in enumerate(prompts)}
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                got.setdefault(i, []).append(generate(runner, [prompts[i]], max_new_tokens=n, stop_token_ids=[]).tokens[0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert got == {i: [alone[i]] * 3 for i in alone}
+
+
+PROMPTS = [[5, 6, 7], [9, 1], [3, 3, 3, 3, 2], [11]]
+
+
+def test_threads_sharing_one_llamacpp_runner_wait_for_each_other(gguf_m2):
+    """Four threads generating on one llama.cpp runner (each with its own state) crashed the
+    process (a segfault in llama_decode); now each gets the tokens it gets alone."""
+    from mamba_deploy.runners import open_runner
+
+    _threads_generate(open_runner(gguf_m2[0], "llama.cpp", threads=1, n_seq_max=2), PROMPTS)
+
+
+def test_threads_sharing_one_openvino_runner_wait_for_each_other(onnx_export):
+    """OpenVINO's one infer request raised "Infer Request is busy" to all but one thread."""
+    pytest.importorskip("openvino")
+    from mamba_deploy.runners import open_runner
+
+    _threads_generate(open_runner(onnx_export("mamba2")[0], "openvino", threads=1), PROMPTS)
+
+
+def test_growing_the_llamacpp_context_keeps_the_conversations_it_holds(gguf_m2):
+    """new_state past n_seq_max rebuilt the context and invalidated every live state (the next
+    step raised "belongs to an older context"). The live sequences now move to the new context:
+    a conversation goes on with the logits of one never interrupted (same runner kind), which
+    also match the torch model's."""
+    from mamba_deploy import load_model
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    path, folder, _ = gguf_m2
+    r = open_runner(path, "llama.cpp", threads=1, n_seq_max=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    a, b = r.new_state(1), r.new_state(1)
+    r.prefill(ids, a)
+    r.prefill(torch.tensor([[1, 2]]), b)
+    r.new_state(3)  # more rows than the context holds: it grows
+    assert r.reserve_rows(64) >= 64  # and grows again
+    got, _ = r.step(torch.tensor([4]), a)
+    fresh = open_runner(path, "llama.cpp", threads=1)
+    st = fresh.new_state(1)
+    fresh.prefill(ids, st)
+    want, _ = fresh.step(torch.tensor([4]), st)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    tr = TorchRunner(load_model(folder))
+    ts = tr.new_state(1)
+    tr.prefill(ids, ts)
+    assert rel_err(got, tr.step(torch.tensor([4]), ts)[0]) < 1e-4  # fp32 GGUF vs torch fp32
+
+
+def test_a_torch_state_loads_into_llamacpp(gguf_m2):
+    """load_torch_state raised NotImplementedError although can_gather_states said True: a state
+    prefilled by the torch runner now continues in llama.cpp with the torch model's logits, and
+    reads back as it went in."""
+    from mamba_deploy import load_model
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    path, folder, _ = gguf_m2
+    tr = TorchRunner(load_model(folder))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    _, ts = tr.prefill(ids, tr.new_state(2))
+    r = open_runner(path, "llama.cpp", threads=1)
+    ls = r.new_state(2)
+    r.load_torch_state(ls, ts)
+    back = r.to_torch_state(ls)
+    assert torch.equal(back.conv, ts.conv) and torch.equal(back.ssm, ts.ssm)
+    got = r.step(torch.tensor([4, 7]), ls)[0]
+    assert rel_err(got, tr.step(torch.tensor([4, 7]), ts)[0]) < 1e-4
+    from mamba_deploy.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=r"State's conv is .* takes .*same batch"):
+        r.load_torch_state(r.new_state(1), ts)
+
+
+def test_a_llamacpp_step_of_no_rows_gives_no_logits(gguf_m2):
+    """llama_decode refused the empty batch: RuntimeError "llama_decode failed with code -1"."""
+    from mamba_deploy.runners import open_runner
+
+    r = open_runner(gguf_m2[0], "llama.cpp", threads=1)
+    logits, _ = r.step(torch.zeros(0, dtype=torch.long), r.new_state(0))
+    assert logits.shape == (0, r.n_vocab)
+
+
+def test_a_refused_quantize_leaves_the_model_as_it_was(monkeypatch):
+    """A rule the last layer cannot take (group size 7) was refused after layers 0-4 had been
+    swapped to QuantLinear, with no quantization_config: a half-quantized model. Now it is
+    refused before any work, and a failure part-way puts every module back."""
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantizer
+
+    model = load_model(DEMO2)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(ids).logits
+    modules = {n: m for n, m in model.named_modules()}
+    rules = {"quant_cfg": {"backbone.layers.-1.mixer.in_proj": {"format": "int4", "group_size": 7}}}
+    calls = []
+    monkeypatch.setattr(quantizer, "calibration_ids", lambda *a, **k: calls.append(a) or None)
+    with pytest.raises(QuantizationError, match=r"group size 7; use --group-size \d+ \(group_size= in Python\)"):
+        quantizer.quantize(model, "gptq", rules=rules, progress=False)
+    assert not calls  # refused before calibrating
+    monkeypatch.undo()
+    real, swaps = quantizer._quant_linear, []
+
+    def fail_third(*a, **k):
+        swaps.append(a[1])
+        if len(swaps) == 3:
+            raise QuantizationError("refused by the test")
+        return real(*a, **k)
+
+    monkeypatch.setattr(quantizer, "_quant_linear", fail_third)
+    with pytest.raises(QuantizationError, match="refused by the test"):
+        quantizer.quantize(model, "int8", progress=False)
+    assert {n: m for n, m in model.named_modules()} == modules
+    assert not getattr(model, "quantization_config", None)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_output_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    """load_model("~/m") expanded ~, but export_gguf / export_onnx / save_checkpoint wrote into
+    a folder literally named "~" in the working directory."""
+    from mamba_deploy import save_checkpoint
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    model = load_model(DEMO2)
+    save_checkpoint(model, "~/ckpt")
+    export_onnx(DEMO2, "~/onnx", validate=False)
+    assert sorted(p.name for p in home.iterdir()) == ["ckpt", "onnx"] and list(work.iterdir()) == []
+    assert open_runner("~/onnx", "onnx").config == model.config
+    assert open_runner("~/ckpt").config.d_model == model.config.d_model
+
+
+def test_state_methods_refuse_what_they_cannot_do_by_name():
+    """State.copy_ of another batch raised torch's size RuntimeError, select([5]) an IndexError,
+    select(0) dropped the batch axis, and ids on the meta device a RuntimeError from .item()."""
+    from mamba_deploy.errors import ShapeError
+
+    model = load_model(DEMO2)
+    with pytest.raises(ShapeError, match=r"copy_: the other state's conv is \(\d+, 3,"):
+        model.new_state(2).copy_(model.new_state(3))
+    with pytest.raises(ShapeError, match=r"select: row 5 is outside this state's batch of 2"):
+        model.new_state(2).select([5])
+    st = model.new_state(3)
+    st.ssm.normal_()
+    one = st.select(1)
+    assert one.ssm.shape[1] == 1 and torch.equal(one.ssm[:, 0], st.ssm[:, 1])
+    assert torch.equal(st.select(slice(1, None)).ssm, st.ssm[:, 1:])
+    with pytest.raises(ShapeError, match="meta device"):
+        model(torch.zeros(1, 3, dtype=torch.long, device="meta"))
+
+
+def test_a_state_made_under_inference_mode_continues_through_forward():
+    """model(ids, state) raised "Inplace update to inference tensor" for a state made inside
+    torch.inference_mode (model.step took it). It now continues as a state made outside would."""
+    model = load_model(DEMO2)
+    first, then = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5]])
+    with torch.inference_mode():
+        st = model.new_state(1)
+        model(first, state=st)
+    normal = model.new_state(1)
+    with torch.no_grad():
+        model(first, state=normal)
+        want = model(then, state=normal).logits
+        got = model(then, state=st).logits
+    assert torch.equal(got, want) and torch.equal(st.ssm, normal.ssm)
+
+
+def test_a_transformers_mamba2_saved_with_rms_norm_false_loads_as_transformers_runs_it(tmp_path):
+    """transformers' Mamba2 ignores rms_norm=false (it always builds, saves and applies the gated
+    norm); the loader refused the checkpoint's norm weights as unexpected. Now it loads and gives
+    transformers' logits; a model without the norm (mamba_ssm's rmsnorm=false) is refused by the
+    hf writer instead of being saved as one transformers would run with a norm of ones."""
+    import transformers
+
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ConfigError
+
+    torch.manual_seed(0)
+    cfg = transformers.Mamba2Config(vocab_size=128, hidden_size=64, state_size=16, num_hidden_layers=2, expand=2,
+                                    conv_kernel=4, head_dim=16, num_heads=8, n_groups=2, chunk_size=16, rms_norm=False)
+    hf = transformers.Mamba2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)  # a norm of ones would hide a missing one
+    hf.save_pretrained(tmp_path / "m")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = load_model(tmp_path / "m")(ids).logits
+    assert rel_err(got, want) < 1e-4
+    ours = MambaConfig(arch="mamba2", d_model=64, n_layer=2, vocab_size=128, d_state=16, headdim=16, ngroups=2,
+                       rmsnorm=False)
+    with pytest.raises(ConfigError, match="cannot express rmsnorm=False.*--format mamba_ssm"):
+        ours.to_hf_dict()

@@ -68,13 +68,19 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
         raise OutputPathError(f"{what} ({e.strerror or e}); {fix}") from e
 
 
+def output_path(path) -> Path:
+    """An output path as given, with `~` expanded as load_model does for inputs (else `~/out`
+    became a folder named `~` in the working directory)."""
+    return Path(os.fspath(path)).expanduser()
+
+
 def prepare_output_file(path, example: str = "model.gguf") -> Path:
     """Check up front, before any long work, that `path` can be written as a file. `example`:
     the file name suggested when `path` names a folder."""
     from .errors import OutputPathError
 
     folder_like = isinstance(path, str) and path.endswith(("/", os.sep))  # Path() drops the slash
-    path = Path(path)
+    path = output_path(path)
     if path.is_dir() or folder_like:
         raise OutputPathError(f"output {path}{os.sep if folder_like else ''} names a folder; give a file name "
                               f"(e.g. {path / example})")
@@ -85,7 +91,7 @@ def prepare_output_file(path, example: str = "model.gguf") -> Path:
 def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     """Check up front that `out` can become a new folder: absent or empty (error_cls otherwise),
     with a writable parent."""
-    out = Path(out)
+    out = output_path(out)
     if out.is_symlink():  # write where the link points: renaming onto the link itself fails (or replaces it)
         out = out.resolve()
     if out.exists() and not out.is_dir():
@@ -155,7 +161,7 @@ def atomic_file(path) -> Iterator[Path]:
 def write_bytes(path, data: bytes) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
-    return Path(path)
+    return output_path(path)
 
 
 def write_text(path, text: str) -> Path:
@@ -241,7 +247,7 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
 def scratch_file(beside, tag: str = "scratch") -> Iterator[Path]:
     """with scratch_file(p) as tmp: an intermediate file with a unique name beside `p` (concurrent
     writers of one output never share it), removed when the block ends, whatever happens."""
-    beside = Path(beside)
+    beside = output_path(beside)
     fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.", suffix=".tmp", dir=beside.parent)
     os.close(fd)
     try:
@@ -256,7 +262,7 @@ def write_files(folder, files: dict) -> dict:
     temporary name and the renames follow, so a failure while writing leaves the previous set whole."""
     from .errors import OutputPathError
 
-    folder = Path(folder)
+    folder = output_path(folder)
     if not folder.exists():
         with atomic_dir(folder, OutputPathError) as tmp:
             for name, data in files.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, read_json_object
+from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from .extras import install_hint
@@ -560,6 +560,7 @@ def write_folder(out_dir, config: dict, tensors: dict, tokenizer_src=None,
     single_bin: one pytorch_model.bin instead (mamba_ssm), where a tensor under two names is stored once."""
     from .progress import progress_bar
 
+    out_dir = output_path(out_dir)
     total = sum(_nbytes(t) for t in {id(t): t for t in tensors.values()}.values())
     with atomic_dir(out_dir, CheckpointError) as tmp, progress_bar(total, "writing checkpoint", progress) as bar:
         if single_bin:

@@ -241,9 +241,10 @@ class MambaConfig:
             if kw["d_inner_override"] == kw["expand"] * kw["d_model"]:
                 kw["d_inner_override"] = None
             return cls(**kw)
-        # transformers' Mamba2 always gates before the norm (it ignores norm_before_gate).
+        # transformers' Mamba2 always gates before the norm (it ignores norm_before_gate), and it
+        # always builds and applies the gated norm (it ignores rms_norm: false, and saves the norm)
         kw = check_values(dict(common, headdim=d.get("head_dim", 64), ngroups=d.get("n_groups", 8),
-                               chunk_size=d.get("chunk_size", 256), rmsnorm=d.get("rms_norm", True),
+                               chunk_size=d.get("chunk_size", 256), rmsnorm=True,
                                norm_before_gate=False, dt_limit=d.get("time_step_limit", (0.0, math.inf))),
                           where, fix, HF_KEYS)
         nheads = d.get("num_heads")
@@ -367,15 +368,14 @@ class MambaConfig:
                 "head_dim": self.headdim,
                 "n_groups": self.ngroups,
                 "chunk_size": self.chunk_size,
-                "rms_norm": self.rmsnorm,
+                "rms_norm": True,
                 # JSON has no Infinity; transformers' own encoding of it:
                 "time_step_limit": [_encode_float(v) for v in self.dt_limit],
             }
-            if self.norm_before_gate:
-                raise ConfigError(
-                    "transformers' Mamba2 cannot express norm_before_gate=True; "
-                    "save with --format mamba_ssm instead"
-                )
+            for flag, value in (("norm_before_gate", True), ("rmsnorm", False)):
+                if getattr(self, flag) == value:
+                    raise ConfigError(f"transformers' Mamba2 cannot express {flag}={value} (it always applies "
+                                      "the gated RMSNorm, gate first); save with --format mamba_ssm instead")
         arch_name = {v: k for k, v in HF_ARCHITECTURES.items()}[mt]
         return {"architectures": [arch_name], "model_type": mt, **common, **extra}
 

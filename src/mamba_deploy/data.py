@@ -39,7 +39,7 @@ def read_text_file(path, flag: str, error=ConfigError) -> str:
     """A user's text file (--text, --calib), strictly UTF-8: bytes replaced by U+FFFD would score
     or calibrate on a text that is not the file's. `error` is the typed error to raise."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).expanduser().read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {flag} {str(path)!r} as UTF-8 text: {e}; pass a text file, converted to "
                     "UTF-8 if it is in another encoding (e.g. iconv -f latin1 -t utf-8)") from e

@@ -30,6 +30,9 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
         raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {ids.dtype} {tuple(ids.shape)}")
     if ndim == 2 and ids.shape[1] == 0:
         raise ShapeError("input_ids has length 0; give at least one token")
+    if ids.device.type == "meta":
+        raise ShapeError("ids are on the meta device, which holds no values; pass real token ids (a CPU tensor, "
+                         "or one on the model's device)")
     ids = ids.long()  # before the range check: aminmax has no kernel for some unsigned widths
     if ids.numel() and (ids.device.type == "cpu" or on_device):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass: this runs every decode step

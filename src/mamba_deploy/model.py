@@ -8,6 +8,7 @@ Parameter names equal the HF checkpoint keys.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from dataclasses import dataclass
 
@@ -300,10 +301,13 @@ class MambaLM(nn.Module):
             check_padding_fresh(mask, batch_first(state), "model.new_state")
             mask = mask.to(device=self.device, dtype=self.dtype)
         h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
+        # a state made under torch.inference_mode takes in-place updates only there (step's already do)
+        writing = torch.inference_mode() if state.conv.is_inference() else contextlib.nullcontext()
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer(h, state.conv[i], state.ssm[i], mask)
-            state.conv[i].copy_(conv)
-            state.ssm[i].copy_(ssm)
+            with writing:
+                state.conv[i].copy_(conv)
+                state.ssm[i].copy_(ssm)
         if num_logits_to_keep:
             h = h[:, -num_logits_to_keep:]
         return ModelOutput(self._head(h), state)

@@ -49,13 +49,33 @@ class State:
         return self
 
     def copy_(self, other: "State") -> "State":
+        check_is_state(other)
+        for name in ("conv", "ssm"):
+            mine, theirs = tuple(getattr(self, name).shape), tuple(getattr(other, name).shape)
+            if mine != theirs:
+                raise ShapeError(f"copy_: the other state's {name} is {theirs}, this one's {mine}; copy a state of "
+                                 "the same model and batch (select rows first: state.select(rows))")
         self.conv.copy_(other.conv)
         self.ssm.copy_(other.ssm)
         return self
 
     def select(self, idx) -> "State":
-        """Rows of the batch (a new State)."""
-        return State(self.conv[:, idx].clone(), self.ssm[:, idx].clone())
+        """Rows of the batch (a new State, batch axis kept): a row index, a slice, or a list /
+        tensor of row indices."""
+        b = self.conv.shape[1]
+        if isinstance(idx, slice):
+            idx = torch.arange(b)[idx]
+        try:
+            rows = torch.as_tensor([idx] if isinstance(idx, numbers.Integral) else idx).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ShapeError(f"select takes row indices (an int, a slice, a list), got {idx!r:.60}") from e
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise ShapeError(f"select takes integer row indices, got {rows.dtype}")
+        bad = [int(r) for r in rows if not -b <= int(r) < b]
+        if bad:
+            raise ShapeError(f"select: row {bad[0]} is outside this state's batch of {b}; give rows in 0..{b - 1}")
+        rows = rows.to(self.conv.device)
+        return State(self.conv[:, rows].clone(), self.ssm[:, rows].clone())
 
     def check(self, cfg: MambaConfig, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
         """Shapes for `batch`; with dtype / device: conv in the model's dtype, ssm floating

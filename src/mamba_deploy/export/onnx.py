@@ -19,7 +19,7 @@ import torch
 
 from ..argtypes import opset as opset_arg
 from ..argtypes import scan_chunk as scan_chunk_arg
-from ..atomic import atomic_dir, prepare_output_dir, read_tagged_json, write_json
+from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_json, write_json
 from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
@@ -77,6 +77,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
     scan_chunk = check_scan_chunk(scan_chunk)
+    out_dir = output_path(out_dir)
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = as_model(model_or_path)
     cfg = model.config

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..argtypes import positive_int
-from ..atomic import write_bytes
+from ..atomic import output_path, write_bytes
 from ..errors import BackendUnavailableError, ExportError
 from ..extras import install_hint
 
@@ -194,7 +194,7 @@ def load_stripped_onnx(folder: Path):
 
 
 def engine_path(out_path) -> Path:
-    p = Path(out_path)
+    p = output_path(out_path)
     return p / ENGINE_NAME if p.is_dir() or p.suffix == "" else p
 
 

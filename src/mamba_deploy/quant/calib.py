@@ -53,7 +53,7 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
                                     f"{model.config.vocab_size}; tokenize with this model's tokenizer")
     else:
         if calib is not None:
-            path = Path(str(calib))
+            path = Path(str(calib)).expanduser()
             try:
                 is_file, is_dir = path.is_file(), path.is_dir()
             except OSError:  # a name too long for the file system: text, not a path

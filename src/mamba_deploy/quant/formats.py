@@ -51,7 +51,8 @@ def check_group(name: str, in_features: int, group_size: int) -> None:
         divisors = [g for g in GROUP_SIZES if in_features % g == 0] or [in_features]
         raise QuantizationError(
             f"{name}: row length {in_features} is not divisible by group size {group_size}; "
-            f"use --group-size {divisors[-1]} or keep this layer in int8 through a --config rule"
+            f"use --group-size {divisors[-1]} (group_size= in Python) or keep this layer in int8 through a "
+            "--config rule"
         )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, output_path
 from ..errors import ExportError, QuantizationError
 from ..export.onnx_meta import set_weights_label, weights_label
 from .formats import unpack_int4
@@ -52,6 +52,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     qc = getattr(qmodel, "quantization_config", None)
     if not qc:
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
+    out_dir = output_path(out_dir)
     with atomic_dir(out_dir, ExportError) as tmp:
         twin = _dequantized_copy(qmodel)  # the quantized model's function, in float weights
         folder = export_onnx(twin, tmp / "onnx", validate=False, scan_chunk=scan_chunk)  # checked below, once rewritten

@@ -42,6 +42,27 @@ def quantize(model, method: str, **options):
     if not plan:  # a checkpoint that quantizes nothing is one no loader takes
         raise QuantizationError("the rules leave no module to quantize (every one has enable: false); enable at "
                                 "least one, or keep the float checkpoint (mamba-deploy convert re-saves it)")
+    _check_groups(model, plan)  # before any work: a bad rule for the last layer failed after the others
+    originals = {n: model.get_submodule(n) for n in plan}
+    try:
+        _quantize_plan(model, method, opts, plan)
+    except BaseException:  # a refusal or Ctrl-C part-way: the model is left as it came, not half-quantized
+        for n, module in originals.items():
+            set_module(model, n, module)
+        raise
+    return model
+
+
+def _check_groups(model, plan: dict) -> None:
+    from .formats import check_group
+
+    for n, spec in plan.items():
+        if spec.get("group_size") is not None:
+            module = model.get_submodule(n)
+            check_group(n, getattr(module, "in_features", None) or module.embedding_dim, spec["group_size"])
+
+
+def _quantize_plan(model, method: str, opts: dict, plan: dict) -> None:
     done: dict[str, dict] = {}
     emb = OPTIONAL_MODULES["embeddings"]
     if emb in plan:
@@ -73,7 +94,6 @@ def quantize(model, method: str, **options):
         _swap_head(model, plan, done)
     model.quantization_config = make_config(method, opts, done)
     model.quantized_in_memory = True  # its source_path still holds the float checkpoint
-    return model
 
 
 def _swap(model, name, spec, done, algo=None, stats=None, opts=None):

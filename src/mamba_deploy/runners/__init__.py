@@ -60,7 +60,10 @@ def guess_backend(path) -> str:
 
 def open_runner(path, backend: str | None = None, **options) -> Runner:
     import importlib
+    import os
 
+    if isinstance(path, (str, os.PathLike)):  # "~/m.gguf" as load_model takes it (a hub id has no ~)
+        path = os.path.expanduser(path)
     backend = backend_name(backend) if backend else guess_backend(path)
     unknown = sorted(set(options) - {o for opts in OPTIONS.values() for o in opts})
     if unknown:

@@ -22,6 +22,18 @@ from ..inputs import check_padding_fresh
 from ..state import State, batch_first, check_batch
 
 
+def one_call_at_a_time(method):
+    """For a backend whose native handle takes one call at a time (one llama.cpp context, one
+    OpenVINO infer request): threads sharing the runner wait for each other here, where they
+    crashed the process (llama.cpp) or got "Infer Request is busy". The runner's __init__ sets
+    `self.call_lock = threading.RLock()` (re-entrant: gather_states calls new_state)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.call_lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 def default_threads(cpus=None, sysfs: str = "/sys/devices/system/cpu",
                     cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """CPU threads a backend uses when not told: one per physical core among the CPUs this

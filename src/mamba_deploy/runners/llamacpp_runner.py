@@ -7,7 +7,10 @@ them; the slots return to the pool when the state object is garbage-collected. C
 state (`prefill` / `step` with it) carries the recurrent state across calls, as with the torch
 runner; unlike a torch `State`, a handle cannot be cloned: copying it aliases the same slots.
 When more slots are needed than the context has, the runner rebuilds its context with twice as
-many, which invalidates older handles (using one then raises a ShapeError).
+many and carries the live sequences' states over (llama_state_seq_get_data / set_data), so
+older handles stay valid; only if llama.cpp refuses that are they invalidated (using one then
+raises a ShapeError). One context takes one call at a time: threads sharing a runner wait for
+each other (`one_call_at_a_time`).
 
 Batches: prefill runs one row at a time (left padding from `generation.left_pad` is stripped per
 row, padded positions get zero logits); `step` decodes all rows in one llama.cpp batch.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import numbers
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +33,9 @@ import torch
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
-from ..state import State
+from ..state import State, check_is_state
 from ..tokenizer import check_text
-from .base import Runner, check_parts, check_state, check_threads, default_threads, part_rows
+from .base import Runner, check_parts, check_state, check_threads, default_threads, one_call_at_a_time, part_rows
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 
@@ -206,6 +210,7 @@ class LlamaCppRunner(Runner):
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
         from ..export.gguf_import import check_sizes, open_reader, read_config
 
+        self.call_lock = threading.RLock()
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
         for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None),
                               ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
@@ -294,11 +299,12 @@ class LlamaCppRunner(Runner):
         if runner is not None and runner._generation == generation:
             runner._free.extend(seq_ids)
 
+    @one_call_at_a_time
     def new_state(self, batch: int) -> LlamaCppState:
         if self._ctx is None:
             raise RunnerClosedError("this llama.cpp runner lost its context when a larger one failed; open it again")
-        if batch > len(self._free):  # grow; older handles become invalid (documented above)
-            self._make_context(max(min(2 * self._n_seq, LLAMA_MAX_SEQ, self.n_ctx), batch))
+        if batch > len(self._free):  # grow, carrying the live sequences over (documented above)
+            self._grow(max(min(2 * self._n_seq, LLAMA_MAX_SEQ, self.n_ctx), len(self._live()) + batch))
         seqs = [self._free.pop(0) for _ in range(batch)]
         for s in seqs:
             self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
@@ -306,14 +312,42 @@ class LlamaCppRunner(Runner):
         state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
         return state
 
+    @one_call_at_a_time
     def reserve_rows(self, rows: int) -> int:
         """Grow the context now to hold `rows` sequences, as far as llama.cpp allows (growing
-        later invalidates live states); -> the sequences it holds."""
+        later copies the live states over); -> the sequences it holds."""
         rows = min(rows, LLAMA_MAX_SEQ, self.n_ctx)
         if self._ctx is not None and rows > self._n_seq:
-            self._make_context(rows)
+            self._grow(rows)
         return self._n_seq
 
+    def _live(self) -> list[int]:
+        return [s for s in range(self._n_seq) if s not in self._free]
+
+    def _grow(self, n_seq: int) -> None:
+        """A context for n_seq sequences, holding the live sequences' states as they were, under
+        the same ids, so their handles stay valid. When llama.cpp refuses a state back, the
+        handles are invalidated instead (the generation moves on, as a rebuild always did)."""
+        saved = {s: self._seq_bytes(s) for s in self._live()}
+        generation, free, old = self._generation, list(self._free), self._n_seq
+        try:
+            self._make_context(n_seq)
+        finally:  # also when the larger context failed and the old size was made again
+            if self._ctx is not None and all(self._set_seq_bytes(s, b) for s, b in saved.items()):
+                self._generation = generation
+                self._free = free + list(range(old, self._n_seq))
+
+    def _seq_bytes(self, seq: int) -> bytes:
+        n = self._lib.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * n)()
+        self._lib.llama_state_seq_get_data(self._ctx, buf, n, seq)
+        return bytes(buf)
+
+    def _set_seq_bytes(self, seq: int, data: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), seq) > 0
+
+    @one_call_at_a_time
     def gather_states(self, parts):
         """The rows' sequences move to the new handle as they are (no copy); the consumed
         handles' other sequences go back to the pool. See Runner.gather_states."""
@@ -343,7 +377,9 @@ class LlamaCppRunner(Runner):
                              "create it with runner.new_state(batch)")
         if state.generation != self._generation:
             raise ShapeError("this llama.cpp state belongs to an older context of the runner (it was rebuilt for a "
-                             "larger batch); create a new one with runner.new_state(batch)")
+                             "larger batch, and llama.cpp refused the live sequences back); open the runner with "
+                             "n_seq_max >= the rows held at once (or call reserve_rows(n) first), and start again "
+                             "from runner.new_state(batch)")
 
     # ---- decoding ----------------------------------------------------------------
     def _decode(self, tokens, seqs, positions, want_logits) -> np.ndarray:
@@ -378,6 +414,7 @@ class LlamaCppRunner(Runner):
             state.pos[r] += len(chunk)
         return np.concatenate(outs)
 
+    @one_call_at_a_time
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids = check_ids(ids, 2, self.n_vocab).cpu()
         b, l = ids.shape
@@ -396,10 +433,13 @@ class LlamaCppRunner(Runner):
                 out[r, keep.nonzero()[:, 0]] = logits
         return out, state
 
+    @one_call_at_a_time
     def step(self, ids, state):
         ids = check_ids(ids, 1, self.n_vocab).cpu()
         b = ids.shape[0]
         self._check_state(state, b)
+        if b == 0:  # llama_decode refuses an empty batch; the other backends give no rows
+            return torch.zeros(0, self.n_vocab), state
         toks = ids.tolist()
         logits = self._decode(toks, state.seq_ids, state.pos, [True] * b)
         for r in range(b):
@@ -407,20 +447,39 @@ class LlamaCppRunner(Runner):
         return torch.from_numpy(logits), state
 
     # ---- state export ------------------------------------------------------------------
+    @one_call_at_a_time
     def to_torch_state(self, state) -> State:
         """Read each row's recurrent state out of llama.cpp (llama_state_seq_get_data) into a
         torch State, for verification. Raises NotImplementedError when this llama.cpp build
         serialises sequences in a layout other than the one `_parse_seq_state` reads."""
         self._check_state(state, None)
-        lib, convs, ssms = self._lib, [], []
+        convs, ssms = [], []
         for s in state.seq_ids:
-            n = lib.llama_state_seq_get_size(self._ctx, s)
-            buf = (ctypes.c_uint8 * n)()
-            lib.llama_state_seq_get_data(self._ctx, buf, n, s)
-            conv, ssm = _parse_seq_state(bytes(buf), self.config)
+            conv, ssm = _parse_seq_state(self._seq_bytes(s), self.config)[1:]
             convs.append(conv)
             ssms.append(ssm)
         return State(torch.stack(convs, 1), torch.stack(ssms, 1))
+
+    @one_call_at_a_time
+    def load_torch_state(self, state, src: State) -> None:
+        """Writes a torch State into the rows' sequences (llama_state_seq_set_data, in the layout
+        to_torch_state reads): a state moves in from the torch / ONNX runners. A row that held no
+        token yet gets one cell at position 0, and its next token goes to position 1."""
+        self._check_state(state, None)
+        check_is_state(src, "State.zeros(config, batch) or another runner's to_torch_state(state)")
+        cfg, b = self.config, state.batch_size
+        for name, t, shape in (("conv", src.conv, cfg.conv_state_shape), ("ssm", src.ssm, cfg.ssm_state_shape)):
+            if tuple(t.shape) != (cfg.n_layer, b, *shape):
+                raise ShapeError(f"the State's {name} is {tuple(t.shape)}; this runner's state of batch {b} takes "
+                                 f"{(cfg.n_layer, b, *shape)}: a state of this model with the same batch")
+        src = State(src.conv.detach().cpu(), src.ssm.detach().cpu())
+        for r, s in enumerate(state.seq_ids):
+            prefix = _parse_seq_state(self._seq_bytes(s), self.config)[0]
+            pos = max(state.pos[r] - 1, 0)
+            if not self._set_seq_bytes(s, _seq_state_bytes(prefix, pos, src.conv[:, r], src.ssm[:, r])):
+                raise NotImplementedError("this llama.cpp build refused the sequence state written in the layout "
+                                          "to_torch_state reads; it cannot load a state")
+            state.pos[r] = pos + 1
 
     # ---- misc ------------------------------------------------------------------------
     @property
@@ -429,6 +488,7 @@ class LlamaCppRunner(Runner):
             self._tokenizer = LlamaCppTokenizer(self._lib, self._model)
         return self._tokenizer
 
+    @one_call_at_a_time
     def close(self) -> None:
         self._free_context()
         if getattr(self, "_model", None) is not None:
@@ -448,9 +508,10 @@ SEQ_STATE_PREFIXES = (0, 8)
 
 def _parse_seq_state(buf: bytes, cfg):
     errors = []
+    """-> (the bytes before the memory's data, conv (n_layer, *conv_state_shape), ssm (...))."""
     for prefix in SEQ_STATE_PREFIXES:
         try:
-            return _parse_seq_state_at(buf, cfg, prefix)
+            return (buf[:prefix], *_parse_seq_state_at(buf, cfg, prefix))
         except NotImplementedError as e:
             errors.append(str(e))
     raise NotImplementedError(errors[-1])
@@ -503,6 +564,19 @@ def _parse_seq_state_at(buf: bytes, cfg, start: int):
     if off != len(buf):
         raise layout_error(f"{len(buf) - off} trailing bytes")
     return out[0], out[1]
+
+
+def _seq_state_bytes(prefix: bytes, pos: int, conv: torch.Tensor, ssm: torch.Tensor) -> bytes:
+    """The inverse of _parse_seq_state: one cell at `pos` holding conv (n_layer, *conv_state_shape)
+    and ssm (n_layer, *ssm_state_shape), after the build's own `prefix` bytes."""
+    import struct
+
+    n_layer = conv.shape[0]
+    parts = [prefix, struct.pack("<IiIII", 1, pos, 0, 0, n_layer)]
+    for t in (conv, ssm):
+        for layer in t.float().contiguous().numpy():
+            parts += [struct.pack("<iQ", 0, layer.nbytes), layer.tobytes()]
+    return b"".join(parts)
 
 
 def open_llamacpp(path, threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,

@@ -30,7 +30,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..extras import install_hint
 from ..state import State
-from .base import Runner, check_state, check_threads, release_freed_memory, state_layout
+from .base import Runner, check_state, check_threads, one_call_at_a_time, release_freed_memory, state_layout
 from .onnx_runner import _ids, prefill_inputs
 
 # inputs whose default lives in an initializer of the same name (see module docstring)
@@ -57,6 +57,7 @@ class OpenVinoRunner(Runner):
         self.n_layer = self.config.n_layer
         self.defaults = defaults  # optional input name -> default value (numpy)
         self.request = compiled.create_infer_request()
+        self.call_lock = threading.RLock()  # one infer request: one call at a time
         self._tmpfile = tmpfile  # stripped copy of an external-data graph; removed on close
         self.past = [n for i in range(self.n_layer) for n in (f"past_conv.{i}", f"past_ssm.{i}")]
         self.present = [n for i in range(self.n_layer) for n in (f"present_conv.{i}", f"present_ssm.{i}")]
@@ -81,6 +82,7 @@ class OpenVinoRunner(Runner):
         state.arrays = [t.float().numpy().copy() for pair in src.layers() for t in pair]
 
     # ---- running -------------------------------------------------------------------------------
+    @one_call_at_a_time
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, OpenVinoState, ids.shape[0], self.config)
         feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),

@@ -14,6 +14,7 @@ has no TensorRT (see tests/test_tensorrt.py).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, S
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_state, check_threads, state_layout
+from .base import Runner, check_state, check_threads, one_call_at_a_time, state_layout
 
 
 def _torch_dtype(trt, dt):
@@ -51,6 +52,7 @@ class TensorRTRunner(Runner):
     def __init__(self, trt, engine, sidecar: dict, path: Path, device: torch.device):
         self.trt, self.engine, self.path, self.device = trt, engine, path, device
         self.context = engine.create_execution_context()
+        self.call_lock = threading.RLock()  # one execution context: its bindings serve one call at a time
         self.manifest = sidecar["manifest"]
         self.config = MambaConfig.from_own_dict(self.manifest["config"])
         src = Path(sidecar.get("onnx_dir", ""))
@@ -109,6 +111,7 @@ class TensorRTRunner(Runner):
         self.context.set_tensor_address(name, t.data_ptr())
         return t  # the caller keeps it alive until the launch has run
 
+    @one_call_at_a_time
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, TensorRTState, ids.shape[0], self.config)
         keep_alive = [self._bind("input_ids", ids)]

@@ -279,8 +279,14 @@ def test_llamacpp_consumed_state_is_empty_and_old_context_states_refused(llama):
     g = r.gather_states([(s, None)])
     assert s.batch_size == 0 and g.batch_size == 2  # the handle gave its sequences away
     old = g
-    r.new_state(3)  # more than the context holds: it is rebuilt, `old` belongs to the old one
-    with pytest.raises(ShapeError, match="older context"):
+    r.new_state(3)  # more than the context holds: it is rebuilt, and `old`'s sequences move along
+    assert r.gather_states([(old, None)]).batch_size == 2
+    # a llama.cpp that refuses a sequence back: the handles of the old context are refused by name
+    r = llama(n_seq_max=2)
+    old = prefilled(r, P2)
+    r._set_seq_bytes = lambda seq, data: False
+    r.new_state(3)
+    with pytest.raises(ShapeError, match="older context.*n_seq_max"):
         r.gather_states([(old, None)])
 
 
@@ -298,13 +304,13 @@ def test_llamacpp_reserve_rows_keeps_earlier_states_live(llama):
     check_rows(r, "llama.cpp", first, [P3[1] + [3]], what="first of 6 reserved rows")
     assert r.reserve_rows(3) == 6  # never shrinks
     assert r.reserve_rows(10**6) == 256  # llama.cpp's LLAMA_MAX_SEQ
-    # without the reserve, the same states rebuild the context and the first one is lost
+    # without the reserve, the same states grow the context, and the first one moves along
     r = llama(n_seq_max=1)
-    generation = r._generation
     first, others = prefilled(r, [P3[1]]), [prefilled(r, P2), prefilled(r, P3)]
-    assert r._generation > generation and len(others) == 2  # rebuilt for them
-    with pytest.raises(ShapeError, match="older context"):
-        r.step(torch.tensor([3]), first)
+    assert r._n_seq >= 6 and len(others) == 2  # grown for them
+    r.step(torch.tensor([3]), first)
+    del others
+    check_rows(r, "llama.cpp", first, [P3[1] + [3]], what="first row, carried into the grown context")
 
 
 # ---------------------------------------------------------------- CUDA graphs

@@ -267,3 +267,69 @@ def test_a_transformers_mamba2_saved_with_rms_norm_false_loads_as_transformers_r
                        rmsnorm=False)
     with pytest.raises(ConfigError, match="cannot express rmsnorm=False.*--format mamba_ssm"):
         ours.to_hf_dict()
+
+
+# ---- README review ------------------------------------------------------------------------------
+
+def test_serve_forever_ends_when_its_scheduler_is_stopped():
+    """The model loop ending without shutdown() (a signal handler's scheduler.stop()) left
+    serve_forever waiting for its accept thread forever; now it stops accepting and returns."""
+    import threading
+
+    from mamba_deploy.runners.torch_runner import TorchRunner
+    from mamba_deploy.serve import make_server
+
+    server = make_server(TorchRunner(load_model(DEMO2)), "127.0.0.1", 0, quiet=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    server.scheduler.stop()
+    t.join(10)
+    assert not t.is_alive()
+    server.server_close()
+
+
+LOST_INTERRUPT = r'''
+import os, signal, sys, time, weakref
+import mamba_deploy.batching as batching
+
+real_run = batching.Scheduler.run
+
+class Handle:
+    pass
+
+def run(self):
+    # the first SIGTERM arrives while the main thread runs a finalizer (as a llama.cpp state's
+    # does): the handler's KeyboardInterrupt is raised inside it, and Python drops it
+    h = Handle()
+    weakref.finalize(h, lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))
+    del h
+    return real_run(self)
+
+batching.Scheduler.run = run
+from mamba_deploy.cli import main
+sys.exit(main(["serve", sys.argv[1], "--port", "0", "--quiet"]))
+'''
+
+
+def test_serve_stops_when_the_signal_lands_in_a_finalizer(tmp_path):
+    """A Ctrl-C / SIGTERM whose KeyboardInterrupt was raised inside a finalizer (a llama.cpp
+    state's weakref.finalize: seen in 2 of 8 runs of 12 concurrent requests) was dropped by
+    Python, and the server ran on for good: every later signal only printed "already shutting
+    down" and only SIGKILL ended it. The handler now also stops the model loop: exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "lost.py"
+    script.write_text(LOST_INTERRUPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, str(script), str(DEMO2)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the server ignored its SIGTERM: {err[-500:]}")
+    assert proc.returncode == 0, err
+    assert "Exception ignored" in err  # the interrupt was indeed lost in the finalizer

@@ -162,11 +162,9 @@ class CompletionServer(ThreadingHTTPServer):
                                   name="mamba-deploy-accept")
         accept.start()
         try:
-            self.scheduler.run()  # until shutdown() stops it
-        except BaseException:  # the model loop ended by an exception (Ctrl-C): stop accepting too
+            self.scheduler.run()  # until shutdown() stops it, or a signal handler's scheduler.stop()
+        finally:  # however the model loop ended (Ctrl-C raises through here): stop accepting too
             super().shutdown()
-            raise
-        finally:
             accept.join()
 
     def handle_error(self, request, client_address):
@@ -683,12 +681,17 @@ def cmd_serve(args):
         stops.append(signal.SIGHUP)
 
     def _again(signum, frame):  # a second Ctrl-C / SIGTERM / SIGHUP must not break off the clean-up below
+        server.scheduler.stop()
         print(f"already shutting down (waiting at most {server.close_timeout:g} s for running requests)",
               file=sys.stderr, flush=True)
 
     def _stop(signum, frame):  # the first of them: later ones wait for the clean-up
         for sig in stops:
             signal.signal(sig, _again)
+        # the model loop also ends by this flag: a KeyboardInterrupt raised while the main thread
+        # runs a finalizer (a llama.cpp state's) is printed and dropped by Python, and the server
+        # then ran on for good, every later signal only saying "already shutting down"
+        server.scheduler.stop()
         raise KeyboardInterrupt
 
     defaults = {sig: signal.signal(sig, _stop) for sig in stops}

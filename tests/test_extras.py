@@ -85,19 +85,12 @@ def _gguf_kquant():
     _llamacpp_quantizer("q4_k_m")
 
 
-def _bench_plots():
-    from mamba_deploy.bench import _require_matplotlib
-
-    _require_matplotlib()
-
-
 @pytest.mark.parametrize("missing, call, extra", [
     ("onnxruntime", _open_onnx, "onnx"),
     ("openvino", _open_openvino, "openvino"),
     ("llama_cpp", _llamacpp_runner, "llama"),
     ("llama_cpp", _gguf_kquant, "llama"),
-    ("matplotlib", _bench_plots, "bench"),
-], ids=["onnx-runner", "openvino-runner", "llamacpp-runner", "gguf-kquant", "bench-plots"])
+], ids=["onnx-runner", "openvino-runner", "llamacpp-runner", "gguf-kquant"])
 def test_missing_package_error_names_the_extra(missing, call, extra, monkeypatch):
     monkeypatch.setitem(sys.modules, missing, None)
     with pytest.raises(BackendUnavailableError) as e:

@@ -333,3 +333,62 @@ def test_serve_stops_when_the_signal_lands_in_a_finalizer(tmp_path):
         pytest.fail(f"the server ignored its SIGTERM: {err[-500:]}")
     assert proc.returncode == 0, err
     assert "Exception ignored" in err  # the interrupt was indeed lost in the finalizer
+
+
+def test_bench_without_matplotlib_writes_its_tables_and_says_why_no_plots(hf_checkpoint, tmp_path, monkeypatch,
+                                                                       capsys):
+    """README calls the `bench` extra "bench's plots", but without matplotlib bench refused to run
+    at all. Now it writes results.json and results.md, names the extra to install, and removes an
+    earlier run's plots rather than leave them beside tables they do not belong to."""
+    import json
+    import sys
+
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    out = tmp_path / "bench"
+    tiny = ["--batch", "1", "--prompt-len", "3", "--gen-len", "2", "--warmup", "0", "--repeats", "1", "--quiet"]
+    assert main(["bench", str(folder), "--out", str(out), *tiny]) == 0
+    assert (out / "throughput_vs_batch.png").exists()  # with matplotlib: the plots
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.warns(UserWarning, match=r"matplotlib is not installed: bench writes results.json and results.md, "
+                                         r"no plots; .*mamba-deploy\[bench\]"):
+        assert main(["bench", str(folder), "--out", str(out), *tiny]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+    assert json.loads((out / "results.json").read_text())["results"]
+
+
+def test_export_gguf_threads_below_zero_names_zero_as_allowed(capsys, tmp_path):
+    """--threads -1 said "threads must be an integer >= 1", though 0 (every core) is accepted."""
+    from mamba_deploy.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "gguf", str(DEMO2), str(tmp_path / "x.gguf"), "--threads", "-1"])
+    assert e.value.code == 2
+    assert "threads must be 0 (every core) or a count >= 1, got -1" in capsys.readouterr().err
+
+
+def test_train_says_when_the_warmup_is_longer_than_the_run(tmp_path, capsys):
+    """--warmup 2000 --steps 10 trained at a fraction of --lr without a word."""
+    from mamba_deploy.cli import main
+
+    assert main(["train", "--preset", "tiny-mamba2", "--tokenizer", str(DEMO2), "--data-cache", str(tmp_path / "c"),
+                 "--batch", "2", "--seq-len", "32", "--eval-batch", "2", "--eval-every", "2", "--steps", "2",
+                 "--warmup", "8", "--lr", "0.004", "--out", str(tmp_path / "m")]) == 0
+    assert "note: --warmup 8 >= --steps 2: the learning rate rises to 0.001 at most, never to --lr 0.004" \
+        in capsys.readouterr().err
+
+
+def test_a_hub_id_with_hf_hub_offline_already_set_is_not_told_to_set_it(monkeypatch, tmp_path):
+    """With HF_HUB_OFFLINE=1 set and the id not cached, the error advised "use the cache with
+    HF_HUB_OFFLINE=1"."""
+    from mamba_deploy.errors import ModelNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: never a network request here
+    with pytest.raises(ModelNotFoundError) as e:
+        load_model("state-spaces/no-such-model-24")
+    assert "HF_HUB_OFFLINE is set and the hub cache does not hold it" in str(e.value)
+    assert "with HF_HUB_OFFLINE=1" not in str(e.value)

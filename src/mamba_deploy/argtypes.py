@@ -118,7 +118,10 @@ def threads(text: str) -> int:
 
 def threads_or_all(text: str) -> int:
     """0 (every core) or a thread count as for `threads`."""
-    return 0 if _number(int, text) == 0 else threads(text)
+    value = _number(int, text)
+    if value < 0:  # `threads` alone would say ">= 1", but 0 is taken here
+        raise argparse.ArgumentTypeError(f"threads must be 0 (every core) or a count >= 1, got {value}")
+    return 0 if value == 0 else threads(text)
 
 
 def port(text: str) -> int:

@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,6 @@ import torch
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
 from .atomic import check_writable, json_text, write_files
 from .errors import (
-    BackendUnavailableError,
     ConfigError,
     MambaDeployError,
     OutputPathError,
@@ -287,31 +287,38 @@ def _check_out_dir(out_dir) -> Path:
     return out
 
 
-def _require_matplotlib() -> None:
+def no_plots_note() -> str | None:
+    """Why bench writes no plots (matplotlib missing: the tables are still written), or None."""
     try:
         import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise BackendUnavailableError("bench draws its plots with matplotlib, which is not installed: "
-                                      f"{install_hint('matplotlib')}") from e
+    except ImportError:
+        return ("matplotlib is not installed: bench writes results.json and results.md, no plots; "
+                f"{install_hint('matplotlib')}")
+    return None
 
 
 def write_outputs(data: dict, out_dir) -> dict:
-    """results.json, results.md and the two plots into out_dir -> {kind: path}."""
+    """results.json, results.md and the two plots (when matplotlib is there) into out_dir -> {kind: path}."""
     out = _check_out_dir(out_dir)
-    _require_matplotlib()
-    # every file is rendered before the first is replaced, so a failure while drawing leaves the
-    # previous run's set whole instead of new tables beside old plots
-    thr = _plot(data, "batch", lambda r: r["decode_tokens_per_s"], "prompt_len",
-                f"decode throughput vs batch (gen_len {data['settings']['gen_len']})", "batch size", "tokens / s")
-    lat = _plot(data, "prompt_len", lambda r: r["prefill_ms"]["median"], "batch",
-                "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
-    contents = {"json": json_text(data).encode(), "markdown": markdown_table(data).encode(),
-                "throughput_plot": _png(thr), "latency_plot": _png(lat)}
+    contents = {"json": json_text(data).encode(), "markdown": markdown_table(data).encode()}
+    note = no_plots_note()
+    if note is None:
+        # every file is rendered before the first is replaced, so a failure while drawing leaves the
+        # previous run's set whole instead of new tables beside old plots
+        thr = _plot(data, "batch", lambda r: r["decode_tokens_per_s"], "prompt_len",
+                    f"decode throughput vs batch (gen_len {data['settings']['gen_len']})", "batch size", "tokens / s")
+        lat = _plot(data, "prompt_len", lambda r: r["prefill_ms"]["median"], "batch",
+                    "prefill latency vs prompt length", "prompt length (tokens)", "prefill latency, median (ms)")
+        contents.update(throughput_plot=_png(thr), latency_plot=_png(lat))
+    else:
+        warnings.warn(note, stacklevel=2)
     # a new folder appears complete or not at all (write_files); into an existing one,
-    # all four written in full under temporary names before the first is renamed into place: a
+    # all written in full under temporary names before the first is renamed into place: a
     # failure while writing leaves the previous run's set whole, never new tables beside old plots
-    write_files(out, {OUTPUT_FILES[k]: contents[k] for k in OUTPUT_FILES})
-    return {k: out / v for k, v in OUTPUT_FILES.items()}
+    write_files(out, {OUTPUT_FILES[k]: contents[k] for k in contents})
+    for k in OUTPUT_FILES.keys() - contents.keys():  # an earlier run's plots are not this run's
+        (out / OUTPUT_FILES[k]).unlink(missing_ok=True)
+    return {k: out / OUTPUT_FILES[k] for k in contents}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -327,7 +334,6 @@ def cmd_bench(args):
     batches, prompt_lens = int_list(args.batch, "--batch", "1,8"), int_list(args.prompt_len, "--prompt-len", "128,512")
     # what would stop the writing is reported before minutes of measuring, not after
     _check_out_dir(args.out)
-    _require_matplotlib()
     data = run_bench(targets, batches, prompt_lens, args.gen_len, args.warmup, args.repeats, args.seed,
                      progress=not args.quiet, open_options=torch_options(args), threads=args.threads)
     errors = [t for t in data["targets"] if t["error"]]

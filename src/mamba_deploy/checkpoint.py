@@ -120,11 +120,14 @@ def _download(repo_id: str) -> Path:
             return Path(snapshot_download(repo_id, allow_patterns=patterns))
         except Exception as e:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
             first = first or e
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    fix = ("HF_HUB_OFFLINE is set and the hub cache does not hold it: download it on a machine with network "
+           "(or unset HF_HUB_OFFLINE) and pass the local folder" if offline else
+           "If you are offline, download it elsewhere and pass the local folder, or use the cache "
+           "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token")
     raise ModelNotFoundError(
         f"{repo_id!r} is not a local path, and fetching it from the hub failed "
-        f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}). "
-        "If you are offline, download it elsewhere and pass the local folder, or use the cache "
-        "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token."
+        f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}). {fix}."
     ) from first
 
 

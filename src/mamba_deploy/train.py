@@ -367,6 +367,10 @@ def _train(args) -> dict:
     if args.micro_batch != args.batch:
         print(f"gradients of --batch {args.batch} accumulated over micro-batches of {args.micro_batch} sequences "
               f"({args.micro_batch * args.seq_len} tokens per pass; set with --micro-batch)", flush=True)
+    if args.warmup >= total:  # accepted (a short test run), but said: the peak is never reached
+        print(f"note: --warmup {args.warmup} >= --steps {total}: the learning rate rises to "
+              f"{args.lr * total / args.warmup:.3g} at most, never to --lr {args.lr:g}; lower --warmup",
+              file=sys.stderr, flush=True)
     if model.device.type == "cpu" and args.micro_batch * args.seq_len > CPU_MICRO_TOKENS:
         print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)

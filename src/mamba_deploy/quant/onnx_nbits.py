@@ -58,6 +58,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         folder = export_onnx(twin, tmp / "onnx", validate=False, scan_chunk=scan_chunk)  # checked below, once rewritten
         report = rewrite(folder / "model.onnx", qmodel, 0)
         report["accuracy_level"] = 0
+        _warn_kept_float(report)
         # PyTorch's outputs once for both levels; the twin is then freed rather than held beside
         # ONNX Runtime's sessions (~2x the weights each), and rebuilt only for a float64 check
         reference = torch_reference(folder, twin) if validate else None
@@ -78,6 +79,20 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
             f.rename(tmp / f.name)
         folder.rmdir()
     return Path(out_dir)
+
+
+def _warn_kept_float(report: dict) -> None:
+    """Said, not only recorded in manifest.json: a SmoothQuant / FP8 checkpoint exported silently
+    as a graph of float32 weights, twice the int4 export's size and no faster than a float one."""
+    kept = report["kept_float"]
+    if kept:
+        import collections
+        import warnings
+
+        reasons = "; ".join(f"{n} x {why}" for why, n in collections.Counter(kept.values()).items())
+        warnings.warn(f"{len(kept)} of {len(kept) + len(report['rewritten'])} quantized linear layers stay float32 in "
+                      f"the ONNX graph (their dequantized weights): {reasons}. For MatMulNBits layers, quantize "
+                      "with --method int8, int4, gptq or awq (group sizes 16..256)", stacklevel=3)
 
 
 def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:

@@ -390,5 +390,5 @@ def test_a_hub_id_with_hf_hub_offline_already_set_is_not_told_to_set_it(monkeypa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: never a network request here
     with pytest.raises(ModelNotFoundError) as e:
         load_model("state-spaces/no-such-model-24")
-    assert "HF_HUB_OFFLINE is set and the hub cache does not hold it" in str(e.value)
+    assert "HF_HUB_OFFLINE is set (offline) and the hub cache does not hold it" in str(e.value)
     assert "with HF_HUB_OFFLINE=1" not in str(e.value)

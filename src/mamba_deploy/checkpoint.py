@@ -121,7 +121,7 @@ def _download(repo_id: str) -> Path:
         except Exception as e:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
             first = first or e
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    fix = ("HF_HUB_OFFLINE is set and the hub cache does not hold it: download it on a machine with network "
+    fix = ("HF_HUB_OFFLINE is set (offline) and the hub cache does not hold it: download it on a machine with network "
            "(or unset HF_HUB_OFFLINE) and pass the local folder" if offline else
            "If you are offline, download it elsewhere and pass the local folder, or use the cache "
            "with HF_HUB_OFFLINE=1; otherwise check the id and your network/token")

@@ -296,8 +296,10 @@ class LlamaCppRunner(Runner):
     @staticmethod
     def _release(runner_ref, seq_ids, generation) -> None:
         runner = runner_ref()
-        if runner is not None and runner._generation == generation:
-            runner._free.extend(seq_ids)
+        if runner is not None:
+            with runner.call_lock:  # a garbage collection in another thread: not in the middle of a _grow
+                if runner._generation == generation:
+                    runner._free.extend(seq_ids)
 
     @one_call_at_a_time
     def new_state(self, batch: int) -> LlamaCppState:

@@ -392,3 +392,97 @@ def test_a_hub_id_with_hf_hub_offline_already_set_is_not_told_to_set_it(monkeypa
         load_model("state-spaces/no-such-model-24")
     assert "HF_HUB_OFFLINE is set (offline) and the hub cache does not hold it" in str(e.value)
     assert "with HF_HUB_OFFLINE=1" not in str(e.value)
+
+
+# ---- GGUF review --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_m1(ckpt, tmp_path_factory):
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder, hf = ckpt("mamba")
+    return export_gguf(folder, tmp_path_factory.mktemp("g24m1") / "m.gguf", outtype="f32"), folder, hf
+
+
+@pytest.mark.parametrize("name", ["blk.0.ssm_a", "blk.1.ssm_conv1d.weight", "blk.0.attn_norm.weight"])
+def test_llamacpp_refuses_f16_where_it_needs_f32_instead_of_aborting(gguf_m1, tmp_path, name):
+    """ssm_a, the conv or a norm stored as F16 (llama.cpp's converter keeps them F32) passed every
+    check and then killed the process in llama.cpp (GGML_ASSERT, SIGABRT). Now the runner names the
+    tensor; the torch backend still runs the file, with the f32 file's logits to F16 rounding."""
+    import gguf
+    import numpy as np
+
+    from conftest import rewrite_gguf
+    from mamba_deploy.errors import CheckpointError
+    from mamba_deploy.runners import open_runner
+
+    pytest.importorskip("llama_cpp")
+    src = gguf_m1[0]
+    data = next(t.data for t in gguf.GGUFReader(str(src)).tensors if t.name == name)
+    bad = rewrite_gguf(src, tmp_path / "bad.gguf", tensors={name: np.asarray(data, np.float16)})
+    with pytest.raises(CheckpointError, match=rf"{name} is F16; llama.cpp needs F32 there .*--backend torch"):
+        open_runner(bad, "llama.cpp", threads=1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert rel_err(load_model(bad)(ids).logits, load_model(src)(ids).logits) < 1e-2
+
+
+@pytest.mark.parametrize("offset,problem", [(32, "overlaps"), (4, "not a multiple of the file's alignment 32")])
+def test_a_gguf_with_a_wrong_tensor_offset_is_refused(gguf_m1, tmp_path, offset, problem):
+    """An edited tensor offset (overlapping the next tensors, or unaligned) loaded shifted bytes as
+    weights (convert wrote embeddings off by up to 13.6); llama.cpp refuses such files, and now so
+    does the GGUF reader."""
+    import struct
+
+    import gguf
+
+    from mamba_deploy.errors import CheckpointError
+
+    src = gguf_m1[0]
+    raw = bytearray(src.read_bytes())
+    t = gguf.GGUFReader(str(src)).tensors[0]
+    at = t.field.offset + 8 + len(t.name.encode())  # the name's u64 length, then the name
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    struct.pack_into("<Q", raw, at + 4 + 8 * n_dims + 4, offset)  # past n_dims, the dims and the type
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=rf"is corrupt: tensor .*{problem}"):
+        load_model(bad)
+
+
+def test_gguf_token_types_are_optional_and_merges_are_not(gguf_m1, tmp_path):
+    """Without the optional tokenizer.ggml.token_type (llama.cpp reads every token as normal) the
+    torch backend had no tokenizer; now it tokenizes as llama.cpp does. Without the merges of a
+    byte-level BPE (llama.cpp refuses the file) it tokenized byte by byte without a word; now it
+    says so and has no tokenizer."""
+    from conftest import rewrite_gguf
+    from mamba_deploy.runners import open_runner
+
+    pytest.importorskip("llama_cpp")
+    src = gguf_m1[0]
+    no_types = rewrite_gguf(src, tmp_path / "t.gguf", drop=lambda k: k == "tokenizer.ggml.token_type")
+    text = "the quick brown fox, hello mamba"
+    assert open_runner(no_types, "torch").tokenizer.encode(text) == \
+        open_runner(no_types, "llama.cpp", threads=1).tokenizer.encode(text)
+    no_merges = rewrite_gguf(src, tmp_path / "m.gguf", drop=lambda k: k == "tokenizer.ggml.merges")
+    from mamba_deploy.export.gguf_import import gguf_tokenizer, open_reader
+
+    with pytest.warns(UserWarning, match="without tokenizer.ggml.merges, which llama.cpp refuses too"):
+        assert gguf_tokenizer(open_reader(no_merges), no_merges) is None
+
+
+def test_verify_of_a_model_without_a_conv_state(hf_checkpoint, tmp_path, capsys):
+    """conv_kernel 1 (no conv state): verify died with "max(): Expected reduction dim" on the
+    empty conv state, and the ONNX export's prefill returned the whole input as present_conv (a
+    Slice from -0), which ONNX Runtime refused. Export (validated against PyTorch) and verify pass."""
+    from conftest import build_hf_model
+    from mamba_deploy.cli import main
+    from mamba_deploy.export.onnx import export_onnx
+
+    pytest.importorskip("onnxruntime")
+    build_hf_model("mamba", conv_kernel=1).save_pretrained(tmp_path / "m")
+    export_onnx(tmp_path / "m", tmp_path / "onnx")
+    assert main(["verify", str(tmp_path / "m"), str(tmp_path / "onnx"), "--lengths", "4", "--batch", "1",
+                 "--quiet"]) == 0
+    assert "PASSED" in capsys.readouterr().out

@@ -28,12 +28,33 @@ def open_reader(path):
     if not path.is_file():
         raise ModelNotFoundError(f"no such GGUF file: {str(path)!r}")
     try:
-        return GGUFReader(str(path))
+        reader = GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001  (the reader raises ValueError, IndexError, struct errors...)
         raise CheckpointError(
             f"cannot read GGUF file {path} ({type(e).__name__}: {e}); it is truncated, corrupt or not a GGUF "
             "file: re-export it (mamba-deploy export gguf) or re-download it"
         ) from e
+    _check_layout(reader, path)
+    return reader
+
+
+def _check_layout(reader, path) -> None:
+    """Tensor data at aligned offsets that do not overlap, as llama.cpp's loader checks: gguf-py
+    reads whatever bytes an offset names, so a file whose offset was edited loaded shifted weights."""
+    align = int(getattr(reader, "alignment", 32) or 32)
+    end, prev = reader.data_offset, None
+    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        start = int(t.data_offset)
+        if (start - reader.data_offset) % align:
+            problem = f"tensor {t.name!r} starts at data offset {start - reader.data_offset}, not a multiple of the " \
+                      f"file's alignment {align}"
+        elif start < end:
+            problem = f"tensor {t.name!r} (at data offset {start - reader.data_offset}) overlaps {prev!r}"
+        else:
+            end, prev = start + int(t.n_bytes), t.name
+            continue
+        raise CheckpointError(f"GGUF file {path} is corrupt: {problem}; re-export it (mamba-deploy export gguf) or "
+                              "re-download it")
 
 
 def field(reader, key: str, default=_MISSING):

@@ -297,8 +297,16 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
     scores = field(reader, SCORES_KEY, None)
     prefix = field(reader, ADD_SPACE_PREFIX_KEY, None)
-    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
-    merges = field(reader, "tokenizer.ggml.merges", [])
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    # optional, as for llama.cpp: every token normal
+    types = field(reader, "tokenizer.ggml.token_type", None)
+    types = [int(TokenType.NORMAL)] * len(tokens) if types is None and isinstance(tokens, list) else types
+    merges = field(reader, "tokenizer.ggml.merges", None)
+    if merges is None and model == TOKENIZER_MODEL:  # byte by byte otherwise, without a word
+        raise ExportError(f"{path}: a byte-level BPE ({model!r}) vocabulary without tokenizer.ggml.merges, which "
+                          "llama.cpp refuses too; convert the model again with its tokenizer.json (mamba-deploy "
+                          "export gguf MODEL_FOLDER OUT.gguf)")
+    merges = [] if merges is None else merges
     for key, value, kind in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
         if not (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
             raise ExportError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be a list of {kind.__name__}, not "

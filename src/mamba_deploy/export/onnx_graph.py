@@ -220,7 +220,8 @@ class MambaGraph(StepNetwork):
         g, k = self.g, self.cfg.d_conv
         x = g.op("Mul", x, mask)
         xt = g.op("Concat", g.op("Transpose", PAST_CONV.format(i), perm=[0, 2, 1]), x, axis=1)  # (b, k-1+l, c)
-        tail = g.op("Slice", xt, g.const([-(k - 1)]), g.const([INT64_MAX]), g.const([1]))
+        # the last k-1 steps; for k = 1 none (a start of -0 would keep them all)
+        tail = g.op("Slice", xt, g.const([-(k - 1) if k > 1 else INT64_MAX]), g.const([INT64_MAX]), g.const([1]))
         g.op_to(self.out(PRESENT_CONV.format(i)), "Transpose", tail, perm=[0, 2, 1])
         w = self._np(p + "conv1d.weight").reshape(channels, k).T  # (k, c)
         y = self.param(p + "conv1d.bias") if p + "conv1d.bias" in self.w else None

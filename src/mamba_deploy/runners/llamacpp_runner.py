@@ -234,6 +234,7 @@ class LlamaCppRunner(Runner):
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
         self.config = read_config(reader, shapes)
         check_sizes(shapes, self.config, path)  # an edited vocab_size: refused as the torch backend does
+        _check_f32_tensors(reader, path)
         del reader
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
@@ -502,6 +503,23 @@ class LlamaCppRunner(Runner):
             self._free_context()
         except Exception:  # noqa: BLE001  (interpreter shutdown)
             pass
+
+
+def _check_f32_tensors(reader, path) -> None:
+    """llama.cpp's Mamba graph takes the tensors its converter keeps in F32 (norms, biases, ssm_a,
+    ssm_d, the conv) only as F32: another type aborts the process (a GGML_ASSERT in ssm_conv, or
+    "binary_op: unsupported types") instead of raising."""
+    from gguf import GGMLQuantizationType
+
+    from ..export.gguf_tables import keep_f32
+
+    bad = [(t.name, t.tensor_type.name) for t in reader.tensors
+           if keep_f32(t.name, len(t.shape)) and t.tensor_type != GGMLQuantizationType.F32]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0][0]} is {bad[0][1]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}"
+                              "; llama.cpp needs F32 there (norms, biases, ssm_a, ssm_d, the conv) and would abort "
+                              "the process. Re-export it with mamba-deploy export gguf (which keeps them F32), or "
+                              "run it with --backend torch")
 
 
 # bytes llama.cpp may put before the memory's own data (newer builds write a 64-bit tag first)

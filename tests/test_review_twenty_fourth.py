@@ -55,7 +55,8 @@ def _threads_generate(runner, prompts, n=10):
     def work(i):
         try:
             for _ in range(3):
-                got.setdefault(i, []).append(generate(runner, [prompts[i]], max_new_tokens=n, stop_token_ids=[]).tokens[0])
+                out = generate(runner, [prompts[i]], max_new_tokens=n, stop_token_ids=[])
+                got.setdefault(i, []).append(out.tokens[0])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"{type(e).__name__}: {e}")
 

@@ -516,7 +516,8 @@ def _check_f32_tensors(reader, path) -> None:
     bad = [(t.name, t.tensor_type.name) for t in reader.tensors
            if keep_f32(t.name, len(t.shape)) and t.tensor_type != GGMLQuantizationType.F32]
     if bad:
-        raise CheckpointError(f"{path}: {bad[0][0]} is {bad[0][1]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}"
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: {bad[0][0]} is {bad[0][1]}{more}"
                               "; llama.cpp needs F32 there (norms, biases, ssm_a, ssm_d, the conv) and would abort "
                               "the process. Re-export it with mamba-deploy export gguf (which keeps them F32), or "
                               "run it with --backend torch")

@@ -487,3 +487,29 @@ def test_verify_of_a_model_without_a_conv_state(hf_checkpoint, tmp_path, capsys)
     assert main(["verify", str(tmp_path / "m"), str(tmp_path / "onnx"), "--lengths", "4", "--batch", "1",
                  "--quiet"]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+def test_verify_against_a_folder_that_holds_the_same_rounding_uses_the_artifacts_own_limits(tmp_path, capsys):
+    """A folder converted from a q8_0 GGUF records q8_0; an f32 GGUF exported from it records it
+    too. verify of that pair took q8_0's limits though both sides hold the same float32 weights,
+    so a tensor scaled by 1.5 passed. Now the shared rounding is the reference's own: fp32 limits
+    (the untouched file passes them, the corrupted one fails)."""
+    import gguf
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.export.gguf import export_gguf
+
+    q8 = export_gguf(DEMO2, tmp_path / "q8.gguf", outtype="q8_0")
+    assert main(["convert", str(q8), str(tmp_path / "ckpt")]) == 0
+    good = export_gguf(tmp_path / "ckpt", tmp_path / "f32.gguf", outtype="f32")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good.read_bytes())
+    reader = gguf.GGUFReader(str(bad), "r+")
+    next(t for t in reader.tensors if t.name == "blk.1.ssm_d").data[:] *= 1.5
+    reader.data.flush()
+    del reader
+    common = ["--backend", "torch", "--lengths", "7", "--batch", "2", "--quiet"]
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "ckpt"), str(good), *common]) == 0
+    assert "logits_rel" in (out := capsys.readouterr().out) and "limit <= 0.0001" in out
+    assert main(["verify", str(tmp_path / "ckpt"), str(bad), *common]) != 0

@@ -11,6 +11,7 @@ artifact's dtype / quantization, which is read from the artifact itself.
 from __future__ import annotations
 
 import math
+import os
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, read_json_object, write_json
 from .data import read_text_file
-from .errors import ConfigError, VerificationError
+from .errors import ConfigError, MambaDeployError, VerificationError
 from .inputs import first_out_of_vocab, token_stream
 
 # ----------------------------------------------------------------------------- tolerances
@@ -141,23 +142,45 @@ def parse_overrides(text: str) -> dict:
 
 # ----------------------------------------------------------------------------- artifact type
 
-def infer_artifact_dtype(path) -> str:
+def infer_artifact_dtype(path, reference=None) -> str:
     """The artifact's weight precision / quantization label, read from the artifact; 'fp32' when
     nothing says otherwise. ONNX: manifest.json "source_weights" / "quantization" / "dtype"; GGUF:
     general.file_type (`weights_label`); checkpoints: config.json source_weights (`convert` of a
-    quantized GGUF), quantization_config, else the stored float dtype (`stored_dtype`)."""
+    quantized GGUF), quantization_config, else the stored float dtype (`stored_dtype`).
+    The recorded source rounding counts unless `reference` (a path) records the same one: then the
+    reference holds those very weights, and only the artifact's own type differs from it."""
+    own, recorded = artifact_labels(path)
+    if recorded and reference is not None and _recorded_or_none(reference) == recorded:
+        return own
+    return looser_label(own, recorded) if recorded else own
+
+
+def _recorded_or_none(reference):
+    try:  # a hub id or a loaded model records nothing here
+        return artifact_labels(reference)[1] if isinstance(reference, (str, os.PathLike)) else None
+    except (MambaDeployError, OSError):
+        return None
+
+
+def artifact_labels(path) -> tuple[str, str | None]:
+    """(the artifact's own weight type, the rounding it records for its source weights or None)."""
     p = Path(str(path))
     if p.suffix == ".gguf" and p.is_file():
-        from .export.gguf_import import weights_label
+        from .export.gguf_import import weights_labels
 
-        return weights_label(p)
+        return weights_labels(p)
     folder = p if p.is_dir() else p.parent
     manifest = read_json_object(folder / "manifest.json")
     if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
-        return _quant_label(manifest["quantization"])
-    for key in ("source_weights", "quantization", "dtype"):  # source_weights: an export of a quantized GGUF
-        if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
-            return manifest[key].lower()
+        return _quant_label(manifest["quantization"]), None
+    if manifest:
+        sw = manifest.get("source_weights")  # an export of a quantized GGUF
+        recorded = sw.lower() if isinstance(sw, str) and sw.lower() not in ("", "none") else None
+        for key in ("quantization", "dtype"):
+            if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
+                return manifest[key].lower(), recorded
+        if recorded:
+            return "fp32", recorded
     from .checkpoint import recorded_source_weights, stored_dtype
 
     cfg = read_json_object(folder / "config.json")
@@ -165,8 +188,7 @@ def infer_artifact_dtype(path) -> str:
         own = _quant_label(cfg["quantization_config"])
     else:
         own = dtype_label(stored_dtype(folder))
-    recorded = recorded_source_weights(folder, cfg)  # `convert` (or quantize) of a quantized GGUF
-    return looser_label(own, recorded) if recorded else own
+    return own, recorded_source_weights(folder, cfg)  # `convert` (or quantize) of a quantized GGUF
 
 
 def dtype_label(dtype) -> str:
@@ -470,7 +492,8 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
                                 "these are not the same model")
     if label is None:
         src = getattr(art, "artifact_path", None) or getattr(art, "source_path", None)
-        label = infer_artifact_dtype(src) if src is not None else "fp32"
+        ref_src = getattr(ref, "artifact_path", None) or getattr(ref, "source_path", None)
+        label = infer_artifact_dtype(src, ref_src) if src is not None else "fp32"
     tol = make_tolerance(tolerance, label)
     if not lengths or not batches:  # no cases would leave only the perplexity check to pass
         raise ConfigError(f"lengths {lengths} and batches {batches} must each name at least one value, "
@@ -552,7 +575,7 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
                 runner.artifact_path = Path(str(path))
             except AttributeError:
                 pass
-    return ref, art, infer_artifact_dtype(artifact)
+    return ref, art, infer_artifact_dtype(artifact, reference)
 
 
 def write_json_atomic(path, data) -> Path:

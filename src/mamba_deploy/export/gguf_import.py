@@ -311,15 +311,22 @@ def weights_label(path) -> str:
     """The GGUF's weight type as llama.cpp names it (q8_0, q4_k_m, f16, ...; 'fp32' when unreadable),
     or the type it records for its source (SOURCE_WEIGHTS_KEY: an f32 export of a q8_0 GGUF holds
     q8_0's rounding) where that one's verify limits are looser."""
+    from ..verify import looser_label
+
+    own, recorded = weights_labels(path)
+    return looser_label(own, recorded) if recorded else own
+
+
+def weights_labels(path) -> tuple[str, str | None]:
+    """(the file's own weight type, the type it records for its source or None)."""
     try:
         reader = open_reader(path)
     except (ImportError, ModelNotFoundError, CheckpointError):  # a bad file is the loader's error to report
-        return "fp32"
-    from ..verify import looser_label
+        return "fp32", None
     from .gguf_tables import SOURCE_WEIGHTS_KEY
 
-    own, recorded = _file_weight_type(reader), field(reader, SOURCE_WEIGHTS_KEY, None)
-    return looser_label(own, recorded) if isinstance(recorded, str) else own
+    recorded = field(reader, SOURCE_WEIGHTS_KEY, None)
+    return _file_weight_type(reader), recorded.lower() if isinstance(recorded, str) else None
 
 
 def _file_weight_type(reader) -> str:

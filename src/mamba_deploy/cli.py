@@ -133,11 +133,10 @@ def cmd_inspect(args):
     path = resolve(args.model)
     if path.is_file() and path.suffix != ".gguf" and config_file(path.parent) is None:
         raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
-    if path.suffix == ".gguf":
-        from .checkpoint import load_model
+    if path.suffix == ".gguf":  # its metadata and tensor headers: no weight is dequantized
+        from .export.gguf_import import open_gguf
 
-        model = load_model(path)
-        cfg, files = model.config, [path]
+        cfg, files = open_gguf(path)[3], [path]
     else:
         folder = path if path.is_dir() else path.parent
         cfg, files = read_config(folder), _weight_files(folder)

@@ -147,15 +147,22 @@ def _dequantized(t) -> np.ndarray:
     return np.array(data, dtype=np.float32, copy=True).reshape(shape)  # the reader's memmap is read-only
 
 
-def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
-    """A GGUF file (mamba / mamba2) -> MambaLM on `device` in `dtype` (weights dequantized)."""
-    from ..checkpoint import _unfilled_model
-
+def open_gguf(path):
+    """A GGUF file's metadata and tensor headers, checked, no weight read -> (reader, {name: tensor},
+    {name: shape (outermost first)}, MambaConfig)."""
     reader = open_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
     cfg = read_config(reader, shapes)
     check_sizes(shapes, cfg, path)  # before a model of the metadata's sizes is allocated
+    return reader, tensors, shapes, cfg
+
+
+def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
+    """A GGUF file (mamba / mamba2) -> MambaLM on `device` in `dtype` (weights dequantized)."""
+    from ..checkpoint import _unfilled_model
+
+    reader, tensors, shapes, cfg = open_gguf(path)
     # allocated on `device` in `dtype`, not initialised: every tensor is copied in below (a random
     # init would take seconds for billions of weights; a float32 model cast at the end, 3x the
     # 16-bit model at the peak)

@@ -208,7 +208,7 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
-        from ..export.gguf_import import check_sizes, open_reader, read_config
+        from ..export.gguf_import import open_gguf
 
         self.call_lock = threading.RLock()
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
@@ -230,10 +230,9 @@ class LlamaCppRunner(Runner):
                     else f"a {path.suffix or 'suffix-less'} file")
             raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r} ({what}); "
                                      "export one with: mamba-deploy export gguf MODEL OUT.gguf")
-        reader = open_reader(path)  # our checks first: clear errors for corrupt / foreign files
-        shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-        self.config = read_config(reader, shapes)
-        check_sizes(shapes, self.config, path)  # an edited vocab_size: refused as the torch backend does
+        # our checks first: clear errors for corrupt / foreign files, an edited vocab_size refused as
+        # the torch backend does
+        reader, _, _, self.config = open_gguf(path)
         _check_f32_tensors(reader, path)
         del reader
         lib.llama_backend_init()

@@ -138,7 +138,7 @@ def test_a_torch_state_loads_into_llamacpp(gguf_m2):
     assert rel_err(got, tr.step(torch.tensor([4, 7]), ts)[0]) < 1e-4
     from mamba_deploy.errors import ShapeError
 
-    with pytest.raises(ShapeError, match=r"State's conv is .* takes .*same batch"):
+    with pytest.raises(ShapeError, match=r"state has conv \(\d+, 2, .* expected \(\d+, 1, .* for batch 1"):
         r.load_torch_state(r.new_state(1), ts)
 
 

@@ -89,9 +89,12 @@ def tolerance_row(label: str) -> str:
                       f"{', '.join(TOLERANCES)} (e.g. --dtype int4) or give every limit with --tolerance")
 
 
-def looser_label(label: str, other: str) -> str:
+def looser_label(label: str, other: str | None) -> str:
     """Of two weight-type labels, the one whose TOLERANCES row is looser (rows go from fp32 to q2);
-    `label` where `other` has no row (an edited file's value is not trusted to loosen anything)."""
+    `label` where `other` is None (nothing recorded) or has no row (an edited file's value is not
+    trusted to loosen anything)."""
+    if other is None:
+        return label
     try:
         rows = list(TOLERANCES)
         return other.lower() if rows.index(tolerance_row(other)) > rows.index(tolerance_row(label)) else label
@@ -152,7 +155,7 @@ def infer_artifact_dtype(path, reference=None) -> str:
     own, recorded = artifact_labels(path)
     if recorded and reference is not None and _recorded_or_none(reference) == recorded:
         return own
-    return looser_label(own, recorded) if recorded else own
+    return looser_label(own, recorded)
 
 
 def _recorded_or_none(reference):

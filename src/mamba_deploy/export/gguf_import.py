@@ -320,8 +320,7 @@ def weights_label(path) -> str:
     q8_0's rounding) where that one's verify limits are looser."""
     from ..verify import looser_label
 
-    own, recorded = weights_labels(path)
-    return looser_label(own, recorded) if recorded else own
+    return looser_label(*weights_labels(path))
 
 
 def weights_labels(path) -> tuple[str, str | None]:

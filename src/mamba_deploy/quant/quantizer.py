@@ -109,10 +109,7 @@ def _swap(model, name, spec, done, algo=None, stats=None, opts=None):
 
 def _quant_linear(lin, name, spec, algo, stats, opts):
     fmt, gs, sym = spec["format"], spec.get("group_size"), spec.get("symmetric", True)
-    if algo == "gptq":
-        from .formats import check_group
-
-        check_group(name, lin.in_features, gs)
+    if algo == "gptq":  # group sizes: checked for the whole plan before any work (_check_groups)
         tensors = algos.gptq(lin.weight, stats.hessian, gs, sym, bool(opts["act_order"]), float(opts["damp"]),
                              int(opts["block_size"]), name=name)
         m = QuantLinear(lin.in_features, lin.out_features, fmt, gs, sym, lin.bias is not None,
@@ -124,9 +121,6 @@ def _quant_linear(lin, name, spec, algo, stats, opts):
         return m
     weight = input_scale = None
     if algo == "awq":
-        from .formats import check_group
-
-        check_group(name, lin.in_features, gs)
         weight, input_scale = algos.awq(lin.weight, stats.X, stats.mean_abs, gs, sym, int(opts["grid"]),
                                           bool(opts["clip"]))
     elif algo == "smoothquant":

@@ -469,11 +469,7 @@ class LlamaCppRunner(Runner):
         token yet gets one cell at position 0, and its next token goes to position 1."""
         self._check_state(state, None)
         check_is_state(src, "State.zeros(config, batch) or another runner's to_torch_state(state)")
-        cfg, b = self.config, state.batch_size
-        for name, t, shape in (("conv", src.conv, cfg.conv_state_shape), ("ssm", src.ssm, cfg.ssm_state_shape)):
-            if tuple(t.shape) != (cfg.n_layer, b, *shape):
-                raise ShapeError(f"the State's {name} is {tuple(t.shape)}; this runner's state of batch {b} takes "
-                                 f"{(cfg.n_layer, b, *shape)}: a state of this model with the same batch")
+        src.check(self.config, state.batch_size)
         src = State(src.conv.detach().cpu(), src.ssm.detach().cpu())
         for r, s in enumerate(state.seq_ids):
             prefix = _parse_seq_state(self._seq_bytes(s), self.config)[0]

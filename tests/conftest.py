@@ -151,7 +151,7 @@ def finish_gguf(w) -> None:
 
 def rewrite_gguf(src, dst, drop=lambda key: False, edit=None, tensors=None, arch=None):
     """A copy of the GGUF `src` without the metadata keys `drop` selects, with `edit` (key -> value
-    of the same type, or (value, type[, sub_type])) applied, tensors replaced by `tensors` (name ->
+    of the same type, or (value, type[, sub_type]); a key the source lacks is added) applied, tensors replaced by `tensors` (name ->
     array) and general.architecture set to `arch` ((value, type[, sub_type])): files as other
     converters write them, or damaged ones."""
     import gguf
@@ -169,6 +169,9 @@ def rewrite_gguf(src, dst, drop=lambda key: False, edit=None, tensors=None, arch
             new = edit[name]
             value, vtype, sub = new if isinstance(new, tuple) else (new, vtype, sub)
         w.add_key_value(name, value, vtype, sub_type=sub)
+    for name, new in (edit or {}).items():  # keys the source lacks: added, (value, type[, sub_type])
+        if name not in r.fields:
+            w.add_key_value(name, new[0], new[1], sub_type=new[2] if len(new) > 2 else None)
     for t in r.tensors:
         if t.name in (tensors or {}):
             w.add_tensor(t.name, tensors[t.name])

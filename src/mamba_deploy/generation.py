@@ -384,10 +384,17 @@ def stops_with_eos(tokenizer, stop_token_ids):
     tokenizer's EOS, as llama.cpp and vLLM stop at EOS beside any stop ids (`--stop 13` used to
     replace it, and generation ran on past the end of text). generate() itself adds the EOS only
     for text prompts without stop ids, and chat prompts are token ids."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = end_ids(tokenizer)
     if stop_token_ids is None:
         return eos or None
     return sorted(set(stop_token_ids) | set(eos))
+
+
+def end_ids(tokenizer) -> list[int]:
+    """The ids that end a text: the EOS and, for a GGUF, its eot / eom tokens (llama.cpp's
+    end-of-generation set), which a chat model samples at the end of its turn."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + [i for i in getattr(tokenizer, "end_token_ids", ()) if i not in ids]
 
 
 def _prepare(runner, prompts, stop_token_ids, stop_strings):
@@ -400,7 +407,7 @@ def _prepare(runner, prompts, stop_token_ids, stop_strings):
     if any(len(p) == 0 for p in ids_list):
         raise ShapeError("a prompt is empty; give at least one token")
     if stop_token_ids is None:  # eos by default for text prompts only
-        stop_token_ids = [tok.eos_token_id] if as_text and tok.eos_token_id is not None else []
+        stop_token_ids = end_ids(tok) if as_text else []
     vocab = runner.vocab_size
     if isinstance(stop_token_ids, numbers.Integral):
         stop_token_ids = [stop_token_ids]

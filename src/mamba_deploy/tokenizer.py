@@ -46,9 +46,11 @@ class Tokenizer:
     special_token_ids: SPECIAL_TOKEN_NAMES name -> id for those the tokenizer defines."""
 
     def __init__(self, tok, eos_token_id=None, bos_token_id=None, path=None, chat_template=None,
-                 special_token_ids=None):
+                 special_token_ids=None, end_token_ids=()):
         self._tok = tok
         self.eos_token_id = eos_token_id
+        # where generation ends besides the EOS: a GGUF's eot / eom tokens (llama.cpp's end-of-generation set)
+        self.end_token_ids = tuple(end_token_ids)
         self.bos_token_id = bos_token_id
         self.path = path
         self.chat_template = chat_template  # Jinja source (see chat.py), or None
@@ -189,8 +191,8 @@ PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)
 class _SentencePiece:
     """A sentencepiece processor behind the `tokenizers` calls that Tokenizer makes."""
 
-    def __init__(self, sp, specials):
-        self.sp = sp
+    def __init__(self, sp, specials, add_eos=False):
+        self.sp, self.add_eos = sp, add_eos  # add_eos: a GGUF's add_eos_token (llama.cpp appends the EOS)
         # control / unknown / user-defined pieces written in the text ("</s>", "[INST]") are those
         # tokens, as tokenizer.json's added tokens are and as llama.cpp matches them (parse_special)
         self._specials = sorted(((p, sp.piece_to_id(p)) for p in set(specials) - {""}),
@@ -238,6 +240,8 @@ class _SentencePiece:
                 ids.append(part)
             else:
                 ids += self.sp.encode(part)
+        if self.add_eos and self.sp.eos_id() >= 0 and add_special_tokens:
+            ids.append(self.sp.eos_id())
         return _Encoding(ids)
 
     def encode_batch(self, texts):
@@ -303,8 +307,9 @@ def parse_sentencepiece(model: bytes):
     return proto
 
 
-def sentencepiece_tokenizer(model: bytes, folder=None) -> Tokenizer:
-    """A Tokenizer over a serialized SentencePiece model; errors as parse_sentencepiece."""
+def sentencepiece_tokenizer(model: bytes, folder=None, add_eos=False) -> Tokenizer:
+    """A Tokenizer over a serialized SentencePiece model; errors as parse_sentencepiece.
+    add_eos: append the EOS to each text, as llama.cpp does for a GGUF that says add_eos_token."""
     import sentencepiece
 
     proto = parse_sentencepiece(model)
@@ -316,7 +321,7 @@ def sentencepiece_tokenizer(model: bytes, folder=None) -> Tokenizer:
         raise ValueError(f"sentencepiece refused the model: {e}") from e
     ids = (sp.eos_id(), sp.bos_id())  # -1 where the model defines none
     named = {"unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
-    return Tokenizer(_SentencePiece(sp, specials), *(i if i >= 0 else None for i in ids), folder,
+    return Tokenizer(_SentencePiece(sp, specials, add_eos), *(i if i >= 0 else None for i in ids), folder,
                      special_token_ids={k: i for k, i in named.items() if i >= 0})
 
 

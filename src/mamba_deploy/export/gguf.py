@@ -43,7 +43,7 @@ from .gguf_tables import (
     TENSORS,
     keep_f32,
 )
-from .gguf_vocab import Vocab, add_vocab, find_tokenizer_file, read_vocab, vocab_from_gguf
+from .gguf_vocab import Vocab, add_carried, add_vocab, find_tokenizer_file, read_vocab, vocab_from_gguf
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -129,14 +129,21 @@ def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
 
 def _model_name(model, out: Path) -> str:
     """general.name: a GGUF source keeps its own (its folder's name says nothing about the model)."""
-    if getattr(model, "gguf_path", None) is not None:
-        from .gguf_import import field, open_reader
-
-        name = field(open_reader(model.gguf_path), "general.name", None)
-        if name:
-            return name
+    name = source_general(model).get("general.name", (None,))[0]
+    if isinstance(name, str) and name:
+        return name
     src = getattr(model, "source_path", None)
     return Path(src).name if src is not None else out.stem
+
+
+def source_general(model) -> dict:
+    """The general.* keys of the model's GGUF source (license, author, base model...; see
+    gguf_import.carried_fields), which a re-export writes back; {} for other sources."""
+    if getattr(model, "gguf_path", None) is None:
+        return {}
+    from .gguf_import import carried_fields, open_reader
+
+    return carried_fields(open_reader(model.gguf_path), "general.")
 
 
 def check_exportable(cfg) -> None:
@@ -180,6 +187,7 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
         if label:
             writer.add_string(SOURCE_WEIGHTS_KEY, label)
         add_vocab(writer, vocab)
+        add_carried(writer, source_general(model))
         for gname, shape, t in plan:
             stored_shape, dtype = _stored_layout(shape, t)
             writer.add_tensor_info(gname, stored_shape, dtype, _nbytes(shape, t),

@@ -72,6 +72,25 @@ def field(reader, key: str, default=_MISSING):
     return value
 
 
+def carried_fields(reader, prefix: str) -> dict:
+    """key -> (value, GGUFValueType, array item type or None) of the reader's keys under `prefix`
+    that a re-export writes back as they were (gguf_tables.CARRIED_PREFIXES, less NOT_CARRIED).
+    Empty and nested arrays are left out: gguf-py cannot write them."""
+    from gguf import GGUFValueType as VT
+
+    from .gguf_tables import CARRIED_PREFIXES, NOT_CARRIED
+
+    out = {}
+    for key, f in reader.fields.items():
+        if not key.startswith(prefix) or not key.startswith(CARRIED_PREFIXES) or key in NOT_CARRIED:
+            continue
+        kind = VT(f.types[0])
+        if kind == VT.ARRAY and (len(f.types) != 2 or VT(f.types[1]) == VT.ARRAY or not f.data):
+            continue
+        out[key] = (f.contents(), kind, VT(f.types[1]) if kind == VT.ARRAY else None)
+    return out
+
+
 def read_config(reader, tensor_shapes: dict) -> MambaConfig:
     """MambaConfig from GGUF metadata; `tensor_shapes` (name -> numpy shape) fills the gaps."""
     gguf_arch = field(reader, "general.architecture")
@@ -299,8 +318,8 @@ def gguf_tokenizer(reader, path):
     try:
         vocab = vocab_from_gguf(path, reader)
         if vocab.model == SPM_TOKENIZER_MODEL:
-            tok = sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent)
-            tok.chat_template = vocab.chat_template
+            tok = sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent, add_eos=bool(vocab.add_eos))
+            tok.chat_template, tok.end_token_ids = vocab.chat_template, tuple(vocab.end_ids)
             return tok
         tok = tokenizer_from_vocab(vocab)
     except (ExportError, ConfigError, ModuleNotFoundError, ValueError) as e:
@@ -311,7 +330,7 @@ def gguf_tokenizer(reader, path):
         return None
     named = {f"{kind}_token": i for kind, i in vocab.special.items()}
     return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template,
-                     special_token_ids=named)
+                     special_token_ids=named, end_token_ids=vocab.end_ids)
 
 
 def weights_label(path) -> str:

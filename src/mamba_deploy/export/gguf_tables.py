@@ -190,6 +190,15 @@ SPECIAL_KEYS = {  # tokenizer_config / config name -> gguf key
     "pad": "tokenizer.ggml.padding_token_id",
 }
 ADD_BOS_KEY = "tokenizer.ggml.add_bos_token"
+ADD_EOS_KEY = "tokenizer.ggml.add_eos_token"
+# tokens that end generation besides the EOS, as llama.cpp's end-of-generation set has them
+END_TOKEN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+# Re-export of a .gguf writes back the source's keys under these prefixes that it does not write
+# itself (general.license, tokenizer.ggml.eot_token_id, named chat templates...), as they were;
+# never these, which describe the old file, not the new one
+CARRIED_PREFIXES = ("general.", "tokenizer.")
+NOT_CARRIED = frozenset({"general.architecture", "general.file_type", "general.quantization_version",
+                         "general.alignment"})
 
 MODELFILE_NAME = "Modelfile"
 INF = math.inf

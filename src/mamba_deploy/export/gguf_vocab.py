@@ -43,6 +43,10 @@ class Vocab:
     scores: list[float] | None = None  # SentencePiece: one per token
     add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix; None: not written
     chat_template: str | None = None  # Jinja (tokenizer.chat_template), as llama.cpp's server applies it
+    add_eos: bool | None = None  # llama.cpp appends the EOS to texts; None: not written (llama.cpp: no)
+    end_ids: list[int] = field(default_factory=list)  # eot / eom: generation ends there too, as at the EOS
+    # a .gguf source's other tokenizer.* keys (gguf_import.carried_fields), written back as they were
+    carried: dict = field(default_factory=dict)
 
 
 def find_tokenizer_file(tokenizer, model_source) -> Path:
@@ -286,8 +290,8 @@ def spm_model_from_vocab(vocab: Vocab) -> bytes:
 def vocab_from_gguf(path, reader=None) -> Vocab:
     """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf);
     `reader`: the file already open."""
-    from .gguf_import import field, open_reader
-    from .gguf_tables import ADD_BOS_KEY, ADD_SPACE_PREFIX_KEY, SCORES_KEY, SPECIAL_KEYS
+    from .gguf_import import carried_fields, field, open_reader
+    from .gguf_tables import ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, END_TOKEN_KEYS, SCORES_KEY, SPECIAL_KEYS
 
     reader = open_reader(path) if reader is None else reader
     model = field(reader, "tokenizer.ggml.model")
@@ -314,15 +318,20 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     if len(types) != len(tokens):
         raise ExportError(f"{path}: GGUF metadata has {len(tokens)} tokenizer.ggml.tokens but {len(types)} "
                           "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
+    add_eos = field(reader, ADD_EOS_KEY, None)
+    ends = [field(reader, key, None) for key in END_TOKEN_KEYS]
     return Vocab(tokens, types, merges, field(reader, "tokenizer.ggml.pre", "default"),
                  special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
                  add_space_prefix=None if prefix is None else bool(prefix),
-                 chat_template=field(reader, GGUF_CHAT_TEMPLATE_KEY, None))
+                 chat_template=field(reader, GGUF_CHAT_TEMPLATE_KEY, None),
+                 add_eos=None if add_eos is None else bool(add_eos),
+                 end_ids=[int(i) for i in ends if isinstance(i, int) and 0 <= i < len(tokens)],
+                 carried=carried_fields(reader, "tokenizer."))
 
 
 def add_vocab(writer, vocab: Vocab) -> None:
-    from .gguf_tables import ADD_BOS_KEY, ADD_SPACE_PREFIX_KEY, SPECIAL_KEYS
+    from .gguf_tables import ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, SPECIAL_KEYS
 
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
@@ -337,8 +346,19 @@ def add_vocab(writer, vocab: Vocab) -> None:
     writer.add_bool(ADD_BOS_KEY, vocab.add_bos)
     if vocab.add_space_prefix is not None:
         writer.add_bool(ADD_SPACE_PREFIX_KEY, vocab.add_space_prefix)
+    if vocab.add_eos is not None:
+        writer.add_bool(ADD_EOS_KEY, vocab.add_eos)
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
+    add_carried(writer, vocab.carried)
+
+
+def add_carried(writer, carried: dict) -> None:
+    """A source's carried keys (gguf_import.carried_fields) that the writer holds no value for yet:
+    what this export derives itself (the tokens, general.name) wins over the old file's."""
+    for key, (value, kind, item_kind) in carried.items():
+        if not any(key in kv for kv in writer.kv_data):
+            writer.add_key_value(key, value, kind, sub_type=item_kind)
 
 
 # llama.cpp pre-tokenizer names that split text with GPT-2's regex (one case in llama-vocab.cpp),
@@ -376,14 +396,26 @@ def tokenizer_from_vocab(vocab: Vocab):
                             for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, k in zip(vocab.tokens, vocab.types) if k == TokenType.USER_DEFINED])
-    bos = vocab.special.get("bos")
-    if vocab.add_bos and bos is not None and 0 <= bos < len(vocab.tokens):  # llama.cpp prepends it: so does this
-        from tokenizers import processors
-
-        name = vocab.tokens[bos]
-        tok.post_processor = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A $B",
-                                                           special_tokens=[(name, bos)])
+    _add_bos_eos(tok, vocab)
     return tok
+
+
+def _add_bos_eos(tok, vocab: Vocab) -> None:
+    """The BOS / EOS llama.cpp adds around a text (add_bos_token / add_eos_token), as the
+    tokenizer's post-processor, so that every backend encodes the same ids."""
+    from tokenizers import processors
+
+    def named(kind, wanted):
+        i = vocab.special.get(kind)
+        return vocab.tokens[i] if wanted and i is not None and 0 <= i < len(vocab.tokens) else None
+
+    bos, eos = named("bos", vocab.add_bos), named("eos", vocab.add_eos)
+    if bos is None and eos is None:
+        return
+    single = " ".join(t for t in (bos, "$A", eos) if t)
+    pair = " ".join(t for t in (bos, "$A", eos, "$B", eos) if t)
+    kept = {t: vocab.special[k] for k, t in (("bos", bos), ("eos", eos)) if t}
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(kept.items()))
 
 
 def matching_neighbour(gguf_path, reader=None) -> Path | None:
@@ -442,7 +474,7 @@ def write_gguf_tokenizer(gguf_path, folder) -> None:
         return
     tok = tokenizer_from_vocab(vocab)
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": vocab.add_bos,
-            "clean_up_tokenization_spaces": False}
+            "add_eos_token": bool(vocab.add_eos), "clean_up_tokenization_spaces": False}
     if vocab.chat_template:
         tcfg["chat_template"] = vocab.chat_template
     tcfg.update({f"{kind}_token": vocab.tokens[i] for kind, i in vocab.special.items() if 0 <= i < len(vocab.tokens)})

@@ -149,6 +149,10 @@ class LlamaCppTokenizer:
         named = {f"{k}_token": getattr(lib, f"llama_vocab_{k}", lambda v: -1)(vocab) for k in ("pad", "sep", "mask")}
         self.special_token_ids = {k: int(i) for k, i in named.items() if 0 <= i < model.n_vocab}
         self.n_vocab = model.n_vocab
+        # llama.cpp's end-of-generation set besides the EOS (eot, eom and the end-of-turn tokens it
+        # recognises by name): ~50k calls, ~20 ms
+        self.end_token_ids = tuple(t for t in range(model.n_vocab)
+                                   if t != self.eos_token_id and lib.llama_vocab_is_eog(vocab, t))
         self._pieces: dict[int, bytes] = {}  # token -> its bytes (control tokens: b"")
         # SentencePiece-style vocabularies (llama.cpp's converter for Mamba-Codestral) mark word
         # starts with a space, which decoding drops at the start of the text, as sentencepiece does

@@ -1,0 +1,111 @@
+"""Fixes of the twenty-fifth session; each test fails on the code before its fix.
+
+GGUF metadata carried through re-export and convert (general.*, add_eos_token, eot / eom), and
+generation ending at a GGUF's end-of-generation tokens as llama.cpp's own does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import rewrite_gguf
+from mamba_deploy.export.gguf import export_gguf
+
+gguf = pytest.importorskip("gguf")
+try:
+    import llama_cpp  # noqa: F401
+
+    HAVE_LLAMA = True
+except ImportError:
+    HAVE_LLAMA = False
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(ckpt, tmp_path_factory):
+    folder, _ = ckpt("mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_gguf(folder, tmp_path_factory.mktemp("g25") / "tiny.gguf")
+
+
+S, U32, BOOL, ARR = (gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL,
+                     gguf.GGUFValueType.ARRAY)
+
+
+def with_keys(src, dst, **extra):
+    """A copy of the GGUF `src` with extra metadata keys (name -> (value, type[, sub_type]))."""
+    return rewrite_gguf(src, dst, edit=extra)
+
+
+LLAMA_KEYS = {
+    "general.license": ("apache-2.0", S),
+    "general.author": ("someone", S),
+    "general.tags": (["text-generation", "mamba"], ARR, S),
+    "tokenizer.ggml.eot_token_id": (5, U32),
+    "tokenizer.ggml.add_eos_token": (True, BOOL),
+    "tokenizer.chat_template.tool_use": ("{{ messages }}", S),
+}
+
+
+def test_requantizing_a_gguf_keeps_its_general_and_tokenizer_keys(tiny_gguf, tmp_path):
+    src = with_keys(tiny_gguf, tmp_path / "src.gguf", **LLAMA_KEYS)
+    out = export_gguf(src, tmp_path / "re.gguf", outtype="q8_0")
+    r = gguf.GGUFReader(str(out))
+    for key, (value, *_) in LLAMA_KEYS.items():
+        assert r.get_field(key) is not None, key
+        assert r.get_field(key).contents() == value, key
+    # what describes the new file is the new file's own
+    assert r.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert r.get_field("general.name").contents() == gguf.GGUFReader(str(src)).get_field("general.name").contents()
+
+
+def test_add_eos_token_is_encoded_as_llamacpp_does_and_kept_by_convert(tiny_gguf, tmp_path):
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.runners import open_runner
+
+    src = with_keys(tiny_gguf, tmp_path / "eos.gguf", **{"tokenizer.ggml.add_eos_token": (True, BOOL)})
+    eos = gguf.GGUFReader(str(src)).get_field("tokenizer.ggml.eos_token_id").contents()
+    ids = open_runner(src, backend="torch").tokenizer.encode("the quick brown fox")
+    assert ids[-1] == eos and len(ids) > 1
+    if HAVE_LLAMA:  # llama.cpp's own tokenizer of the same file: the reference
+        assert open_runner(src, backend="llama.cpp").tokenizer.encode("the quick brown fox") == ids
+    out = save_checkpoint(load_model(src), tmp_path / "folder")
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_eos_token"] is True
+    assert open_runner(out, backend="torch").tokenizer.encode("the quick brown fox") == ids
+
+
+def _sampled(path, backend, prompt="the quick brown", n=12):
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    runner = open_runner(path, backend=backend)
+    # sampled (seeded), as a random model's greedy text repeats one token
+    return generate(runner, prompt, max_new_tokens=n, temperature=1.0, seed=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("llama.cpp", marks=needs_llama)])
+def test_generation_ends_at_a_gguf_eot_token(tiny_gguf, tmp_path, backend):
+    toks = _sampled(tiny_gguf, "torch").tokens[0]
+    eos = gguf.GGUFReader(str(tiny_gguf)).get_field("tokenizer.ggml.eos_token_id").contents()
+    at = next(i for i, t in enumerate(toks) if t != eos and t not in toks[:i] and i >= 2)
+    src = with_keys(tiny_gguf, tmp_path / "eot.gguf", **{"tokenizer.ggml.eot_token_id": (toks[at], U32)})
+    ended = _sampled(src, backend)
+    assert ended.tokens[0] == toks[:at], (ended.tokens[0], toks, at)  # the stop token itself is not kept
+
+
+def test_end_ids_of_a_tokenizer_without_a_gguf_are_its_eos():
+    from mamba_deploy.generation import end_ids
+
+    class Tok:
+        eos_token_id = 7
+
+    assert end_ids(Tok()) == [7]
+    Tok.end_token_ids = (9, 7)
+    assert end_ids(Tok()) == [7, 9]
+    assert torch.tensor(end_ids(Tok())).tolist() == [7, 9]

@@ -109,3 +109,47 @@ def test_end_ids_of_a_tokenizer_without_a_gguf_are_its_eos():
     Tok.end_token_ids = (9, 7)
     assert end_ids(Tok()) == [7, 9]
     assert torch.tensor(end_ids(Tok())).tolist() == [7, 9]
+
+
+# ----------------------------------------------------------------------------- consumed states
+
+def _runner(backend, ckpt, onnx_export):
+    from mamba_deploy.runners import open_runner
+
+    if backend == "onnx":
+        return open_runner(onnx_export("mamba2")[0], backend="onnx")
+    folder, _ = ckpt("mamba2")
+    return open_runner(folder, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_state_gather_states_consumed_is_refused(backend, ckpt, onnx_export):
+    from mamba_deploy.errors import ShapeError
+
+    runner = _runner(backend, ckpt, onnx_export)
+    a, b = runner.new_state(2), runner.new_state(1)
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    runner.prefill(ids, a)
+    runner.prefill(ids[:1], b)
+    joined = runner.gather_states([(a, [1]), (b, None)])
+    for old, n in ((a, 2), (b, 1)):
+        with pytest.raises(ShapeError, match="consumed by gather_states"):
+            runner.step(torch.tensor([1] * n), old)
+        with pytest.raises(ShapeError, match="consumed by gather_states"):
+            runner.gather_states([(old, None)])
+    logits, _ = runner.step(torch.tensor([1, 2]), joined)  # the returned one runs
+    assert logits.shape[0] == 2
+
+
+@needs_llama
+def test_a_llamacpp_state_gather_states_consumed_is_refused(tiny_gguf):
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners import open_runner
+
+    runner = open_runner(tiny_gguf, backend="llama.cpp")
+    a = runner.new_state(2)
+    runner.prefill(torch.tensor([[3, 4], [5, 6]]), a)
+    joined = runner.gather_states([(a, [0])])
+    with pytest.raises(ShapeError, match="consumed by gather_states"):
+        runner.to_torch_state(a)
+    assert runner.step(torch.tensor([1]), joined)[0].shape[0] == 1

@@ -19,10 +19,16 @@ from .config import MambaConfig
 from .errors import ShapeError
 
 
+# what every backend's state check says of a state that gather_states took in
+CONSUMED = ("this state was consumed by gather_states (its rows moved into the state it returned, which may reuse "
+            "its memory); use the returned state")
+
+
 @dataclass
 class State:
     conv: torch.Tensor  # (n_layer, b, conv_dim, d_conv - 1)
     ssm: torch.Tensor  # (n_layer, b, *ssm_state_shape), float32 by default
+    consumed = False  # not a field: set by a runner's gather_states on the states it took in
 
     @classmethod
     def zeros(cls, cfg: MambaConfig, batch: int, device="cpu", dtype=torch.float32,
@@ -81,6 +87,8 @@ class State:
         """Shapes for `batch`; with dtype / device: conv in the model's dtype, ssm floating
         point (its dtype may differ: `set_state_dtype`), both on the model's device."""
         fix = "create it with model.new_state(batch) (or State.zeros(config, batch))"
+        if self.consumed:
+            raise ShapeError(CONSUMED)
         if not isinstance(self.conv, torch.Tensor) or not isinstance(self.ssm, torch.Tensor):
             raise ShapeError(f"state.conv / state.ssm must be tensors; {fix}")
         want_conv = (cfg.n_layer, batch, *cfg.conv_state_shape)

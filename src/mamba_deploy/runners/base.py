@@ -19,7 +19,7 @@ import torch
 from ..config import MambaConfig
 from ..errors import ConfigError, RunnerClosedError, ShapeError
 from ..inputs import check_padding_fresh
-from ..state import State, batch_first, check_batch
+from ..state import CONSUMED, State, batch_first, check_batch
 
 
 def one_call_at_a_time(method):
@@ -85,6 +85,8 @@ def check_state(state, cls, batch: int | None, config: MambaConfig | None = None
     error of its own, or be read back as if it were this model's."""
     if not isinstance(state, cls):
         raise ShapeError(f"state is a {type(state).__name__}; create it with runner.new_state(batch)")
+    if getattr(state, "consumed", False):
+        raise ShapeError(CONSUMED)
     if config is not None and getattr(state, "layout", None) != state_layout(config):
         raise ShapeError(f"the state holds {getattr(state, 'layout', None)} (layers, conv, ssm shapes), this runner's "
                          f"model needs {state_layout(config)}: it was made by a runner of another model; create it "
@@ -101,6 +103,16 @@ def check_parts(parts) -> list:
     if len({id(s) for s, _ in parts}) != len(parts):
         raise ShapeError("gather_states got the same state twice; give each state once with all the rows it keeps")
     return list(parts)
+
+
+def consume(parts, out):
+    """Marks gather_states' input states consumed (every state check then refuses them, see
+    state.CONSUMED): their memory, sequences or graph bucket may now be the returned state's, and
+    a step on one would write into it. -> out."""
+    for st, _ in parts:
+        if st is not out:
+            st.consumed = True
+    return out
 
 
 def part_rows(parts, batches: list[int]) -> list:
@@ -238,10 +250,10 @@ class Runner(ABC):
         empty = State.zeros(self.config, 0)
         conv = torch.cat([empty.conv] + [c for c, _ in src], 1)
         ssm = torch.cat([empty.ssm] + [h for _, h in src], 1)
-        del src, parts
+        del src
         out = self.new_state(conv.shape[1])
         self.load_torch_state(out, State(conv, ssm))
-        return out
+        return consume(parts, out)
 
     def load_torch_state(self, state, src: State) -> None:
         """Writes a torch State (float32 on the CPU, the same batch) into this backend's `state`:

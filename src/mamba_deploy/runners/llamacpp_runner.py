@@ -35,7 +35,8 @@ from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State, check_is_state
 from ..tokenizer import check_text
-from .base import Runner, check_parts, check_state, check_threads, default_threads, one_call_at_a_time, part_rows
+from .base import (Runner, check_parts, check_state, check_threads, consume, default_threads, one_call_at_a_time,
+                   part_rows)
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 
@@ -370,7 +371,7 @@ class LlamaCppRunner(Runner):
             st.seq_ids, st.pos = [], []
         state = LlamaCppState(seqs, pos, self._generation, self._owner)
         state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
-        return state
+        return consume(parts, state)
 
     def _check_state(self, state, batch: int | None) -> None:
         """batch None: any batch (to_torch_state)."""

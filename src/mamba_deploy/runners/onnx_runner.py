@@ -19,7 +19,7 @@ from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeErr
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_parts, check_state, check_threads, part_rows, release_freed_memory, state_layout
+from .base import Runner, check_parts, consume, check_state, check_threads, part_rows, release_freed_memory, state_layout
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
@@ -86,7 +86,7 @@ class OnnxRunner(Runner):
                 off += len(r)
             if self.device != "cpu":
                 out.bufs[out.cur][k].update_inplace(dst)
-        return out
+        return consume(parts, out)
 
     def load_torch_state(self, state: OnnxState, src: State) -> None:
         check_state(state, OnnxState, src.conv.shape[1], self.config)

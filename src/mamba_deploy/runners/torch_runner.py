@@ -6,7 +6,7 @@ import torch
 
 from ..inputs import check_ids, check_mask
 from ..state import State, batch_first, check_is_state
-from .base import Runner, check_parts, check_threads, part_rows
+from .base import Runner, check_parts, check_threads, consume, part_rows
 
 
 class TorchRunner(Runner):
@@ -57,7 +57,7 @@ class TorchRunner(Runner):
         empty = self.model.new_state(0)
         conv = torch.cat([empty.conv] + [s.conv[:, r] for (s, _), r in zip(parts, rows)], 1)  # copies
         ssm = torch.cat([empty.ssm] + [s.ssm[:, r].to(empty.ssm.dtype) for (s, _), r in zip(parts, rows)], 1)
-        return self._adopt(State(conv, ssm), [s for s, _ in parts])
+        return consume(parts, self._adopt(State(conv, ssm), [s for s, _ in parts]))
 
     def _adopt(self, state: State, consumed) -> State:
         """The gathered rows as this runner's state (CudaGraphRunner copies them into a bucket)."""

@@ -153,3 +153,15 @@ def test_a_llamacpp_state_gather_states_consumed_is_refused(tiny_gguf):
     with pytest.raises(ShapeError, match="consumed by gather_states"):
         runner.to_torch_state(a)
     assert runner.step(torch.tensor([1]), joined)[0].shape[0] == 1
+
+
+@needs_llama
+def test_a_llamacpp_load_refusal_says_what_llamacpp_said(tiny_gguf, tmp_path):
+    from mamba_deploy.errors import CheckpointError
+    from mamba_deploy.runners import open_runner
+
+    bad = rewrite_gguf(tiny_gguf, tmp_path / "noctx.gguf", drop=lambda k: k == "mamba.context_length")
+    with pytest.raises(CheckpointError, match=r"llama\.cpp: .*key not found.*mamba\.context_length"):
+        open_runner(bad, backend="llama.cpp")
+    runner = open_runner(tiny_gguf, backend="llama.cpp")  # the log callback is llama-cpp-python's again
+    assert runner.prefill(torch.tensor([[3, 4]]), runner.new_state(1))[0].shape[0] == 1

@@ -20,6 +20,7 @@ llama.cpp layout: it raises NotImplementedError if a llama.cpp version changes i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import numbers
 import threading
@@ -59,6 +60,35 @@ def use_extra_buffers(extra_buffers: bool | None, amx: bool) -> bool:
     if extra_buffers is not None and not isinstance(extra_buffers, bool):
         raise ConfigError(f"extra_buffers must be True, False or None (off on AMX CPUs), got {extra_buffers!r:.40}")
     return (not amx) if extra_buffers is None else extra_buffers
+
+
+GGML_LOG_LEVEL_ERROR = 4  # ggml's enum today (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+
+
+@contextlib.contextmanager
+def _error_lines(lib):
+    """llama.cpp's error log lines while the block runs (forwarded to llama-cpp-python's own
+    logger as before), for the exception that says why a load failed: that logger maps ggml's
+    current error level to DEBUG, so without verbose=True they were shown nowhere."""
+    from llama_cpp import _logger
+
+    lines, forward = [], _logger.llama_log_callback
+
+    @lib.llama_log_callback
+    def keep(level, text, user_data):
+        if level == GGML_LOG_LEVEL_ERROR:
+            lines.append(text.decode("utf-8", "replace").strip())
+        forward(level, text, user_data)
+
+    lib.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        lib.llama_log_set(forward, ctypes.c_void_p(0))
+
+
+def _said(lines) -> str:
+    return f" (llama.cpp: {'; '.join(lines)})" if lines else ""
 
 
 def _sequences_problem(n_seq: int, n_ctx: int) -> str | None:
@@ -243,10 +273,11 @@ class LlamaCppRunner(Runner):
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         params.use_extra_bufts = self.extra_buffers
-        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        with _error_lines(lib) as said:
+            ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
-            raise CheckpointError(f"llama.cpp could not load {path}; open it with verbose=True to see llama.cpp's "
-                                  "log, and re-export it with mamba-deploy export gguf")
+            raise CheckpointError(f"llama.cpp could not load {path}{_said(said)}; re-export it with mamba-deploy "
+                                  "export gguf (verbose=True shows llama.cpp's whole log)")
         self._model = _Model(lib, ptr)
         self.n_vocab = self._model.n_vocab
         self.path, self.source_path = path, path.parent
@@ -282,10 +313,11 @@ class LlamaCppRunner(Runner):
         cp.n_batch = cp.n_ubatch = max(self.n_batch, n_seq)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
-        self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
+        with _error_lines(lib) as said:
+            self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
         if not self._ctx:
-            raise CheckpointError(f"llama.cpp could not create a context for {n_seq} sequences (n_ctx={self.n_ctx}); "
-                                  "use a smaller batch, or open the runner with verbose=True to see why")
+            raise CheckpointError(f"llama.cpp could not create a context for {n_seq} sequences (n_ctx={self.n_ctx})"
+                                  f"{_said(said)}; use a smaller batch (verbose=True shows llama.cpp's whole log)")
         self._mem = lib.llama_get_memory(self._ctx)
         self._batch = lib.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
         self._model.context = (self._ctx, self._batch)

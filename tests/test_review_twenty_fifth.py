@@ -15,14 +15,9 @@ import torch
 from conftest import rewrite_gguf
 from mamba_deploy.export.gguf import export_gguf
 
-gguf = pytest.importorskip("gguf")
-try:
-    import llama_cpp  # noqa: F401
+from test_gguf import HAVE_LLAMA, needs_llama
 
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")

@@ -160,3 +160,26 @@ def test_a_llamacpp_load_refusal_says_what_llamacpp_said(tiny_gguf, tmp_path):
         open_runner(bad, backend="llama.cpp")
     runner = open_runner(tiny_gguf, backend="llama.cpp")  # the log callback is llama-cpp-python's again
     assert runner.prefill(torch.tensor([[3, 4]]), runner.new_state(1))[0].shape[0] == 1
+
+
+def test_a_mamba1_with_expand_3_is_refused_by_gguf_export_as_llamacpp_refuses_it(tiny_tokenizer, tmp_path):
+    from conftest import build_hf_model
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import CheckpointError, ExportError
+    from mamba_deploy.export.gguf import write_gguf
+    from mamba_deploy.export.gguf_tables import OUTTYPES
+    from mamba_deploy.export.gguf_vocab import find_tokenizer_file, read_vocab
+
+    hf = build_hf_model("mamba", expand=3)
+    hf.save_pretrained(tmp_path / "m")
+    with pytest.raises(ExportError, match="expansion factor other than 2"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", tokenizer=tiny_tokenizer)
+    assert not (tmp_path / "m.gguf").exists()
+    if HAVE_LLAMA:  # the file the check keeps from being written: llama.cpp itself refuses it
+        from mamba_deploy.runners import open_runner
+
+        model = load_model(tmp_path / "m")
+        vocab = read_vocab(find_tokenizer_file(tiny_tokenizer, None), model.config.padded_vocab_size)
+        write_gguf(model, vocab, tmp_path / "forced.gguf", *OUTTYPES["f32"])
+        with pytest.raises(CheckpointError, match="expansion factor of 2"):
+            open_runner(tmp_path / "forced.gguf", backend="llama.cpp")

@@ -151,6 +151,8 @@ def check_exportable(cfg) -> None:
     problems = []
     if cfg.bias:
         problems.append("in_proj/out_proj biases (use_bias=True)")
+    if cfg.arch == "mamba1" and cfg.d_inner != 2 * cfg.d_model:  # llama.cpp: "only an expansion factor of 2"
+        problems.append(f"a Mamba1 expansion factor other than 2 (d_inner {cfg.d_inner}, d_model {cfg.d_model})")
     if cfg.arch == "mamba2" and not cfg.rmsnorm:
         problems.append("Mamba2 without the gated RMSNorm (rms_norm=False)")
     if cfg.arch == "mamba2" and cfg.norm_before_gate:

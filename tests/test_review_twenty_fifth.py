@@ -114,10 +114,13 @@ def _runner(backend, ckpt, onnx_export):
     if backend == "onnx":
         return open_runner(onnx_export("mamba2")[0], backend="onnx")
     folder, _ = ckpt("mamba2")
+    if backend == "cuda":  # the CUDA-graph runner: a consumed state's bucket is the returned state's
+        return open_runner(folder, backend="torch", device="cuda")
     return open_runner(folder, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA-graph runner needs a CUDA GPU"))])
 def test_a_state_gather_states_consumed_is_refused(backend, ckpt, onnx_export):
     from mamba_deploy.errors import ShapeError
 

@@ -186,3 +186,20 @@ def test_a_mamba1_with_expand_3_is_refused_by_gguf_export_as_llamacpp_refuses_it
         write_gguf(model, vocab, tmp_path / "forced.gguf", *OUTTYPES["f32"])
         with pytest.raises(CheckpointError, match="expansion factor of 2"):
             open_runner(tmp_path / "forced.gguf", backend="llama.cpp")
+
+
+def test_device_reaches_the_openvino_backend_from_the_cli(ckpt, tmp_path, capsys):
+    """--device was refused for every backend but torch, though OpenVINO and TensorRT take one."""
+    pytest.importorskip("openvino")
+    from mamba_deploy.cli import main
+    from mamba_deploy.export.onnx import export_onnx
+
+    folder = str(export_onnx(ckpt("mamba")[0], tmp_path / "onnx"))  # with the tokenizer beside it
+    run = ["generate", folder, "--backend", "openvino", "--prompt", "hello", "--max-new-tokens", "2", "--json"]
+    assert main([*run, "--device", "CPU"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--device", "npu9"]) == 2  # passed through: OpenVINO's own device list refuses it
+    assert "OpenVINO device 'NPU9' is not available" in capsys.readouterr().err
+    assert main([*run[:3], "onnx", *run[4:], "--device", "cuda"]) == 2  # ONNX Runtime takes none
+    err = capsys.readouterr().err
+    assert "--device cuda applies to the torch, openvino, tensorrt backends only" in err

@@ -87,20 +87,33 @@ def add_threads(parser) -> None:
                              "each backend's own (llama.cpp: one per physical core)")
 
 
-# the torch backend's own flags at their defaults: anything else asks for something other backends do not do
+# the torch backend's own flags at their defaults: anything else asks for something a backend
+# that does not take the option (runners.OPTIONS) would not do
 TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32"}
+DEVICE_HELP = ("cpu, cuda or cuda:N (torch); an OpenVINO device, CPU or GPU (--backend openvino); cuda:N "
+               "(tensorrt); the other backends take none")
 
 
-def refuse_torch_only(args, where: str) -> None:
-    """ConfigError for a torch-only flag away from its default when nothing runs on torch
-    (`where` says what runs instead): ignoring it would run another precision or device silently."""
+def refuse_torch_only(args, where: str, backend: str | None = None) -> dict:
+    """ConfigError for a torch flag away from its default that the backend running instead
+    (`where` says which; `backend`: its name, None for several) does not take: ignoring it would
+    run another precision or device silently. -> the flags it does take, as open options."""
+    from .runners import OPTIONS
+
+    taken = {}
     for name, default in TORCH_ONLY_DEFAULTS.items():
         value = getattr(args, name, default)
-        if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {value} applies to the torch backend only; {where}, which would ignore it "
-                              f"and run the artifact as stored. Leave {flag} out, or run a checkpoint folder or "
-                              ".gguf with --backend torch")
+        if DTYPES.get(value, value) == DTYPES.get(default, default):  # fp32 and float32 are one
+            continue
+        if backend is not None and name in OPTIONS[backend]:
+            taken[name] = value
+            continue
+        flag = "--" + name.replace("_", "-")
+        takers = [b for b, names in OPTIONS.items() if name in names]
+        raise ConfigError(f"{flag} {value} applies to the {', '.join(takers)} backend{'s' * (len(takers) > 1)} only; "
+                          f"{where}, which would ignore it and run the artifact as stored. Leave {flag} out, or "
+                          "run a checkpoint folder or .gguf with --backend torch")
+    return taken
 
 
 def runner_options(args, torch_opts=None) -> dict:
@@ -110,13 +123,13 @@ def runner_options(args, torch_opts=None) -> dict:
     runs on another backend is refused: ignoring it would run another precision or device silently."""
     from .runners import guess_backend
 
-    backend = args.backend or guess_backend(args.model)
-    if backend != "torch":
-        refuse_torch_only(args, f"{args.model} runs on the {backend} backend")
+    from .runners import backend_name
+
+    backend = backend_name(args.backend) if args.backend else guess_backend(args.model)
     opts = {"threads": args.threads}
-    if backend == "torch":
-        opts.update(torch_options(args) if torch_opts is None else torch_opts)
-    return opts
+    if backend != "torch":  # --device for the backends that take one (OpenVINO, TensorRT)
+        return opts | refuse_torch_only(args, f"{args.model} runs on the {backend} backend", backend)
+    return opts | (torch_options(args) if torch_opts is None else torch_opts)
 
 
 def _human(n: float) -> str:
@@ -289,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
                    help="feed the prompts N tokens at a time, with a progress bar (bounds the prefill's memory; "
                         "default: in one piece)")
-    s.add_argument("--device", default="cpu", help="torch backend only: cpu, cuda or cuda:N")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="torch backend only: dtype the weights are loaded and run in")
     add_state_dtype(s)

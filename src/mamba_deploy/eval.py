@@ -122,7 +122,7 @@ def cmd_eval(args):
 
 def register(subparsers):
     from .argtypes import backend_choice, positive_int
-    from .cli import DTYPES, add_threads
+    from .cli import DEVICE_HELP, DTYPES, add_threads
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
@@ -133,7 +133,7 @@ def register(subparsers):
     s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
-    s.add_argument("--device", default="cpu", help="torch backend only: cpu, cuda or cuda:N")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     add_threads(s)
     s.add_argument("--baseline", action="store_true",

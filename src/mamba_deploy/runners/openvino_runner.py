@@ -247,6 +247,7 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
         raise ConfigError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     folder, manifest = open_export_folder(path, check_hash)
     core = shared_core(ov)
+    device = str(device).upper()  # OpenVINO's names are upper case; the CLI's --device default is "cpu"
     if device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
         raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here "
                                       f"(have {core.available_devices}); use device='CPU'")

@@ -123,7 +123,7 @@ def export_graphs(arch: str, work: Path) -> dict:
 
     from mamba_deploy.checkpoint import load_model
     from mamba_deploy.export.onnx import _save
-    from mamba_deploy.export.onnx_builder import PAST_CONV, PRESENT_CONV
+    from mamba_deploy.export.onnx_meta import PAST_CONV, PRESENT_CONV
     from mamba_deploy.export.onnx_graph import MambaGraph
     from mamba_deploy.export.onnx_step import StepNetwork
 

@@ -111,6 +111,17 @@ class State:
     def stack(cls, conv_layers, ssm_layers) -> "State":
         return cls(torch.stack(list(conv_layers)), torch.stack(list(ssm_layers)))
 
+    @classmethod
+    def from_layers(cls, arrays) -> "State":
+        """From a runner's per-layer list [conv.0, ssm.0, conv.1, ...] (tensors; see layer_shapes)."""
+        return cls.stack(arrays[0::2], arrays[1::2])
+
+    @staticmethod
+    def layer_shapes(cfg: MambaConfig, batch: int) -> list[tuple]:
+        """Shapes of a runner's per-layer state list [conv.0, ssm.0, conv.1, ...], the order of the
+        ONNX graph's past / present names (onnx_meta.state_names)."""
+        return [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * cfg.n_layer
+
     def layers(self):
         """[(conv_i, ssm_i)] views, one per layer."""
         return list(zip(self.conv.unbind(0), self.ssm.unbind(0)))

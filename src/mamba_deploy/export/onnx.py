@@ -23,7 +23,8 @@ from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_js
 from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
-from .onnx_meta import WEIGHTS_KEY, read_metadata, set_weights_label, weights_label
+from .onnx_meta import (IDS, KEEP, LOGITS, MASK, WEIGHTS_KEY, read_metadata, set_weights_label, state_names,
+                        weights_label)
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -185,19 +186,19 @@ def io_spec(cfg) -> dict:
     """Names, shapes (str = dynamic dim), dtypes and roles of the graph's inputs and outputs."""
     conv, ssm = list(cfg.conv_state_shape), list(cfg.ssm_state_shape)
     inputs = [
-        {"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64", "role": "tokens"},
-        {"name": "attention_mask", "shape": ["batch", "seq"], "dtype": "int64", "role": "mask",
+        {"name": IDS, "shape": ["batch", "seq"], "dtype": "int64", "role": "tokens"},
+        {"name": MASK, "shape": ["batch", "seq"], "dtype": "int64", "role": "mask",
          "optional": True, "doc": "1 = token, 0 = left padding; only with a zero state"},
-        {"name": "num_logits_to_keep", "shape": [1], "dtype": "int64", "role": "option", "optional": True,
+        {"name": KEEP, "shape": [1], "dtype": "int64", "role": "option", "optional": True,
          "doc": "logits for the last N positions only; 0 (default) = all"},
     ]
-    outputs = [{"name": "logits", "shape": ["batch", "logits_seq", cfg.padded_vocab_size], "dtype": "float32",
+    outputs = [{"name": LOGITS, "shape": ["batch", "logits_seq", cfg.padded_vocab_size], "dtype": "float32",
                 "role": "logits"}]
-    for i in range(cfg.n_layer):
-        for kind, shape in (("conv", conv), ("ssm", ssm)):
-            spec = {"shape": ["batch", *shape], "dtype": "float32", "role": f"state_{kind}", "layer": i}
-            inputs.append({"name": f"past_{kind}.{i}", **spec})
-            outputs.append({"name": f"present_{kind}.{i}", **spec})
+    for j, (past, present) in enumerate(zip(state_names(cfg.n_layer), state_names(cfg.n_layer, present=True))):
+        kind, shape = (("conv", conv), ("ssm", ssm))[j % 2]
+        spec = {"shape": ["batch", *shape], "dtype": "float32", "role": f"state_{kind}", "layer": j // 2}
+        inputs.append({"name": past, **spec})
+        outputs.append({"name": present, **spec})
     return {"inputs": inputs, "outputs": outputs}
 
 

@@ -1,6 +1,6 @@
 """Node / initializer plumbing shared by the ONNX graph builders (`onnx_graph.py` for the whole
-graph and its multi-token branch, `onnx_step.py` for its one-token branch), and the names of the
-graph's interface."""
+graph and its multi-token branch, `onnx_step.py` for its one-token branch); the names of the
+graph's interface are in `onnx_meta.py`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 INT64_MAX = np.iinfo(np.int64).max
-# names of the graph's interface (the manifest repeats them with shapes and roles)
-IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "logits"
-PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
 
 
 class Builder:

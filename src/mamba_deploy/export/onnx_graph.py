@@ -52,8 +52,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import MambaConfig
 from ..errors import ExportError
-from .onnx_builder import (IDS, INT64_MAX, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM,
-                           Builder, _ir_for_opset, move_initializers)
+from .onnx_builder import INT64_MAX, Builder, _ir_for_opset, move_initializers
+from .onnx_meta import IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM
 from .onnx_step import StepNetwork
 
 # Longest Mamba2 chunk inside the graph (the math does not depend on it). Measured on 130m shapes,

@@ -18,6 +18,21 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+# names of the graph's interface (the manifest repeats them with shapes and roles); here, not in
+# onnx_builder, so that runners can import them without onnx
+IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "logits"
+PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
+# inputs whose default is an initializer of the same name (fed only when the caller gives one)
+OPTIONAL_INPUTS = (MASK, KEEP)
+
+
+def state_names(n_layer: int, present: bool = False) -> list[str]:
+    """[conv.0, ssm.0, conv.1, ...] state input (or, present, output) names, the order of every
+    runner's per-layer state list."""
+    conv, ssm = (PRESENT_CONV, PRESENT_SSM) if present else (PAST_CONV, PAST_SSM)
+    return [name.format(i) for i in range(n_layer) for name in (conv, ssm)]
+
+
 WEIGHTS_KEY = "mamba_deploy.weights"
 _METADATA_PROPS = 14  # ModelProto field numbers (onnx.proto)
 _KEY, _VALUE = 1, 2  # StringStringEntryProto

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .onnx_builder import IDS, INT64_MAX, LOGITS, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM
+from .onnx_builder import INT64_MAX
+from .onnx_meta import IDS, LOGITS, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM
 
 
 class StepNetwork:

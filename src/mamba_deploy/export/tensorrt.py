@@ -23,15 +23,15 @@ from ..argtypes import positive_int
 from ..atomic import output_path, write_bytes
 from ..errors import BackendUnavailableError, ExportError
 from ..extras import install_hint
+from .onnx_meta import IDS, KEEP, MASK, OPTIONAL_INPUTS
 
 INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = "model.engine"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "mamba-deploy-tensorrt"
-# Inputs whose default value is an initializer of the same name. TensorRT's parser imports such
-# an input as weights (a constant), so they are removed from the proto before parsing and become
-# real engine inputs; the runner feeds the defaults when the caller gives none.
-OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
+# onnx_meta.OPTIONAL_INPUTS: their default value is an initializer of the same name. TensorRT's
+# parser imports such an input as weights (a constant), so they are removed from the proto before
+# parsing and become real engine inputs; the runner feeds the defaults when the caller gives none.
 
 # TensorRT's ONNX parser support for every op type our exporter may emit
 # (export/onnx.py ALLOWED_OPS). Source: onnx-tensorrt docs/operators.md, "TensorRT 10.15 supports
@@ -203,15 +203,16 @@ def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq)
     static per-sequence dims."""
     profile = builder.create_optimization_profile()
     static = {d["name"]: d["shape"] for d in manifest["inputs"]}
+    states = {d["name"] for d in manifest["inputs"] if str(d.get("role", "")).startswith("state_")}
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        if t.name in ("input_ids", "attention_mask"):  # (batch, seq)
+        if t.name in (IDS, MASK):  # (batch, seq)
             profile.set_shape(t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
-        elif t.name == "num_logits_to_keep":  # (1,), and it feeds Slice starts: a shape tensor
+        elif t.name == KEEP:  # (1,), and it feeds Slice starts: a shape tensor
             profile.set_shape(t.name, (1,), (1,), (1,))
             if t.is_shape_tensor:
                 profile.set_shape_input(t.name, (0,), (1,), (max_seq,))
-        elif t.name.startswith(("past_conv.", "past_ssm.")):  # (batch, *static state dims)
+        elif t.name in states:  # past_conv.i / past_ssm.i: (batch, *static state dims)
             rest = tuple(static[t.name][1:])
             profile.set_shape(t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
         else:

@@ -18,6 +18,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
+from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..state import State
 from .base import Runner, check_parts, consume, check_state, check_threads, part_rows, release_freed_memory, state_layout
 
@@ -52,7 +53,7 @@ class OnnxRunner(Runner):
         from onnxruntime import OrtValue
 
         cfg = self.config
-        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
+        shapes = State.layer_shapes(cfg, batch)
         arrays = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]  # keep numpy alive (CPU)
         bufs = [[OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in group] for group in arrays]
         st = OnnxState(bufs, arrays, batch, state_layout(cfg))
@@ -67,8 +68,7 @@ class OnnxRunner(Runner):
     def to_torch_state(self, state: OnnxState) -> State:
         check_state(state, OnnxState, None, self.config)
         live = state.bufs[state.cur]
-        arrays = [torch.from_numpy(v.numpy()) for v in live]
-        return State.stack(arrays[0::2], arrays[1::2])
+        return State.from_layers([torch.from_numpy(v.numpy()) for v in live])
 
     def gather_states(self, parts) -> OnnxState:
         """Rows taken layer by layer straight into the new state's arrays (no torch round trip:
@@ -97,9 +97,6 @@ class OnnxRunner(Runner):
             else:
                 v.update_inplace(np.ascontiguousarray(a))
 
-    def _state_names(self, prefix_conv, prefix_ssm):
-        return [n for i in range(self.n_layer) for n in (f"{prefix_conv}.{i}", f"{prefix_ssm}.{i}")]
-
     # ---- running -------------------------------------------------------------------------------
     def _run(self, ids: np.ndarray, state: OnnxState, mask=None, keep: int = 0, decode=False):
         check_state(state, OnnxState, ids.shape[0], self.config)
@@ -108,21 +105,21 @@ class OnnxRunner(Runner):
         from onnxruntime import OrtValue
 
         io = self.session.io_binding()
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+        feeds = {IDS: np.ascontiguousarray(ids, dtype=np.int64)}
         if mask is not None:
-            feeds["attention_mask"] = np.ascontiguousarray(mask, dtype=np.int64)
+            feeds[MASK] = np.ascontiguousarray(mask, dtype=np.int64)
         if keep:
-            feeds["num_logits_to_keep"] = np.array([keep], np.int64)
+            feeds[KEEP] = np.array([keep], np.int64)
         for name, arr in feeds.items():  # (bind_cpu_input cannot find inputs that have a default)
             io.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(arr))
         if decode:
-            io.bind_ortvalue_output("logits", state.logits)
+            io.bind_ortvalue_output(LOGITS, state.logits)
         else:
-            io.bind_output("logits", self.device)  # first bound output: get_outputs()[0]
+            io.bind_output(LOGITS, self.device)  # first bound output: get_outputs()[0]
         src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
-        for name, v in zip(self._state_names("past_conv", "past_ssm"), src):
+        for name, v in zip(state_names(self.n_layer), src):
             io.bind_ortvalue_input(name, v)
-        for name, v in zip(self._state_names("present_conv", "present_ssm"), dst):
+        for name, v in zip(state_names(self.n_layer, present=True), dst):
             io.bind_ortvalue_output(name, v)
         self.session.run_with_iobinding(io)
         state.cur = 1 - state.cur

@@ -28,13 +28,12 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
+from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, state_names
 from ..extras import install_hint
 from ..state import State
 from .base import Runner, check_state, check_threads, one_call_at_a_time, release_freed_memory, state_layout
 from .onnx_runner import _ids, prefill_inputs
 
-# inputs whose default lives in an initializer of the same name (see module docstring)
-OPTIONAL_INPUTS = ("attention_mask", "num_logits_to_keep")
 # precision option -> OpenVINO inference precision hint
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 
@@ -59,23 +58,20 @@ class OpenVinoRunner(Runner):
         self.request = compiled.create_infer_request()
         self.call_lock = threading.RLock()  # one infer request: one call at a time
         self._tmpfile = tmpfile  # stripped copy of an external-data graph; removed on close
-        self.past = [n for i in range(self.n_layer) for n in (f"past_conv.{i}", f"past_ssm.{i}")]
-        self.present = [n for i in range(self.n_layer) for n in (f"present_conv.{i}", f"present_ssm.{i}")]
+        self.past, self.present = state_names(self.n_layer), state_names(self.n_layer, present=True)
         self._primed: set[int] = set()  # batch sizes whose one-token call has run once (see _run)
 
     # ---- state ---------------------------------------------------------------------------------
     def new_state(self, batch: int) -> OpenVinoState:
-        cfg = self.config
-        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
-        return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch, state_layout(cfg))
+        shapes = State.layer_shapes(self.config, batch)
+        return OpenVinoState([np.zeros(s, np.float32) for s in shapes], batch, state_layout(self.config))
 
     def state_arrays(self, state: OpenVinoState) -> list:
         return state.arrays
 
     def to_torch_state(self, state: OpenVinoState) -> State:
         check_state(state, OpenVinoState, None, self.config)
-        arrays = [torch.from_numpy(a) for a in state.arrays]
-        return State.stack(arrays[0::2], arrays[1::2])
+        return State.from_layers([torch.from_numpy(a) for a in state.arrays])
 
     def load_torch_state(self, state: OpenVinoState, src: State) -> None:
         check_state(state, OpenVinoState, src.conv.shape[1], self.config)
@@ -85,9 +81,9 @@ class OpenVinoRunner(Runner):
     @one_call_at_a_time
     def _run(self, ids: np.ndarray, state: OpenVinoState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, OpenVinoState, ids.shape[0], self.config)
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-                 "attention_mask": self.defaults["attention_mask"] if mask is None else np.ascontiguousarray(mask, np.int64),
-                 "num_logits_to_keep": np.array([keep], np.int64) if keep else self.defaults["num_logits_to_keep"]}
+        feeds = {IDS: np.ascontiguousarray(ids, dtype=np.int64),
+                 MASK: self.defaults[MASK] if mask is None else np.ascontiguousarray(mask, np.int64),
+                 KEEP: np.array([keep], np.int64) if keep else self.defaults[KEEP]}
         feeds.update(zip(self.past, state.arrays))
         with ieee_denormals():
             if ids.shape[1] == 1 and ids.shape[0] not in self._primed:
@@ -101,7 +97,7 @@ class OpenVinoRunner(Runner):
             # call overwrites; the states are small next to the logits, so the copy is cheap
             res = self.request.infer(feeds, share_inputs=True, share_outputs=False)
         state.arrays = [res[n] for n in self.present]
-        return torch.from_numpy(res["logits"])
+        return torch.from_numpy(res[LOGITS])
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         ids, mask = prefill_inputs(ids, attention_mask, self.config.padded_vocab_size)

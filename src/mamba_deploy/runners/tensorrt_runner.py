@@ -22,6 +22,7 @@ import torch
 from ..atomic import read_tagged_json
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
+from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
@@ -67,9 +68,8 @@ class TensorRTRunner(Runner):
         self.host_inputs = {n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
                             and engine.is_shape_inference_io(n)}
         self.defaults = {k: torch.tensor(v, dtype=torch.int64) for k, v in sidecar["defaults"].items()}
-        self.past = [n for i in range(self.n_layer) for n in (f"past_conv.{i}", f"past_ssm.{i}")]
-        self.present = [n for i in range(self.n_layer) for n in (f"present_conv.{i}", f"present_ssm.{i}")]
-        missing = sorted({"input_ids", "logits", *self.past, *self.present} - set(self.names))
+        self.past, self.present = state_names(self.n_layer), state_names(self.n_layer, present=True)
+        missing = sorted({IDS, LOGITS, *self.past, *self.present} - set(self.names))
         if missing:
             raise ExportError(f"{path} lacks the tensors {missing}; rebuild it with build_engine")
 
@@ -78,10 +78,9 @@ class TensorRTRunner(Runner):
         if not 1 <= batch <= self.max_batch:
             raise ShapeError(f"batch {batch} is outside the engine's 1..{self.max_batch}; "
                              f"rebuild it with build_engine(..., max_batch={batch})")
-        cfg = self.config
-        shapes = [(batch, *cfg.conv_state_shape), (batch, *cfg.ssm_state_shape)] * self.n_layer
+        shapes = State.layer_shapes(self.config, batch)
         bufs = [[torch.zeros(s, dtype=torch.float32, device=self.device) for s in shapes] for _ in range(2)]
-        return TensorRTState(bufs, batch, state_layout(cfg))
+        return TensorRTState(bufs, batch, state_layout(self.config))
 
     def state_arrays(self, state: TensorRTState) -> list:
         return state.bufs[state.cur]
@@ -89,7 +88,7 @@ class TensorRTRunner(Runner):
     def to_torch_state(self, state: TensorRTState) -> State:
         check_state(state, TensorRTState, None, self.config)
         live = state.bufs[state.cur]
-        st = State.stack(live[0::2], live[1::2])
+        st = State.from_layers(live)
         return State(st.conv.cpu(), st.ssm.cpu())
 
     def reserve_rows(self, rows: int) -> int:
@@ -114,22 +113,21 @@ class TensorRTRunner(Runner):
     @one_call_at_a_time
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, TensorRTState, ids.shape[0], self.config)
-        keep_alive = [self._bind("input_ids", ids)]
-        if "attention_mask" in self.names:
-            keep_alive.append(self._bind("attention_mask", self.defaults["attention_mask"] if mask is None else mask))
-        if "num_logits_to_keep" in self.names:
-            keep_alive.append(self._bind("num_logits_to_keep", torch.tensor([keep]) if keep
-                                         else self.defaults["num_logits_to_keep"]))
+        keep_alive = [self._bind(IDS, ids)]
+        if MASK in self.names:
+            keep_alive.append(self._bind(MASK, self.defaults[MASK] if mask is None else mask))
+        if KEEP in self.names:
+            keep_alive.append(self._bind(KEEP, torch.tensor([keep]) if keep else self.defaults[KEEP]))
         src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
         for name, t in zip(self.past, src):
             self._bind(name, t)
         for name, t in zip(self.present, dst):
             self.context.set_tensor_address(name, t.data_ptr())
-        shape = tuple(self.context.get_tensor_shape("logits"))  # known once the inputs are set
+        shape = tuple(self.context.get_tensor_shape(LOGITS))  # known once the inputs are set
         if any(d < 0 for d in shape):
             raise ExportError(f"TensorRT cannot infer the logits shape {shape}; rebuild the engine")
-        logits = torch.empty(shape, dtype=self.dtypes["logits"], device=self.device)
-        self.context.set_tensor_address("logits", logits.data_ptr())
+        logits = torch.empty(shape, dtype=self.dtypes[LOGITS], device=self.device)
+        self.context.set_tensor_address(LOGITS, logits.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ExportError(f"TensorRT execution failed for input_ids of shape {tuple(ids.shape)}")

@@ -36,6 +36,7 @@ from .gguf_tables import (
     GGUF_ARCH,
     LLAMACPP_MAIN_TYPE,
     MODELFILE_NAME,
+    NAME_KEY,
     OUTTYPES,
     OWN_KEYS,
     OWN_PREFIX,
@@ -129,7 +130,7 @@ def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
 
 def _model_name(model, out: Path) -> str:
     """general.name: a GGUF source keeps its own (its folder's name says nothing about the model)."""
-    name = source_general(model).get("general.name", (None,))[0]
+    name = source_general(model).get(NAME_KEY, (None,))[0]
     if isinstance(name, str) and name:
         return name
     src = getattr(model, "source_path", None)

@@ -15,7 +15,8 @@ import torch
 
 from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
-from .gguf_tables import ARCH_FROM_GGUF, CONFIG_KEYS, GGUF_ARCH, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS
+from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, FILE_TYPE_KEY, GGUF_ARCH, OWN_KEYS, OWN_PREFIX,
+                          SPECIAL_KEYS, TENSORS, TIME_STEP_RANK_KEY)
 
 _MISSING = object()
 
@@ -93,7 +94,7 @@ def carried_fields(reader, prefix: str) -> dict:
 
 def read_config(reader, tensor_shapes: dict) -> MambaConfig:
     """MambaConfig from GGUF metadata; `tensor_shapes` (name -> numpy shape) fills the gaps."""
-    gguf_arch = field(reader, "general.architecture")
+    gguf_arch = field(reader, ARCH_KEY)
     if not isinstance(gguf_arch, str) or gguf_arch not in ARCH_FROM_GGUF:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {gguf_arch!r} is not supported; this toolkit loads "
@@ -113,7 +114,8 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
     v["dt_rank" if arch == "mamba1" else "nheads"] = v.pop("time_step_rank")
     dt_bc_rms = bool(v.pop("dt_bc_rms", False))  # other converters may store it as an integer
     keys = {attr: key.format(arch=gguf_arch) for key, attr, _kind, _ in CONFIG_KEYS if not callable(attr)}
-    keys.update(dt_rank=f"{gguf_arch}.ssm.time_step_rank", nheads=f"{gguf_arch}.ssm.time_step_rank",
+    rank_key = TIME_STEP_RANK_KEY.format(arch=gguf_arch)
+    keys.update(dt_rank=rank_key, nheads=rank_key,
                 **{f: OWN_PREFIX + f for f, _ in OWN_KEYS})
     fix = "the file's metadata is corrupt: re-export it (mamba-deploy export gguf) or re-download it"
     v = check_values(v, "GGUF metadata", fix, keys)
@@ -360,7 +362,7 @@ def _file_weight_type(reader) -> str:
     A, D, gated norm) against its 2 quantized matrices."""
     from gguf import LlamaFileType
 
-    file_type = field(reader, "general.file_type", None)
+    file_type = field(reader, FILE_TYPE_KEY, None)
     if file_type is not None:
         try:
             return LlamaFileType(int(file_type)).name.lower().removeprefix("mostly_")

@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 from gguf import TokenType
 
+# general.* keys this project reads
+ARCH_KEY, NAME_KEY, FILE_TYPE_KEY = "general.architecture", "general.name", "general.file_type"
 # our MambaConfig.arch <-> general.architecture
 GGUF_ARCH = {"mamba1": "mamba", "mamba2": "mamba2"}
 ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}
@@ -29,6 +31,8 @@ FIXED_KEYS = {
     "{arch}.attention.head_count": 0,
 }
 
+# Mamba1: the dt projection rank; Mamba2: the head count (llama.cpp reuses the key)
+TIME_STEP_RANK_KEY = "{arch}.ssm.time_step_rank"
 # (gguf key, MambaConfig attribute or callable(cfg), value kind, arches that carry it)
 # value kinds: "u32", "f32", "bool"
 CONFIG_KEYS = [
@@ -37,9 +41,7 @@ CONFIG_KEYS = [
     ("{arch}.ssm.conv_kernel", "d_conv", "u32", ("mamba1", "mamba2")),
     ("{arch}.ssm.inner_size", "d_inner", "u32", ("mamba1", "mamba2")),
     ("{arch}.ssm.state_size", "d_state", "u32", ("mamba1", "mamba2")),
-    # Mamba1: the dt projection rank; Mamba2: the head count (llama.cpp reuses the key)
-    ("{arch}.ssm.time_step_rank", lambda c: c.resolved_dt_rank if c.arch == "mamba1" else c.nheads,
-     "u32", ("mamba1", "mamba2")),
+    (TIME_STEP_RANK_KEY, lambda c: c.resolved_dt_rank if c.arch == "mamba1" else c.nheads, "u32", ("mamba1", "mamba2")),
     ("{arch}.ssm.group_count", "ngroups", "u32", ("mamba2",)),
     ("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "f32", ("mamba1", "mamba2")),
     ("{arch}.ssm.dt_b_c_rms", "dt_bc_rms", "bool", ("mamba1",)),
@@ -189,6 +191,8 @@ SPECIAL_KEYS = {  # tokenizer_config / config name -> gguf key
     "unk": "tokenizer.ggml.unknown_token_id",
     "pad": "tokenizer.ggml.padding_token_id",
 }
+TOKENIZER_MODEL_KEY, TOKENIZER_PRE_KEY = "tokenizer.ggml.model", "tokenizer.ggml.pre"
+TOKENS_KEY, TOKEN_TYPE_KEY, MERGES_KEY = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"
 ADD_BOS_KEY = "tokenizer.ggml.add_bos_token"
 ADD_EOS_KEY = "tokenizer.ggml.add_eos_token"
 # tokens that end generation besides the EOS, as llama.cpp's end-of-generation set has them
@@ -197,8 +201,7 @@ END_TOKEN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 # itself (general.license, tokenizer.ggml.eot_token_id, named chat templates...), as they were;
 # never these, which describe the old file, not the new one
 CARRIED_PREFIXES = ("general.", "tokenizer.")
-NOT_CARRIED = frozenset({"general.architecture", "general.file_type", "general.quantization_version",
-                         "general.alignment"})
+NOT_CARRIED = frozenset({ARCH_KEY, FILE_TYPE_KEY, "general.quantization_version", "general.alignment"})
 
 MODELFILE_NAME = "Modelfile"
 INF = math.inf

@@ -291,21 +291,22 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf);
     `reader`: the file already open."""
     from .gguf_import import carried_fields, field, open_reader
-    from .gguf_tables import ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, END_TOKEN_KEYS, SCORES_KEY, SPECIAL_KEYS
+    from .gguf_tables import (ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, END_TOKEN_KEYS, MERGES_KEY, SCORES_KEY,
+                              SPECIAL_KEYS, TOKEN_TYPE_KEY, TOKENIZER_MODEL_KEY, TOKENIZER_PRE_KEY, TOKENS_KEY)
 
     reader = open_reader(path) if reader is None else reader
-    model = field(reader, "tokenizer.ggml.model")
+    model = field(reader, TOKENIZER_MODEL_KEY)
     if model not in ADD_BOS_DEFAULT:
         raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {sorted(ADD_BOS_DEFAULT)} "
                           "(byte-level BPE, SentencePiece)")
     special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
     scores = field(reader, SCORES_KEY, None)
     prefix = field(reader, ADD_SPACE_PREFIX_KEY, None)
-    tokens = field(reader, "tokenizer.ggml.tokens")
+    tokens = field(reader, TOKENS_KEY)
     # optional, as for llama.cpp: every token normal
-    types = field(reader, "tokenizer.ggml.token_type", None)
+    types = field(reader, TOKEN_TYPE_KEY, None)
     types = [int(TokenType.NORMAL)] * len(tokens) if types is None and isinstance(tokens, list) else types
-    merges = field(reader, "tokenizer.ggml.merges", None)
+    merges = field(reader, MERGES_KEY, None)
     if merges is None and model == TOKENIZER_MODEL:  # byte by byte otherwise, without a word
         raise ExportError(f"{path}: a byte-level BPE ({model!r}) vocabulary without tokenizer.ggml.merges, which "
                           "llama.cpp refuses too; convert the model again with its tokenizer.json (mamba-deploy "
@@ -320,7 +321,7 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                           "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
     add_eos = field(reader, ADD_EOS_KEY, None)
     ends = [field(reader, key, None) for key in END_TOKEN_KEYS]
-    return Vocab(tokens, types, merges, field(reader, "tokenizer.ggml.pre", "default"),
+    return Vocab(tokens, types, merges, field(reader, TOKENIZER_PRE_KEY, "default"),
                  special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
                  add_space_prefix=None if prefix is None else bool(prefix),

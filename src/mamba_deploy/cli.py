@@ -22,6 +22,7 @@ from .argtypes import (backend_choice, min_p, nonnegative_float, nonnegative_int
 from .atomic import json_text, remove_created_folders
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
+from .state import DTYPE_NAMES
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
 # `export <format>` through register(export_subparsers): module -> verb. A module not written
@@ -65,8 +66,7 @@ def _register_unavailable(sub, verb: str, message: str) -> None:
     s.set_defaults(func=unavailable, unavailable=message)  # cli_doc refuses to document a placeholder
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = DTYPE_NAMES
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

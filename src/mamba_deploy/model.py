@@ -21,11 +21,8 @@ from .config import MambaConfig
 from .errors import ConfigError, ShapeError
 from .inputs import check_ids, check_mask, check_padding_fresh
 from .ops.reference import _up, weightless_rms
-from .state import State, batch_first, check_is_state, ssm_dtypes
+from .state import DTYPE_NAMES, State, batch_first, check_is_state, ssm_dtypes
 
-# names set_state_dtype / new_state take besides torch dtypes (the CLI's --state-dtype choices and torch's)
-STATE_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 class Linear(nn.Linear):
@@ -245,7 +242,7 @@ class MambaLM(nn.Module):
 
     def _state_dtype(self, dtype) -> torch.dtype:
         """A torch dtype or its name (bf16, bfloat16, ...) -> the dtype, if this model runs with it."""
-        dtype = STATE_DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        dtype = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         ok = ssm_dtypes(self.dtype)
         if dtype not in ok:
             also = ("" if torch.float64 in ok

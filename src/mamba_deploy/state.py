@@ -19,6 +19,10 @@ from .config import MambaConfig
 from .errors import ShapeError
 
 
+# dtype names the CLI's --dtype / --state-dtype and set_state_dtype / new_state take besides torch dtypes
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+               "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
 # what every backend's state check says of a state that gather_states took in
 CONSUMED = ("this state was consumed by gather_states (its rows moved into the state it returned, which may reuse "
             "its memory); use the returned state")

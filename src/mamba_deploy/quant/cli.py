@@ -106,6 +106,9 @@ def cmd_quantize(args):
 
 
 def register(subparsers):
+    from .formats import GROUP_SIZES
+    from .onnx_nbits import BLOCKS
+
     s = subparsers.add_parser("quantize", help="quantize a checkpoint (int8, int4, GPTQ, AWQ, SmoothQuant, FP8)")
     s.add_argument("model", help="float checkpoint folder, hub id or .gguf file (a checkpoint this tool quantized "
                                  "is refused; a quantized GGUF's type is recorded, and verify allows for it)")
@@ -116,8 +119,8 @@ def register(subparsers):
     s.add_argument("--group-size", type=positive_int, default=None,
                    help="int4, gptq, awq: weights per scale along each row (default 128). Any integer >= 1 that "
                         "divides the row length of every 4-bit layer; one that does not is refused, naming the "
-                        "layer. 32, 64 and 128 are usual; an ONNX export keeps MatMulNBits for 16, 32, 64, 128 "
-                        "and 256 only (other sizes stay float there)")
+                        f"layer. {', '.join(map(str, GROUP_SIZES))} are usual; an ONNX export keeps MatMulNBits "
+                        f"for {', '.join(map(str, sorted(BLOCKS)))} only (other sizes stay float there)")
     s.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     s.add_argument("--alpha", type=unit_fraction, default=None, help="SmoothQuant migration strength (default 0.5)")

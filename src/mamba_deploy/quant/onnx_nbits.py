@@ -92,7 +92,8 @@ def _warn_kept_float(report: dict) -> None:
         reasons = "; ".join(f"{n} x {why}" for why, n in collections.Counter(kept.values()).items())
         warnings.warn(f"{len(kept)} of {len(kept) + len(report['rewritten'])} quantized linear layers stay float32 in "
                       f"the ONNX graph (their dequantized weights): {reasons}. For MatMulNBits layers, quantize "
-                      "with --method int8, int4, gptq or awq (group sizes 16..256)", stacklevel=3)
+                      f"with --method int8, int4, gptq or awq (group sizes {', '.join(map(str, sorted(BLOCKS)))})",
+                      stacklevel=3)
 
 
 def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ..errors import QuantizationError
 from . import algos
-from .calib import calibration_ids, run_blockwise
+from .calib import CALIB_LEN, CALIB_SEQS, calibration_ids, run_blockwise
 from .modules import QuantEmbedding, QuantLinear, tie_head
 from .plan import OPTIONAL_MODULES, build_plan, make_config, method_options, weight_read
 from .runtime import saved_tensors, set_module
@@ -78,7 +78,7 @@ def _quantize_plan(model, method: str, opts: dict, plan: dict) -> None:
                for i, names in by_layer.items()}
     if algo_fmt and any(targets.values()):
         ids = calibration_ids(model, opts.get("calib_ids", opts.get("calib")),
-                              opts.get("n_calib") or 16, opts.get("calib_len") or 256)
+                              opts.get("n_calib") or CALIB_SEQS, opts.get("calib_len") or CALIB_LEN)
 
         def quantize_block(i, stats):
             for n in by_layer.get(i, []):

@@ -368,9 +368,9 @@ def test_openvino_copy_of_an_external_data_graph_interrupted_leaves_nothing(hf_c
 
 _SLOW_EXIT = """
 import atexit, sys, time
-atexit.register(time.sleep, 30)  # registered first, so it runs last: a slow library exit callback
 sys.path.insert(0, {src!r})
 from mamba_deploy.entry import main
+atexit.register(time.sleep, 30)  # a slow exit callback of a library the command imported
 sys.exit(main(["inspect", {model!r}, "--json"]))
 """
 

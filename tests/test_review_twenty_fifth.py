@@ -203,3 +203,154 @@ def test_device_reaches_the_openvino_backend_from_the_cli(ckpt, tmp_path, capsys
     assert main([*run[:3], "onnx", *run[4:], "--device", "cuda"]) == 2  # ONNX Runtime takes none
     err = capsys.readouterr().err
     assert "--device cuda applies to the torch, openvino, tensorrt backends only" in err
+
+
+LATE_SIGNAL = """
+import os, signal, sys, time
+from mamba_deploy.entry import _exit_on_signals
+
+class Late:  # collected at module teardown, after Python put its signal handlers back to default
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+keep = Late()
+_exit_on_signals(3)
+sys.exit(3)
+"""
+
+
+def test_a_signal_late_in_the_shutdown_keeps_the_commands_exit_status(tmp_path):
+    """A Ctrl-C after a complete write, late in the interpreter's shutdown, killed the process
+    (exit 130) instead of ending it with the command's status, as entry.py promises."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "late.py"
+    script.write_text(LATE_SIGNAL)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": src})
+    assert res.returncode == 3, (res.returncode, res.stderr[-500:])
+
+
+# ----------------------------------------------------------------------------- bad inputs (review)
+
+def _edited_config(hf_checkpoint, tmp_path, kind="mamba", **edits):
+    import shutil
+
+    src, _ = hf_checkpoint(kind)
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(edits)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 2**64), ("state_size", 2**63), ("vocab_size", 2**40),
+                                       ("eos_token_id", 2**63)])
+def test_a_size_past_int32_is_a_config_error_naming_it(hf_checkpoint, tmp_path, key, value):
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import ConfigError
+
+    folder = _edited_config(hf_checkpoint, tmp_path, **{key: value})
+    with pytest.raises(ConfigError, match=f"{key}={value} must be an integer in"):
+        load_model(folder)
+
+
+def test_a_huge_pad_vocab_size_multiple_is_refused_before_any_allocation(hf_checkpoint, tmp_path):
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import ConfigError
+
+    folder = _edited_config(hf_checkpoint, tmp_path, pad_vocab_size_multiple=10**9)
+    with pytest.raises(ConfigError, match="pad_vocab_size_multiple=1000000000 is larger than the vocabulary"):
+        load_model(folder)
+    load_model(_edited_config(hf_checkpoint, tmp_path / "ok", pad_vocab_size_multiple=64))  # usual values load
+
+
+def test_an_edited_manifest_n_layer_is_refused_at_once(onnx_export, tmp_path):
+    import shutil
+    import tracemalloc
+
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.runners import open_runner
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(onnx_export("mamba")[0], folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["config"]["n_layer"] = 2_000_000  # took 61 s and 5.9 GB before its error
+    (folder / "manifest.json").write_text(json.dumps(m))
+    tracemalloc.start()
+    with pytest.raises(ExportError, match="implies 4000000 state inputs, the manifest lists 4"):
+        open_runner(folder, backend="onnx")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6, peak
+
+
+def test_a_memory_error_without_a_message_is_the_out_of_memory_line(monkeypatch, capsys):
+    import mamba_deploy.cli as cli
+
+    def no_memory(args):
+        raise MemoryError()  # what a list or dict that cannot grow raises
+
+    monkeypatch.setattr(cli, "cmd_inspect", no_memory)
+    assert cli.main(["inspect", "models/demo-mamba1"]) == 2
+    assert "error: out of memory in inspect: MemoryError" in capsys.readouterr().err
+
+
+def test_a_corrupt_generation_config_is_an_error_naming_it(ckpt, tmp_path):
+    import shutil
+
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.errors import ConfigError
+
+    folder = save_checkpoint(load_model(ckpt("mamba")[0]), tmp_path / "ssm", fmt="mamba_ssm")
+    gen = folder / "generation_config.json"
+    assert json.loads(gen.read_text())  # the mamba_ssm layout keeps its token ids there only
+    gen.write_text(gen.read_text()[:-5])  # truncated
+    with pytest.raises(ConfigError, match="cannot read .*generation_config.json"):
+        load_model(folder)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name,kind", [("blk.0.ssm_in.weight", "I8"), ("token_embd.weight", "I32"),
+                                       ("blk.1.ssm_out.weight", "F64")])
+def test_a_gguf_tensor_of_a_non_weight_type_is_refused_before_llamacpp_sees_it(tiny_gguf, tmp_path, name, kind):
+    import numpy as np
+
+    from mamba_deploy.errors import CheckpointError
+    from mamba_deploy.runners import open_runner
+
+    t = next(t for t in gguf.GGUFReader(str(tiny_gguf)).tensors if t.name == name)
+    dtype = {"I8": np.int8, "I32": np.int32, "F64": np.float64}[kind]
+    bad = rewrite_gguf(tiny_gguf, tmp_path / "bad.gguf", tensors={name: np.zeros(t.data.shape, dtype)})
+    for backend in ["torch"] + (["llama.cpp"] if HAVE_LLAMA else []):  # llama.cpp segfaulted or aborted
+        with pytest.raises(CheckpointError, match=f"tensor {name} is stored as {kind}"):
+            open_runner(bad, backend=backend)
+
+
+def test_a_ctrl_c_during_an_import_is_an_interrupt_not_a_missing_package(onnx_export, monkeypatch, capsys):
+    import importlib.abc
+    import sys
+
+    import mamba_deploy.cli as cli
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "onnxruntime":
+                try:
+                    raise KeyboardInterrupt
+                except KeyboardInterrupt as e:  # as numpy / onnxruntime wrap it in their __init__
+                    raise ImportError(f"import {name} failed") from e
+            return None
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert cli.main(["generate", str(onnx_export("mamba")[0]), "--prompt", "x"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "pip install" not in err

@@ -182,7 +182,17 @@ def _with_generation_token_ids(cfg: MambaConfig, folder: Path) -> MambaConfig:
     """cfg with the token ids it lacks taken from the folder's generation_config.json, if any."""
     from .config import _first, check_values
 
-    gen = read_json_object(folder / GENERATION_CONFIG)
+    path = folder / GENERATION_CONFIG
+    if not path.exists() or all(getattr(cfg, k) is not None for k in TOKEN_ID_FIELDS):
+        return cfg
+    try:  # not read_json_object: a corrupt file would be read as "no ids", and a convert then writes nulls
+        gen = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); it holds the model's bos / eos / pad "
+                          "token ids: copy it again from the model, or delete it to load without them") from e
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{path} holds a {type(gen).__name__}, not a JSON object; copy it again from the model, "
+                          "or delete it to load without its token ids")
     ids = {k: _first(gen.get(k)) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is None and gen.get(k) is not None}
     if not ids:
         return cfg

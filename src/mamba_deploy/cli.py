@@ -392,9 +392,13 @@ def _main(argv) -> int:
         args.func(args)
         done = True
     except MambaDeployError as e:
+        if _interrupted(e):
+            return _stopped(_interrupted(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
+        if _interrupted(e):
+            return _stopped(_interrupted(e))
         if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
         print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)
@@ -402,7 +406,8 @@ def _main(argv) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        print(f"error: out of memory in {_command(args)}: {str(e).splitlines()[0][:300]}\n"
+        said = (str(e).splitlines() or [type(e).__name__])[0][:300]  # a MemoryError may carry no message
+        print(f"error: out of memory in {_command(args)}: {said}\n"
               "a size asked for (lengths, batch, prompt or generation length, --max-tokens) or the model's "
               "config needs more memory than there is; try smaller values, or --dtype bf16", file=sys.stderr)
         return 2
@@ -416,6 +421,19 @@ def _main(argv) -> int:
         warnings.formatwarning = default_format
         remove_created_folders(keep=done)  # a failed or stopped command leaves no empty output folders
     return 0
+
+
+def _interrupted(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an error was raised from, if any: a Ctrl-C while a package imports
+    (numpy, onnxruntime) comes back as an ImportError, which "needs onnxruntime: pip install ..."
+    then reported as a missing package."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -48,6 +48,9 @@ KINDS = {
                      "norm_before_gate"), "flag"),
     "dt_limit": "range",
 }
+# sizes and ids past int32 are no model's (a size of 2**63 overflowed torch's shape arithmetic)
+MAX_SIZE = 2**31 - 1
+MAX_PAD_MULTIPLE = 4096  # pad_vocab_size_multiple may exceed the vocabulary up to this (tiny test vocabs)
 # our name -> the key config.json spells it with, per dialect (for error messages)
 HF_KEYS = dict(d_model="hidden_size", n_layer="num_hidden_layers", d_state="state_size", d_conv="conv_kernel",
                conv_bias="use_conv_bias", bias="use_bias", rms_norm_eps="layer_norm_epsilon",
@@ -109,6 +112,12 @@ class MambaConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in KINDS}
         for name, value in check_values(values, "config", "fix that value").items():
             setattr(self, name, value)
+        if self.pad_vocab_size_multiple > max(self.vocab_size, MAX_PAD_MULTIPLE):
+            # padding rows are zeros that are never produced: more of them than real ids is an edit
+            # (a 90 KB model asked for a 128 GB embedding), not a model
+            raise ConfigError(f"pad_vocab_size_multiple={self.pad_vocab_size_multiple} is larger than the vocabulary "
+                              f"({self.vocab_size} ids) and than {MAX_PAD_MULTIPLE}; models pad to 8, 16 or 64: "
+                              "fix that value in the model's config")
         if self.arch == "mamba2":
             if self.d_inner % self.headdim:
                 raise ConfigError(
@@ -500,8 +509,8 @@ def _check(kind: str, value) -> tuple[str | None, Any]:
         return None, None
     low = 0 if kind == "token id" else 1
     n = _int(value)
-    if n is None or n < low:
-        return f"must be an integer >= {low}" + (" or null" if kind == "token id" else ""), value
+    if n is None or not low <= n <= MAX_SIZE:
+        return f"must be an integer in {low}..{MAX_SIZE}" + (" or null" if kind == "token id" else ""), value
     return None, n
 
 

@@ -6,10 +6,12 @@ After the command, the interpreter's shutdown runs the libraries' exit callbacks
 progress-bar monitors, runtimes freeing their models). A Ctrl-C there raised KeyboardInterrupt
 inside one of them: Python printed "Exception ignored in atexit callback ... KeyboardInterrupt"
 and the process still exited 0. The command's work is done by then, so a signal in that window
-ends the process at once, quietly, with the command's own exit status."""
+ends the process at once, quietly, with the command's own exit status (and after the exit
+callbacks, while modules are torn down, it is ignored: see _LEFT_TO_IGNORE)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -40,7 +42,24 @@ def _exit_on_signals(code: int) -> None:
                 stream.flush()
         os._exit(code)
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        s = getattr(signal, name, None)
-        if s is not None and signal.getsignal(s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+    sigs = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    for s in sigs:
+        if signal.getsignal(s) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
             signal.signal(s, leave)
+            _LEFT_TO_IGNORE.append(s)
+
+
+# signals _exit_on_signals handles, ignored by the last exit callback: right after the exit
+# callbacks Python puts every signal it handles back to its default, which kills the process (a
+# Ctrl-C while modules were torn down exited 130 after a complete write); one it ignores stays
+# ignored. Registered when this module is imported, before the CLI imports any library, so it
+# runs after their exit callbacks (last in, first out), which a signal still cuts short.
+_LEFT_TO_IGNORE: list = []
+
+
+def _ignore_late_signals() -> None:
+    for s in _LEFT_TO_IGNORE:
+        signal.signal(s, signal.SIG_IGN)
+
+
+atexit.register(_ignore_late_signals)

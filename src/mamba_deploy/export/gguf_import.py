@@ -15,8 +15,8 @@ import torch
 
 from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
-from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, FILE_TYPE_KEY, GGUF_ARCH, OWN_KEYS, OWN_PREFIX,
-                          SPECIAL_KEYS, TENSORS, TIME_STEP_RANK_KEY)
+from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, FILE_TYPE_KEY, GGUF_ARCH, NOT_WEIGHT_TYPES, OWN_KEYS,
+                          OWN_PREFIX, SPECIAL_KEYS, TENSORS, TIME_STEP_RANK_KEY)
 
 _MISSING = object()
 
@@ -173,6 +173,12 @@ def open_gguf(path):
     {name: shape (outermost first)}, MambaConfig)."""
     reader = open_reader(path)
     tensors = {t.name: t for t in reader.tensors}
+    bad = [(n, t.tensor_type.name) for n, t in tensors.items() if t.tensor_type in NOT_WEIGHT_TYPES]
+    if bad:
+        raise CheckpointError(f"GGUF file {path}: tensor {bad[0][0]} is stored as {bad[0][1]}"
+                              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; a Mamba model's tensors are "
+                              "F32, F16, BF16 or a llama.cpp quantized type. The file is corrupt or not a model: "
+                              "re-export it (mamba-deploy export gguf) or re-download it")
     shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
     cfg = read_config(reader, shapes)
     check_sizes(shapes, cfg, path)  # before a model of the metadata's sizes is allocated

@@ -31,6 +31,10 @@ FIXED_KEYS = {
     "{arch}.attention.head_count": 0,
 }
 
+# tensor types GGUF has for other data (integers, doubles), which no llama.cpp weight takes: its
+# matmul segfaulted on an I8 weight and an I32 embedding aborted the process
+NOT_WEIGHT_TYPES = frozenset({QT.I8, QT.I16, QT.I32, QT.I64, QT.F64})
+
 # Mamba1: the dt projection rank; Mamba2: the head count (llama.cpp reuses the key)
 TIME_STEP_RANK_KEY = "{arch}.ssm.time_step_rank"
 # (gguf key, MambaConfig attribute or callable(cfg), value kind, arches that carry it)

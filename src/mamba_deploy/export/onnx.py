@@ -23,8 +23,8 @@ from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_js
 from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
-from .onnx_meta import (IDS, KEEP, LOGITS, MASK, WEIGHTS_KEY, read_metadata, set_weights_label, state_names,
-                        weights_label)
+from .onnx_meta import (IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, WEIGHTS_KEY, read_metadata, set_weights_label,
+                        state_names, weights_label)
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -292,9 +292,13 @@ def _check_config(manifest: dict, folder: Path) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{folder}/manifest.json has no valid config ({type(e).__name__}: {e}); "
                           "re-export the model") from e
-    want = json.loads(json.dumps(io_spec(cfg)))
     what = f"{folder}/manifest.json: its config ({cfg.arch}, n_layer={cfg.n_layer}, d_state={cfg.d_state})"
     fix = "the manifest was edited or belongs to another model: re-export the model"
+    listed = manifest.get("inputs")
+    n_states = len(listed) - 1 - len(OPTIONAL_INPUTS) if isinstance(listed, list) else None
+    if n_states is not None and n_states != 2 * cfg.n_layer:  # before io_spec: an n_layer of 10**12 took 23 GB
+        raise ExportError(f"{what} implies {2 * cfg.n_layer} state inputs, the manifest lists {n_states}; {fix}")
+    want = json.loads(json.dumps(io_spec(cfg)))
     for kind in ("inputs", "outputs"):
         listed = manifest.get(kind, [])
         if not (isinstance(listed, list) and all(isinstance(d, dict) for d in listed)):

@@ -304,11 +304,11 @@ def test_gguf_architecture_that_is_not_a_string(gguf_file, tmp_path, value):
 
 @pytest.mark.parametrize("key,value,needle", [
     ("mamba2.block_count", LAYERS, f"mamba2.block_count={LAYERS}, but the weights hold 2 layers"),
-    ("mamba2.embedding_length", 2**31, rf"token_embd\.weight: file \(128, 32\) vs config \(128, {2**31}\)"),
-    ("mamba2.ssm.inner_size", 2**31, r"blk\.0\.ssm_in\.weight: file \(164, 32\) vs config"),
+    ("mamba2.embedding_length", 2**30, rf"token_embd\.weight: file \(128, 32\) vs config \(128, {2**30}\)"),
+    ("mamba2.ssm.inner_size", 2**30, r"blk\.0\.ssm_in\.weight: file \(164, 32\) vs config"),
 ], ids=["block_count", "embedding_length", "inner_size"])
 def test_gguf_sizes_are_checked_before_allocating(gguf_file, tmp_path, key, value, needle):
-    """The model was allocated at the metadata's sizes before any tensor was compared: 2**31
+    """The model was allocated at the metadata's sizes before any tensor was compared: 2**30
     wide was a RuntimeError from torch's allocator, 20000 layers ~20 s of building (10**9: all
     the memory)."""
     path = _bad_gguf(gguf_file, tmp_path, edit={key: value})
@@ -436,14 +436,15 @@ def test_quantized_float_tensor_stored_as_integers_is_refused(quantized, tmp_pat
 
 def test_quantized_config_sizes_are_checked_before_allocating(hf_checkpoint, tmp_path):
     """A quantized checkpoint built its model at the config's sizes before comparing any tensor:
-    hidden_size 2**40 was a RuntimeError from torch's allocator (and a size that fits the
-    address space but not the memory, the OOM killer). Now the file headers are checked first."""
+    hidden_size 2**30 was a RuntimeError from torch's allocator (and a size that fits the
+    address space but not the memory, the OOM killer). Now the file headers are checked first.
+    (Past 2**31 - 1 a size is refused as such, by the config check.)"""
     from mamba_deploy.quant import quantize, save_quantized
 
     folder = save_quantized(quantize(load_model(hf_checkpoint("mamba")[0]), "int8", progress=False), tmp_path / "q")
-    _edit_config(folder, lambda c: c.update(hidden_size=2**40))
+    _edit_config(folder, lambda c: c.update(hidden_size=2**30))
     with pytest.raises(CheckpointError, match=r"backbone\.embeddings\.weight: file \(128, 32\) .* vs expected "
-                                              rf"\(128, {2**40}\)"):
+                                              rf"\(128, {2**30}\)"):
         load_model(folder)
 
 

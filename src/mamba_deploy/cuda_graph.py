@@ -36,7 +36,7 @@ import torch
 from . import ops
 from .inputs import check_ids
 from .runners.torch_runner import TorchRunner
-from .state import State
+from .state import State, check_is_state
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # The one-launch mixer (ssd_step_gated_) wins where decode is launch-bound and loses where it is
@@ -272,6 +272,7 @@ class CudaGraphRunner(TorchRunner):
         bk = self._bucket(size)
         if bk.graph is None:
             self._capture(bk)
+        check_is_state(state)  # a consumed state may view the bucket the gathered one now owns
         bk.ids[:batch].copy_(ids, non_blocking=True)
         if bk.owns(state):
             bk.graph.replay()

@@ -150,6 +150,8 @@ def check_is_state(state, make: str = "model.new_state(batch)") -> None:
     """ShapeError for anything that is not a State (None, a tuple, another backend's state)."""
     if not isinstance(state, State):
         raise ShapeError(f"state is a {type(state).__name__}, not a State; create it with {make}")
+    if state.consumed:
+        raise ShapeError(CONSUMED)
 
 
 def batch_first(state) -> list:

@@ -275,7 +275,14 @@ def test_gguf_from_another_converter_gets_llamacpps_defaults(kind, vocab, tiny_t
 
 def test_gguf_with_d_inner_not_a_multiple_of_d_model(tiny_tokenizer, tmp_path):  # G2
     """d_inner 48 on d_model 32 (transformers' intermediate_size; its config takes only an integer
-    expand): ssm.inner_size is the layer width, not a whole multiple of d_model."""
+    expand): ssm.inner_size is the layer width, not a whole multiple of d_model. llama.cpp runs
+    Mamba1 at expand 2 only, so `export gguf` refuses this model; the file is written here as
+    another converter would, and read back by the torch backend."""
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.gguf import write_gguf
+    from mamba_deploy.export.gguf_tables import OUTTYPES
+    from mamba_deploy.export.gguf_vocab import find_tokenizer_file, read_vocab
+
     import transformers
     from conftest import TINY
 
@@ -288,7 +295,12 @@ def test_gguf_with_d_inner_not_a_multiple_of_d_model(tiny_tokenizer, tmp_path): 
             p.add_(torch.randn_like(p) * (0.3 if "A_log" in name or "dt" in name else 0.05))
     assert hf.backbone.layers[0].mixer.in_proj.weight.shape == (96, 32)
     hf.save_pretrained(tmp_path / "hf")
-    model = load_model(_export(tmp_path / "hf", tmp_path / "m.gguf", tiny_tokenizer))
+    with pytest.raises(ExportError, match="expansion factor other than 2"):
+        _export(tmp_path / "hf", tmp_path / "m.gguf", tiny_tokenizer)
+    src = load_model(tmp_path / "hf")
+    vocab = read_vocab(find_tokenizer_file(tiny_tokenizer, None), src.config.padded_vocab_size)
+    write_gguf(src, vocab, tmp_path / "m.gguf", *OUTTYPES["f32"])
+    model = load_model(tmp_path / "m.gguf")
     assert model.config.d_inner == 48
     ids = _ids(2, 11, vocab=100)
     with torch.no_grad():

@@ -181,6 +181,19 @@ def rewrite_gguf(src, dst, drop=lambda key: False, edit=None, tensors=None, arch
     return dst
 
 
+def edited_copy(src, dst, name: str, **changes):
+    """A copy of the folder `src` at `dst` whose JSON file `name` has `changes` applied: an edited
+    config.json or manifest.json, the rest of the folder as it was."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / name).read_text())
+    data.update(changes)
+    (dst / name).write_text(json.dumps(data))
+    return dst
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

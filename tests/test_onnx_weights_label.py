@@ -7,11 +7,11 @@ parsing the graph (export/onnx_meta.py); its reference here is onnx's own reader
 from __future__ import annotations
 
 import json
-import shutil
 
 import onnx
 import pytest
 
+from conftest import edited_copy
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import ExportError
 from mamba_deploy.export import onnx as onnx_export
@@ -21,12 +21,7 @@ from mamba_deploy.runners import open_runner
 
 
 def _edited_copy(src, tmp_path, **changes):
-    out = tmp_path / "edited"
-    shutil.copytree(src, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.update(changes)
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return edited_copy(src, tmp_path / "edited", "manifest.json", **changes)
 
 
 def _recorded(folder) -> str:

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import rewrite_gguf
+from conftest import edited_copy, rewrite_gguf
 from mamba_deploy.export.gguf import export_gguf
 
 from test_gguf import HAVE_LLAMA, needs_llama
@@ -239,15 +239,7 @@ def test_a_signal_late_in_the_shutdown_keeps_the_commands_exit_status(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs (review)
 
 def _edited_config(hf_checkpoint, tmp_path, kind="mamba", **edits):
-    import shutil
-
-    src, _ = hf_checkpoint(kind)
-    dst = tmp_path / "edited"
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(edits)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    return edited_copy(hf_checkpoint(kind)[0], tmp_path / "edited", "config.json", **edits)
 
 
 @pytest.mark.parametrize("key,value", [("hidden_size", 2**64), ("state_size", 2**63), ("vocab_size", 2**40),

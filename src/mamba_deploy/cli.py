@@ -118,12 +118,11 @@ def refuse_torch_only(args, where: str, backend: str | None = None) -> dict:
 
 def runner_options(args, torch_opts=None) -> dict:
     """open_runner options from the CLI: --threads for every backend, plus the torch backend's
-    own (`torch_opts`, default torch_options(args)) when the backend is torch or left to the path
-    (the other backends ignore options they do not take). A torch-only flag set for a model that
-    runs on another backend is refused: ignoring it would run another precision or device silently."""
-    from .runners import guess_backend
-
-    from .runners import backend_name
+    own (`torch_opts`, default torch_options(args)) when the backend is torch or left to the path.
+    Another backend gets the torch flags it takes too (--device for OpenVINO and TensorRT, see
+    runners.OPTIONS); one it does not take, set away from its default, is refused: ignoring it
+    would run another precision or device silently."""
+    from .runners import backend_name, guess_backend
 
     backend = backend_name(args.backend) if args.backend else guess_backend(args.model)
     opts = {"threads": args.threads}
@@ -392,13 +391,13 @@ def _main(argv) -> int:
         args.func(args)
         done = True
     except MambaDeployError as e:
-        if _interrupted(e):
-            return _stopped(_interrupted(e))
+        if (stop := _interrupted(e)) is not None:
+            return _stopped(stop)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        if _interrupted(e):
-            return _stopped(_interrupted(e))
+        if (stop := _interrupted(e)) is not None:
+            return _stopped(stop)
         if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
         print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)

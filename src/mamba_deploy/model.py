@@ -24,7 +24,6 @@ from .ops.reference import _up, weightless_rms
 from .state import DTYPE_NAMES, State, batch_first, check_is_state, ssm_dtypes
 
 
-
 class Linear(nn.Linear):
     """nn.Linear whose matmul goes through the op dispatcher (a faster small-batch path on CPU).
     Quantization swaps these modules out whole."""

@@ -129,10 +129,7 @@ def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
 
 
 def _model_name(model, out: Path) -> str:
-    """general.name: a GGUF source keeps its own (its folder's name says nothing about the model)."""
-    name = source_general(model).get(NAME_KEY, (None,))[0]
-    if isinstance(name, str) and name:
-        return name
+    """general.name of a model that has none of its own (a GGUF source keeps its own: write_gguf)."""
     src = getattr(model, "source_path", None)
     return Path(src).name if src is not None else out.stem
 
@@ -173,7 +170,9 @@ def check_exportable(cfg) -> None:
 def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba") -> None:
     """Stream the GGUF: header, metadata and tensor infos first (from the tensors' shapes and
     types), then each tensor converted only as it is written, so at most one converted tensor
-    (and its float32 source) is alive beside the model, not the whole converted model."""
+    (and its float32 source) is alive beside the model, not the whole converted model. `name`:
+    general.name, unless the model comes from a GGUF, which keeps its own (its folder's name says
+    nothing about the model) with its other general.* keys."""
     import gguf
 
     cfg = model.config
@@ -181,7 +180,9 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
     _fallback_warning(fallbacks)
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[cfg.arch])
     try:
-        writer.add_name(name)
+        general = source_general(model)
+        own = general.get(NAME_KEY, (None,))[0]
+        writer.add_name(own if isinstance(own, str) and own else name)
         writer.add_file_type(int(ftype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, kind in metadata_items(cfg):
@@ -190,7 +191,7 @@ def write_gguf(model, vocab: Vocab, path: Path, ftype, qtype, name: str = "mamba
         if label:
             writer.add_string(SOURCE_WEIGHTS_KEY, label)
         add_vocab(writer, vocab)
-        add_carried(writer, source_general(model))
+        add_carried(writer, general)
         for gname, shape, t in plan:
             stored_shape, dtype = _stored_layout(shape, t)
             writer.add_tensor_info(gname, stored_shape, dtype, _nbytes(shape, t),

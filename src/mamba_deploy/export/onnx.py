@@ -23,8 +23,8 @@ from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_js
 from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import ConfigError, ExportError, ModelNotFoundError
-from .onnx_meta import (IDS, KEEP, LOGITS, MASK, WEIGHTS_KEY, read_metadata, set_weights_label,
-                        state_names, weights_label)
+from .onnx_meta import (IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM, WEIGHTS_KEY,
+                        read_metadata, set_weights_label, weights_label)
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -194,11 +194,12 @@ def io_spec(cfg) -> dict:
     ]
     outputs = [{"name": LOGITS, "shape": ["batch", "logits_seq", cfg.padded_vocab_size], "dtype": "float32",
                 "role": "logits"}]
-    for j, (past, present) in enumerate(zip(state_names(cfg.n_layer), state_names(cfg.n_layer, present=True))):
-        kind, shape = (("conv", conv), ("ssm", ssm))[j % 2]
-        spec = {"shape": ["batch", *shape], "dtype": "float32", "role": f"state_{kind}", "layer": j // 2}
-        inputs.append({"name": past, **spec})
-        outputs.append({"name": present, **spec})
+    kinds = (("conv", conv, PAST_CONV, PRESENT_CONV), ("ssm", ssm, PAST_SSM, PRESENT_SSM))
+    for i in range(cfg.n_layer):
+        for kind, shape, past, present in kinds:
+            spec = {"shape": ["batch", *shape], "dtype": "float32", "role": f"state_{kind}", "layer": i}
+            inputs.append({"name": past.format(i), **spec})
+            outputs.append({"name": present.format(i), **spec})
     return {"inputs": inputs, "outputs": outputs}
 
 

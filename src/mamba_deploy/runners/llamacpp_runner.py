@@ -560,8 +560,8 @@ SEQ_STATE_PREFIXES = (0, 8)
 
 
 def _parse_seq_state(buf: bytes, cfg):
-    errors = []
     """-> (the bytes before the memory's data, conv (n_layer, *conv_state_shape), ssm (...))."""
+    errors = []
     for prefix in SEQ_STATE_PREFIXES:
         try:
             return (buf[:prefix], *_parse_seq_state_at(buf, cfg, prefix))

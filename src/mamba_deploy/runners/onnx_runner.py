@@ -16,11 +16,12 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
+from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
-from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..state import State
-from .base import Runner, check_parts, consume, check_state, check_threads, part_rows, release_freed_memory, state_layout
+from .base import (Runner, check_parts, check_state, check_threads, consume, part_rows, release_freed_memory,
+                   state_layout)
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}

@@ -25,7 +25,7 @@ from mamba_deploy.ops import reference as R  # noqa: E402
 from mamba_deploy.ops import triton_qmm as Q  # noqa: E402
 from mamba_deploy.ops.triton_gemv import gemv  # noqa: E402
 from mamba_deploy.quant import formats  # noqa: E402
-from mamba_deploy.quant.modules import tinygemm_pack  # noqa: E402
+from mamba_deploy.ops.torch_fused import tinygemm_pack  # noqa: E402
 
 SHAPES = {  # (out, in)
     "mamba2-2.7b in_proj": (10576, 2560),

@@ -208,7 +208,8 @@ def check_ssd_step(b, nh, p, g, n, k, dtype, device, dt_limit=(0.0, math.inf), h
 
 def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(None, 0), hdtype=torch.float32):
     """The one-launch decode mixer (conv + state update + gate + norm statistics) against
-    ssd_step_ref followed by rmsnorm_gated_ref (norm over the whole row, ngroups = 1)."""
+    ssd_step_ref followed by rmsnorm_gated_ref (norm over the whole row, ngroups = 1), and against
+    its twin ssd_step_gated_ref (the same un-normalised output and sum of squares)."""
     from mamba_deploy.ops.triton_step import ssd_step_gated_
 
     d = nh * p
@@ -217,12 +218,18 @@ def check_ssd_step_gated(b, nh, p, n, k, dtype, device, before=False, prefetch=(
     nw = rnd(d, device=device, dtype=dtype)
     yr, csr, hr = R.ssd_step_ref(*up(xBC, dt, w, cb, cs, A, D, dtb, h))
     outr = R.rmsnorm_gated_ref(yr.reshape(b, d), *up(z, nw), 1e-5, d, before)
+    twin_in = up(xBC, dt, z, w, cb, cs.clone(), A, D, dtb, h.clone(), nw)
+    twin_out, twin_ss = torch.empty(b, d, device=device), torch.zeros(b, device=device)
+    R.ssd_step_gated_ref(*twin_in, (0.0, math.inf), before, twin_out, twin_ss, None)
     out = torch.empty(b, d, device=device, dtype=dtype)
     ss = torch.zeros(b, device=device)
     cnt = torch.zeros(b, device=device, dtype=torch.int32)
     ssd_step_gated_(xBC, dt, z, w, cb, cs, A, D, dtb, h, nw, (0.0, math.inf), before, out, ss, cnt,
                     prefetch=prefetch)
     close(out.float() * torch.rsqrt(ss / d + 1e-5)[:, None], outr, dtype, "fused step output")
+    close(out, twin_out, dtype, "fused step un-normalised output vs its twin")
+    close(ss, twin_ss, dtype, "fused step sum of squares vs its twin")
+    close(h, twin_in[9], state_tol(dtype, hdtype), "fused step h vs its twin")
     assert torch.equal(cs.float(), csr), "fused step conv state"
     close(h, hr, state_tol(dtype, hdtype), "fused step h")
     assert int(cnt.abs().sum()) == 0, "counter not reset"

@@ -102,62 +102,58 @@ class DecodePlan:
 
 def _mamba2_mixer_step(mixer, A, x, conv_state, ssm_state):
     """Mamba2Mixer.step with A precomputed; conv_state / ssm_state updated in place."""
-    from .ops.triton_kernels import KERNELS
-
     cfg = mixer.cfg
     z, xBC, dt = mixer._split(mixer.in_proj(x))  # (b, d), (b, conv_dim), (b, h)
-    y, _, _ = KERNELS["ssd_step"](xBC, dt, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state,
-                                  A, mixer.D, mixer.dt_bias, ssm_state, cfg.dt_limit)
+    y, conv, ssm = ops.ssd_step(xBC, dt, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state,
+                                A, mixer.D, mixer.dt_bias, ssm_state, cfg.dt_limit)
+    conv_state.copy_(conv)  # no-op when the kernel updated in place
+    ssm_state.copy_(ssm)
     y = mixer._gate(y.reshape(x.shape[0], cfg.d_inner), z)
     return mixer.out_proj(y)
 
 
 def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
-    """in_proj, one fused kernel (conv, SSD update, gate, norm statistics), out_proj; the norm's
+    """in_proj, one fused op (conv, SSD update, gate, norm statistics), out_proj; the norm's
     per-row 1/rms is applied after out_proj by the next add_rmsnorm_ (the `scale` kwargs)."""
-    from .ops.triton_step import ssd_step_gated_
-
     cfg = mixer.cfg
     b = x.shape[0]
     z, xBC, dt = mixer._split(mixer.in_proj(x))  # (b, d), (b, conv_dim), (b, h)
     u = torch.empty((b, cfg.d_inner), device=x.device, dtype=x.dtype)
     ssq = plan.sumsq[:b]
-    ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
-                    mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
-                    u, ssq, plan.counter, state_early=True,  # the step begins with the embedding lookup
-                    prefetch=plan.prefetch(mixer.out_proj, b))
+    ops.ssd_step_gated_(xBC, dt, z, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, conv_state, A, mixer.D,
+                        mixer.dt_bias, ssm_state, mixer.norm.weight, cfg.dt_limit, cfg.norm_before_gate,
+                        u, ssq, plan.counter, state_early=True,  # the step begins with the embedding lookup
+                        prefetch=plan.prefetch(mixer.out_proj, b))
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
 def _mamba1_fused_step(mixer, A, dt_weight, x, conv_state, ssm_state):
-    """Mamba1Mixer.step with dt_proj folded into the state update and, at batch 1, the conv into
-    in_proj's GEMV (CONV_IN_GEMV; a plain Linear only: a quantized in_proj keeps its own forward);
-    conv_state and ssm_state are updated in place. Like the fused Mamba2 step, this calls the
-    Triton kernels directly (ops.use_backend("ref") does not apply inside a captured step).
-    Both states were last written by the previous token's step, and the step begins with the
-    embedding lookup, an ordinary launch, so the kernels may read them before their PDL wait."""
+    """Mamba1Mixer.step with dt_proj folded into the state update and, at batch 1 on CUDA, the
+    conv into in_proj's GEMV (CONV_IN_GEMV; a plain Linear only: a quantized in_proj keeps its
+    own forward); conv_state and ssm_state are updated in place. Both states were last written
+    by the previous token's step, and the step begins with the embedding lookup, an ordinary
+    launch, so the kernels may read them before their PDL wait (the state_early hint)."""
     from .model import Linear
-    from .ops.triton_conv import causal_conv1d_update
-    from .ops.triton_gemv import gemv, gemv_applies
-    from .ops.triton_step import selective_state_update_dt
 
     w, cb = mixer.conv1d.weight[:, 0], mixer.conv1d.bias  # (d, k)
     ip = mixer.in_proj
-    if CONV_IN_GEMV and type(ip) is Linear and 2 <= mixer.cfg.d_conv <= 4 and gemv_applies(x, ip.weight):
-        xs, z = gemv(x, ip.weight, ip.bias, conv=(w, cb, conv_state)).chunk(2, dim=-1)
+    if CONV_IN_GEMV and type(ip) is Linear:
+        xs, z, conv = ops.linear_conv1d_update(x, ip.weight, ip.bias, w, cb, conv_state, state_early=True)
     else:
         xs, z = ip(x).chunk(2, dim=-1)  # (b, d)
-        xs, _ = causal_conv1d_update(xs, w, cb, conv_state, state_early=True, pdl=True)
+        xs, conv = ops.causal_conv1d_update(xs, w, cb, conv_state, state_early=True, pdl=True)
+    conv_state.copy_(conv)
     dt, B, C = mixer._dt_in_B_C(xs)  # dt_proj's input (b, r)
-    y, _ = selective_state_update_dt(xs, dt, dt_weight, A, B, C, mixer.D, z, mixer.dt_proj.bias,
-                                     ssm_state, state_early=True)
+    y, ssm = ops.selective_state_update_dt(xs, dt, dt_weight, A, B, C, mixer.D, z, mixer.dt_proj.bias,
+                                           ssm_state, state_early=True)
+    ssm_state.copy_(ssm)
     return mixer.out_proj(y)
 
 
 def fast_decode_step(plan: DecodePlan, ids, state: State):
-    """ids (b,) on CUDA -> logits (b, vocab) float32; state updated in place (Triton kernels)."""
-    from .ops.triton_kernels import add_rmsnorm_
-
+    """ids (b,) -> logits (b, vocab) float32; state updated in place. Made of the fused decode
+    ops (ops/__init__.py), so it runs wherever they do: the Triton kernels on CUDA, their
+    reference twins elsewhere (the CPU tests compare it with MambaLM.step there)."""
     model = plan.model
     h = model.backbone.embeddings(ids)  # (b, d_model)
     residual = h.float() if plan.residual_fp32 else h.clone()
@@ -180,7 +176,7 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
         nxt = plan.norms[i + 1]
         nxt_linear = layers[i + 1].mixer.in_proj if i + 1 < len(layers) else model.lm_head
         # residual += y; x = norm(residual)
-        x = add_rmsnorm_(y, residual, nxt.weight, nxt.eps, prefetch=plan.prefetch(nxt_linear, b), **scale)
+        x = ops.add_rmsnorm_(y, residual, nxt.weight, nxt.eps, prefetch=plan.prefetch(nxt_linear, b), **scale)
     return model.lm_head(x.to(model.dtype)).float()
 
 

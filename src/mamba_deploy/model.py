@@ -318,12 +318,9 @@ class MambaLM(nn.Module):
 
     def _step(self, ids, state: State) -> torch.Tensor:
         """`step` on checked inputs: the state is on the model's device."""
-        if state.conv.device.type == "cpu":  # one C call per block where it applies (ops/cpu_decode.py)
-            from .ops.cpu_decode import decode_plan
-
-            fast = decode_plan(self, ids.shape[0], state)
-            if fast is not None:
-                return fast(ids, state)
+        fast = ops.decode_plan(self, ids.shape[0], state)  # CPU: one C call per block where it applies
+        if fast is not None:
+            return fast(ids, state)
         h = self.backbone.embeddings(ids)  # (b, d_model)
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer.step(h, state.conv[i], state.ssm[i])

@@ -28,6 +28,12 @@ REFERENCE = {
     "ssd_step": ref.ssd_step_ref,  # fused Mamba2 decode step: conv update + state update
     "int8_linear": ref.int8_linear_ref,  # weight-only quantized linears (quant/modules.py)
     "int4_linear": ref.int4_linear_ref,
+    "w8a8_linear": ref.w8a8_linear_ref,  # int8 weights and per-token int8 activations
+    # fused decode ops of the graph-captured step (cuda_graph.py); names ending in _ write in place
+    "add_rmsnorm_": ref.add_rmsnorm_ref,  # residual add + the next block's RMSNorm
+    "ssd_step_gated_": ref.ssd_step_gated_ref,  # the whole Mamba2 mixer between in_proj and out_proj
+    "selective_state_update_dt": ref.selective_state_update_dt_ref,  # Mamba1's, dt_proj folded in
+    "linear_conv1d_update": ref.linear_conv1d_update_ref,  # Mamba1's in_proj + conv update
 }
 
 # weight-only int8 / int4 linears take the Triton qmm kernel for 2..QMM_MAX_ROWS rows (batched
@@ -79,6 +85,18 @@ def cpu_ops() -> dict:
     return dict(cpu_kernels.KERNELS)
 
 
+def decode_plan(model, batch: int, state):
+    """A whole-model decode step `(ids, state) -> logits` for where the state lives, or None
+    (then MambaLM steps block by block through the ops above). CPU: one C call per block
+    (cpu_decode.py), under the default backend only. CUDA: None; decode there is captured as a
+    graph by the runner (cuda_graph.py), over the fused ops below."""
+    if state.conv.device.type != "cpu" or _backend != "auto":
+        return None
+    from .cpu_decode import decode_plan as cpu_plan
+
+    return cpu_plan(model, batch, state)
+
+
 def pick(name: str, tensor):
     if _backend == "auto" and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
         fast = cpu_ops().get(name)
@@ -93,6 +111,14 @@ def pick(name: str, tensor):
     return REFERENCE[name]
 
 
+def _with_hints(name: str, tensor, *args, **hints):
+    """Call the op picked for tensor; hints (state_early, prefetch: scheduling advice for the
+    graph-captured decode, see cuda_graph.py) reach only the Triton kernels, which take them.
+    The twins compute the same values without them."""
+    fn = pick(name, tensor)
+    return fn(*args, **hints) if hints and fn is fast_ops().get(name) else fn(*args)
+
+
 def linear(x, weight, bias=None):
     return pick("linear", x)(x, weight, bias)
 
@@ -101,8 +127,8 @@ def causal_conv1d(x, weight, bias, conv_state, activation=True):
     return pick("causal_conv1d", x)(x, weight, bias, conv_state, activation)
 
 
-def causal_conv1d_update(x, weight, bias, conv_state, activation=True):
-    return pick("causal_conv1d_update", x)(x, weight, bias, conv_state, activation)
+def causal_conv1d_update(x, weight, bias, conv_state, activation=True, **hints):
+    return _with_hints("causal_conv1d_update", x, x, weight, bias, conv_state, activation, **hints)
 
 
 def rmsnorm(x, weight, eps):
@@ -139,3 +165,27 @@ def int8_linear(x, qweight, scales):
 
 def int4_linear(x, qweight, scales, zeros, group_size, symmetric):
     return pick("int4_linear", x)(x, qweight, scales, zeros, group_size, symmetric)
+
+
+def w8a8_linear(x, qweight, scales):
+    return pick("w8a8_linear", x)(x, qweight, scales)
+
+
+# ---- the fused decode ops (cuda_graph.py); each twin's docstring has the contract
+
+def add_rmsnorm_(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0, **hints):
+    return _with_hints("add_rmsnorm_", residual, y, residual, weight, eps, out, sumsq, scale_n, scale_eps, **hints)
+
+
+def ssd_step_gated_(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight, dt_limit,
+                    norm_before_gate, out, sumsq, counter, **hints):
+    return _with_hints("ssd_step_gated_", xBC, xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h,
+                       norm_weight, dt_limit, norm_before_gate, out, sumsq, counter, **hints)
+
+
+def selective_state_update_dt(x, dt_in, dt_weight, A, B, C, D, z, dt_bias, h, **hints):
+    return _with_hints("selective_state_update_dt", x, x, dt_in, dt_weight, A, B, C, D, z, dt_bias, h, **hints)
+
+
+def linear_conv1d_update(x, weight, bias, conv_weight, conv_bias, conv_state, **hints):
+    return _with_hints("linear_conv1d_update", x, x, weight, bias, conv_weight, conv_bias, conv_state, **hints)

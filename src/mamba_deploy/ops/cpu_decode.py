@@ -1,9 +1,10 @@
 """Mamba1 / Mamba2 decode on CPUs, one C call per block (cpu_decode.c), over the model's own weights.
 
-`MambaLM.step` asks `decode_plan(model, batch)` first; it returns a callable
-`(ids, state) -> logits` when the fast path applies (float32 CPU model whose projections and head
-are plain or weight-only int8 / int4 linears, the default ops backend, no autograd, a C compiler,
-batch <= MAX_BATCH) and None otherwise, and the module path (the readable twin) runs. The plan
+`MambaLM.step` asks `ops.decode_plan(model, batch, state)` first, which comes here for a CPU
+state under the default ops backend; `decode_plan` returns a callable `(ids, state) -> logits`
+when the fast path applies (float32 CPU model whose projections and head are plain or
+weight-only int8 / int4 linears, no autograd, a C compiler, batch <= MAX_BATCH) and None
+otherwise, and the module path (the readable twin) runs. The plan
 holds the tensors it points into, so their memory outlives it, and re-checks each step that the
 model still has those same, unmodified tensors (a quantization swap or an in-place update
 rebuilds it). Edits through `.data` do not move a tensor's version counter, so a plan (like the
@@ -17,7 +18,6 @@ import ctypes
 
 import torch
 
-from . import get_backend
 from .cpu_kernels import _lib, int4_groups_ok
 
 MAX_BATCH = 8  # the GEMV loops over batch rows inside each weight row
@@ -179,7 +179,7 @@ class _Plan:
 def _applies(model, batch: int, state) -> bool:
     cfg = model.config
     if (cfg.arch not in A_INDEX or model.dtype != torch.float32 or model.device.type != "cpu"
-            or get_backend() != "auto" or not 1 <= batch <= MAX_BATCH or _lib() is None):
+            or not 1 <= batch <= MAX_BATCH or _lib() is None):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return False

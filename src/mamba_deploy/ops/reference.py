@@ -96,6 +96,25 @@ def weightless_rms(x, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def add_rmsnorm_ref(y, residual, weight, eps, out=None, sumsq=None, scale_n=1, scale_eps=0.0):
+    """residual += y in place (residual's dtype); returns rmsnorm_ref(residual.to(weight.dtype)).
+
+    The residual add of one block fused with the pre-norm of the next (graph decode). y (b, d)
+    or None (the norm only); residual (b, d). sumsq (b,) float32: y is first scaled per row by
+    rsqrt(sumsq / scale_n + scale_eps), the 1/rms that ssd_step_gated_ref left out, and sumsq
+    is zeroed for the next layer. out (b, d) in weight's dtype: written and returned if given.
+    Twin of triton_norm.add_rmsnorm_."""
+    if y is not None:
+        yf = _up(y)
+        if sumsq is not None:  # rounded to y's dtype, as out_proj of the normed input would be
+            yf = _up((yf * torch.rsqrt(sumsq.float() / scale_n + scale_eps)[:, None]).to(y.dtype))
+        residual.copy_(_up(residual) + yf)
+    if sumsq is not None:
+        sumsq.zero_()
+    x = rmsnorm_ref(residual.to(weight.dtype), weight, eps)
+    return x if out is None else out.copy_(x)
+
+
 # ----------------------------------------------------------------------------- Mamba1 scan
 
 def _linear_scan(a, u):
@@ -270,6 +289,37 @@ def ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, 
     return y, conv_state, h
 
 
+def ssd_step_gated_ref(xBC, dt, z, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, norm_weight,
+                       dt_limit, norm_before_gate, out, sumsq, counter):
+    """ssd_step_ref, then the gate and the norm weight without the norm's 1/rms: the whole
+    Mamba2 mixer of a decode step between in_proj and out_proj. conv_state and h are updated in
+    place; out (b, d) gets the un-normalised gated-norm output and sumsq (b,) float32 gains each
+    row's sum of squares, so rmsnorm_gated_ref(y, z, w, eps, d) == out * rsqrt(sumsq / d + eps)
+    (the norm spans the whole row: one group). counter: the kernel's scratch, unused here.
+    Twin of triton_step.ssd_step_gated_ (which also needs ngroups == 1 and d_conv 2..4)."""
+    b = xBC.shape[0]
+    y, cs, hn = ssd_step_ref(xBC, dt, conv_weight, conv_bias, conv_state, A, D, dt_bias, h, dt_limit)
+    conv_state.copy_(cs)
+    h.copy_(hn)
+    y, gate = _up(y.reshape(b, -1)), F.silu(_up(z))  # (b, d)
+    if not norm_before_gate:
+        y = y * gate
+    sumsq.add_(y.pow(2).sum(-1))  # in sumsq's dtype (float32 for the kernel)
+    u = y * _up(norm_weight)
+    return out.copy_(u * gate if norm_before_gate else u)
+
+
+def linear_conv1d_update_ref(x, weight, bias, conv_weight, conv_bias, conv_state):
+    """Mamba1's decode in_proj with the conv update of its first c outputs: y = linear(x), then
+    y[:, :c] -> causal_conv1d_update_ref (SiLU). x (b, K); weight (N, K); conv_weight (c, k),
+    c <= N; conv_state (b, c, k-1). Returns the conv'd y[:, :c], the rest y[:, c:] and the new
+    conv_state. Twin of triton_gemv.linear_conv1d_update (the GEMV with the conv as its epilogue)."""
+    y = F.linear(x, weight, bias)
+    c = conv_weight.shape[0]
+    yc, conv_state = causal_conv1d_update_ref(y[:, :c], conv_weight, conv_bias, conv_state, True)
+    return yc, y[:, c:], conv_state
+
+
 # ----------------------------------------------------------------------------- weight-only quantized linears
 
 def int8_linear_ref(x, qweight, scales):
@@ -293,3 +343,23 @@ def int4_linear_ref(x, qweight, scales, zeros, group_size, symmetric):
     if not symmetric:
         stored["zeros"] = zeros
     return F.linear(x, decode(stored, "int4", group_size, symmetric, x.dtype))
+
+
+def w8a8_linear_ref(x, qweight, scales):
+    """x (t, in) float; qweight (out, in) int8; scales (out, 1) -> (t, out) in x's dtype: x
+    quantized per token to int8 (symmetric, dynamic), the int8 products summed, both scales
+    applied after. The sums are floats: exact while |sum| < 2^24 in float32 (up to 1024 columns
+    at the worst case, 127 * 127 each), float64 beyond. Twin of torch_fused.w8a8_linear
+    (torch._int_mm, exact int32 sums)."""
+    xq, xs = quantize_rows_int8(x)
+    if x.shape[1] > 1024:
+        acc = (xq.double() @ qweight.double().t()).float()
+    else:
+        acc = xq.float() @ qweight.float().t()
+    return (acc * xs * scales.float().view(1, -1)).to(x.dtype)
+
+
+def quantize_rows_int8(x):
+    """x (t, in) -> int8 codes (t, in) and float32 scales (t, 1): per-token absmax / 127."""
+    xs = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-8)
+    return torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8), xs

@@ -192,3 +192,21 @@ def linear(x, weight, bias=None):
     if gemv_applies(x, weight):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_conv1d_update(x, weight, bias, conv_weight, conv_bias, conv_state, state_early=False):
+    """Same contract as reference.linear_conv1d_update_ref, conv_state updated in place and
+    returned. state_early (graph decode: no launch since the last ordinary one wrote the state),
+    one row and d_conv 2..4: one launch, the GEMV with the conv as its epilogue (which reads the
+    window before its PDL wait); otherwise the linear, then the conv-update kernel."""
+    from .triton_conv import causal_conv1d_update
+
+    c, k = conv_weight.shape
+    if (state_early and 2 <= k <= 4 and gemv_applies(x, weight) and conv_state.shape[0] == 1
+            and conv_state.stride(-1) == 1):
+        y = gemv(x, weight, bias, conv=(conv_weight, conv_bias, conv_state))
+        return y[:, :c], y[:, c:], conv_state
+    y = linear(x, weight, bias)
+    yc, _ = causal_conv1d_update(y[:, :c], conv_weight, conv_bias, conv_state, state_early=state_early,
+                                 pdl=state_early)
+    return yc, y[:, c:], conv_state

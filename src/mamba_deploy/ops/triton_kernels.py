@@ -13,12 +13,13 @@ Fast-path contract for the decode ops (`causal_conv1d_update`, `selective_state_
 from __future__ import annotations
 
 from .triton_conv import causal_conv1d, causal_conv1d_update
-from .triton_gemv import linear
+from .torch_fused import w8a8_linear
+from .triton_gemv import linear, linear_conv1d_update
 from .triton_norm import add_rmsnorm_, rmsnorm, rmsnorm_gated
 from .triton_qmm import int4_linear, int8_linear
 from .triton_scan import selective_scan
 from .triton_ssd import ssd
-from .triton_step import selective_state_update, ssd_state_update, ssd_step
+from .triton_step import selective_state_update, selective_state_update_dt, ssd_state_update, ssd_step, ssd_step_gated_
 
 KERNELS = {
     "linear": linear,  # Triton GEMV for a few rows (decode), cuBLAS otherwise
@@ -32,7 +33,13 @@ KERNELS = {
     "ssd_state_update": ssd_state_update,
     "ssd_step": ssd_step,
     "int8_linear": int8_linear,  # weight-only int8: the GEMV for one row, the qmm kernel for a few
-    "int4_linear": int4_linear,  # weight-only int4: the qmm kernel for a few rows (one row: tinygemm)
+    "int4_linear": int4_linear,  # weight-only int4: tinygemm where it fits, else the qmm kernel for a few rows
+    "w8a8_linear": w8a8_linear,  # torch._int_mm (torch_fused.py)
+    # fused decode ops with scheduling hints (state_early, prefetch; see ops._with_hints)
+    "add_rmsnorm_": add_rmsnorm_,
+    "ssd_step_gated_": ssd_step_gated_,
+    "selective_state_update_dt": selective_state_update_dt,
+    "linear_conv1d_update": linear_conv1d_update,
 }
 
-__all__ = ["KERNELS", "add_rmsnorm_"]
+__all__ = ["KERNELS"]

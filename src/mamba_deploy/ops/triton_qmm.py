@@ -8,7 +8,7 @@ int8: acc (rows, out) = x @ codes^T in float32 (codes are exact in bf16 / fp16),
 scale. int4: per group, x's even and odd columns times the low and high nibbles (so the packed
 bytes are never interleaved), minus the zero point, times the group's scale.
 int8 at one row takes the PDL GEMV (triton_gemv); int4 prefers torch's tinygemm where it fits
-(chosen in quant/modules.py); more than QMM_MAX_ROWS rows (prefill) take the reference: there
+(torch_fused.py); more than QMM_MAX_ROWS rows (prefill) take the reference: there
 the matmul, not the bytes, costs.
 """
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import QMM_MAX_ROWS, reference
+from . import QMM_MAX_ROWS, reference, torch_fused
 from .triton_gemv import _gemv_on, gemv, gemv_applies
 
 HALF = (torch.float16, torch.bfloat16)
@@ -152,11 +152,13 @@ def int8_linear(x, qweight, scales):
 
 
 def int4_linear(x, qweight, scales, zeros, group_size, symmetric):
-    """Same contract as reference.int4_linear_ref: 1..QMM_MAX_ROWS rows through int4_mm when a group
-    is 32..128 columns or a multiple of 128, the reference otherwise. quant/modules.py prefers
-    torch's tinygemm where its shapes fit (faster at every row count measured); this serves the
-    rest (e.g. rows not a multiple of 128 columns), which the reference served by converting the
-    whole matrix per call (mamba2-2.7b in_proj, 32 rows: 423 us vs 101 us here)."""
+    """Same contract as reference.int4_linear_ref: torch's tinygemm where its shapes fit (faster
+    at every row count measured, bf16 activations); else 1..QMM_MAX_ROWS rows through int4_mm when
+    a group is 32..128 columns or a multiple of 128 (e.g. rows not a multiple of 128 columns,
+    which the reference served by converting the whole matrix per call: mamba2-2.7b in_proj, 32
+    rows, 423 us vs 101 us here); the reference otherwise."""
+    if torch_fused.tinygemm_fits(x, qweight, group_size):
+        return torch_fused.tinygemm_linear(x, qweight, scales, zeros, group_size, symmetric)
     k = qweight.shape[1] * 2
     ok_group = group_size % 128 == 0 or group_size in (32, 64)
     if qmm_applies(x, k, min_rows=1) and ok_group and k % group_size == 0 and qweight.stride(-1) == 1:

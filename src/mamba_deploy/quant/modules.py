@@ -1,19 +1,15 @@
 """Runtime modules swapped in for nn.Linear / nn.Embedding: they hold the stored tensors of
 `formats.py` as buffers and compute with them.
 
-CPU: int8 and int4 go through `ops.int8_linear` / `ops.int4_linear`: at decode a C GEMV that
-reads only the codes, else the codes converted on the fly with the scales applied after the
-matmul (per row / per group); W8A8 uses `torch._int_mm`; fp8 dequantizes on the fly (the weight
-is never kept in float). CUDA: int8 the Triton GEMV over the codes at one row and the Triton
-qmm kernel (ops/triton_qmm.py) at 2..64 rows; int4 torch's tinygemm `_weight_int4pack_mm`, and
-the qmm kernel for shapes tinygemm refuses; W8A8 `_int_mm`, where shapes allow; fallbacks otherwise. The `weight`
-property gives the dequantized weight, so code that reads `module.weight` (Mamba1's dt_proj) keeps
-working unchanged.
+int8, int4 and W8A8 compute through `ops.int8_linear` / `ops.int4_linear` / `ops.w8a8_linear`,
+which pick the kernel by device and shape (CPU: a C GEMV over the codes at decode; CUDA: the
+Triton GEMV and qmm kernels, torch's tinygemm for int4; `torch._int_mm` for W8A8 where shapes
+allow; each op's reference twin otherwise). fp8 dequantizes on the fly (the weight is never kept
+in float). The `weight` property gives the dequantized weight, so code that reads
+`module.weight` (Mamba1's dt_proj) keeps working unchanged.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
@@ -21,18 +17,6 @@ import torch.nn.functional as F
 
 from .. import ops
 from . import formats
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_ok(name: str, device_type: str) -> bool:
-    """Probe once per (kernel, device) whether torch's fused op runs here."""
-    try:
-        if name == "int_mm":
-            a = torch.ones(32, 32, device=device_type, dtype=torch.int8)  # CUDA needs > 16 rows
-            torch._int_mm(a, torch.ones(32, 16, device=device_type, dtype=torch.int8))
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
 class QuantLinear(nn.Module):
@@ -83,11 +67,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
         if self.fmt == "w8a8":
-            y = _w8a8_mm(x2, self.qweight, self.scales)
-        elif self.fmt == "int8":  # a GEMV over the codes at decode (ops.int8_linear: C on CPU, Triton on CUDA)
+            y = ops.w8a8_linear(x2, self.qweight, self.scales)
+        elif self.fmt == "int8":
             y = ops.int8_linear(x2, self.qweight, self.scales)
-        elif self.fmt == "int4" and x2.is_cuda and _tinygemm_fits(self):
-            y = self._int4_cuda(x2)
         elif self.fmt == "int4":
             y = ops.int4_linear(x2, self.qweight, self.scales, getattr(self, "zeros", None), self.group_size,
                                 self.symmetric)
@@ -97,58 +79,8 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _int4_cuda(self, x2):
-        """torch's tinygemm int4 kernel (CUDA, bf16 activations), on the codes repacked once
-        (tinygemm_pack) and kept while the buffers stay the same."""
-        key = (self.qweight.data_ptr(), self.scales.data_ptr())
-        if getattr(self, "_tiny", (None,))[0] != key:
-            self._tiny = (key, *tinygemm_pack(self.qweight, self.scales, getattr(self, "zeros", None),
-                                              self.symmetric))
-        _, packed, sz = self._tiny
-        y = torch._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed, self.group_size, sz)
-        return y.to(x2.dtype)
-
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, group={self.group_size}, sym={self.symmetric}"
-
-
-TINYGEMM_INNER_K_TILES = 8
-TINYGEMM_GROUPS = (32, 64, 128, 256)
-
-
-def tinygemm_pack(qweight, scales, zeros, symmetric: bool):
-    """Our int4 layout (quant/formats.py) -> (packed codes, (G, N, 2) scales and zeros) for
-    torch._weight_int4pack_mm. tinygemm computes w = (u - 8) * scale + zero per group with
-    unsigned codes u, so our symmetric codes map to u = q + 8, zero = 0 and asymmetric ones to
-    zero = (8 - z) * scale."""
-    q = formats.unpack_int4(qweight, symmetric)  # (N, K)
-    u = (q + 8) if symmetric else q
-    u8 = ((u[:, ::2] << 4) | u[:, 1::2]).to(torch.uint8)  # tinygemm: even element in the high nibble
-    packed = torch._convert_weight_to_int4pack(u8.contiguous(), TINYGEMM_INNER_K_TILES)
-    s = scales.float()  # (N, G)
-    z = torch.zeros_like(s) if symmetric else (8 - zeros.float()) * s
-    return packed, torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-
-
-def _tinygemm_fits(m) -> bool:
-    """Shapes torch's CUDA int4 kernel accepts; others fall back to dequantize + matmul."""
-    return (m.group_size in TINYGEMM_GROUPS and m.in_features % (TINYGEMM_INNER_K_TILES * 16) == 0
-            and m.out_features % 8 == 0 and hasattr(torch, "_weight_int4pack_mm"))
-
-
-def _w8a8_mm(x, qweight, w_scales):
-    """x (t, in) float, qweight (out, in) int8, w_scales (out, 1): dynamic per-token symmetric
-    int8 activations, int32 accumulation, float rescale."""
-    xs = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-8)  # (t, 1)
-    xq = torch.round(x.float() / xs).clamp(-127, 127).to(torch.int8)
-    # CUDA's kernel needs > 16 rows and K, N multiples of 8; decode (1 row) takes the fallback
-    if x.shape[0] > 16 and x.shape[1] % 8 == 0 and qweight.shape[0] % 8 == 0 \
-            and _kernel_ok("int_mm", x.device.type):
-        acc = torch._int_mm(xq, qweight.t()).float()  # (t, out) exact int32 sums
-    else:  # float sums of int8 products: exact while |sum| < 2^24 (rows up to ~1000 at worst case)
-        acc = xq.double() @ qweight.double().t() if x.shape[1] > 1024 else xq.float() @ qweight.float().t()
-        acc = acc.float()
-    return (acc * xs * w_scales.float().view(1, -1)).to(x.dtype)
 
 
 class QuantEmbedding(nn.Module):

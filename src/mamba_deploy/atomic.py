@@ -14,9 +14,49 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24]
+
+
+def temp_owner() -> str:
+    """This process in a temporary's name (p<pid>h<host>): a later run can tell a temporary whose
+    writer was killed (kill -9, a power cut: no cleanup ran) from one another process is still
+    writing, and remove it (remove_stale_temps)."""
+    return f"p{os.getpid()}h{_host()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove the temporaries of output `name` in `folder` whose writer on this host is gone, with
+    a warning naming each: a killed writer's (full-size) temporary was otherwise never removed."""
+    owner = re.compile(rf"^\.{re.escape(name)}\..*p(\d+)h{_host()}[.-]")  # written on this host
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            m = owner.match(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            warnings.warn(f"removed {entry}, a temporary left by an earlier run (process {m.group(1)}) that was "
+                          "killed before it finished", stacklevel=3)
 
 
 def _umask() -> int:
@@ -88,16 +128,38 @@ def prepare_output_file(path, example: str = "model.gguf") -> Path:
     return path
 
 
+def refuse_input_file(out, inputs, flag: str, example: str) -> None:
+    """OutputPathError when the output file `out` is an existing file among `inputs` (paths, or
+    anything else, ignored), or lies in an input folder: a slip of the path (`--json
+    model/config.json`) would replace a file the command reads. A new file there is fine."""
+    from .errors import OutputPathError
+
+    out = output_path(out)
+    if not out.is_file():
+        return
+    target = out.resolve()
+    for src in inputs:
+        if not isinstance(src, (str, os.PathLike)):
+            continue
+        p = output_path(src).resolve()
+        if target == p or p in target.parents:
+            raise OutputPathError(f"{flag} {out} is a file of {src}, an input of this command, which it would "
+                                  f"replace; write to a new path (e.g. {example})")
+
+
 def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
-    """Check up front that `out` can become a new folder: absent or empty (error_cls otherwise),
-    with a writable parent."""
+    """Check up front that `out` can become the output folder: absent, or empty and writable
+    (error_cls otherwise), with a writable parent."""
     out = output_path(out)
     if out.is_symlink():  # write where the link points: renaming onto the link itself fails (or replaces it)
         out = out.resolve()
     if out.exists() and not out.is_dir():
         raise error_cls(f"output folder {out} is an existing file; choose a new path for the folder")
-    if out.exists() and any(out.iterdir()):
-        raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
+    if out.is_dir():
+        remove_stale_temps(out, out.absolute().name)  # a killed earlier writer's, filled in place
+        if any(out.iterdir()):
+            raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
+        check_writable(out, f"output folder {out} is not writable", "choose a new path under a writable folder")
     _make_parent(out)
     return out
 
@@ -147,7 +209,8 @@ def raise_out_of_space(e: BaseException, path) -> None:
 def atomic_file(path) -> Iterator[Path]:
     """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds."""
     path = prepare_output_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -219,10 +282,16 @@ def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
 
 @contextlib.contextmanager
 def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
-    """with atomic_dir(out) as tmp: fill tmp  -> renamed to `out` when the block succeeds.
-    `out` must not exist or be an empty folder (error_cls otherwise)."""
+    """with atomic_dir(out) as tmp: fill tmp  -> `out` when the block succeeds.
+    `out` must not exist or be an empty folder (error_cls otherwise). A new `out` is the
+    temporary renamed; an existing empty one (a mount point, the current folder, a shared folder
+    with its own mode and group) stays and the finished entries are moved into it."""
     out = prepare_output_dir(out, error_cls)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    in_place = out.is_dir()
+    name = out.absolute().name  # "." has no name of its own
+    parent = out if in_place else out.parent
+    remove_stale_temps(parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{temp_owner()}-", dir=parent))
     try:
         yield tmp
         mask = _umask()
@@ -231,9 +300,10 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
         try:
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)  # fails, never merges, when another writer filled `out` meanwhile
+            if in_place:
+                _move_into(tmp, out, name)
+            else:
+                tmp.rename(out)  # fails, never merges, when another writer filled `out` meanwhile
         except OSError as e:
             raise error_cls(f"output folder {out} was written by another process or thread while this one ran "
                             f"({e.strerror or e}); its contents are kept: choose a new path, or delete it and "
@@ -243,12 +313,24 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
         raise_out_of_space(e, out)
 
 
+def _move_into(tmp: Path, out: Path, name: str) -> None:
+    """Move tmp's entries into the folder out, which holds nothing but temporaries (OSError
+    ENOTEMPTY when another writer has put something there meanwhile); then remove tmp."""
+    ours = re.compile(rf"^\.{re.escape(name)}\.tmp-")
+    if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+    for entry in tmp.iterdir():
+        entry.rename(out / entry.name)
+    tmp.rmdir()
+
+
 @contextlib.contextmanager
 def scratch_file(beside, tag: str = "scratch") -> Iterator[Path]:
     """with scratch_file(p) as tmp: an intermediate file with a unique name beside `p` (concurrent
     writers of one output never share it), removed when the block ends, whatever happens."""
     beside = output_path(beside)
-    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.", suffix=".tmp", dir=beside.parent)
+    remove_stale_temps(beside.parent, beside.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.{temp_owner()}.", suffix=".tmp", dir=beside.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import prepare_output_dir, prepare_output_file, write_json
+from .atomic import prepare_output_dir, prepare_output_file, refuse_input_file, write_json
 from .errors import BackendUnavailableError, ModelNotFoundError, OutputPathError
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
@@ -179,8 +179,9 @@ def show_completions(model, log) -> None:
         log(f"  --- {prompt!r}\n" + "\n".join("  | " + line for line in (prompt + text).splitlines()))
 
 
-def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, prompt_ids, ref, threads=None) -> Row:
-    row = Row(Path(model_dir).name, name, backend)
+def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, prompt_ids, ref, threads=None,
+               label=None) -> Row:
+    row = Row(label or Path(model_dir).name, name, backend)
     if tol_row == "ref":  # the reference itself: its own numbers, parity by definition
         row.size, row.ppl, row.ms_per_token = _size(Path(model_dir) / "model.safetensors"), ref["ppl"], ref["ms_per_token"]
         row.top1, row.logits_rel, row.greedy = 1.0, 0.0, 1.0
@@ -211,25 +212,29 @@ def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, pro
     return row
 
 
-def run_model(model_dir: Path, work: Path, formats, log, threads=None) -> list[Row]:
+def run_model(model_dir: Path, work: Path, formats, log, threads=None, label=None) -> list[Row]:
+    """The rows of one model; label (default: the folder's name) names its rows and its folder
+    under `work`."""
     from .checkpoint import load_model
     from .runners.torch_runner import TorchRunner
 
     t0 = time.perf_counter()
     model = load_model(model_dir)  # fp16 on disk -> fp32 reference
-    log(f"\n== {model_dir.name}: {model.config.arch}, {model.num_parameters() / 1e6:.2f} M parameters")
+    label = label or model_dir.name
+    log(f"\n== {label}: {model.config.arch}, {model.num_parameters() / 1e6:.2f} M parameters")
     show_completions(model, log)
     tok = model.tokenizer
     ids, prompt_ids = validation_snippet(tok, SNIPPET_TOKENS), tok.encode(PROMPTS[0])
     ref = measure(TorchRunner(model), ids, prompt_ids)
     rows = []
     for name, backend, builder, tol_row in formats:
-        sub = work / model_dir.name / name.replace(" ", "_").replace(">", "")
+        sub = work / label / name.replace(" ", "_").replace(">", "")
         sub.mkdir(parents=True, exist_ok=True)
         t1 = time.perf_counter()
-        rows.append(run_format(name, backend, builder, tol_row, model, model_dir, sub, ids, prompt_ids, ref, threads))
+        rows.append(run_format(name, backend, builder, tol_row, model, model_dir, sub, ids, prompt_ids, ref, threads,
+                               label))
         log(f"  {name:<24} {rows[-1].status:<14} ({time.perf_counter() - t1:.1f} s)")
-    log(f"  {model_dir.name} done in {time.perf_counter() - t0:.1f} s")
+    log(f"  {label} done in {time.perf_counter() - t0:.1f} s")
     return rows
 
 
@@ -262,6 +267,18 @@ def find_models(names=DEMO_MODELS) -> list[Path]:
                              "checkout; run from the repository root or pass --models DIR [DIR ...]")
 
 
+def unique_labels(dirs) -> list[str]:
+    """Each folder's name, with -2, -3, ... added to repeats (runA/ckpt, runB/ckpt -> ckpt, ckpt-2):
+    the names label the table's rows and the models' folders under --out."""
+    labels: list[str] = []
+    for d in dirs:
+        label, n = d.name, 2
+        while label in labels:
+            label, n = f"{d.name}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
 def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> tuple[list[Row], bool]:
     """Returns (rows, passed). `only`: format names to run (default all). threads: CPU threads of
     every backend (torch's is process-wide); None keeps each backend's default."""
@@ -284,7 +301,8 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
     # failed the exports that refuse a non-empty folder after the other rows had run
     work = prepare_output_dir(out, OutputPathError) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
     try:
-        rows = [r for d in dirs for r in run_model(d, work, formats, log, threads)]
+        rows = [r for d, label in zip(dirs, unique_labels(dirs)) for r in run_model(d, work, formats, log, threads,
+                                                                                     label)]
     finally:
         if not out:
             shutil.rmtree(work, ignore_errors=True)
@@ -295,6 +313,7 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
 def cmd_demo(args):
     t0 = time.perf_counter()
     if args.json:  # a bad path fails now, not after the whole demo has run
+        refuse_input_file(args.json, args.models or find_models(), "--json", "demo.json")
         prepare_output_file(args.json, example="demo.json")
     rows, passed = run_demo(args.models, args.out, args.only, threads=args.threads)
     print("\n" + format_table(rows))

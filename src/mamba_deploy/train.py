@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file,
-                     raise_out_of_space)
+                     raise_out_of_space, remove_stale_temps, temp_owner)
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
 
@@ -142,7 +143,8 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
     from .checkpoint import save_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.snap-", dir=out.parent))
+    remove_stale_temps(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.snap-{temp_owner()}-", dir=out.parent))
     shutil.rmtree(tmp)
     try:  # from the first write on: an interrupt while writing train_log.json left the whole snapshot
         save_checkpoint(model, tmp, dtype=dtype)
@@ -154,9 +156,14 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the folder `tmp` to `out`, replacing a previous `out`."""
+    """Rename the folder `tmp` to `out`, replacing a previous `out`. What the previous `out`
+    holds beside the snapshot's own files (a README, notes, an exported GGUF) is carried into
+    the new one, as hard links where the filesystem allows (no copy of a large file)."""
     old = out.with_name(f".{out.name}.old")
     if out.exists():
+        for entry in out.iterdir():
+            if not (tmp / entry.name).exists():
+                _link_or_copy(entry, tmp / entry.name)
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     try:
@@ -166,6 +173,21 @@ def _swap_in(tmp: Path, out: Path) -> None:
             old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(src, dst)
 
 
 def load_data(args):
@@ -191,8 +213,10 @@ def resolve_total_steps(args, step_times: list[float], start: float, step: int) 
 
 def check_outputs(args) -> Path:
     """Before any data loading or training: --out must be creatable (absent or empty), or a
-    previous `train` output (it holds train_log.json) or the --tokenizer folder, both of which each
-    save replaces; its parent and the work folder must be writable. Returns the work folder."""
+    previous `train` output (it holds train_log.json) or the --tokenizer folder, which each save
+    replaces (other files there are kept: see _swap_in). A model already there is replaced only
+    by --resume or --overwrite. Its parent and the work folder, which must lie outside --out,
+    must be writable. Returns the work folder."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"--out {out} is a file, not a folder; choose a folder path for the model")
@@ -201,12 +225,19 @@ def check_outputs(args) -> Path:
         if not ours:
             raise OutputPathError(f"--out {out} is a non-empty folder that is not a `mamba-deploy train` output "
                                   "(no train_log.json); each save would replace it: choose a new path or delete it")
+        if (out / "config.json").exists() and not (args.resume or getattr(args, "overwrite", False)):
+            raise OutputPathError(f"--out {out} holds a model, which a fresh run would replace; pass --resume to "
+                                  "continue the run that made it, --overwrite to replace it, or choose a new --out")
         check_writable(out.parent, f"{out.parent} is not writable", "choose an output path under a writable folder")  # each save renames into it
     else:
         prepare_output_dir(out, OutputPathError)
     work = _work_dir(args)
     if work.exists() and not work.is_dir():
         raise OutputPathError(f"--work-dir {work} is a file, not a folder; choose a folder path (default: OUT.work)")
+    w, o = work.absolute(), out.absolute()
+    if w == o or o in w.parents:
+        raise OutputPathError(f"--work-dir {work} lies inside --out {out}, which each save replaces (the training "
+                              f"state would go with it); choose a folder outside it (default: {out}.work)")
     prepare_output_file(work / "train_state.pt")  # creates the folder and probes that it is writable
     return work
 
@@ -464,7 +495,8 @@ def register(subparsers):
                    help="model shape: demo-* as the shipped demo models (d_model 256, 6 layers), tiny-* for smoke "
                         "tests (d_model 32, 2 layers); mamba1 ties the head to the embeddings, mamba2 does not")
     s.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (see train-tokenizer)")
-    s.add_argument("--out", required=True, help="HF checkpoint folder (fp16), replaced at each save")
+    s.add_argument("--out", required=True,
+                   help="HF checkpoint folder (fp16), its model replaced at each save (other files there are kept)")
     s.add_argument("--work-dir", default=None, help="resumable training state (default: OUT.work)")
     s.add_argument("--data-cache", default=".cache/stdlib", help="token streams cached here (.npy)")
     s.add_argument("--steps", type=positive_int, default=1000,
@@ -505,6 +537,9 @@ def register(subparsers):
     s.add_argument("--seed", type=seed, default=0,
                    help="seed of the weight initialisation and of the training windows drawn")
     s.add_argument("--resume", action="store_true", help="continue from WORK_DIR/train_state.pt")
+    s.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds a model (a previous run's), replacing that model; "
+                        "other files there are kept")
     s.set_defaults(func=cmd_train)
 
     s = subparsers.add_parser("train-tokenizer", help="byte-level BPE on the stdlib train split")

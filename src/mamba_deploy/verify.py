@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
-from .atomic import prepare_output_file, read_json_object, write_json
+from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
 from .errors import ConfigError, MambaDeployError, VerificationError
 from .inputs import first_out_of_vocab, token_stream
@@ -604,6 +604,7 @@ def cmd_verify(args):
     overrides = parse_overrides(",".join(args.tolerance or []))
     make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
     if args.json:
+        refuse_input_file(args.json, [args.reference, args.artifact], "--json", "verify.json")
         prepare_output_file(args.json, example="verify.json")
     text = None if not args.text else read_text_file(args.text, "--text")
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}

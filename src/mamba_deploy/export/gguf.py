@@ -94,6 +94,9 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
                               f"{out.with_suffix('.gguf')}")
     if ollama:
         _check_modelfile(out)
+    if out.exists():  # as cp does, but said: it may be another model's file
+        warnings.warn(f"{out} exists ({out.stat().st_size / 2**20:.1f} MiB); it is replaced once the new GGUF is "
+                      "complete", stacklevel=2)
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
                      "(--outtype q8_0, q4_k_m, ...)")

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 
 from ..argtypes import positive_int
-from ..atomic import output_path, write_bytes
-from ..errors import BackendUnavailableError, ExportError
+from ..atomic import output_path, prepare_output_file, write_bytes
+from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from .onnx_meta import IDS, KEEP, MASK, OPTIONAL_INPUTS
 
@@ -198,6 +198,16 @@ def engine_path(out_path) -> Path:
     return p / ENGINE_NAME if p.is_dir() or p.suffix == "" else p
 
 
+def _check_engine_path(out: Path, folder: Path) -> Path:
+    """The engine path, writable; an existing file there must be an engine this builds (it has a
+    sidecar), never a file of the ONNX export (`OUT` given as the folder's model.onnx)."""
+    out = prepare_output_file(out, example=ENGINE_NAME)
+    if out.is_file() and not Path(str(out) + SIDECAR_SUFFIX).is_file() and folder.resolve() in out.resolve().parents:
+        raise OutputPathError(f"engine output {out} is a file of the ONNX export {folder}, which it would replace; "
+                              f"write the engine to a new path (e.g. {folder / ENGINE_NAME})")
+    return out
+
+
 def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq):
     """One optimization profile over the dynamic batch / seq axes; state inputs keep their
     static per-sequence dims."""
@@ -236,6 +246,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     opt_seq = opt_seq or max(1, max_seq // 4)
     if opt_batch > max_batch or opt_seq > max_seq:
         raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
+    out = _check_engine_path(engine_path(out_path), folder)  # before minutes of building, not after
     proto, defaults = load_stripped_onnx(folder)
     issues = trt_parser_issues(proto)
     if issues:
@@ -265,8 +276,6 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {folder / 'model.onnx'} (see the log above)")
 
-    out = engine_path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = bytes(serialized)
     sidecar = {
         "format": SIDECAR_FORMAT, "onnx_dir": str(folder.resolve()), "manifest": manifest,

@@ -73,6 +73,10 @@ def test_demo_numbers_match_transformers(demo_run):
         if importlib.util.find_spec("onnxruntime") is not None:
             assert onnx["status"] == "ok", onnx
             assert abs(onnx["ppl"] / want - 1) < 1e-3 and onnx["top1"] >= 0.99 and onnx["logits_rel"] < 1e-4
+        if importlib.util.find_spec("llama_cpp") is not None:  # the GGUF rows ran on llama.cpp itself
+            for fmt in ("gguf f32", "gguf q8_0"):
+                assert by_fmt[fmt]["status"] == "ok" and by_fmt[fmt]["backend"] == "llama.cpp", by_fmt[fmt]
+        assert by_fmt["int8 weight-only"]["status"] == "ok", by_fmt["int8 weight-only"]  # needs nothing optional
         for r in by_fmt.values():
             if r["status"] == "ok":
                 assert r["size"] > 1e6 and r["ms_per_token"] > 0

@@ -1,6 +1,8 @@
 """Generation and sampling against transformers (the independent reference): its greedy
 `generate` per prompt, and its logits processors for each sampling filter."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -234,7 +236,7 @@ def test_numpy_numbers_are_accepted(hf_checkpoint):
 # the run stops after the first prefix whose text holds a stop string, and its text ends at the
 # earliest match there (str.find), the way OpenAI-style servers cut.
 
-DEMO2 = "models/demo-mamba2"
+DEMO2 = str(Path(__file__).resolve().parents[1] / "models" / "demo-mamba2")
 
 
 def _brute_force_stop(tok, tokens, stops):

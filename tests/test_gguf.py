@@ -2,8 +2,8 @@
 
 References: transformers (the tiny checkpoints' own logits), the `gguf` package's reader, and
 llama.cpp itself through llama-cpp-python (skipped, with the reason, when it is not installed).
-Tolerances: llama.cpp F32 vs our PyTorch fp32 <= 1e-3 relative (llama.cpp's own kernels, float
-accumulation order); F16 <= 1e-2; imported F32 GGUF vs transformers <= 1e-5; Q8_0 import <= 5e-2.
+Tolerances: llama.cpp F32 vs our PyTorch fp32 <= 1e-5 relative (llama.cpp's own kernels, float
+accumulation order), Falcon-Mamba <= 1e-3 (llama.cpp's dt/B/C norm eps); F16 <= 1e-2; imported F32 GGUF vs transformers <= 1e-5; Q8_0 import <= 5e-2.
 """
 
 from __future__ import annotations
@@ -335,7 +335,9 @@ def torch_runner(folder):
 
 @needs_llama
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "mamba2_g2"])
-@pytest.mark.parametrize("outtype,tol", [("f32", 1e-3), ("f16", 1e-2), ("bf16", 2e-2)])
+# f32: llama.cpp's float32 kernels sum in another order than torch (measured 2e-7..8e-7 on these
+# kinds; Falcon-Mamba's eps difference, ~1e-3, has its own test below)
+@pytest.mark.parametrize("outtype,tol", [("f32", 1e-5), ("f16", 1e-2), ("bf16", 2e-2)])
 def test_llamacpp_logits_match_pytorch(kind, outtype, tol, exported, ckpt):
     folder, _ = ckpt(kind)
     ref = torch_runner(folder)
@@ -373,19 +375,19 @@ def test_llamacpp_state_carried_and_left_padding(kind, exported, ckpt):
         st, rst = lr.new_state(3), ref.new_state(3)
         got, st = lr.prefill(ids, st, attention_mask=mask, last_only=True)
         want, rst = ref.prefill(ids, rst, attention_mask=mask, last_only=True)
-        assert rel_err(got, want) <= 1e-3
+        assert rel_err(got, want) <= 1e-5  # F32 (measured: logits <= 8e-7, state <= 2.6e-6)
         mine, theirs = lr.to_torch_state(st), ref.to_torch_state(rst)  # llama.cpp's own state buffers
-        assert rel_err(mine.conv, theirs.conv) <= 1e-4 and rel_err(mine.ssm, theirs.ssm) <= 1e-3
+        assert rel_err(mine.conv, theirs.conv) <= 1e-5 and rel_err(mine.ssm, theirs.ssm) <= 1e-5
         for t in range(6):  # state carried across step calls
             nxt = want[:, -1].argmax(-1) if t == 0 else want.argmax(-1)
             got, st = lr.step(nxt, st)
             want, rst = ref.step(nxt, rst)
-            assert rel_err(got, want) <= 1e-3
+            assert rel_err(got, want) <= 1e-5
         # a second prefill call continues the same sequences
         more = random_ids(3, 4, seed=4)
         got, _ = lr.prefill(more, st)
         want, _ = ref.prefill(more, rst)
-        assert rel_err(got, want) <= 1e-3
+        assert rel_err(got, want) <= 1e-5
 
 
 @needs_llama

@@ -150,8 +150,10 @@ def test_fp16_export_top1_agreement_tiny(exported, kind):
     for t in range(ids.shape[1] - 8, ids.shape[1]):  # the one-token branch, fp16 weights too
         step, st = runner.step(ids[:, t], st)
         got = torch.cat([got, step[:, None]], 1)
-    agree = (got.argmax(-1) == hf_logits(hf, ids).argmax(-1)).float().mean().item()
+    want = hf_logits(hf, ids)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.99, agree
+    assert rel_err(got, want) <= 1e-2  # the stated fp16 tolerance (measured 3e-4 / 1.5e-3)
 
 
 @pytest.mark.parametrize("name", ["demo-mamba1", "demo-mamba2"])
@@ -167,8 +169,11 @@ def test_fp16_export_top1_agreement_demo(tmp_path, name):
     text = "Once upon a time there was a little fox who lived in the forest. " * 8
     ids = torch.tensor([runner.tokenizer.encode(text)[:400]])
     got, _ = runner.prefill(ids, runner.new_state(1))
-    agree = (got.argmax(-1) == hf_logits(hf, ids).argmax(-1)).float().mean().item()
+    want = hf_logits(hf, ids)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     assert agree >= 0.99, agree
+    print(f"{name} fp16 vs fp32 transformers: {rel_err(got, want):.2e}")
+    assert rel_err(got, want) <= 1e-2
 
 
 @pytest.mark.parametrize("validate", [True, False])

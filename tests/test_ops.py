@@ -127,6 +127,30 @@ def test_ssd_reference_vs_float64_loop(l, groups, dt_limit):
     assert rel_err(y, y64) <= 1e-5 and rel_err(hl, h64) <= 1e-5
 
 
+@pytest.mark.parametrize("l", [1, 15, 40])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssd_reference_gradients_vs_float64_loop(l, groups):
+    """Mamba2 training's backward through the chunked SSD against autograd of the float64 loop:
+    every input's gradient (the initial state's too), within 1e-4 relative; one chunk, and three
+    (chunk 16), so the state carried between chunks is differentiated through."""
+    g = torch.Generator().manual_seed(400 + l + groups)
+    b, h, p, n = 2, 4, 8, 16
+    kw = dict(x=torch.randn(b, l, h, p, generator=g), dt=torch.randn(b, l, h, generator=g),
+              A=-torch.rand(h, generator=g) * 3, B=torch.randn(b, l, groups, n, generator=g),
+              C=torch.randn(b, l, groups, n, generator=g), D=torch.randn(h, generator=g),
+              dt_bias=torch.randn(h, generator=g) * 0.5, h0=torch.randn(b, h, p, n, generator=g))
+    ours = {k: v.clone().requires_grad_() for k, v in kw.items()}
+    theirs = {k: v.double().requires_grad_() for k, v in kw.items()}
+    y, hl = ref.ssd_ref(chunk_size=16, dt_limit=(0.0, math.inf), **ours)
+    y64, h64 = _ssd_loop_f64(dt_limit=(0.0, math.inf), **theirs)
+    wy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    wh = torch.randn(hl.shape, generator=g, dtype=torch.float64)
+    ((y * wy).sum() + (hl * wh).sum()).backward()
+    ((y64 * wy).sum() + (h64 * wh).sum()).backward()
+    for k in kw:
+        assert rel_err(ours[k].grad, theirs[k].grad) <= 1e-4, k
+
+
 def test_ssd_stable_with_huge_decay():
     """Large dt and strongly negative A over a long sequence: no inf/nan (no exp(cumsum) divided out)."""
     b, l, h, p, n = 1, 600, 2, 4, 8
@@ -197,6 +221,34 @@ def test_cpu_ssd_step_vs_reference(groups, dt_limit):
     out = cpu_kernels.ssd_step_cpu(**args)
     out_ref = ref.ssd_step_ref(**args)
     for a, r in zip(out, out_ref):
+        assert rel_err(a, r) <= 1e-5
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
+def test_cpu_kernels_softplus_over_its_whole_range():
+    """dt + dt_bias from about -40 to 40: the C softplus's branches (log1p(exp(v)) below its
+    threshold of 20, v itself above, where float32 rounds them alike) all run, in the scan, the
+    Mamba1 step and the Mamba2 step (cpu_scan.c, cpu_common.h); the other tests reach about 3."""
+    kw = _inputs(3, 33, 40, 16, seed=1)
+    kw["dt"] = kw["dt"] * 12
+    v = kw["dt"] + kw["dt_bias"]
+    assert float(v.max()) > 25 and float(v.min()) < -25 and float(((v > 0) & (v < 20)).float().mean()) > 0.1
+    y, h = cpu_kernels.selective_scan_cpu(**kw)
+    y_ref, h_ref = ref.selective_scan_ref(**kw)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-5
+    step = dict(x=kw["x"][:, 0], dt=kw["dt"][:, 0], A=kw["A"], B=kw["B"][:, 0], C=kw["C"][:, 0], D=kw["D"],
+                z=kw["z"][:, 0], dt_bias=kw["dt_bias"], h=kw["h0"])
+    for a, r in zip(cpu_kernels.selective_state_update_cpu(**step), ref.selective_state_update_ref(**step)):
+        assert rel_err(a, r) <= 1e-5
+    g = torch.Generator().manual_seed(12)
+    b, nh, p, n = 3, 8, 8, 16
+    conv_dim = nh * p + 2 * n
+    args = dict(xBC=torch.randn(b, conv_dim, generator=g), dt=torch.linspace(-40, 40, b * nh).reshape(b, nh),
+                conv_weight=torch.randn(conv_dim, 4, generator=g), conv_bias=torch.randn(conv_dim, generator=g),
+                conv_state=torch.randn(b, conv_dim, 3, generator=g), A=-torch.rand(nh, generator=g) * 3,
+                D=torch.randn(nh, generator=g), dt_bias=torch.zeros(nh), h=torch.randn(b, nh, p, n, generator=g),
+                dt_limit=(0.0, math.inf))
+    for a, r in zip(cpu_kernels.ssd_step_cpu(**args), ref.ssd_step_ref(**args)):
         assert rel_err(a, r) <= 1e-5
 
 

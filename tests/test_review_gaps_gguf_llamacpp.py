@@ -168,9 +168,13 @@ def test_slots_of_dropped_states_return_without_rebuilding_the_context(tiny_gguf
         for i in range(3):
             r.prefill(ids(3), live[i])
         del live[2]  # its slot goes back to the pool
+        ctx, builds = r._ctx, []
+        make = r._make_context
+        r._make_context = lambda n: (builds.append(n), make(n))[1]
         again = r.new_state(1)
         r.prefill(ids(3), again)
         r.step(torch.tensor([1]), live[0])  # still this context's handle
+        assert builds == [] and r._ctx is ctx and r._n_seq == 3, "the dropped slot was not reused"
 
 
 def test_growing_doubles_the_slots(tiny_gguf):
@@ -178,10 +182,15 @@ def test_growing_doubles_the_slots(tiny_gguf):
     right after does not rebuild again and invalidate the large one."""
     with open_llama(tiny_gguf, n_seq_max=4) as r:
         big = r.new_state(5)
+        assert r._n_seq == 8, "grown to twice the slots, not to just enough"
         r.prefill(ids(3).repeat(5, 1), big)
+        builds = []
+        make = r._make_context
+        r._make_context = lambda n: (builds.append(n), make(n))[1]
         small = r.new_state(1)
         r.prefill(ids(3), small)
         r.step(torch.tensor([1, 2, 3, 4, 5]), big)
+        assert builds == [], "a small state after the large one rebuilt the context"
 
 
 def test_n_ctx_caps_positions_exactly(tiny_gguf):

@@ -75,8 +75,4 @@ def test_load_quantized_other_formats_fill_every_tensor(hf_checkpoint, tmp_path,
 
     from test_load_no_init import test_load_quantized_runs_no_init_and_fills_every_tensor as _check
 
-    try:
-        hf_checkpoint(kind)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no {kind} checkpoint here: {e}")
     _check(hf_checkpoint, tmp_path, kind, method, opts, torch.float32, request)

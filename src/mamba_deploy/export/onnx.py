@@ -39,7 +39,10 @@ ALLOWED_OPS = frozenset({
     "ReduceMin", "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid", "Slice", "Softplus", "Split", "Sqrt", "Squeeze",
     "Sub", "Transpose", "Trilu", "Unsqueeze", "Where",
 })
-# Validation: max |onnx - torch| / max |torch| per output kind and export dtype.
+# Validation: max |onnx - torch| / max |torch| per output kind and export dtype. fp16: 3x the
+# stated fp16 tolerance (1e-2), since this check runs on every export, of any depth and width,
+# and fp16 rounding grows with both; tests/test_onnx.py holds the tiny and demo models to 1e-2
+# (measured 3e-4..1.5e-3), a broken graph is off by far more.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
 VALIDATE_LENGTHS = (None, 1, 3)  # prefill one chunk + 3 tokens from zero, one decode step, 3 more
 VALIDATE_BATCH = 2

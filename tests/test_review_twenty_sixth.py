@@ -196,3 +196,22 @@ def test_engine_path_never_names_a_file_of_the_onnx_export(onnx_export):
     with pytest.raises(OutputPathError, match="ONNX export"):  # before TensorRT is needed at all
         build_engine(folder, folder / "model.onnx")
     assert (folder / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_every_runner_names_what_it_was_opened_from(onnx_export, ckpt, tmp_path):
+    """Runner.artifact_path, which verify's report and the server's model name read (they probed
+    backend attributes before): the .gguf file, the ONNX folder, the checkpoint folder."""
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import default_model_name
+    from test_gguf import HAVE_LLAMA
+
+    folder = ckpt("mamba")[0]
+    onnx_dir = onnx_export("mamba")[0]
+    gg = export_gguf(folder, tmp_path / "tiny-f32.gguf")
+    cases = [(folder, "torch"), (gg, "torch"), (onnx_dir, "onnx")] + ([(gg, "llama.cpp")] if HAVE_LLAMA else [])
+    for path, backend in cases:
+        with open_runner(path, backend) as r:
+            assert Path(r.artifact_path).resolve() == Path(path).resolve(), (path, backend)
+            want = Path(path).stem if str(path).endswith(".gguf") else Path(path).name
+            assert default_model_name(r) == want

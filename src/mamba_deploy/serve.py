@@ -612,9 +612,7 @@ def default_model_name(runner, model=None) -> str:
     """The name reported as `model`: the file's stem for a single-file artifact (model.gguf ->
     'model'), else the folder's name (or a hub id's last part); `model` is the path or id the
     user gave, else the runner's own path."""
-    path = model if model is not None else (getattr(runner, "artifact_path", None) or getattr(runner, "path", None)
-                                            or getattr(getattr(runner, "model", None), "gguf_path", None)
-                                            or getattr(runner, "source_path", None))
+    path = model if model is not None else getattr(runner, "artifact_path", None)  # duck-typed runners may lack it
     if path is None:
         return runner.name
     p = Path(str(path))

@@ -545,11 +545,11 @@ def _sequence(ref, art, text_ids, vocab: int, gen) -> dict:
 
 
 def _where(runner) -> str:
-    return str(getattr(runner, "artifact_path", None) or getattr(runner, "source_path", None) or runner.name)
+    return str(runner.artifact_path or runner.name)
 
 
 def _describe(runner) -> str:
-    where = getattr(runner, "artifact_path", None) or getattr(runner, "source_path", None)
+    where = runner.artifact_path
     dtype = getattr(getattr(runner, "model", None), "dtype", None)
     extra = f" {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
     return f"{where or '?'} ({runner.name}{extra})"
@@ -573,11 +573,8 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
         opts.setdefault("device", device)
     art = open_runner(artifact, backend, **opts)
     for runner, path in ((ref, reference), (art, artifact)):
-        if getattr(runner, "artifact_path", None) is None:
-            try:  # so reports name the file given (a .gguf) when the runner keeps only its folder
-                runner.artifact_path = Path(str(path))
-            except AttributeError:
-                pass
+        if runner.artifact_path is None:  # a hub id: reports name it as given
+            runner.artifact_path = Path(str(path))
     return ref, art, infer_artifact_dtype(artifact, reference)
 
 

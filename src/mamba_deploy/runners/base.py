@@ -189,6 +189,9 @@ class Runner(ABC):
     name: str = "?"
     config: MambaConfig
     source_path: Path | None = None  # folder with tokenizer files
+    # what the runner was opened from, as reports and the server name it: a file (.gguf, an engine)
+    # or a folder (ONNX export, checkpoint); None for a model built in memory
+    artifact_path: Path | None = None
     supports_attention_mask: bool = True  # left-padded batched prefill
     closed: bool = False
 

@@ -4,6 +4,7 @@ against float64 sequential math (an independent, loop-over-time formulation).
 Tolerances: float32 kernel vs reference <= 1e-5 relative; reference vs float64 loop <= 1e-5.
 """
 
+import functools
 import math
 import os
 import sys
@@ -54,12 +55,17 @@ def test_selective_scan_reference_gradients_vs_float64_loop(l):
     """Training's backward through the reference scan (each time chunk checkpointed, its
     intermediates recomputed) against autograd of the float64 loop: the gradients of every input,
     the initial state included, within 1e-4 relative; lengths within one chunk and across chunks."""
-    kw = _inputs(2, l, 24, 8, seed=300 + l)
+    check_gradients(ref.selective_scan_ref, _scan_loop_f64, _inputs(2, l, 24, 8, seed=300 + l), seed=l)
+
+
+def check_gradients(fn, fn64, kw, seed):
+    """Every input's gradient of fn (float32) against autograd of fn64 (float64), both returning
+    (y, final state), through one random linear function of both outputs: within 1e-4 relative."""
     ours = {k: v.clone().requires_grad_() for k, v in kw.items()}
     theirs = {k: v.double().requires_grad_() for k, v in kw.items()}
-    y, h = ref.selective_scan_ref(**ours)
-    y64, h64 = _scan_loop_f64(**theirs)
-    g = torch.Generator().manual_seed(l)
+    y, h = fn(**ours)
+    y64, h64 = fn64(**theirs)
+    g = torch.Generator().manual_seed(seed)
     wy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     wh = torch.randn(h.shape, generator=g, dtype=torch.float64)
     ((y * wy).sum() + (h * wh).sum()).backward()
@@ -139,16 +145,8 @@ def test_ssd_reference_gradients_vs_float64_loop(l, groups):
               A=-torch.rand(h, generator=g) * 3, B=torch.randn(b, l, groups, n, generator=g),
               C=torch.randn(b, l, groups, n, generator=g), D=torch.randn(h, generator=g),
               dt_bias=torch.randn(h, generator=g) * 0.5, h0=torch.randn(b, h, p, n, generator=g))
-    ours = {k: v.clone().requires_grad_() for k, v in kw.items()}
-    theirs = {k: v.double().requires_grad_() for k, v in kw.items()}
-    y, hl = ref.ssd_ref(chunk_size=16, dt_limit=(0.0, math.inf), **ours)
-    y64, h64 = _ssd_loop_f64(dt_limit=(0.0, math.inf), **theirs)
-    wy = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    wh = torch.randn(hl.shape, generator=g, dtype=torch.float64)
-    ((y * wy).sum() + (hl * wh).sum()).backward()
-    ((y64 * wy).sum() + (h64 * wh).sum()).backward()
-    for k in kw:
-        assert rel_err(ours[k].grad, theirs[k].grad) <= 1e-4, k
+    check_gradients(functools.partial(ref.ssd_ref, chunk_size=16, dt_limit=(0.0, math.inf)),
+                    functools.partial(_ssd_loop_f64, dt_limit=(0.0, math.inf)), kw, seed=l)
 
 
 def test_ssd_stable_with_huge_decay():

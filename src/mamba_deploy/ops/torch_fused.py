@@ -70,7 +70,7 @@ def tinygemm_linear(x, qweight, scales, zeros, group_size, symmetric):
     activations (the kernel's only dtype), the output cast back to x's dtype."""
     from ..model import tensor_version  # as cpu_decode's plan keys its tensors
 
-    key = tuple(None if t is None else (t.data_ptr(), tensor_version(t)) for t in (qweight, scales, zeros))
+    key = (*(None if t is None else (t.data_ptr(), tensor_version(t)) for t in (qweight, scales, zeros)), symmetric)
     entry = _packed.get(id(qweight))
     if entry is None or entry[0] != key:
         if entry is None:  # forget the packing with the tensor (its id may be reused after)

@@ -301,8 +301,9 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
     # failed the exports that refuse a non-empty folder after the other rows had run
     work = prepare_output_dir(out, OutputPathError) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
     try:
-        rows = [r for d, label in zip(dirs, unique_labels(dirs)) for r in run_model(d, work, formats, log, threads,
-                                                                                     label)]
+        rows = []
+        for d, label in zip(dirs, unique_labels(dirs)):
+            rows += run_model(d, work, formats, log, threads, label)
     finally:
         if not out:
             shutil.rmtree(work, ignore_errors=True)

@@ -494,9 +494,8 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
         raise VerificationError(f"artifact vocabulary {art.vocab_size} != reference {vocab}; "
                                 "these are not the same model")
     if label is None:
-        src = getattr(art, "artifact_path", None) or getattr(art, "source_path", None)
-        ref_src = getattr(ref, "artifact_path", None) or getattr(ref, "source_path", None)
-        label = infer_artifact_dtype(src, ref_src) if src is not None else "fp32"
+        src = art.artifact_path
+        label = infer_artifact_dtype(src, ref.artifact_path) if src is not None else "fp32"
     tol = make_tolerance(tolerance, label)
     if not lengths or not batches:  # no cases would leave only the perplexity check to pass
         raise ConfigError(f"lengths {lengths} and batches {batches} must each name at least one value, "

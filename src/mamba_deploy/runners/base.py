@@ -189,11 +189,20 @@ class Runner(ABC):
     name: str = "?"
     config: MambaConfig
     source_path: Path | None = None  # folder with tokenizer files
-    # what the runner was opened from, as reports and the server name it: a file (.gguf, an engine)
-    # or a folder (ONNX export, checkpoint); None for a model built in memory
-    artifact_path: Path | None = None
     supports_attention_mask: bool = True  # left-padded batched prefill
     closed: bool = False
+    _artifact_path: Path | None = None
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """What the runner was opened from, as reports and the server name it: a file (.gguf, an
+        engine) where the backend sets one, else its source_path (an ONNX or checkpoint folder;
+        None for a model built in memory)."""
+        return self._artifact_path or self.source_path
+
+    @artifact_path.setter
+    def artifact_path(self, path) -> None:
+        self._artifact_path = path
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -42,7 +42,7 @@ class OnnxRunner(Runner):
     def __init__(self, folder: Path, manifest: dict, session):
         self.folder, self.manifest, self.session = folder, manifest, session
         self.config = MambaConfig.from_own_dict(manifest["config"])
-        self.source_path = self.artifact_path = folder
+        self.source_path = folder
         self.device = PROVIDER_DEVICE.get(session.get_providers()[0], "cpu")
         self.inputs = {d["name"]: d for d in manifest["inputs"]}
         self.outputs = {d["name"]: d for d in manifest["outputs"]}

@@ -52,7 +52,7 @@ class OpenVinoRunner(Runner):
     def __init__(self, folder: Path, manifest: dict, compiled, defaults: dict, tmpfile: Path | None = None):
         self.folder, self.manifest, self.compiled = folder, manifest, compiled
         self.config = MambaConfig.from_own_dict(manifest["config"])
-        self.source_path = self.artifact_path = folder
+        self.source_path = folder
         self.n_layer = self.config.n_layer
         self.defaults = defaults  # optional input name -> default value (numpy)
         self.request = compiled.create_infer_request()

@@ -16,7 +16,7 @@ class TorchRunner(Runner):
         self.model = model.eval()
         self.config = model.config
         self.source_path = getattr(model, "source_path", None)
-        self.artifact_path = getattr(model, "gguf_path", None) or self.source_path
+        self.artifact_path = getattr(model, "gguf_path", None)  # a .gguf is named as the file (else source_path)
 
     def new_state(self, batch: int) -> State:
         return self.model.new_state(batch)

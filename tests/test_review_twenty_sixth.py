@@ -215,3 +215,24 @@ def test_every_runner_names_what_it_was_opened_from(onnx_export, ckpt, tmp_path)
             assert Path(r.artifact_path).resolve() == Path(path).resolve(), (path, backend)
             want = Path(path).stem if str(path).endswith(".gguf") else Path(path).name
             assert default_model_name(r) == want
+
+
+def test_snapshot_that_cannot_carry_a_file_is_a_typed_error_and_keeps_out(model_folder, monkeypatch):
+    """A file of --out that cannot be linked or copied (unreadable, another user's): a typed
+    error naming it, and the previous snapshot as it was (no traceback after hours of training)."""
+    from conftest import random_lm
+    from mamba_deploy.config import MambaConfig
+
+    before = {p.name: p.read_bytes() for p in model_folder.iterdir() if p.is_file()}
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(train, "_link_or_copy", refuse)
+    model = random_lm(MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=4096, d_state=16, headdim=8,
+                                  chunk_size=16))
+    model.source_path = model_folder
+    with pytest.raises(OutputPathError, match="cannot carry"):
+        train.save_snapshot(model, model_folder, torch.float16, {"step": 1})
+    assert {p.name: p.read_bytes() for p in model_folder.iterdir() if p.is_file()} == before
+    assert not list(model_folder.parent.glob(".mymodel.*")), "no temporaries left"

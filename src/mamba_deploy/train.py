@@ -163,7 +163,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         for entry in out.iterdir():
             if not (tmp / entry.name).exists():
-                _link_or_copy(entry, tmp / entry.name)
+                try:
+                    _link_or_copy(entry, tmp / entry.name)
+                except PermissionError as e:  # an unreadable file: the previous snapshot stays as it is
+                    raise OutputPathError(f"cannot carry {entry} into the new snapshot of --out {out} "
+                                          f"({e.strerror or e}); it is kept where it is. Make it readable or move it "
+                                          "out of --out, then --resume") from e
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     try:

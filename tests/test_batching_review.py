@@ -345,6 +345,7 @@ def test_shutdown_while_requests_run_and_wait_answers_each_and_leaves_nothing_ru
     serving.join(TIMEOUT)
     assert not serving.is_alive()
     for i, (thread, out) in enumerate(calls):
+        thread.join(TIMEOUT)  # answered is not yet stored: the client thread may still be reading
         status, raw = out[0]
         if i % 2:
             assert status == 503 and "shutting down" in json.loads(raw)["error"]["message"]

@@ -280,7 +280,8 @@ class LlamaCppRunner(Runner):
                                   "export gguf (verbose=True shows llama.cpp's whole log)")
         self._model = _Model(lib, ptr)
         self.n_vocab = self._model.n_vocab
-        self.artifact_path, self.source_path = path, path.parent
+        self.path, self.source_path = path, path.parent
+        self.artifact_path = path
         self.n_threads, self.n_ctx, self.n_batch = n_threads, int(n_ctx), int(n_batch)
         self._ctx = self._batch = None
         self._generation = 0

@@ -51,7 +51,8 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, trt, engine, sidecar: dict, path: Path, device: torch.device):
-        self.trt, self.engine, self.artifact_path, self.device = trt, engine, path, device
+        self.trt, self.engine, self.path, self.device = trt, engine, path, device
+        self.artifact_path = path
         self.context = engine.create_execution_context()
         self.call_lock = threading.RLock()  # one execution context: its bindings serve one call at a time
         self.manifest = sidecar["manifest"]

@@ -182,9 +182,21 @@ def _with_generation_token_ids(cfg: MambaConfig, folder: Path) -> MambaConfig:
     """cfg with the token ids it lacks taken from the folder's generation_config.json, if any."""
     from .config import _first, check_values
 
-    path = folder / GENERATION_CONFIG
-    if not path.exists() or all(getattr(cfg, k) is not None for k in TOKEN_ID_FIELDS):
+    if all(getattr(cfg, k) is not None for k in TOKEN_ID_FIELDS):
         return cfg
+    gen = _read_generation_config(folder)
+    ids = {k: _first(gen.get(k)) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is None and gen.get(k) is not None}
+    if not ids:
+        return cfg
+    ids = check_values(ids, str(folder / GENERATION_CONFIG), "correct that value or delete the file")
+    return cfg.replace(**ids)
+
+
+def _read_generation_config(folder: Path) -> dict:
+    """The folder's generation_config.json ({} when there is none); a corrupt one is an error."""
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.exists():
+        return {}
     try:  # not read_json_object: a corrupt file would be read as "no ids", and a convert then writes nulls
         gen = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
@@ -193,19 +205,37 @@ def _with_generation_token_ids(cfg: MambaConfig, folder: Path) -> MambaConfig:
     if not isinstance(gen, dict):
         raise ConfigError(f"{path} holds a {type(gen).__name__}, not a JSON object; copy it again from the model, "
                           "or delete it to load without its token ids")
-    ids = {k: _first(gen.get(k)) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is None and gen.get(k) is not None}
-    if not ids:
-        return cfg
-    ids = check_values(ids, str(folder / GENERATION_CONFIG), "correct that value or delete the file")
-    return cfg.replace(**ids)
+    return gen
 
 
-def write_generation_token_ids(cfg: MambaConfig, folder: Path) -> None:
-    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys)."""
+def generation_end_ids(folder) -> list[int]:
+    """Every id that ends generation, as transformers' generate stops: generation_config.json's
+    eos_token_id, else config.json's. Either may be a list: chat models put their end-of-turn
+    token there beside the EOS (as a GGUF has tokenizer.ggml.eot_token_id)."""
+    folder = Path(folder)
+    ids = _read_generation_config(folder).get("eos_token_id")
+    if ids is None:
+        try:
+            ids = read_raw_config(folder).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):  # no readable config: the ids are the tokenizer's own
+            ids = None
+    ids = ids if isinstance(ids, list) else [ids]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+
+def write_generation_token_ids(cfg: MambaConfig, folder: Path, end_ids=()) -> None:
+    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys).
+    end_ids: ids besides the EOS that end generation (a GGUF's eot / eom), written after it in
+    eos_token_id's list; a copied file's list keeps its other ids."""
     ids = {k: getattr(cfg, k) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is not None}
+    path = Path(folder) / GENERATION_CONFIG
+    old = read_json_object(path)
+    if "eos_token_id" in ids:
+        listed = old.get("eos_token_id") if isinstance(old.get("eos_token_id"), list) else []
+        ends = list(dict.fromkeys([ids["eos_token_id"], *end_ids, *listed]))
+        ids["eos_token_id"] = ends if len(ends) > 1 else ends[0]
     if ids:
-        path = Path(folder) / GENERATION_CONFIG
-        path.write_text(json.dumps({**read_json_object(path), **ids}, indent=2))
+        path.write_text(json.dumps({**old, **ids}, indent=2))
 
 
 def read_raw_config(folder: Path) -> dict:

@@ -156,8 +156,11 @@ def load_tokenizer(folder) -> Tokenizer:
         raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
     if folder.is_dir():
         from .chat import read_chat_template
+        from .checkpoint import generation_end_ids
 
         tok.chat_template = read_chat_template(folder)
+        # transformers' generate stops at each of them, and a chat model samples its end-of-turn one
+        tok.end_token_ids = tuple(i for i in generation_end_ids(folder) if i != tok.eos_token_id and i < max(n, rows or 0))
     return tok
 
 

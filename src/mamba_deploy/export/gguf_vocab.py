@@ -22,8 +22,8 @@ from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
 from ..tokenizer import (PROBE_TEXT, SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece,
                          read_tokenizer_config, sentencepiece_model_class)
-from .gguf_tables import (ADD_BOS_DEFAULT, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE,
-                          SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
+from .gguf_tables import (ADD_BOS_DEFAULT, END_TOKEN_KEYS, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES,
+                          SPM_PAD_SCORE, SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
 # a name no vocabulary has: what spm_model_from_vocab names a BOS that is not to be added
 NO_PIECE = "\x00no piece\x00"
@@ -156,17 +156,26 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
     special = _special_ids(Path(path).parent, tokens, config_ids or {})
-    add_bos = _adds_bos(Path(path), special.get("bos"))
+    add_bos, add_eos = _adds_specials(Path(path), special.get("bos"), special.get("eos"))
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
-                 special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent))
+                 special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent),
+                 add_eos=add_eos or None, end_ids=_end_ids(Path(path).parent, special.get("eos"), n_rows))
 
 
-def _adds_bos(path: Path, bos: int | None) -> bool:
-    """Whether tokenizer.json itself prepends the BOS (its post-processor), as this project's
-    tokenizer and transformers' generic one encode: tokenizer_config.json's add_bos_token is not
-    what they follow, so a GGUF that took it from there made llama.cpp add a BOS they do not."""
-    if bos is None:
-        return False
+def _end_ids(folder: Path, eos: int | None, n_rows: int) -> list[int]:
+    """The folder's ids besides the EOS that end generation (generation_config.json's eos_token_id
+    list), which the GGUF names as its eot / eom tokens, in that order."""
+    from ..checkpoint import generation_end_ids
+
+    return [i for i in generation_end_ids(folder) if i != eos and i < n_rows][:len(END_TOKEN_KEYS)]
+
+
+def _adds_specials(path: Path, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether tokenizer.json itself prepends the BOS / appends the EOS (its post-processor), as this
+    project's tokenizer and transformers' generic one encode: tokenizer_config.json's add_bos_token
+    is not what they follow, so a GGUF that took it from there made llama.cpp add a BOS they do not."""
+    if bos is None and eos is None:
+        return False, False
     from tokenizers import Tokenizer
 
     try:
@@ -175,7 +184,8 @@ def _adds_bos(path: Path, bos: int | None) -> bool:
         raise ExportError(f"cannot read tokenizer {path} ({e}); copy it again from the model, or pass another "
                           "with --tokenizer") from e
     ids = tok.encode(PROBE_TEXT).ids
-    return len(ids) > len(tok.encode(PROBE_TEXT, add_special_tokens=False).ids) and ids[0] == bos
+    added = len(ids) > len(tok.encode(PROBE_TEXT, add_special_tokens=False).ids)
+    return added and bos is not None and ids[0] == bos, added and eos is not None and ids[-1] == eos
 
 
 def _special_ids(folder: Path, tokens: list[str], config_ids: dict) -> dict:
@@ -244,7 +254,7 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
                       "EOS and stop generation when it is sampled", stacklevel=3)
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
                  source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
-                 chat_template=read_chat_template(path.parent))
+                 chat_template=read_chat_template(path.parent), end_ids=_end_ids(path.parent, special.get("eos"), n_rows))
 
 
 def spm_model_from_vocab(vocab: Vocab) -> bytes:
@@ -291,7 +301,7 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     """The tokenizer metadata of an existing GGUF (re-export / re-quantization of a .gguf);
     `reader`: the file already open."""
     from .gguf_import import carried_fields, field, open_reader
-    from .gguf_tables import (ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, END_TOKEN_KEYS, MERGES_KEY, SCORES_KEY,
+    from .gguf_tables import (ADD_BOS_KEY, ADD_EOS_KEY, ADD_SPACE_PREFIX_KEY, MERGES_KEY, SCORES_KEY,
                               SPECIAL_KEYS, TOKEN_TYPE_KEY, TOKENIZER_MODEL_KEY, TOKENIZER_PRE_KEY, TOKENS_KEY)
 
     reader = open_reader(path) if reader is None else reader
@@ -349,6 +359,8 @@ def add_vocab(writer, vocab: Vocab) -> None:
         writer.add_bool(ADD_SPACE_PREFIX_KEY, vocab.add_space_prefix)
     if vocab.add_eos is not None:
         writer.add_bool(ADD_EOS_KEY, vocab.add_eos)
+    for key, tid in zip(END_TOKEN_KEYS, vocab.end_ids):
+        writer.add_uint32(key, int(tid))
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
     add_carried(writer, vocab.carried)
@@ -468,6 +480,11 @@ def write_gguf_tokenizer(gguf_path, folder) -> None:
     ExportError where that cannot be done faithfully (see tokenizer_from_vocab, spm_model_from_vocab)."""
     vocab = vocab_from_gguf(gguf_path)
     folder = Path(folder)
+    if vocab.end_ids and vocab.special.get("eos") is not None:  # read back by load_tokenizer / generation_end_ids
+        from ..checkpoint import GENERATION_CONFIG
+
+        ends = list(dict.fromkeys([vocab.special["eos"], *vocab.end_ids]))
+        (folder / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": ends}, indent=2), encoding="utf-8")
     if vocab.model == SPM_TOKENIZER_MODEL:  # no tokenizer_config.json: load_tokenizer reads the model itself
         (folder / "tokenizer.model").write_bytes(spm_model_from_vocab(vocab))
         if vocab.chat_template:

@@ -1,0 +1,127 @@
+"""Twenty-seventh session: the ids that end generation besides the EOS (a chat model's end-of-turn
+token) as transformers reads them (generation_config.json's eos_token_id list) and as a GGUF names
+them (tokenizer.ggml.eot_token_id), carried through every conversion between the two."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from test_gguf import HAVE_LLAMA
+
+gguf = pytest.importorskip("gguf")
+
+PROMPT = "the quick brown"
+
+
+def _with_end_list(folder, dst, ids):
+    """A copy of the checkpoint folder whose generation_config.json lists `ids` as its eos_token_id."""
+    shutil.copytree(folder, dst)
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": list(ids)}))
+    return dst
+
+
+def _greedy_hf(folder, ids, n):
+    """transformers' own greedy generation from the folder (its generation_config.json included):
+    the new tokens, up to and including the one it stopped at."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_folder_generation_stops_at_every_listed_eos_as_transformers_does(ckpt, tmp_path):
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = ckpt("mamba")
+    runner = open_runner(folder, backend="torch")
+    tok = runner.tokenizer
+    ids, eos, n = tok.encode(PROMPT), tok.eos_token_id, 12
+    free = generate(runner, [ids], max_new_tokens=n).tokens[0]
+    stop = next(t for t in free if t != eos)  # a token greedy decoding reaches
+    listed = _with_end_list(folder, tmp_path / "listed", [eos, stop])
+    theirs = _greedy_hf(listed, ids, n)
+    assert stop in theirs and len(theirs) < n  # transformers stopped early, at the listed id
+    ended = open_runner(listed, backend="torch")
+    assert ended.tokenizer.end_token_ids == (stop,)
+    ours = generate(ended, PROMPT, max_new_tokens=n).tokens[0]
+    assert ours == theirs[:theirs.index(stop)]  # our output leaves the stop token out
+
+
+def test_listed_end_ids_survive_gguf_export_and_conversion_back(ckpt, tmp_path):
+    from mamba_deploy import load_model, save_checkpoint
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = ckpt("mamba2")
+    eos = open_runner(folder, backend="torch").tokenizer.eos_token_id
+    end = next(i for i in range(5, 128) if i != eos)
+    listed = _with_end_list(folder, tmp_path / "listed", [eos, end])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(listed, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(out))  # gguf-py's reader, not ours
+    assert reader.get_field("tokenizer.ggml.eot_token_id").contents() == end
+    assert open_runner(out, backend="torch").tokenizer.end_token_ids == (end,)
+    if HAVE_LLAMA:  # llama.cpp's own end-of-generation set for the file
+        assert end in open_runner(out, backend="llama.cpp").tokenizer.end_token_ids
+    for fmt in ("hf", "mamba_ssm"):
+        back = save_checkpoint(load_model(out), tmp_path / f"back_{fmt}", fmt=fmt)
+        # the mamba_ssm layout also lists the config's own eos_token_id first (2 here: transformers'
+        # default, which the tiny tokenizer's <|endoftext|> = 0 does not match), as its from_pretrained reads it
+        listed = json.loads((back / "generation_config.json").read_text())["eos_token_id"]
+        assert listed[-2:] == [eos, end]
+        assert end in open_runner(back, backend="torch").tokenizer.end_token_ids
+
+
+def test_a_copied_end_list_is_kept_by_a_mamba_ssm_convert(ckpt, tmp_path):
+    """convert --format mamba_ssm merges the config's token ids into a copied generation_config.json:
+    its eos list stays a list, with the config's EOS first."""
+    from mamba_deploy import load_model, save_checkpoint
+
+    folder, _ = ckpt("mamba")
+    eos = load_model(folder).config.eos_token_id
+    listed = _with_end_list(folder, tmp_path / "listed", [eos, 9, 11])
+    back = save_checkpoint(load_model(listed), tmp_path / "ssm", fmt="mamba_ssm")
+    gen = json.loads((back / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [eos, 9, 11]
+
+
+def test_gguf_add_eos_follows_a_tokenizer_that_appends_its_eos(tmp_path):
+    """A tokenizer.json whose post-processor appends the EOS (as some encoder-style and Llama-style
+    tokenizers do) encodes every text with it; the GGUF now says so (tokenizer.ggml.add_eos_token),
+    so llama.cpp appends it too. Before, the key was not written and llama.cpp's ids lacked the
+    EOS that the checkpoint's, and its ONNX export's, had. Reference: transformers on the folder."""
+    transformers = pytest.importorskip("transformers")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import open_runner
+    from test_review_gaps_gguf_llamacpp import REPO, open_llama
+
+    folder = tmp_path / "m"
+    shutil.copytree(REPO / "models" / "demo-mamba2", folder)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    seq, eos = {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    tj["post_processor"] = {"type": "TemplateProcessing", "single": [seq, eos], "pair": [seq, eos],
+                            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                                 "tokens": ["<|endoftext|>"]}}}
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    text = "def main(x):\n    return x"
+    want = transformers.AutoTokenizer.from_pretrained(str(folder))(text).input_ids
+    assert want[-1] == 0 and want[0] != 0
+    (tmp_path / "g").mkdir()
+    out = export_gguf(folder, tmp_path / "g" / "m.gguf")  # alone: the GGUF's own vocabulary everywhere
+    reader = gguf.GGUFReader(str(out))
+    assert bool(reader.get_field("tokenizer.ggml.add_eos_token").contents()) is True
+    assert bool(reader.get_field("tokenizer.ggml.add_bos_token").contents()) is False
+    if HAVE_LLAMA:
+        with open_llama(out) as r:
+            assert r.tokenizer.encode(text) == want
+    assert open_runner(out, "torch").tokenizer.encode(text) == want
+    assert open_runner(folder, "torch").tokenizer.encode(text) == want

@@ -5,6 +5,7 @@ them (tokenizer.ggml.eot_token_id), carried through every conversion between the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -125,3 +126,85 @@ def test_gguf_add_eos_follows_a_tokenizer_that_appends_its_eos(tmp_path):
             assert r.tokenizer.encode(text) == want
     assert open_runner(out, "torch").tokenizer.encode(text) == want
     assert open_runner(folder, "torch").tokenizer.encode(text) == want
+
+
+# ----------------------------------------------------------------------------- configs read by their dialect
+
+def _hf_with_legacy_keys(kind, tmp_path, **overrides):
+    """A transformers checkpoint whose config.json also holds mamba_ssm's keys, as state-spaces'
+    *-hf configs do (and every fine-tune transformers saves from them keeps)."""
+    from conftest import build_hf_model
+
+    hf = build_hf_model(kind, **overrides)
+    folder = tmp_path / kind
+    hf.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], ssm_cfg={}, pad_vocab_size_multiple=8)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, hf
+
+
+@pytest.mark.parametrize("kind,overrides", [("mamba", dict(layer_norm_epsilon=0.5)),
+                                            ("mamba", dict(tie_word_embeddings=False, state_size=4)),
+                                            ("falcon_mamba", {})])
+def test_an_hf_config_with_mamba_ssm_keys_is_read_as_hf(kind, overrides, tmp_path):
+    """It was read by the mamba_ssm reader, which ignored layer_norm_epsilon, tie_word_embeddings,
+    state_size and Falcon-Mamba's dt/B/C norm: wrong logits, or a refusal. Reference: transformers."""
+    from conftest import rel_err
+    from mamba_deploy import load_model
+
+    folder, hf = _hf_with_legacy_keys(kind, tmp_path, **overrides)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = load_model(folder)
+    assert ours.config.source == "hf"
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, hf(ids).logits) < 1e-4
+
+
+def test_other_architectures_and_activations_are_refused_by_name(tmp_path):
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import UnsupportedArchitectureError
+
+    hyena = {"model_type": "hyenadna", "d_model": 64, "n_layer": 2, "vocab_size": 12}  # d_model + n_layer too
+    with pytest.raises(UnsupportedArchitectureError, match="hyenadna"):
+        MambaConfig.from_dict(hyena)
+    for kind in ("mamba", "mamba2"):  # transformers applies ACT2FN[hidden_act]; the mixers here SiLU
+        hf = {"model_type": kind, "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "hidden_act": "gelu",
+              "head_dim": 16, "n_groups": 1}
+        with pytest.raises(UnsupportedArchitectureError, match="hidden_act='gelu'"):
+            MambaConfig.from_dict(hf)
+        for silu in ("silu", "swish"):
+            assert MambaConfig.from_dict({**hf, "hidden_act": silu}).arch == {"mamba": "mamba1"}.get(kind, kind)
+
+
+def test_mamba_ssm_cfg_keys_its_constructor_refuses_are_refused(tmp_path):
+    """mamba_ssm raises TypeError on a misspelt ssm_cfg key; it loaded here as the default
+    (norm_befor_gate -> norm_before_gate False). D_has_hdim (D per channel) is named, not left
+    to a weight-shape mismatch."""
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ConfigError, UnsupportedArchitectureError
+
+    base = {"d_model": 64, "n_layer": 2, "vocab_size": 100}
+    with pytest.raises(ConfigError, match="'norm_befor_gate'"):
+        MambaConfig.from_dict({**base, "ssm_cfg": {"layer": "Mamba2", "norm_befor_gate": True}})
+    with pytest.raises(ConfigError, match="'headdim'"):  # a Mamba2 key on a Mamba1 layer
+        MambaConfig.from_dict({**base, "ssm_cfg": {"headdim": 32}})
+    with pytest.raises(UnsupportedArchitectureError, match="D_has_hdim"):
+        MambaConfig.from_dict({**base, "ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}})
+    ok = MambaConfig.from_dict({**base, "ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True, "dt_min": 0.01,
+                                                   "A_init_range": [1, 16], "D_has_hdim": False}})
+    assert ok.norm_before_gate is True
+
+
+@pytest.mark.parametrize("d,keys", [
+    ({"model_type": "mamba2", "hidden_size": 36, "num_hidden_layers": 1, "vocab_size": 64, "head_dim": 16},
+     "expand / head_dim / num_heads"),
+    ({"d_model": 36, "n_layer": 1, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 16}},
+     "ssm_cfg.headdim"),
+])
+def test_a_headdim_that_does_not_divide_d_inner_names_the_dialect_keys(d, keys):
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(keys)):
+        MambaConfig.from_dict(d)

@@ -62,6 +62,23 @@ MAMBA_SSM_KEYS = dict(rms_norm_eps="norm_epsilon", **{k: f"ssm_cfg.{k}" for k in
     "norm_before_gate", "dt_limit")})
 MISTRAL_KEYS = dict(d_model="dim", n_layer="n_layers", ngroups="n_groups")
 DIALECT_KEYS = {"hf": HF_KEYS, "mamba_ssm": MAMBA_SSM_KEYS, "mistral": MISTRAL_KEYS}
+# what sets d_inner and headdim in each dialect (mistral_inference fixes headdim at 64)
+HEADDIM_KEYS = {"hf": "expand / head_dim / num_heads", "mamba_ssm": "d_model / ssm_cfg.expand / ssm_cfg.headdim",
+                "mistral": "dim (mistral_inference's headdim is 64)"}
+# HF hidden_act values that are SiLU (transformers' ACT2FN maps both to it)
+SILU_NAMES = ("silu", "swish")
+# the keyword arguments of mamba_ssm 2.x's Mamba / Mamba2 constructors, which ssm_cfg is passed to
+# (besides "layer"); the init-only ones (dt_min, A_init_range...) do not change a trained model
+_SSM_COMMON = {"d_state", "d_conv", "expand", "conv_bias", "bias", "dt_min", "dt_max", "dt_init_floor",
+               "layer_idx", "device", "dtype"}
+SSM_CFG_KEYS = {
+    "Mamba1": _SSM_COMMON | {"dt_rank", "dt_init", "dt_scale", "use_fast_path"},
+    "Mamba2": _SSM_COMMON | {"conv_init", "headdim", "d_ssm", "ngroups", "A_init_range", "D_has_hdim", "rmsnorm",
+                             "norm_before_gate", "dt_limit", "chunk_size", "use_mem_eff_path", "process_group",
+                             "sequence_parallel"},
+}
+# ssm_cfg values that change the weights' shapes or the function beyond what this toolkit builds
+SSM_CFG_UNSUPPORTED = {"Mamba2": {"D_has_hdim": False}}
 # What mistral_inference's MambaArgs requires (it has no defaults for them).
 MISTRAL_REQUIRED = ("dim", "n_layers", "vocab_size", "n_groups", "residual_in_fp32", "pad_vocab_size_multiple",
                     "tie_embeddings")
@@ -120,10 +137,8 @@ class MambaConfig:
                               "fix that value in the model's config")
         if self.arch == "mamba2":
             if self.d_inner % self.headdim:
-                raise ConfigError(
-                    f"d_inner={self.d_inner} is not a multiple of headdim={self.headdim}; "
-                    "check expand / head_dim / num_heads in config.json"
-                )
+                raise ConfigError(f"d_inner={self.d_inner} is not a multiple of headdim={self.headdim}; check "
+                                  f"{HEADDIM_KEYS.get(self.source, 'd_model / expand / headdim')} in the model's config")
             if self.nheads % self.ngroups:
                 keys = [config_key(self, k) for k in ("ngroups", "nheads", "headdim")]
                 raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}; check "
@@ -177,15 +192,18 @@ class MambaConfig:
     @classmethod
     def _read(cls, d: dict, where: str) -> "MambaConfig":
         d = _decode_json_floats(d, where)
-        if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
-            return cls._from_mamba_ssm(d, where)
-        if "dim" in d and "n_layers" in d:
-            return cls._from_mistral(d, where)
         model_type = d.get("model_type")
         if model_type is None and isinstance(d.get("architectures"), list):
             for a in d["architectures"]:
                 if isinstance(a, str) and a in HF_ARCHITECTURES:
                     model_type = HF_ARCHITECTURES[a]
+        if "hidden_size" not in d and (model_type is None or model_type in HF_MODEL_TYPES):
+            if "dim" in d and "n_layers" in d:
+                return cls._from_mistral(d, where)
+            if "ssm_cfg" in d or ("d_model" in d and "n_layer" in d):
+                return cls._from_mamba_ssm(d, where)
+        # an HF config first by its model_type: state-spaces' *-hf configs (and every fine-tune
+        # saved from them) still carry mamba_ssm's d_model / n_layer / ssm_cfg beside the HF keys
         if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
             raise UnsupportedArchitectureError(
                 f"unknown model_type {model_type!r} (architectures={d.get('architectures')}); "
@@ -216,6 +234,11 @@ class MambaConfig:
     @classmethod
     def _from_hf(cls, d: dict, model_type: str, where: str = "config.json") -> "MambaConfig":
         arch, dt_bc_rms = HF_MODEL_TYPES[model_type]
+        act = d.get("hidden_act", "silu")  # transformers' mixers apply ACT2FN[hidden_act]; this toolkit SiLU
+        if act not in SILU_NAMES:
+            raise UnsupportedArchitectureError(
+                f"{where}: hidden_act={act!r}; only {' / '.join(map(repr, SILU_NAMES))} Mamba models are supported "
+                "(the mixers here apply SiLU after the conv and to the gate)")
         try:
             common = dict(
                 arch=arch,
@@ -278,6 +301,7 @@ class MambaConfig:
             raise UnsupportedArchitectureError(
                 f"unknown mamba_ssm ssm_cfg.layer {layer!r}; supported: {', '.join(SUPPORTED)}"
             )
+        _check_ssm_cfg_keys(ssm, layer, where)
         if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
             raise UnsupportedArchitectureError(
                 "hybrid mamba_ssm models (d_intermediate > 0 or attn_layer_idx) are not supported; "
@@ -466,6 +490,21 @@ def _unpadded_vocab(d: dict, where: str, fix: str) -> int:
         raise ConfigError(f"{where}: unpadded_vocab_size={n} padded to a multiple of pad_vocab_size_multiple={m} "
                           f"is not vocab_size={d['vocab_size']!r}; {fix}")
     return n
+
+
+def _check_ssm_cfg_keys(ssm: dict, layer: str, where: str) -> None:
+    """mamba_ssm passes ssm_cfg to its Mamba / Mamba2 constructor, which raises on an unknown key:
+    a misspelt one (norm_befor_gate) must not load as the default; a known one this toolkit cannot
+    build is named, not left to a weight-shape mismatch."""
+    unknown = sorted(set(ssm) - SSM_CFG_KEYS[layer])
+    if unknown:
+        raise ConfigError(f"{where}: ssm_cfg has {', '.join(map(repr, unknown))}, which mamba_ssm's {layer} does not "
+                          f"take (it raises on them too); its keys are {', '.join(sorted(SSM_CFG_KEYS[layer]))}: "
+                          "correct the spelling or remove the key")
+    for key, ok in SSM_CFG_UNSUPPORTED.get(layer, {}).items():
+        if key in ssm and ssm[key] != ok:
+            raise UnsupportedArchitectureError(f"{where}: ssm_cfg.{key}={ssm[key]!r} is not supported (only {ok!r}); "
+                                               f"supported: {', '.join(SUPPORTED)}")
 
 
 def _refuse_layernorm(d: dict, where: str) -> None:

@@ -208,3 +208,170 @@ def test_a_headdim_that_does_not_divide_d_inner_names_the_dialect_keys(d, keys):
 
     with pytest.raises(ConfigError, match=re.escape(keys)):
         MambaConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- llama.cpp's end-of-generation set
+
+U32 = gguf.GGUFValueType.UINT32
+FIRST = 120  # the tiny vocabulary's rows from 116 on are padding
+
+
+@pytest.fixture(scope="module")
+def base_gguf(ckpt, tmp_path_factory):
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder, _ = ckpt("mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_gguf(folder, tmp_path_factory.mktemp("eog") / "base.gguf")
+
+
+def _with_tokens(src, dst, texts, **keys):
+    """A copy of the GGUF with tokens 120.. (unused padding rows) renamed to `texts` (control type)
+    and extra u32 keys."""
+    from conftest import rewrite_gguf
+
+    r = gguf.GGUFReader(str(src))
+    toks, types = list(r.fields["tokenizer.ggml.tokens"].contents()), list(r.fields["tokenizer.ggml.token_type"].contents())
+    for i, t in enumerate(texts):
+        toks[FIRST + i], types[FIRST + i] = t, 3
+    A, S, I = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING, gguf.GGUFValueType.INT32
+    edit = {"tokenizer.ggml.tokens": (toks, A, S), "tokenizer.ggml.token_type": (types, A, I)}
+    edit.update({f"tokenizer.ggml.{k}_token_id": (v, U32) for k, v in keys.items()})
+    return rewrite_gguf(src, dst, edit=edit)
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python (the reference: llama.cpp's own set)")
+@pytest.mark.parametrize("texts,keys", [
+    (["<|im_end|>"], {}),  # a ChatML model's end of turn, which the GGUF names nowhere
+    (["<|end|>"], {}),
+    (["<|end|>", "<|return|>"], {}),
+    (["<|end|>", "<|return|>", "<|call|>"], {}),  # gpt-oss: <|end|> ends a message, not the turn
+    (["<PAD>"], {}),  # llama.cpp takes it for the FIM pad token, and ends there
+    (["<PAD>", "<|fim_pad|>"], {"fim_pad": FIRST + 1}),  # the key names the FIM pad: <PAD> is no longer one
+    (["</s>", "<|endofprompt|>", "<|im_start|>"], {"eot": FIRST + 3}),
+])
+def test_a_gguf_ends_generation_where_llamacpp_does_on_every_backend(base_gguf, tmp_path, texts, keys):
+    """llama.cpp ends generation at tokens it recognises by their text (<|im_end|>...) besides the
+    EOS, eot and eom; the torch backend on the same GGUF, and a checkpoint converted from it,
+    stopped only at the EOS and eot / eom keys, so chat models ran past their end of turn there."""
+    from mamba_deploy import load_model, save_checkpoint
+    from mamba_deploy.runners import open_runner
+
+    src = _with_tokens(base_gguf, tmp_path / "t.gguf", texts, **keys)
+    with open_runner(src, "llama.cpp", n_threads=1) as r:
+        want = set(r.tokenizer.end_token_ids)
+    assert want  # every case has one
+    assert set(open_runner(src, "torch").tokenizer.end_token_ids) == want
+    back = save_checkpoint(load_model(src), tmp_path / "back")
+    assert set(open_runner(back, "torch").tokenizer.end_token_ids) == want
+
+
+# ----------------------------------------------------------------------------- the Runner contract, every backend
+
+from conftest import rel_err  # noqa: E402
+from mamba_deploy.errors import ShapeError  # noqa: E402
+from mamba_deploy.runners import open_runner  # noqa: E402
+from test_runners import BACKENDS, _open, artifacts  # noqa: E402,F401  (the shared fixture)
+
+
+def _prompt(n, seed=0):
+    return torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clone_state_forks_two_independent_branches(artifacts, backend):
+    """Reference: each branch run alone from a fresh prefill of the same prompt."""
+    import copy
+
+    r = _open(artifacts, backend)
+    st = r.new_state(1)
+    r.prefill(_prompt(9), st)
+    fork = r.clone_state(st)
+    a = [r.step(torch.tensor([t]), st)[0] for t in (5, 6)]
+    b = [r.step(torch.tensor([t]), fork)[0] for t in (7, 8)]
+    for tokens, got in (((5, 6), a), ((7, 8), b)):
+        alone = r.new_state(1)
+        r.prefill(_prompt(9), alone)
+        want = [r.step(torch.tensor([t]), alone)[0] for t in tokens]
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5, backend
+    if backend in ("onnx", "llama.cpp"):  # buffers or handles a copy would share
+        for fn in (copy.copy, copy.deepcopy):
+            with pytest.raises(ShapeError, match="clone_state"):
+                fn(st)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_torch_state_refuses_another_models_shapes(artifacts, backend):
+    """torch's copy_ and numpy broadcast a state with d_state 1 silently, ONNX loaded only the
+    layers a shorter state had, OpenVINO stored anything and failed on the next call."""
+    from mamba_deploy.state import State
+
+    r = _open(artifacts, backend)
+    st = r.new_state(1)
+    good = State.zeros(r.config, 1)
+    narrow = State(good.conv, good.ssm[..., :1].clone())  # broadcastable
+    short = State(good.conv[:-1].clone(), good.ssm[:-1].clone())  # a layer fewer
+    for bad in (narrow, short, State(torch.zeros(3), good.ssm), None):
+        with pytest.raises(ShapeError):
+            r.load_torch_state(st, bad)
+    grad = State(good.conv.clone().requires_grad_(), good.ssm.clone())
+    r.load_torch_state(st, grad)  # detached, not torch's "Can't call numpy() on a Tensor that requires grad"
+    with pytest.raises(ShapeError, match="batch"):
+        r.load_torch_state(st, State.zeros(r.config, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_refuses_a_missing_state_on_every_backend(artifacts, backend):
+    r = _open(artifacts, backend)
+    with pytest.raises(ShapeError, match="new_state"):
+        r.prefill(_prompt(3), None)
+
+
+def test_llamacpp_prefill_past_its_context_leaves_every_row_as_it_was(artifacts):
+    pytest.importorskip("llama_cpp")
+    r = open_runner(artifacts["llama.cpp"], "llama.cpp", n_ctx=8, n_seq_max=2)
+    st = r.new_state(2)
+    r.prefill(torch.tensor([[5, 6, 7, 8, 9]] * 2), st, attention_mask=torch.tensor([[0, 0, 0, 1, 1], [1] * 5]))
+    before, pos = r.to_torch_state(st), list(st.pos)
+    assert pos == [2, 5]
+    with pytest.raises(ShapeError, match="n_ctx"):  # row 1 (not row 0, which runs first) would reach position 8
+        r.prefill(torch.tensor([[9, 10, 11, 12]] * 2), st)
+    after = r.to_torch_state(st)
+    assert st.pos == pos and torch.equal(after.conv, before.conv) and torch.equal(after.ssm, before.ssm)
+
+
+def test_onnx_state_of_a_same_shaped_model_with_another_vocabulary_decodes(tmp_path):
+    """The state's preallocated decode logits were sized by the runner that made it: a one-token
+    call leaked ONNX Runtime's bare RuntimeError. Reference: the torch backend of each model."""
+    pytest.importorskip("onnxruntime")
+    from conftest import build_hf_model
+    from mamba_deploy.export.onnx import export_onnx
+
+    runners = {}
+    for vocab in (128, 136):
+        hf = build_hf_model("mamba2", vocab_size=vocab)
+        hf.save_pretrained(tmp_path / f"v{vocab}")
+        runners[vocab] = (open_runner(export_onnx(tmp_path / f"v{vocab}", tmp_path / f"o{vocab}"), "onnx"),
+                          open_runner(tmp_path / f"v{vocab}", "torch"))
+    (small, _), (big, ref) = runners[128], runners[136]
+    st, want = small.new_state(1), ref.new_state(1)
+    got = big.prefill(_prompt(1, 2) % 128, st)[0]
+    assert got.shape[-1] == 136
+    assert rel_err(got, ref.prefill(_prompt(1, 2) % 128, want)[0]) < 1e-4
+    assert rel_err(big.step(torch.tensor([4]), st)[0], ref.step(torch.tensor([4]), want)[0]) < 1e-4
+
+
+def test_llamacpp_warns_of_what_it_computes_differently_when_opening(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from conftest import DT_LIMIT_KIND, build_hf_model, write_tiny_bpe
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder = tmp_path / "m"
+    build_hf_model(DT_LIMIT_KIND).save_pretrained(folder)
+    write_tiny_bpe(folder)
+    with pytest.warns(UserWarning, match="dt_limit"):
+        out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    with pytest.warns(UserWarning, match="ignores Mamba2 dt_limit.*--backend torch"):
+        open_runner(out, "llama.cpp", n_threads=1).close()

@@ -138,7 +138,7 @@ class MambaConfig:
         if self.arch == "mamba2":
             if self.d_inner % self.headdim:
                 raise ConfigError(f"d_inner={self.d_inner} is not a multiple of headdim={self.headdim}; check "
-                                  f"{HEADDIM_KEYS.get(self.source, 'd_model / expand / headdim')} in the model's config")
+                                  f"{HEADDIM_KEYS.get(self.source, 'expand / headdim')} in the model's config")
             if self.nheads % self.ngroups:
                 keys = [config_key(self, k) for k in ("ngroups", "nheads", "headdim")]
                 raise ConfigError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}; check "

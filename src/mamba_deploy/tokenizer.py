@@ -160,7 +160,8 @@ def load_tokenizer(folder) -> Tokenizer:
 
         tok.chat_template = read_chat_template(folder)
         # transformers' generate stops at each of them, and a chat model samples its end-of-turn one
-        tok.end_token_ids = tuple(i for i in generation_end_ids(folder) if i != tok.eos_token_id and i < max(n, rows or 0))
+        ends = generation_end_ids(folder)
+        tok.end_token_ids = tuple(i for i in ends if i != tok.eos_token_id and i < max(n, rows or 0))
     return tok
 
 

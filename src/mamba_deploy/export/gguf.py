@@ -161,11 +161,20 @@ def check_exportable(cfg) -> None:
     if problems:
         raise ExportError(f"llama.cpp cannot run this {cfg.arch} model: {'; '.join(problems)}; "
                           "export it to ONNX instead (mamba-deploy export onnx)")
+    for why in llama_cpp_differences(cfg):
+        warnings.warn(why, stacklevel=3)
+
+
+def llama_cpp_differences(cfg) -> list[str]:
+    """What llama.cpp computes differently for this model (it runs, with other outputs): said at
+    export and again when the llama.cpp backend opens the file (the torch backend applies them)."""
+    out = []
     if cfg.arch == "mamba2" and cfg.dt_limit != (0.0, float("inf")):
-        warnings.warn(f"llama.cpp ignores Mamba2 dt_limit={cfg.dt_limit}; its outputs can differ where dt is clamped")
+        out.append(f"llama.cpp ignores Mamba2 dt_limit={cfg.dt_limit}; its outputs can differ where dt is clamped")
     if cfg.dt_bc_rms and cfg.mixer_rms_eps != cfg.rms_norm_eps:
-        warnings.warn(f"llama.cpp normalises Falcon-Mamba's dt/B/C with the layer eps {cfg.rms_norm_eps:g}, not "
-                      f"mixer_rms_eps={cfg.mixer_rms_eps:g}; its outputs can differ where dt/B/C are small")
+        out.append(f"llama.cpp normalises Falcon-Mamba's dt/B/C with the layer eps {cfg.rms_norm_eps:g}, not "
+                   f"mixer_rms_eps={cfg.mixer_rms_eps:g}; its outputs can differ where dt/B/C are small")
+    return out
 
 
 # ----------------------------------------------------------------------------- writing

@@ -321,13 +321,13 @@ def gguf_tokenizer(reader, path):
     from ..extras import install_hint
     from ..tokenizer import Tokenizer, sentencepiece_tokenizer
     from .gguf_tables import SPM_TOKENIZER_MODEL
-    from .gguf_vocab import spm_model_from_vocab, tokenizer_from_vocab, vocab_from_gguf
+    from .gguf_vocab import llama_end_ids, spm_model_from_vocab, tokenizer_from_vocab, vocab_from_gguf
 
     try:
         vocab = vocab_from_gguf(path, reader)
         if vocab.model == SPM_TOKENIZER_MODEL:
             tok = sentencepiece_tokenizer(spm_model_from_vocab(vocab), Path(path).parent, add_eos=bool(vocab.add_eos))
-            tok.chat_template, tok.end_token_ids = vocab.chat_template, tuple(vocab.end_ids)
+            tok.chat_template, tok.end_token_ids = vocab.chat_template, tuple(llama_end_ids(vocab))
             return tok
         tok = tokenizer_from_vocab(vocab)
     except (ExportError, ConfigError, ModuleNotFoundError, ValueError) as e:
@@ -338,7 +338,7 @@ def gguf_tokenizer(reader, path):
         return None
     named = {f"{kind}_token": i for kind, i in vocab.special.items()}
     return Tokenizer(tok, vocab.special.get("eos"), vocab.special.get("bos"), chat_template=vocab.chat_template,
-                     special_token_ids=named, end_token_ids=vocab.end_ids)
+                     special_token_ids=named, end_token_ids=llama_end_ids(vocab))
 
 
 def weights_label(path) -> str:

@@ -201,6 +201,19 @@ ADD_BOS_KEY = "tokenizer.ggml.add_bos_token"
 ADD_EOS_KEY = "tokenizer.ggml.add_eos_token"
 # tokens that end generation besides the EOS, as llama.cpp's end-of-generation set has them
 END_TOKEN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+# The rest of llama.cpp's end-of-generation set (llama-vocab.cpp, as in llama-cpp-python 0.3.36,
+# probed one token at a time): tokens it recognises by their text, whatever their type...
+EOG_TOKEN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|eom_id|>",
+                   "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>", "[EOT]", "<｜end▁of▁sentence｜>",
+                   "</s>", "<eos>")
+# ...except "<|end|>" beside both of these (gpt-oss ends a message there, a turn at <|return|> / <|call|>)...
+EOG_END_UNLESS = ("<|end|>", ("<|return|>", "<|call|>"))
+# ...and the FIM pad / repo / file-separator tokens: the key's id, else a token with one of these texts
+EOG_ROLE_TEXTS = {
+    "tokenizer.ggml.fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+    "tokenizer.ggml.fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "tokenizer.ggml.fim_sep_token_id": ("<|file_sep|>",),
+}
 # Re-export of a .gguf writes back the source's keys under these prefixes that it does not write
 # itself (general.license, tokenizer.ggml.eot_token_id, named chat templates...), as they were;
 # never these, which describe the old file, not the new one

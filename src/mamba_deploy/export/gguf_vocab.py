@@ -22,8 +22,9 @@ from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
 from ..tokenizer import (PROBE_TEXT, SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece,
                          read_tokenizer_config, sentencepiece_model_class)
-from .gguf_tables import (ADD_BOS_DEFAULT, END_TOKEN_KEYS, PAD_TOKEN, PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES,
-                          SPM_PAD_SCORE, SPM_PRE, SPM_TOKEN_TYPES, SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
+from .gguf_tables import (ADD_BOS_DEFAULT, END_TOKEN_KEYS, EOG_END_UNLESS, EOG_ROLE_TEXTS, EOG_TOKEN_TEXTS, PAD_TOKEN,
+                          PRE_TOKENIZERS, SPM_BPE, SPM_MODEL_TYPES, SPM_PAD_SCORE, SPM_PRE, SPM_TOKEN_TYPES,
+                          SPM_TOKENIZER_MODEL, TOKENIZER_MODEL)
 
 # a name no vocabulary has: what spm_model_from_vocab names a BOS that is not to be added
 NO_PIECE = "\x00no piece\x00"
@@ -45,6 +46,7 @@ class Vocab:
     chat_template: str | None = None  # Jinja (tokenizer.chat_template), as llama.cpp's server applies it
     add_eos: bool | None = None  # llama.cpp appends the EOS to texts; None: not written (llama.cpp: no)
     end_ids: list[int] = field(default_factory=list)  # eot / eom: generation ends there too, as at the EOS
+    role_ids: dict[str, int] = field(default_factory=dict)  # a GGUF's EOG_ROLE_TEXTS keys that it sets
     # a .gguf source's other tokenizer.* keys (gguf_import.carried_fields), written back as they were
     carried: dict = field(default_factory=dict)
 
@@ -254,7 +256,8 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
                       "EOS and stop generation when it is sampled", stacklevel=3)
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
                  source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
-                 chat_template=read_chat_template(path.parent), end_ids=_end_ids(path.parent, special.get("eos"), n_rows))
+                 chat_template=read_chat_template(path.parent),
+                 end_ids=_end_ids(path.parent, special.get("eos"), n_rows))
 
 
 def spm_model_from_vocab(vocab: Vocab) -> bytes:
@@ -331,6 +334,7 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                           "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
     add_eos = field(reader, ADD_EOS_KEY, None)
     ends = [field(reader, key, None) for key in END_TOKEN_KEYS]
+    roles = {key: field(reader, key, None) for key in EOG_ROLE_TEXTS}
     return Vocab(tokens, types, merges, field(reader, TOKENIZER_PRE_KEY, "default"),
                  special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
@@ -338,7 +342,27 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                  chat_template=field(reader, GGUF_CHAT_TEMPLATE_KEY, None),
                  add_eos=None if add_eos is None else bool(add_eos),
                  end_ids=[int(i) for i in ends if isinstance(i, int) and 0 <= i < len(tokens)],
+                 role_ids={k: int(i) for k, i in roles.items() if isinstance(i, int) and 0 <= i < len(tokens)},
                  carried=carried_fields(reader, "tokenizer."))
+
+
+def llama_end_ids(vocab: Vocab) -> list[int]:
+    """The ids besides the EOS where llama.cpp ends generation with this vocabulary: eot / eom,
+    the tokens it recognises by their text, and the FIM role tokens (EOG_ROLE_TEXTS). Where
+    several tokens could take one role, llama.cpp's pick is unordered; this takes the lowest id."""
+    index: dict[str, int] = {}
+    for i, t in enumerate(vocab.tokens):
+        index.setdefault(t, i)
+    named = set(EOG_TOKEN_TEXTS)
+    end, unless = EOG_END_UNLESS
+    if all(t in index for t in unless):
+        named.discard(end)
+    ids = list(vocab.end_ids) + sorted(index[t] for t in named if t in index)
+    for key, texts in EOG_ROLE_TEXTS.items():
+        found = [index[t] for t in texts if t in index]
+        ids += [vocab.role_ids[key]] if key in vocab.role_ids else [min(found)] if found else []
+    eos = vocab.special.get("eos")
+    return [i for i in dict.fromkeys(ids) if i != eos]
 
 
 def add_vocab(writer, vocab: Vocab) -> None:
@@ -480,10 +504,11 @@ def write_gguf_tokenizer(gguf_path, folder) -> None:
     ExportError where that cannot be done faithfully (see tokenizer_from_vocab, spm_model_from_vocab)."""
     vocab = vocab_from_gguf(gguf_path)
     folder = Path(folder)
-    if vocab.end_ids and vocab.special.get("eos") is not None:  # read back by load_tokenizer / generation_end_ids
+    ends = llama_end_ids(vocab)
+    if ends and vocab.special.get("eos") is not None:  # read back by load_tokenizer / generation_end_ids
         from ..checkpoint import GENERATION_CONFIG
 
-        ends = list(dict.fromkeys([vocab.special["eos"], *vocab.end_ids]))
+        ends = [vocab.special["eos"], *ends]
         (folder / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": ends}, indent=2), encoding="utf-8")
     if vocab.model == SPM_TOKENIZER_MODEL:  # no tokenizer_config.json: load_tokenizer reads the model itself
         (folder / "tokenizer.model").write_bytes(spm_model_from_vocab(vocab))

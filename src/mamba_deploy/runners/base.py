@@ -19,7 +19,22 @@ import torch
 from ..config import MambaConfig
 from ..errors import ConfigError, RunnerClosedError, ShapeError
 from ..inputs import check_padding_fresh
-from ..state import CONSUMED, State, batch_first, check_batch
+from ..state import CONSUMED, State, batch_first, check_batch, check_is_state
+
+# copy.copy of a state that holds a backend's buffers shared some of them (ONNX: two branches then
+# overwrote each other's state silently) and deepcopy failed on native handles
+FORK = ("a {name} state cannot be copied with copy.copy / copy.deepcopy (it holds the backend's buffers); "
+        "fork it with runner.clone_state(state)")
+
+
+class NoCopy:
+    """Base of a backend state class whose buffers or handles a copy would share."""
+
+    def __copy__(self):
+        raise ShapeError(FORK.format(name=type(self).__name__))
+
+    def __deepcopy__(self, memo):
+        raise ShapeError(FORK.format(name=type(self).__name__))
 
 
 def one_call_at_a_time(method):
@@ -96,6 +111,16 @@ def check_state(state, cls, batch: int | None, config: MambaConfig | None = None
                          "create it with runner.new_state(batch)")
 
 
+def checked_source(src, config: MambaConfig, device="cpu") -> State:
+    """load_torch_state's `src`: a State of this model's shapes (the backend checks its batch
+    against the target state), detached, on `device`. Unchecked, torch's copy_ and numpy
+    broadcast a wrong-shaped one silently, and ONNX loaded only the layers a shorter one had."""
+    check_is_state(src, "State.zeros(config, batch) or another runner's to_torch_state(state)")
+    conv = src.conv
+    src.check(config, conv.shape[1] if isinstance(conv, torch.Tensor) and conv.dim() > 1 else -1)
+    return State(src.conv.detach().to(device), src.ssm.detach().to(device))
+
+
 def check_parts(parts) -> list:
     """gather_states' parts: a list of (state, rows) pairs, each state once."""
     if not isinstance(parts, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in parts):
@@ -162,7 +187,7 @@ def check_threads(threads) -> int | None:
 
 # the methods that touch a backend's handles: refused once the runner is closed (a freed
 # llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
-OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state")
+OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state", "clone_state")
 
 
 def _open_only(fn):
@@ -221,7 +246,9 @@ class Runner(ABC):
     @abstractmethod
     def prefill(self, ids: torch.Tensor, state, attention_mask: torch.Tensor | None = None,
                 last_only: bool = False):
-        """ids (b, l) -> (logits (b, l or 1, vocab) float32, state)."""
+        """ids (b, l) -> (logits (b, l or 1, vocab) float32, state). The logits at left-padded
+        positions (mask 0) are unspecified: llama.cpp gives zeros there, the graphs the padding
+        token's, so with last_only a row of padding only gives no usable logits."""
 
     @abstractmethod
     def step(self, ids: torch.Tensor, state):
@@ -269,9 +296,17 @@ class Runner(ABC):
 
     def load_torch_state(self, state, src: State) -> None:
         """Writes a torch State (float32 on the CPU, the same batch) into this backend's `state`:
-        the inverse of `to_torch_state`. Backends that cannot take a state in leave this out, and
-        `can_gather_states` is then False."""
+        the inverse of `to_torch_state`; `checked_source` checks `src`. Backends that cannot take
+        a state in leave this out, and `can_gather_states` is then False."""
         raise NotImplementedError(f"the {self.name} runner cannot load a state")
+
+    def clone_state(self, state):
+        """An independent copy of `state`: two branches (beams, a shared prompt's continuations)
+        go on from one prefilled state. copy.copy would share the backend's buffers."""
+        src = self.to_torch_state(state)
+        out = self.new_state(src.conv.shape[1])
+        self.load_torch_state(out, src)
+        return out
 
     @property
     def can_gather_states(self) -> bool:

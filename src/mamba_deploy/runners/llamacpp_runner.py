@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import numbers
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,10 @@ import torch
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
-from ..state import State, check_is_state
+from ..state import State
 from ..tokenizer import check_text
-from .base import (Runner, check_parts, check_state, check_threads, consume, default_threads, one_call_at_a_time,
-                   part_rows)
+from .base import (NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, default_threads,
+                   one_call_at_a_time, part_rows)
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context holds
 
@@ -113,7 +114,7 @@ def _lib():
 
 
 @dataclass
-class LlamaCppState:
+class LlamaCppState(NoCopy):
     """Per-row llama.cpp sequence handles (see the module docstring)."""
     seq_ids: list[int]
     pos: list[int]  # next position per row
@@ -243,6 +244,7 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
+        from ..export.gguf import llama_cpp_differences
         from ..export.gguf_import import open_gguf
 
         self.call_lock = threading.RLock()
@@ -270,6 +272,8 @@ class LlamaCppRunner(Runner):
         reader, _, _, self.config = open_gguf(path)
         _check_f32_tensors(reader, path)
         del reader
+        for why in llama_cpp_differences(self.config):  # the file records them; the torch backend applies them
+            warnings.warn(f"{path}: {why} (use --backend torch for the model as exported)", stacklevel=3)
         lib.llama_backend_init()
         params = lib.llama_model_default_params()
         params.use_extra_bufts = self.extra_buffers
@@ -422,14 +426,17 @@ class LlamaCppRunner(Runner):
                              "from runner.new_state(batch)")
 
     # ---- decoding ----------------------------------------------------------------
+    def _check_position(self, p: int) -> None:
+        if p >= self.n_ctx:
+            raise ShapeError(f"position {p} reaches the llama.cpp context size n_ctx={self.n_ctx}; "
+                             "open the runner with a larger n_ctx")
+
     def _decode(self, tokens, seqs, positions, want_logits) -> np.ndarray:
         """One llama_decode of len(tokens) <= n_batch tokens; -> logits (n_wanted, n_vocab)."""
         lib, bt = self._lib, self._batch
         n = len(tokens)
         for i, (t, s, p, w) in enumerate(zip(tokens, seqs, positions, want_logits)):
-            if p >= self.n_ctx:
-                raise ShapeError(f"position {p} reaches the llama.cpp context size n_ctx={self.n_ctx}; "
-                                 "open the runner with a larger n_ctx")
+            self._check_position(p)
             bt.token[i], bt.pos[i], bt.n_seq_id[i], bt.logits[i] = int(t), int(p), 1, int(bool(w))
             bt.seq_id[i][0] = int(s)
         bt.n_tokens = n
@@ -461,8 +468,12 @@ class LlamaCppRunner(Runner):
         self._check_state(state, b)
         attention_mask = check_mask(attention_mask, ids.shape)
         out = torch.zeros(b, 1 if last_only else l, self.n_vocab)
-        for r in range(b):  # rows one at a time; padding (mask 0) never enters the state
-            keep = torch.ones(l, dtype=torch.bool) if attention_mask is None else attention_mask[r].bool()
+        keeps = [torch.ones(l, dtype=torch.bool) if attention_mask is None else attention_mask[r].bool() for r in range(b)]
+        # every row's last position first: rows run one at a time, and one past n_ctx must not
+        # leave the rows before it advanced (a retry would feed their tokens twice)
+        for r, keep in enumerate(keeps):
+            self._check_position(state.pos[r] + int(keep.sum()) - 1)
+        for r, keep in enumerate(keeps):  # padding (mask 0) never enters the state
             row = ids[r][keep].tolist()
             if not row:
                 continue
@@ -506,9 +517,8 @@ class LlamaCppRunner(Runner):
         to_torch_state reads): a state moves in from the torch / ONNX runners. A row that held no
         token yet gets one cell at position 0, and its next token goes to position 1."""
         self._check_state(state, None)
-        check_is_state(src, "State.zeros(config, batch) or another runner's to_torch_state(state)")
+        src = checked_source(src, self.config)
         src.check(self.config, state.batch_size)
-        src = State(src.conv.detach().cpu(), src.ssm.detach().cpu())
         for r, s in enumerate(state.seq_ids):
             prefix = _parse_seq_state(self._seq_bytes(s), self.config)[0]
             pos = max(state.pos[r] - 1, 0)

@@ -20,14 +20,14 @@ from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import (Runner, check_parts, check_state, check_threads, consume, part_rows, release_freed_memory,
-                   state_layout)
+from .base import (NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, part_rows,
+                   release_freed_memory, state_layout)
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 NP_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 
 
-class OnnxState:
+class OnnxState(NoCopy):
     """Per-layer conv/ssm OrtValues, two sets; `cur` indexes the set holding the live state."""
 
     def __init__(self, bufs, arrays, batch: int, layout: tuple | None = None):
@@ -90,6 +90,7 @@ class OnnxRunner(Runner):
         return consume(parts, out)
 
     def load_torch_state(self, state: OnnxState, src: State) -> None:
+        src = checked_source(src, self.config)
         check_state(state, OnnxState, src.conv.shape[1], self.config)
         arrays = [t.float().numpy() for pair in src.layers() for t in pair]
         for v, a, keep in zip(state.bufs[state.cur], arrays, state.arrays[state.cur]):
@@ -114,6 +115,9 @@ class OnnxRunner(Runner):
         for name, arr in feeds.items():  # (bind_cpu_input cannot find inputs that have a default)
             io.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(arr))
         if decode:
+            if state.logits.shape()[-1] != self.vocab:  # a state of a runner of the same shapes, another vocabulary
+                state.logits = OrtValue.ortvalue_from_shape_and_type((ids.shape[0], 1, self.vocab), np.float32,
+                                                                     self.device, 0)
             io.bind_ortvalue_output(LOGITS, state.logits)
         else:
             io.bind_output(LOGITS, self.device)  # first bound output: get_outputs()[0]

@@ -31,7 +31,8 @@ from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, state_names
 from ..extras import install_hint
 from ..state import State
-from .base import Runner, check_state, check_threads, one_call_at_a_time, release_freed_memory, state_layout
+from .base import (Runner, check_state, check_threads, checked_source, one_call_at_a_time, release_freed_memory,
+                   state_layout)
 from .onnx_runner import _ids, prefill_inputs
 
 # precision option -> OpenVINO inference precision hint
@@ -74,6 +75,7 @@ class OpenVinoRunner(Runner):
         return State.from_layers([torch.from_numpy(a) for a in state.arrays])
 
     def load_torch_state(self, state: OpenVinoState, src: State) -> None:
+        src = checked_source(src, self.config)
         check_state(state, OpenVinoState, src.conv.shape[1], self.config)
         state.arrays = [t.float().numpy().copy() for pair in src.layers() for t in pair]
 

@@ -26,7 +26,7 @@ from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
 from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import Runner, check_state, check_threads, one_call_at_a_time, state_layout
+from .base import NoCopy, Runner, check_state, check_threads, checked_source, one_call_at_a_time, state_layout
 
 
 def _torch_dtype(trt, dt):
@@ -39,7 +39,7 @@ def _torch_dtype(trt, dt):
     return table[dt]
 
 
-class TensorRTState:
+class TensorRTState(NoCopy):
     """Per-layer conv/ssm CUDA tensors, two sets; `cur` indexes the set holding the live state."""
 
     def __init__(self, bufs: list[list[torch.Tensor]], batch: int, layout: tuple | None = None):
@@ -96,6 +96,7 @@ class TensorRTRunner(Runner):
         return min(rows, self.max_batch)  # the engine's batch profile
 
     def load_torch_state(self, state: TensorRTState, src: State) -> None:
+        src = checked_source(src, self.config)
         check_state(state, TensorRTState, src.conv.shape[1], self.config)
         for buf, t in zip(state.bufs[state.cur], (t for pair in src.layers() for t in pair)):
             buf.copy_(t)

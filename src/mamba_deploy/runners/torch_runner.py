@@ -6,7 +6,7 @@ import torch
 
 from ..inputs import check_ids, check_mask
 from ..state import State, batch_first, check_is_state
-from .base import Runner, check_parts, check_threads, consume, part_rows
+from .base import Runner, check_parts, check_threads, checked_source, consume, part_rows
 
 
 class TorchRunner(Runner):
@@ -26,6 +26,7 @@ class TorchRunner(Runner):
         dev = self.model.device
         ids = check_ids(ids, 2, self.config.padded_vocab_size)
         mask = check_mask(attention_mask, ids.shape)
+        check_is_state(state, "runner.new_state(batch)")  # the model's own None (a fresh state) is not the contract
         # the model checks the state, and that padded rows start from a fresh one
         out = self.model(ids.to(dev), state, attention_mask=mask, num_logits_to_keep=1 if last_only else 0)
         return out.logits.cpu(), out.state
@@ -65,6 +66,7 @@ class TorchRunner(Runner):
         return state
 
     def load_torch_state(self, state, src: State) -> None:
+        src = checked_source(src, self.config, self.model.device)
         check_is_state(state, "runner.new_state(batch)")
         state.check(self.config, src.conv.shape[1], self.model.dtype, self.model.device)
         state.conv.copy_(src.conv)

@@ -9,6 +9,7 @@ import re
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -375,3 +376,18 @@ def test_llamacpp_warns_of_what_it_computes_differently_when_opening(tmp_path):
         out = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     with pytest.warns(UserWarning, match="ignores Mamba2 dt_limit.*--backend torch"):
         open_runner(out, "llama.cpp", n_threads=1).close()
+
+
+def test_onnx_run_after_close_is_a_typed_error(artifacts):
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.errors import RunnerClosedError
+
+    r = open_runner(artifacts["onnx"], "onnx")
+    feeds = {"input_ids": np.zeros((1, 2), np.int64)}
+    feeds.update({n: np.zeros(s, np.float32) for n, s in zip(
+        [f"past_{k}.{i}" for i in range(r.config.n_layer) for k in ("conv", "ssm")],
+        [s for i in range(r.config.n_layer) for s in ((1, *r.config.conv_state_shape), (1, *r.config.ssm_state_shape))])})
+    assert "logits" in r.run(feeds)
+    r.close()
+    with pytest.raises(RunnerClosedError):
+        r.run(feeds)

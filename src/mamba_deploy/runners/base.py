@@ -187,7 +187,8 @@ def check_threads(threads) -> int | None:
 
 # the methods that touch a backend's handles: refused once the runner is closed (a freed
 # llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
-OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state", "clone_state")
+OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state", "clone_state",
+             "run")
 
 
 def _open_only(fn):

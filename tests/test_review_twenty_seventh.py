@@ -273,7 +273,12 @@ def test_a_gguf_ends_generation_where_llamacpp_does_on_every_backend(base_gguf, 
 from conftest import rel_err  # noqa: E402
 from mamba_deploy.errors import ShapeError  # noqa: E402
 from mamba_deploy.runners import open_runner  # noqa: E402
-from test_runners import BACKENDS, _open, artifacts  # noqa: E402,F401  (the shared fixture)
+from test_runners import BACKENDS, _open, export_artifacts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return export_artifacts(tmp_path_factory.mktemp("runners27"))
 
 
 def _prompt(n, seed=0):

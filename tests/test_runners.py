@@ -24,10 +24,13 @@ NEEDS = {"onnx": "onnxruntime", "openvino": "openvino", "llama.cpp": "llama_cpp"
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
+    return export_artifacts(tmp_path_factory.mktemp("runners"))
+
+
+def export_artifacts(tmp: Path) -> dict:
     """backend -> path of the shipped demo Mamba2 model (it has a tokenizer, which GGUF needs) in
-    that backend's format."""
+    that backend's format, exported under `tmp`."""
     paths = {"torch": DEMO}
-    tmp = tmp_path_factory.mktemp("runners")
     try:
         from mamba_deploy.export.onnx import export_onnx
 

@@ -396,3 +396,20 @@ def test_onnx_run_after_close_is_a_typed_error(artifacts):
     r.close()
     with pytest.raises(RunnerClosedError):
         r.run(feeds)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph runner needs a CUDA GPU")
+def test_clone_state_on_the_cuda_graph_runner(hf_checkpoint):
+    """A fork takes its own rows of a graph bucket; each branch equals its run alone (bf16: 1e-2)."""
+    folder, _ = hf_checkpoint("mamba2")
+    r = open_runner(folder, "torch", device="cuda", dtype=torch.bfloat16)
+    st = r.new_state(1)
+    r.prefill(_prompt(9) % 128, st)
+    fork = r.clone_state(st)
+    got = {(5, 6): [r.step(torch.tensor([t]), st)[0] for t in (5, 6)],
+           (7, 8): [r.step(torch.tensor([t]), fork)[0] for t in (7, 8)]}
+    for tokens, outs in got.items():
+        alone = r.new_state(1)
+        r.prefill(_prompt(9) % 128, alone)
+        for t, g in zip(tokens, outs):
+            assert rel_err(g, r.step(torch.tensor([t]), alone)[0]) < 1e-2

@@ -184,9 +184,7 @@ class MambaGraph(StepNetwork):
         h = self._embed()
         if cfg.arch == "mamba2":
             self._ssd_shapes()
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(cfg.n_layer), desc="building ONNX graph", unit="layer", disable=cfg.n_layer < 8):
+        for i in range(cfg.n_layer):
             p = f"backbone.layers.{i}."
             xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
             mix = self._mamba1 if cfg.arch == "mamba1" else self._mamba2

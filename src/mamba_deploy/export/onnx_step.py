@@ -34,7 +34,10 @@ class StepNetwork:
         cfg, g = self.cfg, self.g
         ids = g.op("Reshape", IDS, g.const([-1]))  # (b,)
         h = self._embed_step(ids)  # (b, D)
-        for i in range(cfg.n_layer):
+        from tqdm.auto import tqdm
+
+        # the first branch built: it converts every weight (the second reuses them), ~1 s per 100 MB
+        for i in tqdm(range(cfg.n_layer), desc="converting weights", unit="layer", disable=cfg.n_layer < 8):
             p = f"backbone.layers.{i}."
             xn = g.rms(h, cfg.rms_norm_eps, self.param(p + "norm.weight"))
             mix = self._m1_step if cfg.arch == "mamba1" else self._m2_step

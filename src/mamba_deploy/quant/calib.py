@@ -130,6 +130,8 @@ def run_blockwise(model, ids, block_targets: dict, quantize_block, need_hessian=
     quantized modules for the next block. Returns nothing; modules are swapped by the callback."""
     from tqdm import tqdm
 
+    from ..runners.base import release_freed_memory
+
     dev = model.device
     ids = ids.to(dev)
     cfg = model.config
@@ -146,6 +148,10 @@ def run_blockwise(model, ids, block_targets: dict, quantize_block, need_hessian=
                 hk.remove()
         quantize_block(i, stats)
         h = _run_block(layers[i], h, cfg)
+        del stats
+        # each block's temporaries (Hessians, AWQ's search) fragment glibc's heap: without this a
+        # 210M Mamba2's AWQ grew from 1.4 to 2.25 GB over 24 layers (1.9 GB peak with trimming)
+        release_freed_memory()
 
 
 def _collector(stats: Stats):

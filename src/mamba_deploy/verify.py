@@ -570,8 +570,6 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
     opts = {"threads": threads, **(artifact_options or {})}
     if backend == "torch":
         opts.setdefault("device", device)
-    if backend == "onnx":  # a few passes beside the reference model: ORT's packed copy (~2.6x the weights
-        opts.setdefault("prepack", False)  # while loading) would not pay, and verify held 7.5x the weights
     art = open_runner(artifact, backend, **opts)
     for runner, path in ((ref, reference), (art, artifact)):
         if runner.artifact_path is None:  # a hub id: reports name it as given

@@ -223,16 +223,15 @@ def generation_end_ids(folder) -> list[int]:
     return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
 
 
-def write_generation_token_ids(cfg: MambaConfig, folder: Path, end_ids=()) -> None:
-    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys).
-    end_ids: ids besides the EOS that end generation (a GGUF's eot / eom), written after it in
-    eos_token_id's list; a copied file's list keeps its other ids."""
+def write_generation_token_ids(cfg: MambaConfig, folder: Path) -> None:
+    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys;
+    its eos_token_id list, the other ids that end generation, stays a list after cfg's EOS)."""
     ids = {k: getattr(cfg, k) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is not None}
     path = Path(folder) / GENERATION_CONFIG
     old = read_json_object(path)
     if "eos_token_id" in ids:
         listed = old.get("eos_token_id") if isinstance(old.get("eos_token_id"), list) else []
-        ends = list(dict.fromkeys([ids["eos_token_id"], *end_ids, *listed]))
+        ends = list(dict.fromkeys([ids["eos_token_id"], *listed]))
         ids["eos_token_id"] = ends if len(ends) > 1 else ends[0]
     if ids:
         path.write_text(json.dumps({**old, **ids}, indent=2))

@@ -106,22 +106,25 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     if accuracy_level is not None:
         raise ExportError(f"--accuracy-level {accuracy_level} applies to quantized checkpoints (MatMulNBits) only; "
                           "drop it, or export the output of `mamba-deploy quantize`")
+    weights_label, tokenizer_src = source_weights(model), tokenizer_source(model)
+    # a model loaded here is freed once the graph holds its weights: the reference outputs (which
+    # need only the ids) first; then saving holds the proto and its serialized bytes, not the model
+    # too (a 998 MB checkpoint peaked at 4.4 GB); ONNX Runtime's session later holds ~2x the weights.
+    # A float64 copy is loaded again, only for a second opinion.
+    reference = torch_reference(None, model, scan_chunk=scan_chunk) if validate else None
+    float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
+                    else (lambda: as_model(model_or_path, dtype=torch.float64)))
     with atomic_dir(out_dir, ExportError) as tmp:
-        # the proto (a copy of every weight) is not kept past _save: check_graph loads the file
-        # again, and validation opens it in ONNX Runtime, each a copy of their own
-        _save(MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build(), tmp,
-              label=source_weights(model) or dtype)  # what the manifest's source_weights / dtype say
-        release_freed_memory()  # the proto's copy of the weights and its serialized bytes, back to the OS
+        proto = MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build()
+        del model
+        release_freed_memory()
+        _save(proto, tmp, label=weights_label or dtype)  # what the manifest's source_weights / dtype say
+        del proto  # check_graph loads the file again, and validation opens it in ONNX Runtime
+        release_freed_memory()
         check_graph(tmp / "model.onnx")
-        write_tokenizer_files(tokenizer_source(model), tmp, out_dir)
-        write_manifest(tmp, cfg, opset, dtype, source_weights=source_weights(model), scan_chunk=scan_chunk)
+        write_tokenizer_files(tokenizer_src, tmp, out_dir)
+        write_manifest(tmp, cfg, opset, dtype, source_weights=weights_label, scan_chunk=scan_chunk)
         if validate:
-            reference = torch_reference(tmp, model)
-            # a model loaded here is freed before ONNX Runtime opens the graph (its session holds
-            # ~2x the weights), and loaded again, straight in float64, only for a second opinion
-            float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
-                            else (lambda: as_model(model_or_path, dtype=torch.float64)))
-            del model
             validate_against_reference(tmp, reference, dtype, float64_twin)
     return Path(out_dir)
 
@@ -369,11 +372,13 @@ def validate_export(folder: Path, model, dtype: str, seed: int = 0, verbose: boo
                                       lambda: _float_copy(model, torch.float64), verbose, tolerance, label)
 
 
-def torch_reference(folder: Path, model, seed: int = 0) -> tuple:
-    """(batches, (PyTorch logits, state)) for validation: the random ids of `folder`'s export and
-    the model's outputs on them, computed before ONNX Runtime opens the graph (a caller that owns
-    the model can free it first: the session holds ~2x the weights)."""
-    batches = _validate_ids(folder, model.config, seed)
+def torch_reference(folder: Path | None, model, seed: int = 0, scan_chunk: int | None = None) -> tuple:
+    """(batches, (PyTorch logits, state)) for validation: the random ids of `folder`'s export (or
+    of an export with `scan_chunk`, before it is written) and the model's outputs on them,
+    computed before ONNX Runtime opens the graph (a caller that owns the model can free it
+    first: the session holds ~2x the weights)."""
+    q = read_manifest(folder).get("scan_chunk", 1) if scan_chunk is None else scan_chunk
+    batches = _validate_ids(model.config, seed, q)
     ref_model = model if model.dtype == torch.float32 else _float_copy(model)
     return batches, _reference(ref_model, batches)
 
@@ -439,12 +444,11 @@ def _check_float64_fits(folder: Path, msg: str) -> None:
                           "--no-validate to keep the export unchecked, or on a machine with more memory")
 
 
-def _validate_ids(folder: Path, cfg, seed: int) -> list:
+def _validate_ids(cfg, seed: int, q: int) -> list:
     """Random ids (VALIDATE_BATCH, length) per VALIDATE_LENGTHS. The first prefill crosses chunk
     boundaries and ends inside a chunk: Mamba2's SSD chunk, or the Q = scan_chunk tokens per Scan
     iteration of a chunked Mamba1 graph (2Q + 3 tokens when that is above 35)."""
     gen = torch.Generator().manual_seed(seed)
-    q = read_manifest(folder).get("scan_chunk", 1)
     batches = []
     for length in VALIDATE_LENGTHS:
         length = length or (min(cfg.chunk_size, 256) if cfg.arch == "mamba2" else max(32, 2 * q)) + 3

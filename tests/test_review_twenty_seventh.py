@@ -454,3 +454,43 @@ def test_calibration_returns_freed_heap_after_every_block(hf_checkpoint, monkeyp
     seen = []
     calib.run_blockwise(model, torch.randint(0, 128, (2, 8)), {}, lambda i, stats: seen.append(i), progress=False)
     assert seen == list(range(model.config.n_layer)) and len(calls) == model.config.n_layer
+
+
+@pytest.mark.parametrize("backend", ["onnx", "llama.cpp"])
+def test_cli_verify_holds_one_model_at_a_time_and_reports_as_with_both_open(artifacts, backend, tmp_path, monkeypatch):
+    """The CLI verify held the reference model, the artifact and both sides' logits at once (7.5x
+    the weights against an ONNX export). It now records the reference's answers, frees the model,
+    then opens the artifact. Reference: the report of verify() with both runners open."""
+    import gc
+    import weakref
+
+    from mamba_deploy import verify as V
+    from mamba_deploy.cli import main
+
+    if backend in ("onnx", "llama.cpp"):
+        pytest.importorskip({"onnx": "onnxruntime", "llama.cpp": "llama_cpp"}[backend])
+    path, demo = artifacts[backend], artifacts["torch"]
+    alive = []
+    real_ref, real_art = V.open_reference, V.open_artifact
+
+    def open_reference(*a, **kw):
+        r = real_ref(*a, **kw)
+        alive.append(weakref.ref(r.model))
+        return r
+
+    def open_artifact(*a, **kw):
+        gc.collect()
+        assert alive and alive[0]() is None, "the reference model is still alive when the artifact opens"
+        return real_art(*a, **kw)
+
+    monkeypatch.setattr(V, "open_reference", open_reference)
+    monkeypatch.setattr(V, "open_artifact", open_artifact)
+    main(["verify", str(demo), str(path), "--lengths", "1,7", "--batch", "1,2", "--decode-steps", "3", "--quiet",
+          "--json", str(tmp_path / "v.json")])
+    monkeypatch.undo()
+    ref, art, label = V.open_pair(demo, path)
+    want = V.verify(ref, art, (1, 7), (1, 2), 3, label=label, progress=False).to_dict()
+    got = json.loads((tmp_path / "v.json").read_text())
+    assert got["cases"] == json.loads(json.dumps(want["cases"])) and got["sequence"] == json.loads(
+        json.dumps(want["sequence"]))
+    assert got["reference"] == want["reference"] and got["passed"] is want["passed"] is True

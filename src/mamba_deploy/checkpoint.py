@@ -58,6 +58,13 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
     """Local file/folder, or a hub id resolved through huggingface_hub."""
+    p = local_path(path_or_id)
+    return p if p is not None else _download(str(path_or_id))
+
+
+def local_path(path_or_id: str | os.PathLike) -> Path | None:
+    """The existing local file/folder, or None for what can only be a hub id; ModelNotFoundError
+    for a local path that does not exist (nothing is downloaded)."""
     if not str(path_or_id).strip():  # Path("") is ".", the working folder: not what was meant
         raise ModelNotFoundError(f"the model path is empty ({str(path_or_id)!r}); pass a checkpoint folder, a .gguf "
                                  "file or a hub id like 'state-spaces/mamba-130m-hf'")
@@ -74,7 +81,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
                       and not Path(s.split("/")[0]).is_dir())  # "models/typo" is a local path, not an org
     if not looks_like_hub:
         raise ModelNotFoundError(f"no such file or folder: {s!r}; pass a checkpoint folder, a .gguf file or a hub id like 'state-spaces/mamba-130m-hf'")
-    return _download(s)
+    return None
 
 
 # small files every download takes: configs, shard indexes, tokenizers (tokenizer.model.v3: Mistral's),

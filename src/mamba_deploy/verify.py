@@ -561,20 +561,36 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
-    from .runners import guess_backend, open_runner
+    ref = open_reference(reference, reference_dtype, device, threads)
+    art = open_artifact(artifact, backend, device, artifact_options, threads)
+    return ref, art, infer_artifact_dtype(artifact, reference)
+
+
+def open_reference(reference, reference_dtype: str = "float32", device: str = "cpu", threads: int | None = None):
+    """The reference checkpoint as a PyTorch runner at `reference_dtype`."""
+    from .runners import open_runner
 
     if reference_dtype not in REFERENCE_DTYPES:
         raise ConfigError(f"reference dtype {reference_dtype!r} is not supported; use float32 or float64")
     ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype], threads=threads)
+    if ref.artifact_path is None:  # a hub id: reports name it as given
+        ref.artifact_path = Path(str(reference))
+    return ref
+
+
+def open_artifact(artifact, backend: str | None = None, device: str = "cpu", artifact_options: dict | None = None,
+                  threads: int | None = None):
+    """The artifact's runner (`backend`: guessed from the path when None)."""
+    from .runners import guess_backend, open_runner
+
     backend = backend or guess_backend(artifact)
     opts = {"threads": threads, **(artifact_options or {})}
     if backend == "torch":
         opts.setdefault("device", device)
     art = open_runner(artifact, backend, **opts)
-    for runner, path in ((ref, reference), (art, artifact)):
-        if runner.artifact_path is None:  # a hub id: reports name it as given
-            runner.artifact_path = Path(str(path))
-    return ref, art, infer_artifact_dtype(artifact, reference)
+    if art.artifact_path is None:
+        art.artifact_path = Path(str(artifact))
+    return art
 
 
 def write_json_atomic(path, data) -> Path:
@@ -604,22 +620,37 @@ def cmd_verify(args):
         prepare_output_file(args.json, example="verify.json")
     text = None if not args.text else read_text_file(args.text, "--text")
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}
-    ref, art, label = open_pair(args.reference, args.artifact, backend, args.reference_dtype,
-                                args.device, opts, threads=args.threads)
+    label = infer_artifact_dtype(args.artifact, args.reference)
+    if args.artifact_dtype and not args.dtype:
+        # a checkpoint run in a lower precision than it stores (fp32 or fp16 weights run in bf16)
+        # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
+        label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
+    # one model in memory at a time (verify_replay): the reference's answers first, then the artifact
+    from .checkpoint import local_path
+    from .runners.base import release_freed_memory
+    from .verify_replay import Recording, Replay, StandIn
+
+    local_path(args.artifact)  # a missing artifact is said before the reference pass, not after it
+    ref = open_reference(args.reference, args.reference_dtype, args.device, threads=args.threads)
+    recording = Recording(ref)
     try:
-        if args.artifact_dtype and not args.dtype:
-            # a checkpoint run in a lower precision than it stores (fp32 or fp16 weights run in bf16)
-            # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
-            label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
         text_ids = None if text is None else ref.tokenizer.encode(text)[: args.max_text_tokens]
         if text_ids is not None and len(text_ids) < 2:  # _sequence's message cannot name the file
             raise ConfigError(f"--text {args.text!r} is {len(text_ids)} token(s); its perplexity needs at least 2: "
                               "give a longer text (or leave --text out for random token ids)")
-        report = verify(ref, art, lengths, batches, args.decode_steps, text_ids, overrides or None, args.seed,
-                        label=args.dtype or label, progress=not args.quiet)
+        verify(recording, StandIn(ref), lengths, batches, args.decode_steps, text_ids, None, args.seed,
+               label="fp32", progress=not args.quiet)
+    finally:
+        ref.close()  # the torch runner keeps its model: every reference to it goes, before the artifact opens
+        recording.ref = None
+        del ref
+        release_freed_memory()
+    art = open_artifact(args.artifact, backend, args.device, opts, threads=args.threads)
+    try:
+        report = verify(Replay(recording), art, lengths, batches, args.decode_steps, text_ids, overrides or None,
+                        args.seed, label=args.dtype or label, progress=not args.quiet)
     finally:
         art.close()
-        ref.close()
     if args.json:  # first: a closed stdout (`| head`) must not lose the file asked for
         write_json_atomic(args.json, report.to_dict())
     print(report.table())

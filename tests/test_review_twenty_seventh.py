@@ -467,8 +467,7 @@ def test_cli_verify_holds_one_model_at_a_time_and_reports_as_with_both_open(arti
     from mamba_deploy import verify as V
     from mamba_deploy.cli import main
 
-    if backend in ("onnx", "llama.cpp"):
-        pytest.importorskip({"onnx": "onnxruntime", "llama.cpp": "llama_cpp"}[backend])
+    pytest.importorskip({"onnx": "onnxruntime", "llama.cpp": "llama_cpp"}[backend])
     path, demo = artifacts[backend], artifacts["torch"]
     alive = []
     real_ref, real_art = V.open_reference, V.open_artifact

@@ -138,7 +138,7 @@ class _Stop(MambaDeployError):
     ["generate", "X.gguf", "--prompt", "a"],
     ["eval", "X.gguf", "--corpus", "stdlib-val"],
     ["serve", "X.gguf", "--port", "0"],
-    ["verify", DEMO, "X.gguf"],
+    ["verify", DEMO, "X.gguf", "--lengths", "1", "--batch", "1", "--decode-steps", "1", "--quiet"],
     ["bench", "X.gguf", "--out", "{tmp}/b"],
 ])
 def test_cli_threads_reach_every_backend(argv, tmp_path, monkeypatch):
@@ -146,16 +146,18 @@ def test_cli_threads_reach_every_backend(argv, tmp_path, monkeypatch):
     reference); without it each backend gets None, its own default."""
     import mamba_deploy.runners as runners
 
-    calls = []
+    calls, real = [], runners.open_runner
 
     def fake_open(path, backend=None, **opts):
         backend = backend or runners.guess_backend(path)
         calls.append((backend, opts.get("threads", "missing")))
-        if backend == "torch":  # verify's reference: go on to open the artifact
-            return object()
+        if backend == "torch":  # verify's reference (its pass runs before the artifact opens), on torch's
+            return real(path, "torch")  # threads as they are: a threads option would set them process-wide
         raise _Stop("stop here")
 
     monkeypatch.setattr(runners, "open_runner", fake_open)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "X.gguf").write_bytes(b"")  # verify refuses a missing artifact before its reference pass
     argv = [a.format(tmp=tmp_path) for a in argv]
     for flag, want in ((["--threads", "3"], 3), ([], None)):
         calls.clear()

@@ -141,6 +141,19 @@ def ckpt(hf_checkpoint, tiny_tokenizer, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(ckpt, tmp_path_factory):
+    """The tiny Mamba1 (ckpt("mamba")) exported to F32, quietly (its fallback warnings are tested
+    where they matter); tests read it or edit copies of it."""
+    import warnings
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_gguf(ckpt("mamba")[0], tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
 def finish_gguf(w) -> None:
     """Write a gguf.GGUFWriter's header, metadata and tensors, and close it."""
     w.write_header_to_file()

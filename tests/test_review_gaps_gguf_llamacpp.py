@@ -33,13 +33,6 @@ def tiny_folder(ckpt):
     return lambda kind: ckpt(kind)[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tiny_folder, tmp_path_factory):
-    """The tiny Mamba1 exported to F32 (quiet: the fallback warnings are tested below)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_gguf(tiny_folder("mamba"), tmp_path_factory.mktemp("rg_gguf") / "tiny.gguf")
-
 
 def open_llama(path, **kw):
     from mamba_deploy.runners import open_runner

@@ -7,7 +7,6 @@ generation ending at a GGUF's end-of-generation tokens as llama.cpp's own does.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ from mamba_deploy.export.gguf import export_gguf
 from test_gguf import HAVE_LLAMA, needs_llama
 
 gguf = pytest.importorskip("gguf")
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(ckpt, tmp_path_factory):
-    folder, _ = ckpt("mamba")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_gguf(folder, tmp_path_factory.mktemp("g25") / "tiny.gguf")
 
 
 S, U32, BOOL, ARR = (gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL,

@@ -217,16 +217,6 @@ U32 = gguf.GGUFValueType.UINT32
 FIRST = 120  # the tiny vocabulary's rows from 116 on are padding
 
 
-@pytest.fixture(scope="module")
-def base_gguf(ckpt, tmp_path_factory):
-    from mamba_deploy.export.gguf import export_gguf
-
-    folder, _ = ckpt("mamba")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_gguf(folder, tmp_path_factory.mktemp("eog") / "base.gguf")
-
-
 def _with_tokens(src, dst, texts, **keys):
     """A copy of the GGUF with tokens 120.. (unused padding rows) renamed to `texts` (control type)
     and extra u32 keys."""
@@ -252,14 +242,14 @@ def _with_tokens(src, dst, texts, **keys):
     (["<PAD>", "<|fim_pad|>"], {"fim_pad": FIRST + 1}),  # the key names the FIM pad: <PAD> is no longer one
     (["</s>", "<|endofprompt|>", "<|im_start|>"], {"eot": FIRST + 3}),
 ])
-def test_a_gguf_ends_generation_where_llamacpp_does_on_every_backend(base_gguf, tmp_path, texts, keys):
+def test_a_gguf_ends_generation_where_llamacpp_does_on_every_backend(tiny_gguf, tmp_path, texts, keys):
     """llama.cpp ends generation at tokens it recognises by their text (<|im_end|>...) besides the
     EOS, eot and eom; the torch backend on the same GGUF, and a checkpoint converted from it,
     stopped only at the EOS and eot / eom keys, so chat models ran past their end of turn there."""
     from mamba_deploy import load_model, save_checkpoint
     from mamba_deploy.runners import open_runner
 
-    src = _with_tokens(base_gguf, tmp_path / "t.gguf", texts, **keys)
+    src = _with_tokens(tiny_gguf, tmp_path / "t.gguf", texts, **keys)
     with open_runner(src, "llama.cpp", n_threads=1) as r:
         want = set(r.tokenizer.end_token_ids)
     assert want  # every case has one

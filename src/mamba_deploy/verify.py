@@ -69,6 +69,18 @@ SEQ_CHUNK = 512  # long sequences are fed in chunks, carrying the state (bounded
 DIFF_ROWS = 256  # logits compared this many positions at a time in float64 (bounded memory)
 
 
+class _NotRun:
+    """What the CLI's reference pass (verify_replay.StandIn) answers in place of an artifact:
+    nothing is compared with it, so that pass spends no time or memory on comparisons. A real
+    runner cannot return this object, so its answers are always compared."""
+
+    def __repr__(self) -> str:
+        return "NOT_RUN"
+
+
+NOT_RUN = _NotRun()
+
+
 @dataclass(frozen=True)
 class Tolerance:
     logits_rel: float
@@ -228,6 +240,11 @@ class _Diff:
         self.agree, self.positions = 0, 0
 
     def add(self, ref: torch.Tensor, art: torch.Tensor, vocab: int) -> "_Diff":
+        if art is NOT_RUN:
+            return self
+        if not torch.is_tensor(art):
+            raise VerificationError(f"artifact returned {type(art).__name__} where the reference has logits "
+                                    f"{tuple(ref.shape)}; the artifact's runner breaks the Runner contract")
         if ref.shape[:-1] != art.shape[:-1] or min(ref.shape[-1], art.shape[-1]) < vocab:
             raise VerificationError(
                 f"artifact returned logits of shape {tuple(art.shape)} where the reference has "
@@ -266,6 +283,8 @@ def _state_error(ref, art, ref_state, art_state):
     except NotImplementedError:
         return None
     r = ref.to_torch_state(ref_state)
+    if a is NOT_RUN:
+        return None
     out = {}
     for kind in ("conv", "ssm"):
         rt, at = getattr(r, kind).double(), getattr(a, kind).double()
@@ -352,6 +371,8 @@ def _score_sequence(ref, art, ids: torch.Tensor, start: int, vocab: int) -> dict
         targets = ids[0, s + 1:s + 1 + chunk.shape[1]]
         keep = torch.arange(s + 1, s + 1 + chunk.shape[1]) >= start
         for side, logits in (("reference", rl), ("artifact", al)):
+            if logits is NOT_RUN:
+                continue
             logp = torch.log_softmax(logits[0, :, :vocab].double(), -1)
             nll[side] -= float(logp.gather(-1, targets[:, None])[:, 0][keep].sum())
         n += int(keep.sum())
@@ -405,6 +426,7 @@ class VerifyReport:
 def _build_checks(cases: list, seq: dict, tol: Tolerance) -> list:
     """Worst value of each metric over every case, against its tolerance; NaN always fails."""
     logits, states, agree, positions = [], [], 0, 0
+    seq = seq if seq and seq["logits"] else {}  # empty when nothing was compared (NOT_RUN)
     for c in cases:
         name = f"length {c['length']} batch {c['batch']}"
         for phase in ("prefill", "decode"):
@@ -505,7 +527,7 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
                           f"{decode_steps} >= 0")
     gen = torch.Generator().manual_seed(int(seed))  # int(): a numpy integer passes is_seed
     report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
-    bar = tqdm(total=len(lengths) * len(batches) + 1, desc="verify", disable=not progress, leave=False)
+    bar = tqdm(total=len(lengths) * len(batches) + 1, desc=f"verify ({art.name})", disable=not progress, leave=False)
     with torch.inference_mode(), bar:
         for length in lengths:
             for b in batches:

@@ -316,7 +316,11 @@ def _unpadded(tmp_path, vocab=125):
 
 
 def test_vocab_padded_on_load_keeps_real_logits_and_zero_padding(tmp_path):
+    """Padding is asked for by unpadded_vocab_size (what to_hf_dict writes for a mamba_ssm model's
+    50277 of 50280 ids); a bare pad_vocab_size_multiple is ignored, as transformers does."""
     folder, hf = _unpadded(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 128, "unpadded_vocab_size": 125}))
     model = load_model(folder)
     assert model.config.padded_vocab_size == 128
     ids = _ids()

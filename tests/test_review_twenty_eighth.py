@@ -56,3 +56,30 @@ def test_a_runner_returning_no_logits_fails_verification(artifacts):
     art.__class__ = Broken
     with pytest.raises(VerificationError, match="returned NoneType where the reference has logits"):
         V.verify(ref, art, (3,), (1,), 1, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_hf_pad_vocab_size_multiple_is_ignored_as_transformers_does(ckpt, tmp_path, arch):
+    """transformers builds vocab_size rows whatever pad_vocab_size_multiple says (older versions
+    saved 8 in every config): a resized vocabulary of 101 ids gave 104 logit columns here
+    (128 padded to 48s: 144).
+    Reference: transformers' logits, shape and values."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from mamba_deploy import load_model
+
+    folder = shutil.copytree(ckpt(arch)[0], tmp_path / arch)
+    cfg = json.loads((folder / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    assert vocab % 48, "the test model's vocabulary must not be a multiple of 48"
+    (folder / "config.json").write_text(json.dumps({**cfg, "pad_vocab_size_multiple": 48}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = load_model(folder)(ids).logits
+    assert got.shape == want.shape == (2, 7, vocab)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4

@@ -245,13 +245,17 @@ def test_a_size_past_int32_is_a_config_error_naming_it(hf_checkpoint, tmp_path, 
 
 
 def test_a_huge_pad_vocab_size_multiple_is_refused_before_any_allocation(hf_checkpoint, tmp_path):
+    """mamba_ssm's config pads the vocabulary (an HF one's multiple is ignored, as transformers does)."""
     from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
     from mamba_deploy.errors import ConfigError
 
-    folder = _edited_config(hf_checkpoint, tmp_path, pad_vocab_size_multiple=10**9)
+    ssm = save_checkpoint(load_model(hf_checkpoint("mamba")[0]), tmp_path / "ssm", fmt="mamba_ssm")
+    folder = edited_copy(ssm, tmp_path / "edited", "config.json", pad_vocab_size_multiple=10**9)
     with pytest.raises(ConfigError, match="pad_vocab_size_multiple=1000000000 is larger than the vocabulary"):
         load_model(folder)
-    load_model(_edited_config(hf_checkpoint, tmp_path / "ok", pad_vocab_size_multiple=64))  # usual values load
+    ok = load_model(edited_copy(ssm, tmp_path / "ok", "config.json", pad_vocab_size_multiple=96))  # usual values load
+    assert ok.config.padded_vocab_size == 192
 
 
 def test_an_edited_manifest_n_layer_is_refused_at_once(onnx_export, tmp_path):

@@ -253,7 +253,11 @@ class MambaConfig:
                 rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
                 tie_embeddings=d.get("tie_word_embeddings", arch == "mamba1"),
                 residual_in_fp32=d.get("residual_in_fp32", True),
-                pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 1),
+                # transformers builds exactly vocab_size rows and ignores pad_vocab_size_multiple
+                # (older versions saved 8 in every config); only our own unpadded_vocab_size
+                # marks rows that pad a smaller real vocabulary
+                pad_vocab_size_multiple=(d.get("pad_vocab_size_multiple", 1)
+                                         if d.get("unpadded_vocab_size") is not None else 1),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=_first(d.get("eos_token_id")),
                 pad_token_id=d.get("pad_token_id"),

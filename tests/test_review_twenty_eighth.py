@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+
 from test_runners import export_artifacts
 
 
@@ -83,3 +85,53 @@ def test_hf_pad_vocab_size_multiple_is_ignored_as_transformers_does(ckpt, tmp_pa
     got = load_model(folder)(ids).logits
     assert got.shape == want.shape == (2, 7, vocab)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_int4_zero_points_outside_four_bits_are_refused_on_load(hf_checkpoint, tmp_path):
+    """A zero point of 200 loaded silently (it shifted that layer's weights) and broke the nibble
+    packing of an ONNX export, whose error then blamed the export."""
+    from safetensors.torch import load_file, save_file
+
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import CheckpointError
+    from mamba_deploy.quant import quantize, save_quantized
+
+    q = save_quantized(quantize(load_model(hf_checkpoint("mamba2")[0]), "int4", group_size=16, symmetric=False,
+                                progress=False), tmp_path / "q")
+    load_model(q)  # as written, the zero points are in range
+    key = "backbone.layers.1.mixer.in_proj.zeros"
+    sd = load_file(q / "model.safetensors")
+    sd[key][0, 0] = 200
+    save_file(sd, str(q / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key} holds zero points up to 200, outside int4's 0..15"):
+        load_model(q)
+
+
+def test_fp16_rule_on_weights_past_float16_is_a_quantization_error(hf_checkpoint):
+    """format fp16 stored inf silently; the saved checkpoint then failed to load as 'corrupt'."""
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    m = load_model(hf_checkpoint("mamba2")[0])
+    with torch.no_grad():
+        m.backbone.layers[0].mixer.out_proj.weight[0, 0] = 1e5
+    rules = {"quant_cfg": {"backbone.layers.0.mixer.out_proj": {"format": "fp16"}}}
+    with pytest.raises(QuantizationError, match=r"out_proj: weights up to 1e\+05 overflow the float16 qweight"):
+        quantize(m, "int8", rules=rules, progress=False)
+
+
+def test_a_rules_group_size_error_names_the_rule_not_the_flag(hf_checkpoint):
+    """A rule's group_size overrides --group-size, so suggesting --group-size looped."""
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    m = load_model(hf_checkpoint("mamba2")[0])
+    pattern = "backbone.layers.0.mixer.in_proj"
+    rules = {"quant_cfg": {pattern: {"format": "int4", "group_size": 48}}}
+    with pytest.raises(QuantizationError, match=rf"set the group_size of rule '{pattern}' to \d+") as err:
+        quantize(m, "int8", rules=rules, progress=False)
+    assert "--group-size" not in str(err.value)
+    later = {"quant_cfg": {"*.in_proj": {"format": "int4", "group_size": 48}, "backbone.*.in_proj": {"group_size": 16}}}
+    quantize(load_model(hf_checkpoint("mamba2")[0]), "int8", rules=later, progress=False)  # a later rule mends it

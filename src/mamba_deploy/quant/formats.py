@@ -46,14 +46,14 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def check_group(name: str, in_features: int, group_size: int) -> None:
+def check_group(name: str, in_features: int, group_size: int, rule: str | None = None) -> None:
+    """rule: the --config glob that set this group size (the fix is then in that rule, since a
+    rule's group_size overrides --group-size)."""
     if group_size <= 0 or in_features % group_size:
-        divisors = [g for g in GROUP_SIZES if in_features % g == 0] or [in_features]
-        raise QuantizationError(
-            f"{name}: row length {in_features} is not divisible by group size {group_size}; "
-            f"use --group-size {divisors[-1]} (group_size= in Python) or keep this layer in int8 through a "
-            "--config rule"
-        )
+        fit = ([g for g in GROUP_SIZES if in_features % g == 0] or [in_features])[-1]
+        fix = (f"set the group_size of rule {rule!r} to {fit} (or make its format int8)" if rule is not None else
+               f"use --group-size {fit} (group_size= in Python) or keep this layer in int8 through a --config rule")
+        raise QuantizationError(f"{name}: row length {in_features} is not divisible by group size {group_size}; {fix}")
 
 
 # ----------------------------------------------------------------------------- scale search
@@ -122,7 +122,19 @@ def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
 
 def encode(w: torch.Tensor, fmt: str, name: str, group_size: int = 128, symmetric: bool = True,
            fp8_scaling: str = "channel") -> dict:
-    """w (out, in) float -> the tensors stored for `fmt` (see module docstring)."""
+    """w (out, in) float -> the tensors stored for `fmt` (see module docstring); QuantizationError
+    where a stored float16 tensor (fp16 weights, any format's scales) would overflow to inf."""
+    out = _encode(w, fmt, name, group_size, symmetric, fp8_scaling)
+    for k, t in out.items():
+        if t.dtype == torch.float16 and not bool(torch.isfinite(t).all()):
+            raise QuantizationError(
+                f"{name}: weights up to {float(w.detach().abs().max()):.4g} overflow the float16 {k} of format "
+                f"{fmt!r} (largest 65504); quantize this layer to int8 (a --config rule) or keep it in float "
+                '({"enable": false})')
+    return out
+
+
+def _encode(w: torch.Tensor, fmt: str, name: str, group_size: int, symmetric: bool, fp8_scaling: str) -> dict:
     if fmt not in FORMATS:
         raise QuantizationError(f"{name}: unknown weight format {fmt!r}; choose one of {sorted(FORMATS)}")
     w = w.detach().float()

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import QuantizationError
-from .formats import FORMATS, FP8_SCALINGS
+from .formats import FORMATS, FP8_SCALINGS, check_group
 
 QUANT_METHOD_TAG = "mamba_deploy"  # `quant_method` value, so other loaders can tell it is ours
 CONFIG_VERSION = 1
@@ -170,6 +170,7 @@ def build_plan(model, opts: dict) -> dict:
     plan = {n: default_spec(n, opts) for n in names}
     rules = load_rules(opts["rules"]) if opts.get("rules") else []
     all_names = {n for n, _ in model.named_modules()}
+    group_rule: dict[str, str] = {}  # module -> the last rule that set its group_size
     for pattern, rule in rules:
         pat = _resolve_negative(pattern, model.config.n_layer)
         hits = [n for n in plan if fnmatch.fnmatchcase(n, pat)]
@@ -192,6 +193,13 @@ def build_plan(model, opts: dict) -> dict:
             fmt = rule.get("format", base["format"])
             plan[n] = _spec(fmt, {**opts, **{k: v for k, v in base.items() if k != "format"},
                                   **{k: v for k, v in rule.items() if k not in ("enable", "format")}})
+            if "group_size" in rule:
+                group_rule[n] = pattern
+    for n, pattern in group_rule.items():  # named here: --group-size cannot fix a rule's group size
+        if plan[n] and plan[n].get("group_size"):
+            module = model.get_submodule(n)
+            check_group(n, getattr(module, "in_features", None) or module.embedding_dim, plan[n]["group_size"],
+                        rule=pattern)
     for n, spec in plan.items():
         if spec and weight_read(n) and spec["format"] == "w8a8":
             raise QuantizationError(f"{n}: the model reads this layer's weight directly (it is never called on an "

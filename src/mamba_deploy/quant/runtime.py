@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ExportError
+from . import formats
 from .modules import QuantEmbedding, QuantLinear, tie_head
 from .plan import validate_config
 
@@ -141,6 +142,10 @@ def _fill(model, path: Path, device, shapes_only: bool = False) -> None:
             continue
         if t.is_floating_point() and not all_finite(t, as_float=True):
             problems.append(f"{k} has NaN or infinite values (a corrupt file)")
+            continue
+        top = formats.qrange(4, False)[1]
+        if k.endswith(".zeros") and t.numel() and int(t.max()) > top:  # int4 zero points; MatMulNBits packs them in nibbles
+            problems.append(f"{k} holds zero points up to {int(t.max())}, outside int4's 0..{top} (a corrupt file)")
             continue
         with torch.no_grad():
             dst.copy_(t.to(device=device, dtype=dst.dtype) if dst.is_floating_point() else t.to(device))

@@ -135,3 +135,48 @@ def test_a_rules_group_size_error_names_the_rule_not_the_flag(hf_checkpoint):
     assert "--group-size" not in str(err.value)
     later = {"quant_cfg": {"*.in_proj": {"format": "int4", "group_size": 48}, "backbone.*.in_proj": {"group_size": 16}}}
     quantize(load_model(hf_checkpoint("mamba2")[0]), "int8", rules=later, progress=False)  # a later rule mends it
+
+
+@pytest.mark.parametrize("fmt,rule", [("int4", "backbone.embeddings"), ("int8", "lm_head")])
+def test_tied_model_with_one_side_quantized_exports_what_torch_computes(hf_checkpoint, tmp_path, fmt, rule):
+    """A tied model whose lm_head alone is quantized (or embeddings alone) no longer shares one
+    matrix: the ONNX graph looked its tokens up in the dequantized lm_head (0.19 relative for
+    int4), and its own check compared with a float copy that made the same mistake.
+    Reference: the quantized PyTorch model's logits."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize
+    from mamba_deploy.quant.onnx_nbits import export_quantized_onnx
+    from mamba_deploy.runners import open_runner
+
+    model = load_model(hf_checkpoint("mamba")[0])
+    assert model.config.tie_embeddings
+    opts = dict(group_size=16) if fmt == "int4" else {}
+    quantize(model, fmt, include=["lm_head"], rules={"quant_cfg": {rule: {"enable": False}}}, progress=False, **opts)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    out = export_quantized_onnx(model, tmp_path / "onnx", accuracy_level=0)
+    with open_runner(out, "onnx", threads=1) as r:
+        got, _ = r.prefill(ids, r.new_state(2))
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_quantized_onnx_export_builds_no_float_copy_of_the_model(hf_checkpoint, tmp_path, monkeypatch):
+    """The export built a float32 twin of the quantized model and exported that (a 472 MB int4
+    checkpoint peaked at 4.9 GB unvalidated); it now writes the codes straight from the quantized
+    model, so no MambaLM is built unless the float64 second opinion is needed."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy import load_model, model as model_mod
+    from mamba_deploy.quant import quantize
+    from mamba_deploy.quant.onnx_nbits import export_quantized_onnx
+
+    q = quantize(load_model(hf_checkpoint("mamba2")[0]), "int4", group_size=16, progress=False)
+
+    def no_copy(*a, **kw):
+        raise AssertionError("a float copy of the model was built")
+
+    monkeypatch.setattr(model_mod.MambaLM, "__init__", no_copy)
+    out = export_quantized_onnx(q, tmp_path / "onnx")
+    report = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert report["validation"]["accuracy_level_0"] < 1e-4 and report["rewritten"]

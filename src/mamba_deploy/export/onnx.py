@@ -157,7 +157,7 @@ def _save(proto, folder: Path, label: str) -> None:
                     location="model.onnx.data", size_threshold=1024)
 
 
-def check_graph(path: Path) -> None:
+def check_graph(path: Path, allowed=ALLOWED_OPS) -> None:
     """onnx.checker + strict shape inference + the operator allow-list; ExportError on failure."""
     import onnx
 
@@ -166,7 +166,7 @@ def check_graph(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{path} fails onnx.checker: {e}") from e
     model = onnx.load(str(path), load_external_data=False)
-    bad = sorted(graph_op_types(model) - ALLOWED_OPS)
+    bad = sorted(graph_op_types(model) - allowed)
     if bad:
         raise ExportError(f"{path} uses operators outside the allow-list: {bad}")
 

@@ -2,8 +2,9 @@
 
 Why not `torch.onnx.export`: tracing the PyTorch model unrolls its Python loop over time chunks
 into a fixed length, and the graph must serve any sequence length. Writing the graph by hand
-keeps every linear layer a plain `MatMul` against a named initializer (what the MatMulNBits
-rewriter looks for) and uses only standard-domain operators (the allow-list in `onnx.py`).
+keeps every linear layer one `MatMul` against a named initializer, built in one place
+(`linear`, where a quantized model's layers become MatMulNBits instead: `quant/onnx_nbits.py`),
+and uses only standard-domain operators (the allow-list in `onnx.py`).
 
 Layout: the weights are top-level initializers and the whole network sits in one top-level
 `If(seq == 1 and all(attention_mask == 1))` whose two branches read them from the outer scope
@@ -65,9 +66,13 @@ SSD_CHUNK = 256
 class MambaGraph(StepNetwork):
     """Turns a MambaConfig + state dict into the ONNX ModelProto described in the module doc."""
 
-    def __init__(self, cfg: MambaConfig, weights: dict, wdtype=np.float32, opset: int = 17,
-                 chunk: int | None = None, scan_chunk: int = 1):
+    def __init__(self, cfg: MambaConfig, weights, wdtype=np.float32, opset: int = 17,
+                 chunk: int | None = None, scan_chunk: int = 1, linear_hook=None):
+        """weights: a mapping of checkpoint key -> tensor, read once per key as the graph needs it.
+        linear_hook(graph, x, key, out) -> output name, or None for the plain MatMul: how a
+        quantized model's linear layers are written (quant/onnx_nbits.py)."""
         self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
+        self.linear_hook = linear_hook
         self.chunk = min(cfg.chunk_size, chunk or SSD_CHUNK)
         self.root = self.g = Builder(opset)  # g: where nodes go now (the root or a branch)
         self.tag = ""  # the branch being built: its outputs are named "<output>.<tag>"
@@ -97,13 +102,18 @@ class MambaGraph(StepNetwork):
         """A float32 parameter (norm weights, biases, A, D, conv)."""
         return self.weight(key, lambda: self._np(key) if shape is None else self._np(key).reshape(shape))
 
-    def linear(self, x: str, key: str, bias_key: str | None = None) -> str:
-        """x @ W^T as MatMul against the initializer `key` stored [in, out]."""
-        g, w = self.g, self.weight(key, lambda: self._np(key, self.wdtype).T)
-        if self.wdtype == np.float16:
-            y = g.op("Cast", g.op("MatMul", g.op("Cast", x, to=TensorProto.FLOAT16), w), to=TensorProto.FLOAT)
-        else:
-            y = g.op("MatMul", x, w)
+    def linear(self, x: str, key: str, bias_key: str | None = None, out: str | None = None) -> str:
+        """x @ W^T as MatMul against the initializer `key` stored [in, out] (float32 in and out);
+        `out` names the result (a branch output; never with a bias)."""
+        g = self.g
+        y = self.linear_hook(self, x, key, out) if self.linear_hook is not None else None
+        if y is None:
+            w = self.weight(key, lambda: self._np(key, self.wdtype).T)
+            to = (lambda *a, **kw: g.op_to(out, *a, **kw)) if out else g.op
+            if self.wdtype == np.float16:
+                y = to("Cast", g.op("MatMul", g.op("Cast", x, to=TensorProto.FLOAT16), w), to=TensorProto.FLOAT)
+            else:
+                y = to("MatMul", x, w)
         if bias_key is not None and bias_key in self.w:
             y = g.op("Add", y, self.param(bias_key))
         return y
@@ -207,10 +217,7 @@ class MambaGraph(StepNetwork):
         start = g.op("Where", keep, g.op("Max", g.op("Sub", self.L, KEEP), g.const([0])), g.const([0]))
         h = g.op("Slice", h, start, g.const([INT64_MAX]), g.const([1]))
         h = g.rms(h, self.cfg.rms_norm_eps, self.param("backbone.norm_f.weight"))
-        if self.wdtype == np.float16:
-            h = g.op("MatMul", g.op("Cast", h, to=TensorProto.FLOAT16), self.head_w)
-            return g.op_to(self.out(LOGITS), "Cast", h, to=TensorProto.FLOAT)
-        return g.op_to(self.out(LOGITS), "MatMul", h, self.head_w)
+        return self.linear(h, self.head_w, out=self.out(LOGITS))
 
     def _conv(self, x: str, mask: str, p: str, i: int, channels: int) -> str:
         """Depthwise causal conv continuing from past_conv.i; x (b, l, c) -> silu(conv) (b, l, c).

@@ -43,11 +43,7 @@ class StepNetwork:
             mix = self._m1_step if cfg.arch == "mamba1" else self._m2_step
             h = g.op("Add", h, mix(xn, p + "mixer.", i))
         h = g.rms(g.op("Unsqueeze", h, g.const([1])), cfg.rms_norm_eps, self.param("backbone.norm_f.weight"))
-        if self.wdtype == np.float16:
-            y = g.op("MatMul", g.op("Cast", h, to=TensorProto.FLOAT16), self.head_w)
-            g.op_to(self.out(LOGITS), "Cast", y, to=TensorProto.FLOAT)
-        else:
-            g.op_to(self.out(LOGITS), "MatMul", h, self.head_w)  # (b, 1, V)
+        self.linear(h, self.head_w, out=self.out(LOGITS))  # (b, 1, V)
 
     def _embed_step(self, ids: str) -> str:
         """ids (b,) -> (b, D). Tied weights: columns of the [D, V] lm_head matrix."""

@@ -1,33 +1,40 @@
-"""Quantized ONNX: export the dequantized float graph with `export_onnx`, then rewrite each
-`MatMul(x, W)` whose initializer W belongs to an int8 / int4 weight-only module into ONNX
-Runtime's `com.microsoft::MatMulNBits` carrying the *same* codes and scales as the PyTorch
-quantized model. With accuracy_level=0 the two agree up to float rounding; the default (4) lets
-ORT's CPU kernel round the activations to int8 blocks too (its fast path), which moves logits by
-~1e-2 relative on the demo models (`verify`'s int8 / int4 rows allow for it). The export checks
-the rewritten graph itself against the quantized model, first at level 0 (to fp32's 1e-4: the
-layout is exact), then at the level it keeps (LEVEL_TOLERANCE). This is the one
+"""Quantized ONNX: the graph of `onnx_graph.MambaGraph`, built from the quantized model itself,
+with each int8 / int4 weight-only linear layer written as ONNX Runtime's
+`com.microsoft::MatMulNBits` carrying the *same* codes and scales as the PyTorch quantized model
+(`NBitsLinears`, MambaGraph's linear hook). With accuracy_level=0 the two agree up to float
+rounding; the default (4) lets ORT's CPU kernel round the activations to int8 blocks too (its
+fast path), which moves logits by ~1e-2 relative on the demo models (`verify`'s int8 / int4 rows
+allow for it). The export checks the graph against the quantized model, first at level 0 (to
+fp32's 1e-4: the layout is exact), then at the level it keeps (LEVEL_TOLERANCE). This is the one
 non-standard op the project allows, and it lives only in this separate quantized graph, which
 `export_onnx` (and `mamba-deploy export onnx`) writes when given a quantized checkpoint.
 
 MatMulNBits layout (ORT contrib op): B uint8 [N, K/block, block*bits/8], codes unsigned,
 low nibble first; scales float [N * K/block]; zero_points uint8 packed [N, ceil(K/block*bits/8)]
 (default 2^(bits-1) when absent); weight = (code - zero) * scale.
-Formats not expressible this way (w8a8, fp8, fp16) keep a float MatMul with dequantized weights.
+Formats not expressible this way (w8a8, fp8, fp16) keep a float MatMul with dequantized weights
+(W8A8's per-token activation rounding is not in the graph: ~1e-2 from the PyTorch W8A8 model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..atomic import atomic_dir, output_path
 from ..errors import ExportError, QuantizationError
-from ..export.onnx_meta import set_weights_label, weights_label
+from ..export.onnx_meta import weights_label
 from .formats import unpack_int4
+from .modules import QuantEmbedding, QuantLinear
 
 NBITS_FORMATS = {"int8": 8, "int4": 4}
+NBITS_DOMAIN = "com.microsoft"
 BLOCKS = (256, 128, 64, 32, 16)  # block sizes ORT's MatMulNBits CPU kernel accepts
 ACCURACY_LEVEL = 4  # let ORT's CPU kernel quantize activations to int8 (its fast path); 0 = fp32
 # ORT's compute type per accuracy level (0 unset = fp32, 1 fp32, 2 fp16, 3 bf16, 4 int8) -> the
@@ -35,15 +42,26 @@ ACCURACY_LEVEL = 4  # let ORT's CPU kernel quantize activations to int8 (its fas
 # fp32's 1e-4: it proves codes, scales and zero points were laid out right, so the looser check
 # at the chosen level only measures ORT's activation rounding (~1e-2 at level 4 on the demo models).
 LEVEL_TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 1e-2, 3: 3e-2, 4: 5e-2}
+ROUNDING = {2: "fp16", 3: "bf16", 4: "int8 blocks"}  # what each level rounds the activations to
 
 
 def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
                           accuracy_level: int = ACCURACY_LEVEL, scan_chunk: int = 1) -> Path:
     """A quantized model (or checkpoint folder) -> ONNX folder with MatMulNBits layers.
-    scan_chunk: as for export_onnx (Mamba1's prefill Scan over chunks of Q tokens); the rewrite
-    only touches MatMuls against weights, never the Scan body's, so it applies unchanged."""
-    from ..checkpoint import load_model
-    from ..export.onnx import export_onnx, torch_reference
+    scan_chunk: as for export_onnx (Mamba1's prefill Scan over chunks of Q tokens); only linear
+    layers become MatMulNBits, never the Scan body's products, so it applies unchanged.
+
+    The graph is built from the quantized model itself: each layer's codes go straight into its
+    MatMulNBits, and a layer kept in float is dequantized when the graph reaches it, so no float
+    copy of the model exists (the float twin exported and rewritten before held 5.1 GB for a
+    472 MB int4 checkpoint). The reference is the quantized model computing with its dequantized
+    weights (`_float_function`), not a copy of it, so a wrong copy cannot hide a wrong graph."""
+    from onnx import helper
+
+    from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
+    from ..export.onnx import ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, torch_reference, write_manifest
+    from ..export.onnx_graph import MambaGraph
+    from ..runners.base import release_freed_memory
 
     if isinstance(accuracy_level, bool) or accuracy_level not in LEVEL_TOLERANCE:  # True == 1
         raise ExportError(f"accuracy_level {accuracy_level!r} is not one of ORT's MatMulNBits levels "
@@ -53,31 +71,35 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     if not qc:
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
     out_dir = output_path(out_dir)
+    reference = None
+    if validate:  # PyTorch's outputs once, for every level checked
+        with _float_function(qmodel):
+            reference = torch_reference(None, qmodel, scan_chunk=scan_chunk)
     with atomic_dir(out_dir, ExportError) as tmp:
-        twin = _dequantized_copy(qmodel)  # the quantized model's function, in float weights
-        folder = export_onnx(twin, tmp / "onnx", validate=False, scan_chunk=scan_chunk)  # checked below, once rewritten
-        report = rewrite(folder / "model.onnx", qmodel, 0)
-        report["accuracy_level"] = 0
+        linears = NBitsLinears(qmodel)
+        proto = MambaGraph(graph_config(qmodel), FloatWeights(qmodel), np.float32, DEFAULT_OPSET,
+                           scan_chunk=scan_chunk, linear_hook=linears).build()
+        proto.opset_import.append(helper.make_opsetid(NBITS_DOMAIN, 1))
+        _save(proto, tmp, label=weights_label({"quantization": qc}))  # as the manifest will say
+        del proto
+        release_freed_memory()
+        check_graph(tmp / "model.onnx", allowed=ALLOWED_OPS | {f"{NBITS_DOMAIN}::MatMulNBits"})
+        write_tokenizer_files(tokenizer_source(qmodel), tmp, out_dir)
+        write_manifest(tmp, qmodel.config, DEFAULT_OPSET, "fp32", scan_chunk=scan_chunk)
+        report = {**linears.report, "accuracy_level": 0}
         _warn_kept_float(report)
-        # PyTorch's outputs once for both levels; the twin is then freed rather than held beside
-        # ONNX Runtime's sessions (~2x the weights each), and rebuilt only for a float64 check
-        reference = torch_reference(folder, twin) if validate else None
-        del twin
         if validate:
-            _update_manifest(folder, qc, report)  # the runner checks the graph's hash against it
-            report["validation"] = {"accuracy_level_0": _validate(folder, reference, qmodel, 0)}
+            _update_manifest(tmp, qc, report)  # the runner checks the graph's hash against it
+            report["validation"] = {"accuracy_level_0": _validate(tmp, reference, qmodel, 0)}
         if accuracy_level:
-            set_accuracy_level(folder / "model.onnx", accuracy_level)
+            set_accuracy_level(tmp / "model.onnx", accuracy_level)
             report["accuracy_level"] = accuracy_level
             if validate:
-                _update_manifest(folder, qc, report)
-                report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(folder, reference, qmodel,
+                _update_manifest(tmp, qc, report)
+                report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(tmp, reference, qmodel,
                                                                                     accuracy_level)
         # the files were hashed for the last validation, if any, and have not changed since
-        _update_manifest(folder, qc, report, rehash=not validate)
-        for f in folder.iterdir():
-            f.rename(tmp / f.name)
-        folder.rmdir()
+        _update_manifest(tmp, qc, report, rehash=not validate)
     return Path(out_dir)
 
 
@@ -97,19 +119,27 @@ def _warn_kept_float(report: dict) -> None:
 
 
 def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:
-    """The rewritten graph against the quantized model (`reference`: torch_reference of its float
-    twin, the same dequantized weights) at ORT's accuracy `level`, to LEVEL_TOLERANCE[level];
-    ExportError beyond it. Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero
+    """The graph against the quantized model (`reference`: torch_reference of it computing with its
+    dequantized weights) at ORT's accuracy `level`, to LEVEL_TOLERANCE[level]; ExportError beyond
+    it, which at a rounding level names level 0 (a deep random model amplified level 4's int8
+    activations to 0.7 relative, where level 0 passed). Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero
     points layout exact, so a later, looser level only measures ORT's activation rounding.
     -> worst relative error."""
-    from ..export.onnx import _float_copy, validate_against_reference
+    from ..export.onnx import validate_against_reference
 
     rounds = level >= 2  # levels 0 and 1 compute in fp32: the export's own limit and float64 second opinion
     what = "ORT's activation rounding" if rounds else "fp32 compute"
-    float64_twin = lambda: _float_copy(_dequantized_copy(qmodel), torch.float64)  # noqa: E731
-    errs = validate_against_reference(folder, reference, "fp32", float64_twin,
-                                      tolerance=LEVEL_TOLERANCE[level] if rounds else None,
-                                      label=f"MatMulNBits, accuracy_level {level}: {what}")
+    float64_twin = lambda: _dequantized_copy(qmodel, torch.float64)  # noqa: E731
+    try:
+        errs = validate_against_reference(folder, reference, "fp32", float64_twin,
+                                          tolerance=LEVEL_TOLERANCE[level] if rounds else None,
+                                          label=f"MatMulNBits, accuracy_level {level}: {what}")
+    except ExportError as e:
+        if not rounds:
+            raise
+        raise ExportError(f"{e}, at accuracy_level {level}: ONNX Runtime rounds this model's activations to "
+                          f"{ROUNDING[level]} beyond what it tolerates (accuracy_level 0 passed). Export with "
+                          "--accuracy-level 0 (fp32 activations; accuracy_level=0 in Python)") from e
     return max(errs.values())
 
 
@@ -131,27 +161,125 @@ def set_accuracy_level(onnx_path: Path, level: int) -> None:
     tmp.replace(onnx_path)
 
 
-def _dequantized_copy(qmodel):
-    """A float MambaLM with every quantized weight replaced by its dequantized value."""
+def graph_config(qmodel):
+    """The config the graph (and a float copy) is built with: untied where the quantized model's
+    embeddings and lm_head no longer share one float matrix (either is quantized: a tied model
+    with only lm_head quantized looked its tokens up in the dequantized lm_head before)."""
+    cfg = qmodel.config
+    quantized = isinstance(qmodel.lm_head, QuantLinear) or isinstance(qmodel.backbone.embeddings, QuantEmbedding)
+    return cfg.replace(tie_embeddings=False) if cfg.tie_embeddings and quantized else cfg
+
+
+class FloatWeights(Mapping):
+    """Checkpoint key -> float tensor, as MambaGraph reads a float model's state dict, for a
+    quantized model: a quantized module's '<name>.weight' is its dequantized weight (times its
+    SmoothQuant input_scale: (x * s) W^T = x (W diag(s))^T), made only when asked for."""
+
+    def __init__(self, qmodel):
+        self.sd = qmodel.state_dict()  # references to the model's tensors, no copies
+        self.quant = {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+        if isinstance(qmodel.backbone.embeddings, QuantEmbedding) and not isinstance(qmodel.lm_head, QuantLinear):
+            self.sd = {**self.sd, "lm_head.weight": qmodel.lm_head.weight}  # an untied float head
+
+    def _module(self, key: str):
+        return self.quant.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        mod = self._module(key)
+        if mod is None:
+            return self.sd[key]
+        w = mod.weight.float()
+        scale = getattr(mod, "input_scale", None)
+        return w * scale.float() if scale is not None else w
+
+    def __contains__(self, key) -> bool:
+        return key in self.sd or self._module(key) is not None
+
+    def _keys(self) -> set:
+        return set(self.sd) | {n + ".weight" for n in self.quant}
+
+    def __iter__(self):
+        return iter(sorted(self._keys()))
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+class NBitsLinears:
+    """MambaGraph's linear_hook: a quantized layer whose format MatMulNBits expresses becomes
+    [Mul(x, input_scale)] -> MatMulNBits on its own codes (top-level initializers, written once
+    however many branches use them); any other layer is left to the plain MatMul (None), which
+    reads its dequantized weight from FloatWeights. `report`: what was rewritten and why not."""
+
+    def __init__(self, qmodel):
+        self.qmodel, self.specs = qmodel, qmodel.quantization_config["modules"]
+        self.report: dict = {"rewritten": [], "kept_float": {}}
+        self._attrs: dict[str, dict] = {}  # module -> its node's attributes, once its tensors are in
+
+    def __call__(self, graph, x: str, key: str, out: str | None):
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        spec = self.specs.get(name) if name else None
+        if spec is None or name in self.report["kept_float"]:
+            return None
+        mod = self.qmodel.get_submodule(name)
+        if name not in self._attrs and not self._add_tensors(graph, mod, name, spec):
+            return None
+        g, ins = graph.g, [x, name + ".qweight", name + ".scales"] + ([name + ".zeros"] if "zp" in self._attrs[name] else [])
+        if getattr(mod, "input_scale", None) is not None:
+            ins[0] = g.op("Mul", x, name + ".input_scale")
+        attrs = {k: v for k, v in self._attrs[name].items() if k != "zp"}
+        if out:
+            return g.op_to(out, "MatMulNBits", *ins, domain=NBITS_DOMAIN, **attrs)
+        return g.op("MatMulNBits", *ins, domain=NBITS_DOMAIN, **attrs)
+
+    def _add_tensors(self, graph, mod, name: str, spec: dict) -> bool:
+        t = nbits_tensors(mod)
+        if t is None:
+            self.report["kept_float"][name] = (f"format {spec['format']} / group {spec.get('group_size')} has no "
+                                               "MatMulNBits form")
+            return False
+        for suffix, array in (("qweight", t["B"]), ("scales", t["scales"]), ("zeros", t["zp"])):
+            if array is not None:
+                graph.weight(f"{name}.{suffix}", lambda a=array: a)
+        if getattr(mod, "input_scale", None) is not None:
+            graph.weight(name + ".input_scale", lambda: mod.input_scale.float().numpy())
+        self._attrs[name] = dict(K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block"], accuracy_level=0,
+                                 **({"zp": True} if t["zp"] is not None else {}))
+        self.report["rewritten"].append(name)
+        return True
+
+
+@contextlib.contextmanager
+def _float_function(qmodel):
+    """Within: every quantized linear layer computes (x * input_scale) @ dequantized(W)^T + bias
+    in float32, the function the graph's float layers and (at accuracy level 0) its MatMulNBits
+    compute. W8A8's per-token activation rounding, which no ONNX layer here does, is left out."""
+    mods = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
+
+    def float_forward(mod):
+        def forward(x):
+            if mod.input_scale is not None:
+                x = x * mod.input_scale.to(x.dtype)
+            bias = None if mod.bias is None else mod.bias.to(x.dtype)
+            return F.linear(x, mod.weight.to(x.dtype), bias)
+        return forward
+
+    for m in mods:
+        m.forward = float_forward(m)
+    try:
+        yield qmodel
+    finally:
+        for m in mods:
+            del m.forward
+
+
+def _dequantized_copy(qmodel, dtype=torch.float32):
+    """A float MambaLM computing what the graph does (dequantized weights; for the float64 check)."""
     from ..model import MambaLM
 
-    fp = MambaLM(qmodel.config)
-    sd = {}
-    for name, mod in qmodel.named_modules():
-        if hasattr(mod, "fmt"):
-            w = mod.weight.float()
-            if getattr(mod, "input_scale", None) is not None:
-                w = w * mod.input_scale.float()  # y = (x * s) W^T = x (W diag(s))^T
-            sd[name + ".weight"] = w
-    for k, v in qmodel.state_dict().items():
-        if k.rsplit(".", 1)[-1] in ("qweight", "scales", "zeros", "input_scale"):
-            continue
-        sd[k] = v.float()
-    missing, unexpected = fp.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight"} if qmodel.config.tie_embeddings else set()
-    assert not unexpected and set(missing) <= tied, (missing, unexpected)  # internal: every weight mapped
-    fp.source_path = getattr(qmodel, "source_path", None)
-    fp.gguf_path = getattr(qmodel, "gguf_path", None)  # checkpoint.tokenizer_source
+    weights = FloatWeights(qmodel)
+    fp = MambaLM(graph_config(qmodel)).to(dtype)
+    fp.load_state_dict({k: weights[k] for k in fp.state_dict()})  # copy_ casts each tensor to dtype
     return fp.eval()
 
 
@@ -183,52 +311,6 @@ def nbits_tensors(mod) -> dict | None:
     return dict(B=B, scales=scales, zp=zp, bits=4, block=block, K=K, N=N)
 
 
-def rewrite(onnx_path: Path, qmodel, accuracy_level: int = ACCURACY_LEVEL) -> dict:
-    """In place: MatMul(x, '<module>.weight') -> [Mul(x, input_scale)] -> MatMulNBits, in the
-    graph and every subgraph (the If branches of our export both use the top-level weights).
-    Returns {'rewritten': [...], 'kept_float': {module: reason}}."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(onnx_path))
-    top = model.graph
-    graphs = _graphs_children_first(top)
-    inits = {t.name: t for t in top.initializer}
-    consumers: dict[str, int] = {}
-    for g in graphs:
-        for n in g.node:
-            for i in n.input:
-                consumers[i] = consumers.get(i, 0) + 1
-    report = {"rewritten": [], "kept_float": {}}
-    for g in graphs:  # children first: extend() below copies a node together with its subgraphs
-        new_nodes = []
-        for node in g.node:
-            key = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-            mod_name = key[: -len(".weight")] if key and key.endswith(".weight") and key in inits else None
-            spec = qmodel.quantization_config["modules"].get(mod_name) if mod_name else None
-            t = nbits_tensors(qmodel.get_submodule(mod_name)) if spec is not None else None
-            if spec is not None and t is None:
-                report["kept_float"][mod_name] = f"format {spec['format']} / group {spec.get('group_size')} has no MatMulNBits form"
-            if t is None:
-                new_nodes.append(node)
-                continue
-            new_nodes += _nbits_nodes(node, qmodel.get_submodule(mod_name), mod_name, t, top, accuracy_level)
-            consumers[key] -= 1
-            if consumers[key] == 0:
-                top.initializer.remove(inits[key])
-            if mod_name not in report["rewritten"]:
-                report["rewritten"].append(mod_name)
-        del g.node[:]
-        g.node.extend(new_nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    set_weights_label(model, weights_label({"quantization": qmodel.quantization_config}))  # as the manifest will say
-    tmp = onnx_path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(onnx_path)
-    return report
-
-
 def _graphs_children_first(graph) -> list:
     """graph and all its subgraphs (If branches, Scan bodies), every subgraph before its parent."""
     out = []
@@ -237,36 +319,6 @@ def _graphs_children_first(graph) -> list:
             for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                 out += _graphs_children_first(sub)
     return out + [graph]
-
-
-def _nbits_nodes(node, mod, mod_name: str, t: dict, top, accuracy_level: int) -> list:
-    """[Mul(x, input_scale)], MatMulNBits replacing `node`; the quantized tensors become
-    top-level initializers (once, however many branches use the module)."""
-    from onnx import helper, numpy_helper
-
-    have = {i.name for i in top.initializer}
-
-    def add(name, array):
-        if name not in have:
-            top.initializer.append(numpy_helper.from_array(array, name))
-            have.add(name)
-
-    nodes, x = [], node.input[0]
-    if getattr(mod, "input_scale", None) is not None:
-        add(mod_name + ".input_scale", mod.input_scale.float().numpy())
-        scaled = f"{x}_scaled_{mod_name}"
-        nodes.append(helper.make_node("Mul", [x, mod_name + ".input_scale"], [scaled], name=f"{node.name}.scale"))
-        x = scaled
-    ins = [x, mod_name + ".qweight", mod_name + ".scales"]
-    add(ins[1], t["B"])
-    add(ins[2], t["scales"])
-    if t["zp"] is not None:
-        ins.append(mod_name + ".zeros")
-        add(ins[3], t["zp"])
-    nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=f"{node.name}.nbits",
-                                  domain="com.microsoft", K=t["K"], N=t["N"], bits=t["bits"],
-                                  block_size=t["block"], accuracy_level=accuracy_level))
-    return nodes
 
 
 def _update_manifest(folder: Path, qc: dict, report: dict, rehash: bool = True) -> None:

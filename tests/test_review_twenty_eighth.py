@@ -180,3 +180,18 @@ def test_quantized_onnx_export_builds_no_float_copy_of_the_model(hf_checkpoint, 
     out = export_quantized_onnx(q, tmp_path / "onnx")
     report = json.loads((out / "manifest.json").read_text())["quantization"]
     assert report["validation"]["accuracy_level_0"] < 1e-4 and report["rewritten"]
+
+
+def test_a_level_4_failure_points_to_accuracy_level_0(hf_checkpoint, tmp_path, monkeypatch):
+    """A deep random 210M Mamba2 amplified level 4's int8 activations to 0.7 relative while level 0
+    passed; the error only said the export disagreed. Nothing is written."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.quant import onnx_nbits, quantize
+
+    q = quantize(load_model(hf_checkpoint("mamba2")[0]), "int4", group_size=16, progress=False)
+    monkeypatch.setitem(onnx_nbits.LEVEL_TOLERANCE, 4, 1e-9)  # any rounding is then too much
+    with pytest.raises(ExportError, match=r"at accuracy_level 4: .* int8 blocks .* --accuracy-level 0"):
+        onnx_nbits.export_quantized_onnx(q, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

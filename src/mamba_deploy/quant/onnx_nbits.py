@@ -176,10 +176,8 @@ class FloatWeights(Mapping):
     SmoothQuant input_scale: (x * s) W^T = x (W diag(s))^T), made only when asked for."""
 
     def __init__(self, qmodel):
-        self.sd = qmodel.state_dict()  # references to the model's tensors, no copies
+        self.sd = qmodel.state_dict()  # references to the model's tensors (a float lm_head's too), no copies
         self.quant = {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
-        if isinstance(qmodel.backbone.embeddings, QuantEmbedding) and not isinstance(qmodel.lm_head, QuantLinear):
-            self.sd = {**self.sd, "lm_head.weight": qmodel.lm_head.weight}  # an untied float head
 
     def _module(self, key: str):
         return self.quant.get(key[: -len(".weight")]) if key.endswith(".weight") else None

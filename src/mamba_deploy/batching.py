@@ -21,8 +21,9 @@ thread that calls `serve_forever`). Each turn it
    with the fewest positions left, so a short prompt admitted while a long one is still going in
    does not wait for the long one's last piece;
 3. samples one token for every running row, each request with its own sampling settings and
-   seeded generator (`generation.Rows`, as `generate` does), hands the tokens to the requests'
-   own threads, and removes the rows of requests that finished;
+   each row with its own seeded generator (`generation.Rows` and `row_generators`, as
+   `generate` does), hands the tokens to the requests' own threads, and removes the rows of
+   requests that finished;
 4. steps the remaining rows in one `runner.step`.
 
 A request decodes what `generate` would give it alone, up to the rounding of a batched step
@@ -396,7 +397,7 @@ class Scheduler:
         for job in self.running:
             n = len(job)
             try:
-                tokens = job.rows.sample(self.logits[off:off + n], job.req.scfg, job.req.generator, vocab)
+                tokens = job.rows.sample(self.logits[off:off + n], job.req.scfg, job.req.generators, vocab)
                 job.rows.push(tokens, (lambda i, t, job=job: job.events.put(("token", i, t))) if job.stream else None)
                 job.steps += 1
             except Exception as e:  # noqa: BLE001  (a sampling error is this request's alone)

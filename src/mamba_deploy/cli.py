@@ -183,7 +183,7 @@ def cmd_inspect(args):
 
 def cmd_generate(args):
     from .chat import read_template_file
-    from .generation import TextStream, check_request, check_stop_strings, generate, stops_with_eos
+    from .generation import TextStream, check_request, check_stop_strings, completion_texts, generate, stops_with_eos
     from .runners import open_runner
 
     check_stop_strings(args.stop_string)  # before any model loads (argparse checked the sampling ranges)
@@ -203,11 +203,12 @@ def cmd_generate(args):
     stream = len(args.prompt) == 1 and not args.json
     check_request(runner, prompts, stops, args.stop_string)  # before the prompt is echoed, not after
     if stream:
-        print("" if args.chat else args.prompt[0], end="", flush=True)
-        text = TextStream(runner.tokenizer, args.stop_string)  # never prints (part of) a stop string
+        print_text("" if args.chat else args.prompt[0], end="")
+        # never prints (part of) a stop string; decoded after the prompt (a SentencePiece word's space)
+        text = TextStream(runner.tokenizer, args.stop_string, prompt=prompts[0])
 
         def on_token(i, t):
-            print(text.push(t), end="", flush=True)
+            print_text(text.push(t), end="")
     else:
         on_token = None
     res = generate(runner, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -215,16 +216,23 @@ def cmd_generate(args):
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
                    stop_token_ids=stops, stop_strings=args.stop_string, prefill_chunk=args.prefill_chunk,
                    on_prefill=prefill_progress() if args.prefill_chunk else None)
-    texts = res.texts if res.texts is not None else [runner.tokenizer.decode(t) for t in res.tokens]
+    texts = completion_texts(runner.tokenizer, res)
     if stream:
-        print(text.finish())
+        print_text(text.finish())
     elif args.json:
         print(json.dumps([{"prompt": p, "completion": t, "tokens": ids, "stop": r} for p, t, ids, r in
                           zip(args.prompt, texts, res.tokens, res.stop_reasons)], indent=2))
     else:
         for p, t in zip(args.prompt, texts):
-            print(f"--- {p!r}\n{'' if args.chat else p}{t}")
+            print_text(f"--- {p!r}\n{'' if args.chat else p}{t}")
     runner.close()
+
+
+def print_text(text: str, end: str = "\n") -> None:
+    """Model text on stdout. Characters its encoding cannot write (a cp1252 console or file on
+    Windows) print as '?' instead of ending the command in a UnicodeEncodeError traceback."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(enc, errors="replace").decode(enc, errors="replace"), end=end, flush=True)
 
 
 def prefill_progress():

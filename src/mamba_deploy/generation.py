@@ -92,17 +92,32 @@ def _penalized(logits, cfg: SamplingConfig, history):
 
 
 def sample(logits, cfg: SamplingConfig, history=None, generator=None):
-    """logits (b, V) -> token ids (b,)."""
+    """logits (b, V) -> token ids (b,). generator: a torch.Generator for the whole batch, None
+    (torch's global one), or a list of one per row: each row then draws only from its own, so a
+    row samples the same whatever rows are beside it."""
     if cfg.temperature == 0:
         return _penalized(logits, cfg, history).argmax(-1)
-    return torch.multinomial(filtered_probs(logits, cfg, history), 1, generator=generator)[:, 0]
+    probs = filtered_probs(logits, cfg, history)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def row_generators(seed, rows: int) -> list[torch.Generator] | None:
+    """One generator per row, each seeded with `seed` (None: torch's global generator), as a
+    request alone gets: a prompt samples the same text with seed s alone or listed beside
+    others (so identical prompts with one seed give identical texts). `generate` and the server's
+    scheduler both sample through these."""
+    if seed is None:
+        return None
+    return [torch.Generator().manual_seed(int(seed)) for _ in range(rows)]  # int(): a numpy integer
 
 
 @dataclass
 class Generation:
     tokens: list[list[int]]  # new tokens per prompt (a stop token excluded; a stop string's tokens kept)
     prompt_tokens: list[list[int]]
-    texts: list[str] | None = None  # decoded new tokens, ending before a stop string
+    texts: list[str] | None = None  # new tokens decoded after the prompt's last ones, ending before a stop string
     stop_reasons: list[str] = field(default_factory=list)
 
 
@@ -125,21 +140,67 @@ def first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
     return min(hits) if hits else None
 
 
+# prompt tokens decoded before a completion, as vLLM's incremental detokenizer starts its prefix
+# offset (5 tokens back): decoders treat a text's first token specially (SentencePiece drops its
+# word-start space: "hello" + "▁world" is " world", not the "world" decoding it alone gives)
+CONTEXT_TOKENS = 5
+MAX_CONTEXT_TOKENS = 80  # how far back context_ids looks past text-less tokens
+
+
+def context_ids(tok, prompt) -> list[int]:
+    """The last prompt tokens a completion is decoded after (`decode_after`). Tokens that decode
+    to nothing (a chat template's closing control tokens, a lone <s>) leave a decoder at the
+    start of its text, so the context reaches back past them, within MAX_CONTEXT_TOKENS."""
+    prompt = list(prompt)
+    n = min(CONTEXT_TOKENS, len(prompt))
+    while n < min(len(prompt), MAX_CONTEXT_TOKENS) and not tok.decode(prompt[-n:]):
+        n = min(2 * n, len(prompt), MAX_CONTEXT_TOKENS)
+    return prompt[len(prompt) - n:]
+
+
+def decode_after(tok, ids: list[int], n: int) -> str:
+    """The text ids[n:] add after the context ids[:n]: decode(ids) less decode(ids[:n]), as
+    decoding the whole sequence and cutting the prompt's text off gives it. A context that ends
+    inside a character the completion finishes (U+FFFD alone) is cut before that character,
+    which the completion then holds; a decoder that rewrote the context's own text (a space
+    clean-up across the join) leaves the completion decoded alone."""
+    full = tok.decode(ids)
+    if not n:
+        return full
+    head = tok.decode(ids[:n])
+    if not full.startswith(head):
+        head = head.rstrip("\ufffd")
+        if not full.startswith(head):
+            return tok.decode(ids[n:])
+    return full[len(head):]
+
+
+def completion_texts(tok, res: "Generation") -> list[str]:
+    """res.texts, or each row's new tokens decoded after its prompt (token-id prompts without
+    stop strings, whose Generation holds no text)."""
+    if res.texts is not None:
+        return list(res.texts)
+    return [decode_after(tok, ctx + out, len(ctx))
+            for ctx, out in ((context_ids(tok, p), list(o)) for p, o in zip(res.prompt_tokens, res.tokens))]
+
+
 class IncrementalText:
     """The decoded text of a growing list of token ids, and where the first stop string starts,
     for O(1) decoding per token instead of decoding the whole completion each time (a 16k-token
     stream spent 24 s decoding). As in vLLM's incremental detokenizer, the new text is
     decode(ids[p:]) minus decode(ids[p:r]) over a window that starts one push back, so decoders
-    that treat a text's first token specially (SentencePiece's leading space) stay right; a
-    character still incomplete (U+FFFD) keeps the window open until it completes. A decoder that
-    revised earlier text (transformers' space clean-up: "it '" + "s" -> "it's") is decoded whole
-    again at that token."""
+    that treat a text's first token specially (SentencePiece's leading space) stay right; the
+    first window starts in the prompt's last tokens (`context`, see context_ids), whose text is
+    not part of the result. A character still incomplete (U+FFFD) keeps the window open until it
+    completes. A decoder that revised earlier text (transformers' space clean-up: "it '" + "s" ->
+    "it's") is decoded whole again (after the context) at that token."""
 
-    def __init__(self, tok, stops=()):
+    def __init__(self, tok, stops=(), context=()):
         self.tok, self.stops = tok, list(stops)
-        self.ids: list[int] = []
+        self.n_ctx = len(context)
+        self.ids: list[int] = list(context)  # the context, then the completion's ids
         self.stable, self.text = "", ""  # text = stable + a tail that may still change
-        self.p = self.r = 0  # window start and end of the stable ids
+        self.p, self.r = 0, self.n_ctx  # window start and end of the stable ids
         self.cut: int | None = None  # where the first stop string starts, once found
         self._from = 0  # the stop search resumes here
         self._longest = max((len(x) for x in self.stops), default=1)
@@ -148,8 +209,8 @@ class IncrementalText:
         self.ids.append(token)
         prefix = self.tok.decode(self.ids[self.p:self.r])
         window = self.tok.decode(self.ids[self.p:])
-        if not window.startswith(prefix):  # a revision of earlier text
-            self.text = self.tok.decode(self.ids)
+        if not window.startswith(prefix):  # a revision of earlier text (or of an incomplete context's)
+            self.text = decode_after(self.tok, self.ids, self.n_ctx)
             self._from = 0
             if not self.text.endswith("\ufffd"):
                 self.stable, self.r = self.text, len(self.ids)  # the window keeps its start
@@ -166,6 +227,10 @@ class IncrementalText:
             self._from = max(0, len(self.text.rstrip("\ufffd")) - self._longest + 1)
         return self.text
 
+    def final(self) -> str:
+        """The whole completion decoded at once after its context, cut before a stop string."""
+        return decode_after(self.tok, self.ids, self.n_ctx)[:self.cut]
+
 
 class TextStream:
     """Incremental text of one row for streaming. An incomplete multi-byte character is held
@@ -173,13 +238,18 @@ class TextStream:
     start of one; nothing from a stop string on is emitted (the stream finds stop strings as
     `generate` does). `finish()` emits the rest, so the concatenation is the text `generate`
     returns, for decoders whose text only grows at its end (every tokenizer here: `tokenizers`'
-    byte-level BPE, and llama.cpp's token pieces)."""
+    byte-level BPE, and llama.cpp's token pieces). `prompt` (its token ids, or the text, which
+    is encoded as `generate` encodes it) is where the completion starts: without it, the first
+    token is decoded as a text's first (a SentencePiece word start loses its space)."""
 
-    def __init__(self, tok, stop_strings=None):
+    def __init__(self, tok, stop_strings=None, prompt=None):
         stops = check_stop_strings(stop_strings)
         self.tok, self.sent = tok, 0
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.inc = IncrementalText(tok, stops) if tok is not None else None
+        if tok is not None and isinstance(prompt, str):
+            prompt = tok.encode(prompt)
+        context = context_ids(tok, prompt) if tok is not None and prompt is not None else ()
+        self.inc = IncrementalText(tok, stops, context) if tok is not None else None
 
     def push(self, token: int) -> str:
         inc = self.inc
@@ -195,7 +265,7 @@ class TextStream:
     def finish(self) -> str:
         if self.inc is None:
             return ""
-        delta = self.tok.decode(self.inc.ids)[:self.inc.cut][self.sent:]  # the whole decode, once
+        delta = self.inc.final()[self.sent:]  # the whole decode, once
         self.sent += len(delta)
         return delta
 
@@ -238,7 +308,7 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     logits, state = prefill_in_chunks(runner, ids, mask, runner.new_state(len(ids)), prefill_chunk, on_prefill)
     rows = req.rows()
     for t in range(max_new_tokens):
-        nxt = rows.sample(logits, req.scfg, req.generator, runner.vocab_size)
+        nxt = rows.sample(logits, req.scfg, req.generators, runner.vocab_size)
         rows.push(nxt, on_token)
         if rows.all_done or t == max_new_tokens - 1:
             break
@@ -255,7 +325,7 @@ class Request:
     stops: torch.Tensor  # stop token ids
     stop_strings: list[str]
     scfg: SamplingConfig
-    generator: torch.Generator | None  # seeded, or None: torch's global generator
+    generators: list[torch.Generator] | None  # one seeded per row (row_generators), or None: torch's global one
     max_new_tokens: int
 
     def rows(self) -> "Rows":
@@ -275,8 +345,8 @@ def prepare_request(runner, prompts, max_new_tokens: int = 32, temperature: floa
     stop_strings = check_stop_strings(stop_strings)
     ids_list, tok, as_text, stops = _prepare(runner, prompts, stop_token_ids, stop_strings)
     scfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None  # int(): a numpy integer
-    return Request(ids_list, tok, as_text, stops, stop_strings, scfg, gen, int(max_new_tokens))
+    gens = row_generators(seed, len(ids_list))
+    return Request(ids_list, tok, as_text, stops, stop_strings, scfg, gens, int(max_new_tokens))
 
 
 class Rows:
@@ -292,7 +362,9 @@ class Rows:
         self.reasons = ["length"] * b
         self.done = [False] * b
         self.cuts: list[int | None] = [None] * b
-        self.texts = [IncrementalText(tok, stop_strings) for _ in range(b)] if stop_strings else None
+        # each row's text is decoded after its prompt's last tokens, as a stream's (TextStream) is
+        self.context = [context_ids(tok, p) for p in ids_list] if tok is not None else None
+        self.texts = [IncrementalText(tok, stop_strings, c) for c in self.context] if stop_strings else None
 
     def __len__(self) -> int:
         return len(self.out)
@@ -302,8 +374,8 @@ class Rows:
         return all(self.done)
 
     def sample(self, logits, scfg: SamplingConfig, gen, vocab: int):
-        """logits (b, V) of these rows -> next tokens (b,); every row draws, done or not, so a
-        seeded request draws the same numbers however its rows end."""
+        """logits (b, V) of these rows -> next tokens (b,); gen: the request's generators, one
+        per row (row_generators), or None. Every row draws, done or not."""
         hist = _history_tensor(self.history) if scfg.repetition_penalty != 1.0 else None
         return sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
 
@@ -331,8 +403,9 @@ class Rows:
 
     def result(self, as_text: bool) -> Generation:
         texts = None
-        if as_text or self.stop_strings:
-            texts = [self.tok.decode(o)[:cut] for o, cut in zip(self.out, self.cuts)]
+        if as_text or self.stop_strings:  # the whole decode once, after the prompt's last tokens
+            texts = [decode_after(self.tok, c + o, len(c))[:cut]
+                     for c, o, cut in zip(self.context, self.out, self.cuts)]
         return Generation(self.out, self.prompts, texts, list(self.reasons))
 
 

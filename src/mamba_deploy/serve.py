@@ -415,8 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]
-        if body.get("max_completion_tokens") is not None and "max_tokens" not in body:  # OpenAI's newer name
-            # (null: not sent, as max_tokens null is: the default, capped at the limit)
+        if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:  # OpenAI's newer
+            # name; a null in either is not sent (max_tokens null beside it: clients fill every field)
             n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
             rest["max_tokens"] = _check_max_tokens(n, "max_completion_tokens", self.server.max_tokens_limit)
         return {**rest, "prompt": ids}
@@ -488,10 +488,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(str(e)) from e
 
     def _complete(self, prompts, as_text, kw, chat=False):
+        from .generation import completion_texts
+
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         res = self._generate(prompts, kw)
         tok = None if as_text else self.server.tokenizer_or_none()
-        texts = res.texts if res.texts is not None else [tok.decode(t) if tok is not None else "" for t in res.tokens]
+        if res.texts is not None or tok is None:
+            texts = res.texts if res.texts is not None else [""] * len(res.tokens)
+        else:  # token-id prompts without stop strings: decoded here, after each prompt's last tokens
+            texts = completion_texts(tok, res)
         if chat:
             choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "token_ids": res.tokens[0],
                         "logprobs": None, "finish_reason": res.stop_reasons[0]}]
@@ -507,7 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         base = self._base(rid, created, "chat.completion.chunk" if chat else "text_completion")
         tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
-        detoks = [TextStream(tok, kw["stop_strings"]) for _ in prompts]
+        detoks = [TextStream(tok, kw["stop_strings"], prompt=p) for p in prompts]  # text that follows its prompt
         self.send_response(200)
         for k, v in {**SSE_HEADERS, "Connection": "close"}.items():
             self.send_header(k, v)

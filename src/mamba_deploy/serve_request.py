@@ -22,7 +22,10 @@ FIELDS = {
 }
 # OpenAI fields we accept only at their no-op value: field -> (allowed values, why / what to use instead)
 UNSUPPORTED = {
-    "n": ((None, 1), "only n=1 is supported; send the prompt several times in `prompt` for more"),
+    # a seed samples each prompt of a request as that prompt alone (generation.row_generators),
+    # so repeated prompts with one seed would be copies: the hint says so
+    "n": ((None, 1), "only n=1 is supported; send the prompt several times in `prompt` for more (without a "
+                     "`seed`: with one, identical prompts give identical texts)"),
     "best_of": ((None, 1), "best_of is not supported"),
     "echo": ((None, False), "echo is not supported"),
     "logprobs": ((None,), "logprobs are not supported"),

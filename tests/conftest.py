@@ -57,6 +57,15 @@ DT_LIMIT_KIND = "mamba2_dtlimit"
 KINDS = [k for k in TINY if k != DT_LIMIT_KIND]  # the kinds every parity test runs on
 
 
+try:  # llama.cpp through llama-cpp-python: the independent reference of the GGUF tests
+    import llama_cpp  # noqa: F401
+
+    HAVE_LLAMA = True
+except ImportError:
+    HAVE_LLAMA = False
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+
 def build_hf_model(kind: str, seed: int = 0, **overrides):
     """A transformers model with random weights perturbed away from their init (so A, D,
     dt_bias, norms are not at trivial values)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HAVE_LLAMA
 from mamba_deploy.chat import ChatTemplateError, chat_ids, read_chat_template, render_chat
 from mamba_deploy.errors import ConfigError
 from mamba_deploy.generation import generate
@@ -25,13 +26,6 @@ from mamba_deploy.tokenizer import load_tokenizer
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo-mamba2"
-try:
-    import llama_cpp  # noqa: F401
-
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 # ChatML with a system default (Falcon-Mamba-7B-instruct's family), and a Mistral-style [INST]
 # template that refuses non-alternating roles, writes bos_token itself and closes turns with eos

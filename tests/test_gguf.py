@@ -20,20 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BPE_EOS, BPE_TEXTS, finish_gguf, rel_err
+from conftest import BPE_EOS, BPE_TEXTS, HAVE_LLAMA, finish_gguf, needs_llama, rel_err
 from mamba_deploy import load_model
 from mamba_deploy.errors import (BackendUnavailableError, CheckpointError, ExportError, MambaDeployError, ModelNotFoundError,
                                  OutputPathError, UnsupportedArchitectureError)
 from mamba_deploy.export.gguf import export_gguf
 
 gguf = pytest.importorskip("gguf")
-try:
-    import llama_cpp  # noqa: F401
-
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS, EOS = BPE_TEXTS, BPE_EOS  # the tiny BPE (conftest.tiny_tokenizer) was trained on these

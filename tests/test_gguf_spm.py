@@ -20,20 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, rel_err
+from conftest import HAVE_LLAMA, build_hf_model, needs_llama, rel_err
 from mamba_deploy.errors import ExportError, ModelNotFoundError
 from mamba_deploy.export.gguf import export_gguf
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece", reason="SentencePiece vocabularies need sentencepiece")
 pytest.importorskip("google.protobuf", reason="sentencepiece's model file is read through protobuf")
-try:
-    import llama_cpp  # noqa: F401
-
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 WORDS = ["def", "main", "return", "print", "hello", "world", "mamba", "state", "space", "model", "code", "Zürich",
          "naïve", "日本"]

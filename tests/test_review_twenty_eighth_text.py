@@ -23,18 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_hf_model
+from conftest import HAVE_LLAMA, build_hf_model, needs_llama
 
 spm = pytest.importorskip("sentencepiece", reason="SentencePiece vocabularies need sentencepiece")
 pytest.importorskip("google.protobuf", reason="sentencepiece's model file is read through protobuf")
-try:
-    import llama_cpp
-
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA,
-                                 reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 WORDS = ["def", "main", "return", "print", "hello", "world", "mamba", "state", "space", "model", "code", "café"]
 CONTROL = ["[INST]", "[/INST]"]
@@ -179,6 +171,8 @@ def test_generated_text_is_llama_cpps_create_completion(spm_gguf, capsys):
     from mamba_deploy.cli import main
     from mamba_deploy.generation import generate
     from mamba_deploy.runners import open_runner
+
+    import llama_cpp
 
     llm = llama_cpp.Llama(str(spm_gguf), n_ctx=256, n_threads=1, verbose=False)
     want = llm.create_completion("hello", max_tokens=6, temperature=0)["choices"][0]["text"]

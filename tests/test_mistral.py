@@ -228,11 +228,11 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
     calls = []
 
     class Api:
-        def list_repo_files(self, repo_id):
+        def list_repo_files(self, repo_id, revision=None):
             calls.append(("list", repo_id))
             return CODESTRAL_REPO
 
-    def snapshot_download(repo_id, allow_patterns):
+    def snapshot_download(repo_id, allow_patterns, revision=None):
         calls.append(("get", repo_id, allow_patterns))
         return str(tmp_path)
 
@@ -244,10 +244,10 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
                      ("get", "mistralai/Mamba-Codestral-7B-v0.1", hub_patterns(CODESTRAL_REPO))]
 
     class Offline:
-        def list_repo_files(self, repo_id):
+        def list_repo_files(self, repo_id, revision=None):
             raise OSError("offline")
 
-    def cache_only(repo_id, allow_patterns):
+    def cache_only(repo_id, allow_patterns, revision=None):
         raise FileNotFoundError("not in the cache")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
@@ -270,12 +270,12 @@ def test_download_offline_fails_fast_or_reads_the_cache(monkeypatch, tmp_path):
         raise socket.gaierror(-2, "Name or service not known")
 
     class NoNetwork:
-        def list_repo_files(self, repo_id):
+        def list_repo_files(self, repo_id, revision=None):
             raise AssertionError("the network was asked although the host does not resolve")
 
     cache = {"org/cached": tmp_path}
 
-    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, revision=None):
         if not local_files_only:
             raise AssertionError("a download was attempted offline")
         if repo_id not in cache:

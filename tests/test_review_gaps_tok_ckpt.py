@@ -207,7 +207,7 @@ def _fake_hub(monkeypatch, snapshot_download):
     from mamba_deploy import checkpoint
 
     class Unlisted:  # listing fails (private repo without token, flaky network): guess patterns
-        def list_repo_files(self, repo_id):
+        def list_repo_files(self, repo_id, revision=None):
             raise OSError("cannot list")
 
     monkeypatch.setattr(checkpoint, "_hub_resolves", lambda: True)
@@ -217,9 +217,10 @@ def _fake_hub(monkeypatch, snapshot_download):
 
 
 def test_unlisted_repo_falls_back_to_bin_weights(monkeypatch, tmp_path):
-    def bin_only(repo_id, allow_patterns):  # a repo with no .safetensors: only a pattern with *.bin finds weights
+    def bin_only(repo_id, allow_patterns, revision=None):  # no .safetensors: only a pattern with *.bin finds weights
         if "*.bin" not in allow_patterns:
             raise FileNotFoundError("no weights matched")
+        (tmp_path / "pytorch_model.bin").touch()
         return str(tmp_path)
 
     assert _fake_hub(monkeypatch, bin_only)._download("org/old-model") == tmp_path
@@ -228,7 +229,7 @@ def test_unlisted_repo_falls_back_to_bin_weights(monkeypatch, tmp_path):
 def test_failed_download_reports_the_first_error(monkeypatch):
     errors = iter([PermissionError("401 gated repo"), FileNotFoundError("no weights matched")])
 
-    def failing(repo_id, allow_patterns):
+    def failing(repo_id, allow_patterns, revision=None):
         raise next(errors)
 
     with pytest.raises(ModelNotFoundError, match="PermissionError: 401 gated repo"):

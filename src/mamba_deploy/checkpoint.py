@@ -17,7 +17,7 @@ import torch
 
 from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
-from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import install_hint
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
@@ -57,9 +57,27 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 # ----------------------------------------------------------------------------- locating
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """Local file/folder, or a hub id resolved through huggingface_hub."""
+    """Local file/folder, or a hub id ('org/name', or 'org/name@REVISION' for a branch, tag or
+    commit) resolved through huggingface_hub."""
     p = local_path(path_or_id)
     return p if p is not None else _download(str(path_or_id))
+
+
+def split_revision(s: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); a revision may hold '/' ('org/name@refs/pr/1')."""
+    repo, at, rev = s.partition("@")
+    return (repo, rev) if at and rev and repo.count("/") == 1 else (s, None)
+
+
+def _in_hub_cache(repo: str, rev: str | None) -> bool:
+    """Whether huggingface_hub's cache holds the repo at `rev` (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo, revision=rev, local_files_only=True)
+    except Exception:  # noqa: BLE001  (not installed, not cached, not a valid id)
+        return False
+    return True
 
 
 def local_path(path_or_id: str | os.PathLike) -> Path | None:
@@ -77,10 +95,19 @@ def local_path(path_or_id: str | os.PathLike) -> Path | None:
                                  "file or a hub id like 'state-spaces/mamba-130m-hf'") from e
     if exists:
         return p
-    looks_like_hub = (s.count("/") == 1 and not s.startswith((".", "/", "~")) and not s.endswith((".gguf", ".json"))
-                      and not Path(s.split("/")[0]).is_dir())  # "models/typo" is a local path, not an org
+    repo, rev = split_revision(s)
+    looks_like_hub = (repo.count("/") == 1 and not s.startswith((".", "/", "~"))
+                      and not repo.endswith((".gguf", ".json")))
     if not looks_like_hub:
         raise ModelNotFoundError(f"no such file or folder: {s!r}; pass a checkpoint folder, a .gguf file or a hub id like 'state-spaces/mamba-130m-hf'")
+    org, name = repo.split("/")
+    # "models/typo" is a local typo, not an org, unless the hub cache holds it (a folder named
+    # after the org is what `hf download ORG/NAME --local-dir ORG/NAME` leaves): no network here
+    if Path(org).is_dir() and not _in_hub_cache(repo, rev):
+        raise ModelNotFoundError(
+            f"no such file or folder: {s!r} (the folder {org!r} has no {name!r}); pass a checkpoint folder or a .gguf "
+            f"file; for the hub id {repo!r}, which the hub cache does not hold, download it first (`hf download "
+            f"{repo}`) or run from a folder without {org!r}")
     return None
 
 
@@ -110,23 +137,31 @@ def _download(repo_id: str) -> Path:
     except ImportError as e:
         raise ModelNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not installed; "
                                  f"{install_hint('huggingface_hub')}") from e
+    repo, rev = split_revision(repo_id)
     if not _hub_resolves():  # offline: huggingface_hub would retry for ~25 s before failing
-        try:
-            return Path(snapshot_download(repo_id, local_files_only=True))  # an earlier download still serves
+        try:  # an earlier download still serves
+            return Path(snapshot_download(repo, revision=rev, local_files_only=True))
         except Exception as e:  # noqa: BLE001  (not in the cache)
             raise ModelNotFoundError(
                 f"{repo_id!r} is not a local path, the hub's host does not resolve (offline?) and the model is "
                 "not in the local hub cache; download it elsewhere and pass the local folder") from e
     try:
-        tries = [hub_patterns(HfApi().list_repo_files(repo_id))]
-    except Exception:  # noqa: BLE001  (offline / not found: snapshot_download says which, or reads the cache)
-        tries = [HUB_SMALL_FILES + ["*.safetensors"], HUB_SMALL_FILES + ["*.safetensors", "*.bin"]]
+        tries = [hub_patterns(HfApi().list_repo_files(repo, revision=rev))]
+    except Exception as e:  # noqa: BLE001  (offline / rate-limited: snapshot_download says which, or reads the cache)
+        _refuse_repo_error(repo, rev, e)
+        tries = [HUB_SMALL_FILES + ["*.safetensors"], HUB_SMALL_FILES + ["*.bin"]]
     first = None
     for patterns in tries:
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+            path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
         except Exception as e:  # noqa: BLE001  (hub raises many types: offline, 404, auth)
+            _refuse_repo_error(repo, rev, e)
             first = first or e
+            continue
+        if path.is_file() or _has_weights(path):  # a pattern that matched no weights goes on to the next
+            return path
+    if first is None:  # every download worked and none brought weights
+        return path  # load_model names the folder without weights
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     fix = ("HF_HUB_OFFLINE is set (offline) and the hub cache does not hold it: download it on a machine with network "
            "(or unset HF_HUB_OFFLINE) and pass the local folder" if offline else
@@ -136,6 +171,33 @@ def _download(repo_id: str) -> Path:
         f"{repo_id!r} is not a local path, and fetching it from the hub failed "
         f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}). {fix}."
     ) from first
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        return bool(_weight_sources(folder))
+    except MambaDeployError:
+        return False
+
+
+def _refuse_repo_error(repo: str, rev: str | None, e: Exception) -> None:
+    """ModelNotFoundError with the fix for a hub answer no retry changes: a gated, missing or
+    private repo, or a revision it does not have (with the server's own message)."""
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    said = " ".join(str(e).split())[:300]
+    if isinstance(e, GatedRepoError):
+        fix = (f"it is a gated repo: accept its terms at https://huggingface.co/{repo}, then log in "
+               "(`hf auth login`, or set HF_TOKEN)")
+    elif isinstance(e, RepositoryNotFoundError):
+        fix = "no such model on the hub, or a private one: check the id, or log in (`hf auth login`, or set HF_TOKEN)"
+    elif isinstance(e, RevisionNotFoundError):
+        fix = f"the repo has no revision {rev!r}: check the branch, tag or commit after '@'"
+    else:
+        return
+    raise ModelNotFoundError(f"{repo!r}{'@' + rev if rev else ''}: {fix} (hub: {said})") from e
 
 
 def _hub_resolves() -> bool:
@@ -311,7 +373,12 @@ def iter_tensors(folder: Path, shapes_only: bool = False):
 
 def _iter_bin(f: Path, names=None):
     try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # saved before torch 1.6's zip format: readable, only not memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {f}: {e}; the file is corrupt or not a PyTorch state dict") from e
     if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
@@ -733,16 +800,22 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None):
+def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None,
+               revision: str | None = None):
     """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
 
     Quantized checkpoints (config.json with `quantization_config`) load with their quantized
     modules swapped in. state_dtype: the SSM state's dtype (`MambaLM.set_state_dtype`; default
-    float32).
+    float32). revision: a hub id's branch, tag or commit (also written 'org/name@REVISION').
     """
     if not isinstance(path_or_hub_id, (str, os.PathLike)):
         raise ModelNotFoundError(f"load_model takes a path or hub id (str or Path), got "
                                  f"{type(path_or_hub_id).__name__} {path_or_hub_id!r:.60}")
+    if revision is not None:
+        if local_path(path_or_hub_id) is not None or split_revision(str(path_or_hub_id))[1] is not None:
+            raise ConfigError(f"revision={revision!r} applies to a hub id without '@REVISION'; "
+                              f"{str(path_or_hub_id)!r} is a local path or names its revision already")
+        path_or_hub_id = f"{path_or_hub_id}@{revision}"
     if dtype not in LOAD_DTYPES:  # a string would reach Module.to as a device name
         raise ConfigError(f"dtype {dtype!r} is not one a model loads in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)}")

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import ConfigError, ModelNotFoundError, ShapeError
+from .errors import ConfigError, MambaDeployError, ModelNotFoundError, ShapeError
 from .extras import install_hint
 from .inputs import token_stream
 
@@ -118,11 +118,28 @@ def _named_special_ids(tok, folder: Path, tcfg: dict) -> dict[str, int]:
     return {k: i for k, i in ids.items() if i is not None}
 
 
+# state-spaces' original (mamba_ssm) repos ship no tokenizer; their README loads this one
+MAMBA_SSM_TOKENIZER = "EleutherAI/gpt-neox-20b"
+
+
 def _no_tokenizer(folder, why: str) -> ModelNotFoundError:
+    folder = Path(folder)
+    # a hub download's snapshot is shared, symlinked cache: files are not added there by hand
+    where = ("a local copy of it (`mamba-deploy convert MODEL OUT_DIR` writes one)"
+             if "snapshots" in folder.parts else "that folder")
+    hint = ""
+    try:
+        from .checkpoint import read_raw_config
+
+        if "d_model" in read_raw_config(folder):  # mamba_ssm's key (state-spaces' -hf configs carry it too)
+            hint = (f"; original mamba_ssm checkpoints (state-spaces/mamba-*) use {MAMBA_SSM_TOKENIZER}'s tokenizer, "
+                    "or use the -hf repo (state-spaces/mamba-130m-hf), which ships it")
+    except (OSError, ValueError, TypeError, MambaDeployError):
+        pass
     return ModelNotFoundError(
         f"no tokenizer in {folder} ({why}); copy the model's tokenizer.json and tokenizer_config.json into "
-        "that folder, or pass --tokenizer PATH where the command has one (from Python: give token ids instead of text)"
-    )
+        f"{where}, or pass --tokenizer PATH where the command has one (from Python: give token ids instead of "
+        f"text){hint}")
 
 
 def _model_vocab(folder: Path) -> int | None:
@@ -179,14 +196,14 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
         raise _corrupt(path, e) from e
     tcfg = read_tokenizer_config(folder)
-    eos = _special_id(tok, tcfg, "eos_token")
-    bos = _special_id(tok, tcfg, "bos_token")
+    named = _named_special_ids(tok, folder, tcfg)  # special_tokens_map.json wins, as in transformers
+    eos, bos = named.get("eos_token"), named.get("bos_token")
     if eos is None:
         for name in ("<|endoftext|>", "</s>", "<eos>"):
             if tok.token_to_id(name) is not None:
                 eos = tok.token_to_id(name)
                 break
-    return Tokenizer(tok, eos, bos, folder, special_token_ids=_named_special_ids(tok, folder, tcfg))
+    return Tokenizer(tok, eos, bos, folder, special_token_ids=named)
 
 
 PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)

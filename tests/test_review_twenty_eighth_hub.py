@@ -201,3 +201,36 @@ def test_an_original_mamba_ssm_folder_without_tokenizer_names_the_one_it_uses(hf
     ssm = save_checkpoint(load_model(hf_checkpoint("mamba")[0]), tmp_path / "ssm", fmt="mamba_ssm")
     with pytest.raises(ModelNotFoundError, match="use EleutherAI/gpt-neox-20b's tokenizer"):
         load_model(ssm).tokenizer.encode("hello")
+
+
+def test_a_hub_tokenizer_is_fetched_without_its_weights(ckpt, hf_checkpoint, tmp_path, monkeypatch):
+    """`export gguf --tokenizer EleutherAI/gpt-neox-20b` (what state-spaces' original models use)
+    resolved the id as a model and downloaded its 41 GB of weights for a tokenizer.json."""
+    pytest.importorskip("gguf")
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mamba_deploy import checkpoint as ck
+    from mamba_deploy.export.gguf import export_gguf
+
+    remote = tmp_path / "remote"  # the tokenizer's repo: its tokenizer files and weights
+    shutil.copytree(ckpt("mamba")[0], remote)
+    fetched = []
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return sorted(p.name for p in remote.iterdir())
+
+    def snapshot(repo_id, allow_patterns=None, revision=None, **kw):
+        out = tmp_path / "snap"
+        out.mkdir(exist_ok=True)
+        for f in filter_repo_objects(sorted(p.name for p in remote.iterdir()), allow_patterns=allow_patterns):
+            fetched.append(f)
+            shutil.copy(remote / f, out / f)
+        return str(out)
+
+    monkeypatch.setattr(ck, "_hub_resolves", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    out = export_gguf(hf_checkpoint("mamba")[0], tmp_path / "m.gguf", outtype="f32", tokenizer="org/tokenizer")
+    assert out.exists() and "tokenizer.json" in fetched
+    assert not [f for f in fetched if f.endswith((".safetensors", ".bin"))], fetched

@@ -56,11 +56,13 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 # ----------------------------------------------------------------------------- locating
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
+def resolve(path_or_id: str | os.PathLike, weights: bool = True) -> Path:
     """Local file/folder, or a hub id ('org/name', or 'org/name@REVISION' for a branch, tag or
-    commit) resolved through huggingface_hub."""
+    commit) resolved through huggingface_hub. weights=False: a hub repo's small files only
+    (configs, tokenizers), for a tokenizer taken from another model (EleutherAI/gpt-neox-20b's
+    weights are 41 GB)."""
     p = local_path(path_or_id)
-    return p if p is not None else _download(str(path_or_id))
+    return p if p is not None else _download(str(path_or_id), weights)
 
 
 def split_revision(s: str) -> tuple[str, str | None]:
@@ -131,7 +133,7 @@ def hub_patterns(names) -> list[str]:
     return HUB_SMALL_FILES + ["*.safetensors" if any(n.endswith(".safetensors") for n in names) else "*.bin"]
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, weights: bool = True) -> Path:
     try:
         from huggingface_hub import HfApi, snapshot_download
     except ImportError as e:
@@ -146,10 +148,10 @@ def _download(repo_id: str) -> Path:
                 f"{repo_id!r} is not a local path, the hub's host does not resolve (offline?) and the model is "
                 "not in the local hub cache; download it elsewhere and pass the local folder") from e
     try:
-        tries = [hub_patterns(HfApi().list_repo_files(repo, revision=rev))]
+        tries = [hub_patterns(HfApi().list_repo_files(repo, revision=rev)) if weights else HUB_SMALL_FILES]
     except Exception as e:  # noqa: BLE001  (offline / rate-limited: snapshot_download says which, or reads the cache)
         _refuse_repo_error(repo, rev, e)
-        tries = [HUB_SMALL_FILES + ["*.safetensors"], HUB_SMALL_FILES + ["*.bin"]]
+        tries = [HUB_SMALL_FILES + ["*.safetensors"], HUB_SMALL_FILES + ["*.bin"]] if weights else [HUB_SMALL_FILES]
     first = None
     for patterns in tries:
         try:
@@ -158,7 +160,7 @@ def _download(repo_id: str) -> Path:
             _refuse_repo_error(repo, rev, e)
             first = first or e
             continue
-        if path.is_file() or _has_weights(path):  # a pattern that matched no weights goes on to the next
+        if not weights or path.is_file() or _has_weights(path):  # a pattern matching no weights: the next
             return path
     if first is None:  # every download worked and none brought weights
         return path  # load_model names the folder without weights

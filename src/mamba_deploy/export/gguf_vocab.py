@@ -59,7 +59,7 @@ def find_tokenizer_file(tokenizer, model_source) -> Path:
     if tokenizer is not None:
         from ..checkpoint import resolve
 
-        p = resolve(tokenizer)
+        p = resolve(tokenizer, weights=False)  # a hub id's tokenizer files, not its weights
         found = _pick_tokenizer(p) if p.is_dir() else (p if p.is_file() else None)
         if found is None:
             raise ModelNotFoundError(f"--tokenizer {tokenizer!r} has no tokenizer.json or SentencePiece model "

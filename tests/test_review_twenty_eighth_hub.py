@@ -234,3 +234,48 @@ def test_a_hub_tokenizer_is_fetched_without_its_weights(ckpt, hf_checkpoint, tmp
     out = export_gguf(hf_checkpoint("mamba")[0], tmp_path / "m.gguf", outtype="f32", tokenizer="org/tokenizer")
     assert out.exists() and "tokenizer.json" in fetched
     assert not [f for f in fetched if f.endswith((".safetensors", ".bin"))], fetched
+
+
+def test_generate_with_the_tokenizer_of_another_folder(ckpt, tmp_path, capsys):
+    """state-spaces' original checkpoints ship no tokenizer and generate had no way to give one.
+    Reference: transformers' greedy generate, prompt encoded by AutoTokenizer from the folder
+    that has the tokenizer."""
+    import transformers
+
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.cli import main
+
+    folder = ckpt("mamba")[0]
+    ssm = save_checkpoint(load_model(folder), tmp_path / "ssm", fmt="mamba_ssm")
+    for f in ssm.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    prompt = "the quick brown"
+    ids = transformers.AutoTokenizer.from_pretrained(folder)(prompt)["input_ids"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids):]
+    assert main(["generate", str(ssm), "--prompt", prompt, "--max-new-tokens", "6", "--stop", "0", "--json",
+                 "--tokenizer", str(folder)]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["tokens"]
+    assert got == want.tolist()[:len(got)] and got
+    assert main(["generate", str(ssm), "--prompt", prompt]) == 2  # without it: the error names the fix
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_a_tokenizer_option_is_refused_where_it_cannot_apply(ckpt, tiny_gguf, hf_checkpoint, tmp_path, capsys):
+    from mamba_deploy.cli import main
+
+    pytest.importorskip("llama_cpp")
+    assert main(["generate", str(tiny_gguf), "--prompt", "hi", "--tokenizer", str(ckpt("mamba")[0])]) == 2
+    assert "llama.cpp tokenizes with the GGUF's own vocabulary" in capsys.readouterr().err
+    big = tmp_path / "big"  # a tokenizer of more ids than the model's 128
+    shutil.copytree(ckpt("mamba")[0], big)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(big / "tokenizer.json"))
+    tok.add_tokens([f"extra{i}" for i in range(200)])
+    tok.save(str(big / "tokenizer.json"))
+    assert main(["generate", str(ckpt("mamba")[0]), "--prompt", "hi", "--tokenizer", str(big)]) == 2
+    assert "more than the model's vocabulary of 128" in capsys.readouterr().err

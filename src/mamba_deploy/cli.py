@@ -87,6 +87,29 @@ def add_threads(parser) -> None:
                              "each backend's own (llama.cpp: one per physical core)")
 
 
+def add_tokenizer(parser) -> None:
+    parser.add_argument("--tokenizer", default=None, metavar="PATH_OR_HUB_ID",
+                        help="tokenize with this folder / hub id's tokenizer (its tokenizer files only are fetched) "
+                             "instead of the model's: state-spaces' original mamba_ssm checkpoints ship none and "
+                             "use EleutherAI/gpt-neox-20b's (not with llama.cpp, whose GGUF holds its own)")
+
+
+def use_tokenizer(runner, spec) -> None:
+    """--tokenizer: `runner` tokenizes with `spec`'s tokenizer; one with more ids than the model's
+    vocabulary belongs to another model and is refused."""
+    if spec is None:
+        return
+    from .checkpoint import resolve
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve(spec, weights=False))
+    if tok.vocab_size > runner.vocab_size:
+        raise ConfigError(f"--tokenizer {spec}: {tok.vocab_size} tokens, more than the model's vocabulary of "
+                          f"{runner.vocab_size}; it belongs to another model: pass the tokenizer this one was "
+                          "trained with")
+    runner.set_tokenizer(tok)
+
+
 # the torch backend's own flags at their defaults: anything else asks for something a backend
 # that does not take the option (runners.OPTIONS) would not do
 TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32"}
@@ -191,6 +214,7 @@ def cmd_generate(args):
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
     template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
+    use_tokenizer(runner, args.tokenizer)
     prompts, stops = list(args.prompt), args.stop
     if args.chat or stops is not None:
         stops = stops_with_eos(runner.tokenizer, stops)
@@ -283,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
+    add_tokenizer(s)
     s.add_argument("--max-new-tokens", type=nonnegative_int, default=64,
                    help="most tokens generated per prompt; a stop token or --stop-string ends one earlier")
     s.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")

@@ -91,11 +91,12 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
 
 
 def cmd_eval(args):
-    from .cli import DTYPES, runner_options
+    from .cli import DTYPES, runner_options, use_tokenizer
     from .runners import open_runner
 
     runner = open_runner(args.model, args.backend,
                          **runner_options(args, {"device": args.device, "dtype": DTYPES[args.dtype]}))
+    use_tokenizer(runner, args.tokenizer)
     ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=not args.json)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
@@ -122,7 +123,7 @@ def cmd_eval(args):
 
 def register(subparsers):
     from .argtypes import backend_choice, positive_int
-    from .cli import DEVICE_HELP, DTYPES, add_threads
+    from .cli import DEVICE_HELP, DTYPES, add_threads, add_tokenizer
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
@@ -133,6 +134,7 @@ def register(subparsers):
     s.add_argument("--window", type=positive_int, default=256, help="tokens per prefill window")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
+    add_tokenizer(s)
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     add_threads(s)

@@ -656,7 +656,7 @@ def cmd_serve(args):
     import signal
 
     from .chat import read_template_file
-    from .cli import runner_options
+    from .cli import runner_options, use_tokenizer
     from .runners import open_runner
 
     # read before the model loads; the "no chat template" 400 names this flag as the fix
@@ -668,6 +668,7 @@ def cmd_serve(args):
         raise _bind_error(args.host, args.port, e) from None
     runner = open_runner(args.model, args.backend, **options)
     try:
+        use_tokenizer(runner, args.tokenizer)
         server = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                              model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template,
@@ -720,12 +721,13 @@ def cmd_serve(args):
 
 def register(subparsers) -> None:
     from .argtypes import backend_choice, port, positive_int
-    from .cli import DEVICE_HELP, add_state_dtype, add_threads
+    from .cli import DEVICE_HELP, add_state_dtype, add_threads, add_tokenizer
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="torch | onnx | llama.cpp | openvino | ... (default: from the path)")
+    add_tokenizer(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="IPv4 address or host name to listen on: 127.0.0.1 = this machine only, 0.0.0.0 = every "
                         "interface")

@@ -271,6 +271,11 @@ class Runner(ABC):
             self._tokenizer = load_tokenizer(self.source_path)
         return self._tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        """Text goes through `tokenizer` instead of the one beside the model (a model that ships
+        none: state-spaces' original mamba_ssm checkpoints use EleutherAI/gpt-neox-20b's)."""
+        self._tokenizer = tokenizer
+
     def close(self) -> None:
         """Frees the backend's handles; later calls raise RunnerClosedError. Backends that hold
         handles free them and call this."""

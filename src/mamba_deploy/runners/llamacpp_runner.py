@@ -534,6 +534,11 @@ class LlamaCppRunner(Runner):
             self._tokenizer = LlamaCppTokenizer(self._lib, self._model)
         return self._tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        raise ConfigError("llama.cpp tokenizes with the GGUF's own vocabulary, so another tokenizer cannot apply; "
+                          "write it into the GGUF (`mamba-deploy export gguf MODEL OUT.gguf --tokenizer ...`), or run "
+                          "the checkpoint with --backend torch")
+
     @one_call_at_a_time
     def close(self) -> None:
         self._free_context()

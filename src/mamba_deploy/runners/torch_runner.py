@@ -78,6 +78,9 @@ class TorchRunner(Runner):
         # in source_path holds
         return self.model.tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        self.model._tokenizer = tokenizer  # the model's, so model.generate uses it too
+
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
                **_) -> TorchRunner:

@@ -195,3 +195,19 @@ def test_a_level_4_failure_points_to_accuracy_level_0(hf_checkpoint, tmp_path, m
     with pytest.raises(ExportError, match=r"at accuracy_level 4: .* int8 blocks .* --accuracy-level 0"):
         onnx_nbits.export_quantized_onnx(q, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph runner needs a CUDA GPU")
+def test_seeded_rows_sample_alone_or_listed_on_the_cuda_graph_runner(hf_checkpoint):
+    """Each prompt's own generator (generation.row_generators) on the CUDA-graph decode path,
+    whose logits come back from the GPU: listed with others, a prompt samples what it samples
+    alone. Reference: the same prompt run alone."""
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    r = open_runner(hf_checkpoint("mamba2")[0], "torch", device="cuda", dtype=torch.float32)
+    prompts = [[5, 6, 7], [9, 10], [5, 6, 7]]
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=3)
+    listed = generate(r, prompts, **kw).tokens
+    alone = [generate(r, [p], **kw).tokens[0] for p in prompts]
+    assert listed == alone and listed[0] == listed[2]

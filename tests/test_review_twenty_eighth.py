@@ -211,3 +211,51 @@ def test_seeded_rows_sample_alone_or_listed_on_the_cuda_graph_runner(hf_checkpoi
     listed = generate(r, prompts, **kw).tokens
     alone = [generate(r, [p], **kw).tokens[0] for p in prompts]
     assert listed == alone and listed[0] == listed[2]
+
+
+def test_a_norm_before_gate_mamba2_exports_to_onnx(hf_checkpoint, tmp_path):
+    """mamba_ssm's ssm_cfg.norm_before_gate: true loaded and ran, but GGUF export sent the user to
+    ONNX, which refused it too. Reference: the PyTorch model (mamba_ssm's gated norm, checked
+    against mamba_ssm's own on the GPU), whose flag must matter here."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    ssm = save_checkpoint(load_model(hf_checkpoint("mamba2_g2")[0]), tmp_path / "ssm", fmt="mamba_ssm")
+    cfg = json.loads((ssm / "config.json").read_text())
+    plain = load_model(ssm)
+    cfg["ssm_cfg"]["norm_before_gate"] = True
+    (ssm / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ssm)
+    assert model.config.norm_before_gate and model.config.ngroups == 2
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, st = model(ids), None
+        step_want = model.step(ids[:, 0], want.state)
+        assert float((plain(ids).logits - want.logits).abs().max()) > 1e-3  # the flag changes the model
+    out = export_onnx(model, tmp_path / "onnx")
+    with open_runner(out, "onnx", threads=1) as r:
+        got, st = r.prefill(ids, r.new_state(2))
+        step_got, _ = r.step(ids[:, 0], st)
+    for g, w in ((got, want.logits), (step_got, step_want)):
+        assert float((g - w).abs().max() / w.abs().max()) < 1e-4
+
+
+def test_an_int8_layer_kept_float_says_its_row_length_is_why(hf_checkpoint, tmp_path):
+    """An int8 checkpoint's dt_proj (4 inputs: no MatMulNBits block divides it) stayed float with
+    'format int8 / group None has no MatMulNBits form', and the advice to quantize with int8."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize
+    from mamba_deploy.quant.onnx_nbits import export_quantized_onnx
+
+    q = quantize(load_model(hf_checkpoint("mamba")[0]), "int8", progress=False)
+    rank = q.backbone.layers[0].mixer.dt_proj.in_features
+    with pytest.warns(UserWarning, match=rf"int8 rows of {rank} inputs, which no MatMulNBits block \(16/32/64/128/256\) "
+                                         r"divides") as seen:
+        out = export_quantized_onnx(q, tmp_path / "onnx", validate=False, accuracy_level=0)
+    assert not any("--method" in str(w.message) for w in seen)
+    kept = json.loads((out / "manifest.json").read_text())["quantization"]["kept_float"]
+    assert kept["backbone.layers.0.mixer.dt_proj"].startswith(f"int8 rows of {rank} inputs")

@@ -165,7 +165,7 @@ def check_exportable(cfg) -> None:
         raise ExportError(f"llama.cpp cannot run this {cfg.arch} model: {'; '.join(problems)}; "
                           "export it to ONNX instead (mamba-deploy export onnx)")
     for why in llama_cpp_differences(cfg):
-        warnings.warn(why, stacklevel=3)
+        warnings.warn(f"{why} (`mamba-deploy verify MODEL OUT.gguf` measures by how much)", stacklevel=3)
 
 
 def llama_cpp_differences(cfg) -> list[str]:

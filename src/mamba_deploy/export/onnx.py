@@ -86,8 +86,6 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = as_model(model_or_path)
     cfg = model.config
-    if cfg.arch == "mamba2" and cfg.norm_before_gate:
-        raise ExportError("ONNX export does not implement norm_before_gate=True Mamba2 models")
     if cfg.arch == "mamba2" and scan_chunk != 1:
         raise ExportError(f"--scan-chunk {scan_chunk} applies to Mamba1 only: this is a Mamba2 model, whose prefill "
                           f"is already chunked (a loop-free SSD over chunks of its chunk_size, {cfg.chunk_size} tokens); "

@@ -377,10 +377,15 @@ class MambaGraph(StepNetwork):
         x4 = g.op("Reshape", x, g.const([0, 0, h, P]))  # (b, l, h, p)
         y = self._ssd(x4, dt, B, C, A, i)  # (b, l, h, p)
         y = g.op("Add", y, g.op("Mul", x4, self.param(p + "D", (h, 1))))
-        y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), g.silu(z))  # (b, l, d)
+        y, gate = g.op("Reshape", y, g.const([0, 0, d])), g.silu(z)  # (b, l, d)
+        after = cfg.rmsnorm and cfg.norm_before_gate  # gate the normalised y (mamba_ssm's option)
+        if not after:
+            y = g.op("Mul", y, gate)
         if cfg.rmsnorm:
             y = g.rms(g.op("Reshape", y, g.const([0, 0, G, d // G])), cfg.rms_norm_eps)
             y = g.op("Mul", g.op("Reshape", y, g.const([0, 0, d])), self.param(p + "norm.weight"))
+        if after:
+            y = g.op("Mul", y, gate)
         return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")
 
     def _segsum_exp(self, a: str) -> str:

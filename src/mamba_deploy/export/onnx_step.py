@@ -109,10 +109,15 @@ class StepNetwork:
         y = g.op("MatMul", g.op("Reshape", h, g.const([0, G, d // G, N])),
                  g.op("Reshape", C, g.const([0, G, N, 1])))  # (b, g, r*p, 1)
         D = self.weight(p + "D.step", lambda: np.repeat(self._np(p + "D"), P))  # (h,) -> one per channel (d,)
-        y = g.op("Mul", g.op("Add", g.op("Reshape", y, g.const([0, d])), g.op("Mul", x, D)), g.silu(z))
+        y, gate = g.op("Add", g.op("Reshape", y, g.const([0, d])), g.op("Mul", x, D)), g.silu(z)
+        after = cfg.rmsnorm and cfg.norm_before_gate  # gate the normalised y (mamba_ssm's option)
+        if not after:
+            y = g.op("Mul", y, gate)
         if cfg.rmsnorm and G == 1:  # on (b, d) with its weight: ORT fuses it into one SimplifiedLayerNormalization
             y = g.rms(y, cfg.rms_norm_eps, self.param(p + "norm.weight"))
         elif cfg.rmsnorm:  # per group: (b, g, d/g), then the per-channel weight on (b, d)
             y = g.rms(g.op("Reshape", y, g.const([0, G, d // G])), cfg.rms_norm_eps)
             y = g.op("Mul", g.op("Reshape", y, g.const([0, d])), self.param(p + "norm.weight"))
+        if after:
+            y = g.op("Mul", y, gate)
         return self.linear(y, p + "out_proj.weight", p + "out_proj.bias")

@@ -112,10 +112,11 @@ def _warn_kept_float(report: dict) -> None:
         import warnings
 
         reasons = "; ".join(f"{n} x {why}" for why, n in collections.Counter(kept.values()).items())
+        fixable = any(not why.startswith("int8 rows") for why in kept.values())  # a row length is the model's
+        advice = (f". For MatMulNBits layers, quantize with --method int8, int4, gptq or awq (group sizes "
+                  f"{', '.join(map(str, sorted(BLOCKS)))})" if fixable else "")
         warnings.warn(f"{len(kept)} of {len(kept) + len(report['rewritten'])} quantized linear layers stay float32 in "
-                      f"the ONNX graph (their dequantized weights): {reasons}. For MatMulNBits layers, quantize "
-                      f"with --method int8, int4, gptq or awq (group sizes {', '.join(map(str, sorted(BLOCKS)))})",
-                      stacklevel=3)
+                      f"the ONNX graph (their dequantized weights): {reasons}{advice}", stacklevel=3)
 
 
 def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:
@@ -233,8 +234,7 @@ class NBitsLinears:
     def _add_tensors(self, graph, mod, name: str, spec: dict) -> bool:
         t = nbits_tensors(mod)
         if t is None:
-            self.report["kept_float"][name] = (f"format {spec['format']} / group {spec.get('group_size')} has no "
-                                               "MatMulNBits form")
+            self.report["kept_float"][name] = kept_float_reason(mod)
             return False
         for suffix, array in (("qweight", t["B"]), ("scales", t["scales"]), ("zeros", t["zp"])):
             if array is not None:
@@ -279,6 +279,16 @@ def _dequantized_copy(qmodel, dtype=torch.float32):
     fp = MambaLM(graph_config(qmodel)).to(dtype)
     fp.load_state_dict({k: weights[k] for k in fp.state_dict()})  # copy_ casts each tensor to dtype
     return fp.eval()
+
+
+def kept_float_reason(mod) -> str:
+    """Why nbits_tensors has no MatMulNBits form for `mod` (its format, or a block size ORT lacks)."""
+    blocks = "/".join(map(str, sorted(BLOCKS)))
+    if mod.fmt == "int8":  # per channel: any block dividing the row would do
+        return f"int8 rows of {mod.in_features} inputs, which no MatMulNBits block ({blocks}) divides"
+    if mod.fmt == "int4":
+        return f"int4 group {mod.group_size}, not a MatMulNBits block ({blocks})"
+    return f"format {mod.fmt}, which MatMulNBits cannot hold (int8 / int4 only)"
 
 
 def nbits_tensors(mod) -> dict | None:

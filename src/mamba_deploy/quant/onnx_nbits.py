@@ -123,9 +123,9 @@ def _validate(folder: Path, reference: tuple, qmodel, level: int) -> float:
     """The graph against the quantized model (`reference`: torch_reference of it computing with its
     dequantized weights) at ORT's accuracy `level`, to LEVEL_TOLERANCE[level]; ExportError beyond
     it, which at a rounding level names level 0 (a deep random model amplified level 4's int8
-    activations to 0.7 relative, where level 0 passed). Level 0 comes first: to fp32's 1e-4 it proves the codes / scales / zero
-    points layout exact, so a later, looser level only measures ORT's activation rounding.
-    -> worst relative error."""
+    activations to 0.7 relative, where level 0 passed). Level 0 comes first: to fp32's 1e-4 it
+    proves the codes / scales / zero points layout exact, so a later, looser level only measures
+    ORT's activation rounding. -> worst relative error."""
     from ..export.onnx import validate_against_reference
 
     rounds = level >= 2  # levels 0 and 1 compute in fp32: the export's own limit and float64 second opinion
@@ -223,7 +223,9 @@ class NBitsLinears:
         mod = self.qmodel.get_submodule(name)
         if name not in self._attrs and not self._add_tensors(graph, mod, name, spec):
             return None
-        g, ins = graph.g, [x, name + ".qweight", name + ".scales"] + ([name + ".zeros"] if "zp" in self._attrs[name] else [])
+        g, ins = graph.g, [x, name + ".qweight", name + ".scales"]
+        if "zp" in self._attrs[name]:
+            ins.append(name + ".zeros")
         if getattr(mod, "input_scale", None) is not None:
             ins[0] = g.op("Mul", x, name + ".input_scale")
         attrs = {k: v for k, v in self._attrs[name].items() if k != "zp"}

@@ -163,7 +163,9 @@ def test_fp16_export_top1_agreement_demo(tmp_path, name):
         pytest.skip(f"{folder} has no trained demo model yet (config.json missing); train it with `mamba-deploy demo`")
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    # float32: transformers would load the demo's float16 weights as float16 (torch_dtype), and
+    # measure its own fp16 error instead of the export's
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = export_onnx(folder, tmp_path / "onnx16", dtype="fp16")
     runner = open_onnx(out)
     text = "Once upon a time there was a little fox who lived in the forest. " * 8

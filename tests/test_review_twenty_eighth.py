@@ -259,3 +259,24 @@ def test_an_int8_layer_kept_float_says_its_row_length_is_why(hf_checkpoint, tmp_
     assert not any("--method" in str(w.message) for w in seen)
     kept = json.loads((out / "manifest.json").read_text())["quantization"]["kept_float"]
     assert kept["backbone.layers.0.mixer.dt_proj"].startswith(f"int8 rows of {rank} inputs")
+
+
+def test_a_quantized_gguf_reference_keeps_fp32_limits_for_its_own_export(tmp_path):
+    """A Q8_0 GGUF verified against its ONNX export got the int8 row (5e-2), though the reference
+    runs those very weights; a folder converted from it already kept fp32's 1e-4."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    from test_runners import DEMO
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q8 = export_gguf(DEMO, tmp_path / "m.gguf", outtype="q8_0")
+    onnx_dir = export_onnx(q8, tmp_path / "onnx")
+    assert infer_artifact_dtype(onnx_dir) == "q8_0"  # alone, it records the GGUF's rounding
+    assert infer_artifact_dtype(onnx_dir, q8) == "fp32"  # against that GGUF: nothing more is rounded

@@ -171,8 +171,16 @@ def infer_artifact_dtype(path, reference=None) -> str:
 
 
 def _recorded_or_none(reference):
+    """The rounding the reference's weights carry: a folder's recorded source type, or a GGUF's own
+    type (its dequantized weights are what the torch reference runs), else None."""
     try:  # a hub id or a loaded model records nothing here
-        return artifact_labels(reference)[1] if isinstance(reference, (str, os.PathLike)) else None
+        if not isinstance(reference, (str, os.PathLike)):
+            return None
+        if Path(str(reference)).suffix == ".gguf" and Path(str(reference)).is_file():
+            from .export.gguf_import import weights_label
+
+            return weights_label(reference)
+        return artifact_labels(reference)[1]
     except (MambaDeployError, OSError):
         return None
 

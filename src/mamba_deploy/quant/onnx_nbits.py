@@ -91,7 +91,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         if validate:
             _update_manifest(tmp, qc, report)  # the runner checks the graph's hash against it
             report["validation"] = {"accuracy_level_0": _validate(tmp, reference, qmodel, 0)}
-        if accuracy_level:
+        if accuracy_level and linears.report["rewritten"]:  # no MatMulNBits (all kept float): no level to set
             set_accuracy_level(tmp / "model.onnx", accuracy_level)
             report["accuracy_level"] = accuracy_level
             if validate:

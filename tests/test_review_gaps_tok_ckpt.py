@@ -178,7 +178,7 @@ def test_local_looking_paths_are_not_sent_to_the_hub(tmp_path, monkeypatch):
     from mamba_deploy import checkpoint
 
     asked = []
-    monkeypatch.setattr(checkpoint, "_download", lambda s: asked.append(s) or tmp_path)
+    monkeypatch.setattr(checkpoint, "_download", lambda s, weights=True: asked.append(s) or tmp_path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     for s in ["no/such/path", "org/model.gguf", "org/config.json", "models/typo"]:

@@ -165,7 +165,9 @@ def test_a_refused_quantize_leaves_the_model_as_it_was(monkeypatch):
     rules = {"quant_cfg": {"backbone.layers.-1.mixer.in_proj": {"format": "int4", "group_size": 7}}}
     calls = []
     monkeypatch.setattr(quantizer, "calibration_ids", lambda *a, **k: calls.append(a) or None)
-    with pytest.raises(QuantizationError, match=r"group size 7; use --group-size \d+ \(group_size= in Python\)"):
+    # the rule set the group size, so the fix named is the rule's (--group-size cannot override it)
+    with pytest.raises(QuantizationError, match=r"group size 7; set the group_size of rule "
+                                                r"'backbone.layers.-1.mixer.in_proj' to \d+"):
         quantizer.quantize(model, "gptq", rules=rules, progress=False)
     assert not calls  # refused before calibrating
     monkeypatch.undo()

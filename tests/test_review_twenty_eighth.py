@@ -280,3 +280,26 @@ def test_a_quantized_gguf_reference_keeps_fp32_limits_for_its_own_export(tmp_pat
     onnx_dir = export_onnx(q8, tmp_path / "onnx")
     assert infer_artifact_dtype(onnx_dir) == "q8_0"  # alone, it records the GGUF's rounding
     assert infer_artifact_dtype(onnx_dir, q8) == "fp32"  # against that GGUF: nothing more is rounded
+
+
+def test_validation_loss_is_scored_in_bounded_pieces(hf_checkpoint, monkeypatch):
+    """quick_val_loss ran every validation window in one forward: `train --eval-batch 100000`
+    grew to 24 GB and was killed. Reference: the mean next-token NLL from transformers' logits in
+    float64, over all windows."""
+    from mamba_deploy import load_model, train
+
+    folder, hf = hf_checkpoint("mamba")
+    windows = torch.randint(0, 128, (5, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(windows[:, :-1]).logits.double(), -1)
+    want = -float(logp.gather(-1, windows[:, 1:, None]).mean())
+    seen, real = [], train.lm_logits
+
+    def spy(model, x):
+        seen.append(x.shape[0])
+        return real(model, x)
+
+    monkeypatch.setattr(train, "lm_logits", spy)
+    monkeypatch.setattr(train, "VAL_PIECE_TOKENS", 32)  # two 16-token windows per piece
+    assert train.quick_val_loss(load_model(folder), windows, None) == pytest.approx(want, rel=1e-5)
+    assert seen == [2, 2, 1]

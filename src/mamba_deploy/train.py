@@ -118,16 +118,23 @@ def make_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
+VAL_PIECE_TOKENS = 8192  # validation windows are scored this many tokens at a time (bounded logits)
+
+
 @torch.no_grad()
 def quick_val_loss(model, val_windows, amp_dtype) -> float:
-    """Mean loss over fixed validation windows (b, l+1), each from a zero state."""
+    """Mean loss over fixed validation windows (b, l+1), each from a zero state, scored a few rows
+    at a time: all at once, --eval-batch 100000 grew to 24 GB of logits and was killed."""
     model.eval()
-    dev = model.device
+    dev, (b, n) = model.device, val_windows.shape
+    rows, total = max(1, VAL_PIECE_TOKENS // (n - 1)), 0.0
     with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        x = val_windows.to(dev)
-        logits = lm_logits(model, x[:, :-1])
+        for i in range(0, b, rows):
+            x = val_windows[i:i + rows].to(dev)
+            logits = lm_logits(model, x[:, :-1])
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
     model.train()
-    return float(F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()))
+    return total / (b * (n - 1))
 
 
 def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None) -> None:

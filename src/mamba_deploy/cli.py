@@ -240,7 +240,7 @@ def cmd_generate(args):
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
                    stop_token_ids=stops, stop_strings=args.stop_string, prefill_chunk=args.prefill_chunk,
                    on_prefill=prefill_progress() if args.prefill_chunk else None)
-    texts = completion_texts(runner.tokenizer, res)
+    texts = None if stream else completion_texts(runner.tokenizer, res)  # a stream's text is its own
     if stream:
         print_text(text.finish())
     elif args.json:

@@ -493,10 +493,8 @@ class _Handler(BaseHTTPRequestHandler):
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         res = self._generate(prompts, kw)
         tok = None if as_text else self.server.tokenizer_or_none()
-        if res.texts is not None or tok is None:
-            texts = res.texts if res.texts is not None else [""] * len(res.tokens)
-        else:  # token-id prompts without stop strings: decoded here, after each prompt's last tokens
-            texts = completion_texts(tok, res)
+        # token-id prompts without stop strings are decoded here, after each prompt's last tokens
+        texts = [""] * len(res.tokens) if tok is None and res.texts is None else completion_texts(tok, res)
         if chat:
             choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "token_ids": res.tokens[0],
                         "logprobs": None, "finish_reason": res.stop_reasons[0]}]

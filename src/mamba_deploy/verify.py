@@ -176,11 +176,9 @@ def _recorded_or_none(reference):
     try:  # a hub id or a loaded model records nothing here
         if not isinstance(reference, (str, os.PathLike)):
             return None
-        if Path(str(reference)).suffix == ".gguf" and Path(str(reference)).is_file():
-            from .export.gguf_import import weights_label
-
-            return weights_label(reference)
-        return artifact_labels(reference)[1]
+        own, recorded = artifact_labels(reference)
+        p = Path(str(reference))
+        return looser_label(own, recorded) if p.suffix == ".gguf" and p.is_file() else recorded
     except (MambaDeployError, OSError):
         return None
 

@@ -14,6 +14,8 @@ from . import formats
 from .modules import QuantEmbedding, QuantLinear, tie_head
 from .plan import validate_config
 
+ZERO_MAX = formats.qrange(4, False)[1]  # stored zero points exist for asymmetric int4 only
+
 
 def refuse_quantized(model: nn.Module, action: str, fix: str, error=ExportError) -> None:
     """Raise `error` when `model` was loaded from a quantized checkpoint: paths that read float
@@ -143,9 +145,8 @@ def _fill(model, path: Path, device, shapes_only: bool = False) -> None:
         if t.is_floating_point() and not all_finite(t, as_float=True):
             problems.append(f"{k} has NaN or infinite values (a corrupt file)")
             continue
-        top = formats.qrange(4, False)[1]
-        if k.endswith(".zeros") and t.numel() and int(t.max()) > top:  # int4 zero points; MatMulNBits packs them in nibbles
-            problems.append(f"{k} holds zero points up to {int(t.max())}, outside int4's 0..{top} (a corrupt file)")
+        if k.endswith(".zeros") and t.numel() and int(t.max()) > ZERO_MAX:  # MatMulNBits packs them in nibbles
+            problems.append(f"{k} holds zero points up to {int(t.max())}, outside int4's 0..{ZERO_MAX} (a corrupt file)")
             continue
         with torch.no_grad():
             dst.copy_(t.to(device=device, dtype=dst.dtype) if dst.is_floating_point() else t.to(device))

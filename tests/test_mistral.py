@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from mamba_deploy.checkpoint import hub_patterns, load_model, read_config, stored_dtype
+from mamba_deploy.checkpoint import load_model, read_config, stored_dtype
+from mamba_deploy.hub import hub_patterns
 from mamba_deploy.config import MambaConfig
 from mamba_deploy.errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError
 
@@ -223,7 +224,7 @@ def test_hub_download_fetches_one_set_of_weights(names, expected):
 def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_path):
     import huggingface_hub
 
-    from mamba_deploy import checkpoint
+    from mamba_deploy import hub
 
     calls = []
 
@@ -236,10 +237,10 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
         calls.append(("get", repo_id, allow_patterns))
         return str(tmp_path)
 
-    monkeypatch.setattr(checkpoint, "_hub_resolves", lambda: True)  # online, whatever this machine is
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)  # online, whatever this machine is
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert checkpoint._download("mistralai/Mamba-Codestral-7B-v0.1") == tmp_path
+    assert hub._download("mistralai/Mamba-Codestral-7B-v0.1") == tmp_path
     assert calls == [("list", "mistralai/Mamba-Codestral-7B-v0.1"),
                      ("get", "mistralai/Mamba-Codestral-7B-v0.1", hub_patterns(CODESTRAL_REPO))]
 
@@ -253,7 +254,7 @@ def test_download_lists_the_repo_then_fetches_the_chosen_files(monkeypatch, tmp_
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
     with pytest.raises(ModelNotFoundError, match="FileNotFoundError: not in the cache.*HF_HUB_OFFLINE"):
-        checkpoint._download("org/missing")
+        hub._download("org/missing")
 
 
 def test_download_offline_fails_fast_or_reads_the_cache(monkeypatch, tmp_path):
@@ -264,7 +265,7 @@ def test_download_offline_fails_fast_or_reads_the_cache(monkeypatch, tmp_path):
 
     import huggingface_hub
 
-    from mamba_deploy import checkpoint
+    from mamba_deploy import hub
 
     def no_dns(host, *a, **k):
         raise socket.gaierror(-2, "Name or service not known")
@@ -286,6 +287,6 @@ def test_download_offline_fails_fast_or_reads_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", NoNetwork)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert checkpoint._download("org/cached") == tmp_path
+    assert hub._download("org/cached") == tmp_path
     with pytest.raises(ModelNotFoundError, match="does not resolve.*not in the local hub cache"):
-        checkpoint._download("org/missing")
+        hub._download("org/missing")

@@ -175,17 +175,17 @@ def test_corrupt_sentencepiece_and_config_files_are_config_errors(tmp_path):
 def test_local_looking_paths_are_not_sent_to_the_hub(tmp_path, monkeypatch):
     """Strings that cannot be a hub id (two slashes, a .gguf / .json name, a first part that is a
     local folder) are a missing local path, said at once; "org/name" still goes to the hub."""
-    from mamba_deploy import checkpoint
+    from mamba_deploy import hub
 
     asked = []
-    monkeypatch.setattr(checkpoint, "_download", lambda s, weights=True: asked.append(s) or tmp_path)
+    monkeypatch.setattr(hub, "_download", lambda s, weights=True: asked.append(s) or tmp_path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     for s in ["no/such/path", "org/model.gguf", "org/config.json", "models/typo"]:
         with pytest.raises(ModelNotFoundError, match="no such file or folder"):
-            checkpoint.resolve(s)
+            hub.resolve(s)
     assert asked == []
-    assert checkpoint.resolve("org/name") == tmp_path and asked == ["org/name"]
+    assert hub.resolve("org/name") == tmp_path and asked == ["org/name"]
 
 
 def test_hub_patterns_ignore_weights_in_sub_folders():
@@ -193,7 +193,7 @@ def test_hub_patterns_ignore_weights_in_sub_folders():
     sub-folder: the .bin is fetched (allow_patterns' * matches across '/')."""
     import fnmatch
 
-    from mamba_deploy.checkpoint import hub_patterns
+    from mamba_deploy.hub import hub_patterns
 
     names = ["config.json", "weights.bin", "onnx/model.safetensors"]
     patterns = hub_patterns(names)
@@ -204,16 +204,16 @@ def test_hub_patterns_ignore_weights_in_sub_folders():
 def _fake_hub(monkeypatch, snapshot_download):
     import huggingface_hub
 
-    from mamba_deploy import checkpoint
+    from mamba_deploy import hub
 
     class Unlisted:  # listing fails (private repo without token, flaky network): guess patterns
         def list_repo_files(self, repo_id, revision=None):
             raise OSError("cannot list")
 
-    monkeypatch.setattr(checkpoint, "_hub_resolves", lambda: True)
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)
     monkeypatch.setattr(huggingface_hub, "HfApi", Unlisted)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    return checkpoint
+    return hub
 
 
 def test_unlisted_repo_falls_back_to_bin_weights(monkeypatch, tmp_path):
@@ -451,7 +451,7 @@ def test_hub_download_fetches_the_chat_template_file(tiny_tokenizer, tmp_path):
     from huggingface_hub.utils import filter_repo_objects
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from mamba_deploy.checkpoint import hub_patterns
+    from mamba_deploy.hub import hub_patterns
 
     src = tmp_path / "repo"
     build_hf_model("mamba").save_pretrained(src)

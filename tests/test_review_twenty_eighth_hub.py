@@ -97,6 +97,7 @@ def test_gated_and_missing_repos_say_what_to_do_and_are_not_retried(kind, monkey
     from huggingface_hub import errors
 
     from mamba_deploy import checkpoint as ck
+    from mamba_deploy import hub
     from mamba_deploy.errors import ModelNotFoundError
 
     err = {"gated": errors.GatedRepoError, "missing": errors.RepositoryNotFoundError}[kind]
@@ -108,7 +109,7 @@ def test_gated_and_missing_repos_say_what_to_do_and_are_not_retried(kind, monkey
         Exception.__init__(e, f"401 Client Error.\n\nCannot access repo {repo_id}. Please log in.")
         raise e
 
-    monkeypatch.setattr(ck, "_hub_resolves", lambda: True)
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: calls.append("snapshot"))
     want = {"gated": r"gated repo: accept its terms at https://huggingface.co/org/m, then log in .*Please log in",
@@ -126,6 +127,7 @@ def test_a_bin_only_repo_is_fetched_when_the_listing_fails(hf_checkpoint, tmp_pa
     from safetensors.torch import load_file
 
     from mamba_deploy import checkpoint as ck
+    from mamba_deploy import hub
 
     remote = tmp_path / "remote"
     remote.mkdir()
@@ -143,7 +145,7 @@ def test_a_bin_only_repo_is_fetched_when_the_listing_fails(hf_checkpoint, tmp_pa
     def rate_limited(self, repo_id, **kw):
         raise RuntimeError("429 Too Many Requests")
 
-    monkeypatch.setattr(ck, "_hub_resolves", lambda: True)
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", rate_limited)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     model = ck.load_model("state-spaces/tiny")
@@ -210,6 +212,7 @@ def test_a_hub_tokenizer_is_fetched_without_its_weights(ckpt, hf_checkpoint, tmp
     from huggingface_hub.utils import filter_repo_objects
 
     from mamba_deploy import checkpoint as ck
+    from mamba_deploy import hub
     from mamba_deploy.export.gguf import export_gguf
 
     remote = tmp_path / "remote"  # the tokenizer's repo: its tokenizer files and weights
@@ -228,7 +231,7 @@ def test_a_hub_tokenizer_is_fetched_without_its_weights(ckpt, hf_checkpoint, tmp
             shutil.copy(remote / f, out / f)
         return str(out)
 
-    monkeypatch.setattr(ck, "_hub_resolves", lambda: True)
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     out = export_gguf(hf_checkpoint("mamba")[0], tmp_path / "m.gguf", outtype="f32", tokenizer="org/tokenizer")

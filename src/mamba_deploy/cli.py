@@ -99,7 +99,7 @@ def use_tokenizer(runner, spec) -> None:
     vocabulary belongs to another model and is refused."""
     if spec is None:
         return
-    from .checkpoint import resolve
+    from .hub import resolve
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve(spec, weights=False))

@@ -654,7 +654,7 @@ def cmd_verify(args):
         # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
         label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
     # one model in memory at a time (verify_replay): the reference's answers first, then the artifact
-    from .checkpoint import local_path
+    from .hub import local_path
     from .runners.base import release_freed_memory
     from .verify_replay import Recording, Replay, StandIn
 

@@ -57,7 +57,7 @@ def find_tokenizer_file(tokenizer, model_source) -> Path:
     it is a conversion of the SentencePiece model beside it (then that model: its scores are what
     llama.cpp's SentencePiece tokenizer needs)."""
     if tokenizer is not None:
-        from ..checkpoint import resolve
+        from ..hub import resolve
 
         p = resolve(tokenizer, weights=False)  # a hub id's tokenizer files, not its weights
         found = _pick_tokenizer(p) if p.is_dir() else (p if p.is_file() else None)

@@ -124,6 +124,22 @@ def test_errors_are_typed(exported, tmp_path):
         runner.step(torch.zeros(1, 2), runner.new_state(1))
 
 
+def test_virtual_devices_run_on_the_devices_they_name(exported):
+    """OpenVINO's AUTO / HETERO:... devices were refused (only a real device's name was looked
+    for); they run, and one naming a device this machine lacks is refused naming it."""
+    out, folder = exported("mamba2")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = open_onnx(out)
+    want, _ = ref.prefill(ids, ref.new_state(2))
+    for device in ("AUTO", "HETERO:CPU", "auto:cpu"):
+        r = open_openvino(out, device=device)
+        got, _ = r.prefill(ids, r.new_state(2))
+        assert rel_err(got, want) < 1e-4, device
+        r.close()
+    with pytest.raises(MambaDeployError, match=r"device 'HETERO:NOPE,CPU' is not available here \(it runs on NOPE\)"):
+        open_openvino(out, device="HETERO:NOPE,CPU")
+
+
 def test_flush_denormals_mode_does_not_break_num_logits_to_keep(exported):
     """FTZ/DAZ on in the process (what any gcc<13 -ffast-math library, or
     torch.set_flush_denormal(True), switches on) made OpenVINO read num_logits_to_keep=1 as 0; the runner turns it off around

@@ -211,7 +211,6 @@ def test_a_hub_tokenizer_is_fetched_without_its_weights(ckpt, hf_checkpoint, tmp
     pytest.importorskip("gguf")
     from huggingface_hub.utils import filter_repo_objects
 
-    from mamba_deploy import checkpoint as ck
     from mamba_deploy import hub
     from mamba_deploy.export.gguf import export_gguf
 

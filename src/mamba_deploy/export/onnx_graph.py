@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..config import MambaConfig
 from ..errors import ExportError
 from .onnx_builder import INT64_MAX, Builder, _ir_for_opset, move_initializers
-from .onnx_meta import IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM
+from .onnx_meta import IDS, KEEP, LOGITS, MASK, ONE_TOKEN_IF, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM
 from .onnx_step import StepNetwork
 
 # Longest Mamba2 chunk inside the graph (the math does not depend on it). Measured on 130m shapes,
@@ -133,7 +133,7 @@ class MambaGraph(StepNetwork):
         # rare) takes the multi-token branch, which handles any length
         unmasked = g.op("Equal", g.op("ReduceMin", self.maskf, keepdims=0), g.const(1.0, np.float32))
         one_token = g.op("And", g.op("Equal", self.L, g.const([1])), unmasked)
-        g.nodes.append(helper.make_node("If", [one_token], [v.name for v in self._outputs()], name="if_one_token",
+        g.nodes.append(helper.make_node("If", [one_token], [v.name for v in self._outputs()], name=ONE_TOKEN_IF,
                                         then_branch=then, else_branch=other))
         # the weights are moved in last: make_graph and make_model copy what they are given
         graph = helper.make_graph(g.nodes, name, self._inputs(), self._outputs())

@@ -24,6 +24,8 @@ IDS, MASK, KEEP, LOGITS = "input_ids", "attention_mask", "num_logits_to_keep", "
 PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", "present_conv.{}", "present_ssm.{}"
 # inputs whose default is an initializer of the same name (fed only when the caller gives one)
 OPTIONAL_INPUTS = (MASK, KEEP)
+# the top-level If: a loop-free one-token branch (then) or the any-length network (else)
+ONE_TOKEN_IF = "if_one_token"
 
 
 def state_names(n_layer: int, present: bool = False) -> list[str]:

@@ -23,7 +23,7 @@ from ..argtypes import positive_int
 from ..atomic import output_path, prepare_output_file, write_bytes
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from .onnx_meta import IDS, KEEP, MASK, OPTIONAL_INPUTS
+from .onnx_meta import IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
 
 INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = "model.engine"
@@ -57,6 +57,9 @@ TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]
     "Gather": (FIB, 0, (), ""),
     "Greater": (FI, 0, (), ""),
     "Identity": (FIB, 0, (), ""),
+    # before 10.11 the branches' outputs must have the same shape unless the condition is a
+    # build-time constant (10.11 relaxed it to the same rank, but then cannot size such an output
+    # before running: IExecutionContext.getTensorShape gives -1 for a value-dependent dim)
     "If": (FIB, None, (), "Output tensors of the two conditional branches must have the same rank "
                           "and must have different names"),
     "Log": (F, 0, (), ""),
@@ -90,16 +93,17 @@ MIN_OPSET, MAX_OPSET = 9, 24  # the same doc's opset range
 
 # ----------------------------------------------------------------------------- op support check
 
-def _value_types(graph, types: dict, ranks: dict) -> None:
-    """Element type and rank of every named value in graph and its subgraphs (after inference)."""
+def _value_types(graph, types: dict, shapes: dict) -> None:
+    """Element type and shape (sizes, None where symbolic) of every named value in graph and its
+    subgraphs (after inference)."""
     for v in (*graph.input, *graph.output, *graph.value_info):
         types[v.name] = v.type.tensor_type.elem_type
         if v.type.tensor_type.HasField("shape"):
-            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
     for t in graph.initializer:
         types[t.name] = t.data_type
     for sub in _subgraphs(graph):
-        _value_types(sub, types, ranks)
+        _value_types(sub, types, shapes)
 
 
 def _subgraphs(graph):
@@ -108,7 +112,7 @@ def _subgraphs(graph):
             yield from ([a.g] if a.HasField("g") else []) + list(a.graphs)
 
 
-def _node_issues(n, op: str, label: str, types: dict, ranks: dict, consts: set) -> list[str]:
+def _node_issues(n, op: str, label: str, types: dict, shapes: dict, consts: set) -> list[str]:
     """What TensorRT's parser would reject in one node whose op it knows (TRT_ONNX_OPS)."""
     from onnx import TensorProto
 
@@ -128,16 +132,27 @@ def _node_issues(n, op: str, label: str, types: dict, ranks: dict, consts: set) 
         for a, b in zip(br["then_branch"].output, br["else_branch"].output):
             if a.name == b.name:
                 issues.append(f"{label}: both branches name an output {a.name!r}")
-            ra, rb = ranks.get(a.name), ranks.get(b.name)
-            if ra is not None and rb is not None and ra != rb:
-                issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have ranks {ra} / {rb}")
+            sa, sb = shapes.get(a.name), shapes.get(b.name)
+            if sa is None or sb is None:
+                continue
+            if len(sa) != len(sb):
+                issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have ranks {len(sa)} / {len(sb)}")
+            elif sa != sb and n.input[0] not in consts:
+                issues.append(f"{label}: branch outputs {a.name!r} / {b.name!r} have shapes {_shown(sa)} / "
+                              f"{_shown(sb)} and the condition is computed at run time: TensorRT before 10.11 "
+                              "refuses it, later versions cannot size the output before running")
     return issues
+
+
+def _shown(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 def trt_parser_issues(model) -> list[str]:
     """Every node of `model` (an onnx ModelProto, subgraphs included) the TensorRT ONNX parser
     would reject per TRT_ONNX_OPS: unknown op, unsupported input type, non-constant input where
-    a constant is required, If branches with different ranks or shared output names. [] = fine."""
+    a constant is required, If branches with different ranks or shared output names, or with
+    different shapes under a condition computed at run time. [] = fine."""
     import onnx
 
     issues: list[str] = []
@@ -146,8 +161,8 @@ def trt_parser_issues(model) -> list[str]:
         issues.append(f"opset {opset} is outside TensorRT's {MIN_OPSET}..{MAX_OPSET}")
     inferred = onnx.shape_inference.infer_shapes(model)
     types: dict[str, int] = {}
-    ranks: dict[str, int] = {}
-    _value_types(inferred.graph, types, ranks)
+    shapes: dict[str, list] = {}
+    _value_types(inferred.graph, types, shapes)
 
     def walk(g, consts: set[str], where: str):
         # build-time constants: initializers that are not overridable inputs, Constant outputs
@@ -160,7 +175,7 @@ def trt_parser_issues(model) -> list[str]:
             if op not in TRT_ONNX_OPS:
                 issues.append(f"{label}: op not in TensorRT's supported ONNX operators")
                 continue
-            issues.extend(_node_issues(n, op, label, types, ranks, consts))
+            issues.extend(_node_issues(n, op, label, types, shapes, consts))
             for a in n.attribute:
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     walk(sub, consts, f"{label} > ")
@@ -191,6 +206,57 @@ def load_stripped_onnx(folder: Path):
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     return proto, defaults
+
+
+def engine_graph(folder: Path):
+    """(proto, defaults): what TensorRT parses. load_stripped_onnx's proto with the top-level If
+    (ONE_TOKEN_IF) replaced by its any-length branch, which computes the same for one token. Its
+    condition reads the attention mask's values and its branches' logits differ in shape (b, 1, V)
+    / (b, keep or seq, V), which TensorRT cannot take (see TRT_ONNX_OPS["If"]); TensorRT fuses the
+    any-length network's decode itself. Exports without that If are returned as they are."""
+    from onnx import helper
+
+    proto, defaults = load_stripped_onnx(folder)
+    g = proto.graph
+    at = [i for i, n in enumerate(g.node) if n.op_type == "If" and n.name == ONE_TOKEN_IF]
+    if not at:
+        return proto, defaults
+    node = g.node[at[0]]
+    branch = next(a.g for a in node.attribute if a.name == "else_branch")
+    # branch value names come from the graph's one counter, so they cannot clash with the outer graph's
+    inlined = list(branch.node) + [helper.make_node("Identity", [b.name], [o], name=f"{o}.any_length")
+                                   for b, o in zip(branch.output, node.output)]
+    nodes = [*g.node[:at[0]], *inlined, *g.node[at[0] + 1:]]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(branch.initializer)
+    g.value_info.extend(branch.value_info)
+    _drop_unused(g)
+    return proto, defaults
+
+
+def _names_read(node) -> set[str]:
+    """Inputs of a node and of every node in its subgraphs (a Scan body reads outer values)."""
+    names = set(node.input)
+    for a in node.attribute:
+        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for n in sub.node:
+                names |= _names_read(n)
+    return names
+
+
+def _drop_unused(g) -> None:
+    """Remove nodes and initializers no graph output depends on (the one-token branch's condition)."""
+    live = {o.name for o in g.output}
+    kept = []
+    for n in reversed(g.node):
+        if any(o in live for o in n.output):
+            kept.append(n)
+            live |= _names_read(n)
+    inits = [t for t in g.initializer if t.name in live]
+    del g.node[:], g.initializer[:]
+    g.node.extend(reversed(kept))
+    g.initializer.extend(inits)
 
 
 def engine_path(out_path) -> Path:
@@ -247,7 +313,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     if opt_batch > max_batch or opt_seq > max_seq:
         raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
     out = _check_engine_path(engine_path(out_path), folder)  # before minutes of building, not after
-    proto, defaults = load_stripped_onnx(folder)
+    proto, defaults = engine_graph(folder)
     issues = trt_parser_issues(proto)
     if issues:
         raise ExportError(f"{folder / 'model.onnx'} uses nodes TensorRT's ONNX parser does not support: "
@@ -267,6 +333,10 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
 
     config = builder.create_builder_config()
     if fp16:
+        if not hasattr(trt.BuilderFlag, "FP16"):  # weak typing: deprecated in 10.12, gone in 11
+            raise ExportError(f"--fp16 asks TensorRT to pick half-precision kernels, which TensorRT "
+                              f"{trt.__version__} no longer does (its networks keep the graph's own types); "
+                              "build from an `export onnx --dtype fp16` folder without --fp16 instead")
         config.set_flag(trt.BuilderFlag.FP16)
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)

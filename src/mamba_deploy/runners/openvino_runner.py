@@ -223,6 +223,19 @@ def _check_model(manifest: dict, model, folder: Path) -> None:
                               "listed in manifest.json; re-export the model")
 
 
+# OpenVINO's virtual devices: they run on the devices listed after ':' (AUTO alone picks one itself)
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+
+
+def missing_devices(device: str, available) -> list[str]:
+    """The real devices `device` names ("GPU.1", "HETERO:GPU,CPU", "BATCH:GPU(4)") that are not
+    among `available` (Core.available_devices); [] = all there."""
+    head, _, rest = device.partition(":")
+    names = [d for d in rest.split(",") if d] if head in VIRTUAL_DEVICES else [head]
+    have = {d.split(".")[0] for d in available}
+    return [d for d in names if d.split("(")[0].split(".")[0] not in have]
+
+
 def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: int | None = None,
                   check_hash: bool = False, properties: dict | None = None, **_) -> OpenVinoRunner:
     """path: an ONNX export folder or its model.onnx. device: an OpenVINO device name (CPU;
@@ -246,9 +259,11 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     folder, manifest = open_export_folder(path, check_hash)
     core = shared_core(ov)
     device = str(device).upper()  # OpenVINO's names are upper case; the CLI's --device default is "cpu"
-    if device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
-        raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here "
-                                      f"(have {core.available_devices}); use device='CPU'")
+    missing = missing_devices(device, core.available_devices)
+    if missing:
+        which = "" if missing == [device] else f" (it runs on {', '.join(missing)})"
+        raise BackendUnavailableError(f"OpenVINO device {device!r} is not available here{which}; have "
+                                      f"{core.available_devices}; use device='CPU'")
     config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)

@@ -1,6 +1,8 @@
 """The TensorRT backend: an engine built by `export.tensorrt.build_engine` behind the Runner
 interface, run with torch CUDA tensors as the engine's I/O (set_tensor_address +
-execute_async_v3 on torch's current stream).
+execute_async_v3 on a stream of the runner's own, ordered after torch's current stream: TensorRT
+synchronizes the legacy default stream after every enqueue). The engine and its execution
+context belong to the GPU they were made on, which is made current for every call.
 
 The state lives in two preallocated CUDA buffer sets (ping-pong): a call binds one set as
 `past_*` and the other as `present_*`, then swaps, so decoding allocates only the logits and the
@@ -53,7 +55,9 @@ class TensorRTRunner(Runner):
     def __init__(self, trt, engine, sidecar: dict, path: Path, device: torch.device):
         self.trt, self.engine, self.path, self.device = trt, engine, path, device
         self.artifact_path = path
-        self.context = engine.create_execution_context()
+        with torch.cuda.device(device):
+            self.context = engine.create_execution_context()
+            self.stream = torch.cuda.Stream(device)
         self.call_lock = threading.RLock()  # one execution context: its bindings serve one call at a time
         self.manifest = sidecar["manifest"]
         self.config = MambaConfig.from_own_dict(self.manifest["config"])
@@ -108,13 +112,25 @@ class TensorRTRunner(Runner):
             t = t.cpu()
         else:
             t = t.to(self.device)
-        self.context.set_input_shape(name, tuple(t.shape))
-        self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.set_input_shape(name, tuple(t.shape)):
+            raise ShapeError(f"the engine refuses {name} of shape {tuple(t.shape)} (built for batch 1..{self.max_batch}, "
+                             f"1..{self.max_seq} tokens per call); rebuild it with build_engine(..., max_batch=..., "
+                             "max_seq=...)")
+        self._address(name, t)
         return t  # the caller keeps it alive until the launch has run
+
+    def _address(self, name: str, t: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, t.data_ptr()):
+            raise ExportError(f"TensorRT refused the buffer for {name} ({tuple(t.shape)}, {t.dtype}, {t.device}); "
+                              "rebuild the engine with this version")
 
     @one_call_at_a_time
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, TensorRTState, ids.shape[0], self.config)
+        with torch.cuda.device(self.device):
+            return self._launch(ids, state, mask, keep)
+
+    def _launch(self, ids, state: TensorRTState, mask, keep: int) -> torch.Tensor:
         keep_alive = [self._bind(IDS, ids)]
         if MASK in self.names:
             keep_alive.append(self._bind(MASK, self.defaults[MASK] if mask is None else mask))
@@ -124,17 +140,19 @@ class TensorRTRunner(Runner):
         for name, t in zip(self.past, src):
             self._bind(name, t)
         for name, t in zip(self.present, dst):
-            self.context.set_tensor_address(name, t.data_ptr())
+            self._address(name, t)
         shape = tuple(self.context.get_tensor_shape(LOGITS))  # known once the inputs are set
         if any(d < 0 for d in shape):
             raise ExportError(f"TensorRT cannot infer the logits shape {shape}; rebuild the engine")
         logits = torch.empty(shape, dtype=self.dtypes[LOGITS], device=self.device)
-        self.context.set_tensor_address(LOGITS, logits.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        self._address(LOGITS, logits)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the inputs and the state were written on the caller's stream
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise ExportError(f"TensorRT execution failed for input_ids of shape {tuple(ids.shape)}")
+        caller.wait_stream(self.stream)
         state.cur = 1 - state.cur
-        out = logits.float().cpu()  # synchronizes with the stream before keep_alive goes
+        out = logits.float().cpu()  # synchronizes the caller's stream (after the engine) before keep_alive goes
         del keep_alive
         return out
 
@@ -150,8 +168,8 @@ class TensorRTRunner(Runner):
         outs = []
         for start in range(0, length, self.max_seq):  # one chunk unless length > max_seq
             chunk = ids[:, start:start + self.max_seq]
-            last = start + self.max_seq >= length
-            outs.append(self._run(chunk, state, mask, keep=1 if (last_only and last) else 0))
+            # last_only: every chunk keeps one position, not only the last (the others' are dropped)
+            outs.append(self._run(chunk, state, mask, keep=1 if last_only else 0))
         return (outs[-1] if last_only else torch.cat(outs, 1)), state
 
     def step(self, ids, state):

@@ -18,6 +18,7 @@ import torch
 from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
+from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
@@ -677,7 +678,8 @@ def _load_model(path_or_hub_id, device, dtype):
     path = resolve(path_or_hub_id)
     if path.is_file():
         if path.suffix == ".gguf":
-            from .export.gguf_import import load_gguf
+            with needs_packages("reading a GGUF file"):
+                from .export.gguf_import import load_gguf
 
             return load_gguf(path, device=device, dtype=dtype)
         if path.name in CONFIG_FILES:

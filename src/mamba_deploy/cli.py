@@ -56,7 +56,9 @@ def _register_all(sub, modules, prefix: str = ""):
 def _register_unavailable(sub, verb: str, message: str) -> None:
     """A verb whose module cannot be imported here: it takes any arguments and fails with a
     typed error naming the missing package and how to install it."""
-    s = sub.add_parser(verb, help=f"(unavailable: {message})", add_help=False)
+    # no option prefix: --help, -h and options before the positionals are all taken as arguments
+    # (REMAINDER alone leaves a leading option to the parent parser: "unrecognized arguments")
+    s = sub.add_parser(verb, help=f"(unavailable: {message})", add_help=False, prefix_chars="\0")
     s.add_argument("args", nargs=argparse.REMAINDER)
 
     def unavailable(args):

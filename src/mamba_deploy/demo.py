@@ -21,6 +21,7 @@ import torch
 
 from .atomic import prepare_output_dir, prepare_output_file, refuse_input_file, write_json
 from .errors import BackendUnavailableError, ModelNotFoundError, OutputPathError
+from .extras import PACKAGES, install_hint, top_level
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
 PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for i in range(")
@@ -193,7 +194,9 @@ def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, pro
             row.notes.append(note[0])
     except ImportError as e:  # a stage not built yet, or an optional dependency (BackendUnavailableError too)
         row.status = "not available"
-        row.notes.append(f"{type(e).__name__}: {e}")
+        missing = top_level(getattr(e, "name", None))  # a bare ModuleNotFoundError: say how to install it
+        row.notes.append(f"needs {missing!r}: {install_hint(missing)}" if missing in PACKAGES
+                         else f"{type(e).__name__}: {e}")
         return row
     except Exception as e:  # noqa: BLE001  (an export that breaks is a failure, reported in the table)
         row.status = "error"
@@ -264,7 +267,8 @@ def find_models(names=DEMO_MODELS) -> list[Path]:
         if all((base / n / "config.json").exists() for n in names):
             return [base / n for n in names]
     raise ModelNotFoundError(f"cannot find the demo models {', '.join(names)} under ./models or the source "
-                             "checkout; run from the repository root or pass --models DIR [DIR ...]")
+                             "checkout (they ship with the repository, not with the pip package); run from the "
+                             "repository root, or pass --models DIR [DIR ...] with checkpoint folders of your own")
 
 
 def unique_labels(dirs) -> list[str]:

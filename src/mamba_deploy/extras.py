@@ -8,6 +8,7 @@ against pyproject.toml.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 
@@ -53,3 +54,17 @@ def install_hint(module: str) -> str:
     if package.extra:
         hint = f"pip install 'mamba-deploy[{package.extra}]' (or {hint})"
     return f"{hint} ({package.note})" if package.note else hint
+
+
+@contextlib.contextmanager
+def needs_packages(what: str):
+    """A missing optional package (one of PACKAGES) imported inside becomes a BackendUnavailableError
+    saying what needs it and how to install it; any other missing module is a bug and stays as it is."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if top_level(e.name) not in PACKAGES:
+            raise
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{what} needs the package {top_level(e.name)!r}: {install_hint(e.name)}") from e

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import os
 import signal
 import threading
@@ -460,10 +461,15 @@ def _check_modelfile(gguf_path: Path) -> None:
 def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`. The model is a
     plain LM, so the template passes the prompt through; generation stops at eos."""
+    # Ollama model names: lower-case letters, digits, '.', '-' and '_'; a FROM path with spaces is quoted
+    name = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-.") or "mamba"
+    source = f"./{gguf_path.name}"
+    if re.search(r'[\s"\\]', source):
+        source = '"' + source.replace("\\", "\\\\").replace('"', '\\"') + '"'
     lines = [
         _MODELFILE_MARK + " Create the model with:",
-        f"#   ollama create {gguf_path.stem} -f {MODELFILE_NAME}",
-        f"FROM ./{gguf_path.name}",
+        f"#   ollama create {name} -f {MODELFILE_NAME}",
+        f"FROM {source}",
         'TEMPLATE """{{ .Prompt }}"""',
     ]
     eos = vocab.special.get("eos")

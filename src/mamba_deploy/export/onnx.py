@@ -9,6 +9,7 @@ writes the folder atomically.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import operator
@@ -22,7 +23,8 @@ from ..argtypes import scan_chunk as scan_chunk_arg
 from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_json, write_json
 from ..checkpoint import config_file
 from ..config import MambaConfig
-from ..errors import ConfigError, ExportError, ModelNotFoundError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError
+from ..extras import install_hint
 from .onnx_meta import (IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM, WEIGHTS_KEY,
                         read_metadata, set_weights_label, weights_label)
 
@@ -82,6 +84,10 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
     scan_chunk = check_scan_chunk(scan_chunk)
+    if validate and importlib.util.find_spec("onnxruntime") is None:  # said before minutes of export
+        raise BackendUnavailableError(f"validating the export runs it in ONNX Runtime, which is not installed: "
+                                      f"{install_hint('onnxruntime')}; or export without the check (--no-validate; "
+                                      "validate=False) and run it with another backend, such as openvino")
     out_dir = output_path(out_dir)
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = as_model(model_or_path)

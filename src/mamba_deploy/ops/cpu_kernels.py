@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,8 @@ F32 = torch.float32  # every buffer the C code writes (never torch's default dty
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MAMBA_DEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mamba_deploy")
+    root = os.environ.get("MAMBA_DEPLOY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mamba_deploy")
     return Path(root)
 
 
@@ -72,45 +74,41 @@ def simd_level() -> int:
     return -1 if lib is None else int(lib.md_simd_level())
 
 
+def _fallback(why: str) -> None:
+    warnings.warn(f"{why}; using the PyTorch reference ops (about 2x slower on CPU)", stacklevel=3)
+
+
 @functools.lru_cache(maxsize=1)
 def _lib():
     if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS"):
         return None
     cflags = [*_CFLAGS, _march()]
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    # $CC may carry arguments ("ccache gcc", "gcc -std=c11"), as make takes it
+    cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not cc:
+        _fallback("no C compiler (cc or gcc on PATH, or $CC) to build the CPU kernels; install one (e.g. "
+                  "`apt install gcc`) or set MAMBA_DEPLOY_NO_CPU_KERNELS=1 to silence this")
         return None
     try:
         src = b"".join(f.read_bytes() for f in (*_SRCS, _HEADER))  # the header is part of every build
     except OSError as e:
-        warnings.warn(f"the CPU kernel sources are missing from the installed package ({e}); using the "
-                      "PyTorch reference (slower). Reinstall mamba-deploy to get them back.")
+        _fallback(f"the CPU kernel sources are missing from the installed package ({e}); reinstall mamba-deploy")
         return None
     # -march=native: the key includes the CPU, so a shared home folder never loads another CPU's build
     flags = " ".join([*cflags, "|", *_LDFLAGS])
     key = hashlib.sha256(src + flags.encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_scan-{key}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
-        os.close(fd)
-        objs = [f"{tmp[:-3]}-{i}.o" for i in range(len(_SRCS))]
-        try:
-            for src_file, obj in zip(_SRCS, objs):
-                subprocess.run([cc, *cflags, "-c", "-o", obj, str(src_file)], check=True, capture_output=True,
-                               timeout=120)
-            subprocess.run([cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
-        except (subprocess.SubprocessError, OSError) as e:
-            Path(tmp).unlink(missing_ok=True)
-            detail = getattr(e, "stderr", b"") or b""
-            warnings.warn(f"could not build the CPU scan kernel with {cc} ({e} {detail.decode(errors='replace')[:200]}); "
-                          "using the PyTorch reference (slower)")
-            return None
-        finally:
-            for obj in objs:
-                Path(obj).unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(so))
+    try:
+        if not so.exists():
+            _build(cc, cflags, so)
+        lib = ctypes.CDLL(str(so))
+    except subprocess.CalledProcessError as e:
+        _fallback(f"could not build the CPU kernels with {' '.join(cc)} ({e} {e.stderr.decode(errors='replace')[:200]})")
+        return None
+    except (subprocess.SubprocessError, OSError) as e:  # no compiler, an unwritable or noexec cache folder
+        _fallback(f"could not build or load the CPU kernels in {so.parent} ({type(e).__name__}: {e}); set "
+                  "MAMBA_DEPLOY_CACHE to a writable folder on a file system that allows executables")
+        return None
     P, L, F32, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for name, argtypes in (("selective_scan_f32", [P] * 11 + [L] * 4),
                            ("conv_update_f32", [P] * 6 + [L] * 3 + [ctypes.c_int]),
@@ -127,6 +125,27 @@ def _lib():
         fn.restype, fn.argtypes = None, argtypes
     lib.md_simd_level.restype, lib.md_simd_level.argtypes = ctypes.c_int, []
     return lib
+
+
+def _build(cc: list[str], cflags: list[str], so: Path) -> None:
+    """Compile the sources into `so` (the cache), renamed into place when complete, readable by
+    every user the umask allows (a cache folder can be shared; mkstemp makes files 0600)."""
+    so.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+    os.close(fd)
+    objs = [f"{tmp[:-3]}-{i}.o" for i in range(len(_SRCS))]
+    try:
+        for src_file, obj in zip(_SRCS, objs):
+            subprocess.run([*cc, *cflags, "-c", "-o", obj, str(src_file)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
+        os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        for obj in objs:
+            Path(obj).unlink(missing_ok=True)
 
 
 def _ptr(t):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
-from ..extras import install_hint
+from ..extras import install_hint, needs_packages
 from ..inputs import check_ids, check_mask
 from ..state import State
 from ..tokenizer import check_text
@@ -244,8 +244,9 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
-        from ..export.gguf import llama_cpp_differences
-        from ..export.gguf_import import open_gguf
+        with needs_packages("the llama.cpp backend"):  # it reads the GGUF's metadata and vocabulary itself
+            from ..export.gguf import llama_cpp_differences
+            from ..export.gguf_import import open_gguf
 
         self.call_lock = threading.RLock()
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything

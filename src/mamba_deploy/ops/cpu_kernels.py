@@ -127,6 +127,15 @@ def _lib():
     return lib
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread at once)."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
 def _build(cc: list[str], cflags: list[str], so: Path) -> None:
     """Compile the sources into `so` (the cache), renamed into place when complete, readable by
     every user the umask allows (a cache folder can be shared; mkstemp makes files 0600)."""
@@ -138,9 +147,7 @@ def _build(cc: list[str], cflags: list[str], so: Path) -> None:
         for src_file, obj in zip(_SRCS, objs):
             subprocess.run([*cc, *cflags, "-c", "-o", obj, str(src_file)], check=True, capture_output=True, timeout=120)
         subprocess.run([*cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)
+        os.chmod(tmp, 0o755 & ~_umask())
         os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
     finally:
         Path(tmp).unlink(missing_ok=True)

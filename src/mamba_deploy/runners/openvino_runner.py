@@ -14,6 +14,10 @@ Two OpenVINO facts shape this file:
   (`ieee_denormals`).
 - Every runner compiles through one ov.Core per process (`shared_core`): each Core loads its own
   CPU plugin, and two plugins freed out of order leave a dangling signal stack behind.
+- Its CPU plugin's Log is off by 1-2e-6 (absolute) near 1, so softplus(dt) = log(1 + exp(dt)) came
+  out 2e-2 too high or low for dt in [-10, -5], where trained models' dt sits: the state of a
+  trained Mamba1 drifted 1.3e-4 from float64 over 1000 tokens (ONNX Runtime: 1.2e-6). The graph it
+  reads has each log(1 + u) written with a series for small u (`accurate_log1p`).
 """
 
 from __future__ import annotations
@@ -169,6 +173,71 @@ def shared_core(ov):
         return _core
 
 
+LOG1P_SERIES_BELOW = 0.1  # |u| below this: 6 terms of the series, relative error <= u^6 / 7 = 1.5e-7
+
+
+def _log1p_nodes(u: str, out: str, tag: str) -> list:
+    """Nodes writing out = log(1 + u): Where(|u| < 0.1, u - u^2/2 + ... - u^6/6, Log(1 + u)); the
+    series in Horner form, constants as Constant nodes (the graph may be a subgraph)."""
+    from onnx import helper, numpy_helper
+
+    def const(name, v):
+        return helper.make_node("Constant", [], [f"{tag}/{name}"], value=numpy_helper.from_array(np.array(v, np.float32)))
+
+    nodes = [const("one", 1.0), const("below", LOG1P_SERIES_BELOW), *(const(f"k{i}", 1.0 / i) for i in range(1, 7))]
+    acc = f"{tag}/k6"
+    for i in (5, 4, 3, 2, 1):  # acc = 1/i - u * acc
+        nodes += [helper.make_node("Mul", [u, acc], [f"{tag}/m{i}"]),
+                  helper.make_node("Sub", [f"{tag}/k{i}", f"{tag}/m{i}"], [f"{tag}/p{i}"])]
+        acc = f"{tag}/p{i}"
+    return nodes + [helper.make_node("Mul", [u, acc], [f"{tag}/series"]),
+                    helper.make_node("Add", [u, f"{tag}/one"], [f"{tag}/1+u"]),
+                    helper.make_node("Log", [f"{tag}/1+u"], [f"{tag}/log"]),
+                    helper.make_node("Abs", [u], [f"{tag}/abs"]),
+                    helper.make_node("Less", [f"{tag}/abs", f"{tag}/below"], [f"{tag}/small"]),
+                    helper.make_node("Where", [f"{tag}/small", f"{tag}/series", f"{tag}/log"], [out])]
+
+
+def accurate_log1p(graph, ones: frozenset = frozenset()) -> int:
+    """Rewrite, in place and in every subgraph, each Softplus(x) as max(x, 0) + log1p(exp(-|x|))
+    and each Log(u + 1) (the export's own softplus) as log1p(u), with _log1p_nodes. Returns the
+    number of sites rewritten."""
+    from onnx import helper, numpy_helper
+
+    from onnx import TensorProto
+
+    ones = ones | {t.name for t in graph.initializer  # float 1.0 scalars (the weights stay unread: external data)
+                   if list(t.dims) in ([], [1]) and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+                   and t.data_location != TensorProto.EXTERNAL and float(numpy_helper.to_array(t).reshape(())) == 1.0}
+    made = {o: n for n in graph.node for o in n.output}
+    nodes, count = [], 0
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                count += accurate_log1p(sub, ones)
+        tag = f"log1p/{n.output[0]}"
+        add = made.get(n.input[0]) if n.op_type == "Log" else None
+        if add is not None and add.op_type == "Add" and len(set(add.input) & ones) == 1:
+            u = next(i for i in add.input if i not in ones)
+            nodes += _log1p_nodes(u, n.output[0], tag)
+        elif n.op_type == "Softplus":
+            x, zero = n.input[0], f"{tag}/zero"
+            nodes += [helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.array(0, np.float32))),
+                      helper.make_node("Max", [x, zero], [f"{tag}/pos"]),
+                      helper.make_node("Min", [x, zero], [f"{tag}/neg"]),
+                      helper.make_node("Sub", [f"{tag}/neg", f"{tag}/pos"], [f"{tag}/-|x|"]),
+                      helper.make_node("Exp", [f"{tag}/-|x|"], [f"{tag}/u"]),
+                      *_log1p_nodes(f"{tag}/u", f"{tag}/log1p", tag),
+                      helper.make_node("Add", [f"{tag}/pos", f"{tag}/log1p"], [n.output[0]])]
+        else:
+            nodes.append(n)
+            continue
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
 def _read_model(core, folder: Path):
     """Read model.onnx with the optional inputs' default initializers removed; returns (ov model,
     {name: default numpy value}, temp graph file or None)."""
@@ -186,6 +255,7 @@ def _read_model(core, folder: Path):
     if missing:
         raise ExportError(f"{folder / 'model.onnx'} has no default for the optional inputs {missing}; "
                           "re-export it with this version of mamba-deploy")
+    accurate_log1p(proto.graph)
     if not (folder / "model.onnx.data").exists():
         from openvino import Tensor
 

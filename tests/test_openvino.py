@@ -138,6 +138,47 @@ def test_virtual_devices_run_on_the_devices_they_name(exported):
         r.close()
     with pytest.raises(MambaDeployError, match=r"device 'HETERO:NOPE,CPU' is not available here \(it runs on NOPE\)"):
         open_openvino(out, device="HETERO:NOPE,CPU")
+    r = open_openvino(out, device="AUTO:CPU,-GPU")  # "-GPU" excludes a device: it need not exist
+    assert rel_err(r.prefill(ids, r.new_state(2))[0], want) < 1e-4
+    r.close()
+
+
+def test_log1p_rewrite_keeps_fp16_graphs_and_constant_ones_valid():
+    """accurate_log1p on an fp16 Log(u + 1) leaves it alone (our exports compute softplus in
+    float32; float32 constants beside fp16 values made the graph invalid), rewrites a float32 1
+    given as a Constant node (it was skipped), and keeps Add's broadcast (a [1]-shaped 1 beside
+    a scalar u made a () output); every result passes the checker and matches float64."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mamba_deploy.runners.openvino_runner import accurate_log1p
+
+    def model(dtype, one_as_constant, u_shape, one_shape):
+        np_t = np.float16 if dtype == TensorProto.FLOAT16 else np.float32
+        one = numpy_helper.from_array(np.ones(one_shape, np_t), "one")
+        nodes = [helper.make_node("Add", ["u", "one"], ["s"]), helper.make_node("Log", ["s"], ["y"])]
+        if one_as_constant:
+            nodes.insert(0, helper.make_node("Constant", [], ["one"], value=one))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("u", dtype, u_shape)],
+                              [helper.make_tensor_value_info("y", dtype, list(np.broadcast_shapes(tuple(u_shape),
+                                                                                                  tuple(one_shape))))],
+                              [] if one_as_constant else [one])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    for dtype, constant, u_shape, one_shape, sites in [(TensorProto.FLOAT16, False, [3], [], 0),
+                                                       (TensorProto.FLOAT, True, [3], [], 1),
+                                                       (TensorProto.FLOAT, False, [], [1], 1)]:
+        m = model(dtype, constant, u_shape, one_shape)
+        assert accurate_log1p(m.graph) == sites
+        onnx.checker.check_model(m, full_check=True)
+        u = np.full(u_shape, 0.01, np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
+        (y,) = ort.InferenceSession(m.SerializeToString()).run(None, {"u": u})
+        assert y.shape == np.broadcast_shapes(tuple(u_shape), tuple(one_shape))
+        assert np.allclose(y, np.log1p(u.astype(np.float64)), rtol=1e-3 if dtype == TensorProto.FLOAT16 else 1e-7)
 
 
 def test_softplus_is_exact_to_float32_under_openvino():
@@ -147,7 +188,7 @@ def test_softplus_is_exact_to_float32_under_openvino():
     float64 to 1e-6 there and 5e-6 over -40..40 (measured 2e-7 and 1.8e-6)."""
     import numpy as np
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     from mamba_deploy.export.onnx_builder import Builder
     from mamba_deploy.runners.openvino_runner import accurate_log1p, shared_core

@@ -67,6 +67,19 @@ def test_cc_with_arguments_builds_a_library_other_users_can_load(fresh_kernels, 
     assert [p.name for p in tmp_path.iterdir()] == [so.name]  # no temporaries or objects left
 
 
+def test_a_cc_that_cannot_run_is_said(fresh_kernels, monkeypatch, tmp_path):
+    """An unbalanced quote in $CC raised ValueError from every CPU forward; a $CC naming a
+    compiler that is not installed was reported as an unwritable cache folder."""
+    monkeypatch.setenv("MAMBA_DEPLOY_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", 'gcc -DX="a b')
+    with pytest.warns(UserWarning, match="cannot be split into a command"):
+        assert fresh_kernels._lib() is None
+    fresh_kernels._lib.cache_clear()
+    monkeypatch.setenv("CC", "no-such-compiler-99 -O2")
+    with pytest.warns(UserWarning, match="'no-such-compiler-99' \\(from \\$CC\\) is not found"):
+        assert fresh_kernels._lib() is None
+
+
 def test_kernel_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.delenv("MAMBA_DEPLOY_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -156,3 +169,5 @@ def test_ollama_modelfile_for_a_file_name_with_spaces(ckpt, tmp_path):
     assert "#   ollama create d-mo-m1-q8 -f Modelfile\n" in text, text
     plain = export_gguf(src, tmp_path / "plain" / "m1.gguf", outtype="q8_0", ollama=True)
     assert "FROM ./m1.gguf\n" in (plain.parent / MODELFILE_NAME).read_text()
+    long = export_gguf(src, tmp_path / "long" / ("x" * 90 + ".gguf"), outtype="q8_0", ollama=True)
+    assert f"#   ollama create {'x' * 80} -f" in (long.parent / MODELFILE_NAME).read_text()  # Ollama's limit

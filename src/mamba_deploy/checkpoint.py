@@ -1,4 +1,4 @@
-"""Checkpoint I/O: find files (local or hub), read config + weights lazily, save, convert layouts.
+"""Checkpoint I/O: read config + weights lazily, save, convert layouts (hub.py finds the files).
 
 Layouts differ only in key names (tables below); weights are never read whole into memory:
 safetensors files are memory-mapped and tensors are pulled one at a time.

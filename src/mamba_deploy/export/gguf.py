@@ -461,11 +461,15 @@ def _check_modelfile(gguf_path: Path) -> None:
 def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
     """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`. The model is a
     plain LM, so the template passes the prompt through; generation stops at eos."""
-    # Ollama model names: lower-case letters, digits, '.', '-' and '_'; a FROM path with spaces is quoted
-    name = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-.") or "mamba"
+    # Ollama model names: lower-case letters, digits, '.', '-' and '_', at most 80 of them; a FROM
+    # path with spaces is quoted (Ollama's parser strips the quotes and knows no escapes)
+    name = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-.")[:80] or "mamba"
     source = f"./{gguf_path.name}"
-    if re.search(r'[\s"\\]', source):
-        source = '"' + source.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if re.search(r"\s", source):
+        if '"' in source:
+            warnings.warn(f"Ollama cannot read a FROM path holding both spaces and '\"' ({source!r}); rename "
+                          "the GGUF before `ollama create`")
+        source = f'"{source}"'
     lines = [
         _MODELFILE_MARK + " Create the model with:",
         f"#   ollama create {name} -f {MODELFILE_NAME}",

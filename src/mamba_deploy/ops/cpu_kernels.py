@@ -84,10 +84,17 @@ def _lib():
         return None
     cflags = [*_CFLAGS, _march()]
     # $CC may carry arguments ("ccache gcc", "gcc -std=c11"), as make takes it
-    cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    try:
+        cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    except ValueError as e:  # an unbalanced quote
+        _fallback(f"CC={os.environ.get('CC')!r} cannot be split into a command ({e}); fix or unset $CC")
+        return None
     if not cc:
         _fallback("no C compiler (cc or gcc on PATH, or $CC) to build the CPU kernels; install one (e.g. "
                   "`apt install gcc`) or set MAMBA_DEPLOY_NO_CPU_KERNELS=1 to silence this")
+        return None
+    if shutil.which(cc[0]) is None:
+        _fallback(f"the C compiler {cc[0]!r} (from $CC) is not found; install it, or fix or unset $CC")
         return None
     try:
         src = b"".join(f.read_bytes() for f in (*_SRCS, _HEADER))  # the header is part of every build

@@ -176,58 +176,71 @@ def shared_core(ov):
 LOG1P_SERIES_BELOW = 0.1  # |u| below this: 6 terms of the series, relative error <= u^6 / 7 = 1.5e-7
 
 
-def _log1p_nodes(u: str, out: str, tag: str) -> list:
-    """Nodes writing out = log(1 + u): Where(|u| < 0.1, u - u^2/2 + ... - u^6/6, Log(1 + u)); the
-    series in Horner form, constants as Constant nodes (the graph may be a subgraph)."""
+def _log1p_nodes(u: str, one: str, out: str, tag: str) -> list:
+    """Nodes writing out = log(1 + u) for float32 u: Where(|u| < 0.1, u - u^2/2 + ... - u^6/6,
+    Log(u + one)); the series in Horner form, its constants as Constant nodes (the graph may be a
+    subgraph). `one`: the graph's own 1 when it had one, so the output broadcasts as before."""
     from onnx import helper, numpy_helper
 
     def const(name, v):
         return helper.make_node("Constant", [], [f"{tag}/{name}"], value=numpy_helper.from_array(np.array(v, np.float32)))
 
-    nodes = [const("one", 1.0), const("below", LOG1P_SERIES_BELOW), *(const(f"k{i}", 1.0 / i) for i in range(1, 7))]
+    nodes = [const("below", LOG1P_SERIES_BELOW), *(const(f"k{i}", 1.0 / i) for i in range(1, 7))]
     acc = f"{tag}/k6"
     for i in (5, 4, 3, 2, 1):  # acc = 1/i - u * acc
         nodes += [helper.make_node("Mul", [u, acc], [f"{tag}/m{i}"]),
                   helper.make_node("Sub", [f"{tag}/k{i}", f"{tag}/m{i}"], [f"{tag}/p{i}"])]
         acc = f"{tag}/p{i}"
     return nodes + [helper.make_node("Mul", [u, acc], [f"{tag}/series"]),
-                    helper.make_node("Add", [u, f"{tag}/one"], [f"{tag}/1+u"]),
+                    helper.make_node("Add", [u, one], [f"{tag}/1+u"]),
                     helper.make_node("Log", [f"{tag}/1+u"], [f"{tag}/log"]),
                     helper.make_node("Abs", [u], [f"{tag}/abs"]),
                     helper.make_node("Less", [f"{tag}/abs", f"{tag}/below"], [f"{tag}/small"]),
                     helper.make_node("Where", [f"{tag}/small", f"{tag}/series", f"{tag}/log"], [out])]
 
 
+def _float32_ones(graph) -> set[str]:
+    """Names of the graph's float32 scalar (or [1]) ones: initializers and Constant nodes (the
+    weights stay unread: external data)."""
+    from onnx import TensorProto, numpy_helper
+
+    def one(t) -> bool:
+        return (list(t.dims) in ([], [1]) and t.data_type == TensorProto.FLOAT and t.data_location != TensorProto.EXTERNAL
+                and float(numpy_helper.to_array(t).reshape(())) == 1.0)
+
+    found = {t.name for t in graph.initializer if one(t)}
+    return found | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
+                    and n.attribute[0].name == "value" and one(n.attribute[0].t)}
+
+
 def accurate_log1p(graph, ones: frozenset = frozenset()) -> int:
     """Rewrite, in place and in every subgraph, each Softplus(x) as max(x, 0) + log1p(exp(-|x|))
-    and each Log(u + 1) (the export's own softplus) as log1p(u), with _log1p_nodes. Returns the
-    number of sites rewritten."""
+    and each Log(u + 1) with a float32 1 (the export's own softplus) as log1p(u), with
+    _log1p_nodes. Our exports compute softplus in float32 at every --dtype. Returns the number of
+    sites rewritten."""
     from onnx import helper, numpy_helper
 
-    from onnx import TensorProto
-
-    ones = ones | {t.name for t in graph.initializer  # float 1.0 scalars (the weights stay unread: external data)
-                   if list(t.dims) in ([], [1]) and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
-                   and t.data_location != TensorProto.EXTERNAL and float(numpy_helper.to_array(t).reshape(())) == 1.0}
+    ones = ones | _float32_ones(graph)
     made = {o: n for n in graph.node for o in n.output}
     nodes, count = [], 0
     for n in graph.node:
         for a in n.attribute:
             for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                count += accurate_log1p(sub, ones)
+                count += accurate_log1p(sub, frozenset(ones))
         tag = f"log1p/{n.output[0]}"
         add = made.get(n.input[0]) if n.op_type == "Log" else None
         if add is not None and add.op_type == "Add" and len(set(add.input) & ones) == 1:
-            u = next(i for i in add.input if i not in ones)
-            nodes += _log1p_nodes(u, n.output[0], tag)
+            u, one = sorted(add.input, key=lambda i: i in ones)
+            nodes += _log1p_nodes(u, one, n.output[0], tag)
         elif n.op_type == "Softplus":
-            x, zero = n.input[0], f"{tag}/zero"
+            x, zero, one = n.input[0], f"{tag}/zero", f"{tag}/one"
             nodes += [helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.array(0, np.float32))),
+                      helper.make_node("Constant", [], [one], value=numpy_helper.from_array(np.array(1, np.float32))),
                       helper.make_node("Max", [x, zero], [f"{tag}/pos"]),
                       helper.make_node("Min", [x, zero], [f"{tag}/neg"]),
                       helper.make_node("Sub", [f"{tag}/neg", f"{tag}/pos"], [f"{tag}/-|x|"]),
                       helper.make_node("Exp", [f"{tag}/-|x|"], [f"{tag}/u"]),
-                      *_log1p_nodes(f"{tag}/u", f"{tag}/log1p", tag),
+                      *_log1p_nodes(f"{tag}/u", one, f"{tag}/log1p", tag),
                       helper.make_node("Add", [f"{tag}/pos", f"{tag}/log1p"], [n.output[0]])]
         else:
             nodes.append(n)
@@ -299,9 +312,10 @@ VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 
 def missing_devices(device: str, available) -> list[str]:
     """The real devices `device` names ("GPU.1", "HETERO:GPU,CPU", "BATCH:GPU(4)") that are not
-    among `available` (Core.available_devices); [] = all there."""
+    among `available` (Core.available_devices); [] = all there. "-GPU" in AUTO:CPU,-GPU excludes
+    a device and needs none."""
     head, _, rest = device.partition(":")
-    names = [d for d in rest.split(",") if d] if head in VIRTUAL_DEVICES else [head]
+    names = [d for d in rest.split(",") if d and not d.startswith("-")] if head in VIRTUAL_DEVICES else [head]
     have = {d.split(".")[0] for d in available}
     return [d for d in names if d.split("(")[0].split(".")[0] not in have]
 

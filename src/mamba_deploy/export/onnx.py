@@ -51,8 +51,8 @@ VALIDATE_BATCH = 2
 FP32_SLACK = 3.0  # fp32 export vs float64 may be this many times PyTorch fp32's own error (see validate_export)
 # Mamba1 prefill tokens per Scan iteration (onnx_graph._chunk_body). Each iteration holds a few
 # (batch, Q, Q, d_state, d_inner) float32 tensors, 4 Q^2 d_state d_inner bytes each per batch row:
-# at Q = 64, 403 MB on 130m shapes and 1.3 GB on 2.8b (d_inner 5120). Measured on an H200 (README,
-# ONNX Runtime on NVIDIA GPUs): Q = 16-32 fastest, Q = 64 slower again.
+# at Q = 64, 403 MB on 130m shapes and 1.3 GB on 2.8b (d_inner 5120). Measured on an H200 (docs/measurements.md,
+# ONNX Runtime's CUDA execution provider): Q = 16-32 fastest, Q = 64 slower again.
 MAX_SCAN_CHUNK = 64
 
 

@@ -8,6 +8,7 @@ writes the folder atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -113,14 +114,19 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     weights_label, tokenizer_src = source_weights(model), tokenizer_source(model)
     # a model loaded here is freed once the graph holds its weights: the reference outputs (which
     # need only the ids) first; then saving holds the proto and its serialized bytes, not the model
-    # too (a 998 MB checkpoint peaked at 4.4 GB); ONNX Runtime's session later holds ~2x the weights.
+    # too (a 998 MB checkpoint peaked at 4.4 GB); a model past 2 GB has its weights written to
+    # model.onnx.data as the graph is built, so the proto never holds them; ONNX Runtime's session
+    # later holds ~2x the weights.
     # A float64 copy is loaded again, only for a second opinion.
     reference = torch_reference(None, model, scan_chunk=scan_chunk) if validate else None
     float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
                     else (lambda: as_model(model_or_path, dtype=torch.float64)))
     with atomic_dir(out_dir, ExportError) as tmp:
-        proto = MambaGraph(cfg, dict(model.state_dict()), DTYPES[dtype], opset, scan_chunk=scan_chunk).build()
-        del model
+        weights = dict(model.state_dict())
+        itemsize = np.dtype(DTYPES[dtype]).itemsize  # matrices in the export dtype, vectors float32
+        with streamed_weights(tmp, sum(t.numel() * (itemsize if t.dim() >= 2 else 4) for t in weights.values())) as ext:
+            proto = MambaGraph(cfg, weights, DTYPES[dtype], opset, scan_chunk=scan_chunk, external=ext).build()
+        del model, weights
         release_freed_memory()
         _save(proto, tmp, label=weights_label or dtype)  # what the manifest's source_weights / dtype say
         del proto  # check_graph loads the file again, and validation opens it in ONNX Runtime
@@ -151,8 +157,25 @@ def check_scan_chunk(value) -> int:
     return q
 
 
+@contextlib.contextmanager
+def streamed_weights(folder: Path, nbytes: int):
+    """An ExternalData writing model.onnx.data in folder while the graph is built, when the
+    weights (about nbytes) would pass EXTERNAL_DATA_BYTES; else None (one self-contained file)."""
+    from .onnx_builder import ExternalData
+
+    if nbytes <= EXTERNAL_DATA_BYTES:
+        yield None
+        return
+    ext = ExternalData(folder)
+    try:
+        yield ext
+    finally:
+        ext.close()
+
+
 def _save(proto, folder: Path, label: str) -> None:
-    """model.onnx (+ model.onnx.data above 2 GB), recording the weights' type `label` in it."""
+    """model.onnx (+ model.onnx.data above 2 GB, unless streamed_weights already wrote the weights
+    there), recording the weights' type `label` in it."""
     import onnx
 
     set_weights_label(proto, label)

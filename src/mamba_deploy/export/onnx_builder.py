@@ -4,6 +4,9 @@ graph's interface are in `onnx_meta.py`."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -11,11 +14,47 @@ from onnx import helper, numpy_helper
 INT64_MAX = np.iinfo(np.int64).max
 
 
-class Builder:
-    """Collects nodes / initializers; names are unique across the graph and its subgraphs."""
+class ExternalData:
+    """Initializers written to one external-data file as the graph is built: each TensorProto
+    keeps only its location, offset and length, so the graph never holds the weights' bytes and a
+    model past protobuf's 2 GB is saved without a second copy of its weights in memory (saving a
+    built proto with save_as_external_data holds every weight in the proto first). Tensors under
+    `threshold` bytes stay inline, as onnx.save_model's size_threshold leaves them."""
 
-    def __init__(self, opset: int, counter=None):
+    ALIGN = 4096  # each tensor starts on a page: runtimes that map the file need no copy
+
+    def __init__(self, folder, location: str = "model.onnx.data", threshold: int = 1024):
+        self.location, self.threshold = location, threshold
+        self._f = open(Path(folder) / location, "wb")
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto | None:
+        """The external TensorProto of `array` (its bytes appended to the file), or None when
+        it stays inline (small, or an object / big-endian array that from_array converts)."""
+        order = sys.byteorder if array.dtype.byteorder == "=" else array.dtype.byteorder
+        if array.nbytes < self.threshold or array.dtype.hasobject or order in (">", "big"):
+            return None
+        pad = -self._f.tell() % self.ALIGN
+        if pad:
+            self._f.write(bytes(pad))
+        offset = self._f.tell()
+        self._f.write(np.ascontiguousarray(array).data)
+        t = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=key, value=value)
+        return t
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Builder:
+    """Collects nodes / initializers; names are unique across the graph and its subgraphs.
+    external: an ExternalData that takes the large initializers (the root graph of a big model)."""
+
+    def __init__(self, opset: int, counter=None, external: ExternalData | None = None):
         self.opset = opset
+        self.external = external
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._counter = counter if counter is not None else [0]
@@ -36,7 +75,8 @@ class Builder:
         return out
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        t = self.external.tensor(name, array) if self.external is not None else None
+        self.inits.append(t if t is not None else numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:

@@ -67,14 +67,15 @@ class MambaGraph(StepNetwork):
     """Turns a MambaConfig + state dict into the ONNX ModelProto described in the module doc."""
 
     def __init__(self, cfg: MambaConfig, weights, wdtype=np.float32, opset: int = 17,
-                 chunk: int | None = None, scan_chunk: int = 1, linear_hook=None):
+                 chunk: int | None = None, scan_chunk: int = 1, linear_hook=None, external=None):
         """weights: a mapping of checkpoint key -> tensor, read once per key as the graph needs it.
         linear_hook(graph, x, key, out) -> output name, or None for the plain MatMul: how a
-        quantized model's linear layers are written (quant/onnx_nbits.py)."""
+        quantized model's linear layers are written (quant/onnx_nbits.py). external: an
+        onnx_builder.ExternalData that the weights are written to as they are made (big models)."""
         self.cfg, self.w, self.wdtype, self.opset = cfg, weights, np.dtype(wdtype), opset
         self.linear_hook = linear_hook
         self.chunk = min(cfg.chunk_size, chunk or SSD_CHUNK)
-        self.root = self.g = Builder(opset)  # g: where nodes go now (the root or a branch)
+        self.root = self.g = Builder(opset, external=external)  # g: where nodes go now (the root or a branch)
         self.tag = ""  # the branch being built: its outputs are named "<output>.<tag>"
         self._weights: set[str] = set()
         self._conv_ends: dict[int, str] = {}  # tap j -> l + j, shared by all layers

@@ -59,7 +59,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     from onnx import helper
 
     from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
-    from ..export.onnx import ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, torch_reference, write_manifest
+    from ..export.onnx import (ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, streamed_weights, torch_reference,
+                               write_manifest)
     from ..export.onnx_graph import MambaGraph
     from ..runners.base import release_freed_memory
 
@@ -77,8 +78,11 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
             reference = torch_reference(None, qmodel, scan_chunk=scan_chunk)
     with atomic_dir(out_dir, ExportError) as tmp:
         linears = NBitsLinears(qmodel)
-        proto = MambaGraph(graph_config(qmodel), FloatWeights(qmodel), np.float32, DEFAULT_OPSET,
-                           scan_chunk=scan_chunk, linear_hook=linears).build()
+        # about the graph's bytes: codes and scales as stored, float layers as float32
+        nbytes = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in qmodel.state_dict().values())
+        with streamed_weights(tmp, nbytes) as ext:
+            proto = MambaGraph(graph_config(qmodel), FloatWeights(qmodel), np.float32, DEFAULT_OPSET,
+                               scan_chunk=scan_chunk, linear_hook=linears, external=ext).build()
         proto.opset_import.append(helper.make_opsetid(NBITS_DOMAIN, 1))
         _save(proto, tmp, label=weights_label({"quantization": qc}))  # as the manifest will say
         del proto

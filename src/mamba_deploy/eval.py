@@ -78,7 +78,7 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
     from . import data
 
     if (corpus is None) == (text_file is None):
-        raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val")
+        raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val|stdlib-train")
     if text_file is not None:
         p = Path(text_file)
         if not p.is_file():

@@ -216,6 +216,24 @@ def edited_copy(src, dst, name: str, **changes):
     return dst
 
 
+def hf_cache(out):
+    """The recurrent cache a transformers Mamba forward returned: `cache_params` (<= 5.2x), or
+    `cache`, the name its deprecation warning announces for 5.40."""
+    cache = getattr(out, "cache_params", None)
+    return cache if cache is not None else out.cache
+
+
+def hf_cached_step(hf, ids, cache, position: int):
+    """transformers' cached forward of ids (b, 1) at `position` -> (logits, cache). The cache goes
+    under whichever keyword this transformers' forward names (`cache_params`, later `cache`): an
+    unknown keyword would be swallowed by **kwargs and the step run from a zero state."""
+    import inspect
+
+    key = "cache_params" if "cache_params" in inspect.signature(hf.forward).parameters else "cache"
+    out = hf(ids, use_cache=True, cache_position=torch.tensor([position]), **{key: cache})
+    return out.logits, hf_cache(out)
+
+
 def rel_err(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

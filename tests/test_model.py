@@ -7,7 +7,7 @@ and 1e-10 in float64 (same math, different association order).
 import pytest
 import torch
 
-from conftest import DT_LIMIT_KIND, KINDS, random_lm, rel_err
+from conftest import DT_LIMIT_KIND, KINDS, hf_cache, hf_cached_step, random_lm, rel_err
 from mamba_deploy import State, load_model
 
 LENGTHS = [1, 7, 15, 17, 53]  # chunk_size is 16 in the tiny configs: chunk-1, chunk+1, 3*chunk+5
@@ -160,13 +160,11 @@ def test_decode_matches_transformers_decode(kind, hf_checkpoint):
         if kind == DT_LIMIT_KIND:
             refs = list(hf(ids).logits[:, 7:].transpose(0, 1))
         else:
-            out = hf(ids[:, :7], use_cache=True)
-            cache = out.cache_params
+            cache = hf_cache(hf(ids[:, :7], use_cache=True))
             refs = []
             for t in range(7, 12):
-                o = hf(ids[:, t:t + 1], cache_params=cache, use_cache=True, cache_position=torch.tensor([t]))
-                cache = o.cache_params
-                refs.append(o.logits[:, -1])
+                logits, cache = hf_cached_step(hf, ids[:, t:t + 1], cache, t)
+                refs.append(logits[:, -1])
     state = model(ids[:, :7]).state
     with torch.inference_mode():
         ours = [model.step(ids[:, t], state) for t in range(7, 12)]

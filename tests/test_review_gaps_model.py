@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DT_LIMIT_KIND, build_hf_model, random_lm, rel_err
+from conftest import DT_LIMIT_KIND, build_hf_model, hf_cache, random_lm, rel_err
 
 from mamba_deploy import State, load_model
 from mamba_deploy.config import MambaConfig
@@ -62,7 +62,7 @@ def test_mamba1_left_padding_matches_transformers_unpadded(kind, hf_checkpoint):
         ref = hf(short, use_cache=True)
         ref_next = hf(torch.cat([short, nxt], 1)).logits[:, -1]
     assert rel_err(out.logits[:, 6:], ref.logits) <= 1e-4
-    assert rel_err(out.state.ssm, _hf_ssm_state(ref.cache_params, model.config.n_layer)) <= 1e-4
+    assert rel_err(out.state.ssm, _hf_ssm_state(hf_cache(ref), model.config.n_layer)) <= 1e-4
     with torch.inference_mode():
         got_next = model.step(nxt[:, 0], out.state)
     assert rel_err(got_next, ref_next) <= 1e-4

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DT_LIMIT_KIND, build_hf_model, rel_err, rewrite_gguf
+from conftest import DT_LIMIT_KIND, build_hf_model, hf_cache, rel_err, rewrite_gguf
 
 from mamba_deploy import load_model
 from mamba_deploy.errors import CheckpointError, QuantizationError
@@ -389,7 +389,7 @@ def _hf_states(hf, ids):
     """transformers' cache after a prefill: conv windows (its last d_conv - 1 inputs, the part a
     state carries forward) and SSM states, every layer, float64."""
     with torch.no_grad():
-        c = hf(ids, use_cache=True).cache_params
+        c = hf_cache(hf(ids, use_cache=True))
     n = hf.config.num_hidden_layers
     conv = torch.stack([c.get_conv_state(i)[..., 1:] for i in range(n)]).double()
     ssm = torch.stack([c.get_recurrent_state(i) for i in range(n)]).double()

@@ -15,6 +15,7 @@ against the weight-streaming floor at the measured copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -92,7 +93,7 @@ def profile_model(name: str, replays: int, bw: float):
     runner = CudaGraphRunner(model)
     state = runner.new_state(1)
     runner.step(torch.zeros(1, dtype=torch.long), state)  # captures
-    step_ms = cuda_time(lambda: runner.replay(1), reps=200, warmup=20)
+    step_ms = cuda_time(functools.partial(runner.replay, 1), reps=200, warmup=20)
     reps = replay_kernels(runner, replays)
     n_layer = model.config.n_layer
     parts = {"head": [], "layers": [], "tail": [], "total": []}

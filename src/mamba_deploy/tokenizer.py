@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError, ShapeError
@@ -21,6 +22,10 @@ PROBE_TEXT = "def main():\n    return 0\n"  # every real tokenizer encodes this 
 # Fewer tokens than there are bytes and under 1/8 of the model's embedding rows: not the model's
 # tokenizer (e.g. transformers' empty one: 2 special tokens for 50k rows); loose enough for test-sized ones.
 MIN_VOCAB, MIN_VOCAB_FRACTION = 256, 8
+# Embedding rows past the tokenizer's ids that still look like padding: checkpoints round their
+# vocabulary up by a few ids (mamba-130m: 50277 tokens, 50280 rows; mamba2: 50288); more than
+# this many rows (and 2 % of them) with no token suggests another model's tokenizer.
+MAX_PAD_ROWS, MAX_PAD_FRACTION = 1024, 50
 
 
 def check_text(text) -> str:
@@ -171,6 +176,12 @@ def load_tokenizer(folder) -> Tokenizer:
     n, rows = tok.vocab_size, _model_vocab(folder)
     if rows is not None and n < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
         raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
+    if rows is not None and rows - n > max(MAX_PAD_ROWS, rows // MAX_PAD_FRACTION):
+        warnings.warn(f"{folder}: its tokenizer has {n} tokens for a model of {rows} embedding rows, so the "
+                      f"{rows - n} ids from {n} up decode to no text (sampled text comes out empty) and a GGUF "
+                      "export pads them as unused tokens; a checkpoint pads its vocabulary by a few ids only. If "
+                      "this is not the model's own tokenizer, copy the right one in or pass --tokenizer PATH",
+                      stacklevel=2)
     if folder.is_dir():
         from .chat import read_chat_template
         from .checkpoint import generation_end_ids

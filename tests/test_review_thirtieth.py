@@ -37,3 +37,74 @@ def test_a_tokenizer_far_smaller_than_the_vocabulary_is_named(tmp_path):
         warnings.simplefilter("error")
         load_tokenizer(DEMO2)
         load_tokenizer(_demo_tokenizer_for(tmp_path, 4096 + 1024))  # padded, within the allowance
+
+
+# ---- rules review: dispatch, typed errors, verify's engine limits --------------------------------
+
+class _FakeCuda:
+    """Stands for a CUDA tensor / model where none exists: pick and graph_decode_available read
+    only these attributes."""
+
+    def __init__(self, dtype):
+        import torch
+
+        self.device, self.is_cuda, self.dtype = torch.device("cuda"), True, dtype
+
+
+def test_float64_on_cuda_runs_the_reference_twins_not_triton(monkeypatch):
+    """A float64 model on a GPU (`verify --reference-dtype float64 --device cuda`) was sent to
+    the Triton kernels: prefill computed in float32 (6.9e-7 off the float64 reference on an H200)
+    and the first decode step crashed in graph capture with a ValueError from the kernel. The
+    dispatch now sends dtypes the kernels do not compute in to the reference twins, and no CUDA
+    graph is captured for such a model, nor under the reference backend."""
+    import torch
+
+    from mamba_deploy import ops
+
+    kernel = object()
+    monkeypatch.setattr(ops, "fast_ops", lambda: {"ssd_step": kernel, "rmsnorm": kernel})
+    assert ops.pick("rmsnorm", _FakeCuda(torch.float64)) is ops.REFERENCE["rmsnorm"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert ops.pick("rmsnorm", _FakeCuda(dtype)) is kernel
+    assert not ops.graph_decode_available(_FakeCuda(torch.float64))
+    assert ops.graph_decode_available(_FakeCuda(torch.bfloat16))
+    with ops.use_backend("ref"):
+        assert not ops.graph_decode_available(_FakeCuda(torch.bfloat16))
+        assert ops.pick("rmsnorm", _FakeCuda(torch.bfloat16)) is ops.REFERENCE["rmsnorm"]
+
+
+def test_bad_ops_backend_prefetch_size_and_graph_runner_on_cpu_are_typed(monkeypatch):
+    """Three user mistakes that raised bare ValueErrors (not caught by `except MambaDeployError`;
+    a malformed MAMBA_DEPLOY_L2_PREFETCH_MB crashed every CUDA decode with a traceback)."""
+    from mamba_deploy import load_model, ops
+    from mamba_deploy.cuda_graph import PREFETCH_MB, CudaGraphRunner, prefetch_mb
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown ops backend 'cuda'"):
+        ops.set_backend("cuda")
+    for bad in ("2MB", "-1", "nan", "4096"):
+        monkeypatch.setenv("MAMBA_DEPLOY_L2_PREFETCH_MB", bad)
+        with pytest.raises(ConfigError, match=f"MAMBA_DEPLOY_L2_PREFETCH_MB='{bad}'.*0 = no prefetch"):
+            prefetch_mb()
+    monkeypatch.setenv("MAMBA_DEPLOY_L2_PREFETCH_MB", "0.5")
+    assert prefetch_mb() == 0.5
+    monkeypatch.delenv("MAMBA_DEPLOY_L2_PREFETCH_MB")
+    assert prefetch_mb() == PREFETCH_MB
+    with pytest.raises(ConfigError, match="needs a model on CUDA, got cpu; use TorchRunner"):
+        CudaGraphRunner(load_model(DEMO2))
+
+
+@pytest.mark.parametrize("fp16,want", [(True, "fp16"), (False, "fp32")])
+def test_verify_takes_a_tensorrt_engines_limits_from_its_build(tmp_path, fp16, want):
+    """verify chose an engine's tolerance row from the ONNX folder's manifest beside it and never
+    read the engine's sidecar, so an engine built with --fp16 from an fp32 export was held to fp32's
+    limits (1e-4) wherever it lay. The sidecar records the build (and the export's manifest)."""
+    from mamba_deploy.export.tensorrt import SIDECAR_SUFFIX
+    from mamba_deploy.verify import artifact_labels
+
+    engine = tmp_path / "elsewhere" / "m.engine"
+    engine.parent.mkdir()
+    engine.write_bytes(b"\0" * 16)
+    manifest = {"format": "mamba-deploy-onnx", "dtype": "fp32", "source_weights": "q8_0"}
+    Path(str(engine) + SIDECAR_SUFFIX).write_text(json.dumps({"manifest": manifest, "build": {"fp16": fp16}}))
+    assert artifact_labels(engine) == (want, "q8_0")

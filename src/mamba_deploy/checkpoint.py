@@ -18,6 +18,7 @@ import torch
 from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
+from .export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
 
@@ -52,9 +53,9 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
 
 def _not_a_checkpoint(folder: Path) -> str:
     """What a folder without config.json is instead, and what to pass."""
-    if (folder / "manifest.json").exists() or (folder / "model.onnx").exists():
+    if (folder / MANIFEST_FILE).exists() or (folder / GRAPH_FILE).exists():
         return "it is an ONNX export; pass the checkpoint folder it was exported from"
-    if (folder / "model.engine").exists():
+    if (folder / ENGINE_FILE).exists():
         return "it is a TensorRT engine folder: pass the checkpoint it was built from"
     return "is this a Mamba checkpoint folder?"
 

@@ -34,6 +34,7 @@ import weakref
 import torch
 
 from . import ops
+from .errors import ConfigError
 from .inputs import check_ids
 from .runners.torch_runner import TorchRunner
 from .state import State, check_is_state
@@ -53,6 +54,21 @@ FUSED_MAX_BATCH = 4
 PREFETCH_MB = 2
 # Mamba1 at batch 1: the decode conv as an epilogue of in_proj's GEMV (one launch fewer per layer)
 CONV_IN_GEMV = True
+
+
+def prefetch_mb() -> float:
+    """MiB of the next GEMV's weights to bring into L2: MAMBA_DEPLOY_L2_PREFETCH_MB, else PREFETCH_MB."""
+    raw = os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB")
+    if raw is None:
+        return PREFETCH_MB
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb < 1024:  # NaN fails too
+        raise ConfigError(f"MAMBA_DEPLOY_L2_PREFETCH_MB={raw!r} must be a number of MiB in [0, 1024) "
+                          f"(0 = no prefetch; unset = {PREFETCH_MB})")
+    return mb
 
 
 def graphs_enabled() -> bool:
@@ -86,7 +102,7 @@ class DecodePlan:
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
-        self.prefetch_bytes = int(float(os.environ.get("MAMBA_DEPLOY_L2_PREFETCH_MB", PREFETCH_MB)) * 2**20)
+        self.prefetch_bytes = int(prefetch_mb() * 2**20)
 
     def prefetch(self, linear, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads
@@ -202,7 +218,11 @@ class CudaGraphRunner(TorchRunner):
     def __init__(self, model, buckets=BUCKETS):
         super().__init__(model)
         if model.device.type != "cuda":
-            raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device}; use TorchRunner")
+            raise ConfigError(f"CudaGraphRunner needs a model on CUDA, got {model.device}; use TorchRunner")
+        if model.dtype not in ops.TRITON_DTYPES:
+            raise ConfigError(f"CudaGraphRunner captures the Triton kernels, which compute in "
+                              f"{', '.join(str(d).replace('torch.', '') for d in ops.TRITON_DTYPES)}, not {model.dtype}; "
+                              "use TorchRunner (make_runner picks it), whose ops run the reference twins")
         self.buckets = tuple(sorted(buckets))
         self._plan = DecodePlan(model)
         self._b: dict[int, _Bucket] = {}
@@ -299,8 +319,10 @@ class CudaGraphRunner(TorchRunner):
 
 
 def make_runner(model):
-    """CudaGraphRunner on CUDA with Triton available (and graphs enabled), else TorchRunner."""
-    if model.device.type == "cuda" and graphs_enabled() and ops.fast_ops().get("ssd_step") is not None:
+    """CudaGraphRunner where ops.graph_decode_available (CUDA, Triton, not the reference backend, a
+    dtype the kernels compute in) and graphs are enabled, else TorchRunner (eager, the ops'
+    dispatch picks per call: a float64 model on CUDA runs the reference twins)."""
+    if graphs_enabled() and ops.graph_decode_available(model):
         return CudaGraphRunner(model)
     return TorchRunner(model)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file,
-                     raise_out_of_space, remove_stale_temps, temp_owner)
+                     raise_out_of_space, remove_stale_temps, temp_owner, write_text)
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
 
@@ -642,6 +642,4 @@ def write_model_card(folder, metrics: dict, data_meta: dict | None = None, notes
         unigram=v["unigram_ppl"], excluded=", ".join(f"`{d}`" for d in sorted(data.EXCLUDED_DIRS)),
         val_pct=data.VAL_PERCENT, python=meta.get("python", sys.version.split()[0]), command=cmd, repro=repro,
         notes=notes + "\n" if notes else "")
-    path = Path(folder) / "README.md"
-    path.write_text(text)
-    return path
+    return write_text(Path(folder) / "README.md", text)  # a temporary name, then renamed

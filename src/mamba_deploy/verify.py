@@ -190,18 +190,19 @@ def artifact_labels(path) -> tuple[str, str | None]:
         from .export.gguf_import import weights_labels
 
         return weights_labels(p)
+    if p.suffix == ".engine" and p.is_file():  # TensorRT: its sidecar holds the ONNX manifest and the build
+        from .export.tensorrt import SIDECAR_SUFFIX
+
+        sidecar = read_json_object(Path(str(p) + SIDECAR_SUFFIX))
+        manifest, build = sidecar.get("manifest"), sidecar.get("build")
+        own, recorded = _manifest_labels(manifest if isinstance(manifest, dict) else {}) or ("fp32", None)
+        if isinstance(build, dict) and build.get("fp16") is True and own == "fp32":
+            own = "fp16"  # built with BuilderFlag.FP16 from an fp32 graph: TensorRT rounds to fp16
+        return own, recorded
     folder = p if p.is_dir() else p.parent
-    manifest = read_json_object(folder / "manifest.json")
-    if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
-        return _quant_label(manifest["quantization"]), None
-    if manifest:
-        sw = manifest.get("source_weights")  # an export of a quantized GGUF
-        recorded = sw.lower() if isinstance(sw, str) and sw.lower() not in ("", "none") else None
-        for key in ("quantization", "dtype"):
-            if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
-                return manifest[key].lower(), recorded
-        if recorded:
-            return "fp32", recorded
+    labels = _manifest_labels(read_json_object(folder / "manifest.json"))
+    if labels is not None:
+        return labels
     from .checkpoint import recorded_source_weights, stored_dtype
 
     cfg = read_json_object(folder / "config.json")
@@ -210,6 +211,18 @@ def artifact_labels(path) -> tuple[str, str | None]:
     else:
         own = dtype_label(stored_dtype(folder))
     return own, recorded_source_weights(folder, cfg)  # `convert` (or quantize) of a quantized GGUF
+
+
+def _manifest_labels(manifest: dict) -> tuple[str, str | None] | None:
+    """artifact_labels of an ONNX export's manifest.json, or None when it says nothing."""
+    if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
+        return _quant_label(manifest["quantization"]), None
+    sw = manifest.get("source_weights")  # an export of a quantized GGUF
+    recorded = sw.lower() if isinstance(sw, str) and sw.lower() not in ("", "none") else None
+    for key in ("quantization", "dtype"):
+        if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
+            return manifest[key].lower(), recorded
+    return ("fp32", recorded) if recorded else None
 
 
 def dtype_label(dtype) -> str:

@@ -15,8 +15,9 @@ import torch
 
 from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
-from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, FILE_TYPE_KEY, GGUF_ARCH, NOT_WEIGHT_TYPES, OWN_KEYS,
-                          OWN_PREFIX, SPECIAL_KEYS, TENSORS, TIME_STEP_RANK_KEY)
+from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, DEFAULT_ALIGNMENT, EMBED_TENSOR, FILE_TYPE_KEY,
+                          GGUF_ARCH, NOT_WEIGHT_TYPES, OUTPUT_TENSOR, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS,
+                          TIME_STEP_RANK_KEY)
 
 _MISSING = object()
 
@@ -42,7 +43,7 @@ def open_reader(path):
 def _check_layout(reader, path) -> None:
     """Tensor data at aligned offsets that do not overlap, as llama.cpp's loader checks: gguf-py
     reads whatever bytes an offset names, so a file whose offset was edited loaded shifted weights."""
-    align = int(getattr(reader, "alignment", 32) or 32)
+    align = int(getattr(reader, "alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
     end, prev = reader.data_offset, None
     for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
         start = int(t.data_offset)
@@ -107,9 +108,9 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
             name = "time_step_rank" if callable(attr) else attr
             v[name] = field(reader, key.format(arch=gguf_arch), False if attr == "dt_bc_rms" else _MISSING)
     own = {f: field(reader, OWN_PREFIX + f, None) for f, _ in OWN_KEYS}
-    rows = tensor_shapes.get("token_embd.weight", (None,))[0]
+    rows = tensor_shapes.get(EMBED_TENSOR, (None,))[0]
     if rows is None:
-        raise CheckpointError("GGUF file has no token_embd.weight tensor; it is not a complete Mamba model")
+        raise CheckpointError(f"GGUF file has no {EMBED_TENSOR} tensor; it is not a complete Mamba model")
     # before any arithmetic on them: a 0 or a string in the metadata is a ConfigError naming its key
     v["dt_rank" if arch == "mamba1" else "nheads"] = v.pop("time_step_rank")
     dt_bc_rms = bool(v.pop("dt_bc_rms", False))  # other converters may store it as an integer
@@ -127,7 +128,7 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
         expand=d_inner // d_model if d_inner % d_model == 0 else 2,
         d_inner_override=None if d_inner % d_model == 0 else d_inner,
         rms_norm_eps=float(v["rms_norm_eps"]), conv_bias=True, bias=False,
-        tie_embeddings="output.weight" not in tensor_shapes,
+        tie_embeddings=OUTPUT_TENSOR not in tensor_shapes,
         vocab_size=int(own["vocab_size"] or rows),
         pad_vocab_size_multiple=int(own["pad_vocab_size_multiple"] or 1),
         residual_in_fp32=True if own["residual_in_fp32"] is None else bool(own["residual_in_fp32"]),
@@ -149,7 +150,7 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
             raise ConfigError(f"GGUF mamba2 ssm.time_step_rank (head count) {nheads} does not divide "
                               f"ssm.inner_size {d_inner}; the file's metadata is inconsistent, re-export it")
         kw.update(headdim=d_inner // nheads, ngroups=int(v["ngroups"]), hf_model_type="mamba2",
-                  chunk_size=int(own["chunk_size"] or 256))
+                  chunk_size=int(own["chunk_size"] or MambaConfig.chunk_size))
         if own["dt_limit"] is not None:
             kw["dt_limit"] = tuple(float(x) for x in own["dt_limit"])
     return MambaConfig(**kw)

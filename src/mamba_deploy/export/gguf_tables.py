@@ -112,10 +112,12 @@ def _same(x, cfg):
 
 
 # our parameter name -> (gguf name, to_gguf, from_gguf, arches); {bid} = layer index
+EMBED_TENSOR, OUTPUT_TENSOR = "token_embd.weight", "output.weight"  # no output.weight: tied embeddings
+DEFAULT_ALIGNMENT = 32  # general.alignment when a file does not set it (GGUF spec, gguf-py)
 TENSORS = [
-    ("backbone.embeddings.weight", "token_embd.weight", _same, _same, ("mamba1", "mamba2")),
+    ("backbone.embeddings.weight", EMBED_TENSOR, _same, _same, ("mamba1", "mamba2")),
     ("backbone.norm_f.weight", "output_norm.weight", _same, _same, ("mamba1", "mamba2")),
-    ("lm_head.weight", "output.weight", _same, _same, ("mamba1", "mamba2")),  # untied only
+    ("lm_head.weight", OUTPUT_TENSOR, _same, _same, ("mamba1", "mamba2")),  # untied only
     ("backbone.layers.{bid}.norm.weight", "blk.{bid}.attn_norm.weight", _same, _same, ("mamba1", "mamba2")),
     ("backbone.layers.{bid}.mixer.in_proj.weight", "blk.{bid}.ssm_in.weight", _same, _same, ("mamba1", "mamba2")),
     ("backbone.layers.{bid}.mixer.conv1d.weight", "blk.{bid}.ssm_conv1d.weight", _squeeze_conv, _unsqueeze_conv,

@@ -26,6 +26,9 @@ PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM = "past_conv.{}", "past_ssm.{}", 
 OPTIONAL_INPUTS = (MASK, KEEP)
 # the top-level If: a loop-free one-token branch (then) or the any-length network (else)
 ONE_TOKEN_IF = "if_one_token"
+# file names in an export folder: the graph, its external weights (past 2 GB), its manifest, and a
+# TensorRT engine built from it (export/tensorrt.py)
+GRAPH_FILE, DATA_FILE, MANIFEST_FILE, ENGINE_FILE = "model.onnx", "model.onnx.data", "manifest.json", "model.engine"
 
 
 def state_names(n_layer: int, present: bool = False) -> list[str]:

@@ -23,10 +23,10 @@ from ..argtypes import positive_int
 from ..atomic import output_path, prepare_output_file, write_bytes
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from .onnx_meta import IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
+from .onnx_meta import ENGINE_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
 
 INSTALL_HINT = install_hint("tensorrt")
-ENGINE_NAME = "model.engine"
+ENGINE_NAME = ENGINE_FILE
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "mamba-deploy-tensorrt"
 # onnx_meta.OPTIONAL_INPUTS: their default value is an initializer of the same name. TensorRT's

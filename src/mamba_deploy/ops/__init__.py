@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from ..errors import ConfigError
 from . import reference as ref
 
 # name -> reference implementation; fast twins share the signature.
@@ -59,7 +60,7 @@ def fast_ops() -> dict:
 def set_backend(name: str) -> None:
     global _backend
     if name not in _BACKENDS:
-        raise ValueError(f"unknown ops backend {name!r}; choose one of {_BACKENDS}")
+        raise ConfigError(f"unknown ops backend {name!r}; choose one of {_BACKENDS}")
     _backend = name
 
 
@@ -97,18 +98,31 @@ def decode_plan(model, batch: int, state):
     return cpu_plan(model, batch, state)
 
 
+# what the Triton kernels compute in (their states and activations); anything else (float64:
+# `verify --reference-dtype float64` on a GPU) runs the reference twins, in its own precision
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def pick(name: str, tensor):
     if _backend == "auto" and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
         fast = cpu_ops().get(name)
         if fast is not None:
             return fast
-    if _backend != "ref" and tensor.is_cuda:
+    if _backend != "ref" and tensor.is_cuda and tensor.dtype in TRITON_DTYPES:
         fast = fast_ops().get(name)
         if fast is not None:
             return fast
         if _backend == "triton":
-            raise RuntimeError(f"no Triton kernel for op {name!r}")
+            raise RuntimeError(f"no Triton kernel for op {name!r}")  # a developer's strict switch
     return REFERENCE[name]
+
+
+def graph_decode_available(model) -> bool:
+    """Whether decode on `model` can be captured as a CUDA graph of the Triton ops
+    (cuda_graph.CudaGraphRunner): on CUDA, Triton present, not under the reference backend, and
+    in a dtype the kernels compute in."""
+    return (model.device.type == "cuda" and _backend != "ref" and model.dtype in TRITON_DTYPES
+            and fast_ops().get("ssd_step") is not None)
 
 
 def _with_hints(name: str, tensor, *args, **hints):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, ConfigError
+from ..export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from ..extras import install_hint, top_level
 from .base import Runner
 
@@ -51,9 +52,9 @@ def guess_backend(path) -> str:
     p = Path(str(path))
     if p.suffix == ".gguf":
         return "llama.cpp"
-    if p.suffix == ".onnx" or (p / "model.onnx").exists() or (p / "manifest.json").exists():
+    if p.suffix == ".onnx" or (p / GRAPH_FILE).exists() or (p / MANIFEST_FILE).exists():
         return "onnx"  # a manifest without its model.onnx: the ONNX runner names the missing file
-    if p.suffix in (".engine", ".plan") or (p / "model.engine").exists():
+    if p.suffix in (".engine", ".plan") or (p / ENGINE_FILE).exists():
         return "tensorrt"
     return "torch"
 

@@ -26,7 +26,7 @@ from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError
 from ..extras import install_hint
-from .onnx_meta import (IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM, WEIGHTS_KEY,
+from .onnx_meta import (DATA_FILE, IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM, WEIGHTS_KEY,
                         read_metadata, set_weights_label, weights_label)
 
 MANIFEST_VERSION = 1
@@ -181,7 +181,7 @@ def _save(proto, folder: Path, label: str) -> None:
     set_weights_label(proto, label)
     big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+                    location=DATA_FILE, size_threshold=1024)
 
 
 def check_graph(path: Path, allowed=ALLOWED_OPS) -> None:

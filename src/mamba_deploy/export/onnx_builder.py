@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_meta import DATA_FILE
+
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -23,7 +25,7 @@ class ExternalData:
 
     ALIGN = 4096  # each tensor starts on a page: runtimes that map the file need no copy
 
-    def __init__(self, folder, location: str = "model.onnx.data", threshold: int = 1024):
+    def __init__(self, folder, location: str = DATA_FILE, threshold: int = 1024):
         self.location, self.threshold = location, threshold
         self._f = open(Path(folder) / location, "wb")
 

@@ -22,6 +22,7 @@ from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positi
 from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
 from .errors import ConfigError, MambaDeployError, VerificationError
+from .export.onnx_meta import MANIFEST_FILE
 from .inputs import first_out_of_vocab, token_stream
 
 # ----------------------------------------------------------------------------- tolerances
@@ -200,7 +201,7 @@ def artifact_labels(path) -> tuple[str, str | None]:
             own = "fp16"  # built with BuilderFlag.FP16 from an fp32 graph: TensorRT rounds to fp16
         return own, recorded
     folder = p if p.is_dir() else p.parent
-    labels = _manifest_labels(read_json_object(folder / "manifest.json"))
+    labels = _manifest_labels(read_json_object(folder / MANIFEST_FILE))
     if labels is not None:
         return labels
     from .checkpoint import recorded_source_weights, stored_dtype

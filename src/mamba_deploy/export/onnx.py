@@ -26,8 +26,8 @@ from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError
 from ..extras import install_hint
-from .onnx_meta import (DATA_FILE, IDS, KEEP, LOGITS, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV, PRESENT_SSM, WEIGHTS_KEY,
-                        read_metadata, set_weights_label, weights_label)
+from .onnx_meta import (DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MANIFEST_FILE, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV,
+                        PRESENT_SSM, WEIGHTS_KEY, read_metadata, set_weights_label, weights_label)
 
 MANIFEST_VERSION = 1
 DEFAULT_OPSET = 17
@@ -131,7 +131,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
         _save(proto, tmp, label=weights_label or dtype)  # what the manifest's source_weights / dtype say
         del proto  # check_graph loads the file again, and validation opens it in ONNX Runtime
         release_freed_memory()
-        check_graph(tmp / "model.onnx")
+        check_graph(tmp / GRAPH_FILE)
         write_tokenizer_files(tokenizer_src, tmp, out_dir)
         write_manifest(tmp, cfg, opset, dtype, source_weights=weights_label, scan_chunk=scan_chunk)
         if validate:
@@ -180,7 +180,7 @@ def _save(proto, folder: Path, label: str) -> None:
 
     set_weights_label(proto, label)
     big = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(proto, str(folder / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
+    onnx.save_model(proto, str(folder / GRAPH_FILE), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
 
 
@@ -250,15 +250,15 @@ def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: st
                    scan_chunk: int = 1) -> None:
     """scan_chunk: Mamba1 prefill tokens per Scan iteration (absent from manifests written before it
     existed, which mean 1); informational, the graph's inputs and outputs do not depend on it."""
-    files = sorted(p for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    files = sorted(p for p in folder.iterdir() if p.name.startswith(GRAPH_FILE))
     manifest = {
         "format": "mamba-deploy-onnx", "version": MANIFEST_VERSION, "config": cfg.to_dict(), "opset": opset,
-        "dtype": dtype, "state_dtype": "float32", "scan_chunk": scan_chunk, "graph": "model.onnx", **io_spec(cfg),
+        "dtype": dtype, "state_dtype": "float32", "scan_chunk": scan_chunk, "graph": GRAPH_FILE, **io_spec(cfg),
         "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
     }
     if source_weights:
         manifest["source_weights"] = source_weights
-    write_json(folder / "manifest.json", manifest)
+    write_json(folder / MANIFEST_FILE, manifest)
 
 
 def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
@@ -268,7 +268,7 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     folder = Path(path)
     if folder.suffix == ".onnx":
         folder = folder.parent
-    if not (folder / "model.onnx").exists():
+    if not (folder / GRAPH_FILE).exists():
         if config_file(folder) is not None:  # a checkpoint: the export goes to a new folder
             raise ModelNotFoundError(f"{folder} is a checkpoint, not an ONNX export; export it with `mamba-deploy "
                                      f"export onnx {folder} {folder}-onnx` and pass {folder}-onnx")
@@ -288,7 +288,7 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
 def _check_weights_label(manifest: dict, folder: Path) -> None:
     """The weight type the manifest claims against the one model.onnx was exported with (its
     metadata, under the hash just checked; see export/onnx_meta.py). Exports without it pass."""
-    recorded = read_metadata(folder / "model.onnx").get(WEIGHTS_KEY)
+    recorded = read_metadata(folder / GRAPH_FILE).get(WEIGHTS_KEY)
     claimed = weights_label(manifest)
     if recorded is not None and recorded != claimed:
         raise ExportError(f"{folder}/manifest.json says the weights are {claimed!r} but model.onnx was exported as "
@@ -298,7 +298,7 @@ def _check_weights_label(manifest: dict, folder: Path) -> None:
 
 # manifest key -> the values an export writes (a key may be absent: older exports); verify reads
 # "dtype" for its limits, so an edited "int8" would loosen them without a word
-MANIFEST_VALUES = {"dtype": tuple(DTYPES), "state_dtype": ("float32",), "graph": ("model.onnx",)}
+MANIFEST_VALUES = {"dtype": tuple(DTYPES), "state_dtype": ("float32",), "graph": (GRAPH_FILE,)}
 
 
 def _check_fields(manifest: dict, folder: Path) -> None:
@@ -354,7 +354,7 @@ def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
     where = f"{folder}/manifest.json"
     if files is None:  # without it nothing would be checked
         raise ExportError(f"{where} has no 'files' key (the size and sha256 of each model file); re-export the model")
-    if not isinstance(files, dict) or "model.onnx" not in files:
+    if not isinstance(files, dict) or GRAPH_FILE not in files:
         raise ExportError(f"{where}: 'files' must map each file name (model.onnx at least) to its bytes and "
                           f"sha256, not {files!r:.80}; the manifest was edited: re-export the model")
     for name, info in files.items():
@@ -364,7 +364,7 @@ def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
         p = folder / name
         if not p.exists():
             raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")
-        if p.stat().st_size != info["bytes"] or ((check_hash or name == "model.onnx") and _sha256(p) != info["sha256"]):
+        if p.stat().st_size != info["bytes"] or ((check_hash or name == GRAPH_FILE) and _sha256(p) != info["sha256"]):
             raise ExportError(f"{p} does not match manifest.json (size or sha256 differ): the file was "
                               "modified or truncated; re-export the model")
 
@@ -374,7 +374,7 @@ def _is_size(v) -> bool:
 
 
 def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
+    path = Path(folder) / MANIFEST_FILE
     if not path.exists():
         raise ModelNotFoundError(f"{folder} has no manifest.json; export it with `mamba-deploy export onnx`")
     return read_tagged_json(path, "mamba-deploy-onnx", "ONNX manifest", "re-export the model")

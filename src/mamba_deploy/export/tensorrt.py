@@ -23,7 +23,7 @@ from ..argtypes import positive_int
 from ..atomic import output_path, prepare_output_file, write_bytes
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from .onnx_meta import ENGINE_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
+from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
 
 INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = ENGINE_FILE
@@ -200,7 +200,7 @@ def load_stripped_onnx(folder: Path):
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
     defaults = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in OPTIONAL_INPUTS}
     kept = [t for t in proto.graph.initializer if t.name not in OPTIONAL_INPUTS]
     del proto.graph.initializer[:]
@@ -327,7 +327,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     network = builder.create_network(0 if flag is None or int(trt.__version__.split(".")[0]) >= 10 else 1 << int(flag))
     parser = trt.OnnxParser(network, logger)
     # path: where the parser resolves model.onnx.data (external weights) from
-    if not parser.parse(proto.SerializeToString(), str(folder / "model.onnx")):
+    if not parser.parse(proto.SerializeToString(), str(folder / GRAPH_FILE)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"TensorRT cannot parse {folder / 'model.onnx'}: {' | '.join(errors)}")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_dir, output_path
 from ..errors import ExportError, QuantizationError
-from ..export.onnx_meta import weights_label
+from ..export.onnx_meta import GRAPH_FILE, MANIFEST_FILE, weights_label
 from .formats import unpack_int4
 from .modules import QuantEmbedding, QuantLinear
 
@@ -87,7 +87,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         _save(proto, tmp, label=weights_label({"quantization": qc}))  # as the manifest will say
         del proto
         release_freed_memory()
-        check_graph(tmp / "model.onnx", allowed=ALLOWED_OPS | {f"{NBITS_DOMAIN}::MatMulNBits"})
+        check_graph(tmp / GRAPH_FILE, allowed=ALLOWED_OPS | {f"{NBITS_DOMAIN}::MatMulNBits"})
         write_tokenizer_files(tokenizer_source(qmodel), tmp, out_dir)
         write_manifest(tmp, qmodel.config, DEFAULT_OPSET, "fp32", scan_chunk=scan_chunk)
         report = {**linears.report, "accuracy_level": 0}
@@ -96,7 +96,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
             _update_manifest(tmp, qc, report)  # the runner checks the graph's hash against it
             report["validation"] = {"accuracy_level_0": _validate(tmp, reference, qmodel, 0)}
         if accuracy_level and linears.report["rewritten"]:  # no MatMulNBits (all kept float): no level to set
-            set_accuracy_level(tmp / "model.onnx", accuracy_level)
+            set_accuracy_level(tmp / GRAPH_FILE, accuracy_level)
             report["accuracy_level"] = accuracy_level
             if validate:
                 _update_manifest(tmp, qc, report)
@@ -340,11 +340,11 @@ def _update_manifest(folder: Path, qc: dict, report: dict, rehash: bool = True) 
     graph files too (a full read of the weights: only after the graph changed)."""
     from ..export.onnx import _sha256
 
-    m = json.loads((folder / "manifest.json").read_text())
+    m = json.loads((folder / MANIFEST_FILE).read_text())
     if rehash:
         m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                      for p in sorted(folder.iterdir()) if p.name.startswith("model.onnx")}
+                      for p in sorted(folder.iterdir()) if p.name.startswith(GRAPH_FILE)}
     m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", **report}
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(m, indent=2))
-    tmp.replace(folder / "manifest.json")
+    tmp.replace(folder / MANIFEST_FILE)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
-from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
+from ..export.onnx_meta import GRAPH_FILE, IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
@@ -308,7 +308,7 @@ def _cgroup_left() -> int | None:
 
 def _weight_bytes(manifest: dict) -> int:
     """The graph's files (model.onnx and its external data), as the manifest lists them."""
-    return sum(info["bytes"] for name, info in manifest["files"].items() if name.startswith("model.onnx"))
+    return sum(info["bytes"] for name, info in manifest["files"].items() if name.startswith(GRAPH_FILE))
 
 
 def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool = False,
@@ -347,7 +347,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     if not use_prepacking(prepack, _weight_bytes(manifest), folder):
         so.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=with_options(providers, manifest))
+        session = ort.InferenceSession(str(folder / GRAPH_FILE), so, providers=with_options(providers, manifest))
     except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
         raise ExportError(f"ONNX Runtime cannot load {folder / 'model.onnx'}: {e}; re-export the model") from e
     release_freed_memory()  # the graph's parsed copy and, with prepacking, the unpacked weights

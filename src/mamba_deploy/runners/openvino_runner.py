@@ -32,7 +32,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
-from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, state_names
+from ..export.onnx_meta import DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, state_names
 from ..extras import install_hint
 from ..state import State
 from .base import (Runner, check_state, check_threads, checked_source, one_call_at_a_time, release_freed_memory,
@@ -257,7 +257,7 @@ def _read_model(core, folder: Path):
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
     defaults, inits = {}, proto.graph.initializer
     for i in reversed(range(len(inits))):  # deleted in place: re-adding the kept ones would copy every weight
         if inits[i].name in OPTIONAL_INPUTS:
@@ -269,7 +269,7 @@ def _read_model(core, folder: Path):
         raise ExportError(f"{folder / 'model.onnx'} has no default for the optional inputs {missing}; "
                           "re-export it with this version of mamba-deploy")
     accurate_log1p(proto.graph)
-    if not (folder / "model.onnx.data").exists():
+    if not (folder / DATA_FILE).exists():
         from openvino import Tensor
 
         # the weights are inline: the proto and its serialized bytes are one copy each, so the

@@ -506,3 +506,24 @@ def test_quantized_export_streams_its_codes_past_the_size_limit(hf_checkpoint, t
         want = q(ids).logits
     got, _ = open_onnx(out).prefill(ids, open_onnx(out).new_state(2))
     assert rel_err(got, want) < 1e-3
+
+
+def test_quantized_export_with_float_layers_is_sized_as_float(hf_checkpoint, tmp_path, monkeypatch):
+    """Layers with no MatMulNBits form (SmoothQuant W8A8) go into the graph as float32 weights, 4
+    bytes a value where their int8 codes take 1: the size that decides streaming counted the codes,
+    so such a model 2-3x past the limit was still built in memory (the diff review's SmoothQuant
+    case: 11.2 MB estimated, 28.7 MB written). The limit here sits between the two sizes."""
+    import warnings
+
+    from mamba_deploy.export import onnx as onnx_export
+    from mamba_deploy.quant import quantize
+
+    folder, _ = hf_checkpoint("mamba")
+    calib = dict(calib_ids=torch.arange(4096) * 7919 % 128, n_calib=4, calib_len=64, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers kept float are named in a warning
+        q = quantize(load_model(folder), "smoothquant", **calib)
+        codes = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in q.state_dict().values())
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", codes)
+        out = export_onnx(q, tmp_path / "sq", accuracy_level=0, validate=False)
+    assert sum(n for _, _, n in _external_layout(out)) > codes  # streamed (aligned), and bigger than the codes

@@ -71,6 +71,8 @@ def test_float64_on_cuda_runs_the_reference_twins_not_triton(monkeypatch):
     with ops.use_backend("ref"):
         assert not ops.graph_decode_available(_FakeCuda(torch.bfloat16))
         assert ops.pick("rmsnorm", _FakeCuda(torch.bfloat16)) is ops.REFERENCE["rmsnorm"]
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="float64"):  # the strict switch says so
+        ops.pick("rmsnorm", _FakeCuda(torch.float64))
 
 
 def test_bad_ops_backend_prefetch_size_and_graph_runner_on_cpu_are_typed(monkeypatch):
@@ -94,17 +96,23 @@ def test_bad_ops_backend_prefetch_size_and_graph_runner_on_cpu_are_typed(monkeyp
         CudaGraphRunner(load_model(DEMO2))
 
 
+@pytest.mark.parametrize("where", ["elsewhere/m.engine", "plan/m.plan", "folder/model.engine"])
 @pytest.mark.parametrize("fp16,want", [(True, "fp16"), (False, "fp32")])
-def test_verify_takes_a_tensorrt_engines_limits_from_its_build(tmp_path, fp16, want):
+def test_verify_takes_a_tensorrt_engines_limits_from_its_build(tmp_path, fp16, want, where):
     """verify chose an engine's tolerance row from the ONNX folder's manifest beside it and never
     read the engine's sidecar, so an engine built with --fp16 from an fp32 export was held to fp32's
-    limits (1e-4) wherever it lay. The sidecar records the build (and the export's manifest)."""
+    limits (1e-4) wherever it lay. The sidecar records the build (and the export's manifest); an
+    engine is named as a .engine or .plan file, or as the folder holding model.engine (the diff
+    review found the first fix read only the first of those)."""
     from mamba_deploy.export.tensorrt import SIDECAR_SUFFIX
+    from mamba_deploy.runners import guess_backend
     from mamba_deploy.verify import artifact_labels
 
-    engine = tmp_path / "elsewhere" / "m.engine"
+    engine = tmp_path / where
     engine.parent.mkdir()
     engine.write_bytes(b"\0" * 16)
     manifest = {"format": "mamba-deploy-onnx", "dtype": "fp32", "source_weights": "q8_0"}
     Path(str(engine) + SIDECAR_SUFFIX).write_text(json.dumps({"manifest": manifest, "build": {"fp16": fp16}}))
-    assert artifact_labels(engine) == (want, "q8_0")
+    named = engine.parent if where.startswith("folder") else engine
+    assert guess_backend(named) == "tensorrt"
+    assert artifact_labels(named) == (want, "q8_0")

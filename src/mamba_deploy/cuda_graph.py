@@ -34,7 +34,8 @@ import weakref
 import torch
 
 from . import ops
-from .errors import ConfigError
+from .errors import BackendUnavailableError, ConfigError
+from .extras import install_hint
 from .inputs import check_ids
 from .runners.torch_runner import TorchRunner
 from .state import State, check_is_state
@@ -219,6 +220,9 @@ class CudaGraphRunner(TorchRunner):
         super().__init__(model)
         if model.device.type != "cuda":
             raise ConfigError(f"CudaGraphRunner needs a model on CUDA, got {model.device}; use TorchRunner")
+        if ops.fast_ops().get("ssd_step") is None:
+            raise BackendUnavailableError("CudaGraphRunner captures the Triton kernels, and Triton is not installed "
+                                          f"(or sees no GPU): {install_hint('triton')}; use TorchRunner")
         if model.dtype not in ops.TRITON_DTYPES:
             raise ConfigError(f"CudaGraphRunner captures the Triton kernels, which compute in "
                               f"{', '.join(str(d).replace('torch.', '') for d in ops.TRITON_DTYPES)}, not {model.dtype}; "
@@ -283,8 +287,8 @@ class CudaGraphRunner(TorchRunner):
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # CPU ids: no sync
         batch = ids.shape[0]
         size = self._bucket_size(batch)
-        if size is None or not graphs_enabled():
-            return super().step(ids, state)
+        if size is None or not graphs_enabled() or ops.get_backend() == "ref":
+            return super().step(ids, state)  # under the reference backend: its ops, eagerly (nothing captured)
         bk = self._bucket(size)
         if bk.graph is None:
             self._capture(bk)

@@ -191,9 +191,11 @@ def artifact_labels(path) -> tuple[str, str | None]:
         from .export.gguf_import import weights_labels
 
         return weights_labels(p)
-    if p.suffix == ".engine" and p.is_file():  # TensorRT: its sidecar holds the ONNX manifest and the build
-        from .export.tensorrt import SIDECAR_SUFFIX
+    from .export.tensorrt import ENGINE_NAME, SIDECAR_SUFFIX
 
+    if p.is_dir() and (p / ENGINE_NAME).is_file():  # an engine folder, as open_runner takes it
+        p = p / ENGINE_NAME
+    if p.suffix in (".engine", ".plan") and p.is_file():  # TensorRT: its sidecar holds the ONNX manifest and the build
         sidecar = read_json_object(Path(str(p) + SIDECAR_SUFFIX))
         manifest, build = sidecar.get("manifest"), sidecar.get("build")
         own, recorded = _manifest_labels(manifest if isinstance(manifest, dict) else {}) or ("fp32", None)

@@ -108,6 +108,8 @@ def pick(name: str, tensor):
         fast = cpu_ops().get(name)
         if fast is not None:
             return fast
+    if _backend == "triton" and tensor.is_cuda and tensor.dtype not in TRITON_DTYPES:
+        raise RuntimeError(f"no Triton kernel computes {name!r} in {tensor.dtype}")  # the strict switch
     if _backend != "ref" and tensor.is_cuda and tensor.dtype in TRITON_DTYPES:
         fast = fast_ops().get(name)
         if fast is not None:

@@ -78,8 +78,9 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
             reference = torch_reference(None, qmodel, scan_chunk=scan_chunk)
     with atomic_dir(out_dir, ExportError) as tmp:
         linears = NBitsLinears(qmodel)
-        # about the graph's bytes: codes and scales as stored, float layers as float32
-        nbytes = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in qmodel.state_dict().values())
+        # an upper bound of the graph's bytes: a layer kept float (no MatMulNBits form) is written as
+        # float32 dequantized weights, 4 bytes per value, and a packed int4 byte holds two values
+        nbytes = sum(t.numel() * (4 if t.is_floating_point() else 8) for t in qmodel.state_dict().values())
         with streamed_weights(tmp, nbytes) as ext:
             proto = MambaGraph(graph_config(qmodel), FloatWeights(qmodel), np.float32, DEFAULT_OPSET,
                                scan_chunk=scan_chunk, linear_hook=linears, external=ext).build()

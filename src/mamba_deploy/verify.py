@@ -191,12 +191,12 @@ def artifact_labels(path) -> tuple[str, str | None]:
         from .export.gguf_import import weights_labels
 
         return weights_labels(p)
-    from .export.tensorrt import ENGINE_NAME, SIDECAR_SUFFIX
+    from .export.tensorrt import engine_file, sidecar_path
 
-    if p.is_dir() and (p / ENGINE_NAME).is_file():  # an engine folder, as open_runner takes it
-        p = p / ENGINE_NAME
+    if engine_file(p).is_file():  # an engine folder, as open_runner takes it
+        p = engine_file(p)
     if p.suffix in (".engine", ".plan") and p.is_file():  # TensorRT: its sidecar holds the ONNX manifest and the build
-        sidecar = read_json_object(Path(str(p) + SIDECAR_SUFFIX))
+        sidecar = read_json_object(sidecar_path(p))
         manifest, build = sidecar.get("manifest"), sidecar.get("build")
         own, recorded = _manifest_labels(manifest if isinstance(manifest, dict) else {}) or ("fp32", None)
         if isinstance(build, dict) and build.get("fp16") is True and own == "fp32":

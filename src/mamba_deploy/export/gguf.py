@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import os
+import re
 import signal
 import threading
 import warnings

@@ -550,4 +550,4 @@ def register(subparsers) -> None:
 def _cmd(args) -> None:
     out = export_onnx(args.model, args.out_dir, dtype=args.dtype, opset=args.opset, validate=not args.no_validate,
                       accuracy_level=args.accuracy_level, scan_chunk=args.scan_chunk)
-    print(f"wrote {out / 'model.onnx'}")
+    print(f"wrote {out / GRAPH_FILE}")

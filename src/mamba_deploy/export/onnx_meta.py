@@ -31,6 +31,11 @@ ONE_TOKEN_IF = "if_one_token"
 GRAPH_FILE, DATA_FILE, MANIFEST_FILE, ENGINE_FILE = "model.onnx", "model.onnx.data", "manifest.json", "model.engine"
 
 
+def node_subgraphs(node) -> list:
+    """The GraphProtos a NodeProto holds in its attributes (If branches, Scan / Loop bodies)."""
+    return [sub for a in node.attribute for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+
+
 def state_names(n_layer: int, present: bool = False) -> list[str]:
     """[conv.0, ssm.0, conv.1, ...] state input (or, present, output) names, the order of every
     runner's per-layer state list."""

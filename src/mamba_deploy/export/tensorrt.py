@@ -23,7 +23,7 @@ from ..argtypes import positive_int
 from ..atomic import output_path, prepare_output_file, write_bytes
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS
+from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS, node_subgraphs
 
 INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = ENGINE_FILE
@@ -108,8 +108,7 @@ def _value_types(graph, types: dict, shapes: dict) -> None:
 
 def _subgraphs(graph):
     for n in graph.node:
-        for a in n.attribute:
-            yield from ([a.g] if a.HasField("g") else []) + list(a.graphs)
+        yield from node_subgraphs(n)
 
 
 def _node_issues(n, op: str, label: str, types: dict, shapes: dict, consts: set) -> list[str]:
@@ -176,9 +175,8 @@ def trt_parser_issues(model) -> list[str]:
                 issues.append(f"{label}: op not in TensorRT's supported ONNX operators")
                 continue
             issues.extend(_node_issues(n, op, label, types, shapes, consts))
-            for a in n.attribute:
-                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    walk(sub, consts, f"{label} > ")
+            for sub in node_subgraphs(n):
+                walk(sub, consts, f"{label} > ")
 
     walk(inferred.graph, set(), "")
     return issues
@@ -238,10 +236,9 @@ def engine_graph(folder: Path):
 def _names_read(node) -> set[str]:
     """Inputs of a node and of every node in its subgraphs (a Scan body reads outer values)."""
     names = set(node.input)
-    for a in node.attribute:
-        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for n in sub.node:
-                names |= _names_read(n)
+    for sub in node_subgraphs(node):
+        for n in sub.node:
+            names |= _names_read(n)
     return names
 
 
@@ -262,6 +259,17 @@ def _drop_unused(g) -> None:
 def engine_path(out_path) -> Path:
     p = output_path(out_path)
     return p / ENGINE_NAME if p.is_dir() or p.suffix == "" else p
+
+
+def engine_file(path) -> Path:
+    """An engine named as its file or as the folder holding ENGINE_NAME (what open_runner takes)."""
+    p = Path(path)
+    return p / ENGINE_NAME if p.is_dir() else p
+
+
+def sidecar_path(engine: Path) -> Path:
+    """The JSON beside an engine: the build options and the ONNX export's manifest."""
+    return Path(str(engine) + SIDECAR_SUFFIX)
 
 
 def _check_engine_path(out: Path, folder: Path) -> Path:
@@ -316,7 +324,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     proto, defaults = engine_graph(folder)
     issues = trt_parser_issues(proto)
     if issues:
-        raise ExportError(f"{folder / 'model.onnx'} uses nodes TensorRT's ONNX parser does not support: "
+        raise ExportError(f"{folder / GRAPH_FILE} uses nodes TensorRT's ONNX parser does not support: "
                           + "; ".join(issues[:8]))
     trt = import_tensorrt()
 
@@ -329,7 +337,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     # path: where the parser resolves model.onnx.data (external weights) from
     if not parser.parse(proto.SerializeToString(), str(folder / GRAPH_FILE)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"TensorRT cannot parse {folder / 'model.onnx'}: {' | '.join(errors)}")
+        raise ExportError(f"TensorRT cannot parse {folder / GRAPH_FILE}: {' | '.join(errors)}")
 
     config = builder.create_builder_config()
     if fp16:
@@ -344,7 +352,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {folder / 'model.onnx'} (see the log above)")
+        raise ExportError(f"TensorRT failed to build an engine from {folder / GRAPH_FILE} (see the log above)")
 
     data = bytes(serialized)
     sidecar = {
@@ -354,7 +362,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
                   "opt_seq": opt_seq, "tensorrt": trt.__version__,
                   "engine_bytes": len(data)},  # the runner checks the pair (two renames)
     }
-    write_bytes(Path(str(out) + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2).encode())
+    write_bytes(sidecar_path(out), json.dumps(sidecar, indent=2).encode())
     write_bytes(out, data)
     return out
 

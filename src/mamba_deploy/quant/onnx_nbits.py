@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_dir, output_path
 from ..errors import ExportError, QuantizationError
-from ..export.onnx_meta import GRAPH_FILE, MANIFEST_FILE, weights_label
+from ..export.onnx_meta import GRAPH_FILE, MANIFEST_FILE, node_subgraphs, weights_label
 from .formats import unpack_int4
 from .modules import QuantEmbedding, QuantLinear
 
@@ -330,9 +330,8 @@ def _graphs_children_first(graph) -> list:
     """graph and all its subgraphs (If branches, Scan bodies), every subgraph before its parent."""
     out = []
     for n in graph.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                out += _graphs_children_first(sub)
+        for sub in node_subgraphs(n):
+            out += _graphs_children_first(sub)
     return out + [graph]
 
 

@@ -349,7 +349,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     try:
         session = ort.InferenceSession(str(folder / GRAPH_FILE), so, providers=with_options(providers, manifest))
     except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
-        raise ExportError(f"ONNX Runtime cannot load {folder / 'model.onnx'}: {e}; re-export the model") from e
+        raise ExportError(f"ONNX Runtime cannot load {folder / GRAPH_FILE}: {e}; re-export the model") from e
     release_freed_memory()  # the graph's parsed copy and, with prepacking, the unpacked weights
     check_session(manifest, session, folder)
     return OnnxRunner(folder, manifest, session)

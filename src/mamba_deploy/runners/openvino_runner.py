@@ -32,7 +32,8 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
-from ..export.onnx_meta import DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, state_names
+from ..export.onnx_meta import (DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, node_subgraphs,
+                                state_names)
 from ..extras import install_hint
 from ..state import State
 from .base import (Runner, check_state, check_threads, checked_source, one_call_at_a_time, release_freed_memory,
@@ -224,9 +225,8 @@ def accurate_log1p(graph, ones: frozenset = frozenset()) -> int:
     made = {o: n for n in graph.node for o in n.output}
     nodes, count = [], 0
     for n in graph.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                count += accurate_log1p(sub, frozenset(ones))
+        for sub in node_subgraphs(n):
+            count += accurate_log1p(sub, frozenset(ones))
         tag = f"log1p/{n.output[0]}"
         add = made.get(n.input[0]) if n.op_type == "Log" else None
         if add is not None and add.op_type == "Add" and len(set(add.input) & ones) == 1:
@@ -266,7 +266,7 @@ def _read_model(core, folder: Path):
     del inits
     missing = [n for n in OPTIONAL_INPUTS if n not in defaults]
     if missing:
-        raise ExportError(f"{folder / 'model.onnx'} has no default for the optional inputs {missing}; "
+        raise ExportError(f"{folder / GRAPH_FILE} has no default for the optional inputs {missing}; "
                           "re-export it with this version of mamba-deploy")
     accurate_log1p(proto.graph)
     if not (folder / DATA_FILE).exists():
@@ -302,7 +302,7 @@ def _check_model(manifest: dict, model, folder: Path) -> None:
         want = {d["name"] for d in manifest[kind]}
         got = {n for p in ports for n in p.get_names()}
         if not want <= got:
-            raise ExportError(f"OpenVINO reads {folder / 'model.onnx'} without the {kind} {sorted(want - got)} "
+            raise ExportError(f"OpenVINO reads {folder / GRAPH_FILE} without the {kind} {sorted(want - got)} "
                               "listed in manifest.json; re-export the model")
 
 
@@ -356,14 +356,14 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
         with ieee_denormals():
             model, defaults, tmpfile = _read_model(core, folder)
     except RuntimeError as e:  # OpenVINO reports unsupported ops / bad graphs as RuntimeError
-        raise ExportError(f"OpenVINO cannot read {folder / 'model.onnx'}: {e}") from e
+        raise ExportError(f"OpenVINO cannot read {folder / GRAPH_FILE}: {e}") from e
     try:
         _check_model(manifest, model, folder)
         try:
             with ieee_denormals():
                 compiled = core.compile_model(model, device, config)
         except RuntimeError as e:
-            raise ExportError(f"OpenVINO cannot compile {folder / 'model.onnx'} for {device}: {e}") from e
+            raise ExportError(f"OpenVINO cannot compile {folder / GRAPH_FILE} for {device}: {e}") from e
     except BaseException:
         if tmpfile is not None:
             tmpfile.unlink(missing_ok=True)

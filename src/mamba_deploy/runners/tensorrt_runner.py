@@ -25,7 +25,7 @@ from ..atomic import read_tagged_json
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
 from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
-from ..export.tensorrt import ENGINE_NAME, INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, import_tensorrt
+from ..export.tensorrt import INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, engine_file, import_tensorrt, sidecar_path
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import NoCopy, Runner, check_state, check_threads, checked_source, one_call_at_a_time, state_layout
@@ -200,10 +200,8 @@ def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")
-    p = Path(path)
-    if p.is_dir():
-        p = p / ENGINE_NAME
-    side = Path(str(p) + SIDECAR_SUFFIX)
+    p = engine_file(path)
+    side = sidecar_path(p)
     if not p.exists():
         raise ModelNotFoundError(f"no TensorRT engine at {p}; build one with "
                                  "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")

@@ -161,7 +161,7 @@ def randomize(model):
 def run_ours(name, cases):
     import torch
 
-    from mamba_deploy.cuda_graph import FUSED_MAX_BATCH, CudaGraphRunner
+    from mamba_deploy.cuda_graph import CudaGraphRunner
 
     out = {}
     V = MODELS[name].get("vocab", VOCAB)
@@ -195,10 +195,13 @@ def run_ours(name, cases):
             out[case + "_bf16_state_bytes"] = state.conv.numel() * 2 + state.ssm.numel() * 2
             model.set_state_dtype(None)
             del half
-            if runner._plan.fused and b <= FUSED_MAX_BATCH:  # the same graph without the one-launch mixer
+            if runner._plan.fusion(b).gated_mixer:  # the same graph without the one-launch mixer
                 plain = CudaGraphRunner(model)
-                plain._plan.fused = False
-                plain.step(torch.randint(0, V, (b,)), plain.new_state(b))
+                os.environ["MAMBA_DEPLOY_FUSED_DECODE"] = "0"  # read by ops.decode_fusion at capture
+                try:
+                    plain.step(torch.randint(0, V, (b,)), plain.new_state(b))
+                finally:
+                    del os.environ["MAMBA_DEPLOY_FUSED_DECODE"]
                 out[case + "_unfused"] = cuda_time(lambda: plain.replay(b), reps=200, warmup=10)
                 del plain
         print(f"  ours {name} {case}: {out[case]:.3f} ms", flush=True)

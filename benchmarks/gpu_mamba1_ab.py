@@ -29,6 +29,7 @@ def main():
     import torch
 
     from mamba_deploy import cuda_graph as CG
+    from mamba_deploy import ops
     from mamba_deploy.atomic import write_json
     from mamba_deploy.ops import triton_conv, triton_gemv, triton_step
 
@@ -46,7 +47,7 @@ def main():
         for v, (env, pdl, conv_in_gemv) in variants.items():
             os.environ["MAMBA_DEPLOY_FUSED_DECODE"] = env
             triton_conv.pdl_kwargs = triton_step.pdl_kwargs = triton_gemv.pdl_kwargs if pdl else off
-            CG.CONV_IN_GEMV = conv_in_gemv
+            ops.CONV_IN_GEMV = conv_in_gemv
             for b in batches:
                 runner = CG.CudaGraphRunner(model)
                 runner.step(torch.randint(0, G.VOCAB, (b,)), runner.new_state(b))  # captures

@@ -14,7 +14,8 @@ import torch
 
 from conftest import DT_LIMIT_KIND, KINDS, rel_err
 from mamba_deploy import load_model, ops
-from mamba_deploy.cuda_graph import FUSED_MAX_BATCH, DecodePlan, fast_decode_step
+from mamba_deploy.cuda_graph import DecodePlan, fast_decode_step
+from mamba_deploy.ops import FUSED_MAX_BATCH
 from mamba_deploy.ops import reference as R
 
 
@@ -41,9 +42,48 @@ def test_fast_decode_step_matches_transformers(kind, batch, dtype, tol, hf_check
     hf.float()
     v = want.shape[-1]
     assert rel_err(got[..., :v], want) <= tol
-    if kind == "mamba2" and batch <= FUSED_MAX_BATCH:
-        assert plan.fused, "the one-op Mamba2 mixer (ssd_step_gated_) was not exercised"
+    if kind.startswith("mamba2") and kind != "mamba2_g2" and batch <= FUSED_MAX_BATCH:
+        assert plan.fusion(batch).gated_mixer, "the one-op Mamba2 mixer (ssd_step_gated_) was not exercised"
+    if kind in ("mamba", "falcon_mamba") and batch <= FUSED_MAX_BATCH:
+        assert plan.fusion(batch) == (False, True, True), "dt_proj folding / the conv in in_proj was not exercised"
     assert int(plan.sumsq.abs().sum()) == 0, "add_rmsnorm_ must leave the norm statistics zeroed"
+
+
+@pytest.mark.parametrize("switch", ["no_fusion", "conv_kernel"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_fast_decode_step_unfused_variants(kind, switch, monkeypatch, hf_checkpoint):
+    """The decompositions ops.decode_fusion falls back to compute the same function:
+    MAMBA_DEPLOY_FUSED_DECODE=0 (every layer unfused) and, for Mamba1, the conv update as its own
+    op after in_proj (CONV_IN_GEMV off), against transformers' forward at batch 2."""
+    if switch == "no_fusion":
+        monkeypatch.setenv("MAMBA_DEPLOY_FUSED_DECODE", "0")
+        expect = (False, False, False)
+    else:
+        monkeypatch.setattr(ops, "CONV_IN_GEMV", False)
+        expect = (kind == "mamba2", kind == "mamba", False)
+    folder, hf = hf_checkpoint(kind)
+    model = load_model(folder)
+    torch.manual_seed(7)
+    ids = torch.randint(0, 128, (2, 9))
+    got, plan = _decode(model, ids)
+    assert plan.fusion(2) == expect
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(got[..., :want.shape[-1]], want) <= 1e-4
+
+
+def test_decode_fusion_bounds():
+    """Fusion stops above FUSED_MAX_BATCH rows, and a quantized dt_proj / in_proj turns off what
+    reads them as weights."""
+    from mamba_deploy.config import MambaConfig
+
+    m1 = MambaConfig(arch="mamba1", d_model=32, n_layer=1, vocab_size=64, d_state=8)
+    m2 = MambaConfig(arch="mamba2", d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=8)
+    assert ops.decode_fusion(m1, FUSED_MAX_BATCH) == (False, True, True)
+    assert ops.decode_fusion(m1, FUSED_MAX_BATCH + 1) == (False, False, False)
+    assert ops.decode_fusion(m1, 1, dt_plain=False) == (False, False, False)
+    assert ops.decode_fusion(m1, 1, in_proj_plain=False) == (False, True, False)
+    assert ops.decode_fusion(m2, 1).gated_mixer and not ops.decode_fusion(m2, FUSED_MAX_BATCH + 1).gated_mixer
 
 
 @pytest.mark.parametrize("before", [False, True])

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from mamba_deploy import ops
 from mamba_deploy.ops import reference as R
 
 CUDA = torch.cuda.is_available()
@@ -589,9 +590,7 @@ def test_graph_decode_16bit_state(shape):
 def test_graph_decode_mamba1_conv_kernel(monkeypatch):
     """Mamba1 batch-1 graph decode with the conv-update kernel (PDL, window read before its wait)
     after in_proj's GEMV, instead of the conv as the GEMV's epilogue."""
-    from mamba_deploy import cuda_graph
-
-    monkeypatch.setattr(cuda_graph, "CONV_IN_GEMV", False)
+    monkeypatch.setattr(ops, "CONV_IN_GEMV", False)
     check_graph_decode(dict(arch="mamba1", d_model=256, d_state=16), torch.float32)
 
 

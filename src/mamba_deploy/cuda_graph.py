@@ -21,8 +21,9 @@ of a layer uses programmatic dependent launch: each starts reading its weights (
 state) while its predecessor finishes. Measured on an H200, mamba-2.8b batch 1 (interleaved,
 `h200_mamba1_fused_dt_ab.log`): 2.17-2.29 ms unfused, 1.98 ms with dt_proj folded in, 1.83 ms
 with the conv update and state update also launched with PDL, 1.81 ms with the conv in the GEMV.
-MAMBA_DEPLOY_FUSED_DECODE=0 falls back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and
-the unfused `Mamba1Mixer.step` (Mamba1). The test suite compares its logits with the reference
+Which fused ops a step uses, per batch, is decided where every other op choice is,
+`ops.decode_fusion` (fused up to ops.FUSED_MAX_BATCH rows); MAMBA_DEPLOY_FUSED_DECODE=0 falls
+back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and the unfused `Mamba1Mixer.step` (Mamba1). The test suite compares its logits with the reference
 path's.
 """
 
@@ -41,11 +42,6 @@ from .runners.torch_runner import TorchRunner
 from .state import State, check_is_state
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-# The one-launch mixer (ssd_step_gated_) wins where decode is launch-bound and loses where it is
-# bandwidth-bound (its group counter's acq_rel fence stalls each program). Measured on an H200,
-# mamba2-2.7b: batch 1 2.45 ms fused vs 2.70 unfused; batch 32 6.54 fused vs 5.71 unfused.
-# Batches in between were not measured; 4 is a guess on the launch-bound side.
-FUSED_MAX_BATCH = 4
 # MiB of the next GEMV's weights that the norm / mixer kernel before it prefetches into L2
 # (triton_gemv.l2_prefetch); MAMBA_DEPLOY_L2_PREFETCH_MB overrides (0: off). Measured on an H200
 # (gpu_decode_sweep.py), batch-1 ms per token with the one-shot GEMV, 0 / 2 / 4 MiB: mamba2-2.7b
@@ -53,8 +49,6 @@ FUSED_MAX_BATCH = 4
 # earlier looping GEMV, 0 / 1 / 2 / 4 / 8 / 16 MiB: 2.7b 2.019 / 1.972 / 1.950 / 1.945 / 2.017 /
 # 2.189 (more than fits the gap between GEMVs competes with the GEMV before it).
 PREFETCH_MB = 2
-# Mamba1 at batch 1: the decode conv as an epilogue of in_proj's GEMV (one launch fewer per layer)
-CONV_IN_GEMV = True
 
 
 def prefetch_mb() -> float:
@@ -85,25 +79,32 @@ class DecodePlan:
         self.A = [-torch.exp(layer.mixer.A_log.float()) for layer in model.backbone.layers]
         self.norms = [layer.norm for layer in model.backbone.layers] + [model.backbone.norm_f]
         self.residual_fp32 = self.cfg.residual_in_fp32
-        cfg = self.cfg
-        # one launch per mixer (ssd_step_gated_) where the gated norm spans the whole row
-        fuse = os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0"
-        self.fused = (fuse and cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
-                      and 2 <= cfg.d_conv <= 4)
-        # Mamba1: dt_proj folded into the state-update kernel (selective_state_update_dt)
-        # (dt_proj is read as a weight, as Mamba1Mixer does; a quantized one has no input scale)
-        self.fused_dt = (fuse and cfg.arch == "mamba1"
-                         and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None
-                                 for layer in model.backbone.layers))
-        # dt_proj's weight for the fused state update: the parameter itself, or for a quantized
-        # dt_proj its dequantized weight, made once here (d x dt_rank, 1/16 of in_proj) rather
-        # than by `weight` inside every replay (mamba-2.8b int8, batch 1: 2.65 ms per step then)
-        self.dt_weight = ([layer.mixer.dt_proj.weight.detach() for layer in model.backbone.layers]
-                          if self.fused_dt else None)
+        from .model import Linear
+
+        layers = model.backbone.layers
+        mamba1 = self.cfg.arch == "mamba1"
+        # what ops.decode_fusion needs to know of the modules: a folded dt_proj is read as a
+        # weight, as Mamba1Mixer does (a quantized one with an input scale cannot be); the conv
+        # epilogue is a GEMV's, so in_proj must be a plain Linear
+        self.dt_plain = mamba1 and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None for layer in layers)
+        self.in_proj_plain = all(type(layer.mixer.in_proj) is Linear for layer in layers)
+        self._dt_weight = None
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
         self.prefetch_bytes = int(prefetch_mb() * 2**20)
+
+    def fusion(self, batch: int) -> ops.DecodeFusion:
+        return ops.decode_fusion(self.cfg, batch, self.dt_plain, self.in_proj_plain)
+
+    @property
+    def dt_weight(self) -> list:
+        """dt_proj's weight per layer for the folded state update: the parameter itself, or for a
+        quantized dt_proj its dequantized weight, made once (d x dt_rank, 1/16 of in_proj) rather
+        than by `weight` inside every replay (mamba-2.8b int8, batch 1: 2.65 ms per step then)."""
+        if self._dt_weight is None:
+            self._dt_weight = [layer.mixer.dt_proj.weight.detach() for layer in self.model.backbone.layers]
+        return self._dt_weight
 
     def prefetch(self, linear, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads
@@ -144,17 +145,15 @@ def _mamba2_fused_step(plan, mixer, A, x, conv_state, ssm_state):
     return mixer.out_proj(u), dict(sumsq=ssq, scale_n=cfg.d_inner, scale_eps=mixer.norm.eps)
 
 
-def _mamba1_fused_step(mixer, A, dt_weight, x, conv_state, ssm_state):
-    """Mamba1Mixer.step with dt_proj folded into the state update and, at batch 1 on CUDA, the
-    conv into in_proj's GEMV (CONV_IN_GEMV; a plain Linear only: a quantized in_proj keeps its
-    own forward); conv_state and ssm_state are updated in place. Both states were last written
+def _mamba1_fused_step(mixer, A, dt_weight, conv_in_gemv, x, conv_state, ssm_state):
+    """Mamba1Mixer.step with dt_proj folded into the state update and, with conv_in_gemv, the
+    conv update inside in_proj (at batch 1 on CUDA one launch, the GEMV's epilogue);
+    conv_state and ssm_state are updated in place. Both states were last written
     by the previous token's step, and the step begins with the embedding lookup, an ordinary
     launch, so the kernels may read them before their PDL wait (the state_early hint)."""
-    from .model import Linear
-
     w, cb = mixer.conv1d.weight[:, 0], mixer.conv1d.bias  # (d, k)
     ip = mixer.in_proj
-    if CONV_IN_GEMV and type(ip) is Linear:
+    if conv_in_gemv:
         xs, z, conv = ops.linear_conv1d_update(x, ip.weight, ip.bias, w, cb, conv_state, state_early=True)
     else:
         xs, z = ip(x).chunk(2, dim=-1)  # (b, d)
@@ -177,13 +176,14 @@ def fast_decode_step(plan: DecodePlan, ids, state: State):
     x = plan.norms[0](h.to(plan.norms[0].weight.dtype))
     scale = {}
     b = ids.shape[0]
-    fused = plan.fused and b <= FUSED_MAX_BATCH
+    fusion = plan.fusion(b)  # which fused ops (ops.decode_fusion decides)
     layers = model.backbone.layers
     for i, layer in enumerate(layers):
-        if fused:
+        if fusion.gated_mixer:
             y, scale = _mamba2_fused_step(plan, layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
-        elif plan.fused_dt and b <= FUSED_MAX_BATCH:
-            y = _mamba1_fused_step(layer.mixer, plan.A[i], plan.dt_weight[i], x, state.conv[i], state.ssm[i])
+        elif fusion.dt_folded:
+            y = _mamba1_fused_step(layer.mixer, plan.A[i], plan.dt_weight[i], fusion.conv_in_gemv, x, state.conv[i],
+                                   state.ssm[i])
         elif plan.cfg.arch == "mamba2":
             y = _mamba2_mixer_step(layer.mixer, plan.A[i], x, state.conv[i], state.ssm[i])
         else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+from typing import NamedTuple
 
 import torch
 
@@ -125,6 +127,40 @@ def graph_decode_available(model) -> bool:
     in a dtype the kernels compute in."""
     return (model.device.type == "cuda" and _backend != "ref" and model.dtype in TRITON_DTYPES
             and fast_ops().get("ssd_step") is not None)
+
+
+# ---- which fused decode ops the graph-captured step composes (cuda_graph.fast_decode_step)
+
+# The one-launch mixer (ssd_step_gated_) wins where decode is launch-bound and loses where it is
+# bandwidth-bound (its group counter's acq_rel fence stalls each program). Measured on an H200,
+# mamba2-2.7b: batch 1 2.45 ms fused vs 2.70 unfused; batch 32 6.54 fused vs 5.71 unfused.
+# Batches in between were not measured; 4 is a guess on the launch-bound side. Mamba1's folded
+# dt_proj follows the same bound.
+FUSED_MAX_BATCH = 4
+# Mamba1: the decode conv as an epilogue of in_proj's GEMV (linear_conv1d_update; its Triton
+# kernel makes it one launch at batch 1 and falls back to two launches above)
+CONV_IN_GEMV = True
+
+
+class DecodeFusion(NamedTuple):
+    """The decomposition of one layer's decode step; each op named here has its reference twin."""
+
+    gated_mixer: bool  # Mamba2: ssd_step_gated_ (conv, state update, gate, norm statistics), else ssd_step + rmsnorm_gated
+    dt_folded: bool  # Mamba1: selective_state_update_dt (dt_proj inside the state update), else dt_proj then the update
+    conv_in_gemv: bool  # Mamba1: linear_conv1d_update (in_proj with the conv update), else in_proj then the conv
+
+
+def decode_fusion(cfg, batch: int, dt_plain: bool = True, in_proj_plain: bool = True) -> DecodeFusion:
+    """Which fused ops a decode step of `batch` rows uses for a model with config cfg.
+    dt_plain: every dt_proj can be read as a weight (not a quantized one with an input scale);
+    in_proj_plain: every in_proj is an unquantized Linear. MAMBA_DEPLOY_FUSED_DECODE=0 turns
+    all fusion off (A/B measurements; the twins compute the same function either way)."""
+    on = os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0" and batch <= FUSED_MAX_BATCH
+    # the fused mixer's gated norm spans the whole row (one group) and its conv takes 2..4 taps
+    gated = (on and cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
+             and 2 <= cfg.d_conv <= 4)
+    dt = on and cfg.arch == "mamba1" and dt_plain
+    return DecodeFusion(gated, dt, dt and CONV_IN_GEMV and in_proj_plain)
 
 
 def _with_hints(name: str, tensor, *args, **hints):

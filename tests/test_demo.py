@@ -176,3 +176,38 @@ def test_demo_model_without_tokenizer_is_refused_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"no tokenizer in {notok}" in err and "Traceback" not in err, err
     assert not out.exists() and not rows.exists()
+
+
+def test_wheel_carries_the_demo_models(tmp_path):
+    """A wheel built from the tree (setup.py's build step) holds models/demo-* byte for byte as
+    mamba_deploy/demo_models, and `demo.find_models` of the unpacked wheel, run where no models/
+    folder is in sight, finds them there: `mamba-deploy demo` works from a pip install."""
+    import hashlib
+    import zipfile
+
+    src = tmp_path / "tree"  # a copy: a build in the checkout would leave build/ and egg-info there
+    for name in ("src", "models"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("mamba_deploy-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    shipped = [p for p in sorted(MODELS.rglob("*")) if p.is_file() and p.parent.name.startswith("demo-")]
+    assert shipped
+    for p in shipped:
+        got = site / "mamba_deploy" / "demo_models" / p.relative_to(MODELS)
+        assert got.is_file(), f"{p.relative_to(ROOT)} is not in the wheel"
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == hashlib.sha256(p.read_bytes()).hexdigest()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    code = ("import mamba_deploy, json; from mamba_deploy.demo import find_models; "
+            "print(json.dumps([mamba_deploy.__file__] + [str(p) for p in find_models()]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    module, *found = json.loads(out.stdout)
+    assert Path(module).is_relative_to(site), module  # the unpacked wheel, not the checkout
+    assert [Path(p).parent for p in found] == [site / "mamba_deploy" / "demo_models"] * len(demo.DEMO_MODELS)

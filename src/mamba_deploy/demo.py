@@ -262,13 +262,16 @@ def format_table(rows: list[Row]) -> str:
 
 
 def find_models(names=DEMO_MODELS) -> list[Path]:
-    """models/<name> under the working directory, else beside the source tree (a checkout)."""
-    for base in (Path.cwd() / "models", Path(__file__).resolve().parents[2] / "models"):
+    """models/<name> under the working directory, else beside the source tree (a checkout), else
+    the copy an installed wheel carries (setup.py puts models/demo-* in mamba_deploy/demo_models)."""
+    here = Path(__file__).resolve().parent
+    for base in (Path.cwd() / "models", here.parents[1] / "models", here / "demo_models"):
         if all((base / n / "config.json").exists() for n in names):
             return [base / n for n in names]
-    raise ModelNotFoundError(f"cannot find the demo models {', '.join(names)} under ./models or the source "
-                             "checkout (they ship with the repository, not with the pip package); run from the "
-                             "repository root, or pass --models DIR [DIR ...] with checkpoint folders of your own")
+    raise ModelNotFoundError(f"cannot find the demo models {', '.join(names)} under ./models, the source "
+                             f"checkout or the installed package ({here / 'demo_models'}); reinstall mamba-deploy "
+                             "from its wheel or run from the repository root, or pass --models DIR [DIR ...] with "
+                             "checkpoint folders of your own")
 
 
 def unique_labels(dirs) -> list[str]:

@@ -225,9 +225,16 @@ def _converted_tokenizer_json(blob) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "tokenizer.model").write_bytes(blob)
-        tok = transformers.LlamaTokenizerFast(vocab_file=str(Path(d) / "tokenizer.model"), from_slow=True)
+        # through tokenizer_config.json, as a Llama checkpoint names its class (transformers 5's
+        # LlamaTokenizerFast(vocab_file=...) converts to a 3-token vocabulary)
+        (Path(d) / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+             "unk_token": "<unk>"}))
+        tok = transformers.AutoTokenizer.from_pretrained(d)
         tok.save_pretrained(d)
-        return json.loads((Path(d) / "tokenizer.json").read_text())
+        tj = json.loads((Path(d) / "tokenizer.json").read_text())
+    assert len(tj["model"]["vocab"]) == PIECES, "the conversion lost the vocabulary"
+    return tj
 
 
 def test_a_converted_tokenizer_json_defers_to_the_sentencepiece_model_beside_it(blob, tmp_path):
@@ -307,3 +314,35 @@ def test_model_without_eos_warns_which_token_llamacpp_will_stop_at(tmp_path):
 
         with open_runner(out, "llama.cpp", n_threads=2) as lr:
             assert lr.tokenizer.eos_token_id == 2
+
+
+def test_byte_fallback_tokenizer_json_decodes_as_sentencepiece(blob, tmp_path):
+    """A Llama / Mistral-style tokenizer.json (BPE with byte fallback, what transformers converts a
+    SentencePiece model to) decodes cut and invalid byte runs as sentencepiece does: `tokenizers`'
+    ByteFallback turned a whole run that is not valid UTF-8 into U+FFFD, so "日" followed by the
+    first byte of "本" (a completion cut by max_new_tokens) lost its "日", and the streamed text
+    (which had printed "日") and generate's text disagreed. Random completions: sentencepiece's
+    text, the streamed text and the completion text are one string."""
+    from mamba_deploy.generation import TextStream, context_ids, decode_after
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(_converted_tokenizer_json(blob)))
+    tok, sp = load_tokenizer(folder), spm.SentencePieceProcessor(model_proto=blob)
+    byte = {b: sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+    cut = [byte[b] for b in "日本".encode()][:4]
+    assert tok.decode(cut) == sp.decode(cut) == "日\ufffd"
+    lone = sp.encode("w") + [byte[0x47], byte[0xB7]]  # a valid byte, then one that starts nothing
+    assert tok.decode(lone) == sp.decode(lone)
+    rng = random.Random(0)
+    pieces = list(range(3, sp.get_piece_size()))
+    for _ in range(200):
+        prompt = sp.encode(rng.choice(["hello", "def main", "Zürich", "x = 1", "naïve 日"]))
+        comp = [rng.choice(pieces) if rng.random() < 0.5 else byte[rng.randrange(128, 256)]
+                for _ in range(rng.randint(1, 10))]
+        want = sp.decode(prompt + comp)[len(sp.decode(prompt)):]
+        ctx = context_ids(tok, prompt)
+        stream = TextStream(tok, prompt=prompt)
+        streamed = "".join(stream.push(t) for t in comp) + stream.finish()
+        assert decode_after(tok, ctx + comp, len(ctx)) == streamed == want, (prompt, comp)

@@ -60,6 +60,7 @@ class Tokenizer:
         self.path = path
         self.chat_template = chat_template  # Jinja source (see chat.py), or None
         self.special_token_ids = dict(special_token_ids or {})
+        self._bytes = None  # see _byte_pieces
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The text's ids with the special tokens the tokenizer itself adds (a Llama-style <s>), as
@@ -91,7 +92,45 @@ class Tokenizer:
             ids = token_stream(ids, "decode's ids").tolist()
         if ids and min(ids) < 0:
             raise ShapeError(f"decode got token id {min(ids)}; token ids are >= 0")
-        return self._tok.decode(ids, skip_special_tokens=True)
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        if "\ufffd" in text and self._byte_pieces():
+            return self._decode_byte_fallback(ids)
+        return text
+
+    def _byte_pieces(self) -> dict[str, int]:
+        """"<0xHH>" -> byte, for a `tokenizers` tokenizer whose decoder turns those pieces into
+        bytes (ByteFallback: Llama / Mistral-style tokenizer.json); empty otherwise. Made once."""
+        if getattr(self, "_bytes", None) is None:
+            self._bytes = {}
+            tok = self._tok
+            if hasattr(tok, "decoder") and hasattr(tok, "get_vocab") and tok.decoder is not None:
+                pieces = {f"<0x{b:02X}>": b for b in range(256)}
+                vocab = tok.get_vocab()
+                if all(p in vocab for p in pieces) and tok.decode([vocab["<0x41>"]]) == "A":
+                    self._bytes = pieces
+        return self._bytes
+
+    def _decode_byte_fallback(self, ids: list[int]) -> str:
+        """decode for byte-fallback tokenizers where some run of byte pieces is not valid UTF-8.
+        `tokenizers`' ByteFallback then replaces *every* byte of the run with U+FFFD, so a
+        completion cut inside "本" after "日" decodes to four U+FFFD and the "日" is lost, and
+        its text is not a continuation of the previous token's. Here each run is split into its
+        valid UTF-8 parts, decoded as before, and U+FFFD for each byte of the invalid parts,
+        which is what sentencepiece and llama.cpp return ("日\ufffd")."""
+        tok, byte_of = self._tok, self._bytes
+        special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        pieces = [tok.id_to_token(i) for i in ids if i not in special]
+        pieces = [p for p in pieces if p is not None]  # ids past the vocabulary decode to nothing
+        out, run = [], []
+        for piece in pieces + [None]:
+            if piece is not None and piece in byte_of:
+                run.append(piece)
+                continue
+            out.extend(_valid_utf8_pieces(run, byte_of))
+            run = []
+            if piece is not None:
+                out.append(piece)
+        return tok.decoder.decode(out)
 
     def token_to_id(self, token: str) -> int | None:
         if hasattr(self._tok, "token_to_id"):
@@ -102,6 +141,21 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size() if hasattr(self._tok, "get_vocab_size") else len(self._tok)
+
+
+def _valid_utf8_pieces(run: list[str], byte_of: dict[str, int]) -> list[str]:
+    """A run of byte pieces whose invalid UTF-8 parts (as Python's decoder delimits them) become
+    literal U+FFFD pieces, one per byte as sentencepiece writes them, which a ByteFallback
+    decoder passes through as text."""
+    data, out, i = bytes(byte_of[p] for p in run), [], 0
+    while i < len(data):
+        try:
+            data[i:].decode("utf-8")
+            return out + run[i:]
+        except UnicodeDecodeError as e:
+            out += run[i:i + e.start] + ["\ufffd"] * (e.end - e.start)
+            i += e.end
+    return out
 
 
 def _special_id(tok, cfg: dict, key: str):

@@ -83,6 +83,32 @@ def test_listed_end_ids_survive_gguf_export_and_conversion_back(ckpt, tmp_path):
         assert end in open_runner(back, backend="torch").tokenizer.end_token_ids
 
 
+def test_end_ids_gguf_cannot_name_are_warned_about(ckpt, tmp_path):
+    """GGUF has two keys for end ids besides the EOS (eot, eom): a checkpoint listing four gets a
+    warning naming the two the file loses, and gguf-py reads the first two back; a lost id whose
+    text llama.cpp recognises as an end (EOG_TOKEN_TEXTS) is not named."""
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = ckpt("mamba2")
+    tok = open_runner(folder, backend="torch").tokenizer
+    eos = tok.eos_token_id
+    ends = [i for i in range(5, 128) if i != eos][:4]
+    listed = _with_end_list(folder, tmp_path / "listed", [eos, *ends])
+    with pytest.warns(UserWarning, match="GGUF names 2") as caught:
+        out = export_gguf(listed, tmp_path / "m.gguf")
+    msg = next(str(w.message) for w in caught if "GGUF names 2" in str(w.message))
+    assert f"stop at {ends[2]} (" in msg and f", {ends[3]} (" in msg and "--stop" in msg
+    reader = gguf.GGUFReader(str(out))
+    assert reader.get_field("tokenizer.ggml.eot_token_id").contents() == ends[0]
+    assert reader.get_field("tokenizer.ggml.eom_token_id").contents() == ends[1]
+    two = _with_end_list(folder, tmp_path / "two", [eos, *ends[:2]])
+    with warnings.catch_warnings(record=True) as seen:  # two fit: nothing to say
+        warnings.simplefilter("always")
+        export_gguf(two, tmp_path / "two.gguf")
+    assert not [w for w in seen if "GGUF names" in str(w.message)]
+
+
 def test_a_copied_end_list_is_kept_by_a_mamba_ssm_convert(ckpt, tmp_path):
     """convert --format mamba_ssm merges the config's token ids into a copied generation_config.json:
     its eos list stays a list, with the config's EOS first."""

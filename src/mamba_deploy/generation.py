@@ -59,7 +59,9 @@ def apply_repetition_penalty(logits, history, penalty: float):
 
 def filtered_probs(logits, cfg: SamplingConfig, history=None):
     """logits (b, V) -> the distribution sampled from (b, V), after the repetition penalty,
-    temperature, top-k, top-p and min-p, in that order (transformers' and llama.cpp's order).
+    temperature, top-k, top-p and min-p, in that order: transformers' order (its logits
+    processors), checked against it in the tests. llama.cpp's default sampler chain divides by
+    the temperature last, after top-k / top-p / min-p, so with T != 1 its nucleus can differ.
     top-p keeps the smallest set of most likely tokens whose mass reaches top_p; min-p keeps
     tokens of at least min_p x the top probability. Greedy (temperature 0) is not a distribution;
     use `sample`."""

@@ -161,15 +161,25 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
     add_bos, add_eos = _adds_specials(Path(path), special.get("bos"), special.get("eos"))
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
                  special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent),
-                 add_eos=add_eos or None, end_ids=_end_ids(Path(path).parent, special.get("eos"), n_rows))
+                 add_eos=add_eos or None, end_ids=_end_ids(Path(path).parent, special.get("eos"), tokens))
 
 
-def _end_ids(folder: Path, eos: int | None, n_rows: int) -> list[int]:
+def _end_ids(folder: Path, eos: int | None, tokens: list[str]) -> list[int]:
     """The folder's ids besides the EOS that end generation (generation_config.json's eos_token_id
-    list), which the GGUF names as its eot / eom tokens, in that order."""
+    list), which the GGUF names as its eot / eom tokens, in that order. GGUF has no key for
+    more: a warning names the rest that llama.cpp would not recognise by their text either
+    (EOG_TOKEN_TEXTS), since generation from the GGUF would run past them."""
     from ..checkpoint import generation_end_ids
 
-    return [i for i in generation_end_ids(folder) if i != eos and i < n_rows][:len(END_TOKEN_KEYS)]
+    ids = list(dict.fromkeys(i for i in generation_end_ids(folder) if i != eos and i < len(tokens)))
+    kept, rest = ids[:len(END_TOKEN_KEYS)], ids[len(END_TOKEN_KEYS):]
+    lost = [f"{i} ({tokens[i]!r})" for i in rest if tokens[i] not in EOG_TOKEN_TEXTS]
+    if lost:
+        warnings.warn(f"{folder}: the checkpoint ends generation at {len(ids)} ids besides the EOS, and GGUF names "
+                      f"{len(END_TOKEN_KEYS)} (eot, eom: {kept}); llama.cpp and this project's GGUF readers will not "
+                      f"stop at {', '.join(lost)}: pass them with generate's --stop (or as stop strings)",
+                      stacklevel=3)
+    return kept
 
 
 def _adds_specials(path: Path, bos: int | None, eos: int | None) -> tuple[bool, bool]:
@@ -257,7 +267,7 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
                  source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
                  chat_template=read_chat_template(path.parent),
-                 end_ids=_end_ids(path.parent, special.get("eos"), n_rows))
+                 end_ids=_end_ids(path.parent, special.get("eos"), tokens))
 
 
 def spm_model_from_vocab(vocab: Vocab) -> bytes:

@@ -547,7 +547,7 @@ def test_tolerance_rows_loosen_as_bits_drop():  # V21 (two rows' limits swapped)
     """From fp32 down to q2 every limit is at least as loose as the row above it."""
     from mamba_deploy import verify as V
 
-    order = ["fp32", "fp16", "bf16", "int8", "q6", "q5", "int4", "q3", "q2"]
+    order = ["fp32", "fp16", "bf16", "int8", "q6", "fp8", "q5", "int4", "q3", "q2"]
     assert set(order) == set(V.TOLERANCES)
     for hi, lo in zip(order, order[1:]):
         a, b = V.TOLERANCES[hi], V.TOLERANCES[lo]

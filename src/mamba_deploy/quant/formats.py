@@ -16,6 +16,9 @@ Stored tensors per quantized module `m` (names in the safetensors file):
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
 from ..errors import QuantizationError
@@ -32,6 +35,8 @@ GROUP_SIZES = (32, 64, 128)  # int4 groups offered (issue: 32/64/128); any divis
 FP8_MAX = 448.0  # largest finite e4m3fn value
 FP8_SCALINGS = ("tensor", "channel")
 SCALE_DTYPE = torch.float16
+# the stored codes' dtypes (safetensors' names): what identifies one quantization of a model (codes_digest)
+CODE_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 # smallest scale stored: float16's smallest subnormal (2**-24). A smaller floor rounds to 0 when
 # stored, and a zero scale makes an all-zero row or group decode as 0/0 = NaN
 SCALE_MIN = 2.0**-24
@@ -188,3 +193,31 @@ def stored_shapes(fmt: str, out_f: int, in_f: int, group_size: int, symmetric: b
         return s
     rows = 1 if (fmt == "fp8" and fp8_scaling == "tensor") else out_f
     return {"qweight": ((out_f, in_f), FORMATS[fmt]["qdtype"]), "scales": ((rows, 1), SCALE_DTYPE)}
+
+
+def codes_digest(named_tensors) -> str | None:
+    """sha256 over the stored codes ((name, tensor) pairs of CODE_DTYPES: qweight codes, int4 zero
+    points), in name order; None where there are none. Two quantized models with one digest hold
+    the same codes, so their float functions differ only where their scales do (an export of a
+    checkpoint against the checkpoint: verify then holds it to the export's compute error)."""
+    h, n = hashlib.sha256(), 0
+    for name, t in sorted(((k, v) for k, v in named_tensors if v.dtype in CODE_DTYPES), key=lambda kv: kv[0]):
+        h.update(f"{name}:{CODE_DTYPES[t.dtype]}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        n += 1
+    return h.hexdigest() if n else None
+
+
+def folder_codes_digest(folder) -> str | None:
+    """codes_digest of a quantized checkpoint folder's safetensors files (only the codes are read),
+    None where it has none or they cannot be read."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    wanted = set(CODE_DTYPES.values())
+    try:
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        named = ((k, h.get_tensor(k)) for h in handles for k in h.keys() if h.get_slice(k).get_dtype() in wanted)
+        return codes_digest(named)
+    except (OSError, ValueError, RuntimeError):  # a corrupt shard: no claim (verify keeps the looser row)
+        return None

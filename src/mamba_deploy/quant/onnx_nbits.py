@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_dir, output_path
 from ..errors import ExportError, QuantizationError
 from ..export.onnx_meta import GRAPH_FILE, MANIFEST_FILE, node_subgraphs, weights_label
-from .formats import unpack_int4
+from .formats import codes_digest, unpack_int4
 from .modules import QuantEmbedding, QuantLinear
 
 NBITS_FORMATS = {"int8": 8, "int4": 4}
@@ -43,6 +43,9 @@ ACCURACY_LEVEL = 4  # let ORT's CPU kernel quantize activations to int8 (its fas
 # at the chosen level only measures ORT's activation rounding (~1e-2 at level 4 on the demo models).
 LEVEL_TOLERANCE = {0: 1e-4, 1: 1e-4, 2: 1e-2, 3: 3e-2, 4: 5e-2}
 ROUNDING = {2: "fp16", 3: "bf16", 4: "int8 blocks"}  # what each level rounds the activations to
+# verify's tolerance row for an export against the very checkpoint it came from (manifest
+# "codes_sha256" equal to the checkpoint's): the activation rounding of each level, nothing else
+LEVEL_ROW = {0: "fp32", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
 
 
 def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
@@ -72,6 +75,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     if not qc:
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
     out_dir = output_path(out_dir)
+    codes = codes_digest(qmodel.state_dict().items())
     reference = None
     if validate:  # PyTorch's outputs once, for every level checked
         with _float_function(qmodel):
@@ -94,17 +98,17 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         report = {**linears.report, "accuracy_level": 0}
         _warn_kept_float(report)
         if validate:
-            _update_manifest(tmp, qc, report)  # the runner checks the graph's hash against it
+            _update_manifest(tmp, qc, report, codes)  # the runner checks the graph's hash against it
             report["validation"] = {"accuracy_level_0": _validate(tmp, reference, qmodel, 0)}
         if accuracy_level and linears.report["rewritten"]:  # no MatMulNBits (all kept float): no level to set
             set_accuracy_level(tmp / GRAPH_FILE, accuracy_level)
             report["accuracy_level"] = accuracy_level
             if validate:
-                _update_manifest(tmp, qc, report)
+                _update_manifest(tmp, qc, report, codes)
                 report["validation"][f"accuracy_level_{accuracy_level}"] = _validate(tmp, reference, qmodel,
                                                                                     accuracy_level)
         # the files were hashed for the last validation, if any, and have not changed since
-        _update_manifest(tmp, qc, report, rehash=not validate)
+        _update_manifest(tmp, qc, report, codes, rehash=not validate)
     return Path(out_dir)
 
 
@@ -335,7 +339,7 @@ def _graphs_children_first(graph) -> list:
     return out + [graph]
 
 
-def _update_manifest(folder: Path, qc: dict, report: dict, rehash: bool = True) -> None:
+def _update_manifest(folder: Path, qc: dict, report: dict, codes: str | None, rehash: bool = True) -> None:
     """The quantization report into manifest.json; with `rehash`, the sizes and hashes of the
     graph files too (a full read of the weights: only after the graph changed)."""
     from ..export.onnx import _sha256
@@ -344,7 +348,11 @@ def _update_manifest(folder: Path, qc: dict, report: dict, rehash: bool = True) 
     if rehash:
         m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                       for p in sorted(folder.iterdir()) if p.name.startswith(GRAPH_FILE)}
-    m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", **report}
+    # formats: verify's row for a mixed-precision export is its lowest-precision format's (as for
+    # the checkpoint's config.json); codes_sha256: which checkpoint's codes the graph holds
+    formats = sorted({str(m.get("format")) for m in qc.get("modules", {}).values() if isinstance(m, dict)})
+    m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", "formats": formats,
+                         "codes_sha256": codes, **report}
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(m, indent=2))
     tmp.replace(folder / MANIFEST_FILE)

@@ -1,0 +1,105 @@
+"""Findings of the thirty-first session's reviews (quantization through verify; generation text)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mamba_deploy.cli import main
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+DEMO2 = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+
+
+def _scaled_copy(src: Path, dst: Path, name: str, factor: float) -> Path:
+    """An export whose initializer `name` is multiplied by factor, its manifest re-hashed (as a
+    buggy exporter would write it, so the runner's hash check does not catch it)."""
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    (init,) = [i for i in model.graph.initializer if i.name == name]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name))
+    onnx.save(model, str(dst / "model.onnx"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    data = (dst / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def int4_and_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q31")
+    assert main(["quantize", str(DEMO2), str(root / "q"), "--method", "int4"]) == 0
+    assert main(["export", "onnx", str(root / "q"), str(root / "onnx")]) == 0
+    return root
+
+
+def _verify(ref, art) -> int:
+    return main(["verify", str(ref), str(art), "--quiet", "--lengths", "1,7,257", "--batch", "1,3"])
+
+
+def test_an_export_is_held_to_its_compute_error_against_its_own_checkpoint(int4_and_export, capsys):
+    """verify QUANT_CKPT ITS_ONNX: both hold the same int4 codes, so only ORT's activation rounding
+    differs (the export's own bound at accuracy level 4, the int8 row), not the int4 row: an
+    export with one layer's scales x1.5 (logits 0.21 off, 8x the intact export's 0.026) passed.
+    Against the float model the export keeps the int4 row; a different checkpoint's codes do not
+    count as its own."""
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    root = int4_and_export
+    manifest = json.loads((root / "onnx" / "manifest.json").read_text())
+    assert manifest["quantization"]["formats"] == ["int4"] and manifest["quantization"]["codes_sha256"]
+    assert infer_artifact_dtype(root / "onnx", root / "q") == "int8"
+    assert infer_artifact_dtype(root / "onnx", DEMO2) == "int4"
+    assert main(["quantize", str(DEMO2), str(root / "q_other"), "--method", "int4", "--group-size", "64"]) == 0
+    assert infer_artifact_dtype(root / "onnx", root / "q_other") == "int4"
+    assert _verify(root / "q", root / "onnx") == 0
+    assert "PASSED" in capsys.readouterr().out
+    bad = _scaled_copy(root / "onnx", root / "bad", "backbone.layers.5.mixer.out_proj.scales", 1.5)
+    assert _verify(root / "q", bad) != 0
+    out = capsys.readouterr()
+    assert "logits_rel" in out.err and "beyond tolerance" in out.err, out
+
+
+def test_a_mixed_precision_export_is_labelled_by_its_lowest_format(tmp_path):
+    """int8 with every in_proj int4 (a --config rule): the checkpoint was labelled int4 and its ONNX
+    export int8 (the manifest kept the method only), so verify held the export to int8's limits
+    and failed it at 0.14 where its own checkpoint passed."""
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"quant_cfg": {"*in_proj": {"format": "int4", "group_size": 128}}}))
+    assert main(["quantize", str(DEMO2), str(tmp_path / "q"), "--method", "int8", "--config", str(rules)]) == 0
+    assert main(["export", "onnx", str(tmp_path / "q"), str(tmp_path / "onnx")]) == 0
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["quantization"]["formats"] == ["int4", "int8"]
+    assert infer_artifact_dtype(tmp_path / "q") == infer_artifact_dtype(tmp_path / "onnx") == "int4"
+
+
+def test_fp8_checkpoints_have_their_own_measured_row(tmp_path, capsys):
+    """FP8 (e4m3) keeps 3 mantissa bits, ~2.7x int8's weight error, and was held to the int8 row:
+    correct fp8 checkpoints of the demo models failed verify at seeds 2, 3 and 5 (demo-mamba2
+    seed 2: logits 0.060 > 0.05). Its row is measured (README "Tolerances"); one layer's scales
+    x1.5 still fails it."""
+    from safetensors.torch import load_file, save_file
+
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    q = tmp_path / "fp8"
+    assert main(["quantize", str(DEMO2), str(q), "--method", "fp8"]) == 0
+    assert infer_artifact_dtype(q) == "fp8"
+    assert main(["verify", str(DEMO2), str(q), "--quiet", "--seed", "2"]) == 0, capsys.readouterr()
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["backbone.layers.5.mixer.out_proj.scales"] *= 1.5
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["verify", str(DEMO2), str(bad), "--quiet", "--seed", "2"]) != 0
+    assert "beyond tolerance" in capsys.readouterr().err

@@ -103,3 +103,31 @@ def test_fp8_checkpoints_have_their_own_measured_row(tmp_path, capsys):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     assert main(["verify", str(DEMO2), str(bad), "--quiet", "--seed", "2"]) != 0
     assert "beyond tolerance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first,second", [("single", "sharded"), ("sharded", "single")])
+def test_a_folder_with_a_single_file_and_a_shard_index_loads_what_transformers_loads(first, second, tmp_path):
+    """transformers' save_pretrained into a folder that holds an earlier save leaves the other
+    layout's file behind (a stale index beside a single-file re-save, whose shards it deletes;
+    a stale single file beside a sharded re-save). from_pretrained reads the single file first;
+    reading the index first failed on the missing shards in the one case and silently loaded
+    other weights in the other (logits 2.5 apart)."""
+    import torch
+    import transformers
+
+    from conftest import build_hf_model, rel_err
+    from mamba_deploy import load_model
+
+    hf = build_hf_model("mamba", seed=3)
+    folder = tmp_path / "m"
+    for i, how in enumerate((first, second)):
+        with torch.no_grad():
+            hf.backbone.norm_f.weight.mul_(1.0 + i)  # the two saves hold different weights
+        hf.save_pretrained(folder, **({"max_shard_size": "20KB"} if how == "sharded" else {}))
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "model.safetensors.index.json"} <= names  # both layouts are there
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        got = load_model(folder)(ids).logits[..., :want.shape[-1]]
+    assert rel_err(got, want) <= 1e-5

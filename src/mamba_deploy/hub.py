@@ -9,11 +9,13 @@ from pathlib import Path
 from .errors import MambaDeployError, ModelNotFoundError
 from .extras import install_hint
 
-# one complete set of weights, in the order they are looked for: safetensors before .bin (a shard
-# index before its single file), as transformers picks them, so a folder holding both loads the same
+# one complete set of weights, in the order they are looked for: safetensors before .bin, the single
+# file before its shard index, as transformers' from_pretrained picks them, so a folder holding both
+# loads the same weights (transformers' save_pretrained leaves a stale index beside a single-file re-save,
+# and a stale single file beside a sharded one)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "consolidated.safetensors",
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "consolidated.safetensors",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 def resolve(path_or_id: str | os.PathLike, weights: bool = True) -> Path:
     """Local file/folder, or a hub id ('org/name', or 'org/name@REVISION' for a branch, tag or

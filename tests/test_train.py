@@ -481,3 +481,17 @@ def test_a_spent_time_budget_still_evaluates_and_saves_the_last_step(tmp_path):
     assert metrics["steps"] == 12
     assert [e["step"] for e in metrics["log"]] == [12]
     assert list((tmp_path / "work").glob("*.pt")), list((tmp_path / "work").iterdir())
+
+
+def test_resume_without_its_state_does_not_replace_the_model_in_out(tmp_path):
+    """--resume that finds no training state (the first run had another --work-dir) trained from
+    scratch and replaced the finished model in --out, which a fresh run refuses to do without
+    --overwrite: now a typed error naming the missing state, and the model is kept."""
+    from mamba_deploy.errors import CheckpointError
+
+    train.train(_tiny_run(tmp_path, work_dir=str(tmp_path / "elsewhere")))
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"no training state at .*work.*--work-dir"):
+        train.train(_tiny_run(tmp_path, steps=3, resume=True))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert train.train(_tiny_run(tmp_path, steps=3, resume=True, work_dir=str(tmp_path / "elsewhere")))["steps"] == 3

@@ -285,6 +285,12 @@ def load_resume_state(args, state_path: Path, device):
     if not args.resume:
         return None
     if not state_path.exists():
+        out = Path(args.out)
+        if (out / "config.json").exists() and not getattr(args, "overwrite", False):
+            # starting over would replace the model there, which a fresh run refuses to do unasked
+            raise CheckpointError(f"--resume: no training state at {state_path}, and --out {out} holds a model that "
+                                  "training from scratch would replace; pass the --work-dir of the run that made "
+                                  "it, or --overwrite to train a new model over it")
         warnings.warn(f"--resume: no training state at {state_path}; starting from scratch (pass the --work-dir "
                       "of the run to continue, if it had one)", stacklevel=2)
         return None

@@ -131,3 +131,24 @@ def test_a_folder_with_a_single_file_and_a_shard_index_loads_what_transformers_l
         want = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
         got = load_model(folder)(ids).logits[..., :want.shape[-1]]
     assert rel_err(got, want) <= 1e-5
+
+
+def test_non_string_model_type_and_dtype_are_not_tracebacks(tmp_path):
+    """A config whose model_type is a list reached `model_type in HF_MODEL_TYPES` (TypeError:
+    unhashable type) and a list `dtype` did the same in stored_dtype: now a ConfigError naming
+    the key, and the weights' own dtype."""
+    import torch
+
+    from conftest import build_hf_model
+    from mamba_deploy.checkpoint import stored_dtype
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model_type \['mamba'\] is a list"):
+        MambaConfig._read({"model_type": ["mamba"], "d_model": 32, "n_layer": 2, "vocab_size": 64}, "config.json")
+    folder = tmp_path / "m"
+    build_hf_model("mamba2", seed=1).to(torch.float16).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps({**cfg, "dtype": ["float16"]}))
+    assert stored_dtype(folder) == torch.float16

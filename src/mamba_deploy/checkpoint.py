@@ -570,7 +570,7 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
         return None
     raw = read_json_object(path / "config.json")
     name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
-    if name in FLOAT_DTYPES:
+    if isinstance(name, str) and name in FLOAT_DTYPES:  # anything else (a list, an int): read the weights
         return FLOAT_DTYPES[name]
     try:
         first = _weight_files(path)[0]

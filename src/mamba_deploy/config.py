@@ -197,6 +197,10 @@ class MambaConfig:
             for a in d["architectures"]:
                 if isinstance(a, str) and a in HF_ARCHITECTURES:
                     model_type = HF_ARCHITECTURES[a]
+        if model_type is not None and not isinstance(model_type, str):
+            raise ConfigError(f"{where}: model_type {model_type!r} is a {type(model_type).__name__}, not a name; "
+                              f"write one of {', '.join(sorted(HF_MODEL_TYPES))} (or leave it out of a mamba_ssm "
+                              "config)")
         if "hidden_size" not in d and (model_type is None or model_type in HF_MODEL_TYPES):
             if "dim" in d and "n_layers" in d:
                 return cls._from_mistral(d, where)

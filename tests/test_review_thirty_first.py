@@ -152,3 +152,26 @@ def test_non_string_model_type_and_dtype_are_not_tracebacks(tmp_path):
     cfg.pop("torch_dtype", None)
     (folder / "config.json").write_text(json.dumps({**cfg, "dtype": ["float16"]}))
     assert stored_dtype(folder) == torch.float16
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_convert_keeps_config_json_end_id_list(fmt, tmp_path):
+    """A folder whose end ids are listed in config.json only (no generation_config.json): the
+    saved config.json keeps one id, so `convert` lost the rest; now generation_config.json
+    carries the list, which transformers' generate and this project's tokenizer both read."""
+    import transformers
+
+    from conftest import build_hf_model
+    from mamba_deploy import load_model, save_checkpoint
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    src = tmp_path / "src"
+    build_hf_model("mamba2", seed=2).save_pretrained(src)
+    shutil.copy(DEMO2 / "tokenizer.json", src / "tokenizer.json")
+    (src / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [0, 7]}))
+    out = save_checkpoint(load_model(src), tmp_path / "out", fmt=fmt)
+    assert load_tokenizer(out).end_token_ids == (7,)
+    if fmt == "hf":
+        assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [0, 7]

@@ -626,6 +626,10 @@ def copy_tokenizer_files(src, dst) -> list[str]:
         if (src / name).exists():
             shutil.copy2(src / name, Path(dst) / name)
             copied.append(name)
+    ends = generation_end_ids(src) if GENERATION_CONFIG not in copied else []
+    if len(ends) > 1:  # config.json's eos_token_id list, which a saved config.json keeps one id of
+        (Path(dst) / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": ends}, indent=2))
+        copied.append(GENERATION_CONFIG)
     return copied
 
 

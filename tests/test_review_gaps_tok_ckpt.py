@@ -254,6 +254,7 @@ def test_config_json_wins_over_params_json(hf_checkpoint, tmp_path):
 
 def test_shard_index_without_weight_map_is_a_checkpoint_error(hf_checkpoint, tmp_path):
     folder = _copy(hf_checkpoint("mamba")[0], tmp_path / "idx")
+    (folder / "model.safetensors").unlink()  # a single file beside an index is read first (transformers' order)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(CheckpointError, match="not a valid shard index"):
         load_model(folder)

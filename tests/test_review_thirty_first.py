@@ -175,3 +175,27 @@ def test_convert_keeps_config_json_end_id_list(fmt, tmp_path):
     assert load_tokenizer(out).end_token_ids == (7,)
     if fmt == "hf":
         assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [0, 7]
+
+
+def test_quant_rule_keys_that_do_not_apply_and_odd_rows_are_named(tmp_path):
+    """A --config rule with group_size / symmetric on an int8 layer was stored as plain per-row
+    int8 (the keys dropped, exit 0), where the same --group-size flag is refused; an odd row
+    length's error suggested --group-size <that length>, which int4 packing then refused in turn."""
+    import transformers
+
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    rules = {"quant_cfg": {"*out_proj": {"format": "int8", "group_size": 32, "symmetric": False}}}
+    with pytest.raises(QuantizationError, match=r"rule '\*out_proj' sets group_size, symmetric .* int8"):
+        quantize(load_model(DEMO2), "int8", rules=rules)
+    odd = tmp_path / "odd"
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=64, hidden_size=45, state_size=4, num_hidden_layers=1, expand=2, time_step_rank=3)).save_pretrained(odd)
+    with pytest.raises(QuantizationError, match=r"row length 45 is odd.*\"format\": \"int8\"\}\}\}\)") as e:
+        quantize(load_model(odd), "int4")
+    rule = json.loads(str(e.value).split("rule (", 1)[1].split("), or", 1)[0])  # the suggested rule parses
+    with pytest.raises(QuantizationError) as e:  # and fixes that layer (x_proj's 90 columns are next)
+        quantize(load_model(odd), "int4", rules=rule)
+    assert "in_proj" not in str(e.value)

@@ -56,6 +56,12 @@ def check_group(name: str, in_features: int, group_size: int, rule: str | None =
     rule's group_size overrides --group-size)."""
     if group_size <= 0 or in_features % group_size:
         fit = ([g for g in GROUP_SIZES if in_features % g == 0] or [in_features])[-1]
+        if in_features % 2:  # int4 packs two codes a byte: no group size makes an odd row int4
+            fix = (f"make the format of rule {rule!r} int8" if rule is not None else
+                   f'keep this layer in int8 through a --config rule ({{"quant_cfg": {{"{name}": {{"format": '
+                   '"int8"}}}), or quantize with --method int8')
+            raise QuantizationError(f"{name}: row length {in_features} is odd, which int4 cannot pack (two codes "
+                                    f"a byte); {fix}")
         fix = (f"set the group_size of rule {rule!r} to {fit} (or make its format int8)" if rule is not None else
                f"use --group-size {fit} (group_size= in Python) or keep this layer in int8 through a --config rule")
         raise QuantizationError(f"{name}: row length {in_features} is not divisible by group size {group_size}; {fix}")

@@ -120,6 +120,10 @@ def default_spec(name: str, opts: dict) -> dict:
     return _spec(fmt, opts)
 
 
+# a rule's per-format keys and the formats that read them (_spec); elsewhere they would do nothing
+RULE_KEY_FORMATS = {"group_size": ("int4",), "symmetric": ("int4",), "fp8_scaling": ("fp8",)}
+
+
 def _spec(fmt: str, opts: dict) -> dict:
     spec = {"format": fmt}
     if fmt == "int4":
@@ -191,6 +195,13 @@ def build_plan(model, opts: dict) -> dict:
                 continue
             base = plan[n] or default_spec(n, opts)
             fmt = rule.get("format", base["format"])
+            ignored = sorted(k for k, fmts in RULE_KEY_FORMATS.items() if k in rule and fmt not in fmts)
+            if ignored:  # it was dropped without a word: a rule asking for int8 groups got per-row int8
+                raise QuantizationError(
+                    f"rule {pattern!r} sets {', '.join(ignored)} for {n}, whose format is {fmt}, where "
+                    f"{'it does' if len(ignored) == 1 else 'they do'} not apply ("
+                    + "; ".join(f"{k}: {'/'.join(RULE_KEY_FORMATS[k])} only" for k in ignored)
+                    + "); drop the key or give the rule that format")
             plan[n] = _spec(fmt, {**opts, **{k: v for k, v in base.items() if k != "format"},
                                   **{k: v for k, v in rule.items() if k not in ("enable", "format")}})
             if "group_size" in rule:

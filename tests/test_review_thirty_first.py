@@ -199,3 +199,24 @@ def test_quant_rule_keys_that_do_not_apply_and_odd_rows_are_named(tmp_path):
     with pytest.raises(QuantizationError) as e:  # and fixes that layer (x_proj's 90 columns are next)
         quantize(load_model(odd), "int4", rules=rule)
     assert "in_proj" not in str(e.value)
+
+
+def test_a_gguf_is_held_to_the_types_it_stores_not_the_one_it_was_asked_for(tmp_path):
+    """export gguf --outtype q2_k of a model whose rows K-quant blocks (256) do not divide: llama.cpp's
+    fallbacks store every matrix as Q4_0 / Q8_0, but general.file_type says q2_k, and verify held
+    the file to the q2 row (limits 3-5x looser than its real types warrant). Now the loosest type
+    stored decides when it is tighter than the file's word; a file whose matrices are q2_k keeps it."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import HAVE_LLAMA, build_hf_model
+    from mamba_deploy.verify import infer_artifact_dtype, tolerance_row
+
+    if not HAVE_LLAMA:
+        pytest.skip("K-quant GGUF types need llama-cpp-python")
+    folder = tmp_path / "m"
+    build_hf_model("mamba2", seed=4, vocab_size=4096).save_pretrained(folder)
+    shutil.copy(DEMO2 / "tokenizer.json", folder / "tokenizer.json")
+    assert main(["export", "gguf", str(folder), str(tmp_path / "m.gguf"), "--outtype", "q2_k"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    stored = {t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) >= 2}
+    assert "q2_k" not in stored and stored & {"q4_0", "q8_0"}  # every matrix fell back
+    assert tolerance_row(infer_artifact_dtype(tmp_path / "m.gguf")) == "int4"

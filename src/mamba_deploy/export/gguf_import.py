@@ -369,15 +369,32 @@ def _file_weight_type(reader) -> str:
     A, D, gated norm) against its 2 quantized matrices."""
     from gguf import LlamaFileType
 
-    file_type = field(reader, FILE_TYPE_KEY, None)
-    if file_type is not None:
-        try:
-            return LlamaFileType(int(file_type)).name.lower().removeprefix("mostly_")
-        except (ValueError, TypeError):  # a type this gguf package does not know
-            pass
     counts: dict[str, int] = {}
     for t in reader.tensors:
         if len(t.shape) >= 2:
             counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + int(t.n_elements)
+    file_type = field(reader, FILE_TYPE_KEY, None)
+    if file_type is not None:
+        try:
+            named = LlamaFileType(int(file_type)).name.lower().removeprefix("mostly_")
+        except (ValueError, TypeError):  # a type this gguf package does not know
+            named = None
+        if named is not None:
+            return _no_looser_than_stored(named, counts)
     return max(counts, key=counts.get) if counts else "fp32"
+
+
+def _no_looser_than_stored(named: str, counts: dict[str, int]) -> str:
+    """general.file_type, unless every matrix is stored more precisely than it says: llama.cpp
+    falls back to another type for rows its blocks do not divide (a small model's q2_k file can
+    hold only Q4_0 / Q8_0), and verify's row must be the loosest type stored, not the asked one."""
+    from .. import verify
+
+    rows = list(verify.TOLERANCES)
+    try:
+        stored = max(counts, key=lambda t: rows.index(verify.tolerance_row(t)))
+        looser = rows.index(verify.tolerance_row(named)) > rows.index(verify.tolerance_row(stored))
+    except (ConfigError, ValueError):  # a type with no row (or no matrices): the file's word
+        return named
+    return stored if looser else named
 

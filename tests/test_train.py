@@ -495,3 +495,35 @@ def test_resume_without_its_state_does_not_replace_the_model_in_out(tmp_path):
         train.train(_tiny_run(tmp_path, steps=3, resume=True))
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     assert train.train(_tiny_run(tmp_path, steps=3, resume=True, work_dir=str(tmp_path / "elsewhere")))["steps"] == 3
+
+
+def test_resume_writes_the_final_snapshot_a_failed_save_left_out(tmp_path, monkeypatch):
+    """The last step's training state is saved before its snapshot; when that snapshot write failed
+    (disk full, Ctrl-C), --resume refused (the state had done --steps) and --out kept an older
+    model, recoverable only by training further (another learning-rate schedule). Now --resume
+    with the same --steps writes the final model from the state: the model an uninterrupted run
+    writes."""
+    from mamba_deploy.errors import OutputPathError
+
+    full = train.train(_tiny_run(tmp_path / "a", steps=4, save_every=2))
+    real = train.save_snapshot
+    calls = []
+
+    def fail_last(model, out, dtype, metrics):
+        calls.append(metrics["steps"])
+        if metrics["steps"] == 4:
+            raise OutputPathError("disk full (simulated)")
+        return real(model, out, dtype, metrics)
+
+    monkeypatch.setattr(train, "save_snapshot", fail_last)
+    with pytest.raises(OutputPathError):
+        train.train(_tiny_run(tmp_path / "b", steps=4, save_every=2))
+    monkeypatch.setattr(train, "save_snapshot", real)
+    assert json.loads((tmp_path / "b" / "out" / "train_log.json").read_text())["steps"] == 2
+    again = train.train(_tiny_run(tmp_path / "b", steps=4, save_every=2, resume=True))
+    strip = lambda log: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log]  # noqa: E731
+    assert again["steps"] == 4 and strip(again["log"]) == strip(full["log"])
+    assert (tmp_path / "b" / "out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "a" / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="has already done 4 steps"):  # now saved: nothing left to do
+        train.train(_tiny_run(tmp_path / "b", steps=4, save_every=2, resume=True))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
-from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file,
+from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file, read_json_object,
                      raise_out_of_space, remove_stale_temps, temp_owner, write_text)
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError
@@ -347,7 +347,11 @@ def setup(args) -> SimpleNamespace:
                 f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
                 f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
                 "or drop --resume (or use another --work-dir) to start over") from e
-        if st["step"] >= args.steps:  # nothing to train: the saved run and its train_log.json stay as they are
+        saved = read_json_object(Path(args.out) / "train_log.json").get("steps")
+        # the state's last step done but --out older (its final save failed: disk full, Ctrl-C):
+        # the loop below has nothing to do, and the final evaluation and snapshot are written
+        unsaved = st["step"] == args.steps and isinstance(saved, int) and saved < st["step"]
+        if st["step"] >= args.steps and not unsaved:  # nothing to train: the saved run stays as it is
             raise ConfigError(f"--resume: {state_path} has already done {st['step']} steps, and --steps {args.steps} "
                               f"counts those too; pass --steps above {st['step']} to train further")
         run.opt.load_state_dict(st["opt"])

@@ -220,3 +220,15 @@ def test_a_gguf_is_held_to_the_types_it_stores_not_the_one_it_was_asked_for(tmp_
     stored = {t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) >= 2}
     assert "q2_k" not in stored and stored & {"q4_0", "q8_0"}  # every matrix fell back
     assert tolerance_row(infer_artifact_dtype(tmp_path / "m.gguf")) == "int4"
+
+
+def test_a_bool_sampling_value_is_refused():
+    """temperature=True was read as 1 (a bool is an int in Python): a typo such as a flag's value
+    passed where a number belongs sampled silently."""
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.generation import SamplingConfig
+
+    for key in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        with pytest.raises(ConfigError, match="finite number"):
+            SamplingConfig(**{key: True})
+    SamplingConfig(temperature=1, top_p=1)  # ints are numbers

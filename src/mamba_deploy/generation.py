@@ -36,7 +36,7 @@ class SamplingConfig:
 
     def __post_init__(self):
         values = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
-        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ConfigError(f"bad sampling settings {self}: top_k must be an int (0 = off)")

@@ -211,13 +211,19 @@ def test_vocab_mismatch_is_a_user_error(copies, hf_checkpoint):
         _run(ref, other)
 
 
-def _gguf_with_file_type(path, ftype):
+def _gguf_with_file_type(path, ftype, qtype=None):
+    """A GGUF whose general.file_type is ftype, holding one (4, 32) matrix stored as qtype (F32
+    when None)."""
     import gguf
     import numpy as np
 
     w = gguf.GGUFWriter(str(path), "mamba")
     w.add_file_type(int(ftype))
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    data = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    if qtype is None:
+        w.add_tensor("token_embd.weight", data)
+    else:
+        w.add_tensor("token_embd.weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     finish_gguf(w)
     return path
 
@@ -241,10 +247,13 @@ def test_infer_artifact_dtype(tmp_path, copies):
     assert V.tolerance_row(V.infer_artifact_dtype(quant)) == "int8"
     (quant / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert V.infer_artifact_dtype(quant) == "bf16"
-    q8 = _gguf_with_file_type(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    q8 = _gguf_with_file_type(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)
     assert V.infer_artifact_dtype(q8) == "q8_0" and V.tolerance_row("q8_0") == "int8"
-    q4 = _gguf_with_file_type(tmp_path / "m4.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    assert V.tolerance_row(V.infer_artifact_dtype(q4)) == "int4"
+    q4 = _gguf_with_file_type(tmp_path / "m4.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M, gguf.GGMLQuantizationType.Q4_0)
+    assert V.infer_artifact_dtype(q4) == "q4_k_m" and V.tolerance_row("q4_k_m") == "int4"
+    # a file_type looser than every type stored: the stored types decide (llama.cpp's fallbacks)
+    said = _gguf_with_file_type(tmp_path / "f.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert V.infer_artifact_dtype(said) == "f32"
 
 
 def test_half_precision_checkpoint_gets_half_tolerances(copies, tmp_path):

@@ -347,7 +347,7 @@ def setup(args) -> SimpleNamespace:
                 f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
                 f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
                 "or drop --resume (or use another --work-dir) to start over") from e
-        saved = read_json_object(Path(args.out) / "train_log.json").get("steps")
+        saved = read_json_object(Path(args.out) / "train_log.json").get("steps", 0)  # 0: no snapshot there yet
         # the state's last step done but --out older (its final save failed: disk full, Ctrl-C):
         # the loop below has nothing to do, and the final evaluation and snapshot are written
         unsaved = st["step"] == args.steps and isinstance(saved, int) and saved < st["step"]

@@ -23,8 +23,8 @@ state) while its predecessor finishes. Measured on an H200, mamba-2.8b batch 1 (
 with the conv update and state update also launched with PDL, 1.81 ms with the conv in the GEMV.
 Which fused ops a step uses, per batch, is decided where every other op choice is,
 `ops.decode_fusion` (fused up to ops.FUSED_MAX_BATCH rows); MAMBA_DEPLOY_FUSED_DECODE=0 falls
-back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and the unfused `Mamba1Mixer.step` (Mamba1). The test suite compares its logits with the reference
-path's.
+back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and the unfused `Mamba1Mixer.step`
+(Mamba1). The test suite compares its logits with the reference path's.
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ class DecodePlan:
         # epilogue is a GEMV's, so in_proj must be a plain Linear
         self.dt_plain = mamba1 and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None for layer in layers)
         self.in_proj_plain = all(type(layer.mixer.in_proj) is Linear for layer in layers)
-        self._dt_weight = None
+        # dt_proj's weight for the folded state update: the parameter itself, or for a quantized
+        # dt_proj its dequantized weight, made once here (d x dt_rank, 1/16 of in_proj) rather
+        # than by `weight` inside every replay (mamba-2.8b int8, batch 1: 2.65 ms per step then)
+        self.dt_weight = [layer.mixer.dt_proj.weight.detach() for layer in layers] if self.dt_plain else None
         dev = model.device
         self.sumsq = torch.zeros(max(BUCKETS), device=dev, dtype=torch.float32)  # stays zero between steps
         self.counter = torch.zeros(max(BUCKETS), device=dev, dtype=torch.int32)
@@ -96,15 +99,6 @@ class DecodePlan:
 
     def fusion(self, batch: int) -> ops.DecodeFusion:
         return ops.decode_fusion(self.cfg, batch, self.dt_plain, self.in_proj_plain)
-
-    @property
-    def dt_weight(self) -> list:
-        """dt_proj's weight per layer for the folded state update: the parameter itself, or for a
-        quantized dt_proj its dequantized weight, made once (d x dt_rank, 1/16 of in_proj) rather
-        than by `weight` inside every replay (mamba-2.8b int8, batch 1: 2.65 ms per step then)."""
-        if self._dt_weight is None:
-            self._dt_weight = [layer.mixer.dt_proj.weight.detach() for layer in self.model.backbone.layers]
-        return self._dt_weight
 
     def prefetch(self, linear, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads

@@ -100,7 +100,7 @@ class Tokenizer:
     def _byte_pieces(self) -> dict[str, int]:
         """"<0xHH>" -> byte, for a `tokenizers` tokenizer whose decoder turns those pieces into
         bytes (ByteFallback: Llama / Mistral-style tokenizer.json); empty otherwise. Made once."""
-        if getattr(self, "_bytes", None) is None:
+        if self._bytes is None:
             self._bytes = {}
             tok = self._tok
             if hasattr(tok, "decoder") and hasattr(tok, "get_vocab") and tok.decoder is not None:

@@ -264,9 +264,9 @@ def dtype_label(dtype) -> str:
 
 
 def _quant_label(qc: dict) -> str:
-    mods = qc.get("modules")  # this toolkit's mixed precision: the lowest-precision format stored decides
-    fmts = {str(m.get("format", "")).lower() for m in mods.values() if isinstance(m, dict)} \
-        if isinstance(mods, dict) else set()
+    from .quant.plan import module_formats
+
+    fmts = module_formats(qc)  # this toolkit's mixed precision: the lowest-precision format stored decides
     if isinstance(qc.get("formats"), list):  # an ONNX export's manifest: the formats alone
         fmts |= {str(f).lower() for f in qc["formats"]}
     for f in ("int4", "fp8", "int8", "w8a8", "fp16"):  # loosest row first

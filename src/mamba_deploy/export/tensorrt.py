@@ -276,7 +276,7 @@ def _check_engine_path(out: Path, folder: Path) -> Path:
     """The engine path, writable; an existing file there must be an engine this builds (it has a
     sidecar), never a file of the ONNX export (`OUT` given as the folder's model.onnx)."""
     out = prepare_output_file(out, example=ENGINE_NAME)
-    if out.is_file() and not Path(str(out) + SIDECAR_SUFFIX).is_file() and folder.resolve() in out.resolve().parents:
+    if out.is_file() and not sidecar_path(out).is_file() and folder.resolve() in out.resolve().parents:
         raise OutputPathError(f"engine output {out} is a file of the ONNX export {folder}, which it would replace; "
                               f"write the engine to a new path (e.g. {folder / ENGINE_NAME})")
     return out

@@ -32,6 +32,7 @@ from ..errors import ExportError, QuantizationError
 from ..export.onnx_meta import GRAPH_FILE, MANIFEST_FILE, node_subgraphs, weights_label
 from .formats import codes_digest, unpack_int4
 from .modules import QuantEmbedding, QuantLinear
+from .plan import module_formats
 
 NBITS_FORMATS = {"int8": 8, "int4": 4}
 NBITS_DOMAIN = "com.microsoft"
@@ -75,7 +76,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     if not qc:
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
     out_dir = output_path(out_dir)
-    codes = codes_digest(qmodel.state_dict().items())
+    state = qmodel.state_dict()
+    codes = codes_digest(state.items())
     reference = None
     if validate:  # PyTorch's outputs once, for every level checked
         with _float_function(qmodel):
@@ -84,7 +86,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         linears = NBitsLinears(qmodel)
         # an upper bound of the graph's bytes: a layer kept float (no MatMulNBits form) is written as
         # float32 dequantized weights, 4 bytes per value, and a packed int4 byte holds two values
-        nbytes = sum(t.numel() * (4 if t.is_floating_point() else 8) for t in qmodel.state_dict().values())
+        nbytes = sum(t.numel() * (4 if t.is_floating_point() else 8) for t in state.values())
         with streamed_weights(tmp, nbytes) as ext:
             proto = MambaGraph(graph_config(qmodel), FloatWeights(qmodel), np.float32, DEFAULT_OPSET,
                                scan_chunk=scan_chunk, linear_hook=linears, external=ext).build()
@@ -350,9 +352,8 @@ def _update_manifest(folder: Path, qc: dict, report: dict, codes: str | None, re
                       for p in sorted(folder.iterdir()) if p.name.startswith(GRAPH_FILE)}
     # formats: verify's row for a mixed-precision export is its lowest-precision format's (as for
     # the checkpoint's config.json); codes_sha256: which checkpoint's codes the graph holds
-    formats = sorted({str(m.get("format")) for m in qc.get("modules", {}).values() if isinstance(m, dict)})
-    m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits", "formats": formats,
-                         "codes_sha256": codes, **report}
+    m["quantization"] = {"method": qc["method"], "op": "com.microsoft::MatMulNBits",
+                         "formats": sorted(module_formats(qc)), "codes_sha256": codes, **report}
     tmp = folder / "manifest.json.tmp"
     tmp.write_text(json.dumps(m, indent=2))
     tmp.replace(folder / MANIFEST_FILE)

@@ -248,6 +248,14 @@ def make_config(method: str, opts: dict, modules: dict) -> dict:
     }
 
 
+def module_formats(qc: dict) -> set[str]:
+    """The formats a quantization_config's modules are stored in (lower case): this toolkit's
+    mixed precision; empty for a config without per-module specs (another tool's)."""
+    mods = qc.get("modules")
+    return ({str(m.get("format", "")).lower() for m in mods.values() if isinstance(m, dict)}
+            if isinstance(mods, dict) else set())
+
+
 def validate_config(qc, module_names, layers=None) -> dict:
     """Check a quantization_config read from disk; raise naming the first bad value. `layers`: the
     names among `module_names` that a spec may name (Linear / Embedding layers), when known."""

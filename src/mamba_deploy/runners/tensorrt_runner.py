@@ -25,7 +25,7 @@ from ..atomic import read_tagged_json
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
 from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
-from ..export.tensorrt import INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_SUFFIX, engine_file, import_tensorrt, sidecar_path
+from ..export.tensorrt import INSTALL_HINT, SIDECAR_FORMAT, engine_file, import_tensorrt, sidecar_path
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import NoCopy, Runner, check_state, check_threads, checked_source, one_call_at_a_time, state_layout
@@ -187,7 +187,7 @@ def check_engine_pair(sidecar: dict, engine_bytes: int, path: Path) -> None:
     old engine. Sidecars from before the size was recorded are taken as they are."""
     want = sidecar.get("build", {}).get("engine_bytes")
     if want is not None and want != engine_bytes:
-        raise ExportError(f"{path} has {engine_bytes} bytes but its sidecar {path}{SIDECAR_SUFFIX} describes an "
+        raise ExportError(f"{path} has {engine_bytes} bytes but its sidecar {sidecar_path(path)} describes an "
                           f"engine of {want}: they come from different builds (one stopped part-way); rebuild "
                           "the engine")
 

@@ -79,8 +79,10 @@ def add_state_dtype(parser) -> None:
 
 
 def torch_options(args) -> dict:
-    """Open options of the torch backend from --device / --dtype / --state-dtype."""
-    return {"device": args.device, "dtype": DTYPES[args.dtype], "state_dtype": STATE_DTYPES[args.state_dtype]}
+    """Open options of the torch backend from --device / --dtype / --state-dtype (and
+    --tensor-parallel where the verb has it)."""
+    opts = {"device": args.device, "dtype": DTYPES[args.dtype], "state_dtype": STATE_DTYPES[args.state_dtype]}
+    return opts | ({"tensor_parallel": True} if getattr(args, "tensor_parallel", False) else {})
 
 
 def add_threads(parser) -> None:
@@ -114,7 +116,7 @@ def use_tokenizer(runner, spec) -> None:
 
 # the torch backend's own flags at their defaults: anything else asks for something a backend
 # that does not take the option (runners.OPTIONS) would not do
-TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32"}
+TORCH_ONLY_DEFAULTS = {"device": "cpu", "dtype": "fp32", "state_dtype": "fp32", "tensor_parallel": False}
 DEVICE_HELP = ("cpu, cuda or cuda:N (torch); an OpenVINO device, CPU or GPU (--backend openvino); cuda:N "
                "(tensorrt); the other backends take none")
 
@@ -216,6 +218,9 @@ def cmd_generate(args):
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
     template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
+    tp = getattr(getattr(runner, "model", None), "tp", None)
+    if tp is not None and tp.rank != 0:  # every rank generates the same text; rank 0 prints it
+        sys.stdout = open(os.devnull, "w")
     use_tokenizer(runner, args.tokenizer)
     prompts, stops = list(args.prompt), args.stop
     if args.chat or stops is not None:
@@ -341,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch backend only: dtype the weights are loaded and run in")
     add_state_dtype(s)
     add_threads(s)
+    s.add_argument("--tensor-parallel", action="store_true",
+                   help="torch backend: shard the model over the ranks of a torchrun launch, one GPU (--device "
+                        "cuda) or CPU process each: `torchrun --nproc-per-node N -m mamba_deploy generate ...`")
     s.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per prompt (prompt, completion, token ids, stop reason), "
                         "instead of text")

@@ -131,6 +131,7 @@ class Mamba2Mixer(nn.Module):
         if cfg.rmsnorm:
             self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.out_proj = Linear(d, cfg.d_model, bias=cfg.bias)
+        self.split_norm = None  # tensor parallel: tp.SplitGatedNorm where the norm's groups span ranks
 
     def _split(self, zxbcdt):
         cfg = self.cfg
@@ -148,6 +149,8 @@ class Mamba2Mixer(nn.Module):
     def _gate(self, y, z):
         """y, z (..., d): gated RMSNorm (or plain silu gate)."""
         cfg = self.cfg
+        if cfg.rmsnorm and self.split_norm is not None:
+            return self.split_norm(y, z, self.norm.weight, self.norm.eps, cfg.norm_before_gate)
         if cfg.rmsnorm:
             return ops.rmsnorm_gated(y, z, self.norm.weight, self.norm.eps,
                                      cfg.d_inner // cfg.ngroups, cfg.norm_before_gate)
@@ -230,6 +233,7 @@ class MambaLM(nn.Module):
         self.source_path = None  # set by load_model; where tokenizer files live
         self._tokenizer = None
         self.ssm_state_dtype = None  # None: float32 (float64 for a float64 model); see set_state_dtype
+        self.tp = None  # tp.TensorParallel once apply_tensor_parallel sharded this model
 
     def set_state_dtype(self, dtype) -> "MambaLM":
         """dtype of the SSM state that new_state allocates: float32 (default) keeps the recurrence

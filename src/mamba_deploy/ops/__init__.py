@@ -92,8 +92,9 @@ def decode_plan(model, batch: int, state):
     """A whole-model decode step `(ids, state) -> logits` for where the state lives, or None
     (then MambaLM steps block by block through the ops above). CPU: one C call per block
     (cpu_decode.py), under the default backend only. CUDA: None; decode there is captured as a
-    graph by the runner (cuda_graph.py), over the fused ops below."""
-    if state.conv.device.type != "cpu" or _backend != "auto":
+    graph by the runner (cuda_graph.py), over the fused ops below. A tensor-parallel model
+    (tp.py) steps block by block: its projections' outputs are summed over ranks by their modules."""
+    if state.conv.device.type != "cpu" or _backend != "auto" or getattr(model, "tp", None) is not None:
         return None
     from .cpu_decode import decode_plan as cpu_plan
 
@@ -150,15 +151,17 @@ class DecodeFusion(NamedTuple):
     conv_in_gemv: bool  # Mamba1: linear_conv1d_update (in_proj with the conv update), else in_proj then the conv
 
 
-def decode_fusion(cfg, batch: int, dt_plain: bool = True, in_proj_plain: bool = True) -> DecodeFusion:
+def decode_fusion(cfg, batch: int, dt_plain: bool = True, in_proj_plain: bool = True,
+                  norm_local: bool = True) -> DecodeFusion:
     """Which fused ops a decode step of `batch` rows uses for a model with config cfg.
     dt_plain: every dt_proj can be read as a weight (not a quantized one with an input scale);
-    in_proj_plain: every in_proj is an unquantized Linear. MAMBA_DEPLOY_FUSED_DECODE=0 turns
+    in_proj_plain: every in_proj is an unquantized Linear; norm_local: each gated norm's groups
+    lie within this process (not split over tensor-parallel ranks). MAMBA_DEPLOY_FUSED_DECODE=0 turns
     all fusion off (A/B measurements; the twins compute the same function either way)."""
     on = os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0" and batch <= FUSED_MAX_BATCH
     # the fused mixer's gated norm spans the whole row (one group) and its conv takes 2..4 taps
     gated = (on and cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
-             and 2 <= cfg.d_conv <= 4)
+             and 2 <= cfg.d_conv <= 4 and norm_local)
     dt = on and cfg.arch == "mamba1" and dt_plain
     return DecodeFusion(gated, dt, dt and CONV_IN_GEMV and in_proj_plain)
 

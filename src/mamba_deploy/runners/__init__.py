@@ -21,7 +21,7 @@ BACKENDS = {
 # each factory's own options; an option only another backend takes is ignored (callers pass one
 # set to several backends), one that no backend takes is a typo and refused
 OPTIONS = {
-    "torch": ("device", "dtype", "state_dtype", "threads"),
+    "torch": ("device", "dtype", "state_dtype", "threads", "tensor_parallel"),
     "onnx": ("providers", "threads", "check_hash", "prepack"),
     "llama.cpp": ("threads", "n_threads", "n_ctx", "n_batch", "n_seq_max", "verbose", "extra_buffers"),
     "openvino": ("device", "precision", "threads", "check_hash", "properties"),

@@ -83,15 +83,25 @@ class TorchRunner(Runner):
 
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
-               **_) -> TorchRunner:
+               tensor_parallel: bool = False, **_) -> TorchRunner:
     """threads: torch's intra-op CPU threads (torch.set_num_threads, which is process-wide);
-    None leaves torch's setting as it is."""
+    None leaves torch's setting as it is. tensor_parallel: this process is one rank of a
+    torchrun launch (tp.py); the model is sharded over the ranks, on cuda:LOCAL_RANK for device
+    "cuda", and every rank must make the same calls."""
     from ..checkpoint import load_model
 
     threads = check_threads(threads)
     if threads is not None:
         torch.set_num_threads(threads)
+    if tensor_parallel:
+        from ..tp import init_distributed
+
+        device = init_distributed(device)[2]
     model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
+    if tensor_parallel:
+        from ..tp import apply_tensor_parallel
+
+        apply_tensor_parallel(model)
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner
 

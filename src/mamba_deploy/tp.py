@@ -1,0 +1,293 @@
+"""Tensor parallelism, applied to a built model (as gpt-fast does): every rank loads the model,
+then keeps its slice of each mixer's heads (Mamba2) or channels (Mamba1) and sums the partial
+outputs of the projections that read a sliced input. Embeddings, the block norms and lm_head are
+replicated, so every rank ends each block with the same hidden state and the same logits.
+
+Per mixer, W ranks, rank r, d = d_inner split into W slices of d / W:
+- Mamba2: in_proj's rows [z (d) | x (d) | B (g n) | C (g n) | dt (h)] keep this rank's heads of
+  z, x and dt and the groups its heads read of B and C; conv1d's channels [x | B | C] likewise;
+  dt_bias, A_log, D and the gated norm's weight by head. out_proj keeps its input columns and its
+  output is summed over ranks. With fewer groups than ranks (ngroups 1: every Mamba2 checkpoint
+  of mamba_ssm) B and C are replicated and the gated norm's group spans ranks: its sum of squares
+  is summed over ranks before the rsqrt.
+- Mamba1: in_proj's rows [x (d) | z (d)], conv1d, dt_proj's rows, A_log and D by channel; x_proj
+  keeps its input columns and its output (dt, B, C, which every channel reads) is summed over
+  ranks, as is out_proj's.
+So a token costs one all-reduce of (b, d_model) per Mamba2 layer, plus one of (b, dt_rank + 2 n)
+per Mamba1 layer, plus a (b, ngroups) one where the norm spans ranks.
+
+Run one process per rank under torchrun: `init_distributed()` joins the group the launcher
+describes, `apply_tensor_parallel(model)` shards. The State a sharded model allocates holds only
+this rank's heads / channels (model.config is the rank's config; model.tp keeps the whole one).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MambaConfig
+from .errors import BackendUnavailableError, ConfigError
+from .ops.reference import _up
+
+# what torchrun (torch.distributed.run) sets in every process it starts
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass
+class TensorParallel:
+    """What a sharded model keeps of its sharding (model.tp)."""
+    group: Any  # the torch.distributed process group (None: the default group)
+    rank: int
+    world: int
+    config: MambaConfig  # the whole model's config; model.config is this rank's
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its variables)
+    with more than one rank."""
+    return all(k in os.environ for k in LAUNCH_ENV) and os.environ["WORLD_SIZE"] != "1"
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
+    """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU) -> (rank, world,
+    this rank's device: cuda:LOCAL_RANK for device "cuda")."""
+    import torch.distributed as dist
+
+    missing = [k for k in LAUNCH_ENV if k not in os.environ]
+    if missing:
+        raise ConfigError(f"tensor parallelism runs one process per rank, and {', '.join(missing)} is not set: start "
+                          "the command with `torchrun --nproc-per-node N -m mamba_deploy ...` (N ranks)")
+    if not dist.is_available():
+        raise BackendUnavailableError("this torch build has no torch.distributed; tensor parallelism needs it")
+    try:
+        rank, world, local = (int(os.environ[k]) for k in LAUNCH_ENV)
+    except ValueError:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers, got "
+                          f"{[os.environ[k] for k in LAUNCH_ENV]}; let torchrun set them") from None
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={local} but this machine sees {torch.cuda.device_count()} GPU(s); start at "
+                              f"most that many ranks per node (torchrun --nproc-per-node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # a group still open at interpreter exit can abort the process ("terminate called
+        # without an active exception") after its work is done, and torchrun reports it failed
+        atexit.register(_leave)
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world):  # a group made by the caller
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, str(dev)
+
+
+def _leave() -> None:
+    """Close the group once every rank is done with it (torchrun stops the other ranks of one that
+    failed, so none waits here for a rank that is gone)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _groups(cfg: MambaConfig, world: int) -> int:
+    """Mamba2: how many of B / C's groups each rank keeps (1 where a group spans ranks)."""
+    g = cfg.ngroups
+    if g % world and world % g:
+        raise ConfigError(f"ngroups={g} cannot be split over {world} ranks: each rank's heads must read whole groups; "
+                          f"use a number of ranks that divides ngroups or that ngroups divides "
+                          f"({', '.join(str(w) for w in _fitting_worlds(cfg))})")
+    return max(1, g // world)
+
+
+def _fitting_worlds(cfg: MambaConfig, most: int = 16) -> list[int]:
+    return [w for w in range(1, most + 1) if _fits(cfg, w)]
+
+
+def _fits(cfg: MambaConfig, world: int) -> bool:
+    if cfg.arch == "mamba1":
+        return cfg.d_inner % world == 0
+    return cfg.nheads % world == 0 and not (cfg.ngroups % world and world % cfg.ngroups)
+
+
+def local_config(cfg: MambaConfig, world: int) -> MambaConfig:
+    """The config of one rank's slice: d_inner / world channels (nheads / world heads) and the
+    groups those heads read. ConfigError naming the sizes when the model does not split."""
+    if not isinstance(world, int) or world < 1:
+        raise ConfigError(f"the number of ranks must be an int >= 1, got {world!r}")
+    what = "d_inner" if cfg.arch == "mamba1" else "nheads"
+    size = cfg.d_inner if cfg.arch == "mamba1" else cfg.nheads
+    if size % world:
+        raise ConfigError(f"{what}={size} cannot be split over {world} ranks; use a number of ranks that divides it "
+                          f"({', '.join(str(w) for w in _fitting_worlds(cfg))})")
+    d = cfg.d_inner // world
+    if cfg.arch == "mamba1":
+        return replace(cfg, d_inner_override=d)
+    return replace(cfg, d_inner_override=d, ngroups=_groups(cfg, world))
+
+
+def _keep(t: torch.Tensor, dim: int, spans) -> torch.Tensor:
+    """t's slices [a, b) along dim, concatenated, as a new tensor (the full one can be freed)."""
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in spans], dim).contiguous()
+
+
+def _param(module: nn.Module, name: str, dim: int, spans) -> None:
+    p = getattr(module, name)
+    if p is not None:
+        setattr(module, name, nn.Parameter(_keep(p.detach(), dim, spans), requires_grad=p.requires_grad))
+
+
+class _SumOverRanks:
+    """Forward hook: the module's output is this rank's partial sum; make it the whole one."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, module, inputs, output):
+        import torch.distributed as dist
+
+        dist.all_reduce(output, group=self.group)
+        return output
+
+
+class SplitGatedNorm:
+    """Mamba2's gated RMSNorm where one norm group spans `span` ranks: each rank holds d / W of
+    the group's d / ngroups channels, so the sum of squares is summed over ranks. The (b, ngroups)
+    all-reduce carries each rank's sum in its group's column and zeros elsewhere."""
+
+    def __init__(self, group, ngroups: int, my_group: int, group_size: int):
+        self.group, self.ngroups, self.my_group, self.group_size = group, ngroups, my_group, group_size
+
+    def __call__(self, y, z, weight, eps, norm_before_gate):
+        """y, z (..., d / W) -> (..., d / W); what ops.rmsnorm_gated computes on the whole row."""
+        import torch.distributed as dist
+
+        yf, zf = _up(y), _up(z)
+        if not norm_before_gate:
+            yf = yf * F.silu(zf)
+        ss = yf.pow(2).sum(-1)  # (...)
+        cols = torch.zeros(*ss.shape, self.ngroups, device=ss.device, dtype=ss.dtype)  # (..., ngroups)
+        cols[..., self.my_group] = ss
+        dist.all_reduce(cols, group=self.group)
+        rstd = torch.rsqrt(cols[..., self.my_group:self.my_group + 1] / self.group_size + eps)  # (..., 1)
+        out = yf * rstd * _up(weight)
+        if norm_before_gate:
+            out = out * F.silu(zf)
+        return out.to(y.dtype)
+
+
+def _shard_mamba2(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
+    d, h, n, G = cfg.d_inner, cfg.nheads, cfg.d_state, cfg.ngroups
+    dl, hl, gl = d // world, h // world, _groups(cfg, world)
+    g0 = rank * hl // (h // G)  # the first group this rank's heads read
+    x = (rank * dl, (rank + 1) * dl)
+    bc = [(g0 * n, (g0 + gl) * n), (G * n + g0 * n, G * n + (g0 + gl) * n)]  # within [B | C]
+    heads = [(rank * hl, (rank + 1) * hl)]
+    shift = lambda spans, by: [(a + by, b + by) for a, b in spans]  # noqa: E731
+    rows = [x] + shift([x], d) + shift(bc, 2 * d) + shift(heads, 2 * d + 2 * G * n)  # z | x | B C | dt
+    _param(mixer.in_proj, "weight", 0, rows)
+    _param(mixer.in_proj, "bias", 0, rows)
+    chans = [x] + shift(bc, d)  # x | B C
+    _param(mixer.conv1d, "weight", 0, chans)
+    _param(mixer.conv1d, "bias", 0, chans)
+    for name in ("dt_bias", "A_log", "D"):
+        _param(mixer, name, 0, heads)
+    if cfg.rmsnorm:
+        _param(mixer.norm, "weight", 0, [x])
+        if G < world:  # each group's channels are spread over world / G ranks
+            mixer.split_norm = SplitGatedNorm(group, G, g0, d // G)
+    _row_parallel(mixer.out_proj, x, rank, group)
+
+
+def _shard_mamba1(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
+    d = cfg.d_inner
+    dl = d // world
+    x = (rank * dl, (rank + 1) * dl)
+    _param(mixer.in_proj, "weight", 0, [x, (d + x[0], d + x[1])])  # x | z
+    _param(mixer.in_proj, "bias", 0, [x, (d + x[0], d + x[1])])
+    _param(mixer.conv1d, "weight", 0, [x])
+    _param(mixer.conv1d, "bias", 0, [x])
+    _param(mixer.dt_proj, "weight", 0, [x])
+    _param(mixer.dt_proj, "bias", 0, [x])
+    for name in ("A_log", "D"):
+        _param(mixer, name, 0, [x])
+    _row_parallel(mixer.x_proj, x, rank, group)  # dt, B, C: every channel reads all of them
+    _row_parallel(mixer.out_proj, x, rank, group)
+
+
+def _row_parallel(linear, cols, rank: int, group) -> None:
+    """Keep linear's input columns `cols`; its output is summed over ranks by a hook, so only
+    rank 0 adds the bias."""
+    _param(linear, "weight", 1, [cols])
+    if linear.bias is not None and rank != 0:
+        with torch.no_grad():
+            linear.bias.zero_()
+    linear.register_forward_hook(_SumOverRanks(group))
+
+
+def _sync_shapes(module: nn.Module) -> None:
+    """nn.Linear / nn.Conv1d's size attributes after their parameters were sliced."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.Conv1d):
+            m.in_channels = m.out_channels = m.groups = m.weight.shape[0]
+
+
+def apply_tensor_parallel(model, group=None):
+    """Shard `model` (a MambaLM) in place over the ranks of `group` (default: the whole
+    torch.distributed world, see init_distributed) and return it. Every rank must call this on
+    the same model; the ranks then run it in lockstep (the same ids in every call). Every rank's
+    global torch generator is seeded with rank 0's seed (see _same_seed)."""
+    import torch.distributed as dist
+
+    from .model import Linear, MambaLM
+
+    if not isinstance(model, MambaLM):
+        raise ConfigError(f"apply_tensor_parallel takes a MambaLM (load_model's), got {type(model).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("torch.distributed is not initialized: call mamba_deploy.tp.init_distributed() in each "
+                          "process started by `torchrun --nproc-per-node N`")
+    if getattr(model, "tp", None) is not None:
+        raise ConfigError(f"this model is already sharded over {model.tp.world} ranks")
+    names = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    odd = sorted({type(getattr(layer.mixer, k)).__name__ for layer in model.backbone.layers for k in names
+                  if hasattr(layer.mixer, k) and type(getattr(layer.mixer, k)) is not Linear})
+    if odd:
+        raise ConfigError(f"tensor parallelism shards unquantized models; this one has {', '.join(odd)} projections: "
+                          "load the unquantized checkpoint, or run the quantized one in one process")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    cfg = model.config
+    local = local_config(cfg, world)
+    shard = _shard_mamba1 if cfg.arch == "mamba1" else _shard_mamba2
+    for layer in model.backbone.layers:
+        shard(layer.mixer, cfg, rank, world, group)
+        layer.mixer.cfg = local
+        _sync_shapes(layer.mixer)
+    model.config = local
+    model.tp = TensorParallel(group, rank, world, cfg)
+    _same_seed(model.device, group)
+    return model
+
+
+def _same_seed(device, group) -> None:
+    """Seed every rank's global torch generator with rank 0's seed. Unseeded sampling draws from
+    it, and each process seeds its own at random: ranks that drew different tokens would feed
+    their all-reduces different inputs (and one could stop while the others wait for it)."""
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    dist.broadcast(seed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    torch.manual_seed(int(seed.item()))
+
+
+__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "init_distributed", "launched",
+           "local_config"]

@@ -1,0 +1,212 @@
+"""Tensor parallelism (tp.py) on CPU: 2 and 4 gloo ranks, one process each, against
+transformers' unsharded model.
+
+Tolerances (float32): logits within 1e-4 relative of transformers for prefills of 1, 7,
+chunk_size + 1 and 40 tokens at batch 2 followed by 4 decode steps; every rank holds the same
+logits bit for bit (the replicated part of the model runs in lockstep); the split gated norm within
+1e-5 relative of the whole-row reference norm. What is split: Mamba1 and Falcon-Mamba by channel;
+Mamba2 with ngroups 1 (the norm's group spans every rank), ngroups 2 over 2 ranks (one group each,
+the fused decode mixer's case) and over 4 ranks (a group spans two ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import build_hf_model, rel_err
+
+LENGTHS = (1, 7, 17, 40)  # 17 = chunk_size + 1 of the tiny Mamba2 models
+STEPS = 4
+BATCH = 2
+RUNS = {2: ("mamba", "falcon_mamba", "mamba2", "mamba2_g2", "mamba2_bias"), 4: ("mamba", "mamba2", "mamba2_g2")}
+# kinds built here (not conftest's): biases on in_proj / out_proj, which only rank 0 may add
+OWN = {"mamba2_bias": ("mamba2", dict(use_bias=True))}
+
+
+def _inputs(vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (BATCH, max(LENGTHS) + STEPS), generator=g)
+
+
+def _norm_case(seed: int = 1):
+    """y, z (3, 5, 32), weight (32,): a row of 2 groups of 16, for the split gated norm."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(32, generator=g))
+
+
+def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
+    import torch.distributed as dist
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.tp import SplitGatedNorm, apply_tensor_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for kind, folder in folders.items():
+            model = apply_tensor_parallel(load_model(folder))
+            ids = _inputs(model.config.padded_vocab_size)
+            runs = {}
+            with torch.inference_mode():
+                for L in LENGTHS:
+                    state = model.new_state(BATCH)
+                    logits = [model(ids[:, :L], state).logits]
+                    for t in range(STEPS):
+                        logits.append(model.step(ids[:, L + t], state).unsqueeze(1))
+                    runs[L] = torch.cat(logits, 1)
+            results[kind] = dict(logits=runs, ssm=tuple(state.ssm.shape), conv=tuple(state.conv.shape))
+        results["rand"] = torch.rand(4)  # unseeded draws: the same on every rank (apply seeds them alike)
+        # the norm alone: 2 groups of 16 channels, each rank holding 32 / world of them
+        y, z, w = _norm_case()
+        width = 32 // world
+        sl = slice(rank * width, (rank + 1) * width)
+        group = rank * width // 16
+        norm = SplitGatedNorm(None, 2, group, 16)
+        results["norm"] = {nbg: norm(y[..., sl], z[..., sl], w[sl], 1e-5, nbg) for nbg in (False, True)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank closes its connections while another still reads from them
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def sharded(request, hf_checkpoint, tmp_path_factory):
+    """world -> (per-rank results, {kind: transformers model})."""
+    import torch.multiprocessing as mp
+
+    world = request.param
+    out = tmp_path_factory.mktemp(f"tp{world}")
+    made = {}
+    for kind in RUNS[world]:
+        if kind in OWN:
+            base, overrides = OWN[kind]
+            made[kind] = (out / kind, build_hf_model(base, **overrides))
+            made[kind][1].save_pretrained(made[kind][0])
+        else:
+            made[kind] = hf_checkpoint(kind)
+    folders = {k: str(folder) for k, (folder, _) in made.items()}
+    mp.start_processes(_worker, args=(world, str(out / "pg"), folders, str(out)), nprocs=world, start_method="spawn")
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return world, ranks, {k: model for k, (_, model) in made.items()}
+
+
+def test_logits_match_transformers(sharded):
+    world, ranks, hf = sharded
+    for kind, model in hf.items():
+        ids = _inputs(model.config.vocab_size)
+        with torch.no_grad():
+            ref = model(ids).logits
+        for L in LENGTHS:
+            ours = ranks[0][kind]["logits"][L][..., :ref.shape[-1]]
+            err = rel_err(ours, ref[:, :L + STEPS])
+            assert err < 1e-4, f"{kind} over {world} ranks, prefill {L} + {STEPS} steps: {err:.2e}"
+            for r in range(1, world):
+                assert torch.equal(ranks[r][kind]["logits"][L], ranks[0][kind]["logits"][L]), (kind, world, L, r)
+
+
+def test_unseeded_draws_agree_over_ranks(sharded):
+    world, ranks, _ = sharded
+    for r in range(1, world):
+        assert torch.equal(ranks[r]["rand"], ranks[0]["rand"])
+
+
+def test_state_holds_this_ranks_slice(sharded):
+    world, ranks, hf = sharded
+    for kind, model in hf.items():
+        c = model.config
+        layers = c.num_hidden_layers
+        d = c.expand * c.hidden_size
+        if kind.startswith("mamba2"):
+            groups = max(1, c.n_groups // world)
+            assert ranks[0][kind]["ssm"] == (layers, BATCH, c.num_heads // world, c.head_dim, c.state_size)
+            assert ranks[0][kind]["conv"] == (layers, BATCH, d // world + 2 * groups * c.state_size, c.conv_kernel - 1)
+        else:
+            assert ranks[0][kind]["ssm"] == (layers, BATCH, d // world, c.state_size)
+            assert ranks[0][kind]["conv"] == (layers, BATCH, d // world, c.conv_kernel - 1)
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_split_gated_norm_matches_whole_row(sharded, norm_before_gate):
+    from mamba_deploy.ops.reference import rmsnorm_gated_ref
+
+    world, ranks, _ = sharded
+    y, z, w = _norm_case()
+    ours = torch.cat([r["norm"][norm_before_gate] for r in ranks], -1)
+    ref = rmsnorm_gated_ref(y.double(), z.double(), w.double(), 1e-5, 16, norm_before_gate)
+    assert rel_err(ours, ref) < 1e-5
+
+
+# ---- sizes that do not split, and models it refuses ---------------------------------------------
+
+def test_local_config_refuses_sizes_that_do_not_split():
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.tp import local_config
+
+    m2 = MambaConfig(arch="mamba2", d_model=32, n_layer=1, vocab_size=16, headdim=8, ngroups=2)  # 8 heads
+    assert (local_config(m2, 2).nheads, local_config(m2, 2).ngroups) == (4, 1)
+    assert (local_config(m2, 4).nheads, local_config(m2, 4).ngroups) == (2, 1)
+    with pytest.raises(ConfigError, match=r"nheads=8 cannot be split over 3 ranks.*\(1, 2, 4, 8\)"):
+        local_config(m2, 3)
+    m2g = MambaConfig(arch="mamba2", d_model=48, n_layer=1, vocab_size=16, headdim=8, ngroups=3)  # 12 heads
+    with pytest.raises(ConfigError, match=r"ngroups=3 cannot be split over 2 ranks.*\(1, 3, 6, 12\)"):
+        local_config(m2g, 2)
+    m1 = MambaConfig(arch="mamba1", d_model=24, n_layer=1, vocab_size=16)  # d_inner 48
+    assert local_config(m1, 3).d_inner == 16
+    with pytest.raises(ConfigError, match="d_inner=48 cannot be split over 5 ranks"):
+        local_config(m1, 5)
+
+
+def test_apply_refuses_without_a_process_group_and_quantized_models(hf_checkpoint):
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.errors import ConfigError, QuantizationError
+    from mamba_deploy.quant import quantize
+    from mamba_deploy.tp import apply_tensor_parallel, init_distributed
+
+    model = load_model(hf_checkpoint("mamba")[0])
+    with pytest.raises(ConfigError, match="torch.distributed is not initialized.*torchrun"):
+        apply_tensor_parallel(model)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        assert k not in os.environ, "the test process itself must not look like a torchrun rank"
+    with pytest.raises(ConfigError, match="RANK, WORLD_SIZE, LOCAL_RANK is not set.*torchrun --nproc-per-node"):
+        init_distributed()
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="shards unquantized models.*QuantLinear projections: load the unquantized"):
+            apply_tensor_parallel(quantize(load_model(hf_checkpoint("mamba")[0]), "int8"))
+        sharded = apply_tensor_parallel(load_model(hf_checkpoint("mamba")[0]))  # one rank: the whole model
+        with pytest.raises(ConfigError, match="already sharded over 1 ranks"):
+            apply_tensor_parallel(sharded)
+        with pytest.raises(QuantizationError, match="tensor-parallel model .sharded over 1 ranks"):
+            quantize(sharded, "int8")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generate_under_torchrun_matches_one_process(hf_checkpoint, tiny_tokenizer, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mamba_deploy generate --tensor-parallel` prints what one
+    process without it prints (greedy), once (rank 0 only)."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_checkpoint("mamba2")[0], folder)
+    for f in tiny_tokenizer.iterdir():
+        shutil.copy(f, folder / f.name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["generate", str(folder), "--prompt", "hello world", "--max-new-tokens", "12", "--temperature", "0"]
+    one = subprocess.run([sys.executable, "-m", "mamba_deploy", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mamba_deploy", *args, "--tensor-parallel"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()

@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
     import torch.distributed as dist
 
     from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.cuda_graph import DecodePlan, fast_decode_step
     from mamba_deploy.tp import SplitGatedNorm, apply_tensor_parallel
 
     torch.set_num_threads(1)
@@ -52,15 +53,19 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
         for kind, folder in folders.items():
             model = apply_tensor_parallel(load_model(folder))
             ids = _inputs(model.config.padded_vocab_size)
-            runs = {}
+            runs, fused = {}, {}
+            plan = DecodePlan(model)
             with torch.inference_mode():
                 for L in LENGTHS:
                     state = model.new_state(BATCH)
                     logits = [model(ids[:, :L], state).logits]
+                    again = state.clone()
                     for t in range(STEPS):
                         logits.append(model.step(ids[:, L + t], state).unsqueeze(1))
                     runs[L] = torch.cat(logits, 1)
-            results[kind] = dict(logits=runs, ssm=tuple(state.ssm.shape), conv=tuple(state.conv.shape))
+                    # the step CUDA graphs capture (fused ops, their twins on CPU), from the same prefill
+                    fused[L] = torch.stack([fast_decode_step(plan, ids[:, L + t], again) for t in range(STEPS)], 1)
+            results[kind] = dict(logits=runs, fused=fused, ssm=tuple(state.ssm.shape), conv=tuple(state.conv.shape))
         results["rand"] = torch.rand(4)  # unseeded draws: the same on every rank (apply seeds them alike)
         # the norm alone: 2 groups of 16 channels, each rank holding 32 / world of them
         y, z, w = _norm_case()
@@ -106,6 +111,9 @@ def test_logits_match_transformers(sharded):
             ours = ranks[0][kind]["logits"][L][..., :ref.shape[-1]]
             err = rel_err(ours, ref[:, :L + STEPS])
             assert err < 1e-4, f"{kind} over {world} ranks, prefill {L} + {STEPS} steps: {err:.2e}"
+            fused = ranks[0][kind]["fused"][L][..., :ref.shape[-1]]
+            err = rel_err(fused, ref[:, L:L + STEPS])
+            assert err < 1e-4, f"{kind} over {world} ranks, fast_decode_step after prefill {L}: {err:.2e}"
             for r in range(1, world):
                 assert torch.equal(ranks[r][kind]["logits"][L], ranks[0][kind]["logits"][L]), (kind, world, L, r)
 

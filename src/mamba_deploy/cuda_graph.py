@@ -88,8 +88,9 @@ class DecodePlan:
         # epilogue is a GEMV's, so in_proj must be a plain Linear
         self.dt_plain = mamba1 and all(getattr(layer.mixer.dt_proj, "input_scale", None) is None for layer in layers)
         self.in_proj_plain = all(type(layer.mixer.in_proj) is Linear for layer in layers)
-        # the fused mixer's norm statistics are this process's alone (tp.py's split norm sums them over ranks)
-        self.norm_local = all(getattr(layer.mixer, "split_norm", None) is None for layer in layers)
+        # a tensor-parallel out_proj's output is summed over ranks (tp.py) before the fused
+        # mixer's per-row norm scale would be applied to it
+        self.out_proj_local = getattr(model, "tp", None) is None
         # dt_proj's weight for the folded state update: the parameter itself, or for a quantized
         # dt_proj its dequantized weight, made once here (d x dt_rank, 1/16 of in_proj) rather
         # than by `weight` inside every replay (mamba-2.8b int8, batch 1: 2.65 ms per step then)
@@ -100,7 +101,7 @@ class DecodePlan:
         self.prefetch_bytes = int(prefetch_mb() * 2**20)
 
     def fusion(self, batch: int) -> ops.DecodeFusion:
-        return ops.decode_fusion(self.cfg, batch, self.dt_plain, self.in_proj_plain, self.norm_local)
+        return ops.decode_fusion(self.cfg, batch, self.dt_plain, self.in_proj_plain, self.out_proj_local)
 
     def prefetch(self, linear, batch: int):
         """(weight, bytes) for a small kernel to bring into L2 ahead of the GEMV that reads

@@ -26,8 +26,21 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     code = cli_main(argv)
+    tp = sys.modules.get("mamba_deploy.tp")
+    if tp is not None and tp.joined:
+        # a tensor-parallel rank: C++ teardown at interpreter exit aborted some finished runs
+        # (tp.release), so the process ends here, its work done and its output flushed
+        tp.release()
+        _flush()
+        os._exit(code)
     _exit_on_signals(code)
     return code
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def _exit_on_signals(code: int) -> None:
@@ -37,9 +50,7 @@ def _exit_on_signals(code: int) -> None:
         return
 
     def leave(signum, frame):
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush()
         os._exit(code)
 
     sigs = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]

@@ -152,16 +152,17 @@ class DecodeFusion(NamedTuple):
 
 
 def decode_fusion(cfg, batch: int, dt_plain: bool = True, in_proj_plain: bool = True,
-                  norm_local: bool = True) -> DecodeFusion:
+                  out_proj_local: bool = True) -> DecodeFusion:
     """Which fused ops a decode step of `batch` rows uses for a model with config cfg.
     dt_plain: every dt_proj can be read as a weight (not a quantized one with an input scale);
-    in_proj_plain: every in_proj is an unquantized Linear; norm_local: each gated norm's groups
-    lie within this process (not split over tensor-parallel ranks). MAMBA_DEPLOY_FUSED_DECODE=0 turns
+    in_proj_plain: every in_proj is an unquantized Linear; out_proj_local: out_proj's output is
+    this process's alone, not summed over tensor-parallel ranks (the fused mixer's norm scale, one
+    per row, is applied after out_proj, and each rank's would differ). MAMBA_DEPLOY_FUSED_DECODE=0 turns
     all fusion off (A/B measurements; the twins compute the same function either way)."""
     on = os.environ.get("MAMBA_DEPLOY_FUSED_DECODE", "1") != "0" and batch <= FUSED_MAX_BATCH
     # the fused mixer's gated norm spans the whole row (one group) and its conv takes 2..4 taps
     gated = (on and cfg.arch == "mamba2" and cfg.ngroups == 1 and cfg.rmsnorm and not cfg.bias
-             and 2 <= cfg.d_conv <= 4 and norm_local)
+             and 2 <= cfg.d_conv <= 4 and out_proj_local)
     dt = on and cfg.arch == "mamba1" and dt_plain
     return DecodeFusion(gated, dt, dt and CONV_IN_GEMV and in_proj_plain)
 

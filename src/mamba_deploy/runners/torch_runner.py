@@ -81,6 +81,13 @@ class TorchRunner(Runner):
     def set_tokenizer(self, tokenizer) -> None:
         self.model._tokenizer = tokenizer  # the model's, so model.generate uses it too
 
+    def close(self) -> None:
+        if not self.closed and self.model.tp is not None:
+            from ..tp import release
+
+            release()  # the process group open_torch(tensor_parallel=True) opened, if it did
+        super().close()
+
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
                tensor_parallel: bool = False, **_) -> TorchRunner:

@@ -62,7 +62,7 @@ def worker(models, cases, out_path):
             if rank == 0:
                 print(f"  {world} GPU(s) {name} {case}: {out[case]:.3f} ms", flush=True)
         results[name] = out
-        del runner, model
+        runner = model = None  # free this model before the next one is built
         torch.cuda.empty_cache()
     if rank == 0:
         with open(out_path, "w") as f:

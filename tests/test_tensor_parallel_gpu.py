@@ -5,9 +5,14 @@
   ranks on one GPU, and gloo's collectives cannot be captured): the sharded kernels' shapes and
   the sums over ranks, on a machine with one GPU.
 
-Tolerances, ||ours - ref|| / ||ref|| over all logits: float32 1e-4 (the tiny test models of
-conftest.TINY), bfloat16 1e-2 (real widths: d_model 512, headdim 64, d_state 128). Prefills of 1,
-7, 17 and 300 tokens at batch 2, then 4 graph decode steps; batch 1 (the GEMV path) likewise.
+Errors are ||ours - gold|| / ||gold|| over all logits, gold = transformers in float32. float32
+(the tiny test models of conftest.TINY): <= 1e-4. bfloat16 (real widths: d_model 512, headdim 64,
+d_state 128): about as close to gold as the same model unsharded in bfloat16 on the same GPU
+(x1.5 + 2e-3, test_kernels_gpu's rule for a whole bf16 model: two bf16 pipelines round
+differently). Where the unsharded float32 model itself is more than 1e-4 from this machine's
+transformers (a transformers version that disagrees, as 5.17 does on ngroups 2), the case skips
+naming that. Prefills of 1, 7, 17 and 300 tokens at batch 2, then 4 decode steps; batch 1 (the
+GEMV path) likewise.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ WIDE = {"mamba2_wide": ("mamba2", dict(hidden_size=512, head_dim=64, num_heads=1
         "mamba_wide": ("mamba", dict(hidden_size=512, state_size=16, time_step_rank=32))}
 CASES = [(k, torch.float32) for k in ("mamba", "falcon_mamba", "mamba2", "mamba2_g2")] + \
         [(k, torch.bfloat16) for k in WIDE]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
 def _ids(vocab: int, batch: int, seed: int) -> torch.Tensor:
@@ -50,23 +54,34 @@ def _worker(rank: int, world: int, backend: str, init_file: str, jobs: list, out
     try:
         results = {}
         for name, folder, dtype in jobs:
+            if rank == 0:  # the same model unsharded, on the same GPU, eagerly
+                results[name, "one"] = _run(TorchRunner(load_model(folder, device=str(device), dtype=dtype)))
             model = apply_tensor_parallel(load_model(folder, device=str(device), dtype=dtype))
             runner = make_runner(model) if backend == "nccl" else TorchRunner(model)
             assert isinstance(runner, CudaGraphRunner) == (backend == "nccl")
-            out = {}
-            for batch in (2, 1):
-                ids = _ids(model.config.padded_vocab_size, batch, seed=batch)
-                for L in LENGTHS:
-                    state = runner.new_state(batch)
-                    logits = [runner.prefill(ids[:, :L], state)[0]]
-                    for t in range(STEPS):
-                        logits.append(runner.step(ids[:, L + t], state)[0].unsqueeze(1))
-                    out[batch, L] = torch.cat(logits, 1).float()
-            results[name] = out
+            results[name] = _run(runner)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _run(runner) -> dict:
+    """(batch, prompt length) -> logits (batch, length + STEPS, vocab) of a prefill and STEPS steps."""
+    out = {}
+    for batch in (2, 1):
+        ids = _ids(runner.config.padded_vocab_size, batch, seed=batch)
+        for L in LENGTHS:
+            state = runner.new_state(batch)
+            logits = [runner.prefill(ids[:, :L], state)[0]]
+            for t in range(STEPS):
+                logits.append(runner.step(ids[:, L + t], state)[0].unsqueeze(1))
+            out[batch, L] = torch.cat(logits, 1).float()
+    return out
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module", params=["nccl", "gloo"])
@@ -96,13 +111,22 @@ def sharded(request, hf_checkpoint, tmp_path_factory):
 def test_sharded_decode_on_cuda_matches_transformers(sharded, kind, dtype):
     ranks, refs = sharded
     hf = refs[kind]
+    import transformers
+
     for batch in (2, 1):
         ids = _ids(ranks[0][kind][batch, 1].shape[-1], batch, seed=batch)
         with torch.no_grad():
-            ref = hf(ids).logits.double()
+            gold = hf(ids).logits.double()
         for L in LENGTHS:
-            ours = ranks[0][kind][batch, L][..., :ref.shape[-1]].double()
-            want = ref[:, :L + STEPS]
-            err = float((ours - want).norm() / want.norm())
-            assert err < TOL[dtype], f"{kind} {dtype} batch {batch}, prefill {L} + {STEPS} steps: {err:.2e}"
+            V, want = gold.shape[-1], gold[:, :L + STEPS]
+            r_tp = _rel(ranks[0][kind][batch, L][..., :V], want)
+            r_one = _rel(ranks[0][kind, "one"][batch, L][..., :V], want)
+            what = f"{kind} {dtype} batch {batch}, prefill {L} + {STEPS} steps"
+            if dtype == torch.float32:
+                if r_one > 1e-4:
+                    pytest.skip(f"transformers {transformers.__version__} disagrees with the unsharded model too "
+                                f"({what}: {r_one:.1e}): a version difference, not tensor parallelism")
+                assert r_tp <= 1e-4, f"{what}: {r_tp:.2e}"
+            else:
+                assert r_tp <= 1.5 * r_one + 2e-3, f"{what}: {r_tp:.2e} vs unsharded {r_one:.2e}"
             assert torch.equal(ranks[1][kind][batch, L], ranks[0][kind][batch, L])

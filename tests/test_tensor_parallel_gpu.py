@@ -4,6 +4,8 @@
 - "gloo": 2 gloo ranks sharing one GPU, Triton kernels, eager decode (TorchRunner; NCCL refuses two
   ranks on one GPU, and gloo's collectives cannot be captured): the sharded kernels' shapes and
   the sums over ranks, on a machine with one GPU.
+- "nccl1": 1 NCCL rank, graph decode: the all-reduces (over one rank) captured in the graph, and
+  the unfused decode a tensor-parallel model takes, on a machine with one GPU.
 
 Errors are ||ours - gold|| / ||gold|| over all logits, gold = transformers in float32. float32
 (the tiny test models of conftest.TINY): <= 1e-4. bfloat16 (real widths: d_model 512, headdim 64,
@@ -84,14 +86,14 @@ def _rel(a, b) -> float:
     return float((a.double() - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module", params=["nccl", "gloo"])
+@pytest.fixture(scope="module", params=["nccl", "gloo", "nccl1"])
 def sharded(request, hf_checkpoint, tmp_path_factory):
     import torch.multiprocessing as mp
 
-    backend = request.param
-    if backend == "nccl" and GPUS < 2:
+    backend, world = {"nccl": ("nccl", 2), "gloo": ("gloo", 2), "nccl1": ("nccl", 1)}[request.param]
+    if backend == "nccl" and GPUS < world:
         pytest.skip(f"NCCL ranks need a GPU each; this machine has {GPUS}")
-    out = tmp_path_factory.mktemp(f"tp_gpu_{backend}")
+    out = tmp_path_factory.mktemp(f"tp_gpu_{request.param}")
     refs, jobs = {}, []
     for kind, dtype in CASES:
         if kind in WIDE:
@@ -103,8 +105,9 @@ def sharded(request, hf_checkpoint, tmp_path_factory):
             folder, model = hf_checkpoint(kind)
         refs[kind] = model
         jobs.append((kind, str(folder), dtype))
-    mp.start_processes(_worker, args=(2, backend, str(out / "pg"), jobs, str(out)), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)], refs
+    mp.start_processes(_worker, args=(world, backend, str(out / "pg"), jobs, str(out)), nprocs=world,
+                       start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)], refs
 
 
 @pytest.mark.parametrize("kind,dtype", CASES)
@@ -129,4 +132,5 @@ def test_sharded_decode_on_cuda_matches_transformers(sharded, kind, dtype):
                 assert r_tp <= 1e-4, f"{what}: {r_tp:.2e}"
             else:
                 assert r_tp <= 1.5 * r_one + 2e-3, f"{what}: {r_tp:.2e} vs unsharded {r_one:.2e}"
-            assert torch.equal(ranks[1][kind][batch, L], ranks[0][kind][batch, L])
+            for other in ranks[1:]:
+                assert torch.equal(other[kind][batch, L], ranks[0][kind][batch, L])

@@ -26,6 +26,7 @@ BATCH = 2
 RUNS = {2: ("mamba", "falcon_mamba", "mamba2", "mamba2_g2", "mamba2_bias"), 4: ("mamba", "mamba2", "mamba2_g2")}
 # kinds built here (not conftest's): biases on in_proj / out_proj, which only rank 0 may add
 OWN = {"mamba2_bias": ("mamba2", dict(use_bias=True))}
+INFERENCE = "mamba2_bias_inference"  # mamba2_bias's folder, loaded under torch.inference_mode()
 
 
 def _inputs(vocab: int, seed: int = 0) -> torch.Tensor:
@@ -50,8 +51,11 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
+        folders = {**folders, INFERENCE: folders["mamba2_bias"]} if "mamba2_bias" in folders else folders
         for kind, folder in folders.items():
-            model = apply_tensor_parallel(load_model(folder))
+            with torch.inference_mode(kind == INFERENCE):  # its tensors then refuse in-place edits outside it
+                model = load_model(folder)
+            model = apply_tensor_parallel(model)
             ids = _inputs(model.config.padded_vocab_size)
             runs, fused = {}, {}
             plan = DecodePlan(model)
@@ -98,7 +102,10 @@ def sharded(request, hf_checkpoint, tmp_path_factory):
     folders = {k: str(folder) for k, (folder, _) in made.items()}
     mp.start_processes(_worker, args=(world, str(out / "pg"), folders, str(out)), nprocs=world, start_method="spawn")
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    return world, ranks, {k: model for k, (_, model) in made.items()}
+    refs = {k: model for k, (_, model) in made.items()}
+    if "mamba2_bias" in refs:
+        refs[INFERENCE] = refs["mamba2_bias"]
+    return world, ranks, refs
 
 
 def test_logits_match_transformers(sharded):
@@ -128,6 +135,7 @@ def test_state_holds_this_ranks_slice(sharded):
     world, ranks, hf = sharded
     for kind, model in hf.items():
         c = model.config
+        assert kind in ranks[0], kind
         layers = c.num_hidden_layers
         d = c.expand * c.hidden_size
         if kind.startswith("mamba2"):
@@ -218,3 +226,96 @@ def test_generate_under_torchrun_matches_one_process(hf_checkpoint, tiny_tokeniz
                          timeout=300)
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
+
+
+# ---- lifecycle under torchrun: failures end the job, runners share the group, rank 0 speaks ------
+
+def _torchrun(*args, timeout=120, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], capture_output=True, text=True, env=env, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def tp_folder(hf_checkpoint, tiny_tokenizer, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_checkpoint("mamba2")[0], folder)
+    for f in tiny_tokenizer.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_one_rank_failing_ends_the_job(tp_folder, tmp_path):
+    """Two sharded runners share the group (closing one leaves the other working); then rank 1
+    fails while rank 0 steps on: rank 1 must not wait for rank 0 at exit, so torchrun sees it fail
+    and stops rank 0 (before, the job hung until gloo's 30-minute timeout)."""
+    script = tmp_path / "fail.py"
+    script.write_text(f"""
+import os, torch
+from mamba_deploy.runners import open_runner
+a = open_runner({str(tp_folder)!r}, "torch", tensor_parallel=True)
+b = open_runner({str(tp_folder)!r}, "torch", tensor_parallel=True)
+a.close()
+state = b.new_state(1)
+b.prefill(torch.tensor([[1, 2, 3]]), state)
+print("b ok", flush=True)
+if os.environ["RANK"] == "1":
+    raise SystemExit("rank 1 fails here")
+for t in range(10**6):
+    b.step(torch.tensor([1]), state)
+""")
+    done = _torchrun(str(script), timeout=240)
+    assert done.returncode != 0
+    assert done.stdout.count("b ok") == 2, done.stderr[-2000:]
+    assert "rank 1 fails here" in done.stderr
+
+
+def test_rank0_output_closed_ends_the_job(tp_folder):
+    """`... | head -c 20`: rank 0's stdout closes; it leaves at once (141) and the job ends."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "mamba_deploy", "generate", str(tp_folder), "--prompt", "hello world",
+                             "--max-new-tokens", "100000", "--tensor-parallel"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    head = proc.stdout.read(20)
+    proc.stdout.close()
+    start = time.monotonic()
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert head and code != 0 and time.monotonic() - start < 120
+
+
+def test_errors_and_progress_under_torchrun(tp_folder):
+    """A user error shows at most once per rank, rank 1's marked (a rank may be stopped by
+    torchrun before it prints, once another failed); progress bars are rank 0's only."""
+    base = ["-m", "mamba_deploy", "generate", str(tp_folder), "--prompt", "hello world", "--tensor-parallel"]
+    bad = _torchrun(*base, "--stop", "99999")
+    assert bad.returncode != 0
+    lines = [ln for ln in bad.stderr.splitlines() if "outside the vocabulary" in ln]
+    prefixes = [ln.split("error:")[0] for ln in lines]
+    assert prefixes and set(prefixes) <= {"", "rank 1: "}, bad.stderr[-2000:]
+    assert prefixes.count("") <= 1 and prefixes.count("rank 1: ") <= 1, bad.stderr[-2000:]
+    ok = _torchrun(*base, "--max-new-tokens", "2", "--prefill-chunk", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stderr.count("prefill:") == 1, ok.stderr[-2000:]
+
+
+def test_flag_refusals(tp_folder, capsys, monkeypatch):
+    from mamba_deploy import cli
+    from mamba_deploy.errors import BackendUnavailableError
+    from mamba_deploy.tp import init_distributed
+
+    code = cli.main(["generate", str(tp_folder), "--prompt", "x", "--backend", "onnx", "--tensor-parallel"])
+    assert code == 2
+    assert "error: --tensor-parallel applies to the torch backend only" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(BackendUnavailableError, match="sees no CUDA GPU here; use --device cpu"):
+            init_distributed("cuda")

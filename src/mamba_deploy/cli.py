@@ -136,8 +136,9 @@ def refuse_torch_only(args, where: str, backend: str | None = None) -> dict:
             taken[name] = value
             continue
         flag = "--" + name.replace("_", "-")
+        shown = flag if isinstance(value, bool) else f"{flag} {value}"  # a switch has no value to show
         takers = [b for b, names in OPTIONS.items() if name in names]
-        raise ConfigError(f"{flag} {value} applies to the {', '.join(takers)} backend{'s' * (len(takers) > 1)} only; "
+        raise ConfigError(f"{shown} applies to the {', '.join(takers)} backend{'s' * (len(takers) > 1)} only; "
                           f"{where}, which would ignore it and run the artifact as stored. Leave {flag} out, or "
                           "run a checkpoint folder or .gguf with --backend torch")
     return taken
@@ -219,8 +220,10 @@ def cmd_generate(args):
     template = read_template_file(args.chat_template) if args.chat_template else None
     runner = open_runner(args.model, args.backend, **runner_options(args))
     tp = getattr(getattr(runner, "model", None), "tp", None)
-    if tp is not None and tp.rank != 0:  # every rank generates the same text; rank 0 prints it
+    quiet = tp is not None and tp.rank != 0
+    if quiet:  # every rank generates the same text: rank 0 prints it, its progress and its warnings
         sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
     use_tokenizer(runner, args.tokenizer)
     prompts, stops = list(args.prompt), args.stop
     if args.chat or stops is not None:
@@ -246,7 +249,7 @@ def cmd_generate(args):
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, on_token=on_token,
                    stop_token_ids=stops, stop_strings=args.stop_string, prefill_chunk=args.prefill_chunk,
-                   on_prefill=prefill_progress() if args.prefill_chunk else None)
+                   on_prefill=prefill_progress() if args.prefill_chunk and not quiet else None)
     texts = None if stream else completion_texts(runner.tokenizer, res)  # a stream's text is its own
     if stream:
         print_text(text.finish())
@@ -436,20 +439,20 @@ def _main(argv) -> int:
     except MambaDeployError as e:
         if (stop := _interrupted(e)) is not None:
             return _stopped(stop)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (stop := _interrupted(e)) is not None:
             return _stopped(stop)
         if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
-        print(f"error: {_missing_package(_command(args), e)}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {_missing_package(_command(args), e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
         said = (str(e).splitlines() or [type(e).__name__])[0][:300]  # a MemoryError may carry no message
-        print(f"error: out of memory in {_command(args)}: {said}\n"
+        print(f"{_rank_prefix()}error: out of memory in {_command(args)}: {said}\n"
               "a size asked for (lengths, batch, prompt or generation length, --max-tokens) or the model's "
               "config needs more memory than there is; try smaller values, or --dtype bf16", file=sys.stderr)
         return 2
@@ -463,6 +466,14 @@ def _main(argv) -> int:
         warnings.formatwarning = default_format
         remove_created_folders(keep=done)  # a failed or stopped command leaves no empty output folders
     return 0
+
+
+def _rank_prefix() -> str:
+    """'rank N: ' in a tensor-parallel rank other than 0, whose stdout is silenced (its errors
+    still show, marked, since a failure may be that rank's alone)."""
+    tp = sys.modules.get("mamba_deploy.tp")
+    rank = tp.rank() if tp is not None else 0
+    return f"rank {rank}: " if rank else ""
 
 
 def _interrupted(e: BaseException) -> KeyboardInterrupt | None:

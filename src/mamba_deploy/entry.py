@@ -27,10 +27,13 @@ def main(argv=None) -> int:
         return 130
     code = cli_main(argv)
     tp = sys.modules.get("mamba_deploy.tp")
-    if tp is not None and tp.joined:
+    if tp is not None and tp.joined():
         # a tensor-parallel rank: C++ teardown at interpreter exit aborted some finished runs
-        # (tp.release), so the process ends here, its work done and its output flushed
-        tp.release()
+        # (tp.close_group), so the process ends here, its output flushed. Only a rank whose
+        # command succeeded waits for the others; a failed one leaves at once, and torchrun
+        # stops the ranks still waiting for it in an all-reduce
+        if code == 0:
+            tp.close_group()
         _flush()
         os._exit(code)
     _exit_on_signals(code)

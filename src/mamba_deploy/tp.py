@@ -71,7 +71,9 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
     except ValueError:
         raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers, got "
                           f"{[os.environ[k] for k in LAUNCH_ENV]}; let torchrun set them") from None
-    dev = torch.device(device)
+    from .checkpoint import check_device
+
+    dev = check_device(device)  # a typed error for a device this machine lacks, before any group
     if dev.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local} but this machine sees {torch.cuda.device_count()} GPU(s); start at "
@@ -80,31 +82,57 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        _opened.append(True)
-        joined.append(True)
-        atexit.register(release)  # for a command that ends without closing its runner
+        _group["opened"] = _group["joined"] = True
+        atexit.register(close_group, wait=False)  # a script that ends without closing its runners
     if (dist.get_rank(), dist.get_world_size()) != (rank, world):  # a group made by the caller
         rank, world = dist.get_rank(), dist.get_world_size()
     return rank, world, str(dev)
 
 
-_opened: list = []  # [True] while init_distributed's group is open
-joined: list = []  # [True] once init_distributed opened a group in this process (entry.main's exit)
+# opened: init_distributed's group is open; joined: it was opened in this process (entry.main
+# ends such a process itself); holders: open sharded runners (open_torch) that use it
+_group = {"opened": False, "joined": False, "holders": 0}
+
+
+def joined() -> bool:
+    return _group["joined"]
+
+
+def rank() -> int:
+    """This process's rank in init_distributed's group (0 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if _group["opened"] and dist.is_initialized() else 0
+
+
+def hold() -> None:
+    """A sharded runner starts using the group (open_torch)."""
+    _group["holders"] += 1
 
 
 def release() -> None:
-    """Close the group init_distributed opened, once every rank is done with it (torchrun stops
-    the other ranks of one that failed, so none waits here for a rank that is gone); a group the
-    caller made is left open. TorchRunner.close calls this. Left to interpreter exit, the group's
-    teardown aborted 2-5 of 20 CPU runs of `generate --tensor-parallel` after their output was
-    complete ("terminate called without an active exception"), and torchrun reported a failure;
-    closed first, 2 of 20 still did, so the console script ends such a process with os._exit
+    """A sharded runner is done with the group (TorchRunner.close); the last one closes it."""
+    _group["holders"] = max(0, _group["holders"] - 1)
+    if _group["holders"] == 0:
+        close_group()
+
+
+def close_group(wait: bool = True) -> None:
+    """Close the group init_distributed opened (a group the caller made is left open). wait:
+    first wait until every rank is done with it, so that none closes its connections while
+    another still reads from them; only for ranks that all finished their work (a rank that
+    failed must not wait for the others, which may be blocked in an all-reduce it never joins:
+    it exits, and torchrun then stops them). Left to interpreter exit, the group's teardown
+    aborted 2-5 of 20 CPU runs of `generate --tensor-parallel` after their output was complete
+    ("terminate called without an active exception") and torchrun reported a failure; closed
+    first, 2 of 20 still did, so the console script ends such a process with os._exit
     (entry.main)."""
     import torch.distributed as dist
 
-    if _opened and dist.is_initialized():
-        _opened.clear()
-        dist.barrier()
+    if _group["opened"] and dist.is_initialized():
+        _group["opened"] = False
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -237,9 +265,8 @@ def _row_parallel(linear, cols, rank: int, group) -> None:
     """Keep linear's input columns `cols`; its output is summed over ranks by a hook, so only
     rank 0 adds the bias."""
     _param(linear, "weight", 1, [cols])
-    if linear.bias is not None and rank != 0:
-        with torch.no_grad():
-            linear.bias.zero_()
+    if linear.bias is not None and rank != 0:  # a new tensor: a model made under inference_mode refuses zero_()
+        linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=linear.bias.requires_grad)
     linear.register_forward_hook(_SumOverRanks(group))
 
 
@@ -299,5 +326,5 @@ def _same_seed(device, group) -> None:
     torch.manual_seed(int(seed.item()))
 
 
-__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "init_distributed", "launched",
+__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed", "launched",
            "local_config"]

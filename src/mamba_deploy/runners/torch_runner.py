@@ -11,6 +11,7 @@ from .base import Runner, check_parts, check_threads, checked_source, consume, p
 
 class TorchRunner(Runner):
     name = "torch"
+    _holds_group = False  # open_torch(tensor_parallel=True): this runner keeps tp's process group open
 
     def __init__(self, model):
         self.model = model.eval()
@@ -82,11 +83,18 @@ class TorchRunner(Runner):
         self.model._tokenizer = tokenizer  # the model's, so model.generate uses it too
 
     def close(self) -> None:
-        if not self.closed and self.model.tp is not None:
+        if not self.closed and self._holds_group:
             from ..tp import release
 
-            release()  # the process group open_torch(tensor_parallel=True) opened, if it did
+            release()  # the last sharded runner closes the group open_torch(tensor_parallel=True) opened
         super().close()
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and self._holds_group:
+            # leaving on an error: this rank must not wait for ranks that may be blocked in an
+            # all-reduce it will not join (tp.close_group); process exit frees the group
+            self._holds_group = False
+        self.close()
 
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
@@ -112,5 +120,12 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner
 
-        return make_runner(model)
-    return TorchRunner(model)
+        runner = make_runner(model)
+    else:
+        runner = TorchRunner(model)
+    if tensor_parallel:
+        from ..tp import hold
+
+        hold()
+        runner._holds_group = True  # close() lets go of the group (tp.release)
+    return runner

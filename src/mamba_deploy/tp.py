@@ -49,12 +49,6 @@ class TensorParallel:
     config: MambaConfig  # the whole model's config; model.config is this rank's
 
 
-def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher setting its variables)
-    with more than one rank."""
-    return all(k in os.environ for k in LAUNCH_ENV) and os.environ["WORLD_SIZE"] != "1"
-
-
 def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
     """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU) -> (rank, world,
     this rank's device: cuda:LOCAL_RANK for device "cuda")."""
@@ -197,8 +191,8 @@ class _SumOverRanks:
 
 
 class SplitGatedNorm:
-    """Mamba2's gated RMSNorm where one norm group spans `span` ranks: each rank holds d / W of
-    the group's d / ngroups channels, so the sum of squares is summed over ranks. The (b, ngroups)
+    """Mamba2's gated RMSNorm where each norm group spans W / ngroups ranks: a rank holds d / W of
+    its group's d / ngroups channels, so the sum of squares is summed over ranks. The (..., ngroups)
     all-reduce carries each rank's sum in its group's column and zeros elsewhere."""
 
     def __init__(self, group, ngroups: int, my_group: int, group_size: int):
@@ -326,5 +320,5 @@ def _same_seed(device, group) -> None:
     torch.manual_seed(int(seed.item()))
 
 
-__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed", "launched",
+__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed",
            "local_config"]

@@ -75,7 +75,12 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # device_id binds NCCL to this rank's GPU: else its barrier guesses the GPU from the global
+        # rank, which is another node's numbering past the first node (NCCL warns it can hang)
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
         _group["opened"] = _group["joined"] = True
         atexit.register(close_group, wait=False)  # a script that ends without closing its runners
     if (dist.get_rank(), dist.get_world_size()) != (rank, world):  # a group made by the caller

@@ -32,7 +32,7 @@ def worker(models, cases, out_path):
     import torch
 
     from mamba_deploy.cuda_graph import CudaGraphRunner
-    from mamba_deploy.tp import apply_tensor_parallel, init_distributed, release
+    from mamba_deploy.tp import apply_tensor_parallel, close_group, init_distributed
 
     rank, world, _ = init_distributed("cuda")
     results = {}
@@ -67,7 +67,7 @@ def worker(models, cases, out_path):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=2)
-    release()
+    close_group()
 
 
 def table(runs, models, cases):

@@ -308,14 +308,44 @@ def test_errors_and_progress_under_torchrun(tp_folder):
 
 def test_flag_refusals(tp_folder, capsys, monkeypatch):
     from mamba_deploy import cli
-    from mamba_deploy.errors import BackendUnavailableError
+    from mamba_deploy.errors import BackendUnavailableError, ConfigError
     from mamba_deploy.tp import init_distributed
 
     code = cli.main(["generate", str(tp_folder), "--prompt", "x", "--backend", "onnx", "--tensor-parallel"])
     assert code == 2
     assert "error: --tensor-parallel applies to the torch backend only" in capsys.readouterr().err
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
     if not torch.cuda.is_available():
-        for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
-            monkeypatch.setenv(k, v)
         with pytest.raises(BackendUnavailableError, match="sees no CUDA GPU here; use --device cpu"):
             init_distributed("cuda")
+    # the rank variables set by hand, the launcher's address not: a typed error, not torch's ValueError
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="rank 0 of 2 cannot join the process group: .*MASTER_ADDR.*torchrun"):
+        init_distributed("cpu")
+
+
+def test_runner_left_on_an_error_lets_go_of_the_group(tp_folder, monkeypatch):
+    """`with open_runner(..., tensor_parallel=True)` left by an exception closes the group
+    without waiting for other ranks (one rank of one here), so the holder count stays right."""
+    import socket
+
+    import torch.distributed as dist
+
+    from mamba_deploy.runners import open_runner
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    try:
+        with pytest.raises(KeyError, match="boom"):
+            with open_runner(tp_folder, "torch", tensor_parallel=True) as runner:
+                assert runner.model.tp.world == 1 and dist.is_initialized()
+                raise KeyError("boom")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

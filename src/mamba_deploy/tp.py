@@ -77,10 +77,15 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
     if not dist.is_initialized():
         # device_id binds NCCL to this rank's GPU: else its barrier guesses the GPU from the global
         # rank, which is another node's numbering past the first node (NCCL warns it can hang)
-        if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
+        try:
+            if dev.type == "cuda":
+                dist.init_process_group("nccl", device_id=dev)
+            else:
+                dist.init_process_group("gloo")
+        except (ValueError, RuntimeError) as e:  # a launcher's variable missing, a rank that never came
+            raise ConfigError(f"rank {rank} of {world} cannot join the process group: {e}; start every rank with "
+                              "`torchrun --nproc-per-node N -m mamba_deploy ...`, which sets MASTER_ADDR / "
+                              "MASTER_PORT too") from e
         _group["opened"] = _group["joined"] = True
         atexit.register(close_group, wait=False)  # a script that ends without closing its runners
     if (dist.get_rank(), dist.get_world_size()) != (rank, world):  # a group made by the caller
@@ -109,11 +114,12 @@ def hold() -> None:
     _group["holders"] += 1
 
 
-def release() -> None:
-    """A sharded runner is done with the group (TorchRunner.close); the last one closes it."""
+def release(wait: bool = True) -> None:
+    """A sharded runner is done with the group (TorchRunner.close); the last one closes it
+    (close_group's wait)."""
     _group["holders"] = max(0, _group["holders"] - 1)
     if _group["holders"] == 0:
-        close_group()
+        close_group(wait)
 
 
 def close_group(wait: bool = True) -> None:
@@ -292,7 +298,7 @@ def apply_tensor_parallel(model, group=None):
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("torch.distributed is not initialized: call mamba_deploy.tp.init_distributed() in each "
                           "process started by `torchrun --nproc-per-node N`")
-    if getattr(model, "tp", None) is not None:
+    if model.tp is not None:
         raise ConfigError(f"this model is already sharded over {model.tp.world} ranks")
     names = ("in_proj", "x_proj", "dt_proj", "out_proj")
     odd = sorted({type(getattr(layer.mixer, k)).__name__ for layer in model.backbone.layers for k in names

@@ -83,19 +83,22 @@ class TorchRunner(Runner):
         self.model._tokenizer = tokenizer  # the model's, so model.generate uses it too
 
     def close(self) -> None:
-        if not self.closed and self._holds_group:
-            from ..tp import release
-
-            release()  # the last sharded runner closes the group open_torch(tensor_parallel=True) opened
+        self._let_go(wait=True)
         super().close()
 
     def __exit__(self, *exc):
-        if exc[0] is not None and self._holds_group:
-            # leaving on an error: this rank must not wait for ranks that may be blocked in an
-            # all-reduce it will not join (tp.close_group); process exit frees the group
-            self._holds_group = False
+        # leaving on an error: this rank must not wait for ranks that may be blocked in an
+        # all-reduce it will not join (tp.close_group)
+        self._let_go(wait=exc[0] is None)
         self.close()
 
+    def _let_go(self, wait: bool) -> None:
+        """A sharded runner's share of tp's process group: the last one let go closes it."""
+        if not self.closed and self._holds_group:
+            from ..tp import release
+
+            self._holds_group = False
+            release(wait)
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
                tensor_parallel: bool = False, **_) -> TorchRunner:
@@ -109,14 +112,12 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     if threads is not None:
         torch.set_num_threads(threads)
     if tensor_parallel:
-        from ..tp import init_distributed
+        from .. import tp
 
-        device = init_distributed(device)[2]
+        device = tp.init_distributed(device)[2]
     model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
     if tensor_parallel:
-        from ..tp import apply_tensor_parallel
-
-        apply_tensor_parallel(model)
+        tp.apply_tensor_parallel(model)
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner
 
@@ -124,8 +125,6 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     else:
         runner = TorchRunner(model)
     if tensor_parallel:
-        from ..tp import hold
-
-        hold()
+        tp.hold()
         runner._holds_group = True  # close() lets go of the group (tp.release)
     return runner

@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
 
     from mamba_deploy.checkpoint import load_model
     from mamba_deploy.cuda_graph import DecodePlan, fast_decode_step
-    from mamba_deploy.tp import SplitGatedNorm, apply_tensor_parallel
+    from mamba_deploy.tp import SplitGatedNorm, apply_tensor_parallel, load_sharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -53,9 +53,12 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
         results = {}
         folders = {**folders, INFERENCE: folders["mamba2_bias"]} if "mamba2_bias" in folders else folders
         for kind, folder in folders.items():
-            with torch.inference_mode(kind == INFERENCE):  # its tensors then refuse in-place edits outside it
-                model = load_model(folder)
-            model = apply_tensor_parallel(model)
+            if kind == INFERENCE:  # its tensors then refuse in-place edits outside inference_mode
+                with torch.inference_mode():
+                    model = load_model(folder)
+                model = apply_tensor_parallel(model)
+            else:  # what open_torch(tensor_parallel=True) does: load, shard, then move
+                model = load_sharded(folder)
             ids = _inputs(model.config.padded_vocab_size)
             runs, fused = {}, {}
             plan = DecodePlan(model)
@@ -349,3 +352,44 @@ def test_runner_left_on_an_error_lets_go_of_the_group(tp_folder, monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_bench_and_eval_under_torchrun(tp_folder, tmp_path):
+    """`bench --tensor-parallel` measures the sharded model on every rank and rank 0 alone writes
+    and prints; `eval --tensor-parallel` prints the perplexity one process prints (within 1e-5:
+    the sums over ranks add in another order), once."""
+    import json
+
+    out = tmp_path / "bench"
+    bench = _torchrun("-m", "mamba_deploy", "bench", str(tp_folder), "--tensor-parallel", "--batch", "1,2",
+                      "--prompt-len", "3,17", "--gen-len", "2", "--warmup", "0", "--repeats", "1", "--out", str(out),
+                      timeout=240)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert [t["tensor_parallel"] for t in data["targets"]] == [2] and not data["targets"][0]["error"]
+    assert sorted((r["batch"], r["prompt_len"]) for r in data["results"]) == [(1, 3), (1, 17), (2, 3), (2, 17)]
+    assert all(r["decode_ms_per_token"]["median"] > 0 for r in data["results"])
+    assert bench.stdout.count("# mamba-deploy bench") == 1 and "sharded over 2 ranks" in bench.stdout
+    assert bench.stderr.count("bench: 100%") == 1, bench.stderr[-2000:]  # one progress bar, rank 0's
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, the quick brown fox jumps over the lazy dog. " * 12)
+    args = ["eval", str(tp_folder), "--text", str(text), "--window", "7", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mamba_deploy", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun("-m", "mamba_deploy", *args, "--tensor-parallel", timeout=240)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON object: rank 0's only
+    assert a["tokens"] == b["tokens"] > 100
+    assert abs(a["nll"] - b["nll"]) <= 1e-5 * abs(a["nll"]), (a, b)
+
+
+def test_bench_tensor_parallel_takes_one_model(tp_folder, tmp_path, capsys):
+    from mamba_deploy import cli
+
+    code = cli.main(["bench", str(tp_folder), str(tp_folder), "--tensor-parallel", "--out", str(tmp_path / "b")])
+    assert code == 2
+    assert "--tensor-parallel benchmarks one model on the torch backend" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

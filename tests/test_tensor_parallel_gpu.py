@@ -134,3 +134,40 @@ def test_sharded_decode_on_cuda_matches_transformers(sharded, kind, dtype):
                 assert r_tp <= 1.5 * r_one + 2e-3, f"{what}: {r_tp:.2e} vs unsharded {r_one:.2e}"
             for other in ranks[1:]:
                 assert torch.equal(other[kind][batch, L], ranks[0][kind][batch, L])
+
+
+def _memory_worker(rank: int, world: int, init_file: str, folder: str, out_dir: str):
+    import torch.distributed as dist
+
+    from mamba_deploy.tp import load_sharded
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        model = load_sharded(folder, "cuda:0", torch.bfloat16)
+        params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+        torch.save(dict(peak=torch.cuda.max_memory_allocated(), params=sum(params.values()),
+                        device=str(model.device)), os.path.join(out_dir, f"mem{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
+    """load_sharded (what `--tensor-parallel` opens) loads and slices on the CPU: a rank's peak
+    CUDA memory while loading is its slice's parameters (+ 1 MiB), below the whole model's."""
+    import torch.multiprocessing as mp
+
+    folder = tmp_path / "m"
+    kind, kw = WIDE["mamba2_wide"]
+    hf = build_hf_model(kind, **{**kw, "vocab_size": 256, "num_hidden_layers": 4})
+    hf.save_pretrained(folder)
+    whole = sum(p.numel() for p in hf.parameters()) * 2  # bf16 bytes, tied head counted once
+    mp.start_processes(_memory_worker, args=(2, str(tmp_path / "pg"), str(folder), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for r in range(2):
+        got = torch.load(tmp_path / f"mem{r}.pt")
+        assert got["device"] == "cuda:0"
+        assert got["params"] < 0.7 * whole, (got, whole)  # the mixers (most of the model) are halved
+        assert got["peak"] <= got["params"] + 2**20, (r, got, whole)

@@ -192,12 +192,17 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                 if backend == "torch":  # what ran: another --dtype is another benchmark
                     entry.update({k: str(v).removeprefix("torch.") for k, v in opts.items() if k != "threads"})
                 with open_runner(path, backend, **opts) as runner:
+                    tp = getattr(getattr(runner, "model", None), "tp", None)
+                    if tp is not None:  # what ran: the ranks it was sharded over
+                        entry["tensor_parallel"] = tp.world
                     for b in batches:
                         for length in prompt_lens:
                             bar.set_postfix_str(f"{backend} b={b} l={length}")
                             row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
                             data["results"].append(dict(artifact=str(path), backend=backend, **row))
             except MambaDeployError as e:
+                if entry.get("tensor_parallel") or opts.get("tensor_parallel"):
+                    raise  # the other ranks wait for this one in an all-reduce: the run ends (torchrun stops them)
                 entry["error"] = f"{type(e).__name__}: {e}"
                 bar.update(done_before + per_target - bar.n)
     return data
@@ -219,7 +224,9 @@ def markdown_table(data: dict) -> str:
              f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}, "
              f"threads {s.get('threads') or 'backend default'}; "
              f"{data['system']['processor']}, {data['system']['cpu_count']} CPUs, torch {data['system']['torch']}"
-             + (f", {data['system']['cuda']}" if data["system"]["cuda"] else ""), "",
+             + (f", {data['system']['cuda']}" if data["system"]["cuda"] else "")
+             + "".join(f"; {_label(t)} sharded over {t['tensor_parallel']} ranks" for t in data["targets"]
+                       if t.get("tensor_parallel")), "",
              "| target | batch | prompt | prefill ms (median / p95) | decode ms/token (median / p95) "
              "| prefill tok/s | decode tok/s | peak RSS MiB | peak CUDA MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -324,31 +331,37 @@ def write_outputs(data: dict, out_dir) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def cmd_bench(args):
-    from .cli import refuse_torch_only, torch_options
+    from .cli import quiet_rank, refuse_torch_only, torch_options
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
     if all(backend != "torch" for _, backend in targets):
         refuse_torch_only(args, "no target runs on the torch backend (" + ", ".join(sorted({b for _, b in targets}))
                           + ")")
+    if args.tensor_parallel and len(targets) > 1:  # each sharded runner would open and close the group
+        raise ConfigError("--tensor-parallel benchmarks one model on the torch backend, got "
+                          + ", ".join(f"{p} ({b})" for p, b in targets) + "; run bench once per model")
+    quiet = quiet_rank(args)
     batches, prompt_lens = int_list(args.batch, "--batch", "1,8"), int_list(args.prompt_len, "--prompt-len", "128,512")
     # what would stop the writing is reported before minutes of measuring, not after
     _check_out_dir(args.out)
     data = run_bench(targets, batches, prompt_lens, args.gen_len, args.warmup, args.repeats, args.seed,
-                     progress=not args.quiet, open_options=torch_options(args), threads=args.threads)
+                     progress=not (args.quiet or quiet), open_options=torch_options(args), threads=args.threads)
     errors = [t for t in data["targets"] if t["error"]]
     if not data["results"]:
         # results of an earlier run in --out stay as they were: an empty table is not a result
         raise ConfigError("no target could be benchmarked, nothing was written to "
                           f"{args.out}: " + "; ".join(f"{t['artifact']} ({t['backend']}): {t['error']}" for t in errors)
                           + ". Check each path and its --backends")
+    if quiet:  # rank 0 writes the files; every rank measured the same sharded model
+        return
     paths = write_outputs(data, args.out)
     print(markdown_table(data))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 def register(subparsers) -> None:
-    from .cli import add_state_dtype, add_threads
+    from .cli import add_state_dtype, add_tensor_parallel, add_threads
 
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
     s.add_argument("models", nargs="+", metavar="MODEL_OR_ARTIFACT",
@@ -370,6 +383,7 @@ def register(subparsers) -> None:
     s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
+    add_tensor_parallel(s, "bench")
     s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)

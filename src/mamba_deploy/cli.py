@@ -85,6 +85,24 @@ def torch_options(args) -> dict:
     return opts | ({"tensor_parallel": True} if getattr(args, "tensor_parallel", False) else {})
 
 
+def add_tensor_parallel(parser, verb: str) -> None:
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="torch backend: shard the model over the ranks of a torchrun launch, one GPU (--device "
+                             f"cuda) or CPU process each: `torchrun --nproc-per-node N -m mamba_deploy {verb} ...`; "
+                             "rank 0 prints")
+
+
+def quiet_rank(args) -> bool:
+    """Under --tensor-parallel every rank computes the same result: rank 0 prints it, its progress
+    and its warnings. True on another rank, whose stdout then goes nowhere (its errors still
+    show on stderr, marked `rank N:`). Read from torchrun's RANK, so that loading is quiet too."""
+    if not getattr(args, "tensor_parallel", False) or os.environ.get("RANK", "0").strip() in ("", "0"):
+        return False
+    sys.stdout = open(os.devnull, "w")
+    warnings.simplefilter("ignore")
+    return True
+
+
 def add_threads(parser) -> None:
     parser.add_argument("--threads", type=threads, default=None,
                         help="CPU threads of the backend (torch, ONNX Runtime, llama.cpp, OpenVINO); default: "
@@ -218,12 +236,8 @@ def cmd_generate(args):
     if not args.chat and (args.system is not None or args.chat_template is not None):
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
     template = read_template_file(args.chat_template) if args.chat_template else None
+    quiet = quiet_rank(args)
     runner = open_runner(args.model, args.backend, **runner_options(args))
-    tp = getattr(getattr(runner, "model", None), "tp", None)
-    quiet = tp is not None and tp.rank != 0
-    if quiet:  # every rank generates the same text: rank 0 prints it, its progress and its warnings
-        sys.stdout = open(os.devnull, "w")
-        warnings.simplefilter("ignore")
     use_tokenizer(runner, args.tokenizer)
     prompts, stops = list(args.prompt), args.stop
     if args.chat or stops is not None:
@@ -349,9 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch backend only: dtype the weights are loaded and run in")
     add_state_dtype(s)
     add_threads(s)
-    s.add_argument("--tensor-parallel", action="store_true",
-                   help="torch backend: shard the model over the ranks of a torchrun launch, one GPU (--device "
-                        "cuda) or CPU process each: `torchrun --nproc-per-node N -m mamba_deploy generate ...`")
+    add_tensor_parallel(s, "generate")
     s.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per prompt (prompt, completion, token ids, stop reason), "
                         "instead of text")

@@ -386,6 +386,9 @@ class MambaConfig:
             "layer_norm_epsilon": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_embeddings,
             "residual_in_fp32": self.residual_in_fp32,
+            # an id the source lacks (a mamba_ssm config) is written as null, not left out:
+            # transformers would read a missing one as its default, and Mamba2's eos default (2)
+            # is an ordinary token of GPT-NeoX's vocabulary that would end generation there
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,

@@ -91,25 +91,28 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
 
 
 def cmd_eval(args):
-    from .cli import DTYPES, runner_options, use_tokenizer
+    from .cli import DTYPES, quiet_rank, runner_options, use_tokenizer
     from .runners import open_runner
 
-    runner = open_runner(args.model, args.backend,
-                         **runner_options(args, {"device": args.device, "dtype": DTYPES[args.dtype]}))
+    quiet = quiet_rank(args)
+    torch_opts = {"device": args.device, "dtype": DTYPES[args.dtype]}
+    runner = open_runner(args.model, args.backend, **runner_options(
+        args, torch_opts | ({"tensor_parallel": True} if args.tensor_parallel else {})))
     use_tokenizer(runner, args.tokenizer)
-    ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=not args.json)
+    progress = not (args.json or quiet)
+    ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=progress)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:  # perplexity's own message cannot name the flag to change
         fix = (f"--max-tokens {args.max_tokens} leaves {len(ids)}; raise it" if args.max_tokens is not None and
                args.max_tokens < 2 else f"{args.text or args.corpus} has {len(ids)}; give a longer text")
         raise ConfigError(f"perplexity needs at least 2 tokens: {fix}")
-    res = perplexity(runner, ids, window=args.window, progress=not args.json)
+    res = perplexity(runner, ids, window=args.window, progress=progress)
     res.update(model=str(args.model), backend=runner.name, source=args.text or args.corpus)
     if args.baseline:
         from . import data
 
-        train_ids = data.encode_split(runner.tokenizer, "train", progress=not args.json)
+        train_ids = data.encode_split(runner.tokenizer, "train", progress=progress)
         res["unigram_ppl"] = data.unigram_perplexity(train_ids, ids[1:], runner.vocab_size)
     runner.close()
     if args.json:
@@ -123,7 +126,7 @@ def cmd_eval(args):
 
 def register(subparsers):
     from .argtypes import backend_choice, positive_int
-    from .cli import DEVICE_HELP, DTYPES, add_threads, add_tokenizer
+    from .cli import DEVICE_HELP, DTYPES, add_tensor_parallel, add_threads, add_tokenizer
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
@@ -138,6 +141,7 @@ def register(subparsers):
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
     add_threads(s)
+    add_tensor_parallel(s, "eval")
     s.add_argument("--baseline", action="store_true",
                    help="also the add-one unigram perplexity from stdlib train-split counts, same tokens")
     s.add_argument("--json", action="store_true",

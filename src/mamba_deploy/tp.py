@@ -17,7 +17,8 @@ So a token costs one all-reduce of (b, d_model) per Mamba2 layer, plus one of (b
 per Mamba1 layer, plus a (b, ngroups) one where the norm spans ranks.
 
 Run one process per rank under torchrun: `init_distributed()` joins the group the launcher
-describes, `apply_tensor_parallel(model)` shards. The State a sharded model allocates holds only
+describes, `apply_tensor_parallel(model)` shards (`load_sharded(path)` loads, shards on the CPU,
+then moves the slice to the rank's GPU). The State a sharded model allocates holds only
 this rank's heads / channels (model.config is the rank's config; model.tp keeps the whole one).
 """
 
@@ -316,8 +317,28 @@ def apply_tensor_parallel(model, group=None):
         _sync_shapes(layer.mixer)
     model.config = local
     model.tp = TensorParallel(group, rank, world, cfg)
-    _same_seed(model.device, group)
+    _same_seed(_comm_device(group), group)
     return model
+
+
+def load_sharded(path, device="cpu", dtype=torch.float32, state_dtype=None, group=None):
+    """load_model(path)'s MambaLM, sharded over the ranks of `group` (apply_tensor_parallel) and
+    then moved to `device`: it is loaded and sliced on the CPU, so the GPU holds only this rank's
+    slice, never the whole model (host memory holds the whole model once per rank while it loads)."""
+    from .checkpoint import check_device, load_model
+
+    device = check_device(device)
+    model = apply_tensor_parallel(load_model(path, device="cpu", dtype=dtype, state_dtype=state_dtype), group)
+    return model.to(device)
+
+
+def _comm_device(group) -> torch.device:
+    """Where a tensor must be for the group's collectives: NCCL takes CUDA tensors only."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _same_seed(device, group) -> None:
@@ -332,4 +353,4 @@ def _same_seed(device, group) -> None:
 
 
 __all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed",
-           "local_config"]
+           "load_sharded", "local_config"]

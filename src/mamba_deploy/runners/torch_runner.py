@@ -114,10 +114,9 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     if tensor_parallel:
         from .. import tp
 
-        device = tp.init_distributed(device)[2]
-    model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
-    if tensor_parallel:
-        tp.apply_tensor_parallel(model)
+        model = tp.load_sharded(path, tp.init_distributed(device)[2], dtype, state_dtype)
+    else:
+        model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype)
     if model.device.type == "cuda":  # graph-captured decode (Triton kernels) where available
         from ..cuda_graph import make_runner
 

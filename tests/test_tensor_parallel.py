@@ -23,7 +23,8 @@ from conftest import build_hf_model, rel_err
 LENGTHS = (1, 7, 17, 40)  # 17 = chunk_size + 1 of the tiny Mamba2 models
 STEPS = 4
 BATCH = 2
-RUNS = {2: ("mamba", "falcon_mamba", "mamba2", "mamba2_g2", "mamba2_bias"), 4: ("mamba", "mamba2", "mamba2_g2")}
+RUNS = {2: ("mamba", "falcon_mamba", "mamba2", "mamba2_g2", "mamba2_bias", "mamba2_gguf"),
+        4: ("mamba", "mamba2", "mamba2_g2")}
 # kinds built here (not conftest's): biases on in_proj / out_proj, which only rank 0 may add
 OWN = {"mamba2_bias": ("mamba2", dict(use_bias=True))}
 INFERENCE = "mamba2_bias_inference"  # mamba2_bias's folder, loaded under torch.inference_mode()
@@ -57,7 +58,7 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
                 with torch.inference_mode():
                     model = load_model(folder)
                 model = apply_tensor_parallel(model)
-            else:  # what open_torch(tensor_parallel=True) does: load, shard, then move
+            else:  # what open_torch(tensor_parallel=True) opens: a rank's slices read from the files
                 model = load_sharded(folder)
             ids = _inputs(model.config.padded_vocab_size)
             runs, fused = {}, {}
@@ -88,7 +89,7 @@ def _worker(rank: int, world: int, init_file: str, folders: dict, out_dir: str):
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
-def sharded(request, hf_checkpoint, tmp_path_factory):
+def sharded(request, hf_checkpoint, ckpt, tmp_path_factory):
     """world -> (per-rank results, {kind: transformers model})."""
     import torch.multiprocessing as mp
 
@@ -96,7 +97,12 @@ def sharded(request, hf_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"tp{world}")
     made = {}
     for kind in RUNS[world]:
-        if kind in OWN:
+        if kind == "mamba2_gguf":  # load_sharded's other path: a file loaded whole, then sliced
+            from mamba_deploy.export.gguf import export_gguf
+
+            folder, hf = ckpt("mamba2")  # a GGUF needs a tokenizer
+            made[kind] = (export_gguf(folder, out / "m.gguf", outtype="f32"), hf)
+        elif kind in OWN:
             base, overrides = OWN[kind]
             made[kind] = (out / kind, build_hf_model(base, **overrides))
             made[kind][1].save_pretrained(made[kind][0])

@@ -148,20 +148,21 @@ def _memory_worker(rank: int, world: int, init_file: str, folder: str, out_dir: 
         model = load_sharded(folder, "cuda:0", torch.bfloat16)
         params = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
         torch.save(dict(peak=torch.cuda.max_memory_allocated(), params=sum(params.values()),
-                        device=str(model.device)), os.path.join(out_dir, f"mem{rank}.pt"))
+                        largest=max(params.values()), device=str(model.device)), os.path.join(out_dir, f"mem{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
-    """load_sharded (what `--tensor-parallel` opens) loads and slices on the CPU: a rank's peak
-    CUDA memory while loading is its slice's parameters (+ 1 MiB), below the whole model's."""
+    """load_sharded (what `--tensor-parallel` opens) builds the rank's slice on the GPU and reads
+    each tensor's slice into it: a rank's peak CUDA memory while loading is its slice's parameters
+    plus one tensor in flight (the largest parameter) + 1 MiB, below the whole model's."""
     import torch.multiprocessing as mp
 
     folder = tmp_path / "m"
     kind, kw = WIDE["mamba2_wide"]
-    hf = build_hf_model(kind, **{**kw, "vocab_size": 256, "num_hidden_layers": 4})
+    hf = build_hf_model(kind, **{**kw, "vocab_size": 256, "num_hidden_layers": 8})
     hf.save_pretrained(folder)
     whole = sum(p.numel() for p in hf.parameters()) * 2  # bf16 bytes, tied head counted once
     mp.start_processes(_memory_worker, args=(2, str(tmp_path / "pg"), str(folder), str(tmp_path)), nprocs=2,
@@ -170,4 +171,4 @@ def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
         got = torch.load(tmp_path / f"mem{r}.pt")
         assert got["device"] == "cuda:0"
         assert got["params"] < 0.7 * whole, (got, whole)  # the mixers (most of the model) are halved
-        assert got["peak"] <= got["params"] + 2**20, (r, got, whole)
+        assert got["peak"] <= got["params"] + got["largest"] + 2**20 < whole, (r, got, whole)

@@ -288,11 +288,13 @@ def from_our_key(k: str, layout: str) -> str:
     return k
 
 
-def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_only: bool = False) -> None:
+def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_only: bool = False,
+                 take=None) -> None:
     """Copy the checkpoint into `model` (already on device/dtype), checking names, shapes, that
     every tensor is stored as a float and that every value is finite in the model's dtype.
     shapes_only: check names, shapes and dtypes from the file headers only (`inspect`; `model` may
-    live on the meta device)."""
+    live on the meta device). take(name, tensor) -> the part of each file tensor `model` holds
+    (tensor parallelism: a rank's slice, read from the file one tensor at a time)."""
     cfg: MambaConfig = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -314,6 +316,8 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             continue
         if name.endswith("embeddings.weight") or name == "lm_head.weight":
             t = _pad_vocab(t, p.shape[0], k, cfg.vocab_size)
+        if take is not None and not shapes_only:
+            t = take(name, t)
         if tuple(t.shape) != tuple(p.shape):
             bad_shape.append(f"{k}: file {tuple(t.shape)} vs model {tuple(p.shape)}")
             continue
@@ -639,12 +643,14 @@ LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None,
-               revision: str | None = None):
+               revision: str | None = None, *, _slicer=None):
     """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
 
     Quantized checkpoints (config.json with `quantization_config`) load with their quantized
     modules swapped in. state_dtype: the SSM state's dtype (`MambaLM.set_state_dtype`; default
     float32). revision: a hub id's branch, tag or commit (also written 'org/name@REVISION').
+    _slicer: tp.load_sharded's (a checkpoint folder is then built at a rank's size and filled with
+    its slices; a GGUF or quantized model loads whole, on the CPU, and _slicer.applied stays False).
     """
     if not isinstance(path_or_hub_id, (str, os.PathLike)):
         raise ModelNotFoundError(f"load_model takes a path or hub id (str or Path), got "
@@ -659,7 +665,7 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
                           f"{', '.join(str(d) for d in LOAD_DTYPES)}")
     # inference only: parameters that require grad would make every call outside inference_mode
     # build an autograd graph chained through the in-place state (memory grows per token)
-    model = _load_model(path_or_hub_id, check_device(device), dtype).eval().requires_grad_(False)
+    model = _load_model(path_or_hub_id, check_device(device), dtype, _slicer).eval().requires_grad_(False)
     return model.set_state_dtype(state_dtype) if state_dtype is not None else model
 
 
@@ -679,14 +685,15 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def _load_model(path_or_hub_id, device, dtype):
+def _load_model(path_or_hub_id, device, dtype, slicer=None):
     path = resolve(path_or_hub_id)
+    whole_on = device if slicer is None else torch.device("cpu")  # a model loaded whole, to be sliced after
     if path.is_file():
         if path.suffix == ".gguf":
             with needs_packages("reading a GGUF file"):
                 from .export.gguf_import import load_gguf
 
-            return load_gguf(path, device=device, dtype=dtype)
+            return load_gguf(path, device=whole_on, dtype=dtype)
         if path.name in CONFIG_FILES:
             path = path.parent
         else:
@@ -697,10 +704,13 @@ def _load_model(path_or_hub_id, device, dtype):
     if "quantization_config" in raw:
         from .quant.runtime import load_quantized
 
-        return load_quantized(path, cfg, raw["quantization_config"], device=device, dtype=dtype)
+        return load_quantized(path, cfg, raw["quantization_config"], device=whole_on, dtype=dtype)
     check_weight_headers(path, cfg)  # before a model of the config's size is allocated
-    model = _unfilled_model(cfg, device, dtype)
-    load_weights(model, path, device, dtype)  # every parameter (a missing one is a CheckpointError)
+    model = _unfilled_model(cfg if slicer is None else slicer.config(cfg), device, dtype)
+    # every parameter (a missing one is a CheckpointError)
+    load_weights(model, path, device, dtype, take=None if slicer is None else slicer.take)
+    if slicer is not None:
+        slicer.applied = True
     model.source_path = path
     label = recorded_source_weights(path, raw)  # `convert` of a quantized GGUF: carried to later converts and exports
     if label:

@@ -183,12 +183,6 @@ def _keep(t: torch.Tensor, dim: int, spans) -> torch.Tensor:
     return torch.cat([t.narrow(dim, a, b - a) for a, b in spans], dim).contiguous()
 
 
-def _param(module: nn.Module, name: str, dim: int, spans) -> None:
-    p = getattr(module, name)
-    if p is not None:
-        setattr(module, name, nn.Parameter(_keep(p.detach(), dim, spans), requires_grad=p.requires_grad))
-
-
 class _SumOverRanks:
     """Forward hook: the module's output is this rank's partial sum; make it the whole one."""
 
@@ -228,52 +222,85 @@ class SplitGatedNorm:
         return out.to(y.dtype)
 
 
-def _shard_mamba2(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
-    d, h, n, G = cfg.d_inner, cfg.nheads, cfg.d_state, cfg.ngroups
-    dl, hl, gl = d // world, h // world, _groups(cfg, world)
-    g0 = rank * hl // (h // G)  # the first group this rank's heads read
+# the mixer's parameters whose output is summed over ranks (they keep their input columns)
+ROW_PARALLEL = {"mamba1": ("x_proj", "out_proj"), "mamba2": ("out_proj",)}
+
+
+def mixer_slices(cfg: MambaConfig, rank: int, world: int) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+    """A mixer's parameter name -> (dim, spans [a, b) along dim) that rank keeps, concatenated.
+    The one table both sharding paths read: slicing a loaded model (apply_tensor_parallel) and
+    reading each slice from the checkpoint (load_sharded)."""
+    d = cfg.d_inner
+    dl = d // world
     x = (rank * dl, (rank + 1) * dl)
+    cols = {f"{name}.weight": (1, [x]) for name in ROW_PARALLEL[cfg.arch]}
+    if cfg.arch == "mamba1":
+        xz = [x, (d + x[0], d + x[1])]  # in_proj's rows [x | z]
+        return {"in_proj.weight": (0, xz), "in_proj.bias": (0, xz), "conv1d.weight": (0, [x]),
+                "conv1d.bias": (0, [x]), "dt_proj.weight": (0, [x]), "dt_proj.bias": (0, [x]),
+                "A_log": (0, [x]), "D": (0, [x]), **cols}
+    h, n, G = cfg.nheads, cfg.d_state, cfg.ngroups
+    hl, gl = h // world, _groups(cfg, world)
+    g0 = rank * hl // (h // G)  # the first group this rank's heads read
     bc = [(g0 * n, (g0 + gl) * n), (G * n + g0 * n, G * n + (g0 + gl) * n)]  # within [B | C]
     heads = [(rank * hl, (rank + 1) * hl)]
     shift = lambda spans, by: [(a + by, b + by) for a, b in spans]  # noqa: E731
     rows = [x] + shift([x], d) + shift(bc, 2 * d) + shift(heads, 2 * d + 2 * G * n)  # z | x | B C | dt
-    _param(mixer.in_proj, "weight", 0, rows)
-    _param(mixer.in_proj, "bias", 0, rows)
-    chans = [x] + shift(bc, d)  # x | B C
-    _param(mixer.conv1d, "weight", 0, chans)
-    _param(mixer.conv1d, "bias", 0, chans)
-    for name in ("dt_bias", "A_log", "D"):
-        _param(mixer, name, 0, heads)
+    chans = [x] + shift(bc, d)  # conv channels x | B C
+    out = {"in_proj.weight": (0, rows), "in_proj.bias": (0, rows), "conv1d.weight": (0, chans),
+           "conv1d.bias": (0, chans), "dt_bias": (0, heads), "A_log": (0, heads), "D": (0, heads), **cols}
     if cfg.rmsnorm:
-        _param(mixer.norm, "weight", 0, [x])
-        if G < world:  # each group's channels are spread over world / G ranks
-            mixer.split_norm = SplitGatedNorm(group, G, g0, d // G)
-    _row_parallel(mixer.out_proj, x, rank, group)
+        out["norm.weight"] = (0, [x])
+    return out
 
 
-def _shard_mamba1(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
-    d = cfg.d_inner
-    dl = d // world
-    x = (rank * dl, (rank + 1) * dl)
-    _param(mixer.in_proj, "weight", 0, [x, (d + x[0], d + x[1])])  # x | z
-    _param(mixer.in_proj, "bias", 0, [x, (d + x[0], d + x[1])])
-    _param(mixer.conv1d, "weight", 0, [x])
-    _param(mixer.conv1d, "bias", 0, [x])
-    _param(mixer.dt_proj, "weight", 0, [x])
-    _param(mixer.dt_proj, "bias", 0, [x])
-    for name in ("A_log", "D"):
-        _param(mixer, name, 0, [x])
-    _row_parallel(mixer.x_proj, x, rank, group)  # dt, B, C: every channel reads all of them
-    _row_parallel(mixer.out_proj, x, rank, group)
+class Slicer:
+    """checkpoint.load_model's _slicer: builds the model at rank's size (config) and hands each
+    file tensor's slice to load_weights (take); applied: whether it did (a GGUF or quantized
+    model loads whole instead)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.whole, self.applied = rank, world, None, False
+        self.slices = {}
+
+    def config(self, cfg: MambaConfig) -> MambaConfig:
+        self.whole = cfg
+        self.slices = mixer_slices(cfg, self.rank, self.world)
+        return local_config(cfg, self.world)
+
+    def take(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        head, sep, rest = name.partition(".mixer.")
+        if not sep or not head.startswith("backbone.layers."):
+            return t  # replicated: embeddings, block norms, lm_head
+        if rest in self.slices:
+            return _keep(t, *self.slices[rest])
+        if self.rank != 0 and rest.endswith(".bias") and rest[:-5] in ROW_PARALLEL[self.whole.arch]:
+            return torch.zeros_like(t)  # summed over ranks: rank 0 adds the bias
+        return t
 
 
-def _row_parallel(linear, cols, rank: int, group) -> None:
-    """Keep linear's input columns `cols`; its output is summed over ranks by a hook, so only
-    rank 0 adds the bias."""
-    _param(linear, "weight", 1, [cols])
-    if linear.bias is not None and rank != 0:  # a new tensor: a model made under inference_mode refuses zero_()
-        linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=linear.bias.requires_grad)
-    linear.register_forward_hook(_SumOverRanks(group))
+def _shard(mixer, cfg: MambaConfig, rank: int, world: int) -> None:
+    """Slice a loaded mixer's parameters in place (mixer_slices)."""
+    for name, (dim, spans) in mixer_slices(cfg, rank, world).items():
+        owner, _, attr = name.rpartition(".")
+        module = mixer.get_submodule(owner) if owner else mixer
+        p = getattr(module, attr)
+        if p is not None:
+            setattr(module, attr, nn.Parameter(_keep(p.detach(), dim, spans), requires_grad=p.requires_grad))
+    for name in ROW_PARALLEL[cfg.arch]:
+        linear = getattr(mixer, name)
+        if linear.bias is not None and rank != 0:  # a new tensor: a model made under inference_mode refuses zero_()
+            linear.bias = nn.Parameter(torch.zeros_like(linear.bias), requires_grad=linear.bias.requires_grad)
+
+
+def _connect(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
+    """A sliced mixer's sums over ranks: a forward hook on each row-parallel projection, and the
+    split gated norm where a norm group spans ranks."""
+    for name in ROW_PARALLEL[cfg.arch]:
+        getattr(mixer, name).register_forward_hook(_SumOverRanks(group))
+    if cfg.arch == "mamba2" and cfg.rmsnorm and cfg.ngroups < world:  # each group spread over world / G ranks
+        g0 = rank * (cfg.nheads // world) // (cfg.nheads // cfg.ngroups)
+        mixer.split_norm = SplitGatedNorm(group, cfg.ngroups, g0, cfg.d_inner // cfg.ngroups)
 
 
 def _sync_shapes(module: nn.Module) -> None:
@@ -296,9 +323,7 @@ def apply_tensor_parallel(model, group=None):
 
     if not isinstance(model, MambaLM):
         raise ConfigError(f"apply_tensor_parallel takes a MambaLM (load_model's), got {type(model).__name__}")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError("torch.distributed is not initialized: call mamba_deploy.tp.init_distributed() in each "
-                          "process started by `torchrun --nproc-per-node N`")
+    _require_group()
     if model.tp is not None:
         raise ConfigError(f"this model is already sharded over {model.tp.world} ranks")
     names = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -308,11 +333,28 @@ def apply_tensor_parallel(model, group=None):
         raise ConfigError(f"tensor parallelism shards unquantized models; this one has {', '.join(odd)} projections: "
                           "load the unquantized checkpoint, or run the quantized one in one process")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    cfg = model.config
-    local = local_config(cfg, world)
-    shard = _shard_mamba1 if cfg.arch == "mamba1" else _shard_mamba2
+    local = local_config(model.config, world)
     for layer in model.backbone.layers:
-        shard(layer.mixer, cfg, rank, world, group)
+        _shard(layer.mixer, model.config, rank, world)
+    return _finish(model, model.config, local, group)
+
+
+def _require_group() -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("torch.distributed is not initialized: call mamba_deploy.tp.init_distributed() in each "
+                          "process started by `torchrun --nproc-per-node N`")
+
+
+def _finish(model, cfg: MambaConfig, local: MambaConfig, group):
+    """A model whose mixers hold this rank's slices (of `cfg`, the whole model's config) becomes
+    the rank's sharded model: its sums over ranks connected, its config the rank's."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    for layer in model.backbone.layers:
+        _connect(layer.mixer, cfg, rank, world, group)
         layer.mixer.cfg = local
         _sync_shapes(layer.mixer)
     model.config = local
@@ -322,14 +364,21 @@ def apply_tensor_parallel(model, group=None):
 
 
 def load_sharded(path, device="cpu", dtype=torch.float32, state_dtype=None, group=None):
-    """load_model(path)'s MambaLM, sharded over the ranks of `group` (apply_tensor_parallel) and
-    then moved to `device`: it is loaded and sliced on the CPU, so the GPU holds only this rank's
-    slice, never the whole model (host memory holds the whole model once per rank while it loads)."""
-    from .checkpoint import check_device, load_model
+    """load_model(path)'s MambaLM sharded over the ranks of `group`, as apply_tensor_parallel
+    shards it, on `device`. A checkpoint folder is built at this rank's size on the device and
+    filled with its slices, read from the files one tensor at a time: neither the GPU nor host
+    memory holds the whole model. A GGUF file loads whole on the CPU, is sliced there and then
+    moved; a quantized checkpoint is refused, as apply_tensor_parallel refuses it."""
+    import torch.distributed as dist
 
-    device = check_device(device)
-    model = apply_tensor_parallel(load_model(path, device="cpu", dtype=dtype, state_dtype=state_dtype), group)
-    return model.to(device)
+    from .checkpoint import load_model
+
+    _require_group()
+    slicer = Slicer(dist.get_rank(group), dist.get_world_size(group))
+    model = load_model(path, device=device, dtype=dtype, state_dtype=state_dtype, _slicer=slicer)
+    if not slicer.applied:
+        return apply_tensor_parallel(model, group).to(device)
+    return _finish(model, slicer.whole, model.config, group)
 
 
 def _comm_device(group) -> torch.device:
@@ -352,5 +401,5 @@ def _same_seed(device, group) -> None:
     torch.manual_seed(int(seed.item()))
 
 
-__all__ = ["SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed",
-           "load_sharded", "local_config"]
+__all__ = ["Slicer", "SplitGatedNorm", "TensorParallel", "apply_tensor_parallel", "close_group", "init_distributed",
+           "load_sharded", "local_config", "mixer_slices"]

@@ -157,7 +157,8 @@ def _memory_worker(rank: int, world: int, init_file: str, folder: str, out_dir: 
 def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
     """load_sharded (what `--tensor-parallel` opens) builds the rank's slice on the GPU and reads
     each tensor's slice into it: a rank's peak CUDA memory while loading is its slice's parameters
-    plus one tensor in flight (the largest parameter) + 1 MiB, below the whole model's."""
+    plus one tensor in flight (the largest, read as float32 then cast) + 1 MiB, below the whole
+    model's (measured on an H200: 18.7 MB peak for 15.3 MB of parameters, 28.0 MB whole)."""
     import torch.multiprocessing as mp
 
     folder = tmp_path / "m"
@@ -171,4 +172,5 @@ def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
         got = torch.load(tmp_path / f"mem{r}.pt")
         assert got["device"] == "cuda:0"
         assert got["params"] < 0.7 * whole, (got, whole)  # the mixers (most of the model) are halved
-        assert got["peak"] <= got["params"] + got["largest"] + 2**20 < whole, (r, got, whole)
+        # in flight: one tensor as the file stores it (float32: 2x its bf16 bytes) and its cast
+        assert got["peak"] <= got["params"] + 3 * got["largest"] + 2**20 < whole, (r, got, whole)

@@ -17,8 +17,8 @@ So a token costs one all-reduce of (b, d_model) per Mamba2 layer, plus one of (b
 per Mamba1 layer, plus a (b, ngroups) one where the norm spans ranks.
 
 Run one process per rank under torchrun: `init_distributed()` joins the group the launcher
-describes, `apply_tensor_parallel(model)` shards (`load_sharded(path)` loads, shards on the CPU,
-then moves the slice to the rank's GPU). The State a sharded model allocates holds only
+describes, `apply_tensor_parallel(model)` shards a loaded model, and `load_sharded(path)` reads
+only this rank's slices from the checkpoint (both from one table, `mixer_slices`). The State a sharded model allocates holds only
 this rank's heads / channels (model.config is the rank's config; model.tp keeps the whole one).
 """
 

@@ -232,3 +232,18 @@ def test_a_bool_sampling_value_is_refused():
         with pytest.raises(ConfigError, match="finite number"):
             SamplingConfig(**{key: True})
     SamplingConfig(temperature=1, top_p=1)  # ints are numbers
+
+
+def test_a_corrupt_reference_checkpoint_beside_its_export_is_a_typed_error(int4_and_export, tmp_path, capsys):
+    """verify Q Q-ONNX reads Q's codes (to hold the export to its compute error) before loading Q:
+    a corrupt safetensors header there raised safetensors' own error as a traceback; now the codes
+    make no claim and loading Q names the file."""
+    root = int4_and_export
+    q = tmp_path / "q"
+    shutil.copytree(root / "q", q)
+    f = q / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(b"\xff" * 8 + data[8:])  # a header length past the file
+    assert main(["verify", str(q), str(root / "onnx"), "--quiet", "--lengths", "1", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot read" in err and "model.safetensors" in err and "Traceback" not in err, err

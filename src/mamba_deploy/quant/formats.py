@@ -16,6 +16,7 @@ Stored tensors per quantized module `m` (names in the safetensors file):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -217,13 +218,16 @@ def codes_digest(named_tensors) -> str | None:
 def folder_codes_digest(folder) -> str | None:
     """codes_digest of a quantized checkpoint folder's safetensors files (only the codes are read),
     None where it has none or they cannot be read."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
     wanted = set(CODE_DTYPES.values())
     try:
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        named = ((k, h.get_tensor(k)) for h in handles for k in h.keys() if h.get_slice(k).get_dtype() in wanted)
-        return codes_digest(named)
-    except (OSError, ValueError, RuntimeError):  # a corrupt shard: no claim (verify keeps the looser row)
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+            named = ((k, h.get_tensor(k)) for h in handles for k in h.keys() if h.get_slice(k).get_dtype() in wanted)
+            return codes_digest(named)
+    # a corrupt shard (safetensors' own error is none of the others): no claim, verify keeps the
+    # looser row and loading the reference then names the file
+    except (OSError, ValueError, RuntimeError, SafetensorError):
         return None

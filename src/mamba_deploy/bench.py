@@ -201,7 +201,7 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                             row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
                             data["results"].append(dict(artifact=str(path), backend=backend, **row))
             except MambaDeployError as e:
-                if entry.get("tensor_parallel") or opts.get("tensor_parallel"):
+                if opts.get("tensor_parallel"):
                     raise  # the other ranks wait for this one in an all-reduce: the run ends (torchrun stops them)
                 entry["error"] = f"{type(e).__name__}: {e}"
                 bar.update(done_before + per_target - bar.n)

@@ -264,9 +264,10 @@ class Slicer:
         self.slices = {}
 
     def config(self, cfg: MambaConfig) -> MambaConfig:
+        local = local_config(cfg, self.world)  # its error for sizes that do not split, before any slicing
         self.whole = cfg
         self.slices = mixer_slices(cfg, self.rank, self.world)
-        return local_config(cfg, self.world)
+        return local
 
     def take(self, name: str, t: torch.Tensor) -> torch.Tensor:
         head, sep, rest = name.partition(".mixer.")
@@ -359,7 +360,7 @@ def _finish(model, cfg: MambaConfig, local: MambaConfig, group):
         _sync_shapes(layer.mixer)
     model.config = local
     model.tp = TensorParallel(group, rank, world, cfg)
-    _same_seed(_comm_device(group), group)
+    _same_seed(group)
     return model
 
 
@@ -390,13 +391,13 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _same_seed(device, group) -> None:
+def _same_seed(group) -> None:
     """Seed every rank's global torch generator with rank 0's seed. Unseeded sampling draws from
     it, and each process seeds its own at random: ranks that drew different tokens would feed
     their all-reduces different inputs (and one could stop while the others wait for it)."""
     import torch.distributed as dist
 
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(_comm_device(group))
     dist.broadcast(seed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     torch.manual_seed(int(seed.item()))
 

@@ -497,7 +497,7 @@ def saved_source_weights(model, dtype: torch.dtype | None = None) -> str | None:
 
     label = source_weights(model)
     if label and dtype is not None:
-        from .verify import dtype_label, looser_label
+        from .tolerances import dtype_label, looser_label
 
         label = looser_label(dtype_label(dtype), label)
     return None if label in EXACT_TYPES else label

@@ -346,7 +346,7 @@ def weights_label(path) -> str:
     """The GGUF's weight type as llama.cpp names it (q8_0, q4_k_m, f16, ...; 'fp32' when unreadable),
     or the type it records for its source (SOURCE_WEIGHTS_KEY: an f32 export of a q8_0 GGUF holds
     q8_0's rounding) where that one's verify limits are looser."""
-    from ..verify import looser_label
+    from ..tolerances import looser_label
 
     return looser_label(*weights_labels(path))
 
@@ -388,12 +388,11 @@ def _no_looser_than_stored(named: str, counts: dict[str, int]) -> str:
     """general.file_type, unless every matrix is stored more precisely than it says: llama.cpp
     falls back to another type for rows its blocks do not divide (a small model's q2_k file can
     hold only Q4_0 / Q8_0), and verify's row must be the loosest type stored, not the asked one."""
-    from .. import verify
+    from ..tolerances import row_index
 
-    rows = list(verify.TOLERANCES)
     try:
-        stored = max(counts, key=lambda t: rows.index(verify.tolerance_row(t)))
-        looser = rows.index(verify.tolerance_row(named)) > rows.index(verify.tolerance_row(stored))
+        stored = max(counts, key=row_index)
+        looser = row_index(named) > row_index(stored)
     except (ConfigError, ValueError):  # a type with no row (or no matrices): the file's word
         return named
     return stored if looser else named

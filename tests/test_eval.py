@@ -145,3 +145,24 @@ def test_eval_bad_arguments_are_usage_errors(flags, capsys):
     err = capsys.readouterr().err
     assert f"argument {flags[0]}" in err and flags[1] in err
 
+
+
+def test_cli_eval_state_dtype_reaches_the_runner(capsys, corpus):
+    """--state-dtype bf16 rounds the state carried between windows: the perplexity moves away from
+    fp32's, but stays within verify's bf16 ppl_rel (2e-2) of transformers' one full forward. Before,
+    eval had no --state-dtype (its torch options were built beside cli.torch_options)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = MODELS / "demo-mamba2"
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    want, _ = hf_ppl(hf, corpus[1][:300])
+    got = {}
+    for state in ("fp32", "bf16"):
+        assert main(["eval", str(folder), "--corpus", "stdlib-val", "--max-tokens", "300", "--window", "8",
+                     "--state-dtype", state, "--json"]) == 0
+        got[state] = json.loads(capsys.readouterr().out)["ppl"]
+    assert abs(got["fp32"] / want - 1) < 1e-4
+    assert got["bf16"] != got["fp32"] and abs(got["bf16"] / want - 1) < 2e-2
+    assert main(["eval", str(folder), "--state-dtype", "bf16", "--backend", "llama.cpp",
+                 "--corpus", "stdlib-val"]) == 2
+    assert "--state-dtype bf16 applies to the torch backend" in capsys.readouterr().err

@@ -91,13 +91,11 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
 
 
 def cmd_eval(args):
-    from .cli import DTYPES, quiet_rank, runner_options, use_tokenizer
+    from .cli import quiet_rank, runner_options, use_tokenizer
     from .runners import open_runner
 
     quiet = quiet_rank(args)
-    torch_opts = {"device": args.device, "dtype": DTYPES[args.dtype]}
-    runner = open_runner(args.model, args.backend, **runner_options(
-        args, torch_opts | ({"tensor_parallel": True} if args.tensor_parallel else {})))
+    runner = open_runner(args.model, args.backend, **runner_options(args))
     use_tokenizer(runner, args.tokenizer)
     progress = not (args.json or quiet)
     ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=progress)
@@ -126,7 +124,7 @@ def cmd_eval(args):
 
 def register(subparsers):
     from .argtypes import backend_choice, positive_int
-    from .cli import DEVICE_HELP, DTYPES, add_tensor_parallel, add_threads, add_tokenizer
+    from .cli import DEVICE_HELP, DTYPES, add_state_dtype, add_tensor_parallel, add_threads, add_tokenizer
 
     s = subparsers.add_parser("eval", help="perplexity with the recurrent state carried across windows")
     s.add_argument("model", help="checkpoint folder, ONNX folder or .gguf file")
@@ -140,6 +138,7 @@ def register(subparsers):
     add_tokenizer(s)
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
+    add_state_dtype(s)
     add_threads(s)
     add_tensor_parallel(s, "eval")
     s.add_argument("--baseline", action="store_true",

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mamba_deploy.cli import main
 
@@ -247,3 +248,43 @@ def test_a_corrupt_reference_checkpoint_beside_its_export_is_a_typed_error(int4_
     assert main(["verify", str(q), str(root / "onnx"), "--quiet", "--lengths", "1", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: cannot read" in err and "model.safetensors" in err and "Traceback" not in err, err
+
+
+def test_a_config_older_than_its_weights_does_not_decide_the_stored_dtype(hf_checkpoint, tmp_path):
+    """A float32 fine-tune saved under a config still saying bfloat16 (a real-config audit found it):
+    `convert` without --dtype rounded it to bf16 silently, 2e-2 from the weights it was given, and
+    verify judged it by the bf16 row. The weights decide now: the copy reloads in transformers with
+    exactly the original's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from mamba_deploy.checkpoint import stored_dtype
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    folder, hf = hf_checkpoint("mamba2")
+    stale = tmp_path / "stale"
+    shutil.copytree(folder, stale)
+    cfg = json.loads((stale / "config.json").read_text())
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "bfloat16"
+    (stale / "config.json").write_text(json.dumps(cfg))
+    assert stored_dtype(stale) == torch.float32 and infer_artifact_dtype(stale) == "fp32"
+    assert main(["convert", str(stale), str(tmp_path / "out")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    want = hf.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_another_tools_quantized_checkpoint_is_named_not_called_malformed(hf_checkpoint, tmp_path, capsys):
+    """tiiuae/falcon-mamba-7b-4bit's bitsandbytes config is a valid config of another tool: the
+    refusal names the tool and says what to do, instead of "malformed quantization_config"."""
+    folder, _ = hf_checkpoint("falcon_mamba")
+    q = tmp_path / "bnb"
+    shutil.copytree(folder, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                  "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
+    (q / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(q), "--prompt", "a", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'bitsandbytes'" in err and "malformed" not in err and "mamba-deploy quantize" in err

@@ -17,7 +17,7 @@ import torch
 
 from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
-from .errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, MambaDeployError, ModelNotFoundError
 from .export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
@@ -565,8 +565,11 @@ def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
 
 
 def stored_dtype(path_or_hub_id) -> torch.dtype | None:
-    """The float dtype a checkpoint folder's weights are stored in: its config's `torch_dtype`,
-    else (params.json, the mamba_ssm layout) the dtype of its first float tensor; or None."""
+    """The float dtype a checkpoint folder's weights are stored in: the one holding most of their
+    float elements (read from the safetensors headers, or a memory-mapped pytorch_model.bin), else
+    its config's `torch_dtype`; or None. The weights, not the config, decide: a fine-tune saved in
+    float32 under a config still saying bfloat16 would otherwise be converted to bf16 silently
+    (and verified against the bf16 row). A quantized folder's floats are its scales: its config's."""
     path = Path(path_or_hub_id)
     if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
         path = path.parent
@@ -574,22 +577,17 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
         return None
     raw = read_json_object(path / "config.json")
     name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
-    if isinstance(name, str) and name in FLOAT_DTYPES:  # anything else (a list, an int): read the weights
-        return FLOAT_DTYPES[name]
+    declared = FLOAT_DTYPES.get(name) if isinstance(name, str) else None  # a list, an int: not a dtype
+    if "quantization_config" in raw:
+        return declared
+    counts: dict[torch.dtype, int] = {}
     try:
-        first = _weight_files(path)[0]
-        if first.suffix != ".safetensors":  # pytorch_model.bin (the mamba_ssm layout): memory-mapped
-            return next((t.dtype for _, t in _iter_bin(first) if t.is_floating_point()), None)
-    except (ModelNotFoundError, CheckpointError, IndexError):
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(first), framework="pt") as h:
-            codes = (h.get_slice(k).get_dtype() for k in h.keys())
-            return next((SAFETENSORS_FLOATS[c] for c in codes if c in SAFETENSORS_FLOATS), None)
-    except (SafetensorError, OSError, ValueError):
-        return None
+        for _, t in iter_tensors(path, shapes_only=True):
+            if t.dtype in SAFETENSORS_FLOATS.values():
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    except (MambaDeployError, OSError, ValueError):  # unreadable weights are the loader's error to report
+        pass
+    return max(counts, key=counts.get) if counts else declared
 
 
 def tokenizer_source(model):

@@ -265,6 +265,13 @@ def validate_config(qc, module_names, layers=None) -> dict:
 
     if not isinstance(qc, dict):
         bad(f"expected an object, got {type(qc).__name__}")
+    if isinstance(qc.get("quant_method"), str) and qc["quant_method"] != QUANT_METHOD_TAG:
+        # another tool's valid config (bitsandbytes, GPTQ, AWQ, ...): not malformed, only not ours
+        raise QuantizationError(
+            f"config.json says the weights were quantized with {qc['quant_method']!r} (quant_method), a format "
+            f"this toolkit does not read (only its own {QUANT_METHOD_TAG!r} checkpoints); load the unquantized "
+            "model instead (e.g. the same repository without the -4bit / -GPTQ / -AWQ suffix) and quantize it with "
+            f"`mamba-deploy quantize MODEL OUT --method {'|'.join(METHODS)}`")
     if qc.get("quant_method") != QUANT_METHOD_TAG:
         bad(f"quant_method={qc.get('quant_method')!r} is not {QUANT_METHOD_TAG!r} (only this toolkit's format is read)")
     if qc.get("version") != CONFIG_VERSION:

@@ -5,8 +5,9 @@ Tolerances (float32): logits within 1e-4 relative of transformers for prefills o
 chunk_size + 1 and 40 tokens at batch 2 followed by 4 decode steps; every rank holds the same
 logits bit for bit (the replicated part of the model runs in lockstep); the split gated norm within
 1e-5 relative of the whole-row reference norm. What is split: Mamba1 and Falcon-Mamba by channel;
-Mamba2 with ngroups 1 (the norm's group spans every rank), ngroups 2 over 2 ranks (one group each,
-the fused decode mixer's case) and over 4 ranks (a group spans two ranks).
+Mamba2 with ngroups 1 (the norm's group spans every rank), ngroups 2 over 2 ranks (one group each)
+and over 4 ranks (a group spans two ranks). A sharded model decodes unfused (DecodePlan's
+out_proj_local is False): the gated norm's per-row scale cannot follow a summed out_proj.
 """
 
 from __future__ import annotations
@@ -210,8 +211,22 @@ def test_apply_refuses_without_a_process_group_and_quantized_models(hf_checkpoin
         sharded = apply_tensor_parallel(load_model(hf_checkpoint("mamba")[0]))  # one rank: the whole model
         with pytest.raises(ConfigError, match="already sharded over 1 ranks"):
             apply_tensor_parallel(sharded)
-        with pytest.raises(QuantizationError, match="tensor-parallel model .sharded over 1 ranks"):
+        with pytest.raises(QuantizationError, match="tensor-parallel model .rank 0 of 1.*quantize the model loaded"):
             quantize(sharded, "int8")
+        # a rank's slice written as if it were the model: a smaller, wrong checkpoint (before: no error)
+        from mamba_deploy.checkpoint import save_checkpoint
+        from mamba_deploy.errors import CheckpointError, ExportError
+        from mamba_deploy.export.gguf import export_gguf
+        from mamba_deploy.export.onnx import export_onnx
+
+        out = hf_checkpoint("mamba")[0].parent / "sharded_out"
+        with pytest.raises(CheckpointError, match="tensor-parallel model .* saving in the hf layout needs the whole"):
+            save_checkpoint(sharded, out)
+        with pytest.raises(ExportError, match="tensor-parallel model .* exporting needs the whole model"):
+            export_onnx(sharded, out)
+        with pytest.raises(ExportError, match="tensor-parallel model .* exporting needs the whole model"):
+            export_gguf(sharded, out.with_suffix(".gguf"))
+        assert not out.exists() and not out.with_suffix(".gguf").exists()
     finally:
         dist.destroy_process_group()
 
@@ -315,6 +330,42 @@ def test_errors_and_progress_under_torchrun(tp_folder):
     assert ok.stderr.count("prefill:") == 1, ok.stderr[-2000:]
 
 
+def test_an_error_before_the_group_is_joined_is_marked_by_rank_and_not_followed_by_noise(tp_folder):
+    """Errors raised before the group is joined were printed unmarked by both ranks (the rank was
+    read from the group, not torchrun's RANK), and each rank torchrun then stopped printed
+    "terminated" into the shared stderr."""
+    bad = _torchrun("-m", "mamba_deploy", "generate", str(tp_folder), "--prompt", "x", "--tensor-parallel",
+                    "--backend", "onnx")
+    assert bad.returncode != 0
+    prefixes = [ln.split("error:")[0] for ln in bad.stderr.splitlines() if "applies to the torch backend only" in ln]
+    assert prefixes and set(prefixes) <= {"", "rank 1: "} and len(prefixes) == len(set(prefixes)), bad.stderr[-2000:]
+    assert "terminated" not in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_quantized_checkpoint_is_refused_before_it_loads(tp_folder, tmp_path, monkeypatch):
+    """load_sharded of a quantized checkpoint loaded the whole quantized model on every rank's CPU,
+    only for apply_tensor_parallel to refuse it; it is refused from its config now."""
+    import torch.distributed as dist
+
+    from mamba_deploy import cli
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.quant import runtime
+    from mamba_deploy.tp import load_sharded
+
+    assert cli.main(["quantize", str(tp_folder), str(tmp_path / "q"), "--method", "int8"]) == 0
+
+    def loaded(*a, **k):
+        raise AssertionError("the quantized model was loaded before it was refused")
+
+    monkeypatch.setattr(runtime, "load_quantized", loaded)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="q is a quantized checkpoint: load the unquantized checkpoint"):
+            load_sharded(tmp_path / "q")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_flag_refusals(tp_folder, capsys, monkeypatch):
     from mamba_deploy import cli
     from mamba_deploy.errors import BackendUnavailableError, ConfigError
@@ -328,6 +379,10 @@ def test_flag_refusals(tp_folder, capsys, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="sees no CUDA GPU here; use --device cpu"):
             init_distributed("cuda")
+    else:  # every rank would be told the same GPU (before: silently replaced by cuda:LOCAL_RANK)
+        with pytest.raises(ConfigError, match="'cuda:0': under tensor parallelism each rank runs on the GPU of its "
+                                              "LOCAL_RANK.*--device cuda"):
+            init_distributed("cuda:0")
     # the rank variables set by hand, the launcher's address not: a typed error, not torch's ValueError
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)

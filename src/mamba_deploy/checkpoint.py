@@ -463,6 +463,10 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
 
     refuse_quantized(model, f"saving in the {fmt} layout", "convert the unquantized source checkpoint, "
                      "then quantize the result (mamba-deploy quantize)", CheckpointError)
+    from .tp import refuse_sharded
+
+    refuse_sharded(model, f"saving in the {fmt} layout", "save the model loaded in one process (without torchrun)",
+                   CheckpointError)
     cfg: MambaConfig = model.config
     tensors = {}
     for name, t in model.state_dict().items():
@@ -700,6 +704,8 @@ def _load_model(path_or_hub_id, device, dtype, slicer=None):
     check_depth(path, cfg)  # before any model of the config's depth is built
     raw = read_raw_config(path)
     if "quantization_config" in raw:
+        if slicer is not None:
+            slicer.refuse_quantized(path)
         from .quant.runtime import load_quantized
 
         return load_quantized(path, cfg, raw["quantization_config"], device=whole_on, dtype=dtype)

@@ -425,12 +425,15 @@ def _stop_signals_as_interrupts():
             signal.signal(s, handler)
 
 
-def _stopped(e: KeyboardInterrupt) -> int:
-    """Report an interrupt in one line; the exit status a shell shows for the signal."""
+def _stopped(e: KeyboardInterrupt, args=None) -> int:
+    """Report an interrupt in one line; the exit status a shell shows for the signal. A
+    tensor-parallel rank that torchrun stops (SIGTERM, after another rank failed) says nothing:
+    one "terminated" per rank ran together on the shared stderr around the real error."""
     signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
     word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "hung up")
-    with contextlib.suppress(OSError, ValueError):  # stderr may be the terminal that went away
-        print(word, file=sys.stderr)
+    if not (signum == signal.SIGTERM and getattr(args, "tensor_parallel", False)):
+        with contextlib.suppress(OSError, ValueError):  # stderr may be the terminal that went away
+            print(word, file=sys.stderr)
     return 128 + signum
 
 
@@ -450,26 +453,26 @@ def _main(argv) -> int:
         done = True
     except MambaDeployError as e:
         if (stop := _interrupted(e)) is not None:
-            return _stopped(stop)
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
+            return _stopped(stop, args)
+        print(f"{_rank_prefix(args)}error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (stop := _interrupted(e)) is not None:
-            return _stopped(stop)
+            return _stopped(stop, args)
         if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
-        print(f"{_rank_prefix()}error: {_missing_package(_command(args), e)}", file=sys.stderr)
+        print(f"{_rank_prefix(args)}error: {_missing_package(_command(args), e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
         said = (str(e).splitlines() or [type(e).__name__])[0][:300]  # a MemoryError may carry no message
-        print(f"{_rank_prefix()}error: out of memory in {_command(args)}: {said}\n"
+        print(f"{_rank_prefix(args)}error: out of memory in {_command(args)}: {said}\n"
               "a size asked for (lengths, batch, prompt or generation length, --max-tokens) or the model's "
               "config needs more memory than there is; try smaller values, or --dtype bf16", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        return _stopped(e)
+        return _stopped(e, args)
     except BrokenPipeError:  # `| head` stopped reading: end quietly (stdout's flush at exit would fail again)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -480,12 +483,13 @@ def _main(argv) -> int:
     return 0
 
 
-def _rank_prefix() -> str:
+def _rank_prefix(args) -> str:
     """'rank N: ' in a tensor-parallel rank other than 0, whose stdout is silenced (its errors
-    still show, marked, since a failure may be that rank's alone)."""
-    tp = sys.modules.get("mamba_deploy.tp")
-    rank = tp.rank() if tp is not None else 0
-    return f"rank {rank}: " if rank else ""
+    still show, marked, since a failure may be that rank's alone). Read from torchrun's RANK, as
+    quiet_rank reads it: an error raised before the group is joined (or after it is closed) was
+    printed unmarked by every rank."""
+    rank = os.environ.get("RANK", "0").strip() if getattr(args, "tensor_parallel", False) else "0"
+    return f"rank {rank}: " if rank not in ("", "0") else ""
 
 
 def _interrupted(e: BaseException) -> KeyboardInterrupt | None:

@@ -69,6 +69,10 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
     from .checkpoint import check_device
 
     dev = check_device(device)  # a typed error for a device this machine lacks, before any group
+    if dev.type == "cuda" and dev.index is not None:  # every rank would be told the same GPU
+        raise ConfigError(f"device {device!r}: under tensor parallelism each rank runs on the GPU of its LOCAL_RANK "
+                          "(cuda:0, cuda:1, ... on each node); pass --device cuda (device='cuda'), and choose the "
+                          "GPUs with CUDA_VISIBLE_DEVICES")
     if dev.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local} but this machine sees {torch.cuda.device_count()} GPU(s); start at "
@@ -140,6 +144,15 @@ def close_group(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def refuse_sharded(model, action: str, fix: str, error=ConfigError) -> None:
+    """Raise `error` when `model` is sharded: `action` (quantizing, exporting, saving) reads the
+    whole model, and this rank holds only its slice, so it would write a smaller, wrong model."""
+    tp = getattr(model, "tp", None)
+    if tp is not None:
+        raise error(f"this is a tensor-parallel model (rank {tp.rank} of {tp.world} holds a slice of it); {action} "
+                    f"needs the whole model: {fix}")
 
 
 def _groups(cfg: MambaConfig, world: int) -> int:
@@ -226,6 +239,11 @@ class SplitGatedNorm:
 ROW_PARALLEL = {"mamba1": ("x_proj", "out_proj"), "mamba2": ("out_proj",)}
 
 
+def _first_group(cfg: MambaConfig, rank: int, world: int) -> int:
+    """The first B/C group that rank's heads read (Mamba2: heads split evenly over the ranks)."""
+    return rank * (cfg.nheads // world) // (cfg.nheads // cfg.ngroups)
+
+
 def mixer_slices(cfg: MambaConfig, rank: int, world: int) -> dict[str, tuple[int, list[tuple[int, int]]]]:
     """A mixer's parameter name -> (dim, spans [a, b) along dim) that rank keeps, concatenated.
     The one table both sharding paths read: slicing a loaded model (apply_tensor_parallel) and
@@ -241,7 +259,7 @@ def mixer_slices(cfg: MambaConfig, rank: int, world: int) -> dict[str, tuple[int
                 "A_log": (0, [x]), "D": (0, [x]), **cols}
     h, n, G = cfg.nheads, cfg.d_state, cfg.ngroups
     hl, gl = h // world, _groups(cfg, world)
-    g0 = rank * hl // (h // G)  # the first group this rank's heads read
+    g0 = _first_group(cfg, rank, world)
     bc = [(g0 * n, (g0 + gl) * n), (G * n + g0 * n, G * n + (g0 + gl) * n)]  # within [B | C]
     heads = [(rank * hl, (rank + 1) * hl)]
     shift = lambda spans, by: [(a + by, b + by) for a, b in spans]  # noqa: E731
@@ -252,6 +270,9 @@ def mixer_slices(cfg: MambaConfig, rank: int, world: int) -> dict[str, tuple[int
     if cfg.rmsnorm:
         out["norm.weight"] = (0, [x])
     return out
+
+
+QUANTIZED_FIX = "load the unquantized checkpoint, or run the quantized one in one process"
 
 
 class Slicer:
@@ -268,6 +289,11 @@ class Slicer:
         self.whole = cfg
         self.slices = mixer_slices(cfg, self.rank, self.world)
         return local
+
+    def refuse_quantized(self, path) -> None:
+        """Said before the quantized model would load whole on every rank, only to be refused."""
+        raise ConfigError(f"tensor parallelism shards unquantized models; {path} is a quantized checkpoint: "
+                          f"{QUANTIZED_FIX}")
 
     def take(self, name: str, t: torch.Tensor) -> torch.Tensor:
         head, sep, rest = name.partition(".mixer.")
@@ -300,8 +326,8 @@ def _connect(mixer, cfg: MambaConfig, rank: int, world: int, group) -> None:
     for name in ROW_PARALLEL[cfg.arch]:
         getattr(mixer, name).register_forward_hook(_SumOverRanks(group))
     if cfg.arch == "mamba2" and cfg.rmsnorm and cfg.ngroups < world:  # each group spread over world / G ranks
-        g0 = rank * (cfg.nheads // world) // (cfg.nheads // cfg.ngroups)
-        mixer.split_norm = SplitGatedNorm(group, cfg.ngroups, g0, cfg.d_inner // cfg.ngroups)
+        mixer.split_norm = SplitGatedNorm(group, cfg.ngroups, _first_group(cfg, rank, world),
+                                          cfg.d_inner // cfg.ngroups)
 
 
 def _sync_shapes(module: nn.Module) -> None:
@@ -332,7 +358,7 @@ def apply_tensor_parallel(model, group=None):
                   if hasattr(layer.mixer, k) and type(getattr(layer.mixer, k)) is not Linear})
     if odd:
         raise ConfigError(f"tensor parallelism shards unquantized models; this one has {', '.join(odd)} projections: "
-                          "load the unquantized checkpoint, or run the quantized one in one process")
+                          f"{QUANTIZED_FIX}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     local = local_config(model.config, world)
     for layer in model.backbone.layers:

@@ -29,6 +29,10 @@ def as_model(model_or_path, **load_options):
     from ..model import MambaLM
 
     if isinstance(model_or_path, MambaLM):
+        from ..tp import refuse_sharded
+
+        refuse_sharded(model_or_path, "exporting", "export the checkpoint in one process (without torchrun)",
+                       ExportError)
         return model_or_path
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise ExportError(f"export takes a mamba_deploy model (mamba_deploy.load_model(path)) or a checkpoint path, "

@@ -37,9 +37,10 @@ def quantize(model, method: str, **options):
                                 "with mamba_deploy.load_model(path) first")
     if getattr(model, "quantization_config", None):
         raise QuantizationError("this model is already quantized; load the float checkpoint and quantize that")
-    if model.tp is not None:  # the swapped-in modules would not carry the sums over ranks (tp.py's hooks)
-        raise QuantizationError(f"this is a tensor-parallel model (sharded over {model.tp.world} ranks), and tensor "
-                                "parallelism runs unquantized models only: quantize the model loaded in one process")
+    from ..tp import refuse_sharded
+
+    refuse_sharded(model, "quantizing", "quantize the model loaded in one process (tensor parallelism runs "
+                   "unquantized models only)", QuantizationError)
     opts = method_options(method, options)
     plan = {k: v for k, v in build_plan(model, opts).items() if v is not None}
     if not plan:  # a checkpoint that quantizes nothing is one no loader takes

@@ -100,6 +100,7 @@ class TorchRunner(Runner):
             self._holds_group = False
             release(wait)
 
+
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
                tensor_parallel: bool = False, **_) -> TorchRunner:
     """threads: torch's intra-op CPU threads (torch.set_num_threads, which is process-wide);

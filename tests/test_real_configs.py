@@ -73,6 +73,10 @@ def test_a_real_config_loads_and_matches_transformers(name, tmp_path):
     import transformers
 
     cls, cfg_cls, real = REAL[name]
+    version = tuple(int(v) for v in transformers.__version__.split(".")[:2] if v.isdigit())
+    if real.get("n_groups", 1) > 1 and version < (5, 24):
+        pytest.skip(f"transformers {transformers.__version__} computes Mamba2 with n_groups > 1 differently from "
+                    "5.24, which this case is checked against (the GPU machine's 5.17: 1.07 relative)")
     torch.manual_seed(0)
     hf = getattr(transformers, cls)(getattr(transformers, cfg_cls)(
         **{k: v for k, v in real.items() if k not in META})).eval()

@@ -62,6 +62,7 @@ def _worker(rank: int, world: int, backend: str, init_file: str, jobs: list, out
             runner = make_runner(model) if backend == "nccl" else TorchRunner(model)
             assert isinstance(runner, CudaGraphRunner) == (backend == "nccl")
             results[name] = _run(runner)
+            runner.close()  # its graphs (captured all-reduces) before the group is destroyed
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -174,3 +175,44 @@ def test_each_rank_holds_only_its_slice_on_the_gpu(tmp_path):
         assert got["params"] < 0.7 * whole, (got, whole)  # the mixers (most of the model) are halved
         # in flight: one tensor as the file stores it (float32: 2x its bf16 bytes) and its cast
         assert got["peak"] <= got["params"] + 3 * got["largest"] + 2**20 < whole, (r, got, whole)
+
+
+def _close_worker(rank: int, world: int, folder: str, out_dir: str):
+    from mamba_deploy import tp
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+    from mamba_deploy.runners import open_runner
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("TP_TEST_PORT", "29581"))
+    runner = open_runner(folder, "torch", tensor_parallel=True, device="cuda")
+    state = runner.new_state(1)
+    runner.prefill(torch.tensor([[1, 2, 3]]), state)
+    runner.step(torch.tensor([1]), state)
+    captured = isinstance(runner, CudaGraphRunner) and bool(runner._b) and all(b.graph is not None
+                                                                                for b in runner._b.values())
+    seen, release = {}, tp.release
+
+    def recorded(wait=True):  # how many graphs are alive when the group is let go
+        seen["at_release"] = len(runner._b)
+        release(wait)
+
+    tp.release = recorded
+    runner.close()
+    torch.save(dict(captured=captured, at_release=seen.get("at_release"), left=len(runner._b),
+                    group_open=tp._group["opened"]),
+               os.path.join(out_dir, f"close{rank}.pt"))
+
+
+def test_closing_a_graph_runner_drops_its_graphs_before_the_group(hf_checkpoint, tmp_path):
+    """A sharded CudaGraphRunner's graphs hold its captured NCCL all-reduces; on 2 GPUs,
+    `generate --tensor-parallel --device cuda` printed its text and then never exited while they
+    outlived the process group. close() now drops them (synchronized) before the group closes.
+    One NCCL rank per GPU present (one on a one-GPU machine)."""
+    import torch.multiprocessing as mp
+
+    world = min(GPUS, 2)
+    folder = hf_checkpoint("mamba2")[0]
+    mp.start_processes(_close_worker, args=(world, str(folder), str(tmp_path)), nprocs=world, start_method="spawn")
+    for r in range(world):
+        got = torch.load(tmp_path / f"close{r}.pt")
+        assert got == dict(captured=True, at_release=0, left=0, group_open=False), (r, got)

@@ -310,6 +310,16 @@ class CudaGraphRunner(TorchRunner):
                 bk.state.ssm[:, :n].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
+    def _drop_captures(self) -> None:
+        """The graphs go before the process group: a sharded model's graphs hold its captured NCCL
+        all-reduces, and `generate --tensor-parallel --device cuda` on 2 GPUs printed its text and
+        then never exited while they outlived the group (benchmarks/gpu_tp.py, which dropped its
+        runner first, ended normally)."""
+        if self._b:
+            torch.cuda.synchronize(self.model.device)
+            self._b.clear()
+            self._pool = None
+
     # for benchmarks: replay without the host copy of the logits
     def replay(self, batch: int):
         bk = self._bucket(self._bucket_size(batch))

@@ -84,7 +84,11 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self._let_go(wait=True)
+        self._drop_captures()
         super().close()
+
+    def _drop_captures(self) -> None:
+        """Work captured on the device that refers to the process group (CudaGraphRunner's graphs)."""
 
     def __exit__(self, *exc):
         # leaving on an error: this rank must not wait for ranks that may be blocked in an
@@ -93,11 +97,13 @@ class TorchRunner(Runner):
         self.close()
 
     def _let_go(self, wait: bool) -> None:
-        """A sharded runner's share of tp's process group: the last one let go closes it."""
+        """A sharded runner's share of tp's process group: the last one let go closes it, after
+        this runner's own handles on it are gone (_drop_captures)."""
         if not self.closed and self._holds_group:
             from ..tp import release
 
             self._holds_group = False
+            self._drop_captures()
             release(wait)
 
 

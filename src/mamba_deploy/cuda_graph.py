@@ -310,13 +310,15 @@ class CudaGraphRunner(TorchRunner):
                 bk.state.ssm[:, :n].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
-    def _drop_captures(self) -> None:
+    def _drop_captures(self, sync: bool = True) -> None:
         """The graphs go before the process group: a sharded model's graphs hold its captured NCCL
         all-reduces, and `generate --tensor-parallel --device cuda` on 2 GPUs printed its text and
         then never exited while they outlived the group (benchmarks/gpu_tp.py, which dropped its
-        runner first, ended normally)."""
+        runner first, ended normally). A graph still running is freed when it completes (CUDA's
+        cudaGraphExecDestroy), so sync=False is safe on the error path."""
         if self._b:
-            torch.cuda.synchronize(self.model.device)
+            if sync:
+                torch.cuda.synchronize(self.model.device)
             self._b.clear()
             self._pool = None
 

@@ -87,8 +87,10 @@ class TorchRunner(Runner):
         self._drop_captures()
         super().close()
 
-    def _drop_captures(self) -> None:
-        """Work captured on the device that refers to the process group (CudaGraphRunner's graphs)."""
+    def _drop_captures(self, sync: bool = True) -> None:
+        """Work captured on the device that refers to the process group (CudaGraphRunner's graphs).
+        sync False: a rank leaving on an error does not wait for its queued work, which may be an
+        all-reduce that another rank will never join."""
 
     def __exit__(self, *exc):
         # leaving on an error: this rank must not wait for ranks that may be blocked in an
@@ -103,7 +105,7 @@ class TorchRunner(Runner):
             from ..tp import release
 
             self._holds_group = False
-            self._drop_captures()
+            self._drop_captures(sync=wait)
             release(wait)
 
 

@@ -92,11 +92,19 @@ def add_tensor_parallel(parser, verb: str) -> None:
                              "rank 0 prints")
 
 
+def other_rank(args) -> str | None:
+    """Under --tensor-parallel, this process's rank as torchrun's RANK names it, unless it is rank 0
+    (or the variable is unset); else None. Read from the launcher, not the process group, so that
+    it holds from the start (loading, errors before the group is joined) to the end."""
+    rank = os.environ.get("RANK", "0").strip() if getattr(args, "tensor_parallel", False) else "0"
+    return None if rank in ("", "0") else rank
+
+
 def quiet_rank(args) -> bool:
     """Under --tensor-parallel every rank computes the same result: rank 0 prints it, its progress
     and its warnings. True on another rank, whose stdout then goes nowhere (its errors still
-    show on stderr, marked `rank N:`). Read from torchrun's RANK, so that loading is quiet too."""
-    if not getattr(args, "tensor_parallel", False) or os.environ.get("RANK", "0").strip() in ("", "0"):
+    show on stderr, marked `rank N:`, see _rank_prefix)."""
+    if other_rank(args) is None:
         return False
     sys.stdout = open(os.devnull, "w")
     warnings.simplefilter("ignore")
@@ -485,11 +493,10 @@ def _main(argv) -> int:
 
 def _rank_prefix(args) -> str:
     """'rank N: ' in a tensor-parallel rank other than 0, whose stdout is silenced (its errors
-    still show, marked, since a failure may be that rank's alone). Read from torchrun's RANK, as
-    quiet_rank reads it: an error raised before the group is joined (or after it is closed) was
-    printed unmarked by every rank."""
-    rank = os.environ.get("RANK", "0").strip() if getattr(args, "tensor_parallel", False) else "0"
-    return f"rank {rank}: " if rank not in ("", "0") else ""
+    still show, marked, since a failure may be that rank's alone; other_rank: marked from the
+    start, where the group's own rank left errors before it was joined unmarked)."""
+    rank = other_rank(args)
+    return "" if rank is None else f"rank {rank}: "
 
 
 def _interrupted(e: BaseException) -> KeyboardInterrupt | None:

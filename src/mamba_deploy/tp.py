@@ -107,13 +107,6 @@ def joined() -> bool:
     return _group["joined"]
 
 
-def rank() -> int:
-    """This process's rank in init_distributed's group (0 outside one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if _group["opened"] and dist.is_initialized() else 0
-
-
 def hold() -> None:
     """A sharded runner starts using the group (open_torch)."""
     _group["holders"] += 1

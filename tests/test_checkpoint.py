@@ -382,3 +382,26 @@ def test_mamba_ssm_layout_refuses_a_shard_size_before_any_work(tmp_path, capsys)
     from mamba_deploy.checkpoint import stored_dtype
 
     assert stored_dtype(out) == torch.float16  # the demo's dtype kept, and read back from the .bin
+
+
+def test_convert_keeps_every_float_of_a_mixed_dtype_folder(hf_checkpoint, tmp_path, capsys):
+    """bf16 matrices beside float32 vectors (A_log, D, norms): the bf16 bulk decides verify's row,
+    but `convert` without --dtype saves float32 (and says so), so no float32 value is rounded."""
+    from safetensors.torch import load_file, save_file
+
+    from mamba_deploy.checkpoint import stored_dtype
+
+    src = _copy(hf_checkpoint("mamba2")[0], tmp_path)
+    files = sorted(src.glob("*.safetensors"))
+    for f in files:
+        sd = load_file(f)
+        save_file({k: v.to(torch.bfloat16) if v.ndim > 1 else v.float() for k, v in sd.items()}, f,
+                  metadata={"format": "pt"})
+    want = {k: v for f in files for k, v in load_file(f).items()}
+    assert stored_dtype(src) == torch.bfloat16 and stored_dtype(src, exact=True) == torch.float32
+    assert cli_main(["convert", str(src), str(tmp_path / "out")]) == 0
+    assert "more than one float dtype (mostly bfloat16)" in capsys.readouterr().err
+    got = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    vectors = [k for k, v in want.items() if v.ndim <= 1]
+    assert vectors and all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in vectors)
+    assert all(torch.equal(got[k].to(torch.bfloat16), want[k]) for k in want if k not in vectors)

@@ -13,7 +13,9 @@ out_proj_local is False): the gated norm's per-row scale cannot follow a summed 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -351,7 +353,7 @@ def test_a_quantized_checkpoint_is_refused_before_it_loads(tp_folder, tmp_path, 
     import torch.distributed as dist
 
     from mamba_deploy import cli
-    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.errors import ConfigError, QuantizationError
     from mamba_deploy.quant import runtime
     from mamba_deploy.tp import load_sharded
 
@@ -365,6 +367,15 @@ def test_a_quantized_checkpoint_is_refused_before_it_loads(tp_folder, tmp_path, 
     try:
         with pytest.raises(ConfigError, match="q is a quantized checkpoint: load the unquantized checkpoint"):
             load_sharded(tmp_path / "q")
+        # another tool's format is read by no process: not told to run it in one
+        foreign = tmp_path / "falcon-mamba-4bit"
+        shutil.copytree(tp_folder, foreign)
+        raw = json.loads((foreign / "config.json").read_text())
+        raw["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        (foreign / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(QuantizationError, match="quantized with 'bitsandbytes'") as e:
+            load_sharded(foreign)
+        assert "one process" not in str(e.value)
     finally:
         dist.destroy_process_group()
 
@@ -457,3 +468,86 @@ def test_bench_tensor_parallel_takes_one_model(tp_folder, tmp_path, capsys):
     assert code == 2
     assert "--tensor-parallel benchmarks one model on the torch backend" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def _one_rank_env(monkeypatch):
+    import socket
+
+    from mamba_deploy import tp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(tp._group, "joined", tp._group["joined"])  # this test process is no rank afterwards
+
+
+def test_an_interrupt_while_a_runner_drops_its_captures_still_lets_go_of_the_group(tp_folder, monkeypatch):
+    """A Ctrl-C (or torchrun's SIGTERM) landing in close()'s synchronize left the runner counted
+    as a holder with the group open, and a second close() never released it."""
+    import torch.distributed as dist
+
+    from mamba_deploy import tp
+    from mamba_deploy.runners import open_runner
+
+    _one_rank_env(monkeypatch)
+    try:
+        runner = open_runner(tp_folder, "torch", tensor_parallel=True)
+        syncs = []
+
+        def interrupted(sync=True):
+            syncs.append(sync)
+            raise KeyboardInterrupt
+
+        runner._drop_captures = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            runner.close()
+        assert syncs == [True] and not list(tp._holders) and not tp._group["opened"] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_closing_the_group_first_drops_the_captures_of_runners_never_closed(tp_folder, monkeypatch):
+    """tp.close_group at interpreter exit (a script that never closed its runner, or one an
+    uncaught error's traceback keeps alive) destroyed the group while a CudaGraphRunner's graphs,
+    which hold captured all-reduces, were alive: on 2 GPUs that hung at exit."""
+    import torch.distributed as dist
+
+    from mamba_deploy import tp
+    from mamba_deploy.runners import open_runner
+
+    _one_rank_env(monkeypatch)
+    try:
+        runner = open_runner(tp_folder, "torch", tensor_parallel=True)
+        order = []
+        runner._drop_captures = lambda sync=True: order.append(("drop", sync, dist.is_initialized()))
+        tp.close_group(wait=False)  # what atexit runs
+        assert order == [("drop", False, True)] and not list(tp._holders) and not dist.is_initialized()
+        runner.close()  # nothing left to release: no error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_bug_under_torchrun_ends_each_rank_without_interpreter_teardown(tp_folder, tmp_path):
+    """An unexpected exception (an NCCL error, a bug) escaped the console script, and the
+    interpreter's exit then destroyed the group while the runner, kept alive by the traceback, still
+    held its captured all-reduces. Now the rank prints the traceback and ends at once (exit 1): no
+    exit callback runs."""
+    script = tmp_path / "bug.py"
+    script.write_text(f"""
+import atexit, sys
+from mamba_deploy import entry, generation
+atexit.register(lambda: print("exit callbacks ran", file=sys.stderr, flush=True))
+def broken(*a, **k):
+    raise RuntimeError("a bug inside generate")
+generation.generate = broken
+sys.exit(entry.main(["generate", {str(tp_folder)!r}, "--prompt", "x", "--tensor-parallel"]))
+""")
+    done = _torchrun(str(script), timeout=240)
+    assert done.returncode != 0
+    assert "RuntimeError: a bug inside generate" in done.stderr, done.stderr[-2000:]
+    assert "exit callbacks ran" not in done.stderr, done.stderr[-2000:]
+    assert "rank 1: unexpected error" in done.stderr or done.stderr.count("a bug inside generate") == 2

@@ -192,9 +192,9 @@ def _close_worker(rank: int, world: int, folder: str, out_dir: str):
                                                                                 for b in runner._b.values())
     seen, release = {}, tp.release
 
-    def recorded(wait=True):  # how many graphs are alive when the group is let go
+    def recorded(holder, wait=True):  # how many graphs are alive when the group is let go
         seen["at_release"] = len(runner._b)
-        release(wait)
+        release(holder, wait)
 
     tp.release = recorded
     runner.close()
@@ -216,3 +216,43 @@ def test_closing_a_graph_runner_drops_its_graphs_before_the_group(hf_checkpoint,
     for r in range(world):
         got = torch.load(tmp_path / f"close{r}.pt")
         assert got == dict(captured=True, at_release=0, left=0, group_open=False), (r, got)
+
+
+def _error_worker(rank: int, world: int, folder: str, out_dir: str):
+    import torch.distributed as dist
+
+    from mamba_deploy import tp
+    from mamba_deploy.runners import open_runner
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("TP_TEST_PORT", "29582"))
+    abandoned, abandon = [], tp._abandon_group
+    tp._abandon_group = lambda: (abandoned.append(dist.get_backend()), abandon())[1]
+    runner = open_runner(folder, "torch", tensor_parallel=True, device="cuda")
+    try:
+        with runner:
+            state = runner.new_state(1)
+            runner.prefill(torch.tensor([[1, 2, 3]]), state)
+            runner.step(torch.tensor([1]), state)
+            captured = sum(b.graph is not None for b in runner._b.values())
+            raise KeyError("leaving on an error")
+    except KeyError:
+        pass
+    torch.save(dict(captured=captured, left=len(runner._b), abandoned=abandoned, group_open=tp._group["opened"],
+                    initialized=dist.is_initialized()), os.path.join(out_dir, f"error{rank}.pt"))
+
+
+def test_a_graph_runner_left_on_an_error_aborts_the_group_after_dropping_its_graphs(hf_checkpoint, tmp_path):
+    """Leaving on an error, a rank neither synchronizes nor destroys the NCCL group (destroying
+    finalizes its communicators, which waits for a queued all-reduce another rank may never
+    join): it drops its graphs and aborts the group, and the process ends. One NCCL rank per GPU
+    present (one on a one-GPU machine)."""
+    import torch.multiprocessing as mp
+
+    world = min(GPUS, 2)
+    folder = hf_checkpoint("mamba2")[0]
+    mp.start_processes(_error_worker, args=(world, str(folder), str(tmp_path)), nprocs=world, start_method="spawn")
+    for r in range(world):
+        got = torch.load(tmp_path / f"error{r}.pt")
+        assert got.pop("captured") >= 1, (r, got)
+        assert got == dict(left=0, abandoned=["nccl"], group_open=False, initialized=False), (r, got)

@@ -568,12 +568,15 @@ def _shards(tensors: dict, max_shard_bytes: int) -> list[dict]:
     return shards
 
 
-def stored_dtype(path_or_hub_id) -> torch.dtype | None:
+def stored_dtype(path_or_hub_id, exact: bool = False) -> torch.dtype | None:
     """The float dtype a checkpoint folder's weights are stored in: the one holding most of their
     float elements (read from the safetensors headers, or a memory-mapped pytorch_model.bin), else
     its config's `torch_dtype`; or None. The weights, not the config, decide: a fine-tune saved in
     float32 under a config still saying bfloat16 would otherwise be converted to bf16 silently
-    (and verified against the bf16 row). A quantized folder's floats are its scales: its config's."""
+    (and verified against the bf16 row). A quantized folder's floats are its scales: its config's.
+    exact: one dtype that holds every stored float unrounded instead (float32 for a folder that
+    mixes float dtypes, e.g. bf16 matrices beside float32 A_log / D), for `convert`: the bulk's
+    dtype decides verify's tolerance row, and would round the rest."""
     path = Path(path_or_hub_id)
     if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
         path = path.parent
@@ -584,14 +587,25 @@ def stored_dtype(path_or_hub_id) -> torch.dtype | None:
     declared = FLOAT_DTYPES.get(name) if isinstance(name, str) else None  # a list, an int: not a dtype
     if "quantization_config" in raw:
         return declared
+    counts = stored_float_counts(path)
+    if not counts:
+        return declared
+    if exact and len(counts) > 1:
+        return torch.float32  # float16, bfloat16 and float32 values are all float32 values
+    return max(counts, key=counts.get)
+
+
+def stored_float_counts(path: Path) -> dict[torch.dtype, int]:
+    """Float elements per stored dtype of a folder's weights (headers only); empty when unreadable
+    (the loader's error to report)."""
     counts: dict[torch.dtype, int] = {}
     try:
         for _, t in iter_tensors(path, shapes_only=True):
             if t.dtype in SAFETENSORS_FLOATS.values():
                 counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    except (MambaDeployError, OSError, ValueError):  # unreadable weights are the loader's error to report
-        pass
-    return max(counts, key=counts.get) if counts else declared
+    except (MambaDeployError, OSError, ValueError):
+        return {}
+    return counts
 
 
 def tokenizer_source(model):
@@ -705,6 +719,9 @@ def _load_model(path_or_hub_id, device, dtype, slicer=None):
     raw = read_raw_config(path)
     if "quantization_config" in raw:
         if slicer is not None:
+            from .quant.plan import refuse_foreign
+
+            refuse_foreign(raw["quantization_config"])  # told that no process reads it, not to use one
             slicer.refuse_quantized(path)
         from .quant.runtime import load_quantized
 

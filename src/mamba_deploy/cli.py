@@ -312,12 +312,19 @@ def cmd_convert(args):
     from .atomic import prepare_output_dir
     from .checkpoint import check_shard_size, load_model, save_checkpoint, stored_dtype
     from .errors import CheckpointError
+    from .tolerances import dtype_label
 
     check_shard_size(args.format, args.max_shard_size)
     prepare_output_dir(args.out, CheckpointError)
     # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not
     # silently doubled in size); a GGUF or a checkpoint without torch_dtype is saved as fp32
-    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model) or torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model, exact=True) or torch.float32
+    bulk = None if args.dtype else stored_dtype(args.model)
+    if bulk is not None and bulk != dtype:
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        print(f"note: {args.model} stores its weights in more than one float dtype (mostly {name(bulk)}); they are "
+              f"saved as {name(dtype)} so that none is rounded; pass --dtype {dtype_label(bulk)} for a smaller file",
+              file=sys.stderr)
     model = load_model(args.model, dtype=dtype)
     out = save_checkpoint(model, args.out, fmt=args.format, dtype=dtype,
                           max_shard_bytes=None if args.max_shard_size is None else int(args.max_shard_size * 1024**2))

@@ -315,7 +315,8 @@ class CudaGraphRunner(TorchRunner):
         all-reduces, and `generate --tensor-parallel --device cuda` on 2 GPUs printed its text and
         then never exited while they outlived the group (benchmarks/gpu_tp.py, which dropped its
         runner first, ended normally). A graph still running is freed when it completes (CUDA's
-        cudaGraphExecDestroy), so sync=False is safe on the error path."""
+        cudaGraphExecDestroy), so the error path need not wait (sync=False; tp then aborts the
+        group rather than destroying it)."""
         if self._b:
             if sync:
                 torch.cuda.synchronize(self.model.device)

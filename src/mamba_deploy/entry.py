@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 
 def main(argv=None) -> int:
@@ -25,19 +26,34 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    code = cli_main(argv)
-    tp = sys.modules.get("mamba_deploy.tp")
-    if tp is not None and tp.joined():
+    try:
+        code = cli_main(argv)
+    except Exception:
+        if not _tp_rank():
+            raise
+        # a bug's traceback (cli_main reports the errors users cause): under tensor parallelism
+        # the process ends here too, its group never torn down (see below and tp._abandon_group)
+        if os.environ.get("RANK", "0") != "0":
+            print(f"rank {os.environ['RANK']}: unexpected error", file=sys.stderr)
+        traceback.print_exc()
+        code = 1
+    if _tp_rank():
         # a tensor-parallel rank: C++ teardown at interpreter exit aborted some finished runs
         # (tp.close_group), so the process ends here, its output flushed. Only a rank whose
         # command succeeded waits for the others; a failed one leaves at once, and torchrun
         # stops the ranks still waiting for it in an all-reduce
         if code == 0:
-            tp.close_group()
+            sys.modules["mamba_deploy.tp"].close_group()
         _flush()
         os._exit(code)
     _exit_on_signals(code)
     return code
+
+
+def _tp_rank() -> bool:
+    """This process joined a tensor-parallel group (tp.init_distributed)."""
+    tp = sys.modules.get("mamba_deploy.tp")
+    return tp is not None and tp.joined()
 
 
 def _flush() -> None:

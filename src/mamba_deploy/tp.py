@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,24 +100,27 @@ def init_distributed(device: str = "cpu") -> tuple[int, int, str]:
 
 
 # opened: init_distributed's group is open; joined: it was opened in this process (entry.main
-# ends such a process itself); holders: open sharded runners (open_torch) that use it
-_group = {"opened": False, "joined": False, "holders": 0}
+# ends such a process itself)
+_group = {"opened": False, "joined": False}
+# open sharded runners (open_torch) that use the group; weak, so that a runner a script drops
+# without closing does not stay alive for the group's sake
+_holders: weakref.WeakSet = weakref.WeakSet()
 
 
 def joined() -> bool:
     return _group["joined"]
 
 
-def hold() -> None:
+def hold(runner) -> None:
     """A sharded runner starts using the group (open_torch)."""
-    _group["holders"] += 1
+    _holders.add(runner)
 
 
-def release(wait: bool = True) -> None:
+def release(runner, wait: bool = True) -> None:
     """A sharded runner is done with the group (TorchRunner.close); the last one closes it
     (close_group's wait)."""
-    _group["holders"] = max(0, _group["holders"] - 1)
-    if _group["holders"] == 0:
+    _holders.discard(runner)
+    if not _holders:
         close_group(wait)
 
 
@@ -129,13 +133,34 @@ def close_group(wait: bool = True) -> None:
     aborted 2-5 of 20 CPU runs of `generate --tensor-parallel` after their output was complete
     ("terminate called without an active exception") and torchrun reported a failure; closed
     first, 2 of 20 still did, so the console script ends such a process with os._exit
-    (entry.main)."""
+    (entry.main). Runners still holding the group (a script that never closed them, or one an
+    uncaught error's traceback keeps alive: this runs at exit then) first drop their captured
+    all-reduces (CudaGraphRunner), which must not outlive the group."""
     import torch.distributed as dist
 
+    for runner in list(_holders):
+        runner._drop_captures(sync=wait)
+    _holders.clear()
     if _group["opened"] and dist.is_initialized():
         _group["opened"] = False
         if wait:
             dist.barrier()
+            dist.destroy_process_group()
+        else:
+            _abandon_group()
+
+
+def _abandon_group() -> None:
+    """A failing rank's group: NCCL's is aborted, not destroyed. Destroying finalizes its
+    communicators (torch >= 2.6), which waits for queued collectives, and this rank's last one
+    may be an all-reduce that another rank never joins: it would then never exit for torchrun
+    to notice. Gloo's (CPU) is destroyed, as its connections close without waiting."""
+    import torch.distributed as dist
+
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch's, marked experimental
+    if abort is not None and dist.get_backend() == "nccl":
+        abort()
+    else:
         dist.destroy_process_group()
 
 

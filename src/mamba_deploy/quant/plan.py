@@ -256,6 +256,18 @@ def module_formats(qc: dict) -> set[str]:
             if isinstance(mods, dict) else set())
 
 
+def refuse_foreign(qc) -> None:
+    """Another tool's valid quantization_config (bitsandbytes, GPTQ, AWQ, ...): not malformed, only
+    not this toolkit's format; its own QuantizationError, before any other check of the folder."""
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if isinstance(method, str) and method != QUANT_METHOD_TAG:
+        raise QuantizationError(
+            f"config.json says the weights were quantized with {method!r} (quant_method), a format "
+            f"this toolkit does not read (only its own {QUANT_METHOD_TAG!r} checkpoints); load the unquantized "
+            "model instead (e.g. the same repository without the -4bit / -GPTQ / -AWQ suffix) and quantize it with "
+            f"`mamba-deploy quantize MODEL OUT --method {'|'.join(METHODS)}`")
+
+
 def validate_config(qc, module_names, layers=None) -> dict:
     """Check a quantization_config read from disk; raise naming the first bad value. `layers`: the
     names among `module_names` that a spec may name (Linear / Embedding layers), when known."""
@@ -265,13 +277,7 @@ def validate_config(qc, module_names, layers=None) -> dict:
 
     if not isinstance(qc, dict):
         bad(f"expected an object, got {type(qc).__name__}")
-    if isinstance(qc.get("quant_method"), str) and qc["quant_method"] != QUANT_METHOD_TAG:
-        # another tool's valid config (bitsandbytes, GPTQ, AWQ, ...): not malformed, only not ours
-        raise QuantizationError(
-            f"config.json says the weights were quantized with {qc['quant_method']!r} (quant_method), a format "
-            f"this toolkit does not read (only its own {QUANT_METHOD_TAG!r} checkpoints); load the unquantized "
-            "model instead (e.g. the same repository without the -4bit / -GPTQ / -AWQ suffix) and quantize it with "
-            f"`mamba-deploy quantize MODEL OUT --method {'|'.join(METHODS)}`")
+    refuse_foreign(qc)
     if qc.get("quant_method") != QUANT_METHOD_TAG:
         bad(f"quant_method={qc.get('quant_method')!r} is not {QUANT_METHOD_TAG!r} (only this toolkit's format is read)")
     if qc.get("version") != CONFIG_VERSION:

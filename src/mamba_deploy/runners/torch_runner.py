@@ -105,8 +105,12 @@ class TorchRunner(Runner):
             from ..tp import release
 
             self._holds_group = False
-            self._drop_captures(sync=wait)
-            release(wait)
+            try:
+                self._drop_captures(sync=wait)
+            except BaseException:  # an interrupt in the synchronize: the group is still let go
+                release(self, wait=False)
+                raise
+            release(self, wait)
 
 
 def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, threads: int | None = None,
@@ -133,6 +137,6 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     else:
         runner = TorchRunner(model)
     if tensor_parallel:
-        tp.hold()
+        tp.hold(runner)
         runner._holds_group = True  # close() lets go of the group (tp.release)
     return runner

@@ -407,17 +407,11 @@ def test_flag_refusals(tp_folder, capsys, monkeypatch):
 def test_runner_left_on_an_error_lets_go_of_the_group(tp_folder, monkeypatch):
     """`with open_runner(..., tensor_parallel=True)` left by an exception closes the group
     without waiting for other ranks (one rank of one here), so the holder count stays right."""
-    import socket
-
     import torch.distributed as dist
 
     from mamba_deploy.runners import open_runner
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    _one_rank_env(monkeypatch)
     try:
         with pytest.raises(KeyError, match="boom"):
             with open_runner(tp_folder, "torch", tensor_parallel=True) as runner:

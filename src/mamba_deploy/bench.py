@@ -21,11 +21,7 @@ import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
 from .atomic import check_writable, json_text, write_files
-from .errors import (
-    ConfigError,
-    MambaDeployError,
-    OutputPathError,
-)
+from .errors import ConfigError, OutputPathError
 from .extras import install_hint
 
 SCHEMA = "mamba-deploy-bench/1"
@@ -166,9 +162,12 @@ def _system_info() -> dict:
 
 
 def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repeats: int = 3, seed: int = 0,
-              progress: bool = True, open_options: dict | None = None, threads: int | None = None) -> dict:
-    """Benchmark every (artifact, backend) target; a target that cannot be opened or run is kept
-    with its error so the rest still get measured."""
+              progress: bool = True, open_options: dict | None = None, threads: int | None = None,
+              backend_options: dict | None = None) -> dict:
+    """Benchmark every (artifact, backend) target; a target that cannot be opened or run (a
+    typed error, the backend runtime's own, out of memory) is kept with its error and the rows it
+    measured before, so the rest still get measured. open_options: the torch targets' (device,
+    dtype, ...); backend_options: backend name -> another backend's own (OpenVINO's device)."""
     from tqdm.auto import tqdm
 
     from .runners import open_runner
@@ -188,9 +187,10 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
             data["targets"].append(entry)
             done_before = bar.n
             try:
-                opts = {"threads": threads, **((open_options or {}) if backend == "torch" else {})}
-                if backend == "torch":  # what ran: another --dtype is another benchmark
-                    entry.update({k: str(v).removeprefix("torch.") for k, v in opts.items() if k != "threads"})
+                own = (open_options if backend == "torch" else (backend_options or {}).get(backend)) or {}
+                opts = {"threads": threads, **own}
+                # what ran: another --dtype or device is another benchmark
+                entry.update({k: str(v).removeprefix("torch.") for k, v in own.items()})
                 with open_runner(path, backend, **opts) as runner:
                     tp = getattr(getattr(runner, "model", None), "tp", None)
                     if tp is not None:  # what ran: the ranks it was sharded over
@@ -200,7 +200,7 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                             bar.set_postfix_str(f"{backend} b={b} l={length}")
                             row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
                             data["results"].append(dict(artifact=str(path), backend=backend, **row))
-            except MambaDeployError as e:
+            except Exception as e:  # noqa: BLE001  (typed errors, a runtime's own: ORT's, OpenVINO's, out of memory)
                 if opts.get("tensor_parallel"):
                     raise  # the other ranks wait for this one in an all-reduce: the run ends (torchrun stops them)
                 entry["error"] = f"{type(e).__name__}: {e}"
@@ -210,8 +210,25 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
 
 # ----------------------------------------------------------------------------- reporting
 
-def _label(row) -> str:
-    return f"{Path(row['artifact']).name or row['artifact']} ({row['backend']})"
+def _label(row, names: dict | None = None) -> str:
+    """A target's name in tables and plots: its file or folder name, or a longer tail of its path
+    where that name is shared by another target of the run (`names`: short_names(data))."""
+    name = (names or {}).get(row["artifact"]) or Path(row["artifact"]).name or row["artifact"]
+    return f"{name} ({row['backend']})"
+
+
+def short_names(data: dict) -> dict:
+    """artifact -> the shortest path tail that no other target of the run shares."""
+    paths = sorted({t["artifact"] for t in data["targets"]})
+    out = {}
+    for p in paths:
+        parts = Path(p).parts or (p,)
+        for n in range(1, len(parts) + 1):
+            tail = str(Path(*parts[-n:]))
+            if all(Path(q).parts[-n:] != parts[-n:] for q in paths if q != p):
+                break
+        out[p] = tail
+    return out
 
 
 def _fmt(v, spec=".1f") -> str:
@@ -219,22 +236,22 @@ def _fmt(v, spec=".1f") -> str:
 
 
 def markdown_table(data: dict) -> str:
-    s = data["settings"]
+    s, names = data["settings"], short_names(data)
     lines = ["# mamba-deploy bench", "",
              f"gen_len {s['gen_len']}, warmup {s['warmup']}, repeats {s['repeats']}, "
              f"threads {s.get('threads') or 'backend default'}; "
              f"{data['system']['processor']}, {data['system']['cpu_count']} CPUs, torch {data['system']['torch']}"
              + (f", {data['system']['cuda']}" if data["system"]["cuda"] else "")
-             + "".join(f"; {_label(t)} sharded over {t['tensor_parallel']} ranks" for t in data["targets"]
+             + "".join(f"; {_label(t, names)} sharded over {t['tensor_parallel']} ranks" for t in data["targets"]
                        if t.get("tensor_parallel")), "",
-             "| target | batch | prompt | prefill ms (median / p95) | decode ms/token (median / p95) "
+             "| target | batch | prompt | prefill ms (median / p95) | decode ms/token of each sequence = ms/step (median / p95) "
              "| prefill tok/s | decode tok/s | peak RSS MiB | peak CUDA MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     mib = 1024 ** 2
     for r in data["results"]:
         dec = r["decode_ms_per_token"] or {"median": None, "p95": None}
         lines.append(
-            f"| {_label(r)} | {r['batch']} | {r['prompt_len']} | {_fmt(r['prefill_ms']['median'], '.2f')} / "
+            f"| {_label(r, names)} | {r['batch']} | {r['prompt_len']} | {_fmt(r['prefill_ms']['median'], '.2f')} / "
             f"{_fmt(r['prefill_ms']['p95'], '.2f')} | {_fmt(dec['median'], '.2f')} / {_fmt(dec['p95'], '.2f')} "
             f"| {_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} "
             f"| {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / mib)} "
@@ -253,11 +270,11 @@ def _plot(data: dict, x_key: str, y_fn, series_key: str, title: str, xlabel: str
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    series = {}
+    series, names = {}, short_names(data)
     for r in data["results"]:
         y = y_fn(r)
         if y is not None:
-            series.setdefault(f"{_label(r)} {series_key}={r[series_key]}", []).append((r[x_key], y))
+            series.setdefault(f"{_label(r, names)} {series_key}={r[series_key]}", []).append((r[x_key], y))
     for name, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -331,13 +348,16 @@ def write_outputs(data: dict, out_dir) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def cmd_bench(args):
-    from .cli import quiet_rank, refuse_torch_only, torch_options
+    from .cli import quiet_rank, refuse_torch_only, torch_flags_set, torch_options
+    from .runners import OPTIONS
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
-    if all(backend != "torch" for _, backend in targets):
-        refuse_torch_only(args, "no target runs on the torch backend (" + ", ".join(sorted({b for _, b in targets}))
-                          + ")")
+    others = sorted({b for _, b in targets} - {"torch"})
+    if all(backend != "torch" for _, backend in targets):  # a flag no target takes: refused, not ignored
+        refuse_torch_only(args, f"no target runs on the torch backend ({', '.join(others)})", others)
+    # the torch flags another backend takes: --device for OpenVINO and TensorRT
+    backend_options = {b: {k: v for k, v in torch_flags_set(args).items() if k in OPTIONS[b]} for b in others}
     if args.tensor_parallel and len(targets) > 1:  # each sharded runner would open and close the group
         raise ConfigError("--tensor-parallel benchmarks one model on the torch backend, got "
                           + ", ".join(f"{p} ({b})" for p, b in targets) + "; run bench once per model")
@@ -346,7 +366,8 @@ def cmd_bench(args):
     # what would stop the writing is reported before minutes of measuring, not after
     _check_out_dir(args.out)
     data = run_bench(targets, batches, prompt_lens, args.gen_len, args.warmup, args.repeats, args.seed,
-                     progress=not (args.quiet or quiet), open_options=torch_options(args), threads=args.threads)
+                     progress=not (args.quiet or quiet), open_options=torch_options(args), threads=args.threads,
+                     backend_options=backend_options)
     errors = [t for t in data["targets"] if t["error"]]
     if not data["results"]:
         # results of an earlier run in --out stay as they were: an empty table is not a result

@@ -147,18 +147,27 @@ DEVICE_HELP = ("cpu, cuda or cuda:N (torch); an OpenVINO device, CPU or GPU (--b
                "(tensorrt); the other backends take none")
 
 
-def refuse_torch_only(args, where: str, backend: str | None = None) -> dict:
-    """ConfigError for a torch flag away from its default that the backend running instead
-    (`where` says which; `backend`: its name, None for several) does not take: ignoring it would
-    run another precision or device silently. -> the flags it does take, as open options."""
-    from .runners import OPTIONS
-
-    taken = {}
+def torch_flags_set(args) -> dict:
+    """The torch backend's flags given away from their defaults: name -> the value given."""
+    flags = {}
     for name, default in TORCH_ONLY_DEFAULTS.items():
         value = getattr(args, name, default)
-        if DTYPES.get(value, value) == DTYPES.get(default, default):  # fp32 and float32 are one
-            continue
-        if backend is not None and name in OPTIONS[backend]:
+        if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
+            flags[name] = value
+    return flags
+
+
+def refuse_torch_only(args, where: str, backend=None) -> dict:
+    """ConfigError for a torch flag away from its default that the backend running instead
+    (`where` says which; `backend`: its name, or the names of several that each run a target;
+    None: none takes any) does not take: ignoring it would run another precision or device
+    silently. -> the flags they do take, as open options."""
+    from .runners import OPTIONS
+
+    backends = [backend] if isinstance(backend, str) else list(backend or ())
+    taken = {}
+    for name, value in torch_flags_set(args).items():
+        if any(name in OPTIONS[b] for b in backends):
             taken[name] = value
             continue
         flag = "--" + name.replace("_", "-")

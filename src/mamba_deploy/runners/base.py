@@ -41,10 +41,14 @@ def one_call_at_a_time(method):
     """For a backend whose native handle takes one call at a time (one llama.cpp context, one
     OpenVINO infer request): threads sharing the runner wait for each other here, where they
     crashed the process (llama.cpp) or got "Infer Request is busy". The runner's __init__ sets
-    `self.call_lock = threading.RLock()` (re-entrant: gather_states calls new_state)."""
+    `self.call_lock = threading.RLock()` (re-entrant: gather_states calls new_state). close()
+    takes the lock too, so a call that was waiting for it finds the runner closed (and says so)
+    instead of its freed handles."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self.call_lock:
+            if self.closed and method.__name__ != "close":
+                raise RunnerClosedError(CLOSED.format(name=self.name))
             return method(self, *args, **kwargs)
     return locked
 
@@ -93,7 +97,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def check_state(state, cls, batch: int | None, config: MambaConfig | None = None) -> None:
+def check_state(state, cls, batch: int | None, config: MambaConfig | None = None, rows_of: str = "ids") -> None:
     """`state` is the backend's own state class (with a `.batch`) made for `batch` rows (None:
     any) and, with `config`, by a runner of a model with that config's state shapes (its
     `.layout`, see `state_layout`): another model's state would reach the backend as a shape
@@ -107,7 +111,7 @@ def check_state(state, cls, batch: int | None, config: MambaConfig | None = None
                          f"model needs {state_layout(config)}: it was made by a runner of another model; create it "
                          "with this runner's new_state(batch)")
     if batch is not None and state.batch != batch:
-        raise ShapeError(f"ids have batch {batch} but the state was made for batch {state.batch}; "
+        raise ShapeError(f"{rows_of} have batch {batch} but the state was made for batch {state.batch}; "
                          "create it with runner.new_state(batch)")
 
 
@@ -185,6 +189,7 @@ def check_threads(threads) -> int | None:
     return int(threads)
 
 
+CLOSED = "the {name} runner is closed; open the model again with open_runner(...)"
 # the methods that touch a backend's handles: refused once the runner is closed (a freed
 # llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
 OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state", "clone_state",
@@ -195,7 +200,7 @@ def _open_only(fn):
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
         if self.closed:
-            raise RunnerClosedError(f"the {self.name} runner is closed; open the model again with open_runner(...)")
+            raise RunnerClosedError(CLOSED.format(name=self.name))
         return fn(self, *args, **kwargs)
 
     method.open_only = True

@@ -91,7 +91,7 @@ class OnnxRunner(Runner):
 
     def load_torch_state(self, state: OnnxState, src: State) -> None:
         src = checked_source(src, self.config)
-        check_state(state, OnnxState, src.conv.shape[1], self.config)
+        check_state(state, OnnxState, src.conv.shape[1], self.config, rows_of="the source state's rows")
         arrays = [t.float().numpy() for pair in src.layers() for t in pair]
         for v, a, keep in zip(state.bufs[state.cur], arrays, state.arrays[state.cur]):
             if self.device == "cpu":  # the OrtValue shares this numpy buffer
@@ -171,6 +171,9 @@ def prefill_inputs(ids, attention_mask, vocab: int):
 
 
 def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
+    """Feeds for a plain session run: every required input, numpy arrays of the manifest's
+    dtypes and shapes, token ids in the vocabulary (the graph's Gather would wrap a negative
+    id round to another token) and a left-padding mask, as prefill checks them."""
     dims: dict[str, int] = {}
     for spec in manifest["inputs"]:
         name = spec["name"]
@@ -179,7 +182,14 @@ def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
                 continue
             needed = [s["name"] for s in manifest["inputs"] if not s.get("optional")]
             raise ShapeError(f"missing input {name!r}; the graph needs {needed}")
-        shape = np.shape(feeds[name])
+        v = feeds[name]
+        if not isinstance(v, np.ndarray):
+            raise ShapeError(f"input {name!r} is a {type(v).__name__}; run() takes numpy arrays "
+                             "(tensor.numpy() for a torch tensor)")
+        if spec.get("dtype") and v.dtype != np.dtype(spec["dtype"]):
+            raise ShapeError(f"input {name!r} is {v.dtype}, the graph takes {spec['dtype']}; pass "
+                             f"np.asarray(x, np.{spec['dtype']})")
+        shape = np.shape(v)
         want = spec["shape"]
         ok = len(shape) == len(want)
         for got, w in zip(shape, want):
@@ -193,6 +203,9 @@ def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
     unknown = sorted(set(feeds) - {s["name"] for s in manifest["inputs"]})
     if unknown:
         raise ShapeError(f"unknown inputs {unknown}; the graph takes {[s['name'] for s in manifest['inputs']]}")
+    if IDS in feeds:
+        check_ids(feeds[IDS], 2, cfg.padded_vocab_size)
+        check_mask(feeds.get(MASK), feeds[IDS].shape)
 
 
 def check_session(manifest: dict, session, folder: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class OpenVinoRunner(Runner):
 
     def load_torch_state(self, state: OpenVinoState, src: State) -> None:
         src = checked_source(src, self.config)
-        check_state(state, OpenVinoState, src.conv.shape[1], self.config)
+        check_state(state, OpenVinoState, src.conv.shape[1], self.config, rows_of="the source state's rows")
         state.arrays = [t.float().numpy().copy() for pair in src.layers() for t in pair]
 
     # ---- running -------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ class OpenVinoRunner(Runner):
         ids = _ids(ids, 1, self.config.padded_vocab_size)
         return self._run(ids[:, None], state)[:, 0], state
 
+    @one_call_at_a_time
     def close(self) -> None:
         self.request = self.compiled = None
         if self._tmpfile is not None:
@@ -351,6 +353,9 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    if properties is not None and not isinstance(properties, dict):
+        raise ConfigError(f"properties must be a dict of OpenVINO property names to values, got "
+                          f"{type(properties).__name__} {properties!r:.80}")
     config.update(properties or {})
     try:
         with ieee_denormals():
@@ -363,11 +368,29 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
             with ieee_denormals():
                 compiled = core.compile_model(model, device, config)
         except RuntimeError as e:
+            if properties:  # most likely theirs: an unknown name or a value the device refuses
+                raise ConfigError(f"OpenVINO cannot compile {folder / GRAPH_FILE} for {device} with properties "
+                                  f"{properties}: {str(e).strip()}; check their names and values against OpenVINO's "
+                                  "documentation for that device, or leave them out") from e
             raise ExportError(f"OpenVINO cannot compile {folder / GRAPH_FILE} for {device}: {e}") from e
     except BaseException:
         if tmpfile is not None:
             tmpfile.unlink(missing_ok=True)
         raise
+    _warn_if_precision_changed(compiled, precision, device)
     del model  # the compiled model holds its own weights
     release_freed_memory()
     return OpenVinoRunner(folder, manifest, compiled, defaults, tmpfile)
+
+
+def _warn_if_precision_changed(compiled, precision: str, device: str) -> None:
+    """OpenVINO compiles a precision its device lacks in another one without an error (f16 on a
+    CPU with bf16 but no fp16 arithmetic runs in bf16): say what runs instead."""
+    try:
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
+        got = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+    except RuntimeError:  # a device that does not report it
+        return
+    if got not in ("", "undefined", "dynamic", PRECISIONS[precision]):
+        warnings.warn(f"OpenVINO on {device} runs precision {precision!r} as {got}, which it has instead; its "
+                      "results have that precision's error", stacklevel=3)

@@ -101,7 +101,7 @@ class TensorRTRunner(Runner):
 
     def load_torch_state(self, state: TensorRTState, src: State) -> None:
         src = checked_source(src, self.config)
-        check_state(state, TensorRTState, src.conv.shape[1], self.config)
+        check_state(state, TensorRTState, src.conv.shape[1], self.config, rows_of="the source state's rows")
         for buf, t in zip(state.bufs[state.cur], (t for pair in src.layers() for t in pair)):
             buf.copy_(t)
 
@@ -176,6 +176,7 @@ class TensorRTRunner(Runner):
         ids = check_ids(ids, 1, self.config.padded_vocab_size).cpu()
         return self._run(ids[:, None], state)[:, 0], state
 
+    @one_call_at_a_time
     def close(self) -> None:
         self.context = self.engine = None
         super().close()

@@ -5,6 +5,7 @@ or a temporary beside it."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import subprocess
@@ -308,7 +309,9 @@ def test_train_interrupted_ends_with_the_message_not_the_bar(tmp_path, monkeypat
     assert rc == 130
     lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
     assert lines[-1] == "interrupted", lines[-3:]
-    assert not (tmp_path / "out").exists()
+    # the two steps done were saved (thirty-fifth session; before, an interrupt kept nothing)
+    assert any(ln.startswith("saved step 2 to") for ln in lines), lines[-4:]
+    assert json.loads((tmp_path / "out" / "train_log.json").read_text())["steps"] == 2
 
 
 # ------------------------------------------------------------------ encoding a corpus

@@ -161,3 +161,166 @@ def test_load_torch_state_names_the_source_rows(onnx_export):
     src = State.from_layers([torch.zeros(s) for s in State.layer_shapes(runner.config, 3)])
     with pytest.raises(ShapeError, match="the source state's rows have batch 3 but the state was made for batch 2"):
         runner.load_torch_state(runner.new_state(2), src)
+
+
+# ------------------------------------------------------------------ train / data / eval (a second review)
+
+def _run_args(tmp_path, **kw):
+    import argparse
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    base = dict(preset="tiny-mamba2", tokenizer=str(models / "demo-mamba2"), out=str(tmp_path / "out"),
+                work_dir=str(tmp_path / "work"), data_cache=str(tmp_path.parent / "stdlib-cache"), steps=6,
+                max_minutes=None, batch=2, seq_len=16, lr=3e-3, warmup=1, weight_decay=0.1, clip=1.0, amp=None,
+                device="cpu", eval_every=2, eval_batch=2, eval_tokens=0, save_every=100, seed=0, resume=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _interrupt_at(monkeypatch, call: int, inside_update: bool = False):
+    """The `call`-th train_step raises KeyboardInterrupt: in its forward pass, or once AdamW's update
+    has begun."""
+    from mamba_deploy import train
+
+    calls, real = [], train.train_step
+
+    def step(model, opt, *a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            if inside_update:  # the update has begun (the weights moved), the step is not counted yet
+                opt.step()
+            raise KeyboardInterrupt
+        return real(model, opt, *a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def test_an_interrupted_run_is_saved_and_resumes_to_the_uninterrupted_model(tmp_path, monkeypatch):
+    """Ctrl-C kept nothing since the last --save-every (before the first, nothing at all). Now the
+    steps done are saved, with the data RNG from before the interrupted step's batch, so --resume
+    ends with the model an uninterrupted run writes, byte for byte."""
+    from mamba_deploy import train
+
+    full = train.train(_run_args(tmp_path / "a"))
+    _interrupt_at(monkeypatch, 4)  # steps 1-3 done, the 4th interrupted in its forward pass
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_run_args(tmp_path / "b"))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "b" / "out" / "train_log.json").read_text())["steps"] == 3
+    again = train.train(_run_args(tmp_path / "b", resume=True))
+    strip = lambda log: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log]  # noqa: E731
+    assert strip(again["log"]) == strip(full["log"]) and again["tokens_seen"] == full["tokens_seen"]
+    assert (tmp_path / "b" / "out" / "model.safetensors").read_bytes() == \
+        (tmp_path / "a" / "out" / "model.safetensors").read_bytes()
+
+
+def test_an_interrupt_inside_the_optimizer_update_keeps_the_last_save(tmp_path, monkeypatch, capsys):
+    """Weights part-way through AdamW's update are no step's: the last save stands."""
+    from mamba_deploy import train
+
+    _interrupt_at(monkeypatch, 4, inside_update=True)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_run_args(tmp_path, save_every=2))
+    monkeypatch.undo()
+    assert "interrupted inside an optimizer update: the last save (step 2) stands" in capsys.readouterr().err
+    assert torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)["step"] == 2
+
+
+def test_resume_keeps_the_schedule_max_minutes_fitted(tmp_path, monkeypatch):
+    """--max-minutes fits the schedule to the time after 12 steps; a resumed run fitted it again
+    to a fresh budget (the rate jumped back up, the run ended elsewhere), and a finished run
+    resumed trained on at the peak rate."""
+    from mamba_deploy import train
+
+    monkeypatch.setattr(train, "resolve_total_steps", lambda *a: 16)  # the first run's budget: 16 steps
+    _interrupt_at(monkeypatch, 14)
+    args = dict(steps=40, max_minutes=1.0, eval_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_run_args(tmp_path, **args))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)["schedule_steps"] == 16
+    monkeypatch.setattr(train, "resolve_total_steps", lambda *a: 30)  # another budget: not applied
+    again = train.train(_run_args(tmp_path, resume=True, **args))
+    # as uninterrupted: 12 steps timed against --steps 40, then the fitted 16 (re-fitted: 30)
+    assert again["steps"] == 16 and [e["lr"] for e in again["log"]] == \
+        [train.lr_at(s, 40 if s < 12 else 16, 3e-3, 1) for s in range(16)]
+    with pytest.raises(ConfigError, match="has done all 16 steps that its --max-minutes fitted"):
+        train.train(_run_args(tmp_path, resume=True, **args))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    """--resume took a new --batch / --seq-len / --lr silently (and logged them as the whole
+    run's), ignored --seed, and counted tokens_seen from the new settings."""
+    from mamba_deploy import train
+
+    train.train(_run_args(tmp_path, steps=2, save_every=1))
+    with pytest.raises(ConfigError, match="started with --batch 2 --seq-len 16, this command has --batch 4 --seq-len 32"):
+        train.train(_run_args(tmp_path, steps=4, batch=4, seq_len=32, resume=True))
+    with pytest.raises(ConfigError, match="started with --seed 0, this command has --seed 9"):
+        train.train(_run_args(tmp_path, steps=4, seed=9, resume=True))
+    assert train.train(_run_args(tmp_path, steps=4, resume=True))["tokens_seen"] == 4 * 2 * 16
+
+
+def test_resume_redoes_an_interrupted_final_evaluation(tmp_path, monkeypatch):
+    """The last step's state and snapshot were saved, then the final --eval-tokens evaluation was
+    interrupted: --resume refused ("already done"), and the model card's validation never came."""
+    from mamba_deploy import train
+
+    real = train.final_eval
+    monkeypatch.setattr(train, "final_eval", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_run_args(tmp_path, steps=2, eval_tokens=64))
+    monkeypatch.setattr(train, "final_eval", real)
+    done = train.train(_run_args(tmp_path, steps=2, eval_tokens=64, resume=True))
+    assert "validation" in done and "validation" in json.loads((tmp_path / "out" / "train_log.json").read_text())
+
+
+def test_a_truncated_token_cache_is_encoded_again(tmp_path):
+    """A cache cut short (an interrupted copy to the training machine) was a numpy traceback."""
+    from pathlib import Path
+
+    from mamba_deploy import data
+
+    tok = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
+    want = data.load_split(tok, "train", tmp_path / "cache", root=corpus)
+    arr = tmp_path / "cache" / "train.npy"
+    arr.write_bytes(arr.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="cannot be read.*encoding it again"):
+        got = data.load_split(tok, "train", tmp_path / "cache", root=corpus)
+    assert np.array_equal(got, want) and np.array_equal(np.load(arr), want)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="--data-cache .*afile is a file"):
+        data.load_split(tok, "train", tmp_path / "afile", root=corpus)
+
+
+def test_eval_text_scores_the_files_own_line_endings(tmp_path, capsys):
+    """--text read through read_text turned "\\r\\n" into "\\n": a CRLF file was scored as the LF text
+    (the same token count and perplexity)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from mamba_deploy.cli import main
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    tok = Tokenizer.from_file(str(demo / "tokenizer.json"))
+    lf = "def f(x):\n    return x + 1\n" * 20
+    scored = {}
+    for name, text in (("lf", lf), ("crlf", lf.replace("\n", "\r\n"))):
+        (tmp_path / name).write_bytes(text.encode())
+        assert main(["eval", str(demo), "--text", str(tmp_path / name), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        scored[name] = got["tokens"]
+        assert got["tokens"] == len(tok.encode(text).ids) - 1, (name, got)  # every token after the first
+    assert scored["crlf"] > scored["lf"]
+
+
+def test_seq_len_error_names_the_split(tmp_path):
+    from mamba_deploy.train import sample_batch
+
+    with pytest.raises(ConfigError, match="the validation split has 10 tokens, fewer than --seq-len 64 .*--seq-len 9"):
+        sample_batch(np.arange(10), 2, 64, np.random.default_rng(0), "validation split")

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,8 @@ def read_text_file(path, flag: str, error=ConfigError) -> str:
     """A user's text file (--text, --calib), strictly UTF-8: bytes replaced by U+FFFD would score
     or calibrate on a text that is not the file's. `error` is the typed error to raise."""
     try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
+        # bytes decoded, not read_text: that turns "\r\n" into "\n", a text the file does not hold
+        return Path(path).expanduser().read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {flag} {str(path)!r} as UTF-8 text: {e}; pass a text file, converted to "
                     "UTF-8 if it is in another encoding (e.g. iconv -f latin1 -t utf-8)") from e
@@ -166,6 +168,21 @@ def encode_split(tokenizer, split: str, root: Path | None = None, progress: bool
     return np.asarray(out, dtype=np.int32)
 
 
+def _cached_split(path: Path) -> np.ndarray | None:
+    """A cached split's ids, or None (with a warning) when the file cannot be read whole: a copy
+    cut short on its way to the training machine is encoded again, not a traceback."""
+    try:
+        ids = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        warnings.warn(f"the cached split {path} cannot be read ({e}); encoding it again", stacklevel=3)
+        return None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        warnings.warn(f"the cached split {path} holds {ids.dtype} {ids.shape}, not token ids; encoding it again",
+                      stacklevel=3)
+        return None
+    return ids
+
+
 def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = None) -> np.ndarray:
     """encode_split, cached in cache_dir/{split}.npy keyed by the tokenizer's digest.
     meta.json records the digest each split was encoded with ("{split}_tokenizer_digest"); a split
@@ -180,13 +197,17 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
         cache = Path(cache_dir)
         meta_path, arr_path = cache / "meta.json", cache / f"{split}.npy"
         meta = read_json_object(meta_path)  # {} when absent or unreadable: the split is encoded again
+        if cache.exists() and not cache.is_dir():
+            raise ConfigError(f"--data-cache {cache} is a file; pass a folder for the encoded splits (it is created "
+                              "if missing), or leave --data-cache out")
         if arr_path.exists() and meta.get("tokenizer_digest") == digest:
-            if meta.get(key) == digest:
-                return np.load(arr_path)
-            if key not in meta:  # a cache from before per-split digests: trust a split only where
-                ids = np.load(arr_path)  # meta counted it (a stale split has no count there)
-                if meta.get(f"{split}_tokens") == int(ids.size):
-                    return ids
+            ids = _cached_split(arr_path)
+            if ids is not None and meta.get(key) == digest:
+                return ids
+            # a cache from before per-split digests: trust a split only where meta counted it (a
+            # stale split has no count there)
+            if ids is not None and key not in meta and meta.get(f"{split}_tokens") == int(ids.size):
+                return ids
         prepare_output_file(arr_path)  # an unwritable cache folder fails now, not after encoding
     ids = encode_split(load_tokenizer(tokenizer_dir), split, root)
     if cache_dir is not None:

@@ -98,10 +98,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator):
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator, split: str = "corpus"):
     """Random windows of the stream: (b, seq_len + 1) int64 (inputs + shifted targets)."""
     if tokens.size < seq_len + 1:
-        raise ConfigError(f"corpus has {tokens.size} tokens, fewer than --seq-len {seq_len} + 1")
+        raise ConfigError(f"{'the ' * (split != 'corpus')}{split} has {tokens.size} tokens, fewer than --seq-len "
+                          f"{seq_len} + 1; pass --seq-len {max(1, tokens.size - 1)} or less")
     starts = rng.integers(0, tokens.size - seq_len, size=batch)  # the last window starts at size - seq_len - 1
     return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
 
@@ -137,12 +138,33 @@ def quick_val_loss(model, val_windows, amp_dtype) -> float:
     return total / (b * (n - 1))
 
 
-def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None) -> None:
+def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None,
+                        extra: dict | None = None) -> None:
+    """extra: the run's RUN_KEYS (settings, schedule_steps, tokens_seen); `rng`: a Generator or
+    its bit_generator.state."""
     # atomic_file: a unique temporary, removed when the save is interrupted or the disk fills
     with atomic_file(path) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "rng": rng.bit_generator.state, "log": log, "preset": preset,
-                    "vocab_size": model.config.vocab_size}, tmp)
+                    "rng": rng if isinstance(rng, dict) else rng.bit_generator.state, "log": log, "preset": preset,
+                    "vocab_size": model.config.vocab_size, **(extra or {})}, tmp)
+
+
+# what a run fixes at its start and --resume must not change: they shape its schedule and data
+RUN_SETTINGS = ("batch", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed")
+
+
+def check_run_settings(args, saved: dict | None, state_path: Path) -> None:
+    """ConfigError when --resume would continue a run with other settings than it was started
+    with (a state from before they were saved is taken as it is)."""
+    if not isinstance(saved, dict):
+        return
+    diff = [k for k in RUN_SETTINGS if k in saved and saved[k] != getattr(args, k)]
+    if diff:
+        flag = lambda k, v: f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"  # noqa: E731
+        raise ConfigError(f"--resume: the run in {state_path} was started with {' '.join(flag(k, saved[k]) for k in diff)}, "
+                          f"this command has {' '.join(flag(k, getattr(args, k)) for k in diff)}; a resumed run keeps "
+                          "its settings: pass the run's values, or drop --resume (or use another --work-dir) to start "
+                          "a new run")
 
 
 def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
@@ -335,7 +357,8 @@ def setup(args) -> SimpleNamespace:
     model.source_path = Path(args.tokenizer)  # save_checkpoint copies the tokenizer files from here
     model.to(device).train()
     run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
-                          rng=np.random.default_rng(args.seed), step=0, log=[], device=device,
+                          rng=np.random.default_rng(args.seed), step=0, log=[], device=device, tokens_seen=0,
+                          schedule_steps=None, settings={k: getattr(args, k) for k in RUN_SETTINGS},
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
                           state_path=state_path, train_ids=train_ids, val_ids=val_ids)
     if st is not None:
@@ -347,15 +370,27 @@ def setup(args) -> SimpleNamespace:
                 f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
                 f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
                 "or drop --resume (or use another --work-dir) to start over") from e
-        saved = read_json_object(Path(args.out) / "train_log.json").get("steps", 0)  # 0: no snapshot there yet
-        # the state's last step done but --out older (its final save failed: disk full, Ctrl-C):
-        # the loop below has nothing to do, and the final evaluation and snapshot are written
-        unsaved = st["step"] == args.steps and isinstance(saved, int) and saved < st["step"]
-        if st["step"] >= args.steps and not unsaved:  # nothing to train: the saved run stays as it is
+        check_run_settings(args, st.get("settings"), state_path)
+        # a schedule --max-minutes fixed stays: re-fitted to a new budget, its rate jumped
+        run.schedule_steps = st.get("schedule_steps")
+        total = run.schedule_steps or args.steps
+        log_out = read_json_object(Path(args.out) / "train_log.json")
+        saved = log_out.get("steps", 0)  # 0: no snapshot there yet
+        # the state's last step done but --out older (its final save failed: disk full, Ctrl-C),
+        # or its final evaluation never written: the loop below has nothing to do, and the final
+        # evaluation and snapshot are written
+        unsaved = st["step"] == total and isinstance(saved, int) and (
+            saved < st["step"] or (args.eval_tokens and "validation" not in log_out))
+        if st["step"] >= total and not unsaved:  # nothing to train: the saved run stays as it is
+            if run.schedule_steps:
+                raise ConfigError(f"--resume: {state_path} has done all {st['step']} steps that its --max-minutes "
+                                  "fitted into its schedule; start a new run (drop --resume, or another --work-dir) "
+                                  "to train longer")
             raise ConfigError(f"--resume: {state_path} has already done {st['step']} steps, and --steps {args.steps} "
                               f"counts those too; pass --steps above {st['step']} to train further")
         run.opt.load_state_dict(st["opt"])
         run.step, run.log = st["step"], st["log"]
+        run.tokens_seen = st.get("tokens_seen", st["step"] * args.batch * args.seq_len)
         run.rng.bit_generator.state = st["rng"]
     run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
                     train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
@@ -408,13 +443,10 @@ def eval_tokens(text: str) -> int:
 
 
 def _train(args) -> dict:
-    from tqdm import tqdm
-
-    from .ops import use_backend
-
     run = setup(args)
-    model, log, step, total = run.model, run.log, run.step, args.steps
-    val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234))
+    model, total = run.model, run.schedule_steps or args.steps
+    val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234),
+                               "validation split")
     print(f"{args.preset}: {run.info['parameters'] / 1e6:.2f} M parameters, {run.train_ids.size} train tokens",
           flush=True)
     if args.micro_batch != args.batch:
@@ -427,36 +459,91 @@ def _train(args) -> dict:
     if model.device.type == "cpu" and args.micro_batch * args.seq_len > CPU_MICRO_TOKENS:
         print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
-    start, step_times = time.perf_counter(), []
-    # closed on the way out of an interrupt too: else its last redraw, at exit, came after the message
-    bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
-    with bar, use_backend("ref"):  # the reference ops have autograd; fast kernels may not
-        while step < total:
-            t0 = time.perf_counter()
-            batch = sample_batch(run.train_ids, args.batch, args.seq_len, run.rng)
-            loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total)
-            step += 1
-            step_times.append(time.perf_counter() - t0)
-            if len(step_times) == 12:
-                total = bar.total = resolve_total_steps(args, step_times, start, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if step % args.eval_every == 0 or step == total:
-                vl = quick_val_loss(model, val_windows, run.amp_dtype)
-                log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
-                            "elapsed_s": round(time.perf_counter() - start, 1)})
-                bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
-            if step % args.save_every == 0 or step == total:
-                save_training_state(run.state_path, model, run.opt, step, run.rng, log, args.preset)
-                metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len, "log": log}
-                save_snapshot(model, Path(args.out), torch.float16, metrics)
-    metrics = {**run.info, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
-               "train_seconds": round(time.perf_counter() - start, 1), "log": log}
+    start = time.perf_counter()
+    step = _loop(run, args, val_windows, total, start)
+    metrics = {**run.info, "steps": step, "tokens_seen": run.tokens_seen,
+               "train_seconds": round(time.perf_counter() - start, 1), "log": run.log}
     if args.eval_tokens:
         metrics["validation"] = final_eval(model, run.train_ids, run.val_ids, args.eval_tokens, run.cfg.vocab_size)
         print("validation:", json.dumps(metrics["validation"]), flush=True)
     save_snapshot(model, Path(args.out), torch.float16, metrics)
     return metrics
+
+
+def _loop(run, args, val_windows, total: int, start: float) -> int:
+    """The optimizer steps from run.step to the schedule's end (-> the steps done). Between two
+    steps run.step / run.mark (the data RNG before the next batch) / run.tokens_seen describe a
+    state the run can resume from; an interrupt then saves it (_save_interrupted)."""
+    from tqdm import tqdm
+
+    from .ops import use_backend
+
+    model, log, step, step_times = run.model, run.log, run.step, []
+    run.mark, run.saved, run.updating = run.rng.bit_generator.state, step, False
+    update = run.opt.step
+
+    def flagged_update(*a, **k):  # from here until the step is counted the weights are mid-step
+        run.updating = True
+        return update(*a, **k)
+
+    run.opt.step = flagged_update
+    # closed on the way out of an interrupt too: else its last redraw, at exit, came after the message
+    bar = tqdm(total=total, initial=step, desc=args.preset, unit="step", mininterval=5)
+    try:
+        with bar, use_backend("ref"):  # the reference ops have autograd; fast kernels may not
+            while step < total:
+                t0 = time.perf_counter()
+                batch = sample_batch(run.train_ids, args.batch, args.seq_len, run.rng, "train split")
+                loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total)
+                step += 1
+                # one statement: a signal is not taken between its stores
+                run.step, run.mark, run.tokens_seen, run.updating = (
+                    step, run.rng.bit_generator.state, run.tokens_seen + args.batch * args.seq_len, False)
+                step_times.append(time.perf_counter() - t0)
+                if len(step_times) == 12 and run.schedule_steps is None:
+                    total = bar.total = resolve_total_steps(args, step_times, start, step)
+                    run.schedule_steps = total if args.max_minutes else None  # kept by --resume
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if step % args.eval_every == 0 or step == total:
+                    vl = quick_val_loss(model, val_windows, run.amp_dtype)
+                    log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
+                                "elapsed_s": round(time.perf_counter() - start, 1)})
+                    bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
+                if step % args.save_every == 0 or step == total:
+                    _save(run, args)
+    except KeyboardInterrupt:
+        _save_interrupted(run, args)
+        raise
+    finally:
+        del run.opt.step  # the class's again
+    return step
+
+
+def _save(run, args) -> None:
+    """The training state (WORK_DIR/train_state.pt) and the fp16 snapshot in --out at run.step."""
+    extra = {"settings": run.settings, "schedule_steps": run.schedule_steps, "tokens_seen": run.tokens_seen}
+    save_training_state(run.state_path, run.model, run.opt, run.step, run.mark, run.log, args.preset, extra)
+    metrics = {**run.info, "steps": run.step, "tokens_seen": run.tokens_seen, "log": run.log}
+    save_snapshot(run.model, Path(args.out), torch.float16, metrics)
+    run.saved = run.step
+
+
+def _save_interrupted(run, args) -> None:
+    """Ctrl-C (or SIGTERM) during training: the steps done since the last save are saved, so
+    --resume continues from there, unless the signal came inside an optimizer update (the weights
+    are then part-way between two steps: the last save stands)."""
+    if run.step == run.saved:
+        return
+    if run.updating:
+        print(f"interrupted inside an optimizer update: the last save (step {run.saved}) stands; continue it "
+              "with --resume", file=sys.stderr, flush=True)
+        return
+    print(f"interrupted at step {run.step}: saving it (Ctrl-C again to leave without it)", file=sys.stderr,
+          flush=True)
+    _save(run, args)
+    print(f"saved step {run.step} to {run.state_path} and {args.out}; continue with --resume", file=sys.stderr,
+          flush=True)
 
 
 def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int):

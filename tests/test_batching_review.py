@@ -169,9 +169,9 @@ def test_a_request_of_more_prompts_than_max_num_seqs_runs_and_max_num_seqs_1_is_
     alone = TorchRunner(runner.model)
     server, _ = _serve(runner, request, max_num_seqs=1)
     request.addfinalizer(lambda: (runner.gate.set(), server.shutdown(), server.server_close()))
-    bodies = [{"prompt": [[5, 6], [7, 8, 9], [1]], "max_tokens": 4, "temperature": 0},
-              {"prompt": [3, 4, 5], "max_tokens": 6, "temperature": 0},
-              {"prompt": [9], "max_tokens": 3, "temperature": 0}]
+    bodies = [{"prompt": [[5, 6], [7, 8, 9], [1]], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+              {"prompt": [3, 4, 5], "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+              {"prompt": [9], "max_tokens": 3, "temperature": 0, "ignore_eos": True}]
     calls = [in_thread(_post, server, bodies[0])]
     wait_until(lambda: runner.steps, "the first request to step")
     calls += [in_thread(_post, server, b) for b in bodies[1:]]
@@ -201,7 +201,7 @@ def test_streams_beside_other_requests_end_in_order_with_done_and_alone_tokens(h
               {"prompt": [12], "max_tokens": 1, "temperature": 0, "stream": True},
               {"prompt": [13, 14], "max_tokens": 10, "temperature": 0.7, "seed": 11}]
     for b in bodies:
-        b["stop_token_ids"] = []
+        b["stop_token_ids"], b["ignore_eos"] = [], True  # only the ids given stop (not the EOS)
     alone = TorchRunner(runner.model)
     free = generate(alone, [[1, 2, 3]], max_new_tokens=9, stop_token_ids=[]).tokens[0]
     bodies[0]["stop_token_ids"] = [free[4]]  # ends this stream early, the others not
@@ -290,14 +290,14 @@ def test_a_stream_whose_write_finds_the_client_gone_logs_the_client_closed_line(
     server.quiet = False
     request.addfinalizer(lambda: (runner.gate.set(), server.shutdown(), server.server_close()))
     body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "stream": True,
-                       "stop_token_ids": []}).encode()
+                       "stop_token_ids": [], "ignore_eos": True}).encode()
     sock = socket.create_connection(server.server_address[:2], timeout=TIMEOUT)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     got = b""
     while b"data: " not in got:
         got += sock.recv(65536)
-    other = in_thread(_post, server, {"prompt": [4, 5], "max_tokens": 30, "temperature": 0, "stop_token_ids": []})
+    other = in_thread(_post, server, {"prompt": [4, 5], "max_tokens": 30, "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     wait_until(lambda: 2 in runner.steps, "both to run")
     sock.close()
     runner.gate.set()

@@ -77,7 +77,7 @@ def test_quantize_checks_its_output_and_options_before_work(tmp_path, capsys, mo
 
 @pytest.mark.parametrize("flags,code,needle", [
     (["--top-p", "2"], "argparse", "argument --top-p: 2 must be in (0, 1]"),
-    (["--min-p", "1"], "argparse", "argument --min-p: 1 must be in [0, 1)"),
+    (["--min-p", "1.5"], "argparse", "argument --min-p: 1.5 must be in [0, 1]"),
     (["--temperature", "-1"], "argparse", "must be >= 0"),
     (["--temperature", "nan"], "argparse", "not a finite number"),
     (["--repetition-penalty", "0"], "argparse", "must be > 0"),
@@ -317,7 +317,7 @@ def test_piped_output_that_stops_reading_ends_quietly(tmp_path):
 
 @pytest.mark.parametrize("argv,flag", [
     (["generate", "DEMO", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
-    (["generate", "DEMO", "--prompt", "x", "--min-p", "1"], "--min-p"),
+    (["generate", "DEMO", "--prompt", "x", "--min-p", "1.5"], "--min-p"),
     (["export", "onnx", "DEMO", "OUT", "--opset", "3"], "--opset"),
     (["quantize", "DEMO", "OUT", "--method", "smoothquant", "--alpha", "-3"], "--alpha"),
     (["export", "tensorrt", "DEMO", "OUT", "--max-batch", "-1"], "--max-batch"),

@@ -378,11 +378,15 @@ def test_stop_string_made_by_a_decoder_that_revises_earlier_text():
     assert (res.tokens, res.texts, res.stop_reasons) == ([[1, 2, 3]], ["i"], ["stop"])
 
 
-def test_stop_strings_do_not_make_eos_a_stop_token_for_id_prompts():
+def test_id_prompts_stop_at_the_eos_as_text_prompts_do():
+    """As transformers' generate: the EOS ends a token-id prompt's generation too (it used to run
+    on past it into the next document); stop_token_ids=[] is the way to run past it."""
     pieces = [b"<eos>", b"a", b"b"]
     runner = _scripted_runner(pieces, [1, 0, 2])
     res = generate(runner, [[1]], max_new_tokens=3, stop_strings=["never"])
-    assert (res.tokens, res.stop_reasons) == ([[1, 0, 2]], ["length"])
+    assert (res.tokens, res.stop_reasons) == ([[1]], ["stop"])  # the stop token is not returned
+    assert generate(runner, [[1]], max_new_tokens=3).tokens == [[1]]
+    assert generate(runner, [[1]], max_new_tokens=3, stop_token_ids=[]).tokens == [[1, 0, 2]]
     assert generate(runner, ["x"], max_new_tokens=3).tokens == [[1]]  # text prompts: eos stops
 
 

@@ -239,7 +239,7 @@ def test_defaults_follow_openai(server, reference, seed):
     """The docstring's promise: max_tokens 16, temperature 1.0 (and top_p 1.0) when not sent."""
     ref = generate(reference, [[1, 2, 3]], max_new_tokens=16, temperature=1.0, top_p=1.0, seed=seed,
                    stop_token_ids=[])
-    status, data = _post(server, {"prompt": [1, 2, 3], "seed": seed, "stop_token_ids": []})
+    status, data = _post(server, {"prompt": [1, 2, 3], "seed": seed, "stop_token_ids": [], "ignore_eos": True})
     assert status == 200
     out = json.loads(data)
     assert out["choices"][0]["token_ids"] == ref.tokens[0] and out["usage"]["completion_tokens"] == 16
@@ -254,7 +254,7 @@ def test_token_ids_at_the_vocabulary_edge(server, reference, stream):
     assert status == 400 and _error(data)["param"] == "prompt"
     assert f"token id {v} outside the vocabulary [0, {v})" in _error(data)["message"]
     ref = generate(reference, [[1, v - 1]], max_new_tokens=2, stop_token_ids=[])
-    status, data = _post(server, {"prompt": [1, v - 1], "max_tokens": 2, "temperature": 0, "stop_token_ids": []})
+    status, data = _post(server, {"prompt": [1, v - 1], "max_tokens": 2, "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == ref.tokens[0]
 
 
@@ -263,7 +263,7 @@ def test_seed_range_is_inclusive_up_to_2_63_minus_1(server, reference):
     status, data = _post(server, {"prompt": [4, 5], "max_tokens": 2, "seed": top + 1})
     assert status == 400 and _error(data)["param"] == "seed"
     ref = generate(reference, [[4, 5]], max_new_tokens=4, temperature=1.0, seed=top, stop_token_ids=[])
-    status, data = _post(server, {"prompt": [4, 5], "max_tokens": 4, "seed": top, "stop_token_ids": []})
+    status, data = _post(server, {"prompt": [4, 5], "max_tokens": 4, "seed": top, "stop_token_ids": [], "ignore_eos": True})
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == ref.tokens[0]
 
 

@@ -324,3 +324,118 @@ def test_seq_len_error_names_the_split(tmp_path):
 
     with pytest.raises(ConfigError, match="the validation split has 10 tokens, fewer than --seq-len 64 .*--seq-len 9"):
         sample_batch(np.arange(10), 2, 64, np.random.default_rng(0), "validation split")
+
+
+# ------------------------------------------------------------------ generation / serve / chat (a third review)
+
+DEMO1 = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "demo-mamba1"
+ENDS_AT_ONCE = 'if __name__ == "__main__":\n    main()\n'  # demo-mamba1's greedy continuation is its EOS
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    import threading as th
+
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    srv = make_server(open_runner(DEMO1, "torch"), "127.0.0.1", 0, quiet=True, max_tokens_limit=40)
+    t = th.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _call(srv, path, body):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def test_token_id_prompts_stop_at_the_eos_as_transformers_does(demo_server):
+    """generate() and the server ran a token-id prompt past the EOS to max_tokens (gluing the next
+    document's text on, finish_reason "length"); transformers' generate stops there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    tok = AutoTokenizer.from_pretrained(DEMO1)
+    hf = AutoModelForCausalLM.from_pretrained(DEMO1, dtype=torch.float32).eval()
+    ids = tok(ENDS_AT_ONCE, return_tensors="pt").input_ids
+    want = hf.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert want[-1] == tok.eos_token_id and len(want) < 10  # the reference stops at its EOS
+    res = generate(open_runner(DEMO1, "torch"), [ids[0].tolist()], max_new_tokens=10)
+    assert res.tokens[0] == want[:-1] and res.stop_reasons == ["stop"]  # the stop token is not returned
+    status, got = _call(demo_server, "/v1/completions", {"prompt": ids[0].tolist(), "max_tokens": 10,
+                                                         "temperature": 0})
+    assert status == 200 and got["choices"][0]["finish_reason"] == "stop"
+    assert got["choices"][0]["token_ids"] == want[:-1]
+    status, got = _call(demo_server, "/v1/completions", {"prompt": ids[0].tolist(), "max_tokens": 10,
+                                                         "temperature": 0, "ignore_eos": True})
+    assert status == 200 and got["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_without_max_tokens_is_not_cut_at_16(demo_server, tmp_path):
+    """/v1/chat/completions took the completions endpoint's 16-token default; OpenAI's chat has
+    none (the SDK sends no max_tokens), so every reply was cut short."""
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.serve import make_server
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    srv = make_server(open_runner(DEMO1, "torch"), "127.0.0.1", 0, quiet=True, max_tokens_limit=40,
+                      chat_template=template)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        body = {"messages": [{"role": "user", "content": "import os\nimport sys\n"}], "temperature": 0}
+        status, got = _call(srv, "/v1/chat/completions", body)
+        assert status == 200
+        used = got["usage"]["completion_tokens"]
+        assert used > 16 or got["choices"][0]["finish_reason"] == "stop", got
+        assert used <= 40
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_chat_request_faults_are_named_before_the_missing_template(demo_server):
+    """On a model without a chat template, `n: 2` and empty `messages` were both answered with
+    "has no chat template", not with the field at fault."""
+    status, got = _call(demo_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                              "n": 2})
+    assert status == 400 and got["error"]["param"] == "n"
+    status, got = _call(demo_server, "/v1/chat/completions", {"messages": []})
+    assert status == 400 and "`messages` must be a non-empty list" in got["error"]["message"]
+
+
+def test_a_template_with_generation_blocks_renders_as_transformers_does():
+    """{% generation %} (transformers' assistant-token marks; SmolLM3, TRL templates) was a
+    TemplateSyntaxError: every chat request a 400."""
+    from transformers import AutoTokenizer
+
+    from mamba_deploy.chat import chat_ids
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "more"}]
+    hf = AutoTokenizer.from_pretrained(DEMO1)
+    want = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert chat_ids(load_tokenizer(DEMO1), messages, template) == hf.encode(want, add_special_tokens=False)
+
+
+def test_vllm_top_k_minus_one_is_off_and_min_p_one_is_accepted(demo_server):
+    base = {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0.8, "seed": 3, "ignore_eos": True}
+    status, off = _call(demo_server, "/v1/completions", {**base, "top_k": 0})
+    status2, minus = _call(demo_server, "/v1/completions", {**base, "top_k": -1})
+    assert status == status2 == 200 and minus["choices"][0]["token_ids"] == off["choices"][0]["token_ids"]
+    status, one = _call(demo_server, "/v1/completions", {**base, "min_p": 1})
+    greedy = _call(demo_server, "/v1/completions", {**base, "temperature": 0})[1]
+    assert status == 200 and one["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]

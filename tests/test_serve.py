@@ -128,14 +128,14 @@ def test_token_id_prompts_and_stop_tokens_equal_direct_generate(server, referenc
     tok = reference.tokenizer
     assert [c["text"] for c in choices] == [tok.decode(t) for t in ref.tokens]
     # a single flat token-id list is one prompt
-    status, _, data = _post(server, {"prompt": prompts[0], "max_tokens": 10, "temperature": 0, "stop_token_ids": []})
+    status, _, data = _post(server, {"prompt": prompts[0], "max_tokens": 10, "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     assert status == 200 and json.loads(data)["choices"][0]["token_ids"] == free.tokens[0]
 
 
 def test_seeded_sampling_equals_direct_generate(server, reference):
     kw = dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2, seed=7)
     ref = generate(reference, [[1, 2, 3], [4, 5]], max_new_tokens=8, stop_token_ids=[], **kw)
-    status, _, data = _post(server, {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 8, "stop_token_ids": [], **kw})
+    status, _, data = _post(server, {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 8, "stop_token_ids": [], "ignore_eos": True, **kw})
     assert status == 200 and [c["token_ids"] for c in json.loads(data)["choices"]] == ref.tokens
 
 
@@ -167,7 +167,7 @@ def test_stop_strings_equal_direct_generate_and_stream_never_shows_them(server, 
     stop = free.texts[0][3:5]  # occurs in row 0's completion; maybe in row 1's too
     ref = generate(reference, prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[], stop_strings=[stop])
     assert ref.texts[0] == free.texts[0][:free.texts[0].index(stop)] and ref.stop_reasons[0] == "stop"
-    body = {"prompt": prompts, "max_tokens": 12, "temperature": 0, "stop_token_ids": [], "stop": stop}
+    body = {"prompt": prompts, "max_tokens": 12, "temperature": 0, "stop_token_ids": [], "ignore_eos": True, "stop": stop}
     status, _, data = _post(server, body)
     assert status == 200
     choices = json.loads(data)["choices"]
@@ -192,7 +192,7 @@ def test_concurrent_requests_are_serialised_and_correct(server, reference):
 
     def worker(k):
         status, _, data = _post(server, {"prompt": prompts[k], "max_tokens": 6, "temperature": 0,
-                                         "stop_token_ids": [], "stream": k % 2 == 1})
+                                         "stop_token_ids": [], "ignore_eos": True, "stream": k % 2 == 1})
         if k % 2:
             chunks, _ = _sse_events(data)
             results[k] = (status, [[t for c in chunks for t in c["choices"][0]["token_ids"]]])
@@ -256,7 +256,7 @@ def test_default_max_tokens_fits_a_lower_limit(folder, reference, request):
     client never sent: every such request failed. Now the default is capped at the limit."""
     srv, thread = _start(open_runner(folder, "torch"), max_tokens_limit=8)
     request.addfinalizer(lambda: _stop(srv, thread))
-    got, _, data = _post(srv, {"prompt": [1, 2], "temperature": 0, "stop_token_ids": []})
+    got, _, data = _post(srv, {"prompt": [1, 2], "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     assert got == 200, data
     want = generate(reference, [[1, 2]], max_new_tokens=8, temperature=0.0, stop_token_ids=[]).tokens[0]
     assert json.loads(data)["choices"][0]["token_ids"] == want and len(want) == 8
@@ -409,7 +409,7 @@ def test_runner_failure_is_500_json_without_traceback(folder, request, capsys):
 
     srv, thread = _start(Broken(load_model(folder)))
     request.addfinalizer(lambda: _stop(srv, thread))
-    got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": []})
+    got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     err = json.loads(data)["error"]
     assert got == 500 and err["type"] == "server_error" and "kaboom" in err["message"]
     assert "Traceback" not in err["message"]
@@ -574,7 +574,7 @@ def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder
     runner = _Watched(load_model(folder))
     srv, thread = _start(runner, max_batch=2)
     request.addfinalizer(lambda: _stop(srv, thread))
-    bodies = [{"prompt": [[k + 1, k + 2]], "max_tokens": 6, "temperature": 0, "stop_token_ids": []} for k in range(6)]
+    bodies = [{"prompt": [[k + 1, k + 2]], "max_tokens": 6, "temperature": 0, "stop_token_ids": [], "ignore_eos": True} for k in range(6)]
     results = [None] * len(bodies)
 
     def worker(k):
@@ -591,7 +591,7 @@ def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder
 
     # a client that drops a long stream after the first token: generation stops, the lock is freed
     runner.steps = 0
-    body = json.dumps({"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [],
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "ignore_eos": True,
                        "stream": True}).encode()
     sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -629,7 +629,7 @@ def test_server_close_ends_a_running_generation_and_waits_for_it(folder, stream)
     returns only when the handler is done."""
     runner = _Slow(load_model(folder))
     srv, thread = _start(runner)
-    body = {"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "stream": stream}
+    body = {"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "ignore_eos": True, "stream": stream}
     client, answer = in_thread(_post, srv, body)
     wait_until(lambda: runner.steps >= 3, "the generation to start")
     t0 = time.monotonic()
@@ -699,7 +699,7 @@ def test_cli_serve_ctrl_c_during_a_generation_ends_it_and_exits_cleanly(folder):
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3 * TIMEOUT)
         conn.request("POST", "/v1/completions", body=json.dumps(
-            {"prompt": [1, 2], "max_tokens": 100000000, "temperature": 0, "stop_token_ids": [], "stream": True}),
+            {"prompt": [1, 2], "max_tokens": 100000000, "temperature": 0, "stop_token_ids": [], "ignore_eos": True, "stream": True}),
             headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the generation is running
@@ -764,8 +764,8 @@ def test_make_server_rejects_limits_below_one(reference):
     ({"prompt": "a", "top_p": 2}, r"`top_p` must be in \(0, 1\], got 2"),
     ({"prompt": "a", "temperature": -1, "stream": True}, r"`temperature` must be >= 0 \(0 = greedy\), got -1"),
     ({"prompt": "a", "temperature": "NaN"}, r"`temperature` must be a"),
-    ({"prompt": "a", "min_p": 1}, r"`min_p` must be in \[0, 1\), got 1"),
-    ({"prompt": "a", "top_k": -3}, r"`top_k` must be >= 0 \(0 = off\), got -3"),
+    ({"prompt": "a", "min_p": 1.5}, r"`min_p` must be in \[0, 1\], got 1.5"),
+    ({"prompt": "a", "top_k": -3}, r"`top_k` must be >= 0 \(0 or -1 = off, as in vLLM\), got -3"),
     (b'{"prompt": "a", "temperature": 1e999}', r"`temperature` must be a finite number"),  # JSON inf
 ])
 def test_bad_sampling_values_are_400_not_500(server, body, pattern):
@@ -781,7 +781,7 @@ def test_tiny_temperature_is_greedy_not_a_server_error(server, reference):
     """temperature 1e-45: logits / T overflowed to a NaN softmax (HTTP 500); it is as good as greedy."""
     ref = generate(reference, [[1, 2]], max_new_tokens=6, temperature=0.0, stop_token_ids=[])
     status, _, data = _post(server, {"prompt": [1, 2], "max_tokens": 6, "temperature": 1e-45, "seed": 0,
-                                     "stop_token_ids": []})
+                                     "stop_token_ids": [], "ignore_eos": True})
     assert status == 200, data
     assert json.loads(data)["choices"][0]["token_ids"] == ref.tokens[0]
 

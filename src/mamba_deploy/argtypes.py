@@ -66,8 +66,8 @@ def top_p(text: str) -> float:
 
 
 def min_p(text: str) -> float:
-    """Min-p ratio: [0, 1)."""
-    return _fraction(text, low_open=False, high_open=True)
+    """Min-p ratio: [0, 1] (1 keeps only the most probable tokens, as in transformers)."""
+    return _fraction(text, low_open=False, high_open=False)
 
 
 def unit_fraction(text: str) -> float:

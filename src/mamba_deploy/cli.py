@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=nonnegative_int, default=0,
                    help="sample from the K most likely tokens only (0 = no limit; with --temperature > 0)")
     s.add_argument("--top-p", type=top_p, default=1.0, help="in (0, 1]")
-    s.add_argument("--min-p", type=min_p, default=0.0, help="in [0, 1)")
+    s.add_argument("--min-p", type=min_p, default=0.0, help="in [0, 1]")
     s.add_argument("--repetition-penalty", type=positive_float, default=1.0,
                    help="> 0; logits of tokens already in the prompt or output are divided by it where positive "
                         "and multiplied where negative (CTRL-style: > 1 discourages repeats, 1 = off); "

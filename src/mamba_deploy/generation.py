@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .argtypes import is_seed
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, MambaDeployError, ShapeError
 
 
 F32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
@@ -20,8 +20,8 @@ F32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
 SAMPLING_RULES = {
     "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: v >= 0, ">= 0 (0 = off)"),
-    "min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "top_k": (lambda v: v >= -1, ">= 0 (0 or -1 = off, as in vLLM)"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
 }
 
@@ -42,8 +42,9 @@ class SamplingConfig:
             raise ConfigError(f"bad sampling settings {self}: top_k must be an int (0 = off)")
         if not all(SAMPLING_RULES[k][0](getattr(self, k)) for k in ("temperature", "top_p", "min_p", "top_k")):
             raise ConfigError(
-                f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1, top_k >= 0"
-            )
+                f"bad sampling settings {self}: need temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0 "
+                "(or -1: off)")
+        self.top_k = max(0, self.top_k)  # vLLM's -1 is this toolkit's 0: no top-k filter
         if not SAMPLING_RULES["repetition_penalty"][0](self.repetition_penalty):
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -454,15 +455,27 @@ def check_request(runner, prompts, stop_token_ids=None, stop_strings=None) -> No
     _prepare(runner, prompts, stop_token_ids, check_stop_strings(stop_strings))
 
 
-def stops_with_eos(tokenizer, stop_token_ids):
-    """The stop ids of a text or chat prompt from the CLI or the server: the caller's plus the
-    tokenizer's EOS, as llama.cpp and vLLM stop at EOS beside any stop ids (`--stop 13` used to
-    replace it, and generation ran on past the end of text). generate() itself adds the EOS only
-    for text prompts without stop ids, and chat prompts are token ids."""
-    eos = end_ids(tokenizer)
+def stops_with_eos(tokenizer, stop_token_ids, runner=None):
+    """The stop ids of a prompt from the CLI or the server: the caller's plus the model's end
+    ids, as llama.cpp and vLLM stop at EOS beside any stop ids (`--stop 13` used to replace it,
+    and generation ran on past the end of text). generate() itself adds them only where the
+    caller gives no stop ids. tokenizer None: the end ids of `runner`'s model (model_end_ids)."""
+    eos = end_ids(tokenizer) if tokenizer is not None else model_end_ids(runner)
     if stop_token_ids is None:
         return eos or None
     return sorted(set(stop_token_ids) | set(eos))
+
+
+def model_end_ids(runner) -> list[int]:
+    """The end ids of a runner's model for token-id prompts, which need no tokenizer: its
+    tokenizer's (end_ids) where one loads, else the config's eos_token_id. transformers'
+    generate stops at the EOS whatever form the prompt has; without it a token-id prompt ran past
+    the end of its text into the next document."""
+    try:
+        return end_ids(runner.tokenizer)
+    except MambaDeployError:  # no tokenizer beside the artifact: token ids still run
+        eos = getattr(runner.config, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) and 0 <= eos < runner.vocab_size else []
 
 
 def end_ids(tokenizer) -> list[int]:
@@ -481,8 +494,8 @@ def _prepare(runner, prompts, stop_token_ids, stop_strings):
     ids_list = [tok.encode(p) if as_text else [int(t) for t in p] for p in prompts]
     if any(len(p) == 0 for p in ids_list):
         raise ShapeError("a prompt is empty; give at least one token")
-    if stop_token_ids is None:  # eos by default for text prompts only
-        stop_token_ids = end_ids(tok) if as_text else []
+    if stop_token_ids is None:  # the model's end ids by default, for token-id prompts too
+        stop_token_ids = end_ids(tok) if as_text else model_end_ids(runner)
     vocab = runner.vocab_size
     if isinstance(stop_token_ids, numbers.Integral):
         stop_token_ids = [stop_token_ids]

@@ -18,10 +18,11 @@ Several prompts in one request are that request's rows.
 
 `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists.
 `stop` is a string or a list of up to 4 (the text ends before the first one found; a stream
-never shows it). Extensions to the OpenAI schema: `stop_token_ids` (besides the EOS, for text
-and chat prompts; alone for token-id prompts), `top_k`, `min_p`, `repetition_penalty` in the
+never shows it). Extensions to the OpenAI schema: `stop_token_ids` (besides the model's EOS, for
+every kind of prompt; `ignore_eos`, as in vLLM, leaves the EOS out), `top_k`, `min_p`, `repetition_penalty` in the
 request, and `token_ids` (the generated ids) in every choice / stream chunk.
-Defaults follow OpenAI: max_tokens 16, temperature 1.0 (send 0 for greedy). OpenAI fields the
+Defaults follow OpenAI: max_tokens 16 for completions and --max-tokens-limit for chat (OpenAI's
+chat has no small default), temperature 1.0 (send 0 for greedy). OpenAI fields the
 server cannot honour (n > 1, logprobs, presence / frequency penalties other than 0, logit_bias,
 chat's tools / response_format, ...) are a 400 naming the field, never silently ignored
 (serve_request.py). `seed` (0..2**63-1) seeds the request's own sampler: the same request with the
@@ -365,10 +366,13 @@ class _Handler(BaseHTTPRequestHandler):
                 what = "text prompts" if as_text else "`stop` strings"
                 raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
         self._check_prompt_lengths(prompts, as_text, chat)
-        if chat or (as_text and kw["stop_token_ids"] is not None):
+        if kw.pop("ignore_eos"):
+            kw["stop_token_ids"] = kw["stop_token_ids"] or []
+        elif chat or kw["stop_token_ids"] is not None:
             from .generation import stops_with_eos
 
-            kw["stop_token_ids"] = stops_with_eos(s.runner.tokenizer, kw["stop_token_ids"])
+            kw["stop_token_ids"] = stops_with_eos(s.runner.tokenizer if as_text or chat else None,
+                                                  kw["stop_token_ids"], s.runner)
         if stream:
             self._stream(prompts, as_text or chat, kw, include_usage, chat)
         else:
@@ -393,25 +397,30 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat_body(self, body) -> dict:
         """A chat request as a completion request of one token-id prompt: the conversation in the
         model's chat template, tokenized without the tokenizer's own special tokens."""
-        from .chat import chat_ids
+        from .chat import chat_ids, check_messages
 
         if not isinstance(body, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
         if "prompt" in body:
             raise RequestError("/v1/chat/completions takes `messages`, not `prompt` (that is /v1/completions)",
                                param="prompt")
+        # the request's own faults first: they hold whatever the model's template is
+        if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
+            raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
+                               "again for another reply", param="n")
+        refuse_unsupported(body, CHAT_UNSUPPORTED)
+        try:
+            check_messages(body.get("messages"))
+        except ConfigError as e:
+            raise RequestError(str(e), param="messages") from e
         try:
             tok = self.server.runner.tokenizer
         except MambaDeployError as e:
             raise RequestError(f"chat needs a tokenizer: {e}", param="messages") from e
         try:
             ids = chat_ids(tok, body.get("messages"), self.server.chat_template)
-        except ConfigError as e:  # no template, bad messages, or the template refused them
+        except ConfigError as e:  # no template, or the template refused the conversation
             raise RequestError(str(e), param="messages") from e
-        if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
-            raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
-                               "again for another reply", param="n")
-        refuse_unsupported(body, CHAT_UNSUPPORTED)
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]
@@ -419,6 +428,8 @@ class _Handler(BaseHTTPRequestHandler):
             # name; a null in either is not sent (max_tokens null beside it: clients fill every field)
             n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
             rest["max_tokens"] = _check_max_tokens(n, "max_completion_tokens", self.server.max_tokens_limit)
+        elif body.get("max_tokens") is None:  # OpenAI's chat has no small default: until the reply ends
+            rest["max_tokens"] = self.server.max_tokens_limit
         return {**rest, "prompt": ids}
 
     def _read_json(self):

@@ -217,7 +217,9 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
         if bad:
             raise RequestError(f"`stop_token_ids` has id {bad[0]} outside the vocabulary [0, {vocab_size}); "
                                "it could never stop generation", param="stop_token_ids")
-    kw["stop_token_ids"] = stops  # None: generate's default (the tokenizer's eos for text prompts)
+    kw["stop_token_ids"] = stops  # None: generate's default (the model's end ids)
+    # vLLM's extension: the EOS does not stop generation (only the request's own stop ids do)
+    kw["ignore_eos"] = _flag(body.get("ignore_eos"), "ignore_eos", "ignore_eos")
     kw["stop_strings"] = _parse_stop(body.get("stop"))
     stream = _flag(body.get("stream"), "stream", "stream")
     opts = body.get("stream_options") or {}

@@ -439,3 +439,33 @@ def test_vllm_top_k_minus_one_is_off_and_min_p_one_is_accepted(demo_server):
     status, one = _call(demo_server, "/v1/completions", {**base, "min_p": 1})
     greedy = _call(demo_server, "/v1/completions", {**base, "temperature": 0})[1]
     assert status == 200 and one["choices"][0]["token_ids"] == greedy["choices"][0]["token_ids"]
+
+
+def test_a_lone_sentencepiece_space_keeps_its_place_in_streamed_and_stopped_text():
+    """With SentencePiece's default remove_extra_whitespaces, decode(["▁", "▁state"]) is "state":
+    a window starting at a sampled lone "▁" lost a space, the stream's finish() repeated a
+    character, and generate's stop cut landed a character early. The reference: the whole
+    completion decoded at once."""
+    import io
+
+    sentencepiece = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+
+    from mamba_deploy.generation import Rows, TextStream
+    from mamba_deploy.tokenizer import sentencepiece_tokenizer
+
+    rng = __import__("random").Random(0)
+    words = "the mamba state model stop here hello world it's".split()
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)),
+        model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2)
+    tok = sentencepiece_tokenizer(buf.getvalue())
+    prompt = tok.encode("the model")
+    comp = [tok.token_to_id(p) for p in ("▁", "▁state", "▁hello", "▁world")]
+    whole = tok.decode(prompt + comp)[len(tok.decode(prompt)):]  # the completion's text
+    stream = TextStream(tok, None, prompt=prompt)
+    assert "".join([stream.push(t) for t in comp] + [stream.finish()]) == whole
+    rows = Rows([prompt], tok, torch.tensor([], dtype=torch.long), ["world"])
+    for t in comp:
+        rows.push(torch.tensor([t]))
+    assert rows.result(True).texts[0] == whole[:whole.index("world")]

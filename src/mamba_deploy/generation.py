@@ -221,10 +221,11 @@ class IncrementalText:
             new = window[len(prefix):]
             self.text = self.stable + new
             if not new.endswith("\ufffd"):
-                # the next window starts at these tokens only if they decode to something: a window
-                # that starts with text-less tokens (a skipped special) would make the next token its
-                # first, whose leading space a SentencePiece decoder drops
-                self.stable, self.p, self.r = self.text, self.r if new else self.p, len(self.ids)
+                # the next window starts at these tokens only if they decode to more than
+                # whitespace: a window that starts with text-less tokens (a skipped special) or a
+                # lone space ("▁") would make the next token its first, whose leading space (all
+                # leading whitespace, with SentencePiece's remove_extra_whitespaces) is dropped
+                self.stable, self.p, self.r = self.text, self.r if new.strip() else self.p, len(self.ids)
         if self.stops and self.cut is None:
             self.cut = first_stop(self.text, self.stops, self._from)
             self._from = max(0, len(self.text.rstrip("\ufffd")) - self._longest + 1)

@@ -396,8 +396,7 @@ def test_chat_without_max_tokens_is_not_cut_at_16(demo_server, tmp_path):
         status, got = _call(srv, "/v1/chat/completions", body)
         assert status == 200
         used = got["usage"]["completion_tokens"]
-        assert used > 16 or got["choices"][0]["finish_reason"] == "stop", got
-        assert used <= 40
+        assert 16 < used <= 40, got  # demo-mamba1's greedy reply to this runs past 16 tokens
     finally:
         srv.shutdown()
         srv.server_close()
@@ -469,3 +468,69 @@ def test_a_lone_sentencepiece_space_keeps_its_place_in_streamed_and_stopped_text
     for t in comp:
         rows.push(torch.tensor([t]))
     assert rows.result(True).texts[0] == whole[:whole.index("world")]
+
+
+def test_an_interrupt_during_an_evaluation_keeps_its_log_entry(tmp_path, monkeypatch):
+    """An interrupt inside a step's validation loss saved the step without its log entry, and
+    --resume (starting after it) never wrote it: the log had a hole."""
+    from mamba_deploy import train
+
+    full = train.train(_run_args(tmp_path / "a"))
+    calls, real = [], train.quick_val_loss
+
+    def cut(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the step-4 evaluation
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "quick_val_loss", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_run_args(tmp_path / "b"))
+    monkeypatch.undo()
+    again = train.train(_run_args(tmp_path / "b", resume=True))
+    strip = lambda log: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log]  # noqa: E731
+    assert [e["step"] for e in again["log"]] == [2, 4, 6] and strip(again["log"]) == strip(full["log"])
+
+
+def test_bench_keeps_device_for_the_torch_targets_and_raises_its_own_bugs(onnx_export, hf_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    """--device beside a torch target is the torch target's (OpenVINO was handed 'cuda' and
+    failed); an error that is neither a typed one nor a runtime's (a bug) is raised, not filed as
+    the target's error."""
+    pytest.importorskip("openvino", reason="openvino is not installed: pip install -r requirements-ci.txt")
+    from mamba_deploy import bench
+    from mamba_deploy.cli import main
+
+    out = onnx_export("mamba")[0]
+    ck = hf_checkpoint("mamba")[0]
+    assert main(["bench", f"{ck},{out}", "--backends", "torch,openvino", "--device", "meta", "--batch", "1",
+                 "--prompt-len", "3", "--gen-len", "1", "--warmup", "0", "--repeats", "1", "--quiet", "--out",
+                 str(tmp_path / "b")]) == 0
+    targets = json.loads((tmp_path / "b" / "results.json").read_text())["targets"]
+    assert targets[0]["error"] and targets[1]["error"] is None and "device" not in targets[1], targets
+
+    def bug(*a, **k):
+        raise AttributeError("a bug in bench_config")
+
+    monkeypatch.setattr(bench, "bench_config", bug)
+    with pytest.raises(AttributeError, match="a bug in bench_config"):
+        bench.run_bench([(str(out), "onnx")], [1], [3], gen_len=1, warmup=0, repeats=1, progress=False)
+
+
+def test_a_run_of_whitespace_tokens_does_not_keep_the_decode_window_open():
+    """Holding the window start behind whitespace-only text (for SentencePiece's lone '▁') made
+    each push decode the whole run again: quadratic in blank lines or indentation."""
+    from pathlib import Path
+
+    from mamba_deploy.generation import WINDOW_HOLD, IncrementalText
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(__file__).resolve().parents[1] / "models" / "demo-mamba2")
+    blank = tok.encode("\n\n")
+    assert len(blank) == 1 and tok.decode(blank).strip() == ""
+    inc = IncrementalText(tok)
+    for _ in range(4 * WINDOW_HOLD):
+        inc.push(blank[0])
+    assert len(inc.ids) - inc.p <= WINDOW_HOLD + 1
+    assert inc.text == tok.decode(blank * (4 * WINDOW_HOLD))

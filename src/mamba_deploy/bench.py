@@ -21,7 +21,7 @@ import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
 from .atomic import check_writable, json_text, write_files
-from .errors import ConfigError, OutputPathError
+from .errors import ConfigError, MambaDeployError, OutputPathError
 from .extras import install_hint
 
 SCHEMA = "mamba-deploy-bench/1"
@@ -200,12 +200,26 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                             bar.set_postfix_str(f"{backend} b={b} l={length}")
                             row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
                             data["results"].append(dict(artifact=str(path), backend=backend, **row))
-            except Exception as e:  # noqa: BLE001  (typed errors, a runtime's own: ORT's, OpenVINO's, out of memory)
-                if opts.get("tensor_parallel"):
-                    raise  # the other ranks wait for this one in an all-reduce: the run ends (torchrun stops them)
+            except Exception as e:  # noqa: BLE001  (sorted by _target_failure: a bug is raised)
+                if not _target_failure(e) or opts.get("tensor_parallel"):
+                    # a bug; or a sharded run, whose other ranks wait for this one in an all-reduce:
+                    # the run ends (torchrun stops them)
+                    raise
                 entry["error"] = f"{type(e).__name__}: {e}"
                 bar.update(done_before + per_target - bar.n)
     return data
+
+
+# the packages whose own exception classes (not RuntimeError subclasses: ONNX Runtime's Fail,
+# InvalidArgument, ...) report a failed run of their backend
+RUNTIME_PACKAGES = ("onnxruntime", "openvino", "tensorrt", "llama_cpp")
+
+
+def _target_failure(e: Exception) -> bool:
+    """An error that ends one target's measurements (kept with it): a typed error, running out of
+    memory, or a backend runtime's own error. Anything else is a bug, raised with its traceback."""
+    return (isinstance(e, (MambaDeployError, MemoryError, RuntimeError))
+            or type(e).__module__.split(".")[0] in RUNTIME_PACKAGES)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -356,8 +370,10 @@ def cmd_bench(args):
     others = sorted({b for _, b in targets} - {"torch"})
     if all(backend != "torch" for _, backend in targets):  # a flag no target takes: refused, not ignored
         refuse_torch_only(args, f"no target runs on the torch backend ({', '.join(others)})", others)
-    # the torch flags another backend takes: --device for OpenVINO and TensorRT
-    backend_options = {b: {k: v for k, v in torch_flags_set(args).items() if k in OPTIONS[b]} for b in others}
+    # the torch flags another backend takes (--device for OpenVINO and TensorRT) where no torch
+    # target is there to take them: the two backends share no device name but cpu
+    backend_options = {} if len(others) < len({b for _, b in targets}) else \
+        {b: {k: v for k, v in torch_flags_set(args).items() if k in OPTIONS[b]} for b in others}
     if args.tensor_parallel and len(targets) > 1:  # each sharded runner would open and close the group
         raise ConfigError("--tensor-parallel benchmarks one model on the torch backend, got "
                           + ", ".join(f"{p} ({b})" for p, b in targets) + "; run bench once per model")

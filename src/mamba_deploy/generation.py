@@ -225,7 +225,10 @@ class IncrementalText:
                 # whitespace: a window that starts with text-less tokens (a skipped special) or a
                 # lone space ("▁") would make the next token its first, whose leading space (all
                 # leading whitespace, with SentencePiece's remove_extra_whitespaces) is dropped
-                self.stable, self.p, self.r = self.text, self.r if new.strip() else self.p, len(self.ids)
+                # (held for WINDOW_HOLD tokens at most: a long run of them, say blank lines, would
+                # be decoded again at every token)
+                hold = not new.strip(" ") and len(self.ids) - self.p <= WINDOW_HOLD
+                self.stable, self.p, self.r = self.text, self.p if hold else self.r, len(self.ids)
         if self.stops and self.cut is None:
             self.cut = first_stop(self.text, self.stops, self._from)
             self._from = max(0, len(self.text.rstrip("\ufffd")) - self._longest + 1)
@@ -234,6 +237,9 @@ class IncrementalText:
     def final(self) -> str:
         """The whole completion decoded at once after its context, cut before a stop string."""
         return decode_after(self.tok, self.ids, self.n_ctx)[:self.cut]
+
+
+WINDOW_HOLD = 32  # tokens an IncrementalText window may keep behind it for a text-less start
 
 
 class TextStream:
@@ -294,7 +300,9 @@ def generate(runner, prompts, max_new_tokens: int = 32, temperature: float = 0.0
     """Generate for a batch of prompts (strings or token-id lists) of any lengths.
 
     Prompts are left-padded and masked so padding never enters the recurrent state. Each
-    sequence stops at a stop token (default: the tokenizer's eos when prompts are strings), at
+    sequence stops at a stop token (default: the model's end ids, the tokenizer's EOS and, for
+    a GGUF, its end-of-turn tokens, for string and token-id prompts alike, as transformers'
+    generate stops at the EOS; `stop_token_ids=[]` runs past them), at
     the first of `stop_strings` in its decoded text (the text is cut before it; the tokens that
     produced it are kept), or after max_new_tokens. `on_token(batch_index, token_id)` streams
     tokens as they come (`TextStream` turns them into text that never shows a stop string).
@@ -472,8 +480,8 @@ def model_end_ids(runner) -> list[int]:
     tokenizer's (end_ids) where one loads, else the config's eos_token_id. transformers'
     generate stops at the EOS whatever form the prompt has; without it a token-id prompt ran past
     the end of its text into the next document."""
-    try:
-        return end_ids(runner.tokenizer)
+    try:  # a tokenizer of a larger vocabulary (set_tokenizer) may name ids this model lacks
+        return [i for i in end_ids(runner.tokenizer) if 0 <= i < runner.vocab_size]
     except MambaDeployError:  # no tokenizer beside the artifact: token ids still run
         eos = getattr(runner.config, "eos_token_id", None)
         return [eos] if isinstance(eos, int) and 0 <= eos < runner.vocab_size else []

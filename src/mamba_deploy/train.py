@@ -478,8 +478,9 @@ def _loop(run, args, val_windows, total: int, start: float) -> int:
 
     from .ops import use_backend
 
-    model, log, step, step_times = run.model, run.log, run.step, []
-    run.mark, run.saved, run.updating = run.rng.bit_generator.state, step, False
+    model, step, step_times = run.model, run.step, []
+    run.mark, run.saved, run.updating, run.val_windows = run.rng.bit_generator.state, step, False, val_windows
+    run.start, run.total = start, total
     update = run.opt.step
 
     def flagged_update(*a, **k):  # from here until the step is counted the weights are mid-step
@@ -497,19 +498,18 @@ def _loop(run, args, val_windows, total: int, start: float) -> int:
                 loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total)
                 step += 1
                 # one statement: a signal is not taken between its stores
-                run.step, run.mark, run.tokens_seen, run.updating = (
-                    step, run.rng.bit_generator.state, run.tokens_seen + args.batch * args.seq_len, False)
+                run.step, run.mark, run.tokens_seen, run.last, run.updating = (
+                    step, run.rng.bit_generator.state, run.tokens_seen + args.batch * args.seq_len, (loss, lr),
+                    False)
                 step_times.append(time.perf_counter() - t0)
                 if len(step_times) == 12 and run.schedule_steps is None:
                     total = bar.total = resolve_total_steps(args, step_times, start, step)
                     run.schedule_steps = total if args.max_minutes else None  # kept by --resume
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-                if step % args.eval_every == 0 or step == total:
-                    vl = quick_val_loss(model, val_windows, run.amp_dtype)
-                    log.append({"step": step, "loss": loss, "val_loss": vl, "lr": lr,
-                                "elapsed_s": round(time.perf_counter() - start, 1)})
-                    bar.write(f"step {step}/{total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
+                run.total = total
+                if _evaluation_due(run, args):
+                    _evaluate(run, args, start, bar.write)
                 if step % args.save_every == 0 or step == total:
                     _save(run, args)
     except KeyboardInterrupt:
@@ -518,6 +518,21 @@ def _loop(run, args, val_windows, total: int, start: float) -> int:
     finally:
         del run.opt.step  # the class's again
     return step
+
+
+def _evaluation_due(run, args) -> bool:
+    """run.step is an evaluation step whose log entry is not written yet."""
+    due = run.step % args.eval_every == 0 or run.step == run.total
+    return due and not (run.log and run.log[-1]["step"] == run.step)
+
+
+def _evaluate(run, args, start: float, say) -> None:
+    """The validation loss at run.step, logged (train_log.json) and said."""
+    loss, lr = run.last
+    vl = quick_val_loss(run.model, run.val_windows, run.amp_dtype)
+    run.log.append({"step": run.step, "loss": loss, "val_loss": vl, "lr": lr,
+                    "elapsed_s": round(time.perf_counter() - start, 1)})
+    say(f"step {run.step}/{run.total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
 
 
 def _save(run, args) -> None:
@@ -541,6 +556,8 @@ def _save_interrupted(run, args) -> None:
         return
     print(f"interrupted at step {run.step}: saving it (Ctrl-C again to leave without it)", file=sys.stderr,
           flush=True)
+    if _evaluation_due(run, args):  # cut short: --resume starts after this step and would never log it
+        _evaluate(run, args, run.start, lambda m: print(m, file=sys.stderr, flush=True))
     _save(run, args)
     print(f"saved step {run.step} to {run.state_path} and {args.out}; continue with --resume", file=sys.stderr,
           flush=True)

@@ -86,10 +86,10 @@ def test_eval_too_few_tokens_names_what_to_change(how, needle, files, capsys):
     ("presence_penalty", 1.0, "presence_penalty is not supported; use `repetition_penalty`"),
     ("frequency_penalty", -0.5, "frequency_penalty is not supported; use `repetition_penalty`"),
     ("logit_bias", {"5": 3}, "logit_bias is not supported"),
-    ("top_k", -1, "`top_k` must be >= 0 (0 = off), got -1"),
+    ("top_k", -2, "`top_k` must be >= 0 (0 or -1 = off, as in vLLM), got -2"),
     ("temperature", -0.5, "`temperature` must be >= 0 (0 = greedy), got -0.5"),
     ("top_p", 0, "`top_p` must be in (0, 1], got 0"),
-    ("min_p", 1, "`min_p` must be in [0, 1), got 1"),
+    ("min_p", 1.5, "`min_p` must be in [0, 1], got 1.5"),
     ("repetition_penalty", 0, "`repetition_penalty` must be > 0 (1 = off), got 0"),
 ])
 def test_serve_refuses_sampling_fields_it_would_ignore_or_misread(field, value, needle):

@@ -30,8 +30,9 @@ def test_a_stop_id_does_not_turn_the_eos_stop_off(capsys):
 
 
 def test_server_stop_token_ids_keep_the_eos_stop_for_text_prompts():
-    """The server's `stop_token_ids` extension replaced EOS the same way for text prompts; token-id
-    prompts keep exactly the ids sent (generate()'s own rule)."""
+    """The server's `stop_token_ids` extension replaced EOS the same way for text prompts. Since
+    the thirty-fifth session token-id prompts keep the EOS too (as vLLM; transformers' generate
+    stops at it whatever the prompt), and `ignore_eos` leaves it out."""
     import http.client
     import threading
 
@@ -55,7 +56,8 @@ def test_server_stop_token_ids_keep_the_eos_stop_for_text_prompts():
         assert plain["finish_reason"] == "stop" and plain["token_ids"] == []
         assert post({"prompt": EOS_FIRST, "stop_token_ids": [99]}) == plain
         ids = runner.tokenizer.encode(EOS_FIRST)
-        free = post({"prompt": ids, "stop_token_ids": [99]})
+        assert post({"prompt": ids, "stop_token_ids": [99]})["token_ids"] == []  # the EOS stops it
+        free = post({"prompt": ids, "stop_token_ids": [99], "ignore_eos": True})
         assert free["token_ids"][:1] == [runner.tokenizer.eos_token_id]  # ids alone: EOS does not stop it
     finally:
         server.shutdown()

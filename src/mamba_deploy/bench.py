@@ -258,7 +258,8 @@ def markdown_table(data: dict) -> str:
              + (f", {data['system']['cuda']}" if data["system"]["cuda"] else "")
              + "".join(f"; {_label(t, names)} sharded over {t['tensor_parallel']} ranks" for t in data["targets"]
                        if t.get("tensor_parallel")), "",
-             "| target | batch | prompt | prefill ms (median / p95) | decode ms/token of each sequence = ms/step (median / p95) "
+             "| target | batch | prompt | prefill ms (median / p95) "
+             "| decode ms/token of each sequence = ms/step (median / p95) "
              "| prefill tok/s | decode tok/s | peak RSS MiB | peak CUDA MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     mib = 1024 ** 2

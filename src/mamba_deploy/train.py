@@ -140,8 +140,8 @@ def quick_val_loss(model, val_windows, amp_dtype) -> float:
 
 def save_training_state(path: Path, model, opt, step: int, rng, log: list, preset: str | None = None,
                         extra: dict | None = None) -> None:
-    """extra: the run's RUN_KEYS (settings, schedule_steps, tokens_seen); `rng`: a Generator or
-    its bit_generator.state."""
+    """extra: what --resume reads besides (settings, schedule_steps, tokens_seen); `rng`: a
+    Generator or its bit_generator.state."""
     # atomic_file: a unique temporary, removed when the save is interrupted or the disk fills
     with atomic_file(path) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
@@ -160,11 +160,13 @@ def check_run_settings(args, saved: dict | None, state_path: Path) -> None:
         return
     diff = [k for k in RUN_SETTINGS if k in saved and saved[k] != getattr(args, k)]
     if diff:
-        flag = lambda k, v: f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"  # noqa: E731
-        raise ConfigError(f"--resume: the run in {state_path} was started with {' '.join(flag(k, saved[k]) for k in diff)}, "
-                          f"this command has {' '.join(flag(k, getattr(args, k)) for k in diff)}; a resumed run keeps "
-                          "its settings: pass the run's values, or drop --resume (or use another --work-dir) to start "
-                          "a new run")
+        def flags(values):
+            return " ".join(f"--{k.replace('_', '-')} {values[k]:g}" if isinstance(values[k], float)
+                            else f"--{k.replace('_', '-')} {values[k]}" for k in diff)
+
+        raise ConfigError(f"--resume: the run in {state_path} was started with {flags(saved)}, this command has "
+                          f"{flags(vars(args))}; a resumed run keeps its settings: pass the run's values, or drop "
+                          "--resume (or use another --work-dir) to start a new run")
 
 
 def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:

@@ -13,7 +13,6 @@ medians and the per-round ratios, writes JSON.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cpu_backends import build_checkpoint  # noqa: E402
 
 from mamba_deploy.atomic import write_json  # noqa: E402
+from mamba_deploy.export.onnx import file_record  # noqa: E402
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -96,8 +96,7 @@ def _save_with_manifest(model, dst: Path) -> None:
 
     onnx.save(model, str(dst / "model.onnx"))
     manifest = json.loads((dst / "manifest.json").read_text())  # the runner checks model.onnx's hash
-    data = (dst / "model.onnx").read_bytes()
-    manifest["files"]["model.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["model.onnx"] = file_record(dst / "model.onnx")
     (dst / "manifest.json").write_text(json.dumps(manifest))
 
 

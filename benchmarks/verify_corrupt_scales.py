@@ -13,7 +13,6 @@ int4 row; the table shows both rows' verdicts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mamba_deploy.atomic import write_json  # noqa: E402
+from mamba_deploy.export.onnx import file_record  # noqa: E402
 from mamba_deploy.tolerances import TOLERANCES  # noqa: E402
 
 INITIALIZER = "backbone.layers.5.mixer.out_proj.scales"
@@ -48,8 +48,7 @@ def scaled_copy(src: Path, dst: Path, factor: float) -> None:
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, INITIALIZER))
     onnx.save(model, str(dst / "model.onnx"))
     manifest = json.loads((dst / "manifest.json").read_text())
-    data = (dst / "model.onnx").read_bytes()
-    manifest["files"]["model.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["model.onnx"] = file_record(dst / "model.onnx")
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 

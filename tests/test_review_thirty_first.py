@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from mamba_deploy.cli import main
+from mamba_deploy.export.onnx import file_record
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -29,8 +29,7 @@ def _scaled_copy(src: Path, dst: Path, name: str, factor: float) -> Path:
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name))
     onnx.save(model, str(dst / "model.onnx"))
     manifest = json.loads((dst / "manifest.json").read_text())
-    data = (dst / "model.onnx").read_bytes()
-    manifest["files"]["model.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["model.onnx"] = file_record(dst / "model.onnx")
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
 

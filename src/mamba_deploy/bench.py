@@ -363,18 +363,19 @@ def write_outputs(data: dict, out_dir) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def cmd_bench(args):
-    from .cli import quiet_rank, refuse_torch_only, torch_flags_set, torch_options
+    from .cli import quiet_rank, refuse_torch_only, torch_options
     from .runners import OPTIONS
 
     backends = [b for spec in (args.backends or []) for b in spec.split(",")]
     targets = parse_targets(args.models, backends or None)
     others = sorted({b for _, b in targets} - {"torch"})
-    if all(backend != "torch" for _, backend in targets):  # a flag no target takes: refused, not ignored
-        refuse_torch_only(args, f"no target runs on the torch backend ({', '.join(others)})", others)
-    # the torch flags another backend takes (--device for OpenVINO and TensorRT) where no torch
-    # target is there to take them: the two backends share no device name but cpu
-    backend_options = {} if len(others) < len({b for _, b in targets}) else \
-        {b: {k: v for k, v in torch_flags_set(args).items() if k in OPTIONS[b]} for b in others}
+    backend_options = {}
+    if len(others) == len({b for _, b in targets}):  # no torch target
+        # a flag no target takes is refused, not ignored; the torch flags another backend takes
+        # (--device for OpenVINO and TensorRT) are its own here, where no torch target takes them
+        # (the backends share no device name but cpu)
+        taken = refuse_torch_only(args, f"no target runs on the torch backend ({', '.join(others)})", others)
+        backend_options = {b: {k: v for k, v in taken.items() if k in OPTIONS[b]} for b in others}
     if args.tensor_parallel and len(targets) > 1:  # each sharded runner would open and close the group
         raise ConfigError("--tensor-parallel benchmarks one model on the torch backend, got "
                           + ", ".join(f"{p} ({b})" for p, b in targets) + "; run bench once per model")

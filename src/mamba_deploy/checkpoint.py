@@ -577,22 +577,25 @@ def stored_dtype(path_or_hub_id, exact: bool = False) -> torch.dtype | None:
     exact: one dtype that holds every stored float unrounded instead (float32 for a folder that
     mixes float dtypes, e.g. bf16 matrices beside float32 A_log / D), for `convert`: the bulk's
     dtype decides verify's tolerance row, and would round the rest."""
+    return stored_dtypes(path_or_hub_id)[exact]
+
+
+def stored_dtypes(path_or_hub_id) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(stored_dtype, stored_dtype(exact=True)) from one reading of the weights' headers."""
     path = Path(path_or_hub_id)
     if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
         path = path.parent
     if not path.is_dir():
-        return None
+        return None, None
     raw = read_json_object(path / "config.json")
     name = raw.get("torch_dtype") or raw.get("dtype")  # transformers >= 5 writes "dtype"
     declared = FLOAT_DTYPES.get(name) if isinstance(name, str) else None  # a list, an int: not a dtype
-    if "quantization_config" in raw:
-        return declared
-    counts = stored_float_counts(path)
+    counts = {} if "quantization_config" in raw else stored_float_counts(path)
     if not counts:
-        return declared
-    if exact and len(counts) > 1:
-        return torch.float32  # float16, bfloat16 and float32 values are all float32 values
-    return max(counts, key=counts.get)
+        return declared, declared
+    bulk = max(counts, key=counts.get)
+    # float16, bfloat16 and float32 values are all float32 values
+    return bulk, (torch.float32 if len(counts) > 1 else bulk)
 
 
 def stored_float_counts(path: Path) -> dict[torch.dtype, int]:

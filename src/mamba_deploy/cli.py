@@ -96,7 +96,12 @@ def other_rank(args) -> str | None:
     """Under --tensor-parallel, this process's rank as torchrun's RANK names it, unless it is rank 0
     (or the variable is unset); else None. Read from the launcher, not the process group, so that
     it holds from the start (loading, errors before the group is joined) to the end."""
-    rank = os.environ.get("RANK", "0").strip() if getattr(args, "tensor_parallel", False) else "0"
+    return launcher_rank() if getattr(args, "tensor_parallel", False) else None
+
+
+def launcher_rank() -> str | None:
+    """torchrun's RANK of this process unless it is 0 or unset; else None."""
+    rank = os.environ.get("RANK", "0").strip()
     return None if rank in ("", "0") else rank
 
 
@@ -147,16 +152,6 @@ DEVICE_HELP = ("cpu, cuda or cuda:N (torch); an OpenVINO device, CPU or GPU (--b
                "(tensorrt); the other backends take none")
 
 
-def torch_flags_set(args) -> dict:
-    """The torch backend's flags given away from their defaults: name -> the value given."""
-    flags = {}
-    for name, default in TORCH_ONLY_DEFAULTS.items():
-        value = getattr(args, name, default)
-        if DTYPES.get(value, value) != DTYPES.get(default, default):  # fp32 and float32 are one
-            flags[name] = value
-    return flags
-
-
 def refuse_torch_only(args, where: str, backend=None) -> dict:
     """ConfigError for a torch flag away from its default that the backend running instead
     (`where` says which; `backend`: its name, or the names of several that each run a target;
@@ -166,7 +161,10 @@ def refuse_torch_only(args, where: str, backend=None) -> dict:
 
     backends = [backend] if isinstance(backend, str) else list(backend or ())
     taken = {}
-    for name, value in torch_flags_set(args).items():
+    for name, default in TORCH_ONLY_DEFAULTS.items():
+        value = getattr(args, name, default)
+        if DTYPES.get(value, value) == DTYPES.get(default, default):  # fp32 and float32 are one
+            continue
         if any(name in OPTIONS[b] for b in backends):
             taken[name] = value
             continue
@@ -319,7 +317,7 @@ def prefill_progress():
 
 def cmd_convert(args):
     from .atomic import prepare_output_dir
-    from .checkpoint import check_shard_size, load_model, save_checkpoint, stored_dtype
+    from .checkpoint import check_shard_size, load_model, save_checkpoint, stored_dtypes
     from .errors import CheckpointError
     from .tolerances import dtype_label
 
@@ -327,8 +325,8 @@ def cmd_convert(args):
     prepare_output_dir(args.out, CheckpointError)
     # without --dtype the weights keep the source's stored precision (an fp16 checkpoint is not
     # silently doubled in size); a GGUF or a checkpoint without torch_dtype is saved as fp32
-    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(args.model, exact=True) or torch.float32
-    bulk = None if args.dtype else stored_dtype(args.model)
+    bulk, exact = (None, None) if args.dtype else stored_dtypes(args.model)
+    dtype = DTYPES[args.dtype] if args.dtype else exact or torch.float32
     if bulk is not None and bulk != dtype:
         name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
         print(f"note: {args.model} stores its weights in more than one float dtype (mostly {name(bulk)}); they are "

@@ -33,8 +33,10 @@ def main(argv=None) -> int:
             raise
         # a bug's traceback (cli_main reports the errors users cause): under tensor parallelism
         # the process ends here too, its group never torn down (see below and tp._abandon_group)
-        if os.environ.get("RANK", "0") != "0":
-            print(f"rank {os.environ['RANK']}: unexpected error", file=sys.stderr)
+        from .cli import launcher_rank
+
+        if launcher_rank() is not None:
+            print(f"rank {launcher_rank()}: unexpected error", file=sys.stderr)
         traceback.print_exc()
         code = 1
     if _tp_rank():

@@ -360,7 +360,8 @@ def setup(args) -> SimpleNamespace:
     model.to(device).train()
     run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
                           rng=np.random.default_rng(args.seed), step=0, log=[], device=device, tokens_seen=0,
-                          schedule_steps=None, settings={k: getattr(args, k) for k in RUN_SETTINGS},
+                          schedule_steps=None, total=args.steps,
+                          settings={k: getattr(args, k) for k in RUN_SETTINGS},
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
                           state_path=state_path, train_ids=train_ids, val_ids=val_ids)
     if st is not None:
@@ -375,7 +376,7 @@ def setup(args) -> SimpleNamespace:
         check_run_settings(args, st.get("settings"), state_path)
         # a schedule --max-minutes fixed stays: re-fitted to a new budget, its rate jumped
         run.schedule_steps = st.get("schedule_steps")
-        total = run.schedule_steps or args.steps
+        total = run.total = run.schedule_steps or args.steps
         log_out = read_json_object(Path(args.out) / "train_log.json")
         saved = log_out.get("steps", 0)  # 0: no snapshot there yet
         # the state's last step done but --out older (its final save failed: disk full, Ctrl-C),
@@ -446,7 +447,7 @@ def eval_tokens(text: str) -> int:
 
 def _train(args) -> dict:
     run = setup(args)
-    model, total = run.model, run.schedule_steps or args.steps
+    model, total = run.model, run.total
     val_windows = sample_batch(run.val_ids, args.eval_batch, args.seq_len, np.random.default_rng(1234),
                                "validation split")
     print(f"{args.preset}: {run.info['parameters'] / 1e6:.2f} M parameters, {run.train_ids.size} train tokens",
@@ -462,7 +463,7 @@ def _train(args) -> dict:
         print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    step = _loop(run, args, val_windows, total, start)
+    step = _loop(run, args, val_windows, start)
     metrics = {**run.info, "steps": step, "tokens_seen": run.tokens_seen,
                "train_seconds": round(time.perf_counter() - start, 1), "log": run.log}
     if args.eval_tokens:
@@ -472,7 +473,7 @@ def _train(args) -> dict:
     return metrics
 
 
-def _loop(run, args, val_windows, total: int, start: float) -> int:
+def _loop(run, args, val_windows, start: float) -> int:
     """The optimizer steps from run.step to the schedule's end (-> the steps done). Between two
     steps run.step / run.mark (the data RNG before the next batch) / run.tokens_seen describe a
     state the run can resume from; an interrupt then saves it (_save_interrupted)."""
@@ -480,9 +481,9 @@ def _loop(run, args, val_windows, total: int, start: float) -> int:
 
     from .ops import use_backend
 
-    model, step, step_times = run.model, run.step, []
+    model, step, total, step_times = run.model, run.step, run.total, []
     run.mark, run.saved, run.updating, run.val_windows = run.rng.bit_generator.state, step, False, val_windows
-    run.start, run.total = start, total
+    run.start = start
     update = run.opt.step
 
     def flagged_update(*a, **k):  # from here until the step is counted the weights are mid-step
@@ -505,13 +506,12 @@ def _loop(run, args, val_windows, total: int, start: float) -> int:
                     False)
                 step_times.append(time.perf_counter() - t0)
                 if len(step_times) == 12 and run.schedule_steps is None:
-                    total = bar.total = resolve_total_steps(args, step_times, start, step)
+                    total = bar.total = run.total = resolve_total_steps(args, step_times, start, step)
                     run.schedule_steps = total if args.max_minutes else None  # kept by --resume
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-                run.total = total
                 if _evaluation_due(run, args):
-                    _evaluate(run, args, start, bar.write)
+                    _evaluate(run, bar.write)
                 if step % args.save_every == 0 or step == total:
                     _save(run, args)
     except KeyboardInterrupt:
@@ -528,12 +528,12 @@ def _evaluation_due(run, args) -> bool:
     return due and not (run.log and run.log[-1]["step"] == run.step)
 
 
-def _evaluate(run, args, start: float, say) -> None:
+def _evaluate(run, say) -> None:
     """The validation loss at run.step, logged (train_log.json) and said."""
     loss, lr = run.last
     vl = quick_val_loss(run.model, run.val_windows, run.amp_dtype)
     run.log.append({"step": run.step, "loss": loss, "val_loss": vl, "lr": lr,
-                    "elapsed_s": round(time.perf_counter() - start, 1)})
+                    "elapsed_s": round(time.perf_counter() - run.start, 1)})
     say(f"step {run.step}/{run.total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
 
 
@@ -559,7 +559,7 @@ def _save_interrupted(run, args) -> None:
     print(f"interrupted at step {run.step}: saving it (Ctrl-C again to leave without it)", file=sys.stderr,
           flush=True)
     if _evaluation_due(run, args):  # cut short: --resume starts after this step and would never log it
-        _evaluate(run, args, run.start, lambda m: print(m, file=sys.stderr, flush=True))
+        _evaluate(run, lambda m: print(m, file=sys.stderr, flush=True))
     _save(run, args)
     print(f"saved step {run.step} to {run.state_path} and {args.out}; continue with --resume", file=sys.stderr,
           flush=True)

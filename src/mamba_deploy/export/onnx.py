@@ -246,6 +246,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path) -> dict:
+    """A file's entry in manifest.json's "files": its size and sha256 (re-record a graph edited
+    after export with it)."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: str | None = None,
                    scan_chunk: int = 1) -> None:
     """scan_chunk: Mamba1 prefill tokens per Scan iteration (absent from manifests written before it
@@ -254,7 +260,7 @@ def write_manifest(folder: Path, cfg, opset: int, dtype: str, source_weights: st
     manifest = {
         "format": "mamba-deploy-onnx", "version": MANIFEST_VERSION, "config": cfg.to_dict(), "opset": opset,
         "dtype": dtype, "state_dtype": "float32", "scan_chunk": scan_chunk, "graph": GRAPH_FILE, **io_spec(cfg),
-        "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {p.name: file_record(p) for p in files},
     }
     if source_weights:
         manifest["source_weights"] = source_weights

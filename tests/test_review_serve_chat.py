@@ -194,8 +194,13 @@ def test_http_servers_own_refusals_are_json(server, request_bytes, status, patte
 
 
 def test_head_gets_a_json_error_head_without_a_body(server):
-    head, _, body = _raw(server, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n").partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 501 ") and b"Content-Type: application/json" in head and body == b""
+    # HEAD is served since the thirty-sixth session (RFC 9110 9.1): an unknown path's 404 and a
+    # POST path's 405 are still JSON heads, without their bodies
+    for path, status in ((b"/nope", b"404"), (b"/v1/completions", b"405")):
+        reply = _raw(server, b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status + b" ") and b"Content-Type: application/json" in head
+        assert body == b""
 
 
 # ----------------------------------------------------------------------------- mutants that survived

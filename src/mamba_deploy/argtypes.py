@@ -93,6 +93,14 @@ def scan_chunk(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def is_finite(v) -> bool:
+    """math.isfinite that answers False for an int past float's range (10**400) instead of raising."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def is_seed(value) -> bool:
     """An int torch.Generator.manual_seed takes: 0 <= seed < 2**64 (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -10,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .argtypes import is_seed
+from .argtypes import is_finite, is_seed
 from .errors import ConfigError, MambaDeployError, ShapeError
 
 
@@ -36,8 +35,10 @@ class SamplingConfig:
 
     def __post_init__(self):
         values = (self.temperature, self.top_p, self.min_p, self.repetition_penalty)
-        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and is_finite(v) for v in values):
             raise ConfigError(f"bad sampling settings {self}: every value must be a finite number")
+        # as floats: an int past int64 (10**20) reaches torch as a number it cannot convert
+        self.temperature, self.top_p, self.min_p, self.repetition_penalty = map(float, values)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ConfigError(f"bad sampling settings {self}: top_k must be an int (0 = off)")
         if not all(SAMPLING_RULES[k][0](getattr(self, k)) for k in ("temperature", "top_p", "min_p", "top_k")):
@@ -55,6 +56,9 @@ def apply_repetition_penalty(logits, history, penalty: float):
         return logits
     score = logits.gather(1, history)
     score = torch.where(score < 0, score * penalty, score / penalty)
+    # a tiny penalty sends a positive logit to +inf, and inf - max is NaN in the softmax: capped
+    # at the dtype's largest finite value (-inf, from a huge penalty, is a token never drawn)
+    score = score.clamp(max=torch.finfo(score.dtype).max)
     return logits.scatter(1, history, score)
 
 

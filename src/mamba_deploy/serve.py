@@ -59,8 +59,9 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_request import (CHAT_UNSUPPORTED, FIELDS, RequestError, _check_max_tokens, _typed, check_model,
-                            error_payload, parse_completion_request, refuse_unsupported)
+from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, FIELDS, RequestError, _check_max_tokens,
+                            _typed, check_model, error_payload, parse_completion_request, refuse_unknown,
+                            refuse_unsupported)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 SINGLE_FILE_SUFFIXES = (".gguf", ".engine", ".plan")  # artifacts that are one file, named for the model
@@ -275,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     # -- responses
-    def _send(self, status: int, payload: dict, headers=JSON_HEADERS, body: bool = True):
+    def _send(self, status: int, payload: dict, headers=JSON_HEADERS):
         if getattr(self, "_body_unread", False):  # its bytes would be read as the next request (a GET
             headers = {"Connection": "close", **headers}  # with a body, a refused POST): close after this
             self.close_connection = True
@@ -285,7 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if body:
+        if getattr(self, "command", None) != "HEAD":  # a HEAD reply: the GET's headers, no body (`command`
+            # is unset after a malformed request line)
             self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
@@ -297,15 +299,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True  # the request may not even have been read to its end
         self._send(code, error_payload(message, "invalid_request_error"),
-                   headers={"Connection": "close", **JSON_HEADERS},
-                   body=getattr(self, "command", None) != "HEAD")  # a HEAD reply has no body
+                   headers={"Connection": "close", **JSON_HEADERS})
 
     def _guarded(self, fn):
         try:
             try:
                 fn()
             except RequestError as e:  # a client that left before its error is written: below
-                self._send(e.status, e.payload())
+                self._send(e.status, e.payload(), headers={**JSON_HEADERS, **e.headers})
         except ClientGone as e:
             self.close_connection = True
             self.log_message("client closed the connection: generation stopped after %d token(s)", e.tokens)
@@ -326,6 +327,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._guarded(self._post)
 
+    def do_HEAD(self):  # RFC 9110 9.1: a general-purpose server supports GET and HEAD
+        self._guarded(self._get)
+
     def _route_path(self):
         return self.path.split("?", 1)[0].rstrip("/") or "/"
 
@@ -341,14 +345,14 @@ class _Handler(BaseHTTPRequestHandler):
             check_model({"model": name}, s.model_name)
             self._send(200, s.model_object())
         elif path in POST_PATHS:
-            raise RequestError(f"use POST for {path}", 405, "method_not_allowed")
+            raise RequestError(f"use POST for {path}", 405, "method_not_allowed", headers={"Allow": "POST"})
         else:
             raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
 
     def _post(self):
         path = self._route_path()
         if path in ("/health", "/v1/models") or path.startswith(MODEL_PATH):
-            raise RequestError(f"use GET for {path}", 405, "method_not_allowed")
+            raise RequestError(f"use GET for {path}", 405, "method_not_allowed", headers={"Allow": "GET, HEAD"})
         if path not in POST_PATHS:
             raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
         body = self._read_json()
@@ -357,6 +361,11 @@ class _Handler(BaseHTTPRequestHandler):
         chat = path == "/v1/chat/completions"
         if chat:
             body = self._chat_body(body)
+        else:
+            if isinstance(body, dict) and "messages" in body:
+                raise RequestError("/v1/completions takes `prompt`, not `messages` (that is /v1/chat/completions)",
+                                   param="messages")
+            refuse_unknown(body, COMPLETION_FIELDS)
         prompts, as_text, kw, stream, include_usage = parse_completion_request(
             body, s.max_batch, s.runner.vocab_size, s.max_tokens_limit)
         if as_text or kw["stop_strings"]:
@@ -404,6 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
         if "prompt" in body:
             raise RequestError("/v1/chat/completions takes `messages`, not `prompt` (that is /v1/completions)",
                                param="prompt")
+        refuse_unknown(body, CHAT_FIELDS)
         # the request's own faults first: they hold whatever the model's template is
         if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
             raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
@@ -533,19 +543,22 @@ class _Handler(BaseHTTPRequestHandler):
                              + b"\n\n")
             self.wfile.flush()
 
+        # OpenAI: with include_usage, every chunk but the last has "usage": null
+        cbase = {**base, "usage": None} if include_usage else base
+
         def chunk(i, text, token_ids, finish=None):
             if chat:  # OpenAI's deltas: the role first, then content pieces, then the finish reason
                 delta = {"content": text} if text or finish is None else {}
-                return {**base, "choices": [{"index": i, "delta": delta, "token_ids": token_ids, "logprobs": None,
-                                             "finish_reason": finish}]}
-            return {**base, "choices": [{"index": i, "text": text, "token_ids": token_ids, "logprobs": None,
-                                         "finish_reason": finish}]}
+                return {**cbase, "choices": [{"index": i, "delta": delta, "token_ids": token_ids, "logprobs": None,
+                                              "finish_reason": finish}]}
+            return {**cbase, "choices": [{"index": i, "text": text, "token_ids": token_ids, "logprobs": None,
+                                          "finish_reason": finish}]}
 
         def on_token(i, t):  # a write error (client gone) raises here and ends the generation
             event(chunk(i, detoks[i].push(t), [t]))
 
         if chat:
-            event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            event({**cbase, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
         try:
             res = self._generate(prompts, kw, on_token)

@@ -4,8 +4,8 @@ or a RequestError naming the offending field (a 4xx with OpenAI's error shape)."
 from __future__ import annotations
 
 import json
-import math
 
+from .argtypes import is_finite
 from .errors import ConfigError, MambaDeployError
 from .tokenizer import check_text
 
@@ -50,6 +50,15 @@ CHAT_UNSUPPORTED = {
     "modalities": ((None, ["text"]), "only text output is supported"),
     "audio": ((None,), "audio output is not supported"),
 }
+# fields read elsewhere (serve.py, parse_completion_request) and OpenAI fields that change nothing a
+# model here computes (bookkeeping, caching hints): accepted. Any other name is refused as OpenAI
+# refuses it ("Unrecognized request argument"): a misspelt `max_token` silently ignored would
+# answer with other settings than the client asked for.
+COMMON_FIELDS = {"model", "stream", "stream_options", "stop", "stop_token_ids", "ignore_eos",
+                 "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"} | set(FIELDS) | set(UNSUPPORTED)
+CHAT_FIELDS = (COMMON_FIELDS | {"messages", "max_completion_tokens", "parallel_tool_calls", "prediction"}
+               | set(FIELDS) | set(UNSUPPORTED) | set(CHAT_UNSUPPORTED))
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 SEED_RANGE = (0, 2**63 - 1)
 
@@ -57,10 +66,11 @@ class RequestError(Exception):
     """A client error: becomes a 4xx JSON error naming the problem."""
 
     def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error", param=None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         # `code`: OpenAI's machine-readable string ("model_not_found", ...) or None, never the status
         self.status, self.type, self.param, self.code = status, type_, param, code
+        self.headers = headers or {}  # sent with the error (a 405's Allow)
 
     def payload(self) -> dict:
         return error_payload(str(self), self.type, self.param, self.code)
@@ -94,6 +104,20 @@ def refuse_unsupported(body: dict, table: dict) -> None:
             raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
 
 
+def refuse_unknown(body, known: set) -> None:
+    """A 400 naming the first request field this server does not know, with the nearest known
+    name when it looks like a misspelling."""
+    import difflib
+
+    if not isinstance(body, dict):
+        return  # parse_completion_request's own error names that
+    for name in body:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"; did you mean `{near[0]}`?" if near else f"; known fields: {', '.join(sorted(known))}"
+            raise RequestError(f"unrecognized request argument supplied: `{name}`{hint}", param=name)
+
+
 def _typed(body: dict, name: str, types, default):
     v = body.get(name, default)
     if v is None:
@@ -101,16 +125,11 @@ def _typed(body: dict, name: str, types, default):
     if isinstance(v, bool) or not isinstance(v, types):
         want = " or ".join("an integer" if t is int else "a number" for t in types)
         raise RequestError(f"`{name}` must be {want}, got {json.dumps(v)[:80]}", param=name)
-    if float in types and not _finite(v):  # JSON 1e999 parses to inf
-        raise RequestError(f"`{name}` must be a finite number, got {json.dumps(v)[:80]}", param=name)
+    if float in types:
+        if not is_finite(v):  # JSON 1e999 parses to inf; JSON 1 and 400 zeros is past float's range
+            raise RequestError(f"`{name}` must be a finite number, got {json.dumps(v)[:80]}", param=name)
+        return float(v)  # an integer past int64 (JSON 10**20) would reach torch as an int it cannot convert
     return v
-
-
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer past float's range (JSON 1 and 400 zeros): sampling would raise it (a 500)
-        return False
 
 
 def _check_max_tokens(n: int, name: str, limit: int) -> int:
@@ -225,5 +244,7 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise RequestError("`stream_options` must be an object", param="stream_options")
+    if opts and not stream:  # OpenAI: "only set this when you set stream: true"
+        raise RequestError("`stream_options` is only allowed with \"stream\": true", param="stream_options")
     return prompts, as_text, kw, stream, _flag(opts.get("include_usage"), "stream_options.include_usage",
                                                "stream_options")

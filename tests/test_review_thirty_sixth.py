@@ -139,3 +139,187 @@ def test_include_usage_puts_a_null_usage_on_every_other_chunk(server, path, body
     # without include_usage there is no usage key at all (OpenAI's default)
     _, _, data = _request(server, "POST", path, {**body, "stream": True})
     assert not any("usage" in json.loads(e[len("data: "):]) for e in data.decode().split("\n\n")[:-2] if e)
+
+
+# ----------------------------------------------------------------------------- files (a review of every writer and reader)
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from mamba_deploy import cli  # noqa: E402
+from mamba_deploy.errors import CheckpointError, ExportError, OutputPathError  # noqa: E402
+
+DEMO1 = DEMO2.parent / "demo-mamba1"
+
+
+def test_verify_json_onto_its_own_text_file_is_refused(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("def main():\n    return 1\n" * 20)
+    before = text.read_bytes()
+    assert cli.main(["verify", str(DEMO1), str(DEMO1), "--text", str(text), "--json", str(text)]) == 2
+    assert "corpus.txt is a file of" in capsys.readouterr().err
+    assert text.read_bytes() == before
+
+
+def test_an_input_given_as_its_folders_file_protects_that_folder(tmp_path):
+    from mamba_deploy.atomic import refuse_input_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DEMO1, ckpt)
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"graph")
+    (onnx_dir / "manifest.json").write_text("{}")
+    gguf = tmp_path / "g" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    shutil.copy(DEMO1 / "tokenizer.json", gguf.parent / "tokenizer.json")
+    (gguf.parent / "old_report.json").write_text("{}")
+    for out, inputs in ((onnx_dir / "manifest.json", [DEMO1, onnx_dir / "model.onnx"]),
+                        (ckpt / "tokenizer.json", [ckpt / "config.json", gguf]),
+                        (gguf.parent / "tokenizer.json", [DEMO1, gguf])):  # the GGUF's loaders read it
+        with pytest.raises(OutputPathError, match="an input of this command"):
+            refuse_input_file(out, inputs, "--json", "verify.json")
+    # a report beside a GGUF (not a file its loaders read) may still be replaced
+    refuse_input_file(gguf.parent / "old_report.json", [DEMO1, gguf], "--json", "verify.json")
+
+
+def test_demo_json_inside_its_out_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from mamba_deploy import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: ran.append(1) or ([], True))
+    for json_path in (tmp_path / "dd", tmp_path / "dd" / "demo.json"):
+        assert cli.main(["demo", "--models", str(DEMO1), "--only", "gguf f32", "--out", str(tmp_path / "dd"),
+                         "--json", str(json_path)]) == 2
+        assert "lies in --out" in capsys.readouterr().err
+    assert not ran and not (tmp_path / "dd").exists()
+
+
+def _gguf_reader_eos_text(path: Path) -> str:
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    eos = int(r.fields["tokenizer.ggml.eos_token_id"].contents())
+    return r.fields["tokenizer.ggml.tokens"].contents()[eos]
+
+
+def test_a_reexport_rewrites_our_modelfile_for_the_new_gguf(tmp_path):
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+
+    other = tmp_path / "other"  # the same model whose tokenizer's EOS is another token
+    shutil.copytree(DEMO1, other)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = json.loads((other / name).read_text())
+        if "eos_token" in data:
+            data["eos_token"] = "<|pad|>"
+            (other / name).write_text(json.dumps(data))
+    out = tmp_path / "m.gguf"
+    export_gguf(DEMO1, out, ollama=True)
+    first = (tmp_path / "Modelfile").read_text()
+    assert 'PARAMETER stop "<|endoftext|>"' in first.splitlines()
+    with pytest.warns(UserWarning, match="rewritten for the new one"):
+        export_gguf(other, out)
+    text = (tmp_path / "Modelfile").read_text()
+    assert _gguf_reader_eos_text(out) == "<|pad|>" and 'PARAMETER stop "<|pad|>"' in text.splitlines()
+
+
+def test_a_failed_modelfile_write_leaves_the_earlier_gguf_and_modelfile(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    import errno
+
+    from mamba_deploy.export import gguf as gguf_export
+
+    out = tmp_path / "m.gguf"
+    gguf_export.export_gguf(DEMO1, out, ollama=True)
+    old_gguf, old_mf = out.read_bytes(), (tmp_path / "Modelfile").read_text()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gguf_export, "modelfile_text", full)
+    with pytest.raises(OutputPathError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gguf_export.export_gguf(DEMO2, out, ollama=True)
+    assert out.read_bytes() == old_gguf and (tmp_path / "Modelfile").read_text() == old_mf
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]  # no temporaries
+
+
+_KERNEL_PROBE = ("import warnings, sys; warnings.simplefilter('always')\n"
+                 "from mamba_deploy.ops import cpu_kernels as k\n"
+                 "print('simd', k.simd_level())\n")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_a_damaged_cached_kernel_library_is_rebuilt(tmp_path, damage):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler to build the CPU kernels")
+    env = {**os.environ, "MAMBA_DEPLOY_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("MAMBA_DEPLOY_NO_CPU_KERNELS", None)
+    first = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "simd -1" not in first.stdout, first.stderr
+    (so,) = tmp_path.rglob("cpu_scan-*.so")
+    with open(so, "r+b") as f:
+        f.truncate(5000 if damage == "truncate" else 0)
+    again = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    # before: SIGBUS (truncated) or the reference ops on every run, never rebuilt (empty)
+    assert again.returncode == 0, (again.returncode, again.stderr[-500:])
+    assert "damaged" in again.stderr and "simd -1" not in again.stdout
+    assert so.stat().st_size > 5000
+
+
+def test_openvino_names_a_graph_file_that_is_not_onnx(tmp_path):
+    pytest.importorskip("openvino")
+    from mamba_deploy.export.onnx import export_onnx, file_record
+    from mamba_deploy.runners import open_runner as open_
+
+    folder = export_onnx(DEMO1, tmp_path / "onnx", validate=False)
+    graph = folder / "model.onnx"
+    graph.write_bytes(os.urandom(4096))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_record(graph)  # re-recorded as for an edited graph
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="not a valid ONNX graph"):
+        open_(folder, "openvino")
+
+
+@pytest.mark.parametrize("kind,value", [("opt", {}), ("rng", "torch"), ("step", "2"), ("log", None)])
+def test_resume_from_a_state_with_foreign_values_is_a_checkpoint_error(tmp_path, kind, value):
+    from test_train import _tiny_run
+
+    from mamba_deploy import train
+
+    train.train(_tiny_run(tmp_path))
+    state = tmp_path / "work" / "train_state.pt"
+    st = torch.load(state, weights_only=False)
+    st[kind] = torch.get_rng_state() if value == "torch" else value
+    torch.save(st, state)
+    with pytest.raises(CheckpointError, match=f"train_state.pt is not a `mamba-deploy train` state \\(its {kind}"):
+        train.train(_tiny_run(tmp_path, steps=3, resume=True))
+
+
+def test_a_gguf_eos_past_the_vocabulary_is_ignored_with_a_warning_naming_the_key(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from mamba_deploy import load_model
+    from mamba_deploy.export.gguf import export_gguf
+
+    path = export_gguf(DEMO1, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(str(path))
+    f = r.fields["tokenizer.ggml.eos_token_id"]
+    part = f.parts[f.data[0]]
+    offset = part.__array_interface__["data"][0] - r.data.__array_interface__["data"][0]
+    del r, f, part
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(np.array([10**6], dtype=np.uint32).tobytes())
+    with pytest.warns(UserWarning, match="tokenizer.ggml.eos_token_id = 1000000 is outside"):
+        model = load_model(path)
+    assert model.tokenizer.eos_token_id is None
+    res = model.generate(["def main("], max_new_tokens=3)  # before: "stop token id(s) [1000000] outside ..."
+    assert len(res.tokens[0]) == 3

@@ -131,7 +131,10 @@ def prepare_output_file(path, example: str = "model.gguf") -> Path:
 def refuse_input_file(out, inputs, flag: str, example: str) -> None:
     """OutputPathError when the output file `out` is an existing file among `inputs` (paths, or
     anything else, ignored), or lies in an input folder: a slip of the path (`--json
-    model/config.json`) would replace a file the command reads. A new file there is fine."""
+    model/config.json`) would replace a file the command reads. A new file there is fine. An input
+    given as its folder's config.json or model.onnx stands for that folder; a GGUF file for the
+    tokenizer files beside it, which its loaders read."""
+    from .checkpoint import CONFIG_FILES, TOKENIZER_FILES
     from .errors import OutputPathError
 
     out = output_path(out)
@@ -142,7 +145,9 @@ def refuse_input_file(out, inputs, flag: str, example: str) -> None:
         if not isinstance(src, (str, os.PathLike)):
             continue
         p = output_path(src).resolve()
-        if target == p or p in target.parents:
+        folder = p.parent if p.is_file() and p.name in (*CONFIG_FILES, "model.onnx") else p
+        beside = p.is_file() and target.parent == p.parent and target.name in TOKENIZER_FILES
+        if target == p or folder in target.parents or beside:
             raise OutputPathError(f"{flag} {out} is a file of {src}, an input of this command, which it would "
                                   f"replace; write to a new path (e.g. {example})")
 

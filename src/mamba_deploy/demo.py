@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import prepare_output_dir, prepare_output_file, refuse_input_file, write_json
+from .atomic import output_path, prepare_output_dir, prepare_output_file, refuse_input_file, write_json
 from .errors import BackendUnavailableError, ModelNotFoundError, OutputPathError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -322,6 +322,11 @@ def cmd_demo(args):
     t0 = time.perf_counter()
     if args.json:  # a bad path fails now, not after the whole demo has run
         refuse_input_file(args.json, args.models or find_models(), "--json", "demo.json")
+        json_path = output_path(args.json).absolute()
+        if args.out and (json_path == output_path(args.out).absolute()
+                         or output_path(args.out).absolute() in json_path.parents):
+            raise OutputPathError(f"--json {args.json} lies in --out {args.out}, the artifacts' folder (new or "
+                                  f"empty, which the demo fills); write it beside that folder (e.g. --json demo.json)")
         prepare_output_file(args.json, example="demo.json")
     rows, passed = run_demo(args.models, args.out, args.only, threads=args.threads)
     print("\n" + format_table(rows))

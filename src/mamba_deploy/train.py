@@ -327,6 +327,17 @@ def load_resume_state(args, state_path: Path, device):
     if not isinstance(st, dict) or any(k not in st for k in STATE_KEYS):
         raise CheckpointError(f"--resume: {state_path} is not a `mamba-deploy train` state (it lacks "
                               f"{', '.join(STATE_KEYS)}); {fix}")
+    # what save_training_state writes, value by value: another trainer's file with these generic
+    # keys (or a damaged one) failed later with a KeyError or TypeError, some after steps had run
+    shapes = {"model": isinstance(st["model"], dict),
+              "opt": isinstance(st["opt"], dict) and {"state", "param_groups"} <= set(st["opt"]),
+              "step": isinstance(st["step"], int) and not isinstance(st["step"], bool) and st["step"] >= 0,
+              "rng": isinstance(st["rng"], dict) and "bit_generator" in st["rng"],
+              "log": isinstance(st["log"], list) and all(isinstance(e, dict) and "step" in e for e in st["log"])}
+    bad = [k for k, ok in shapes.items() if not ok]
+    if bad:
+        raise CheckpointError(f"--resume: {state_path} is not a `mamba-deploy train` state (its "
+                              f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not what this trainer saves); {fix}")
     saved = st.get("preset")
     if saved is not None and saved != args.preset:
         raise ConfigError(f"--resume: {state_path} was saved by preset {saved!r}, not --preset {args.preset!r}; "
@@ -391,10 +402,15 @@ def setup(args) -> SimpleNamespace:
                                   "to train longer")
             raise ConfigError(f"--resume: {state_path} has already done {st['step']} steps, and --steps {args.steps} "
                               f"counts those too; pass --steps above {st['step']} to train further")
-        run.opt.load_state_dict(st["opt"])
+        try:
+            run.opt.load_state_dict(st["opt"])
+            run.rng.bit_generator.state = st["rng"]
+        except (KeyError, TypeError, ValueError) as e:  # another optimizer's or generator's state
+            raise CheckpointError(f"--resume: {state_path} holds an optimizer or data-order state this run cannot "
+                                  f"take ({type(e).__name__}: {e}); delete it (or use another --work-dir, or drop "
+                                  "--resume) to start over") from e
         run.step, run.log = st["step"], st["log"]
         run.tokens_seen = st.get("tokens_seen", st["step"] * args.batch * args.seq_len)
-        run.rng.bit_generator.state = st["rng"]
     run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
                     train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
                     batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, lr=args.lr,

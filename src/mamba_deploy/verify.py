@@ -624,7 +624,7 @@ def cmd_verify(args):
     overrides = parse_overrides(",".join(args.tolerance or []))
     make_tolerance(overrides, args.dtype or "fp32")  # bad names / --dtype before any model is loaded
     if args.json:
-        refuse_input_file(args.json, [args.reference, args.artifact], "--json", "verify.json")
+        refuse_input_file(args.json, [args.reference, args.artifact, args.text], "--json", "verify.json")
         prepare_output_file(args.json, example="verify.json")
     text = None if not args.text else read_text_file(args.text, "--text")
     opts = {"dtype": DTYPES[args.artifact_dtype]} if args.artifact_dtype else {}

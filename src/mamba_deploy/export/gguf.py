@@ -95,6 +95,10 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
                               f"{out.with_suffix('.gguf')}")
     if ollama:
         _check_modelfile(out)
+    elif _our_modelfile(out):  # ours for the GGUF being replaced: left as it was it would describe the old one
+        warnings.warn(f"{out.parent / MODELFILE_NAME} was written by mamba-deploy for the earlier {out.name}; it is "
+                      "rewritten for the new one (as --ollama does)", stacklevel=2)
+        ollama = True
     if out.exists():  # as cp does, but said: it may be another model's file
         warnings.warn(f"{out} exists ({out.stat().st_size / 2**20:.1f} MiB); it is replaced once the new GGUF is "
                       "complete", stacklevel=2)
@@ -104,8 +108,12 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     cfg = model.config
     check_exportable(cfg)
     vocab = _vocab_for(model_or_path, model, tokenizer)
-    # unique temporary names (not one per pid): two threads exporting to one path must not share them
-    with atomic_file(out) as tmp, scratch_file(out, "f32") as f32_tmp:
+    # unique temporary names (not one per pid): two threads exporting to one path must not share them.
+    # The Modelfile is written beside the GGUF's temporary file and renamed after it: a full disk
+    # fails both before either replaces its earlier version
+    mf = out.parent / MODELFILE_NAME
+    with (atomic_file(mf) if ollama else contextlib.nullcontext()) as mf_tmp, atomic_file(out) as tmp, \
+            scratch_file(out, "f32") as f32_tmp:
         if quantize_fn is None:
             write_gguf(model, vocab, tmp, ftype, qtype, name=_model_name(model, out))
         else:
@@ -115,8 +123,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
                 del model  # (a 727M model held 3.1 GB through llama.cpp's whole stage)
                 release_freed_memory()
             quantize_fn(f32_tmp, tmp, int(ftype), n_threads)
-    if ollama:
-        write_modelfile(out, vocab)
+        if ollama:
+            mf_tmp.write_text(modelfile_text(out, vocab), encoding="utf-8")
     return out
 
 
@@ -444,32 +452,47 @@ def _check_modelfile(gguf_path: Path) -> None:
     for this same GGUF (a re-export); someone's own Modelfile, or ours for another GGUF of the
     folder, is kept and the export refused."""
     mf = gguf_path.parent / MODELFILE_NAME
-    if not mf.exists() and not mf.is_symlink():
+    if (not mf.exists() and not mf.is_symlink()) or _our_modelfile(gguf_path):
         return
-    try:
-        lines = mf.read_text(encoding="utf-8").splitlines() if mf.is_file() else []
-    except (OSError, UnicodeDecodeError):
-        lines = []
-    if lines[:1] == [_MODELFILE_MARK + " Create the model with:"] and f"FROM ./{gguf_path.name}" in lines:
-        return
-    what = next((ln for ln in lines if ln.startswith("FROM ")), None)
+    what = next((ln for ln in _modelfile_lines(mf) if ln.startswith("FROM ")), None)
     raise OutputPathError(f"{mf} already exists and was not written by mamba-deploy for {gguf_path.name}"
                           + (f" (it says {what!r})" if what else "") + "; --ollama would replace it. Export into "
                           "another folder, or move that Modelfile away first")
 
 
+def _modelfile_lines(mf: Path) -> list[str]:
+    try:
+        return mf.read_text(encoding="utf-8").splitlines() if mf.is_file() and not mf.is_symlink() else []
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _our_modelfile(gguf_path: Path) -> bool:
+    """Is the Modelfile beside the GGUF one write_modelfile wrote for this GGUF's name?"""
+    lines = _modelfile_lines(gguf_path.parent / MODELFILE_NAME)
+    return lines[:1] == [_MODELFILE_MARK + " Create the model with:"] and f"FROM {_modelfile_source(gguf_path)}" in lines
+
+
+def _modelfile_source(gguf_path: Path) -> str:
+    source = f"./{gguf_path.name}"  # a path with spaces is quoted (Ollama's parser strips the quotes)
+    return f'"{source}"' if re.search(r"\s", source) else source
+
+
 def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
-    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`. The model is a
-    plain LM, so the template passes the prompt through; generation stops at eos."""
+    """An Ollama Modelfile beside the GGUF: `ollama create NAME -f Modelfile`."""
+    return write_text(gguf_path.parent / MODELFILE_NAME, modelfile_text(gguf_path, vocab))
+
+
+def modelfile_text(gguf_path: Path, vocab: Vocab) -> str:
+    """The Modelfile for `gguf_path`. The model is a plain LM, so the template passes the prompt
+    through; generation stops at eos."""
     # Ollama model names: lower-case letters, digits, '.', '-' and '_', at most 80 of them; a FROM
     # path with spaces is quoted (Ollama's parser strips the quotes and knows no escapes)
     name = re.sub(r"[^a-z0-9._-]+", "-", gguf_path.stem.lower()).strip("-.")[:80] or "mamba"
-    source = f"./{gguf_path.name}"
-    if re.search(r"\s", source):
-        if '"' in source:
-            warnings.warn(f"Ollama cannot read a FROM path holding both spaces and '\"' ({source!r}); rename "
-                          "the GGUF before `ollama create`")
-        source = f'"{source}"'
+    source = _modelfile_source(gguf_path)
+    if source.startswith('"') and '"' in source[1:-1]:
+        warnings.warn(f"Ollama cannot read a FROM path holding both spaces and '\"' ({source!r}); rename "
+                      "the GGUF before `ollama create`")
     lines = [
         _MODELFILE_MARK + " Create the model with:",
         f"#   ollama create {name} -f {MODELFILE_NAME}",
@@ -479,8 +502,7 @@ def write_modelfile(gguf_path: Path, vocab: Vocab) -> Path:
     eos = vocab.special.get("eos")
     if eos is not None:
         lines.append(f'PARAMETER stop "{vocab.tokens[eos]}"')
-    out = gguf_path.parent / MODELFILE_NAME
-    return write_text(out, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -139,6 +139,8 @@ def read_config(reader, tensor_shapes: dict) -> MambaConfig:
         if own[attr] is None:
             special = {attr: field(reader, SPECIAL_KEYS[kind], None)}
             kw.update(check_values(special, "GGUF metadata", fix, {attr: SPECIAL_KEYS[kind]}))
+        if kw[attr] is not None and not 0 <= kw[attr] < kw["vocab_size"]:  # llama.cpp loads such a file too;
+            kw[attr] = None  # vocab_from_gguf, which reads these keys for the tokenizer, warns
     if arch == "mamba1":
         kw.update(dt_rank=v["dt_rank"], dt_bc_rms=dt_bc_rms,
                   hf_model_type="falcon_mamba" if dt_bc_rms else "mamba",

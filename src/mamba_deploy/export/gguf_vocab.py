@@ -343,6 +343,12 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
         raise ExportError(f"{path}: GGUF metadata has {len(tokens)} tokenizer.ggml.tokens but {len(types)} "
                           "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
     add_eos = field(reader, ADD_EOS_KEY, None)
+    bad = {k: i for k, i in special.items() if not 0 <= i < len(tokens)}
+    if bad:  # llama.cpp loads such a file; its generation never stops at a token that cannot be drawn
+        warnings.warn(f"{path}: GGUF metadata {', '.join(f'{SPECIAL_KEYS[k]} = {i}' for k, i in bad.items())} "
+                      f"{'is' if len(bad) == 1 else 'are'} outside the {len(tokens)}-token vocabulary and ignored; "
+                      "re-export the model to fix the file", stacklevel=3)
+        special = {k: i for k, i in special.items() if k not in bad}
     ends = [field(reader, key, None) for key in END_TOKEN_KEYS]
     roles = {key: field(reader, key, None) for key in EOG_ROLE_TEXTS}
     return Vocab(tokens, types, merges, field(reader, TOKENIZER_PRE_KEY, "default"),

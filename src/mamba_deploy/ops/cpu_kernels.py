@@ -106,9 +106,7 @@ def _lib():
     key = hashlib.sha256(src + flags.encode() + sys.platform.encode() + _cpu_id()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_scan-{key}.so"
     try:
-        if not so.exists():
-            _build(cc, cflags, so)
-        lib = ctypes.CDLL(str(so))
+        lib = _load_or_build(cc, cflags, so)
     except subprocess.CalledProcessError as e:
         _fallback(f"could not build the CPU kernels with {' '.join(cc)} ({e} {e.stderr.decode(errors='replace')[:200]})")
         return None
@@ -143,6 +141,56 @@ def _umask() -> int:
         return 0o022
 
 
+def _load_or_build(cc: list[str], cflags: list[str], so: Path):
+    """The cached library, built first when absent. A damaged one (cut short by a full disk or a
+    crash: loading it would kill the process with SIGBUS, or fail the same way on every run) is
+    rebuilt."""
+    if so.exists() and not _library_complete(so):
+        warnings.warn(f"the cached CPU kernel library {so} is damaged (shorter than its own headers say); "
+                      "rebuilding it", stacklevel=3)
+        so.unlink()
+    built = not so.exists()
+    if built:
+        _build(cc, cflags, so)
+    try:
+        return ctypes.CDLL(str(so))
+    except OSError:
+        if built:
+            raise
+        so.unlink(missing_ok=True)  # unloadable for another reason (a foreign file under our name)
+        _build(cc, cflags, so)
+        return ctypes.CDLL(str(so))
+
+
+def _library_complete(so: Path) -> bool:
+    """Does the file hold every byte its ELF headers point to? (Non-ELF platforms: non-empty.)"""
+    import struct
+
+    try:
+        with open(so, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+            if not sys.platform.startswith("linux"):
+                return size > 0
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF, as every build here
+                return False
+            e = "<" if head[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(e + "QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", head, 54)
+            end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            if end > size:
+                return False
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):  # each segment's bytes in the file: p_offset, p_filesz
+                offset, = struct.unpack_from(e + "Q", table, i * phentsize + 8)
+                filesz, = struct.unpack_from(e + "Q", table, i * phentsize + 32)
+                end = max(end, offset + filesz)
+            return end <= size
+    except (OSError, struct.error):
+        return False
+
+
 def _build(cc: list[str], cflags: list[str], so: Path) -> None:
     """Compile the sources into `so` (the cache), renamed into place when complete, readable by
     every user the umask allows (a cache folder can be shared; mkstemp makes files 0600)."""
@@ -155,6 +203,8 @@ def _build(cc: list[str], cflags: list[str], so: Path) -> None:
             subprocess.run([*cc, *cflags, "-c", "-o", obj, str(src_file)], check=True, capture_output=True, timeout=120)
         subprocess.run([*cc, *_LDFLAGS, "-o", tmp, *objs, "-lm"], check=True, capture_output=True, timeout=120)
         os.chmod(tmp, 0o755 & ~_umask())
+        with open(tmp, "rb") as f:  # on disk before the rename: a crash must not leave a short file under the name
+            os.fsync(f.fileno())
         os.replace(tmp, so)  # atomic: concurrent builders never load a half-written library
     finally:
         Path(tmp).unlink(missing_ok=True)

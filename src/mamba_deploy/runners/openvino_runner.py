@@ -259,7 +259,11 @@ def _read_model(core, folder: Path):
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
+    try:
+        proto = onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError and friends: a damaged graph file
+        raise ExportError(f"OpenVINO cannot read {folder / GRAPH_FILE}: it is not a valid ONNX graph "
+                          f"({type(e).__name__}: {str(e)[:200]}); re-export the model") from e
     defaults, inits = {}, proto.graph.initializer
     for i in reversed(range(len(inits))):  # deleted in place: re-adding the kept ones would copy every weight
         if inits[i].name in OPTIONAL_INPUTS:

@@ -43,14 +43,17 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act
     dead = torch.diag(H) == 0  # inputs that never fire: any value is free, use 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    # act-order: groups stay contiguous in the original order, so their grids are fixed up front,
+    # from the weights as quantized (dead inputs' zeros, not their stored values)
+    grids = formats.group_params(W, 4, symmetric, group_size) if act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _hessian_inverse_factor(H, damp, name)
     n_groups = in_f // group_size
     scales = torch.zeros(out_f, n_groups)
     zeros = torch.zeros(out_f, n_groups)
-    if act_order:  # groups stay contiguous in the original order, so fix their grids up front
-        scales, zeros = formats.group_params(w.float(), 4, symmetric, group_size)
+    if act_order:
+        scales, zeros = grids
     block = max(group_size, block_size // group_size * group_size)  # groups never straddle blocks
     lo, hi = formats.qrange(4, symmetric)
     Q = torch.zeros(out_f, in_f, dtype=torch.int32)

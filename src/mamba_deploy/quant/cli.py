@@ -90,8 +90,15 @@ def cmd_quantize(args):
     if args.auto:
         method, why = pick_auto(model.num_parameters(), args.target or "cpu")
         print(f"--auto picked {method}: {why}")
-        if "group_size" in opts and METHODS[method]["format"] != "int4":
-            print(f"--group-size {opts.pop('group_size')} does not apply to {method} (per output channel); ignored")
+        # 4-bit-only flags, given for whichever method --auto picks; a --config rule making 4-bit
+        # layers uses them with any method (plan.method_options)
+        if METHODS[method]["format"] != "int4" and "rules" not in opts:
+            if "group_size" in opts:
+                print(f"--group-size {opts.pop('group_size')} does not apply to {method} (per output channel); "
+                      "ignored")
+            if "symmetric" in opts:
+                del opts["symmetric"]
+                print(f"--asymmetric does not apply to {method} (symmetric codes only); ignored")
         for key in [k for k in CALIB_OPTIONS if k in opts and not _takes(method, k)]:
             del opts[key]  # given for whichever method --auto picks; this one rounds without calibration
             print(f"{FLAGS[key]} does not apply to {method} (no calibration); ignored")

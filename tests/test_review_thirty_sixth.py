@@ -114,6 +114,17 @@ def test_a_405_names_the_allowed_methods(server, method, path, allow):
     assert status == 405 and headers.get("Allow") == allow
 
 
+@pytest.mark.parametrize("method,path,allow", [
+    ("PUT", "/v1/completions", "POST"), ("DELETE", "/v1/models", "GET, HEAD"), ("PATCH", "/health", "GET, HEAD"),
+])
+def test_other_methods_are_a_405_with_allow_and_options_lists_them(server, method, path, allow):
+    status, headers, _ = _request(server, method, path, {})
+    assert status == 405 and headers.get("Allow") == allow  # before: 501 without Allow
+    status, headers, body = _request(server, "OPTIONS", path)
+    assert status == 204 and headers.get("Allow") == f"{allow}, OPTIONS" and body == b""
+    assert _request(server, "PUT", "/nope", {})[0] == 404
+
+
 @pytest.mark.parametrize("path", ["/health", "/v1/models"])
 def test_head_answers_the_get_headers_without_a_body(server, path):
     g_status, g_headers, g_body = _request(server, "GET", path)
@@ -370,3 +381,49 @@ def test_auto_keeps_group_size_and_asymmetric_for_the_4bit_layers_of_a_config(tm
                      "--asymmetric"]) == 0
     out = capsys.readouterr().out
     assert "--group-size 64 does not apply to int8" in out and "--asymmetric does not apply to int8" in out
+
+
+# ----------------------------------------------------------------------------- eval (a review of the reported numbers)
+
+def test_llamacpp_eval_carries_its_state_past_131072_tokens(hf_checkpoint, tiny_tokenizer, tmp_path):
+    """A Mamba state has no context limit: `eval` streams a corpus of 423k tokens. The llama.cpp
+    runner's default n_ctx (131072) refused position 131072. Reference: the torch backend's
+    perplexity of the same ids (float32; llama.cpp F32 agrees to ~1e-6 elsewhere)."""
+    pytest.importorskip("llama_cpp")
+    from mamba_deploy.eval import perplexity
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import open_runner as open_
+
+    folder, _ = hf_checkpoint("mamba2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gguf_path = export_gguf(folder, tmp_path / "m.gguf", tokenizer=tiny_tokenizer)
+    n = 131072 + 200
+    ids = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    with open_(gguf_path, "llama.cpp", threads=2) as r:
+        got = perplexity(r, ids, window=8192)
+    with open_(folder, "torch") as r:
+        want = perplexity(r, ids, window=8192)
+    assert got["tokens"] == want["tokens"] == n - 1
+    assert abs(got["nll"] - want["nll"]) <= 1e-4 * abs(want["nll"])
+
+
+def test_the_training_runs_unigram_baseline_counts_the_tokens_it_scores():
+    """final_eval scores ids[1:] (the first token has no prediction); its unigram baseline over
+    all ids disagreed with `eval --baseline` on the same text. Reference: add-one unigram
+    perplexity in float64 over exactly the scored tokens."""
+    import numpy as np
+
+    from mamba_deploy import train
+    from mamba_deploy.model import MambaLM
+    from mamba_deploy.config import MambaConfig
+
+    cfg = MambaConfig(arch="mamba2", d_model=16, n_layer=1, vocab_size=8, d_state=4, headdim=8, chunk_size=4)
+    model = MambaLM(cfg)
+    train_ids = np.array([0, 1, 1, 2, 3, 3, 3, 4])
+    val_ids = np.array([7, 3, 3, 1])  # the first id (never scored) is the rarest: it moves the baseline
+    res = train.final_eval(model, train_ids, val_ids, 4, 8)
+    counts = np.bincount(train_ids, minlength=8) + 1.0
+    logp = np.log(counts / counts.sum())
+    want = float(np.exp(-logp[val_ids[1:]].mean()))
+    assert res["tokens"] == 3 and abs(res["unigram_ppl"] - want) < 1e-9 * want

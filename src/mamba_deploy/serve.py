@@ -330,8 +330,44 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):  # RFC 9110 9.1: a general-purpose server supports GET and HEAD
         self._guarded(self._get)
 
+    def do_OPTIONS(self):  # the methods an endpoint takes, in Allow (RFC 9110 9.3.7)
+        self._guarded(self._options)
+
+    def _other_method(self):  # PUT, DELETE, PATCH: a 405 naming the methods that work
+        self._guarded(lambda: self._refuse_method(self._route_path()))
+
+    do_PUT = do_DELETE = do_PATCH = _other_method
+
     def _route_path(self):
         return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    def _allowed(self, path: str) -> str | None:
+        """The methods `path` takes (an Allow header's value), None for an unknown path."""
+        if path in POST_PATHS:
+            return "POST"
+        if path in ("/health", "/v1/models") or path.startswith(MODEL_PATH):
+            return "GET, HEAD"
+        return None
+
+    def _refuse_method(self, path: str):
+        allow = self._allowed(path)
+        if allow is None:
+            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
+        raise RequestError(f"use {allow.split(',')[0]} for {path}", 405, "method_not_allowed",
+                           headers={"Allow": allow})
+
+    def _options(self):
+        path = self._route_path()
+        allow = self._allowed(path)
+        if allow is None:
+            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
+        self.send_response(204)
+        if getattr(self, "_body_unread", False):  # its bytes would be read as the next request
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.send_header("Allow", f"{allow}, OPTIONS")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _get(self):
         path = self._route_path()
@@ -344,17 +380,13 @@ class _Handler(BaseHTTPRequestHandler):
             name = unquote(path[len(MODEL_PATH):])
             check_model({"model": name}, s.model_name)
             self._send(200, s.model_object())
-        elif path in POST_PATHS:
-            raise RequestError(f"use POST for {path}", 405, "method_not_allowed", headers={"Allow": "POST"})
         else:
-            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
+            self._refuse_method(path)
 
     def _post(self):
         path = self._route_path()
-        if path in ("/health", "/v1/models") or path.startswith(MODEL_PATH):
-            raise RequestError(f"use GET for {path}", 405, "method_not_allowed", headers={"Allow": "GET, HEAD"})
         if path not in POST_PATHS:
-            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
+            self._refuse_method(path)
         body = self._read_json()
         s = self.server
         check_model(body, s.model_name)

@@ -617,7 +617,7 @@ def final_eval(model, train_ids, val_ids, n_tokens: int, vocab: int) -> dict:
     shipped.load_state_dict(sd)
     ids = val_ids[:n_tokens]
     res = perplexity(TorchRunner(shipped), ids, window=512)
-    res["unigram_ppl"] = unigram_perplexity(train_ids, ids, vocab)
+    res["unigram_ppl"] = unigram_perplexity(train_ids, ids[1:], vocab)  # the tokens scored: all but the first
     return res
 
 

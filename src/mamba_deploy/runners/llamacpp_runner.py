@@ -92,6 +92,22 @@ def _said(lines) -> str:
     return f" (llama.cpp: {'; '.join(lines)})" if lines else ""
 
 
+# positions per sequence when the GGUF records no longer context_length. A recurrent state is
+# fixed-size, so llama.cpp's context memory does not depend on n_ctx; the file's context_length
+# (2**20 from this project's and llama.cpp's converters) is the default because llama.cpp logs a
+# "training context overflow" line for any n_ctx above it
+MIN_N_CTX = 131072
+
+
+def _context_length(reader) -> int:
+    """The GGUF's {arch}.context_length, 0 when absent or not an integer."""
+    from ..export.gguf_import import field
+    from ..export.gguf_tables import ARCH_KEY
+
+    value = field(reader, f"{field(reader, ARCH_KEY, '')}.context_length", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _sequences_problem(n_seq: int, n_ctx: int) -> str | None:
     """Why llama.cpp cannot hold n_seq sequences in a context of n_ctx (it aborts the process in
     a GGML_ASSERT when n_ctx < n_seq), or None."""
@@ -242,7 +258,7 @@ class LlamaCppTokenizer:
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
 
-    def __init__(self, path, n_threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512,
+    def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):
         with needs_packages("the llama.cpp backend"):  # it reads the GGUF's metadata and vocabulary itself
             from ..export.gguf import llama_cpp_differences
@@ -250,11 +266,11 @@ class LlamaCppRunner(Runner):
 
         self.call_lock = threading.RLock()
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
-        for name, v, high in (("n_ctx", n_ctx, None), ("n_batch", n_batch, None),
+        for name, v, high in (("n_ctx", MIN_N_CTX if n_ctx is None else n_ctx, None), ("n_batch", n_batch, None),
                               ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):
                 raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
-        if _sequences_problem(n_seq_max, n_ctx):  # before the model loads, not at its first context
+        if n_ctx is not None and _sequences_problem(n_seq_max, n_ctx):  # before the model loads
             raise ConfigError(f"n_ctx={n_ctx} is smaller than n_seq_max={n_seq_max}; pass n_ctx >= n_seq_max")
         self.extra_buffers = use_extra_buffers(extra_buffers, _cpu_has_amx())
         lib, set_verbose = _lib()
@@ -272,6 +288,8 @@ class LlamaCppRunner(Runner):
         # the torch backend does
         reader, _, _, self.config = open_gguf(path)
         _check_f32_tensors(reader, path)
+        if n_ctx is None:
+            n_ctx = max(MIN_N_CTX, _context_length(reader))
         del reader
         for why in llama_cpp_differences(self.config):  # the file records them; the torch backend applies them
             warnings.warn(f"{path}: {why} (use --backend torch for the model as exported)", stacklevel=3)
@@ -649,13 +667,14 @@ def _seq_state_bytes(prefix: bytes, pos: int, conv: torch.Tensor, ssm: torch.Ten
     return b"".join(parts)
 
 
-def open_llamacpp(path, threads: int | None = None, n_ctx: int = 131072, n_batch: int = 512, n_seq_max: int = 4,
+def open_llamacpp(path, threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512, n_seq_max: int = 4,
                   verbose: bool = False, n_threads: int | None = None, extra_buffers: bool | None = None,
                   **_ignored) -> LlamaCppRunner:
     """`open_runner(path, "llama.cpp", threads=4, n_ctx=...)`. threads (or llama.cpp's own name,
     n_threads): CPU threads for prefill and decode; default one per physical core, as llama.cpp's
     CLI does. n_ctx only caps positions per sequence: a Mamba context's memory does not grow with
-    it. extra_buffers: llama.cpp's AMX / repacked weight buffers (None: off on AMX CPUs, see
+    it (measured: the same peak RSS at 2**17 and 2**30). Default: the GGUF's context_length (2**20
+    for this project's and llama.cpp's Mamba exports), at least 131072. extra_buffers: llama.cpp's AMX / repacked weight buffers (None: off on AMX CPUs, see
     use_extra_buffers). Options other backends take (device, dtype) are ignored: llama.cpp runs
     the GGUF's own types on the CPU."""
     if threads is not None and n_threads is not None and threads != n_threads:

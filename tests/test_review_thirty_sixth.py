@@ -427,3 +427,34 @@ def test_the_training_runs_unigram_baseline_counts_the_tokens_it_scores():
     logp = np.log(counts / counts.sum())
     want = float(np.exp(-logp[val_ids[1:]].mean()))
     assert res["tokens"] == 3 and abs(res["unigram_ppl"] - want) < 1e-9 * want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a model quantized on the GPU)")
+@pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("awq", {}), ("smoothquant", {})])
+def test_calibrated_methods_quantize_a_model_on_the_gpu(method, kw):
+    """The calibration statistics are gathered on the CPU; GPTQ, AWQ and SmoothQuant mixed them
+    with a CUDA model's weights ("Expected all tensors to be on the same device"). The codes must
+    be the CPU run's (same algorithm and inputs; float32 on both devices: a few codes may round
+    the other way), and the quantized model must compute its dequantized weights' function."""
+    from mamba_deploy import load_model
+    from mamba_deploy.quant.quantizer import quantize
+
+    opts = dict(n_calib=4, calib_len=64, progress=False, **kw)
+    cpu, gpu = load_model(DEMO2), load_model(DEMO2, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(cpu, method, **opts)
+        quantize(gpu, method, **opts)
+    name = "backbone.layers.0.mixer.in_proj"
+    a, b = cpu.get_submodule(name), gpu.get_submodule(name)
+    qa, qb = a.qweight.cpu(), b.qweight.cpu()
+    differ = float((qa != qb).float().mean())
+    assert qa.shape == qb.shape and differ < 0.01, differ
+    # the GPU layer computes its own dequantized weight's function (float64 reference; the CUDA
+    # int4 kernel takes bf16 activations, hence 2e-2)
+    x = torch.randn(5, b.in_features, generator=torch.Generator().manual_seed(0))
+    xs = x.double() * (b.input_scale.double().cpu() if getattr(b, "input_scale", None) is not None else 1.0)
+    want = xs @ b.weight.double().cpu().T + (0 if b.bias is None else b.bias.double().cpu())
+    got = b(x.cuda()).double().cpu()
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel <= 2e-2, (rel, differ)

@@ -21,7 +21,7 @@ def _hessian_inverse_factor(H, damp: float, name: str):
     if not bool(torch.isfinite(H).all()):
         raise QuantizationError(f"{name}: the calibration activations of this layer are not finite; "
                                 "check the float model's outputs on the calibration text")
-    eye = torch.eye(H.shape[0])
+    eye = torch.eye(H.shape[0], device=H.device)
     for k in range(4):
         try:
             Hd = H + damp * 10**k * torch.mean(torch.diag(H)) * eye
@@ -39,27 +39,28 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool, act
     reconstruction loss ||X W^T - X Q^T||^2, H = 2 X^T X / n. Returns int4 stored tensors."""
     W = w.detach().float().clone()  # (out, in)
     out_f, in_f = W.shape
-    H = H.float().clone()
+    dev = W.device  # a model on a GPU is quantized there; the calibration statistics come from the CPU
+    H = H.to(dev, torch.float32, copy=True)
     dead = torch.diag(H) == 0  # inputs that never fire: any value is free, use 0
     H[dead, dead] = 1
     W[:, dead] = 0
     # act-order: groups stay contiguous in the original order, so their grids are fixed up front,
     # from the weights as quantized (dead inputs' zeros, not their stored values)
     grids = formats.group_params(W, 4, symmetric, group_size) if act_order else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _hessian_inverse_factor(H, damp, name)
     n_groups = in_f // group_size
-    scales = torch.zeros(out_f, n_groups)
-    zeros = torch.zeros(out_f, n_groups)
+    scales = torch.zeros(out_f, n_groups, device=dev)
+    zeros = torch.zeros(out_f, n_groups, device=dev)
     if act_order:
         scales, zeros = grids
     block = max(group_size, block_size // group_size * group_size)  # groups never straddle blocks
     lo, hi = formats.qrange(4, symmetric)
-    Q = torch.zeros(out_f, in_f, dtype=torch.int32)
+    Q = torch.zeros(out_f, in_f, dtype=torch.int32, device=dev)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=dev), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             g = int(perm[col]) // group_size
@@ -87,9 +88,9 @@ def awq(w: torch.Tensor, X: torch.Tensor, mean_abs: torch.Tensor, group_size: in
     alpha = 0 is plain rounding, so the result is never worse than it on X.
     -> (weight to encode (out, in), input_scale (in,))."""
     W = w.detach().float()
-    X = X.float()
+    X = X.to(W.device, torch.float32)  # calibration statistics live on the CPU; a GPU model's weight there
     ref = X @ W.T  # (t, out)
-    a = mean_abs.float().clamp_min(1e-5)
+    a = mean_abs.to(W.device, torch.float32).clamp_min(1e-5)
     best = (math.inf, torch.ones_like(a))
     for k in range(grid):
         s = a.pow(k / grid)
@@ -123,7 +124,7 @@ def _clip_search(W, X, group_size: int, symmetric: bool):
     if symmetric:
         hi = torch.maximum(hi, -lo)
         lo = -hi
-    best_err = torch.full((out_f, G), math.inf)
+    best_err = torch.full((out_f, G), math.inf, device=W.device)
     best = Wg.clone()
     for r in CLIP_RATIOS:
         Wc = torch.minimum(torch.maximum(Wg, lo * r), hi * r)  # (out, G, gs)
@@ -141,6 +142,6 @@ def smoothquant(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float = 0.5):
     with less error. -> (weight to encode, input_scale = 1/s)."""
     W = w.detach().float()
     wmax = W.abs().amax(0).clamp_min(1e-5)
-    amax = act_absmax.float().clamp_min(1e-5)
+    amax = act_absmax.to(W.device, torch.float32).clamp_min(1e-5)  # gathered on the CPU
     s = (amax.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4)
     return W * s, 1.0 / s

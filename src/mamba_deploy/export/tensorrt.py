@@ -23,7 +23,7 @@ from ..argtypes import positive_int
 from ..atomic import output_path, prepare_output_file, write_bytes
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS, node_subgraphs
+from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS, node_subgraphs
 
 INSTALL_HINT = install_hint("tensorrt")
 ENGINE_NAME = ENGINE_FILE
@@ -314,12 +314,20 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     from ..export.onnx import open_export_folder
 
     folder, manifest = open_export_folder(onnx_dir)
-    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("opt_batch", opt_batch)):
-        if not isinstance(v, int) or v < 1:
+    opt_seq = max(1, max_seq // 4) if opt_seq is None and isinstance(max_seq, int) else opt_seq
+    for name, v in (("max_batch", max_batch), ("max_seq", max_seq), ("opt_batch", opt_batch), ("opt_seq", opt_seq),
+                    ("workspace_mb", 1 if workspace_mb is None else workspace_mb)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ExportError(f"{name}={v!r} must be a positive integer")
-    opt_seq = opt_seq or max(1, max_seq // 4)
     if opt_batch > max_batch or opt_seq > max_seq:
         raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
+    # the profile covers logits for every position (num_logits_to_keep 0): TensorRT tensors hold
+    # fewer than 2**31 elements, which a build finds only after minutes
+    vocab = next(d["shape"][-1] for d in manifest["outputs"] if d["name"] == LOGITS)
+    if isinstance(vocab, int) and max_batch * max_seq * vocab >= 2**31:
+        raise ExportError(f"max_batch {max_batch} x max_seq {max_seq} x vocabulary {vocab} logits reach TensorRT's "
+                          f"2**31-element tensor limit; lower --max-batch or --max-seq (longer prompts are "
+                          "prefilled in pieces of max_seq)")
     out = _check_engine_path(engine_path(out_path), folder)  # before minutes of building, not after
     proto, defaults = engine_graph(folder)
     issues = trt_parser_issues(proto)
@@ -338,8 +346,16 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     if not parser.parse(proto.SerializeToString(), str(folder / GRAPH_FILE)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"TensorRT cannot parse {folder / GRAPH_FILE}: {' | '.join(errors)}")
+    keep = [network.get_input(i) for i in range(network.num_inputs) if network.get_input(i).name == KEEP]
+    if keep and not keep[0].is_shape_tensor:  # the logits' length would be data-dependent (-1) at run time
+        raise ExportError(f"TensorRT reads {KEEP} of {folder / GRAPH_FILE} as data, not as a shape tensor, so "
+                          "the logits have no shape before running; this TensorRT cannot run the export")
 
     config = builder.create_builder_config()
+    # "fp32" means fp32: TensorRT rounds matmul inputs to TF32 (10-bit mantissas) unless told not to,
+    # ~4e-4 logits error on the demo models against the 1e-4 the fp32 engine is checked at
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if fp16:
         if not hasattr(trt.BuilderFlag, "FP16"):  # weak typing: deprecated in 10.12, gone in 11
             raise ExportError(f"--fp16 asks TensorRT to pick half-precision kernels, which TensorRT "
@@ -349,7 +365,9 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     if workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     profile = _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq)
-    config.add_optimization_profile(profile)
+    if config.add_optimization_profile(profile) < 0:
+        raise ExportError(f"TensorRT refused the optimization profile (batch 1..{max_batch}, seq 1..{max_seq}); "
+                          "see the log above")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {folder / GRAPH_FILE} (see the log above)")

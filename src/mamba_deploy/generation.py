@@ -51,14 +51,18 @@ class SamplingConfig:
 
 
 def apply_repetition_penalty(logits, history, penalty: float):
-    """CTRL-style: logits of tokens already seen are divided (if > 0) or multiplied by penalty."""
+    """CTRL-style: logits of tokens already seen are divided (if > 0) or multiplied by penalty.
+    history: token ids (b, T), or a bool mask of the tokens seen (b, V), which costs the same
+    whatever the context's length (Rows keeps one)."""
     if penalty == 1.0 or history.numel() == 0:
         return logits
-    score = logits.gather(1, history)
+    score = logits if history.dtype == torch.bool else logits.gather(1, history)
     score = torch.where(score < 0, score * penalty, score / penalty)
     # a tiny penalty sends a positive logit to +inf, and inf - max is NaN in the softmax: capped
     # at the dtype's largest finite value (-inf, from a huge penalty, is a token never drawn)
     score = score.clamp(max=torch.finfo(score.dtype).max)
+    if history.dtype == torch.bool:
+        return torch.where(history.to(logits.device), score, logits)
     return logits.scatter(1, history, score)
 
 
@@ -373,7 +377,7 @@ class Rows:
     def __init__(self, ids_list, tok, stops: torch.Tensor, stop_strings: list[str]):
         b = len(ids_list)
         self.prompts, self.tok, self.stops, self.stop_strings = ids_list, tok, stops, stop_strings
-        self.history = [list(p) for p in ids_list]
+        self.seen = None  # (b, V) bool: the tokens of each row so far, made by the first penalized sample
         self.out = [[] for _ in range(b)]
         self.reasons = ["length"] * b
         self.done = [False] * b
@@ -392,8 +396,12 @@ class Rows:
     def sample(self, logits, scfg: SamplingConfig, gen, vocab: int):
         """logits (b, V) of these rows -> next tokens (b,); gen: the request's generators, one
         per row (row_generators), or None. Every row draws, done or not."""
-        hist = _history_tensor(self.history) if scfg.repetition_penalty != 1.0 else None
-        return sample(_mask_padded_vocab(logits, vocab), scfg, hist, gen)
+        if scfg.repetition_penalty != 1.0 and self.seen is None:
+            # a mask, not the id lists: a step's cost does not grow with the prompt and output
+            self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            for i, (p, o) in enumerate(zip(self.prompts, self.out)):
+                self.seen[i, torch.as_tensor(list(p) + o, dtype=torch.long, device=logits.device)] = True
+        return sample(_mask_padded_vocab(logits, vocab), scfg, self.seen, gen)
 
     def push(self, nxt, on_token=None) -> None:
         """Takes each unfinished row's next token (nxt (b,)): a stop token ends the row unseen,
@@ -407,7 +415,8 @@ class Rows:
                 self.reasons[i] = "stop"
                 continue
             self.out[i].append(token)
-            self.history[i].append(token)
+            if self.seen is not None:
+                self.seen[i, token] = True
             if on_token is not None:
                 on_token(i, token)
             if self.texts is not None:
@@ -563,10 +572,3 @@ def _mask_padded_vocab(logits, vocab: int):
         logits = logits.clone()
         logits[:, vocab:] = -float("inf")
     return logits
-
-
-def _history_tensor(history):
-    """Ragged histories -> (b, T), padded by repeating each row's first token (harmless for a
-    penalty applied once per distinct token)."""
-    T = max(len(h) for h in history)
-    return torch.tensor([h + [h[0]] * (T - len(h)) for h in history], dtype=torch.long)

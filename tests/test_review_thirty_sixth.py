@@ -589,3 +589,114 @@ def test_a_profile_or_shape_input_tensorrt_cannot_take_is_an_export_error(demo_o
     with pytest.raises(ExportError, match=match):
         build_engine(demo_onnx, tmp_path / "m.engine", max_batch=2, max_seq=64)
     assert not (tmp_path / "m.engine").exists()
+
+
+# ----------------------------------------------------------------------------- memory (a review of scale behaviour)
+
+@pytest.mark.parametrize("model", ["demo-mamba1", "demo-mamba2"])
+def test_a_limited_encode_reads_a_prefix_and_equals_the_whole_texts_first_tokens(model, monkeypatch):
+    """eval --max-tokens / verify --max-text-tokens tokenized a whole file (a 32 MB text: 5.9 GB
+    peak) to keep 2000 tokens. Reference: the tokenizer's own encoding of the whole text, cut."""
+    from mamba_deploy import tokenizer as tokmod
+
+    tok = tokmod.load_tokenizer(DEMO2.parent / model)
+    words = ["def", "main", "(", "):", "\n", "  ", "return", "x", "→", "ü", "\t", "🙂", "  \n\n", "# note"]
+    g = torch.Generator().manual_seed(1)
+    text = "".join(words[int(i)] + (" " if int(i) % 3 else "") for i in torch.randint(0, len(words), (200_000,),
+                                                                                          generator=g))
+    seen = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda t, *a, **k: seen.append(len(t)) or encode(t, *a, **k))
+    for k in (1, 7, 1000, 5000):
+        seen.clear()
+        got = tokmod.encode_prefix(tok, text, k)
+        assert got == encode(text)[:k]
+        assert max(seen) < len(text)  # never the whole text
+    assert tokmod.encode_prefix(tok, text[:300], 10**6) == encode(text[:300])  # shorter than the limit: all of it
+
+
+# ----------------------------------------------------------------------------- concurrency (a review of threads and interrupts)
+
+def test_onnx_close_from_another_thread_mid_call_is_runner_closed(demo_onnx, monkeypatch):
+    """close() dropped the session between a call's open check and its use: AttributeError
+    ('NoneType' has no attribute 'io_binding'). Forced here by closing inside the call."""
+    from mamba_deploy.errors import RunnerClosedError
+    from mamba_deploy.runners import onnx_runner
+    from mamba_deploy.runners import open_runner as open_
+
+    r = open_(demo_onnx, "onnx", threads=1)
+    st = r.new_state(1)
+    real = onnx_runner.check_state
+
+    def closing(*a, **k):  # runs after the open check, before the session is used
+        r.close()
+        return real(*a, **k)
+    monkeypatch.setattr(onnx_runner, "check_state", closing)
+    with pytest.raises(RunnerClosedError):
+        r.step(torch.tensor([5]), st)
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from mamba_deploy.export.gguf import export_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_gguf(DEMO1, tmp_path_factory.mktemp("gguf") / "m.gguf")
+
+
+def test_llamacpp_close_waits_for_a_running_tokenize(demo_gguf):
+    """close() freed the model under another thread's llama_tokenize: encode returned [] (a use
+    after free). Now it is the whole token list, or RunnerClosedError when close came first."""
+    import threading
+    import time
+
+    from mamba_deploy.errors import RunnerClosedError
+    from mamba_deploy.runners import open_runner as open_
+
+    r = open_(demo_gguf, "llama.cpp", threads=1)
+    tok = r.tokenizer
+    text = (Path(__file__).resolve().parents[1] / "src" / "mamba_deploy" / "generation.py").read_text() * 120
+    want = len(tok.encode(text))
+    got = []
+
+    def encode():
+        try:
+            got.append(len(tok.encode(text)))
+        except RunnerClosedError as e:
+            got.append(e)
+    t = threading.Thread(target=encode)
+    t.start()
+    time.sleep(0.2)
+    r.close()
+    t.join(60)
+    assert got and (got[0] == want or isinstance(got[0], RunnerClosedError)), (got, want)
+    with pytest.raises(RunnerClosedError):
+        tok.encode("x")
+
+
+def test_llamacpp_interrupted_new_state_keeps_its_sequences(demo_gguf):
+    """A KeyboardInterrupt inside new_state (in its llama_memory_seq_rm loop) lost the popped
+    sequence slots for good: after enough of them, no state could be made."""
+    from mamba_deploy.runners import open_runner as open_
+
+    r = open_(demo_gguf, "llama.cpp", threads=1, n_seq_max=4)
+    real = r._lib
+
+    class Interrupting:
+        def __getattr__(self, name):
+            if name == "llama_memory_seq_rm":
+                def rm(*a):
+                    raise KeyboardInterrupt
+                return rm
+            return getattr(real, name)
+    free_before = list(r._free)
+    r._lib = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        r.new_state(3)
+    r._lib = real
+    assert sorted(r._free) == sorted(free_before)
+    st = r.new_state(4)  # all four again, without growing the context
+    assert r._n_seq == 4 and len(st.seq_ids) == 4
+    r.close()

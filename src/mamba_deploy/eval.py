@@ -73,9 +73,11 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     return res
 
 
-def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: bool = True) -> list[int]:
-    """Token ids of --text FILE or --corpus stdlib-val|stdlib-train."""
+def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: bool = True,
+               max_tokens: int | None = None) -> list[int]:
+    """Token ids of --text FILE or --corpus stdlib-val|stdlib-train, the first max_tokens of them."""
     from . import data
+    from .tokenizer import encode_prefix
 
     if (corpus is None) == (text_file is None):
         raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val|stdlib-train")
@@ -83,11 +85,11 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
         p = Path(text_file)
         if not p.is_file():
             raise ModelNotFoundError(f"--text {text_file!r} is not a file")
-        return tokenizer.encode(data.read_text_file(p, "--text"))
+        return encode_prefix(tokenizer, data.read_text_file(p, "--text"), max_tokens)
 
     if corpus not in data.CORPORA:
         raise ConfigError(f"unknown corpus {corpus!r}; choose one of {', '.join(data.CORPORA)}")
-    return data.encode_split(tokenizer, corpus.split("-", 1)[1], progress=progress).tolist()
+    return data.encode_split(tokenizer, corpus.split("-", 1)[1], progress=progress)[:max_tokens].tolist()
 
 
 def cmd_eval(args):
@@ -98,9 +100,7 @@ def cmd_eval(args):
     runner = open_runner(args.model, args.backend, **runner_options(args))
     use_tokenizer(runner, args.tokenizer)
     progress = not (args.json or quiet)
-    ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=progress)
-    if args.max_tokens is not None:
-        ids = ids[: args.max_tokens]
+    ids = corpus_ids(runner.tokenizer, args.corpus, args.text, progress=progress, max_tokens=args.max_tokens)
     if len(ids) < 2:  # perplexity's own message cannot name the flag to change
         fix = (f"--max-tokens {args.max_tokens} leaves {len(ids)}; raise it" if args.max_tokens is not None and
                args.max_tokens < 2 else f"{args.text or args.corpus} has {len(ids)}; give a longer text")

@@ -642,7 +642,9 @@ def cmd_verify(args):
     ref = open_reference(args.reference, args.reference_dtype, args.device, threads=args.threads)
     recording = Recording(ref)
     try:
-        text_ids = None if text is None else ref.tokenizer.encode(text)[: args.max_text_tokens]
+        from .tokenizer import encode_prefix
+
+        text_ids = None if text is None else encode_prefix(ref.tokenizer, text, args.max_text_tokens)
         if text_ids is not None and len(text_ids) < 2:  # _sequence's message cannot name the file
             raise ConfigError(f"--text {args.text!r} is {len(text_ids)} token(s); its perplexity needs at least 2: "
                               "give a longer text (or leave --text out for random token ids)")

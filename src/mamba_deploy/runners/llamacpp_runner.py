@@ -152,12 +152,21 @@ class _Model:
         self.vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.context = None  # (ctx, batch) of the runner: freed before the model, always
+        # held by the tokenizer's C calls and by free(): a close() from another thread waits for a
+        # running llama_tokenize instead of freeing the vocabulary under it
+        self.lock = threading.RLock()
 
     def vocab_or_raise(self):
         if not self.ptr:
             raise RunnerClosedError("the llama.cpp runner of this tokenizer is closed; open the model again "
                                     "with open_runner(...)")
         return self.vocab
+
+    @contextlib.contextmanager
+    def using(self):
+        """with model.using() as vocab: C calls on the vocabulary, which free() waits for."""
+        with self.lock:
+            yield self.vocab_or_raise()
 
     def free_context(self) -> None:
         if self.context is not None:
@@ -167,10 +176,11 @@ class _Model:
             self.lib.llama_free(ctx)
 
     def free(self) -> None:
-        self.free_context()  # a runner collected in a cycle may be finalized after its model
-        if self.ptr:
-            self.lib.llama_model_free(self.ptr)
-            self.ptr = self.vocab = None
+        with self.lock:
+            self.free_context()  # a runner collected in a cycle may be finalized after its model
+            if self.ptr:
+                self.lib.llama_model_free(self.ptr)
+                self.ptr = self.vocab = None
 
     def __del__(self):
         try:
@@ -207,36 +217,37 @@ class LlamaCppTokenizer:
         self._strip_first_space = lib.llama_vocab_type(vocab) in (lib.LLAMA_VOCAB_TYPE_SPM, lib.LLAMA_VOCAB_TYPE_UGM)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        vocab = self._model.vocab_or_raise()
         data = check_text(text).encode("utf-8")  # as the HF-backed Tokenizer says it
         cap = len(data) + 8
         buf = (self._lib.llama_token * cap)()
         # add_special: the BOS / EOS the GGUF asks for (tokenizer.ggml.add_bos_token: a SentencePiece
         # vocabulary's <s>), as our tokenizers add theirs; parse_special: "</s>" in the text is that token
         add = bool(add_special_tokens)
-        n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, add, True)
-        if n < 0:  # more tokens than bytes + 8 cannot happen for BPE; -n is the size needed
-            buf = (self._lib.llama_token * -n)()
-            n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, add, True)
+        with self._model.using() as vocab:
+            n = self._lib.llama_tokenize(vocab, data, len(data), buf, cap, add, True)
+            if n < 0:  # more tokens than bytes + 8 cannot happen for BPE; -n is the size needed
+                buf = (self._lib.llama_token * -n)()
+                n = self._lib.llama_tokenize(vocab, data, len(data), buf, -n, add, True)
         return [int(t) for t in buf[:n]]
 
     def id_to_token(self, token_id: int) -> str | None:
         """The token's own text ("<s>"), as chat templates write it."""
         if not 0 <= int(token_id) < self.n_vocab:
             return None
-        text = self._lib.llama_vocab_get_text(self._model.vocab_or_raise(), int(token_id))
+        with self._model.using() as vocab:
+            text = self._lib.llama_vocab_get_text(vocab, int(token_id))
         return None if text is None else text.decode("utf-8", errors="replace")
 
     @property
     def chat_template(self) -> str | None:
         """The GGUF's tokenizer.chat_template, or None."""
-        self._model.vocab_or_raise()  # RunnerClosedError once the model is freed
-        tmpl = self._lib.llama_model_chat_template(self._model.ptr, None)
+        with self._model.using():  # RunnerClosedError once the model is freed
+            tmpl = self._lib.llama_model_chat_template(self._model.ptr, None)
         return None if not tmpl else tmpl.decode("utf-8", errors="replace")
 
     def decode(self, ids) -> str:
-        vocab = self._model.vocab_or_raise()
-        data = b"".join(self._piece(vocab, int(t)) for t in ids)
+        with self._model.using() as vocab:
+            data = b"".join(self._piece(vocab, int(t)) for t in ids)
         if self._strip_first_space and data.startswith(b" "):
             data = data[1:]
         return data.decode("utf-8", errors="replace")
@@ -368,11 +379,16 @@ class LlamaCppRunner(Runner):
             raise RunnerClosedError("this llama.cpp runner lost its context when a larger one failed; open it again")
         if batch > len(self._free):  # grow, carrying the live sequences over (documented above)
             self._grow(max(min(2 * self._n_seq, LLAMA_MAX_SEQ, self.n_ctx), len(self._live()) + batch))
-        seqs = [self._free.pop(0) for _ in range(batch)]
-        for s in seqs:
-            self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
-        state = LlamaCppState(seqs, [0] * batch, self._generation, self._owner)
-        state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs, self._generation)
+        seqs, self._free = self._free[:batch], self._free[batch:]
+        try:  # a Ctrl-C before the finalizer exists would lose these sequences for good
+            for s in seqs:
+                self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+            state = LlamaCppState(seqs, [0] * batch, self._generation, self._owner)
+            state._finalizer = weakref.finalize(state, LlamaCppRunner._release, weakref.ref(self), seqs,
+                                                self._generation)
+        except BaseException:
+            self._free = seqs + self._free
+            raise
         return state
 
     @one_call_at_a_time

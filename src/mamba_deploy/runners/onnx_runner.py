@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ConfigError, ExportError, ShapeError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, RunnerClosedError, ShapeError
 from ..export.onnx_meta import GRAPH_FILE, IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
 from ..state import State
-from .base import (NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, part_rows,
+from .base import (CLOSED, NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, part_rows,
                    release_freed_memory, state_layout)
 
 PROVIDER_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
@@ -106,7 +106,8 @@ class OnnxRunner(Runner):
             return torch.zeros(0, keep or ids.shape[1], self.config.padded_vocab_size)
         from onnxruntime import OrtValue
 
-        io = self.session.io_binding()
+        session = self._session()  # one reference for the whole call: close() may drop ours meanwhile
+        io = session.io_binding()
         feeds = {IDS: np.ascontiguousarray(ids, dtype=np.int64)}
         if mask is not None:
             feeds[MASK] = np.ascontiguousarray(mask, dtype=np.int64)
@@ -126,7 +127,7 @@ class OnnxRunner(Runner):
             io.bind_ortvalue_input(name, v)
         for name, v in zip(state_names(self.n_layer, present=True), dst):
             io.bind_ortvalue_output(name, v)
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         state.cur = 1 - state.cur
         if decode:  # the preallocated buffer is reused next step: copy it out
             # numpy's copy, not torch's clone: a torch copy of (b, V) wakes torch's OpenMP pool, whose
@@ -150,8 +151,16 @@ class OnnxRunner(Runner):
         """Plain session run on numpy feeds, checked against the manifest: missing inputs and
         wrong shapes raise ShapeError naming the input."""
         check_feeds(self.manifest, self.config, feeds)
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        session = self._session()
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def _session(self):
+        """The open session; RunnerClosedError once close() (another thread's) has dropped it."""
+        session = self.session
+        if session is None:
+            raise RunnerClosedError(CLOSED.format(name=self.name))
+        return session
 
     def close(self) -> None:
         self.session = None

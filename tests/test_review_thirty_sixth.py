@@ -15,25 +15,17 @@ import math
 
 import pytest
 import torch
-from test_review_serve_chat import CHATML, DEMO2, TIMEOUT, _post, _request  # noqa: F401
+from test_review_serve_chat import DEMO2, _post, _request
+from test_review_serve_chat import server as _serve_chat_server  # noqa: F401  (its fixture, under this name)
 
 from mamba_deploy.errors import ConfigError
 from mamba_deploy.generation import SamplingConfig, apply_repetition_penalty, filtered_probs
-from mamba_deploy.runners import open_runner
-from mamba_deploy.serve import make_server
 
 
 @pytest.fixture(scope="module")
-def server():
-    import threading
-
-    srv = make_server(open_runner(DEMO2, "torch"), "127.0.0.1", 0, max_batch=4, quiet=True, chat_template=CHATML)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(TIMEOUT)
+def server(_serve_chat_server):  # noqa: F811  (the imported fixture, requested by name)
+    """The review of serve.py's server: demo-mamba2 with a ChatML template."""
+    return _serve_chat_server
 
 
 @pytest.mark.parametrize("field", ["temperature", "repetition_penalty", "top_p", "min_p"])

@@ -114,6 +114,7 @@ def test_other_methods_are_a_405_with_allow_and_options_lists_them(server, metho
     assert status == 405 and headers.get("Allow") == allow  # before: 501 without Allow
     status, headers, body = _request(server, "OPTIONS", path)
     assert status == 204 and headers.get("Allow") == f"{allow}, OPTIONS" and body == b""
+    assert "Content-Length" not in headers  # RFC 9110 8.6: never in a 204
     assert _request(server, "PUT", "/nope", {})[0] == 404
 
 

@@ -276,18 +276,20 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     # -- responses
-    def _send(self, status: int, payload: dict, headers=JSON_HEADERS):
+    def _send(self, status: int, payload: dict | None, headers=JSON_HEADERS):
+        """payload None: no body and no Content-Length (a 204, which RFC 9110 8.6 forbids one)."""
         if getattr(self, "_body_unread", False):  # its bytes would be read as the next request (a GET
             headers = {"Connection": "close", **headers}  # with a body, a refused POST): close after this
             self.close_connection = True
-        data = json.dumps(payload).encode()
+        data = None if payload is None else json.dumps(payload).encode()
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        if data is not None:
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if getattr(self, "command", None) != "HEAD":  # a HEAD reply: the GET's headers, no body (`command`
-            # is unset after a malformed request line)
+        if data is not None and getattr(self, "command", None) != "HEAD":  # a HEAD reply: the GET's headers,
+            # no body (`command` is unset after a malformed request line)
             self.wfile.write(data)
 
     def send_error(self, code, message=None, explain=None):
@@ -341,33 +343,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _route_path(self):
         return self.path.split("?", 1)[0].rstrip("/") or "/"
 
-    def _allowed(self, path: str) -> str | None:
-        """The methods `path` takes (an Allow header's value), None for an unknown path."""
+    def _allowed(self, path: str) -> str:
+        """The methods `path` takes (an Allow header's value); a 404 for an unknown path."""
         if path in POST_PATHS:
             return "POST"
         if path in ("/health", "/v1/models") or path.startswith(MODEL_PATH):
             return "GET, HEAD"
-        return None
+        raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
 
     def _refuse_method(self, path: str):
         allow = self._allowed(path)
-        if allow is None:
-            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
         raise RequestError(f"use {allow.split(',')[0]} for {path}", 405, "method_not_allowed",
                            headers={"Allow": allow})
 
     def _options(self):
-        path = self._route_path()
-        allow = self._allowed(path)
-        if allow is None:
-            raise RequestError(f"unknown path {self.path!r}; endpoints: {ENDPOINTS}", 404, "not_found")
-        self.send_response(204)
-        if getattr(self, "_body_unread", False):  # its bytes would be read as the next request
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.send_header("Allow", f"{allow}, OPTIONS")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        self._send(204, None, headers={"Allow": f"{self._allowed(self._route_path())}, OPTIONS"})
 
     def _get(self):
         path = self._route_path()

@@ -323,8 +323,8 @@ def cmd_demo(args):
     if args.json:  # a bad path fails now, not after the whole demo has run
         refuse_input_file(args.json, args.models or find_models(), "--json", "demo.json")
         json_path = output_path(args.json).absolute()
-        if args.out and (json_path == output_path(args.out).absolute()
-                         or output_path(args.out).absolute() in json_path.parents):
+        out_path = output_path(args.out).absolute() if args.out else None
+        if out_path is not None and (json_path == out_path or out_path in json_path.parents):
             raise OutputPathError(f"--json {args.json} lies in --out {args.out}, the artifacts' folder (new or "
                                   f"empty, which the demo fills); write it beside that folder (e.g. --json demo.json)")
         prepare_output_file(args.json, example="demo.json")

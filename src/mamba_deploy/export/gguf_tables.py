@@ -24,9 +24,10 @@ ARCH_KEY, NAME_KEY, FILE_TYPE_KEY = "general.architecture", "general.name", "gen
 GGUF_ARCH = {"mamba1": "mamba", "mamba2": "mamba2"}
 ARCH_FROM_GGUF = {v: k for k, v in GGUF_ARCH.items()}
 
+CONTEXT_LENGTH_KEY = "{arch}.context_length"
 # llama.cpp reads these although Mamba has no attention / FFN; the converter writes them so.
 FIXED_KEYS = {
-    "{arch}.context_length": 2**20,
+    CONTEXT_LENGTH_KEY: 2**20,
     "{arch}.feed_forward_length": 0,
     "{arch}.attention.head_count": 0,
 }

@@ -88,7 +88,7 @@ def awq(w: torch.Tensor, X: torch.Tensor, mean_abs: torch.Tensor, group_size: in
     alpha = 0 is plain rounding, so the result is never worse than it on X.
     -> (weight to encode (out, in), input_scale (in,))."""
     W = w.detach().float()
-    X = X.to(W.device, torch.float32)  # calibration statistics live on the CPU; a GPU model's weight there
+    X = X.to(W.device, torch.float32)  # gathered on the CPU: to the weight's device (a model quantized on a GPU)
     ref = X @ W.T  # (t, out)
     a = mean_abs.to(W.device, torch.float32).clamp_min(1e-5)
     best = (math.inf, torch.ones_like(a))

@@ -102,9 +102,9 @@ MIN_N_CTX = 131072
 def _context_length(reader) -> int:
     """The GGUF's {arch}.context_length, 0 when absent or not an integer."""
     from ..export.gguf_import import field
-    from ..export.gguf_tables import ARCH_KEY
+    from ..export.gguf_tables import ARCH_KEY, CONTEXT_LENGTH_KEY
 
-    value = field(reader, f"{field(reader, ARCH_KEY, '')}.context_length", 0)
+    value = field(reader, CONTEXT_LENGTH_KEY.format(arch=field(reader, ARCH_KEY, "")), 0)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
@@ -690,9 +690,9 @@ def open_llamacpp(path, threads: int | None = None, n_ctx: int | None = None, n_
     n_threads): CPU threads for prefill and decode; default one per physical core, as llama.cpp's
     CLI does. n_ctx only caps positions per sequence: a Mamba context's memory does not grow with
     it (measured: the same peak RSS at 2**17 and 2**30). Default: the GGUF's context_length (2**20
-    for this project's and llama.cpp's Mamba exports), at least 131072. extra_buffers: llama.cpp's AMX / repacked weight buffers (None: off on AMX CPUs, see
-    use_extra_buffers). Options other backends take (device, dtype) are ignored: llama.cpp runs
-    the GGUF's own types on the CPU."""
+    for this project's and llama.cpp's Mamba exports), at least 131072. extra_buffers: llama.cpp's
+    AMX / repacked weight buffers (None: off on AMX CPUs, see use_extra_buffers). Options other
+    backends take (device, dtype) are ignored: llama.cpp runs the GGUF's own types on the CPU."""
     if threads is not None and n_threads is not None and threads != n_threads:
         raise ConfigError(f"threads={threads!r} and n_threads={n_threads!r} disagree; pass one of them")
     return LlamaCppRunner(path, n_threads=n_threads if threads is None else threads, n_ctx=n_ctx, n_batch=n_batch,

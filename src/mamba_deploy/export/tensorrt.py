@@ -323,7 +323,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
         raise ExportError(f"opt_batch={opt_batch} / opt_seq={opt_seq} exceed max_batch={max_batch} / max_seq={max_seq}")
     # the profile covers logits for every position (num_logits_to_keep 0): TensorRT tensors hold
     # fewer than 2**31 elements, which a build finds only after minutes
-    vocab = next(d["shape"][-1] for d in manifest["outputs"] if d["name"] == LOGITS)
+    vocab = next((d["shape"][-1] for d in manifest["outputs"] if d["name"] == LOGITS), None)
     if isinstance(vocab, int) and max_batch * max_seq * vocab >= 2**31:
         raise ExportError(f"max_batch {max_batch} x max_seq {max_seq} x vocabulary {vocab} logits reach TensorRT's "
                           f"2**31-element tensor limit; lower --max-batch or --max-seq (longer prompts are "

@@ -33,6 +33,9 @@ VERBS = {  # name -> arguments, with {m} the checkpoint and {w} a scratch folder
     "quantize int8": ["quantize", "{m}", "{w}/int8", "--method", "int8"],
     "export onnx (validated)": ["export", "onnx", "{m}", "{w}/onnx"],
     "verify vs its ONNX": ["verify", "{m}", "{w}/onnx", "--lengths", "7", "--batch", "1", "--decode-steps", "2"],
+    "verify vs itself (default cases)": ["verify", "{m}", "{m}", "--quiet"],
+    "verify vs itself (--lengths 2000 --batch 8)": ["verify", "{m}", "{m}", "--lengths", "2000", "--batch", "8",
+                                                    "--quiet"],
     # the artifacts the verbs above wrote, opened by their runners
     "export gguf f16": ["export", "gguf", "{m}", "{w}/f16.gguf", "--outtype", "f16"],
     "generate its GGUF on torch": ["generate", "{w}/m.gguf", "--backend", "torch", "--prompt", "def f(x):",

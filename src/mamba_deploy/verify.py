@@ -273,7 +273,8 @@ def _state_error(ref, art, ref_state, art_state):
         return None
     out = {}
     for kind in ("conv", "ssm"):
-        rt, at = getattr(r, kind).double(), getattr(a, kind).double()
+        # on the CPU: a reference state read back from verify's recording is there, the artifact's may be on a GPU
+        rt, at = getattr(r, kind).to("cpu", torch.float64), getattr(a, kind).to("cpu", torch.float64)
         if at.numel() != rt.numel():
             raise VerificationError(f"artifact {kind} state has shape {tuple(at.shape)}, reference "
                                     f"{tuple(rt.shape)}; its runner's to_torch_state is wrong")
@@ -642,25 +643,28 @@ def cmd_verify(args):
     ref = open_reference(args.reference, args.reference_dtype, args.device, threads=args.threads)
     recording = Recording(ref)
     try:
-        from .tokenizer import encode_prefix
+        try:
+            from .tokenizer import encode_prefix
 
-        text_ids = None if text is None else encode_prefix(ref.tokenizer, text, args.max_text_tokens)
-        if text_ids is not None and len(text_ids) < 2:  # _sequence's message cannot name the file
-            raise ConfigError(f"--text {args.text!r} is {len(text_ids)} token(s); its perplexity needs at least 2: "
-                              "give a longer text (or leave --text out for random token ids)")
-        verify(recording, StandIn(ref), lengths, batches, args.decode_steps, text_ids, None, args.seed,
-               label="fp32", progress=not args.quiet)
+            text_ids = None if text is None else encode_prefix(ref.tokenizer, text, args.max_text_tokens)
+            if text_ids is not None and len(text_ids) < 2:  # _sequence's message cannot name the file
+                raise ConfigError(f"--text {args.text!r} is {len(text_ids)} token(s); its perplexity needs at "
+                                  "least 2: give a longer text (or leave --text out for random token ids)")
+            verify(recording, StandIn(ref), lengths, batches, args.decode_steps, text_ids, None, args.seed,
+                   label="fp32", progress=not args.quiet)
+        finally:
+            ref.close()  # the torch runner keeps its model: every reference to it goes, before the artifact opens
+            recording.ref = None
+            del ref
+            release_freed_memory()
+        art = open_artifact(args.artifact, backend, args.device, opts, threads=args.threads)
+        try:
+            report = verify(Replay(recording), art, lengths, batches, args.decode_steps, text_ids,
+                            overrides or None, args.seed, label=args.dtype or label, progress=not args.quiet)
+        finally:
+            art.close()
     finally:
-        ref.close()  # the torch runner keeps its model: every reference to it goes, before the artifact opens
-        recording.ref = None
-        del ref
-        release_freed_memory()
-    art = open_artifact(args.artifact, backend, args.device, opts, threads=args.threads)
-    try:
-        report = verify(Replay(recording), art, lengths, batches, args.decode_steps, text_ids, overrides or None,
-                        args.seed, label=args.dtype or label, progress=not args.quiet)
-    finally:
-        art.close()
+        recording.spill.close()  # the reference's answers kept on disk
     if args.json:  # first: a closed stdout (`| head`) must not lose the file asked for
         write_json_atomic(args.json, report.to_dict())
     print(report.table())

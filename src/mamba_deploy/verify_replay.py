@@ -8,15 +8,76 @@ verify's calls on the reference never depend on the artifact's answers (decoding
 reference's own tokens), so the two passes make the same reference calls in the same order;
 only `to_torch_state` is skipped when an artifact hides its state, so states are keyed by the
 state and the calls it had seen, not by order.
+
+The recording itself stays small in memory: an answer of SPILL_BYTES or more (the logits of a
+long prefill, a large model's state) goes to a file in a temporary folder (under TMPDIR) and is
+read back memory-mapped. In memory, every recorded state of mamba2-2.7b held 172 MB per sequence,
+and the logits of `--lengths 4096 --batch 8` with a 50k vocabulary 6.6 GB.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import types
+import weakref
 
+import torch
+
+from .errors import OutputPathError
 from .runners.base import Runner
 from .state import State
 from .verify import NOT_RUN
+
+SPILL_BYTES = 8 << 20  # answers this large go to disk; smaller ones stay in memory
+
+
+class _OnDisk:
+    def __init__(self, path: str, is_state: bool):
+        self.path, self.is_state = path, is_state
+
+
+class _Spill:
+    """The temporary folder of a recording's large answers; removed by close() or when the
+    recording and its replay are gone (or the process exits)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = SPILL_BYTES if limit is None else limit
+        self.folder, self._n, self._remove = None, 0, None
+
+    def keep(self, value):
+        """`value` (logits or a State) as it is when small, else as an _OnDisk of its file."""
+        is_state = isinstance(value, State)
+        tensors = {"conv": value.conv, "ssm": value.ssm} if is_state else {"t": value}
+        if not all(torch.is_tensor(t) for t in tensors.values()) \
+                or sum(t.numel() * t.element_size() for t in tensors.values()) < self.limit:
+            return value
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="mamba-deploy-verify-")
+            self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        path = os.path.join(self.folder, f"{self._n}.pt")
+        self._n += 1
+        try:
+            torch.save({k: t.detach().cpu() for k, t in tensors.items()}, path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
+            total = sum(f.stat().st_size for f in os.scandir(self.folder))
+            raise OutputPathError(f"verify keeps the reference's large answers in {self.folder} until the artifact's "
+                                  f"pass ({total / 2**20:.0f} MiB written so far) and could not write more: {e}. "
+                                  "Set TMPDIR to a folder with room, or verify fewer / shorter cases "
+                                  "(--lengths, --batch)") from e
+        return _OnDisk(path, is_state)
+
+    @staticmethod
+    def load(value):
+        if not isinstance(value, _OnDisk):
+            return value
+        d = torch.load(value.path, mmap=True, weights_only=True)
+        return State(d["conv"], d["ssm"]) if value.is_state else d["t"]
+
+    def close(self) -> None:
+        if self._remove is not None:
+            self._remove()
 
 
 class _Token:
@@ -35,8 +96,9 @@ class _Reference(Runner):
         dtype = getattr(getattr(ref, "model", None), "dtype", None)
         self.model = types.SimpleNamespace(dtype=dtype) if dtype is not None else None
         self.answers: dict[str, list] = {"prefill": [], "step": []}
-        self.states: dict[tuple[int, int], State] = {}
+        self.states: dict[tuple[int, int], State | _OnDisk] = {}
         self._made = 0
+        self.spill = _Spill()
 
     @property
     def vocab_size(self) -> int:
@@ -62,7 +124,7 @@ class Recording(_Reference):
     def _call(self, kind: str, token: _Token, *args, **kw):
         logits, token.state = getattr(self.ref, kind)(*args, token.state, **kw)
         token.calls += 1
-        self.answers[kind].append(logits)
+        self.answers[kind].append(self.spill.keep(logits))
         return logits, token
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
@@ -72,7 +134,8 @@ class Recording(_Reference):
         return self._call("step", state, ids)
 
     def to_torch_state(self, state: _Token) -> State:
-        out = self.states[(state.index, state.calls)] = self.ref.to_torch_state(state.state)
+        out = self.ref.to_torch_state(state.state)
+        self.states[(state.index, state.calls)] = self.spill.keep(out)
         return out
 
 
@@ -80,7 +143,7 @@ class Replay(_Reference):
     """Pass two: the recorded answers, in the order verify asks for them again."""
 
     def __init__(self, recording: Recording):
-        for key in ("name", "config", "artifact_path", "_vocab", "model", "answers", "states"):
+        for key in ("name", "config", "artifact_path", "_vocab", "model", "answers", "states", "spill"):
             setattr(self, key, getattr(recording, key))
         self._made = 0
         self._next = {kind: iter(answers) for kind, answers in self.answers.items()}
@@ -89,7 +152,7 @@ class Replay(_Reference):
         logits = next(self._next[kind], None)
         assert logits is not None, f"verify asked the reference for more {kind} calls than were recorded"
         token.calls += 1
-        return logits, token
+        return self.spill.load(logits), token
 
     def prefill(self, ids, state, attention_mask=None, last_only=False):
         return self._answer("prefill", state)
@@ -98,7 +161,7 @@ class Replay(_Reference):
         return self._answer("step", state)
 
     def to_torch_state(self, state: _Token) -> State:
-        return self.states[(state.index, state.calls)]
+        return self.spill.load(self.states[(state.index, state.calls)])
 
 
 class StandIn(Runner):

@@ -8,6 +8,7 @@ output, so later layers calibrate on the activations they will really see.
 
 from __future__ import annotations
 
+import codecs
 import os
 import sysconfig
 import warnings
@@ -18,11 +19,15 @@ import torch
 from ..data import read_text_file
 from ..errors import ModelNotFoundError, QuantizationError
 from ..inputs import first_out_of_vocab
+from ..tokenizer import PREFIX_MARGIN
 
 # all on the *train* side of mamba_deploy.data's split, so calibration never sees validation text
 CALIB_STDLIB_FILES = ("textwrap.py", "string.py", "fractions.py", "heapq.py", "bisect.py", "shlex.py",
                       "difflib.py", "argparse.py", "functools.py")
 CALIB_SEQS, CALIB_LEN = 16, 256  # sequences x tokens
+# a --calib file past n_seq windows of this many bytes per wanted token (a token rarely spans
+# more) is read in windows, not whole; a window must tokenize to WINDOW_MARGIN tokens past seq_len
+WINDOW_BYTES_PER_TOKEN, WINDOW_MARGIN = 32, 16
 MAX_SAMPLE_ROWS = 4096  # activation rows kept per linear for AWQ's error search
 
 
@@ -36,44 +41,18 @@ def builtin_text(max_chars: int = 400_000) -> str:
 
 def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = CALIB_LEN) -> torch.Tensor:
     """-> (n_seq, seq_len) token ids. `calib`: None (built-in text), a text file path, a string,
-    or a LongTensor of ids. Without a tokenizer, text is read as UTF-8 bytes modulo the vocab."""
+    or a LongTensor of ids. Without a tokenizer, text is read as UTF-8 bytes modulo the vocab.
+    A file larger than its windows is not read whole: see _file_windows."""
     if calib is not None and not isinstance(calib, (str, os.PathLike)):  # token ids: a tensor, array or list
-        try:
-            ids = torch.as_tensor(calib).reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise QuantizationError(f"calib_ids must be token ids (a LongTensor), got {type(calib).__name__}: "
-                                    f"{e}") from e
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise QuantizationError(f"calib_ids must be integer token ids, got dtype {ids.dtype}; "
-                                    "tokenize the text (or pass it as calib=)")
-        ids = ids.long()
-        bad = first_out_of_vocab(ids, model.config.vocab_size)
-        if bad is not None:
-            raise QuantizationError(f"calib_ids: token id {bad} is outside the vocabulary of "
-                                    f"{model.config.vocab_size}; tokenize with this model's tokenizer")
+        ids = _given_ids(model, calib)
     else:
-        if calib is not None:
-            path = Path(str(calib)).expanduser()
-            try:
-                is_file, is_dir = path.is_file(), path.is_dir()
-            except OSError:  # a name too long for the file system: text, not a path
-                is_file = is_dir = False
-        if calib is None:
-            text = builtin_text()
-        elif is_file:
+        path, text = _calib_source(calib)
+        if path is not None:
+            windows = _file_windows(model, path, n_seq, seq_len)
+            if windows is not None:
+                return windows
             text = read_text_file(path, "calibration file", QuantizationError)
-        elif isinstance(calib, str) and not is_dir and (len(calib) > 200 or "\n" in calib) \
-                and not (os.sep in calib and not any(c.isspace() for c in calib)):  # the text itself
-            text = calib
-        else:
-            what = "is a folder" if is_dir else "not found"
-            raise QuantizationError(f"calibration file {str(calib)!r} {what}; pass a text file or omit --calib")
-        try:
-            ids = torch.tensor(model.tokenizer.encode(text), dtype=torch.long)
-        except ModelNotFoundError as e:  # no tokenizer files next to the checkpoint
-            warnings.warn(f"calibrating on the text's UTF-8 bytes as token ids, whose activations are less like "
-                          f"real inputs': {e}", stacklevel=2)
-            ids = torch.tensor(list(text.encode()), dtype=torch.long) % model.config.vocab_size
+        ids = torch.tensor(_encode(model, _tokenizer(model), text), dtype=torch.long)
     n = min(n_seq, ids.numel() // seq_len)
     if n < 1:
         raise QuantizationError(f"calibration data has {ids.numel()} tokens, fewer than one sequence of calib_len="
@@ -85,6 +64,95 @@ def calibration_ids(model, calib=None, n_seq: int = CALIB_SEQS, seq_len: int = C
     # evenly spaced windows so a long file is sampled throughout
     starts = torch.linspace(0, ids.numel() - seq_len, n).long()
     return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+def _given_ids(model, calib) -> torch.Tensor:
+    try:
+        ids = torch.as_tensor(calib).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise QuantizationError(f"calib_ids must be token ids (a LongTensor), got {type(calib).__name__}: "
+                                f"{e}") from e
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise QuantizationError(f"calib_ids must be integer token ids, got dtype {ids.dtype}; "
+                                "tokenize the text (or pass it as calib=)")
+    ids = ids.long()
+    bad = first_out_of_vocab(ids, model.config.vocab_size)
+    if bad is not None:
+        raise QuantizationError(f"calib_ids: token id {bad} is outside the vocabulary of "
+                                f"{model.config.vocab_size}; tokenize with this model's tokenizer")
+    return ids
+
+
+def _calib_source(calib) -> tuple[Path | None, str | None]:
+    """(a file to read, None) or (None, the text itself) for --calib / calib=."""
+    if calib is None:
+        return None, builtin_text()
+    path = Path(str(calib)).expanduser()
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except OSError:  # a name too long for the file system: text, not a path
+        is_file = is_dir = False
+    if is_file:
+        return path, None
+    if isinstance(calib, str) and not is_dir and (len(calib) > 200 or "\n" in calib) \
+            and not (os.sep in calib and not any(c.isspace() for c in calib)):  # the text itself
+        return None, calib
+    what = "is a folder" if is_dir else "not found"
+    raise QuantizationError(f"calibration file {str(calib)!r} {what}; pass a text file or omit --calib")
+
+
+def _tokenizer(model):
+    """The model's tokenizer, or None (with a warning) for a checkpoint without one."""
+    try:
+        return model.tokenizer
+    except ModelNotFoundError as e:  # no tokenizer files next to the checkpoint
+        warnings.warn(f"calibrating on the text's UTF-8 bytes as token ids, whose activations are less like "
+                      f"real inputs': {e}", stacklevel=3)
+        return None
+
+
+def _encode(model, tok, text: str, add_special_tokens: bool = True) -> list[int]:
+    if tok is None:
+        return [b % model.config.vocab_size for b in text.encode()]
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _file_windows(model, path: Path, n_seq: int, seq_len: int) -> torch.Tensor | None:
+    """(n_seq, seq_len) ids tokenized from windows read at evenly spaced offsets of a file larger
+    than those windows, or None for a file to tokenize whole. A whole file held ~180 MiB of
+    tokenizer output per MB of text, where calibration keeps n_seq x seq_len tokens. A window
+    starts after a line break and keeps its first seq_len tokens (a cut changes only the tokens
+    of its last words); only the first window, at the file's start, gets the tokenizer's BOS."""
+    span = WINDOW_BYTES_PER_TOKEN * (seq_len + PREFIX_MARGIN)
+    size = path.stat().st_size
+    if size <= n_seq * span:
+        return None
+    rows, tok = [], _tokenizer(model)
+    with open(path, "rb") as f:
+        for start in torch.linspace(0, size - span, n_seq).long().tolist():
+            n = span
+            while True:
+                f.seek(start)
+                ids = _encode(model, tok, _window_text(f.read(n), start, path), add_special_tokens=start == 0)
+                if len(ids) >= seq_len + WINDOW_MARGIN:
+                    break
+                if start + n >= size:  # to the file's end and still short: a sparse file, read it whole
+                    return None
+                n *= 2
+            rows.append(ids[:seq_len])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _window_text(raw: bytes, start: int, path: Path) -> str:
+    if start:  # from the first line break on, or else from the first whole UTF-8 character
+        cut = raw.find(b"\n") + 1 or next((i for i, b in enumerate(raw) if b & 0xC0 != 0x80), len(raw))
+        raw = raw[cut:]
+    try:  # incremental, not final: a character cut at the window's end is left out, not an error
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except UnicodeDecodeError as e:
+        raise QuantizationError(f"cannot read calibration file {str(path)!r} as UTF-8 text: {e} (in the window "
+                                f"from byte {start}); pass a text file, converted to UTF-8 if it is in another "
+                                "encoding (e.g. iconv -f latin1 -t utf-8)") from e
 
 
 class Stats:

@@ -1,0 +1,187 @@
+"""Thirty-seventh session: verify's recording of the reference keeps large answers on disk
+(bounded memory), ..."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from test_runners import export_artifacts
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    return export_artifacts(tmp_path_factory.mktemp("runners37"))
+
+
+def _spy_spill(monkeypatch):
+    """Every _Spill made, with what it kept on disk and in memory."""
+    from mamba_deploy import verify_replay as R
+
+    made = []
+    real_keep = R._Spill.keep
+
+    def keep(self, value):
+        out = real_keep(self, value)
+        if self not in made:
+            made.append(self)
+        self.seen = getattr(self, "seen", []) + [(out, self.folder and sorted(os.listdir(self.folder)))]
+        return out
+
+    monkeypatch.setattr(R._Spill, "keep", keep)
+    return made
+
+
+def test_cli_verify_keeps_large_answers_on_disk_and_reports_the_same(artifacts, tmp_path, monkeypatch):
+    """With every answer past the spill limit, the CLI's report is the one verify() gives with both
+    runners open (the same numbers to the last bit), nothing large was held in memory, and the
+    temporary folder is gone afterwards."""
+    from mamba_deploy import verify as V
+    from mamba_deploy import verify_replay as R
+    from mamba_deploy.cli import main
+
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(R, "SPILL_BYTES", 0)
+    made = _spy_spill(monkeypatch)
+    args = ["--lengths", "1,9", "--batch", "1,2", "--decode-steps", "3"]
+    assert main(["verify", str(artifacts["torch"]), str(artifacts["onnx"]), *args, "--quiet",
+                 "--json", str(tmp_path / "v.json")]) == 0
+    (spill,) = made
+    kept = [v for v, _ in spill.seen]
+    assert kept and all(isinstance(v, R._OnDisk) for v in kept)
+    assert any(v.is_state for v in kept) and any(not v.is_state for v in kept)
+    assert len(spill.seen[-1][1]) == len(kept)  # one file per answer while recording
+    assert not os.path.exists(spill.folder)
+    ref, art, label = V.open_pair(artifacts["torch"], artifacts["onnx"])
+    want = V.verify(ref, art, (1, 9), (1, 2), 3, label=label, progress=False).to_dict()
+    got = json.loads((tmp_path / "v.json").read_text())
+    assert got["checks"] == json.loads(json.dumps(want["checks"])) and got["passed"] is True
+    assert got["cases"] == json.loads(json.dumps(want["cases"]))
+
+
+def test_small_answers_stay_in_memory(artifacts, monkeypatch):
+    """Below the limit (the default 8 MiB; these logits are a few KB) no folder is made."""
+    from mamba_deploy.cli import main
+
+    made = _spy_spill(monkeypatch)
+    assert main(["verify", str(artifacts["torch"]), str(artifacts["torch"]), "--lengths", "3", "--batch", "1",
+                 "--decode-steps", "1", "--quiet"]) == 0
+    assert made and all(s.folder is None for s in made)
+    assert all(torch.is_tensor(v) or hasattr(v, "ssm") for s in made for v, _ in s.seen)
+
+
+def test_a_full_disk_while_recording_is_an_output_path_error_and_leaves_no_folder(artifacts, monkeypatch, capsys):
+    """torch.save failing (ENOSPC) says where the answers went and how to give them room; the
+    folder goes with the failed run."""
+    from mamba_deploy import verify_replay as R
+    from mamba_deploy.cli import main
+
+    monkeypatch.setattr(R, "SPILL_BYTES", 0)
+    made = _spy_spill(monkeypatch)
+    calls = []
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["verify", str(artifacts["torch"]), str(artifacts["torch"]), "--lengths", "3", "--batch", "1",
+                 "--decode-steps", "1", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "TMPDIR" in err and made[0].folder in err
+    assert not os.path.exists(made[0].folder)
+
+
+# ---- quantize --calib FILE: a large file is read in windows, not tokenized whole -----------------
+
+def _prose(n_lines: int, seed: int = 0) -> str:
+    """Lines of seeded random words, each line starting with a letter (a window starting after a
+    line break then tokenizes as the whole file does from that point)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["state", "space", "model", "token", "scan", "layer", "decode", "chunk", "mamba", "head",
+             "gate", "norm", "export", "graph", "weight", "quant"]
+    return "".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + ".\n" for _ in range(n_lines))
+
+
+def _contains(seq: list[int], sub: list[int]) -> int:
+    i = -1
+    while True:
+        try:
+            i = seq.index(sub[0], i + 1)
+        except ValueError:
+            return -1
+        if seq[i:i + len(sub)] == sub:
+            return i
+
+
+def test_a_large_calibration_file_is_tokenized_in_windows_spread_over_it(tmp_path, monkeypatch):
+    """Reference: the tokenizer run on the whole file. Each window's ids are a run of the whole
+    file's ids, the runs are spread from its start to its end, and no call tokenized more than
+    a window's worth of text (the whole file was one call of 10x that)."""
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.quant import calib as C
+
+    from test_review_twenty_fourth import DEMO2
+
+    model = load_model(DEMO2)
+    text = _prose(25000)
+    f = tmp_path / "big.txt"
+    f.write_bytes(text.encode())
+    whole = model.tokenizer.encode(text)
+    n_seq, seq_len = 6, 48
+    span = C.WINDOW_BYTES_PER_TOKEN * (seq_len + C.PREFIX_MARGIN)
+    assert len(text) > 4 * n_seq * span
+    lengths = []
+    real = type(model.tokenizer).encode
+    monkeypatch.setattr(type(model.tokenizer), "encode",
+                        lambda self, t, **k: lengths.append(len(t)) or real(self, t, **k))
+    ids = C.calibration_ids(model, str(f), n_seq, seq_len)
+    assert ids.shape == (n_seq, seq_len) and lengths and max(lengths) <= span
+    at = [_contains(whole, row) for row in ids.tolist()]
+    assert at[0] == 0 and all(a > 0 for a in at[1:]), at
+    # the last window starts in the file's last `span` bytes (the text is ASCII: bytes = characters)
+    assert at == sorted(at) and at[-1] >= len(real(model.tokenizer, text[:len(text) - span])) - 2
+
+
+def test_calibration_windows_without_a_tokenizer_are_the_files_bytes(hf_checkpoint, tmp_path):
+    """Reference: the file's bytes at each window's first line start, modulo the vocabulary."""
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.quant import calib as C
+
+    folder, _ = hf_checkpoint("mamba2")
+    model = load_model(folder)  # transformers' random checkpoint has no tokenizer
+    raw = _prose(3000, seed=1).encode()
+    (tmp_path / "c.txt").write_bytes(raw)
+    n_seq, seq_len = 4, 40
+    with pytest.warns(UserWarning, match="UTF-8 bytes"):
+        ids = C.calibration_ids(model, str(tmp_path / "c.txt"), n_seq, seq_len)
+    span = C.WINDOW_BYTES_PER_TOKEN * (seq_len + C.PREFIX_MARGIN)
+    assert len(raw) > n_seq * span
+    for row, start in zip(ids.tolist(), torch.linspace(0, len(raw) - span, n_seq).long().tolist()):
+        s = start if start == 0 else raw.index(b"\n", start) + 1
+        assert row == [b % model.config.vocab_size for b in raw[s:s + seq_len]]
+
+
+def test_invalid_utf8_inside_a_calibration_window_names_the_file_and_offset(hf_checkpoint, tmp_path):
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.checkpoint import load_model
+
+    folder, _ = hf_checkpoint("mamba")
+    model = load_model(folder)
+    raw = bytearray(_prose(3000, seed=2).encode())
+    raw[100:102] = b"\xff\xfe"  # inside the first window
+    (tmp_path / "bad.txt").write_bytes(bytes(raw))
+    from mamba_deploy.quant.calib import calibration_ids
+
+    with pytest.warns(UserWarning, match="UTF-8 bytes"), \
+            pytest.raises(QuantizationError, match=r"bad\.txt.*as UTF-8 text.*from byte 0.*iconv"):
+        calibration_ids(model, str(tmp_path / "bad.txt"), 4, 40)

@@ -185,3 +185,41 @@ def test_invalid_utf8_inside_a_calibration_window_names_the_file_and_offset(hf_c
     with pytest.warns(UserWarning, match="UTF-8 bytes"), \
             pytest.raises(QuantizationError, match=r"bad\.txt.*as UTF-8 text.*from byte 0.*iconv"):
         calibration_ids(model, str(tmp_path / "bad.txt"), 4, 40)
+
+
+# ---- llama.cpp: Ctrl-C during a load ---------------------------------------------------------------
+
+def test_ctrl_c_during_a_llama_cpp_load_reaches_the_caller(tiny_gguf, monkeypatch):
+    """SIGINT arriving while llama.cpp loads (here raised from its log callback, where Python code
+    runs during the load) was turned into a KeyboardInterrupt inside the ctypes callback, which
+    ctypes printed and dropped: the load went on. It now reaches the caller once llama.cpp
+    returns, Python's handler is back, and the next load works."""
+    import signal
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp import _logger
+
+    from mamba_deploy.runners import open_runner
+
+    real = _logger.llama_log_callback
+    fired = []
+
+    @llama_cpp.llama_log_callback
+    def forward(level, text, user_data):
+        if not fired:
+            fired.append(level)
+            signal.raise_signal(signal.SIGINT)
+        real(level, text, user_data)
+
+    monkeypatch.setattr(_logger, "llama_log_callback", forward)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            open_runner(tiny_gguf, "llama.cpp", threads=1)
+    finally:
+        llama_cpp.llama_log_set(real, None)
+    assert fired and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(_logger, "llama_log_callback", real)
+    r = open_runner(tiny_gguf, "llama.cpp", threads=1)
+    logits, _ = r.prefill(torch.tensor([[1, 2, 3]]), r.new_state(1))
+    assert torch.isfinite(logits).all()
+    r.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import numbers
+import signal
 import threading
 import warnings
 import weakref
@@ -70,7 +71,8 @@ GGML_LOG_LEVEL_ERROR = 4  # ggml's enum today (NONE, DEBUG, INFO, WARN, ERROR, C
 def _error_lines(lib):
     """llama.cpp's error log lines while the block runs (forwarded to llama-cpp-python's own
     logger as before), for the exception that says why a load failed: that logger maps ggml's
-    current error level to DEBUG, so without verbose=True they were shown nowhere."""
+    current error level to DEBUG, so without verbose=True they were shown nowhere. A Ctrl-C in
+    the block is raised when it ends (see _ctrl_c_held)."""
     from llama_cpp import _logger
 
     lines, forward = [], _logger.llama_log_callback
@@ -83,9 +85,30 @@ def _error_lines(lib):
 
     lib.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        yield lines
+        with _ctrl_c_held():
+            yield lines
     finally:
         lib.llama_log_set(forward, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Python code runs inside a long llama.cpp call only in the log callbacks, so that is where
+    Python's SIGINT handler raised KeyboardInterrupt, and ctypes prints and drops an exception
+    raised in a callback: Ctrl-C during a load was lost. In the main thread with Python's own
+    handler in place, the signal is noted instead and raised once the call has returned."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    noted = []
+    signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if noted:
+        raise KeyboardInterrupt
 
 
 def _said(lines) -> str:
@@ -309,10 +332,11 @@ class LlamaCppRunner(Runner):
         params.use_extra_bufts = self.extra_buffers
         with _error_lines(lib) as said:
             ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+            if ptr:  # owned at once: a Ctrl-C raised as the block ends leaves it to _Model's __del__
+                self._model = _Model(lib, ptr)
         if not ptr:
             raise CheckpointError(f"llama.cpp could not load {path}{_said(said)}; re-export it with mamba-deploy "
                                   "export gguf (verbose=True shows llama.cpp's whole log)")
-        self._model = _Model(lib, ptr)
         self.n_vocab = self._model.n_vocab
         self.path, self.source_path = path, path.parent
         self.artifact_path = path
@@ -348,8 +372,14 @@ class LlamaCppRunner(Runner):
         cp.n_batch = cp.n_ubatch = max(self.n_batch, n_seq)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
-        with _error_lines(lib) as said:
-            self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
+        try:
+            with _error_lines(lib) as said:
+                self._ctx = lib.llama_init_from_model(self._model.ptr, cp)
+        except KeyboardInterrupt:  # raised once the context exists: not kept, so freed here
+            if self._ctx:
+                lib.llama_free(self._ctx)
+            self._ctx = None
+            raise
         if not self._ctx:
             raise CheckpointError(f"llama.cpp could not create a context for {n_seq} sequences (n_ctx={self.n_ctx})"
                                   f"{_said(said)}; use a smaller batch (verbose=True shows llama.cpp's whole log)")

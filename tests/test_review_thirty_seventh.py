@@ -223,3 +223,60 @@ def test_ctrl_c_during_a_llama_cpp_load_reaches_the_caller(tiny_gguf, monkeypatc
     logits, _ = r.prefill(torch.tensor([[1, 2, 3]]), r.new_state(1))
     assert torch.isfinite(logits).all()
     r.close()
+
+
+# ---- Falcon-Mamba through llama.cpp: the stated bound over lengths and seeds -------------------
+
+FALCON_LLAMA_TOL = 5e-3  # README's llama.cpp row: llama.cpp normalises dt/B/C with the layer eps
+
+
+def _llama_errors(path, hf, lengths, seeds, steps=8, left_pad=False):
+    """Worst relative logits error of llama.cpp on `path` against transformers `hf`, per case:
+    prefill of each length at batch 3, then `steps` teacher-forced steps."""
+    from conftest import rel_err
+    from mamba_deploy.runners import open_runner
+
+    worst = {}
+    with open_runner(path, "llama.cpp", n_threads=1) as lr:
+        for seed in seeds:
+            for length in lengths:
+                ids = torch.randint(0, 100, (3, length + steps), generator=torch.Generator().manual_seed(seed))
+                with torch.no_grad():
+                    want = hf(ids).logits.float()
+                got, st = lr.prefill(ids[:, :length], lr.new_state(3))
+                errs = [rel_err(got, want[:, :length])]
+                for t in range(length, length + steps):
+                    step, st = lr.step(ids[:, t], st)
+                    errs.append(rel_err(step, want[:, t]))
+                worst[seed, length] = max(errs)
+    return worst
+
+
+def test_falcon_mamba_on_llama_cpp_within_its_stated_bound_and_why(ckpt, tmp_path, tiny_tokenizer):
+    """README said <= 1e-3 (one input per length); a review measured 3.7e-3 at length 1000 on
+    another seed. Over lengths 1..1000 and three seeds it stays within 5e-3, the stated bound. The
+    control: the same model with mixer_rms_eps equal to the layer eps meets F32's 1e-5, so the gap
+    is llama.cpp's eps, not the export."""
+    import shutil
+    import warnings
+
+    pytest.importorskip("llama_cpp")
+    from conftest import build_hf_model
+    from mamba_deploy.export.gguf import export_gguf
+
+    folder, hf = ckpt("falcon_mamba")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_gguf(folder, tmp_path / "falcon.gguf")
+    worst = _llama_errors(path, hf, (1, 7, 17, 257, 1000), (0, 1, 2))
+    print({k: f"{v:.1e}" for k, v in worst.items()})
+    assert max(worst.values()) <= FALCON_LLAMA_TOL, worst
+    assert max(worst.values()) > 1e-5  # the eps gap is there to see: the control below removes it
+
+    same = build_hf_model("falcon_mamba", mixer_rms_eps=hf.config.layer_norm_epsilon)
+    same.save_pretrained(tmp_path / "same")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_tokenizer / f, tmp_path / "same" / f)
+    path = export_gguf(tmp_path / "same", tmp_path / "same.gguf")
+    control = _llama_errors(path, same, (7, 1000), (1,))
+    assert max(control.values()) <= 1e-5, control

@@ -280,3 +280,175 @@ def test_falcon_mamba_on_llama_cpp_within_its_stated_bound_and_why(ckpt, tmp_pat
     path = export_gguf(tmp_path / "same", tmp_path / "same.gguf")
     control = _llama_errors(path, same, (7, 1000), (1,))
     assert max(control.values()) <= 1e-5, control
+
+
+# ---- the Python API, as a library user calls it (review) ---------------------------------------
+
+def test_copy_of_a_torch_state_is_a_fork(hf_checkpoint):
+    """copy.copy(state) shared the tensors every step updates in place, so two branches gave
+    different logits for the same token. Reference: transformers on each branch's whole sequence."""
+    import copy
+
+    from conftest import rel_err
+    from mamba_deploy.runners import open_runner
+
+    folder, hf = hf_checkpoint("mamba2")
+    r = open_runner(folder, "torch")
+    _, st = r.prefill(torch.tensor([[5, 6, 7]]), r.new_state(1))
+    fork = copy.copy(st)
+    assert fork.ssm.data_ptr() != st.ssm.data_ptr()
+    a, _ = r.step(torch.tensor([10]), st)
+    b, _ = r.step(torch.tensor([11]), fork)
+    with torch.no_grad():
+        want = hf(torch.tensor([[5, 6, 7, 10], [5, 6, 7, 11]])).logits[:, -1]
+    assert rel_err(a[0], want[0]) < 1e-4 and rel_err(b[0], want[1]) < 1e-4
+
+
+def test_set_tokenizer_loads_a_path_and_refuses_what_is_not_this_models(hf_checkpoint, tmp_path):
+    """A path was stored as the tokenizer (the prompt then went to str.encode as an encoding name),
+    and another model's larger tokenizer was taken and gave garbage. Reference for the path: the
+    `tokenizers` library on the same tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from conftest import write_tiny_bpe
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.runners import open_runner
+
+    from test_review_twenty_fourth import DEMO2
+
+    folder, _ = hf_checkpoint("mamba")  # vocab 128, no tokenizer files
+    (tmp_path / "tok").mkdir()
+    write_tiny_bpe(tmp_path / "tok")
+    r = open_runner(folder, "torch")
+    r.set_tokenizer(str(tmp_path / "tok"))
+    want = HFTokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).encode("the state").ids
+    assert r.tokenizer.encode("the state") == want
+    with pytest.raises(ConfigError, match=r"4096 tokens, more than the model's vocabulary of 128"):
+        r.set_tokenizer(str(DEMO2))
+    with pytest.raises(ConfigError, match=r"set_tokenizer\(42\).*got int"):
+        r.set_tokenizer(42)
+    assert r.tokenizer.encode("the state") == want  # unchanged by the refused calls
+
+
+def test_a_state_made_under_inference_mode_decodes_in_bf16_outside_it(hf_checkpoint):
+    """The PyTorch step (16-bit models, 16-bit states, CUDA eager) wrote the state in place
+    without the inference-mode guard the parallel path had: RuntimeError on the first step.
+    Reference: transformers fp32 on the whole sequence, at bf16's 3e-2."""
+    from conftest import rel_err
+    from mamba_deploy import load_model
+
+    for kind in ("mamba", "mamba2"):
+        folder, hf = hf_checkpoint(kind)
+        model = load_model(folder, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            st = model.new_state(1)
+            model(torch.tensor([[1, 2, 3]]), state=st)
+        model(torch.tensor([[4, 5]]), state=st)
+        got = model(torch.tensor([[6]]), state=st).logits[:, -1].float()
+        with torch.no_grad():
+            want = hf(torch.tensor([[1, 2, 3, 4, 5, 6]])).logits[:, -1]
+        assert rel_err(got, want) < 3e-2, kind
+
+
+def test_non_finite_weights_are_refused_before_a_gguf_or_checkpoint_is_written(ckpt, tmp_path):
+    """export_gguf and save_checkpoint wrote a NaN weight; load_model then called the file corrupt
+    and said to re-export it, which wrote the same file."""
+    from mamba_deploy import load_model, save_checkpoint
+    from mamba_deploy.errors import CheckpointError, ExportError
+    from mamba_deploy.export.gguf import export_gguf
+
+    model = load_model(ckpt("mamba2")[0])
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.in_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ExportError, match=r"NaN or inf values in backbone\.layers\.1\.mixer\.in_proj\.weight"):
+        export_gguf(model, tmp_path / "m.gguf")
+    with pytest.raises(CheckpointError, match=r"NaN or inf values in backbone\.layers\.1\.mixer\.in_proj\.weight"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_save_checkpoint_of_something_else_is_a_checkpoint_error(hf_checkpoint, tmp_path):
+    from mamba_deploy import save_checkpoint
+    from mamba_deploy.errors import CheckpointError
+
+    folder, hf = hf_checkpoint("mamba2")
+    for bad in (str(folder), hf):
+        with pytest.raises(CheckpointError, match="takes a mamba_deploy model"):
+            save_checkpoint(bad, tmp_path / "out")
+
+
+def test_llama_cpp_tokenizer_decodes_what_the_other_tokenizer_decodes(tiny_gguf):
+    """decode(100) and decode of a (1, n) tensor failed with raw errors, and a float id was
+    truncated; the tokenizer's class says "same interface as ours". Reference: `tokenizers` on
+    the decode of a plain list of ids; past-vocabulary ids dropped, as `tokenizers` does."""
+    pytest.importorskip("llama_cpp")
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners import open_runner
+
+    r = open_runner(tiny_gguf, "llama.cpp", threads=1)
+    lt = r.tokenizer
+    ids = lt.encode("the state space")
+    assert lt.decode(torch.tensor([ids])) == lt.decode(ids) == lt.decode(np_array(ids))
+    assert lt.decode(ids[0]) == lt.decode([ids[0]])
+    assert lt.decode(ids + [lt.vocab_size + 5]) == lt.decode(ids)  # past the vocabulary: nothing
+    for bad in ([float(ids[0])], [[1, 2], [3, 4]], [-1]):
+        with pytest.raises(ShapeError):
+            lt.decode(bad)
+    r.close()
+
+
+def np_array(ids):
+    import numpy as np
+
+    return np.asarray(ids, dtype=np.int64)
+
+
+def test_bench_refuses_targets_and_counts_it_cannot_measure(hf_checkpoint):
+    """A bare path was unpacked into (artifact 'm', backend '2'), gen_len 2.0 was a TypeError,
+    repeats=0 a StatisticsError, batch 1.7 ran as 1."""
+    from mamba_deploy.bench import bench_config, run_bench
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = hf_checkpoint("mamba2")
+    with pytest.raises(ConfigError, match=r"\(artifact, backend\) pairs.*parse_targets"):
+        run_bench([str(folder)], [1], [4], 2, progress=False)
+    for kw, what in ((dict(gen_len=2.0), "gen_len"), (dict(batches=[1.7]), "batches"), (dict(repeats=0), "repeats")):
+        args = dict(targets=[(str(folder), "torch")], batches=[1], prompt_lens=[4], gen_len=2, progress=False)
+        with pytest.raises(ConfigError, match=what):
+            run_bench(**{**args, **kw})
+    r = open_runner(folder, "torch")
+    with pytest.raises(ConfigError, match="repeats"):
+        bench_config(r, 1, 4, 2, warmup=0, repeats=0)
+
+
+def test_stop_token_ids_as_a_0d_tensor_stops_there(hf_checkpoint):
+    """Reference: transformers' greedy first token; with it as the stop id, generation stops
+    before any token is kept (a stop id is not part of the output)."""
+    from mamba_deploy import load_model
+
+    folder, hf = hf_checkpoint("mamba2")
+    with torch.no_grad():
+        first = int(hf(torch.tensor([[1, 2]])).logits[0, -1].argmax())
+    model = load_model(folder)
+    assert model.generate([[1, 2]], max_new_tokens=5, stop_token_ids=[]).tokens[0][0] == first
+    assert model.generate([[1, 2]], max_new_tokens=5, stop_token_ids=torch.tensor(first)).tokens[0] == []
+
+
+def test_a_missing_output_path_and_bad_reserve_rows_are_typed_errors(hf_checkpoint, tiny_gguf):
+    from mamba_deploy.errors import OutputPathError, ShapeError
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = hf_checkpoint("mamba2")
+    with pytest.raises(OutputPathError, match="got NoneType None"):
+        export_onnx(folder, None)
+    runners = [open_runner(folder, "torch")]
+    if pytest.importorskip("llama_cpp"):
+        runners.append(open_runner(tiny_gguf, "llama.cpp", threads=1))
+    for r in runners:
+        for bad in ("4", -1, 2.5):
+            with pytest.raises(ShapeError, match="batch must be an integer"):
+                r.reserve_rows(bad)
+        assert r.reserve_rows(2) >= 1
+        r.close()

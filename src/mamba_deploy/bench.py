@@ -9,6 +9,7 @@ steps. Writes results.json, results.md and two PNG plots into --out.
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import platform
 import statistics
@@ -103,9 +104,25 @@ def _timed_run(runner, ids: torch.Tensor, gen_len: int) -> tuple[float, list[flo
     return prefill_s, steps
 
 
+def _check_counts(**counts) -> None:
+    """ConfigError naming each setting that is not a whole number in its range (Python API: a
+    float batch was truncated, repeats=0 failed in statistics.median). A name ending in
+    `_min0` may be 0; batches / prompt_lens are lists."""
+    for name, value in counts.items():
+        low = 0 if name.endswith("_min0") else 1
+        name = name.removesuffix("_min0")
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{name} must be {'an integer' if not isinstance(value, list) else 'integers'} "
+                                  f">= {low}, got {value!r:.60}")
+        if isinstance(value, list) and not value:
+            raise ConfigError(f"{name} is empty; give at least one value")
+
+
 def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,
                  seed: int = 0, tick=None) -> dict:
     """Measure one (batch, prompt length) setting; `tick()` is called after every run."""
+    _check_counts(batch=batch, prompt_len=prompt_len, gen_len_min0=gen_len, warmup_min0=warmup, repeats=repeats)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, prompt_len), generator=gen)
     scope = reset_peak_memory()
@@ -172,11 +189,14 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
 
     from .runners import open_runner
 
-    batches, prompt_lens = [int(b) for b in batches], [int(p) for p in prompt_lens]
-    if (not batches or not prompt_lens or min(batches + prompt_lens) < 1 or gen_len < 0 or repeats < 1
-            or warmup < 0):
-        raise ConfigError(f"batch {batches} and prompt lengths {prompt_lens} must be >= 1, gen_len {gen_len} "
-                          f">= 0, repeats {repeats} >= 1, warmup {warmup} >= 0")
+    batches, prompt_lens = list(batches), list(prompt_lens)
+    _check_counts(batches=batches, prompt_lens=prompt_lens, gen_len_min0=gen_len, warmup_min0=warmup,
+                  repeats=repeats)
+    targets = list(targets)
+    bad = next((t for t in targets if not (isinstance(t, (tuple, list)) and len(t) == 2)), None)
+    if bad is not None or not targets:  # a bare path was unpacked into its characters
+        raise ConfigError(f"targets are (artifact, backend) pairs, got {bad if targets else targets!r:.80}; build "
+                          "them with parse_targets([path, ...], [backend, ...])")
     per_target = len(batches) * len(prompt_lens) * (warmup + repeats)
     data = dict(schema=SCHEMA, settings=dict(batches=batches, prompt_lens=prompt_lens, gen_len=gen_len,
                                              warmup=warmup, repeats=repeats, seed=seed, threads=threads),

@@ -356,6 +356,17 @@ def all_finite(t: torch.Tensor, as_float: bool = False) -> bool:
     return True
 
 
+def refuse_nonfinite(model, what: str, error) -> None:
+    """`error` naming the model's tensors that hold NaN / inf, before `what` writes them: the
+    file would load as corrupt (load_model checks) and every output would be NaN."""
+    bad = [k for k, t in model.state_dict().items()
+           if t.is_floating_point() and not all_finite(t, as_float=t.dtype not in (torch.float32, torch.float64))]
+    if bad:
+        raise error(f"the model's weights hold NaN or inf values in {_short(bad)}, so {what} would write a file that "
+                    "fails to load and computes NaN; load the checkpoint again (an edit after loading did this) or "
+                    "re-download / re-train it")
+
+
 def _check_values(folder, cfg, params, layout, bad_dtype, nonfinite, overflow, head) -> None:
     """load_weights' value checks, once names and shapes match: tensors not stored as floats,
     NaN / inf in the file, values past the model's dtype, a tied head that differs from the
@@ -451,6 +462,11 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
     and a config.json of its MambaConfig's keys only, with the token ids in generation_config.json.
     A model whose weights were rounded to a quantized GGUF's type records that type
     (`source_weights`: verify's limits) in the hf config.json, or in mamba_deploy.json."""
+    from .model import MambaLM
+
+    if not isinstance(model, MambaLM):  # its missing .config failed as an AttributeError deep in the save
+        raise CheckpointError(f"save_checkpoint takes a mamba_deploy model (mamba_deploy.load_model(path)), got "
+                              f"{type(model).__name__} {model!r:.60}; to copy a checkpoint folder, load it first")
     if fmt not in SAVE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
     if dtype is not None and dtype not in LOAD_DTYPES:  # "fp16" reached Tensor.to as a device name; int8
@@ -467,6 +483,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
 
     refuse_sharded(model, f"saving in the {fmt} layout", "save the model loaded in one process (without torchrun)",
                    CheckpointError)
+    refuse_nonfinite(model, f"saving in the {fmt} layout", CheckpointError)
     cfg: MambaConfig = model.config
     tensors = {}
     for name, t in model.state_dict().items():

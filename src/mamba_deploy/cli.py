@@ -130,19 +130,12 @@ def add_tokenizer(parser) -> None:
 
 
 def use_tokenizer(runner, spec) -> None:
-    """--tokenizer: `runner` tokenizes with `spec`'s tokenizer; one with more ids than the model's
-    vocabulary belongs to another model and is refused."""
+    """--tokenizer: `runner` tokenizes with `spec`'s tokenizer (see tokenizer.checked_tokenizer)."""
     if spec is None:
         return
-    from .hub import resolve
-    from .tokenizer import load_tokenizer
+    from .tokenizer import checked_tokenizer
 
-    tok = load_tokenizer(resolve(spec, weights=False))
-    if tok.vocab_size > runner.vocab_size:
-        raise ConfigError(f"--tokenizer {spec}: {tok.vocab_size} tokens, more than the model's vocabulary of "
-                          f"{runner.vocab_size}; it belongs to another model: pass the tokenizer this one was "
-                          "trained with")
-    runner.set_tokenizer(tok)
+    runner.set_tokenizer(checked_tokenizer(spec, runner.vocab_size, f"--tokenizer {spec}"))
 
 
 # the torch backend's own flags at their defaults: anything else asks for something a backend

@@ -523,6 +523,8 @@ def _prepare(runner, prompts, stop_token_ids, stop_strings):
         stop_token_ids = [stop_token_ids]
     elif hasattr(stop_token_ids, "tolist"):  # a numpy array or tensor
         stop_token_ids = stop_token_ids.tolist()
+        if not isinstance(stop_token_ids, list):  # a 0-d one: one id
+            stop_token_ids = [stop_token_ids]
     if not isinstance(stop_token_ids, (list, tuple, set, range)) or not all(
             isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_token_ids):
         raise ConfigError(f"stop_token_ids must be integer token ids, got {stop_token_ids!r:.80}")

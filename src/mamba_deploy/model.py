@@ -220,6 +220,12 @@ class ModelOutput:
     state: State
 
 
+def _writing(state: State):
+    """Where the state's in-place updates run: a state made under torch.inference_mode takes them
+    only there (outside it, "Inplace update to inference tensor outside InferenceMode")."""
+    return torch.inference_mode() if state.conv.is_inference() else contextlib.nullcontext()
+
+
 class MambaLM(nn.Module):
     """`model(input_ids, state=None)` -> ModelOutput(logits, state); the state is updated in place."""
 
@@ -301,8 +307,7 @@ class MambaLM(nn.Module):
             check_padding_fresh(mask, batch_first(state), "model.new_state")
             mask = mask.to(device=self.device, dtype=self.dtype)
         h = self.backbone.embeddings(input_ids)  # (b, l, d_model)
-        # a state made under torch.inference_mode takes in-place updates only there (step's already do)
-        writing = torch.inference_mode() if state.conv.is_inference() else contextlib.nullcontext()
+        writing = _writing(state)
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer(h, state.conv[i], state.ssm[i], mask)
             with writing:
@@ -326,10 +331,12 @@ class MambaLM(nn.Module):
         if fast is not None:
             return fast(ids, state)
         h = self.backbone.embeddings(ids)  # (b, d_model)
+        writing = _writing(state)
         for i, layer in enumerate(self.backbone.layers):
             h, conv, ssm = layer.step(h, state.conv[i], state.ssm[i])
-            state.conv[i].copy_(conv)
-            state.ssm[i].copy_(ssm)
+            with writing:
+                state.conv[i].copy_(conv)
+                state.ssm[i].copy_(ssm)
         return self._head(h)
 
     # ---- conveniences --------------------------------------------------------

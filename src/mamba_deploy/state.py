@@ -53,6 +53,11 @@ class State:
     def clone(self) -> "State":
         return State(self.conv.clone(), self.ssm.clone())
 
+    def __copy__(self) -> "State":
+        # a shallow copy shared the tensors every step updates in place: two branches of a fork
+        # overwrote each other silently. A copy is a fork, so it gets its own tensors.
+        return self.clone()
+
     def zero_(self) -> "State":
         self.conv.zero_()
         self.ssm.zero_()

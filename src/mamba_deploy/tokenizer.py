@@ -4,6 +4,7 @@ SentencePiece model (Mistral's tokenizer.model.v3, beside a params.json); else t
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -227,6 +228,25 @@ def _model_vocab(folder: Path) -> int | None:
         return int(read_raw_config(folder)["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def checked_tokenizer(tokenizer, vocab_size: int, label: str | None = None):
+    """`tokenizer` for a model of `vocab_size` ids: a folder or hub id with tokenizer files is
+    loaded, an object with encode / decode / vocab_size is taken as it is (a Tokenizer, a
+    LlamaCppTokenizer), and one with more ids than the model's vocabulary, which belongs to
+    another model, is refused. `label` names the value in errors (the CLI: "--tokenizer X")."""
+    label = label or f"set_tokenizer({tokenizer!r:.100})"
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from .hub import resolve
+
+        tokenizer = load_tokenizer(resolve(tokenizer, weights=False))
+    elif not all(hasattr(tokenizer, a) for a in ("encode", "decode", "vocab_size")):
+        raise ConfigError(f"{label}: a tokenizer is a folder or hub id with tokenizer files, or a loaded one "
+                          f"(mamba_deploy.tokenizer.load_tokenizer(folder)); got {type(tokenizer).__name__}")
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"{label}: {tokenizer.vocab_size} tokens, more than the model's vocabulary of {vocab_size}; "
+                          "it belongs to another model: pass the tokenizer this one was trained with")
+    return tokenizer
 
 
 def load_tokenizer(folder) -> Tokenizer:

@@ -105,6 +105,10 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
                      "(--outtype q8_0, q4_k_m, ...)")
+    if not isinstance(model_or_path, (str, os.PathLike)):  # edited, maybe, since load_model checked it
+        from ..checkpoint import refuse_nonfinite
+
+        refuse_nonfinite(model, "GGUF export", ExportError)
     cfg = model.config
     check_exportable(cfg)
     vocab = _vocab_for(model_or_path, model, tokenizer)

@@ -209,11 +209,11 @@ def _open_only(fn):
 
 def _batch_checked(fn):
     @functools.wraps(fn)
-    def new_state(self, batch, *args, **kwargs):
+    def checked(self, batch, *args, **kwargs):
         return fn(self, check_batch(batch), *args, **kwargs)
 
-    new_state.batch_checked = True
-    return new_state
+    checked.batch_checked = True
+    return checked
 
 
 class Runner(ABC):
@@ -237,9 +237,10 @@ class Runner(ABC):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fn = cls.__dict__.get("new_state")
-        if fn is not None and not getattr(fn, "batch_checked", False):  # a typed error for new_state(-1)
-            cls.new_state = _batch_checked(fn)
+        for name in ("new_state", "reserve_rows"):  # a typed error for new_state(-1), reserve_rows("4")
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "batch_checked", False):
+                setattr(cls, name, _batch_checked(fn))
         for name in OPEN_ONLY:  # every backend gets the closed check without writing it
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "open_only", False):
@@ -278,8 +279,11 @@ class Runner(ABC):
 
     def set_tokenizer(self, tokenizer) -> None:
         """Text goes through `tokenizer` instead of the one beside the model (a model that ships
-        none: state-spaces' original mamba_ssm checkpoints use EleutherAI/gpt-neox-20b's)."""
-        self._tokenizer = tokenizer
+        none: state-spaces' original mamba_ssm checkpoints use EleutherAI/gpt-neox-20b's): a
+        folder or hub id with tokenizer files, or a loaded tokenizer (tokenizer.checked_tokenizer)."""
+        from ..tokenizer import checked_tokenizer
+
+        self._tokenizer = checked_tokenizer(tokenizer, self.vocab_size)
 
     def close(self) -> None:
         """Frees the backend's handles; later calls raise RunnerClosedError. Backends that hold
@@ -324,6 +328,7 @@ class Runner(ABC):
         own = lambda name: getattr(getattr(type(self), name), "__wrapped__", getattr(type(self), name))  # noqa: E731
         return own("gather_states") is not Runner.gather_states or own("load_torch_state") is not Runner.load_torch_state
 
+    @_batch_checked
     def reserve_rows(self, rows: int) -> int:
         """Make room for `rows` live sequences at once, so that a later `new_state` does not
         invalidate live states (llama.cpp rebuilds its context to grow); -> how many rows may be

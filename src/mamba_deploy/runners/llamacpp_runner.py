@@ -35,7 +35,7 @@ import torch
 
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint, needs_packages
-from ..inputs import check_ids, check_mask
+from ..inputs import check_ids, check_mask, token_stream
 from ..state import State
 from ..tokenizer import check_text
 from .base import (NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, default_threads,
@@ -268,9 +268,19 @@ class LlamaCppTokenizer:
             tmpl = self._lib.llama_model_chat_template(self._model.ptr, None)
         return None if not tmpl else tmpl.decode("utf-8", errors="replace")
 
+    @property
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
     def decode(self, ids) -> str:
+        """As Tokenizer.decode: ids (n,) or (1, n) of integers; an id past the vocabulary decodes
+        to nothing, a negative one is a ShapeError."""
+        if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            ids = token_stream(ids, "decode's ids").tolist()
+        if ids and min(ids) < 0:
+            raise ShapeError(f"decode got token id {min(ids)}; token ids are >= 0")
         with self._model.using() as vocab:
-            data = b"".join(self._piece(vocab, int(t)) for t in ids)
+            data = b"".join(self._piece(vocab, t) for t in ids if t < self.n_vocab)
         if self._strip_first_space and data.startswith(b" "):
             data = data[1:]
         return data.decode("utf-8", errors="replace")

@@ -80,7 +80,10 @@ class TorchRunner(Runner):
         return self.model.tokenizer
 
     def set_tokenizer(self, tokenizer) -> None:
-        self.model._tokenizer = tokenizer  # the model's, so model.generate uses it too
+        from ..tokenizer import checked_tokenizer
+
+        # the model's, so model.generate uses it too
+        self.model._tokenizer = checked_tokenizer(tokenizer, self.vocab_size)
 
     def close(self) -> None:
         self._let_go(wait=True)

@@ -452,3 +452,47 @@ def test_a_missing_output_path_and_bad_reserve_rows_are_typed_errors(hf_checkpoi
                 r.reserve_rows(bad)
         assert r.reserve_rows(2) >= 1
         r.close()
+
+
+# ---- the same on a GPU (skip on CPU) -------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the reference's states live there and are read back on the CPU")
+def test_cli_verify_on_cuda_keeps_large_answers_on_disk(artifacts, tmp_path, monkeypatch):
+    """On CUDA the recorded states are on the GPU: spilled, they come back on the CPU, and the
+    artifact's (on the GPU) is compared with them there. The same report as verify() with both
+    runners open on the GPU."""
+    from mamba_deploy import verify as V
+    from mamba_deploy import verify_replay as R
+    from mamba_deploy.cli import main
+
+    monkeypatch.setattr(R, "SPILL_BYTES", 0)
+    made = _spy_spill(monkeypatch)
+    args = ["--lengths", "1,9", "--batch", "1,2", "--decode-steps", "3", "--device", "cuda"]
+    assert main(["verify", str(artifacts["torch"]), str(artifacts["torch"]), *args, "--quiet",
+                 "--json", str(tmp_path / "v.json")]) == 0
+    assert made and any(isinstance(v, R._OnDisk) and v.is_state for v, _ in made[0].seen)
+    ref, art, label = V.open_pair(artifacts["torch"], artifacts["torch"], device="cuda")
+    want = V.verify(ref, art, (1, 9), (1, 2), 3, label=label, progress=False).to_dict()
+    got = json.loads((tmp_path / "v.json").read_text())
+    assert got["checks"] == json.loads(json.dumps(want["checks"])) and got["passed"] is True
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: its eager decode is the PyTorch step")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_a_state_made_under_inference_mode_decodes_on_cuda(hf_checkpoint, kind):
+    from conftest import rel_err
+    from mamba_deploy import load_model
+
+    folder, hf = hf_checkpoint(kind)
+    model = load_model(folder, dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        st = model.new_state(1)
+        model(torch.tensor([[1, 2, 3]], device="cuda"), state=st)
+    model(torch.tensor([[4, 5]], device="cuda"), state=st)
+    got = model(torch.tensor([[6]], device="cuda"), state=st).logits[:, -1].float().cpu()
+    with torch.no_grad():
+        want = hf(torch.tensor([[1, 2, 3, 4, 5, 6]])).logits[:, -1]
+    assert rel_err(got, want) < 3e-2

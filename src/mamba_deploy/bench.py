@@ -116,7 +116,7 @@ def _check_counts(**counts) -> None:
                 raise ConfigError(f"{name} must be {'an integer' if not isinstance(value, list) else 'integers'} "
                                   f">= {low}, got {value!r:.60}")
         if isinstance(value, list) and not value:
-            raise ConfigError(f"{name} is empty; give at least one value")
+            raise ConfigError(f"{name} must be integers >= {low}, got an empty list; give at least one value")
 
 
 def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,

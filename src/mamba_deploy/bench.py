@@ -113,10 +113,10 @@ def _check_counts(**counts) -> None:
         name = name.removesuffix("_min0")
         for v in value if isinstance(value, list) else [value]:
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"{name} must be {'an integer' if not isinstance(value, list) else 'integers'} "
-                                  f">= {low}, got {value!r:.60}")
+                raise ConfigError(f"{name} must be >= {low} ({'integers' if isinstance(value, list) else 'an integer'}), "
+                                  f"got {value!r:.60}")
         if isinstance(value, list) and not value:
-            raise ConfigError(f"{name} must be integers >= {low}, got an empty list; give at least one value")
+            raise ConfigError(f"{name} must be >= {low} (integers), got an empty list; give at least one value")
 
 
 def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,

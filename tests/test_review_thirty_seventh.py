@@ -496,3 +496,37 @@ def test_a_state_made_under_inference_mode_decodes_on_cuda(hf_checkpoint, kind):
     with torch.no_grad():
         want = hf(torch.tensor([[1, 2, 3, 4, 5, 6]])).logits[:, -1]
     assert rel_err(got, want) < 3e-2
+
+
+def test_llama_cpps_converter_takes_our_mamba_ssm_layout_mamba1(hf_checkpoint, tmp_path):
+    """Our mamba_ssm layout wrote ssm_cfg.layer "Mamba1"; llama.cpp's converter named that
+    Mamba1ForCausalLM and refused it. Reference: llama.cpp (through llama-cpp-python) on the
+    converter's file against transformers."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    from conftest import build_hf_model, rel_err
+    from mamba_deploy import load_model, save_checkpoint
+    from mamba_deploy.runners import open_runner
+
+    from test_gguf import _converter
+
+    conv = _converter()
+    if conv is None:
+        pytest.skip("llama.cpp's converter not found: run `make install`")
+    # the converter reads d_state and dt_rank from the top level only, where mamba_ssm has none: it
+    # assumes mamba_ssm's defaults (16, ceil(d_model / 16)), so the model keeps them
+    hf = build_hf_model("mamba", vocab_size=50280, state_size=16, time_step_rank=2)
+    hf.save_pretrained(tmp_path / "hf")
+    save_checkpoint(load_model(tmp_path / "hf"), tmp_path / "ssm", fmt="mamba_ssm")
+    env = {**__import__("os").environ, "PYTHONPATH": str(conv.parent / "gguf-py")}
+    run = subprocess.run([sys.executable, str(conv), str(tmp_path / "ssm"), "--outfile", str(tmp_path / "c.gguf"),
+                          "--outtype", "f32"], cwd=conv.parent, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    with open_runner(tmp_path / "c.gguf", "llama.cpp", threads=1) as r:
+        got, _ = r.prefill(ids, r.new_state(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(got, want) < 1e-4

@@ -433,8 +433,9 @@ class MambaConfig:
         if self.d_inner != self.expand * self.d_model:  # mamba_ssm sizes its layers from expand alone
             raise ConfigError(f"mamba_ssm has no intermediate size of its own: this model's {self.d_inner} is not "
                               f"expand * d_model = {self.expand} * {self.d_model}; save with --format hf")
-        ssm: dict[str, Any] = {
-            "layer": "Mamba1" if self.arch == "mamba1" else "Mamba2",
+        # Mamba1 is mamba_ssm's default layer, left out as state-spaces' own configs do: llama.cpp's
+        # converter names the architecture "{layer}ForCausalLM" and knows no Mamba1ForCausalLM
+        ssm: dict[str, Any] = ({} if self.arch == "mamba1" else {"layer": "Mamba2"}) | {
             "d_state": self.d_state,
             "d_conv": self.d_conv,
             "expand": self.expand,

@@ -530,3 +530,13 @@ def test_llama_cpps_converter_takes_our_mamba_ssm_layout_mamba1(hf_checkpoint, t
     with torch.no_grad():
         want = hf(ids).logits
     assert rel_err(got, want) < 1e-4
+
+
+def test_train_tokenizer_writes_only_its_result_to_a_redirected_stdout(tmp_path, capfd):
+    """The tokenizers library's progress bar printed blank lines to stdout (file descriptor 1,
+    outside Python's sys.stdout) even when it was not a terminal."""
+    from mamba_deploy.cli import main
+
+    assert main(["train-tokenizer", str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
+    out = capfd.readouterr().out
+    assert out.strip().startswith("wrote") and not out.startswith("\n"), repr(out[:80])

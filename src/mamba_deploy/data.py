@@ -118,7 +118,9 @@ def train_tokenizer(out_dir, vocab_size: int = 4096, root: Path | None = None, o
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  # its bar goes to stdout (blank lines in a redirected stdout): a terminal only
+                                  show_progress=sys.stdout.isatty())
     tok.train_from_iterator(corpus_texts("train", root), trainer=trainer)
     files = {
         "tokenizer.json": tok.to_str(pretty=True),

@@ -104,25 +104,24 @@ def _timed_run(runner, ids: torch.Tensor, gen_len: int) -> tuple[float, list[flo
     return prefill_s, steps
 
 
-def _check_counts(**counts) -> None:
-    """ConfigError naming each setting that is not a whole number in its range (Python API: a
-    float batch was truncated, repeats=0 failed in statistics.median). A name ending in
-    `_min0` may be 0; batches / prompt_lens are lists."""
-    for name, value in counts.items():
-        low = 0 if name.endswith("_min0") else 1
-        name = name.removesuffix("_min0")
-        for v in value if isinstance(value, list) else [value]:
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"{name} must be >= {low} ({'integers' if isinstance(value, list) else 'an integer'}), "
-                                  f"got {value!r:.60}")
-        if isinstance(value, list) and not value:
-            raise ConfigError(f"{name} must be >= {low} (integers), got an empty list; give at least one value")
+def _check_count(name: str, value, low: int = 1) -> None:
+    """ConfigError unless `value` (an int, or a non-empty list of them: batches, prompt_lens) is
+    a whole number >= low (Python API: a float batch was truncated, repeats=0 failed in
+    statistics.median)."""
+    many = isinstance(value, list)
+    if many and not value:
+        raise ConfigError(f"{name} must be >= {low} (integers), got an empty list; give at least one value")
+    for v in value if many else [value]:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"{name} must be >= {low} ({'integers' if many else 'an integer'}), got {value!r:.60}")
 
 
 def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,
                  seed: int = 0, tick=None) -> dict:
     """Measure one (batch, prompt length) setting; `tick()` is called after every run."""
-    _check_counts(batch=batch, prompt_len=prompt_len, gen_len_min0=gen_len, warmup_min0=warmup, repeats=repeats)
+    for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 0),
+                             ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        _check_count(name, value, low)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, prompt_len), generator=gen)
     scope = reset_peak_memory()
@@ -190,8 +189,9 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
     from .runners import open_runner
 
     batches, prompt_lens = list(batches), list(prompt_lens)
-    _check_counts(batches=batches, prompt_lens=prompt_lens, gen_len_min0=gen_len, warmup_min0=warmup,
-                  repeats=repeats)
+    for name, value, low in (("batches", batches, 1), ("prompt_lens", prompt_lens, 1), ("gen_len", gen_len, 0),
+                             ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        _check_count(name, value, low)
     targets = list(targets)
     bad = next((t for t in targets if not (isinstance(t, (tuple, list)) and len(t) == 2)), None)
     if bad is not None or not targets:  # a bare path was unpacked into its characters

@@ -359,8 +359,7 @@ def all_finite(t: torch.Tensor, as_float: bool = False) -> bool:
 def refuse_nonfinite(model, what: str, error) -> None:
     """`error` naming the model's tensors that hold NaN / inf, before `what` writes them: the
     file would load as corrupt (load_model checks) and every output would be NaN."""
-    bad = [k for k, t in model.state_dict().items()
-           if t.is_floating_point() and not all_finite(t, as_float=t.dtype not in (torch.float32, torch.float64))]
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise error(f"the model's weights hold NaN or inf values in {_short(bad)}, so {what} would write a file that "
                     "fails to load and computes NaN; load the checkpoint again (an edit after loading did this) or "

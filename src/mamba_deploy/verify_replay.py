@@ -42,8 +42,7 @@ class _Spill:
     """The temporary folder of a recording's large answers; removed by close() or when the
     recording and its replay are gone (or the process exits)."""
 
-    def __init__(self, limit: int | None = None):
-        self.limit = SPILL_BYTES if limit is None else limit
+    def __init__(self):
         self.folder, self._n, self._remove = None, 0, None
 
     def keep(self, value):
@@ -51,7 +50,7 @@ class _Spill:
         is_state = isinstance(value, State)
         tensors = {"conv": value.conv, "ssm": value.ssm} if is_state else {"t": value}
         if not all(torch.is_tensor(t) for t in tensors.values()) \
-                or sum(t.numel() * t.element_size() for t in tensors.values()) < self.limit:
+                or sum(t.numel() * t.element_size() for t in tensors.values()) < SPILL_BYTES:
             return value
         if self.folder is None:
             self.folder = tempfile.mkdtemp(prefix="mamba-deploy-verify-")

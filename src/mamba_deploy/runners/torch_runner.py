@@ -80,10 +80,8 @@ class TorchRunner(Runner):
         return self.model.tokenizer
 
     def set_tokenizer(self, tokenizer) -> None:
-        from ..tokenizer import checked_tokenizer
-
-        # the model's, so model.generate uses it too
-        self.model._tokenizer = checked_tokenizer(tokenizer, self.vocab_size)
+        super().set_tokenizer(tokenizer)  # checked there
+        self.model._tokenizer = self._tokenizer  # the model's, so model.generate uses it too
 
     def close(self) -> None:
         self._let_go(wait=True)

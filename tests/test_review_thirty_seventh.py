@@ -540,3 +540,43 @@ def test_train_tokenizer_writes_only_its_result_to_a_redirected_stdout(tmp_path,
     assert main(["train-tokenizer", str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
     out = capfd.readouterr().out
     assert out.strip().startswith("wrote") and not out.startswith("\n"), repr(out[:80])
+
+
+def test_a_spilled_answer_removed_during_the_run_is_an_output_path_error(artifacts, monkeypatch, capsys):
+    """A tmp cleaner deleting verify's folder between the passes gave torch.load's raw error."""
+    import shutil
+
+    from mamba_deploy import verify_replay as R
+    from mamba_deploy.cli import main
+
+    monkeypatch.setattr(R, "SPILL_BYTES", 0)
+    made = _spy_spill(monkeypatch)
+    real = R.Replay.__init__
+
+    def cleaned(self, recording):
+        shutil.rmtree(recording.spill.folder)
+        real(self, recording)
+
+    monkeypatch.setattr(R.Replay, "__init__", cleaned)
+    assert main(["verify", str(artifacts["torch"]), str(artifacts["torch"]), "--lengths", "3", "--batch", "1",
+                 "--decode-steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not read back the reference's answer" in err and "TMPDIR" in err and made[0].folder in err
+
+
+def test_an_unreadable_large_calibration_file_is_a_quantization_error(hf_checkpoint, tmp_path, monkeypatch):
+    """The window reader opened the file itself: an OSError came out raw (read whole, it was typed)."""
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import calib as C
+
+    folder, _ = hf_checkpoint("mamba")
+    (tmp_path / "c.txt").write_bytes(_prose(3000).encode())
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(C, "open", denied, raising=False)
+    with pytest.warns(UserWarning, match="UTF-8 bytes"), \
+            pytest.raises(QuantizationError, match=r"cannot read calibration file .*c\.txt.*Permission denied"):
+        C.calibration_ids(load_model(folder), str(tmp_path / "c.txt"), 4, 40)

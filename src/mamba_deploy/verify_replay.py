@@ -71,7 +71,12 @@ class _Spill:
     def load(value):
         if not isinstance(value, _OnDisk):
             return value
-        d = torch.load(value.path, mmap=True, weights_only=True)
+        try:
+            d = torch.load(value.path, mmap=True, weights_only=True)
+        except (OSError, RuntimeError) as e:  # torch reports a truncated file as a RuntimeError
+            raise OutputPathError(f"verify could not read back the reference's answer {value.path}: {e}. Something "
+                                  "removed or changed that temporary folder during the run (a tmp cleaner?): run "
+                                  "again with TMPDIR set to a folder nothing else cleans") from e
         return State(d["conv"], d["ssm"]) if value.is_state else d["t"]
 
     def close(self) -> None:

@@ -128,7 +128,11 @@ def _file_windows(model, path: Path, n_seq: int, seq_len: int) -> torch.Tensor |
     if size <= n_seq * span:
         return None
     rows, tok = [], _tokenizer(model)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # as read_text_file says it for a file read whole
+        raise QuantizationError(f"cannot read calibration file {str(path)!r}: {e}; pass a readable text file") from e
+    with f:
         for start in torch.linspace(0, size - span, n_seq).long().tolist():
             n = span
             while True:

@@ -292,7 +292,7 @@ def test_a_stream_whose_write_finds_the_client_gone_logs_the_client_closed_line(
     body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "stream": True,
                        "stop_token_ids": [], "ignore_eos": True}).encode()
     sock = socket.create_connection(server.server_address[:2], timeout=TIMEOUT)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     got = b""
     while b"data: " not in got:

@@ -172,7 +172,7 @@ def test_chat_logprobs_false_is_the_default_not_an_error(server, reference):
 
 def test_a_negative_content_length_is_a_bad_request_not_too_large(server):
     """Content-Length: -1 answered 413 "request body of -1 bytes is over the 8388608-byte limit"."""
-    reply = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+    reply = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n{}")
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
     assert "bad Content-Length '-1'" in _error(body)["message"]
@@ -180,9 +180,9 @@ def test_a_negative_content_length_is_a_bad_request_not_too_large(server):
 
 @pytest.mark.parametrize("request_bytes,status,pattern", [
     # (PUT, DELETE and PATCH are 405s with Allow since the thirty-sixth session)
-    (b"TRACE /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 501, r"'TRACE'.*POST /v1/completions"),
-    (b"CONNECT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 501, r"'CONNECT'"),
-    (b"GET /health x HTTP/1.1\r\nHost: x\r\n\r\n", 400, r"Bad request syntax"),
+    (b"TRACE /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 501, r"'TRACE'.*POST /v1/completions"),
+    (b"CONNECT /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", 501, r"'CONNECT'"),
+    (b"GET /health x HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, r"Bad request syntax"),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, r"Too Long"),
 ])
 def test_http_servers_own_refusals_are_json(server, request_bytes, status, pattern):
@@ -198,7 +198,7 @@ def test_head_gets_a_json_error_head_without_a_body(server):
     # HEAD is served since the thirty-sixth session (RFC 9110 9.1): an unknown path's 404 and a
     # POST path's 405 are still JSON heads, without their bodies
     for path, status in ((b"/nope", b"404"), (b"/v1/completions", b"405")):
-        reply = _raw(server, b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = _raw(server, b"HEAD " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         head, _, body = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 " + status + b" ") and b"Content-Type: application/json" in head
         assert body == b""
@@ -359,7 +359,7 @@ def test_chat_stream_chunks_have_openais_shape(scripted):
 
 
 def test_missing_content_length_is_411(server):
-    head, _, body = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n").partition(b"\r\n\r\n")
+    head, _, body = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n\r\n").partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 411 ") and _error(body)["type"] == "length_required"
 
 

@@ -271,8 +271,8 @@ def test_a_get_with_a_body_closes_the_connection(server):
 
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=TIMEOUT) as sock, sock.makefile("rb") as f:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello"
+                     b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, headers, body = _read_response(f)
         assert status == 200 and headers["connection"] == "close" and json.loads(body)["status"] == "ok"
         assert f.read() == b""  # closed: the body's bytes were never taken for a request
@@ -358,7 +358,7 @@ def _read_response(f):
 
 
 def _raw(method, path, body: bytes = b""):
-    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -379,7 +379,7 @@ def test_keep_alive_carries_requests_until_an_unread_body_or_a_stream_closes_it(
         assert json.loads(answers[1][2])["choices"][0]["token_ids"] == ref == \
             json.loads(answers[3][2])["choices"][0]["token_ids"]
         # refused before its body is read (unknown path): the body would parse as the next request
-        sock.sendall(_raw("POST", "/nope", b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'))
+        sock.sendall(_raw("POST", "/nope", b'GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n'))
         status, headers, _ = _read_response(f)
         assert status == 404 and headers["connection"] == "close"
         assert f.read() == b""  # closed: the smuggled GET was never answered
@@ -411,8 +411,13 @@ def test_runner_failure_is_500_json_without_traceback(folder, request, capsys):
     request.addfinalizer(lambda: _stop(srv, thread))
     got, _, data = _post(srv, {"prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stop_token_ids": [], "ignore_eos": True})
     err = json.loads(data)["error"]
-    assert got == 500 and err["type"] == "server_error" and "kaboom" in err["message"]
-    assert "Traceback" not in err["message"]
+    # the client reads the type and an id; the text (which may hold the server's paths) and the
+    # traceback go to the server's log under that id
+    assert got == 500 and err["type"] == "server_error" and "RuntimeError" in err["message"]
+    assert "Traceback" not in err["message"] and "kaboom" not in err["message"]
+    ref = re.search(r"under id ([0-9a-f]{12})", err["message"]).group(1)
+    log = capsys.readouterr().err
+    assert f"internal error {ref}:" in log and "RuntimeError: kaboom" in log.split(f"internal error {ref}:")[1]
     # the lock was released: the server still answers
     assert _request(srv, "GET", "/health")[0] == 200
 
@@ -594,7 +599,7 @@ def test_runner_calls_never_overlap_and_a_dropped_stream_frees_the_runner(folder
     body = json.dumps({"prompt": [1, 2], "max_tokens": 4000, "temperature": 0, "stop_token_ids": [], "ignore_eos": True,
                        "stream": True}).encode()
     sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     got = b""
     while b"data: " not in got:  # headers, then the first token's event

@@ -94,7 +94,7 @@ def _post(server, body, path="/v1/completions"):
 def _head(n: int, extra: bytes = b"", version: bytes = b"HTTP/1.1", path: bytes = b"/v1/completions") -> bytes:
     # Connection: close, so that these tests read each answer to the connection's end (keep-alive
     # itself: test_serve.py)
-    return (b"POST " + path + b" " + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (b"POST " + path + b" " + version + b"\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             + b"Connection: close\r\n" + extra + f"Content-Length: {n}\r\n\r\n".encode())
 
 
@@ -157,7 +157,7 @@ def test_a_non_streaming_client_that_closes_stops_its_generation(folder, request
     with _connect(srv) as sock:  # pipelined bytes, connection kept open: not a disconnect
         sock.sendall(_request_bytes(_long(max_tokens=30)))
         wait_until(lambda: runner.steps >= 3, "the generation to run")
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # stays unread in the server's socket
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # stays unread in the server's socket
         reply = b""
         try:  # a server closing with those bytes unread may reset, after the answer
             while chunk := sock.recv(65536):
@@ -362,8 +362,9 @@ def test_max_prompt_tokens_refuses_longer_prompts_before_generating(folder, refe
                          (["a", text6, "b"], "prompt 1")):
         for stream in (False, True):  # a stream is refused before it starts
             err = _refused(srv, {"prompt": prompt, "max_tokens": 2, "stream": stream})
-            assert err["message"] == (f"{what} is 6 tokens, over this server's limit of 5 (--max-prompt-tokens 5); "
-                                      "shorten it") and err["param"] == "prompt"
+            size = "over this server's limit of 5 tokens" if isinstance(prompt, str) or isinstance(prompt[1], str) \
+                else "6 tokens, over this server's limit of 5"  # text is tokenized only up to the limit + 1
+            assert err["message"] == f"{what} is {size} (--max-prompt-tokens 5); shorten it" and err["param"] == "prompt"
     assert len(runner.prefills) == 3  # nothing generated for them
 
 
@@ -381,7 +382,7 @@ def test_max_prompt_tokens_counts_the_chat_as_rendered(folder, request):
     err = _refused(_start(runner, request, chat_template=TEMPLATE, max_prompt_tokens=n - 1),
                    {**body, "stream": True}, "/v1/chat/completions")
     assert err["param"] == "messages" and err["message"] == (
-        f"the conversation in the chat template is {n} tokens, over this server's limit of {n - 1} "
+        f"the conversation in the chat template is over this server's limit of {n - 1} tokens "
         f"(--max-prompt-tokens {n - 1}); shorten it")
     assert len(runner.prefills) == 2
 

@@ -139,6 +139,17 @@ def port(text: str) -> int:
     return value
 
 
+def host_list(text: str) -> list[str]:
+    """--allowed-hosts: comma-separated host names or addresses, or * (serve_http.check_allowed_hosts)."""
+    from .errors import ConfigError
+    from .serve_http import check_allowed_hosts
+
+    try:
+        return list(check_allowed_hosts(text.split(",")))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("allowed_hosts", "--allowed-hosts", 1)) from None
+
+
 def _int_list_problem(text: str) -> tuple[list[int], str | None]:
     """(the integers of a comma-separated list, None), or ([], why `text` is not a list of
     integers >= 1, naming the bad value)."""

@@ -159,12 +159,17 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 
-def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
+def chat_ids(tokenizer, messages, template: str | None = None, max_tokens: int | None = None,
+             name: str | None = None) -> list[int]:
     """The token ids of a conversation, ready for the assistant's reply. `template` overrides the
-    tokenizer's own; ConfigError when there is none."""
+    tokenizer's own; ConfigError when there is none. max_tokens: only the first that many ids
+    (the rest of a long conversation is not tokenized: tokenizer.encode_prefix). `name`: how
+    errors name the model (the server's clients are not told its path), else the tokenizer's path."""
+    from .tokenizer import encode_prefix
+
     own = template is None
     template = template if template is not None else getattr(tokenizer, "chat_template", None)
-    where = getattr(tokenizer, "path", None) or "this model"
+    where = name or getattr(tokenizer, "path", None) or "this model"
     sources = f"tokenizer_config.json \"chat_template\", {CHAT_TEMPLATE_FILE}, or a GGUF's {GGUF_CHAT_TEMPLATE_KEY}"
     if not template:
         raise ConfigError(f"{where} has no chat template ({sources}); give one with "
@@ -183,7 +188,7 @@ def chat_ids(tokenizer, messages, template: str | None = None) -> list[int]:
     if not text.strip():  # else it surfaces later as "a prompt is empty", pointing at the prompt
         raise ChatTemplateError(f"the chat template rendered nothing for this conversation ({text!r}); check "
                                 "that it writes `messages` (e.g. {% for m in messages %}...{% endfor %})")
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_prefix(tokenizer, text, max_tokens, add_special_tokens=False)
 
 
 def _token_text(tokenizer, token_id) -> str:

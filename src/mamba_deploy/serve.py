@@ -45,6 +45,7 @@ step, or it is dropped before it starts when it was still waiting.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import numbers
 import select
@@ -59,6 +60,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
+from .serve_http import (CLOSE, DeadlineReader, accept_or_pause, body_length, check_allowed_hosts,
+                         check_host_and_origin, default_allowed_hosts, refuse_busy)
 from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, FIELDS, RequestError, _check_max_tokens,
                             _typed, check_model, error_payload, parse_completion_request, refuse_unknown,
                             refuse_unsupported)
@@ -134,7 +137,8 @@ class CompletionServer(ThreadingHTTPServer):
 
     def __init__(self, addr, runner, model_name: str, max_batch: int, max_tokens_limit: int,
                  quiet: bool, request_timeout: float | None, chat_template: str | None = None,
-                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = None, max_num_seqs: int = 16):
+                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = None, max_num_seqs: int = 16,
+                 max_connections: int = 256, allowed_hosts: tuple[str, ...] = ("*",)):
         from .batching import Scheduler
 
         self.runner = runner
@@ -146,7 +150,9 @@ class CompletionServer(ThreadingHTTPServer):
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_tokens = max_prompt_tokens  # None: no limit
         self.quiet = quiet
-        self.request_timeout = request_timeout
+        self.request_timeout = request_timeout  # seconds a request may take to arrive (serve_http.DeadlineReader)
+        self.max_connections = max_connections  # open connections (one handler thread each); past it: a 503
+        self.allowed_hosts = allowed_hosts  # Host / Origin names answered (serve_http.check_host_and_origin)
         self.closing = threading.Event()
         self.unfinished: list[threading.Thread] = []  # handlers still running after server_close
         self._handlers: dict[threading.Thread, socket.socket] = {}
@@ -186,7 +192,19 @@ class CompletionServer(ThreadingHTTPServer):
         self.scheduler.stop()
         super().shutdown()
 
+    def get_request(self):
+        return accept_or_pause(super().get_request, self.quiet)
+
     def process_request(self, request, client_address):
+        with self._handlers_lock:
+            busy = len(self._handlers) >= self.max_connections
+        if busy:
+            if not self.quiet:
+                print(f"{client_address[0]} - refused: {self.max_connections} connections open (--max-connections)",
+                      file=sys.stderr)
+            refuse_busy(request, self.max_connections)
+            self.shutdown_request(request)
+            return
         # registered before it starts (under the lock server_close snapshots with), so that a
         # thread started just before a shutdown is still joined
         t = threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True)
@@ -233,6 +251,15 @@ class CompletionServer(ThreadingHTTPServer):
     def model_object(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mamba-deploy"}
 
+    def public(self, e: BaseException) -> str:
+        """An error's text for a client: the model's path on this machine named by its served name."""
+        text = str(e)
+        path = getattr(self.runner, "artifact_path", None)
+        if path is not None:
+            for form in sorted({str(path), str(Path(str(path)).resolve())}, key=len, reverse=True):
+                text = text.replace(form, f"the model {self.model_name!r}")
+        return text
+
     def tokenizer_or_none(self):
         try:
             return self.runner.tokenizer
@@ -248,6 +275,21 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.request_timeout  # socket timeout: slow or stalled clients
         super().setup()
+        self.rfile.close()  # socketserver's reader: replaced by one that keeps a whole request's deadline
+        self._reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def version_string(self):  # the Server header: not the Python version too
+        return self.server_version
+
+    def handle_one_request(self):
+        # from the wait for its first line to the end of its body, a request has request_timeout seconds
+        t = self.server.request_timeout
+        self._reader.deadline = None if t is None else time.monotonic() + t
+        super().handle_one_request()
+
+    def _request_in(self):  # the request has arrived: its handling and reply are not under the deadline
+        self._reader.deadline = None
 
     def log_message(self, fmt, *args):
         if not self.server.quiet:
@@ -258,9 +300,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_unread = False  # bytes of this request still on the connection: it cannot carry another
         if not super().parse_request():
             return False
+        try:
+            check_host_and_origin(self.headers, self.server.allowed_hosts, self.request_version)
+            self._length = body_length(self.headers)
+        except RequestError as e:
+            self._body_unread = True  # its bytes cannot be told from the next request's: close
+            self._send(e.status, e.payload(), headers={**JSON_HEADERS, **e.headers})
+            return False
         # a POST without Content-Length may still send a body, ended only by closing (HTTP/1.0)
-        length = self.headers.get("Content-Length", None if self.command == "POST" else "0")
-        self._body_unread = length is None or length.strip() != "0" or "Transfer-Encoding" in self.headers
+        self._body_unread = self._length is None and self.command == "POST" or bool(self._length)
+        if self.command != "POST":
+            self._request_in()
         expect = self.headers.get("Expect")
         if expect is None:
             return True
@@ -278,6 +328,8 @@ class _Handler(BaseHTTPRequestHandler):
     # -- responses
     def _send(self, status: int, payload: dict | None, headers=JSON_HEADERS):
         """payload None: no body and no Content-Length (a 204, which RFC 9110 8.6 forbids one)."""
+        if headers.get("Connection") == "close":
+            self.close_connection = True
         if getattr(self, "_body_unread", False):  # its bytes would be read as the next request (a GET
             headers = {"Connection": "close", **headers}  # with a body, a refused POST): close after this
             self.close_connection = True
@@ -316,9 +368,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client went away (or stalled); nothing more to send
             self.log_message("connection lost or timed out (%s): response abandoned", type(e).__name__)
         except Exception as e:  # noqa: BLE001 -- never a traceback to the client
-            traceback.print_exc(file=sys.stderr)
             try:
-                self._send(500, error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
+                self._send(500, internal_error(e))
             except OSError:
                 pass
 
@@ -395,11 +446,11 @@ class _Handler(BaseHTTPRequestHandler):
                 _ = s.runner.tokenizer  # loads it; a missing one is the client's 400, before generating
             except MambaDeployError as e:
                 what = "text prompts" if as_text else "`stop` strings"
-                raise RequestError(f"{what} need a tokenizer: {e}", param=None if as_text else "stop") from e
-        self._check_prompt_lengths(prompts, as_text, chat)
+                raise RequestError(f"{what} need a tokenizer: {s.public(e)}", param=None if as_text else "stop") from e
+        prompts = self._prompt_ids(prompts, as_text, chat)  # text is tokenized here, once
         if kw.pop("ignore_eos"):
             kw["stop_token_ids"] = kw["stop_token_ids"] or []
-        elif chat or kw["stop_token_ids"] is not None:
+        elif chat or as_text or kw["stop_token_ids"] is not None:  # text's default: its tokenizer's end ids
             from .generation import stops_with_eos
 
             kw["stop_token_ids"] = stops_with_eos(s.runner.tokenizer if as_text or chat else None,
@@ -409,21 +460,25 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._complete(prompts, as_text, kw, chat)
 
-    def _check_prompt_lengths(self, prompts, as_text: bool, chat: bool) -> None:
-        """--max-prompt-tokens: each prompt (text as the tokenizer encodes it for generate, chat as
-        the rendered template) at most that long, else a 400 before anything is generated or sent."""
+    def _prompt_ids(self, prompts, as_text: bool, chat: bool) -> list[list[int]]:
+        """The prompts as token ids (text as generate encodes it), each at most --max-prompt-tokens
+        long (chat: the rendered template, tokenized by _chat_body), else a 400 before anything
+        is generated or sent. Past the limit only a prefix is tokenized (encode_prefix): a
+        multi-megabyte text held the interpreter for seconds, every other request waiting."""
+        from .tokenizer import encode_prefix
+
         limit = self.server.max_prompt_tokens
-        if limit is None:
-            return
         tok = self.server.runner.tokenizer if as_text else None  # loaded by _post's check
-        for i, p in enumerate(prompts):
-            n = len(tok.encode(p)) if as_text else len(p)
-            if n > limit:
+        ids = [encode_prefix(tok, p, None if limit is None else limit + 1) if as_text else p for p in prompts]
+        for i, p in enumerate(ids):
+            if limit is not None and len(p) > limit:  # text and chat: tokenized only up to limit + 1 tokens
                 what = ("the conversation in the chat template" if chat
                         else f"prompt {i}" if len(prompts) > 1 else "the prompt")
-                raise RequestError(f"{what} is {n} tokens, over this server's limit of {limit} "
-                                   f"(--max-prompt-tokens {limit}); shorten it", param="messages" if chat else "prompt",
-                                   code="context_length_exceeded")
+                size = f"over this server's limit of {limit} tokens" if as_text or chat else \
+                    f"{len(p)} tokens, over this server's limit of {limit}"
+                raise RequestError(f"{what} is {size} (--max-prompt-tokens {limit}); shorten it",
+                                   param="messages" if chat else "prompt", code="context_length_exceeded")
+        return ids
 
     def _chat_body(self, body) -> dict:
         """A chat request as a completion request of one token-id prompt: the conversation in the
@@ -448,11 +503,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             tok = self.server.runner.tokenizer
         except MambaDeployError as e:
-            raise RequestError(f"chat needs a tokenizer: {e}", param="messages") from e
+            raise RequestError(f"chat needs a tokenizer: {self.server.public(e)}", param="messages") from e
         try:
-            ids = chat_ids(tok, body.get("messages"), self.server.chat_template)
+            limit = self.server.max_prompt_tokens  # past it, the rest is not tokenized (_prompt_ids refuses it)
+            ids = chat_ids(tok, body.get("messages"), self.server.chat_template,
+                           None if limit is None else limit + 1, name=self.server.model_name)
         except ConfigError as e:  # no template, or the template refused the conversation
-            raise RequestError(str(e), param="messages") from e
+            raise RequestError(self.server.public(e), param="messages") from e
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]
@@ -465,25 +522,22 @@ class _Handler(BaseHTTPRequestHandler):
         return {**rest, "prompt": ids}
 
     def _read_json(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
-                                   "length_required")
+        n = self._length  # checked by parse_request (serve_http.body_length)
+        if n is None:
             raise RequestError("the request needs a JSON body with a Content-Length header", 411, "length_required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(f"bad Content-Length {length!r}") from None
-        if n < 0:  # not "over the limit" (a 413)
-            raise RequestError(f"bad Content-Length {length!r}: a body length is >= 0")
         if n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
                                "request_too_large")
         if self._continue and n:  # the client waits for this before sending its body
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._continue = False
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.server.request_timeout:g} s "
+                               "(the server's --request-timeout)", 408, "request_timeout", headers=CLOSE) from None
+        finally:
+            self._request_in()
         if len(raw) < n:  # the client closed its sending side early: nothing more can come
             self.close_connection = True
             raise RequestError(f"the request body ended after {len(raw)} of its {n} bytes (Content-Length)")
@@ -528,15 +582,15 @@ class _Handler(BaseHTTPRequestHandler):
         except SchedulerClosed:
             raise ShuttingDown from None
         except (MambaDeployError, ValueError) as e:
-            raise RequestError(str(e)) from e
+            raise RequestError(self.server.public(e)) from e
 
     def _complete(self, prompts, as_text, kw, chat=False):
         from .generation import completion_texts
 
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         res = self._generate(prompts, kw)
-        tok = None if as_text else self.server.tokenizer_or_none()
-        # token-id prompts without stop strings are decoded here, after each prompt's last tokens
+        tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
+        # prompts (text too, tokenized by _post) without stop strings are decoded here, after their last tokens
         texts = [""] * len(res.tokens) if tok is None and res.texts is None else completion_texts(tok, res)
         if chat:
             choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "token_ids": res.tokens[0],
@@ -590,14 +644,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
             raise  # the client is gone: nothing to tell it (_guarded logs one line)
         except Exception as e:  # noqa: BLE001
-            traceback.print_exc(file=sys.stderr)
-            event(error_payload(f"internal error: {type(e).__name__}: {e}", "server_error"))
+            event(internal_error(e))
             return
         for i, d in enumerate(detoks):
             event(chunk(i, d.finish(), [], res.stop_reasons[i]))
         if include_usage:
             event({**base, "choices": [], "usage": _usage(res)})
         event(b"[DONE]")
+
+
+def internal_error(e: BaseException) -> dict:
+    """A bug's 500 body: the exception's type and an id to find its traceback (printed here) in
+    the server's log; its text stays there, as it may hold the server's paths."""
+    ref = uuid.uuid4().hex[:12]
+    print(f"internal error {ref}:", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    return error_payload(f"internal error ({type(e).__name__}); the server's log has its details under id {ref}",
+                         "server_error")
 
 
 def _reject_constant(name):
@@ -614,7 +677,8 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
                 model_name: str | None = None, max_tokens_limit: int = 4096, quiet: bool = False,
                 request_timeout: float | None = 60.0, chat_template: str | None = None,
                 max_prompt_tokens: int | None = None, prefill_chunk: int | None = 1024,
-                max_num_seqs: int = 16) -> CompletionServer:
+                max_num_seqs: int = 16, max_connections: int = 256,
+                allowed_hosts=None) -> CompletionServer:
     """A bound (not yet serving) server; call `serve_forever()`, then `shutdown()` (from another
     thread) and `server_close()` (which waits for running requests; see CompletionServer).
     port 0 picks a free port: read it from `server.server_address[1]` or `server.url`.
@@ -624,7 +688,13 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     prefill_chunk: prompts are fed this many positions at a time (None: in one piece); between
     pieces the running requests decode a token, and a request whose client left stops.
     max_num_seqs: the most rows (prompts of all running requests) decoded together; a request
-    waits until its rows fit (one with more rows than that runs alone); 1: one request at a time."""
+    waits until its rows fit (one with more rows than that runs alone); 1: one request at a time.
+    request_timeout: seconds a request may take to arrive, from the wait for its first line to the
+    end of its body (a 408 or a closed connection past it), and the longest a reply's write or a
+    keep-alive connection's idle wait lasts (None: no limit).
+    max_connections: open connections (one thread each); one more gets a 503 and is closed.
+    allowed_hosts: the names a request's Host header (and a browser's Origin) may carry; default:
+    the loopback names for a loopback `host`, else any ("*"); see serve_http.py."""
     from .chat import check_template
     from .runners.base import require_runner
 
@@ -636,7 +706,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     if chat_template is not None:
         check_template(chat_template)
     limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1),
-              ("max_num_seqs", max_num_seqs, 1)]
+              ("max_num_seqs", max_num_seqs, 1), ("max_connections", max_connections, 1)]
     limits += [(name, v, 1) for name, v in (("max_prompt_tokens", max_prompt_tokens), ("prefill_chunk", prefill_chunk))
                if v is not None]
     for name, v, low in limits:
@@ -648,11 +718,14 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     t = request_timeout
     if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Real) or not t > 0):
         raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {t!r}")
+    if isinstance(allowed_hosts, str) or (allowed_hosts is not None and not hasattr(allowed_hosts, "__iter__")):
+        raise ConfigError(f"allowed_hosts must be a list of host names (or None: the default), got {allowed_hosts!r:.80}")
+    hosts = default_allowed_hosts(host) if allowed_hosts is None else check_allowed_hosts(list(allowed_hosts))
     if model_name is None:
         model_name = default_model_name(runner)
     try:
         return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                                chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs)
+                                chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs, max_connections, hosts)
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
         raise _bind_error(host, port, e) from None
 
@@ -717,7 +790,8 @@ def cmd_serve(args):
                              model_name=args.model_name or default_model_name(runner, args.model),
                              max_tokens_limit=args.max_tokens_limit, quiet=args.quiet, chat_template=template,
                              max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
-                             max_num_seqs=args.max_num_seqs)
+                             max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
+                             max_connections=args.max_connections, allowed_hosts=args.allowed_hosts)
     except ConfigError:  # the port was taken since _check_can_listen
         runner.close()
         raise
@@ -764,7 +838,7 @@ def cmd_serve(args):
 
 
 def register(subparsers) -> None:
-    from .argtypes import backend_choice, port, positive_int
+    from .argtypes import backend_choice, host_list, port, positive_float, positive_int
     from .cli import DEVICE_HELP, add_state_dtype, add_threads, add_tokenizer
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /health)")
@@ -790,6 +864,15 @@ def register(subparsers) -> None:
     s.add_argument("--prefill-chunk", type=positive_int, default=1024, metavar="N",
                    help="feed prompts N tokens at a time; between pieces the running requests decode a token, "
                         "a request whose client disconnected stops, and memory stays bounded (default 1024)")
+    s.add_argument("--request-timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                   help="time a request may take to arrive (its line, headers and body; slower clients get a 408 "
+                        "or are disconnected), and the longest a keep-alive connection idles (default 60)")
+    s.add_argument("--max-connections", type=positive_int, default=256, metavar="N",
+                   help="open connections at most (each has a thread); more get a 503 at once (default 256)")
+    s.add_argument("--allowed-hosts", type=host_list, default=None, metavar="NAME,...",
+                   help="names clients may reach this server by (the Host header; a browser page's Origin must "
+                        "be one too); default: localhost, 127.0.0.1, ::1 when --host is a loopback address "
+                        "(a web page cannot use the server through DNS rebinding), else any; * = any")
     s.add_argument("--model-name", default=None,
                    help="name reported as `model` (default: the folder name, or a .gguf file's name)")
     s.add_argument("--chat-template", default=None, metavar="FILE",

@@ -50,20 +50,21 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 PREFIX_MARGIN = 512  # tokens past the limit a prefix must reach: only the last words of a cut text tokenize differently
 
 
-def encode_prefix(tok, text: str, max_tokens: int | None) -> list[int]:
+def encode_prefix(tok, text: str, max_tokens: int | None, **kw) -> list[int]:
     """tok.encode(text)[:max_tokens] without tokenizing the whole text: a `tokenizers` encoding
     holds ~500 bytes per token (offsets, token strings), 180 MiB per MB of text, where a limit
     asks for a few thousand tokens. Prefixes of doubling length are encoded until one reaches
-    PREFIX_MARGIN tokens past the limit: a cut only changes the tokens of the words at its end."""
+    PREFIX_MARGIN tokens past the limit: a cut only changes the tokens of the words at its end.
+    `kw` goes to tok.encode (add_special_tokens=False)."""
     if max_tokens is None:
-        return tok.encode(text)
+        return tok.encode(text, **kw)
     n = max(4096, 8 * (max_tokens + PREFIX_MARGIN))  # characters; most tokens cover 2-6 of them
     while n < len(text):
-        ids = tok.encode(text[:n])
+        ids = tok.encode(text[:n], **kw)
         if len(ids) >= max_tokens + PREFIX_MARGIN:
             return ids[:max_tokens]
         n *= 2
-    return tok.encode(text)[:max_tokens]
+    return tok.encode(text, **kw)[:max_tokens]
 
 
 class Tokenizer:
@@ -296,7 +297,7 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
 
     path = folder / "tokenizer.json"
     try:
-        tok = HFTok.from_file(str(path))
+        tok = HFTok.from_buffer(path.read_bytes())  # from_file takes UTF-8 text only: not every file name is
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
         raise _corrupt(path, e) from e
     tcfg = read_tokenizer_config(folder)

@@ -1,0 +1,184 @@
+"""The HTTP guards of `mamba-deploy serve` (serve.py), below the OpenAI schema: how long a client
+may take to send a request, how its body's length is framed, which Host / Origin it may name,
+and how many connections are open at once. Standard library only, as serve.py.
+
+Why each exists:
+- a reading deadline: a socket timeout alone restarts with every byte, so a client sending one
+  byte a minute held a handler thread (and its connection) for good;
+- one framing: Content-Length and Transfer-Encoding together, two different Content-Lengths, or a
+  length such as "+51" let a proxy and this server split a connection's bytes into requests
+  differently (request smuggling); RFC 9112 6.3 says refuse and close;
+- Host / Origin: a web page the user visits can POST to a server on 127.0.0.1 (an Origin the
+  server does not serve), or resolve its own name to 127.0.0.1 and read the answers (DNS
+  rebinding: the Host header still names the page's site);
+- a connection cap: each connection is a thread; past the cap a client gets a 503 at once, and
+  a process out of descriptors (EMFILE) waits instead of spinning on its listening socket."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import ipaddress
+import socket
+import sys
+import time
+from urllib.parse import urlsplit
+
+from .serve_request import RequestError, error_payload
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+ANY_HOST = "*"
+ACCEPT_PAUSE_S = 0.1  # after an accept that failed for lack of descriptors or memory
+_ACCEPT_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+CLOSE = {"Connection": "close"}  # sent with a refusal after which the connection's bytes cannot be trusted
+BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+              b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s")
+
+
+# ----------------------------------------------------------------------------- reading deadline
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's reading side that refuses to wait past `deadline` (time.monotonic(), or None:
+    each recv waits up to `idle` seconds, as a plain socket timeout). The handler sets the
+    deadline when it starts waiting for a request and clears it once the body is in; every
+    recv's timeout is the time left, so a trickle of bytes cannot stretch it."""
+
+    def __init__(self, sock: socket.socket, idle: float | None):
+        super().__init__()
+        self.sock, self.idle = sock, idle
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took longer than the server's --request-timeout to arrive")
+            self.sock.settimeout(left if self.idle is None else min(left, self.idle))
+        try:
+            return self.sock.recv_into(b)
+        finally:
+            if self.deadline is not None:  # replies are written with the plain timeout
+                self.sock.settimeout(self.idle)
+
+
+# ----------------------------------------------------------------------------- framing
+
+def body_length(headers) -> int | None:
+    """The request body's length from its headers: None when it sends no Content-Length;
+    a RequestError (which closes the connection) for a framing this server does not take."""
+    te = headers.get_all("Transfer-Encoding") or []
+    if te:
+        codings = ", ".join(te)
+        if "chunked" in codings.lower():
+            raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
+                               "length_required", headers=CLOSE)
+        raise RequestError(f"Transfer-Encoding {codings[:80]!r} is not supported; send the body with a "
+                           "Content-Length", 501, "not_implemented", headers=CLOSE)
+    values = [v.strip() for v in headers.get_all("Content-Length") or []]
+    if not values:
+        return None
+    for v in values:  # RFC 9110 8.6: 1*DIGIT; int() would also take "+51", " 5_1", full-width digits
+        if not (v.isascii() and v.isdigit()):
+            raise RequestError(f"bad Content-Length {v[:40]!r}: a body length is digits only", headers=CLOSE)
+    if len(set(int(v) for v in values)) > 1:
+        raise RequestError(f"{len(values)} different Content-Length headers ({', '.join(values)[:80]}); "
+                           "send one", headers=CLOSE)
+    return int(values[0])
+
+
+# ----------------------------------------------------------------------------- Host and Origin
+
+def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:
+    """Names a request's Host may carry by default: a server bound to a loopback address is meant
+    for this machine's programs, which name it by a loopback name; one bound elsewhere takes any
+    (its names are the network's: --allowed-hosts lists them)."""
+    return LOOPBACK_NAMES + ((bind_host,) if bind_host not in LOOPBACK_NAMES else ()) if is_loopback(bind_host) \
+        else (ANY_HOST,)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_allowed_hosts(hosts) -> tuple[str, ...]:
+    """--allowed-hosts' names, lower-cased; `*` alone takes any."""
+    from .errors import ConfigError
+
+    names = tuple(h.strip().lower().strip("[]") for h in hosts)
+    if not names or any(not h or any(c in h for c in "/ @") for h in names):
+        raise ConfigError(f"allowed_hosts must be host names or addresses without scheme or port (\"localhost\", "
+                          f"\"10.0.0.5\", \"models.example.com\") or \"*\" for any, got {list(hosts)!r:.120}")
+    if ANY_HOST in names and len(names) > 1:
+        raise ConfigError(f"allowed_hosts {list(hosts)!r:.120}: \"*\" takes any host; give it alone")
+    return names
+
+
+def _hostname(authority: str) -> str:
+    """"Name:8000" / "[::1]:8000" -> "name" / "::1"."""
+    try:
+        return (urlsplit("//" + authority).hostname or "").lower()
+    except ValueError:  # a bad port or bracket
+        return ""
+
+
+def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: str) -> None:
+    """A 403 for a Host this server does not answer to, or a browser's cross-origin request
+    (an Origin whose host is neither the request's Host nor an allowed name)."""
+    host_header = headers.get("Host")
+    if host_header is None:
+        if request_version >= "HTTP/1.1":  # RFC 9112 3.2: a 1.1 request without Host is a 400
+            raise RequestError("an HTTP/1.1 request needs a Host header", headers=CLOSE)
+        host = ""
+    else:
+        host = _hostname(host_header.strip())
+        if ANY_HOST not in allowed and host not in allowed:
+            raise RequestError(f"Host {host_header[:80]!r} is not a name this server answers to ({', '.join(allowed)}); "
+                               "start it with --allowed-hosts NAME (the name clients use) to take it", 403,
+                               "forbidden", headers=CLOSE)
+    origin = headers.get("Origin")
+    if origin is None:  # not a browser's request (or a same-origin GET)
+        return
+    o = _hostname(origin.strip().split("://", 1)[-1])
+    if o and (o == host or (ANY_HOST not in allowed and o in allowed)):
+        return
+    raise RequestError(f"requests from a web page of another origin ({origin[:80]!r}) are refused, so that sites a "
+                       "browser visits cannot use this server; send requests from a program (no Origin header), "
+                       "or list that page's host in --allowed-hosts", 403, "forbidden", headers=CLOSE)
+
+
+# ----------------------------------------------------------------------------- connections
+
+def accept_or_pause(accept, quiet: bool):
+    """socket.accept(); when the process is out of descriptors (or the kernel of buffers), waits
+    ACCEPT_PAUSE_S before the error goes on to socketserver, which drops it: the waiting
+    connection stays readable, and without the pause the accept loop spun at full speed."""
+    try:
+        return accept()
+    except OSError as e:
+        if e.errno in _ACCEPT_SHORTAGE:
+            if not quiet:
+                print(f"cannot accept a connection ({e.strerror}); retrying in {ACCEPT_PAUSE_S:g} s "
+                      "(lower --max-connections, or raise the open-file limit: ulimit -n)", file=sys.stderr)
+            time.sleep(ACCEPT_PAUSE_S)
+        raise
+
+
+def refuse_busy(sock: socket.socket, limit: int) -> None:
+    """The 503 a connection over --max-connections gets, written without a thread (a new
+    socket's send buffer takes it at once; a client that does not read loses it)."""
+    body = json.dumps(error_payload(f"the server has {limit} open connections, its --max-connections; retry "
+                                    "shortly", "server_error")).encode()
+    try:
+        sock.setblocking(False)
+        sock.send(BUSY_REPLY % (len(body), body))
+    except OSError:
+        pass

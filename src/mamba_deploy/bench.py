@@ -420,7 +420,7 @@ def cmd_bench(args):
 
 
 def register(subparsers) -> None:
-    from .cli import add_state_dtype, add_tensor_parallel, add_threads
+    from .cli import DTYPES, add_state_dtype, add_tensor_parallel, add_threads
 
     s = subparsers.add_parser("bench", help="latency / throughput / peak memory of one or more backends")
     s.add_argument("models", nargs="+", metavar="MODEL_OR_ARTIFACT",
@@ -439,7 +439,7 @@ def register(subparsers) -> None:
                    help="timed runs per batch and prompt length; the medians and p95 are over these")
     s.add_argument("--seed", type=seed, default=0, help="seed of the random prompt token ids")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
     add_tensor_parallel(s, "bench")

@@ -69,7 +69,7 @@ def _register_unavailable(sub, verb: str, message: str) -> None:
 
 
 DTYPES = DTYPE_NAMES
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_DTYPES = DTYPE_NAMES  # every verb takes the same spellings (fp32 / float32, bf16 / bfloat16, fp16 / float16)
 
 
 def add_state_dtype(parser) -> None:

@@ -839,7 +839,7 @@ def cmd_serve(args):
 
 def register(subparsers) -> None:
     from .argtypes import backend_choice, host_list, port, positive_float, positive_int
-    from .cli import DEVICE_HELP, add_state_dtype, add_threads, add_tokenizer
+    from .cli import DEVICE_HELP, DTYPES, add_state_dtype, add_threads, add_tokenizer
 
     s = subparsers.add_parser("serve", help="OpenAI-style HTTP server (/v1/completions, /v1/chat/completions, /health)")
     s.add_argument("model", help="checkpoint folder, hub id, ONNX folder or .gguf file")
@@ -878,7 +878,7 @@ def register(subparsers) -> None:
     s.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template for /v1/chat/completions instead of the model's own")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype for the torch backend")
+    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")

@@ -1,0 +1,25 @@
+"""The thirty-eighth session's CLI consistency fixes: every verb that takes --dtype /
+--state-dtype takes the same spellings (fp32 / float32, bf16 / bfloat16, fp16 / float16); serve
+and bench took only the short ones, --state-dtype only those anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba_deploy.cli import build_parser, runner_options
+
+LONG = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.mark.parametrize("verb", [["serve", "m"], ["bench", "m"], ["generate", "m", "--prompt", "x"],
+                                  ["eval", "m", "--corpus", "stdlib-val"]])
+@pytest.mark.parametrize("name", sorted(LONG))
+def test_every_verb_takes_the_long_dtype_spellings(verb, name):
+    args = build_parser().parse_args(verb + ["--dtype", name, "--state-dtype", name])
+    if verb[0] == "bench":  # bench opens each artifact itself; the parse is what differed
+        assert args.dtype == name and args.state_dtype == name
+        return
+    args.backend = "torch"
+    opts = runner_options(args)
+    assert opts["dtype"] == LONG[name] and opts["state_dtype"] == LONG[name]

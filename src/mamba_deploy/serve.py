@@ -60,7 +60,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_http import (CLOSE, DeadlineReader, accept_or_pause, body_length, check_allowed_hosts,
+from .serve_http import (CLOSE, AcceptPause, DeadlineReader, body_length, check_allowed_hosts,
                          check_host_and_origin, default_allowed_hosts, refuse_busy)
 from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, FIELDS, RequestError, _check_max_tokens,
                             _typed, check_model, error_payload, parse_completion_request, refuse_unknown,
@@ -153,6 +153,7 @@ class CompletionServer(ThreadingHTTPServer):
         self.request_timeout = request_timeout  # seconds a request may take to arrive (serve_http.DeadlineReader)
         self.max_connections = max_connections  # open connections (one handler thread each); past it: a 503
         self.allowed_hosts = allowed_hosts  # Host / Origin names answered (serve_http.check_host_and_origin)
+        self._accept = AcceptPause(quiet)
         self.closing = threading.Event()
         self.unfinished: list[threading.Thread] = []  # handlers still running after server_close
         self._handlers: dict[threading.Thread, socket.socket] = {}
@@ -193,7 +194,7 @@ class CompletionServer(ThreadingHTTPServer):
         super().shutdown()
 
     def get_request(self):
-        return accept_or_pause(super().get_request, self.quiet)
+        return self._accept(super().get_request)
 
     def process_request(self, request, client_address):
         with self._handlers_lock:
@@ -720,14 +721,18 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         raise ConfigError(f"request_timeout must be a number of seconds > 0 (or None: no limit), got {t!r}")
     if isinstance(allowed_hosts, str) or (allowed_hosts is not None and not hasattr(allowed_hosts, "__iter__")):
         raise ConfigError(f"allowed_hosts must be a list of host names (or None: the default), got {allowed_hosts!r:.80}")
-    hosts = default_allowed_hosts(host) if allowed_hosts is None else check_allowed_hosts(list(allowed_hosts))
+    hosts = None if allowed_hosts is None else check_allowed_hosts(list(allowed_hosts))
     if model_name is None:
         model_name = default_model_name(runner)
     try:
-        return CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet, request_timeout,
-                                chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs, max_connections, hosts)
+        server = CompletionServer((host, port), runner, model_name, max_batch, max_tokens_limit, quiet,
+                                  request_timeout, chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs,
+                                  max_connections, hosts or ())
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
         raise _bind_error(host, port, e) from None
+    if hosts is None:  # from the address bound: "127.1" and "LOCALHOST" are loopback too
+        server.allowed_hosts = default_allowed_hosts(server.server_address[0], host)
+    return server
 
 
 def default_model_name(runner, model=None) -> str:

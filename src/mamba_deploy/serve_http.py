@@ -30,6 +30,8 @@ from .serve_request import RequestError, error_payload
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
 ACCEPT_PAUSE_S = 0.1  # after an accept that failed for lack of descriptors or memory
+ACCEPT_WARN_EVERY_S = 10.0  # one log line per this long while accepts keep failing
+MAX_LENGTH_DIGITS = 18  # a Content-Length this long is past any body limit (and int() refuses 4300+ digits)
 _ACCEPT_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CLOSE = {"Connection": "close"}  # sent with a refusal after which the connection's bytes cannot be trusted
 BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -84,6 +86,9 @@ def body_length(headers) -> int | None:
     for v in values:  # RFC 9110 8.6: 1*DIGIT; int() would also take "+51", " 5_1", full-width digits
         if not (v.isascii() and v.isdigit()):
             raise RequestError(f"bad Content-Length {v[:40]!r}: a body length is digits only", headers=CLOSE)
+        if len(v.lstrip("0")) > MAX_LENGTH_DIGITS:
+            raise RequestError(f"a request body of {len(v.lstrip('0'))} digits of bytes is over this server's body limit",
+                               413, "request_too_large", headers=CLOSE)
     if len(set(int(v) for v in values)) > 1:
         raise RequestError(f"{len(values)} different Content-Length headers ({', '.join(values)[:80]}); "
                            "send one", headers=CLOSE)
@@ -92,12 +97,15 @@ def body_length(headers) -> int | None:
 
 # ----------------------------------------------------------------------------- Host and Origin
 
-def default_allowed_hosts(bind_host: str) -> tuple[str, ...]:
-    """Names a request's Host may carry by default: a server bound to a loopback address is meant
-    for this machine's programs, which name it by a loopback name; one bound elsewhere takes any
-    (its names are the network's: --allowed-hosts lists them)."""
-    return LOOPBACK_NAMES + ((bind_host,) if bind_host not in LOOPBACK_NAMES else ()) if is_loopback(bind_host) \
-        else (ANY_HOST,)
+def default_allowed_hosts(bound: str, given: str) -> tuple[str, ...]:
+    """Names a request's Host may carry by default: a server bound to a loopback address (`bound`,
+    the address the socket has: "127.1" and "LOCALHOST" are 127.0.0.1 too) is meant for this
+    machine's programs, which name it by a loopback name or as `given` (--host); one bound
+    elsewhere takes any (its names are the network's: --allowed-hosts lists them)."""
+    if not is_loopback(bound):
+        return (ANY_HOST,)
+    extra = tuple(dict.fromkeys(h for h in (given.lower().strip("[]"), bound) if h not in LOOPBACK_NAMES))
+    return LOOPBACK_NAMES + extra
 
 
 def is_loopback(host: str) -> bool:
@@ -113,19 +121,28 @@ def check_allowed_hosts(hosts) -> tuple[str, ...]:
     """--allowed-hosts' names, lower-cased; `*` alone takes any."""
     from .errors import ConfigError
 
-    names = tuple(h.strip().lower().strip("[]") for h in hosts)
-    if not names or any(not h or any(c in h for c in "/ @") for h in names):
+    names = tuple(h.strip().lower().rstrip(".") for h in hosts)
+    names = tuple(h[1:-1] if h.startswith("[") and h.endswith("]") else h for h in names)  # [::1] -> ::1
+    if not names or any(not h or any(c in h for c in "/ @[]") or (":" in h and not _is_ip(h)) for h in names):
         raise ConfigError(f"allowed_hosts must be host names or addresses without scheme or port (\"localhost\", "
-                          f"\"10.0.0.5\", \"models.example.com\") or \"*\" for any, got {list(hosts)!r:.120}")
+                          f"\"10.0.0.5\", \"::1\", \"models.example.com\") or \"*\" for any, got {list(hosts)!r:.120}")
     if ANY_HOST in names and len(names) > 1:
         raise ConfigError(f"allowed_hosts {list(hosts)!r:.120}: \"*\" takes any host; give it alone")
     return names
 
 
-def _hostname(authority: str) -> str:
-    """"Name:8000" / "[::1]:8000" -> "name" / "::1"."""
+def _is_ip(text: str) -> bool:
     try:
-        return (urlsplit("//" + authority).hostname or "").lower()
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _hostname(authority: str) -> str:
+    """"Name.:8000" / "[::1]:8000" -> "name" / "::1" (a trailing dot is the same DNS name)."""
+    try:
+        return (urlsplit("//" + authority).hostname or "").lower().rstrip(".")
     except ValueError:  # a bad port or bracket
         return ""
 
@@ -134,6 +151,8 @@ def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: st
     """A 403 for a Host this server does not answer to, or a browser's cross-origin request
     (an Origin whose host is neither the request's Host nor an allowed name)."""
     host_header = headers.get("Host")
+    if len(headers.get_all("Host") or []) > 1:  # RFC 9112 3.2: which one is meant is anyone's guess
+        raise RequestError("a request has one Host header; this one has several", headers=CLOSE)
     if host_header is None:
         if request_version >= "HTTP/1.1":  # RFC 9112 3.2: a 1.1 request without Host is a 400
             raise RequestError("an HTTP/1.1 request needs a Host header", headers=CLOSE)
@@ -145,10 +164,10 @@ def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: st
                                "start it with --allowed-hosts NAME (the name clients use) to take it", 403,
                                "forbidden", headers=CLOSE)
     origin = headers.get("Origin")
-    if origin is None:  # not a browser's request (or a same-origin GET)
+    if origin is None or ANY_HOST in allowed:  # not a browser's request; or any name is this server's
         return
     o = _hostname(origin.strip().split("://", 1)[-1])
-    if o and (o == host or (ANY_HOST not in allowed and o in allowed)):
+    if o and (o == host or o in allowed):
         return
     raise RequestError(f"requests from a web page of another origin ({origin[:80]!r}) are refused, so that sites a "
                        "browser visits cannot use this server; send requests from a program (no Origin header), "
@@ -157,24 +176,34 @@ def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: st
 
 # ----------------------------------------------------------------------------- connections
 
-def accept_or_pause(accept, quiet: bool):
-    """socket.accept(); when the process is out of descriptors (or the kernel of buffers), waits
-    ACCEPT_PAUSE_S before the error goes on to socketserver, which drops it: the waiting
-    connection stays readable, and without the pause the accept loop spun at full speed."""
-    try:
-        return accept()
-    except OSError as e:
-        if e.errno in _ACCEPT_SHORTAGE:
-            if not quiet:
-                print(f"cannot accept a connection ({e.strerror}); retrying in {ACCEPT_PAUSE_S:g} s "
+class AcceptPause:
+    """Wraps socket.accept: when the process is out of descriptors (or the kernel of buffers), it
+    waits ACCEPT_PAUSE_S before the error goes on to socketserver, which drops it: the waiting
+    connection stays readable, and without the pause the accept loop spun at full speed. One
+    log line per ACCEPT_WARN_EVERY_S while it lasts."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.warned_at = quiet, None
+
+    def __call__(self, accept):
+        try:
+            return accept()
+        except OSError as e:
+            if e.errno not in _ACCEPT_SHORTAGE:
+                raise
+            now = time.monotonic()
+            if not self.quiet and (self.warned_at is None or now - self.warned_at >= ACCEPT_WARN_EVERY_S):
+                self.warned_at = now
+                print(f"cannot accept connections ({e.strerror}); retrying every {ACCEPT_PAUSE_S:g} s "
                       "(lower --max-connections, or raise the open-file limit: ulimit -n)", file=sys.stderr)
             time.sleep(ACCEPT_PAUSE_S)
-        raise
+            raise
 
 
 def refuse_busy(sock: socket.socket, limit: int) -> None:
     """The 503 a connection over --max-connections gets, written without a thread (a new
-    socket's send buffer takes it at once; a client that does not read loses it)."""
+    socket's send buffer takes it at once). A client still sending a large body when the
+    connection closes may see a reset instead (its unread bytes make the close a RST)."""
     body = json.dumps(error_payload(f"the server has {limit} open connections, its --max-connections; retry "
                                     "shortly", "server_error")).encode()
     try:

@@ -1,7 +1,9 @@
 """One `MambaConfig` for Mamba1, Mamba2 and their variants, read from every config dialect.
 
 Dialects:
-- HF `config.json` (model_type mamba | falcon_mamba | mamba2), as transformers writes it;
+- HF `config.json` (model_type mamba | falcon_mamba | mamba2), as transformers writes it, or as
+  `mamba-deploy quantize` writes it (model_type QUANTIZED_MODEL_TYPE, the model's own under
+  QUANTIZED_TYPE_KEY: `mark_quantized` / `unmark_quantized`);
 - original `mamba_ssm` `config.json` (d_model, n_layer, ssm_cfg{layer, ...});
 - mistral_inference `params.json` (dim, n_layers, n_groups, model_type "mamba"): Mamba-Codestral,
   a mamba_ssm Mamba2 under other names, every other setting at mamba_ssm's Mamba2 defaults;
@@ -33,6 +35,20 @@ HF_ARCHITECTURES = {
     "FalconMambaForCausalLM": "falcon_mamba",
     "Mamba2ForCausalLM": "mamba2",
 }
+# config.json of this toolkit's quantized checkpoints (quant.save_quantized): a model_type and an
+# architecture no other loader knows, so that transformers' from_pretrained (and llama.cpp's
+# converter) refuse the folder naming it, where the model's own model_type made transformers build
+# the float model with random weights in place of the packed ones (a warning only). The model's
+# own model_type is kept under QUANTIZED_TYPE_KEY; folders written before this (the model's own
+# model_type beside quantization_config) still load.
+QUANTIZED_MODEL_TYPE = "mamba_deploy_quantized"
+QUANTIZED_ARCHITECTURE = "MambaDeployQuantized"
+QUANTIZED_TYPE_KEY = "mamba_deploy_model_type"
+QUANTIZED_NOTE_KEY = "note"
+QUANTIZED_NOTE = ("weights quantized by mamba-deploy in its own packed format, which only mamba-deploy reads "
+                  "(mamba_deploy.load_model(FOLDER), `mamba-deploy generate FOLDER`); transformers and llama.cpp "
+                  "refuse this model_type on purpose (they would fill the model with random weights): give them "
+                  f"the unquantized checkpoint. The model's own model_type is under {QUANTIZED_TYPE_KEY}.")
 MAMBA_SSM_NORM_EPS = 1e-5  # mamba_ssm cannot store another
 SUPPORTED = sorted(set(HF_MODEL_TYPES) | set(HF_ARCHITECTURES)) + ["mamba_ssm ssm_cfg.layer Mamba1|Mamba2",
                                                                   "mistral_inference model_type mamba"]
@@ -191,7 +207,7 @@ class MambaConfig:
 
     @classmethod
     def _read(cls, d: dict, where: str) -> "MambaConfig":
-        d = _decode_json_floats(d, where)
+        d = unmark_quantized(_decode_json_floats(d, where), where)
         model_type = d.get("model_type")
         if model_type is None and isinstance(d.get("architectures"), list):
             for a in d["architectures"]:
@@ -485,6 +501,32 @@ class MambaConfig:
         d = asdict(self)
         d.update(kw)
         return MambaConfig(**d)
+
+
+def mark_quantized(hf: dict) -> dict:
+    """An HF config dict (`to_hf_dict`) as a quantized checkpoint's config.json writes it: the
+    model_type and architectures QUANTIZED_MODEL_TYPE / QUANTIZED_ARCHITECTURE, the model's own
+    model_type under QUANTIZED_TYPE_KEY, and a note saying what the folder is."""
+    head = {"architectures": [QUANTIZED_ARCHITECTURE], "model_type": QUANTIZED_MODEL_TYPE,
+            QUANTIZED_TYPE_KEY: hf["model_type"], QUANTIZED_NOTE_KEY: QUANTIZED_NOTE}
+    return {**head, **{k: v for k, v in hf.items() if k not in head}}
+
+
+def unmark_quantized(d: dict, where: str = "config.json") -> dict:
+    """`d` with a quantized checkpoint's own model_type (and its architecture) back in place of
+    QUANTIZED_MODEL_TYPE (`mark_quantized`); any other config as it is."""
+    if d.get("model_type") != QUANTIZED_MODEL_TYPE:
+        return d
+    own = d.get(QUANTIZED_TYPE_KEY)
+    fix = "re-create the folder with `mamba-deploy quantize`"
+    if not isinstance(own, str) or own not in HF_MODEL_TYPES:
+        raise ConfigError(f"{where}: model_type {QUANTIZED_MODEL_TYPE!r} (a mamba-deploy quantized checkpoint) needs "
+                          f"{QUANTIZED_TYPE_KEY} = one of {', '.join(sorted(HF_MODEL_TYPES))}, got {own!r}; {fix}")
+    if not isinstance(d.get("quantization_config"), dict):
+        raise ConfigError(f"{where}: model_type {QUANTIZED_MODEL_TYPE!r} (a mamba-deploy quantized checkpoint) has no "
+                          f"quantization_config object; {fix}")
+    arch = {v: k for k, v in HF_ARCHITECTURES.items()}[own]
+    return {**d, "model_type": own, "architectures": [arch]}
 
 
 def config_key(cfg: MambaConfig, name: str) -> str:

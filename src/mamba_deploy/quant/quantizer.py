@@ -150,16 +150,19 @@ def _swap_head(model, plan, done):
 
 
 def save_quantized(model, out_dir):
-    """Write config.json (with quantization_config) + model.safetensors (+ tokenizer files);
-    atomically, through checkpoint.write_folder. `load_model(out_dir)` loads it."""
+    """Write config.json (with quantization_config, under config.QUANTIZED_MODEL_TYPE) +
+    model.safetensors (+ tokenizer files); atomically, through checkpoint.write_folder.
+    `load_model(out_dir)` loads it; transformers' from_pretrained refuses it by its model_type."""
     from ..checkpoint import tokenizer_source, write_folder
 
     qc = getattr(model, "quantization_config", None)
     if not qc:
         raise QuantizationError("model is not quantized; call mamba_deploy.quant.quantize(model, method) first")
     from ..checkpoint import SOURCE_WEIGHTS, saved_source_weights
+    from ..config import mark_quantized
 
-    config = model.config.to_hf_dict()
+    # a model_type only this toolkit reads: transformers refuses the folder, not loads random weights
+    config = mark_quantized(model.config.to_hf_dict())
     config["quantization_config"] = qc
     label = saved_source_weights(model)  # quantized from a quantized GGUF: its rounding is in there too
     if label:

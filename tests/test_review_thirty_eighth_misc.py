@@ -23,3 +23,24 @@ def test_every_verb_takes_the_long_dtype_spellings(verb, name):
     args.backend = "torch"
     opts = runner_options(args)
     assert opts["dtype"] == LONG[name] and opts["state_dtype"] == LONG[name]
+
+
+def test_the_readme_runner_example_runs_as_written(tmp_path, monkeypatch):
+    """README's open_runner block, pasted after the export command its first line names: it used
+    names nothing defined and a (b, 1) next_ids that step refuses."""
+    import re
+    from pathlib import Path
+
+    from mamba_deploy.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"```python\n(.*?)```", (repo / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if 'open_runner("out/onnx"' in b)
+    command = re.match(r"# after: mamba-deploy (.*)\n", block).group(1).split()
+    monkeypatch.chdir(tmp_path)
+    command[command.index("models/demo-mamba2")] = str(repo / "models" / "demo-mamba2")
+    assert main(command) == 0
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert tuple(scope["logits"].shape) == (2, scope["r"].vocab_size)
+    assert scope["next_ids"].shape == (2,)

@@ -428,21 +428,21 @@ def register(subparsers) -> None:
     s.add_argument("--backends", action="append", default=None,
                    help="torch,onnx,llama.cpp,... (default: guessed from each path)")
     s.add_argument("--batch", type=positive_int_list, default="1,8",
-                   help="batch sizes, comma-separated integers >= 1; each is run with every --prompt-len")
+                   help="batch sizes, comma-separated integers >= 1; each is run with every --prompt-len (default 1,8)")
     s.add_argument("--prompt-len", type=positive_int_list, default="128,512",
-                   help="prompt lengths in tokens (random token ids), comma-separated integers >= 1")
+                   help="prompt lengths in tokens (random token ids), comma-separated integers >= 1 (default 128,512)")
     s.add_argument("--gen-len", type=nonnegative_int, default=128,
-                   help="greedy decode steps timed after each prefill (0 = prefill only, no decode figures)")
+                   help="greedy decode steps timed after each prefill (0 = prefill only, no decode figures; default 128)")
     s.add_argument("--warmup", type=nonnegative_int, default=1,
-                   help="untimed runs (prefill + decode) before the timed ones, per batch and prompt length")
+                   help="untimed runs (prefill + decode) before the timed ones, per batch and prompt length (default 1)")
     s.add_argument("--repeats", type=positive_int, default=3,
-                   help="timed runs per batch and prompt length; the medians and p95 are over these")
+                   help="timed runs per batch and prompt length; the medians and p95 are over these (default 3)")
     s.add_argument("--seed", type=seed, default=0, help="seed of the random prompt token ids")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
     s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
     add_tensor_parallel(s, "bench")
-    s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots")
+    s.add_argument("--out", default="bench-results", help="folder for results.json, results.md and plots (default bench-results)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)

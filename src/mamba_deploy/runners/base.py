@@ -23,7 +23,7 @@ from ..state import CONSUMED, State, batch_first, check_batch, check_is_state
 
 # copy.copy of a state that holds a backend's buffers shared some of them (ONNX: two branches then
 # overwrote each other's state silently) and deepcopy failed on native handles
-FORK = ("a {name} state cannot be copied with copy.copy / copy.deepcopy (it holds the backend's buffers); "
+FORK = ("{name} cannot be copied with copy.copy / copy.deepcopy (it holds the backend's buffers); "
         "fork it with runner.clone_state(state)")
 
 

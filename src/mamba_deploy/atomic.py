@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,8 +131,64 @@ def prepare_output_file(path, example: str = "model.gguf") -> Path:
     if path.is_dir() or folder_like:
         raise OutputPathError(f"output {path}{os.sep if folder_like else ''} names a folder; give a file name "
                               f"(e.g. {path / example})")
-    _make_parent(path)
+    if write_in_place(path):  # nothing is created beside it: its folder (/dev) need not be writable
+        if not os.access(path, os.W_OK):
+            raise OutputPathError(f"output {path} is not writable; choose another output path")
+        return path
+    _make_parent(link_target(path))  # the folder the file is renamed into, where a link points
     return path
+
+
+# a file descriptor's own name: /proc/self/fd/N (what /dev/stdout links to), /dev/fd/N, /proc/PID/fd/N
+_FD_NAME = re.compile(r"^/(?:proc/(self|thread-self|\d+)|dev)/fd/(\d+)$")
+
+
+def own_descriptor(path) -> int | None:
+    """N when `path`, or a link on the way to its file, names this process's descriptor N
+    (/dev/stdout -> /proc/self/fd/1), else None. Opening that name opens the descriptor's file
+    anew, at offset 0 and truncated (`--json /dev/stdout > log` wiped what the log held), and a
+    rename over it replaces a link or a file that the descriptor never sees: such an output is
+    written through the descriptor itself, after what this process printed."""
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on the links one lookup follows
+        m = _FD_NAME.match(p)
+        if m:
+            mine = m.group(1) in (None, "self", "thread-self") or int(m.group(1)) == os.getpid()
+            return int(m.group(2)) if mine else None
+        try:
+            target = os.readlink(p)
+        except OSError:  # not a link: the end of the chain
+            return None
+        p = os.path.normpath(os.path.join(os.path.dirname(p), target))
+    return None
+
+
+def write_in_place(path: Path) -> bool:
+    """Must `path` be written where it is, with no temporary renamed over it? So for an existing
+    file that is not a regular file (a FIFO, /dev/null, a terminal), which a rename would replace
+    by a regular one, and for this process's descriptors (own_descriptor). Such an output cannot
+    be atomic, and needs not be: nothing reads it back as a file."""
+    try:
+        mode = os.stat(path).st_mode  # through links: what the name opens
+    except OSError:  # absent, or a link to nothing: created by the rename
+        return False
+    return not stat.S_ISREG(mode) or own_descriptor(path) is not None
+
+
+def link_target(path: Path, error_cls=None) -> Path:
+    """Where an output written to `path` lands: a symbolic link's final target (also when it is
+    missing), so that the link stays a link and its target is replaced, as `cp` and the shell's
+    `>` do (a rename onto the link itself would replace the link by a regular file); any other
+    path as it is. error_cls (OutputPathError): a loop of links."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a loop (RuntimeError before Python 3.13)
+        from .errors import OutputPathError
+
+        raise (error_cls or OutputPathError)(f"output {path} is a symbolic link that never reaches a file ({e}); "
+                                             "fix the link or choose another output path") from e
 
 
 def refuse_input_file(out, inputs, flag: str, example: str) -> None:
@@ -160,9 +218,7 @@ def refuse_input_file(out, inputs, flag: str, example: str) -> None:
 def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     """Check up front that `out` can become the output folder: absent, or empty and writable
     (error_cls otherwise), with a writable parent."""
-    out = output_path(out)
-    if out.is_symlink():  # write where the link points: renaming onto the link itself fails (or replaces it)
-        out = out.resolve()
+    out = link_target(output_path(out), error_cls)  # a link's target gets the folder; the link stays
     if out.exists() and not out.is_dir():
         raise error_cls(f"output folder {out} is an existing file; choose a new path for the folder")
     if out.is_dir():
@@ -217,18 +273,51 @@ def raise_out_of_space(e: BaseException, path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[Path]:
-    """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds."""
+    """with atomic_file(p) as tmp: write tmp  -> renamed to p when the block succeeds. A symbolic
+    link p stays a link: its target is replaced. A pipe, a device or a file descriptor's name
+    (--json /dev/stdout; see write_in_place) is itself what the block writes."""
     path = prepare_output_file(path)
-    remove_stale_temps(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_owner()}.", suffix=".tmp", dir=path.parent)
+    if write_in_place(path):
+        with _written_in_place(path) as where:
+            yield where
+        return
+    target = link_target(path)
+    remove_stale_temps(target.parent, target.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{temp_owner()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         Path(tmp).unlink(missing_ok=True)
         raise_out_of_space(e, path)
+
+
+@contextlib.contextmanager
+def _written_in_place(path: Path) -> Iterator[Path]:
+    """atomic_file's block for an output that write_in_place: a pipe or device is written by
+    name; a descriptor of this process through a scratch file copied to it once the block ends."""
+    fd = own_descriptor(path)
+    try:
+        if fd is None:
+            yield path
+            return
+        with scratch_file(path, "out") as tmp:
+            yield tmp
+            _copy_to_descriptor(tmp, fd)
+    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
+        raise_out_of_space(e, path)
+
+
+def _copy_to_descriptor(src: Path, fd: int) -> None:
+    """src's bytes written to descriptor fd at its own offset, after what Python has buffered for
+    stdout / stderr (a report printed before the JSON stays before it)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or replaced by something without flush
+            stream.flush()
+    with open(src, "rb") as f, os.fdopen(os.dup(fd), "wb") as out:  # closing the copy leaves fd open
+        shutil.copyfileobj(f, out)
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -339,8 +428,10 @@ def scratch_file(beside, tag: str = "scratch") -> Iterator[Path]:
     """with scratch_file(p) as tmp: an intermediate file with a unique name beside `p` (concurrent
     writers of one output never share it), removed when the block ends, whatever happens."""
     beside = output_path(beside)
-    remove_stale_temps(beside.parent, beside.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.{temp_owner()}.", suffix=".tmp", dir=beside.parent)
+    # in the folder prepare_output_file checked: a link's target's; never in /dev beside /dev/null
+    folder = Path(tempfile.gettempdir()) if write_in_place(beside) else link_target(beside).parent
+    remove_stale_temps(folder, beside.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.{temp_owner()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield Path(tmp)

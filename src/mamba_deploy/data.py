@@ -53,7 +53,7 @@ def stdlib_root() -> Path:
 
 def split_of(relpath: str) -> str:
     """'train' or 'val' for a '/'-separated path relative to the stdlib root."""
-    h = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha256(os.fsencode(relpath)).digest()[:8], "big")
     return "val" if h < VAL_PERCENT * (1 << 64) // 100 else "train"
 
 

@@ -15,6 +15,7 @@ import os
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -309,6 +310,13 @@ def _check_same_model(ref, art) -> None:
         raise VerificationError(
             f"{_where(art)} is not the same model as {_where(ref)}: the artifact has {mine} where the reference "
             f"has {theirs}; verify an artifact against the checkpoint it was exported or quantized from")
+
+
+def _check_artifact_config(ref, config, artifact, backend: str) -> None:
+    """_check_same_model against the config read from the artifact's files (runners.preflight;
+    None: nothing to compare yet), before the artifact is opened."""
+    if config is not None:
+        _check_same_model(ref, SimpleNamespace(config=config, artifact_path=Path(str(artifact)), name=backend))
 
 
 def _run_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int) -> dict:
@@ -635,15 +643,18 @@ def cmd_verify(args):
         # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
         label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
     # one model in memory at a time (verify_replay): the reference's answers first, then the artifact
-    from .hub import local_path
     from .runners.base import release_freed_memory
+    from .runners.preflight import artifact_config
     from .verify_replay import Recording, Replay, StandIn
 
-    local_path(args.artifact)  # a missing artifact is said before the reference pass, not after it
+    # what the artifact's files say is checked before the reference pass (minutes), not after it:
+    # a missing artifact, a backend that is not installed or cannot open it, another model's config
+    art_config = artifact_config(args.artifact, backend)
     ref = open_reference(args.reference, args.reference_dtype, args.device, threads=args.threads)
     recording = Recording(ref)
     try:
         try:
+            _check_artifact_config(ref, art_config, args.artifact, backend)
             from .tokenizer import encode_prefix
 
             text_ids = None if text is None else encode_prefix(ref.tokenizer, text, args.max_text_tokens)

@@ -414,14 +414,19 @@ def _llamacpp_quantizer(outtype: str):
         ) from e
 
     def quantize(src: Path, dst: Path, ftype: int, n_threads: int) -> None:
+        from ..runners.llamacpp_runner import llama_log, log_tail
+
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = int(n_threads)
-        with _deferred_interrupt():
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        # its log (a line per tensor and the whole metadata) is kept, not printed: the last of it
+        # says why when the quantizer fails. Paths as their bytes: a name that is not UTF-8 is fine
+        with _deferred_interrupt(), llama_log(llama_cpp, forward=False) as log:
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), params)
         if rc != 0 or not dst.exists():
-            raise ExportError(f"llama.cpp failed to quantize {src} to {outtype} (return code {rc}); "
-                              "see its log above")
+            said = " | ".join(log_tail(log))
+            raise ExportError(f"llama.cpp failed to quantize {src} to {outtype} (return code {rc}); its log ended: "
+                              f"{said or '(nothing)'}")
 
     return quantize
 
@@ -516,7 +521,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="checkpoint folder, hub id or .gguf")
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
-                   help="type of the weight matrices (norms, biases, A, D and the conv stay F32); f32, f16, bf16, "
+                   help="type of the weight matrices (default f32; norms, biases, A, D and the conv stay F32); f32, f16, bf16, "
                         "q8_0, q4_0, q4_1, q5_0 and q5_1 are written in Python, the K-quants (q2_k, q3_k_m, q4_k_m, "
                         "q5_k_m, q6_k) by llama.cpp's quantizer, which needs llama-cpp-python")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / tokenizer.json / SentencePiece tokenizer.model / hub id, "

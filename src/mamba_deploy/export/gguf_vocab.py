@@ -191,7 +191,7 @@ def _adds_specials(path: Path, bos: int | None, eos: int | None) -> tuple[bool, 
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_buffer(Path(path).read_bytes())  # from_file takes UTF-8 text only: not every file name is
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
         raise ExportError(f"cannot read tokenizer {path} ({e}); copy it again from the model, or pass another "
                           "with --tokenizer") from e

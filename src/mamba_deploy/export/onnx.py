@@ -188,8 +188,11 @@ def check_graph(path: Path, allowed=ALLOWED_OPS) -> None:
     """onnx.checker + strict shape inference + the operator allow-list; ExportError on failure."""
     import onnx
 
+    from ..pathnames import text_path
+
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        with text_path(path) as name:  # onnx's C++ checker takes the path as UTF-8 text only
+            onnx.checker.check_model(name, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{path} fails onnx.checker: {e}") from e
     model = onnx.load(str(path), load_external_data=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import numbers
+import os
 import signal
 import threading
 import warnings
@@ -68,27 +69,43 @@ GGML_LOG_LEVEL_ERROR = 4  # ggml's enum today (NONE, DEBUG, INFO, WARN, ERROR, C
 
 
 @contextlib.contextmanager
-def _error_lines(lib):
-    """llama.cpp's error log lines while the block runs (forwarded to llama-cpp-python's own
-    logger as before), for the exception that says why a load failed: that logger maps ggml's
-    current error level to DEBUG, so without verbose=True they were shown nowhere. A Ctrl-C in
-    the block is raised when it ends (see _ctrl_c_held)."""
+def llama_log(lib, levels=None, forward: bool = True):
+    """llama.cpp's log while the block runs: the text of each message at one of `levels` (all when
+    None), in order. forward: also passed on to llama-cpp-python's own logger, which prints what
+    set_verbose lets through; without it nothing of the log is printed (the GGUF export's quantizer,
+    whose progress lines would fill the terminal, says the last of them only when it fails).
+    The one place this project installs a llama.cpp log callback."""
     from llama_cpp import _logger
 
-    lines, forward = [], _logger.llama_log_callback
+    texts, previous = [], _logger.llama_log_callback
 
     @lib.llama_log_callback
     def keep(level, text, user_data):
-        if level == GGML_LOG_LEVEL_ERROR:
-            lines.append(text.decode("utf-8", "replace").strip())
-        forward(level, text, user_data)
+        if levels is None or level in levels:
+            texts.append(text.decode("utf-8", "replace"))
+        if forward:
+            previous(level, text, user_data)
 
     lib.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        with _ctrl_c_held():
-            yield lines
+        yield texts
     finally:
-        lib.llama_log_set(forward, ctypes.c_void_p(0))
+        lib.llama_log_set(previous, ctypes.c_void_p(0))
+
+
+def log_tail(texts, n: int = 12) -> list[str]:
+    """The last n non-empty lines of llama_log's texts (a message may end a line begun by another)."""
+    return [ln.strip() for ln in "".join(texts).splitlines() if ln.strip()][-n:]
+
+
+@contextlib.contextmanager
+def _error_lines(lib):
+    """llama.cpp's error log messages while the block runs (forwarded as before), for the exception
+    that says why a load failed: llama-cpp-python's logger maps ggml's current error level to
+    DEBUG, so without verbose=True they were shown nowhere. A Ctrl-C in the block is raised when
+    it ends (see _ctrl_c_held)."""
+    with llama_log(lib, (GGML_LOG_LEVEL_ERROR,)) as texts, _ctrl_c_held():
+        yield texts
 
 
 @contextlib.contextmanager
@@ -111,7 +128,8 @@ def _ctrl_c_held():
         raise KeyboardInterrupt
 
 
-def _said(lines) -> str:
+def _said(texts) -> str:
+    lines = [t.strip() for t in texts if t.strip()]
     return f" (llama.cpp: {'; '.join(lines)})" if lines else ""
 
 
@@ -150,6 +168,20 @@ def _lib():
             f"the llama.cpp backend needs the optional package llama-cpp-python: {install_hint('llama_cpp')}"
         ) from e
     return llama_cpp, set_verbose
+
+
+def check_gguf_path(path) -> Path:
+    """`path` as a Path when it is a .gguf file, which this backend runs; ModelNotFoundError saying
+    what it is instead (also verify's check before its reference pass)."""
+    path = Path(path)
+    if path.suffix != ".gguf" or not path.is_file():
+        from ..errors import ModelNotFoundError
+
+        what = ("a folder" if path.is_dir() else "not found" if not path.exists()
+                else f"a {path.suffix or 'suffix-less'} file")
+        raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r} ({what}); "
+                                 "export one with: mamba-deploy export gguf MODEL OUT.gguf")
+    return path
 
 
 @dataclass
@@ -320,14 +352,7 @@ class LlamaCppRunner(Runner):
         lib, set_verbose = _lib()
         self._lib = lib
         set_verbose(verbose)
-        path = Path(path)
-        if path.suffix != ".gguf" or not path.is_file():
-            from ..errors import ModelNotFoundError
-
-            what = ("a folder" if path.is_dir() else "not found" if not path.exists()
-                    else f"a {path.suffix or 'suffix-less'} file")
-            raise ModelNotFoundError(f"the llama.cpp backend runs .gguf files, got {str(path)!r} ({what}); "
-                                     "export one with: mamba-deploy export gguf MODEL OUT.gguf")
+        path = check_gguf_path(path)
         # our checks first: clear errors for corrupt / foreign files, an edited vocab_size refused as
         # the torch backend does
         reader, _, _, self.config = open_gguf(path)
@@ -341,7 +366,7 @@ class LlamaCppRunner(Runner):
         params = lib.llama_model_default_params()
         params.use_extra_bufts = self.extra_buffers
         with _error_lines(lib) as said:
-            ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+            ptr = lib.llama_model_load_from_file(os.fsencode(path), params)  # the name's bytes, whatever they are
             if ptr:  # owned at once: a Ctrl-C raised as the block ends leaves it to _Model's __del__
                 self._model = _Model(lib, ptr)
         if not ptr:

@@ -368,8 +368,11 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
         prepack = True  # the CPU provider's packing: with CUDA first the weights live on the GPU
     if not use_prepacking(prepack, _weight_bytes(manifest), folder):
         so.add_session_config_entry("session.disable_prepacking", "1")
+    from ..pathnames import text_path
+
     try:
-        session = ort.InferenceSession(str(folder / GRAPH_FILE), so, providers=with_options(providers, manifest))
+        with text_path(folder / GRAPH_FILE) as name:  # ORT takes the path as UTF-8 text only
+            session = ort.InferenceSession(name, so, providers=with_options(providers, manifest))
     except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
         raise ExportError(f"ONNX Runtime cannot load {folder / GRAPH_FILE}: {e}; re-export the model") from e
     release_freed_memory()  # the graph's parsed copy and, with prepacking, the unpacked weights

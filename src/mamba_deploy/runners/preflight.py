@@ -1,0 +1,99 @@
+"""What can be known of an artifact before its runner opens it, from its files' headers alone: is
+the backend installed, does it take this kind of file, and which model config does the file
+hold. `mamba-deploy verify` asks this before its reference pass, which takes minutes: an
+artifact its backend cannot open, or one of another model, was reported only after it.
+
+Each check raises the typed error the runner itself would (the runner still checks everything
+when it opens the artifact; a check left out here only comes later, never is lost).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..config import MambaConfig
+from ..errors import BackendUnavailableError, ModelNotFoundError
+from ..extras import install_hint
+
+# backend -> the packages its runner imports (find_spec looks for them without importing them)
+BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime", "onnx"), "llama.cpp": ("llama_cpp", "gguf"),
+                    "openvino": ("openvino", "onnx"), "tensorrt": ("tensorrt",)}
+
+
+def check_installed(backend: str) -> None:
+    """BackendUnavailableError naming the package `backend` needs and how to install it."""
+    for package in BACKEND_PACKAGES.get(backend, ()):
+        if importlib.util.find_spec(package) is None:
+            raise BackendUnavailableError(f"the {backend} backend needs the package {package!r}: "
+                                          f"{install_hint(package)}")
+    if backend == "tensorrt":
+        import torch
+
+        if not torch.cuda.is_available():
+            from ..export.tensorrt import INSTALL_HINT
+
+            raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")
+
+
+def artifact_config(path, backend: str) -> MambaConfig | None:
+    """The config `backend`'s runner will run `path` with, read without loading any weights; the
+    runner's own typed error when that backend cannot open `path`. None for a hub id (its files
+    are fetched when the runner opens it)."""
+    from ..hub import local_path
+
+    check_installed(backend)
+    p = local_path(path)  # ModelNotFoundError for a local path that does not exist
+    if p is None:
+        return None
+    return _READERS[backend](p)
+
+
+def _checkpoint_config(p: Path) -> MambaConfig:
+    """load_model's reading of a checkpoint folder, its config.json, or a .gguf file."""
+    from ..checkpoint import CONFIG_FILES, read_config
+
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_config(p)
+    if p.is_file() and p.name not in CONFIG_FILES:
+        raise ModelNotFoundError(f"{p} is a file; pass the checkpoint folder or a .gguf file")
+    return read_config(p.parent if p.is_file() else p)
+
+
+def _gguf_config(p: Path) -> MambaConfig:
+    from ..export.gguf_import import open_gguf
+
+    return open_gguf(p)[3]  # metadata and tensor headers: the weights are not read
+
+
+def _llamacpp_config(p: Path) -> MambaConfig:
+    from .llamacpp_runner import check_gguf_path
+
+    return _gguf_config(check_gguf_path(p))
+
+
+def _onnx_config(p: Path) -> MambaConfig:
+    from ..export.onnx import open_export_folder
+
+    return MambaConfig.from_own_dict(open_export_folder(p)[1]["config"])  # as OnnxRunner reads it
+
+
+def _tensorrt_config(p: Path) -> MambaConfig | None:
+    from ..atomic import read_tagged_json
+    from ..export.tensorrt import SIDECAR_FORMAT, engine_file, sidecar_path
+
+    engine = engine_file(p)
+    if not engine.is_file():
+        raise ModelNotFoundError(f"no TensorRT engine at {engine}; build one with "
+                                 "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")
+    side = sidecar_path(engine)
+    if not side.is_file():
+        raise ModelNotFoundError(f"{side} is missing (written next to the engine by build_engine); rebuild the engine")
+    manifest = read_tagged_json(side, SIDECAR_FORMAT, "TensorRT sidecar", "rebuild the engine").get("manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        return None  # a broken sidecar: the runner says what is wrong with it
+    return MambaConfig.from_own_dict(manifest["config"])  # as TensorRTRunner reads it
+
+
+_READERS = {"torch": _checkpoint_config, "llama.cpp": _llamacpp_config, "onnx": _onnx_config,
+            "openvino": _onnx_config, "tensorrt": _tensorrt_config}

@@ -44,3 +44,30 @@ def test_the_readme_runner_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), scope)
     assert tuple(scope["logits"].shape) == (2, scope["r"].vocab_size)
     assert scope["next_ids"].shape == (2,)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_checkpoint_saved_and_loaded_under_a_name_that_is_not_utf8(hf_checkpoint, tmp_path, quantized):
+    """safetensors takes UTF-8 names only: save_checkpoint / load_model (and a quantized folder's
+    code digest) failed under b'mod\\xe9l' with a UnicodeEncodeError. Logits against transformers."""
+    import os
+
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+
+    src, hf_model = hf_checkpoint("mamba2")
+    folder = tmp_path / os.fsdecode(b"mod\xe9l")
+    model = load_model(src)
+    if quantized:
+        from mamba_deploy.quant import quantize, save_quantized
+
+        model = quantize(model, "int8")
+        save_quantized(model, folder)
+    else:
+        save_checkpoint(model, folder)
+    again = load_model(folder)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        got = again(ids).logits
+        want = model(ids).logits if quantized else hf_model.eval()(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()

@@ -243,12 +243,16 @@ def _pick(keys, get, names, f: Path):
 def _iter_safetensors(f: Path, shapes_only: bool = False, names=None):
     from safetensors import SafetensorError, safe_open
 
-    try:
-        handle = safe_open(str(f), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, re-download or re-save it") from e
-    with handle as h:
-        yield from _pick(h.keys(), lambda k: _read(h, k, f, shapes_only), names, f)
+    from .pathnames import text_path
+
+    with text_path(f) as name:  # safetensors takes UTF-8 names only
+        try:
+            handle = safe_open(name, framework="pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or corrupt, re-download or re-save "
+                                  "it") from e
+        with handle as h:
+            yield from _pick(h.keys(), lambda k: _read(h, k, f, shapes_only), names, f)
 
 
 def _read(h, k: str, f: Path, shapes_only: bool):
@@ -555,11 +559,14 @@ def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int, total:
     """model.safetensors, or shards of at most max_shard_bytes and their index (total: all bytes)."""
     from safetensors.torch import save_file
 
+    from .pathnames import text_path
+
     shards = _shards(tensors, max_shard_bytes)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fname, shard in zip(names, shards):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        with text_path(folder / fname) as name:  # safetensors takes UTF-8 names only
+            save_file(shard, name, metadata={"format": "pt"})
         bar.update(sum(_nbytes(t) for t in shard.values()))
     if n > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}

@@ -220,11 +220,14 @@ def folder_codes_digest(folder) -> str | None:
     None where it has none or they cannot be read."""
     from safetensors import SafetensorError, safe_open
 
+    from ..pathnames import text_path
+
     files = sorted(Path(folder).glob("*.safetensors"))
     wanted = set(CODE_DTYPES.values())
     try:
         with contextlib.ExitStack() as stack:
-            handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+            names = [stack.enter_context(text_path(f)) for f in files]  # safetensors takes UTF-8 names only
+            handles = [stack.enter_context(safe_open(n, framework="pt")) for n in names]
             named = ((k, h.get_tensor(k)) for h in handles for k in h.keys() if h.get_slice(k).get_dtype() in wanted)
             return codes_digest(named)
     # a corrupt shard (safetensors' own error is none of the others): no claim, verify keeps the

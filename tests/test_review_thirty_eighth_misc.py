@@ -71,3 +71,40 @@ def test_a_checkpoint_saved_and_loaded_under_a_name_that_is_not_utf8(hf_checkpoi
         got = again(ids).logits
         want = model(ids).logits if quantized else hf_model.eval()(ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+
+
+def test_a_backend_missing_two_packages_names_both_in_one_command(monkeypatch, tmp_path):
+    """A user who installed the one package named was told of the next on the next run."""
+    import importlib.util
+
+    from mamba_deploy.errors import BackendUnavailableError
+    from mamba_deploy.runners import open_runner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gguf", "llama_cpp") else real(name, *a))
+    with pytest.raises(BackendUnavailableError) as e:
+        open_runner(tmp_path / "m.gguf")
+    msg = str(e.value)
+    assert "'llama_cpp' and 'gguf'" in msg and "pip install 'mamba-deploy[llama,gguf]'" in msg, msg
+    assert "pip install llama-cpp-python gguf" in msg and "--backend torch" in msg
+
+
+@pytest.mark.parametrize("kind, backend, guessed", [("onnx", "torch", "onnx"), ("gguf", "onnx", "llama.cpp"),
+                                                    ("folder", "llama.cpp", "torch")])
+def test_a_named_backend_that_cannot_open_the_path_says_which_would(tmp_path, kind, backend, guessed):
+    from pathlib import Path
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.errors import MambaDeployError
+    from mamba_deploy.runners import open_runner
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    path = {"folder": demo, "onnx": tmp_path / "onnx", "gguf": tmp_path / "m.gguf"}[kind]
+    if kind != "folder":
+        assert main(["export", kind, str(demo), str(path)] + (["--no-validate"] if kind == "onnx" else [])) == 0
+    with pytest.raises(MambaDeployError) as e:
+        open_runner(path, backend)
+    assert f"(the {backend} backend was asked for; this path opens with the {guessed} backend when none is " \
+           f"named: leave --backend out, or give --backend {guessed})" in str(e.value)
+    open_runner(path).close()  # and the guess opens it

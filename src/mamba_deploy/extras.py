@@ -56,6 +56,21 @@ def install_hint(module: str) -> str:
     return f"{hint} ({package.note})" if package.note else hint
 
 
+def install_hints(modules) -> str:
+    """install_hint for several import names at once, one command: "pip install
+    'mamba-deploy[gguf,llama]' (or pip install gguf llama-cpp-python)" (a user who installed
+    only the first named was told of the second on the next run)."""
+    packages = list(dict.fromkeys(PACKAGES.get(top_level(m), Package(top_level(m), None)) for m in modules))
+    if len(packages) == 1:
+        return install_hint(modules[0])
+    hint = "pip install " + " ".join(p.pip for p in packages)
+    extras = list(dict.fromkeys(p.extra for p in packages if p.extra))
+    if extras and all(p.extra for p in packages):
+        hint = f"pip install 'mamba-deploy[{','.join(extras)}]' (or {hint})"
+    notes = "; ".join(f"{p.pip} {p.note}" for p in packages if p.note)
+    return f"{hint} ({notes})" if notes else hint
+
+
 @contextlib.contextmanager
 def needs_packages(what: str):
     """A missing optional package (one of PACKAGES) imported inside becomes a BackendUnavailableError

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from ..export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from ..extras import install_hint, top_level
 from .base import Runner
@@ -61,16 +62,19 @@ def guess_backend(path) -> str:
 
 def open_runner(path, backend: str | None = None, **options) -> Runner:
     import importlib
-    import os
 
     if isinstance(path, (str, os.PathLike)):  # "~/m.gguf" as load_model takes it (a hub id has no ~)
         path = os.path.expanduser(path)
-    backend = backend_name(backend) if backend else guess_backend(path)
+    named = backend_name(backend) if backend else None
+    backend = named or guess_backend(path)
     unknown = sorted(set(options) - {o for opts in OPTIONS.values() for o in opts})
     if unknown:
         raise ConfigError(f"open_runner got unknown option(s) {unknown}; the {backend} backend takes "
                           f"{', '.join(OPTIONS[backend])}")
     mod_name, fn = BACKENDS[backend]
+    from .preflight import check_installed
+
+    check_installed(backend)  # every missing package at once, before any import
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -78,4 +82,17 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
             raise BackendUnavailableError(f"backend {backend!r} is not built into this version of mamba-deploy") from e
         raise BackendUnavailableError(f"backend {backend!r} needs the package {top_level(e.name)!r}: "
                                       f"{install_hint(e.name)}") from e
-    return getattr(mod, fn)(path, **options)
+    try:
+        return getattr(mod, fn)(path, **options)
+    except (ModelNotFoundError, CheckpointError) as e:
+        raise _wrong_backend(e, path, named) from e
+
+
+def _wrong_backend(e, path, named):
+    """`e` from a backend the caller named for a path that guess_backend gives to another (an ONNX
+    folder with --backend torch): the same error, saying so; else `e` itself."""
+    guessed = guess_backend(path) if named is not None and isinstance(path, (str, os.PathLike)) else None
+    if guessed is None or guessed == named:
+        return e
+    return type(e)(f"{e} (the {named} backend was asked for; this path opens with the {guessed} backend when "
+                   f"none is named: leave --backend out, or give --backend {guessed})")

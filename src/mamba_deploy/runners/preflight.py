@@ -14,19 +14,25 @@ from pathlib import Path
 
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ModelNotFoundError
-from ..extras import install_hint
+from ..extras import install_hints
 
 # backend -> the packages its runner imports (find_spec looks for them without importing them)
 BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime", "onnx"), "llama.cpp": ("llama_cpp", "gguf"),
                     "openvino": ("openvino", "onnx"), "tensorrt": ("tensorrt",)}
 
 
+# what else runs an artifact of a backend whose packages are missing
+OTHER_WAY = {"llama.cpp": "; or run the .gguf with --backend torch (PyTorch, which needs only the gguf package)"}
+
+
 def check_installed(backend: str) -> None:
-    """BackendUnavailableError naming the package `backend` needs and how to install it."""
-    for package in BACKEND_PACKAGES.get(backend, ()):
-        if importlib.util.find_spec(package) is None:
-            raise BackendUnavailableError(f"the {backend} backend needs the package {package!r}: "
-                                          f"{install_hint(package)}")
+    """BackendUnavailableError naming every package `backend` needs that is missing, and one
+    command that installs them all."""
+    missing = [p for p in BACKEND_PACKAGES.get(backend, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        what = "package" if len(missing) == 1 else "packages"
+        raise BackendUnavailableError(f"the {backend} backend needs the {what} {' and '.join(map(repr, missing))}: "
+                                      f"{install_hints(missing)}{OTHER_WAY.get(backend, '')}")
     if backend == "tensorrt":
         import torch
 

@@ -108,3 +108,18 @@ def test_a_named_backend_that_cannot_open_the_path_says_which_would(tmp_path, ki
     assert f"(the {backend} backend was asked for; this path opens with the {guessed} backend when none is " \
            f"named: leave --backend out, or give --backend {guessed})" in str(e.value)
     open_runner(path).close()  # and the guess opens it
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_export_onnx_of_a_large_model_shows_its_stages(hf_checkpoint, tmp_path, monkeypatch, capsys, validate):
+    """A multi-gigabyte export ran for minutes with nothing on the terminal until validation's report."""
+    import mamba_deploy.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "progress_wanted", lambda model: True)  # as for a model past 50M parameters
+    folder, _ = hf_checkpoint("mamba")
+    onnx_export.export_onnx(folder, tmp_path / "out", validate=validate)
+    err = capsys.readouterr().err
+    names = (["reference outputs"] if validate else []) + ["building the graph", "saving", "checking the graph"]
+    assert "export onnx" in err and all(n in err for n in names), err
+    assert err.index(names[0]) < err.index(names[-1])
+    assert (tmp_path / "out" / "model.onnx").is_file()

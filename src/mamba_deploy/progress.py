@@ -20,3 +20,30 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B"):
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, disable=not enabled,
                 file=sys.stderr)
+
+
+class Stages:
+    """A bar over a long job's named stages (export onnx: reference outputs, graph, save, check):
+    `stages("saving")` marks the previous stage done and shows the one now running. One whose
+    steps have no count of their own still shows that it moves, and where."""
+
+    def __init__(self, desc: str, names, enabled: bool):
+        self.names = list(names)
+        self.bar = progress_bar(len(self.names), desc, enabled, unit="stage")
+        self.current: str | None = None
+
+    def __call__(self, name: str) -> None:
+        assert name in self.names, name  # a stage the total does not count would overshoot the bar
+        if self.current is not None:
+            self.bar.update(1)
+        self.current = name
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -26,6 +26,7 @@ from ..checkpoint import config_file
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError
 from ..extras import install_hint
+from ..progress import Stages, progress_wanted
 from .onnx_meta import (DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MANIFEST_FILE, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV,
                         PRESENT_SSM, WEIGHTS_KEY, read_metadata, set_weights_label, weights_label)
 
@@ -118,22 +119,32 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     # model.onnx.data as the graph is built, so the proto never holds them; ONNX Runtime's session
     # later holds ~2x the weights.
     # A float64 copy is loaded again, only for a second opinion.
-    reference = torch_reference(None, model, scan_chunk=scan_chunk) if validate else None
     float64_twin = ((lambda m=model: _float_copy(m, torch.float64)) if model is model_or_path
                     else (lambda: as_model(model_or_path, dtype=torch.float64)))
+    names = (["reference outputs"] if validate else []) + ["building the graph", "saving", "checking the graph"]
+    # a bar for large models (minutes); closed before validation prints its report
+    stage = Stages("export onnx", names, progress_wanted(model))
     with atomic_dir(out_dir, ExportError) as tmp:
-        weights = dict(model.state_dict())
-        itemsize = np.dtype(DTYPES[dtype]).itemsize  # matrices in the export dtype, vectors float32
-        with streamed_weights(tmp, sum(t.numel() * (itemsize if t.dim() >= 2 else 4) for t in weights.values())) as ext:
-            proto = MambaGraph(cfg, weights, DTYPES[dtype], opset, scan_chunk=scan_chunk, external=ext).build()
-        del model, weights
-        release_freed_memory()
-        _save(proto, tmp, label=weights_label or dtype)  # what the manifest's source_weights / dtype say
-        del proto  # check_graph loads the file again, and validation opens it in ONNX Runtime
-        release_freed_memory()
-        check_graph(tmp / GRAPH_FILE)
-        write_tokenizer_files(tokenizer_src, tmp, out_dir)
-        write_manifest(tmp, cfg, opset, dtype, source_weights=weights_label, scan_chunk=scan_chunk)
+        with stage:
+            if validate:
+                stage("reference outputs")
+            reference = torch_reference(None, model, scan_chunk=scan_chunk) if validate else None
+            stage("building the graph")
+            weights = dict(model.state_dict())
+            itemsize = np.dtype(DTYPES[dtype]).itemsize  # matrices in the export dtype, vectors float32
+            nbytes = sum(t.numel() * (itemsize if t.dim() >= 2 else 4) for t in weights.values())
+            with streamed_weights(tmp, nbytes) as ext:
+                proto = MambaGraph(cfg, weights, DTYPES[dtype], opset, scan_chunk=scan_chunk, external=ext).build()
+            del model, weights
+            release_freed_memory()
+            stage("saving")
+            _save(proto, tmp, label=weights_label or dtype)  # what the manifest's source_weights / dtype say
+            del proto  # check_graph loads the file again, and validation opens it in ONNX Runtime
+            release_freed_memory()
+            stage("checking the graph")
+            check_graph(tmp / GRAPH_FILE)
+            write_tokenizer_files(tokenizer_src, tmp, out_dir)
+            write_manifest(tmp, cfg, opset, dtype, source_weights=weights_label, scan_chunk=scan_chunk)
         if validate:
             validate_against_reference(tmp, reference, dtype, float64_twin)
     return Path(out_dir)

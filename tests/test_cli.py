@@ -29,7 +29,7 @@ def _leftovers(folder):
 def test_output_under_a_file_is_a_user_error(verb, tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert main([a.format(f=tmp_path / "f") for a in verb]) == 2
-    assert "cannot create the folder" in capsys.readouterr().err
+    assert "is a file, not a folder; choose an output path under a folder" in capsys.readouterr().err
     assert _leftovers(tmp_path) == []
 
 

@@ -123,3 +123,14 @@ def test_export_onnx_of_a_large_model_shows_its_stages(hf_checkpoint, tmp_path, 
     assert "export onnx" in err and all(n in err for n in names), err
     assert err.index(names[0]) < err.index(names[-1])
     assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("under", ["afile/x.gguf", "afile/sub/x.gguf"])
+def test_an_output_under_a_file_says_that_file_is_no_folder(tmp_path, under):
+    """mkdir's "File exists" was all the message said."""
+    from mamba_deploy.atomic import prepare_output_file
+    from mamba_deploy.errors import OutputPathError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputPathError, match=r"afile is a file, not a folder; choose an output path under a folder"):
+        prepare_output_file(tmp_path / under)

@@ -80,6 +80,10 @@ def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent is a regular file, or no permission
+        blocking = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # mkdir says only "File exists" (or "Not a directory")
+            raise OutputPathError(f"cannot write {path}: {blocking} is a file, not a folder; choose an output path "
+                                  f"under a folder (or move {blocking} away)") from e
         raise OutputPathError(f"cannot create the folder for {path}: {e.strerror or e}; "
                               "choose an output path under a writable folder") from e
     _created.extend(reversed(missing))

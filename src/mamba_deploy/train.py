@@ -642,7 +642,9 @@ def register(subparsers):
     s.add_argument("--out", required=True,
                    help="HF checkpoint folder (fp16), its model replaced at each save (other files there are kept)")
     s.add_argument("--work-dir", default=None, help="resumable training state (default: OUT.work)")
-    s.add_argument("--data-cache", default=".cache/stdlib", help="folder where the tokenized corpus is cached (.npy), reused by later runs (default .cache/stdlib, under the current folder)")
+    s.add_argument("--data-cache", default=".cache/stdlib",
+                   help="folder where the tokenized corpus is cached (.npy), reused by later runs (default "
+                        ".cache/stdlib, under the current folder)")
     s.add_argument("--steps", type=positive_int, default=1000,
                    help="optimizer steps in all, counting those a --resume run already did; the learning-rate "
                         "schedule ends here")

@@ -87,7 +87,8 @@ def test_a_backend_missing_two_packages_names_both_in_one_command(monkeypatch, t
         open_runner(tmp_path / "m.gguf")
     msg = str(e.value)
     assert "'llama_cpp' and 'gguf'" in msg and "pip install 'mamba-deploy[llama,gguf]'" in msg, msg
-    assert "pip install llama-cpp-python gguf" in msg and "--backend torch" in msg
+    assert "pip install llama-cpp-python gguf" in msg
+    assert "--backend torch" not in msg  # which reads a .gguf with the gguf package: missing too
 
 
 @pytest.mark.parametrize("kind, backend, guessed", [("onnx", "torch", "onnx"), ("gguf", "onnx", "llama.cpp"),
@@ -134,3 +135,111 @@ def test_an_output_under_a_file_says_that_file_is_no_folder(tmp_path, under):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputPathError, match=r"afile is a file, not a folder; choose an output path under a folder"):
         prepare_output_file(tmp_path / under)
+
+
+# ----------------------------------------------------------------------------- review of the above
+
+def test_the_onnx_backend_runs_without_the_onnx_package(tmp_path, monkeypatch):
+    """The ONNX runner imports onnxruntime only; preflight listed `onnx` too and refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.runners import open_runner
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    assert main(["export", "onnx", str(demo), str(tmp_path / "o"), "--no-validate"]) == 0
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with open_runner(tmp_path / "o") as r:
+        logits, _ = r.prefill(torch.tensor([[1, 2, 3]]), r.new_state(1))
+    assert logits.shape[-1] == r.vocab_size
+
+
+def test_only_gguf_missing_does_not_suggest_the_backend_that_needs_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mamba_deploy.errors import BackendUnavailableError
+    from mamba_deploy.runners import open_runner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(BackendUnavailableError) as e:
+        open_runner(tmp_path / "m.gguf")
+    assert "'gguf'" in str(e.value) and "--backend torch" not in str(e.value)
+
+
+def test_a_stand_in_module_without_a_spec_counts_as_installed(monkeypatch):
+    import sys
+    import types
+
+    from mamba_deploy.runners.preflight import check_installed
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))  # __spec__ None
+    check_installed("onnx")  # find_spec raised ValueError here
+
+
+def test_a_broken_checkpoint_keeps_its_cause_and_gets_no_backend_hint(tmp_path):
+    from pathlib import Path
+
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.errors import CheckpointError, ModelNotFoundError
+    from mamba_deploy.runners import open_runner
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    from mamba_deploy import load_model
+
+    save_checkpoint(load_model(demo), tmp_path / "c")
+    weights = tmp_path / "c" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError) as e:
+        open_runner(tmp_path / "c", "torch")
+    assert e.value.__cause__ is not e.value and "backend was asked for" not in str(e.value)
+    with pytest.raises(ModelNotFoundError) as e:  # a missing file is no wrong backend
+        open_runner(tmp_path / "missing.gguf", "torch")
+    assert "backend was asked for" not in str(e.value)
+
+
+def test_a_gguf_exported_into_a_fifo_is_the_file_a_regular_export_writes(tmp_path):
+    """gguf's writer seeks back to fill its header: a pipe took part of a file, then 'Illegal seek'."""
+    import os
+    import threading
+    import warnings
+    from pathlib import Path
+
+    from mamba_deploy.cli import main
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    assert main(["export", "gguf", str(demo), str(tmp_path / "plain.gguf")]) == 0
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "pipe.gguf exists (0.0 MiB); it is replaced"
+            assert main(["export", "gguf", str(demo), str(fifo)]) == 0
+    finally:
+        if reader.is_alive():  # the export failed before opening the pipe: let the reader go
+            with open(fifo, "wb"):
+                pass
+        reader.join(30)
+    assert got and got[0] == (tmp_path / "plain.gguf").read_bytes()
+
+
+def test_a_mamba_ssm_bin_under_a_name_that_is_not_utf8_loads(hf_checkpoint, tmp_path):
+    import os
+
+    from mamba_deploy import load_model
+    from mamba_deploy.checkpoint import save_checkpoint
+
+    src, hf_model = hf_checkpoint("mamba")
+    folder = tmp_path / os.fsdecode(b"ssm-\xe9")
+    save_checkpoint(load_model(src), folder, fmt="mamba_ssm")
+    assert (folder / "pytorch_model.bin").is_file()
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        got, want = load_model(folder)(ids).logits, hf_model.eval()(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -300,16 +300,18 @@ def atomic_file(path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _written_in_place(path: Path) -> Iterator[Path]:
-    """atomic_file's block for an output that write_in_place: a pipe or device is written by
-    name; a descriptor of this process through a scratch file copied to it once the block ends."""
+    """atomic_file's block for an output that write_in_place: written to a scratch file, which is
+    copied to the pipe, device or descriptor of this process once the block ends (a writer may
+    seek back to fill a header, which a pipe refuses; and a failed write sends nothing)."""
     fd = own_descriptor(path)
     try:
-        if fd is None:
-            yield path
-            return
         with scratch_file(path, "out") as tmp:
             yield tmp
-            _copy_to_descriptor(tmp, fd)
+            if fd is not None:
+                _copy_to_descriptor(tmp, fd)
+            else:
+                with open(tmp, "rb") as f, open(path, "wb") as out:
+                    shutil.copyfileobj(f, out)
     except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         raise_out_of_space(e, path)
 

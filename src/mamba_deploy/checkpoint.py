@@ -206,13 +206,16 @@ def iter_tensors(folder: Path, shapes_only: bool = False):
 
 
 def _iter_bin(f: Path, names=None):
+    from .pathnames import text_path
+
     try:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # saved before torch 1.6's zip format: readable, only not memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(f, map_location="cpu", weights_only=True)
+        with text_path(f) as name:  # torch's file reader takes UTF-8 names only
+            try:
+                sd = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # saved before torch 1.6's zip format: readable, only not memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(name, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {f}: {e}; the file is corrupt or not a PyTorch state dict") from e
     if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..argtypes import threads_or_all
-from ..atomic import atomic_file, prepare_output_file, scratch_file, write_text
+from ..atomic import atomic_file, prepare_output_file, scratch_file, write_in_place, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from ..progress import progress_bar, progress_wanted
@@ -99,7 +99,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
         warnings.warn(f"{out.parent / MODELFILE_NAME} was written by mamba-deploy for the earlier {out.name}; it is "
                       "rewritten for the new one (as --ollama does)", stacklevel=2)
         ollama = True
-    if out.exists():  # as cp does, but said: it may be another model's file
+    if out.exists() and not write_in_place(out):  # as cp does, but said: it may be another model's file
         warnings.warn(f"{out} exists ({out.stat().st_size / 2**20:.1f} MiB); it is replaced once the new GGUF is "
                       "complete", stacklevel=2)
     model = _as_model(model_or_path)

@@ -85,14 +85,25 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
     try:
         return getattr(mod, fn)(path, **options)
     except (ModelNotFoundError, CheckpointError) as e:
-        raise _wrong_backend(e, path, named) from e
+        hinted = _wrong_backend(e, path, named)
+        if hinted is e:
+            raise
+        raise hinted from e
+
+
+# backends that open each other's kind of artifact: no hint to switch between them
+_SAME_KIND = ({"onnx", "openvino"},)
 
 
 def _wrong_backend(e, path, named):
-    """`e` from a backend the caller named for a path that guess_backend gives to another (an ONNX
-    folder with --backend torch): the same error, saying so; else `e` itself."""
-    guessed = guess_backend(path) if named is not None and isinstance(path, (str, os.PathLike)) else None
-    if guessed is None or guessed == named:
+    """`e` from a backend the caller named for an existing path of a kind that backend does not
+    run (an ONNX folder with --backend torch): the same error, saying which backend the path
+    opens with; else `e` itself (a missing or broken file is not a wrong backend)."""
+    if named is None or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        return e
+    guessed = guess_backend(path)
+    if guessed == named or (named == "torch" and Path(path).suffix == ".gguf") or \
+            any({named, guessed} <= kind for kind in _SAME_KIND):
         return e
     return type(e)(f"{e} (the {named} backend was asked for; this path opens with the {guessed} backend when "
                    f"none is named: leave --backend out, or give --backend {guessed})")

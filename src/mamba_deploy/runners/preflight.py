@@ -17,7 +17,7 @@ from ..errors import BackendUnavailableError, ModelNotFoundError
 from ..extras import install_hints
 
 # backend -> the packages its runner imports (find_spec looks for them without importing them)
-BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime", "onnx"), "llama.cpp": ("llama_cpp", "gguf"),
+BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime",), "llama.cpp": ("llama_cpp", "gguf"),
                     "openvino": ("openvino", "onnx"), "tensorrt": ("tensorrt",)}
 
 
@@ -25,14 +25,22 @@ BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime", "onnx"), "llama.cpp": (
 OTHER_WAY = {"llama.cpp": "; or run the .gguf with --backend torch (PyTorch, which needs only the gguf package)"}
 
 
+def _found(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules without a __spec__ (a stand-in module): importable
+        return True
+
+
 def check_installed(backend: str) -> None:
     """BackendUnavailableError naming every package `backend` needs that is missing, and one
     command that installs them all."""
-    missing = [p for p in BACKEND_PACKAGES.get(backend, ()) if importlib.util.find_spec(p) is None]
+    missing = [p for p in BACKEND_PACKAGES.get(backend, ()) if not _found(p)]
     if missing:
         what = "package" if len(missing) == 1 else "packages"
+        other = OTHER_WAY.get(backend, "") if "gguf" not in missing else ""  # torch reads a .gguf with gguf
         raise BackendUnavailableError(f"the {backend} backend needs the {what} {' and '.join(map(repr, missing))}: "
-                                      f"{install_hints(missing)}{OTHER_WAY.get(backend, '')}")
+                                      f"{install_hints(missing)}{other}")
     if backend == "tensorrt":
         import torch
 

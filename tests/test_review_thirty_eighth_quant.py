@@ -164,3 +164,33 @@ def test_cli_quantize_then_generate_and_verify(ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert main(["verify", str(src), str(out), "--lengths", "5", "--batch", "1"]) == 0
+
+
+def test_a_quantized_folder_with_a_vocab_and_merges_tokenizer_still_tokenizes(tmp_path):
+    """No tokenizer.json and no tokenizer_class: AutoTokenizer picks the class from config.json's
+    model_type, which the quantized folder's marker hid (a generic class that could not build).
+    The ids against the `tokenizers` library on the original tokenizer.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize, save_quantized
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    src = tmp_path / "vm"
+    shutil.copytree(demo, src)
+    t = json.loads((src / "tokenizer.json").read_text())
+    (src / "vocab.json").write_text(json.dumps(t["model"]["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in t["model"]["merges"]]
+    (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (src / "tokenizer.json").unlink()
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    tc.pop("tokenizer_class", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    save_quantized(quantize(load_model(src), "int8"), tmp_path / "q")
+    text = "def main(args):\n    return sorted(args)"
+    want = HFTokenizer.from_file(str(demo / "tokenizer.json")).encode(text).ids
+    assert load_model(tmp_path / "q").tokenizer.encode(text) == want

@@ -465,12 +465,35 @@ def read_tokenizer_config(folder: Path) -> dict:
     return tcfg
 
 
+def _own_model_config(folder: Path) -> dict:
+    """{"config": ...} for a quantized checkpoint's folder: without a tokenizer_class in its
+    tokenizer_config.json, AutoTokenizer picks the class by config.json's model_type, which there
+    is config.QUANTIZED_MODEL_TYPE (unknown to transformers on purpose); the model's own type is
+    kept beside it. {} for any other folder."""
+    import json
+
+    from .config import QUANTIZED_MODEL_TYPE, QUANTIZED_TYPE_KEY
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("model_type") != QUANTIZED_MODEL_TYPE:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        return {"config": AutoConfig.for_model(raw.get(QUANTIZED_TYPE_KEY))}
+    except (ValueError, TypeError):  # a broken marker: load_model names it (config.unmark_quantized)
+        return {}
+
+
 def _from_transformers(folder: Path) -> Tokenizer:
     read_tokenizer_config(folder)  # a corrupt one: name the file, not transformers' JSONDecodeError
     try:
         from transformers import AutoTokenizer
 
-        auto = AutoTokenizer.from_pretrained(str(folder))
+        auto = AutoTokenizer.from_pretrained(str(folder), **_own_model_config(folder))
     except Exception as e:  # noqa: BLE001
         # transformers itself missing, or a package its tokenizer class needs (sentencepiece): say how to get it
         why = f"{e}; {install_hint(e.name)}" if isinstance(e, ModuleNotFoundError) and e.name else str(e)

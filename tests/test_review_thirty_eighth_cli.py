@@ -112,7 +112,7 @@ def test_stdout_redirected_to_a_file_keeps_what_was_printed_first(tmp_path):
     link = tmp_path / "stdout"
     link.symlink_to("/proc/self/fd/1")
     code = ("import sys; from mamba_deploy.atomic import write_json; print('table'); "
-            f"write_json(sys.argv[1], {{'e': 5}}); print('after')")
+            "write_json(sys.argv[1], {'e': 5}); print('after')")
     log = tmp_path / "log.txt"
     with open(log, "wb") as out:
         subprocess.run([sys.executable, "-c", code, str(link)], stdout=out, check=True, env=os.environ)

@@ -3,6 +3,7 @@ reference), so no test touches the network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -312,3 +313,45 @@ def scheduler_for(request):
         request.addfinalizer(lambda: s.close(30))
         return s
     return make
+
+
+@contextlib.contextmanager
+def serving(runner, timeout: float = 10.0, **kw):
+    """make_server(runner) on 127.0.0.1, a free port, quiet unless kw says otherwise, serving in a
+    daemon thread; shut down, closed and joined when the block ends."""
+    import threading
+
+    from mamba_deploy.serve import make_server
+
+    server = make_server(runner, "127.0.0.1", 0, **{"quiet": True, **kw})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout)
+
+
+def start_server(runner, request, **kw):
+    """serving(runner, **kw) for the rest of a test (stopped by a finalizer) -> the server."""
+    cm = serving(runner, **kw)
+    server = cm.__enter__()
+    request.addfinalizer(lambda: cm.__exit__(None, None, None))
+    return server
+
+
+def post_json(server, body, path: str = "/v1/completions", headers=None, timeout: float = 10.0):
+    """POST `body` as JSON -> (status, headers dict, body bytes)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json",
+                                                                  **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import serving
 
 from mamba_deploy import load_model
 from mamba_deploy.generation import generate
@@ -45,13 +46,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server(open_runner(DEMO2, "torch"), "127.0.0.1", 0, max_batch=4, quiet=True, chat_template=CHATML)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(TIMEOUT)
+    with serving(open_runner(DEMO2, "torch"), max_batch=4, chat_template=CHATML) as srv:
+        yield srv
 
 
 def _request(srv, method, path, body=None, raw=None):

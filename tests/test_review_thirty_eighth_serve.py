@@ -12,15 +12,13 @@ would not send the bytes (a trickled request, two framings, a foreign Host).
 from __future__ import annotations
 
 import errno
-import http.client
 import json
 import socket
 import socketserver
-import threading
 import time
 
 import pytest
-from conftest import tiny_mamba_with_bpe
+from conftest import post_json, serving, start_server, tiny_mamba_with_bpe
 
 from mamba_deploy import load_model
 from mamba_deploy.cli import main
@@ -43,28 +41,7 @@ def reference(folder):
     return TorchRunner(load_model(folder))
 
 
-def _start(runner, request, **kw):
-    server = make_server(runner, "127.0.0.1", 0, **{"quiet": True, **kw})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
-
-    request.addfinalizer(stop)
-    return server
-
-
-def _post(server, body, path="/v1/completions", headers=None):
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=TIMEOUT)
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+_start, _post = start_server, post_json
 
 
 def _raw(server, data: bytes, timeout=TIMEOUT) -> tuple[int, dict, bytes, bool]:
@@ -235,13 +212,8 @@ def test_two_equal_content_lengths_are_one(server_for_framing):
 
 @pytest.fixture(scope="module")
 def server_for_framing(folder):
-    srv = make_server(TorchRunner(load_model(folder)), "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(TIMEOUT)
+    with serving(TorchRunner(load_model(folder))) as srv:
+        yield srv
 
 
 # ----------------------------------------------------------------------------- Host and Origin

@@ -8,7 +8,6 @@ that was not stopped shows as a request that cannot be answered within the timeo
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -18,7 +17,7 @@ import time
 import types
 
 import pytest
-from conftest import in_thread, tiny_mamba_with_bpe, wait_until
+from conftest import in_thread, post_json, start_server, tiny_mamba_with_bpe, wait_until
 
 from mamba_deploy import load_model
 from mamba_deploy.errors import ConfigError
@@ -66,29 +65,7 @@ class _Counting(TorchRunner):
         return super().step(*a, **kw)
 
 
-def _start(runner, request, **kw):
-    server = make_server(runner, "127.0.0.1", 0, **{"quiet": True, **kw})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
-
-    request.addfinalizer(stop)
-    return server
-
-
-def _post(server, body, path="/v1/completions"):
-    """-> (status, headers, body bytes)."""
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=TIMEOUT)
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+_start, _post = start_server, post_json
 
 
 def _head(n: int, extra: bytes = b"", version: bytes = b"HTTP/1.1", path: bytes = b"/v1/completions") -> bytes:

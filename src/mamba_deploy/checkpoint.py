@@ -148,7 +148,7 @@ def read_raw_config(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- reading weights
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     return list(_weight_sources(folder))
 
 

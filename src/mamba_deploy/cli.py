@@ -193,8 +193,8 @@ def _human(n: float) -> str:
 
 
 def cmd_inspect(args):
-    from .checkpoint import (_weight_files, check_depth, check_weight_headers, config_file, meta_model,
-                             read_config, read_raw_config, resolve)
+    from .checkpoint import (check_depth, check_weight_headers, config_file, meta_model,
+                             read_config, read_raw_config, resolve, weight_files)
 
     path = resolve(args.model)
     if path.is_file() and path.suffix != ".gguf" and config_file(path.parent) is None:
@@ -205,7 +205,7 @@ def cmd_inspect(args):
         cfg, files = open_gguf(path)[3], [path]
     else:
         folder = path if path.is_dir() else path.parent
-        cfg, files = read_config(folder), _weight_files(folder)
+        cfg, files = read_config(folder), weight_files(folder)
         check_depth(folder, cfg)  # before the model is built, even on the meta device
     meta = meta_model(cfg)
     n_params = meta.num_parameters()

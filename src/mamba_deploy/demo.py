@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .atomic import output_path, prepare_output_dir, prepare_output_file, refuse_input_file, write_json
-from .errors import BackendUnavailableError, ModelNotFoundError, OutputPathError
+from .errors import BackendUnavailableError, ConfigError, ModelNotFoundError, OutputPathError
 from .extras import PACKAGES, install_hint, top_level
 
 DEMO_MODELS = ("demo-mamba1", "demo-mamba2")
@@ -46,7 +46,7 @@ TOLERANCE = {
 def build_torch(model, model_dir, work, threads=None):
     from .runners.torch_runner import TorchRunner
 
-    return TorchRunner(model), Path(model_dir) / "model.safetensors"
+    return TorchRunner(model), Path(model_dir)
 
 
 def build_onnx(model, model_dir, work, threads=None):
@@ -151,6 +151,15 @@ def compare(row: Row, ref: dict, got: dict, tol: dict) -> None:
         row.notes.append(f"over tolerance: {', '.join(failed)} (ppl_rel {ppl_rel:.2e}; limits {tol})")
 
 
+def _reference_label(model_dir: Path, files) -> str:
+    """The reference row's format as stored: "safetensors fp16->fp32" for the shipped models."""
+    from .checkpoint import stored_dtypes
+
+    kind = "safetensors" if files[0].suffix == ".safetensors" else "pytorch .bin"
+    stored = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(stored_dtypes(model_dir)[0])
+    return f"{kind} {stored}->fp32" if stored and stored != "fp32" else f"{kind} fp32"
+
+
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -184,7 +193,11 @@ def run_format(name, backend, builder, tol_row, model, model_dir, work, ids, pro
                label=None) -> Row:
     row = Row(label or Path(model_dir).name, name, backend)
     if tol_row == "ref":  # the reference itself: its own numbers, parity by definition
-        row.size, row.ppl, row.ms_per_token = _size(Path(model_dir) / "model.safetensors"), ref["ppl"], ref["ms_per_token"]
+        from .checkpoint import weight_files
+
+        files = weight_files(Path(model_dir))  # one safetensors file, shards, or a mamba_ssm .bin
+        row.format = _reference_label(Path(model_dir), files)
+        row.size, row.ppl, row.ms_per_token = sum(map(_size, files)), ref["ppl"], ref["ms_per_token"]
         row.top1, row.logits_rel, row.greedy = 1.0, 0.0, 1.0
         return row
     try:
@@ -297,9 +310,14 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
     dirs = [Path(d) for d in model_dirs] if model_dirs else find_models()
     from .tokenizer import load_tokenizer
 
+    from .checkpoint import read_raw_config
+
     for d in dirs:
         if not (d / "config.json").exists():
             raise ModelNotFoundError(f"{d} is not a checkpoint folder (no config.json)")
+        if "quantization_config" in read_raw_config(d):  # its rows would be held to the float limits
+            raise ConfigError(f"{d} is a quantized checkpoint; the demo exports and checks float checkpoints: pass "
+                              f"the one it was quantized from, or check it with `mamba-deploy verify FLOAT {d}`")
         # every model is prompted with text: a missing or corrupt tokenizer fails here, before the
         # earlier models' rows are built and lost with the run
         load_tokenizer(d)

@@ -82,7 +82,7 @@ HUB_SMALL_FILES = ["*.json", "*.txt", "*.model", "tokenizer.model*", "chat_templ
 def hub_patterns(names) -> list[str]:
     """allow_patterns fetching one complete set of weights from a hub repo whose files are `names`:
     a repo can hold the same weights twice (Mamba-Codestral: consolidated.safetensors beside HF
-    shards; older repos: pytorch_model.bin beside model.safetensors), in the order _weight_files
+    shards; older repos: pytorch_model.bin beside model.safetensors), in the order weight_files
     reads them. Shards follow transformers' naming, model-00001-of-00002.safetensors."""
     names = {n for n in names if "/" not in n}  # sub-folders (onnx/, original/) are other artifacts
     for name in WEIGHT_FILES:

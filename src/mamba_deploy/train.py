@@ -153,11 +153,19 @@ def save_training_state(path: Path, model, opt, step: int, rng, log: list, prese
 RUN_SETTINGS = ("batch", "seq_len", "lr", "warmup", "weight_decay", "clip", "seed")
 
 
-def check_run_settings(args, saved: dict | None, state_path: Path) -> None:
+TOKENIZER_KEY = "tokenizer_sha256"  # the run's tokenizer.json (data.tokenizer_digest), in its settings
+
+
+def check_run_settings(args, saved: dict | None, state_path: Path, digest: str | None = None) -> None:
     """ConfigError when --resume would continue a run with other settings than it was started
-    with (a state from before they were saved is taken as it is)."""
+    with, or another tokenizer of the same size (a state from before they were saved is taken
+    as it is)."""
     if not isinstance(saved, dict):
         return
+    if digest is not None and saved.get(TOKENIZER_KEY) not in (None, digest):
+        raise ConfigError(f"--resume: the run in {state_path} was trained with another tokenizer.json than --tokenizer "
+                          f"{args.tokenizer}'s (same vocabulary size, other ids: the weights would not match it); "
+                          "pass the run's tokenizer, or drop --resume (or use another --work-dir) to start a new run")
     diff = [k for k in RUN_SETTINGS if k in saved and saved[k] != getattr(args, k)]
     if diff:
         def flags(values):
@@ -279,7 +287,11 @@ def check_outputs(args) -> Path:
 
 
 def _work_dir(args) -> Path:
-    return Path(args.work_dir or f"{args.out}.work")
+    if args.work_dir:
+        return Path(args.work_dir)
+    out = Path(args.out)  # "runs/m/" is runs/m: its default work folder is runs/m.work, beside it
+    out = out if out.name else out.absolute()  # "." has no name to extend
+    return out.with_name(out.name + ".work")
 
 
 def _missing_dirs(*paths) -> list[Path]:
@@ -363,6 +375,11 @@ def setup(args) -> SimpleNamespace:
     work = check_outputs(args)
     state_path = work / "train_state.pt"
     st = load_resume_state(args, state_path, device)
+    from .data import tokenizer_digest
+
+    digest = tokenizer_digest(args.tokenizer)
+    if st is not None:  # before the data is tokenized (minutes for a new tokenizer)
+        check_run_settings(args, st.get("settings"), state_path, digest)
     train_ids, val_ids = load_data(args)
     cfg = build_config(args.preset, tok.vocab_size, tok.eos_token_id, tok.token_to_id("<|pad|>"))
     model = MambaLM(cfg)
@@ -372,7 +389,7 @@ def setup(args) -> SimpleNamespace:
     run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
                           rng=np.random.default_rng(args.seed), step=0, log=[], device=device, tokens_seen=0,
                           schedule_steps=None, total=args.steps,
-                          settings={k: getattr(args, k) for k in RUN_SETTINGS},
+                          settings={**{k: getattr(args, k) for k in RUN_SETTINGS}, TOKENIZER_KEY: digest},
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
                           state_path=state_path, train_ids=train_ids, val_ids=val_ids)
     if st is not None:
@@ -384,7 +401,6 @@ def setup(args) -> SimpleNamespace:
                 f"--tokenizer {args.tokenizer} (saved preset: {st.get('preset') or 'not recorded'}, saved vocab: "
                 f"{st.get('vocab_size') or 'not recorded'}); pass the preset and tokenizer it was trained with, "
                 "or drop --resume (or use another --work-dir) to start over") from e
-        check_run_settings(args, st.get("settings"), state_path)
         # a schedule --max-minutes fixed stays: re-fitted to a new budget, its rate jumped
         run.schedule_steps = st.get("schedule_steps")
         total = run.total = run.schedule_steps or args.steps
@@ -472,9 +488,7 @@ def _train(args) -> dict:
         print(f"gradients of --batch {args.batch} accumulated over micro-batches of {args.micro_batch} sequences "
               f"({args.micro_batch * args.seq_len} tokens per pass; set with --micro-batch)", flush=True)
     if args.warmup >= total:  # accepted (a short test run), but said: the peak is never reached
-        print(f"note: --warmup {args.warmup} >= --steps {total}: the learning rate rises to "
-              f"{args.lr * total / args.warmup:.3g} at most, never to --lr {args.lr:g}; lower --warmup",
-              file=sys.stderr, flush=True)
+        _warmup_note(args, total, f"--steps {total}")
     if model.device.type == "cpu" and args.micro_batch * args.seq_len > CPU_MICRO_TOKENS:
         print(f"note: {args.micro_batch} x --seq-len {args.seq_len} tokens per forward pass on the CPU; if the "
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
@@ -522,7 +536,10 @@ def _loop(run, args, val_windows, start: float) -> int:
                     False)
                 step_times.append(time.perf_counter() - t0)
                 if len(step_times) == 12 and run.schedule_steps is None:
-                    total = bar.total = run.total = resolve_total_steps(args, step_times, start, step)
+                    fitted = resolve_total_steps(args, step_times, start, step)
+                    if args.warmup >= fitted and args.warmup < total:  # the cut put the peak out of reach
+                        _warmup_note(args, fitted, f"the {fitted} steps --max-minutes {args.max_minutes:g} leaves")
+                    total = bar.total = run.total = fitted
                     run.schedule_steps = total if args.max_minutes else None  # kept by --resume
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -536,6 +553,11 @@ def _loop(run, args, val_windows, start: float) -> int:
     finally:
         del run.opt.step  # the class's again
     return step
+
+
+def _warmup_note(args, total: int, steps: str) -> None:
+    print(f"note: --warmup {args.warmup} >= {steps}: the learning rate rises to {args.lr * total / args.warmup:.3g} "
+          f"at most, never to --lr {args.lr:g}; lower --warmup", file=sys.stderr, flush=True)
 
 
 def _evaluation_due(run, args) -> bool:

@@ -94,6 +94,7 @@ def test_a_backend_missing_two_packages_names_both_in_one_command(monkeypatch, t
 @pytest.mark.parametrize("kind, backend, guessed", [("onnx", "torch", "onnx"), ("gguf", "onnx", "llama.cpp"),
                                                     ("folder", "llama.cpp", "torch")])
 def test_a_named_backend_that_cannot_open_the_path_says_which_would(tmp_path, kind, backend, guessed):
+    import importlib.util
     from pathlib import Path
 
     from mamba_deploy.cli import main
@@ -108,7 +109,8 @@ def test_a_named_backend_that_cannot_open_the_path_says_which_would(tmp_path, ki
         open_runner(path, backend)
     assert f"(the {backend} backend was asked for; this path opens with the {guessed} backend when none is " \
            f"named: leave --backend out, or give --backend {guessed})" in str(e.value)
-    open_runner(path).close()  # and the guess opens it
+    if guessed != "llama.cpp" or importlib.util.find_spec("llama_cpp") is not None:
+        open_runner(path).close()  # and the guess opens it (llama.cpp: where llama-cpp-python is installed)
 
 
 @pytest.mark.parametrize("validate", [True, False])
@@ -243,3 +245,21 @@ def test_a_mamba_ssm_bin_under_a_name_that_is_not_utf8_loads(hf_checkpoint, tmp_
     with torch.no_grad():
         got, want = load_model(folder)(ids).logits, hf_model.eval()(ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_named_backend_that_is_missing_and_wrong_for_the_path_says_both(monkeypatch):
+    """--backend llama.cpp on a checkpoint folder where llama-cpp-python is missing: the install
+    hint said to run "the .gguf" with --backend torch (there is no .gguf), nothing of the folder."""
+    import importlib.util
+    from pathlib import Path
+
+    from mamba_deploy.errors import BackendUnavailableError
+    from mamba_deploy.runners import open_runner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    with pytest.raises(BackendUnavailableError) as e:
+        open_runner(demo, "llama.cpp")
+    msg = str(e.value)
+    assert "'llama_cpp'" in msg and ".gguf" not in msg and "opens with the torch backend" in msg, msg

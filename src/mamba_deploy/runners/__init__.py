@@ -74,7 +74,13 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
     mod_name, fn = BACKENDS[backend]
     from .preflight import check_installed
 
-    check_installed(backend)  # every missing package at once, before any import
+    try:  # every missing package at once, before any import
+        check_installed(backend, path)
+    except BackendUnavailableError as e:  # and whether this backend is the one for the path at all
+        hinted = _wrong_backend(e, path, named)
+        if hinted is e:
+            raise
+        raise hinted from e
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:

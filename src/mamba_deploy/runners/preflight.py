@@ -32,13 +32,14 @@ def _found(package: str) -> bool:
         return True
 
 
-def check_installed(backend: str) -> None:
+def check_installed(backend: str, path=None) -> None:
     """BackendUnavailableError naming every package `backend` needs that is missing, and one
-    command that installs them all."""
+    command that installs them all (and another backend for a .gguf `path`, or None: unknown)."""
     missing = [p for p in BACKEND_PACKAGES.get(backend, ()) if not _found(p)]
     if missing:
         what = "package" if len(missing) == 1 else "packages"
-        other = OTHER_WAY.get(backend, "") if "gguf" not in missing else ""  # torch reads a .gguf with gguf
+        gguf = path is None or str(path).lower().endswith(".gguf")
+        other = OTHER_WAY.get(backend, "") if gguf and "gguf" not in missing else ""  # torch reads a .gguf with gguf
         raise BackendUnavailableError(f"the {backend} backend needs the {what} {' and '.join(map(repr, missing))}: "
                                       f"{install_hints(missing)}{other}")
     if backend == "tensorrt":

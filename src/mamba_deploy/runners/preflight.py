@@ -30,6 +30,8 @@ def _found(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except ValueError:  # in sys.modules without a __spec__ (a stand-in module): importable
         return True
+    except ImportError:  # a finder that failed (a Ctrl-C while it ran): the import itself says what happened
+        return True
 
 
 def check_installed(backend: str, path=None) -> None:

@@ -44,24 +44,22 @@ step, or it is dropped before it starts when it was still waiting.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import numbers
-import select
 import socket
 import sys
 import threading
 import time
-import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_http import (CLOSE, AcceptPause, DeadlineReader, body_length, check_allowed_hosts,
-                         check_host_and_origin, default_allowed_hosts, refuse_busy)
+from .serve_http import (CLOSE, AcceptPause, DeadlineReader, bind_error, check_can_listen, body_length,
+                         check_allowed_hosts, check_host_and_origin, default_allowed_hosts, internal_error, peer_closed,
+                         refuse_busy)
 from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, FIELDS, RequestError, _check_max_tokens,
                             _typed, check_model, error_payload, parse_completion_request, refuse_unknown,
                             refuse_unsupported)
@@ -76,37 +74,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 # ----------------------------------------------------------------------------- server
-
-_TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
-
-
-def peer_closed(sock) -> bool:
-    """Whether the client closed its connection (or shut down its sending side), seen without
-    taking a byte from `sock`: readable, and a peek reads end-of-file. Bytes still waiting (a
-    pipelined request, a stray CRLF after the body) are left where they are; on Linux the TCP
-    state then tells whether a FIN follows them."""
-    try:
-        if hasattr(select, "poll"):  # select.select refuses descriptors >= FD_SETSIZE
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            readable = bool(poller.poll(0))
-        else:
-            readable = bool(select.select([sock], [], [], 0)[0])
-        if not readable:
-            return False
-        if sock.recv(1, socket.MSG_PEEK) == b"":
-            return True
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):  # reset by the peer, or the socket is already closed
-        return True
-    if sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO"):
-        try:  # struct tcp_info starts with tcpi_state
-            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
-        except OSError:
-            return False
-    return False
-
 
 class ClientGone(Exception):
     """The client closed its connection while its request waited for or ran a generation: the
@@ -654,16 +621,6 @@ class _Handler(BaseHTTPRequestHandler):
         event(b"[DONE]")
 
 
-def internal_error(e: BaseException) -> dict:
-    """A bug's 500 body: the exception's type and an id to find its traceback (printed here) in
-    the server's log; its text stays there, as it may hold the server's paths."""
-    ref = uuid.uuid4().hex[:12]
-    print(f"internal error {ref}:", file=sys.stderr)
-    traceback.print_exception(e, file=sys.stderr)
-    return error_payload(f"internal error ({type(e).__name__}); the server's log has its details under id {ref}",
-                         "server_error")
-
-
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -729,7 +686,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
                                   request_timeout, chat_template, max_prompt_tokens, prefill_chunk, max_num_seqs,
                                   max_connections, hosts or ())
     except OSError as e:  # socket.gaierror (a bad host) is an OSError too
-        raise _bind_error(host, port, e) from None
+        raise bind_error(host, port, e) from None
     if hosts is None:  # from the address bound: "127.1" and "LOCALHOST" are loopback too
         server.allowed_hosts = default_allowed_hosts(server.server_address[0], host)
     return server
@@ -750,28 +707,6 @@ def default_model_name(runner, model=None) -> str:
     return p.name or p.resolve().name or runner.name
 
 
-def _bind_error(host: str, port: int, e: OSError) -> ConfigError:
-    where = f"{host}:{port}"
-    if e.errno == errno.EADDRINUSE:
-        fix = f"another process is listening on port {port}; pick another --port (--port 0 picks a free one)"
-    elif e.errno in (errno.EACCES, errno.EPERM):
-        fix = f"port {port} needs privileges here; pick a --port of 1024 or above (--port 0 picks a free one)"
-    elif e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
-        fix = f"{host!r} is not an address of this machine; use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all)"
-    else:
-        fix = "check --host, or pick another --port (--port 0 picks a free one)"
-    return ConfigError(f"cannot listen on {where}: {e.strerror or e}; {fix}")
-
-
-def _check_can_listen(host: str, port: int) -> None:
-    """Bind (host, port) the way the server will and let it go: a busy port or a foreign host is
-    reported before the model is loaded, which can take minutes."""
-    with socket.socket(CompletionServer.address_family, socket.SOCK_STREAM) as sock:
-        if CompletionServer.allow_reuse_address:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def cmd_serve(args):
@@ -785,9 +720,9 @@ def cmd_serve(args):
     template = read_template_file(args.chat_template) if args.chat_template else None
     options = runner_options(args)  # flags the backend would not take, before anything else
     try:  # --max-batch / --max-tokens-limit / --max-prompt-tokens >= 1: argparse (positive_int)
-        _check_can_listen(args.host, args.port)
+        check_can_listen(args.host, args.port)
     except OSError as e:
-        raise _bind_error(args.host, args.port, e) from None
+        raise bind_error(args.host, args.port, e) from None
     runner = open_runner(args.model, args.backend, **options)
     try:
         use_tokenizer(runner, args.tokenizer)
@@ -797,7 +732,7 @@ def cmd_serve(args):
                              max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
                              max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
                              max_connections=args.max_connections, allowed_hosts=args.allowed_hosts)
-    except ConfigError:  # the port was taken since _check_can_listen
+    except ConfigError:  # the port was taken since check_can_listen
         runner.close()
         raise
 

@@ -12,19 +12,27 @@ Why each exists:
   server does not serve), or resolve its own name to 127.0.0.1 and read the answers (DNS
   rebinding: the Host header still names the page's site);
 - a connection cap: each connection is a thread; past the cap a client gets a 503 at once, and
-  a process out of descriptors (EMFILE) waits instead of spinning on its listening socket."""
+  a process out of descriptors (EMFILE) waits instead of spinning on its listening socket.
+
+Also the socket-level helpers serve.py's handlers use: whether a client has gone (peer_closed),
+a bug's 500 body (internal_error), and what a bind failure means (bind_error)."""
 
 from __future__ import annotations
 
 import errno
 import io
-import json
 import ipaddress
+import json
+import select
 import socket
 import sys
 import time
+import traceback
+import uuid
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from .errors import ConfigError
 from .serve_request import RequestError, error_payload
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -211,3 +219,70 @@ def refuse_busy(sock: socket.socket, limit: int) -> None:
         sock.send(BUSY_REPLY % (len(body), body))
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- client gone
+
+_TCP_CLOSE_WAIT = 8  # Linux's tcp_states.h: the peer has sent its FIN
+
+
+def peer_closed(sock) -> bool:
+    """Whether the client closed its connection (or shut down its sending side), seen without
+    taking a byte from `sock`: readable, and a peek reads end-of-file. Bytes still waiting (a
+    pipelined request, a stray CRLF after the body) are left where they are; on Linux the TCP
+    state then tells whether a FIN follows them."""
+    try:
+        if hasattr(select, "poll"):  # select.select refuses descriptors >= FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        if not readable:
+            return False
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            return True
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset by the peer, or the socket is already closed
+        return True
+    if sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO"):
+        try:  # struct tcp_info starts with tcpi_state
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+        except OSError:
+            return False
+    return False
+
+
+# ----------------------------------------------------------------------------- errors
+
+def internal_error(e: BaseException) -> dict:
+    """A bug's 500 body: the exception's type and an id to find its traceback (printed here) in
+    the server's log; its text stays there, as it may hold the server's paths."""
+    ref = uuid.uuid4().hex[:12]
+    print(f"internal error {ref}:", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    return error_payload(f"internal error ({type(e).__name__}); the server's log has its details under id {ref}",
+                         "server_error")
+
+
+def bind_error(host: str, port: int, e: OSError) -> ConfigError:
+    where = f"{host}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        fix = f"another process is listening on port {port}; pick another --port (--port 0 picks a free one)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        fix = f"port {port} needs privileges here; pick a --port of 1024 or above (--port 0 picks a free one)"
+    elif e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
+        fix = f"{host!r} is not an address of this machine; use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all)"
+    else:
+        fix = "check --host, or pick another --port (--port 0 picks a free one)"
+    return ConfigError(f"cannot listen on {where}: {e.strerror or e}; {fix}")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) the way the server will and let it go: a busy port or a foreign host is
+    reported before the model is loaded, which can take minutes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if ThreadingHTTPServer.allow_reuse_address:  # as the server binds (socketserver.TCPServer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))

@@ -69,6 +69,9 @@ def read_config(folder: Path) -> MambaConfig:
     cfg_path = config_file(folder)
     if cfg_path is None:
         raise ModelNotFoundError(f"{folder} has no config.json (or params.json); {_not_a_checkpoint(folder)}")
+    from .pathnames import check_model_file
+
+    check_model_file(cfg_path, folder)
     return _with_generation_token_ids(MambaConfig.from_file(cfg_path), folder)
 
 
@@ -154,7 +157,16 @@ def weight_files(folder: Path) -> list[Path]:
 
 def _weight_sources(folder: Path) -> dict[Path, set[str] | None]:
     """weight file -> the tensor names to read from it: those a shard index assigns to it, or None
-    (every tensor in the file) when there is no index."""
+    (every tensor in the file) when there is no index; each a regular file."""
+    from .pathnames import check_model_file
+
+    sources = _find_weight_sources(folder)
+    for f in sources:  # not a pipe or device (a read that never returns or never ends)
+        check_model_file(f, folder)
+    return sources
+
+
+def _find_weight_sources(folder: Path) -> dict[Path, set[str] | None]:
     for name in WEIGHT_FILES:
         if name in WEIGHT_INDEXES and (folder / name).exists():
             index = folder / name
@@ -180,7 +192,7 @@ def _read_index(index: Path) -> dict[str, str]:
     fix = "re-save the checkpoint (or download it again)"
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past the parser
         raise CheckpointError(f"{index} is not a valid shard index ({e}); {fix}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not (isinstance(weight_map, dict)
@@ -670,9 +682,12 @@ def copy_tokenizer_files(src, dst) -> list[str]:
     src = Path(src)
     if src.is_file():
         src = src.parent
+    from .pathnames import check_model_file
+
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).exists():
+            check_model_file(src / name, src, inside=True)  # nothing from outside the folder goes into the output
             shutil.copy2(src / name, Path(dst) / name)
             copied.append(name)
     ends = generation_end_ids(src) if GENERATION_CONFIG not in copied else []

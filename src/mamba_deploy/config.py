@@ -239,6 +239,8 @@ class MambaConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from e
+        except RecursionError as e:  # arrays nested thousands deep: past the parser
+            raise ConfigError(f"{path} is nested too deep to be a config ({type(e).__name__}); {fix}") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text ({e}); {fix}") from e
         except FileNotFoundError as e:

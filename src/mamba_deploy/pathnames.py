@@ -42,3 +42,35 @@ def text_path(path) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}" + ("" if opened == p else f"/{p.name}")
     finally:
         os.close(fd)
+
+
+def check_model_file(path, folder=None, inside: bool = False) -> None:
+    """CheckpointError unless `path` (a file of the model folder `folder`, default its parent) is
+    a regular file once links are followed, and with `inside`, one inside that folder. A folder
+    handed over by someone else (an upload to a conversion service) could link
+    tokenizer_config.json to /dev/zero (an endless read or copy) or to a pipe (a read that never
+    returns), or merges.txt to a file of this machine, which `convert` then copied into the new
+    checkpoint (`inside`: for what is copied into an output; a model read through links to
+    files elsewhere, a way to assemble a folder without copying, still loads). A hub cache's
+    snapshot links into its repo's blobs: inside that repo's cache folder is inside."""
+    import stat
+
+    from .errors import CheckpointError
+
+    p = Path(path)
+    home = Path(folder) if folder is not None else p.parent
+    try:
+        target, mode = p.resolve(), os.stat(p).st_mode
+    except (OSError, RuntimeError):  # absent or a link to nothing: the reader says so
+        return
+    if not stat.S_ISREG(mode):
+        what = "a folder" if stat.S_ISDIR(mode) else "a pipe or device"
+        raise CheckpointError(f"{p} is {what}, not a file; a model folder holds regular files (replace it with the "
+                              "file itself)")
+    if not inside:
+        return
+    root = home.resolve()
+    roots = [root] + ([root.parent.parent] if root.parent.name == "snapshots" else [])  # hub cache: repo/blobs
+    if not any(target == r or r in target.parents for r in roots):
+        raise CheckpointError(f"{p} links to {target}, outside the model folder {home}; copy the file into the "
+                              "folder instead of linking it")

@@ -295,7 +295,10 @@ def _corrupt(path: Path, e: Exception) -> ConfigError:
 def _from_tokenizer_json(folder: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTok
 
+    from .pathnames import check_model_file
+
     path = folder / "tokenizer.json"
+    check_model_file(path, folder)
     try:
         tok = HFTok.from_buffer(path.read_bytes())  # from_file takes UTF-8 text only: not every file name is
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
@@ -453,12 +456,15 @@ def sentencepiece_tokenizer(model: bytes, folder=None, add_eos=False) -> Tokeniz
 
 def read_tokenizer_config(folder: Path) -> dict:
     """tokenizer_config.json as a dict ({} when absent), or a ConfigError naming the file."""
+    from .pathnames import check_model_file
+
     path = folder / "tokenizer_config.json"
     if not path.exists():
         return {}
+    check_model_file(path, folder)  # not a pipe (a read that never returns) nor a file outside the folder
     try:
         tcfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # bad JSON, not UTF-8, or nested past the parser
         raise _corrupt(path, e) from e
     if not isinstance(tcfg, dict):
         raise _corrupt(path, TypeError(f"it holds a {type(tcfg).__name__}, not a JSON object"))

@@ -1,0 +1,85 @@
+"""The thirty-eighth session's review of hostile model folders: a file linked out of the folder
+(copied into outputs), linked to /dev/zero (an endless copy) or made a pipe (a read that never
+returns), and JSON nested past the parser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mamba_deploy.errors import CheckpointError, ConfigError
+
+DEMO2 = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(DEMO2, folder)
+    return folder
+
+
+def test_a_tokenizer_file_linked_outside_the_folder_is_not_copied_into_a_convert(model_copy, tmp_path):
+    from mamba_deploy.cli import main
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    (model_copy / "merges.txt").symlink_to(secret)
+    assert main(["convert", str(model_copy), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # before: merges.txt held "top secret"
+
+
+@pytest.mark.parametrize("special", ["dev_zero", "fifo"])
+def test_a_tokenizer_config_that_is_a_device_or_a_pipe_is_a_checkpoint_error(model_copy, tmp_path, special):
+    from mamba_deploy import load_model
+
+    cfg = model_copy / "tokenizer_config.json"
+    cfg.unlink()
+    if special == "fifo":
+        os.mkfifo(cfg)
+    else:
+        cfg.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="is a pipe or device, not a file"):
+        load_model(model_copy).tokenizer  # a FIFO: the read never returned; /dev/zero: until memory ran out
+
+
+def test_a_weight_file_that_is_a_pipe_is_refused_and_one_linked_elsewhere_loads(model_copy, tmp_path):
+    """Linking files in from elsewhere assembles a folder without copying: reading goes on; a pipe
+    would never answer."""
+    from mamba_deploy import load_model
+
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(str(model_copy / "model.safetensors"), outside)
+    (model_copy / "model.safetensors").symlink_to(outside)
+    assert load_model(model_copy).config.vocab_size == load_model(DEMO2).config.vocab_size
+    (model_copy / "model.safetensors").unlink()
+    os.mkfifo(model_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match="is a pipe or device, not a file"):
+        load_model(model_copy)
+
+
+def test_a_hub_cache_snapshot_linking_into_its_blobs_still_loads(tmp_path):
+    """The hub cache's layout: snapshots/REV/file -> ../../blobs/HASH."""
+    from mamba_deploy import load_model
+
+    repo = tmp_path / "models--x--y"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in DEMO2.iterdir():
+        if f.is_file():
+            shutil.copy2(f, blobs / f.name)
+            (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    model = load_model(snap)
+    assert model.tokenizer.encode("def f") == load_model(DEMO2).tokenizer.encode("def f")
+
+
+def test_json_nested_past_the_parser_is_a_typed_error(model_copy):
+    from mamba_deploy import load_model
+
+    (model_copy / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deep"):
+        load_model(model_copy)

@@ -83,3 +83,24 @@ def test_json_nested_past_the_parser_is_a_typed_error(model_copy):
     (model_copy / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="nested too deep"):
         load_model(model_copy)
+
+
+def test_a_gguf_whose_tensor_type_was_edited_is_corrupt_not_loaded(tmp_path):
+    """F32 -> Q4_0 in one tensor info: fewer bytes, so the tensors no longer follow each other;
+    llama.cpp refuses the file ("has offset ..., expected ..."), the importer loaded other bytes
+    as that tensor's weights (embeddings up to 4096 instead of 0.17) without a word."""
+    import gguf
+
+    from mamba_deploy import load_model
+    from mamba_deploy.cli import main
+
+    path = tmp_path / "m.gguf"
+    assert main(["export", "gguf", str(DEMO2), str(path)]) == 0
+    reader = gguf.GGUFReader(path, "r+")
+    t = reader.tensors[0]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    t.field.parts[-2][0] = int(gguf.GGMLQuantizationType.Q4_0)  # the info's type code, in the file
+    del reader
+    with pytest.raises(CheckpointError, match=r"is corrupt: tensor .* starts at data offset \d+, where the tensors "
+                                              r"before it end at \d+"):
+        load_model(path)

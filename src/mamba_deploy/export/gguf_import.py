@@ -41,19 +41,23 @@ def open_reader(path):
 
 
 def _check_layout(reader, path) -> None:
-    """Tensor data at aligned offsets that do not overlap, as llama.cpp's loader checks: gguf-py
-    reads whatever bytes an offset names, so a file whose offset was edited loaded shifted weights."""
+    """Tensor data where llama.cpp's loader expects it: in the order of the tensor infos, each
+    tensor at the previous one's end rounded up to the file's alignment. gguf-py reads whatever
+    bytes an offset names, so a file whose offset was edited loaded shifted weights, and one whose
+    type code was edited (F32 -> Q4_0: fewer bytes) loaded other bytes as weights, silently."""
     align = int(getattr(reader, "alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
-    end, prev = reader.data_offset, None
-    for t in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
-        start = int(t.data_offset)
-        if (start - reader.data_offset) % align:
-            problem = f"tensor {t.name!r} starts at data offset {start - reader.data_offset}, not a multiple of the " \
-                      f"file's alignment {align}"
-        elif start < end:
-            problem = f"tensor {t.name!r} (at data offset {start - reader.data_offset}) overlaps {prev!r}"
+    expected, prev = 0, None
+    for t in reader.tensors:
+        start = int(t.data_offset) - reader.data_offset
+        if start % align:
+            problem = f"tensor {t.name!r} starts at data offset {start}, not a multiple of the file's alignment {align}"
+        elif start < expected and prev is not None:
+            problem = f"tensor {t.name!r} (at data offset {start}) overlaps {prev!r}, which ends at {expected}"
+        elif start != expected:
+            problem = (f"tensor {t.name!r} starts at data offset {start}, where the tensors before it end at "
+                       f"{expected} (a tensor's type or shape does not match its bytes)")
         else:
-            end, prev = start + int(t.n_bytes), t.name
+            expected, prev = start + -(-int(t.n_bytes) // align) * align, t.name
             continue
         raise CheckpointError(f"GGUF file {path} is corrupt: {problem}; re-export it (mamba-deploy export gguf) or "
                               "re-download it")

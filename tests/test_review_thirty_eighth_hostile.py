@@ -104,3 +104,37 @@ def test_a_gguf_whose_tensor_type_was_edited_is_corrupt_not_loaded(tmp_path):
     with pytest.raises(CheckpointError, match=r"is corrupt: tensor .* starts at data offset \d+, where the tensors "
                                               r"before it end at \d+"):
         load_model(path)
+
+
+@pytest.mark.parametrize("template, says", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+     "wrote more than"),
+    ("{{ 'x' * 10**10 }}", "past"),
+    ("{{ 9 ** 100000000 }}", "to the power"),  # Jinja's ** is left-associative: no 10**9 here
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+])
+def test_a_chat_template_that_runs_away_is_a_chat_template_error(template, says):
+    """Its output grew 200 MB/s until the process was killed; a recursive macro was a traceback."""
+    from mamba_deploy.chat import ChatTemplateError, render_chat
+
+    with pytest.raises(ChatTemplateError, match=says):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../secret.txt"])
+def test_an_onnx_manifest_naming_files_outside_its_folder_is_refused(tmp_path, name):
+    """They were stat'ed (the error told whether a host file exists and its size) and, with
+    check_hash, read and hashed (/dev/zero: never returned)."""
+    import json
+
+    from mamba_deploy.cli import main
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.runners import open_runner
+
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", str(DEMO2), str(out), "--no-validate"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": 1, "sha256": "0" * 64}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="outside the export folder"):
+        open_runner(out, "onnx")

@@ -93,6 +93,10 @@ def _show(x) -> str:
     return json.dumps(x, default=repr)[:80]
 
 
+MAX_RENDERED_CHARS = 64 * 2**20  # a rendered conversation: 8x the server's request body limit
+MAX_POWER = 4096  # exponents a template's `**` may use on integers
+
+
 def _environment():
     try:
         from jinja2 import ext
@@ -115,8 +119,22 @@ def _environment():
             next(parser.stream)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[ext.loopcontrols, GenerationBlock])
+    class Bounded(ImmutableSandboxedEnvironment):
+        """`*` and `**` checked before they run: "x" * 10**10 or 9 ** 10**9 in a template took the
+        process's memory (or minutes) in one expression, before any output cap could see it."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
+                    raise ChatTemplateError(f"the chat template repeats a {type(seq).__name__} {n} times, past "
+                                            f"{MAX_RENDERED_CHARS} items")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > MAX_POWER:
+                raise ChatTemplateError(f"the chat template raises {left} to the power {right}, past {MAX_POWER}")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols, GenerationBlock])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -151,11 +169,19 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
     env = _environment()
     messages = check_messages(messages)  # outside the try: a bad conversation is the caller's error, not the template's
     try:
-        return env.from_string(template).render(messages=messages, **special_tokens, bos_token=bos_token,
-                                                eos_token=eos_token, add_generation_prompt=add_generation_prompt)
-    except ChatTemplateError:  # its own raise_exception
+        pieces, n = [], 0
+        for piece in env.from_string(template).generate(
+                messages=messages, **special_tokens, bos_token=bos_token, eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt):
+            n += len(piece)
+            if n > MAX_RENDERED_CHARS:  # a loop that writes without end took all memory
+                raise ChatTemplateError(f"the chat template wrote more than {MAX_RENDERED_CHARS} characters for this "
+                                        "conversation; check its loops")
+            pieces.append(piece)
+        return "".join(pieces)
+    except ChatTemplateError:  # its own raise_exception, or a bound above
         raise
-    except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:  # a template bug
+    except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError, RecursionError) as e:  # a template bug
         raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from e
 
 

@@ -381,6 +381,9 @@ def _check_files(manifest: dict, folder: Path, check_hash: bool) -> None:
         if not (isinstance(info, dict) and _is_size(info.get("bytes")) and isinstance(info.get("sha256"), str)):
             raise ExportError(f"{where}: files[{name!r}] must be {{\"bytes\": N, \"sha256\": \"...\"}}, not "
                               f"{info!r:.80}; the manifest was edited: re-export the model")
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # stat'ed and hashed: nothing outside the folder
+            raise ExportError(f"{where}: files names {name!r}, outside the export folder; the manifest was edited: "
+                              "re-export the model")
         p = folder / name
         if not p.exists():
             raise ModelNotFoundError(f"{p} is missing (listed in manifest.json); re-export the model")

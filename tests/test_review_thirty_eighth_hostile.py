@@ -138,3 +138,26 @@ def test_an_onnx_manifest_naming_files_outside_its_folder_is_refused(tmp_path, n
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="outside the export folder"):
         open_runner(out, "onnx")
+
+
+def test_the_openvino_runner_refuses_a_manifest_that_disagrees_with_the_graph(tmp_path):
+    """A manifest edited to another d_state: the ONNX runner refused it, OpenVINO ran it (all-zero
+    logits past the graph's vocabulary; a raw error at prefill for d_state)."""
+    import json
+
+    pytest.importorskip("openvino")
+    from mamba_deploy.cli import main
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.onnx import io_spec
+    from mamba_deploy.runners import open_runner
+
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", str(DEMO2), str(out), "--no-validate"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["d_state"] *= 2  # the config and the io shapes edited together: self-consistent
+    manifest.update(io_spec(MambaConfig.from_own_dict(manifest["config"])))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for backend in ("onnx", "openvino"):
+        with pytest.raises(ExportError, match="but manifest.json says"):
+            open_runner(out, backend)

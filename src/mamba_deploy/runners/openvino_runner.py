@@ -303,13 +303,25 @@ def _read_model(core, folder: Path):
 
 
 def _check_model(manifest: dict, model, folder: Path) -> None:
-    """The graph OpenVINO read must expose exactly the manifest's input and output names."""
+    """The graph OpenVINO read must expose the manifest's input and output names, with the
+    manifest's static dims: a manifest edited to another vocabulary or d_state ran (all-zero
+    logits past the graph's vocabulary, a raw error at prefill), where the ONNX runner refused it
+    (onnx_runner.check_session)."""
     for kind, ports in (("inputs", model.inputs), ("outputs", model.outputs)):
-        want = {d["name"] for d in manifest[kind]}
-        got = {n for p in ports for n in p.get_names()}
-        if not want <= got:
-            raise ExportError(f"OpenVINO reads {folder / GRAPH_FILE} without the {kind} {sorted(want - got)} "
+        want = {d["name"]: d["shape"] for d in manifest[kind]}
+        got = {n: p for p in ports for n in p.get_names()}
+        if not set(want) <= set(got):
+            raise ExportError(f"OpenVINO reads {folder / GRAPH_FILE} without the {kind} {sorted(set(want) - set(got))} "
                               "listed in manifest.json; re-export the model")
+        for name, shape in want.items():
+            ps = got[name].get_partial_shape()
+            if ps.rank.is_dynamic:
+                continue
+            dims = [d.get_length() if d.is_static else None for d in ps]
+            if len(dims) != len(shape) or any(isinstance(w, int) and v is not None and w != v
+                                              for w, v in zip(shape, dims)):
+                raise ExportError(f"{folder / GRAPH_FILE}: {kind[:-1]} {name!r} has shape {dims} but manifest.json "
+                                  f"says {shape}; re-export the model")
 
 
 # OpenVINO's virtual devices: they run on the devices listed after ':' (AUTO alone picks one itself)

@@ -431,7 +431,8 @@ def test_llamacpp_refuses_f16_where_it_needs_f32_instead_of_aborting(gguf_m1, tm
         assert rel_err(load_model(bad)(ids).logits, load_model(src)(ids).logits) < 1e-2
 
 
-@pytest.mark.parametrize("offset,problem", [(32, "overlaps"), (4, "not a multiple of the file's alignment 32")])
+@pytest.mark.parametrize("offset,problem", [(32, "where the tensors before it end at 0"),
+                                            (4, "not a multiple of the file's alignment 32")])
 def test_a_gguf_with_a_wrong_tensor_offset_is_refused(gguf_m1, tmp_path, offset, problem):
     """An edited tensor offset (overlapping the next tensors, or unaligned) loaded shifted bytes as
     weights (convert wrote embeddings off by up to 13.6); llama.cpp refuses such files, and now so

@@ -63,10 +63,9 @@ def check_model_file(path, folder=None, inside: bool = False) -> None:
         target, mode = p.resolve(), os.stat(p).st_mode
     except (OSError, RuntimeError):  # absent or a link to nothing: the reader says so
         return
-    if not stat.S_ISREG(mode):
-        what = "a folder" if stat.S_ISDIR(mode) else "a pipe or device"
-        raise CheckpointError(f"{p} is {what}, not a file; a model folder holds regular files (replace it with the "
-                              "file itself)")
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a folder: each reader says so in its own terms
+        raise CheckpointError(f"{p} is a pipe or device, not a file; a model folder holds regular files (replace it "
+                              "with the file itself)")
     if not inside:
         return
     root = home.resolve()

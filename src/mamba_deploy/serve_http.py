@@ -127,8 +127,6 @@ def is_loopback(host: str) -> bool:
 
 def check_allowed_hosts(hosts) -> tuple[str, ...]:
     """--allowed-hosts' names, lower-cased; `*` alone takes any."""
-    from .errors import ConfigError
-
     names = tuple(h.strip().lower().rstrip(".") for h in hosts)
     names = tuple(h[1:-1] if h.startswith("[") and h.endswith("]") else h for h in names)  # [::1] -> ::1
     if not names or any(not h or any(c in h for c in "/ @[]") or (":" in h and not _is_ip(h)) for h in names):

@@ -61,8 +61,6 @@ def guess_backend(path) -> str:
 
 
 def open_runner(path, backend: str | None = None, **options) -> Runner:
-    import importlib
-
     if isinstance(path, (str, os.PathLike)):  # "~/m.gguf" as load_model takes it (a hub id has no ~)
         path = os.path.expanduser(path)
     named = backend_name(backend) if backend else None
@@ -71,16 +69,22 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
     if unknown:
         raise ConfigError(f"open_runner got unknown option(s) {unknown}; the {backend} backend takes "
                           f"{', '.join(OPTIONS[backend])}")
-    mod_name, fn = BACKENDS[backend]
-    from .preflight import check_installed
-
-    try:  # every missing package at once, before any import
-        check_installed(backend, path)
-    except BackendUnavailableError as e:  # and whether this backend is the one for the path at all
-        hinted = _wrong_backend(e, path, named)
+    try:
+        return _open(path, backend, options)
+    except (BackendUnavailableError, ModelNotFoundError, CheckpointError) as e:
+        hinted = _wrong_backend(e, path, named)  # is this backend the one for the path at all?
         if hinted is e:
             raise
         raise hinted from e
+
+
+def _open(path, backend: str, options: dict) -> Runner:
+    import importlib
+
+    from .preflight import check_installed
+
+    mod_name, fn = BACKENDS[backend]
+    check_installed(backend, path)  # every missing package at once, before any import
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -88,13 +92,7 @@ def open_runner(path, backend: str | None = None, **options) -> Runner:
             raise BackendUnavailableError(f"backend {backend!r} is not built into this version of mamba-deploy") from e
         raise BackendUnavailableError(f"backend {backend!r} needs the package {top_level(e.name)!r}: "
                                       f"{install_hint(e.name)}") from e
-    try:
-        return getattr(mod, fn)(path, **options)
-    except (ModelNotFoundError, CheckpointError) as e:
-        hinted = _wrong_backend(e, path, named)
-        if hinted is e:
-            raise
-        raise hinted from e
+    return getattr(mod, fn)(path, **options)
 
 
 # backends that open each other's kind of artifact: no hint to switch between them

@@ -45,12 +45,9 @@ def check_installed(backend: str, path=None) -> None:
         raise BackendUnavailableError(f"the {backend} backend needs the {what} {' and '.join(map(repr, missing))}: "
                                       f"{install_hints(missing)}{other}")
     if backend == "tensorrt":
-        import torch
+        from .tensorrt_runner import require_cuda
 
-        if not torch.cuda.is_available():
-            from ..export.tensorrt import INSTALL_HINT
-
-            raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")
+        require_cuda()
 
 
 def artifact_config(path, backend: str) -> MambaConfig | None:
@@ -96,17 +93,9 @@ def _onnx_config(p: Path) -> MambaConfig:
 
 
 def _tensorrt_config(p: Path) -> MambaConfig | None:
-    from ..atomic import read_tagged_json
-    from ..export.tensorrt import SIDECAR_FORMAT, engine_file, sidecar_path
+    from .tensorrt_runner import engine_and_sidecar
 
-    engine = engine_file(p)
-    if not engine.is_file():
-        raise ModelNotFoundError(f"no TensorRT engine at {engine}; build one with "
-                                 "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")
-    side = sidecar_path(engine)
-    if not side.is_file():
-        raise ModelNotFoundError(f"{side} is missing (written next to the engine by build_engine); rebuild the engine")
-    manifest = read_tagged_json(side, SIDECAR_FORMAT, "TensorRT sidecar", "rebuild the engine").get("manifest")
+    manifest = engine_and_sidecar(p)[1].get("manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         return None  # a broken sidecar: the runner says what is wrong with it
     return MambaConfig.from_own_dict(manifest["config"])  # as TensorRTRunner reads it

@@ -193,14 +193,15 @@ def check_engine_pair(sidecar: dict, engine_bytes: int, path: Path) -> None:
                           "the engine")
 
 
-def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -> TensorRTRunner:
-    """path: an engine file from build_engine (or a folder holding model.engine), with its
-    `<engine>.json` sidecar next to it. threads is checked like every backend's, and unused:
-    the engine runs on the GPU."""
-    check_threads(threads)
-    trt = import_tensorrt()
+def require_cuda() -> None:
+    """BackendUnavailableError where torch sees no CUDA GPU (the engine runs on one)."""
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU and torch with CUDA; {INSTALL_HINT}")
+
+
+def engine_and_sidecar(path) -> tuple[Path, dict]:
+    """(the engine file `path` names, its sidecar read), or ModelNotFoundError for either missing;
+    also verify's check before its reference pass (runners/preflight.py)."""
     p = engine_file(path)
     side = sidecar_path(p)
     if not p.exists():
@@ -208,7 +209,17 @@ def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -
                                  "mamba_deploy.export.tensorrt.build_engine(ONNX_DIR, ENGINE_PATH)")
     if not side.exists():
         raise ModelNotFoundError(f"{side} is missing (written next to the engine by build_engine); rebuild the engine")
-    sidecar = read_tagged_json(side, SIDECAR_FORMAT, "TensorRT sidecar", "rebuild the engine")
+    return p, read_tagged_json(side, SIDECAR_FORMAT, "TensorRT sidecar", "rebuild the engine")
+
+
+def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -> TensorRTRunner:
+    """path: an engine file from build_engine (or a folder holding model.engine), with its
+    `<engine>.json` sidecar next to it. threads is checked like every backend's, and unused:
+    the engine runs on the GPU."""
+    check_threads(threads)
+    trt = import_tensorrt()
+    require_cuda()
+    p, sidecar = engine_and_sidecar(path)
     dev = torch.device(device)
     with torch.cuda.device(dev):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

@@ -154,10 +154,11 @@ def compare(row: Row, ref: dict, got: dict, tol: dict) -> None:
 def _reference_label(model_dir: Path, files) -> str:
     """The reference row's format as stored: "safetensors fp16->fp32" for the shipped models."""
     from .checkpoint import stored_dtypes
+    from .tolerances import dtype_label
 
     kind = "safetensors" if files[0].suffix == ".safetensors" else "pytorch .bin"
-    stored = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(stored_dtypes(model_dir)[0])
-    return f"{kind} {stored}->fp32" if stored and stored != "fp32" else f"{kind} fp32"
+    stored = dtype_label(stored_dtypes(model_dir)[0])  # fp16 / bf16, else fp32
+    return f"{kind} {stored}->fp32" if stored != "fp32" else f"{kind} fp32"
 
 
 def _size(path: Path) -> int:

@@ -461,7 +461,7 @@ def read_tokenizer_config(folder: Path) -> dict:
     path = folder / "tokenizer_config.json"
     if not path.exists():
         return {}
-    check_model_file(path, folder)  # not a pipe (a read that never returns) nor a file outside the folder
+    check_model_file(path, folder)  # not a pipe (a read that never returns) nor a device
     try:
         tcfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # bad JSON, not UTF-8, or nested past the parser
@@ -476,15 +476,11 @@ def _own_model_config(folder: Path) -> dict:
     tokenizer_config.json, AutoTokenizer picks the class by config.json's model_type, which there
     is config.QUANTIZED_MODEL_TYPE (unknown to transformers on purpose); the model's own type is
     kept beside it. {} for any other folder."""
-    import json
-
+    from .atomic import read_json_object
     from .config import QUANTIZED_MODEL_TYPE, QUANTIZED_TYPE_KEY
 
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(raw, dict) or raw.get("model_type") != QUANTIZED_MODEL_TYPE:
+    raw = read_json_object(folder / "config.json")  # {} when absent or unreadable
+    if raw.get("model_type") != QUANTIZED_MODEL_TYPE:
         return {}
     from transformers import AutoConfig
 

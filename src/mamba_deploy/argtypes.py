@@ -101,6 +101,18 @@ def is_finite(v) -> bool:
         return False
 
 
+def check_switch(name: str, value, none: str | None = None):
+    """`value` of a yes/no option of the Python API: True or False (and None when `none` says
+    what None means); else ConfigError naming it. Used as a bare truth value, "false" or "no"
+    switched the option on."""
+    from .errors import ConfigError
+
+    if isinstance(value, bool) or (value is None and none is not None):
+        return value
+    allowed = "True, False or None" + (f" ({none})" if none else "") if none is not None else "True or False"
+    raise ConfigError(f"{name} must be {allowed}, got {value!r:.40}")
+
+
 def is_seed(value) -> bool:
     """An int torch.Generator.manual_seed takes: 0 <= seed < 2**64 (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64

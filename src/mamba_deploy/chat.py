@@ -13,9 +13,9 @@ themselves ("{{ bos_token }}"), so adding it again would double it.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
+from .chat_sandbox import MAX_RENDERED_CHARS, ChatTemplateError, environment
 from .errors import ConfigError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -23,10 +23,6 @@ GGUF_CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system turn (o1 and later clients send it): templates know "system"
 ROLE_ALIASES = {"developer": "system"}
-
-
-class ChatTemplateError(ConfigError):
-    """The template refused the conversation (its raise_exception), or could not be rendered."""
 
 
 def read_chat_template(folder) -> str | None:
@@ -93,54 +89,6 @@ def _show(x) -> str:
     return json.dumps(x, default=repr)[:80]
 
 
-MAX_RENDERED_CHARS = 64 * 2**20  # a rendered conversation: 8x the server's request body limit
-MAX_POWER = 4096  # exponents a template's `**` may use on integers
-
-
-def _environment():
-    try:
-        from jinja2 import ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ModuleNotFoundError as e:  # torch depends on jinja2, so this is rare
-        raise ConfigError("chat templates need jinja2: pip install jinja2") from e
-
-    def raise_exception(message):
-        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    class GenerationBlock(ext.Extension):
-        """{% generation %}...{% endgeneration %}, which transformers' templates use to mark the
-        assistant's tokens (assistant-only training losses; SmolLM3): its body, as rendered."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        """`*` and `**` checked before they run: "x" * 10**10 or 9 ** 10**9 in a template took the
-        process's memory (or minutes) in one expression, before any output cap could see it."""
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                seq, n = (left, right) if isinstance(right, int) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
-                    raise ChatTemplateError(f"the chat template repeats a {type(seq).__name__} {n} times, past "
-                                            f"{MAX_RENDERED_CHARS} items")
-            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > MAX_POWER:
-                raise ChatTemplateError(f"the chat template raises {left} to the power {right}, past {MAX_POWER}")
-            return super().call_binop(context, operator, left, right)
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols, GenerationBlock])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
 def check_template(template) -> str:
     """A chat template that compiles (syntax only): ChatTemplateError naming the error and its line,
     before a server starts or a model loads, not at the first request."""
@@ -153,7 +101,7 @@ def check_template(template) -> str:
         raise ChatTemplateError(f"chat template {template!r:.80} looks like a file name, not Jinja text; pass the "
                                 "file's contents (chat.read_template_file(path) reads one)")
     try:
-        _environment().from_string(template)
+        environment().from_string(template)
     except TemplateSyntaxError as e:
         raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
     return template
@@ -166,7 +114,7 @@ def render_chat(template: str, messages, bos_token: str = "", eos_token: str = "
     unk_token, ...). ChatTemplateError where the template fails or refuses it."""
     from jinja2 import TemplateError
 
-    env = _environment()
+    env = environment()
     messages = check_messages(messages)  # outside the try: a bad conversation is the caller's error, not the template's
     try:
         pieces, n = [], 0

@@ -470,7 +470,7 @@ def _main(argv) -> int:
         if (stop := _interrupted(e)) is not None:
             return _stopped(stop, args)
         print(f"{_rank_prefix(args)}error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # verify's "beyond tolerance": 1 (errors.BeyondToleranceError)
     except ModuleNotFoundError as e:
         if (stop := _interrupted(e)) is not None:
             return _stopped(stop, args)

@@ -52,3 +52,15 @@ class RunnerClosedError(MambaDeployError, RuntimeError):
 
 class VerificationError(MambaDeployError, AssertionError):
     """An artifact disagrees with its reference beyond tolerance."""
+
+
+class TrainingDivergedError(MambaDeployError, FloatingPointError):
+    """A training step's loss or gradient norm is NaN or infinite: the step is not taken and
+    nothing is saved over the last good state."""
+
+
+class BeyondToleranceError(VerificationError):
+    """verify ran every check and some were beyond tolerance. The CLI exits with `exit_code` 1
+    here and 2 on every other error, as diff and cmp do, so a script can tell "the artifact
+    differs" from "the check could not run" (a bad path, a flag, a missing package)."""
+    exit_code = 1

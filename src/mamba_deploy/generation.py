@@ -104,24 +104,39 @@ def _penalized(logits, cfg: SamplingConfig, history):
 
 def sample(logits, cfg: SamplingConfig, history=None, generator=None):
     """logits (b, V) -> token ids (b,). generator: a torch.Generator for the whole batch, None
-    (torch's global one), or a list of one per row: each row then draws only from its own, so a
-    row samples the same whatever rows are beside it."""
+    (torch's global one), or a list of row_generators' numpy generators, one per row: each row
+    then draws only from its own, so a row samples the same whatever rows are beside it."""
     if cfg.temperature == 0:
         return _penalized(logits, cfg, history).argmax(-1)
     probs = filtered_probs(logits, cfg, history)
     if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
+        return inverse_cdf(probs, [g.random() for g in generator])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def row_generators(seed, rows: int) -> list[torch.Generator] | None:
+def inverse_cdf(probs, uniforms) -> torch.Tensor:
+    """probs (b, V), uniforms: b numbers in [0, 1) -> ids (b,): per row the first token whose
+    cumulative probability passes u x the row's total (float64 sums, on probs' device). A token of
+    probability 0 (filtered out, padded vocabulary) is never the answer: its cumulative sum
+    equals its predecessor's, and a u x total that rounds up to the total takes the row's last
+    token of positive probability."""
+    cdf = probs.double().cumsum(-1)  # (b, V)
+    u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)[:, 0]  # (b,)
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # (b,)
+    return torch.minimum(ids, last)
+
+
+def row_generators(seed, rows: int) -> list | None:
     """One generator per row, each seeded with `seed` (None: torch's global generator), as a
     request alone gets: a prompt samples the same text with seed s alone or listed beside
     others (so identical prompts with one seed give identical texts). `generate` and the server's
-    scheduler both sample through these."""
+    scheduler both sample through these. numpy's PCG64, not a torch.Generator: torch's CPU
+    generator keeps 32 bits of its seed, so seeds 1, 2**32 + 1 and 2**62 + 1 gave one text;
+    PCG64 takes all 64 (and the server's seeds up to 2**63 - 1)."""
     if seed is None:
         return None
-    return [torch.Generator().manual_seed(int(seed)) for _ in range(rows)]  # int(): a numpy integer
+    return [np.random.Generator(np.random.PCG64(int(seed))) for _ in range(rows)]  # int(): a numpy integer
 
 
 @dataclass
@@ -345,7 +360,7 @@ class Request:
     stops: torch.Tensor  # stop token ids
     stop_strings: list[str]
     scfg: SamplingConfig
-    generators: list[torch.Generator] | None  # one seeded per row (row_generators), or None: torch's global one
+    generators: list | None  # one seeded per row (row_generators), or None: torch's global one
     max_new_tokens: int
 
     def rows(self) -> "Rows":

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file, read_json_object,
-                     raise_out_of_space, remove_stale_temps, temp_owner, write_text)
+                     raise_out_of_space, remove_stale_temps, temp_owner)
 from .config import MambaConfig
-from .errors import CheckpointError, ConfigError, OutputPathError
+from .errors import CheckpointError, ConfigError, OutputPathError, TrainingDivergedError
 
 # Sizes of the shipped demo models (and a tiny one for smoke tests). ~3-4 M parameters each.
 PRESETS = {
@@ -392,6 +392,7 @@ def setup(args) -> SimpleNamespace:
                           settings={**{k: getattr(args, k) for k in RUN_SETTINGS}, TOKENIZER_KEY: digest},
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
                           state_path=state_path, train_ids=train_ids, val_ids=val_ids)
+    run.scaler = make_scaler(run.amp_dtype, device)
     if st is not None:
         try:
             model.load_state_dict(st["model"])
@@ -421,6 +422,8 @@ def setup(args) -> SimpleNamespace:
         try:
             run.opt.load_state_dict(st["opt"])
             run.rng.bit_generator.state = st["rng"]
+            if run.scaler is not None and "grad_scaler" in st:  # a state saved with --amp fp16
+                run.scaler.load_state_dict(st["grad_scaler"])
         except (KeyError, TypeError, ValueError) as e:  # another optimizer's or generator's state
             raise CheckpointError(f"--resume: {state_path} holds an optimizer or data-order state this run cannot "
                                   f"take ({type(e).__name__}: {e}); delete it (or use another --work-dir, or drop "
@@ -528,7 +531,11 @@ def _loop(run, args, val_windows, start: float) -> int:
             while step < total:
                 t0 = time.perf_counter()
                 batch = sample_batch(run.train_ids, args.batch, args.seq_len, run.rng, "train split")
-                loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total)
+                try:
+                    loss, lr = train_step(model, run.opt, batch, run.device, run.amp_dtype, args, step, total,
+                                          run.scaler)
+                except TrainingDivergedError as e:
+                    raise _diverged(run, args, step + 1, str(e)) from e
                 step += 1
                 # one statement: a signal is not taken between its stores
                 run.step, run.mark, run.tokens_seen, run.last, run.updating = (
@@ -575,9 +582,26 @@ def _evaluate(run, say) -> None:
     say(f"step {run.step}/{run.total} loss {loss:.4f} val_loss {vl:.4f} ({vl / math.log(2):.3f} bits)")
 
 
+def _diverged(run, args, step: int, what: str) -> TrainingDivergedError:
+    saved = (f"the last save (step {run.saved}, in {run.state_path} and {args.out}) stands" if run.saved
+             else "nothing was saved")
+    return TrainingDivergedError(f"training diverged at step {step}: {what}; {saved}. Start a new run with a lower "
+                                 f"--lr (now {args.lr:g}) or a longer --warmup (now {args.warmup}); --resume keeps "
+                                 "the run's --lr")
+
+
 def _save(run, args) -> None:
-    """The training state (WORK_DIR/train_state.pt) and the fp16 snapshot in --out at run.step."""
+    """The training state (WORK_DIR/train_state.pt) and the fp16 snapshot in --out at run.step;
+    TrainingDivergedError, writing nothing, when a weight is NaN or infinite (the last good
+    state is kept: --resume from a non-finite one could never recover)."""
+    from .checkpoint import all_finite
+
+    bad = next((name for name, p in run.model.named_parameters() if not all_finite(p.detach())), None)
+    if bad is not None:
+        raise _diverged(run, args, run.step, f"{bad} holds NaN or infinite values")
     extra = {"settings": run.settings, "schedule_steps": run.schedule_steps, "tokens_seen": run.tokens_seen}
+    if run.scaler is not None:
+        extra["grad_scaler"] = run.scaler.state_dict()
     save_training_state(run.state_path, run.model, run.opt, run.step, run.mark, run.log, args.preset, extra)
     metrics = {**run.info, "steps": run.step, "tokens_seen": run.tokens_seen, "log": run.log}
     save_snapshot(run.model, Path(args.out), torch.float16, metrics)
@@ -603,10 +627,23 @@ def _save_interrupted(run, args) -> None:
           flush=True)
 
 
-def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int):
+def make_scaler(amp_dtype, device):
+    """fp16 autocast's loss scaling (None otherwise): the loss is divided by the batch's target
+    count (16384 for 32 x 512), so a softmax gradient p / 16384 of ~1e-8 is below float16's
+    smallest subnormal (6e-8) and became 0 in the fp16 lm_head matmul: 92 of 4096 lm_head rows got
+    no gradient at all. bf16 has float32's range and needs none."""
+    if amp_dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int, scaler=None):
     """One optimizer step on `batch` (b, l+1): the mean next-token cross entropy over all of its
     tokens, its gradients accumulated over micro-batches of args.micro_batch sequences (all at
-    once when unset), clipped, then AdamW. Returns (loss, lr)."""
+    once when unset), clipped, then AdamW. `scaler`: make_scaler's, for fp16 autocast (a step
+    whose scaled gradients overflow is skipped and the scale lowered, as torch.amp does).
+    Returns (loss, lr); TrainingDivergedError, before the update, for a NaN or infinite loss or
+    gradient norm."""
     lr = lr_at(step, total, args.lr, args.warmup)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -619,10 +656,20 @@ def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int
             logits = lm_logits(model, part[:, :-1])  # (m, l, V)
         # summed and divided by the whole batch's count: the accumulated gradient is the batch mean's
         loss = F.cross_entropy(logits.float().flatten(0, 1), part[:, 1:].flatten(), reduction="sum") / n_targets
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         loss_sum += float(loss.detach())
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-    opt.step()
+    if not math.isfinite(loss_sum):
+        raise TrainingDivergedError(f"the loss is {loss_sum}")
+    if scaler is not None:
+        scaler.unscale_(opt)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+    if scaler is not None:  # an overflow of the scaled gradients: the step is skipped, the scale halved
+        scaler.step(opt)
+        scaler.update()
+    elif not math.isfinite(norm):
+        raise TrainingDivergedError(f"the gradient norm is {norm}")
+    else:
+        opt.step()
     return loss_sum, lr
 
 
@@ -689,7 +736,7 @@ def register(subparsers):
                         "conv, Mamba1's A_log); 1-D ones (norms, biases, D, Mamba2's A_log) get none")
     s.add_argument("--clip", type=positive_float, default=1.0,
                    help="clip the gradients' global L2 norm to this")
-    s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU")
+    s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU; fp16 trains with loss scaling (torch.amp.GradScaler)")
     s.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
     s.add_argument("--eval-every", type=positive_int, default=100,
@@ -734,68 +781,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-CARD = """# {name}
-
-A small {arch} language model ({params:.2f} M parameters) trained from scratch by
-`mamba-deploy train` on Python source code. It ships with mamba-deploy as the model that
-`mamba-deploy demo` loads, exports and verifies offline; it is a test fixture, not a useful
-code model.
-
-| | |
-| --- | --- |
-| architecture | {arch_line} |
-| tokenizer | byte-level BPE, {vocab} tokens, trained on the train split (`mamba-deploy train-tokenizer`) |
-| weights | fp16 safetensors, HF layout (`transformers` loads it with `AutoModelForCausalLM`) |
-| steps | {steps} (batch {batch} x {seq_len} tokens, AdamW lr {lr} cosine, warmup {warmup}, clip {clip}, {amp} autocast, {device}) |
-| training time | {train_s:.0f} s |
-| tokens seen | {tokens_seen:,} ({epochs:.1f} passes over {train_tokens:,} train tokens) |
-| validation perplexity | **{ppl:.2f}** on the first {val_tokens:,} validation tokens (state carried across 512-token windows) |
-| unigram baseline | {unigram:.1f} (add-one smoothed train-split counts, same tokens) |
-
-## Corpus and split
-The `.py` files of the Python standard library (`sysconfig.get_paths()["stdlib"]`), skipping the
-folders {excluded}. A file goes to validation when the first 8 bytes of sha256 of its path
-relative to the stdlib root ('/'-separated), as a big-endian integer, fall below {val_pct}% of
-2^64; the rule depends on the path alone, so it is the same on every Python version (the file
-sets differ a little between versions). Files are joined in path order, each followed by
-`<|endoftext|>`. Token streams were made with Python {python} and carried to the training
-machine.
-
-## Training commands
-```
-mamba-deploy train-tokenizer models/{name} --vocab-size {vocab}
-{command}
-```
-{repro}
-{notes}Measure it again: `mamba-deploy eval models/{name} --corpus stdlib-val --max-tokens {val_tokens}`.
-"""
-
-
-def write_model_card(folder, metrics: dict, data_meta: dict | None = None, notes: str = "") -> Path:
-    """README.md for a trained folder, from its train_log.json metrics."""
-    cfg = metrics["config"]
-    v = metrics["validation"]
-    arch = "Mamba2" if cfg["model_type"] == "mamba2" else "Mamba"
-    arch_line = f"{arch}: d_model {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, d_state {cfg['state_size']}"
-    if cfg["model_type"] == "mamba2":
-        arch_line += f", {cfg['num_heads']} heads x {cfg['head_dim']}, ngroups {cfg['n_groups']}, chunk_size {cfg['chunk_size']}"
-    from . import data
-
-    meta = data_meta or {}
-    cmd = metrics["command"]
-    repro = ""
-    if "--max-minutes" in cmd:
-        repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first 12 (all inside "
-                 f"the warmup, so the schedule is the same): pass `--steps {metrics['steps']}` instead to repeat it.\n")
-    text = CARD.format(
-        name=Path(folder).name, arch=arch, params=metrics["parameters"] / 1e6, arch_line=arch_line,
-        vocab=cfg["vocab_size"], steps=metrics["steps"], batch=metrics["batch"], seq_len=metrics["seq_len"],
-        lr=metrics["lr"], warmup=metrics["warmup"], clip=metrics["clip"],
-        amp=metrics["amp"].removeprefix("torch."), device=metrics["device"],
-        train_s=metrics.get("train_seconds", float("nan")), tokens_seen=metrics["tokens_seen"], epochs=metrics["tokens_seen"] / metrics["train_tokens_available"],
-        train_tokens=metrics["train_tokens_available"], ppl=v["ppl"], val_tokens=v["tokens"] + 1,
-        unigram=v["unigram_ppl"], excluded=", ".join(f"`{d}`" for d in sorted(data.EXCLUDED_DIRS)),
-        val_pct=data.VAL_PERCENT, python=meta.get("python", sys.version.split()[0]), command=cmd, repro=repro,
-        notes=notes + "\n" if notes else "")
-    return write_text(Path(folder) / "README.md", text)  # a temporary name, then renamed

@@ -22,7 +22,7 @@ import torch
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
 from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
-from .errors import ConfigError, MambaDeployError, VerificationError
+from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
 from .export.onnx_meta import MANIFEST_FILE
 from .inputs import first_out_of_vocab, token_stream
 from .tolerances import (BITS_TO_ROW, LABEL_ALIASES, TOLERANCES,  # noqa: F401 (verify's names)
@@ -680,7 +680,7 @@ def cmd_verify(args):
         write_json_atomic(args.json, report.to_dict())
     print(report.table())
     if not report.passed:
-        raise VerificationError(f"{args.artifact} is beyond tolerance of {args.reference}: "
+        raise BeyondToleranceError(f"{args.artifact} is beyond tolerance of {args.reference}: "
                                 + "; ".join(report.failures)
                                 + ". Re-export the artifact, or if the error is expected for its type, "
                                 "pass --dtype LABEL or --tolerance NAME=VALUE")
@@ -690,7 +690,7 @@ def register(subparsers) -> None:
     from .argtypes import positive_int_list
     from .cli import add_threads
 
-    s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; non-zero exit beyond tolerance")
+    s = subparsers.add_parser("verify", help="compare an artifact with its reference checkpoint; exit 1 beyond tolerance, 2 on errors")
     s.add_argument("reference", help="checkpoint folder / hub id run in PyTorch")
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
     s.add_argument("--backend", default=None, type=backend_choice,

@@ -22,15 +22,18 @@ import shutil
 import tempfile
 import types
 import weakref
+from pathlib import Path
 
 import torch
 
+from .atomic import remove_stale_temps, temp_owner
 from .errors import OutputPathError
 from .runners.base import Runner
 from .state import State
 from .verify import NOT_RUN
 
 SPILL_BYTES = 8 << 20  # answers this large go to disk; smaller ones stay in memory
+SPILL_NAME = "mamba-deploy-verify"  # the temporary folder of one verify run: .NAME.p<pid>h<host>-XXXX in TMPDIR
 
 
 class _OnDisk:
@@ -53,7 +56,10 @@ class _Spill:
                 or sum(t.numel() * t.element_size() for t in tensors.values()) < SPILL_BYTES:
             return value
         if self.folder is None:
-            self.folder = tempfile.mkdtemp(prefix="mamba-deploy-verify-")
+            # the writer's pid in the name: a verify killed outright (the OOM killer, on a large
+            # model) left its folder of reference answers in TMPDIR for good; the next one removes it
+            remove_stale_temps(Path(tempfile.gettempdir()), SPILL_NAME)
+            self.folder = tempfile.mkdtemp(prefix=f".{SPILL_NAME}.{temp_owner()}-")
             self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
         path = os.path.join(self.folder, f"{self._n}.pt")
         self._n += 1

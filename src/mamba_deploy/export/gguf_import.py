@@ -15,7 +15,7 @@ import torch
 
 from ..config import MambaConfig, check_values
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsupportedArchitectureError
-from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, DEFAULT_ALIGNMENT, EMBED_TENSOR, FILE_TYPE_KEY,
+from .gguf_tables import (ARCH_FROM_GGUF, ARCH_KEY, CONFIG_KEYS, EMBED_TENSOR, FILE_TYPE_KEY,
                           GGUF_ARCH, NOT_WEIGHT_TYPES, OUTPUT_TENSOR, OWN_KEYS, OWN_PREFIX, SPECIAL_KEYS, TENSORS,
                           TIME_STEP_RANK_KEY)
 
@@ -23,19 +23,11 @@ _MISSING = object()
 
 
 def open_reader(path):
-    """GGUFReader with user-facing errors for missing, truncated or non-GGUF files."""
-    from gguf import GGUFReader
+    """The GGUF file's metadata and tensor infos (gguf_reader.GGUFFile), its tensor layout checked;
+    typed errors for missing, truncated or non-GGUF files."""
+    from .gguf_reader import GGUFFile
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"no such GGUF file: {str(path)!r}")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001  (the reader raises ValueError, IndexError, struct errors...)
-        raise CheckpointError(
-            f"cannot read GGUF file {path} ({type(e).__name__}: {e}); it is truncated, corrupt or not a GGUF "
-            "file: re-export it (mamba-deploy export gguf) or re-download it"
-        ) from e
+    reader = GGUFFile(path)
     _check_layout(reader, path)
     return reader
 
@@ -45,7 +37,7 @@ def _check_layout(reader, path) -> None:
     tensor at the previous one's end rounded up to the file's alignment. gguf-py reads whatever
     bytes an offset names, so a file whose offset was edited loaded shifted weights, and one whose
     type code was edited (F32 -> Q4_0: fewer bytes) loaded other bytes as weights, silently."""
-    align = int(getattr(reader, "alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
+    align = reader.alignment
     expected, prev = 0, None
     for t in reader.tensors:
         start = int(t.data_offset) - reader.data_offset
@@ -90,10 +82,9 @@ def carried_fields(reader, prefix: str) -> dict:
     for key, f in reader.fields.items():
         if not key.startswith(prefix) or not key.startswith(CARRIED_PREFIXES) or key in NOT_CARRIED:
             continue
-        kind = VT(f.types[0])
-        if kind == VT.ARRAY and (len(f.types) != 2 or VT(f.types[1]) == VT.ARRAY or not f.data):
+        if f.type == VT.ARRAY and (f.item_type == VT.ARRAY or not f.count):
             continue
-        out[key] = (f.contents(), kind, VT(f.types[1]) if kind == VT.ARRAY else None)
+        out[key] = (f.contents(), f.type, f.item_type)
     return out
 
 
@@ -166,7 +157,7 @@ def _dequantized(t) -> np.ndarray:
     """ReaderTensor -> float32 numpy array in the GGUF (row-major, reversed ne) shape."""
     from gguf.quants import dequantize
 
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    shape = tuple(reversed(t.shape))
     try:
         data = dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
@@ -186,7 +177,7 @@ def open_gguf(path):
                               f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; a Mamba model's tensors are "
                               "F32, F16, BF16 or a llama.cpp quantized type. The file is corrupt or not a model: "
                               "re-export it (mamba-deploy export gguf) or re-download it")
-    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
+    shapes = {n: tuple(reversed(t.shape)) for n, t in tensors.items()}
     cfg = read_config(reader, shapes)
     check_sizes(shapes, cfg, path)  # before a model of the metadata's sizes is allocated
     return reader, tensors, shapes, cfg

@@ -115,6 +115,7 @@ def _same(x, cfg):
 # our parameter name -> (gguf name, to_gguf, from_gguf, arches); {bid} = layer index
 EMBED_TENSOR, OUTPUT_TENSOR = "token_embd.weight", "output.weight"  # no output.weight: tied embeddings
 DEFAULT_ALIGNMENT = 32  # general.alignment when a file does not set it (GGUF spec, gguf-py)
+ALIGNMENT_KEY = "general.alignment"
 TENSORS = [
     ("backbone.embeddings.weight", EMBED_TENSOR, _same, _same, ("mamba1", "mamba2")),
     ("backbone.norm_f.weight", "output_norm.weight", _same, _same, ("mamba1", "mamba2")),
@@ -221,7 +222,7 @@ EOG_ROLE_TEXTS = {
 # itself (general.license, tokenizer.ggml.eot_token_id, named chat templates...), as they were;
 # never these, which describe the old file, not the new one
 CARRIED_PREFIXES = ("general.", "tokenizer.")
-NOT_CARRIED = frozenset({ARCH_KEY, FILE_TYPE_KEY, "general.quantization_version", "general.alignment"})
+NOT_CARRIED = frozenset({ARCH_KEY, FILE_TYPE_KEY, "general.quantization_version", ALIGNMENT_KEY})
 
 MODELFILE_NAME = "Modelfile"
 INF = math.inf

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import check_switch
 from ..argtypes import opset as opset_arg
 from ..argtypes import scan_chunk as scan_chunk_arg
 from ..atomic import atomic_dir, output_path, prepare_output_dir, read_tagged_json, write_json
@@ -285,8 +286,9 @@ def open_export_folder(path, check_hash: bool = False) -> tuple[Path, dict]:
     """An export folder (or its model.onnx) -> (folder, manifest), after checking that the
     files the manifest lists are there with their recorded size (and sha256 for the graph, or
     for every file with check_hash). Shared by every runner that reads our ONNX exports."""
+    check_switch("check_hash", check_hash)
     folder = Path(path)
-    if folder.suffix == ".onnx":
+    if folder.suffix == ".onnx" and not folder.is_dir():  # its model.onnx; an export folder may be named x.onnx
         folder = folder.parent
     if not (folder / GRAPH_FILE).exists():
         if config_file(folder) is not None:  # a checkpoint: the export goes to a new folder

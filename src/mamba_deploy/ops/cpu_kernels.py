@@ -43,8 +43,9 @@ F32 = torch.float32  # every buffer the C code writes (never torch's default dty
 
 def _cache_dir() -> Path:
     root = os.environ.get("MAMBA_DEPLOY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mamba_deploy")
-    return Path(root)
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "mamba_deploy")
+    # set without a shell (a Dockerfile ENV, a systemd unit) "~/x" arrives as it is: a folder named ~
+    return Path(os.path.expanduser(root))
 
 
 def _cpu_id() -> bytes:
@@ -80,7 +81,7 @@ def _fallback(why: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _lib():
-    if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS"):
+    if os.environ.get("MAMBA_DEPLOY_NO_CPU_KERNELS", "") not in ("", "0"):  # "0" is off, as for every switch
         return None
     cflags = [*_CFLAGS, _march()]
     # $CC may carry arguments ("ccache gcc", "gcc -std=c11"), as make takes it

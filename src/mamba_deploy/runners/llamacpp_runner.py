@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import check_switch
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint, needs_packages
 from ..inputs import check_ids, check_mask, token_stream
@@ -60,8 +61,7 @@ def use_extra_buffers(extra_buffers: bool | None, amx: bool) -> bool:
     the process (SIGSEGV) on a Xeon with AMX for every quantized GGUF (Q8_0, Q4_0) as soon as a
     llama_decode held two or more tokens (a decode at batch >= 2, a prefill of two or more), as
     in llama.cpp issue #20824; F32 / F16 weights never take that path. True / False force them."""
-    if extra_buffers is not None and not isinstance(extra_buffers, bool):
-        raise ConfigError(f"extra_buffers must be True, False or None (off on AMX CPUs), got {extra_buffers!r:.40}")
+    check_switch("extra_buffers", extra_buffers, none="off on AMX CPUs")
     return (not amx) if extra_buffers is None else extra_buffers
 
 
@@ -342,6 +342,7 @@ class LlamaCppRunner(Runner):
 
         self.call_lock = threading.RLock()
         n_threads = check_threads(n_threads) or default_threads()  # before loading anything
+        check_switch("verbose", verbose)
         for name, v, high in (("n_ctx", MIN_N_CTX if n_ctx is None else n_ctx, None), ("n_batch", n_batch, None),
                               ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):

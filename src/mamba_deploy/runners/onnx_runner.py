@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..argtypes import check_switch
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ConfigError, ExportError, RunnerClosedError, ShapeError
+from ..errors import BackendUnavailableError, ExportError, RunnerClosedError, ShapeError
 from ..export.onnx_meta import GRAPH_FILE, IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
 from ..inputs import check_ids, check_mask
@@ -340,8 +341,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
     choice, one per physical core). prepack: let ORT's CPU MatMuls keep their weights in its
     packed layout (see `use_prepacking`; None: yes when that copy fits in available memory)."""
     threads = check_threads(threads)
-    if prepack is not None and not isinstance(prepack, bool):
-        raise ConfigError(f"prepack must be True, False or None (decide by available memory), not {prepack!r:.40}")
+    check_switch("prepack", prepack, none="decide by available memory")
     try:
         import onnxruntime as ort
     except ImportError as e:

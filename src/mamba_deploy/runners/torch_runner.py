@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..argtypes import check_switch
 from ..inputs import check_ids, check_mask
 from ..state import State, batch_first, check_is_state
 from .base import Runner, check_parts, check_threads, checked_source, consume, part_rows
@@ -76,8 +77,8 @@ class TorchRunner(Runner):
     @property
     def tokenizer(self):
         # the model's own: a model loaded from a GGUF carries the GGUF's tokenizer, which no file
-        # in source_path holds
-        return self.model.tokenizer
+        # in source_path holds (kept by close(), which lets the model go)
+        return self.model.tokenizer if self.model is not None else super().tokenizer
 
     def set_tokenizer(self, tokenizer) -> None:
         super().set_tokenizer(tokenizer)  # checked there
@@ -85,8 +86,16 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self._let_go(wait=True)
+        if self.model is None:  # closed already
+            return
         self._drop_captures()
         super().close()
+        # the weights go with the runner, as the other backends free theirs: `for p in paths: with
+        # open_runner(p) as r:` held two models until the next open had rebound r
+        loaded = getattr(self.model, "_tokenizer", None)
+        if loaded is not None:
+            self._tokenizer = loaded
+        self.model = None
 
     def _drop_captures(self, sync: bool = True) -> None:
         """Work captured on the device that refers to the process group (CudaGraphRunner's graphs).
@@ -123,6 +132,7 @@ def open_torch(path, device="cpu", dtype=torch.float32, state_dtype=None, thread
     from ..checkpoint import load_model
 
     threads = check_threads(threads)
+    check_switch("tensor_parallel", tensor_parallel)
     if threads is not None:
         torch.set_num_threads(threads)
     if tensor_parallel:

@@ -1,0 +1,98 @@
+"""chat_sandbox: a chat template's render is bounded in time (every loop iteration checks a
+deadline) and in size (the growing operations are checked before they run), while templates that
+stay within the bounds render exactly as transformers' apply_chat_template renders them.
+
+The hostile templates here were not run on the previous code: there the loops ran for hours and
+the growing expressions asked for gigabytes to terabytes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mamba_deploy import chat_sandbox
+from mamba_deploy.chat import ChatTemplateError, render_chat
+
+MESSAGES = [{"role": "user", "content": "hi\nthere"}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "again"}]
+
+LOOPS = {
+    "nested": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x",
+    "filtered": "{% for i in range(100000) %}{% for j in range(100000) if j < 0 %}{% endfor %}{% endfor %}x",
+    "recursive": ("{% for i in range(100000) recursive %}{% if loop.depth < 4 %}{{ loop(range(100000)) }}"
+                  "{% endif %}{% endfor %}x"),
+    "in_macro": ("{% macro spin(n) %}{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}"
+                 "{% endmacro %}{{ spin(100000) }}"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOPS))
+def test_a_template_that_loops_without_writing_stops_at_the_deadline(monkeypatch, name):
+    monkeypatch.setattr(chat_sandbox, "RENDER_SECONDS", 0.5)
+    t = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=r"ran past 0.5 s for this conversation; check its loops"):
+        render_chat(LOOPS[name], MESSAGES)
+    assert time.monotonic() - t < 5  # the deadline, not the loops' hours
+
+
+GROWING = {
+    "|center": ("{{ 'a'|center(10**10) }}", "|center"),
+    "str.center": ("{{ 'a'.center(10**10) }}", "str.center"),
+    "str.zfill": ("{{ '1'.zfill(10**11) }}", "str.zfill"),
+    "str.replace": ("{% set s = 'a' * 1000000 %}{{ s.replace('a', s) }}", "str.replace"),
+    "|replace": ("{% set s = 'a' * 1000000 %}{{ s|replace('a', s) }}", "|replace"),
+    "str.join": ("{% set s = 'a' * 1000000 %}{{ s.join(['x'] * 100000) }}", "str.join"),
+    "|join": ("{% set s = 'a' * 1000000 %}{{ (['x'] * 100000)|join(s) }}", "|join"),
+    "str.expandtabs": ("{% set s = '\t' * 1000000 %}{{ s.expandtabs(1000) }}", "str.expandtabs"),
+    "|indent": ("{% set s = '\n' * 1000000 %}{{ s|indent(100000) }}", "|indent"),
+    "%": ("{{ '%1000000000s' % 'x' }}", "'%1000000000s'"),
+    "str.format": ("{{ '{:>1000000000}'.format('x') }}", "'{:>1000000000}'"),
+    "|format": ("{{ '%1000000000s'|format('x') }}", "'%1000000000s'"),
+    "|batch": ("{{ [1]|batch(10**9, 0)|list|length }}", "|batch filter makes groups of 1000000000"),
+    "|slice": ("{{ [1]|slice(10**9, 0)|list|length }}", "|slice filter makes groups of 1000000000"),
+    "|tojson": ("{{ messages|tojson(indent=10**8) }}", "indent=100000000, past 64"),
+    "list *": ("{{ ([1] * 10**9)|length }}", "repeats a list 1000000000 times"),
+}
+
+
+@pytest.mark.parametrize("name", list(GROWING))
+def test_growing_expressions_are_refused_before_they_run(name):
+    template, words = GROWING[name]
+    t = time.monotonic()
+    with pytest.raises(ChatTemplateError) as e:
+        render_chat(template, MESSAGES)
+    assert words in str(e.value), str(e.value)
+    assert time.monotonic() - t < 2
+
+
+# templates that use what the bounds touch (loops with loop.*, recursion, else, the bounded
+# filters and methods at ordinary sizes); transformers renders each for the same conversation
+WITHIN = [
+    "{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role|center(12) }}:{{ m.content|indent(2) }}"
+    "{% if not loop.last %}|{% endif %}{% endfor %}{% for i in [] %}x{% else %}(none){% endfor %}",
+    "{% for m in messages if m.role == 'user' %}{{ m.content|replace('\n', ' ') }}{{ loop.cycle(';', ',') }}"
+    "{% endfor %}{{ messages|map(attribute='role')|join(', ') }}{{ '%-6s|' % 'ab' }}{{ '{:>5}'.format('z') }}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% for c in m.content %}{% set ns.n = ns.n + 1 %}"
+    "{% endfor %}{% endfor %}{{ ns.n }} {{ (messages|batch(2, 'pad')|list)|length }} {{ messages|tojson(indent=2) }}"
+    "{{ 'ab'.ljust(4, '.') }}{{ '7'.zfill(3) }}",
+    "{% for m in [{'content': 'a', 'kids': [{'content': 'b', 'kids': []}]}] recursive %}{{ m.content }}"
+    "{% if m.kids %}[{{ loop(m.kids) }}]{% endif %}{% endfor %}{{ raise_exception is defined }}",
+]
+
+
+@pytest.mark.parametrize("i", range(len(WITHIN)))
+def test_templates_within_the_bounds_render_as_transformers_renders_them(i, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import json
+    import shutil
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
+    folder = tmp_path / "m"
+    shutil.copytree(demo, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": WITHIN[i]}))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    want = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert render_chat(WITHIN[i], MESSAGES, tok.bos_token or "", tok.eos_token or "") == want

@@ -1,0 +1,361 @@
+"""Fixes from the thirty-ninth session's reviews: a tokenizer.json that carries truncation or
+padding settings, fp16 autocast training without loss scaling, a diverged training run saving
+over its last good state, and verify's exit status."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err
+from mamba_deploy import train
+from mamba_deploy.cli import main
+from mamba_deploy.errors import TrainingDivergedError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO1, DEMO2 = ROOT / "models" / "demo-mamba1", ROOT / "models" / "demo-mamba2"
+
+
+def test_a_tokenizer_json_with_truncation_and_padding_encodes_whole_texts(tmp_path):
+    """tokenizers obeys a "truncation" / "padding" block saved in tokenizer.json; transformers
+    turns both off per call unless asked. eval scored 128 of 2627 tokens of such a folder."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(DEMO1, folder)
+    t = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    t.enable_truncation(16)
+    t.enable_padding(length=64)
+    t.save(str(folder / "tokenizer.json"))
+    text = (ROOT / "src" / "mamba_deploy" / "errors.py").read_text()
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    want = hf(text)["input_ids"]
+    assert len(want) > 200
+    ours = load_tokenizer(folder)
+    assert ours.encode(text) == want
+    assert ours.encode_batch([text, "x = 1"]) == [want, hf("x = 1")["input_ids"]]
+
+
+def _grads_after_one_step(model, batch, amp_dtype):
+    """The gradients train_step hands to the optimizer (unscaled, unclipped)."""
+    seen = {}
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+    opt = Recorder(model.parameters(), lr=0.0)
+    args = argparse.Namespace(lr=1e-3, warmup=1, clip=1e9, micro_batch=4)
+    scaler = train.make_scaler(amp_dtype, torch.device("cpu"))
+    train.train_step(model, opt, batch, torch.device("cpu"), amp_dtype, args, 0, 10, scaler)
+    return seen
+
+
+def test_fp16_autocast_training_scales_the_loss():
+    """The loss is divided by the batch's 8192 targets, so a softmax gradient (~1 / (4096 * 8192))
+    is below float16's smallest subnormal: without loss scaling the lm_head rows of tokens that
+    are never a target got no gradient at all. Reference: the same step in float32."""
+    from mamba_deploy.model import MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(train.build_config("tiny-mamba2", 4096, 0, 1))
+    train.init_weights(model, 0)
+    batch = torch.randint(0, 2048, (8, 1025), generator=torch.Generator().manual_seed(1))  # half the vocab unseen
+    ref = _grads_after_one_step(model, batch, None)
+    got = _grads_after_one_step(model, batch, torch.float16)
+    head = "lm_head.weight"
+    zero_rows = lambda g: int((g.abs().sum(1) == 0).sum())  # noqa: E731
+    assert zero_rows(ref[head]) == 0
+    assert zero_rows(got[head]) == 0, f"{zero_rows(got[head])} rows without gradient"
+    assert rel_err(got[head], ref[head]) < 0.05
+    for n in ref:
+        assert rel_err(got[n], ref[n]) < 0.1, n
+
+
+def _train_args(tmp_path, **kw):
+    base = dict(preset="tiny-mamba2", tokenizer=str(DEMO2), out=str(tmp_path / "out"),
+                work_dir=str(tmp_path / "work"), data_cache=None, steps=8, max_minutes=None, batch=2, seq_len=16,
+                lr=3e-3, warmup=1, weight_decay=0.1, clip=1.0, amp=None, device="cpu", eval_every=2, eval_batch=2,
+                eval_tokens=0, save_every=2, seed=0, resume=False, micro_batch=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
+    monkeypatch.setattr(train, "load_data", lambda args: data)
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_state(tmp_path, fake_data, monkeypatch):
+    """A NaN from step 5 on (as a too-high --lr gives): the run stops at step 5 with the fix named,
+    and the state saved at step 4 is kept, finite; before, the run went on and saved NaN weights
+    over it, and every --resume then failed."""
+    real = train.lm_logits
+    calls = {"n": 0}
+
+    def poisoned(model, ids):
+        calls["n"] += torch.is_grad_enabled()  # training steps, not evaluations
+        out = real(model, ids)
+        return out * float("nan") if calls["n"] > 4 and torch.is_grad_enabled() else out
+
+    monkeypatch.setattr(train, "lm_logits", poisoned)
+    with pytest.raises(TrainingDivergedError) as e:
+        train.train(_train_args(tmp_path))
+    msg = str(e.value)
+    assert "training diverged at step 5: the loss is nan" in msg and "last save (step 4" in msg and "--lr" in msg
+    state = torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(train, "lm_logits", real)
+    assert train.train(_train_args(tmp_path, resume=True))["steps"] == 8  # the kept state resumes
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, fake_data, monkeypatch):
+    real_step = train.train_step
+
+    def step_then_break(model, *a, **k):
+        out = real_step(model, *a, **k)
+        if a[5] == 2:  # the third step: an update that leaves an infinite weight
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_break)
+    with pytest.raises(TrainingDivergedError, match=r"step 4: .* holds NaN or infinite values; the last save \(step 2"):
+        train.train(_train_args(tmp_path))
+    state = torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def test_fp16_training_saves_and_resumes_its_loss_scale(tmp_path, fake_data):
+    train.train(_train_args(tmp_path, amp="fp16", steps=2))
+    state = torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)
+    assert state["grad_scaler"]["scale"] > 0
+    assert train.train(_train_args(tmp_path, amp="fp16", steps=4, resume=True))["steps"] == 4
+
+
+def test_verify_exits_1_beyond_tolerance_and_2_on_errors(tmp_path, capsys):
+    """As diff and cmp do: a script can tell "the artifact differs" from "the check did not run"."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(DEMO2, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("layers.1.mixer.out_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    args = ["--lengths", "7", "--batch", "1", "--decode-steps", "2", "--quiet"]
+    assert main(["verify", str(DEMO2), str(bad), *args]) == 1
+    assert "beyond tolerance" in capsys.readouterr().err
+    assert main(["verify", str(DEMO2), str(tmp_path / "missing"), *args]) == 2
+    assert main(["verify", str(DEMO2), str(DEMO2), *args]) == 0
+
+
+@pytest.mark.parametrize("name", ["demo-mamba1", "demo-mamba2"])
+def test_model_card_writes_what_the_shipped_cards_say(tmp_path, name):
+    """model_card (moved out of train.py) rebuilds the shipped cards from their train_log.json:
+    every line it writes is in the shipped README.md, in order (the shipped ones add hand notes)."""
+    import json
+
+    from mamba_deploy.model_card import write_model_card
+
+    folder = ROOT / "models" / name
+    (tmp_path / name).mkdir()
+    card = write_model_card(tmp_path / name, json.loads((folder / "train_log.json").read_text())).read_text()
+    shipped = iter((folder / "README.md").read_text().splitlines())
+    for line in card.splitlines():
+        assert any(line == s for s in shipped), line
+
+
+def test_seeds_differing_above_32_bits_sample_differently():
+    """torch's CPU generator keeps 32 bits of its seed: seeds 1, 2**32 + 1 and 2**62 + 1 gave one
+    text in generate, the CLI and the server."""
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    r = open_runner(DEMO1, "torch")
+    try:
+        texts = {s: generate(r, ["def main("], max_new_tokens=24, temperature=1.0, seed=s).tokens[0]
+                 for s in (1, 2**32 + 1, 2**62 + 1, 2**64 - 1)}
+        again = generate(r, ["def main("], max_new_tokens=24, temperature=1.0, seed=2**62 + 1).tokens[0]
+    finally:
+        r.close()
+    assert len({tuple(t) for t in texts.values()}) == 4
+    assert again == texts[2**62 + 1]
+
+
+def test_seeded_draws_follow_the_distribution_and_never_pick_a_zero():
+    """The seeded sampler (one uniform per row from PCG64, then the inverse CDF) against the
+    distribution it samples: 40000 draws per row, every frequency within 5 standard errors, and
+    no token of probability 0 (filtered, or the padded vocabulary's tail) ever drawn, including
+    at u just below 1 and at u = 0."""
+    from mamba_deploy.generation import inverse_cdf, row_generators
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0, 0.0],
+                          [0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9]], dtype=torch.float32)
+    n = 40000
+    gens = row_generators(7, 2)
+    counts = torch.zeros_like(probs, dtype=torch.float64)
+    for _ in range(n):
+        ids = inverse_cdf(probs, [g.random() for g in gens])
+        counts[0, ids[0]] += 1
+        counts[1, ids[1]] += 1
+    p = probs.double()
+    se = torch.sqrt(p * (1 - p) / n)
+    assert torch.all((counts / n - p).abs() <= 5 * se + 1e-12), counts / n
+    assert torch.all(counts[p == 0] == 0)
+    for u in (0.0, 1 - 2**-53, 0.5):
+        ids = inverse_cdf(probs, [u, u])
+        assert probs[0, ids[0]] > 0 and probs[1, ids[1]] > 0, (u, ids)
+
+
+def test_byte_fallback_decode_through_a_transformers_sentencepiece_tokenizer(tmp_path):
+    """A folder with tokenizer.model and tokenizer_config.json (LlamaTokenizer) but no
+    tokenizer.json loads through transformers; decode's byte-fallback repair called methods only
+    a `tokenizers` Tokenizer has, so any text with an unfinished character (every streamed
+    multi-byte character) was an AttributeError. Reference: sentencepiece's own decode."""
+    import io
+    import json
+    import random
+
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    words = ["hello", "world", "mamba", "state", "café", "日本"]
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)),
+        model_writer=buf, vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    cfg = transformers.Mamba2Config(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32,
+                                    state_size=16, n_groups=1, expand=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.Mamba2ForCausalLM(cfg).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>"}))
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    r = open_runner(tmp_path)
+    try:
+        for n_bytes in (4, 5, 6):  # inside 本, then whole, then past it
+            cut = sp.encode("hello") + [sp.piece_to_id(f"<0x{b:02X}>") for b in "日本".encode()][:n_bytes]
+            assert r.tokenizer.decode(cut) == sp.decode(cut)
+        out = generate(r, "hello", max_new_tokens=20)
+        known = [i for i in out.prompt_tokens[0] + out.tokens[0] if i < sp.vocab_size()]  # ids past it decode to ""
+        whole, prompt = sp.decode(known), sp.decode(out.prompt_tokens[0])
+        assert whole.startswith(prompt) and out.texts[0] == whole[len(prompt):]
+    finally:
+        r.close()
+
+
+def test_an_export_folder_named_like_a_graph_file_opens(onnx_export, tmp_path):
+    """export onnx MODEL x.onnx writes the folder x.onnx/; every reader took any path ending in
+    .onnx for the graph file and looked in its parent. Reference: transformers' logits."""
+    pytest.importorskip("onnxruntime")
+    from mamba_deploy.runners import open_runner
+
+    src, _, hf = onnx_export("mamba2")
+    folder = tmp_path / "m2.onnx"
+    shutil.copytree(src, folder)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    with torch.no_grad():
+        want = hf(ids).logits
+    for path in (folder, folder / "model.onnx"):
+        r = open_runner(path)
+        try:
+            assert r.name == "onnx"
+            logits, _ = r.prefill(ids, r.new_state(1))
+            assert rel_err(logits, want) < 1e-4
+        finally:
+            r.close()
+
+
+def test_a_killed_verify_leaves_no_reference_folder_behind(tmp_path, monkeypatch):
+    """verify keeps a large model's reference answers in a folder of TMPDIR; a run killed outright
+    (SIGKILL: the OOM killer) left it there for good. The next run removes a dead writer's."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from mamba_deploy.atomic import _host
+    from mamba_deploy.verify_replay import SPILL_BYTES, SPILL_NAME, _Spill
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f".{SPILL_NAME}.p{dead.pid}h{_host()}-abc123"
+    stale.mkdir()
+    (stale / "0.pt").write_bytes(b"x" * 100)
+    live = tmp_path / f".{SPILL_NAME}.p{__import__('os').getpid()}h{_host()}-def456"  # a running verify's
+    live.mkdir()
+    spill = _Spill()
+    with pytest.warns(UserWarning, match="removed .*killed before it finished"):
+        kept = spill.keep(torch.zeros(SPILL_BYTES // 4 + 1))
+    assert not stale.exists() and live.exists()
+    assert Path(spill.folder).parent == tmp_path and Path(kept.path).exists()
+
+
+def test_environment_switches_read_0_as_off_and_expand_the_home_folder(tmp_path, monkeypatch):
+    from mamba_deploy.ops import cpu_kernels
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MAMBA_DEPLOY_CACHE", "~/mdcache")  # as a Dockerfile ENV passes it: no shell expanded it
+    assert cpu_kernels._cache_dir() == tmp_path / "mdcache"
+    monkeypatch.delenv("MAMBA_DEPLOY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert cpu_kernels._cache_dir() == tmp_path / "xdg" / "mamba_deploy"
+    monkeypatch.delenv("MAMBA_DEPLOY_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    on = cpu_kernels._lib() is not None  # this machine's answer, with the switch unset
+    try:
+        for value, want in (("0", on), ("1", False), ("", on)):
+            monkeypatch.setenv("MAMBA_DEPLOY_NO_CPU_KERNELS", value)
+            cpu_kernels._lib.cache_clear()
+            assert (cpu_kernels._lib() is not None) == want, value
+    finally:
+        monkeypatch.delenv("MAMBA_DEPLOY_NO_CPU_KERNELS")
+        cpu_kernels._lib.cache_clear()
+
+
+def test_yes_no_options_refuse_strings(onnx_export):
+    """Used as truth values, "false" or "no" switched the option on (tensor parallelism asked for
+    torchrun's variables; check_hash hashed every file)."""
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.runners import open_runner
+
+    with pytest.raises(ConfigError, match="tensor_parallel must be True or False, got 'false'"):
+        open_runner(DEMO2, "torch", tensor_parallel="false")
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ConfigError, match="check_hash must be True or False, got 'no'"):
+        open_runner(onnx_export("mamba2")[0], "onnx", check_hash="no")
+
+
+def test_a_closed_torch_runner_lets_its_model_go():
+    """The other backends free their handles on close; the torch runner kept its weights, so
+    `for p in paths: with open_runner(p) as r:` held two models until r was rebound."""
+    import gc
+    import weakref
+
+    from mamba_deploy.runners import open_runner
+
+    r = open_runner(DEMO2, "torch")
+    model = weakref.ref(r.model)
+    tok = r.tokenizer
+    r.close()
+    r.close()  # twice is fine
+    gc.collect()
+    assert model() is None
+    assert r.tokenizer is tok and r.tokenizer.decode(tok.encode("def main():")) == "def main():"

@@ -8,6 +8,7 @@ the growing expressions asked for gigabytes to terabytes."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,8 @@ LOOPS = {
                   "{% endif %}{% endfor %}x"),
     "in_macro": ("{% macro spin(n) %}{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}"
                  "{% endmacro %}{{ spin(100000) }}"),
+    # no loop at all: 2**40 calls of a macro that writes nothing
+    "recursive_macro": "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(40) }}.",
 }
 
 
@@ -53,6 +56,19 @@ GROWING = {
     "|slice": ("{{ [1]|slice(10**9, 0)|list|length }}", "|slice filter makes groups of 1000000000"),
     "|tojson": ("{{ messages|tojson(indent=10**8) }}", "indent=100000000, past 64"),
     "list *": ("{{ ([1] * 10**9)|length }}", "repeats a list 1000000000 times"),
+    # a review's escapes from the first version of these bounds
+    "~ doubling": ('{% set a = "x" * 60000000 %}{% set a = a ~ a %}{% set a = a ~ a %}{{ a|length }}',
+                   "joins strings with `~`"),
+    "+ doubling": ('{% set a = "x" * 60000000 %}{% set a = a + a + a + a %}{{ a|length }}', "adds two strs"),
+    "% width from args": ('{{ ("%*s" % (10**8 * 2, ""))|length }}', "formats '%*s' with a width"),
+    "% precision": ('{{ "%.200000000f" % 1.5 }}', "with a width or precision"),
+    "format nested width": ('{{ "{:{}}".format("", 200000000)|length }}', "formats '{:{}}' with a width"),
+    "|format width from args": ('{{ ("%*s"|format(200000000, ""))|length }}', "formats '%*s' with a width"),
+    "map|join": ('{% set s = "a" * 1000000 %}{{ range(100000)|map("string")|join(s)|length }}', "|join"),
+    "str.join of a generator": ('{% set s = "a" * 1000000 %}{{ s.join(range(100000)|map("string"))|length }}',
+                                "str.join"),
+    "nested lists": ('{% set x = [1] * 4000000 %}{{ ([x] * 60)|string|length }}', "repeats a list 60 times"),
+    "lipsum": ("{{ lipsum(n=20000, html=False, min=100, max=101)|length }}", "lipsum asks for n=20000"),
 }
 
 
@@ -81,12 +97,18 @@ WITHIN = [
 ]
 
 
+WITHIN += [
+    # a number of 9+ digits in a formatted string is text, not a width
+    '{{ "id-%s-1234567890" % "x" }} {{ "{}-{:>8}-123456789012".format(1, "y") }} {{ "%d" % 1700000000123 }}',
+    (Path(__file__).parent / "data" / "chat_template_features.jinja").read_text(),  # a review's feature tour
+]
+
+
 @pytest.mark.parametrize("i", range(len(WITHIN)))
 def test_templates_within_the_bounds_render_as_transformers_renders_them(i, tmp_path):
     transformers = pytest.importorskip("transformers")
     import json
     import shutil
-    from pathlib import Path
 
     demo = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
     folder = tmp_path / "m"

@@ -167,7 +167,7 @@ def _tensor_file(tmp_path, name="t.gguf", dims=(32, 2), code=0, offset=0, n=1, d
 def test_damaged_tensor_infos_are_typed_errors(tmp_path):
     GGUFFile(_tensor_file(tmp_path))  # the well-formed base: 2 rows of 32 F32 = 256 bytes
     _expect_corrupt(_tensor_file(tmp_path, dims=(1, 1, 1, 1, 1)), "5 dimensions")
-    _expect_corrupt(_tensor_file(tmp_path, dims=()), "0 dimensions")
+    _expect_corrupt(_tensor_file(tmp_path, dims=(), code=8), "Q8_0 with rows of 1 values")  # a 0-d block type
     _expect_corrupt(_tensor_file(tmp_path, code=250), "type code 250", "pip install -U gguf")
     _expect_corrupt(_tensor_file(tmp_path, code=8, dims=(31, 2)), "Q8_0", "31", "block of 32")
     _expect_corrupt(_tensor_file(tmp_path, dims=(64, 2)), "past the file's end")
@@ -230,3 +230,64 @@ def test_large_vocabulary_costs_its_strings_not_views(tmp_path):
     assert ours.get_field("tokenizer.ggml.scores").count == n
     per_token = peak / n
     assert per_token < 100, f"{per_token:.0f} bytes per token"
+
+
+def test_what_a_review_found_the_first_version_miss(tmp_path):
+    """An empty array of an undefined item type was a raw ValueError, arrays nested 5000 deep a
+    RecursionError; a 0-d tensor (gguf-py writes one for a numpy scalar) was refused."""
+    cases = {
+        "item13": (_header() + _key("k") + struct.pack("<IIQ", 9, 13, 0), ["array of value type 13"]),
+        "deep": (_header() + _key("k") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000
+                 + struct.pack("<IQ", 4, 0), ["nests arrays more than 8 deep"]),
+    }
+    for name, (data, words) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        _expect_corrupt(tmp_path / name, *words)
+    w = gguf.GGUFWriter(str(tmp_path / "scalar.gguf"), "mamba")
+    w.add_tensor("scalar", np.array(3.0, dtype=np.float32))
+    w.add_tensor("v", np.arange(4, dtype=np.float32))
+    finish_gguf(w)
+    ours = assert_same_as_gguf_py(tmp_path / "scalar.gguf")
+    assert ours.tensors[0].shape == () and float(ours.tensors[0].data) == 3.0
+
+
+def test_random_damage_is_always_a_typed_error(tmp_path):
+    """Byte flips, overwritten counts and cuts of a small valid file (F32, Q4_0 and F16 tensors):
+    every outcome is a good read or a MambaDeployError, never another exception."""
+    import random
+
+    from mamba_deploy.errors import MambaDeployError
+    from mamba_deploy.export.gguf_import import open_gguf, open_reader
+
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "mamba")
+    w.add_uint32("mamba.embedding_length", 64)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("a", x)
+    w.add_tensor("b", gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.add_tensor("c", x.astype(np.float16))
+    finish_gguf(w)
+    data = (tmp_path / "base.gguf").read_bytes()
+    rng = random.Random(0)
+    for _ in range(400):
+        d = bytearray(data)
+        mode = rng.randrange(4)
+        if mode == 0:
+            d = d[:rng.randrange(len(d))]
+        elif mode == 1:
+            for _ in range(rng.randint(1, 4)):
+                d[rng.randrange(len(d))] = rng.randrange(256)
+        elif mode == 2:
+            i = rng.randrange(len(d) - 8)
+            d[i:i + 8] = rng.choice([b"\xff" * 8, (2**31).to_bytes(8, "little"), rng.randrange(2**64).to_bytes(8, "little")])
+        else:
+            i = rng.randrange(len(d) - 4)
+            d[i:i + 4] = rng.randrange(0, 20).to_bytes(4, "little")
+        (tmp_path / "fz.gguf").write_bytes(bytes(d))
+        try:
+            r = open_reader(tmp_path / "fz.gguf")
+            for f in r.fields.values():
+                f.contents()
+            open_gguf(tmp_path / "fz.gguf")
+        except MambaDeployError:
+            pass

@@ -265,7 +265,9 @@ def test_cli_auto_drops_group_size_and_refuses_flags_of_another_method(hf_checkp
     out = capsys.readouterr().out
     assert "--auto picked int8" in out and "--group-size 32 does not apply to int8" in out
     assert main(["quantize", str(folder), str(tmp_path / "b"), "--auto", "--act-order"]) == 2
-    assert "--act-order does not apply to --method int8" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--auto picked int8" in err and "--act-order applies to gptq only: drop --act-order, or replace --auto " \
+        "with --method gptq" in err
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 

@@ -44,7 +44,7 @@ def test_a_tokenizer_json_with_truncation_and_padding_encodes_whole_texts(tmp_pa
     assert ours.encode_batch([text, "x = 1"]) == [want, hf("x = 1")["input_ids"]]
 
 
-def _grads_after_one_step(model, batch, amp_dtype):
+def _grads_after_one_step(model, batch, amp_dtype, device):
     """The gradients train_step hands to the optimizer (unscaled, unclipped)."""
     seen = {}
 
@@ -54,23 +54,29 @@ def _grads_after_one_step(model, batch, amp_dtype):
 
     opt = Recorder(model.parameters(), lr=0.0)
     args = argparse.Namespace(lr=1e-3, warmup=1, clip=1e9, micro_batch=4)
-    scaler = train.make_scaler(amp_dtype, torch.device("cpu"))
-    train.train_step(model, opt, batch, torch.device("cpu"), amp_dtype, args, 0, 10, scaler)
-    return seen
+    scaler = train.make_scaler(amp_dtype, device)
+    train.train_step(model, opt, batch, device, amp_dtype, args, 0, 10, scaler)
+    return {n: g.cpu() for n, g in seen.items()}
 
 
-def test_fp16_autocast_training_scales_the_loss():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fp16_autocast_training_scales_the_loss(device):
     """The loss is divided by the batch's 8192 targets, so a softmax gradient (~1 / (4096 * 8192))
     is below float16's smallest subnormal: without loss scaling the lm_head rows of tokens that
     are never a target got no gradient at all. Reference: the same step in float32."""
     from mamba_deploy.model import MambaLM
+    from mamba_deploy.ops import use_backend
 
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
     torch.manual_seed(0)
-    model = MambaLM(train.build_config("tiny-mamba2", 4096, 0, 1))
+    model = MambaLM(train.build_config("tiny-mamba2", 4096, 0, 1)).to(device)
     train.init_weights(model, 0)
     batch = torch.randint(0, 2048, (8, 1025), generator=torch.Generator().manual_seed(1))  # half the vocab unseen
-    ref = _grads_after_one_step(model, batch, None)
-    got = _grads_after_one_step(model, batch, torch.float16)
+    dev = torch.device(device)
+    with use_backend("ref"):  # as train's loop runs it: the reference ops have autograd
+        ref = _grads_after_one_step(model, batch, None, dev)
+        got = _grads_after_one_step(model, batch, torch.float16, dev)
     head = "lm_head.weight"
     zero_rows = lambda g: int((g.abs().sum(1) == 0).sum())  # noqa: E731
     assert zero_rows(ref[head]) == 0
@@ -166,12 +172,16 @@ def test_model_card_writes_what_the_shipped_cards_say(tmp_path, name):
     """model_card (moved out of train.py) rebuilds the shipped cards from their train_log.json:
     every line it writes is in the shipped README.md, in order (the shipped ones add hand notes)."""
     import json
+    import re
 
     from mamba_deploy.model_card import write_model_card
 
     folder = ROOT / "models" / name
     (tmp_path / name).mkdir()
-    card = write_model_card(tmp_path / name, json.loads((folder / "train_log.json").read_text())).read_text()
+    # the Python that made the token streams comes from the data cache's metadata, not this one
+    python = re.search(r"Token streams were made with Python (\S+)", (folder / "README.md").read_text()).group(1)
+    metrics = json.loads((folder / "train_log.json").read_text())
+    card = write_model_card(tmp_path / name, metrics, {"python": python}).read_text()
     shipped = iter((folder / "README.md").read_text().splitlines())
     for line in card.splitlines():
         assert any(line == s for s in shipped), line
@@ -343,15 +353,23 @@ def test_yes_no_options_refuse_strings(onnx_export):
         open_runner(onnx_export("mamba2")[0], "onnx", check_hash="no")
 
 
-def test_a_closed_torch_runner_lets_its_model_go():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_closed_torch_runner_lets_its_model_go(device):
     """The other backends free their handles on close; the torch runner kept its weights, so
-    `for p in paths: with open_runner(p) as r:` held two models until r was rebound."""
+    `for p in paths: with open_runner(p) as r:` held two models until r was rebound. On CUDA the
+    graph runner, after a captured step (its decode plan held the model too)."""
     import gc
     import weakref
 
     from mamba_deploy.runners import open_runner
 
-    r = open_runner(DEMO2, "torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    r = open_runner(DEMO2, "torch", device=device)
+    st = r.new_state(1)
+    r.prefill(torch.tensor([[1, 2, 3]]), st)
+    r.step(torch.tensor([4]), st)
+    del st
     model = weakref.ref(r.model)
     tok = r.tokenizer
     r.close()
@@ -359,3 +377,131 @@ def test_a_closed_torch_runner_lets_its_model_go():
     gc.collect()
     assert model() is None
     assert r.tokenizer is tok and r.tokenizer.decode(tok.encode("def main():")) == "def main():"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_text_that_tokenizes_to_nothing_is_a_400_streamed_or_not(request, monkeypatch, stream):
+    """A text prompt some tokenizers encode to no tokens (a SentencePiece model that drops extra
+    spaces, given only spaces): a streamed request got its 200 headers and then an error event."""
+    import json
+
+    from conftest import post_json, start_server
+    from mamba_deploy import tokenizer
+    from mamba_deploy.runners import open_runner
+
+    real = tokenizer.encode_prefix
+    monkeypatch.setattr(tokenizer, "encode_prefix", lambda tok, text, *a, **k: [] if not text.strip()
+                        else real(tok, text, *a, **k))
+    r = open_runner(DEMO2, "torch")
+    request.addfinalizer(r.close)
+    server = start_server(r, request)
+    status, _, body = post_json(server, {"prompt": "   ", "max_tokens": 4, "stream": stream})
+    assert status == 400, body
+    err = json.loads(body)["error"]
+    assert "tokenizes to no tokens" in err["message"] and err["param"] == "prompt"
+    status, _, body = post_json(server, {"prompt": ["def main(", "  "], "max_tokens": 2, "stream": stream})
+    assert status == 400 and "prompt 1 tokenizes to no tokens" in json.loads(body)["error"]["message"]
+
+
+def test_fp16_gradients_that_are_never_finite_stop_the_run():
+    """With loss scaling a NaN gradient only skips the step and halves the scale: a gradient that
+    is NaN at every scale skipped every step of the run, which learned nothing and never said so."""
+    from mamba_deploy.model import MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(train.build_config("tiny-mamba2", 256, 0, 1))
+    train.init_weights(model, 0)
+    next(model.parameters()).register_hook(lambda g: g * float("nan"))
+    opt = train.make_optimizer(model, 1e-3, 0.0)
+    scaler = train.make_scaler(torch.float16, torch.device("cpu"))
+    args = argparse.Namespace(lr=1e-3, warmup=1, clip=1.0, micro_batch=None)
+    batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TrainingDivergedError, match="the gradients overflow at every loss scale") as e:
+        for step in range(100):
+            train.train_step(model, opt, batch, torch.device("cpu"), torch.float16, args, step, 100, scaler)
+    assert 30 <= step <= 40, step
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no step was taken
+    assert "training diverged" not in str(e.value)  # the loop adds the step and the last save
+
+
+def test_seeded_sampling_refuses_nan_logits_as_unseeded_sampling_does():
+    from mamba_deploy.generation import SamplingConfig, inverse_cdf, row_generators, sample
+
+    logits = torch.tensor([[0.0, 1.0, float("nan"), 0.5, 0.0, 0.0, -float("inf"), -float("inf")]])
+    with pytest.raises(RuntimeError):  # torch.multinomial's own refusal
+        sample(logits, SamplingConfig(temperature=1.0))
+    with pytest.raises(FloatingPointError, match="row 0's probabilities are NaN"):
+        sample(logits, SamplingConfig(temperature=1.0), generator=row_generators(1, 1))
+    with pytest.raises(FloatingPointError, match="row 1's"):
+        inverse_cdf(torch.tensor([[0.5, 0.5], [0.0, 0.0]]), [0.3, 0.3])
+
+
+def test_set_tokenizer_after_close_keeps_working():
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    r = open_runner(DEMO2, "torch")
+    r.close()
+    r.set_tokenizer(load_tokenizer(DEMO1))
+    assert r.tokenizer.encode("def") == load_tokenizer(DEMO1).encode("def")
+
+
+def test_four_bit_flags_with_another_method_are_refused_before_the_load(tmp_path, capsys, monkeypatch):
+    """--group-size / --asymmetric with int8, fp8 or smoothquant loaded the whole model before the
+    refusal (--act-order, --alpha, --fp8-scaling were refused first already)."""
+    from mamba_deploy import checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    for method, flag in [("int8", ["--group-size", "64"]), ("fp8", ["--asymmetric"]),
+                         ("smoothquant", ["--group-size", "32"])]:
+        assert main(["quantize", str(DEMO1), str(tmp_path / method), "--method", method, *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[0]} does not apply to --method {method}; it applies to int4, gptq, awq: drop {flag[0]}" in err, err
+        assert not (tmp_path / method).exists()
+
+
+def test_tied_head_and_embeddings_with_different_rules_are_refused_before_calibration(tmp_path, capsys, monkeypatch):
+    import json
+
+    from mamba_deploy.quant import quantizer
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the plan was checked")
+
+    monkeypatch.setattr(quantizer, "calibration_ids", no_calibration)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"quant_cfg": {"lm_head": {"format": "int8"}}}))
+    assert main(["quantize", str(DEMO1), str(tmp_path / "q"), "--method", "gptq", "--include", "lm_head",
+                 "--config", str(rules)]) == 2
+    err = capsys.readouterr().err
+    assert "lm_head and backbone.embeddings share one tensor (tied)" in err and "give both the same rule" in err
+
+
+def test_onnx_export_of_a_quantized_checkpoint_records_what_verify_needs(tmp_path):
+    """(1) A tied model with a quantized lm_head: the export's codes digest counted the shared codes
+    twice, never matched its checkpoint's, and verify CHECKPOINT EXPORT fell back to int4's loose
+    row (an export with one layer's scales x1.5 passed). (2) A checkpoint quantized from a Q4_0
+    GGUF: its export dropped the GGUF's type, and verify held a good export to int8's limits."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("gguf")
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.quant.formats import folder_codes_digest
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    assert main(["quantize", str(DEMO1), str(tmp_path / "q"), "--method", "int4", "--include", "lm_head"]) == 0
+    assert main(["export", "onnx", str(tmp_path / "q"), str(tmp_path / "q-onnx"), "--no-validate"]) == 0
+    manifest = json.loads((tmp_path / "q-onnx" / "manifest.json").read_text())
+    assert manifest["quantization"]["codes_sha256"] == folder_codes_digest(tmp_path / "q")
+    assert infer_artifact_dtype(tmp_path / "q-onnx", tmp_path / "q") == "int8"  # the export's compute row
+
+    q4 = export_gguf(DEMO2, tmp_path / "m.q4_0.gguf", outtype="q4_0")
+    assert main(["quantize", str(q4), str(tmp_path / "g"), "--method", "int8"]) == 0
+    assert main(["export", "onnx", str(tmp_path / "g"), str(tmp_path / "g-onnx"), "--no-validate"]) == 0
+    assert json.loads((tmp_path / "g-onnx" / "manifest.json").read_text())["source_weights"] == "q4_0"
+    assert infer_artifact_dtype(tmp_path / "g-onnx", DEMO2) == infer_artifact_dtype(tmp_path / "g", DEMO2) == "q4_0"

@@ -769,7 +769,11 @@ def _load_model(path_or_hub_id, device, dtype, slicer=None):
             slicer.refuse_quantized(path)
         from .quant.runtime import load_quantized
 
-        return load_quantized(path, cfg, raw["quantization_config"], device=whole_on, dtype=dtype)
+        model = load_quantized(path, cfg, raw["quantization_config"], device=whole_on, dtype=dtype)
+        label = recorded_source_weights(path, raw)  # quantized from a quantized GGUF: its exports record it too
+        if label:
+            model.source_weights = label
+        return model
     check_weight_headers(path, cfg)  # before a model of the config's size is allocated
     model = _unfilled_model(cfg if slicer is None else slicer.config(cfg), device, dtype)
     # every parameter (a missing one is a CheckpointError)

@@ -310,6 +310,10 @@ class CudaGraphRunner(TorchRunner):
                 bk.state.ssm[:, :n].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
+    def close(self) -> None:
+        super().close()
+        self._plan = None  # it holds the model too (TorchRunner.close lets the model go)
+
     def _drop_captures(self, sync: bool = True) -> None:
         """The graphs go before the process group: a sharded model's graphs hold its captured NCCL
         all-reduces, and `generate --tensor-parallel --device cuda` on 2 GPUs printed its text and

@@ -121,8 +121,14 @@ def inverse_cdf(probs, uniforms) -> torch.Tensor:
     equals its predecessor's, and a u x total that rounds up to the total takes the row's last
     token of positive probability."""
     cdf = probs.double().cumsum(-1)  # (b, V)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):  # torch.multinomial refuses these too
+        bad = int((~(torch.isfinite(total) & (total > 0))).nonzero()[0, 0])
+        raise FloatingPointError(f"row {bad}'s probabilities are NaN, infinite or all zero (its logits hold NaN or "
+                                 "inf); the model's weights or the state it was given are broken: check the model "
+                                 "with mamba-deploy verify")
     u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
-    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)[:, 0]  # (b,)
+    ids = torch.searchsorted(cdf, (u * total).unsqueeze(-1), right=True)[:, 0]  # (b,)
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # (b,)
     return torch.minimum(ids, last)
 

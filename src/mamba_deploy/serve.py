@@ -439,9 +439,13 @@ class _Handler(BaseHTTPRequestHandler):
         tok = self.server.runner.tokenizer if as_text else None  # loaded by _post's check
         ids = [encode_prefix(tok, p, None if limit is None else limit + 1) if as_text else p for p in prompts]
         for i, p in enumerate(ids):
+            what = ("the conversation in the chat template" if chat
+                    else f"prompt {i}" if len(prompts) > 1 else "the prompt")
+            if not p:  # a text this tokenizer encodes to nothing (only spaces, for some): a 400, not a
+                # stream's 200 with an error event after it
+                raise RequestError(f"{what} tokenizes to no tokens; give text this model's tokenizer encodes",
+                                   param="messages" if chat else "prompt")
             if limit is not None and len(p) > limit:  # text and chat: tokenized only up to limit + 1 tokens
-                what = ("the conversation in the chat template" if chat
-                        else f"prompt {i}" if len(prompts) > 1 else "the prompt")
                 size = f"over this server's limit of {limit} tokens" if as_text or chat else \
                     f"{len(p)} tokens, over this server's limit of {limit}"
                 raise RequestError(f"{what} is {size} (--max-prompt-tokens {limit}); shorten it",

@@ -627,6 +627,9 @@ def _save_interrupted(run, args) -> None:
           flush=True)
 
 
+MIN_LOSS_SCALE = 2.0**-16  # 32 halvings below GradScaler's start (2**16): not an overflow but NaN gradients
+
+
 def make_scaler(amp_dtype, device):
     """fp16 autocast's loss scaling (None otherwise): the loss is divided by the batch's target
     count (16384 for 32 x 512), so a softmax gradient p / 16384 of ~1e-8 is below float16's
@@ -666,6 +669,8 @@ def train_step(model, opt, batch, device, amp_dtype, args, step: int, total: int
     if scaler is not None:  # an overflow of the scaled gradients: the step is skipped, the scale halved
         scaler.step(opt)
         scaler.update()
+        if scaler.get_scale() < MIN_LOSS_SCALE:  # halved at every step since: the gradients are not finite at all
+            raise TrainingDivergedError(f"the gradients overflow at every loss scale (now {scaler.get_scale():.3g})")
     elif not math.isfinite(norm):
         raise TrainingDivergedError(f"the gradient norm is {norm}")
     else:

@@ -186,10 +186,10 @@ def artifact_labels(path) -> tuple[str, str | None]:
 
 def _manifest_labels(manifest: dict) -> tuple[str, str | None] | None:
     """artifact_labels of an ONNX export's manifest.json, or None when it says nothing."""
-    if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
-        return _quant_label(manifest["quantization"]), None
-    sw = manifest.get("source_weights")  # an export of a quantized GGUF
+    sw = manifest.get("source_weights")  # an export of a quantized GGUF (or of a checkpoint quantized from one)
     recorded = sw.lower() if isinstance(sw, str) and sw.lower() not in ("", "none") else None
+    if isinstance(manifest.get("quantization"), dict):  # quant.onnx_nbits: {"method": ..., ...}
+        return _quant_label(manifest["quantization"]), recorded
     for key in ("quantization", "dtype"):
         if isinstance(manifest.get(key), str) and manifest[key].lower() not in ("", "none"):
             return manifest[key].lower(), recorded

@@ -29,6 +29,7 @@ from .gguf_tables import ALIGNMENT_KEY, DEFAULT_ALIGNMENT
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # version 1 (32-bit counts) predates every Mamba GGUF
 MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses a tensor with more
+MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a file nesting thousands deep recursed until a RecursionError
 
 # GGUFValueType code -> (struct letter, numpy dtype) of a fixed-size value; STRING and ARRAY are read apart
 VALUE_TYPES = {0: ("B", np.uint8), 1: ("b", np.int8), 2: ("H", np.uint16), 3: ("h", np.int16),
@@ -87,6 +88,14 @@ class GGUFFile:
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
             raise self._corrupt(f"cannot map it ({e})") from e
         self._buf, self._pos = memoryview(self._map), 0
+        try:
+            self._parse()
+        except CheckpointError:
+            raise
+        except (struct.error, ValueError, IndexError, OverflowError, RecursionError) as e:  # what the checks missed
+            raise self._corrupt(f"{type(e).__name__}: {e}") from e
+
+    def _parse(self) -> None:
         if bytes(self._buf[:4]) != MAGIC:
             raise self._corrupt(f"it starts with {bytes(self._buf[:4])!r}, not {MAGIC!r}: not a GGUF file")
         self._order, self._pos = "<", len(MAGIC)
@@ -171,7 +180,7 @@ class GGUFFile:
             raise self._corrupt(f"metadata {name!r} runs past the file's end at byte {end}{at}")
         return out, bad
 
-    def _value(self, code: int, name: str):
+    def _value(self, code: int, name: str, depth: int = 0):
         """-> (value, item type code or None, count, index of a non-UTF-8 string or None)."""
         if code in VALUE_TYPES:
             return self._scalar(code), None, 1, None
@@ -181,6 +190,10 @@ class GGUFFile:
         if code != ARRAY:
             raise self._corrupt(f"metadata {name!r} has value type {code}, which GGUF does not define")
         item, count = self._scalar(4), self._scalar(10)
+        if item not in VALUE_TYPES and item not in (STRING, ARRAY):
+            raise self._corrupt(f"metadata {name!r} is an array of value type {item}, which GGUF does not define")
+        if item == ARRAY and depth >= MAX_NESTING:
+            raise self._corrupt(f"metadata {name!r} nests arrays more than {MAX_NESTING} deep")
         if item in VALUE_TYPES:
             letter, dtype = VALUE_TYPES[item]
             self._check_count(count, struct.calcsize(letter), f"items in {name!r}")
@@ -192,7 +205,7 @@ class GGUFFile:
             return values, item, count, bad
         values, bad = [], None
         for i in range(count):  # nested arrays: rare (llama.cpp writes none), read for what they hold
-            v, _, _, b = self._value(item, f"{name}[{i}]")
+            v, _, _, b = self._value(item, f"{name}[{i}]", depth + 1)
             values.append(v.tolist() if isinstance(v, np.ndarray) else v)
             bad = i if bad is None and b is not None else bad
         return values, item, count, bad
@@ -209,8 +222,8 @@ class GGUFFile:
     def _read_tensor_info(self) -> tuple:
         name = self._string()
         n_dims = self._scalar(4)
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise self._corrupt(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1..{MAX_DIMS})")
+        if n_dims > MAX_DIMS:  # 0: a scalar, which gguf-py writes for a 0-d array
+            raise self._corrupt(f"tensor {name!r} has {n_dims} dimensions (GGUF allows at most {MAX_DIMS})")
         dims = tuple(self._scalar(10) for _ in range(n_dims))
         return name, dims, self._scalar(4), self._scalar(10)
 
@@ -231,8 +244,9 @@ class GGUFFile:
             raise self._corrupt(f"tensor {name!r} has type code {code}, which this gguf package does not know",
                                 "a newer llama.cpp type needs a newer package (pip install -U gguf); otherwise "
                                 "the file is corrupt") from e
-        if dims[0] % block:
-            raise self._corrupt(f"tensor {name!r} is {kind.name} with rows of {dims[0]} values, not a multiple "
+        row = dims[0] if dims else 1
+        if row % block:
+            raise self._corrupt(f"tensor {name!r} is {kind.name} with rows of {row} values, not a multiple "
                                 f"of its block of {block}")
         n_elements = int(np.prod(dims, dtype=object))
         n_bytes = n_elements // block * type_size
@@ -245,7 +259,7 @@ class GGUFFile:
         if plain is not None:
             dtype = np.dtype(plain).newbyteorder(self._order)
         else:  # block-quantized (and BF16): bytes per row, as gguf.quants.dequantize takes them
-            dtype, numpy_dims = np.dtype(np.uint8), (*numpy_dims[:-1], numpy_dims[-1] // block * type_size)
+            dtype, numpy_dims = np.dtype(np.uint8), (*numpy_dims[:-1], row // block * type_size)
         data = self._map[start:start + n_bytes].view(dtype).reshape(numpy_dims)
         return Tensor(name, kind, dims, n_elements, n_bytes, start, data)
 

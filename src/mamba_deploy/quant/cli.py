@@ -40,11 +40,18 @@ FLAGS = {"group_size": "--group-size", "symmetric": "--asymmetric", "act_order":
 CALIB_OPTIONS = ("calib", "n_calib", "calib_len")
 
 
-def _takes(method: str, option: str) -> bool:
+# options only 4-bit layers use: method_options lets every method carry them (a --config rule may
+# make int4 layers), so without rules they are refused by the method's format, before the load
+INT4_OPTIONS = ("group_size", "symmetric")
+
+
+def _takes(method: str, option: str, rules: bool = False) -> bool:
     from .plan import method_options
 
     if option in CALIB_OPTIONS:
         return bool(METHODS[method]["calibrate"])
+    if option in INT4_OPTIONS and not rules:
+        return METHODS[method]["format"] == "int4"
     try:
         method_options(method, {option: None})  # None: only whether the method knows the option
     except QuantizationError:
@@ -52,13 +59,20 @@ def _takes(method: str, option: str) -> bool:
     return True
 
 
-def check_flags(method: str, opts: dict) -> None:
-    """QuantizationError naming each flag --method does not take and the methods that do."""
+def check_flags(method: str, opts: dict, auto_why: str | None = None) -> None:
+    """QuantizationError naming each flag --method does not take and the methods that do;
+    auto_why: --auto picked `method` (for that reason), and the fix is worded for --auto."""
+    rules = "rules" in opts
     for key in opts:
-        if not _takes(method, key):
-            takers = [m for m in METHODS if _takes(m, key)]
-            raise QuantizationError(f"{FLAGS.get(key, key)} does not apply to --method {method}; it applies to "
-                                    f"{', '.join(takers) or 'no method'}. Leave it out, or pick one of those")
+        if not _takes(method, key, rules):
+            takers = [m for m in METHODS if _takes(m, key, rules)]
+            flag = FLAGS.get(key, key)
+            if auto_why is not None:
+                raise QuantizationError(f"--auto picked {method} ({auto_why}); {flag} applies to "
+                                        f"{', '.join(takers) or 'no method'} only: drop {flag}, or replace --auto "
+                                        f"with --method {takers[0] if takers else '...'}")
+            raise QuantizationError(f"{flag} does not apply to --method {method}; it applies to "
+                                    f"{', '.join(takers) or 'no method'}: drop {flag}, or pick one of those")
 
 
 def cmd_quantize(args):
@@ -102,7 +116,7 @@ def cmd_quantize(args):
         for key in [k for k in CALIB_OPTIONS if k in opts and not _takes(method, k)]:
             del opts[key]  # given for whichever method --auto picks; this one rounds without calibration
             print(f"{FLAGS[key]} does not apply to {method} (no calibration); ignored")
-        check_flags(method, opts)
+        check_flags(method, opts, auto_why=why)
     quantize(model, method, **opts)
     out = save_quantized(model, args.out)
     counts: dict[str, int] = {}

@@ -62,7 +62,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     weights (`_float_function`), not a copy of it, so a wrong copy cannot hide a wrong graph."""
     from onnx import helper
 
-    from ..checkpoint import load_model, tokenizer_source, write_tokenizer_files
+    from ..checkpoint import load_model, saved_source_weights, tokenizer_source, write_tokenizer_files
+    from .runtime import saved_tensors
     from ..export.onnx import (ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, streamed_weights, torch_reference,
                                write_manifest)
     from ..export.onnx_graph import MambaGraph
@@ -77,7 +78,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         raise QuantizationError("export_quantized_onnx needs a quantized model; run quantize() first")
     out_dir = output_path(out_dir)
     state = qmodel.state_dict()
-    codes = codes_digest(state.items())
+    # what the checkpoint stores (a tied lm_head's codes once), so the digest equals the folder's
+    codes = codes_digest(saved_tensors(qmodel).items())
     reference = None
     if validate:  # PyTorch's outputs once, for every level checked
         with _float_function(qmodel):
@@ -96,7 +98,9 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
         release_freed_memory()
         check_graph(tmp / GRAPH_FILE, allowed=ALLOWED_OPS | {f"{NBITS_DOMAIN}::MatMulNBits"})
         write_tokenizer_files(tokenizer_source(qmodel), tmp, out_dir)
-        write_manifest(tmp, qmodel.config, DEFAULT_OPSET, "fp32", scan_chunk=scan_chunk)
+        # a checkpoint quantized from a quantized GGUF holds that type's rounding too (verify's limits)
+        write_manifest(tmp, qmodel.config, DEFAULT_OPSET, "fp32", scan_chunk=scan_chunk,
+                       source_weights=saved_source_weights(qmodel))
         report = {**linears.report, "accuracy_level": 0}
         _warn_kept_float(report)
         if validate:

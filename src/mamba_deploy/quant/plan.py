@@ -211,6 +211,11 @@ def build_plan(model, opts: dict) -> dict:
             module = model.get_submodule(n)
             check_group(n, getattr(module, "in_features", None) or module.embedding_dim, plan[n]["group_size"],
                         rule=pattern)
+    emb, head = OPTIONAL_MODULES["embeddings"], OPTIONAL_MODULES["lm_head"]
+    if model.config.tie_embeddings and plan.get(emb) and plan.get(head) and plan[emb] != plan[head]:
+        # before calibration, not after every layer was quantized (quantizer._swap_head)
+        raise QuantizationError(f"lm_head and {emb} share one tensor (tied), so they take one format; the rules give "
+                                f"lm_head {plan[head]} and {emb} {plan[emb]}: give both the same rule")
     for n, spec in plan.items():
         if spec and weight_read(n) and spec["format"] == "w8a8":
             raise QuantizationError(f"{n}: the model reads this layer's weight directly (it is never called on an "

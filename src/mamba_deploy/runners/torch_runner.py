@@ -82,7 +82,8 @@ class TorchRunner(Runner):
 
     def set_tokenizer(self, tokenizer) -> None:
         super().set_tokenizer(tokenizer)  # checked there
-        self.model._tokenizer = self._tokenizer  # the model's, so model.generate uses it too
+        if self.model is not None:  # closed: the model is gone
+            self.model._tokenizer = self._tokenizer  # the model's, so model.generate uses it too
 
     def close(self) -> None:
         self._let_go(wait=True)

@@ -100,7 +100,7 @@ WITHIN = [
 WITHIN += [
     # a number of 9+ digits in a formatted string is text, not a width
     '{{ "id-%s-1234567890" % "x" }} {{ "{}-{:>8}-123456789012".format(1, "y") }} {{ "%d" % 1700000000123 }}',
-    (Path(__file__).parent / "data" / "chat_template_features.jinja").read_text(),  # a review's feature tour
+    (Path(__file__).parent / "data" / "chat_templates" / "features.jinja").read_text(),  # a review's feature tour
 ]
 
 
@@ -118,3 +118,43 @@ def test_templates_within_the_bounds_render_as_transformers_renders_them(i, tmp_
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     want = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert render_chat(WITHIN[i], MESSAGES, tok.bos_token or "", tok.eos_token or "") == want
+
+
+TEMPLATES = sorted((Path(__file__).parent / "data" / "chat_templates").glob("*.jinja"))
+CONVERSATIONS = {
+    "system_user_assistant_user": [
+        {"role": "system", "content": "Be nice.\nAlways."},
+        {"role": "user", "content": "Hello there friend, how are you today"},
+        {"role": "assistant", "content": "<think>\nhm\n</think>\nFine\nthanks"},
+        {"role": "user", "content": "good  \n  bye"}],
+    "user_assistant_user": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                            {"role": "user", "content": "one two three four five six"}],
+    "tool_calls": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "get_w", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "20C"}, {"role": "tool", "content": "sunny"}],
+}
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=[p.stem for p in TEMPLATES])
+def test_model_style_templates_render_as_transformers_renders_them(path):
+    """Templates written after ChatML, Llama 3 / 3.1, Mistral, Gemma, Phi-3, Qwen 2.5 (tools) and
+    Qwen 3 (namespace), Falcon, and a tour of Jinja features (caller macros, break / continue,
+    recursive loops, loop.cycle / previtem / changed, batch / slice, indent, tojson, format):
+    the bounded sandbox renders each as transformers' own renderer does (or both refuse)."""
+    utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    if not hasattr(utils, "render_jinja_template"):
+        pytest.skip("this transformers has no render_jinja_template")
+    template = path.read_text()
+    for name, conversation in CONVERSATIONS.items():
+        for gen in (True, False):
+            try:
+                want = utils.render_jinja_template([conversation], chat_template=template, add_generation_prompt=gen,
+                                                   bos_token="<s>", eos_token="</s>")[0][0]
+            except Exception as e:  # noqa: BLE001  (the template's own refusal)
+                with pytest.raises(ChatTemplateError, match="refused the conversation"):
+                    render_chat(template, conversation, "<s>", "</s>", add_generation_prompt=gen)
+                assert "roles must alternate" in str(e) or "not supported" in str(e), str(e)
+                continue
+            assert render_chat(template, conversation, "<s>", "</s>", add_generation_prompt=gen) == want, (name, gen)

@@ -505,3 +505,15 @@ def test_onnx_export_of_a_quantized_checkpoint_records_what_verify_needs(tmp_pat
     assert main(["export", "onnx", str(tmp_path / "g"), str(tmp_path / "g-onnx"), "--no-validate"]) == 0
     assert json.loads((tmp_path / "g-onnx" / "manifest.json").read_text())["source_weights"] == "q4_0"
     assert infer_artifact_dtype(tmp_path / "g-onnx", DEMO2) == infer_artifact_dtype(tmp_path / "g", DEMO2) == "q4_0"
+
+
+def test_verify_and_bench_inputs_differ_for_seeds_above_32_bits():
+    """torch's CPU generator keeps a seed's low 32 bits: verify --seed 1 and --seed 2**32 + 1 drew
+    the same token ids. Seeds below 2**32 draw what they drew before."""
+    from mamba_deploy.argtypes import torch_generator
+
+    draw = lambda s: torch.randint(0, 1000, (64,), generator=torch_generator(s))  # noqa: E731
+    assert torch.equal(draw(1), torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(draw(1), draw(2**32 + 1))
+    assert not torch.equal(draw(2**62 + 1), draw(2**63 + 1))
+    assert torch.equal(draw(2**64 - 1), draw(2**64 - 1))

@@ -118,6 +118,20 @@ def is_seed(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
+def torch_generator(value):
+    """A torch.Generator (CPU) for a seed in 0..2**64-1: seeds below 2**32 as they are, larger ones
+    through sha256 to 32 bits. torch's CPU generator keeps only a seed's low 32 bits, so seeds 1
+    and 2**32 + 1 made the same inputs; now only a hash collision can."""
+    import hashlib
+
+    import torch
+
+    value = int(value)  # a numpy integer passes is_seed
+    if value >= 2**32:
+        value = int.from_bytes(hashlib.sha256(value.to_bytes(8, "little")).digest()[:4], "little")
+    return torch.Generator().manual_seed(value)
+
+
 def seed(text: str) -> int:
     """--seed: a random seed (is_seed)."""
     value = _number(int, text)

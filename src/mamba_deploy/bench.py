@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed
+from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed, torch_generator
 from .atomic import check_writable, json_text, write_files
 from .errors import ConfigError, MambaDeployError, OutputPathError
 from .extras import install_hint
@@ -122,7 +122,7 @@ def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int 
     for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 0),
                              ("warmup", warmup, 0), ("repeats", repeats, 1)):
         _check_count(name, value, low)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, prompt_len), generator=gen)
     scope = reset_peak_memory()
     prefills, steps = [], []

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed
+from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed, torch_generator
 from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
 from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
@@ -520,7 +520,7 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     if any(x < 1 for x in lengths + batches) or decode_steps < 0:
         raise ConfigError(f"lengths {lengths} and batches {batches} must be >= 1 and decode_steps "
                           f"{decode_steps} >= 0")
-    gen = torch.Generator().manual_seed(int(seed))  # int(): a numpy integer passes is_seed
+    gen = torch_generator(seed)
     report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
     bar = tqdm(total=len(lengths) * len(batches) + 1, desc=f"verify ({art.name})", disable=not progress, leave=False)
     with torch.inference_mode(), bar:

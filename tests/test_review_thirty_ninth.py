@@ -517,3 +517,44 @@ def test_verify_and_bench_inputs_differ_for_seeds_above_32_bits():
     assert not torch.equal(draw(1), draw(2**32 + 1))
     assert not torch.equal(draw(2**62 + 1), draw(2**63 + 1))
     assert torch.equal(draw(2**64 - 1), draw(2**64 - 1))
+
+
+def test_tensorrt_checks_that_need_no_tensorrt(tmp_path, onnx_export, monkeypatch):
+    """What a static review of the TensorRT path found and can be checked without TensorRT (it
+    is not installable here; the engine tests skip): the device is resolved to cuda:N or refused
+    with a typed error, and verify's preflight refuses an engine of another size than its sidecar
+    says, or one built by another TensorRT, before minutes of reference pass."""
+    import json
+    from importlib import metadata
+
+    from mamba_deploy.errors import ConfigError, ExportError
+    from mamba_deploy.export.tensorrt import SIDECAR_FORMAT, sidecar_path
+    from mamba_deploy.runners import preflight
+    from mamba_deploy.runners.tensorrt_runner import cuda_device
+
+    for bad in ("cpu", "CPU", "npu:0", True):
+        with pytest.raises(ConfigError, match="runs on a CUDA GPU"):
+            cuda_device(bad)
+    if torch.cuda.is_available():
+        assert cuda_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+        with pytest.raises(ConfigError, match="CUDA GPU\\(s\\)"):
+            cuda_device(f"cuda:{torch.cuda.device_count()}")
+
+    onnx_dir = onnx_export("mamba2")[0]
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\0" * 100)
+
+    def sidecar(**build):
+        sidecar_path(engine).write_text(json.dumps({"format": SIDECAR_FORMAT, "onnx_dir": str(onnx_dir),
+                                                   "manifest": manifest, "defaults": {}, "build": build}))
+
+    sidecar(engine_bytes=120, tensorrt="10.0.1")
+    with pytest.raises(ExportError, match="has 100 bytes but its sidecar"):
+        preflight._tensorrt_config(engine)
+    sidecar(engine_bytes=100, tensorrt="10.0.1")
+    monkeypatch.setattr(metadata, "version", lambda name: "10.9.0" if name == "tensorrt" else "0")
+    with pytest.raises(ExportError, match=r"built by TensorRT 10.0.1, and this is TensorRT 10.9.0"):
+        preflight._tensorrt_config(engine)
+    monkeypatch.setattr(metadata, "version", lambda name: "10.0.1")
+    assert preflight._tensorrt_config(engine).d_model == manifest["config"]["d_model"]

@@ -282,6 +282,27 @@ def _check_engine_path(out: Path, folder: Path) -> Path:
     return out
 
 
+_LOGGER = []  # TensorRT keeps the first logger it was given for the process: one, made on first use
+
+
+def trt_logger(trt):
+    """The process's one trt.Logger (warnings and errors): a second one is ignored by TensorRT with
+    a warning that the logger "differs from one already provided"."""
+    if not _LOGGER:
+        _LOGGER.append(trt.Logger(trt.Logger.WARNING))
+    return _LOGGER[0]
+
+
+def _set_shape(profile, name: str, *shapes, values: bool = False) -> None:
+    """IOptimizationProfile.set_shape / set_shape_input, whose bad arguments are a RuntimeError of
+    the bindings, as a typed error naming the input."""
+    try:
+        (profile.set_shape_input if values else profile.set_shape)(name, *shapes)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ExportError(f"TensorRT refused the optimization profile of {name!r} {shapes} ({e}); re-export the ONNX "
+                          "model with this version, or pass other max_batch / max_seq") from e
+
+
 def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq):
     """One optimization profile over the dynamic batch / seq axes; state inputs keep their
     static per-sequence dims."""
@@ -291,14 +312,14 @@ def _profile(builder, network, manifest, opt_batch, opt_seq, max_batch, max_seq)
     for i in range(network.num_inputs):
         t = network.get_input(i)
         if t.name in (IDS, MASK):  # (batch, seq)
-            profile.set_shape(t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
+            _set_shape(profile, t.name, (1, 1), (opt_batch, opt_seq), (max_batch, max_seq))
         elif t.name == KEEP:  # (1,), and it feeds Slice starts: a shape tensor
-            profile.set_shape(t.name, (1,), (1,), (1,))
+            _set_shape(profile, t.name, (1,), (1,), (1,))
             if t.is_shape_tensor:
-                profile.set_shape_input(t.name, (0,), (1,), (max_seq,))
+                _set_shape(profile, t.name, (0,), (1,), (max_seq,), values=True)
         elif t.name in states:  # past_conv.i / past_ssm.i: (batch, *static state dims)
             rest = tuple(static[t.name][1:])
-            profile.set_shape(t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
+            _set_shape(profile, t.name, (1, *rest), (opt_batch, *rest), (max_batch, *rest))
         else:
             raise ExportError(f"unexpected engine input {t.name!r}; re-export the ONNX model with this version")
     return profile
@@ -336,7 +357,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
                           + "; ".join(issues[:8]))
     trt = import_tensorrt()
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (the flag is deprecated there); 8.x needs it
     flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)

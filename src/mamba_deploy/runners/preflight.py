@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ModelNotFoundError
+from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError
 from ..extras import install_hints
 
 # backend -> the packages its runner imports (find_spec looks for them without importing them)
@@ -93,12 +93,32 @@ def _onnx_config(p: Path) -> MambaConfig:
 
 
 def _tensorrt_config(p: Path) -> MambaConfig | None:
-    from .tensorrt_runner import engine_and_sidecar
+    """The sidecar's config, after the two checks that otherwise fail only when the engine loads:
+    the engine file is the size its sidecar records, and this TensorRT is the one that built it
+    (an engine loads only in the version that built it), read from package metadata, without
+    importing TensorRT."""
+    from .tensorrt_runner import check_engine_pair, engine_and_sidecar
 
-    manifest = engine_and_sidecar(p)[1].get("manifest")
+    engine, sidecar = engine_and_sidecar(p)
+    check_engine_pair(sidecar, engine.stat().st_size, engine)
+    built = sidecar.get("build", {}).get("tensorrt") if isinstance(sidecar.get("build"), dict) else None
+    here = _installed_version("tensorrt")
+    if isinstance(built, str) and here is not None and built != here:
+        raise ExportError(f"{engine} was built by TensorRT {built}, and this is TensorRT {here}: an engine loads only "
+                          "in the version that built it; rebuild the engine here (mamba-deploy export tensorrt)")
+    manifest = sidecar.get("manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         return None  # a broken sidecar: the runner says what is wrong with it
     return MambaConfig.from_own_dict(manifest["config"])  # as TensorRTRunner reads it
+
+
+def _installed_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # installed another way (a wheel of another name, a system package)
+        return None
 
 
 _READERS = {"torch": _checkpoint_config, "llama.cpp": _llamacpp_config, "onnx": _onnx_config,

@@ -23,9 +23,9 @@ import torch
 
 from ..atomic import read_tagged_json
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError, ShapeError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError, ShapeError
 from ..export.onnx_meta import IDS, KEEP, LOGITS, MASK, state_names
-from ..export.tensorrt import INSTALL_HINT, SIDECAR_FORMAT, engine_file, import_tensorrt, sidecar_path
+from ..export.tensorrt import INSTALL_HINT, SIDECAR_FORMAT, engine_file, import_tensorrt, sidecar_path, trt_logger
 from ..inputs import check_ids, check_mask
 from ..state import State
 from .base import NoCopy, Runner, check_state, check_threads, checked_source, one_call_at_a_time, state_layout
@@ -58,6 +58,9 @@ class TensorRTRunner(Runner):
         with torch.cuda.device(device):
             self.context = engine.create_execution_context()
             self.stream = torch.cuda.Stream(device)
+        if self.context is None:  # TensorRT returns None, not an error (GPU memory for the activations)
+            raise ExportError(f"TensorRT could not make an execution context for {path} on {device} (out of GPU "
+                              "memory?); free GPU memory, or rebuild the engine for a smaller max_batch / max_seq")
         self.call_lock = threading.RLock()  # one execution context: its bindings serve one call at a time
         self.manifest = sidecar["manifest"]
         self.config = MambaConfig.from_own_dict(self.manifest["config"])
@@ -68,19 +71,24 @@ class TensorRTRunner(Runner):
         self.n_layer = self.config.n_layer
         self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in self.names}
-        # inputs whose values decide shapes (num_logits_to_keep feeds Slice starts) are read by
-        # TensorRT from host memory
+        # where TensorRT reads each input from: the host for shape tensors (num_logits_to_keep feeds
+        # Slice starts), as get_tensor_location says; set_tensor_address needs that kind of pointer
         self.host_inputs = {n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
-                            and engine.is_shape_inference_io(n)}
+                            and engine.get_tensor_location(n) == trt.TensorLocation.HOST}
         self.defaults = {k: torch.tensor(v, dtype=torch.int64) for k, v in sidecar["defaults"].items()}
         self.past, self.present = state_names(self.n_layer), state_names(self.n_layer, present=True)
-        missing = sorted({IDS, LOGITS, *self.past, *self.present} - set(self.names))
+        # the mask and the logits count too: without them a padded prompt or last_only were ignored
+        missing = sorted({IDS, MASK, KEEP, LOGITS, *self.past, *self.present} - set(self.names))
         if missing:
             raise ExportError(f"{path} lacks the tensors {missing}; rebuild it with build_engine")
+        odd = {n: self.dtypes[n] for n in (*self.past, *self.present) if self.dtypes[n] != torch.float32}
+        if odd:  # the state buffers are float32: TensorRT does not check what a pointer holds
+            raise ExportError(f"{path} keeps its state as {sorted(set(map(str, odd.values())))}, not float32 "
+                              f"({sorted(odd)[:2]}); rebuild it with build_engine from an fp32 export")
 
     # ---- state -------------------------------------------------------------------------------
     def new_state(self, batch: int) -> TensorRTState:
-        if not 1 <= batch <= self.max_batch:
+        if not 0 <= batch <= self.max_batch:  # 0 rows: a server's batch with every request done
             raise ShapeError(f"batch {batch} is outside the engine's 1..{self.max_batch}; "
                              f"rebuild it with build_engine(..., max_batch={batch})")
         shapes = State.layer_shapes(self.config, batch)
@@ -127,6 +135,8 @@ class TensorRTRunner(Runner):
     @one_call_at_a_time
     def _run(self, ids: torch.Tensor, state: TensorRTState, mask=None, keep: int = 0) -> torch.Tensor:
         check_state(state, TensorRTState, ids.shape[0], self.config)
+        if ids.shape[0] == 0:  # the profile starts at batch 1; nothing to run anyway
+            return torch.zeros(0, keep or ids.shape[1], self.config.padded_vocab_size)
         with torch.cuda.device(self.device):
             return self._launch(ids, state, mask, keep)
 
@@ -138,7 +148,7 @@ class TensorRTRunner(Runner):
             keep_alive.append(self._bind(KEEP, torch.tensor([keep]) if keep else self.defaults[KEEP]))
         src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
         for name, t in zip(self.past, src):
-            self._bind(name, t)
+            keep_alive.append(self._bind(name, t))
         for name, t in zip(self.present, dst):
             self._address(name, t)
         shape = tuple(self.context.get_tensor_shape(LOGITS))  # known once the inputs are set
@@ -149,10 +159,11 @@ class TensorRTRunner(Runner):
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # the inputs and the state were written on the caller's stream
         if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise ExportError(f"TensorRT execution failed for input_ids of shape {tuple(ids.shape)}")
+            raise ExportError(f"TensorRT could not run the engine for input_ids of shape {tuple(ids.shape)} (its "
+                              "log says why; out of GPU memory?); free GPU memory, or rebuild the engine here")
         caller.wait_stream(self.stream)
-        state.cur = 1 - state.cur
         out = logits.float().cpu()  # synchronizes the caller's stream (after the engine) before keep_alive goes
+        state.cur = 1 - state.cur  # only once the engine ran: an error above leaves the state as it was
         del keep_alive
         return out
 
@@ -193,6 +204,24 @@ def check_engine_pair(sidecar: dict, engine_bytes: int, path: Path) -> None:
                           "the engine")
 
 
+def cuda_device(device) -> torch.device:
+    """`device` ("cuda", "cuda:N", an int or a torch.device) as cuda:N with its index: the engine
+    and its buffers stay on that GPU whichever one the calling thread has current. ConfigError
+    for anything else."""
+    try:
+        dev = torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        dev = e
+    if not isinstance(dev, torch.device) or dev.type != "cuda":
+        raise ConfigError(f"the tensorrt backend runs on a CUDA GPU: device {device!r} is not one; pass cuda or "
+                          "cuda:N")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); pass "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
 def require_cuda() -> None:
     """BackendUnavailableError where torch sees no CUDA GPU (the engine runs on one)."""
     if not torch.cuda.is_available():
@@ -220,9 +249,9 @@ def open_tensorrt(path, device: str = "cuda", threads: int | None = None, **_) -
     trt = import_tensorrt()
     require_cuda()
     p, sidecar = engine_and_sidecar(path)
-    dev = torch.device(device)
+    dev = cuda_device(device)
     with torch.cuda.device(dev):
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = trt.Runtime(trt_logger(trt))
         blob = p.read_bytes()
         check_engine_pair(sidecar, len(blob), p)
         engine = runtime.deserialize_cuda_engine(blob)

@@ -558,3 +558,73 @@ def test_tensorrt_checks_that_need_no_tensorrt(tmp_path, onnx_export, monkeypatc
         preflight._tensorrt_config(engine)
     monkeypatch.setattr(metadata, "version", lambda name: "10.0.1")
     assert preflight._tensorrt_config(engine).d_model == manifest["config"]["d_model"]
+
+
+def test_convert_keeps_the_copied_generation_config_stop_tokens(hf_checkpoint, tmp_path):
+    """A chat fine-tune's generation_config.json names its end-of-turn token where config.json
+    keeps the base EOS; convert wrote config.json's over it (a single id lost, a list grown).
+    Reference: transformers' GenerationConfig of the source folder."""
+    import json
+
+    from transformers import GenerationConfig
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_checkpoint("mamba")[0], src)
+    for i, eos in enumerate((5, [4, 5])):
+        (src / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": 0}))
+        want = GenerationConfig.from_pretrained(src).eos_token_id
+        ssm, back = tmp_path / f"ssm{i}", tmp_path / f"back{i}"
+        assert main(["convert", str(src), str(ssm), "--format", "mamba_ssm"]) == 0
+        assert main(["convert", str(ssm), str(back)]) == 0
+        for folder in (ssm, back):
+            assert GenerationConfig.from_pretrained(folder).eos_token_id == want, (folder, eos)
+
+
+def test_config_json_with_non_ascii_text_loads_in_a_c_locale(tmp_path):
+    """read_raw_config and read_json_object read in the locale's encoding: under LC_ALL=C a config
+    naming "модель-mamba" was a UnicodeDecodeError traceback in every verb (transformers loads it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "uni"
+    shutil.copytree(DEMO2, folder)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg["_name_or_path"] = "модель-mamba"
+    (folder / "config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(ROOT / "src")}
+    code = ("from mamba_deploy import load_model; from mamba_deploy.checkpoint import stored_dtype; "
+            f"m = load_model({str(folder)!r}); print(m.config.d_model, stored_dtype({str(folder)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == [str(cfg["hidden_size"]), "torch.float16"]
+
+
+def test_a_quoted_home_path_reads_the_stored_dtype(tmp_path, monkeypatch):
+    from mamba_deploy.checkpoint import stored_dtype
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(DEMO2, tmp_path / "m")
+    assert stored_dtype("~/m") == stored_dtype(tmp_path / "m") == torch.float16
+
+
+def test_an_untied_config_over_tied_weights_names_the_fix(hf_checkpoint, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import CheckpointError
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_checkpoint("mamba2")[0], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="set tie_word_embeddings to true"):
+        load_model(folder)

@@ -361,7 +361,7 @@ def read_json_object(path) -> dict:
     """A JSON object file as a dict; {} when it is absent, unreadable or not an object (for
     optional metadata whose absence only means "recompute" or "use the default")."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))  # not the locale's (a C locale: ASCII)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -130,23 +130,21 @@ def generation_end_ids(folder) -> list[int]:
 
 
 def write_generation_token_ids(cfg: MambaConfig, folder: Path) -> None:
-    """Merge cfg's token ids into folder's generation_config.json (a copied one keeps its other keys;
-    its eos_token_id list, the other ids that end generation, stays a list after cfg's EOS)."""
+    """Fill in cfg's token ids where folder's generation_config.json lacks them. A copied file's
+    own ids stay as they are: a chat fine-tune's generation_config names its end-of-turn token
+    (or a list of end tokens) where config.json keeps the base model's EOS, and transformers'
+    generate stops at the file's; cfg's EOS written over it lost that token, or added a new one."""
     ids = {k: getattr(cfg, k) for k in TOKEN_ID_FIELDS if getattr(cfg, k) is not None}
     path = Path(folder) / GENERATION_CONFIG
     old = read_json_object(path)
-    if "eos_token_id" in ids:
-        listed = old.get("eos_token_id") if isinstance(old.get("eos_token_id"), list) else []
-        ends = list(dict.fromkeys([ids["eos_token_id"], *listed]))
-        ids["eos_token_id"] = ends if len(ends) > 1 else ends[0]
-    if ids:
-        path.write_text(json.dumps({**old, **ids}, indent=2))
+    if any(k not in old for k in ids):
+        path.write_text(json.dumps({**ids, **old}, indent=2))
 
 
 def read_raw_config(folder: Path) -> dict:
     """The folder's config file as a dict ({} when there is none); read_config has validated it."""
     cfg_path = config_file(folder)
-    return json.loads(cfg_path.read_text()) if cfg_path is not None else {}
+    return json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path is not None else {}
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -351,7 +349,10 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             (overflow if all_finite(t) else nonfinite).append(k)
     missing = sorted(set(params) - seen - tied)
     problems = []
-    if missing:
+    if missing == ["lm_head.weight"] and not cfg.tie_embeddings:  # Mamba2's default is untied
+        problems.append("missing tensors: lm_head.weight (the weights have no separate head: if the embeddings "
+                        "are the head, set tie_word_embeddings to true in config.json)")
+    elif missing:
         problems.append(f"missing tensors: {_short(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_short(unexpected)}")
@@ -620,7 +621,7 @@ def stored_dtype(path_or_hub_id, exact: bool = False) -> torch.dtype | None:
 
 def stored_dtypes(path_or_hub_id) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(stored_dtype, stored_dtype(exact=True)) from one reading of the weights' headers."""
-    path = Path(path_or_hub_id)
+    path = Path(path_or_hub_id).expanduser()  # a quoted "~/model" reaches load_model expanded too
     if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
         path = path.parent
     if not path.is_dir():

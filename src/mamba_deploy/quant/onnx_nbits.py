@@ -350,7 +350,7 @@ def _update_manifest(folder: Path, qc: dict, report: dict, codes: str | None, re
     graph files too (a full read of the weights: only after the graph changed)."""
     from ..export.onnx import _sha256
 
-    m = json.loads((folder / MANIFEST_FILE).read_text())
+    m = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
     if rehash:
         m["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                       for p in sorted(folder.iterdir()) if p.name.startswith(GRAPH_FILE)}

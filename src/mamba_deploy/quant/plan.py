@@ -141,7 +141,7 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
     layer. Later entries override earlier ones."""
     if isinstance(path_or_dict, (str, Path)):
         try:
-            d = json.loads(Path(path_or_dict).read_text())
+            d = json.loads(Path(path_or_dict).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise QuantizationError(f"cannot read quantization rules {path_or_dict}: {e}") from e
     else:

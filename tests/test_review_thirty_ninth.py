@@ -628,3 +628,38 @@ def test_an_untied_config_over_tied_weights_names_the_fix(hf_checkpoint, tmp_pat
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="set tie_word_embeddings to true"):
         load_model(folder)
+
+
+def test_bench_reports_what_each_target_used(hf_checkpoint, onnx_export, tmp_path):
+    """A review of bench's numbers: the CUDA peak was the process's, whatever the backend (an ONNX
+    row after a torch-on-CUDA row showed the torch model's memory); the RSS peak holds what earlier
+    targets left, now recorded beside the RSS before each target opened; system.torch_threads was
+    read before --threads took effect. On a CPU machine every CUDA peak is null; on a GPU the
+    CUDA-graph target has one and the ONNX Runtime (CPU) target after it has none."""
+    import json
+
+    m1 = hf_checkpoint("mamba")[0]
+    onnx_dir = onnx_export("mamba")[0]
+    out = tmp_path / "bench"
+    device = ["--device", "cuda"] if torch.cuda.is_available() else []
+    assert main(["bench", str(m1), str(onnx_dir), "--backends", "torch,onnx", "--batch", "1", "--prompt-len", "3",
+                 "--gen-len", "2", "--repeats", "1", "--threads", "1", "--quiet", "--out", str(out), *device]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert "torch_threads" not in data["system"] and data["targets"][0]["torch_threads"] == 1
+    torch_row, onnx_row = data["results"]
+    for r in (torch_row, onnx_row):  # the peak is the measuring runs'; the open's own peak may be past
+        assert r["rss_at_open_bytes"] > 0 and r["peak_rss_bytes"] > 0
+    assert onnx_row["peak_cuda_bytes"] is None
+    assert (torch_row["peak_cuda_bytes"] is not None) == torch.cuda.is_available()
+    assert "(+" in (out / "results.md").read_text()
+
+
+def test_sizes_are_binary_units_named_as_such_and_weights_only(onnx_export, capsys):
+    from mamba_deploy.demo import _size
+
+    onnx_dir = onnx_export("mamba")[0]
+    weights = sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx"))
+    assert _size(onnx_dir) == weights  # the reference row counts only its weight files too
+    assert main(["inspect", str(DEMO1)]) == 0
+    out = capsys.readouterr().out
+    assert "MiB)" in out and " MB)" not in out

@@ -29,7 +29,7 @@ SCHEMA = "mamba-deploy-bench/1"
 # One row of `results` in results.json (times in milliseconds, memory in bytes; None = unknown).
 RESULT_KEYS = ("artifact", "backend", "batch", "prompt_len", "gen_len", "repeats", "prefill_ms",
                "decode_ms_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes",
-               "peak_rss_scope", "peak_cuda_bytes")
+               "peak_rss_scope", "rss_at_open_bytes", "peak_cuda_bytes")
 STAT_KEYS = ("median", "p95")  # prefill_ms and decode_ms_per_token are {median, p95}
 OUTPUT_FILES = {"json": "results.json", "markdown": "results.md",
                 "throughput_plot": "throughput_vs_batch.png", "latency_plot": "latency_vs_prompt_len.png"}
@@ -58,11 +58,21 @@ def _proc_status_bytes(key: str) -> int | None:
     return None
 
 
-def reset_peak_memory() -> str:
-    """Reset the peak-RSS counter where Linux lets us (clear_refs 5); returns the scope the next
-    reading covers: 'since reset' or 'process lifetime'."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
+def cuda_device(runner) -> torch.device | None:
+    """The CUDA device whose allocations are this runner's (a torch model's, the TensorRT
+    engine's buffers), or None: a CPU runner has no CUDA peak, whatever an earlier target left
+    allocated on the GPU."""
+    for dev in (getattr(getattr(runner, "model", None), "device", None), getattr(runner, "device", None)):
+        if isinstance(dev, torch.device) and dev.type == "cuda":
+            return dev
+    return None
+
+
+def reset_peak_memory(cuda: torch.device | None = None) -> str:
+    """Reset the peak-RSS counter where Linux lets us (clear_refs 5), and `cuda`'s peak; returns
+    the scope the next RSS reading covers: 'since reset' or 'process lifetime'."""
+    if cuda is not None:
+        torch.cuda.reset_peak_memory_stats(cuda)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return "since reset"
@@ -70,8 +80,8 @@ def reset_peak_memory() -> str:
         return "process lifetime"
 
 
-def peak_memory() -> tuple[int | None, int | None]:
-    """(peak resident set size of this process, peak CUDA bytes allocated or None)."""
+def peak_memory(cuda: torch.device | None = None) -> tuple[int | None, int | None]:
+    """(peak resident set size of this process, peak bytes allocated on `cuda`, None without)."""
     rss = _proc_status_bytes("VmHWM")
     if rss is None:
         try:  # no /proc (macOS): the lifetime peak, in bytes on macOS and kB elsewhere
@@ -81,10 +91,7 @@ def peak_memory() -> tuple[int | None, int | None]:
             rss = peak if sys.platform == "darwin" else peak * 1024
         except (ImportError, OSError):
             rss = None
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = int(torch.cuda.max_memory_allocated())
-    return rss, cuda
+    return rss, None if cuda is None else int(torch.cuda.max_memory_allocated(cuda))
 
 
 def _timed_run(runner, ids: torch.Tensor, gen_len: int) -> tuple[float, list[float]]:
@@ -117,14 +124,17 @@ def _check_count(name: str, value, low: int = 1) -> None:
 
 
 def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int = 1, repeats: int = 3,
-                 seed: int = 0, tick=None) -> dict:
-    """Measure one (batch, prompt length) setting; `tick()` is called after every run."""
+                 seed: int = 0, tick=None, rss_at_open: int | None = None) -> dict:
+    """Measure one (batch, prompt length) setting; `tick()` is called after every run.
+    rss_at_open: the process's resident bytes before this target opened (run_bench), recorded
+    beside the peak: the peak also holds what earlier targets left (libraries, allocator pools)."""
     for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("gen_len", gen_len, 0),
                              ("warmup", warmup, 0), ("repeats", repeats, 1)):
         _check_count(name, value, low)
     gen = torch_generator(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, prompt_len), generator=gen)
-    scope = reset_peak_memory()
+    cuda = cuda_device(runner)
+    scope = reset_peak_memory(cuda)
     prefills, steps = [], []
     with torch.inference_mode():
         for i in range(warmup + repeats):
@@ -134,14 +144,14 @@ def bench_config(runner, batch: int, prompt_len: int, gen_len: int, warmup: int 
                 steps.extend(x * 1e3 for x in s)
             if tick:
                 tick()
-    rss, cuda = peak_memory()
+    rss, cuda_peak = peak_memory(cuda)
     pre = {"median": statistics.median(prefills), "p95": percentile(prefills, 95)}
     dec = {"median": statistics.median(steps), "p95": percentile(steps, 95)} if steps else None
     return dict(batch=batch, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, prefill_ms=pre,
                 decode_ms_per_token=dec,
                 prefill_tokens_per_s=batch * prompt_len / (pre["median"] / 1e3),
                 decode_tokens_per_s=batch / (dec["median"] / 1e3) if dec else None,
-                peak_rss_bytes=rss, peak_rss_scope=scope, peak_cuda_bytes=cuda)
+                peak_rss_bytes=rss, peak_rss_scope=scope, rss_at_open_bytes=rss_at_open, peak_cuda_bytes=cuda_peak)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -172,7 +182,7 @@ def parse_targets(artifacts, backends=None) -> list[tuple[str, str]]:
 
 def _system_info() -> dict:
     info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), python=platform.python_version(),
+                cpu_count=os.cpu_count(), python=platform.python_version(),
                 torch=torch.__version__, cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info
 
@@ -211,14 +221,17 @@ def run_bench(targets, batches, prompt_lens, gen_len: int, warmup: int = 1, repe
                 opts = {"threads": threads, **own}
                 # what ran: another --dtype or device is another benchmark
                 entry.update({k: str(v).removeprefix("torch.") for k, v in own.items()})
+                at_open = _proc_status_bytes("VmRSS")
                 with open_runner(path, backend, **opts) as runner:
+                    if backend == "torch":  # its --threads are set by the open (process-wide)
+                        entry["torch_threads"] = torch.get_num_threads()
                     tp = getattr(getattr(runner, "model", None), "tp", None)
                     if tp is not None:  # what ran: the ranks it was sharded over
                         entry["tensor_parallel"] = tp.world
                     for b in batches:
                         for length in prompt_lens:
                             bar.set_postfix_str(f"{backend} b={b} l={length}")
-                            row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update)
+                            row = bench_config(runner, b, length, gen_len, warmup, repeats, seed, bar.update, at_open)
                             data["results"].append(dict(artifact=str(path), backend=backend, **row))
             except Exception as e:  # noqa: BLE001  (sorted by _target_failure: a bug is raised)
                 if not _target_failure(e) or opts.get("tensor_parallel"):
@@ -280,7 +293,7 @@ def markdown_table(data: dict) -> str:
                        if t.get("tensor_parallel")), "",
              "| target | batch | prompt | prefill ms (median / p95) "
              "| decode ms/token of each sequence = ms/step (median / p95) "
-             "| prefill tok/s | decode tok/s | peak RSS MiB | peak CUDA MiB |",
+             "| prefill tok/s | decode tok/s | peak RSS MiB (+ above the RSS before the target opened) | peak CUDA MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     mib = 1024 ** 2
     for r in data["results"]:
@@ -289,12 +302,19 @@ def markdown_table(data: dict) -> str:
             f"| {_label(r, names)} | {r['batch']} | {r['prompt_len']} | {_fmt(r['prefill_ms']['median'], '.2f')} / "
             f"{_fmt(r['prefill_ms']['p95'], '.2f')} | {_fmt(dec['median'], '.2f')} / {_fmt(dec['p95'], '.2f')} "
             f"| {_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} "
-            f"| {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / mib)} "
+            f"| {_rss_cell(r, mib)} "
             f"| {_fmt(r['peak_cuda_bytes'] and r['peak_cuda_bytes'] / mib)} |")
     failed = [t for t in data["targets"] if t["error"]]
     if failed:
         lines += ["", "Not measured:"] + [f"- {t['artifact']} ({t['backend']}): {t['error']}" for t in failed]
     return "\n".join(lines) + "\n"
+
+
+def _rss_cell(r: dict, mib: int) -> str:
+    peak, base = r.get("peak_rss_bytes"), r.get("rss_at_open_bytes")
+    if peak is None:
+        return "-"
+    return _fmt(peak / mib) + ("" if base is None else f" (+{_fmt(max(peak - base, 0) / mib)})")
 
 
 def _plot(data: dict, x_key: str, y_fn, series_key: str, title: str, xlabel: str, ylabel: str):

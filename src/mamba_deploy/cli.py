@@ -186,8 +186,9 @@ def runner_options(args, torch_opts=None) -> dict:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+    """Bytes in binary units, named as such (a "14.2 MB" here was 14.84 MB in export gguf's decimal)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
 

@@ -161,9 +161,15 @@ def _reference_label(model_dir: Path, files) -> str:
     return f"{kind} {stored}->fp32" if stored != "fp32" else f"{kind} fp32"
 
 
+# files of an output folder that are not its weights (tokenizer, configs, manifest, template)
+NOT_WEIGHTS = (".json", ".txt", ".jinja", ".model", ".v3")
+
+
 def _size(path: Path) -> int:
+    """The bytes of an artifact's weights: the file, or a folder's files less NOT_WEIGHTS, as the
+    reference row counts only its weight files (the ONNX and int8 rows counted the tokenizer too)."""
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.endswith(NOT_WEIGHTS))
     return path.stat().st_size
 
 

@@ -663,3 +663,57 @@ def test_sizes_are_binary_units_named_as_such_and_weights_only(onnx_export, caps
     assert main(["inspect", str(DEMO1)]) == 0
     out = capsys.readouterr().out
     assert "MiB)" in out and " MB)" not in out
+
+
+def test_encoding_a_long_text_lets_other_threads_run():
+    """tokenizers' encode holds the GIL for the whole call: a server handler tokenizing an 8 MB
+    prompt stopped every running stream and GET /health for 5 s. Long texts go through
+    encode_batch, which lets go of it; the ids are the same."""
+    import threading
+    import time
+
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(DEMO2)
+    text = (ROOT / "src" / "mamba_deploy" / "serve.py").read_text() * 20
+    ticks, stop = [0], [False]
+
+    def sleeper():
+        while not stop[0]:
+            time.sleep(0.001)
+            ticks[0] += 1
+
+    th = threading.Thread(target=sleeper)
+    th.start()
+    try:
+        t = time.monotonic()
+        ids = tok.encode(text)
+        took = time.monotonic() - t
+    finally:
+        stop[0] = True
+        th.join()
+    assert ids == tok._tok.encode(text).ids
+    assert ticks[0] >= min(10, took * 100), (ticks[0], took)  # held throughout, it ticked 0-3 times
+
+
+def test_a_request_that_would_pass_llamacpp_n_ctx_is_refused_alone(tmp_path, request):
+    """Its prompt fitted, its max_tokens carried it past n_ctx while decoding: the batched step
+    raised, and every request decoding beside it got a 400 halfway through its stream. Now it is
+    refused when it arrives; the other request gets what it gets alone (reference: generate)."""
+    import json
+
+    pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python")
+    from conftest import post_json, start_server
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.generation import generate
+    from mamba_deploy.runners import open_runner
+
+    g = export_gguf(DEMO2, tmp_path / "m.gguf")
+    r = open_runner(g, "llama.cpp", n_ctx=64)
+    request.addfinalizer(r.close)
+    alone = generate(r, [[5, 6, 7]], max_new_tokens=20).tokens[0]
+    server = start_server(r, request, max_num_seqs=4)
+    status, _, body = post_json(server, {"prompt": list(range(3, 63)), "max_tokens": 30, "temperature": 0})
+    assert status == 400 and "would pass the llama.cpp context size n_ctx=64" in json.loads(body)["error"]["message"]
+    status, _, body = post_json(server, {"prompt": [5, 6, 7], "max_tokens": 20, "temperature": 0})
+    assert status == 200 and json.loads(body)["choices"][0]["token_ids"] == alone

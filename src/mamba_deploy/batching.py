@@ -42,7 +42,7 @@ import traceback
 
 import torch
 
-from .errors import MambaDeployError
+from .errors import MambaDeployError, ShapeError
 from .generation import Generation, check_prefill_chunk, left_pad, prefill_pieces, prepare_request
 
 
@@ -184,12 +184,26 @@ class Scheduler:
         in the caller's thread, so a bad request raises before it queues. stream=False: no token
         events (`follow` then only waits for the result)."""
         job = Job(prepare_request(self.runner, prompts, **kw), stream)
+        self._check_positions(job.req)
         with self._cv:
             if self.closed:
                 raise SchedulerClosed(CLOSED)
             self.waiting.append(job)
             self._cv.notify()
         return job
+
+    def _check_positions(self, req) -> None:
+        """ShapeError (the client's 400) for a request that would run past the runner's context
+        (llama.cpp's n_ctx) while decoding: there it failed the batched step, and so every
+        request decoding beside it, halfway through their streams."""
+        limit = getattr(self.runner, "n_ctx", None)
+        if not isinstance(limit, int):
+            return
+        longest = max(len(p) for p in req.ids_list) + req.max_new_tokens
+        if longest > limit:
+            raise ShapeError(f"a prompt of {longest - req.max_new_tokens} tokens with max_tokens {req.max_new_tokens} "
+                             f"would pass the llama.cpp context size n_ctx={limit}; lower max_tokens or shorten the "
+                             "prompt (or serve with a larger n_ctx)")
 
     def stats(self) -> dict:
         with self._cv:

@@ -50,6 +50,12 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 PREFIX_MARGIN = 512  # tokens past the limit a prefix must reach: only the last words of a cut text tokenize differently
 
 
+# characters past which a `tokenizers` encode goes through encode_batch: Tokenizer.encode holds the
+# GIL for the whole call, and an 8 MB prompt stopped every running stream and GET /health of the
+# server for 5 s (its handler thread tokenizes while the model loop waits for the interpreter)
+LONG_TEXT = 4096
+
+
 def encode_prefix(tok, text: str, max_tokens: int | None, **kw) -> list[int]:
     """tok.encode(text)[:max_tokens] without tokenizing the whole text: a `tokenizers` encoding
     holds ~500 bytes per token (offsets, token strings), 180 MiB per MB of text, where a limit
@@ -89,6 +95,8 @@ class Tokenizer:
         for text that writes its own (a rendered chat template)."""
         check_text(text)
         if hasattr(self._tok, "token_to_id"):
+            if len(text) > LONG_TEXT:  # encode_batch lets go of the GIL; encode holds it throughout
+                return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
             return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 

@@ -537,7 +537,7 @@ def test_tensorrt_checks_that_need_no_tensorrt(tmp_path, onnx_export, monkeypatc
             cuda_device(bad)
     if torch.cuda.is_available():
         assert cuda_device("cuda") == torch.device("cuda", torch.cuda.current_device())
-        with pytest.raises(ConfigError, match="CUDA GPU\\(s\\)"):
+        with pytest.raises(ConfigError, match="CUDA device\\(s\\) are visible"):
             cuda_device(f"cuda:{torch.cuda.device_count()}")
 
     onnx_dir = onnx_export("mamba2")[0]

@@ -63,7 +63,7 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     from onnx import helper
 
     from ..checkpoint import load_model, saved_source_weights, tokenizer_source, write_tokenizer_files
-    from .runtime import saved_tensors
+    from .runtime import saved_names
     from ..export.onnx import (ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, streamed_weights, torch_reference,
                                write_manifest)
     from ..export.onnx_graph import MambaGraph
@@ -79,7 +79,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     out_dir = output_path(out_dir)
     state = qmodel.state_dict()
     # what the checkpoint stores (a tied lm_head's codes once), so the digest equals the folder's
-    codes = codes_digest(saved_tensors(qmodel).items())
+    stored = saved_names(qmodel)
+    codes = codes_digest((k, v) for k, v in state.items() if k in stored)
     reference = None
     if validate:  # PyTorch's outputs once, for every level checked
         with _float_function(qmodel):

@@ -136,9 +136,8 @@ def _quant_linear(lin, name, spec, algo, stats, opts):
 def _swap_head(model, plan, done):
     emb = OPTIONAL_MODULES["embeddings"]
     if model.config.tie_embeddings and isinstance(model.backbone.embeddings, QuantEmbedding):
-        if plan["lm_head"] != plan.get(emb):
-            raise QuantizationError("lm_head and embeddings share one tensor (tied); give them the same "
-                                    f"format, got {plan['lm_head']} vs {plan.get(emb)}")
+        # build_plan refused different formats for the two (before calibration)
+        assert plan["lm_head"] == plan.get(emb), (plan["lm_head"], plan.get(emb))
         e = model.backbone.embeddings
         head = QuantLinear(e.embedding_dim, e.num_embeddings, e.fmt, e.group_size, e.symmetric,
                            fp8_scaling=e.fp8_scaling, compute_dtype=e.compute_dtype).to(e.qweight.device)

@@ -207,19 +207,22 @@ def check_engine_pair(sidecar: dict, engine_bytes: int, path: Path) -> None:
 def cuda_device(device) -> torch.device:
     """`device` ("cuda", "cuda:N", an int or a torch.device) as cuda:N with its index: the engine
     and its buffers stay on that GPU whichever one the calling thread has current. ConfigError
-    for anything else."""
+    for anything else (checkpoint.check_device's for a GPU index this machine lacks)."""
+    from ..checkpoint import check_device
+
+    not_cuda = ConfigError(f"the tensorrt backend runs on a CUDA GPU: device {device!r} is not one; pass cuda or "
+                           "cuda:N")
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
     try:
-        dev = torch.device(f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        dev = e
-    if not isinstance(dev, torch.device) or dev.type != "cuda":
-        raise ConfigError(f"the tensorrt backend runs on a CUDA GPU: device {device!r} is not one; pass cuda or "
-                          "cuda:N")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if not 0 <= index < torch.cuda.device_count():
-        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); pass "
-                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
+        dev = check_device(device)
+    except ConfigError as e:
+        if str(device).startswith("cuda"):  # a GPU this machine lacks: check_device says how many there are
+            raise
+        raise not_cuda from e
+    if dev.type != "cuda":
+        raise not_cuda
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def require_cuda() -> None:

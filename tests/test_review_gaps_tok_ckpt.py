@@ -422,7 +422,7 @@ def test_gguf_beside_its_tokenizer_files_passes_them_on_unchanged(kind, tiny_tok
     tokenizer files byte for byte (generation_config.json, a Mistral tokenizer.model.v3), not ones
     rebuilt from the GGUF's vocabulary."""
     pytest.importorskip("gguf")
-    from mamba_deploy.checkpoint import TOKENIZER_FILES
+    from mamba_deploy.tokenizer_files import TOKENIZER_FILES
     from mamba_deploy.export.gguf import export_gguf
 
     folder = tmp_path / "src"

@@ -201,7 +201,8 @@ def refuse_input_file(out, inputs, flag: str, example: str) -> None:
     model/config.json`) would replace a file the command reads. A new file there is fine. An input
     given as its folder's config.json or model.onnx stands for that folder; a GGUF file for the
     tokenizer files beside it, which its loaders read."""
-    from .checkpoint import CONFIG_FILES, TOKENIZER_FILES
+    from .checkpoint import CONFIG_FILES
+    from .tokenizer_files import TOKENIZER_FILES
     from .errors import OutputPathError
 
     out = output_path(out)

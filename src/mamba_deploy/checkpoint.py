@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from .errors import BackendUnavailableError, CheckpointError, ConfigError, Mamba
 from .export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
+from .tokenizer_files import tokenizer_source, write_tokenizer_files
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
 KEY_RENAMES = {
@@ -32,9 +31,6 @@ KEY_RENAMES = {
 SAVE_FORMATS = ("hf", "mamba_ssm")
 # the config file of each dialect, in the order they are looked for (config.py reads either)
 CONFIG_FILES = ("config.json", "params.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3",
-                   "chat_template.jinja")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -648,54 +644,6 @@ def stored_float_counts(path: Path) -> dict[torch.dtype, int]:
     except (MambaDeployError, OSError, ValueError):
         return {}
     return counts
-
-
-def tokenizer_source(model):
-    """Where a model's tokenizer comes from: its GGUF (whose vocabulary is the tokenizer), unless
-    load_gguf found this GGUF's own tokenizer files beside it, or its folder."""
-    if getattr(model, "gguf_path", None) is not None and getattr(model, "gguf_neighbour", None) is None:
-        return model.gguf_path
-    return getattr(model, "source_path", None)
-
-
-def write_tokenizer_files(src, dst: Path, shown=None) -> None:
-    """The tokenizer files beside a saved checkpoint or export (`src`: `tokenizer_source(model)`):
-    copied from a folder, or a GGUF's vocabulary written as tokenizer.json. Where a GGUF's has no
-    equivalent (or none at all) it warns, naming `shown` (the final output, not the temporary
-    `dst`): the weights or graph still run on token ids."""
-    if src is None:
-        return
-    src = Path(src)
-    if src.suffix != ".gguf":
-        copy_tokenizer_files(src, dst)
-        return
-    from .errors import ExportError
-    from .export.gguf_vocab import write_gguf_tokenizer
-
-    try:
-        write_gguf_tokenizer(src, dst)
-    except (ExportError, ConfigError) as e:  # ConfigError: the GGUF lacks tokenizer metadata
-        warnings.warn(f"{shown or dst} gets no tokenizer: {e}. Copy the original model's tokenizer.json and "
-                      "tokenizer_config.json into it to use text prompts", stacklevel=3)
-
-
-def copy_tokenizer_files(src, dst) -> list[str]:
-    src = Path(src)
-    if src.is_file():
-        src = src.parent
-    from .pathnames import check_model_file
-
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            check_model_file(src / name, src, inside=True)  # nothing from outside the folder goes into the output
-            shutil.copy2(src / name, Path(dst) / name)
-            copied.append(name)
-    ends = generation_end_ids(src) if GENERATION_CONFIG not in copied else []
-    if len(ends) > 1:  # config.json's eos_token_id list, which a saved config.json keeps one id of
-        (Path(dst) / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": ends}, indent=2))
-        copied.append(GENERATION_CONFIG)
-    return copied
 
 
 # ----------------------------------------------------------------------------- the public loader

@@ -30,7 +30,7 @@ from .state import DTYPE_NAMES
 # to install, and every other verb still works.
 STAGE_MODULES = {"mamba_deploy.quant.cli": "quantize", "mamba_deploy.verify": "verify", "mamba_deploy.bench": "bench",
                  "mamba_deploy.eval": "eval", "mamba_deploy.train": "train", "mamba_deploy.demo": "demo",
-                 "mamba_deploy.serve": "serve"}
+                 "mamba_deploy.serve_cli": "serve"}
 EXPORT_MODULES = {"mamba_deploy.export.onnx": "onnx", "mamba_deploy.export.gguf": "gguf",
                   "mamba_deploy.export.tensorrt": "tensorrt"}
 

@@ -211,7 +211,7 @@ def load_gguf(path, device="cpu", dtype: torch.dtype = torch.float32):
     from .gguf_vocab import matching_neighbour
 
     # the tokenizer file beside it when it is this GGUF's (one of another model: warned, not used);
-    # exports copy it rather than write the GGUF's vocabulary (checkpoint.tokenizer_source)
+    # exports copy it rather than write the GGUF's vocabulary (tokenizer_files.tokenizer_source)
     model.gguf_neighbour = matching_neighbour(path, reader)
     if model.gguf_neighbour is None or model.gguf_neighbour.name != "tokenizer.json":
         model._tokenizer = gguf_tokenizer(reader, path)

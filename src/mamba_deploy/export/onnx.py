@@ -72,7 +72,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     one; see onnx_graph.py). Quantized Mamba1 checkpoints take it too."""
     import onnx
 
-    from ..checkpoint import tokenizer_source, write_tokenizer_files
+    from ..tokenizer_files import tokenizer_source, write_tokenizer_files
     from ..runners.base import release_freed_memory
     from . import as_model, source_weights
     from .onnx_graph import MambaGraph

@@ -62,7 +62,8 @@ def export_quantized_onnx(qmodel_or_path, out_dir, validate: bool = True,
     weights (`_float_function`), not a copy of it, so a wrong copy cannot hide a wrong graph."""
     from onnx import helper
 
-    from ..checkpoint import load_model, saved_source_weights, tokenizer_source, write_tokenizer_files
+    from ..checkpoint import load_model, saved_source_weights
+    from ..tokenizer_files import tokenizer_source, write_tokenizer_files
     from .runtime import saved_names
     from ..export.onnx import (ALLOWED_OPS, DEFAULT_OPSET, _save, check_graph, streamed_weights, torch_reference,
                                write_manifest)

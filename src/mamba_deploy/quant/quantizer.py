@@ -152,7 +152,8 @@ def save_quantized(model, out_dir):
     """Write config.json (with quantization_config, under config.QUANTIZED_MODEL_TYPE) +
     model.safetensors (+ tokenizer files); atomically, through checkpoint.write_folder.
     `load_model(out_dir)` loads it; transformers' from_pretrained refuses it by its model_type."""
-    from ..checkpoint import tokenizer_source, write_folder
+    from ..checkpoint import write_folder
+    from ..tokenizer_files import tokenizer_source
 
     qc = getattr(model, "quantization_config", None)
     if not qc:

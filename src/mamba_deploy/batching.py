@@ -193,17 +193,17 @@ class Scheduler:
         return job
 
     def _check_positions(self, req) -> None:
-        """ShapeError (the client's 400) for a request that would run past the runner's context
-        (llama.cpp's n_ctx) while decoding: there it failed the batched step, and so every
-        request decoding beside it, halfway through their streams."""
-        limit = getattr(self.runner, "n_ctx", None)
+        """ShapeError (the client's 400) for a request that would run past the runner's
+        max_positions (llama.cpp's n_ctx) while decoding: there it failed the batched step, and
+        so every request decoding beside it, halfway through their streams."""
+        limit = getattr(self.runner, "max_positions", None)  # duck-typed runners may lack it
         if not isinstance(limit, int):
             return
         longest = max(len(p) for p in req.ids_list) + req.max_new_tokens
         if longest > limit:
+            name = getattr(self.runner, "max_positions_name", "the backend's max_positions")
             raise ShapeError(f"a prompt of {longest - req.max_new_tokens} tokens with max_tokens {req.max_new_tokens} "
-                             f"would pass the llama.cpp context size n_ctx={limit}; lower max_tokens or shorten the "
-                             "prompt (or serve with a larger n_ctx)")
+                             f"would pass {name}={limit}; lower max_tokens or shorten the prompt")
 
     def stats(self) -> dict:
         with self._cv:

@@ -223,6 +223,11 @@ class Runner(ABC):
     supports_attention_mask: bool = True  # left-padded batched prefill
     closed: bool = False
     _artifact_path: Path | None = None
+    # positions one sequence may reach (prompt + generated tokens) where the backend caps them;
+    # None: no cap, since a recurrent state does not grow with the sequence. The server refuses a
+    # request past it when it arrives (in a batched step it would fail every row beside it).
+    max_positions: int | None = None
+    max_positions_name: str = "the backend's max_positions"  # as an error names the cap
 
     @property
     def artifact_path(self) -> Path | None:

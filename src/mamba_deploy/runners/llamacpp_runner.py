@@ -333,6 +333,11 @@ class LlamaCppTokenizer:
 
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
+    max_positions_name = "the llama.cpp context size n_ctx"
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_ctx
 
     def __init__(self, path, n_threads: int | None = None, n_ctx: int | None = None, n_batch: int = 512,
                  n_seq_max: int = 4, verbose: bool = False, extra_buffers: bool | None = None):

@@ -10,6 +10,7 @@ when it opens the artifact; a check left out here only comes later, never is los
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from ..config import MambaConfig
@@ -102,14 +103,31 @@ def _tensorrt_config(p: Path) -> MambaConfig | None:
     engine, sidecar = engine_and_sidecar(p)
     check_engine_pair(sidecar, engine.stat().st_size, engine)
     built = sidecar.get("build", {}).get("tensorrt") if isinstance(sidecar.get("build"), dict) else None
-    here = _installed_version("tensorrt")
-    if isinstance(built, str) and here is not None and built != here:
+    here = next(filter(None, map(_installed_version, TENSORRT_PACKAGES)), None)
+    if isinstance(built, str) and here is not None and _release(built) != _release(here):
         raise ExportError(f"{engine} was built by TensorRT {built}, and this is TensorRT {here}: an engine loads only "
                           "in the version that built it; rebuild the engine here (mamba-deploy export tensorrt)")
     manifest = sidecar.get("manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         return None  # a broken sidecar: the runner says what is wrong with it
     return MambaConfig.from_own_dict(manifest["config"])  # as TensorRTRunner reads it
+
+
+# the pip distributions that install the `tensorrt` module (the meta-package pulls a CUDA one)
+TENSORRT_PACKAGES = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11")
+
+
+def _release(version: str) -> tuple[int, ...] | str:
+    """A version's release numbers without trailing zeros, so that what pip records and what
+    `tensorrt.__version__` says (the sidecar's) compare equal however each spells them
+    ("10.13.0.35" / "10.13.0.35.post1"; "10.1" / "10.1.0"); the string itself when it has none."""
+    m = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    if m is None:
+        return version.strip()
+    parts = [int(x) for x in m.group(1).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
 
 
 def _installed_version(package: str) -> str | None:

@@ -64,3 +64,90 @@ def test_tensorrt_preflight_compares_release_numbers_not_spellings(tmp_path, onn
         preflight._tensorrt_config(engine)
     installed({})
     assert preflight._tensorrt_config(engine) is not None  # nothing recorded here: the runner's own check decides
+
+
+def _mamba2_config():
+    from mamba_deploy.config import MambaConfig
+
+    return MambaConfig(arch="mamba2", d_model=24, n_layer=2, vocab_size=50, d_state=5, headdim=6, chunk_size=4)
+
+
+def test_cpu_decode_keeps_a_nan_step_size_nan():
+    """The C kernels are built with -ffast-math, whose finite-math assumption let the dt clamp
+    return a bound for NaN: a NaN dt_bias gave NaN prefill logits but finite decode logits on
+    the CPU. Reference: the ops' PyTorch twins (torch.clamp keeps NaN)."""
+    import torch
+
+    from conftest import random_lm
+    from mamba_deploy import ops
+
+    m = random_lm(_mamba2_config())
+    with torch.no_grad():
+        m.backbone.layers[0].mixer.dt_bias[0] = float("nan")
+        ids = torch.tensor([[3, 7, 9]])
+        assert not torch.isfinite(m(ids).logits).all()
+        with ops.use_backend("ref"):
+            st = m.new_state(1)
+            assert not torch.isfinite(torch.stack([m.step(ids[:, t], st) for t in range(3)])).all()
+        st = m.new_state(1)
+        fast = torch.stack([m.step(ids[:, t], st) for t in range(3)])
+    assert not torch.isfinite(fast).all(), "the C decode made a NaN step size finite"
+
+
+def test_cpu_prefill_scan_keeps_small_step_sizes_accurate():
+    """The C Mamba1 scan's softplus was log(1 + e^v), which rounds 1 + e^v and loses the step
+    sizes of long-memory channels (v near -12): their state was 5e-3 off float64 math over 8192
+    tokens. Now log1p: within the float32 reference's error."""
+    import torch
+
+    from mamba_deploy.ops import cpu_kernels, reference
+
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here: the CPU kernels are not built")
+    torch.manual_seed(0)
+    b, l, d, n = 1, 8192, 32, 16
+    x, dt = torch.randn(b, l, d), torch.randn(b, l, d) * 0.5
+    A, B, C, D = -torch.rand(d, n) * 0.1, torch.randn(b, l, n), torch.randn(b, l, n), torch.ones(d)
+    bias = torch.cat([torch.full((d // 2,), -2.0), torch.full((d // 2,), -12.0)])
+    h = torch.zeros(b, d, n)
+    y_c, h_c = cpu_kernels.selective_scan_cpu(x, dt, A, B, C, D, None, bias, h)
+    y64, h64 = reference.selective_scan_ref(*(t.double() for t in (x, dt, A, B, C, D)), None, bias.double(),
+                                            h.double())
+
+    def rel(t, ref):  # the slow channels only
+        return ((t.double() - ref)[..., d // 2:, :].abs().max() / ref[..., d // 2:, :].abs().max()).item()
+
+    assert rel(h_c, h64) < 1e-4, rel(h_c, h64)
+    assert ((y_c.double() - y64).abs().max() / y64.abs().max()).item() < 1e-4
+
+
+def test_torch_runner_forks_a_float64_state_exactly():
+    """clone_state went through to_torch_state's float32 copy: a float64 fork moved by 6e-8."""
+    import torch
+
+    from conftest import random_lm
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    r = TorchRunner(random_lm(_mamba2_config(), dtype=torch.float64))
+    _, st = r.prefill(torch.randint(0, 50, (2, 9)), r.new_state(2))
+    fork = r.clone_state(st)
+    assert fork.ssm.dtype == torch.float64
+    assert torch.equal(fork.ssm, st.ssm) and torch.equal(fork.conv, st.conv)
+    assert fork.ssm.data_ptr() != st.ssm.data_ptr()
+    a, _ = r.step(torch.tensor([4, 5]), st)
+    b, _ = r.step(torch.tensor([4, 5]), fork)
+    assert torch.equal(a, b)
+
+
+def test_state_select_of_no_rows():
+    """select([]) was a ShapeError ("got torch.float32"); select(slice(0, 0)) already worked."""
+    import numpy as np
+    import torch
+
+    from conftest import random_lm
+
+    st = random_lm(_mamba2_config()).new_state(3)
+    for none in ([], (), slice(0, 0), np.array([], dtype=np.int64)):
+        assert st.select(none).conv.shape[1] == 0
+    assert st.select(torch.tensor(1)).conv.shape[1] == 1
+    assert st.select(np.int64(2)).conv.shape[1] == 1

@@ -81,7 +81,11 @@ class State:
         if isinstance(idx, slice):
             idx = torch.arange(b)[idx]
         try:
-            rows = torch.as_tensor([idx] if isinstance(idx, numbers.Integral) else idx).reshape(-1)
+            if isinstance(idx, numbers.Integral):
+                idx = [idx]
+            # an empty list is float32 to as_tensor, and no rows is a valid selection
+            empty = isinstance(idx, (list, tuple)) and not idx
+            rows = torch.as_tensor(idx, dtype=torch.long if empty else None).reshape(-1)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ShapeError(f"select takes row indices (an int, a slice, a list), got {idx!r:.60}") from e
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:

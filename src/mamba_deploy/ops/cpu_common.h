@@ -48,7 +48,17 @@ static inline void ssd_head(const float *h_in, float *h_out, const float *x, con
     }
 }
 
-static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+/* NaN stays NaN (as torch.clamp keeps it): the kernels are built with -ffast-math, whose
+ * finite-math assumption let the compiler turn the comparisons into min/max instructions that
+ * return a bound for NaN, so a corrupt dt_bias decoded to finite logits while prefill gave NaN.
+ * The bit test is not an arithmetic comparison, so that assumption cannot remove it. */
+static inline int is_nanf(float v) {
+    union { float f; uint32_t u; } b = {v};
+    return (b.u & 0x7fffffffu) > 0x7f800000u;
+}
+static inline float clampf(float v, float lo, float hi) {
+    return is_nanf(v) ? v : (v < lo ? lo : (v > hi ? hi : v));
+}
 
 /* RMSNorm of one row, statistics in float32: y = w * (x / rms(x)), or x / rms(x) when w is
  * NULL; y may be x. */

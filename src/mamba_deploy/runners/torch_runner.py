@@ -74,6 +74,14 @@ class TorchRunner(Runner):
         state.conv.copy_(src.conv)
         state.ssm.copy_(src.ssm)
 
+    def clone_state(self, state):
+        """As Runner.clone_state, without the float32 round trip of to_torch_state: a float64
+        (or 16-bit) state forks exactly. new_state, so the graph runner lends a bucket."""
+        check_is_state(state, "runner.new_state(batch)")
+        state.check(self.config, state.conv.shape[1], state.conv.dtype, self.model.device)
+        out = self.new_state(state.conv.shape[1])
+        return out.copy_(state)
+
     @property
     def tokenizer(self):
         # the model's own: a model loaded from a GGUF carries the GGUF's tokenizer, which no file

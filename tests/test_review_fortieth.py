@@ -151,3 +151,114 @@ def test_state_select_of_no_rows():
         assert st.select(none).conv.shape[1] == 0
     assert st.select(torch.tensor(1)).conv.shape[1] == 1
     assert st.select(np.int64(2)).conv.shape[1] == 1
+
+
+# ----------------------------------------------------------------------------- ONNX runner
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="the ONNX runner needs onnxruntime")
+    from conftest import random_lm
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.export.onnx import export_onnx
+
+    m = random_lm(MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=100, d_state=8))
+    return export_onnx(m, tmp_path_factory.mktemp("onnx40") / "o", validate=False), m
+
+
+def _feeds(r, ids, arrays):
+    import numpy as np
+
+    from mamba_deploy.export.onnx_meta import state_names
+
+    return {**dict(zip(state_names(r.n_layer), arrays)), "input_ids": np.asarray(ids, np.int64)}
+
+
+def test_onnx_run_refuses_padding_over_a_state_that_holds_tokens(small_onnx):
+    """prefill refused left padding over a used state; run() took it and returned logits 40 %
+    off (the padded positions still decay the state)."""
+    import numpy as np
+    import torch
+
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    with open_onnx(small_onnx[0], threads=1) as r:
+        _, st = r.prefill(torch.tensor([[5, 6, 7], [8, 9, 10]]), r.new_state(2))
+        f = _feeds(r, [[1, 2, 3], [0, 2, 3]], [a.copy() for a in r.state_arrays(st)])
+        f["attention_mask"] = np.array([[1, 1, 1], [0, 1, 1]], np.int64)
+        with pytest.raises(ShapeError, match="pads rows \\[1\\] of a state that already holds tokens"):
+            r.run(f)
+        fresh = _feeds(r, [[1, 2, 3], [0, 2, 3]], [np.zeros_like(a) for a in r.state_arrays(st)])
+        fresh["attention_mask"] = f["attention_mask"]
+        assert r.run(fresh)["logits"].shape == (2, 3, 100)
+
+
+def test_onnx_run_of_no_rows_is_empty(small_onnx):
+    """A batch of 0 rows raised onnxruntime's own Fail from the graph's Reshape."""
+    import numpy as np
+
+    from mamba_deploy.runners.onnx_runner import open_onnx
+    from mamba_deploy.state import State
+
+    with open_onnx(small_onnx[0], threads=1) as r:
+        empty = [np.zeros(s, np.float32) for s in State.layer_shapes(r.config, 0)]
+        out = r.run(_feeds(r, np.zeros((0, 3), np.int64), empty))
+        assert out["logits"].shape == (0, 3, 100)
+        assert [out[n].shape for n in out if n != "logits"] == [a.shape for a in empty]
+
+
+def test_onnx_manifest_outputs_in_another_order_decode(small_onnx, tmp_path):
+    """The runner took the vocabulary from the manifest's first output: a manifest listing
+    logits last opened and then failed at the first step with ORT's RuntimeError."""
+    import shutil
+
+    import torch
+
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    dst = tmp_path / "o"
+    shutil.copytree(small_onnx[0], dst)
+    man = json.loads((dst / "manifest.json").read_text())
+    man["outputs"].append(man["outputs"].pop(0))
+    (dst / "manifest.json").write_text(json.dumps(man))
+    with open_onnx(dst, threads=1) as r, open_onnx(small_onnx[0], threads=1) as ref:
+        got, _ = r.step(torch.tensor([5]), r.new_state(1))
+        want, _ = ref.step(torch.tensor([5]), ref.new_state(1))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("providers", [[None], 5, [], [("CPUExecutionProvider",)], [("CPUExecutionProvider", 1)]])
+def test_onnx_bad_providers_are_a_config_error(small_onnx, providers):
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.runners.onnx_runner import open_onnx
+
+    with pytest.raises(ConfigError, match="provider"):
+        open_onnx(small_onnx[0], providers=providers)
+
+
+def test_onnx_export_validate_takes_true_or_false(small_onnx, tmp_path):
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.export.onnx import export_onnx
+
+    with pytest.raises(ConfigError, match="validate must be True or False"):
+        export_onnx(small_onnx[1], tmp_path / "o", validate="false")
+    assert not (tmp_path / "o").exists()
+
+
+def test_onnx_export_of_a_model_on_a_gpu_validates(tmp_path):
+    """export_onnx(model on CUDA) made its validation ids on the CPU and fed them to the GPU
+    model: a bare RuntimeError unless validate=False. Reference: PyTorch, the export's own
+    validation (fp32 logits within 1e-4 of the model, or within 8x of its own float64 error)."""
+    import torch
+
+    pytest.importorskip("onnxruntime", reason="validating an export runs ONNX Runtime")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.export.onnx import export_onnx
+
+    for demo in (DEMO1, DEMO2):
+        m = load_model(demo, device="cuda")
+        out = export_onnx(m, tmp_path / demo.name)
+        assert (out / "model.onnx").is_file()

@@ -28,6 +28,7 @@ from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError, ModelNotFoundError
 from ..extras import install_hint
 from ..progress import Stages, progress_wanted
+from ..state import State
 from .onnx_meta import (DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MANIFEST_FILE, MASK, PAST_CONV, PAST_SSM, PRESENT_CONV,
                         PRESENT_SSM, WEIGHTS_KEY, read_metadata, set_weights_label, weights_label)
 
@@ -87,6 +88,7 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     if not MIN_OPSET <= opset <= max_opset:
         raise ConfigError(f"opset {opset} is not supported; choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
     scan_chunk = check_scan_chunk(scan_chunk)
+    check_switch("validate", validate)
     if validate and importlib.util.find_spec("onnxruntime") is None:  # said before minutes of export
         raise BackendUnavailableError(f"validating the export runs it in ONNX Runtime, which is not installed: "
                                       f"{install_hint('onnxruntime')}; or export without the check (--no-validate; "
@@ -443,13 +445,12 @@ def validate_against_reference(folder: Path, reference: tuple, dtype: str, float
 
     batches, want = reference
     # prepacked as users run it: MatMulNBits at accuracy level 4 computes in int8 only when packed
-    runner = open_onnx(folder)
-    got, ort_state = [], runner.new_state(VALIDATE_BATCH)
-    for ids in batches:
-        logits, ort_state = runner.prefill(ids, ort_state)
-        got.append(logits)
-    got_state = runner.to_torch_state(ort_state)
-    runner.close()
+    with open_onnx(folder) as runner:  # closed on an error too: the session holds ~2x the weights
+        got, ort_state = [], runner.new_state(VALIDATE_BATCH)
+        for ids in batches:
+            logits, ort_state = runner.prefill(ids, ort_state)
+            got.append(logits)
+        got_state = runner.to_torch_state(ort_state)
     del runner, ort_state
     errs = _errors(got, got_state, *want, batches)
     tol = TOLERANCE[dtype] if tolerance is None else tolerance
@@ -513,8 +514,10 @@ def _reference(model, batches):
     state is full precision (float32 like the graph's; float64 for the float64 reference),
     whatever `set_state_dtype` says for this model."""
     state = model.new_state(VALIDATE_BATCH, ssm_dtype=model.full_ssm_dtype)
+    dev = model.device  # a model on a GPU: its ids there, its outputs back beside ONNX Runtime's
     with torch.inference_mode():
-        return [model(ids, state).logits for ids in batches], state
+        logits = [model(ids.to(dev), state).logits.cpu() for ids in batches]
+    return logits, State(state.conv.cpu(), state.ssm.cpu())
 
 
 def _worst(errs: dict) -> str:

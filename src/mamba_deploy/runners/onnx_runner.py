@@ -16,10 +16,10 @@ import torch
 
 from ..argtypes import check_switch
 from ..config import MambaConfig
-from ..errors import BackendUnavailableError, ExportError, RunnerClosedError, ShapeError
+from ..errors import BackendUnavailableError, ConfigError, ExportError, RunnerClosedError, ShapeError
 from ..export.onnx_meta import GRAPH_FILE, IDS, KEEP, LOGITS, MASK, state_names
 from ..extras import install_hint
-from ..inputs import check_ids, check_mask
+from ..inputs import check_ids, check_mask, check_padding_fresh
 from ..state import State
 from .base import (CLOSED, NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, part_rows,
                    release_freed_memory, state_layout)
@@ -44,11 +44,14 @@ class OnnxRunner(Runner):
         self.folder, self.manifest, self.session = folder, manifest, session
         self.config = MambaConfig.from_own_dict(manifest["config"])
         self.source_path = folder
-        self.device = PROVIDER_DEVICE.get(session.get_providers()[0], "cpu")
+        first = session.get_providers()[0]
+        self.device = PROVIDER_DEVICE.get(first, "cpu")
+        # the GPU the session runs on (its provider's device_id): state and logits buffers live there
+        self.device_id = int(session.get_provider_options().get(first, {}).get("device_id", 0) or 0)
         self.inputs = {d["name"]: d for d in manifest["inputs"]}
         self.outputs = {d["name"]: d for d in manifest["outputs"]}
         self.n_layer = self.config.n_layer
-        self.vocab = manifest["outputs"][0]["shape"][-1]
+        self.vocab = self.outputs[LOGITS]["shape"][-1]  # by name: the manifest's order is not checked
 
     # ---- state -------------------------------------------------------------------------------
     def new_state(self, batch: int) -> OnnxState:
@@ -57,9 +60,10 @@ class OnnxRunner(Runner):
         cfg = self.config
         shapes = State.layer_shapes(cfg, batch)
         arrays = [[np.zeros(s, np.float32) for s in shapes] for _ in range(2)]  # keep numpy alive (CPU)
-        bufs = [[OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in group] for group in arrays]
+        bufs = [[OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in group] for group in arrays]
         st = OnnxState(bufs, arrays, batch, state_layout(cfg))
-        st.logits = OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, self.device, 0)
+        st.logits = OrtValue.ortvalue_from_shape_and_type((batch, 1, self.vocab), np.float32, self.device,
+                                                          self.device_id)
         return st
 
     def state_arrays(self, state: OnnxState) -> list:
@@ -119,10 +123,10 @@ class OnnxRunner(Runner):
         if decode:
             if state.logits.shape()[-1] != self.vocab:  # a state of a runner of the same shapes, another vocabulary
                 state.logits = OrtValue.ortvalue_from_shape_and_type((ids.shape[0], 1, self.vocab), np.float32,
-                                                                     self.device, 0)
+                                                                     self.device, self.device_id)
             io.bind_ortvalue_output(LOGITS, state.logits)
         else:
-            io.bind_output(LOGITS, self.device)  # first bound output: get_outputs()[0]
+            io.bind_output(LOGITS, self.device, self.device_id)  # first bound output: get_outputs()[0]
         src, dst = state.bufs[state.cur], state.bufs[1 - state.cur]
         for name, v in zip(state_names(self.n_layer), src):
             io.bind_ortvalue_input(name, v)
@@ -154,7 +158,18 @@ class OnnxRunner(Runner):
         check_feeds(self.manifest, self.config, feeds)
         session = self._session()
         names = [o.name for o in session.get_outputs()]
+        if feeds[IDS].shape[0] == 0:  # the graph's Reshapes cannot infer -1 from no rows; nothing to run
+            return self._no_rows(names, feeds)
         return dict(zip(names, session.run(names, feeds)))
+
+    def _no_rows(self, names: list, feeds: dict) -> dict:
+        """run()'s outputs for a batch of 0 rows: empty logits and the (empty) states fed."""
+        keep = int(feeds[KEEP].reshape(-1)[0]) if KEEP in feeds else 0
+        seq = feeds[IDS].shape[1]
+        out = {LOGITS: np.zeros((0, min(keep, seq) if keep else seq, self.vocab), np.float32)}
+        for past, present in zip(state_names(self.n_layer), state_names(self.n_layer, present=True)):
+            out[present] = feeds[past].copy()
+        return {n: out[n] for n in names}
 
     def _session(self):
         """The open session; RunnerClosedError once close() (another thread's) has dropped it."""
@@ -216,6 +231,9 @@ def check_feeds(manifest: dict, cfg: MambaConfig, feeds: dict) -> None:
     if IDS in feeds:
         check_ids(feeds[IDS], 2, cfg.padded_vocab_size)
         check_mask(feeds.get(MASK), feeds[IDS].shape)
+        if feeds.get(MASK) is not None:  # as prefill: padding over a state that holds tokens decays it
+            check_padding_fresh(feeds[MASK], [feeds[n] for n in state_names(cfg.n_layer) if n in feeds],
+                                make="zero state arrays")
 
 
 def check_session(manifest: dict, session, folder: Path) -> None:
@@ -234,6 +252,22 @@ def check_session(manifest: dict, session, folder: Path) -> None:
             if len(g) != len(shape) or any(isinstance(w, int) and w != v for w, v in zip(shape, g)):
                 raise ExportError(f"{folder}/model.onnx: {kind[:-1]} {name!r} has shape {g} but manifest.json "
                                   f"says {shape}; re-export the model")
+
+
+def _provider_names(providers, available: list) -> list[str]:
+    """The provider names of ORT's `providers` argument (names, or (name, options) pairs);
+    ConfigError for anything else (ORT itself raised TypeErrors, or fell back to the CPU with
+    only a printed banner)."""
+    fix = f"pass a list of provider names or (name, options dict) pairs, from {available}"
+    if not isinstance(providers, (list, tuple)) or not providers:
+        raise ConfigError(f"providers={providers!r:.80} is not a list of providers; {fix}")
+    names = []
+    for p in providers:
+        pair = isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict)
+        if not (isinstance(p, str) or pair):
+            raise ConfigError(f"provider {p!r:.80} is neither a name nor a (name, options dict) pair; {fix}")
+        names.append(p if isinstance(p, str) else p[0])
+    return names
 
 
 def with_options(providers: list, manifest: dict) -> list:
@@ -354,7 +388,7 @@ def open_onnx(path, providers=None, threads: int | None = None, check_hash: bool
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     if isinstance(providers, str):  # one name: as a list, not its letters
         providers = [providers]
-    names = [p if isinstance(p, str) else p[0] for p in providers]
+    names = _provider_names(providers, available)
     missing = [p for p in names if p not in available]
     if missing:
         raise BackendUnavailableError(f"ONNX Runtime providers {missing} are not available here (have {available})")

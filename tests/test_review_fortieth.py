@@ -262,3 +262,192 @@ def test_onnx_export_of_a_model_on_a_gpu_validates(tmp_path):
         m = load_model(demo, device="cuda")
         out = export_onnx(m, tmp_path / demo.name)
         assert (out / "model.onnx").is_file()
+
+
+# ----------------------------------------------------------------------------- GGUF vocabulary
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory):
+    pytest.importorskip("gguf", reason="GGUF export needs gguf-py")
+    from conftest import build_hf_model, write_tiny_bpe
+
+    d = tmp_path_factory.mktemp("bpe40") / "m"
+    build_hf_model("mamba").save_pretrained(d)
+    write_tiny_bpe(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lone_gguf(bpe_folder, tmp_path_factory):
+    import warnings
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_gguf(bpe_folder, tmp_path_factory.mktemp("g40") / "a.gguf")
+
+
+def _llama_ids(path, text):
+    from mamba_deploy.runners import open_runner
+
+    with open_runner(path, "llama.cpp", n_threads=1) as r:
+        return r.tokenizer.encode(text)
+
+
+def test_gguf_export_of_a_model_loaded_from_a_gguf_keeps_its_vocabulary(lone_gguf, tmp_path):
+    """export_gguf(load_model(x.gguf)) looked for a tokenizer file beside the GGUF: none there
+    was a ModelNotFoundError, and another model's tokenizer.json there was written into the new
+    GGUF (100 of 128 tokens differed). Passing the path used the GGUF's own vocabulary."""
+    import shutil
+    import warnings
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.gguf_vocab import vocab_from_gguf
+
+    d = tmp_path / "dl"
+    d.mkdir()
+    shutil.copy(lone_gguf, d / "a.gguf")
+    want = vocab_from_gguf(d / "a.gguf").tokens
+    assert vocab_from_gguf(export_gguf(load_model(d / "a.gguf"), tmp_path / "alone.gguf")).tokens == want
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["another corpus zebra xylophone"] * 10,
+                            trainers.BpeTrainer(vocab_size=90, special_tokens=["</s>"], show_progress=False))
+    tok.save(str(d / "tokenizer.json"))  # another model's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(load_model(d / "a.gguf"), tmp_path / "stray.gguf")
+    assert vocab_from_gguf(out).tokens == want
+
+
+@pytest.mark.parametrize("edit,text,said", [
+    ({"normalizer": {"type": "Lowercase"}}, "The quick brown fox", "normalizer Lowercase"),
+    ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}},
+     "the quick brown fox", "ByteLevel add_prefix_space"),
+])
+def test_gguf_export_warns_of_bpe_features_llamacpp_does_not_apply(bpe_folder, tmp_path, edit, text, said):
+    """A normalizer or a ByteLevel prefix space in tokenizer.json was dropped without a word:
+    llama.cpp then tokenized texts differently from the checkpoint (reference: tokenizers)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    pytest.importorskip("llama_cpp", reason="compares with llama.cpp's tokenizer")
+    d = tmp_path / "m"
+    shutil.copytree(bpe_folder, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj.update(edit)
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.warns(UserWarning, match=said):
+        out = export_gguf(d, tmp_path / "m.gguf")
+    assert _llama_ids(out, text) != Tokenizer.from_file(str(d / "tokenizer.json")).encode(text).ids  # why it warns
+
+
+def test_gguf_export_warns_of_added_tokens_that_strip_spaces(bpe_folder, tmp_path):
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    d = tmp_path / "m"
+    shutil.copytree(bpe_folder, d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|user|>", lstrip=True, rstrip=True, special=True, normalized=False)])
+    tok.save(str(d / "tokenizer.json"))
+    with pytest.warns(UserWarning, match=r"lstrip / rstrip / single_word \['<\|user\|>'\]"):
+        export_gguf(d, tmp_path / "m.gguf")
+
+
+def test_gguf_export_of_a_bare_tokenizer_json_says_nothing(bpe_folder, tmp_path):
+    import warnings
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        export_gguf(bpe_folder, tmp_path / "m.gguf")
+    assert not [x for x in w if "does not apply" in str(x.message)]
+
+
+def test_gguf_sentencepiece_export_follows_tokenizer_config_bos_and_eos(tmp_path):
+    """tokenizer_config.json's add_bos_token / add_eos_token (which the checkpoint's tokenizer,
+    transformers', follows) were ignored: llama.cpp added a BOS and no EOS where the checkpoint
+    added an EOS and no BOS. Reference: the checkpoint's tokenizer."""
+    import io
+    import random
+
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("llama_cpp", reason="compares with llama.cpp's tokenizer")
+    from conftest import build_hf_model
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    words = ["def", "main", "return", "print", "hello", "world", "mamba", "state", "space", "model", "code"]
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([" ".join(rng.choice(words) for _ in range(12))
+                                                           for _ in range(400)]), model_writer=buf, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    for add_bos, add_eos in ((False, True), (True, True), (True, False)):
+        d = tmp_path / f"m{add_bos:d}{add_eos:d}"
+        build_hf_model("mamba2", vocab_size=320).save_pretrained(d)
+        (d / "tokenizer.model").write_bytes(buf.getvalue())
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": add_eos,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        out = export_gguf(d, tmp_path / f"{d.name}.gguf")
+        want = load_tokenizer(d).encode("hello world")
+        assert _llama_ids(out, "hello world") == want, (add_bos, add_eos)
+
+
+def test_gguf_reexport_drops_the_ids_it_says_it_ignores(lone_gguf, tmp_path):
+    """A special id outside the vocabulary was warned about as ignored, then written back by the
+    re-export (the old file's carried keys)."""
+    import gguf
+
+    from conftest import rewrite_gguf
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.export.gguf_reader import GGUFFile
+
+    VT = gguf.GGUFValueType
+    bad = rewrite_gguf(lone_gguf, tmp_path / "bad.gguf", edit={
+        "tokenizer.ggml.bos_token_id": (99999, VT.UINT32, None), "tokenizer.ggml.eot_token_id": (99998, VT.UINT32, None)})
+    with pytest.warns(UserWarning, match="outside the 128-token vocabulary"):
+        out = export_gguf(bad, tmp_path / "fixed.gguf")
+    f = GGUFFile(out)
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eot_token_id"):
+        assert key not in f.fields or f.fields[key].contents() < 128, key
+
+
+@pytest.mark.parametrize("key,value", [
+    ("tokenizer.ggml.unknown_token_id", ([1, 2], "ARRAY", "UINT32")),
+    ("tokenizer.ggml.unknown_token_id", ("x", "STRING", None)),
+    ("tokenizer.ggml.model", (["gpt2"], "ARRAY", "STRING")),
+    ("tokenizer.ggml.pre", (5, "UINT32", None)),
+    ("tokenizer.chat_template", (3, "UINT32", None)),
+    ("tokenizer.ggml.add_bos_token", (1, "UINT8", None)),
+])
+def test_gguf_tokenizer_metadata_of_another_type_is_a_typed_error(lone_gguf, tmp_path, key, value):
+    """Such files raised TypeError / ValueError tracebacks from export gguf and load_model."""
+    import gguf
+
+    from conftest import rewrite_gguf
+    from mamba_deploy.cli import main
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.gguf_vocab import vocab_from_gguf
+
+    VT = gguf.GGUFValueType
+    v, kind, sub = value
+    p = rewrite_gguf(lone_gguf, tmp_path / "x.gguf", edit={key: (v, VT[kind], sub and VT[sub])})
+    with pytest.raises(ExportError, match=f"GGUF metadata {key} must be"):
+        vocab_from_gguf(p)
+    assert main(["export", "gguf", str(p), str(tmp_path / "o.gguf")]) != 0
+    assert not (tmp_path / "o.gguf").exists()

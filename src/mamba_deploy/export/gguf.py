@@ -137,10 +137,12 @@ def _as_model(model_or_path):
 
 
 def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
-    """A .gguf source keeps its own vocab (re-quantization); otherwise the tokenizer file."""
+    """A .gguf source keeps its own vocab (re-quantization), whether given by path or as a model
+    load_model read from it; otherwise the tokenizer file."""
     cfg = model.config
-    if tokenizer is None and isinstance(model_or_path, (str, os.PathLike)) and str(model_or_path).endswith(".gguf"):
-        vocab = vocab_from_gguf(model_or_path)
+    gguf = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else getattr(model, "gguf_path", None)
+    if tokenizer is None and gguf is not None and str(gguf).endswith(".gguf"):
+        vocab = vocab_from_gguf(gguf)
         if len(vocab.tokens) == cfg.padded_vocab_size:
             return vocab
     return read_vocab(find_tokenizer_file(tokenizer, model.source_path), cfg.padded_vocab_size,

@@ -157,11 +157,42 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
         else:
             tokens.append(by_id[i])
             types.append(TokenType.NORMAL)
+    for gap in _llamacpp_gaps(tj, added):
+        warnings.warn(f"{path}: {gap}, which llama.cpp's byte-level BPE does not apply; texts it would change "
+                      "tokenize differently from the GGUF than from the checkpoint", stacklevel=3)
     special = _special_ids(Path(path).parent, tokens, config_ids or {})
     add_bos, add_eos = _adds_specials(Path(path), special.get("bos"), special.get("eos"))
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
                  special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent),
                  add_eos=add_eos or None, end_ids=_end_ids(Path(path).parent, special.get("eos"), tokens))
+
+
+# normalizers llama.cpp's converter also leaves out without changing real texts: GPT-NeoX's
+# tokenizer (the state-spaces Mamba models') has NFC, and text is nearly always NFC already
+QUIET_NORMALIZERS = ("NFC",)
+
+
+def _llamacpp_gaps(tj: dict, added: dict) -> list[str]:
+    """What in a byte-level BPE tokenizer.json llama.cpp's tokenizer does not do (GGUF has no key
+    for it): a normalizer, a ByteLevel prefix space, added tokens that strip their neighbours'
+    spaces or match whole words only."""
+    gaps = []
+    norm = tj.get("normalizer")
+    if isinstance(norm, dict):
+        kinds = [n.get("type") for n in norm.get("normalizers", [])] if norm.get("type") == "Sequence" else \
+            [norm.get("type")]
+        kinds = [k for k in kinds if k not in QUIET_NORMALIZERS]
+        if kinds:
+            gaps.append(f"normalizer {', '.join(map(str, kinds))}")
+    pre = tj.get("pre_tokenizer")
+    pres = [pre] + (pre.get("pretokenizers") or [] if isinstance(pre, dict) else [])
+    if any(isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in pres):
+        gaps.append("ByteLevel add_prefix_space (a space before each text)")
+    flagged = [a.get("content") for a in added.values() if any(a.get(k) for k in ("lstrip", "rstrip", "single_word"))]
+    if flagged:
+        gaps.append(f"added tokens with lstrip / rstrip / single_word {flagged[:5]}"
+                    f"{f' and {len(flagged) - 5} more' if len(flagged) > 5 else ''}")
+    return gaps
 
 
 def _end_ids(folder: Path, eos: int | None, tokens: list[str]) -> list[int]:
@@ -264,8 +295,15 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
         # GGUF cannot say "none": llama.cpp then takes id 2 as end of text and stops generating there
         warnings.warn(f"{path} defines no end-of-text piece; llama.cpp will take token 2 ({tokens[2]!r}) as its "
                       "EOS and stop generation when it is sampled", stacklevel=3)
-    return Vocab(tokens, types, [], SPM_PRE, special, add_bos="bos" in special, model=SPM_TOKENIZER_MODEL,
-                 source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
+    # tokenizer_config.json's flags, which transformers' SentencePiece tokenizers (load_tokenizer's,
+    # for a folder that has that file) follow, as llama.cpp's converter writes them
+    tcfg = read_tokenizer_config(path.parent)
+    add_bos, add_eos = tcfg.get("add_bos_token"), tcfg.get("add_eos_token")
+    add_bos = add_bos if isinstance(add_bos, bool) else "bos" in special
+    add_eos = add_eos if isinstance(add_eos, bool) and "eos" in special else None
+    return Vocab(tokens, types, [], SPM_PRE, special, add_bos=add_bos and "bos" in special,
+                 model=SPM_TOKENIZER_MODEL, source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
+                 add_eos=add_eos,
                  chat_template=read_chat_template(path.parent),
                  end_ids=_end_ids(path.parent, special.get("eos"), tokens))
 
@@ -318,13 +356,30 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                               SPECIAL_KEYS, TOKEN_TYPE_KEY, TOKENIZER_MODEL_KEY, TOKENIZER_PRE_KEY, TOKENS_KEY)
 
     reader = open_reader(path) if reader is None else reader
-    model = field(reader, TOKENIZER_MODEL_KEY)
+
+    def typed(key, kind: type, what: str, default=None):
+        """The field's value, or `default` when absent; ExportError when it has another type."""
+        value = field(reader, key, default)
+        ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+        if value is not default and not ok:
+            raise ExportError(f"{path}: GGUF metadata {key} must be {what}, not {value!r:.60}; the file's metadata "
+                              "is corrupt: re-export it or re-download it")
+        return value
+
+    model = typed(TOKENIZER_MODEL_KEY, str, "a string", "")
     if model not in ADD_BOS_DEFAULT:
         raise ExportError(f"{path} has a {model!r} tokenizer; re-export supports {sorted(ADD_BOS_DEFAULT)} "
                           "(byte-level BPE, SentencePiece)")
-    special = {k: int(field(reader, key)) for k, key in SPECIAL_KEYS.items() if field(reader, key, None) is not None}
-    scores = field(reader, SCORES_KEY, None)
-    prefix = field(reader, ADD_SPACE_PREFIX_KEY, None)
+    special = {k: typed(key, int, "a token id") for k, key in SPECIAL_KEYS.items()}
+    special = {k: i for k, i in special.items() if i is not None}
+    scores = typed(SCORES_KEY, list, "a list of numbers")
+    if scores is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
+        raise ExportError(f"{path}: GGUF metadata {SCORES_KEY} must be a list of numbers; the file's metadata is "
+                          "corrupt: re-export it or re-download it")
+    prefix = typed(ADD_SPACE_PREFIX_KEY, bool, "true or false")
+    pre = typed(TOKENIZER_PRE_KEY, str, "a string", "default")
+    template = typed(GGUF_CHAT_TEMPLATE_KEY, str, "a string")
+    add_bos = typed(ADD_BOS_KEY, bool, "true or false", ADD_BOS_DEFAULT[model])
     tokens = field(reader, TOKENS_KEY)
     # optional, as for llama.cpp: every token normal
     types = field(reader, TOKEN_TYPE_KEY, None)
@@ -342,7 +397,7 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     if len(types) != len(tokens):
         raise ExportError(f"{path}: GGUF metadata has {len(tokens)} tokenizer.ggml.tokens but {len(types)} "
                           "tokenizer.ggml.token_type; the file's metadata is corrupt: re-export it or re-download it")
-    add_eos = field(reader, ADD_EOS_KEY, None)
+    add_eos = typed(ADD_EOS_KEY, bool, "true or false")
     bad = {k: i for k, i in special.items() if not 0 <= i < len(tokens)}
     if bad:  # llama.cpp loads such a file; its generation never stops at a token that cannot be drawn
         warnings.warn(f"{path}: GGUF metadata {', '.join(f'{SPECIAL_KEYS[k]} = {i}' for k, i in bad.items())} "
@@ -351,15 +406,20 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
         special = {k: i for k, i in special.items() if k not in bad}
     ends = [field(reader, key, None) for key in END_TOKEN_KEYS]
     roles = {key: field(reader, key, None) for key in EOG_ROLE_TEXTS}
-    return Vocab(tokens, types, merges, field(reader, TOKENIZER_PRE_KEY, "default"),
-                 special, bool(field(reader, ADD_BOS_KEY, ADD_BOS_DEFAULT[model])), model=model, source=Path(path),
+
+    def an_id(i) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)
+
+    # token-id keys that hold no id of this vocabulary are not carried into a re-export either
+    # (the warning above says they are ignored; the export writes the valid ones itself)
+    id_keys = {*SPECIAL_KEYS.values(), *END_TOKEN_KEYS, *EOG_ROLE_TEXTS}
+    carried = {k: v for k, v in carried_fields(reader, "tokenizer.").items()
+               if k not in id_keys or an_id(field(reader, k, None))}
+    return Vocab(tokens, types, merges, pre, special, add_bos, model=model, source=Path(path),
                  scores=None if scores is None else [float(v) for v in scores],
-                 add_space_prefix=None if prefix is None else bool(prefix),
-                 chat_template=field(reader, GGUF_CHAT_TEMPLATE_KEY, None),
-                 add_eos=None if add_eos is None else bool(add_eos),
-                 end_ids=[int(i) for i in ends if isinstance(i, int) and 0 <= i < len(tokens)],
-                 role_ids={k: int(i) for k, i in roles.items() if isinstance(i, int) and 0 <= i < len(tokens)},
-                 carried=carried_fields(reader, "tokenizer."))
+                 add_space_prefix=prefix, chat_template=template, add_eos=add_eos,
+                 end_ids=[int(i) for i in ends if an_id(i)],
+                 role_ids={k: int(i) for k, i in roles.items() if an_id(i)}, carried=carried)
 
 
 def llama_end_ids(vocab: Vocab) -> list[int]:

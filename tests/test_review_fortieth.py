@@ -451,3 +451,23 @@ def test_gguf_tokenizer_metadata_of_another_type_is_a_typed_error(lone_gguf, tmp
         vocab_from_gguf(p)
     assert main(["export", "gguf", str(p), str(tmp_path / "o.gguf")]) != 0
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_gguf_kquant_failure_names_no_temporary_file_and_a_fix(bpe_folder, tmp_path):
+    """llama.cpp's quantizer refusing inf block scales was reported naming a hidden temporary
+    file that no longer existed, and no fix."""
+    import torch
+
+    pytest.importorskip("llama_cpp", reason="the K-quants are written by llama.cpp's quantizer")
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.errors import ExportError
+    from mamba_deploy.export.gguf import export_gguf
+
+    m = load_model(bpe_folder)
+    with torch.no_grad():
+        m.backbone.layers[0].mixer.in_proj.weight[0, :] = 1e7
+    with pytest.raises(ExportError) as e:
+        export_gguf(m, tmp_path / "q.gguf", outtype="q4_k_m")
+    msg = str(e.value)
+    assert "--outtype bf16 or f32" in msg and ".tmp" not in msg and str(tmp_path) not in msg, msg
+    assert list(tmp_path.iterdir()) == []

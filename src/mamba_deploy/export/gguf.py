@@ -427,8 +427,11 @@ def _llamacpp_quantizer(outtype: str):
             rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), params)
         if rc != 0 or not dst.exists():
             said = " | ".join(log_tail(log))
-            raise ExportError(f"llama.cpp failed to quantize {src} to {outtype} (return code {rc}); its log ended: "
-                              f"{said or '(nothing)'}")
+            # not the paths: both are temporary files, gone once this error is raised
+            raise ExportError(f"llama.cpp's quantizer failed to write {outtype} (return code {rc}); its log ended: "
+                              f"{said or '(nothing)'}. Where it names inf or nan values, the weights (or their "
+                              "K-quant block scales, which are float16) are beyond float16's range: export with "
+                              "--outtype bf16 or f32, or check the model's weights")
 
     return quantize
 

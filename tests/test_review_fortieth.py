@@ -471,3 +471,21 @@ def test_gguf_kquant_failure_names_no_temporary_file_and_a_fix(bpe_folder, tmp_p
     msg = str(e.value)
     assert "--outtype bf16 or f32" in msg and ".tmp" not in msg and str(tmp_path) not in msg, msg
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llamacpp_default_n_ctx_survives_a_huge_context_length(lone_gguf, tmp_path):
+    """A GGUF whose context_length is near 2**32 (a valid u32) made the default n_ctx overflow
+    inside llama.cpp, with an error telling the user to use a smaller batch."""
+    import gguf
+    import torch
+
+    pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python")
+    from conftest import rewrite_gguf
+    from mamba_deploy.runners import open_runner
+
+    p = rewrite_gguf(lone_gguf, tmp_path / "x.gguf",
+                     edit={"mamba.context_length": (2**32 - 1, gguf.GGUFValueType.UINT32, None)})
+    with open_runner(p, "llama.cpp", n_threads=1) as r, open_runner(lone_gguf, "llama.cpp", n_threads=1) as ref:
+        got, _ = r.prefill(torch.tensor([[5, 6, 7]]), r.new_state(1))
+        want, _ = ref.prefill(torch.tensor([[5, 6, 7]]), ref.new_state(1))
+    assert torch.equal(got, want)

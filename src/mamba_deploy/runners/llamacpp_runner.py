@@ -138,6 +138,9 @@ def _said(texts) -> str:
 # (2**20 from this project's and llama.cpp's converters) is the default because llama.cpp logs a
 # "training context overflow" line for any n_ctx above it
 MIN_N_CTX = 131072
+# the default's upper end: llama.cpp's n_ctx is 32-bit, and a file's context_length near 2**32
+# (a valid u32) overflowed inside it ("n_ctx_seq == 0"); pass n_ctx for more
+MAX_DEFAULT_N_CTX = 1 << 24
 
 
 def _context_length(reader) -> int:
@@ -364,7 +367,7 @@ class LlamaCppRunner(Runner):
         reader, _, _, self.config = open_gguf(path)
         _check_f32_tensors(reader, path)
         if n_ctx is None:
-            n_ctx = max(MIN_N_CTX, _context_length(reader))
+            n_ctx = max(MIN_N_CTX, min(_context_length(reader), MAX_DEFAULT_N_CTX))
         del reader
         for why in llama_cpp_differences(self.config):  # the file records them; the torch backend applies them
             warnings.warn(f"{path}: {why} (use --backend torch for the model as exported)", stacklevel=3)

@@ -489,3 +489,32 @@ def test_llamacpp_default_n_ctx_survives_a_huge_context_length(lone_gguf, tmp_pa
         got, _ = r.prefill(torch.tensor([[5, 6, 7]]), r.new_state(1))
         want, _ = ref.prefill(torch.tensor([[5, 6, 7]]), ref.new_state(1))
     assert torch.equal(got, want)
+
+
+def test_openvino_removes_a_killed_runs_stripped_graph(hf_checkpoint, tmp_path, monkeypatch):
+    """An external-data export opened in OpenVINO gets a stripped copy of its graph beside the
+    weights, removed on close(); a run killed before close() left it there for good. The next
+    open now removes one whose process is gone (and keeps a live process's)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino")
+    import mamba_deploy.export.onnx as onnx_export
+    from mamba_deploy.atomic import temp_owner
+    from mamba_deploy.export.onnx import export_onnx
+    from mamba_deploy.runners.openvino_runner import open_openvino
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = export_onnx(hf_checkpoint("mamba")[0], tmp_path / "ext", validate=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = temp_owner().split("h", 1)[1]
+    stale = out / f".model.openvino.p{dead}h{host}-1f.onnx"
+    live = out / f".model.openvino.{temp_owner()}-2f.onnx"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    with pytest.warns(UserWarning, match="a temporary left by an earlier run"):
+        r = open_openvino(out)
+    assert not stale.exists() and live.exists()
+    r.close()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [live.name]

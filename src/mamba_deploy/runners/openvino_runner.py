@@ -22,7 +22,6 @@ Two OpenVINO facts shape this file:
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temps, temp_owner
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ConfigError, ExportError
 from ..export.onnx_meta import (DATA_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, OPTIONAL_INPUTS, node_subgraphs,
@@ -43,6 +43,7 @@ from .onnx_runner import _ids, prefill_inputs
 
 # precision option -> OpenVINO inference precision hint
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+OV_TEMP = "model.openvino"  # the stripped graph of an external-data export: .model.openvino.p<pid>h<host>-<id>.onnx
 
 
 class OpenVinoState:
@@ -286,7 +287,10 @@ def _read_model(core, folder: Path):
     # weights in model.onnx.data (graphs above 2 GB): OpenVINO reads external data only from the
     # graph's own folder (a link from elsewhere is refused as "outside the base directory"), so
     # the stripped graph is written next to it under a hidden temp name, removed on close()
-    tmp = folder / f".model.openvino-{os.getpid()}-{id(proto):x}.onnx"
+    # named as atomic.py names temporaries (writer's pid and host), so that one a killed run left
+    # (no close() ran) is removed by the next open instead of staying beside the weights for good
+    remove_stale_temps(folder, OV_TEMP)
+    tmp = folder / f".{OV_TEMP}.{temp_owner()}-{id(proto):x}.onnx"
     try:
         onnx.save_model(proto, str(tmp))
     except BaseException as e:  # Ctrl-C or a full disk mid-save: no partial copy left in the folder

@@ -518,3 +518,180 @@ def test_openvino_removes_a_killed_runs_stripped_graph(hf_checkpoint, tmp_path, 
     assert not stale.exists() and live.exists()
     r.close()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [live.name]
+
+
+# ----------------------------------------------------------------------------- files, tokenizer, hub
+# (from a review: each test failed on the code before; references: transformers, tokenizers, cp)
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+def _wordlevel(folder, vocab, specials=()):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.decoder = decoders.WordPiece()
+    if specials:
+        t.add_special_tokens(list(specials))
+    t.save(str(folder / "tokenizer.json"))
+
+
+VOCAB = {"<unk>": 0, "<eos>": 1, "<pad>": 2, "def": 3, "main": 4}
+
+
+@pytest.mark.parametrize("name", ["special_tokens_map.json", "generation_config.json"])
+@pytest.mark.parametrize("kind", ["fifo", "deep"])
+def test_tokenizer_side_files_are_guarded(tmp_path, name, kind):
+    """load_tokenizer reads special_tokens_map.json / generation_config.json through
+    read_json_object without check_model_file: a FIFO hangs forever (a link to /dev/zero eats
+    all memory); deep nesting is a raw RecursionError."""
+    _wordlevel(tmp_path, VOCAB, ["<eos>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    p = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(p)
+    else:
+        p.write_text("[" * 100000 + "]" * 100000)
+    code = ("import sys; from mamba_deploy.tokenizer import load_tokenizer\n"
+            "from mamba_deploy.errors import MambaDeployError\n"
+            f"try: load_tokenizer({str(tmp_path)!r}); print('loaded')\n"
+            "except MambaDeployError as e: print('typed', type(e).__name__)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"load_tokenizer hung on a {kind} {name}")
+    assert r.returncode == 0, r.stderr[-300:]
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config_as_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mamba_deploy.tokenizer import load_tokenizer
+    _wordlevel(tmp_path, VOCAB, ["<eos>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>",
+        "chat_template": "OLD {% for m in messages %}{{ m.content }}{% endfor %}"}))
+    (tmp_path / "chat_template.jinja").write_text("NEW {% for m in messages %}{{ m.content }}{% endfor %}")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ref.chat_template.startswith("NEW")
+    assert load_tokenizer(tmp_path).chat_template == ref.chat_template
+
+
+def test_overwriting_an_output_keeps_its_mode(tmp_path):
+    from mamba_deploy.atomic import write_text
+    p = tmp_path / "result.json"
+    p.write_text("{}")
+    os.chmod(p, 0o600)
+    old = os.umask(0o022)
+    try:
+        write_text(p, '{"a": 1}')
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600  # `>` and cp keep it; here 0o644: world-readable
+
+
+def test_reading_the_umask_does_not_race_other_threads(tmp_path):
+    from mamba_deploy import atomic
+    old = os.umask(0o077)
+    bad, stop = [], threading.Event()
+
+    def creator():
+        i = 0
+        while not stop.is_set() and not bad:
+            p = tmp_path / f"f{i % 16}"
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o666))
+            m = stat.S_IMODE(p.stat().st_mode)
+            if m != 0o600:
+                bad.append(oct(m))
+            p.unlink()
+            i += 1
+    t = threading.Thread(target=creator)
+    t.start()
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 15 and not bad:
+            atomic._umask()
+    finally:
+        stop.set()
+        t.join()
+        os.umask(old)
+    assert not bad, f"another thread created a file with mode {bad[0]} under umask 077"
+
+
+@pytest.mark.parametrize("dir_", [False, True])
+def test_a_long_but_valid_output_name_is_written(tmp_path, dir_):
+    from mamba_deploy.atomic import atomic_dir, write_text
+    name = "模型" * 39 + ".json"  # 239 bytes: a valid name (NAME_MAX 255)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / name).write_text("{}")  # the filesystem takes it
+    if dir_:
+        with atomic_dir(tmp_path / name) as tmp:
+            (tmp / "x").write_text("1")
+        assert (tmp_path / name / "x").exists()
+    else:
+        write_text(tmp_path / name, "{}")  # OSError [Errno 36] naming the temporary
+        assert (tmp_path / name).read_text() == "{}"
+
+
+def test_decode_skips_the_special_tokens_the_configs_name(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mamba_deploy.tokenizer import load_tokenizer
+    _wordlevel(tmp_path, VOCAB)  # <eos>/<pad>/<unk> in the vocabulary, not flagged special in tokenizer.json
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    ids = [3, 1, 4, 2]
+    ref = AutoTokenizer.from_pretrained(str(tmp_path)).decode(ids, skip_special_tokens=True)
+    assert ref == "def main"
+    assert load_tokenizer(tmp_path).decode(ids) == ref  # ours: 'def <eos> main <pad>'
+
+
+def test_a_proxy_reaches_the_hub_when_dns_does_not(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from mamba_deploy.hub import resolve
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    real = socket.getaddrinfo
+
+    def gai(host, *a, **k):  # a proxied network: only the proxy resolves outside names
+        if host == "huggingface.co":
+            raise socket.gaierror(-2, "Name or service not known")
+        return real(host, *a, **k)
+    monkeypatch.setattr(socket, "getaddrinfo", gai)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    online = []
+
+    def snap(repo, revision=None, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        online.append(repo)
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snap)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: ["model.safetensors"])
+    assert resolve("state-spaces/mamba-130m-hf") == tmp_path  # ModelNotFoundError "host does not resolve (offline?)"
+
+
+def test_decode_of_a_huge_id_is_nothing(tmp_path):
+    from mamba_deploy.tokenizer import load_tokenizer
+    _wordlevel(tmp_path, VOCAB, ["<eos>"])
+    tok = load_tokenizer(tmp_path)
+    assert tok.decode([3, 2**32]) == "def"  # as an id past the vocabulary: nothing (a raw OverflowError before)
+    assert tok.id_to_token(2**40) is None
+
+
+def test_copy_tokenizer_files_names_a_folder_in_place_of_a_file(tmp_path):
+    from mamba_deploy.errors import MambaDeployError
+    from mamba_deploy.tokenizer_files import copy_tokenizer_files
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(); dst.mkdir()
+    _wordlevel(src, VOCAB)
+    (src / "merges.txt").mkdir()
+    with pytest.raises(MambaDeployError):
+        copy_tokenizer_files(src, dst)  # raw IsADirectoryError today

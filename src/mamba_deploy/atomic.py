@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -44,10 +45,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+TEMP_STEM_BYTES = 96  # of an output's name in its temporaries' names (NAME_MAX is 255 bytes)
+
+
+def temp_stem(name: str) -> str:
+    """`name` as the temporaries of that output start (after a dot): a name near the 255-byte
+    limit is valid, but its temporary, ~45 bytes longer, was not (a raw OSError naming the
+    temporary). Longer names keep a prefix and a hash of the whole, so each output has its own."""
+    if len(name.encode()) <= TEMP_STEM_BYTES:
+        return name
+    cut = name
+    while len(cut.encode()) > TEMP_STEM_BYTES - 9:
+        cut = cut[:-1]
+    return f"{cut}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def remove_stale_temps(folder: Path, name: str) -> None:
     """Remove the temporaries of output `name` in `folder` whose writer on this host is gone, with
     a warning naming each: a killed writer's (full-size) temporary was otherwise never removed."""
-    owner = re.compile(rf"^\.{re.escape(name)}\..*p(\d+)h{_host()}[.-]")  # written on this host
+    owner = re.compile(rf"^\.{re.escape(temp_stem(name))}\..*p(\d+)h{_host()}[.-]")  # written on this host
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             m = owner.match(entry.name)
@@ -61,7 +77,24 @@ def remove_stale_temps(folder: Path, name: str) -> None:
                           "killed before it finished", stacklevel=3)
 
 
+def _output_mode(target: Path) -> int:
+    """The mode a finished output file gets: an existing file's own (as `cp` and the shell's `>`
+    keep it: a private 0600 result stayed private), else 0666 less the umask (mkstemp makes 0600;
+    outputs are meant to be shared)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it: os.umask(0) and back
+    left a window in which another thread's new files got mode 0666 under a private umask 077."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -288,11 +321,12 @@ def atomic_file(path) -> Iterator[Path]:
         return
     target = link_target(path)
     remove_stale_temps(target.parent, target.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{temp_owner()}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(target.name)}.{temp_owner()}.", suffix=".tmp",
+                               dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are meant to be shared
+        os.chmod(tmp, _output_mode(target))
         os.replace(tmp, target)
     except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
         Path(tmp).unlink(missing_ok=True)
@@ -363,7 +397,7 @@ def read_json_object(path) -> dict:
     optional metadata whose absence only means "recompute" or "use the default")."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))  # not the locale's (a C locale: ASCII)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -397,7 +431,7 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
     name = out.absolute().name  # "." has no name of its own
     parent = out if in_place else out.parent
     remove_stale_temps(parent, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{temp_owner()}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(name)}.tmp-{temp_owner()}-", dir=parent))
     try:
         yield tmp
         mask = _umask()
@@ -422,7 +456,7 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
 def _move_into(tmp: Path, out: Path, name: str) -> None:
     """Move tmp's entries into the folder out, which holds nothing but temporaries (OSError
     ENOTEMPTY when another writer has put something there meanwhile); then remove tmp."""
-    ours = re.compile(rf"^\.{re.escape(name)}\.tmp-")
+    ours = re.compile(rf"^\.{re.escape(temp_stem(name))}\.tmp-")
     if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
         raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
     for entry in tmp.iterdir():
@@ -438,7 +472,7 @@ def scratch_file(beside, tag: str = "scratch") -> Iterator[Path]:
     # in the folder prepare_output_file checked: a link's target's; never in /dev beside /dev/null
     folder = Path(tempfile.gettempdir()) if write_in_place(beside) else link_target(beside).parent
     remove_stale_temps(folder, beside.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}.{tag}.{temp_owner()}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(beside.name)}.{tag}.{temp_owner()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield Path(tmp)

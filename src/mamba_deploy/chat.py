@@ -30,18 +30,21 @@ def read_chat_template(folder) -> str | None:
     from .tokenizer import read_tokenizer_config
 
     folder = Path(folder)
+    path = folder / CHAT_TEMPLATE_FILE
+    if path.is_file():  # first, as transformers reads them: the file wins over tokenizer_config.json's entry
+        from .pathnames import check_model_file
+
+        check_model_file(path, folder)
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {path} ({e}); copy it again from the original model") from e
     tmpl = read_tokenizer_config(folder).get("chat_template")
     if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
         tmpl = named.get("default", next(iter(named.values()), None))
     if isinstance(tmpl, str) and tmpl.strip():
         return tmpl
-    path = folder / CHAT_TEMPLATE_FILE
-    if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {path} ({e}); copy it again from the original model") from e
     return None
 
 

@@ -99,9 +99,12 @@ def _read_generation_config(folder: Path) -> dict:
     path = Path(folder) / GENERATION_CONFIG
     if not path.exists():
         return {}
+    from .pathnames import check_model_file
+
+    check_model_file(path, folder)  # a pipe there: a read that never returns
     try:  # not read_json_object: a corrupt file would be read as "no ids", and a convert then writes nulls
         gen = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8; deep nesting
         raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); it holds the model's bos / eos / pad "
                           "token ids: copy it again from the model, or delete it to load without them") from e
     if not isinstance(gen, dict):

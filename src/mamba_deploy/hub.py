@@ -175,8 +175,20 @@ def _hub_resolves() -> bool:
 
     if constants.HF_HUB_OFFLINE:  # huggingface_hub reads its cache without trying the network
         return True
+    host = urlparse(constants.ENDPOINT).hostname
+    if _proxied(host):  # behind a proxy only the proxy resolves outside names; huggingface_hub goes through it
+        return True
     try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        socket.getaddrinfo(host, 443)
     except OSError:
         return False
     return True
+
+
+def _proxied(host: str | None) -> bool:
+    """Whether requests to `host` go through a proxy (HTTPS_PROXY / ALL_PROXY and NO_PROXY, as
+    huggingface_hub's HTTP client reads them)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    return bool(host) and bool(proxies.get("https") or proxies.get("all")) and not urllib.request.proxy_bypass(host)

@@ -54,6 +54,7 @@ PREFIX_MARGIN = 512  # tokens past the limit a prefix must reach: only the last 
 # GIL for the whole call, and an 8 MB prompt stopped every running stream and GET /health of the
 # server for 5 s (its handler thread tokenizes while the model loop waits for the interpreter)
 LONG_TEXT = 4096
+MAX_TOKEN_ID = 2**32  # the backends take token ids as unsigned 32-bit integers
 
 
 def encode_prefix(tok, text: str, max_tokens: int | None, **kw) -> list[int]:
@@ -102,6 +103,8 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         """The token's own text ("<s>", "<|endoftext|>"), as chat templates write it."""
+        if not 0 <= int(token_id) < MAX_TOKEN_ID:
+            return None
         if hasattr(self._tok, "id_to_token"):
             return self._tok.id_to_token(int(token_id))
         return self._tok.convert_ids_to_tokens(int(token_id))
@@ -121,6 +124,11 @@ class Tokenizer:
             ids = token_stream(ids, "decode's ids").tolist()
         if ids and min(ids) < 0:
             raise ShapeError(f"decode got token id {min(ids)}; token ids are >= 0")
+        if ids and max(ids) >= MAX_TOKEN_ID:  # past any vocabulary, and past what the backends take (u32)
+            ids = [i for i in ids if i < MAX_TOKEN_ID]
+        named = set(self.special_token_ids.values())
+        if named:  # as transformers' skip_special_tokens: the eos / pad / ... the configs name, flagged or not
+            ids = [i for i in ids if i not in named]
         text = self._tok.decode(ids, skip_special_tokens=True)
         if "\ufffd" in text and self._byte_pieces():
             return self._decode_byte_fallback(ids)
@@ -207,7 +215,9 @@ def _named_special_ids(tok, folder: Path, tcfg: dict) -> dict[str, int]:
     """SPECIAL_TOKEN_NAMES -> id as tokenizer_config.json (`tcfg`, read by the caller) and
     special_tokens_map.json name them (the latter wins, as in transformers), for those in the vocabulary."""
     from .atomic import read_json_object
+    from .pathnames import check_model_file
 
+    check_model_file(folder / "special_tokens_map.json", folder)  # a pipe there: a read that never returns
     cfg = {**tcfg, **read_json_object(folder / "special_tokens_map.json")}
     ids = {key: _special_id(tok, cfg, key) for key in SPECIAL_TOKEN_NAMES}
     return {k: i for k, i in ids.items() if i is not None}

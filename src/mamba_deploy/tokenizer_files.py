@@ -9,7 +9,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .errors import ConfigError, ExportError
+from .errors import CheckpointError, ConfigError, ExportError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3",
@@ -55,6 +55,9 @@ def copy_tokenizer_files(src, dst) -> list[str]:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             check_model_file(src / name, src, inside=True)  # nothing from outside the folder goes into the output
+            if not (src / name).is_file():
+                raise CheckpointError(f"{src / name} is a folder, not a tokenizer file; remove it or put the file "
+                                      "there")
             shutil.copy2(src / name, Path(dst) / name)
             copied.append(name)
     ends = generation_end_ids(src) if GENERATION_CONFIG not in copied else []

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
 from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file, read_json_object,
-                     raise_out_of_space, remove_stale_temps, temp_owner)
+                     raise_out_of_space, remove_stale_temps, temp_owner, temp_stem)
 from .config import MambaConfig
 from .errors import CheckpointError, ConfigError, OutputPathError, TrainingDivergedError
 
@@ -183,7 +183,7 @@ def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out.parent, out.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.snap-{temp_owner()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(out.name)}.snap-{temp_owner()}-", dir=out.parent))
     shutil.rmtree(tmp)
     try:  # from the first write on: an interrupt while writing train_log.json left the whole snapshot
         save_checkpoint(model, tmp, dtype=dtype)

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -523,13 +531,6 @@ def test_openvino_removes_a_killed_runs_stripped_graph(hf_checkpoint, tmp_path, 
 # ----------------------------------------------------------------------------- files, tokenizer, hub
 # (from a review: each test failed on the code before; references: transformers, tokenizers, cp)
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 
 
 def _wordlevel(folder, vocab, specials=()):
@@ -695,3 +696,88 @@ def test_copy_tokenizer_files_names_a_folder_in_place_of_a_file(tmp_path):
     (src / "merges.txt").mkdir()
     with pytest.raises(MambaDeployError):
         copy_tokenizer_files(src, dst)  # raw IsADirectoryError today
+
+
+# ----------------------------------------------------------------------------- verify and eval
+# (from a review; references: the tolerance rows, verify's own exit codes on corrupt exports)
+
+def _cli(*args, env=None):
+    e = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mamba_deploy", *args], capture_output=True, text=True, env=e)
+
+
+# 1. eval: math.exp(nll) overflows for a broken artifact -> OverflowError traceback (exit 1)
+def test_eval_perplexity_overflow_is_not_an_untyped_error():
+    """math.exp(nll) overflowed for a broken artifact: an OverflowError traceback."""
+    from mamba_deploy.errors import MambaDeployError
+    from mamba_deploy.eval import perplexity
+    from mamba_deploy.runners import open_runner
+
+    class Huge(type(open_runner(DEMO2, "torch", threads=1))):  # the torch runner, logits x -300
+        def prefill(self, ids, state, attention_mask=None, last_only=False):
+            logits, state = super().prefill(ids, state, attention_mask, last_only)
+            return logits * -300, state
+
+    r = open_runner(DEMO2, "torch", threads=1)
+    r.__class__ = Huge
+    try:
+        res = perplexity(r, list(range(2, 60)), window=16)
+    except MambaDeployError:
+        return
+    assert res["ppl"] == float("inf")  # currently: OverflowError: math range error
+
+
+# 2. verify picks its limits from the raw CLI strings, the runners from the resolved paths
+@pytest.fixture(scope="module")
+def int4_export_x15(tmp_path_factory):
+    work = tmp_path_factory.mktemp("r6")
+    assert _cli("quantize", str(DEMO2), str(work / "q"), "--method", "int4").returncode == 0
+    assert _cli("export", "onnx", str(work / "q"), str(work / "onnx")).returncode == 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from verify_corrupt_scales import scaled_copy  # one layer's MatMulNBits scales x1.5, manifest re-hashed
+
+    scaled_copy(work / "onnx", work / "x15", 1.5)
+    return work
+
+
+@pytest.mark.parametrize("ref", ["~/q", "q/config.json"])
+def test_corrupt_int4_export_fails_however_the_reference_is_spelled(int4_export_x15, ref):
+    work = int4_export_x15
+    ref = ref if ref.startswith("~") else str(work / ref)
+    p = _cli("verify", ref, str(work / "x15"), "--quiet", "--lengths", "7,257", "--json", str(work / "v.json"),
+            env={"HOME": str(work)})
+    rep = json.loads((work / "v.json").read_text())
+    assert rep["tolerance"]["label"] == "int8", rep["tolerance"]   # currently int4
+    assert p.returncode == 1, p.stdout[-500:]                      # currently 0: PASSED
+
+
+def test_tilde_artifact_gets_its_own_row(tmp_path, monkeypatch):
+    from mamba_deploy.runners import guess_backend
+    from mamba_deploy.verify import infer_artifact_dtype
+
+    assert _cli("export", "gguf", str(DEMO2), str(tmp_path / "a.gguf"), "--outtype", "q8_0").returncode == 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert infer_artifact_dtype("~/a.gguf") == infer_artifact_dtype(tmp_path / "a.gguf") == "q8_0"  # "fp32"
+    shutil.copytree(DEMO2, tmp_path / "ck")
+    assert _cli("export", "onnx", str(tmp_path / "ck"), str(tmp_path / "o")).returncode == 0
+    assert guess_backend("~/o") == "onnx"  # "torch"
+
+
+# 3. an artifact type without a row: "give every limit with --tolerance" does not work,
+#    and the ConfigError only comes after the reference pass
+def test_every_limit_given_needs_no_row(tmp_path):
+    """An artifact type without a row said 'give every limit with --tolerance', and that failed too."""
+    from mamba_deploy.verify import make_tolerance
+
+    t = make_tolerance(dict(logits_rel=0.9, state_rel=1.5, top1=0.45, ppl_rel=0.8), "q2_k_s")  # ConfigError
+    assert t.logits_rel == 0.9
+
+
+# 4. make_tolerance's dict form: untyped errors
+@pytest.mark.parametrize("bad", [{"logits_rel": "x"}, {"logits_rel": None}, {"top1": True}])
+def test_bad_override_values_are_config_errors(bad):
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.verify import make_tolerance
+
+    with pytest.raises(ConfigError):
+        make_tolerance(bad)

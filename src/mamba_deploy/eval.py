@@ -66,7 +66,8 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
             total_nll -= float(logp.gather(1, targets[:, None]).sum())
             scored += targets.numel()
     nll = total_nll / scored
-    res = {"ppl": math.exp(nll), "nll": nll, "tokens": scored,
+    # math.exp overflows past ~709: a broken artifact's perplexity is infinite, not a traceback
+    res = {"ppl": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "tokens": scored,
            "tokens_per_s": ids.numel() / runner_s if runner_s > 0 else float("inf"), "window": window}
     if keep_logits:
         res["logits"] = torch.cat(kept)

@@ -47,6 +47,9 @@ LABEL_ALIASES = {
     "int4": "int4", "q4_0": "int4", "q4_1": "int4", "q4_k": "int4", "q4_k_s": "int4", "q4_k_m": "int4",
     "nf4": "int4", "fp4": "int4", "w4a16": "int4", "gptq": "int4", "awq": "int4", "iq4_nl": "int4",
     "iq4_xs": "int4", "q3_k": "q3", "q3_k_s": "q3", "q3_k_m": "q3", "q3_k_l": "q3", "q2_k": "q2",
+    # llama.cpp's other 2-3 bit file types (importance-matrix quants): their bit width's row
+    "q2_k_s": "q2", "iq3_xxs": "q3", "iq3_xs": "q3", "iq3_s": "q3", "iq3_m": "q3", "iq2_xxs": "q2",
+    "iq2_xs": "q2", "iq2_s": "q2", "iq2_m": "q2", "iq1_s": "q2", "iq1_m": "q2", "tq1_0": "q2", "tq2_0": "q2",
 }
 BITS_TO_ROW = {8: "int8", 6: "q6", 5: "q5", 4: "int4", 3: "q3", 2: "q2"}
 

@@ -67,8 +67,6 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
             raise ConfigError(f"tolerance {spec.strip()!r} has no value; write NAME=NUMBER, "
                               f"e.g. {spec.strip()}=1e-3")
         label, spec = spec, None
-    row = tolerance_row(label)
-    tol = Tolerance(**TOLERANCES[row], label=row)
     if spec is not None and not isinstance(spec, (str, dict)):
         raise ConfigError(f"tolerance must be a label (\"int8\"), \"NAME=VALUE,...\" or a dict of limits, got "
                           f"{spec!r:.60}; e.g. tolerance={{\"logits_rel\": 1e-3}}")
@@ -76,7 +74,16 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
     bad = sorted(set(overrides) - names)
     if bad:
         raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
-    overrides = {k: float(v) for k, v in overrides.items()}
+    for k, v in overrides.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ConfigError(f"tolerance {k}={v!r:.40} is not a number; e.g. {k}=1e-3")
+    try:
+        overrides = {k: float(v) for k, v in overrides.items()}
+    except ValueError as e:
+        raise ConfigError(f"a tolerance is not a number ({e}); write NAME=NUMBER, e.g. logits_rel=1e-3") from None
+    # every limit given: no row is needed (an artifact type without one, q2_k_s, is then checkable)
+    row = "custom" if set(overrides) == names else tolerance_row(label)
+    tol = Tolerance(**(TOLERANCES["fp32"] if row == "custom" else TOLERANCES[row]), label=row)
     for k, v in overrides.items():  # a limit no artifact can meet (or a negative one) is a typo, not a check
         if not (0.0 <= v <= 1.0 if k == "top1" else v >= 0.0):  # NaN fails both; inf = no limit
             raise ConfigError(f"tolerance {k}={v:g} can never pass; "
@@ -107,6 +114,7 @@ def infer_artifact_dtype(path, reference=None) -> str:
     quantized GGUF), quantization_config, else the stored float dtype (`stored_dtype`).
     The recorded source rounding counts unless `reference` (a path) records the same one: then the
     reference holds those very weights, and only the artifact's own type differs from it."""
+    path, reference = as_opened(path), as_opened(reference)
     own, recorded = artifact_labels(path)
     same = _same_codes_row(path, reference)
     if same is not None:
@@ -578,6 +586,7 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
+    reference, artifact = as_opened(reference), as_opened(artifact)
     ref = open_reference(reference, reference_dtype, device, threads)
     art = open_artifact(artifact, backend, device, artifact_options, threads)
     return ref, art, infer_artifact_dtype(artifact, reference)
@@ -615,10 +624,25 @@ def write_json_atomic(path, data) -> Path:
     return write_json(path, data)
 
 
+def as_opened(path):
+    """A path as the runners open it: `~` expanded, a checkpoint's config.json as its folder (a
+    hub id as given). The tolerance row and the backend are read from this form: from the path as
+    typed, '~/q' lost a quantized reference's int4 row (a corrupt export passed the int8 one)."""
+    if path is None:
+        return path
+    from .checkpoint import CONFIG_FILES
+
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        return path
+    return str(p.parent if p.is_file() and p.name in CONFIG_FILES else p)
+
+
 def cmd_verify(args):
     from .cli import DTYPES
     from .runners import guess_backend
 
+    args.reference, args.artifact = as_opened(args.reference), as_opened(args.artifact)
     backend = args.backend or guess_backend(args.artifact)
     if args.artifact_dtype and backend != "torch":
         # other runners run the precision stored in the artifact and ignore a dtype, so taking the
@@ -642,6 +666,7 @@ def cmd_verify(args):
         # a checkpoint run in a lower precision than it stores (fp32 or fp16 weights run in bf16)
         # needs that precision's limits: the looser of the two rows (TOLERANCES runs tight -> loose)
         label = max(tolerance_row(label), tolerance_row(args.artifact_dtype), key=list(TOLERANCES).index)
+    make_tolerance(overrides, args.dtype or label)  # a type without a row, before the reference pass (minutes)
     # one model in memory at a time (verify_replay): the reference's answers first, then the artifact
     from .runners.base import release_freed_memory
     from .runners.preflight import artifact_config

@@ -50,7 +50,7 @@ def backend_name(name: str) -> str:
 
 
 def guess_backend(path) -> str:
-    p = Path(str(path))
+    p = Path(os.path.expanduser(str(path)))  # as open_runner opens it
     if p.suffix == ".gguf":
         return "llama.cpp"
     if p.suffix == ".onnx" or (p / GRAPH_FILE).exists() or (p / MANIFEST_FILE).exists():

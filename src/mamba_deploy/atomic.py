@@ -52,12 +52,12 @@ def temp_stem(name: str) -> str:
     """`name` as the temporaries of that output start (after a dot): a name near the 255-byte
     limit is valid, but its temporary, ~45 bytes longer, was not (a raw OSError naming the
     temporary). Longer names keep a prefix and a hash of the whole, so each output has its own."""
-    if len(name.encode()) <= TEMP_STEM_BYTES:
+    if len(os.fsencode(name)) <= TEMP_STEM_BYTES:  # the bytes on disk (a name that is not UTF-8 holds surrogates)
         return name
     cut = name
-    while len(cut.encode()) > TEMP_STEM_BYTES - 9:
+    while len(os.fsencode(cut)) > TEMP_STEM_BYTES - 9:
         cut = cut[:-1]
-    return f"{cut}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{cut}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:8]}"
 
 
 def remove_stale_temps(folder: Path, name: str) -> None:

@@ -781,3 +781,13 @@ def test_bad_override_values_are_config_errors(bad):
 
     with pytest.raises(ConfigError):
         make_tolerance(bad)
+
+
+def test_a_missing_tokenizer_option_is_named_in_its_error(capsys):
+    """generate --tokenizer /nonexist said 'pass a checkpoint folder, a .gguf file or a hub id',
+    as if the model path were wrong, and never named the flag."""
+    from mamba_deploy.cli import main
+
+    assert main(["generate", str(DEMO2), "--tokenizer", "/nonexist-40", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer /nonexist-40" in err and "this is the tokenizer" in err, err

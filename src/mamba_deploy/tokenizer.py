@@ -265,7 +265,11 @@ def checked_tokenizer(tokenizer, vocab_size: int, label: str | None = None):
     if isinstance(tokenizer, (str, os.PathLike)):
         from .hub import resolve
 
-        tokenizer = load_tokenizer(resolve(tokenizer, weights=False))
+        try:
+            tokenizer = load_tokenizer(resolve(tokenizer, weights=False))
+        except ModelNotFoundError as e:  # its own fix speaks of the model; the flag is what to change
+            raise ModelNotFoundError(f"{label}: {e} (this is the tokenizer: give a folder holding tokenizer.json or "
+                                     "tokenizer.model, or a hub id, or leave the option out)") from e
     elif not all(hasattr(tokenizer, a) for a in ("encode", "decode", "vocab_size")):
         raise ConfigError(f"{label}: a tokenizer is a folder or hub id with tokenizer files, or a loaded one "
                           f"(mamba_deploy.tokenizer.load_tokenizer(folder)); got {type(tokenizer).__name__}")

@@ -791,3 +791,13 @@ def test_a_missing_tokenizer_option_is_named_in_its_error(capsys):
     assert main(["generate", str(DEMO2), "--tokenizer", "/nonexist-40", "--prompt", "hi", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "--tokenizer /nonexist-40" in err and "this is the tokenizer" in err, err
+
+
+def test_verify_with_its_arguments_swapped_says_so(small_onnx, capsys):
+    """verify ONNX_DIR CHECKPOINT said the ONNX folder had no config.json and suggested
+    --backend onnx, which the reference cannot take."""
+    from mamba_deploy.cli import main
+
+    assert main(["verify", str(small_onnx[0]), str(DEMO2), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is an ONNX export, not a checkpoint" in err and "look swapped" in err, err

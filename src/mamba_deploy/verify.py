@@ -643,6 +643,12 @@ def cmd_verify(args):
     from .runners import guess_backend
 
     args.reference, args.artifact = as_opened(args.reference), as_opened(args.artifact)
+    kind = guess_backend(args.reference)
+    if kind in ("onnx", "tensorrt"):  # the reference runs in PyTorch: it is the checkpoint an artifact came from
+        swapped = "; the two arguments look swapped" if guess_backend(args.artifact) == "torch" else ""
+        kind = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}[kind]
+        raise ConfigError(f"REFERENCE {args.reference} is {kind} export, not a checkpoint: verify checks an artifact "
+                          f"against the checkpoint it came from, `mamba-deploy verify CHECKPOINT ARTIFACT`{swapped}")
     backend = args.backend or guess_backend(args.artifact)
     if args.artifact_dtype and backend != "torch":
         # other runners run the precision stored in the artifact and ignore a dtype, so taking the

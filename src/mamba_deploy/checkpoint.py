@@ -618,11 +618,16 @@ def stored_dtype(path_or_hub_id, exact: bool = False) -> torch.dtype | None:
     return stored_dtypes(path_or_hub_id)[exact]
 
 
+def checkpoint_path(path) -> Path:
+    """A local path as load_model reads it: `~` expanded (a quoted "~/model" reaches it
+    unexpanded), and a checkpoint folder's config file standing for the folder."""
+    path = Path(path).expanduser()
+    return path.parent if path.is_file() and path.name in CONFIG_FILES else path
+
+
 def stored_dtypes(path_or_hub_id) -> tuple[torch.dtype | None, torch.dtype | None]:
     """(stored_dtype, stored_dtype(exact=True)) from one reading of the weights' headers."""
-    path = Path(path_or_hub_id).expanduser()  # a quoted "~/model" reaches load_model expanded too
-    if path.is_file() and path.name in CONFIG_FILES:  # load_model takes the folder's config file too
-        path = path.parent
+    path = checkpoint_path(path_or_hub_id)
     if not path.is_dir():
         return None, None
     raw = read_json_object(path / "config.json")

@@ -124,11 +124,10 @@ class Tokenizer:
             ids = token_stream(ids, "decode's ids").tolist()
         if ids and min(ids) < 0:
             raise ShapeError(f"decode got token id {min(ids)}; token ids are >= 0")
-        if ids and max(ids) >= MAX_TOKEN_ID:  # past any vocabulary, and past what the backends take (u32)
-            ids = [i for i in ids if i < MAX_TOKEN_ID]
+        # as transformers' skip_special_tokens, the eos / pad / ... the configs name, flagged special
+        # in tokenizer.json or not; ids from 2**32 are past any vocabulary and what the backends take
         named = set(self.special_token_ids.values())
-        if named:  # as transformers' skip_special_tokens: the eos / pad / ... the configs name, flagged or not
-            ids = [i for i in ids if i not in named]
+        ids = [i for i in ids if i < MAX_TOKEN_ID and i not in named]
         text = self._tok.decode(ids, skip_special_tokens=True)
         if "\ufffd" in text and self._byte_pieces():
             return self._decode_byte_fallback(ids)

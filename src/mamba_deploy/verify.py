@@ -10,10 +10,11 @@ artifact's dtype / quantization, which is read from the artifact itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import numbers
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,22 +75,24 @@ def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
     bad = sorted(set(overrides) - names)
     if bad:
         raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
-    for k, v in overrides.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise ConfigError(f"tolerance {k}={v!r:.40} is not a number; e.g. {k}=1e-3")
-    try:
-        overrides = {k: float(v) for k, v in overrides.items()}
-    except ValueError as e:
-        raise ConfigError(f"a tolerance is not a number ({e}); write NAME=NUMBER, e.g. logits_rel=1e-3") from None
+    overrides = {k: _limit(k, v) for k, v in overrides.items()}
     # every limit given: no row is needed (an artifact type without one, q2_k_s, is then checkable)
     row = "custom" if set(overrides) == names else tolerance_row(label)
-    tol = Tolerance(**(TOLERANCES["fp32"] if row == "custom" else TOLERANCES[row]), label=row)
     for k, v in overrides.items():  # a limit no artifact can meet (or a negative one) is a typo, not a check
         if not (0.0 <= v <= 1.0 if k == "top1" else v >= 0.0):  # NaN fails both; inf = no limit
             raise ConfigError(f"tolerance {k}={v:g} can never pass; "
                               + ("top1 is a fraction of positions in [0, 1], e.g. top1=0.99" if k == "top1"
                                  else f"{k} is a relative error >= 0, e.g. {k}=1e-3 (inf: no limit)"))
-    return replace(tol, **overrides)
+    return Tolerance(**{**TOLERANCES.get(row, {}), **overrides}, label=row)
+
+
+def _limit(name: str, value) -> float:
+    """A limit of a tolerance dict as a float; ConfigError naming it for anything else (None, a
+    bool, a word)."""
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise ConfigError(f"tolerance {name}={value!r:.40} is not a number; e.g. {name}=1e-3")
 
 
 def parse_overrides(text: str) -> dict:
@@ -586,7 +589,6 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
-    reference, artifact = as_opened(reference), as_opened(artifact)
     ref = open_reference(reference, reference_dtype, device, threads)
     art = open_artifact(artifact, backend, device, artifact_options, threads)
     return ref, art, infer_artifact_dtype(artifact, reference)
@@ -630,12 +632,10 @@ def as_opened(path):
     typed, '~/q' lost a quantized reference's int4 row (a corrupt export passed the int8 one)."""
     if path is None:
         return path
-    from .checkpoint import CONFIG_FILES
+    from .checkpoint import checkpoint_path
 
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        return path
-    return str(p.parent if p.is_file() and p.name in CONFIG_FILES else p)
+    p = checkpoint_path(str(path))
+    return str(p) if p.exists() else path
 
 
 def cmd_verify(args):

@@ -373,9 +373,6 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
     special = {k: typed(key, int, "a token id") for k, key in SPECIAL_KEYS.items()}
     special = {k: i for k, i in special.items() if i is not None}
     scores = typed(SCORES_KEY, list, "a list of numbers")
-    if scores is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores):
-        raise ExportError(f"{path}: GGUF metadata {SCORES_KEY} must be a list of numbers; the file's metadata is "
-                          "corrupt: re-export it or re-download it")
     prefix = typed(ADD_SPACE_PREFIX_KEY, bool, "true or false")
     pre = typed(TOKENIZER_PRE_KEY, str, "a string", "default")
     template = typed(GGUF_CHAT_TEMPLATE_KEY, str, "a string")
@@ -390,9 +387,11 @@ def vocab_from_gguf(path, reader=None) -> Vocab:
                           "llama.cpp refuses too; convert the model again with its tokenizer.json (mamba-deploy "
                           "export gguf MODEL_FOLDER OUT.gguf)")
     merges = [] if merges is None else merges
-    for key, value, kind in (("tokens", tokens, str), ("token_type", types, int), ("merges", merges, str)):
+    lists = [("tokens", tokens, str, "str"), ("token_type", types, int, "int"), ("merges", merges, str, "str")]
+    lists += [("scores", scores, (int, float), "numbers")] if scores is not None else []
+    for key, value, kind, what in lists:
         if not (isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
-            raise ExportError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be a list of {kind.__name__}, not "
+            raise ExportError(f"{path}: GGUF metadata tokenizer.ggml.{key} must be a list of {what}, not "
                               f"{value!r:.60}; the file's metadata is corrupt: re-export it or re-download it")
     if len(types) != len(tokens):
         raise ExportError(f"{path}: GGUF metadata has {len(tokens)} tokenizer.ggml.tokens but {len(types)} "

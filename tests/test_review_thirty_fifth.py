@@ -506,7 +506,7 @@ def test_bench_keeps_device_for_the_torch_targets_and_raises_its_own_bugs(onnx_e
     ck = hf_checkpoint("mamba")[0]
     assert main(["bench", f"{ck},{out}", "--backends", "torch,openvino", "--device", "meta", "--batch", "1",
                  "--prompt-len", "3", "--gen-len", "1", "--warmup", "0", "--repeats", "1", "--quiet", "--out",
-                 str(tmp_path / "b")]) == 0
+                 str(tmp_path / "b")]) == 1
     targets = json.loads((tmp_path / "b" / "results.json").read_text())["targets"]
     assert targets[0]["error"] and targets[1]["error"] is None and "device" not in targets[1], targets
 

@@ -5,8 +5,10 @@ is loaded, instead of failing deep inside a stage after minutes of work."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import numbers
+import re
 
 
 def _number(kind, text: str):
@@ -229,3 +231,38 @@ def backend_choice(text: str) -> str:
         return backend_name(text)
     except BackendUnavailableError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for a mistyped verb or flag. An unknown flag is reported by
+    the verb it was given to, with that verb's usage (plain argparse names it in the top-level
+    usage, which lists verbs, not the flags the user was looking for)."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._chosen(ns)
+            flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            hints = [m[0] for e in extras if e.startswith("-")
+                     for m in [difflib.get_close_matches(e.split("=", 1)[0], flags, n=1)] if m]
+            hint = f" (did you mean {' / '.join(dict.fromkeys(hints))}?)" if hints else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns
+
+    def _chosen(self, ns) -> argparse.ArgumentParser:
+        """The innermost verb's parser that parsing went through (`export onnx`'s for its flags)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None))
+                if chosen is not None:
+                    return chosen._chosen(ns) if isinstance(chosen, Parser) else chosen
+        return self
+
+    def error(self, message: str):
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            choices = re.findall(r"'([^']*)'", bad.group(2)) or [c.strip() for c in bad.group(2).split(",")]
+            close = difflib.get_close_matches(bad.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)

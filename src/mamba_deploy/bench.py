@@ -22,7 +22,7 @@ import torch
 
 from .argtypes import int_list, nonnegative_int, positive_int, positive_int_list, seed, torch_generator
 from .atomic import check_writable, json_text, write_files
-from .errors import ConfigError, MambaDeployError, OutputPathError
+from .errors import ConfigError, IncompleteRunError, MambaDeployError, OutputPathError
 from .extras import install_hint
 
 SCHEMA = "mamba-deploy-bench/1"
@@ -430,13 +430,21 @@ def cmd_bench(args):
     if not data["results"]:
         # results of an earlier run in --out stay as they were: an empty table is not a result
         raise ConfigError("no target could be benchmarked, nothing was written to "
-                          f"{args.out}: " + "; ".join(f"{t['artifact']} ({t['backend']}): {t['error']}" for t in errors)
+                          f"{args.out}: " + _failures(errors)
                           + ". Check each path and its --backends")
     if quiet:  # rank 0 writes the files; every rank measured the same sharded model
         return
     paths = write_outputs(data, args.out)
     print(markdown_table(data))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if errors:  # after the table and files: the measured targets are kept, the exit status says what is missing
+        raise IncompleteRunError(f"{len(errors)} of {len(data['targets'])} targets could not be measured: "
+                                 + _failures(errors)
+                                 + f". The others are in {args.out}; check each failed path and its --backends")
+
+
+def _failures(targets) -> str:
+    return "; ".join(f"{t['artifact']} ({t['backend']}): {t['error']}" for t in targets)
 
 
 def register(subparsers) -> None:
@@ -459,7 +467,7 @@ def register(subparsers) -> None:
                    help="timed runs per batch and prompt length; the medians and p95 are over these (default 3)")
     s.add_argument("--seed", type=seed, default=0, help="seed of the random prompt token ids")
     s.add_argument("--device", default="cpu", help="device for the torch backend")
-    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype for the torch backend")
+    s.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(DTYPES), help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
     add_tensor_parallel(s, "bench")

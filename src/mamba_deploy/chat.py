@@ -1,9 +1,9 @@
 """Chat prompts: a model's chat template (Jinja, as transformers and llama.cpp store it) turned into
 the token ids of a conversation, for `generate --chat` and the server's /v1/chat/completions.
 
-Where the template comes from, in order: tokenizer_config.json's "chat_template" (a string, or a
-list of named templates: "default"), a chat_template.jinja file beside it (what transformers >= 4.49
-saves), a GGUF's tokenizer.chat_template. It renders as transformers' apply_chat_template does
+Where the template comes from, in order: a chat_template.jinja file (what transformers >= 4.49
+saves; it wins, as there), tokenizer_config.json's "chat_template" (a string, or a list of named
+templates, of which the one named "default"), a GGUF's tokenizer.chat_template. It renders as transformers' apply_chat_template does
 (sandboxed Jinja, trim_blocks / lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`, the
 special-token names bos_token, eos_token, pad_token, unk_token, ... that the tokenizer defines), and
 the text is tokenized WITHOUT the tokenizer's own special tokens: templates write the BOS
@@ -13,6 +13,7 @@ themselves ("{{ bos_token }}"), so adding it again would double it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .chat_sandbox import MAX_RENDERED_CHARS, ChatTemplateError, environment
@@ -42,7 +43,11 @@ def read_chat_template(folder) -> str | None:
     tmpl = read_tokenizer_config(folder).get("chat_template")
     if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
-        tmpl = named.get("default", next(iter(named.values()), None))
+        if "default" not in named and named:  # transformers refuses to guess; so does chat here
+            warnings.warn(f"{folder / 'tokenizer_config.json'} has chat templates named {sorted(map(str, named))} "
+                          "and none named 'default'; none is used: pass the one you want as --chat-template FILE",
+                          stacklevel=2)
+        tmpl = named.get("default")
     if isinstance(tmpl, str) and tmpl.strip():
         return tmpl
     return None

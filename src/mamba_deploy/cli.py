@@ -17,11 +17,12 @@ import warnings
 import torch
 
 from . import __version__
-from .argtypes import (backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed,
+from .argtypes import (Parser, backend_choice, min_p, nonnegative_float, nonnegative_int, positive_float, positive_int, seed,
                        threads, top_p)
 from .atomic import json_text, remove_created_folders
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
+from .progress import human_bytes
 from .state import DTYPE_NAMES
 
 # Modules that add top-level verbs through register(subparsers), and exporters that add
@@ -73,7 +74,7 @@ STATE_DTYPES = DTYPE_NAMES  # every verb takes the same spellings (fp32 / float3
 
 
 def add_state_dtype(parser) -> None:
-    parser.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
+    parser.add_argument("--state-dtype", default="fp32", type=str.lower, choices=sorted(STATE_DTYPES),
                         help="SSM state dtype for the torch backend (bf16 / fp16: half the state memory and "
                              "bytes per decode step, one rounding of the state per token)")
 
@@ -185,14 +186,6 @@ def runner_options(args, torch_opts=None) -> dict:
     return opts | (torch_options(args) if torch_opts is None else torch_opts)
 
 
-def _human(n: float) -> str:
-    """Bytes in binary units, named as such (a "14.2 MB" here was 14.84 MB in export gguf's decimal)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-
-
 def cmd_inspect(args):
     from .checkpoint import (check_depth, check_weight_headers, config_file, meta_model,
                              read_config, read_raw_config, resolve, weight_files)
@@ -230,10 +223,23 @@ def cmd_inspect(args):
         return
     for k, v in info.items():
         if k in ("bytes_on_disk", "state_bytes_per_sequence_fp32"):
-            v = f"{v} ({_human(v)})"
+            v = f"{v} ({human_bytes(v)})"
         elif k == "parameters":
             v = f"{v} ({v / 1e6:.2f} M)"
         print(f"{k:>30}: {v}")
+
+
+def _warn_greedy_ignores(args) -> None:
+    """Sampling flags given with --temperature 0 (greedy, the default) change nothing: said, since
+    a user who set --top-p or --seed expects sampling."""
+    if args.temperature != 0:
+        return
+    given = [flag for flag, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                   ("--min-p", args.min_p != 0.0), ("--seed", args.seed is not None)) if on]
+    if given:
+        warnings.warn(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} when sampling; "
+                      "--temperature is 0 (greedy), so they are ignored: give --temperature > 0 "
+                      "(e.g. 0.7) to sample", stacklevel=2)
 
 
 def cmd_generate(args):
@@ -246,6 +252,7 @@ def cmd_generate(args):
         raise ConfigError("--system and --chat-template apply to chat prompts only; add --chat")
     template = read_template_file(args.chat_template) if args.chat_template else None
     quiet = quiet_rank(args)
+    _warn_greedy_ignores(args)
     runner = open_runner(args.model, args.backend, **runner_options(args))
     use_tokenizer(runner, args.tokenizer)
     prompts, stops = list(args.prompt), args.stop
@@ -333,7 +340,7 @@ def cmd_convert(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mamba-deploy", description="Run, export, quantize and verify Mamba / Mamba2 language models.")
+    p = Parser(prog="mamba-deploy", description="Run, export, quantize and verify Mamba / Mamba2 language models.")
     p.add_argument("--version", action="version", version=f"mamba-deploy {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -375,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the prompts N tokens at a time, with a progress bar (bounds the prefill's memory; "
                         "default: in one piece)")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+    s.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(DTYPES),
                    help="torch backend only: dtype the weights are loaded and run in")
     add_state_dtype(s)
     add_threads(s)
@@ -388,11 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="re-save a checkpoint in the HF or mamba_ssm layout")
     s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
     s.add_argument("out", help="new or empty folder for the converted checkpoint")
-    s.add_argument("--format", choices=["hf", "mamba_ssm"], default="hf",
+    s.add_argument("--format", type=str.lower, choices=["hf", "mamba_ssm"], default="hf",
                    help="hf: transformers' config and tensor names; mamba_ssm: the original state-spaces "
                         "mamba_ssm ones, as one pytorch_model.bin that its from_pretrained loads (refused for "
                         "models it cannot express, e.g. Falcon-Mamba)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    s.add_argument("--dtype", type=str.lower, choices=sorted(DTYPES), default=None,
                    help="dtype of the saved float tensors (default: the dtype the source folder stores, from its "
                         "config or safetensors; fp32 for a .gguf, a hub id or when it cannot be read)")
     s.add_argument("--max-shard-size", type=positive_float, default=None,

@@ -266,11 +266,11 @@ def _fmt(v, spec):
 
 
 def format_table(rows: list[Row]) -> str:
-    from .cli import _human
+    from .progress import human_bytes
 
     head = ("model", "format", "backend", "size", "ppl", "top-1", "max rel err", "greedy same", "ms/token",
             "status")
-    body = [(r.model, r.format, r.backend, "-" if r.size is None else _human(r.size), _fmt(r.ppl, ".2f"),
+    body = [(r.model, r.format, r.backend, "-" if r.size is None else human_bytes(r.size), _fmt(r.ppl, ".2f"),
              _fmt(r.top1, ".1%"), _fmt(r.logits_rel, ".1e"),
              "-" if r.greedy is None else f"{round(r.greedy * DECODE_TOKENS)}/{DECODE_TOKENS}",
              _fmt(r.ms_per_token, ".2f"), r.status) for r in rows]

@@ -64,3 +64,10 @@ class BeyondToleranceError(VerificationError):
     here and 2 on every other error, as diff and cmp do, so a script can tell "the artifact
     differs" from "the check could not run" (a bad path, a flag, a missing package)."""
     exit_code = 1
+
+
+class IncompleteRunError(MambaDeployError, RuntimeError):
+    """A run over several targets (bench) wrote the results it measured but some targets failed.
+    The CLI exits with `exit_code` 1, so a script does not take a table with gaps for a full one;
+    2 stays "nothing could be done"."""
+    exit_code = 1

@@ -138,7 +138,7 @@ def register(subparsers):
                    help="torch | onnx | llama.cpp | ... (default: from the path)")
     add_tokenizer(s)
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="torch backend dtype")
+    s.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(DTYPES), help="torch backend dtype")
     add_state_dtype(s)
     add_threads(s)
     add_tensor_parallel(s, "eval")

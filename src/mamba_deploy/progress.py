@@ -9,6 +9,14 @@ import sys
 LARGE_MODEL_PARAMS = 50_000_000
 
 
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, named as such, one spelling for every size the CLI prints."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
 def progress_wanted(model) -> bool:
     """Whether writing `model` shows a progress bar."""
     return model.num_parameters() > LARGE_MODEL_PARAMS

@@ -119,7 +119,7 @@ def register(subparsers) -> None:
     s.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template for /v1/chat/completions instead of the model's own")
     s.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    s.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype for the torch backend")
+    s.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(DTYPES), help="dtype for the torch backend")
     add_state_dtype(s)
     add_threads(s)
     s.add_argument("--quiet", action="store_true", help="no per-request log lines")

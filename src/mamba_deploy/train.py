@@ -741,7 +741,7 @@ def register(subparsers):
                         "conv, Mamba1's A_log); 1-D ones (norms, biases, D, Mamba2's A_log) get none")
     s.add_argument("--clip", type=positive_float, default=1.0,
                    help="clip the gradients' global L2 norm to this")
-    s.add_argument("--amp", default=None, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU; fp16 trains with loss scaling (torch.amp.GradScaler)")
+    s.add_argument("--amp", default=None, type=str.lower, choices=sorted(AMP), help="default: bf16 on CUDA, none on CPU; fp16 trains with loss scaling (torch.amp.GradScaler)")
     s.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu)")
     s.add_argument("--eval-every", type=positive_int, default=100,
@@ -774,9 +774,9 @@ def register(subparsers):
 def main(argv=None) -> int:
     """`python -m mamba_deploy.train train ...`: the same verbs without importing every other
     stage (handy on a training machine that lacks the export dependencies)."""
-    import argparse
+    from .argtypes import Parser
 
-    p = argparse.ArgumentParser(prog="mamba-deploy")
+    p = Parser(prog="mamba-deploy")
     register(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
     args.func(args)

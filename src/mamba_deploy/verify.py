@@ -589,15 +589,32 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
+    check_reference(reference, artifact)
     ref = open_reference(reference, reference_dtype, device, threads)
     art = open_artifact(artifact, backend, device, artifact_options, threads)
     return ref, art, infer_artifact_dtype(artifact, reference)
+
+
+def check_reference(reference, artifact=None) -> None:
+    """The reference runs in PyTorch: it is the checkpoint an artifact came from, never an export.
+    Said before anything is opened (an export there failed as "no config.json"), with a hint when
+    the two arguments look swapped."""
+    from .runners import guess_backend
+
+    kind = guess_backend(as_opened(reference))
+    if kind in ("onnx", "tensorrt"):
+        swapped = ("; the two arguments look swapped" if artifact is not None
+                   and guess_backend(as_opened(artifact)) == "torch" else "")
+        kind = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}[kind]
+        raise ConfigError(f"REFERENCE {reference} is {kind} export, not a checkpoint: verify checks an artifact "
+                          f"against the checkpoint it came from, `mamba-deploy verify CHECKPOINT ARTIFACT`{swapped}")
 
 
 def open_reference(reference, reference_dtype: str = "float32", device: str = "cpu", threads: int | None = None):
     """The reference checkpoint as a PyTorch runner at `reference_dtype`."""
     from .runners import open_runner
 
+    check_reference(reference)
     if reference_dtype not in REFERENCE_DTYPES:
         raise ConfigError(f"reference dtype {reference_dtype!r} is not supported; use float32 or float64")
     ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype], threads=threads)
@@ -643,12 +660,7 @@ def cmd_verify(args):
     from .runners import guess_backend
 
     args.reference, args.artifact = as_opened(args.reference), as_opened(args.artifact)
-    kind = guess_backend(args.reference)
-    if kind in ("onnx", "tensorrt"):  # the reference runs in PyTorch: it is the checkpoint an artifact came from
-        swapped = "; the two arguments look swapped" if guess_backend(args.artifact) == "torch" else ""
-        kind = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}[kind]
-        raise ConfigError(f"REFERENCE {args.reference} is {kind} export, not a checkpoint: verify checks an artifact "
-                          f"against the checkpoint it came from, `mamba-deploy verify CHECKPOINT ARTIFACT`{swapped}")
+    check_reference(args.reference, args.artifact)
     backend = args.backend or guess_backend(args.artifact)
     if args.artifact_dtype and backend != "torch":
         # other runners run the precision stored in the artifact and ignore a dtype, so taking the
@@ -726,9 +738,9 @@ def register(subparsers) -> None:
     s.add_argument("artifact", help="artifact to check: ONNX folder, .gguf, checkpoint folder, ...")
     s.add_argument("--backend", default=None, type=backend_choice,
                    help="backend for the artifact (default: from its path)")
-    s.add_argument("--reference-dtype", default="float32", choices=["float32", "float64"],
+    s.add_argument("--reference-dtype", default="float32", type=str.lower, choices=["float32", "float64"],
                    help="dtype the reference checkpoint runs in (PyTorch)")
-    s.add_argument("--artifact-dtype", default=None, choices=["fp32", "fp16", "bf16"],
+    s.add_argument("--artifact-dtype", default=None, type=str.lower, choices=["fp32", "fp16", "bf16"],
                    help="run a torch artifact in this dtype")
     s.add_argument("--text", default=None, help="UTF-8 text file scored for perplexity")
     s.add_argument("--max-text-tokens", type=positive_int, default=4096,

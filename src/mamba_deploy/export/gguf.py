@@ -25,7 +25,7 @@ from ..argtypes import threads_or_all
 from ..atomic import atomic_file, prepare_output_file, scratch_file, write_in_place, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
-from ..progress import progress_bar, progress_wanted
+from ..progress import human_bytes, progress_bar, progress_wanted
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads, release_freed_memory
 from . import as_model, source_weights
@@ -100,7 +100,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
                       "rewritten for the new one (as --ollama does)", stacklevel=2)
         ollama = True
     if out.exists() and not write_in_place(out):  # as cp does, but said: it may be another model's file
-        warnings.warn(f"{out} exists ({out.stat().st_size / 2**20:.1f} MiB); it is replaced once the new GGUF is "
+        warnings.warn(f"{out} exists ({human_bytes(out.stat().st_size)}); it is replaced once the new GGUF is "
                       "complete", stacklevel=2)
     model = _as_model(model_or_path)
     refuse_quantized(model, "GGUF export", "pass the unquantized checkpoint and let GGUF quantize it "
@@ -525,7 +525,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("gguf", help="export to GGUF for llama.cpp / Ollama")
     p.add_argument("model", help="checkpoint folder, hub id or .gguf")
     p.add_argument("out", help="output .gguf path")
-    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES),
+    p.add_argument("--outtype", default="f32", type=str.lower, choices=list(OUTTYPES),
                    help="type of the weight matrices (default f32; norms, biases, A, D and the conv stay F32); f32, f16, bf16, "
                         "q8_0, q4_0, q4_1, q5_0 and q5_1 are written in Python, the K-quants (q2_k, q3_k_m, q4_k_m, "
                         "q5_k_m, q6_k) by llama.cpp's quantizer, which needs llama-cpp-python")
@@ -539,7 +539,7 @@ def register(subparsers) -> None:
 def _cmd(args) -> None:
     out = export_gguf(args.model, args.out, outtype=args.outtype, tokenizer=args.tokenizer,
                       ollama=args.ollama, n_threads=args.threads)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {args.outtype})")
+    print(f"wrote {out} ({human_bytes(out.stat().st_size)}, {args.outtype})")
     if args.ollama:
         print(f"wrote {out.parent / MODELFILE_NAME}")
 

@@ -557,7 +557,7 @@ def register(subparsers) -> None:
     s.add_argument("model", help="checkpoint folder, hub id or .gguf file")
     s.add_argument("out_dir", help="new or empty folder for model.onnx (weights in model.onnx.data when large), "
                                    "manifest.json and the tokenizer files")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    s.add_argument("--dtype", type=str.lower, choices=sorted(DTYPES), default="fp32",
                    help="fp16: the linear, embedding and lm_head weights are stored and multiplied in fp16; norms, "
                         "the SSM scan, the state and the graph's inputs and outputs stay fp32 (a quantized "
                         "checkpoint takes fp32 only)")

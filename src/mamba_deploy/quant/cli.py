@@ -7,6 +7,7 @@ import math
 
 from ..argtypes import positive_int, unit_fraction
 from ..errors import QuantizationError
+from ..progress import human_bytes
 from .plan import METHODS
 
 # --auto: (target, models with at most this many parameters, method, why). First match wins.
@@ -123,7 +124,7 @@ def cmd_quantize(args):
     for spec in model.quantization_config["modules"].values():
         counts[spec["format"]] = counts.get(spec["format"], 0) + 1
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {method} checkpoint to {out} ({size / 2**20:.2f} MiB weights; modules: {json.dumps(counts)})")
+    print(f"wrote {method} checkpoint to {out} ({human_bytes(size)} weights; modules: {json.dumps(counts)})")
 
 
 def register(subparsers):
@@ -134,7 +135,7 @@ def register(subparsers):
     s.add_argument("model", help="float checkpoint folder, hub id or .gguf file (a checkpoint this tool quantized "
                                  "is refused; a quantized GGUF's type is recorded, and verify allows for it)")
     s.add_argument("out", help="new or empty folder for the quantized checkpoint")
-    s.add_argument("--method", choices=list(METHODS), default=None,
+    s.add_argument("--method", type=str.lower, choices=list(METHODS), default=None,
                    help="int8: per-channel weight-only; int4: grouped round-to-nearest; gptq, awq: calibrated int4; "
                         "smoothquant: W8A8 (int8 weights and activations); fp8: e4m3 weights. Required unless --auto")
     s.add_argument("--group-size", type=positive_int, default=None,
@@ -145,7 +146,7 @@ def register(subparsers):
     s.add_argument("--asymmetric", action="store_true", help="int4 with zero points")
     s.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     s.add_argument("--alpha", type=unit_fraction, default=None, help="SmoothQuant migration strength (default 0.5)")
-    s.add_argument("--fp8-scaling", choices=["tensor", "channel"], default=None,
+    s.add_argument("--fp8-scaling", type=str.lower, choices=["tensor", "channel"], default=None,
                    help="fp8 only: one scale per output channel (default) or one for the whole weight")
     s.add_argument("--include", default=None, help="also quantize: embeddings,lm_head")
     s.add_argument("--calib", default=None,
@@ -156,7 +157,7 @@ def register(subparsers):
                    help="gptq, awq, smoothquant: tokens per calibration sequence (default 256)")
     s.add_argument("--config", default=None, help='per-layer rules JSON: {"quant_cfg": {"<glob>": {...}}}')
     s.add_argument("--auto", action="store_true", help="pick the method from model size and --target")
-    s.add_argument("--target", choices=["cpu", "gpu"], default=None,
+    s.add_argument("--target", type=str.lower, choices=["cpu", "gpu"], default=None,
                    help="with --auto only: the hardware to pick for (default cpu: int8 up to 1.5 B parameters, "
                         "else gptq; gpu: smoothquant up to 3 B, else awq)")
     s.set_defaults(func=cmd_quantize)

@@ -120,3 +120,397 @@ def test_open_pair_with_an_export_as_reference_says_so(onnx_export):
         open_pair(out, folder)
     with pytest.raises(ConfigError, match="is an ONNX export, not a checkpoint"):
         open_reference(out)
+
+
+def test_verify_checks_a_left_padded_batch(hf_checkpoint):
+    """verify ran equal-length rows only, so an artifact whose runner ignored the attention_mask
+    (padding read as tokens: what generate and the server send for prompts of different lengths)
+    passed. The left-padded case compares it with each row run alone on the reference."""
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.verify import padded_lengths, verify
+
+    folder = hf_checkpoint("mamba2")[0]
+    ref = open_runner(folder, "torch")
+
+    class MaskIgnored(type(ref)):
+        def prefill(self, ids, state, attention_mask=None, last_only=False):
+            return super().prefill(ids, state, last_only=last_only)
+
+    good = verify(ref, open_runner(folder, "torch"), lengths=(1, 9), batches=(1, 3), decode_steps=2, progress=False)
+    assert good.passed, good.table()
+    padded = [c for c in good.cases if c.get("left_padded")]
+    assert [c["left_padded"] for c in padded] == [padded_lengths(9, 3)] == [[9, 7, 5]]
+    assert padded[0]["prefill"]["positions"] == 21 and padded[0]["decode"]["positions"] == 6
+    assert "prefill l=9 b=3 padded" in good.table()
+
+    bad_runner = open_runner(folder, "torch")
+    bad_runner.__class__ = MaskIgnored
+    bad = verify(ref, bad_runner, lengths=(1, 9), batches=(1, 3), decode_steps=2, progress=False)
+    assert not bad.passed and "left-padded" in " ".join(bad.failures), bad.table()
+    # a batch of 1 or length 1 has no rows of different lengths: no padded case
+    assert not any(c.get("left_padded") for c in verify(ref, open_runner(folder, "torch"), lengths=(1, 9),
+                                                           batches=(1,), decode_steps=1, progress=False).cases)
+
+
+# ----------------------------------------------------------------------------- train / eval / model card
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Random token streams in place of the stdlib corpus (seconds, not minutes, per run)."""
+    import numpy as np
+
+    from mamba_deploy import train
+
+    rng = np.random.default_rng(0)
+    d = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
+    monkeypatch.setattr(train, "load_data", lambda args: d)
+
+
+def _train_args(tmp, **kw):
+    import argparse
+
+    base = dict(preset="tiny-mamba2", tokenizer=str(DEMO2), out=str(tmp / "out"), work_dir=str(tmp / "work"),
+                data_cache=None, steps=8, max_minutes=None, batch=2, seq_len=16, lr=3e-3, warmup=1,
+                weight_decay=0.1, clip=1.0, amp=None, device="cpu", eval_every=2, eval_batch=2, eval_tokens=0,
+                save_every=2, seed=0, resume=False, micro_batch=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _cli_train(out, *extra):
+    from mamba_deploy.cli import main
+
+    return main(["train", "--preset", "tiny-mamba2", "--tokenizer", str(DEMO2), "--out", str(out), "--steps", "4",
+                 "--batch", "2", "--seq-len", "16", "--save-every", "2", "--eval-every", "2", "--eval-batch", "2",
+                 "--warmup", "1", "--device", "cpu", *extra])
+
+
+def test_a_symlinked_out_is_written_where_it_points(tmp_path, fake_data):
+    """The first save renamed the link itself aside and the second failed (NotADirectoryError)."""
+    import os
+
+    (tmp_path / "big" / "run").mkdir(parents=True)
+    os.symlink(tmp_path / "big" / "run", tmp_path / "out")
+    assert _cli_train(tmp_path / "out", "--work-dir", str(tmp_path / "work")) == 0
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "big" / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("own_work_dir", [True, False])
+def test_an_out_name_near_the_limit_trains_or_is_a_typed_error(tmp_path, fake_data, own_work_dir, capsys):
+    """A valid 252-byte --out name: `.NAME.old` and the default NAME.work were raw ENAMETOOLONG."""
+    out = tmp_path / ("m" * 252)
+    if own_work_dir:
+        assert _cli_train(out, "--work-dir", str(tmp_path / "work")) == 0
+        assert (out / "model.safetensors").exists()
+    else:
+        assert _cli_train(out) == 2
+        assert "--work-dir" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_kill_between_the_snapshot_renames_keeps_the_users_files(tmp_path, fake_data):
+    """Killed after --out was renamed aside and before the new snapshot came in, the run left no
+    --out; the next save then deleted `.out.old`, with the README the user kept in --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mamba_deploy import train
+
+    train.train(_train_args(tmp_path, steps=4))
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    child = f"""
+import os, signal, numpy as np
+from pathlib import Path
+from mamba_deploy import train
+from test_review_forty_first import _train_args
+rng = np.random.default_rng(0)
+d = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
+train.load_data = lambda a: d
+real = Path.rename
+def rename(self, target):
+    r = real(self, target)
+    if str(target).endswith('.out.old'):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return r
+Path.rename = rename
+train.train(_train_args(Path({str(tmp_path)!r}), steps=8, resume=True))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    p = subprocess.run([sys.executable, "-c", child], capture_output=True, env=env, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.old" / "README.md").exists()
+    train.train(_train_args(tmp_path, steps=8, resume=True))
+    assert (tmp_path / "out" / "README.md").read_text() == "my notes"
+    assert not (tmp_path / ".out.old").exists()
+
+
+def test_max_minutes_leaves_room_for_evaluations(tmp_path, fake_data, monkeypatch):
+    """The step budget was fitted to the train-step time alone: with slow evaluations every 5
+    steps a 6 s budget ran ~50 s."""
+    import time
+
+    from mamba_deploy import train
+
+    real = train.quick_val_loss
+    monkeypatch.setattr(train, "quick_val_loss", lambda *a, **k: (time.sleep(0.3), real(*a, **k))[1])
+    t = time.perf_counter()
+    m = train.train(_train_args(tmp_path, steps=100000, max_minutes=0.1, eval_every=5, save_every=1000))
+    took = time.perf_counter() - t
+    assert took < 1.5 * 6.0 and m["steps"] >= 12, (took, m["steps"])
+
+
+def test_model_card_claims(tmp_path, fake_data, monkeypatch):
+    """The card said a --max-minutes run is repeated by --steps N even when the timed steps ran
+    past the warmup; it counted only the last process's training time after --resume; and a run
+    without --eval-tokens raised a raw KeyError."""
+    import re
+    import time
+
+    from mamba_deploy import train
+    from mamba_deploy.errors import ConfigError
+    from mamba_deploy.model_card import write_model_card
+
+    m = train.train(_train_args(tmp_path / "plain", steps=2))
+    with pytest.raises(ConfigError, match="--eval-tokens"):
+        write_model_card(tmp_path / "plain" / "out", m)
+
+    metrics = {**m, "validation": {"ppl": 1.0, "tokens": 9, "unigram_ppl": 2.0}, "command": "x --max-minutes 1"}
+    for warmup, says in ((5, "trains a slightly different model"), (12, "instead to repeat it")):
+        card = write_model_card(tmp_path / "plain" / "out", {**metrics, "warmup": warmup}).read_text()
+        assert says in card, card
+
+    real, n = train.train_step, []
+
+    def step(*a, **k):
+        n.append(1)
+        if len(n) == 7:
+            raise KeyboardInterrupt
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_train_args(tmp_path, eval_tokens=100))
+    m = train.train(_train_args(tmp_path, eval_tokens=100, resume=True))
+    card = write_model_card(tmp_path / "out", m).read_text()
+    secs = int(re.search(r"\| training time \| (\d+) s \|", card).group(1))
+    assert secs >= 4, card  # 8 steps of >= 0.5 s; it said 1 s
+
+
+def test_eval_text_expands_the_home_folder(tmp_path, monkeypatch):
+    """`--text ~/t.txt` (as `--text=~/t.txt`, which the shell leaves alone) was "not a file"."""
+    from mamba_deploy.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["eval", str(DEMO2), "--text", "~/t.txt", "--json"]) == 0
+
+
+def test_python_m_train_reports_errors_as_the_cli_does(tmp_path):
+    """`python -m mamba_deploy.train` printed a traceback (exit 1) for a typed error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run([sys.executable, "-m", "mamba_deploy.train", "train", "--tokenizer", str(tmp_path),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "error: --tokenizer" in p.stderr, p.stderr[-500:]
+
+
+# ----------------------------------------------------------------------------- batching / CUDA graphs
+
+def test_a_long_prompt_is_not_starved_by_short_requests_arriving_every_step():
+    """Each new one-piece prompt was fed before the long prompt's group (fewest positions left),
+    so with a short request arriving at every decode step the long one waited until they stopped
+    (its first piece went in at step 41 of 40 arrivals)."""
+    import threading
+
+    from mamba_deploy import load_model
+    from mamba_deploy.batching import Scheduler
+    from mamba_deploy.runners.torch_runner import TorchRunner
+
+    class Feeder(TorchRunner):  # another client sends a short request at every decode step
+        def __init__(self, model, n=40):
+            super().__init__(model)
+            self.sched, self.short, self.n, self.steps, self.long_fed_at = None, [], n, 0, []
+
+        def prefill(self, ids, state, **kw):
+            if ids.shape[1] > 2 and bool((ids == 7).all()):
+                self.long_fed_at.append(self.steps)
+            return super().prefill(ids, state, **kw)
+
+        def step(self, ids, state):
+            self.steps += 1
+            if len(self.short) < self.n:
+                self.short.append(self.sched.submit([11, 12], max_new_tokens=1, stop_token_ids=[]))
+            return super().step(ids, state)
+
+    r = Feeder(load_model(DEMO2))
+    s = Scheduler(r, max_rows=16, prefill_chunk=4, thread=False)
+    r.sched = s
+    busy = s.submit([3, 4], max_new_tokens=60, stop_token_ids=[])  # keeps decode steps going
+    long = s.submit([7] * 40, max_new_tokens=1, stop_token_ids=[])  # 10 pieces of 4
+    threading.Thread(target=s.run, daemon=True).start()
+    try:
+        busy.follow(), long.follow()
+        for j in r.short:
+            j.follow()
+    finally:
+        s.close(10)
+    # every piece of the long prompt went in at most MAX_OVERTAKES turns after the one before
+    from mamba_deploy.batching import MAX_OVERTAKES
+
+    gap = MAX_OVERTAKES + 1
+    assert len(r.long_fed_at) == 10 and r.long_fed_at[0] <= gap, r.long_fed_at
+    assert all(b - a <= gap for a, b in zip(r.long_fed_at, r.long_fed_at[1:])), r.long_fed_at
+
+
+def _graph_runner():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA GPU (CI is CPU-only)")
+    from mamba_deploy import load_model
+    from mamba_deploy.cuda_graph import CudaGraphRunner
+
+    return CudaGraphRunner(load_model(DEMO2, device="cuda"))
+
+
+@pytest.mark.parametrize("rows, ids", [(3, 4), (4, 3)])
+def test_cuda_graph_step_refuses_ids_of_another_batch_than_its_state(rows, ids):
+    """On a bucket's lent view the replay ran unchecked: 4 ids on a 3-row state gave 4 rows of
+    logits, 3 ids on a 4-row one stepped row 3 with a stale id. TorchRunner raises ShapeError."""
+    import torch
+
+    from mamba_deploy.errors import ShapeError
+
+    r = _graph_runner()
+    st = r.new_state(rows)  # a view of bucket 4
+    with pytest.raises(ShapeError, match="rows"):
+        r.step(torch.arange(1, ids + 1), st)
+
+
+def test_threads_sharing_a_cuda_graph_runner_get_their_own_tokens():
+    """Two threads decoding on one bucket (one holds the lent view, the other's state is copied
+    through the same rows) got each other's tokens: 27 of 30 generations differed."""
+    import threading
+
+    from mamba_deploy.generation import generate
+
+    r = _graph_runner()
+    prompts = [[5, 6, 7], [100, 200, 300, 400]]
+    want = [generate(r, p, max_new_tokens=48, stop_token_ids=[]).tokens for p in prompts]
+    bad = []
+
+    def work(p, w):
+        for _ in range(15):
+            if generate(r, p, max_new_tokens=48, stop_token_ids=[]).tokens != w:
+                bad.append(p)
+
+    ts = [threading.Thread(target=work, args=pw) for pw in zip(prompts, want)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not bad, f"{len(bad)} of 30 threaded generations differ from the prompt run alone"
+
+
+# ----------------------------------------------------------------------------- quantization
+
+ALL_INT8 = {"quant_cfg": {"*": {"format": "int8"}}}
+
+
+def test_a_rules_file_that_is_not_utf8_is_a_typed_error_and_tilde_is_expanded(hf_checkpoint, tmp_path, monkeypatch):
+    """A UTF-16 rules file was a raw UnicodeDecodeError (exit 1); `--config ~/r.json` was not found."""
+    from mamba_deploy import load_model
+    from mamba_deploy.cli import main
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    folder, _ = hf_checkpoint("mamba")
+    rules = tmp_path / "rules.json"
+    rules.write_bytes(b'\xff\xfe{"quant_cfg": {}}')
+    with pytest.raises(QuantizationError, match="UTF-8"):
+        quantize(load_model(folder), "int8", rules=str(rules), progress=False)
+    assert main(["quantize", str(folder), str(tmp_path / "q"), "--method", "int8", "--config", str(rules)]) == 2
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "r.json").write_text(json.dumps(ALL_INT8))
+    assert main(["quantize", str(folder), str(tmp_path / "q"), "--method", "int8", "--config", "~/r.json"]) == 0
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "gptq", "--calib", "/nonexistent/calib.txt", "--act-order"],
+    ["--method", "smoothquant", "--alpha", "0.9", "--n-calib", "3"],
+    ["--method", "fp8", "--fp8-scaling", "tensor"],
+])
+def test_method_flags_are_refused_when_the_rules_leave_no_layer_of_the_method(hf_checkpoint, tmp_path, flags,
+                                                                            capsys):
+    """--calib / --act-order / --alpha / --fp8-scaling did nothing (exit 0, every layer int8) when
+    the rules made no layer of the method's format; --group-size was already refused there."""
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    rules = tmp_path / "r.json"
+    rules.write_text(json.dumps(ALL_INT8))
+    out = tmp_path / "q"
+    assert main(["quantize", str(folder), str(out), *flags, "--config", str(rules)]) == 2
+    assert "the rules leave none" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_rules_file_with_a_repeated_glob_or_another_key_is_refused(hf_checkpoint, tmp_path):
+    """json.loads kept a repeated glob in its first place with its last value (against "later
+    entries override earlier ones"); a top-level key other than quant_cfg was ignored."""
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    folder, _ = hf_checkpoint("mamba2")
+    rules = tmp_path / "r.json"
+    rules.write_text('{"quant_cfg": {"*.in_proj": {"format": "int8"}, "*": {"format": "fp8"}, '
+                     '"*.in_proj": {"format": "int4"}}}')
+    with pytest.raises(QuantizationError, match="'\\*.in_proj' is given twice"):
+        quantize(load_model(folder), "int8", rules=str(rules), progress=False)
+    with pytest.raises(QuantizationError, match="algorithm"):
+        quantize(load_model(folder), "int8", rules={"quant_cfg": {"*.in_proj": {"format": "int8"}},
+                                                    "algorithm": "awq"}, progress=False)
+
+
+@pytest.mark.parametrize("method, kw", [("int4", {"group_size": 16}),
+                                        ("smoothquant", {"alpha": 0.5, "n_calib": 2, "calib_len": 32})])
+def test_numpy_option_values_save(hf_checkpoint, tmp_path, method, kw):
+    """np.int64 / np.float32 options passed the checks and failed json.dumps in the save."""
+    import numpy as np
+
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize, save_quantized
+
+    folder, _ = hf_checkpoint("mamba2")
+    kw = {k: (np.int64(v) if isinstance(v, int) else np.float32(v)) for k, v in kw.items()}
+    m = quantize(load_model(folder), method, progress=False, **kw)
+    save_quantized(m, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == method
+
+
+def test_a_dtype_cast_keeps_the_stored_codes_and_scales(hf_checkpoint, tmp_path):
+    """`.float()` turned fp8 codes into float32 (4x the memory, and a save load_model refused);
+    `.to(bf16)` rounded the fp16 scales for good."""
+    import torch
+
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize, save_quantized
+
+    folder, _ = hf_checkpoint("mamba2")
+    save_quantized(quantize(load_model(folder), "fp8", progress=False), tmp_path / "q")
+    m = load_model(tmp_path / "q").float()
+    lin = m.backbone.layers[0].mixer.in_proj
+    assert lin.qweight.dtype == torch.float8_e4m3fn
+    save_quantized(m, tmp_path / "q2")
+    load_model(tmp_path / "q2")
+
+    m = load_model(tmp_path / "q")
+    scales = {n: b.clone() for n, b in m.named_buffers() if n.endswith("scales")}
+    m.to(torch.bfloat16)
+    after = dict(m.named_buffers())
+    assert scales and all(torch.equal(after[n], s) and after[n].dtype == s.dtype for n, s in scales.items())
+    m.to("meta")  # a device move still moves them
+    assert all(b.device.type == "meta" for b in m.buffers())

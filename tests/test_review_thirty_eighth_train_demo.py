@@ -18,7 +18,8 @@ DEMO2 = Path(__file__).resolve().parents[1] / "models" / "demo-mamba2"
 
 
 def test_a_trailing_slash_on_out_keeps_the_work_folder_beside_it(tmp_path):
-    from mamba_deploy.train import _work_dir, check_outputs
+    from mamba_deploy.train import check_outputs
+    from mamba_deploy.train_outputs import work_dir as _work_dir
 
     assert _work_dir(SimpleNamespace(out="runs/m/", work_dir=None)) == Path("runs/m.work")
     args = SimpleNamespace(out=str(tmp_path / "m") + "/", work_dir=None, tokenizer=str(DEMO2), resume=False)

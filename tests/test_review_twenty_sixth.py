@@ -228,7 +228,9 @@ def test_snapshot_that_cannot_carry_a_file_is_a_typed_error_and_keeps_out(model_
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied", str(src))
 
-    monkeypatch.setattr(train, "_link_or_copy", refuse)
+    from mamba_deploy import train_outputs
+
+    monkeypatch.setattr(train_outputs, "_link_or_copy", refuse)
     model = random_lm(MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=4096, d_state=16, headdim=8,
                                   chunk_size=16))
     model.source_path = model_folder

@@ -106,11 +106,15 @@ def test_reported_errors_match_transformers(copies, monkeypatch):
     ref, _, bad, hf, bad_hf = copies("mamba")
     art = Recording(load_model(bad))
     report = _run(ref, art, decode_steps=0)
-    case_inputs = art.seen[:len(report.cases)]
+    # the left-padded case runs last, after the scored sequence; its rows recomputed alone, unpadded
+    assert report.cases[-1]["left_padded"]
+    case_inputs = art.seen[:len(report.cases) - 1] + art.seen[-1:]
     for case, ids in zip(report.cases, case_inputs):
         assert tuple(ids.shape) == (case["batch"], case["length"])
+        rows = [ids[i:i + 1, case["length"] - n:] for i, n in enumerate(case.get("left_padded", []))] or [ids]
         with torch.no_grad():
-            want, got = hf(ids).logits.double(), bad_hf(ids).logits.double()
+            want = torch.cat([hf(r).logits.double().flatten(0, 1) for r in rows])
+            got = torch.cat([bad_hf(r).logits.double().flatten(0, 1) for r in rows])
         err = (got - want).abs()
         assert case["prefill"]["max_abs"] == pytest.approx(float(err.max()), rel=1e-3, abs=1e-6)
         assert case["prefill"]["mean_abs"] == pytest.approx(float(err.mean()), rel=1e-3, abs=1e-7)
@@ -160,7 +164,8 @@ def test_cli_exit_codes_json_and_named_failure(copies, tmp_path, capsys):
     assert main(_cli_args(ref, good, "--json", str(out))) == 0
     data = json.loads(out.read_text())
     assert data["passed"] is True and data["tolerance"]["label"] == "fp32"
-    assert [(c["length"], c["batch"]) for c in data["cases"]] == [(1, 2), (9, 2)]
+    assert [(c["length"], c["batch"], c.get("left_padded")) for c in data["cases"]] == \
+        [(1, 2, None), (9, 2, None), (9, 2, [9, 6])]
     assert "PASSED" in capsys.readouterr().out
 
     out = tmp_path / "bad.json"

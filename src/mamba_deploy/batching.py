@@ -19,7 +19,8 @@ thread that calls `serve_forever`). Each turn it
    group and leads the next, so order is kept. Beside a group being fed, a second one is
    admitted if it goes in one piece (`MAX_PREFILLS`), and each turn feeds one piece to the group
    with the fewest positions left, so a short prompt admitted while a long one is still going in
-   does not wait for the long one's last piece;
+   does not wait for the long one's last piece (yet the oldest group is passed over at most
+   `MAX_OVERTAKES` turns in a row);
 3. samples one token for every running row, each request with its own sampling settings and
    each row with its own seeded generator (`generation.Rows` and `row_generators`, as
    `generate` does), hands the tokens to the requests' own threads, and removes the rows of
@@ -132,6 +133,9 @@ def _pads_little(jobs: list[Job]) -> bool:
 # Only such a group: a long one admitted beside another long one would split the long prompts
 # that would otherwise be prefilled together (ONNX Runtime's prefill gains most from rows).
 MAX_PREFILLS = 2
+# Turns in a row a newer group may be fed before the oldest one being fed: with a short request
+# arriving at every decode step, each was fed first and a long prompt waited until they stopped.
+MAX_OVERTAKES = 2
 
 
 class _Prefill:
@@ -166,6 +170,7 @@ class Scheduler:
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # in the order of their rows in self.state
         self.prefilling: list[_Prefill] = []  # groups being fed, in the order admitted
+        self._overtaken = 0  # turns in a row the oldest group being fed was passed over for a newer one
         self.state = self.logits = None  # the running rows' state and next-token logits (rows, V)
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per step taken (for tests, stats)
         self.seconds: collections.Counter = collections.Counter()  # time per phase (prefill, gather, sample, step)
@@ -337,14 +342,19 @@ class Scheduler:
     def _feed_prompts(self) -> None:
         """Admits a prefill group when fewer than MAX_PREFILLS are being fed (beside another, only one
         that goes in one piece), then feeds one piece of the group with the fewest positions left
-        (the oldest of equals), so that a short prompt is not held behind a long one's pieces; a
-        group fed to its end joins the running rows."""
+        (the oldest of equals), so that a short prompt is not held behind a long one's pieces, but
+        the oldest group after MAX_OVERTAKES turns in a row without, so that short prompts arriving
+        one after another do not hold a long one back for good; a group fed to its end joins the
+        running rows."""
         while len(self.prefilling) < MAX_PREFILLS and self._start_prefill(
                 self.prefill_chunk if self.prefilling else None):
             pass
         if not self.prefilling:
             return
         pf = min(self.prefilling, key=lambda g: g.length - g.done)  # min keeps the first of equals
+        if pf is not self.prefilling[0] and self._overtaken >= MAX_OVERTAKES:
+            pf = self.prefilling[0]  # a stream of short prompts overtaking it every turn starved it
+        self._overtaken = self._overtaken + 1 if pf is not self.prefilling[0] else 0
         try:
             with self._timed("prefill"):
                 pf.done, logits, state = next(pf.pieces)

@@ -460,18 +460,20 @@ def _stopped(e: KeyboardInterrupt, args=None) -> int:
     return 128 + signum
 
 
-def main(argv=None) -> int:
+def main(argv=None, build=None) -> int:
+    """The CLI: `build` makes its parser (default: every verb's; `python -m mamba_deploy.train`
+    passes one with the train verbs only, and gets the same errors, signals and exit codes)."""
     with _stop_signals_as_interrupts():
-        return _main(argv)
+        return _main(argv, build or build_parser)
 
 
-def _main(argv) -> int:
+def _main(argv, build) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     args, done = None, False
     try:
         # inside the try: building the parser imports every stage's modules, for a second or more,
         # and Ctrl-C (or SIGTERM) then was a traceback
-        args = build_parser().parse_args(argv)
+        args = build().parse_args(argv)
         args.func(args)
         done = True
     except MambaDeployError as e:

@@ -30,14 +30,16 @@ back to the `ssd_step` + `rmsnorm_gated` kernels (Mamba2) and the unfused `Mamba
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import torch
 
 from . import ops
-from .errors import BackendUnavailableError, ConfigError
+from .errors import BackendUnavailableError, ConfigError, ShapeError
 from .extras import install_hint
 from .inputs import check_ids
+from .runners.base import one_call_at_a_time
 from .runners.torch_runner import TorchRunner
 from .state import State, check_is_state
 
@@ -225,6 +227,9 @@ class CudaGraphRunner(TorchRunner):
                               f"{', '.join(str(d).replace('torch.', '') for d in ops.TRITON_DTYPES)}, not {model.dtype}; "
                               "use TorchRunner (make_runner picks it), whose ops run the reference twins")
         self.buckets = tuple(sorted(buckets))
+        # one call at a time: threads sharing the runner share its buckets (ids, lent views, the
+        # rows a plain state is copied through), and got each other's tokens without it
+        self.call_lock = threading.RLock()
         self._plan = DecodePlan(model)
         self._b: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle()
@@ -257,6 +262,27 @@ class CudaGraphRunner(TorchRunner):
         bk.graph = graph
 
     # ---- Runner --------------------------------------------------------------
+    @one_call_at_a_time
+    def prefill(self, ids, state, attention_mask=None, last_only=False):
+        return super().prefill(ids, state, attention_mask, last_only)
+
+    @one_call_at_a_time
+    def gather_states(self, parts):
+        return super().gather_states(parts)
+
+    @one_call_at_a_time
+    def clone_state(self, state):
+        return super().clone_state(state)
+
+    @one_call_at_a_time
+    def load_torch_state(self, state, src: State) -> None:
+        super().load_torch_state(state, src)
+
+    @one_call_at_a_time
+    def to_torch_state(self, state) -> State:
+        return super().to_torch_state(state)
+
+    @one_call_at_a_time
     def new_state(self, batch: int) -> State:
         size = self._bucket_size(batch)
         if size is None:
@@ -279,6 +305,7 @@ class CudaGraphRunner(TorchRunner):
         out = self.new_state(state.conv.shape[1])
         return out.copy_(state)
 
+    @one_call_at_a_time
     @torch.inference_mode()
     def step(self, ids, state):
         ids = check_ids(ids, 1, self.config.padded_vocab_size)  # CPU ids: no sync
@@ -292,6 +319,9 @@ class CudaGraphRunner(TorchRunner):
         check_is_state(state)  # a consumed state may view the bucket the gathered one now owns
         bk.ids[:batch].copy_(ids, non_blocking=True)
         if bk.owns(state):
+            if state.conv.shape[1] != batch:  # the only check of the rows on this path (a shape: no sync)
+                raise ShapeError(f"ids have {batch} rows and the state {state.conv.shape[1]}; step one id per row "
+                                 "of the state runner.new_state(batch) made")
             bk.graph.replay()
         else:
             state.check(self.config, batch, self.model.dtype, self.model.device)
@@ -310,6 +340,7 @@ class CudaGraphRunner(TorchRunner):
                 bk.state.ssm[:, :n].copy_(kept[1])
         return bk.logits[:batch].cpu(), state
 
+    @one_call_at_a_time
     def close(self) -> None:
         super().close()
         self._plan = None  # it holds the model too (TorchRunner.close lets the model go)

@@ -83,7 +83,7 @@ def corpus_ids(tokenizer, corpus: str | None, text_file: str | None, progress: b
     if (corpus is None) == (text_file is None):
         raise ConfigError("give exactly one of --text FILE or --corpus stdlib-val|stdlib-train")
     if text_file is not None:
-        p = Path(text_file)
+        p = Path(text_file).expanduser()  # as read_text_file and the model path do (--text=~/x is not expanded by the shell)
         if not p.is_file():
             raise ModelNotFoundError(f"--text {text_file!r} is not a file")
         return encode_prefix(tokenizer, data.read_text_file(p, "--text"), max_tokens)

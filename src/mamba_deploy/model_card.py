@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 from .atomic import write_text
+from .errors import ConfigError
+
+TIMED_STEPS = 12  # the steps `train --max-minutes` times before fitting --steps (train._loop)
 
 
 CARD = """# {name}
@@ -49,7 +52,10 @@ mamba-deploy train-tokenizer models/{name} --vocab-size {vocab}
 def write_model_card(folder, metrics: dict, data_meta: dict | None = None, notes: str = "") -> Path:
     """README.md for a trained folder, from its train_log.json metrics."""
     cfg = metrics["config"]
-    v = metrics["validation"]
+    v = metrics.get("validation")
+    if not isinstance(v, dict):
+        raise ConfigError(f"{folder}: its train_log.json has no final validation, which the model card reports; "
+                          "train with --eval-tokens N (or --resume the run with it) first")
     arch = "Mamba2" if cfg["model_type"] == "mamba2" else "Mamba"
     arch_line = f"{arch}: d_model {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, d_state {cfg['state_size']}"
     if cfg["model_type"] == "mamba2":
@@ -59,9 +65,14 @@ def write_model_card(folder, metrics: dict, data_meta: dict | None = None, notes
     meta = data_meta or {}
     cmd = metrics["command"]
     repro = ""
-    if "--max-minutes" in cmd:
-        repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first 12 (all inside "
-                 f"the warmup, so the schedule is the same): pass `--steps {metrics['steps']}` instead to repeat it.\n")
+    if "--max-minutes" in cmd and metrics["warmup"] >= TIMED_STEPS:
+        repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first {TIMED_STEPS} (all "
+                 f"inside the warmup, so the schedule is the same): pass `--steps {metrics['steps']}` instead to "
+                 "repeat it.\n")
+    elif "--max-minutes" in cmd:  # steps past the warmup followed the unfitted --steps' cosine
+        repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first {TIMED_STEPS}; "
+                 f"those past the warmup ({metrics['warmup']} steps) followed the schedule of the --steps given, so "
+                 f"`--steps {metrics['steps']}` trains a slightly different model.\n")
     text = CARD.format(
         name=Path(folder).name, arch=arch, params=metrics["parameters"] / 1e6, arch_line=arch_line,
         vocab=cfg["vocab_size"], steps=metrics["steps"], batch=metrics["batch"], seq_len=metrics["seq_len"],

@@ -7,13 +7,11 @@ every --save-every steps, so an interrupted run always leaves a loadable model b
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .argtypes import bpe_vocab_size, nonnegative_float, nonnegative_int, positive_float, positive_int, seed
-from .atomic import (atomic_file, check_writable, json_text, prepare_output_dir, prepare_output_file, read_json_object,
-                     raise_out_of_space, remove_stale_temps, temp_owner, temp_stem)
+from .atomic import atomic_file, read_json_object
 from .config import MambaConfig
-from .errors import CheckpointError, ConfigError, OutputPathError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .model_card import TIMED_STEPS
+from .train_outputs import check_outputs, missing_dirs, remove_empty, save_snapshot, work_dir
 
 # Sizes of the shipped demo models (and a tiny one for smoke tests). ~3-4 M parameters each.
 PRESETS = {
@@ -177,63 +176,6 @@ def check_run_settings(args, saved: dict | None, state_path: Path, digest: str |
                           "--resume (or use another --work-dir) to start a new run")
 
 
-def save_snapshot(model, out: Path, dtype, metrics: dict) -> None:
-    """Replace `out` with an fp16/bf16 HF folder (config, weights, tokenizer, train_log.json)."""
-    from .checkpoint import save_checkpoint
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent, out.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(out.name)}.snap-{temp_owner()}-", dir=out.parent))
-    shutil.rmtree(tmp)
-    try:  # from the first write on: an interrupt while writing train_log.json left the whole snapshot
-        save_checkpoint(model, tmp, dtype=dtype)
-        (tmp / "train_log.json").write_text(json_text(metrics))
-        _swap_in(tmp, out)
-    except BaseException as e:  # noqa: BLE001 - re-raised, named for the output when the disk is full
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_out_of_space(e, out)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the folder `tmp` to `out`, replacing a previous `out`. What the previous `out`
-    holds beside the snapshot's own files (a README, notes, an exported GGUF) is carried into
-    the new one, as hard links where the filesystem allows (no copy of a large file)."""
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        for entry in out.iterdir():
-            if not (tmp / entry.name).exists():
-                try:
-                    _link_or_copy(entry, tmp / entry.name)
-                except PermissionError as e:  # an unreadable file: the previous snapshot stays as it is
-                    raise OutputPathError(f"cannot carry {entry} into the new snapshot of --out {out} "
-                                          f"({e.strerror or e}); it is kept where it is. Make it readable or move it "
-                                          "out of --out, then --resume") from e
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:  # interrupted between the two renames: the previous snapshot goes back
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:  # another filesystem, or one without hard links
-            shutil.copy2(a, b)
-
-    if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, copy_function=link)
-    elif src.is_symlink():
-        os.symlink(os.readlink(src), dst)
-    else:
-        link(src, dst)
-
-
 def load_data(args):
     from . import data
 
@@ -243,74 +185,37 @@ def load_data(args):
     return train_ids, val_ids
 
 
-def resolve_total_steps(args, step_times: list[float], start: float, step: int) -> int:
+def resolve_total_steps(args, step_times: list[float], start: float, step: int, costs: dict | None = None) -> int:
     """--steps, or fewer when --max-minutes would be exceeded at the measured step time; never
     fewer than `step`, the steps done (a budget already spent ended the run without its last
     step's evaluation and save: the loop's `step == total` was never true; a resumed run
-    counted its steps from 0)."""
+    counted its steps from 0). costs: seconds of one evaluation, one save and the final
+    --eval-tokens evaluation (_extra_costs), spread over --eval-every / --save-every steps and
+    kept back for the end: fitted to the step time alone, evaluations ran 6 s budgets to 50 s."""
     if not args.max_minutes or len(step_times) < 4:
         return args.steps
-    per_step = float(np.median(step_times[2:]))
-    left = args.max_minutes * 60 - (time.perf_counter() - start)
-    return max(step, min(args.steps, step + int(left / per_step)))
+    c = {"eval": 0.0, "save": 0.0, "final": 0.0, **(costs or {})}
+    per_step = float(np.median(step_times[2:])) + c["eval"] / args.eval_every + c["save"] / args.save_every
+    left = args.max_minutes * 60 - (time.perf_counter() - start) - c["final"] - c["eval"] - c["save"]
+    return max(step, min(args.steps, step + int(max(left, 0.0) / per_step)))
 
 
-def check_outputs(args) -> Path:
-    """Before any data loading or training: --out must be creatable (absent or empty), or a
-    previous `train` output (it holds train_log.json) or the --tokenizer folder, which each save
-    replaces (other files there are kept: see _swap_in). A model already there is replaced only
-    by --resume or --overwrite. Its parent and the work folder, which must lie outside --out,
-    must be writable. Returns the work folder."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} is a file, not a folder; choose a folder path for the model")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / "train_log.json").exists() or out.resolve() == Path(args.tokenizer).resolve()
-        if not ours:
-            raise OutputPathError(f"--out {out} is a non-empty folder that is not a `mamba-deploy train` output "
-                                  "(no train_log.json); each save would replace it: choose a new path or delete it")
-        if (out / "config.json").exists() and not (args.resume or getattr(args, "overwrite", False)):
-            raise OutputPathError(f"--out {out} holds a model, which a fresh run would replace; pass --resume to "
-                                  "continue the run that made it, --overwrite to replace it, or choose a new --out")
-        check_writable(out.parent, f"{out.parent} is not writable", "choose an output path under a writable folder")  # each save renames into it
-    else:
-        prepare_output_dir(out, OutputPathError)
-    work = _work_dir(args)
-    if work.exists() and not work.is_dir():
-        raise OutputPathError(f"--work-dir {work} is a file, not a folder; choose a folder path (default: OUT.work)")
-    w, o = work.absolute(), out.absolute()
-    if w == o or o in w.parents:
-        raise OutputPathError(f"--work-dir {work} lies inside --out {out}, which each save replaces (the training "
-                              f"state would go with it); choose a folder outside it (default: {out}.work)")
-    prepare_output_file(work / "train_state.pt")  # creates the folder and probes that it is writable
-    return work
-
-
-def _work_dir(args) -> Path:
-    if args.work_dir:
-        return Path(args.work_dir)
-    out = Path(args.out)  # "runs/m/" is runs/m: its default work folder is runs/m.work, beside it
-    out = out if out.name else out.absolute()  # "." has no name to extend
-    return out.with_name(out.name + ".work")
-
-
-def _missing_dirs(*paths) -> list[Path]:
-    """The folders among `paths` and their parents that do not exist yet, deepest first."""
-    missing: list[Path] = []
-    for p in paths:
-        p = Path(p).absolute()
-        while not p.exists() and p not in missing:
-            missing.append(p)
-            p = p.parent
-    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first, so a parent is empty by the time its turn comes
-        try:
-            folder.rmdir()
-        except OSError:  # gone, or holds a snapshot / training state worth keeping
-            pass
+def _extra_costs(run, args) -> dict:
+    """What --max-minutes must leave room for besides the steps: an evaluation and a save, timed
+    where the run already did one, else measured now (a save by serializing the training state
+    in memory, plus half again for the fp16 snapshot), and the final --eval-tokens evaluation,
+    scaled from an evaluation by its token count."""
+    costs = dict(run.costs)
+    if "eval" not in costs:
+        t = time.perf_counter()
+        quick_val_loss(run.model, run.val_windows, run.amp_dtype)
+        costs["eval"] = time.perf_counter() - t
+    if "save" not in costs:
+        t = time.perf_counter()
+        torch.save({"model": run.model.state_dict(), "opt": run.opt.state_dict()}, io.BytesIO())
+        costs["save"] = 1.5 * (time.perf_counter() - t)
+    costs["final"] = costs["eval"] * args.eval_tokens / run.val_windows[:, 1:].numel() if args.eval_tokens else 0.0
+    return costs
 
 
 STATE_KEYS = ("model", "opt", "step", "rng", "log")
@@ -388,7 +293,7 @@ def setup(args) -> SimpleNamespace:
     model.to(device).train()
     run = SimpleNamespace(model=model, opt=make_optimizer(model, args.lr, args.weight_decay), cfg=cfg,
                           rng=np.random.default_rng(args.seed), step=0, log=[], device=device, tokens_seen=0,
-                          schedule_steps=None, total=args.steps,
+                          schedule_steps=None, total=args.steps, seconds_before=0.0,
                           settings={**{k: getattr(args, k) for k in RUN_SETTINGS}, TOKENIZER_KEY: digest},
                           amp_dtype=AMP[args.amp or ("bf16" if device.type == "cuda" else "none")],
                           state_path=state_path, train_ids=train_ids, val_ids=val_ids)
@@ -430,6 +335,8 @@ def setup(args) -> SimpleNamespace:
                                   "--resume) to start over") from e
         run.step, run.log = st["step"], st["log"]
         run.tokens_seen = st.get("tokens_seen", st["step"] * args.batch * args.seq_len)
+        secs = st.get("train_seconds")  # absent from states saved before it was kept
+        run.seconds_before = float(secs) if isinstance(secs, (int, float)) and math.isfinite(secs) else 0.0
     run.info = dict(preset=args.preset, config=cfg.to_hf_dict(), parameters=model.num_parameters(),
                     train_tokens_available=int(train_ids.size), val_tokens_available=int(val_ids.size),
                     batch=args.batch, micro_batch=args.micro_batch, seq_len=args.seq_len, lr=args.lr,
@@ -442,11 +349,11 @@ def setup(args) -> SimpleNamespace:
 def train(args) -> dict:
     """The training loop; returns the metrics written to train_log.json. A run that fails
     removes the folders it created while they are still empty (no stray OUT.work)."""
-    created = _missing_dirs(args.out, _work_dir(args))
+    created = missing_dirs(args.out, work_dir(args))
     try:
         return _train(args)
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
 
 
@@ -497,8 +404,8 @@ def _train(args) -> dict:
               "process is killed for memory, lower --micro-batch or --seq-len", file=sys.stderr, flush=True)
     start = time.perf_counter()
     step = _loop(run, args, val_windows, start)
-    metrics = {**run.info, "steps": step, "tokens_seen": run.tokens_seen,
-               "train_seconds": round(time.perf_counter() - start, 1), "log": run.log}
+    metrics = {**run.info, "steps": step, "tokens_seen": run.tokens_seen, "train_seconds": round(_seconds(run), 1),
+               "log": run.log}
     if args.eval_tokens:
         metrics["validation"] = final_eval(model, run.train_ids, run.val_ids, args.eval_tokens, run.cfg.vocab_size)
         print("validation:", json.dumps(metrics["validation"]), flush=True)
@@ -516,6 +423,7 @@ def _loop(run, args, val_windows, start: float) -> int:
 
     model, step, total, step_times = run.model, run.step, run.total, []
     run.mark, run.saved, run.updating, run.val_windows = run.rng.bit_generator.state, step, False, val_windows
+    run.costs = {}  # seconds of the last evaluation and save (for --max-minutes)
     run.start = start
     update = run.opt.step
 
@@ -542,24 +450,34 @@ def _loop(run, args, val_windows, start: float) -> int:
                     step, run.rng.bit_generator.state, run.tokens_seen + args.batch * args.seq_len, (loss, lr),
                     False)
                 step_times.append(time.perf_counter() - t0)
-                if len(step_times) == 12 and run.schedule_steps is None:
-                    fitted = resolve_total_steps(args, step_times, start, step)
+                if len(step_times) == TIMED_STEPS and run.schedule_steps is None:
+                    costs = _extra_costs(run, args) if args.max_minutes else None
+                    fitted = resolve_total_steps(args, step_times, start, step, costs)
                     if args.warmup >= fitted and args.warmup < total:  # the cut put the peak out of reach
                         _warmup_note(args, fitted, f"the {fitted} steps --max-minutes {args.max_minutes:g} leaves")
                     total = bar.total = run.total = fitted
                     run.schedule_steps = total if args.max_minutes else None  # kept by --resume
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                t0 = time.perf_counter()
                 if _evaluation_due(run, args):
                     _evaluate(run, bar.write)
+                    run.costs["eval"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 if step % args.save_every == 0 or step == total:
                     _save(run, args)
+                    run.costs["save"] = time.perf_counter() - t0
     except KeyboardInterrupt:
         _save_interrupted(run, args)
         raise
     finally:
         del run.opt.step  # the class's again
     return step
+
+
+def _seconds(run) -> float:
+    """Training time of the whole run: this process's and, after --resume, the earlier ones'."""
+    return run.seconds_before + time.perf_counter() - run.start
 
 
 def _warmup_note(args, total: int, steps: str) -> None:
@@ -599,7 +517,8 @@ def _save(run, args) -> None:
     bad = next((name for name, p in run.model.named_parameters() if not all_finite(p.detach())), None)
     if bad is not None:
         raise _diverged(run, args, run.step, f"{bad} holds NaN or infinite values")
-    extra = {"settings": run.settings, "schedule_steps": run.schedule_steps, "tokens_seen": run.tokens_seen}
+    extra = {"settings": run.settings, "schedule_steps": run.schedule_steps, "tokens_seen": run.tokens_seen,
+             "train_seconds": _seconds(run)}
     if run.scaler is not None:
         extra["grad_scaler"] = run.scaler.state_dict()
     save_training_state(run.state_path, run.model, run.opt, run.step, run.mark, run.log, args.preset, extra)
@@ -772,15 +691,17 @@ def register(subparsers):
 
 
 def main(argv=None) -> int:
-    """`python -m mamba_deploy.train train ...`: the same verbs without importing every other
-    stage (handy on a training machine that lacks the export dependencies)."""
+    """`python -m mamba_deploy.train train ...`: the same verbs, errors and exit codes without
+    importing every other stage (handy on a training machine that lacks the export dependencies)."""
     from .argtypes import Parser
+    from .cli import main as cli_main
 
-    p = Parser(prog="mamba-deploy")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    args.func(args)
-    return 0
+    def parser():
+        p = Parser(prog="mamba-deploy")
+        register(p.add_subparsers(dest="command", required=True))
+        return p
+
+    return cli_main(argv, build=parser)
 
 
 if __name__ == "__main__":

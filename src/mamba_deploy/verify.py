@@ -26,6 +26,7 @@ from .data import read_text_file
 from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
 from .export.onnx_meta import MANIFEST_FILE
 from .inputs import first_out_of_vocab, token_stream
+from .state import State
 from .tolerances import (BITS_TO_ROW, LABEL_ALIASES, TOLERANCES,  # noqa: F401 (verify's names)
                          dtype_label, looser_label, tolerance_row)
 
@@ -275,12 +276,17 @@ def _nanmax(t: torch.Tensor) -> float:
 
 
 def _state_error(ref, art, ref_state, art_state):
-    """{'conv': rel, 'ssm': rel, 'rel': worst} or None when the artifact hides its state."""
+    """{'conv': rel, 'ssm': rel, 'rel': worst} or None when the artifact hides its state.
+    ref_state: the reference's state, or a list of batch-1 states, one per row of art_state."""
     try:
         a = art.to_torch_state(art_state)
     except NotImplementedError:
         return None
-    r = ref.to_torch_state(ref_state)
+    if isinstance(ref_state, list):  # rows the reference ran one at a time (_run_padded_case)
+        rows = [ref.to_torch_state(s) for s in ref_state]
+        r = State(torch.cat([s.conv.cpu() for s in rows], 1), torch.cat([s.ssm.cpu() for s in rows], 1))
+    else:
+        r = ref.to_torch_state(ref_state)
     if a is NOT_RUN:
         return None
     out = {}
@@ -346,6 +352,43 @@ def _run_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int) -> dic
         nxt = rl[:, :vocab].argmax(-1)
     case["decode"] = decode.result()
     case["state_after_decode"] = _state_error(ref, art, rs, as_) if decode_steps else None
+    return case
+
+
+def padded_lengths(length: int, b: int) -> list[int]:
+    """Row lengths of the left-padded case: row 0 full, each next row shorter (at least 1 token)."""
+    step = max(1, length // (b + 1))
+    return [max(1, length - i * step) for i in range(b)]
+
+
+def _run_padded_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int) -> dict:
+    """Rows of different lengths, left-padded into one batch as generate and the server send them:
+    the artifact prefills the batch in one call with its attention_mask, the reference each row
+    alone and unpadded, so the artifact's masking is what is checked. Only real positions are
+    compared (logits at padding are unspecified, Runner.prefill); decoding goes on as one batch
+    on the artifact and row by row on the reference."""
+    b, length = ids.shape
+    lens = padded_lengths(length, b)
+    mask = (torch.arange(length) >= torch.tensor([length - n for n in lens])[:, None]).long()  # (b, l)
+    al, as_ = art.prefill(ids * mask, art.new_state(b), attention_mask=mask)
+    prefill, rows = _Diff(), []  # rows: [next token (1,), state] per row
+    for i, n in enumerate(lens):
+        rl, rs = ref.prefill(ids[i:i + 1, length - n:], ref.new_state(1))
+        prefill.add(rl, al if al is NOT_RUN else al[i:i + 1, length - n:], vocab)
+        rows.append([rl[:, -1, :vocab].argmax(-1), rs])
+    case = dict(length=length, batch=b, left_padded=lens, prefill=prefill.result(),
+                state_after_prefill=_state_error(ref, art, [rs for _, rs in rows], as_))
+    decode = _Diff()
+    for _ in range(decode_steps):
+        al, as_ = art.step(torch.cat([t for t, _ in rows]), as_)
+        ref_logits = []
+        for row in rows:
+            rl, row[1] = ref.step(row[0], row[1])
+            row[0] = rl[:, :vocab].argmax(-1)
+            ref_logits.append(rl)
+        decode.add(torch.cat(ref_logits), al, vocab)
+    case["decode"] = decode.result()
+    case["state_after_decode"] = _state_error(ref, art, [rs for _, rs in rows], as_) if decode_steps else None
     return case
 
 
@@ -434,7 +477,7 @@ def _build_checks(cases: list, seq: dict, tol: Tolerance) -> list:
     logits, states, agree, positions = [], [], 0, 0
     seq = seq if seq and seq["logits"] else {}  # empty when nothing was compared (NOT_RUN)
     for c in cases:
-        name = f"length {c['length']} batch {c['batch']}"
+        name = f"length {c['length']} batch {c['batch']}{' left-padded' if c.get('left_padded') else ''}"
         for phase in ("prefill", "decode"):
             if c[phase]:
                 logits.append((c[phase]["rel"], f"worst: {phase} {name}"))
@@ -477,9 +520,10 @@ def format_table(report: VerifyReport) -> str:
         lines.append(f"{label:<36}{d['positions']:>10}{d['max_abs']:>11.2e}{d['mean_abs']:>11.2e}"
                      f"{d['rel']:>11.2e}{d['top1']:>8.3f}{st:>11}")
     for c in report.cases:
-        row(f"prefill l={c['length']} b={c['batch']}", c["prefill"], c["state_after_prefill"])
+        pad = " padded" if c.get("left_padded") else ""
+        row(f"prefill l={c['length']} b={c['batch']}{pad}", c["prefill"], c["state_after_prefill"])
         if c["decode"]:
-            row(f"decode  l={c['length']} b={c['batch']} x{c['decode']['positions'] // c['batch']}",
+            row(f"decode  l={c['length']} b={c['batch']}{pad} x{c['decode']['positions'] // c['batch']}",
                 c["decode"], c["state_after_decode"])
     s = report.sequence
     if s:
@@ -533,7 +577,9 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
                           f"{decode_steps} >= 0")
     gen = torch_generator(seed)
     report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
-    bar = tqdm(total=len(lengths) * len(batches) + 1, desc=f"verify ({art.name})", disable=not progress, leave=False)
+    padded = max(batches) > 1 and max(lengths) > 1  # rows of different lengths need both
+    bar = tqdm(total=len(lengths) * len(batches) + 1 + padded, desc=f"verify ({art.name})", disable=not progress,
+               leave=False)
     with torch.inference_mode(), bar:
         for length in lengths:
             for b in batches:
@@ -542,6 +588,10 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
                 bar.update()
         report.sequence = _sequence(ref, art, text_ids, vocab, gen)
         bar.update()
+        if padded:  # the longest rows and the largest batch, left-padded to different lengths
+            ids = torch.randint(0, vocab, (max(batches), max(lengths)), generator=gen)
+            report.cases.append(_run_padded_case(ref, art, ids, decode_steps, vocab))
+            bar.update()
     report.checks = _build_checks(report.cases, report.sequence, tol)
     return report
 

@@ -19,7 +19,27 @@ from .. import ops
 from . import formats
 
 
-class QuantLinear(nn.Module):
+class _Stored(nn.Module):
+    """Keeps the stored buffers (codes, scales, zeros, input_scale) in their format's dtypes:
+    `.float()`, `.half()` or `.to(dtype)` on the model move them between devices only. Cast with
+    the rest, fp8 codes became float32 (4x the memory) and a checkpoint load_model refuses, and a
+    bf16 cast rounded the fp16 scales for good."""
+
+    def _apply(self, fn, recurse=True):
+        kept = {k: v for k, v in self._buffers.items() if v is not None}
+        self._buffers.update(dict.fromkeys(kept))
+        try:
+            super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)
+            raise
+        for k, v in kept.items():
+            new = fn(v)  # a device move, to_empty, ...: taken as is when it keeps the dtype
+            self._buffers[k] = new if new.dtype == v.dtype else v.to(new.device)
+        return self
+
+
+class QuantLinear(_Stored):
     """y = (x * input_scale) @ W^T + bias, W stored in `fmt`."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None,
@@ -83,7 +103,7 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, group={self.group_size}, sym={self.symmetric}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Stored):
     """Rows of a quantized (vocab, d) table, dequantized per looked-up token. Every stored tensor
     is row-indexed (scales / zeros per row), so a lookup just selects rows before decoding."""
 

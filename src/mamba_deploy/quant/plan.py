@@ -42,6 +42,8 @@ FORMAT_SUBSTITUTE = {"int4": {"dt_proj": "int8"}, "w8a8": {"dt_proj": "int8"}}
 # weight is folded into the state update): no activation statistics for calibrated methods and
 # no activation quantization (w8a8), so only weight-only formats, chosen by rounding.
 WEIGHT_READ = ("dt_proj",)
+INT_OPTIONS = ("group_size", "n_calib", "calib_len", "block_size", "grid")  # positive integers
+REAL_OPTIONS = ("damp", "alpha")
 MODULE_KEYS = {"format", "group_size", "symmetric", "fp8_scaling", "input_scale", "algo"}
 
 
@@ -61,6 +63,8 @@ def method_options(method: str, options: dict) -> dict:
     if inc is not None and not (isinstance(inc, (list, tuple, set)) and all(isinstance(n, str) for n in inc)):
         raise QuantizationError(f"include={inc!r:.60} must be a list of module names (embeddings, lm_head)")
     _check_values(options)
+    for keys, kind in ((INT_OPTIONS, int), (REAL_OPTIONS, float)):  # numpy scalars pass the checks but not json.dumps
+        opts.update({k: kind(opts[k]) for k in keys if opts.get(k) is not None})
     if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
         raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")
     if options.get("symmetric") is False and opts["format"] != "int4" and not options.get("rules"):
@@ -80,7 +84,7 @@ def _check_values(options: dict, where: str = "") -> None:
     """Refuses option values of the wrong kind, for the keyword options and a rules file alike
     (where: "rule for '<glob>': "): int("abc") or a negative group size would fail deep inside
     the quantizer, and int(64.9), bool("no") or a 0 read as "default" would change the value."""
-    for key in ("group_size", "n_calib", "calib_len", "block_size", "grid"):
+    for key in INT_OPTIONS:
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
             raise QuantizationError(f"{where}{key}={v!r} must be a positive integer")
@@ -88,7 +92,7 @@ def _check_values(options: dict, where: str = "") -> None:
         v = options.get(key)
         if v is not None and not isinstance(v, bool):
             raise QuantizationError(f"{where}{key}={v!r} must be true or false")
-    for key in ("damp", "alpha"):
+    for key in REAL_OPTIONS:
         v = options.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise QuantizationError(f"{where}{key}={v!r} must be a number")
@@ -140,10 +144,12 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
     Globs match full module names (`backbone.layers.0.mixer.in_proj`); `layers.-1` means the last
     layer. Later entries override earlier ones."""
     if isinstance(path_or_dict, (str, Path)):
-        try:
-            d = json.loads(Path(path_or_dict).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise QuantizationError(f"cannot read quantization rules {path_or_dict}: {e}") from e
+        try:  # ~ expanded as for the model path (--config=~/r.json is left alone by the shell)
+            d = json.loads(Path(path_or_dict).expanduser().read_text(encoding="utf-8"),
+                           object_pairs_hook=_unique_keys)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise QuantizationError(f"cannot read quantization rules {path_or_dict}: {e}; save it as a UTF-8 JSON "
+                                    'file {"quant_cfg": {...}}') from e
     else:
         d = path_or_dict
     cfg = d.get("quant_cfg") if isinstance(d, dict) else None
@@ -152,6 +158,9 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
             'a quantization rules file must be a JSON object {"quant_cfg": {"<module glob>": {...}}}, '
             f"got {str(d)[:80]!r}"
         )
+    if set(d) != {"quant_cfg"}:  # another tool's keys ("algorithm": "awq") would do nothing here
+        raise QuantizationError(f"quantization rules take the key 'quant_cfg' only, got also {sorted(set(d) - {'quant_cfg'})}; "
+                                "the method is --method's, the options are quantize's flags")
     rules = []
     for pattern, rule in cfg.items():
         if not isinstance(rule, dict) or set(rule) - {"enable", "format", "group_size", "symmetric", "fp8_scaling"}:
@@ -162,6 +171,16 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
         _check_values(rule, f"rule for {pattern!r}: ")
         rules.append((pattern, rule))
     return rules
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different: json.loads kept a repeated glob in its first
+    place with its last value, against "later entries override earlier ones"."""
+    seen = [k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i])]
+    if seen:
+        raise json.JSONDecodeError(f"key {seen[0]!r} is given twice (give each glob once; later globs override "
+                                   "earlier ones)", "", 0)
+    return dict(pairs)
 
 
 def _resolve_negative(pattern: str, n_layer: int) -> str:

@@ -47,6 +47,7 @@ def quantize(model, method: str, **options):
         raise QuantizationError("the rules leave no module to quantize (every one has enable: false); enable at "
                                 "least one, or keep the float checkpoint (mamba-deploy convert re-saves it)")
     _check_groups(model, plan)  # before any work: a bad rule for the last layer failed after the others
+    _refuse_unused_options(method, options, plan)
     originals = {n: model.get_submodule(n) for n in plan}
     try:
         _quantize_plan(model, method, opts, plan)
@@ -55,6 +56,24 @@ def quantize(model, method: str, **options):
             set_module(model, n, module)
         raise
     return model
+
+
+# the options of a method's own algorithm, which runs on the layers of its format only
+ALGO_OPTIONS = ("calib", "calib_ids", "n_calib", "calib_len", "act_order", "damp", "block_size", "grid", "clip",
+                "alpha")
+
+
+def _refuse_unused_options(method: str, options: dict, plan: dict) -> None:
+    """Options given for the method's algorithm (calibration, --act-order, --alpha) or format
+    (--fp8-scaling) when the rules leave no layer of that format: they did nothing, and a
+    --calib file was never even opened."""
+    algo = method in ALGO_FORMAT  # its algorithm skips the layers whose weight is read (weight_read)
+    fmt = ALGO_FORMAT.get(method) or ("fp8" if method == "fp8" else None)
+    given = [k for k in (ALGO_OPTIONS if algo else ("fp8_scaling",)) if options.get(k) is not None] if fmt else []
+    if given and not any(s["format"] == fmt and not (algo and weight_read(n)) for n, s in plan.items()):
+        raise QuantizationError(f"{', '.join(f'{k}={options[k]!r:.40}' for k in given)} applies to {method}'s {fmt} "
+                                f"layers, and the rules leave none: drop {'it' if len(given) == 1 else 'them'}, "
+                                f"or give a rule format '{fmt}'")
 
 
 def _check_groups(model, plan: dict) -> None:

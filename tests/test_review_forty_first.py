@@ -86,25 +86,41 @@ def test_bench_with_a_failed_target_writes_the_rest_and_exits_1(hf_checkpoint, t
                "--gen-len", "1", "--warmup", "0", "--repeats", "1", "--quiet"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "1 of 2 targets could not be measured" in err and "missing" in err, err
+    assert "1 of 2 targets failed: " in err and "missing" in err, err
     data = json.loads((out / "results.json").read_text())
     assert len(data["results"]) == 1 and data["targets"][1]["error"]
 
 
 # ----------------------------------------------------------------------------- chat template
 
-def test_named_chat_templates_without_a_default_are_not_guessed(tmp_path):
+def test_named_chat_templates_without_a_default_are_not_guessed(tmp_path, capsys):
     """With named templates and none called "default", the first was used (transformers refuses
-    to guess, and the first may be a tool-use one)."""
-    from mamba_deploy.chat import read_chat_template
+    to guess, and the first may be a tool-use one). A chat prompt is now refused naming them; a
+    --chat-template file or plain prompts go on without a word."""
+    import shutil
+    import warnings
 
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": "{{ 'TOOLS' }}"}, {"name": "rag", "template": "{{ 'RAG' }}"}]}))
-    with pytest.warns(UserWarning, match=r"none named 'default'.*--chat-template FILE"):
-        assert read_chat_template(tmp_path) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": "{{ 'TOOLS' }}"}, {"name": "default", "template": "{{ 'D' }}"}]}))
-    assert read_chat_template(tmp_path) == "{{ 'D' }}"
+    from mamba_deploy.chat import read_chat_template
+    from mamba_deploy.cli import main
+
+    folder = tmp_path / "m"
+    shutil.copytree(DEMO1, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "{{ 'TOOLS' }}"}, {"name": "rag", "template": "R"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert read_chat_template(folder) is None
+    assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "1", "--chat"]) == 2
+    err = capsys.readouterr().err
+    assert "named ['rag', 'tool_use'] and none named 'default'" in err and "--chat-template FILE" in err, err
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "1", "--chat",
+                     "--chat-template", str(tmp_path / "t.jinja")]) == 0
+        assert main(["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    cfg["chat_template"].append({"name": "default", "template": "{{ 'D' }}"})
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert read_chat_template(folder) == "{{ 'D' }}"
 
 
 # ----------------------------------------------------------------------------- verify Python API
@@ -112,7 +128,8 @@ def test_named_chat_templates_without_a_default_are_not_guessed(tmp_path):
 def test_open_pair_with_an_export_as_reference_says_so(onnx_export):
     """The CLI said an ONNX REFERENCE looks swapped; verify.open_pair / open_reference from Python
     failed later with "no config.json"."""
-    from mamba_deploy.errors import ConfigError
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import ConfigError, ModelNotFoundError
     from mamba_deploy.verify import open_pair, open_reference
 
     out, folder, _ = onnx_export("mamba")
@@ -120,6 +137,10 @@ def test_open_pair_with_an_export_as_reference_says_so(onnx_export):
         open_pair(out, folder)
     with pytest.raises(ConfigError, match="is an ONNX export, not a checkpoint"):
         open_reference(out)
+    # what is not a path, or a path the system refuses, is left to open_runner's own typed errors
+    for ref in ("x" * 300, load_model(DEMO1)):
+        with pytest.raises(ModelNotFoundError):
+            open_reference(ref)
 
 
 def test_verify_checks_a_left_padded_batch(hf_checkpoint):
@@ -275,7 +296,7 @@ def test_model_card_claims(tmp_path, fake_data, monkeypatch):
         write_model_card(tmp_path / "plain" / "out", m)
 
     metrics = {**m, "validation": {"ppl": 1.0, "tokens": 9, "unigram_ppl": 2.0}, "command": "x --max-minutes 1"}
-    for warmup, says in ((5, "trains a slightly different model"), (12, "instead to repeat it")):
+    for warmup, says in ((10, "trains a slightly different model"), (11, "instead to repeat it")):
         card = write_model_card(tmp_path / "plain" / "out", {**metrics, "warmup": warmup}).read_text()
         assert says in card, card
 
@@ -467,7 +488,7 @@ def test_a_rules_file_with_a_repeated_glob_or_another_key_is_refused(hf_checkpoi
     rules = tmp_path / "r.json"
     rules.write_text('{"quant_cfg": {"*.in_proj": {"format": "int8"}, "*": {"format": "fp8"}, '
                      '"*.in_proj": {"format": "int4"}}}')
-    with pytest.raises(QuantizationError, match="'\\*.in_proj' is given twice"):
+    with pytest.raises(QuantizationError, match="'\\*.in_proj' appears twice"):
         quantize(load_model(folder), "int8", rules=str(rules), progress=False)
     with pytest.raises(QuantizationError, match="algorithm"):
         quantize(load_model(folder), "int8", rules={"quant_cfg": {"*.in_proj": {"format": "int8"}},
@@ -514,3 +535,129 @@ def test_a_dtype_cast_keeps_the_stored_codes_and_scales(hf_checkpoint, tmp_path)
     assert scales and all(torch.equal(after[n], s) and after[n].dtype == s.dtype for n, s in scales.items())
     m.to("meta")  # a device move still moves them
     assert all(b.device.type == "meta" for b in m.buffers())
+
+
+def test_readme_rules_example_quantizes_as_it_says(tmp_path):
+    """README's --config example: the last layer int8, out_proj left in float, the rest int4 / 64."""
+    import re
+
+    from mamba_deploy import load_model
+    from mamba_deploy.quant import quantize
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Per-layer quantization rules"):]
+    rules = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    m = quantize(load_model(DEMO2), "int4", rules=rules, progress=False)
+    mods = m.quantization_config["modules"]
+    last = m.config.n_layer - 1
+    assert {k: mods["backbone.layers.0.mixer.in_proj"][k] for k in ("format", "group_size")} == \
+        {"format": "int4", "group_size": 64}
+    assert mods[f"backbone.layers.{last}.mixer.in_proj"]["format"] == "int8"
+    assert not any(n.endswith("out_proj") for n in mods)
+
+
+def test_a_temporary_of_another_pid_namespace_is_not_removed_as_stale(tmp_path, monkeypatch):
+    """Temporaries were judged by host name and pid: a container sharing the host name (another
+    pid namespace, where the pid means another process or none) had its live ones removed."""
+    import os
+
+    from mamba_deploy import atomic
+
+    here = atomic._host()
+    other = tmp_path / f".out.tmp-p999999999h{here.rsplit('n', 1)[0]}nffffff-abc"  # same host name, other namespace
+    ours = tmp_path / f".out.tmp-p999999999h{here}-abc"  # this namespace, writer gone
+    for p in (other, ours):
+        p.mkdir()
+    with pytest.warns(UserWarning, match="killed before it finished"):
+        atomic.remove_stale_temps(tmp_path, "out")
+    assert other.exists() and not ours.exists()
+    if os.path.exists("/proc/self/ns/pid"):
+        assert here != atomic.re.sub(r"[^A-Za-z0-9]", "", atomic.socket.gethostname())[:24]
+
+
+def test_verify_feeds_a_padded_batch_in_pieces_to_a_runner_with_a_masked_length_cap():
+    """The padded case sent one masked prompt of the longest length, which TensorRT refuses past
+    its engine's max_seq (verify --lengths 4096 against a max_seq 2048 engine had passed before).
+    prefill_pieces now cuts masked prompts to the runner's max_masked_length."""
+    import torch
+
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.verify import verify
+
+    class Capped(type(open_runner(DEMO2, "torch"))):  # TensorRT's prefill rule, on the torch runner
+        max_masked_length = 8
+
+        def prefill(self, ids, state, attention_mask=None, last_only=False):
+            if attention_mask is not None and ids.shape[1] > self.max_masked_length:
+                raise ShapeError(f"a masked prompt of length {ids.shape[1]} exceeds max_seq 8")
+            return super().prefill(ids, state, attention_mask, last_only)
+
+    ref, art = open_runner(DEMO2, "torch"), open_runner(DEMO2, "torch")
+    art.__class__ = Capped
+    rep = verify(ref, art, lengths=(20,), batches=(3,), decode_steps=1, progress=False)
+    assert rep.passed and rep.cases[-1]["left_padded"], rep.table()
+    assert rep.cases[-1]["prefill"]["positions"] == sum(rep.cases[-1]["left_padded"])
+    del torch
+
+
+def test_work_dir_inside_a_symlinked_out_is_refused(tmp_path, fake_data):
+    """The check compared the link's own path: the training state went into the model folder."""
+    import os
+
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "out")
+    assert _cli_train(tmp_path / "out", "--work-dir", str(tmp_path / "real" / "work")) == 2
+    assert not (tmp_path / "real" / "work").exists()
+
+
+def test_gptq_flags_are_refused_when_only_the_head_would_be_int4(tmp_path, capsys):
+    """GPTQ runs on the layers' linears only; an int4 lm_head (rounded) hid the refusal."""
+    from mamba_deploy.cli import main
+
+    rules = tmp_path / "r.json"
+    rules.write_text(json.dumps({"quant_cfg": {"backbone.layers.*": {"format": "int8"}}}))
+    assert main(["quantize", str(DEMO2), str(tmp_path / "q"), "--method", "gptq", "--calib", "/nonexistent/c.txt",
+                 "--act-order", "--include", "lm_head", "--config", str(rules)]) == 2
+    assert "the rules leave none" in capsys.readouterr().err
+
+
+def test_a_repeated_key_inside_a_rule_is_named_plainly(tmp_path):
+    from mamba_deploy import load_model
+    from mamba_deploy.errors import QuantizationError
+    from mamba_deploy.quant import quantize
+
+    rules = tmp_path / "r.json"
+    rules.write_text('{"quant_cfg": {"*.in_proj": {"format": "int8", "format": "int4"}}}')
+    with pytest.raises(QuantizationError) as e:
+        quantize(load_model(DEMO2), "int8", rules=str(rules), progress=False)
+    assert "'format' appears twice" in str(e.value) and "UTF-8" not in str(e.value) and "column" not in str(e.value)
+
+
+def test_bench_says_when_a_target_stopped_part_way(tmp_path, monkeypatch, capsys):
+    from mamba_deploy import bench
+    from mamba_deploy.cli import main
+
+    real = bench.bench_config
+
+    def cfg(runner, b, length, *a, **k):
+        if b == 2:
+            raise MemoryError("out of memory at batch 2")
+        return real(runner, b, length, *a, **k)
+
+    monkeypatch.setattr(bench, "bench_config", cfg)
+    assert main(["bench", str(DEMO1), "--batch", "1,2", "--prompt-len", "3", "--gen-len", "1", "--warmup", "0",
+                 "--repeats", "1", "--quiet", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 1 targets failed (1 stopped part-way; the rows measured before are kept)" in err, err
+    assert len(json.loads((tmp_path / "b" / "results.json").read_text())["results"]) == 1
+
+
+def test_model_card_repeat_claim_at_warmup_11():
+    """lr_at of the steps 0..11 does not depend on the total when warmup >= 11."""
+    from mamba_deploy.model_card import TIMED_STEPS
+    from mamba_deploy.train import lr_at
+
+    assert all(lr_at(s, 100000, 1e-3, TIMED_STEPS - 1) == lr_at(s, 20, 1e-3, TIMED_STEPS - 1)
+               for s in range(TIMED_STEPS))
+    assert lr_at(TIMED_STEPS - 1, 100000, 1e-3, TIMED_STEPS - 2) != lr_at(TIMED_STEPS - 1, 20, 1e-3, TIMED_STEPS - 2)

@@ -25,7 +25,16 @@ from typing import Iterator
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24]
+    """This host and pid namespace: a pid means one process only within its namespace, and two
+    containers sharing a host name (--network host, a set --hostname) and a folder each removed
+    the other's live temporaries as stale. A container restarted in a new namespace leaves its
+    predecessor's killed temporaries in place: kept, never a live one removed."""
+    name = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24]
+    try:
+        ns = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"; absent off Linux
+    except OSError:
+        return name
+    return f"{name}n{hashlib.sha256(ns.encode()).hexdigest()[:6]}"
 
 
 def temp_owner() -> str:

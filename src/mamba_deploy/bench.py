@@ -437,10 +437,13 @@ def cmd_bench(args):
     paths = write_outputs(data, args.out)
     print(markdown_table(data))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if errors:  # after the table and files: the measured targets are kept, the exit status says what is missing
-        raise IncompleteRunError(f"{len(errors)} of {len(data['targets'])} targets could not be measured: "
-                                 + _failures(errors)
-                                 + f". The others are in {args.out}; check each failed path and its --backends")
+    if errors:  # after the table and files: what was measured is kept, the exit status says what is missing
+        part = sum(any(r["artifact"] == t["artifact"] and r["backend"] == t["backend"] for r in data["results"])
+                   for t in errors)
+        kept = f" ({part} stopped part-way; the rows measured before are kept)" if part else ""
+        raise IncompleteRunError(f"{len(errors)} of {len(data['targets'])} targets failed{kept}: {_failures(errors)}. "
+                                 f"What was measured is in {args.out}; check each failed path and its --backends, "
+                                 "or lower --batch / --prompt-len where one ran out of memory")
 
 
 def _failures(targets) -> str:

@@ -13,7 +13,6 @@ themselves ("{{ bos_token }}"), so adding it again would double it.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 from .chat_sandbox import MAX_RENDERED_CHARS, ChatTemplateError, environment
@@ -42,15 +41,23 @@ def read_chat_template(folder) -> str | None:
             raise ConfigError(f"cannot read {path} ({e}); copy it again from the original model") from e
     tmpl = read_tokenizer_config(folder).get("chat_template")
     if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
-        if "default" not in named and named:  # transformers refuses to guess; so does chat here
-            warnings.warn(f"{folder / 'tokenizer_config.json'} has chat templates named {sorted(map(str, named))} "
-                          "and none named 'default'; none is used: pass the one you want as --chat-template FILE",
-                          stacklevel=2)
-        tmpl = named.get("default")
+        tmpl = _named_templates(tmpl).get("default")  # none of several: transformers refuses to guess, so do we
     if isinstance(tmpl, str) and tmpl.strip():
         return tmpl
     return None
+
+
+def _named_templates(tmpl) -> dict:
+    return {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)} if isinstance(tmpl, list) else {}
+
+
+def chat_template_names(folder) -> list[str]:
+    """The names of tokenizer_config.json's chat templates when it lists several and none is
+    "default" (then none is used: a chat prompt's error names them)."""
+    from .tokenizer import read_tokenizer_config
+
+    named = _named_templates(read_tokenizer_config(Path(folder)).get("chat_template"))
+    return [] if "default" in named else sorted(map(str, named))
 
 
 def read_template_file(path) -> str:
@@ -154,6 +161,11 @@ def chat_ids(tokenizer, messages, template: str | None = None, max_tokens: int |
     where = name or getattr(tokenizer, "path", None) or "this model"
     sources = f"tokenizer_config.json \"chat_template\", {CHAT_TEMPLATE_FILE}, or a GGUF's {GGUF_CHAT_TEMPLATE_KEY}"
     if not template:
+        choices = getattr(tokenizer, "chat_template_choices", None)
+        if choices:
+            raise ConfigError(f"{where} has chat templates named {choices} and none named 'default', so none is "
+                              "taken (as transformers does); save the one you want to a file and give it with "
+                              "--chat-template FILE")
         raise ConfigError(f"{where} has no chat template ({sources}); give one with "
                           "--chat-template FILE, or send plain prompts")
     named = getattr(tokenizer, "special_token_ids", None) or {}  # a duck-typed tokenizer may have none

@@ -465,18 +465,23 @@ def prefill_in_chunks(runner, ids, mask, state, chunk: int | None = None, on_chu
     return logits, state
 
 
-def prefill_pieces(runner, ids, mask, state, chunk: int | None = None):
+def prefill_pieces(runner, ids, mask, state, chunk: int | None = None, last_only: bool = True):
     """Yields (positions done, last position's logits (b, V), state) after each piece of at most
-    `chunk` positions (None: one piece). A row whose padding outlasts a piece goes through it
-    all-masked, which leaves its state fresh (zero), so the next piece may still pad it (the
-    Runner's fresh-state rule holds piece by piece). A piece without padding goes without a mask."""
+    `chunk` positions (None: one piece; a masked prompt: at most the runner's max_masked_length).
+    A row whose padding outlasts a piece goes through it all-masked, which leaves its state fresh
+    (zero), so the next piece may still pad it (the Runner's fresh-state rule holds piece by
+    piece). A piece without padding goes without a mask. last_only False: every position's
+    logits (b, piece, V)."""
     l = ids.shape[1]
     step = l if chunk is None else chunk
+    cap = getattr(runner, "max_masked_length", None)
+    if mask is not None and cap and not bool(mask.all()):
+        step = min(step, cap)  # TensorRT refused a masked prompt past its engine's max_seq
     for start in range(0, l, step):
         m = None if mask is None else mask[:, start:start + step]
         logits, state = runner.prefill(ids[:, start:start + step], state,
-                                       attention_mask=None if m is None or bool(m.all()) else m, last_only=True)
-        yield min(start + step, l), logits[:, -1], state
+                                       attention_mask=None if m is None or bool(m.all()) else m, last_only=last_only)
+        yield min(start + step, l), logits[:, -1] if last_only else logits, state
 
 
 def check_prefill_chunk(chunk) -> None:

@@ -305,10 +305,11 @@ def load_tokenizer(folder) -> Tokenizer:
                       "this is not the model's own tokenizer, copy the right one in or pass --tokenizer PATH",
                       stacklevel=2)
     if folder.is_dir():
-        from .chat import read_chat_template
+        from .chat import chat_template_names, read_chat_template
         from .checkpoint import generation_end_ids
 
         tok.chat_template = read_chat_template(folder)
+        tok.chat_template_choices = [] if tok.chat_template else chat_template_names(folder)
         # transformers' generate stops at each of them, and a chat model samples its end-of-turn one
         ends = generation_end_ids(folder)
         tok.end_token_ids = tuple(i for i in ends if i != tok.eos_token_id and i < max(n, rows or 0))

@@ -125,7 +125,7 @@ def check_outputs(args) -> Path:
     work = work_dir(args)
     if work.exists() and not work.is_dir():
         raise OutputPathError(f"--work-dir {work} is a file, not a folder; choose a folder path (default: OUT.work)")
-    w, o = work.absolute(), out.absolute()
+    w, o = Path(os.path.realpath(work)), Path(os.path.realpath(out))  # a symlinked --out: where it points
     if w == o or o in w.parents:
         raise OutputPathError(f"--work-dir {work} lies inside --out {out}, which each save replaces (the training "
                               f"state would go with it); choose a folder outside it (default: {out}.work)")

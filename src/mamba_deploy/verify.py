@@ -25,6 +25,7 @@ from .atomic import prepare_output_file, read_json_object, refuse_input_file, wr
 from .data import read_text_file
 from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
 from .export.onnx_meta import MANIFEST_FILE
+from .generation import prefill_pieces
 from .inputs import first_out_of_vocab, token_stream
 from .state import State
 from .tolerances import (BITS_TO_ROW, LABEL_ALIASES, TOLERANCES,  # noqa: F401 (verify's names)
@@ -370,7 +371,9 @@ def _run_padded_case(ref, art, ids: torch.Tensor, decode_steps: int, vocab: int)
     b, length = ids.shape
     lens = padded_lengths(length, b)
     mask = (torch.arange(length) >= torch.tensor([length - n for n in lens])[:, None]).long()  # (b, l)
-    al, as_ = art.prefill(ids * mask, art.new_state(b), attention_mask=mask)
+    pieces = list(prefill_pieces(art, ids * mask, mask, art.new_state(b), last_only=False))  # (TensorRT's cap)
+    as_ = pieces[-1][2]
+    al = NOT_RUN if any(lg is NOT_RUN for _, lg, _ in pieces) else torch.cat([lg for _, lg, _ in pieces], 1)
     prefill, rows = _Diff(), []  # rows: [next token (1,), state] per row
     for i, n in enumerate(lens):
         rl, rs = ref.prefill(ids[i:i + 1, length - n:], ref.new_state(1))
@@ -648,13 +651,21 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
 def check_reference(reference, artifact=None) -> None:
     """The reference runs in PyTorch: it is the checkpoint an artifact came from, never an export.
     Said before anything is opened (an export there failed as "no config.json"), with a hint when
-    the two arguments look swapped."""
+    the two arguments look swapped. Anything else (a loaded model, a path the system refuses) is
+    left to open_runner's own errors."""
     from .runners import guess_backend
 
-    kind = guess_backend(as_opened(reference))
+    def kind_of(path):
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        try:
+            return guess_backend(as_opened(path))
+        except OSError:  # a name too long, ...: open_runner says what is wrong with it
+            return None
+
+    kind = kind_of(reference)
     if kind in ("onnx", "tensorrt"):
-        swapped = ("; the two arguments look swapped" if artifact is not None
-                   and guess_backend(as_opened(artifact)) == "torch" else "")
+        swapped = "; the two arguments look swapped" if artifact is not None and kind_of(artifact) == "torch" else ""
         kind = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}[kind]
         raise ConfigError(f"REFERENCE {reference} is {kind} export, not a checkpoint: verify checks an artifact "
                           f"against the checkpoint it came from, `mamba-deploy verify CHECKPOINT ARTIFACT`{swapped}")

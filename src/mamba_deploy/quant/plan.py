@@ -146,7 +146,7 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
     if isinstance(path_or_dict, (str, Path)):
         try:  # ~ expanded as for the model path (--config=~/r.json is left alone by the shell)
             d = json.loads(Path(path_or_dict).expanduser().read_text(encoding="utf-8"),
-                           object_pairs_hook=_unique_keys)
+                           object_pairs_hook=lambda pairs: _unique_keys(pairs, path_or_dict))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise QuantizationError(f"cannot read quantization rules {path_or_dict}: {e}; save it as a UTF-8 JSON "
                                     'file {"quant_cfg": {...}}') from e
@@ -173,13 +173,14 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
     return rules
 
 
-def _unique_keys(pairs: list) -> dict:
+def _unique_keys(pairs: list, path) -> dict:
     """A JSON object whose keys are all different: json.loads kept a repeated glob in its first
     place with its last value, against "later entries override earlier ones"."""
     seen = [k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i])]
     if seen:
-        raise json.JSONDecodeError(f"key {seen[0]!r} is given twice (give each glob once; later globs override "
-                                   "earlier ones)", "", 0)
+        raise QuantizationError(f"quantization rules {path}: {seen[0]!r} appears twice in one JSON object (in "
+                                "quant_cfg, or among one rule's keys); give it once (a glob given later overrides "
+                                "the earlier ones it overlaps)")
     return dict(pairs)
 
 

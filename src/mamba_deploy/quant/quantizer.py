@@ -70,7 +70,9 @@ def _refuse_unused_options(method: str, options: dict, plan: dict) -> None:
     algo = method in ALGO_FORMAT  # its algorithm skips the layers whose weight is read (weight_read)
     fmt = ALGO_FORMAT.get(method) or ("fp8" if method == "fp8" else None)
     given = [k for k in (ALGO_OPTIONS if algo else ("fp8_scaling",)) if options.get(k) is not None] if fmt else []
-    if given and not any(s["format"] == fmt and not (algo and weight_read(n)) for n, s in plan.items()):
+    # the algorithm runs on the layers' linears (_quantize_plan): an int4 lm_head is rounded
+    if given and not any(s["format"] == fmt and not (algo and (weight_read(n) or not n.startswith("backbone.layers.")))
+                         for n, s in plan.items()):
         raise QuantizationError(f"{', '.join(f'{k}={options[k]!r:.40}' for k in given)} applies to {method}'s {fmt} "
                                 f"layers, and the rules leave none: drop {'it' if len(given) == 1 else 'them'}, "
                                 f"or give a rule format '{fmt}'")

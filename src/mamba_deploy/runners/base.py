@@ -228,6 +228,9 @@ class Runner(ABC):
     # request past it when it arrives (in a batched step it would fail every row beside it).
     max_positions: int | None = None
     max_positions_name: str = "the backend's max_positions"  # as an error names the cap
+    # the longest left-padded (masked) prompt one prefill takes, where the backend caps it
+    # (TensorRT: the engine's max_seq); generation.prefill_pieces feeds masked prompts in pieces of it
+    max_masked_length: int | None = None
 
     @property
     def artifact_path(self) -> Path | None:

@@ -68,6 +68,7 @@ class TensorRTRunner(Runner):
         self.source_path = src if src.is_dir() else path.parent  # tokenizer files live with the ONNX export
         self.build = sidecar["build"]
         self.max_batch, self.max_seq = int(self.build["max_batch"]), int(self.build["max_seq"])
+        self.max_masked_length = self.max_seq  # longer unmasked prompts are cut here; masked ones, by the caller
         self.n_layer = self.config.n_layer
         self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in self.names}

@@ -661,3 +661,26 @@ def test_model_card_repeat_claim_at_warmup_11():
     assert all(lr_at(s, 100000, 1e-3, TIMED_STEPS - 1) == lr_at(s, 20, 1e-3, TIMED_STEPS - 1)
                for s in range(TIMED_STEPS))
     assert lr_at(TIMED_STEPS - 1, 100000, 1e-3, TIMED_STEPS - 2) != lr_at(TIMED_STEPS - 1, 20, 1e-3, TIMED_STEPS - 2)
+
+
+def test_a_sentencepiece_tokenizer_encodes_long_text():
+    """Text past LONG_TEXT characters goes through encode_batch, which the SentencePiece backend
+    took without add_special_tokens: a TypeError for any prompt over 4096 characters."""
+    import io
+    import random
+
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    from mamba_deploy.tokenizer import LONG_TEXT, Tokenizer, sentencepiece_tokenizer
+
+    rng, buf = random.Random(0), io.BytesIO()
+    words = ["def", "main", "return", "print", "hello", "world"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)),
+        model_writer=buf, vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    tok = sentencepiece_tokenizer(buf.getvalue())
+    assert isinstance(tok, Tokenizer)
+    text = "hello world return " * (LONG_TEXT // 10)
+    assert len(text) > LONG_TEXT
+    assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)

@@ -68,7 +68,7 @@ def write_model_card(folder, metrics: dict, data_meta: dict | None = None, notes
     # lr_at of step s <= warmup does not depend on the total: the timed steps 0..11 need warmup >= 11
     if "--max-minutes" in cmd and metrics["warmup"] >= TIMED_STEPS - 1:
         repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first {TIMED_STEPS} (all "
-                 f"inside the warmup, whose rates do not depend on the step count): pass `--steps {metrics['steps']}` instead to "
+                 f"inside the warmup, so the schedule is the same): pass `--steps {metrics['steps']}` instead to "
                  "repeat it.\n")
     elif "--max-minutes" in cmd:  # steps past the warmup followed the unfitted --steps' cosine
         repro = (f"`--max-minutes` resolved to {metrics['steps']} steps after timing the first {TIMED_STEPS}; "

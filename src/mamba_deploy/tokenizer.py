@@ -408,8 +408,9 @@ class _SentencePiece:
             ids.append(self.sp.eos_id())
         return _Encoding(ids)
 
-    def encode_batch(self, texts):
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts, add_special_tokens: bool = True):
+        # as `tokenizers`' encode_batch: Tokenizer.encode sends a long text (LONG_TEXT) through it
+        return [self.encode(t, add_special_tokens) for t in texts]
 
     def decode(self, ids, skip_special_tokens=True):
         # control tokens (bos, eos, [INST]...) decode to nothing; ids past the model's pieces (an

@@ -11,7 +11,6 @@ tokenizer is what the file is read with). --src measures another checkout's code
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -63,7 +62,9 @@ def main() -> None:
           f"| {a.mib:g} MiB | {row['load_peak_mib']:.0f} MiB | {row['calib_peak_mib']:.0f} MiB | "
           f"{row['calib_extra_mib']:.0f} MiB | {seconds:.2f} s |")
     if a.out:
-        Path(a.out).write_text(json.dumps(row, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(a.out, row)
 
 
 if __name__ == "__main__":

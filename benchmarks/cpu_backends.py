@@ -13,7 +13,6 @@ once per token, so weight bytes / bandwidth is the floor any backend's decode ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -208,6 +207,16 @@ def print_table(rows):
               f"{r['decode_ms_per_token']:.2f} | {cpu[0]} | {cpu[1]} |")
 
 
+def _backends(text: str) -> list[str]:
+    """--backends: names of BACKENDS (`onnx`, as the bench verb spells it, for onnxruntime); a name
+    that is not one was skipped without a word."""
+    names = [{"onnx": "onnxruntime"}.get(n.strip(), n.strip()) for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in BACKENDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {bad or [text]}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -215,8 +224,8 @@ def main(argv=None):
     p.add_argument("--decode", type=int, default=32, help="decode steps timed")
     p.add_argument("--arch", choices=sorted(SHAPES), action="append")
     p.add_argument("--skip-transformers", action="store_true")
-    p.add_argument("--backends", type=lambda v: v.split(","), default=list(BACKENDS),
-                   help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", type=_backends, default=list(BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)} (onnx: onnxruntime)")
     p.add_argument("--out", default="benchmarks/results/cpu_backends.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -227,6 +236,8 @@ def main(argv=None):
         for arch in args.arch or sorted(SHAPES):
             rows += rows_for(arch, Path(tmp), args)
     bandwidth.append(round(read_bandwidth_gbs(args.threads), 1))
+    if not rows:
+        raise SystemExit("nothing was measured (every backend asked for is missing or skipped); nothing written")
     print_table(rows)
     for arch in sorted({r["arch"] for r in rows}):
         mb = next(r["fp32_weights_mb"] for r in rows if r["arch"] == arch)
@@ -241,7 +252,9 @@ def main(argv=None):
                 targets=TARGETS, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
                 read_bandwidth_gbs_before_after=bandwidth,
                 note="one timed run per row; other processes on the machine inflate times (see loadavg)")
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+    write_json(out, {"meta": meta, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -13,7 +13,6 @@ weight label, the runner's own open, its tokenizer), so the per-open cost is pai
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -87,7 +86,9 @@ def main() -> None:
         print(f"| {r['vocab']} | {r['file_mb']:.1f} | {r['gguf_py']['seconds']:.3f} | {r['ours']['seconds']:.4f} | "
               f"{r['speedup']:.0f}x | {r['gguf_py']['rss_held_mb']:.0f} | {r['ours']['rss_held_mb']:.0f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(args.out, {"command": " ".join(sys.argv), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['batch']} | {r['state_gib']} | " + " | ".join(" / ".join(map(str, r[n])) for n in names) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(args.out, {"model": args.model, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -104,8 +104,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['verb']} | {r['peak_rss_mib']:.0f} | {r['x_checkpoint']:.2f} |")
     if a.out:
-        Path(a.out).write_text(json.dumps({"arch": a.arch, "hidden": a.hidden, "layers": a.layers,
-                                           "checkpoint_bytes": size, "src": a.src, "rows": rows}, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(a.out, {"arch": a.arch, "hidden": a.hidden, "layers": a.layers,
+                           "checkpoint_bytes": size, "src": a.src, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+from mamba_deploy.atomic import write_text  # noqa: E402
 from mamba_deploy.export import onnx_graph  # noqa: E402
 from mamba_deploy.export.onnx_builder import Builder  # noqa: E402
 
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the table here")
     args = ap.parse_args(argv)
     variants = [(form, int(q)) for form, q in (v.split(":") for v in args.variants.split(","))]
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # the table names folders by their relative paths
+    out = Path(args.out).absolute() if args.out else None  # relative to where it was run, not to tmp
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):  # the table names folders relatively
         build_checkpoint("mamba1", Path("hf"))
         export_onnx("hf", "per-token", validate=False)
         for form, q in variants:
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
     text = (f"load average (1/5/15 min) before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
             f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}\n{table}")
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        write_text(out, text)
     return 0
 
 

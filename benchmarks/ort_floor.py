@@ -143,7 +143,7 @@ def export_graphs(arch: str, work: Path) -> dict:
         finally:
             StepNetwork._conv_step = real
         (work / name).mkdir()
-        _save(proto, work / name)  # as export_onnx writes it
+        _save(proto, work / name, label="fp32")  # as export_onnx writes it
         paths[name] = str(work / name / "model.onnx")
     return paths
 

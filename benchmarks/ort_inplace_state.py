@@ -8,7 +8,6 @@ not promise that an output may alias an input); this script is the record of tha
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,9 @@ def step_in_place(runner, tok: torch.Tensor, state) -> torch.Tensor:
     io.bind_ortvalue_input("input_ids", OrtValue.ortvalue_from_numpy(tok.numpy()[:, None].astype(np.int64)))
     io.bind_ortvalue_output("logits", state.logits)
     live = state.bufs[state.cur]
-    for names in (runner._state_names("past_conv", "past_ssm"), runner._state_names("present_conv", "present_ssm")):
+    from mamba_deploy.export.onnx_meta import state_names
+
+    for names in (state_names(runner.n_layer), state_names(runner.n_layer, present=True)):
         for name, v in zip(names, live):
             (io.bind_ortvalue_input if name.startswith("past") else io.bind_ortvalue_output)(name, v)
     runner.session.run_with_iobinding(io)
@@ -82,7 +83,9 @@ def main(argv=None):
     for k, v in times.items():
         print(f"  {k:10s} median {statistics.median(v):.2f} ms/token  rounds {[round(x, 2) for x in v]}")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,13 @@ def bench_model(path: Path, args, work: Path) -> list[dict]:
         print(f"  {name:<22} ppl {ppl:8.3f} ({rows[-1]['ppl_delta_pct']:+.2f}%)  agree {rows[-1]['top1_agree']:.4f}"
               f"  {rows[-1]['bytes'] / 2**20:.2f} MiB  {rows[-1]['torch_ms']:.2f} ms/tok", flush=True)
     if not args.no_onnx:
-        _onnx_rows(base, qmodels, rows, work, path.name)
+        _onnx_rows(base, qmodels, rows, work, path.name, args.threads)
     if not args.speed_only:
         rows += _state_rows(base, ids[: args.state_tokens], path.name)
     return rows
 
 
-def _onnx_rows(base, qmodels, rows, work, tag):
+def _onnx_rows(base, qmodels, rows, work, tag, threads: int):
     from mamba_deploy.export.onnx import export_onnx
     from mamba_deploy.quant.onnx_nbits import export_quantized_onnx
     from mamba_deploy.runners.onnx_runner import open_onnx
@@ -132,7 +132,7 @@ def _onnx_rows(base, qmodels, rows, work, tag):
             export_onnx(base, d, validate=False)
         else:
             export_quantized_onnx(qmodels[name], d, validate=False)
-        r = open_onnx(d, threads=2)
+        r = open_onnx(d, threads=threads)  # as the torch rows: --threads
         row = next(x for x in rows if x["method"] == name and x["model"] == tag)
         row["onnx_ms"], row["onnx_bytes"] = decode_ms(r), dir_bytes(d)
         r.close()

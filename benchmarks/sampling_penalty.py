@@ -10,7 +10,6 @@ The penalty reads a (b, V) mask of the tokens seen, so its cost should not grow 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,9 @@ def main(argv=None):
         print(f"| {r['prompt_tokens']} | {r['ms_per_token_no_penalty']} | {r['ms_per_token_penalty_1.1']} | "
               f"{r['ratio']} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"batch": args.batch, "tokens": args.tokens, "rows": rows}, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(args.out, {"batch": args.batch, "tokens": args.tokens, "rows": rows})
 
 
 if __name__ == "__main__":

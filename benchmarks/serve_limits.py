@@ -127,7 +127,9 @@ def main():
             held = (">= " if r["capped"] else "") + str(r["trickle_held_s"])
             print(f"{r['src'][-40:]:<40} {'trickled request':<22} {'':>6} {held:>9} {'(held s)':>17}")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
+        from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+        write_json(a.out, rows)
 
 
 if __name__ == "__main__":

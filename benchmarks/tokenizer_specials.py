@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import statistics
 import sys
@@ -66,7 +65,9 @@ def main(argv=None):
     print("| text | chars | ours ms | sentencepiece ms | ratio |\n| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['case']} | {r['chars']} | {r['ours_ms']} | {r['sentencepiece_ms']} | {r['ratio']} |")
-    Path(args.out).write_text(json.dumps({"controls": CONTROLS, "repeats": args.repeats, "rows": rows}, indent=2))
+    from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+    write_json(args.out, {"controls": CONTROLS, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -314,8 +314,10 @@ def main() -> None:
                 note="README lines ~320-345 and the export onnx row of the command table")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows, summary=summ, onnx_exports=exports, builds=builds,
-                                   table=t_rows, summary_table=t_sum, export_table=t_exp), indent=2))
+    from mamba_deploy.atomic import write_json  # a temporary name, then renamed
+
+    write_json(out, dict(meta=meta, rows=rows, summary=summ, onnx_exports=exports, builds=builds,
+                         table=t_rows, summary_table=t_sum, export_table=t_exp))
     print(f"wrote {out}")
 
 

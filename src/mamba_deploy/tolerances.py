@@ -5,6 +5,10 @@ and verify all read it here, so a label means the same row everywhere."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from dataclasses import dataclass, fields
+
 import torch
 
 from .errors import ConfigError
@@ -86,3 +90,64 @@ def row_index(label: str) -> int:
     """Position of `label`'s row from fp32 (0) to q2: a larger index is a looser row.
     ConfigError for a label with no row."""
     return list(TOLERANCES).index(tolerance_row(label))
+
+
+# ----------------------------------------------------------------------------- limits of one check
+
+@dataclass(frozen=True)
+class Tolerance:
+    logits_rel: float
+    state_rel: float
+    top1: float
+    ppl_rel: float
+    label: str = "fp32"
+
+
+def make_tolerance(spec=None, label: str = "fp32") -> Tolerance:
+    """spec: None (defaults for `label`), a label, a dict of overrides, a 'k=v,k=v' string or a Tolerance."""
+    if isinstance(spec, Tolerance):
+        return spec
+    names = {f.name for f in fields(Tolerance)} - {"label"}
+    if isinstance(spec, str) and "=" not in spec:
+        if spec.strip() in names:  # a limit's name without its value, not a row label
+            raise ConfigError(f"tolerance {spec.strip()!r} has no value; write NAME=NUMBER, "
+                              f"e.g. {spec.strip()}=1e-3")
+        label, spec = spec, None
+    if spec is not None and not isinstance(spec, (str, dict)):
+        raise ConfigError(f"tolerance must be a label (\"int8\"), \"NAME=VALUE,...\" or a dict of limits, got "
+                          f"{spec!r:.60}; e.g. tolerance={{\"logits_rel\": 1e-3}}")
+    overrides = parse_overrides(spec) if isinstance(spec, str) else dict(spec or {})
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ConfigError(f"unknown tolerance {', '.join(bad)}; choose from {', '.join(sorted(names))}")
+    overrides = {k: _limit(k, v) for k, v in overrides.items()}
+    # every limit given: no row is needed (an artifact type without one, q2_k_s, is then checkable)
+    row = "custom" if set(overrides) == names else tolerance_row(label)
+    for k, v in overrides.items():  # a limit no artifact can meet (or a negative one) is a typo, not a check
+        if not (0.0 <= v <= 1.0 if k == "top1" else v >= 0.0):  # NaN fails both; inf = no limit
+            raise ConfigError(f"tolerance {k}={v:g} can never pass; "
+                              + ("top1 is a fraction of positions in [0, 1], e.g. top1=0.99" if k == "top1"
+                                 else f"{k} is a relative error >= 0, e.g. {k}=1e-3 (inf: no limit)"))
+    return Tolerance(**{**TOLERANCES.get(row, {}), **overrides}, label=row)
+
+
+def _limit(name: str, value) -> float:
+    """A limit of a tolerance dict as a float; ConfigError naming it for anything else (None, a
+    bool, a word)."""
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    raise ConfigError(f"tolerance {name}={value!r:.40} is not a number; e.g. {name}=1e-3")
+
+
+def parse_overrides(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or math.isnan(out.get(name.strip(), 0.0)):  # a NaN limit fails every comparison
+            raise ConfigError(f"cannot read tolerance {part!r}; write NAME=NUMBER, e.g. logits_rel=1e-3")
+    return out

@@ -51,13 +51,13 @@ EXTRA_SEEDS = (1, 2, 3)
 EXTRA_SEED_MODEL = "demo-mamba2"
 EXTRA_SEED_ARTIFACTS = ("int4-g128", "awq", "Q5_K_M", "Q3_K_M", "Q2_K")
 
-# README's low-bit table (lines ~340-345): group -> (logits_rel, state_rel, top1, ppl_rel) as
+# README's low-bit table ("From 5 bits down"): group -> (logits_rel, state_rel, top1, ppl_rel) as
 # (lo, hi) ranges, lo None for "<= hi"
 README_GROUPS = {
-    "Q5_K_M": ((0.059, 0.093), (0.059, 0.196), (0.93, 0.95), (None, 0.017)),
-    "Q4_0/Q4_K_M/int4/GPTQ/AWQ": ((0.12, 0.199), (0.12, 0.49), (0.84, 0.91), (None, 0.11)),
-    "Q3_K_M": ((0.18, 0.46), (0.23, 0.62), (0.76, 0.80), (None, 0.09)),
-    "Q2_K": ((0.34, 0.64), (0.65, 1.0), (0.55, 0.65), (0.18, 0.53)),
+    "Q5_K_M": ((0.068, 0.094), (0.060, 0.196), (0.933, 0.944), (None, 0.017)),
+    "Q4_0/Q4_K_M/int4/GPTQ/AWQ": ((0.113, 0.221), (0.116, 0.489), (0.840, 0.906), (None, 0.104)),
+    "Q3_K_M": ((0.199, 0.461), (0.233, 0.640), (0.756, 0.802), (None, 0.090)),
+    "Q2_K": ((0.343, 0.642), (0.645, 1.0), (0.550, 0.653), (0.18, 0.53)),
 }
 METRICS = ("logits_rel", "state_rel", "top1", "ppl_rel")
 

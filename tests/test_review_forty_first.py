@@ -684,3 +684,73 @@ def test_a_sentencepiece_tokenizer_encodes_long_text():
     assert len(text) > LONG_TEXT
     assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
     assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
+# ----------------------------------------------------------------------------- the Runner contract
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino", "llama.cpp"])
+@pytest.mark.parametrize("path", [None, 123, b"/tmp/x"])
+def test_a_non_path_is_a_typed_error_on_every_backend_and_in_preflight(backend, path):
+    """onnx / openvino / llama.cpp (and preflight for all) raised TypeError from Path(None)."""
+    from mamba_deploy.errors import ModelNotFoundError
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.runners.preflight import artifact_config
+
+    with pytest.raises(ModelNotFoundError, match="str or Path"):
+        open_runner(path, backend)
+    with pytest.raises(ModelNotFoundError, match="str or Path"):
+        artifact_config(path, backend)
+
+
+def _llama(path, **kw):
+    import warnings
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from mamba_deploy.runners import open_runner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_runner(path, "llama.cpp", threads=1, **kw)
+
+
+def test_llamacpp_reads_back_and_clones_a_state_of_no_rows(tiny_gguf):
+    """torch.stack of no rows: a RuntimeError where the other backends answer an empty State."""
+    r = _llama(tiny_gguf)
+    st = r.new_state(0)
+    assert r.to_torch_state(st).conv.shape[1] == 0
+    assert r.to_torch_state(r.clone_state(st)).ssm.shape[1] == 0
+
+
+def test_llamacpp_clone_keeps_positions_and_continues_as_the_original(tiny_gguf):
+    """The clone went through load_torch_state, which restarted it at position 1: the n_ctx cap
+    then counted another length than the sequence's (a fresh clone lost a position)."""
+    import torch
+
+    r = _llama(tiny_gguf, n_ctx=8)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    r.prefill(ids, r.clone_state(r.new_state(1)))  # a fresh clone takes all 8 positions, as a fresh state
+    a = r.new_state(1)
+    r.prefill(ids[:, :3], a)
+    b = r.clone_state(a)
+    assert b.pos == a.pos == [3]
+    la, _ = r.step(torch.tensor([9]), a)
+    lb, _ = r.step(torch.tensor([9]), b)
+    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_meta_source_state_and_calls_after_close_are_typed(hf_checkpoint):
+    """load_torch_state of a meta State was torch's NotImplementedError (what llama.cpp raises
+    for "cannot load a state"); reserve_rows / state_arrays still answered after close()."""
+    from mamba_deploy.errors import RunnerClosedError, ShapeError
+    from mamba_deploy.runners import open_runner
+    from mamba_deploy.state import State
+
+    r = open_runner(hf_checkpoint("mamba")[0], "torch")
+    with pytest.raises(ShapeError, match="meta device"):
+        r.load_torch_state(r.new_state(1), State.zeros(r.config, 1, device="meta"))
+    st = r.new_state(1)
+    r.close()
+    with pytest.raises(RunnerClosedError):
+        r.reserve_rows(3)
+    with pytest.raises(RunnerClosedError):
+        r.state_arrays(st)

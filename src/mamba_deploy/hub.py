@@ -46,6 +46,9 @@ def _in_hub_cache(repo: str, rev: str | None) -> bool:
 def local_path(path_or_id: str | os.PathLike) -> Path | None:
     """The existing local file/folder, or None for what can only be a hub id; ModelNotFoundError
     for a local path that does not exist (nothing is downloaded)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelNotFoundError(f"a model path or hub id must be a str or Path, got {type(path_or_id).__name__} "
+                                 f"{path_or_id!r:.60}")
     if not str(path_or_id).strip():  # Path("") is ".", the working folder: not what was meant
         raise ModelNotFoundError(f"the model path is empty ({str(path_or_id)!r}); pass a checkpoint folder, a .gguf "
                                  "file or a hub id like 'state-spaces/mamba-130m-hf'")

@@ -61,8 +61,10 @@ def guess_backend(path) -> str:
 
 
 def open_runner(path, backend: str | None = None, **options) -> Runner:
-    if isinstance(path, (str, os.PathLike)):  # "~/m.gguf" as load_model takes it (a hub id has no ~)
-        path = os.path.expanduser(path)
+    if not isinstance(path, (str, os.PathLike)):  # every backend's error, not a TypeError from Path(None)
+        raise ModelNotFoundError(f"open_runner takes a path or hub id (str or Path), got {type(path).__name__} "
+                                 f"{path!r:.60}; for a loaded model use TorchRunner(model)")
+    path = os.path.expanduser(path)  # "~/m.gguf" as load_model takes it (a hub id has no ~)
     named = backend_name(backend) if backend else None
     backend = named or guess_backend(path)
     unknown = sorted(set(options) - {o for opts in OPTIONS.values() for o in opts})

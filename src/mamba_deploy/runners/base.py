@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import numbers
 import os
 from abc import ABC, abstractmethod
@@ -122,6 +123,9 @@ def checked_source(src, config: MambaConfig, device="cpu") -> State:
     check_is_state(src, "State.zeros(config, batch) or another runner's to_torch_state(state)")
     conv = src.conv
     src.check(config, conv.shape[1] if isinstance(conv, torch.Tensor) and conv.dim() > 1 else -1)
+    if src.conv.is_meta or src.ssm.is_meta:  # no values to copy (torch's NotImplementedError said so)
+        raise ShapeError("the source state is on the meta device and holds no values; load one made with "
+                         "State.zeros(config, batch) or read with another runner's to_torch_state(state)")
     return State(src.conv.detach().to(device), src.ssm.detach().to(device))
 
 
@@ -193,7 +197,7 @@ CLOSED = "the {name} runner is closed; open the model again with open_runner(...
 # the methods that touch a backend's handles: refused once the runner is closed (a freed
 # llama.cpp context crashes the process; ORT / OpenVINO / TensorRT handles are None)
 OPEN_ONLY = ("new_state", "prefill", "step", "to_torch_state", "gather_states", "load_torch_state", "clone_state",
-             "run")
+             "run", "reserve_rows", "state_arrays")
 
 
 def _open_only(fn):
@@ -333,8 +337,10 @@ class Runner(ABC):
 
     @property
     def can_gather_states(self) -> bool:
-        own = lambda name: getattr(getattr(type(self), name), "__wrapped__", getattr(type(self), name))  # noqa: E731
-        return own("gather_states") is not Runner.gather_states or own("load_torch_state") is not Runner.load_torch_state
+        # past the closed / batch checks every class's methods are wrapped in
+        overrides = lambda name: inspect.unwrap(getattr(type(self), name)) is not inspect.unwrap(  # noqa: E731
+            getattr(Runner, name))
+        return overrides("gather_states") or overrides("load_torch_state")
 
     @_batch_checked
     def reserve_rows(self, rows: int) -> int:
@@ -359,6 +365,12 @@ class Runner(ABC):
         self.close()
 
 
+
+
+for _name in OPEN_ONLY:  # the base's own defaults too (reserve_rows, state_arrays answered after close)
+    _fn = Runner.__dict__.get(_name)
+    if _fn is not None and not getattr(_fn, "__isabstractmethod__", False):
+        setattr(Runner, _name, _open_only(_fn))
 
 
 def require_runner(runner, name: str, how: str = "runners.open_runner(path)", duck: tuple[str, ...] = ()) -> None:

@@ -613,6 +613,8 @@ class LlamaCppRunner(Runner):
         torch State, for verification. Raises NotImplementedError when this llama.cpp build
         serialises sequences in a layout other than the one `_parse_seq_state` reads."""
         self._check_state(state, None)
+        if not state.seq_ids:  # 0 rows, as the other backends answer
+            return State.zeros(self.config, 0)
         convs, ssms = [], []
         for s in state.seq_ids:
             conv, ssm = _parse_seq_state(self._seq_bytes(s), self.config)[1:]
@@ -628,13 +630,29 @@ class LlamaCppRunner(Runner):
         self._check_state(state, None)
         src = checked_source(src, self.config)
         src.check(self.config, state.batch_size)
-        for r, s in enumerate(state.seq_ids):
-            prefix = _parse_seq_state(self._seq_bytes(s), self.config)[0]
-            pos = max(state.pos[r] - 1, 0)
-            if not self._set_seq_bytes(s, _seq_state_bytes(prefix, pos, src.conv[:, r], src.ssm[:, r])):
-                raise NotImplementedError("this llama.cpp build refused the sequence state written in the layout "
-                                          "to_torch_state reads; it cannot load a state")
-            state.pos[r] = pos + 1
+        for r in range(state.batch_size):
+            self._write_row(state, r, max(state.pos[r] - 1, 0), src)
+
+    def _write_row(self, state, r: int, pos: int, src: State) -> None:
+        """Row r's sequence holds src's row r as one cell at position `pos`; its next token goes to pos + 1."""
+        s = state.seq_ids[r]
+        prefix = _parse_seq_state(self._seq_bytes(s), self.config)[0]
+        if not self._set_seq_bytes(s, _seq_state_bytes(prefix, pos, src.conv[:, r], src.ssm[:, r])):
+            raise NotImplementedError("this llama.cpp build refused the sequence state written in the layout "
+                                      "to_torch_state reads; it cannot load a state")
+        state.pos[r] = pos + 1
+
+    @one_call_at_a_time
+    def clone_state(self, state):
+        """As Runner.clone_state, keeping each row's position, which the n_ctx cap counts (through
+        load_torch_state a clone restarted at position 1): a row with no token yet stays empty."""
+        self._check_state(state, None)
+        src = self.to_torch_state(state)
+        out = self.new_state(state.batch_size)
+        for r, pos in enumerate(state.pos):
+            if pos:
+                self._write_row(out, r, pos - 1, src)
+        return out
 
     # ---- misc ------------------------------------------------------------------------
     @property

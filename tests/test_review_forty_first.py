@@ -754,3 +754,40 @@ def test_a_meta_source_state_and_calls_after_close_are_typed(hf_checkpoint):
         r.reserve_rows(3)
     with pytest.raises(RunnerClosedError):
         r.state_arrays(st)
+
+
+@pytest.mark.parametrize("with_default", [True, False])
+def test_gguf_export_writes_named_chat_templates_as_llamacpp_converter(ckpt, tmp_path, with_default):
+    """Named chat templates were dropped (none without a "default"; the others always). They are
+    written as llama.cpp's converter writes them: the default as tokenizer.chat_template, each
+    other as tokenizer.chat_template.NAME, their names in tokenizer.chat_templates (read back
+    here with gguf-py's own reader)."""
+    import shutil
+    import warnings
+
+    from gguf import GGUFReader
+
+    from mamba_deploy.export.gguf import export_gguf
+
+    src = tmp_path / "m"
+    shutil.copytree(ckpt("mamba")[0], src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    named = [{"name": "tool_use", "template": "{{ 'TOOLS' }}"}, {"name": "rag", "template": "{{ 'RAG' }}"}]
+    cfg["chat_template"] = named + ([{"name": "default", "template": "{{ 'D' }}"}] if with_default else [])
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export_gguf(src, tmp_path / "m.gguf")
+    fields = GGUFReader(out).fields
+
+    def text(key):
+        f = fields[key]
+        return bytes(f.parts[f.data[0]]).decode()
+
+    assert text("tokenizer.chat_template.tool_use") == "{{ 'TOOLS' }}"
+    assert text("tokenizer.chat_template.rag") == "{{ 'RAG' }}"
+    f = fields["tokenizer.chat_templates"]
+    assert sorted(bytes(f.parts[i]).decode() for i in f.data) == ["rag", "tool_use"]
+    assert ("tokenizer.chat_template" in fields) == with_default
+    if with_default:
+        assert text("tokenizer.chat_template") == "{{ 'D' }}"

@@ -51,6 +51,15 @@ def _named_templates(tmpl) -> dict:
     return {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)} if isinstance(tmpl, list) else {}
 
 
+def named_chat_templates(folder) -> dict[str, str]:
+    """tokenizer_config.json's named chat templates other than "default" (name -> Jinja), which a
+    GGUF export writes as llama.cpp's converter does (tokenizer.chat_template.NAME)."""
+    from .tokenizer import read_tokenizer_config
+
+    named = _named_templates(read_tokenizer_config(Path(folder)).get("chat_template"))
+    return {str(n): t for n, t in named.items() if n != "default" and isinstance(t, str) and t.strip()}
+
+
 def chat_template_names(folder) -> list[str]:
     """The names of tokenizer_config.json's chat templates when it lists several and none is
     "default" (then none is used: a chat prompt's error names them)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gguf import TokenType
 
-from ..chat import CHAT_TEMPLATE_FILE, GGUF_CHAT_TEMPLATE_KEY, read_chat_template
+from ..chat import CHAT_TEMPLATE_FILE, GGUF_CHAT_TEMPLATE_KEY, named_chat_templates, read_chat_template
 from ..errors import ExportError, ModelNotFoundError
 from ..extras import install_hint
 from ..tokenizer import (PROBE_TEXT, SENTENCEPIECE_FILES, find_sentencepiece, parse_sentencepiece,
@@ -44,6 +44,7 @@ class Vocab:
     scores: list[float] | None = None  # SentencePiece: one per token
     add_space_prefix: bool | None = None  # SentencePiece's add_dummy_prefix; None: not written
     chat_template: str | None = None  # Jinja (tokenizer.chat_template), as llama.cpp's server applies it
+    chat_templates: dict[str, str] = field(default_factory=dict)  # the other named ones: tokenizer.chat_template.NAME
     add_eos: bool | None = None  # llama.cpp appends the EOS to texts; None: not written (llama.cpp: no)
     end_ids: list[int] = field(default_factory=list)  # eot / eom: generation ends there too, as at the EOS
     role_ids: dict[str, int] = field(default_factory=dict)  # a GGUF's EOG_ROLE_TEXTS keys that it sets
@@ -164,6 +165,7 @@ def read_vocab(path: Path, n_rows: int, config_ids: dict | None = None) -> Vocab
     add_bos, add_eos = _adds_specials(Path(path), special.get("bos"), special.get("eos"))
     return Vocab(tokens, [int(t) for t in types], _merges(model), _pre_name(tj.get("pre_tokenizer"), path),
                  special, add_bos, source=Path(path), chat_template=read_chat_template(Path(path).parent),
+                 chat_templates=named_chat_templates(Path(path).parent),
                  add_eos=add_eos or None, end_ids=_end_ids(Path(path).parent, special.get("eos"), tokens))
 
 
@@ -304,7 +306,7 @@ def read_spm_vocab(path: Path, n_rows: int) -> Vocab:
     return Vocab(tokens, types, [], SPM_PRE, special, add_bos=add_bos and "bos" in special,
                  model=SPM_TOKENIZER_MODEL, source=path, scores=scores, add_space_prefix=bool(norm.add_dummy_prefix),
                  add_eos=add_eos,
-                 chat_template=read_chat_template(path.parent),
+                 chat_template=read_chat_template(path.parent), chat_templates=named_chat_templates(path.parent),
                  end_ids=_end_ids(path.parent, special.get("eos"), tokens))
 
 
@@ -460,7 +462,10 @@ def add_vocab(writer, vocab: Vocab) -> None:
         writer.add_bool(ADD_EOS_KEY, vocab.add_eos)
     for key, tid in zip(END_TOKEN_KEYS, vocab.end_ids):
         writer.add_uint32(key, int(tid))
-    if vocab.chat_template:
+    if vocab.chat_templates:  # named ones, as llama.cpp's converter writes a list of them ("default" the plain key)
+        default = [{"name": "default", "template": vocab.chat_template}] if vocab.chat_template else []
+        writer.add_chat_template(default + [{"name": n, "template": t} for n, t in vocab.chat_templates.items()])
+    elif vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)
     add_carried(writer, vocab.carried)
 

@@ -241,15 +241,7 @@ def build_plan(model, opts: dict) -> dict:
             raise QuantizationError(f"{n}: the model reads this layer's weight directly (it is never called on an "
                                     "activation), so w8a8's activation quantization cannot apply; use format "
                                     "'int8' (weight-only) for it in the rules")
-    # the int4-only options, allowed beside rules that make int4 layers (method_options refuses
-    # them without rules): with no such layer they would be recorded and do nothing
-    given = [(k, flag) for k, flag, unset in (("group_size", "--group-size", None), ("symmetric", "--asymmetric", True))
-             if opts.get(k, unset) != unset]
-    if given and opts["format"] != "int4" and not any(spec and spec["format"] == "int4" for spec in plan.values()):
-        raise QuantizationError(f"{', '.join(f'{k}={opts[k]}' for k, _ in given)} applies to int4 layers, and neither "
-                                f"--method nor the rules make any: drop {' / '.join(f for _, f in given)}, or give "
-                                "a rule format 'int4'")
-    return plan
+    return plan  # options the plan leaves nothing to act on: quantizer._refuse_unused_options
 
 
 def weight_read(name: str) -> bool:

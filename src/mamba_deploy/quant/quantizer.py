@@ -9,7 +9,7 @@ from ..errors import QuantizationError
 from . import algos
 from .calib import CALIB_LEN, CALIB_SEQS, calibration_ids, run_blockwise
 from .modules import QuantEmbedding, QuantLinear, tie_head
-from .plan import OPTIONAL_MODULES, build_plan, make_config, method_options, weight_read
+from .plan import METHODS, OPTIONAL_MODULES, build_plan, make_config, method_options, weight_read
 from .runtime import saved_tensors, set_module
 
 # method -> the stored format its calibration algorithm handles; other modules use rounding
@@ -43,11 +43,11 @@ def quantize(model, method: str, **options):
                    "unquantized models only)", QuantizationError)
     opts = method_options(method, options)
     plan = {k: v for k, v in build_plan(model, opts).items() if v is not None}
+    _refuse_unused_options(method, options, plan)
     if not plan:  # a checkpoint that quantizes nothing is one no loader takes
         raise QuantizationError("the rules leave no module to quantize (every one has enable: false); enable at "
                                 "least one, or keep the float checkpoint (mamba-deploy convert re-saves it)")
     _check_groups(model, plan)  # before any work: a bad rule for the last layer failed after the others
-    _refuse_unused_options(method, options, plan)
     originals = {n: model.get_submodule(n) for n in plan}
     try:
         _quantize_plan(model, method, opts, plan)
@@ -64,9 +64,17 @@ ALGO_OPTIONS = ("calib", "calib_ids", "n_calib", "calib_len", "act_order", "damp
 
 
 def _refuse_unused_options(method: str, options: dict, plan: dict) -> None:
-    """Options given for the method's algorithm (calibration, --act-order, --alpha) or format
-    (--fp8-scaling) when the rules leave no layer of that format: they did nothing, and a
-    --calib file was never even opened."""
+    """Options given when the method and the rules leave no layer they act on: they would be
+    recorded and do nothing (a --calib file was never even opened). The 4-bit options
+    (--group-size, --asymmetric; method_options refuses them without rules) need int4 layers; the
+    method's algorithm options (calibration, --act-order, --alpha) and --fp8-scaling, layers of
+    the method's format."""
+    int4 = [(k, flag) for k, flag, on in (("group_size", "--group-size", options.get("group_size") is not None),
+                                          ("symmetric", "--asymmetric", options.get("symmetric") is False)) if on]
+    if int4 and METHODS[method]["format"] != "int4" and not any(s["format"] == "int4" for s in plan.values()):
+        raise QuantizationError(f"{', '.join(f'{k}={options[k]}' for k, _ in int4)} applies to int4 layers, and "
+                                f"neither --method nor the rules make any: drop {' / '.join(f for _, f in int4)}, or "
+                                "give a rule format 'int4'")
     algo = method in ALGO_FORMAT  # its algorithm skips the layers whose weight is read (weight_read)
     fmt = ALGO_FORMAT.get(method) or ("fp8" if method == "fp8" else None)
     given = [k for k in (ALGO_OPTIONS if algo else ("fp8_scaling",)) if options.get(k) is not None] if fmt else []

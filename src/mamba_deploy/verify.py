@@ -582,8 +582,7 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
-    check_reference(reference, artifact)
-    ref = open_reference(reference, reference_dtype, device, threads)
+    ref = open_reference(reference, reference_dtype, device, threads, artifact=artifact)
     art = open_artifact(artifact, backend, device, artifact_options, threads)
     return ref, art, infer_artifact_dtype(artifact, reference)
 
@@ -611,11 +610,13 @@ def check_reference(reference, artifact=None) -> None:
                           f"against the checkpoint it came from, `mamba-deploy verify CHECKPOINT ARTIFACT`{swapped}")
 
 
-def open_reference(reference, reference_dtype: str = "float32", device: str = "cpu", threads: int | None = None):
-    """The reference checkpoint as a PyTorch runner at `reference_dtype`."""
+def open_reference(reference, reference_dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                   artifact=None):
+    """The reference checkpoint as a PyTorch runner at `reference_dtype`. `artifact`: the path it
+    will be compared with, for check_reference's hint when the two look swapped."""
     from .runners import open_runner
 
-    check_reference(reference)
+    check_reference(reference, artifact)
     if reference_dtype not in REFERENCE_DTYPES:
         raise ConfigError(f"reference dtype {reference_dtype!r} is not supported; use float32 or float64")
     ref = open_runner(reference, "torch", device=device, dtype=REFERENCE_DTYPES[reference_dtype], threads=threads)

@@ -20,6 +20,12 @@ from .errors import ConfigError, ModelNotFoundError
 from .inputs import first_out_of_vocab, token_stream
 
 
+def ppl_of(mean_nll: float) -> float:
+    """exp of a mean negative log-likelihood; math.exp overflows past ~709, and a broken
+    artifact's perplexity is then infinite, not a traceback (eval and verify share this)."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
 def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
                keep_logits: bool = False) -> dict:
     """token_ids: one stream (list / 1-D tensor / array). Returns dict(ppl, nll (mean, nats),
@@ -66,8 +72,7 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
             total_nll -= float(logp.gather(1, targets[:, None]).sum())
             scored += targets.numel()
     nll = total_nll / scored
-    # math.exp overflows past ~709: a broken artifact's perplexity is infinite, not a traceback
-    res = {"ppl": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "tokens": scored,
+    res = {"ppl": ppl_of(nll), "nll": nll, "tokens": scored,
            "tokens_per_s": ids.numel() / runner_s if runner_s > 0 else float("inf"), "window": window}
     if keep_logits:
         res["logits"] = torch.cat(kept)

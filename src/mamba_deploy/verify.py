@@ -22,6 +22,7 @@ import torch
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed, torch_generator
 from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
+from .eval import ppl_of
 from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
 from .export.onnx_meta import MANIFEST_FILE
 from .generation import prefill_pieces
@@ -368,7 +369,7 @@ def _score_sequence(ref, art, ids: torch.Tensor, start: int, vocab: int) -> dict
             logp = torch.log_softmax(logits[0, :, :vocab].double(), -1)
             nll[side] -= float(logp.gather(-1, targets[:, None])[:, 0][keep].sum())
         n += int(keep.sum())
-    ppl = {side: math.exp(v / n) if v / n < 700 else math.inf for side, v in nll.items()}  # no OverflowError
+    ppl = {side: ppl_of(v / n) for side, v in nll.items()}
     return dict(length=length, scored_tokens=n, logits=diff.result(), ppl_reference=ppl["reference"],
                 ppl_artifact=ppl["artifact"], ppl_rel=abs(ppl["artifact"] / ppl["reference"] - 1))
 

@@ -346,6 +346,16 @@ def load_weights(model: torch.nn.Module, folder: Path, device, dtype, shapes_onl
             p.copy_(t.to(device=device, dtype=p.dtype))
         if not all_finite(p):  # NaN / inf in the file, or values past the model's dtype
             (overflow if all_finite(t) else nonfinite).append(k)
+    emb = "backbone.embeddings.weight"
+    if tied and "lm_head.weight" in seen and emb not in seen:
+        # the shared matrix stored under the head's name alone (transformers ties it either way)
+        seen.add(emb)
+        if head is not None:
+            with torch.no_grad():
+                params[emb].copy_(head[1].to(device=device, dtype=params[emb].dtype))
+            if not all_finite(params[emb]):
+                (overflow if all_finite(head[1]) else nonfinite).append(head[0])
+            head = None
     missing = sorted(set(params) - seen - tied)
     problems = []
     if missing == ["lm_head.weight"] and not cfg.tie_embeddings:  # Mamba2's default is untied

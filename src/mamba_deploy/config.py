@@ -398,7 +398,7 @@ class MambaConfig:
             "vocab_size": self.padded_vocab_size,
             "state_size": self.d_state,
             "conv_kernel": self.d_conv,
-            "expand": self.expand,
+            "expand": self.expand if self.arch == "mamba1" else self._saved_expand("transformers' Mamba2"),
             "use_conv_bias": self.conv_bias,
             "use_bias": self.bias,
             "layer_norm_epsilon": self.rms_norm_eps,
@@ -441,6 +441,18 @@ class MambaConfig:
         arch_name = {v: k for k, v in HF_ARCHITECTURES.items()}[mt]
         return {"architectures": [arch_name], "model_type": mt, **common, **extra}
 
+    def _saved_expand(self, fmt: str) -> int:
+        """expand as a format that sizes its layers from expand * d_model alone (mamba_ssm,
+        transformers' Mamba2) must write it: d_inner / d_model, or ConfigError when that is not whole."""
+        if self.d_inner == self.expand * self.d_model:
+            return self.expand
+        if self.d_inner % self.d_model == 0:
+            return self.d_inner // self.d_model
+        fix = ("save with --format hf" if self.arch == "mamba1" else
+               "neither checkpoint format can hold it; export it to GGUF or ONNX instead")
+        raise ConfigError(f"{fmt} has no intermediate size of its own: this model's d_inner {self.d_inner} is not "
+                          f"a whole multiple of d_model {self.d_model}; {fix}")
+
     def to_mamba_ssm_dict(self) -> dict:
         if self.dt_bc_rms:
             raise ConfigError("mamba_ssm has no Falcon-Mamba (dt/B/C RMSNorm) layer; save with --format hf")
@@ -448,15 +460,13 @@ class MambaConfig:
             # its config has no such field: MixerModel's and Mamba2's gated norm eps are fixed
             raise ConfigError(f"mamba_ssm fixes the RMSNorm epsilon at {MAMBA_SSM_NORM_EPS:g}; this model uses "
                               f"{self.rms_norm_eps:g}, which would change its outputs; save with --format hf")
-        if self.d_inner != self.expand * self.d_model:  # mamba_ssm sizes its layers from expand alone
-            raise ConfigError(f"mamba_ssm has no intermediate size of its own: this model's {self.d_inner} is not "
-                              f"expand * d_model = {self.expand} * {self.d_model}; save with --format hf")
+        expand = self._saved_expand("mamba_ssm")
         # Mamba1 is mamba_ssm's default layer, left out as state-spaces' own configs do: llama.cpp's
         # converter names the architecture "{layer}ForCausalLM" and knows no Mamba1ForCausalLM
         ssm: dict[str, Any] = ({} if self.arch == "mamba1" else {"layer": "Mamba2"}) | {
             "d_state": self.d_state,
             "d_conv": self.d_conv,
-            "expand": self.expand,
+            "expand": expand,
             "conv_bias": self.conv_bias,
             "bias": self.bias,
         }

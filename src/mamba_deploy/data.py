@@ -68,8 +68,8 @@ def corpus_files(split: str, root: Path | None = None) -> list[tuple[str, Path]]
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
         for name in filenames:
-            if name.endswith(".py"):
-                p = Path(dirpath) / name
+            p = Path(dirpath) / name
+            if name.endswith(".py") and p.is_file():  # not a dangling link (Debian's sitecustomize.py) or a FIFO
                 rel = p.relative_to(root).as_posix()
                 if split_of(rel) == split:
                     out.append((rel, p))
@@ -82,7 +82,12 @@ def corpus_files(split: str, root: Path | None = None) -> list[tuple[str, Path]]
 def corpus_texts(split: str, root: Path | None = None):
     """Yield each file's text (undecodable bytes replaced, so every install reads the same)."""
     for _, p in corpus_files(split, root):
-        yield p.read_bytes().decode("utf-8", errors="replace")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ModelNotFoundError(f"cannot read the corpus file {p}: {e.strerror or e}; make it readable "
+                                     "or remove it") from e
+        yield data.decode("utf-8", errors="replace")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -84,7 +84,12 @@ def check_mask(attention_mask, ids_shape) -> torch.Tensor | None:
                          f"{type(attention_mask).__name__} {attention_mask!r:.60}: {e}") from None
     if tuple(mask.shape) != tuple(ids_shape):
         raise ShapeError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids_shape)}")
-    if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
+    if mask.device.type == "meta":
+        raise ShapeError("attention_mask is on the meta device, which holds no values; pass a real 0/1 mask "
+                         "(a CPU tensor, list or numpy array)")
+    if mask.dtype.is_complex:  # torch.unique (in _values) has no complex kernel
+        raise ShapeError(f"attention_mask must hold 0 (padding) and 1 (token), got {mask.dtype}")
+    if not ((mask == 0) | (mask == 1)).all():
         raise ShapeError(f"attention_mask must hold 0 (padding) and 1 (token), got {_values(mask)}")
     mask = mask.long()
     # left padding only: a 0 after a 1 would be a hole (or right padding) inside the state's

@@ -134,8 +134,7 @@ def move_initializers(inits: list, dst) -> None:
 
 
 def _ir_for_opset(opset: int) -> int:
-    """Lowest IR version that carries `opset`, so older runtimes can load the file."""
-    for ir, op in ((7, 12), (7, 13), (8, 14), (8, 15), (8, 16), (8, 17), (8, 18), (9, 19), (9, 20), (10, 21)):
-        if opset <= op:
-            return ir
-    return onnx.IR_VERSION
+    """Lowest IR version that carries `opset`, so older runtimes can load the file (a runtime
+    refuses a file whose IR is above its own, whatever the opset); onnx's own table, which knows
+    every opset the installed onnx can write."""
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)])

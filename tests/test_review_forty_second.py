@@ -1,0 +1,149 @@
+"""Regression tests for what the forty-second session's reviews found; each fails on the code
+before its fix."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from mamba_deploy.export.onnx import export_onnx  # noqa: E402
+
+# ONNX's docs/Versioning.md: the IR version each opset of the default domain was released with
+# (an independent table, not the onnx package's helper the exporter calls)
+RELEASED_IR = {14: 7, 17: 8, 19: 9, 21: 10, 22: 10}
+
+
+@pytest.mark.parametrize("opset", [14, 22])
+def test_export_writes_the_lowest_ir_its_opset_needs(opset, hf_checkpoint, tmp_path):
+    """Opsets 22-27 were written with the installed onnx's newest IR (14 with onnx 1.23): a runtime
+    that reads opset 22 but IR 10 refused the file; opset 14 was written as IR 8, not 7."""
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"the installed onnx {onnx.__version__} cannot write opset {opset}")
+    folder, _ = hf_checkpoint("mamba2")
+    out = export_onnx(folder, tmp_path / "o", opset=opset)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert model.opset_import[0].version == opset
+    assert model.ir_version == RELEASED_IR[opset]
+
+
+def test_corpus_skips_dangling_links_and_names_unreadable_files(tmp_path, monkeypatch):
+    """os.walk lists a dangling `.py` link (Debian's sitecustomize.py -> /etc/...) among the files:
+    it was kept and read_bytes raised a raw FileNotFoundError."""
+    from mamba_deploy import data
+    from mamba_deploy.errors import ModelNotFoundError
+
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    for i in range(40):  # enough files that both splits get some
+        (root / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+    (root / "pkg" / "zz_broken.py").symlink_to(tmp_path / "nowhere.py")
+    names = [rel for split in ("train", "val") for rel, _ in data.corpus_files(split, root)]
+    assert "pkg/zz_broken.py" not in names and len(names) == 40
+    assert sorted("".join(data.corpus_texts(s, root)) for s in ("train", "val"))  # reads every kept file
+    real = type(root).read_bytes
+
+    def read_bytes(path):  # a file that vanishes or turns unreadable between the listing and the read
+        if path.name == "m0.py":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(type(root), "read_bytes", read_bytes)
+    split = next(s for s in ("train", "val") if "pkg/m0.py" in [r for r, _ in data.corpus_files(s, root)])
+    with pytest.raises(ModelNotFoundError, match="m0.py: Permission denied"):
+        list(data.corpus_texts(split, root))
+
+
+def _mamba2_with_d_inner(d_inner):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import random_lm
+    from mamba_deploy.config import MambaConfig
+
+    cfg = MambaConfig(arch="mamba2", d_model=48, n_layer=2, vocab_size=256, d_inner_override=d_inner,
+                      headdim=16, ngroups=1, d_state=16, chunk_size=8)
+    return random_lm(cfg)
+
+
+def test_mamba2_wider_inner_saves_as_whole_expand_transformers_loads(tmp_path):
+    """transformers' Mamba2 sizes its layers from expand * hidden_size alone: a d_inner override
+    (a GGUF's ssm.inner_size) was written beside expand 2, and the folder then loaded in neither
+    transformers nor mamba_deploy."""
+    import torch
+    from transformers import Mamba2ForCausalLM
+
+    from mamba_deploy.checkpoint import load_model, save_checkpoint
+    from mamba_deploy.state import State
+
+    model = _mamba2_with_d_inner(144)  # 3 * d_model
+    out = save_checkpoint(model, tmp_path / "hf")
+    hf = Mamba2ForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits.double()
+        ours = load_model(out)(ids, State.zeros(model.config, 2)).logits.double()
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-4
+    assert load_model(save_checkpoint(model, tmp_path / "ssm", fmt="mamba_ssm")).config.d_inner == 144
+
+
+@pytest.mark.parametrize("fmt", ["hf", "mamba_ssm"])
+def test_mamba2_inner_not_a_multiple_is_refused_before_writing(fmt, tmp_path):
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="d_inner 80 is not a whole multiple of d_model 48.*GGUF or ONNX"):
+        save_checkpoint(_mamba2_with_d_inner(80), tmp_path / "out", fmt=fmt)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mask", ["complex", "numpy complex", "meta"])
+def test_runner_refuses_complex_and_meta_masks_typed(mask, hf_checkpoint):
+    """A complex mask crashed in torch.unique (NotImplementedError) while its message was built, a
+    meta one in .item() (RuntimeError); ids had these checks, masks did not."""
+    import numpy as np
+    import torch
+
+    from mamba_deploy.errors import ShapeError
+    from mamba_deploy.runners import open_runner
+
+    folder, _ = hf_checkpoint("mamba2")
+    runner = open_runner(folder, "torch")
+    ids = torch.ones(2, 3, dtype=torch.long)
+    m = {"complex": torch.ones(2, 3, dtype=torch.complex64), "numpy complex": np.ones((2, 3), np.complex128),
+         "meta": torch.ones(2, 3, dtype=torch.long, device="meta")}[mask]
+    with pytest.raises(ShapeError, match="complex|meta device"):
+        runner.prefill(ids, runner.new_state(2), attention_mask=m)
+
+
+def test_tied_weights_stored_only_as_lm_head_load_as_transformers_does(hf_checkpoint, tmp_path):
+    """A tied checkpoint whose shared matrix is saved under `lm_head.weight` alone: transformers
+    loads it (tying either name to the other); mamba_deploy said the embeddings were missing."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import MambaForCausalLM
+
+    from mamba_deploy import load_model
+    from mamba_deploy.cli import main
+    from mamba_deploy.state import State
+
+    folder, _ = hf_checkpoint("mamba")
+    d = tmp_path / "m"
+    shutil.copytree(folder, d)
+    (f,) = d.glob("*.safetensors")
+    sd = load_file(f)
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = sd.pop("backbone.embeddings.weight")
+    save_file(sd, f, metadata={"format": "pt"})
+    hf = MambaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    model = load_model(d)
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits.double()
+        ours = model(ids, State.zeros(model.config, 2)).logits.double()
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
+    assert main(["inspect", str(d)]) == 0

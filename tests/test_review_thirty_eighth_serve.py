@@ -186,8 +186,10 @@ def test_the_serve_flags_reach_the_server(folder, monkeypatch):
 # ----------------------------------------------------------------------------- framing
 
 @pytest.mark.parametrize("headers, status", [
-    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 411),  # which one frames the body?
-    (b"Transfer-Encoding: gzip\r\nContent-Length: 2\r\n", 501),
+    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 400),  # which one frames the body?
+    (b"Transfer-Encoding: gzip\r\nContent-Length: 2\r\n", 400),
+    (b"Transfer-Encoding: gzip\r\n", 501),
+    (b"Transfer-Encoding: gzip, chunked\r\n", 501),
     (b"Content-Length: 2\r\nContent-Length: 40\r\n", 400),
     (b"Content-Length: +2\r\n", 400),
     (b"Content-Length: 2,2\r\n", 400),

@@ -83,12 +83,27 @@ def test_a_huge_temperature_samples_without_a_numpy_warning():
 
 def test_mamba_ssm_layout_refuses_an_intermediate_size_it_cannot_hold(tmp_path, capsys):
     """A Mamba1 whose intermediate_size is not expand * hidden_size was written with expand alone
-    (exit 0), and the output then failed to load on every tensor's shape."""
-    from conftest import build_hf_model
+    (exit 0), and the output then failed to load on every tensor's shape. A whole multiple of
+    hidden_size is written as that expand (forty-second session); any other is refused."""
+    import torch
 
-    build_hf_model("mamba", intermediate_size=96).save_pretrained(tmp_path / "hf")
+    from conftest import build_hf_model
+    from mamba_deploy import load_model
+    from mamba_deploy.state import State
+
+    build_hf_model("mamba", intermediate_size=80).save_pretrained(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ssm"), "--format", "mamba_ssm"]) == 2
     assert "intermediate size" in capsys.readouterr().err and not (tmp_path / "ssm").exists()
+
+    hf = build_hf_model("mamba", intermediate_size=96)  # 3 * hidden_size 32
+    hf.save_pretrained(tmp_path / "hf3")
+    assert main(["convert", str(tmp_path / "hf3"), str(tmp_path / "ssm3"), "--format", "mamba_ssm"]) == 0
+    model = load_model(tmp_path / "ssm3")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits.double()
+        got = model(ids, State.zeros(model.config, 2)).logits.double()
+    assert model.config.d_inner == 96 and (got - ref).abs().max() / ref.abs().max() < 1e-5
 
 
 def test_a_padded_vocabulary_survives_the_hf_layout(tmp_path):

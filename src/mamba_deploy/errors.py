@@ -29,6 +29,10 @@ class ShapeError(MambaDeployError, ValueError):
     """Runtime inputs (ids, state, mask) have the wrong shape or dtype."""
 
 
+class ContextLengthError(ShapeError):
+    """A prompt plus its max_tokens would run past a runner's max_positions (llama.cpp's n_ctx)."""
+
+
 class ExportError(MambaDeployError, RuntimeError):
     """An export failed or its validation against PyTorch exceeded tolerance."""
 

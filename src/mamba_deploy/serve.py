@@ -56,11 +56,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-from .errors import ConfigError, MambaDeployError, RunnerClosedError
-from .serve_http import (CLOSE, AcceptPause, DeadlineReader, bind_error, body_length,
+from .errors import ConfigError, ContextLengthError, MambaDeployError, RunnerClosedError
+from .serve_http import (CHUNKED, CLOSE, AcceptPause, DeadlineReader, bind_error, body_length,
                          check_allowed_hosts, check_host_and_origin, default_allowed_hosts, internal_error, peer_closed,
-                         refuse_busy)
-from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, FIELDS, RequestError, _check_max_tokens,
+                         read_chunked, refuse_busy)
+from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, RequestError, _check_max_tokens, _same,
                             _typed, check_model, error_payload, parse_completion_request, refuse_unknown,
                             refuse_unsupported)
 
@@ -264,12 +264,14 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(fmt, *args)
 
     def parse_request(self):
+        self._cors = None  # an allowed page's Origin: echoed so its browser may read the answer
         self._continue = False  # owe the client a `100 Continue` before reading its body
         self._body_unread = False  # bytes of this request still on the connection: it cannot carry another
         if not super().parse_request():
             return False
         try:
             check_host_and_origin(self.headers, self.server.allowed_hosts, self.request_version)
+            self._cors = self.headers.get("Origin")
             self._length = body_length(self.headers)
         except RequestError as e:
             self._body_unread = True  # its bytes cannot be told from the next request's: close
@@ -292,6 +294,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self):  # only _read_json sends the 100 (see parse_request)
         return True
+
+    def end_headers(self):
+        # CORS: a page whose Origin check_host_and_origin let through (the server's own host, a
+        # listed one, or any with --allowed-hosts *) may read the answer; a browser treats another
+        # port as another origin and would otherwise block it (and fail its preflight)
+        if getattr(self, "_cors", None):
+            self.send_header("Access-Control-Allow-Origin", self._cors)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     # -- responses
     def _send(self, status: int, payload: dict | None, headers=JSON_HEADERS):
@@ -376,7 +387,14 @@ class _Handler(BaseHTTPRequestHandler):
                            headers={"Allow": allow})
 
     def _options(self):
-        self._send(204, None, headers={"Allow": f"{self._allowed(self._route_path())}, OPTIONS"})
+        allow = f"{self._allowed(self._route_path())}, OPTIONS"
+        headers = {"Allow": allow}
+        if self._cors and self.headers.get("Access-Control-Request-Method"):  # a browser's preflight
+            asked = self.headers.get("Access-Control-Request-Headers")
+            headers.update({"Access-Control-Allow-Methods": allow,
+                            "Access-Control-Allow-Headers": asked or "Content-Type, Authorization",
+                            "Access-Control-Max-Age": "600"})
+        self._send(204, None, headers=headers)
 
     def _get(self):
         path = self._route_path()
@@ -464,7 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
                                param="prompt")
         refuse_unknown(body, CHAT_FIELDS)
         # the request's own faults first: they hold whatever the model's template is
-        if body.get("n") not in (None, 1):  # the completions answer suggests `prompt`, which chat refuses
+        if not any(_same(body.get("n"), a) for a in (None, 1)):  # the completions answer suggests `prompt`
             raise RequestError(f"`n`={json.dumps(body['n'])[:80]}: only n=1 is supported; send the request "
                                "again for another reply", param="n")
         refuse_unsupported(body, CHAT_UNSUPPORTED)
@@ -485,32 +503,38 @@ class _Handler(BaseHTTPRequestHandler):
         rest = {k: v for k, v in body.items() if k not in ("messages", "max_completion_tokens")}
         if rest.get("logprobs") is False:  # chat's logprobs is a flag, off by default; clients send false
             del rest["logprobs"]
-        if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:  # OpenAI's newer
-            # name; a null in either is not sent (max_tokens null beside it: clients fill every field)
-            n = _typed(body, "max_completion_tokens", (int,), FIELDS["max_tokens"][1])
-            rest["max_tokens"] = _check_max_tokens(n, "max_completion_tokens", self.server.max_tokens_limit)
-        elif body.get("max_tokens") is None:  # OpenAI's chat has no small default: until the reply ends
-            rest["max_tokens"] = self.server.max_tokens_limit
+        limit = self.server.max_tokens_limit
+        for name in ("max_tokens", "max_completion_tokens"):  # each checked when sent (null: not sent)
+            if body.get(name) is not None:
+                rest["max_tokens"] = _check_max_tokens(_typed(body, name, (int,), None), name, limit)
+        # max_completion_tokens, OpenAI's newer name, wins over max_tokens when both are sent (as vLLM);
+        # neither: OpenAI's chat has no small default, the reply runs until it ends, within the
+        # runner's context (llama.cpp's n_ctx): a default past it would refuse every such request
+        if rest.get("max_tokens") is None:
+            positions = getattr(self.server.runner, "max_positions", None)
+            room = positions - len(ids) if isinstance(positions, int) else limit
+            rest["max_tokens"] = min(limit, room) if room > 0 else limit  # no room: the scheduler's 400
         return {**rest, "prompt": ids}
 
     def _read_json(self):
-        n = self._length  # checked by parse_request (serve_http.body_length)
+        n = self._length  # checked by parse_request (serve_http.body_length): bytes, CHUNKED or None
         if n is None:
-            raise RequestError("the request needs a JSON body with a Content-Length header", 411, "length_required")
-        if n > MAX_BODY_BYTES:
+            raise RequestError("the request needs a JSON body with a Content-Length header (or a chunked one)",
+                               411, "length_required")
+        if n != CHUNKED and n > MAX_BODY_BYTES:
             raise RequestError(f"request body of {n} bytes is over the {MAX_BODY_BYTES}-byte limit", 413,
                                "request_too_large")
         if self._continue and n:  # the client waits for this before sending its body
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._continue = False
         try:
-            raw = self.rfile.read(n)
+            raw = read_chunked(self.rfile, MAX_BODY_BYTES) if n == CHUNKED else self.rfile.read(n)
         except TimeoutError:
             raise RequestError(f"the request body did not arrive within {self.server.request_timeout:g} s "
                                "(the server's --request-timeout)", 408, "request_timeout", headers=CLOSE) from None
         finally:
             self._request_in()
-        if len(raw) < n:  # the client closed its sending side early: nothing more can come
+        if n != CHUNKED and len(raw) < n:  # the client closed its sending side early: nothing more can come
             self.close_connection = True
             raise RequestError(f"the request body ended after {len(raw)} of its {n} bytes (Content-Length)")
         self._body_unread = False
@@ -523,7 +547,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _base(self, rid: str, created: int, obj: str = "text_completion"):
         return {"id": rid, "object": obj, "created": created, "model": self.server.model_name}
 
-    def _generate(self, prompts, kw, on_token=None):
+    def _generate(self, prompts, kw, on_token=None, started=None):
+        """The request through the scheduler -> Generation. started(): called once the request is
+        queued (the scheduler's checks passed), before its tokens are followed: a stream sends its
+        200 there, so a request the scheduler refuses is still a 400."""
         from .batching import SchedulerClosed
 
         closing = self.server.closing
@@ -550,9 +577,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             check()
             job = self.server.scheduler.submit(prompts, stream=on_token is not None, **kw)
+            if started is not None:
+                try:
+                    started()
+                except BaseException:  # nobody will follow it
+                    job.cancel()
+                    raise
             return job.follow(each_token, check)
         except SchedulerClosed:
             raise ShuttingDown from None
+        except ContextLengthError as e:
+            raise RequestError(self.server.public(e), param="max_tokens", code="context_length_exceeded") from e
         except (MambaDeployError, ValueError) as e:
             raise RequestError(self.server.public(e)) from e
 
@@ -580,11 +615,7 @@ class _Handler(BaseHTTPRequestHandler):
         base = self._base(rid, created, "chat.completion.chunk" if chat else "text_completion")
         tok = self.server.runner.tokenizer if as_text else self.server.tokenizer_or_none()
         detoks = [TextStream(tok, kw["stop_strings"], prompt=p) for p in prompts]  # text that follows its prompt
-        self.send_response(200)
-        for k, v in {**SSE_HEADERS, "Connection": "close"}.items():
-            self.send_header(k, v)
-        self.end_headers()  # no Content-Length: the stream ends when the connection closes
-        self.close_connection = True
+        sent = False
 
         def event(payload):
             self.wfile.write(b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
@@ -605,18 +636,26 @@ class _Handler(BaseHTTPRequestHandler):
         def on_token(i, t):  # a write error (client gone) raises here and ends the generation
             event(chunk(i, detoks[i].push(t), [t]))
 
-        if chat:
-            event({**cbase, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+        def start():  # the request is queued: from here on, errors go in-band
+            nonlocal sent
+            self.send_response(200)
+            for k, v in {**SSE_HEADERS, "Connection": "close"}.items():
+                self.send_header(k, v)
+            self.end_headers()  # no Content-Length: the stream ends when the connection closes
+            self.close_connection = True
+            sent = True
+            if chat:
+                event({**cbase, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+
         try:
-            res = self._generate(prompts, kw, on_token)
-        except RequestError as e:  # headers are out: report in-band, then close
-            event(e.payload())
-            return
+            res = self._generate(prompts, kw, on_token, start)
         except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):
             raise  # the client is gone: nothing to tell it (_guarded logs one line)
         except Exception as e:  # noqa: BLE001
-            event(internal_error(e))
+            if not sent:  # refused before the 200: a plain error reply (_guarded)
+                raise
+            event(e.payload() if isinstance(e, RequestError) else internal_error(e))  # headers are out: in-band
             return
         for i, d in enumerate(detoks):
             event(chunk(i, d.finish(), [], res.stop_reasons[i]))

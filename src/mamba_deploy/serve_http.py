@@ -7,7 +7,8 @@ Why each exists:
   byte a minute held a handler thread (and its connection) for good;
 - one framing: Content-Length and Transfer-Encoding together, two different Content-Lengths, or a
   length such as "+51" let a proxy and this server split a connection's bytes into requests
-  differently (request smuggling); RFC 9112 6.3 says refuse and close;
+  differently (request smuggling); RFC 9112 6.3 says refuse and close. A chunked body alone is
+  read (RFC 9112 7.1: clients streaming a body of unknown length send it), within the body limit;
 - Host / Origin: a web page the user visits can POST to a server on 127.0.0.1 (an Origin the
   server does not serve), or resolve its own name to 127.0.0.1 and read the answers (DNS
   rebinding: the Host header still names the page's site);
@@ -39,6 +40,9 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = "*"
 ACCEPT_PAUSE_S = 0.1  # after an accept that failed for lack of descriptors or memory
 ACCEPT_WARN_EVERY_S = 10.0  # one log line per this long while accepts keep failing
+CHUNKED = "chunked"  # body_length's answer for a chunked body
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or a trailer field
+MAX_TRAILERS = 32
 MAX_LENGTH_DIGITS = 18  # a Content-Length this long is past any body limit (and int() refuses 4300+ digits)
 _ACCEPT_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CLOSE = {"Connection": "close"}  # sent with a refusal after which the connection's bytes cannot be trusted
@@ -77,17 +81,19 @@ class DeadlineReader(io.RawIOBase):
 
 # ----------------------------------------------------------------------------- framing
 
-def body_length(headers) -> int | None:
-    """The request body's length from its headers: None when it sends no Content-Length;
-    a RequestError (which closes the connection) for a framing this server does not take."""
+def body_length(headers) -> int | str | None:
+    """The request body's length from its headers: None when it sends no Content-Length, CHUNKED
+    for `Transfer-Encoding: chunked` (read_chunked); a RequestError (which closes the
+    connection) for a framing this server does not take."""
     te = headers.get_all("Transfer-Encoding") or []
     if te:
         codings = ", ".join(te)
-        if "chunked" in codings.lower():
-            raise RequestError("chunked request bodies are not supported; send Content-Length", 411,
-                               "length_required", headers=CLOSE)
+        if headers.get_all("Content-Length"):  # RFC 9112 6.3: which one frames the body? refuse, close
+            raise RequestError("a request has Content-Length or Transfer-Encoding, not both", headers=CLOSE)
+        if codings.strip().lower() == "chunked":  # RFC 9112 7.1: every HTTP/1.1 server reads it
+            return CHUNKED
         raise RequestError(f"Transfer-Encoding {codings[:80]!r} is not supported; send the body with a "
-                           "Content-Length", 501, "not_implemented", headers=CLOSE)
+                           "Content-Length or as chunked alone", 501, "not_implemented", headers=CLOSE)
     values = [v.strip() for v in headers.get_all("Content-Length") or []]
     if not values:
         return None
@@ -101,6 +107,42 @@ def body_length(headers) -> int | None:
         raise RequestError(f"{len(values)} different Content-Length headers ({', '.join(values)[:80]}); "
                            "send one", headers=CLOSE)
     return int(values[0])
+
+
+def read_chunked(rfile, limit: int) -> bytes:
+    """A `Transfer-Encoding: chunked` body (RFC 9112 7.1): hex-sized chunks (extensions ignored),
+    a 0-sized last one, trailer fields (ignored), an empty line. RequestError, closing the
+    connection, for a malformed framing, one that ends early, or a body over `limit` bytes (413,
+    before more than the limit is read); the reader's TimeoutError passes through."""
+    def line(what: str) -> bytes:
+        got = rfile.readline(MAX_CHUNK_LINE + 1)
+        if not got.endswith(b"\n"):
+            why = "ended early" if len(got) <= MAX_CHUNK_LINE else f"has a {what} line over {MAX_CHUNK_LINE} bytes"
+            raise RequestError(f"the chunked request body {why}", headers=CLOSE)
+        return got.rstrip(b"\r\n")
+
+    parts, total = [], 0
+    while True:
+        size_text = line("chunk-size").split(b";", 1)[0].strip()
+        if not (0 < len(size_text) <= 16 and all(c in b"0123456789abcdefABCDEF" for c in size_text)):
+            raise RequestError(f"bad chunk size {size_text[:40]!r} in a chunked request body (hex digits)",
+                               headers=CLOSE)
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise RequestError(f"chunked request body over the {limit}-byte limit", 413, "request_too_large",
+                               headers=CLOSE)
+        data = rfile.read(size)
+        if len(data) < size or line("chunk end") != b"":
+            raise RequestError("a chunk of the chunked request body is shorter than its size, or does not "
+                               "end with CRLF", headers=CLOSE)
+        parts.append(data)
+    for _ in range(MAX_TRAILERS + 1):
+        if line("trailer") == b"":
+            return b"".join(parts)
+    raise RequestError(f"a chunked request body with over {MAX_TRAILERS} trailer fields", headers=CLOSE)
 
 
 # ----------------------------------------------------------------------------- Host and Origin

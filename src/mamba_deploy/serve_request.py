@@ -37,6 +37,9 @@ UNSUPPORTED = {
                                      "tokens already in the prompt or the output)"),
     "logit_bias": ((None, {}), "logit_bias is not supported"),
 }
+# OpenAI's stream_options: include_obfuscation pads chunks against length side channels, which
+# this server does not do (accepted: it asks for nothing a client reads)
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 # chat fields a language model without tools or constrained decoding cannot honour: dropping
 # them would answer something else than was asked (free text for a JSON response_format)
 CHAT_UNSUPPORTED = {
@@ -100,8 +103,16 @@ def refuse_unsupported(body: dict, table: dict) -> None:
     """A 400 naming the first field of `table` (UNSUPPORTED, CHAT_UNSUPPORTED) sent with a value
     other than its no-op ones."""
     for name, (allowed, why) in table.items():
-        if name in body and body[name] not in allowed:
+        if name in body and not any(_same(body[name], a) for a in allowed):
             raise RequestError(f"`{name}`={json.dumps(body[name])[:80]}: {why}", param=name)
+
+
+def _same(v, a) -> bool:
+    """v is the no-op value `a` in `a`'s JSON type: Python has True == 1 and 1.0 == 1, so `"n":
+    true` or `"echo": 0` passed as no-ops. A zero may come as 0.0 (a penalty is a JSON number)."""
+    if isinstance(a, int) and not isinstance(a, bool) and isinstance(v, float):
+        return a == 0 and v == 0
+    return type(v) is type(a) and v == a
 
 
 def refuse_unknown(body, known: set) -> None:
@@ -241,10 +252,16 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
     kw["ignore_eos"] = _flag(body.get("ignore_eos"), "ignore_eos", "ignore_eos")
     kw["stop_strings"] = _parse_stop(body.get("stop"))
     stream = _flag(body.get("stream"), "stream", "stream")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    opts = {} if opts is None else opts  # a falsy [] / false / "" is not "not given"
     if not isinstance(opts, dict):
-        raise RequestError("`stream_options` must be an object", param="stream_options")
+        raise RequestError(f"`stream_options` must be an object, got {json.dumps(opts)[:80]}", param="stream_options")
+    unknown = sorted(set(opts) - STREAM_OPTIONS)
+    if unknown:
+        raise RequestError(f"unrecognized `stream_options` field `{unknown[0]}`; known: {', '.join(sorted(STREAM_OPTIONS))}",
+                           param="stream_options")
     if opts and not stream:  # OpenAI: "only set this when you set stream: true"
         raise RequestError("`stream_options` is only allowed with \"stream\": true", param="stream_options")
+    _flag(opts.get("include_obfuscation"), "stream_options.include_obfuscation", "stream_options")
     return prompts, as_text, kw, stream, _flag(opts.get("include_usage"), "stream_options.include_usage",
                                                "stream_options")

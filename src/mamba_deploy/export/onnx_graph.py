@@ -334,10 +334,7 @@ class MambaGraph(StepNetwork):
         mask = np.where(np.tri(Q, dtype=bool), 0.0, -np.inf).astype(np.float32).reshape(Q, Q, 1, 1)  # [t, j]
         a = sb.op("Mul", dt, A)  # (b, Q, n, d)
         s = sb.op("CumSum", a, sb.const(1))
-        strict = np.tri(Q, k=-1, dtype=np.float32).reshape(Q, Q, 1, 1)  # [k, j] = 1 for k > j
-        diff = sb.op("CumSum", sb.op("Mul", sb.op("Unsqueeze", a, sb.const([2])), sb.const(strict, np.float32)),
-                     sb.const(1))  # (b, Q_t, Q_j, n, d): sum over j < k <= t of a_k
-        W = sb.op("Exp", sb.op("Add", diff, sb.const(mask, np.float32)))  # (b, Q_t, Q_j, n, d)
+        W = sb.op("Exp", sb.op("Add", self._chunk_exponents(sb, a, s), sb.const(mask, np.float32)))  # (b, Q_t, Q_j, n, d)
         CB = sb.op("Mul", C, sb.op("Reshape", B, sb.const([0, 1, Q, n])))  # (b, Q_t, Q_j, n)
         G = sb.op("MatMul", sb.op("Unsqueeze", CB, sb.const([3])), W)  # (b, Q_t, Q_j, 1, d): n contracted
         y = sb.reduce("ReduceSum", sb.op("Mul", G, sb.op("Unsqueeze", dtx, sb.const([1]))), [2], keepdims=0)
@@ -351,6 +348,14 @@ class MambaGraph(StepNetwork):
         ins = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(3 if v == h else 4)]) for v in names]
         outs = [helper.make_tensor_value_info(v, f, [f"{v}_{j}" for j in range(r)]) for v, r in ((h_new, 3), (y, 4))]
         return helper.make_graph(sb.nodes, sb._name("chunk_body"), ins, outs, sb.inits)
+
+    def _chunk_exponents(self, sb: Builder, a: str, s: str) -> str:
+        """a = dt A (b, Q, n, d), s its cumsum along Q -> (b, Q_t, Q_j, n, d) holding s_t - s_j for
+        t >= j, summed directly over j < k <= t (masked, as _segsum_exp), not as a difference."""
+        Q = self.scan_chunk
+        strict = np.tri(Q, k=-1, dtype=np.float32).reshape(Q, Q, 1, 1)  # [k, j] = 1 for k > j
+        return sb.op("CumSum", sb.op("Mul", sb.op("Unsqueeze", a, sb.const([2])), sb.const(strict, np.float32)),
+                     sb.const(1))
 
     # ---- Mamba2 ---------------------------------------------------------------------------------
     def _ssd_shapes(self):

@@ -322,8 +322,8 @@ class MambaGraph(StepNetwork):
         dt A (<= 0, non-increasing along Q):
             y_t = sum_j (sum_n C_tn B_jn exp(s_tn - s_jn)) dtx_j + C_t . (exp(s_t) h)
             h'  = exp(s_Q) h + sum_j exp(s_Q - s_j) dtx_j B_j
-        The exponents s_t - s_j are summed directly as a masked cumsum of dt A over j < k <= t (as
-        _segsum_exp does for Mamba2), <= 0 on and below the diagonal and -inf above it (exp gives
+        The exponents s_t - s_j are summed directly over j < k <= t (_chunk_exponents), <= 0 on
+        and below the diagonal and -inf above it (exp gives
         exact zeros): only decays <= 1 are formed and no exp(-s) is divided out later, so large dt
         and strongly negative A cannot overflow at any length. A difference of two cumsums would
         cancel float32's digits after one large-dt step (5e-4 relative at Q = 64). W and the few
@@ -351,11 +351,15 @@ class MambaGraph(StepNetwork):
 
     def _chunk_exponents(self, sb: Builder, a: str, s: str) -> str:
         """a = dt A (b, Q, n, d), s its cumsum along Q -> (b, Q_t, Q_j, n, d) holding s_t - s_j for
-        t >= j, summed directly over j < k <= t (masked, as _segsum_exp), not as a difference."""
-        Q = self.scan_chunk
-        strict = np.tri(Q, k=-1, dtype=np.float32).reshape(Q, Q, 1, 1)  # [k, j] = 1 for k > j
-        return sb.op("CumSum", sb.op("Mul", sb.op("Unsqueeze", a, sb.const([2])), sb.const(strict, np.float32)),
-                     sb.const(1))
+        t >= j, summed directly over j < k <= t (as _segsum_exp), not as a difference: one MatMul
+        of a 0/1 (Q*Q, Q) matrix with a, Q multiply-adds per element. A masked CumSum of the same
+        sum ran Q = 32 at 2x the time on ONNX Runtime's CUDA provider (its CumSum re-reads the axis
+        per element), the difference of cumsums lost float32's digits (benchmarks/onnx_m1_chunk.py)."""
+        Q, n = self.scan_chunk, self.cfg.d_state
+        t, j, k = np.ogrid[:Q, :Q, :Q]
+        M = ((j < k) & (k <= t)).astype(np.float32).reshape(Q * Q, Q)  # [t*Q + j, k]
+        flat = sb.op("Reshape", a, sb.const([0, Q, -1]))  # (b, Q, n*d)
+        return sb.op("Reshape", sb.op("MatMul", sb.const(M, np.float32), flat), sb.const([0, Q, Q, n, -1]))
 
     # ---- Mamba2 ---------------------------------------------------------------------------------
     def _ssd_shapes(self):

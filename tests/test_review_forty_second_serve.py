@@ -164,3 +164,74 @@ def test_a_malformed_chunked_body_is_refused_and_closed(server, chunks, status):
     head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     got, h, data, closed = _raw(server, head + chunks)
     assert got == status and closed and h["connection"] == "close", data[:300]
+
+
+# ----------------------------------------------------------------------------- the diff review's findings
+
+CHUNKED_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+BODY = json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode()
+
+
+@pytest.mark.parametrize("coding", [b"\x0bchunked", b"\xa0chunked", b"chunked\x1c", b"\x0cchunked"])
+def test_a_disguised_chunked_coding_is_not_read_as_chunked(server, coding):
+    """str.strip() also removes \\x0b, \\xa0, \\x1c: a proxy that does not see those values as chunked
+    splits the connection's bytes differently from a server that does (request smuggling)."""
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+    got, h, data, closed = _raw(server, head + _chunked(BODY, []))
+    assert got == 501 and closed, data[:300]
+
+
+def test_chunked_in_http_1_0_is_refused_and_closed(server):
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding is faulty framing; the server must close."""
+    got, h, data, closed = _raw(server, b"POST /v1/completions HTTP/1.0\r\nConnection: keep-alive\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(BODY, [])
+                                + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert got == 400 and closed and "HTTP/1.1" in json.loads(data)["error"]["message"]
+
+
+@pytest.mark.parametrize("chunks", [
+    b" 5\r\nhello\r\n0\r\n\r\n",  # whitespace before the size
+    b"\x0b5\r\nhello\r\n0\r\n\r\n",
+    b"5\x0c\r\nhello\r\n0\r\n\r\n",
+    b"5\r\r\nhello\r\n0\r\n\r\n",  # a bare CR
+    b"5\r\nhello\r\n0\r\nno colon here\r\n\r\n",  # a trailer that is not name: value
+    b"5\r\nhello\r\n0\r\nX-A: 1\r\n folded\r\n\r\n",  # obs-fold
+])
+def test_loose_chunk_framing_is_refused(server, chunks):
+    got, _, data, closed = _raw(server, CHUNKED_HEAD + chunks)
+    assert got == 400 and closed, data[:300]
+
+
+def test_many_tiny_chunks_are_refused(server, monkeypatch):
+    """1-byte chunks of an 8 MB body took ~690 MB of server memory (a bytes object per chunk) and
+    11 s of one core: the chunks are now one buffer, and their number is capped."""
+    from mamba_deploy import serve_http
+
+    monkeypatch.setattr(serve_http, "MAX_CHUNKS", 8)
+    got, _, data, closed = _raw(server, CHUNKED_HEAD + _chunked(BODY, [1] * 9))
+    assert got == 413 and closed and "8 chunks" in json.loads(data)["error"]["message"]
+    got, _, data, _ = _raw(server, CHUNKED_HEAD.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                           + _chunked(BODY, [1] * 7))
+    assert got == 200, data[:300]  # within the cap: 7 chunks and the rest in an eighth
+
+
+def test_cors_header_is_not_carried_to_the_next_request(server):
+    """http.server's 414 (request line too long) comes before parse_request: it carried the
+    previous request's Access-Control-Allow-Origin."""
+    import socket
+
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:3000\r\n\r\n"
+                     + b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        replies = b""
+        while chunk := sock.recv(65536):
+            replies += chunk
+    first, second = replies.split(b"HTTP/1.1 ")[1:3]
+    assert b"Access-Control-Allow-Origin: http://localhost:3000" in first
+    assert second.startswith(b"414") and b"Access-Control-Allow-Origin" not in second
+
+
+def test_context_error_names_the_field_the_client_sent(capped):
+    status, _, data = post_json(capped, {"messages": MESSAGES, "max_completion_tokens": 39, "stream": True},
+                                "/v1/chat/completions")
+    assert status == 400 and json.loads(data)["error"]["param"] == "max_completion_tokens", data[:300]

@@ -251,6 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server_version
 
     def handle_one_request(self):
+        self._cors = None  # http.server's own refusals (a 414) come before parse_request: not the last request's
         # from the wait for its first line to the end of its body, a request has request_timeout seconds
         t = self.server.request_timeout
         self._reader.deadline = None if t is None else time.monotonic() + t
@@ -264,15 +265,14 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(fmt, *args)
 
     def parse_request(self):
-        self._cors = None  # an allowed page's Origin: echoed so its browser may read the answer
         self._continue = False  # owe the client a `100 Continue` before reading its body
         self._body_unread = False  # bytes of this request still on the connection: it cannot carry another
         if not super().parse_request():
             return False
         try:
             check_host_and_origin(self.headers, self.server.allowed_hosts, self.request_version)
-            self._cors = self.headers.get("Origin")
-            self._length = body_length(self.headers)
+            self._cors = self.headers.get("Origin")  # an allowed page's: echoed so its browser may read the answer
+            self._length = body_length(self.headers, self.request_version)
         except RequestError as e:
             self._body_unread = True  # its bytes cannot be told from the next request's: close
             self._send(e.status, e.payload(), headers={**JSON_HEADERS, **e.headers})
@@ -411,6 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse_method(path)
 
     def _post(self):
+        self._max_field = "max_tokens"
         path = self._route_path()
         if path not in POST_PATHS:
             self._refuse_method(path)
@@ -507,6 +508,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name in ("max_tokens", "max_completion_tokens"):  # each checked when sent (null: not sent)
             if body.get(name) is not None:
                 rest["max_tokens"] = _check_max_tokens(_typed(body, name, (int,), None), name, limit)
+                self._max_field = name  # what a context-length 400 names
         # max_completion_tokens, OpenAI's newer name, wins over max_tokens when both are sent (as vLLM);
         # neither: OpenAI's chat has no small default, the reply runs until it ends, within the
         # runner's context (llama.cpp's n_ctx): a default past it would refuse every such request
@@ -514,6 +516,7 @@ class _Handler(BaseHTTPRequestHandler):
             positions = getattr(self.server.runner, "max_positions", None)
             room = positions - len(ids) if isinstance(positions, int) else limit
             rest["max_tokens"] = min(limit, room) if room > 0 else limit  # no room: the scheduler's 400
+            self._max_field = None  # the server's default: the prompt is what to shorten
         return {**rest, "prompt": ids}
 
     def _read_json(self):
@@ -587,7 +590,8 @@ class _Handler(BaseHTTPRequestHandler):
         except SchedulerClosed:
             raise ShuttingDown from None
         except ContextLengthError as e:
-            raise RequestError(self.server.public(e), param="max_tokens", code="context_length_exceeded") from e
+            raise RequestError(self.server.public(e), param=getattr(self, "_max_field", "max_tokens"),
+                               code="context_length_exceeded") from e
         except (MambaDeployError, ValueError) as e:
             raise RequestError(self.server.public(e)) from e
 

@@ -24,6 +24,7 @@ import errno
 import io
 import ipaddress
 import json
+import re
 import select
 import socket
 import sys
@@ -43,6 +44,8 @@ ACCEPT_WARN_EVERY_S = 10.0  # one log line per this long while accepts keep fail
 CHUNKED = "chunked"  # body_length's answer for a chunked body
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or a trailer field
 MAX_TRAILERS = 32
+MAX_CHUNKS = 65536  # 128 bytes a chunk on average at the 8 MiB body limit
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}[ \t]*(;[^\r\n]*)?")  # chunk-size [ chunk-ext ]
 MAX_LENGTH_DIGITS = 18  # a Content-Length this long is past any body limit (and int() refuses 4300+ digits)
 _ACCEPT_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CLOSE = {"Connection": "close"}  # sent with a refusal after which the connection's bytes cannot be trusted
@@ -81,17 +84,20 @@ class DeadlineReader(io.RawIOBase):
 
 # ----------------------------------------------------------------------------- framing
 
-def body_length(headers) -> int | str | None:
+def body_length(headers, request_version: str = "HTTP/1.1") -> int | str | None:
     """The request body's length from its headers: None when it sends no Content-Length, CHUNKED
     for `Transfer-Encoding: chunked` (read_chunked); a RequestError (which closes the
     connection) for a framing this server does not take."""
     te = headers.get_all("Transfer-Encoding") or []
     if te:
         codings = ", ".join(te)
+        if request_version < "HTTP/1.1":  # RFC 9112 6.1: an HTTP/1.0 message with it is faulty: close
+            raise RequestError("Transfer-Encoding needs HTTP/1.1; send an HTTP/1.0 body with a Content-Length",
+                               headers=CLOSE)
         if headers.get_all("Content-Length"):  # RFC 9112 6.3: which one frames the body? refuse, close
             raise RequestError("a request has Content-Length or Transfer-Encoding, not both", headers=CLOSE)
-        if codings.strip().lower() == "chunked":  # RFC 9112 7.1: every HTTP/1.1 server reads it
-            return CHUNKED
+        if codings.strip(" \t").lower() == "chunked":  # RFC 9112 7.1: every HTTP/1.1 server reads it; only
+            return CHUNKED  # space / tab around it (str.strip would also take \x0b, \xa0: a smuggling shape)
         raise RequestError(f"Transfer-Encoding {codings[:80]!r} is not supported; send the body with a "
                            "Content-Length or as chunked alone", 501, "not_implemented", headers=CLOSE)
     values = [v.strip() for v in headers.get_all("Content-Length") or []]
@@ -111,37 +117,47 @@ def body_length(headers) -> int | str | None:
 
 def read_chunked(rfile, limit: int) -> bytes:
     """A `Transfer-Encoding: chunked` body (RFC 9112 7.1): hex-sized chunks (extensions ignored),
-    a 0-sized last one, trailer fields (ignored), an empty line. RequestError, closing the
-    connection, for a malformed framing, one that ends early, or a body over `limit` bytes (413,
-    before more than the limit is read); the reader's TimeoutError passes through."""
+    a 0-sized last one, trailer fields (ignored), an empty line; lines end in CRLF or a bare LF.
+    RequestError, closing the connection, for a framing that deviates from that grammar (each
+    leniency is a way for a proxy and this server to split requests differently), one that ends
+    early, a body over `limit` bytes (413, before more than the limit is read) or in more than
+    MAX_CHUNKS chunks (each costs a Python loop turn); the reader's TimeoutError passes through."""
     def line(what: str) -> bytes:
         got = rfile.readline(MAX_CHUNK_LINE + 1)
         if not got.endswith(b"\n"):
             why = "ended early" if len(got) <= MAX_CHUNK_LINE else f"has a {what} line over {MAX_CHUNK_LINE} bytes"
             raise RequestError(f"the chunked request body {why}", headers=CLOSE)
-        return got.rstrip(b"\r\n")
+        got = got[:-2] if got.endswith(b"\r\n") else got[:-1]
+        if b"\r" in got:
+            raise RequestError(f"a bare CR in a {what} line of the chunked request body", headers=CLOSE)
+        return got
 
-    parts, total = [], 0
-    while True:
-        size_text = line("chunk-size").split(b";", 1)[0].strip()
-        if not (0 < len(size_text) <= 16 and all(c in b"0123456789abcdefABCDEF" for c in size_text)):
-            raise RequestError(f"bad chunk size {size_text[:40]!r} in a chunked request body (hex digits)",
-                               headers=CLOSE)
-        size = int(size_text, 16)
+    body = bytearray()  # one buffer: a bytes object per chunk cost ~80 bytes each (1-byte chunks: 80x the body)
+    for _ in range(MAX_CHUNKS + 1):
+        head = line("chunk-size")
+        if not _CHUNK_SIZE.fullmatch(head):
+            raise RequestError(f"bad chunk-size line {bytes(head[:40])!r} in a chunked request body (hex digits, "
+                               "then optional ;extensions)", headers=CLOSE)
+        size = int(head.split(b";", 1)[0].rstrip(b" \t"), 16)
         if size == 0:
             break
-        total += size
-        if total > limit:
+        if len(body) + size > limit:
             raise RequestError(f"chunked request body over the {limit}-byte limit", 413, "request_too_large",
                                headers=CLOSE)
         data = rfile.read(size)
         if len(data) < size or line("chunk end") != b"":
             raise RequestError("a chunk of the chunked request body is shorter than its size, or does not "
                                "end with CRLF", headers=CLOSE)
-        parts.append(data)
+        body += data
+    else:
+        raise RequestError(f"a chunked request body in over {MAX_CHUNKS} chunks; send larger chunks or a "
+                           "Content-Length", 413, "request_too_large", headers=CLOSE)
     for _ in range(MAX_TRAILERS + 1):
-        if line("trailer") == b"":
-            return b"".join(parts)
+        field = line("trailer")
+        if field == b"":
+            return bytes(body)
+        if field[:1] in (b" ", b"\t") or b":" not in field:  # obs-fold, or not name: value
+            raise RequestError(f"bad trailer field {bytes(field[:40])!r} in a chunked request body", headers=CLOSE)
     raise RequestError(f"a chunked request body with over {MAX_TRAILERS} trailer fields", headers=CLOSE)
 
 

@@ -147,3 +147,74 @@ def test_tied_weights_stored_only_as_lm_head_load_as_transformers_does(hf_checkp
         ours = model(ids, State.zeros(model.config, 2)).logits.double()
     assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
     assert main(["inspect", str(d)]) == 0
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+@pytest.fixture(scope="module")
+def quantized_l0_export(hf_checkpoint, tmp_path_factory):
+    """An int8 quantized tiny Mamba2 and its ONNX export at MatMulNBits accuracy level 0."""
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.quant.quantizer import quantize, save_quantized
+
+    pytest.importorskip("openvino")
+    folder, _ = hf_checkpoint("mamba2")
+    tmp = tmp_path_factory.mktemp("ov_q")
+    save_quantized(quantize(load_model(folder), "int8"), tmp / "q")
+    return tmp / "q", export_onnx(tmp / "q", tmp / "onnx", accuracy_level=0)
+
+
+def test_openvino_keeps_a_level_0_quantized_graph_at_fp32(quantized_l0_export):
+    """OpenVINO's CPU plugin rounded the activations of MatMulNBits layers to int8 (its dynamic
+    quantization, on by default) whatever the f32 hint: 3e-2 from the quantized torch model where
+    onnxruntime on the same graph is 1e-6, and `verify` failed the fp32 row."""
+    import torch
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.runners.onnx_runner import open_onnx
+    from mamba_deploy.runners.openvino_runner import open_openvino
+
+    qdir, out = quantized_l0_export
+    model = load_model(qdir)
+    ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(ids, model.new_state(2)).logits.double()
+    ort = open_onnx(out, threads=1)
+    ov = open_openvino(out, threads=1)
+    for runner in (ort, ov):
+        got, _ = runner.prefill(ids, runner.new_state(2))
+        assert (got.double() - want).abs().max() / want.abs().max() < 1e-4, runner.name
+        runner.close()
+
+
+def test_openvino_device_with_an_index_it_lacks_is_unavailable_not_an_export_error(onnx_export):
+    from mamba_deploy.errors import BackendUnavailableError, ConfigError
+    from mamba_deploy.runners.openvino_runner import missing_devices, open_openvino
+
+    pytest.importorskip("openvino")
+    assert missing_devices("GPU.3", ["CPU", "GPU.0", "GPU.1"]) == ["GPU.3"]
+    assert missing_devices("GPU.0", ["CPU", "GPU"]) == [] and missing_devices("GPU.1", ["GPU.0", "GPU.1"]) == []
+    assert missing_devices("HETERO:GPU.2,CPU", ["CPU", "GPU.0"]) == ["GPU.2"]
+    out = onnx_export("mamba2")[0]
+    with pytest.raises(BackendUnavailableError, match="CPU.1.*use device='CPU'"):
+        open_openvino(out, device="CPU.1")
+    with pytest.raises(ConfigError, match="property names"):
+        open_openvino(out, properties={1: 2})
+
+
+def test_openvino_precision_warning_names_the_properties_that_set_it(onnx_export):
+    from mamba_deploy.runners.openvino_runner import open_openvino
+
+    pytest.importorskip("openvino")
+    out = onnx_export("mamba2")[0]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        runner = open_openvino(out, properties={"INFERENCE_PRECISION_HINT": "f16"})
+        ran = str(runner.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        runner.close()
+    if not seen:
+        pytest.skip(f"this CPU runs f16 as asked ({ran}): nothing to warn about")
+    msg = str(seen[0].message)
+    assert "properties' INFERENCE_PRECISION_HINT 'f16'" in msg and "precision 'f32'" not in msg

@@ -337,9 +337,15 @@ def missing_devices(device: str, available) -> list[str]:
     among `available` (Core.available_devices); [] = all there. "-GPU" in AUTO:CPU,-GPU excludes
     a device and needs none."""
     head, _, rest = device.partition(":")
-    names = [d for d in rest.split(",") if d and not d.startswith("-")] if head in VIRTUAL_DEVICES else [head]
+    names = [d.split("(")[0] for d in rest.split(",") if d and not d.startswith("-")] \
+        if head in VIRTUAL_DEVICES else [head]
     have = {d.split(".")[0] for d in available}
-    return [d for d in names if d.split("(")[0].split(".")[0] not in have]
+
+    def present(name: str) -> bool:  # "GPU.1" must be listed as such; "GPU.0" also where one "GPU" is
+        base, dot, index = name.partition(".")
+        return name in available or (base in have and (not dot or (index == "0" and base in available)))
+
+    return [d for d in names if not present(d)]
 
 
 def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: int | None = None,
@@ -373,8 +379,11 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
     config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    if properties is not None and not isinstance(properties, dict):
-        raise ConfigError(f"properties must be a dict of OpenVINO property names to values, got "
+    level = (manifest.get("quantization") or {}).get("accuracy_level")
+    if precision == "f32" and isinstance(level, int) and level < 4:
+        config.update(_keep_float_activations(core, device))
+    if properties is not None and not (isinstance(properties, dict) and all(isinstance(k, str) for k in properties)):
+        raise ConfigError(f"properties must be a dict of OpenVINO property names (strings) to values, got "
                           f"{type(properties).__name__} {properties!r:.80}")
     config.update(properties or {})
     try:
@@ -397,20 +406,38 @@ def open_openvino(path, device: str = "CPU", precision: str = "f32", threads: in
         if tmpfile is not None:
             tmpfile.unlink(missing_ok=True)
         raise
-    _warn_if_precision_changed(compiled, precision, device)
+    _warn_if_precision_changed(compiled, str(config["INFERENCE_PRECISION_HINT"]), device,
+                               "INFERENCE_PRECISION_HINT" in (properties or {}))
     del model  # the compiled model holds its own weights
     release_freed_memory()
     return OpenVinoRunner(folder, manifest, compiled, defaults, tmpfile)
 
 
-def _warn_if_precision_changed(compiled, precision: str, device: str) -> None:
+def _keep_float_activations(core, device: str) -> dict:
+    """OpenVINO's CPU plugin rounds the activations of int4 / int8-weight MatMuls to int8 by default
+    (DYNAMIC_QUANTIZATION_GROUP_SIZE 32), whatever the precision hint and the graph's
+    MatMulNBits accuracy_level: a level-0 export, checked at fp32's 1e-4, ran at ~1e-2. Off for
+    such graphs at f32 (virtual devices forward it to theirs; a device that lacks it: nothing)."""
+    key = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
+    if device.partition(":")[0] not in VIRTUAL_DEVICES:
+        try:
+            if key not in {str(p) for p in core.get_property(device, "SUPPORTED_PROPERTIES")}:
+                return {}
+        except RuntimeError:
+            return {}
+    return {key: 0}
+
+
+def _warn_if_precision_changed(compiled, wanted: str, device: str, by_properties: bool) -> None:
     """OpenVINO compiles a precision its device lacks in another one without an error (f16 on a
-    CPU with bf16 but no fp16 arithmetic runs in bf16): say what runs instead."""
+    CPU with bf16 but no fp16 arithmetic runs in bf16): say what runs instead. wanted: the hint
+    compiled with (the caller's `properties` may have set it)."""
     try:
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type
         got = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     except RuntimeError:  # a device that does not report it
         return
-    if got not in ("", "undefined", "dynamic", PRECISIONS[precision]):
-        warnings.warn(f"OpenVINO on {device} runs precision {precision!r} as {got}, which it has instead; its "
+    if got not in ("", "undefined", "dynamic", wanted.lower()):
+        source = "properties' INFERENCE_PRECISION_HINT" if by_properties else "precision"
+        warnings.warn(f"OpenVINO on {device} runs {source} {wanted!r} as {got}, which it has instead; its "
                       "results have that precision's error", stacklevel=3)

@@ -218,3 +218,44 @@ def test_openvino_precision_warning_names_the_properties_that_set_it(onnx_export
         pytest.skip(f"this CPU runs f16 as asked ({ran}): nothing to warn about")
     msg = str(seen[0].message)
     assert "properties' INFERENCE_PRECISION_HINT 'f16'" in msg and "precision 'f32'" not in msg
+
+
+def test_small_dt_keeps_the_mamba1_prefill_state_at_fp32(tmp_path):
+    """The prefill graph's softplus took log(1 + u) in float32, 6e-8 off absolute: for dt ~ 5e-5
+    (dt_proj's output) that is 1e-3 of dt, and the state was 1.2e-4 from float64 (the export's
+    validation refused the model; `verify` failed it). OpenVINO's rewrite of the same graph too."""
+    import copy
+
+    import torch
+    import transformers
+
+    from conftest import hf_cache
+    from mamba_deploy.runners import open_runner
+
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=131, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
+                                   conv_kernel=4, time_step_min=1e-4, time_step_max=1e-3)
+    hf = transformers.MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if any(k in n for k in ("A_log", "dt", ".D", "norm")) else 0.05))
+            if n.endswith("dt_proj.bias"):
+                p.sub_(1.0)  # dt ~ 4e-5 .. 4e-4
+    hf.save_pretrained(tmp_path / "hf")
+    out = export_onnx(tmp_path / "hf", tmp_path / "onnx")  # its validation refused it before
+    ids = torch.randint(0, 131, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = hf_cache(copy.deepcopy(hf).double()(ids, use_cache=True))
+    ref = torch.stack([cache.get_recurrent_state(i) for i in range(2)])
+    backends = ["onnx"] + (["openvino"] if _has("openvino") else [])
+    for backend in backends:
+        with open_runner(out, backend, threads=1) as r:
+            _, st = r.prefill(ids, r.new_state(3))
+            got = r.to_torch_state(st).ssm.double()
+        assert (got - ref).abs().max() / ref.abs().max() < 1e-5, backend
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -259,3 +259,53 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+# ----------------------------------------------------------------------------- failure injection
+
+def test_a_fifo_in_place_of_a_json_file_is_refused_not_waited_on(tmp_path):
+    """A FIFO manifest.json / config.json blocked generate, verify, eval, bench and convert for good
+    (the read waits for a writer that never comes)."""
+    import os
+    import threading
+
+    from mamba_deploy.atomic import read_json_object, read_tagged_json
+    from mamba_deploy.errors import ExportError
+
+    fifo = tmp_path / "manifest.json"
+    os.mkfifo(fifo)
+    got = {}
+
+    def read():
+        got["object"] = read_json_object(fifo)
+        try:
+            read_tagged_json(fifo, "onnx", "ONNX export manifest", "re-export the model")
+        except ExportError as e:
+            got["error"] = str(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # unblock the reader so the test process can end
+        with open(fifo, "w"):
+            pass
+        pytest.fail("a read of a FIFO blocked")
+    assert got["object"] == {} and "not a regular file" in got["error"]
+
+
+def test_a_permission_error_is_one_line_not_a_traceback(hf_checkpoint, monkeypatch, capsys):
+    """Path.exists() raises PermissionError on Python 3.11 for a path under an unreadable folder:
+    every verb gave a traceback and exit 1."""
+    from mamba_deploy import checkpoint
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    capsys.readouterr()  # the fixture's own progress output
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied", str(folder / "config.json"))
+
+    monkeypatch.setattr(checkpoint, "config_file", denied)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json: Permission denied; check its permissions" in err[0]

@@ -405,6 +405,8 @@ def read_json_object(path) -> dict:
     """A JSON object file as a dict; {} when it is absent, unreadable or not an object (for
     optional metadata whose absence only means "recompute" or "use the default")."""
     try:
+        if not Path(path).is_file():  # a FIFO would block the read for good
+            return {}
         data = json.loads(Path(path).read_text(encoding="utf-8"))  # not the locale's (a C locale: ASCII)
     except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return {}
@@ -418,6 +420,8 @@ def read_tagged_json(path, fmt: str, kind: str, fix: str) -> dict:
 
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read for good
+            raise ExportError(f"{path} is not a regular file; {fix}")
         obj = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # not JSON, or not UTF-8
         raise ExportError(f"{path} is not valid JSON ({e}); {fix}") from e

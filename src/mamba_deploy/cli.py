@@ -498,6 +498,12 @@ def _main(argv, build) -> int:
         return 2
     except KeyboardInterrupt as e:
         return _stopped(e, args)
+    except PermissionError as e:  # a path check that raised instead of saying no (Path.exists on 3.11)
+        if (stop := _interrupted(e)) is not None:
+            return _stopped(stop, args)
+        print(f"{_rank_prefix(args)}error: {e.filename or 'a file'}: {e.strerror or e}; check its permissions "
+              "and those of the folders above it", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `| head` stopped reading: end quietly (stdout's flush at exit would fail again)
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

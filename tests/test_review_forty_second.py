@@ -309,3 +309,21 @@ def test_a_permission_error_is_one_line_not_a_traceback(hf_checkpoint, monkeypat
     assert main(["inspect", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json: Permission denied; check its permissions" in err[0]
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_broken_tokenizer_link_is_refused_not_dropped(link, hf_checkpoint, tmp_path, capsys):
+    """convert / export onnx / quantize copied tokenizer files with .exists(), False for a dangling
+    or looping link: the output silently had no tokenizer, and generate on it failed later."""
+    import shutil
+
+    from mamba_deploy.cli import main
+
+    folder, _ = hf_checkpoint("mamba")
+    src = tmp_path / "src"
+    shutil.copytree(folder, src)
+    (src / "tokenizer.json").unlink(missing_ok=True)
+    (src / "tokenizer.json").symlink_to(src / "tokenizer.json" if link == "loop" else tmp_path / "gone.json")
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ saved checkpoint or export."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -53,7 +54,7 @@ def copy_tokenizer_files(src, dst) -> list[str]:
 
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
+        if os.path.lexists(src / name):  # a dangling or looping link too: refused below, not dropped
             check_model_file(src / name, src, inside=True)  # nothing from outside the folder goes into the output
             if not (src / name).is_file():
                 raise CheckpointError(f"{src / name} is a folder, not a tokenizer file; remove it or put the file "

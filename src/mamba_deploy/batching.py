@@ -199,16 +199,17 @@ class Scheduler:
 
     def _check_positions(self, req) -> None:
         """ContextLengthError (a ShapeError: the client's 400) for a request that would run past the
-        runner's max_positions (llama.cpp's n_ctx) while decoding: there it failed the batched step, and
-        so every request decoding beside it, halfway through their streams."""
+        runner's max_positions (llama.cpp's n_ctx) while decoding: there it failed the batched step,
+        and so every request decoding beside it, halfway through their streams."""
         limit = getattr(self.runner, "max_positions", None)  # duck-typed runners may lack it
         if not isinstance(limit, int):
             return
         longest = max(len(p) for p in req.ids_list) + req.max_new_tokens
         if longest > limit:
             name = getattr(self.runner, "max_positions_name", "the backend's max_positions")
-            raise ContextLengthError(f"a prompt of {longest - req.max_new_tokens} tokens with max_tokens {req.max_new_tokens} "
-                             f"would pass {name}={limit}; lower max_tokens or shorten the prompt")
+            raise ContextLengthError(f"a prompt of {longest - req.max_new_tokens} tokens with max_tokens "
+                                     f"{req.max_new_tokens} would pass {name}={limit}; lower max_tokens or shorten "
+                                     "the prompt")
 
     def stats(self) -> dict:
         with self._cv:

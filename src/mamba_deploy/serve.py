@@ -590,8 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
         except SchedulerClosed:
             raise ShuttingDown from None
         except ContextLengthError as e:
-            raise RequestError(self.server.public(e), param=getattr(self, "_max_field", "max_tokens"),
-                               code="context_length_exceeded") from e
+            raise RequestError(self.server.public(e), param=self._max_field, code="context_length_exceeded") from e
         except (MambaDeployError, ValueError) as e:
             raise RequestError(self.server.public(e)) from e
 

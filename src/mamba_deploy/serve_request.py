@@ -258,8 +258,8 @@ def parse_completion_request(body, max_batch: int, vocab_size: int, max_tokens_l
         raise RequestError(f"`stream_options` must be an object, got {json.dumps(opts)[:80]}", param="stream_options")
     unknown = sorted(set(opts) - STREAM_OPTIONS)
     if unknown:
-        raise RequestError(f"unrecognized `stream_options` field `{unknown[0]}`; known: {', '.join(sorted(STREAM_OPTIONS))}",
-                           param="stream_options")
+        raise RequestError(f"unrecognized `stream_options` field `{unknown[0]}`; known: "
+                           f"{', '.join(sorted(STREAM_OPTIONS))}", param="stream_options")
     if opts and not stream:  # OpenAI: "only set this when you set stream: true"
         raise RequestError("`stream_options` is only allowed with \"stream\": true", param="stream_options")
     _flag(opts.get("include_obfuscation"), "stream_options.include_obfuscation", "stream_options")

@@ -22,8 +22,8 @@ import torch
 from .argtypes import backend_choice, int_list, is_seed, nonnegative_int, positive_int, seed, torch_generator
 from .atomic import prepare_output_file, read_json_object, refuse_input_file, write_json
 from .data import read_text_file
-from .eval import ppl_of
 from .errors import BeyondToleranceError, ConfigError, MambaDeployError, VerificationError
+from .eval import ppl_of
 from .export.onnx_meta import MANIFEST_FILE
 from .generation import prefill_pieces
 from .inputs import first_out_of_vocab, token_stream

@@ -323,10 +323,10 @@ class MambaGraph(StepNetwork):
             y_t = sum_j (sum_n C_tn B_jn exp(s_tn - s_jn)) dtx_j + C_t . (exp(s_t) h)
             h'  = exp(s_Q) h + sum_j exp(s_Q - s_j) dtx_j B_j
         The exponents s_t - s_j are summed directly over j < k <= t (_chunk_exponents), <= 0 on
-        and below the diagonal and -inf above it (exp gives
-        exact zeros): only decays <= 1 are formed and no exp(-s) is divided out later, so large dt
-        and strongly negative A cannot overflow at any length. A difference of two cumsums would
-        cancel float32's digits after one large-dt step (5e-4 relative at Q = 64). W and the few
+        and below the diagonal and -inf above it (exp gives exact zeros): only decays <= 1 are
+        formed and no exp(-s) is divided out later, so large dt and strongly negative A cannot
+        overflow at any length. A difference of two cumsums would cancel float32's digits after
+        one large-dt step (5e-4 relative at Q = 64). W and the few
         tensors it is made from are (b, Q, Q, n, d) float32: 4 Q^2 n d bytes each per batch row
         (25 MB at Q = 16 on 130m shapes, d = 1536, n = 16)."""
         sb, Q, n = Builder(self.opset, self.g._counter), self.scan_chunk, self.cfg.d_state
@@ -334,7 +334,7 @@ class MambaGraph(StepNetwork):
         mask = np.where(np.tri(Q, dtype=bool), 0.0, -np.inf).astype(np.float32).reshape(Q, Q, 1, 1)  # [t, j]
         a = sb.op("Mul", dt, A)  # (b, Q, n, d)
         s = sb.op("CumSum", a, sb.const(1))
-        W = sb.op("Exp", sb.op("Add", self._chunk_exponents(sb, a, s), sb.const(mask, np.float32)))  # (b, Q_t, Q_j, n, d)
+        W = sb.op("Exp", sb.op("Add", self._chunk_exponents(sb, a, s), sb.const(mask, np.float32)))  # (b, Qt, Qj, n, d)
         CB = sb.op("Mul", C, sb.op("Reshape", B, sb.const([0, 1, Q, n])))  # (b, Q_t, Q_j, n)
         G = sb.op("MatMul", sb.op("Unsqueeze", CB, sb.const([3])), W)  # (b, Q_t, Q_j, 1, d): n contracted
         y = sb.reduce("ReduceSum", sb.op("Mul", G, sb.op("Unsqueeze", dtx, sb.const([1]))), [2], keepdims=0)

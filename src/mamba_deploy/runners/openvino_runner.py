@@ -220,8 +220,8 @@ def _float32_ones(graph) -> set[str]:
 def accurate_log1p(graph, ones: frozenset = frozenset()) -> int:
     """Rewrite, in place and in every subgraph, each Softplus(x) as max(x, 0) + log1p(exp(-|x|)),
     each Log(u + 1) with a float32 1 (the export's own softplus) as log1p(u), with _log1p_nodes,
-    and each (u + 1) - 1 as u (the export's log1p correction, see onnx_builder.softplus). Our exports compute softplus in float32 at every --dtype. Returns the number of
-    sites rewritten."""
+    and each (u + 1) - 1 as u (the export's log1p correction, see onnx_builder.softplus). Our
+    exports compute softplus in float32 at every --dtype. Returns the number of sites rewritten."""
     from onnx import helper, numpy_helper
 
     ones = ones | _float32_ones(graph)
@@ -232,15 +232,16 @@ def accurate_log1p(graph, ones: frozenset = frozenset()) -> int:
             count += accurate_log1p(sub, frozenset(ones))
         tag = f"log1p/{n.output[0]}"
         add = made.get(n.input[0]) if n.op_type in ("Log", "Sub") else None
-        if add is None or add.op_type != "Add" or len(set(add.input) & ones) != 1:
+        if add is not None and add.op_type == "Add" and len(set(add.input) & ones) == 1:
+            u, one = sorted(add.input, key=lambda i: i in ones)  # n reads u + 1
+        else:
             add = None
         if n.op_type == "Log" and add is not None:
-            u, one = sorted(add.input, key=lambda i: i in ones)
             nodes += _log1p_nodes(u, one, n.output[0], tag)
         elif n.op_type == "Sub" and add is not None and n.input[1] in ones:
             # (u + 1) - 1: the export's log1p adds u - ((u + 1) - 1) to undo log(1 + u)'s rounding,
             # which the Log's rewrite above no longer has; u itself makes that term 0
-            nodes.append(helper.make_node("Identity", [sorted(add.input, key=lambda i: i in ones)[0]], [n.output[0]]))
+            nodes.append(helper.make_node("Identity", [u], [n.output[0]]))
             continue  # part of the site its Log counts
         elif n.op_type == "Softplus":
             x, zero, one = n.input[0], f"{tag}/zero", f"{tag}/one"

@@ -15,10 +15,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -468,13 +470,70 @@ def atomic_dir(out, error_cls=FileExistsError) -> Iterator[Path]:
 
 def _move_into(tmp: Path, out: Path, name: str) -> None:
     """Move tmp's entries into the folder out, which holds nothing but temporaries (OSError
-    ENOTEMPTY when another writer has put something there meanwhile); then remove tmp."""
+    ENOTEMPTY when another writer has put something there meanwhile); then remove tmp. The check
+    and the moves hold out's lock, and a Ctrl-C waits for the last move: the folder gets one
+    writer's whole set, never a mix or a part."""
     ours = re.compile(rf"^\.{re.escape(temp_stem(name))}\.tmp-")
-    if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
-        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
-    for entry in tmp.iterdir():
-        entry.rename(out / entry.name)
+    with _folder_lock(out), renames_together() as hold:
+        hold()
+        if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        for entry in tmp.iterdir():
+            entry.rename(out / entry.name)
     tmp.rmdir()
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` for the block. Two writers moving into one existing empty
+    folder take turns, so the second finds the first's files instead of both finding it empty.
+    The kernel releases it when the process dies. Where there is no flock (Windows, a network
+    mount without locks) the block runs unguarded."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+@contextlib.contextmanager
+def renames_together() -> Iterator:
+    """with renames_together() as hold: ... hold() ...  From hold() to the block's end a Ctrl-C
+    (SIGINT) waits and is raised after, so renames that belong together (a GGUF and its Modelfile,
+    a folder's entries) all happen or none does. Call hold() once the files are written, just
+    before the renames (the block's inner `with`s exit). A no-op off the main thread, which
+    receives no signals."""
+    held: dict = {}
+
+    def hold() -> None:
+        if held or threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.getsignal(signal.SIGINT)
+        if old is None:  # set from C: cannot be put back, so left alone
+            return
+        held["old"] = old
+        signal.signal(signal.SIGINT, lambda signum, frame: held.setdefault("got", (signum, frame)))
+
+    try:
+        yield hold
+    except BaseException:
+        if held:
+            signal.signal(signal.SIGINT, held["old"])
+        raise
+    if held:
+        signal.signal(signal.SIGINT, held["old"])
+        if "got" in held:
+            if callable(held["old"]):
+                held["old"](*held["got"])  # Python's default handler raises KeyboardInterrupt here
+            elif held["old"] == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -506,7 +565,8 @@ def write_files(folder, files: dict) -> dict:
                 (tmp / name).write_bytes(data)
         return {name: folder / name for name in files}
     # every atomic_file renames on leaving the stack, after all were written; a failure unlinks them all
-    with contextlib.ExitStack() as stack:
+    with renames_together() as hold, contextlib.ExitStack() as stack:
         for name, data in files.items():
             stack.enter_context(atomic_file(folder / name)).write_bytes(data)
+        hold()
     return {name: folder / name for name in files}

@@ -6,6 +6,7 @@ safetensors files are memory-mapped and tensors are pulled one at a time.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -258,6 +259,7 @@ def _iter_safetensors(f: Path, shapes_only: bool = False, names=None):
     from .pathnames import text_path
 
     with text_path(f) as name:  # safetensors takes UTF-8 names only
+        _check_readable(f, name)
         try:
             handle = safe_open(name, framework="pt")
         except (SafetensorError, OSError, ValueError) as e:
@@ -265,6 +267,20 @@ def _iter_safetensors(f: Path, shapes_only: bool = False, names=None):
                                   "it") from e
         with handle as h:
             yield from _pick(h.keys(), lambda k: _read(h, k, f, shapes_only), names, f)
+
+
+def _check_readable(f: Path, name: str) -> None:
+    """Open the file once ourselves: safetensors reports any failure to open as "No such file or
+    directory", which would send a user whose file is there but unreadable after a missing one."""
+    try:
+        with open(name, "rb"):
+            pass
+    except OSError as e:
+        fix = {errno.EACCES: "make it readable (chmod a+r) or run as a user who can read it",
+               errno.EPERM: "make it readable (chmod a+r) or run as a user who can read it",
+               errno.ENOENT: "the file is gone (a dangling link?); re-download or re-save the checkpoint",
+               errno.EISDIR: "it is a folder; put the weight file itself there"}.get(e.errno, "check the file and run again")
+        raise CheckpointError(f"cannot open {f}: {e.strerror or e}; {fix}") from e
 
 
 def _read(h, k: str, f: Path, shapes_only: bool):

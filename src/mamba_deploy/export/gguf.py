@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..argtypes import threads_or_all
-from ..atomic import atomic_file, prepare_output_file, scratch_file, write_in_place, write_text
+from ..atomic import atomic_file, prepare_output_file, renames_together, scratch_file, write_in_place, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from ..progress import human_bytes, progress_bar, progress_wanted
@@ -116,8 +116,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
     # The Modelfile is written beside the GGUF's temporary file and renamed after it: a full disk
     # fails both before either replaces its earlier version
     mf = out.parent / MODELFILE_NAME
-    with (atomic_file(mf) if ollama else contextlib.nullcontext()) as mf_tmp, atomic_file(out) as tmp, \
-            scratch_file(out, "f32") as f32_tmp:
+    with renames_together() as hold, (atomic_file(mf) if ollama else contextlib.nullcontext()) as mf_tmp, \
+            atomic_file(out) as tmp, scratch_file(out, "f32") as f32_tmp:
         if quantize_fn is None:
             write_gguf(model, vocab, tmp, ftype, qtype, name=_model_name(model, out))
         else:
@@ -129,6 +129,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
             quantize_fn(f32_tmp, tmp, int(ftype), n_threads)
         if ollama:
             mf_tmp.write_text(modelfile_text(out, vocab), encoding="utf-8")
+        hold()  # a Ctrl-C now waits for both renames: never a new GGUF beside the old Modelfile
     return out
 
 

@@ -1,7 +1,8 @@
 """Each Triton kernel against its pure-PyTorch reference twin, per dtype, on random inputs.
 
 Runs on a CUDA machine with triton; skipped elsewhere (CI is CPU-only). Tolerances: relative
-error ||out - ref|| / ||ref|| <= 1e-4 in float32, <= 1e-2 in bfloat16. The reference runs on the
+error ||out - ref|| / ||ref|| and max |out - ref| / max |ref| each <= 1e-4 in float32, <= 1e-2 in
+bfloat16. The reference runs on the
 same inputs upcast to float32; outputs and final states are both checked, and the state arguments
 are cloned before the fast call because the decode kernels update them in place.
 
@@ -37,9 +38,19 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def rel_max(a, b):
+    """The largest element's error over the largest reference element: the L2 ratio of rel()
+    dilutes a few wrong elements (one wrong row of 2049 counts ~1/45 of its error)."""
+    a, b = a.double(), b.double()
+    if b.numel() == 0:  # e.g. a GEMV whose every row is conv'd leaves no plain rows
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def close(out, ref, dtype, what=""):
-    r = rel(out, ref)
+    r, m = rel(out, ref), rel_max(out, ref)
     assert r <= TOL[dtype], f"{what}: relative error {r:.2e} > {TOL[dtype]:.0e}"
+    assert m <= TOL[dtype], f"{what}: largest element's error {m:.2e} > {TOL[dtype]:.0e} (L2 ratio {r:.2e})"
 
 
 def as_close_as_reference(out, ref, gold, what=""):
@@ -515,7 +526,13 @@ def test_cuda_graph_runner(kind, dtype, prefetch_mb, monkeypatch):
             else:
                 as_close_as_reference(lf, lr, lg, f"graph logits b={batch}")
                 assert rel(lf, lr) <= 2e-2
-        close(fast.to_torch_state(sf).ssm, slow.to_torch_state(ss).ssm, dtype, "graph ssm state")
+        got, ref = fast.to_torch_state(sf).ssm, slow.to_torch_state(ss).ssm
+        if dtype == torch.float32:
+            close(got, ref, dtype, "graph ssm state")
+        else:  # two bf16 pipelines: each about as far from float64 math (one element of the state
+            # measured 1.6e-2 from the other's, the L2 ratio 7.7e-3)
+            assert rel(got, ref) <= TOL[dtype], f"graph ssm state: {rel(got, ref):.2e}"
+            as_close_as_reference(got, ref, gold.to_torch_state(sg).ssm, "graph ssm state")
 
 
 @pytest.mark.parametrize("method,opts", [("awq", dict(group_size=16)), ("smoothquant", {}), ("int8", {})])

@@ -505,7 +505,7 @@ def test_quantized_export_streams_its_codes_past_the_size_limit(hf_checkpoint, t
     with torch.no_grad():
         want = q(ids).logits
     got, _ = open_onnx(out).prefill(ids, open_onnx(out).new_state(2))
-    assert rel_err(got, want) < 1e-3
+    assert rel_err(got, want) < 1e-5  # accuracy level 0: float32 arithmetic on the same int4 codes
 
 
 def test_quantized_export_with_float_layers_is_sized_as_float(hf_checkpoint, tmp_path, monkeypatch):

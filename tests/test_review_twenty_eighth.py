@@ -215,8 +215,9 @@ def test_seeded_rows_sample_alone_or_listed_on_the_cuda_graph_runner(hf_checkpoi
 
 def test_a_norm_before_gate_mamba2_exports_to_onnx(hf_checkpoint, tmp_path):
     """mamba_ssm's ssm_cfg.norm_before_gate: true loaded and ran, but GGUF export sent the user to
-    ONNX, which refused it too. Reference: the PyTorch model (mamba_ssm's gated norm, checked
-    against mamba_ssm's own on the GPU), whose flag must matter here."""
+    ONNX, which refused it too. Reference: the PyTorch model (its norm_before_gate=True path is
+    held to an independent float64 Mamba2 in tests/test_parity_mamba2_variants_f64.py; the GPU
+    test against mamba_ssm covers only its default order), whose flag must matter here."""
     pytest.importorskip("onnxruntime")
     from mamba_deploy import load_model
     from mamba_deploy.checkpoint import save_checkpoint

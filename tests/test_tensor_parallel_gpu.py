@@ -20,6 +20,7 @@ GEMV path) likewise.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -126,11 +127,15 @@ def test_sharded_decode_on_cuda_matches_transformers(sharded, kind, dtype):
             r_tp = _rel(ranks[0][kind][batch, L][..., :V], want)
             r_one = _rel(ranks[0][kind, "one"][batch, L][..., :V], want)
             what = f"{kind} {dtype} batch {batch}, prefill {L} + {STEPS} steps"
-            if dtype == torch.float32:
-                if r_one > 1e-4:
-                    pytest.skip(f"transformers {transformers.__version__} disagrees with the unsharded model too "
-                                f"({what}: {r_one:.1e}): a version difference, not tensor parallelism")
+            if dtype == torch.float32 and r_one <= 1e-4:
                 assert r_tp <= 1e-4, f"{what}: {r_tp:.2e}"
+            elif dtype == torch.float32:  # this transformers differs from the unsharded model (a version
+                # difference, e.g. 5.17 on ngroups 2; the CPU suite ties the model to transformers 5.24):
+                # tensor parallelism is then held to the unsharded model, not skipped
+                versus = _rel(ranks[0][kind][batch, L], ranks[0][kind, "one"][batch, L].double())
+                warnings.warn(f"transformers {transformers.__version__} is {r_one:.1e} from the unsharded model "
+                              f"({what}); sharded vs unsharded: {versus:.1e}", stacklevel=1)
+                assert versus <= 1e-4, f"{what}: {versus:.2e} from the unsharded model"
             else:
                 assert r_tp <= 1.5 * r_one + 2e-3, f"{what}: {r_tp:.2e} vs unsharded {r_one:.2e}"
             for other in ranks[1:]:

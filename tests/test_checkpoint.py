@@ -79,10 +79,11 @@ def test_vocab_padding_mamba_ssm(hf_checkpoint, tmp_path):
     assert rel_err(m2(ids).logits, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("dtype", ["fp16", torch.int8, torch.bool, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", ["fp8", torch.int8, torch.bool, torch.float8_e4m3fn])
 def test_save_checkpoint_refuses_a_dtype_it_cannot_load(hf_checkpoint, tmp_path, dtype):
-    """Before: "fp16" raised a raw RuntimeError ("Invalid device string"), and int8 / bool / fp8
-    cast every tensor (A_log and the norms too) into a checkpoint load_model then refused."""
+    """Before: "fp16" raised a raw RuntimeError ("Invalid device string") (names such as "fp16" are
+    now read as their dtypes), and int8 / bool / fp8 cast every tensor (A_log and the norms too)
+    into a checkpoint load_model then refused."""
     model = load_model(hf_checkpoint("mamba")[0])
     with pytest.raises(ConfigError, match=r"dtype .* is not one a checkpoint is saved in; pass one of torch.float32"):
         save_checkpoint(model, tmp_path / "out", dtype=dtype)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import random_lm, rel_err
 from mamba_deploy.config import MambaConfig
@@ -45,7 +44,7 @@ def reference_mamba2(model, ids, conv0, ssm0):
     Returns logits (b, l, V) and final (conv, ssm)."""
     cfg = model.config
     sd = {k: _f64(v) for k, v in model.state_dict().items()}
-    d, g, n, nh, p, k = cfg.d_inner, cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim, cfg.d_conv
+    d, g, n, nh, p = cfg.d_inner, cfg.ngroups, cfg.d_state, cfg.nheads, cfg.headdim
     gn = g * n
     conv = conv0.double().clone()
     ssm = ssm0.double().clone()

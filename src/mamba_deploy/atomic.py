@@ -166,6 +166,10 @@ def output_path(path) -> Path:
 
         raise OutputPathError(f"the output path must be a file or folder name (str or Path), got "
                               f"{type(path).__name__} {path!r:.60}")
+    if os.fspath(path) == "":  # Path("") is ".": the message would have been about the current folder
+        from .errors import OutputPathError
+
+        raise OutputPathError("the output path is empty; give a file or folder name (\".\" for the current folder)")
     return Path(os.fspath(path)).expanduser()
 
 
@@ -271,6 +275,7 @@ def prepare_output_dir(out, error_cls=FileExistsError) -> Path:
     if out.exists() and not out.is_dir():
         raise error_cls(f"output folder {out} is an existing file; choose a new path for the folder")
     if out.is_dir():
+        finish_killed_moves(out, out.absolute().name)
         remove_stale_temps(out, out.absolute().name)  # a killed earlier writer's, filled in place
         if any(out.iterdir()):
             raise error_cls(f"output folder {out} exists and is not empty; choose a new path or delete it")
@@ -478,9 +483,35 @@ def _move_into(tmp: Path, out: Path, name: str) -> None:
         hold()
         if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+        # a kill -9 between two moves is finished by the next writer (finish_killed_moves)
+        journal = out / f".{temp_stem(name)}.tmp-{temp_owner()}-moving"
+        journal.write_text(tmp.name, encoding="utf-8")
         for entry in tmp.iterdir():
             entry.rename(out / entry.name)
+        journal.unlink()
     tmp.rmdir()
+
+
+def finish_killed_moves(out: Path, name: str) -> None:
+    """Complete the move into `out` of a writer killed while it moved its finished entries in
+    (its journal names the temporary folder holding the rest; see _move_into): the output was
+    whole, only not all in place. Without this the stale temporary, and the rest with it, was
+    removed and `out` kept a part of the set."""
+    journal = re.compile(rf"^\.{re.escape(temp_stem(name))}\.tmp-p(\d+)h{_host()}-moving$")
+    with contextlib.suppress(OSError), _folder_lock(out):
+        for entry in list(out.iterdir()):
+            m = journal.match(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            src = out / entry.read_text(encoding="utf-8").strip()
+            if src.parent == out and src.is_dir():
+                for left in src.iterdir():
+                    if not (out / left.name).exists():
+                        left.rename(out / left.name)
+                shutil.rmtree(src, ignore_errors=True)
+            entry.unlink()
+            warnings.warn(f"finished moving the output of an earlier run into {out} (process {m.group(1)} was "
+                          "killed while moving it into place); it is complete", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -503,37 +534,45 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
+# what renames_together holds: Ctrl-C, a process manager's stop, a closed terminal
+HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextlib.contextmanager
 def renames_together() -> Iterator:
-    """with renames_together() as hold: ... hold() ...  From hold() to the block's end a Ctrl-C
-    (SIGINT) waits and is raised after, so renames that belong together (a GGUF and its Modelfile,
-    a folder's entries) all happen or none does. Call hold() once the files are written, just
-    before the renames (the block's inner `with`s exit). A no-op off the main thread, which
-    receives no signals."""
-    held: dict = {}
+    """with renames_together() as hold: ... hold() ...  From hold() to the block's end a Ctrl-C,
+    SIGTERM or SIGHUP waits and is delivered after, so renames that belong together (a GGUF and
+    its Modelfile, a folder's entries) all happen or none does. Call hold() once the files are
+    written, just before the renames (the block's inner `with`s exit). The handlers are swapped,
+    not the signal mask: any thread may take a process's signal. A no-op off the main thread,
+    where handlers cannot be set."""
+    old: dict = {}
+    got: list = []
 
     def hold() -> None:
-        if held or threading.current_thread() is not threading.main_thread():
+        if old or threading.current_thread() is not threading.main_thread():
             return
-        old = signal.getsignal(signal.SIGINT)
-        if old is None:  # set from C: cannot be put back, so left alone
-            return
-        held["old"] = old
-        signal.signal(signal.SIGINT, lambda signum, frame: held.setdefault("got", (signum, frame)))
+        for sig in HELD_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler not in (None, signal.SIG_IGN):  # None: set from C, cannot be put back
+                old[sig] = handler
+                signal.signal(sig, lambda signum, frame: got.append((signum, frame)))
+
+    def release() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
     try:
         yield hold
     except BaseException:
-        if held:
-            signal.signal(signal.SIGINT, held["old"])
+        release()
         raise
-    if held:
-        signal.signal(signal.SIGINT, held["old"])
-        if "got" in held:
-            if callable(held["old"]):
-                held["old"](*held["got"])  # Python's default handler raises KeyboardInterrupt here
-            elif held["old"] == signal.SIG_DFL:
-                raise KeyboardInterrupt
+    release()
+    for signum, frame in got[:1]:  # the first one decides, as it would have
+        if callable(old[signum]):
+            old[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt; the CLI's, Terminated
+        else:
+            signal.raise_signal(signum)  # SIG_DFL: the default action, now
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ themselves ("{{ bos_token }}"), so adding it again would double it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .chat_sandbox import MAX_RENDERED_CHARS, ChatTemplateError, environment
@@ -29,7 +30,7 @@ def read_chat_template(folder) -> str | None:
     """The chat template of a tokenizer folder, or None."""
     from .tokenizer import read_tokenizer_config
 
-    folder = Path(folder)
+    folder = Path(_check_path(folder, "read_chat_template's folder", "a tokenizer folder"))
     path = folder / CHAT_TEMPLATE_FILE
     if path.is_file():  # first, as transformers reads them: the file wins over tokenizer_config.json's entry
         from .pathnames import check_model_file
@@ -71,6 +72,7 @@ def chat_template_names(folder) -> list[str]:
 
 def read_template_file(path) -> str:
     """The text of a --chat-template FILE (generate --chat, serve); ConfigError naming it."""
+    _check_path(path, "--chat-template", "a Jinja template file")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -79,6 +81,13 @@ def read_template_file(path) -> str:
         return check_template(text)
     except ChatTemplateError as e:
         raise ChatTemplateError(f"--chat-template {path!r}: {e}") from e
+
+
+def _check_path(path, what: str, kind: str):
+    """A str or os.PathLike, else a ConfigError (pathlib's own TypeError named neither)."""
+    if isinstance(path, (str, os.PathLike)):
+        return path
+    raise ConfigError(f"{what} must be a path (str or Path) to {kind}, got {type(path).__name__} {path!r:.60}")
 
 
 def check_messages(messages) -> list[dict]:
@@ -165,6 +174,11 @@ def chat_ids(tokenizer, messages, template: str | None = None, max_tokens: int |
     errors name the model (the server's clients are not told its path), else the tokenizer's path."""
     from .tokenizer import encode_prefix
 
+    if not all(callable(getattr(tokenizer, a, None)) for a in ("encode", "id_to_token")):
+        # the template writes bos / eos by name, and the rendered text is encoded: both need one
+        raise ConfigError(f"chat_ids needs a loaded tokenizer (runner.tokenizer, or "
+                          f"mamba_deploy.tokenizer.load_tokenizer(folder)), got {type(tokenizer).__name__} "
+                          f"{tokenizer!r:.60}")
     own = template is None
     template = template if template is not None else getattr(tokenizer, "chat_template", None)
     where = name or getattr(tokenizer, "path", None) or "this model"

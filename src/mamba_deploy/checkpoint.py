@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from .errors import BackendUnavailableError, CheckpointError, ConfigError, Mamba
 from .export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
+from .state import DTYPE_NAMES
 from .tokenizer_files import tokenizer_source, write_tokenizer_files
 
 # layout -> [(prefix in that layout, prefix in ours/HF)]; `save_checkpoint` writes the first two
@@ -496,6 +498,10 @@ def check_shard_size(fmt: str, max_shard_bytes) -> None:
     if fmt == "mamba_ssm" and max_shard_bytes is not None:
         raise ConfigError("the mamba_ssm layout is one pytorch_model.bin (mamba_ssm's from_pretrained reads no "
                           "shards); drop the shard size (--max-shard-size), or save in the hf layout")
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral)
+                                        or max_shard_bytes < 1):
+        raise ConfigError(f"max_shard_bytes must be a whole number of bytes >= 1 (or None for the default, "
+                          f"{DEFAULT_MAX_SHARD_BYTES}), got {max_shard_bytes!r:.40}; e.g. 2 * 1024**3 for 2 GiB shards")
 
 
 def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
@@ -513,7 +519,8 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
                               f"{type(model).__name__} {model!r:.60}; to copy a checkpoint folder, load it first")
     if fmt not in SAVE_FORMATS:
         raise ConfigError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(SAVE_FORMATS)}")
-    if dtype is not None and dtype not in LOAD_DTYPES:  # "fp16" reached Tensor.to as a device name; int8
+    dtype = _dtype_by_name(dtype)
+    if dtype is not None and dtype not in LOAD_DTYPES:  # "int8" reached Tensor.to as a device name; int8
         # cast A_log and the norms too and wrote a checkpoint the loader refuses
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
@@ -685,6 +692,12 @@ def stored_float_counts(path: Path) -> dict[torch.dtype, int]:
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _dtype_by_name(dtype):
+    """"bf16", "float32"... as the CLI's --dtype and set_state_dtype take them -> the torch dtype;
+    anything else as it is (checked by the caller)."""
+    return DTYPE_NAMES.get(dtype.lower(), dtype) if isinstance(dtype, str) else dtype
+
+
 def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32, state_dtype=None,
                revision: str | None = None, *, _slicer=None):
     """Load a Mamba/Mamba2 checkpoint folder, hub id, or .gguf file into a `MambaLM`.
@@ -703,9 +716,10 @@ def load_model(path_or_hub_id, device="cpu", dtype: torch.dtype = torch.float32,
             raise ConfigError(f"revision={revision!r} applies to a hub id without '@REVISION'; "
                               f"{str(path_or_hub_id)!r} is a local path or names its revision already")
         path_or_hub_id = f"{path_or_hub_id}@{revision}"
+    dtype = _dtype_by_name(dtype)
     if dtype not in LOAD_DTYPES:  # a string would reach Module.to as a device name
         raise ConfigError(f"dtype {dtype!r} is not one a model loads in; pass one of "
-                          f"{', '.join(str(d) for d in LOAD_DTYPES)}")
+                          f"{', '.join(str(d) for d in LOAD_DTYPES)} (or its name: {', '.join(DTYPE_NAMES)})")
     # inference only: parameters that require grad would make every call outside inference_mode
     # build an autograd graph chained through the in-place state (memory grows per token)
     model = _load_model(path_or_hub_id, check_device(device), dtype, _slicer).eval().requires_grad_(False)

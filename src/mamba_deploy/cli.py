@@ -14,6 +14,8 @@ import sys
 import threading
 import warnings
 
+import numpy  # noqa: F401 - before torch: torch's C startup imports numpy and swallows any exception of that
+# import, a Ctrl-C included, leaving numpy half made (later: "numpy has no attribute 'multiply'")
 import torch
 
 from . import __version__

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ class MambaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MambaConfig":
         """Any supported dialect; dispatches on its keys."""
+        _check_mapping(d, "MambaConfig.from_dict", "a config.json's contents (a dict); for a file, MambaConfig.from_file")
         return cls._read(d, "config.json")
 
     @classmethod
@@ -233,6 +235,8 @@ class MambaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "MambaConfig":
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"MambaConfig.from_file takes a path (str or Path), got {type(path).__name__} {path!r:.60}")
         path = Path(path)
         fix = "re-download or re-save the config"
         try:
@@ -505,6 +509,7 @@ class MambaConfig:
 
     @classmethod
     def from_own_dict(cls, d: dict) -> "MambaConfig":
+        _check_mapping(d, "MambaConfig.from_own_dict", "a dict of MambaConfig's fields (config.to_dict())")
         d = _decode_json_floats(dict(d))
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -522,6 +527,11 @@ def mark_quantized(hf: dict) -> dict:
     head = {"architectures": [QUANTIZED_ARCHITECTURE], "model_type": QUANTIZED_MODEL_TYPE,
             QUANTIZED_TYPE_KEY: hf["model_type"], QUANTIZED_NOTE_KEY: QUANTIZED_NOTE}
     return {**head, **{k: v for k, v in hf.items() if k not in head}}
+
+
+def _check_mapping(d, what: str, want: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} takes {want}, got {type(d).__name__} {d!r:.60}")
 
 
 def unmark_quantized(d: dict, where: str = "config.json") -> dict:

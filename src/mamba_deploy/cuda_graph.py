@@ -308,7 +308,7 @@ class CudaGraphRunner(TorchRunner):
     @one_call_at_a_time
     @torch.inference_mode()
     def step(self, ids, state):
-        ids = check_ids(ids, 1, self.config.padded_vocab_size)  # CPU ids: no sync
+        ids = check_ids(ids, 1, self.config.padded_vocab_size, on_device=True)  # CPU ids: no sync
         batch = ids.shape[0]
         size = self._bucket_size(batch)
         if size is None or not graphs_enabled() or ops.get_backend() == "ref":

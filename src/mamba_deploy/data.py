@@ -230,6 +230,11 @@ def load_split(tokenizer_dir, split: str, cache_dir=None, root: Path | None = No
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_files"] = len(corpus_files(split, root))
         meta[key] = digest
+        # the array and meta.json are two renames: meta first loses this split's digest and count,
+        # so a kill between them leaves a split that is encoded again, never another tokenizer's
+        # ids under this one's digest
+        interim = {k: v for k, v in meta.items() if k not in (key, f"{split}_tokens")}
+        write_bytes(meta_path, json.dumps(interim, indent=2).encode())
         with atomic_file(arr_path) as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
         write_bytes(meta_path, json.dumps(meta, indent=2).encode())

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import output_path, prepare_output_dir, prepare_output_file, refuse_input_file, write_json
+from .atomic import (output_path, prepare_output_dir, prepare_output_file, refuse_input_file, remove_stale_temps,
+                     temp_owner, write_json)
 from .errors import BackendUnavailableError, ConfigError, ModelNotFoundError, OutputPathError
 from .extras import PACKAGES, install_hint, top_level
 
@@ -28,6 +29,7 @@ PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for i in range("
 SNIPPET_TOKENS = 384  # validation tokens scored per format
 WINDOW = 128  # prefill window; several windows so the carried state is exercised
 DECODE_TOKENS = 24  # greedy decode steps timed per format
+SCRATCH_NAME = "mamba-demo"  # the artifacts' folder under $TMPDIR without --out
 # tolerance rows: max relative logit error, min top-1 agreement, max |ppl / ppl_ref - 1|,
 # min share of the greedy tokens that match the reference's before the first difference (free-running
 # decodes part for good at the first near-tie that rounds the other way). fp32 follows CONTRIBUTING (1e-4);
@@ -331,16 +333,40 @@ def run_demo(model_dirs=None, out=None, only=None, log=print, threads=None) -> t
     formats = [f for f in FORMATS if only is None or f[0] in only or f[2] is build_torch]
     # before any work: a file there failed mid-run with a traceback, and an earlier run's artifacts
     # failed the exports that refuse a non-empty folder after the other rows had run
-    work = prepare_output_dir(out, OutputPathError) if out else Path(tempfile.mkdtemp(prefix="mamba-demo-"))
+    work = prepare_output_dir(out, OutputPathError) if out else _scratch_folder()
+    existed = work.is_dir()
     try:
         rows = []
         for d, label in zip(dirs, unique_labels(dirs)):
             rows += run_model(d, work, formats, log, threads, label)
+    except BaseException:
+        if out:  # --out back as it was (absent or empty): a re-run refused a part-filled one
+            _clear(work, keep_folder=existed)
+        raise
     finally:
         if not out:
             shutil.rmtree(work, ignore_errors=True)
     passed = all(r.status in ("ok", "not available") for r in rows)
     return rows, passed
+
+
+def _scratch_folder() -> Path:
+    """The artifacts' folder without --out, named for this process: a killed run's (no cleanup
+    ran; the demo's exports can be GBs for real models) is removed by the next."""
+    tmp = Path(tempfile.gettempdir())
+    remove_stale_temps(tmp, SCRATCH_NAME)
+    return Path(tempfile.mkdtemp(prefix=f".{SCRATCH_NAME}.{temp_owner()}-", dir=tmp))
+
+
+def _clear(folder: Path, keep_folder: bool) -> None:
+    if not keep_folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def cmd_demo(args):

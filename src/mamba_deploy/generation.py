@@ -11,6 +11,7 @@ import torch
 
 from .argtypes import is_finite, is_seed
 from .errors import ConfigError, MambaDeployError, ShapeError
+from .inputs import token_stream
 
 
 F32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
@@ -79,7 +80,9 @@ def filtered_probs(logits, cfg: SamplingConfig, history=None):
     # while (logits - max) / T only sends the non-max entries towards -inf. A T below float32's
     # smallest number (~1.4e-45) would round to 0 there (0 / 0 at the max): divide in float64.
     # (Compared as a float: casting a T past float32's range warned of an overflow.)
-    logits = logits - logits.max(-1, keepdim=True).values
+    top = logits.max(-1, keepdim=True).values
+    check_finite_logits(top[:, 0])
+    logits = logits - top
     if cfg.temperature < F32_SMALLEST:
         logits = logits.double()
     logits = logits / cfg.temperature
@@ -107,11 +110,28 @@ def sample(logits, cfg: SamplingConfig, history=None, generator=None):
     (torch's global one), or a list of row_generators' numpy generators, one per row: each row
     then draws only from its own, so a row samples the same whatever rows are beside it."""
     if cfg.temperature == 0:
-        return _penalized(logits, cfg, history).argmax(-1)
+        top, ids = _penalized(logits, cfg, history).max(-1)  # the argmax and its logit in one pass
+        check_finite_logits(top)
+        return ids
     probs = filtered_probs(logits, cfg, history)
     if isinstance(generator, (list, tuple)):
         return inverse_cdf(probs, [g.random() for g in generator])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_finite_logits(top) -> None:
+    """top: each row's largest logit (b,). A row whose largest logit is NaN or +inf (torch's max
+    propagates NaN), or -inf (every token ruled out), has no token to pick: greedy's argmax gave
+    id 0 (often the EOS, so generation "stopped"), sampling raised torch's or numpy's own error.
+    One check of b numbers per step; a row that merely holds some -inf (a padded vocabulary)
+    passes."""
+    if bool(torch.isfinite(top).all()):
+        return
+    bad = int((~torch.isfinite(top)).nonzero()[0, 0])
+    raise ShapeError(f"row {bad}'s logits are not finite (largest {float(top[bad])}), so no token can be chosen: "
+                     "the model's weights or the state it was given hold NaN or inf, or float16 overflowed; check "
+                     "the model with `mamba-deploy verify`, run it in float32 or bfloat16, or start from "
+                     "model.new_state()")
 
 
 def inverse_cdf(probs, uniforms) -> torch.Tensor:
@@ -124,9 +144,9 @@ def inverse_cdf(probs, uniforms) -> torch.Tensor:
     total = cdf[:, -1]
     if not bool(torch.isfinite(total).all() and (total > 0).all()):  # torch.multinomial refuses these too
         bad = int((~(torch.isfinite(total) & (total > 0))).nonzero()[0, 0])
-        raise FloatingPointError(f"row {bad}'s probabilities are NaN, infinite or all zero (its logits hold NaN or "
-                                 "inf); the model's weights or the state it was given are broken: check the model "
-                                 "with mamba-deploy verify")
+        raise ShapeError(f"row {bad}'s probabilities are NaN, infinite or all zero (its logits hold NaN or inf); the "
+                         "model's weights or the state it was given are broken: check the model with mamba-deploy "
+                         "verify")
     u = torch.tensor(uniforms, dtype=torch.float64, device=probs.device)
     ids = torch.searchsorted(cdf, (u * total).unsqueeze(-1), right=True)[:, 0]  # (b,)
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # (b,)
@@ -283,10 +303,13 @@ class TextStream:
 
     def __init__(self, tok, stop_strings=None, prompt=None):
         stops = check_stop_strings(stop_strings)
+        _check_stream_tokenizer(tok)
         self.tok, self.sent = tok, 0
         self.hold = max((len(s) for s in stops), default=1) - 1
         if tok is not None and isinstance(prompt, str):
             prompt = tok.encode(prompt)
+        elif prompt is not None:
+            prompt = _stream_prompt_ids(prompt)
         context = context_ids(tok, prompt) if tok is not None and prompt is not None else ()
         self.inc = IncrementalText(tok, stops, context) if tok is not None else None
 
@@ -307,6 +330,23 @@ class TextStream:
         delta = self.inc.final()[self.sent:]  # the whole decode, once
         self.sent += len(delta)
         return delta
+
+
+def _check_stream_tokenizer(tok) -> None:
+    """Refused at construction: a path or anything else without decode failed at the first push."""
+    if tok is not None and not callable(getattr(tok, "decode", None)):
+        raise ConfigError(f"TextStream needs a loaded tokenizer (runner.tokenizer, or "
+                          f"mamba_deploy.tokenizer.load_tokenizer(folder)) or None, got {type(tok).__name__} "
+                          f"{tok!r:.80}")
+
+
+def _stream_prompt_ids(prompt) -> list[int]:
+    """A TextStream prompt given as ids -> a list of ints. bytes are refused: iterated, b"def"
+    was the ids [100, 101, 102], a prompt nobody meant."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise ShapeError(f"TextStream's prompt must be the prompt's text (a str) or its token ids, got "
+                         f"{type(prompt).__name__} {bytes(prompt)!r:.60}; decode the bytes first")
+    return token_stream(prompt, "TextStream's prompt").tolist()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
@@ -427,10 +467,12 @@ class Rows:
     def push(self, nxt, on_token=None) -> None:
         """Takes each unfinished row's next token (nxt (b,)): a stop token ends the row unseen,
         others are kept and streamed (`on_token(row, token)`), a stop string ends it after."""
+        # one transfer of the whole batch: int(nxt[i]) synchronized with a GPU once per row
+        tokens = nxt.tolist() if hasattr(nxt, "tolist") else list(nxt)
         for i in range(len(self.out)):
             if self.done[i]:
                 continue
-            token = int(nxt[i])
+            token = int(tokens[i])
             if self.stops.numel() and bool((self.stops == token).any()):
                 self.done[i] = True
                 self.reasons[i] = "stop"

@@ -20,6 +20,9 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
     if isinstance(ids, np.ndarray):
         if not np.issubdtype(ids.dtype, np.integer):
             raise ShapeError(f"ids must be an integer tensor of shape {_WANT[ndim]}, got {ids.dtype} {ids.shape}")
+        if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+            raise ShapeError(f"token id {int(ids.max())} outside the vocabulary [0, {vocab}); "
+                             "was the prompt tokenized with this model's tokenizer?")
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))  # any stride / byte order / width
     elif not isinstance(ids, torch.Tensor):
         try:
@@ -33,6 +36,11 @@ def check_ids(ids, ndim: int, vocab: int, on_device: bool = False) -> torch.Tens
     if ids.device.type == "meta":
         raise ShapeError("ids are on the meta device, which holds no values; pass real token ids (a CPU tensor, "
                          "or one on the model's device)")
+    if ids.dtype == getattr(torch, "uint64", None) and ids.numel() and (ids.device.type == "cpu" or on_device) \
+            and bool((ids.view(torch.int64) < 0).any()):  # >= 2**63: the int64 cast below would make it negative
+        big = int(ids.view(torch.int64)[ids.view(torch.int64) < 0][0]) + 2**64
+        raise ShapeError(f"token id {big} outside the vocabulary [0, {vocab}); "
+                         "was the prompt tokenized with this model's tokenizer?")
     ids = ids.long()  # before the range check: aminmax has no kernel for some unsigned widths
     if ids.numel() and (ids.device.type == "cpu" or on_device):
         lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass: this runs every decode step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,14 @@ class ModelOutput:
     state: State
 
 
+def _refuse_grad(state: State) -> None:
+    """The model updates a state in place, which autograd refuses on a leaf that requires grad
+    (forward raised a raw RuntimeError, step took it)."""
+    if state.conv.requires_grad or state.ssm.requires_grad:
+        raise ShapeError("state tensors require grad; the model updates them in place. Pass detached ones "
+                         "(State(state.conv.detach(), state.ssm.detach())), or create it with model.new_state(batch)")
+
+
 def _writing(state: State):
     """Where the state's in-place updates run: a state made under torch.inference_mode takes them
     only there (outside it, "Inplace update to inference tensor outside InferenceMode")."""
@@ -230,6 +239,10 @@ class MambaLM(nn.Module):
     """`model(input_ids, state=None)` -> ModelOutput(logits, state); the state is updated in place."""
 
     def __init__(self, cfg: MambaConfig):
+        if not isinstance(cfg, MambaConfig):
+            hint = "mamba_deploy.load_model(path) loads a checkpoint" if isinstance(cfg, (str, os.PathLike)) else \
+                "MambaConfig.from_dict(d) reads a config.json's contents"
+            raise ConfigError(f"MambaLM takes a MambaConfig, got {type(cfg).__name__} {cfg!r:.60}; {hint}")
         super().__init__()
         self.config = cfg
         self.backbone = Backbone(cfg)
@@ -292,7 +305,7 @@ class MambaLM(nn.Module):
                 num_logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (b, l). attention_mask (b, l), 1 = token, 0 = left padding (zero state only).
         num_logits_to_keep > 0 computes logits for the last positions only."""
-        input_ids = check_ids(input_ids, 2, self.config.padded_vocab_size, on_device=True)
+        input_ids = check_ids(input_ids, 2, self.config.padded_vocab_size, on_device=True).to(self.device)
         b, l = input_ids.shape
         if not isinstance(num_logits_to_keep, numbers.Integral) or num_logits_to_keep < 0:
             raise ShapeError(f"num_logits_to_keep must be an int >= 0 (0 = every position), got {num_logits_to_keep!r}")
@@ -300,6 +313,7 @@ class MambaLM(nn.Module):
             state = self.new_state(b)
         check_is_state(state)
         state.check(self.config, b, self.dtype, self.device)
+        _refuse_grad(state)
         if l == 1 and attention_mask is None:
             return ModelOutput(self._step(input_ids[:, 0], state).unsqueeze(1), state)  # checked above
         mask = check_mask(attention_mask, (b, l))  # 0/1 left padding, as every Runner checks it
@@ -320,9 +334,17 @@ class MambaLM(nn.Module):
     def step(self, ids, state: State) -> torch.Tensor:
         """ids (b,) -> logits (b, vocab); state updated in place."""
         w = self.backbone.norm_f.weight  # one module lookup for device and dtype: this runs per token
-        ids = check_ids(ids, 1, self.config.padded_vocab_size)  # range-checked on CPU only (no sync)
+        # CPU ids (what the runners pass) are checked without a sync; ids already on the GPU are
+        # checked there (one sync): an out-of-range id would end in a device-side assert that
+        # poisons the CUDA context for the rest of the process
+        ids = check_ids(ids, 1, self.config.padded_vocab_size, on_device=True).to(w.device)
         check_is_state(state)
         state.check(self.config, ids.shape[0], w.dtype, w.device)
+        _refuse_grad(state)
+        if w.is_cuda and (state.conv.stride(-1) != 1 or state.ssm.stride(-1) != 1):  # the Triton step's layout
+            raise ShapeError(f"the CUDA decode step needs states whose last dimension is contiguous; got strides "
+                             f"{state.conv.stride()} / {state.ssm.stride()}: pass State(state.conv.contiguous(), "
+                             "state.ssm.contiguous()), or create it with model.new_state(batch)")
         return self._step(ids, state)
 
     def _step(self, ids, state: State) -> torch.Tensor:

@@ -707,6 +707,13 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
     if not isinstance(host, str):
         raise ConfigError(f"host must be a name or address string (\"127.0.0.1\", \"0.0.0.0\"), got {host!r:.40}")
+    if not host.strip():  # socket's "" is every interface: an unset variable opened the server to the network
+        raise ConfigError(f"host {host!r} is empty, which would listen on every interface; use \"127.0.0.1\" (this "
+                          "machine only) or, to serve the network, say so with \"0.0.0.0\"")
+    if model_name is not None and not (isinstance(model_name, str) and model_name.strip()):
+        # clients name the model in requests and read it from /v1/models, a string in OpenAI's schema
+        raise ConfigError(f"model_name must be a non-empty str (or None: the artifact's name), got "
+                          f"{type(model_name).__name__} {model_name!r:.60}")
     if chat_template is not None:
         check_template(chat_template)
     limits = [("port", port, 0), ("max_batch", max_batch, 1), ("max_tokens_limit", max_tokens_limit, 1),

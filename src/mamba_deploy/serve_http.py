@@ -185,6 +185,10 @@ def is_loopback(host: str) -> bool:
 
 def check_allowed_hosts(hosts) -> tuple[str, ...]:
     """--allowed-hosts' names, lower-cased; `*` alone takes any."""
+    bad = [h for h in hosts if not isinstance(h, str)]
+    if bad:
+        raise ConfigError(f"allowed_hosts must be host name strings (\"localhost\", \"10.0.0.5\") or \"*\" for any, "
+                          f"got {type(bad[0]).__name__} {bad[0]!r:.40} in {list(hosts)!r:.120}")
     names = tuple(h.strip().lower().rstrip(".") for h in hosts)
     names = tuple(h[1:-1] if h.startswith("[") and h.endswith("]") else h for h in names)  # [::1] -> ::1
     if not names or any(not h or any(c in h for c in "/ @[]") or (":" in h and not _is_ip(h)) for h in names):

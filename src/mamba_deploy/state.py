@@ -38,6 +38,9 @@ class State:
     def zeros(cls, cfg: MambaConfig, batch: int, device="cpu", dtype=torch.float32,
               ssm_dtype=torch.float32) -> "State":
         batch = check_batch(batch)
+        if not isinstance(cfg, MambaConfig):
+            raise ShapeError(f"State.zeros takes a MambaConfig (model.config), got {type(cfg).__name__} {cfg!r:.60}; "
+                             "or call model.new_state(batch)")
         conv = torch.zeros(cfg.n_layer, batch, *cfg.conv_state_shape, device=device, dtype=dtype)
         ssm = torch.zeros(cfg.n_layer, batch, *cfg.ssm_state_shape, device=device, dtype=ssm_dtype)
         return cls(conv, ssm)
@@ -122,7 +125,17 @@ class State:
 
     @classmethod
     def stack(cls, conv_layers, ssm_layers) -> "State":
-        return cls(torch.stack(list(conv_layers)), torch.stack(list(ssm_layers)))
+        """Per-layer conv / ssm tensors, each (b, ...) of one shape -> a State (n_layer, b, ...)."""
+        parts = {"conv": list(conv_layers), "ssm": list(ssm_layers)}
+        for name, layers in parts.items():
+            if not layers or len(layers) != len(parts["conv"]):
+                raise ShapeError(f"a state needs one {name} tensor per layer, as many as conv's; got {len(layers)} "
+                                 f"(conv {len(parts['conv'])}); State.layer_shapes(config, batch) lists them")
+            if not all(isinstance(t, torch.Tensor) for t in layers) or len({t.shape for t in layers}) != 1:
+                found = sorted({str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in layers})
+                raise ShapeError(f"every layer's {name} must be a tensor of one shape, got {', '.join(found)}; "
+                                 "State.layer_shapes(config, batch) lists them")
+        return cls(torch.stack(parts["conv"]), torch.stack(parts["ssm"]))
 
     @classmethod
     def from_layers(cls, arrays) -> "State":

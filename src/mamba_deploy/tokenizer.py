@@ -4,6 +4,7 @@ SentencePiece model (Mistral's tokenizer.model.v3, beside a params.json); else t
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import warnings
@@ -95,6 +96,7 @@ class Tokenizer:
         transformers' tokenizer(text) gives them; the same through every backend. Without them
         for text that writes its own (a rendered chat template)."""
         check_text(text)
+        _check_flag(add_special_tokens)
         if hasattr(self._tok, "token_to_id"):
             if len(text) > LONG_TEXT:  # encode_batch lets go of the GIL; encode holds it throughout
                 return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
@@ -102,15 +104,22 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
-        """The token's own text ("<s>", "<|endoftext|>"), as chat templates write it."""
-        if not 0 <= int(token_id) < MAX_TOKEN_ID:
+        """The token's own text ("<s>", "<|endoftext|>"), as chat templates write it; None for an id
+        outside the vocabulary."""
+        token_id = _token_id(token_id)
+        if not 0 <= token_id < MAX_TOKEN_ID:
             return None
         if hasattr(self._tok, "id_to_token"):
-            return self._tok.id_to_token(int(token_id))
-        return self._tok.convert_ids_to_tokens(int(token_id))
+            return self._tok.id_to_token(token_id)
+        return self._tok.convert_ids_to_tokens(token_id)
 
     def encode_batch(self, texts) -> list[list[int]]:
         """Same ids as encode() per text; the `tokenizers` backend encodes them in parallel."""
+        # a str is iterable too: each character was encoded as its own text
+        if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
+            raise ConfigError(f"encode_batch takes a list of texts, got {type(texts).__name__} {texts!r:.60}; "
+                              "for one text call encode(text), or pass [text]")
+        texts = list(texts)
         if hasattr(self._tok, "token_to_id"):
             return [e.ids for e in self._tok.encode_batch([check_text(t) for t in texts])]
         return [self.encode(t) for t in texts]
@@ -176,6 +185,10 @@ class Tokenizer:
         return tok.decoder.decode(out)
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of a token's own text ("<s>"), or None when the vocabulary has no such token."""
+        if not isinstance(token, str):
+            raise ConfigError(f"token_to_id takes a token's text (a str such as \"<s>\"), got "
+                              f"{type(token).__name__} {token!r:.60}; id_to_token goes the other way")
         if hasattr(self._tok, "token_to_id"):
             return self._tok.token_to_id(token)
         i = self._tok.convert_tokens_to_ids(token)
@@ -184,6 +197,24 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size() if hasattr(self._tok, "get_vocab_size") else len(self._tok)
+
+
+def _check_flag(add_special_tokens) -> None:
+    if not isinstance(add_special_tokens, bool):  # "no" is truthy: the tokenizers' own TypeError named no argument
+        raise ConfigError(f"add_special_tokens must be True or False, got {type(add_special_tokens).__name__} "
+                          f"{add_special_tokens!r:.40}")
+
+
+def _token_id(token_id) -> int:
+    """An integer id (int, numpy integer, 0-d integer tensor) as an int; int() truncated 1.7 to
+    id 1, and a str or None raised int()'s own error."""
+    try:
+        if isinstance(token_id, bool):
+            raise TypeError
+        return operator.index(token_id)
+    except TypeError:
+        raise ShapeError(f"a token id must be an integer, got {type(token_id).__name__} {token_id!r:.40}; "
+                         "token_to_id looks a token's text up") from None
 
 
 def _valid_utf8_pieces(run: list[str], byte_of: dict[str, int]) -> list[str]:
@@ -282,7 +313,7 @@ def load_tokenizer(folder) -> Tokenizer:
     if folder is None:
         raise ModelNotFoundError("this model has no source folder to load a tokenizer from; "
                                  "give token ids instead of text (Python API)")
-    folder = Path(folder)
+    folder = _local_or_hub(folder)
     if folder.is_file():
         folder = folder.parent
     # a folder that does not exist locally may be a hub id: transformers resolves those
@@ -314,6 +345,25 @@ def load_tokenizer(folder) -> Tokenizer:
         ends = generation_end_ids(folder)
         tok.end_token_ids = tuple(i for i in ends if i != tok.eos_token_id and i < max(n, rows or 0))
     return tok
+
+
+def _local_or_hub(folder) -> Path:
+    """load_tokenizer's argument as a local path, or as given where it can only be a hub id
+    ("name", "namespace/name") that transformers resolves. A local path that does not exist
+    ("/x/missing", "./m", "models/typo" beside a models/ folder: hub.local_path's rule) is refused
+    here: transformers took it for a repo id and blamed its form."""
+    from .hub import local_path
+
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():  # Path("") is the working folder
+        raise ConfigError(f"load_tokenizer takes a folder (a non-empty str or Path) or a hub id, got "
+                          f"{type(folder).__name__} {folder!r:.60}")
+    try:
+        found = local_path(folder)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"the tokenizer folder {str(folder)!r:.120} does not exist; give the folder holding "
+                                 "the model's tokenizer.json or tokenizer.model (check the path for a typo, or whether "
+                                 f"the model was moved), or a hub id such as {MAMBA_SSM_TOKENIZER!r}") from e
+    return Path(folder) if found is None else found
 
 
 def _corrupt(path: Path, e: Exception) -> ConfigError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -583,6 +584,7 @@ def open_pair(reference, artifact, backend: str | None = None, reference_dtype: 
               device: str = "cpu", artifact_options: dict | None = None, threads: int | None = None):
     """-> (reference runner: PyTorch at `reference_dtype`, artifact runner, artifact's dtype label).
     threads: CPU threads of both backends (None: each backend's default)."""
+    check_artifact_options(artifact_options)  # before the reference loads
     ref = open_reference(reference, reference_dtype, device, threads, artifact=artifact)
     art = open_artifact(artifact, backend, device, artifact_options, threads)
     return ref, art, infer_artifact_dtype(artifact, reference)
@@ -631,6 +633,7 @@ def open_artifact(artifact, backend: str | None = None, device: str = "cpu", art
     """The artifact's runner (`backend`: guessed from the path when None)."""
     from .runners import guess_backend, open_runner
 
+    check_artifact_options(artifact_options)
     backend = backend or guess_backend(artifact)
     opts = {"threads": threads, **(artifact_options or {})}
     if backend == "torch":
@@ -639,6 +642,14 @@ def open_artifact(artifact, backend: str | None = None, device: str = "cpu", art
     if art.artifact_path is None:
         art.artifact_path = Path(str(artifact))
     return art
+
+
+def check_artifact_options(options) -> None:
+    """open_runner's keyword arguments for the artifact: a dict with str keys, or None (** raised a
+    raw TypeError for a list)."""
+    if options is not None and not (isinstance(options, Mapping) and all(isinstance(k, str) for k in options)):
+        raise ConfigError(f"artifact_options must be a dict of open_runner keyword arguments ({{\"threads\": 4}}) or "
+                          f"None, got {type(options).__name__} {options!r:.60}")
 
 
 def write_json_atomic(path, data) -> Path:

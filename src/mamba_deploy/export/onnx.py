@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import operator
+import os
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,10 @@ def export_onnx(model_or_path, out_dir, dtype: str = "fp32", opset: int | None =
     out_dir = output_path(out_dir)
     prepare_output_dir(out_dir, ExportError)  # before loading a large model, not after
     model = as_model(model_or_path)
+    if not isinstance(model_or_path, (str, os.PathLike)):  # edited, maybe, since load_model checked it
+        from ..checkpoint import refuse_nonfinite
+
+        refuse_nonfinite(model, "ONNX export", ExportError)
     cfg = model.config
     if cfg.arch == "mamba2" and scan_chunk != 1:
         raise ExportError(f"--scan-chunk {scan_chunk} applies to Mamba1 only: this is a Mamba2 model, whose prefill "

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..argtypes import positive_int
-from ..atomic import output_path, prepare_output_file, write_bytes
+from ..atomic import atomic_file, output_path, prepare_output_file, renames_together
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
 from .onnx_meta import ENGINE_FILE, GRAPH_FILE, IDS, KEEP, LOGITS, MASK, ONE_TOKEN_IF, OPTIONAL_INPUTS, node_subgraphs
@@ -401,8 +401,12 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
                   "opt_seq": opt_seq, "tensorrt": trt.__version__,
                   "engine_bytes": len(data)},  # the runner checks the pair (two renames)
     }
-    write_bytes(sidecar_path(out), json.dumps(sidecar, indent=2).encode())
-    write_bytes(out, data)
+    # written in full first, then renamed sidecar first, engine last, with a Ctrl-C / SIGTERM held
+    # between the two: an earlier working engine is never left beside a newer sidecar that refuses it
+    with renames_together() as hold, atomic_file(out) as engine_tmp, atomic_file(sidecar_path(out)) as sidecar_tmp:
+        sidecar_tmp.write_bytes(json.dumps(sidecar, indent=2).encode())
+        engine_tmp.write_bytes(data)
+        hold()
     return out
 
 

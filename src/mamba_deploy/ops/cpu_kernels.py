@@ -195,8 +195,11 @@ def _library_complete(so: Path) -> bool:
 def _build(cc: list[str], cflags: list[str], so: Path) -> None:
     """Compile the sources into `so` (the cache), renamed into place when complete, readable by
     every user the umask allows (a cache folder can be shared; mkstemp makes files 0600)."""
+    from ..atomic import remove_stale_temps, temp_owner, temp_stem
+
     so.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+    remove_stale_temps(so.parent, so.name)  # a builder killed mid-compile (kill -9) left its files
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(so.name)}.{temp_owner()}.", suffix=".so", dir=so.parent)
     os.close(fd)
     objs = [f"{tmp[:-3]}-{i}.o" for i in range(len(_SRCS))]
     try:

@@ -65,8 +65,10 @@ def method_options(method: str, options: dict) -> dict:
     _check_values(options)
     for keys, kind in ((INT_OPTIONS, int), (REAL_OPTIONS, float)):  # numpy scalars pass the checks but not json.dumps
         opts.update({k: kind(opts[k]) for k in keys if opts.get(k) is not None})
-    if method == "gptq" and not float(opts["damp"]) > 0.0:  # NaN fails too
-        raise QuantizationError(f"gptq damp={opts['damp']} must be > 0 (0.01 is the usual choice)")
+    if method == "gptq" and not 1.0 >= float(opts["damp"]) > 0.0:  # NaN fails too; a fraction of the mean
+        # diagonal, as AutoGPTQ's damp_percent (0, 1): 1e308 overflowed the Hessian to inf
+        raise QuantizationError(f"gptq damp={opts['damp']} must be in (0, 1], a fraction of the Hessian's mean "
+                                "diagonal (0.01 is the usual choice)")
     if options.get("symmetric") is False and opts["format"] != "int4" and not options.get("rules"):
         raise QuantizationError(f"symmetric=False (--asymmetric, zero points) applies to the 4-bit methods (int4, gptq, "
                                 f"awq); {method} stores symmetric codes only: drop --asymmetric")
@@ -163,6 +165,9 @@ def load_rules(path_or_dict) -> list[tuple[str, dict]]:
                                 "the method is --method's, the options are quantize's flags")
     rules = []
     for pattern, rule in cfg.items():
+        if not isinstance(pattern, str):  # a JSON file's keys are strings; a dict's may not be
+            raise QuantizationError(f"quant_cfg keys are module name globs (str), got {type(pattern).__name__} "
+                                    f"{pattern!r:.40}; e.g. \"backbone.layers.*.mixer.in_proj\"")
         if not isinstance(rule, dict) or set(rule) - {"enable", "format", "group_size", "symmetric", "fp8_scaling"}:
             raise QuantizationError(f"rule for {pattern!r} must be an object with keys enable / format / "
                                     f"group_size / symmetric / fp8_scaling, got {rule!r}")

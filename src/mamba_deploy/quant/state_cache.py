@@ -108,7 +108,7 @@ class QuantizedStateRunner(Runner):
     @torch.inference_mode()
     def step(self, ids, state):
         st = self._unpack(state)
-        logits = self.model.step(ids.to(self.model.device), st)
+        logits = self.model.step(ids, st)  # the model checks the ids, then moves them
         return logits.cpu(), self._pack(st, state)
 
     def gather_states(self, parts):

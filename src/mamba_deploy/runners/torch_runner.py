@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..argtypes import check_switch
+from ..errors import ShapeError
 from ..inputs import check_ids, check_mask
 from ..state import State, batch_first, check_is_state
 from .base import Runner, check_parts, check_threads, checked_source, consume, part_rows
@@ -36,7 +37,7 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def step(self, ids, state):
         ids = check_ids(ids, 1, self.config.padded_vocab_size)
-        return self.model.step(ids.to(self.model.device), state).cpu(), state
+        return self.model.step(ids, state).cpu(), state  # CPU ids: the model moves them after its check
 
     def state_arrays(self, state) -> list:
         return batch_first(state)
@@ -70,6 +71,11 @@ class TorchRunner(Runner):
     def load_torch_state(self, state, src: State) -> None:
         src = checked_source(src, self.config, self.model.device)
         check_is_state(state, "runner.new_state(batch)")
+        rows = state.conv.shape[1] if isinstance(state.conv, torch.Tensor) and state.conv.dim() > 1 else None
+        if rows is not None and rows != src.conv.shape[1]:  # as the other runners say it: the target is not at fault
+            raise ShapeError(f"the source state's rows have batch {src.conv.shape[1]} but the state was made for batch "
+                             f"{rows}; load a source of {rows} rows, or create the state with runner.new_state("
+                             f"{src.conv.shape[1]})")
         state.check(self.config, src.conv.shape[1], self.model.dtype, self.model.device)
         state.conv.copy_(src.conv)
         state.ssm.copy_(src.ssm)

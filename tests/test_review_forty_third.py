@@ -101,11 +101,9 @@ def test_renames_together_lets_the_blocks_own_error_through():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_write_files_renames_every_file_or_none_on_ctrl_c(tmp_path, monkeypatch):
-    """A Ctrl-C between two of write_files' renames left a new file beside an old one."""
-    folder = tmp_path / "set"
-    folder.mkdir()
-    atomic.write_files(folder, {"a.json": b"old a", "b.json": b"old b"})
+def _ctrl_c_after_first_replace(monkeypatch) -> list:
+    """os.replace in atomic sends this process a SIGINT right after its first rename -> the
+    renamed targets, in order."""
     real = os.replace
     calls = []
 
@@ -114,9 +112,18 @@ def test_write_files_renames_every_file_or_none_on_ctrl_c(tmp_path, monkeypatch)
         calls.append(dst)
         if len(calls) == 1:
             _interrupt_self()
-            time.sleep(0.05)
+            time.sleep(0.05)  # a handler that raised would have raised by now
 
     monkeypatch.setattr(atomic.os, "replace", replace)
+    return calls
+
+
+def test_write_files_renames_every_file_or_none_on_ctrl_c(tmp_path, monkeypatch):
+    """A Ctrl-C between two of write_files' renames left a new file beside an old one."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    atomic.write_files(folder, {"a.json": b"old a", "b.json": b"old b"})
+    calls = _ctrl_c_after_first_replace(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         atomic.write_files(folder, {"a.json": b"new a", "b.json": b"new b"})
     assert len(calls) == 2
@@ -130,20 +137,10 @@ def test_gguf_and_modelfile_are_renamed_together_on_ctrl_c(ckpt, tmp_path, monke
 
     folder, _ = ckpt("mamba")
     out = tmp_path / "m.gguf"
-    real = os.replace
-    calls = []
-
-    def replace(src, dst):
-        real(src, dst)
-        calls.append(Path(dst).name)
-        if len(calls) == 1:
-            _interrupt_self()
-            time.sleep(0.05)
-
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    calls = _ctrl_c_after_first_replace(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         gguf_export.export_gguf(folder, out, ollama=True)
-    assert sorted(calls) == ["Modelfile", "m.gguf"]
+    assert sorted(Path(c).name for c in calls) == ["Modelfile", "m.gguf"]
     assert f"FROM ./{out.name}" in (tmp_path / "Modelfile").read_text()
     assert out.stat().st_size > 0
 

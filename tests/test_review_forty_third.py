@@ -92,13 +92,47 @@ def test_renames_together_holds_a_ctrl_c_until_the_block_ends():
 
 def test_renames_together_lets_the_blocks_own_error_through():
     """An error inside the held part (a full disk on a rename) is what propagates, and the
-    handler is put back even then."""
+    handler is put back even then; a Ctrl-C held meanwhile is not lost (it was, before a review
+    of this session's diff), and is raised over the error, chained to it."""
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(OSError, match="disk"):
         with atomic.renames_together() as hold:
             hold()
             raise OSError("disk full")
     assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt) as e:
+        with atomic.renames_together() as hold:
+            hold()
+            _interrupt_self()
+            time.sleep(0.05)
+            raise OSError("disk full")
+    assert isinstance(e.value.__context__, OSError) and signal.getsignal(signal.SIGINT) is before
+
+
+def test_renames_together_second_signal_and_in_place_targets_are_not_held(tmp_path):
+    """A FIFO target's copy runs in the rename phase and blocks on its reader: holding signals
+    there left only kill -9 (review of this session's diff). And a second Ctrl-C is delivered at
+    once, for a rename that hangs."""
+    fifo = tmp_path / "out.gguf"
+    os.mkfifo(fifo)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.renames_together() as hold:
+            hold(tmp_path / "regular.json", fifo)
+            _interrupt_self()
+            time.sleep(0.05)
+            done.append("not held")
+    assert done == []
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.renames_together() as hold:
+            hold(tmp_path / "regular.json")
+            _interrupt_self()
+            time.sleep(0.05)
+            done.append("first held")
+            _interrupt_self()
+            time.sleep(0.05)
+            done.append("second not held")
+    assert done == ["first held"]
 
 
 def _ctrl_c_after_first_replace(monkeypatch) -> list:
@@ -443,11 +477,10 @@ def test_token_cache_killed_between_array_and_meta_is_encoded_again(tmp_path, mo
     cache = tmp_path / "cache"
     want_a = data.load_split(tok_a, "train", cache, root=corpus)
     real = data.write_bytes
-    calls = []
+    before = (cache / "train.npy").read_bytes()
 
     def write_bytes(path, payload):
-        calls.append(path)
-        if len(calls) == 2:  # the final meta.json, after the new array was renamed in
+        if (cache / "train.npy").read_bytes() != before:  # the first meta.json write after the new array
             raise KeyboardInterrupt
         return real(path, payload)
 
@@ -536,3 +569,58 @@ def test_a_ctrl_c_while_torch_imports_numpy_is_not_swallowed(tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert p.stdout.strip() == "interrupted", (p.stdout, p.stderr[-2000:])
+
+
+def test_journal_edge_cases(tmp_path, monkeypatch):
+    """From a review of this session's diff: a folder name that is not UTF-8 failed to write its
+    journal; a move that failed partway left a part in the folder and the next writer called it
+    complete; a journal naming a link moved the link's target's files in."""
+    out = tmp_path / os.fsdecode(b"out\xff")
+    out.mkdir()
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    real = Path.rename
+
+    def rename(self, target):
+        if Path(target).name == "p2" and Path(target).parent == out2:
+            raise OSError(13, "Permission denied")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(FileExistsError):  # atomic_dir names a failed move as another writer's (its errno kept)
+        with atomic.atomic_dir(out2) as tmp:
+            for i in range(4):
+                (tmp / f"p{i}").write_text(str(i))
+    monkeypatch.setattr(Path, "rename", real)
+    assert list(out2.iterdir()) == []  # the moved ones went back, and with the temporary they are gone
+
+    out3, private = tmp_path / "out3", tmp_path / "private"
+    out3.mkdir()
+    private.mkdir()
+    (private / "id_rsa").write_text("secret")
+    dead = f"p{_dead_pid()}h{atomic._host()}"
+    (out3 / "evil").symlink_to(private)
+    (out3 / f".out3.tmp-{dead}-moving").write_bytes(b"evil")
+    with pytest.warns(UserWarning, match="may hold a part of an earlier run's output"):
+        atomic.finish_killed_moves(out3, "out3")
+    assert (private / "id_rsa").exists() and not (out3 / "id_rsa").exists()
+
+
+def test_bare_hub_ids_and_mappings_are_still_taken():
+    """load_tokenizer("gpt2") was refused as a missing folder; a Mapping that is not a dict as a
+    config was refused (both by this session's first checks)."""
+    import types
+
+    from mamba_deploy.config import MambaConfig
+    from mamba_deploy.errors import ModelNotFoundError
+    from mamba_deploy.tokenizer import _local_or_hub
+
+    assert _local_or_hub("gpt2") == Path("gpt2")
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        _local_or_hub("./gpt2")
+    d = {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8}
+    assert MambaConfig.from_dict(types.MappingProxyType(d)) == MambaConfig.from_dict(d)

@@ -477,41 +477,58 @@ def _move_into(tmp: Path, out: Path, name: str) -> None:
     """Move tmp's entries into the folder out, which holds nothing but temporaries (OSError
     ENOTEMPTY when another writer has put something there meanwhile); then remove tmp. The check
     and the moves hold out's lock, and a Ctrl-C waits for the last move: the folder gets one
-    writer's whole set, never a mix or a part."""
+    writer's whole set, never a mix or a part. A move that fails puts the moved ones back."""
     ours = re.compile(rf"^\.{re.escape(temp_stem(name))}\.tmp-")
     with _folder_lock(out), renames_together() as hold:
         hold()
         if any(p != tmp and not ours.match(p.name) for p in out.iterdir()):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
-        # a kill -9 between two moves is finished by the next writer (finish_killed_moves)
+        # a kill -9 between two moves is finished by the next writer (finish_killed_moves): the
+        # journal names the temporary (bytes: a name need not be UTF-8)
         journal = out / f".{temp_stem(name)}.tmp-{temp_owner()}-moving"
-        journal.write_text(tmp.name, encoding="utf-8")
-        for entry in tmp.iterdir():
-            entry.rename(out / entry.name)
-        journal.unlink()
+        journal.write_bytes(os.fsencode(tmp.name))
+        moved = []
+        try:
+            for entry in list(tmp.iterdir()):
+                entry.rename(out / entry.name)
+                moved.append(entry.name)
+        except BaseException:
+            for done in moved:  # back where they were: `out` as it was found, empty
+                with contextlib.suppress(OSError):
+                    (out / done).rename(tmp / done)
+            raise
+        finally:
+            journal.unlink(missing_ok=True)
     tmp.rmdir()
 
 
 def finish_killed_moves(out: Path, name: str) -> None:
     """Complete the move into `out` of a writer killed while it moved its finished entries in
-    (its journal names the temporary folder holding the rest; see _move_into): the output was
-    whole, only not all in place. Without this the stale temporary, and the rest with it, was
-    removed and `out` kept a part of the set."""
-    journal = re.compile(rf"^\.{re.escape(temp_stem(name))}\.tmp-p(\d+)h{_host()}-moving$")
-    with contextlib.suppress(OSError), _folder_lock(out):
+    (its journal names its temporary folder, which holds the rest; see _move_into): the output
+    was whole, only not all in place. Without this the stale temporary, and the rest with it,
+    was removed and `out` kept a part of the set."""
+    stem = re.escape(temp_stem(name))
+    journal = re.compile(rf"^\.{stem}\.tmp-p(\d+)h{_host()}-moving$")
+    with contextlib.suppress(OSError, ValueError), _folder_lock(out):
         for entry in list(out.iterdir()):
             m = journal.match(entry.name)
             if m is None or _alive(int(m.group(1))):
                 continue
-            src = out / entry.read_text(encoding="utf-8").strip()
-            if src.parent == out and src.is_dir():
+            src = out / os.fsdecode(entry.read_bytes().strip())
+            # only that writer's own temporary folder (not a link, not elsewhere)
+            own = re.match(rf"^\.{stem}\.tmp-p{m.group(1)}h{_host()}-", src.name) and src.parent == out
+            if own and src.is_dir() and not src.is_symlink():
                 for left in src.iterdir():
                     if not (out / left.name).exists():
                         left.rename(out / left.name)
                 shutil.rmtree(src, ignore_errors=True)
+                warnings.warn(f"finished moving the output of an earlier run into {out} (process {m.group(1)} was "
+                              "killed while moving it into place); it is complete", stacklevel=3)
+            else:
+                warnings.warn(f"{out} may hold a part of an earlier run's output (process {m.group(1)} was killed "
+                              "while moving it into place, and the rest is gone); delete what it holds and run "
+                              "again", stacklevel=3)
             entry.unlink()
-            warnings.warn(f"finished moving the output of an earlier run into {out} (process {m.group(1)} was "
-                          "killed while moving it into place); it is complete", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -520,10 +537,13 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     folder take turns, so the second finds the first's files instead of both finding it empty.
     The kernel releases it when the process dies. Where there is no flock (Windows, a network
     mount without locks) the block runs unguarded."""
+    fd = None
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
     except (ImportError, OSError):
+        pass  # (the block runs outside this handler: its errors carry no "during handling of" context)
+    if fd is None:
         yield
         return
     try:
@@ -540,39 +560,52 @@ HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 
 @contextlib.contextmanager
 def renames_together() -> Iterator:
-    """with renames_together() as hold: ... hold() ...  From hold() to the block's end a Ctrl-C,
-    SIGTERM or SIGHUP waits and is delivered after, so renames that belong together (a GGUF and
-    its Modelfile, a folder's entries) all happen or none does. Call hold() once the files are
-    written, just before the renames (the block's inner `with`s exit). The handlers are swapped,
-    not the signal mask: any thread may take a process's signal. A no-op off the main thread,
-    where handlers cannot be set."""
+    """with renames_together() as hold: ... hold(*targets) ...  From hold() to the block's end a
+    Ctrl-C, SIGTERM or SIGHUP waits and is delivered after (also when the block raises), so
+    renames that belong together (a GGUF and its Modelfile, a folder's entries) all happen or none
+    does. Call hold() once the files are written, just before the renames (the block's inner
+    `with`s exit). A second signal while held is delivered at once: a rename that hangs (a full
+    network mount) can still be stopped. Targets that are written in place (a pipe, a FIFO,
+    /dev/stdout: their copy, which may block on a reader, runs in the exit) hold nothing. The
+    handlers are swapped, not the signal mask: any thread may take a process's signal. A no-op
+    off the main thread, where handlers cannot be set."""
     old: dict = {}
     got: list = []
 
-    def hold() -> None:
+    def record(signum, frame) -> None:
+        got.append((signum, frame))
+        if len(got) > 1:  # asked twice: now
+            release()
+            deliver()
+
+    def hold(*targets) -> None:
         if old or threading.current_thread() is not threading.main_thread():
+            return
+        if any(write_in_place(output_path(t)) for t in targets):
             return
         for sig in HELD_SIGNALS:
             handler = signal.getsignal(sig)
             if handler not in (None, signal.SIG_IGN):  # None: set from C, cannot be put back
                 old[sig] = handler
-                signal.signal(sig, lambda signum, frame: got.append((signum, frame)))
+                signal.signal(sig, record)
 
     def release() -> None:
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
+    def deliver() -> None:
+        for signum, frame in got[:1]:  # the first one decides, as it would have
+            del got[:]
+            if callable(old[signum]):
+                old[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt; the CLI's, Terminated
+            else:
+                signal.raise_signal(signum)  # SIG_DFL: the default action, now
+
     try:
         yield hold
-    except BaseException:
+    finally:
         release()
-        raise
-    release()
-    for signum, frame in got[:1]:  # the first one decides, as it would have
-        if callable(old[signum]):
-            old[signum](signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt; the CLI's, Terminated
-        else:
-            signal.raise_signal(signum)  # SIG_DFL: the default action, now
+        deliver()  # raised over the block's own error, if any (chained to it): a stop is never lost
 
 
 @contextlib.contextmanager
@@ -607,5 +640,5 @@ def write_files(folder, files: dict) -> dict:
     with renames_together() as hold, contextlib.ExitStack() as stack:
         for name, data in files.items():
             stack.enter_context(atomic_file(folder / name)).write_bytes(data)
-        hold()
+        hold(*(folder / name for name in files))
     return {name: folder / name for name in files}

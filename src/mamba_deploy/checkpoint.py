@@ -498,10 +498,6 @@ def check_shard_size(fmt: str, max_shard_bytes) -> None:
     if fmt == "mamba_ssm" and max_shard_bytes is not None:
         raise ConfigError("the mamba_ssm layout is one pytorch_model.bin (mamba_ssm's from_pretrained reads no "
                           "shards); drop the shard size (--max-shard-size), or save in the hf layout")
-    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral)
-                                        or max_shard_bytes < 1):
-        raise ConfigError(f"max_shard_bytes must be a whole number of bytes >= 1 (or None for the default, "
-                          f"{DEFAULT_MAX_SHARD_BYTES}), got {max_shard_bytes!r:.40}; e.g. 2 * 1024**3 for 2 GiB shards")
 
 
 def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
@@ -525,6 +521,10 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
     check_shard_size(fmt, max_shard_bytes)
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral)
+                                        or max_shard_bytes < 1):  # (the CLI's --max-shard-size, in MB, is checked apart)
+        raise ConfigError(f"max_shard_bytes must be a whole number of bytes >= 1 (or None for the default, "
+                          f"{DEFAULT_MAX_SHARD_BYTES}), got {max_shard_bytes!r:.40}; e.g. 2 * 1024**3 for 2 GiB shards")
     from .progress import progress_wanted
     from .quant.runtime import refuse_quantized
 

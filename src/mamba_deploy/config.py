@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ class MambaConfig:
     def from_dict(cls, d: dict) -> "MambaConfig":
         """Any supported dialect; dispatches on its keys."""
         _check_mapping(d, "MambaConfig.from_dict", "a config.json's contents (a dict); for a file, MambaConfig.from_file")
-        return cls._read(d, "config.json")
+        return cls._read(dict(d), "config.json")
 
     @classmethod
     def _read(cls, d: dict, where: str) -> "MambaConfig":
@@ -530,7 +531,7 @@ def mark_quantized(hf: dict) -> dict:
 
 
 def _check_mapping(d, what: str, want: str) -> None:
-    if not isinstance(d, dict):
+    if not isinstance(d, Mapping):
         raise ConfigError(f"{what} takes {want}, got {type(d).__name__} {d!r:.60}")
 
 

@@ -341,14 +341,14 @@ class MambaLM(nn.Module):
         check_is_state(state)
         state.check(self.config, ids.shape[0], w.dtype, w.device)
         _refuse_grad(state)
-        if w.is_cuda and (state.conv.stride(-1) != 1 or state.ssm.stride(-1) != 1):  # the Triton step's layout
-            raise ShapeError(f"the CUDA decode step needs states whose last dimension is contiguous; got strides "
-                             f"{state.conv.stride()} / {state.ssm.stride()}: pass State(state.conv.contiguous(), "
-                             "state.ssm.contiguous()), or create it with model.new_state(batch)")
         return self._step(ids, state)
 
     def _step(self, ids, state: State) -> torch.Tensor:
         """`step` on checked inputs: the state is on the model's device."""
+        if state.conv.is_cuda and (state.conv.stride(-1) != 1 or state.ssm.stride(-1) != 1):  # the Triton step's layout
+            raise ShapeError(f"the CUDA decode step needs states whose last dimension is contiguous; got strides "
+                             f"{state.conv.stride()} / {state.ssm.stride()}: pass State(state.conv.contiguous(), "
+                             "state.ssm.contiguous()), or create it with model.new_state(batch)")
         fast = ops.decode_plan(self, ids.shape[0], state)  # CPU: one C call per block where it applies
         if fast is not None:
             return fast(ids, state)

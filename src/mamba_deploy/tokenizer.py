@@ -357,6 +357,9 @@ def _local_or_hub(folder) -> Path:
     if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():  # Path("") is the working folder
         raise ConfigError(f"load_tokenizer takes a folder (a non-empty str or Path) or a hub id, got "
                           f"{type(folder).__name__} {folder!r:.60}")
+    name = str(folder)
+    if "/" not in name and os.sep not in name and not name.startswith((".", "~")) and not Path(name).exists():
+        return Path(name)  # a bare hub id ("gpt2"): transformers resolves it (hub.local_path takes org/name only)
     try:
         found = local_path(folder)
     except ModelNotFoundError as e:

@@ -406,7 +406,7 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     with renames_together() as hold, atomic_file(out) as engine_tmp, atomic_file(sidecar_path(out)) as sidecar_tmp:
         sidecar_tmp.write_bytes(json.dumps(sidecar, indent=2).encode())
         engine_tmp.write_bytes(data)
-        hold()
+        hold(out, sidecar_path(out))
     return out
 
 

@@ -383,6 +383,8 @@ def test_cuda_model_takes_cpu_ids_and_refuses_bad_gpu_ids_without_poisoning_the_
                     st.ssm.transpose(-1, -2).contiguous().transpose(-1, -2))
     with pytest.raises(ShapeError, match="last dimension is contiguous"):
         model.step(torch.tensor([1, 2]), strided)
+    with pytest.raises(ShapeError, match="last dimension is contiguous"):  # forward's one-token path
+        model(torch.tensor([[1], [2]]), state=strided)
 
 
 # ----------------------------------------------------------------------------- kills and signals while writing

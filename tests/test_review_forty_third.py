@@ -626,3 +626,39 @@ def test_bare_hub_ids_and_mappings_are_still_taken():
         _local_or_hub("./gpt2")
     d = {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "state_size": 8}
     assert MambaConfig.from_dict(types.MappingProxyType(d)) == MambaConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- long runs
+
+
+def test_one_tokenizers_object_per_tokenizer_file(tmp_path):
+    """Every load_model / open_runner built a new `tokenizers.Tokenizer`, and the library does not
+    free a dropped BPE tokenizer's cache once it has encoded text (~1-2 MB): a loop of loads that
+    encode (quantize's calibration) grew by 1.8 MB per iteration. One per file content now."""
+    import shutil
+
+    from mamba_deploy.tokenizer import load_tokenizer
+
+    demo = Path(__file__).resolve().parents[1] / "models"
+    shutil.copytree(demo / "demo-mamba2", tmp_path / "copy")
+    a, b, c = (load_tokenizer(p) for p in (demo / "demo-mamba2", demo / "demo-mamba2", tmp_path / "copy"))
+    assert a._tok is b._tok is c._tok  # the same bytes, wherever they are
+    assert a.encode("def f(x):\n    return x") == c.encode("def f(x):\n    return x")
+    text = (tmp_path / "copy" / "tokenizer.json").read_text()
+    (tmp_path / "copy" / "tokenizer.json").write_text(text + "\n")  # other bytes: another object
+    assert load_tokenizer(tmp_path / "copy")._tok is not a._tok
+
+
+def test_folders_made_by_api_calls_are_not_removed_by_a_later_failed_command(m1, tmp_path):
+    """atomic's list of created folders was emptied only by the CLI: a save through the Python API
+    into a new nested folder left its folders listed, and a later in-process CLI command that
+    failed removed them (once emptied)."""
+    from mamba_deploy.checkpoint import save_checkpoint
+    from mamba_deploy.cli import main
+
+    out = save_checkpoint(m1[1], tmp_path / "api" / "nested" / "q")
+    for f in out.iterdir():
+        f.unlink()
+    out.rmdir()
+    assert main(["eval", str(tmp_path / "no-such-model"), "--max-tokens", "8"]) == 2
+    assert (tmp_path / "api" / "nested").is_dir()

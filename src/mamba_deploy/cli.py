@@ -472,6 +472,7 @@ def main(argv=None, build=None) -> int:
 def _main(argv, build) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     args, done = None, False
+    remove_created_folders(keep=True)  # folders made before this command (Python API calls) are not its to remove
     try:
         # inside the try: building the parser imports every stage's modules, for a second or more,
         # and Ctrl-C (or SIGTERM) then was a traceback

@@ -3,10 +3,12 @@ SentencePiece model (Mistral's tokenizer.model.v3, beside a params.json); else t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -375,22 +377,14 @@ def _corrupt(path: Path, e: Exception) -> ConfigError:
 
 
 def _from_tokenizer_json(folder: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTok
-
     from .pathnames import check_model_file
 
     path = folder / "tokenizer.json"
     check_model_file(path, folder)
     try:
-        tok = HFTok.from_buffer(path.read_bytes())  # from_file takes UTF-8 text only: not every file name is
+        tok = _shared_tokenizer(path.read_bytes())  # from_file takes UTF-8 text only: not every file name is
     except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for any bad file)
         raise _corrupt(path, e) from e
-    # a "truncation" / "padding" block saved in the file (a tokenizer set up for fixed-size
-    # training batches) would cut every text to max_length and pad batches with pad ids: eval
-    # scored 128 of 2627 tokens without a word. transformers turns both off per call unless
-    # asked; so does every encode here
-    tok.no_truncation()
-    tok.no_padding()
     tcfg = read_tokenizer_config(folder)
     named = _named_special_ids(tok, folder, tcfg)  # special_tokens_map.json wins, as in transformers
     eos, bos = named.get("eos_token"), named.get("bos_token")
@@ -400,6 +394,37 @@ def _from_tokenizer_json(folder: Path) -> Tokenizer:
                 eos = tok.token_to_id(name)
                 break
     return Tokenizer(tok, eos, bos, folder, special_token_ids=named)
+
+
+# tokenizer.json contents (sha256) -> its `tokenizers.Tokenizer`, most recent last. One per file
+# content for the process: the library does not free a dropped BPE tokenizer's cache (~1-2 MB
+# once it has encoded text; huggingface/tokenizers #1539), and every load_model / open_runner
+# built a new one: a loop of loads that encode text (quantize's calibration, eval) grew without
+# bound. Shared safely: nothing here changes a tokenizer after it is made, and encode is
+# thread-safe in the library.
+_SHARED: dict = {}
+_SHARED_MAX = 16
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_tokenizer(data: bytes):
+    from tokenizers import Tokenizer as HFTok
+
+    key = hashlib.sha256(data).digest()
+    with _SHARED_LOCK:
+        tok = _SHARED.pop(key, None)
+        if tok is None:
+            tok = HFTok.from_buffer(data)
+            # a "truncation" / "padding" block saved in the file (a tokenizer set up for fixed-size
+            # training batches) would cut every text to max_length and pad batches with pad ids: eval
+            # scored 128 of 2627 tokens without a word. transformers turns both off per call unless
+            # asked; so does every encode here
+            tok.no_truncation()
+            tok.no_padding()
+        _SHARED[key] = tok
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        return tok
 
 
 PREFIX = 3  # characters of a special piece that index it (see _SentencePiece)

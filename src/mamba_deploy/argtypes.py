@@ -115,6 +115,11 @@ def check_switch(name: str, value, none: str | None = None):
     raise ConfigError(f"{name} must be {allowed}, got {value!r:.40}")
 
 
+def is_whole(value, low: int | None = None) -> bool:
+    """An integer of the Python API (an int or a numpy integer, not a bool), and >= low when given."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and (low is None or value >= low)
+
+
 def is_seed(value) -> bool:
     """An int torch.Generator.manual_seed takes: 0 <= seed < 2**64 (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**64

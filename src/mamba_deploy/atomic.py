@@ -161,14 +161,12 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
 def output_path(path) -> Path:
     """An output path as given, with `~` expanded as load_model does for inputs (else `~/out`
     became a folder named `~` in the working directory)."""
-    if not isinstance(path, (str, os.PathLike)):  # os.fspath's TypeError named no argument
-        from .errors import OutputPathError
+    from .errors import OutputPathError
 
+    if not isinstance(path, (str, os.PathLike)):  # os.fspath's TypeError named no argument
         raise OutputPathError(f"the output path must be a file or folder name (str or Path), got "
                               f"{type(path).__name__} {path!r:.60}")
     if os.fspath(path) == "":  # Path("") is ".": the message would have been about the current folder
-        from .errors import OutputPathError
-
         raise OutputPathError("the output path is empty; give a file or folder name (\".\" for the current folder)")
     return Path(os.fspath(path)).expanduser()
 

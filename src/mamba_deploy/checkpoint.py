@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import json
-import numbers
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from .argtypes import is_whole
 from .atomic import atomic_dir, output_path, read_json_object
 from .config import MambaConfig, config_key
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, MambaDeployError, ModelNotFoundError
@@ -521,8 +521,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, fmt: str = "hf",
         raise ConfigError(f"dtype {dtype!r} is not one a checkpoint is saved in; pass one of "
                           f"{', '.join(str(d) for d in LOAD_DTYPES)} (quantize with mamba-deploy quantize)")
     check_shard_size(fmt, max_shard_bytes)
-    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral)
-                                        or max_shard_bytes < 1):  # (the CLI's --max-shard-size, in MB, is checked apart)
+    if max_shard_bytes is not None and not is_whole(max_shard_bytes, 1):  # (the CLI's --max-shard-size, MB, apart)
         raise ConfigError(f"max_shard_bytes must be a whole number of bytes >= 1 (or None for the default, "
                           f"{DEFAULT_MAX_SHARD_BYTES}), got {max_shard_bytes!r:.40}; e.g. 2 * 1024**3 for 2 GiB shards")
     from .progress import progress_wanted

@@ -9,12 +9,12 @@ last logits of a window predict the first token of the next one.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from pathlib import Path
 
 import torch
 
+from .argtypes import is_whole
 from .atomic import json_text
 from .errors import ConfigError, ModelNotFoundError
 from .inputs import first_out_of_vocab, token_stream
@@ -37,7 +37,7 @@ def perplexity(runner, token_ids, window: int = 256, progress: bool = False,
     ids = token_stream(token_ids, "token_ids")
     if ids.numel() < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {ids.numel()}; give a longer text")
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+    if not is_whole(window, 1):
         raise ConfigError(f"window={window!r} must be an integer >= 1 (tokens per forward call)")
     vocab = runner.vocab_size
     bad = first_out_of_vocab(ids, vocab)

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .argtypes import is_finite, is_seed
+from .argtypes import is_finite, is_seed, is_whole
 from .errors import ConfigError, MambaDeployError, ShapeError
 from .inputs import token_stream
 
@@ -527,12 +527,12 @@ def prefill_pieces(runner, ids, mask, state, chunk: int | None = None, last_only
 
 
 def check_prefill_chunk(chunk) -> None:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
+    if chunk is not None and not is_whole(chunk, 1):
         raise ConfigError(f"prefill_chunk must be an int >= 1 (or None for one piece), got {chunk!r}")
 
 
 def _check_counts(max_new_tokens, seed) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+    if not is_whole(max_new_tokens, 0):
         raise ConfigError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if seed is not None and not is_seed(seed):
         raise ConfigError(f"seed must be an int in 0..2**64-1 (or None), got {seed!r}")
@@ -634,7 +634,7 @@ def _is_id(t) -> bool:
     """An integer token id: int, numpy integer or a 0-d integer tensor (not bool)."""
     if isinstance(t, torch.Tensor):
         return t.dim() == 0 and not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+    return is_whole(t)
 
 
 def _mask_padded_vocab(logits, vocab: int):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .argtypes import is_whole
 from .config import MambaConfig
 from .errors import ShapeError
 
@@ -163,7 +164,7 @@ def ssm_dtypes(model_dtype: torch.dtype) -> tuple:
 
 def check_batch(batch) -> int:
     """A state's batch (new_state, State.zeros): an int >= 0; ShapeError otherwise."""
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 0:
+    if not is_whole(batch, 0):
         raise ShapeError(f"batch must be an integer >= 0 (the number of sequences), got {batch!r}")
     return int(batch)
 

@@ -129,8 +129,8 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
             quantize_fn(f32_tmp, tmp, int(ftype), n_threads)
         if ollama:
             mf_tmp.write_text(modelfile_text(out, vocab), encoding="utf-8")
-        hold(out, *([mf] if ollama else []))  # a Ctrl-C now waits for both renames: never a new GGUF
-        # beside the old Modelfile
+        # a Ctrl-C now waits for both renames: never a new GGUF beside the old Modelfile
+        hold(out, *([mf] if ollama else []))
     return out
 
 

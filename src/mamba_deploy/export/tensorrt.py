@@ -403,10 +403,11 @@ def build_engine(onnx_dir, out_path, fp16: bool = False, max_batch: int = 8, max
     }
     # written in full first, then renamed sidecar first, engine last, with a Ctrl-C / SIGTERM held
     # between the two: an earlier working engine is never left beside a newer sidecar that refuses it
-    with renames_together() as hold, atomic_file(out) as engine_tmp, atomic_file(sidecar_path(out)) as sidecar_tmp:
+    side = sidecar_path(out)
+    with renames_together() as hold, atomic_file(out) as engine_tmp, atomic_file(side) as sidecar_tmp:
         sidecar_tmp.write_bytes(json.dumps(sidecar, indent=2).encode())
         engine_tmp.write_bytes(data)
-        hold(out, sidecar_path(out))
+        hold(out, side)
     return out
 
 

@@ -13,6 +13,7 @@ import numbers
 import re
 from pathlib import Path
 
+from ..argtypes import is_whole
 from ..errors import QuantizationError
 from .formats import FORMATS, FP8_SCALINGS, check_group
 
@@ -88,7 +89,7 @@ def _check_values(options: dict, where: str = "") -> None:
     the quantizer, and int(64.9), bool("no") or a 0 read as "default" would change the value."""
     for key in INT_OPTIONS:
         v = options.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+        if v is not None and not is_whole(v, 1):
             raise QuantizationError(f"{where}{key}={v!r} must be a positive integer")
     for key in ("symmetric", "act_order", "clip", "enable"):  # bool("no") is True: take real booleans only
         v = options.get(key)

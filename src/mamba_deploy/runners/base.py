@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import is_whole
 from ..config import MambaConfig
 from ..errors import ConfigError, RunnerClosedError, ShapeError
 from ..inputs import check_padding_fresh
@@ -185,7 +186,7 @@ def check_threads(threads) -> int | None:
     """A backend's `threads` option: None (the backend's default) or an int in 1..max_threads()."""
     if threads is None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+    if not is_whole(threads, 1):
         raise ConfigError(f"threads must be an integer >= 1 (or left out for the backend's default), got {threads!r}")
     if threads > max_threads():
         raise ConfigError(f"threads {threads} is more than this machine can use ({os.cpu_count()} CPUs; at most "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import numbers
 import os
 import signal
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..argtypes import check_switch
+from ..argtypes import check_switch, is_whole
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint, needs_packages
 from ..inputs import check_ids, check_mask, token_stream
@@ -353,7 +352,7 @@ class LlamaCppRunner(Runner):
         check_switch("verbose", verbose)
         for name, v, high in (("n_ctx", MIN_N_CTX if n_ctx is None else n_ctx, None), ("n_batch", n_batch, None),
                               ("n_seq_max", n_seq_max, LLAMA_MAX_SEQ)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 or (high and v > high):
+            if not is_whole(v, 1) or (high and v > high):
                 raise ConfigError(f"{name} must be an integer in 1..{high or 'inf'}, got {v!r:.40}")
         if n_ctx is not None and _sequences_problem(n_seq_max, n_ctx):  # before the model loads
             raise ConfigError(f"n_ctx={n_ctx} is smaller than n_seq_max={n_seq_max}; pass n_ctx >= n_seq_max")

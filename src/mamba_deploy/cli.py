@@ -472,12 +472,14 @@ def main(argv=None, build=None) -> int:
 def _main(argv, build) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     args, done = None, False
+    stdout = sys.stdout = _MarkedStdout(sys.stdout)
     remove_created_folders(keep=True)  # folders made before this command (Python API calls) are not its to remove
     try:
         # inside the try: building the parser imports every stage's modules, for a second or more,
         # and Ctrl-C (or SIGTERM) then was a traceback
         args = build().parse_args(argv)
         args.func(args)
+        sys.stdout.flush()  # here, not at exit: a full disk behind `> FILE` is reported below
         done = True
     except MambaDeployError as e:
         if (stop := _interrupted(e)) is not None:
@@ -511,10 +513,54 @@ def _main(argv, build) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports it
+    except OSError as e:
+        if not _stdout_failed(e):
+            raise
+        print(f"{_rank_prefix(args)}error: could not write the output of {_command(args)} to standard output: "
+              f"{e.strerror or e}; free space on the disk it is redirected to, or redirect it to another one",
+              file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = default_format
+        if sys.stdout is stdout:  # (a tensor-parallel rank other than 0 has put /dev/null there)
+            sys.stdout = stdout.stream
         remove_created_folders(keep=done)  # a failed or stopped command leaves no empty output folders
     return 0
+
+
+class _MarkedStdout:
+    """sys.stdout, whose write and flush failures are marked as its own (`> FILE` on a full disk),
+    so _main tells them from the files a verb writes (those report a full disk themselves:
+    atomic.out_of_space). Unbuffered (python -u), nothing is left to fail again at a later flush."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _marked(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            e.mamba_stdout = True
+            raise
+
+    def write(self, text):
+        return self._marked(self.stream.write, text)
+
+    def flush(self):
+        return self._marked(self.stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _stdout_failed(e: OSError) -> bool:
+    """Whether `e` is standard output's own failure; stdout then points at /dev/null, so the
+    flush at exit does not fail a second time."""
+    if not getattr(e, "mamba_stdout", False):
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True
 
 
 def _rank_prefix(args) -> str:

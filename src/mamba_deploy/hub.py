@@ -109,7 +109,8 @@ def _download(repo_id: str, weights: bool = True) -> Path:
             return Path(snapshot_download(repo, revision=rev, local_files_only=True))
         except Exception as e:  # noqa: BLE001  (not in the cache)
             raise ModelNotFoundError(
-                f"{repo_id!r} is not a local path, the hub's host does not resolve (offline?) and the model is "
+                f"{repo_id!r} is not a local path, the hub ({_endpoint()}) cannot be reached (its host does not resolve, or "
+                "does not answer: offline?) and the model is "
                 "not in the local hub cache; download it elsewhere and pass the local folder") from e
     try:
         tries = [hub_patterns(HfApi().list_repo_files(repo, revision=rev)) if weights else HUB_SMALL_FILES]
@@ -168,9 +169,13 @@ def _refuse_repo_error(repo: str, rev: str | None, e: Exception) -> None:
     raise ModelNotFoundError(f"{repo!r}{'@' + rev if rev else ''}: {fix} (hub: {said})") from e
 
 
+REACH_TIMEOUT_S = 5.0  # one TCP connect to the hub; huggingface_hub's own calls retry a failure for ~25 s
+
+
 def _hub_resolves() -> bool:
-    """Whether the hub's host name resolves (instant when offline; huggingface_hub's own calls
-    retry a failed lookup five times)."""
+    """Whether the hub's host name resolves and its port takes a connection (instant when
+    offline, seconds at most behind a firewall or with a dead HF_ENDPOINT; huggingface_hub's own
+    calls retry each failure five times)."""
     import socket
     from urllib.parse import urlparse
 
@@ -178,14 +183,21 @@ def _hub_resolves() -> bool:
 
     if constants.HF_HUB_OFFLINE:  # huggingface_hub reads its cache without trying the network
         return True
-    host = urlparse(constants.ENDPOINT).hostname
-    if _proxied(host):  # behind a proxy only the proxy resolves outside names; huggingface_hub goes through it
+    url = urlparse(constants.ENDPOINT)
+    if _proxied(url.hostname):  # behind a proxy only the proxy resolves outside names; huggingface_hub goes through it
         return True
     try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        with socket.create_connection((url.hostname, port), timeout=REACH_TIMEOUT_S):
+            return True
+    except (OSError, ValueError):  # no such name, refused, unreachable, timed out; a bad port in the URL
         return False
-    return True
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _proxied(host: str | None) -> bool:

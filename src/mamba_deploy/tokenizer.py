@@ -308,7 +308,18 @@ def checked_tokenizer(tokenizer, vocab_size: int, label: str | None = None):
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"{label}: {tokenizer.vocab_size} tokens, more than the model's vocabulary of {vocab_size}; "
                           "it belongs to another model: pass the tokenizer this one was trained with")
+    warn_unused_rows(tokenizer.vocab_size, vocab_size, label, "pass the tokenizer this model was trained with")
     return tokenizer
+
+
+def warn_unused_rows(n: int, rows: int, where: str, fix: str) -> None:
+    """Warn when a tokenizer of `n` tokens leaves far more of a model's `rows` embedding rows
+    without a token than a checkpoint's vocabulary padding does: likely another model's."""
+    if rows - n > max(MAX_PAD_ROWS, rows // MAX_PAD_FRACTION):
+        warnings.warn(f"{where}: its tokenizer has {n} tokens for a model of {rows} embedding rows, so the "
+                      f"{rows - n} ids from {n} up decode to no text (sampled text comes out empty) and a GGUF "
+                      "export pads them as unused tokens; a checkpoint pads its vocabulary by a few ids only. If "
+                      f"this is not the model's own tokenizer, {fix}", stacklevel=3)
 
 
 def load_tokenizer(folder) -> Tokenizer:
@@ -328,15 +339,11 @@ def load_tokenizer(folder) -> Tokenizer:
         tok = _from_sentencepiece(spm_file)
     else:
         tok = _from_transformers(folder)
-    n, rows = tok.vocab_size, _model_vocab(folder)
-    if rows is not None and n < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
-        raise _no_tokenizer(folder, f"its tokenizer has {n} tokens, for a model of {rows}")
-    if rows is not None and rows - n > max(MAX_PAD_ROWS, rows // MAX_PAD_FRACTION):
-        warnings.warn(f"{folder}: its tokenizer has {n} tokens for a model of {rows} embedding rows, so the "
-                      f"{rows - n} ids from {n} up decode to no text (sampled text comes out empty) and a GGUF "
-                      "export pads them as unused tokens; a checkpoint pads its vocabulary by a few ids only. If "
-                      "this is not the model's own tokenizer, copy the right one in or pass --tokenizer PATH",
-                      stacklevel=2)
+    rows = _model_vocab(folder)
+    if rows is not None and tok.vocab_size < min(MIN_VOCAB, rows // MIN_VOCAB_FRACTION):
+        raise _no_tokenizer(folder, f"its tokenizer has {tok.vocab_size} tokens, for a model of {rows}")
+    if rows is not None:
+        warn_unused_rows(tok.vocab_size, rows, str(folder), "copy the right one in or pass --tokenizer PATH")
     if folder.is_dir():
         from .chat import chat_template_names, read_chat_template
         from .checkpoint import generation_end_ids
@@ -345,7 +352,7 @@ def load_tokenizer(folder) -> Tokenizer:
         tok.chat_template_choices = [] if tok.chat_template else chat_template_names(folder)
         # transformers' generate stops at each of them, and a chat model samples its end-of-turn one
         ends = generation_end_ids(folder)
-        tok.end_token_ids = tuple(i for i in ends if i != tok.eos_token_id and i < max(n, rows or 0))
+        tok.end_token_ids = tuple(i for i in ends if i != tok.eos_token_id and i < max(tok.vocab_size, rows or 0))
     return tok
 
 

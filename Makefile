@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mamba-deploy demo
 
 test: $(STAMP)
+	# again here (instant once fetched): a fetch that failed at install is retried, not skipped for good
+	$(PY) tools/fetch_llama_converter.py
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

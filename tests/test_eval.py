@@ -24,7 +24,8 @@ SHIPPED = ["demo-mamba1", "demo-mamba2"]
 N_VAL = 2048  # validation tokens scored per shipped model (bounded so the test stays quick)
 # Stated bounds on the shipped models' perplexity over the first N_VAL validation tokens of this
 # machine's stdlib (model cards give 35.7 / 29.4 over 100k tokens); the unigram baseline is ~700.
-PPL_BOUND = {"demo-mamba1": 45.0, "demo-mamba2": 40.0}
+# Measured 33.5 / 22.7 on Python 3.11's stdlib; ~1.3x that leaves room for other Python versions' sources.
+PPL_BOUND = {"demo-mamba1": 44.0, "demo-mamba2": 30.0}
 
 
 def hf_ppl(hf_model, ids) -> tuple[float, torch.Tensor]:

@@ -67,6 +67,7 @@ def test_prefill_in_pieces_equals_one_prefill(kind, hf_checkpoint):
     b = model(ids[:, 18:], state=a.state)
     assert rel_err(torch.cat([a.logits, b.logits], 1), whole.logits) <= 1e-5
     assert rel_err(b.state.ssm, whole.state.ssm) <= 1e-5
+    assert rel_err(b.state.conv, whole.state.conv) <= 1e-5  # the conv window carried across the cut too
 
 
 def test_float64_reference_agrees_with_float32(hf_checkpoint):

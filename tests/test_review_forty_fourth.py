@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,3 +102,24 @@ def test_a_hub_that_resolves_but_does_not_answer_fails_at_once(monkeypatch, tmp_
         hub._download("org/missing")
     assert time.monotonic() - t0 < 1
     assert tried and all(t is not None and t <= 10 for _, t in tried)  # bounded, not the OS's minutes
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_a_rank_stopped_while_reading_its_command_line_says_nothing(monkeypatch, capsys, under_torchrun):
+    """torchrun stops the other ranks with SIGTERM when one fails. A rank still importing (its
+    command line not yet read: a loaded machine) printed "terminated" into the shared stderr
+    beside the real error, since whether it ran --tensor-parallel was read from the parsed args.
+    Outside torchrun, a SIGTERM there is still reported."""
+    from mamba_deploy.cli import Terminated, main
+
+    def slow_build():  # the signal arrives while the parser is being built
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(sys, "argv", ["mamba-deploy", "generate", "m", "--prompt", "x", "--tensor-parallel"])
+    if under_torchrun:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    else:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(sys.argv[1:], build=slow_build) == 128 + signal.SIGTERM
+    said = capsys.readouterr().err
+    assert ("terminated" in said) != under_torchrun, said

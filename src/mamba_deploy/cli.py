@@ -456,7 +456,10 @@ def _stopped(e: KeyboardInterrupt, args=None) -> int:
     one "terminated" per rank ran together on the shared stderr around the real error."""
     signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
     word = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "hung up")
-    if not (signum == signal.SIGTERM and getattr(args, "tensor_parallel", False)):
+    # args is None when the signal came while the command line was read (a slow rank still importing)
+    tp = getattr(args, "tensor_parallel", False) if args is not None else (
+        "--tensor-parallel" in sys.argv[1:] and "LOCAL_RANK" in os.environ)
+    if not (signum == signal.SIGTERM and tp):
         with contextlib.suppress(OSError, ValueError):  # stderr may be the terminal that went away
             print(word, file=sys.stderr)
     return 128 + signum

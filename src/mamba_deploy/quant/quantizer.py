@@ -18,7 +18,9 @@ ALGO_FORMAT = {"gptq": "int4", "awq": "int4", "smoothquant": "w8a8"}
 
 @torch.no_grad()
 def quantize(model, method: str, **options):
-    """Quantize `model` in place and return it.
+    """Quantize `model` in place and return it; `save_quantized(model, out_dir)` then writes the
+    quantized checkpoint (the CLI's `quantize MODEL OUT` does both), and `load_model(out_dir)`
+    swaps the quantized modules back in.
 
     method: int8 | int4 | gptq | awq | smoothquant | fp8. Options (defaults in plan.METHODS):
     group_size, symmetric, act_order, damp (gptq), grid (awq), alpha (smoothquant),

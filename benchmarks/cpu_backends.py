@@ -226,8 +226,13 @@ def main(argv=None):
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--backends", type=_backends, default=list(BACKENDS),
                    help=f"comma-separated subset of {','.join(BACKENDS)} (onnx: onnxruntime)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers of the random models (default 24, the 130m shapes; fewer for a quick smoke run)")
     p.add_argument("--out", default="benchmarks/results/cpu_backends.json")
     args = p.parse_args(argv)
+    if args.layers is not None:  # every other width stays the 130m one
+        for _, _, kw in SHAPES.values():
+            kw["num_hidden_layers"] = args.layers
     torch.set_num_threads(args.threads)
     bandwidth = [round(read_bandwidth_gbs(args.threads), 1)]  # before and after: it drifts on a shared host
     rows = []
@@ -247,7 +252,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
-    meta = dict(threads=args.threads, python=sys.version.split()[0], torch=torch.__version__,
+    meta = dict(threads=args.threads, layers=SHAPES["mamba1"][2]["num_hidden_layers"], python=sys.version.split()[0], torch=torch.__version__,
                 onnxruntime=onnxruntime.__version__, cpus=os.cpu_count(), machine=platform.machine(),
                 targets=TARGETS, loadavg_at_end=[round(x, 2) for x in os.getloadavg()],
                 read_bandwidth_gbs_before_after=bandwidth,

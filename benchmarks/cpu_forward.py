@@ -76,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers of the random models (default 24, the 130m shapes; fewer for a quick smoke run)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cpu_forward.json"))
     args = ap.parse_args(argv)
@@ -87,6 +89,7 @@ def main(argv=None):
     rows = []
     for name in args.shapes.split(","):
         cfg_cls, model_cls, kw = SHAPES[name]
+        kw = {**kw, **({"num_hidden_layers": args.layers} if args.layers is not None else {})}
         torch.manual_seed(0)
         hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
         with tempfile.TemporaryDirectory() as d:
@@ -96,7 +99,7 @@ def main(argv=None):
         with torch.inference_mode():
             t_pre, t_all, t_dec = bench_transformers(hf, ids, args.decode, args.repeats)
             o_pre, o_all, o_dec = bench_ours(ours, ids, args.decode, args.repeats)
-        rows.append(dict(model=name, prompt_len=args.prompt_len, threads=args.threads,
+        rows.append(dict(model=name if args.layers is None else f"{name} ({args.layers} layers)", prompt_len=args.prompt_len, threads=args.threads,
                          transformers_prefill_s=t_pre, ours_prefill_s=o_pre, prefill_speedup=t_pre / o_pre,
                          transformers_prefill_all_logits_s=t_all, ours_prefill_all_logits_s=o_all,
                          prefill_all_logits_speedup=t_all / o_all,

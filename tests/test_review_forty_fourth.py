@@ -123,3 +123,13 @@ def test_a_rank_stopped_while_reading_its_command_line_says_nothing(monkeypatch,
     assert main(sys.argv[1:], build=slow_build) == 128 + signal.SIGTERM
     said = capsys.readouterr().err
     assert ("terminated" in said) != under_torchrun, said
+
+
+def test_a_closed_stdout_still_runs_the_command():
+    """With stdout closed (`>&-`, a daemon), Python's print writes nothing and the command runs;
+    the stdout wrapper for the full-disk error must keep that (an early version raised
+    AttributeError on None)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", "-c", f'"{sys.executable}" -m mamba_deploy.cli inspect "{DEMO}" >&-'],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

@@ -475,14 +475,15 @@ def main(argv=None, build=None) -> int:
 def _main(argv, build) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _cli_warning
     args, done = None, False
-    stdout = sys.stdout = _MarkedStdout(sys.stdout)
+    stdout = sys.stdout = _MarkedStdout(sys.stdout) if sys.stdout is not None else None  # None: stdout closed
     remove_created_folders(keep=True)  # folders made before this command (Python API calls) are not its to remove
     try:
         # inside the try: building the parser imports every stage's modules, for a second or more,
         # and Ctrl-C (or SIGTERM) then was a traceback
         args = build().parse_args(argv)
         args.func(args)
-        sys.stdout.flush()  # here, not at exit: a full disk behind `> FILE` is reported below
+        if sys.stdout is not None:  # here, not at exit: a full disk behind `> FILE` is reported below
+            sys.stdout.flush()
         done = True
     except MambaDeployError as e:
         if (stop := _interrupted(e)) is not None:
@@ -525,7 +526,7 @@ def _main(argv, build) -> int:
         return 2
     finally:
         warnings.formatwarning = default_format
-        if sys.stdout is stdout:  # (a tensor-parallel rank other than 0 has put /dev/null there)
+        if stdout is not None and sys.stdout is stdout:  # (a tensor-parallel rank other than 0 put /dev/null there)
             sys.stdout = stdout.stream
         remove_created_folders(keep=done)  # a failed or stopped command leaves no empty output folders
     return 0

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import build_hf_model, rel_err
+from test_batching import _hf_greedy  # transformers' greedy generate, no EOS, a mask of ones
 
 FP32_TOL = 1e-4
 
@@ -27,14 +28,6 @@ def _hf_logits(hf, ids):
     with torch.no_grad():
         return hf(torch.as_tensor(ids), use_cache=False).logits.float()
 
-
-def _hf_greedy(hf, prompt, n):
-    """transformers' greedy generate (no EOS: the tiny configs' eos is id 0), a mask of ones."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 # ----------------------------------------------------------------------------- R5: llama.cpp load_torch_state

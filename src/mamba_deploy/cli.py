@@ -513,13 +513,13 @@ def _main(argv, build) -> int:
         print(f"{_rank_prefix(args)}error: {e.filename or 'a file'}: {e.strerror or e}; check its permissions "
               "and those of the folders above it", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `| head` stopped reading: end quietly (stdout's flush at exit would fail again)
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # `| head` stopped reading: end quietly
+        _stdout_to_devnull()
         return 141  # 128 + SIGPIPE, as a shell reports it
     except OSError as e:
-        if not _stdout_failed(e):
+        if not getattr(e, "mamba_stdout", False):  # not stdout's own failure (see _MarkedStdout)
             raise
+        _stdout_to_devnull()
         print(f"{_rank_prefix(args)}error: could not write the output of {_command(args)} to standard output: "
               f"{e.strerror or e}; free space on the disk it is redirected to, or redirect it to another one",
               file=sys.stderr)
@@ -557,14 +557,13 @@ class _MarkedStdout:
         return getattr(self.stream, name)
 
 
-def _stdout_failed(e: OSError) -> bool:
-    """Whether `e` is standard output's own failure; stdout then points at /dev/null, so the
-    flush at exit does not fail a second time."""
-    if not getattr(e, "mamba_stdout", False):
-        return False
+def _stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null after it failed (a closed pipe, a full disk), so
+    the flush of what is still buffered, at exit, does not fail a second time."""
     with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return True
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
 
 
 def _rank_prefix(args) -> str:

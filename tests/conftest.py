@@ -29,6 +29,21 @@ def _signals_as_in_a_terminal() -> None:
 
 _signals_as_in_a_terminal()
 
+HF_GROUPED_NORM = (5, 23)  # transformers' Mamba2 gated RMSNorm normalises per group from 5.23 on
+
+
+def pytest_report_header(config):
+    """Say up front when the installed reference cannot pass the n_groups > 1 comparisons."""
+    try:
+        import transformers
+    except ImportError:
+        return "transformers: not installed (the tests' reference; pip install -e '.[dev]')"
+    release = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+    if release < HF_GROUPED_NORM:
+        return (f"transformers {transformers.__version__}: before 5.23 its Mamba2 gated RMSNorm ignores "
+                "n_groups, so every n_groups > 1 comparison with it fails; pip install 'transformers>=5.23'")
+    return None
+
 # kind -> transformers config kwargs; sizes chosen so chunk boundaries are crossed cheaply
 TINY = {
     "mamba": dict(cls="MambaForCausalLM", cfg="MambaConfig",

@@ -242,11 +242,28 @@ def test_a_config_that_does_not_fit_its_weights_fails_before_allocating_it(tmp_p
     assert "does not match its config.json" in capsys.readouterr().err
 
 
-def test_out_of_memory_is_a_user_error(tmp_path, capsys):
-    # 10**12 tokens of ids alone is 8 TB: the allocator refuses at once
-    assert main(["verify", DEMO, DEMO, "--lengths", str(10**12), "--batch", "1"]) == 2
+def test_out_of_memory_is_a_user_error(tmp_path, capsys, monkeypatch):
+    import mamba_deploy.verify as verify_mod
+
+    # with verify's size check out of the way: 10**18 tokens of ids are 8 EB, past any address
+    # space, so the allocator refuses at once whatever the kernel's overcommit mode
+    monkeypatch.setattr(verify_mod, "check_fits", lambda *a: None)
+    assert main(["verify", DEMO, DEMO, "--lengths", str(10**18), "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: out of memory in verify" in err and "try smaller values" in err
+
+
+def test_verify_larger_than_the_machine_is_refused_before_allocating(capsys):
+    import os
+
+    # 2 rows x 10**9 tokens x 4096 logits x 4 bytes x 2 sides = 65.5 TB: refused up front, not left to an
+    # allocator that may overcommit (the GPU machine's pytest worker was killed by this request)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 2 * 10**9 * 4096 * 4 > ram
+    assert main(["verify", DEMO, DEMO, "--lengths", "7," + str(10**9), "--batch", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: verify at batch 2 x length 1000000000 needs at least 61,035.2 GiB" in err, err
+    assert f"this machine's {ram / 2**30:,.1f} GiB" in err and "--lengths / --batch" in err
 
 
 @pytest.mark.parametrize("argv,match", [

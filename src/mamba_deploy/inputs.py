@@ -4,10 +4,12 @@ torch, a RuntimeError from ONNX Runtime or `llama_decode failed -1` from llama.c
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 
 _WANT = {1: "(batch,)", 2: "(batch, seqlen)"}
 
@@ -130,3 +132,25 @@ def check_padding_fresh(mask, arrays, make: str = "runner.new_state") -> None:
 def _values(mask: torch.Tensor) -> str:
     vals = torch.unique(mask.flatten()[:100000]).tolist()
     return f"{mask.dtype} values {vals[:8]}{' ...' if len(vals) > 8 else ''}"
+
+
+def machine_memory() -> int | None:
+    """Bytes this process could ever hold at once: physical RAM, plus the GPUs' memory once CUDA is
+    in use (a runner on the GPU keeps its logits there). None where the OS does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return total
+
+
+def check_fits(nbytes: int, what: str, fix: str) -> None:
+    """Refuse work whose tensors alone outgrow the machine before any is allocated. The allocator's
+    own refusal is not enough: where the kernel overcommits memory (vm.overcommit_memory = 1, common
+    in containers) the allocation succeeds and the process is killed once the pages are touched."""
+    total = machine_memory()
+    if total is not None and nbytes > total:
+        raise ConfigError(f"{what} needs at least {nbytes / 2**30:,.1f} GiB, more than this machine's "
+                          f"{total / 2**30:,.1f} GiB of memory; {fix}")

@@ -27,7 +27,7 @@ from .errors import BeyondToleranceError, ConfigError, MambaDeployError, Verific
 from .eval import ppl_of
 from .export.onnx_meta import MANIFEST_FILE
 from .generation import prefill_pieces
-from .inputs import first_out_of_vocab, token_stream
+from .inputs import check_fits, first_out_of_vocab, token_stream
 from .state import State
 from .tolerances import (BITS_TO_ROW, LABEL_ALIASES, TOLERANCES, Tolerance,  # noqa: F401 (verify's names)
                          dtype_label, looser_label, make_tolerance, parse_overrides, tolerance_row)
@@ -520,6 +520,9 @@ def verify(reference_runner, artifact_runner, lengths=DEFAULT_LENGTHS, batches=D
     if any(x < 1 for x in lengths + batches) or decode_steps < 0:
         raise ConfigError(f"lengths {lengths} and batches {batches} must be >= 1 and decode_steps "
                           f"{decode_steps} >= 0")
+    # the largest case's prefill logits, (b, l, vocab) float32 on each side
+    check_fits(2 * max(batches) * max(lengths) * vocab * 4, f"verify at batch {max(batches)} x length {max(lengths)}",
+               "try smaller lengths or batches (--lengths / --batch)")
     gen = torch_generator(seed)
     report = VerifyReport(tol, reference=_describe(ref), artifact=_describe(art))
     padded = max(batches) > 1 and max(lengths) > 1  # rows of different lengths need both

@@ -57,7 +57,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import ConfigError, ContextLengthError, MambaDeployError, RunnerClosedError
-from .serve_http import (CHUNKED, CLOSE, AcceptPause, DeadlineReader, bind_error, body_length,
+from .serve_http import (CHUNKED, CLOSE, AcceptPause, DeadlineReader, bind_error, body_length, check_host,
                          check_allowed_hosts, check_host_and_origin, default_allowed_hosts, internal_error, peer_closed,
                          read_chunked, refuse_busy)
 from .serve_request import (CHAT_FIELDS, CHAT_UNSUPPORTED, COMPLETION_FIELDS, RequestError, _check_max_tokens, _same,
@@ -705,11 +705,7 @@ def make_server(runner, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     require_runner(runner, "make_server")
     if runner.closed:  # else every request would fail with the closed runner's error
         raise RunnerClosedError(f"make_server got a closed {runner.name} runner; open the model again with open_runner")
-    if not isinstance(host, str):
-        raise ConfigError(f"host must be a name or address string (\"127.0.0.1\", \"0.0.0.0\"), got {host!r:.40}")
-    if not host.strip():  # socket's "" is every interface: an unset variable opened the server to the network
-        raise ConfigError(f"host {host!r} is empty, which would listen on every interface; use \"127.0.0.1\" (this "
-                          "machine only) or, to serve the network, say so with \"0.0.0.0\"")
+    check_host(host)
     if model_name is not None and not (isinstance(model_name, str) and model_name.strip()):
         # clients name the model in requests and read it from /v1/models, a string in OpenAI's schema
         raise ConfigError(f"model_name must be a non-empty str (or None: the artifact's name), got "

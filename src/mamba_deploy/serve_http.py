@@ -339,9 +339,23 @@ def bind_error(host: str, port: int, e: OSError) -> ConfigError:
     return ConfigError(f"cannot listen on {where}: {e.strerror or e}; {fix}")
 
 
+def check_host(host) -> None:
+    """What `--host` / make_server's host may be: a non-empty IPv4 address or name (the server
+    listens on IPv4 alone)."""
+    if not isinstance(host, str):
+        raise ConfigError(f"host must be a name or address string (\"127.0.0.1\", \"0.0.0.0\"), got {host!r:.40}")
+    if not host.strip():  # socket's "" is every interface: an unset variable opened the server to the network
+        raise ConfigError(f"host {host!r} is empty, which would listen on every interface; use \"127.0.0.1\" (this "
+                          "machine only) or, to serve the network, say so with \"0.0.0.0\"")
+    if _is_ip(host.strip("[]")) and ipaddress.ip_address(host.strip("[]")).version == 6:
+        raise ConfigError(f"host {host!r} is an IPv6 address, and the server listens on IPv4 only; use "
+                          "\"127.0.0.1\" (this machine only) or \"0.0.0.0\" (all IPv4 interfaces)")
+
+
 def check_can_listen(host: str, port: int) -> None:
-    """Bind (host, port) the way the server will and let it go: a busy port or a foreign host is
-    reported before the model is loaded, which can take minutes."""
+    """Bind (host, port) the way the server will and let it go: a bad or foreign host or a busy
+    port is reported before the model is loaded, which can take minutes."""
+    check_host(host)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         if ThreadingHTTPServer.allow_reuse_address:  # as the server binds (socketserver.TCPServer)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

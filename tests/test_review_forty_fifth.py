@@ -44,3 +44,30 @@ def test_check_can_listen_takes_the_hosts_the_server_takes():
     for host in ("", "::1", None):
         with pytest.raises(ConfigError, match="host"):
             check_can_listen(host, 0)
+
+
+def test_a_constant_node_is_a_supported_build_time_constant_for_tensorrt():
+    """onnx-tensorrt's operator list has Constant, and the check treats a Constant's output as a
+    build-time constant (an If on it may have branches of other shapes); a graph with one was
+    reported as using an unsupported op, which made that rule dead code."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from mamba_deploy.export.tensorrt import trt_parser_issues
+
+    def branch(tag, shape):
+        v = helper.make_tensor(f"{tag}_v", TensorProto.FLOAT, list(shape), [0.0] * int(np.prod(shape)))
+        return helper.make_graph([helper.make_node("Constant", [], [f"{tag}_out"], value=v)], tag, [],
+                                 [helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT, list(shape))])
+
+    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.BOOL, [], [True]))
+    node = helper.make_node("If", ["c"], ["y"], name="if0", then_branch=branch("then", (2, 3)),
+                            else_branch=branch("else", (2, 4)))
+    graph = helper.make_graph([cond, node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert trt_parser_issues(model) == []
+    # the same If on a condition computed at run time is what TensorRT before 10.11 refuses
+    model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    del model.graph.node[0]
+    issues = trt_parser_issues(model)
+    assert len(issues) == 1 and "computed at run time" in issues[0], issues

@@ -48,6 +48,7 @@ TRT_ONNX_OPS: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...], str]
     "Cast": (FIB + ("UINT8",), 0, (), ""),
     "Clip": (F, 0, (), ""),
     "Concat": (FIB, 0, (), ""),
+    "Constant": (FIB, None, (), ""),  # its outputs are build-time constants (walk below)
     "ConstantOfShape": (FIB, None, (), ""),  # types are those of the `value` output
     "CumSum": (F, 0, (1,), "`axis` must be a build-time constant"),
     "Div": (FI, 0, (), ""),

@@ -71,3 +71,47 @@ def test_a_constant_node_is_a_supported_build_time_constant_for_tensorrt():
     del model.graph.node[0]
     issues = trt_parser_issues(model)
     assert len(issues) == 1 and "computed at run time" in issues[0], issues
+
+
+def test_an_upper_case_gguf_name_opens_everywhere_a_gguf_does(ckpt, tmp_path, capsys):
+    """`MODEL.GGUF` (llama.cpp and Ollama read it): every verb took the suffix case-sensitively,
+    so load_model called it "a file; pass the checkpoint folder or a .gguf file" while the
+    llama.cpp preflight advised `--backend torch` for it. Reference: transformers on the same
+    checkpoint, and the same file under its lower-case name."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import HAVE_LLAMA, rel_err
+    from mamba_deploy import load_model
+    from mamba_deploy.export.gguf import export_gguf
+    from mamba_deploy.runners import guess_backend, open_runner
+
+    src = ckpt("mamba")[0]
+    upper = tmp_path / "TINY.GGUF"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_gguf(src, upper)  # the output's suffix in any case
+    assert upper.is_file() and guess_backend(upper) == "llama.cpp"
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert rel_err(load_model(upper)(ids).logits, want) < 1e-4
+    with open_runner(upper, "torch") as r:
+        logits, _ = r.prefill(ids, r.new_state(2))
+    assert rel_err(logits[..., :128], want) < 1e-4
+    if HAVE_LLAMA:
+        with open_runner(upper) as r:  # llama.cpp, guessed from the name
+            logits, _ = r.prefill(ids[:1], r.new_state(1))
+        assert rel_err(logits[..., :128], want[:1]) < 1e-4
+    capsys.readouterr()
+    assert main(["inspect", str(upper), "--json"]) == 0
+    shown_upper = capsys.readouterr().out
+    lower = tmp_path / "tiny.gguf"
+    shutil.copy(upper, lower)
+    assert main(["inspect", str(lower), "--json"]) == 0
+    assert shown_upper.replace("TINY.GGUF", "tiny.gguf") == capsys.readouterr().out

@@ -21,6 +21,7 @@ from .errors import BackendUnavailableError, CheckpointError, ConfigError, Mamba
 from .export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from .extras import needs_packages
 from .hub import WEIGHT_FILES, WEIGHT_INDEXES, local_path, resolve, split_revision
+from .pathnames import is_gguf
 from .state import DTYPE_NAMES
 from .tokenizer_files import tokenizer_source, write_tokenizer_files
 
@@ -745,7 +746,7 @@ def _load_model(path_or_hub_id, device, dtype, slicer=None):
     path = resolve(path_or_hub_id)
     whole_on = device if slicer is None else torch.device("cpu")  # a model loaded whole, to be sliced after
     if path.is_file():
-        if path.suffix == ".gguf":
+        if is_gguf(path):
             with needs_packages("reading a GGUF file"):
                 from .export.gguf_import import load_gguf
 

@@ -24,6 +24,7 @@ from .argtypes import (Parser, backend_choice, min_p, nonnegative_float, nonnega
 from .atomic import json_text, remove_created_folders
 from .errors import ConfigError, MambaDeployError, ModelNotFoundError
 from .extras import PACKAGES, install_hint, top_level
+from .pathnames import is_gguf
 from .progress import human_bytes
 from .state import DTYPE_NAMES
 
@@ -193,9 +194,9 @@ def cmd_inspect(args):
                              read_config, read_raw_config, resolve, weight_files)
 
     path = resolve(args.model)
-    if path.is_file() and path.suffix != ".gguf" and config_file(path.parent) is None:
+    if path.is_file() and not is_gguf(path) and config_file(path.parent) is None:
         raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder or a .gguf file")
-    if path.suffix == ".gguf":  # its metadata and tensor headers: no weight is dequantized
+    if is_gguf(path):  # its metadata and tensor headers: no weight is dequantized
         from .export.gguf_import import open_gguf
 
         cfg, files = open_gguf(path)[3], [path]
@@ -205,7 +206,7 @@ def cmd_inspect(args):
         check_depth(folder, cfg)  # before the model is built, even on the meta device
     meta = meta_model(cfg)
     n_params = meta.num_parameters()
-    if path.suffix != ".gguf" and "quantization_config" not in read_raw_config(folder):
+    if not is_gguf(path) and "quantization_config" not in read_raw_config(folder):
         check_weight_headers(folder, cfg, meta)
     info = {
         "architecture": cfg.arch + (" (falcon-mamba)" if cfg.dt_bc_rms else ""),

@@ -63,7 +63,7 @@ def local_path(path_or_id: str | os.PathLike) -> Path | None:
         return p
     repo, rev = split_revision(s)
     looks_like_hub = (repo.count("/") == 1 and not s.startswith((".", "/", "~"))
-                      and not repo.endswith((".gguf", ".json")))
+                      and not repo.lower().endswith((".gguf", ".json")))
     if not looks_like_hub:
         raise ModelNotFoundError(f"no such file or folder: {s!r}; pass a checkpoint folder, a .gguf file or a hub id like 'state-spaces/mamba-130m-hf'")
     org, name = repo.split("/")

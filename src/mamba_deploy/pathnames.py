@@ -25,6 +25,12 @@ def is_text(name: str) -> bool:
     return True
 
 
+def is_gguf(path) -> bool:
+    """Is `path` named as a GGUF file? The suffix in any case: llama.cpp and Ollama read
+    `MODEL.GGUF` as well as `model.gguf`."""
+    return Path(str(path)).suffix.lower() == ".gguf"
+
+
 @contextlib.contextmanager
 def text_path(path) -> Iterator[str]:
     """`path` as UTF-8 text for a library that takes nothing else, valid while the block runs. A

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError, ExportError
+from .pathnames import is_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model", "tokenizer.model.v3",
@@ -33,7 +34,7 @@ def write_tokenizer_files(src, dst: Path, shown=None) -> None:
     if src is None:
         return
     src = Path(src)
-    if src.suffix != ".gguf":
+    if not is_gguf(src):
         copy_tokenizer_files(src, dst)
         return
     from .export.gguf_vocab import write_gguf_tokenizer

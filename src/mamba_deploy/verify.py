@@ -28,6 +28,7 @@ from .eval import ppl_of
 from .export.onnx_meta import MANIFEST_FILE
 from .generation import prefill_pieces
 from .inputs import check_fits, first_out_of_vocab, token_stream
+from .pathnames import is_gguf
 from .state import State
 from .tolerances import (BITS_TO_ROW, LABEL_ALIASES, TOLERANCES, Tolerance,  # noqa: F401 (verify's names)
                          dtype_label, looser_label, make_tolerance, parse_overrides, tolerance_row)
@@ -102,7 +103,7 @@ def _recorded_or_none(reference):
             return None
         own, recorded = artifact_labels(reference)
         p = Path(str(reference))
-        return looser_label(own, recorded) if p.suffix == ".gguf" and p.is_file() else recorded
+        return looser_label(own, recorded) if is_gguf(p) and p.is_file() else recorded
     except (MambaDeployError, OSError):
         return None
 
@@ -110,7 +111,7 @@ def _recorded_or_none(reference):
 def artifact_labels(path) -> tuple[str, str | None]:
     """(the artifact's own weight type, the rounding it records for its source weights or None)."""
     p = Path(str(path))
-    if p.suffix == ".gguf" and p.is_file():
+    if is_gguf(p) and p.is_file():
         from .export.gguf_import import weights_labels
 
         return weights_labels(p)

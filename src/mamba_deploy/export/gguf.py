@@ -25,6 +25,7 @@ from ..argtypes import threads_or_all
 from ..atomic import atomic_file, prepare_output_file, renames_together, scratch_file, write_in_place, write_text
 from ..errors import BackendUnavailableError, ExportError, OutputPathError
 from ..extras import install_hint
+from ..pathnames import is_gguf
 from ..progress import human_bytes, progress_bar, progress_wanted
 from ..quant.runtime import refuse_quantized
 from ..runners.base import check_threads, release_freed_memory
@@ -57,7 +58,7 @@ def _refuse_source_file(src, out: Path) -> None:
     if Path(src).is_file() and out.resolve() == Path(src).resolve():
         raise OutputPathError(f"output {out} is the GGUF being exported; write to a new path "
                               f"(e.g. {out.with_name(out.stem + '-out.gguf')})")
-    if out.suffix == ".gguf":
+    if is_gguf(out):
         return
     folder = Path(src) if Path(src).is_dir() else Path(src).parent
     if folder.exists() and out.resolve().parent == folder.resolve():
@@ -89,7 +90,7 @@ def export_gguf(model_or_path, out_path, outtype: str = "f32", tokenizer=None, o
         check_threads(n_threads)
     out = prepare_output_file(out_path)
     _refuse_source_file(model_or_path, out)  # the more precise refusal first
-    if out.suffix != ".gguf":  # an existing notes.txt was overwritten; the llama.cpp backend goes by the suffix
+    if not is_gguf(out):  # an existing notes.txt was overwritten; the llama.cpp backend goes by the suffix
         raise OutputPathError(f"GGUF output {out} must end in .gguf (the llama.cpp backend and Ollama go by it"
                               f"{'; that file exists and is kept' if out.exists() else ''}); e.g. "
                               f"{out.with_suffix('.gguf')}")
@@ -143,7 +144,7 @@ def _vocab_for(model_or_path, model, tokenizer) -> Vocab:
     load_model read from it; otherwise the tokenizer file."""
     cfg = model.config
     gguf = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else getattr(model, "gguf_path", None)
-    if tokenizer is None and gguf is not None and str(gguf).endswith(".gguf"):
+    if tokenizer is None and gguf is not None and is_gguf(gguf):
         vocab = vocab_from_gguf(gguf)
         if len(vocab.tokens) == cfg.padded_vocab_size:
             return vocab

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, ModelNotFoundError
 from ..export.onnx_meta import ENGINE_FILE, GRAPH_FILE, MANIFEST_FILE
 from ..extras import install_hint, top_level
+from ..pathnames import is_gguf
 from .base import Runner
 
 # backend name -> (module, factory) ; factories take (path, **options)
@@ -51,7 +52,7 @@ def backend_name(name: str) -> str:
 
 def guess_backend(path) -> str:
     p = Path(os.path.expanduser(str(path)))  # as open_runner opens it
-    if p.suffix == ".gguf":
+    if is_gguf(p):
         return "llama.cpp"
     if p.suffix == ".onnx" or (p / GRAPH_FILE).exists() or (p / MANIFEST_FILE).exists():
         return "onnx"  # a manifest without its model.onnx: the ONNX runner names the missing file
@@ -108,7 +109,7 @@ def _wrong_backend(e, path, named):
     if named is None or not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
         return e
     guessed = guess_backend(path)
-    if guessed == named or (named == "torch" and Path(path).suffix == ".gguf") or \
+    if guessed == named or (named == "torch" and is_gguf(path)) or \
             any({named, guessed} <= kind for kind in _SAME_KIND):
         return e
     return type(e)(f"{e} (the {named} backend was asked for; this path opens with the {guessed} backend when "

@@ -37,6 +37,7 @@ from ..argtypes import check_switch, is_whole
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError, RunnerClosedError, ShapeError
 from ..extras import install_hint, needs_packages
 from ..inputs import check_ids, check_mask, token_stream
+from ..pathnames import is_gguf
 from ..state import State
 from ..tokenizer import check_text
 from .base import (NoCopy, Runner, check_parts, check_state, check_threads, checked_source, consume, default_threads,
@@ -176,7 +177,7 @@ def check_gguf_path(path) -> Path:
     """`path` as a Path when it is a .gguf file, which this backend runs; ModelNotFoundError saying
     what it is instead (also verify's check before its reference pass)."""
     path = Path(path)
-    if path.suffix != ".gguf" or not path.is_file():
+    if not is_gguf(path) or not path.is_file():
         from ..errors import ModelNotFoundError
 
         what = ("a folder" if path.is_dir() else "not found" if not path.exists()

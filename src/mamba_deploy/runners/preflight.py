@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import MambaConfig
 from ..errors import BackendUnavailableError, ExportError, ModelNotFoundError
 from ..extras import install_hints
+from ..pathnames import is_gguf
 
 # backend -> the packages its runner imports (find_spec looks for them without importing them)
 BACKEND_PACKAGES = {"torch": (), "onnx": ("onnxruntime",), "llama.cpp": ("llama_cpp", "gguf"),
@@ -41,7 +42,7 @@ def check_installed(backend: str, path=None) -> None:
     missing = [p for p in BACKEND_PACKAGES.get(backend, ()) if not _found(p)]
     if missing:
         what = "package" if len(missing) == 1 else "packages"
-        gguf = path is None or str(path).lower().endswith(".gguf")
+        gguf = path is None or is_gguf(path)
         other = OTHER_WAY.get(backend, "") if gguf and "gguf" not in missing else ""  # torch reads a .gguf with gguf
         raise BackendUnavailableError(f"the {backend} backend needs the {what} {' and '.join(map(repr, missing))}: "
                                       f"{install_hints(missing)}{other}")
@@ -68,7 +69,7 @@ def _checkpoint_config(p: Path) -> MambaConfig:
     """load_model's reading of a checkpoint folder, its config.json, or a .gguf file."""
     from ..checkpoint import CONFIG_FILES, read_config
 
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and is_gguf(p):
         return _gguf_config(p)
     if p.is_file() and p.name not in CONFIG_FILES:
         raise ModelNotFoundError(f"{p} is a file; pass the checkpoint folder or a .gguf file")

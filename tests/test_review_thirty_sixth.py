@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_review_serve_chat import DEMO2, _post, _request
 from test_review_serve_chat import server as _serve_chat_server  # noqa: F401  (its fixture, under this name)
+from trt_standin import RecordingTensorRT
 
 from mamba_deploy.errors import ConfigError
 from mamba_deploy.generation import SamplingConfig, apply_repetition_penalty, filtered_probs
@@ -455,88 +456,6 @@ def test_calibrated_methods_quantize_a_model_on_the_gpu(method, kw):
 
 # ----------------------------------------------------------------------------- TensorRT (desk review; TensorRT is not installable here)
 
-class _FakeTensorRT:
-    """Records the builder calls build_engine makes, with TensorRT 10's documented names
-    (Builder, OnnxParser, BuilderConfig.set_flag / clear_flag / add_optimization_profile,
-    IOptimizationProfile.set_shape / set_shape_input, ITensor.is_shape_tensor)."""
-
-    def __init__(self, keep_is_shape=True, profile_index=0):
-        import types
-
-        import onnx
-
-        calls = self.calls = []
-
-        class Tensor:
-            def __init__(self, name):
-                self.name, self.is_shape_tensor = name, name != "num_logits_to_keep" or keep_is_shape
-
-        class Network:
-            inputs: list = []
-
-            @property
-            def num_inputs(self):
-                return len(self.inputs)
-
-            def get_input(self, i):
-                return self.inputs[i]
-
-        class Parser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                self.network = network
-
-            def parse(self, data, path):
-                m = onnx.load_from_string(data)
-                inits = {t.name for t in m.graph.initializer}
-                self.network.inputs = [Tensor(v.name) for v in m.graph.input if v.name not in inits]
-                return True
-
-        class Profile:
-            def set_shape(self, *a):
-                calls.append(("set_shape", *a))
-
-            def set_shape_input(self, *a):
-                calls.append(("set_shape_input", *a))
-
-        class Config:
-            def set_flag(self, f):
-                calls.append(("set_flag", f))
-
-            def clear_flag(self, f):
-                calls.append(("clear_flag", f))
-
-            def set_memory_pool_limit(self, *a):
-                calls.append(("pool", *a))
-
-            def add_optimization_profile(self, p):
-                return profile_index
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                return Network()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def create_builder_config(self):
-                return Config()
-
-            def build_serialized_network(self, network, config):
-                calls.append(("build",))
-                return memoryview(b"ENGINE")
-
-        self.module = types.SimpleNamespace(
-            __version__="10.15.1", Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda s, sev: None}),
-            Builder=Builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=types.SimpleNamespace(),
-            BuilderFlag=types.SimpleNamespace(FP16="FP16", TF32="TF32"),
-            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
-
-
 @pytest.fixture(scope="module")
 def demo_onnx(tmp_path_factory):
     pytest.importorskip("onnx")
@@ -550,11 +469,10 @@ def test_an_fp32_engine_turns_tensorrts_default_tf32_off(demo_onnx, tmp_path, mo
     mantissas, ~4e-4 logits error against the fp32 engine's 1e-4 check."""
     from mamba_deploy.export.tensorrt import build_engine
 
-    fake = _FakeTensorRT()
+    fake = RecordingTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
     build_engine(demo_onnx, tmp_path / "m.engine", max_batch=2, max_seq=64)
-    flags = [c for c in fake.calls if c[0] in ("set_flag", "clear_flag")]
-    assert flags == [("clear_flag", "TF32")] and fake.calls[-1] == ("build",)
+    assert fake.rec["flags"] == [("clear", "TF32")] and fake.rec["built"] == 1
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -564,11 +482,11 @@ def test_an_fp32_engine_turns_tensorrts_default_tf32_off(demo_onnx, tmp_path, mo
 def test_engine_options_are_checked_before_tensorrt_sees_them(demo_onnx, tmp_path, monkeypatch, kw, match):
     from mamba_deploy.export.tensorrt import build_engine
 
-    fake = _FakeTensorRT()
+    fake = RecordingTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
     with pytest.raises(ExportError, match=match):
         build_engine(demo_onnx, tmp_path / "m.engine", **kw)
-    assert ("build",) not in fake.calls and not (tmp_path / "m.engine").exists()
+    assert fake.rec["built"] == 0 and not (tmp_path / "m.engine").exists()
 
 
 @pytest.mark.parametrize("fake_kw,match", [({"keep_is_shape": False}, "not as a shape tensor"),
@@ -577,7 +495,7 @@ def test_a_profile_or_shape_input_tensorrt_cannot_take_is_an_export_error(demo_o
                                                                           fake_kw, match):
     from mamba_deploy.export.tensorrt import build_engine
 
-    fake = _FakeTensorRT(**fake_kw)
+    fake = RecordingTensorRT(**fake_kw)
     monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
     with pytest.raises(ExportError, match=match):
         build_engine(demo_onnx, tmp_path / "m.engine", max_batch=2, max_seq=64)

@@ -43,10 +43,6 @@ def nonnegative_int(text: str) -> int:
     return _at_least(int, text, 0, strict=False)
 
 
-def finite_float(text: str) -> float:
-    return _number(float, text)
-
-
 def positive_float(text: str) -> float:
     return _at_least(float, text, 0.0, strict=True)
 

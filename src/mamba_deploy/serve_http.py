@@ -32,7 +32,6 @@ import time
 import traceback
 import uuid
 from http.server import ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .serve_request import RequestError, error_payload
@@ -207,12 +206,17 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def _hostname(authority: str) -> str:
-    """"Name.:8000" / "[::1]:8000" -> "name" / "::1" (a trailing dot is the same DNS name)."""
-    try:
-        return (urlsplit("//" + authority).hostname or "").lower().rstrip(".")
-    except ValueError:  # a bad port or bracket
-        return ""
+# RFC 3986 authority without userinfo: an IP literal in brackets or a name, then an optional port
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:/?#@\s]*)(?::([0-9]*))?")
+
+
+def _hostname(authority: str) -> str | None:
+    """"Name.:8000" / "[::1]:8000" -> "name" / "::1" (a trailing dot is the same DNS name); None
+    for a value that is no host[:port] ("127.0.0.1:80x", "[::1]x", a port past 65535)."""
+    m = _AUTHORITY.fullmatch(authority)
+    if m is None or (m.group(2) and int(m.group(2)) > 65535):
+        return None
+    return m.group(1).strip("[]").lower().rstrip(".")
 
 
 def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: str) -> None:
@@ -227,6 +231,8 @@ def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: st
         host = ""
     else:
         host = _hostname(host_header.strip())
+        if host is None:  # RFC 9112 3.2: an invalid Host is a 400, whatever names are allowed
+            raise RequestError(f"Host {host_header[:80]!r} is not a valid host[:port]", headers=CLOSE)
         if ANY_HOST not in allowed and host not in allowed:
             raise RequestError(f"Host {host_header[:80]!r} is not a name this server answers to ({', '.join(allowed)}); "
                                "start it with --allowed-hosts NAME (the name clients use) to take it", 403,
@@ -234,7 +240,7 @@ def check_host_and_origin(headers, allowed: tuple[str, ...], request_version: st
     origin = headers.get("Origin")
     if origin is None or ANY_HOST in allowed:  # not a browser's request; or any name is this server's
         return
-    o = _hostname(origin.strip().split("://", 1)[-1])
+    o = _hostname(origin.strip().split("://", 1)[-1]) or ""
     if o and (o == host or o in allowed):
         return
     raise RequestError(f"requests from a web page of another origin ({origin[:80]!r}) are refused, so that sites a "

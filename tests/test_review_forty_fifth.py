@@ -115,3 +115,32 @@ def test_an_upper_case_gguf_name_opens_everywhere_a_gguf_does(ckpt, tmp_path, ca
     shutil.copy(upper, lower)
     assert main(["inspect", str(lower), "--json"]) == 0
     assert shown_upper.replace("TINY.GGUF", "tiny.gguf") == capsys.readouterr().out
+
+
+def test_resume_with_moments_of_another_shape_is_a_typed_error_before_any_step(tmp_path, monkeypatch):
+    """torch's Optimizer.load_state_dict takes an AdamW state whose exp_avg / exp_avg_sq have
+    another shape than their parameter (a hand-edited or mixed-up train_state.pt); the resumed run
+    then died in its first opt.step with a bare RuntimeError. It is now the CheckpointError the
+    other foreign optimizer states get, before anything trains or is saved."""
+    import torch
+    from test_review_forty_fifth_cov_c import _train_args
+
+    from mamba_deploy import train
+    from mamba_deploy.errors import CheckpointError
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
+    monkeypatch.setattr(train, "load_data", lambda args: data)
+    train.train(_train_args(tmp_path))
+    state_path = tmp_path / "work" / "train_state.pt"
+    st = torch.load(state_path, weights_only=False)
+    first = next(iter(st["opt"]["state"].values()))
+    first["exp_avg"], first["exp_avg_sq"] = torch.zeros(3, 5), torch.zeros(3, 5)
+    torch.save(st, state_path)
+    before = state_path.read_bytes(), (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="holds an optimizer or data-order state this run cannot take") as e:
+        train.train(_train_args(tmp_path, steps=4, resume=True))
+    assert "of shape (3, 5) belongs to a parameter of shape" in str(e.value)
+    assert (state_path.read_bytes(), (tmp_path / "out" / "model.safetensors").read_bytes()) == before

@@ -263,6 +263,17 @@ def load_resume_state(args, state_path: Path, device):
     return st
 
 
+def _check_moment_shapes(opt) -> None:
+    """load_state_dict takes per-parameter moments of any shape; a mismatched one would fail
+    only inside the first opt.step, as a bare RuntimeError."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, t in opt.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                    raise ValueError(f"its {key!r} of shape {tuple(t.shape)} belongs to a parameter of shape "
+                                     f"{tuple(p.shape)}")
+
+
 def setup(args) -> SimpleNamespace:
     """Data, model, optimizer and (with --resume) the saved training state."""
     from .checkpoint import check_device
@@ -326,6 +337,7 @@ def setup(args) -> SimpleNamespace:
                               f"counts those too; pass --steps above {st['step']} to train further")
         try:
             run.opt.load_state_dict(st["opt"])
+            _check_moment_shapes(run.opt)
             run.rng.bit_generator.state = st["rng"]
             if run.scaler is not None and "grad_scaler" in st:  # a state saved with --amp fp16
                 run.scaler.load_state_dict(st["grad_scaler"])

@@ -144,3 +144,14 @@ def test_resume_with_moments_of_another_shape_is_a_typed_error_before_any_step(t
         train.train(_train_args(tmp_path, steps=4, resume=True))
     assert "of shape (3, 5) belongs to a parameter of shape" in str(e.value)
     assert (state_path.read_bytes(), (tmp_path / "out" / "model.safetensors").read_bytes()) == before
+
+
+def test_a_missing_package_before_any_verb_names_the_program_once(capsys):
+    """A ModuleNotFoundError for an optional package raised while the command line is read (no
+    verb yet) said "`mamba-deploy mamba-deploy` needs the package ..."."""
+    def build():
+        raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+
+    assert main([], build=build) == 2
+    err = capsys.readouterr().err
+    assert "`mamba-deploy` needs the package 'onnx'" in err and "mamba-deploy mamba-deploy" not in err, err

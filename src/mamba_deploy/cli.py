@@ -42,7 +42,8 @@ EXPORT_MODULES = {"mamba_deploy.export.onnx": "onnx", "mamba_deploy.export.gguf"
 def _missing_package(command: str, error: ModuleNotFoundError) -> str:
     """What to tell a user whose command needs a package that is not installed."""
     top = top_level(error.name)
-    return f"`mamba-deploy {command}` needs the package {top!r}, which is not installed here: {install_hint(top)}"
+    prog = "mamba-deploy" if command == "mamba-deploy" else f"mamba-deploy {command}"  # _command(None): no verb yet
+    return f"`{prog}` needs the package {top!r}, which is not installed here: {install_hint(top)}"
 
 
 def _register_all(sub, modules, prefix: str = ""):

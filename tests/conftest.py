@@ -370,3 +370,15 @@ def post_json(server, body, path: str = "/v1/completions", headers=None, timeout
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Random token ids in place of `train`'s stdlib corpus (no encoding: training runs stay short)."""
+    import numpy as np
+
+    from mamba_deploy import train
+
+    rng = np.random.default_rng(0)
+    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
+    monkeypatch.setattr(train, "load_data", lambda args: data)

@@ -117,7 +117,7 @@ def test_an_upper_case_gguf_name_opens_everywhere_a_gguf_does(ckpt, tmp_path, ca
     assert shown_upper.replace("TINY.GGUF", "tiny.gguf") == capsys.readouterr().out
 
 
-def test_resume_with_moments_of_another_shape_is_a_typed_error_before_any_step(tmp_path, monkeypatch):
+def test_resume_with_moments_of_another_shape_is_a_typed_error_before_any_step(tmp_path, fake_data):
     """torch's Optimizer.load_state_dict takes an AdamW state whose exp_avg / exp_avg_sq have
     another shape than their parameter (a hand-edited or mixed-up train_state.pt); the resumed run
     then died in its first opt.step with a bare RuntimeError. It is now the CheckpointError the
@@ -128,11 +128,6 @@ def test_resume_with_moments_of_another_shape_is_a_typed_error_before_any_step(t
     from mamba_deploy import train
     from mamba_deploy.errors import CheckpointError
 
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
-    monkeypatch.setattr(train, "load_data", lambda args: data)
     train.train(_train_args(tmp_path))
     state_path = tmp_path / "work" / "train_state.pt"
     st = torch.load(state_path, weights_only=False)

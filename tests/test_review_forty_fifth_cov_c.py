@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import serving, tiny_mamba_with_bpe, wait_until
+from test_review_thirty_ninth import _train_args as _thirty_ninth_args
 from mamba_deploy import train
 from mamba_deploy.errors import CheckpointError, ConfigError, TrainingDivergedError
 
@@ -40,20 +41,8 @@ def bpe_model(hf_checkpoint, tmp_path_factory):
 # ----------------------------------------------------------------------------- train.py
 
 def _train_args(tmp_path, **kw):
-    base = dict(preset="tiny-mamba2", tokenizer=str(DEMO2), out=str(tmp_path / "out"),
-                work_dir=str(tmp_path / "work"), data_cache=None, steps=2, max_minutes=None, batch=2, seq_len=16,
-                lr=3e-3, warmup=1, weight_decay=0.1, clip=1.0, amp=None, device="cpu", eval_every=2, eval_batch=2,
-                eval_tokens=0, save_every=2, seed=0, resume=False, micro_batch=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-@pytest.fixture
-def fake_data(monkeypatch):
-    """Random token ids in place of the stdlib corpus (no encoding: the runs stay sub-second)."""
-    rng = np.random.default_rng(0)
-    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
-    monkeypatch.setattr(train, "load_data", lambda args: data)
+    """test_review_thirty_ninth's tiny-mamba2 run, 2 steps unless told."""
+    return _thirty_ninth_args(tmp_path, **{"steps": 2, **kw})
 
 
 def _sgd_like(opt_state: dict) -> dict:

@@ -175,18 +175,6 @@ def test_verify_checks_a_left_padded_batch(hf_checkpoint):
 
 # ----------------------------------------------------------------------------- train / eval / model card
 
-@pytest.fixture
-def fake_data(monkeypatch):
-    """Random token streams in place of the stdlib corpus (seconds, not minutes, per run)."""
-    import numpy as np
-
-    from mamba_deploy import train
-
-    rng = np.random.default_rng(0)
-    d = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
-    monkeypatch.setattr(train, "load_data", lambda args: d)
-
-
 def _train_args(tmp, **kw):
     import argparse
 

@@ -8,7 +8,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -93,13 +92,6 @@ def _train_args(tmp_path, **kw):
                 eval_tokens=0, save_every=2, seed=0, resume=False, micro_batch=None)
     base.update(kw)
     return argparse.Namespace(**base)
-
-
-@pytest.fixture
-def fake_data(monkeypatch):
-    rng = np.random.default_rng(0)
-    data = (rng.integers(0, 4096, 20000).astype(np.int32), rng.integers(0, 4096, 5000).astype(np.int32))
-    monkeypatch.setattr(train, "load_data", lambda args: data)
 
 
 def test_a_diverged_run_stops_and_keeps_its_last_good_state(tmp_path, fake_data, monkeypatch):

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import serving, tiny_mamba_with_bpe, wait_until
+from conftest import build_hf_model, serving, tiny_mamba_with_bpe, wait_until
+from test_batching import _hf_greedy  # transformers' greedy generate, no EOS, a mask of ones
 from test_review_thirty_ninth import _train_args as _thirty_ninth_args
 from mamba_deploy import train
 from mamba_deploy.errors import CheckpointError, ConfigError, TrainingDivergedError
@@ -196,27 +197,24 @@ def test_eval_baseline_is_the_add_one_unigram_perplexity_of_the_scored_tokens(bp
 
 # ----------------------------------------------------------------------------- batching.py
 
-def _hf_greedy(prompt, n):
-    from conftest import build_hf_model
-
-    hf = build_hf_model("mamba").double()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-
-
 BAD, GOOD = [5, 6, 7, 8], [9, 8, 7, 6]
 
 
-def _run_pair(runner, scheduler_for, bad_kw, good_n=8):
-    """The BAD and GOOD requests queued together before the loop starts (one prefill group, one
-    running batch) -> (bad job, good job, scheduler); the loop runs in a thread of its own."""
-    sched = scheduler_for(runner, thread=False)
-    bad = sched.submit([BAD], stop_token_ids=[], **bad_kw)
+def _only_bad_fails(hf_checkpoint, scheduler_for, bad_new_tokens, error, match, good_n=8):
+    """BAD and GOOD queued together before the loop starts (one prefill group, one running batch;
+    the loop in a thread of its own): BAD fails with `error`, GOOD decoded beside it and then
+    alone, and its tokens equal transformers' float64 greedy decode."""
+    from mamba_deploy.runners import open_runner
+
+    sched = scheduler_for(open_runner(hf_checkpoint("mamba")[0], "torch"), thread=False)
+    bad = sched.submit([BAD], stop_token_ids=[], max_new_tokens=bad_new_tokens)
     good = sched.submit([GOOD], max_new_tokens=good_n, stop_token_ids=[])
     threading.Thread(target=sched.run, daemon=True).start()
-    return bad, good, sched
+    with pytest.raises(error, match=match):
+        bad.follow(check=_in_time())
+    got = good.follow(check=_in_time()).tokens[0]
+    assert sched.batch_sizes[2] >= 2 and sched.batch_sizes[1] >= 1  # they did decode together, then GOOD alone
+    assert got == _hf_greedy(build_hf_model("mamba").double(), GOOD, good_n)
 
 
 def _in_time(seconds=30):
@@ -232,7 +230,6 @@ def test_sampling_error_fails_only_its_request(hf_checkpoint, scheduler_for, mon
     beside it in the same batch) fails BAD alone with that error; GOOD goes on and its tokens
     equal transformers' float64 greedy decode."""
     from mamba_deploy import generation
-    from mamba_deploy.runners import open_runner
 
     real = generation.Rows.sample
     seen = Counter()
@@ -245,13 +242,7 @@ def test_sampling_error_fails_only_its_request(hf_checkpoint, scheduler_for, mon
         return real(self, logits, scfg, gen, vocab)
 
     monkeypatch.setattr(generation.Rows, "sample", sample)
-    runner = open_runner(hf_checkpoint("mamba")[0], "torch")
-    bad, good, sched = _run_pair(runner, scheduler_for, dict(max_new_tokens=20))
-    with pytest.raises(RuntimeError, match="sampling failed"):
-        bad.follow(check=_in_time())
-    got = good.follow(check=_in_time()).tokens[0]
-    assert sched.batch_sizes[2] >= 2 and sched.batch_sizes[1] >= 1  # they did decode together, then GOOD alone
-    assert got == _hf_greedy(GOOD, 8)
+    _only_bad_fails(hf_checkpoint, scheduler_for, 20, RuntimeError, "sampling failed")
 
 
 def test_decode_error_at_the_end_fails_only_its_request(hf_checkpoint, scheduler_for, monkeypatch):
@@ -259,7 +250,6 @@ def test_decode_error_at_the_end_fails_only_its_request(hf_checkpoint, scheduler
     a tokenizer error), that request alone gets the error; GOOD, still decoding in the same batch,
     goes on and its tokens equal transformers' float64 greedy decode."""
     from mamba_deploy import generation
-    from mamba_deploy.runners import open_runner
 
     real = generation.Rows.result
 
@@ -269,13 +259,7 @@ def test_decode_error_at_the_end_fails_only_its_request(hf_checkpoint, scheduler
         return real(self, as_text)
 
     monkeypatch.setattr(generation.Rows, "result", result)
-    runner = open_runner(hf_checkpoint("mamba")[0], "torch")
-    bad, good, sched = _run_pair(runner, scheduler_for, dict(max_new_tokens=3))
-    with pytest.raises(UnicodeDecodeError, match="simulated decode failure"):
-        bad.follow(check=_in_time())
-    got = good.follow(check=_in_time()).tokens[0]
-    assert sched.batch_sizes[2] >= 2 and sched.batch_sizes[1] >= 1
-    assert got == _hf_greedy(GOOD, 8)
+    _only_bad_fails(hf_checkpoint, scheduler_for, 3, UnicodeDecodeError, "simulated decode failure")
 
 
 # ----------------------------------------------------------------------------- serve.py / serve_http.py

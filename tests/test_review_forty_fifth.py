@@ -150,3 +150,17 @@ def test_a_missing_package_before_any_verb_names_the_program_once(capsys):
     assert main([], build=build) == 2
     err = capsys.readouterr().err
     assert "`mamba-deploy` needs the package 'onnx'" in err and "mamba-deploy mamba-deploy" not in err, err
+
+
+def test_stdout_to_devnull_leaks_no_descriptor_when_stdout_has_none(capsys):
+    """cli._stdout_to_devnull opened /dev/null before asking stdout for its descriptor, so a
+    stdout without one (pytest's capture, an in-process caller's StringIO) left the opened
+    descriptor behind on every failed write."""
+    import os
+
+    from mamba_deploy import cli
+
+    fds = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        cli._stdout_to_devnull()
+    assert set(os.listdir("/proc/self/fd")) == fds

@@ -39,10 +39,10 @@ EXPORT_MODULES = {"mamba_deploy.export.onnx": "onnx", "mamba_deploy.export.gguf"
                   "mamba_deploy.export.tensorrt": "tensorrt"}
 
 
-def _missing_package(command: str, error: ModuleNotFoundError) -> str:
-    """What to tell a user whose command needs a package that is not installed."""
+def _missing_package(command: str | None, error: ModuleNotFoundError) -> str:
+    """What to tell a user whose command (None: no verb read yet) needs a package that is not installed."""
     top = top_level(error.name)
-    prog = "mamba-deploy" if command == "mamba-deploy" else f"mamba-deploy {command}"  # _command(None): no verb yet
+    prog = "mamba-deploy" + (f" {command}" if command else "")
     return f"`{prog}` needs the package {top!r}, which is not installed here: {install_hint(top)}"
 
 
@@ -497,7 +497,7 @@ def _main(argv, build) -> int:
             return _stopped(stop, args)
         if top_level(e.name) not in PACKAGES:  # not an optional package: a bug, keep the traceback
             raise
-        print(f"{_rank_prefix(args)}error: {_missing_package(_command(args), e)}", file=sys.stderr)
+        print(f"{_rank_prefix(args)}error: {_missing_package(args and _command(args), e)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
@@ -563,9 +563,12 @@ def _stdout_to_devnull() -> None:
     """Point stdout's descriptor at /dev/null after it failed (a closed pipe, a full disk), so
     the flush of what is still buffered, at exit, does not fail a second time."""
     with contextlib.suppress(OSError, ValueError):
+        fd = sys.stdout.fileno()  # first: a stdout without one (a test's capture) leaks no /dev/null descriptor
         null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
 
 
 def _rank_prefix(args) -> str:
